@@ -1,0 +1,32 @@
+"""Packaging for multiproxy: the core package, the built-in engines and the `multiproxy` console script."""
+from setuptools import find_packages, setup
+
+setup(
+    name="multiproxy",
+    version="0.1.0",
+    description="A multi-engine database proxy (PostgreSQL, MySQL/MariaDB, SQL Server TDS) with transaction pooling",
+    python_requires=">=3.11",
+    packages=find_packages(include=["multiproxy", "multiproxy.*", "engines", "engines.*"]),
+    install_requires=[
+        "gevent>=23.9",
+        "click>=8.1",
+        "dnspython>=2.4",
+        "prometheus_client>=0.17",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.100",
+            "pg8000>=1.30",
+            "psycopg[binary]>=3.1",
+            "asyncpg>=0.29",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["multiproxy=multiproxy.cli:main"],
+        "multiproxy.engines": [
+            "postgres=engines.postgres:PostgresEngine",
+        ],
+    },
+)
