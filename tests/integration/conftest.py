@@ -1,0 +1,54 @@
+"""Fixtures for integration tests: a private PostgreSQL for the session and a factory of proxy processes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:  # tests/integration may or may not become a package; work either way
+    from .pgserver import PostgresServer
+    from .proxy import ProxyProcess
+except ImportError:
+    from pgserver import PostgresServer
+    from proxy import ProxyProcess
+
+INTEGRATION_TIMEOUT = 120  # seconds per test unless the test says otherwise
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test under tests/integration as `integration` with a default timeout."""
+    for item in items:
+        if not str(item.path).startswith(_HERE + os.sep):
+            continue
+        item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(INTEGRATION_TIMEOUT))
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One private PostgreSQL for the session, with the AUTH_ROLES and database mpdb set up."""
+    server = PostgresServer()
+    server.start()
+    try:
+        server.create_auth_roles()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    """Call with (config, **ProxyProcess kwargs) to start a proxy; all of them stop at teardown."""
+    started: list[ProxyProcess] = []
+
+    def start(config, **kwargs) -> ProxyProcess:
+        kwargs.setdefault("workdir", str(tmp_path / f"proxy{len(started)}"))
+        proxy = ProxyProcess(config, **kwargs)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in reversed(started):
+        proxy.stop()
