@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Mapping
 __all__ = [
     "POOL_MODES",
     "SCRAM_DEFAULT_ITERATIONS",
+    "SCRAM_SALT_LENGTH",
+    "UNCHANGED",
     "ScramVerifier",
     "UserRecord",
     "UsersFile",
@@ -27,6 +29,8 @@ __all__ = [
     "parse_md5_verifier",
     "parse_scram_verifier",
     "saslprep",
+    "scram_keys",
+    "scram_salted_password",
     "scram_sha_256_verifier",
 ]
 
@@ -208,7 +212,7 @@ class UserRecord:
     """One user of the proxy: verifiers by kind and the per-user limits."""
 
     name: str
-    verifiers: Mapping[str, str]
+    verifiers: dict[str, str]  # kind -> verifier; kinds this version does not know are kept as-is
     listeners: tuple[str, ...] | None = None  # None: every listener
     max_connections: int = 0  # 0: unlimited
     pool_mode: str | None = None  # None: the listener's pool mode
