@@ -1,0 +1,554 @@
+"""Run one pgbench load against PostgreSQL directly, multiproxy, PgBouncer and a bare relay; print TPS ratios."""
+import argparse
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay")
+LOADS = {
+    "steady": ["-S", "-c", "16", "-j", "2"],
+    "connect": ["-S", "-C", "-c", "16", "-j", "2"],
+}
+BENCH_USER = "bench"
+BENCH_DB = "bench"
+WARMUP_SECONDS = 2
+START_TIMEOUT = 20.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# pgbench 14+ prints one tps line: "(without initial connection time)", or with -C
+# "(including reconnection times)"; older versions print "excluding"/"including connections establishing".
+TPS_LINE = re.compile(r"^tps = ([0-9.]+) \(([^)]*)\)", re.MULTILINE)
+TPS_PREFERRED = ("without initial connection time", "excluding connections establishing")
+
+
+class TargetFailed(Exception):
+    """A target did not come up or a load could not run on it; the message goes into the table."""
+
+
+class Processes:
+    """Every process this tool starts, so that all of them are stopped on any exit path."""
+
+    def __init__(self):
+        self._started = []
+
+    def start(self, argv, *, log_path, as_user=None, stop_signal=signal.SIGTERM, env=None, cwd=None):
+        log = open(log_path, "ab")
+        kwargs = {}
+        if as_user is not None:
+            entry = pwd.getpwnam(as_user)
+            kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+            env = dict(env or os.environ, HOME=entry.pw_dir, USER=as_user, LOGNAME=as_user)
+        # A new session keeps Ctrl-C in the terminal away from children; we stop them ourselves in order.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=cwd, start_new_session=True, **kwargs)
+        log.close()
+        self._started.append((proc, stop_signal))
+        return proc
+
+    def stop(self, proc, timeout=15.0):
+        for i, (started, stop_signal) in enumerate(self._started):
+            if started is proc:
+                del self._started[i]
+                _stop_group(proc, stop_signal, timeout)
+                return
+
+    def stop_all(self):
+        while self._started:
+            proc, stop_signal = self._started.pop()
+            _stop_group(proc, stop_signal, 15.0)
+
+
+def _stop_group(proc, stop_signal, timeout):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, stop_signal)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    # Also reap forked workers left in the group after their parent exited.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu_ticks(root_pid):
+    """utime+stime of root_pid and all its descendants, from /proc/*/stat (children of forking servers count)."""
+    parents, ticks = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid ... utime(14) stime(15).
+        fields = stat[stat.rindex(b")") + 2:].split()
+        parents[int(name)] = int(fields[1])
+        ticks[int(name)] = int(fields[11]) + int(fields[12])
+    total, stack, seen = 0, [root_pid], set()
+    children = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += ticks.get(pid, 0)
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+def run_quiet(argv, *, as_user=None, timeout=120, check=True):
+    kwargs = {}
+    if as_user is not None:
+        entry = pwd.getpwnam(as_user)
+        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+                  "env": dict(os.environ, HOME=entry.pw_dir, USER=as_user, LOGNAME=as_user)}
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def wait_until_serving(port, proc, log_path, what, timeout=START_TIMEOUT, user=BENCH_USER, db=BENCH_DB):
+    """Wait until a real query answers on port; raise TargetFailed with the log tail if it never does."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TargetFailed(f"{what} exited with {proc.returncode}: {log_tail(log_path)}")
+        try:
+            result = subprocess.run(
+                ["psql", "-X", "-tA", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db, "-c", "select 1"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5,
+                env=dict(os.environ, PGCONNECT_TIMEOUT="3"))
+            if result.returncode == 0 and result.stdout.strip() == "1":
+                return
+            last = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
+            last = last[0]
+        except subprocess.TimeoutExpired:
+            last = "psql timed out"
+        time.sleep(0.2)
+    raise TargetFailed(f"{what} did not answer 'select 1' on port {port} within {timeout:.0f}s"
+                       f" (last error: {last}); log: {log_tail(log_path)}")
+
+
+def log_tail(path, lines=3):
+    try:
+        with open(path, errors="replace") as f:
+            tail = [line.strip() for line in f.read().splitlines() if line.strip()][-lines:]
+    except OSError:
+        return "(no log)"
+    return " | ".join(tail) or "(empty log)"
+
+
+class Workspace:
+    """The temp dir holding the private server, configs and logs; owned by the OS user that runs servers."""
+
+    def __init__(self, keep):
+        self.path = tempfile.mkdtemp(prefix="multiproxy-bench-")
+        self.keep = keep
+        self.server_user = "postgres" if os.geteuid() == 0 else None
+        self._chown(self.path)
+
+    def file(self, name, text=None):
+        path = os.path.join(self.path, name)
+        if text is not None:
+            with open(path, "w") as f:
+                f.write(text)
+            self._chown(path)
+        return path
+
+    def _chown(self, path):
+        if self.server_user is not None:
+            entry = pwd.getpwnam(self.server_user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def remove(self):
+        if self.keep:
+            print(f"kept {self.path}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def find_pg_bin():
+    for candidate in PG_BIN_CANDIDATES:
+        if os.path.exists(os.path.join(candidate, "initdb")):
+            return candidate
+    found = shutil.which("initdb")
+    if found:
+        return os.path.dirname(found)
+    raise SystemExit("initdb not found: install PostgreSQL server binaries (e.g. postgresql-15)")
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL server on a free loopback port, with trust auth and the bench database."""
+
+    def __init__(self, ws, procs, scale):
+        self.ws, self.procs, self.scale = ws, procs, scale
+        self.bin = find_pg_bin()
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        data = self.ws.file("pgdata")
+        run_quiet([os.path.join(self.bin, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+                   "--no-sync", "-E", "UTF8", "--locale=C"], as_user=self.ws.server_user)
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write("\n# tools/bench.py\n"
+                    "listen_addresses = '127.0.0.1'\n"
+                    f"port = {self.port}\n"
+                    f"unix_socket_directories = '{self.ws.path}'\n"
+                    "max_connections = 300\n"
+                    "fsync = off\n"
+                    "synchronous_commit = off\n"
+                    "full_page_writes = off\n"
+                    "shared_buffers = 128MB\n")
+        log = self.ws.file("postgres.log")
+        # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to leave.
+        self.proc = self.procs.start([os.path.join(self.bin, "postgres"), "-D", data], log_path=log,
+                                     as_user=self.ws.server_user, stop_signal=signal.SIGINT)
+        try:
+            wait_until_serving(self.port, self.proc, log, "postgres", timeout=30, user="postgres", db="postgres")
+        except TargetFailed as exc:
+            raise SystemExit(f"private PostgreSQL did not start: {exc}")
+        psql = ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
+        run_quiet(psql + ["-c", f"CREATE ROLE {BENCH_USER} LOGIN SUPERUSER"])
+        run_quiet(psql + ["-c", f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}"])
+        print(f"pgbench -i -s {self.scale} ...", file=sys.stderr)
+        run_quiet(["pgbench", "-i", "-q", "-s", str(self.scale), "-h", "127.0.0.1", "-p", str(self.port),
+                   "-U", BENCH_USER, BENCH_DB], timeout=1800)
+
+    def version(self):
+        return run_quiet([os.path.join(self.bin, "postgres"), "--version"]).stdout.strip()
+
+
+class Target:
+    """One thing pgbench connects to; start() returns its port, pid is the process whose CPU is measured."""
+
+    name = ""
+    pid = None
+    proc = None
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        pass
+
+
+class Direct(Target):
+    name = "direct"
+
+    def __init__(self, pg):
+        self.pg = pg
+
+    def start(self):
+        return self.pg.port
+
+
+class Multiproxy(Target):
+    name = "multiproxy"
+
+    def __init__(self, ws, procs, pg, pool_size, workers):
+        self.ws, self.procs, self.pg, self.pool_size, self.workers = ws, procs, pg, pool_size, workers
+
+    def config(self, port):
+        workers = f"workers = {self.workers}\n" if self.workers else ""
+        return ("[proxy]\n"
+                'admin_listen = ""\n'
+                'log_level = "warning"\n'
+                f"{workers}"
+                "\n[clusters.bench]\n"
+                'engine = "postgres"\n'
+                f'hosts = ["127.0.0.1:{self.pg.port}"]\n'
+                "\n[clusters.bench.pool]\n"
+                'mode = "transaction"\n'
+                f"max_size = {self.pool_size}\n"
+                "borrow_timeout = 10.0\n"
+                "\n[[listeners]]\n"
+                'name = "bench"\n'
+                f'listen = "127.0.0.1:{port}"\n'
+                'cluster = "bench"\n'
+                'role = "writer"\n'
+                'auth = "trust"\n')
+
+    def start(self):
+        port = free_port()
+        cfg = self.ws.file("multiproxy.toml", self.config(port))
+        log = self.ws.file("multiproxy.log")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+        self.proc = self.procs.start([sys.executable, "-m", "multiproxy", "run", "-c", cfg],
+                                     log_path=log, env=env, cwd=REPO_ROOT)
+        self.pid = self.proc.pid
+        wait_until_serving(port, self.proc, log, "multiproxy")
+        return port
+
+    def stop(self):
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+
+
+class PgBouncer(Target):
+    name = "pgbouncer"
+
+    def __init__(self, ws, procs, pg, pool_size):
+        self.ws, self.procs, self.pg, self.pool_size = ws, procs, pg, pool_size
+        self.binary = shutil.which("pgbouncer") or next(
+            (p for p in ("/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer") if os.access(p, os.X_OK)), None)
+
+    def version(self):
+        if not self.binary:
+            return None
+        return run_quiet([self.binary, "--version"]).stdout.splitlines()[0].strip()
+
+    def start(self):
+        if not self.binary:
+            raise TargetFailed("not installed")
+        port = free_port()
+        users = self.ws.file("userlist.txt", f'"{BENCH_USER}" ""\n"postgres" ""\n')
+        ini = self.ws.file("pgbouncer.ini", (
+            "[databases]\n"
+            f"{BENCH_DB} = host=127.0.0.1 port={self.pg.port} dbname={BENCH_DB}\n"
+            "\n[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {port}\n"
+            f"unix_socket_dir = {self.ws.path}\n"
+            f"logfile = {os.path.join(self.ws.path, 'pgbouncer.log')}\n"
+            f"pidfile = {os.path.join(self.ws.path, 'pgbouncer.pid')}\n"
+            "auth_type = trust\n"
+            f"auth_file = {users}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 1000\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            "log_connections = 0\n"
+            "log_disconnections = 0\n"))
+        log = self.ws.file("pgbouncer.out")
+        self.proc = self.procs.start([self.binary, ini], log_path=log, as_user=self.ws.server_user)
+        self.pid = self.proc.pid
+        wait_until_serving(port, self.proc, log, "pgbouncer")
+        return port
+
+    def stop(self):
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+
+
+class Relay(Target):
+    name = "relay"
+
+    def __init__(self, ws, procs, pg):
+        self.ws, self.procs, self.pg = ws, procs, pg
+
+    def start(self):
+        port = free_port()
+        log = self.ws.file("relay.log")
+        self.proc = self.procs.start(
+            [sys.executable, os.path.join(REPO_ROOT, "tools", "relay.py"),
+             "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{self.pg.port}"], log_path=log)
+        self.pid = self.proc.pid
+        wait_until_serving(port, self.proc, log, "relay")
+        return port
+
+    def stop(self):
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+
+
+def pgbench(port, load, seconds):
+    argv = ["pgbench", *LOADS[load], "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
+            "-U", BENCH_USER, BENCH_DB]
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise TargetFailed(f"pgbench did not finish within {seconds + 60}s")
+    found = {label: float(value) for value, label in TPS_LINE.findall(result.stdout)}
+    tps = next((found[label] for label in TPS_PREFERRED if label in found), None)
+    if tps is None and found:
+        tps = next(iter(found.values()))
+    if tps is None or result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or [""])[-1]
+        if tps is None:
+            raise TargetFailed(f"pgbench exited with {result.returncode}: {detail}")
+        print(f"  warning: pgbench exited with {result.returncode} ({detail})", file=sys.stderr)
+    return tps
+
+
+def measure(target, port, load, seconds):
+    """Warm up, then run the load; returns (tps, average CPU% of the target's process tree or None)."""
+    pgbench(port, load, WARMUP_SECONDS)
+    before = tree_cpu_ticks(target.pid) if target.pid else None
+    started = time.monotonic()
+    tps = pgbench(port, load, seconds)
+    elapsed = time.monotonic() - started
+    cpu = None
+    if before is not None:
+        cpu = 100.0 * (tree_cpu_ticks(target.pid) - before) / CLK_TCK / elapsed
+    return tps, cpu
+
+
+def format_table(rows, loads, markdown=False):
+    """rows: {(target, load): (tps or None, cpu or None, note)}; ratios against direct and pgbouncer."""
+    header = ["target", "load", "TPS", "vs direct", "vs pgbouncer", "proxy CPU%"]
+    lines = []
+    for (target, load), (tps, cpu, note) in rows.items():
+        def ratio(base):
+            base_tps = rows.get((base, load), (None,))[0]
+            if tps is None or not base_tps:
+                return "-"
+            return f"{tps / base_tps:.2f}"
+        lines.append([target, load, f"{tps:.0f}" if tps is not None else note,
+                      ratio("direct"), ratio("pgbouncer"), f"{cpu:.0f}" if cpu is not None else "-"])
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines])
+
+
+def machine_notes(pg, bouncer):
+    try:
+        gevent_version = __import__("gevent").__version__
+    except ImportError:
+        gevent_version = "not installed"
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    pgbench_version = run_quiet(["pgbench", "--version"]).stdout.strip()
+    return [f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), {platform.system()} {platform.release()}",
+            pg.version(), pgbench_version, bouncer.version() or "PgBouncer not installed",
+            f"Python {platform.python_version()}, gevent {gevent_version}"]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=15, help="measured seconds per load (default 15)")
+    parser.add_argument("--loads", default="steady,connect", help="subset of steady,connect")
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
+    parser.add_argument("--pool-size", type=int, default=16, help="backend connections per pooler (default 16)")
+    parser.add_argument("--workers", type=int, help="multiproxy [proxy] workers (default: its own default)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
+    args = parser.parse_args(argv)
+    args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]
+    args.targets = [x.strip() for x in args.targets.split(",") if x.strip()]
+    for value, allowed, option in ((args.loads, LOADS, "--loads"), (args.targets, ALL_TARGETS, "--targets")):
+        unknown = [v for v in value if v not in allowed]
+        if unknown or not value:
+            parser.error(f"{option}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not shutil.which("pgbench") or not shutil.which("psql"):
+        raise SystemExit("pgbench and psql must be on PATH")
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    # Explicit, since a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    procs = Processes()
+    ws = Workspace(args.keep)
+    rows = {}
+    try:
+        pg = PrivatePostgres(ws, procs, args.scale)
+        pg.start()
+        bouncer = PgBouncer(ws, procs, pg, args.pool_size)
+        makers = {
+            "direct": lambda: Direct(pg),
+            "multiproxy": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers),
+            "pgbouncer": lambda: bouncer,
+            "relay": lambda: Relay(ws, procs, pg),
+        }
+        for name in args.targets:
+            target = makers[name]()
+            try:
+                port = target.start()
+            except TargetFailed as exc:
+                note = "not installed" if str(exc) == "not installed" else "failed to start"
+                print(f"{name}: {exc}", file=sys.stderr)
+                for load in args.loads:
+                    rows[(name, load)] = (None, None, note)
+                target.stop()
+                continue
+            try:
+                for load in args.loads:
+                    print(f"{name} / {load}: warm-up {WARMUP_SECONDS}s, run {args.seconds}s", file=sys.stderr)
+                    try:
+                        tps, cpu = measure(target, port, load, args.seconds)
+                        rows[(name, load)] = (tps, cpu, "")
+                    except TargetFailed as exc:
+                        print(f"  {name} / {load}: {exc}", file=sys.stderr)
+                        rows[(name, load)] = (None, None, "run failed")
+            finally:
+                target.stop()
+        notes = machine_notes(pg, bouncer)
+    except KeyboardInterrupt:
+        print("interrupted; stopping everything started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        ws.remove()
+
+    options = (f"pgbench -S, 16 clients, 2 threads, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
+               f"scale {args.scale}, pool size {args.pool_size}"
+               + (f", multiproxy workers {args.workers}" if args.workers else ""))
+    print()
+    print(format_table(rows, args.loads))
+    print()
+    print(options)
+    print("steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction)")
+    print("proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores)")
+    for line in notes:
+        print(line)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_table(rows, args.loads, markdown=True) + "\n\n")
+            f.write(options + ".\n\n")
+            f.write("".join(f"- {line}\n" for line in notes))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
