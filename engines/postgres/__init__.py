@@ -1,0 +1,41 @@
+"""The PostgreSQL engine plugin: protocol 3.0 clients and backends, transaction pooling, pin detection."""
+from __future__ import annotations
+
+import os
+import random
+
+from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
+
+from .backend import PostgresCancel, PostgresLogin, PostgresProbe
+from .client import PostgresClient, render_error
+
+
+class PostgresEngine(Engine):
+    name = "postgres"
+    default_port = 5432
+    description = "PostgreSQL frontend/backend protocol 3.0"
+
+    def __init__(self):
+        # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).
+        self._mock_secret = os.urandom(32)
+        self._random = random.SystemRandom()
+
+    def client_protocol(self, ctx: ClientContext) -> PostgresClient:
+        return PostgresClient(ctx, self._mock_secret)
+
+    def backend_login(self, target: BackendTarget) -> PostgresLogin:
+        return PostgresLogin(target)
+
+    def cancel_script(self, target: BackendTarget, server_state) -> PostgresCancel:
+        return PostgresCancel(server_state)
+
+    def probe_script(self, target: BackendTarget) -> PostgresProbe:
+        return PostgresProbe(target)
+
+    def render_error(self, kind: ErrorKind, message: str) -> bytes:
+        return render_error(kind, message)
+
+    def new_cancel_key(self, counter: int, worker: int):
+        # pid: worker in the high byte, a counter below; the secret is random, so keys cannot be guessed.
+        pid = ((worker & 0x7F) << 24) | (counter & 0xFFFFFF)
+        return pid, self._random.getrandbits(32)

@@ -1,0 +1,235 @@
+"""Sans-IO conversations with a PostgreSQL backend: login (TLS, SCRAM/md5/cleartext/trust), cancel and role probe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from multiproxy.engine import BackendError, BackendScript, BackendTarget
+
+from . import protocol as p
+from .auth import AuthError, ScramClient, md5_password_response
+
+AUTH_FAILURE_CODES = frozenset({"28P01", "28000"})
+
+
+@dataclass
+class PostgresServerState:
+    """What the proxy knows about one backend connection: its parameters and cancel key."""
+
+    params: dict = field(default_factory=dict)      # lowercase name -> value currently in effect
+    canonical: dict = field(default_factory=dict)   # lowercase name -> name as the server spells it
+    reported: frozenset = frozenset()               # names the server reports with ParameterStatus
+    pid: int = 0
+    secret: int = 0
+
+
+class _MessageReader:
+    """Splits a byte stream into (type, body) messages."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data: bytes):
+        self.buf += data
+        buf = self.buf
+        while len(buf) >= 5:
+            length = p.UINT32.unpack_from(buf, 1)[0]
+            if length < 4 or length > 1 << 26:
+                raise BackendError(f"backend sent an invalid message length {length}")
+            if len(buf) < 1 + length:
+                return
+            kind = buf[0]
+            body = bytes(buf[5:1 + length])
+            del buf[:1 + length]
+            yield kind, body
+
+
+def backend_error_text(body: bytes) -> tuple[str, str]:
+    fields = p.parse_fields(body)
+    return fields.get("C", ""), fields.get("M", "unknown error")
+
+
+class PostgresLogin(BackendScript):
+    """Logs in to a backend as `target.user` and collects its parameters and cancel key."""
+
+    def __init__(self, target: BackendTarget):
+        self.target = target
+        self.reader = _MessageReader()
+        self.state = PostgresServerState()
+        self.phase = "ssl" if target.tls not in ("disable", "allow") else "startup"
+        self.scram: ScramClient | None = None
+        self.done = False
+        self.wants_tls = False
+        self.result = None
+
+    def _startup(self) -> bytes:
+        params = {"user": self.target.user, "database": self.target.database}
+        params.update(self.target.params)
+        self.phase = "auth"
+        return p.startup_message(params)
+
+    def start(self) -> bytes:
+        if self.phase == "ssl":
+            return p.ssl_request()
+        return self._startup()
+
+    def tls_established(self) -> bytes:
+        self.wants_tls = False
+        return self._startup()
+
+    def feed(self, data: bytes) -> bytes:
+        if self.phase == "ssl":
+            answer, rest = data[:1], data[1:]
+            if rest:
+                raise BackendError("backend sent data after its SSL answer (possible man-in-the-middle)")
+            if answer == b"S":
+                self.wants_tls = True
+                self.phase = "tls"
+                return b""
+            if answer == b"N":
+                if self.target.tls in ("require", "verify-ca", "verify-full"):
+                    raise BackendError(f"backend {self.target.host}:{self.target.port} does not accept TLS but "
+                                       f"clusters.*.backend.tls is {self.target.tls!r}")
+                return self._startup()
+            raise BackendError(f"backend answered the SSL request with {answer!r}")
+        out = []
+        for kind, body in self.reader.feed(data):
+            if kind == p.AUTHENTICATION:
+                out.append(self._authentication(body))
+            elif kind == p.PARAMETER_STATUS:
+                name, end = p.read_cstring(body, 0)
+                value, _ = p.read_cstring(body, end)
+                low = name.lower()
+                self.state.params[low] = value
+                self.state.canonical[low] = name
+            elif kind == p.BACKEND_KEY_DATA:
+                self.state.pid = p.UINT32.unpack_from(body, 0)[0]
+                self.state.secret = p.UINT32.unpack_from(body, 4)[0]
+            elif kind == p.ERROR_RESPONSE:
+                code, text = backend_error_text(body)
+                raise BackendError(f"backend refused the login of {self.target.user!r}: {text} (SQLSTATE {code})",
+                                   fatal_auth=code in AUTH_FAILURE_CODES, code=code)
+            elif kind == p.READY_FOR_QUERY:
+                self.state.reported = frozenset(self.state.params)
+                self.done = True
+                self.result = self.state
+                self.leftover = bytes(self.reader.buf)
+                break
+            elif kind in (p.NOTICE_RESPONSE, p.NEGOTIATE_PROTOCOL_VERSION):
+                continue
+            else:
+                raise BackendError(f"backend sent unexpected message {chr(kind)!r} during login")
+        return b"".join(out)
+
+    def _password(self) -> str:
+        if self.target.password is None:
+            raise BackendError(
+                f"backend {self.target.host}:{self.target.port} asks for a password for user {self.target.user!r} "
+                "but none is configured: add [[clusters.NAME.credentials]] with password_env, password_file or "
+                "password_command", fatal_auth=True)
+        return self.target.password
+
+    def _authentication(self, body: bytes) -> bytes:
+        code = p.INT32.unpack_from(body, 0)[0]
+        data = body[4:]
+        if code == p.AUTH_OK:
+            return b""
+        if code == p.AUTH_CLEARTEXT:
+            return p.message(b"p", p.cstring(self._password()))
+        if code == p.AUTH_MD5:
+            return p.message(b"p", md5_password_response(self.target.user, self._password(), data[:4]) + b"\x00")
+        if code == p.AUTH_SASL:
+            mechanisms = [m.decode() for m in data.split(b"\x00") if m]
+            if "SCRAM-SHA-256" not in mechanisms:
+                raise BackendError(f"backend offers SASL mechanisms {mechanisms}; multiproxy supports SCRAM-SHA-256")
+            self.scram = ScramClient(self.target.user, self._password())
+            first = self.scram.client_first()
+            return p.message(b"p", p.cstring("SCRAM-SHA-256") + p.INT32.pack(len(first)) + first)
+        if code == p.AUTH_SASL_CONTINUE:
+            try:
+                return p.message(b"p", self.scram.handle_server_first(data))
+            except (AuthError, AttributeError) as exc:
+                raise BackendError(f"SCRAM exchange with the backend failed: {exc}", fatal_auth=True) from None
+        if code == p.AUTH_SASL_FINAL:
+            try:
+                self.scram.verify_server_final(data)
+            except (AuthError, AttributeError) as exc:
+                raise BackendError(f"the backend's SCRAM signature is wrong: {exc}", fatal_auth=True) from None
+            return b""
+        raise BackendError(f"backend asks for authentication method {code}, which multiproxy does not support "
+                           "(supported: trust, password, md5, scram-sha-256)")
+
+
+class PostgresCancel(BackendScript):
+    """Sends a CancelRequest with the backend's own key on a fresh connection; the server answers nothing."""
+
+    def __init__(self, state: PostgresServerState):
+        self.state = state
+        self.done = False
+        self.wants_tls = False
+
+    def start(self) -> bytes:
+        self.done = True
+        return p.cancel_request(self.state.pid, self.state.secret)
+
+    def feed(self, data: bytes) -> bytes:
+        return b""
+
+
+class PostgresProbe(BackendScript):
+    """After logging in, asks whether the node is in recovery and how far its replay lags."""
+
+    SQL = ("SELECT pg_catalog.pg_is_in_recovery(), "
+           "COALESCE(EXTRACT(EPOCH FROM (now() - pg_catalog.pg_last_xact_replay_timestamp())), 0)")
+
+    def __init__(self, target: BackendTarget):
+        self.login = PostgresLogin(target)
+        self.reader = None
+        self.done = False
+        self.result = None
+        self.row: list = []
+
+    @property
+    def wants_tls(self):
+        return self.login.wants_tls
+
+    def start(self) -> bytes:
+        return self.login.start()
+
+    def tls_established(self) -> bytes:
+        return self.login.tls_established()
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.login.done:
+            out = self.login.feed(data)
+            if not self.login.done:
+                return out
+            self.reader = _MessageReader()
+            data = self.login.leftover
+            out += p.query(self.SQL)
+            if not data:
+                return out
+            return out + self._read(data)
+        return self._read(data)
+
+    def _read(self, data: bytes) -> bytes:
+        for kind, body in self.reader.feed(data):
+            if kind == ord("D"):
+                count = p.INT16.unpack_from(body, 0)[0]
+                pos = 2
+                row = []
+                for _ in range(count):
+                    size = p.INT32.unpack_from(body, pos)[0]
+                    pos += 4
+                    row.append(None if size < 0 else body[pos:pos + size].decode())
+                    pos += max(size, 0)
+                self.row = row
+            elif kind == p.ERROR_RESPONSE:
+                code, text = backend_error_text(body)
+                raise BackendError(f"role probe failed: {text} (SQLSTATE {code})")
+            elif kind == p.READY_FOR_QUERY:
+                in_recovery = self.row and self.row[0] == "t"
+                lag = float(self.row[1]) if len(self.row) > 1 and self.row[1] else 0.0
+                self.result = {"role": "reader" if in_recovery else "writer", "lag": lag if in_recovery else 0.0}
+                self.done = True
+                return p.message(b"X")
+        return b""

@@ -1,0 +1,651 @@
+"""One PostgreSQL client connection, sans-IO: startup and authentication, then transaction-aware relaying.
+
+The relay walks message headers only. It decodes what policy needs: SQL text of Query and Parse (pin
+detection), statement names of Parse and Bind (the unnamed-statement hold, named statements), the
+status byte of ReadyForQuery, ParameterStatus (tracked session parameters) and CopyInResponse.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from collections import deque
+
+from multiproxy.engine import (
+    AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, CloseClient, ErrorKind,
+    PinReason, ProtocolError, SendToClient, StartClientTLS,
+)
+
+from . import protocol as p
+from .auth import AuthError, ScramServer, check_md5_response
+from .pinning import classify
+
+MAX_STARTUP_PACKET = 10000
+# Parameters a client cannot choose; the server reports them and they are never replayed.
+FIXED_PARAMETERS = frozenset({
+    "server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
+    "in_hot_standby", "default_transaction_read_only",
+})
+STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
+
+INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
+CLIENT_QUERY = 1    # Query or FunctionCall
+CLIENT_SYNC = 2     # Sync of the extended protocol
+
+_INSPECT_BACKEND = frozenset(b"ZSGEW")
+_HEADER_ONLY_CLIENT = {p.SYNC, p.FLUSH, p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL,
+                       p.DESCRIBE, p.EXECUTE, p.CLOSE}
+_EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH))
+_unpack_uint32 = p.UINT32.unpack_from
+
+# Client-message types accepted after startup. Anything else is a protocol violation.
+_KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
+                           p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
+
+SQLSTATE = {
+    ErrorKind.POOL_TIMEOUT: "53300",
+    ErrorKind.BACKEND_UNAVAILABLE: "08001",
+    ErrorKind.BACKEND_LOST: "08006",
+    ErrorKind.AUTH_FAILED: "28P01",
+    ErrorKind.PROTOCOL_VIOLATION: "08P01",
+    ErrorKind.MESSAGE_TOO_LARGE: "54000",
+    ErrorKind.TOO_MANY_CONNECTIONS: "53300",
+    ErrorKind.TLS_REQUIRED: "28000",
+    ErrorKind.SHUTTING_DOWN: "57P01",
+    ErrorKind.FAILOVER: "08006",
+    ErrorKind.IDLE_TIMEOUT: "57P05",
+    ErrorKind.HANDSHAKE_TIMEOUT: "08P01",
+    ErrorKind.NOT_SUPPORTED: "0A000",
+    ErrorKind.INTERNAL: "XX000",
+}
+# Errors after which the proxy closes the connection are FATAL, as PostgreSQL would say them.
+FATAL_KINDS = frozenset({ErrorKind.AUTH_FAILED, ErrorKind.PROTOCOL_VIOLATION, ErrorKind.MESSAGE_TOO_LARGE,
+                         ErrorKind.TOO_MANY_CONNECTIONS, ErrorKind.TLS_REQUIRED, ErrorKind.SHUTTING_DOWN,
+                         ErrorKind.IDLE_TIMEOUT, ErrorKind.HANDSHAKE_TIMEOUT})
+
+
+def render_error(kind: ErrorKind, message: str, fatal: bool | None = None) -> bytes:
+    if fatal is None:
+        fatal = kind in FATAL_KINDS
+    return p.error_response(SQLSTATE.get(kind, "XX000"), message, "FATAL" if fatal else "ERROR")
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The `-c name=value` and `--name=value` settings inside the startup `options` parameter."""
+    out = {}
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"))
+    except ValueError:
+        return out
+    words = [w.replace("\x00", " ") for w in words]
+    i = 0
+    while i < len(words):
+        word = words[i]
+        setting = None
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 1
+        elif word.startswith("-c"):
+            setting = word[2:]
+        elif word.startswith("--"):
+            setting = word[2:]
+        if setting and "=" in setting:
+            name, value = setting.split("=", 1)
+            out[name.replace("-", "_").lower()] = value
+        i += 1
+    return out
+
+
+class PostgresClient(ClientProtocol):
+    """Protocol state of one client: handshake, then the relay between the client and its current backend."""
+
+    def __init__(self, ctx: ClientContext, mock_secret: bytes):
+        self.ctx = ctx
+        self.mock_secret = mock_secret
+        self.max_message = ctx.max_message_size
+        self.tls_active = False
+        self.hbuf = bytearray()
+        self.phase = "startup"
+        self.user = ""
+        self.database = ""
+        self.startup_params: dict[str, str] = {}
+        self.auth_state = None
+        self.md5_salt = b""
+        # relay state
+        self.fifo: deque = deque()      # what each expected ReadyForQuery answers, oldest first
+        self.tx_status = p.TX_IDLE
+        self.pending_extended = False   # extended-protocol messages sent since the last Sync
+        self.unnamed_held = False       # unnamed statement parsed but not yet bound
+        self.copy_in = False
+        self.discard_until_sync = False
+        self.transaction_lost = False
+        self.pinned = False
+        self.pin_details: list[tuple[PinReason, str]] = []
+        self.closing = False
+        self.linked = False
+        self.server_params: dict | None = None   # the linked backend's parameter values
+        self.client_params: dict[str, str] = {}  # lowercase name -> value the client believes in
+        self.canonical: dict[str, str] = {}
+        self.requests = 0
+        # partial-message state, client side
+        self.cbuf = b""                 # an incomplete message we must see whole, or a partial header
+        self.c_skip = 0                 # bytes of a streamed message still to come
+        # partial-message state, backend side
+        self.sbuf = b""
+        self.s_skip = 0
+
+    # ------------------------------------------------------------------ handshake
+
+    def receive_handshake(self, data: bytes) -> list:
+        self.hbuf += data
+        events: list = []
+        while not events or not isinstance(events[-1], (StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested)):
+            if self.phase == "startup":
+                if not self._startup_step(events):
+                    break
+            elif self.phase == "auth":
+                if not self._auth_step(events):
+                    break
+            else:
+                if self.hbuf:
+                    raise ProtocolError("data before the login completed", self.error(ErrorKind.PROTOCOL_VIOLATION,
+                                        "the client sent data before authentication finished"))
+                break
+        return events
+
+    def _fatal(self, kind: ErrorKind, message: str, events: list) -> bool:
+        events.append(CloseClient(render_error(kind, message, fatal=True), message))
+        return True
+
+    def _startup_step(self, events: list) -> bool:
+        buf = self.hbuf
+        if len(buf) < 8:
+            if len(buf) >= 4:
+                length = _unpack_uint32(buf, 0)[0]
+                if length < 8 or length > MAX_STARTUP_PACKET:
+                    raise ProtocolError(f"invalid startup packet length {length}",
+                                        render_error(ErrorKind.PROTOCOL_VIOLATION, "invalid startup packet layout: bad length", True))
+            return False
+        length = _unpack_uint32(buf, 0)[0]
+        if length < 8 or length > MAX_STARTUP_PACKET:
+            raise ProtocolError(f"invalid startup packet length {length}",
+                                render_error(ErrorKind.PROTOCOL_VIOLATION, "invalid startup packet layout: bad length", True))
+        if len(buf) < length:
+            return False
+        code = _unpack_uint32(buf, 4)[0]
+        body = bytes(buf[8:length])
+        del buf[:length]
+        if code == p.SSL_REQUEST_CODE:
+            if length != 8:
+                raise ProtocolError("bad SSLRequest", render_error(ErrorKind.PROTOCOL_VIOLATION, "invalid SSLRequest", True))
+            if self.ctx.tls_available and not self.tls_active:
+                if buf:
+                    # Bytes pipelined after SSLRequest would be read as if they came over TLS.
+                    raise ProtocolError("data after SSLRequest", render_error(
+                        ErrorKind.PROTOCOL_VIOLATION, "received unencrypted data after SSL request", True))
+                self.tls_active = True
+                events.append(StartClientTLS(b"S"))
+                return True
+            events.append(SendToClient(b"N"))
+            return True
+        if code == p.GSSENC_REQUEST_CODE:
+            events.append(SendToClient(b"N"))
+            return True
+        if code == p.CANCEL_REQUEST_CODE:
+            if length != 16:
+                raise ProtocolError("bad CancelRequest", b"")
+            pid = _unpack_uint32(body, 0)[0]
+            secret = _unpack_uint32(body, 4)[0]
+            events.append(CancelRequested((pid, secret)))
+            return True
+        major = code >> 16
+        if major != 3:
+            raise ProtocolError(f"unsupported protocol {major}.{code & 0xFFFF}", render_error(
+                ErrorKind.PROTOCOL_VIOLATION,
+                f"unsupported frontend protocol {major}.{code & 0xFFFF}: multiproxy speaks protocol 3.0", True))
+        try:
+            params = p.parse_startup_params(body)
+        except ValueError as exc:
+            raise ProtocolError(str(exc), render_error(ErrorKind.PROTOCOL_VIOLATION, f"invalid startup packet: {exc}", True))
+        if code & 0xFFFF or any(k.startswith("_pq_.") for k in params):
+            unsupported = [k for k in params if k.startswith("_pq_.")]
+            payload = p.INT32.pack(p.PROTOCOL_VERSION_3 & 0xFFFF) + p.INT32.pack(len(unsupported))
+            payload += b"".join(p.cstring(k) for k in unsupported)
+            events.append(SendToClient(p.message(b"v", payload)))
+            for k in unsupported:
+                params.pop(k)
+        return self._begin_auth(params, events)
+
+    def _begin_auth(self, params: dict[str, str], events: list) -> bool:
+        ctx = self.ctx
+        if ctx.listener.require_tls and not self.tls_active:
+            return self._fatal(ErrorKind.TLS_REQUIRED,
+                               f"listener {ctx.listener.name!r} requires TLS: connect with sslmode=require", events)
+        user = params.get("user", "")
+        if not user:
+            return self._fatal(ErrorKind.PROTOCOL_VIOLATION, "no PostgreSQL user name specified in startup packet", events)
+        if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+            return self._fatal(ErrorKind.NOT_SUPPORTED,
+                               "replication connections are not supported through multiproxy; connect to the server directly", events)
+        self.user = user
+        self.database = params.get("database") or user
+        self.startup_params = params
+        method = ctx.listener.auth
+        record = ctx.users.get(user) if ctx.users is not None else None
+        if record is not None and not record.may_use(ctx.listener.name):
+            events.append(AuthFailed(user, render_error(ErrorKind.AUTH_FAILED,
+                          f'user "{user}" may not connect through listener {ctx.listener.name!r}', True),
+                          "listener not allowed for user"))
+            return True
+        if method == "trust":
+            self.phase = "ready"
+            events.append(Authenticated(user, self.database, params))
+            return True
+        verifiers = record.verifiers if record else {}
+        if method == "md5" and "md5" in verifiers:
+            self.md5_salt = os.urandom(4)
+            self.auth_state = ("md5", verifiers["md5"])
+            events.append(SendToClient(p.authentication(p.AUTH_MD5, self.md5_salt)))
+        elif method == "md5" and record is None:
+            # Unknown user: ask like for any other user, fail at the end.
+            self.md5_salt = os.urandom(4)
+            self.auth_state = ("md5", None)
+            events.append(SendToClient(p.authentication(p.AUTH_MD5, self.md5_salt)))
+        else:
+            verifier = verifiers.get("scram_sha_256")
+            if verifier:
+                server = ScramServer(verifier)
+            else:
+                server = ScramServer.for_unknown_user(user, self.mock_secret)
+            self.auth_state = ("scram", server)
+            events.append(SendToClient(p.authentication(p.AUTH_SASL, b"SCRAM-SHA-256\x00\x00")))
+        self.phase = "auth"
+        return True
+
+    def _auth_step(self, events: list) -> bool:
+        buf = self.hbuf
+        if len(buf) < 5:
+            return False
+        kind = buf[0]
+        length = _unpack_uint32(buf, 1)[0]
+        if kind != p.PASSWORD_MESSAGE or length < 4 or length > 65536:
+            raise ProtocolError("expected a password message", render_error(
+                ErrorKind.PROTOCOL_VIOLATION, f"expected password response, got message type {chr(kind)!r}", True))
+        if len(buf) < 1 + length:
+            return False
+        body = bytes(buf[5:1 + length])
+        del buf[:1 + length]
+        method, state = self.auth_state
+        failure = f'password authentication failed for user "{self.user}"'
+        if method == "md5":
+            response = body.rstrip(b"\x00")
+            if state is None or not check_md5_response(state, self.md5_salt, response):
+                events.append(AuthFailed(self.user, render_error(ErrorKind.AUTH_FAILED, failure, True), "wrong md5 password"))
+                return True
+            return self._authenticated(events)
+        server: ScramServer = state
+        try:
+            if not hasattr(self, "_sasl_started"):
+                self._sasl_started = True
+                mech, end = p.read_cstring(body, 0)
+                if mech != "SCRAM-SHA-256":
+                    raise AuthError(f"unsupported SASL mechanism {mech!r}")
+                data_len = p.INT32.unpack_from(body, end)[0]
+                data = body[end + 4:end + 4 + data_len] if data_len >= 0 else b""
+                reply = server.handle_client_first(data)
+                events.append(SendToClient(p.authentication(p.AUTH_SASL_CONTINUE, reply)))
+                return True
+            reply = server.handle_client_final(body)
+        except (AuthError, ValueError, IndexError) as exc:
+            events.append(AuthFailed(self.user, render_error(ErrorKind.AUTH_FAILED, failure, True), f"SCRAM: {exc}"))
+            return True
+        except Exception as exc:  # p.INT32 on a short body raises struct.error
+            raise ProtocolError(f"malformed SASL message: {exc}", render_error(
+                ErrorKind.PROTOCOL_VIOLATION, "malformed SASL message", True)) from None
+        events.append(SendToClient(p.authentication(p.AUTH_SASL_FINAL, reply)))
+        return self._authenticated(events)
+
+    def _authenticated(self, events: list) -> bool:
+        self.phase = "ready"
+        events.append(Authenticated(self.user, self.database, self.startup_params))
+        return True
+
+    def login_complete(self, server_state) -> bytes:
+        """AuthenticationOk, the parameters as this client should see them, its cancel key, ReadyForQuery."""
+        wanted = {}
+        for key, value in self.startup_params.items():
+            low = key.lower()
+            if low == "options":
+                wanted.update(parse_options(value))
+            elif low not in STARTUP_ONLY:
+                wanted[low] = value
+        out = [p.authentication(p.AUTH_OK)]
+        params = dict(server_state.params)
+        self.canonical = dict(server_state.canonical)
+        for low, value in params.items():
+            if low in wanted and low not in FIXED_PARAMETERS:
+                value = wanted[low]
+            self.client_params[low] = value
+            out.append(p.parameter_status(self.canonical.get(low, low), value))
+        for low, value in wanted.items():
+            if low not in params and low not in FIXED_PARAMETERS:
+                self.client_params[low] = value
+        pid, secret = self.ctx.cancel_key
+        out.append(p.backend_key_data(pid, secret))
+        out.append(p.READY_IDLE)
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ relay: client to backend
+
+    @property
+    def wants_backend(self) -> bool:
+        return True
+
+    def client_data(self, data: bytes) -> tuple[bytes, bytes]:
+        """Walk the client's messages; return (bytes for the backend, bytes answered locally)."""
+        if self.cbuf:
+            data = self.cbuf + data
+            self.cbuf = b""
+        n = len(data)
+        pos = self.c_skip
+        if pos >= n:
+            self.c_skip = pos - n
+            return data, b""
+        self.c_skip = 0
+        fifo = self.fifo
+        local = b""
+        cut = None                       # start of the first message that must not be forwarded
+        while pos < n:
+            if n - pos < 5:
+                self.cbuf = data[pos:]
+                break
+            kind = data[pos]
+            length = _unpack_uint32(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolError("invalid message length", render_error(
+                    ErrorKind.PROTOCOL_VIOLATION, f"invalid message length {length}", True))
+            if length > self.max_message:
+                raise ProtocolError("message too large", render_error(
+                    ErrorKind.MESSAGE_TOO_LARGE,
+                    f"message of {length} bytes exceeds the proxy's limit of {self.max_message} bytes "
+                    "(proxy.max_message_size)", True), ErrorKind.MESSAGE_TOO_LARGE)
+            end = pos + 1 + length
+            if kind not in _KNOWN_CLIENT:
+                raise ProtocolError("unknown message type", render_error(
+                    ErrorKind.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}", True))
+            if self.discard_until_sync or self.transaction_lost:
+                if cut is None:
+                    cut = pos
+                if end > n:
+                    self.c_skip = end - n
+                    pos = n
+                    break
+                local += self._answer_locally(kind)
+                pos = end
+                continue
+            if kind in _HEADER_ONLY_CLIENT:
+                if kind == p.SYNC:
+                    if not self.copy_in:
+                        fifo.append(CLIENT_SYNC)
+                        self.requests += 1
+                    self.pending_extended = False
+                elif kind == p.COPY_DATA:
+                    pass
+                elif kind == p.TERMINATE:
+                    self.closing = True
+                    if cut is None:
+                        cut = pos
+                elif kind == p.FUNCTION_CALL:
+                    fifo.append(CLIENT_QUERY)
+                    self.requests += 1
+                elif kind == p.COPY_DONE or kind == p.COPY_FAIL:
+                    self.copy_in = False
+                else:
+                    self.pending_extended = True
+                if end > n:
+                    self.c_skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            # Query, Parse, Bind: the body is needed whole.
+            if end > n:
+                self.cbuf = data[pos:]
+                break
+            if kind == p.QUERY:
+                fifo.append(CLIENT_QUERY)
+                self.requests += 1
+                self.unnamed_held = False
+                self._inspect_sql(data[pos + 5:end - 1])
+            elif kind == p.PARSE:
+                self.pending_extended = True
+                name_end = data.index(b"\x00", pos + 5, end)
+                if name_end == pos + 5:
+                    self.unnamed_held = True
+                else:
+                    self._detected(PinReason.PREPARED_STATEMENT, "named prepared statement (Parse)")
+                query_end = data.index(b"\x00", name_end + 1, end)
+                self._inspect_sql(data[name_end + 1:query_end])
+            else:  # BIND
+                self.pending_extended = True
+                portal_end = data.index(b"\x00", pos + 5, end)
+                if data[portal_end + 1] == 0:
+                    self.unnamed_held = False
+            pos = end
+        if self.cbuf:
+            forward_end = n - len(self.cbuf)
+        else:
+            forward_end = n
+        if cut is not None:
+            forward_end = min(forward_end, cut)
+        if forward_end == n:
+            return data, local
+        return data[:forward_end], local
+
+    def _answer_locally(self, kind: int) -> bytes:
+        """While the client's requests cannot reach a backend, answer each Sync/Query with ReadyForQuery."""
+        if kind == p.TERMINATE:
+            self.closing = True
+            return b""
+        if kind == p.SYNC or kind == p.QUERY or kind == p.FUNCTION_CALL:
+            out = b""
+            if self.transaction_lost:
+                out = render_error(ErrorKind.BACKEND_LOST,
+                                   "the database connection serving your transaction was lost and the transaction rolled back; "
+                                   "retry the transaction", fatal=False)
+                self.transaction_lost = False
+            self.discard_until_sync = False
+            self.tx_status = p.TX_IDLE
+            return out + p.READY_IDLE
+        return b""
+
+    def _inspect_sql(self, sql_bytes) -> None:
+        try:
+            sql = bytes(sql_bytes).decode("utf-8", "replace")
+        except Exception:
+            return
+        for reason, detail in classify(sql):
+            self._detected(reason, detail)
+
+    def _detected(self, reason: PinReason, detail: str) -> None:
+        if self.ctx.pin_policy.detected(self, reason, detail):
+            if not self.pinned:
+                self.pinned = True
+            self.pin_details.append((reason, detail))
+
+    # ------------------------------------------------------------------ relay: backend to client
+
+    def backend_data(self, data: bytes) -> tuple[bytes, bool]:
+        """Walk the backend's messages; return (bytes for the client, whether the backend may be released)."""
+        if self.sbuf:
+            data = self.sbuf + data
+            self.sbuf = b""
+        n = len(data)
+        pos = self.s_skip
+        if pos >= n:
+            self.s_skip = pos - n
+            return data, False
+        self.s_skip = 0
+        fifo = self.fifo
+        saw_ready = False
+        out_parts = None           # set when some messages are swallowed
+        keep_from = 0
+        while pos < n:
+            if n - pos < 5:
+                self.sbuf = data[pos:]
+                break
+            kind = data[pos]
+            length = _unpack_uint32(data, pos + 1)[0]
+            end = pos + 1 + length
+            internal = fifo and fifo[0] == INTERNAL
+            if kind in _INSPECT_BACKEND or internal:
+                if end > n:
+                    self.sbuf = data[pos:]
+                    break
+                if kind == p.READY_FOR_QUERY:
+                    self.tx_status = data[pos + 5]
+                    saw_ready = True
+                    if fifo:
+                        fifo.popleft()
+                elif kind == p.PARAMETER_STATUS:
+                    self._parameter_status(data, pos + 5, end)
+                elif kind == p.COPY_IN_RESPONSE:
+                    self.copy_in = True
+                    # A Sync sent with the COPY's Execute reaches the server in copy-in mode, which ignores it.
+                    if fifo and fifo[0] == CLIENT_SYNC and len(fifo) > 0 and self.pending_copy_sync_ignored():
+                        fifo.popleft()
+                elif kind == ord("W"):
+                    self.copy_in = True
+                if internal:
+                    # Swallow the proxy's own request's response; ParameterStatus still reaches the client.
+                    if out_parts is None:
+                        out_parts = []
+                    out_parts.append(data[keep_from:pos])
+                    if kind == p.PARAMETER_STATUS:
+                        out_parts.append(data[pos:end])
+                    elif kind == p.ERROR_RESPONSE:
+                        out_parts.append(self._replay_failed(data[pos + 5:end]))
+                    keep_from = end
+            elif end > n:
+                self.s_skip = end - n
+                pos = n
+                break
+            pos = end
+        forward_end = n - len(self.sbuf)
+        if out_parts is not None:
+            out_parts.append(data[keep_from:forward_end])
+            out = b"".join(out_parts)
+        else:
+            out = data if forward_end == n else data[:forward_end]
+        release = (saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended
+                   and not self.unnamed_held and not self.sbuf and not self.s_skip)
+        return out, release
+
+    def pending_copy_sync_ignored(self) -> bool:
+        # The front Sync was counted before the server entered copy-in mode; the server drops it.
+        return True
+
+    def _parameter_status(self, data: bytes, start: int, end: int) -> None:
+        try:
+            name_end = data.index(b"\x00", start, end)
+            value_end = data.index(b"\x00", name_end + 1, end)
+        except ValueError:
+            return
+        name = data[start:name_end].decode("utf-8", "replace")
+        value = data[name_end + 1:value_end].decode("utf-8", "replace")
+        low = name.lower()
+        self.canonical.setdefault(low, name)
+        self.client_params[low] = value
+        if self.server_params is not None:
+            self.server_params[low] = value
+
+    def _replay_failed(self, body: bytes) -> bytes:
+        """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""
+        fields = p.parse_fields(body)
+        text = fields.get("M", "unknown error")
+        for low in list(self.client_params):
+            if low in text.lower() and low not in (self.server_params or {}):
+                self.client_params.pop(low, None)
+        return p.notice_response("01000", f"multiproxy could not apply your session setting on a pooled connection: {text}",
+                                 "WARNING")
+
+    # ------------------------------------------------------------------ linking to backends
+
+    def link_prelude(self, server_state) -> bytes:
+        """SET statements bringing a fresh backend to this client's tracked parameters (as an internal request)."""
+        self.linked = True
+        params = server_state.params
+        self.server_params = params
+        sets = []
+        for low, value in self.client_params.items():
+            if low in FIXED_PARAMETERS:
+                continue
+            if params.get(low) != value:
+                sets.append(f"SET {p.quote_ident(low)} = {p.quote_literal(value)}")
+                if low not in server_state.reported:
+                    params[low] = value
+        if not sets:
+            return b""
+        self.fifo.appendleft(INTERNAL)
+        return p.query(";".join(sets))
+
+    def unlink(self) -> None:
+        self.linked = False
+        self.server_params = None
+        self.sbuf = b""
+        self.s_skip = 0
+
+    def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
+        """Reset a backend leaving a pinned session: DISCARD ALL (or the configured query) as an internal request."""
+        for low in list(server_state.params):
+            if low not in server_state.reported:
+                del server_state.params[low]
+        self.fifo.append(INTERNAL)
+        return p.query(reset_query or "DISCARD ALL")
+
+    def is_clean(self) -> bool:
+        """Nothing outstanding, no transaction, no COPY, no half message: the backend could serve someone else."""
+        return (not self.fifo and self.tx_status == p.TX_IDLE and not self.pending_extended and not self.copy_in
+                and not self.sbuf and not self.s_skip and not self.cbuf and not self.c_skip)
+
+    # ------------------------------------------------------------------ failures
+
+    def fail_pending(self, kind: ErrorKind, message: str) -> bytes:
+        """The last client_data could not reach a backend: answer its requests with an error."""
+        out = [render_error(kind, message, fatal=False)]
+        for _ in range(len(self.fifo)):
+            out.append(p.READY_IDLE)
+        self.fifo.clear()
+        self.tx_status = p.TX_IDLE
+        if self.pending_extended:
+            self.discard_until_sync = True
+            self.pending_extended = False
+        self.unnamed_held = False
+        self.copy_in = False
+        if len(out) == 1 and not self.discard_until_sync:
+            return b""
+        return b"".join(out)
+
+    def backend_lost(self, message: str) -> tuple[bytes, bool]:
+        """The linked backend died. Returns (bytes for the client, whether the client must be closed)."""
+        mid_message = bool(self.sbuf or self.s_skip)
+        session_state_lost = self.pinned
+        self.unlink()
+        if mid_message or session_state_lost or self.copy_in:
+            return render_error(ErrorKind.BACKEND_LOST, message + (
+                "; your session's state was lost with it, reconnect" if session_state_lost else ""), fatal=True), True
+        out = []
+        if self.fifo:
+            out.append(render_error(ErrorKind.BACKEND_LOST, message + "; the transaction was rolled back, retry it", fatal=False))
+            out.extend(p.READY_IDLE for _ in self.fifo)
+            self.fifo.clear()
+        elif self.tx_status != p.TX_IDLE:
+            self.transaction_lost = True
+        if self.pending_extended:
+            self.discard_until_sync = True
+        self.pending_extended = False
+        self.unnamed_held = False
+        self.tx_status = p.TX_IDLE
+        return b"".join(out), False
+
+    def error(self, kind: ErrorKind, message: str) -> bytes:
+        return render_error(kind, message)

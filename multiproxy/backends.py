@@ -1,0 +1,117 @@
+"""Backend connections: opening a socket, driving an engine's login script over it, and reading what the backend sends."""
+from __future__ import annotations
+
+import logging
+import socket as _stdsocket
+import time
+
+import gevent
+from gevent import socket
+
+from .engine import BackendError, BackendScript, BackendTarget
+
+log = logging.getLogger("multiproxy.backend")
+RECV_SIZE = 65536
+
+
+def open_socket(host: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+    return sock
+
+
+def run_script(sock, script: BackendScript, target: BackendTarget, timeout: float):
+    """Drive a sans-IO backend script over `sock` to its end; returns (socket, script). TLS upgrades swap the socket."""
+    deadline = time.monotonic() + timeout
+    out = script.start()
+    if out:
+        sock.sendall(out)
+    while not script.done:
+        if script.wants_tls:
+            ctx = target.tls_context_factory() if target.tls_context_factory else None
+            if ctx is None:
+                raise BackendError("backend offered TLS but no TLS context is configured")
+            from gevent import ssl as gssl
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock = gssl.SSLContext.wrap_socket(ctx, sock, server_hostname=target.host if ctx.check_hostname else None)
+            out = script.tls_established()
+            if out:
+                sock.sendall(out)
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendError(f"backend {target.host}:{target.port} did not finish the conversation within {timeout:g} s")
+        sock.settimeout(remaining)
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            raise BackendError(f"backend {target.host}:{target.port} closed the connection during login")
+        out = script.feed(data)
+        if out:
+            sock.sendall(out)
+    sock.settimeout(None)
+    return sock, script
+
+
+class ServerConnection:
+    """One logged-in backend connection. A reader greenlet hands what the backend sends to the linked session."""
+
+    __slots__ = ("sock", "state", "address", "pool", "session", "created", "last_used", "closed", "reader",
+                 "user", "database", "sendall", "_expected_close", "generation")
+
+    def __init__(self, sock, state, address, pool, user, database, generation=0):
+        self.sock = sock
+        self.state = state
+        self.address = address
+        self.pool = pool
+        self.session = None
+        self.created = self.last_used = time.monotonic()
+        self.closed = False
+        self.user = user
+        self.database = database
+        self.sendall = sock.sendall
+        self._expected_close = False
+        self.generation = generation
+        self.reader = gevent.spawn(self._read_loop)
+
+    def _read_loop(self):
+        recv = self.sock.recv
+        while True:
+            try:
+                data = recv(RECV_SIZE)
+            except (OSError, ValueError):
+                data = b""
+            if not data:
+                self._lost("the backend closed the connection")
+                return
+            session = self.session
+            if session is None:
+                self._lost("the backend sent data while idle in the pool")
+                return
+            session.on_backend_data(self, data)
+
+    def _lost(self, why: str):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        session = self.session
+        self.session = None
+        if session is not None:
+            session.on_backend_lost(self, why)
+        self.pool.forget(self, why, borrowed=session is not None)
+
+    def close(self):
+        """Close on purpose (reset failed, pool shrinking, client left mid-transaction): the backend rolls back."""
+        if self.closed:
+            return
+        self.closed = True
+        self.session = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.reader is not gevent.getcurrent():
+            self.reader.kill(block=False)

@@ -1,0 +1,121 @@
+"""The `multiproxy` command line: run, check-config, engines, status, users."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+
+
+def _patch():
+    from gevent import monkey
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all()
+
+
+def _load_engines():
+    from .plugins import PluginError, load_engines
+    try:
+        return load_engines()
+    except PluginError as exc:
+        click.echo(f"error: engine plugins failed to load:\n{exc}", err=True)
+        sys.exit(2)
+
+
+def _load_config(path):
+    from .config import ConfigError, load_config
+    loaded = _load_engines()
+    engines = {name: le.engine for name, le in loaded.items()}
+    try:
+        config = load_config(path, engines)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    return config, engines
+
+
+@click.group()
+@click.version_option(__version__, prog_name="multiproxy")
+def cli():
+    """multiproxy: one proxy for PostgreSQL, MySQL/MariaDB and SQL Server clients, with transaction pooling."""
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config file")
+def run(config_path):
+    """Run the proxy in the foreground, logging to stderr."""
+    _patch()
+    config, engines = _load_config(config_path)
+    logging.basicConfig(level=config.proxy.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .auth import UsersFileError
+    from .server import run_forever
+    try:
+        code = run_forever(config, engines)
+    except UsersFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"error: cannot start: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@cli.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check_config(config_path):
+    """Validate a config file; print every problem with its key path."""
+    config, _ = _load_config(config_path)
+    if config.users_file:
+        from .auth import UsersFile, UsersFileError
+        try:
+            UsersFile.load(config.users_file)
+        except UsersFileError as exc:
+            click.echo(f"error: auth.users_file: {exc}", err=True)
+            sys.exit(2)
+    click.echo(f"{config_path}: ok ({len(config.clusters)} cluster(s), {len(config.listeners)} listener(s))")
+
+
+@cli.command()
+def engines():
+    """List the engine plugins found through the multiproxy.engines entry point."""
+    for name, le in sorted(_load_engines().items()):
+        click.echo(f"{name:10} {le.target:40} {le.distribution} {le.version}  {le.engine.description}")
+
+
+@cli.command()
+@click.option("--admin", default="127.0.0.1:9930", show_default=True, help="the proxy's admin_listen address")
+def status(admin):
+    """Show listeners, pools and pins of a running proxy (from its admin server)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as resp:
+            data = json.load(resp)
+    except OSError as exc:
+        click.echo(f"error: no multiproxy admin server answers on {admin}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"uptime {data['uptime_seconds']} s")
+    for lst in data["listeners"]:
+        click.echo(f"listener {lst['name']:12} {lst['engine']:9} {lst['listen']:22} {lst['cluster']}/{lst['role']} "
+                   f"clients={lst['clients']}")
+    for pool in data["pools"]:
+        click.echo(f"pool {pool['pool']:40} size={pool['size']}/{pool['max_size']} idle={pool['idle']} "
+                   f"borrowed={pool['borrowed']} waiting={pool['waiting']}")
+    for cluster, pins in data["pins"].items():
+        if pins["now"] or pins["detected_total"]:
+            click.echo(f"pins {cluster}: now {pins['now']} detected {pins['detected_total']}")
+
+
+def _register_subcommands():
+    from .users_cmd import users
+    cli.add_command(users)
+
+
+_register_subcommands()
+
+
+def main():
+    cli(prog_name="multiproxy")

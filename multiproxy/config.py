@@ -1,0 +1,395 @@
+"""Configuration: TOML read with tomllib into frozen dataclasses; every error names its key path, all reported at once."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+POOL_MODES = ("session", "transaction")
+ROLES = ("writer", "reader")
+CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256")
+BACKEND_TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+PIN_ACTIONS = ("pin", "reject", "ignore")
+SECRET_KEYS = ("password", "password_env", "password_file", "password_command")
+
+
+class ConfigError(Exception):
+    """All problems found in one configuration, each naming its key path."""
+
+    def __init__(self, problems: list[str], source: str = ""):
+        self.problems = problems
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting: its type, default and help; validation and docs follow from it."""
+
+    name: str
+    kind: type | tuple
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+
+def _settings(*items: Setting) -> dict[str, Setting]:
+    return {s.name: s for s in items}
+
+
+PROXY_SETTINGS = _settings(
+    Setting("admin_listen", str, "127.0.0.1:9930", "host:port of the admin HTTP server (/metrics, /healthz); empty disables it"),
+    Setting("log_level", str, "info", "logging level", ("debug", "info", "warning", "error")),
+    Setting("handshake_timeout", float, 10.0, "seconds a client has to finish startup and authentication", minimum=0.1),
+    Setting("idle_client_timeout", float, 0.0, "close client connections idle this long outside a transaction; 0 never", minimum=0),
+    Setting("shutdown_timeout", float, 30.0, "seconds to wait for clients to finish on SIGTERM before closing them", minimum=0),
+    Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
+    Setting("workers", int, 1, "worker processes sharing the listeners (SO_REUSEPORT)", minimum=1),
+)
+
+BACKEND_SETTINGS = _settings(
+    Setting("tls", str, "prefer", "TLS toward the backend, as libpq's sslmode", BACKEND_TLS_MODES),
+    Setting("tls_ca_file", str, "", "CA bundle used to verify backend certificates (verify-ca, verify-full)"),
+    Setting("tls_cert_file", str, "", "client certificate presented to the backend"),
+    Setting("tls_key_file", str, "", "key of the client certificate presented to the backend"),
+    Setting("connect_timeout", float, 5.0, "seconds to connect and log in to a backend", minimum=0.1),
+    Setting("reset_query", str, "", "statement that resets a backend released by a pinned session; empty uses the engine's own"),
+)
+
+POOL_SETTINGS = _settings(
+    Setting("mode", str, "transaction", "when a client gives its backend back: after each transaction or at disconnect", POOL_MODES),
+    Setting("min_size", int, 0, "backend connections kept open per (user, database) even when idle", minimum=0),
+    Setting("max_size", int, 20, "most backend connections per (user, database)", minimum=1),
+    Setting("borrow_timeout", float, 5.0, "seconds a transaction waits for a backend before it fails", minimum=0),
+    Setting("idle_timeout", float, 600.0, "close pooled backend connections idle this long; 0 never", minimum=0),
+    Setting("max_lifetime", float, 3600.0, "close backend connections this old when they come back to the pool; 0 never", minimum=0),
+)
+
+CREDENTIAL_SETTINGS = _settings(
+    Setting("user", str, "*", "the client user these backend credentials serve; * serves any user"),
+    Setting("backend_user", str, "", "the user to log in to the backend as; empty means the client's user"),
+    Setting("password", str, "", "the backend password, literally (prefer password_env or password_file)"),
+    Setting("password_env", str, "", "environment variable holding the backend password"),
+    Setting("password_file", str, "", "file holding the backend password (mode 0600)"),
+    Setting("password_command", str, "", "shell command printing the backend password"),
+)
+
+LISTENER_SETTINGS = _settings(
+    Setting("name", str, None, "a unique name for the listener"),
+    Setting("listen", str, None, "host:port to accept clients on"),
+    Setting("cluster", str, None, "the cluster this listener serves"),
+    Setting("role", str, "writer", "which nodes of the cluster serve it", ROLES),
+    Setting("auth", str, "scram-sha-256", "how clients authenticate", CLIENT_AUTH_METHODS),
+    Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
+    Setting("tls_key_file", str, "", "private key of tls_cert_file"),
+    Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
+    Setting("pool_mode", str, "", "override of the cluster's pool mode for this listener", ("",) + POOL_MODES),
+    Setting("max_client_connections", int, 0, "most client connections at once on this listener; 0 unlimited", minimum=0),
+)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    admin_listen: str
+    log_level: str
+    handshake_timeout: float
+    idle_client_timeout: float
+    shutdown_timeout: float
+    max_message_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    tls: str
+    tls_ca_file: str
+    tls_cert_file: str
+    tls_key_file: str
+    connect_timeout: float
+    reset_query: str
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    mode: str
+    min_size: int
+    max_size: int
+    borrow_timeout: float
+    idle_timeout: float
+    max_lifetime: float
+
+
+@dataclass(frozen=True)
+class Credential:
+    user: str
+    backend_user: str
+    password: str
+    password_env: str
+    password_file: str
+    password_command: str
+    key_path: str = ""
+
+    def secret_source(self) -> dict:
+        return {k: getattr(self, k) for k in SECRET_KEYS if getattr(self, k)}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    engine: str
+    hosts: tuple[tuple[str, int], ...]
+    backend: BackendConfig
+    pool: PoolConfig
+    credentials: tuple[Credential, ...]
+    pinning: dict = field(default_factory=dict)
+    engine_options: dict = field(default_factory=dict)
+
+    def credential_for(self, user: str) -> Credential | None:
+        fallback = None
+        for cred in self.credentials:
+            if cred.user == user:
+                return cred
+            if cred.user == "*" and fallback is None:
+                fallback = cred
+        return fallback
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    listen: tuple[str, int]
+    cluster: str
+    role: str
+    auth: str
+    tls_cert_file: str
+    tls_key_file: str
+    require_tls: bool
+    pool_mode: str
+    max_client_connections: int
+
+
+@dataclass(frozen=True)
+class Config:
+    proxy: ProxyConfig
+    users_file: str
+    clusters: dict[str, ClusterConfig]
+    listeners: tuple[ListenerConfig, ...]
+    source: str = ""
+
+
+def parse_address(text: Any, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') to a tuple; raises ValueError with a readable reason."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected host:port, got {text!r}")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, ""
+    if not port and default_port is not None:
+        port = str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+class _Reader:
+    """Walks a TOML table against declared settings, collecting every problem with its key path."""
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def table(self, raw: Any, path: str) -> dict:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(path, f"expected a table, got {type(raw).__name__}")
+            return {}
+        return raw
+
+    def settings(self, raw: dict, path: str, declared: dict[str, Setting], allow_extra: tuple = ()) -> dict:
+        values = {}
+        for key in raw:
+            if key not in declared and key not in allow_extra:
+                known = ", ".join(sorted(declared))
+                self.problem(f"{path}.{key}", f"unknown setting (known: {known})")
+        for name, setting in declared.items():
+            key_path = f"{path}.{name}"
+            if name not in raw:
+                if setting.default is None:
+                    self.problem(key_path, "missing; " + setting.help)
+                values[name] = setting.default
+                continue
+            value = raw[name]
+            if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
+                self.problem(key_path, f"expected {setting.kind.__name__}, got {value!r}")
+                values[name] = setting.default
+                continue
+            if setting.choices and value not in setting.choices:
+                self.problem(key_path, f"expected one of {', '.join(repr(c) for c in setting.choices)}, got {value!r}")
+            if setting.minimum is not None and value < setting.minimum:
+                self.problem(key_path, f"must be at least {setting.minimum}, got {value!r}")
+            values[name] = value
+        return values
+
+
+def load_config(path: str, known_engines: dict | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError listing every problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], path) from None
+    return build_config(raw, path, known_engines)
+
+
+def build_config(raw: dict, source: str = "", known_engines: dict | None = None) -> Config:
+    r = _Reader()
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    for key in raw:
+        if key not in ("proxy", "auth", "clusters", "listeners"):
+            r.problem(key, "unknown section (known: proxy, auth, clusters, listeners)")
+
+    proxy = ProxyConfig(**r.settings(r.table(raw.get("proxy"), "proxy"), "proxy", PROXY_SETTINGS))
+    if proxy.admin_listen:
+        try:
+            parse_address(proxy.admin_listen)
+        except ValueError as exc:
+            r.problem("proxy.admin_listen", str(exc))
+
+    auth = r.table(raw.get("auth"), "auth")
+    users_file = ""
+    for key, value in auth.items():
+        if key != "users_file":
+            r.problem(f"auth.{key}", "unknown setting (known: users_file)")
+        elif not isinstance(value, str):
+            r.problem("auth.users_file", f"expected a path, got {value!r}")
+        else:
+            users_file = os.path.join(base_dir, value) if value else ""
+
+    clusters = {}
+    for name, craw in r.table(raw.get("clusters"), "clusters").items():
+        path = f"clusters.{name}"
+        craw = r.table(craw, path)
+        engine = craw.get("engine")
+        if not isinstance(engine, str) or not engine:
+            r.problem(f"{path}.engine", "missing; name an engine (see `multiproxy engines`)")
+        elif known_engines is not None and engine not in known_engines:
+            r.problem(f"{path}.engine", f"unknown engine {engine!r} (loaded: {', '.join(sorted(known_engines)) or 'none'})")
+        default_port = None
+        if known_engines and engine in known_engines:
+            default_port = getattr(known_engines[engine], "default_port", None)
+        hosts = []
+        hosts_raw = craw.get("hosts", [])
+        if not isinstance(hosts_raw, list) or not hosts_raw:
+            r.problem(f"{path}.hosts", "expected a non-empty list of host:port")
+        else:
+            for i, h in enumerate(hosts_raw):
+                try:
+                    hosts.append(parse_address(h, default_port))
+                except ValueError as exc:
+                    r.problem(f"{path}.hosts[{i}]", str(exc))
+        for key in craw:
+            if key not in ("engine", "hosts", "backend", "pool", "credentials", "pinning", "options"):
+                r.problem(f"{path}.{key}", "unknown setting (known: engine, hosts, backend, pool, credentials, pinning, options)")
+        backend = BackendConfig(**r.settings(r.table(craw.get("backend"), f"{path}.backend"), f"{path}.backend", BACKEND_SETTINGS))
+        pool = PoolConfig(**r.settings(r.table(craw.get("pool"), f"{path}.pool"), f"{path}.pool", POOL_SETTINGS))
+        if pool.min_size > pool.max_size:
+            r.problem(f"{path}.pool.min_size", f"must not exceed max_size ({pool.max_size}), got {pool.min_size}")
+        creds = []
+        creds_raw = craw.get("credentials", [])
+        if not isinstance(creds_raw, list):
+            r.problem(f"{path}.credentials", "expected an array of tables ([[clusters.NAME.credentials]])")
+            creds_raw = []
+        for i, item in enumerate(creds_raw):
+            cpath = f"{path}.credentials[{i}]"
+            values = r.settings(r.table(item, cpath), cpath, CREDENTIAL_SETTINGS)
+            given = [k for k in SECRET_KEYS if values.get(k)]
+            if len(given) > 1:
+                r.problem(cpath, f"give only one of {', '.join(SECRET_KEYS)}, got {', '.join(given)}")
+            if values.get("password_file") and not os.path.isabs(values["password_file"]):
+                values["password_file"] = os.path.join(base_dir, values["password_file"])
+            creds.append(Credential(**values, key_path=cpath))
+        pinning = r.table(craw.get("pinning"), f"{path}.pinning")
+        for reason, action in pinning.items():
+            if action not in PIN_ACTIONS:
+                r.problem(f"{path}.pinning.{reason}", f"expected one of {', '.join(PIN_ACTIONS)}, got {action!r}")
+        options = r.table(craw.get("options"), f"{path}.options")
+        clusters[name] = ClusterConfig(
+            name=name, engine=engine or "", hosts=tuple(hosts), backend=backend, pool=pool,
+            credentials=tuple(creds), pinning=dict(pinning), engine_options=dict(options),
+        )
+
+    listeners = []
+    raw_listeners = raw.get("listeners", [])
+    if not isinstance(raw_listeners, list):
+        r.problem("listeners", "expected an array of tables ([[listeners]])")
+        raw_listeners = []
+    if not raw_listeners:
+        r.problem("listeners", "no listener configured; add a [[listeners]] table")
+    seen_names, seen_addresses = set(), set()
+    for i, item in enumerate(raw_listeners):
+        path = f"listeners[{i}]"
+        values = r.settings(r.table(item, path), path, LISTENER_SETTINGS)
+        try:
+            values["listen"] = parse_address(values["listen"]) if values["listen"] is not None else ("", 0)
+        except ValueError as exc:
+            r.problem(f"{path}.listen", str(exc))
+            values["listen"] = ("", 0)
+        if values["name"] in seen_names:
+            r.problem(f"{path}.name", f"duplicate listener name {values['name']!r}")
+        seen_names.add(values["name"])
+        if values["listen"] in seen_addresses and values["listen"][1]:
+            r.problem(f"{path}.listen", f"address {values['listen'][0]}:{values['listen'][1]} is used by another listener")
+        seen_addresses.add(values["listen"])
+        if values["cluster"] is not None and values["cluster"] not in clusters:
+            r.problem(f"{path}.cluster", f"no cluster named {values['cluster']!r} (defined: {', '.join(sorted(clusters)) or 'none'})")
+        if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+            r.problem(f"{path}.tls_key_file", "tls_cert_file and tls_key_file go together")
+        if values["require_tls"] and not values["tls_cert_file"]:
+            r.problem(f"{path}.require_tls", "needs tls_cert_file and tls_key_file")
+        for key in ("tls_cert_file", "tls_key_file"):
+            if values[key]:
+                full = values[key] if os.path.isabs(values[key]) else os.path.join(base_dir, values[key])
+                values[key] = full
+                if not os.path.exists(full):
+                    r.problem(f"{path}.{key}", f"file not found: {full}")
+        if values["auth"] != "trust" and not users_file:
+            r.problem(f"{path}.auth", f"{values['auth']!r} needs [auth] users_file (or auth = 'trust')")
+        listeners.append(ListenerConfig(**values))
+
+    if r.problems:
+        raise ConfigError(r.problems, source)
+    return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source)
+
+
+def settings_reference() -> str:
+    """Markdown reference of every declared setting, for docs/configuration.md."""
+    out = []
+    for title, declared in (("[proxy]", PROXY_SETTINGS), ("[clusters.NAME.backend]", BACKEND_SETTINGS),
+                            ("[clusters.NAME.pool]", POOL_SETTINGS), ("[[clusters.NAME.credentials]]", CREDENTIAL_SETTINGS),
+                            ("[[listeners]]", LISTENER_SETTINGS)):
+        out.append(f"### `{title}`\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for s in declared.values():
+            default = "required" if s.default is None else repr(s.default)
+            choices = f" One of: {', '.join(repr(c) for c in s.choices if c)}." if s.choices else ""
+            out.append(f"| `{s.name}` | {s.kind.__name__} | {default} | {s.help}.{choices} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,228 @@
+"""The engine plugin contract: what an engine provides, the facts it reports and the events its protocols emit.
+
+An engine is pure protocol knowledge. Its objects are sans-IO: the core feeds them bytes and they answer
+with bytes to send and facts (transaction boundaries, pin reasons, cancel keys). They never touch a
+socket, a clock or gevent. The core owns sockets, time and policy.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class PinReason(str, enum.Enum):
+    """Engine-neutral reasons why a client session must keep its backend connection."""
+
+    SESSION_VARIABLE = "session_variable"
+    TEMP_TABLE = "temp_table"
+    PREPARED_STATEMENT = "prepared_statement"
+    SQL_PREPARE = "sql_prepare"
+    ADVISORY_LOCK = "advisory_lock"
+    TABLE_LOCK = "table_lock"
+    LISTEN = "listen"
+    CURSOR_WITH_HOLD = "cursor_with_hold"
+    LOAD = "load"
+    USER_VARIABLE = "user_variable"
+    FOUND_ROWS = "found_rows"
+    HANDLER = "handler"
+    XA = "xa"
+    CONTEXT_INFO = "context_info"
+    EXECUTE_AS = "execute_as"
+    CURSOR = "cursor"
+    COPY_PROTOCOL = "copy_protocol"
+    UNKNOWN = "unknown"
+
+
+class ErrorKind(str, enum.Enum):
+    """Engine-neutral error situations the core asks an engine to render in its own protocol."""
+
+    POOL_TIMEOUT = "pool_timeout"              # no backend free within the borrow timeout
+    BACKEND_UNAVAILABLE = "backend_unavailable"  # cannot connect or log in to the backend
+    BACKEND_LOST = "backend_lost"              # the backend connection died while serving the client
+    AUTH_FAILED = "auth_failed"
+    PROTOCOL_VIOLATION = "protocol_violation"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TLS_REQUIRED = "tls_required"
+    SHUTTING_DOWN = "shutting_down"
+    FAILOVER = "failover"                      # the transaction was cancelled because the writer changed
+    IDLE_TIMEOUT = "idle_timeout"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    NOT_SUPPORTED = "not_supported"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol. `reply` holds the bytes that tell the client, if any."""
+
+    def __init__(self, message: str, reply: bytes = b"", kind: ErrorKind = ErrorKind.PROTOCOL_VIOLATION):
+        super().__init__(message)
+        self.reply = reply
+        self.kind = kind
+
+
+class BackendError(Exception):
+    """A backend refused or broke a login or script. `fatal_auth` marks a credentials problem."""
+
+    def __init__(self, message: str, fatal_auth: bool = False, code: str = ""):
+        super().__init__(message)
+        self.fatal_auth = fatal_auth
+        self.code = code
+
+
+# ---- events a client protocol emits during its handshake (the hot path uses plain return values) ----
+
+@dataclass
+class SendToClient:
+    data: bytes
+
+
+@dataclass
+class StartClientTLS:
+    """Upgrade the client socket to TLS now (after sending `data`, the engine's 'yes, go ahead')."""
+
+    data: bytes = b""
+
+
+@dataclass
+class Authenticated:
+    """The client proved who it is; the core should find backend facts and call `login_complete`."""
+
+    user: str
+    database: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class CancelRequested:
+    """A cancel request for the session holding `key` (the proxy-issued key)."""
+
+    key: Any
+
+
+@dataclass
+class CloseClient:
+    """Send `data` (may be empty) and close the client connection."""
+
+    data: bytes = b""
+    reason: str = ""
+
+
+@dataclass
+class AuthFailed:
+    """Authentication failed: send `data` and close; counted and logged (never with secrets)."""
+
+    user: str
+    data: bytes
+    reason: str
+
+
+@dataclass
+class ClientContext:
+    """What the core tells an engine's client protocol about where it runs."""
+
+    listener: Any                 # multiproxy.config.ListenerConfig
+    users: Any                    # multiproxy.auth.UsersFile
+    tls_available: bool
+    cancel_key: Any               # the proxy-issued key for this session
+    pin_policy: Any               # multiproxy.pinning.PinPolicy
+    max_message_size: int
+    client_address: tuple = ("", 0)
+
+
+@dataclass
+class BackendTarget:
+    """Where and as whom to log in to a backend."""
+
+    host: str
+    port: int
+    user: str
+    database: str
+    password: str | None
+    tls: str = "prefer"
+    tls_context_factory: Callable | None = None   # returns an ssl.SSLContext for the backend leg
+    params: dict = field(default_factory=dict)      # engine-specific startup parameters
+
+
+class BackendScript:
+    """A sans-IO conversation with a backend (login, cancel, probe). The core drives it:
+
+    out = script.start(); send(out)
+    loop: if script.wants_tls: wrap the socket, out = script.tls_established(); send(out)
+          elif script.done: stop; else out = script.feed(recv()); send(out)
+    Errors raise BackendError. `result` holds what the script learned.
+    """
+
+    done: bool = False
+    wants_tls: bool = False
+    result: Any = None
+    leftover: bytes = b""
+
+    def start(self) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def tls_established(self) -> bytes:
+        raise NotImplementedError
+
+    def tls_refused_ok(self) -> bool:
+        return False
+
+
+class ClientProtocol:
+    """Per client connection, sans-IO. The core calls, in this order:
+
+    start() -> bytes to send first (engines whose server speaks first).
+    receive_handshake(data) -> list of events, until it emits Authenticated (or closes).
+    login_complete(server_facts) -> bytes that finish the login (welcome, parameters, ready).
+    Then for every chunk:
+      client_data(data) -> (to_backend, to_client); `wants_backend` tells whether to_backend needs a link.
+      backend_data(data) -> (to_client, release_ok); release_ok: a transaction boundary with nothing
+      outstanding, so the backend may go back to the pool.
+    link_prelude(server) -> bytes the core sends to a freshly linked backend before client bytes
+      (replays of tracked session state); unlink(server) is called when the link ends.
+    fail_pending(kind, message) -> bytes answering the requests of the last client_data that could not be
+      forwarded (e.g. no backend within the borrow timeout).
+    backend_lost(message) -> bytes telling the client its backend died.
+    error(kind, message) -> bytes: an error in this protocol (handshake or idle time).
+    reset_script(server) -> bytes the core sends to reset a backend whose session was pinned, or None.
+    """
+
+    pinned_reasons: set
+    closing: bool = False
+
+    def start(self) -> bytes:
+        return b""
+
+
+class Engine:
+    """Base class of engine plugins. Subclasses set the class attributes and implement the methods."""
+
+    name: str = ""
+    default_port: int = 0
+    description: str = ""
+    # The methods every engine must provide; plugin loading checks them.
+    required_methods = ("client_protocol", "backend_login", "cancel_script", "render_error")
+
+    def client_protocol(self, ctx: ClientContext) -> ClientProtocol:
+        raise NotImplementedError
+
+    def backend_login(self, target: BackendTarget) -> BackendScript:
+        raise NotImplementedError
+
+    def cancel_script(self, target: BackendTarget, server_state: Any) -> BackendScript:
+        raise NotImplementedError
+
+    def render_error(self, kind: ErrorKind, message: str) -> bytes:
+        raise NotImplementedError
+
+    def probe_script(self, target: BackendTarget) -> BackendScript | None:
+        """Optional: a script whose result says the node's role ('writer'/'reader') and lag."""
+        return None
+
+    def new_cancel_key(self, counter: int, worker: int) -> Any:
+        """The proxy-issued key handed to a client; hashable."""
+        return (worker << 24) | (counter & 0xFFFFFF)

@@ -1,0 +1,168 @@
+"""Prometheus metrics named after RDS Proxy's CloudWatch metrics, and the admin HTTP server (/metrics, /healthz, /status).
+
+Counters live as plain integers on the proxy, pools and sessions, so the hot path pays an addition;
+a collector turns them into metric families when Prometheus scrapes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+from .config import parse_address
+
+log = logging.getLogger("multiproxy.metrics")
+PREFIX = "multiproxy_"
+
+
+class Metrics:
+    """Process-wide counters that are not naturally held by a pool or a session."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.client_connections_total = 0
+        self.rejected_connections = 0
+        self.auth_failures = 0
+        self.protocol_errors = 0
+        self.handshake_timeouts = 0
+        self.borrow_failures = 0
+        self.cancels_forwarded = 0
+        self.cancels_ignored = 0
+        self.closed_session_requests = 0
+
+    def session_closed(self, session) -> None:
+        proto = session.proto
+        if proto is not None:
+            self.closed_session_requests += getattr(proto, "requests", 0)
+
+
+class ProxyCollector:
+    """Reads the live proxy state at scrape time."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def collect(self):
+        proxy = self.proxy
+        m = proxy.metrics
+        sessions = list(proxy.sessions)
+
+        g = GaugeMetricFamily(PREFIX + "client_connections", "Client connections open now (ClientConnections)",
+                              labels=["listener"])
+        for rt in proxy.listeners:
+            g.add_metric([rt.config.name], rt.connections)
+        yield g
+
+        c = CounterMetricFamily(PREFIX + "client_connections_received", "Client connections accepted (ClientConnectionsReceived)")
+        c.add_metric([], m.client_connections_total)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_connections_setup_failed_auth",
+                                "Client logins refused for bad credentials (ClientConnectionsSetupFailedAuth)")
+        c.add_metric([], m.auth_failures)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_connections_rejected", "Clients turned away by limits or shutdown")
+        c.add_metric([], m.rejected_connections)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_protocol_errors", "Clients closed for breaking their protocol")
+        c.add_metric([], m.protocol_errors)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_handshake_timeouts", "Clients closed for not finishing login in time")
+        c.add_metric([], m.handshake_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
+        c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))
+        yield c
+        c = CounterMetricFamily(PREFIX + "cancel_requests", "Cancel requests by outcome", labels=["outcome"])
+        c.add_metric(["forwarded"], m.cancels_forwarded)
+        c.add_metric(["ignored"], m.cancels_ignored)
+        yield c
+
+        labels = ["cluster", "role", "user", "database"]
+        conns = GaugeMetricFamily(PREFIX + "database_connections", "Backend connections open (DatabaseConnections)", labels=labels)
+        borrowed = GaugeMetricFamily(PREFIX + "database_connections_currently_borrowed",
+                                     "Backend connections serving a client now (DatabaseConnectionsCurrentlyBorrowed)", labels=labels)
+        waiting = GaugeMetricFamily(PREFIX + "database_connection_requests_waiting", "Transactions waiting for a backend",
+                                    labels=labels)
+        requests = CounterMetricFamily(PREFIX + "database_connection_requests",
+                                       "Backend borrows (DatabaseConnectionRequests)", labels=labels)
+        failed = CounterMetricFamily(PREFIX + "database_connections_setup_failed",
+                                     "Backend logins that failed (DatabaseConnectionsSetupFailed)", labels=labels)
+        opened = CounterMetricFamily(PREFIX + "database_connections_opened", "Backend logins attempted", labels=labels)
+        timeouts = CounterMetricFamily(PREFIX + "database_connection_borrow_timeouts",
+                                       "Borrows that gave up after borrow_timeout", labels=labels)
+        latency = SummaryMetricFamily(PREFIX + "database_connections_borrow_latency_seconds",
+                                      "Time waited for a backend, waiting borrows only (DatabaseConnectionsBorrowLatency)",
+                                      labels=labels)
+        for pool in list(proxy.pools.values()):
+            lv = [pool.cluster.name, pool.role, pool.user, pool.database]
+            conns.add_metric(lv, pool.size)
+            borrowed.add_metric(lv, pool.borrowed)
+            waiting.add_metric(lv, len(pool.waiters))
+            requests.add_metric(lv, pool.borrows_total)
+            failed.add_metric(lv, pool.connect_failures_total)
+            opened.add_metric(lv, pool.connects_total)
+            timeouts.add_metric(lv, pool.borrow_timeouts_total)
+            latency.add_metric(lv, pool.waited_borrows_total, pool.borrow_wait_seconds_total)
+        yield from (conns, borrowed, waiting, requests, failed, opened, timeouts, latency)
+
+        pinned = GaugeMetricFamily(PREFIX + "database_connections_currently_session_pinned",
+                                   "Client sessions pinned to their backend now, by reason "
+                                   "(DatabaseConnectionsCurrentlySessionPinned)", labels=["cluster", "reason"])
+        detected = CounterMetricFamily(PREFIX + "pin_reasons_detected", "Statements that would pin, by reason",
+                                       labels=["cluster", "reason"])
+        for cluster, policy in proxy.pin_policies.items():
+            for reason, count in policy.pinned_now.items():
+                pinned.add_metric([cluster, reason], count)
+            for reason, count in policy.detected_total.items():
+                detected.add_metric([cluster, reason], count)
+        yield pinned
+        yield detected
+        if proxy.registry is not None:
+            yield from proxy.registry.metric_families(PREFIX)
+
+
+def status_snapshot(proxy) -> dict:
+    """What `multiproxy status` prints: listeners, pools and pins."""
+    return {
+        "uptime_seconds": round(time.time() - proxy.started, 1),
+        "listeners": [{"name": rt.config.name, "engine": rt.engine.name, "listen": "%s:%d" % rt.config.listen,
+                       "cluster": rt.cluster.name, "role": rt.config.role, "clients": rt.connections}
+                      for rt in proxy.listeners],
+        "pools": [{"pool": pool.label, "size": pool.size, "idle": len(pool.idle), "borrowed": pool.borrowed,
+                   "waiting": len(pool.waiters), "max_size": pool.config.max_size}
+                  for pool in proxy.pools.values()],
+        "pins": {cluster: {"now": dict(policy.pinned_now), "detected_total": dict(policy.detected_total)}
+                 for cluster, policy in proxy.pin_policies.items()},
+        "registry": proxy.registry.snapshot() if proxy.registry is not None else None,
+    }
+
+
+def start_admin_server(listen: str, proxy) -> WSGIServer:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy))
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            body = generate_latest(registry)
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
+            return [body]
+        if path == "/healthz":
+            ok = not proxy.stopping
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"stopping\n"]
+        if path == "/status":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(status_snapshot(proxy), indent=2).encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics, /healthz or /status\n"]
+
+    host, port = parse_address(listen)
+    server = WSGIServer((host, port), app, log=None, error_log=log)
+    server.start()
+    log.info("admin server on http://%s:%d (/metrics, /healthz, /status)", host, port)
+    return server

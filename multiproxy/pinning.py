@@ -1,0 +1,45 @@
+"""Pinning policy: what to do with each pin reason an engine reports, with counts and explanations."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from .engine import PinReason
+
+log = logging.getLogger("multiproxy.pinning")
+
+
+class PinPolicy:
+    """Decides per reason whether a session pins (`pin`) or carries on multiplexed (`ignore`).
+
+    Engines report what they saw; this object decides and keeps the counts that metrics and
+    `status` show: pins detected in total and sessions currently pinned, by reason.
+    """
+
+    def __init__(self, actions: dict[str, str] | None = None, cluster: str = ""):
+        self.actions = dict(actions or {})
+        self.cluster = cluster
+        self.detected_total: Counter = Counter()
+        self.ignored_total: Counter = Counter()
+        self.pinned_now: Counter = Counter()
+        self._session_reasons: dict[int, set] = {}
+
+    def action_for(self, reason: PinReason) -> str:
+        return self.actions.get(reason.value, "pin")
+
+    def detected(self, session, reason: PinReason, detail: str) -> bool:
+        """Record that `session` did something that ties it to its backend; True when it must pin."""
+        self.detected_total[reason.value] += 1
+        if self.action_for(reason) == "ignore":
+            self.ignored_total[reason.value] += 1
+            return False
+        reasons = self._session_reasons.setdefault(id(session), set())
+        if reason.value not in reasons:
+            reasons.add(reason.value)
+            self.pinned_now[reason.value] += 1
+            log.info("cluster %s: session pinned to its backend: %s (%s)", self.cluster, reason.value, detail)
+        return True
+
+    def session_ended(self, session) -> None:
+        for reason in self._session_reasons.pop(id(session), ()):
+            self.pinned_now[reason] -= 1

@@ -1,0 +1,252 @@
+"""Backend connection pools: LIFO reuse, size limits, idle and lifetime expiry, a borrow queue with a timeout."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import gevent
+from gevent.event import AsyncResult
+
+from .backends import ServerConnection, open_socket, run_script
+from .engine import BackendError
+
+log = logging.getLogger("multiproxy.pool")
+
+_CONNECT = object()   # handed to a waiter: a slot is free, open a connection yourself
+
+
+class PoolTimeout(Exception):
+    """No backend connection became free within the borrow timeout."""
+
+
+class BackendUnavailable(Exception):
+    """No backend connection could be opened (unreachable, login refused, no writer known)."""
+
+
+class Pool:
+    """Backend connections of one (cluster, role, user, database)."""
+
+    def __init__(self, proxy, cluster, role: str, user: str, database: str, engine, target_for):
+        self.proxy = proxy
+        self.cluster = cluster
+        self.role = role
+        self.user = user
+        self.database = database
+        self.engine = engine
+        self.config = cluster.pool
+        self.target_for = target_for           # () -> BackendTarget (current address of the role)
+        self.idle: list[ServerConnection] = []  # LIFO: the most recently used is at the end
+        self.waiters: deque = deque()
+        self.size = 0                          # open plus opening
+        self.borrowed = 0
+        self.facts = None                      # the engine's state of the latest login (welcome parameters)
+        self.generation = 0                    # bumped on failover; older connections are not reused
+        self.draining = False
+        self.connects_total = 0
+        self.connect_failures_total = 0
+        self.borrow_timeouts_total = 0
+        self.borrow_wait_seconds_total = 0.0
+        self.borrows_total = 0
+        self.waited_borrows_total = 0
+        self.label = f"{cluster.name}/{role}/{user}/{database}"
+
+    # ------------------------------------------------------------------ borrowing
+
+    def borrow(self, timeout: float | None = None) -> ServerConnection:
+        """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
+        self.borrows_total += 1
+        idle = self.idle
+        while idle:
+            server = idle.pop()
+            if not server.closed and server.generation == self.generation:
+                self.borrowed += 1
+                return server
+            self._discard(server)
+        if self.size < self.config.max_size:
+            return self._connect_borrowed()
+        return self._wait(self.config.borrow_timeout if timeout is None else timeout)
+
+    def _wait(self, timeout: float) -> ServerConnection:
+        started = time.monotonic()
+        self.waited_borrows_total += 1
+        waiter = AsyncResult()
+        self.waiters.append(waiter)
+        try:
+            result = waiter.get(timeout=timeout)
+        except gevent.Timeout:
+            result = None
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if result is None:
+            self._abandon(waiter)
+            if waiter.ready() and waiter.successful():
+                result = waiter.value
+        self.borrow_wait_seconds_total += time.monotonic() - started
+        if result is None:
+            self.borrow_timeouts_total += 1
+            raise PoolTimeout(
+                f"no database connection became free within {timeout:g} s: all {self.config.max_size} connections of "
+                f"pool {self.label} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
+        if result is _CONNECT:
+            return self._connect_borrowed()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _abandon(self, waiter):
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            # Already handed something: give it back so nothing leaks.
+            if waiter.ready() and waiter.successful():
+                value = waiter.value
+                if value is _CONNECT:
+                    self._slot_freed()
+                elif isinstance(value, ServerConnection):
+                    self.borrowed += 1
+                    self.release(value)
+
+    def _connect_borrowed(self) -> ServerConnection:
+        self.size += 1
+        try:
+            server = self.connect()
+        except BaseException:
+            self.size -= 1
+            self._slot_freed()
+            raise
+        self.borrowed += 1
+        return server
+
+    def connect(self) -> ServerConnection:
+        """Open and log in one backend connection (counted by the caller)."""
+        target = self.target_for()
+        if target is None:
+            raise BackendUnavailable(f"no {self.role} node of cluster {self.cluster.name!r} is available right now; "
+                                     "retry shortly (multiproxy is waiting for the cluster to elect one)")
+        timeout = self.cluster.backend.connect_timeout
+        self.connects_total += 1
+        sock = None
+        try:
+            sock = open_socket(target.host, target.port, timeout)
+            sock, script = run_script(sock, self.engine.backend_login(target), target, timeout)
+        except (OSError, BackendError, ValueError) as exc:
+            self.connect_failures_total += 1
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            if isinstance(exc, BackendError) and exc.fatal_auth:
+                self.proxy.credentials_failed(self.cluster, self.user)
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, OSError) and not isinstance(exc, BackendError):
+                reason = f"cannot connect to {target.host}:{target.port}: {exc.strerror or exc}"
+            log.warning("pool %s: %s", self.label, reason)
+            raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
+        self.facts = script.result
+        return ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
+                                self.generation)
+
+    def welcome_facts(self):
+        """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
+        if self.facts is None:
+            server = self.borrow()
+            self.release(server)
+        return self.facts
+
+    # ------------------------------------------------------------------ giving back
+
+    def release(self, server: ServerConnection) -> None:
+        """Take a connection back after a transaction; hand it straight to the longest waiter if any."""
+        self.borrowed -= 1
+        if server.closed:
+            return
+        now = time.monotonic()
+        lifetime = self.config.max_lifetime
+        if self.draining or server.generation != self.generation or (lifetime and now - server.created > lifetime):
+            self._discard(server)
+            return
+        server.last_used = now
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.ready():
+                self.borrowed += 1
+                waiter.set(server)
+                return
+        self.idle.append(server)
+
+    def _discard(self, server: ServerConnection) -> None:
+        if not server.closed:
+            server.close()
+            self.size -= 1
+            self._slot_freed()
+
+    def forget(self, server: ServerConnection, why: str, borrowed: bool) -> None:
+        """A connection died on its own (called once, by the connection)."""
+        if borrowed:
+            self.borrowed -= 1
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        self.size -= 1
+        log.info("pool %s: backend connection closed: %s", self.label, why)
+        self._slot_freed()
+
+    def discard_borrowed(self, server: ServerConnection) -> None:
+        """A borrowed connection must not be reused (client left mid-transaction): close it."""
+        self.borrowed -= 1
+        self._discard(server)
+
+    def _slot_freed(self) -> None:
+        waiters = self.waiters
+        while waiters and self.size < self.config.max_size:
+            waiter = waiters.popleft()
+            if not waiter.ready():
+                waiter.set(_CONNECT)
+                return
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def expire(self, now: float) -> None:
+        """Close connections idle past idle_timeout (oldest first), keeping min_size open."""
+        timeout = self.config.idle_timeout
+        lifetime = self.config.max_lifetime
+        idle = self.idle
+        i = 0
+        while i < len(idle) and self.size > self.config.min_size:
+            server = idle[i]
+            if (timeout and now - server.last_used > timeout) or (lifetime and now - server.created > lifetime):
+                idle.pop(i)
+                self._discard(server)
+                continue
+            i += 1
+
+    def fill(self) -> None:
+        """Open connections up to min_size (called from the housekeeping greenlet)."""
+        while self.size < self.config.min_size and not self.draining:
+            self.size += 1
+            try:
+                server = self.connect()
+            except BackendUnavailable:
+                self.size -= 1
+                return
+            self.idle.insert(0, server)
+
+    def drain(self, reason: str) -> None:
+        """Failover: idle connections close now, borrowed ones are not reused."""
+        self.generation += 1
+        while self.idle:
+            self._discard(self.idle.pop())
+
+    def close_all(self) -> None:
+        self.draining = True
+        while self.idle:
+            self._discard(self.idle.pop())
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.ready():
+                waiter.set(BackendUnavailable("multiproxy is shutting down"))

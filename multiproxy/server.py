@@ -1,0 +1,329 @@
+"""The proxy process: listeners (gevent StreamServer), pools, cancel routing, housekeeping, signals, graceful drain."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket as _stdsocket
+import time
+import weakref
+
+import gevent
+from gevent import socket
+from gevent.server import StreamServer
+
+from .auth import UsersFile
+from .backends import open_socket, run_script
+from .config import ClusterConfig, Config, ListenerConfig
+from .engine import BackendTarget, ErrorKind
+from .metrics import Metrics, start_admin_server
+from .pinning import PinPolicy
+from .pool import Pool
+from .secrets import CachedSecret, SecretError
+from .session import Session
+from .tls import backend_leg_context, client_leg_context
+
+log = logging.getLogger("multiproxy.server")
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+class ListenerRuntime:
+    """A configured listener with what its sessions need: engine, cluster, TLS context, pin policy."""
+
+    def __init__(self, config: ListenerConfig, cluster: ClusterConfig, engine, pin_policy: PinPolicy):
+        self.config = config
+        self.cluster = cluster
+        self.engine = engine
+        self.pin_policy = pin_policy
+        self.tls_context = client_leg_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
+        self.server: StreamServer | None = None
+        self.connections = 0
+
+    def wrap_client_tls(self, sock):
+        from gevent import ssl as gssl
+        return gssl.SSLContext.wrap_socket(self.tls_context, sock, server_side=True)
+
+
+class Proxy:
+    """Everything one worker process runs."""
+
+    def __init__(self, config: Config, engines: dict, worker: int = 0):
+        self.config = config
+        self.engines = engines                # name -> Engine instance
+        self.worker = worker
+        self.users = UsersFile.load(config.users_file) if config.users_file else UsersFile.empty()
+        self.metrics = Metrics(self)
+        self.pools: dict[tuple, Pool] = {}
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
+        self.by_cancel_key: dict = {}
+        self._cancel_counter = itertools.count(1)
+        self.pin_policies = {name: PinPolicy(c.pinning, name) for name, c in config.clusters.items()}
+        self.secrets: dict[tuple, CachedSecret] = {}
+        self.listeners: list[ListenerRuntime] = []
+        for lc in config.listeners:
+            cluster = config.clusters[lc.cluster]
+            self.listeners.append(ListenerRuntime(lc, cluster, engines[cluster.engine], self.pin_policies[lc.cluster]))
+        self.started = time.time()
+        self.stopping = False
+        self.admin = None
+        self._housekeeper = None
+        self.registry = None   # the failover registry, when clusters follow DNS endpoints
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, listen_sockets: dict | None = None) -> None:
+        for rt in self.listeners:
+            host, port = rt.config.listen
+            sock = (listen_sockets or {}).get(rt.config.name)
+            if sock is None:
+                sock = make_listen_socket(host, port)
+            rt.server = StreamServer(sock, self._handler(rt))
+            rt.server.start()
+            log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
+                     rt.cluster.name, rt.config.role)
+        if self.config.proxy.admin_listen and self.worker == 0:
+            self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+        self._housekeeper = gevent.spawn(self._housekeeping)
+
+    def _handler(self, rt: ListenerRuntime):
+        metrics = self.metrics
+        limit = rt.config.max_client_connections
+
+        def handle(sock, address):
+            if self.stopping or (limit and rt.connections >= limit):
+                metrics.rejected_connections += 1
+                kind = ErrorKind.SHUTTING_DOWN if self.stopping else ErrorKind.TOO_MANY_CONNECTIONS
+                message = ("multiproxy is shutting down; reconnect in a moment" if self.stopping else
+                           f"listener {rt.config.name!r} has reached max_client_connections ({limit}); retry later")
+                try:
+                    # Engines whose client speaks first (PostgreSQL) read the error once they send their startup.
+                    sock.settimeout(2)
+                    sock.sendall(rt.engine.render_error(kind, message))
+                except OSError:
+                    pass
+                sock.close()
+                return
+            rt.connections += 1
+            metrics.client_connections_total += 1
+            session = Session(self, rt, sock, address)
+            self.sessions.add(session)
+            try:
+                session.run()
+            finally:
+                rt.connections -= 1
+        return handle
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, let clients finish for `timeout` seconds, then close everything."""
+        if timeout is None:
+            timeout = self.config.proxy.shutdown_timeout
+        self.stopping = True
+        for rt in self.listeners:
+            if rt.server is not None:
+                rt.server.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(s.server is not None for s in list(self.sessions)):
+            gevent.sleep(0.1)
+        for session in list(self.sessions):
+            session._send_quietly(session.engine.render_error(ErrorKind.SHUTTING_DOWN,
+                                                              "multiproxy is shutting down; reconnect in a moment"))
+            try:
+                session.sock.close()
+            except OSError:
+                pass
+        for pool in list(self.pools.values()):
+            pool.close_all()
+        if self._housekeeper is not None:
+            self._housekeeper.kill(block=False)
+        if self.admin is not None:
+            self.admin.stop()
+        if self.registry is not None:
+            self.registry.stop()
+
+    def _housekeeping(self) -> None:
+        while True:
+            gevent.sleep(HOUSEKEEPING_INTERVAL)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                try:
+                    pool.expire(now)
+                    if pool.size < pool.config.min_size:
+                        gevent.spawn(pool.fill)
+                except Exception:  # housekeeping must never die
+                    log.exception("pool %s: housekeeping failed", pool.label)
+
+    # ------------------------------------------------------------------ pools and backends
+
+    def pool_for(self, rt: ListenerRuntime, user: str, database: str) -> Pool:
+        key = (rt.cluster.name, rt.config.role, user, database)
+        pool = self.pools.get(key)
+        if pool is None:
+            cluster = rt.cluster
+            pool = Pool(self, cluster, rt.config.role, user, database, rt.engine,
+                        lambda: self.backend_target(cluster, rt.config.role, user, database))
+            self.pools[key] = pool
+        return pool
+
+    def node_for(self, cluster: ClusterConfig, role: str) -> tuple[str, int] | None:
+        if self.registry is not None:
+            return self.registry.address_for(cluster.name, role)
+        return cluster.hosts[0]
+
+    def backend_target(self, cluster: ClusterConfig, role: str, user: str, database: str) -> BackendTarget | None:
+        address = self.node_for(cluster, role)
+        if address is None:
+            return None
+        cred = cluster.credential_for(user)
+        backend_user = (cred.backend_user if cred and cred.backend_user else user)
+        password = None
+        if cred is not None and cred.secret_source():
+            cache_key = (cluster.name, cred.key_path)
+            secret = self.secrets.get(cache_key)
+            if secret is None:
+                secret = self.secrets[cache_key] = CachedSecret(cred.secret_source(), cred.key_path)
+            try:
+                password = secret.get()
+            except SecretError as exc:
+                log.error("%s", exc)
+                password = None
+        backend = cluster.backend
+        tls_factory = None
+        if backend.tls not in ("disable", "allow"):
+            tls_factory = lambda: backend_leg_context(backend.tls, backend.tls_ca_file, backend.tls_cert_file,
+                                                      backend.tls_key_file)
+        return BackendTarget(host=address[0], port=address[1], user=backend_user, database=database, password=password,
+                             tls=backend.tls, tls_context_factory=tls_factory)
+
+    def credentials_failed(self, cluster: ClusterConfig, user: str) -> None:
+        """The backend refused our credentials: fetch them again next time (they may have been rotated)."""
+        cred = cluster.credential_for(user)
+        if cred is not None:
+            secret = self.secrets.get((cluster.name, cred.key_path))
+            if secret is not None:
+                secret.invalidate()
+
+    # ------------------------------------------------------------------ sessions and cancel keys
+
+    def new_cancel_key(self, engine):
+        return engine.new_cancel_key(next(self._cancel_counter), self.worker)
+
+    def session_started(self, session: Session) -> None:
+        self.by_cancel_key[session.cancel_key] = session
+
+    def session_ended(self, session: Session) -> None:
+        if session.cancel_key is not None and self.by_cancel_key.get(session.cancel_key) is session:
+            del self.by_cancel_key[session.cancel_key]
+        self.metrics.session_closed(session)
+
+    def cancel(self, key) -> None:
+        """Forward a client's cancel to the backend now serving it; unknown keys and idle clients are ignored."""
+        session = self.by_cancel_key.get(key)
+        if session is None:
+            self.metrics.cancels_ignored += 1
+            return
+        server = session.cancel_target()
+        if server is None:
+            self.metrics.cancels_ignored += 1
+            return
+        self.metrics.cancels_forwarded += 1
+        cluster = session.runtime.cluster
+        target = BackendTarget(host=server.address[0], port=server.address[1], user=server.user,
+                               database=server.database, password=None, tls="disable")
+        script = session.engine.cancel_script(target, server.state)
+        gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
+
+    def _send_cancel(self, target: BackendTarget, script, timeout: float) -> None:
+        try:
+            sock = open_socket(target.host, target.port, timeout)
+            try:
+                run_script(sock, script, target, timeout)
+            finally:
+                sock.close()
+        except Exception as exc:  # a failed cancel is logged, never fatal
+            log.warning("cancel to %s:%d failed: %s", target.host, target.port, exc)
+
+
+def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    family = _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
+    sock = socket.socket(family, _stdsocket.SOCK_STREAM)
+    sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run_forever(config: Config, engines: dict) -> int:
+    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the users file."""
+    workers = config.proxy.workers
+    if workers <= 1:
+        return _run_worker(config, engines, 0, None)
+    return _run_workers(config, engines, workers)
+
+
+def _run_worker(config: Config, engines: dict, worker: int, listen_sockets) -> int:
+    proxy = Proxy(config, engines, worker)
+    proxy.start(listen_sockets)
+    done = gevent.event.Event()
+
+    def stop(signum):
+        log.info("worker %d: signal %d received, draining clients", worker, signum)
+        done.set()
+
+    def reload_users():
+        if config.users_file:
+            try:
+                proxy.users = UsersFile.load(config.users_file)
+                log.info("users file reloaded: %d users", len(proxy.users))
+            except Exception as exc:
+                log.error("users file not reloaded: %s", exc)
+
+    gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
+    gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
+    gevent.signal_handler(signal.SIGHUP, reload_users)
+    log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
+    done.wait()
+    proxy.stop()
+    return 0
+
+
+def _run_workers(config: Config, engines: dict, workers: int) -> int:
+    """Fork workers that share the listening sockets through SO_REUSEPORT; restart none, stop all on a signal."""
+    children = []
+    for worker in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            gevent.reinit()
+            sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
+            code = 1
+            try:
+                code = _run_worker(config, engines, worker, sockets)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, frame):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                status = status or os.waitstatus_to_exitcode(code)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    return status

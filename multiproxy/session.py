@@ -1,0 +1,273 @@
+"""Drives one client connection: socket reads into the engine's protocol, backend links, release at transaction ends.
+
+The client greenlet reads the client and writes to the linked backend. The backend's reader greenlet
+(multiproxy.backends) writes to the client and decides, from what the engine reports, when the
+backend goes back to the pool. While linked, only the backend side writes to the client, so answers
+never interleave.
+"""
+from __future__ import annotations
+
+import logging
+import socket as _stdsocket
+
+import gevent
+
+from .engine import (
+    AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient,
+    StartClientTLS,
+)
+from .pool import BackendUnavailable, PoolTimeout
+
+log = logging.getLogger("multiproxy.session")
+RECV_SIZE = 65536
+RESET_TIMEOUT = 10.0
+
+
+class Session:
+    """One client connection and, while it holds one, its backend connection."""
+
+    __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "server", "transaction_mode",
+                 "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "__weakref__")
+
+    def __init__(self, proxy, runtime, sock, address):
+        self.proxy = proxy
+        self.runtime = runtime            # the listener's runtime: config, engine, cluster, TLS context
+        self.listener = runtime.config
+        self.engine = runtime.engine
+        self.sock = sock
+        self.address = address
+        self.proto = None
+        self.pool = None
+        self.server = None
+        self.transaction_mode = True
+        self.client_gone = False
+        self.user = ""
+        self.database = ""
+        self.cancel_key = None
+        self._reset_timer = None
+
+    # ------------------------------------------------------------------ client greenlet
+
+    def run(self) -> None:
+        sock = self.sock
+        try:
+            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        try:
+            if self.handshake():
+                self.serve()
+        except ProtocolError as exc:
+            log.info("client %s: protocol error: %s", self.address[0], exc)
+            self.proxy.metrics.protocol_errors += 1
+            self._send_quietly(exc.reply)
+        except (OSError, ValueError) as exc:
+            log.debug("client %s: connection error: %s", self.address[0], exc)
+        finally:
+            self.finish()
+
+    def _send_quietly(self, data: bytes) -> None:
+        if data and not self.client_gone:
+            try:
+                self.sock.sendall(data)
+            except (OSError, ValueError):
+                self.client_gone = True
+
+    def handshake(self) -> bool:
+        """Startup, TLS and authentication; True when the client may send requests."""
+        proxy = self.proxy
+        ctx = ClientContext(
+            listener=self.listener, users=proxy.users, tls_available=self.runtime.tls_context is not None,
+            cancel_key=None, pin_policy=self.runtime.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
+            client_address=self.address,
+        )
+        self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
+        proto = self.proto = self.engine.client_protocol(ctx)
+        timeout = gevent.Timeout(proxy.config.proxy.handshake_timeout)
+        timeout.start()
+        try:
+            out = proto.start()
+            if out:
+                self.sock.sendall(out)
+            while True:
+                data = self.sock.recv(16384)
+                if not data:
+                    return False
+                for event in proto.receive_handshake(data):
+                    kind = type(event)
+                    if kind is SendToClient:
+                        self.sock.sendall(event.data)
+                    elif kind is StartClientTLS:
+                        if event.data:
+                            self.sock.sendall(event.data)
+                        self.sock = self.runtime.wrap_client_tls(self.sock)
+                    elif kind is Authenticated:
+                        return self._logged_in(event)
+                    elif kind is CancelRequested:
+                        proxy.cancel(event.key)
+                        return False
+                    elif kind is AuthFailed:
+                        proxy.metrics.auth_failures += 1
+                        log.warning("client %s: authentication failed for user %r on listener %s: %s",
+                                    self.address[0], event.user, self.listener.name, event.reason)
+                        self.sock.sendall(event.data)
+                        return False
+                    elif kind is CloseClient:
+                        if event.data:
+                            self.sock.sendall(event.data)
+                        return False
+        except gevent.Timeout as exc:
+            if exc is not timeout:
+                raise
+            self.proxy.metrics.handshake_timeouts += 1
+            self._send_quietly(self.engine.render_error(
+                ErrorKind.HANDSHAKE_TIMEOUT,
+                f"the client did not finish logging in within {proxy.config.proxy.handshake_timeout:g} s"))
+            return False
+        finally:
+            timeout.close()
+
+    def _logged_in(self, event: Authenticated) -> bool:
+        proxy = self.proxy
+        self.user, self.database = event.user, event.database
+        record = proxy.users.get(event.user) if proxy.users is not None else None
+        mode = self.listener.pool_mode or (record.pool_mode if record and record.pool_mode else "") \
+            or self.runtime.cluster.pool.mode
+        self.transaction_mode = mode == "transaction"
+        self.pool = proxy.pool_for(self.runtime, event.user, event.database)
+        try:
+            facts = self.pool.welcome_facts()
+        except (BackendUnavailable, PoolTimeout) as exc:
+            self.sock.sendall(self.engine.render_error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
+            return False
+        self.sock.sendall(self.proto.login_complete(facts))
+        proxy.session_started(self)
+        return True
+
+    def serve(self) -> None:
+        recv = self.sock.recv
+        proto = self.proto
+        client_data = proto.client_data
+        while True:
+            data = recv(RECV_SIZE)
+            if not data:
+                return
+            to_backend, to_client = client_data(data)
+            if to_backend:
+                server = self.server
+                if server is None:
+                    server = self.link()
+                    if server is None:
+                        continue
+                    prelude = proto.link_prelude(server.state)
+                    if prelude:
+                        to_backend = prelude + to_backend
+                try:
+                    server.sendall(to_backend)
+                except (OSError, ValueError):
+                    pass  # the backend's reader notices the loss and tells the client
+            if to_client:
+                self.sock.sendall(to_client)
+            if proto.closing:
+                return
+
+    def link(self):
+        """Borrow a backend for the request just read, or answer it with an error."""
+        try:
+            server = self.pool.borrow()
+        except (PoolTimeout, BackendUnavailable) as exc:
+            kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
+            self.proxy.metrics.borrow_failures += 1
+            reply = self.proto.fail_pending(kind, str(exc))
+            if reply:
+                self.sock.sendall(reply)
+            return None
+        server.session = self
+        self.server = server
+        return server
+
+    # ------------------------------------------------------------------ backend reader greenlet
+
+    def on_backend_data(self, server, data: bytes) -> None:
+        to_client, release = self.proto.backend_data(data)
+        if to_client and not self.client_gone:
+            try:
+                self.sock.sendall(to_client)
+            except (OSError, ValueError):
+                self.client_gone = True
+        if release and ((self.transaction_mode and not self.proto.pinned) or self.client_gone):
+            self.unlink(server)
+
+    def unlink(self, server) -> None:
+        """Give the backend back to the pool at a transaction boundary."""
+        if self._reset_timer is not None:
+            self._reset_timer.kill(block=False)
+            self._reset_timer = None
+        server.session = None
+        self.server = None
+        self.proto.unlink()
+        self.pool.release(server)
+
+    def on_backend_lost(self, server, why: str) -> None:
+        self.server = None
+        if self.client_gone:
+            self.proto.unlink()
+            return
+        reply, close_client = self.proto.backend_lost(f"the database connection was lost ({why})")
+        self._send_quietly(reply)
+        if close_client:
+            self.client_gone = True
+            try:
+                self.sock.shutdown(_stdsocket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+
+    # ------------------------------------------------------------------ end of the client
+
+    def finish(self) -> None:
+        """The client left: its backend goes back (reset if it was pinned) or is closed if mid-transaction."""
+        self.client_gone = True
+        proxy = self.proxy
+        server = self.server
+        proto = self.proto
+        if server is not None and proto is not None:
+            if not server.closed and proto.is_clean():
+                if proto.pinned or not self.transaction_mode:
+                    reset = proto.reset_bytes(server.state, self.runtime.cluster.backend.reset_query)
+                    try:
+                        server.sendall(reset)
+                        # The reader releases it when the reset's answer arrives; close it if that never comes.
+                        self._reset_timer = gevent.spawn_later(RESET_TIMEOUT, self._reset_overdue, server)
+                    except (OSError, ValueError):
+                        self._close_backend(server)
+                else:
+                    self.unlink(server)
+            else:
+                self._close_backend(server)
+        if proto is not None:
+            self.runtime.pin_policy.session_ended(proto)
+        proxy.session_ended(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _close_backend(self, server) -> None:
+        server.session = None
+        self.server = None
+        self.pool.discard_borrowed(server)
+
+    def _reset_overdue(self, server) -> None:
+        self._reset_timer = None
+        if self.server is server:
+            log.warning("pool %s: backend reset did not finish in %g s; closing it", self.pool.label, RESET_TIMEOUT)
+            self._close_backend(server)
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel_target(self):
+        """(server, pool) currently serving this client, or None."""
+        server = self.server
+        if server is None or server.closed:
+            return None
+        return server
