@@ -9,6 +9,7 @@ import gevent
 from gevent import socket
 
 from .engine import BackendError, BackendScript, BackendTarget
+from .fastio import fast_recv, fast_sendall
 
 log = logging.getLogger("multiproxy.backend")
 RECV_SIZE = 65536
@@ -68,13 +69,13 @@ class ServerConnection:
         self.closed = False
         self.user = user
         self.database = database
-        self.sendall = sock.sendall
+        self.sendall = fast_sendall(sock)
         self._expected_close = False
         self.generation = generation
         self.reader = gevent.spawn(self._read_loop)
 
     def _read_loop(self):
-        recv = self.sock.recv
+        recv = fast_recv(self.sock)
         while True:
             try:
                 data = recv(RECV_SIZE)

@@ -16,6 +16,7 @@ from .engine import (
     AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient,
     StartClientTLS,
 )
+from .fastio import fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
 
 log = logging.getLogger("multiproxy.session")
@@ -27,7 +28,8 @@ class Session:
     """One client connection and, while it holds one, its backend connection."""
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "server", "transaction_mode",
-                 "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "__weakref__")
+                 "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
+                 "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -45,6 +47,7 @@ class Session:
         self.database = ""
         self.cancel_key = None
         self._reset_timer = None
+        self.client_send = sock.sendall
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -145,7 +148,8 @@ class Session:
         return True
 
     def serve(self) -> None:
-        recv = self.sock.recv
+        recv = fast_recv(self.sock)
+        send = self.client_send = fast_sendall(self.sock)
         proto = self.proto
         client_data = proto.client_data
         while True:
@@ -167,7 +171,7 @@ class Session:
                 except (OSError, ValueError):
                     pass  # the backend's reader notices the loss and tells the client
             if to_client:
-                self.sock.sendall(to_client)
+                send(to_client)
             if proto.closing:
                 return
 
@@ -192,7 +196,7 @@ class Session:
         to_client, release = self.proto.backend_data(data)
         if to_client and not self.client_gone:
             try:
-                self.sock.sendall(to_client)
+                self.client_send(to_client)
             except (OSError, ValueError):
                 self.client_gone = True
         if release and ((self.transaction_mode and not self.proto.pinned) or self.client_gone):

@@ -20,6 +20,8 @@ class PostgresServerState:
     reported: frozenset = frozenset()               # names the server reports with ParameterStatus
     pid: int = 0
     secret: int = 0
+    login_params: dict = field(default_factory=dict)    # params as the login left them (greeting new clients)
+    welcome_cache: dict = field(default_factory=dict)   # startup parameters -> greeting bytes (see client)
 
 
 class _MessageReader:
@@ -110,6 +112,7 @@ class PostgresLogin(BackendScript):
                                    fatal_auth=code in AUTH_FAILURE_CODES, code=code)
             elif kind == p.READY_FOR_QUERY:
                 self.state.reported = frozenset(self.state.params)
+                self.state.login_params = dict(self.state.params)
                 self.done = True
                 self.result = self.state
                 self.leftover = bytes(self.reader.buf)

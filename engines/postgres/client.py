@@ -17,7 +17,7 @@ from multiproxy.engine import (
 
 from . import protocol as p
 from .auth import AuthError, ScramServer, check_md5_response
-from .pinning import classify
+from .pinning import classify, might_pin
 
 MAX_STARTUP_PACKET = 10000
 # Parameters a client cannot choose; the server reports them and they are never replayed.
@@ -318,21 +318,28 @@ class PostgresClient(ClientProtocol):
                 wanted.update(parse_options(value))
             elif low not in STARTUP_ONLY:
                 wanted[low] = value
-        out = [p.authentication(p.AUTH_OK)]
-        params = dict(server_state.params)
-        self.canonical = dict(server_state.canonical)
-        for low, value in params.items():
-            if low in wanted and low not in FIXED_PARAMETERS:
-                value = wanted[low]
-            self.client_params[low] = value
-            out.append(p.parameter_status(self.canonical.get(low, low), value))
-        for low, value in wanted.items():
-            if low not in params and low not in FIXED_PARAMETERS:
-                self.client_params[low] = value
+        # Clients of one pool mostly send the same startup parameters: greet them from a cache.
+        cache = server_state.welcome_cache
+        cache_key = tuple(sorted(wanted.items()))
+        cached = cache.get(cache_key)
+        if cached is None:
+            out = [p.authentication(p.AUTH_OK)]
+            client_params = {}
+            for low, value in server_state.login_params.items():
+                if low in wanted and low not in FIXED_PARAMETERS:
+                    value = wanted[low]
+                client_params[low] = value
+                out.append(p.parameter_status(server_state.canonical.get(low, low), value))
+            for low, value in wanted.items():
+                if low not in server_state.login_params and low not in FIXED_PARAMETERS:
+                    client_params[low] = value
+            cached = (b"".join(out), client_params)
+            if len(cache) < 64:
+                cache[cache_key] = cached
+        self.client_params = dict(cached[1])
+        self.canonical = server_state.canonical
         pid, secret = self.ctx.cancel_key
-        out.append(p.backend_key_data(pid, secret))
-        out.append(p.READY_IDLE)
-        return b"".join(out)
+        return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
 
     # ------------------------------------------------------------------ relay: client to backend
 
@@ -459,11 +466,9 @@ class PostgresClient(ClientProtocol):
         return b""
 
     def _inspect_sql(self, sql_bytes) -> None:
-        try:
-            sql = bytes(sql_bytes).decode("utf-8", "replace")
-        except Exception:
+        if not might_pin(sql_bytes):
             return
-        for reason, detail in classify(sql):
+        for reason, detail in classify(bytes(sql_bytes).decode("utf-8", "replace")):
             self._detected(reason, detail)
 
     def _detected(self, reason: PinReason, detail: str) -> None:
@@ -575,6 +580,8 @@ class PostgresClient(ClientProtocol):
         self.linked = True
         params = server_state.params
         self.server_params = params
+        if self.client_params.items() <= params.items():
+            return b""
         sets = []
         for low, value in self.client_params.items():
             if low in FIXED_PARAMETERS:

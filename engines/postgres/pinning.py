@@ -29,6 +29,18 @@ _ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNOR
 _LOAD = re.compile(_STATEMENT_START + r"load\s+'", re.IGNORECASE)
 
 
+_KEYWORDS = (b"set", b"prepare", b"temp", b"listen", b"hold", b"advisory", b"load", b"reset")
+
+
+def might_pin(sql: bytes) -> bool:
+    """A cheap screen on the raw bytes: False means `classify` would find nothing."""
+    low = bytes(sql).lower()
+    for word in _KEYWORDS:
+        if word in low:
+            return True
+    return False
+
+
 def classify(sql: str) -> list[tuple[PinReason, str]]:
     """The pin reasons `sql` triggers, each with a short detail naming what was seen."""
     if not _SCREEN.search(sql):
