@@ -14,7 +14,7 @@ from .engine import (
 )
 from .pinning import PinPolicy
 
-CLIENT_METHODS = ("start", "receive_handshake", "login_complete", "client_data", "backend_data", "link_prelude",
+CLIENT_METHODS = ("start", "receive_handshake", "login_complete", "client_data", "backend_data", "link",
                   "unlink", "reset_bytes", "fail_pending", "backend_lost", "is_clean", "error")
 CLIENT_ATTRIBUTES = ("pinned", "closing", "requests")
 HANDSHAKE_EVENTS = (SendToClient, StartClientTLS, Authenticated, CancelRequested, CloseClient, AuthFailed)

@@ -129,6 +129,7 @@ class ClientContext:
     pin_policy: Any               # multiproxy.pinning.PinPolicy
     max_message_size: int
     client_address: tuple = ("", 0)
+    engine_options: dict = field(default_factory=dict)   # the cluster's [clusters.NAME.options]
 
 
 @dataclass
@@ -182,8 +183,9 @@ class ClientProtocol:
       client_data(data) -> (to_backend, to_client); `wants_backend` tells whether to_backend needs a link.
       backend_data(data) -> (to_client, release_ok); release_ok: a transaction boundary with nothing
       outstanding, so the backend may go back to the pool.
-    link_prelude(server) -> bytes the core sends to a freshly linked backend before client bytes
-      (replays of tracked session state); unlink(server) is called when the link ends.
+    link(server_state, to_backend) -> the bytes to send to a freshly linked backend: replays of tracked
+      session state, then the client's bytes (rewritten if the engine maps names per backend);
+      unlink() is called when the link ends.
     fail_pending(kind, message) -> bytes answering the requests of the last client_data that could not be
       forwarded (e.g. no backend within the borrow timeout).
     backend_lost(message) -> bytes telling the client its backend died.

@@ -82,7 +82,7 @@ class Session:
         ctx = ClientContext(
             listener=self.listener, users=proxy.users, tls_available=self.runtime.tls_context is not None,
             cancel_key=None, pin_policy=self.runtime.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
-            client_address=self.address,
+            client_address=self.address, engine_options=self.runtime.cluster.engine_options,
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
         proto = self.proto = self.engine.client_protocol(ctx)
@@ -163,9 +163,7 @@ class Session:
                     server = self.link()
                     if server is None:
                         continue
-                    prelude = proto.link_prelude(server.state)
-                    if prelude:
-                        to_backend = prelude + to_backend
+                    to_backend = proto.link(server.state, to_backend)
                 try:
                     server.sendall(to_backend)
                 except (OSError, ValueError):

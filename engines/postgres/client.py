@@ -6,6 +6,7 @@ status byte of ReadyForQuery, ParameterStatus (tracked session parameters) and C
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 from collections import deque
@@ -32,14 +33,24 @@ CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
 
 _INSPECT_BACKEND = frozenset(b"ZSGEW")
+_INSPECT_BACKEND_VIRTUAL = frozenset(b"ZSGEW1")
+# A name no statement ever has: closing it answers CloseComplete in order and touches nothing.
+CLOSED_STATEMENT = b"multiproxy_closed_statement"
 _HEADER_ONLY_CLIENT = {p.SYNC, p.FLUSH, p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL,
-                       p.DESCRIBE, p.EXECUTE, p.CLOSE}
+                       p.EXECUTE}
 _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH))
 _unpack_uint32 = p.UINT32.unpack_from
 
 # Client-message types accepted after startup. Anything else is a protocol violation.
 _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
+
+_STATEMENT_MESSAGES = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE))
+
+
+def _parse_message(name: bytes, rest: bytes) -> bytes:
+    return b"P" + p.UINT32.pack(len(name) + 1 + len(rest) + 4) + name + b"\x00" + rest
+
 
 SQLSTATE = {
     ErrorKind.POOL_TIMEOUT: "53300",
@@ -122,10 +133,18 @@ class PostgresClient(ClientProtocol):
         self.pin_details: list[tuple[PinReason, str]] = []
         self.closing = False
         self.linked = False
+        self.server_state = None                 # the linked backend's PostgresServerState
         self.server_params: dict | None = None   # the linked backend's parameter values
         self.client_params: dict[str, str] = {}  # lowercase name -> value the client believes in
         self.canonical: dict[str, str] = {}
         self.requests = 0
+        # named prepared statements, virtualised: client name -> (global name, Parse body after the name)
+        self.virtualize = ctx.engine_options.get("prepared_statements", "virtualize") == "virtualize"
+        self.statements: dict | None = None
+        self.parse_fifo: deque = deque()   # (sync group, injected by the proxy, global name) per Parse sent
+        self.syncs_sent = 0
+        self.syncs_done = 0
+        self.deferred_rewrite = None
         # partial-message state, client side
         self.cbuf = b""                 # an incomplete message we must see whole, or a partial header
         self.c_skip = 0                 # bytes of a streamed message still to come
@@ -361,6 +380,9 @@ class PostgresClient(ClientProtocol):
         fifo = self.fifo
         local = b""
         cut = None                       # start of the first message that must not be forwarded
+        start = pos
+        rewrite = False
+        syncs_before = self.syncs_sent
         while pos < n:
             if n - pos < 5:
                 self.cbuf = data[pos:]
@@ -394,6 +416,7 @@ class PostgresClient(ClientProtocol):
                     if not self.copy_in:
                         fifo.append(CLIENT_SYNC)
                         self.requests += 1
+                        self.syncs_sent += 1
                     self.pending_extended = False
                 elif kind == p.COPY_DATA:
                     pass
@@ -414,29 +437,43 @@ class PostgresClient(ClientProtocol):
                     break
                 pos = end
                 continue
-            # Query, Parse, Bind: the body is needed whole.
+            # Query, Parse, Bind, Describe, Close: the body is needed whole.
             if end > n:
                 self.cbuf = data[pos:]
                 break
-            if kind == p.QUERY:
-                fifo.append(CLIENT_QUERY)
-                self.requests += 1
-                self.unnamed_held = False
-                self._inspect_sql(data[pos + 5:end - 1])
-            elif kind == p.PARSE:
-                self.pending_extended = True
-                name_end = data.index(b"\x00", pos + 5, end)
-                if name_end == pos + 5:
-                    self.unnamed_held = True
-                else:
-                    self._detected(PinReason.PREPARED_STATEMENT, "named prepared statement (Parse)")
-                query_end = data.index(b"\x00", name_end + 1, end)
-                self._inspect_sql(data[name_end + 1:query_end])
-            else:  # BIND
-                self.pending_extended = True
-                portal_end = data.index(b"\x00", pos + 5, end)
-                if data[portal_end + 1] == 0:
+            try:
+                if kind == p.QUERY:
+                    fifo.append(CLIENT_QUERY)
+                    self.requests += 1
                     self.unnamed_held = False
+                    self._inspect_sql(data[pos + 5:end - 1])
+                elif kind == p.PARSE:
+                    self.pending_extended = True
+                    name_end = data.index(b"\x00", pos + 5, end)
+                    if name_end == pos + 5:
+                        self.unnamed_held = True
+                    elif self.virtualize:
+                        rewrite = True
+                    else:
+                        self._detected(PinReason.PREPARED_STATEMENT, "named prepared statement (Parse)")
+                    query_end = data.index(b"\x00", name_end + 1, end)
+                    self._inspect_sql(data[name_end + 1:query_end])
+                    if self.statements is not None:
+                        rewrite = True
+                elif kind == p.BIND:
+                    self.pending_extended = True
+                    portal_end = data.index(b"\x00", pos + 5, end)
+                    if data[portal_end + 1] == 0:
+                        self.unnamed_held = False
+                    elif self.statements is not None:
+                        rewrite = True
+                else:  # DESCRIBE, CLOSE
+                    self.pending_extended = True
+                    if data[pos + 5] == 83 and data[pos + 6] != 0 and self.statements is not None:  # 'S', named
+                        rewrite = True
+            except (ValueError, IndexError):
+                raise ProtocolError("malformed message", render_error(
+                    ErrorKind.PROTOCOL_VIOLATION, f"malformed {chr(kind)!r} message", True)) from None
             pos = end
         if self.cbuf:
             forward_end = n - len(self.cbuf)
@@ -444,9 +481,92 @@ class PostgresClient(ClientProtocol):
             forward_end = n
         if cut is not None:
             forward_end = min(forward_end, cut)
-        if forward_end == n:
-            return data, local
-        return data[:forward_end], local
+        forward = data if forward_end == n else data[:forward_end]
+        if rewrite:
+            if self.linked:
+                forward = self._rewrite_statements(forward, start, syncs_before)
+            else:
+                self.deferred_rewrite = (start, syncs_before)
+        return forward, local
+
+    def _rewrite_statements(self, data: bytes, start: int, group: int) -> bytes:
+        """Map the client's statement names to global ones on the linked backend, preparing them there if needed.
+
+        A named Parse becomes Parse of the global name, or, when the backend already has it, a Parse of the
+        unnamed statement (so the client still receives a genuine ParseComplete in order). Bind and
+        Describe use the global name and are preceded by an injected Parse when the backend lacks it (its
+        ParseComplete is dropped on the way back). Close of a named statement closes a name nobody uses,
+        which answers CloseComplete without dropping a statement other clients share.
+        """
+        if self.statements is None:
+            self.statements = {}
+        prepared = self.server_state.prepared
+        statements = self.statements
+        parse_fifo = self.parse_fifo
+        out = [data[:start]]
+        pos = start
+        n = len(data)
+        while pos < n:
+            if n - pos < 5:
+                out.append(data[pos:])
+                break
+            kind = data[pos]
+            end = pos + 1 + _unpack_uint32(data, pos + 1)[0]
+            if end > n or kind not in _STATEMENT_MESSAGES:
+                if kind == p.SYNC:
+                    group += 1
+                out.append(data[pos:end])
+                pos = end
+                continue
+            body_start = pos + 5
+            if kind == p.PARSE:
+                name_end = data.index(b"\x00", body_start, end)
+                rest = data[name_end + 1:end]
+                if name_end == body_start:
+                    parse_fifo.append((group, False, None))
+                    out.append(data[pos:end])
+                else:
+                    gname = b"mp_" + hashlib.blake2b(rest, digest_size=10).hexdigest().encode()
+                    statements[data[body_start:name_end]] = (gname, rest)
+                    if gname in prepared:
+                        parse_fifo.append((group, False, None))
+                        out.append(_parse_message(b"", rest))
+                    else:
+                        prepared.add(gname)
+                        parse_fifo.append((group, False, gname))
+                        out.append(_parse_message(gname, rest))
+            elif kind == p.BIND:
+                portal_end = data.index(b"\x00", body_start, end)
+                name_end = data.index(b"\x00", portal_end + 1, end)
+                entry = statements.get(data[portal_end + 1:name_end])
+                if entry is None:
+                    out.append(data[pos:end])
+                else:
+                    gname, rest = entry
+                    if gname not in prepared:
+                        prepared.add(gname)
+                        parse_fifo.append((group, True, gname))
+                        out.append(_parse_message(gname, rest))
+                    payload = data[body_start:portal_end + 1] + gname + data[name_end:end]
+                    out.append(b"B" + p.UINT32.pack(len(payload) + 4) + payload)
+            else:  # DESCRIBE or CLOSE
+                target = data[body_start]
+                name = data[body_start + 1:end - 1]
+                entry = statements.get(name) if target == 83 else None
+                if entry is None:
+                    out.append(data[pos:end])
+                elif kind == p.CLOSE:
+                    del statements[name]
+                    out.append(p.message(b"C", b"S" + CLOSED_STATEMENT + b"\x00"))
+                else:
+                    gname, rest = entry
+                    if gname not in prepared:
+                        prepared.add(gname)
+                        parse_fifo.append((group, True, gname))
+                        out.append(_parse_message(gname, rest))
+                    out.append(p.message(b"D", b"S" + gname + b"\x00"))
+            pos = end
+        return b"".join(out)
 
     def _answer_locally(self, kind: int) -> bytes:
         """While the client's requests cannot reach a backend, answer each Sync/Query with ReadyForQuery."""
@@ -468,6 +588,13 @@ class PostgresClient(ClientProtocol):
     def _inspect_sql(self, sql_bytes) -> None:
         if not might_pin(sql_bytes):
             return
+        low = bytes(sql_bytes).lower()
+        if (b"discard" in low or b"deallocate" in low) and self.statements is not None:
+            # The client dropped statements itself: forget them and what the backend was thought to hold.
+            if self.server_state is not None:
+                self.server_state.prepared.clear()
+            if b"deallocate" in low or b"all" in low:
+                self.statements.clear()
         for reason, detail in classify(bytes(sql_bytes).decode("utf-8", "replace")):
             self._detected(reason, detail)
 
@@ -493,6 +620,8 @@ class PostgresClient(ClientProtocol):
         fifo = self.fifo
         saw_ready = False
         out_parts = None           # set when some messages are swallowed
+        parse_fifo = self.parse_fifo
+        inspect = _INSPECT_BACKEND_VIRTUAL if parse_fifo else _INSPECT_BACKEND
         keep_from = 0
         while pos < n:
             if n - pos < 5:
@@ -502,15 +631,21 @@ class PostgresClient(ClientProtocol):
             length = _unpack_uint32(data, pos + 1)[0]
             end = pos + 1 + length
             internal = fifo and fifo[0] == INTERNAL
-            if kind in _INSPECT_BACKEND or internal:
+            drop = False
+            if kind in inspect or internal:
                 if end > n:
                     self.sbuf = data[pos:]
                     break
                 if kind == p.READY_FOR_QUERY:
                     self.tx_status = data[pos + 5]
                     saw_ready = True
-                    if fifo:
-                        fifo.popleft()
+                    if fifo and fifo.popleft() == CLIENT_SYNC:
+                        self.syncs_done += 1
+                        if parse_fifo:
+                            self._parses_unanswered(self.syncs_done)
+                elif kind == p.PARSE_COMPLETE:
+                    if parse_fifo and not internal:
+                        drop = parse_fifo.popleft()[1]
                 elif kind == p.PARAMETER_STATUS:
                     self._parameter_status(data, pos + 5, end)
                 elif kind == p.COPY_IN_RESPONSE:
@@ -520,7 +655,12 @@ class PostgresClient(ClientProtocol):
                         fifo.popleft()
                 elif kind == ord("W"):
                     self.copy_in = True
-                if internal:
+                if drop:
+                    if out_parts is None:
+                        out_parts = []
+                    out_parts.append(data[keep_from:pos])
+                    keep_from = end
+                elif internal:
                     # Swallow the proxy's own request's response; ParameterStatus still reaches the client.
                     if out_parts is None:
                         out_parts = []
@@ -544,6 +684,15 @@ class PostgresClient(ClientProtocol):
         release = (saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended
                    and not self.unnamed_held and not self.sbuf and not self.s_skip)
         return out, release
+
+    def _parses_unanswered(self, syncs_done: int) -> None:
+        """Parses of finished Sync groups that got no ParseComplete failed: the backend lacks those statements."""
+        parse_fifo = self.parse_fifo
+        prepared = self.server_state.prepared if self.server_state is not None else set()
+        while parse_fifo and parse_fifo[0][0] < syncs_done:
+            gname = parse_fifo.popleft()[2]
+            if gname is not None:
+                prepared.discard(gname)
 
     def pending_copy_sync_ignored(self) -> bool:
         # The front Sync was counted before the server entered copy-in mode; the server drops it.
@@ -575,13 +724,19 @@ class PostgresClient(ClientProtocol):
 
     # ------------------------------------------------------------------ linking to backends
 
-    def link_prelude(self, server_state) -> bytes:
-        """SET statements bringing a fresh backend to this client's tracked parameters (as an internal request)."""
+    def link(self, server_state, data: bytes) -> bytes:
+        """What to send to a freshly linked backend: SET statements bringing it to this client's tracked
+        parameters (as an internal request), then the client's bytes (statement names mapped if needed)."""
         self.linked = True
+        self.server_state = server_state
         params = server_state.params
         self.server_params = params
+        if self.deferred_rewrite is not None:
+            start, group = self.deferred_rewrite
+            self.deferred_rewrite = None
+            data = self._rewrite_statements(data, start, group)
         if self.client_params.items() <= params.items():
-            return b""
+            return data
         sets = []
         for low, value in self.client_params.items():
             if low in FIXED_PARAMETERS:
@@ -591,13 +746,15 @@ class PostgresClient(ClientProtocol):
                 if low not in server_state.reported:
                     params[low] = value
         if not sets:
-            return b""
+            return data
         self.fifo.appendleft(INTERNAL)
-        return p.query(";".join(sets))
+        return p.query(";".join(sets)) + data
 
     def unlink(self) -> None:
         self.linked = False
+        self.server_state = None
         self.server_params = None
+        self.parse_fifo.clear()
         self.sbuf = b""
         self.s_skip = 0
 
@@ -606,6 +763,7 @@ class PostgresClient(ClientProtocol):
         for low in list(server_state.params):
             if low not in server_state.reported:
                 del server_state.params[low]
+        server_state.prepared.clear()
         self.fifo.append(INTERNAL)
         return p.query(reset_query or "DISCARD ALL")
 

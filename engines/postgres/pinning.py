@@ -29,7 +29,8 @@ _ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNOR
 _LOAD = re.compile(_STATEMENT_START + r"load\s+'", re.IGNORECASE)
 
 
-_KEYWORDS = (b"set", b"prepare", b"temp", b"listen", b"hold", b"advisory", b"load", b"reset")
+_KEYWORDS = (b"set", b"prepare", b"temp", b"listen", b"hold", b"advisory", b"load", b"reset", b"discard",
+             b"deallocate")
 
 
 def might_pin(sql: bytes) -> bool:
