@@ -226,5 +226,9 @@ class Engine:
         return None
 
     def new_cancel_key(self, counter: int, worker: int) -> Any:
-        """The proxy-issued key handed to a client; hashable."""
+        """The proxy-issued key handed to a client; hashable and JSON-serialisable (int or tuple of ints)."""
         return (worker << 24) | (counter & 0xFFFFFF)
+
+    def cancel_key_worker(self, key: Any) -> int:
+        """Which worker issued `key` (see new_cancel_key)."""
+        return (key >> 24) & 0x7F if isinstance(key, int) else 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import signal
@@ -69,6 +70,8 @@ class Proxy:
         self.admin = None
         self._housekeeper = None
         self.registry = None   # the failover registry, when clusters follow DNS endpoints
+        self.worker_count = 1
+        self.cancel_socket = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -216,8 +219,16 @@ class Proxy:
             del self.by_cancel_key[session.cancel_key]
         self.metrics.session_closed(session)
 
-    def cancel(self, key) -> None:
-        """Forward a client's cancel to the backend now serving it; unknown keys and idle clients are ignored."""
+    def cancel(self, key, engine=None) -> None:
+        """Forward a client's cancel to the backend now serving it; unknown keys and idle clients are ignored.
+
+        With several workers the key names the worker that issued it; a cancel that arrived elsewhere
+        is passed to that worker over a datagram socket."""
+        if self.worker_count > 1 and engine is not None:
+            owner = engine.cancel_key_worker(key)
+            if owner != self.worker:
+                self._pass_cancel(owner, engine.name, key)
+                return
         session = self.by_cancel_key.get(key)
         if session is None:
             self.metrics.cancels_ignored += 1
@@ -233,6 +244,31 @@ class Proxy:
         script = session.engine.cancel_script(target, server.state)
         gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
 
+    def listen_for_cancels(self, worker_count: int, group: int) -> None:
+        """With forked workers: receive cancels that other workers passed to this one."""
+        self.worker_count = worker_count
+        self.cancel_group = group
+        sock = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
+        sock.bind(_cancel_address(group, self.worker))
+        self.cancel_socket = sock
+
+        def receive():
+            while True:
+                data = sock.recv(4096)
+                try:
+                    engine_name, key = json.loads(data)
+                    key = tuple(key) if isinstance(key, list) else key
+                except ValueError:
+                    continue
+                self.cancel(key)
+        gevent.spawn(receive)
+
+    def _pass_cancel(self, owner: int, engine_name: str, key) -> None:
+        try:
+            self.cancel_socket.sendto(json.dumps([engine_name, key]).encode(), _cancel_address(self.cancel_group, owner))
+        except OSError as exc:
+            log.warning("cannot pass a cancel to worker %d: %s", owner, exc)
+
     def _send_cancel(self, target: BackendTarget, script, timeout: float) -> None:
         try:
             sock = open_socket(target.host, target.port, timeout)
@@ -242,6 +278,11 @@ class Proxy:
                 sock.close()
         except Exception as exc:  # a failed cancel is logged, never fatal
             log.warning("cancel to %s:%d failed: %s", target.host, target.port, exc)
+
+
+def _cancel_address(group: int, worker: int) -> bytes:
+    # Linux abstract socket names: nothing on disk to clean up.
+    return f"\0multiproxy-{group}-cancel-{worker}".encode()
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -264,8 +305,10 @@ def run_forever(config: Config, engines: dict) -> int:
     return _run_workers(config, engines, workers)
 
 
-def _run_worker(config: Config, engines: dict, worker: int, listen_sockets) -> int:
+def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0) -> int:
     proxy = Proxy(config, engines, worker)
+    if config.proxy.workers > 1:
+        proxy.listen_for_cancels(config.proxy.workers, group)
     proxy.start(listen_sockets)
     done = gevent.event.Event()
 
@@ -293,6 +336,7 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets) -> i
 def _run_workers(config: Config, engines: dict, workers: int) -> int:
     """Fork workers that share the listening sockets through SO_REUSEPORT; restart none, stop all on a signal."""
     children = []
+    group = os.getpid()
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:
@@ -300,7 +344,7 @@ def _run_workers(config: Config, engines: dict, workers: int) -> int:
             sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
             code = 1
             try:
-                code = _run_worker(config, engines, worker, sockets)
+                code = _run_worker(config, engines, worker, sockets, group)
             finally:
                 os._exit(code)
         children.append(pid)

@@ -107,7 +107,7 @@ class Session:
                     elif kind is Authenticated:
                         return self._logged_in(event)
                     elif kind is CancelRequested:
-                        proxy.cancel(event.key)
+                        proxy.cancel(event.key, self.engine)
                         return False
                     elif kind is AuthFailed:
                         proxy.metrics.auth_failures += 1

@@ -39,3 +39,6 @@ class PostgresEngine(Engine):
         # pid: worker in the high byte, a counter below; the secret is random, so keys cannot be guessed.
         pid = ((worker & 0x7F) << 24) | (counter & 0xFFFFFF)
         return pid, self._random.getrandbits(32)
+
+    def cancel_key_worker(self, key) -> int:
+        return (key[0] >> 24) & 0x7F
