@@ -29,6 +29,7 @@ class Metrics:
         self.auth_failures = 0
         self.protocol_errors = 0
         self.handshake_timeouts = 0
+        self.idle_timeouts = 0
         self.borrow_failures = 0
         self.cancels_forwarded = 0
         self.cancels_ignored = 0
@@ -72,6 +73,9 @@ class ProxyCollector:
         yield c
         c = CounterMetricFamily(PREFIX + "client_handshake_timeouts", "Clients closed for not finishing login in time")
         c.add_metric([], m.handshake_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_idle_timeouts", "Clients closed by proxy.idle_client_timeout")
+        c.add_metric([], m.idle_timeouts)
         yield c
         c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
         c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))

@@ -58,6 +58,7 @@ class Proxy:
         self.pools: dict[tuple, Pool] = {}
         self.sessions: weakref.WeakSet = weakref.WeakSet()
         self.by_cancel_key: dict = {}
+        self.sessions_per_user: dict[str, int] = {}
         self._cancel_counter = itertools.count(1)
         self.pin_policies = {name: PinPolicy(c.pinning, name) for name, c in config.clusters.items()}
         self.secrets: dict[tuple, CachedSecret] = {}
@@ -94,22 +95,19 @@ class Proxy:
         limit = rt.config.max_client_connections
 
         def handle(sock, address):
+            session = Session(self, rt, sock, address)
             if self.stopping or (limit and rt.connections >= limit):
+                # Turned away after its login, so that the client reads the reason in its own protocol.
                 metrics.rejected_connections += 1
-                kind = ErrorKind.SHUTTING_DOWN if self.stopping else ErrorKind.TOO_MANY_CONNECTIONS
-                message = ("multiproxy is shutting down; reconnect in a moment" if self.stopping else
-                           f"listener {rt.config.name!r} has reached max_client_connections ({limit}); retry later")
-                try:
-                    # Engines whose client speaks first (PostgreSQL) read the error once they send their startup.
-                    sock.settimeout(2)
-                    sock.sendall(rt.engine.render_error(kind, message))
-                except OSError:
-                    pass
-                sock.close()
+                if self.stopping:
+                    session.reject = (ErrorKind.SHUTTING_DOWN, "multiproxy is shutting down; reconnect in a moment")
+                else:
+                    session.reject = (ErrorKind.TOO_MANY_CONNECTIONS,
+                                      f"listener {rt.config.name!r} has reached max_client_connections ({limit}); retry later")
+                session.run()
                 return
             rt.connections += 1
             metrics.client_connections_total += 1
-            session = Session(self, rt, sock, address)
             self.sessions.add(session)
             try:
                 session.run()
@@ -213,10 +211,15 @@ class Proxy:
 
     def session_started(self, session: Session) -> None:
         self.by_cancel_key[session.cancel_key] = session
+        self.sessions_per_user[session.user] = self.sessions_per_user.get(session.user, 0) + 1
+
+    def user_sessions(self, user: str) -> int:
+        return self.sessions_per_user.get(user, 0)
 
     def session_ended(self, session: Session) -> None:
         if session.cancel_key is not None and self.by_cancel_key.get(session.cancel_key) is session:
             del self.by_cancel_key[session.cancel_key]
+            self.sessions_per_user[session.user] -= 1
         self.metrics.session_closed(session)
 
     def cancel(self, key, engine=None) -> None:

@@ -29,6 +29,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "server", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
+                 "reject",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -48,6 +49,7 @@ class Session:
         self.cancel_key = None
         self._reset_timer = None
         self.client_send = sock.sendall
+        self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -132,11 +134,21 @@ class Session:
 
     def _logged_in(self, event: Authenticated) -> bool:
         proxy = self.proxy
+        if self.reject is not None:
+            self.sock.sendall(self.engine.render_error(*self.reject))
+            return False
         self.user, self.database = event.user, event.database
         record = proxy.users.get(event.user) if proxy.users is not None else None
         mode = self.listener.pool_mode or (record.pool_mode if record and record.pool_mode else "") \
             or self.runtime.cluster.pool.mode
         self.transaction_mode = mode == "transaction"
+        if record is not None and record.max_connections and proxy.user_sessions(event.user) >= record.max_connections:
+            proxy.metrics.rejected_connections += 1
+            self.sock.sendall(self.engine.render_error(
+                ErrorKind.TOO_MANY_CONNECTIONS,
+                f"user {event.user!r} already has {record.max_connections} connections, its max_connections; "
+                "close some or raise it with `multiproxy users add --max-connections`"))
+            return False
         self.pool = proxy.pool_for(self.runtime, event.user, event.database)
         try:
             facts = self.pool.welcome_facts()
@@ -148,6 +160,20 @@ class Session:
         return True
 
     def serve(self) -> None:
+        idle = self.proxy.config.proxy.idle_client_timeout
+        if idle:
+            self.sock.settimeout(idle)
+            try:
+                self._relay()
+            except TimeoutError:
+                self.proxy.metrics.idle_timeouts += 1
+                if self.server is None:
+                    self._send_quietly(self.engine.render_error(
+                        ErrorKind.IDLE_TIMEOUT, f"closing the connection after {idle:g} s idle (proxy.idle_client_timeout)"))
+            return
+        self._relay()
+
+    def _relay(self) -> None:
         recv = fast_recv(self.sock)
         send = self.client_send = fast_sendall(self.sock)
         proto = self.proto
