@@ -169,6 +169,10 @@ class Proxy:
     def node_for(self, cluster: ClusterConfig, role: str) -> tuple[str, int] | None:
         if self.registry is not None:
             return self.registry.address_for(cluster.name, role)
+        # Without a registry: the first host is the writer, the others are readers (round robin).
+        if role == "reader" and len(cluster.hosts) > 1:
+            self._reader_turn = (getattr(self, "_reader_turn", 0) + 1) % (len(cluster.hosts) - 1)
+            return cluster.hosts[1 + self._reader_turn]
         return cluster.hosts[0]
 
     def backend_target(self, cluster: ClusterConfig, role: str, user: str, database: str) -> BackendTarget | None:
