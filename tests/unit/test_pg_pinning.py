@@ -1,0 +1,145 @@
+"""classify(): which PostgreSQL statements tie a session to its backend, and which are tracked or transaction-scoped."""
+from __future__ import annotations
+
+import pytest
+
+from engines.postgres.pinning import classify
+from multiproxy.engine import PinReason as R
+
+
+def reasons(sql: str) -> set[R]:
+    return {reason for reason, _ in classify(sql)}
+
+
+PINS = [
+    ("SET search_path = app, public", R.SESSION_VARIABLE),
+    ("SET SESSION search_path TO app", R.SESSION_VARIABLE),
+    ("set statement_timeout = '5s'", R.SESSION_VARIABLE),
+    ('SET "search_path" = x', R.SESSION_VARIABLE),
+    ("SET ROLE reporting", R.SESSION_VARIABLE),
+    ("SET SESSION AUTHORIZATION bob", R.SESSION_VARIABLE),
+    ("RESET search_path", R.SESSION_VARIABLE),
+    ("RESET ALL", R.SESSION_VARIABLE),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", R.SESSION_VARIABLE),
+    ("SELECT set_config('search_path', 'app', false)", R.SESSION_VARIABLE),
+    ("SELECT set_config('a.b', 'c', FALSE)", R.SESSION_VARIABLE),
+    ("CREATE TEMP TABLE scratch (id int)", R.TEMP_TABLE),
+    ("CREATE TEMPORARY TABLE scratch (id int) ON COMMIT PRESERVE ROWS", R.TEMP_TABLE),
+    ("CREATE GLOBAL TEMPORARY TABLE g (id int)", R.TEMP_TABLE),
+    ("CREATE TEMP VIEW v AS SELECT 1", R.TEMP_TABLE),
+    ("CREATE TEMP SEQUENCE s", R.TEMP_TABLE),
+    ("SELECT * INTO TEMP scratch FROM orders", R.TEMP_TABLE),
+    ("SELECT 1 AS x INTO TEMPORARY TABLE scratch", R.TEMP_TABLE),
+    ("CREATE TABLE pg_temp.scratch (id int)", R.TEMP_TABLE),
+    ("LISTEN jobs", R.LISTEN),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", R.CURSOR_WITH_HOLD),
+    ("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t", R.CURSOR_WITH_HOLD),
+    ("PREPARE q AS SELECT 1", R.SQL_PREPARE),
+    ("PREPARE q (int) AS SELECT $1", R.SQL_PREPARE),
+    ("SELECT pg_advisory_lock(42)", R.ADVISORY_LOCK),
+    ("SELECT pg_try_advisory_lock(1, 2)", R.ADVISORY_LOCK),
+    ("SELECT pg_advisory_lock_shared(7)", R.ADVISORY_LOCK),
+    ("LOAD 'auto_explain'", R.LOAD),
+    # case-insensitivity
+    ("set SEARCH_PATH = x", R.SESSION_VARIABLE),
+    ("create temp table T (id int)", R.TEMP_TABLE),
+    ("listen JOBS", R.LISTEN),
+    ("Prepare Q As Select 1", R.SQL_PREPARE),
+    ("SELECT PG_ADVISORY_LOCK(1)", R.ADVISORY_LOCK),
+    ("load 'x'", R.LOAD),
+    ("declare c cursor with hold for select 1", R.CURSOR_WITH_HOLD),
+    # after comments and leading whitespace
+    ("/* app */ SET search_path = x", R.SESSION_VARIABLE),
+    ("-- note\n  LISTEN jobs", R.LISTEN),
+]
+
+NOT_PINS = [
+    "SELECT 1",
+    "SET LOCAL search_path = app",
+    "SET LOCAL statement_timeout = '1s'",
+    "SET application_name = 'billing'",
+    "SET TimeZone = 'Europe/Paris'",
+    "SET DateStyle = ISO",
+    "SET client_encoding = 'UTF8'",
+    "SET IntervalStyle = iso_8601",
+    "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "SET TRANSACTION READ ONLY",
+    "SET CONSTRAINTS ALL DEFERRED",
+    "RESET application_name",
+    "SELECT set_config('search_path', 'app', true)",
+    "SELECT set_config('a.b', 'c', TRUE)",
+    "CREATE TEMP TABLE scratch (id int) ON COMMIT DROP",
+    "CREATE TEMPORARY TABLE s AS SELECT 1 ON COMMIT DROP",
+    "CREATE TABLE permanent (id int)",
+    "UNLISTEN jobs",
+    "UNLISTEN *",
+    "DECLARE c CURSOR FOR SELECT 1",
+    "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
+    "PREPARE TRANSACTION 'tx1'",
+    "COMMIT PREPARED 'tx1'",
+    "SELECT pg_advisory_xact_lock(42)",
+    "SELECT pg_try_advisory_xact_lock(42)",
+    "SELECT pg_advisory_unlock_all()",
+    "UPDATE settings SET value = 1",
+    "INSERT INTO t (offset_value) VALUES (1)",
+    "SELECT 'reset' AS word, template FROM t",
+    "SELECT * FROM temperatures",
+    "DELETE FROM holdings",
+    "EXECUTE q",
+]
+
+
+@pytest.mark.parametrize("sql,reason", PINS, ids=[sql for sql, _ in PINS])
+def test_pins(sql, reason):
+    assert reason in reasons(sql)
+
+
+@pytest.mark.parametrize("sql", NOT_PINS)
+def test_does_not_pin(sql):
+    assert classify(sql) == []
+
+
+def test_every_reason_comes_with_a_readable_detail():
+    for sql, _ in PINS:
+        for reason, detail in classify(sql):
+            assert isinstance(reason, R) and detail
+
+
+def test_set_detail_names_the_parameter():
+    assert classify("SET search_path = x") == [(R.SESSION_VARIABLE, "SET search_path")]
+
+
+def test_multi_statement_strings_report_each_reason():
+    sql = "BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
+    assert reasons(sql) == {R.SESSION_VARIABLE, R.TEMP_TABLE, R.LISTEN, R.ADVISORY_LOCK}
+
+
+def test_multi_statement_strings_without_pins():
+    assert classify("BEGIN; SET LOCAL search_path = x; SET application_name = 'a'; SELECT 1; COMMIT") == []
+
+
+def test_on_commit_drop_applies_only_to_its_own_statement():
+    sql = "CREATE TEMP TABLE a (id int) ON COMMIT DROP; CREATE TEMP TABLE b (id int)"
+    assert [r for r, _ in classify(sql)] == [R.TEMP_TABLE]
+
+
+def test_set_after_a_semicolon_without_space():
+    assert R.SESSION_VARIABLE in reasons("SELECT 1;SET search_path = x")
+
+
+def test_set_inside_an_update_is_not_a_session_set():
+    assert classify("UPDATE t SET search_path = 'x'") == []
+
+
+def test_set_config_with_whitespace_before_the_flag():
+    assert reasons("SELECT set_config( 'a.b' , 'c' , false )") == {R.SESSION_VARIABLE}
+    assert classify("SELECT set_config( 'a.b' , 'c' , true )") == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: _SET reads the parameter name as the single word after SET, so the SQL-standard spellings "
+    "SET TIME ZONE (= TimeZone) and SET NAMES (= client_encoding) are seen as parameters 'time' and 'names' and "
+    "pin, although both parameters are reported by the server and tracked like SET TimeZone"))
+@pytest.mark.parametrize("sql", ["SET TIME ZONE 'UTC'", "SET TIME ZONE LOCAL", "SET NAMES 'UTF8'"])
+def test_standard_spellings_of_tracked_parameters_do_not_pin(sql):
+    assert classify(sql) == []
