@@ -193,8 +193,10 @@ class ClientProtocol:
     reset_script(server) -> bytes the core sends to reset a backend whose session was pinned, or None.
     """
 
-    pinned_reasons: set
+    pinned: bool = False
     closing: bool = False
+    requests: int = 0
+    leftover: bytes = b""       # client bytes that arrived with the end of the handshake
 
     def start(self) -> bytes:
         return b""

@@ -178,22 +178,25 @@ class Session:
         send = self.client_send = fast_sendall(self.sock)
         proto = self.proto
         client_data = proto.client_data
+        data = proto.leftover
         while True:
-            data = recv(RECV_SIZE)
             if not data:
-                return
+                data = recv(RECV_SIZE)
+                if not data:
+                    return
             to_backend, to_client = client_data(data)
+            data = b""
             if to_backend:
                 server = self.server
                 if server is None:
                     server = self.link()
-                    if server is None:
-                        continue
-                    to_backend = proto.link(server.state, to_backend)
-                try:
-                    server.sendall(to_backend)
-                except (OSError, ValueError):
-                    pass  # the backend's reader notices the loss and tells the client
+                    if server is not None:
+                        to_backend = proto.link(server.state, to_backend)
+                if server is not None:
+                    try:
+                        server.sendall(to_backend)
+                    except (OSError, ValueError):
+                        pass  # the backend's reader notices the loss and tells the client
             if to_client:
                 send(to_client)
             if proto.closing:

@@ -148,6 +148,10 @@ class PostgresClient(ClientProtocol):
         # partial-message state, client side
         self.cbuf = b""                 # an incomplete message we must see whole, or a partial header
         self.c_skip = 0                 # bytes of a streamed message still to come
+        self.c_discard = False          # ... and they are not forwarded (answered locally)
+        self.release_due = False        # a ReadyForQuery ended everything; release once no partial message is left
+        self.pending_params: dict | None = None   # values the proxy's SETs give once they succeed
+        self.internal_failed = False
         # partial-message state, backend side
         self.sbuf = b""
         self.s_skip = 0
@@ -211,7 +215,8 @@ class PostgresClient(ClientProtocol):
             return True
         if code == p.CANCEL_REQUEST_CODE:
             if length != 16:
-                raise ProtocolError("bad CancelRequest", b"")
+                raise ProtocolError("bad CancelRequest", render_error(
+                    ErrorKind.PROTOCOL_VIOLATION, "invalid length of cancel request packet", True))
             pid = _unpack_uint32(body, 0)[0]
             secret = _unpack_uint32(body, 4)[0]
             events.append(CancelRequested((pid, secret)))
@@ -256,9 +261,7 @@ class PostgresClient(ClientProtocol):
                           "listener not allowed for user"))
             return True
         if method == "trust":
-            self.phase = "ready"
-            events.append(Authenticated(user, self.database, params))
-            return True
+            return self._authenticated(events)
         verifiers = record.verifiers if record else {}
         if method == "md5" and "md5" in verifiers:
             self.md5_salt = os.urandom(4)
@@ -325,6 +328,8 @@ class PostgresClient(ClientProtocol):
 
     def _authenticated(self, events: list) -> bool:
         self.phase = "ready"
+        self.leftover = bytes(self.hbuf)     # requests pipelined right after the password
+        self.hbuf.clear()
         events.append(Authenticated(self.user, self.database, self.startup_params))
         return True
 
@@ -373,13 +378,20 @@ class PostgresClient(ClientProtocol):
             self.cbuf = b""
         n = len(data)
         pos = self.c_skip
+        self.release_due = False
         if pos >= n:
             self.c_skip = pos - n
-            return data, b""
+            return (b"" if self.c_discard else data), b""
         self.c_skip = 0
         fifo = self.fifo
         local = b""
-        cut = None                       # start of the first message that must not be forwarded
+        pieces = None                    # kept slices, when some messages are not forwarded
+        keep_from = 0
+        drop_from = None                 # start of the run of messages being dropped
+        dropped_prefix = self.c_discard
+        if dropped_prefix:               # the tail of a message that is answered locally
+            self.c_discard = False
+            drop_from = 0
         start = pos
         rewrite = False
         syncs_before = self.syncs_sent
@@ -401,16 +413,24 @@ class PostgresClient(ClientProtocol):
             if kind not in _KNOWN_CLIENT:
                 raise ProtocolError("unknown message type", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}", True))
-            if self.discard_until_sync or self.transaction_lost:
-                if cut is None:
-                    cut = pos
+            if self.discard_until_sync or self.transaction_lost or kind == p.TERMINATE:
+                # Answered here, never forwarded.
+                if drop_from is None:
+                    drop_from = pos
+                local += self._answer_locally(kind)
                 if end > n:
                     self.c_skip = end - n
+                    self.c_discard = True
                     pos = n
                     break
-                local += self._answer_locally(kind)
                 pos = end
                 continue
+            if drop_from is not None:
+                if pieces is None:
+                    pieces = []
+                pieces.append(data[keep_from:drop_from])
+                keep_from = pos
+                drop_from = None
             if kind in _HEADER_ONLY_CLIENT:
                 if kind == p.SYNC:
                     if not self.copy_in:
@@ -420,10 +440,6 @@ class PostgresClient(ClientProtocol):
                     self.pending_extended = False
                 elif kind == p.COPY_DATA:
                     pass
-                elif kind == p.TERMINATE:
-                    self.closing = True
-                    if cut is None:
-                        cut = pos
                 elif kind == p.FUNCTION_CALL:
                     fifo.append(CLIENT_QUERY)
                     self.requests += 1
@@ -463,26 +479,32 @@ class PostgresClient(ClientProtocol):
                 elif kind == p.BIND:
                     self.pending_extended = True
                     portal_end = data.index(b"\x00", pos + 5, end)
-                    if data[portal_end + 1] == 0:
+                    statement_end = data.index(b"\x00", portal_end + 1, end)
+                    if statement_end == portal_end + 1:
                         self.unnamed_held = False
                     elif self.statements is not None:
                         rewrite = True
                 else:  # DESCRIBE, CLOSE
                     self.pending_extended = True
-                    if data[pos + 5] == 83 and data[pos + 6] != 0 and self.statements is not None:  # 'S', named
+                    if data[pos + 5] not in (80, 83) or data[end - 1] != 0:   # 'P' or 'S', NUL-terminated
+                        raise ValueError("bad describe/close target")
+                    if data[pos + 5] == 83 and end - pos > 7 and self.statements is not None:
                         rewrite = True
             except (ValueError, IndexError):
                 raise ProtocolError("malformed message", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, f"malformed {chr(kind)!r} message", True)) from None
             pos = end
-        if self.cbuf:
-            forward_end = n - len(self.cbuf)
+        forward_end = n - len(self.cbuf)
+        if drop_from is not None:
+            forward_end = drop_from
+        if pieces is None:
+            forward = data if (forward_end == n and keep_from == 0) else data[keep_from:forward_end]
         else:
-            forward_end = n
-        if cut is not None:
-            forward_end = min(forward_end, cut)
-        forward = data if forward_end == n else data[:forward_end]
-        if rewrite:
+            pieces.append(data[keep_from:forward_end])
+            forward = b"".join(pieces)
+        if dropped_prefix:
+            start = 0                    # the forwarded bytes begin at a message boundary
+        if rewrite and forward:
             if self.linked:
                 forward = self._rewrite_statements(forward, start, syncs_before)
             else:
@@ -615,6 +637,9 @@ class PostgresClient(ClientProtocol):
         pos = self.s_skip
         if pos >= n:
             self.s_skip = pos - n
+            if self.release_due and not self.s_skip:
+                self.release_due = False
+                return data, True
             return data, False
         self.s_skip = 0
         fifo = self.fifo
@@ -639,10 +664,14 @@ class PostgresClient(ClientProtocol):
                 if kind == p.READY_FOR_QUERY:
                     self.tx_status = data[pos + 5]
                     saw_ready = True
-                    if fifo and fifo.popleft() == CLIENT_SYNC:
+                    self.copy_in = False
+                    answered = fifo.popleft() if fifo else None
+                    if answered == CLIENT_SYNC:
                         self.syncs_done += 1
                         if parse_fifo:
                             self._parses_unanswered(self.syncs_done)
+                    elif answered == INTERNAL:
+                        self._internal_done()
                 elif kind == p.PARSE_COMPLETE:
                     if parse_fifo and not internal:
                         drop = parse_fifo.popleft()[1]
@@ -651,10 +680,15 @@ class PostgresClient(ClientProtocol):
                 elif kind == p.COPY_IN_RESPONSE:
                     self.copy_in = True
                     # A Sync sent with the COPY's Execute reaches the server in copy-in mode, which ignores it.
-                    if fifo and fifo[0] == CLIENT_SYNC and len(fifo) > 0 and self.pending_copy_sync_ignored():
+                    if fifo and fifo[0] == CLIENT_SYNC:
                         fifo.popleft()
+                        self.syncs_done += 1
                 elif kind == ord("W"):
                     self.copy_in = True
+                elif kind == p.ERROR_RESPONSE:
+                    self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
+                    if internal:
+                        self.internal_failed = True
                 if drop:
                     if out_parts is None:
                         out_parts = []
@@ -681,8 +715,11 @@ class PostgresClient(ClientProtocol):
             out = b"".join(out_parts)
         else:
             out = data if forward_end == n else data[:forward_end]
-        release = (saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended
-                   and not self.unnamed_held and not self.sbuf and not self.s_skip)
+        if saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended and not self.unnamed_held:
+            self.release_due = True
+        release = self.release_due and not self.sbuf and not self.s_skip
+        if release:
+            self.release_due = False
         return out, release
 
     def _parses_unanswered(self, syncs_done: int) -> None:
@@ -694,9 +731,12 @@ class PostgresClient(ClientProtocol):
             if gname is not None:
                 prepared.discard(gname)
 
-    def pending_copy_sync_ignored(self) -> bool:
-        # The front Sync was counted before the server entered copy-in mode; the server drops it.
-        return True
+    def _internal_done(self) -> None:
+        """The proxy's own SETs finished: record the values they set, unless they failed (then none took)."""
+        if self.pending_params and not self.internal_failed and self.server_params is not None:
+            self.server_params.update(self.pending_params)
+        self.pending_params = None
+        self.internal_failed = False
 
     def _parameter_status(self, data: bytes, start: int, end: int) -> None:
         try:
@@ -744,7 +784,10 @@ class PostgresClient(ClientProtocol):
             if params.get(low) != value:
                 sets.append(f"SET {p.quote_ident(low)} = {p.quote_literal(value)}")
                 if low not in server_state.reported:
-                    params[low] = value
+                    # Recorded once the SETs succeed (they run as one implicit transaction).
+                    if self.pending_params is None:
+                        self.pending_params = {}
+                    self.pending_params[low] = value
         if not sets:
             return data
         self.fifo.appendleft(INTERNAL)
@@ -752,6 +795,9 @@ class PostgresClient(ClientProtocol):
 
     def unlink(self) -> None:
         self.linked = False
+        self.release_due = False
+        self.pending_params = None
+        self.internal_failed = False
         self.server_state = None
         self.server_params = None
         self.parse_fifo.clear()

@@ -17,7 +17,10 @@ IDENTITY_PARAMETERS = frozenset({"session_authorization", "role"})
 
 _SCREEN = re.compile(r"set|prepare|temp|listen|hold|advisory|load|reset", re.IGNORECASE)
 _STATEMENT_START = r"(?:^|;)\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-_SET = re.compile(_STATEMENT_START + r"(set|reset)\s+(?:session\s+)?(?!local\b)(\w+|\"[^\"]+\")", re.IGNORECASE | re.DOTALL)
+_SET = re.compile(_STATEMENT_START + r"(set|reset)\s+(?:session\s+)?(?!local\b)(time\s+zone\b|\w+|\"[^\"]+\")",
+                  re.IGNORECASE | re.DOTALL)
+# SQL-standard spellings of tracked parameters.
+_ALIASES = {"names": "client_encoding", "time zone": "timezone"}
 _SET_CONFIG = re.compile(r"set_config\s*\((.*?)\)", re.IGNORECASE | re.DOTALL)
 _TEMP = re.compile(r"\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\s+(table|view|sequence)\b(?P<rest>[^;]*)"
                    r"|\binto\s+(?:temp|temporary)\b(?P<rest2>[^;]*)|\bcreate\s+(?:unlogged\s+)?table\s+pg_temp\.", re.IGNORECASE)
@@ -49,6 +52,7 @@ def classify(sql: str) -> list[tuple[PinReason, str]]:
     found: list[tuple[PinReason, str]] = []
     for match in _SET.finditer(sql):
         verb, name = match.group(1).lower(), match.group(2).strip('"').lower()
+        name = _ALIASES.get(re.sub(r"\s+", " ", name), name)
         if name in ("transaction", "constraints"):
             continue
         if name == "characteristics" or name == "all":

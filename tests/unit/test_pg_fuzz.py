@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import traceback
 
 import pytest
 
@@ -76,11 +75,6 @@ def check_protocol_error(exc: ProtocolError) -> None:
     assert b"C08P01\x00" in exc.reply or b"C54000\x00" in exc.reply
 
 
-def is_known_cancel_length_bug(exc: ProtocolError) -> bool:
-    # Covered by the strict xfail in test_pg_handshake.py (empty reply to a CancelRequest of the wrong length).
-    return str(exc) == "bad CancelRequest" and exc.reply == b""
-
-
 def chunks_of(data: bytes, sizes: list[int]) -> list[bytes]:
     out, pos, i = [], 0, 0
     while pos < len(data):
@@ -98,8 +92,7 @@ def run_handshake(client: PostgresClient, chunks: list[bytes]) -> None:
             if events and isinstance(events[-1], TERMINAL):
                 return
     except ProtocolError as exc:
-        if not is_known_cancel_length_bug(exc):
-            check_protocol_error(exc)
+        check_protocol_error(exc)
 
 
 def run_client(client: PostgresClient, chunks: list[bytes]) -> None:
@@ -260,16 +253,8 @@ def test_client_data_with_virtualised_statements_on_a_linked_backend(data, split
             client.client_data(chunk)
     except ProtocolError as exc:
         check_protocol_error(exc)
-    except ValueError as exc:
-        # Known bug, covered by the strict xfail below; any other ValueError still fails.
-        if exc.__traceback__ is None or "_rewrite_statements" not in traceback.format_tb(exc.__traceback__)[-1]:
-            raise
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with virtualised statements on a linked backend, a Bind whose statement name has no NUL terminator "
-    "passes client_data's check (it only looks at the portal name) and then _rewrite_statements' "
-    "data.index(b'\\x00', portal_end + 1, end) raises ValueError instead of ProtocolError"))
 def test_bind_with_an_unterminated_statement_name_is_a_protocol_error_when_virtualising():
     client = logged_in(prepared_statements="virtualize")
     link_backend(client, backend_state(), client.client_data(_parse(b"s1", b"SELECT 1") + _SYNC)[0])

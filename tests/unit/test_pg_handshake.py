@@ -242,9 +242,6 @@ def test_cancel_request_keys_are_unsigned():
     assert events == [CancelRequested((0xFFFFFFFF, 0x80000000))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a CancelRequest whose length is not 16 raises ProtocolError with an empty .reply, unlike every other "
-    "malformed startup packet (contract: reply is an ErrorResponse with SQLSTATE 08P01)"))
 def test_cancel_request_of_the_wrong_length_is_a_protocol_error_with_a_reply():
     packet = struct.pack("!III", 12, p.CANCEL_REQUEST_CODE, 1234)
     with pytest.raises(ProtocolError) as info:

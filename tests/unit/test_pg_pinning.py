@@ -136,10 +136,6 @@ def test_set_config_with_whitespace_before_the_flag():
     assert classify("SELECT set_config( 'a.b' , 'c' , true )") == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _SET reads the parameter name as the single word after SET, so the SQL-standard spellings "
-    "SET TIME ZONE (= TimeZone) and SET NAMES (= client_encoding) are seen as parameters 'time' and 'names' and "
-    "pin, although both parameters are reported by the server and tracked like SET TimeZone"))
 @pytest.mark.parametrize("sql", ["SET TIME ZONE 'UTC'", "SET TIME ZONE LOCAL", "SET NAMES 'UTF8'"])
 def test_standard_spellings_of_tracked_parameters_do_not_pin(sql):
     assert classify(sql) == []

@@ -499,10 +499,6 @@ def test_failed_replay_becomes_a_warning_not_an_error():
     assert release
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: link() (formerly link_prelude) writes non-reported settings into server_state.params before the backend confirms them; "
-    "when one SET of the prelude fails, PostgreSQL rolls back the whole multi-statement Query (implicit "
-    "transaction), yet the backend's params still claim search_path=app, so the next link sends no SET at all"))
 def test_replay_is_retried_after_the_prelude_failed():
     state = backend_state()
     client = logged_in_client({"user": "alice", "database": "app", "options": "-c search_path=app -c log_statement=all"})
@@ -557,10 +553,6 @@ def test_backend_lost_mid_transaction_fails_the_next_request():
     assert ready == READY_IDLE
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: client_data in discard mode (transaction_lost / discard_until_sync) skips a message split across "
-    "reads with c_skip and, on the next read, returns the message's remaining bytes as to_backend (garbage "
-    "sent to a freshly borrowed backend) and never answers the Query locally, so the client hangs"))
 def test_backend_lost_mid_transaction_with_the_next_query_split_across_reads():
     client, _, _ = replay(Vector("t", TRANSACTION.steps[:2]), "whole")
     client.backend_lost("connection reset")
@@ -607,11 +599,6 @@ def test_reset_bytes_is_an_internal_request_whose_answer_is_swallowed():
     assert out == b"" and release
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: backend_data computes release only in the read that holds the ReadyForQuery and refuses it while a "
-    "partial message is buffered; when an asynchronous message (NotificationResponse, ParameterStatus, "
-    "NoticeResponse) right after the final ReadyForQuery is split across reads, release is never reported and "
-    "the idle client keeps the backend"))
 def test_release_is_reported_when_an_async_message_after_ready_is_split():
     client = logged_in_client()
     client.client_data(QUERY_SELECT_1)
@@ -620,10 +607,6 @@ def test_release_is_reported_when_an_async_message_after_ready_is_split():
     assert flags.count(True) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: copy_in is cleared only by the client's CopyDone/CopyFail; when the server ends a simple-query COPY "
-    "FROM STDIN itself (ErrorResponse + ReadyForQuery) and the client then sends no CopyDone/CopyFail (the server "
-    "would ignore it anyway), later Syncs are not counted, so release is reported while pipelined requests are outstanding"))
 def test_copy_ended_by_the_server_does_not_hide_later_syncs():
     client = logged_in_client()
     client.client_data(p.query("COPY t FROM STDIN"))
