@@ -289,13 +289,13 @@ def test_protocol_3_minor_version_gets_negotiate_protocol_version():
     assert isinstance(events[-1], Authenticated) and "_pq_.thing" not in events[-1].params
 
 
-def test_data_pipelined_after_authentication_is_a_protocol_error_on_the_next_read():
+def test_data_pipelined_after_authentication_is_kept_for_the_relay():
     client = make_client("trust")
     events = client.receive_handshake(startup() + p.query("SELECT 1"))
     assert isinstance(events[-1], Authenticated)
-    with pytest.raises(ProtocolError) as info:
-        client.receive_handshake(b"")
-    assert error_fields(info.value.reply)["C"] == "08P01"
+    assert client.leftover == p.query("SELECT 1")
+    to_backend, to_client = client.client_data(client.leftover)
+    assert to_backend == p.query("SELECT 1") and to_client == b""
 
 
 # ---------------------------------------------------------------- split packets
