@@ -13,7 +13,10 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+sys.path.insert(0, REPO_ROOT)  # run as a script from a checkout: import this checkout's multiproxy
+
+from multiproxy.lab.postgres import PostgresNotInstalled, PostgresServer  # noqa: E402
+
 ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
@@ -199,56 +202,37 @@ class Workspace:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def find_pg_bin():
-    for candidate in PG_BIN_CANDIDATES:
-        if os.path.exists(os.path.join(candidate, "initdb")):
-            return candidate
-    found = shutil.which("initdb")
-    if found:
-        return os.path.dirname(found)
-    raise SystemExit("initdb not found: install PostgreSQL server binaries (e.g. postgresql-15)")
-
-
 class PrivatePostgres:
-    """A throw-away PostgreSQL server on a free loopback port, with trust auth and the bench database."""
+    """The bench database: a private PostgreSQL (multiproxy.lab.postgres) with the bench role and pgbench tables."""
 
-    def __init__(self, ws, procs, scale):
-        self.ws, self.procs, self.scale = ws, procs, scale
-        self.bin = find_pg_bin()
-        self.port = free_port()
-        self.proc = None
+    def __init__(self, scale, keep):
+        self.scale = scale
+        try:
+            self.server = PostgresServer(settings={"max_connections": 300, "shared_buffers": "128MB"},
+                                         keep_datadir=keep)
+        except PostgresNotInstalled as exc:
+            raise SystemExit(str(exc))
+        self.port = None
 
     def start(self):
-        data = self.ws.file("pgdata")
-        run_quiet([os.path.join(self.bin, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
-                   "--no-sync", "-E", "UTF8", "--locale=C"], as_user=self.ws.server_user)
-        with open(os.path.join(data, "postgresql.conf"), "a") as f:
-            f.write("\n# tools/bench.py\n"
-                    "listen_addresses = '127.0.0.1'\n"
-                    f"port = {self.port}\n"
-                    f"unix_socket_directories = '{self.ws.path}'\n"
-                    "max_connections = 300\n"
-                    "fsync = off\n"
-                    "synchronous_commit = off\n"
-                    "full_page_writes = off\n"
-                    "shared_buffers = 128MB\n")
-        log = self.ws.file("postgres.log")
-        # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to leave.
-        self.proc = self.procs.start([os.path.join(self.bin, "postgres"), "-D", data], log_path=log,
-                                     as_user=self.ws.server_user, stop_signal=signal.SIGINT)
         try:
-            wait_until_serving(self.port, self.proc, log, "postgres", timeout=30, user="postgres", db="postgres")
-        except TargetFailed as exc:
+            self.server.start()
+        except RuntimeError as exc:
             raise SystemExit(f"private PostgreSQL did not start: {exc}")
-        psql = ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
-        run_quiet(psql + ["-c", f"CREATE ROLE {BENCH_USER} LOGIN SUPERUSER"])
-        run_quiet(psql + ["-c", f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}"])
+        self.port = self.server.port
+        self.server.psql(f"CREATE ROLE {BENCH_USER} LOGIN SUPERUSER;")
+        self.server.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER};")
         print(f"pgbench -i -s {self.scale} ...", file=sys.stderr)
         run_quiet(["pgbench", "-i", "-q", "-s", str(self.scale), "-h", "127.0.0.1", "-p", str(self.port),
                    "-U", BENCH_USER, BENCH_DB], timeout=1800)
 
+    def stop(self):
+        if self.server.keep_datadir and self.server.basedir:
+            print(f"kept {self.server.basedir}", file=sys.stderr)
+        self.server.stop()
+
     def version(self):
-        return run_quiet([os.path.join(self.bin, "postgres"), "--version"]).stdout.strip()
+        return self.server.version()
 
 
 class Target:
@@ -490,8 +474,8 @@ def main(argv=None):
     procs = Processes()
     ws = Workspace(args.keep)
     rows = {}
+    pg = PrivatePostgres(args.scale, args.keep)
     try:
-        pg = PrivatePostgres(ws, procs, args.scale)
         pg.start()
         bouncer = PgBouncer(ws, procs, pg, args.pool_size)
         makers = {
@@ -528,6 +512,7 @@ def main(argv=None):
         return 130
     finally:
         procs.stop_all()
+        pg.stop()
         ws.remove()
 
     options = (f"pgbench -S, 16 clients, 2 threads, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "

@@ -188,7 +188,8 @@ class PostgresServer:
 
     def wait_replayed(self, standby: "PostgresServer", timeout: float = 30.0) -> None:
         """Wait until `standby` has replayed everything this primary has written so far."""
-        target = self.psql("SELECT pg_current_wal_lsn();")
+        # The insert position, not pg_current_wal_lsn(): with synchronous_commit off, a commit may not be written yet.
+        target = self.psql("SELECT pg_current_wal_insert_lsn();")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn;") == "t":
@@ -278,7 +279,7 @@ class PostgresServer:
         """`postgres --version`, e.g. 'postgres (PostgreSQL) 15.8'."""
         out = subprocess.run([os.path.join(self.bindir, "postgres"), "--version"], capture_output=True,
                              text=True, timeout=30)
-    return out.stdout.strip()
+        return out.stdout.strip()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -387,7 +388,7 @@ class PostgresServer:
         argv = [os.path.join(self.bindir, argv[0]), *argv[1:]]
         out = subprocess.run(argv, capture_output=True, text=True, cwd=self.basedir, env=self._clean_env(),
                              timeout=timeout, **self._user_kwargs())
-    if out.returncode != 0:
+        if out.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
 
     def _user_kwargs(self) -> dict:
@@ -397,7 +398,7 @@ class PostgresServer:
 
     def _clean_env(self, as_server: bool = True) -> dict[str, str]:
         """The environment minus PG* variables and ~/.pgpass, which would make results depend on the machine."""
-    env = _client_env()
+        env = _client_env()
         if as_server and self._as_postgres:
             env["HOME"] = self._pw.pw_dir
         return env
