@@ -534,3 +534,69 @@ def test_client_auth_asyncpg_sqlstate(pg, proxy_factory, tmp_path, method):
         assert refused.value.sqlstate == "28P01"
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+# -- startup options and pipelines ---------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: settings a client gives in the startup `options` (-c statement_timeout=...) are SET on the shared "
+    "backend by link_prelude and never undone, so the next client on that backend inherits them"))
+def test_startup_options_do_not_leak_to_other_clients(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=1))
+    query = "SELECT current_setting('statement_timeout'), pg_backend_pid()"
+    with psycopg_connect(proxy, autocommit=True, options="-c statement_timeout=1234") as a, \
+            psycopg_connect(proxy, autocommit=True) as b:
+        for _ in range(3):
+            timeout_a, pid_a = a.execute(query).fetchone()
+            timeout_b, pid_b = b.execute(query).fetchone()
+            assert pid_a == pid_b  # one backend for both
+            assert timeout_a == "1234ms"
+            assert timeout_b == "0", "client B inherited client A's startup option"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: link_prelude replays a startup option as SET name = 'literal', so a list setting such as "
+    "-c search_path=a,public becomes the single schema \"a,public\" instead of a, public"))
+def test_startup_option_search_path_is_a_list(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=1))
+    options = "-c search_path=pin_opts,public"
+    with psycopg.connect(host=pg.host, port=pg.port, user=USER, dbname=AUTH_DB, options=options,
+                         connect_timeout=CONNECT_TIMEOUT) as server_side:
+        expected = server_side.execute("SELECT current_setting('search_path'), current_schemas(false)").fetchone()
+    assert expected[0].replace(" ", "") == "pin_opts,public"  # a list of two schemas, as the server reads it
+    with psycopg_connect(proxy, autocommit=True, options=options) as conn:
+        got = conn.execute("SELECT current_setting('search_path'), current_schemas(false)").fetchone()
+        assert got == expected
+        assert conn.execute("SELECT current_setting('search_path') LIKE '\"%'").fetchone() == (False,)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a borrow timeout inside a libpq pipeline (several Syncs) is answered in a way libpq cannot match "
+    "to its queued commands; psycopg ends with 'cannot exit pipeline mode while busy' and the connection "
+    "is unusable"))
+def test_borrow_timeout_in_pipeline_connection_survives(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=1, borrow_timeout=1.0))
+    holder = psycopg_connect(proxy)
+    waiter = psycopg_connect(proxy, autocommit=True)
+    try:
+        assert holder.execute("SELECT 1").fetchone() == (1,)  # the only backend stays in this transaction
+        with pytest.raises(psycopg.Error) as refused:
+            with waiter.pipeline() as pipeline:
+                waiter.execute("SELECT 1")
+                pipeline.sync()
+                waiter.execute("SELECT 2")
+                pipeline.sync()
+                waiter.execute("SELECT 3")
+        assert refused.value.sqlstate == "53300"
+        holder.commit()
+        assert waiter.execute("SELECT 42").fetchone() == (42,)
+        with waiter.pipeline():
+            first = waiter.execute("SELECT 1")
+            second = waiter.execute("SELECT 2")
+        assert (first.fetchone(), second.fetchone()) == ((1,), (2,))
+    finally:
+        holder.close()
+        waiter.close()
