@@ -112,6 +112,8 @@ def status(admin):
 def _register_subcommands():
     from .users_cmd import users
     cli.add_command(users)
+    from .lab.cli import lab
+    cli.add_command(lab)
 
 
 _register_subcommands()

@@ -1,0 +1,83 @@
+"""The `multiproxy lab` commands: up, down, env and status of a local lab of databases behind the proxy."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+__all__ = ["lab"]
+
+_dir_option = click.option(
+    "--dir", "lab_dir", type=click.Path(file_okay=False), envvar="MULTIPROXY_LAB_DIR",
+    help="The lab's directory (default ~/.multiproxy/lab, or $MULTIPROXY_LAB_DIR).")
+
+
+def _lab(lab_dir):
+    from .stack import Lab
+    return Lab(lab_dir, out=click.echo)
+
+
+def _run(action):
+    from .stack import LabError
+    try:
+        code = action()
+    except LabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@click.group()
+def lab():
+    """A local lab: private database servers with replicas, and multiproxy in front of them."""
+
+
+@lab.command()
+@click.option("--engines", default="postgres", show_default=True,
+              help="Comma-separated engines to start (the lab has postgres today; mysql and tds are coming).")
+@_dir_option
+@click.option("--detach", is_flag=True, help="Leave everything running in the background and return.")
+def up(engines, lab_dir, detach):
+    """Start the lab's servers and multiproxy; print endpoints and connection strings.
+
+    Without --detach it runs until Ctrl-C, then stops everything and removes the lab.
+    """
+    from .parts import PARTS, PLANNED
+    names = [e.strip() for e in engines.split(",") if e.strip()]
+    planned = [PLANNED[e] for e in names if e in PLANNED]
+    if planned:
+        raise click.UsageError(f"the lab cannot start {', '.join(planned)} yet; it starts: {', '.join(PARTS)}")
+    unknown = [e for e in names if e not in PARTS]
+    if unknown or not names:
+        raise click.UsageError(f"--engines: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PARTS)}")
+    _run(lambda: _lab(lab_dir).up(names, detach))
+
+
+@lab.command()
+@_dir_option
+@click.option("--keep", is_flag=True, help="Keep the lab's directory (data, logs, config) after stopping.")
+def down(lab_dir, keep):
+    """Stop every process of the lab and remove its directory (unless --keep)."""
+    _run(lambda: _lab(lab_dir).down(keep))
+
+
+@lab.command()
+@_dir_option
+def env(lab_dir):
+    """Print `export` lines for the lab's URLs and PG* variables: eval "$(multiproxy lab env)"."""
+    def action():
+        for name, value in _lab(lab_dir).env().items():
+            click.echo(f"export {name}={shlex.quote(value)}")
+        return 0
+    _run(action)
+
+
+@lab.command()
+@_dir_option
+def status(lab_dir):
+    """Show the lab's processes, backends with their verified roles, pools and pins.
+
+    Exits 1 when no lab runs in the directory, 2 when part of it is down or a role differs.
+    """
+    _run(lambda: _lab(lab_dir).status())

@@ -1,0 +1,125 @@
+"""`multiproxy lab` end to end: up --detach, env, writes and replicated reads through the proxy, status, down."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV_NAMES = {"MULTIPROXY_PG_URL", "MULTIPROXY_PG_READER_URL", "MULTIPROXY_PG_DIRECT_URL",
+             "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}
+
+
+def lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MULTIPROXY_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "multiproxy", "lab", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        assert line.startswith("export "), line
+        name, _, value = line[len("export "):].partition("=")
+        values[name] = shlex.split(value)[0]
+    return values
+
+
+def lab_pids(lab_dir: str) -> list[str]:
+    """Processes whose command line mentions the lab's directory or its data directory."""
+    data = os.path.realpath(os.path.join(lab_dir, "data"))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("postgres" in cmd or "multiproxy" in cmd) and (lab_dir in cmd or data in cmd):
+            found.append(f"{entry}: {cmd}")
+    return found
+
+
+@pytest.mark.timeout(90)
+def test_lab_up_env_status_down(tmp_path):
+    lab_dir = str(tmp_path / "lab")
+    up = lab("up", "--engines", "postgres", "--dir", lab_dir, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    data_dir = os.path.realpath(os.path.join(lab_dir, "data"))
+    try:
+        assert "pg-writer (proxy)" in up.stdout and "psql postgresql://lab:" in up.stdout
+        assert oct(os.stat(os.path.join(lab_dir, "lab.json")).st_mode & 0o777) == "0o600"
+        users = open(os.path.join(lab_dir, "users.toml")).read()
+        assert "SCRAM-SHA-256$" in users
+
+        env = lab("env", "--dir", lab_dir)
+        assert env.returncode == 0, env.stderr
+        values = parse_exports(env.stdout)
+        assert ENV_NAMES <= set(values)
+        assert values["PGPASSWORD"] not in users  # the users file holds verifiers only
+        for name in ("MULTIPROXY_PG_URL", "MULTIPROXY_PG_READER_URL", "MULTIPROXY_PG_DIRECT_URL"):
+            assert values[name].startswith("postgresql://lab:")
+
+        with psycopg.connect(values["MULTIPROXY_PG_URL"], connect_timeout=10, autocommit=True) as conn:
+            conn.execute("CREATE TABLE lab_check (id int PRIMARY KEY, note text)")
+            conn.execute("INSERT INTO lab_check VALUES (1, 'written through pg-writer')")
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        with psycopg.connect(values["MULTIPROXY_PG_READER_URL"], connect_timeout=10, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            deadline = time.monotonic() + 15
+            row = None
+            while row is None and time.monotonic() < deadline:
+                exists = conn.execute("SELECT to_regclass('lab_check') IS NOT NULL").fetchone()[0]
+                if exists:
+                    row = conn.execute("SELECT note FROM lab_check WHERE id = 1").fetchone()
+                if row is None:
+                    time.sleep(0.1)
+            assert row == ("written through pg-writer",), "the standby did not replay the write within 15 s"
+        with psycopg.connect(values["MULTIPROXY_PG_DIRECT_URL"], connect_timeout=10) as conn:
+            assert conn.execute("SELECT count(*) FROM lab_check").fetchone() == (1,)
+
+        psql_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        psql_env.update({k: values[k] for k in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")})
+        psql = subprocess.run(["psql", "-X", "-At", "-c", "SELECT current_user, current_database(), count(*) FROM lab_check"],
+                              capture_output=True, text=True, env=psql_env, timeout=30)
+        assert psql.returncode == 0, psql.stderr
+        assert psql.stdout.strip() == "lab|lab|1"
+
+        status = lab("status", "--dir", lab_dir)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "verified writer" in status.stdout and "verified reader" in status.stdout
+        assert "pool pg/writer" in status.stdout
+        assert len(lab_pids(lab_dir)) >= 3
+    finally:
+        down = lab("down", "--dir", lab_dir)
+    assert down.returncode == 0, down.stdout + down.stderr
+    status = lab("status", "--dir", lab_dir)
+    assert status.returncode != 0
+    assert lab_pids(lab_dir) == []
+    assert not os.path.exists(lab_dir) and not os.path.exists(data_dir)
+
+
+def test_lab_commands_without_a_lab(tmp_path):
+    lab_dir = str(tmp_path / "nothing")
+    assert lab("status", "--dir", lab_dir).returncode == 1
+    env = lab("env", "--dir", lab_dir)
+    assert env.returncode == 1 and "no lab in" in env.stderr
+    assert lab("down", "--dir", lab_dir).returncode == 0
+    planned = lab("up", "--engines", "mysql", "--dir", lab_dir)
+    assert planned.returncode == 2 and "cannot start MySQL/MariaDB yet" in planned.stderr
+    assert not os.path.exists(lab_dir)
+
+
+def test_lab_refuses_a_directory_that_is_not_a_lab(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    up = lab("up", "--dir", str(tmp_path), "--detach")
+    assert up.returncode == 1 and "not a lab directory" in up.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
