@@ -43,7 +43,8 @@ class ListenerRuntime:
 
     def wrap_client_tls(self, sock):
         from gevent import ssl as gssl
-        return gssl.SSLContext.wrap_socket(self.tls_context, sock, server_side=True)
+        # The handshake runs later, under the session's handshake timeout, once the session owns the socket.
+        return gssl.SSLContext.wrap_socket(self.tls_context, sock, server_side=True, do_handshake_on_connect=False)
 
 
 class Proxy:

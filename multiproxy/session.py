@@ -106,6 +106,11 @@ class Session:
                         if event.data:
                             self.sock.sendall(event.data)
                         self.sock = self.runtime.wrap_client_tls(self.sock)
+                        try:
+                            self.sock.do_handshake()
+                        except BaseException:
+                            self.client_gone = True    # no TLS yet: nothing can be said to this client
+                            raise
                     elif kind is Authenticated:
                         return self._logged_in(event)
                     elif kind is CancelRequested:

@@ -20,6 +20,7 @@ class PostgresServerState:
     reported: frozenset = frozenset()               # names the server reports with ParameterStatus
     pid: int = 0
     secret: int = 0
+    settings: dict = field(default_factory=dict)        # unreported settings the proxy applied (startup options)
     prepared: set = field(default_factory=set)          # global names of statements prepared on this backend
     login_params: dict = field(default_factory=dict)    # params as the login left them (greeting new clients)
     welcome_cache: dict = field(default_factory=dict)   # startup parameters -> greeting bytes (see client)

@@ -31,6 +31,7 @@ STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
 INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
 CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
+EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only ReadyForQuery
 
 _INSPECT_BACKEND = frozenset(b"ZSGEW")
 _INSPECT_BACKEND_VIRTUAL = frozenset(b"ZSGEW1")
@@ -46,6 +47,11 @@ _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CL
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 
 _STATEMENT_MESSAGES = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE))
+
+
+def global_statement_name(parse_rest: bytes) -> bytes:
+    """The backend-side name shared by every client preparing the same text with the same parameter types."""
+    return b"mp_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest().encode()
 
 
 def _parse_message(name: bytes, rest: bytes) -> bytes:
@@ -135,7 +141,8 @@ class PostgresClient(ClientProtocol):
         self.linked = False
         self.server_state = None                 # the linked backend's PostgresServerState
         self.server_params: dict | None = None   # the linked backend's parameter values
-        self.client_params: dict[str, str] = {}  # lowercase name -> value the client believes in
+        self.client_params: dict[str, str] = {}  # reported parameters: lowercase name -> value the client believes in
+        self.client_settings: dict[str, str] = {}  # unreported startup settings (options -c ...) to replay
         self.canonical: dict[str, str] = {}
         self.requests = 0
         # named prepared statements, virtualised: client name -> (global name, Parse body after the name)
@@ -150,7 +157,8 @@ class PostgresClient(ClientProtocol):
         self.c_skip = 0                 # bytes of a streamed message still to come
         self.c_discard = False          # ... and they are not forwarded (answered locally)
         self.release_due = False        # a ReadyForQuery ended everything; release once no partial message is left
-        self.pending_params: dict | None = None   # values the proxy's SETs give once they succeed
+        self.pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
+        self.local_error = b""          # the error answered locally to requests that cannot reach a backend
         self.internal_failed = False
         # partial-message state, backend side
         self.sbuf = b""
@@ -349,6 +357,7 @@ class PostgresClient(ClientProtocol):
         if cached is None:
             out = [p.authentication(p.AUTH_OK)]
             client_params = {}
+            client_settings = {}
             for low, value in server_state.login_params.items():
                 if low in wanted and low not in FIXED_PARAMETERS:
                     value = wanted[low]
@@ -356,11 +365,12 @@ class PostgresClient(ClientProtocol):
                 out.append(p.parameter_status(server_state.canonical.get(low, low), value))
             for low, value in wanted.items():
                 if low not in server_state.login_params and low not in FIXED_PARAMETERS:
-                    client_params[low] = value
-            cached = (b"".join(out), client_params)
+                    client_settings[low] = value
+            cached = (b"".join(out), client_params, client_settings)
             if len(cache) < 64:
                 cache[cache_key] = cached
         self.client_params = dict(cached[1])
+        self.client_settings = dict(cached[2])
         self.canonical = server_state.canonical
         pid, secret = self.ctx.cancel_key
         return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
@@ -413,6 +423,14 @@ class PostgresClient(ClientProtocol):
             if kind not in _KNOWN_CLIENT:
                 raise ProtocolError("unknown message type", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}", True))
+            if (kind == p.SYNC or kind == p.FLUSH) and not self.linked and not fifo and not self.pending_extended \
+                    and pos == start and drop_from is None and not self.copy_in:
+                # A lone Sync or Flush with nothing pending: the server would answer ReadyForQuery or nothing.
+                drop_from = pos
+                if kind == p.SYNC:
+                    local += self._answer_locally(kind)
+                pos = end
+                continue
             if self.discard_until_sync or self.transaction_lost or kind == p.TERMINATE:
                 # Answered here, never forwarded.
                 if drop_from is None:
@@ -434,7 +452,7 @@ class PostgresClient(ClientProtocol):
             if kind in _HEADER_ONLY_CLIENT:
                 if kind == p.SYNC:
                     if not self.copy_in:
-                        fifo.append(CLIENT_SYNC)
+                        fifo.append(CLIENT_SYNC if self.pending_extended else EMPTY_SYNC)
                         self.requests += 1
                         self.syncs_sent += 1
                     self.pending_extended = False
@@ -508,8 +526,47 @@ class PostgresClient(ClientProtocol):
             if self.linked:
                 forward = self._rewrite_statements(forward, start, syncs_before)
             else:
+                answered = self._prepare_locally(forward, start)
+                if answered:
+                    return b"", local + answered
                 self.deferred_rewrite = (start, syncs_before)
         return forward, local
+
+    def _prepare_locally(self, data: bytes, start: int) -> bytes:
+        """Answer a lone `Parse(named)… Sync` (libpq's PQprepare) without a backend.
+
+        The statement is only recorded; whichever backend later serves a Bind or Describe of it gets it
+        prepared there. So a client that prepares while others hold every backend does not wait (pgbench
+        prepares synchronously inside its event loop, and would otherwise stall all its clients). An
+        error in the statement's text is then reported by the Bind or Describe instead of the Parse.
+        """
+        if (start or self.tx_status != p.TX_IDLE or len(self.fifo) != 1 or self.fifo[0] != CLIENT_SYNC
+                or self.c_skip or self.cbuf):
+            return b""
+        parses = []
+        pos, n = 0, len(data)
+        while pos < n:
+            kind = data[pos]
+            end = pos + 1 + _unpack_uint32(data, pos + 1)[0]
+            if kind == p.SYNC and end == n and parses:
+                break
+            if kind != p.PARSE:
+                return b""
+            name_end = data.index(b"\x00", pos + 5, end)
+            if name_end == pos + 5:
+                return b""
+            parses.append((data[pos + 5:name_end], data[name_end + 1:end]))
+            pos = end
+        else:
+            return b""
+        if self.statements is None:
+            self.statements = {}
+        for name, rest in parses:
+            self.statements[name] = (global_statement_name(rest), rest)
+        self.fifo.clear()
+        self.syncs_done += 1             # the Sync is answered here; keep Parse groups aligned
+        self.pending_extended = False
+        return b"1\x00\x00\x00\x04" * len(parses) + p.READY_IDLE
 
     def _rewrite_statements(self, data: bytes, start: int, group: int) -> bytes:
         """Map the client's statement names to global ones on the linked backend, preparing them there if needed.
@@ -548,7 +605,7 @@ class PostgresClient(ClientProtocol):
                     parse_fifo.append((group, False, None))
                     out.append(data[pos:end])
                 else:
-                    gname = b"mp_" + hashlib.blake2b(rest, digest_size=10).hexdigest().encode()
+                    gname = global_statement_name(rest)
                     statements[data[body_start:name_end]] = (gname, rest)
                     if gname in prepared:
                         parse_fifo.append((group, False, None))
@@ -591,20 +648,18 @@ class PostgresClient(ClientProtocol):
         return b"".join(out)
 
     def _answer_locally(self, kind: int) -> bytes:
-        """While the client's requests cannot reach a backend, answer each Sync/Query with ReadyForQuery."""
+        """While the client's requests cannot reach a backend, answer each Sync/Query as a failing server would."""
         if kind == p.TERMINATE:
             self.closing = True
             return b""
         if kind == p.SYNC or kind == p.QUERY or kind == p.FUNCTION_CALL:
-            out = b""
-            if self.transaction_lost:
-                out = render_error(ErrorKind.BACKEND_LOST,
-                                   "the database connection serving your transaction was lost and the transaction rolled back; "
-                                   "retry the transaction", fatal=False)
-                self.transaction_lost = False
+            out = self.local_error + p.READY_IDLE
+            if self.transaction_lost or kind == p.SYNC:
+                self.local_error = b""
+            self.transaction_lost = False
             self.discard_until_sync = False
             self.tx_status = p.TX_IDLE
-            return out + p.READY_IDLE
+            return out
         return b""
 
     def _inspect_sql(self, sql_bytes) -> None:
@@ -666,7 +721,7 @@ class PostgresClient(ClientProtocol):
                     saw_ready = True
                     self.copy_in = False
                     answered = fifo.popleft() if fifo else None
-                    if answered == CLIENT_SYNC:
+                    if answered == CLIENT_SYNC or answered == EMPTY_SYNC:
                         self.syncs_done += 1
                         if parse_fifo:
                             self._parses_unanswered(self.syncs_done)
@@ -680,7 +735,7 @@ class PostgresClient(ClientProtocol):
                 elif kind == p.COPY_IN_RESPONSE:
                     self.copy_in = True
                     # A Sync sent with the COPY's Execute reaches the server in copy-in mode, which ignores it.
-                    if fifo and fifo[0] == CLIENT_SYNC:
+                    if fifo and (fifo[0] == CLIENT_SYNC or fifo[0] == EMPTY_SYNC):
                         fifo.popleft()
                         self.syncs_done += 1
                 elif kind == ord("W"):
@@ -732,10 +787,10 @@ class PostgresClient(ClientProtocol):
                 prepared.discard(gname)
 
     def _internal_done(self) -> None:
-        """The proxy's own SETs finished: record the values they set, unless they failed (then none took)."""
-        if self.pending_params and not self.internal_failed and self.server_params is not None:
-            self.server_params.update(self.pending_params)
-        self.pending_params = None
+        """The proxy's own SETs finished: record the settings they made, unless they failed (then none took)."""
+        if self.pending_settings is not None and not self.internal_failed and self.server_state is not None:
+            self.server_state.settings = self.pending_settings
+        self.pending_settings = None
         self.internal_failed = False
 
     def _parameter_status(self, data: bytes, start: int, end: int) -> None:
@@ -756,9 +811,9 @@ class PostgresClient(ClientProtocol):
         """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""
         fields = p.parse_fields(body)
         text = fields.get("M", "unknown error")
-        for low in list(self.client_params):
-            if low in text.lower() and low not in (self.server_params or {}):
-                self.client_params.pop(low, None)
+        for low in list(self.client_settings):
+            if low in text.lower():
+                del self.client_settings[low]
         return p.notice_response("01000", f"multiproxy could not apply your session setting on a pooled connection: {text}",
                                  "WARNING")
 
@@ -775,28 +830,32 @@ class PostgresClient(ClientProtocol):
             start, group = self.deferred_rewrite
             self.deferred_rewrite = None
             data = self._rewrite_statements(data, start, group)
-        if self.client_params.items() <= params.items():
+        settings = server_state.settings
+        if self.client_params.items() <= params.items() and self.client_settings == settings:
             return data
-        sets = []
-        for low, value in self.client_params.items():
-            if low in FIXED_PARAMETERS:
-                continue
-            if params.get(low) != value:
-                sets.append(f"SET {p.quote_ident(low)} = {p.quote_literal(value)}")
-                if low not in server_state.reported:
-                    # Recorded once the SETs succeed (they run as one implicit transaction).
-                    if self.pending_params is None:
-                        self.pending_params = {}
-                    self.pending_params[low] = value
-        if not sets:
+        assignments = [(low, value) for low, value in self.client_params.items()
+                       if low not in FIXED_PARAMETERS and params.get(low) != value]
+        statements = []
+        if self.client_settings != settings:
+            assignments += [(low, value) for low, value in self.client_settings.items() if settings.get(low) != value]
+            # Settings an earlier client of this backend made, that this client never asked for.
+            statements += [f"RESET {p.quote_ident(low)}" for low in settings if low not in self.client_settings]
+            self.pending_settings = dict(self.client_settings)
+        if assignments:
+            # set_config parses values as the startup packet's -c does (lists such as search_path stay lists).
+            statements.append("SELECT " + ", ".join(
+                f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
+                for low, value in assignments))
+        if not statements:
+            self.pending_settings = None
             return data
         self.fifo.appendleft(INTERNAL)
-        return p.query(";".join(sets)) + data
+        return p.query(";".join(statements)) + data
 
     def unlink(self) -> None:
         self.linked = False
         self.release_due = False
-        self.pending_params = None
+        self.pending_settings = None
         self.internal_failed = False
         self.server_state = None
         self.server_params = None
@@ -806,9 +865,7 @@ class PostgresClient(ClientProtocol):
 
     def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
         """Reset a backend leaving a pinned session: DISCARD ALL (or the configured query) as an internal request."""
-        for low in list(server_state.params):
-            if low not in server_state.reported:
-                del server_state.params[low]
+        server_state.settings = {}
         server_state.prepared.clear()
         self.fifo.append(INTERNAL)
         return p.query(reset_query or "DISCARD ALL")
@@ -821,20 +878,29 @@ class PostgresClient(ClientProtocol):
     # ------------------------------------------------------------------ failures
 
     def fail_pending(self, kind: ErrorKind, message: str) -> bytes:
-        """The last client_data could not reach a backend: answer its requests with an error."""
-        out = [render_error(kind, message, fatal=False)]
-        for _ in range(len(self.fifo)):
-            out.append(p.READY_IDLE)
+        """The last client_data could not reach a backend: answer each of its requests with the error, as a
+        server would answer each Sync-terminated segment of a pipeline."""
+        error = render_error(kind, message, fatal=False)
+        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
         self.fifo.clear()
+        out.append(self._forget_unanswerable(error))
+        return b"".join(out)
+
+    def _forget_unanswerable(self, error: bytes) -> bytes:
+        """Extended-protocol messages not yet closed by a Sync fail now, as on a server; the rest of that
+        segment is dropped and its Sync answered locally. Half a message still to come is dropped too."""
         self.tx_status = p.TX_IDLE
+        reply = b""
         if self.pending_extended:
             self.discard_until_sync = True
             self.pending_extended = False
+            reply = error
+        if self.c_skip:
+            self.c_discard = True
         self.unnamed_held = False
         self.copy_in = False
-        if len(out) == 1 and not self.discard_until_sync:
-            return b""
-        return b"".join(out)
+        self.deferred_rewrite = None
+        return reply
 
     def backend_lost(self, message: str) -> tuple[bytes, bool]:
         """The linked backend died. Returns (bytes for the client, whether the client must be closed)."""
@@ -844,18 +910,13 @@ class PostgresClient(ClientProtocol):
         if mid_message or session_state_lost or self.copy_in:
             return render_error(ErrorKind.BACKEND_LOST, message + (
                 "; your session's state was lost with it, reconnect" if session_state_lost else ""), fatal=True), True
-        out = []
-        if self.fifo:
-            out.append(render_error(ErrorKind.BACKEND_LOST, message + "; the transaction was rolled back, retry it", fatal=False))
-            out.extend(p.READY_IDLE for _ in self.fifo)
-            self.fifo.clear()
-        elif self.tx_status != p.TX_IDLE:
+        error = render_error(ErrorKind.BACKEND_LOST, message + "; the transaction was rolled back, retry it", fatal=False)
+        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
+        if not self.fifo and self.tx_status != p.TX_IDLE:
             self.transaction_lost = True
-        if self.pending_extended:
-            self.discard_until_sync = True
-        self.pending_extended = False
-        self.unnamed_held = False
-        self.tx_status = p.TX_IDLE
+            self.local_error = error
+        self.fifo.clear()
+        out.append(self._forget_unanswerable(error))
         return b"".join(out), False
 
     def error(self, kind: ErrorKind, message: str) -> bytes:

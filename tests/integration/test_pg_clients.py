@@ -197,15 +197,11 @@ def check_pgbench(pg, proxy, run: subprocess.CompletedProcess, clients: int) -> 
     assert history == accounts == branches == tellers
 
 
-PREPARED_PINS_STARVE = pytest.mark.xfail(strict=True, reason=(
-    "BUG: named prepared statements pin a session for its lifetime, so with more pgbench -M prepared clients "
-    "than pool.max_size the extra clients' (synchronous) PQprepare waits for a backend that pinned clients "
-    "never give back; pgbench aborts with 53300 borrow timeouts (needs prepared-statement virtualisation)"))
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench is not installed")
-@pytest.mark.parametrize("mode", ["simple", "extended", pytest.param("prepared", marks=PREPARED_PINS_STARVE)])
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench(pg, proxy_factory, mode):
     """pgbench -c 8 over a pool of 5, for each query mode."""
     proxy = proxy_factory(proxy_config(pg, max_size=5, borrow_timeout=5.0))

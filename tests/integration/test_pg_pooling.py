@@ -539,9 +539,6 @@ def test_client_auth_asyncpg_sqlstate(pg, proxy_factory, tmp_path, method):
 # -- startup options and pipelines ---------------------------------------------------------------
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: settings a client gives in the startup `options` (-c statement_timeout=...) are SET on the shared "
-    "backend by link_prelude and never undone, so the next client on that backend inherits them"))
 def test_startup_options_do_not_leak_to_other_clients(pg, proxy_factory):
     proxy = proxy_factory(proxy_config(pg, max_size=1))
     query = "SELECT current_setting('statement_timeout'), pg_backend_pid()"
@@ -556,9 +553,6 @@ def test_startup_options_do_not_leak_to_other_clients(pg, proxy_factory):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: link_prelude replays a startup option as SET name = 'literal', so a list setting such as "
-    "-c search_path=a,public becomes the single schema \"a,public\" instead of a, public"))
 def test_startup_option_search_path_is_a_list(pg, proxy_factory):
     proxy = proxy_factory(proxy_config(pg, max_size=1))
     options = "-c search_path=pin_opts,public"
@@ -573,10 +567,6 @@ def test_startup_option_search_path_is_a_list(pg, proxy_factory):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a borrow timeout inside a libpq pipeline (several Syncs) is answered in a way libpq cannot match "
-    "to its queued commands; psycopg ends with 'cannot exit pipeline mode while busy' and the connection "
-    "is unusable"))
 def test_borrow_timeout_in_pipeline_connection_survives(pg, proxy_factory):
     proxy = proxy_factory(proxy_config(pg, max_size=1, borrow_timeout=1.0))
     holder = psycopg_connect(proxy)

@@ -313,10 +313,6 @@ def test_ssl_request_then_garbage_instead_of_client_hello(pg, pki, proxy_factory
     _assert_serving_and_no_leak(proxy, address, baseline)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a client that sends SSLRequest, gets 'S' and never starts TLS is never closed: the handshake timeout "
-    "fires inside ListenerRuntime.wrap_client_tls, the half-made SSLSocket that owns the fd (the raw socket was "
-    "detached) is only referenced from the Timeout's traceback cycle, so Session.finish closes nothing"))
 def test_ssl_request_then_silence_closed_after_handshake_timeout(pg, pki, proxy_factory):
     proxy, address, baseline = _tls_proxy_with_baseline(pg, pki, proxy_factory)
     socks = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -220,21 +221,27 @@ def replay(vector: Vector, mode: str, seed: int = 0):
     rng = random.Random(seed)
     policy = PinPolicy()
     client = logged_in_client(vector.startup, policy)
+    state = backend_state()
+    auto_link = not any(step.side == "link" for step in vector.steps)
     results = []
     for step in vector.steps:
         if step.side == "link":
-            results.append((link_backend(client, backend_state()), b"", []))
+            results.append((link_backend(client, state), b"", []))
             continue
         to_backend, to_client, flags = [], [], []
         for chunk in chunkings(step.data, mode, rng):
             if step.side == "client":
                 forward, local = client.client_data(chunk)
+                if forward and auto_link and not client.linked:
+                    forward = link_backend(client, state, forward)   # as the core does after a borrow
                 to_backend.append(forward)
                 to_client.append(local)
             else:
                 out, release = client.backend_data(chunk)
                 to_client.append(out)
                 flags.append(release)
+                if release and auto_link and not client.pinned:
+                    client.unlink()                                   # as the core does at a release
         results.append((b"".join(to_backend), b"".join(to_client), flags))
     return client, policy, results
 
@@ -405,7 +412,7 @@ def test_parameter_status_updates_the_tracked_value_and_is_replayed_on_the_next_
     assert sum(policy.detected_total.values()) == 0
     client.unlink()
     prelude = link_backend(client, backend_state())
-    assert split_messages(prelude) == [p.query('SET "application_name" = \'billing\'')]
+    assert prelude_statements(prelude) == {'SET "application_name" = \'billing\''}
 
 
 def test_named_parse_reports_a_prepared_statement_pin():
@@ -437,10 +444,22 @@ STARTUP_WITH_SETTINGS = {"user": "alice", "database": "app", "application_name":
                          "options": "-c search_path=app"}
 
 
+_SET_CONFIG_CALL = re.compile(r"pg_catalog\.set_config\('((?:[^']|'')*)', '((?:[^']|'')*)', false\)")
+
+
 def prelude_statements(prelude: bytes) -> set[str]:
+    """The replayed settings as `SET "name" = 'value'` / `RESET "name"` lines, whatever SQL carries them."""
     (message,) = split_messages(prelude)
     assert message[:1] == b"Q"
-    return set(message[5:-1].decode().split(";"))
+    out = set()
+    for statement in message[5:-1].decode().split(";"):
+        if statement.startswith("RESET "):
+            out.add(statement)
+            continue
+        assert statement.startswith("SELECT pg_catalog.set_config(")
+        for name, value in _SET_CONFIG_CALL.findall(statement):
+            out.add(f"SET \"{name}\" = '{value}'")
+    return out
 
 
 def test_link_prelude_sets_only_parameters_that_differ():
@@ -522,7 +541,8 @@ def test_fail_pending_answers_each_outstanding_request():
     reply = client.fail_pending(ErrorKind.POOL_TIMEOUT, "no backend within 5 s")
     messages = split_messages(reply)
     assert messages[0][:1] == b"E" and p.parse_fields(messages[0][5:])["C"] == "53300"
-    assert messages[1:] == [READY_IDLE, READY_IDLE]
+    # each request is answered as a failing server would: its error, then ReadyForQuery
+    assert messages[1:] == [READY_IDLE, messages[0], READY_IDLE]
     assert client.is_clean()
 
 
