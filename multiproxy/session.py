@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket as _stdsocket
+import time
 
 import gevent
 
@@ -88,30 +89,37 @@ class Session:
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
         proto = self.proto = self.engine.client_protocol(ctx)
-        timeout = gevent.Timeout(proxy.config.proxy.handshake_timeout)
-        timeout.start()
+        limit = proxy.config.proxy.handshake_timeout
+        deadline = time.monotonic() + limit
+        sock = self.sock
+        send = fast_sendall(sock)
         try:
             out = proto.start()
             if out:
-                self.sock.sendall(out)
+                send(out)
+            # The socket's own timeout bounds each wait (cheaper than a gevent.Timeout per connection);
+            # the deadline check after each read bounds the whole handshake.
+            sock.settimeout(limit)
+            data = sock.recv(16384)          # the client usually spoke already: no wait
             while True:
-                data = self.sock.recv(16384)
                 if not data:
                     return False
                 for event in proto.receive_handshake(data):
                     kind = type(event)
                     if kind is SendToClient:
-                        self.sock.sendall(event.data)
+                        send(event.data)
                     elif kind is StartClientTLS:
                         if event.data:
-                            self.sock.sendall(event.data)
-                        self.sock = self.runtime.wrap_client_tls(self.sock)
+                            send(event.data)
+                        sock = self.sock = self.runtime.wrap_client_tls(sock)
+                        send = sock.sendall
                         try:
-                            self.sock.do_handshake()
+                            sock.do_handshake()
                         except BaseException:
                             self.client_gone = True    # no TLS yet: nothing can be said to this client
                             raise
                     elif kind is Authenticated:
+                        sock.settimeout(None)
                         return self._logged_in(event)
                     elif kind is CancelRequested:
                         proxy.cancel(event.key, self.engine)
@@ -120,22 +128,25 @@ class Session:
                         proxy.metrics.auth_failures += 1
                         log.warning("client %s: authentication failed for user %r on listener %s: %s",
                                     self.address[0], event.user, self.listener.name, event.reason)
-                        self.sock.sendall(event.data)
+                        sock.sendall(event.data)
                         return False
                     elif kind is CloseClient:
                         if event.data:
-                            self.sock.sendall(event.data)
+                            sock.sendall(event.data)
                         return False
-        except gevent.Timeout as exc:
-            if exc is not timeout:
-                raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("handshake deadline passed")
+                sock.settimeout(remaining)
+                data = sock.recv(16384)
+        except TimeoutError:
             self.proxy.metrics.handshake_timeouts += 1
+            if self.client_gone:
+                return False
+            self.sock.settimeout(2.0)
             self._send_quietly(self.engine.render_error(
-                ErrorKind.HANDSHAKE_TIMEOUT,
-                f"the client did not finish logging in within {proxy.config.proxy.handshake_timeout:g} s"))
+                ErrorKind.HANDSHAKE_TIMEOUT, f"the client did not finish logging in within {limit:g} s"))
             return False
-        finally:
-            timeout.close()
 
     def _logged_in(self, event: Authenticated) -> bool:
         proxy = self.proxy
@@ -160,7 +171,7 @@ class Session:
         except (BackendUnavailable, PoolTimeout) as exc:
             self.sock.sendall(self.engine.render_error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
             return False
-        self.sock.sendall(self.proto.login_complete(facts))
+        fast_sendall(self.sock)(self.proto.login_complete(facts))
         proxy.session_started(self)
         return True
 

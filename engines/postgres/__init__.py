@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
@@ -18,7 +17,8 @@ class PostgresEngine(Engine):
     def __init__(self):
         # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).
         self._mock_secret = os.urandom(32)
-        self._random = random.SystemRandom()
+        self._key_bytes = b""
+        self._key_pos = 0
 
     def client_protocol(self, ctx: ClientContext) -> PostgresClient:
         return PostgresClient(ctx, self._mock_secret)
@@ -38,7 +38,12 @@ class PostgresEngine(Engine):
     def new_cancel_key(self, counter: int, worker: int):
         # pid: worker in the high byte, a counter below; the secret is random, so keys cannot be guessed.
         pid = ((worker & 0x7F) << 24) | (counter & 0xFFFFFF)
-        return pid, self._random.getrandbits(32)
+        if self._key_pos >= len(self._key_bytes):
+            self._key_bytes = os.urandom(4096)        # one system call per thousand keys
+            self._key_pos = 0
+        secret = int.from_bytes(self._key_bytes[self._key_pos:self._key_pos + 4], "big")
+        self._key_pos += 4
+        return pid, secret
 
     def cancel_key_worker(self, key) -> int:
         return (key[0] >> 24) & 0x7F
