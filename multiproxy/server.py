@@ -1,4 +1,4 @@
-"""The proxy process: listeners (gevent StreamServer), pools, cancel routing, housekeeping, signals, graceful drain."""
+"""The proxy process: listeners, pools, cancel routing, housekeeping, signals, graceful drain."""
 from __future__ import annotations
 
 import itertools
@@ -12,8 +12,8 @@ import weakref
 
 import gevent
 from gevent import socket
-from gevent.server import StreamServer
 
+from .acceptor import Acceptor
 from .auth import UsersFile
 from .backends import open_socket, run_script
 from .config import ClusterConfig, Config, ListenerConfig
@@ -38,7 +38,7 @@ class ListenerRuntime:
         self.engine = engine
         self.pin_policy = pin_policy
         self.tls_context = client_leg_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
-        self.server: StreamServer | None = None
+        self.server: Acceptor | None = None
         self.connections = 0
 
     def wrap_client_tls(self, sock):
@@ -83,7 +83,7 @@ class Proxy:
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
                 sock = make_listen_socket(host, port)
-            rt.server = StreamServer(sock, self._handler(rt))
+            rt.server = Acceptor(sock, self._handler(rt))
             rt.server.start()
             log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
                      rt.cluster.name, rt.config.role)
