@@ -104,6 +104,12 @@ class ServerConnection:
             session.on_backend_lost(self, why)
         self.pool.forget(self, why, borrowed=session is not None)
 
+    def fail(self, why: str):
+        """Cut this connection on purpose while it serves a client (failover): the client hears `why`."""
+        if self.reader is not gevent.getcurrent():
+            self.reader.kill(block=False)
+        self._lost(why)
+
     def close(self):
         """Close on purpose (reset failed, pool shrinking, client left mid-transaction): the backend rolls back."""
         if self.closed:

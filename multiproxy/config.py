@@ -69,6 +69,23 @@ POOL_SETTINGS = _settings(
     Setting("max_lifetime", float, 3600.0, "close backend connections this old when they come back to the pool; 0 never", minimum=0),
 )
 
+DNS_SETTINGS = _settings(
+    Setting("nameserver", str, "", "host:port of the nameserver to ask for endpoint names; empty uses the system resolver"),
+    Setting("ttl_floor", float, 1.0, "poll an endpoint name at most this often, whatever its TTL says", minimum=0.05),
+    Setting("ttl_ceiling", float, 30.0, "poll an endpoint name at least this often, whatever its TTL says", minimum=0.05),
+    Setting("timeout", float, 2.0, "seconds to wait for a DNS answer", minimum=0.05),
+)
+
+HEALTH_SETTINGS = _settings(
+    Setting("probe_interval", float, 1.0, "seconds between role probes of each node", minimum=0.05),
+    Setting("failure_threshold", int, 2, "failed probes in a row that take a node out of rotation", minimum=1),
+    Setting("backoff_max", float, 10.0, "longest wait between probes of a node that is down", minimum=0.05),
+    Setting("probe_user", str, "", "the client user whose backend credentials the probes use; empty: the first credential's"),
+    Setting("max_replica_lag", float, 30.0, "readers lagging more than this many seconds are skipped", minimum=0),
+    Setting("reader_fallback_to_writer", bool, True, "reader listeners use the writer when no reader is available"),
+    Setting("retry_read_only", bool, True, "retry once on the new writer a first statement refused as read-only"),
+)
+
 CREDENTIAL_SETTINGS = _settings(
     Setting("user", str, "*", "the client user these backend credentials serve; * serves any user"),
     Setting("backend_user", str, "", "the user to log in to the backend as; empty means the client's user"),
@@ -124,6 +141,25 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    nameserver: tuple | None
+    ttl_floor: float
+    ttl_ceiling: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    probe_interval: float
+    failure_threshold: int
+    backoff_max: float
+    probe_user: str
+    max_replica_lag: float
+    reader_fallback_to_writer: bool
+    retry_read_only: bool
+
+
+@dataclass(frozen=True)
 class Credential:
     user: str
     backend_user: str
@@ -147,6 +183,9 @@ class ClusterConfig:
     credentials: tuple[Credential, ...]
     pinning: dict = field(default_factory=dict)
     engine_options: dict = field(default_factory=dict)
+    endpoints: dict = field(default_factory=dict)        # 'writer'/'reader' -> (dns name, port)
+    dns: DnsConfig | None = None
+    health: HealthConfig | None = None
 
     def credential_for(self, user: str) -> Credential | None:
         fallback = None
@@ -294,8 +333,17 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             default_port = getattr(known_engines[engine], "default_port", None)
         hosts = []
         hosts_raw = craw.get("hosts", [])
-        if not isinstance(hosts_raw, list) or not hosts_raw:
-            r.problem(f"{path}.hosts", "expected a non-empty list of host:port")
+        endpoints = {}
+        for kind, value in r.table(craw.get("endpoints"), f"{path}.endpoints").items():
+            if kind not in ROLES:
+                r.problem(f"{path}.endpoints.{kind}", f"unknown endpoint (known: {', '.join(ROLES)})")
+                continue
+            try:
+                endpoints[kind] = parse_address(value, default_port)
+            except ValueError as exc:
+                r.problem(f"{path}.endpoints.{kind}", str(exc))
+        if not isinstance(hosts_raw, list) or (not hosts_raw and not endpoints and "endpoints" not in craw):
+            r.problem(f"{path}.hosts", "expected a non-empty list of host:port (or give [clusters.NAME.endpoints])")
         else:
             for i, h in enumerate(hosts_raw):
                 try:
@@ -303,8 +351,10 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
                 except ValueError as exc:
                     r.problem(f"{path}.hosts[{i}]", str(exc))
         for key in craw:
-            if key not in ("engine", "hosts", "backend", "pool", "credentials", "pinning", "options"):
-                r.problem(f"{path}.{key}", "unknown setting (known: engine, hosts, backend, pool, credentials, pinning, options)")
+            if key not in ("engine", "hosts", "endpoints", "dns", "health", "backend", "pool", "credentials", "pinning",
+                           "options"):
+                r.problem(f"{path}.{key}", "unknown setting (known: engine, hosts, endpoints, dns, health, backend, pool, "
+                          "credentials, pinning, options)")
         backend = BackendConfig(**r.settings(r.table(craw.get("backend"), f"{path}.backend"), f"{path}.backend", BACKEND_SETTINGS))
         pool = PoolConfig(**r.settings(r.table(craw.get("pool"), f"{path}.pool"), f"{path}.pool", POOL_SETTINGS))
         if pool.min_size > pool.max_size:
@@ -328,9 +378,26 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             if action not in PIN_ACTIONS:
                 r.problem(f"{path}.pinning.{reason}", f"expected one of {', '.join(PIN_ACTIONS)}, got {action!r}")
         options = r.table(craw.get("options"), f"{path}.options")
+        dns_values = r.settings(r.table(craw.get("dns"), f"{path}.dns"), f"{path}.dns", DNS_SETTINGS)
+        nameserver = None
+        if dns_values["nameserver"]:
+            try:
+                nameserver = parse_address(dns_values["nameserver"], 53)
+            except ValueError as exc:
+                r.problem(f"{path}.dns.nameserver", str(exc))
+        dns_values["nameserver"] = nameserver
+        if dns_values["ttl_floor"] > dns_values["ttl_ceiling"]:
+            r.problem(f"{path}.dns.ttl_floor", f"must not exceed ttl_ceiling ({dns_values['ttl_ceiling']})")
+        health = HealthConfig(**r.settings(r.table(craw.get("health"), f"{path}.health"), f"{path}.health", HEALTH_SETTINGS))
+        follows_roles = bool(endpoints) or (isinstance(hosts_raw, list) and len(hosts_raw) > 1)
+        named_credentials = [c for c in (craw.get("credentials") or []) if isinstance(c, dict) and c.get("user", "*") != "*"]
+        if follows_roles and not health.probe_user and not named_credentials:
+            r.problem(f"{path}.health.probe_user", "needed to verify node roles (the cluster has endpoints or several "
+                      "hosts): name the user the probes log in as")
         clusters[name] = ClusterConfig(
             name=name, engine=engine or "", hosts=tuple(hosts), backend=backend, pool=pool,
             credentials=tuple(creds), pinning=dict(pinning), engine_options=dict(options),
+            endpoints=endpoints, dns=DnsConfig(**dns_values), health=health,
         )
 
     listeners = []
@@ -380,6 +447,7 @@ def settings_reference() -> str:
     """Markdown reference of every declared setting, for docs/configuration.md."""
     out = []
     for title, declared in (("[proxy]", PROXY_SETTINGS), ("[clusters.NAME.backend]", BACKEND_SETTINGS),
+                            ("[clusters.NAME.dns]", DNS_SETTINGS), ("[clusters.NAME.health]", HEALTH_SETTINGS),
                             ("[clusters.NAME.pool]", POOL_SETTINGS), ("[[clusters.NAME.credentials]]", CREDENTIAL_SETTINGS),
                             ("[[listeners]]", LISTENER_SETTINGS)):
         out.append(f"### `{title}`\n\n| key | type | default | meaning |\n|---|---|---|---|")

@@ -37,6 +37,7 @@ class Pool:
         self.config = cluster.pool
         self.target_for = target_for           # () -> BackendTarget (current address of the role)
         self.idle: list[ServerConnection] = []  # LIFO: the most recently used is at the end
+        self.servers: set[ServerConnection] = set()   # every open connection, idle or borrowed
         self.waiters: deque = deque()
         self.size = 0                          # open plus opening
         self.borrowed = 0
@@ -146,8 +147,10 @@ class Pool:
             log.warning("pool %s: %s", self.label, reason)
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
         self.facts = script.result
-        return ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
-                                self.generation)
+        server = ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
+                                  self.generation)
+        self.servers.add(server)
+        return server
 
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
@@ -179,6 +182,7 @@ class Pool:
         self.idle.append(server)
 
     def _discard(self, server: ServerConnection) -> None:
+        self.servers.discard(server)
         if not server.closed:
             server.close()
             self.size -= 1
@@ -188,6 +192,7 @@ class Pool:
         """A connection died on its own (called once, by the connection)."""
         if borrowed:
             self.borrowed -= 1
+        self.servers.discard(server)
         try:
             self.idle.remove(server)
         except ValueError:
@@ -236,11 +241,15 @@ class Pool:
                 return
             self.idle.insert(0, server)
 
-    def drain(self, reason: str) -> None:
-        """Failover: idle connections close now, borrowed ones are not reused."""
+    def drain(self, address: tuple[str, int], reason: str) -> None:
+        """Failover: idle connections close now; those serving a transaction on `address` are cut, and their
+        clients told why in their own protocol; the rest are not reused."""
         self.generation += 1
         while self.idle:
             self._discard(self.idle.pop())
+        for server in list(self.servers):
+            if server.address == address and server.session is not None:
+                server.fail(reason)
 
     def close_all(self) -> None:
         self.draining = True

@@ -21,6 +21,7 @@ from .engine import BackendTarget, ErrorKind
 from .metrics import Metrics, start_admin_server
 from .pinning import PinPolicy
 from .pool import Pool
+from .registry import Registry
 from .secrets import CachedSecret, SecretError
 from .session import Session
 from .tls import backend_leg_context, client_leg_context
@@ -71,7 +72,10 @@ class Proxy:
         self.stopping = False
         self.admin = None
         self._housekeeper = None
-        self.registry = None   # the failover registry, when clusters follow DNS endpoints
+        self.registry = None   # the failover registry, when clusters follow DNS endpoints or list several hosts
+        followed = {name: c for name, c in config.clusters.items() if Registry.wanted(c)}
+        if followed:
+            self.registry = Registry(self, followed, engines)
         self.worker_count = 1
         self.cancel_socket = None
 
@@ -90,6 +94,8 @@ class Proxy:
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
         self._housekeeper = gevent.spawn(self._housekeeping)
+        if self.registry is not None:
+            self.registry.start()
 
     def _handler(self, rt: ListenerRuntime):
         metrics = self.metrics
@@ -168,8 +174,9 @@ class Proxy:
         return pool
 
     def node_for(self, cluster: ClusterConfig, role: str) -> tuple[str, int] | None:
-        if self.registry is not None:
-            return self.registry.address_for(cluster.name, role)
+        if self.registry is not None and cluster.name in self.registry.clusters:
+            # No writer known (failover under way): wait for one, bounded by the borrow timeout.
+            return self.registry.wait_for(cluster.name, role, cluster.pool.borrow_timeout)
         # Without a registry: the first host is the writer, the others are readers (round robin).
         if role == "reader" and len(cluster.hosts) > 1:
             self._reader_turn = (getattr(self, "_reader_turn", 0) + 1) % (len(cluster.hosts) - 1)
@@ -180,6 +187,16 @@ class Proxy:
         address = self.node_for(cluster, role)
         if address is None:
             return None
+        return self.backend_target_at(cluster, address, user, database)
+
+    def backend_target_at(self, cluster: ClusterConfig, address: tuple[str, int], user: str,
+                          database: str | None = None) -> BackendTarget:
+        """How to log in at `address` for the client user `user` (probes: the health.probe_user)."""
+        if not user:
+            named = [c.user for c in cluster.credentials if c.user != "*"]
+            user = named[0] if named else ""
+        if database is None:
+            database = getattr(self.engines[cluster.engine], "probe_database", "") or user
         cred = cluster.credential_for(user)
         backend_user = (cred.backend_user if cred and cred.backend_user else user)
         password = None
@@ -200,6 +217,15 @@ class Proxy:
                                                       backend.tls_key_file)
         return BackendTarget(host=address[0], port=address[1], user=backend_user, database=database, password=password,
                              tls=backend.tls, tls_context_factory=tls_factory)
+
+    def writer_changed(self, cluster: ClusterConfig, old: tuple[str, int], new: tuple[str, int] | None) -> None:
+        """Failover: pools of the old writer drain; clients in a transaction there get a clear error."""
+        reason = (f"failover: the writer of cluster {cluster.name!r} moved from {old[0]}:{old[1]} to "
+                  + (f"{new[0]}:{new[1]}" if new else "an unknown node")
+                  + "; your transaction was cancelled, retry it")
+        for pool in list(self.pools.values()):
+            if pool.cluster.name == cluster.name and pool.role == "writer":
+                pool.drain(old, reason)
 
     def credentials_failed(self, cluster: ClusterConfig, user: str) -> None:
         """The backend refused our credentials: fetch them again next time (they may have been rotated)."""

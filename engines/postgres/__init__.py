@@ -13,6 +13,7 @@ class PostgresEngine(Engine):
     name = "postgres"
     default_port = 5432
     description = "PostgreSQL frontend/backend protocol 3.0"
+    probe_database = "postgres"
 
     def __init__(self):
         # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).

@@ -159,6 +159,7 @@ class PostgresClient(ClientProtocol):
         self.release_due = False        # a ReadyForQuery ended everything; release once no partial message is left
         self.pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
         self.local_error = b""          # the error answered locally to requests that cannot reach a backend
+        self.backend_farewell = ""      # a FATAL the backend sent before going away, held back for the client
         self.internal_failed = False
         # partial-message state, backend side
         self.sbuf = b""
@@ -744,6 +745,11 @@ class PostgresClient(ClientProtocol):
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
                         self.internal_failed = True
+                    elif data[pos + 5:pos + 12] == b"SFATAL\x00" or data[pos + 5:pos + 12] == b"SPANIC\x00":
+                        # The backend is going away (shutdown, crash, failover). Keep the client: hold the
+                        # message back; backend_lost() answers the pending requests with it as an ERROR.
+                        self.backend_farewell = p.parse_fields(data[pos + 5:end]).get("M", "")
+                        drop = True
                 if drop:
                     if out_parts is None:
                         out_parts = []
@@ -904,6 +910,9 @@ class PostgresClient(ClientProtocol):
 
     def backend_lost(self, message: str) -> tuple[bytes, bool]:
         """The linked backend died. Returns (bytes for the client, whether the client must be closed)."""
+        if self.backend_farewell:
+            message += f"; the server said: {self.backend_farewell}"
+            self.backend_farewell = ""
         mid_message = bool(self.sbuf or self.s_skip)
         session_state_lost = self.pinned
         self.unlink()

@@ -113,8 +113,12 @@ class PostgresServer:
     host = "127.0.0.1"
 
     def __init__(self, bindir: str | None = None, settings: dict[str, object] | None = None,
-                 keep_datadir: bool = False, basedir: str | None = None, die_with_parent: bool = True):
+                 keep_datadir: bool = False, basedir: str | None = None, die_with_parent: bool = True,
+                 host: str | None = None, port: int | None = None):
         self.bindir = bindir or find_bindir()
+        if host is not None:
+            self.host = host              # any 127.x address: failover drills give each node its own
+        self.fixed_port = port
         self.settings = dict(settings or {})
         self.keep_datadir = keep_datadir
         self.die_with_parent = die_with_parent
@@ -150,7 +154,7 @@ class PostgresServer:
             self._write_hba()
             last_error = ""
             for _attempt in range(5):  # the free port can be taken between probing and binding
-                self.port = free_port(self.host)
+                self.port = self.fixed_port or free_port(self.host)
                 self._write_conf()
                 try:
                     self._launch(timeout)
@@ -164,14 +168,15 @@ class PostgresServer:
 
     def make_standby(self, basedir: str | None = None, settings: dict[str, object] | None = None,
                      keep_datadir: bool | None = None, die_with_parent: bool | None = None,
-                     timeout: float = 60.0) -> "PostgresServer":
+                     timeout: float = 60.0, host: str | None = None, port: int | None = None) -> "PostgresServer":
         """A streaming standby of this (running) server: pg_basebackup -R, started on its own port."""
         if not self.running:
             raise RuntimeError("make_standby() needs a running primary")
         standby = PostgresServer(
             bindir=self.bindir, settings={**self.settings, **(settings or {})},
             keep_datadir=self.keep_datadir if keep_datadir is None else keep_datadir, basedir=basedir,
-            die_with_parent=self.die_with_parent if die_with_parent is None else die_with_parent)
+            die_with_parent=self.die_with_parent if die_with_parent is None else die_with_parent,
+            host=host, port=port)
         standby.primary = self
         standby._hba_extra = list(self._hba_extra)
         return standby.start(timeout)
@@ -339,8 +344,8 @@ class PostgresServer:
     def _write_hba(self) -> None:
         lines = ["# written by multiproxy.lab.postgres", *self._hba_extra,
                  "local all all trust",
-                 "host all all 127.0.0.1/32 trust",
-                 "host replication all 127.0.0.1/32 trust",
+                 "host all all 127.0.0.0/8 trust",
+                 "host replication all 127.0.0.0/8 trust",
                  "local replication all trust"]
         self._write_file(os.path.join(self.datadir, "pg_hba.conf"), "\n".join(lines) + "\n")
 

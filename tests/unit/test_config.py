@@ -28,6 +28,7 @@ def valid() -> dict:
                 "credentials": [{"user": "*", "password_env": "ORDERS_PASSWORD"}],
                 "pinning": {"advisory_lock": "ignore"},
                 "options": {"prepared_statements": "virtualize"},
+                "health": {"probe_user": "monitor"},
             },
         },
         "listeners": [
@@ -222,3 +223,27 @@ def test_section_of_the_wrong_type():
     raw = valid()
     raw["proxy"] = "fast"
     assert [p.split(":")[0] for p in problems(raw)] == ["proxy"]
+
+
+def test_clusters_that_verify_roles_need_a_probe_user():
+    raw = valid()
+    del raw["clusters"]["orders"]["health"]
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, "proxy.toml")
+    assert any(p.startswith("clusters.orders.health.probe_user:") for p in info.value.problems)
+
+
+def test_endpoints_take_the_engine_port_and_dns_settings():
+    raw = valid()
+    raw["clusters"]["orders"]["endpoints"] = {"writer": "writer.orders.lab", "reader": "reader.orders.lab:6000"}
+    raw["clusters"]["orders"]["dns"] = {"nameserver": "127.0.0.1:5353", "ttl_floor": 1, "ttl_ceiling": 10}
+    config = build_config(raw, "proxy.toml", ENGINES)
+    orders = config.clusters["orders"]
+    assert orders.endpoints == {"writer": ("writer.orders.lab", 5432), "reader": ("reader.orders.lab", 6000)}
+    assert orders.dns.nameserver == ("127.0.0.1", 5353) and orders.dns.ttl_floor == 1.0
+    raw["clusters"]["orders"]["dns"]["ttl_floor"] = 60
+    raw["clusters"]["orders"]["endpoints"]["primary"] = "x:1"
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, "proxy.toml", ENGINES)
+    assert {p.split(":")[0] for p in info.value.problems} >= {"clusters.orders.dns.ttl_floor",
+                                                              "clusters.orders.endpoints.primary"}

@@ -1,0 +1,327 @@
+"""Failover-aware backend registry: clusters -> endpoints -> addresses -> verified roles; writer changes as events.
+
+DNS says where to look, the engine's probe says who the writer is. Each cluster has a loop that polls its
+endpoint names on their TTL (clamped), probes every candidate node over the engine's own login, and
+decides the writer and the readers. A node that DNS still calls the writer but that answers as a reader
+is not used for writes; a promoted replica found through the reader endpoint or the host list becomes
+the writer as soon as its probe says so, without waiting for DNS.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import gevent
+from gevent.event import Event
+
+from .backends import open_socket, run_script
+from .config import ClusterConfig
+from .dns import DnsClient, EndpointWatch
+
+log = logging.getLogger("multiproxy.registry")
+
+
+@dataclass
+class NodeState:
+    """What the registry knows of one address of a cluster."""
+
+    address: tuple[str, int]
+    role: str | None = None        # 'writer' / 'reader' as the last successful probe said
+    lag: float = 0.0
+    healthy: bool = False
+    failures: int = 0
+    next_probe: float = 0.0
+    last_probe: float = 0.0
+    last_ok: float = 0.0
+    last_error: str = ""
+    sources: set = field(default_factory=set)   # 'hosts', 'writer-endpoint', 'reader-endpoint'
+    probing: bool = False
+
+
+class ClusterState:
+    """The registry's view of one cluster."""
+
+    def __init__(self, config: ClusterConfig, engine, dns_client: DnsClient | None):
+        self.config = config
+        self.engine = engine
+        self.health = config.health
+        self.nodes: dict[tuple[str, int], NodeState] = {}
+        for address in config.hosts:
+            self.node(address).sources.add("hosts")
+        self.watches: dict[str, EndpointWatch] = {}
+        for kind, (name, port) in config.endpoints.items():
+            self.watches[kind] = EndpointWatch(name, dns_client, config.dns.ttl_floor, config.dns.ttl_ceiling)
+            self.watches[kind].port = port
+        self.writer: tuple[str, int] | None = None
+        self.writer_known = Event()
+        self.writer_lost_at: float | None = None
+        self.reader_turn = 0
+        self.wakeup = Event()
+        self.probes_total = 0
+        self.probe_failures_total = 0
+
+    def node(self, address: tuple[str, int]) -> NodeState:
+        node = self.nodes.get(address)
+        if node is None:
+            node = self.nodes[address] = NodeState(address)
+        return node
+
+
+class Registry:
+    """Every cluster that follows DNS endpoints or has several hosts; consulted by pools for addresses."""
+
+    def __init__(self, proxy, clusters: dict[str, ClusterConfig], engines: dict):
+        self.proxy = proxy
+        self.clusters: dict[str, ClusterState] = {}
+        for name, config in clusters.items():
+            dns_client = None
+            if config.endpoints:
+                ns_host, ns_port = config.dns.nameserver or ("", 53)
+                dns_client = DnsClient(ns_host, ns_port, config.dns.timeout)
+            self.clusters[name] = ClusterState(config, engines[config.engine], dns_client)
+        self.events: collections.deque = collections.deque(maxlen=200)
+        self.writer_changes_total = collections.Counter()
+        self._loops: list = []
+
+    @staticmethod
+    def wanted(config: ClusterConfig) -> bool:
+        """Clusters with DNS endpoints or several hosts need role verification; a single static host does not."""
+        return bool(config.endpoints) or len(config.hosts) > 1
+
+    def start(self) -> None:
+        for state in self.clusters.values():
+            self._loops.append(gevent.spawn(self._cluster_loop, state))
+
+    def stop(self) -> None:
+        for loop in self._loops:
+            loop.kill(block=False)
+
+    # ------------------------------------------------------------------ what pools ask
+
+    def address_for(self, cluster: str, role: str) -> tuple[str, int] | None:
+        state = self.clusters[cluster]
+        if role == "writer":
+            return state.writer
+        readers = [n for n in state.nodes.values() if n.healthy and n.role == "reader"
+                   and n.lag <= state.health.max_replica_lag]
+        if readers:
+            readers.sort(key=lambda n: n.address)
+            state.reader_turn = (state.reader_turn + 1) % len(readers)
+            return readers[state.reader_turn].address
+        if state.health.reader_fallback_to_writer:
+            return state.writer
+        return None
+
+    def wait_for(self, cluster: str, role: str, timeout: float) -> tuple[str, int] | None:
+        """The address for `role`, waiting up to `timeout` for a writer to be known."""
+        state = self.clusters[cluster]
+        address = self.address_for(cluster, role)
+        if address is not None or timeout <= 0:
+            return address
+        state.wakeup.set()                     # look again now rather than at the next tick
+        deadline = time.monotonic() + timeout
+        while address is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            state.writer_known.wait(remaining)
+            address = self.address_for(cluster, role)
+            if address is None and state.writer_known.is_set():
+                gevent.sleep(0.05)
+        return address
+
+    def reprobe(self, cluster: str) -> None:
+        """Probe every node of the cluster now (a read-only rejection says the writer moved)."""
+        state = self.clusters.get(cluster)
+        if state is None:
+            return
+        now = time.monotonic()
+        for node in state.nodes.values():
+            node.next_probe = min(node.next_probe, now)
+        for watch in state.watches.values():
+            watch.next_poll = min(watch.next_poll, now)
+        state.wakeup.set()
+
+    def writer_demoted(self, cluster: str, address: tuple[str, int]) -> None:
+        """A node refused a write as read-only: stop sending writes there until a probe says otherwise."""
+        state = self.clusters.get(cluster)
+        if state is None:
+            return
+        node = state.nodes.get(address)
+        if node is not None:
+            node.role = "reader"
+        if state.writer == address:
+            self._set_writer(state, None, "the writer refused a write as read-only")
+        self.reprobe(cluster)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _cluster_loop(self, state: ClusterState) -> None:
+        while True:
+            try:
+                self._tick(state)
+            except Exception:  # the registry must outlive any one bad tick
+                log.exception("cluster %s: registry tick failed", state.config.name)
+            now = time.monotonic()
+            due = [n.next_probe for n in state.nodes.values() if not n.probing]
+            due += [w.next_poll for w in state.watches.values()]
+            sleep_for = max(0.02, min(due, default=now + 1.0) - now)
+            state.wakeup.clear()
+            state.wakeup.wait(min(sleep_for, 1.0))
+
+    def _tick(self, state: ClusterState) -> None:
+        now = time.monotonic()
+        for kind, watch in state.watches.items():
+            if watch.due(now):
+                changed = watch.poll(now)
+                if changed or watch.last_error:
+                    self.events.append({"time": time.time(), "cluster": state.config.name, "event": "dns",
+                                        "endpoint": watch.name, "addresses": list(watch.addresses),
+                                        "error": watch.last_error})
+            for host in watch.addresses:
+                node = state.node((host, watch.port))
+                node.sources.add(f"{kind}-endpoint")
+        probes = []
+        for node in list(state.nodes.values()):
+            if not node.probing and node.next_probe <= now:
+                node.probing = True
+                probes.append(gevent.spawn(self._probe, state, node))
+        if probes:
+            gevent.joinall(probes, timeout=state.config.backend.connect_timeout + 1)
+        self._decide(state)
+
+    def _probe(self, state: ClusterState, node: NodeState) -> None:
+        health = state.health
+        target = self.proxy.backend_target_at(state.config, node.address, health.probe_user)
+        script = state.engine.probe_script(target)
+        timeout = state.config.backend.connect_timeout
+        state.probes_total += 1
+        started = time.monotonic()
+        sock = None
+        try:
+            sock = open_socket(target.host, target.port, timeout)
+            sock, script = run_script(sock, script, target, timeout)
+            result = script.result or {}
+            node.role = result.get("role")
+            node.lag = float(result.get("lag") or 0.0)
+            node.healthy = True
+            node.failures = 0
+            node.last_ok = time.monotonic()
+            node.last_error = ""
+            node.next_probe = started + health.probe_interval
+        except Exception as exc:   # any failure of a probe is a fact about the node
+            state.probe_failures_total += 1
+            node.failures += 1
+            node.last_error = str(exc) or type(exc).__name__
+            if node.failures >= health.failure_threshold and node.healthy:
+                log.warning("cluster %s: node %s:%d is down: %s", state.config.name, *node.address, node.last_error)
+            if node.failures >= health.failure_threshold:
+                node.healthy = False
+            # Back off on a down node, but keep probing soon enough to see it return.
+            backoff = min(health.probe_interval * (2 ** max(0, node.failures - health.failure_threshold)),
+                          health.backoff_max)
+            node.next_probe = time.monotonic() + (health.probe_interval if node.failures < health.failure_threshold
+                                                  else backoff)
+            if node.address == state.writer:
+                # A writer that stops answering is suspect at once: stop routing writes there.
+                node.healthy = False if node.failures >= 1 else node.healthy
+        finally:
+            node.probing = False
+            node.last_probe = time.monotonic()
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _decide(self, state: ClusterState) -> None:
+        writers = [n for n in state.nodes.values() if n.healthy and n.role == "writer"]
+        current = state.nodes.get(state.writer) if state.writer else None
+        if current is not None and current in writers:
+            return
+        chosen = None
+        dns_writer = state.watches.get("writer")
+        if dns_writer is not None:
+            for node in writers:
+                if node.address[0] in dns_writer.addresses and node.address[1] == dns_writer.port:
+                    chosen = node
+                    break
+        if chosen is None and writers:
+            chosen = sorted(writers, key=lambda n: n.last_ok, reverse=True)[0]
+        new = chosen.address if chosen else None
+        if new != state.writer:
+            reason = "probe" if new else "no healthy node answers as writer"
+            self._set_writer(state, new, reason)
+
+    def _set_writer(self, state: ClusterState, new, reason: str) -> None:
+        old = state.writer
+        now = time.monotonic()
+        state.writer = new
+        event = {"time": time.time(), "cluster": state.config.name, "event": "writer", "old": _fmt(old),
+                 "new": _fmt(new), "reason": reason}
+        if new is None:
+            state.writer_known.clear()
+            if state.writer_lost_at is None:
+                state.writer_lost_at = now
+            log.warning("cluster %s: no writer (%s); new transactions wait up to the borrow timeout",
+                        state.config.name, reason)
+        else:
+            if state.writer_lost_at is not None:
+                event["outage_seconds"] = round(now - state.writer_lost_at, 3)
+            elif old is not None:
+                event["outage_seconds"] = round(now - state.node(old).last_ok, 3)
+            state.writer_lost_at = None
+            state.writer_known.set()
+            self.writer_changes_total[state.config.name] += 1
+            log.warning("cluster %s: writer is now %s (was %s)%s", state.config.name, _fmt(new), _fmt(old),
+                        f", {event['outage_seconds']} s without a writer" if "outage_seconds" in event else "")
+        self.events.append(event)
+        if old is not None and old != new:
+            self.proxy.writer_changed(state.config, old, new)
+
+    # ------------------------------------------------------------------ reporting
+
+    def snapshot(self) -> dict:
+        out = {}
+        for name, state in self.clusters.items():
+            out[name] = {
+                "writer": _fmt(state.writer),
+                "nodes": [{"address": _fmt(n.address), "role": n.role, "healthy": n.healthy, "lag": n.lag,
+                           "failures": n.failures, "sources": sorted(n.sources), "error": n.last_error}
+                          for n in state.nodes.values()],
+                "endpoints": {kind: {"name": w.name, "addresses": list(w.addresses), "error": w.last_error,
+                                     "lookups": w.lookups, "failures": w.failures}
+                              for kind, w in state.watches.items()},
+            }
+        out["events"] = list(self.events)[-50:]
+        return out
+
+    def metric_families(self, prefix: str):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        node = GaugeMetricFamily(prefix + "backend_node_up", "1 when the node's last probes succeeded",
+                                 labels=["cluster", "node", "role"])
+        lag = GaugeMetricFamily(prefix + "backend_node_replica_lag_seconds", "Replica lag reported by the probe",
+                                labels=["cluster", "node"])
+        writer = GaugeMetricFamily(prefix + "cluster_writer_known", "1 when a verified writer is known", labels=["cluster"])
+        changes = CounterMetricFamily(prefix + "cluster_writer_changes", "Writer changes seen", labels=["cluster"])
+        probes = CounterMetricFamily(prefix + "backend_probes", "Role probes by outcome", labels=["cluster", "outcome"])
+        lookups = CounterMetricFamily(prefix + "dns_lookups", "DNS lookups of endpoints by outcome",
+                                      labels=["cluster", "endpoint", "outcome"])
+        for name, state in self.clusters.items():
+            for n in state.nodes.values():
+                node.add_metric([name, _fmt(n.address), n.role or "unknown"], 1 if n.healthy else 0)
+                lag.add_metric([name, _fmt(n.address)], n.lag)
+            writer.add_metric([name], 1 if state.writer else 0)
+            changes.add_metric([name], self.writer_changes_total[name])
+            probes.add_metric([name, "ok"], state.probes_total - state.probe_failures_total)
+            probes.add_metric([name, "failed"], state.probe_failures_total)
+            for kind, w in state.watches.items():
+                lookups.add_metric([name, w.name, "ok"], w.lookups - w.failures)
+                lookups.add_metric([name, w.name, "failed"], w.failures)
+        yield from (node, lag, writer, changes, probes, lookups)
+
+
+def _fmt(address) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
