@@ -1,0 +1,257 @@
+"""Failover drill: the write outage seen through multiproxy and by a client that follows the DNS endpoint itself.
+
+One run on this machine: a PostgreSQL primary and streaming standby on their own loopback addresses, a
+DNS server answering the writer and reader endpoint names with a TTL, multiproxy following those
+endpoints, and two writers running side by side: one through the proxy, one connecting directly to
+the writer endpoint with a resolver that caches answers for the TTL (as drivers and JVMs do). The
+primary is stopped, the standby promoted and the writer record repointed; each writer's outage is
+the time from the primary's stop to its first successful write afterwards. Idle client connections
+held through the proxy are counted before and after.
+
+    python3 tools/failover_drill.py [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import pg8000.native  # noqa: E402
+
+from multiproxy.dns import DnsClient, DnsLookupFailed  # noqa: E402
+from multiproxy.lab.dns_server import write_zone  # noqa: E402
+from multiproxy.lab.postgres import PostgresServer  # noqa: E402
+from multiproxy.lab.processes import free_port  # noqa: E402
+
+PRIMARY_IP, STANDBY_IP = "127.0.0.2", "127.0.0.3"
+
+
+def shared_port() -> int:
+    for _ in range(50):
+        port = free_port()
+        try:
+            for host in (PRIMARY_IP, STANDBY_IP):
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on both drill addresses")
+
+
+def udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CachingResolver:
+    """Resolves the endpoint like a client library: one lookup, then the cached answer until its TTL expires."""
+
+    def __init__(self, client: DnsClient, name: str):
+        self.client, self.name = client, name
+        self.address, self.expires = None, 0.0
+
+    def address_now(self) -> str:
+        if self.address is None or time.monotonic() >= self.expires:
+            try:
+                answer = self.client.resolve(self.name)
+                self.address, self.expires = answer.addresses[0], time.monotonic() + answer.ttl
+            except DnsLookupFailed:
+                pass
+        return self.address
+
+
+class WriteLoop(threading.Thread):
+    """Inserts rows one by one; records when each commit succeeded."""
+
+    def __init__(self, name: str, connect):
+        super().__init__(daemon=True)
+        self.label, self.connect = name, connect
+        self.successes: list[float] = []
+        self.failures = 0
+        self.stop_event = threading.Event()
+
+    def run(self):
+        conn = None
+        n = 0
+        while not self.stop_event.is_set():
+            try:
+                if conn is None:
+                    conn = self.connect()
+                conn.run("INSERT INTO drill (writer, n) VALUES (:w, :n)", w=self.label, n=n)
+                self.successes.append(time.monotonic())
+            except Exception:
+                self.failures += 1
+                try:
+                    if conn is not None:
+                        conn.close()
+                except Exception:
+                    pass
+                conn = None
+                time.sleep(0.05)
+            n += 1
+            time.sleep(0.02)
+
+    def outage_after(self, t0: float) -> float | None:
+        after = [t for t in self.successes if t > t0]
+        return (after[0] - t0) if after else None
+
+
+def run_round(args, workdir: str) -> dict:
+    port = shared_port()
+    primary = PostgresServer(host=PRIMARY_IP, port=port, settings={"synchronous_commit": "on"}).start()
+    standby = dns = proxy = None
+    loops = []
+    try:
+        primary.psql("CREATE TABLE drill (id bigserial PRIMARY KEY, writer text, n int, at timestamptz DEFAULT now())")
+        standby = primary.make_standby(host=STANDBY_IP, port=port)
+        zone = os.path.join(workdir, "zone.json")
+        write_zone(zone, {"writer.pg.lab": {"A": [PRIMARY_IP]}, "reader.pg.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        dns_port = udp_port()
+        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
+                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        dns.stdout.readline()
+        proxy_port, admin_port = free_port(), free_port()
+        config = os.path.join(workdir, "proxy.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[proxy]
+admin_listen = "127.0.0.1:{admin_port}"
+log_level = "warning"
+[clusters.pg]
+engine = "postgres"
+hosts = []
+[clusters.pg.endpoints]
+writer = "writer.pg.lab:{port}"
+reader = "reader.pg.lab:{port}"
+[clusters.pg.dns]
+nameserver = "127.0.0.1:{dns_port}"
+ttl_floor = {args.floor}
+[clusters.pg.health]
+probe_interval = {args.probe_interval}
+failure_threshold = 1
+probe_user = "postgres"
+[clusters.pg.backend]
+tls = "disable"
+connect_timeout = 2.0
+[clusters.pg.pool]
+max_size = 10
+borrow_timeout = 60.0
+[[listeners]]
+name = "w"
+listen = "127.0.0.1:{proxy_port}"
+cluster = "pg"
+auth = "trust"
+""")
+        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                pg8000.native.Connection("postgres", host="127.0.0.1", port=proxy_port, timeout=5).close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("multiproxy did not come up; see proxy.log")
+                time.sleep(0.2)
+
+        idle = [pg8000.native.Connection("postgres", host="127.0.0.1", port=proxy_port, timeout=10)
+                for _ in range(args.idle)]
+        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.pg.lab")
+        through = WriteLoop("proxy", lambda: pg8000.native.Connection(
+            "postgres", host="127.0.0.1", port=proxy_port, timeout=10))
+        direct = WriteLoop("direct", lambda: pg8000.native.Connection(
+            "postgres", host=resolver.address_now(), port=port, timeout=2))
+        loops = [through, direct]
+        for loop in loops:
+            loop.start()
+        time.sleep(2.0)
+
+        t0 = time.monotonic()
+        primary.stop()
+        standby.promote()
+        write_zone(zone, {"writer.pg.lab": {"A": [STANDBY_IP]}, "reader.pg.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        deadline = time.monotonic() + args.ttl * 4 + 30
+        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
+            time.sleep(0.1)
+        for loop in loops:
+            loop.stop_event.set()
+            loop.join(15)
+        survived = 0
+        for conn in idle:
+            try:
+                conn.run("SELECT 1")
+                survived += 1
+            except Exception:
+                pass
+            finally:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
+                "idle_kept": survived, "idle_total": len(idle)}
+    finally:
+        for loop in loops:
+            loop.stop_event.set()
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        if dns is not None:
+            dns.kill()
+            dns.wait(5)
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ttl", type=int, default=5, help="TTL of the endpoint records (s)")
+    parser.add_argument("--floor", type=float, default=1.0, help="multiproxy's dns.ttl_floor (s)")
+    parser.add_argument("--probe-interval", type=float, default=1.0, help="multiproxy's health.probe_interval (s)")
+    parser.add_argument("--idle", type=int, default=20, help="idle client connections held through the proxy")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    for i in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="mp-drill-") as workdir:
+            os.chmod(workdir, 0o755)
+            result = run_round(args, workdir)
+        rows.append(result)
+        print(f"round {i + 1}: {result}", file=sys.stderr)
+    lines = ["| round | outage through multiproxy (s) | outage direct, DNS TTL %d s (s) | ratio | idle connections kept |" % args.ttl,
+             "|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rows, 1):
+        ratio = (r["proxy"] / r["direct"]) if r["proxy"] is not None and r["direct"] else None
+        lines.append(f"| {i} | {_fmt(r['proxy'])} | {_fmt(r['direct'])} | {_fmt(ratio)} | {r['idle_kept']}/{r['idle_total']} |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"\nPostgreSQL primary+standby, TTL {args.ttl} s, multiproxy ttl_floor {args.floor} s, "
+          f"probe_interval {args.probe_interval} s")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
