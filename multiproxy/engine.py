@@ -130,6 +130,7 @@ class ClientContext:
     max_message_size: int
     client_address: tuple = ("", 0)
     engine_options: dict = field(default_factory=dict)   # the cluster's [clusters.NAME.options]
+    retry_read_only: bool = False   # retry a first statement refused as read-only on the new writer
 
 
 @dataclass
@@ -197,6 +198,7 @@ class ClientProtocol:
     closing: bool = False
     requests: int = 0
     leftover: bytes = b""       # client bytes that arrived with the end of the handshake
+    retry_request: bytes | None = None   # set by backend_data: a read-only node refused this request; resend it
 
     def start(self) -> bytes:
         return b""

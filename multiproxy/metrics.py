@@ -30,6 +30,7 @@ class Metrics:
         self.protocol_errors = 0
         self.handshake_timeouts = 0
         self.idle_timeouts = 0
+        self.read_only_retries = 0
         self.borrow_failures = 0
         self.cancels_forwarded = 0
         self.cancels_ignored = 0
@@ -76,6 +77,9 @@ class ProxyCollector:
         yield c
         c = CounterMetricFamily(PREFIX + "client_idle_timeouts", "Clients closed by proxy.idle_client_timeout")
         c.add_metric([], m.idle_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "read_only_retries", "First statements refused as read-only and sent to the new writer")
+        c.add_metric([], m.read_only_retries)
         yield c
         c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
         c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))

@@ -173,6 +173,9 @@ class Proxy:
             self.pools[key] = pool
         return pool
 
+    def follows_roles(self, cluster: ClusterConfig) -> bool:
+        return self.registry is not None and cluster.name in self.registry.clusters
+
     def node_for(self, cluster: ClusterConfig, role: str) -> tuple[str, int] | None:
         if self.registry is not None and cluster.name in self.registry.clusters:
             # No writer known (failover under way): wait for one, bounded by the borrow timeout.

@@ -86,6 +86,7 @@ class Session:
             listener=self.listener, users=proxy.users, tls_available=self.runtime.tls_context is not None,
             cancel_key=None, pin_policy=self.runtime.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
             client_address=self.address, engine_options=self.runtime.cluster.engine_options,
+            retry_read_only=proxy.follows_roles(self.runtime.cluster) and self.runtime.cluster.health.retry_read_only,
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
         proto = self.proto = self.engine.client_protocol(ctx)
@@ -244,6 +245,35 @@ class Session:
                 self.client_gone = True
         if release and ((self.transaction_mode and not self.proto.pinned) or self.client_gone):
             self.unlink(server)
+        elif self.proto.retry_request is not None:
+            self._retry_on_new_writer(server)
+
+    def _retry_on_new_writer(self, server) -> None:
+        """A node refused the first statement of a transaction as read-only: it is no writer. Drop it, have
+        the registry look again, and send the statement to whichever node is the writer now (once)."""
+        proto = self.proto
+        data = proto.retry_request
+        proto.retry_request = None             # the resent request is not retried again
+        server.session = None
+        self.server = None
+        proto.unlink()
+        self.pool.discard_borrowed(server)
+        self.proxy.metrics.read_only_retries += 1
+        log.warning("pool %s: %s:%d refused a write as read-only; retrying on the writer", self.pool.label,
+                    *server.address)
+        registry = self.proxy.registry
+        if registry is not None:
+            registry.writer_demoted(self.runtime.cluster.name, server.address)
+        gevent.spawn(self._resend, data)
+
+    def _resend(self, data: bytes) -> None:
+        server = self.link()
+        if server is None or self.client_gone:
+            return
+        try:
+            server.sendall(self.proto.link(server.state, data))
+        except (OSError, ValueError):
+            pass
 
     def unlink(self, server) -> None:
         """Give the backend back to the pool at a transaction boundary."""

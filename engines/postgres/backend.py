@@ -183,7 +183,8 @@ class PostgresCancel(BackendScript):
 class PostgresProbe(BackendScript):
     """After logging in, asks whether the node is in recovery and how far its replay lags."""
 
-    SQL = ("SELECT pg_catalog.pg_is_in_recovery(), "
+    # A node in recovery is a standby; one whose transactions default to read-only is not a writer either.
+    SQL = ("SELECT pg_catalog.pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool, "
            "COALESCE(EXTRACT(EPOCH FROM (now() - pg_catalog.pg_last_xact_replay_timestamp())), 0)")
 
     def __init__(self, target: BackendTarget):

@@ -160,6 +160,10 @@ class PostgresClient(ClientProtocol):
         self.pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
         self.local_error = b""          # the error answered locally to requests that cannot reach a backend
         self.backend_farewell = ""      # a FATAL the backend sent before going away, held back for the client
+        self.retry_read_only = ctx.retry_read_only
+        self.retry_candidate = None     # (bytes, fifo entry, syncs_done, rewrite) of a first statement in flight
+        self.retrying = False           # dropping a read-only refusal's answer
+        self.retry_request = None       # bytes the core should send again on the new writer
         self.internal_failed = False
         # partial-message state, backend side
         self.sbuf = b""
@@ -523,6 +527,14 @@ class PostgresClient(ClientProtocol):
             forward = b"".join(pieces)
         if dropped_prefix:
             start = 0                    # the forwarded bytes begin at a message boundary
+        if (self.retry_read_only and forward and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
+                and not local and not self.cbuf and not self.c_skip and not self.pending_extended):
+            # The first statement of a transaction: if a read-only node refuses it, nothing ran, and it can
+            # be sent again to the new writer. Keep what is needed to do that.
+            self.retry_candidate = (forward, fifo[0], self.syncs_done,
+                                    (start, syncs_before) if rewrite else None)
+        else:
+            self.retry_candidate = None
         if rewrite and forward:
             if self.linked:
                 forward = self._rewrite_statements(forward, start, syncs_before)
@@ -713,11 +725,22 @@ class PostgresClient(ClientProtocol):
             end = pos + 1 + length
             internal = fifo and fifo[0] == INTERNAL
             drop = False
-            if kind in inspect or internal:
+            if kind in inspect or internal or self.retrying:
                 if end > n:
                     self.sbuf = data[pos:]
                     break
+                if self.retrying:
+                    # The refused request's answer is not the client's: drop it up to its ReadyForQuery.
+                    if out_parts is None:
+                        out_parts = []
+                    out_parts.append(data[keep_from:pos])
+                    keep_from = end
+                    if kind == p.READY_FOR_QUERY:
+                        self._prepare_retry()
+                    pos = end
+                    continue
                 if kind == p.READY_FOR_QUERY:
+                    self.retry_candidate = None
                     self.tx_status = data[pos + 5]
                     saw_ready = True
                     self.copy_in = False
@@ -745,6 +768,15 @@ class PostgresClient(ClientProtocol):
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
                         self.internal_failed = True
+                    elif self.retry_candidate is not None and b"C25006\x00" in data[pos + 5:end]:
+                        # read_only_sql_transaction on the first statement: the node is no writer (any more).
+                        self.retrying = True
+                        if out_parts is None:
+                            out_parts = []
+                        out_parts.append(data[keep_from:pos])
+                        keep_from = end
+                        pos = end
+                        continue
                     elif data[pos + 5:pos + 12] == b"SFATAL\x00" or data[pos + 5:pos + 12] == b"SPANIC\x00":
                         # The backend is going away (shutdown, crash, failover). Keep the client: hold the
                         # message back; backend_lost() answers the pending requests with it as an ERROR.
@@ -782,6 +814,19 @@ class PostgresClient(ClientProtocol):
         if release:
             self.release_due = False
         return out, release
+
+    def _prepare_retry(self) -> None:
+        """Put the refused request back as it was before it was sent; the core sends it to the new writer."""
+        forward, entry, syncs_done, rewrite = self.retry_candidate
+        self.retry_candidate = None
+        self.retrying = False
+        self.fifo.clear()
+        self.fifo.append(entry)
+        self.syncs_done = syncs_done
+        self.tx_status = p.TX_IDLE
+        self.deferred_rewrite = rewrite
+        self.release_due = False
+        self.retry_request = forward
 
     def _parses_unanswered(self, syncs_done: int) -> None:
         """Parses of finished Sync groups that got no ParseComplete failed: the backend lacks those statements."""

@@ -180,3 +180,31 @@ def test_failover_keeps_idle_clients_and_loses_no_committed_write(drill, proxy_f
     changes = [e for e in snapshot["events"] if e["event"] == "writer" and e.get("new") == f"{STANDBY_IP}:{drill['port']}"]
     assert changes, snapshot["events"]
     assert outage < 30
+
+
+@pytest.mark.timeout(120)
+def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_factory):
+    config = drill_config(drill)
+    config["clusters"]["pg"]["health"]["probe_interval"] = 30.0     # the registry will not notice by itself
+    proxy = proxy_factory(config)
+    wait_for(lambda: status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
+             "the registry to verify the primary as writer", lambda: status(proxy)["registry"])
+    host, port = proxy.address("w")
+    with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+        conn.execute("INSERT INTO drill (id) VALUES (1)")
+        # The old primary turns read-only and the standby takes over, behind the registry's back.
+        drill["primary"].psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        drill["primary"].psql("SELECT pg_reload_conf()")
+        drill["primary"].psql("ALTER SYSTEM SET synchronous_standby_names = ''")
+        drill["primary"].psql("SELECT pg_reload_conf()")
+        drill["standby"].promote()
+        started = time.monotonic()
+        conn.execute("INSERT INTO drill (id) VALUES (2)")            # refused by the old primary, retried
+        assert time.monotonic() - started < 10
+        assert conn.execute("SELECT pg_is_in_recovery(), count(*) FROM drill WHERE id = 2").fetchone() == (False, 1)
+    assert drill["standby"].psql("SELECT count(*) FROM drill WHERE id = 2") == "1"
+    assert drill["primary"].psql("SELECT count(*) FROM drill WHERE id = 2") == "0"
+    assert status(proxy)["registry"]["pg"]["writer"] == f"{STANDBY_IP}:{drill['port']}"
+    host, admin_port = proxy.admin_address
+    metrics = urllib.request.urlopen(f"http://{host}:{admin_port}/metrics", timeout=5).read().decode()
+    assert "multiproxy_read_only_retries_total 1.0" in metrics

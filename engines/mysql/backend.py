@@ -1,0 +1,397 @@
+"""Sans-IO conversations with a MySQL/MariaDB backend: login (TLS, native, caching_sha2, ed25519), KILL QUERY cancel, role probe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from multiproxy.engine import BackendError, BackendScript, BackendTarget
+
+from . import protocol as p
+from .auth import (
+    CACHING_SHA2, CLEAR, ED25519, NATIVE, SHA256_PASSWORD, ed25519_sign, native_scramble, rsa_encrypt_password,
+    sha2_scramble,
+)
+
+# What the proxy asks of every backend; the client-dependent bits come from the pool variant.
+BACKEND_BASE_CAPABILITIES = (p.CLIENT_LONG_PASSWORD | p.CLIENT_LONG_FLAG | p.CLIENT_CONNECT_WITH_DB
+                             | p.CLIENT_PROTOCOL_41 | p.CLIENT_TRANSACTIONS | p.CLIENT_SECURE_CONNECTION
+                             | p.CLIENT_PLUGIN_AUTH | p.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | p.CLIENT_CONNECT_ATTRS
+                             | p.CLIENT_MULTI_RESULTS | p.CLIENT_PS_MULTI_RESULTS)
+DEFAULT_CHARSET = 45            # utf8mb4_general_ci
+ACCESS_DENIED_CODES = frozenset({1045, 1044, 1698, 1862})
+
+
+@dataclass
+class MySQLServerState:
+    """What the proxy knows about one backend connection."""
+
+    version: bytes = b""
+    thread_id: int = 0
+    capabilities: int = 0          # negotiated: what the proxy asked and the server has
+    charset: int = DEFAULT_CHARSET
+    status: int = p.SERVER_STATUS_AUTOCOMMIT
+    schema: str = ""
+    login_schema: str = ""
+    variables: dict = field(default_factory=dict)   # tracked settings in effect beyond the login's defaults
+    multi_statements: bool = False
+    mariadb: bool = False
+    prepared: dict = field(default_factory=dict)    # SQL text -> (backend statement id, params, columns)
+    types: dict = field(default_factory=dict)       # backend statement id -> parameter types last bound
+    stale_statements: list = field(default_factory=list)   # ids to COM_STMT_CLOSE with the next request
+
+    @property
+    def tx_variables(self) -> tuple[str, str]:
+        """Names of the isolation and read-only variables on this server."""
+        if self.mariadb:
+            try:
+                major, minor = (int(x) for x in self.version.split(b"-MariaDB")[0].split(b"-")[-1].split(b".")[:2])
+            except ValueError:
+                major, minor = 10, 0
+            if (major, minor) < (11, 1):
+                return "tx_isolation", "tx_read_only"
+        return "transaction_isolation", "transaction_read_only"
+
+    @property
+    def supports_last_statement_id(self) -> bool:
+        """MariaDB executes statement id 0xFFFFFFFF as 'the statement prepared last' (pipelined re-prepare)."""
+        return self.mariadb
+
+
+class PacketReader:
+    """Splits a byte stream into (sequence id, payload) packets (logins and scripts: no 16 MiB payloads)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data: bytes):
+        self.buf += data
+        buf = self.buf
+        while len(buf) >= 4:
+            length, seq = p.header(buf)
+            if len(buf) < 4 + length:
+                return
+            payload = bytes(buf[4:4 + length])
+            del buf[:4 + length]
+            yield seq, payload
+
+
+class MySQLLogin(BackendScript):
+    """Logs in to a backend as `target.user`; `target.params` may carry the client-dependent capabilities and charset."""
+
+    def __init__(self, target: BackendTarget, extra_capabilities: int | None = None):
+        self.target = target
+        self.reader = PacketReader()
+        self.state = MySQLServerState()
+        self.phase = "greeting"
+        self.done = False
+        self.wants_tls = False
+        self.tls = False
+        self.result = None
+        self.seq = 0
+        self.nonce = b""
+        self.plugin = b""
+        self.extra = target.params.get("capabilities", 0) if extra_capabilities is None else extra_capabilities
+        self.charset = target.params.get("charset", DEFAULT_CHARSET) or DEFAULT_CHARSET
+        self.caps = 0
+
+    def start(self) -> bytes:
+        return b""
+
+    def _password(self) -> str:
+        return self.target.password or ""
+
+    def _send(self, payload: bytes) -> bytes:
+        self.seq = (self.seq + 1) & 0xFF
+        return p.packet(self.seq, payload)
+
+    def tls_established(self) -> bytes:
+        self.wants_tls = False
+        self.tls = True
+        return self._response()
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        for seq, payload in self.reader.feed(data):
+            self.seq = seq
+            if self.phase == "greeting":
+                out.append(self._greeting(payload))
+                if self.wants_tls:
+                    break
+            else:
+                out.append(self._auth(payload))
+                if self.done:
+                    self.leftover = bytes(self.reader.buf)
+                    break
+        return b"".join(out)
+
+    def _greeting(self, payload: bytes) -> bytes:
+        try:
+            hello = p.parse_handshake_v10(payload)
+        except (ValueError, IndexError) as exc:
+            raise BackendError(f"backend {self.target.host}:{self.target.port}: {exc}") from None
+        state = self.state
+        state.version = hello["version"]
+        state.thread_id = hello["thread_id"]
+        state.mariadb = b"mariadb" in hello["version"].lower()
+        self.nonce = hello["nonce"]
+        self.plugin = hello["plugin"] or NATIVE
+        server_caps = hello["capabilities"]
+        caps = (BACKEND_BASE_CAPABILITIES | self.extra) & (server_caps | p.CLIENT_LONG_PASSWORD)
+        if self.target.database:
+            caps |= p.CLIENT_CONNECT_WITH_DB
+        else:
+            caps &= ~p.CLIENT_CONNECT_WITH_DB
+        self.caps = caps
+        self.phase = "auth"
+        wants = self.target.tls not in ("disable", "allow")
+        if wants and server_caps & p.CLIENT_SSL:
+            self.caps |= p.CLIENT_SSL
+            self.wants_tls = True
+            return self._send(p.ssl_request(self.caps, self.charset))
+        if self.target.tls in ("require", "verify-ca", "verify-full"):
+            raise BackendError(f"backend {self.target.host}:{self.target.port} does not offer TLS but "
+                               f"clusters.*.backend.tls is {self.target.tls!r}")
+        return self._response()
+
+    def _scramble(self, plugin: bytes, nonce: bytes) -> bytes:
+        password = self._password()
+        if plugin == NATIVE:
+            return native_scramble(password, nonce)
+        if plugin == CACHING_SHA2:
+            return sha2_scramble(password, nonce)
+        if plugin == ED25519:
+            return ed25519_sign(password, nonce[:32])
+        if plugin in (CLEAR, SHA256_PASSWORD):
+            if not self.tls and plugin == CLEAR:
+                raise BackendError("backend asks for the cleartext password without TLS; enable TLS toward it "
+                                   "(clusters.*.backend.tls = 'require')", fatal_auth=True)
+            if self.tls:
+                return password.encode() + b"\x00"
+            return b"\x01"      # sha256_password without TLS: ask for the public key
+        raise BackendError(f"backend asks for authentication plugin {plugin.decode(errors='replace')!r}; multiproxy "
+                           "supports mysql_native_password, caching_sha2_password and client_ed25519", fatal_auth=True)
+
+    def _response(self) -> bytes:
+        plugin = self.plugin if self.plugin in (NATIVE, CACHING_SHA2) else NATIVE
+        auth = self._scramble(plugin, self.nonce)
+        self.plugin = plugin
+        payload = p.handshake_response(self.caps, self.charset, self.target.user.encode(), auth,
+                                       self.target.database.encode(), plugin,
+                                       {"_client_name": "multiproxy", "program_name": "multiproxy"})
+        return self._send(payload)
+
+    def _auth(self, payload: bytes) -> bytes:
+        if not payload:
+            raise BackendError("backend sent an empty packet during login")
+        head = payload[0]
+        if head == p.OK_HEADER:
+            state = self.state
+            state.capabilities = self.caps
+            state.charset = self.charset
+            try:
+                state.status = p.ok_status(payload)
+            except (IndexError, ValueError):
+                state.status = p.SERVER_STATUS_AUTOCOMMIT
+            state.schema = state.login_schema = self.target.database
+            state.multi_statements = bool(self.caps & p.CLIENT_MULTI_STATEMENTS)
+            self.done = True
+            self.result = state
+            return b""
+        if head == p.ERR_HEADER:
+            code, sqlstate, message = p.parse_err(payload)
+            raise BackendError(f"backend refused the login of {self.target.user!r}: {message} "
+                               f"(error {code}, SQLSTATE {sqlstate})", fatal_auth=code in ACCESS_DENIED_CODES,
+                               code=str(code))
+        if head == p.AUTH_SWITCH_REQUEST:
+            end = payload.find(b"\x00", 1)
+            plugin = payload[1:end] if end > 0 else payload[1:]
+            nonce = payload[end + 1:] if end > 0 else b""
+            if nonce.endswith(b"\x00"):
+                nonce = nonce[:-1]
+            self.plugin, self.nonce = bytes(plugin), bytes(nonce) or self.nonce
+            return self._send(self._scramble(self.plugin, self.nonce))
+        if head == p.AUTH_MORE_DATA:
+            data = payload[1:]
+            if self.plugin == CACHING_SHA2 and len(data) == 1:
+                if data[0] == p.CACHING_SHA2_FAST_AUTH_SUCCESS:
+                    return b""
+                if data[0] == p.CACHING_SHA2_PERFORM_FULL_AUTHENTICATION:
+                    if self.tls:
+                        return self._send(self._password().encode() + b"\x00")
+                    return self._send(bytes((p.CACHING_SHA2_REQUEST_PUBLIC_KEY,)))
+            if data.startswith(b"-----BEGIN"):
+                try:
+                    return self._send(rsa_encrypt_password(data, self._password(), self.nonce))
+                except ValueError as exc:
+                    raise BackendError(f"backend sent an unusable RSA public key: {exc}") from None
+            raise BackendError(f"backend sent unexpected authentication data during login ({len(data)} bytes)")
+        raise BackendError(f"backend sent unexpected packet 0x{head:02x} during login")
+
+
+def com_query(sql: str) -> bytes:
+    return p.packet(0, bytes((p.COM_QUERY,)) + sql.encode("utf-8"))
+
+
+COM_QUIT_PACKET = p.packet(0, bytes((p.COM_QUIT,)))
+
+
+class _TextResult:
+    """Collects one text-protocol result (no CLIENT_DEPRECATE_EOF): column names and rows, or the error."""
+
+    def __init__(self):
+        self.state = "start"
+        self.columns: list[str] = []
+        self.rows: list[list] = []
+        self.count = 0
+        self.error = None
+        self.done = False
+
+    def feed(self, payload: bytes) -> None:
+        head = payload[0] if payload else 0
+        if self.state == "start":
+            if head == p.OK_HEADER:
+                self.done = True
+            elif head == p.ERR_HEADER:
+                self.error = p.parse_err(payload)
+                self.done = True
+            else:
+                self.count = p.read_lenenc_int(payload, 0)[0]
+                self.state = "columns"
+        elif self.state == "columns":
+            pos = 0
+            for _ in range(4):          # catalog, schema, table, org_table
+                _, pos = p.read_lenenc_str(payload, pos)
+            name, _ = p.read_lenenc_str(payload, pos)
+            self.columns.append(name.decode("utf-8", "replace"))
+            if len(self.columns) == self.count:
+                self.state = "eof"
+        elif self.state == "eof":
+            self.state = "rows"
+        elif self.state == "rows":
+            if head == p.EOF_HEADER and len(payload) < 9:
+                self.done = True
+            elif head == p.ERR_HEADER:
+                self.error = p.parse_err(payload)
+                self.done = True
+            else:
+                row, pos = [], 0
+                for _ in range(self.count):
+                    if payload[pos] == 0xFB:
+                        row.append(None)
+                        pos += 1
+                    else:
+                        value, pos = p.read_lenenc_str(payload, pos)
+                        row.append(value.decode("utf-8", "replace"))
+                self.rows.append(row)
+
+
+class _QueriesAfterLogin(BackendScript):
+    """Logs in with the target's credentials, then runs queries one by one and collects their results."""
+
+    def __init__(self, target: BackendTarget, queries: list[str]):
+        self.login = MySQLLogin(target, extra_capabilities=0)
+        self.queries = list(queries)
+        self.results: list[_TextResult] = []
+        self.reader = PacketReader()
+        self.done = False
+        self.result = None
+
+    @property
+    def wants_tls(self):
+        return self.login.wants_tls
+
+    def start(self) -> bytes:
+        return self.login.start()
+
+    def tls_established(self) -> bytes:
+        return self.login.tls_established()
+
+    def _next(self) -> bytes:
+        if self.results and self.results[-1].error is not None and self.stop_on_error(self.results[-1]):
+            return b""
+        if not self.queries:
+            self.finish()
+            self.done = True
+            return COM_QUIT_PACKET
+        self.results.append(_TextResult())
+        return com_query(self.queries.pop(0))
+
+    def stop_on_error(self, result) -> bool:
+        return False
+
+    def finish(self) -> None:
+        pass
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.login.done:
+            out = self.login.feed(data)
+            if not self.login.done:
+                return out
+            data = self.login.leftover
+            out += self._next()
+            return out + (self._read(data) if data else b"")
+        return self._read(data)
+
+    def _read(self, data: bytes) -> bytes:
+        out = b""
+        try:
+            for _seq, payload in self.reader.feed(data):
+                result = self.results[-1]
+                result.feed(payload)
+                if result.done:
+                    out += self._next()
+                    if self.done:
+                        break
+        except (IndexError, ValueError) as exc:
+            raise BackendError(f"backend sent a malformed result: {exc}") from None
+        return out
+
+
+class MySQLCancel(_QueriesAfterLogin):
+    """KILL QUERY <backend thread id> over a fresh, logged-in connection."""
+
+    def __init__(self, target: BackendTarget, state: MySQLServerState):
+        super().__init__(target, [f"KILL QUERY {int(state.thread_id)}"])
+
+    def finish(self) -> None:
+        error = self.results[0].error if self.results else None
+        if error is not None and error[0] != 1094:      # 1094: unknown thread (it finished meanwhile)
+            raise BackendError(f"KILL QUERY failed: {error[2]} (error {error[0]})")
+
+
+class MySQLProbe(_QueriesAfterLogin):
+    """Role and lag: @@read_only and @@innodb_read_only, then the replica status (Seconds_Behind_Master)."""
+
+    def __init__(self, target: BackendTarget):
+        super().__init__(target, ["SELECT @@global.read_only, @@global.innodb_read_only"])
+        self.replica_query_added = False
+
+    def _next(self) -> bytes:
+        if len(self.results) == 1 and not self.replica_query_added and self.results[0].done:
+            self.replica_query_added = True
+            version = self.login.state.version.lower()
+            old = False
+            try:
+                major, minor = (int(x) for x in version.split(b"-")[0].split(b".")[:2])
+                old = (major, minor) < ((10, 5) if b"mariadb" in version else (8, 0))
+            except ValueError:
+                pass
+            self.queries.append("SHOW SLAVE STATUS" if old else "SHOW REPLICA STATUS")
+        return super()._next()
+
+    def finish(self) -> None:
+        first = self.results[0] if self.results else None
+        if first is None or first.error is not None:
+            raise BackendError(f"role probe failed: {first.error[2] if first else 'no answer'}")
+        row = first.rows[0] if first.rows else ["0", "0"]
+        read_only = any(v not in (None, "0", "OFF") for v in row)
+        lag = 0.0
+        replica = self.results[1] if len(self.results) > 1 else None
+        if replica is not None and replica.error is None and replica.rows:
+            record = dict(zip(replica.columns, replica.rows[0]))
+            value = record.get("Seconds_Behind_Master", record.get("Seconds_Behind_Source"))
+            try:
+                lag = float(value) if value is not None else 0.0
+            except ValueError:
+                lag = 0.0
+            read_only = read_only or True
+        self.result = {"role": "reader" if read_only else "writer", "lag": lag if read_only else 0.0}
