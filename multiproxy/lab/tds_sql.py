@@ -414,7 +414,7 @@ class SqlSession:
             pieces.append([b"", 0, 0, 0])
         out = bytearray()
         for i, (body, status, curcmd, count) in enumerate(pieces):
-            if i < len(pieces) - 1:
+            if i < len(pieces) - 1 or in_proc:  # inside a procedure DONEPROC still follows
                 status |= tk.DONE_MORE
             out += body + tk.done(status, curcmd, count, done_token)
         return bytes(out), pieces[-1][1]
