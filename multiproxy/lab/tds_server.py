@@ -16,6 +16,7 @@ import ssl
 import struct
 import sys
 import tempfile
+import traceback
 
 import gevent
 import gevent.queue
@@ -72,9 +73,11 @@ class _Transport:
         self.tls: ssl.SSLObject | None = None
         self._in = self._out = None
 
-    def start_tls(self, context: ssl.SSLContext) -> None:
+    def start_tls(self, context: ssl.SSLContext) -> ssl.SSLObject:
+        """A server-side TLS object on fresh memory BIOs; it carries traffic once the handshake is done and
+        `tls` is set to it (during the handshake, TLS records travel inside PRELOGIN packets)."""
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self._in, self._out, server_side=True)
+        return context.wrap_bio(self._in, self._out, server_side=True)
 
     def recv(self) -> bytes:
         while True:
@@ -152,6 +155,9 @@ class _Connection:
             pass
         except tp.ProtocolError as exc:
             self.fail(4002, f"The incoming tabular data stream (TDS) protocol stream is incorrect: {exc}.")
+        except Exception:  # a lab server bug: say so on stderr, keep serving the others
+            traceback.print_exc()
+            self.fail(50000, "Internal error in the TDS lab server (see its stderr).")
         finally:
             if self.session is not None:
                 self.server._pool.spawn(self.session.close).get()
@@ -227,8 +233,7 @@ class _Connection:
         return True
 
     def _tls_handshake(self) -> None:
-        self.transport.start_tls(self.server._ssl_context())
-        tls = self.transport.tls
+        tls = self.transport.start_tls(self.server._ssl_context())
         while True:
             msg = self._read_message()
             if msg.type != tp.PRELOGIN:
@@ -243,6 +248,7 @@ class _Connection:
             if out:
                 self.sock.sendall(tp.encode_message(tp.PRELOGIN, out, tp.DEFAULT_PACKET_SIZE))
             if finished:
+                self.transport.tls = tls
                 return
 
     def _read_loop(self) -> None:
@@ -368,7 +374,9 @@ class TDSLabServer:
             if not self.cert_file:
                 self.cert_file, self.key_file = make_self_signed(self._tmpdir)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            # TLS 1.2 as SQL Server uses for TDS 7.x: TLS 1.3 session tickets sent after the handshake
+            # would arrive where a TDS 7.x client expects TDS packets.
+            context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(self.cert_file, self.key_file)
             self._context = context
         return self._context
