@@ -655,8 +655,8 @@ class TransactionRequest:
             pos += 2
             need(size)
             req.payload = data[pos:pos + size]
-        elif req.request_type != TM_PROMOTE_XACT:
-            raise ProtocolError(f"unknown transaction manager request type {req.request_type}")
+        else:  # TM_PROMOTE_XACT has no payload; unknown types keep theirs for the server to refuse
+            req.payload = data[pos:]
         return req
 
     def encode(self) -> bytes:
