@@ -12,6 +12,8 @@ setup(
         "click>=8.1",
         "dnspython>=2.4",
         "prometheus_client>=0.17",
+        "sqlglot>=25",  # the TDS lab server transpiles T-SQL to SQLite
+        "cryptography>=41",  # the TDS lab server's self-signed certificate
     ],
     extras_require={
         "test": [
@@ -21,6 +23,8 @@ setup(
             "pg8000>=1.30",
             "psycopg[binary]>=3.1",
             "asyncpg>=0.29",
+            "pymssql>=2.2",
+            "python-tds>=1.15",
         ],
     },
     entry_points={
