@@ -411,3 +411,24 @@ class PostgresServer:
 
 class _PortTaken(Exception):
     pass
+
+
+class _Upstream:
+    """A running server known by address only (started by another process), to take a base backup from."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+
+def standby_of(host: str, port: int, hba_lines: list[str] | None = None, timeout: float = 60.0,
+               **kwargs) -> PostgresServer:
+    """A streaming standby (pg_basebackup -R) of the server at host:port; kwargs as for PostgresServer.
+
+    With a `basedir` that holds an old cluster (a stopped former primary), its data directory is replaced.
+    """
+    server = PostgresServer(**kwargs)
+    if server.basedir:
+        shutil.rmtree(os.path.join(server.basedir, "data"), ignore_errors=True)
+    server.primary = _Upstream(host, port)
+    server._hba_extra = list(hba_lines or [])
+    return server.start(timeout)

@@ -111,3 +111,24 @@ def stop_process(pid: int, started: int | None = None, first: int = signal.SIGTE
         _reap(pid)
         time.sleep(0.05)
     return True
+
+
+def free_port_on(*hosts: str) -> int:
+    """A TCP port free on every one of `hosts` (lab nodes listen on their own loopback address, same port)."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no TCP port free on all of {', '.join(hosts)}")
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port on `host` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
