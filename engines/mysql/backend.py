@@ -1,6 +1,7 @@
 """Sans-IO conversations with a MySQL/MariaDB backend: login (TLS, native, caching_sha2, ed25519), KILL QUERY cancel, role probe."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
@@ -29,6 +30,7 @@ class MySQLServerState:
     capabilities: int = 0          # negotiated: what the proxy asked and the server has
     charset: int = DEFAULT_CHARSET
     status: int = p.SERVER_STATUS_AUTOCOMMIT
+    login_status: int = p.SERVER_STATUS_AUTOCOMMIT
     schema: str = ""
     login_schema: str = ""
     variables: dict = field(default_factory=dict)   # tracked settings in effect beyond the login's defaults
@@ -191,6 +193,7 @@ class MySQLLogin(BackendScript):
                 state.status = p.ok_status(payload)
             except (IndexError, ValueError):
                 state.status = p.SERVER_STATUS_AUTOCOMMIT
+            state.login_status = state.status
             state.schema = state.login_schema = self.target.database
             state.multi_statements = bool(self.caps & p.CLIENT_MULTI_STATEMENTS)
             self.done = True
@@ -288,7 +291,8 @@ class _QueriesAfterLogin(BackendScript):
     """Logs in with the target's credentials, then runs queries one by one and collects their results."""
 
     def __init__(self, target: BackendTarget, queries: list[str]):
-        self.login = MySQLLogin(target, extra_capabilities=0)
+        # No default database: the probe and cancel users need not own one.
+        self.login = MySQLLogin(dataclasses.replace(target, database="", params={}), extra_capabilities=0)
         self.queries = list(queries)
         self.results: list[_TextResult] = []
         self.reader = PacketReader()

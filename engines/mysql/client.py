@@ -99,6 +99,9 @@ class _Pending:
         self.failed = False
 
 
+_PLAIN_QUERY = _Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
+
+
 def _nonce() -> bytes:
     # 20 bytes without NUL (clients read the second part as a NUL-terminated string)
     return bytes(1 + b % 127 for b in os.urandom(20))
@@ -156,7 +159,6 @@ class MySQLClient(ClientProtocol):
         self.sbuf = b""
         self.s_skip = 0
         self.s_more = False
-        self.s_drop = False             # the packet being skipped belongs to an internal answer
 
     # ------------------------------------------------------------------ handshake
 
@@ -388,8 +390,11 @@ class MySQLClient(ClientProtocol):
             if length == 0:
                 raise ProtocolError("empty command packet", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, "empty command packet", 1))
-            command = data[pos + 4] if pos + 4 < n else -1
-            need_whole = command == p.COM_QUERY or command == -1 or command in (
+            if pos + 4 >= n:
+                self.cbuf = data[pos:]
+                break
+            command = data[pos + 4]
+            need_whole = command == p.COM_QUERY or command in (
                 p.COM_INIT_DB, p.COM_PROCESS_KILL, p.COM_SET_OPTION, p.COM_CHANGE_USER)
             if need_whole and end > n and length < p.MAX_PAYLOAD:
                 self.cbuf = data[pos:]
@@ -410,10 +415,7 @@ class MySQLClient(ClientProtocol):
                     self.c_more = True
                     self.c_size = length
             if self.closing:
-                keep_from = n if pieces is not None else keep_from
-                if pieces is None:
-                    pieces = [data[keep_from:pos]]
-                    keep_from = n
+                keep_from = n           # nothing after COM_QUIT is forwarded
                 break
             if end > n:
                 self.c_skip = end - n
@@ -458,7 +460,7 @@ class MySQLClient(ClientProtocol):
             sql = data[pos + 5:end]
             if might_matter(sql):
                 return self._query(sql, local, can_answer)
-            self.fifo.append(_Pending(R_GENERIC))
+            self.fifo.append(_PLAIN_QUERY)
             return None
         if command == p.COM_QUIT:
             self.closing = True
@@ -697,14 +699,8 @@ class MySQLClient(ClientProtocol):
         if pos:
             if pos >= n:
                 self.s_skip = pos - n
-                if self.s_drop:
-                    return b"", False
                 return data, False
             self.s_skip = 0
-            if self.s_drop:
-                parts = []
-                keep_from = pos
-                self.s_drop = False
         fifo = self.fifo
         while pos < n:
             if n - pos < 5:
@@ -762,10 +758,7 @@ class MySQLClient(ClientProtocol):
             pos = end
         forward_end = n - len(self.sbuf)
         if parts is not None:
-            if self.s_skip and self.s_drop:
-                parts.append(data[keep_from:pos - 0 if False else keep_from])
-            else:
-                parts.append(data[keep_from:forward_end])
+            parts.append(data[keep_from:forward_end])
             out = b"".join(parts)
         else:
             out = data if forward_end == n else data[:forward_end]
@@ -977,7 +970,6 @@ class MySQLClient(ClientProtocol):
         self.sbuf = b""
         self.s_skip = 0
         self.s_more = False
-        self.s_drop = False
         self.rstate = S_START
 
     def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
