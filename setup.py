@@ -25,12 +25,16 @@ setup(
             "asyncpg>=0.29",
             "pymssql>=2.2",
             "python-tds>=1.15",
+            "PyMySQL>=1.1",
+            "mysql-connector-python>=8.0",
+            "mariadb>=1.1",
         ],
     },
     entry_points={
         "console_scripts": ["multiproxy=multiproxy.cli:main"],
         "multiproxy.engines": [
             "postgres=engines.postgres:PostgresEngine",
+            "mysql=engines.mysql:MySQLEngine",
         ],
     },
 )
