@@ -277,13 +277,17 @@ class _Connection:
                 self.session.cancelled = False
                 self.send(tk.done(tk.DONE_ATTN))
                 continue
-            try:
-                response = self.server._pool.spawn(self._handle, msg).get()
-            except Cancelled:
-                continue  # the ATTENTION behind it in the queue is answered with DONE_ATTN
-            self.send(response)
+            response = self.server._pool.spawn(self._handle_or_cancel, msg).get()
+            if response is not None:  # else cancelled: the ATTENTION behind it is answered with DONE_ATTN
+                self.send(response)
 
     # -- requests (run in a worker thread) --------------------------------------------------------------
+    def _handle_or_cancel(self, msg: tp.Message) -> bytes | None:
+        try:
+            return self._handle(msg)
+        except Cancelled:  # returned, not raised: the thread pool would print it
+            return None
+
     def _handle(self, msg: tp.Message) -> bytes:
         session = self.session
         prefix = b""

@@ -294,6 +294,9 @@ class SqlSession:
                                     detect_types=sqlite3.PARSE_DECLTYPES, timeout=BUSY_TIMEOUT_MS / 1000)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.set_progress_handler(lambda: 1 if self.cancelled else 0, 1000)
+        # T-SQL functions older SQLite lacks
+        self.conn.create_function("CONCAT", -1, lambda *a: "".join("" if v is None else str(v) for v in a),
+                                  deterministic=True)
         self._attach(database)
 
     # the lab's databases are files; master is `main`, the others are attached under their names
@@ -552,7 +555,7 @@ class SqlSession:
                      for e in select.expressions]
         write = isinstance(expression, _TSQL_WRITE) or bool(expression.args.get("into"))
         temp_only = bool(tables) and tables[0] == "temp"
-        return expression.sql("sqlite"), expression, names, write, temp_only
+        return expression.sql("sqlite", identify=True), expression, names, write, temp_only
 
     def _attach_known(self, database: str) -> None:
         if not self.lab.has_database(database):
