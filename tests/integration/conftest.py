@@ -38,6 +38,33 @@ def pg():
         server.stop()
 
 
+MARIADB_DB = "mpdb"
+# Backend users of the private MariaDB, by login method: (user, password, how MariaDB authenticates it).
+MARIADB_USERS = (("mp_native", "native-pw", "mysql_native_password"),
+                 ("mp_ed25519", "ed-pw", "ed25519"))
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    """One private MariaDB for the session, with database mpdb and the MARIADB_USERS."""
+    from multiproxy.lab.mariadb import MariaDBServer
+    server = MariaDBServer()
+    server.start()
+    try:
+        server.sql("INSTALL SONAME 'auth_ed25519';")
+        statements = [f"CREATE DATABASE {MARIADB_DB};"]
+        for user, password, method in MARIADB_USERS:
+            if method == "ed25519":
+                statements.append(f"CREATE USER '{user}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{password}');")
+            else:
+                statements.append(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}';")
+            statements.append(f"GRANT ALL ON *.* TO '{user}'@'%';")
+        server.sql("\n".join(statements))
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def proxy_factory(tmp_path):
     """Call with (config, **ProxyProcess kwargs) to start a proxy; all of them stop at teardown."""
