@@ -131,6 +131,9 @@ class ClientContext:
     client_address: tuple = ("", 0)
     engine_options: dict = field(default_factory=dict)   # the cluster's [clusters.NAME.options]
     retry_read_only: bool = False   # retry a first statement refused as read-only on the new writer
+    # In-band cancels (MySQL's KILL QUERY n on another connection): call with a proxy-issued key to cancel
+    # what the session holding it runs, as a CancelRequested handshake event would. None outside the core.
+    cancel: Callable | None = None
 
 
 @dataclass
@@ -224,6 +227,16 @@ class Engine:
 
     def render_error(self, kind: ErrorKind, message: str) -> bytes:
         raise NotImplementedError
+
+    def backend_variant(self, params: dict) -> tuple:
+        """Optional: what else a backend must share with a client to serve it, from `Authenticated.params`.
+
+        A hashable tuple of (name, value) pairs. It becomes part of the pool key (cluster, role, user,
+        database, variant), so clients with different variants never share a backend connection, and its
+        pairs reach `backend_login` as `BackendTarget.params`. MySQL uses it for the client capabilities
+        that change the wire format or server behaviour (CLIENT_DEPRECATE_EOF, ...) and the login charset.
+        """
+        return ()
 
     def probe_script(self, target: BackendTarget) -> BackendScript | None:
         """Optional: a script whose result says the node's role ('writer'/'reader') and lag."""
