@@ -163,13 +163,20 @@ class Proxy:
 
     # ------------------------------------------------------------------ pools and backends
 
-    def pool_for(self, rt: ListenerRuntime, user: str, database: str) -> Pool:
-        key = (rt.cluster.name, rt.config.role, user, database)
+    def pool_for(self, rt: ListenerRuntime, user: str, database: str, variant: tuple = ()) -> Pool:
+        """The pool of (cluster, role, user, database) plus the engine's backend variant (see Engine.backend_variant)."""
+        key = (rt.cluster.name, rt.config.role, user, database, variant)
         pool = self.pools.get(key)
         if pool is None:
             cluster = rt.cluster
-            pool = Pool(self, cluster, rt.config.role, user, database, rt.engine,
-                        lambda: self.backend_target(cluster, rt.config.role, user, database))
+            params = dict(variant)
+
+            def target_for():
+                target = self.backend_target(cluster, rt.config.role, user, database)
+                if target is not None and params:
+                    target.params = {**target.params, **params}
+                return target
+            pool = Pool(self, cluster, rt.config.role, user, database, rt.engine, target_for)
             self.pools[key] = pool
         return pool
 
@@ -276,8 +283,9 @@ class Proxy:
             return
         self.metrics.cancels_forwarded += 1
         cluster = session.runtime.cluster
-        target = BackendTarget(host=server.address[0], port=server.address[1], user=server.user,
-                               database=server.database, password=None, tls="disable")
+        # The pool's own credentials at the serving node's address: engines whose cancel is a statement
+        # on a new connection (MySQL's KILL QUERY) must log in; PostgreSQL's cancel packet ignores them.
+        target = self.backend_target_at(cluster, server.address, session.user, server.database)
         script = session.engine.cancel_script(target, server.state)
         gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
 
