@@ -89,6 +89,8 @@ class Session:
             retry_read_only=proxy.follows_roles(self.runtime.cluster) and self.runtime.cluster.health.retry_read_only,
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
+        engine = self.engine
+        ctx.cancel = lambda key: proxy.cancel(key, engine)
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout
         deadline = time.monotonic() + limit
@@ -145,14 +147,14 @@ class Session:
             if self.client_gone:
                 return False
             self.sock.settimeout(2.0)
-            self._send_quietly(self.engine.render_error(
+            self._send_quietly(self.proto.error(
                 ErrorKind.HANDSHAKE_TIMEOUT, f"the client did not finish logging in within {limit:g} s"))
             return False
 
     def _logged_in(self, event: Authenticated) -> bool:
         proxy = self.proxy
         if self.reject is not None:
-            self.sock.sendall(self.engine.render_error(*self.reject))
+            self.sock.sendall(self.proto.error(*self.reject))
             return False
         self.user, self.database = event.user, event.database
         record = proxy.users.get(event.user) if proxy.users is not None else None
@@ -161,16 +163,16 @@ class Session:
         self.transaction_mode = mode == "transaction"
         if record is not None and record.max_connections and proxy.user_sessions(event.user) >= record.max_connections:
             proxy.metrics.rejected_connections += 1
-            self.sock.sendall(self.engine.render_error(
+            self.sock.sendall(self.proto.error(
                 ErrorKind.TOO_MANY_CONNECTIONS,
                 f"user {event.user!r} already has {record.max_connections} connections, its max_connections; "
                 "close some or raise it with `multiproxy users add --max-connections`"))
             return False
-        self.pool = proxy.pool_for(self.runtime, event.user, event.database)
+        self.pool = proxy.pool_for(self.runtime, event.user, event.database, self.engine.backend_variant(event.params))
         try:
             facts = self.pool.welcome_facts()
         except (BackendUnavailable, PoolTimeout) as exc:
-            self.sock.sendall(self.engine.render_error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
+            self.sock.sendall(self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
             return False
         fast_sendall(self.sock)(self.proto.login_complete(facts))
         proxy.session_started(self)
@@ -185,7 +187,7 @@ class Session:
             except TimeoutError:
                 self.proxy.metrics.idle_timeouts += 1
                 if self.server is None:
-                    self._send_quietly(self.engine.render_error(
+                    self._send_quietly(self.proto.error(
                         ErrorKind.IDLE_TIMEOUT, f"closing the connection after {idle:g} s idle (proxy.idle_client_timeout)"))
             return
         self._relay()
