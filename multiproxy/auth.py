@@ -191,10 +191,44 @@ def parse_md5_verifier(text: str) -> str:
     return text
 
 
+def mysql_native_verifier(password: str) -> str:
+    """MySQL's mysql_native_password verifier as mysql.user stores it: "*" + HEX(SHA1(SHA1(password)))."""
+    return "*" + hashlib.sha1(hashlib.sha1(password.encode("utf-8")).digest()).hexdigest().upper()
+
+
+_MYSQL_NATIVE_RE = re.compile(r"\*[0-9A-F]{40}")
+
+
+def parse_mysql_native_verifier(text: str) -> str:
+    if _MYSQL_NATIVE_RE.fullmatch(text) is None:
+        raise ValueError("not a mysql_native_password verifier (expected * followed by 40 uppercase hex digits)")
+    return text
+
+
+def caching_sha2_verifier(password: str) -> str:
+    """What caching_sha2_password's fast path checks against: "SHA2$" + hex(SHA256(SHA256(password))).
+
+    Like the native verifier it is unsalted (the fast-path scramble needs exactly this value); full
+    authentication (TLS or RSA) checks the cleartext against it too.
+    """
+    return "SHA2$" + hashlib.sha256(hashlib.sha256(password.encode("utf-8")).digest()).hexdigest()
+
+
+_CACHING_SHA2_RE = re.compile(r"SHA2\$[0-9a-f]{64}")
+
+
+def parse_caching_sha2_verifier(text: str) -> str:
+    if _CACHING_SHA2_RE.fullmatch(text) is None:
+        raise ValueError("not a caching_sha2_password verifier (expected SHA2$ followed by 64 lowercase hex digits)")
+    return text
+
+
 # Makers of each verifier kind from (user, password). Later engines register more kinds here.
 VERIFIER_KINDS: dict[str, Callable[[str, str], str]] = {
     "scram_sha_256": lambda user, password: scram_sha_256_verifier(password),
     "md5": md5_verifier,
+    "mysql_native_password": lambda user, password: mysql_native_verifier(password),
+    "caching_sha2_password": lambda user, password: caching_sha2_verifier(password),
 }
 
 # Checkers used when loading: each raises ValueError with a reason. Kinds without a checker are kept as-is.
@@ -202,6 +236,8 @@ _VERIFIER_CHECKS: dict[str, Callable[[str], object]] = {
     "scram_sha_256": parse_scram_verifier,
     "md5": parse_md5_verifier,
 }
+# The MySQL kinds are checked where they are used (engines/mysql: a malformed one denies the login), so
+# files written for other tools by hand stay loadable.
 
 
 # --------------------------------------------------------------------------- the users file
