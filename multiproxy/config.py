@@ -9,7 +9,7 @@ from typing import Any
 
 POOL_MODES = ("session", "transaction")
 ROLES = ("writer", "reader")
-CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256")
+CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password", "caching_sha2_password")
 BACKEND_TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 PIN_ACTIONS = ("pin", "reject", "ignore")
 SECRET_KEYS = ("password", "password_env", "password_file", "password_command")
@@ -100,7 +100,9 @@ LISTENER_SETTINGS = _settings(
     Setting("listen", str, None, "host:port to accept clients on"),
     Setting("cluster", str, None, "the cluster this listener serves"),
     Setting("role", str, "writer", "which nodes of the cluster serve it", ROLES),
-    Setting("auth", str, "scram-sha-256", "how clients authenticate", CLIENT_AUTH_METHODS),
+    Setting("auth", str, "scram-sha-256", "how clients authenticate: trust, md5 and scram-sha-256 (PostgreSQL), "
+            "mysql_native_password and caching_sha2_password (MySQL; there scram-sha-256 means caching_sha2_password "
+            "and md5 means mysql_native_password)", CLIENT_AUTH_METHODS),
     Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
     Setting("tls_key_file", str, "", "private key of tls_cert_file"),
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
