@@ -1,4 +1,4 @@
-"""The `multiproxy lab` commands: up, down, env and status of a local lab of databases behind the proxy."""
+"""The `multiproxy lab` commands: up, down, env, status and failover of a local lab of databases behind the proxy."""
 from __future__ import annotations
 
 import shlex
@@ -71,6 +71,27 @@ def env(lab_dir):
             click.echo(f"export {name}={shlex.quote(value)}")
         return 0
     _run(action)
+
+
+@lab.command()
+@click.argument("engine")
+@_dir_option
+@click.option("--no-rebuild", is_flag=True,
+              help="Leave the old writer stopped instead of rebuilding it as a reader of the new one.")
+def failover(engine, lab_dir, no_rebuild):
+    """Fail the ENGINE cluster over while clients stay connected (ENGINE: postgres).
+
+    Runs a write loop through the proxy's writer listener, stops the writer (fast shutdown), promotes the
+    standby, repoints the writer and reader endpoints in the lab's DNS, and prints the outage seen through
+    the proxy and the registry's writer-change event. Then it rebuilds the old writer as a reader of the
+    new one, so that the next failover goes back.
+    """
+    from .parts import PARTS, PLANNED
+    if engine not in PARTS:
+        known = PLANNED.get(engine)
+        raise click.UsageError(f"the lab cannot fail over {known} yet" if known else
+                               f"unknown engine {engine!r}; choose from {', '.join(PARTS)}")
+    _run(lambda: _lab(lab_dir).failover(engine, rebuild=not no_rebuild))
 
 
 @lab.command()

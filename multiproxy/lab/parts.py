@@ -8,6 +8,7 @@ import shutil
 from urllib.parse import quote
 
 from . import postgres
+from .processes import free_port_on, start_time
 
 
 class LabPartError(RuntimeError):
@@ -29,7 +30,17 @@ class LabPart:
 
     A part's state (saved in lab.json under engines.<engine>) holds at least:
     cluster, listeners {writer, reader: {name, address}}, nodes [{name, role, host, port, pid, started,
-    stop_signal, log}], with the writer node first.
+    stop_signal, log}], with the writer node first. A node's role is "writer", "reader", or "stopped"
+    (taken down by `lab failover` and not rebuilt; its pid is then None).
+
+    DNS: the lab's DNS server answers `writer.<cluster>.lab` and `reader.<cluster>.lab` from
+    `dns_records()`; before `config_toml()` the lab sets `self.dns_nameserver` ("127.0.0.1:PORT") so the
+    cluster can follow those endpoints. Nodes should listen on their own loopback address (127.0.0.x)
+    with one shared port, as a cluster's endpoints name hosts and not ports.
+
+    Failover (`lab failover ENGINE`): a part that sets `supports_failover` provides `connect_client`,
+    `failover_sql`, `promote` and, optionally, `rebuild_as_reader`; the lab does the rest (write loop,
+    stopping the writer with its stop_signal, repointing DNS, measuring the outage).
     """
 
     engine = ""  # the engine name in multiproxy's config (`multiproxy engines`)
@@ -38,10 +49,15 @@ class LabPart:
     env_prefix = ""  # MULTIPROXY_<prefix>_URL
     url_scheme = ""
     debian_package = ""
+    supports_failover = False
+    # The failover write loop: create its table if missing; insert one row (%s: an integer id); count the rows
+    # with an id above %s.
+    failover_sql = ("", "", "")
 
     def __init__(self, data_dir: str, user: str, password: str, database: str, detach: bool):
         self.data_dir, self.user, self.password, self.database = data_dir, user, password, database
         self.detach = detach
+        self.dns_nameserver: str | None = None  # set by the lab before config_toml()
 
     def check_installed(self) -> None:
         raise NotImplementedError
@@ -85,6 +101,38 @@ class LabPart:
         return {}
 
     @classmethod
+    def endpoint_names(cls) -> dict[str, str]:
+        """The DNS names of the cluster's writer and reader endpoints in the lab's zone."""
+        return {"writer": f"writer.{cls.cluster}.lab", "reader": f"reader.{cls.cluster}.lab"}
+
+    @classmethod
+    def dns_records(cls, state: dict) -> dict[str, dict]:
+        """Zone records from the nodes' roles: writer -> the writer's address; reader -> the readers'
+        addresses, or the writer's when no reader is left (as a cluster's reader endpoint does)."""
+        writers = [n["host"] for n in state["nodes"] if n["role"] == "writer"]
+        readers = [n["host"] for n in state["nodes"] if n["role"] == "reader"] or writers
+        names = cls.endpoint_names()
+        return {names["writer"]: {"A": writers}, names["reader"]: {"A": readers}}
+
+    # -- failover, from saved state ------------------------------------------------------------
+
+    @classmethod
+    def connect_client(cls, address: str, lab: dict):
+        """A DB-API connection in autocommit to `address` as the lab user (for the failover write loop)."""
+        raise NotImplementedError
+
+    @classmethod
+    def promote(cls, node: dict, state: dict, lab: dict) -> None:
+        """Make the reader `node` the writer and return once it accepts writes."""
+        raise NotImplementedError
+
+    @classmethod
+    def rebuild_as_reader(cls, node: dict, writer: dict, state: dict, lab: dict) -> dict:
+        """Turn the stopped former writer `node` into a reader of `writer`, running detached; return the node
+        dict (role "reader", new pid and started). NotImplementedError: the part cannot, the node stays stopped."""
+        raise NotImplementedError
+
+    @classmethod
     def client_command(cls, connection_url: str) -> str:
         """A shell command line that opens an interactive client on `connection_url`."""
         raise NotImplementedError
@@ -110,6 +158,13 @@ class PostgresPart(LabPart):
     url_scheme = "postgresql"
     debian_package = postgres.DEBIAN_PACKAGE
 
+    supports_failover = True
+    failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
+                    "INSERT INTO lab_failover (id) VALUES (%s) ON CONFLICT DO NOTHING",
+                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+    # Each node on its own loopback address with one shared port, as behind a cluster's DNS endpoints.
+    NODE_HOSTS = ("127.0.0.2", "127.0.0.3")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.bindir: str | None = None
@@ -126,20 +181,26 @@ class PostgresPart(LabPart):
             if not os.access(os.path.join(self.bindir, tool), os.X_OK) and not shutil.which(tool):
                 raise LabPartError(f"{tool} not found: {postgres.INSTALL_HINT}")
 
+    @classmethod
+    def hba_lines(cls, user: str) -> list[str]:
+        # The lab role logs in with SCRAM; the superuser stays trusted on loopback for the lab's own tools.
+        return [f"host all {user} 127.0.0.0/8 scram-sha-256"]
+
     def start(self, progress) -> None:
         keep = {"keep_datadir": True, "die_with_parent": not self.detach}
+        port = free_port_on(*self.NODE_HOSTS)
         with progress("PostgreSQL primary (initdb, start)") as step:
-            self.primary = postgres.PostgresServer(bindir=self.bindir, basedir=os.path.join(self.data_dir, "pg-primary"),
-                                                   **keep)
+            self.primary = postgres.PostgresServer(bindir=self.bindir, basedir=os.path.join(self.data_dir, "pg1"),
+                                                   host=self.NODE_HOSTS[0], port=port, **keep)
             self.primary.start()
-            # The lab role logs in with SCRAM; the superuser stays trusted on loopback for the lab's own tools.
-            self.primary.add_hba_lines([f"host all {self.user} 127.0.0.1/32 scram-sha-256"])
+            self.primary.add_hba_lines(self.hba_lines(self.user))
             self.primary.psql(f"SET password_encryption = 'scram-sha-256';\n"
                               f"CREATE ROLE {self.user} LOGIN PASSWORD '{self.password}';")
             self.primary.psql(f"CREATE DATABASE {self.database} OWNER {self.user};")
             step.done(f"{self.primary.host}:{self.primary.port}")
         with progress("PostgreSQL standby (pg_basebackup, streaming)") as step:
-            self.standby = self.primary.make_standby(basedir=os.path.join(self.data_dir, "pg-standby"), **keep)
+            self.standby = self.primary.make_standby(basedir=os.path.join(self.data_dir, "pg2"),
+                                                     host=self.NODE_HOSTS[1], port=port, **keep)
             if not self.standby.in_recovery():
                 raise LabPartError("the standby started but is not in recovery")
             step.done(f"{self.standby.host}:{self.standby.port}")
@@ -150,13 +211,12 @@ class PostgresPart(LabPart):
                 server.stop()
 
     def detach_processes(self) -> None:
-        for name, server in (("primary", self.primary), ("standby", self.standby)):
+        for name, server in (("pg1", self.primary), ("pg2", self.standby)):
             self._detached[name] = server.detach()
 
     def _node(self, name: str, role: str, server: postgres.PostgresServer) -> dict:
         pid, started = self._detached.get(name) or (server.pid, None)
         if started is None and pid is not None:
-            from .processes import start_time
             started = start_time(pid)
         return {"name": name, "role": role, "host": server.host, "port": server.port, "pid": pid,
                 "started": started, "stop_signal": "SIGINT", "log": server.logfile, "basedir": server.basedir}
@@ -164,18 +224,33 @@ class PostgresPart(LabPart):
     def state(self) -> dict:
         nodes = []
         if self.primary is not None:
-            nodes.append(self._node("primary", "writer", self.primary))
+            nodes.append(self._node("pg1", "writer", self.primary))
         if self.standby is not None:
-            nodes.append(self._node("standby", "reader", self.standby))
+            nodes.append(self._node("pg2", "reader", self.standby))
         return {"cluster": self.cluster, "nodes": nodes, "bindir": self.bindir}
 
     def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
-        hosts = ", ".join(toml_string(f"{s.host}:{s.port}") for s in (self.primary, self.standby))
+        port = self.primary.port
+        names = self.endpoint_names()
         return f"""
-# PostgreSQL: the primary first (the writer), then the streaming standby (readers use the hosts after the first).
+# PostgreSQL: a primary and a streaming standby, each on its own loopback address, found through the
+# cluster's writer and reader endpoints (DNS names the lab's DNS server answers, TTL 5 s). The probes
+# (pg_is_in_recovery()) decide who the writer is; `multiproxy lab failover postgres` moves it.
 [clusters.{self.cluster}]
 engine = "postgres"
-hosts = [{hosts}]
+hosts = []
+
+[clusters.{self.cluster}.endpoints]
+writer = {toml_string(f"{names['writer']}:{port}")}
+reader = {toml_string(f"{names['reader']}:{port}")}
+
+[clusters.{self.cluster}.dns]
+nameserver = {toml_string(self.dns_nameserver or "")}
+ttl_floor = 1.0
+
+[clusters.{self.cluster}.health]
+probe_interval = 1.0
+probe_user = {toml_string(self.user)}
 
 [clusters.{self.cluster}.backend]
 tls = "disable"  # the lab's servers listen on loopback only, without TLS
@@ -202,6 +277,43 @@ cluster = "{self.cluster}"
 role = "reader"
 auth = "scram-sha-256"
 """
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    @classmethod
+    def connect_client(cls, address: str, lab: dict):
+        host, _, port = address.rpartition(":")
+        args = dict(host=host, port=int(port), user=lab["user"], password=lab["password"], dbname=lab["database"])
+        try:
+            import psycopg
+        except ImportError:
+            psycopg = None
+        if psycopg is not None:
+            return psycopg.connect(**args, autocommit=True, connect_timeout=10)
+        try:
+            import pg8000.dbapi
+        except ImportError:
+            raise LabPartError("the failover write loop needs a PostgreSQL driver: pip install 'psycopg[binary]' "
+                               "(or pg8000), or pip install -e '.[test]'") from None
+        conn = pg8000.dbapi.connect(host=args["host"], port=args["port"], user=args["user"],
+                                    password=args["password"], database=args["dbname"], timeout=30)
+        conn.autocommit = True
+        return conn
+
+    @classmethod
+    def promote(cls, node: dict, state: dict, lab: dict) -> None:
+        answer = postgres.psql_query(node["host"], node["port"], "SELECT pg_promote(true, 60);",
+                                     bindir=state.get("bindir"), timeout=70)
+        if answer != "t":
+            raise LabPartError(f"pg_promote() on {node['host']}:{node['port']} returned {answer!r}")
+
+    @classmethod
+    def rebuild_as_reader(cls, node: dict, writer: dict, state: dict, lab: dict) -> dict:
+        server = postgres.standby_of(writer["host"], writer["port"], hba_lines=cls.hba_lines(lab["user"]),
+                                     bindir=state.get("bindir"), basedir=node["basedir"], host=node["host"],
+                                     port=node["port"], keep_datadir=True, die_with_parent=False)
+        pid, started = server.detach()
+        return {**node, "role": "reader", "pid": pid, "started": started, "log": server.logfile}
 
     @classmethod
     def client_env(cls, state: dict, lab: dict) -> dict[str, str]:

@@ -420,15 +420,16 @@ class _Upstream:
         self.host, self.port = host, port
 
 
-def standby_of(host: str, port: int, hba_lines: list[str] | None = None, timeout: float = 60.0,
+def standby_of(upstream_host: str, upstream_port: int, hba_lines: list[str] | None = None, timeout: float = 60.0,
                **kwargs) -> PostgresServer:
-    """A streaming standby (pg_basebackup -R) of the server at host:port; kwargs as for PostgresServer.
+    """A streaming standby (pg_basebackup -R) of the server at upstream_host:upstream_port; kwargs as for
+    PostgresServer (host and port: where the standby itself listens).
 
     With a `basedir` that holds an old cluster (a stopped former primary), its data directory is replaced.
     """
     server = PostgresServer(**kwargs)
     if server.basedir:
         shutil.rmtree(os.path.join(server.basedir, "data"), ignore_errors=True)
-    server.primary = _Upstream(host, port)
+    server.primary = _Upstream(upstream_host, upstream_port)
     server._hba_extra = list(hba_lines or [])
     return server.start(timeout)

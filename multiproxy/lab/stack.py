@@ -18,12 +18,15 @@ import urllib.request
 from ..auth import UsersFile
 from . import postgres
 from .parts import PARTS, LabPart, LabPartError
-from .processes import alive, die_with_parent, free_port, start_time, stop_process
+from .dns_server import write_zone
+from .processes import alive, die_with_parent, free_port, free_udp_port, start_time, stop_process
 
 STATE_FILE = "lab.json"
 CONFIG_FILE = "multiproxy.toml"
 USERS_FILE = "users.toml"
 PASSWORD_FILE = "lab-password"  # the backend password, for the proxy's password_file (mode 0600)
+ZONE_FILE = "dns-zone.json"  # the lab DNS server's records; `lab failover` rewrites it
+DNS_TTL = 5  # seconds, as Aurora's cluster endpoints
 LAB_USER = "lab"
 LAB_DATABASE = "lab"
 HOST = "127.0.0.1"
@@ -59,7 +62,8 @@ def load_state(lab_dir: str) -> dict | None:
 
 
 def processes(state: dict) -> list[dict]:
-    """Every process the lab recorded, in stop order: the proxy first, then each engine's readers, then writers."""
+    """Every process the lab recorded, in stop order: the proxy first, then each engine's readers, then writers,
+    then the DNS server."""
     found = []
     if state.get("proxy", {}).get("pid"):
         found.append({"name": "multiproxy", **state["proxy"]})
@@ -67,7 +71,24 @@ def processes(state: dict) -> list[dict]:
         for node in reversed(part.get("nodes", [])):
             if node.get("pid"):
                 found.append({**node, "name": f"{engine} {node['name']}"})
+    if state.get("dns", {}).get("pid"):
+        found.append({"name": "dns", **state["dns"]})
     return found
+
+
+def zone_records(state: dict) -> dict[str, dict]:
+    """The DNS records of every engine's endpoints, from the nodes' roles in the lab state."""
+    records = {}
+    for engine, part_state in state.get("engines", {}).items():
+        if engine in PARTS and part_state.get("nodes"):
+            records.update(PARTS[engine].dns_records(part_state))
+    return records
+
+
+def _busy(state: dict) -> bool:
+    """True while another lab command (a failover) changes the lab's processes."""
+    busy = state.get("busy")
+    return bool(busy) and alive(busy["pid"], busy.get("started"))
 
 
 def running(state: dict) -> list[dict]:
@@ -113,6 +134,7 @@ class Lab:
         self.out = out
         self.parts: list[LabPart] = []
         self.proxy: subprocess.Popen | None = None
+        self.dns: subprocess.Popen | None = None
         self.state: dict = {}
 
     # -- up -------------------------------------------------------------------------------------
@@ -137,6 +159,7 @@ class Lab:
                 part.start(progress)
                 self.state["engines"][part.engine] = part.state()
                 self._save()
+            self._start_dns(progress, detach)
             self._start_proxy(progress, detach)
             for part in self.parts:
                 for role in ("writer", "reader"):
@@ -199,6 +222,54 @@ class Lab:
         os.symlink(real, link)
         return real
 
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        return env
+
+    def _start_dns(self, progress, detach: bool) -> None:
+        """The DNS server that answers the clusters' writer and reader endpoints from DIR/dns-zone.json."""
+        zone = os.path.join(self.dir, ZONE_FILE)
+        write_zone(zone, zone_records(self.state), ttl=DNS_TTL)
+        log_path = os.path.join(self.dir, "dns.log")
+        with progress("DNS server (cluster endpoints)") as step:
+            for _attempt in range(5):  # the free port can be taken between probing and binding
+                port = free_udp_port(HOST)
+                with open(log_path, "ab") as log:
+                    self.dns = subprocess.Popen(
+                        [sys.executable, "-m", "multiproxy.lab.dns_server", "--host", HOST, "--port", str(port),
+                         "--zone", zone], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        cwd=self.dir, env=self._child_env(), process_group=0,
+                        preexec_fn=None if detach else (lambda: die_with_parent(signal.SIGTERM)))
+                self.state["dns"] = {"pid": self.dns.pid, "started": start_time(self.dns.pid), "stop_signal": "SIGTERM",
+                                     "address": f"{HOST}:{port}", "zone": zone, "ttl": DNS_TTL, "log": log_path}
+                self._save()
+                if self._wait_dns(port):
+                    break
+                self.dns.wait()
+            else:
+                raise RuntimeError(f"the DNS server did not answer; {log_path}:\n{_tail(log_path)}")
+            for part in self.parts:
+                part.dns_nameserver = self.state["dns"]["address"]
+            step.done(f"{HOST}:{port} ({', '.join(sorted(zone_records(self.state)))}, TTL {DNS_TTL} s)")
+
+    def _wait_dns(self, port: int, timeout: float = 15.0) -> bool:
+        """True once the DNS server answers a query; False when it exited (e.g. its port was taken)."""
+        import dns.message
+        import dns.query
+        name = next(iter(zone_records(self.state)), "writer.lab")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.dns.poll() is not None:
+                return False
+            try:
+                dns.query.udp(dns.message.make_query(name, "A"), HOST, port=port, timeout=0.3)
+                return True
+            except Exception:  # dns.exception.Timeout, OSError: not ready yet
+                time.sleep(0.05)
+        return False
+
     def _start_proxy(self, progress, detach: bool) -> None:
         admin = f"{HOST}:{free_port(HOST)}"
         config = [
@@ -224,9 +295,7 @@ class Lab:
         config_path = os.path.join(self.dir, CONFIG_FILE)
         _write_private(config_path, "\n".join(config))
         log_path = os.path.join(self.dir, "multiproxy.log")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env = self._child_env()
         with progress("multiproxy") as step:
             with open(log_path, "ab") as log:
                 self.proxy = subprocess.Popen(
@@ -278,6 +347,10 @@ class Lab:
                              part.client_command(direct[f"MULTIPROXY_{part.env_prefix}_DIRECT_URL"])))
         admin = self.state["proxy"]["admin"]
         rows.append(("admin", admin, f"curl http://{admin}/metrics"))
+        if self.state.get("dns"):
+            dns_host, _, dns_port = self.state["dns"]["address"].rpartition(":")
+            first = next(iter(zone_records(self.state)), "")
+            rows.append(("dns (cluster endpoints)", self.state["dns"]["address"], f"dig @{dns_host} -p {dns_port} {first}"))
         widths = [max(len(r[i]) for r in rows) for i in range(2)]
         self.out("")
         for i, row in enumerate(rows):
@@ -304,6 +377,10 @@ class Lab:
         try:
             while True:
                 time.sleep(0.5)
+                with contextlib.suppress(LabError):  # `lab failover` rewrites lab.json: follow it
+                    self.state = load_state(self.dir) or self.state
+                if _busy(self.state):
+                    continue  # a failover stops and starts nodes on purpose
                 dead = [p["name"] for p in processes(self.state) if not alive(p["pid"], p.get("started"))]
                 if dead:
                     self.out(f"error: {', '.join(dead)} stopped unexpectedly (logs under {self.dir}); stopping the lab")
@@ -318,13 +395,21 @@ class Lab:
         return code
 
     def _stop_started(self) -> None:
-        """Stop what this process started, in order: proxy, then each part (its readers before its writer)."""
+        """Stop what this process started, in order: proxy, then each part (its readers before its writer), then
+        the DNS server; then whatever else lab.json records (nodes a failover rebuilt)."""
         if self.proxy is not None:
             stop_process(self.proxy.pid, first=signal.SIGTERM, timeout=PROXY_STOP_TIMEOUT, group=True)
             self.proxy.wait()
             self.proxy = None
         for part in reversed(self.parts):
             part.stop()
+        if self.dns is not None:
+            stop_process(self.dns.pid, first=signal.SIGTERM, timeout=5)
+            self.dns.wait()
+            self.dns = None
+        for proc in processes(self.state):
+            stop_process(proc["pid"], proc.get("started"), first=getattr(signal, proc.get("stop_signal", "SIGTERM")),
+                         timeout=SERVER_STOP_TIMEOUT, group=proc.get("group", False))
 
     def _remove(self) -> None:
         data_dir = self.state.get("data_dir")
@@ -350,13 +435,21 @@ class Lab:
             if stop_process(proc["pid"], proc.get("started"), first=sig, timeout=timeout, group=proc.get("group", False)):
                 self.out(f"  stopped {proc['name']} (pid {proc['pid']})")
         if keep:
-            for proc in [state.get("proxy", {})] + [n for p in state.get("engines", {}).values() for n in p["nodes"]]:
+            for proc in ([state.get("proxy", {}), state.get("dns", {})]
+                         + [n for p in state.get("engines", {}).values() for n in p["nodes"]]):
                 proc.pop("pid", None)
             self.state = state
             self._save()
         else:
             self.state = state
             self._remove()
+
+    # -- failover -----------------------------------------------------------------------------------
+
+    def failover(self, engine: str, rebuild: bool = True) -> int:
+        """Stop the writer of `engine`'s cluster, promote a reader, repoint DNS; report the outage through the proxy."""
+        from .failover import failover
+        return failover(self, engine, rebuild)
 
     # -- env and status -----------------------------------------------------------------------------
 
@@ -396,6 +489,10 @@ class Lab:
         for engine, part_state in state["engines"].items():
             part = PARTS[engine]
             for node in part_state["nodes"]:
+                if node["role"] == "stopped":
+                    self.out(f"  {part_state['cluster']:<4} {node['name']:<8} {node['host']}:{node['port']:<6} "
+                             "stopped by `lab failover` (no standby rebuilt)")
+                    continue
                 verified, detail = part.verify_role(node, state)
                 mark = "" if verified == node["role"] else "   <-- differs"
                 problems += bool(mark)
@@ -421,7 +518,44 @@ class Lab:
             now = ", ".join(f"{k} {v}" for k, v in pins["now"].items()) or "none"
             detected = ", ".join(f"{k} {v}" for k, v in pins["detected_total"].items()) or "none"
             self.out(f"  pins {cluster}: pinned now: {now}; detected since start: {detected}")
+        self._print_registry(snapshot.get("registry") or {})
         return 0 if not problems else 2
+
+    def _print_registry(self, registry: dict) -> None:
+        """The proxy's own view of each cluster: DNS endpoints, probed nodes, the writer, recent events."""
+        clusters = {k: v for k, v in registry.items() if k != "events"}
+        if not clusters:
+            return
+        self.out("registry (the proxy's view: DNS says where to look, probes say who the writer is)")
+        for name, cluster in clusters.items():
+            self.out(f"  {name}: writer {cluster['writer'] or 'NONE (new transactions wait)'}")
+            for kind, endpoint in cluster.get("endpoints", {}).items():
+                error = f", last lookup failed: {endpoint['error']}" if endpoint.get("error") else ""
+                self.out(f"    endpoint {kind:<6} {endpoint['name']:<16} -> {', '.join(endpoint['addresses']) or '?'}"
+                         f"{error}")
+            for node in cluster.get("nodes", []):
+                health = "up" if node["healthy"] else f"DOWN ({node['error'] or 'not probed yet'})"
+                lag = f", lag {node['lag']:.1f} s" if node.get("role") == "reader" else ""
+                self.out(f"    node {node['address']:<16} {node['role'] or '?':<7} {health}{lag}")
+        events = registry.get("events") or []
+        if events:
+            self.out("  recent events")
+        for event in events[-8:]:
+            when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            self.out(f"    {when} {event['cluster']}: {describe_event(event)}")
+
+
+def describe_event(event: dict) -> str:
+    """One registry event (from /status) for people."""
+    if event.get("event") == "writer":
+        text = f"writer {event.get('old') or 'none'} -> {event.get('new') or 'none'} ({event.get('reason')})"
+        if "outage_seconds" in event:
+            text += f", {event['outage_seconds']} s without a writer"
+        return text
+    if event.get("event") == "dns":
+        text = f"dns {event.get('endpoint')} -> {', '.join(event.get('addresses') or []) or '?'}"
+        return text + (f" (lookup failed: {event['error']})" if event.get("error") else "")
+    return json.dumps(event)
 
 
 def _tail(path: str, lines: int = 15) -> str:
