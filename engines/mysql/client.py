@@ -128,6 +128,9 @@ class MySQLClient(ClientProtocol):
         self.auth_plugin = b""
         self.verifier = None
         self.deprecate_eof = False
+        self.logged_in = False
+        self.ok_seq = 2
+        self.greeting_prefix = b""
         # relay state
         self.fifo: deque = deque()
         self.rstate = S_START
@@ -176,6 +179,11 @@ class MySQLClient(ClientProtocol):
 
     def _fatal(self, kind: ErrorKind, message: str) -> CloseClient:
         return CloseClient(render_error(kind, message, self.hseq + 1), message)
+
+    def _reply(self, payload: bytes) -> bytes:
+        """A handshake packet to the client; the client's next packet follows its sequence id."""
+        self.hseq = (self.hseq + 1) & 0xFF
+        return p.packet(self.hseq, payload)
 
     def _packet(self) -> tuple[int, bytes] | None:
         buf = self.hbuf
@@ -272,7 +280,7 @@ class MySQLClient(ClientProtocol):
         if plugin != wanted:
             self.nonce = _nonce()
             self.phase = "switch"
-            return SendToClient(p.packet(self.hseq + 1, p.auth_switch_request(wanted, self.nonce + b"\x00")))
+            return SendToClient(self._reply(p.auth_switch_request(wanted, self.nonce + b"\x00")))
         return self._check(wanted, info["auth"])
 
     def _denied(self, reason: str):
@@ -295,13 +303,13 @@ class MySQLClient(ClientProtocol):
         if not response and not fast:
             pass
         self.phase = "full"
-        return SendToClient(p.packet(self.hseq + 1, bytes((p.AUTH_MORE_DATA, p.CACHING_SHA2_PERFORM_FULL_AUTHENTICATION))))
+        return SendToClient(self._reply(bytes((p.AUTH_MORE_DATA, p.CACHING_SHA2_PERFORM_FULL_AUTHENTICATION))))
 
     def _full_auth(self, payload: bytes):
         if payload == bytes((p.CACHING_SHA2_REQUEST_PUBLIC_KEY,)):
             if self.tls_active:
                 raise ValueError("public key requested over TLS")
-            return SendToClient(p.packet(self.hseq + 1, bytes((p.AUTH_MORE_DATA,)) + rsa_public_pem(self.engine.rsa_key())))
+            return SendToClient(self._reply(bytes((p.AUTH_MORE_DATA,)) + rsa_public_pem(self.engine.rsa_key())))
         if self.tls_active:
             password = payload.rstrip(b"\x00")
         else:
@@ -324,6 +332,7 @@ class MySQLClient(ClientProtocol):
 
     def login_complete(self, server_state) -> bytes:
         """OK to the client (after the caching_sha2 fast-auth notice, if any)."""
+        self.logged_in = True
         if server_state is not None:
             self.engine.server_version = server_state.version.decode("utf-8", "replace")
             self.autocommit = bool(server_state.login_status & p.SERVER_STATUS_AUTOCOMMIT)
@@ -1022,4 +1031,6 @@ class MySQLClient(ClientProtocol):
     def error(self, kind: ErrorKind, message: str) -> bytes:
         if self.phase != "ready":
             return render_error(kind, message, self.hseq + 1)
+        if not self.logged_in:
+            return render_error(kind, message, self.ok_seq)     # instead of the login's OK
         return render_error(kind, message, 1)
