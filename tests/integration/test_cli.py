@@ -10,10 +10,7 @@ import sys
 import psycopg
 import pytest
 
-try:
-    from .proxy import REPO_ROOT, free_port, render_toml
-except ImportError:
-    from proxy import REPO_ROOT, free_port, render_toml
+from .proxy import REPO_ROOT, free_port, render_toml
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,5 +1,4 @@
 """PostgreSQL failover drill: primary and streaming standby, a DNS writer endpoint on loopback, clients through the proxy."""
-import json
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from multiproxy.lab.dns_server import write_zone
 from multiproxy.lab.postgres import PostgresServer
 
+from .helpers import admin_status
 from .proxy import free_port
 
 PRIMARY_IP, STANDBY_IP = "127.0.0.2", "127.0.0.3"
@@ -88,12 +88,6 @@ def drill_config(d):
     }
 
 
-def status(proxy):
-    host, port = proxy.admin_address
-    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as resp:
-        return json.load(resp)
-
-
 def wait_for(predicate, timeout, what, explain=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,8 +100,8 @@ def wait_for(predicate, timeout, what, explain=lambda: ""):
 @pytest.mark.timeout(180)
 def test_failover_keeps_idle_clients_and_loses_no_committed_write(drill, proxy_factory):
     proxy = proxy_factory(drill_config(drill))
-    wait_for(lambda: status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
-             "the registry to verify the primary as writer", lambda: status(proxy)["registry"])
+    wait_for(lambda: admin_status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
+             "the registry to verify the primary as writer", lambda: admin_status(proxy)["registry"])
     host, port = proxy.address("w")
     conninfo = dict(host=host, port=port, user="postgres", dbname="postgres", connect_timeout=10)
 
@@ -175,7 +169,7 @@ def test_failover_keeps_idle_clients_and_loses_no_committed_write(drill, proxy_f
     missing = [i for i, _ in committed if i not in ids]
     assert not missing, f"committed writes lost: {missing[:10]}"
     assert -1 not in ids and -2 not in ids
-    snapshot = status(proxy)["registry"]
+    snapshot = admin_status(proxy)["registry"]
     assert snapshot["pg"]["writer"] == f"{STANDBY_IP}:{drill['port']}"
     changes = [e for e in snapshot["events"] if e["event"] == "writer" and e.get("new") == f"{STANDBY_IP}:{drill['port']}"]
     assert changes, snapshot["events"]
@@ -187,8 +181,8 @@ def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_fa
     config = drill_config(drill)
     config["clusters"]["pg"]["health"]["probe_interval"] = 30.0     # the registry will not notice by itself
     proxy = proxy_factory(config)
-    wait_for(lambda: status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
-             "the registry to verify the primary as writer", lambda: status(proxy)["registry"])
+    wait_for(lambda: admin_status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
+             "the registry to verify the primary as writer", lambda: admin_status(proxy)["registry"])
     host, port = proxy.address("w")
     with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
         conn.execute("INSERT INTO drill (id) VALUES (1)")
@@ -204,7 +198,7 @@ def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_fa
         assert conn.execute("SELECT pg_is_in_recovery(), count(*) FROM drill WHERE id = 2").fetchone() == (False, 1)
     assert drill["standby"].psql("SELECT count(*) FROM drill WHERE id = 2") == "1"
     assert drill["primary"].psql("SELECT count(*) FROM drill WHERE id = 2") == "0"
-    assert status(proxy)["registry"]["pg"]["writer"] == f"{STANDBY_IP}:{drill['port']}"
+    assert admin_status(proxy)["registry"]["pg"]["writer"] == f"{STANDBY_IP}:{drill['port']}"
     host, admin_port = proxy.admin_address
     metrics = urllib.request.urlopen(f"http://{host}:{admin_port}/metrics", timeout=5).read().decode()
     assert "multiproxy_read_only_retries_total 1.0" in metrics

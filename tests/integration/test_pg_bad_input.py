@@ -20,10 +20,8 @@ import urllib.request
 import psycopg
 import pytest
 
-try:
-    from .proxy import ProxyProcess, free_port
-except ImportError:
-    from proxy import ProxyProcess, free_port
+from .helpers import read_until_closed
+from .proxy import ProxyProcess, free_port
 
 USER = "mp_trust"
 DB = "mpdb"                 # the background client's database
@@ -75,26 +73,6 @@ def errors_in(data: bytes) -> list[dict[str, str]]:
 
 def connect_raw(address, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(address, timeout=timeout)
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes (True) or `timeout` passes (False)."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return data, False
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            return data, False
-        except ConnectionResetError:
-            return data, True
-        if not chunk:
-            return data, True
-        data += chunk
 
 
 def read_until_ready(sock: socket.socket, timeout: float = 5.0) -> bytes:

@@ -20,12 +20,8 @@ import pg8000.native
 import psycopg
 import pytest
 
-try:
-    from .pgserver import AUTH_DB
-    from .proxy import free_port
-except ImportError:
-    from pgserver import AUTH_DB
-    from proxy import free_port
+from .pgserver import AUTH_DB
+from .proxy import free_port
 
 USER = "mp_trust"
 CONNECT_TIMEOUT = 10

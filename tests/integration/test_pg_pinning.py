@@ -13,12 +13,9 @@ from typing import Callable
 import psycopg
 import pytest
 
-try:
-    from .pgserver import AUTH_DB
-    from .proxy import free_port
-except ImportError:
-    from pgserver import AUTH_DB
-    from proxy import free_port
+from .pgserver import AUTH_DB
+from .helpers import metric, metrics_text
+from .proxy import free_port
 
 USER = "mp_trust"
 CONNECT_TIMEOUT = 10
@@ -35,28 +32,6 @@ def proxy_config(pg, max_size: int = 2) -> dict:
         "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
                        "auth": "trust"}],
     }
-
-
-def metrics_text(proxy) -> str:
-    host, port = proxy.admin_address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$")
-
-
-def metric(text: str, name: str, **labels) -> float | None:
-    """The sum of the samples of `name` whose labels include `labels`; None when there is none."""
-    total = None
-    for line in text.splitlines():
-        found = _SAMPLE.match(line)
-        if not found or found.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total = (total or 0.0) + float(found.group(3))
-    return total
 
 
 PINNED = "multiproxy_database_connections_currently_session_pinned"

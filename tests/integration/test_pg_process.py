@@ -6,10 +6,7 @@ import time
 import psycopg
 import pytest
 
-try:
-    from .proxy import free_port
-except ImportError:
-    from proxy import free_port
+from .proxy import free_port
 
 
 def config(pg, **proxy_settings):

@@ -22,12 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-try:
-    from .pgserver import OS_USER, PostgresServer
-    from .proxy import free_port
-except ImportError:
-    from pgserver import OS_USER, PostgresServer
-    from proxy import free_port
+from .pgserver import OS_USER, PostgresServer
+from .helpers import read_until_closed
+from .proxy import free_port
 
 USER = "mp_trust"
 DB = "mpdb"
@@ -119,25 +116,6 @@ def parse_messages(data: bytes) -> list[tuple[bytes, bytes]]:
 
 def error_fields(body: bytes) -> dict[str, str]:
     return {chr(part[0]): part[1:].decode("utf-8", "replace") for part in body.split(b"\x00") if part}
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return data, False
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except socket.timeout:
-            return data, False
-        except ConnectionResetError:
-            return data, True
-        if not chunk:
-            return data, True
-        data += chunk
 
 
 def raw_login_error(address, params=None, timeout: float = 10.0) -> dict[str, str]:

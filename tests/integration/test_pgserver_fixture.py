@@ -7,12 +7,8 @@ import tomllib
 import pg8000.dbapi
 import pytest
 
-try:
-    from .pgserver import AUTH_DB, AUTH_ROLES, PostgresServer
-    from .proxy import ProxyProcess, free_port, render_toml
-except ImportError:
-    from pgserver import AUTH_DB, AUTH_ROLES, PostgresServer
-    from proxy import ProxyProcess, free_port, render_toml
+from .pgserver import AUTH_DB, AUTH_ROLES, PostgresServer
+from .proxy import ProxyProcess, free_port, render_toml
 
 
 def connect(pg, user, password):
