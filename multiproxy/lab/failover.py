@@ -72,8 +72,9 @@ class WriteLoop(threading.Thread):
                 pass
 
 
-def _registry_event(admin: str, cluster: str, new: str, since: float) -> dict | None:
-    """The registry's writer-change event to `new` at or after wall time `since`, waiting for it a little."""
+def _registry_events(admin: str, cluster: str, new: str, since: float) -> list[dict]:
+    """The registry's writer events of `cluster` from wall time `since` up to the change to `new` (the writer
+    may first be lost: old -> none -> new), waiting a little for that change; [] when it does not come."""
     deadline = time.monotonic() + EVENT_TIMEOUT
     while True:
         try:
@@ -81,12 +82,13 @@ def _registry_event(admin: str, cluster: str, new: str, since: float) -> dict | 
                 events = (json.load(resp).get("registry") or {}).get("events") or []
         except (OSError, ValueError):
             events = []
-        for event in events:
-            if (event.get("event") == "writer" and event.get("cluster") == cluster and event.get("new") == new
-                    and event.get("time", 0) >= since - 1):
-                return event
+        found = [e for e in events if e.get("event") == "writer" and e.get("cluster") == cluster
+                 and e.get("time", 0) >= since - 1]
+        for i, event in enumerate(found):
+            if event.get("new") == new:
+                return found[:i + 1]
         if time.monotonic() > deadline:
-            return None
+            return []
         time.sleep(0.2)
 
 
@@ -176,7 +178,7 @@ def failover(lab, engine: str, rebuild: bool) -> int:
             step.done(f"after {outage:.2f} s")
         time.sleep(AFTER_RECOVERY)
         loop.close()
-        event = _registry_event(proxy["admin"], cluster, address(standby), stop_wall)
+        events = _registry_events(proxy["admin"], cluster, address(standby), stop_wall)
         committed = [i for i, _, _ in loop.ok]
         failed = sum(1 for started, _, _ in loop.failed if started >= stop_mono - 1)
         kept = _count_rows(part, listener["address"], state, loop.base)
@@ -202,9 +204,9 @@ def failover(lab, engine: str, rebuild: bool) -> int:
                 + (f"{kept} of {len(committed)} committed rows are on the new writer; " if kept is not None else "")
                 + ("the client kept its connection" if loop.reconnects == 0
                    else f"the client had to reconnect {loop.reconnects} time(s)"))
-        if event is not None:
+        for event in events:
             lab.out(f"  registry: {describe_event(event)}")
-        else:
+        if not events:
             lab.out(f"  registry: no writer-change event to {address(standby)} within {EVENT_TIMEOUT:.0f} s "
                     "(see `multiproxy lab status`)")
         if rebuilt is not None:

@@ -1,7 +1,8 @@
-"""`multiproxy lab` end to end: up --detach, env, writes and replicated reads through the proxy, status, down."""
+"""`multiproxy lab` end to end: up --detach, env, writes and replicated reads through the proxy, status, failover, down."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -48,8 +49,20 @@ def lab_pids(lab_dir: str) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(90)
-def test_lab_up_env_status_down(tmp_path):
+def outage_of(failover: subprocess.CompletedProcess) -> float:
+    found = re.search(r"outage seen through the proxy: ([\d.]+) s", failover.stdout)
+    assert found, failover.stdout + failover.stderr
+    return float(found.group(1))
+
+
+def served_by(conn) -> tuple[str, bool]:
+    """(the backend's address, whether it is in recovery) for the next transaction on `conn`."""
+    host, recovery = conn.execute("SELECT host(inet_server_addr()), pg_is_in_recovery()").fetchone()
+    return host, recovery
+
+
+@pytest.mark.timeout(150)
+def test_lab_up_env_status_failover_down(tmp_path):
     lab_dir = str(tmp_path / "lab")
     up = lab("up", "--engines", "postgres", "--dir", lab_dir, "--detach")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -97,7 +110,38 @@ def test_lab_up_env_status_down(tmp_path):
         assert status.returncode == 0, status.stdout + status.stderr
         assert "verified writer" in status.stdout and "verified reader" in status.stdout
         assert "pool pg/writer" in status.stdout
-        assert len(lab_pids(lab_dir)) >= 3
+        assert "pg: writer 127.0.0.2:" in status.stdout  # the registry's view
+        assert "writer.pg.lab    -> 127.0.0.2" in status.stdout
+        assert len(lab_pids(lab_dir)) >= 4  # proxy, two servers, DNS server
+
+        # A failover while a client connection through the proxy stays open.
+        held = psycopg.connect(values["MULTIPROXY_PG_URL"], connect_timeout=10, autocommit=True)
+        assert served_by(held) == ("127.0.0.2", False)
+        failover = lab("failover", "postgres", "--dir", lab_dir)
+        assert failover.returncode == 0, failover.stdout + failover.stderr
+        assert outage_of(failover) < 10
+        assert re.search(r"registry: writer \S+ -> 127\.0\.0\.3:\d+ \(probe\)", failover.stdout), failover.stdout
+        assert served_by(held) == ("127.0.0.3", False)  # the same connection, now on the new writer
+        held.execute("INSERT INTO lab_check VALUES (2, 'after the failover')")
+        status = lab("status", "--dir", lab_dir)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "pg: writer 127.0.0.3:" in status.stdout
+        assert re.search(r"pg2 +127\.0\.0\.3:\d+ +configured writer +verified writer", status.stdout), status.stdout
+        assert re.search(r"pg1 +127\.0\.0\.2:\d+ +configured reader +verified reader", status.stdout), status.stdout
+        assert "@127.0.0.3:" in parse_exports(lab("env", "--dir", lab_dir).stdout)["MULTIPROXY_PG_DIRECT_URL"]
+
+        # The old primary was rebuilt as a standby: fail back, this time leaving the old writer stopped.
+        failback = lab("failover", "postgres", "--no-rebuild", "--dir", lab_dir)
+        assert failback.returncode == 0, failback.stdout + failback.stderr
+        assert outage_of(failback) < 10
+        assert served_by(held) == ("127.0.0.2", False)
+        assert held.execute("SELECT count(*) FROM lab_check").fetchone() == (2,)
+        held.close()
+        again = lab("failover", "postgres", "--dir", lab_dir)
+        assert again.returncode == 1 and "no standby left" in again.stderr, again.stdout + again.stderr
+        status = lab("status", "--dir", lab_dir)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "stopped by `lab failover`" in status.stdout
     finally:
         down = lab("down", "--dir", lab_dir)
     assert down.returncode == 0, down.stdout + down.stderr
