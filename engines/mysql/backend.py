@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass, field
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
@@ -128,8 +129,8 @@ class MySQLLogin(BackendScript):
     def _greeting(self, payload: bytes) -> bytes:
         try:
             hello = p.parse_handshake_v10(payload)
-        except (ValueError, IndexError) as exc:
-            raise BackendError(f"backend {self.target.host}:{self.target.port}: {exc}") from None
+        except (ValueError, IndexError, struct.error) as exc:
+            raise BackendError(f"backend {self.target.host}:{self.target.port}: malformed handshake: {exc}") from None
         state = self.state
         state.version = hello["version"]
         state.thread_id = hello["thread_id"]
@@ -191,7 +192,7 @@ class MySQLLogin(BackendScript):
             state.charset = self.charset
             try:
                 state.status = p.ok_status(payload)
-            except (IndexError, ValueError):
+            except (IndexError, ValueError, struct.error):
                 state.status = p.SERVER_STATUS_AUTOCOMMIT
             state.login_status = state.status
             state.schema = state.login_schema = self.target.database
@@ -345,7 +346,7 @@ class _QueriesAfterLogin(BackendScript):
                     out += self._next()
                     if self.done:
                         break
-        except (IndexError, ValueError) as exc:
+        except (IndexError, ValueError, struct.error) as exc:
             raise BackendError(f"backend sent a malformed result: {exc}") from None
         return out
 

@@ -7,6 +7,7 @@ a response ends) and the status flags of OK/EOF packets (transaction state, auto
 from __future__ import annotations
 
 import os
+import struct
 from collections import deque
 
 from multiproxy.engine import (
@@ -216,7 +217,7 @@ class MySQLClient(ClientProtocol):
             _, payload = packet
             try:
                 event = self._handshake_packet(payload)
-            except (ValueError, IndexError) as exc:
+            except (ValueError, IndexError, struct.error) as exc:
                 raise ProtocolError(f"malformed handshake: {exc}", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, f"malformed handshake response: {exc}", self.hseq + 1)) from None
             if event is not None:
