@@ -460,7 +460,94 @@ def parse_args(argv):
     return args
 
 
+MYSQL_TARGETS = ("direct", "multiproxy", "relay")
+
+
+def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None) -> None:
+    """sysbench oltp_point_select (16 threads, text protocol) against a private MariaDB directly, through
+    multiproxy (mysql engine, transaction pooling) and through tools/relay.py, in one run; TPS and ratios."""
+    from multiproxy.auth import UsersFile
+    from multiproxy.lab.mariadb import MariaDBServer
+    if not shutil.which("sysbench"):
+        raise SystemExit("sysbench must be on PATH")
+    work = tempfile.mkdtemp(prefix="mp-bench-mysql-")
+    server = MariaDBServer().start()
+    procs = Processes()
+    try:
+        server.sql("CREATE DATABASE bench; CREATE USER 'bench'@'%' IDENTIFIED BY 'bench'; "
+                   "GRANT ALL ON *.* TO 'bench'@'%';")
+        common = ["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=bench", "--mysql-password=bench",
+                  "--mysql-db=bench", "--tables=1", "--table-size=10000", "--mysql-ssl=off"]
+        run_quiet(["sysbench", "oltp_point_select", "prepare", f"--mysql-port={server.port}", *common], timeout=300)
+        users = UsersFile()
+        users.add("bench", "bench", kinds=["mysql_native_password"])
+        with open(os.path.join(work, "users.toml"), "w") as f:
+            f.write(users.dumps())
+        rows = {}
+        for name in MYSQL_TARGETS:
+            port = server.port
+            if name == "multiproxy":
+                port = free_port()
+                with open(os.path.join(work, "mp.toml"), "w") as f:
+                    f.write(f"""[proxy]\nadmin_listen = ""\nlog_level = "warning"\n[auth]\nusers_file = "users.toml"\n
+[clusters.main]\nengine = "mysql"\nhosts = ["127.0.0.1:{server.port}"]\n[clusters.main.backend]\ntls = "disable"\n
+[clusters.main.pool]\nmax_size = {pool_size}\n[[clusters.main.credentials]]\nuser = "*"\npassword = "bench"\n
+[[listeners]]\nname = "my"\nlisten = "127.0.0.1:{port}"\ncluster = "main"\nauth = "mysql_native_password"\n""")
+                procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
+                            log_path=os.path.join(work, "multiproxy.log"), cwd=REPO_ROOT)
+            elif name == "relay":
+                port = free_port()
+                procs.start([sys.executable, os.path.join(REPO_ROOT, "tools", "relay.py"), "--listen",
+                             f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{server.port}"],
+                            log_path=os.path.join(work, "relay.log"), cwd=REPO_ROOT)
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            argv = ["sysbench", "oltp_point_select", "run", f"--mysql-port={port}", *common, "--threads=16",
+                    "--db-ps-mode=disable"]
+            run_quiet(argv + ["--time=2"], timeout=60)          # warm-up
+            out = subprocess.run(argv + [f"--time={seconds}"], capture_output=True, text=True, timeout=seconds + 60)
+            found = re.search(r"transactions:\s+\d+\s+\(([0-9.]+) per sec", out.stdout)
+            rows[name] = float(found.group(1)) if found else None
+            procs.stop_all()
+        lines = [f"sysbench oltp_point_select, 16 threads, --db-ps-mode=disable, {seconds} s, MariaDB "
+                 f"{server.sql('SELECT VERSION()')}, pool max_size {pool_size}",
+                 "", "| target | TPS | / direct | / relay |", "|---|---|---|---|"]
+        for name, tps in rows.items():
+            if tps is None:
+                lines.append(f"| {name} | failed | | |")
+                continue
+            ratio = lambda base: f"{tps / rows[base]:.2f}" if rows.get(base) else "-"   # noqa: E731
+            lines.append(f"| {name} | {tps:.0f} | {ratio('direct')} | {ratio('relay')} |")
+        text = "\n".join(lines)
+        print(text)
+        if markdown:
+            with open(markdown, "w") as f:
+                f.write(text + "\n")
+    finally:
+        procs.stop_all()
+        server.stop()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None):
+    if argv is None and "--engine" in sys.argv:
+        # `--engine mysql [--seconds N] [--pool-size N] [--markdown FILE] [--keep]`: the MySQL benchmark
+        mysql = argparse.ArgumentParser(description=mysql_bench.__doc__)
+        mysql.add_argument("--engine", choices=("postgres", "mysql"), default="postgres")
+        mysql.add_argument("--seconds", type=int, default=15)
+        mysql.add_argument("--pool-size", type=int, default=16)
+        mysql.add_argument("--markdown", metavar="FILE")
+        mysql.add_argument("--keep", action="store_true")
+        known, rest = mysql.parse_known_args()
+        if known.engine == "mysql":
+            return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown)
+        argv = [a for a in sys.argv[1:] if a not in ("--engine", "postgres")]
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):
         raise SystemExit("pgbench and psql must be on PATH")
