@@ -66,6 +66,7 @@ missing_binaries() {
     done
     have mariadbd || have mysqld || missing+=(mariadbd)
     have mariadb-install-db || have mysql_install_db || missing+=(mariadb-install-db)
+    have mariadb_config || missing+=(mariadb_config)   # libmariadb-dev: MariaDB Connector/Python builds against it
     "$PYTHON" -m pip --version >/dev/null 2>&1 || missing+=(pip)
     echo "${missing[*]}"
 }
