@@ -32,6 +32,8 @@ __all__ = [
     "scram_keys",
     "scram_salted_password",
     "scram_sha_256_verifier",
+    "tds_sha256_verifier",
+    "check_tds_sha256",
 ]
 
 POOL_MODES = ("session", "transaction")
@@ -223,12 +225,34 @@ def parse_caching_sha2_verifier(text: str) -> str:
     return text
 
 
+def tds_sha256_verifier(password: str, salt: bytes | None = None) -> str:
+    """The TDS engine's verifier: "SHA256$" + hex salt + "$" + hex SHA256(salt + UTF-8 password).
+
+    TDS clients send the password itself (obfuscated, usually under TLS), so a salted hash is enough.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    return f"SHA256${salt.hex()}${hashlib.sha256(salt + password.encode('utf-8')).hexdigest()}"
+
+
+_TDS_SHA256_RE = re.compile(r"SHA256\$([0-9a-f]{2,128})\$([0-9a-f]{64})")
+
+
+def check_tds_sha256(verifier: str, password: str) -> bool:
+    """True when `password` matches a tds_sha256 verifier; a malformed verifier matches nothing."""
+    found = _TDS_SHA256_RE.fullmatch(verifier)
+    if found is None or len(found.group(1)) % 2:
+        return False
+    digest = hashlib.sha256(bytes.fromhex(found.group(1)) + password.encode("utf-8")).hexdigest()
+    return hmac.compare_digest(digest, found.group(2))
+
+
 # Makers of each verifier kind from (user, password). Later engines register more kinds here.
 VERIFIER_KINDS: dict[str, Callable[[str, str], str]] = {
     "scram_sha_256": lambda user, password: scram_sha_256_verifier(password),
     "md5": md5_verifier,
     "mysql_native_password": lambda user, password: mysql_native_verifier(password),
     "caching_sha2_password": lambda user, password: caching_sha2_verifier(password),
+    "tds_sha256": lambda user, password: tds_sha256_verifier(password),
 }
 
 # Checkers used when loading: each raises ValueError with a reason. Kinds without a checker are kept as-is.
