@@ -134,6 +134,9 @@ class ClientContext:
     # In-band cancels (MySQL's KILL QUERY n on another connection): call with a proxy-issued key to cancel
     # what the session holding it runs, as a CancelRequested handshake event would. None outside the core.
     cancel: Callable | None = None
+    # The listener's server-side ssl.SSLContext (None without a certificate), for engines that run TLS inside
+    # their own framing (TDS 7.x carries the TLS handshake in PRELOGIN packets) with ssl.MemoryBIO.
+    tls_context: Any = None
 
 
 @dataclass
