@@ -87,6 +87,7 @@ class Session:
             cancel_key=None, pin_policy=self.runtime.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
             client_address=self.address, engine_options=self.runtime.cluster.engine_options,
             retry_read_only=proxy.follows_roles(self.runtime.cluster) and self.runtime.cluster.health.retry_read_only,
+            tls_context=self.runtime.tls_context,
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
         engine = self.engine
