@@ -105,16 +105,26 @@ class ProxyCollector:
         latency = SummaryMetricFamily(PREFIX + "database_connections_borrow_latency_seconds",
                                       "Time waited for a backend, waiting borrows only (DatabaseConnectionsBorrowLatency)",
                                       labels=labels)
+        # Pools of one (cluster, role, user, database) that differ only in the engine's backend variant
+        # are summed: one sample per label set, as Prometheus requires.
+        sums: dict = {}
         for pool in list(proxy.pools.values()):
-            lv = [pool.cluster.name, pool.role, pool.user, pool.database]
-            conns.add_metric(lv, pool.size)
-            borrowed.add_metric(lv, pool.borrowed)
-            waiting.add_metric(lv, len(pool.waiters))
-            requests.add_metric(lv, pool.borrows_total)
-            failed.add_metric(lv, pool.connect_failures_total)
-            opened.add_metric(lv, pool.connects_total)
-            timeouts.add_metric(lv, pool.borrow_timeouts_total)
-            latency.add_metric(lv, pool.waited_borrows_total, pool.borrow_wait_seconds_total)
+            lv = (pool.cluster.name, pool.role, pool.user, pool.database)
+            values = (pool.size, pool.borrowed, len(pool.waiters), pool.borrows_total, pool.connect_failures_total,
+                      pool.connects_total, pool.borrow_timeouts_total, pool.waited_borrows_total,
+                      pool.borrow_wait_seconds_total)
+            old = sums.get(lv)
+            sums[lv] = values if old is None else tuple(a + b for a, b in zip(old, values))
+        for lv, v in sums.items():
+            lv = list(lv)
+            conns.add_metric(lv, v[0])
+            borrowed.add_metric(lv, v[1])
+            waiting.add_metric(lv, v[2])
+            requests.add_metric(lv, v[3])
+            failed.add_metric(lv, v[4])
+            opened.add_metric(lv, v[5])
+            timeouts.add_metric(lv, v[6])
+            latency.add_metric(lv, v[7], v[8])
         yield from (conns, borrowed, waiting, requests, failed, opened, timeouts, latency)
 
         pinned = GaugeMetricFamily(PREFIX + "database_connections_currently_session_pinned",
