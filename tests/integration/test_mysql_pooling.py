@@ -55,7 +55,6 @@ def test_200_clients_over_5_backends(mariadb, proxy_factory):
     assert query(setup, "SELECT SUM(total) FROM many_totals") == [(clients * sum(range(rounds)),)]
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_database_connections") <= 5
-    assert metric(text, "multiproxy_client_connections_total") >= clients or True
     setup.close()
 
 
