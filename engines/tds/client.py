@@ -1,0 +1,473 @@
+"""One TDS client connection, sans-IO: PRELOGIN (TLS inside PRELOGIN packets), LOGIN7, then transaction pooling."""
+from __future__ import annotations
+
+import ssl
+import struct
+from collections import deque
+
+from multiproxy.auth import check_tds_sha256
+from multiproxy.engine import (
+    AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason, ProtocolError,
+    SendToClient,
+)
+from multiproxy.tds import protocol as tp
+from multiproxy.tds import tokens as tk
+from multiproxy.tds.stream import ResponseScanner, Reframer
+from multiproxy.tds.tokens import ProtocolError as TDSError
+
+from .pinning import classify_batch, classify_rpc
+
+SERVER_NAME = "multiproxy"
+# (number, class) per error situation; messages come from the core and say what to do.
+ERRORS = {
+    ErrorKind.POOL_TIMEOUT: (10928, 16),
+    ErrorKind.BACKEND_UNAVAILABLE: (40613, 17),
+    ErrorKind.BACKEND_LOST: (40197, 20),
+    ErrorKind.AUTH_FAILED: (18456, 14),
+    ErrorKind.PROTOCOL_VIOLATION: (4002, 20),
+    ErrorKind.MESSAGE_TOO_LARGE: (4002, 20),
+    ErrorKind.TOO_MANY_CONNECTIONS: (17809, 20),
+    ErrorKind.TLS_REQUIRED: (18456, 14),
+    ErrorKind.SHUTTING_DOWN: (6005, 14),
+    ErrorKind.FAILOVER: (40197, 17),
+    ErrorKind.IDLE_TIMEOUT: (50001, 20),
+    ErrorKind.HANDSHAKE_TIMEOUT: (50002, 20),
+    ErrorKind.NOT_SUPPORTED: (40517, 16),
+    ErrorKind.INTERNAL: (50000, 20),
+}
+STATES = {kind: index + 1 for index, kind in enumerate(ErrorKind)}
+RESET_ACK = tk.env_reset_ack()
+READ_ONLY_ERROR = 3906
+
+
+def error_tokens(kind: ErrorKind, message: str) -> bytes:
+    number, severity = ERRORS.get(kind, (50000, 20))
+    return tk.error(number, f"multiproxy: {message}", STATES.get(kind, 1), severity, SERVER_NAME, "", 1)
+
+
+def render_error(kind: ErrorKind, message: str, packet_size: int = tp.DEFAULT_PACKET_SIZE) -> bytes:
+    """A whole reply message: ERROR (number, state, class) then DONE with the error bit."""
+    return tp.encode_message(tp.TABULAR_RESULT, error_tokens(kind, message) + tk.done(tk.DONE_ERROR), packet_size)
+
+
+class _Expect:
+    """One response the backend owes: the client's (forwarded) or the proxy's own (swallowed)."""
+
+    __slots__ = ("internal", "strip_reset", "attention", "first", "request")
+
+    def __init__(self, internal=False, strip_reset=False, attention=False, request=b""):
+        self.internal = internal
+        self.strip_reset = strip_reset
+        self.attention = attention
+        self.first = True
+        self.request = request
+
+
+class TDSClient(ClientProtocol):
+    """Protocol state of one client: handshake, then the relay between it and its current backend."""
+
+    def __init__(self, ctx: ClientContext, engine):
+        self.ctx = ctx
+        self.engine = engine
+        self.pinned = False
+        self.closing = False
+        self.requests = 0
+        self.leftover = b""
+        self.retry_request = None
+        self.phase = "prelogin"
+        self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
+        self.tls = None                  # ssl.SSLObject while TLS runs inside the engine
+        self.tls_in = self.tls_out = None
+        self.tls_full = False            # every byte after the login is TLS (encryption ON/REQ)
+        self.tls_login_only = False
+        self.tls_raw = False             # TLS records come raw on the socket (after the PRELOGIN handshake)
+        self.user = ""
+        self.login: tp.Login7 | None = None
+        self.packet_size = tp.DEFAULT_PACKET_SIZE
+        self.backend_size = tp.DEFAULT_PACKET_SIZE
+        # relay state
+        self.linked = False
+        self.server_state = None
+        self.expect: deque[_Expect] = deque()
+        self.scanner = ResponseScanner()
+        self.reframer = Reframer(tp.DEFAULT_PACKET_SIZE)
+        self.sbuf = b""
+        self.in_transaction = False
+        self.database = ""               # the client's current database (from ENVCHANGE)
+        self.options: dict[str, str] = {}   # tracked SET options: name -> statement to replay
+        self.ident = object()
+        self.attn_local = False
+        self.retry_ok = False
+
+    # ------------------------------------------------------------------ TLS inside the engine
+
+    def _out(self, data: bytes) -> bytes:
+        if self.tls_full and data:
+            self.tls.write(data)
+            return self.tls_out.read()
+        return data
+
+    def _decrypt(self, data: bytes) -> bytes:
+        self.tls_in.write(data)
+        plain = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                raise ProtocolError(f"TLS error: {exc}") from None
+            if not chunk:
+                break
+            plain += chunk
+        return bytes(plain)
+
+    # ------------------------------------------------------------------ handshake
+
+    def _fail(self, kind: ErrorKind, message: str) -> CloseClient:
+        return CloseClient(self._out(render_error(kind, message)), message)
+
+    def receive_handshake(self, data: bytes) -> list:
+        try:
+            return self._handshake(data)
+        except TDSError as exc:
+            raise ProtocolError(f"malformed TDS login: {exc}", self._out(render_error(
+                ErrorKind.PROTOCOL_VIOLATION, f"malformed TDS login: {exc}"))) from None
+
+    def _handshake(self, data: bytes) -> list:
+        if self.tls_raw:
+            data = self._decrypt(data)
+        events: list = []
+        for msg in self.reader.feed(data):
+            if self.phase == "prelogin":
+                events.append(self._prelogin(msg))
+            elif self.phase == "tls":
+                events.append(self._tls_step(msg))
+            elif self.phase == "login":
+                events.append(self._login7(msg))
+            else:
+                raise TDSError(f"unexpected message 0x{msg.type:02x} during login")
+            if isinstance(events[-1], (Authenticated, CloseClient, AuthFailed)):
+                break
+        return [e for e in events if e is not None]
+
+    def _prelogin(self, msg: tp.Message):
+        if msg.type != tp.PRELOGIN:
+            return self._fail(ErrorKind.PROTOCOL_VIOLATION,
+                              "expected PRELOGIN first; connect with a TDS 7.x client (TDSVER=7.4)")
+        prelogin = tp.Prelogin.decode(msg.data)
+        client = prelogin.encryption if prelogin.encryption is not None else tp.ENCRYPT_NOT_SUP
+        listener = self.ctx.listener
+        context = self.ctx.tls_context
+        if context is None:
+            answer = tp.ENCRYPT_NOT_SUP
+        elif getattr(listener, "require_tls", False):
+            answer = tp.ENCRYPT_REQ
+        elif client in (tp.ENCRYPT_ON, tp.ENCRYPT_REQ):
+            answer = tp.ENCRYPT_ON
+        elif client == tp.ENCRYPT_OFF:
+            answer = tp.ENCRYPT_OFF
+        else:
+            answer = tp.ENCRYPT_NOT_SUP
+        reply = tp.Prelogin.build(version=(16, 0, 1000, 6), encryption=answer, mars=0)
+        reply.options[tp.PL_INSTOPT] = b"\0"
+        out = tp.encode_message(tp.TABULAR_RESULT, reply.encode())
+        if answer == tp.ENCRYPT_NOT_SUP:
+            if getattr(listener, "require_tls", False):
+                return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, "TLS is required"))
+            self.phase = "login"
+            return SendToClient(out)
+        if client == tp.ENCRYPT_NOT_SUP:
+            message = (f"listener {listener.name!r} requires encryption: connect with encryption enabled "
+                       "(FreeTDS: encryption = require; pymssql/pytds: a TLS-capable build)")
+            return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, message), message)
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        self.tls_full = answer != tp.ENCRYPT_OFF
+        self.tls_login_only = answer == tp.ENCRYPT_OFF
+        self.phase = "tls"
+        return SendToClient(out)
+
+    def _tls_step(self, msg: tp.Message):
+        if msg.type != tp.PRELOGIN:
+            raise TDSError("expected the TLS handshake inside PRELOGIN packets")
+        self.tls_in.write(msg.data)
+        try:
+            self.tls.do_handshake()
+            finished = True
+        except ssl.SSLWantReadError:
+            finished = False
+        except ssl.SSLError as exc:
+            return CloseClient(b"", f"TLS handshake failed: {exc}")
+        out = self.tls_out.read()
+        if finished:
+            self.phase = "login"
+            self.tls_raw = True
+            self.tls_full_pending = self.tls_full
+            self.tls_full = False
+            if self.reader.pending:
+                raise TDSError("data after the TLS handshake")
+        return SendToClient(tp.encode_message(tp.PRELOGIN, out)) if out else None
+
+    def _login7(self, msg: tp.Message):
+        if msg.type != tp.LOGIN7:
+            return self._fail(ErrorKind.PROTOCOL_VIOLATION, f"expected LOGIN7, got a message of type 0x{msg.type:02x}")
+        if self.tls is not None:
+            self.tls_full = getattr(self, "tls_full_pending", False)
+            if self.tls_login_only:
+                self.tls_raw = False
+        login = self.login = tp.Login7.decode(msg.data)
+        self.user = login.username
+        ctx = self.ctx
+        if ctx.listener.require_tls and self.tls is None:
+            return self._fail(ErrorKind.TLS_REQUIRED, f"listener {ctx.listener.name!r} requires TLS")
+        if login.tds_version < tp.TDS72:
+            return self._fail(ErrorKind.NOT_SUPPORTED, "multiproxy speaks TDS 7.2 to 7.4; set TDSVER=7.4 (FreeTDS) "
+                                                       "or tds_version='7.4' (pymssql)")
+        if login.integrated_security:
+            return self._denied("integrated (SSPI/Kerberos) authentication is not supported by multiproxy; "
+                                "use a SQL login (user name and password)")
+        if tp.FEATURE_FEDAUTH in login.features:
+            return self._denied("federated (Azure AD) authentication is not supported by multiproxy; "
+                                "use a SQL login (user name and password)")
+        if not login.username:
+            return self._denied("no user name in LOGIN7; use a SQL login")
+        if ctx.listener.auth != "trust":
+            record = ctx.users.get(login.username) if ctx.users is not None else None
+            verifier = record.verifiers.get("tds_sha256") if record is not None else None
+            if record is not None and not record.may_use(ctx.listener.name):
+                return self._denied(None, "listener not allowed for user")
+            if verifier is None or not check_tds_sha256(verifier, login.password):
+                return self._denied(None, "wrong password or no tds_sha256 verifier")
+        requested = login.packet_size or tp.DEFAULT_PACKET_SIZE
+        self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
+        self.reader.max_packet_size = self.packet_size
+        self.reframer = Reframer(self.packet_size)
+        self.phase = "ready"
+        return Authenticated(login.username, login.database, {})
+
+    def _denied(self, text: str | None, reason: str = ""):
+        message = text or f"Login failed for user '{self.user}'."
+        return AuthFailed(self.user, self._out(render_error(ErrorKind.AUTH_FAILED, message)), reason or message)
+
+    def login_complete(self, server_state) -> bytes:
+        """The login reply, from the backend's login facts, in the order FreeTDS and python-tds accept."""
+        state = server_state
+        database = state.database if state is not None else (self.login.database or "master")
+        self.database = database
+        name = SERVER_NAME
+        body = (tk.envchange(tk.ENV_DATABASE, database, "master")
+                + tk.info(5701, f"Changed database context to '{database}'.", 2, 0, name)
+                + tk.envchange(tk.ENV_COLLATION, state.collation if state else tk.DEFAULT_COLLATION, b"")
+                + tk.envchange(tk.ENV_LANGUAGE, state.language if state else "us_english", "")
+                + tk.info(5703, f"Changed language setting to {state.language if state else 'us_english'}.", 1, 0,
+                          name)
+                + tk.loginack(state.prog_name if state else "Microsoft SQL Server",
+                              state.tds_version if state else tk.TDS74_VERSION_BYTES,
+                              state.prog_version if state else bytes([16, 0, 0x03, 0xE8]))
+                + tk.envchange(tk.ENV_PACKETSIZE, str(self.packet_size), str(self.login.packet_size))
+                + tk.done())
+        return self._out(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size))
+
+    # ------------------------------------------------------------------ relay: client to backend
+
+    def client_data(self, data: bytes) -> tuple[bytes, bytes]:
+        if self.tls_full:
+            data = self._decrypt(data)
+        try:
+            messages = self.reader.feed(data)
+        except TDSError as exc:
+            raise ProtocolError(str(exc), self._out(render_error(ErrorKind.PROTOCOL_VIOLATION, str(exc)))) from None
+        if self.reader.pending > self.ctx.max_message_size:
+            message = (f"request of more than {self.ctx.max_message_size} bytes exceeds proxy.max_message_size; "
+                       "send smaller batches or raise it")
+            raise ProtocolError(message, self._out(render_error(ErrorKind.MESSAGE_TOO_LARGE, message)),
+                                ErrorKind.MESSAGE_TOO_LARGE)
+        out = []
+        local = b""
+        for msg in messages:
+            if msg.type == tp.ATTENTION:
+                if self.linked or self.expect:
+                    self.expect.append(_Expect(attention=True))
+                    out.append(tp.encode_message(tp.ATTENTION, b"", self.backend_size))
+                else:
+                    local += tk.done(tk.DONE_ATTN)
+                continue
+            if msg.type not in (tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER):
+                message = f"TDS message type 0x{msg.type:02x} is not supported after login"
+                raise ProtocolError(message, self._out(render_error(ErrorKind.NOT_SUPPORTED, message)),
+                                    ErrorKind.NOT_SUPPORTED)
+            self.requests += 1
+            self._classify(msg)
+            encoded = tp.encode_message(msg.type, msg.data, self.backend_size, msg.status & ~tp.STATUS_EOM)
+            self.expect.append(_Expect(request=encoded if self.ctx.retry_read_only and not self.in_transaction
+                                       else b""))
+            out.append(encoded)
+        to_client = b""
+        if local:
+            to_client = self._out(tp.encode_message(tp.TABULAR_RESULT, local, self.packet_size))
+        return b"".join(out), to_client
+
+    def _classify(self, msg: tp.Message) -> None:
+        try:
+            if msg.type == tp.SQL_BATCH:
+                reasons, tracked = classify_batch(tp.SqlBatch.decode(msg.data).text)
+                for name, statement in tracked.items():
+                    self.options.pop(name, None)
+                    self.options[name] = statement
+            elif msg.type == tp.RPC:
+                reasons = []
+                for call in tp.RpcRequest.decode(msg.data).calls:
+                    reasons += classify_rpc(call.name, call.params)
+            else:
+                return
+        except TDSError:
+            return          # the backend will refuse it with its own error
+        for reason, detail in reasons:
+            if self.ctx.pin_policy.detected(self, reason, detail):
+                self.pinned = True
+
+    # ------------------------------------------------------------------ linking to backends
+
+    def link(self, server_state, data: bytes) -> bytes:
+        """Reset a backend another client used (RESETCONNECTION), replay this client's database and SET
+        options, then the client's request."""
+        self.linked = True
+        self.server_state = server_state
+        self.backend_size = server_state.packet_size
+        if server_state.last_client is self.ident:
+            return data
+        reset = server_state.last_client is not None
+        server_state.last_client = self.ident
+        replay = list(self.options.values())
+        if self.database and self.database.lower() != server_state.database.lower():
+            replay.insert(0, f"USE [{self.database.replace(']', ']]')}]")
+        if replay:
+            batch = tp.SqlBatch("; ".join(replay)).encode()
+            internal = tp.encode_message(tp.SQL_BATCH, batch, self.backend_size,
+                                         tp.STATUS_RESETCONNECTION if reset else 0)
+            self.expect.appendleft(_Expect(internal=True, strip_reset=reset))
+            return internal + data
+        if not reset or not data:
+            return data
+        # RESETCONNECTION on the first packet of the client's request; its ENVCHANGE 18 is not shown.
+        first = next((e for e in self.expect if not e.internal and not e.attention), None)
+        if first is None or data[0] == tp.ATTENTION:
+            return data
+        first.strip_reset = True
+        return data[:1] + bytes([data[1] | tp.STATUS_RESETCONNECTION]) + data[2:]
+
+    def unlink(self) -> None:
+        self.linked = False
+        self.server_state = None
+        self.sbuf = b""
+
+    # ------------------------------------------------------------------ relay: backend to client
+
+    def backend_data(self, data: bytes) -> tuple[bytes, bool]:
+        buf = self.sbuf + data if self.sbuf else data
+        pos, end = 0, len(buf)
+        out = []
+        while end - pos >= 8:
+            length = (buf[pos + 2] << 8) | buf[pos + 3]
+            if length < 8:
+                length = 8
+            if end - pos < length:
+                break
+            self._packet(buf[pos + 8:pos + length], buf[pos + 1] & tp.STATUS_EOM, out)
+            pos += length
+        self.sbuf = buf[pos:]
+        release = (not self.expect and not self.in_transaction and not self.sbuf and self.linked
+                   and self.retry_request is None)
+        to_client = b"".join(out)
+        return (self._out(to_client) if to_client else b""), release
+
+    def _packet(self, payload: bytes, eom: int, out: list) -> None:
+        expect = self.expect
+        entry = expect[0] if expect else None
+        if entry is not None and entry.first:
+            entry.first = False
+            if entry.strip_reset and payload.startswith(RESET_ACK):
+                payload = payload[len(RESET_ACK):]
+        attention_done = False
+        read_only = False
+        for event in self.scanner.feed(payload):
+            kind = event[0]
+            if kind == "env":
+                env = event[1]
+                if env == tk.ENV_BEGINTRAN:
+                    self.in_transaction = True
+                elif env in (tk.ENV_COMMITTRAN, tk.ENV_ROLLBACKTRAN, tk.ENV_TRANENDED, tk.ENV_DEFECTTRAN):
+                    self.in_transaction = False
+                elif env == tk.ENV_DATABASE:
+                    self.database = event[2]
+            elif kind == "done":
+                if event[2] & tk.DONE_ATTN:
+                    attention_done = True
+            elif kind == "error" and event[1] == READ_ONLY_ERROR:
+                read_only = True
+        internal = entry is not None and entry.internal
+        if not internal:
+            if (read_only and entry is not None and entry.request and eom and len(expect) == 1
+                    and not self.in_transaction and self.retry_request is None and not self.reframer.buf
+                    and self.reframer.packet_id == 1):
+                self.retry_request = entry.request      # a read-only node refused it: the core resends it
+                entry.request, entry.first, entry.strip_reset = b"", True, False
+                while expect[0] is not entry:
+                    expect.popleft()
+                self.scanner = ResponseScanner()
+                return
+            out.append(self.reframer.feed(payload, bool(eom)))
+        if not eom:
+            return
+        self.scanner.buf = b""
+        if attention_done:
+            while expect:
+                if expect.popleft().attention:
+                    break
+        elif expect and not expect[0].attention:
+            expect.popleft()
+
+    # ------------------------------------------------------------------ session end, failures
+
+    def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
+        """A pinned session left: RESETCONNECTION on a batch of its own; the answer is swallowed."""
+        self.linked = True
+        self.server_state = server_state
+        server_state.last_client = None
+        self.expect.append(_Expect(internal=True, strip_reset=True))
+        batch = tp.SqlBatch(reset_query or "SELECT 1 WHERE 1 = 0").encode()
+        return tp.encode_message(tp.SQL_BATCH, batch, server_state.packet_size, tp.STATUS_RESETCONNECTION)
+
+    def is_clean(self) -> bool:
+        return not self.expect and not self.in_transaction and not self.sbuf and not self.reader.pending
+
+    def fail_pending(self, kind: ErrorKind, message: str) -> bytes:
+        count = sum(1 for e in self.expect if not e.internal and not e.attention)
+        attention = any(e.attention for e in self.expect)
+        self.expect.clear()
+        body = (error_tokens(kind, message) + tk.done(tk.DONE_ERROR | tk.DONE_MORE)) * max(count - 1, 0)
+        if count:
+            body += error_tokens(kind, message) + tk.done(tk.DONE_ERROR)
+        if attention:
+            body += tk.done(tk.DONE_ATTN)
+        return self._out(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size)) if body else b""
+
+    def backend_lost(self, message: str) -> tuple[bytes, bool]:
+        outstanding = any(not e.internal for e in self.expect)
+        mid = bool(self.sbuf or self.reframer.buf or self.reframer.packet_id != 1)
+        pinned, in_transaction = self.pinned, self.in_transaction
+        self.expect.clear()
+        self.unlink()
+        self.scanner = ResponseScanner()
+        self.in_transaction = False
+        if mid or pinned:
+            text = message + ("; your session's state was lost with it, reconnect" if pinned else "; reconnect")
+            return self._out(render_error(ErrorKind.BACKEND_LOST, text, self.packet_size)), True
+        if outstanding or in_transaction:
+            text = message + ("; the transaction was rolled back, retry it" if in_transaction else "; retry")
+            return self._out(render_error(ErrorKind.BACKEND_LOST, text, self.packet_size)), in_transaction
+        return b"", False
+
+    def error(self, kind: ErrorKind, message: str) -> bytes:
+        return self._out(render_error(kind, message, self.packet_size))
