@@ -35,6 +35,7 @@ setup(
         "multiproxy.engines": [
             "postgres=engines.postgres:PostgresEngine",
             "mysql=engines.mysql:MySQLEngine",
+            "tds=engines.tds:TDSEngine",
         ],
     },
 )
