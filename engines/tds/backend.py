@@ -102,6 +102,7 @@ class TDSLogin(BackendScript):
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        context.maximum_version = ssl.TLSVersion.TLSv1_2     # as SQL Server for TDS 7.x (no post-handshake tickets)
         self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.tls_in, self.tls_out,
                                     server_hostname=self.target.host if context.check_hostname else None)

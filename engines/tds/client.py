@@ -75,6 +75,7 @@ class TDSClient(ClientProtocol):
         self.leftover = b""
         self.retry_request = None
         self.phase = "prelogin"
+        self.hbuf = b""
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
         self.tls = None                  # ssl.SSLObject while TLS runs inside the engine
         self.tls_in = self.tls_out = None
@@ -135,14 +136,32 @@ class TDSClient(ClientProtocol):
                 ErrorKind.PROTOCOL_VIOLATION, f"malformed TDS login: {exc}"))) from None
 
     def _handshake(self, data: bytes) -> list:
-        if self.tls_raw:
-            data = self._decrypt(data)
         events: list = []
+        if self.phase == "tls":
+            # Packet by packet: once the handshake ends, what follows are raw TLS records (TLS 1.3 clients send
+            # LOGIN7 right behind their Finished, often in the same segment).
+            self.hbuf += data
+            data = b""
+            while self.phase == "tls" and len(self.hbuf) >= tp.HEADER_SIZE:
+                header = tp.PacketHeader.decode(self.hbuf[:tp.HEADER_SIZE])
+                if header.type != tp.PRELOGIN or header.length < tp.HEADER_SIZE:
+                    raise TDSError("expected the TLS handshake inside PRELOGIN packets")
+                if len(self.hbuf) < header.length:
+                    break
+                payload, self.hbuf = self.hbuf[tp.HEADER_SIZE:header.length], self.hbuf[header.length:]
+                event = self._tls_step(tp.Message(tp.PRELOGIN, header.status, payload))
+                if event is not None:
+                    events.append(event)
+                if isinstance(event, CloseClient):
+                    return events
+            if self.phase == "tls":
+                return events
+            data, self.hbuf = self.hbuf, b""
+        if self.tls_raw and data:
+            data = self._decrypt(data)
         for msg in self.reader.feed(data):
             if self.phase == "prelogin":
                 events.append(self._prelogin(msg))
-            elif self.phase == "tls":
-                events.append(self._tls_step(msg))
             elif self.phase == "login":
                 events.append(self._login7(msg))
             else:
@@ -158,7 +177,7 @@ class TDSClient(ClientProtocol):
         prelogin = tp.Prelogin.decode(msg.data)
         client = prelogin.encryption if prelogin.encryption is not None else tp.ENCRYPT_NOT_SUP
         listener = self.ctx.listener
-        context = self.ctx.tls_context
+        context = self.engine.client_tls_context(listener, self.ctx.tls_context)
         if context is None:
             answer = tp.ENCRYPT_NOT_SUP
         elif getattr(listener, "require_tls", False):
@@ -186,6 +205,8 @@ class TDSClient(ClientProtocol):
         self.tls_full = answer != tp.ENCRYPT_OFF
         self.tls_login_only = answer == tp.ENCRYPT_OFF
         self.phase = "tls"
+        self.hbuf = bytes(self.reader._buf)       # TLS handshake bytes that came with the PRELOGIN
+        self.reader._buf.clear()
         return SendToClient(out)
 
     def _tls_step(self, msg: tp.Message):
@@ -205,8 +226,6 @@ class TDSClient(ClientProtocol):
             self.tls_raw = True
             self.tls_full_pending = self.tls_full
             self.tls_full = False
-            if self.reader.pending:
-                raise TDSError("data after the TLS handshake")
         return SendToClient(tp.encode_message(tp.PRELOGIN, out)) if out else None
 
     def _login7(self, msg: tp.Message):
