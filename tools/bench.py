@@ -535,11 +535,118 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None) 
             shutil.rmtree(work, ignore_errors=True)
 
 
+TDS_TARGETS = ("direct", "multiproxy")
+
+
+def _tds_client_process(port: int, threads: int, seconds: float, queue) -> None:
+    """One load process: `threads` pymssql connections, each running point selects in autocommit until time."""
+    import threading
+
+    import pymssql
+    counts = [0] * threads
+    stop_at = time.monotonic() + seconds
+
+    def work(index):
+        conn = pymssql.connect(server="127.0.0.1", port=port, user="bench", password="bench", database="bench",
+                               autocommit=True, tds_version="7.4")
+        cur = conn.cursor()
+        n = 0
+        while time.monotonic() < stop_at:
+            cur.execute("SELECT v FROM kv WHERE id = %d" % (n % 1000 + 1))
+            cur.fetchall()
+            n += 1
+        counts[index] = n
+        conn.close()
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    queue.put(sum(counts))
+
+
+def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: str | None) -> None:
+    """TDS point selects (pymssql, autocommit, `clients` connections over 4 processes) against the TDS lab server
+    directly and through multiproxy (tds engine, transaction pooling) in one run; queries per second and ratio."""
+    import multiprocessing
+
+    from multiproxy.auth import UsersFile
+    work = tempfile.mkdtemp(prefix="mp-bench-tds-")
+    procs = Processes()
+    try:
+        lab_port = free_port()
+        procs.start([sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(lab_port), "--user", "bench",
+                     "--password", "bench", "--database", "bench", "--db-file", os.path.join(work, "lab.sqlite")],
+                    log_path=os.path.join(work, "lab.log"), cwd=REPO_ROOT)
+        _wait_port(lab_port)
+        import pymssql
+        setup = pymssql.connect(server="127.0.0.1", port=lab_port, user="bench", password="bench",
+                                database="bench", autocommit=True, tds_version="7.4")
+        cur = setup.cursor()
+        cur.execute("CREATE TABLE kv (id INT PRIMARY KEY, v NVARCHAR(50))")
+        for start in range(1, 1001, 100):
+            cur.execute("INSERT INTO kv VALUES " + ", ".join(f"({i}, N'value {i}')" for i in range(start, start + 100)))
+        setup.close()
+        users = UsersFile()
+        users.add("bench", "bench", kinds=["tds_sha256"])
+        with open(os.path.join(work, "users.toml"), "w") as f:
+            f.write(users.dumps())
+        mp_port = free_port()
+        with open(os.path.join(work, "mp.toml"), "w") as f:
+            f.write(f"""[proxy]\nadmin_listen = ""\nlog_level = "warning"\n[auth]\nusers_file = "users.toml"\n
+[clusters.main]\nengine = "tds"\nhosts = ["127.0.0.1:{lab_port}"]\n[clusters.main.backend]\ntls = "disable"\n
+[clusters.main.pool]\nmax_size = {pool_size}\n[[clusters.main.credentials]]\nuser = "*"\npassword = "bench"\n
+[[listeners]]\nname = "tds"\nlisten = "127.0.0.1:{mp_port}"\ncluster = "main"\n""")
+        procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
+                    log_path=os.path.join(work, "multiproxy.log"), cwd=REPO_ROOT)
+        _wait_port(mp_port)
+        rows = {}
+        processes = 4
+        for name, port in (("direct", lab_port), ("multiproxy", mp_port)):
+            queue = multiprocessing.Queue()
+            workers = [multiprocessing.Process(target=_tds_client_process,
+                                               args=(port, max(1, clients // processes), seconds, queue))
+                       for _ in range(processes)]
+            for w in workers:
+                w.start()
+            total = sum(queue.get(timeout=seconds + 60) for _ in workers)
+            for w in workers:
+                w.join(30)
+            rows[name] = total / seconds
+        lines = [f"TDS point select (pymssql, autocommit), {clients} clients in {processes} processes, {seconds} s, "
+                 f"TDS lab server, pool max_size {pool_size}", "",
+                 "| target | queries/s | / direct |", "|---|---|---|"]
+        for name, qps in rows.items():
+            lines.append(f"| {name} | {qps:.0f} | {qps / rows['direct']:.2f} |")
+        text = "\n".join(lines)
+        print(text)
+        if markdown:
+            with open(markdown, "w") as f:
+                f.write(text + "\n")
+    finally:
+        procs.stop_all()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_port(port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port} after {START_TIMEOUT:g} s")
+
+
 def main(argv=None):
     if argv is None and "--engine" in sys.argv:
         # `--engine mysql [--seconds N] [--pool-size N] [--markdown FILE] [--keep]`: the MySQL benchmark
         mysql = argparse.ArgumentParser(description=mysql_bench.__doc__)
-        mysql.add_argument("--engine", choices=("postgres", "mysql"), default="postgres")
+        mysql.add_argument("--engine", choices=("postgres", "mysql", "tds"), default="postgres")
+        mysql.add_argument("--clients", type=int, default=32, help="TDS: client connections (default 32)")
         mysql.add_argument("--seconds", type=int, default=15)
         mysql.add_argument("--pool-size", type=int, default=16)
         mysql.add_argument("--markdown", metavar="FILE")
@@ -547,6 +654,8 @@ def main(argv=None):
         known, rest = mysql.parse_known_args()
         if known.engine == "mysql":
             return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown)
+        if known.engine == "tds":
+            return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown)
         argv = [a for a in sys.argv[1:] if a not in ("--engine", "postgres")]
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):
