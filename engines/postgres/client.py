@@ -409,6 +409,7 @@ class PostgresClient(ClientProtocol):
             drop_from = 0
         start = pos
         rewrite = False
+        forwarded_any = pos > 0          # the tail of a streamed message went through
         syncs_before = self.syncs_sent
         while pos < n:
             if n - pos < 5:
@@ -429,9 +430,10 @@ class PostgresClient(ClientProtocol):
                 raise ProtocolError("unknown message type", render_error(
                     ErrorKind.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}", True))
             if (kind == p.SYNC or kind == p.FLUSH) and not self.linked and not fifo and not self.pending_extended \
-                    and pos == start and drop_from is None and not self.copy_in:
+                    and not forwarded_any and not self.copy_in:
                 # A lone Sync or Flush with nothing pending: the server would answer ReadyForQuery or nothing.
-                drop_from = pos
+                if drop_from is None:
+                    drop_from = pos
                 if kind == p.SYNC:
                     local += self._answer_locally(kind)
                 pos = end
@@ -448,6 +450,7 @@ class PostgresClient(ClientProtocol):
                     break
                 pos = end
                 continue
+            forwarded_any = True
             if drop_from is not None:
                 if pieces is None:
                     pieces = []
@@ -468,7 +471,7 @@ class PostgresClient(ClientProtocol):
                     self.requests += 1
                 elif kind == p.COPY_DONE or kind == p.COPY_FAIL:
                     self.copy_in = False
-                else:
+                elif kind == p.EXECUTE:
                     self.pending_extended = True
                 if end > n:
                     self.c_skip = end - n

@@ -637,3 +637,11 @@ def test_copy_ended_by_the_server_does_not_hide_later_syncs():
     client.client_data(_BATCH * 2)
     assert client.backend_data(_BATCH_ANSWER)[1] is False
     assert client.backend_data(_BATCH_ANSWER)[1] is True
+
+
+def test_lone_sync_and_flush_need_no_backend():
+    """psycopg leaving a failed pipeline sends Sync then Flush; neither may borrow a backend."""
+    client = logged_in_client()
+    forward, local = client.client_data(SYNC + p.message(b"H"))
+    assert forward == b"" and local == READY_IDLE
+    assert client.is_clean()
