@@ -49,6 +49,15 @@ PROXY_SETTINGS = _settings(
     Setting("shutdown_timeout", float, 30.0, "seconds to wait for clients to finish on SIGTERM before closing them", minimum=0),
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
     Setting("workers", int, 1, "worker processes sharing the listeners (SO_REUSEPORT)", minimum=1),
+    Setting("max_connections_per_address", int, 0, "most client connections at once from one address; 0 unlimited",
+            minimum=0),
+    Setting("audit_log", str, "", "file receiving one JSON line per login, failed login, token rejection and limit hit"),
+    Setting("auth_failure_delay", float, 0.25, "delay before answering a failed login; doubles with each further "
+            "failure from the address, up to auth_failure_max_delay", minimum=0),
+    Setting("auth_failure_max_delay", float, 4.0, "longest delay before answering a failed login", minimum=0),
+    Setting("auth_failure_block_after", int, 10, "failed logins from one address within 5 minutes that block it; "
+            "0 never blocks", minimum=0),
+    Setting("auth_failure_block_seconds", float, 60.0, "how long a blocked address is turned away", minimum=0),
 )
 
 BACKEND_SETTINGS = _settings(
@@ -120,6 +129,12 @@ class ProxyConfig:
     shutdown_timeout: float
     max_message_size: int
     workers: int
+    max_connections_per_address: int
+    audit_log: str
+    auth_failure_delay: float
+    auth_failure_max_delay: float
+    auth_failure_block_after: int
+    auth_failure_block_seconds: float
 
 
 @dataclass(frozen=True)
@@ -304,7 +319,10 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         if key not in ("proxy", "auth", "clusters", "listeners"):
             r.problem(key, "unknown section (known: proxy, auth, clusters, listeners)")
 
-    proxy = ProxyConfig(**r.settings(r.table(raw.get("proxy"), "proxy"), "proxy", PROXY_SETTINGS))
+    proxy_values = r.settings(r.table(raw.get("proxy"), "proxy"), "proxy", PROXY_SETTINGS)
+    if proxy_values["audit_log"] and not os.path.isabs(proxy_values["audit_log"]):
+        proxy_values["audit_log"] = os.path.join(base_dir, proxy_values["audit_log"])
+    proxy = ProxyConfig(**proxy_values)
     if proxy.admin_listen:
         try:
             parse_address(proxy.admin_listen)

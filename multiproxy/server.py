@@ -14,6 +14,7 @@ import gevent
 from gevent import socket
 
 from .acceptor import Acceptor
+from .audit import AuditLog
 from .auth import UsersFile
 from .backends import open_socket, run_script
 from .config import ClusterConfig, Config, ListenerConfig
@@ -24,6 +25,7 @@ from .pool import Pool
 from .registry import Registry
 from .secrets import CachedSecret, SecretError
 from .session import Session
+from .throttle import LoginThrottle
 from .tls import backend_leg_context, client_leg_context
 
 log = logging.getLogger("multiproxy.server")
@@ -61,6 +63,11 @@ class Proxy:
         self.sessions: weakref.WeakSet = weakref.WeakSet()
         self.by_cancel_key: dict = {}
         self.sessions_per_user: dict[str, int] = {}
+        self.connections_by_address: dict[str, int] = {}
+        pc = config.proxy
+        self.audit = AuditLog(pc.audit_log)
+        self.throttle = LoginThrottle(pc.auth_failure_delay, pc.auth_failure_max_delay, pc.auth_failure_block_after,
+                                      pc.auth_failure_block_seconds)
         self._cancel_counter = itertools.count(1)
         self.pin_policies = {name: PinPolicy(c.pinning, name) for name, c in config.clusters.items()}
         self.secrets: dict[tuple, CachedSecret] = {}
@@ -101,25 +108,47 @@ class Proxy:
         metrics = self.metrics
         limit = rt.config.max_client_connections
 
+        per_address = self.config.proxy.max_connections_per_address
+
         def handle(sock, address):
             session = Session(self, rt, sock, address)
-            if self.stopping or (limit and rt.connections >= limit):
+            source = address[0] if isinstance(address, tuple) else str(address)
+            reject = None
+            blocked = self.throttle.blocked_for(source)
+            if self.stopping:
+                reject = (ErrorKind.SHUTTING_DOWN, "multiproxy is shutting down; reconnect in a moment")
+            elif blocked:
+                reject = (ErrorKind.AUTH_FAILED, f"too many failed logins from {source}; this address is blocked for "
+                          f"{blocked:.0f} more seconds (proxy.auth_failure_block_after)")
+            elif limit and rt.connections >= limit:
+                reject = (ErrorKind.TOO_MANY_CONNECTIONS,
+                          f"listener {rt.config.name!r} has reached max_client_connections ({limit}); retry later")
+            elif per_address and self.connections_by_address.get(source, 0) >= per_address:
+                reject = (ErrorKind.TOO_MANY_CONNECTIONS,
+                          f"{source} already has {per_address} connections, proxy.max_connections_per_address; "
+                          "close some and retry")
+            if reject is not None:
                 # Turned away after its login, so that the client reads the reason in its own protocol.
                 metrics.rejected_connections += 1
-                if self.stopping:
-                    session.reject = (ErrorKind.SHUTTING_DOWN, "multiproxy is shutting down; reconnect in a moment")
-                else:
-                    session.reject = (ErrorKind.TOO_MANY_CONNECTIONS,
-                                      f"listener {rt.config.name!r} has reached max_client_connections ({limit}); retry later")
+                if reject[0] is not ErrorKind.SHUTTING_DOWN:
+                    self.audit.record("limit", listener=rt.config.name, address=source, reason=reject[1],
+                                      blocked_seconds=round(blocked, 1) if blocked else None)
+                session.reject = reject
                 session.run()
                 return
             rt.connections += 1
+            self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
             metrics.client_connections_total += 1
             self.sessions.add(session)
             try:
                 session.run()
             finally:
                 rt.connections -= 1
+                left = self.connections_by_address[source] - 1
+                if left:
+                    self.connections_by_address[source] = left
+                else:
+                    del self.connections_by_address[source]
         return handle
 
     def stop(self, timeout: float | None = None) -> None:
@@ -148,6 +177,7 @@ class Proxy:
             self.admin.stop()
         if self.registry is not None:
             self.registry.stop()
+        self.audit.close()
 
     def _housekeeping(self) -> None:
         while True:

@@ -129,10 +129,8 @@ class Session:
                         proxy.cancel(event.key, self.engine)
                         return False
                     elif kind is AuthFailed:
-                        proxy.metrics.auth_failures += 1
-                        log.warning("client %s: authentication failed for user %r on listener %s: %s",
-                                    self.address[0], event.user, self.listener.name, event.reason)
-                        sock.sendall(event.data)
+                        self._auth_failed(event)
+                        send(event.data)
                         return False
                     elif kind is CloseClient:
                         if event.data:
@@ -151,6 +149,19 @@ class Session:
             self._send_quietly(self.proto.error(
                 ErrorKind.HANDSHAKE_TIMEOUT, f"the client did not finish logging in within {limit:g} s"))
             return False
+
+    def _auth_failed(self, event: AuthFailed) -> None:
+        """Count, audit and slow down a failed login (the delay grows with each failure from the address)."""
+        proxy = self.proxy
+        source = self.address[0] if isinstance(self.address, tuple) else str(self.address)
+        proxy.metrics.auth_failures += 1
+        log.warning("client %s: authentication failed for user %r on listener %s: %s",
+                    source, event.user, self.listener.name, event.reason)
+        proxy.audit.record("auth_failed", listener=self.listener.name, engine=self.engine.name, user=event.user,
+                           address=source, reason=event.reason)
+        delay = proxy.throttle.failed(source)
+        if delay:
+            gevent.sleep(delay)
 
     def _logged_in(self, event: Authenticated) -> bool:
         proxy = self.proxy
@@ -177,6 +188,11 @@ class Session:
             return False
         fast_sendall(self.sock)(self.proto.login_complete(facts))
         proxy.session_started(self)
+        source = self.address[0] if isinstance(self.address, tuple) else str(self.address)
+        proxy.throttle.succeeded(source)
+        if proxy.audit.path:
+            proxy.audit.record("auth_ok", listener=self.listener.name, engine=self.engine.name, user=event.user,
+                               database=event.database, address=source)
         return True
 
     def serve(self) -> None:
