@@ -99,6 +99,8 @@ class TDSClient(ClientProtocol):
         self.ident = object()
         self.attn_local = False
         self.retry_ok = False
+        self.descriptor = b""            # the open transaction's descriptor (ENVCHANGE 8), for a local rollback
+        self.transaction_lost = ""       # the backend died under an idle transaction: the next request is told
 
     # ------------------------------------------------------------------ TLS inside the engine
 
@@ -317,6 +319,10 @@ class TDSClient(ClientProtocol):
                 raise ProtocolError(message, self._out(render_error(ErrorKind.NOT_SUPPORTED, message)),
                                     ErrorKind.NOT_SUPPORTED)
             self.requests += 1
+            if self.transaction_lost:
+                local += self._lost_transaction_reply(self.transaction_lost)
+                self.transaction_lost = ""
+                continue
             self._classify(msg)
             encoded = tp.encode_message(msg.type, msg.data, self.backend_size, msg.status & ~tp.STATUS_EOM)
             self.expect.append(_Expect(request=encoded if self.ctx.retry_read_only and not self.in_transaction
@@ -416,6 +422,7 @@ class TDSClient(ClientProtocol):
                 env = event[1]
                 if env == tk.ENV_BEGINTRAN:
                     self.in_transaction = True
+                    self.descriptor = event[2] if isinstance(event[2], bytes) else b""
                 elif env in (tk.ENV_COMMITTRAN, tk.ENV_ROLLBACKTRAN, tk.ENV_TRANENDED, tk.ENV_DEFECTTRAN):
                     self.in_transaction = False
                 elif env == tk.ENV_DATABASE:
@@ -472,6 +479,13 @@ class TDSClient(ClientProtocol):
             body += tk.done(tk.DONE_ATTN)
         return self._out(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size)) if body else b""
 
+    def _lost_transaction_reply(self, text: str) -> bytes:
+        """ENVCHANGE rollback (so the client drops its transaction descriptor), ERROR, DONE with the error bit."""
+        body = (tk.envchange(tk.ENV_ROLLBACKTRAN, b"", self.descriptor or bytes(8))
+                + error_tokens(ErrorKind.BACKEND_LOST, text) + tk.done(tk.DONE_ERROR))
+        self.descriptor = b""
+        return body
+
     def backend_lost(self, message: str) -> tuple[bytes, bool]:
         outstanding = any(not e.internal for e in self.expect)
         mid = bool(self.sbuf or self.reframer.buf or self.reframer.packet_id != 1)
@@ -479,13 +493,22 @@ class TDSClient(ClientProtocol):
         self.expect.clear()
         self.unlink()
         self.scanner = ResponseScanner()
+        self.reframer = Reframer(self.packet_size)
         self.in_transaction = False
         if mid or pinned:
             text = message + ("; your session's state was lost with it, reconnect" if pinned else "; reconnect")
             return self._out(render_error(ErrorKind.BACKEND_LOST, text, self.packet_size)), True
-        if outstanding or in_transaction:
-            text = message + ("; the transaction was rolled back, retry it" if in_transaction else "; retry")
-            return self._out(render_error(ErrorKind.BACKEND_LOST, text, self.packet_size)), in_transaction
+        if in_transaction:
+            # The server rolled the transaction back when the connection died. The client stays connected: a
+            # request waiting for its answer gets the error now, an idle client with its next request.
+            text = message + "; the transaction was rolled back, retry it"
+            if outstanding:
+                return self._out(tp.encode_message(tp.TABULAR_RESULT, self._lost_transaction_reply(text),
+                                                   self.packet_size)), False
+            self.transaction_lost = text
+            return b"", False
+        if outstanding:
+            return self._out(render_error(ErrorKind.BACKEND_LOST, message + "; retry", self.packet_size)), False
         return b"", False
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
