@@ -13,6 +13,7 @@ class TDSEngine(Engine):
     name = "tds"
     default_port = 1433
     description = "SQL Server tabular data stream (TDS 7.2-7.4)"
+    probe_database = "master"      # the role probe logs in here (every SQL Server has it), not in a database named after the user
 
     def __init__(self):
         self._tls_contexts: dict = {}
