@@ -209,6 +209,12 @@ class ClientProtocol:
     def start(self) -> bytes:
         return b""
 
+    def handshake_read_size(self) -> int:
+        """How many bytes the core may read for the next receive_handshake call. Engines whose clients send
+        a TLS ClientHello right behind their upgrade request (MySQL) return what is left of that request,
+        so the ClientHello stays in the socket for the TLS layer."""
+        return 16384
+
 
 class Engine:
     """Base class of engine plugins. Subclasses set the class attributes and implement the methods."""
