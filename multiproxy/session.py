@@ -104,7 +104,7 @@ class Session:
             # The socket's own timeout bounds each wait (cheaper than a gevent.Timeout per connection);
             # the deadline check after each read bounds the whole handshake.
             sock.settimeout(limit)
-            data = sock.recv(16384)          # the client usually spoke already: no wait
+            data = sock.recv(proto.handshake_read_size())   # the client usually spoke already: no wait
             while True:
                 if not data:
                     return False
@@ -140,7 +140,7 @@ class Session:
                 if remaining <= 0:
                     raise TimeoutError("handshake deadline passed")
                 sock.settimeout(remaining)
-                data = sock.recv(16384)
+                data = sock.recv(proto.handshake_read_size())
         except TimeoutError:
             self.proxy.metrics.handshake_timeouts += 1
             if self.client_gone:
