@@ -205,6 +205,17 @@ class MySQLClient(ClientProtocol):
         self.hseq = seq
         return seq, payload
 
+    def handshake_read_size(self) -> int:
+        """Before TLS, read the first packet exactly: a client sends its ClientHello right behind the SSL
+        request without waiting, and those bytes belong to the TLS layer."""
+        if self.phase != "response" or self.tls_active or not self.ctx.tls_available:
+            return 16384
+        have = len(self.hbuf)
+        if have < 4:
+            return 4 - have
+        length = int.from_bytes(self.hbuf[:3], "little")
+        return max(1, min(16384, 4 + length - have))
+
     def receive_handshake(self, data: bytes) -> list:
         self.hbuf += data
         events: list = []
