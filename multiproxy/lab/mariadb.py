@@ -33,21 +33,32 @@ def find_binary(*names: str) -> str:
     raise MariaDBNotInstalled(f"{' or '.join(names)} not found: {INSTALL_HINT}")
 
 
-class MariaDBServer:
-    """One private MariaDB in its own temporary directory, listening on 127.0.0.1:<free port>.
+REPLICATION_USER, REPLICATION_PASSWORD = "mp_repl", "repl-pw"
 
-    The root user has no password and may connect over TCP from 127.0.0.1 (lab only). `sql()` runs
-    statements through the mariadb command-line client.
+
+class MariaDBServer:
+    """One private MariaDB in its own temporary directory, listening on 127.0.0.1:<free port> (or the given
+    host and port).
+
+    The root user has no password and may connect over TCP from loopback (lab only). `sql()` runs
+    statements through the mariadb command-line client. `tls` ({"cert", "key", optional "ca"} PEM paths)
+    turns on TLS; `server_id` turns on the binary log with GTIDs, for `make_replica`.
     """
 
     host = "127.0.0.1"
 
     def __init__(self, settings: dict[str, object] | None = None, basedir: str | None = None,
-                 keep_datadir: bool = False, die_with_parent: bool = True):
+                 keep_datadir: bool = False, die_with_parent: bool = True, host: str | None = None,
+                 port: int | None = None, tls: dict[str, str] | None = None, server_id: int | None = None):
         self.settings = dict(settings or {})
         self.basedir = basedir
         self.keep_datadir = keep_datadir
         self.die_with_parent = die_with_parent
+        if host is not None:
+            self.host = host
+        self.fixed_port = port
+        self.tls = dict(tls or {})
+        self.server_id = server_id
         self.port: int | None = None
         self.datadir = self.socket = self.logfile = None
         self._proc: subprocess.Popen | None = None
@@ -72,6 +83,10 @@ class MariaDBServer:
                                  cwd=self.basedir)
             if out.returncode != 0:
                 raise RuntimeError(f"mariadb-install-db failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+            if self.fixed_port is not None:
+                self.port = self.fixed_port
+                self._launch(timeout)
+                return self
             for _attempt in range(5):
                 self.port = free_port(self.host)
                 try:
@@ -99,6 +114,14 @@ class MariaDBServer:
             os.chmod(self.basedir, 0o755)
             for path in (self.basedir, self.datadir):
                 os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+        for kind in ("cert", "key", "ca"):
+            if self.tls.get(kind):       # copied, so that mariadbd (running as mysql) may read the key
+                path = os.path.join(self.basedir, f"tls-{kind}.pem")
+                shutil.copyfile(self.tls[kind], path)
+                os.chmod(path, 0o600)
+                if self._as_mysql:
+                    os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+                self.settings[{"cert": "ssl-cert", "key": "ssl-key", "ca": "ssl-ca"}[kind]] = path
 
     def _launch(self, timeout: float) -> None:
         settings = {
@@ -107,8 +130,12 @@ class MariaDBServer:
             "innodb-buffer-pool-size": "64M", "innodb-log-file-size": "32M", "innodb-flush-log-at-trx-commit": 0,
             "innodb-doublewrite": 0, "performance-schema": 0, "log-error": self.logfile,
             "pid-file": os.path.join(self.basedir, "mariadb.pid"), "max-allowed-packet": "64M",
-            **self.settings,
         }
+        if self.server_id is not None:
+            del settings["skip-log-bin"]
+            settings.update({"server-id": self.server_id, "log-bin": "mariadb-bin", "binlog-format": "ROW",
+                             "log-slave-updates": 1, "gtid-strict-mode": 1})
+        settings.update(self.settings)
         argv = [self.mariadbd, "--no-defaults"]
         if self._as_mysql:
             argv.append("--user=" + OS_USER)
@@ -168,6 +195,57 @@ class MariaDBServer:
                 return f.read()
         except (OSError, TypeError):
             return ""
+
+    # -- replication -----------------------------------------------------------------------------
+
+    def make_replica(self, host: str | None = None, port: int | None = None, server_id: int | None = None,
+                     semi_sync: bool = True, timeout: float = 60.0) -> "MariaDBServer":
+        """A new MariaDB replicating from this one by GTID (MASTER_USE_GTID=slave_pos), read_only=ON.
+
+        This server needs a server_id. Call it before creating data here: the replica starts empty and
+        replays this server's whole binary log. With `semi_sync`, a commit here returns only once the
+        replica has received it (rpl_semi_sync, with a long timeout so it never falls back silently).
+        """
+        if self.server_id is None:
+            raise RuntimeError("make_replica needs a primary started with server_id")
+        self.sql(f"CREATE USER IF NOT EXISTS '{REPLICATION_USER}'@'%' IDENTIFIED BY '{REPLICATION_PASSWORD}';"
+                 f"GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{REPLICATION_USER}'@'%';")
+        replica_settings = {"read-only": 1}
+        if semi_sync:
+            self.sql("SET GLOBAL rpl_semi_sync_master_timeout = 600000; SET GLOBAL rpl_semi_sync_master_enabled = ON;"
+                     "SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC;")
+            replica_settings["rpl-semi-sync-slave-enabled"] = 1
+        replica = MariaDBServer(settings=replica_settings, host=host, port=port, tls=self.tls,
+                                server_id=server_id if server_id is not None else self.server_id + 1,
+                                die_with_parent=self.die_with_parent).start(timeout)
+        try:
+            replica.sql(f"CHANGE MASTER TO MASTER_HOST='{self.host}', MASTER_PORT={self.port}, "
+                        f"MASTER_USER='{REPLICATION_USER}', MASTER_PASSWORD='{REPLICATION_PASSWORD}', "
+                        "MASTER_CONNECT_RETRY=1, MASTER_USE_GTID=slave_pos; START SLAVE;")
+            replica.wait_caught_up(self, timeout)
+        except BaseException:
+            replica.stop()
+            raise
+        return replica
+
+    def wait_caught_up(self, primary: "MariaDBServer", timeout: float = 60.0) -> None:
+        """Wait until this replica has applied every transaction `primary` has logged so far."""
+        position = primary.sql("SELECT @@gtid_binlog_pos")
+        out = self.sql(f"SELECT MASTER_GTID_WAIT('{position}', {timeout:g})", timeout=timeout + 10)
+        if out != "0":
+            status = self.sql("SHOW SLAVE STATUS\\G")
+            raise RuntimeError(f"replica did not reach {position} within {timeout:g}s:\n{status}")
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """Make this replica a writable primary: apply every transaction it received (semi-sync acknowledged
+        them), stop replicating, forget the primary, read_only=OFF."""
+        self.sql("STOP SLAVE IO_THREAD")
+        status = self.sql("SHOW SLAVE STATUS\\G")
+        received = next((line.split(":", 1)[1].strip() for line in status.splitlines()
+                         if line.strip().startswith("Gtid_IO_Pos:")), "")
+        if received:
+            self.sql(f"SELECT MASTER_GTID_WAIT('{received}', {timeout:g})", timeout=timeout + 10)
+        self.sql("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;")
 
     # -- SQL -------------------------------------------------------------------------------------
 
