@@ -242,3 +242,30 @@ def test_a_broken_plugin_stops_multiproxy_engines_with_a_clear_error(tmp_path):
     assert out.returncode != 0, out.stdout
     assert ("engine plugin 'broken' (multiproxy_broken:BrokenEngine) from distribution multiproxy-broken-engine: "
             "method `backend_login` is not implemented") in out.stderr, out.stderr
+
+
+def test_set_pins_the_session_and_its_backend_is_reset_after(proxy):
+    pinned = EchoConnection(proxy.address("echo"))
+    assert pinned.request("SET colour blue") == ["DONE"]
+    mine = pinned.request("SESSION")[0]
+    other = EchoConnection(proxy.address("echo"))
+    try:
+        for _ in range(3):       # outside any transaction, yet the pinned session keeps its backend to itself
+            assert other.request("SESSION")[0] != mine
+            assert pinned.request("GET colour") == ["ROW blue", "DONE"]
+    finally:
+        other.close()
+        pinned.close()
+    # Hold both backends at once: neither still has the variable (the pinned one was sent RESET).
+    holders = [EchoConnection(proxy.address("echo")) for _ in range(2)]
+    try:
+        for conn in holders:
+            assert conn.request("BEGIN") == ["DONE TX"]
+        sessions = {conn.request("SESSION")[0] for conn in holders}
+        assert mine in sessions, sessions
+        assert [conn.request("GET colour") for conn in holders] == [["ROW ", "DONE TX"]] * 2
+        for conn in holders:
+            assert conn.request("ROLLBACK") == ["DONE"]
+    finally:
+        for conn in holders:
+            conn.close()
