@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from .postgres import reachable_by
-from .processes import children, die_with_parent, free_port
+from .processes import children, die_with_parent, free_port, start_time
 
 OS_USER = "mysql"            # mariadbd refuses to run as root without --user
 INSTALL_HINT = "install the Debian packages 'mariadb-server mariadb-client' (or run tools/install-deps.sh)"
@@ -178,6 +178,17 @@ class MariaDBServer:
         if self.basedir and not self.keep_datadir:
             shutil.rmtree(self.basedir, ignore_errors=True)
             self.basedir = None
+
+    def detach(self) -> tuple[int, int | None]:
+        """Leave the server running after this process exits; returns (pid, start_time) to stop it by later."""
+        pid = self._proc.pid
+        atexit.unregister(self.stop)
+        self._proc = None  # stop() must not touch it any more
+        return pid, start_time(pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def __enter__(self) -> "MariaDBServer":
         return self.start()
