@@ -34,8 +34,8 @@ def lab():
 
 
 @lab.command()
-@click.option("--engines", default="postgres", show_default=True,
-              help="Comma-separated engines to start (the lab has postgres today; mysql and tds are coming).")
+@click.option("--engines", default="postgres,mysql,tds", show_default=True,
+              help="Comma-separated engines to start: postgres, mysql (MariaDB), tds (the TDS lab server).")
 @_dir_option
 @click.option("--detach", is_flag=True, help="Leave everything running in the background and return.")
 def up(engines, lab_dir, detach):
@@ -43,11 +43,8 @@ def up(engines, lab_dir, detach):
 
     Without --detach it runs until Ctrl-C, then stops everything and removes the lab.
     """
-    from .parts import PARTS, PLANNED
+    from .parts import PARTS
     names = [e.strip() for e in engines.split(",") if e.strip()]
-    planned = [PLANNED[e] for e in names if e in PLANNED]
-    if planned:
-        raise click.UsageError(f"the lab cannot start {', '.join(planned)} yet; it starts: {', '.join(PARTS)}")
     unknown = [e for e in names if e not in PARTS]
     if unknown or not names:
         raise click.UsageError(f"--engines: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(PARTS)}")
@@ -79,18 +76,16 @@ def env(lab_dir):
 @click.option("--no-rebuild", is_flag=True,
               help="Leave the old writer stopped instead of rebuilding it as a reader of the new one.")
 def failover(engine, lab_dir, no_rebuild):
-    """Fail the ENGINE cluster over while clients stay connected (ENGINE: postgres).
+    """Fail the ENGINE cluster over while clients stay connected (ENGINE: postgres, mysql or tds).
 
     Runs a write loop through the proxy's writer listener, stops the writer (fast shutdown), promotes the
     standby, repoints the writer and reader endpoints in the lab's DNS, and prints the outage seen through
     the proxy and the registry's writer-change event. Then it rebuilds the old writer as a reader of the
     new one, so that the next failover goes back.
     """
-    from .parts import PARTS, PLANNED
+    from .parts import PARTS
     if engine not in PARTS:
-        known = PLANNED.get(engine)
-        raise click.UsageError(f"the lab cannot fail over {known} yet" if known else
-                               f"unknown engine {engine!r}; choose from {', '.join(PARTS)}")
+        raise click.UsageError(f"unknown engine {engine!r}; choose from {', '.join(PARTS)}")
     _run(lambda: _lab(lab_dir).failover(engine, rebuild=not no_rebuild))
 
 

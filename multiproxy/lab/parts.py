@@ -5,10 +5,15 @@ import json
 import os
 import shlex
 import shutil
-from urllib.parse import quote
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import quote, unquote, urlsplit
 
-from . import postgres
-from .processes import free_port_on, start_time
+from . import mariadb, postgres
+from .processes import die_with_parent, free_port_on, start_time, stop_process
 
 
 class LabPartError(RuntimeError):
@@ -49,6 +54,7 @@ class LabPart:
     env_prefix = ""  # MULTIPROXY_<prefix>_URL
     url_scheme = ""
     debian_package = ""
+    verifier_kinds: tuple[str, ...] = ()  # the users file verifiers the lab user needs on this part's listeners
     supports_failover = False
     # The failover write loop: create its table if missing; insert one row (%s: an integer id); count the rows
     # with an id above %s.
@@ -157,6 +163,7 @@ class PostgresPart(LabPart):
     env_prefix = "PG"
     url_scheme = "postgresql"
     debian_package = postgres.DEBIAN_PACKAGE
+    verifier_kinds = ("scram_sha_256",)
 
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
@@ -340,7 +347,374 @@ auth = "scram-sha-256"
                                    password=lab["password"], timeout=15)
 
 
-# Engines the lab can start, by the name `--engines` takes.
-PARTS: dict[str, type[LabPart]] = {"postgres": PostgresPart}
-# Engines the lab will start later; asking for them says so instead of "unknown".
-PLANNED = {"mysql": "MySQL/MariaDB", "tds": "SQL Server (TDS)"}
+def _split_url(connection_url: str) -> tuple[str, int, str, str, str]:
+    """(host, port, user, password, database) of a lab URL."""
+    parts = urlsplit(connection_url)
+    return (parts.hostname or "", parts.port or 0, unquote(parts.username or ""), unquote(parts.password or ""),
+            unquote(parts.path.lstrip("/")))
+
+
+def _cluster_toml(part: LabPart, port: int, password_file: str, writer_listen: str, reader_listen: str,
+                  auth: str, comment: str) -> str:
+    """A [clusters.*] table following the lab's DNS endpoints, and its writer and reader [[listeners]]."""
+    names = part.endpoint_names()
+    auth_line = f'auth = "{auth}"\n' if auth else ""
+    return f"""
+{comment}
+[clusters.{part.cluster}]
+engine = "{part.engine}"
+hosts = []
+
+[clusters.{part.cluster}.endpoints]
+writer = {toml_string(f"{names['writer']}:{port}")}
+reader = {toml_string(f"{names['reader']}:{port}")}
+
+[clusters.{part.cluster}.dns]
+nameserver = {toml_string(part.dns_nameserver or "")}
+ttl_floor = 1.0
+
+[clusters.{part.cluster}.health]
+probe_interval = 1.0
+probe_user = {toml_string(part.user)}
+
+[clusters.{part.cluster}.backend]
+tls = "disable"  # the lab's servers listen on loopback only, without TLS
+
+[clusters.{part.cluster}.pool]
+mode = "transaction"
+max_size = 10
+
+[[clusters.{part.cluster}.credentials]]
+user = {toml_string(part.user)}
+password_file = {toml_string(password_file)}
+
+[[listeners]]
+name = "{part.cluster}-writer"
+listen = {toml_string(writer_listen)}
+cluster = "{part.cluster}"
+role = "writer"
+{auth_line}
+[[listeners]]
+name = "{part.cluster}-reader"
+listen = {toml_string(reader_listen)}
+cluster = "{part.cluster}"
+role = "reader"
+{auth_line}"""
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, log: str, timeout: float = 30.0) -> None:
+    """Return once host:port accepts connections; RuntimeError when `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log}: the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {host}:{port} after {timeout:.0f} s; see {log}") from None
+            time.sleep(0.05)
+
+
+class MySQLPart(LabPart):
+    """A MariaDB primary and a GTID replica (read_only), the `lab` user (mysql_native_password) and database,
+    cluster `my`."""
+
+    engine = "mysql"
+    title = "MariaDB"
+    cluster = "my"
+    env_prefix = "MYSQL"
+    url_scheme = "mysql"
+    debian_package = "mariadb-server"
+    verifier_kinds = ("mysql_native_password", "caching_sha2_password")
+
+    supports_failover = True
+    failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, "
+                    "at timestamp(6) DEFAULT CURRENT_TIMESTAMP(6))",
+                    "INSERT IGNORE INTO lab_failover (id) VALUES (%s)",
+                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+    NODE_HOSTS = ("127.0.0.4", "127.0.0.5")
+    REPLICATION_USER = "lab_repl"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.primary: mariadb.MariaDBServer | None = None
+        self.replica: mariadb.MariaDBServer | None = None
+        self._detached: dict[str, tuple[int, int | None]] = {}
+
+    def check_installed(self) -> None:
+        for names in (("mariadbd", "mysqld"), ("mariadb-install-db", "mysql_install_db"), ("mariadb", "mysql")):
+            try:
+                mariadb.find_binary(*names)
+            except mariadb.MariaDBNotInstalled:
+                raise LabPartError(f"{names[0]} not found: install the Debian package '{self.debian_package}' "
+                                   "(apt-get install mariadb-server mariadb-client), or leave it out with "
+                                   "--engines postgres,tds") from None
+
+    def _server(self, name: str, host: str, port: int, server_id: int, settings: dict) -> mariadb.MariaDBServer:
+        return mariadb.MariaDBServer(settings=settings, basedir=os.path.join(self.data_dir, name), keep_datadir=True,
+                                     die_with_parent=not self.detach, host=host, port=port, server_id=server_id)
+
+    def start(self, progress) -> None:
+        port = free_port_on(*self.NODE_HOSTS)
+        with progress("MariaDB primary (install, start)") as step:
+            self.primary = self._server("my1", self.NODE_HOSTS[0], port, 1, {}).start()
+            self.primary.sql(f"CREATE USER '{self.REPLICATION_USER}'@'%' IDENTIFIED BY '{self.password}';"
+                             f"GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{self.REPLICATION_USER}'@'%';")
+            step.done(f"{self.primary.host}:{self.primary.port}")
+        with progress("MariaDB replica (GTID replication, read_only)") as step:
+            self.replica = self._server("my2", self.NODE_HOSTS[1], port, 2, {"read-only": 1}).start()
+            mariadb_sql(self.replica.host, port,
+                        f"CHANGE MASTER TO MASTER_HOST='{self.primary.host}', MASTER_PORT={port}, "
+                        f"MASTER_USER='{self.REPLICATION_USER}', MASTER_PASSWORD='{self.password}', "
+                        "MASTER_CONNECT_RETRY=1, MASTER_USE_GTID=slave_pos; START SLAVE;")
+            self.primary.sql(f"CREATE DATABASE {self.database};"
+                             f"CREATE USER '{self.user}'@'%' IDENTIFIED VIA mysql_native_password "
+                             f"USING PASSWORD('{self.password}');"
+                             f"GRANT ALL ON {self.database}.* TO '{self.user}'@'%';"
+                             f"GRANT REPLICATION CLIENT, SLAVE MONITOR ON *.* TO '{self.user}'@'%';")
+            position = self.primary.sql("SELECT @@gtid_binlog_pos")
+            if mariadb_sql(self.replica.host, port, f"SELECT MASTER_GTID_WAIT('{position}', 30)", timeout=40) != "0":
+                raise LabPartError(f"the MariaDB replica did not catch up with {position} within 30 s; "
+                                   f"see {self.replica.logfile}")
+            step.done(f"{self.replica.host}:{self.replica.port}")
+
+    def stop(self) -> None:
+        for server in (self.replica, self.primary):
+            if server is not None:
+                server.stop()
+
+    def detach_processes(self) -> None:
+        for name, server in (("my1", self.primary), ("my2", self.replica)):
+            self._detached[name] = server.detach()
+
+    def _node(self, name: str, role: str, server: mariadb.MariaDBServer) -> dict:
+        pid, started = self._detached.get(name) or (server.pid, None)
+        if started is None and pid is not None:
+            started = start_time(pid)
+        return {"name": name, "role": role, "host": server.host, "port": server.port, "pid": pid,
+                "started": started, "stop_signal": "SIGTERM", "log": server.logfile, "basedir": server.basedir}
+
+    def state(self) -> dict:
+        nodes = []
+        if self.primary is not None:
+            nodes.append(self._node("my1", "writer", self.primary))
+        if self.replica is not None:
+            nodes.append(self._node("my2", "reader", self.replica))
+        return {"cluster": self.cluster, "nodes": nodes}
+
+    def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
+        return _cluster_toml(self, self.primary.port, password_file, writer_listen, reader_listen,
+                             "mysql_native_password",
+                             "# MariaDB: a primary and a GTID replica (read_only), each on its own loopback address, found\n"
+                             "# through the cluster's endpoints; the probes (@@read_only) decide who the writer is.")
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    @classmethod
+    def connect_client(cls, address: str, lab: dict):
+        try:
+            import pymysql
+        except ImportError:
+            raise LabPartError("the failover write loop needs PyMySQL: pip install pymysql, "
+                               "or pip install -e '.[test]'") from None
+        host, _, port = address.rpartition(":")
+        return pymysql.connect(host=host, port=int(port), user=lab["user"], password=lab["password"],
+                               database=lab["database"], autocommit=True, connect_timeout=10)
+
+    @classmethod
+    def promote(cls, node: dict, state: dict, lab: dict) -> None:
+        host, port = node["host"], node["port"]
+        mariadb_sql(host, port, "STOP SLAVE IO_THREAD")
+        received = ""
+        for line in mariadb_sql(host, port, "SHOW SLAVE STATUS\\G").splitlines():
+            if line.strip().startswith("Gtid_IO_Pos:"):
+                received = line.split(":", 1)[1].strip()
+        if received:  # apply what the replica received before it forgets its primary
+            mariadb_sql(host, port, f"SELECT MASTER_GTID_WAIT('{received}', 30)", timeout=40)
+        mariadb_sql(host, port, "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;")
+
+    @classmethod
+    def client_command(cls, connection_url: str) -> str:
+        host, port, user, password, database = _split_url(connection_url)
+        return f"mariadb -h {host} -P {port} -u {shlex.quote(user)} {shlex.quote('-p' + password)} {shlex.quote(database)}"
+
+    @classmethod
+    def verify_role(cls, node: dict, lab: dict) -> tuple[str, str]:
+        try:
+            answer = mariadb_sql(node["host"], node["port"], "SELECT @@read_only", timeout=15)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            return "unreachable", str(exc).splitlines()[0]
+        return ("reader" if answer == "1" else "writer"), f"@@read_only = {answer}"
+
+    @classmethod
+    def check_query(cls, address: str, lab: dict, sql: str = "SELECT 1") -> str:
+        host, _, port = address.rpartition(":")
+        return mariadb_sql(host, int(port), sql, user=lab["user"], password=lab["password"],
+                           database=lab["database"], timeout=15)
+
+
+def mariadb_sql(host: str, port: int, statements: str, user: str = "root", password: str = "", database: str = "",
+                timeout: float = 30.0) -> str:
+    """Statements through the mariadb client (root has no password on loopback in the lab); rows tab-separated."""
+    argv = [mariadb.find_binary("mariadb", "mysql"), "--no-defaults", "-h", host, "-P", str(port), "-u", user,
+            "-N", "-B", "--connect-timeout=5"]
+    env = dict(os.environ)
+    if password:
+        env["MYSQL_PWD"] = password  # not on the command line
+    if database:
+        argv.append(database)
+    out = subprocess.run(argv, input=statements, capture_output=True, text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"mariadb on {host}:{port} as {user}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+class TDSPart(LabPart):
+    """Two TDS lab servers on one shared SQLite store (like a cluster on shared storage): a writable writer and
+    a reader started with --read-only; the `lab` login and database, cluster `tds`."""
+
+    engine = "tds"
+    title = "SQL Server (TDS lab server)"
+    cluster = "tds"
+    env_prefix = "TDS"
+    url_scheme = "mssql"
+    debian_package = "freetds-bin"  # for tsql, the client; the servers are part of multiproxy
+    verifier_kinds = ("tds_sha256",)
+
+    supports_failover = True
+    failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at datetime2)",
+                    "INSERT INTO lab_failover (id) VALUES (%s)",
+                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+    NODE_HOSTS = ("127.0.0.6", "127.0.0.7")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nodes: list[dict] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def check_installed(self) -> None:
+        """The lab servers are part of multiproxy; only the python-tds or pymssql driver is needed."""
+        try:
+            import pytds  # noqa: F401
+        except ImportError:
+            try:
+                import pymssql  # noqa: F401
+            except ImportError:
+                raise LabPartError("the TDS part needs a driver: pip install python-tds (or pymssql), "
+                                   "or pip install -e '.[test]'") from None
+
+    @classmethod
+    def launch(cls, node: dict, lab: dict, read_only: bool, detach: bool) -> subprocess.Popen:
+        """Start one lab server for `node` (host, port, db_file, log); the password travels in the environment."""
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, TDSLAB_PASSWORD=lab["password"], PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "multiproxy.lab.tds_server", "--host", node["host"], "--port", str(node["port"]),
+                "--user", lab["user"], "--db-file", node["db_file"], "--database", lab["database"]]
+        if read_only:
+            argv.append("--read-only")
+        with open(node["log"], "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    process_group=0,
+                                    preexec_fn=None if detach else (lambda: die_with_parent(signal.SIGTERM)))
+        _wait_port(node["host"], node["port"], proc, node["log"])
+        return proc
+
+    def start(self, progress) -> None:
+        port = free_port_on(*self.NODE_HOSTS)
+        store = os.path.join(self.data_dir, "tds")
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        lab = {"user": self.user, "password": self.password, "database": self.database}
+        for i, (host, role) in enumerate(zip(self.NODE_HOSTS, ("writer", "reader"))):
+            name = f"tds{i + 1}"
+            with progress(f"TDS lab server {name} ({'read-only' if role == 'reader' else 'writable'})") as step:
+                node = {"name": name, "role": role, "host": host, "port": port,
+                        "db_file": os.path.join(store, "master.sqlite"), "log": os.path.join(store, f"{name}.log"),
+                        "stop_signal": "SIGTERM"}
+                proc = self.launch(node, lab, read_only=role == "reader", detach=self.detach)
+                self.procs.append(proc)
+                self.nodes.append({**node, "pid": proc.pid, "started": start_time(proc.pid)})
+                step.done(f"{host}:{port}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc.pid, first=signal.SIGTERM, timeout=10)
+            proc.wait()
+        self.procs = []
+
+    def detach_processes(self) -> None:
+        self.procs = []  # they run on; lab.json names them
+
+    def state(self) -> dict:
+        return {"cluster": self.cluster, "nodes": [dict(n) for n in self.nodes]}
+
+    def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
+        return _cluster_toml(self, self.nodes[0]["port"], password_file, writer_listen, reader_listen, "",
+                             "# TDS: two lab servers on one SQLite store, the reader started read-only; the probes\n"
+                             "# (DATABASEPROPERTYEX(DB_NAME(), 'Updateability')) decide who the writer is. Client\n"
+                             "# logins are checked against the users file's tds_sha256 verifiers.")
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    @classmethod
+    def connect_client(cls, address: str, lab: dict):
+        host, _, port = address.rpartition(":")
+        try:
+            import pytds
+        except ImportError:
+            pytds = None
+        if pytds is not None:
+            return pytds.connect(host, port=int(port), user=lab["user"], password=lab["password"],
+                                 database=lab["database"], autocommit=True, login_timeout=10, timeout=30)
+        try:
+            import pymssql
+        except ImportError:
+            raise LabPartError("the TDS client needs python-tds or pymssql: pip install python-tds") from None
+        return pymssql.connect(server=host, port=int(port), user=lab["user"], password=lab["password"],
+                               database=lab["database"], autocommit=True, login_timeout=10, timeout=30,
+                               tds_version="7.4")
+
+    @classmethod
+    def promote(cls, node: dict, state: dict, lab: dict) -> None:
+        os.kill(node["pid"], signal.SIGUSR2)  # the lab server turns writable
+        deadline = time.monotonic() + 10
+        while cls.verify_role(node, lab)[0] != "writer":
+            if time.monotonic() > deadline:
+                raise LabPartError(f"{node['host']}:{node['port']} still reads only 10 s after SIGUSR2")
+            time.sleep(0.1)
+
+    @classmethod
+    def rebuild_as_reader(cls, node: dict, writer: dict, state: dict, lab: dict) -> dict:
+        proc = cls.launch(node, lab, read_only=True, detach=True)
+        return {**node, "role": "reader", "pid": proc.pid, "started": start_time(proc.pid)}
+
+    @classmethod
+    def client_command(cls, connection_url: str) -> str:
+        host, port, user, password, database = _split_url(connection_url)
+        return (f"TDSVER=7.4 tsql -H {host} -p {port} -U {shlex.quote(user)} -P {shlex.quote(password)} "
+                f"-D {shlex.quote(database)}")
+
+    @classmethod
+    def verify_role(cls, node: dict, lab: dict) -> tuple[str, str]:
+        try:
+            answer = cls.check_query(f"{node['host']}:{node['port']}", lab,
+                                     "SELECT DATABASEPROPERTYEX(DB_NAME(), 'Updateability')")
+        except Exception as exc:  # any driver error: the node does not answer
+            return "unreachable", (str(exc).splitlines() or [type(exc).__name__])[0]
+        return ("reader" if answer == "READ_ONLY" else "writer"), f"Updateability = {answer}"
+
+    @classmethod
+    def check_query(cls, address: str, lab: dict, sql: str = "SELECT 1") -> str:
+        conn = cls.connect_client(address, lab)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            return str(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+
+# Engines the lab can start, by the name `--engines` takes; `lab up` starts all of them by default.
+PARTS: dict[str, type[LabPart]] = {"postgres": PostgresPart, "mysql": MySQLPart, "tds": TDSPart}

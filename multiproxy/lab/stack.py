@@ -211,13 +211,17 @@ class Lab:
         if os.geteuid() != 0:
             os.makedirs(link, mode=0o700, exist_ok=True)
             return link
+        # As root, each server's own directory below is private to its OS user (postgres, mysql): this one
+        # only needs to be passable (0711).
         pw = pwd.getpwnam(postgres.OS_USER)
-        os.makedirs(link, mode=0o700, exist_ok=True)
+        os.makedirs(link, mode=0o711, exist_ok=True)
         os.chown(link, pw.pw_uid, pw.pw_gid)
+        os.chmod(link, 0o711)
         if postgres.reachable_by(link, pw):
             return link
         os.rmdir(link)
         real = tempfile.mkdtemp(prefix="multiproxy-lab-", dir="/tmp")
+        os.chmod(real, 0o711)
         os.chown(real, pw.pw_uid, pw.pw_gid)
         os.symlink(real, link)
         return real
@@ -289,7 +293,8 @@ class Lab:
             config.append(part.config_toml(listeners["writer"]["address"], listeners["reader"]["address"],
                                            PASSWORD_FILE))
         users = UsersFile.empty()
-        users.add(self.state["user"], self.state["password"], kinds=("scram_sha_256",))
+        kinds = dict.fromkeys(kind for part in self.parts for kind in part.verifier_kinds)
+        users.add(self.state["user"], self.state["password"], kinds=tuple(kinds))
         users.save(os.path.join(self.dir, USERS_FILE))
         _write_private(os.path.join(self.dir, PASSWORD_FILE), self.state["password"] + "\n")
         config_path = os.path.join(self.dir, CONFIG_FILE)
