@@ -55,6 +55,7 @@ class LabPart:
     url_scheme = ""
     debian_package = ""
     verifier_kinds: tuple[str, ...] = ()  # the users file verifiers the lab user needs on this part's listeners
+    client_tool, client_package = "", ""  # the interactive client of client_command() and its Debian package
     supports_failover = False
     # The failover write loop: create its table if missing; insert one row (%s: an integer id); count the rows
     # with an id above %s.
@@ -164,6 +165,7 @@ class PostgresPart(LabPart):
     url_scheme = "postgresql"
     debian_package = postgres.DEBIAN_PACKAGE
     verifier_kinds = ("scram_sha_256",)
+    client_tool, client_package = "psql", "postgresql-client"
 
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
@@ -428,6 +430,7 @@ class MySQLPart(LabPart):
     url_scheme = "mysql"
     debian_package = "mariadb-server"
     verifier_kinds = ("mysql_native_password", "caching_sha2_password")
+    client_tool, client_package = "mariadb", "mariadb-client"
 
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, "
@@ -582,6 +585,7 @@ class TDSPart(LabPart):
     url_scheme = "mssql"
     debian_package = "freetds-bin"  # for tsql, the client; the servers are part of multiproxy
     verifier_kinds = ("tds_sha256",)
+    client_tool, client_package = "tsql", "freetds-bin"
 
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at datetime2)",

@@ -363,6 +363,9 @@ class Lab:
             if i == 0:
                 self.out(f"  {'-' * widths[0]}  {'-' * widths[1]}  {'-' * 12}")
         dir_opt = "" if self.dir == os.path.abspath(default_dir()) else f" --dir {self.dir}"
+        for part in self.parts:
+            if part.client_tool and not shutil.which(part.client_tool):
+                self.out(f"  ({part.client_tool} not found: install the Debian package '{part.client_package}')")
         self.out("")
         self.out(f'  in your shell:  eval "$(multiproxy lab env{dir_opt})"; psql')
         self.out(f"  status:         multiproxy lab status{dir_opt}")
