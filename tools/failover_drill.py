@@ -8,7 +8,11 @@ primary is stopped, the standby promoted and the writer record repointed; each w
 the time from the primary's stop to its first successful write afterwards. Idle client connections
 held through the proxy are counted before and after.
 
-    python3 tools/failover_drill.py [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
+    python3 tools/failover_drill.py [--engine postgres|tds] [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
+
+With --engine tds the nodes are two TDS lab servers (the second started read-only); the failover stops the
+writer's process and makes the other writable (SIGUSR2). Lab servers do not replicate: both hold the same
+empty table, and each acknowledged write is on the node that was the writer when it was acknowledged.
 """
 from __future__ import annotations
 
@@ -105,6 +109,154 @@ class WriteLoop(threading.Thread):
     def outage_after(self, t0: float) -> float | None:
         after = [t for t in self.successes if t > t0]
         return (after[0] - t0) if after else None
+
+
+class TdsConnection:
+    """pymssql in autocommit behind the small part of pg8000.native's interface the write loop uses."""
+
+    def __init__(self, host: str, port: int, timeout: int, through_proxy: bool):
+        import pymssql
+        user, password = ("app", "x") if through_proxy else (TDS_USER, TDS_PASSWORD)
+        self.conn = pymssql.connect(server=host, port=port, user=user, password=password, database="labdb",
+                                    autocommit=True, tds_version="7.4", login_timeout=timeout, timeout=10)
+
+    def run(self, sql: str, **params):
+        for name in params:
+            sql = sql.replace(f":{name}", f"%({name})s")
+        self.conn.cursor().execute(sql, params)
+
+    def close(self):
+        self.conn.close()
+
+
+TDS_USER, TDS_PASSWORD = "sa", "Drill-pw-1"
+
+
+def start_tds_node(host: str, port: int, workdir: str, read_only: bool) -> subprocess.Popen:
+    os.makedirs(workdir, exist_ok=True)
+    node = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.tds_server", "--host", host, "--port", str(port),
+                             "--user", TDS_USER, "--password", TDS_PASSWORD, "--database", "labdb",
+                             "--db-file", os.path.join(workdir, "master.sqlite")] + (["--read-only"] if read_only else []),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = node.stdout.readline()
+    if "listening" not in line:
+        raise RuntimeError(f"TDS lab server on {host}:{port} did not start: {line}")
+    return node
+
+
+def run_round_tds(args, workdir: str) -> dict:
+    port = shared_port()
+    nodes, dns, proxy, loops = [], None, None, []
+    try:
+        for host, name in ((PRIMARY_IP, "old"), (STANDBY_IP, "new")):
+            nodes.append(start_tds_node(host, port, os.path.join(workdir, name), read_only=False))
+            TdsConnection(host, port, 5, False).run(
+                "CREATE TABLE drill (id INT IDENTITY PRIMARY KEY, writer NVARCHAR(10), n INT)")
+        nodes[1].send_signal(signal.SIGUSR1)          # the second node is the read-only standby
+        zone = os.path.join(workdir, "zone.json")
+        write_zone(zone, {"writer.tds.lab": {"A": [PRIMARY_IP]}, "reader.tds.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        dns_port = udp_port()
+        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
+                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        dns.stdout.readline()
+        proxy_port, admin_port = free_port(), free_port()
+        config = os.path.join(workdir, "proxy.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[proxy]
+admin_listen = "127.0.0.1:{admin_port}"
+log_level = "warning"
+[clusters.tds]
+engine = "tds"
+hosts = []
+[clusters.tds.endpoints]
+writer = "writer.tds.lab:{port}"
+reader = "reader.tds.lab:{port}"
+[clusters.tds.dns]
+nameserver = "127.0.0.1:{dns_port}"
+ttl_floor = {args.floor}
+[clusters.tds.health]
+probe_interval = {args.probe_interval}
+failure_threshold = 1
+probe_user = "app"
+[clusters.tds.backend]
+tls = "disable"
+connect_timeout = 2.0
+[clusters.tds.pool]
+max_size = 10
+borrow_timeout = 60.0
+[[clusters.tds.credentials]]
+user = "*"
+backend_user = "{TDS_USER}"
+password = "{TDS_PASSWORD}"
+[[listeners]]
+name = "w"
+listen = "127.0.0.1:{proxy_port}"
+cluster = "tds"
+auth = "trust"
+""")
+        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
+        through_proxy = lambda: TdsConnection("127.0.0.1", proxy_port, 10, True)  # noqa: E731
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                through_proxy().close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("multiproxy did not come up; see proxy.log")
+                time.sleep(0.2)
+        idle = [through_proxy() for _ in range(args.idle)]
+        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.tds.lab")
+        through = WriteLoop("proxy", through_proxy)
+        direct = WriteLoop("direct", lambda: TdsConnection(resolver.address_now(), port, 2, False))
+        loops = [through, direct]
+        for loop in loops:
+            loop.start()
+        time.sleep(2.0)
+
+        t0 = time.monotonic()
+        nodes[0].kill()
+        nodes[0].wait(10)
+        nodes[1].send_signal(signal.SIGUSR2)
+        write_zone(zone, {"writer.tds.lab": {"A": [STANDBY_IP]}, "reader.tds.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        deadline = time.monotonic() + args.ttl * 4 + 30
+        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
+            time.sleep(0.1)
+        for loop in loops:
+            loop.stop_event.set()
+            loop.join(15)
+        survived = 0
+        for conn in idle:
+            try:
+                conn.run("SELECT 1")
+                survived += 1
+            except Exception:
+                pass
+            finally:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
+                "idle_kept": survived, "idle_total": len(idle)}
+    finally:
+        for loop in loops:
+            loop.stop_event.set()
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        if dns is not None:
+            dns.kill()
+            dns.wait(5)
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+            node.communicate(timeout=10)
 
 
 def run_round(args, workdir: str) -> dict:
@@ -220,6 +372,7 @@ auth = "trust"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=["postgres", "tds"], default="postgres")
     parser.add_argument("--ttl", type=int, default=5, help="TTL of the endpoint records (s)")
     parser.add_argument("--floor", type=float, default=1.0, help="multiproxy's dns.ttl_floor (s)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="multiproxy's health.probe_interval (s)")
@@ -231,7 +384,7 @@ def main(argv=None) -> int:
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="mp-drill-") as workdir:
             os.chmod(workdir, 0o755)
-            result = run_round(args, workdir)
+            result = (run_round_tds if args.engine == "tds" else run_round)(args, workdir)
         rows.append(result)
         print(f"round {i + 1}: {result}", file=sys.stderr)
     lines = ["| round | outage through multiproxy (s) | outage direct, DNS TTL %d s (s) | ratio | idle connections kept |" % args.ttl,
@@ -241,7 +394,9 @@ def main(argv=None) -> int:
         lines.append(f"| {i} | {_fmt(r['proxy'])} | {_fmt(r['direct'])} | {_fmt(ratio)} | {r['idle_kept']}/{r['idle_total']} |")
     table = "\n".join(lines)
     print(table)
-    print(f"\nPostgreSQL primary+standby, TTL {args.ttl} s, multiproxy ttl_floor {args.floor} s, "
+    nodes = ("two TDS lab servers (writer killed, read-only one made writable)" if args.engine == "tds"
+             else "PostgreSQL primary+standby")
+    print(f"\n{nodes}, TTL {args.ttl} s, multiproxy ttl_floor {args.floor} s, "
           f"probe_interval {args.probe_interval} s")
     if args.markdown:
         with open(args.markdown, "w") as f:
