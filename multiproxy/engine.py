@@ -132,7 +132,8 @@ class ClientContext:
     engine_options: dict = field(default_factory=dict)   # the cluster's [clusters.NAME.options]
     retry_read_only: bool = False   # retry a first statement refused as read-only on the new writer
     # In-band cancels (MySQL's KILL QUERY n on another connection): call with a proxy-issued key to cancel
-    # what the session holding it runs, as a CancelRequested handshake event would. None outside the core.
+    # what the session holding it runs, as a CancelRequested handshake event would; with terminate=True
+    # (KILL CONNECTION n) that session is closed as well. None outside the core.
     cancel: Callable | None = None
     # The listener's server-side ssl.SSLContext (None without a certificate), for engines that run TLS inside
     # their own framing (TDS 7.x carries the TLS handshake in PRELOGIN packets) with ssl.MemoryBIO.
