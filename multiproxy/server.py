@@ -293,23 +293,27 @@ class Proxy:
             self.sessions_per_user[session.user] -= 1
         self.metrics.session_closed(session)
 
-    def cancel(self, key, engine=None) -> None:
+    def cancel(self, key, engine=None, terminate: bool = False) -> None:
         """Forward a client's cancel to the backend now serving it; unknown keys and idle clients are ignored.
+        With `terminate` (MySQL's KILL CONNECTION) the session holding `key` is also closed.
 
         With several workers the key names the worker that issued it; a cancel that arrived elsewhere
         is passed to that worker over a datagram socket."""
         if self.worker_count > 1 and engine is not None:
             owner = engine.cancel_key_worker(key)
             if owner != self.worker:
-                self._pass_cancel(owner, engine.name, key)
+                self._pass_cancel(owner, engine.name, key, terminate)
                 return
         session = self.by_cancel_key.get(key)
         if session is None:
             self.metrics.cancels_ignored += 1
             return
         server = session.cancel_target()
+        if terminate:
+            session.terminate()
         if server is None:
-            self.metrics.cancels_ignored += 1
+            if not terminate:
+                self.metrics.cancels_ignored += 1
             return
         self.metrics.cancels_forwarded += 1
         cluster = session.runtime.cluster
@@ -331,16 +335,17 @@ class Proxy:
             while True:
                 data = sock.recv(4096)
                 try:
-                    engine_name, key = json.loads(data)
+                    engine_name, key, *rest = json.loads(data)
                     key = tuple(key) if isinstance(key, list) else key
                 except ValueError:
                     continue
-                self.cancel(key)
+                self.cancel(key, terminate=bool(rest and rest[0]))
         gevent.spawn(receive)
 
-    def _pass_cancel(self, owner: int, engine_name: str, key) -> None:
+    def _pass_cancel(self, owner: int, engine_name: str, key, terminate: bool = False) -> None:
         try:
-            self.cancel_socket.sendto(json.dumps([engine_name, key]).encode(), _cancel_address(self.cancel_group, owner))
+            self.cancel_socket.sendto(json.dumps([engine_name, key, terminate]).encode(),
+                                      _cancel_address(self.cancel_group, owner))
         except OSError as exc:
             log.warning("cannot pass a cancel to worker %d: %s", owner, exc)
 
