@@ -91,7 +91,7 @@ class Session:
         )
         self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
         engine = self.engine
-        ctx.cancel = lambda key: proxy.cancel(key, engine)
+        ctx.cancel = lambda key, terminate=False: proxy.cancel(key, engine, terminate)
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout
         deadline = time.monotonic() + limit
@@ -360,6 +360,15 @@ class Session:
             self._close_backend(server)
 
     # ------------------------------------------------------------------ cancel
+
+    def terminate(self) -> None:
+        """Close this client's connection from outside (another client's KILL CONNECTION): the client reader
+        sees the end, and finish() returns the backend, or discards it if it was mid-transaction or answer."""
+        log.info("client %s: connection killed on request", self.address[0] if self.address else "?")
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
 
     def cancel_target(self):
         """(server, pool) currently serving this client, or None."""
