@@ -103,6 +103,12 @@ class _Pending:
 _PLAIN_QUERY = _Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
 
 
+def _read_only_refusal(payload: bytes) -> bool:
+    """An ERR packet saying the server runs with --read-only (1290 ER_OPTION_PREVENTS_STATEMENT)."""
+    return (len(payload) >= 3 and payload[1] | (payload[2] << 8) == p.ER_OPTION_PREVENTS_STATEMENT
+            and (b"read-only" in payload or b"read_only" in payload))
+
+
 def _nonce() -> bytes:
     # 20 bytes without NUL (clients read the second part as a NUL-terminated string)
     return bytes(1 + b % 127 for b in os.urandom(20))
@@ -154,6 +160,8 @@ class MySQLClient(ClientProtocol):
         self.transaction_lost = False
         self.lost_error = b""
         self.release_due = False
+        self.retry_read_only = ctx.retry_read_only
+        self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -452,6 +460,14 @@ class MySQLClient(ClientProtocol):
             forward = b"".join(pieces)
         if forward and self.linked and self.server_state is not None and self.server_state.stale_statements:
             forward = self._close_stale(self.server_state) + forward
+        if forward:
+            # The first statement of a transaction, alone: if a read-only node refuses it (1290), nothing ran,
+            # and it can be sent again to the new writer.
+            self.retry_candidate = forward if (
+                self.retry_read_only and not self.linked and not local and len(self.fifo) == 1
+                and not self.fifo[0].internal and not self.status & p.SERVER_STATUS_IN_TRANS and not self.hold
+                and not self.cbuf and not self.c_skip and not self.c_more and not self.infile
+                and len(forward) > 4 and forward[4] == p.COM_QUERY) else None
         return forward, b"".join(local)
 
     _answered_locally = False
@@ -501,7 +517,7 @@ class MySQLClient(ClientProtocol):
             return self._statement(command, local, can_answer)
         if command == p.COM_PROCESS_KILL:
             if length >= 5:
-                self._kill(int.from_bytes(data[pos + 5:pos + 9], "little"))
+                self._kill(int.from_bytes(data[pos + 5:pos + 9], "little"), True)
             return self._answer_ok(local, can_answer)
         if command == p.COM_SET_OPTION:
             option = int.from_bytes(data[pos + 5:pos + 7], "little") if length >= 3 else -1
@@ -551,15 +567,16 @@ class MySQLClient(ClientProtocol):
         self.fifo.append(_Pending(R_GENERIC))
         return p.packet(0, bytes((p.COM_QUERY,)) + b"DO 0")
 
-    def _kill(self, thread_id: int) -> None:
+    def _kill(self, thread_id: int, terminate: bool) -> None:
+        """KILL QUERY cancels the statement the target runs; KILL [CONNECTION] also closes the target client."""
         cancel = getattr(self.ctx, "cancel", None)
         if cancel is not None:
-            cancel(thread_id)
+            cancel(thread_id, terminate)
 
     def _query(self, sql: bytes, local: list, can_answer: bool) -> bytes | None:
         found = classify(bytes(sql).decode("utf-8", "replace"))
         if found.kill is not None:
-            self._kill(found.kill[1])
+            self._kill(found.kill[1], found.kill[0] == "connection")
             return self._answer_ok(local, can_answer)
         if found.last_insert_id is not None and can_answer:
             local.append(self._last_insert_id_result(found.last_insert_id))
@@ -770,6 +787,17 @@ class MySQLClient(ClientProtocol):
                 self.sbuf = data[pos:]
                 break
             payload = data[pos + 4:end]
+            if (head == p.ERR_HEADER and state == S_START and self.retry_candidate is not None and not pending.internal
+                    and _read_only_refusal(payload)):
+                # The node refused the statement as read-only: it is no writer (any more). The client does not
+                # see this answer; the core sends the statement again, once, to the writer it finds.
+                if parts is None:
+                    parts = []
+                parts.append(data[keep_from:pos])
+                keep_from = end
+                self.retry_request, self.retry_candidate = self.retry_candidate, None
+                pos = end
+                continue
             if pending.internal:
                 if parts is None:
                     parts = []
@@ -908,6 +936,7 @@ class MySQLClient(ClientProtocol):
             if pending.action is not None:
                 pending.action(ok)
         else:
+            self.retry_candidate = None
             self.autocommit = bool(self.status & p.SERVER_STATUS_AUTOCOMMIT)
             if pending.action is not None:
                 pending.action(ok)
@@ -1024,6 +1053,7 @@ class MySQLClient(ClientProtocol):
         mid_answer = bool(self.sbuf or self.s_skip or self.s_more or self.rstate != S_START or self.infile)
         in_transaction = bool(self.status & p.SERVER_STATUS_IN_TRANS)
         pinned = self.pinned
+        self.retry_candidate = None
         self.unlink()
         self.fifo.clear()
         self.hold = 0

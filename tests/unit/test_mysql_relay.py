@@ -32,7 +32,7 @@ def make_client(auth: str = "trust", deprecate_eof: bool = False, cancels: list 
                         cancel_key=7, pin_policy=PinPolicy(), max_message_size=1 << 20,
                         engine_options=options or {})
     if cancels is not None:
-        ctx.cancel = cancels.append
+        ctx.cancel = lambda key, terminate=False: cancels.append((key, terminate))
     return MySQLClient(ctx, MySQLEngine())
 
 
@@ -220,7 +220,9 @@ def test_ping_and_quit_answered_locally_and_kill_is_routed():
     assert client.client_data(p.packet(0, b"\x0e")) == (b"", ok())
     assert client.client_data(query(b"KILL QUERY 4242")) == (b"", ok())
     assert client.client_data(p.packet(0, b"\x0c" + (77).to_bytes(4, "little"))) == (b"", ok())
-    assert cancels == [4242, 77]
+    assert client.client_data(query(b"KILL CONNECTION 78")) == (b"", ok())
+    assert client.client_data(query(b"KILL 79")) == (b"", ok())
+    assert cancels == [(4242, False), (77, True), (78, True), (79, True)]
     assert client.client_data(p.packet(0, b"\x01")) == (b"", b"")
     assert client.closing
 
