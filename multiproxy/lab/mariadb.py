@@ -60,7 +60,7 @@ class MariaDBServer:
         self.tls = dict(tls or {})
         self.server_id = server_id
         self.port: int | None = None
-        self.datadir = self.socket = self.logfile = None
+        self.datadir = self.socket = self.logfile = self.tmpdir = None
         self._proc: subprocess.Popen | None = None
         self._as_mysql = os.geteuid() == 0
         self._pw = pwd.getpwnam(OS_USER) if self._as_mysql else None
@@ -78,6 +78,7 @@ class MariaDBServer:
             self._make_dirs()
             user = ["--user=" + OS_USER] if self._as_mysql else []
             out = subprocess.run([self.install_db, "--no-defaults", f"--datadir={self.datadir}", *user,
+                                  f"--tmpdir={self.tmpdir}",
                                   "--auth-root-authentication-method=normal", "--skip-test-db",
                                   "--skip-name-resolve"], capture_output=True, text=True, timeout=180,
                                  cwd=self.basedir)
@@ -109,10 +110,12 @@ class MariaDBServer:
         self.datadir = os.path.join(self.basedir, "data")
         self.socket = os.path.join(self.basedir, "mariadb.sock")
         self.logfile = os.path.join(self.basedir, "mariadb.log")
+        self.tmpdir = os.path.join(self.basedir, "tmp")     # private: bootstraps running side by side share no /tmp names
         os.makedirs(self.datadir, exist_ok=True)
+        os.makedirs(self.tmpdir, exist_ok=True)
         if self._as_mysql:
             os.chmod(self.basedir, 0o755)
-            for path in (self.basedir, self.datadir):
+            for path in (self.basedir, self.datadir, self.tmpdir):
                 os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
         for kind in ("cert", "key", "ca"):
             if self.tls.get(kind):       # copied, so that mariadbd (running as mysql) may read the key
@@ -125,7 +128,7 @@ class MariaDBServer:
 
     def _launch(self, timeout: float) -> None:
         settings = {
-            "datadir": self.datadir, "socket": self.socket, "port": self.port, "bind-address": self.host,
+            "datadir": self.datadir, "tmpdir": self.tmpdir, "socket": self.socket, "port": self.port, "bind-address": self.host,
             "skip-networking": 0, "skip-name-resolve": 1, "max-connections": 1000, "skip-log-bin": None,
             "innodb-buffer-pool-size": "64M", "innodb-log-file-size": "32M", "innodb-flush-log-at-trx-commit": 0,
             "innodb-doublewrite": 0, "performance-schema": 0, "log-error": self.logfile,
