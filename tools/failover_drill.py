@@ -8,11 +8,15 @@ primary is stopped, the standby promoted and the writer record repointed; each w
 the time from the primary's stop to its first successful write afterwards. Idle client connections
 held through the proxy are counted before and after.
 
-    python3 tools/failover_drill.py [--engine postgres|tds] [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
+    python3 tools/failover_drill.py [--engine postgres|tds|mysql] [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
 
 With --engine tds the nodes are two TDS lab servers (the second started read-only); the failover stops the
 writer's process and makes the other writable (SIGUSR2). Lab servers do not replicate: both hold the same
 empty table, and each acknowledged write is on the node that was the writer when it was acknowledged.
+
+With --engine mysql the nodes are a MariaDB primary and a GTID replica (semi-sync, read_only=ON); the
+failover stops the primary (SIGTERM) and promotes the replica (applies its relay log, STOP SLAVE,
+RESET SLAVE ALL, read_only=OFF). The writers are PyMySQL clients in autocommit.
 """
 from __future__ import annotations
 
@@ -259,6 +263,146 @@ auth = "trust"
             node.communicate(timeout=10)
 
 
+MY_USER, MY_PASSWORD, MY_DB = "mp_app", "app-pw", "drilldb"
+
+
+class MySQLConnection:
+    """PyMySQL in autocommit behind the small part of pg8000.native's interface the write loop uses."""
+
+    def __init__(self, host: str, port: int, timeout: int, through_proxy: bool):
+        import pymysql
+        self.conn = pymysql.connect(host=host, port=port, user="app" if through_proxy else MY_USER,
+                                    password="" if through_proxy else MY_PASSWORD, database=MY_DB, autocommit=True,
+                                    connect_timeout=timeout, read_timeout=10, write_timeout=10, ssl_disabled=True)
+
+    def run(self, sql: str, **params):
+        for name in params:
+            sql = sql.replace(f":{name}", f"%({name})s")
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+
+    def close(self):
+        self.conn.close()
+
+
+def run_round_mysql(args, workdir: str) -> dict:
+    from multiproxy.lab.mariadb import MariaDBServer
+    port = shared_port()
+    primary = replica = dns = proxy = None
+    loops = []
+    try:
+        primary = MariaDBServer(host=PRIMARY_IP, port=port, server_id=1, basedir=os.path.join(workdir, "old")).start()
+        replica = primary.make_replica(host=STANDBY_IP, port=port, semi_sync=True)
+        primary.sql(f"CREATE DATABASE {MY_DB}; CREATE TABLE {MY_DB}.drill "
+                    "(id INT AUTO_INCREMENT PRIMARY KEY, writer VARCHAR(10), n INT);"
+                    f"CREATE USER '{MY_USER}'@'%' IDENTIFIED BY '{MY_PASSWORD}';"
+                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON {MY_DB}.* TO '{MY_USER}'@'%';"
+                    f"GRANT SLAVE MONITOR ON *.* TO '{MY_USER}'@'%';")
+        replica.wait_caught_up(primary)
+        zone = os.path.join(workdir, "zone.json")
+        write_zone(zone, {"writer.my.lab": {"A": [PRIMARY_IP]}, "reader.my.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        dns_port = udp_port()
+        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
+                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        dns.stdout.readline()
+        proxy_port, admin_port = free_port(), free_port()
+        config = os.path.join(workdir, "proxy.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[proxy]
+admin_listen = "127.0.0.1:{admin_port}"
+log_level = "warning"
+[clusters.my]
+engine = "mysql"
+hosts = []
+[clusters.my.endpoints]
+writer = "writer.my.lab:{port}"
+reader = "reader.my.lab:{port}"
+[clusters.my.dns]
+nameserver = "127.0.0.1:{dns_port}"
+ttl_floor = {args.floor}
+[clusters.my.health]
+probe_interval = {args.probe_interval}
+failure_threshold = 1
+probe_user = "app"
+[clusters.my.backend]
+tls = "disable"
+connect_timeout = 2.0
+[clusters.my.pool]
+max_size = 10
+borrow_timeout = 60.0
+[[clusters.my.credentials]]
+user = "*"
+backend_user = "{MY_USER}"
+password = "{MY_PASSWORD}"
+[[listeners]]
+name = "w"
+listen = "127.0.0.1:{proxy_port}"
+cluster = "my"
+auth = "trust"
+""")
+        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
+        through_proxy = lambda: MySQLConnection("127.0.0.1", proxy_port, 10, True)  # noqa: E731
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                through_proxy().run("INSERT INTO drill (writer, n) VALUES ('probe', 0)")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("multiproxy did not come up; see proxy.log")
+                time.sleep(0.2)
+        idle = [through_proxy() for _ in range(args.idle)]
+        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.my.lab")
+        through = WriteLoop("proxy", through_proxy)
+        direct = WriteLoop("direct", lambda: MySQLConnection(resolver.address_now(), port, 2, False))
+        loops = [through, direct]
+        for loop in loops:
+            loop.start()
+        time.sleep(2.0)
+
+        t0 = time.monotonic()
+        primary.stop()
+        replica.promote()
+        write_zone(zone, {"writer.my.lab": {"A": [STANDBY_IP]}, "reader.my.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        deadline = time.monotonic() + args.ttl * 4 + 30
+        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
+            time.sleep(0.1)
+        for loop in loops:
+            loop.stop_event.set()
+            loop.join(15)
+        survived = 0
+        for conn in idle:
+            try:
+                conn.run("SELECT 1")
+                survived += 1
+            except Exception:
+                pass
+            finally:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
+                "idle_kept": survived, "idle_total": len(idle)}
+    finally:
+        for loop in loops:
+            loop.stop_event.set()
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        if dns is not None:
+            dns.kill()
+            dns.wait(5)
+        for server in (replica, primary):
+            if server is not None:
+                server.stop()
+
+
 def run_round(args, workdir: str) -> dict:
     port = shared_port()
     primary = PostgresServer(host=PRIMARY_IP, port=port, settings={"synchronous_commit": "on"}).start()
@@ -372,7 +516,7 @@ auth = "trust"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=["postgres", "tds"], default="postgres")
+    parser.add_argument("--engine", choices=["postgres", "tds", "mysql"], default="postgres")
     parser.add_argument("--ttl", type=int, default=5, help="TTL of the endpoint records (s)")
     parser.add_argument("--floor", type=float, default=1.0, help="multiproxy's dns.ttl_floor (s)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="multiproxy's health.probe_interval (s)")
@@ -384,7 +528,7 @@ def main(argv=None) -> int:
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="mp-drill-") as workdir:
             os.chmod(workdir, 0o755)
-            result = (run_round_tds if args.engine == "tds" else run_round)(args, workdir)
+            result = {"tds": run_round_tds, "mysql": run_round_mysql}.get(args.engine, run_round)(args, workdir)
         rows.append(result)
         print(f"round {i + 1}: {result}", file=sys.stderr)
     lines = ["| round | outage through multiproxy (s) | outage direct, DNS TTL %d s (s) | ratio | idle connections kept |" % args.ttl,
@@ -394,8 +538,9 @@ def main(argv=None) -> int:
         lines.append(f"| {i} | {_fmt(r['proxy'])} | {_fmt(r['direct'])} | {_fmt(ratio)} | {r['idle_kept']}/{r['idle_total']} |")
     table = "\n".join(lines)
     print(table)
-    nodes = ("two TDS lab servers (writer killed, read-only one made writable)" if args.engine == "tds"
-             else "PostgreSQL primary+standby")
+    nodes = {"tds": "two TDS lab servers (writer killed, read-only one made writable)",
+             "mysql": "MariaDB primary + GTID replica (semi-sync; primary stopped, replica promoted)"}.get(
+        args.engine, "PostgreSQL primary+standby")
     print(f"\n{nodes}, TTL {args.ttl} s, multiproxy ttl_floor {args.floor} s, "
           f"probe_interval {args.probe_interval} s")
     if args.markdown:
