@@ -79,7 +79,8 @@ def echo_server(venv):
 @pytest.fixture(scope="module")
 def proxy(venv, echo_server, tmp_path_factory):
     config = {
-        "proxy": {"log_level": "info", "handshake_timeout": 5.0},
+        # An admin port of its own: the default 9930 may belong to another proxy on this machine.
+        "proxy": {"log_level": "info", "handshake_timeout": 5.0, "admin_listen": f"127.0.0.1:{free_port()}"},
         "clusters": {"echo": {"engine": "echo", "hosts": [f"127.0.0.1:{echo_server}"],
                               "pool": {"mode": "transaction", "max_size": 2, "borrow_timeout": 20.0}}},
         "listeners": [{"name": "echo", "listen": f"127.0.0.1:{free_port()}", "cluster": "echo", "role": "writer",
