@@ -181,6 +181,9 @@ def test_failover_keeps_idle_clients_and_loses_no_acknowledged_write(drill, prox
         drill["old"].signal(signal.SIGUSR1)
     drill["new"].signal(signal.SIGUSR2)
     write_zone(drill["zone"], {"writer.tds.lab": {"A": [NEW_IP]}, "reader.tds.lab": {"A": [NEW_IP]}}, ttl=TTL)
+    if how == "read_only":               # signals are handled asynchronously: wait until the old node says so
+        wait_for(lambda: drill["old"].sql("SELECT DATABASEPROPERTYEX(DB_NAME(), 'Updateability')")
+                 == [("READ_ONLY",)], 10, "the old writer to turn read-only")
     flip_done = time.monotonic()         # the old writer is dead or read-only from here on
     wait_for(lambda: any(at > flip_done for _, at in acknowledged), 60, "a write on the new writer")
     time.sleep(1.0)
