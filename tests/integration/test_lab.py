@@ -38,9 +38,10 @@ def parse_exports(text: str) -> dict[str, str]:
     return values
 
 
-def lab_pids(lab_dir: str) -> list[str]:
-    """Processes whose command line mentions the lab's directory or its data directory."""
-    data = os.path.realpath(os.path.join(lab_dir, "data"))
+def lab_pids(lab_dir: str, data: str | None = None) -> list[str]:
+    """Processes whose command line mentions the lab's directory or its data directory (as root under /tmp:
+    pass the path DIR/data pointed to, as the link is gone after `lab down`)."""
+    data = data or os.path.realpath(os.path.join(lab_dir, "data"))
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -225,7 +226,7 @@ def test_lab_up_env_status_failover_down(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     status = lab("status", "--dir", lab_dir)
     assert status.returncode != 0
-    assert lab_pids(lab_dir) == []
+    assert lab_pids(lab_dir, data_dir) == []
     assert not os.path.exists(lab_dir) and not os.path.exists(data_dir)
 
 
