@@ -141,6 +141,8 @@ class Pool:
                     pass
             if isinstance(exc, BackendError) and exc.fatal_auth:
                 self.proxy.credentials_failed(self.cluster, self.user)
+            else:
+                self.proxy.backend_failed(self.cluster, (target.host, target.port))
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, OSError) and not isinstance(exc, BackendError):
                 reason = f"cannot connect to {target.host}:{target.port}: {exc.strerror or exc}"
@@ -199,6 +201,7 @@ class Pool:
             pass
         self.size -= 1
         log.info("pool %s: backend connection closed: %s", self.label, why)
+        self.proxy.backend_failed(self.cluster, server.address)
         self._slot_freed()
 
     def discard_borrowed(self, server: ServerConnection) -> None:

@@ -21,6 +21,7 @@ from .config import ClusterConfig
 from .dns import DnsClient, EndpointWatch
 
 log = logging.getLogger("multiproxy.registry")
+FAST_PROBE_INTERVAL = 0.2   # seconds between probes while a cluster has no writer
 
 
 @dataclass
@@ -210,7 +211,7 @@ class Registry:
             node.failures = 0
             node.last_ok = time.monotonic()
             node.last_error = ""
-            node.next_probe = started + health.probe_interval
+            node.next_probe = started + self._interval(state)
         except Exception as exc:   # any failure of a probe is a fact about the node
             state.probe_failures_total += 1
             node.failures += 1
@@ -222,7 +223,7 @@ class Registry:
             # Back off on a down node, but keep probing soon enough to see it return.
             backoff = min(health.probe_interval * (2 ** max(0, node.failures - health.failure_threshold)),
                           health.backoff_max)
-            node.next_probe = time.monotonic() + (health.probe_interval if node.failures < health.failure_threshold
+            node.next_probe = time.monotonic() + (self._interval(state) if node.failures < health.failure_threshold
                                                   else backoff)
             if node.address == state.writer:
                 # A writer that stops answering is suspect at once: stop routing writes there.
@@ -235,6 +236,18 @@ class Registry:
                     sock.close()
                 except OSError:
                     pass
+
+    @staticmethod
+    def _interval(state: ClusterState) -> float:
+        """Probe interval: the configured one, but at most 0.2 s while no writer is known (failover under way)."""
+        interval = state.health.probe_interval
+        return interval if state.writer is not None else min(interval, FAST_PROBE_INTERVAL)
+
+    def backend_failed(self, cluster: str, address: tuple[str, int]) -> None:
+        """A connection to `address` failed or died: if it is the writer, look at the cluster again now."""
+        state = self.clusters.get(cluster)
+        if state is not None and state.writer == address:
+            self.reprobe(cluster)
 
     def _decide(self, state: ClusterState) -> None:
         writers = [n for n in state.nodes.values() if n.healthy and n.role == "writer"]

@@ -267,6 +267,11 @@ class Proxy:
             if pool.cluster.name == cluster.name and pool.role == "writer":
                 pool.drain(old, reason)
 
+    def backend_failed(self, cluster: ClusterConfig, address: tuple[str, int]) -> None:
+        """A backend connection could not be opened or died on its own: the registry re-probes if it was the writer."""
+        if self.registry is not None and cluster.name in self.registry.clusters:
+            self.registry.backend_failed(cluster.name, address)
+
     def credentials_failed(self, cluster: ClusterConfig, user: str) -> None:
         """The backend refused our credentials: fetch them again next time (they may have been rotated)."""
         cred = cluster.credential_for(user)

@@ -12,6 +12,7 @@ import pytest
 
 from multiproxy.lab.dns_server import write_zone
 from multiproxy.lab.mariadb import MariaDBServer
+from multiproxy.registry import FAST_PROBE_INTERVAL
 
 from .helpers import admin_status
 from .proxy import free_port
@@ -167,6 +168,7 @@ def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_fa
     proxy = proxy_factory(drill_config(drill, probe_interval=30.0))    # the registry will not notice by itself
     wait_for(lambda: writer_is(proxy, PRIMARY_IP, drill["port"]), 15, "the registry to verify the primary as writer",
              lambda: admin_status(proxy)["registry"])
+    time.sleep(FAST_PROBE_INTERVAL * 3)   # let the start-up probing (fast while no writer was known) settle
     conn = connect(proxy.address("w"))
     rows(conn, "INSERT INTO drill (id, note) VALUES (1, 'before')")
     drill["replica"].wait_caught_up(drill["primary"])

@@ -12,6 +12,7 @@ import pytest
 
 from multiproxy.lab.dns_server import write_zone
 from multiproxy.lab.postgres import PostgresServer
+from multiproxy.registry import FAST_PROBE_INTERVAL
 
 from .helpers import admin_status
 from .proxy import free_port
@@ -183,6 +184,7 @@ def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_fa
     proxy = proxy_factory(config)
     wait_for(lambda: admin_status(proxy)["registry"]["pg"]["writer"] == f"{PRIMARY_IP}:{drill['port']}", 15,
              "the registry to verify the primary as writer", lambda: admin_status(proxy)["registry"])
+    time.sleep(FAST_PROBE_INTERVAL * 3)   # let the start-up probing (fast while no writer was known) settle
     host, port = proxy.address("w")
     with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
         conn.execute("INSERT INTO drill (id) VALUES (1)")

@@ -14,6 +14,8 @@ import urllib.request
 
 import pytest
 
+from multiproxy.registry import FAST_PROBE_INTERVAL
+
 from multiproxy.lab.dns_server import write_zone
 
 from .helpers import admin_status, metric, metrics_text
@@ -230,6 +232,7 @@ def test_failover_keeps_idle_clients_and_loses_no_acknowledged_write(drill, prox
 @pytest.mark.timeout(120)
 def test_write_refused_as_read_only_is_retried_on_the_new_writer(drill, proxy_factory):
     proxy = start_proxy(drill, proxy_factory, probe_interval=30.0)     # the registry will not notice by itself
+    time.sleep(FAST_PROBE_INTERVAL * 3)   # let the start-up probing (fast while no writer was known) settle
     with connect(proxy.address("w")) as conn:
         conn.cursor().execute("INSERT INTO drill (id, note) VALUES (1, 'before')")
         # The writer turns read-only and the other node writable, behind the registry's back.
