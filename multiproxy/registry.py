@@ -276,6 +276,9 @@ class Registry:
                  "new": _fmt(new), "reason": reason}
         if new is None:
             state.writer_known.clear()
+            for node in state.nodes.values():     # look for the new writer quickly from now on
+                node.next_probe = min(node.next_probe, now + FAST_PROBE_INTERVAL)
+            state.wakeup.set()
             if state.writer_lost_at is None:
                 state.writer_lost_at = now
             log.warning("cluster %s: no writer (%s); new transactions wait up to the borrow timeout",
