@@ -5,12 +5,8 @@ import os
 
 import pytest
 
-try:  # tests/integration may or may not become a package; work either way
-    from .pgserver import PostgresServer
-    from .proxy import ProxyProcess
-except ImportError:
-    from pgserver import PostgresServer
-    from proxy import ProxyProcess
+from .pgserver import PostgresServer
+from .proxy import ProxyProcess
 
 INTEGRATION_TIMEOUT = 120  # seconds per test unless the test says otherwise
 _HERE = os.path.dirname(os.path.abspath(__file__))
