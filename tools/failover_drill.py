@@ -115,6 +115,131 @@ class WriteLoop(threading.Thread):
         return (after[0] - t0) if after else None
 
 
+def measure(args, workdir: str, *, engine: str, cluster: str, port: int, connect, fail_over,
+            cluster_toml: str = "", probe_user: str = "app", ready_sql: str = "SELECT 1") -> dict:
+    """The engine-neutral part of a round: DNS server and zone, multiproxy following the endpoints, idle
+    clients, a writer through the proxy and one following DNS itself; `fail_over()` flips the nodes, then the
+    records are repointed and each writer's outage measured. `connect(host, port, timeout, through_proxy)`
+    returns a connection with run(sql, **params) and close()."""
+    names = {"writer": f"writer.{cluster}.lab", "reader": f"reader.{cluster}.lab"}
+    zone = os.path.join(workdir, "zone.json")
+    write_zone(zone, {names["writer"]: {"A": [PRIMARY_IP]}, names["reader"]: {"A": [STANDBY_IP]}}, ttl=args.ttl)
+    dns = proxy = None
+    loops = []
+    try:
+        dns_port = udp_port()
+        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
+                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        dns.stdout.readline()
+        proxy_port, admin_port = free_port(), free_port()
+        config = os.path.join(workdir, "proxy.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[proxy]
+admin_listen = "127.0.0.1:{admin_port}"
+log_level = "warning"
+[clusters.{cluster}]
+engine = "{engine}"
+hosts = []
+[clusters.{cluster}.endpoints]
+writer = "{names['writer']}:{port}"
+reader = "{names['reader']}:{port}"
+[clusters.{cluster}.dns]
+nameserver = "127.0.0.1:{dns_port}"
+ttl_floor = {args.floor}
+[clusters.{cluster}.health]
+probe_interval = {args.probe_interval}
+failure_threshold = 1
+probe_user = "{probe_user}"
+[clusters.{cluster}.backend]
+tls = "disable"
+connect_timeout = 2.0
+[clusters.{cluster}.pool]
+max_size = 10
+borrow_timeout = 60.0
+{cluster_toml}
+[[listeners]]
+name = "w"
+listen = "127.0.0.1:{proxy_port}"
+cluster = "{cluster}"
+auth = "trust"
+""")
+        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
+
+        def through_proxy():
+            return connect("127.0.0.1", proxy_port, 10, True)
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                probe = through_proxy()
+                probe.run(ready_sql)
+                probe.close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"multiproxy did not come up; see {workdir}/proxy.log")
+                time.sleep(0.2)
+        idle = [through_proxy() for _ in range(args.idle)]
+        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), names["writer"])
+        through = WriteLoop("proxy", through_proxy)
+        direct = WriteLoop("direct", lambda: connect(resolver.address_now(), port, 2, False))
+        loops = [through, direct]
+        for loop in loops:
+            loop.start()
+        time.sleep(2.0)
+
+        t0 = time.monotonic()
+        fail_over()
+        write_zone(zone, {names["writer"]: {"A": [STANDBY_IP]}, names["reader"]: {"A": [STANDBY_IP]}}, ttl=args.ttl)
+        deadline = time.monotonic() + args.ttl * 4 + 30
+        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
+            time.sleep(0.1)
+        for loop in loops:
+            loop.stop_event.set()
+            loop.join(15)
+        survived = 0
+        for conn in idle:
+            try:
+                conn.run("SELECT 1")
+                survived += 1
+            except Exception:
+                pass
+            finally:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
+                "idle_kept": survived, "idle_total": len(idle)}
+    finally:
+        for loop in loops:
+            loop.stop_event.set()
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)
+            try:
+                proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+        if dns is not None:
+            dns.kill()
+            dns.wait(5)
+
+
+class PgConnection:
+    """pg8000 in autocommit (its native interface is what the write loop uses)."""
+
+    def __init__(self, host: str, port: int, timeout: int, through_proxy: bool):
+        self.conn = pg8000.native.Connection("postgres", host=host, port=port, timeout=timeout)
+
+    def run(self, sql: str, **params):
+        self.conn.run(sql, **params)
+
+    def close(self):
+        self.conn.close()
+
+
 class TdsConnection:
     """pymssql in autocommit behind the small part of pg8000.native's interface the write loop uses."""
 
@@ -150,113 +275,24 @@ def start_tds_node(host: str, port: int, workdir: str, read_only: bool) -> subpr
 
 def run_round_tds(args, workdir: str) -> dict:
     port = shared_port()
-    nodes, dns, proxy, loops = [], None, None, []
+    nodes = []
     try:
         for host, name in ((PRIMARY_IP, "old"), (STANDBY_IP, "new")):
             nodes.append(start_tds_node(host, port, os.path.join(workdir, name), read_only=False))
             TdsConnection(host, port, 5, False).run(
                 "CREATE TABLE drill (id INT IDENTITY PRIMARY KEY, writer NVARCHAR(10), n INT)")
         nodes[1].send_signal(signal.SIGUSR1)          # the second node is the read-only standby
-        zone = os.path.join(workdir, "zone.json")
-        write_zone(zone, {"writer.tds.lab": {"A": [PRIMARY_IP]}, "reader.tds.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        dns_port = udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        dns.stdout.readline()
-        proxy_port, admin_port = free_port(), free_port()
-        config = os.path.join(workdir, "proxy.toml")
-        with open(config, "w") as f:
-            f.write(f"""
-[proxy]
-admin_listen = "127.0.0.1:{admin_port}"
-log_level = "warning"
-[clusters.tds]
-engine = "tds"
-hosts = []
-[clusters.tds.endpoints]
-writer = "writer.tds.lab:{port}"
-reader = "reader.tds.lab:{port}"
-[clusters.tds.dns]
-nameserver = "127.0.0.1:{dns_port}"
-ttl_floor = {args.floor}
-[clusters.tds.health]
-probe_interval = {args.probe_interval}
-failure_threshold = 1
-probe_user = "app"
-[clusters.tds.backend]
-tls = "disable"
-connect_timeout = 2.0
-[clusters.tds.pool]
-max_size = 10
-borrow_timeout = 60.0
-[[clusters.tds.credentials]]
-user = "*"
-backend_user = "{TDS_USER}"
-password = "{TDS_PASSWORD}"
-[[listeners]]
-name = "w"
-listen = "127.0.0.1:{proxy_port}"
-cluster = "tds"
-auth = "trust"
-""")
-        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
-        through_proxy = lambda: TdsConnection("127.0.0.1", proxy_port, 10, True)  # noqa: E731
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                through_proxy().close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("multiproxy did not come up; see proxy.log")
-                time.sleep(0.2)
-        idle = [through_proxy() for _ in range(args.idle)]
-        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.tds.lab")
-        through = WriteLoop("proxy", through_proxy)
-        direct = WriteLoop("direct", lambda: TdsConnection(resolver.address_now(), port, 2, False))
-        loops = [through, direct]
-        for loop in loops:
-            loop.start()
-        time.sleep(2.0)
 
-        t0 = time.monotonic()
-        nodes[0].kill()
-        nodes[0].wait(10)
-        nodes[1].send_signal(signal.SIGUSR2)
-        write_zone(zone, {"writer.tds.lab": {"A": [STANDBY_IP]}, "reader.tds.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        deadline = time.monotonic() + args.ttl * 4 + 30
-        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
-            time.sleep(0.1)
-        for loop in loops:
-            loop.stop_event.set()
-            loop.join(15)
-        survived = 0
-        for conn in idle:
-            try:
-                conn.run("SELECT 1")
-                survived += 1
-            except Exception:
-                pass
-            finally:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
-                "idle_kept": survived, "idle_total": len(idle)}
+        def fail_over():
+            nodes[0].kill()
+            nodes[0].wait(10)
+            nodes[1].send_signal(signal.SIGUSR2)
+
+        credentials = (f'[[clusters.tds.credentials]]\nuser = "*"\nbackend_user = "{TDS_USER}"\n'
+                       f'password = "{TDS_PASSWORD}"')
+        return measure(args, workdir, engine="tds", cluster="tds", port=port, connect=TdsConnection,
+                       fail_over=fail_over, cluster_toml=credentials)
     finally:
-        for loop in loops:
-            loop.stop_event.set()
-        if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-        if dns is not None:
-            dns.kill()
-            dns.wait(5)
         for node in nodes:
             if node.poll() is None:
                 node.kill()
@@ -288,8 +324,7 @@ class MySQLConnection:
 def run_round_mysql(args, workdir: str) -> dict:
     from multiproxy.lab.mariadb import MariaDBServer
     port = shared_port()
-    primary = replica = dns = proxy = None
-    loops = []
+    primary = replica = None
     try:
         primary = MariaDBServer(host=PRIMARY_IP, port=port, server_id=1, basedir=os.path.join(workdir, "old")).start()
         replica = primary.make_replica(host=STANDBY_IP, port=port, semi_sync=True)
@@ -299,105 +334,17 @@ def run_round_mysql(args, workdir: str) -> dict:
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON {MY_DB}.* TO '{MY_USER}'@'%';"
                     f"GRANT SLAVE MONITOR ON *.* TO '{MY_USER}'@'%';")
         replica.wait_caught_up(primary)
-        zone = os.path.join(workdir, "zone.json")
-        write_zone(zone, {"writer.my.lab": {"A": [PRIMARY_IP]}, "reader.my.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        dns_port = udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        dns.stdout.readline()
-        proxy_port, admin_port = free_port(), free_port()
-        config = os.path.join(workdir, "proxy.toml")
-        with open(config, "w") as f:
-            f.write(f"""
-[proxy]
-admin_listen = "127.0.0.1:{admin_port}"
-log_level = "warning"
-[clusters.my]
-engine = "mysql"
-hosts = []
-[clusters.my.endpoints]
-writer = "writer.my.lab:{port}"
-reader = "reader.my.lab:{port}"
-[clusters.my.dns]
-nameserver = "127.0.0.1:{dns_port}"
-ttl_floor = {args.floor}
-[clusters.my.health]
-probe_interval = {args.probe_interval}
-failure_threshold = 1
-probe_user = "app"
-[clusters.my.backend]
-tls = "disable"
-connect_timeout = 2.0
-[clusters.my.pool]
-max_size = 10
-borrow_timeout = 60.0
-[[clusters.my.credentials]]
-user = "*"
-backend_user = "{MY_USER}"
-password = "{MY_PASSWORD}"
-[[listeners]]
-name = "w"
-listen = "127.0.0.1:{proxy_port}"
-cluster = "my"
-auth = "trust"
-""")
-        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
-        through_proxy = lambda: MySQLConnection("127.0.0.1", proxy_port, 10, True)  # noqa: E731
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                through_proxy().run("INSERT INTO drill (writer, n) VALUES ('probe', 0)")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("multiproxy did not come up; see proxy.log")
-                time.sleep(0.2)
-        idle = [through_proxy() for _ in range(args.idle)]
-        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.my.lab")
-        through = WriteLoop("proxy", through_proxy)
-        direct = WriteLoop("direct", lambda: MySQLConnection(resolver.address_now(), port, 2, False))
-        loops = [through, direct]
-        for loop in loops:
-            loop.start()
-        time.sleep(2.0)
 
-        t0 = time.monotonic()
-        primary.stop()
-        replica.promote()
-        write_zone(zone, {"writer.my.lab": {"A": [STANDBY_IP]}, "reader.my.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        deadline = time.monotonic() + args.ttl * 4 + 30
-        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
-            time.sleep(0.1)
-        for loop in loops:
-            loop.stop_event.set()
-            loop.join(15)
-        survived = 0
-        for conn in idle:
-            try:
-                conn.run("SELECT 1")
-                survived += 1
-            except Exception:
-                pass
-            finally:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
-                "idle_kept": survived, "idle_total": len(idle)}
+        def fail_over():
+            primary.stop()
+            replica.promote()
+
+        credentials = (f'[[clusters.my.credentials]]\nuser = "*"\nbackend_user = "{MY_USER}"\n'
+                       f'password = "{MY_PASSWORD}"')
+        return measure(args, workdir, engine="mysql", cluster="my", port=port, connect=MySQLConnection,
+                       fail_over=fail_over, cluster_toml=credentials,
+                       ready_sql="INSERT INTO drill (writer, n) VALUES ('probe', 0)")
     finally:
-        for loop in loops:
-            loop.stop_event.set()
-        if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-        if dns is not None:
-            dns.kill()
-            dns.wait(5)
         for server in (replica, primary):
             if server is not None:
                 server.stop()
@@ -406,109 +353,18 @@ auth = "trust"
 def run_round(args, workdir: str) -> dict:
     port = shared_port()
     primary = PostgresServer(host=PRIMARY_IP, port=port, settings={"synchronous_commit": "on"}).start()
-    standby = dns = proxy = None
-    loops = []
+    standby = None
     try:
         primary.psql("CREATE TABLE drill (id bigserial PRIMARY KEY, writer text, n int, at timestamptz DEFAULT now())")
         standby = primary.make_standby(host=STANDBY_IP, port=port)
-        zone = os.path.join(workdir, "zone.json")
-        write_zone(zone, {"writer.pg.lab": {"A": [PRIMARY_IP]}, "reader.pg.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        dns_port = udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        dns.stdout.readline()
-        proxy_port, admin_port = free_port(), free_port()
-        config = os.path.join(workdir, "proxy.toml")
-        with open(config, "w") as f:
-            f.write(f"""
-[proxy]
-admin_listen = "127.0.0.1:{admin_port}"
-log_level = "warning"
-[clusters.pg]
-engine = "postgres"
-hosts = []
-[clusters.pg.endpoints]
-writer = "writer.pg.lab:{port}"
-reader = "reader.pg.lab:{port}"
-[clusters.pg.dns]
-nameserver = "127.0.0.1:{dns_port}"
-ttl_floor = {args.floor}
-[clusters.pg.health]
-probe_interval = {args.probe_interval}
-failure_threshold = 1
-probe_user = "postgres"
-[clusters.pg.backend]
-tls = "disable"
-connect_timeout = 2.0
-[clusters.pg.pool]
-max_size = 10
-borrow_timeout = 60.0
-[[listeners]]
-name = "w"
-listen = "127.0.0.1:{proxy_port}"
-cluster = "pg"
-auth = "trust"
-""")
-        proxy = subprocess.Popen([sys.executable, "-m", "multiproxy", "run", "-c", config], cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "proxy.log"), "w"))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                pg8000.native.Connection("postgres", host="127.0.0.1", port=proxy_port, timeout=5).close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("multiproxy did not come up; see proxy.log")
-                time.sleep(0.2)
 
-        idle = [pg8000.native.Connection("postgres", host="127.0.0.1", port=proxy_port, timeout=10)
-                for _ in range(args.idle)]
-        resolver = CachingResolver(DnsClient("127.0.0.1", dns_port), "writer.pg.lab")
-        through = WriteLoop("proxy", lambda: pg8000.native.Connection(
-            "postgres", host="127.0.0.1", port=proxy_port, timeout=10))
-        direct = WriteLoop("direct", lambda: pg8000.native.Connection(
-            "postgres", host=resolver.address_now(), port=port, timeout=2))
-        loops = [through, direct]
-        for loop in loops:
-            loop.start()
-        time.sleep(2.0)
+        def fail_over():
+            primary.stop()
+            standby.promote()
 
-        t0 = time.monotonic()
-        primary.stop()
-        standby.promote()
-        write_zone(zone, {"writer.pg.lab": {"A": [STANDBY_IP]}, "reader.pg.lab": {"A": [STANDBY_IP]}}, ttl=args.ttl)
-        deadline = time.monotonic() + args.ttl * 4 + 30
-        while time.monotonic() < deadline and not all(loop.outage_after(t0) is not None for loop in loops):
-            time.sleep(0.1)
-        for loop in loops:
-            loop.stop_event.set()
-            loop.join(15)
-        survived = 0
-        for conn in idle:
-            try:
-                conn.run("SELECT 1")
-                survived += 1
-            except Exception:
-                pass
-            finally:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-        return {"proxy": through.outage_after(t0), "direct": direct.outage_after(t0),
-                "idle_kept": survived, "idle_total": len(idle)}
+        return measure(args, workdir, engine="postgres", cluster="pg", port=port, connect=PgConnection,
+                       fail_over=fail_over, probe_user="postgres")
     finally:
-        for loop in loops:
-            loop.stop_event.set()
-        if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-        if dns is not None:
-            dns.kill()
-            dns.wait(5)
         if standby is not None:
             standby.stop()
         primary.stop()
