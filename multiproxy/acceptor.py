@@ -33,7 +33,7 @@ class Acceptor:
         wait, event = listener._wait, listener._read_event
         family = listener.family
         make_socket = socket.socket
-        spawn = gevent.spawn
+        spawn = gevent.spawn_raw          # no Greenlet object: _run handles its own errors
         handle = self.handle
         while True:
             wait(event)
@@ -65,5 +65,7 @@ class Acceptor:
 def _run(handle, sock, address) -> None:
     try:
         handle(sock, address)
+    except Exception:  # one client's failure must never reach the hub
+        log.exception("client %s: unexpected error", address[0] if isinstance(address, tuple) else address)
     finally:
         sock.close()

@@ -55,11 +55,7 @@ class Session:
     # ------------------------------------------------------------------ client greenlet
 
     def run(self) -> None:
-        sock = self.sock
-        try:
-            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        # TCP_NODELAY comes from the listening socket: Linux copies it to every accepted connection.
         try:
             if self.handshake():
                 self.serve()
