@@ -14,6 +14,7 @@ setup(
         "prometheus_client>=0.17",
         "sqlglot>=25",  # the TDS lab server transpiles T-SQL to SQLite
         "cryptography>=41",  # the TDS lab server's self-signed certificate
+        "PyJWT>=2.8",  # JWT token authentication
     ],
     extras_require={
         "test": [
