@@ -116,6 +116,7 @@ class AuthFailed:
     user: str
     data: bytes
     reason: str
+    audit_event: str = "auth_failed"   # "token_rejected" when a token was refused
 
 
 @dataclass

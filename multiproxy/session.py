@@ -153,7 +153,7 @@ class Session:
         proxy.metrics.auth_failures += 1
         log.warning("client %s: authentication failed for user %r on listener %s: %s",
                     source, event.user, self.listener.name, event.reason)
-        proxy.audit.record("auth_failed", listener=self.listener.name, engine=self.engine.name, user=event.user,
+        proxy.audit.record(event.audit_event, listener=self.listener.name, engine=self.engine.name, user=event.user,
                            address=source, reason=event.reason)
         delay = proxy.throttle.failed(source)
         if delay:
