@@ -9,7 +9,8 @@ from typing import Any
 
 POOL_MODES = ("session", "transaction")
 ROLES = ("writer", "reader")
-CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password", "caching_sha2_password")
+CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password", "caching_sha2_password", "token")
+TOKEN_KINDS = ("rds_iam", "jwt")
 BACKEND_TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 PIN_ACTIONS = ("pin", "reject", "ignore")
 SECRET_KEYS = ("password", "password_env", "password_file", "password_command")
@@ -117,7 +118,21 @@ LISTENER_SETTINGS = _settings(
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
     Setting("pool_mode", str, "", "override of the cluster's pool mode for this listener", ("",) + POOL_MODES),
     Setting("max_client_connections", int, 0, "most client connections at once on this listener; 0 unlimited", minimum=0),
+    Setting("token_kind", str, "", "with auth = 'token': rds_iam (RDS IAM authentication tokens) or jwt",
+            ("",) + TOKEN_KINDS),
+    Setting("iam_access_keys_file", str, "", "rds_iam: TOML or JSON file of access key id = secret access key "
+            "(mode 0600)"),
+    Setting("iam_region", str, "", "rds_iam: the region tokens must be signed for; empty accepts any"),
+    Setting("iam_hostname", str, "", "rds_iam: host:port tokens may name besides the listen address (the DNS name "
+            "clients connect to)"),
+    Setting("jwt_jwks_file", str, "", "jwt: JSON Web Key Set file with the RS256/ES256 public keys"),
+    Setting("jwt_shared_key_env", str, "", "jwt: environment variable holding an HS256 key (32 characters at least)"),
+    Setting("jwt_issuer", str, "", "jwt: the required iss claim"),
+    Setting("jwt_audience", str, "", "jwt: the required aud claim"),
+    Setting("jwt_user_claim", str, "sub", "jwt: the claim that must equal the database user"),
 )
+TOKEN_SETTINGS = ("token_kind", "iam_access_keys_file", "iam_region", "iam_hostname", "jwt_jwks_file",
+                  "jwt_shared_key_env", "jwt_issuer", "jwt_audience", "jwt_user_claim")
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,16 @@ class ListenerConfig:
     require_tls: bool
     pool_mode: str
     max_client_connections: int
+    token_kind: str = ""
+    iam_access_keys_file: str = ""
+    iam_region: str = ""
+    iam_hostname: str = ""
+    jwt_jwks_file: str = ""
+    jwt_shared_key_env: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_user_claim: str = "sub"
+    token_verifier: Any = field(default=None, compare=False, repr=False)   # multiproxy.tokens, with auth = 'token'
 
 
 @dataclass(frozen=True)
@@ -454,13 +479,29 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
                 values[key] = full
                 if not os.path.exists(full):
                     r.problem(f"{path}.{key}", f"file not found: {full}")
-        if values["auth"] != "trust" and not users_file:
+        if values["auth"] not in ("trust", "token") and not users_file:
             r.problem(f"{path}.auth", f"{values['auth']!r} needs [auth] users_file (or auth = 'trust')")
+        if values["auth"] == "token":
+            _token_listener(r, path, values, base_dir)
         listeners.append(ListenerConfig(**values))
 
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source)
+
+
+def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
+    """Check a token listener's settings and build its verifier (keys are read once, at load)."""
+    from .tokens import build_verifier
+    if not values["tls_cert_file"]:
+        r.problem(f"{path}.auth", "'token' needs TLS on the client leg: set tls_cert_file and tls_key_file")
+    for key in ("iam_access_keys_file", "jwt_jwks_file"):
+        if values[key] and not os.path.isabs(values[key]):
+            values[key] = os.path.join(base_dir, values[key])
+    try:
+        values["token_verifier"] = build_verifier(values, values["listen"])
+    except ValueError as exc:
+        r.problem(path, str(exc))
 
 
 def settings_reference() -> str:

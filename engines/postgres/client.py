@@ -15,6 +15,7 @@ from multiproxy.engine import (
     AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, CloseClient, ErrorKind,
     PinReason, ProtocolError, SendToClient, StartClientTLS,
 )
+from multiproxy.tokens import TokenRejected
 
 from . import protocol as p
 from .auth import AuthError, ScramServer, check_md5_response
@@ -275,6 +276,14 @@ class PostgresClient(ClientProtocol):
             return True
         if method == "trust":
             return self._authenticated(events)
+        if method == "token":
+            if not self.tls_active:
+                return self._fatal(ErrorKind.TLS_REQUIRED, f"listener {ctx.listener.name!r} authenticates with tokens, "
+                                   "which are only accepted over TLS: connect with sslmode=require", events)
+            self.auth_state = ("token", ctx.listener.token_verifier)
+            events.append(SendToClient(p.authentication(p.AUTH_CLEARTEXT)))
+            self.phase = "auth"
+            return True
         verifiers = record.verifiers if record else {}
         if method == "md5" and "md5" in verifiers:
             self.md5_salt = os.urandom(4)
@@ -315,6 +324,18 @@ class PostgresClient(ClientProtocol):
             response = body.rstrip(b"\x00")
             if state is None or not check_md5_response(state, self.md5_salt, response):
                 events.append(AuthFailed(self.user, render_error(ErrorKind.AUTH_FAILED, failure, True), "wrong md5 password"))
+                return True
+            return self._authenticated(events)
+        if method == "token":
+            token = body.rstrip(b"\x00").decode("utf-8", "replace")
+            try:
+                if state is None:
+                    raise TokenRejected("no token verifier configured")
+                state.verify(token, self.user)
+            except TokenRejected as exc:
+                message = f'token authentication failed for user "{self.user}": {exc}'
+                events.append(AuthFailed(self.user, render_error(ErrorKind.AUTH_FAILED, message, True),
+                                         f"token rejected: {exc}", "token_rejected"))
                 return True
             return self._authenticated(events)
         server: ScramServer = state
