@@ -13,7 +13,8 @@ CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password",
 TOKEN_KINDS = ("rds_iam", "jwt")
 BACKEND_TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 PIN_ACTIONS = ("pin", "reject", "ignore")
-SECRET_KEYS = ("password", "password_env", "password_file", "password_command")
+SECRET_KEYS = ("password", "password_env", "password_file", "password_command", "password_secret_arn")
+AWS_KEYS = ("aws_region", "aws_endpoint_url")
 
 
 class ConfigError(Exception):
@@ -103,6 +104,10 @@ CREDENTIAL_SETTINGS = _settings(
     Setting("password_env", str, "", "environment variable holding the backend password"),
     Setting("password_file", str, "", "file holding the backend password (mode 0600)"),
     Setting("password_command", str, "", "shell command printing the backend password"),
+    Setting("password_secret_arn", str, "", "AWS Secrets Manager secret holding the backend password (its JSON "
+            "\"password\" key, or the whole SecretString)"),
+    Setting("aws_region", str, "", "region of password_secret_arn; empty takes it from the ARN"),
+    Setting("aws_endpoint_url", str, "", "Secrets Manager endpoint (a VPC endpoint or a local emulator); empty: AWS's"),
 )
 
 LISTENER_SETTINGS = _settings(
@@ -199,10 +204,16 @@ class Credential:
     password_env: str
     password_file: str
     password_command: str
+    password_secret_arn: str = ""
+    aws_region: str = ""
+    aws_endpoint_url: str = ""
     key_path: str = ""
 
     def secret_source(self) -> dict:
-        return {k: getattr(self, k) for k in SECRET_KEYS if getattr(self, k)}
+        source = {k: getattr(self, k) for k in SECRET_KEYS if getattr(self, k)}
+        if source:
+            source.update({k: getattr(self, k) for k in AWS_KEYS if getattr(self, k)})
+        return source
 
 
 @dataclass(frozen=True)
@@ -415,6 +426,9 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             given = [k for k in SECRET_KEYS if values.get(k)]
             if len(given) > 1:
                 r.problem(cpath, f"give only one of {', '.join(SECRET_KEYS)}, got {', '.join(given)}")
+            for key in AWS_KEYS:
+                if values.get(key) and not values.get("password_secret_arn"):
+                    r.problem(f"{cpath}.{key}", "only used with password_secret_arn")
             if values.get("password_file") and not os.path.isabs(values["password_file"]):
                 values["password_file"] = os.path.join(base_dir, values["password_file"])
             creds.append(Credential(**values, key_path=cpath))

@@ -1,6 +1,7 @@
-"""Backend credentials: turn a config's password / password_env / password_file / password_command into the secret."""
+"""Backend credentials: turn a config's password / _env / _file / _command / _secret_arn (AWS) into the secret."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -10,7 +11,8 @@ from typing import Callable, Mapping
 
 __all__ = ["COMMAND_TIMEOUT", "SOURCE_KEYS", "CachedSecret", "SecretError", "resolve_secret"]
 
-SOURCE_KEYS = ("password", "password_env", "password_file", "password_command")
+SOURCE_KEYS = ("password", "password_env", "password_file", "password_command", "password_secret_arn")
+AWS_TIMEOUT = 10.0  # seconds for one Secrets Manager request
 COMMAND_TIMEOUT = 10.0  # seconds a password_command may run
 
 
@@ -44,8 +46,10 @@ def resolve_secret(source: Mapping, key_path: str, *, command_timeout: float = C
         secret = _from_env(value, where)
     elif key == "password_file":
         secret = _from_file(value, where)
-    else:
+    elif key == "password_command":
         secret = _from_command(value, where, command_timeout)
+    else:
+        secret = _from_secrets_manager(value, where, source.get("aws_region", ""), source.get("aws_endpoint_url", ""))
     if not secret:
         raise SecretError("%s: the secret is empty" % where)
     return secret
@@ -104,6 +108,46 @@ def _from_command(command: str, where: str, timeout: float) -> str:
         return result.stdout.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise SecretError("%s: command output is not UTF-8 text" % where) from None
+
+
+def _from_secrets_manager(arn: str, where: str, region: str, endpoint_url: str) -> str:
+    """SecretString of an AWS Secrets Manager secret: its JSON "password" key, or the whole string."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+    parts = arn.split(":")
+    if not region and len(parts) > 3 and parts[0] == "arn" and parts[2] == "secretsmanager":
+        region = parts[3]          # arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME
+    config = botocore.config.Config(connect_timeout=AWS_TIMEOUT, read_timeout=AWS_TIMEOUT,
+                                     retries={"max_attempts": 2, "mode": "standard"})
+    try:
+        client = boto3.session.Session().client("secretsmanager", region_name=region or None,
+                                                endpoint_url=endpoint_url or None, config=config)
+        response = client.get_secret_value(SecretId=arn)
+    except botocore.exceptions.ClientError as e:
+        error = e.response.get("Error", {})
+        raise SecretError("%s: Secrets Manager refused %s: %s (%s)"
+                          % (where, arn, error.get("Code", "error"), error.get("Message", "")[:200])) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise SecretError("%s: no AWS credentials for Secrets Manager; give the proxy an IAM role or the "
+                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY environment" % where) from None
+    except botocore.exceptions.NoRegionError:
+        raise SecretError("%s: no AWS region; set aws_region next to password_secret_arn" % where) from None
+    except (botocore.exceptions.BotoCoreError, ValueError) as e:
+        raise SecretError("%s: cannot reach Secrets Manager: %s" % (where, e)) from None
+    text = response.get("SecretString")
+    if not isinstance(text, str):
+        raise SecretError("%s: secret %s has no SecretString (binary secrets are not supported)" % (where, arn))
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise SecretError("%s: secret %s looks like JSON but does not parse" % (where, arn)) from None
+        password = document.get("password") if isinstance(document, dict) else None
+        if not isinstance(password, str):
+            raise SecretError('%s: secret %s is JSON without a string "password" key' % (where, arn))
+        return password
+    return text
 
 
 class CachedSecret:

@@ -213,6 +213,27 @@ def test_two_secret_sources_for_one_credential():
     assert "password_env" in problem and "password_file" in problem
 
 
+def test_aws_settings_need_a_secret_arn():
+    raw = valid()
+    raw["clusters"]["orders"]["credentials"][0]["aws_region"] = "eu-west-1"
+    assert [p.split(":")[0] for p in problems(raw)] == ["clusters.orders.credentials[0].aws_region"]
+    cred = raw["clusters"]["orders"]["credentials"][0]
+    del cred["password_env"]
+    cred["password_secret_arn"] = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:db-AbCdEf"
+    config = build_config(raw, known_engines={"postgres": type("PG", (), {"default_port": 5432})})
+    assert config.clusters["orders"].credentials[0].secret_source() == {
+        "password_secret_arn": cred["password_secret_arn"], "aws_region": "eu-west-1"}
+
+
+def test_token_listener_settings():
+    raw = valid()
+    raw["listeners"][0]["auth"] = "token"
+    raw["listeners"][0]["token_kind"] = "rds_iam"
+    found = problems(raw)
+    assert any("'token' needs TLS on the client leg" in p for p in found)
+    assert any("iam_access_keys_file: needed" in p for p in found)
+
+
 def test_require_tls_without_a_certificate():
     raw = valid()
     raw["listeners"][0]["require_tls"] = True

@@ -93,7 +93,8 @@ def test_exactly_one_source():
     with pytest.raises(SecretError) as info:
         resolve_secret({"user": "app"}, KEY)
     assert str(info.value) == (
-        "clusters.orders.backend: no password source; set one of password, password_env, password_file, password_command"
+        "clusters.orders.backend: no password source; set one of password, password_env, password_file, password_command, "
+        "password_secret_arn"
     )
     with pytest.raises(SecretError) as info:
         resolve_secret({"password": "a", "password_env": "B"}, KEY)
