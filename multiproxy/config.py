@@ -121,6 +121,11 @@ LISTENER_SETTINGS = _settings(
     Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
     Setting("tls_key_file", str, "", "private key of tls_cert_file"),
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
+    Setting("tls_min_version", str, "TLSv1.2", "oldest TLS version clients may use", ("TLSv1.2", "TLSv1.3")),
+    Setting("tls_ciphers", str, "", "OpenSSL cipher list for TLS 1.2 clients (e.g. ECDHE+AESGCM); empty: OpenSSL's "
+            "defaults"),
+    Setting("tls_client_ca_file", str, "", "CA bundle that client certificates must chain to"),
+    Setting("tls_verify_client", bool, False, "require a client certificate issued by tls_client_ca_file"),
     Setting("pool_mode", str, "", "override of the cluster's pool mode for this listener", ("",) + POOL_MODES),
     Setting("max_client_connections", int, 0, "most client connections at once on this listener; 0 unlimited", minimum=0),
     Setting("token_kind", str, "", "with auth = 'token': rds_iam (RDS IAM authentication tokens) or jwt",
@@ -252,6 +257,10 @@ class ListenerConfig:
     require_tls: bool
     pool_mode: str
     max_client_connections: int
+    tls_min_version: str = "TLSv1.2"
+    tls_ciphers: str = ""
+    tls_client_ca_file: str = ""
+    tls_verify_client: bool = False
     token_kind: str = ""
     iam_access_keys_file: str = ""
     iam_region: str = ""
@@ -487,7 +496,8 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             r.problem(f"{path}.tls_key_file", "tls_cert_file and tls_key_file go together")
         if values["require_tls"] and not values["tls_cert_file"]:
             r.problem(f"{path}.require_tls", "needs tls_cert_file and tls_key_file")
-        for key in ("tls_cert_file", "tls_key_file"):
+        _tls_policy(r, path, values, clusters.get(values["cluster"]))
+        for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if values[key]:
                 full = values[key] if os.path.isabs(values[key]) else os.path.join(base_dir, values[key])
                 values[key] = full
@@ -502,6 +512,25 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source)
+
+
+def _tls_policy(r: _Reader, path: str, values: dict, cluster) -> None:
+    """Check a listener's TLS policy settings (versions, ciphers, client certificates)."""
+    import ssl
+    policy = values["tls_min_version"] != "TLSv1.2" or values["tls_ciphers"] or values["tls_client_ca_file"] \
+        or values["tls_verify_client"]
+    if policy and not values["tls_cert_file"]:
+        r.problem(f"{path}.tls_min_version", "TLS policy settings need tls_cert_file and tls_key_file")
+    if values["tls_verify_client"] and not values["tls_client_ca_file"]:
+        r.problem(f"{path}.tls_verify_client", "needs tls_client_ca_file, the CA that issues client certificates")
+    if values["tls_ciphers"]:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(values["tls_ciphers"])
+        except ssl.SSLError:
+            r.problem(f"{path}.tls_ciphers", f"OpenSSL knows no cipher in {values['tls_ciphers']!r}")
+    if policy and cluster is not None and cluster.engine == "tds":
+        r.problem(f"{path}.tls_min_version", "TDS listeners use TLS 1.2 as SQL Server does; tls_min_version, "
+                  "tls_ciphers and client certificates are not supported there")
 
 
 def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:

@@ -4,10 +4,22 @@ from __future__ import annotations
 import ssl
 
 
-def client_leg_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """The context clients see: our certificate, TLS 1.2 at least."""
+TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def client_leg_context(cert_file: str, key_file: str, min_version: str = "TLSv1.2", ciphers: str = "",
+                       client_ca_file: str = "", verify_client: bool = False) -> ssl.SSLContext:
+    """The context clients see: our certificate, TLS 1.2 at least (or `min_version`), optionally only `ciphers`
+    (an OpenSSL cipher list; it governs TLS 1.2, TLS 1.3 suites are OpenSSL's) and, with `verify_client`,
+    a client certificate issued by a CA in `client_ca_file`."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = TLS_VERSIONS[min_version]
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    if client_ca_file:
+        ctx.load_verify_locations(client_ca_file)
+    if verify_client:
+        ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
