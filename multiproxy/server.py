@@ -40,7 +40,9 @@ class ListenerRuntime:
         self.cluster = cluster
         self.engine = engine
         self.pin_policy = pin_policy
-        self.tls_context = client_leg_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
+        self.tls_context = client_leg_context(
+            config.tls_cert_file, config.tls_key_file, config.tls_min_version, config.tls_ciphers,
+            config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None
         self.server: Acceptor | None = None
         self.connections = 0
 
