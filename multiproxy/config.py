@@ -506,6 +506,10 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         if values["auth"] not in ("trust", "token") and not users_file:
             r.problem(f"{path}.auth", f"{values['auth']!r} needs [auth] users_file (or auth = 'trust')")
         if values["auth"] == "token":
+            cluster = clusters.get(values["cluster"])
+            if cluster is not None and cluster.engine != "postgres":
+                r.problem(f"{path}.auth", f"'token' is built for PostgreSQL listeners only; cluster "
+                          f"{cluster.name!r} runs {cluster.engine!r}")
             _token_listener(r, path, values, base_dir)
         listeners.append(ListenerConfig(**values))
 

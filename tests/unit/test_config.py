@@ -232,6 +232,8 @@ def test_token_listener_settings():
     found = problems(raw)
     assert any("'token' needs TLS on the client leg" in p for p in found)
     assert any("iam_access_keys_file: needed" in p for p in found)
+    raw["clusters"]["orders"]["engine"] = "mysql"
+    assert any("'token' is built for PostgreSQL listeners only" in p for p in problems(raw))
 
 
 def test_require_tls_without_a_certificate():
