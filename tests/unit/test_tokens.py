@@ -5,6 +5,7 @@ import time
 import boto3
 import jwt
 import pytest
+from hypothesis import given, settings, strategies as st
 from botocore.auth import SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -175,3 +176,13 @@ def test_jwt_shared_key(monkeypatch):
     with pytest.raises(ValueError, match="shorter than 32"):
         build_verifier({"token_kind": "jwt", "jwt_shared_key_env": "MP_TEST_JWT_KEY", "jwt_issuer": ISS,
                         "jwt_audience": AUD}, ("127.0.0.1", PORT))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=400), st.builds(lambda tail: boto_token()[:40] + tail, st.text(max_size=200)),
+                 st.builds(lambda tail: make_jwt()[:60] + tail, st.text(max_size=200))))
+def test_arbitrary_input_is_only_ever_rejected(token):
+    """Whatever a client sends as its password, the verifiers answer TokenRejected, never another exception."""
+    for verifier in (iam(), jwt_verifier()):
+        with pytest.raises(TokenRejected):
+            verifier.verify(token, "alice")
