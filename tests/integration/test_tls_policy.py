@@ -1,5 +1,5 @@
-"""Client-leg TLS policy on a PostgreSQL listener: minimum version, cipher list and client certificates,
-checked with raw TLS handshakes (after an SSLRequest) and with psycopg against the private PostgreSQL."""
+"""Client-leg TLS policy: minimum version, cipher list and client certificates on a PostgreSQL listener (raw TLS
+handshakes after an SSLRequest, psycopg against the private PostgreSQL), and the minimum version on a MySQL one."""
 from __future__ import annotations
 
 import datetime
@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from multiproxy.config import ConfigError, build_config
 
+from .mysqlkit import connect as mysql_connect, mysql_config, query, users_toml
 from .proxy import free_port
 from .test_pg_tls import make_ca, write_pki
 
@@ -81,6 +82,7 @@ def connect(proxy, **kw):
     return psycopg.connect(host=host, port=port, user=USER, dbname=DB, sslmode="require", connect_timeout=10, **kw)
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 def test_default_minimum_is_tls_1_2(pg, proxy_factory, tmp_path):
     proxy = proxy_factory(config(pg, tmp_path))
     with pytest.raises(ssl.SSLError):
@@ -129,3 +131,21 @@ def test_policy_config_errors(pg, tmp_path):
     text = str(info.value)
     assert "tls_verify_client: needs tls_client_ca_file" in text
     assert "tls_ciphers: OpenSSL knows no cipher" in text
+
+
+def test_mysql_listener_minimum_tls_1_3(mariadb, proxy_factory, tmp_path):
+    import pymysql
+    pki = write_pki(str(tmp_path), "mysql-policy")
+    listener = {"tls_cert_file": pki["cert"], "tls_key_file": pki["key"], "require_tls": True,
+                "tls_min_version": "TLSv1.3"}
+    proxy = proxy_factory(mysql_config(mariadb, listener=listener), files={"users.toml": users_toml()})
+    old = ssl.create_default_context(cafile=pki["ca"])
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(pymysql.err.OperationalError):
+        mysql_connect(proxy, ssl=old)
+    conn = mysql_connect(proxy, ssl=ssl.create_default_context(cafile=pki["ca"]))
+    try:
+        assert conn._sock.version() == "TLSv1.3"
+        assert query(conn, "SELECT 1") == [(1,)]
+    finally:
+        conn.close()
