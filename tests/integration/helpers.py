@@ -55,3 +55,43 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
         if not chunk:
             return data, True
         data += chunk
+
+
+def start_dns_server(zone: str):
+    """The lab DNS server on a free loopback UDP port, serving `zone`; returns (process, port)."""
+    import os
+    import subprocess
+    import sys
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(port), "--zone", zone],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=repo)
+    line = proc.stdout.readline()
+    assert b"dns server on" in line, line
+    return proc, port
+
+
+def drill_proxy_config(cluster: str, engine: str, port: int, dns_port: int, *, probe_interval: float = 0.5,
+                       probe_user: str = "app", credentials: list | None = None) -> dict:
+    """A proxy following `writer.CLUSTER.lab`/`reader.CLUSTER.lab` on the drill's DNS server, with a writer
+    listener `w` and a reader listener `r`."""
+    from .proxy import free_port
+    config = {
+        "engine": engine, "hosts": [],
+        "endpoints": {"writer": f"writer.{cluster}.lab:{port}", "reader": f"reader.{cluster}.lab:{port}"},
+        "dns": {"nameserver": f"127.0.0.1:{dns_port}", "ttl_floor": 1.0, "ttl_ceiling": 30.0},
+        "health": {"probe_interval": probe_interval, "failure_threshold": 1, "probe_user": probe_user},
+        "backend": {"tls": "disable", "connect_timeout": 2.0},
+        "pool": {"mode": "transaction", "max_size": 5, "borrow_timeout": 20.0},
+    }
+    if credentials:
+        config["credentials"] = credentials
+    return {
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
+        "clusters": {cluster: config},
+        "listeners": [
+            {"name": "w", "listen": f"127.0.0.1:{free_port()}", "cluster": cluster, "role": "writer", "auth": "trust"},
+            {"name": "r", "listen": f"127.0.0.1:{free_port()}", "cluster": cluster, "role": "reader", "auth": "trust"}],
+    }

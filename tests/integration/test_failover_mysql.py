@@ -1,8 +1,5 @@
 """MariaDB failover drill: a primary and a GTID replica (semi-sync) on 127.0.0.2/.3, DNS endpoints on loopback, clients
 through the proxy; and a write refused as read-only (1290) retried on the new writer."""
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -14,9 +11,8 @@ from multiproxy.lab.dns_server import write_zone
 from multiproxy.lab.mariadb import MariaDBServer
 from multiproxy.registry import FAST_PROBE_INTERVAL
 
-from .helpers import admin_status
-from .proxy import free_port
-from .test_failover_pg import free_udp_port, shared_free_port, wait_for
+from .helpers import admin_status, drill_proxy_config, start_dns_server
+from .test_failover_pg import shared_free_port, wait_for
 
 PRIMARY_IP, REPLICA_IP = "127.0.0.2", "127.0.0.3"
 TTL = 5
@@ -40,11 +36,7 @@ def drill(tmp_path):
         replica.wait_caught_up(primary)
         zone = str(tmp_path / "zone.json")
         write_zone(zone, {"writer.my.lab": {"A": [PRIMARY_IP]}, "reader.my.lab": {"A": [REPLICA_IP]}}, ttl=TTL)
-        dns_port = free_udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        assert b"dns server on" in dns.stdout.readline()
+        dns, dns_port = start_dns_server(zone)
         yield {"port": port, "primary": primary, "replica": replica, "zone": zone, "dns_port": dns_port}
     finally:
         if dns is not None:
@@ -56,20 +48,8 @@ def drill(tmp_path):
 
 
 def drill_config(d, probe_interval=0.5):
-    return {
-        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
-        "clusters": {"my": {
-            "engine": "mysql", "hosts": [],
-            "endpoints": {"writer": f"writer.my.lab:{d['port']}", "reader": f"reader.my.lab:{d['port']}"},
-            "dns": {"nameserver": f"127.0.0.1:{d['dns_port']}", "ttl_floor": 1.0, "ttl_ceiling": 30.0},
-            "health": {"probe_interval": probe_interval, "failure_threshold": 1, "probe_user": "app"},
-            "backend": {"tls": "disable", "connect_timeout": 2.0},
-            "pool": {"mode": "transaction", "max_size": 5, "borrow_timeout": 20.0},
-            "credentials": [{"user": "*", "backend_user": USER, "password": PASSWORD}]}},
-        "listeners": [
-            {"name": "w", "listen": f"127.0.0.1:{free_port()}", "cluster": "my", "role": "writer", "auth": "trust"},
-            {"name": "r", "listen": f"127.0.0.1:{free_port()}", "cluster": "my", "role": "reader", "auth": "trust"}],
-    }
+    return drill_proxy_config("my", "mysql", d["port"], d["dns_port"], probe_interval=probe_interval,
+                              credentials=[{"user": "*", "backend_user": USER, "password": PASSWORD}])
 
 
 def connect(address, autocommit=True):

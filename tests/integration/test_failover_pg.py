@@ -1,8 +1,5 @@
 """PostgreSQL failover drill: primary and streaming standby, a DNS writer endpoint on loopback, clients through the proxy."""
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -14,7 +11,7 @@ from multiproxy.lab.dns_server import write_zone
 from multiproxy.lab.postgres import PostgresServer
 from multiproxy.registry import FAST_PROBE_INTERVAL
 
-from .helpers import admin_status
+from .helpers import admin_status, drill_proxy_config, start_dns_server
 from .proxy import free_port
 
 PRIMARY_IP, STANDBY_IP = "127.0.0.2", "127.0.0.3"
@@ -38,12 +35,6 @@ def shared_free_port(*hosts) -> int:
     raise RuntimeError("no port free on all drill addresses")
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def drill(tmp_path):
     port = shared_free_port(PRIMARY_IP, STANDBY_IP)
@@ -58,11 +49,7 @@ def drill(tmp_path):
         primary.psql("SELECT pg_reload_conf()")
         zone = str(tmp_path / "zone.json")
         write_zone(zone, {"writer.pg.lab": {"A": [PRIMARY_IP]}, "reader.pg.lab": {"A": [STANDBY_IP]}}, ttl=TTL)
-        dns_port = free_udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        assert b"dns server on" in dns.stdout.readline()
+        dns, dns_port = start_dns_server(zone)
         yield {"port": port, "primary": primary, "standby": standby, "zone": zone, "dns_port": dns_port}
     finally:
         if dns is not None:
@@ -74,19 +61,7 @@ def drill(tmp_path):
 
 
 def drill_config(d):
-    return {
-        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
-        "clusters": {"pg": {
-            "engine": "postgres", "hosts": [],
-            "endpoints": {"writer": f"writer.pg.lab:{d['port']}", "reader": f"reader.pg.lab:{d['port']}"},
-            "dns": {"nameserver": f"127.0.0.1:{d['dns_port']}", "ttl_floor": 1.0, "ttl_ceiling": 30.0},
-            "health": {"probe_interval": 0.5, "failure_threshold": 1, "probe_user": "postgres"},
-            "backend": {"tls": "disable", "connect_timeout": 2.0},
-            "pool": {"mode": "transaction", "max_size": 5, "borrow_timeout": 20.0}}},
-        "listeners": [
-            {"name": "w", "listen": f"127.0.0.1:{free_port()}", "cluster": "pg", "role": "writer", "auth": "trust"},
-            {"name": "r", "listen": f"127.0.0.1:{free_port()}", "cluster": "pg", "role": "reader", "auth": "trust"}],
-    }
+    return drill_proxy_config("pg", "postgres", d["port"], d["dns_port"], probe_user="postgres")
 
 
 def wait_for(predicate, timeout, what, explain=lambda: ""):

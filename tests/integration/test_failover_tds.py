@@ -10,17 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
+from multiproxy.lab.dns_server import write_zone
 from multiproxy.registry import FAST_PROBE_INTERVAL
 
-from multiproxy.lab.dns_server import write_zone
-
-from .helpers import admin_status, metric, metrics_text
-from .proxy import free_port
-from .test_failover_pg import free_udp_port, shared_free_port, wait_for
+from .helpers import admin_status, drill_proxy_config, metric, metrics_text, start_dns_server
+from .test_failover_pg import shared_free_port, wait_for
 
 pymssql = pytest.importorskip("pymssql")
 pytds = pytest.importorskip("pytds")
@@ -83,10 +80,7 @@ def drill(tmp_path):
         new.signal(signal.SIGUSR1)       # the standby is read-only again
         zone = str(tmp_path / "zone.json")
         write_zone(zone, {"writer.tds.lab": {"A": [OLD_IP]}, "reader.tds.lab": {"A": [NEW_IP]}}, ttl=TTL)
-        dns_port = free_udp_port()
-        dns = subprocess.Popen([sys.executable, "-m", "multiproxy.lab.dns_server", "--port", str(dns_port),
-                                "--zone", zone], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
-        assert b"dns server on" in dns.stdout.readline()
+        dns, dns_port = start_dns_server(zone)
         yield {"port": port, "old": old, "new": new, "zone": zone, "dns_port": dns_port}
     finally:
         if dns is not None:
@@ -98,20 +92,8 @@ def drill(tmp_path):
 
 
 def drill_config(d, probe_interval=0.5):
-    return {
-        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
-        "clusters": {"tds": {
-            "engine": "tds", "hosts": [],
-            "endpoints": {"writer": f"writer.tds.lab:{d['port']}", "reader": f"reader.tds.lab:{d['port']}"},
-            "dns": {"nameserver": f"127.0.0.1:{d['dns_port']}", "ttl_floor": 1.0, "ttl_ceiling": 30.0},
-            "health": {"probe_interval": probe_interval, "failure_threshold": 1, "probe_user": "app"},
-            "backend": {"tls": "disable", "connect_timeout": 2.0},
-            "pool": {"mode": "transaction", "max_size": 5, "borrow_timeout": 20.0},
-            "credentials": [{"user": "*", "backend_user": LAB_USER, "password": LAB_PASSWORD}]}},
-        "listeners": [
-            {"name": "w", "listen": f"127.0.0.1:{free_port()}", "cluster": "tds", "role": "writer", "auth": "trust"},
-            {"name": "r", "listen": f"127.0.0.1:{free_port()}", "cluster": "tds", "role": "reader", "auth": "trust"}],
-    }
+    return drill_proxy_config("tds", "tds", d["port"], d["dns_port"], probe_interval=probe_interval,
+                              credentials=[{"user": "*", "backend_user": LAB_USER, "password": LAB_PASSWORD}])
 
 
 def connect(address, lib="pymssql"):
