@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
@@ -14,37 +13,19 @@ import pytest
 from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 
+from .tdskit import LAB_PASSWORD, LAB_USER, LabProcess
+from .tdskit import RawClient as TdsRawClient
+
 pymssql = pytest.importorskip("pymssql")
 pytds = pytest.importorskip("pytds")
 
 pytestmark = pytest.mark.tds
-USER, PASSWORD = "sa", "Lab-pw-1"
+USER, PASSWORD = LAB_USER, LAB_PASSWORD
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LabProcess:
-    def __init__(self, tmp, *extra):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(self.port), "--user", USER,
-             "--password", PASSWORD, "--db-file", str(tmp / "master.sqlite"), "--database", "labdb", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()
-        assert "listening" in line, line + self.proc.stdout.read()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            out = self.proc.communicate(timeout=10)[0]
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out = self.proc.communicate()[0]
-        assert "Traceback" not in out, out
+def RawClient(port, packet_size=4096):
+    """A raw client logged in as the lab server's own user."""
+    return TdsRawClient(port, packet_size, require_loginack=True)
 
 
 @pytest.fixture(scope="module")
@@ -61,50 +42,6 @@ def ms(lab, autocommit=True, **kw):
 
 def td(lab, autocommit=True, **kw):
     return pytds.connect("127.0.0.1", port=lab.port, user=USER, password=PASSWORD, autocommit=autocommit, **kw)
-
-
-class RawClient:
-    """A TDS client from multiproxy.tds: for status bits and ATTENTION timing no driver exposes."""
-
-    def __init__(self, port, packet_size=4096):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.reader = tp.MessageReader()
-        self.tokens = tk.TokenReader()
-        self.descriptor = 0
-        self.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
-        assert tp.Prelogin.decode(self.recv().data).encryption == tp.ENCRYPT_NOT_SUP
-        self.send(tp.LOGIN7, tp.Login7(username=USER, password=PASSWORD, packet_size=packet_size).encode())
-        toks = self.read_tokens()
-        assert any(t.type == tk.TOKEN_LOGINACK for t in toks), toks
-
-    def send(self, msg_type, payload, status=0):
-        self.sock.sendall(tp.encode_message(msg_type, payload, 4096, status))
-
-    def recv(self) -> tp.Message:
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            messages = self.reader.feed(data)
-            if messages:
-                return messages[0]
-
-    def read_tokens(self):
-        toks = self.tokens.read(self.recv().data)
-        descriptor, open_ = tk.transaction_state(toks)
-        if open_ is not None:
-            self.descriptor = descriptor if open_ else 0
-        return toks
-
-    def batch(self, sql, status=0):
-        self.send(tp.SQL_BATCH, tp.SqlBatch(sql, tp.AllHeaders(self.descriptor)).encode(), status)
-        return self.read_tokens()
-
-    def rows(self, sql, status=0):
-        return [t.values for t in self.batch(sql, status) if t.type == tk.TOKEN_ROW]
-
-    def close(self):
-        self.sock.close()
 
 
 def errors(toks):

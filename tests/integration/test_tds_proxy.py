@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,35 +16,15 @@ from multiproxy.tds import tokens as tk
 
 from .helpers import metric, metrics_text
 from .proxy import free_port
+from .tdskit import DB, LAB_PASSWORD, LAB_USER, LabProcess
+from .tdskit import RawClient as TdsRawClient
 
 pymssql = pytest.importorskip("pymssql")
 pytds = pytest.importorskip("pytds")
 
 pytestmark = pytest.mark.tds
-LAB_USER, LAB_PASSWORD = "sa", "Lab-pw-1"
 APP_USER, APP_PASSWORD = "app", "app-pw"
-DB = "labdb"
 PINNED = "multiproxy_database_connections_currently_session_pinned"
-
-
-class LabProcess:
-    def __init__(self, tmp, *extra):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(self.port), "--user", LAB_USER,
-             "--password", LAB_PASSWORD, "--db-file", str(tmp / "master.sqlite"), "--database", DB, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()
-        assert "listening" in line, line + self.proc.stdout.read()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            out = self.proc.communicate(timeout=10)[0]
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out = self.proc.communicate()[0]
-        assert "Traceback" not in out, out
 
 
 @pytest.fixture(scope="module")
@@ -95,49 +74,9 @@ def one(conn, sql, args=None):
     return cur.fetchall()
 
 
-class RawClient:
-    """A TDS client from multiproxy.tds, for status bits, bad input and ATTENTION timing."""
-
-    def __init__(self, port, packet_size=4096, user=APP_USER, password=APP_PASSWORD, login=True):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.reader = tp.MessageReader()
-        self.tokens = tk.TokenReader()
-        self.descriptor = 0
-        if login:
-            self.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
-            assert tp.Prelogin.decode(self.recv().data).encryption == tp.ENCRYPT_NOT_SUP
-            self.send(tp.LOGIN7, tp.Login7(username=user, password=password, packet_size=packet_size,
-                                           database=DB).encode())
-            self.login_tokens = self.read_tokens()
-
-    def send(self, msg_type, payload, status=0):
-        self.sock.sendall(tp.encode_message(msg_type, payload, 4096, status))
-
-    def recv(self) -> tp.Message:
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed")
-            messages = self.reader.feed(data)
-            if messages:
-                return messages[0]
-
-    def read_tokens(self):
-        toks = self.tokens.read(self.recv().data)
-        descriptor, open_ = tk.transaction_state(toks)
-        if open_ is not None:
-            self.descriptor = descriptor if open_ else 0
-        return toks
-
-    def batch(self, sql, status=0):
-        self.send(tp.SQL_BATCH, tp.SqlBatch(sql, tp.AllHeaders(self.descriptor)).encode(), status)
-        return self.read_tokens()
-
-    def rows(self, sql):
-        return [t.values for t in self.batch(sql) if t.type == tk.TOKEN_ROW]
-
-    def close(self):
-        self.sock.close()
+def RawClient(port, packet_size=4096, user=APP_USER, password=APP_PASSWORD, login=True):
+    """A raw client logged in through the proxy as the app user, into the lab database."""
+    return TdsRawClient(port, packet_size, user, password, DB, login)
 
 
 def errors(toks):

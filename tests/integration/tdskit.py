@@ -1,0 +1,85 @@
+"""TDS test tools shared by the lab-server and proxy tests: the lab server as a process, and a raw TDS client."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+from multiproxy.tds import protocol as tp
+from multiproxy.tds import tokens as tk
+
+from .proxy import free_port
+
+LAB_USER, LAB_PASSWORD = "sa", "Lab-pw-1"
+DB = "labdb"
+
+
+class LabProcess:
+    """`python -m multiproxy.lab.tds_server` on a free port, with database `labdb`; stop() checks it never crashed."""
+
+    def __init__(self, tmp, *extra):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(self.port), "--user", LAB_USER,
+             "--password", LAB_PASSWORD, "--db-file", str(tmp / "master.sqlite"), "--database", DB, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()
+        assert "listening" in line, line + self.proc.stdout.read()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            out = self.proc.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out = self.proc.communicate()[0]
+        assert "Traceback" not in out, out
+
+
+class RawClient:
+    """A TDS client from multiproxy.tds, for status bits, bad input and ATTENTION timing no driver exposes."""
+
+    def __init__(self, port, packet_size=4096, user=LAB_USER, password=LAB_PASSWORD, database="", login=True,
+                 require_loginack=False):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.reader = tp.MessageReader()
+        self.tokens = tk.TokenReader()
+        self.descriptor = 0
+        if login:
+            self.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
+            assert tp.Prelogin.decode(self.recv().data).encryption == tp.ENCRYPT_NOT_SUP
+            self.send(tp.LOGIN7, tp.Login7(username=user, password=password, packet_size=packet_size,
+                                           database=database).encode())
+            self.login_tokens = self.read_tokens()
+            if require_loginack:
+                assert any(t.type == tk.TOKEN_LOGINACK for t in self.login_tokens), self.login_tokens
+
+    def send(self, msg_type, payload, status=0):
+        self.sock.sendall(tp.encode_message(msg_type, payload, 4096, status))
+
+    def recv(self) -> tp.Message:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            messages = self.reader.feed(data)
+            if messages:
+                return messages[0]
+
+    def read_tokens(self):
+        toks = self.tokens.read(self.recv().data)
+        descriptor, open_ = tk.transaction_state(toks)
+        if open_ is not None:
+            self.descriptor = descriptor if open_ else 0
+        return toks
+
+    def batch(self, sql, status=0):
+        self.send(tp.SQL_BATCH, tp.SqlBatch(sql, tp.AllHeaders(self.descriptor)).encode(), status)
+        return self.read_tokens()
+
+    def rows(self, sql, status=0):
+        return [t.values for t in self.batch(sql, status) if t.type == tk.TOKEN_ROW]
+
+    def close(self):
+        self.sock.close()
