@@ -130,8 +130,8 @@ LISTENER_SETTINGS = _settings(
     Setting("max_client_connections", int, 0, "most client connections at once on this listener; 0 unlimited", minimum=0),
     Setting("token_kind", str, "", "with auth = 'token': rds_iam (RDS IAM authentication tokens) or jwt",
             ("",) + TOKEN_KINDS),
-    Setting("iam_access_keys_file", str, "", "rds_iam: TOML or JSON file of access key id = secret access key "
-            "(mode 0600)"),
+    Setting("iam_access_keys_file", str, "", "rds_iam: TOML or JSON file of access key id = secret access key, or "
+            "a table with secret_access_key and session_token for temporary credentials (mode 0600)"),
     Setting("iam_region", str, "", "rds_iam: the region tokens must be signed for; empty accepts any"),
     Setting("iam_hostname", str, "", "rds_iam: host:port tokens may name besides the listen address (the DNS name "
             "clients connect to)"),
@@ -140,9 +140,11 @@ LISTENER_SETTINGS = _settings(
     Setting("jwt_issuer", str, "", "jwt: the required iss claim"),
     Setting("jwt_audience", str, "", "jwt: the required aud claim"),
     Setting("jwt_user_claim", str, "sub", "jwt: the claim that must equal the database user"),
+    Setting("token_keys_check_interval", float, 5.0, "seconds between looks at iam_access_keys_file or jwt_jwks_file "
+            "(mtime, size); a changed file is reloaded, as on SIGHUP; 0 reloads on SIGHUP only", minimum=0),
 )
 TOKEN_SETTINGS = ("token_kind", "iam_access_keys_file", "iam_region", "iam_hostname", "jwt_jwks_file",
-                  "jwt_shared_key_env", "jwt_issuer", "jwt_audience", "jwt_user_claim")
+                  "jwt_shared_key_env", "jwt_issuer", "jwt_audience", "jwt_user_claim", "token_keys_check_interval")
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ class ListenerConfig:
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_user_claim: str = "sub"
+    token_keys_check_interval: float = 5.0
     token_verifier: Any = field(default=None, compare=False, repr=False)   # multiproxy.tokens, with auth = 'token'
 
 
@@ -538,15 +541,15 @@ def _tls_policy(r: _Reader, path: str, values: dict, cluster) -> None:
 
 
 def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
-    """Check a token listener's settings and build its verifier (keys are read once, at load)."""
-    from .tokens import build_verifier
+    """Check a token listener's settings and build its verifier (it reloads its keys: see ReloadingVerifier)."""
+    from .tokens import ReloadingVerifier
     if not values["tls_cert_file"]:
         r.problem(f"{path}.auth", "'token' needs TLS on the client leg: set tls_cert_file and tls_key_file")
     for key in ("iam_access_keys_file", "jwt_jwks_file"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     try:
-        values["token_verifier"] = build_verifier(values, values["listen"])
+        values["token_verifier"] = ReloadingVerifier(values, values["listen"], values["token_keys_check_interval"])
     except ValueError as exc:
         r.problem(path, str(exc))
 

@@ -387,7 +387,7 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
 
 
 def run_forever(config: Config, engines: dict) -> int:
-    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the users file."""
+    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the users file and the token keys."""
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None)
@@ -405,17 +405,21 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         log.info("worker %d: signal %d received, draining clients", worker, signum)
         done.set()
 
-    def reload_users():
+    def reload():
         if config.users_file:
             try:
                 proxy.users = UsersFile.load(config.users_file)
                 log.info("users file reloaded: %d users", len(proxy.users))
             except Exception as exc:
                 log.error("users file not reloaded: %s", exc)
+        # Token listeners rebuild their verifiers; a failed one logs why and keeps its keys.
+        for lc in config.listeners:
+            if hasattr(lc.token_verifier, "reload"):
+                lc.token_verifier.reload()
 
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
-    gevent.signal_handler(signal.SIGHUP, reload_users)
+    gevent.signal_handler(signal.SIGHUP, reload)
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
     done.wait()
     proxy.stop()

@@ -4,20 +4,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import stat
 import time
 import tomllib
 from calendar import timegm
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 from urllib.parse import quote, unquote
 
-__all__ = ["TokenRejected", "IamTokenVerifier", "JwtVerifier", "load_access_keys", "build_verifier",
-           "MAX_TOKEN_LENGTH"]
+__all__ = ["TokenRejected", "AccessKey", "IamTokenVerifier", "JwtVerifier", "ReloadingVerifier", "load_access_keys",
+           "build_verifier", "MAX_TOKEN_LENGTH", "KEYS_CHECK_INTERVAL"]
+
+log = logging.getLogger("multiproxy.tokens")
 
 MAX_TOKEN_LENGTH = 16384
 MAX_CLOCK_SKEW = 300          # seconds a token's X-Amz-Date may lie in the future
 MAX_IAM_EXPIRES = 7 * 86400   # SigV4's own upper bound on X-Amz-Expires
+KEYS_CHECK_INTERVAL = 5.0    # default seconds between looks at a key file's mtime and size
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _IAM_REQUIRED = ("Action", "DBUser", "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                  "X-Amz-SignedHeaders", "X-Amz-Signature")
@@ -25,6 +29,13 @@ _IAM_REQUIRED = ("Action", "DBUser", "X-Amz-Algorithm", "X-Amz-Credential", "X-A
 
 class TokenRejected(Exception):
     """A token was refused; the message is a short reason (never the token) for the audit log."""
+
+
+class AccessKey(NamedTuple):
+    """An access key's secret and, for temporary (STS) credentials, the session token its tokens must carry."""
+
+    secret: str
+    session_token: str | None = None
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -40,8 +51,11 @@ def _check_private_file(path: str, what: str) -> None:
                          f"run: chmod 600 {path}")
 
 
-def load_access_keys(path: str) -> dict[str, str]:
-    """Access key id -> secret access key from a TOML or JSON file that only its owner may read."""
+def load_access_keys(path: str) -> dict[str, AccessKey]:
+    """Access key id -> AccessKey from a TOML or JSON file that only its owner may read.
+
+    A key's value is either its secret access key (a string) or, for temporary credentials, a table with
+    `secret_access_key` and `session_token`."""
     _check_private_file(path, "iam_access_keys_file")
     with open(path, "rb") as f:
         data = f.read()
@@ -50,10 +64,29 @@ def load_access_keys(path: str) -> dict[str, str]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"iam_access_keys_file {path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: "
                          f"{exc}") from None
-    if not isinstance(table, dict) or not table or not all(
-            isinstance(k, str) and isinstance(v, str) and k and v for k, v in table.items()):
+    if not isinstance(table, dict) or not table:
         raise ValueError(f"iam_access_keys_file {path}: expected a table of access key id = \"secret access key\"")
-    return dict(table)
+    keys = {}
+    for key_id, value in table.items():
+        if not key_id:
+            raise ValueError(f"iam_access_keys_file {path}: an access key id is empty")
+        if isinstance(value, str) and value:
+            keys[key_id] = AccessKey(value)
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"iam_access_keys_file {path}: {key_id}: expected \"secret access key\" or a table with "
+                             "secret_access_key and session_token")
+        unknown = sorted(set(value) - {"secret_access_key", "session_token"})
+        secret, session_token = value.get("secret_access_key"), value.get("session_token")
+        if unknown:
+            raise ValueError(f"iam_access_keys_file {path}: {key_id}: unknown key {unknown[0]!r} (expected "
+                             "secret_access_key and session_token)")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError(f"iam_access_keys_file {path}: {key_id}: secret_access_key missing or not a string")
+        if session_token is not None and (not isinstance(session_token, str) or not session_token):
+            raise ValueError(f"iam_access_keys_file {path}: {key_id}: session_token must be a non-empty string")
+        keys[key_id] = AccessKey(secret, session_token)
+    return keys
 
 
 def _address_key(host: str, port: int) -> str:
@@ -65,9 +98,9 @@ class IamTokenVerifier:
 
     kind = "rds_iam"
 
-    def __init__(self, access_keys: dict[str, str], region: str, addresses: Iterable[tuple[str, int]],
+    def __init__(self, access_keys: dict[str, AccessKey | str], region: str, addresses: Iterable[tuple[str, int]],
                  clock: Callable[[], float] = time.time):
-        self.access_keys = dict(access_keys)
+        self.access_keys = {k: AccessKey(v) if isinstance(v, str) else v for k, v in access_keys.items()}
         self.region = region
         self.addresses = {_address_key(h, p) for h, p in addresses}
         self.clock = clock
@@ -107,9 +140,10 @@ class IamTokenVerifier:
             raise TokenRejected("malformed token: credential date differs from X-Amz-Date")
         if self.region and region != self.region:
             raise TokenRejected(f"wrong region {region!r}")
-        secret = self.access_keys.get(key_id)
-        if secret is None:
+        access_key = self.access_keys.get(key_id)
+        if access_key is None:
             raise TokenRejected("unknown access key")
+        secret = access_key.secret
         host, _, port_text = hostport.rpartition(":")
         signed_host = host if port_text == "443" else hostport
         canonical_query = "&".join(sorted(
@@ -124,6 +158,16 @@ class IamTokenVerifier:
         expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, params["X-Amz-Signature"].lower()):
             raise TokenRejected("bad signature")
+        # Temporary credentials: the signature covers X-Amz-Security-Token (it is in the canonical query);
+        # the token must also be the session token configured with the key.
+        session_token = params.get("X-Amz-Security-Token")
+        if access_key.session_token is None:
+            if session_token is not None:
+                raise TokenRejected("security token given, but the access key is configured without a session token")
+        elif session_token is None:
+            raise TokenRejected("security token missing: the access key is temporary credentials")
+        elif not hmac.compare_digest(session_token.encode("utf-8"), access_key.session_token.encode("utf-8")):
+            raise TokenRejected("wrong security token")
         now = self.clock()
         if not 1 <= expires <= MAX_IAM_EXPIRES:
             raise TokenRejected("malformed token: X-Amz-Expires out of range")
@@ -235,5 +279,75 @@ def build_verifier(values: dict, listen: tuple[str, int]):
             raise ValueError(f"jwt_jwks_file: cannot read {jwks_file}: {exc.strerror}") from None
         except ValueError as exc:
             raise ValueError(f"jwt_jwks_file: {jwks_file} is not JSON: {exc}") from None
-        return JwtVerifier(jwks=jwks, **common)
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise ValueError(f"jwt_jwks_file: {jwks_file} is not a JWKS: expected an object with a \"keys\" list")
+        try:
+            return JwtVerifier(jwks=jwks, **common)
+        except ValueError as exc:
+            raise ValueError(f"jwt_jwks_file: {jwks_file}: {exc}") from None
     raise ValueError("token_kind: expected 'rds_iam' or 'jwt'")
+
+
+def _file_version(path: str):
+    """What tells a changed file: device, inode (a file renamed over it), mtime, ctime (chmod) and size."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
+class ReloadingVerifier:
+    """A listener's verifier, rebuilt from its settings on reload() (SIGHUP) and when its key file changes.
+
+    Logins look at the key file (iam_access_keys_file or jwt_jwks_file) at most every `check_interval`
+    seconds (0: never, only reload() does); a changed stat result rebuilds the inner verifier. A rebuild
+    that fails keeps the previous keys and logs why. Building the first one raises ValueError, as
+    build_verifier does, so that a bad file at start is a config error."""
+
+    def __init__(self, values: dict, listen: tuple[str, int], check_interval: float = KEYS_CHECK_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        self.values = dict(values)
+        self.listen = listen
+        self.name = values.get("name", "")
+        self.path = values.get("iam_access_keys_file") or values.get("jwt_jwks_file") or ""
+        self.check_interval = check_interval
+        self.clock = clock
+        self.version = _file_version(self.path) if self.path else None   # looked at before reading: no lost change
+        self.inner = build_verifier(self.values, listen)
+        self.kind = self.inner.kind
+        self.next_check = clock() + check_interval
+
+    def verify(self, token: str, user: str) -> None:
+        if self.check_interval and self.path:
+            now = self.clock()
+            if now >= self.next_check:
+                self.next_check = now + self.check_interval
+                version = _file_version(self.path)
+                if version != self.version:
+                    self.version = version
+                    self._rebuild(f"{self.path} changed")
+        self.inner.verify(token, user)
+
+    def reload(self) -> bool:
+        """Rebuild now (SIGHUP): re-read the key file or the shared key's environment variable."""
+        if self.path:
+            self.version = _file_version(self.path)
+        return self._rebuild("reload requested")
+
+    def _rebuild(self, why: str) -> bool:
+        try:
+            inner = build_verifier(self.values, self.listen)
+        except Exception as exc:  # a bad file must never stop logins with the keys already loaded
+            log.error("listener %s: token keys not reloaded (%s), the previous keys stay in use: %s",
+                      self.name, why, exc)
+            return False
+        self.inner = inner
+        if isinstance(inner, IamTokenVerifier):
+            what = f"{len(inner.access_keys)} access keys from {self.path}"
+        elif inner.keys:
+            what = f"{len(inner.keys)} JWKS keys from {self.path}"
+        else:
+            what = f"the shared key from ${self.values.get('jwt_shared_key_env')}"
+        log.info("listener %s: token keys reloaded (%s): %s", self.name, why, what)
+        return True

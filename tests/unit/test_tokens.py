@@ -1,8 +1,10 @@
 """Token verification without I/O: RDS IAM tokens made by boto3/botocore and JWTs made by PyJWT."""
 import json
 import time
+from urllib.parse import quote
 
 import boto3
+import botocore.session
 import jwt
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -11,7 +13,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from multiproxy.tokens import IamTokenVerifier, JwtVerifier, TokenRejected, build_verifier, load_access_keys
+from multiproxy.tokens import (AccessKey, IamTokenVerifier, JwtVerifier, ReloadingVerifier, TokenRejected,
+                               build_verifier, load_access_keys)
 
 KEY_ID, SECRET = "AKIDMULTIPROXYTEST", "multiproxy-test-secret-access-key"
 HOST, PORT, REGION = "db.proxy.test", 6432, "eu-west-1"
@@ -22,10 +25,11 @@ def boto_token(user="alice", host=HOST, port=PORT, secret=SECRET):
     return client.generate_db_auth_token(host, port, user, Region=REGION)
 
 
-def signed_token(user="alice", when: float | None = None, expires=900, host=HOST, port=PORT):
+def signed_token(user="alice", when: float | None = None, expires=900, host=HOST, port=PORT, key_id=KEY_ID,
+                 secret=SECRET, session_token=None):
     """A token signed by botocore's SigV4 query signer at a chosen time (what generate_db_auth_token does)."""
     request = AWSRequest(method="GET", url=f"https://{host}:{port}/", params={"Action": "connect", "DBUser": user})
-    auth = SigV4QueryAuth(Credentials(KEY_ID, SECRET), "rds-db", REGION, expires=expires)
+    auth = SigV4QueryAuth(Credentials(key_id, secret, session_token), "rds-db", REGION, expires=expires)
     request.context["timestamp"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
     auth._modify_request_before_signing(request)
     signature = auth.signature(auth.string_to_sign(request, auth.canonical_request(request)), request)
@@ -105,14 +109,94 @@ def test_access_keys_file(tmp_path):
     with pytest.raises(ValueError, match="chmod 600"):
         load_access_keys(str(path))
     path.chmod(0o600)
-    assert load_access_keys(str(path)) == {KEY_ID: SECRET}
+    assert load_access_keys(str(path)) == {KEY_ID: AccessKey(SECRET)}
     js = tmp_path / "keys.json"
     js.write_text(json.dumps({KEY_ID: SECRET}))
     js.chmod(0o600)
-    assert load_access_keys(str(js)) == {KEY_ID: SECRET}
+    assert load_access_keys(str(js)) == {KEY_ID: AccessKey(SECRET)}
     verifier = build_verifier({"token_kind": "rds_iam", "iam_access_keys_file": str(js), "iam_region": REGION,
                                "iam_hostname": HOST}, ("127.0.0.1", PORT))
     verifier.verify(boto_token(), "alice")
+
+
+# ---- STS temporary credentials (X-Amz-Security-Token)
+
+STS_KEY_ID, STS_SECRET = "ASIAMULTIPROXYTEST", "multiproxy-temporary-secret-key"
+SESSION_TOKEN = "IQoJb3JpZ2luX2VjEXAMPLE+session/token=" + "x" * 600   # real ones are long and carry + / =
+
+
+def sts_boto_token(user="alice", session_token=SESSION_TOKEN, host=HOST, port=PORT):
+    """boto3's generate_db_auth_token with static temporary credentials (presigning is local: no AWS call)."""
+    session = botocore.session.Session()
+    session.set_credentials(STS_KEY_ID, STS_SECRET, session_token)
+    client = boto3.Session(botocore_session=session).client("rds", region_name=REGION)
+    return client.generate_db_auth_token(host, port, user, Region=REGION)
+
+
+def sts_iam(session_token=SESSION_TOKEN, **kw):
+    return IamTokenVerifier({STS_KEY_ID: AccessKey(STS_SECRET, session_token), KEY_ID: SECRET}, REGION,
+                            [(HOST, PORT)], **kw)
+
+
+def test_sts_token_accepted():
+    token = sts_boto_token()
+    assert "X-Amz-Security-Token=" in token
+    sts_iam().verify(token, "alice")
+    sts_iam().verify(boto_token(), "alice")       # a static key next to it still works
+
+
+def test_sts_wrong_or_missing_session_token():
+    assert rejected(sts_iam(), sts_boto_token(session_token="another-session-token")) == "wrong security token"
+    # Signed with the right secret but without a session token: a temporary key needs it.
+    no_token = signed_token(key_id=STS_KEY_ID, secret=STS_SECRET)
+    assert rejected(sts_iam(), no_token) == "security token missing: the access key is temporary credentials"
+    # A session token for a key configured as a static one.
+    assert rejected(sts_iam(session_token=None), sts_boto_token()) == \
+        "security token given, but the access key is configured without a session token"
+
+
+def test_sts_expired():
+    token = signed_token(when=time.time() - 3600, key_id=STS_KEY_ID, secret=STS_SECRET, session_token=SESSION_TOKEN)
+    sts_iam(clock=lambda: time.time() - 3500).verify(token, "alice")
+    assert rejected(sts_iam(), token) == "expired"
+
+
+def test_sts_tampered_security_token_breaks_signature():
+    """The signature covers X-Amz-Security-Token: swapping in the configured one or dropping it fails."""
+    token = sts_boto_token(session_token="stolen-elsewhere")
+    start = token.index("X-Amz-Security-Token=") + len("X-Amz-Security-Token=")
+    end = token.index("&", start) if "&" in token[start:] else len(token)
+    swapped = token[:start] + quote(SESSION_TOKEN, safe="") + token[end:]
+    assert rejected(sts_iam(), swapped) == "bad signature"
+    dropped = token[:start - len("X-Amz-Security-Token=")] + token[end + 1:]
+    assert "X-Amz-Security-Token" not in dropped
+    assert rejected(sts_iam(), dropped) == "bad signature"
+    assert rejected(sts_iam(), sts_boto_token().replace("DBUser=alice", "DBUser=admin"), "admin") == "bad signature"
+
+
+def test_access_keys_file_with_session_tokens(tmp_path):
+    path = tmp_path / "keys.toml"
+    path.write_text(f'{KEY_ID} = "{SECRET}"\n\n[{STS_KEY_ID}]\nsecret_access_key = "{STS_SECRET}"\n'
+                    f'session_token = "{SESSION_TOKEN}"\n')
+    path.chmod(0o600)
+    expected = {KEY_ID: AccessKey(SECRET), STS_KEY_ID: AccessKey(STS_SECRET, SESSION_TOKEN)}
+    assert load_access_keys(str(path)) == expected
+    js = tmp_path / "keys.json"
+    js.write_text(json.dumps({KEY_ID: SECRET, STS_KEY_ID: {"secret_access_key": STS_SECRET,
+                                                           "session_token": SESSION_TOKEN}}))
+    js.chmod(0o600)
+    assert load_access_keys(str(js)) == expected
+    verifier = build_verifier({"token_kind": "rds_iam", "iam_access_keys_file": str(js), "iam_region": REGION},
+                              (HOST, PORT))
+    verifier.verify(sts_boto_token(), "alice")
+    for body, problem in (({STS_KEY_ID: {"secret": STS_SECRET}}, "unknown key 'secret'"),
+                          ({STS_KEY_ID: {"session_token": SESSION_TOKEN}}, "secret_access_key missing"),
+                          ({STS_KEY_ID: {"secret_access_key": STS_SECRET, "session_token": ""}}, "session_token must"),
+                          ({STS_KEY_ID: 42}, "expected \"secret access key\" or a table")):
+        js.write_text(json.dumps(body))
+        with pytest.raises(ValueError, match=problem) as info:
+            load_access_keys(str(js))
+        assert f"iam_access_keys_file {js}: {STS_KEY_ID}" in str(info.value)
 
 
 # ---- JWT
@@ -186,3 +270,134 @@ def test_arbitrary_input_is_only_ever_rejected(token):
     for verifier in (iam(), jwt_verifier()):
         with pytest.raises(TokenRejected):
             verifier.verify(token, "alice")
+
+
+# ---- reloading keys (SIGHUP calls reload(); logins look at the file's mtime/size every check_interval)
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def write_keys(path, keys: dict, mode=0o600):
+    """Write a new file and rename it over the old one, as a rotation should."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f'{k} = "{v}"\n' for k, v in keys.items()))
+    tmp.chmod(mode)
+    tmp.rename(path)
+
+
+def reloading_iam(path, clock, interval=5.0):
+    return ReloadingVerifier({"name": "pg", "token_kind": "rds_iam", "iam_access_keys_file": str(path),
+                              "iam_region": REGION}, (HOST, PORT), interval, clock)
+
+
+def test_changed_access_keys_file_is_noticed_after_the_interval(tmp_path):
+    path, clock = tmp_path / "keys.toml", Clock()
+    write_keys(path, {KEY_ID: SECRET})
+    v = reloading_iam(path, clock)
+    old_token = boto_token()
+    v.verify(old_token, "alice")
+    write_keys(path, {"AKIDNEWKEY": "new-secret"})
+    clock.now += 4.9
+    v.verify(old_token, "alice")                # not looked at yet: no stat per login
+    clock.now += 0.2
+    assert rejected(v, old_token) == "unknown access key"
+    client = boto3.client("rds", region_name=REGION, aws_access_key_id="AKIDNEWKEY", aws_secret_access_key="new-secret")
+    v.verify(client.generate_db_auth_token(HOST, PORT, "alice", Region=REGION), "alice")
+
+
+def test_reload_and_zero_interval(tmp_path):
+    path, clock = tmp_path / "keys.toml", Clock()
+    write_keys(path, {KEY_ID: SECRET})
+    v = reloading_iam(path, clock, interval=0)
+    write_keys(path, {"AKIDNEWKEY": "new-secret"})
+    clock.now += 3600
+    v.verify(boto_token(), "alice")            # interval 0: only reload() looks at the file
+    assert v.reload() is True
+    assert rejected(v, boto_token()) == "unknown access key"
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    ("garbage", "not valid TOML"),
+    ("mode", "chmod 600"),
+    ("missing", "cannot read"),
+    ("empty", "expected a table"),
+])
+def test_failed_reload_keeps_the_old_keys(tmp_path, caplog, breakage, problem):
+    path, clock = tmp_path / "keys.toml", Clock()
+    write_keys(path, {KEY_ID: SECRET})
+    v = reloading_iam(path, clock, interval=1)
+    if breakage == "garbage":
+        path.write_text("this is = = not toml")
+    elif breakage == "mode":
+        write_keys(path, {"AKIDNEWKEY": "new-secret"}, mode=0o644)
+    elif breakage == "missing":
+        path.unlink()
+    else:
+        path.write_text("")
+    clock.now += 1
+    with caplog.at_level("ERROR", logger="multiproxy.tokens"):
+        v.verify(boto_token(), "alice")         # the change is noticed, the reload fails, the old key still works
+        assert v.reload() is False
+        v.verify(boto_token(), "alice")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2
+    assert all(str(path) in e and problem in e and "previous keys stay in use" in e for e in errors)
+    clock.now += 1
+    caplog.clear()
+    v.verify(boto_token(), "alice")             # unchanged since: not reported again
+    assert not caplog.records
+    write_keys(path, {"AKIDNEWKEY": "new-secret"})   # repaired: picked up
+    clock.now += 1
+    assert rejected(v, boto_token()) == "unknown access key"
+
+
+def test_sts_session_token_rotation(tmp_path):
+    path, clock = tmp_path / "keys.json", Clock()
+    path.write_text(json.dumps({STS_KEY_ID: {"secret_access_key": STS_SECRET, "session_token": SESSION_TOKEN}}))
+    path.chmod(0o600)
+    v = reloading_iam(path, clock)
+    v.verify(sts_boto_token(), "alice")
+    path.write_text(json.dumps({STS_KEY_ID: {"secret_access_key": STS_SECRET, "session_token": "renewed-token"}}))
+    assert v.reload()
+    assert rejected(v, sts_boto_token()) == "wrong security token"
+    v.verify(sts_boto_token(session_token="renewed-token"), "alice")
+
+
+def test_jwks_rotation(tmp_path, caplog):
+    path, clock = tmp_path / "jwks.json", Clock()
+    path.write_text(json.dumps({"keys": [jwks()["keys"][0]]}))          # rsa1 only
+    v = ReloadingVerifier({"name": "pg", "token_kind": "jwt", "jwt_jwks_file": str(path), "jwt_issuer": ISS,
+                           "jwt_audience": AUD}, (HOST, PORT), 2.0, clock)
+    v.verify(make_jwt(), "alice")
+    assert rejected(v, make_jwt(EC_KEY, "ES256", "ec1")).startswith("bad signature")
+    path.write_text(json.dumps({"keys": [jwks()["keys"][1]]}))          # rotated to ec1
+    clock.now += 2
+    v.verify(make_jwt(EC_KEY, "ES256", "ec1"), "alice")
+    assert rejected(v, make_jwt()) == "bad signature: unknown key id"
+    path.write_text('{"keys": [')
+    with caplog.at_level("ERROR", logger="multiproxy.tokens"):
+        assert v.reload() is False
+    assert f"jwt_jwks_file: {path} is not JSON" in caplog.text
+    path.write_text('{"keys": []}')
+    assert v.reload() is False
+    assert f"jwt_jwks_file: {path}: not a usable JWKS" in caplog.text
+    v.verify(make_jwt(EC_KEY, "ES256", "ec1"), "alice")
+
+
+def test_shared_key_reload_reads_the_environment_again(monkeypatch):
+    monkeypatch.setenv("MP_TEST_JWT_KEY", "k" * 40)
+    v = ReloadingVerifier({"name": "pg", "token_kind": "jwt", "jwt_shared_key_env": "MP_TEST_JWT_KEY",
+                           "jwt_issuer": ISS, "jwt_audience": AUD}, (HOST, PORT))
+    v.verify(make_jwt("k" * 40, "HS256"), "alice")
+    monkeypatch.setenv("MP_TEST_JWT_KEY", "n" * 40)
+    assert v.reload()
+    assert rejected(v, make_jwt("k" * 40, "HS256")) == "bad signature"
+    v.verify(make_jwt("n" * 40, "HS256"), "alice")
+    monkeypatch.setenv("MP_TEST_JWT_KEY", "short")
+    assert v.reload() is False
+    v.verify(make_jwt("n" * 40, "HS256"), "alice")
