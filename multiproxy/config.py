@@ -117,7 +117,8 @@ LISTENER_SETTINGS = _settings(
     Setting("role", str, "writer", "which nodes of the cluster serve it", ROLES),
     Setting("auth", str, "scram-sha-256", "how clients authenticate: trust, md5 and scram-sha-256 (PostgreSQL), "
             "mysql_native_password and caching_sha2_password (MySQL; there scram-sha-256 means caching_sha2_password "
-            "and md5 means mysql_native_password)", CLIENT_AUTH_METHODS),
+            "and md5 means mysql_native_password), token (a short-lived token as the password, over TLS, on engines "
+            "that support it: see token_kind)", CLIENT_AUTH_METHODS),
     Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
     Setting("tls_key_file", str, "", "private key of tls_cert_file"),
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
@@ -499,7 +500,9 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             r.problem(f"{path}.tls_key_file", "tls_cert_file and tls_key_file go together")
         if values["require_tls"] and not values["tls_cert_file"]:
             r.problem(f"{path}.require_tls", "needs tls_cert_file and tls_key_file")
-        _tls_policy(r, path, values, clusters.get(values["cluster"]))
+        cluster = clusters.get(values["cluster"])
+        engine = (known_engines or {}).get(cluster.engine) if cluster is not None else None
+        _tls_policy(r, path, values)
         for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if values[key]:
                 full = values[key] if os.path.isabs(values[key]) else os.path.join(base_dir, values[key])
@@ -509,11 +512,13 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         if values["auth"] not in ("trust", "token") and not users_file:
             r.problem(f"{path}.auth", f"{values['auth']!r} needs [auth] users_file (or auth = 'trust')")
         if values["auth"] == "token":
-            cluster = clusters.get(values["cluster"])
-            if cluster is not None and cluster.engine != "postgres":
-                r.problem(f"{path}.auth", f"'token' is built for PostgreSQL listeners only; cluster "
-                          f"{cluster.name!r} runs {cluster.engine!r}")
+            if engine is not None and not getattr(engine, "supports_token_auth", False):
+                r.problem(f"{path}.auth", f"'token' is not supported by engine {cluster.engine!r} (cluster "
+                          f"{cluster.name!r}): its plugin does not declare supports_token_auth; use a password method")
             _token_listener(r, path, values, base_dir)
+        if engine is not None and callable(getattr(engine, "listener_problems", None)):
+            for key, message in engine.listener_problems(dict(values)):
+                r.problem(f"{path}.{key}", message)
         listeners.append(ListenerConfig(**values))
 
     if r.problems:
@@ -521,7 +526,7 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
     return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source)
 
 
-def _tls_policy(r: _Reader, path: str, values: dict, cluster) -> None:
+def _tls_policy(r: _Reader, path: str, values: dict) -> None:
     """Check a listener's TLS policy settings (versions, ciphers, client certificates)."""
     import ssl
     policy = values["tls_min_version"] != "TLSv1.2" or values["tls_ciphers"] or values["tls_client_ca_file"] \
@@ -535,9 +540,6 @@ def _tls_policy(r: _Reader, path: str, values: dict, cluster) -> None:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(values["tls_ciphers"])
         except ssl.SSLError:
             r.problem(f"{path}.tls_ciphers", f"OpenSSL knows no cipher in {values['tls_ciphers']!r}")
-    if policy and cluster is not None and cluster.engine == "tds":
-        r.problem(f"{path}.tls_min_version", "TDS listeners use TLS 1.2 as SQL Server does; tls_min_version, "
-                  "tls_ciphers and client certificates are not supported there")
 
 
 def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:

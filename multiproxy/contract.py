@@ -56,6 +56,16 @@ def check_engine(engine: Engine, garbage_rounds: int = 200, seed: int = 1) -> li
         if not isinstance(data, (bytes, bytearray)) or not data:
             problem(f"render_error({kind.value}) must return non-empty bytes")
 
+    if not isinstance(getattr(engine, "supports_token_auth", False), bool):
+        problem("supports_token_auth must be True or False")
+    try:
+        found = engine.listener_problems(dict(vars(contract_context(engine).listener)))
+        if not isinstance(found, list) or not all(
+                isinstance(f, tuple) and len(f) == 2 and all(isinstance(x, str) for x in f) for f in found):
+            problem(f"listener_problems(settings) must return a list of (setting, message) pairs, got {found!r}")
+    except Exception as exc:
+        problem(f"listener_problems(settings) raised {type(exc).__name__}: {exc}")
+
     keys = {engine.new_cancel_key(i, 0) for i in range(1, 50)}
     if len(keys) != 49:
         problem("new_cancel_key must give distinct keys for distinct counters")

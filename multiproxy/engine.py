@@ -226,6 +226,18 @@ class Engine:
     description: str = ""
     # The methods every engine must provide; plugin loading checks them.
     required_methods = ("client_protocol", "backend_login", "cancel_script", "render_error")
+    # True when the client protocol implements listeners with auth = 'token': it asks for the token only once
+    # the client's connection is encrypted, checks it with `ctx.listener.token_verifier.verify(token, user)` and
+    # reports a refusal as AuthFailed(audit_event="token_rejected") carrying the verifier's reason. The config
+    # refuses auth = 'token' on listeners of engines that do not declare it.
+    supports_token_auth: bool = False
+
+    def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
+        """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).
+
+        `settings` holds a listener's validated values (tls_min_version, tls_ciphers, auth, ...). The config
+        reports each pair under the listener's key path, with the other problems of the file."""
+        return []
 
     def client_protocol(self, ctx: ClientContext) -> ClientProtocol:
         raise NotImplementedError

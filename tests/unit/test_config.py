@@ -232,8 +232,44 @@ def test_token_listener_settings():
     found = problems(raw)
     assert any("'token' needs TLS on the client leg" in p for p in found)
     assert any("iam_access_keys_file: needed" in p for p in found)
-    raw["clusters"]["orders"]["engine"] = "mysql"
-    assert any("'token' is built for PostgreSQL listeners only" in p for p in problems(raw))
+    assert any("does not declare supports_token_auth" in p for p in problems(raw))   # FakeEngine does not
+
+
+def real_engines() -> dict:
+    from multiproxy.plugins import load_engines
+    return {name: loaded.engine for name, loaded in load_engines().items()}
+
+
+def tls_listener_config(tmp_path, engine: str, **listener) -> dict:
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("not read by build_config")
+    keys = tmp_path / "keys.toml"
+    keys.write_text('AKID = "secret"\n')
+    keys.chmod(0o600)
+    return {"clusters": {"c": {"engine": engine, "hosts": ["db.internal"]}},
+            "listeners": [{"name": "l", "listen": "127.0.0.1:7000", "cluster": "c", "auth": "token",
+                           "token_kind": "rds_iam", "iam_access_keys_file": str(keys),
+                           "tls_cert_file": str(tmp_path / "cert.pem"), "tls_key_file": str(tmp_path / "key.pem"),
+                           **listener}]}
+
+
+@pytest.mark.parametrize("engine", ["postgres"])
+def test_token_listeners_on_engines_that_declare_support(tmp_path, engine):
+    config = build_config(tls_listener_config(tmp_path, engine), "", real_engines())
+    assert config.listeners[0].token_verifier.kind == "rds_iam"
+
+
+def test_token_refused_for_an_engine_that_does_not_declare_it(tmp_path):
+    from multiproxy.engine import Engine
+
+    class ThirdParty(Engine):
+        name, default_port = "thirdparty", 7000
+
+    with pytest.raises(ConfigError) as info:
+        build_config(tls_listener_config(tmp_path, "thirdparty"), "", {"thirdparty": ThirdParty()})
+    (problem,) = info.value.problems
+    assert problem.startswith("listeners[0].auth: 'token' is not supported by engine 'thirdparty'")
+
 
 
 def test_require_tls_without_a_certificate():
