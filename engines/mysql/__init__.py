@@ -12,6 +12,7 @@ class MySQLEngine(Engine):
     name = "mysql"
     default_port = 3306
     description = "MySQL and MariaDB client/server protocol 4.1"
+    supports_token_auth = True     # an AuthSwitchRequest to mysql_clear_password over TLS, as RDS IAM does
 
     def __init__(self):
         # The version clients are greeted with: the latest backend login's (the greeting precedes any borrow).

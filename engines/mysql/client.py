@@ -16,8 +16,10 @@ from multiproxy.engine import (
 )
 
 from . import protocol as p
+from multiproxy.tokens import TokenRejected
+
 from .auth import (
-    CACHING_SHA2, NATIVE, AuthError, native_check, parse_caching_sha2_verifier, parse_native_verifier,
+    CACHING_SHA2, CLEAR, NATIVE, AuthError, native_check, parse_caching_sha2_verifier, parse_native_verifier,
     rsa_decrypt_password, rsa_public_pem, sha2_check, sha2_check_cleartext,
 )
 from .pinning import CHARSET_VARIABLES, NAMES, TRACKED, classify, might_matter
@@ -286,6 +288,9 @@ class MySQLClient(ClientProtocol):
         method = self._method()
         if method == "trust":
             return self._authenticated()
+        plugin = info["plugin"] if caps & p.CLIENT_PLUGIN_AUTH else NATIVE
+        if method == "token":
+            return self._ask_token(plugin, info["auth"])
         wanted = CACHING_SHA2 if method == "caching_sha2_password" else NATIVE
         verifiers = record.verifiers if record is not None else {}
         text = verifiers.get(method)
@@ -296,12 +301,39 @@ class MySQLClient(ClientProtocol):
         except ValueError:
             self.verifier = None
         self.auth_plugin = wanted
-        plugin = info["plugin"] if caps & p.CLIENT_PLUGIN_AUTH else NATIVE
         if plugin != wanted:
             self.nonce = _nonce()
             self.phase = "switch"
             return SendToClient(self._reply(p.auth_switch_request(wanted, self.nonce + b"\x00")))
         return self._check(wanted, info["auth"])
+
+    def _ask_token(self, plugin: bytes, response: bytes):
+        """Token listeners, as RDS IAM authentication for MySQL: TLS first, then the token in cleartext
+        (mysql_clear_password), which TLS protects. The greeting offered mysql_native_password, so a client that
+        skipped TLS sent no more than a scramble before it is turned away."""
+        if not self.tls_active:
+            return self._fatal(ErrorKind.TLS_REQUIRED, f"listener {self.ctx.listener.name!r} authenticates with "
+                               "tokens, which are only accepted over TLS: connect with --ssl (ssl-mode=REQUIRED) "
+                               "and the cleartext plugin (mariadb/mysql: --enable-cleartext-plugin)")
+        self.auth_plugin = CLEAR
+        if plugin == CLEAR:
+            return self._check_token(response)
+        self.phase = "switch"
+        return SendToClient(self._reply(p.auth_switch_request(CLEAR, self.nonce + b"\x00")))   # as servers do
+
+    def _check_token(self, response: bytes):
+        token = response.rstrip(b"\x00").decode("utf-8", "replace")
+        verifier = self.ctx.listener.token_verifier
+        try:
+            if verifier is None:
+                raise TokenRejected("no token verifier configured")
+            verifier.verify(token, self.user)
+        except TokenRejected as exc:
+            message = (f"Access denied for user '{self.user}'@'{self.ctx.client_address[0]}' "
+                       f"(token authentication failed: {exc})")
+            data = p.packet(self.hseq + 1, p.err_payload(p.ER_ACCESS_DENIED_ERROR, "28000", message))
+            return AuthFailed(self.user, data, f"token rejected: {exc}", "token_rejected")
+        return self._authenticated()
 
     def _denied(self, reason: str):
         message = (f"Access denied for user '{self.user}'@'{self.ctx.client_address[0]}' "
@@ -310,6 +342,8 @@ class MySQLClient(ClientProtocol):
         return AuthFailed(self.user, data, reason)
 
     def _check(self, plugin: bytes, response: bytes):
+        if plugin == CLEAR:
+            return self._check_token(response)
         if plugin == NATIVE:
             if self.verifier is not None and native_check(self.verifier, self.nonce, response):
                 return self._authenticated()

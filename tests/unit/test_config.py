@@ -253,7 +253,7 @@ def tls_listener_config(tmp_path, engine: str, **listener) -> dict:
                            **listener}]}
 
 
-@pytest.mark.parametrize("engine", ["postgres"])
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
 def test_token_listeners_on_engines_that_declare_support(tmp_path, engine):
     config = build_config(tls_listener_config(tmp_path, engine), "", real_engines())
     assert config.listeners[0].token_verifier.kind == "rds_iam"
