@@ -4,6 +4,7 @@ from __future__ import annotations
 import ssl
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
+from multiproxy.tls import client_leg_context
 
 from .backend import TDSCancel, TDSLogin, TDSProbe
 from .client import TDSClient, render_error
@@ -15,21 +16,35 @@ class TDSEngine(Engine):
     description = "SQL Server tabular data stream (TDS 7.2-7.4)"
     probe_database = "master"      # the role probe logs in here (every SQL Server has it), not in a database named after the user
 
+    # LOGIN7's password field carries the token; accepted only when the login packet travels inside TLS
+    supports_token_auth = True
+
     def __init__(self):
         self._tls_contexts: dict = {}
 
+    def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
+        if settings.get("tls_min_version") == "TLSv1.3":
+            return [("tls_min_version", "TDS 7.x listeners offer TLS 1.2 only: the TLS handshake travels inside "
+                     "PRELOGIN packets, and FreeTDS clients (tsql 1.3) send their TLS 1.3 Finished outside them; "
+                     "SQL Server itself offers TLS 1.3 only with TDS 8.0 (strict encryption), which multiproxy does "
+                     "not speak. Remove tls_min_version (TLSv1.2 is the default); tls_ciphers and client "
+                     "certificates do apply")]
+        return []
+
     def client_tls_context(self, listener, fallback):
-        """A TLS 1.2 server context for the listener's certificate: TDS 7.x clients expect TDS packets right
-        after the handshake, where TLS 1.3 would send session tickets (SQL Server uses TLS 1.2 here too)."""
+        """The listener's TLS policy (ciphers, client certificates) capped at TLS 1.2: TDS 7.x clients expect TDS
+        packets right after the handshake, where TLS 1.3 would send session tickets (SQL Server uses TLS 1.2 here
+        too)."""
         cert, key = getattr(listener, "tls_cert_file", ""), getattr(listener, "tls_key_file", "")
         if not cert or fallback is None:
             return fallback
-        context = self._tls_contexts.get((cert, key))
+        policy = (cert, key, getattr(listener, "tls_ciphers", ""), getattr(listener, "tls_client_ca_file", ""),
+                  bool(getattr(listener, "tls_verify_client", False)))
+        context = self._tls_contexts.get(policy)
         if context is None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(cert, key or None)
-            self._tls_contexts[(cert, key)] = context
+            context = client_leg_context(cert, key, "TLSv1.2", *policy[2:])
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            self._tls_contexts[policy] = context
         return context
 
     def client_protocol(self, ctx: ClientContext) -> TDSClient:

@@ -14,6 +14,7 @@ from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 from multiproxy.tds.stream import ResponseScanner, Reframer
 from multiproxy.tds.tokens import ProtocolError as TDSError
+from multiproxy.tokens import TokenRejected
 
 from .pinning import classify_batch, classify_rpc
 
@@ -38,6 +39,7 @@ ERRORS = {
 STATES = {kind: index + 1 for index, kind in enumerate(ErrorKind)}
 RESET_ACK = tk.env_reset_ack()
 READ_ONLY_ERROR = 3906
+LOGIN7_PASSWORD_LIMIT = 128     # characters, as MS-TDS documents it; FreeTDS enforces it on what it sends
 
 
 def error_tokens(kind: ErrorKind, message: str) -> bytes:
@@ -182,7 +184,7 @@ class TDSClient(ClientProtocol):
         context = self.engine.client_tls_context(listener, self.ctx.tls_context)
         if context is None:
             answer = tp.ENCRYPT_NOT_SUP
-        elif getattr(listener, "require_tls", False):
+        elif getattr(listener, "require_tls", False) or (listener.auth == "token" and client == tp.ENCRYPT_NOT_SUP):
             answer = tp.ENCRYPT_REQ
         elif client in (tp.ENCRYPT_ON, tp.ENCRYPT_REQ):
             answer = tp.ENCRYPT_ON
@@ -194,13 +196,18 @@ class TDSClient(ClientProtocol):
         reply.options[tp.PL_INSTOPT] = b"\0"
         out = tp.encode_message(tp.TABULAR_RESULT, reply.encode())
         if answer == tp.ENCRYPT_NOT_SUP:
-            if getattr(listener, "require_tls", False):
+            if getattr(listener, "require_tls", False) or listener.auth == "token":
                 return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, "TLS is required"))
             self.phase = "login"
             return SendToClient(out)
         if client == tp.ENCRYPT_NOT_SUP:
-            message = (f"listener {listener.name!r} requires encryption: connect with encryption enabled "
-                       "(FreeTDS: encryption = require; pymssql/pytds: a TLS-capable build)")
+            if listener.auth == "token":    # refused now, before the client sends its token in LOGIN7
+                message = (f"listener {listener.name!r} authenticates with tokens, which are only accepted in an "
+                           "encrypted login: connect with encryption enabled (FreeTDS: encryption = request or "
+                           "require; pymssql: encryption='request')")
+            else:
+                message = (f"listener {listener.name!r} requires encryption: connect with encryption enabled "
+                           "(FreeTDS: encryption = require; pymssql/pytds: a TLS-capable build)")
             return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, message), message)
         self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_side=True)
@@ -221,7 +228,13 @@ class TDSClient(ClientProtocol):
         except ssl.SSLWantReadError:
             finished = False
         except ssl.SSLError as exc:
-            return CloseClient(b"", f"TLS handshake failed: {exc}")
+            # Tell the client with the TLS alert OpenSSL wrote (inside PRELOGIN, as the handshake), and log why
+            # (a missing or untrusted client certificate, no shared cipher).
+            alert = self.tls_out.read()
+            why = exc.reason.replace("_", " ").lower() if exc.reason else str(exc)
+            raise ProtocolError(f"TLS handshake failed: {why}",
+                                tp.encode_message(tp.PRELOGIN, alert) if alert else b"",
+                                ErrorKind.TLS_REQUIRED) from None
         out = self.tls_out.read()
         if finished:
             self.phase = "login"
@@ -253,6 +266,8 @@ class TDSClient(ClientProtocol):
                                 "use a SQL login (user name and password)")
         if not login.username:
             return self._denied("no user name in LOGIN7; use a SQL login")
+        if ctx.listener.auth == "token":
+            return self._check_token(login)
         if ctx.listener.auth != "trust":
             record = ctx.users.get(login.username) if ctx.users is not None else None
             verifier = record.verifiers.get("tds_sha256") if record is not None else None
@@ -260,6 +275,30 @@ class TDSClient(ClientProtocol):
                 return self._denied(None, "listener not allowed for user")
             if verifier is None or not check_tds_sha256(verifier, login.password):
                 return self._denied(None, "wrong password or no tds_sha256 verifier")
+        return self._login_accepted(login)
+
+    def _check_token(self, login: tp.Login7):
+        """Token listeners: the token is LOGIN7's password, accepted only when the login travelled inside TLS
+        (encryption ON, or OFF where only the login packet is encrypted: either way the token was protected)."""
+        if self.tls is None:
+            return self._fail(ErrorKind.TLS_REQUIRED, f"listener {self.ctx.listener.name!r} authenticates with "
+                              "tokens, which are only accepted in an encrypted login: connect with encryption enabled")
+        verifier = self.ctx.listener.token_verifier
+        try:
+            if verifier is None:
+                raise TokenRejected("no token verifier configured")
+            verifier.verify(login.password, login.username)
+        except TokenRejected as exc:
+            hint = ""
+            if len(login.password) in (0, LOGIN7_PASSWORD_LIMIT):
+                hint = (f" (the client sent {len(login.password)} characters: FreeTDS clients such as tsql and "
+                        f"pymssql cut a password at {LOGIN7_PASSWORD_LIMIT} characters or send none, so tokens "
+                        "need a client without that limit)")
+            return self._denied(f"Login failed for user '{login.username}': token authentication failed: {exc}{hint}",
+                                f"token rejected: {exc}", "token_rejected")
+        return self._login_accepted(login)
+
+    def _login_accepted(self, login: tp.Login7):
         requested = login.packet_size or tp.DEFAULT_PACKET_SIZE
         self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
         self.reader.max_packet_size = self.packet_size
@@ -267,9 +306,10 @@ class TDSClient(ClientProtocol):
         self.phase = "ready"
         return Authenticated(login.username, login.database, {})
 
-    def _denied(self, text: str | None, reason: str = ""):
+    def _denied(self, text: str | None, reason: str = "", audit_event: str = "auth_failed"):
         message = text or f"Login failed for user '{self.user}'."
-        return AuthFailed(self.user, self._out(render_error(ErrorKind.AUTH_FAILED, message)), reason or message)
+        return AuthFailed(self.user, self._out(render_error(ErrorKind.AUTH_FAILED, message)), reason or message,
+                          audit_event)
 
     def login_complete(self, server_state) -> bytes:
         """The login reply, from the backend's login facts, in the order FreeTDS and python-tds accept."""

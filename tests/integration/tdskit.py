@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -83,3 +84,56 @@ class RawClient:
 
     def close(self):
         self.sock.close()
+
+
+def recv_message(sock: socket.socket, reader: tp.MessageReader, tls=None, incoming=None) -> tp.Message:
+    """The next whole TDS message; with `tls`, what arrives are TLS records carrying it."""
+    pending = getattr(reader, "_pending_messages", [])
+    while not pending:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        if tls is not None:
+            incoming.write(data)
+            plain = b""
+            while True:
+                try:
+                    plain += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+            data = plain
+        pending = reader.feed(data)
+    reader._pending_messages = pending[1:]
+    return pending[0]
+
+
+def tls_login(port: int, login: tp.Login7, context: ssl.SSLContext, encryption: int = tp.ENCRYPT_ON):
+    """PRELOGIN, a TLS handshake inside PRELOGIN packets by OpenSSL (as FreeTDS does it), LOGIN7 inside TLS; returns
+    (the login reply's tokens, the TLS object). ENCRYPT_ON keeps TLS for the reply, ENCRYPT_OFF encrypts the login
+    only. Raises ssl.SSLError or ConnectionError when the proxy refuses the handshake."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        reader = tp.MessageReader()
+        sock.sendall(tp.encode_message(tp.PRELOGIN, tp.Prelogin.build(encryption=encryption).encode()))
+        answer = tp.Prelogin.decode(recv_message(sock, reader).data).encryption
+        assert answer in (tp.ENCRYPT_ON, tp.ENCRYPT_OFF, tp.ENCRYPT_REQ), answer
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            if out := outgoing.read():
+                sock.sendall(tp.encode_message(tp.PRELOGIN, out))
+            incoming.write(recv_message(sock, reader).data)
+        if out := outgoing.read():
+            sock.sendall(tp.encode_message(tp.PRELOGIN, out))
+        tls.write(tp.encode_message(tp.LOGIN7, login.encode()))
+        sock.sendall(outgoing.read())
+        full = answer != tp.ENCRYPT_OFF
+        reply = recv_message(sock, reader, tls if full else None, incoming)
+        return tk.TokenReader().read(reply.data), tls
+    finally:
+        sock.close()

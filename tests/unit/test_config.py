@@ -253,7 +253,7 @@ def tls_listener_config(tmp_path, engine: str, **listener) -> dict:
                            **listener}]}
 
 
-@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+@pytest.mark.parametrize("engine", ["postgres", "mysql", "tds"])
 def test_token_listeners_on_engines_that_declare_support(tmp_path, engine):
     config = build_config(tls_listener_config(tmp_path, engine), "", real_engines())
     assert config.listeners[0].token_verifier.kind == "rds_iam"
@@ -270,6 +270,18 @@ def test_token_refused_for_an_engine_that_does_not_declare_it(tmp_path):
     (problem,) = info.value.problems
     assert problem.startswith("listeners[0].auth: 'token' is not supported by engine 'thirdparty'")
 
+
+def test_tds_listener_tls_policy(tmp_path):
+    engines = real_engines()
+    policy = {"tls_ciphers": "ECDHE+AESGCM", "tls_client_ca_file": str(tmp_path / "ca.pem"), "tls_verify_client": True}
+    listener = build_config(tls_listener_config(tmp_path, "tds", **policy), "", engines).listeners[0]
+    assert listener.tls_verify_client and listener.tls_ciphers == "ECDHE+AESGCM"
+    with pytest.raises(ConfigError) as info:
+        build_config(tls_listener_config(tmp_path, "tds", tls_min_version="TLSv1.3"), "", engines)
+    (problem,) = info.value.problems
+    assert problem.startswith("listeners[0].tls_min_version: TDS 7.x listeners offer TLS 1.2 only")
+    assert "Remove tls_min_version" in problem
+    build_config(tls_listener_config(tmp_path, "mysql", tls_min_version="TLSv1.3"), "", engines)
 
 
 def test_require_tls_without_a_certificate():
