@@ -107,7 +107,8 @@ class TDSClient(ClientProtocol):
     # ------------------------------------------------------------------ TLS inside the engine
 
     def _out(self, data: bytes) -> bytes:
-        if self.tls_full and data:
+        # Before the TLS handshake inside PRELOGIN finished there is no session to encrypt with: errors go plain.
+        if self.tls_full and data and self.phase != "tls":
             self.tls.write(data)
             return self.tls_out.read()
         return data

@@ -1,0 +1,26 @@
+"""Byte vectors of what tools/fuzz_campaign.py found, replayed through the same oracle so that they stay fixed."""
+from __future__ import annotations
+
+import pytest
+
+from multiproxy.engine import ProtocolError
+from multiproxy.tds import protocol as tp
+
+from ..fuzzkit import TDS_PRELOGIN_TLS, check_tds_error, drive, tds_client, tls_client_hello
+
+
+def test_tds_error_during_the_tls_handshake_inside_prelogin_is_sent_plain():
+    # PRELOGIN asking for encryption with the ClientHello packet pipelined behind it: the ClientHello arrives as
+    # a whole message before the TLS phase began. Refusing it used to try to encrypt the error with a TLS
+    # session not yet established (ssl.SSLWantReadError escaped instead of a ProtocolError).
+    proto = tds_client(tls=True)
+    with pytest.raises(ProtocolError) as info:
+        proto.receive_handshake(TDS_PRELOGIN_TLS + tp.encode_message(tp.PRELOGIN, tls_client_hello()))
+    check_tds_error(info.value.reply)
+
+
+def test_tds_tls_garbage_inside_prelogin_ends_with_an_alert_or_an_error():
+    proto = tds_client(tls=True)
+    outcome = drive("tds", proto, [TDS_PRELOGIN_TLS, tp.encode_message(tp.PRELOGIN, b"\x16\x03\x01\x00\x05hello")],
+                    relay=False)
+    assert outcome.kind in ("error", "closed")
