@@ -105,8 +105,10 @@ class IamTokenVerifier:
         self.addresses = {_address_key(h, p) for h, p in addresses}
         self.clock = clock
 
-    def verify(self, token: str, user: str) -> None:
-        """Return when `token` lets `user` in; raise TokenRejected with the reason otherwise."""
+    def verify(self, token: str, user: str | None = None) -> str:
+        """The database user `token` lets in (its DBUser), when it is valid and, with `user`, names that user;
+        raise TokenRejected with the reason otherwise. `user=None`: the client gave no user name (TDS FEDAUTH),
+        the token's own is taken."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenRejected("malformed token: too long")
         hostport, sep, query = token.partition("/?")
@@ -177,8 +179,7 @@ class IamTokenVerifier:
             raise TokenRejected("not yet valid (X-Amz-Date in the future)")
         if not port_text.isdigit() or _address_key(host, int(port_text)) not in self.addresses:
             raise TokenRejected("wrong host: the token was made for another endpoint")
-        if params["DBUser"] != user:
-            raise TokenRejected("user mismatch")
+        return _named_user(params["DBUser"], user, "DBUser")
 
 
 class JwtVerifier:
@@ -204,7 +205,9 @@ class JwtVerifier:
         if not self.keys and shared_key is None:
             raise ValueError("a JWT verifier needs a JWKS or a shared key")
 
-    def verify(self, token: str, user: str) -> None:
+    def verify(self, token: str, user: str | None = None) -> str:
+        """The database user the JWT's user claim names, when the JWT is valid and, with `user`, names that user;
+        raise TokenRejected with the reason otherwise."""
         jwt = self._jwt
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenRejected("malformed token: too long")
@@ -239,8 +242,19 @@ class JwtVerifier:
             raise TokenRejected("bad signature: unusable key") from None
         except jwt.PyJWTError:
             raise TokenRejected("malformed token") from None
-        if str(claims.get(self.user_claim, "")) != user:
+        named = claims.get(self.user_claim)
+        return _named_user("" if named is None else str(named), user, f"claim {self.user_claim!r}")
+
+
+def _named_user(named: str, user: str | None, where: str) -> str:
+    """The user a verified token names, checked against the one the client gave (when it gave one)."""
+    if user is not None:
+        if named != user:
             raise TokenRejected("user mismatch")
+        return named
+    if not named:
+        raise TokenRejected(f"the token names no database user ({where} is missing or empty)")
+    return named
 
 
 def build_verifier(values: dict, listen: tuple[str, int]):
@@ -318,7 +332,8 @@ class ReloadingVerifier:
         self.kind = self.inner.kind
         self.next_check = clock() + check_interval
 
-    def verify(self, token: str, user: str) -> None:
+    def verify(self, token: str, user: str | None = None) -> str:
+        """As the inner verifier's verify: the user the token names; TokenRejected with the reason otherwise."""
         if self.check_interval and self.path:
             now = self.clock()
             if now >= self.next_check:
@@ -327,7 +342,7 @@ class ReloadingVerifier:
                 if version != self.version:
                     self.version = version
                     self._rebuild(f"{self.path} changed")
-        self.inner.verify(token, user)
+        return self.inner.verify(token, user)
 
     def reload(self) -> bool:
         """Rebuild now (SIGHUP): re-read the key file or the shared key's environment variable."""

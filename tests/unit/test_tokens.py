@@ -401,3 +401,28 @@ def test_shared_key_reload_reads_the_environment_again(monkeypatch):
     monkeypatch.setenv("MP_TEST_JWT_KEY", "short")
     assert v.reload() is False
     v.verify(make_jwt("n" * 40, "HS256"), "alice")
+
+
+# ---- the user a token names (TDS FEDAUTH logins carry no user name: the token's is taken)
+
+def test_verify_returns_the_user_the_token_names(tmp_path):
+    assert iam().verify(boto_token("alice"), "alice") == "alice"
+    assert iam().verify(boto_token("bob")) == "bob"                  # no user given: DBUser
+    assert iam().verify(signed_token("carol"), None) == "carol"
+    assert rejected(iam(), signed_token(when=time.time() - 3600), None) == "expired"   # still checked in full
+    assert rejected(iam(), boto_token("bob").replace("DBUser=bob", "DBUser=eve"), None) == "bad signature"
+    assert "names no database user (DBUser" in rejected(iam(), boto_token(""), None)
+    assert rejected(iam(), boto_token("bob"), "alice") == "user mismatch"
+
+    assert jwt_verifier().verify(make_jwt(sub="dave")) == "dave"
+    assert jwt_verifier(user_claim="db_user").verify(make_jwt(db_user="erin")) == "erin"
+    assert jwt_verifier(user_claim="db_user").verify(make_jwt(db_user=42), "42") == "42"
+    assert "claim 'db_user' is missing" in rejected(jwt_verifier(user_claim="db_user"), make_jwt(), None)
+    assert "names no database user" in rejected(jwt_verifier(), make_jwt(sub=""), None)
+    assert rejected(jwt_verifier(), make_jwt(aud="someone-else", sub="dave"), None) == "wrong audience"
+
+    path = tmp_path / "keys.toml"
+    write_keys(path, {KEY_ID: SECRET})
+    v = reloading_iam(path, Clock())
+    assert v.verify(boto_token("frank")) == "frank"
+    assert v.verify(boto_token("frank"), "frank") == "frank"
