@@ -164,7 +164,11 @@ class TDSClient(ClientProtocol):
             data, self.hbuf = self.hbuf, b""
         if self.tls_raw and data:
             data = self._decrypt(data)
-        for msg in self.reader.feed(data):
+        messages = self.reader.feed(data)
+        if self.reader.pending > self.ctx.max_message_size:
+            # packets without an end of message: the login message would grow for as long as the client sends
+            raise TDSError(f"a login message of more than {self.ctx.max_message_size} bytes (proxy.max_message_size)")
+        for msg in messages:
             if self.phase == "prelogin":
                 events.append(self._prelogin(msg))
             elif self.phase == "login":

@@ -6,7 +6,7 @@ import pytest
 from multiproxy.engine import ProtocolError
 from multiproxy.tds import protocol as tp
 
-from ..fuzzkit import TDS_PRELOGIN_TLS, check_tds_error, drive, tds_client, tls_client_hello
+from ..fuzzkit import TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, tds_client, tds_packet, tls_client_hello
 
 
 def test_tds_error_during_the_tls_handshake_inside_prelogin_is_sent_plain():
@@ -24,3 +24,16 @@ def test_tds_tls_garbage_inside_prelogin_ends_with_an_alert_or_an_error():
     outcome = drive("tds", proto, [TDS_PRELOGIN_TLS, tp.encode_message(tp.PRELOGIN, b"\x16\x03\x01\x00\x05hello")],
                     relay=False)
     assert outcome.kind in ("error", "closed")
+
+
+def test_tds_login_packets_without_an_end_of_message_are_bounded_by_max_message_size():
+    # PRELOGIN packets without EOM: the handshake's message reader collected them for as long as the client sent
+    # (bounded only by the handshake timeout), where the relay refuses more than max_message_size.
+    proto = tds_client(max_message=16384)
+    packet = tds_packet(tp.PRELOGIN, 0, b"\x00" * 492)
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(200):
+            proto.receive_handshake(packet)
+            check_held(proto)
+    check_tds_error(info.value.reply)
+    assert proto.reader.pending <= 16384 + 500
