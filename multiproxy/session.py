@@ -17,7 +17,7 @@ from .engine import (
     AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient,
     StartClientTLS,
 )
-from .fastio import fast_recv, fast_sendall
+from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
 
 log = logging.getLogger("multiproxy.session")
@@ -100,7 +100,10 @@ class Session:
             # The socket's own timeout bounds each wait (cheaper than a gevent.Timeout per connection);
             # the deadline check after each read bounds the whole handshake.
             sock.settimeout(limit)
-            data = sock.recv(proto.handshake_read_size())   # the client usually spoke already: no wait
+            # A client that speaks first usually has spoken already: read without waiting. Answers to what
+            # the proxy just sent cannot be there yet: wait first.
+            recv_next = sock.recv_later if type(sock) is ClientSocket else sock.recv
+            data = (recv_next if out else sock.recv)(proto.handshake_read_size())
             while True:
                 if not data:
                     return False
@@ -111,8 +114,10 @@ class Session:
                     elif kind is StartClientTLS:
                         if event.data:
                             send(event.data)
+                        if type(sock) is ClientSocket:
+                            sock = sock.to_gevent()
                         sock = self.sock = self.runtime.wrap_client_tls(sock)
-                        send = sock.sendall
+                        send, recv_next = sock.sendall, sock.recv
                         try:
                             sock.do_handshake()
                         except BaseException:
@@ -136,7 +141,7 @@ class Session:
                 if remaining <= 0:
                     raise TimeoutError("handshake deadline passed")
                 sock.settimeout(remaining)
-                data = sock.recv(proto.handshake_read_size())
+                data = recv_next(proto.handshake_read_size())
         except TimeoutError:
             self.proxy.metrics.handshake_timeouts += 1
             if self.client_gone:
