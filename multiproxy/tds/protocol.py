@@ -161,6 +161,8 @@ ENCRYPT_ON = 0x01
 ENCRYPT_NOT_SUP = 0x02
 ENCRYPT_REQ = 0x03
 
+NONCE_SIZE = 32         # NONCEOPT, and the nonce FEDAUTH echoes
+
 
 @dataclass
 class Prelogin:
@@ -194,15 +196,33 @@ class Prelogin:
         raw = self.options.get(PL_THREADID)
         return struct.unpack(">I", raw)[0] if raw is not None and len(raw) == 4 else None
 
+    @property
+    def fedauth_required(self) -> int | None:
+        """B_FEDAUTHREQUIRED: a client sends 1 when it means to log in with FEDAUTH; the server's answer is what
+        the client echoes in LOGIN7's fFedAuthEcho. None when the option is absent (or empty)."""
+        raw = self.options.get(PL_FEDAUTHREQUIRED)
+        return raw[0] if raw else None
+
+    @property
+    def nonce(self) -> bytes | None:
+        """NONCEOPT's 32 bytes; None when absent or not 32 bytes long."""
+        raw = self.options.get(PL_NONCEOPT)
+        return raw if raw is not None and len(raw) == NONCE_SIZE else None
+
     @classmethod
     def build(cls, version=(16, 0, 0, 0), encryption: int = ENCRYPT_OFF, instance: str = "",
-              thread_id: int | None = None, mars: int = 0) -> "Prelogin":
+              thread_id: int | None = None, mars: int = 0, fedauth_required: int | None = None,
+              nonce: bytes | None = None) -> "Prelogin":
         options = {PL_VERSION: bytes([version[0], version[1]]) + struct.pack(">HH", version[2], version[3]),
                    PL_ENCRYPTION: bytes([encryption]),
                    PL_INSTOPT: instance.encode("latin-1") + b"\0"}
         if thread_id is not None:
             options[PL_THREADID] = struct.pack(">I", thread_id)
         options[PL_MARS] = bytes([mars])
+        if fedauth_required is not None:
+            options[PL_FEDAUTHREQUIRED] = bytes([fedauth_required])
+        if nonce is not None:
+            options[PL_NONCEOPT] = bytes(nonce)
         return cls(options)
 
     def encode(self) -> bytes:
@@ -247,6 +267,12 @@ F_READ_ONLY_INTENT = 0x20
 FEATURE_SESSIONRECOVERY = 0x01
 FEATURE_FEDAUTH = 0x02
 FEATURE_TERMINATOR = 0xFF
+# FEDAUTH bFedAuthLibrary (the Options byte's upper 7 bits; its lowest bit is fFedAuthEcho)
+FEDAUTH_LIVEID = 0x00
+FEDAUTH_SECURITYTOKEN = 0x01
+FEDAUTH_ADAL = 0x02
+FEDAUTH_LIBRARIES = {FEDAUTH_LIVEID: "Live ID compact token", FEDAUTH_SECURITYTOKEN: "security token",
+                     FEDAUTH_ADAL: "ADAL"}
 
 _LOGIN_STRINGS = ("hostname", "username", "password", "appname", "servername", "extension", "library",
                   "language", "database")
@@ -266,6 +292,72 @@ def decode_ucs2(data: bytes) -> str:
     if len(data) % 2:
         raise ProtocolError("odd length for a UCS-2 string")
     return data.decode("utf-16-le", errors="replace")
+
+
+@dataclass
+class FedAuth:
+    """LOGIN7's FEDAUTH feature (2.2.6.4, FeatureId 0x02): how Azure AD access tokens travel.
+
+    `library` is bFedAuthLibrary and `echo` fFedAuthEcho (1 if and only if the server's PRELOGIN answered
+    FEDAUTHREQUIRED = 1). Security token (what drivers send an access token as): `token` is the L_VARBYTE,
+    UTF-16LE text, and `nonce` the 32 bytes echoing the server's PRELOGIN NONCEOPT (present only if the server
+    sent one). Live ID: the token is opaque, `nonce` then `signed_data` (channel binding token, signature).
+    ADAL: only `workflow`; the token comes later in a FEDAUTH_TOKEN message."""
+    library: int = FEDAUTH_SECURITYTOKEN
+    echo: bool = False
+    token: bytes = b""
+    nonce: bytes | None = None
+    signed_data: bytes = b""
+    workflow: int | None = None
+
+    @property
+    def text(self) -> str:
+        """The token as text (security token: UTF-16LE; characters that do not decode become U+FFFD)."""
+        return self.token.decode("utf-16-le", errors="replace")
+
+    @classmethod
+    def decode(cls, data: bytes) -> "FedAuth":
+        if not data:
+            raise ProtocolError("FEDAUTH feature without its Options byte")
+        fed = cls(data[0] >> 1, bool(data[0] & 1))
+        if fed.library == FEDAUTH_ADAL:
+            if len(data) != 2:
+                raise ProtocolError(f"FEDAUTH ADAL data is {len(data) - 1} bytes, expected the 1-byte workflow")
+            fed.workflow = data[1]
+            return fed
+        if fed.library not in (FEDAUTH_SECURITYTOKEN, FEDAUTH_LIVEID):
+            raise ProtocolError(f"FEDAUTH library 0x{fed.library:02x} is reserved")
+        if len(data) < 5:
+            raise ProtocolError("FEDAUTH feature too short for its token length")
+        size = struct.unpack_from("<I", data, 1)[0]
+        if size == 0:
+            raise ProtocolError("FEDAUTH token is empty")
+        if 5 + size > len(data):
+            raise ProtocolError(f"FEDAUTH token of {size} bytes runs past its {len(data)}-byte feature data")
+        fed.token, rest = bytes(data[5:5 + size]), bytes(data[5 + size:])
+        if fed.library == FEDAUTH_SECURITYTOKEN:
+            if size % 2:
+                raise ProtocolError("FEDAUTH security token has an odd length for UTF-16 text")
+            if rest and len(rest) != NONCE_SIZE:
+                raise ProtocolError(f"FEDAUTH security token is followed by {len(rest)} bytes; only a "
+                                    f"{NONCE_SIZE}-byte nonce may follow it")
+            fed.nonce = rest or None
+        else:
+            if len(rest) < 2 * NONCE_SIZE:
+                raise ProtocolError("FEDAUTH Live ID token lacks its nonce and signature")
+            fed.nonce, fed.signed_data = rest[:NONCE_SIZE], rest[NONCE_SIZE:]
+        return fed
+
+    def encode(self) -> bytes:
+        """The FeatureData, as a client sends it."""
+        options = bytes([(self.library << 1) | int(self.echo)])
+        if self.library == FEDAUTH_ADAL:
+            return options + bytes([self.workflow or 0])
+        return options + struct.pack("<I", len(self.token)) + self.token + (self.nonce or b"") + self.signed_data
+
+    @classmethod
+    def security_token(cls, token: str, echo: bool = True, nonce: bytes | None = None) -> "FedAuth":
+        return cls(FEDAUTH_SECURITYTOKEN, echo, token.encode("utf-16-le"), nonce)
 
 
 @dataclass
@@ -293,7 +385,8 @@ class Login7:
     sspi: bytes = b""
     attach_db_file: str = ""
     change_password: str = ""
-    features: dict[int, bytes] = field(default_factory=dict)
+    features: dict[int, bytes] = field(default_factory=dict)   # FeatureExt data by FeatureId, as sent
+    fedauth: FedAuth | None = None                              # the FEDAUTH feature, decoded
 
     @property
     def integrated_security(self) -> bool:
@@ -350,8 +443,12 @@ class Login7:
                 size = struct.unpack_from("<I", data, pos + 1)[0]
                 if pos + 5 + size > length:
                     raise ProtocolError("LOGIN7 FeatureExt data lies outside the message")
+                if feature in login.features:
+                    raise ProtocolError(f"LOGIN7 FeatureExt names feature 0x{feature:02x} twice")
                 login.features[feature] = bytes(data[pos + 5:pos + 5 + size])
                 pos += 5 + size
+            if FEATURE_FEDAUTH in login.features:
+                login.fedauth = FedAuth.decode(login.features[FEATURE_FEDAUTH])
         return login
 
     def encode(self) -> bytes:
@@ -369,9 +466,12 @@ class Login7:
         offset = LOGIN7_FIXED
         features = b""
         option_flags3 = self.option_flags3
-        if self.features:
+        feature_data = dict(self.features)
+        if self.fedauth is not None:
+            feature_data[FEATURE_FEDAUTH] = self.fedauth.encode()
+        if feature_data:
             option_flags3 |= F_EXTENSION
-            features = b"".join(bytes([fid]) + struct.pack("<I", len(d)) + d for fid, d in self.features.items())
+            features = b"".join(bytes([fid]) + struct.pack("<I", len(d)) + d for fid, d in feature_data.items())
             features += bytes([FEATURE_TERMINATOR])
         for name, value in zip(_LOGIN_STRINGS, values):
             if name == "extension" and features:

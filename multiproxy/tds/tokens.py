@@ -549,6 +549,22 @@ def loginack(prog_name: str = "Microsoft SQL Server", tds_version: bytes = TDS74
     return struct.pack("<BH", TOKEN_LOGINACK, len(body)) + body
 
 
+FEATURE_FEDAUTH = 0x02
+FEATURE_TERMINATOR = 0xFF
+
+
+def featureextack(features: dict[int, bytes]) -> bytes:
+    """FEATUREEXTACK (2.2.7.11): per acknowledged feature its id, DWORD length and data, then the terminator."""
+    body = b"".join(bytes([fid]) + struct.pack("<I", len(data)) + data for fid, data in features.items())
+    return bytes([TOKEN_FEATUREEXTACK]) + body + bytes([FEATURE_TERMINATOR])
+
+
+def fedauth_ack(nonce: bytes | None = None) -> bytes:
+    """The FEATUREEXTACK a FEDAUTH security-token login gets: no data, or the nonce of the client's PRELOGIN
+    NONCEOPT when it sent one (the client checks it)."""
+    return featureextack({FEATURE_FEDAUTH: nonce or b""})
+
+
 def returnstatus(value: int) -> bytes:
     return struct.pack("<Bi", TOKEN_RETURNSTATUS, value)
 
