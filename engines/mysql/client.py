@@ -705,7 +705,9 @@ class MySQLClient(ClientProtocol):
     def _detected(self, reason: PinReason, detail: str) -> None:
         if self.ctx.pin_policy.detected(self, reason, detail):
             self.pinned = True
-            self.pin_details.append((reason, detail))
+            # The first detail per reason: a pinned client repeating SET would otherwise grow the list forever.
+            if all(known is not reason for known, _ in self.pin_details):
+                self.pin_details.append((reason, detail))
 
     # ------------------------------------------------------------------ recording what succeeded
 

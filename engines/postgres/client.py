@@ -716,7 +716,9 @@ class PostgresClient(ClientProtocol):
         if self.ctx.pin_policy.detected(self, reason, detail):
             if not self.pinned:
                 self.pinned = True
-            self.pin_details.append((reason, detail))
+            # The first detail per reason: a pinned client repeating SET would otherwise grow the list forever.
+            if all(known is not reason for known, _ in self.pin_details):
+                self.pin_details.append((reason, detail))
 
     # ------------------------------------------------------------------ relay: backend to client
 

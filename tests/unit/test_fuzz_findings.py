@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from engines.mysql import protocol as myp
+from engines.postgres import protocol as pgp
 from multiproxy.engine import ProtocolError
 from multiproxy.tds import protocol as tp
 
-from ..fuzzkit import TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, tds_client, tds_packet, tls_client_hello
+from ..fuzzkit import (
+    TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, mysql_logged_in, pg_logged_in, tds_client, tds_packet,
+    tls_client_hello,
+)
 
 
 def test_tds_error_during_the_tls_handshake_inside_prelogin_is_sent_plain():
@@ -37,3 +42,19 @@ def test_tds_login_packets_without_an_end_of_message_are_bounded_by_max_message_
             check_held(proto)
     check_tds_error(info.value.reply)
     assert proto.reader.pending <= 16384 + 500
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+def test_a_pinned_session_repeating_pinning_statements_holds_one_detail_per_reason(engine):
+    # A flood of SET / PREPARE in one pinned session appended a (reason, detail) record per statement: memory
+    # grew with every statement for the life of the connection.
+    if engine == "postgres":
+        proto = pg_logged_in()
+        unit = pgp.query("BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int)")
+    else:
+        proto = mysql_logged_in()
+        unit = myp.packet(0, b"\x16SELECT ?") + myp.packet(0, b"\x03SET @a = 1")
+    outcome = drive(engine, proto, [unit] * 3000, relay=True, server_state=None)
+    assert outcome.kind == "open" and proto.pinned
+    reasons = [reason for reason, _ in proto.pin_details]
+    assert len(reasons) == len(set(reasons)) >= 1
