@@ -186,6 +186,10 @@ def held_bytes(obj, depth: int = 0) -> int:
         # Queues of requests in flight (a pipelining client's) are not buffers; bytes and tuples of bytes are.
         if not obj or not isinstance(obj[0], (bytes, bytearray, memoryview, str, tuple)):
             return 0
+        if not isinstance(obj[0], tuple):
+            return sum(len(item) for item in obj if isinstance(item, (bytes, bytearray, memoryview, str)))
+        if len(obj) > 64:         # long lists of records: estimate from the first ones (walking all is quadratic)
+            return sum(held_bytes(obj[i], depth + 1) for i in range(64)) * len(obj) // 64
         return sum(held_bytes(item, depth + 1) for item in obj)
     if isinstance(obj, (int, float, bool, dict, set, frozenset, type(None), ssl.SSLObject)):
         return 0
@@ -243,11 +247,13 @@ def drive(engine: str, proto, chunks: list[bytes], relay: bool, server_state=Non
                         check_reply(engine, proto, data, empty_ok=True)
                     elif isinstance(event, AuthFailed):
                         check_reply(engine, proto, data, empty_ok=False)
-                if check_held_bytes:
+                if check_held_bytes and (i % 16 == 0 or i == len(chunks)):
                     check_held(proto)
                 if events and isinstance(events[-1], ENDING_EVENTS):
                     return Outcome("closed", type(events[-1]).__name__)
                 if events and isinstance(events[-1], Authenticated):
+                    if check_held_bytes:
+                        check_held(proto)
                     if server_state is None:
                         return Outcome("authenticated")
                     out = proto.login_complete(server_state() if callable(server_state) else server_state)
@@ -273,7 +279,7 @@ def drive(engine: str, proto, chunks: list[bytes], relay: bool, server_state=Non
                 out = proto.link(link_state, forward)
                 if not isinstance(out, (bytes, bytearray)):
                     raise Finding("link did not return bytes")
-            if check_held_bytes:
+            if check_held_bytes and (i % 16 == 0 or i == len(chunks)):
                 check_held(proto)
             if proto.closing:
                 return Outcome("closed", "closing")
@@ -548,6 +554,10 @@ tds_packets = st.builds(
     st.sampled_from([0, tp.STATUS_EOM, tp.STATUS_EOM | tp.STATUS_IGNORE, tp.STATUS_IGNORE, 0x08, 0x10, 0x09]),
     st.binary(max_size=48), st.one_of(st.none(), st.none(), st.integers(0, 0xFFFF)))
 tds_packet_streams = st.lists(tds_packets, max_size=8).map(b"".join)
+# For floods: also packets near the largest size, so that a few dozen make a message no limit allows.
+tds_big_packets = st.one_of(tds_packets, st.builds(
+    tds_packet, st.sampled_from(TDS_PACKET_TYPES), st.sampled_from([0, 0x08]),
+    st.integers(0, tp.MAX_PACKET_SIZE - tp.HEADER_SIZE).map(lambda n: b"\x00" * n)))
 _SQL = tp.SqlBatch("SELECT 1; SET ANSI_NULLS ON").encode()
 TDS_CLIENT_STREAMS = [
     tp.encode_message(tp.SQL_BATCH, _SQL),
@@ -714,7 +724,8 @@ def build_targets() -> list[Target]:
         Target("pg.relay.mutated", "postgres", _cases(mutated(PG_CLIENT_STREAMS), sizes, ["pin", "virtualize"]),
                _pg_relay, "Query, extended protocol, COPY and FunctionCall streams with edits"),
         Target("pg.relay.lengths", "postgres",
-               _cases(st.one_of(pg_length_lies, repeated(pg_frontend_message), repeated(pg_length_lies, 50)),
+               _cases(st.one_of(pg_length_lies, repeated(pg_frontend_message), repeated(pg_length_lies, 50),
+                                repeated(st.sampled_from(PG_CLIENT_STREAMS))),
                       wide_sizes, ["pin", "virtualize"]), _pg_relay,
                "oversize and lying length fields, floods of messages"),
         # MySQL: handshake response, SSL request, auth switch and full-auth answers, then commands
@@ -741,7 +752,8 @@ def build_targets() -> list[Target]:
         Target("mysql.commands.mutated", "mysql", _cases(mutated(MYSQL_CLIENT_STREAMS), sizes, [""]), _mysql_relay,
                "queries, prepared statements, COM_CHANGE_USER and LOCAL INFILE streams with edits"),
         Target("mysql.commands.lengths", "mysql",
-               _cases(st.one_of(mysql_length_lies, repeated(mysql_packets), repeated(mysql_length_lies, 50)),
+               _cases(st.one_of(mysql_length_lies, repeated(mysql_packets), repeated(mysql_length_lies, 50),
+                                repeated(st.sampled_from(MYSQL_CLIENT_STREAMS[:4]))),
                       wide_sizes, [""]), _mysql_relay, "lying lengths, 16 MiB continuations and floods"),
         # TDS: PRELOGIN (with TLS inside PRELOGIN packets), LOGIN7, then packet framing and messages
         Target("tds.prelogin.bytes", "tds", _cases(st.binary(max_size=400), sizes, tds_auths), _tds_handshake,
@@ -751,7 +763,7 @@ def build_targets() -> list[Target]:
         Target("tds.prelogin.mutated", "tds", _cases(mutated(TDS_HANDSHAKE_STREAMS), sizes, tds_auths),
                _tds_handshake, "PRELOGIN + LOGIN7 exchanges with edits"),
         Target("tds.prelogin.flood", "tds",
-               _cases(st.one_of(repeated(tds_packets), repeated(st.binary(min_size=1, max_size=64))), wide_sizes,
+               _cases(st.one_of(repeated(tds_big_packets, 200), repeated(st.binary(min_size=1, max_size=64))), wide_sizes,
                       tds_auths), _tds_handshake, "floods of packets (messages without an end) during the login"),
         Target("tds.login7", "tds", _cases(_login7_bodies(), sizes, tds_auths), _tds_after_prelogin,
                "LOGIN7 payloads (offsets, lengths, features) after a valid PRELOGIN"),
@@ -763,7 +775,7 @@ def build_targets() -> list[Target]:
                "packets of any type, status and length after login"),
         Target("tds.relay.mutated", "tds", _cases(mutated(TDS_CLIENT_STREAMS), sizes, [""]), _tds_relay,
                "SQL batches, RPC, ATTENTION and transaction-manager requests with edits"),
-        Target("tds.relay.flood", "tds", _cases(repeated(tds_packets), wide_sizes, [""]), _tds_relay,
+        Target("tds.relay.flood", "tds", _cases(repeated(tds_big_packets, 200), wide_sizes, [""]), _tds_relay,
                "floods of packets (messages without an end) after login"),
     ]
 

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,10 +102,26 @@ class Campaign:
                 self.finding = exc
 
 
+def period(data: bytes) -> int:
+    """The length of the shortest unit that `data` repeats (len(data) when it repeats none)."""
+    n = len(data)
+    for size in range(1, n // 2 + 1):
+        if n % size == 0 and data[:size] * (n // size) == data:
+            return size
+    return n
+
+
 def describe(case) -> str:
     sizes = case.sizes or ["whole"]
-    return (f"  variant: {case.variant or '-'}\n  chunk sizes (cycled): {sizes}\n  bytes ({len(case.data)}): "
-            f"{fuzzkit.hexdump(case.data)}")
+    data = case.data
+    unit = period(data) if len(data) > 256 else len(data)
+    if unit < len(data):
+        shown = f"{len(data) // unit} times this unit of {unit} bytes: {data[:unit].hex()}"
+        python = f"bytes.fromhex('{data[:unit].hex()}') * {len(data) // unit}"
+    else:
+        shown = data.hex()
+        python = f"bytes.fromhex('{data.hex()}')"
+    return (f"  variant: {case.variant or '-'}\n  chunk sizes (cycled): {sizes}\n  bytes ({len(data)}): {shown}", python)
 
 
 def main(argv=None) -> int:
@@ -139,6 +156,7 @@ def main(argv=None) -> int:
         return 2
     per_target = args.minutes * 60 if args.per_target else args.minutes * 60 / len(targets)
     signal.signal(signal.SIGALRM, _alarm)
+    warnings.filterwarnings("ignore", message="Generating overly large repr")
     print(f"fuzz campaign: {len(targets)} targets, {per_target:.1f} s each, max_message_size "
           f"{fuzzkit.MAX_MESSAGE}, buffering limit {fuzzkit.HELD_LIMIT} bytes, example deadline "
           f"{args.example_deadline:g} s, seed {args.seed if args.seed is not None else 'random'}"
@@ -161,10 +179,11 @@ def main(argv=None) -> int:
             print(f"\nFINDING in {target.name} ({target.engine}): {target.about}")
             if campaign.failing is not None:
                 case, text = campaign.failing
-                print("minimal reproducer:\n" + describe(case))
+                shown, python = describe(case)
+                print("minimal reproducer:\n" + shown)
                 print(f"  replay: python3 -c \"from tests import fuzzkit as k; "
-                      f"import tests.fuzzkit; t = {{x.name: x for x in k.build_targets()}}['{target.name}']; "
-                      f"t.run(k.Case(bytes.fromhex('{case.data.hex()}'), {case.sizes!r}, '{case.variant}'))\"")
+                      f"t = {{x.name: x for x in k.build_targets()}}['{target.name}']; "
+                      f"print(t.run(k.Case({python}, {case.sizes!r}, '{case.variant}')))\"")
                 print(text)
             else:
                 print("".join(traceback.format_exception(campaign.finding)))
