@@ -16,7 +16,8 @@ class TDSEngine(Engine):
     description = "SQL Server tabular data stream (TDS 7.2-7.4)"
     probe_database = "master"      # the role probe logs in here (every SQL Server has it), not in a database named after the user
 
-    # LOGIN7's password field carries the token; accepted only when the login packet travels inside TLS
+    # The token comes as an access token in LOGIN7's FEDAUTH feature (python-tds access_token_callable) or as
+    # LOGIN7's password; accepted only when the login packet travels inside TLS
     supports_token_auth = True
 
     def __init__(self):

@@ -1,6 +1,7 @@
 """One TDS client connection, sans-IO: PRELOGIN (TLS inside PRELOGIN packets), LOGIN7, then transaction pooling."""
 from __future__ import annotations
 
+import os
 import ssl
 import struct
 from collections import deque
@@ -86,6 +87,10 @@ class TDSClient(ClientProtocol):
         self.tls_raw = False             # TLS records come raw on the socket (after the PRELOGIN handshake)
         self.user = ""
         self.login: tp.Login7 | None = None
+        self.fedauth_required = False    # what PRELOGIN answered in FEDAUTHREQUIRED: LOGIN7's FEDAUTH must echo it
+        self.server_nonce = None         # NONCEOPT sent to the client: a FEDAUTH security token must echo it
+        self.client_nonce = None         # the client's NONCEOPT: FEATUREEXTACK returns it
+        self.fedauth_ack = False         # logged in with a FEDAUTH token: the login reply acknowledges it
         self.packet_size = tp.DEFAULT_PACKET_SIZE
         self.backend_size = tp.DEFAULT_PACKET_SIZE
         # relay state
@@ -199,6 +204,15 @@ class TDSClient(ClientProtocol):
             answer = tp.ENCRYPT_NOT_SUP
         reply = tp.Prelogin.build(version=(16, 0, 1000, 6), encryption=answer, mars=0)
         reply.options[tp.PL_INSTOPT] = b"\0"
+        if prelogin.fedauth_required is not None:
+            # The client means to send an access token (FEDAUTH). Token listeners answer 1, as Azure SQL does: the
+            # client then sets fFedAuthEcho and expects FEATUREEXTACK; password listeners answer 0 (and refuse the
+            # FEDAUTH login with a message saying to use a password).
+            self.fedauth_required = listener.auth == "token"
+            reply.options[tp.PL_FEDAUTHREQUIRED] = bytes([int(self.fedauth_required)])
+        if prelogin.nonce is not None and listener.auth == "token":
+            self.client_nonce, self.server_nonce = prelogin.nonce, os.urandom(tp.NONCE_SIZE)
+            reply.options[tp.PL_NONCEOPT] = self.server_nonce
         out = tp.encode_message(tp.TABULAR_RESULT, reply.encode())
         if answer == tp.ENCRYPT_NOT_SUP:
             if getattr(listener, "require_tls", False) or listener.auth == "token":
@@ -266,9 +280,8 @@ class TDSClient(ClientProtocol):
         if login.integrated_security:
             return self._denied("integrated (SSPI/Kerberos) authentication is not supported by multiproxy; "
                                 "use a SQL login (user name and password)")
-        if tp.FEATURE_FEDAUTH in login.features:
-            return self._denied("federated (Azure AD) authentication is not supported by multiproxy; "
-                                "use a SQL login (user name and password)")
+        if login.fedauth is not None:
+            return self._check_fedauth(login, login.fedauth)
         if not login.username:
             return self._denied("no user name in LOGIN7; use a SQL login")
         if ctx.listener.auth == "token":
@@ -297,19 +310,58 @@ class TDSClient(ClientProtocol):
             hint = ""
             if len(login.password) in (0, LOGIN7_PASSWORD_LIMIT):
                 hint = (f" (the client sent {len(login.password)} characters: FreeTDS clients such as tsql and "
-                        f"pymssql cut a password at {LOGIN7_PASSWORD_LIMIT} characters or send none, so tokens "
-                        "need a client without that limit)")
+                        f"pymssql cut a password at {LOGIN7_PASSWORD_LIMIT} characters or send none: send the token "
+                        "as an access token instead (LOGIN7 FEDAUTH, e.g. python-tds access_token_callable))")
             return self._denied(f"Login failed for user '{login.username}': token authentication failed: {exc}{hint}",
                                 f"token rejected: {exc}", "token_rejected")
         return self._login_accepted(login)
 
-    def _login_accepted(self, login: tp.Login7):
+    def _check_fedauth(self, login: tp.Login7, fed: tp.FedAuth):
+        """LOGIN7 with the FEDAUTH feature: an access token (security token library, as python-tds'
+        access_token_callable and SqlClient send it) instead of a user name and password. Token listeners
+        verify it and take the database user from it (RDS IAM: DBUser; JWT: the user claim); a user name sent
+        next to it must be the token's."""
+        listener = self.ctx.listener
+        if listener.auth != "token":
+            return self._denied(f"Login failed: listener {listener.name!r} authenticates with passwords, not access "
+                                "tokens (FEDAUTH): log in with a user name and password (SQL login)",
+                                "FEDAUTH access token on a password listener")
+        if fed.library != tp.FEDAUTH_SECURITYTOKEN:
+            library = tp.FEDAUTH_LIBRARIES.get(fed.library, f"0x{fed.library:02x}")
+            return self._denied(f"Login failed: federated authentication through the {library} library is not "
+                                "supported by multiproxy; send the access token itself (security token library, "
+                                "e.g. python-tds access_token_callable)", f"FEDAUTH library {library} not supported")
+        if self.tls is None:
+            return self._fail(ErrorKind.TLS_REQUIRED, f"listener {listener.name!r} authenticates with tokens, which "
+                              "are only accepted in an encrypted login: connect with encryption enabled")
+        if fed.echo != self.fedauth_required:
+            return self._denied("Login failed: the FEDAUTH feature's echo bit does not match the FEDAUTHREQUIRED "
+                                "option of the server's PRELOGIN answer", "FEDAUTH echo bit mismatch")
+        if fed.nonce != self.server_nonce:
+            return self._denied("Login failed: the FEDAUTH feature's nonce does not match the server's PRELOGIN "
+                                "NONCEOPT" if self.server_nonce else
+                                "Login failed: the FEDAUTH feature carries a nonce the server never sent",
+                                "FEDAUTH nonce mismatch")
+        verifier = listener.token_verifier
+        try:
+            if verifier is None:
+                raise TokenRejected("no token verifier configured")
+            user = verifier.verify(fed.text, login.username or None)
+        except TokenRejected as exc:
+            who = f" for user '{login.username}'" if login.username else ""
+            return self._denied(f"Login failed{who}: token authentication failed: {exc} (FEDAUTH access token)",
+                                f"token rejected: {exc}", "token_rejected")
+        self.user = user
+        self.fedauth_ack = True
+        return self._login_accepted(login, user)
+
+    def _login_accepted(self, login: tp.Login7, user: str | None = None):
         requested = login.packet_size or tp.DEFAULT_PACKET_SIZE
         self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
         self.reader.max_packet_size = self.packet_size
         self.reframer = Reframer(self.packet_size)
         self.phase = "ready"
-        return Authenticated(login.username, login.database, {})
+        return Authenticated(user or login.username, login.database, {})
 
     def _denied(self, text: str | None, reason: str = "", audit_event: str = "auth_failed"):
         message = text or f"Login failed for user '{self.user}'."
@@ -332,6 +384,7 @@ class TDSClient(ClientProtocol):
                               state.tds_version if state else tk.TDS74_VERSION_BYTES,
                               state.prog_version if state else bytes([16, 0, 0x03, 0xE8]))
                 + tk.envchange(tk.ENV_PACKETSIZE, str(self.packet_size), str(self.login.packet_size))
+                + (tk.fedauth_ack(self.client_nonce) if self.fedauth_ack else b"")
                 + tk.done())
         return self._out(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size))
 

@@ -107,15 +107,21 @@ def recv_message(sock: socket.socket, reader: tp.MessageReader, tls=None, incomi
     return pending[0]
 
 
-def tls_login(port: int, login: tp.Login7, context: ssl.SSLContext, encryption: int = tp.ENCRYPT_ON):
+def tls_login(port: int, login, context: ssl.SSLContext, encryption: int = tp.ENCRYPT_ON,
+              prelogin: tp.Prelogin | None = None):
     """PRELOGIN, a TLS handshake inside PRELOGIN packets by OpenSSL (as FreeTDS does it), LOGIN7 inside TLS; returns
     (the login reply's tokens, the TLS object). ENCRYPT_ON keeps TLS for the reply, ENCRYPT_OFF encrypts the login
-    only. Raises ssl.SSLError or ConnectionError when the proxy refuses the handshake."""
+    only. Raises ssl.SSLError or ConnectionError when the proxy refuses the handshake. `login` is a Login7 or a
+    function of the server's PRELOGIN answer returning one (to echo FEDAUTHREQUIRED or NONCEOPT); `prelogin`
+    replaces the client's PRELOGIN."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         reader = tp.MessageReader()
-        sock.sendall(tp.encode_message(tp.PRELOGIN, tp.Prelogin.build(encryption=encryption).encode()))
-        answer = tp.Prelogin.decode(recv_message(sock, reader).data).encryption
+        sock.sendall(tp.encode_message(tp.PRELOGIN, (prelogin or tp.Prelogin.build(encryption=encryption)).encode()))
+        server = tp.Prelogin.decode(recv_message(sock, reader).data)
+        answer = server.encryption
+        if callable(login):
+            login = login(server)
         assert answer in (tp.ENCRYPT_ON, tp.ENCRYPT_OFF, tp.ENCRYPT_REQ), answer
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = context.wrap_bio(incoming, outgoing)

@@ -277,15 +277,19 @@ def test_attention_cancels_waitfor(lab, proxy_factory):
 # ---------------------------------------------------------------------------------------------- login, TLS, bad input
 
 def test_integrated_and_federated_auth_refused(lab, proxy_factory):
+    """SSPI is not supported; an access token (FEDAUTH) on a password listener is told to use a password."""
     proxy = start(proxy_factory, lab)
-    for login in (tp.Login7(username="", option_flags2=0x03 | tp.F_INT_SECURITY, sspi=b"NTLMSSP\0"),
-                  tp.Login7(username=APP_USER, password=APP_PASSWORD, features={tp.FEATURE_FEDAUTH: b"\x02"})):
+    for login, expected in (
+            (tp.Login7(username="", option_flags2=0x03 | tp.F_INT_SECURITY, sspi=b"NTLMSSP\0"),
+             "not supported by multiproxy"),
+            (tp.Login7(fedauth=tp.FedAuth.security_token("x" * 900, echo=False)),
+             "listener 'tds' authenticates with passwords, not access tokens (FEDAUTH)")):
         c = RawClient(proxy.port, login=False)
-        c.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
-        c.recv()
+        c.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP, fedauth_required=1).encode())
+        assert tp.Prelogin.decode(c.recv().data).fedauth_required == 0      # password listener: no FEDAUTH
         c.send(tp.LOGIN7, login.encode())
         found = errors(c.read_tokens())
-        assert found and found[0][0] == 18456 and "not supported by multiproxy" in found[0][2]
+        assert found and found[0][0] == 18456 and expected in found[0][2], found
         c.close()
 
 

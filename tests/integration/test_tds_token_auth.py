@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import time
 
+import boto3
 import pytest
 
 from multiproxy.auth import UsersFile
@@ -19,7 +20,8 @@ from .tdskit import DB, LAB_PASSWORD, LAB_USER, LabProcess, RawClient, tls_login
 from .test_pg_tls import write_pki
 from .test_tls_policy import write_client_cert
 from .tokenkit import (
-    assert_no_token_in_logs, audit, boto_token, iam_listener, jwt_listener, make_jwt, other_rsa_key, signed_token,
+    REGION, assert_no_token_in_logs, audit, boto_token, iam_listener, jwt_listener, make_jwt, other_rsa_key,
+    signed_token,
 )
 
 pymssql = pytest.importorskip("pymssql")
@@ -160,6 +162,162 @@ def test_jwt_in_an_encrypted_login7(lab, pki, proxy_factory, tmp_path):
         assert errors(toks)[0][1].endswith(f"token authentication failed: {reason}")
     assert [e["reason"] for e in audit(tmp_path) if e["event"] == "token_rejected"] == [
         "token rejected: expired", "token rejected: bad signature", "token rejected: user mismatch"]
+
+
+# ---------------------------------------------------------------------------------------------- FEDAUTH
+
+def td(proxy, pki, token: str, **kw):
+    """python-tds logging in with an access token: PRELOGIN FEDAUTHREQUIRED, LOGIN7 with the FEDAUTH feature
+    (security token library), no user name or password. TLS (pyOpenSSL) needs the CA; the certificate is for
+    localhost, the proxy listens on 127.0.0.1."""
+    import pytds
+    return pytds.connect(proxy.host, port=proxy.port, database=DB, cafile=pki["ca"], validate_host=False,
+                         access_token_callable=lambda: token, autocommit=True, login_timeout=10, timeout=20, **kw)
+
+
+def td_refused(proxy, pki, token: str, **kw) -> str:
+    import pytds
+    with pytest.raises(pytds.Error) as info:
+        td(proxy, pki, token, **kw)
+    return str(info.value)
+
+
+def rows(conn, sql, params=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+STS_KEY_ID, STS_SECRET, STS_SESSION = "ASIAMULTIPROXYTEST", "sts-secret-access-key", "FwoGZXIvYXdzE" + "Q" * 500
+
+
+def test_python_tds_access_token_with_rds_iam(lab, pki, proxy_factory, tmp_path):
+    """RDS IAM tokens in FEDAUTH, longer than LOGIN7's password holds: one from a static key (about 300 characters)
+    and one from STS temporary credentials (about 800, as RDS IAM tokens usually are); the database user is the
+    token's DBUser. Full encryption and login-only encryption (enc_login_only)."""
+    listener = iam_listener(tmp_path)
+    keys = tmp_path / "iam-keys.toml"
+    keys.write_text(keys.read_text() + f'[{STS_KEY_ID}]\nsecret_access_key = "{STS_SECRET}"\n'
+                    f'session_token = "{STS_SESSION}"\n')
+    proxy = start(proxy_factory, lab, pki, tmp_path, listener)
+    good = boto_token(proxy.host, proxy.port, USER)
+    sts = boto3.client("rds", region_name=REGION, aws_access_key_id=STS_KEY_ID, aws_secret_access_key=STS_SECRET,
+                       aws_session_token=STS_SESSION).generate_db_auth_token(proxy.host, proxy.port, USER,
+                                                                            Region=REGION)
+    assert len(good) > 128 and len(sts) > 800
+    with td(proxy, pki, sts) as conn:
+        assert rows(conn, "SELECT 6 * 7 AS answer") == [(42,)]
+    with td(proxy, pki, good) as conn:
+        assert rows(conn, "SELECT 6 * 7 AS answer") == [(42,)]
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE fed_iam (id INT PRIMARY KEY, name NVARCHAR(20))")
+            cur.execute("INSERT INTO fed_iam VALUES (%s, %s)", (1, "één"))
+            cur.execute("INSERT INTO fed_iam VALUES (%s, %s)", (2, "two"))
+        assert rows(conn, "SELECT id, name FROM fed_iam ORDER BY id") == [(1, "één"), (2, "two")]
+    with td(proxy, pki, good, enc_login_only=True) as conn:             # TLS for the login packet only
+        assert rows(conn, "SELECT COUNT(*) FROM fed_iam") == [(2,)]
+    records = audit(tmp_path)
+    assert [(e["event"], e["user"], e["engine"]) for e in records] == [("auth_ok", USER, "tds")] * 3
+    assert_no_token_in_logs(proxy, tmp_path, [good, sts])
+
+
+def test_python_tds_access_token_with_jwt(lab, pki, proxy_factory, tmp_path):
+    """An RS256 JWT (several hundred characters) in FEDAUTH; the database user is the configured claim's."""
+    proxy = start(proxy_factory, lab, pki, tmp_path, jwt_listener(tmp_path))
+    token = make_jwt(USER)
+    assert len(token) > 128
+    with td(proxy, pki, token) as conn:
+        assert rows(conn, "SELECT 1 AS a UNION ALL SELECT 2 ORDER BY a") == [(1,), (2,)]
+        assert rows(conn, "SELECT %s + 1", (41,)) == [(42,)]
+    assert [(e["event"], e["user"]) for e in audit(tmp_path)] == [("auth_ok", USER)]
+    for token, reason in ((make_jwt(USER, exp=int(time.time()) - 5), "expired"),
+                          (make_jwt(USER, aud="another-service"), "wrong audience"),
+                          (make_jwt(USER, key=other_rsa_key()), "bad signature"),
+                          (make_jwt(""), "the token names no database user")):
+        message = td_refused(proxy, pki, token)
+        assert "18456" in message or "Login failed" in message, message
+        assert f"token authentication failed: {reason}" in message, message
+    rejected = [e for e in audit(tmp_path) if e["event"] == "token_rejected"]
+    assert [e["reason"].split(" (")[0] for e in rejected] == [
+        "token rejected: expired", "token rejected: wrong audience", "token rejected: bad signature",
+        "token rejected: the token names no database user"]
+    assert_no_token_in_logs(proxy, tmp_path, [token])
+
+
+def test_python_tds_access_token_refusals(iam_proxy, pki, tmp_path):
+    """Expired, tampered and wrong-endpoint IAM tokens are refused with ERROR 18456 and the reason, which
+    python-tds shows in its exception; a login without encryption never gets as far as sending the token."""
+    proxy = iam_proxy
+    expired = signed_token(user=USER, when=time.time() - 3600, host=proxy.host, port=proxy.port)
+    tampered = boto_token(proxy.host, proxy.port, USER).replace(f"DBUser={USER}", "DBUser=sa")
+    elsewhere = boto_token("db.elsewhere.test", 1433, USER)
+    for token, reason in ((expired, "expired"), (tampered, "bad signature"),
+                          (elsewhere, "wrong host: the token was made for another endpoint")):
+        message = td_refused(proxy, pki, token)
+        assert f"Login failed: token authentication failed: {reason} (FEDAUTH access token)" in message, message
+    import pytds
+    with pytest.raises(pytds.Error, match="encryption"):              # no cafile: python-tds offers no TLS
+        pytds.connect(proxy.host, port=proxy.port, database=DB, access_token_callable=lambda: expired,
+                      login_timeout=10)
+    assert [e["reason"] for e in audit(tmp_path) if e["event"] == "token_rejected"] == [
+        "token rejected: expired", "token rejected: bad signature",
+        "token rejected: wrong host: the token was made for another endpoint"]
+    assert not any(e["event"] == "auth_ok" for e in audit(tmp_path))
+    assert_no_token_in_logs(proxy, tmp_path, [expired, tampered, elsewhere])
+
+
+def fed_login(token: str, echo: bool = True, nonce: bytes | None = None, user: str = "") -> tp.Login7:
+    return tp.Login7(username=user, database=DB, fedauth=tp.FedAuth.security_token(token, echo, nonce))
+
+
+def test_fedauth_prelogin_nonce_echo_and_libraries(iam_proxy):
+    """The PRELOGIN answer carries FEDAUTHREQUIRED = 1 and, for a client NONCEOPT, the proxy's own nonce, which the
+    FEDAUTH feature must echo; FEATUREEXTACK returns the client's nonce. A wrong echo bit or nonce, a user name that
+    is not the token's, a library other than the security token and a malformed feature are refused."""
+    proxy = iam_proxy
+    good = boto_token(proxy.host, proxy.port, USER)
+    client_nonce = os.urandom(32)
+    seen = []
+
+    def echo_nonce(server: tp.Prelogin) -> tp.Login7:
+        seen.append(server)
+        return fed_login(good, nonce=server.nonce)
+
+    asking = tp.Prelogin.build(encryption=tp.ENCRYPT_ON, fedauth_required=1, nonce=client_nonce)
+    toks, _ = tls_login(proxy.port, echo_nonce, client_context(), prelogin=asking)
+    assert logged_in(toks), errors(toks)
+    assert seen[0].fedauth_required == 1 and len(seen[0].nonce) == 32 and seen[0].nonce != client_nonce
+    (ack,) = [t for t in toks if t.type == tk.TOKEN_FEATUREEXTACK]
+    assert ack.features == {tp.FEATURE_FEDAUTH: client_nonce}
+    assert [t.type for t in toks][-2:] == [tk.TOKEN_FEATUREEXTACK, tk.TOKEN_DONE]
+
+    toks, _ = tls_login(proxy.port, fed_login(good), client_context(),   # no client nonce: an empty acknowledgement
+                        prelogin=tp.Prelogin.build(encryption=tp.ENCRYPT_ON, fedauth_required=1))
+    assert [t.features for t in toks if t.type == tk.TOKEN_FEATUREEXTACK] == [{tp.FEATURE_FEDAUTH: b""}]
+    toks, _ = tls_login(proxy.port, fed_login(good, user=USER), client_context(),
+                        prelogin=tp.Prelogin.build(encryption=tp.ENCRYPT_ON, fedauth_required=1))
+    assert logged_in(toks), errors(toks)                               # a user name, the token's: accepted
+
+    fed_pre = tp.Prelogin.build(encryption=tp.ENCRYPT_ON, fedauth_required=1)
+    cases = [
+        (fed_login(good, echo=False), fed_pre, "echo bit does not match"),
+        (fed_login(good), None, "echo bit does not match"),            # FEDAUTHREQUIRED never asked, echo set
+        (fed_login(good, nonce=bytes(32)), asking, "nonce does not match"),
+        (fed_login(good), asking, "nonce does not match"),
+        (fed_login(good, nonce=bytes(32)), fed_pre, "nonce the server never sent"),
+        (fed_login(good, user="someone_else"), fed_pre, "token authentication failed: user mismatch"),
+        (tp.Login7(database=DB, fedauth=tp.FedAuth(tp.FEDAUTH_LIVEID, True, b"tok", bytes(32), bytes(32))),
+         fed_pre, "through the Live ID compact token library is not supported"),
+        (tp.Login7(database=DB, fedauth=tp.FedAuth(tp.FEDAUTH_ADAL, True, workflow=1)), fed_pre,
+         "through the ADAL library is not supported"),
+        (tp.Login7(database=DB, features={tp.FEATURE_FEDAUTH: b"\x03\xff\x00\x00\x00ab"}), fed_pre,
+         "malformed TDS login: FEDAUTH token of 255 bytes runs past"),
+    ]
+    for login_, prelogin, expected in cases:
+        toks, _ = tls_login(proxy.port, login_, client_context(), prelogin=prelogin)
+        found = errors(toks)
+        assert len(found) == 1 and expected in found[0][1], (expected, found)
+        assert found[0][0] == (4002 if "malformed" in expected else 18456)
 
 
 # ---------------------------------------------------------------------------------------------- TLS policy
