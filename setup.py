@@ -26,6 +26,8 @@ setup(
             "asyncpg>=0.29",
             "pymssql>=2.2",
             "python-tds>=1.15",
+            "pyOpenSSL>=23",  # python-tds's TLS (access tokens need an encrypted login)
+            "boto3>=1.28",  # RDS IAM tokens in the token-authentication tests
             "PyMySQL>=1.1",
             "mysql-connector-python>=8.0",
             "mariadb>=1.1",

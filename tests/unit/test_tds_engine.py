@@ -186,3 +186,36 @@ def test_fuzz_login7_decoder(blob):
         tp.Login7.decode(blob)
     except tk.ProtocolError:
         pass
+
+
+FEDAUTH_LOGIN = tp.Login7(database="db", fedauth=tp.FedAuth.security_token("eyJ" + "x" * 200)).encode()
+
+
+def test_fedauth_login_on_a_password_listener_is_told_to_use_a_password():
+    proto = client()
+    reply = tp.MessageReader().feed(proto.receive_handshake(tp.encode_message(
+        tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP, fedauth_required=1).encode()))[0].data)[0]
+    assert tp.Prelogin.decode(reply.data).fedauth_required == 0
+    (event,) = proto.receive_handshake(tp.encode_message(tp.LOGIN7, FEDAUTH_LOGIN))
+    assert isinstance(event, AuthFailed) and event.audit_event == "auth_failed"
+    (err,) = [t for t in tk.TokenReader().read(tp.MessageReader().feed(event.data)[0].data)
+              if t.type == tk.TOKEN_ERROR]
+    assert err.number == 18456 and "authenticates with passwords, not access tokens (FEDAUTH)" in err.text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_fedauth_login7_on_the_engine(data):
+    """A FEDAUTH LOGIN7 with bytes changed (more often in its FeatureExt) and cut: a protocol error or a refusal."""
+    body = bytearray(FEDAUTH_LOGIN)
+    for _ in range(data.draw(st.integers(1, 4))):
+        low = data.draw(st.sampled_from([0, len(body) - 420]))
+        body[data.draw(st.integers(low, len(body) - 1))] = data.draw(st.integers(0, 255))
+    body = body[:data.draw(st.integers(0, len(body)))]
+    proto = client()
+    proto.receive_handshake(PRELOGIN)
+    try:
+        events = proto.receive_handshake(tp.encode_message(tp.LOGIN7, bytes(body)))
+    except ProtocolError:
+        return
+    assert events and isinstance(events[-1], (AuthFailed, CloseClient)), events
