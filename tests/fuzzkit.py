@@ -341,7 +341,7 @@ def pg_message(kind: int, body: bytes) -> bytes:
     return bytes((kind,)) + struct.pack("!I", len(body) + 4) + body
 
 
-def _pg_parse(name: bytes, sql: bytes) -> bytes:
+def pg_parse(name: bytes, sql: bytes) -> bytes:
     return pg_message(ord("P"), name + b"\x00" + sql + b"\x00\x00\x00")
 
 
@@ -377,16 +377,16 @@ def pg_token_streams() -> list[bytes]:
 
 
 FRONTEND_KINDS = b"QPBDECSHXFdcf"
-_PG_BIND = pg_message(ord("B"), b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
-_PG_DESCRIBE = pg_message(ord("D"), b"Ss1\x00")
-_PG_EXECUTE = pg_message(ord("E"), b"\x00\x00\x00\x00\x00")
-_PG_SYNC = pg_message(ord("S"), b"")
+PG_BIND = pg_message(ord("B"), b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
+PG_DESCRIBE = pg_message(ord("D"), b"Ss1\x00")
+PG_EXECUTE = pg_message(ord("E"), b"\x00\x00\x00\x00\x00")
+PG_SYNC = pg_message(ord("S"), b"")
 PG_CLIENT_STREAMS = [
     pgp.query("SELECT 1"),
     pgp.query("BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int)"),
-    _pg_parse(b"", b"SELECT $1") + _PG_SYNC + pg_message(ord("D"), b"S\x00") + _PG_SYNC
-    + pg_message(ord("B"), b"\x00\x00\x00\x00\x00\x00\x00\x00") + _PG_EXECUTE + _PG_SYNC,
-    _pg_parse(b"s1", b"SELECT 1") + _PG_BIND + _PG_DESCRIBE + _PG_EXECUTE + pg_message(ord("C"), b"Ss1\x00") + _PG_SYNC,
+    pg_parse(b"", b"SELECT $1") + PG_SYNC + pg_message(ord("D"), b"S\x00") + PG_SYNC
+    + pg_message(ord("B"), b"\x00\x00\x00\x00\x00\x00\x00\x00") + PG_EXECUTE + PG_SYNC,
+    pg_parse(b"s1", b"SELECT 1") + PG_BIND + PG_DESCRIBE + PG_EXECUTE + pg_message(ord("C"), b"Ss1\x00") + PG_SYNC,
     pgp.query("COPY t FROM STDIN") + pg_message(ord("d"), b"1\n") + pg_message(ord("c"), b""),
     pg_message(ord("F"), b"\x00\x00\x04\xd2\x00\x00\x00\x00\x00\x00") + pg_message(ord("X"), b""),
 ]
@@ -625,7 +625,7 @@ def _pg_relay(case: Case) -> Outcome:
         client.backend_data(pgp.message(b"C", pgp.cstring("BEGIN")) + pgp.ready_for_query(pgp.TX_IN_TRANSACTION))
         client.backend_lost("connection reset")
     elif variant == "virtualize":
-        client.link(pg_backend_state(), client.client_data(_pg_parse(b"s1", b"SELECT 1") + _PG_SYNC)[0])
+        client.link(pg_backend_state(), client.client_data(pg_parse(b"s1", b"SELECT 1") + PG_SYNC)[0])
     return drive("postgres", client, case.chunks(), relay=True, server_state=pg_backend_state)
 
 

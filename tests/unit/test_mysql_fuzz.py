@@ -8,15 +8,11 @@ from engines.mysql import protocol as p
 from engines.mysql.backend import MySQLLogin
 from multiproxy.engine import BackendError, BackendTarget, ProtocolError
 
-from .test_mysql_relay import logged_in, make_client, server_state
+from ..fuzzkit import check_mysql_error, mysql_client as make_client, mysql_logged_in as logged_in
+from ..fuzzkit import mysql_packets as packets, mysql_server_state as server_state
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-commands = st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x09, 0x0C, 0x0E, 0x11, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1B,
-                            0x1C, 0x1F, 0x12, 0x55])
-packets = st.builds(lambda seq, cmd, body: p.packet(seq, bytes((cmd,)) + body),
-                    st.sampled_from([0, 0, 0, 1]), commands, st.binary(max_size=40))
 
 
 @FUZZ
@@ -26,8 +22,8 @@ def test_handshake_garbage_only_raises_protocol_error(blob, auth):
     client.start()
     try:
         client.receive_handshake(blob)
-    except ProtocolError:
-        pass
+    except ProtocolError as exc:
+        check_mysql_error(exc.reply)
 
 
 @FUZZ
@@ -37,8 +33,8 @@ def test_handshake_response_bodies(body):
     client.start()
     try:
         client.receive_handshake(p.packet(1, body))
-    except ProtocolError:
-        pass
+    except ProtocolError as exc:
+        check_mysql_error(exc.reply)
 
 
 @FUZZ
@@ -51,8 +47,8 @@ def test_client_commands_only_raise_protocol_error(stream, chunk):
             forward, _ = client.client_data(data[i:i + chunk])
             if forward and not client.linked:
                 client.link(server_state(), forward)
-    except ProtocolError:
-        pass
+    except ProtocolError as exc:
+        check_mysql_error(exc.reply)
 
 
 backend_packets = st.builds(lambda seq, body: p.packet(seq, body), st.integers(0, 255),

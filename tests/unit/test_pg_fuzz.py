@@ -1,88 +1,39 @@
 """Hypothesis fuzzing of PostgresClient: handshake and client bytes may only fail with ProtocolError; backend bytes never fail."""
 from __future__ import annotations
 
-import dataclasses
 import struct
-
-import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engines.postgres import protocol as p
-from engines.postgres.auth import ScramClient
-from engines.postgres.backend import PostgresLogin
 from engines.postgres.client import PostgresClient
-from multiproxy.auth import UsersFile, md5_verifier, scram_sha_256_verifier
-from multiproxy.config import build_config
-from multiproxy.engine import (
-    AuthFailed, Authenticated, BackendTarget, CancelRequested, ClientContext, CloseClient, ProtocolError, StartClientTLS,
+from multiproxy.engine import AuthFailed, Authenticated, CancelRequested, CloseClient, ProtocolError, StartClientTLS
+
+from ..fuzzkit import (
+    PG_BIND as _BIND, PG_CLIENT_STREAMS as CLIENT_STREAMS, PG_EXECUTE as _EXECUTE, PG_HANDSHAKE_STREAMS as HANDSHAKE_STREAMS,
+    PG_SYNC as _SYNC, check_pg_error, chunks_of, edits, mutate, pg_backend_state as backend_state, pg_client,
+    pg_framed_messages as framed_messages, pg_logged_in as logged_in, pg_message as frontend_message, pg_parse as _parse,
+    sizes,
 )
-from multiproxy.pinning import PinPolicy
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-USERS = UsersFile.from_dict({"users": {"alice": {
-    "scram_sha_256": scram_sha_256_verifier("secret", b"0123456789abcdef", 4096),
-    "md5": md5_verifier("alice", "secret"),
-}}})
 TERMINAL = (StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested)
 
 
-def make_client(auth: str = "trust", prepared_statements: str = "pin") -> PostgresClient:
-    raw = {
-        "auth": {"users_file": "users.toml"},
-        "clusters": {"main": {"engine": "postgres", "hosts": ["db.internal:5432"]}},
-        "listeners": [{"name": "pg", "listen": "127.0.0.1:6432", "cluster": "main", "auth": auth}],
-    }
-    extra = {}
-    if "engine_options" in {f.name for f in dataclasses.fields(ClientContext)}:
-        extra["engine_options"] = {"prepared_statements": prepared_statements}
-    ctx = ClientContext(listener=build_config(raw, "", None).listeners[0], users=USERS, tls_available=False,
-                        cancel_key=(1234, 5678), pin_policy=PinPolicy(), max_message_size=1 << 16, **extra)
-    return PostgresClient(ctx, mock_secret=b"x" * 32)
-
-
-def backend_state():
-    login = PostgresLogin(BackendTarget(host="db.internal", port=5432, user="alice", database="app",
-                                        password=None, tls="disable"))
-    login.start()
-    login.feed(p.authentication(p.AUTH_OK) + p.parameter_status("application_name", "")
-               + p.parameter_status("TimeZone", "UTC") + p.parameter_status("server_version", "16.2")
-               + p.backend_key_data(4242, 9999) + p.READY_IDLE)
-    return login.result
-
-
-def logged_in(prepared_statements: str = "pin", startup: dict | None = None) -> PostgresClient:
-    client = make_client(prepared_statements=prepared_statements)
-    client.receive_handshake(p.startup_message(startup or {"user": "alice", "database": "app"}))
-    client.login_complete(backend_state())
-    return client
+def make_client(auth: str = "trust") -> PostgresClient:
+    return pg_client(auth, max_message=1 << 16)
 
 
 def link_backend(client: PostgresClient, state, to_backend: bytes = b"") -> bytes:
-    if hasattr(client, "link"):
-        return client.link(state, to_backend)
-    return client.link_prelude(state) + to_backend
+    return client.link(state, to_backend)
 
 
 def check_protocol_error(exc: ProtocolError) -> None:
-    """The only allowed failure: a ProtocolError carrying a framed ErrorResponse for the client."""
-    assert exc.reply[:1] == b"E", f"ProtocolError {exc} without an ErrorResponse reply: {exc.reply!r}"
-    length = struct.unpack_from("!I", exc.reply, 1)[0]
-    assert len(exc.reply) == 1 + length
+    """The only allowed failure: a ProtocolError carrying a framed ErrorResponse: 08P01, or 54000 (too large)."""
+    check_pg_error(exc.reply)
     assert b"C08P01\x00" in exc.reply or b"C54000\x00" in exc.reply
-
-
-def chunks_of(data: bytes, sizes: list[int]) -> list[bytes]:
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        size = sizes[i % len(sizes)] if sizes else len(data)
-        out.append(data[pos:pos + size])
-        pos += size
-        i += 1
-    return out
 
 
 def run_handshake(client: PostgresClient, chunks: list[bytes]) -> None:
@@ -106,45 +57,9 @@ def run_client(client: PostgresClient, chunks: list[bytes]) -> None:
         check_protocol_error(exc)
 
 
-sizes = st.lists(st.integers(1, 64), min_size=0, max_size=8)
 auth_methods = st.sampled_from(["trust", "md5", "scram-sha-256"])
 
-
-def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    """Apply (operation, position, byte) edits: 0 replace, 1 insert, 2 delete, 3 truncate."""
-    buf = bytearray(data)
-    for op, where, value in edits:
-        if not buf:
-            buf.append(value)
-            continue
-        i = where % len(buf)
-        if op == 0:
-            buf[i] = value
-        elif op == 1:
-            buf.insert(i, value)
-        elif op == 2:
-            del buf[i]
-        else:
-            del buf[i:]
-    return bytes(buf)
-
-
-edits = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6)
-
 # ---------------------------------------------------------------- handshake
-
-_SCRAM = ScramClient("alice", "secret")
-SCRAM_FIRST = _SCRAM.client_first()
-HANDSHAKE_STREAMS = [
-    p.startup_message({"user": "alice", "database": "app", "application_name": "x", "options": "-c a=b"}),
-    p.ssl_request() + p.startup_message({"user": "alice"}),
-    struct.pack("!II", 8, p.GSSENC_REQUEST_CODE) + p.startup_message({"user": "alice"}),
-    p.cancel_request(1234, 5678),
-    p.startup_message({"user": "alice"}) + p.message(b"p", p.cstring("SCRAM-SHA-256") + p.INT32.pack(len(SCRAM_FIRST))
-                                                     + SCRAM_FIRST)
-    + p.message(b"p", b"c=biws,r=" + SCRAM_FIRST[-24:] + b"xyz,p=AAAA"),
-    p.startup_message({"user": "mallory"}) + p.message(b"p", b"md5" + b"0" * 32 + b"\x00"),
-]
 
 
 @FUZZ
@@ -177,42 +92,6 @@ def test_handshake_password_message_bodies(body, auth, user):
 
 
 # ---------------------------------------------------------------- client_data
-
-FRONTEND_KINDS = b"QPBDECSHXFdcf"
-
-
-def frontend_message(kind: int, body: bytes) -> bytes:
-    return bytes((kind,)) + struct.pack("!I", len(body) + 4) + body
-
-
-def _parse(name: bytes, sql: bytes) -> bytes:
-    return frontend_message(ord("P"), name + b"\x00" + sql + b"\x00\x00\x00")
-
-
-_BIND = frontend_message(ord("B"), b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
-_DESCRIBE = frontend_message(ord("D"), b"Ss1\x00")
-_EXECUTE = frontend_message(ord("E"), b"\x00\x00\x00\x00\x00")
-_SYNC = frontend_message(ord("S"), b"")
-CLIENT_STREAMS = [
-    p.query("SELECT 1"),
-    p.query("BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int)"),
-    _parse(b"", b"SELECT $1") + _SYNC + frontend_message(ord("D"), b"S\x00") + _SYNC
-    + frontend_message(ord("B"), b"\x00\x00\x00\x00\x00\x00\x00\x00") + _EXECUTE + _SYNC,
-    _parse(b"s1", b"SELECT 1") + _BIND + _DESCRIBE + _EXECUTE + frontend_message(ord("C"), b"Ss1\x00") + _SYNC,
-    p.query("COPY t FROM STDIN") + frontend_message(ord("d"), b"1\n") + frontend_message(ord("c"), b""),
-    frontend_message(ord("F"), b"\x00\x00\x04\xd2\x00\x00\x00\x00\x00\x00") + frontend_message(ord("X"), b""),
-]
-
-# Bodies either arbitrary or assembled from the pieces parsers look for (NULs, names, 'S'/'P' targets).
-bodies = st.one_of(
-    st.binary(max_size=40),
-    st.lists(st.sampled_from([b"\x00", b"s1", b"S", b"P", b"\x00\x00", b"\x00\x01", b"SELECT 1"]), max_size=6).map(b"".join),
-)
-framed_messages = st.lists(
-    st.tuples(st.sampled_from(FRONTEND_KINDS), bodies).map(lambda kb: frontend_message(*kb)),
-    max_size=8,
-).map(b"".join)
-
 
 @FUZZ
 @given(data=st.binary(max_size=300), split=sizes)

@@ -17,6 +17,8 @@ from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 from multiproxy.tds.stream import Reframer, ResponseScanner
 
+from ..fuzzkit import TDS_PRELOGIN, chunks_of, drive, tds_client, tds_logged_in
+
 PRELOGIN = tp.encode_message(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
 LOGIN = tp.encode_message(tp.LOGIN7, tp.Login7(username="app", password="pw", database="db").encode())
 
@@ -155,28 +157,13 @@ def test_verifier_and_contract():
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=64))
 def test_fuzz_handshake_only_protocol_errors(blob, step):
-    proto = client()
-    data = PRELOGIN + blob
-    for pos in range(0, len(data), step):
-        try:
-            events = proto.receive_handshake(data[pos:pos + step])
-        except ProtocolError:
-            return
-        if any(isinstance(e, (CloseClient, AuthFailed, Authenticated)) for e in events):
-            return
+    drive("tds", tds_client(), chunks_of(TDS_PRELOGIN + blob, [step]), relay=False)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzz_relay_client_bytes(blob):
-    proto = client()
-    proto.receive_handshake(PRELOGIN)
-    proto.receive_handshake(LOGIN)
-    proto.login_complete(TDSServerState())
-    try:
-        proto.client_data(blob)
-    except ProtocolError:
-        pass
+    drive("tds", tds_logged_in(), [blob], relay=True)
 
 
 @settings(max_examples=200, deadline=None)
