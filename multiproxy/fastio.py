@@ -55,6 +55,12 @@ class ClientSocket:
             except BlockingIOError:
                 continue
 
+    def interrupt(self, error: BaseException) -> None:
+        """Raise `error` in the greenlet waiting to read from this socket, if one is (a deadline passed)."""
+        watcher = self._read_event
+        if watcher is not None and watcher.callback is not None:
+            self.hub.cancel_wait(watcher, error)
+
     # -- writing
 
     def sendall(self, data) -> None:

@@ -8,7 +8,6 @@ import os
 import signal
 import socket as _stdsocket
 import time
-import weakref
 
 import gevent
 from gevent import socket
@@ -62,7 +61,8 @@ class Proxy:
         self.users = UsersFile.load(config.users_file) if config.users_file else UsersFile.empty()
         self.metrics = Metrics(self)
         self.pools: dict[tuple, Pool] = {}
-        self.sessions: weakref.WeakSet = weakref.WeakSet()
+        self.sessions: set = set()
+        self.handshaking: dict = {}           # session -> monotonic deadline, while a plaintext client logs in
         self.by_cancel_key: dict = {}
         self.sessions_per_user: dict[str, int] = {}
         self.connections_by_address: dict[str, int] = {}
@@ -103,6 +103,7 @@ class Proxy:
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
         self._housekeeper = gevent.spawn(self._housekeeping)
+        self._janitor = gevent.spawn(self._handshake_deadlines)
         if self.registry is not None:
             self.registry.start()
 
@@ -145,6 +146,7 @@ class Proxy:
             try:
                 session.run()
             finally:
+                self.sessions.discard(session)
                 rt.connections -= 1
                 left = self.connections_by_address[source] - 1
                 if left:
@@ -180,6 +182,20 @@ class Proxy:
         if self.registry is not None:
             self.registry.stop()
         self.audit.close()
+
+    def _handshake_deadlines(self) -> None:
+        """Time out plaintext clients that do not finish logging in: one sweep for all of them instead of a
+        timer per connection (TLS clients use their socket's own timeout)."""
+        interval = max(0.05, min(0.5, self.config.proxy.handshake_timeout / 5))
+        handshaking = self.handshaking
+        while True:
+            gevent.sleep(interval)
+            if not handshaking:
+                continue
+            now = time.monotonic()
+            for session, deadline in list(handshaking.items()):
+                if deadline <= now:
+                    session.handshake_overdue()
 
     def _housekeeping(self) -> None:
         while True:

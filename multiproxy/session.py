@@ -93,13 +93,17 @@ class Session:
         deadline = time.monotonic() + limit
         sock = self.sock
         send = fast_sendall(sock)
+        lean = type(sock) is ClientSocket
         try:
             out = proto.start()
             if out:
                 send(out)
-            # The socket's own timeout bounds each wait (cheaper than a gevent.Timeout per connection);
-            # the deadline check after each read bounds the whole handshake.
-            sock.settimeout(limit)
+            # A plaintext client's handshake is bounded by the proxy's sweep of deadlines (handshake_overdue),
+            # a TLS client's by its socket's timeout; the deadline check after each read bounds the whole of it.
+            if lean:
+                proxy.handshaking[self] = deadline
+            else:
+                sock.settimeout(limit)
             # A client that speaks first usually has spoken already: read without waiting. Answers to what
             # the proxy just sent cannot be there yet: wait first.
             recv_next = sock.recv_later if type(sock) is ClientSocket else sock.recv
@@ -114,8 +118,11 @@ class Session:
                     elif kind is StartClientTLS:
                         if event.data:
                             send(event.data)
-                        if type(sock) is ClientSocket:
+                        if lean:
+                            lean = False
+                            proxy.handshaking.pop(self, None)
                             sock = sock.to_gevent()
+                            sock.settimeout(max(0.001, deadline - time.monotonic()))
                         sock = self.sock = self.runtime.wrap_client_tls(sock)
                         send, recv_next = sock.sendall, sock.recv
                         try:
@@ -124,7 +131,10 @@ class Session:
                             self.client_gone = True    # no TLS yet: nothing can be said to this client
                             raise
                     elif kind is Authenticated:
-                        sock.settimeout(None)
+                        if lean:
+                            del proxy.handshaking[self]
+                        else:
+                            sock.settimeout(None)
                         return self._logged_in(event)
                     elif kind is CancelRequested:
                         proxy.cancel(event.key, self.engine)
@@ -140,7 +150,8 @@ class Session:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("handshake deadline passed")
-                sock.settimeout(remaining)
+                if not lean:
+                    sock.settimeout(remaining)
                 data = recv_next(proto.handshake_read_size())
         except TimeoutError:
             self.proxy.metrics.handshake_timeouts += 1
@@ -150,6 +161,15 @@ class Session:
             self._send_quietly(self.proto.error(
                 ErrorKind.HANDSHAKE_TIMEOUT, f"the client did not finish logging in within {limit:g} s"))
             return False
+        finally:
+            if lean:
+                proxy.handshaking.pop(self, None)
+
+    def handshake_overdue(self) -> None:
+        """Called by the proxy's deadline sweep: stop waiting for this client's login."""
+        sock = self.sock
+        if type(sock) is ClientSocket:
+            sock.interrupt(TimeoutError("handshake deadline passed"))
 
     def _auth_failed(self, event: AuthFailed) -> None:
         """Count, audit and slow down a failed login (the delay grows with each failure from the address)."""

@@ -44,6 +44,7 @@ _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH)
 _unpack_uint32 = p.UINT32.unpack_from
 
 # Client-message types accepted after startup. Anything else is a protocol violation.
+_TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 
@@ -116,59 +117,62 @@ def parse_options(options: str) -> dict[str, str]:
 class PostgresClient(ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
+    # Initial values of the immutable parts of the state live on the class: a connection pays only for
+    # what it changes (pgbench -C opens one connection per transaction).
+    tls_active = False
+    phase = "startup"
+    user = ""
+    database = ""
+    startup_body = b""              # the StartupMessage's parameter bytes, the key of the greeting cache
+    auth_state = None
+    md5_salt = b""
+    # relay state
+    tx_status = p.TX_IDLE
+    pending_extended = False        # extended-protocol messages sent since the last Sync
+    unnamed_held = False            # unnamed statement parsed but not yet bound
+    copy_in = False
+    discard_until_sync = False
+    transaction_lost = False
+    pinned = False
+    closing = False
+    linked = False
+    server_state = None             # the linked backend's PostgresServerState
+    server_params: dict | None = None   # the linked backend's parameter values
+    requests = 0
+    statements: dict | None = None  # named prepared statements, virtualised: client name -> (global name, Parse body)
+    syncs_sent = 0
+    syncs_done = 0
+    deferred_rewrite = None
+    # partial-message state, client side
+    cbuf = b""                      # an incomplete message we must see whole, or a partial header
+    c_skip = 0                      # bytes of a streamed message still to come
+    c_discard = False               # ... and they are not forwarded (answered locally)
+    release_due = False             # a ReadyForQuery ended everything; release once no partial message is left
+    pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
+    local_error = b""               # the error answered locally to requests that cannot reach a backend
+    backend_farewell = ""           # a FATAL the backend sent before going away, held back for the client
+    retry_candidate = None          # (bytes, fifo entry, syncs_done, rewrite) of a first statement in flight
+    retrying = False                # dropping a read-only refusal's answer
+    retry_request = None            # bytes the core should send again on the new writer
+    internal_failed = False
+    # partial-message state, backend side
+    sbuf = b""
+    s_skip = 0
+
     def __init__(self, ctx: ClientContext, mock_secret: bytes):
         self.ctx = ctx
         self.mock_secret = mock_secret
         self.max_message = ctx.max_message_size
-        self.tls_active = False
         self.hbuf = bytearray()
-        self.phase = "startup"
-        self.user = ""
-        self.database = ""
         self.startup_params: dict[str, str] = {}
-        self.auth_state = None
-        self.md5_salt = b""
-        # relay state
         self.fifo: deque = deque()      # what each expected ReadyForQuery answers, oldest first
-        self.tx_status = p.TX_IDLE
-        self.pending_extended = False   # extended-protocol messages sent since the last Sync
-        self.unnamed_held = False       # unnamed statement parsed but not yet bound
-        self.copy_in = False
-        self.discard_until_sync = False
-        self.transaction_lost = False
-        self.pinned = False
         self.pin_details: list[tuple[PinReason, str]] = []
-        self.closing = False
-        self.linked = False
-        self.server_state = None                 # the linked backend's PostgresServerState
-        self.server_params: dict | None = None   # the linked backend's parameter values
         self.client_params: dict[str, str] = {}  # reported parameters: lowercase name -> value the client believes in
         self.client_settings: dict[str, str] = {}  # unreported startup settings (options -c ...) to replay
         self.canonical: dict[str, str] = {}
-        self.requests = 0
-        # named prepared statements, virtualised: client name -> (global name, Parse body after the name)
         self.virtualize = ctx.engine_options.get("prepared_statements", "virtualize") == "virtualize"
-        self.statements: dict | None = None
         self.parse_fifo: deque = deque()   # (sync group, injected by the proxy, global name) per Parse sent
-        self.syncs_sent = 0
-        self.syncs_done = 0
-        self.deferred_rewrite = None
-        # partial-message state, client side
-        self.cbuf = b""                 # an incomplete message we must see whole, or a partial header
-        self.c_skip = 0                 # bytes of a streamed message still to come
-        self.c_discard = False          # ... and they are not forwarded (answered locally)
-        self.release_due = False        # a ReadyForQuery ended everything; release once no partial message is left
-        self.pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
-        self.local_error = b""          # the error answered locally to requests that cannot reach a backend
-        self.backend_farewell = ""      # a FATAL the backend sent before going away, held back for the client
         self.retry_read_only = ctx.retry_read_only
-        self.retry_candidate = None     # (bytes, fifo entry, syncs_done, rewrite) of a first statement in flight
-        self.retrying = False           # dropping a read-only refusal's answer
-        self.retry_request = None       # bytes the core should send again on the new writer
-        self.internal_failed = False
-        # partial-message state, backend side
-        self.sbuf = b""
-        self.s_skip = 0
 
     # ------------------------------------------------------------------ handshake
 
@@ -244,7 +248,8 @@ class PostgresClient(ClientProtocol):
             params = p.parse_startup_params(body)
         except ValueError as exc:
             raise ProtocolError(str(exc), render_error(ErrorKind.PROTOCOL_VIOLATION, f"invalid startup packet: {exc}", True))
-        if code & 0xFFFF or any(k.startswith("_pq_.") for k in params):
+        self.startup_body = body
+        if code & 0xFFFF or (body.find(b"_pq_.") >= 0 and any(k.startswith("_pq_.") for k in params)):
             unsupported = [k for k in params if k.startswith("_pq_.")]
             payload = p.INT32.pack(p.PROTOCOL_VERSION_3 & 0xFFFF) + p.INT32.pack(len(unsupported))
             payload += b"".join(p.cstring(k) for k in unsupported)
@@ -369,6 +374,21 @@ class PostgresClient(ClientProtocol):
 
     def login_complete(self, server_state) -> bytes:
         """AuthenticationOk, the parameters as this client should see them, its cancel key, ReadyForQuery."""
+        # Clients of one pool mostly send the same startup packet: greet them from a cache keyed by its bytes.
+        cache = server_state.welcome_cache
+        cached = cache.get(self.startup_body)
+        if cached is None:
+            cached = self._greeting(server_state)
+            if len(cache) < 128:
+                cache[self.startup_body] = cached
+        self.client_params = dict(cached[1])
+        self.client_settings = dict(cached[2])
+        self.canonical = server_state.canonical
+        pid, secret = self.ctx.cancel_key
+        return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
+
+    def _greeting(self, server_state) -> tuple:
+        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings) for this client."""
         wanted = {}
         for key, value in self.startup_params.items():
             low = key.lower()
@@ -376,30 +396,18 @@ class PostgresClient(ClientProtocol):
                 wanted.update(parse_options(value))
             elif low not in STARTUP_ONLY:
                 wanted[low] = value
-        # Clients of one pool mostly send the same startup parameters: greet them from a cache.
-        cache = server_state.welcome_cache
-        cache_key = tuple(sorted(wanted.items()))
-        cached = cache.get(cache_key)
-        if cached is None:
-            out = [p.authentication(p.AUTH_OK)]
-            client_params = {}
-            client_settings = {}
-            for low, value in server_state.login_params.items():
-                if low in wanted and low not in FIXED_PARAMETERS:
-                    value = wanted[low]
-                client_params[low] = value
-                out.append(p.parameter_status(server_state.canonical.get(low, low), value))
-            for low, value in wanted.items():
-                if low not in server_state.login_params and low not in FIXED_PARAMETERS:
-                    client_settings[low] = value
-            cached = (b"".join(out), client_params, client_settings)
-            if len(cache) < 64:
-                cache[cache_key] = cached
-        self.client_params = dict(cached[1])
-        self.client_settings = dict(cached[2])
-        self.canonical = server_state.canonical
-        pid, secret = self.ctx.cancel_key
-        return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
+        out = [p.authentication(p.AUTH_OK)]
+        client_params = {}
+        client_settings = {}
+        for low, value in server_state.login_params.items():
+            if low in wanted and low not in FIXED_PARAMETERS:
+                value = wanted[low]
+            client_params[low] = value
+            out.append(p.parameter_status(server_state.canonical.get(low, low), value))
+        for low, value in wanted.items():
+            if low not in server_state.login_params and low not in FIXED_PARAMETERS:
+                client_settings[low] = value
+        return b"".join(out), client_params, client_settings
 
     # ------------------------------------------------------------------ relay: client to backend
 
@@ -409,6 +417,29 @@ class PostgresClient(ClientProtocol):
 
     def client_data(self, data: bytes) -> tuple[bytes, bytes]:
         """Walk the client's messages; return (bytes for the backend, bytes answered locally)."""
+        if not self.cbuf and not self.c_skip and not self.c_discard and not self.discard_until_sync \
+                and not self.transaction_lost:
+            # The common cases first, with nothing pending from earlier reads: one whole simple Query, or
+            # Terminate. They end as the general walk below would end them.
+            n = len(data)
+            if n > 5 and data[0] == 81 and _unpack_uint32(data, 1)[0] + 1 == n and n <= self.max_message:
+                self.release_due = False
+                fifo = self.fifo
+                fifo.append(CLIENT_QUERY)
+                self.requests += 1
+                self.unnamed_held = False
+                self._inspect_sql(data[5:n - 1])
+                if (self.retry_read_only and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
+                        and not self.pending_extended):
+                    self.retry_candidate = (data, CLIENT_QUERY, self.syncs_done, None)
+                else:
+                    self.retry_candidate = None
+                return data, b""
+            if data == _TERMINATE_MESSAGE:
+                self.release_due = False
+                self.closing = True
+                self.retry_candidate = None
+                return b"", b""
         if self.cbuf:
             data = self.cbuf + data
             self.cbuf = b""

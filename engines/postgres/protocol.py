@@ -121,23 +121,19 @@ def ssl_request() -> bytes:
 
 def parse_startup_params(body: bytes) -> dict[str, str]:
     """Key/value pairs of a StartupMessage body (after the version). Raises ValueError when malformed."""
-    params: dict[str, str] = {}
-    parts = body.split(b"\x00")
     # A well-formed body ends with the pair list's terminator: key\0value\0...\0 -> trailing ['', '']
-    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+    if not body.endswith(b"\x00\x00") and body != b"\x00":
         raise ValueError("the startup packet's parameter list is not terminated")
-    items = parts[:-2]
+    try:
+        items = body[:-2].decode().split("\x00") if len(body) > 1 else []
+    except UnicodeDecodeError:
+        raise ValueError("the startup packet is not valid UTF-8") from None
     if len(items) % 2:
         raise ValueError("the startup packet has a parameter without a value")
-    for i in range(0, len(items), 2):
-        try:
-            key, value = items[i].decode(), items[i + 1].decode()
-        except UnicodeDecodeError:
-            raise ValueError("the startup packet is not valid UTF-8") from None
-        if not key:
-            raise ValueError("the startup packet has an empty parameter name")
-        params[key] = value
-    return params
+    keys = items[0::2]
+    if "" in keys:
+        raise ValueError("the startup packet has an empty parameter name")
+    return dict(zip(keys, items[1::2]))
 
 
 def parse_fields(body: bytes) -> dict[str, str]:

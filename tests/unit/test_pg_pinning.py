@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.postgres.pinning import classify
+from engines.postgres.pinning import _KEYWORDS, classify, might_pin
 from multiproxy.engine import PinReason as R
 
 
@@ -139,3 +139,14 @@ def test_set_config_with_whitespace_before_the_flag():
 @pytest.mark.parametrize("sql", ["SET TIME ZONE 'UTC'", "SET TIME ZONE LOCAL", "SET NAMES 'UTF8'"])
 def test_standard_spellings_of_tracked_parameters_do_not_pin(sql):
     assert classify(sql) == []
+
+
+@pytest.mark.parametrize("word", _KEYWORDS)
+def test_might_pin_screens_for_every_keyword_in_any_case(word):
+    assert might_pin(b"SELECT 1; " + word.upper() + b" x")
+    assert might_pin(b"select " + word)
+
+
+def test_might_pin_lets_plain_queries_through():
+    assert not might_pin(b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
+    assert not might_pin(b"")
