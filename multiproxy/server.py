@@ -44,6 +44,7 @@ class ListenerRuntime:
             config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None
         self.server: Acceptor | None = None
         self.connections = 0
+        self.cancel_callback = None    # ClientContext.cancel for this listener's sessions (set by the Proxy)
 
     def wrap_client_tls(self, sock):
         from gevent import ssl as gssl
@@ -76,7 +77,9 @@ class Proxy:
         self.listeners: list[ListenerRuntime] = []
         for lc in config.listeners:
             cluster = config.clusters[lc.cluster]
-            self.listeners.append(ListenerRuntime(lc, cluster, engines[cluster.engine], self.pin_policies[lc.cluster]))
+            rt = ListenerRuntime(lc, cluster, engines[cluster.engine], self.pin_policies[lc.cluster])
+            rt.cancel_callback = self._cancel_callback(rt.engine)
+            self.listeners.append(rt)
         self.started = time.time()
         self.stopping = False
         self.admin = None
@@ -299,6 +302,11 @@ class Proxy:
                 secret.invalidate()
 
     # ------------------------------------------------------------------ sessions and cancel keys
+
+    def _cancel_callback(self, engine):
+        def cancel(key, terminate=False):
+            self.cancel(key, engine, terminate)
+        return cancel
 
     def new_cancel_key(self, engine):
         return engine.new_cancel_key(next(self._cancel_counter), self.worker)

@@ -78,16 +78,16 @@ class Session:
     def handshake(self) -> bool:
         """Startup, TLS and authentication; True when the client may send requests."""
         proxy = self.proxy
+        rt = self.runtime
+        cluster = rt.cluster
+        self.cancel_key = proxy.new_cancel_key(self.engine)
         ctx = ClientContext(
-            listener=self.listener, users=proxy.users, tls_available=self.runtime.tls_context is not None,
-            cancel_key=None, pin_policy=self.runtime.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
-            client_address=self.address, engine_options=self.runtime.cluster.engine_options,
-            retry_read_only=proxy.follows_roles(self.runtime.cluster) and self.runtime.cluster.health.retry_read_only,
-            tls_context=self.runtime.tls_context,
+            listener=self.listener, users=proxy.users, tls_available=rt.tls_context is not None,
+            cancel_key=self.cancel_key, pin_policy=rt.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
+            client_address=self.address, engine_options=cluster.engine_options,
+            retry_read_only=cluster.health.retry_read_only and proxy.follows_roles(cluster),
+            cancel=rt.cancel_callback, tls_context=rt.tls_context,
         )
-        self.cancel_key = ctx.cancel_key = proxy.new_cancel_key(self.engine)
-        engine = self.engine
-        ctx.cancel = lambda key, terminate=False: proxy.cancel(key, engine, terminate)
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout
         deadline = time.monotonic() + limit
@@ -207,7 +207,7 @@ class Session:
         except (BackendUnavailable, PoolTimeout) as exc:
             self.sock.sendall(self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
             return False
-        fast_sendall(self.sock)(self.proto.login_complete(facts))
+        self.sock.sendall(self.proto.login_complete(facts))
         proxy.session_started(self)
         source = self.address[0] if isinstance(self.address, tuple) else str(self.address)
         proxy.throttle.succeeded(source)

@@ -43,8 +43,9 @@ _HEADER_ONLY_CLIENT = {p.SYNC, p.FLUSH, p.TERMINATE, p.FUNCTION_CALL, p.COPY_DAT
 _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH))
 _unpack_uint32 = p.UINT32.unpack_from
 
-# Client-message types accepted after startup. Anything else is a protocol violation.
+_FINAL_HANDSHAKE_EVENTS = frozenset((StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested))
 _TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
+# Client-message types accepted after startup. Anything else is a protocol violation.
 _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 
@@ -177,19 +178,23 @@ class PostgresClient(ClientProtocol):
     # ------------------------------------------------------------------ handshake
 
     def receive_handshake(self, data: bytes) -> list:
-        self.hbuf += data
+        hbuf = self.hbuf
+        hbuf += data
         events: list = []
-        while not events or not isinstance(events[-1], (StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested)):
-            if self.phase == "startup":
+        # Each step consumes one message and adds its events; stop when more bytes are needed or the last
+        # event ends the handshake (or hands the socket to TLS).
+        while hbuf:
+            phase = self.phase
+            if phase == "startup":
                 if not self._startup_step(events):
                     break
-            elif self.phase == "auth":
+            elif phase == "auth":
                 if not self._auth_step(events):
                     break
             else:
-                if self.hbuf:
-                    raise ProtocolError("data before the login completed", self.error(ErrorKind.PROTOCOL_VIOLATION,
-                                        "the client sent data before authentication finished"))
+                raise ProtocolError("data before the login completed", self.error(ErrorKind.PROTOCOL_VIOLATION,
+                                    "the client sent data before authentication finished"))
+            if events and type(events[-1]) in _FINAL_HANDSHAKE_EVENTS:
                 break
         return events
 
