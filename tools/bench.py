@@ -17,7 +17,7 @@ sys.path.insert(0, REPO_ROOT)  # run as a script from a checkout: import this ch
 
 from multiproxy.lab.postgres import PostgresNotInstalled, PostgresServer  # noqa: E402
 
-ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay")
+ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
@@ -369,6 +369,29 @@ class Relay(Target):
             self.procs.stop(self.proc)
 
 
+class FloorPooler(Target):
+    """tools/floor_pooler.py: the least a gevent transaction pooler does for pgbench -S (see its docstring)."""
+    name = "floor"
+
+    def __init__(self, ws, procs, pg, pool_size):
+        self.ws, self.procs, self.pg, self.pool_size = ws, procs, pg, pool_size
+
+    def start(self):
+        port = free_port()
+        log = self.ws.file("floor.log")
+        self.proc = self.procs.start(
+            [sys.executable, os.path.join(REPO_ROOT, "tools", "floor_pooler.py"), "--listen", f"127.0.0.1:{port}",
+             "--backend", f"127.0.0.1:{self.pg.port}", "--user", BENCH_USER, "--database", BENCH_DB,
+             "--pool-size", str(self.pool_size)], log_path=log)
+        self.pid = self.proc.pid
+        wait_until_serving(port, self.proc, log, "floor")
+        return port
+
+    def stop(self):
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+
+
 def pgbench(port, load, seconds):
     argv = ["pgbench", *LOADS[load], "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
             "-U", BENCH_USER, BENCH_DB]
@@ -679,6 +702,7 @@ def main(argv=None):
             "multiproxy": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers),
             "pgbouncer": lambda: bouncer,
             "relay": lambda: Relay(ws, procs, pg),
+            "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),
         }
         for name in args.targets:
             target = makers[name]()

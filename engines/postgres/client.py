@@ -778,6 +778,14 @@ class PostgresClient(ClientProtocol):
         parse_fifo = self.parse_fifo
         inspect = _INSPECT_BACKEND_VIRTUAL if parse_fifo else _INSPECT_BACKEND
         keep_from = 0
+        if not self.retrying and fifo and fifo[0] != INTERNAL:
+            # Messages nobody needs to look at (row descriptions, rows, command tags) are passed over
+            # here; only the inspected kinds (ReadyForQuery, errors, ...) change what this skip depends on.
+            while n - pos >= 5 and data[pos] not in inspect:
+                end = pos + 1 + _unpack_uint32(data, pos + 1)[0]
+                if end > n:
+                    break
+                pos = end
         while pos < n:
             if n - pos < 5:
                 self.sbuf = data[pos:]

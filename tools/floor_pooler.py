@@ -1,0 +1,158 @@
+"""The least a gevent transaction pooler must do for `pgbench -S`: a reference floor for tools/bench.py.
+
+It serves only what pgbench sends (SSLRequest, a trust-auth startup, simple Query, Terminate) and
+nothing else: no authentication, no parameter tracking, no pinning, no errors, no timeouts, one pool
+logged in as one user. Every client gets the greeting of the first backend; each Query borrows a backend
+(LIFO, waiting in line when all are busy), is relayed up to its ReadyForQuery and gives it back. It uses
+the same gevent mechanics as multiproxy (raw accept, multiproxy.fastio.ClientSocket, parked greenlets),
+so its CPU per connection is what the event loop, greenlets and sockets cost before any feature: the
+part of multiproxy's cost that Python code on gevent cannot shed. Not for production.
+"""
+from __future__ import annotations
+
+import _socket
+import argparse
+import collections
+import os
+import struct
+import sys
+
+import gevent
+from gevent import socket
+from greenlet import getcurrent
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from multiproxy.fastio import ClientSocket  # noqa: E402
+
+READY_IDLE = b"Z\x00\x00\x00\x05I"
+TERMINATE = ord("X")
+CANCEL_KEY = b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def _read_until_ready(sock) -> bytes:
+    """Bytes from a backend up to and including a ReadyForQuery in idle state."""
+    data = sock.recv(65536)
+    while not data.endswith(READY_IDLE):
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("backend closed the connection")
+        data += more
+    return data
+
+
+def _login(backend: tuple[str, int], user: str, database: str) -> tuple[socket.socket, bytes]:
+    """A backend logged in with trust auth, and its greeting without BackendKeyData and ReadyForQuery."""
+    sock = socket.create_connection(backend)
+    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    body = struct.pack("!I", 196608) + b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
+    sock.sendall(struct.pack("!I", len(body) + 4) + body)
+    reply = _read_until_ready(sock)
+    greeting, pos = [], 0
+    while pos < len(reply):
+        kind, length = reply[pos:pos + 1], struct.unpack_from("!I", reply, pos + 1)[0]
+        if kind not in (b"K", b"Z"):
+            greeting.append(reply[pos:pos + 1 + length])
+        pos += 1 + length
+    return sock, b"".join(greeting)
+
+
+class FloorPooler:
+    def __init__(self, backends: list, greeting: bytes):
+        self.idle = backends
+        self.waiting: collections.deque = collections.deque()
+        self.welcome = greeting + CANCEL_KEY + READY_IDLE
+        self.parked: list = []
+
+    def borrow(self):
+        if self.idle:
+            return self.idle.pop()
+        me = getcurrent()
+        self.waiting.append(me)
+        return me.parent.switch()
+
+    def release(self, backend) -> None:
+        if self.waiting:
+            gevent.get_hub().loop.run_callback(self.waiting.popleft().switch, backend)
+        else:
+            self.idle.append(backend)
+
+    def serve_client(self, client: ClientSocket) -> None:
+        data = client.recv(16384)
+        if len(data) == 8:                          # SSLRequest: no
+            client.sendall(b"N")
+            data = client.recv_later(16384)
+        if not data:
+            return
+        client.sendall(self.welcome)
+        while True:
+            data = client.recv_later(65536)
+            if not data or data[0] == TERMINATE:
+                return
+            backend = self.borrow()
+            try:
+                backend.sendall(data)
+                answer = _read_until_ready(backend)
+            finally:
+                self.release(backend)
+            client.sendall(answer)
+
+    def client_greenlet(self, client: ClientSocket) -> None:
+        switch_to_hub = gevent.get_hub().switch
+        me = getcurrent()
+        while True:
+            try:
+                self.serve_client(client)
+            except OSError:
+                pass
+            finally:
+                client.close()
+            self.parked.append(me)
+            client = switch_to_hub()
+
+    def accept_forever(self, listener: socket.socket) -> None:
+        hub = gevent.get_hub()
+        run_callback = hub.loop.run_callback
+        raw_accept = listener._sock._accept
+        while True:
+            listener._wait(listener._read_event)
+            while True:
+                try:
+                    fd, _ = raw_accept()
+                except BlockingIOError:
+                    break
+                client = ClientSocket(_socket.socket(listener.family, _socket.SOCK_STREAM, 0, fd), hub)
+                if self.parked:
+                    run_callback(self.parked.pop().switch, client)
+                else:
+                    gevent.spawn_raw(self.client_greenlet, client)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", type=_address, required=True, help="host:port to accept pgbench on")
+    parser.add_argument("--backend", type=_address, required=True, help="PostgreSQL host:port (trust auth)")
+    parser.add_argument("--user", default="bench")
+    parser.add_argument("--database", default="bench")
+    parser.add_argument("--pool-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    backends, greeting = [], b""
+    for _ in range(args.pool_size):
+        sock, greeting = _login(args.backend, args.user, args.database)
+        backends.append(sock)
+    listener = socket.socket()
+    listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    listener.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)    # inherited by accepted sockets
+    listener.bind(args.listen)
+    listener.listen(1024)
+    FloorPooler(backends, greeting).accept_forever(listener)
+
+
+if __name__ == "__main__":
+    main()
