@@ -6,6 +6,7 @@ import pwd
 import re
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -425,9 +426,27 @@ def measure(target, port, load, seconds):
     return tps, cpu
 
 
+def _summary(runs, bouncer_runs):
+    """(median TPS, median CPU%, note) of one target and load; with several rounds the note gives the range of
+    its per-round ratio to PgBouncer (both measured in the same round)."""
+    tps = [t for t, _ in runs if t is not None]
+    if not tps:
+        return (None, None, "run failed")
+    cpu = [c for _, c in runs if c is not None]
+    note = ""
+    if len(runs) > 1 and bouncer_runs:
+        ratios = sorted(t / b for (t, _), (b, _) in zip(runs, bouncer_runs) if t and b)
+        if ratios:
+            note = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+    return (statistics.median(tps), statistics.median(cpu) if cpu else None, note)
+
+
 def format_table(rows, loads, markdown=False):
     """rows: {(target, load): (tps or None, cpu or None, note)}; ratios against direct and pgbouncer."""
     header = ["target", "load", "TPS", "vs direct", "vs pgbouncer", "proxy CPU%"]
+    rounds = any(note and tps is not None for tps, _, note in rows.values())
+    if rounds:
+        header.append("vs pgbouncer per round: median (range)")
     lines = []
     for (target, load), (tps, cpu, note) in rows.items():
         def ratio(base):
@@ -435,10 +454,13 @@ def format_table(rows, loads, markdown=False):
             if tps is None or not base_tps:
                 return "-"
             return f"{tps / base_tps:.2f}"
-        lines.append([target, load, f"{tps:.0f}" if tps is not None else note,
-                      ratio("direct"), ratio("pgbouncer"), f"{cpu:.0f}" if cpu is not None else "-"])
+        line = [target, load, f"{tps:.0f}" if tps is not None else note,
+                ratio("direct"), ratio("pgbouncer"), f"{cpu:.0f}" if cpu is not None else "-"]
+        if rounds:
+            line.append(note if tps is not None and note else "-")
+        lines.append(line)
     if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
         out += ["| " + " | ".join(line) + " |" for line in lines]
         return "\n".join(out)
     widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
@@ -466,6 +488,8 @@ def machine_notes(pg, bouncer):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=15, help="measured seconds per load (default 15)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every target this many times, interleaved; report medians (default 1)")
     parser.add_argument("--loads", default="steady,connect", help="subset of steady,connect")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
@@ -474,6 +498,8 @@ def parse_args(argv):
     parser.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     args.targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     for value, allowed, option in ((args.loads, LOADS, "--loads"), (args.targets, ALL_TARGETS, "--targets")):
@@ -704,28 +730,33 @@ def main(argv=None):
             "relay": lambda: Relay(ws, procs, pg),
             "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),
         }
+        started = {}
         for name in args.targets:
             target = makers[name]()
             try:
-                port = target.start()
+                started[name] = (target, target.start())
             except TargetFailed as exc:
                 note = "not installed" if str(exc) == "not installed" else "failed to start"
                 print(f"{name}: {exc}", file=sys.stderr)
                 for load in args.loads:
                     rows[(name, load)] = (None, None, note)
                 target.stop()
-                continue
-            try:
-                for load in args.loads:
-                    print(f"{name} / {load}: warm-up {WARMUP_SECONDS}s, run {args.seconds}s", file=sys.stderr)
+        # Every round runs each target back to back, so a slow spell of the machine hits all of them.
+        samples: dict = {}
+        for round_number in range(args.rounds):
+            for load in args.loads:
+                for name, (target, port) in started.items():
+                    print(f"round {round_number + 1}/{args.rounds}: {name} / {load}: warm-up {WARMUP_SECONDS}s, "
+                          f"run {args.seconds}s", file=sys.stderr)
                     try:
-                        tps, cpu = measure(target, port, load, args.seconds)
-                        rows[(name, load)] = (tps, cpu, "")
+                        samples.setdefault((name, load), []).append(measure(target, port, load, args.seconds))
                     except TargetFailed as exc:
                         print(f"  {name} / {load}: {exc}", file=sys.stderr)
-                        rows[(name, load)] = (None, None, "run failed")
-            finally:
-                target.stop()
+                        samples.setdefault((name, load), []).append((None, None))
+        for (name, load), runs in samples.items():
+            rows[(name, load)] = _summary(runs, samples.get(("pgbouncer", load)))
+        for target, _ in started.values():
+            target.stop()
         notes = machine_notes(pg, bouncer)
     except KeyboardInterrupt:
         print("interrupted; stopping everything started", file=sys.stderr)
@@ -736,7 +767,8 @@ def main(argv=None):
         ws.remove()
 
     options = (f"pgbench -S, 16 clients, 2 threads, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
-               f"scale {args.scale}, pool size {args.pool_size}"
+               + (f"median of {args.rounds} interleaved rounds, " if args.rounds > 1 else "")
+               + f"scale {args.scale}, pool size {args.pool_size}"
                + (f", multiproxy workers {args.workers}" if args.workers else ""))
     print()
     print(format_table(rows, args.loads))
