@@ -61,6 +61,14 @@ def mariadb():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """moto's Secrets Manager server on loopback for the session (tests/integration/awskit.py); its URL."""
+    from .awskit import moto_server
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
+
+
 @pytest.fixture
 def proxy_factory(tmp_path):
     """Call with (config, **ProxyProcess kwargs) to start a proxy; all of them stop at teardown."""

@@ -1,54 +1,20 @@
-"""Backend passwords from AWS Secrets Manager: moto's server on loopback stands in for AWS (no real AWS call);
-the proxy resolves password_secret_arn with boto3, caches it and fetches it again after the backend refuses it."""
+"""Backend passwords from AWS Secrets Manager: moto's server on loopback stands in for AWS (no real AWS call; the
+`moto_endpoint` fixture of conftest.py); the proxy resolves password_secret_arn with boto3, caches it and fetches it
+again after the backend refuses it."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
-import boto3
 import pg8000.native
 import pytest
 
+from .awskit import AWS_ENV, REGION, secrets_client
 from .proxy import free_port
 
 USER, DB, PASSWORD = "mp_scram", "mpdb", "scram-pw"   # a backend role that logs in with SCRAM
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "moto-testing", "AWS_SECRET_ACCESS_KEY": "moto-testing",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-REGION = "eu-west-1"
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **AWS_ENV})
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-def secrets_client(endpoint):
-    return boto3.client("secretsmanager", region_name=REGION, endpoint_url=endpoint,
-                        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
 
 
 def proxy_config(pg, tmp_path, arn, endpoint, **cred) -> dict:
