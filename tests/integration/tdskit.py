@@ -17,13 +17,14 @@ DB = "labdb"
 
 
 class LabProcess:
-    """`python -m multiproxy.lab.tds_server` on a free port, with database `labdb`; stop() checks it never crashed."""
+    """`python -m multiproxy.lab.tds_server` on a free port (or `port`: a restart), with database `labdb`; stop()
+    checks it never crashed. The login and its password are fixed for the process's life (`password`)."""
 
-    def __init__(self, tmp, *extra):
-        self.port = free_port()
+    def __init__(self, tmp, *extra, port: int | None = None, password: str = LAB_PASSWORD):
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(self.port), "--user", LAB_USER,
-             "--password", LAB_PASSWORD, "--db-file", str(tmp / "master.sqlite"), "--database", DB, *extra],
+             "--password", password, "--db-file", str(tmp / "master.sqlite"), "--database", DB, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.proc.stdout.readline()
         assert "listening" in line, line + self.proc.stdout.read()
