@@ -126,6 +126,15 @@ class Pool:
         if target is None:
             raise BackendUnavailable(f"no {self.role} node of cluster {self.cluster.name!r} is available right now; "
                                      "retry shortly (multiproxy is waiting for the cluster to elect one)")
+        if target.password is None:
+            cred = self.cluster.credential_for(self.user)
+            if cred is not None and cred.secret_source():
+                # The configured source failed (the log says why): no login without the password, which a
+                # backend may count toward locking the account.
+                self.connect_failures_total += 1
+                raise BackendUnavailable(f"the database is not reachable through multiproxy: the backend password "
+                                         f"of user {self.user!r} could not be obtained ({cred.key_path}); "
+                                         "the proxy's log says why")
         timeout = self.cluster.backend.connect_timeout
         self.connects_total += 1
         sock = None

@@ -12,6 +12,9 @@ database files with the new one) and in the provider's source (the env provider 
 environment cannot change). The proxy still holds the old secret (cached 5 minutes), so the next new backend
 connection -- a login to a second database, whose pool is new -- is refused once; the proxy drops the secret, and
 the client's next login fetches it again and works.
+
+A password file readable by its group is refused: the proxy's log names the file and says `chmod 600`, the client is
+told the backend password could not be obtained, and no backend login is attempted without it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import pytest
 
 from .awskit import AWS_ENV, secrets_client
 from .helpers import metric, metrics_text
+from .mysqlkit import wait_for
 from .proxy import ProxyProcess, free_port
 from .tdskit import DB as TDS_DB
 from .tdskit import LAB_USER, LabProcess
@@ -142,6 +146,9 @@ def mysql_stack(mariadb, moto_endpoint, tmp_path_factory):
     sources = Sources(root, moto_endpoint, "my")
     credentials = [sources.credential(p, p, "mp_cred", users["mp_cred"]) for p in PROVIDERS]
     credentials += [sources.credential(f"rot_{p}", p, f"mp_rot_{p}", users[f"mp_rot_{p}"]) for p in ROTATING]
+    bad_file = root / "badfile.password"
+    write_secret(bad_file, users["mp_cred"], 0o640)        # the right password, but the group can read it
+    credentials.append({"user": "badfile", "backend_user": "mp_cred", "password_file": str(bad_file)})
     cluster = {"engine": "mysql", "hosts": [f"127.0.0.1:{mariadb.port}"], "backend": {"tls": "disable"},
                "pool": {"max_size": 2, "borrow_timeout": 10.0}, "credentials": credentials}
     listener = {"name": "my", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "auth": "trust"}
@@ -186,6 +193,31 @@ def test_mysql_rotation_refused_once_then_fetched_again(mysql_stack, provider):
             assert cur.fetchall() == ((MY_ROT_DB,),)
     assert setup_failures(mysql_stack.proxy, user) == before + 1
     assert_secrets_not_logged(mysql_stack.proxy, mysql_stack.passwords)
+
+
+@pytest.mark.mysql
+def test_mysql_group_readable_password_file_is_refused(mysql_stack):
+    """The proxy's log names the file and says chmod 600; the client is told the password could not be obtained,
+    and the backend sees no login attempt without a password (MariaDB counts it in Access_denied_errors)."""
+    path = mysql_stack.sources.root / "badfile.password"
+    key = f"clusters.main.credentials[{len(PROVIDERS) + len(ROTATING)}]"
+
+    def access_denied_errors() -> int:
+        return int(mysql_stack.mariadb.sql("SHOW GLOBAL STATUS LIKE 'Access_denied_errors';", timeout=30).split()[1])
+
+    denied = access_denied_errors()
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        mysql_stack.connect("badfile")
+    assert refused.value.args[0] == 2003
+    assert f"the backend password of user 'badfile' could not be obtained ({key})" in refused.value.args[1]
+    assert str(path) not in refused.value.args[1]          # the file's name is for the operator: in the log
+    expected = (f"{key}.password_file: {path} is readable or writable by group or others (mode 640); "
+                f"run: chmod 600 {path}")
+    assert wait_for(lambda: expected in mysql_stack.proxy.log_text(), 5), mysql_stack.proxy.log_tail()
+    assert access_denied_errors() == denied
+    os.chmod(path, 0o600)                                  # the operator follows the advice
+    with mysql_stack.connect("badfile") as conn:
+        assert my_rows(conn) == ("mp_cred@%", ROWS)
 
 
 # ------------------------------------------------------------------------------------------------- TDS
