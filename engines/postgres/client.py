@@ -43,6 +43,8 @@ _HEADER_ONLY_CLIENT = {p.SYNC, p.FLUSH, p.TERMINATE, p.FUNCTION_CALL, p.COPY_DAT
 _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH))
 _unpack_uint32 = p.UINT32.unpack_from
 
+_SSL_REQUEST = p.ssl_request()
+_DECLINE_ENCRYPTION = SendToClient(b"N")
 _FINAL_HANDSHAKE_EVENTS = frozenset((StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested))
 _TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 # Client-message types accepted after startup. Anything else is a protocol violation.
@@ -178,6 +180,8 @@ class PostgresClient(ClientProtocol):
     # ------------------------------------------------------------------ handshake
 
     def receive_handshake(self, data: bytes) -> list:
+        if data == _SSL_REQUEST and not self.hbuf and not self.ctx.tls_available and self.phase == "startup":
+            return [_DECLINE_ENCRYPTION]    # libpq's sslmode=prefer asks first, on a listener without TLS
         hbuf = self.hbuf
         hbuf += data
         events: list = []

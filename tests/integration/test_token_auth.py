@@ -17,6 +17,7 @@ from multiproxy.config import ConfigError, build_config
 
 from .proxy import free_port
 from .test_pg_tls import write_pki
+from .tokenkit import assert_no_token_in_logs, audit
 from ..unit.test_tokens import signed_token as _signed_token  # botocore's signer at a chosen time
 
 USER, DB = "mp_scram", "mpdb"          # the backend authenticates this role with SCRAM: the proxy uses its password
@@ -51,18 +52,6 @@ def refused(proxy, token: str, user=USER) -> str:
     with pytest.raises(psycopg.OperationalError) as info:
         connect(proxy, token, user=user)
     return str(info.value)
-
-
-def audit(tmp_path) -> list[dict]:
-    with open(tmp_path / "audit.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def assert_no_token_in_logs(proxy, tmp_path, tokens):
-    logs = (tmp_path / "audit.jsonl").read_text() + open(proxy.log_path).read()
-    for token in tokens:
-        assert token not in logs
-        assert token.rsplit("=", 1)[-1] not in logs      # not even the signature / last segment
 
 
 # ---------------------------------------------------------------------------------------------- RDS IAM
