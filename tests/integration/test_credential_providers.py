@@ -1,12 +1,11 @@
-"""Backend credential providers with the MySQL and TDS engines (PostgreSQL's: test_pg_pooling.py's
-test_backend_credentials and test_secrets_manager.py).
+"""Backend credential providers with every engine: PostgreSQL (the private server, pg8000), MySQL (the private
+MariaDB, PyMySQL) and TDS (the TDS lab server, pymssql). The literal `password` is what the other modules use.
 
 Per engine one proxy, clients trusted on the proxy, one client user per provider: its backend password comes from
 password_env, a 0600 password_file, password_command or password_secret_arn (moto's Secrets Manager on loopback,
-the `moto_endpoint` fixture). PyMySQL logs in through the proxy to the private MariaDB and pymssql to the TDS lab
-server; each runs a query and checks the rows.
+the `moto_endpoint` fixture). The client logs in through the proxy, runs a query and checks the rows.
 
-Rotation: the password changes on the server (ALTER USER on MariaDB; the TDS lab server takes its one login's
+Rotation: the password changes on the server (ALTER ROLE / ALTER USER; the TDS lab server takes its one login's
 password on the command line and has no statement that changes it, so it is restarted on the same port and
 database files with the new one) and in the provider's source (the env provider cannot rotate: a running proxy's
 environment cannot change). The proxy still holds the old secret (cached 5 minutes), so the next new backend
@@ -23,6 +22,7 @@ import os
 import shlex
 import time
 
+import pg8000.native
 import pymysql
 import pytest
 
@@ -108,6 +108,94 @@ def assert_secrets_not_logged(proxy, passwords) -> None:
     log = proxy.log_text()
     for password in passwords:
         assert password not in log
+
+
+# ------------------------------------------------------------------------------------------- PostgreSQL
+
+PG_DB, PG_ROT_DB = "mpdb", "mpdb_rotation"
+
+
+class PgStack:
+    def __init__(self, pg, proxy: ProxyProcess, sources: Sources):
+        self.pg, self.proxy, self.sources = pg, proxy, sources
+        self.passwords: list[str] = []
+
+    def connect(self, user: str, database: str = PG_DB):
+        return pg8000.native.Connection(user, host=self.proxy.host, port=self.proxy.port, database=database,
+                                        timeout=CONNECT_TIMEOUT)
+
+
+def pg_rows(conn) -> tuple[str, list]:
+    (current,), = conn.run("SELECT current_user")
+    return current, [tuple(row) for row in conn.run("SELECT id, name FROM credential_rows ORDER BY id")]
+
+
+@pytest.fixture(scope="module")
+def pg_stack(pg, moto_endpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pg-credentials")
+    users = {"mp_cred": "cred-pw-0", **{f"mp_rot_{p}": f"rot-{p}-pw-0" for p in ROTATING}}
+    for user, password in users.items():
+        pg.psql(f"SET password_encryption = 'scram-sha-256';\n"
+                f"CREATE ROLE {user} LOGIN NOCREATEDB NOSUPERUSER PASSWORD '{password}';", timeout=30)
+    pg.add_hba_lines([f"host all {user} 127.0.0.1/32 scram-sha-256" for user in users])
+    pg.psql(f"CREATE DATABASE {PG_ROT_DB};", timeout=30)
+    for database in (PG_DB, PG_ROT_DB):
+        pg.psql("CREATE TABLE credential_rows (id int PRIMARY KEY, name text);\n"
+                "INSERT INTO credential_rows VALUES " + ", ".join(f"({i}, '{n}')" for i, n in ROWS) + ";\n"
+                f"GRANT SELECT ON credential_rows TO {', '.join(users)};", db=database, timeout=30)
+    sources = Sources(root, moto_endpoint, "pg")
+    credentials = [sources.credential(p, p, "mp_cred", users["mp_cred"]) for p in PROVIDERS]
+    credentials += [sources.credential(f"rot_{p}", p, f"mp_rot_{p}", users[f"mp_rot_{p}"]) for p in ROTATING]
+    cluster = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
+               "pool": {"max_size": 2, "borrow_timeout": 10.0}, "credentials": credentials}
+    listener = {"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "auth": "trust"}
+    proxy = start_proxy(root / "proxy", {"main": cluster}, [listener], sources.env)
+    stack = PgStack(pg, proxy, sources)
+    stack.passwords = list(users.values())
+    try:
+        for provider in ROTATING:                           # the proxy caches each rotation user's first secret
+            conn = stack.connect(f"rot_{provider}")
+            try:
+                assert pg_rows(conn) == (f"mp_rot_{provider}", ROWS)
+            finally:
+                conn.close()
+        yield stack
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_pg_login_with_provider(pg_stack, provider):
+    conn = pg_stack.connect(provider)
+    try:
+        assert pg_rows(conn) == ("mp_cred", ROWS)
+    finally:
+        conn.close()
+    assert setup_failures(pg_stack.proxy, provider) == 0
+    assert_secrets_not_logged(pg_stack.proxy, pg_stack.passwords)
+
+
+@pytest.mark.parametrize("provider", ROTATING)
+def test_pg_rotation_refused_once_then_fetched_again(pg_stack, provider):
+    user, backend_user = f"rot_{provider}", f"mp_rot_{provider}"
+    new_password = f"rot-{provider}-pw-1"
+    pg_stack.passwords.append(new_password)
+    before = setup_failures(pg_stack.proxy, user)
+    pg_stack.pg.psql(f"SET password_encryption = 'scram-sha-256';\n"
+                     f"ALTER ROLE {backend_user} PASSWORD '{new_password}';", timeout=30)
+    pg_stack.sources.set(user, provider, new_password, backend_user)
+    with pytest.raises(pg8000.native.DatabaseError) as refused:     # the proxy still holds the old secret
+        pg_stack.connect(user, PG_ROT_DB)
+    assert f"backend refused the login of '{backend_user}': password authentication failed" \
+        in refused.value.args[0]["M"]
+    conn = pg_stack.connect(user, PG_ROT_DB)                        # fetched again after the refusal
+    try:
+        assert pg_rows(conn) == (backend_user, ROWS)
+        assert conn.run("SELECT current_database()") == [[PG_ROT_DB]]
+    finally:
+        conn.close()
+    assert setup_failures(pg_stack.proxy, user) == before + 1
+    assert_secrets_not_logged(pg_stack.proxy, pg_stack.passwords)
 
 
 # ------------------------------------------------------------------------------------------------ MySQL
