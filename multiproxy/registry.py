@@ -195,13 +195,14 @@ class Registry:
 
     def _probe(self, state: ClusterState, node: NodeState) -> None:
         health = state.health
-        target = self.proxy.backend_target_at(state.config, node.address, health.probe_user)
-        script = state.engine.probe_script(target)
         timeout = state.config.backend.connect_timeout
         state.probes_total += 1
         started = time.monotonic()
         sock = None
         try:
+            # Without the probe user's password no login is tried (a backend may lock accounts that fail).
+            target = self.proxy.backend_target_at(state.config, node.address, health.probe_user, strict=True)
+            script = state.engine.probe_script(target)
             sock = open_socket(target.host, target.port, timeout)
             sock, script = run_script(sock, script, target, timeout)
             result = script.result or {}

@@ -251,8 +251,10 @@ class Proxy:
         return self.backend_target_at(cluster, address, user, database)
 
     def backend_target_at(self, cluster: ClusterConfig, address: tuple[str, int], user: str,
-                          database: str | None = None) -> BackendTarget:
-        """How to log in at `address` for the client user `user` (probes: the health.probe_user)."""
+                          database: str | None = None, strict: bool = False) -> BackendTarget:
+        """How to log in at `address` for the client user `user` (probes: the health.probe_user). When the
+        configured password source fails, the password is None (pools refuse to log in without it), or with
+        `strict` the SecretError is raised."""
         if not user:
             named = [c.user for c in cluster.credentials if c.user != "*"]
             user = named[0] if named else ""
@@ -270,6 +272,8 @@ class Proxy:
                 password = secret.get()
             except SecretError as exc:
                 log.error("%s", exc)
+                if strict:
+                    raise
                 password = None
         backend = cluster.backend
         tls_factory = None
