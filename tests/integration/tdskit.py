@@ -1,6 +1,7 @@
 """TDS test tools shared by the lab-server and proxy tests: the lab server as a process, and a raw TDS client."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -144,3 +145,32 @@ def tls_login(port: int, login, context: ssl.SSLContext, encryption: int = tp.EN
         return tk.TokenReader().read(reply.data), tls
     finally:
         sock.close()
+
+
+_PYMSSQL_REFUSAL = """
+import json, sys
+import pymssql
+kwargs = json.loads(sys.argv[1])
+try:
+    pymssql.connect(**kwargs)
+except pymssql.OperationalError as exc:
+    number, text = exc.args[0] if isinstance(exc.args[0], tuple) else (0, str(exc).encode())
+    print(json.dumps([number, text.decode("utf-8", "replace")]))
+else:
+    sys.exit("the login succeeded")
+"""
+
+
+def pymssql_refusal(**connect_kwargs) -> tuple[int, str]:
+    """(number, text) of the error pymssql raises for a login expected to fail, read in a child process.
+
+    pymssql keeps the most severe login-time server message of its whole process and reports it with later
+    failed logins, so in one test process an earlier test's refusal leaks into the next one's; a fresh
+    process sees only its own."""
+    connect_kwargs.setdefault("tds_version", "7.4")
+    connect_kwargs.setdefault("login_timeout", 10)
+    out = subprocess.run([sys.executable, "-c", _PYMSSQL_REFUSAL, json.dumps(connect_kwargs)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    number, text = json.loads(out.stdout)
+    return number, text

@@ -31,7 +31,7 @@ from .helpers import metric, metrics_text
 from .mysqlkit import wait_for
 from .proxy import ProxyProcess, free_port
 from .tdskit import DB as TDS_DB
-from .tdskit import LAB_USER, LabProcess
+from .tdskit import LAB_USER, LabProcess, pymssql_refusal
 
 pymssql = pytest.importorskip("pymssql")
 
@@ -321,6 +321,10 @@ class TdsStack:
         return pymssql.connect(server=host, port=port, user=user, password="", database=database, autocommit=True,
                                tds_version="7.4", login_timeout=CONNECT_TIMEOUT, timeout=QUERY_TIMEOUT)
 
+    def refused_login_number(self, listener: str, user: str, database: str) -> int:
+        host, port = self.proxy.address(listener)
+        return pymssql_refusal(server=host, port=port, user=user, password="", database=database, autocommit=True)[0]
+
     def restart_rotation_lab(self, password: str) -> None:
         """The lab server has no ALTER LOGIN: restart it on the same port and files with a new password."""
         port = self.rotation_lab.port
@@ -404,11 +408,9 @@ def test_tds_rotation_refused_once_then_fetched_again(tds_stack, provider):
     before = setup_failures(tds_stack.proxy, user), tds_stack.proxy.log_text().count(refusal)
     tds_stack.restart_rotation_lab(new_password)
     tds_stack.sources.set(user, provider, new_password, LAB_USER)
-    with pytest.raises(pymssql.OperationalError) as refused:       # the proxy still holds the old secret
-        tds_stack.connect("rotation", user, TDS_ROT_DB)
-    # 40613: the proxy's "database not reachable"; pymssql keeps the server's text only for the process's first
-    # failed login (see test_tds_proxy.py), so the backend's refusal is read from the proxy's log.
-    assert refused.value.args[0][0] == 40613
+    # The proxy still holds the old secret. 40613: the proxy's "database not reachable"; pymssql keeps the
+    # server's text only for the process's first failed login, so the backend's refusal is read from the log.
+    assert tds_stack.refused_login_number("rotation", user, TDS_ROT_DB) == 40613
     assert tds_stack.proxy.log_text().count(refusal) == before[1] + 1
     with tds_stack.connect("rotation", user, TDS_ROT_DB) as conn:  # fetched again after the refusal
         assert tds_rows(conn) == (LAB_USER, ROWS)

@@ -13,7 +13,7 @@ import pytest
 from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 
-from .tdskit import LAB_PASSWORD, LAB_USER, LabProcess
+from .tdskit import LAB_PASSWORD, LAB_USER, LabProcess, pymssql_refusal
 from .tdskit import RawClient as TdsRawClient
 
 pymssql = pytest.importorskip("pymssql")
@@ -281,9 +281,8 @@ def test_read_only_mode_switched_at_run_time(lab):
 
 
 def test_login_failures(lab):
-    with pytest.raises(pymssql.OperationalError) as info:
-        pymssql.connect(server="127.0.0.1", port=lab.port, user=USER, password="wrong", tds_version="7.4")
-    assert b"18456" in str(info.value).encode() or 18456 in info.value.args
+    number, text = pymssql_refusal(server="127.0.0.1", port=lab.port, user=USER, password="wrong")
+    assert number == 18456, text
     with pytest.raises(pymssql.OperationalError):
         pymssql.connect(server="127.0.0.1", port=lab.port, user=USER, password=PASSWORD, database="nope",
                         tds_version="7.4")

@@ -16,7 +16,7 @@ from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 
 from .proxy import free_port
-from .tdskit import DB, LAB_PASSWORD, LAB_USER, LabProcess, RawClient, tls_login
+from .tdskit import DB, LAB_PASSWORD, LAB_USER, LabProcess, RawClient, pymssql_refusal, tls_login
 from .test_pg_tls import write_pki
 from .test_tls_policy import write_client_cert
 from .tokenkit import (
@@ -64,12 +64,6 @@ def start(proxy_factory, lab, pki, tmp_path, listener: dict):
 def ms(proxy, token: str, encryption: str = "request", user: str = USER):
     return pymssql.connect(server=proxy.host, port=proxy.port, user=user, password=token, database=DB,
                            tds_version="7.4", encryption=encryption, login_timeout=10)
-
-
-def refused(proxy, token: str, **kwargs) -> str:
-    with pytest.raises(pymssql.OperationalError) as info:
-        ms(proxy, token, **kwargs)
-    return str(info.value)
 
 
 def one(conn, sql):
@@ -129,12 +123,8 @@ def test_freetds_clients_cannot_carry_a_token_and_are_told_why(iam_proxy):
     longer, so the refusal says so instead of only 'malformed token'."""
     good = boto_token(iam_proxy.host, iam_proxy.port, USER)
     assert len(good) > 128
-    message = refused(iam_proxy, good)                                  # pymssql: an empty password
-    assert message.startswith("(18456,"), message
-    # pymssql keeps a login-time server message only when its severity is at least that of the last one it
-    # kept in this process, so after other tests the text may be DB-Lib's own; the number is always ours.
-    # The text the proxy sends for an empty password, read by a raw client:
-    ((number, text),) = errors(tls_login(iam_proxy.port, login("", USER), client_context())[0])
+    number, text = pymssql_refusal(server=iam_proxy.host, port=iam_proxy.port, user=USER, password=good,
+                                   database=DB, encryption="request")      # pymssql: sends an empty password
     assert number == 18456 and "sent 0 characters" in text and "128" in text, text
     out = tsql(iam_proxy, good)                                         # tsql: the first 128 characters
     assert "18456" in out and "sent 128 characters" in out, out
