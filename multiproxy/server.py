@@ -350,11 +350,18 @@ class Proxy:
             if not terminate:
                 self.metrics.cancels_ignored += 1
             return
-        self.metrics.cancels_forwarded += 1
         cluster = session.runtime.cluster
         # The pool's own credentials at the serving node's address: engines whose cancel is a statement
         # on a new connection (MySQL's KILL QUERY) must log in; PostgreSQL's cancel packet ignores them.
-        target = self.backend_target_at(cluster, server.address, session.user, server.database)
+        try:
+            target = self.backend_target_at(cluster, server.address, session.user, server.database, strict=True)
+        except SecretError:
+            # No login without the password (a backend may lock accounts that fail); the log says why.
+            log.warning("cancel for a client of cluster %s not sent: the backend password could not be obtained",
+                        cluster.name)
+            self.metrics.cancels_ignored += 1
+            return
+        self.metrics.cancels_forwarded += 1
         script = session.engine.cancel_script(target, server.state)
         gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
 
