@@ -167,7 +167,10 @@ def check_reply(engine: str, proto, reply: bytes, empty_ok: bool) -> None:
             raise Finding("a protocol error without a reply for the client")
         return
     if _encrypted(proto):
-        return
+        peer = getattr(proto, "fuzz_peer", None)
+        if peer is None:
+            return
+        reply = peer.decrypt(reply)      # the harness is the client of this TLS session: read what it was told
     if engine == "tds" and getattr(proto, "tls", None) is not None and reply[:1] == bytes((tp.PRELOGIN,)):
         return                     # a TLS alert inside PRELOGIN: the TLS handshake's own refusal
     CHECK_ERROR[engine](bytes(reply))
@@ -198,7 +201,8 @@ def held_bytes(obj, depth: int = 0) -> int:
         names += [n for n in getattr(cls, "__slots__", ()) if n != "__weakref__"]
     total = 0
     for name in names:
-        if name in ("ctx", "engine", "server_state", "server_params", "ident", "mock_secret", "auth_state", "tls"):
+        if name in ("ctx", "engine", "server_state", "server_params", "ident", "mock_secret", "auth_state", "tls",
+                    "fuzz_peer"):
             continue
         total += held_bytes(getattr(obj, name, None), depth + 1)
     return total
@@ -376,6 +380,45 @@ def pg_token_streams() -> list[bytes]:
         _jwt(), _jwt(exp=int(time.time()) - 60), _jwt(sub="mallory"), _jwt(aud="other"), b"e30.e30.", b"")]
 
 
+def _b64(data: bytes) -> bytes:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+@functools.lru_cache(maxsize=None)
+def token_samples() -> list[bytes]:
+    """Tokens for the token listeners of every engine: valid, expired, another user or audience, valid-looking
+    JWTs with bad signatures (another key, a flipped signature, alg none, another algorithm), near and over the
+    length limit, and garbage."""
+    import jwt
+    from multiproxy.tokens import MAX_TOKEN_LENGTH
+    good = _jwt()
+    head, body, sig = good.split(b".")
+    claims = {"iss": "iss", "aud": "aud", "sub": "alice", "exp": int(time.time()) + 3600}
+    return [
+        good, _jwt(exp=int(time.time()) - 60), _jwt(sub="mallory"), _jwt(aud="other"), _jwt(iss="other"),
+        _jwt(nbf=int(time.time()) + 3600), _jwt(sub=None), _jwt(sub=""),
+        jwt.encode(claims, "another-hs256-key-of-forty-characters!!!", algorithm="HS256").encode(),
+        head + b"." + body + b"." + sig[:-2] + (b"AA" if sig[-2:] != b"AA" else b"BB"),
+        head + b"." + body + b".",
+        _b64(b'{"alg":"none","typ":"JWT"}') + b"." + body + b".",
+        _b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + body + b"." + sig,
+        _b64(b'{"alg":"RS256","kid":"x"}') + b"." + body + b"." + sig,
+        _b64(b"[]") + b"." + body + b"." + sig,
+        head + b"." + _b64(b"not json") + b"." + sig,
+        _jwt(pad="x" * (MAX_TOKEN_LENGTH * 3 // 4 - 300)),       # valid, near the limit
+        _jwt(pad="x" * MAX_TOKEN_LENGTH),                        # valid-looking, over the limit
+        good + b"A" * 70000,                                     # over every message limit
+        b"e30.e30.", b".", b"..", b"", b"\x00", "é".encode() * 8, b"\xff\xfe\x80" * 10,
+    ]
+
+
+# Tokens: a sample, a sample with edits, or arbitrary bytes and text.
+token_values = st.one_of(st.sampled_from(token_samples()), st.sampled_from(token_samples()[:16]),
+                         st.builds(mutate, st.sampled_from(token_samples()[:16]), edits),
+                         st.binary(max_size=300), st.text(max_size=100).map(str.encode))
+
+
 FRONTEND_KINDS = b"QPBDECSHXFdcf"
 PG_BIND = pg_message(ord("B"), b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
 PG_DESCRIBE = pg_message(ord("D"), b"Ss1\x00")
@@ -421,8 +464,13 @@ MYSQL_CAPS = (myp.CLIENT_PROTOCOL_41 | myp.CLIENT_SECURE_CONNECTION | myp.CLIENT
 def mysql_client(auth: str = "trust", tls_available: bool = False, max_message: int = MAX_MESSAGE):
     raw = {"auth": {"users_file": "users.toml"},
            "clusters": {"main": {"engine": "mysql", "hosts": ["db.internal:3306"]}},
-           "listeners": [{"name": "my", "listen": "127.0.0.1:6033", "cluster": "main", "auth": auth}]}
-    ctx = ClientContext(listener=build_config(raw, "", None).listeners[0], users=MYSQL_USERS,
+           "listeners": [{"name": "my", "listen": "127.0.0.1:6033", "cluster": "main",
+                          "auth": "trust" if auth == "token" else auth}]}
+    listener = build_config(raw, "", None).listeners[0]
+    if auth == "token":
+        listener = dataclasses.replace(listener, auth="token", token_kind="jwt", token_verifier=_jwt_verifier())
+        tls_available = True
+    ctx = ClientContext(listener=listener, users=MYSQL_USERS,
                         tls_available=tls_available, cancel_key=7, pin_policy=PinPolicy(), max_message_size=max_message)
     ctx.cancel = lambda key, terminate=False: None
     return MYSQL_ENGINE.client_protocol(ctx)
@@ -461,6 +509,28 @@ MYSQL_HANDSHAKE_STREAMS = [
     myp.packet(1, myp.handshake_response(MYSQL_CAPS, 45, b"alice", b"", b"app", b"mysql_native_password"))
     + myp.packet(0, b"\x03SELECT 1"),
 ]
+
+
+def _mysql_token_stream(token: bytes, how: str, user: bytes) -> bytes:
+    """What a client sends on a token listener after its SSL request (sequence 1): the handshake response
+    (sequence 2), then, when it named another plugin, the mysql_clear_password answer to the auth switch
+    (sequence 4). `how`: switch (mysql_native_password first), clear (the token in the handshake response),
+    bare (the switch answer without its NUL)."""
+    caps = MYSQL_CAPS | myp.CLIENT_SSL
+    if how == "clear":
+        return myp.packet(2, myp.handshake_response(caps | myp.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, 45, user,
+                                                    token + b"\x00", b"app", b"mysql_clear_password"))
+    first = myp.packet(2, myp.handshake_response(caps, 45, user, b"\x01" * 20, b"app", b"mysql_native_password"))
+    return first + myp.packet(4, token if how == "bare" else token + b"\x00")
+
+
+# Token streams: built, or built and then edited anywhere (headers, sequence ids, the handshake response).
+mysql_token_streams = st.builds(
+    lambda token, how, user, e: mutate(_mysql_token_stream(token, how, user), e) if e
+    else _mysql_token_stream(token, how, user),
+    token_values, st.sampled_from(["switch", "switch", "clear", "bare"]), st.sampled_from([b"alice", b"mallory"]),
+    st.one_of(st.just([]), st.just([]), edits))
+
 mysql_commands = st.sampled_from([0x00, 0x01, 0x02, 0x03, 0x04, 0x09, 0x0C, 0x0E, 0x11, 0x16, 0x17, 0x18, 0x19,
                                   0x1A, 0x1B, 0x1C, 0x1F, 0x12, 0x55])
 mysql_packets = st.builds(lambda seq, cmd, body: myp.packet(seq, bytes((cmd,)) + body),
@@ -532,6 +602,96 @@ def tds_client(auth: str = "scram-sha-256", tls: bool = False, max_message: int 
         ctx.tls_available = True
         ctx.tls_context = tds_tls_context()
     return TDS_ENGINE.client_protocol(ctx)
+
+
+def tds_token_client(max_message: int = MAX_MESSAGE):
+    """A TDS token listener (JWT, TLS inside PRELOGIN with the throwaway certificate)."""
+    proto = tds_client("trust", tls=True, max_message=max_message)
+    proto.ctx.listener = dataclasses.replace(proto.ctx.listener, auth="token", token_kind="jwt",
+                                             token_verifier=_jwt_verifier())
+    return proto
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class TdsTlsPeer:
+    """The client's end of TLS inside PRELOGIN: completes the handshake with a TDS client protocol, encrypts what
+    the fuzzer sends after it and decrypts the replies (so that the oracle reads them)."""
+
+    def __init__(self):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = _tls_client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def handshake(self, proto) -> None:
+        for _ in range(8):
+            try:
+                self.tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            out = self.outgoing.read()
+            if out:
+                for event in proto.receive_handshake(tp.encode_message(tp.PRELOGIN, out)):
+                    if not isinstance(event, SendToClient):
+                        raise Finding(f"the TLS handshake inside PRELOGIN answered {event!r}")
+                    for message in tp.MessageReader().feed(event.data):
+                        self.incoming.write(message.data)
+            if done:
+                if proto.phase != "login":
+                    raise Finding(f"TLS handshake done, but the protocol is in phase {proto.phase!r}")
+                return
+        raise Finding("the TLS handshake inside PRELOGIN did not finish")
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self.outgoing.read()
+
+    def decrypt(self, data: bytes) -> bytes:
+        self.incoming.write(data)
+        plain = bytearray()
+        try:
+            while True:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    break
+                plain += chunk
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            raise Finding(f"the client cannot decrypt the reply: {exc}") from None
+        if self.incoming.pending:
+            raise Finding(f"the reply ends in a partial TLS record ({self.incoming.pending} bytes)")
+        return bytes(plain)
+
+
+# Stands for the server's PRELOGIN NONCEOPT in generated LOGIN7s: the run puts in the nonce the server sent.
+TDS_NONCE_MARK = bytes(range(0xA0, 0xA0 + tp.NONCE_SIZE))
+
+
+def tds_token_prelogin(encryption: int = tp.ENCRYPT_ON, fedauth: int | None = 1, nonce: bytes | None = b"\x11" * 32):
+    return tp.encode_message(tp.PRELOGIN, tp.Prelogin.build(encryption=encryption, fedauth_required=fedauth,
+                                                            nonce=nonce).encode())
+
+
+TDS_TOKEN_PRELOGINS = {"on": tds_token_prelogin(), "off": tds_token_prelogin(tp.ENCRYPT_OFF),
+                       "nofed": tds_token_prelogin(fedauth=None, nonce=None)}
+
+
+def tds_fedauth_data(options: int, token: bytes, length: int | None, nonce: bytes, tail: bytes = b"") -> bytes:
+    """FEDAUTH FeatureData (security token library): Options, token length, token, nonce; any of them lying."""
+    return bytes([options]) + struct.pack("<I", len(token) if length is None else length & 0xFFFFFFFF) + token \
+        + nonce + tail
+
+
+def tds_fedauth_login(user: str, data: bytes, extra: dict | None = None) -> bytes:
+    payload = tp.Login7(username=user, database="app", features={tp.FEATURE_FEDAUTH: data, **(extra or {})}).encode()
+    return tp.encode_message(tp.LOGIN7, payload)
 
 
 def tds_logged_in(max_message: int = MAX_MESSAGE):
@@ -694,6 +854,88 @@ def _tls_streams() -> st.SearchStrategy:
     )
 
 
+def _mysql_token(case: Case) -> Outcome:
+    """A MySQL token listener: the SSL request goes first and alone (the core reads it exactly and starts TLS:
+    handshake_read_size), then the handshake response and the clear-password answer, whole or in chunks."""
+    client = mysql_client("token")
+    client.start()
+    if case.variant == "tls":
+        events = client.receive_handshake(MYSQL_SSL_REQUEST)
+        if not (events and isinstance(events[-1], StartClientTLS)):
+            raise Finding(f"the SSL request on a token listener did not start TLS: {events!r}")
+    return drive("mysql", client, case.chunks(), relay=False, server_state=mysql_server_state)
+
+
+def _tds_token_prelogin(case: Case) -> Outcome:
+    return drive("tds", tds_token_client(), case.chunks(), relay=False)
+
+
+def _tds_token_login(case: Case) -> Outcome:
+    """A TDS token listener: PRELOGIN (FEDAUTHREQUIRED, NONCEOPT; encryption ON or login-only), the TLS handshake
+    inside PRELOGIN by a real client, then the generated LOGIN7 encrypted, one TLS record per piece (variant
+    '+raw': the records' bytes cut again). Replies under TLS are decrypted for the oracle."""
+    mode, _, raw = case.variant.partition("+")
+    proto = tds_token_client()
+    events = proto.receive_handshake(TDS_TOKEN_PRELOGINS[mode])
+    if not (events and isinstance(events[-1], SendToClient)):
+        raise Finding(f"PRELOGIN asking for encryption on a token listener was answered {events!r}")
+    peer = TdsTlsPeer()
+    peer.handshake(proto)
+    proto.fuzz_peer = peer
+    plain = case.data.replace(TDS_NONCE_MARK, proto.server_nonce or TDS_NONCE_MARK)
+    step = len(plain) // 256
+    records = [peer.encrypt(piece) for piece in chunks_of(plain, [max(n, step) for n in case.sizes])]
+    if raw:
+        records = chunks_of(b"".join(records), case.sizes)
+    outcome = drive("tds", proto, records, relay=False)
+    if outcome.kind == "authenticated":
+        reply = proto.login_complete(TDSServerState())
+        if proto.tls_full:
+            reply = peer.decrypt(reply)
+        try:
+            tokens = [t.type for m in tp.MessageReader().feed(reply) for t in tk.TokenReader().read(m.data)]
+        except (tp.ProtocolError, tk.ProtocolError) as exc:
+            raise Finding(f"the login reply is not TDS tokens: {exc}") from None
+        if tk.TOKEN_LOGINACK not in tokens or proto.fedauth_ack and tk.TOKEN_FEATUREEXTACK not in tokens:
+            raise Finding(f"the login reply lacks LOGINACK or FEATUREEXTACK: {tokens}")
+    return outcome
+
+
+def _tds_token_logins() -> st.SearchStrategy:
+    """LOGIN7s for a token listener: FEDAUTH feature data with any Options byte, honest or lying token length,
+    UTF-16 or raw token bytes, the server's nonce or none, a short or long one; the token as the password; edits."""
+    utf16 = token_values.map(lambda t: t.decode("utf-8", "replace").encode("utf-16-le"))
+    fed = st.builds(
+        tds_fedauth_data,
+        st.one_of(st.sampled_from([0x03, 0x03, 0x02, 0x01, 0x00, 0x05, 0x04]), st.integers(0, 255)),
+        st.one_of(utf16, utf16, st.binary(max_size=64)),
+        st.one_of(st.none(), st.none(), st.none(), st.integers(0, 600), st.integers(0, 0xFFFFFFFF)),
+        st.sampled_from([TDS_NONCE_MARK, TDS_NONCE_MARK, b"", TDS_NONCE_MARK[:31], TDS_NONCE_MARK + b"\x00",
+                         b"\x11" * 32, b"\x00" * 64]),
+        st.one_of(st.just(b""), st.just(b""), st.binary(max_size=8)))
+    users = st.sampled_from(["", "", "alice", "mallory"])
+    extras = st.sampled_from([None, None, {0x0A: b"\x01"}, {0x04: b""}])
+    fed_logins = st.builds(tds_fedauth_login, users, fed, extras)
+    password_logins = st.builds(lambda user, token: tp.encode_message(tp.LOGIN7, tp.Login7(
+        username=user, password=token.decode("utf-8", "replace"), database="app").encode()), users, token_values)
+    logins = st.one_of(fed_logins, fed_logins, password_logins)
+    return st.one_of(logins, logins, st.builds(mutate, logins, edits),
+                     st.builds(lambda login, tail: login + tail, logins, tds_packet_streams))
+
+
+def _tds_token_prelogin_streams() -> st.SearchStrategy:
+    hello = tp.encode_message(tp.PRELOGIN, tls_client_hello())
+    streams = [tds_token_prelogin() + hello, tds_token_prelogin(tp.ENCRYPT_OFF) + hello,
+               tds_token_prelogin(tp.ENCRYPT_REQ, 0, b"\x22" * 31) + hello,
+               tds_token_prelogin(tp.ENCRYPT_NOT_SUP) + tds_fedauth_login("", tds_fedauth_data(
+                   0x03, token_samples()[0].decode().encode("utf-16-le"), None, TDS_NONCE_MARK)),
+               tds_token_prelogin(tp.ENCRYPT_ON, 1, b"\x11" * 33) + TDS_LOGIN]
+    return st.one_of(mutated(streams), st.builds(
+        lambda fed, nonce, enc: tds_token_prelogin(enc, fed, nonce) + hello,
+        st.one_of(st.none(), st.integers(0, 255)), st.one_of(st.none(), st.binary(max_size=40)),
+        st.integers(0, 255)))
+
+
 def build_targets() -> list[Target]:
     pg_auths = ["trust", "md5", "scram-sha-256", "trust+tls", "scram-sha-256+tls", "token"]
     my_auths = ["trust", "mysql_native_password", "caching_sha2_password", "trust+tls", "caching_sha2_password+tls"]
@@ -745,6 +987,13 @@ def build_targets() -> list[Target]:
                       sizes, ["mysql_native_password:switch", "caching_sha2_password:switch",
                               "caching_sha2_password:full"]),
                _mysql_switch, "auth switch responses and caching_sha2 full-authentication packets"),
+        Target("mysql.auth.token", "mysql",
+               st.one_of(_cases(mysql_token_streams, sizes, ["tls"]),
+                         _cases(st.builds(lambda t: myp.packet(1, myp.handshake_response(
+                             MYSQL_CAPS | myp.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, 45, b"alice", t, b"app",
+                             b"mysql_clear_password")), token_values),
+                                sizes, ["plain"])),
+               _mysql_token, "JWTs (valid, bad signatures, oversize, garbage) in mysql_clear_password on a token listener"),
         Target("mysql.commands.bytes", "mysql", _cases(st.binary(max_size=400), sizes, ["", "deprecate_eof"]),
                _mysql_relay, "arbitrary bytes after login"),
         Target("mysql.commands.framed", "mysql", _cases(mysql_packet_streams, sizes, ["", "deprecate_eof"]),
@@ -769,6 +1018,11 @@ def build_targets() -> list[Target]:
                "LOGIN7 payloads (offsets, lengths, features) after a valid PRELOGIN"),
         Target("tds.tls", "tds", _cases(_tls_streams(), sizes, [""]), _tds_tls,
                "TLS inside PRELOGIN packets: ClientHello garbage, broken records, wrong packet types"),
+        Target("tds.token.prelogin", "tds", _cases(_tds_token_prelogin_streams(), sizes, [""]), _tds_token_prelogin,
+               "PRELOGIN with FEDAUTHREQUIRED and NONCEOPT on a token listener, then the ClientHello"),
+        Target("tds.token.login7", "tds", _cases(_tds_token_logins(), sizes, ["on", "off", "nofed", "on+raw"]),
+               _tds_token_login, "LOGIN7 inside TLS on a token listener: FEDAUTH data (lengths, options, token, "
+               "nonce) and tokens as passwords"),
         Target("tds.relay.bytes", "tds", _cases(st.binary(max_size=400), sizes, [""]), _tds_relay,
                "arbitrary bytes after login"),
         Target("tds.relay.framed", "tds", _cases(tds_packet_streams, sizes, [""]), _tds_relay,
