@@ -917,7 +917,8 @@ def _tds_token_logins() -> st.SearchStrategy:
     extras = st.sampled_from([None, None, {0x0A: b"\x01"}, {0x04: b""}])
     fed_logins = st.builds(tds_fedauth_login, users, fed, extras)
     password_logins = st.builds(lambda user, token: tp.encode_message(tp.LOGIN7, tp.Login7(
-        username=user, password=token.decode("utf-8", "replace"), database="app").encode()), users, token_values)
+        username=user, password=token.decode("utf-8", "replace")[:30000], database="app").encode()), users,
+        token_values)       # LOGIN7 offsets and lengths are 16-bit: a longer password cannot be encoded
     logins = st.one_of(fed_logins, fed_logins, password_logins)
     return st.one_of(logins, logins, st.builds(mutate, logins, edits),
                      st.builds(lambda login, tail: login + tail, logins, tds_packet_streams))
