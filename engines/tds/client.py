@@ -174,6 +174,10 @@ class TDSClient(ClientProtocol):
             # packets without an end of message: the login message would grow for as long as the client sends
             raise TDSError(f"a login message of more than {self.ctx.max_message_size} bytes (proxy.max_message_size)")
         for msg in messages:
+            if len(msg.data) > self.ctx.max_message_size:
+                # a whole one that arrived in one read: it would be parsed and kept (LOGIN7 is held for the backend)
+                raise TDSError(f"a login message of more than {self.ctx.max_message_size} bytes "
+                               "(proxy.max_message_size)")
             if self.phase == "prelogin":
                 events.append(self._prelogin(msg))
             elif self.phase == "login":

@@ -44,6 +44,17 @@ def test_tds_login_packets_without_an_end_of_message_are_bounded_by_max_message_
     assert proto.reader.pending <= 16384 + 500
 
 
+def test_tds_a_whole_login_message_over_max_message_size_in_one_read_is_refused():
+    # A complete oversize login message (a 140 KB LOGIN7 with a long FEDAUTH token, found by tds.token.login7)
+    # that arrived in one read was parsed and kept; only incomplete ones were bounded.
+    proto = tds_client(max_message=16384)
+    chunk = b"".join(tds_packet(tp.PRELOGIN, 0, b"\x00" * 4000) for _ in range(5)) + tds_packet(tp.PRELOGIN, 1, b"\xff")
+    with pytest.raises(ProtocolError) as info:
+        proto.receive_handshake(chunk)
+    check_tds_error(info.value.reply)
+    assert "max_message_size" in str(info.value)
+
+
 @pytest.mark.parametrize("engine", ["postgres", "mysql"])
 def test_a_pinned_session_repeating_pinning_statements_holds_one_detail_per_reason(engine):
     # A flood of SET / PREPARE in one pinned session appended a (reason, detail) record per statement: memory
