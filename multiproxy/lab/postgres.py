@@ -1,20 +1,16 @@
 """Private PostgreSQL servers from the installed binaries: primary or streaming standby, on a free loopback port."""
 from __future__ import annotations
 
-import atexit
 import glob
 import os
-import pwd
 import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
-import tempfile
 import time
 
-from .processes import alive, children, die_with_parent, free_port, start_time
+from .processes import ServerProcess, reachable_by
 
 # The superuser initdb creates; fixed so that nothing depends on who runs the server.
 SUPERUSER = "postgres"
@@ -54,26 +50,6 @@ def find_bindir() -> str:
     raise PostgresNotInstalled(f"PostgreSQL server binaries (initdb, postgres) not found: {INSTALL_HINT}")
 
 
-def reachable_by(path: str, pw: pwd.struct_passwd) -> bool:
-    """True when the OS user `pw` may traverse every directory from / down to `path` (needs x on each)."""
-    groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    path = os.path.realpath(path)
-    while True:
-        st = os.stat(path)
-        if st.st_uid == pw.pw_uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in groups:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if pw.pw_uid != 0 and not st.st_mode & bit:
-            return False
-        parent = os.path.dirname(path)
-        if parent == path:
-            return True
-        path = parent
-
-
 def psql_query(host: str, port: int, sql: str, db: str = "postgres", user: str = SUPERUSER,
                password: str | None = None, bindir: str | None = None, timeout: float = 60.0) -> str:
     """Run `sql` with psql over TCP (stop on the first error); return the rows unaligned, or raise RuntimeError."""
@@ -102,69 +78,33 @@ def runs_as_os_user() -> str | None:
     return OS_USER if os.geteuid() == 0 else None
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """One private PostgreSQL cluster in its own directory, listening on 127.0.0.1:<free port>.
 
     `basedir` None makes a temporary directory; `keep_datadir` keeps it at stop(). With
     `die_with_parent` the kernel stops the server when the process that started it dies; a server
     meant to outlive its starter (`multiproxy lab up --detach`) passes False and calls detach().
+    start() runs initdb (or pg_basebackup from self.primary), then the server; stop() is a fast
+    shutdown (SIGINT). The process handling is ServerProcess's.
     """
 
-    host = "127.0.0.1"
+    product, program, os_user, dir_prefix = "PostgreSQL", "postgres", OS_USER, "mp-pg-"
+    stop_signal = signal.SIGINT           # fast shutdown
+    parent_death_signal = signal.SIGQUIT  # immediate shutdown: what we want when our parent died
+    bind_errors = ("could not bind", "Address already in use")
 
     def __init__(self, bindir: str | None = None, settings: dict[str, object] | None = None,
                  keep_datadir: bool = False, basedir: str | None = None, die_with_parent: bool = True,
                  host: str | None = None, port: int | None = None):
+        super().__init__(basedir=basedir, keep_datadir=keep_datadir, die_with_parent=die_with_parent,
+                         host=host, port=port)
         self.bindir = bindir or find_bindir()
-        if host is not None:
-            self.host = host              # any 127.x address: failover drills give each node its own
-        self.fixed_port = port
         self.settings = dict(settings or {})
-        self.keep_datadir = keep_datadir
-        self.die_with_parent = die_with_parent
-        self.port: int | None = None
-        self.basedir: str | None = basedir
-        self.datadir: str | None = None
         self.sockdir: str | None = None
-        self.logfile: str | None = None
         self.primary: PostgresServer | None = None  # set on a standby made by make_standby()
-        self._proc: subprocess.Popen | None = None
-        self._pid: int | None = None
         self._hba_extra: list[str] = []
-        self._as_postgres = os.geteuid() == 0
-        self._pw = pwd.getpwnam(OS_USER) if self._as_postgres else None
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self, timeout: float = 60.0) -> "PostgresServer":
-        """initdb (or pg_basebackup from self.primary), then start the server and wait until it answers."""
-        if self._proc is not None:
-            return self
-        atexit.register(self.stop)
-        try:
-            self._make_dirs()
-            if self.primary is None:
-                self._run(["initdb", "-D", self.datadir, "--auth=trust", f"--username={SUPERUSER}",
-                           "--encoding=UTF8", "--locale=C", "--no-sync"], timeout=120)
-            else:
-                # -R writes standby.signal and primary_conninfo; -c fast does not wait for a timed checkpoint.
-                self._run(["pg_basebackup", "-D", self.datadir, "-h", self.primary.host,
-                           "-p", str(self.primary.port), "-U", SUPERUSER, "-R", "-X", "stream",
-                           "-c", "fast", "--no-sync", "-w"], timeout=300)
-            self._write_hba()
-            last_error = ""
-            for _attempt in range(5):  # the free port can be taken between probing and binding
-                self.port = self.fixed_port or free_port(self.host)
-                self._write_conf()
-                try:
-                    self._launch(timeout)
-                    return self
-                except _PortTaken as exc:
-                    last_error = str(exc)
-            raise RuntimeError(f"PostgreSQL could not bind a port after 5 attempts: {last_error}")
-        except BaseException:
-            self.stop()
-            raise
+    # -- lifecycle (start, stop, detach: ServerProcess) ----------------------------------------
 
     def make_standby(self, basedir: str | None = None, settings: dict[str, object] | None = None,
                      keep_datadir: bool | None = None, die_with_parent: bool | None = None,
@@ -202,50 +142,6 @@ class PostgresServer:
             time.sleep(0.05)
         raise RuntimeError(f"standby on port {standby.port} did not replay {target} within {timeout}s")
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT); SIGKILL the server and its children if it lingers; remove the datadir."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    # Each backend calls setsid(), so killing the process group is not enough.
-                    for pid in [*children(proc.pid), proc.pid]:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    proc.wait()
-        self._pid = None
-        atexit.unregister(self.stop)
-        if self.basedir and not self.keep_datadir:
-            shutil.rmtree(self.basedir, ignore_errors=True)
-            self.basedir = None
-
-    def detach(self) -> tuple[int, int | None]:
-        """Leave the server running after this process exits; returns (pid, start_time) to stop it by later."""
-        atexit.unregister(self.stop)
-        self._proc = None  # stop() must not touch it any more
-        return self._pid, start_time(self._pid)
-
-    def __enter__(self) -> "PostgresServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self._pid is not None and alive(self._pid)
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
     # -- SQL and configuration ----------------------------------------------------------------
 
     def psql(self, sql: str, db: str = "postgres", user: str = SUPERUSER, password: str | None = None,
@@ -272,14 +168,6 @@ class PostgresServer:
         if errors:
             raise RuntimeError(f"pg_hba.conf has errors: {errors}")
 
-    def log_text(self) -> str:
-        """The server's log so far (stderr of the postmaster)."""
-        try:
-            with open(self.logfile, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except (OSError, TypeError):
-            return ""
-
     def version(self) -> str:
         """`postgres --version`, e.g. 'postgres (PostgreSQL) 15.8'."""
         out = subprocess.run([os.path.join(self.bindir, "postgres"), "--version"], capture_output=True,
@@ -289,21 +177,13 @@ class PostgresServer:
     # -- internals ------------------------------------------------------------------------------
 
     def _make_dirs(self) -> None:
-        if self.basedir is None:
-            base = tempfile.gettempdir()
-            if self._as_postgres and not reachable_by(base, self._pw):
-                base = "/tmp"  # e.g. TMPDIR under /root: the postgres user could not reach it
-            self.basedir = tempfile.mkdtemp(prefix="mp-pg-", dir=base)
-        else:
-            os.makedirs(self.basedir, mode=0o700, exist_ok=True)
+        self._make_basedir()
         self.datadir = os.path.join(self.basedir, "data")
         self.sockdir = os.path.join(self.basedir, "sock")
-        self.logfile = os.path.join(self.basedir, "postgres.log")
+        self.logfile = os.path.join(self.basedir, "postgres.log")  # the postmaster's stderr
         os.makedirs(self.sockdir, exist_ok=True)
-        if self._as_postgres:
-            os.chmod(self.basedir, 0o700)
-            for path in (self.basedir, self.sockdir):
-                os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+        if self._as_os_user:
+            self._chown(self.sockdir)
             if not reachable_by(self.basedir, self._pw):
                 raise RuntimeError(f"{self.basedir}: the {OS_USER} OS user cannot reach this directory (a parent "
                                    "lacks the x permission for it); choose a directory under /tmp")
@@ -352,31 +232,25 @@ class PostgresServer:
     def _write_file(self, path: str, text: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-        if self._as_postgres:
-            os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+        self._chown(path)
 
-    def _launch(self, timeout: float) -> None:
-        # SIGQUIT is PostgreSQL's immediate shutdown: what we want when our parent died.
-        preexec = (lambda: die_with_parent(signal.SIGQUIT)) if self.die_with_parent else None
-        with open(self.logfile, "ab") as log:
-            self._proc = subprocess.Popen(
-                [os.path.join(self.bindir, "postgres"), "-D", self.datadir],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.basedir, env=self._clean_env(), process_group=0,  # Ctrl-C stays with our terminal
-                preexec_fn=preexec, **self._user_kwargs())
-        self._pid = self._proc.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                proc, self._proc, self._pid = self._proc, None, None
-                tail = self.log_text()[-3000:]
-                if "could not bind" in tail or "Address already in use" in tail:
-                    raise _PortTaken(tail.strip().splitlines()[-1])
-                raise RuntimeError(f"postgres exited with {proc.returncode} while starting; log:\n{tail}")
-            if self._ready():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"postgres did not accept connections within {timeout}s; log:\n{self.log_text()[-3000:]}")
+    def _init_datadir(self) -> None:
+        if self.primary is None:
+            self._run(["initdb", "-D", self.datadir, "--auth=trust", f"--username={SUPERUSER}",
+                       "--encoding=UTF8", "--locale=C", "--no-sync"], timeout=120)
+        else:
+            # -R writes standby.signal and primary_conninfo; -c fast does not wait for a timed checkpoint.
+            self._run(["pg_basebackup", "-D", self.datadir, "-h", self.primary.host,
+                       "-p", str(self.primary.port), "-U", SUPERUSER, "-R", "-X", "stream",
+                       "-c", "fast", "--no-sync", "-w"], timeout=300)
+        self._write_hba()
+
+    def _command(self) -> list[str]:
+        self._write_conf()  # the port is in postgresql.auto.conf
+        return [os.path.join(self.bindir, "postgres"), "-D", self.datadir]
+
+    def _popen_kwargs(self) -> dict:
+        return {"env": self._clean_env(), **self._user_kwargs()}
 
     def _ready(self) -> bool:
         try:
@@ -397,20 +271,16 @@ class PostgresServer:
             raise RuntimeError(f"{' '.join(argv)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
 
     def _user_kwargs(self) -> dict:
-        if not self._as_postgres:
+        if not self._as_os_user:
             return {}
         return {"user": self._pw.pw_uid, "group": self._pw.pw_gid, "extra_groups": []}
 
     def _clean_env(self, as_server: bool = True) -> dict[str, str]:
         """The environment minus PG* variables and ~/.pgpass, which would make results depend on the machine."""
         env = _client_env()
-        if as_server and self._as_postgres:
+        if as_server and self._as_os_user:
             env["HOME"] = self._pw.pw_dir
         return env
-
-
-class _PortTaken(Exception):
-    pass
 
 
 class _Upstream:

@@ -1,12 +1,19 @@
-"""Process helpers for the lab: free ports, parent-death signals, and stopping a process tree by pid."""
+"""Process helpers for the lab: free ports, parent-death signals, stopping a process tree by pid, and running a private server."""
 from __future__ import annotations
 
+import atexit
 import ctypes
 import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
+import stat
+import subprocess
+import tempfile
 import time
+from typing import Self
 
 PR_SET_PDEATHSIG = 1
 
@@ -132,3 +139,215 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def reachable_by(path: str, pw: pwd.struct_passwd) -> bool:
+    """True when the OS user `pw` may traverse every directory from / down to `path` (needs x on each)."""
+    groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    path = os.path.realpath(path)
+    while True:
+        st = os.stat(path)
+        if st.st_uid == pw.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if pw.pw_uid != 0 and not st.st_mode & bit:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
+class PortTaken(RuntimeError):
+    """The server exited at start because its port was taken; the message is the log's tail."""
+
+
+class ServerProcess:
+    """One private database server process in its own directory, on a loopback address and port.
+
+    What every engine shares: the directory (temporary unless `basedir` is given; removed at stop()
+    unless `keep_datadir`), running as the engine's OS user when we are root, a free port with retries
+    when the server finds it taken, waiting until it accepts connections (the log's tail on failure),
+    stopping with a signal and a timeout, the kernel's parent-death signal (unless `die_with_parent`
+    is False, for a server meant to outlive its starter, which calls detach()), and cleanup at exit.
+    A subclass sets the class attributes below and provides _init_datadir(), _command() and _ready().
+    """
+
+    host = "127.0.0.1"
+    product = "server"             # in messages: "PostgreSQL could not bind a port ..."
+    program = "server"             # in messages: "postgres exited with 1 while starting ..."
+    os_user = ""                   # the OS user the server runs as when we are root
+    dir_prefix = "mp-server-"      # of a temporary basedir
+    dir_mode = 0o700
+    stop_signal = signal.SIGTERM   # asks for a clean shutdown
+    parent_death_signal = signal.SIGKILL
+    bind_errors: tuple[str, ...] = ("Address already in use",)  # in the log: the port was taken
+    poll_interval = 0.1            # between readiness probes
+    port_attempts = 5
+    retry_fixed_port = True        # False: a fixed port that is taken fails at once (PortTaken)
+
+    def __init__(self, basedir: str | None = None, keep_datadir: bool = False, die_with_parent: bool = True,
+                 host: str | None = None, port: int | None = None):
+        if host is not None:
+            self.host = host              # any 127.x address: failover drills give each node its own
+        self.fixed_port = port
+        self.keep_datadir = keep_datadir
+        self.die_with_parent = die_with_parent
+        self.port: int | None = None
+        self.basedir: str | None = basedir
+        self.datadir: str | None = None
+        self.logfile: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._pid: int | None = None
+        self._as_os_user = os.geteuid() == 0
+        self._pw = pwd.getpwnam(self.os_user) if self._as_os_user else None
+
+    # -- what a subclass provides --------------------------------------------------------------
+
+    def _make_dirs(self) -> None:
+        """Make the base directory (_make_basedir) and the engine's files and directories in it."""
+        self._make_basedir()
+
+    def _init_datadir(self) -> None:
+        """Create the data directory's contents (initdb and the like), once, before the first launch."""
+
+    def _command(self) -> list[str]:
+        """The server's command line for self.port (anything the port goes into is written here)."""
+        raise NotImplementedError
+
+    def _popen_kwargs(self) -> dict:
+        """More keyword arguments for Popen (env, user): none by default."""
+        return {}
+
+    def _stdout_path(self) -> str:
+        """Where the server's stdout and stderr go."""
+        return self.logfile
+
+    def _ready(self) -> bool:
+        """True once the server answers a query."""
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Make the directory and data, then start the server on a free (or the given) port and wait until
+        it answers; on any failure, stop and clean up."""
+        if self._proc is not None:
+            return self
+        atexit.register(self.stop)
+        try:
+            self._make_dirs()
+            self._init_datadir()
+            last_error = ""
+            for _attempt in range(self.port_attempts):  # the free port can be taken between probing and binding
+                self.port = self.fixed_port or free_port(self.host)
+                try:
+                    self._launch(timeout)
+                    return self
+                except PortTaken as exc:
+                    if self.fixed_port and not self.retry_fixed_port:
+                        raise
+                    last_error = str(exc).strip().splitlines()[-1]
+            raise RuntimeError(f"{self.product} could not bind a port after {self.port_attempts} attempts: "
+                               f"{last_error}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Send stop_signal; SIGKILL the server and its children if it lingers; remove the directory."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(self.stop_signal)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # PostgreSQL backends call setsid(), so killing the process group is not enough.
+                for pid in [*children(proc.pid), proc.pid]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+        self._pid = None
+        atexit.unregister(self.stop)
+        if self.basedir and not self.keep_datadir:
+            shutil.rmtree(self.basedir, ignore_errors=True)
+            self.basedir = None
+
+    def detach(self) -> tuple[int, int | None]:
+        """Leave the server running after this process exits; returns (pid, start_time) to stop it by later."""
+        atexit.unregister(self.stop)
+        self._proc = None  # stop() must not touch it any more
+        return self._pid, start_time(self._pid)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._pid is not None and alive(self._pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def log_text(self) -> str:
+        """The server's log so far."""
+        try:
+            with open(self.logfile, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ""
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _make_basedir(self) -> None:
+        """self.basedir, made if missing (a temporary one the OS user can reach if None), owned by the OS user."""
+        if self.basedir is None:
+            base = tempfile.gettempdir()
+            if self._as_os_user and not reachable_by(base, self._pw):
+                base = "/tmp"  # e.g. TMPDIR under /root: the server's OS user could not reach it
+            self.basedir = tempfile.mkdtemp(prefix=self.dir_prefix, dir=base)
+        else:
+            os.makedirs(self.basedir, mode=self.dir_mode, exist_ok=True)
+        if self._as_os_user:
+            os.chmod(self.basedir, self.dir_mode)
+            self._chown(self.basedir)
+
+    def _chown(self, *paths: str) -> None:
+        """Give `paths` to the server's OS user when we are root (no-op otherwise)."""
+        if self._as_os_user:
+            for path in paths:
+                os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+
+    def _launch(self, timeout: float) -> None:
+        argv = self._command()
+        preexec = (lambda: die_with_parent(self.parent_death_signal)) if self.die_with_parent else None
+        with open(self._stdout_path(), "ab") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.basedir, process_group=0,  # Ctrl-C stays with our terminal
+                preexec_fn=preexec, **self._popen_kwargs())
+        self._pid = self._proc.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                proc, self._proc, self._pid = self._proc, None, None
+                tail = self.log_text()[-3000:]
+                if any(marker in tail for marker in self.bind_errors):
+                    raise PortTaken(tail)
+                raise RuntimeError(f"{self.program} exited with {proc.returncode} while starting; log:\n{tail}")
+            if self._ready():
+                return
+            time.sleep(self.poll_interval)
+        raise RuntimeError(f"{self.program} did not accept connections within {timeout}s; log:\n"
+                           f"{self.log_text()[-3000:]}")
