@@ -1,17 +1,12 @@
 """Private MariaDB servers from the installed binaries (mariadb-install-db + mariadbd), on a free loopback port."""
 from __future__ import annotations
 
-import atexit
 import os
-import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
-import time
 
-from .postgres import reachable_by
-from .processes import children, die_with_parent, free_port, start_time
+from .processes import ServerProcess
 
 OS_USER = "mysql"            # mariadbd refuses to run as root without --user
 INSTALL_HINT = "install the Debian packages 'mariadb-server mariadb-client' (or run tools/install-deps.sh)"
@@ -36,97 +31,67 @@ def find_binary(*names: str) -> str:
 REPLICATION_USER, REPLICATION_PASSWORD = "mp_repl", "repl-pw"
 
 
-class MariaDBServer:
+class MariaDBServer(ServerProcess):
     """One private MariaDB in its own temporary directory, listening on 127.0.0.1:<free port> (or the given
     host and port).
 
     The root user has no password and may connect over TCP from loopback (lab only). `sql()` runs
     statements through the mariadb command-line client. `tls` ({"cert", "key", optional "ca"} PEM paths)
-    turns on TLS; `server_id` turns on the binary log with GTIDs, for `make_replica`.
+    turns on TLS; `server_id` turns on the binary log with GTIDs, for `make_replica`. start() runs
+    mariadb-install-db, then mariadbd; stop() sends SIGTERM. The process handling is ServerProcess's.
     """
 
-    host = "127.0.0.1"
+    product, program, os_user, dir_prefix = "MariaDB", "mariadbd", OS_USER, "mp-mariadb-"
+    dir_mode = 0o755
+    stop_signal = signal.SIGTERM          # normal shutdown
+    parent_death_signal = signal.SIGKILL
+    bind_errors = ("Address already in use", "Can't start server: Bind")
+    poll_interval = 0.2
+    retry_fixed_port = False
 
     def __init__(self, settings: dict[str, object] | None = None, basedir: str | None = None,
                  keep_datadir: bool = False, die_with_parent: bool = True, host: str | None = None,
                  port: int | None = None, tls: dict[str, str] | None = None, server_id: int | None = None):
+        super().__init__(basedir=basedir, keep_datadir=keep_datadir, die_with_parent=die_with_parent,
+                         host=host, port=port)
         self.settings = dict(settings or {})
-        self.basedir = basedir
-        self.keep_datadir = keep_datadir
-        self.die_with_parent = die_with_parent
-        if host is not None:
-            self.host = host
-        self.fixed_port = port
         self.tls = dict(tls or {})
         self.server_id = server_id
-        self.port: int | None = None
-        self.datadir = self.socket = self.logfile = self.tmpdir = None
-        self._proc: subprocess.Popen | None = None
-        self._as_mysql = os.geteuid() == 0
-        self._pw = pwd.getpwnam(OS_USER) if self._as_mysql else None
+        self.socket = self.tmpdir = None
         self.mariadbd = find_binary("mariadbd", "mysqld")
         self.install_db = find_binary("mariadb-install-db", "mysql_install_db")
         self.client = find_binary("mariadb", "mysql")
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    # -- lifecycle (start, stop, detach: ServerProcess) ------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> "MariaDBServer":
-        if self._proc is not None:
-            return self
-        atexit.register(self.stop)
-        try:
-            self._make_dirs()
-            user = ["--user=" + OS_USER] if self._as_mysql else []
-            out = subprocess.run([self.install_db, "--no-defaults", f"--datadir={self.datadir}", *user,
-                                  f"--tmpdir={self.tmpdir}",
-                                  "--auth-root-authentication-method=normal", "--skip-test-db",
-                                  "--skip-name-resolve"], capture_output=True, text=True, timeout=180,
-                                 cwd=self.basedir)
-            if out.returncode != 0:
-                raise RuntimeError(f"mariadb-install-db failed ({out.returncode}):\n{out.stdout}{out.stderr}")
-            if self.fixed_port is not None:
-                self.port = self.fixed_port
-                self._launch(timeout)
-                return self
-            for _attempt in range(5):
-                self.port = free_port(self.host)
-                try:
-                    self._launch(timeout)
-                    return self
-                except _PortTaken:
-                    continue
-            raise RuntimeError("MariaDB could not bind a port after 5 attempts")
-        except BaseException:
-            self.stop()
-            raise
+    def _init_datadir(self) -> None:
+        user = ["--user=" + OS_USER] if self._as_os_user else []
+        out = subprocess.run([self.install_db, "--no-defaults", f"--datadir={self.datadir}", *user,
+                              f"--tmpdir={self.tmpdir}",
+                              "--auth-root-authentication-method=normal", "--skip-test-db",
+                              "--skip-name-resolve"], capture_output=True, text=True, timeout=180,
+                             cwd=self.basedir)
+        if out.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed ({out.returncode}):\n{out.stdout}{out.stderr}")
 
     def _make_dirs(self) -> None:
-        if self.basedir is None:
-            base = tempfile.gettempdir()
-            if self._as_mysql and not reachable_by(base, self._pw):
-                base = "/tmp"
-            self.basedir = tempfile.mkdtemp(prefix="mp-mariadb-", dir=base)
-        os.makedirs(self.basedir, exist_ok=True)
+        self._make_basedir()
         self.datadir = os.path.join(self.basedir, "data")
         self.socket = os.path.join(self.basedir, "mariadb.sock")
         self.logfile = os.path.join(self.basedir, "mariadb.log")
         self.tmpdir = os.path.join(self.basedir, "tmp")     # private: bootstraps running side by side share no /tmp names
         os.makedirs(self.datadir, exist_ok=True)
         os.makedirs(self.tmpdir, exist_ok=True)
-        if self._as_mysql:
-            os.chmod(self.basedir, 0o755)
-            for path in (self.basedir, self.datadir, self.tmpdir):
-                os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+        self._chown(self.datadir, self.tmpdir)
         for kind in ("cert", "key", "ca"):
             if self.tls.get(kind):       # copied, so that mariadbd (running as mysql) may read the key
                 path = os.path.join(self.basedir, f"tls-{kind}.pem")
                 shutil.copyfile(self.tls[kind], path)
                 os.chmod(path, 0o600)
-                if self._as_mysql:
-                    os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+                self._chown(path)
                 self.settings[{"cert": "ssl-cert", "key": "ssl-key", "ca": "ssl-ca"}[kind]] = path
 
-    def _launch(self, timeout: float) -> None:
+    def _command(self) -> list[str]:
         settings = {
             "datadir": self.datadir, "tmpdir": self.tmpdir, "socket": self.socket, "port": self.port, "bind-address": self.host,
             "skip-networking": 0, "skip-name-resolve": 1, "max-connections": 1000, "skip-log-bin": None,
@@ -140,75 +105,20 @@ class MariaDBServer:
                              "log-slave-updates": 1, "gtid-strict-mode": 1})
         settings.update(self.settings)
         argv = [self.mariadbd, "--no-defaults"]
-        if self._as_mysql:
+        if self._as_os_user:
             argv.append("--user=" + OS_USER)
         for key, value in settings.items():
             argv.append(f"--{key}" if value is None else f"--{key}={value}")
-        preexec = (lambda: die_with_parent(signal.SIGKILL)) if self.die_with_parent else None
-        with open(os.path.join(self.basedir, "stdout.log"), "ab") as log:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=self.basedir, process_group=0, preexec_fn=preexec)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                tail = self.log_text()[-3000:]
-                if "Address already in use" in tail or "Can't start server: Bind" in tail:
-                    raise _PortTaken(tail)
-                raise RuntimeError(f"mariadbd exited while starting; log:\n{tail}")
-            try:
-                if self.sql("SELECT 1", timeout=10) == "1":
-                    return
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"mariadbd did not accept connections within {timeout}s; log:\n{self.log_text()[-3000:]}")
+        return argv
 
-    def stop(self, timeout: float = 30.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                for pid in [*children(proc.pid), proc.pid]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                proc.wait()
-        atexit.unregister(self.stop)
-        if self.basedir and not self.keep_datadir:
-            shutil.rmtree(self.basedir, ignore_errors=True)
-            self.basedir = None
+    def _stdout_path(self) -> str:
+        return os.path.join(self.basedir, "stdout.log")  # the server's own log is self.logfile (log-error)
 
-    def detach(self) -> tuple[int, int | None]:
-        """Leave the server running after this process exits; returns (pid, start_time) to stop it by later."""
-        pid = self._proc.pid
-        atexit.unregister(self.stop)
-        self._proc = None  # stop() must not touch it any more
-        return pid, start_time(pid)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> "MariaDBServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_text(self) -> str:
+    def _ready(self) -> bool:
         try:
-            with open(self.logfile, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except (OSError, TypeError):
-            return ""
+            return self.sql("SELECT 1", timeout=10) == "1"
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
 
     # -- replication -----------------------------------------------------------------------------
 
@@ -276,7 +186,3 @@ class MariaDBServer:
         if out.returncode != 0:
             raise RuntimeError(f"mariadb as {user} failed ({out.returncode}): {out.stderr.strip()}\nSQL: {statements}")
         return out.stdout.strip()
-
-
-class _PortTaken(RuntimeError):
-    pass
