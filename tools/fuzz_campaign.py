@@ -36,6 +36,9 @@ from hypothesis.reporting import with_reporter  # noqa: E402
 from tests import fuzzkit  # noqa: E402
 
 
+MIN_EXAMPLES = 3
+
+
 class TimeUp(BaseException):
     """The target's time budget is spent (a BaseException, so hypothesis stops without shrinking)."""
 
@@ -70,7 +73,9 @@ class Campaign:
 
         def one(case):
             now = time.monotonic()
-            if self.failing is None and now > ends or self.shrink_ends is not None and now > self.shrink_ends:
+            # Every target runs a few examples even when generating its first ones took the whole budget.
+            if (self.failing is None and now > ends and self.examples >= MIN_EXAMPLES
+                    or self.shrink_ends is not None and now > self.shrink_ends):
                 raise TimeUp()
             self.examples += 1
             signal.setitimer(signal.ITIMER_REAL, self.example_deadline)
