@@ -87,23 +87,8 @@ class ClientSocket:
     def settimeout(self, timeout) -> None:
         self.timeout = timeout
 
-    def gettimeout(self):
-        return self.timeout
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
     def shutdown(self, how: int) -> None:
         self._sock.shutdown(how)
-
-    def getpeername(self):
-        return self._sock.getpeername()
-
-    def getsockname(self):
-        return self._sock.getsockname()
-
-    def setsockopt(self, *args) -> None:
-        self._sock.setsockopt(*args)
 
     def close(self) -> None:
         """Close; a greenlet waiting on this socket gets gevent's cancel_wait_ex, as with a gevent socket."""
@@ -123,10 +108,6 @@ class ClientSocket:
             self.hub.loop.run_callback(self._sock.close)
         else:
             self._sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._read_event is None
 
     def to_gevent(self) -> gsocket.socket:
         """This connection as a gevent socket (for TLS wrapping); this object is closed without closing the

@@ -106,7 +106,7 @@ class Session:
                 sock.settimeout(limit)
             # A client that speaks first usually has spoken already: read without waiting. Answers to what
             # the proxy just sent cannot be there yet: wait first.
-            recv_next = sock.recv_later if type(sock) is ClientSocket else sock.recv
+            recv_next = sock.recv_later if lean else sock.recv
             data = (recv_next if out else sock.recv)(proto.handshake_read_size())
             while True:
                 if not data:
