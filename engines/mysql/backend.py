@@ -364,7 +364,14 @@ class MySQLCancel(_QueriesAfterLogin):
 
 
 class MySQLProbe(_QueriesAfterLogin):
-    """Role and lag: @@read_only and @@innodb_read_only, then the replica status (Seconds_Behind_Master)."""
+    """Role and lag: @@read_only and @@innodb_read_only, then the replica status.
+
+    Result: {"role": "writer" | "reader", "lag": seconds or None, "lag_bytes": int or None, "skip": None or why
+    the node must not serve reads}. A node with replica status is a reader whose lag is Seconds_Behind_Master
+    (Seconds_Behind_Source) while both replication threads run; when one does not, or the server cannot tell
+    its lag (NULL), lag is None and `skip` says why, naming the columns' values and the last error. A read-only
+    node without replica status is a standalone reader: lag 0.0.
+    """
 
     def __init__(self, target: BackendTarget):
         super().__init__(target, ["SELECT @@global.read_only, @@global.innodb_read_only"])
@@ -373,14 +380,7 @@ class MySQLProbe(_QueriesAfterLogin):
     def _next(self) -> bytes:
         if len(self.results) == 1 and not self.replica_query_added and self.results[0].done:
             self.replica_query_added = True
-            version = self.login.state.version.lower()
-            old = False
-            try:
-                major, minor = (int(x) for x in version.split(b"-")[0].split(b".")[:2])
-                old = (major, minor) < ((10, 5) if b"mariadb" in version else (8, 0))
-            except ValueError:
-                pass
-            self.queries.append("SHOW SLAVE STATUS" if old else "SHOW REPLICA STATUS")
+            self.queries.append(replica_status_query(self.login.state.version))
         return super()._next()
 
     def finish(self) -> None:
@@ -389,14 +389,83 @@ class MySQLProbe(_QueriesAfterLogin):
             raise BackendError(f"role probe failed: {first.error[2] if first else 'no answer'}")
         row = first.rows[0] if first.rows else ["0", "0"]
         read_only = any(v not in (None, "0", "OFF") for v in row)
-        lag = 0.0
         replica = self.results[1] if len(self.results) > 1 else None
-        if replica is not None and replica.error is None and replica.rows:
-            record = dict(zip(replica.columns, replica.rows[0]))
-            value = record.get("Seconds_Behind_Master", record.get("Seconds_Behind_Source"))
-            try:
-                lag = float(value) if value is not None else 0.0
-            except ValueError:
-                lag = 0.0
-            read_only = read_only or True
-        self.result = {"role": "reader" if read_only else "writer", "lag": lag if read_only else 0.0}
+        if replica is None:
+            status = None
+        elif replica.error is not None:
+            status = replica.error          # no privilege to read it (REPLICATION CLIENT / SLAVE MONITOR)
+        else:
+            status = [dict(zip(replica.columns, r)) for r in replica.rows]
+        self.result = probe_result(read_only, status)
+
+
+def replica_status_query(version: bytes) -> str:
+    """SHOW REPLICA STATUS where the server knows it (MariaDB 10.5, MySQL 8.0.22), else SHOW SLAVE STATUS."""
+    version = version.lower()
+    try:
+        numbers = tuple(int(x) for x in version.split(b"-")[0].split(b".")[:3])
+    except ValueError:
+        return "SHOW REPLICA STATUS"
+    return "SHOW SLAVE STATUS" if numbers < ((10, 5) if b"mariadb" in version else (8, 0, 22)) else \
+        "SHOW REPLICA STATUS"
+
+
+def _column(record: dict, *names: str):
+    for name in names:
+        if name in record:
+            return record[name]
+    return None
+
+
+def probe_result(read_only: bool, status) -> dict:
+    """The probe's result from the read-only flags and the replica status: None (not asked), an error tuple
+    (the status could not be read), or its rows as dicts (column name -> text value or None)."""
+    if isinstance(status, list) and status:
+        record = status[0]
+        io = _column(record, "Slave_IO_Running", "Replica_IO_Running")
+        sql = _column(record, "Slave_SQL_Running", "Replica_SQL_Running")
+        seconds = _column(record, "Seconds_Behind_Master", "Seconds_Behind_Source")
+        result = {"role": "reader", "lag": None, "lag_bytes": _relay_backlog(record), "skip": None}
+        if io != "Yes" or sql != "Yes":
+            names = ("Replica_IO_Running", "Replica_SQL_Running") if "Replica_IO_Running" in record else \
+                ("Slave_IO_Running", "Slave_SQL_Running")
+            state = "stopped" if "No" in (io, sql) else "not running"
+            reason = f"replication is {state} ({names[0]} = {io}, {names[1]} = {sql})"
+            errors = [f"{name}: {_short(record.get(name))}" for name in ("Last_IO_Error", "Last_SQL_Error")
+                      if record.get(name)]
+            result["skip"] = reason + ("; " + "; ".join(errors) if errors else "")
+            return result
+        try:
+            result["lag"] = max(0.0, float(seconds)) if seconds is not None else None
+        except ValueError:
+            result["lag"] = None
+        if result["lag"] is None:
+            column = "Seconds_Behind_Source" if "Seconds_Behind_Source" in record else "Seconds_Behind_Master"
+            result["skip"] = f"replication lag is unknown ({column} = {seconds if seconds is not None else 'NULL'})"
+        return result
+    if not read_only:
+        return {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
+    if isinstance(status, tuple):
+        # A read-only node whose replica status this user may not read: a reader of unknown lag.
+        return {"role": "reader", "lag": None, "lag_bytes": None, "skip": None}
+    return {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}
+
+
+def _short(text, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _relay_backlog(record: dict) -> int | None:
+    """Bytes of the source's binary log read into the relay log but not yet executed, when both positions are in
+    the same source log file (otherwise None)."""
+    read_file = _column(record, "Master_Log_File", "Source_Log_File")
+    exec_file = _column(record, "Relay_Master_Log_File", "Relay_Source_Log_File")
+    read_pos = _column(record, "Read_Master_Log_Pos", "Read_Source_Log_Pos")
+    exec_pos = _column(record, "Exec_Master_Log_Pos", "Exec_Source_Log_Pos")
+    if not read_file or read_file != exec_file:
+        return None
+    try:
+        return max(0, int(read_pos) - int(exec_pos))
+    except (TypeError, ValueError):
+        return None

@@ -181,11 +181,27 @@ class PostgresCancel(BackendScript):
 
 
 class PostgresProbe(BackendScript):
-    """After logging in, asks whether the node is in recovery and how far its replay lags."""
+    """After logging in, asks whether the node is a writer and, on a standby, how far its replay lags.
 
-    # A node in recovery is a standby; one whose transactions default to read-only is not a writer either.
-    SQL = ("SELECT pg_catalog.pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool, "
-           "COALESCE(EXTRACT(EPOCH FROM (now() - pg_catalog.pg_last_xact_replay_timestamp())), 0)")
+    Result: {"role": "writer" | "reader", "lag": seconds or None, "lag_bytes": int or None, "skip": None}.
+    A standby that has replayed all the WAL it received lags 0, however long ago its last transaction was
+    (an idle cluster is not behind); otherwise its lag is the replay delay, now() minus the commit time of
+    the last replayed transaction, and lag_bytes the received WAL not yet replayed. A standby that never
+    streamed (restored from the archive: no receive position) reports the replay delay and lag_bytes None.
+    """
+
+    # Columns: reader? (in recovery, or transactions default to read-only), in recovery?, lag, lag_bytes.
+    # The receive position is where streaming ended; a replay position at or past it means nothing received
+    # waits (after a restart replay may run ahead of a receiver that has not reconnected yet). Without a
+    # receive position (never streamed) the comparisons are NULL and the replay delay decides; without a
+    # replayed transaction that delay is unknown (NULL).
+    SQL = ("SELECT s.rec OR current_setting('default_transaction_read_only')::bool, s.rec, "
+           "CASE WHEN NOT s.rec OR s.recv <= s.rep THEN 0 "
+           "WHEN s.ts IS NULL THEN NULL ELSE GREATEST(0, EXTRACT(EPOCH FROM (now() - s.ts))) END, "
+           "CASE WHEN NOT s.rec OR s.recv <= s.rep THEN 0 "
+           "ELSE pg_catalog.pg_wal_lsn_diff(s.recv, s.rep)::bigint END "
+           "FROM (SELECT pg_catalog.pg_is_in_recovery() AS rec, pg_catalog.pg_last_wal_receive_lsn() AS recv, "
+           "pg_catalog.pg_last_wal_replay_lsn() AS rep, pg_catalog.pg_last_xact_replay_timestamp() AS ts) AS s")
 
     def __init__(self, target: BackendTarget):
         self.login = PostgresLogin(target)
@@ -233,9 +249,21 @@ class PostgresProbe(BackendScript):
                 code, text = backend_error_text(body)
                 raise BackendError(f"role probe failed: {text} (SQLSTATE {code})")
             elif kind == p.READY_FOR_QUERY:
-                in_recovery = self.row and self.row[0] == "t"
-                lag = float(self.row[1]) if len(self.row) > 1 and self.row[1] else 0.0
-                self.result = {"role": "reader" if in_recovery else "writer", "lag": lag if in_recovery else 0.0}
+                self.result = self.parse_row(self.row)
                 self.done = True
                 return p.message(b"X")
         return b""
+
+    @staticmethod
+    def parse_row(row: list) -> dict:
+        """The probe's result from its one row of text values (see SQL)."""
+        if len(row) < 4 or row[0] not in ("t", "f") or row[1] not in ("t", "f"):
+            raise BackendError(f"role probe: unexpected answer {row!r}")
+        if row[0] == "f":
+            return {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
+        try:
+            lag = max(0.0, float(row[2])) if row[2] is not None else None
+            lag_bytes = max(0, int(row[3])) if row[3] is not None else None
+        except ValueError:
+            raise BackendError(f"role probe: unexpected answer {row!r}") from None
+        return {"role": "reader", "lag": lag, "lag_bytes": lag_bytes, "skip": None}

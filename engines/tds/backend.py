@@ -165,9 +165,18 @@ class TDSLogin(BackendScript):
 
 
 class TDSProbe(BackendScript):
-    """Logs in, then asks whether the database is writable: READ_WRITE is a writer, READ_ONLY a reader."""
+    """Logs in, then asks whether the database is writable: READ_WRITE is a writer, READ_ONLY a reader. A reader is
+    then asked, in a second batch, for its availability-group lag.
+
+    Result: {"role": "writer" | "reader", "lag": seconds or None, "lag_bytes": int or None, "skip": None}. A reader's
+    lag is secondary_lag_seconds of its local replica state of the current database, lag_bytes its redo queue
+    (KB * 1024); no row (the database is in no availability group) is lag 0.0; NULLs, or an error reading the view
+    (it needs VIEW SERVER STATE), leave them unknown (None). The second batch is separate so that a server where
+    the view or its columns do not compile still answers the first."""
 
     SQL = "SELECT DATABASEPROPERTYEX(DB_NAME(), 'Updateability')"
+    LAG_SQL = ("SELECT secondary_lag_seconds, redo_queue_size FROM sys.dm_hadr_database_replica_states "
+               "WHERE is_local = 1 AND database_id = DB_ID()")
 
     def __init__(self, target: BackendTarget):
         self.login = TDSLogin(target)
@@ -175,31 +184,74 @@ class TDSProbe(BackendScript):
         self.done = False
         self.wants_tls = False
         self.result = None
+        self.phase = "role"
 
     def start(self) -> bytes:
         return self.login.start()
+
+    def _batch(self, sql: str) -> bytes:
+        return tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(sql).encode(), self.login.result.packet_size)
 
     def feed(self, data: bytes) -> bytes:
         if not self.login.done:
             out = self.login.feed(data)
             if self.login.done:
-                out += tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.SQL).encode(), self.login.result.packet_size)
+                out += self._batch(self.SQL)
             return out
+        out = b""
         for msg in self.reader.feed(data):
+            if self.done:
+                break
             try:
                 tokens = tk.TokenReader().read(msg.data)
             except tk.ProtocolError as exc:
                 raise BackendError(f"role probe: malformed reply: {exc}") from None
-            value = None
-            for tok in tokens:
-                if tok.type == tk.TOKEN_ERROR:
-                    raise BackendError(f"role probe failed: {tok.text} (error {tok.number})")
-                if tok.type == tk.TOKEN_ROW and tok.values:
-                    value = tok.values[0]
-            role = "reader" if isinstance(value, str) and value.upper() == "READ_ONLY" else "writer"
-            self.result = {"role": role, "lag": 0.0}
-            self.done = True
-        return b""
+            if self.phase == "role":
+                self.result = role_result(tokens)
+                if self.result["role"] == "writer":
+                    self.done = True
+                else:
+                    self.phase = "lag"
+                    out += self._batch(self.LAG_SQL)
+            else:
+                self.result = lag_result(tokens)
+                self.done = True
+        return out
+
+
+def role_result(tokens) -> dict:
+    """The Updateability answer: a writer (lag 0) or a reader whose lag the second batch tells."""
+    value = None
+    for tok in tokens:
+        if tok.type == tk.TOKEN_ERROR:
+            raise BackendError(f"role probe failed: {tok.text} (error {tok.number})")
+        if tok.type == tk.TOKEN_ROW and tok.values:
+            value = tok.values[0]
+    if isinstance(value, str) and value.upper() == "READ_ONLY":
+        return {"role": "reader", "lag": None, "lag_bytes": None, "skip": None}
+    return {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
+
+
+def lag_result(tokens) -> dict:
+    """A reader's result from the reply to LAG_SQL (see TDSProbe)."""
+    rows = []
+    for tok in tokens:
+        if tok.type == tk.TOKEN_ERROR:
+            return {"role": "reader", "lag": None, "lag_bytes": None, "skip": None}
+        if tok.type == tk.TOKEN_ROW:
+            rows.append(tok.values)
+    if not rows:
+        return {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}
+    seconds, redo_kb = (list(rows[0]) + [None, None])[:2]
+    try:
+        lag = max(0.0, float(seconds)) if seconds is not None else None
+    except (TypeError, ValueError):
+        lag = None
+    try:
+        lag_bytes = max(0, int(redo_kb)) * 1024 if redo_kb is not None else None
+    except (TypeError, ValueError):
+        lag_bytes = None
+    return {"role": "reader", "lag": lag, "lag_bytes": lag_bytes, "skip": None}
 
 
 class TDSCancel(BackendScript):
