@@ -343,7 +343,7 @@ class TDSLabServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, users: dict[str, str] | None = None,
                  read_only: bool = False, db_path: str | None = None, encryption: str = "off",
                  cert_file: str | None = None, key_file: str | None = None, databases: tuple[str, ...] = (),
-                 server_name: str = "tdslab"):
+                 server_name: str = "tdslab", replica_lag: int | None = 0):
         if encryption not in ENCRYPTION_MODES:
             raise ValueError(f"encryption: expected one of {sorted(ENCRYPTION_MODES)}, got {encryption!r}")
         self.host, self.port = host, port
@@ -355,6 +355,7 @@ class TDSLabServer:
         directory = os.path.dirname(os.path.abspath(db_path)) if db_path else self._tmpdir
         self.databases = LabDatabases(directory, os.path.abspath(db_path) if db_path else None, server_name,
                                       read_only)
+        self.databases.replica_lag = replica_lag
         for name in databases:
             if not self.databases.has_database(name):
                 self.databases.create_database(name)
@@ -372,6 +373,12 @@ class TDSLabServer:
     def set_read_only(self, flag: bool) -> None:
         """Writes fail with error 3906 and DATABASEPROPERTYEX(..., 'Updateability') answers READ_ONLY."""
         self.databases.read_only = bool(flag)
+
+    def set_replica_lag(self, seconds: int | None, redo_queue_kb: int | None = 0) -> None:
+        """What sys.dm_hadr_database_replica_states reports while the server is read-only: secondary_lag_seconds
+        (None: NULL) and redo_queue_size in KB. A writable server reports no rows."""
+        self.databases.replica_lag = None if seconds is None else int(seconds)
+        self.databases.redo_queue_kb = None if redo_queue_kb is None else int(redo_queue_kb)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:
@@ -445,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password", default=os.environ.get("TDSLAB_PASSWORD", ""),
                         help="login password (default: $TDSLAB_PASSWORD)")
     parser.add_argument("--read-only", action="store_true", help="start read-only (writes fail with 3906)")
+    parser.add_argument("--replica-lag", type=int, default=0, metavar="SECONDS",
+                        help="while read-only, report this secondary_lag_seconds in "
+                             "sys.dm_hadr_database_replica_states (default 0; change it at run time with "
+                             "EXEC sp_lab_set_replica_lag SECONDS)")
     parser.add_argument("--db-file", help="SQLite file for master (other databases sit beside it); "
                                           "default: a temporary directory")
     parser.add_argument("--database", action="append", default=[], help="create this database too")
@@ -455,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.password:
         parser.error("--password (or $TDSLAB_PASSWORD) is required")
     server = TDSLabServer(args.host, args.port, {args.user: args.password}, args.read_only, args.db_file,
-                          args.encryption, args.cert_file, args.key_file, tuple(args.database))
+                          args.encryption, args.cert_file, args.key_file, tuple(args.database),
+                          replica_lag=args.replica_lag)
     server.start()
     # SIGUSR1/SIGUSR2 switch read-only on/off at run time (failover drills)
     gevent.signal_handler(signal.SIGUSR1, server.set_read_only, True)

@@ -457,6 +457,10 @@ class SqlSession:
         if head == "PRINT":
             value = self._scalar("SELECT " + stmt[5:].strip(), params)
             return [tk.info(0, "" if value is None else str(value), 1, 0, self.lab.server_name), 0, 0, 0]
+        if head in ("EXEC", "EXECUTE") and second.split(",")[0].strip("[];").lower().endswith(
+                "sp_lab_set_replica_lag"):
+            self._set_replica_lag(stmt)
+            return [b"", 0, 0, 0]
         if head in ("DECLARE", "EXEC", "EXECUTE", "MERGE", "GRANT", "REVOKE", "THROW", "RAISERROR", "ELSE") \
                 or (head == "DROP" and second == "DATABASE"):
             raise SqlError(40517, f"'{head}' is not supported by the multiproxy TDS lab server "
@@ -516,6 +520,9 @@ class SqlSession:
                                 "server).", 15)
         for node in list(expression.find_all(exp.National)):
             node.replace(exp.Literal.string(node.this))
+        for table in list(expression.find_all(exp.Table)):
+            if table.name.lower() == "dm_hadr_database_replica_states" and table.db.lower() == "sys":
+                table.replace(self._replica_states(table.alias_or_name))
         ctes = {cte.alias.lower() for cte in expression.find_all(exp.CTE)}
         tables = []
         for table in expression.find_all(exp.Table):
@@ -563,6 +570,35 @@ class SqlSession:
                                 "correctly.")
         self._attach(database)
 
+    def _replica_states(self, alias: str) -> exp.Expression:
+        """sys.dm_hadr_database_replica_states as the lab sees itself: a read-only server is the secondary
+        replica of the current database in an availability group (one local row with its set lag), a writable
+        one is in no availability group (no rows)."""
+        lab = self.lab
+        lag = "NULL" if lab.replica_lag is None else str(int(lab.replica_lag))
+        redo = "NULL" if lab.redo_queue_kb is None else str(int(lab.redo_queue_kb))
+        select = sqlglot.parse_one(
+            f"SELECT {self._db_id()} AS database_id, 1 AS is_local, 0 AS is_primary_replica, "
+            "'SYNCHRONIZING' AS synchronization_state_desc, 'HEALTHY' AS synchronization_health_desc, "
+            f"0 AS log_send_queue_size, {redo} AS redo_queue_size, {lag} AS secondary_lag_seconds"
+            + ("" if lab.read_only else " WHERE 1 = 0"), read="tsql")
+        return select.subquery(alias)
+
+    def _set_replica_lag(self, stmt: str) -> None:
+        """Lab only: EXEC sp_lab_set_replica_lag <seconds | NULL> [, <redo queue KB | NULL>]."""
+        match = re.match(r"EXEC(?:UTE)?\s+(?:\w+\.)?\[?sp_lab_set_replica_lag\]?\s+(NULL|\d+)"
+                         r"(?:\s*,\s*(NULL|\d+))?\s*;?$", stmt, re.I)
+        if not match:
+            raise SqlError(201, "Procedure or function 'sp_lab_set_replica_lag' expects @seconds (a whole number "
+                                "or NULL) and optionally @redo_queue_kb.")
+        seconds, redo = match.groups()
+        self.lab.replica_lag = None if seconds.upper() == "NULL" else int(seconds)
+        if redo is not None:
+            self.lab.redo_queue_kb = None if redo.upper() == "NULL" else int(redo)
+
+    def _db_id(self) -> str:
+        return "1" if self.database.lower() == "master" else "5"
+
     def _substitute(self, m: re.Match) -> str:
         if m.group("str"):
             return m.group("str")
@@ -597,7 +633,7 @@ class SqlSession:
         if func == "DB_NAME":
             return _nstr(self.database)
         if func == "DB_ID":
-            return "1" if self.database.lower() == "master" else "5"
+            return self._db_id()
         if func == "SCOPE_IDENTITY":
             return "last_insert_rowid()"
         return _nstr(self.user)
@@ -764,6 +800,10 @@ class LabDatabases:
         self.master_path = master_path or os.path.join(directory, "master.sqlite")
         self.server_name = server_name
         self.read_only = read_only
+        # What sys.dm_hadr_database_replica_states reports while read-only (a secondary): lag in whole seconds
+        # (None: NULL, unknown) and the redo queue in KB. See SqlSession._replica_states.
+        self.replica_lag: int | None = 0
+        self.redo_queue_kb: int | None = 0
         self._names = {"master": "master"}
         self._lock = threading.Lock()
         for entry in os.listdir(directory):
