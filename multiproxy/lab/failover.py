@@ -30,8 +30,9 @@ class WriteLoop(threading.Thread):
         super().__init__(daemon=True, name="lab-failover-writes")
         self.part, self.address, self.lab = part, address, lab
         self.base = time.time_ns() // 1000 * 1000  # ids of this run: unique across runs
-        self.ok: list[tuple[int, float, float]] = []  # (id, started, finished), monotonic
-        self.failed: list[tuple[float, float, str]] = []
+        self.ok: list[tuple[int, float, float]] = []  # acknowledged: (id, started, finished), monotonic
+        self.failed: list[tuple[int, float, float, str]] = []  # (id, started, finished, error): may still be there
+        self.last_id = self.base
         self.reconnects = 0
         self.stopping = threading.Event()
         self.conn = part.connect_client(address, lab)
@@ -43,6 +44,7 @@ class WriteLoop(threading.Thread):
         while not self.stopping.is_set():
             i += 1
             started = time.monotonic()
+            self.last_id = self.base + i
             try:
                 if self.conn is None:
                     self.conn = self.part.connect_client(self.address, self.lab)
@@ -51,8 +53,8 @@ class WriteLoop(threading.Thread):
                 self.ok.append((self.base + i, started, time.monotonic()))
                 time.sleep(0.01)
             except Exception as exc:  # any driver error is an outage the user sees; keep going
-                self.failed.append((started, time.monotonic(), str(exc).strip().splitlines()[0] if str(exc) else
-                                    type(exc).__name__))
+                self.failed.append((self.base + i, started, time.monotonic(),
+                                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
                 if self.conn is not None and getattr(self.conn, "closed", False):
                     self.conn = None
                 time.sleep(0.05)
@@ -143,7 +145,7 @@ def failover(lab, engine: str, rebuild: bool) -> int:
             deadline = time.monotonic() + FIRST_WRITES_TIMEOUT
             while len(loop.ok) < FIRST_WRITES:
                 if time.monotonic() > deadline:
-                    last = loop.failed[-1][2] if loop.failed else "no answer"
+                    last = loop.failed[-1][3] if loop.failed else "no answer"
                     raise LabError(f"writes through {listener['name']} do not succeed before the failover: {last}")
                 time.sleep(0.02)
             step.done(f"{len(loop.ok)} writes")
@@ -170,7 +172,7 @@ def failover(lab, engine: str, rebuild: bool) -> int:
             deadline = time.monotonic() + RECOVERY_TIMEOUT
             while loop.first_ok_after(stop_mono) is None:
                 if time.monotonic() > deadline:
-                    last = loop.failed[-1][2] if loop.failed else "no answer"
+                    last = loop.failed[-1][3] if loop.failed else "no answer"
                     raise LabError(f"no write through {listener['name']} succeeded {RECOVERY_TIMEOUT:.0f} s after the "
                                    f"stop; last error: {last}; see {proxy.get('log')}")
                 time.sleep(0.02)
@@ -179,9 +181,8 @@ def failover(lab, engine: str, rebuild: bool) -> int:
         time.sleep(AFTER_RECOVERY)
         loop.close()
         events = _registry_events(proxy["admin"], cluster, address(standby), stop_wall)
-        committed = [i for i, _, _ in loop.ok]
-        failed = sum(1 for started, _, _ in loop.failed if started >= stop_mono - 1)
-        kept = _count_rows(part, listener["address"], state, loop.base)
+        failed = sum(1 for _, started, _, _ in loop.failed if started >= stop_mono - 1)
+        count = WriteCount(loop, _rows_present(part, listener["address"], state, loop.base, loop.last_id))
 
         rebuilt = None
         if rebuild:
@@ -191,7 +192,7 @@ def failover(lab, engine: str, rebuild: bool) -> int:
                     part_state["nodes"] = [rebuilt if n is writer else n for n in part_state["nodes"]]
                     lab._save()
                     write_zone(state["dns"]["zone"], zone_records(state), ttl=state["dns"].get("ttl", 5))
-                    step.done(f"pid {rebuilt['pid']}")
+                    step.done(f"pid {rebuilt['pid']}" + (f"; {rebuilt['rejoined']}" if rebuilt.get("rejoined") else ""))
             except NotImplementedError:
                 lab.out(f"  the lab cannot rebuild a {part.title} reader yet; {writer['name']} stays stopped")
             except Exception as exc:  # the failover itself is done: report, and leave the node stopped
@@ -200,17 +201,17 @@ def failover(lab, engine: str, rebuild: bool) -> int:
         lab.out("")
         lab.out(f"outage seen through the proxy: {outage:.2f} s (from the writer's stop to the first successful write "
                 f"through {listener['name']})")
-        lab.out(f"  writes: {len(committed)} committed, {failed} failed during the failover; "
-                + (f"{kept} of {len(committed)} committed rows are on the new writer; " if kept is not None else "")
+        lab.out(f"  writes: {len(count.committed)} committed, {failed} failed during the failover; "
                 + ("the client kept its connection" if loop.reconnects == 0
                    else f"the client had to reconnect {loop.reconnects} time(s)"))
+        lab.out(f"  rows: {count.describe()}")
         for event in events:
             lab.out(f"  registry: {describe_event(event)}")
         if not events:
             lab.out(f"  registry: no writer-change event to {address(standby)} within {EVENT_TIMEOUT:.0f} s "
                     "(see `multiproxy lab status`)")
         if rebuilt is not None:
-            lab.out(f"  {writer['name']} {address(writer)} now streams from {standby['name']}: "
+            lab.out(f"  {writer['name']} {address(writer)} now {part.reader_follows} {standby['name']}: "
                     f"`multiproxy lab failover {engine}` can run again")
         else:
             lab.out(f"  {standby['name']} is the only node left: no further failover")
@@ -222,15 +223,59 @@ def failover(lab, engine: str, rebuild: bool) -> int:
         lab._save()
 
 
-def _count_rows(part, address: str, lab: dict, base: int) -> int | None:
-    """How many rows of this run the writer now holds (read through the proxy), or None when it cannot tell."""
+class WriteCount:
+    """The write loop's rows against the rows the new writer holds, each id counted once.
+
+    committed: acknowledged to the client. present: ids of this run (base < id <= last id tried) on the new
+    writer, or None when it could not be read. A write that failed for the client may still have committed
+    (the server applied it, its answer was cut by the failover): it is reported apart, never as committed.
+    """
+
+    def __init__(self, loop: WriteLoop, present: set[int] | None):
+        self.committed = {i for i, _, _ in loop.ok}
+        self.unacknowledged = {i for i, _, _, _ in loop.failed}
+        self.present = present
+
+    @property
+    def kept(self) -> set[int]:
+        return self.committed & (self.present or set())
+
+    @property
+    def lost(self) -> set[int]:
+        return self.committed - (self.present or set())
+
+    @property
+    def unacknowledged_present(self) -> set[int]:
+        return self.unacknowledged & (self.present or set())
+
+    @property
+    def unexplained(self) -> set[int]:
+        return (self.present or set()) - self.committed - self.unacknowledged
+
+    def describe(self) -> str:
+        if self.present is None:
+            return "could not read them back from the new writer"
+        text = f"{len(self.kept)} of {len(self.committed)} committed rows are on the new writer"
+        if self.lost:
+            text += f"; {len(self.lost)} committed row(s) are MISSING there (lost in the failover)"
+        if self.unacknowledged_present:
+            text += (f"; {len(self.unacknowledged_present)} unacknowledged write(s) are there too (the client got "
+                     "an error, but the server had committed them)")
+        if self.unexplained:
+            text += f"; {len(self.unexplained)} row(s) of this run that no write of the loop explains"
+        return text
+
+
+def _rows_present(part, address: str, lab: dict, low: int, high: int) -> set[int] | None:
+    """The ids low < id <= high (this run's) that the writer now holds, read through the proxy; None when it
+    cannot tell."""
     try:
         conn = part.connect_client(address, lab)
         try:
             cur = conn.cursor()
-            cur.execute(part.failover_sql[2], (base,))
-            return int(cur.fetchone()[0])
+            cur.execute(part.failover_sql[2], (low, high))
+            return {int(row[0]) for row in cur.fetchall()}
         finally:
             conn.close()
-    except Exception:  # a report line, not a check: leave it out rather than fail the failover
+    except Exception:  # a report line, not a check: say so rather than fail the failover
         return None

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 from .processes import ServerProcess
 
@@ -65,6 +66,8 @@ class MariaDBServer(ServerProcess):
     # -- lifecycle (start, stop, detach: ServerProcess) ------------------------------------------
 
     def _init_datadir(self) -> None:
+        if os.path.isdir(os.path.join(self.datadir, "mysql")):
+            return  # a kept data directory (a node restarted by `lab failover`) is used as it is
         user = ["--user=" + OS_USER] if self._as_os_user else []
         out = subprocess.run([self.install_db, "--no-defaults", f"--datadir={self.datadir}", *user,
                               f"--tmpdir={self.tmpdir}",
@@ -186,3 +189,141 @@ class MariaDBServer(ServerProcess):
         if out.returncode != 0:
             raise RuntimeError(f"mariadb as {user} failed ({out.returncode}): {out.stderr.strip()}\nSQL: {statements}")
         return out.stdout.strip()
+
+
+# -- bringing a former primary back as a replica --------------------------------------------------
+
+def gtid_state(text: str) -> dict[tuple[int, int], int]:
+    """@@gtid_binlog_state ("0-1-120,0-2-200": the last GTID per domain and server_id) as
+    {(domain, server_id): seq_no}."""
+    state = {}
+    for gtid in filter(None, (part.strip() for part in text.split(","))):
+        domain, server_id, seq_no = (int(x) for x in gtid.split("-"))
+        state[(domain, server_id)] = seq_no
+    return state
+
+
+def unknown_to(node_state: str, writer_state: str) -> list[str]:
+    """The GTIDs that end `node_state` (a stopped former primary's @@gtid_binlog_state) and that the writer
+    with `writer_state` never logged; [] when the node's history is a prefix of the writer's.
+
+    With gtid_strict_mode, sequence numbers only grow, and the writer logs every transaction it replicated
+    (log_slave_updates); so the node holds a transaction the writer lacks exactly when, for some
+    (domain, server_id), its last sequence number is beyond the writer's last one.
+    """
+    writer = gtid_state(writer_state)
+    return [f"{d}-{s}-{n}" for (d, s), n in sorted(gtid_state(node_state).items()) if n > writer.get((d, s), 0)]
+
+
+def binlogs_complete(host: str, port: int, timeout: float = 30.0) -> bool:
+    """True when the server's first binary log starts the history (its Gtid_list event is empty): nothing was
+    purged, so a replica can replay every transaction from GTID position ''."""
+    def sql(statements: str) -> str:
+        return _root_sql(host, port, statements, timeout)
+
+    logs = sql("SHOW BINARY LOGS").splitlines()
+    if not logs:
+        return False
+    first = logs[0].split("\t")[0]
+    for row in sql(f"SHOW BINLOG EVENTS IN '{first}' LIMIT 4").splitlines():
+        fields = row.split("\t")
+        if len(fields) >= 6 and fields[2] == "Gtid_list":
+            return fields[5].strip() == "[]"
+    return False
+
+
+def replica_of(writer_host: str, writer_port: int, repl_user: str, repl_password: str, *, server_id: int,
+               basedir: str, host: str, port: int, timeout: float = 60.0) -> tuple[MariaDBServer, str]:
+    """Bring the stopped former primary in `basedir` back on host:port as a read_only GTID replica of the
+    writer at writer_host:writer_port. Returns the running server (not detached) and how it rejoined.
+
+    It restarts on its own data (read_only, --skip-slave-start) and compares its @@gtid_binlog_state with the
+    writer's. If its history is a prefix of the writer's, it resumes from its own @@gtid_binlog_pos. If it
+    holds transactions the writer never got (asynchronous replication: commits that had not left it when it
+    stopped), those would stay on it and break replication, so its data directory is wiped and re-seeded:
+    a fresh mariadb-install-db, then GTID replication from position '' replays the writer's whole binary log.
+    That is how the lab built the replica in the first place; it is exact by GTID and needs no dump tool,
+    and it is only done after checking that the writer's binary logs still start the history (the lab never
+    purges them). A resume that the writer refuses anyway (a replication error) falls back to the re-seed.
+    """
+    def start() -> MariaDBServer:
+        return MariaDBServer(settings={"read-only": 1, "skip-slave-start": None}, basedir=basedir,
+                             keep_datadir=True, die_with_parent=False, host=host, port=port,
+                             server_id=server_id).start(timeout)
+
+    def writer_sql(statements: str) -> str:
+        return _root_sql(writer_host, writer_port, statements, timeout)
+
+    def reseed(server: MariaDBServer | None) -> MariaDBServer:
+        if not binlogs_complete(writer_host, writer_port):
+            raise RuntimeError(f"cannot re-seed from {writer_host}:{writer_port}: its binary logs no longer start "
+                               "at the beginning of the history (purged); start a fresh lab")
+        if server is not None:
+            server.stop()
+        shutil.rmtree(os.path.join(basedir, "data"), ignore_errors=True)
+        return start()
+
+    def follow(server: MariaDBServer, position: str) -> str:
+        """Replicate from the writer starting after `position`; '' when caught up, else what went wrong."""
+        server.sql("STOP SLAVE; RESET SLAVE ALL;"
+                   f"SET GLOBAL gtid_slave_pos = '{position}';"
+                   f"CHANGE MASTER TO MASTER_HOST='{writer_host}', MASTER_PORT={writer_port}, "
+                   f"MASTER_USER='{repl_user}', MASTER_PASSWORD='{repl_password}', "
+                   "MASTER_CONNECT_RETRY=1, MASTER_USE_GTID=slave_pos; START SLAVE;")
+        target = writer_sql("SELECT @@gtid_binlog_pos")
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.sql(f"SELECT MASTER_GTID_WAIT('{target}', 1)", timeout=15) == "0":
+                return ""
+            status = _slave_status(server.sql("SHOW SLAVE STATUS\\G"))
+            for kind in ("IO", "SQL"):
+                if status.get(f"Last_{kind}_Errno", "0") != "0":
+                    return f"{kind} thread: {status.get(f'Last_{kind}_Error')}"
+            if time.monotonic() > deadline:
+                return f"not at {target} after {timeout:g} s (at {status.get('Gtid_Slave_Pos', '?')})"
+
+    server = None
+    try:
+        try:
+            server = start()
+        except RuntimeError as exc:  # e.g. a data directory damaged by a SIGKILL: start over from the writer
+            why = f"it did not start on its own data ({str(exc).strip().splitlines()[0]})"
+        else:
+            extra = unknown_to(server.sql("SELECT @@gtid_binlog_state"), writer_sql("SELECT @@gtid_binlog_state"))
+            if extra:
+                why = f"it holds {', '.join(extra)}, which the writer never got"
+            else:
+                position = server.sql("SELECT @@gtid_binlog_pos")
+                problem = follow(server, position)
+                if not problem:
+                    return server, f"resumed after GTID {position or '(none)'}"
+                why = f"resuming after GTID {position} failed ({problem})"
+        server = reseed(server)
+        problem = follow(server, "")
+        if problem:
+            raise RuntimeError(f"the re-seeded replica on {host}:{port} does not follow {writer_host}:{writer_port}: "
+                               f"{problem}; see {server.logfile}")
+        return server, f"re-seeded from the writer's binary logs, as {why}"
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+
+
+def _slave_status(text: str) -> dict[str, str]:
+    """SHOW SLAVE STATUS\\G as {field: value}."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _root_sql(host: str, port: int, statements: str, timeout: float) -> str:
+    out = subprocess.run([find_binary("mariadb", "mysql"), "--no-defaults", "-h", host, "-P", str(port), "-u", "root",
+                          "-N", "-B", "--connect-timeout=5"], input=statements, capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"mariadb on {host}:{port}: {out.stderr.strip()}")
+    return out.stdout.strip()

@@ -57,9 +57,10 @@ class LabPart:
     verifier_kinds: tuple[str, ...] = ()  # the users file verifiers the lab user needs on this part's listeners
     client_tool, client_package = "", ""  # the interactive client of client_command() and its Debian package
     supports_failover = False
-    # The failover write loop: create its table if missing; insert one row (%s: an integer id); count the rows
-    # with an id above %s.
+    # The failover write loop: create its table if missing; insert one row (%s: an integer id); list the ids
+    # between two bounds (id > %s AND id <= %s: the ids of one run).
     failover_sql = ("", "", "")
+    reader_follows = "follows"  # after a rebuild: "<old writer> now <reader_follows> <new writer>"
 
     def __init__(self, data_dir: str, user: str, password: str, database: str, detach: bool):
         self.data_dir, self.user, self.password, self.database = data_dir, user, password, database
@@ -167,10 +168,11 @@ class PostgresPart(LabPart):
     verifier_kinds = ("scram_sha_256",)
     client_tool, client_package = "psql", "postgresql-client"
 
+    reader_follows = "streams from"
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
                     "INSERT INTO lab_failover (id) VALUES (%s) ON CONFLICT DO NOTHING",
-                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+                    "SELECT id FROM lab_failover WHERE id > %s AND id <= %s")
     # Each node on its own loopback address with one shared port, as behind a cluster's DNS endpoints.
     NODE_HOSTS = ("127.0.0.2", "127.0.0.3")
 
@@ -432,11 +434,12 @@ class MySQLPart(LabPart):
     verifier_kinds = ("mysql_native_password", "caching_sha2_password")
     client_tool, client_package = "mariadb", "mariadb-client"
 
+    reader_follows = "replicates (GTID) from"
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, "
                     "at timestamp(6) DEFAULT CURRENT_TIMESTAMP(6))",
                     "INSERT IGNORE INTO lab_failover (id) VALUES (%s)",
-                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+                    "SELECT id FROM lab_failover WHERE id > %s AND id <= %s")
     NODE_HOSTS = ("127.0.0.4", "127.0.0.5")
     REPLICATION_USER = "lab_repl"
 
@@ -497,7 +500,8 @@ class MySQLPart(LabPart):
         if started is None and pid is not None:
             started = start_time(pid)
         return {"name": name, "role": role, "host": server.host, "port": server.port, "pid": pid,
-                "started": started, "stop_signal": "SIGTERM", "log": server.logfile, "basedir": server.basedir}
+                "started": started, "stop_signal": "SIGTERM", "log": server.logfile, "basedir": server.basedir,
+                "server_id": server.server_id}
 
     def state(self) -> dict:
         nodes = []
@@ -537,6 +541,20 @@ class MySQLPart(LabPart):
         if received:  # apply what the replica received before it forgets its primary
             mariadb_sql(host, port, f"SELECT MASTER_GTID_WAIT('{received}', 30)", timeout=40)
         mariadb_sql(host, port, "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;")
+
+    @classmethod
+    def rebuild_as_reader(cls, node: dict, writer: dict, state: dict, lab: dict) -> dict:
+        """The stopped former primary rejoins as a read_only GTID replica of `writer`, on its own address and
+        port: resumed on its own data when that is a prefix of the writer's history, else wiped and re-seeded
+        from the writer's binary logs (mariadb.replica_of says why). The lab's replication is asynchronous (no
+        rpl_semi_sync settings), so no semi-sync role moves with it."""
+        server_id = node.get("server_id") or int(node["name"].lstrip("my"))  # lab.json of an older lab: my1 -> 1
+        server, how = mariadb.replica_of(writer["host"], writer["port"], cls.REPLICATION_USER, lab["password"],
+                                         server_id=server_id, basedir=node["basedir"], host=node["host"],
+                                         port=node["port"])
+        pid, started = server.detach()
+        return {**node, "role": "reader", "pid": pid, "started": started, "log": server.logfile,
+                "server_id": server_id, "rejoined": how}
 
     @classmethod
     def client_command(cls, connection_url: str) -> str:
@@ -587,10 +605,11 @@ class TDSPart(LabPart):
     verifier_kinds = ("tds_sha256",)
     client_tool, client_package = "tsql", "freetds-bin"
 
+    reader_follows = "serves the shared store read-only beside"
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at datetime2)",
                     "INSERT INTO lab_failover (id) VALUES (%s)",
-                    "SELECT count(*) FROM lab_failover WHERE id > %s")
+                    "SELECT id FROM lab_failover WHERE id > %s AND id <= %s")
     NODE_HOSTS = ("127.0.0.6", "127.0.0.7")
 
     def __init__(self, *args, **kwargs):
