@@ -542,15 +542,45 @@ class Lab:
                 self.out(f"    endpoint {kind:<6} {endpoint['name']:<16} -> {', '.join(endpoint['addresses']) or '?'}"
                          f"{error}")
             for node in cluster.get("nodes", []):
-                health = "up" if node["healthy"] else f"DOWN ({node['error'] or 'not probed yet'})"
-                lag = f", lag {node['lag']:.1f} s" if node.get("role") == "reader" else ""
-                self.out(f"    node {node['address']:<16} {node['role'] or '?':<7} {health}{lag}")
+                self.out(f"    node {describe_node(node)}")
         events = registry.get("events") or []
         if events:
             self.out("  recent events")
         for event in events[-8:]:
             when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
             self.out(f"    {when} {event['cluster']}: {describe_event(event)}")
+
+
+def describe_node(node: dict) -> str:
+    """One node of the registry (from /status) for people: address, role, health, a reader's lag and, when the
+    proxy sends it no traffic, why. Keys an older proxy does not send are left out."""
+    healthy = node.get("healthy")
+    health = "up" if healthy else f"DOWN ({node.get('error') or 'not probed yet'})"
+    text = f"{node.get('address', '?'):<16} {node.get('role') or '?':<7} {health}"
+    if node.get("role") == "reader" and "lag" in node:
+        text += f", {describe_lag(node.get('lag'), node.get('lag_bytes'))}"
+    if node.get("skipped") and not (not healthy and str(node["skipped"]).startswith("down")):  # DOWN said why
+        text += f"; skipped: {node['skipped']}"
+    return text
+
+
+def describe_lag(seconds: float | None, size: int | None = None) -> str:
+    """'lag 0.0 s', 'lag 2.1 s (48 KB)', 'lag unknown' (the replica cannot tell, e.g. replication stopped)."""
+    if seconds is None:
+        text = "lag unknown"
+    else:
+        text = f"lag {float(seconds):.1f} s"
+    if size:  # 0 or None: nothing worth saying
+        text += f" ({_size(int(size))})"
+    return text
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{n} B"
 
 
 def describe_event(event: dict) -> str:
