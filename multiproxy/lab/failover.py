@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 import urllib.request
 
 from .dns_server import write_zone
 from .parts import PARTS, LabPartError
-from .processes import alive, start_time, stop_process
+from .processes import alive, start_time
 
 FIRST_WRITES = 10  # successful writes through the proxy before the writer is stopped
 FIRST_WRITES_TIMEOUT = 20.0
@@ -151,9 +150,11 @@ def failover(lab, engine: str, rebuild: bool) -> int:
             step.done(f"{len(loop.ok)} writes")
 
         stop_mono, stop_wall = time.monotonic(), time.time()
-        with progress(f"stop the writer {writer['name']} {address(writer)} ({writer.get('stop_signal', 'SIGTERM')})") as step:
-            stop_process(writer["pid"], writer.get("started"), first=getattr(signal, writer.get("stop_signal", "SIGTERM")),
-                         timeout=SERVER_STOP_TIMEOUT)
+        with progress(f"stop the writer {writer['name']} {address(writer)} ({part.stop_how(writer)})") as step:
+            part.stop_writer(writer, SERVER_STOP_TIMEOUT)
+            # Writes may still succeed on the old writer while it shuts down; the outage ends with the first
+            # write that started once it was gone.
+            stopped_mono = time.monotonic()
             writer.update(role="stopped", pid=None, started=None)
             lab._save()
         with progress(f"promote {standby['name']} {address(standby)}") as step:
@@ -170,13 +171,13 @@ def failover(lab, engine: str, rebuild: bool) -> int:
             write_zone(state["dns"]["zone"], records, ttl=state["dns"].get("ttl", 5))
         with progress("first write through the proxy after the stop") as step:
             deadline = time.monotonic() + RECOVERY_TIMEOUT
-            while loop.first_ok_after(stop_mono) is None:
+            while loop.first_ok_after(stopped_mono) is None:
                 if time.monotonic() > deadline:
                     last = loop.failed[-1][3] if loop.failed else "no answer"
                     raise LabError(f"no write through {listener['name']} succeeded {RECOVERY_TIMEOUT:.0f} s after the "
                                    f"stop; last error: {last}; see {proxy.get('log')}")
                 time.sleep(0.02)
-            outage = loop.first_ok_after(stop_mono) - stop_mono
+            outage = loop.first_ok_after(stopped_mono) - stop_mono
             step.done(f"after {outage:.2f} s")
         time.sleep(AFTER_RECOVERY)
         loop.close()
@@ -200,7 +201,7 @@ def failover(lab, engine: str, rebuild: bool) -> int:
 
         lab.out("")
         lab.out(f"outage seen through the proxy: {outage:.2f} s (from the writer's stop to the first successful write "
-                f"through {listener['name']})")
+                f"through {listener['name']} that started once it was down)")
         lab.out(f"  writes: {len(count.committed)} committed, {failed} failed during the failover; "
                 + ("the client kept its connection" if loop.reconnects == 0
                    else f"the client had to reconnect {loop.reconnects} time(s)"))

@@ -13,7 +13,7 @@ import time
 from urllib.parse import quote, unquote, urlsplit
 
 from . import mariadb, postgres
-from .processes import die_with_parent, free_port_on, start_time, stop_process
+from .processes import alive, die_with_parent, free_port_on, start_time, stop_process
 
 
 class LabPartError(RuntimeError):
@@ -128,6 +128,17 @@ class LabPart:
     def connect_client(cls, address: str, lab: dict):
         """A DB-API connection in autocommit to `address` as the lab user (for the failover write loop)."""
         raise NotImplementedError
+
+    @classmethod
+    def stop_how(cls, node: dict) -> str:
+        """How stop_writer stops `node`, for the progress line."""
+        return node.get("stop_signal", "SIGTERM")
+
+    @classmethod
+    def stop_writer(cls, node: dict, timeout: float) -> None:
+        """Stop the writer `node` cleanly (its stop_signal; SIGKILL after `timeout` s)."""
+        stop_process(node["pid"], node.get("started"), first=getattr(signal, node.get("stop_signal", "SIGTERM")),
+                     timeout=timeout)
 
     @classmethod
     def promote(cls, node: dict, state: dict, lab: dict) -> None:
@@ -541,6 +552,24 @@ class MySQLPart(LabPart):
         if received:  # apply what the replica received before it forgets its primary
             mariadb_sql(host, port, f"SELECT MASTER_GTID_WAIT('{received}', 30)", timeout=40)
         mariadb_sql(host, port, "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = OFF;")
+
+    @classmethod
+    def stop_how(cls, node: dict) -> str:
+        return "SHUTDOWN WAIT FOR ALL SLAVES"
+
+    @classmethod
+    def stop_writer(cls, node: dict, timeout: float) -> None:
+        """A clean shutdown that first sends the replica every event in the binary log. On SIGTERM MariaDB kills
+        its binlog dump threads in no particular order, so a commit already acknowledged to a client may never
+        reach the replica; WAIT FOR ALL SLAVES kills them last and ends only once the replicas have it all."""
+        try:
+            mariadb_sql(node["host"], node["port"], "SHUTDOWN WAIT FOR ALL SLAVES", timeout=timeout)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+            pass  # the connection may drop as the server goes; the wait below decides
+        deadline = time.monotonic() + timeout
+        while alive(node["pid"], node.get("started")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        super().stop_writer(node, timeout)  # SIGTERM, then SIGKILL, if it still runs
 
     @classmethod
     def rebuild_as_reader(cls, node: dict, writer: dict, state: dict, lab: dict) -> dict:
