@@ -230,6 +230,115 @@ def test_lab_up_env_status_failover_down(tmp_path):
     assert not os.path.exists(lab_dir) and not os.path.exists(data_dir)
 
 
+def report_rows(failover: subprocess.CompletedProcess) -> dict[str, int]:
+    """The write figures of a `lab failover` report: committed, failed, on_writer (committed rows on the new
+    writer), missing, unacknowledged (failed writes that are there anyway)."""
+    text = failover.stdout
+    writes = re.search(r"writes: (\d+) committed, (\d+) failed", text)
+    rows = re.search(r"rows: (\d+) of (\d+) committed rows are on the new writer", text)
+    assert writes and rows, text + failover.stderr
+    missing = re.search(r"(\d+) committed row\(s\) are MISSING", text)
+    unacknowledged = re.search(r"(\d+) unacknowledged write\(s\) are there too", text)
+    figures = {"committed": int(writes.group(1)), "failed": int(writes.group(2)), "on_writer": int(rows.group(1)),
+               "missing": int(missing.group(1)) if missing else 0,
+               "unacknowledged": int(unacknowledged.group(1)) if unacknowledged else 0}
+    assert int(rows.group(2)) == figures["committed"], text
+    assert figures["on_writer"] + figures["missing"] == figures["committed"], text
+    assert figures["unacknowledged"] <= figures["failed"], text
+    assert "no write of the loop explains" not in text, text
+    return figures
+
+
+@pytest.mark.timeout(240)
+def test_lab_fails_over_twice_and_back_for_every_engine(tmp_path):
+    """`lab failover ENGINE` twice in a row for each engine: every write committed through the proxy is on the
+    new writer each time, and the second failover brings the original writer back with the other node
+    following it (MariaDB: the old primary was rebuilt as a GTID replica)."""
+    lab_dir = str(tmp_path / "lab")
+    up = lab("up", "--dir", lab_dir, "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        values = parse_exports(lab("env", "--dir", lab_dir).stdout)
+        hosts = {"mysql": ("127.0.0.4", "127.0.0.5"), "postgres": ("127.0.0.2", "127.0.0.3"),
+                 "tds": ("127.0.0.6", "127.0.0.7")}
+        for engine, (first, second) in hosts.items():
+            for new_writer in (second, first):
+                failover = lab("failover", engine, "--dir", lab_dir)
+                assert failover.returncode == 0, failover.stdout + failover.stderr
+                assert re.search(rf"-> \S+ {re.escape(new_writer)}:\d+$", failover.stdout.splitlines()[0]), failover.stdout
+                figures = report_rows(failover)
+                assert figures["committed"] >= 10 and figures["missing"] == 0, failover.stdout
+                assert "can run again" in failover.stdout, failover.stdout
+                assert outage_of(failover) < 10
+
+        # MariaDB after two failovers: my1 (server_id 1) writes again, my2 replicates from it.
+        direct = url_args(values["MULTIPROXY_MYSQL_DIRECT_URL"])
+        with pymysql.connect(**url_args(values["MULTIPROXY_MYSQL_URL"]), autocommit=True, connect_timeout=10) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT @@server_id, @@read_only")
+            assert cur.fetchone() == (1, 0)
+            cur.execute("CREATE TABLE after_two (id int PRIMARY KEY)")
+            cur.execute("INSERT INTO after_two VALUES (1)")
+        with pymysql.connect(**{**direct, "host": "127.0.0.5"}, autocommit=True, connect_timeout=10) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT @@server_id, @@read_only")
+            assert cur.fetchone() == (2, 1)
+            deadline = time.monotonic() + 15
+            while True:
+                cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'after_two'")
+                if cur.fetchone()[0]:
+                    cur.execute("SELECT count(*) FROM after_two")
+                    if cur.fetchone() == (1,):
+                        break
+                assert time.monotonic() < deadline, "my2 did not replicate the write on my1 within 15 s"
+                time.sleep(0.1)
+        # PostgreSQL: pg1 writes again and pg2 streams from it.
+        with psycopg.connect(values["MULTIPROXY_PG_URL"], connect_timeout=10, autocommit=True) as conn:
+            assert served_by(conn) == ("127.0.0.2", False)
+        status = lab("status", "--dir", lab_dir)
+        assert status.returncode == 0, status.stdout + status.stderr
+        for name, host, role in (("my1", "127.0.0.4", "writer"), ("my2", "127.0.0.5", "reader"),
+                                 ("pg1", "127.0.0.2", "writer"), ("pg2", "127.0.0.3", "reader"),
+                                 ("tds1", "127.0.0.6", "writer"), ("tds2", "127.0.0.7", "reader")):
+            assert re.search(rf"{name} +{re.escape(host)}:\d+ +configured {role} +verified {role}", status.stdout), \
+                status.stdout
+        assert re.search(r"node 127\.0\.0\.5:\d+ +reader +up, lag [\d.]+ s", status.stdout), status.stdout
+    finally:
+        down = lab("down", "--dir", lab_dir)
+    assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_failover_report_counts_each_row_of_the_run_once():
+    """The TDS report once said "37 of 36 committed rows": a write whose answer the failover cut had committed.
+    Rows are compared by id: committed and on the writer, committed and missing, failed but there anyway."""
+    from types import SimpleNamespace
+    from multiproxy.lab.failover import WriteCount
+    loop = SimpleNamespace(ok=[(i, 0.0, 0.0) for i in (1, 2, 3, 5)], failed=[(4, 0.0, 0.0, "cut"), (6, 0.0, 0.0, "cut")])
+    count = WriteCount(loop, {1, 2, 3, 4})
+    assert (len(count.kept), len(count.lost), len(count.unacknowledged_present)) == (3, 1, 1)
+    assert count.describe() == ("3 of 4 committed rows are on the new writer; 1 committed row(s) are MISSING there "
+                                "(lost in the failover); 1 unacknowledged write(s) are there too (the client got an "
+                                "error, but the server had committed them)")
+    assert WriteCount(loop, None).describe() == "could not read them back from the new writer"
+
+
+def test_status_describes_lag_and_skipped_nodes():
+    from multiproxy.lab.stack import describe_node
+    node = {"address": "127.0.0.5:3306", "role": "reader", "healthy": True, "lag": 2.1, "lag_bytes": 48 * 1024,
+            "failures": 0, "sources": ["reader"], "error": None, "skipped": None}
+    assert describe_node(node).split(None, 2)[2] == "up, lag 2.1 s (48 KB)"
+    node.update(lag=None, lag_bytes=None, skipped="replication is stopped")
+    assert describe_node(node).endswith("up, lag unknown; skipped: replication is stopped")
+    node.update(lag=45.0, skipped="lag 45.0 s beyond max_replica_lag 30 s")
+    assert describe_node(node).endswith("lag 45.0 s; skipped: lag 45.0 s beyond max_replica_lag 30 s")
+    older = {"address": "127.0.0.5:3306", "role": "reader", "healthy": True, "lag": 0.0, "failures": 0,
+             "error": None}  # a proxy without lag_bytes and skipped
+    assert describe_node(older).endswith("up, lag 0.0 s")
+    down = {"address": "127.0.0.4:3306", "role": None, "healthy": False, "error": "connection refused",
+            "skipped": "down: connection refused"}
+    assert describe_node(down).endswith("?       DOWN (connection refused)")
+
+
 def test_lab_commands_without_a_lab(tmp_path):
     lab_dir = str(tmp_path / "nothing")
     assert lab("status", "--dir", lab_dir).returncode == 1
