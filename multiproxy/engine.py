@@ -206,10 +206,22 @@ class ClientProtocol:
     closing: bool = False
     requests: int = 0
     leftover: bytes = b""       # client bytes that arrived with the end of the handshake
-    retry_request: bytes | None = None   # set by backend_data: a read-only node refused this request; resend it
+    # Set by backend_data when a node refused the first statement of a transaction as read-only (only with
+    # ctx.retry_read_only, and only when the session itself asked for nothing read-only). The refusal is held
+    # back; the core then probes the node and calls exactly one of retry_declined() (the node is still the
+    # writer: the client gets the refusal) or retry_accepted() (resend the request on the new writer).
+    retry_request: bytes | None = None
 
     def start(self) -> bytes:
         return b""
+
+    def retry_declined(self) -> tuple[bytes, bool]:
+        """The held read-only refusal, processed as the answer it is: (bytes for the client, release_ok)."""
+        raise NotImplementedError
+
+    def retry_accepted(self) -> bytes:
+        """The refused request, with the session's state as before it was sent, to send to the new writer."""
+        raise NotImplementedError
 
     def handshake_read_size(self) -> int:
         """How many bytes the core may read for the next receive_handshake call. Engines whose clients send

@@ -51,6 +51,11 @@ class Pool:
         self.borrows_total = 0
         self.waited_borrows_total = 0
         self.label = f"{cluster.name}/{role}/{user}/{database}"
+        # The addresses the registry lets this role use now (a live set it updates), None without a registry:
+        # a connection to an address outside it is not reused, so pools follow roles and lag without a query.
+        registry = getattr(proxy, "registry", None)
+        self.eligible = registry.eligible(cluster.name, role) if registry is not None else None
+        self.retired_total = 0
 
     # ------------------------------------------------------------------ borrowing
 
@@ -58,9 +63,11 @@ class Pool:
         """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
         self.borrows_total += 1
         idle = self.idle
+        eligible = self.eligible
         while idle:
             server = idle.pop()
-            if not server.closed and server.generation == self.generation:
+            if not server.closed and server.generation == self.generation and (
+                    eligible is None or server.address in eligible):
                 self.borrowed += 1
                 return server
             self._discard(server)
@@ -182,6 +189,10 @@ class Pool:
         if self.draining or server.generation != self.generation or (lifetime and now - server.created > lifetime):
             self._discard(server)
             return
+        if self.eligible is not None and server.address not in self.eligible:
+            self.retired_total += 1     # the node left this role (or lags): retire at the transaction's end
+            self._discard(server)
+            return
         server.last_used = now
         waiters = self.waiters
         while waiters:
@@ -262,6 +273,30 @@ class Pool:
         for server in list(self.servers):
             if server.address == address and server.session is not None:
                 server.fail(reason)
+
+    def serves(self, server: ServerConnection) -> bool:
+        """Whether `server`'s node may still serve this pool's role (always, without a registry)."""
+        return self.eligible is None or server.address in self.eligible
+
+    def retire(self, reasons: dict, role_text: str) -> None:
+        """The registry took these addresses out of this pool's role ({address: why}): idle connections to them
+        close now, borrowed ones when their transaction ends (release); a pinned session idle between
+        transactions there is closed with the reason, as in a writer failover."""
+        idle = self.idle
+        i = 0
+        while i < len(idle):
+            if idle[i].address in reasons:
+                self.retired_total += 1
+                self._discard(idle.pop(i))
+                continue
+            i += 1
+        for server in list(self.servers):
+            session = server.session
+            if server.address in reasons and session is not None and session.proto is not None \
+                    and session.proto.pinned and session.proto.is_clean():
+                address = server.address
+                server.fail(f"the node {address[0]}:{address[1]} no longer serves {role_text} "
+                            f"({reasons[address]}); your pinned session was closed, reconnect")
 
     def close_all(self) -> None:
         self.draining = True

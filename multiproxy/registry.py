@@ -22,6 +22,7 @@ from .dns import DnsClient, EndpointWatch
 
 log = logging.getLogger("multiproxy.registry")
 FAST_PROBE_INTERVAL = 0.2   # seconds between probes while a cluster has no writer
+VERIFY_REUSE = 0.1          # seconds a read-only verification probe answers later refusals from the same node
 
 
 @dataclass
@@ -30,7 +31,9 @@ class NodeState:
 
     address: tuple[str, int]
     role: str | None = None        # 'writer' / 'reader' as the last successful probe said
-    lag: float = 0.0
+    lag: float | None = 0.0        # seconds the replica is behind; None when it cannot tell (replication stopped)
+    lag_bytes: int | None = None   # bytes received but not yet applied, where the engine can tell
+    skip: str | None = None        # the probe's reason why the node must not serve reads
     healthy: bool = False
     failures: int = 0
     next_probe: float = 0.0
@@ -39,6 +42,8 @@ class NodeState:
     last_error: str = ""
     sources: set = field(default_factory=set)   # 'hosts', 'writer-endpoint', 'reader-endpoint'
     probing: bool = False
+    verified: object = None        # the Event of a verification probe under way (see Registry.verify_writer)
+    verified_at: float = 0.0
 
 
 class ClusterState:
@@ -62,6 +67,11 @@ class ClusterState:
         self.wakeup = Event()
         self.probes_total = 0
         self.probe_failures_total = 0
+        # The addresses each role's pools may use, kept up to date by the registry and read by pools on every
+        # borrow and release (updated in place: pools hold these very sets).
+        self.eligible: dict[str, set] = {"writer": set(), "reader": set()}
+        self.verifications_total = 0
+        self.verifications_refuted_total = 0
 
     def node(self, address: tuple[str, int]) -> NodeState:
         node = self.nodes.get(address)
@@ -105,8 +115,7 @@ class Registry:
         state = self.clusters[cluster]
         if role == "writer":
             return state.writer
-        readers = [n for n in state.nodes.values() if n.healthy and n.role == "reader"
-                   and n.lag <= state.health.max_replica_lag]
+        readers = [n for n in state.nodes.values() if _serves_reads(n, state)]
         if readers:
             readers.sort(key=lambda n: n.address)
             state.reader_turn = (state.reader_turn + 1) % len(readers)
@@ -145,17 +154,43 @@ class Registry:
             watch.next_poll = min(watch.next_poll, now)
         state.wakeup.set()
 
-    def writer_demoted(self, cluster: str, address: tuple[str, int]) -> None:
-        """A node refused a write as read-only: stop sending writes there until a probe says otherwise."""
+    def eligible(self, cluster: str, role: str) -> set | None:
+        """The live set of addresses that pools of `role` may use (None when the cluster does not follow roles)."""
+        state = self.clusters.get(cluster)
+        return None if state is None else state.eligible.get(role)
+
+    def verify_writer(self, cluster: str, address: tuple[str, int]) -> bool:
+        """A node refused a statement as read-only. Only the node itself decides what it is: probe it now
+        (concurrent callers share one probe, and a probe finished within VERIFY_REUSE seconds answers
+        later callers). True when the node still answers as a healthy writer: it stays the writer and the
+        client gets the server's error. Otherwise the registry has already decided anew from that probe."""
         state = self.clusters.get(cluster)
         if state is None:
-            return
+            return True
         node = state.nodes.get(address)
-        if node is not None:
-            node.role = "reader"
-        if state.writer == address:
-            self._set_writer(state, None, "the writer refused a write as read-only")
-        self.reprobe(cluster)
+        if node is None:
+            return False
+        waiting = node.verified
+        if waiting is None and time.monotonic() - node.verified_at > VERIFY_REUSE:
+            waiting = node.verified = Event()
+            state.verifications_total += 1
+            try:
+                node.probing = True
+                self._probe(state, node)
+                self._decide(state)
+            finally:
+                node.verified = None
+                node.verified_at = time.monotonic()
+                waiting.set()
+            still_writer = node.healthy and node.role == "writer"
+            if not still_writer:
+                state.verifications_refuted_total += 1
+            self.events.append({"time": time.time(), "cluster": state.config.name, "event": "read-only check",
+                                "node": _fmt(address), "role": node.role if node.healthy else "down",
+                                "result": "still the writer" if still_writer else "no writer any more"})
+        elif waiting is not None:
+            waiting.wait(state.config.backend.connect_timeout + 1)
+        return node.healthy and node.role == "writer"
 
     # ------------------------------------------------------------------ the loop
 
@@ -207,7 +242,11 @@ class Registry:
             sock, script = run_script(sock, script, target, timeout)
             result = script.result or {}
             node.role = result.get("role")
-            node.lag = float(result.get("lag") or 0.0)
+            lag = result.get("lag", 0.0)
+            node.lag = None if lag is None else float(lag)
+            lag_bytes = result.get("lag_bytes")
+            node.lag_bytes = None if lag_bytes is None else int(lag_bytes)
+            node.skip = result.get("skip") or None
             node.healthy = True
             node.failures = 0
             node.last_ok = time.monotonic()
@@ -251,6 +290,50 @@ class Registry:
             self.reprobe(cluster)
 
     def _decide(self, state: ClusterState) -> None:
+        self._choose_writer(state)
+        self._refresh_eligible(state)
+
+    def _refresh_eligible(self, state: ClusterState) -> None:
+        """Update the addresses each role's pools may use; connections to addresses that left a role retire."""
+        writer = {state.writer} if state.writer else set()
+        readers = {n.address for n in state.nodes.values() if _serves_reads(n, state)}
+        if not readers and state.health.reader_fallback_to_writer:
+            readers = set(writer)
+        for role, wanted in (("writer", writer), ("reader", readers)):
+            current = state.eligible[role]
+            if wanted == current:
+                continue
+            gone = current - wanted
+            current.clear()
+            current.update(wanted)
+            if gone:
+                reasons = {address: self.skipped_reason(state, state.node(address)) or f"it left the {role} role"
+                           for address in gone}
+                self.events.append({"time": time.time(), "cluster": state.config.name, "event": "retired",
+                                    "role": role, "nodes": {_fmt(a): r for a, r in reasons.items()}})
+                self.proxy.nodes_retired(state.config, role, reasons)
+
+    @staticmethod
+    def skipped_reason(state: ClusterState, node: NodeState) -> str | None:
+        """Why `node` serves no traffic now (None when it serves as writer or reader)."""
+        if node.address == state.writer:
+            return None
+        if not node.healthy:
+            return f"down: {node.last_error}" if node.last_error else "not probed yet"
+        if node.role == "writer":
+            return "answers as a writer but is not the cluster's writer (another node was chosen)"
+        if node.role != "reader":
+            return f"unknown role {node.role!r}"
+        if node.skip:
+            return node.skip
+        if node.lag is None:
+            return "replica lag unknown"
+        limit = state.health.max_replica_lag
+        if node.lag > limit:
+            return f"lag {node.lag:.1f} s beyond max_replica_lag {limit:g} s"
+        return None
+
+    def _choose_writer(self, state: ClusterState) -> None:
         writers = [n for n in state.nodes.values() if n.healthy and n.role == "writer"]
         current = state.nodes.get(state.writer) if state.writer else None
         if current is not None and current in writers:
@@ -306,8 +389,12 @@ class Registry:
             out[name] = {
                 "writer": _fmt(state.writer),
                 "nodes": [{"address": _fmt(n.address), "role": n.role, "healthy": n.healthy, "lag": n.lag,
+                           "lag_bytes": n.lag_bytes, "skipped": self.skipped_reason(state, n),
                            "failures": n.failures, "sources": sorted(n.sources), "error": n.last_error}
                           for n in state.nodes.values()],
+                "serving": {role: sorted(_fmt(a) for a in addresses) for role, addresses in state.eligible.items()},
+                "read_only_checks": {"total": state.verifications_total,
+                                     "not_writer": state.verifications_refuted_total},
                 "endpoints": {kind: {"name": w.name, "addresses": list(w.addresses), "error": w.last_error,
                                      "lookups": w.lookups, "failures": w.failures}
                               for kind, w in state.watches.items()},
@@ -319,8 +406,17 @@ class Registry:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         node = GaugeMetricFamily(prefix + "backend_node_up", "1 when the node's last probes succeeded",
                                  labels=["cluster", "node", "role"])
-        lag = GaugeMetricFamily(prefix + "backend_node_replica_lag_seconds", "Replica lag reported by the probe",
+        lag = GaugeMetricFamily(prefix + "backend_node_replica_lag_seconds",
+                                "Replica lag reported by the probe (NaN when the replica cannot tell)",
                                 labels=["cluster", "node"])
+        lag_bytes = GaugeMetricFamily(prefix + "backend_node_replica_lag_bytes",
+                                      "Bytes the replica received but has not applied, where the engine reports it",
+                                      labels=["cluster", "node"])
+        serving = GaugeMetricFamily(prefix + "backend_node_serving", "1 when pools of the role may use the node",
+                                    labels=["cluster", "node", "role"])
+        checks = CounterMetricFamily(prefix + "read_only_checks",
+                                     "Probes of a node that refused a statement as read-only, by what it answered",
+                                     labels=["cluster", "outcome"])
         writer = GaugeMetricFamily(prefix + "cluster_writer_known", "1 when a verified writer is known", labels=["cluster"])
         changes = CounterMetricFamily(prefix + "cluster_writer_changes", "Writer changes seen", labels=["cluster"])
         probes = CounterMetricFamily(prefix + "backend_probes", "Role probes by outcome", labels=["cluster", "outcome"])
@@ -329,15 +425,27 @@ class Registry:
         for name, state in self.clusters.items():
             for n in state.nodes.values():
                 node.add_metric([name, _fmt(n.address), n.role or "unknown"], 1 if n.healthy else 0)
-                lag.add_metric([name, _fmt(n.address)], n.lag)
+                lag.add_metric([name, _fmt(n.address)], float("nan") if n.lag is None else n.lag)
+                if n.lag_bytes is not None:
+                    lag_bytes.add_metric([name, _fmt(n.address)], n.lag_bytes)
+                for role, addresses in state.eligible.items():
+                    serving.add_metric([name, _fmt(n.address), role], 1 if n.address in addresses else 0)
             writer.add_metric([name], 1 if state.writer else 0)
             changes.add_metric([name], self.writer_changes_total[name])
+            checks.add_metric([name, "still_writer"], state.verifications_total - state.verifications_refuted_total)
+            checks.add_metric([name, "not_writer"], state.verifications_refuted_total)
             probes.add_metric([name, "ok"], state.probes_total - state.probe_failures_total)
             probes.add_metric([name, "failed"], state.probe_failures_total)
             for kind, w in state.watches.items():
                 lookups.add_metric([name, w.name, "ok"], w.lookups - w.failures)
                 lookups.add_metric([name, w.name, "failed"], w.failures)
-        yield from (node, lag, writer, changes, probes, lookups)
+        yield from (node, lag, lag_bytes, serving, writer, changes, probes, lookups, checks)
+
+
+def _serves_reads(node: NodeState, state: ClusterState) -> bool:
+    """A healthy reader that can tell its lag, within max_replica_lag, that its probe did not rule out."""
+    return (node.healthy and node.role == "reader" and not node.skip and node.lag is not None
+            and node.lag <= state.health.max_replica_lag)
 
 
 def _fmt(address) -> str | None:

@@ -292,6 +292,15 @@ class Proxy:
             if pool.cluster.name == cluster.name and pool.role == "writer":
                 pool.drain(old, reason)
 
+    def nodes_retired(self, cluster: ClusterConfig, role: str, reasons: dict) -> None:
+        """The registry took nodes out of `role` ({address: why}): pools of that role stop using them."""
+        role_text = f"the {role} role of cluster {cluster.name!r}"
+        for pool in list(self.pools.values()):
+            if pool.cluster.name == cluster.name and pool.role == role:
+                pool.retire(reasons, role_text)
+        for address, why in reasons.items():
+            log.warning("cluster %s: %s:%d no longer serves %s pools: %s", cluster.name, *address, role, why)
+
     def backend_failed(self, cluster: ClusterConfig, address: tuple[str, int]) -> None:
         """A backend connection could not be opened or died on its own: the registry re-probes if it was the writer."""
         if self.registry is not None and cluster.name in self.registry.clusters:

@@ -85,7 +85,9 @@ class Session:
             listener=self.listener, users=proxy.users, tls_available=rt.tls_context is not None,
             cancel_key=self.cancel_key, pin_policy=rt.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
             client_address=self.address, engine_options=cluster.engine_options,
-            retry_read_only=cluster.health.retry_read_only and proxy.follows_roles(cluster),
+            # Only a writer listener retries a read-only refusal: a reader listener never sends a write elsewhere.
+            retry_read_only=(cluster.health.retry_read_only and self.listener.role == "writer"
+                             and proxy.follows_roles(cluster)),
             cancel=rt.cancel_callback, tls_context=rt.tls_context,
         )
         proto = self.proto = self.engine.client_protocol(ctx)
@@ -277,34 +279,59 @@ class Session:
     # ------------------------------------------------------------------ backend reader greenlet
 
     def on_backend_data(self, server, data: bytes) -> None:
-        to_client, release = self.proto.backend_data(data)
+        proto = self.proto
+        to_client, release = proto.backend_data(data)
         if to_client and not self.client_gone:
             try:
                 self.client_send(to_client)
             except (OSError, ValueError):
                 self.client_gone = True
-        if release and ((self.transaction_mode and not self.proto.pinned) or self.client_gone):
-            self.unlink(server)
-        elif self.proto.retry_request is not None:
-            self._retry_on_new_writer(server)
+        if release:
+            if (self.transaction_mode and not proto.pinned) or self.client_gone:
+                self.unlink(server)
+            elif self.pool.eligible is not None and not self.pool.serves(server):
+                # A pinned session at a transaction's end on a node that left this role: close it as a
+                # failover would (its session state cannot move).
+                address = server.address
+                server.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
+                            f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
+        elif proto.retry_request is not None:
+            # The node refused the first statement of a transaction as read-only. The client's word is not
+            # enough to move the writer: the node is probed first, away from this backend's reader.
+            gevent.spawn(self._read_only_refusal, server)
 
-    def _retry_on_new_writer(self, server) -> None:
-        """A node refused the first statement of a transaction as read-only: it is no writer. Drop it, have
-        the registry look again, and send the statement to whichever node is the writer now (once)."""
+    def _read_only_refusal(self, server) -> None:
+        """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's
+        error as it was sent. No writer any more (the registry decided so from the probe): the statement goes,
+        once, to the writer found now, with the session's tracked state replayed first."""
         proto = self.proto
-        data = proto.retry_request
-        proto.retry_request = None             # the resent request is not retried again
+        registry = self.proxy.registry
+        # While the node is checked the connection belongs to no session, so that a failover drain the probe
+        # may cause closes it quietly instead of telling this client its transaction was cancelled.
         server.session = None
+        still_writer = registry is None or registry.verify_writer(self.runtime.cluster.name, server.address)
+        if self.server is not server:      # the client left meanwhile; finish() took care of the connection
+            return
+        if still_writer or self.client_gone:
+            to_client, release = proto.retry_declined()
+            if to_client and not self.client_gone:
+                try:
+                    self.client_send(to_client)
+                except (OSError, ValueError):
+                    self.client_gone = True
+            if server.closed or (release and ((self.transaction_mode and not proto.pinned) or self.client_gone)):
+                self.unlink(server)
+            else:
+                server.session = self
+            return
+        data = proto.retry_accepted()
         self.server = None
         proto.unlink()
         self.pool.discard_borrowed(server)
         self.proxy.metrics.read_only_retries += 1
-        log.warning("pool %s: %s:%d refused a write as read-only; retrying on the writer", self.pool.label,
-                    *server.address)
-        registry = self.proxy.registry
-        if registry is not None:
-            registry.writer_demoted(self.runtime.cluster.name, server.address)
-        gevent.spawn(self._resend, data)
+        log.warning("pool %s: %s:%d refused a write as read-only and its probe says it is no writer; retrying on "
+                    "the writer", self.pool.label, *server.address)
+        self._resend(data)
 
     def _resend(self, data: bytes) -> None:
         server = self.link()

@@ -7,6 +7,7 @@ a response ends) and the status flags of OK/EOF packets (transaction state, auto
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections import deque
 
@@ -105,10 +106,22 @@ class _Pending:
 _PLAIN_QUERY = _Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
 
 
+_READ_ONLY_ERRORS = frozenset((
+    1792,   # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION (the server's own transaction_read_only)
+    1836,   # ER_READ_ONLY_MODE
+))
+_READ_ONLY_WORDS = re.compile(rb"read[\s_-]*only", re.IGNORECASE)
+
+
 def _read_only_refusal(payload: bytes) -> bool:
-    """An ERR packet saying the server runs with --read-only (1290 ER_OPTION_PREVENTS_STATEMENT)."""
-    return (len(payload) >= 3 and payload[1] | (payload[2] << 8) == p.ER_OPTION_PREVENTS_STATEMENT
-            and (b"read-only" in payload or b"read_only" in payload))
+    """An ERR packet saying the node is read-only: 1290 ER_OPTION_PREVENTS_STATEMENT naming --read-only or
+    --super-read-only, 1792 or 1836."""
+    if len(payload) < 3:
+        return False
+    code = payload[1] | (payload[2] << 8)
+    if code == p.ER_OPTION_PREVENTS_STATEMENT:
+        return b"read-only" in payload or b"read_only" in payload
+    return code in _READ_ONLY_ERRORS
 
 
 def _nonce() -> bytes:
@@ -164,6 +177,7 @@ class MySQLClient(ClientProtocol):
         self.release_due = False
         self.retry_read_only = ctx.retry_read_only
         self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
+        self.retry_refusal = b""        # the held ERR packet of a read-only refusal (see retry_declined)
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -501,10 +515,33 @@ class MySQLClient(ClientProtocol):
                 self.retry_read_only and not self.linked and not local and len(self.fifo) == 1
                 and not self.fifo[0].internal and not self.status & p.SERVER_STATUS_IN_TRANS and not self.hold
                 and not self.cbuf and not self.c_skip and not self.c_more and not self.infile
-                and len(forward) > 4 and forward[4] == p.COM_QUERY) else None
+                and len(forward) > 4 and forward[4] == p.COM_QUERY and not self._asks_read_only(forward)) else None
         return forward, b"".join(local)
 
     _answered_locally = False
+
+    def _asks_read_only(self, request: bytes) -> bool:
+        """Whether the session itself wants read-only transactions (SET SESSION TRANSACTION READ ONLY,
+        tx_read_only / transaction_read_only, or such words in the request): a refusal is then its own doing."""
+        value = self.variables.get("tx_read_only")
+        if value is not None and value.strip("'\"").lower() in ("1", "on", "true"):
+            return True
+        return _READ_ONLY_WORDS.search(request, 5) is not None
+
+    def retry_declined(self) -> tuple[bytes, bool]:
+        """The node is still the writer: its refusal goes to the client, processed as the answer it is."""
+        refusal, self.retry_refusal, self.retry_request = self.retry_refusal, b"", None
+        after, self.sbuf = self.sbuf, b""
+        out, release = self.backend_data(refusal)
+        if after:
+            self.sbuf = after
+            release = False
+        return out, release
+
+    def retry_accepted(self) -> bytes:
+        """The refused COM_QUERY, to send to the new writer (its answer is still awaited)."""
+        request, self.retry_request, self.retry_refusal = self.retry_request, None, b""
+        return request
 
     def _too_large(self, size: int) -> None:
         raise ProtocolError("message too large", render_error(
@@ -832,6 +869,7 @@ class MySQLClient(ClientProtocol):
                 parts.append(data[keep_from:pos])
                 keep_from = end
                 self.retry_request, self.retry_candidate = self.retry_candidate, None
+                self.retry_refusal = data[pos:end]
                 pos = end
                 continue
             if pending.internal:

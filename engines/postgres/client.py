@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 from collections import deque
 
@@ -25,9 +26,13 @@ MAX_STARTUP_PACKET = 10000
 # Parameters a client cannot choose; the server reports them and they are never replayed.
 FIXED_PARAMETERS = frozenset({
     "server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
-    "in_hot_standby", "default_transaction_read_only",
+    "in_hot_standby",
 })
 STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
+# Reported parameters the server may also change by itself (a DBA making a node read-only with ALTER SYSTEM
+# and a reload): tracked for a client only when the client set them (startup option, SET, RESET), so the
+# node's own value is never replayed elsewhere nor overridden.
+CLIENT_OWNED = frozenset({"default_transaction_read_only"})
 
 INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
 CLIENT_QUERY = 1    # Query or FunctionCall
@@ -47,6 +52,11 @@ _SSL_REQUEST = p.ssl_request()
 _DECLINE_ENCRYPTION = SendToClient(b"N")
 _FINAL_HANDSHAKE_EVENTS = frozenset((StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested))
 _TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
+# The opening messages of an answer that may still end in a read-only refusal: held back until it is known.
+_ANSWER_PREFIX = frozenset((p.PARSE_COMPLETE, p.BIND_COMPLETE, ord("t"), ord("n"), ord("T"), p.PARAMETER_STATUS,
+                            ord("N")))
+_READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
+_TRUE_WORDS = frozenset(("on", "true", "yes", "1", "t", "y"))
 # Client-message types accepted after startup. Anything else is a protocol violation.
 _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
@@ -93,11 +103,18 @@ def render_error(kind: ErrorKind, message: str, fatal: bool | None = None) -> by
 
 def parse_options(options: str) -> dict[str, str]:
     """The `-c name=value` and `--name=value` settings inside the startup `options` parameter."""
-    out = {}
+    return split_options(options)[0]
+
+
+def split_options(options: str) -> tuple[dict[str, str], list[str]]:
+    """The startup `options` parameter as (settings to replay, words that are no setting). Only settings can
+    follow a client from backend to backend; anything else (postgres's -d, -e, -B ...) is refused at login."""
+    out: dict[str, str] = {}
+    refused: list[str] = []
     try:
         words = shlex.split(options.replace("\\ ", "\x00"))
     except ValueError:
-        return out
+        return out, [options]
     words = [w.replace("\x00", " ") for w in words]
     i = 0
     while i < len(words):
@@ -113,8 +130,10 @@ def parse_options(options: str) -> dict[str, str]:
         if setting and "=" in setting:
             name, value = setting.split("=", 1)
             out[name.replace("-", "_").lower()] = value
+        else:
+            refused.append(setting if setting else word)
         i += 1
-    return out
+    return out, refused
 
 
 class PostgresClient(ClientProtocol):
@@ -155,7 +174,10 @@ class PostgresClient(ClientProtocol):
     local_error = b""               # the error answered locally to requests that cannot reach a backend
     backend_farewell = ""           # a FATAL the backend sent before going away, held back for the client
     retry_candidate = None          # (bytes, fifo entry, syncs_done, rewrite) of a first statement in flight
-    retrying = False                # dropping a read-only refusal's answer
+    retry_held = None               # the answer to the retry candidate so far, held back from the client
+    retry_refused = False           # that answer carries a read-only refusal (25006)
+    retry_saved = None              # the candidate of a held refusal, for retry_accepted
+    owns_read_only = False          # the client has set (or reset) default_transaction_read_only itself
     retry_request = None            # bytes the core should send again on the new writer
     internal_failed = False
     # partial-message state, backend side
@@ -278,6 +300,14 @@ class PostgresClient(ClientProtocol):
         if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
             return self._fatal(ErrorKind.NOT_SUPPORTED,
                                "replication connections are not supported through multiproxy; connect to the server directly", events)
+        options = next((value for key, value in params.items() if key.lower() == "options"), "")
+        if options:
+            refused = split_options(options)[1]
+            if refused:
+                return self._fatal(ErrorKind.NOT_SUPPORTED, "startup option " + ", ".join(repr(w) for w in refused)
+                                   + " cannot follow the session through multiproxy's pooled connections: only "
+                                   "settings (-c name=value or --name=value in options/PGOPTIONS) are replayed; "
+                                   "remove it or set it with SET", events)
         self.user = user
         self.database = params.get("database") or user
         self.startup_params = params
@@ -392,6 +422,8 @@ class PostgresClient(ClientProtocol):
                 cache[self.startup_body] = cached
         self.client_params = dict(cached[1])
         self.client_settings = dict(cached[2])
+        if CLIENT_OWNED.intersection(self.client_settings):
+            self.owns_read_only = True
         self.canonical = server_state.canonical
         pid, secret = self.ctx.cancel_key
         return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
@@ -411,10 +443,11 @@ class PostgresClient(ClientProtocol):
         for low, value in server_state.login_params.items():
             if low in wanted and low not in FIXED_PARAMETERS:
                 value = wanted[low]
-            client_params[low] = value
+            if low not in CLIENT_OWNED:
+                client_params[low] = value
             out.append(p.parameter_status(server_state.canonical.get(low, low), value))
         for low, value in wanted.items():
-            if low not in server_state.login_params and low not in FIXED_PARAMETERS:
+            if (low not in server_state.login_params or low in CLIENT_OWNED) and low not in FIXED_PARAMETERS:
                 client_settings[low] = value
         return b"".join(out), client_params, client_settings
 
@@ -439,7 +472,7 @@ class PostgresClient(ClientProtocol):
                 self.unnamed_held = False
                 self._inspect_sql(data[5:n - 1])
                 if (self.retry_read_only and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
-                        and not self.pending_extended):
+                        and not self.pending_extended and not self._asks_read_only(data)):
                     self.retry_candidate = (data, CLIENT_QUERY, self.syncs_done, None)
                 else:
                     self.retry_candidate = None
@@ -592,7 +625,8 @@ class PostgresClient(ClientProtocol):
         if dropped_prefix:
             start = 0                    # the forwarded bytes begin at a message boundary
         if (self.retry_read_only and forward and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
-                and not local and not self.cbuf and not self.c_skip and not self.pending_extended):
+                and not local and not self.cbuf and not self.c_skip and not self.pending_extended
+                and not self._asks_read_only(forward)):
             # The first statement of a transaction: if a read-only node refuses it, nothing ran, and it can
             # be sent again to the new writer. Keep what is needed to do that.
             self.retry_candidate = (forward, fifo[0], self.syncs_done,
@@ -608,6 +642,16 @@ class PostgresClient(ClientProtocol):
                     return b"", local + answered
                 self.deferred_rewrite = (start, syncs_before)
         return forward, local
+
+    def _asks_read_only(self, request: bytes) -> bool:
+        """Whether the session itself wants read-only transactions (its setting, or the request's words): then a
+        read-only refusal is its own doing, says nothing about the node, and goes back to it as it is."""
+        for source in (self.client_params, self.client_settings):
+            for name in ("default_transaction_read_only", "transaction_read_only"):
+                value = source.get(name)
+                if value is not None and value.lower() in _TRUE_WORDS:
+                    return True
+        return _READ_ONLY_WORDS.search(request) is not None
 
     def _prepare_locally(self, data: bytes, start: int) -> bytes:
         """Answer a lone `Parse(named)… Sync` (libpq's PQprepare) without a backend.
@@ -743,6 +787,9 @@ class PostgresClient(ClientProtocol):
         if not might_pin(sql_bytes):
             return
         low = bytes(sql_bytes).lower()
+        if not self.owns_read_only and (_READ_ONLY_WORDS.search(low) or low.find(b"reset") >= 0
+                                        or low.find(b"discard") >= 0):
+            self.owns_read_only = True
         if (b"discard" in low or b"deallocate" in low) and self.statements is not None:
             # The client dropped statements itself: forget them and what the backend was thought to hold.
             if self.server_state is not None:
@@ -782,7 +829,7 @@ class PostgresClient(ClientProtocol):
         parse_fifo = self.parse_fifo
         inspect = _INSPECT_BACKEND_VIRTUAL if parse_fifo else _INSPECT_BACKEND
         keep_from = 0
-        if not self.retrying and fifo and fifo[0] != INTERNAL:
+        if self.retry_candidate is None and fifo and fifo[0] != INTERNAL:
             # Messages nobody needs to look at (row descriptions, rows, command tags) are passed over
             # here; only the inspected kinds (ReadyForQuery, errors, ...) change what this skip depends on.
             while n - pos >= 5 and data[pos] not in inspect:
@@ -799,20 +846,33 @@ class PostgresClient(ClientProtocol):
             end = pos + 1 + length
             internal = fifo and fifo[0] == INTERNAL
             drop = False
-            if kind in inspect or internal or self.retrying:
+            candidate = self.retry_candidate
+            if kind in inspect or internal or candidate is not None:
                 if end > n:
                     self.sbuf = data[pos:]
                     break
-                if self.retrying:
-                    # The refused request's answer is not the client's: drop it up to its ReadyForQuery.
-                    if out_parts is None:
-                        out_parts = []
-                    out_parts.append(data[keep_from:pos])
-                    keep_from = end
-                    if kind == p.READY_FOR_QUERY:
-                        self._prepare_retry()
-                    pos = end
-                    continue
+                hold = False
+                if candidate is not None and not internal:
+                    # The answer to a first statement that a read-only node may refuse: hold its opening
+                    # messages until the answer shows whether it is a refusal.
+                    if self.retry_refused or kind in _ANSWER_PREFIX or (
+                            kind == p.ERROR_RESPONSE and b"C25006\x00" in data[pos + 5:end]):
+                        hold = True
+                        if kind == p.ERROR_RESPONSE:
+                            self.retry_refused = True
+                    else:
+                        # Rows, a command tag or another error: the statement ran; nothing to retry.
+                        self.retry_candidate = None
+                        if self.retry_held:
+                            if out_parts is None:
+                                out_parts = []
+                            out_parts.append(data[keep_from:pos])
+                            out_parts.append(b"".join(self.retry_held))
+                            keep_from = pos
+                        self.retry_held = None
+                        if kind not in inspect:
+                            pos = end
+                            continue
                 if kind == p.READY_FOR_QUERY:
                     self.retry_candidate = None
                     self.tx_status = data[pos + 5]
@@ -842,15 +902,8 @@ class PostgresClient(ClientProtocol):
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
                         self.internal_failed = True
-                    elif self.retry_candidate is not None and b"C25006\x00" in data[pos + 5:end]:
-                        # read_only_sql_transaction on the first statement: the node is no writer (any more).
-                        self.retrying = True
-                        if out_parts is None:
-                            out_parts = []
-                        out_parts.append(data[keep_from:pos])
-                        keep_from = end
-                        pos = end
-                        continue
+                    elif hold:
+                        pass
                     elif data[pos + 5:pos + 12] == b"SFATAL\x00" or data[pos + 5:pos + 12] == b"SPANIC\x00":
                         # The backend is going away (shutdown, crash, failover). Keep the client: hold the
                         # message back; backend_lost() answers the pending requests with it as an ERROR.
@@ -861,6 +914,24 @@ class PostgresClient(ClientProtocol):
                         out_parts = []
                     out_parts.append(data[keep_from:pos])
                     keep_from = end
+                elif hold:
+                    if out_parts is None:
+                        out_parts = []
+                    out_parts.append(data[keep_from:pos])
+                    keep_from = end
+                    if self.retry_held is None:
+                        self.retry_held = []
+                    self.retry_held.append(data[pos:end])
+                    if kind == p.READY_FOR_QUERY:
+                        # The whole refusal is here: the core probes the node and calls retry_declined or
+                        # retry_accepted. Nothing after it is this answer's.
+                        self.retry_saved = candidate
+                        self.retry_request = candidate[0]
+                        self.retry_refused = False
+                        pos = end
+                        if pos < n:
+                            self.sbuf = data[pos:]
+                        break
                 elif internal:
                     # Swallow the proxy's own request's response; ParameterStatus still reaches the client.
                     if out_parts is None:
@@ -884,23 +955,35 @@ class PostgresClient(ClientProtocol):
             out = data if forward_end == n else data[:forward_end]
         if saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended and not self.unnamed_held:
             self.release_due = True
+        if self.retry_request is not None:
+            return out, False
         release = self.release_due and not self.sbuf and not self.s_skip
         if release:
             self.release_due = False
         return out, release
 
-    def _prepare_retry(self) -> None:
+    def retry_declined(self) -> tuple[bytes, bool]:
+        """The node is still the writer: the client gets the held refusal as the server sent it."""
+        out = b"".join(self.retry_held or ())
+        self.retry_held = None
+        self.retry_request = self.retry_saved = None
+        release = self.release_due and not self.sbuf and not self.s_skip
+        if release:
+            self.release_due = False
+        return out, release
+
+    def retry_accepted(self) -> bytes:
         """Put the refused request back as it was before it was sent; the core sends it to the new writer."""
-        forward, entry, syncs_done, rewrite = self.retry_candidate
-        self.retry_candidate = None
-        self.retrying = False
+        forward, entry, syncs_done, rewrite = self.retry_saved
+        self.retry_saved = self.retry_request = self.retry_held = None
         self.fifo.clear()
         self.fifo.append(entry)
         self.syncs_done = syncs_done
         self.tx_status = p.TX_IDLE
         self.deferred_rewrite = rewrite
         self.release_due = False
-        self.retry_request = forward
+        self.sbuf = b""
+        return forward
 
     def _parses_unanswered(self, syncs_done: int) -> None:
         """Parses of finished Sync groups that got no ParseComplete failed: the backend lacks those statements."""
@@ -928,9 +1011,16 @@ class PostgresClient(ClientProtocol):
         value = data[name_end + 1:value_end].decode("utf-8", "replace")
         low = name.lower()
         self.canonical.setdefault(low, name)
-        self.client_params[low] = value
         if self.server_params is not None:
             self.server_params[low] = value
+        if low in CLIENT_OWNED:
+            # The client's own doing only if it touched the setting; otherwise the node changed it itself.
+            if self.owns_read_only:
+                self.client_settings = {**self.client_settings, low: value}
+                if self.server_state is not None:
+                    self.server_state.settings = {**self.server_state.settings, low: value}
+            return
+        self.client_params[low] = value
 
     def _replay_failed(self, body: bytes) -> bytes:
         """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""

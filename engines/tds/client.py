@@ -77,6 +77,7 @@ class TDSClient(ClientProtocol):
         self.requests = 0
         self.leftover = b""
         self.retry_request = None
+        self.retry_refusal = None        # (payload, eom) of a held read-only refusal (see retry_declined)
         self.phase = "prelogin"
         self.hbuf = b""
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
@@ -427,8 +428,10 @@ class TDSClient(ClientProtocol):
                 continue
             self._classify(msg)
             encoded = tp.encode_message(msg.type, msg.data, self.backend_size, msg.status & ~tp.STATUS_EOM)
+            # A first request outside a transaction may be retried on the new writer if a read-only node
+            # refuses it, unless the client logged in with ApplicationIntent=ReadOnly (the refusal is its own).
             self.expect.append(_Expect(request=encoded if self.ctx.retry_read_only and not self.in_transaction
-                                       else b""))
+                                       and not self.login.read_only_intent else b""))
             out.append(encoded)
         to_client = b""
         if local:
@@ -509,6 +512,21 @@ class TDSClient(ClientProtocol):
         to_client = b"".join(out)
         return (self._out(to_client) if to_client else b""), release
 
+    def retry_declined(self) -> tuple[bytes, bool]:
+        """The node is still the writer: its refusal goes to the client, processed as the answer it is."""
+        payload, eom = self.retry_refusal
+        self.retry_refusal = self.retry_request = None
+        out: list = []
+        self._packet(payload, eom, out)
+        release = not self.expect and not self.in_transaction and not self.sbuf and self.linked
+        to_client = b"".join(out)
+        return (self._out(to_client) if to_client else b""), release
+
+    def retry_accepted(self) -> bytes:
+        """The refused request, to send to the new writer (its answer is still awaited)."""
+        request, self.retry_request, self.retry_refusal = self.retry_request, None, None
+        return request
+
     def _packet(self, payload: bytes, eom: int, out: list) -> None:
         expect = self.expect
         entry = expect[0] if expect else None
@@ -539,7 +557,8 @@ class TDSClient(ClientProtocol):
             if (read_only and entry is not None and entry.request and eom and len(expect) == 1
                     and not self.in_transaction and self.retry_request is None and not self.reframer.buf
                     and self.reframer.packet_id == 1):
-                self.retry_request = entry.request      # a read-only node refused it: the core resends it
+                self.retry_request = entry.request      # a read-only node refused it: the core decides
+                self.retry_refusal = (payload, eom)
                 entry.request, entry.first, entry.strip_reset = b"", True, False
                 while expect[0] is not entry:
                     expect.popleft()

@@ -3,7 +3,7 @@ import time
 
 from multiproxy.config import build_config
 from multiproxy.plugins import load_engines
-from multiproxy.registry import FAST_PROBE_INTERVAL, Registry
+from multiproxy.registry import Registry
 
 ENGINES = {name: le.engine for name, le in load_engines().items()}
 
@@ -13,9 +13,13 @@ class ChangeRecorder:
 
     def __init__(self):
         self.changes = []
+        self.retired = []
 
     def writer_changed(self, cluster, old, new):
         self.changes.append((old, new))
+
+    def nodes_retired(self, cluster, role, reasons):
+        self.retired.append((role, dict(reasons)))
 
 
 def registry(max_lag=5.0, fallback=True):
@@ -72,15 +76,80 @@ def test_a_writer_change_is_an_event_with_the_outage_and_drains_the_old_writer()
     assert event["old"] == "10.0.0.1:5432" and event["new"] == "10.0.0.2:5432" and "outage_seconds" in event
 
 
-def test_a_refusal_as_read_only_demotes_the_writer_and_probes_fast():
+def probing_answers(reg, answers):
+    """Stand in for the probe's I/O in these pure tests: each probe of a node takes its next answer."""
+    calls = []
+
+    def probe(state, node):
+        calls.append(node.address)
+        role, healthy = answers[node.address]
+        node.role, node.healthy, node.probing = role, healthy, False
+        if healthy:
+            node.last_ok = time.monotonic()
+    reg._probe = probe
+    return calls
+
+
+def test_a_read_only_refusal_from_a_node_that_still_answers_as_writer_changes_nothing():
+    reg, proxy = registry()
+    probed(reg, A, "writer")
+    probed(reg, B, "reader")
+    reg._decide(reg.clusters["c"])
+    calls = probing_answers(reg, {A: ("writer", True)})
+    assert reg.verify_writer("c", A) is True
+    assert calls == [A]
+    assert reg.address_for("c", "writer") == A and proxy.changes == [] and proxy.retired == []
+    # Refusals right behind it share that probe instead of probing again.
+    assert reg.verify_writer("c", A) is True and calls == [A]
+    assert reg.clusters["c"].verifications_refuted_total == 0
+
+
+def test_a_read_only_refusal_demotes_the_writer_only_when_its_probe_says_reader():
     reg, proxy = registry()
     probed(reg, A, "writer")
     probed(reg, B, "reader")
     state = reg.clusters["c"]
     reg._decide(state)
-    for node in state.nodes.values():
-        node.next_probe = time.monotonic() + 30
-    reg.writer_demoted("c", A)
+    probing_answers(reg, {A: ("reader", True)})
+    assert reg.verify_writer("c", A) is False
     assert reg.address_for("c", "writer") is None and not state.writer_known.is_set()
-    assert all(node.next_probe <= time.monotonic() + FAST_PROBE_INTERVAL for node in state.nodes.values())
     assert proxy.changes == [(A, None)]
+    assert proxy.retired == [("writer", {A: "it left the writer role"})]
+    assert state.verifications_refuted_total == 1
+
+
+def test_readers_that_cannot_tell_their_lag_or_are_ruled_out_by_their_probe_serve_nothing():
+    reg, _ = registry(max_lag=5.0, fallback=False)
+    state = reg.clusters["c"]
+    probed(reg, A, "writer")
+    probed(reg, B, "reader", lag=None)
+    probed(reg, C, "reader", lag=0.0)
+    state.node(C).skip = "replication is stopped (Slave_SQL_Running = No)"
+    reg._decide(state)
+    assert reg.address_for("c", "reader") is None
+    assert reg.skipped_reason(state, state.node(B)) == "replica lag unknown"
+    assert reg.skipped_reason(state, state.node(C)).startswith("replication is stopped")
+    nodes = {n["address"]: n for n in reg.snapshot()["c"]["nodes"]}
+    assert nodes["10.0.0.2:5432"]["skipped"] == "replica lag unknown" and nodes["10.0.0.1:5432"]["skipped"] is None
+
+
+def test_pools_are_told_when_a_node_leaves_a_role():
+    reg, proxy = registry(max_lag=5.0, fallback=False)
+    state = reg.clusters["c"]
+    probed(reg, A, "writer")
+    probed(reg, B, "reader", lag=0.5)
+    reg._decide(state)
+    assert state.eligible == {"writer": {A}, "reader": {B}} and proxy.retired == []
+    probed(reg, B, "reader", lag=12.0)              # falls behind: reader pools stop using it
+    reg._decide(state)
+    assert state.eligible["reader"] == set()
+    assert proxy.retired == [("reader", {B: "lag 12.0 s beyond max_replica_lag 5 s"})]
+    probed(reg, B, "reader", lag=0.0)
+    reg._decide(state)
+    assert state.eligible["reader"] == {B}
+    probed(reg, A, "reader", healthy=False)         # failover: B is promoted
+    probed(reg, B, "writer")
+    reg._decide(state)
+    assert state.eligible == {"writer": {B}, "reader": set()}
+    assert proxy.retired[-2][0] == "writer" and A in proxy.retired[-2][1]
+    assert proxy.retired[-1][0] == "reader" and B in proxy.retired[-1][1]
