@@ -132,6 +132,9 @@ class ClientContext:
     client_address: tuple = ("", 0)
     engine_options: dict = field(default_factory=dict)   # the cluster's [clusters.NAME.options]
     retry_read_only: bool = False   # retry a first statement refused as read-only on the new writer
+    # A reader listener's session: engines that can make a session read-only do so on every backend it uses
+    # (so a reader listener served by the writer, with health.reader_fallback_to_writer, refuses plain writes).
+    read_only: bool = False
     # In-band cancels (MySQL's KILL QUERY n on another connection): call with a proxy-issued key to cancel
     # what the session holding it runs, as a CancelRequested handshake event would; with terminate=True
     # (KILL CONNECTION n) that session is closed as well. None outside the core.

@@ -88,7 +88,7 @@ class Session:
             # Only a writer listener retries a read-only refusal: a reader listener never sends a write elsewhere.
             retry_read_only=(cluster.health.retry_read_only and self.listener.role == "writer"
                              and proxy.follows_roles(cluster)),
-            cancel=rt.cancel_callback, tls_context=rt.tls_context,
+            cancel=rt.cancel_callback, tls_context=rt.tls_context, read_only=self.listener.role == "reader",
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout

@@ -405,6 +405,10 @@ class MySQLClient(ClientProtocol):
             self.engine.server_version = server_state.version.decode("utf-8", "replace")
             self.autocommit = bool(server_state.login_status & p.SERVER_STATUS_AUTOCOMMIT)
         self.status = p.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0
+        if self.ctx.read_only:
+            # A reader listener's sessions are read-only on whichever node serves them (the writer too, when
+            # readers fall back to it); the client may still turn that off for itself.
+            self.variables.setdefault("tx_read_only", "1")
         return self.greeting_prefix + p.packet(self.ok_seq, p.ok_payload(self.status))
 
     # ------------------------------------------------------------------ relay: client to backend

@@ -422,6 +422,10 @@ class PostgresClient(ClientProtocol):
                 cache[self.startup_body] = cached
         self.client_params = dict(cached[1])
         self.client_settings = dict(cached[2])
+        if self.ctx.read_only and "default_transaction_read_only" not in self.client_settings:
+            # A reader listener's sessions are read-only on whichever node serves them (the writer too, when
+            # readers fall back to it); the client may still turn that off for itself.
+            self.client_settings["default_transaction_read_only"] = "on"
         if CLIENT_OWNED.intersection(self.client_settings):
             self.owns_read_only = True
         self.canonical = server_state.canonical
