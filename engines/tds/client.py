@@ -379,12 +379,18 @@ class TDSClient(ClientProtocol):
         database = state.database if state is not None else (self.login.database or "master")
         self.database = database
         name = SERVER_NAME
+        language = state.language if state else "us_english"
+        wanted = (self.login.language or "").strip()
+        if wanted and wanted.lower() != language.lower():
+            # LOGIN7's language is a session setting: replayed with the client's other SET options on every
+            # backend it uses (a language the server lacks fails there, as SET LANGUAGE would).
+            self.options["LANGUAGE"] = f"SET LANGUAGE [{wanted.replace(']', ']]')}]"
+            language = wanted
         body = (tk.envchange(tk.ENV_DATABASE, database, "master")
                 + tk.info(5701, f"Changed database context to '{database}'.", 2, 0, name)
                 + tk.envchange(tk.ENV_COLLATION, state.collation if state else tk.DEFAULT_COLLATION, b"")
-                + tk.envchange(tk.ENV_LANGUAGE, state.language if state else "us_english", "")
-                + tk.info(5703, f"Changed language setting to {state.language if state else 'us_english'}.", 1, 0,
-                          name)
+                + tk.envchange(tk.ENV_LANGUAGE, language, "")
+                + tk.info(5703, f"Changed language setting to {language}.", 1, 0, name)
                 + tk.loginack(state.prog_name if state else "Microsoft SQL Server",
                               state.tds_version if state else tk.TDS74_VERSION_BYTES,
                               state.prog_version if state else bytes([16, 0, 0x03, 0xE8]))

@@ -649,7 +649,11 @@ class SqlSession:
         match = re.match(r"((?:\w+\s*,\s*)*\w+)\s+(.+)$", body, re.S)
         if not match:
             raise SqlError(102, f"Incorrect syntax near '{body[:40]}'.", 15)
-        value = match.group(2).strip().strip("'").strip()
+        value = match.group(2).strip()
+        if len(value) > 1 and value[0] == "[" and value[-1] == "]":
+            value = value[1:-1].replace("]]", "]")          # a bracketed name: SET LANGUAGE [British]
+        else:
+            value = value.strip("'").strip()
         tokens = b""
         for option in (o.strip().upper() for o in match.group(1).split(",")):
             old = self.options.get(option)

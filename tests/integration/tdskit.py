@@ -44,7 +44,7 @@ class RawClient:
     """A TDS client from multiproxy.tds, for status bits, bad input and ATTENTION timing no driver exposes."""
 
     def __init__(self, port, packet_size=4096, user=LAB_USER, password=LAB_PASSWORD, database="", login=True,
-                 require_loginack=False):
+                 require_loginack=False, language=""):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.reader = tp.MessageReader()
         self.tokens = tk.TokenReader()
@@ -53,7 +53,7 @@ class RawClient:
             self.send(tp.PRELOGIN, tp.Prelogin.build(encryption=tp.ENCRYPT_NOT_SUP).encode())
             assert tp.Prelogin.decode(self.recv().data).encryption == tp.ENCRYPT_NOT_SUP
             self.send(tp.LOGIN7, tp.Login7(username=user, password=password, packet_size=packet_size,
-                                           database=database).encode())
+                                           database=database, language=language).encode())
             self.login_tokens = self.read_tokens()
             if require_loginack:
                 assert any(t.type == tk.TOKEN_LOGINACK for t in self.login_tokens), self.login_tokens

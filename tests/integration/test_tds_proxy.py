@@ -74,9 +74,9 @@ def one(conn, sql, args=None):
     return cur.fetchall()
 
 
-def RawClient(port, packet_size=4096, user=APP_USER, password=APP_PASSWORD, login=True):
+def RawClient(port, packet_size=4096, user=APP_USER, password=APP_PASSWORD, login=True, language=""):
     """A raw client logged in through the proxy as the app user, into the lab database."""
-    return TdsRawClient(port, packet_size, user, password, DB, login)
+    return TdsRawClient(port, packet_size, user, password, DB, login, language=language)
 
 
 def errors(toks):
@@ -197,6 +197,21 @@ def test_reset_on_reuse_and_tracked_state_replayed(lab, proxy_factory):
         toks = b.batch("SELECT 1")
         assert not any(t.type == tk.TOKEN_ENVCHANGE and t.env_type == tk.ENV_RESETACK for t in toks)
         assert b.rows("SELECT @@DATEFIRST") == [[7]]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_login_language_is_replayed_on_every_backend(lab, proxy_factory):
+    """LOGIN7's language is a session setting: it follows the client to each backend and leaks to no other."""
+    proxy = start(proxy_factory, lab, max_size=1)
+    a, b = RawClient(proxy.port, language="British"), RawClient(proxy.port)
+    try:
+        assert any(t.type == tk.TOKEN_ENVCHANGE and t.env_type == tk.ENV_LANGUAGE and t.new == "British"
+                   for t in a.login_tokens)
+        for _ in range(2):                                            # turns on the one backend
+            assert a.rows("SELECT @@LANGUAGE") == [["British"]]
+            assert b.rows("SELECT @@LANGUAGE") == [["us_english"]]
     finally:
         a.close()
         b.close()
