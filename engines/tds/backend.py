@@ -175,8 +175,11 @@ class TDSProbe(BackendScript):
     the view or its columns do not compile still answers the first."""
 
     SQL = "SELECT DATABASEPROPERTYEX(DB_NAME(), 'Updateability')"
-    LAG_SQL = ("SELECT secondary_lag_seconds, redo_queue_size FROM sys.dm_hadr_database_replica_states "
-               "WHERE is_local = 1 AND database_id = DB_ID()")
+    # Over every local database: the probe logs in to `master`, which is in no availability group. No local
+    # secondary database (COUNT 0) means no lag; one whose lag the server leaves NULL means lag unknown.
+    LAG_SQL = ("SELECT COUNT(*), MAX(secondary_lag_seconds), SUM(redo_queue_size), "
+               "SUM(CASE WHEN secondary_lag_seconds IS NULL THEN 1 ELSE 0 END) "
+               "FROM sys.dm_hadr_database_replica_states WHERE is_local = 1 AND is_primary_replica = 0")
 
     def __init__(self, target: BackendTarget):
         self.login = TDSLogin(target)
@@ -240,11 +243,11 @@ def lag_result(tokens) -> dict:
             return {"role": "reader", "lag": None, "lag_bytes": None, "skip": None}
         if tok.type == tk.TOKEN_ROW:
             rows.append(tok.values)
-    if not rows:
+    count, seconds, redo_kb, unknown = (list(rows[0]) + [None] * 4)[:4] if rows else (0, None, None, 0)
+    if not count:
         return {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}
-    seconds, redo_kb = (list(rows[0]) + [None, None])[:2]
     try:
-        lag = max(0.0, float(seconds)) if seconds is not None else None
+        lag = max(0.0, float(seconds)) if seconds is not None and not unknown else None
     except (TypeError, ValueError):
         lag = None
     try:

@@ -205,8 +205,8 @@ def tds_select(columns: list[tk.Column], rows: list[list]) -> bytes:
 
 
 UPDATEABILITY = [tk.Column("", tk.TypeInfo(tk.NVARCHAR, 256))]
-LAG_COLUMNS = [tk.Column("secondary_lag_seconds", tk.TypeInfo(tk.INTN, 8)),
-               tk.Column("redo_queue_size", tk.TypeInfo(tk.INTN, 8))]
+LAG_COLUMNS = [tk.Column("", tk.TypeInfo(tk.INTN, 4)), tk.Column("", tk.TypeInfo(tk.INTN, 8)),
+               tk.Column("", tk.TypeInfo(tk.INTN, 8)), tk.Column("", tk.TypeInfo(tk.INTN, 4))]
 
 
 def tds_probe(replies: list[bytes], bytewise: bool = False) -> tuple[dict, list[str]]:
@@ -230,16 +230,18 @@ def test_tds_writer_is_not_asked_for_lag(bytewise):
 
 @pytest.mark.parametrize("bytewise", [False, True])
 @pytest.mark.parametrize("rows, expected", [
-    ([], {"lag": 0.0, "lag_bytes": 0}),                        # in no availability group
-    ([[7, 300]], {"lag": 7.0, "lag_bytes": 300 * 1024}),
-    ([[None, None]], {"lag": None, "lag_bytes": None}),
+    ([[0, None, None, None]], {"lag": 0.0, "lag_bytes": 0}),   # no local secondary database
+    ([], {"lag": 0.0, "lag_bytes": 0}),
+    ([[2, 7, 300, 0]], {"lag": 7.0, "lag_bytes": 300 * 1024}),
+    ([[2, 7, 300, 1]], {"lag": None, "lag_bytes": 300 * 1024}),  # one database's lag unknown
+    ([[1, None, None, 1]], {"lag": None, "lag_bytes": None}),
 ])
 def test_tds_reader_lag_from_the_replica_states_view(rows, expected, bytewise):
     result, batches = tds_probe([tds_select(UPDATEABILITY, [["READ_ONLY"]]), tds_select(LAG_COLUMNS, rows)],
                                 bytewise)
     assert result == {"role": "reader", "skip": None, **expected}
     assert batches == [TDSProbe.SQL, TDSProbe.LAG_SQL]
-    assert "sys.dm_hadr_database_replica_states WHERE is_local = 1 AND database_id = DB_ID()" in TDSProbe.LAG_SQL
+    assert "sys.dm_hadr_database_replica_states WHERE is_local = 1 AND is_primary_replica = 0" in TDSProbe.LAG_SQL
 
 
 def test_tds_reader_whose_lag_cannot_be_read_has_unknown_lag():
