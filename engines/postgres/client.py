@@ -815,6 +815,13 @@ class PostgresClient(ClientProtocol):
 
     def backend_data(self, data: bytes) -> tuple[bytes, bool]:
         """Walk the backend's messages; return (bytes for the client, whether the backend may be released)."""
+        if self.retry_held is not None and self.retry_candidate is None:
+            # The client sent more before the held answer ended (the candidate is gone): it is not retried.
+            held = b"".join(self.retry_held)
+            self.retry_held = None
+            self.retry_refused = False
+            out, release = self.backend_data(data)
+            return held + out, release
         if self.sbuf:
             data = self.sbuf + data
             self.sbuf = b""
@@ -1073,6 +1080,8 @@ class PostgresClient(ClientProtocol):
 
     def unlink(self) -> None:
         self.linked = False
+        self.retry_held = None
+        self.retry_refused = False
         self.release_due = False
         self.pending_settings = None
         self.internal_failed = False

@@ -645,3 +645,103 @@ def test_lone_sync_and_flush_need_no_backend():
     forward, local = client.client_data(SYNC + p.message(b"H"))
     assert forward == b"" and local == READY_IDLE
     assert client.is_clean()
+
+
+# ---------------------------------------------------------------- read-only refusals (issue 11)
+
+READ_ONLY_ERROR = p.error_response("25006", "cannot execute INSERT in a read-only transaction", "ERROR")
+INSERT = p.query("INSERT INTO t VALUES (1)")
+
+
+def retrying_client(startup: dict | None = None) -> PostgresClient:
+    client = logged_in_client(startup)
+    client.retry_read_only = True
+    return client
+
+
+def first_statement(client: PostgresClient, request: bytes = INSERT) -> bytes:
+    """The client's first statement on a backend that already has its settings (no replay in between)."""
+    to_backend, _ = client.client_data(request)
+    state = backend_state()
+    state.settings = dict(client.client_settings)
+    sent = link_backend(client, state, to_backend)
+    assert sent == request
+    return sent
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_read_only_refusal_is_held_and_delivered_unchanged_when_the_node_stays_writer(chunked):
+    client = retrying_client()
+    first_statement(client)
+    answer = READ_ONLY_ERROR + READY_IDLE
+    out = b""
+    for piece in ([answer[i:i + 1] for i in range(len(answer))] if chunked else [answer]):
+        sent, release = client.backend_data(piece)
+        out += sent
+        assert not release
+    assert out == b"" and client.retry_request == INSERT
+    delivered, release = client.retry_declined()
+    assert delivered == answer and release and client.retry_request is None and client.is_clean()
+
+
+def test_a_read_only_refusal_accepted_gives_back_the_request_with_the_state_before_it():
+    client = retrying_client()
+    first_statement(client)
+    assert client.backend_data(READ_ONLY_ERROR + READY_IDLE) == (b"", False)
+    assert client.retry_accepted() == INSERT
+    client.unlink()
+    resent = link_backend(client, backend_state(), INSERT)
+    assert resent == INSERT
+    ok = command_complete("INSERT 0 1") + READY_IDLE
+    assert client.backend_data(ok) == (ok, True)
+
+
+def test_the_opening_of_an_extended_answer_is_held_with_its_refusal():
+    client = retrying_client()
+    request = parse("", "INSERT INTO t VALUES ($1)") + bind(params=(b"1",)) + execute() + SYNC
+    first_statement(client, request)
+    sent, release = client.backend_data(PARSE_COMPLETE + BIND_COMPLETE)
+    assert sent == b"" and not release                      # not shown yet: it may be sent again elsewhere
+    sent, release = client.backend_data(READ_ONLY_ERROR + READY_IDLE)
+    assert sent == b"" and client.retry_request == request
+    assert client.retry_declined() == (PARSE_COMPLETE + BIND_COMPLETE + READ_ONLY_ERROR + READY_IDLE, True)
+
+
+def test_an_answer_that_is_no_refusal_is_released_as_soon_as_it_shows():
+    client = retrying_client()
+    first_statement(client, QUERY_SELECT_1)
+    assert client.backend_data(ROW_DESCRIPTION_SELECT_1) == (b"", False)
+    rest = DATA_ROW_1 + COMMAND_COMPLETE_SELECT_1 + READY_IDLE
+    assert client.backend_data(rest) == (ROW_DESCRIPTION_SELECT_1 + rest, True)
+    assert client.retry_request is None
+
+
+@pytest.mark.parametrize("startup, statement", [
+    ({"user": "alice", "database": "app", "options": "-c default_transaction_read_only=on"}, INSERT),
+    (None, p.query("BEGIN READ ONLY; INSERT INTO t VALUES (1)")),
+    (None, p.query("START TRANSACTION READ   ONLY")),
+])
+def test_a_session_that_asked_for_read_only_gets_its_refusal_at_once(startup, statement):
+    client = retrying_client(startup)
+    first_statement(client, statement)
+    answer = READ_ONLY_ERROR + READY_IDLE
+    assert client.backend_data(answer) == (answer, True) and client.retry_request is None
+
+
+def test_a_read_only_setting_the_server_reports_by_itself_is_not_the_clients():
+    # A DBA made the node read-only (ALTER SYSTEM + reload): the ParameterStatus is the node's, not the session's.
+    client = retrying_client()
+    first_statement(client, QUERY_SELECT_1)
+    status = p.parameter_status("default_transaction_read_only", "on")
+    answer = status + ROW_DESCRIPTION_SELECT_1 + DATA_ROW_1 + COMMAND_COMPLETE_SELECT_1 + READY_IDLE
+    assert client.backend_data(answer) == (answer, True)
+    assert "default_transaction_read_only" not in client.client_settings
+    assert "default_transaction_read_only" not in client.client_params
+
+
+def test_startup_options_that_are_no_settings_are_refused_at_login():
+    client = make_client()
+    events = client.receive_handshake(p.startup_message({"user": "alice", "database": "app",
+                                                         "options": "-c search_path=x -e"}))
+    assert type(events[-1]).__name__ == "CloseClient"
+    assert b"startup option '-e'" in events[-1].data
