@@ -350,3 +350,52 @@ def test_classifier_tracks_and_pins():
     assert classify("LOCK TABLES t READ").pins[0][0] == PinReason.TABLE_LOCK
     assert classify("FLUSH TABLES WITH READ LOCK").pins[0][0] == PinReason.TABLE_LOCK
     assert classify("XA START 'x'").pins[0][0] == PinReason.XA
+
+
+# ---------------------------------------------------------------- read-only refusals (issue 11)
+
+def read_only_err(code=1290, text=b"The MariaDB server is running with the --read-only option so it cannot "
+                                   b"execute this statement"):
+    return p.packet(1, b"\xff" + code.to_bytes(2, "little") + b"#HY000" + text)
+
+
+def retrying() -> MySQLClient:
+    client = logged_in()
+    client.retry_read_only = True
+    return client
+
+
+@pytest.mark.parametrize("code", [1290, 1792, 1836])
+def test_a_read_only_refusal_is_held_then_delivered_or_given_back(code):
+    client = retrying()
+    insert = query(b"INSERT INTO t VALUES (1)")
+    client.link(server_state(), client.client_data(insert)[0])
+    refusal = read_only_err(code)
+    assert client.backend_data(refusal) == (b"", False) and client.retry_request == insert
+    assert client.retry_declined() == (refusal, True)        # the node is still the writer
+    assert client.retry_request is None
+    client.unlink()
+    client.link(server_state(), client.client_data(insert)[0])
+    assert client.backend_data(refusal) == (b"", False)
+    assert client.retry_accepted() == insert                 # the node is no writer: sent to the new one
+    client.unlink()
+    assert client.link(server_state(), insert) == insert
+    assert client.backend_data(ok()) == (ok(), True)
+
+
+@pytest.mark.parametrize("setup, statement", [
+    (b"SET SESSION TRANSACTION READ ONLY", b"INSERT INTO t VALUES (1)"),
+    (b"SET @@session.tx_read_only = ON", b"INSERT INTO t VALUES (1)"),
+    (None, b"START TRANSACTION READ ONLY"),
+])
+def test_a_session_that_asked_for_read_only_gets_its_refusal_at_once(setup, statement):
+    client = retrying()
+    if setup is not None:
+        client.link(server_state(), client.client_data(query(setup))[0])
+        assert client.backend_data(ok())[1] is True
+        client.unlink()
+    state = server_state()
+    state.variables = dict(client.variables)
+    client.link(state, client.client_data(query(statement))[0])
+    refusal = read_only_err(1792, b"Cannot execute statement in a READ ONLY transaction")
+    assert client.backend_data(refusal) == (refusal, True) and client.retry_request is None
