@@ -182,12 +182,13 @@ class Registry:
                 node.verified = None
                 node.verified_at = time.monotonic()
                 waiting.set()
-            still_writer = node.healthy and node.role == "writer"
-            if not still_writer:
+            if not (node.healthy and node.role == "writer"):
+                # Only a refuted writer is an event: checks that changed nothing are counted, not kept, so that
+                # sessions refused over and over cannot push the failover history out of the event list.
                 state.verifications_refuted_total += 1
-            self.events.append({"time": time.time(), "cluster": state.config.name, "event": "read-only check",
-                                "node": _fmt(address), "role": node.role if node.healthy else "down",
-                                "result": "still the writer" if still_writer else "no writer any more"})
+                self.events.append({"time": time.time(), "cluster": state.config.name, "event": "read-only check",
+                                    "node": _fmt(address), "role": node.role if node.healthy else "down",
+                                    "result": "no writer any more"})
         elif waiting is not None:
             waiting.wait(state.config.backend.connect_timeout + 1)
         return node.healthy and node.role == "writer"
