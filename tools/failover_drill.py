@@ -9,6 +9,12 @@ the time from the primary's stop to its first successful write afterwards. Idle 
 held through the proxy are counted before and after.
 
     python3 tools/failover_drill.py [--engine postgres|tds|mysql] [--ttl 5] [--floor 1] [--rounds 1] [--markdown FILE]
+    python3 tools/failover_drill.py --chaos [--engine postgres|mysql|tds|all] [--failovers 3] [--markdown FILE]
+
+With --chaos it runs the chaos drill of tests/integration/chaoskit.py instead (issue 11): per engine a lab
+(multiproxy.lab) with reader_fallback_to_writer = false, several lab failovers in a row while writers, readers
+and hostile sessions (read-only session then write, writes to the reader listener, transactions dropped
+mid-way) run through the proxy; it prints a table per engine and every invariant broken, and exits 1 if any is.
 
 With --engine tds the nodes are two TDS lab servers (the second started read-only); the failover stops the
 writer's process and makes the other writable (SIGUSR2). Lab servers do not replicate: both hold the same
@@ -372,14 +378,25 @@ def run_round(args, workdir: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=["postgres", "tds", "mysql"], default="postgres")
+    parser.add_argument("--engine", choices=["postgres", "tds", "mysql", "all"], default=None,
+                        help="default postgres; all: only with --chaos")
     parser.add_argument("--ttl", type=int, default=5, help="TTL of the endpoint records (s)")
     parser.add_argument("--floor", type=float, default=1.0, help="multiproxy's dns.ttl_floor (s)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="multiproxy's health.probe_interval (s)")
     parser.add_argument("--idle", type=int, default=20, help="idle client connections held through the proxy")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--chaos", action="store_true",
+                        help="the chaos drill: several lab failovers per engine under hostile load, invariants checked")
+    parser.add_argument("--failovers", type=int, default=3, help="with --chaos: failovers per engine")
+    parser.add_argument("--verbose", action="store_true", help="with --chaos: print the lab's own output")
     args = parser.parse_args(argv)
+    if args.chaos:
+        return chaos_main(args)
+    if args.engine in (None, "all"):
+        if args.engine == "all":
+            parser.error("--engine all needs --chaos")
+        args.engine = "postgres"
     rows = []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="mp-drill-") as workdir:
@@ -403,6 +420,32 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
     return 0
+
+
+def chaos_main(args) -> int:
+    """--chaos: run tests/integration/chaoskit.py's drill per engine; the table, the details, 1 on any violation."""
+    from tests.integration import chaoskit  # noqa: E402 (the same code the integration test runs)
+
+    engines = ["postgres", "mysql", "tds"] if args.engine in (None, "all") else [args.engine]
+    results = []
+    for engine in engines:
+        print(f"chaos drill: {engine}, {args.failovers} failover(s) ...", file=sys.stderr, flush=True)
+        echo = (lambda text: sys.stderr.write(text)) if args.verbose else None
+        result = chaoskit.run_drill(engine, args.failovers, echo=echo)
+        results.append(result)
+        print(chaoskit.format_details(result), file=sys.stderr, flush=True)
+    table = chaoskit.format_table(results)
+    print(table)
+    broken = {r.engine: r.violations() for r in results if r.violations()}
+    for engine, violations in broken.items():
+        for violation in violations:
+            print(f"{engine}: VIOLATION: {violation}")
+    if not broken:
+        print("all invariants hold for " + ", ".join(engines))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return 1 if broken else 0
 
 
 def _fmt(value) -> str:

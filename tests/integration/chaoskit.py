@@ -14,6 +14,7 @@ While the failovers run:
   acknowledged (and which failed: those may or may not be there);
 - READERS threads ask through the reader listener which node answers, whether it is a replica / read-only,
   and its lag as the node itself tells it;
+- one thread sends a write to the reader listener every READER_WRITE_PAUSE s (each with a marker id);
 - one hostile thread cycles through: a session that sets itself read-only on the writer listener and then
   writes (PostgreSQL SET default_transaction_read_only = on; MySQL SET SESSION TRANSACTION READ ONLY; TDS
   ApplicationIntent=ReadOnly login), a write sent to the reader listener, and BEGIN; INSERT; then the socket
@@ -53,6 +54,7 @@ IDLE_READER = 4
 ENGINE_BUDGET = 60.0       # seconds of failovers per engine; fewer failovers are made when it runs out
 READER_WAIT = 20.0         # after a failover: wait this long at most for the reader listener to be served again
 JOIN_TIMEOUT = 15.0
+READER_WRITE_PAUSE = 0.02  # between writes sent to the reader listener (one thread, one connection)
 STATEMENT_TIMEOUT = 10     # client-side timeouts (s)
 
 
@@ -85,7 +87,8 @@ class EngineKit:
 
     def __init__(self, lab_state: dict):
         self.lab = lab_state
-        self.nodes: dict[str, str] = {}    # what answer_of() returns as the node -> "name host:port"
+        self.nodes: dict[str, str] = {}    # what answer() returns as the node -> "name host:port"
+        self.why: dict[str, str] = {}      # node -> the last reason an answer of it had no lag (MySQL)
         self.note_nodes(lab_state)
 
     def note_nodes(self, lab_state: dict) -> None:
@@ -193,7 +196,12 @@ class MySQLKit(EngineKit):
             lag = status.get("Seconds_Behind_Master")
         elif not status and not row["ro"]:
             lag = 0.0  # a writer
-        return str(row["sid"]), bool(int(row["ro"])), None if lag is None else float(lag)
+        node = str(row["sid"])
+        if lag is None and status:  # say why, as the probe would
+            self.why[node] = (f"Slave_IO_Running = {status.get('Slave_IO_Running')}, Slave_SQL_Running = "
+                              f"{status.get('Slave_SQL_Running')}, Seconds_Behind_Master = "
+                              f"{status.get('Seconds_Behind_Master')}")
+        return node, bool(int(row["ro"])), None if lag is None else float(lag)
 
     def ro_session_write(self, address, marker):
         conn = self.connect(address)
@@ -224,8 +232,7 @@ class TDSKit(EngineKit):
     session to a readable secondary), and the lab server ignores it: its write on the writer is no violation."""
 
     name, cluster = "tds", "tds"
-    table_sql = ("IF OBJECT_ID('chaos_drill') IS NULL CREATE TABLE chaos_drill (id bigint PRIMARY KEY, "
-                 "kind varchar(16))")
+    table_sql = "CREATE TABLE IF NOT EXISTS chaos_drill (id bigint PRIMARY KEY, kind varchar(16))"
     ro_session_refused = False
 
     def __init__(self, lab_state):
@@ -321,6 +328,7 @@ def writer_changes(admin: str, cluster: str) -> float:
 @dataclass
 class Answer:
     t: float
+    wall: float
     node: str
     replica: bool
     lag: float | None
@@ -360,6 +368,7 @@ class Load:
         for i in range(READERS):
             self.threads.append(threading.Thread(target=self._reader, name=f"chaos-reader-{i}", daemon=True))
         self.threads.append(threading.Thread(target=self._hostile, name="chaos-hostile", daemon=True))
+        self.threads.append(threading.Thread(target=self._reader_writer, name="chaos-reader-writes", daemon=True))
         for t in self.threads:
             t.start()
 
@@ -425,7 +434,7 @@ class Load:
                     conn = self.kit.connect(self.reader_listen)
                 node, replica, lag = self.kit.answer(conn)
                 with d.lock:
-                    d.answers.append(Answer(time.monotonic(), node, replica, lag))
+                    d.answers.append(Answer(time.monotonic(), time.time(), node, replica, lag))
                 self.stop.wait(0.01)
             except Exception as exc:
                 with d.lock:
@@ -435,6 +444,32 @@ class Load:
                         conn.close()
                     conn = None
                 self.stop.wait(0.1)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _reader_writer(self) -> None:
+        """Writes sent to the reader listener every READER_WRITE_PAUSE s on one connection, each with a marker:
+        all must be refused (a promoted node still in the reader pools would execute them)."""
+        conn = None
+        d = self.data
+        while not self.stop.is_set():
+            marker = self.next_id()
+            t = time.monotonic()
+            try:
+                if conn is None:
+                    conn = self.kit.connect(self.reader_listen)
+                conn.cursor().execute(self.kit.insert_sql, (marker, "reader"))
+                outcome = "EXECUTED"
+            except Exception as exc:
+                outcome = f"refused: {_first_line(exc)}"
+                if conn is not None and self._broken(conn):
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = None
+            with d.lock:
+                d.hostile.append((t, "reader-write", marker, outcome))
+            self.stop.wait(READER_WRITE_PAUSE)
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -499,9 +534,14 @@ class ChaosResult:
     lab_outages: list = field(default_factory=list)            # seconds per failover (the lab failover loop)
     threads_stuck: list = field(default_factory=list)
     duration: float = 0.0
-    timeline: list = field(default_factory=list)               # (t, text) of the lab's failover steps
+    timeline: list = field(default_factory=list)               # (n, [(t, text)]) of the lab's failover steps
+    episodes: list = field(default_factory=list)               # violations grouped in time, with proxy log lines
     notes: list = field(default_factory=list)
     error: str = ""
+
+    def reader_writes_executed(self) -> set:
+        """Markers of writes sent to the reader listener that were acknowledged or are on a node."""
+        return {m for _, m in self.reader_writes_acked} | set(self.markers_present.get("reader-write", []))
 
     def violations(self) -> list[str]:
         out = []
@@ -548,7 +588,7 @@ class ChaosResult:
             "reader answers / non-replica / beyond lag": (f"{self.reader_answers} / {len(self.non_replica_answers)} / "
                                                           f"{len(self.beyond_lag_answers)}"),
             "writes to reader listener / executed": (f"{sum(hostile_reader.values())} / "
-                                                     f"{len(self.reader_writes_acked) + len(self.markers_present.get('reader-write', []))}"),
+                                                     f"{len(self.reader_writes_executed())}"),
             "writer changes seen/caused": f"{self.writer_changes_seen:g}/{self.failovers}",
             "idle kept": f"{self.idle_kept}/{self.idle_total}",
             "outage per failover (s)": ", ".join(f"{o:.2f}" if o is not None else "?" for o in self.outages),
@@ -575,12 +615,78 @@ def format_details(result: ChaosResult) -> str:
     for kind, outcomes in result.hostile.items():
         lines.append(f"  hostile {kind}: " + ", ".join(f"{k} x{v}" for k, v in sorted(outcomes.items())))
     lines += [f"  note: {n}" for n in result.notes]
+    for episode in result.episodes:
+        lines.append(f"  episode: {episode['what']}")
+        lines += [f"    {line}" for line in episode["context"]]
     violations = result.violations()
     lines += [f"  VIOLATION: {v}" for v in violations] or ["  all invariants hold"]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the drill
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+_LOG_WORTH = ("registry", "no longer serves", "retired", "read-only", "refus", "failover", "writer is now", "no writer")
+
+
+def _log_lines(path: str | None, start: float, end: float) -> list[str]:
+    """The proxy's log lines between wall times start and end that say something about roles."""
+    if not path:
+        return []
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                found = _LOG_TIME.match(line)
+                if not found:
+                    continue
+                when = time.mktime(time.strptime(found.group(1), "%Y-%m-%d %H:%M:%S")) + int(found.group(2)) / 1000
+                if start <= when <= end and any(w in line for w in _LOG_WORTH):
+                    out.append(line.rstrip()[:300])
+    except OSError:
+        return []
+    return out[:12]
+
+
+def _clock(wall: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+
+
+def _episodes(data: Loads, kit: EngineKit, result: ChaosResult, proxy_log: str | None, wall_offset: float) -> list:
+    """Reader answers and reader-listener writes that break an invariant, grouped where they are less than 1 s
+    apart: when (wall clock, to compare with the proxy's log), which node, how many, the lab's last failover step
+    begun before, and the proxy's log lines around them."""
+    bad = [(a.t, "non-replica answer" if not a.replica else f"answer with lag {a.lag}", kit.describe(a.node))
+           for a in data.answers if not a.replica or a.lag is None or a.lag > LAG_BOUND]
+    executed = {m for _, m in result.reader_writes_acked} | set(result.markers_present.get("reader-write", []))
+    bad += [(t, "write through the reader listener executed", f"marker {m}")
+            for t, k, m, _ in data.hostile if k == "reader-write" and m in executed]
+    bad.sort()
+    steps = [(t + wall_offset, s.strip()) for _, lines in result.timeline for t, s in lines
+             if s.strip() and not s.strip().startswith(("ok", "failed"))]
+    groups: list[list] = []
+    for item in bad:
+        if groups and item[0] - groups[-1][-1][0] < 1.0:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    episodes = []
+    for g in groups:
+        first, last = g[0][0] + wall_offset, g[-1][0] + wall_offset
+        counts: dict[str, int] = {}
+        for _, what, where in g:
+            key = f"{what} ({where})" if not where.startswith("marker") else what
+            counts[key] = counts.get(key, 0) + 1
+        before = [s for w, s in steps if w <= first]
+        what = (", ".join(f"{n} x {k}" for k, n in counts.items()) + f"; {_clock(first)} .. {_clock(last)}; "
+                f"last lab step begun before: {before[-1] if before else 'none'}")
+        why = sorted({kit.why[a.node] for a in data.answers if a.lag is None and a.node in kit.why
+                      and first - wall_offset <= a.t <= last - wall_offset})
+        if why:
+            what += "; replica status seen: " + " | ".join(why[:3])
+        episodes.append({"what": what, "context": _log_lines(proxy_log, first - 1.0, last + 0.5)})
+    return episodes
+
 
 class _Capture:
     def __init__(self, echo=None):
@@ -638,8 +744,8 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
         def replica_answer():
             try:
                 with contextlib.closing(kit.connect(reader_listen)) as c:
-                    if engine == "mysql":  # the table must have replicated before reads start
-                        c.cursor().execute("SELECT count(*) FROM chaos_drill")
+                    # The table must have replicated (the replica has applied a transaction) before the load.
+                    c.cursor().execute("SELECT count(*) FROM chaos_drill")
                     return kit.answer(c)[1]
             except Exception:
                 return False
@@ -762,6 +868,7 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
                                 f"{sum(m in everywhere for m in ro)} of {len(ro)} executed (not a violation: the "
                                 "intent does not forbid writes on a primary, and the lab server ignores it)")
         proxy_log = state["proxy"].get("log")
+        result.episodes = _episodes(data, kit, result, proxy_log, wall_offset=time.time() - time.monotonic())
         if result.violations() and proxy_log:
             result.notes.append(f"proxy log: {proxy_log} (kept in {workdir})")
     except Exception as exc:
