@@ -869,19 +869,20 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
                                 "intent does not forbid writes on a primary, and the lab server ignores it)")
         proxy_log = state["proxy"].get("log")
         result.episodes = _episodes(data, kit, result, proxy_log, wall_offset=time.time() - time.monotonic())
-        if result.violations() and proxy_log:
-            result.notes.append(f"proxy log: {proxy_log} (kept in {workdir})")
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {_first_line(exc)}"
-        if lab.state.get("proxy", {}).get("log"):
-            result.notes.append(f"proxy log: {lab.state['proxy']['log']}")
     finally:
         if load is not None and not load.stop.is_set():
             result.threads_stuck = load.finish()
         for _, conn in idle:
             with contextlib.suppress(Exception):
                 conn.close()
+        # CHAOS_KEEP=1 keeps the lab directory (logs, data; processes stopped), CHAOS_KEEP_ON_FAIL=1 when an
+        # invariant broke; otherwise everything is removed.
         keep = bool(os.environ.get("CHAOS_KEEP")) or (bool(result.violations()) and bool(os.environ.get("CHAOS_KEEP_ON_FAIL")))
+        if keep:
+            result.notes.append(f"kept: {lab.dir} (proxy log {os.path.join(lab.dir, 'multiproxy.log')}); "
+                                f"remove with `multiproxy lab down --dir {lab.dir}`")
         with contextlib.suppress(Exception):
             if keep:
                 Lab(lab.dir, out=capture).down(keep=True)
