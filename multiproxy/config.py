@@ -94,6 +94,9 @@ HEALTH_SETTINGS = _settings(
     Setting("probe_user", str, "", "the client user whose backend credentials the probes use; empty: the first credential's"),
     Setting("max_replica_lag", float, 30.0, "readers lagging more than this many seconds are skipped", minimum=0),
     Setting("reader_fallback_to_writer", bool, True, "reader listeners use the writer when no reader is available"),
+    Setting("writerless_reader_delay", float, 2.0,
+            "seconds after the writer is lost during which readers serve nothing (a failover may be promoting one); "
+            "after it, readers a probe confirmed since serve again until a writer is found", minimum=0),
     Setting("retry_read_only", bool, True, "retry once on the new writer a first statement refused as read-only"),
 )
 
@@ -200,6 +203,7 @@ class HealthConfig:
     backoff_max: float
     probe_user: str
     max_replica_lag: float
+    writerless_reader_delay: float
     reader_fallback_to_writer: bool
     retry_read_only: bool
 

@@ -136,7 +136,8 @@ class Registry:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            state.writer_known.wait(remaining)
+            # Readers may return before a writer does (see _serves_reads): look again every fast probe.
+            state.writer_known.wait(remaining if role == "writer" else min(remaining, FAST_PROBE_INTERVAL))
             address = self.address_for(cluster, role)
             if address is None and state.writer_known.is_set():
                 gevent.sleep(0.05)
@@ -308,7 +309,8 @@ class Registry:
             current.clear()
             current.update(wanted)
             if gone:
-                reasons = {address: self.skipped_reason(state, state.node(address)) or f"it left the {role} role"
+                reasons = {address: "it is no longer the cluster's writer" if role == "writer" else
+                           self.skipped_reason(state, state.node(address)) or "it left the reader role"
                            for address in gone}
                 self.events.append({"time": time.time(), "cluster": state.config.name, "event": "retired",
                                     "role": role, "nodes": {_fmt(a): r for a, r in reasons.items()}})
@@ -327,6 +329,9 @@ class Registry:
             return f"unknown role {node.role!r}"
         if node.skip:
             return node.skip
+        if state.writer is None and not _serves_reads(node, state) and node.lag is not None \
+                and node.lag <= state.health.max_replica_lag:
+            return "the cluster has no writer: a failover may be promoting this reader"
         if node.lag is None:
             return "replica lag unknown"
         limit = state.health.max_replica_lag
@@ -444,7 +449,11 @@ class Registry:
 
 
 def _serves_reads(node: NodeState, state: ClusterState) -> bool:
-    """A healthy reader that can tell its lag, within max_replica_lag, that its probe did not rule out."""
+    """A healthy reader that can tell its lag, within max_replica_lag, that its probe did not rule out; while the
+    cluster has no writer, only once a probe made writerless_reader_delay after the loss confirmed it."""
+    if state.writer is None and state.writer_lost_at is not None and \
+            node.last_ok < state.writer_lost_at + state.health.writerless_reader_delay:
+        return False
     return (node.healthy and node.role == "reader" and not node.skip and node.lag is not None
             and node.lag <= state.health.max_replica_lag)
 

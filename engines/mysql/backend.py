@@ -448,7 +448,10 @@ def probe_result(read_only: bool, status) -> dict:
     if isinstance(status, tuple):
         # A read-only node whose replica status this user may not read: a reader of unknown lag.
         return {"role": "reader", "lag": None, "lag_bytes": None, "skip": None}
-    return {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}
+    # Read-only without replication (a demoted primary, or one being rebuilt before it replicates): what it
+    # serves falls behind the writer from now on. Not a writer, and no reader either.
+    return {"role": "reader", "lag": None, "lag_bytes": None,
+            "skip": "read-only but not replicating (no replica status)"}
 
 
 def _short(text, limit: int = 160) -> str:

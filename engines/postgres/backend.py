@@ -261,6 +261,11 @@ class PostgresProbe(BackendScript):
             raise BackendError(f"role probe: unexpected answer {row!r}")
         if row[0] == "f":
             return {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
+        if row[1] == "f":
+            # Read-only by configuration but not in recovery: it replicates from nothing, so what it serves
+            # falls behind the writer from now on (a demoted primary). Not a writer, and no reader either.
+            return {"role": "reader", "lag": None, "lag_bytes": None,
+                    "skip": "read-only (default_transaction_read_only) but not a standby: it replicates from nothing"}
         try:
             lag = max(0.0, float(row[2])) if row[2] is not None else None
             lag_bytes = max(0, int(row[3])) if row[3] is not None else None

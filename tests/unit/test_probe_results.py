@@ -56,8 +56,10 @@ def pg_probe(row: bytes, bytewise: bool = False) -> dict:
 @pytest.mark.parametrize("bytewise", [False, True])
 @pytest.mark.parametrize("row, expected", [
     (("f", "f", "0", "0"), WRITER),
-    # default_transaction_read_only = on outside recovery: a reader with nothing to replay
-    (("t", "f", "0", "0"), {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}),
+    # default_transaction_read_only = on outside recovery: no writer, and no reader either (replicates nothing)
+    (("t", "f", "0", "0"), {"role": "reader", "lag": None, "lag_bytes": None,
+                            "skip": "read-only (default_transaction_read_only) but not a standby: it replicates "
+                                    "from nothing"}),
     # a standby that replayed all it received: lag 0 however old its last transaction
     (("t", "t", "0", "0"), {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}),
     # replay paused or slow: the replay delay and the WAL received but not replayed
@@ -176,7 +178,9 @@ def test_mysql_unknown_seconds_behind_is_skipped():
 def test_mysql_standalone_nodes():
     no_rows = my_resultset(MARIADB_COLUMNS, [])
     assert my_probe(("0", "0"), no_rows)[0] == WRITER
-    assert my_probe(("1", "0"), no_rows)[0] == {"role": "reader", "lag": 0.0, "lag_bytes": 0, "skip": None}
+    # read-only without replication (a demoted primary, one being rebuilt): no writer, and no reader either
+    assert my_probe(("1", "0"), no_rows)[0] == {"role": "reader", "lag": None, "lag_bytes": None,
+                                                "skip": "read-only but not replicating (no replica status)"}
     assert my_probe(("0", "1"), no_rows)[0]["role"] == "reader"        # innodb_read_only
     denied = mp.packet(1, mp.err_payload(1227, "42000", "Access denied; you need the REPLICA MONITOR privilege"))
     assert my_probe(("0", "0"), denied)[0] == WRITER

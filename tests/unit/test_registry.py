@@ -114,7 +114,8 @@ def test_a_read_only_refusal_demotes_the_writer_only_when_its_probe_says_reader(
     assert reg.verify_writer("c", A) is False
     assert reg.address_for("c", "writer") is None and not state.writer_known.is_set()
     assert proxy.changes == [(A, None)]
-    assert proxy.retired == [("writer", {A: "it left the writer role"})]
+    assert proxy.retired[0] == ("writer", {A: "it is no longer the cluster's writer"})
+    assert proxy.retired[1] == ("reader", {B: "the cluster has no writer: a failover may be promoting this reader"})
     assert state.verifications_refuted_total == 1
 
 
@@ -153,3 +154,24 @@ def test_pools_are_told_when_a_node_leaves_a_role():
     assert state.eligible == {"writer": {B}, "reader": set()}
     assert proxy.retired[-2][0] == "writer" and A in proxy.retired[-2][1]
     assert proxy.retired[-1][0] == "reader" and B in proxy.retired[-1][1]
+
+
+def test_while_the_cluster_has_no_writer_readers_wait_until_a_later_probe_confirms_them():
+    reg, proxy = registry(max_lag=5.0, fallback=False)
+    state = reg.clusters["c"]
+    probed(reg, A, "writer")
+    probed(reg, B, "reader")
+    reg._decide(state)
+    assert state.eligible["reader"] == {B}
+    probed(reg, A, "writer", healthy=False)         # the writer is lost: B may be mid-promotion
+    reg._decide(state)
+    assert state.writer is None and state.eligible["reader"] == set()
+    assert reg.address_for("c", "reader") is None
+    assert "no writer" in reg.skipped_reason(state, state.node(B))
+    probed(reg, B, "reader")                        # confirmed, but within writerless_reader_delay
+    reg._decide(state)
+    assert state.eligible["reader"] == set()
+    state.writer_lost_at -= state.health.writerless_reader_delay + 0.1
+    probed(reg, B, "reader")                        # confirmed after the delay: serves again, writer or not
+    reg._decide(state)
+    assert state.eligible["reader"] == {B} and reg.address_for("c", "reader") == B
