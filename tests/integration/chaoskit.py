@@ -84,6 +84,7 @@ class EngineKit:
     table_sql = ""
     insert_sql = "INSERT INTO chaos_drill (id, kind) VALUES (%s, %s)"
     ro_session_refused = True   # a write after the session set itself read-only must be refused by the server
+    session_read_only = True    # the proxy makes reader-listener sessions read-only on every node (PG, MySQL)
 
     def __init__(self, lab_state: dict):
         self.lab = lab_state
@@ -234,6 +235,7 @@ class TDSKit(EngineKit):
     name, cluster = "tds", "tds"
     table_sql = "CREATE TABLE IF NOT EXISTS chaos_drill (id bigint PRIMARY KEY, kind varchar(16))"
     ro_session_refused = False
+    session_read_only = False   # TDS has no session-level read-only setting
 
     def __init__(self, lab_state):
         self.pids: dict[int, str] = {}
@@ -851,7 +853,10 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
             where = f"t+{a.t - t0:.2f}s {kit.describe(a.node)}"
             host = kit.describe(a.node).split()[1] if len(kit.describe(a.node).split()) > 1 else ""
             if not a.replica:
-                result.non_replica_answers.append((where, a.lag))
+                if in_flight_at_retirement(a, host, retirements):
+                    result.in_flight_answers.append((where, "not a replica"))
+                else:
+                    result.non_replica_answers.append((where, a.lag))
             elif a.lag is None or a.lag > LAG_BOUND:
                 if in_flight_at_retirement(a, host, retirements):
                     result.in_flight_answers.append((where, a.lag))
@@ -903,6 +908,22 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
                 result.markers_present.setdefault(kind, [])
                 if marker in everywhere:
                     result.markers_present[kind].append(marker)
+        if not kit.session_read_only:
+            # No session-level read-only on this engine: a write sent to the reader listener in the moment between
+            # a node's promotion and the proxy seeing it runs there. Such writes (begun within the detection time
+            # before the proxy took the node out of the reader pools) are reported, not counted as violations.
+            offset = time.time() - time.monotonic()
+            window = {m for t, k, m, _ in data.hostile if k == "reader-write"
+                      and any(tr - DETECTION_LATENCY <= t + offset <= tr for tr, _ in retirements)}
+            executed = {m for _, m in result.reader_writes_acked} | set(result.markers_present.get("reader-write", []))
+            in_window = executed & window
+            if in_window:
+                result.reader_writes_acked = [(w, m) for w, m in result.reader_writes_acked if m not in in_window]
+                result.markers_present["reader-write"] = [m for m in result.markers_present.get("reader-write", [])
+                                                          if m not in in_window]
+                result.notes.append(f"{len(in_window)} write(s) through the reader listener ran on a node promoted "
+                                    f"moments before the proxy saw it ({kit.name} has no session read-only setting; "
+                                    f"begun within {DETECTION_LATENCY} s before the proxy took the node out)")
         if not kit.ro_session_refused:
             ro = [m for _, k, m, _ in data.hostile if k == "ro-session"]
             result.notes.append(f"ApplicationIntent=ReadOnly writes on the writer listener: "
