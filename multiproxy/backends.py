@@ -102,7 +102,7 @@ class ServerConnection:
         self.session = None
         if session is not None:
             session.on_backend_lost(self, why)
-        self.pool.forget(self, why, borrowed=session is not None)
+        self.pool.forget(self, why)
 
     def fail(self, why: str):
         """Cut this connection on purpose while it serves a client (failover): the client hears `why`."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import gevent
 from gevent.event import AsyncResult
@@ -25,7 +25,13 @@ class BackendUnavailable(Exception):
 
 
 class Pool:
-    """Backend connections of one (cluster, role, user, database)."""
+    """Backend connections of one (cluster, role, user, database).
+
+    Every connection is in exactly one place, and the counts follow from membership (as PgBouncer's state
+    lists): `idle` (ordered oldest to newest; borrow takes the newest), `in_use` (handed to a session, or to a
+    waiter that has not picked it up yet) and `opening` (one token per connection being opened and logged in).
+    `size` and `borrowed` are derived from them.
+    """
 
     def __init__(self, proxy, cluster, role: str, user: str, database: str, engine, target_for):
         self.proxy = proxy
@@ -36,11 +42,11 @@ class Pool:
         self.engine = engine
         self.config = cluster.pool
         self.target_for = target_for           # () -> BackendTarget (current address of the role)
-        self.idle: list[ServerConnection] = []  # LIFO: the most recently used is at the end
-        self.servers: set[ServerConnection] = set()   # every open connection, idle or borrowed
+        # LIFO: the most recently used is at the end (a dict for O(1) removal of a connection that died)
+        self.idle: OrderedDict[ServerConnection, None] = OrderedDict()
+        self.in_use: set[ServerConnection] = set()     # borrowed: serving a session or handed to a waiter
+        self.opening: set[object] = set()               # one token per connection being opened
         self.waiters: deque = deque()
-        self.size = 0                          # open plus opening
-        self.borrowed = 0
         self.facts = None                      # the engine's state of the latest login (welcome parameters)
         self.generation = 0                    # bumped on failover; older connections are not reused
         self.draining = False
@@ -57,6 +63,20 @@ class Pool:
         self.eligible = registry.eligible(cluster.name, role) if registry is not None else None
         self.retired_total = 0
 
+    @property
+    def size(self) -> int:
+        """Open connections plus those being opened (what max_size and min_size bound)."""
+        return len(self.idle) + len(self.in_use) + len(self.opening)
+
+    @property
+    def borrowed(self) -> int:
+        return len(self.in_use)
+
+    @property
+    def servers(self) -> set[ServerConnection]:
+        """Every open connection, idle or borrowed."""
+        return self.in_use.union(self.idle)
+
     # ------------------------------------------------------------------ borrowing
 
     def borrow(self, timeout: float | None = None) -> ServerConnection:
@@ -65,10 +85,10 @@ class Pool:
         idle = self.idle
         eligible = self.eligible
         while idle:
-            server = idle.pop()
+            server = idle.popitem()[0]
             if not server.closed and server.generation == self.generation and (
                     eligible is None or server.address in eligible):
-                self.borrowed += 1
+                self.in_use.add(server)
                 return server
             self._discard(server)
         if self.size < self.config.max_size:
@@ -113,22 +133,28 @@ class Pool:
                 if value is _CONNECT:
                     self._slot_freed()
                 elif isinstance(value, ServerConnection):
-                    self.borrowed += 1
-                    self.release(value)
+                    self.release(value)     # release kept it in in_use for this waiter
 
     def _connect_borrowed(self) -> ServerConnection:
-        self.size += 1
         try:
-            server = self.connect()
+            server = self._open()
         except BaseException:
-            self.size -= 1
             self._slot_freed()
             raise
-        self.borrowed += 1
+        self.in_use.add(server)
         return server
 
+    def _open(self) -> ServerConnection:
+        """connect(), counted in `opening` while it runs; the caller files the connection (no switch between)."""
+        token = object()
+        self.opening.add(token)
+        try:
+            return self.connect()
+        finally:
+            self.opening.discard(token)
+
     def connect(self) -> ServerConnection:
-        """Open and log in one backend connection (counted by the caller)."""
+        """Open and log in one backend connection (not filed in the pool: the caller does, see _open)."""
         target = self.target_for()
         if target is None:
             raise BackendUnavailable(f"no {self.role} node of cluster {self.cluster.name!r} is available right now; "
@@ -165,10 +191,8 @@ class Pool:
             log.warning("pool %s: %s", self.label, reason)
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
         self.facts = script.result
-        server = ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
-                                  self.generation)
-        self.servers.add(server)
-        return server
+        return ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
+                                self.generation)
 
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
@@ -181,8 +205,8 @@ class Pool:
 
     def release(self, server: ServerConnection) -> None:
         """Take a connection back after a transaction; hand it straight to the longest waiter if any."""
-        self.borrowed -= 1
         if server.closed:
+            self.in_use.discard(server)     # forget() took it out already when it died
             return
         now = time.monotonic()
         lifetime = self.config.max_lifetime
@@ -198,35 +222,29 @@ class Pool:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.ready():
-                self.borrowed += 1
-                waiter.set(server)
+                waiter.set(server)          # it stays in in_use, now for the waiter
                 return
-        self.idle.append(server)
+        self.in_use.discard(server)
+        self.idle[server] = None
 
     def _discard(self, server: ServerConnection) -> None:
-        self.servers.discard(server)
+        """Take a connection out of the pool and close it (a closed one was taken out when it died)."""
+        self.in_use.discard(server)
+        self.idle.pop(server, None)
         if not server.closed:
             server.close()
-            self.size -= 1
             self._slot_freed()
 
-    def forget(self, server: ServerConnection, why: str, borrowed: bool) -> None:
-        """A connection died on its own (called once, by the connection)."""
-        if borrowed:
-            self.borrowed -= 1
-        self.servers.discard(server)
-        try:
-            self.idle.remove(server)
-        except ValueError:
-            pass
-        self.size -= 1
+    def forget(self, server: ServerConnection, why: str) -> None:
+        """A connection died on its own (called once, by the connection), idle or borrowed."""
+        self.in_use.discard(server)
+        self.idle.pop(server, None)
         log.info("pool %s: backend connection closed: %s", self.label, why)
         self.proxy.backend_failed(self.cluster, server.address)
         self._slot_freed()
 
     def discard_borrowed(self, server: ServerConnection) -> None:
         """A borrowed connection must not be reused (client left mid-transaction): close it."""
-        self.borrowed -= 1
         self._discard(server)
 
     def _slot_freed(self) -> None:
@@ -243,34 +261,30 @@ class Pool:
         """Close connections idle past idle_timeout (oldest first), keeping min_size open."""
         timeout = self.config.idle_timeout
         lifetime = self.config.max_lifetime
-        idle = self.idle
-        i = 0
-        while i < len(idle) and self.size > self.config.min_size:
-            server = idle[i]
+        min_size = self.config.min_size
+        for server in list(self.idle):      # oldest first
+            if self.size <= min_size:
+                break
             if (timeout and now - server.last_used > timeout) or (lifetime and now - server.created > lifetime):
-                idle.pop(i)
                 self._discard(server)
-                continue
-            i += 1
 
     def fill(self) -> None:
         """Open connections up to min_size (called from the housekeeping greenlet)."""
         while self.size < self.config.min_size and not self.draining:
-            self.size += 1
             try:
-                server = self.connect()
+                server = self._open()
             except BackendUnavailable:
-                self.size -= 1
                 return
-            self.idle.insert(0, server)
+            self.idle[server] = None
+            self.idle.move_to_end(server, last=False)   # the oldest end: borrowed last
 
     def drain(self, address: tuple[str, int], reason: str) -> None:
         """Failover: idle connections close now; those serving a transaction on `address` are cut, and their
         clients told why in their own protocol; the rest are not reused."""
         self.generation += 1
         while self.idle:
-            self._discard(self.idle.pop())
-        for server in list(self.servers):
+            self._discard(self.idle.popitem()[0])
+        for server in list(self.in_use):
             if server.address == address and server.session is not None:
                 server.fail(reason)
 
@@ -282,15 +296,10 @@ class Pool:
         """The registry took these addresses out of this pool's role ({address: why}): idle connections to them
         close now, borrowed ones when their transaction ends (release); a pinned session idle between
         transactions there is closed with the reason, as in a writer failover."""
-        idle = self.idle
-        i = 0
-        while i < len(idle):
-            if idle[i].address in reasons:
-                self.retired_total += 1
-                self._discard(idle.pop(i))
-                continue
-            i += 1
-        for server in list(self.servers):
+        for server in [server for server in self.idle if server.address in reasons]:
+            self.retired_total += 1
+            self._discard(server)
+        for server in list(self.in_use):
             session = server.session
             if server.address in reasons and session is not None and session.proto is not None \
                     and session.proto.pinned and session.proto.is_clean():
@@ -301,7 +310,7 @@ class Pool:
     def close_all(self) -> None:
         self.draining = True
         while self.idle:
-            self._discard(self.idle.pop())
+            self._discard(self.idle.popitem()[0])
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.ready():
