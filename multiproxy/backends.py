@@ -53,7 +53,7 @@ def run_script(sock, script: BackendScript, target: BackendTarget, timeout: floa
     return sock, script
 
 
-class ServerConnection:
+class BackendConnection:
     """One logged-in backend connection. A reader greenlet hands what the backend sends to the linked session."""
 
     __slots__ = ("sock", "state", "address", "pool", "session", "created", "last_used", "closed", "reader",

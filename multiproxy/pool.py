@@ -8,7 +8,7 @@ from collections import OrderedDict, deque
 import gevent
 from gevent.event import AsyncResult
 
-from .backends import ServerConnection, open_socket, run_script
+from .backends import BackendConnection, open_socket, run_script
 from .engine import BackendError
 
 log = logging.getLogger("multiproxy.pool")
@@ -43,8 +43,8 @@ class Pool:
         self.config = cluster.pool
         self.target_for = target_for           # () -> BackendTarget (current address of the role)
         # LIFO: the most recently used is at the end (a dict for O(1) removal of a connection that died)
-        self.idle: OrderedDict[ServerConnection, None] = OrderedDict()
-        self.in_use: set[ServerConnection] = set()     # borrowed: serving a session or handed to a waiter
+        self.idle: OrderedDict[BackendConnection, None] = OrderedDict()
+        self.in_use: set[BackendConnection] = set()     # borrowed: serving a session or handed to a waiter
         self.opening: set[object] = set()               # one token per connection being opened
         self.waiters: deque = deque()
         self.facts = None                      # the engine's state of the latest login (welcome parameters)
@@ -73,29 +73,29 @@ class Pool:
         return len(self.in_use)
 
     @property
-    def servers(self) -> set[ServerConnection]:
+    def connections(self) -> set[BackendConnection]:
         """Every open connection, idle or borrowed."""
         return self.in_use.union(self.idle)
 
     # ------------------------------------------------------------------ borrowing
 
-    def borrow(self, timeout: float | None = None) -> ServerConnection:
+    def borrow(self, timeout: float | None = None) -> BackendConnection:
         """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
         self.borrows_total += 1
         idle = self.idle
         eligible = self.eligible
         while idle:
-            server = idle.popitem()[0]
-            if not server.closed and server.generation == self.generation and (
-                    eligible is None or server.address in eligible):
-                self.in_use.add(server)
-                return server
-            self._discard(server)
+            conn = idle.popitem()[0]
+            if not conn.closed and conn.generation == self.generation and (
+                    eligible is None or conn.address in eligible):
+                self.in_use.add(conn)
+                return conn
+            self._discard(conn)
         if self.size < self.config.max_size:
             return self._connect_borrowed()
         return self._wait(self.config.borrow_timeout if timeout is None else timeout)
 
-    def _wait(self, timeout: float) -> ServerConnection:
+    def _wait(self, timeout: float) -> BackendConnection:
         started = time.monotonic()
         self.waited_borrows_total += 1
         waiter = AsyncResult()
@@ -132,19 +132,19 @@ class Pool:
                 value = waiter.value
                 if value is _CONNECT:
                     self._slot_freed()
-                elif isinstance(value, ServerConnection):
+                elif isinstance(value, BackendConnection):
                     self.release(value)     # release kept it in in_use for this waiter
 
-    def _connect_borrowed(self) -> ServerConnection:
+    def _connect_borrowed(self) -> BackendConnection:
         try:
-            server = self._open()
+            conn = self._open()
         except BaseException:
             self._slot_freed()
             raise
-        self.in_use.add(server)
-        return server
+        self.in_use.add(conn)
+        return conn
 
-    def _open(self) -> ServerConnection:
+    def _open(self) -> BackendConnection:
         """connect(), counted in `opening` while it runs; the caller files the connection (no switch between)."""
         token = object()
         self.opening.add(token)
@@ -153,7 +153,7 @@ class Pool:
         finally:
             self.opening.discard(token)
 
-    def connect(self) -> ServerConnection:
+    def connect(self) -> BackendConnection:
         """Open and log in one backend connection (not filed in the pool: the caller does, see _open)."""
         target = self.target_for()
         if target is None:
@@ -191,61 +191,61 @@ class Pool:
             log.warning("pool %s: %s", self.label, reason)
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
         self.facts = script.result
-        return ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
+        return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
                                 self.generation)
 
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
         if self.facts is None:
-            server = self.borrow()
-            self.release(server)
+            conn = self.borrow()
+            self.release(conn)
         return self.facts
 
     # ------------------------------------------------------------------ giving back
 
-    def release(self, server: ServerConnection) -> None:
+    def release(self, conn: BackendConnection) -> None:
         """Take a connection back after a transaction; hand it straight to the longest waiter if any."""
-        if server.closed:
-            self.in_use.discard(server)     # forget() took it out already when it died
+        if conn.closed:
+            self.in_use.discard(conn)     # forget() took it out already when it died
             return
         now = time.monotonic()
         lifetime = self.config.max_lifetime
-        if self.draining or server.generation != self.generation or (lifetime and now - server.created > lifetime):
-            self._discard(server)
+        if self.draining or conn.generation != self.generation or (lifetime and now - conn.created > lifetime):
+            self._discard(conn)
             return
-        if self.eligible is not None and server.address not in self.eligible:
+        if self.eligible is not None and conn.address not in self.eligible:
             self.retired_total += 1     # the node left this role (or lags): retire at the transaction's end
-            self._discard(server)
+            self._discard(conn)
             return
-        server.last_used = now
+        conn.last_used = now
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.ready():
-                waiter.set(server)          # it stays in in_use, now for the waiter
+                waiter.set(conn)          # it stays in in_use, now for the waiter
                 return
-        self.in_use.discard(server)
-        self.idle[server] = None
+        self.in_use.discard(conn)
+        self.idle[conn] = None
 
-    def _discard(self, server: ServerConnection) -> None:
+    def _discard(self, conn: BackendConnection) -> None:
         """Take a connection out of the pool and close it (a closed one was taken out when it died)."""
-        self.in_use.discard(server)
-        self.idle.pop(server, None)
-        if not server.closed:
-            server.close()
+        self.in_use.discard(conn)
+        self.idle.pop(conn, None)
+        if not conn.closed:
+            conn.close()
             self._slot_freed()
 
-    def forget(self, server: ServerConnection, why: str) -> None:
+    def forget(self, conn: BackendConnection, why: str) -> None:
         """A connection died on its own (called once, by the connection), idle or borrowed."""
-        self.in_use.discard(server)
-        self.idle.pop(server, None)
+        self.in_use.discard(conn)
+        self.idle.pop(conn, None)
         log.info("pool %s: backend connection closed: %s", self.label, why)
-        self.proxy.backend_failed(self.cluster, server.address)
+        self.proxy.backend_failed(self.cluster, conn.address)
         self._slot_freed()
 
-    def discard_borrowed(self, server: ServerConnection) -> None:
+    def discard_borrowed(self, conn: BackendConnection) -> None:
         """A borrowed connection must not be reused (client left mid-transaction): close it."""
-        self._discard(server)
+        self._discard(conn)
 
     def _slot_freed(self) -> None:
         waiters = self.waiters
@@ -262,21 +262,21 @@ class Pool:
         timeout = self.config.idle_timeout
         lifetime = self.config.max_lifetime
         min_size = self.config.min_size
-        for server in list(self.idle):      # oldest first
+        for conn in list(self.idle):      # oldest first
             if self.size <= min_size:
                 break
-            if (timeout and now - server.last_used > timeout) or (lifetime and now - server.created > lifetime):
-                self._discard(server)
+            if (timeout and now - conn.last_used > timeout) or (lifetime and now - conn.created > lifetime):
+                self._discard(conn)
 
     def fill(self) -> None:
         """Open connections up to min_size (called from the housekeeping greenlet)."""
         while self.size < self.config.min_size and not self.draining:
             try:
-                server = self._open()
+                conn = self._open()
             except BackendUnavailable:
                 return
-            self.idle[server] = None
-            self.idle.move_to_end(server, last=False)   # the oldest end: borrowed last
+            self.idle[conn] = None
+            self.idle.move_to_end(conn, last=False)   # the oldest end: borrowed last
 
     def drain(self, address: tuple[str, int], reason: str) -> None:
         """Failover: idle connections close now; those serving a transaction on `address` are cut, and their
@@ -284,27 +284,27 @@ class Pool:
         self.generation += 1
         while self.idle:
             self._discard(self.idle.popitem()[0])
-        for server in list(self.in_use):
-            if server.address == address and server.session is not None:
-                server.fail(reason)
+        for conn in list(self.in_use):
+            if conn.address == address and conn.session is not None:
+                conn.fail(reason)
 
-    def serves(self, server: ServerConnection) -> bool:
+    def serves(self, conn: BackendConnection) -> bool:
         """Whether `server`'s node may still serve this pool's role (always, without a registry)."""
-        return self.eligible is None or server.address in self.eligible
+        return self.eligible is None or conn.address in self.eligible
 
     def retire(self, reasons: dict, role_text: str) -> None:
         """The registry took these addresses out of this pool's role ({address: why}): idle connections to them
         close now, borrowed ones when their transaction ends (release); a pinned session idle between
         transactions there is closed with the reason, as in a writer failover."""
-        for server in [server for server in self.idle if server.address in reasons]:
+        for conn in [conn for conn in self.idle if conn.address in reasons]:
             self.retired_total += 1
-            self._discard(server)
-        for server in list(self.in_use):
-            session = server.session
-            if server.address in reasons and session is not None and session.proto is not None \
+            self._discard(conn)
+        for conn in list(self.in_use):
+            session = conn.session
+            if conn.address in reasons and session is not None and session.proto is not None \
                     and session.proto.pinned and session.proto.is_clean():
-                address = server.address
-                server.fail(f"the node {address[0]}:{address[1]} no longer serves {role_text} "
+                address = conn.address
+                conn.fail(f"the node {address[0]}:{address[1]} no longer serves {role_text} "
                             f"({reasons[address]}); your pinned session was closed, reconnect")
 
     def close_all(self) -> None:

@@ -82,7 +82,7 @@ def test_borrow_release_reuses_the_most_recent_connection(db, make_pool):
     assert pool.borrow() is b          # LIFO: the most recently released first
     assert pool.borrow() is a
     assert pool.connects_total == 2 and pool.borrows_total == 4 and db.opened == [1, 2]
-    assert pool.servers == {a, b}
+    assert pool.connections == {a, b}
     check_counts(pool)
 
 

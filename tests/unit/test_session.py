@@ -73,15 +73,15 @@ def test_the_session_relays_and_releases_the_backend_at_each_transaction_end(set
     assert session.user == "app" and session in s.proxy.sessions
     assert (s.pool.size, s.pool.borrowed) == (1, 0)     # the greeting's login, back in the pool
     assert client.ask("SELECT 1") == "OK db1#1 SELECT 1"
-    wait_until(lambda: session.server is None, what="the release")
+    wait_until(lambda: session.backend is None, what="the release")
     assert (s.pool.borrowed, len(s.pool.idle)) == (0, 1)
     assert client.ask("BEGIN") == "OK db1#1 BEGIN"
-    assert session.server is not None and s.pool.borrowed == 1      # held for the transaction
+    assert session.backend is not None and s.pool.borrowed == 1      # held for the transaction
     client.send("INSERT", "UPDATE")                                 # pipelined in one chunk
     assert [client.line(), client.line()] == ["OK db1#1 INSERT", "OK db1#1 UPDATE"]
-    assert session.server is not None
+    assert session.backend is not None
     assert client.ask("COMMIT") == "OK db1#1 COMMIT"
-    wait_until(lambda: session.server is None, what="the release at COMMIT")
+    wait_until(lambda: session.backend is None, what="the release at COMMIT")
     assert s.pool.borrowed == 0 and session.proto.unlinks == 2 and session.proto.links == [{"node": "db1"}] * 2
     check_counts(s.pool)
     client.close()
@@ -105,7 +105,7 @@ def test_a_pinned_session_keeps_its_backend_and_is_reset_when_it_leaves(setup):
     b, _ = s.client()
     assert a.ask("PIN") == "OK db1#1 PIN"
     assert a.ask("SELECT") == "OK db1#1 SELECT"
-    assert session.server is not None and s.pool.borrowed == 1
+    assert session.backend is not None and s.pool.borrowed == 1
     assert b.ask("SELECT") == "OK db1#2 SELECT"          # the pinned backend is not shared
     a.close()
     wait_until(lambda: (1, "RESET") in s.db.received, what="the reset")
@@ -118,7 +118,7 @@ def test_session_pool_mode_keeps_the_backend_between_transactions(setup):
     s = setup(pool_mode="session")
     client, session = s.client()
     assert client.ask("SELECT") == "OK db1#1 SELECT"
-    assert session.server is not None and s.pool.borrowed == 1
+    assert session.backend is not None and s.pool.borrowed == 1
     client.close()
     wait_until(lambda: s.pool.borrowed == 0, what="the reset backend to go back")
     assert (1, "RESET") in s.db.received
@@ -138,7 +138,7 @@ def test_a_lost_backend_is_reported_and_the_next_request_gets_another(setup):
     s = setup()
     client, session = s.client()
     assert client.ask("DIE") == "ERROR backend_lost the database connection was lost (the backend closed the connection)"
-    assert session.server is None and s.pool.size == 0 and s.proxy.backend_failures == [s.db.address]
+    assert session.backend is None and s.pool.size == 0 and s.proxy.backend_failures == [s.db.address]
     assert client.ask("SELECT") == "OK db1#2 SELECT"
     check_counts(s.pool)
 
