@@ -53,7 +53,7 @@ def run_script(sock, script: BackendScript, target: BackendTarget, timeout: floa
     return sock, script
 
 
-class ServerConnection:
+class BackendConnection:
     """One logged-in backend connection. A reader greenlet hands what the backend sends to the linked session."""
 
     __slots__ = ("sock", "state", "address", "pool", "session", "created", "last_used", "closed", "reader",
@@ -102,7 +102,7 @@ class ServerConnection:
         self.session = None
         if session is not None:
             session.on_backend_lost(self, why)
-        self.pool.forget(self, why, borrowed=session is not None)
+        self.pool.forget(self, why)
 
     def fail(self, why: str):
         """Cut this connection on purpose while it serves a client (failover): the client hears `why`."""

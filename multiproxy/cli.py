@@ -52,7 +52,7 @@ def run(config_path):
     logging.basicConfig(level=config.proxy.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .auth import UsersFileError
-    from .server import run_forever
+    from .proxy import run_forever
     try:
         code = run_forever(config, engines)
     except UsersFileError as exc:

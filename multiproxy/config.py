@@ -278,7 +278,7 @@ class ListenerConfig:
     jwt_audience: str = ""
     jwt_user_claim: str = "sub"
     token_keys_check_interval: float = 5.0
-    token_verifier: Any = field(default=None, compare=False, repr=False)   # multiproxy.tokens, with auth = 'token'
+    token_verifier: Any = field(default=None, compare=False, repr=False)   # multiproxy.token_auth, with auth = 'token'
 
 
 @dataclass(frozen=True)
@@ -548,7 +548,7 @@ def _tls_policy(r: _Reader, path: str, values: dict) -> None:
 
 def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
     """Check a token listener's settings and build its verifier (it reloads its keys: see ReloadingVerifier)."""
-    from .tokens import ReloadingVerifier
+    from .token_auth import ReloadingVerifier
     if not values["tls_cert_file"]:
         r.problem(f"{path}.auth", "'token' needs TLS on the client leg: set tls_cert_file and tls_key_file")
     for key in ("iam_access_keys_file", "jwt_jwks_file"):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import gevent
 from gevent.event import AsyncResult
 
-from .backends import ServerConnection, open_socket, run_script
+from .backends import BackendConnection, open_socket, run_script
 from .engine import BackendError
 
 log = logging.getLogger("multiproxy.pool")
@@ -25,7 +25,13 @@ class BackendUnavailable(Exception):
 
 
 class Pool:
-    """Backend connections of one (cluster, role, user, database)."""
+    """Backend connections of one (cluster, role, user, database).
+
+    Every connection is in exactly one place, and the counts follow from membership (as PgBouncer's state
+    lists): `idle` (ordered oldest to newest; borrow takes the newest), `in_use` (handed to a session, or to a
+    waiter that has not picked it up yet) and `opening` (one token per connection being opened and logged in).
+    `size` and `borrowed` are derived from them.
+    """
 
     def __init__(self, proxy, cluster, role: str, user: str, database: str, engine, target_for):
         self.proxy = proxy
@@ -36,11 +42,11 @@ class Pool:
         self.engine = engine
         self.config = cluster.pool
         self.target_for = target_for           # () -> BackendTarget (current address of the role)
-        self.idle: list[ServerConnection] = []  # LIFO: the most recently used is at the end
-        self.servers: set[ServerConnection] = set()   # every open connection, idle or borrowed
+        # LIFO: the most recently used is at the end (a dict for O(1) removal of a connection that died)
+        self.idle: OrderedDict[BackendConnection, None] = OrderedDict()
+        self.in_use: set[BackendConnection] = set()     # borrowed: serving a session or handed to a waiter
+        self.opening: set[object] = set()               # one token per connection being opened
         self.waiters: deque = deque()
-        self.size = 0                          # open plus opening
-        self.borrowed = 0
         self.facts = None                      # the engine's state of the latest login (welcome parameters)
         self.generation = 0                    # bumped on failover; older connections are not reused
         self.draining = False
@@ -57,25 +63,39 @@ class Pool:
         self.eligible = registry.eligible(cluster.name, role) if registry is not None else None
         self.retired_total = 0
 
+    @property
+    def size(self) -> int:
+        """Open connections plus those being opened (what max_size and min_size bound)."""
+        return len(self.idle) + len(self.in_use) + len(self.opening)
+
+    @property
+    def borrowed(self) -> int:
+        return len(self.in_use)
+
+    @property
+    def connections(self) -> set[BackendConnection]:
+        """Every open connection, idle or borrowed."""
+        return self.in_use.union(self.idle)
+
     # ------------------------------------------------------------------ borrowing
 
-    def borrow(self, timeout: float | None = None) -> ServerConnection:
+    def borrow(self, timeout: float | None = None) -> BackendConnection:
         """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
         self.borrows_total += 1
         idle = self.idle
         eligible = self.eligible
         while idle:
-            server = idle.pop()
-            if not server.closed and server.generation == self.generation and (
-                    eligible is None or server.address in eligible):
-                self.borrowed += 1
-                return server
-            self._discard(server)
+            conn = idle.popitem()[0]
+            if not conn.closed and conn.generation == self.generation and (
+                    eligible is None or conn.address in eligible):
+                self.in_use.add(conn)
+                return conn
+            self._discard(conn)
         if self.size < self.config.max_size:
             return self._connect_borrowed()
         return self._wait(self.config.borrow_timeout if timeout is None else timeout)
 
-    def _wait(self, timeout: float) -> ServerConnection:
+    def _wait(self, timeout: float) -> BackendConnection:
         started = time.monotonic()
         self.waited_borrows_total += 1
         waiter = AsyncResult()
@@ -112,23 +132,29 @@ class Pool:
                 value = waiter.value
                 if value is _CONNECT:
                     self._slot_freed()
-                elif isinstance(value, ServerConnection):
-                    self.borrowed += 1
-                    self.release(value)
+                elif isinstance(value, BackendConnection):
+                    self.release(value)     # release kept it in in_use for this waiter
 
-    def _connect_borrowed(self) -> ServerConnection:
-        self.size += 1
+    def _connect_borrowed(self) -> BackendConnection:
         try:
-            server = self.connect()
+            conn = self._open()
         except BaseException:
-            self.size -= 1
             self._slot_freed()
             raise
-        self.borrowed += 1
-        return server
+        self.in_use.add(conn)
+        return conn
 
-    def connect(self) -> ServerConnection:
-        """Open and log in one backend connection (counted by the caller)."""
+    def _open(self) -> BackendConnection:
+        """connect(), counted in `opening` while it runs; the caller files the connection (no switch between)."""
+        token = object()
+        self.opening.add(token)
+        try:
+            return self.connect()
+        finally:
+            self.opening.discard(token)
+
+    def connect(self) -> BackendConnection:
+        """Open and log in one backend connection (not filed in the pool: the caller does, see _open)."""
         target = self.target_for()
         if target is None:
             raise BackendUnavailable(f"no {self.role} node of cluster {self.cluster.name!r} is available right now; "
@@ -165,69 +191,61 @@ class Pool:
             log.warning("pool %s: %s", self.label, reason)
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
         self.facts = script.result
-        server = ServerConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
-                                  self.generation)
-        self.servers.add(server)
-        return server
+        return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
+                                self.generation)
 
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
         if self.facts is None:
-            server = self.borrow()
-            self.release(server)
+            conn = self.borrow()
+            self.release(conn)
         return self.facts
 
     # ------------------------------------------------------------------ giving back
 
-    def release(self, server: ServerConnection) -> None:
+    def release(self, conn: BackendConnection) -> None:
         """Take a connection back after a transaction; hand it straight to the longest waiter if any."""
-        self.borrowed -= 1
-        if server.closed:
+        if conn.closed:
+            self.in_use.discard(conn)     # forget() took it out already when it died
             return
         now = time.monotonic()
         lifetime = self.config.max_lifetime
-        if self.draining or server.generation != self.generation or (lifetime and now - server.created > lifetime):
-            self._discard(server)
+        if self.draining or conn.generation != self.generation or (lifetime and now - conn.created > lifetime):
+            self._discard(conn)
             return
-        if self.eligible is not None and server.address not in self.eligible:
+        if self.eligible is not None and conn.address not in self.eligible:
             self.retired_total += 1     # the node left this role (or lags): retire at the transaction's end
-            self._discard(server)
+            self._discard(conn)
             return
-        server.last_used = now
+        conn.last_used = now
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.ready():
-                self.borrowed += 1
-                waiter.set(server)
+                waiter.set(conn)          # it stays in in_use, now for the waiter
                 return
-        self.idle.append(server)
+        self.in_use.discard(conn)
+        self.idle[conn] = None
 
-    def _discard(self, server: ServerConnection) -> None:
-        self.servers.discard(server)
-        if not server.closed:
-            server.close()
-            self.size -= 1
+    def _discard(self, conn: BackendConnection) -> None:
+        """Take a connection out of the pool and close it (a closed one was taken out when it died)."""
+        self.in_use.discard(conn)
+        self.idle.pop(conn, None)
+        if not conn.closed:
+            conn.close()
             self._slot_freed()
 
-    def forget(self, server: ServerConnection, why: str, borrowed: bool) -> None:
-        """A connection died on its own (called once, by the connection)."""
-        if borrowed:
-            self.borrowed -= 1
-        self.servers.discard(server)
-        try:
-            self.idle.remove(server)
-        except ValueError:
-            pass
-        self.size -= 1
+    def forget(self, conn: BackendConnection, why: str) -> None:
+        """A connection died on its own (called once, by the connection), idle or borrowed."""
+        self.in_use.discard(conn)
+        self.idle.pop(conn, None)
         log.info("pool %s: backend connection closed: %s", self.label, why)
-        self.proxy.backend_failed(self.cluster, server.address)
+        self.proxy.backend_failed(self.cluster, conn.address)
         self._slot_freed()
 
-    def discard_borrowed(self, server: ServerConnection) -> None:
+    def discard_borrowed(self, conn: BackendConnection) -> None:
         """A borrowed connection must not be reused (client left mid-transaction): close it."""
-        self.borrowed -= 1
-        self._discard(server)
+        self._discard(conn)
 
     def _slot_freed(self) -> None:
         waiters = self.waiters
@@ -243,65 +261,56 @@ class Pool:
         """Close connections idle past idle_timeout (oldest first), keeping min_size open."""
         timeout = self.config.idle_timeout
         lifetime = self.config.max_lifetime
-        idle = self.idle
-        i = 0
-        while i < len(idle) and self.size > self.config.min_size:
-            server = idle[i]
-            if (timeout and now - server.last_used > timeout) or (lifetime and now - server.created > lifetime):
-                idle.pop(i)
-                self._discard(server)
-                continue
-            i += 1
+        min_size = self.config.min_size
+        for conn in list(self.idle):      # oldest first
+            if self.size <= min_size:
+                break
+            if (timeout and now - conn.last_used > timeout) or (lifetime and now - conn.created > lifetime):
+                self._discard(conn)
 
     def fill(self) -> None:
         """Open connections up to min_size (called from the housekeeping greenlet)."""
         while self.size < self.config.min_size and not self.draining:
-            self.size += 1
             try:
-                server = self.connect()
+                conn = self._open()
             except BackendUnavailable:
-                self.size -= 1
                 return
-            self.idle.insert(0, server)
+            self.idle[conn] = None
+            self.idle.move_to_end(conn, last=False)   # the oldest end: borrowed last
 
     def drain(self, address: tuple[str, int], reason: str) -> None:
         """Failover: idle connections close now; those serving a transaction on `address` are cut, and their
         clients told why in their own protocol; the rest are not reused."""
         self.generation += 1
         while self.idle:
-            self._discard(self.idle.pop())
-        for server in list(self.servers):
-            if server.address == address and server.session is not None:
-                server.fail(reason)
+            self._discard(self.idle.popitem()[0])
+        for conn in list(self.in_use):
+            if conn.address == address and conn.session is not None:
+                conn.fail(reason)
 
-    def serves(self, server: ServerConnection) -> bool:
+    def serves(self, conn: BackendConnection) -> bool:
         """Whether `server`'s node may still serve this pool's role (always, without a registry)."""
-        return self.eligible is None or server.address in self.eligible
+        return self.eligible is None or conn.address in self.eligible
 
     def retire(self, reasons: dict, role_text: str) -> None:
         """The registry took these addresses out of this pool's role ({address: why}): idle connections to them
         close now, borrowed ones when their transaction ends (release); a pinned session idle between
         transactions there is closed with the reason, as in a writer failover."""
-        idle = self.idle
-        i = 0
-        while i < len(idle):
-            if idle[i].address in reasons:
-                self.retired_total += 1
-                self._discard(idle.pop(i))
-                continue
-            i += 1
-        for server in list(self.servers):
-            session = server.session
-            if server.address in reasons and session is not None and session.proto is not None \
+        for conn in [conn for conn in self.idle if conn.address in reasons]:
+            self.retired_total += 1
+            self._discard(conn)
+        for conn in list(self.in_use):
+            session = conn.session
+            if conn.address in reasons and session is not None and session.proto is not None \
                     and session.proto.pinned and session.proto.is_clean():
-                address = server.address
-                server.fail(f"the node {address[0]}:{address[1]} no longer serves {role_text} "
+                address = conn.address
+                conn.fail(f"the node {address[0]}:{address[1]} no longer serves {role_text} "
                             f"({reasons[address]}); your pinned session was closed, reconnect")
 
     def close_all(self) -> None:
         self.draining = True
         while self.idle:
-            self._discard(self.idle.pop())
+            self._discard(self.idle.popitem()[0])
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.ready():

@@ -28,7 +28,7 @@ RESET_TIMEOUT = 10.0
 class Session:
     """One client connection and, while it holds one, its backend connection."""
 
-    __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "server", "transaction_mode",
+    __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject",
                  "__weakref__")
@@ -42,7 +42,7 @@ class Session:
         self.address = address
         self.proto = None
         self.pool = None
-        self.server = None
+        self.backend = None
         self.transaction_mode = True
         self.client_gone = False
         self.user = ""
@@ -226,7 +226,7 @@ class Session:
                 self._relay()
             except TimeoutError:
                 self.proxy.metrics.idle_timeouts += 1
-                if self.server is None:
+                if self.backend is None:
                     self._send_quietly(self.proto.error(
                         ErrorKind.IDLE_TIMEOUT, f"closing the connection after {idle:g} s idle (proxy.idle_client_timeout)"))
             return
@@ -246,14 +246,14 @@ class Session:
             to_backend, to_client = client_data(data)
             data = b""
             if to_backend:
-                server = self.server
-                if server is None:
-                    server = self.link()
-                    if server is not None:
-                        to_backend = proto.link(server.state, to_backend)
-                if server is not None:
+                backend = self.backend
+                if backend is None:
+                    backend = self.link()
+                    if backend is not None:
+                        to_backend = proto.link(backend.state, to_backend)
+                if backend is not None:
                     try:
-                        server.sendall(to_backend)
+                        backend.sendall(to_backend)
                     except (OSError, ValueError):
                         pass  # the backend's reader notices the loss and tells the client
             if to_client:
@@ -264,7 +264,7 @@ class Session:
     def link(self):
         """Borrow a backend for the request just read, or answer it with an error."""
         try:
-            server = self.pool.borrow()
+            backend = self.pool.borrow()
         except (PoolTimeout, BackendUnavailable) as exc:
             kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
             self.proxy.metrics.borrow_failures += 1
@@ -272,13 +272,13 @@ class Session:
             if reply:
                 self.sock.sendall(reply)
             return None
-        server.session = self
-        self.server = server
-        return server
+        backend.session = self
+        self.backend = backend
+        return backend
 
     # ------------------------------------------------------------------ backend reader greenlet
 
-    def on_backend_data(self, server, data: bytes) -> None:
+    def on_backend_data(self, backend, data: bytes) -> None:
         proto = self.proto
         to_client, release = proto.backend_data(data)
         if to_client and not self.client_gone:
@@ -288,19 +288,19 @@ class Session:
                 self.client_gone = True
         if release:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
-                self.unlink(server)
-            elif self.pool.eligible is not None and not self.pool.serves(server):
+                self.unlink(backend)
+            elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
                 # failover would (its session state cannot move).
-                address = server.address
-                server.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
+                address = backend.address
+                backend.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
                             f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
         elif proto.retry_request is not None:
             # The node refused the first statement of a transaction as read-only. The client's word is not
             # enough to move the writer: the node is probed first, away from this backend's reader.
-            gevent.spawn(self._read_only_refusal, server)
+            gevent.spawn(self._read_only_refusal, backend)
 
-    def _read_only_refusal(self, server) -> None:
+    def _read_only_refusal(self, backend) -> None:
         """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's
         error as it was sent. No writer any more (the registry decided so from the probe): the statement goes,
         once, to the writer found now, with the session's tracked state replayed first."""
@@ -308,9 +308,9 @@ class Session:
         registry = self.proxy.registry
         # While the node is checked the connection belongs to no session, so that a failover drain the probe
         # may cause closes it quietly instead of telling this client its transaction was cancelled.
-        server.session = None
-        still_writer = registry is None or registry.verify_writer(self.runtime.cluster.name, server.address)
-        if self.server is not server:      # the client left meanwhile; finish() took care of the connection
+        backend.session = None
+        still_writer = registry is None or registry.verify_writer(self.runtime.cluster.name, backend.address)
+        if self.backend is not backend:      # the client left meanwhile; finish() took care of the connection
             return
         if still_writer or self.client_gone:
             to_client, release = proto.retry_declined()
@@ -319,41 +319,41 @@ class Session:
                     self.client_send(to_client)
                 except (OSError, ValueError):
                     self.client_gone = True
-            if server.closed or (release and ((self.transaction_mode and not proto.pinned) or self.client_gone)):
-                self.unlink(server)
+            if backend.closed or (release and ((self.transaction_mode and not proto.pinned) or self.client_gone)):
+                self.unlink(backend)
             else:
-                server.session = self
+                backend.session = self
             return
         data = proto.retry_accepted()
-        self.server = None
+        self.backend = None
         proto.unlink()
-        self.pool.discard_borrowed(server)
+        self.pool.discard_borrowed(backend)
         self.proxy.metrics.read_only_retries += 1
         log.warning("pool %s: %s:%d refused a write as read-only and its probe says it is no writer; retrying on "
-                    "the writer", self.pool.label, *server.address)
+                    "the writer", self.pool.label, *backend.address)
         self._resend(data)
 
     def _resend(self, data: bytes) -> None:
-        server = self.link()
-        if server is None or self.client_gone:
+        backend = self.link()
+        if backend is None or self.client_gone:
             return
         try:
-            server.sendall(self.proto.link(server.state, data))
+            backend.sendall(self.proto.link(backend.state, data))
         except (OSError, ValueError):
             pass
 
-    def unlink(self, server) -> None:
+    def unlink(self, backend) -> None:
         """Give the backend back to the pool at a transaction boundary."""
         if self._reset_timer is not None:
             self._reset_timer.kill(block=False)
             self._reset_timer = None
-        server.session = None
-        self.server = None
+        backend.session = None
+        self.backend = None
         self.proto.unlink()
-        self.pool.release(server)
+        self.pool.release(backend)
 
-    def on_backend_lost(self, server, why: str) -> None:
-        self.server = None
+    def on_backend_lost(self, backend, why: str) -> None:
+        self.backend = None
         if self.client_gone:
             self.proto.unlink()
             return
@@ -372,22 +372,22 @@ class Session:
         """The client left: its backend goes back (reset if it was pinned) or is closed if mid-transaction."""
         self.client_gone = True
         proxy = self.proxy
-        server = self.server
+        backend = self.backend
         proto = self.proto
-        if server is not None and proto is not None:
-            if not server.closed and proto.is_clean():
+        if backend is not None and proto is not None:
+            if not backend.closed and proto.is_clean():
                 if proto.pinned or not self.transaction_mode:
-                    reset = proto.reset_bytes(server.state, self.runtime.cluster.backend.reset_query)
+                    reset = proto.reset_bytes(backend.state, self.runtime.cluster.backend.reset_query)
                     try:
-                        server.sendall(reset)
+                        backend.sendall(reset)
                         # The reader releases it when the reset's answer arrives; close it if that never comes.
-                        self._reset_timer = gevent.spawn_later(RESET_TIMEOUT, self._reset_overdue, server)
+                        self._reset_timer = gevent.spawn_later(RESET_TIMEOUT, self._reset_overdue, backend)
                     except (OSError, ValueError):
-                        self._close_backend(server)
+                        self._close_backend(backend)
                 else:
-                    self.unlink(server)
+                    self.unlink(backend)
             else:
-                self._close_backend(server)
+                self._close_backend(backend)
         if proto is not None:
             self.runtime.pin_policy.session_ended(proto)
         proxy.session_ended(self)
@@ -396,16 +396,16 @@ class Session:
         except OSError:
             pass
 
-    def _close_backend(self, server) -> None:
-        server.session = None
-        self.server = None
-        self.pool.discard_borrowed(server)
+    def _close_backend(self, backend) -> None:
+        backend.session = None
+        self.backend = None
+        self.pool.discard_borrowed(backend)
 
-    def _reset_overdue(self, server) -> None:
+    def _reset_overdue(self, backend) -> None:
         self._reset_timer = None
-        if self.server is server:
+        if self.backend is backend:
             log.warning("pool %s: backend reset did not finish in %g s; closing it", self.pool.label, RESET_TIMEOUT)
-            self._close_backend(server)
+            self._close_backend(backend)
 
     # ------------------------------------------------------------------ cancel
 
@@ -419,8 +419,8 @@ class Session:
             pass
 
     def cancel_target(self):
-        """(server, pool) currently serving this client, or None."""
-        server = self.server
-        if server is None or server.closed:
+        """The backend connection currently serving this client, or None."""
+        backend = self.backend
+        if backend is None or backend.closed:
             return None
-        return server
+        return backend

@@ -303,7 +303,7 @@ PG_USERS = UsersFile.from_dict({"users": {"alice": {
 
 @functools.lru_cache(maxsize=None)
 def _jwt_verifier():
-    from multiproxy.tokens import JwtVerifier
+    from multiproxy.token_auth import JwtVerifier
     return JwtVerifier(issuer="iss", audience="aud", shared_key=JWT_KEY.encode())
 
 
@@ -391,7 +391,7 @@ def token_samples() -> list[bytes]:
     JWTs with bad signatures (another key, a flipped signature, alg none, another algorithm), near and over the
     length limit, and garbage."""
     import jwt
-    from multiproxy.tokens import MAX_TOKEN_LENGTH
+    from multiproxy.token_auth import MAX_TOKEN_LENGTH
     good = _jwt()
     head, body, sig = good.split(b".")
     claims = {"iss": "iss", "aud": "aud", "sub": "alice", "exp": int(time.time()) + 3600}

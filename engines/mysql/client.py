@@ -17,7 +17,7 @@ from multiproxy.engine import (
 )
 
 from . import protocol as p
-from multiproxy.tokens import TokenRejected
+from multiproxy.token_auth import TokenRejected
 
 from .auth import (
     CACHING_SHA2, CLEAR, NATIVE, AuthError, native_check, parse_caching_sha2_verifier, parse_native_verifier,

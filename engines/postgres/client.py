@@ -16,7 +16,7 @@ from multiproxy.engine import (
     AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, CloseClient, ErrorKind,
     PinReason, ProtocolError, SendToClient, StartClientTLS,
 )
-from multiproxy.tokens import TokenRejected
+from multiproxy.token_auth import TokenRejected
 
 from . import protocol as p
 from .auth import AuthError, ScramServer, check_md5_response

@@ -15,7 +15,7 @@ from multiproxy.tds import protocol as tp
 from multiproxy.tds import tokens as tk
 from multiproxy.tds.stream import ResponseScanner, Reframer
 from multiproxy.tds.tokens import ProtocolError as TDSError
-from multiproxy.tokens import TokenRejected
+from multiproxy.token_auth import TokenRejected
 
 from .pinning import classify_batch, classify_rpc
 

@@ -18,7 +18,7 @@ from multiproxy.config import ConfigError, build_config
 from .proxy import free_port
 from .test_pg_tls import write_pki
 from .tokenkit import assert_no_token_in_logs, audit
-from ..unit.test_tokens import signed_token as _signed_token  # botocore's signer at a chosen time
+from ..unit.test_token_auth import signed_token as _signed_token  # botocore's signer at a chosen time
 
 USER, DB = "mp_scram", "mpdb"          # the backend authenticates this role with SCRAM: the proxy uses its password
 KEY_ID, SECRET, REGION = "AKIDMULTIPROXYTEST", "multiproxy-test-secret-access-key", "eu-west-1"

@@ -8,7 +8,7 @@ import boto3
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..unit.test_tokens import signed_token  # botocore's signer at a chosen time  # noqa: F401
+from ..unit.test_token_auth import signed_token  # botocore's signer at a chosen time  # noqa: F401
 
 KEY_ID, SECRET, REGION = "AKIDMULTIPROXYTEST", "multiproxy-test-secret-access-key", "eu-west-1"
 ISS, AUD = "https://issuer.test", "multiproxy-db"

@@ -14,7 +14,7 @@ from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import AuthFailed, Authenticated, ClientContext, CloseClient, SendToClient, StartClientTLS
 from multiproxy.pinning import PinPolicy
-from multiproxy.tokens import JwtVerifier
+from multiproxy.token_auth import JwtVerifier
 
 KEY = "a-shared-hs256-key-of-forty-characters!!"
 VERIFIER = JwtVerifier(issuer="iss", audience="aud", shared_key=KEY.encode())

@@ -12,7 +12,7 @@ from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import AuthFailed, Authenticated, ClientContext, CloseClient, StartClientTLS
 from multiproxy.pinning import PinPolicy
-from multiproxy.tokens import JwtVerifier
+from multiproxy.token_auth import JwtVerifier
 
 from .test_pg_handshake import auth_request, error_fields, password_message, startup
 

@@ -27,7 +27,7 @@ from .session import Session
 from .throttle import LoginThrottle
 from .tls import backend_leg_context, client_leg_context
 
-log = logging.getLogger("multiproxy.server")
+log = logging.getLogger("multiproxy.proxy")
 HOUSEKEEPING_INTERVAL = 1.0
 
 
@@ -42,7 +42,7 @@ class ListenerRuntime:
         self.tls_context = client_leg_context(
             config.tls_cert_file, config.tls_key_file, config.tls_min_version, config.tls_ciphers,
             config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None
-        self.server: Acceptor | None = None
+        self.acceptor: Acceptor | None = None
         self.connections = 0
         self.cancel_callback = None    # ClientContext.cancel for this listener's sessions (set by the Proxy)
 
@@ -99,8 +99,8 @@ class Proxy:
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
                 sock = make_listen_socket(host, port)
-            rt.server = Acceptor(sock, self._handler(rt))
-            rt.server.start()
+            rt.acceptor = Acceptor(sock, self._handler(rt))
+            rt.acceptor.start()
             log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
                      rt.cluster.name, rt.config.role)
         if self.config.proxy.admin_listen and self.worker == 0:
@@ -164,10 +164,10 @@ class Proxy:
             timeout = self.config.proxy.shutdown_timeout
         self.stopping = True
         for rt in self.listeners:
-            if rt.server is not None:
-                rt.server.close()
+            if rt.acceptor is not None:
+                rt.acceptor.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(s.server is not None for s in list(self.sessions)):
+        while time.monotonic() < deadline and any(s.backend is not None for s in list(self.sessions)):
             gevent.sleep(0.1)
         for session in list(self.sessions):
             session._send_quietly(session.engine.render_error(ErrorKind.SHUTTING_DOWN,
@@ -352,10 +352,10 @@ class Proxy:
         if session is None:
             self.metrics.cancels_ignored += 1
             return
-        server = session.cancel_target()
+        backend = session.cancel_target()
         if terminate:
             session.terminate()
-        if server is None:
+        if backend is None:
             if not terminate:
                 self.metrics.cancels_ignored += 1
             return
@@ -363,7 +363,7 @@ class Proxy:
         # The pool's own credentials at the serving node's address: engines whose cancel is a statement
         # on a new connection (MySQL's KILL QUERY) must log in; PostgreSQL's cancel packet ignores them.
         try:
-            target = self.backend_target_at(cluster, server.address, session.user, server.database, strict=True)
+            target = self.backend_target_at(cluster, backend.address, session.user, backend.database, strict=True)
         except SecretError:
             # No login without the password (a backend may lock accounts that fail); the log says why.
             log.warning("cancel for a client of cluster %s not sent: the backend password could not be obtained",
@@ -371,7 +371,7 @@ class Proxy:
             self.metrics.cancels_ignored += 1
             return
         self.metrics.cancels_forwarded += 1
-        script = session.engine.cancel_script(target, server.state)
+        script = session.engine.cancel_script(target, backend.state)
         gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
 
     def listen_for_cancels(self, worker_count: int, group: int) -> None:

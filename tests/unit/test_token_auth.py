@@ -13,7 +13,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from multiproxy.tokens import (AccessKey, IamTokenVerifier, JwtVerifier, ReloadingVerifier, TokenRejected,
+from multiproxy.token_auth import (AccessKey, IamTokenVerifier, JwtVerifier, ReloadingVerifier, TokenRejected,
                                build_verifier, load_access_keys)
 
 KEY_ID, SECRET = "AKIDMULTIPROXYTEST", "multiproxy-test-secret-access-key"
@@ -340,7 +340,7 @@ def test_failed_reload_keeps_the_old_keys(tmp_path, caplog, breakage, problem):
     else:
         path.write_text("")
     clock.now += 1
-    with caplog.at_level("ERROR", logger="multiproxy.tokens"):
+    with caplog.at_level("ERROR", logger="multiproxy.token_auth"):
         v.verify(boto_token(), "alice")         # the change is noticed, the reload fails, the old key still works
         assert v.reload() is False
         v.verify(boto_token(), "alice")
@@ -380,7 +380,7 @@ def test_jwks_rotation(tmp_path, caplog):
     v.verify(make_jwt(EC_KEY, "ES256", "ec1"), "alice")
     assert rejected(v, make_jwt()) == "bad signature: unknown key id"
     path.write_text('{"keys": [')
-    with caplog.at_level("ERROR", logger="multiproxy.tokens"):
+    with caplog.at_level("ERROR", logger="multiproxy.token_auth"):
         assert v.reload() is False
     assert f"jwt_jwks_file: {path} is not JSON" in caplog.text
     path.write_text('{"keys": []}')

@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote
 __all__ = ["TokenRejected", "AccessKey", "IamTokenVerifier", "JwtVerifier", "ReloadingVerifier", "load_access_keys",
            "build_verifier", "MAX_TOKEN_LENGTH", "KEYS_CHECK_INTERVAL"]
 
-log = logging.getLogger("multiproxy.tokens")
+log = logging.getLogger("multiproxy.token_auth")
 
 MAX_TOKEN_LENGTH = 16384
 MAX_CLOCK_SKEW = 300          # seconds a token's X-Amz-Date may lie in the future
