@@ -1,4 +1,5 @@
-"""Packaging for multiproxy: the core package, the built-in engines and the `multiproxy` console script."""
+"""Packaging for multiproxy: the core package, the built-in engines and the `multiproxy` console script; the lab
+(`multiproxy lab`) is the `lab` extra: pip install 'multiproxy[lab]'."""
 from setuptools import find_packages, setup
 
 setup(
@@ -12,11 +13,18 @@ setup(
         "click>=8.1",
         "dnspython>=2.4",
         "prometheus_client>=0.17",
-        "sqlglot>=25",  # the TDS lab server transpiles T-SQL to SQLite
-        "cryptography>=41",  # the TDS lab server's self-signed certificate
+        # The MySQL engine's RSA key exchange (caching_sha2_password without TLS) and PyJWT's RS256/ES256
+        # (JWKS token authentication); the lab extra needs it too.
+        "cryptography>=41",
         "PyJWT>=2.8",  # JWT token authentication
     ],
     extras_require={
+        # `multiproxy lab` (multiproxy/lab/, see multiproxy.lab.REQUIREMENTS): the TDS lab server transpiles
+        # T-SQL to SQLite and makes a self-signed certificate.
+        "lab": [
+            "sqlglot>=25",
+            "cryptography>=41",
+        ],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",

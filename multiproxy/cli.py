@@ -1,4 +1,4 @@
-"""The `multiproxy` command line: run, check-config, engines, status, users."""
+"""The `multiproxy` command line: run, check-config, engines, status, users, and lab (loaded on demand)."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,43 @@ def _load_config(path):
     return config, engines
 
 
-@click.group()
+LAB_EXTRA = "the lab needs the lab extra: pip install 'multiproxy[lab]'"
+
+
+class _Commands(click.Group):
+    """The command group; `lab` (multiproxy.lab, an optional part) is imported only when it is looked up."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), "lab"})
+
+    def get_command(self, ctx, name):
+        if name == "lab" and name not in self.commands:
+            return _lab_command()
+        return super().get_command(ctx, name)
+
+
+def _lab_command() -> click.Command:
+    """`multiproxy lab` from multiproxy.lab.cli, or, without the lab extra's dependencies, a command that says
+    how to install them and exits 2."""
+    from .lab import missing_requirements
+    missing = missing_requirements()
+    if not missing:
+        from .lab.cli import lab
+        return lab
+
+    def unavailable(args):
+        click.echo(f"error: {LAB_EXTRA} (missing: {', '.join(missing)})", err=True)
+        sys.exit(2)
+
+    return click.Command(
+        "lab", callback=unavailable, add_help_option=False,
+        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        help=f"A local lab of database servers behind the proxy; not installed: {LAB_EXTRA}.",
+        short_help="A local lab (needs the lab extra: multiproxy[lab]).")
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="multiproxy")
 def cli():
     """multiproxy: one proxy for PostgreSQL, MySQL/MariaDB and SQL Server clients, with transaction pooling."""
@@ -112,8 +148,6 @@ def status(admin):
 def _register_subcommands():
     from .users_cmd import users
     cli.add_command(users)
-    from .lab.cli import lab
-    cli.add_command(lab)
 
 
 _register_subcommands()

@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .token_auth import ReloadingVerifier
+
 POOL_MODES = ("session", "transaction")
 ROLES = ("writer", "reader")
 CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password", "caching_sha2_password", "token")
@@ -548,16 +550,28 @@ def _tls_policy(r: _Reader, path: str, values: dict) -> None:
 
 def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
     """Check a token listener's settings and build its verifier (it reloads its keys: see ReloadingVerifier)."""
-    from .token_auth import ReloadingVerifier
     if not values["tls_cert_file"]:
         r.problem(f"{path}.auth", "'token' needs TLS on the client leg: set tls_cert_file and tls_key_file")
     for key in ("iam_access_keys_file", "jwt_jwks_file"):
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.join(base_dir, values[key])
+    # The addresses an RDS IAM token may be made for: the listen address and iam_hostname. A bad iam_hostname
+    # is reported only when the rest builds (a missing or bad key file is reported first).
+    addresses, hostname_problem = [values["listen"]], None
+    if values["token_kind"] == "rds_iam" and values["iam_hostname"]:
+        try:
+            addresses.append(parse_address(values["iam_hostname"], values["listen"][1]))
+        except ValueError as exc:
+            hostname_problem = str(exc)
     try:
-        values["token_verifier"] = ReloadingVerifier(values, values["listen"], values["token_keys_check_interval"])
+        verifier = ReloadingVerifier(values, addresses, values["token_keys_check_interval"])
     except ValueError as exc:
         r.problem(path, str(exc))
+        return
+    if hostname_problem:
+        r.problem(path, hostname_problem)
+        return
+    values["token_verifier"] = verifier
 
 
 def settings_reference() -> str:

@@ -257,8 +257,11 @@ def _named_user(named: str, user: str | None, where: str) -> str:
     return named
 
 
-def build_verifier(values: dict, listen: tuple[str, int]):
-    """The verifier a listener's token settings describe; raises ValueError naming the setting at fault."""
+def build_verifier(values: dict, addresses: Iterable[tuple[str, int]]):
+    """The verifier a listener's token settings describe; raises ValueError naming the setting at fault.
+
+    `addresses`: the (host, port) pairs an RDS IAM token may be made for (the listen address, and the parsed
+    iam_hostname: multiproxy.config parses the settings)."""
     kind = values.get("token_kind", "")
     if kind == "rds_iam":
         path = values.get("iam_access_keys_file", "")
@@ -268,11 +271,7 @@ def build_verifier(values: dict, listen: tuple[str, int]):
             keys = load_access_keys(path)
         except OSError as exc:
             raise ValueError(f"iam_access_keys_file: cannot read {path}: {exc.strerror}") from None
-        addresses = [listen]
-        if values.get("iam_hostname"):
-            from .config import parse_address
-            addresses.append(parse_address(values["iam_hostname"], listen[1]))
-        return IamTokenVerifier(keys, values.get("iam_region", ""), addresses)
+        return IamTokenVerifier(keys, values.get("iam_region", ""), list(addresses))
     if kind == "jwt":
         if not values.get("jwt_issuer") or not values.get("jwt_audience"):
             raise ValueError("jwt_issuer and jwt_audience: both needed for token_kind = 'jwt'")
@@ -319,16 +318,16 @@ class ReloadingVerifier:
     that fails keeps the previous keys and logs why. Building the first one raises ValueError, as
     build_verifier does, so that a bad file at start is a config error."""
 
-    def __init__(self, values: dict, listen: tuple[str, int], check_interval: float = KEYS_CHECK_INTERVAL,
+    def __init__(self, values: dict, addresses: Iterable[tuple[str, int]], check_interval: float = KEYS_CHECK_INTERVAL,
                  clock: Callable[[], float] = time.monotonic):
         self.values = dict(values)
-        self.listen = listen
+        self.addresses = list(addresses)
         self.name = values.get("name", "")
         self.path = values.get("iam_access_keys_file") or values.get("jwt_jwks_file") or ""
         self.check_interval = check_interval
         self.clock = clock
         self.version = _file_version(self.path) if self.path else None   # looked at before reading: no lost change
-        self.inner = build_verifier(self.values, listen)
+        self.inner = build_verifier(self.values, self.addresses)
         self.kind = self.inner.kind
         self.next_check = clock() + check_interval
 
@@ -352,7 +351,7 @@ class ReloadingVerifier:
 
     def _rebuild(self, why: str) -> bool:
         try:
-            inner = build_verifier(self.values, self.listen)
+            inner = build_verifier(self.values, self.addresses)
         except Exception as exc:  # a bad file must never stop logins with the keys already loaded
             log.error("listener %s: token keys not reloaded (%s), the previous keys stay in use: %s",
                       self.name, why, exc)

@@ -102,7 +102,7 @@ if [[ -e /etc/init.d/pgbouncer || -e /lib/systemd/system/pgbouncer.service ]]; t
     step "stop and disable the pgbouncer service" stop_pgbouncer_service
 fi
 
-# -- this package, editable, with its test extras ------------------------------------------------
+# -- this package, editable, with its lab and test extras ---------------------------------------------
 cd "$REPO_ROOT"
 stamp_dir="$REPO_ROOT/build"
 stamp="$stamp_dir/install-deps.stamp"
@@ -110,7 +110,8 @@ packaging_files=()
 for f in setup.py pyproject.toml setup.cfg; do
     if [[ -f $f ]]; then packaging_files+=("$f"); fi
 done
-want="$("$PYTHON" -c 'import sys; print(sys.executable)') $REPO_ROOT $(cat "${packaging_files[@]}" | sha256sum | cut -c1-16)"
+EXTRAS="lab,test"  # the lab (`multiproxy lab`, sqlglot, cryptography) and the test suite's clients
+want="$("$PYTHON" -c 'import sys; print(sys.executable)') $REPO_ROOT [$EXTRAS] $(cat "${packaging_files[@]}" | sha256sum | cut -c1-16)"
 installed_here() {
     # multiproxy must import from this checkout, not from another clone installed earlier.
     [[ "$(cd / && "$PYTHON" -c 'import multiproxy, os; print(os.path.dirname(os.path.dirname(multiproxy.__file__)))' 2>/dev/null)" == "$REPO_ROOT" ]]
@@ -118,12 +119,12 @@ installed_here() {
 if [[ ${INSTALL_DEPS_FORCE:-} != 1 && -f $stamp && "$(cat "$stamp")" == "$want" ]] && installed_here; then
     say "multiproxy already installed from $REPO_ROOT with this setup.py, skipping pip"
 else
-    pip_args=(-m pip install -q --disable-pip-version-check -e ".[test]")
+    pip_args=(-m pip install -q --disable-pip-version-check -e ".[$EXTRAS]")
     # A distribution's own Python (PEP 668) refuses pip outside a virtualenv; this is a test machine.
     if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not (sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))'; then
         pip_args+=(--break-system-packages)
     fi
-    step "$PYTHON -m pip install -e '.[test]'" env PIP_ROOT_USER_ACTION=ignore "$PYTHON" "${pip_args[@]}"
+    step "$PYTHON -m pip install -e '.[$EXTRAS]'" env PIP_ROOT_USER_ACTION=ignore "$PYTHON" "${pip_args[@]}"
     installed_here || fail "pip installed multiproxy, but '$PYTHON -c \"import multiproxy\"' does not load it from $REPO_ROOT"
     mkdir -p "$stamp_dir" && echo "$want" >"$stamp"
 fi

@@ -83,10 +83,11 @@ def failover(engine, lab_dir, no_rebuild):
     the proxy and the registry's writer-change event. Then it rebuilds the old writer as a reader of the
     new one, so that the next failover goes back.
     """
+    from .failover import failover as run_failover
     from .parts import PARTS
     if engine not in PARTS:
         raise click.UsageError(f"unknown engine {engine!r}; choose from {', '.join(PARTS)}")
-    _run(lambda: _lab(lab_dir).failover(engine, rebuild=not no_rebuild))
+    _run(lambda: run_failover(_lab(lab_dir), engine, rebuild=not no_rebuild))
 
 
 @lab.command()

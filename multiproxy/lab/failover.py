@@ -10,6 +10,7 @@ import urllib.request
 from .dns_server import write_zone
 from .parts import PARTS, LabPartError
 from .processes import alive, start_time
+from .stack import SERVER_STOP_TIMEOUT, Lab, LabError, Progress, describe_event, zone_records, _busy
 
 FIRST_WRITES = 10  # successful writes through the proxy before the writer is stopped
 FIRST_WRITES_TIMEOUT = 20.0
@@ -93,10 +94,9 @@ def _registry_events(admin: str, cluster: str, new: str, since: float) -> list[d
         time.sleep(0.2)
 
 
-def failover(lab, engine: str, rebuild: bool) -> int:
-    """Run one failover of `engine`'s cluster in the lab `lab` (a stack.Lab); print what happened."""
-    from .stack import SERVER_STOP_TIMEOUT, LabError, Progress, describe_event, zone_records, _busy
-
+def failover(lab: Lab, engine: str, rebuild: bool = True) -> int:
+    """Stop the writer of `engine`'s cluster in `lab`, promote a reader, repoint DNS; report the outage seen
+    through the proxy (`multiproxy lab failover`)."""
     state = lab._require()
     if engine not in state.get("engines", {}):
         raise LabError(f"the lab in {lab.dir} runs no {engine} (it runs: {', '.join(state.get('engines', {}))})")

@@ -61,6 +61,10 @@ class LabPart:
     # between two bounds (id > %s AND id <= %s: the ids of one run).
     failover_sql = ("", "", "")
     reader_follows = "follows"  # after a rebuild: "<old writer> now <reader_follows> <new writer>"
+    # The generated config (config_toml): the listeners' client authentication ("": the listener's default)
+    # and the comment above the cluster's tables.
+    client_auth = ""
+    config_comment = ""
 
     def __init__(self, data_dir: str, user: str, password: str, database: str, detach: bool):
         self.data_dir, self.user, self.password, self.database = data_dir, user, password, database
@@ -84,9 +88,16 @@ class LabPart:
     def state(self) -> dict:
         raise NotImplementedError
 
+    def port(self) -> int:
+        """The port every node of the cluster listens on (each on its own loopback address); once started."""
+        raise NotImplementedError
+
     def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
         """This part's [clusters.*] and [[listeners]] tables; paths relative to the config's directory."""
-        raise NotImplementedError
+        return cluster_toml(engine=self.engine, cluster=self.cluster, endpoints=self.endpoint_names(), port=self.port(),
+                            nameserver=self.dns_nameserver or "", user=self.user, password_file=password_file,
+                            writer_listen=writer_listen, reader_listen=reader_listen, auth=self.client_auth,
+                            comment=self.config_comment)
 
     # -- from saved state ------------------------------------------------------------------------
 
@@ -180,6 +191,10 @@ class PostgresPart(LabPart):
     client_tool, client_package = "psql", "postgresql-client"
 
     reader_follows = "streams from"
+    client_auth = "scram-sha-256"
+    config_comment = ("# PostgreSQL: a primary and a streaming standby, each on its own loopback address, found through the\n"
+                      "# cluster's writer and reader endpoints (DNS names the lab's DNS server answers, TTL 5 s). The probes\n"
+                      "# (pg_is_in_recovery()) decide who the writer is; `multiproxy lab failover postgres` moves it.")
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at timestamptz DEFAULT now())",
                     "INSERT INTO lab_failover (id) VALUES (%s) ON CONFLICT DO NOTHING",
@@ -251,54 +266,8 @@ class PostgresPart(LabPart):
             nodes.append(self._node("pg2", "reader", self.standby))
         return {"cluster": self.cluster, "nodes": nodes, "bindir": self.bindir}
 
-    def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
-        port = self.primary.port
-        names = self.endpoint_names()
-        return f"""
-# PostgreSQL: a primary and a streaming standby, each on its own loopback address, found through the
-# cluster's writer and reader endpoints (DNS names the lab's DNS server answers, TTL 5 s). The probes
-# (pg_is_in_recovery()) decide who the writer is; `multiproxy lab failover postgres` moves it.
-[clusters.{self.cluster}]
-engine = "postgres"
-hosts = []
-
-[clusters.{self.cluster}.endpoints]
-writer = {toml_string(f"{names['writer']}:{port}")}
-reader = {toml_string(f"{names['reader']}:{port}")}
-
-[clusters.{self.cluster}.dns]
-nameserver = {toml_string(self.dns_nameserver or "")}
-ttl_floor = 1.0
-
-[clusters.{self.cluster}.health]
-probe_interval = 1.0
-probe_user = {toml_string(self.user)}
-
-[clusters.{self.cluster}.backend]
-tls = "disable"  # the lab's servers listen on loopback only, without TLS
-
-[clusters.{self.cluster}.pool]
-mode = "transaction"
-max_size = 10
-
-[[clusters.{self.cluster}.credentials]]
-user = {toml_string(self.user)}
-password_file = {toml_string(password_file)}
-
-[[listeners]]
-name = "pg-writer"
-listen = {toml_string(writer_listen)}
-cluster = "{self.cluster}"
-role = "writer"
-auth = "scram-sha-256"
-
-[[listeners]]
-name = "pg-reader"
-listen = {toml_string(reader_listen)}
-cluster = "{self.cluster}"
-role = "reader"
-auth = "scram-sha-256"
-"""
+    def port(self) -> int:
+        return self.primary.port
 
     # -- failover ---------------------------------------------------------------------------------
 
@@ -369,50 +338,63 @@ def _split_url(connection_url: str) -> tuple[str, int, str, str, str]:
             unquote(parts.path.lstrip("/")))
 
 
-def _cluster_toml(part: LabPart, port: int, password_file: str, writer_listen: str, reader_listen: str,
-                  auth: str, comment: str) -> str:
-    """A [clusters.*] table following the lab's DNS endpoints, and its writer and reader [[listeners]]."""
-    names = part.endpoint_names()
-    auth_line = f'auth = "{auth}"\n' if auth else ""
+def proxy_toml(admin_listen: str, users_file: str) -> str:
+    """The generated config's [proxy] and [auth] tables."""
+    return "\n".join([
+        "[proxy]",
+        f"admin_listen = {toml_string(admin_listen)}",
+        'log_level = "info"',
+        "shutdown_timeout = 5.0",
+        "",
+        "[auth]",
+        f"users_file = {toml_string(users_file)}  # verifiers only: see `multiproxy users`",
+    ])
+
+
+def cluster_toml(*, engine: str, cluster: str, endpoints: dict[str, str], port: int, nameserver: str, user: str,
+                 password_file: str, writer_listen: str, reader_listen: str, auth: str = "", comment: str = "") -> str:
+    """A [clusters.*] table following DNS endpoints (`endpoints`: the writer and reader names, served by
+    `nameserver`), and its writer and reader [[listeners]]: the one place the lab's cluster TOML is written."""
+    auth_line = f"auth = {toml_string(auth)}\n" if auth else ""
     return f"""
 {comment}
-[clusters.{part.cluster}]
-engine = "{part.engine}"
+[clusters.{cluster}]
+engine = {toml_string(engine)}
 hosts = []
 
-[clusters.{part.cluster}.endpoints]
-writer = {toml_string(f"{names['writer']}:{port}")}
-reader = {toml_string(f"{names['reader']}:{port}")}
+[clusters.{cluster}.endpoints]
+writer = {toml_string(f"{endpoints['writer']}:{port}")}
+reader = {toml_string(f"{endpoints['reader']}:{port}")}
 
-[clusters.{part.cluster}.dns]
-nameserver = {toml_string(part.dns_nameserver or "")}
+[clusters.{cluster}.dns]
+nameserver = {toml_string(nameserver)}
 ttl_floor = 1.0
 
-[clusters.{part.cluster}.health]
+[clusters.{cluster}.health]
 probe_interval = 1.0
-probe_user = {toml_string(part.user)}
+probe_user = {toml_string(user)}
 
-[clusters.{part.cluster}.backend]
+[clusters.{cluster}.backend]
 tls = "disable"  # the lab's servers listen on loopback only, without TLS
 
-[clusters.{part.cluster}.pool]
+[clusters.{cluster}.pool]
 mode = "transaction"
 max_size = 10
 
-[[clusters.{part.cluster}.credentials]]
-user = {toml_string(part.user)}
+[[clusters.{cluster}.credentials]]
+user = {toml_string(user)}
 password_file = {toml_string(password_file)}
 
 [[listeners]]
-name = "{part.cluster}-writer"
+name = "{cluster}-writer"
 listen = {toml_string(writer_listen)}
-cluster = "{part.cluster}"
+cluster = "{cluster}"
 role = "writer"
 {auth_line}
 [[listeners]]
-name = "{part.cluster}-reader"
+name = "{cluster}-reader"
 listen = {toml_string(reader_listen)}
-cluster = "{part.cluster}"
+cluster = "{cluster}"
 role = "reader"
 {auth_line}"""
 
@@ -446,6 +428,9 @@ class MySQLPart(LabPart):
     client_tool, client_package = "mariadb", "mariadb-client"
 
     reader_follows = "replicates (GTID) from"
+    client_auth = "mysql_native_password"
+    config_comment = ("# MariaDB: a primary and a GTID replica (read_only), each on its own loopback address, found\n"
+                      "# through the cluster's endpoints; the probes (@@read_only) decide who the writer is.")
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, "
                     "at timestamp(6) DEFAULT CURRENT_TIMESTAMP(6))",
@@ -522,11 +507,8 @@ class MySQLPart(LabPart):
             nodes.append(self._node("my2", "reader", self.replica))
         return {"cluster": self.cluster, "nodes": nodes}
 
-    def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
-        return _cluster_toml(self, self.primary.port, password_file, writer_listen, reader_listen,
-                             "mysql_native_password",
-                             "# MariaDB: a primary and a GTID replica (read_only), each on its own loopback address, found\n"
-                             "# through the cluster's endpoints; the probes (@@read_only) decide who the writer is.")
+    def port(self) -> int:
+        return self.primary.port
 
     # -- failover ---------------------------------------------------------------------------------
 
@@ -635,6 +617,9 @@ class TDSPart(LabPart):
     client_tool, client_package = "tsql", "freetds-bin"
 
     reader_follows = "serves the shared store read-only beside"
+    config_comment = ("# TDS: two lab servers on one SQLite store, the reader started read-only; the probes\n"
+                      "# (DATABASEPROPERTYEX(DB_NAME(), 'Updateability')) decide who the writer is. Client\n"
+                      "# logins are checked against the users file's tds_sha256 verifiers.")
     supports_failover = True
     failover_sql = ("CREATE TABLE IF NOT EXISTS lab_failover (id bigint PRIMARY KEY, at datetime2)",
                     "INSERT INTO lab_failover (id) VALUES (%s)",
@@ -702,11 +687,8 @@ class TDSPart(LabPart):
     def state(self) -> dict:
         return {"cluster": self.cluster, "nodes": [dict(n) for n in self.nodes]}
 
-    def config_toml(self, writer_listen: str, reader_listen: str, password_file: str) -> str:
-        return _cluster_toml(self, self.nodes[0]["port"], password_file, writer_listen, reader_listen, "",
-                             "# TDS: two lab servers on one SQLite store, the reader started read-only; the probes\n"
-                             "# (DATABASEPROPERTYEX(DB_NAME(), 'Updateability')) decide who the writer is. Client\n"
-                             "# logins are checked against the users file's tds_sha256 verifiers.")
+    def port(self) -> int:
+        return self.nodes[0]["port"]
 
     # -- failover ---------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from multiproxy.lab.failover import failover
 from multiproxy.lab.stack import Lab
 
 LAG_BOUND = 5.0            # max_replica_lag in the drill's config, and the bound on every reader answer (s)
@@ -801,7 +802,7 @@ def run_drill(engine: str, failovers: int = 3, workdir: str | None = None, echo=
                 result.notes.append(f"time budget ({ENGINE_BUDGET:.0f} s) spent: stopped after {n} failover(s)")
                 break
             mark = len(capture.lines)
-            code = lab.failover(engine)
+            code = failover(lab, engine, rebuild=True)
             reader_retirements(admin, cluster, retirements)
             steps = capture.lines[mark:]
             result.timeline.append((n + 1, steps))

@@ -259,6 +259,21 @@ def test_token_listeners_on_engines_that_declare_support(tmp_path, engine):
     assert config.listeners[0].token_verifier.kind == "rds_iam"
 
 
+def test_iam_hostname_is_parsed_into_the_verifiers_addresses(tmp_path):
+    config = build_config(tls_listener_config(tmp_path, "postgres", iam_hostname="db.proxy.test"), "", real_engines())
+    assert config.listeners[0].token_verifier.addresses == [("127.0.0.1", 7000), ("db.proxy.test", 7000)]
+    config = build_config(tls_listener_config(tmp_path, "postgres", iam_hostname="[::1]:5432"), "", real_engines())
+    assert config.listeners[0].token_verifier.addresses == [("127.0.0.1", 7000), ("::1", 5432)]
+    with pytest.raises(ConfigError) as info:
+        build_config(tls_listener_config(tmp_path, "postgres", iam_hostname="db:notaport"), "", real_engines())
+    assert "listeners[0]: expected host:port, got 'db:notaport'" in str(info.value)
+    # A missing key file is the problem reported first, as before.
+    with pytest.raises(ConfigError) as info:
+        build_config(tls_listener_config(tmp_path, "postgres", iam_hostname="db:notaport", iam_access_keys_file=""),
+                     "", real_engines())
+    assert "iam_access_keys_file: needed" in str(info.value) and "notaport" not in str(info.value)
+
+
 def test_token_refused_for_an_engine_that_does_not_declare_it(tmp_path):
     from multiproxy.engine import Engine
 

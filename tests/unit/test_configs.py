@@ -21,3 +21,20 @@ def test_example_config_is_valid(path):
     assert config.listeners, f"{path.name}: no listeners"
     for listener in config.listeners:
         assert listener.cluster in config.clusters
+
+
+def test_the_lab_example_is_what_the_lab_generates():
+    """configs/lab-postgres.toml (annotated for people) holds the settings `multiproxy lab up` writes for its
+    PostgreSQL part, with the example's fixed ports: the lab's generator is the one source of both."""
+    import tomllib
+    from types import SimpleNamespace
+
+    from multiproxy.lab.parts import PARTS, proxy_toml
+
+    part = PARTS["postgres"]("/nonexistent", "lab", "unused", "lab", detach=False)
+    part.primary = SimpleNamespace(port=5432)
+    part.dns_nameserver = "127.0.0.1:5353"
+    generated = (proxy_toml("127.0.0.1:9930", "users.toml")
+                 + part.config_toml("127.0.0.1:6432", "127.0.0.1:6433", "lab-password"))
+    example = CONFIGS[[p.name for p in CONFIGS].index("lab-postgres.toml")]
+    assert tomllib.loads(example.read_text()) == tomllib.loads(generated)

@@ -114,8 +114,8 @@ def test_access_keys_file(tmp_path):
     js.write_text(json.dumps({KEY_ID: SECRET}))
     js.chmod(0o600)
     assert load_access_keys(str(js)) == {KEY_ID: AccessKey(SECRET)}
-    verifier = build_verifier({"token_kind": "rds_iam", "iam_access_keys_file": str(js), "iam_region": REGION,
-                               "iam_hostname": HOST}, ("127.0.0.1", PORT))
+    verifier = build_verifier({"token_kind": "rds_iam", "iam_access_keys_file": str(js), "iam_region": REGION},
+                              [("127.0.0.1", PORT), (HOST, PORT)])
     verifier.verify(boto_token(), "alice")
 
 
@@ -187,7 +187,7 @@ def test_access_keys_file_with_session_tokens(tmp_path):
     js.chmod(0o600)
     assert load_access_keys(str(js)) == expected
     verifier = build_verifier({"token_kind": "rds_iam", "iam_access_keys_file": str(js), "iam_region": REGION},
-                              (HOST, PORT))
+                              [(HOST, PORT)])
     verifier.verify(sts_boto_token(), "alice")
     for body, problem in (({STS_KEY_ID: {"secret": STS_SECRET}}, "unknown key 'secret'"),
                           ({STS_KEY_ID: {"session_token": SESSION_TOKEN}}, "secret_access_key missing"),
@@ -252,14 +252,14 @@ def test_jwt_shared_key(monkeypatch):
     shared = "k" * 40
     monkeypatch.setenv("MP_TEST_JWT_KEY", shared)
     v = build_verifier({"token_kind": "jwt", "jwt_shared_key_env": "MP_TEST_JWT_KEY", "jwt_issuer": ISS,
-                        "jwt_audience": AUD}, ("127.0.0.1", PORT))
+                        "jwt_audience": AUD}, [("127.0.0.1", PORT)])
     v.verify(make_jwt(shared, "HS256"), "alice")
     assert rejected(v, make_jwt("z" * 40, "HS256")) == "bad signature"
     assert rejected(v, make_jwt()) == "bad signature"   # an RS256 token is not accepted where HS256 is configured
     monkeypatch.setenv("MP_TEST_JWT_KEY", "short")
     with pytest.raises(ValueError, match="shorter than 32"):
         build_verifier({"token_kind": "jwt", "jwt_shared_key_env": "MP_TEST_JWT_KEY", "jwt_issuer": ISS,
-                        "jwt_audience": AUD}, ("127.0.0.1", PORT))
+                        "jwt_audience": AUD}, [("127.0.0.1", PORT)])
 
 
 @settings(max_examples=300, deadline=None)
@@ -292,7 +292,7 @@ def write_keys(path, keys: dict, mode=0o600):
 
 def reloading_iam(path, clock, interval=5.0):
     return ReloadingVerifier({"name": "pg", "token_kind": "rds_iam", "iam_access_keys_file": str(path),
-                              "iam_region": REGION}, (HOST, PORT), interval, clock)
+                              "iam_region": REGION}, [(HOST, PORT)], interval, clock)
 
 
 def test_changed_access_keys_file_is_noticed_after_the_interval(tmp_path):
@@ -372,7 +372,7 @@ def test_jwks_rotation(tmp_path, caplog):
     path, clock = tmp_path / "jwks.json", Clock()
     path.write_text(json.dumps({"keys": [jwks()["keys"][0]]}))          # rsa1 only
     v = ReloadingVerifier({"name": "pg", "token_kind": "jwt", "jwt_jwks_file": str(path), "jwt_issuer": ISS,
-                           "jwt_audience": AUD}, (HOST, PORT), 2.0, clock)
+                           "jwt_audience": AUD}, [(HOST, PORT)], 2.0, clock)
     v.verify(make_jwt(), "alice")
     assert rejected(v, make_jwt(EC_KEY, "ES256", "ec1")).startswith("bad signature")
     path.write_text(json.dumps({"keys": [jwks()["keys"][1]]}))          # rotated to ec1
@@ -392,7 +392,7 @@ def test_jwks_rotation(tmp_path, caplog):
 def test_shared_key_reload_reads_the_environment_again(monkeypatch):
     monkeypatch.setenv("MP_TEST_JWT_KEY", "k" * 40)
     v = ReloadingVerifier({"name": "pg", "token_kind": "jwt", "jwt_shared_key_env": "MP_TEST_JWT_KEY",
-                           "jwt_issuer": ISS, "jwt_audience": AUD}, (HOST, PORT))
+                           "jwt_issuer": ISS, "jwt_audience": AUD}, [(HOST, PORT)])
     v.verify(make_jwt("k" * 40, "HS256"), "alice")
     monkeypatch.setenv("MP_TEST_JWT_KEY", "n" * 40)
     assert v.reload()
