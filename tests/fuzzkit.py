@@ -35,8 +35,8 @@ from multiproxy.engine import (
     StartClientTLS,
 )
 from multiproxy.pinning import PinPolicy
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 # The fuzzed clients get a small max_message_size, so that buffering beyond it shows with small inputs.
 MAX_MESSAGE = 16384

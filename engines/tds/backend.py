@@ -6,8 +6,8 @@ import ssl
 from dataclasses import dataclass
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from .wire import messages as tp
+from .wire import token_stream as tk
 
 LOGIN_FAILED = 18456
 BACKEND_PACKET_SIZE = 4096

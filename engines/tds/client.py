@@ -11,13 +11,13 @@ from multiproxy.engine import (
     AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason, ProtocolError,
     SendToClient,
 )
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
-from multiproxy.tds.stream import ResponseScanner, Reframer
-from multiproxy.tds.tokens import ProtocolError as TDSError
 from multiproxy.tokens import TokenRejected
 
 from .pinning import classify_batch, classify_rpc
+from .wire import messages as tp
+from .wire import token_stream as tk
+from .wire.response_scanner import ResponseScanner, Reframer
+from .wire.token_stream import ProtocolError as TDSError
 
 SERVER_NAME = "multiproxy"
 # (number, class) per error situation; messages come from the core and say what to do.

@@ -23,8 +23,8 @@ import gevent.queue
 import gevent.socket
 from gevent.threadpool import ThreadPool
 
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 from .tds_sql import Cancelled, LabDatabases, SqlError, SqlSession
 

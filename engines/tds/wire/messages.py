@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .tokens import ProtocolError, TypeInfo, read_type_info, read_value, write_type_info, write_value
+from .token_stream import ProtocolError, TypeInfo, read_type_info, read_value, write_type_info, write_value
 
 # -- packet header (MS-TDS 2.2.3.1) ---------------------------------------------------------------
 HEADER_SIZE = 8
