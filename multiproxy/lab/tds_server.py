@@ -25,6 +25,7 @@ from gevent.threadpool import ThreadPool
 
 from engines.tds.wire import messages as tp
 from engines.tds.wire import token_stream as tk
+from engines.tds.wire.memory_tls import MemoryTLS
 
 from .tds_sql import Cancelled, LabDatabases, SqlError, SqlSession
 
@@ -66,18 +67,12 @@ def make_self_signed(directory: str, hostname: str = "localhost") -> tuple[str, 
 
 
 class _Transport:
-    """A client socket, optionally with TLS records (a memory-BIO SSLObject) between it and the TDS packets."""
+    """A client socket, optionally with TLS records (a MemoryTLS session) between it and the TDS packets."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.tls: ssl.SSLObject | None = None
-        self._in = self._out = None
-
-    def start_tls(self, context: ssl.SSLContext) -> ssl.SSLObject:
-        """A server-side TLS object on fresh memory BIOs; it carries traffic once the handshake is done and
-        `tls` is set to it (during the handshake, TLS records travel inside PRELOGIN packets)."""
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        return context.wrap_bio(self._in, self._out, server_side=True)
+        # Carries traffic once set, after the handshake (during it, TLS records travel inside PRELOGIN packets).
+        self.tls: MemoryTLS | None = None
 
     def recv(self) -> bytes:
         while True:
@@ -86,25 +81,16 @@ class _Transport:
                 raise ConnectionClosed()
             if self.tls is None:
                 return data
-            self._in.write(data)
-            plain = bytearray()
-            while True:
-                try:
-                    chunk = self.tls.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    raise ConnectionClosed() from None
-                if not chunk:
-                    break
-                plain += chunk
+            try:
+                plain = self.tls.decrypt(data)
+            except ssl.SSLZeroReturnError:
+                raise ConnectionClosed() from None
             if plain:
-                return bytes(plain)
+                return plain
 
     def send(self, data: bytes) -> None:
         if self.tls is not None:
-            self.tls.write(data)
-            data = self._out.read()
+            data = self.tls.encrypt(data)
         self.sock.sendall(data)
 
 
@@ -233,18 +219,13 @@ class _Connection:
         return True
 
     def _tls_handshake(self) -> None:
-        tls = self.transport.start_tls(self.server._ssl_context())
+        tls = MemoryTLS(self.server._ssl_context(), server_side=True)
         while True:
             msg = self._read_message()
             if msg.type != tp.PRELOGIN:
                 raise tp.ProtocolError("expected a TLS handshake inside PRELOGIN packets")
-            self.transport._in.write(msg.data)
-            try:
-                tls.do_handshake()
-                finished = True
-            except ssl.SSLWantReadError:
-                finished = False
-            out = self.transport._out.read()
+            finished = tls.handshake(msg.data)
+            out = tls.pending_output()
             if out:
                 self.sock.sendall(tp.encode_message(tp.PRELOGIN, out, tp.DEFAULT_PACKET_SIZE))
             if finished:
