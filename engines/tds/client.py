@@ -227,8 +227,7 @@ class TDSClient(ClientProtocol):
         self.tls_full = answer != tp.ENCRYPT_OFF
         self.tls_login_only = answer == tp.ENCRYPT_OFF
         self.phase = "tls"
-        self.hbuf = bytes(self.reader._buf)       # TLS handshake bytes that came with the PRELOGIN
-        self.reader._buf.clear()
+        self.hbuf = self.reader.take_unparsed()   # TLS handshake bytes that came with the PRELOGIN
         return SendToClient(out)
 
     def _tls_step(self, msg: tp.Message):

@@ -102,7 +102,7 @@ class _Connection:
         self.server, self.sock, self.address = server, sock, address
         self.transport = _Transport(sock)
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
-        self.spid = next(server._spids)
+        self.spid = server.next_spid()
         self.packet_size = tp.DEFAULT_PACKET_SIZE
         self.session: SqlSession | None = None
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
@@ -146,7 +146,7 @@ class _Connection:
             self.fail(50000, "Internal error in the TDS lab server (see its stderr).")
         finally:
             if self.session is not None:
-                self.server._pool.spawn(self.session.close).get()
+                self.server.in_thread(self.session.close)
             try:
                 self.sock.close()
             except OSError:
@@ -204,8 +204,7 @@ class _Connection:
         version = _SUPPORTED_VERSIONS.get(login.tds_version, tk.TDS74_VERSION_BYTES)
         requested = login.packet_size or tp.DEFAULT_PACKET_SIZE
         self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
-        self.session = self.server._pool.spawn(SqlSession, self.server.databases, self.spid, login.username,
-                                               database).get()
+        self.session = self.server.in_thread(SqlSession, self.server.databases, self.spid, login.username, database)
         name = self.server.server_name
         self.send(tk.envchange(tk.ENV_DATABASE, database, "master")
                   + tk.info(5701, f"Changed database context to '{database}'.", 2, 0, name)
@@ -219,7 +218,7 @@ class _Connection:
         return True
 
     def _tls_handshake(self) -> None:
-        tls = MemoryTLS(self.server._ssl_context(), server_side=True)
+        tls = MemoryTLS(self.server.ssl_context(), server_side=True)
         while True:
             msg = self._read_message()
             if msg.type != tp.PRELOGIN:
@@ -258,7 +257,7 @@ class _Connection:
                 self.session.cancelled = False
                 self.send(tk.done(tk.DONE_ATTN))
                 continue
-            response = self.server._pool.spawn(self._handle_or_cancel, msg).get()
+            response = self.server.in_thread(self._handle_or_cancel, msg)
             if response is not None:  # else cancelled: the ATTENTION behind it is answered with DONE_ATTN
                 self.send(response)
 
@@ -361,7 +360,17 @@ class TDSLabServer:
         self.databases.replica_lag = None if seconds is None else int(seconds)
         self.databases.redo_queue_kb = None if redo_queue_kb is None else int(redo_queue_kb)
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def next_spid(self) -> int:
+        """The session id for the next client."""
+        return next(self._spids)
+
+    def in_thread(self, function, *args):
+        """`function(*args)` run in the server's thread pool (SQLite work), its result or exception returned to the
+        calling greenlet."""
+        return self._pool.spawn(function, *args).get()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server's TLS 1.2 context (a self-signed certificate made on first use when none was given)."""
         if self._context is None:
             if not self.cert_file:
                 self.cert_file, self.key_file = make_self_signed(self._tmpdir)

@@ -141,7 +141,7 @@ class ResponseScanner:
             _need(data, pos + 3, size)
             body = data[pos + 3:pos + 3 + size]
             if t == tk.TOKEN_ENVCHANGE or t == tk.TOKEN_ERROR:
-                fields = tk._decode_sized(t, body)
+                fields = tk.decode_sized(t, body)
                 if t == tk.TOKEN_ENVCHANGE:
                     events.append(("env", fields["env_type"], fields["new"], fields["old"]))
                 else:
