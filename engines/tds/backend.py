@@ -6,8 +6,9 @@ import ssl
 from dataclasses import dataclass
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from .wire import messages as tp
+from .wire import token_stream as tk
+from .wire.memory_tls import MemoryTLS
 
 LOGIN_FAILED = 18456
 BACKEND_PACKET_SIZE = 4096
@@ -36,7 +37,7 @@ class TDSLogin(BackendScript):
         self.packet_size = packet_size
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
         self.phase = "prelogin"
-        self.tls = self.tls_in = self.tls_out = None
+        self.tls: MemoryTLS | None = None
         self.done = False
         self.wants_tls = False
         self.result = None
@@ -57,8 +58,7 @@ class TDSLogin(BackendScript):
                           servername=target.host, library="multiproxy", database=target.database)
         data = tp.encode_message(tp.LOGIN7, login.encode(), tp.DEFAULT_PACKET_SIZE)
         if self.tls is not None:
-            self.tls.write(data)
-            data = self.tls_out.read()
+            data = self.tls.encrypt(data)
             self.tls = None                 # login-only encryption: the reply and everything after are plain
         self.phase = "reply"
         return data
@@ -103,22 +103,17 @@ class TDSLogin(BackendScript):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         context.maximum_version = ssl.TLSVersion.TLSv1_2     # as SQL Server for TDS 7.x (no post-handshake tickets)
-        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.tls_in, self.tls_out,
-                                    server_hostname=self.target.host if context.check_hostname else None)
+        self.tls = MemoryTLS(context, server_hostname=self.target.host if context.check_hostname else None)
         self.phase = "tls"
         return self._handshake()
 
-    def _handshake(self) -> bytes:
+    def _handshake(self, data: bytes = b"") -> bytes:
         try:
-            self.tls.do_handshake()
-            finished = True
-        except ssl.SSLWantReadError:
-            finished = False
+            finished = self.tls.handshake(data)
         except ssl.SSLError as exc:
             raise BackendError(f"TLS handshake with backend {self.target.host}:{self.target.port} failed: {exc}") \
                 from None
-        out = self.tls_out.read()
+        out = self.tls.pending_output()
         data = tp.encode_message(tp.PRELOGIN, out) if out else b""
         if finished:
             return data + self._login7()
@@ -127,8 +122,7 @@ class TDSLogin(BackendScript):
     def _tls_step(self, msg: tp.Message) -> bytes:
         if msg.type not in (tp.PRELOGIN, tp.TABULAR_RESULT):
             raise BackendError("backend sent something else than a TLS handshake")
-        self.tls_in.write(msg.data)
-        return self._handshake()
+        return self._handshake(msg.data)
 
     def _reply(self, msg: tp.Message) -> None:
         try:

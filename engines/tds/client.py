@@ -11,13 +11,14 @@ from multiproxy.engine import (
     AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason, ProtocolError,
     SendToClient,
 )
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
-from multiproxy.tds.stream import ResponseScanner, Reframer
-from multiproxy.tds.tokens import ProtocolError as TDSError
 from multiproxy.token_auth import TokenRejected
 
 from .pinning import classify_batch, classify_rpc
+from .wire import messages as tp
+from .wire import token_stream as tk
+from .wire.memory_tls import MemoryTLS
+from .wire.response_scanner import ResponseScanner, Reframer
+from .wire.token_stream import ProtocolError as TDSError
 
 SERVER_NAME = "multiproxy"
 # (number, class) per error situation; messages come from the core and say what to do.
@@ -81,8 +82,7 @@ class TDSClient(ClientProtocol):
         self.phase = "prelogin"
         self.hbuf = b""
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
-        self.tls = None                  # ssl.SSLObject while TLS runs inside the engine
-        self.tls_in = self.tls_out = None
+        self.tls: MemoryTLS | None = None    # while TLS runs inside the engine
         self.tls_full = False            # every byte after the login is TLS (encryption ON/REQ)
         self.tls_login_only = False
         self.tls_raw = False             # TLS records come raw on the socket (after the PRELOGIN handshake)
@@ -115,24 +115,14 @@ class TDSClient(ClientProtocol):
     def _out(self, data: bytes) -> bytes:
         # Before the TLS handshake inside PRELOGIN finished there is no session to encrypt with: errors go plain.
         if self.tls_full and data and self.phase != "tls":
-            self.tls.write(data)
-            return self.tls_out.read()
+            return self.tls.encrypt(data)
         return data
 
     def _decrypt(self, data: bytes) -> bytes:
-        self.tls_in.write(data)
-        plain = bytearray()
-        while True:
-            try:
-                chunk = self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLError as exc:
-                raise ProtocolError(f"TLS error: {exc}") from None
-            if not chunk:
-                break
-            plain += chunk
-        return bytes(plain)
+        try:
+            return self.tls.decrypt(data)
+        except ssl.SSLError as exc:
+            raise ProtocolError(f"TLS error: {exc}") from None
 
     # ------------------------------------------------------------------ handshake
 
@@ -233,33 +223,27 @@ class TDSClient(ClientProtocol):
                 message = (f"listener {listener.name!r} requires encryption: connect with encryption enabled "
                            "(FreeTDS: encryption = require; pymssql/pytds: a TLS-capable build)")
             return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, message), message)
-        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        self.tls = MemoryTLS(context, server_side=True)
         self.tls_full = answer != tp.ENCRYPT_OFF
         self.tls_login_only = answer == tp.ENCRYPT_OFF
         self.phase = "tls"
-        self.hbuf = bytes(self.reader._buf)       # TLS handshake bytes that came with the PRELOGIN
-        self.reader._buf.clear()
+        self.hbuf = self.reader.take_unparsed()   # TLS handshake bytes that came with the PRELOGIN
         return SendToClient(out)
 
     def _tls_step(self, msg: tp.Message):
         if msg.type != tp.PRELOGIN:
             raise TDSError("expected the TLS handshake inside PRELOGIN packets")
-        self.tls_in.write(msg.data)
         try:
-            self.tls.do_handshake()
-            finished = True
-        except ssl.SSLWantReadError:
-            finished = False
+            finished = self.tls.handshake(msg.data)
         except ssl.SSLError as exc:
             # Tell the client with the TLS alert OpenSSL wrote (inside PRELOGIN, as the handshake), and log why
             # (a missing or untrusted client certificate, no shared cipher).
-            alert = self.tls_out.read()
+            alert = self.tls.pending_output()
             why = exc.reason.replace("_", " ").lower() if exc.reason else str(exc)
             raise ProtocolError(f"TLS handshake failed: {why}",
                                 tp.encode_message(tp.PRELOGIN, alert) if alert else b"",
                                 ErrorKind.TLS_REQUIRED) from None
-        out = self.tls_out.read()
+        out = self.tls.pending_output()
         if finished:
             self.phase = "login"
             self.tls_raw = True

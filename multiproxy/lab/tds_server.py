@@ -23,8 +23,9 @@ import gevent.queue
 import gevent.socket
 from gevent.threadpool import ThreadPool
 
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
+from engines.tds.wire.memory_tls import MemoryTLS
 
 from .tds_sql import Cancelled, LabDatabases, SqlError, SqlSession
 
@@ -66,18 +67,12 @@ def make_self_signed(directory: str, hostname: str = "localhost") -> tuple[str, 
 
 
 class _Transport:
-    """A client socket, optionally with TLS records (a memory-BIO SSLObject) between it and the TDS packets."""
+    """A client socket, optionally with TLS records (a MemoryTLS session) between it and the TDS packets."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.tls: ssl.SSLObject | None = None
-        self._in = self._out = None
-
-    def start_tls(self, context: ssl.SSLContext) -> ssl.SSLObject:
-        """A server-side TLS object on fresh memory BIOs; it carries traffic once the handshake is done and
-        `tls` is set to it (during the handshake, TLS records travel inside PRELOGIN packets)."""
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        return context.wrap_bio(self._in, self._out, server_side=True)
+        # Carries traffic once set, after the handshake (during it, TLS records travel inside PRELOGIN packets).
+        self.tls: MemoryTLS | None = None
 
     def recv(self) -> bytes:
         while True:
@@ -86,25 +81,16 @@ class _Transport:
                 raise ConnectionClosed()
             if self.tls is None:
                 return data
-            self._in.write(data)
-            plain = bytearray()
-            while True:
-                try:
-                    chunk = self.tls.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    raise ConnectionClosed() from None
-                if not chunk:
-                    break
-                plain += chunk
+            try:
+                plain = self.tls.decrypt(data)
+            except ssl.SSLZeroReturnError:
+                raise ConnectionClosed() from None
             if plain:
-                return bytes(plain)
+                return plain
 
     def send(self, data: bytes) -> None:
         if self.tls is not None:
-            self.tls.write(data)
-            data = self._out.read()
+            data = self.tls.encrypt(data)
         self.sock.sendall(data)
 
 
@@ -116,7 +102,7 @@ class _Connection:
         self.server, self.sock, self.address = server, sock, address
         self.transport = _Transport(sock)
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
-        self.spid = next(server._spids)
+        self.spid = server.next_spid()
         self.packet_size = tp.DEFAULT_PACKET_SIZE
         self.session: SqlSession | None = None
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
@@ -160,7 +146,7 @@ class _Connection:
             self.fail(50000, "Internal error in the TDS lab server (see its stderr).")
         finally:
             if self.session is not None:
-                self.server._pool.spawn(self.session.close).get()
+                self.server.in_thread(self.session.close)
             try:
                 self.sock.close()
             except OSError:
@@ -218,8 +204,7 @@ class _Connection:
         version = _SUPPORTED_VERSIONS.get(login.tds_version, tk.TDS74_VERSION_BYTES)
         requested = login.packet_size or tp.DEFAULT_PACKET_SIZE
         self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
-        self.session = self.server._pool.spawn(SqlSession, self.server.databases, self.spid, login.username,
-                                               database).get()
+        self.session = self.server.in_thread(SqlSession, self.server.databases, self.spid, login.username, database)
         name = self.server.server_name
         self.send(tk.envchange(tk.ENV_DATABASE, database, "master")
                   + tk.info(5701, f"Changed database context to '{database}'.", 2, 0, name)
@@ -233,18 +218,13 @@ class _Connection:
         return True
 
     def _tls_handshake(self) -> None:
-        tls = self.transport.start_tls(self.server._ssl_context())
+        tls = MemoryTLS(self.server.ssl_context(), server_side=True)
         while True:
             msg = self._read_message()
             if msg.type != tp.PRELOGIN:
                 raise tp.ProtocolError("expected a TLS handshake inside PRELOGIN packets")
-            self.transport._in.write(msg.data)
-            try:
-                tls.do_handshake()
-                finished = True
-            except ssl.SSLWantReadError:
-                finished = False
-            out = self.transport._out.read()
+            finished = tls.handshake(msg.data)
+            out = tls.pending_output()
             if out:
                 self.sock.sendall(tp.encode_message(tp.PRELOGIN, out, tp.DEFAULT_PACKET_SIZE))
             if finished:
@@ -277,7 +257,7 @@ class _Connection:
                 self.session.cancelled = False
                 self.send(tk.done(tk.DONE_ATTN))
                 continue
-            response = self.server._pool.spawn(self._handle_or_cancel, msg).get()
+            response = self.server.in_thread(self._handle_or_cancel, msg)
             if response is not None:  # else cancelled: the ATTENTION behind it is answered with DONE_ATTN
                 self.send(response)
 
@@ -380,7 +360,17 @@ class TDSLabServer:
         self.databases.replica_lag = None if seconds is None else int(seconds)
         self.databases.redo_queue_kb = None if redo_queue_kb is None else int(redo_queue_kb)
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def next_spid(self) -> int:
+        """The session id for the next client."""
+        return next(self._spids)
+
+    def in_thread(self, function, *args):
+        """`function(*args)` run in the server's thread pool (SQLite work), its result or exception returned to the
+        calling greenlet."""
+        return self._pool.spawn(function, *args).get()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server's TLS 1.2 context (a self-signed certificate made on first use when none was given)."""
         if self._context is None:
             if not self.cert_file:
                 self.cert_file, self.key_file = make_self_signed(self._tmpdir)

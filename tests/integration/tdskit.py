@@ -8,8 +8,8 @@ import ssl
 import subprocess
 import sys
 
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 from .proxy import free_port
 
@@ -41,7 +41,7 @@ class LabProcess:
 
 
 class RawClient:
-    """A TDS client from multiproxy.tds, for status bits, bad input and ATTENTION timing no driver exposes."""
+    """A TDS client from engines.tds.wire, for status bits, bad input and ATTENTION timing no driver exposes."""
 
     def __init__(self, port, packet_size=4096, user=LAB_USER, password=LAB_PASSWORD, database="", login=True,
                  require_loginack=False, language=""):
@@ -88,9 +88,11 @@ class RawClient:
         self.sock.close()
 
 
-def recv_message(sock: socket.socket, reader: tp.MessageReader, tls=None, incoming=None) -> tp.Message:
-    """The next whole TDS message; with `tls`, what arrives are TLS records carrying it."""
-    pending = getattr(reader, "_pending_messages", [])
+def recv_message(sock: socket.socket, reader: tp.MessageReader, backlog: list, tls=None,
+                 incoming=None) -> tp.Message:
+    """The next whole TDS message; with `tls`, what arrives are TLS records carrying it. `backlog` keeps the
+    messages that arrived with it, for the next call."""
+    pending = backlog[:]
     while not pending:
         data = sock.recv(65536)
         if not data:
@@ -105,7 +107,7 @@ def recv_message(sock: socket.socket, reader: tp.MessageReader, tls=None, incomi
                     break
             data = plain
         pending = reader.feed(data)
-    reader._pending_messages = pending[1:]
+    backlog[:] = pending[1:]
     return pending[0]
 
 
@@ -118,9 +120,9 @@ def tls_login(port: int, login, context: ssl.SSLContext, encryption: int = tp.EN
     replaces the client's PRELOGIN."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        reader = tp.MessageReader()
+        reader, backlog = tp.MessageReader(), []
         sock.sendall(tp.encode_message(tp.PRELOGIN, (prelogin or tp.Prelogin.build(encryption=encryption)).encode()))
-        server = tp.Prelogin.decode(recv_message(sock, reader).data)
+        server = tp.Prelogin.decode(recv_message(sock, reader, backlog).data)
         answer = server.encryption
         if callable(login):
             login = login(server)
@@ -135,13 +137,13 @@ def tls_login(port: int, login, context: ssl.SSLContext, encryption: int = tp.EN
                 pass
             if out := outgoing.read():
                 sock.sendall(tp.encode_message(tp.PRELOGIN, out))
-            incoming.write(recv_message(sock, reader).data)
+            incoming.write(recv_message(sock, reader, backlog).data)
         if out := outgoing.read():
             sock.sendall(tp.encode_message(tp.PRELOGIN, out))
         tls.write(tp.encode_message(tp.LOGIN7, login.encode()))
         sock.sendall(outgoing.read())
         full = answer != tp.ENCRYPT_OFF
-        reply = recv_message(sock, reader, tls if full else None, incoming)
+        reply = recv_message(sock, reader, backlog, tls if full else None, incoming)
         return tk.TokenReader().read(reply.data), tls
     finally:
         sock.close()

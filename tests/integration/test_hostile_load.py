@@ -29,7 +29,7 @@ import pytest
 from engines.mysql import protocol as myp
 from engines.mysql.auth import native_scramble
 from multiproxy.auth import UsersFile
-from multiproxy.tds import protocol as tp
+from engines.tds.wire import messages as tp
 
 from ..fuzzkit import check_mysql_error, check_pg_error, check_tds_error, tls_client_hello
 from .helpers import metric, metrics_text

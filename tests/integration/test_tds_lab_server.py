@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 from .tdskit import LAB_PASSWORD, LAB_USER, LabProcess, pymssql_refusal
 from .tdskit import RawClient as TdsRawClient

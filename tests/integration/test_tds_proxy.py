@@ -11,8 +11,8 @@ import time
 import pytest
 
 from multiproxy.auth import UsersFile
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 from .helpers import metric, metrics_text
 from .proxy import free_port

@@ -6,7 +6,7 @@ import pytest
 from engines.mysql import protocol as myp
 from engines.postgres import protocol as pgp
 from multiproxy.engine import ProtocolError
-from multiproxy.tds import protocol as tp
+from engines.tds.wire import messages as tp
 
 from ..fuzzkit import (
     TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, mysql_logged_in, pg_logged_in, tds_client, tds_packet,

@@ -12,8 +12,8 @@ from engines.postgres import protocol as pp
 from engines.postgres.backend import PostgresProbe
 from engines.tds.backend import TDSProbe
 from multiproxy.engine import BackendError, BackendTarget
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
 
 WRITER = {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
 

@@ -13,9 +13,9 @@ from engines.tds.pinning import classify_batch, classify_rpc
 from multiproxy.auth import UsersFile, check_tds_sha256, tds_sha256_verifier
 from multiproxy.contract import check_engine, contract_context
 from multiproxy.engine import Authenticated, AuthFailed, CloseClient, PinReason, ProtocolError, SendToClient
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
-from multiproxy.tds.stream import Reframer, ResponseScanner
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
+from engines.tds.wire.response_scanner import Reframer, ResponseScanner
 
 from ..fuzzkit import TDS_PRELOGIN, chunks_of, drive, tds_client, tds_logged_in
 

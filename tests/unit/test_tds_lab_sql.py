@@ -5,7 +5,7 @@ import decimal
 import pytest
 
 from multiproxy.lab.tds_sql import BigInt, VarChar, infer_columns, split_statements
-from multiproxy.tds import tokens as tk
+from engines.tds.wire import token_stream as tk
 
 
 @pytest.mark.parametrize("batch,expected", [

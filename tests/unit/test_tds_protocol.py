@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multiproxy.tds import protocol as tp
-from multiproxy.tds import tokens as tk
-from multiproxy.tds.tokens import TypeInfo
+from engines.tds.wire import messages as tp
+from engines.tds.wire import token_stream as tk
+from engines.tds.wire.token_stream import TypeInfo
 
 
 def h(text: str) -> bytes:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import struct
 
-from . import tokens as tk
-from .protocol import HEADER_SIZE, STATUS_EOM, TABULAR_RESULT
-from .tokens import ProtocolError, read_type_info
+from . import token_stream as tk
+from .messages import HEADER_SIZE, STATUS_EOM, TABULAR_RESULT
+from .token_stream import ProtocolError, read_type_info
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -141,7 +141,7 @@ class ResponseScanner:
             _need(data, pos + 3, size)
             body = data[pos + 3:pos + 3 + size]
             if t == tk.TOKEN_ENVCHANGE or t == tk.TOKEN_ERROR:
-                fields = tk._decode_sized(t, body)
+                fields = tk.decode_sized(t, body)
                 if t == tk.TOKEN_ENVCHANGE:
                     events.append(("env", fields["env_type"], fields["new"], fields["old"]))
                 else:

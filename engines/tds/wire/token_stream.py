@@ -710,7 +710,7 @@ class TokenReader:
             pos += 2
             _need(data, pos, size, "token")
             body, pos = data[pos:pos + size], pos + size
-            return Token(t, _decode_sized(t, body)), pos
+            return Token(t, decode_sized(t, body)), pos
         raise ProtocolError(f"unknown token 0x{t:02x}")
 
 
@@ -721,7 +721,8 @@ def _read_b_varchar(data: bytes, pos: int) -> tuple[str, int]:
     return data[pos + 1:pos + 1 + 2 * n].decode("utf-16-le", errors="replace"), pos + 1 + 2 * n
 
 
-def _decode_sized(t: int, body: bytes) -> dict:
+def decode_sized(t: int, body: bytes) -> dict:
+    """The fields of a token with a USHORT length (ENVCHANGE, INFO, ERROR, LOGINACK, ...), from its body."""
     if t == TOKEN_ENVCHANGE:
         _need(body, 0, 1, "ENVCHANGE")
         env_type = body[0]

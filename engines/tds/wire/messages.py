@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .tokens import ProtocolError, TypeInfo, read_type_info, read_value, write_type_info, write_value
+from .token_stream import ProtocolError, TypeInfo, read_type_info, read_value, write_type_info, write_value
 
 # -- packet header (MS-TDS 2.2.3.1) ---------------------------------------------------------------
 HEADER_SIZE = 8
@@ -125,6 +125,14 @@ class MessageReader:
     def pending(self) -> int:
         """Bytes held that do not yet form a whole message."""
         return len(self._buf) + sum(len(p) for p in self._parts)
+
+    def take_unparsed(self) -> bytes:
+        """The bytes fed after the last whole packet, removed from the reader (packets already taken into a message
+        stay): for a caller whose peer stops sending packets, as a TDS client sends TLS handshake records right
+        behind its PRELOGIN."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
 
 
 def encode_message(msg_type: int, payload: bytes, packet_size: int = DEFAULT_PACKET_SIZE, status: int = 0,

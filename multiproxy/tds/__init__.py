@@ -1,1 +1,0 @@
-"""TDS (SQL Server) protocol code shared by the TDS lab server and the TDS engine; sans-IO, no sockets."""
