@@ -1,4 +1,5 @@
-"""Classifies MySQL SQL text: tracked session settings (replayed elsewhere), pin reasons, USE, KILL."""
+"""Classifies MySQL SQL text: tracked session settings (replayed elsewhere), pin reasons, USE, KILL; and the
+client's pin record (`PinTracking`, a mixin of MySQLClient)."""
 from __future__ import annotations
 
 import re
@@ -245,3 +246,25 @@ def _classify_assignment(part: str, literals: list[str], result: Classification)
         result.assigns[name] = value
         return
     pins.append((PinReason.SESSION_VARIABLE, f"SET {name}"))
+
+
+class PinTracking:
+    """Mixin of MySQLClient: whether the session is pinned to its backend, and why (first detail per reason).
+    The pin policy (multiproxy.pinning) decides, per reason, whether a detection pins."""
+
+    def _init_pins(self) -> None:
+        self.pinned = False
+        self.pin_details: list = []
+
+    def _detected(self, reason: PinReason, detail: str) -> None:
+        if self.ctx.pin_policy.detected(self, reason, detail):
+            self.pinned = True
+            # The first detail per reason: a pinned client repeating SET would otherwise grow the list forever.
+            if all(known is not reason for known, _ in self.pin_details):
+                self.pin_details.append((reason, detail))
+
+    def _unpin(self) -> None:
+        """The session's state was reset (COM_RESET_CONNECTION, COM_CHANGE_USER): nothing ties it any more."""
+        self.pinned = False
+        self.pin_details = []
+        self.ctx.pin_policy.session_ended(self)
