@@ -12,8 +12,8 @@ import struct
 from collections import deque
 
 from multiproxy.engine import (
-    AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason, ProtocolError,
-    SendToClient, StartClientTLS,
+    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, ClientQuit, CloseClient, ErrorKind,
+    PinReason, ProtocolError, SendToClient, StartClientTLS,
 )
 
 from . import protocol as p
@@ -178,6 +178,7 @@ class MySQLClient(ClientProtocol):
         self.retry_read_only = ctx.retry_read_only
         self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
         self.retry_refusal = b""        # the held ERR packet of a read-only refusal (see retry_declined)
+        self.retry_request = None       # the refused COM_QUERY while its refusal is held (HELD_REFUSAL)
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -393,10 +394,10 @@ class MySQLClient(ClientProtocol):
         self.phase = "ready"
         self.ok_seq = self.hseq + 1 + (1 if more else 0)
         self.greeting_prefix = more
-        self.leftover = bytes(self.hbuf)
+        leftover = bytes(self.hbuf)
         self.hbuf.clear()
         params = {"capabilities": self.capabilities & VARIANT_CAPABILITIES, "charset": self.charset}
-        return Authenticated(self.user, self.database, params)
+        return Authenticated(self.user, self.database, params, leftover)
 
     def login_complete(self, server_state) -> bytes:
         """OK to the client (after the caching_sha2 fast-auth notice, if any)."""
@@ -520,6 +521,8 @@ class MySQLClient(ClientProtocol):
                 and not self.fifo[0].internal and not self.status & p.SERVER_STATUS_IN_TRANS and not self.hold
                 and not self.cbuf and not self.c_skip and not self.c_more and not self.infile
                 and len(forward) > 4 and forward[4] == p.COM_QUERY and not self._asks_read_only(forward)) else None
+        if self.closing:
+            raise ClientQuit(forward, b"".join(local))
         return forward, b"".join(local)
 
     _answered_locally = False
@@ -889,6 +892,8 @@ class MySQLClient(ClientProtocol):
             out = b"".join(parts)
         else:
             out = data if forward_end == n else data[:forward_end]
+        if self.retry_request is not None:
+            return out, HELD_REFUSAL
         if self.release_due and not self.sbuf and not self.s_skip and not self.s_more:
             self.release_due = False
             return out, True
