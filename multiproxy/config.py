@@ -11,7 +11,6 @@ from .token_auth import ReloadingVerifier
 
 POOL_MODES = ("session", "transaction")
 ROLES = ("writer", "reader")
-CLIENT_AUTH_METHODS = ("trust", "md5", "scram-sha-256", "mysql_native_password", "caching_sha2_password", "token")
 TOKEN_KINDS = ("rds_iam", "jwt")
 BACKEND_TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 PIN_ACTIONS = ("pin", "reject", "ignore")
@@ -123,7 +122,7 @@ LISTENER_SETTINGS = _settings(
     Setting("auth", str, "scram-sha-256", "how clients authenticate: trust, md5 and scram-sha-256 (PostgreSQL), "
             "mysql_native_password and caching_sha2_password (MySQL; there scram-sha-256 means caching_sha2_password "
             "and md5 means mysql_native_password), token (a short-lived token as the password, over TLS, on engines "
-            "that support it: see token_kind)", CLIENT_AUTH_METHODS),
+            "that support it: see token_kind); each engine lists the methods it offers"),
     Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
     Setting("tls_key_file", str, "", "private key of tls_cert_file"),
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),
@@ -452,9 +451,13 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
                 values["password_file"] = os.path.join(base_dir, values["password_file"])
             creds.append(Credential(**values, key_path=cpath))
         pinning = r.table(craw.get("pinning"), f"{path}.pinning")
+        reasons = getattr((known_engines or {}).get(engine), "pin_reasons", None) if isinstance(engine, str) else None
         for reason, action in pinning.items():
             if action not in PIN_ACTIONS:
                 r.problem(f"{path}.pinning.{reason}", f"expected one of {', '.join(PIN_ACTIONS)}, got {action!r}")
+            elif reasons is not None and reason not in reasons:
+                r.problem(f"{path}.pinning.{reason}", f"engine {engine!r} reports no pin reason {reason!r}; its "
+                          f"reasons: {', '.join(reasons)}")
         options = r.table(craw.get("options"), f"{path}.options")
         dns_values = r.settings(r.table(craw.get("dns"), f"{path}.dns"), f"{path}.dns", DNS_SETTINGS)
         nameserver = None
@@ -515,7 +518,11 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
                 values[key] = full
                 if not os.path.exists(full):
                     r.problem(f"{path}.{key}", f"file not found: {full}")
-        if values["auth"] not in ("trust", "token") and not users_file:
+        offered = getattr(engine, "client_auth_methods", None)
+        if offered is not None and values["auth"] not in offered and values["auth"] != "token":
+            r.problem(f"{path}.auth", f"engine {cluster.engine!r} offers no auth method {values['auth']!r}; use one of "
+                      + ", ".join(offered))
+        elif values["auth"] not in ("trust", "token") and not users_file:
             r.problem(f"{path}.auth", f"{values['auth']!r} needs [auth] users_file (or auth = 'trust')")
         if values["auth"] == "token":
             if engine is not None and not getattr(engine, "supports_token_auth", False):

@@ -8,15 +8,17 @@ from __future__ import annotations
 import random
 
 from .config import build_config
+import inspect
+
 from .engine import (
     AuthFailed, Authenticated, BackendScript, BackendTarget, CancelRequested, ClientContext, ClientProtocol,
-    CloseClient, Engine, ErrorKind, ProtocolError, SendToClient, StartClientTLS,
+    CloseClient, Engine, ErrorKind, ProtocolError, SendToClient, StartClientTLS, contract_methods,
 )
 from .pinning import PinPolicy
 
-CLIENT_METHODS = ("start", "receive_handshake", "login_complete", "client_data", "backend_data", "link",
-                  "unlink", "reset_bytes", "fail_pending", "backend_lost", "is_clean", "error")
-CLIENT_ATTRIBUTES = ("pinned", "closing", "requests")
+# Derived from the contract itself: the methods marked @contract on ClientProtocol, and its attributes.
+CLIENT_METHODS = contract_methods()
+CLIENT_ATTRIBUTES = ("pinned", "requests")
 HANDSHAKE_EVENTS = (SendToClient, StartClientTLS, Authenticated, CancelRequested, CloseClient, AuthFailed)
 
 
@@ -58,6 +60,12 @@ def check_engine(engine: Engine, garbage_rounds: int = 200, seed: int = 1) -> li
 
     if not isinstance(getattr(engine, "supports_token_auth", False), bool):
         problem("supports_token_auth must be True or False")
+    reasons = getattr(engine, "pin_reasons", ())
+    if not isinstance(reasons, tuple) or not all(isinstance(r, str) and r for r in reasons):
+        problem("pin_reasons must be a tuple of reason names (strings)")
+    methods = getattr(engine, "client_auth_methods", ())
+    if not isinstance(methods, tuple) or "trust" not in methods:
+        problem("client_auth_methods must be a tuple of auth method names including 'trust'")
     try:
         found = engine.listener_problems(dict(vars(contract_context(engine).listener)))
         if not isinstance(found, list) or not all(
@@ -82,8 +90,16 @@ def check_engine(engine: Engine, garbage_rounds: int = 200, seed: int = 1) -> li
     if not isinstance(proto, ClientProtocol):
         problem("client_protocol(ctx) must return a multiproxy.engine.ClientProtocol")
     for method in CLIENT_METHODS:
-        if not callable(getattr(proto, method, None)):
-            problem(f"its client protocol lacks method {method}()")
+        own = getattr(type(proto), method, None)
+        if not callable(own) or own is getattr(ClientProtocol, method):
+            problem(f"its client protocol lacks method {method}() (see multiproxy.engine.ClientProtocol)")
+            continue
+        wanted = inspect.signature(getattr(ClientProtocol, method))
+        try:
+            inspect.signature(own).bind(*[None] * sum(1 for p in wanted.parameters.values() if p.default is p.empty))
+        except TypeError:
+            problem(f"its client protocol's {method}{inspect.signature(own)} does not accept the contract's "
+                    f"arguments {wanted}")
     for attribute in CLIENT_ATTRIBUTES:
         if not hasattr(proto, attribute):
             problem(f"its client protocol lacks attribute {attribute}")

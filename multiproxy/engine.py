@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 
 class PinReason(str, enum.Enum):
-    """Engine-neutral reasons why a client session must keep its backend connection."""
+    """Engine-neutral reasons why a client session must keep its backend connection. An engine adds its own
+    reasons as a str Enum of its own and lists every reason it may report in `Engine.pin_reasons`."""
 
     SESSION_VARIABLE = "session_variable"
     TEMP_TABLE = "temp_table"
@@ -20,17 +21,7 @@ class PinReason(str, enum.Enum):
     SQL_PREPARE = "sql_prepare"
     ADVISORY_LOCK = "advisory_lock"
     TABLE_LOCK = "table_lock"
-    LISTEN = "listen"
-    CURSOR_WITH_HOLD = "cursor_with_hold"
-    LOAD = "load"
-    USER_VARIABLE = "user_variable"
-    FOUND_ROWS = "found_rows"
-    HANDLER = "handler"
-    XA = "xa"
-    CONTEXT_INFO = "context_info"
-    EXECUTE_AS = "execute_as"
     CURSOR = "cursor"
-    COPY_PROTOCOL = "copy_protocol"
     UNKNOWN = "unknown"
 
 
@@ -87,11 +78,31 @@ class StartClientTLS:
 
 @dataclass
 class Authenticated:
-    """The client proved who it is; the core should find backend facts and call `login_complete`."""
+    """The client proved who it is; the core should find backend facts and call `login_complete`.
+    `leftover`: client bytes that arrived with the end of the handshake (pipelined requests); the relay
+    serves them first."""
 
     user: str
     database: str
     params: dict = field(default_factory=dict)
+    leftover: bytes = b""
+
+
+class ClientQuit(Exception):
+    """Raised by `ClientProtocol.client_data` when the client ended its session (PostgreSQL Terminate, MySQL
+    COM_QUIT): the core sends `to_backend` and `to_client` as for a normal return, then closes the client."""
+
+    def __init__(self, to_backend: bytes = b"", to_client: bytes = b""):
+        super().__init__("the client ended its session")
+        self.to_backend = to_backend
+        self.to_client = to_client
+
+
+# What the second value of ClientProtocol.backend_data tells the core.
+KEEP = 0              # answers are outstanding, or the transaction goes on: the backend stays linked
+RELEASE = 1           # a transaction boundary with nothing outstanding: the backend may go back to the pool
+HELD_REFUSAL = 2      # a read-only refusal is held back: the core probes the node, then calls retry_declined()
+                      # or retry_accepted()
 
 
 @dataclass
@@ -185,52 +196,114 @@ class BackendScript:
         return False
 
 
-class ClientProtocol:
-    """Per client connection, sans-IO. The core calls, in this order:
+def contract(method):
+    """Marks a ClientProtocol method every engine must implement; the contract kit checks them from this mark."""
+    method.__contract__ = True
+    return method
 
-    start() -> bytes to send first (engines whose server speaks first).
-    receive_handshake(data) -> list of events, until it emits Authenticated (or closes).
-    login_complete(server_facts) -> bytes that finish the login (welcome, parameters, ready).
-    Then for every chunk:
-      client_data(data) -> (to_backend, to_client); `wants_backend` tells whether to_backend needs a link.
-      backend_data(data) -> (to_client, release_ok); release_ok: a transaction boundary with nothing
-      outstanding, so the backend may go back to the pool.
-    link(server_state, to_backend) -> the bytes to send to a freshly linked backend: replays of tracked
-      session state, then the client's bytes (rewritten if the engine maps names per backend);
-      unlink() is called when the link ends.
-    fail_pending(kind, message) -> bytes answering the requests of the last client_data that could not be
-      forwarded (e.g. no backend within the borrow timeout).
-    backend_lost(message) -> bytes telling the client its backend died.
-    error(kind, message) -> bytes: an error in this protocol (handshake or idle time).
-    reset_script(server) -> bytes the core sends to reset a backend whose session was pinned, or None.
+
+class ClientProtocol:
+    """Per client connection, sans-IO: the whole of what the core asks of an engine's client side.
+
+    The core calls start(), then receive_handshake() for each read until an Authenticated (or a closing)
+    event, then login_complete(); afterwards client_data() for each read from the client and backend_data()
+    for each read from the linked backend, link()/unlink() around each use of a backend, and the error
+    and reset methods when things go wrong. Methods marked @contract must be implemented; the others have
+    defaults. Besides return values the core reads only `pinned` (and `requests`, for metrics).
     """
 
-    pinned: bool = False
-    closing: bool = False
-    requests: int = 0
-    leftover: bytes = b""       # client bytes that arrived with the end of the handshake
-    # Set by backend_data when a node refused the first statement of a transaction as read-only (only with
-    # ctx.retry_read_only, and only when the session itself asked for nothing read-only). The refusal is held
-    # back; the core then probes the node and calls exactly one of retry_declined() (the node is still the
-    # writer: the client gets the refusal) or retry_accepted() (resend the request on the new writer).
-    retry_request: bytes | None = None
+    pinned: bool = False        # the session must keep its backend (set through ctx.pin_policy.detected)
+    requests: int = 0           # requests seen, for metrics
 
     def start(self) -> bytes:
+        """Bytes to send as soon as the client connects (engines whose server speaks first), else b""."""
         return b""
-
-    def retry_declined(self) -> tuple[bytes, bool]:
-        """The held read-only refusal, processed as the answer it is: (bytes for the client, release_ok)."""
-        raise NotImplementedError
-
-    def retry_accepted(self) -> bytes:
-        """The refused request, with the session's state as before it was sent, to send to the new writer."""
-        raise NotImplementedError
 
     def handshake_read_size(self) -> int:
         """How many bytes the core may read for the next receive_handshake call. Engines whose clients send
         a TLS ClientHello right behind their upgrade request (MySQL) return what is left of that request,
         so the ClientHello stays in the socket for the TLS layer."""
         return 16384
+
+    @contract
+    def receive_handshake(self, data: bytes) -> list:
+        """Handshake bytes from the client -> a list of events (SendToClient, StartClientTLS, Authenticated,
+        CancelRequested, CloseClient, AuthFailed). Bad input raises ProtocolError with the reply to send."""
+        raise NotImplementedError
+
+    @contract
+    def login_complete(self, server_state) -> bytes:
+        """The bytes that finish the client's login, from the facts of a logged-in backend of its pool
+        (the BackendScript result of `Engine.backend_login`)."""
+        raise NotImplementedError
+
+    @contract
+    def client_data(self, data: bytes) -> tuple[bytes, bytes]:
+        """Bytes from the client -> (to_backend, to_client). to_backend needs a linked backend (the core
+        borrows one and calls link() first); to_client is answered locally. Raises ClientQuit when the client
+        ended its session, ProtocolError on bad input."""
+        raise NotImplementedError
+
+    @contract
+    def backend_data(self, data: bytes) -> tuple[bytes, int]:
+        """Bytes from the linked backend -> (to_client, outcome): KEEP, RELEASE (a transaction boundary with
+        nothing outstanding: the backend may go back to the pool unless the session is pinned) or
+        HELD_REFUSAL (see retry_declined)."""
+        raise NotImplementedError
+
+    @contract
+    def link(self, server_state, data: bytes) -> bytes:
+        """What to send to a freshly linked backend: replays of the session's tracked state (as requests
+        whose answers the engine swallows), then `data` (rewritten if the engine maps names per backend)."""
+        raise NotImplementedError
+
+    @contract
+    def unlink(self) -> None:
+        """The link to the backend ended (released, lost or discarded)."""
+        raise NotImplementedError
+
+    @contract
+    def is_clean(self) -> bool:
+        """Nothing outstanding and no transaction open: the backend could serve someone else."""
+        raise NotImplementedError
+
+    @contract
+    def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
+        """Bytes that reset a backend a pinned (or session-mode) client leaves, as a request whose answer the
+        engine swallows and ends with RELEASE; `reset_query` is the cluster's override, if any."""
+        raise NotImplementedError
+
+    @contract
+    def fail_pending(self, kind: "ErrorKind", message: str) -> bytes:
+        """Answer, in this protocol, the requests of the last client_data that could not be forwarded (no
+        backend within the borrow timeout, none reachable)."""
+        raise NotImplementedError
+
+    @contract
+    def backend_lost(self, message: str) -> tuple[bytes, bool]:
+        """The linked backend died: (bytes telling the client, whether the client must be closed)."""
+        raise NotImplementedError
+
+    @contract
+    def error(self, kind: "ErrorKind", message: str) -> bytes:
+        """An error in this protocol and in the conversation's current state (handshake, idle time)."""
+        raise NotImplementedError
+
+    def retry_declined(self) -> tuple[bytes, int]:
+        """After HELD_REFUSAL, the node is still the writer: the held refusal as the answer it is
+        (to_client, outcome). Engines that never return HELD_REFUSAL need not implement it."""
+        raise NotImplementedError
+
+    def retry_accepted(self) -> bytes:
+        """After HELD_REFUSAL, the node is no writer: the refused request, with the session's state as before
+        it was sent, for the core to send once to the new writer (it calls unlink() and link() around it)."""
+        raise NotImplementedError
+
+
+def contract_methods(cls=None) -> tuple[str, ...]:
+    """The ClientProtocol methods an engine must implement (those marked @contract)."""
+    cls = cls or ClientProtocol
+    return tuple(name for name, value in vars(cls).items() if getattr(value, "__contract__", False))
 
 
 class Engine:
@@ -246,6 +319,11 @@ class Engine:
     # reports a refusal as AuthFailed(audit_event="token_rejected") carrying the verifier's reason. The config
     # refuses auth = 'token' on listeners of engines that do not declare it.
     supports_token_auth: bool = False
+    # Every pin reason the engine's protocols may report: PinReason's values and those of the engine's own str
+    # Enum. The config accepts these as keys of [clusters.NAME.pinning] (pin, ignore or reject per reason).
+    pin_reasons: tuple[str, ...] = tuple(reason.value for reason in PinReason)
+    # The values `auth` may take on this engine's listeners; 'token' also needs supports_token_auth.
+    client_auth_methods: tuple[str, ...] = ("trust",)
 
     def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
         """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).

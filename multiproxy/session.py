@@ -14,8 +14,8 @@ import time
 import gevent
 
 from .engine import (
-    AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient,
-    StartClientTLS,
+    HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
+    ProtocolError, SendToClient, StartClientTLS,
 )
 from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
@@ -30,7 +30,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject",
+                 "reject", "leftover",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -51,6 +51,7 @@ class Session:
         self._reset_timer = None
         self.client_send = sock.sendall
         self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
+        self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -192,6 +193,7 @@ class Session:
             self.sock.sendall(self.proto.error(*self.reject))
             return False
         self.user, self.database = event.user, event.database
+        self.leftover = event.leftover
         record = proxy.users.get(event.user) if proxy.users is not None else None
         mode = self.listener.pool_mode or (record.pool_mode if record and record.pool_mode else "") \
             or self.runtime.cluster.pool.mode
@@ -237,13 +239,17 @@ class Session:
         send = self.client_send = fast_sendall(self.sock)
         proto = self.proto
         client_data = proto.client_data
-        data = proto.leftover
+        data, self.leftover = self.leftover, b""
+        quit = False
         while True:
             if not data:
                 data = recv(RECV_SIZE)
                 if not data:
                     return
-            to_backend, to_client = client_data(data)
+            try:
+                to_backend, to_client = client_data(data)
+            except ClientQuit as said:
+                to_backend, to_client, quit = said.to_backend, said.to_client, True
             data = b""
             if to_backend:
                 backend = self.backend
@@ -258,7 +264,7 @@ class Session:
                         pass  # the backend's reader notices the loss and tells the client
             if to_client:
                 send(to_client)
-            if proto.closing:
+            if quit:
                 return
 
     def link(self):
@@ -280,13 +286,17 @@ class Session:
 
     def on_backend_data(self, backend, data: bytes) -> None:
         proto = self.proto
-        to_client, release = proto.backend_data(data)
+        to_client, outcome = proto.backend_data(data)
         if to_client and not self.client_gone:
             try:
                 self.client_send(to_client)
             except (OSError, ValueError):
                 self.client_gone = True
-        if release:
+        if outcome == HELD_REFUSAL:
+            # The node refused the first statement of a transaction as read-only. The client's word is not
+            # enough to move the writer: the node is probed first, away from this backend's reader.
+            gevent.spawn(self._read_only_refusal, backend)
+        elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
             elif self.pool.eligible is not None and not self.pool.serves(backend):
@@ -295,10 +305,6 @@ class Session:
                 address = backend.address
                 backend.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
                             f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
-        elif proto.retry_request is not None:
-            # The node refused the first statement of a transaction as read-only. The client's word is not
-            # enough to move the writer: the node is probed first, away from this backend's reader.
-            gevent.spawn(self._read_only_refusal, backend)
 
     def _read_only_refusal(self, backend) -> None:
         """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's

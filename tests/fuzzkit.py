@@ -34,8 +34,8 @@ from engines.tds.wire.memory_tls import MemoryTLS
 from multiproxy.auth import UsersFile, md5_verifier, scram_sha_256_verifier
 from multiproxy.config import build_config
 from multiproxy.engine import (
-    AuthFailed, Authenticated, BackendTarget, CancelRequested, ClientContext, CloseClient, ProtocolError, SendToClient,
-    StartClientTLS,
+    AuthFailed, Authenticated, BackendTarget, CancelRequested, ClientContext, ClientQuit, CloseClient, ProtocolError,
+    SendToClient, StartClientTLS,
 )
 from multiproxy.pinning import PinPolicy
 
@@ -266,8 +266,7 @@ def drive(engine: str, proto, chunks: list[bytes], relay: bool, server_state=Non
                     out = proto.login_complete(server_state() if callable(server_state) else server_state)
                     if not isinstance(out, (bytes, bytearray)):
                         raise Finding("login_complete did not return bytes")
-                    rest = proto.leftover
-                    proto.leftover = b""          # the session reads it once
+                    rest = events[-1].leftover    # the session serves it first
                     chunks = ([rest] if rest else []) + chunks[i:]
                     i = 0
                     relay = True
@@ -276,7 +275,13 @@ def drive(engine: str, proto, chunks: list[bytes], relay: bool, server_state=Non
                 return Outcome("open")
         link_state = server_state() if callable(server_state) else server_state
         while i < len(chunks):
-            result = proto.client_data(chunks[i])
+            try:
+                result = proto.client_data(chunks[i])
+            except ClientQuit as said:
+                result = (said.to_backend, said.to_client)
+                closing = True
+            else:
+                closing = False
             i += 1
             if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(x, (bytes, bytearray))
                                                                           for x in result)):
@@ -288,7 +293,7 @@ def drive(engine: str, proto, chunks: list[bytes], relay: bool, server_state=Non
                     raise Finding("link did not return bytes")
             if check_held_bytes and (i % 16 == 0 or i == len(chunks)):
                 check_held(proto)
-            if proto.closing:
+            if closing:
                 return Outcome("closed", "closing")
         return Outcome("open")
     except ProtocolError as exc:

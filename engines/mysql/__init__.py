@@ -6,6 +6,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 from .auth import rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe
 from .client import MySQLClient, render_error
+from .pinning import ALL_PIN_REASONS
 
 
 class MySQLEngine(Engine):
@@ -13,6 +14,9 @@ class MySQLEngine(Engine):
     default_port = 3306
     description = "MySQL and MariaDB client/server protocol 4.1"
     supports_token_auth = True     # an AuthSwitchRequest to mysql_clear_password over TLS, as RDS IAM does
+    # scram-sha-256 means caching_sha2_password here and md5 means mysql_native_password
+    client_auth_methods = ("trust", "mysql_native_password", "caching_sha2_password", "md5", "scram-sha-256", "token")
+    pin_reasons = ALL_PIN_REASONS
 
     def __init__(self):
         # The version clients are greeted with: the latest backend login's (the greeting precedes any borrow).

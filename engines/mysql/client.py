@@ -66,6 +66,8 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
         events = handshake.receive(data)
         if events and isinstance(events[-1], Authenticated):
             self._take_login(handshake)
+            events[-1].leftover = handshake.leftover     # pipelined requests: the session serves them first
+            handshake.leftover = b""
         return events
 
     def _take_login(self, handshake: ClientHandshake) -> None:
@@ -78,7 +80,6 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
         self.schema = handshake.database
         self.ok_seq = handshake.ok_seq
         self.greeting_prefix = handshake.greeting_prefix
-        self.leftover, handshake.leftover = handshake.leftover, b""
 
     def login_complete(self, server_state) -> bytes:
         """OK to the client (after the caching_sha2 fast-auth notice, if any)."""

@@ -5,7 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import enum
+
 from multiproxy.engine import PinReason
+
+
+class MySQLPinReason(str, enum.Enum):
+    """Pin reasons only this engine reports (MySQL/MariaDB: @user variables, FOUND_ROWS(), HANDLER, XA transactions); the engine-neutral ones are multiproxy's PinReason."""
+
+    USER_VARIABLE = "user_variable"
+    FOUND_ROWS = "found_rows"
+    HANDLER = "handler"
+    XA = "xa"
+
+
+ALL_PIN_REASONS = tuple(r.value for r in PinReason) + tuple(r.value for r in MySQLPinReason)
 
 # Session variables replayed on whichever backend a client lands on, by canonical name. The two
 # transaction ones are spelled per server when replayed (tx_* on MariaDB before 11.1, transaction_* elsewhere).
@@ -139,7 +153,7 @@ def classify(sql: str) -> Classification:
             return result
     pins = result.pins
     if _USER_VARIABLE.search(low_all):
-        pins.append((PinReason.USER_VARIABLE, "user variable (@name)"))
+        pins.append((MySQLPinReason.USER_VARIABLE, "user variable (@name)"))
     for stmt in statements:
         if stmt.startswith("set"):
             _classify_set(stmt, literals, result)
@@ -162,11 +176,11 @@ def classify(sql: str) -> Classification:
         if _SQL_PREPARE.search(stmt):
             pins.append((PinReason.SQL_PREPARE, "PREPARE ... FROM"))
         if _FOUND_ROWS.search(stmt):
-            pins.append((PinReason.FOUND_ROWS, "SQL_CALC_FOUND_ROWS / FOUND_ROWS()"))
+            pins.append((MySQLPinReason.FOUND_ROWS, "SQL_CALC_FOUND_ROWS / FOUND_ROWS()"))
         if _HANDLER.search(stmt):
-            pins.append((PinReason.HANDLER, "HANDLER ... OPEN"))
+            pins.append((MySQLPinReason.HANDLER, "HANDLER ... OPEN"))
         if _XA.search(stmt):
-            pins.append((PinReason.XA, "XA START"))
+            pins.append((MySQLPinReason.XA, "XA START"))
     return result
 
 

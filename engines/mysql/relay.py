@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from multiproxy.engine import ClientContext, ErrorKind, ProtocolError
+from multiproxy.engine import HELD_REFUSAL, ClientContext, ClientQuit, ErrorKind, ProtocolError
 
 from . import protocol as p
 from .errors import render_error
@@ -95,6 +95,7 @@ class Relay:
         self.retry_read_only = ctx.retry_read_only
         self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
         self.retry_refusal = b""        # the held ERR packet of a read-only refusal (see retry_declined)
+        self.retry_request = None       # the refused COM_QUERY while its refusal is held (HELD_REFUSAL)
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -202,6 +203,8 @@ class Relay:
                 and not self.fifo[0].internal and not self.status & p.SERVER_STATUS_IN_TRANS and not self.hold
                 and not self.cbuf and not self.c_skip and not self.c_more and not self.infile
                 and len(forward) > 4 and forward[4] == p.COM_QUERY and not self._asks_read_only(forward)) else None
+        if self.closing:
+            raise ClientQuit(forward, b"".join(local))
         return forward, b"".join(local)
 
     _answered_locally = False
@@ -324,6 +327,8 @@ class Relay:
             out = b"".join(parts)
         else:
             out = data if forward_end == n else data[:forward_end]
+        if self.retry_request is not None:
+            return out, HELD_REFUSAL
         if self.release_due and not self.sbuf and not self.s_skip and not self.s_more:
             self.release_due = False
             return out, True

@@ -7,6 +7,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
 from .backend import PostgresCancel, PostgresLogin, PostgresProbe
 from .client import PostgresClient, render_error
+from .pinning import ALL_PIN_REASONS
 
 
 class PostgresEngine(Engine):
@@ -15,6 +16,8 @@ class PostgresEngine(Engine):
     description = "PostgreSQL frontend/backend protocol 3.0"
     probe_database = "postgres"
     supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see client.py _begin_auth)
+    client_auth_methods = ("trust", "md5", "scram-sha-256", "token")
+    pin_reasons = ALL_PIN_REASONS
 
     def __init__(self):
         # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).

@@ -13,8 +13,8 @@ import shlex
 from collections import deque
 
 from multiproxy.engine import (
-    AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, CloseClient, ErrorKind,
-    PinReason, ProtocolError, SendToClient, StartClientTLS,
+    HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, ClientQuit, CloseClient,
+    ErrorKind, PinReason, ProtocolError, SendToClient, StartClientTLS,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -406,9 +406,9 @@ class PostgresClient(ClientProtocol):
 
     def _authenticated(self, events: list) -> bool:
         self.phase = "ready"
-        self.leftover = bytes(self.hbuf)     # requests pipelined right after the password
+        leftover = bytes(self.hbuf)          # requests pipelined right after the password
         self.hbuf.clear()
-        events.append(Authenticated(self.user, self.database, self.startup_params))
+        events.append(Authenticated(self.user, self.database, self.startup_params, leftover))
         return True
 
     def login_complete(self, server_state) -> bytes:
@@ -485,7 +485,7 @@ class PostgresClient(ClientProtocol):
                 self.release_due = False
                 self.closing = True
                 self.retry_candidate = None
-                return b"", b""
+                raise ClientQuit()
         if self.cbuf:
             data = self.cbuf + data
             self.cbuf = b""
@@ -643,8 +643,12 @@ class PostgresClient(ClientProtocol):
             else:
                 answered = self._prepare_locally(forward, start)
                 if answered:
+                    if self.closing:
+                        raise ClientQuit(b"", local + answered)
                     return b"", local + answered
                 self.deferred_rewrite = (start, syncs_before)
+        if self.closing:
+            raise ClientQuit(forward, local)
         return forward, local
 
     def _asks_read_only(self, request: bytes) -> bool:
@@ -967,7 +971,7 @@ class PostgresClient(ClientProtocol):
         if saw_ready and not fifo and self.tx_status == p.TX_IDLE and not self.pending_extended and not self.unnamed_held:
             self.release_due = True
         if self.retry_request is not None:
-            return out, False
+            return out, HELD_REFUSAL
         release = self.release_due and not self.sbuf and not self.s_skip
         if release:
             self.release_due = False

@@ -3,7 +3,20 @@ from __future__ import annotations
 
 import re
 
+import enum
+
 from multiproxy.engine import PinReason
+
+
+class PostgresPinReason(str, enum.Enum):
+    """Pin reasons only this engine reports (PostgreSQL: LISTEN, a cursor WITH HOLD, LOAD of a library); the engine-neutral ones are multiproxy's PinReason."""
+
+    LISTEN = "listen"
+    CURSOR_WITH_HOLD = "cursor_with_hold"
+    LOAD = "load"
+
+
+ALL_PIN_REASONS = tuple(r.value for r in PinReason) + tuple(r.value for r in PostgresPinReason)
 
 # Parameters the server reports with ParameterStatus (GUC_REPORT): a SET of these is tracked and
 # replayed on whichever backend the client lands on, so it does not pin.
@@ -69,13 +82,13 @@ def classify(sql: str) -> list[tuple[PinReason, str]]:
         if not _ON_COMMIT_DROP.search(rest):
             found.append((PinReason.TEMP_TABLE, "temporary object"))
     if _LISTEN.search(sql):
-        found.append((PinReason.LISTEN, "LISTEN"))
+        found.append((PostgresPinReason.LISTEN, "LISTEN"))
     if _WITH_HOLD.search(sql):
-        found.append((PinReason.CURSOR_WITH_HOLD, "DECLARE ... WITH HOLD"))
+        found.append((PostgresPinReason.CURSOR_WITH_HOLD, "DECLARE ... WITH HOLD"))
     if _SQL_PREPARE.search(sql):
         found.append((PinReason.SQL_PREPARE, "PREPARE"))
     if _ADVISORY.search(sql):
         found.append((PinReason.ADVISORY_LOCK, "session advisory lock"))
     if _LOAD.search(sql):
-        found.append((PinReason.LOAD, "LOAD"))
+        found.append((PostgresPinReason.LOAD, "LOAD"))
     return found

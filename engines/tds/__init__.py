@@ -8,6 +8,7 @@ from multiproxy.tls import client_leg_context
 
 from .backend import TDSCancel, TDSLogin, TDSProbe
 from .client import TDSClient, render_error
+from .pinning import ALL_PIN_REASONS
 
 
 class TDSEngine(Engine):
@@ -19,6 +20,9 @@ class TDSEngine(Engine):
     # The token comes as an access token in LOGIN7's FEDAUTH feature (python-tds access_token_callable) or as
     # LOGIN7's password; accepted only when the login packet travels inside TLS
     supports_token_auth = True
+    # any password method means the tds_sha256 verifier
+    client_auth_methods = ("trust", "scram-sha-256", "md5", "token")
+    pin_reasons = ALL_PIN_REASONS
 
     def __init__(self):
         self._tls_contexts: dict = {}

@@ -8,8 +8,8 @@ from collections import deque
 
 from multiproxy.auth import check_tds_sha256
 from multiproxy.engine import (
-    AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason, ProtocolError,
-    SendToClient,
+    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason,
+    ProtocolError, SendToClient,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -497,9 +497,10 @@ class TDSClient(ClientProtocol):
             self._packet(buf[pos + 8:pos + length], buf[pos + 1] & tp.STATUS_EOM, out)
             pos += length
         self.sbuf = buf[pos:]
-        release = (not self.expect and not self.in_transaction and not self.sbuf and self.linked
-                   and self.retry_request is None)
         to_client = b"".join(out)
+        if self.retry_request is not None:
+            return (self._out(to_client) if to_client else b""), HELD_REFUSAL
+        release = not self.expect and not self.in_transaction and not self.sbuf and self.linked
         return (self._out(to_client) if to_client else b""), release
 
     def retry_declined(self) -> tuple[bytes, bool]:

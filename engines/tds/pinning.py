@@ -3,7 +3,19 @@ from __future__ import annotations
 
 import re
 
+import enum
+
 from multiproxy.engine import PinReason
+
+
+class TDSPinReason(str, enum.Enum):
+    """Pin reasons only this engine reports (SQL Server: CONTEXT_INFO / session context, EXECUTE AS); the engine-neutral ones are multiproxy's PinReason."""
+
+    CONTEXT_INFO = "context_info"
+    EXECUTE_AS = "execute_as"
+
+
+ALL_PIN_REASONS = tuple(r.value for r in PinReason) + tuple(r.value for r in TDSPinReason)
 
 # SET options the proxy replays on whichever backend serves the client (after RESETCONNECTION).
 TRACKED_OPTIONS = frozenset({
@@ -78,14 +90,14 @@ def classify_batch(sql: str) -> tuple[list[tuple[PinReason, str]], dict[str, str
         if _PREPARE.search(bare):
             reasons.append((PinReason.PREPARED_STATEMENT, "sp_prepare"))
         if _EXECUTE_AS.search(bare):
-            reasons.append((PinReason.EXECUTE_AS, "EXECUTE AS"))
+            reasons.append((TDSPinReason.EXECUTE_AS, "EXECUTE AS"))
         if _SESSION_CONTEXT.search(bare):
-            reasons.append((PinReason.CONTEXT_INFO, "sp_set_session_context"))
+            reasons.append((TDSPinReason.CONTEXT_INFO, "sp_set_session_context"))
         if _APPLOCK.search(bare) and _SESSION_OWNER.search(sql):
             reasons.append((PinReason.ADVISORY_LOCK, "sp_getapplock with @LockOwner = 'Session'"))
         for names, statement in set_statements(sql):
             if "CONTEXT_INFO" in names:
-                reasons.append((PinReason.CONTEXT_INFO, "SET CONTEXT_INFO"))
+                reasons.append((TDSPinReason.CONTEXT_INFO, "SET CONTEXT_INFO"))
             elif all(n in TRACKED_OPTIONS for n in names):
                 for name in names:
                     tracked[name] = f"SET {name} {statement}"
@@ -102,7 +114,7 @@ def classify_rpc(name: str, params: list) -> list[tuple[PinReason, str]]:
     if low in ("sp_prepare", "sp_prepexec", "sp_prepexecrpc"):
         return [(PinReason.PREPARED_STATEMENT, low)]
     if low.endswith("sp_set_session_context"):
-        return [(PinReason.CONTEXT_INFO, "sp_set_session_context")]
+        return [(TDSPinReason.CONTEXT_INFO, "sp_set_session_context")]
     if low.endswith("sp_getapplock"):
         owner = next((p.value for p in params if p.name.lower() == "@lockowner"), "Transaction")
         if isinstance(owner, str) and owner.lower() == "session":

@@ -10,6 +10,7 @@ from multiproxy.config import ConfigError, build_config, load_config
 
 class FakeEngine:
     default_port = 5432
+    client_auth_methods = ("trust", "md5", "scram-sha-256")
 
 
 ENGINES = {"postgres": FakeEngine}

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from engines.mysql import protocol as p
 from engines.mysql.backend import MySQLLogin
-from multiproxy.engine import BackendError, BackendTarget, ProtocolError
+from multiproxy.engine import BackendError, BackendTarget, ClientQuit, ProtocolError
 
 from ..fuzzkit import check_mysql_error, mysql_client as make_client, mysql_logged_in as logged_in
 from ..fuzzkit import mysql_packets as packets, mysql_server_state as server_state
@@ -47,6 +47,8 @@ def test_client_commands_only_raise_protocol_error(stream, chunk):
             forward, _ = client.client_data(data[i:i + chunk])
             if forward and not client.linked:
                 client.link(server_state(), forward)
+    except ClientQuit:
+        pass
     except ProtocolError as exc:
         check_mysql_error(exc.reply)
 

@@ -10,12 +10,12 @@ from engines.mysql import protocol as p
 from engines.mysql.auth import ed25519_public_key, ed25519_sign, native_scramble, sha2_scramble
 from engines.mysql.backend import MySQLLogin, MySQLServerState
 from engines.mysql.client import MySQLClient
-from engines.mysql.pinning import classify
+from engines.mysql.pinning import MySQLPinReason, classify
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import (
-    AuthFailed, Authenticated, BackendError, BackendTarget, ClientContext, ErrorKind, PinReason, ProtocolError,
-    SendToClient,
+    HELD_REFUSAL, AuthFailed, Authenticated, BackendError, BackendTarget, ClientContext, ClientQuit, ErrorKind,
+    PinReason, ProtocolError, SendToClient,
 )
 from multiproxy.pinning import PinPolicy
 
@@ -211,7 +211,7 @@ def test_schema_and_autocommit_replay():
 def test_pins_are_reported():
     client = logged_in()
     client.client_data(query(b"SET @x = 1"))
-    assert client.pinned and client.pin_details[0][0] == PinReason.USER_VARIABLE
+    assert client.pinned and client.pin_details[0][0] == MySQLPinReason.USER_VARIABLE
 
 
 def test_ping_and_quit_answered_locally_and_kill_is_routed():
@@ -223,8 +223,9 @@ def test_ping_and_quit_answered_locally_and_kill_is_routed():
     assert client.client_data(query(b"KILL CONNECTION 78")) == (b"", ok())
     assert client.client_data(query(b"KILL 79")) == (b"", ok())
     assert cancels == [(4242, False), (77, True), (78, True), (79, True)]
-    assert client.client_data(p.packet(0, b"\x01")) == (b"", b"")
-    assert client.closing
+    with pytest.raises(ClientQuit) as quit:
+        client.client_data(p.packet(0, b"\x01"))
+    assert (quit.value.to_backend, quit.value.to_client) == (b"", b"")
 
 
 def test_local_infile():
@@ -349,7 +350,7 @@ def test_classifier_tracks_and_pins():
     assert classify("KILL QUERY 5").kill == ("query", 5)
     assert classify("LOCK TABLES t READ").pins[0][0] == PinReason.TABLE_LOCK
     assert classify("FLUSH TABLES WITH READ LOCK").pins[0][0] == PinReason.TABLE_LOCK
-    assert classify("XA START 'x'").pins[0][0] == PinReason.XA
+    assert classify("XA START 'x'").pins[0][0] == MySQLPinReason.XA
 
 
 # ---------------------------------------------------------------- read-only refusals (issue 11)
@@ -371,12 +372,12 @@ def test_a_read_only_refusal_is_held_then_delivered_or_given_back(code):
     insert = query(b"INSERT INTO t VALUES (1)")
     client.link(server_state(), client.client_data(insert)[0])
     refusal = read_only_err(code)
-    assert client.backend_data(refusal) == (b"", False) and client.retry_request == insert
+    assert client.backend_data(refusal) == (b"", HELD_REFUSAL) and client.retry_request == insert
     assert client.retry_declined() == (refusal, True)        # the node is still the writer
     assert client.retry_request is None
     client.unlink()
     client.link(server_state(), client.client_data(insert)[0])
-    assert client.backend_data(refusal) == (b"", False)
+    assert client.backend_data(refusal) == (b"", HELD_REFUSAL)
     assert client.retry_accepted() == insert                 # the node is no writer: sent to the new one
     client.unlink()
     assert client.link(server_state(), insert) == insert

@@ -293,8 +293,8 @@ def test_data_pipelined_after_authentication_is_kept_for_the_relay():
     client = make_client("trust")
     events = client.receive_handshake(startup() + p.query("SELECT 1"))
     assert isinstance(events[-1], Authenticated)
-    assert client.leftover == p.query("SELECT 1")
-    to_backend, to_client = client.client_data(client.leftover)
+    assert events[-1].leftover == p.query("SELECT 1")
+    to_backend, to_client = client.client_data(events[-1].leftover)
     assert to_backend == p.query("SELECT 1") and to_client == b""
 
 

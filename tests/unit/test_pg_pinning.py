@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engines.postgres.pinning import _KEYWORDS, classify, might_pin
+from engines.postgres.pinning import PostgresPinReason as PR
 from multiproxy.engine import PinReason as R
 
 
@@ -31,26 +32,26 @@ PINS = [
     ("SELECT * INTO TEMP scratch FROM orders", R.TEMP_TABLE),
     ("SELECT 1 AS x INTO TEMPORARY TABLE scratch", R.TEMP_TABLE),
     ("CREATE TABLE pg_temp.scratch (id int)", R.TEMP_TABLE),
-    ("LISTEN jobs", R.LISTEN),
-    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", R.CURSOR_WITH_HOLD),
-    ("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t", R.CURSOR_WITH_HOLD),
+    ("LISTEN jobs", PR.LISTEN),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", PR.CURSOR_WITH_HOLD),
+    ("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t", PR.CURSOR_WITH_HOLD),
     ("PREPARE q AS SELECT 1", R.SQL_PREPARE),
     ("PREPARE q (int) AS SELECT $1", R.SQL_PREPARE),
     ("SELECT pg_advisory_lock(42)", R.ADVISORY_LOCK),
     ("SELECT pg_try_advisory_lock(1, 2)", R.ADVISORY_LOCK),
     ("SELECT pg_advisory_lock_shared(7)", R.ADVISORY_LOCK),
-    ("LOAD 'auto_explain'", R.LOAD),
+    ("LOAD 'auto_explain'", PR.LOAD),
     # case-insensitivity
     ("set SEARCH_PATH = x", R.SESSION_VARIABLE),
     ("create temp table T (id int)", R.TEMP_TABLE),
-    ("listen JOBS", R.LISTEN),
+    ("listen JOBS", PR.LISTEN),
     ("Prepare Q As Select 1", R.SQL_PREPARE),
     ("SELECT PG_ADVISORY_LOCK(1)", R.ADVISORY_LOCK),
-    ("load 'x'", R.LOAD),
-    ("declare c cursor with hold for select 1", R.CURSOR_WITH_HOLD),
+    ("load 'x'", PR.LOAD),
+    ("declare c cursor with hold for select 1", PR.CURSOR_WITH_HOLD),
     # after comments and leading whitespace
     ("/* app */ SET search_path = x", R.SESSION_VARIABLE),
-    ("-- note\n  LISTEN jobs", R.LISTEN),
+    ("-- note\n  LISTEN jobs", PR.LISTEN),
 ]
 
 NOT_PINS = [
@@ -102,7 +103,7 @@ def test_does_not_pin(sql):
 def test_every_reason_comes_with_a_readable_detail():
     for sql, _ in PINS:
         for reason, detail in classify(sql):
-            assert isinstance(reason, R) and detail
+            assert isinstance(reason, (R, PR)) and detail
 
 
 def test_set_detail_names_the_parameter():
@@ -111,7 +112,7 @@ def test_set_detail_names_the_parameter():
 
 def test_multi_statement_strings_report_each_reason():
     sql = "BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
-    assert reasons(sql) == {R.SESSION_VARIABLE, R.TEMP_TABLE, R.LISTEN, R.ADVISORY_LOCK}
+    assert reasons(sql) == {R.SESSION_VARIABLE, R.TEMP_TABLE, PR.LISTEN, R.ADVISORY_LOCK}
 
 
 def test_multi_statement_strings_without_pins():

@@ -14,7 +14,7 @@ from engines.postgres.backend import PostgresLogin
 from engines.postgres.client import PostgresClient
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
-from multiproxy.engine import BackendTarget, ClientContext, ErrorKind, PinReason
+from multiproxy.engine import HELD_REFUSAL, BackendTarget, ClientContext, ClientQuit, ErrorKind, PinReason
 from multiproxy.pinning import PinPolicy
 
 # ---------------------------------------------------------------- frontend messages (spec names)
@@ -606,9 +606,9 @@ def test_backend_lost_mid_message_closes_the_client():
 
 def test_terminate_is_not_forwarded():
     client = logged_in_client()
-    forward, local = client.client_data(QUERY_SELECT_1 + b"X\x00\x00\x00\x04")
-    assert forward == QUERY_SELECT_1 and local == b""
-    assert client.closing
+    with pytest.raises(ClientQuit) as quit:
+        client.client_data(QUERY_SELECT_1 + b"X\x00\x00\x00\x04")
+    assert quit.value.to_backend == QUERY_SELECT_1 and quit.value.to_client == b""
 
 
 def test_reset_bytes_is_an_internal_request_whose_answer_is_swallowed():
@@ -676,10 +676,10 @@ def test_a_read_only_refusal_is_held_and_delivered_unchanged_when_the_node_stays
     answer = READ_ONLY_ERROR + READY_IDLE
     out = b""
     for piece in ([answer[i:i + 1] for i in range(len(answer))] if chunked else [answer]):
-        sent, release = client.backend_data(piece)
+        sent, outcome = client.backend_data(piece)
         out += sent
-        assert not release
-    assert out == b"" and client.retry_request == INSERT
+        assert outcome in (False, HELD_REFUSAL)
+    assert out == b"" and outcome == HELD_REFUSAL and client.retry_request == INSERT
     delivered, release = client.retry_declined()
     assert delivered == answer and release and client.retry_request is None and client.is_clean()
 
@@ -687,7 +687,7 @@ def test_a_read_only_refusal_is_held_and_delivered_unchanged_when_the_node_stays
 def test_a_read_only_refusal_accepted_gives_back_the_request_with_the_state_before_it():
     client = retrying_client()
     first_statement(client)
-    assert client.backend_data(READ_ONLY_ERROR + READY_IDLE) == (b"", False)
+    assert client.backend_data(READ_ONLY_ERROR + READY_IDLE) == (b"", HELD_REFUSAL)
     assert client.retry_accepted() == INSERT
     client.unlink()
     resent = link_backend(client, backend_state(), INSERT)
@@ -702,8 +702,8 @@ def test_the_opening_of_an_extended_answer_is_held_with_its_refusal():
     first_statement(client, request)
     sent, release = client.backend_data(PARSE_COMPLETE + BIND_COMPLETE)
     assert sent == b"" and not release                      # not shown yet: it may be sent again elsewhere
-    sent, release = client.backend_data(READ_ONLY_ERROR + READY_IDLE)
-    assert sent == b"" and client.retry_request == request
+    sent, outcome = client.backend_data(READ_ONLY_ERROR + READY_IDLE)
+    assert sent == b"" and outcome == HELD_REFUSAL and client.retry_request == request
     assert client.retry_declined() == (PARSE_COMPLETE + BIND_COMPLETE + READ_ONLY_ERROR + READY_IDLE, True)
 
 

@@ -22,7 +22,8 @@ from gevent.server import StreamServer
 
 from multiproxy.config import BackendConfig, PoolConfig
 from multiproxy.engine import (
-    Authenticated, BackendError, BackendScript, BackendTarget, ClientProtocol, CloseClient, Engine, ErrorKind,
+    HELD_REFUSAL, Authenticated, BackendError, BackendScript, BackendTarget, ClientProtocol, ClientQuit, CloseClient,
+    Engine, ErrorKind,
 )
 from multiproxy.fastio import ClientSocket
 from multiproxy.pinning import PinPolicy
@@ -71,7 +72,6 @@ class ToyProtocol(ClientProtocol):
         self.last_batch = 0                   # requests of the latest client_data
         self.in_transaction = False
         self.pinned = False
-        self.closing = False
         self.retry_request = None
         self.held = None                      # (request, refusal) while a read-only refusal is checked
         self.links: list = []                 # the backend state of each link, in order
@@ -82,10 +82,10 @@ class ToyProtocol(ClientProtocol):
         self.hs += data
         if b"\n" not in self.hs:
             return []
-        line, _, self.leftover = self.hs.partition(b"\n")
+        line, _, leftover = self.hs.partition(b"\n")
         words = line.decode().split()
         if len(words) == 3 and words[0] == "HELLO":
-            return [Authenticated(words[1], words[2])]
+            return [Authenticated(words[1], words[2], {}, leftover)]
         return [CloseClient(b"ERROR protocol_violation say HELLO user database\n")]
 
     def login_complete(self, facts) -> bytes:
@@ -98,8 +98,8 @@ class ToyProtocol(ClientProtocol):
         out = []
         for line in lines:
             if line == b"QUIT":
-                self.closing = True
-                break
+                self.last_batch = len(out)
+                raise ClientQuit(b"".join(out))
             self.outstanding.append(line)
             out.append(line + b"\n")
         self.last_batch = len(out)
@@ -128,7 +128,7 @@ class ToyProtocol(ClientProtocol):
                     and not self.in_transaction:
                 self.held = (request, line)
                 self.retry_request = request + b"\n"
-                return b"".join(out), False
+                return b"".join(out), HELD_REFUSAL
             self._answered(request)
             if request != b"RESET":
                 out.append(line + b"\n")

@@ -23,6 +23,8 @@ class EchoEngine(Engine):
     name = "echo"
     default_port = 7878
     description = "EchoDB line protocol (example plugin)"
+    # `auth` values its listeners accept: trust, or a password checked against the users file's verifiers.
+    client_auth_methods = ("trust", "scram-sha-256", "md5")
 
     def client_protocol(self, ctx: ClientContext) -> EchoClient:
         """One protocol object per client connection."""

@@ -11,8 +11,8 @@ import hmac
 
 from multiproxy.auth import check_tds_sha256, md5_verifier, parse_scram_verifier, scram_keys, scram_salted_password
 from multiproxy.engine import (
-    AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason,
-    ProtocolError,
+    AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, ClientQuit, CloseClient, ErrorKind,
+    PinReason, ProtocolError,
 )
 
 from .protocol import DONE_IDLE, DONE_TX, LineTooLong, error_line, take_lines, words
@@ -63,8 +63,8 @@ class EchoClient(ClientProtocol):
         self.linked = False
         # Attributes the core reads.
         self.pinned = False
-        self.closing = False
         self.requests = 0
+        self.leftover = b""
 
     # ------------------------------------------------------------------ handshake
 
@@ -106,7 +106,7 @@ class EchoClient(ClientProtocol):
             if record is None or not password_matches(record, user, password):
                 return AuthFailed(user, self.error(ErrorKind.AUTH_FAILED, f"password authentication failed for {user!r}"),
                                   "unknown user" if record is None else "wrong password")
-        return Authenticated(user, database, {})
+        return Authenticated(user, database, {}, self.leftover)
 
     def login_complete(self, server_state) -> bytes:
         """The client's `OK`: the proxy-issued cancel key, never the backend's (backends are shared)."""
@@ -126,8 +126,8 @@ class EchoClient(ClientProtocol):
         for line in lines:
             command = line.split(b" ", 1)[0].strip().upper()
             if command == b"QUIT":
-                self.closing = True
-                break
+                # The session ends here; what came before QUIT still goes to the backend.
+                raise ClientQuit(b"".join(forward), b"")
             if command == b"SET":
                 # Session state lives on the backend connection: tell the policy, which decides to pin.
                 if self.ctx.pin_policy.detected(self, PinReason.SESSION_VARIABLE, line.decode("utf-8", "replace").strip()):
