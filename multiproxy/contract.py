@@ -140,3 +140,19 @@ def check_engine(engine: Engine, garbage_rounds: int = 200, seed: int = 1) -> li
         if not isinstance(first, (bytes, bytearray)):
             problem("BackendScript.start() must return bytes")
     return problems
+
+
+def contract_reference() -> str:
+    """The client-protocol contract as Markdown, from the code (docs/plugins.md embeds it; a test keeps it true)."""
+    from . import engine as e
+    lines = ["| method | required | what the core calls it for |", "|---|---|---|"]
+    for name, value in vars(ClientProtocol).items():
+        if name.startswith("_") or not callable(value):
+            continue
+        signature = str(inspect.signature(value)).replace("(self, ", "(").replace("(self)", "()").replace("'", "")
+        doc = " ".join((value.__doc__ or "").split())
+        lines.append(f"| `{name}{signature}` | {'yes' if getattr(value, '__contract__', False) else 'no'} | {doc} |")
+    lines += ["", "Outcomes of `backend_data`: "
+              + ", ".join(f"`{n}` = {getattr(e, n)}" for n in ("KEEP", "RELEASE", "HELD_REFUSAL")) + ".",
+              "", "Attributes the core reads: " + ", ".join(f"`{a}`" for a in CLIENT_ATTRIBUTES) + "."]
+    return "\n".join(lines) + "\n"
