@@ -32,8 +32,6 @@ __all__ = [
     "scram_keys",
     "scram_salted_password",
     "scram_sha_256_verifier",
-    "tds_sha256_verifier",
-    "check_tds_sha256",
 ]
 
 POOL_MODES = ("session", "transaction")
@@ -193,67 +191,29 @@ def parse_md5_verifier(text: str) -> str:
     return text
 
 
-def mysql_native_verifier(password: str) -> str:
-    """MySQL's mysql_native_password verifier as mysql.user stores it: "*" + HEX(SHA1(SHA1(password)))."""
-    return "*" + hashlib.sha1(hashlib.sha1(password.encode("utf-8")).digest()).hexdigest().upper()
-
-
-_MYSQL_NATIVE_RE = re.compile(r"\*[0-9A-F]{40}")
-
-
-def parse_mysql_native_verifier(text: str) -> str:
-    if _MYSQL_NATIVE_RE.fullmatch(text) is None:
-        raise ValueError("not a mysql_native_password verifier (expected * followed by 40 uppercase hex digits)")
-    return text
-
-
-def caching_sha2_verifier(password: str) -> str:
-    """What caching_sha2_password's fast path checks against: "SHA2$" + hex(SHA256(SHA256(password))).
-
-    Like the native verifier it is unsalted (the fast-path scramble needs exactly this value); full
-    authentication (TLS or RSA) checks the cleartext against it too.
-    """
-    return "SHA2$" + hashlib.sha256(hashlib.sha256(password.encode("utf-8")).digest()).hexdigest()
-
-
-_CACHING_SHA2_RE = re.compile(r"SHA2\$[0-9a-f]{64}")
-
-
-def parse_caching_sha2_verifier(text: str) -> str:
-    if _CACHING_SHA2_RE.fullmatch(text) is None:
-        raise ValueError("not a caching_sha2_password verifier (expected SHA2$ followed by 64 lowercase hex digits)")
-    return text
-
-
-def tds_sha256_verifier(password: str, salt: bytes | None = None) -> str:
-    """The TDS engine's verifier: "SHA256$" + hex salt + "$" + hex SHA256(salt + UTF-8 password).
-
-    TDS clients send the password itself (obfuscated, usually under TLS), so a salted hash is enough.
-    """
-    salt = os.urandom(16) if salt is None else salt
-    return f"SHA256${salt.hex()}${hashlib.sha256(salt + password.encode('utf-8')).hexdigest()}"
-
-
-_TDS_SHA256_RE = re.compile(r"SHA256\$([0-9a-f]{2,128})\$([0-9a-f]{64})")
-
-
-def check_tds_sha256(verifier: str, password: str) -> bool:
-    """True when `password` matches a tds_sha256 verifier; a malformed verifier matches nothing."""
-    found = _TDS_SHA256_RE.fullmatch(verifier)
-    if found is None or len(found.group(1)) % 2:
-        return False
-    digest = hashlib.sha256(bytes.fromhex(found.group(1)) + password.encode("utf-8")).hexdigest()
-    return hmac.compare_digest(digest, found.group(2))
-
-
-# Makers of each verifier kind from (user, password). Later engines register more kinds here.
+# Makers of each verifier kind from (user, password). The core's own are the password-derived standards; engines add
+# theirs (Engine.verifier_kinds), registered when the plugins load (see engine_verifier_kinds).
 VERIFIER_KINDS: dict[str, Callable[[str, str], str]] = {
     "scram_sha_256": lambda user, password: scram_sha_256_verifier(password),
     "md5": md5_verifier,
-    "mysql_native_password": lambda user, password: mysql_native_verifier(password),
-    "caching_sha2_password": lambda user, password: caching_sha2_verifier(password),
-    "tds_sha256": lambda user, password: tds_sha256_verifier(password),
 }
+
+
+def register_verifier_kinds(kinds: Mapping[str, Callable[[str, str], str]]) -> None:
+    """Add an engine's verifier kinds (kind -> maker(user, password) -> verifier text)."""
+    VERIFIER_KINDS.update(kinds)
+
+
+def engine_verifier_kinds() -> dict[str, Callable[[str, str], str]]:
+    """Every verifier kind: the core's and those of every engine plugin (loaded through their entry points)."""
+    from .plugins import PluginError, load_engines
+    try:
+        for loaded in load_engines().values():
+            register_verifier_kinds(getattr(loaded.engine, "verifier_kinds", {}) or {})
+    except PluginError:
+        pass            # a broken plugin is reported where engines are needed; its kinds are just missing here
+    return VERIFIER_KINDS
+
 
 # Checkers used when loading: each raises ValueError with a reason. Kinds without a checker are kept as-is.
 _VERIFIER_CHECKS: dict[str, Callable[[str], object]] = {
@@ -403,6 +363,9 @@ class UsersFile:
         if not kinds:
             raise ValueError("at least one verifier kind is needed")
         unknown = [k for k in kinds if k not in VERIFIER_KINDS]
+        if unknown:
+            engine_verifier_kinds()
+            unknown = [k for k in kinds if k not in VERIFIER_KINDS]
         if unknown:
             raise ValueError(
                 "unknown verifier kind %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(VERIFIER_KINDS)))

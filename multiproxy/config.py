@@ -119,10 +119,10 @@ LISTENER_SETTINGS = _settings(
     Setting("listen", str, None, "host:port to accept clients on"),
     Setting("cluster", str, None, "the cluster this listener serves"),
     Setting("role", str, "writer", "which nodes of the cluster serve it", ROLES),
-    Setting("auth", str, "scram-sha-256", "how clients authenticate: trust, md5 and scram-sha-256 (PostgreSQL), "
-            "mysql_native_password and caching_sha2_password (MySQL; there scram-sha-256 means caching_sha2_password "
-            "and md5 means mysql_native_password), token (a short-lived token as the password, over TLS, on engines "
-            "that support it: see token_kind); each engine lists the methods it offers"),
+    Setting("auth", str, "scram-sha-256", "how clients authenticate: trust, token (a short-lived token as the "
+            "password, over TLS, on engines that support it: see token_kind), or a password method the cluster's "
+            "engine offers (its `client_auth_methods`: md5 and scram-sha-256 on every built-in engine; MySQL also "
+            "names its own; see docs/engines/)"),
     Setting("tls_cert_file", str, "", "certificate presented to clients; enables TLS on this listener"),
     Setting("tls_key_file", str, "", "private key of tls_cert_file"),
     Setting("require_tls", bool, False, "refuse clients that do not upgrade to TLS"),

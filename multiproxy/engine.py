@@ -324,6 +324,9 @@ class Engine:
     pin_reasons: tuple[str, ...] = tuple(reason.value for reason in PinReason)
     # The values `auth` may take on this engine's listeners; 'token' also needs supports_token_auth.
     client_auth_methods: tuple[str, ...] = ("trust",)
+    # Verifier kinds the engine's client authentication reads from the users file, beyond the core's
+    # scram_sha_256 and md5: kind -> maker(user, password) -> verifier text (`multiproxy users add --kind`).
+    verifier_kinds: dict = {}
 
     def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
         """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).

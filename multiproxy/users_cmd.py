@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from multiproxy.auth import POOL_MODES, VERIFIER_KINDS, UsersFile, UsersFileError
+from multiproxy.auth import POOL_MODES, UsersFile, UsersFileError, engine_verifier_kinds
 
 __all__ = ["users"]
 
@@ -65,14 +65,20 @@ def users() -> None:
     "--kind",
     "kinds",
     multiple=True,
-    type=click.Choice(sorted(VERIFIER_KINDS)),
-    help="Verifier kind to store; repeat for several. Default: scram_sha_256 and md5.",
+    help="Verifier kind to store; repeat for several: scram_sha_256, md5 and those the engines declare "
+         "(mysql_native_password, caching_sha2_password, tds_sha256 with the built-in ones). "
+         "Default: scram_sha_256 and md5.",
 )
 @click.option("--listener", "listeners", multiple=True, help="Listener this user may use; repeat for several. Default: all.")
 @click.option("--max-connections", type=click.IntRange(min=0), default=None, help="Connection limit for this user, 0 = unlimited.")
 @click.option("--pool-mode", type=click.Choice(POOL_MODES), default=None, help="Override the listener's pool mode for this user.")
 def add_user(name, users_file, password_stdin, kinds, listeners, max_connections, pool_mode) -> None:
     """Add user NAME, or set a new password for an existing one."""
+    known = engine_verifier_kinds()
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown verifier kind {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+                                 param_hint="'--kind'")
     table = _load(users_file, missing_ok=True)
     existed = name in table
     password = _read_password(password_stdin)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
-from .auth import rsa_private_key
+from .auth import VERIFIER_KINDS, rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe
 from .client import MySQLClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -17,6 +17,7 @@ class MySQLEngine(Engine):
     # scram-sha-256 means caching_sha2_password here and md5 means mysql_native_password
     client_auth_methods = ("trust", "mysql_native_password", "caching_sha2_password", "md5", "scram-sha-256", "token")
     pin_reasons = ALL_PIN_REASONS
+    verifier_kinds = VERIFIER_KINDS
 
     def __init__(self):
         # The version clients are greeted with: the latest backend login's (the greeting precedes any borrow).

@@ -197,3 +197,10 @@ def ed25519_sign(password: str, message: bytes) -> bytes:
     k = int.from_bytes(hashlib.sha512(big_r + public + message).digest(), "little") % _L
     s = (r + k * scalar) % _L
     return big_r + s.to_bytes(32, "little")
+
+
+# What `multiproxy users add --kind ...` stores for MySQL clients (MySQLEngine.verifier_kinds).
+VERIFIER_KINDS = {
+    "mysql_native_password": lambda user, password: native_verifier(password),
+    "caching_sha2_password": lambda user, password: caching_sha2_verifier(password),
+}

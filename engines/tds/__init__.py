@@ -6,6 +6,7 @@ import ssl
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 from multiproxy.tls import client_leg_context
 
+from .auth import VERIFIER_KINDS
 from .backend import TDSCancel, TDSLogin, TDSProbe
 from .client import TDSClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -23,6 +24,7 @@ class TDSEngine(Engine):
     # any password method means the tds_sha256 verifier
     client_auth_methods = ("trust", "scram-sha-256", "md5", "token")
     pin_reasons = ALL_PIN_REASONS
+    verifier_kinds = VERIFIER_KINDS
 
     def __init__(self):
         self._tls_contexts: dict = {}

@@ -6,13 +6,13 @@ import ssl
 import struct
 from collections import deque
 
-from multiproxy.auth import check_tds_sha256
 from multiproxy.engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason,
     ProtocolError, SendToClient,
 )
 from multiproxy.token_auth import TokenRejected
 
+from .auth import check_tds_sha256
 from .pinning import classify_batch, classify_rpc
 from .wire import messages as tp
 from .wire import token_stream as tk

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from engines.tds import TDSEngine
 from engines.tds.backend import TDSServerState
 from engines.tds.pinning import classify_batch, classify_rpc
-from multiproxy.auth import UsersFile, check_tds_sha256, tds_sha256_verifier
+from engines.tds.auth import check_tds_sha256, tds_sha256_verifier
+from multiproxy.auth import UsersFile
 from multiproxy.contract import check_engine, contract_context
 from multiproxy.engine import Authenticated, AuthFailed, CloseClient, PinReason, ProtocolError, SendToClient
 from engines.tds.wire import messages as tp

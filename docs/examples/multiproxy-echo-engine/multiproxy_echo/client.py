@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from multiproxy.auth import check_tds_sha256, md5_verifier, parse_scram_verifier, scram_keys, scram_salted_password
+from multiproxy.auth import md5_verifier, parse_scram_verifier, scram_keys, scram_salted_password
 from multiproxy.engine import (
     AuthFailed, Authenticated, CancelRequested, ClientContext, ClientProtocol, ClientQuit, CloseClient, ErrorKind,
     PinReason, ProtocolError,
@@ -39,9 +39,6 @@ def password_matches(record, user: str, password: str) -> bool:
                     return True
             elif kind == "md5":
                 if hmac.compare_digest(md5_verifier(user, password), verifier):
-                    return True
-            elif kind == "tds_sha256":
-                if check_tds_sha256(verifier, password):
                     return True
         except ValueError:
             continue          # a malformed verifier matches nothing
