@@ -14,7 +14,7 @@ class PostgresEngine(Engine):
     default_port = 5432
     description = "PostgreSQL frontend/backend protocol 3.0"
     probe_database = "postgres"
-    supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see client.py _begin_auth)
+    supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see handshake.py _begin_auth)
 
     def __init__(self):
         # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).
