@@ -20,7 +20,7 @@ from collections import deque
 from multiproxy.engine import ClientContext, ClientProtocol, ErrorKind, PinReason
 
 from .errors import FATAL_KINDS, SQLSTATE, render_error
-from .handshake import MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
+from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
 from .relay import CLIENT_QUERY, CLIENT_SYNC, EMPTY_SYNC, INTERNAL, Relay
 from .session_state import CLIENT_OWNED, FIXED_PARAMETERS, STARTUP_ONLY, SessionState, parse_options, split_options
 from .statements import CLOSED_STATEMENT, Statements, global_statement_name
@@ -58,7 +58,7 @@ class PostgresClient(Relay, Statements, SessionState, ClientProtocol):
     def phase(self) -> Phase:
         """Where the login stands; Phase.DONE once the client is authenticated."""
         handshake = self.handshake
-        return Phase.DONE if handshake is None else handshake.phase
+        return DONE if handshake is None else handshake.phase
 
     def receive_handshake(self, data: bytes) -> list:
         handshake = self.handshake
@@ -67,7 +67,7 @@ class PostgresClient(Relay, Statements, SessionState, ClientProtocol):
                 raise data_after_login()
             return []
         events = handshake.receive(data)
-        if handshake.phase is Phase.DONE:
+        if handshake.phase is DONE:
             self.user = handshake.user
             self.database = handshake.database
             self.startup_params = handshake.startup_params
