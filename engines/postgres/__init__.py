@@ -15,7 +15,7 @@ class PostgresEngine(Engine):
     default_port = 5432
     description = "PostgreSQL frontend/backend protocol 3.0"
     probe_database = "postgres"
-    supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see client.py _begin_auth)
+    supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see handshake.py _begin_auth)
     client_auth_methods = ("trust", "md5", "scram-sha-256", "token")
     pin_reasons = ALL_PIN_REASONS
 

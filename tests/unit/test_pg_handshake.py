@@ -9,6 +9,7 @@ from engines.postgres import protocol as p
 from engines.postgres.auth import ScramClient, md5_password_response
 from engines.postgres.backend import PostgresLogin
 from engines.postgres.client import PostgresClient
+from engines.postgres.handshake import Phase
 from multiproxy.auth import UsersFile, md5_verifier, scram_sha_256_verifier
 from multiproxy.config import build_config
 from multiproxy.engine import (
@@ -178,6 +179,26 @@ def test_md5_wrong_password_and_unknown_user_fail_alike(user, password):
 def test_md5_listener_falls_back_to_scram_for_a_scram_only_user():
     events, _ = scram_login(make_client("md5"), "scram_only", PASSWORD)
     assert isinstance(events[-1], Authenticated)
+
+
+def test_each_phase_expects_one_message_and_data_after_login_is_refused():
+    client = make_client()
+    assert client.phase is Phase.STARTUP
+    client.receive_handshake(startup())
+    assert client.phase is Phase.SASL_INITIAL
+    scram = ScramClient("alice", PASSWORD)
+    code, server_first = auth_request(client.receive_handshake(sasl_initial(scram.client_first())))
+    assert client.phase is Phase.SASL_FINAL
+    assert isinstance(client.receive_handshake(password_message(scram.handle_server_first(server_first)))[-1],
+                      Authenticated)
+    assert client.phase is Phase.DONE
+    assert client.receive_handshake(b"") == []
+    with pytest.raises(ProtocolError) as info:
+        client.receive_handshake(p.query("SELECT 1"))
+    assert error_fields(info.value.reply)["C"] == "08P01"
+    md5 = make_client("md5")
+    md5.receive_handshake(startup())
+    assert md5.phase is Phase.MD5
 
 
 def test_user_not_allowed_on_this_listener_is_refused():

@@ -1,0 +1,202 @@
+"""A PostgreSQL client's session state, kept so that it can move between pooled backends.
+
+What the client believes its reported parameters are (ParameterStatus), the unreported settings it asked for
+at startup (options -c ...) or set itself (CLIENT_OWNED), the greeting it gets at login, and the replay that
+brings a freshly linked backend to that state (set_config as an internal request) or resets one.
+"""
+from __future__ import annotations
+
+import shlex
+
+from . import protocol as p
+from .relay import INTERNAL, READ_ONLY_WORDS
+
+# Parameters a client cannot choose; the server reports them and they are never replayed.
+FIXED_PARAMETERS = frozenset({
+    "server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
+    "in_hot_standby",
+})
+STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
+# Reported parameters the server may also change by itself (a DBA making a node read-only with ALTER SYSTEM
+# and a reload): tracked for a client only when the client set them (startup option, SET, RESET), so the
+# node's own value is never replayed elsewhere nor overridden.
+CLIENT_OWNED = frozenset({"default_transaction_read_only"})
+
+_TRUE_WORDS = frozenset(("on", "true", "yes", "1", "t", "y"))
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The `-c name=value` and `--name=value` settings inside the startup `options` parameter."""
+    return split_options(options)[0]
+
+
+def split_options(options: str) -> tuple[dict[str, str], list[str]]:
+    """The startup `options` parameter as (settings to replay, words that are no setting). Only settings can
+    follow a client from backend to backend; anything else (postgres's -d, -e, -B ...) is refused at login."""
+    out: dict[str, str] = {}
+    refused: list[str] = []
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"))
+    except ValueError:
+        return out, [options]
+    words = [w.replace("\x00", " ") for w in words]
+    i = 0
+    while i < len(words):
+        word = words[i]
+        setting = None
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 1
+        elif word.startswith("-c"):
+            setting = word[2:]
+        elif word.startswith("--"):
+            setting = word[2:]
+        if setting and "=" in setting:
+            name, value = setting.split("=", 1)
+            out[name.replace("-", "_").lower()] = value
+        else:
+            refused.append(setting if setting else word)
+        i += 1
+    return out, refused
+
+
+class SessionState:
+    """Mixin of PostgresClient: the session parameters and settings that follow the client from backend to
+    backend. PostgresClient.__init__ creates `client_params`, `client_settings` and `canonical`."""
+
+    owns_read_only = False          # the client has set (or reset) default_transaction_read_only itself
+    server_params: dict | None = None   # the linked backend's parameter values
+    pending_settings: dict | None = None  # the backend's unreported settings once the proxy's SETs succeed
+    internal_failed = False         # the proxy's own SETs (or reset) got an ErrorResponse
+
+    def login_complete(self, server_state) -> bytes:
+        """AuthenticationOk, the parameters as this client should see them, its cancel key, ReadyForQuery."""
+        # Clients of one pool mostly send the same startup packet: greet them from a cache keyed by its bytes.
+        cache = server_state.welcome_cache
+        cached = cache.get(self.startup_body)
+        if cached is None:
+            cached = self._greeting(server_state)
+            if len(cache) < 128:
+                cache[self.startup_body] = cached
+        self.client_params = dict(cached[1])
+        self.client_settings = dict(cached[2])
+        if self.ctx.read_only and "default_transaction_read_only" not in self.client_settings:
+            # A reader listener's sessions are read-only on whichever node serves them (the writer too, when
+            # readers fall back to it); the client may still turn that off for itself.
+            self.client_settings["default_transaction_read_only"] = "on"
+        if CLIENT_OWNED.intersection(self.client_settings):
+            self.owns_read_only = True
+        self.canonical = server_state.canonical
+        pid, secret = self.ctx.cancel_key
+        return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
+
+    def _greeting(self, server_state) -> tuple:
+        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings) for this client."""
+        wanted = {}
+        for key, value in self.startup_params.items():
+            low = key.lower()
+            if low == "options":
+                wanted.update(parse_options(value))
+            elif low not in STARTUP_ONLY:
+                wanted[low] = value
+        out = [p.authentication(p.AUTH_OK)]
+        client_params = {}
+        client_settings = {}
+        for low, value in server_state.login_params.items():
+            if low in wanted and low not in FIXED_PARAMETERS:
+                value = wanted[low]
+            if low not in CLIENT_OWNED:
+                client_params[low] = value
+            out.append(p.parameter_status(server_state.canonical.get(low, low), value))
+        for low, value in wanted.items():
+            if (low not in server_state.login_params or low in CLIENT_OWNED) and low not in FIXED_PARAMETERS:
+                client_settings[low] = value
+        return b"".join(out), client_params, client_settings
+
+    def _asks_read_only(self, request: bytes) -> bool:
+        """Whether the session itself wants read-only transactions (its setting, or the request's words): then a
+        read-only refusal is its own doing, says nothing about the node, and goes back to it as it is."""
+        for source in (self.client_params, self.client_settings):
+            for name in ("default_transaction_read_only", "transaction_read_only"):
+                value = source.get(name)
+                if value is not None and value.lower() in _TRUE_WORDS:
+                    return True
+        return READ_ONLY_WORDS.search(request) is not None
+
+    def _internal_done(self) -> None:
+        """The proxy's own SETs finished: record the settings they made, unless they failed (then none took)."""
+        if self.pending_settings is not None and not self.internal_failed and self.server_state is not None:
+            self.server_state.settings = self.pending_settings
+        self.pending_settings = None
+        self.internal_failed = False
+
+    def _parameter_status(self, data: bytes, start: int, end: int) -> None:
+        try:
+            name_end = data.index(b"\x00", start, end)
+            value_end = data.index(b"\x00", name_end + 1, end)
+        except ValueError:
+            return
+        name = data[start:name_end].decode("utf-8", "replace")
+        value = data[name_end + 1:value_end].decode("utf-8", "replace")
+        low = name.lower()
+        self.canonical.setdefault(low, name)
+        if self.server_params is not None:
+            self.server_params[low] = value
+        if low in CLIENT_OWNED:
+            # The client's own doing only if it touched the setting; otherwise the node changed it itself.
+            if self.owns_read_only:
+                self.client_settings = {**self.client_settings, low: value}
+                if self.server_state is not None:
+                    self.server_state.settings = {**self.server_state.settings, low: value}
+            return
+        self.client_params[low] = value
+
+    def _replay_failed(self, body: bytes) -> bytes:
+        """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""
+        fields = p.parse_fields(body)
+        text = fields.get("M", "unknown error")
+        for low in list(self.client_settings):
+            if low in text.lower():
+                del self.client_settings[low]
+        return p.notice_response("01000", f"multiproxy could not apply your session setting on a pooled connection: {text}",
+                                 "WARNING")
+
+    def link(self, server_state, data: bytes) -> bytes:
+        """What to send to a freshly linked backend: SET statements bringing it to this client's tracked
+        parameters (as an internal request), then the client's bytes (statement names mapped if needed)."""
+        self.linked = True
+        self.server_state = server_state
+        params = server_state.params
+        self.server_params = params
+        if self.deferred_rewrite is not None:
+            start, group = self.deferred_rewrite
+            self.deferred_rewrite = None
+            data = self._rewrite_statements(data, start, group)
+        settings = server_state.settings
+        if self.client_params.items() <= params.items() and self.client_settings == settings:
+            return data
+        assignments = [(low, value) for low, value in self.client_params.items()
+                       if low not in FIXED_PARAMETERS and params.get(low) != value]
+        statements = []
+        if self.client_settings != settings:
+            assignments += [(low, value) for low, value in self.client_settings.items() if settings.get(low) != value]
+            # Settings an earlier client of this backend made, that this client never asked for.
+            statements += [f"RESET {p.quote_ident(low)}" for low in settings if low not in self.client_settings]
+            self.pending_settings = dict(self.client_settings)
+        if assignments:
+            # set_config parses values as the startup packet's -c does (lists such as search_path stay lists).
+            statements.append("SELECT " + ", ".join(
+                f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
+                for low, value in assignments))
+        if not statements:
+            self.pending_settings = None
+            return data
+        self.fifo.appendleft(INTERNAL)
+        return p.query(";".join(statements)) + data
+
+    def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
+        """Reset a backend leaving a pinned session: DISCARD ALL (or the configured query) as an internal request."""
+        server_state.settings = {}
+        server_state.prepared.clear()
+        self.fifo.append(INTERNAL)
+        return p.query(reset_query or "DISCARD ALL")
