@@ -1,6 +1,7 @@
 """One TDS client connection, sans-IO: PRELOGIN (TLS inside PRELOGIN packets), LOGIN7, then transaction pooling."""
 from __future__ import annotations
 
+import enum
 import os
 import ssl
 import struct
@@ -19,6 +20,18 @@ from .wire import token_stream as tk
 from .wire.memory_tls import MemoryTLS
 from .wire.response_scanner import ResponseScanner, Reframer
 from .wire.token_stream import ProtocolError as TDSError
+
+class Phase(enum.Enum):
+    """Where a client's login stands: which message the engine expects next."""
+
+    PRELOGIN = enum.auto()          # the PRELOGIN message
+    TLS_HANDSHAKE = enum.auto()     # TLS handshake records inside PRELOGIN packets
+    LOGIN = enum.auto()             # LOGIN7
+    READY = enum.auto()             # logged in: requests go to the relay
+
+
+# Module-level names: an enum member read through its class costs a lookup per use on the handshake path.
+PRELOGIN, TLS_HANDSHAKE, LOGIN, READY = Phase.PRELOGIN, Phase.TLS_HANDSHAKE, Phase.LOGIN, Phase.READY
 
 SERVER_NAME = "multiproxy"
 # (number, class) per error situation; messages come from the core and say what to do.
@@ -79,7 +92,7 @@ class TDSClient(ClientProtocol):
         self.leftover = b""
         self.retry_request = None
         self.retry_refusal = None        # (payload, eom) of a held read-only refusal (see retry_declined)
-        self.phase = "prelogin"
+        self.phase = PRELOGIN
         self.hbuf = b""
         self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
         self.tls: MemoryTLS | None = None    # while TLS runs inside the engine
@@ -114,7 +127,7 @@ class TDSClient(ClientProtocol):
 
     def _out(self, data: bytes) -> bytes:
         # Before the TLS handshake inside PRELOGIN finished there is no session to encrypt with: errors go plain.
-        if self.tls_full and data and self.phase != "tls":
+        if self.tls_full and data and self.phase is not TLS_HANDSHAKE:
             return self.tls.encrypt(data)
         return data
 
@@ -138,12 +151,12 @@ class TDSClient(ClientProtocol):
 
     def _handshake(self, data: bytes) -> list:
         events: list = []
-        if self.phase == "tls":
+        if self.phase is TLS_HANDSHAKE:
             # Packet by packet: once the handshake ends, what follows are raw TLS records (TLS 1.3 clients send
             # LOGIN7 right behind their Finished, often in the same segment).
             self.hbuf += data
             data = b""
-            while self.phase == "tls" and len(self.hbuf) >= tp.HEADER_SIZE:
+            while self.phase is TLS_HANDSHAKE and len(self.hbuf) >= tp.HEADER_SIZE:
                 header = tp.PacketHeader.decode(self.hbuf[:tp.HEADER_SIZE])
                 if header.type != tp.PRELOGIN or header.length < tp.HEADER_SIZE:
                     raise TDSError("expected the TLS handshake inside PRELOGIN packets")
@@ -155,7 +168,7 @@ class TDSClient(ClientProtocol):
                     events.append(event)
                 if isinstance(event, CloseClient):
                     return events
-            if self.phase == "tls":
+            if self.phase is TLS_HANDSHAKE:
                 return events
             data, self.hbuf = self.hbuf, b""
         if self.tls_raw and data:
@@ -169,9 +182,9 @@ class TDSClient(ClientProtocol):
                 # a whole one that arrived in one read: it would be parsed and kept (LOGIN7 is held for the backend)
                 raise TDSError(f"a login message of more than {self.ctx.max_message_size} bytes "
                                "(proxy.max_message_size)")
-            if self.phase == "prelogin":
+            if self.phase is PRELOGIN:
                 events.append(self._prelogin(msg))
-            elif self.phase == "login":
+            elif self.phase is LOGIN:
                 events.append(self._login7(msg))
             else:
                 raise TDSError(f"unexpected message 0x{msg.type:02x} during login")
@@ -212,7 +225,7 @@ class TDSClient(ClientProtocol):
         if answer == tp.ENCRYPT_NOT_SUP:
             if getattr(listener, "require_tls", False) or listener.auth == "token":
                 return CloseClient(out + render_error(ErrorKind.TLS_REQUIRED, "TLS is required"))
-            self.phase = "login"
+            self.phase = LOGIN
             return SendToClient(out)
         if client == tp.ENCRYPT_NOT_SUP:
             if listener.auth == "token":    # refused now, before the client sends its token in LOGIN7
@@ -226,7 +239,7 @@ class TDSClient(ClientProtocol):
         self.tls = MemoryTLS(context, server_side=True)
         self.tls_full = answer != tp.ENCRYPT_OFF
         self.tls_login_only = answer == tp.ENCRYPT_OFF
-        self.phase = "tls"
+        self.phase = TLS_HANDSHAKE
         self.hbuf = self.reader.take_unparsed()   # TLS handshake bytes that came with the PRELOGIN
         return SendToClient(out)
 
@@ -245,7 +258,7 @@ class TDSClient(ClientProtocol):
                                 ErrorKind.TLS_REQUIRED) from None
         out = self.tls.pending_output()
         if finished:
-            self.phase = "login"
+            self.phase = LOGIN
             self.tls_raw = True
             self.tls_full_pending = self.tls_full
             self.tls_full = False
@@ -349,7 +362,7 @@ class TDSClient(ClientProtocol):
         self.packet_size = min(max(requested, tp.MIN_PACKET_SIZE), tp.MAX_PACKET_SIZE)
         self.reader.max_packet_size = self.packet_size
         self.reframer = Reframer(self.packet_size)
-        self.phase = "ready"
+        self.phase = READY
         return Authenticated(user or login.username, login.database, {})
 
     def _denied(self, text: str | None, reason: str = "", audit_event: str = "auth_failed"):
