@@ -27,7 +27,7 @@ from engines.postgres.auth import ScramClient
 from engines.postgres.backend import PostgresLogin
 from engines.postgres.client import PostgresClient
 from engines.tds import TDSEngine
-from engines.tds import client as tds_client
+from engines.tds.client import Phase as TDSPhase
 from engines.tds.backend import TDSServerState
 from engines.tds.wire import messages as tp
 from engines.tds.wire import token_stream as tk
@@ -652,7 +652,7 @@ class TdsTlsPeer:
                     for message in tp.MessageReader().feed(event.data):
                         self.incoming.write(message.data)
             if done:
-                if proto.phase is not tds_client.Phase.LOGIN:
+                if proto.phase is not TDSPhase.LOGIN:
                     raise Finding(f"TLS handshake done, but the protocol is in phase {proto.phase!r}")
                 return
         raise Finding("the TLS handshake inside PRELOGIN did not finish")
