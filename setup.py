@@ -7,7 +7,11 @@ setup(
     version="0.1.0",
     description="A multi-engine database proxy (PostgreSQL, MySQL/MariaDB, SQL Server TDS) with transaction pooling",
     python_requires=">=3.11",
-    packages=find_packages(include=["multiproxy", "multiproxy.*", "engines", "engines.*"]),
+    # The built-in engines live in engines/ and install as the package multiproxy_engines (a top-level package
+    # named "engines" would collide with any other distribution's in site-packages).
+    packages=find_packages(include=["multiproxy", "multiproxy.*"])
+    + ["multiproxy_engines" + name[len("engines"):] for name in find_packages(include=["engines", "engines.*"])],
+    package_dir={"multiproxy_engines": "engines"},
     install_requires=[
         "gevent>=23.9",
         "click>=8.1",
@@ -44,9 +48,9 @@ setup(
     entry_points={
         "console_scripts": ["multiproxy=multiproxy.cli:main"],
         "multiproxy.engines": [
-            "postgres=engines.postgres:PostgresEngine",
-            "mysql=engines.mysql:MySQLEngine",
-            "tds=engines.tds:TDSEngine",
+            "postgres=multiproxy_engines.postgres:PostgresEngine",
+            "mysql=multiproxy_engines.mysql:MySQLEngine",
+            "tds=multiproxy_engines.tds:TDSEngine",
         ],
     },
 )

@@ -19,19 +19,19 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
-from engines.mysql import MySQLEngine
-from engines.mysql import protocol as myp
-from engines.mysql.backend import MySQLServerState
-from engines.postgres import protocol as pgp
-from engines.postgres.auth import ScramClient
-from engines.postgres.backend import PostgresLogin
-from engines.postgres.client import PostgresClient
-from engines.tds import TDSEngine
-from engines.tds.client import Phase as TDSPhase
-from engines.tds.backend import TDSServerState
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
-from engines.tds.wire.memory_tls import MemoryTLS
+from multiproxy_engines.mysql import MySQLEngine
+from multiproxy_engines.mysql import protocol as myp
+from multiproxy_engines.mysql.backend import MySQLServerState
+from multiproxy_engines.postgres import protocol as pgp
+from multiproxy_engines.postgres.auth import ScramClient
+from multiproxy_engines.postgres.backend import PostgresLogin
+from multiproxy_engines.postgres.client import PostgresClient
+from multiproxy_engines.tds import TDSEngine
+from multiproxy_engines.tds.client import Phase as TDSPhase
+from multiproxy_engines.tds.backend import TDSServerState
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire.memory_tls import MemoryTLS
 from multiproxy.auth import UsersFile, md5_verifier, scram_sha_256_verifier
 from multiproxy.config import build_config
 from multiproxy.engine import (

@@ -23,9 +23,9 @@ import gevent.queue
 import gevent.socket
 from gevent.threadpool import ThreadPool
 
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
-from engines.tds.wire.memory_tls import MemoryTLS
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire.memory_tls import MemoryTLS
 
 from .tds_sql import Cancelled, LabDatabases, SqlError, SqlSession
 

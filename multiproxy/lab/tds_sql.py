@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import sqlglot
 from sqlglot import exp
 
-from engines.tds.wire import token_stream as tk
-from engines.tds.wire.token_stream import Column, TypeInfo
+from multiproxy_engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire.token_stream import Column, TypeInfo
 
 try:  # a worker thread must really sleep, even in a gevent-patched process
     from gevent.monkey import get_original

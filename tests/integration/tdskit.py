@@ -8,8 +8,8 @@ import ssl
 import subprocess
 import sys
 
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 from .proxy import free_port
 
@@ -41,7 +41,7 @@ class LabProcess:
 
 
 class RawClient:
-    """A TDS client from engines.tds.wire, for status bits, bad input and ATTENTION timing no driver exposes."""
+    """A TDS client from multiproxy_engines.tds.wire, for status bits, bad input and ATTENTION timing no driver exposes."""
 
     def __init__(self, port, packet_size=4096, user=LAB_USER, password=LAB_PASSWORD, database="", login=True,
                  require_loginack=False, language=""):

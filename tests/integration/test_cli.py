@@ -58,7 +58,7 @@ def test_engines_lists_postgres_with_its_distribution():
     postgres = [fields for fields in lines if fields[0] == "postgres"]
     assert len(postgres) == 1, out.stdout
     fields = postgres[0]
-    assert fields[1] == "engines.postgres:PostgresEngine", out.stdout
+    assert fields[1] == "multiproxy_engines.postgres:PostgresEngine", out.stdout
     assert fields[2] == "multiproxy", out.stdout           # the distribution providing the entry point
     assert fields[3][0].isdigit(), out.stdout               # its version
 

@@ -26,10 +26,10 @@ import psycopg
 import pymysql
 import pytest
 
-from engines.mysql import protocol as myp
-from engines.mysql.auth import native_scramble
+from multiproxy_engines.mysql import protocol as myp
+from multiproxy_engines.mysql.auth import native_scramble
 from multiproxy.auth import UsersFile
-from engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import messages as tp
 
 from ..fuzzkit import check_mysql_error, check_pg_error, check_tds_error, tls_client_hello
 from .helpers import metric, metrics_text

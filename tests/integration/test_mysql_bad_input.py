@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engines.mysql import protocol as p
+from multiproxy_engines.mysql import protocol as p
 
 try:
     from .mysqlkit import connect, direct, metric, metrics_text, query, start_proxy, wait_for

@@ -95,7 +95,7 @@ def test_iam_token_with_pymysql_and_rejections_are_explained(iam_proxy, tmp_path
 
 def test_sqlstate_of_a_rejected_token_is_28000(iam_proxy):
     """The SQLSTATE is in the ERR packet; PyMySQL drops it, so read the packet after a raw TLS handshake."""
-    from engines.mysql import protocol as p
+    from multiproxy_engines.mysql import protocol as p
     import socket
     sock = socket.create_connection((iam_proxy.host, iam_proxy.port), timeout=10)
     greeting = sock.recv(65536)

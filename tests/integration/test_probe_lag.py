@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from engines.mysql import MySQLEngine
-from engines.postgres import PostgresEngine
-from engines.tds import TDSEngine
+from multiproxy_engines.mysql import MySQLEngine
+from multiproxy_engines.postgres import PostgresEngine
+from multiproxy_engines.tds import TDSEngine
 from multiproxy.backends import open_socket, run_script
 from multiproxy.engine import BackendTarget
 

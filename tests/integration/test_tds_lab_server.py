@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 from .tdskit import LAB_PASSWORD, LAB_USER, LabProcess, pymssql_refusal
 from .tdskit import RawClient as TdsRawClient

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from multiproxy.auth import UsersFile
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 from .helpers import metric, metrics_text
 from .proxy import free_port
@@ -377,7 +377,7 @@ def test_bad_input_gets_error_or_close_and_others_are_fine(lab, proxy_factory, n
 
 def test_read_only_probe_and_retry(tmp_path, proxy_factory):
     """The probe reads DATABASEPROPERTYEX(..., 'Updateability'); a read-only server answers reader."""
-    from engines.tds.backend import TDSProbe
+    from multiproxy_engines.tds.backend import TDSProbe
     from multiproxy.backends import run_script
     from multiproxy.engine import BackendTarget
     server = LabProcess(tmp_path, "--read-only")

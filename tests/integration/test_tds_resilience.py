@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 from .helpers import metric, metrics_text, read_until_closed
 from .proxy import free_port

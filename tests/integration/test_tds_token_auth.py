@@ -12,8 +12,8 @@ import boto3
 import pytest
 
 from multiproxy.auth import UsersFile
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 from .proxy import free_port
 from .tdskit import DB, LAB_PASSWORD, LAB_USER, LabProcess, RawClient, pymssql_refusal, tls_login

@@ -15,7 +15,7 @@ def test_engine_meets_the_contract(name):
 
 def test_builtin_engines_load_through_the_entry_point():
     assert "postgres" in ENGINES
-    assert ENGINES["postgres"].target == "engines.postgres:PostgresEngine"
+    assert ENGINES["postgres"].target == "multiproxy_engines.postgres:PostgresEngine"
     assert ENGINES["postgres"].distribution == "multiproxy"
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from engines.mysql import protocol as myp
-from engines.postgres import protocol as pgp
+from multiproxy_engines.mysql import protocol as myp
+from multiproxy_engines.postgres import protocol as pgp
 from multiproxy.engine import ProtocolError
-from engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import messages as tp
 
 from ..fuzzkit import (
     TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, mysql_logged_in, pg_logged_in, tds_client, tds_packet,

@@ -12,15 +12,15 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PACKAGES = ("multiproxy", "engines")
+PACKAGES = {"multiproxy": "multiproxy", "multiproxy_engines": "engines"}     # package -> its directory
 
 
 def _modules() -> dict[str, pathlib.Path]:
     """Every module of the packages, by dotted name (a package by its own name, from its __init__.py)."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for package, directory in PACKAGES.items():
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            parts = [package] + list(path.relative_to(ROOT / directory).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             found[".".join(parts)] = path
@@ -148,8 +148,8 @@ def _a_cycle(graph, component: list[str]) -> list[str]:
 
 def test_the_graph_sees_the_packages():
     graph = import_graph()
-    assert "multiproxy.cli" in graph and "engines.postgres.client" in graph
-    assert "multiproxy.engine" in graph["engines.postgres.client"]
+    assert "multiproxy.cli" in graph and "multiproxy_engines.postgres.client" in graph
+    assert "multiproxy.engine" in graph["multiproxy_engines.postgres.client"]
     assert "multiproxy.pool" in graph["multiproxy.proxy"]
 
 
@@ -177,7 +177,7 @@ def test_no_import_cycles_through_function_level_imports_either():
 def test_the_core_does_not_import_the_lab():
     """multiproxy/*.py never loads multiproxy.lab when imported (`multiproxy lab` loads it on demand)."""
     graph = import_graph()
-    core = [name for name in graph if not name.startswith(("multiproxy.lab", "engines"))]
+    core = [name for name in graph if not name.startswith(("multiproxy.lab", "multiproxy_engines"))]
     seen, todo = set(), list(core)
     while todo:
         name = todo.pop()

@@ -4,8 +4,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engines.mysql import protocol as p
-from engines.mysql.backend import MySQLLogin
+from multiproxy_engines.mysql import protocol as p
+from multiproxy_engines.mysql.backend import MySQLLogin
 from multiproxy.engine import BackendError, BackendTarget, ClientQuit, ProtocolError
 
 from ..fuzzkit import check_mysql_error, mysql_client as make_client, mysql_logged_in as logged_in

@@ -5,12 +5,12 @@ import random
 
 import pytest
 
-from engines.mysql import MySQLEngine
-from engines.mysql import protocol as p
-from engines.mysql.auth import ed25519_public_key, ed25519_sign, native_scramble, sha2_scramble
-from engines.mysql.backend import MySQLLogin, MySQLServerState
-from engines.mysql.client import MySQLClient
-from engines.mysql.pinning import MySQLPinReason, classify
+from multiproxy_engines.mysql import MySQLEngine
+from multiproxy_engines.mysql import protocol as p
+from multiproxy_engines.mysql.auth import ed25519_public_key, ed25519_sign, native_scramble, sha2_scramble
+from multiproxy_engines.mysql.backend import MySQLLogin, MySQLServerState
+from multiproxy_engines.mysql.client import MySQLClient
+from multiproxy_engines.mysql.pinning import MySQLPinReason, classify
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import (
@@ -292,7 +292,7 @@ def test_native_password_auth_and_wrong_password():
 
 
 def test_caching_sha2_fast_path_auth_switch_and_rsa_full_auth():
-    from engines.mysql.auth import rsa_encrypt_password
+    from multiproxy_engines.mysql.auth import rsa_encrypt_password
     client = make_client(auth="caching_sha2_password")
     nonce = _handshake_nonce(client.start())
     caps = p.CLIENT_PROTOCOL_41 | p.CLIENT_SECURE_CONNECTION | p.CLIENT_PLUGIN_AUTH

@@ -7,9 +7,9 @@ import time
 
 import jwt
 
-from engines.mysql import MySQLEngine
-from engines.mysql import protocol as p
-from engines.mysql.client import MySQLClient
+from multiproxy_engines.mysql import MySQLEngine
+from multiproxy_engines.mysql import protocol as p
+from multiproxy_engines.mysql.client import MySQLClient
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import AuthFailed, Authenticated, ClientContext, CloseClient, SendToClient, StartClientTLS

@@ -6,8 +6,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engines.postgres import protocol as p
-from engines.postgres.client import PostgresClient
+from multiproxy_engines.postgres import protocol as p
+from multiproxy_engines.postgres.client import PostgresClient
 from multiproxy.engine import (
     AuthFailed, Authenticated, CancelRequested, ClientQuit, CloseClient, ProtocolError, StartClientTLS,
 )

@@ -5,11 +5,11 @@ import struct
 
 import pytest
 
-from engines.postgres import protocol as p
-from engines.postgres.auth import ScramClient, md5_password_response
-from engines.postgres.backend import PostgresLogin
-from engines.postgres.client import PostgresClient
-from engines.postgres.handshake import Phase
+from multiproxy_engines.postgres import protocol as p
+from multiproxy_engines.postgres.auth import ScramClient, md5_password_response
+from multiproxy_engines.postgres.backend import PostgresLogin
+from multiproxy_engines.postgres.client import PostgresClient
+from multiproxy_engines.postgres.handshake import Phase
 from multiproxy.auth import UsersFile, md5_verifier, scram_sha_256_verifier
 from multiproxy.config import build_config
 from multiproxy.engine import (

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engines.postgres.pinning import _KEYWORDS, classify, might_pin
-from engines.postgres.pinning import PostgresPinReason as PR
+from multiproxy_engines.postgres.pinning import _KEYWORDS, classify, might_pin
+from multiproxy_engines.postgres.pinning import PostgresPinReason as PR
 from multiproxy.engine import PinReason as R
 
 

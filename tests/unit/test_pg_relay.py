@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from engines.postgres import protocol as p
-from engines.postgres.backend import PostgresLogin
-from engines.postgres.client import PostgresClient
+from multiproxy_engines.postgres import protocol as p
+from multiproxy_engines.postgres.backend import PostgresLogin
+from multiproxy_engines.postgres.client import PostgresClient
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import HELD_REFUSAL, BackendTarget, ClientContext, ClientQuit, ErrorKind, PinReason

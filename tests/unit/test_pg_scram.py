@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.postgres.auth import (
+from multiproxy_engines.postgres.auth import (
     AuthError,
     ScramClient,
     ScramServer,
@@ -264,7 +264,7 @@ def test_fuzz_server_messages_only_raise_auth_error(data):
     client = ScramClient("user", "pencil", lambda: "n")
     client.client_first()
     # A fuzzed iteration count may be huge; the key derivation is not what is under test.
-    with mock.patch("engines.postgres.auth.scram_salted_password", lambda p, s, i: b"k" * 32):
+    with mock.patch("multiproxy_engines.postgres.auth.scram_salted_password", lambda p, s, i: b"k" * 32):
         try:
             client.handle_server_first(data)
         except AuthError:

@@ -6,8 +6,8 @@ import time
 
 import jwt
 
-from engines.postgres import protocol as p
-from engines.postgres.client import PostgresClient
+from multiproxy_engines.postgres import protocol as p
+from multiproxy_engines.postgres.client import PostgresClient
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import AuthFailed, Authenticated, ClientContext, CloseClient, StartClientTLS

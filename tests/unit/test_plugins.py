@@ -132,11 +132,11 @@ def test_the_installed_entry_point_loads_postgres():
     loaded = load_engines()
     assert "postgres" in loaded
     postgres = loaded["postgres"]
-    assert postgres.target == "engines.postgres:PostgresEngine"
+    assert postgres.target == "multiproxy_engines.postgres:PostgresEngine"
     assert postgres.engine.default_port == 5432
     assert postgres.distribution == "multiproxy"
 
 
 def test_the_builtin_engine_passes_validation_like_any_plugin():
-    from engines.postgres import PostgresEngine
+    from multiproxy_engines.postgres import PostgresEngine
     assert validate_engine_class(PostgresEngine, "postgres", "built-in") == []

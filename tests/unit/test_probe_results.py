@@ -6,14 +6,14 @@ import struct
 
 import pytest
 
-from engines.mysql import protocol as mp
-from engines.mysql.backend import MySQLProbe, replica_status_query
-from engines.postgres import protocol as pp
-from engines.postgres.backend import PostgresProbe
-from engines.tds.backend import TDSProbe
+from multiproxy_engines.mysql import protocol as mp
+from multiproxy_engines.mysql.backend import MySQLProbe, replica_status_query
+from multiproxy_engines.postgres import protocol as pp
+from multiproxy_engines.postgres.backend import PostgresProbe
+from multiproxy_engines.tds.backend import TDSProbe
 from multiproxy.engine import BackendError, BackendTarget
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
 
 WRITER = {"role": "writer", "lag": 0.0, "lag_bytes": 0, "skip": None}
 

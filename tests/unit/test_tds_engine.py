@@ -7,16 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.tds import TDSEngine
-from engines.tds.backend import TDSServerState
-from engines.tds.pinning import classify_batch, classify_rpc
-from engines.tds.auth import check_tds_sha256, tds_sha256_verifier
+from multiproxy_engines.tds import TDSEngine
+from multiproxy_engines.tds.backend import TDSServerState
+from multiproxy_engines.tds.pinning import classify_batch, classify_rpc
+from multiproxy_engines.tds.auth import check_tds_sha256, tds_sha256_verifier
 from multiproxy.auth import UsersFile
 from multiproxy.contract import check_engine, contract_context
 from multiproxy.engine import Authenticated, AuthFailed, CloseClient, PinReason, ProtocolError, SendToClient
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
-from engines.tds.wire.response_scanner import Reframer, ResponseScanner
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire.response_scanner import Reframer, ResponseScanner
 
 from ..fuzzkit import TDS_PRELOGIN, chunks_of, drive, tds_client, tds_logged_in
 

@@ -5,7 +5,7 @@ import decimal
 import pytest
 
 from multiproxy.lab.tds_sql import BigInt, VarChar, infer_columns, split_statements
-from engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire import token_stream as tk
 
 
 @pytest.mark.parametrize("batch,expected", [

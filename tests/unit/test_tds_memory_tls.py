@@ -5,7 +5,7 @@ import ssl
 
 import pytest
 
-from engines.tds.wire.memory_tls import MemoryTLS
+from multiproxy_engines.tds.wire.memory_tls import MemoryTLS
 from tests.fuzzkit import tds_tls_context
 
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.tds.wire import messages as tp
-from engines.tds.wire import token_stream as tk
-from engines.tds.wire.token_stream import TypeInfo
+from multiproxy_engines.tds.wire import messages as tp
+from multiproxy_engines.tds.wire import token_stream as tk
+from multiproxy_engines.tds.wire.token_stream import TypeInfo
 
 
 def h(text: str) -> bytes:
