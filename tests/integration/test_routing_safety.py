@@ -1,5 +1,6 @@
 """No client can steer the registry (issue 11): read-only refusals a session caused stay its own, startup options
 survive, reader listeners never write, lag means lag, and pools follow roles and lag. Real servers, real clients."""
+import contextlib
 import threading
 import time
 
@@ -46,6 +47,24 @@ def start_pg_proxy(drill, proxy_factory, **health):
 def pg_conninfo(proxy, listener="w", **extra):
     host, port = proxy.address(listener)
     return dict(host=host, port=port, user="postgres", dbname="postgres", connect_timeout=10, **extra)
+
+
+@contextlib.contextmanager
+def standby_behind(proxy, drill, row_id):
+    """Replay paused on the standby while the writer keeps writing, until the proxy skips it for its lag."""
+    drill["standby"].psql("SELECT pg_wal_replay_pause()")
+    try:
+        with psycopg.connect(**pg_conninfo(proxy), autocommit=True) as writer:
+            deadline = time.monotonic() + 20
+            while node_status(proxy, "pg", STANDBY_IP)["skipped"] is None and time.monotonic() < deadline:
+                writer.execute(f"INSERT INTO drill (id) VALUES ({row_id}) ON CONFLICT (id) DO UPDATE SET at = now()")
+                time.sleep(0.3)
+        # Beyond the bound, or unknown when the standby has replayed no transaction yet to date its delay by.
+        assert node_status(proxy, "pg", STANDBY_IP)["skipped"] in ("replica lag unknown",) or \
+            "beyond max_replica_lag" in (node_status(proxy, "pg", STANDBY_IP)["skipped"] or "")
+        yield
+    finally:
+        drill["standby"].psql("SELECT pg_wal_replay_resume()")
 
 
 @pytest.mark.timeout(180)
@@ -122,26 +141,18 @@ def test_pg_startup_options_are_replayed_or_refused(pg_drill, proxy_factory):
 
 @pytest.mark.timeout(180)
 def test_pg_reader_listener_never_writes(pg_drill, proxy_factory):
-    proxy = start_pg_proxy(pg_drill, proxy_factory)
+    proxy = start_pg_proxy(pg_drill, proxy_factory, max_replica_lag=1.0)
     with psycopg.connect(**pg_conninfo(proxy, "r"), autocommit=True) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("INSERT INTO drill (id) VALUES (30)")
     # With no reader left (the standby lags beyond the bound) the reader listener falls back to the writer, and
     # its sessions are read-only there too.
-    pg_drill["standby"].psql("SELECT pg_wal_replay_pause()")
-    try:
-        with psycopg.connect(**pg_conninfo(proxy), autocommit=True) as writer:
-            deadline = time.monotonic() + 20
-            while node_status(proxy, "pg", STANDBY_IP)["skipped"] is None and time.monotonic() < deadline:
-                writer.execute("INSERT INTO drill (id) VALUES (-2) ON CONFLICT (id) DO UPDATE SET at = now()")
-                time.sleep(0.3)
+    with standby_behind(proxy, pg_drill, -2):
         with psycopg.connect(**pg_conninfo(proxy, "r"), autocommit=True) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute("INSERT INTO drill (id) VALUES (31)")
-    finally:
-        pg_drill["standby"].psql("SELECT pg_wal_replay_resume()")
     assert pg_drill["primary"].psql("SELECT count(*) FROM drill WHERE id IN (30, 31)") == "0"
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_read_only_retries_total") == 0
@@ -160,18 +171,9 @@ def test_pg_lag_means_lag_and_pooled_reader_connections_follow_it(pg_drill, prox
     assert node["lag"] == 0.0 and node["lag_bytes"] == 0 and node["skipped"] is None
     assert reader.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
     # Replay paused while writes go on: the standby falls behind, and the pooled connection to it retires.
-    pg_drill["standby"].psql("SELECT pg_wal_replay_pause()")
-    try:
-        with psycopg.connect(**pg_conninfo(proxy), autocommit=True) as writer:
-            deadline = time.monotonic() + 20
-            while node_status(proxy, "pg", STANDBY_IP)["skipped"] is None and time.monotonic() < deadline:
-                writer.execute("INSERT INTO drill (id) VALUES (-3) ON CONFLICT (id) DO UPDATE SET at = now()")
-                time.sleep(0.3)
-        node = node_status(proxy, "pg", STANDBY_IP)
-        assert "beyond max_replica_lag" in node["skipped"] and node["lag_bytes"] > 0
+    with standby_behind(proxy, pg_drill, -3):
+        assert node_status(proxy, "pg", STANDBY_IP)["lag_bytes"] > 0
         assert reader.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)   # served by the writer
-    finally:
-        pg_drill["standby"].psql("SELECT pg_wal_replay_resume()")
     wait_for(lambda: node_status(proxy, "pg", STANDBY_IP)["skipped"] is None, 15, "the standby to catch up",
              lambda: node_status(proxy, "pg", STANDBY_IP))
     assert reader.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
