@@ -315,7 +315,11 @@ class Session:
         # While the node is checked the connection belongs to no session, so that a failover drain the probe
         # may cause closes it quietly instead of telling this client its transaction was cancelled.
         backend.session = None
-        still_writer = registry is None or registry.verify_writer(self.runtime.cluster.name, backend.address)
+        try:
+            still_writer = registry is None or registry.verify_writer(self.runtime.cluster.name, backend.address)
+        except Exception:  # the check itself failed: nothing is known against the node, the client gets its answer
+            log.exception("pool %s: checking %s:%d after a read-only refusal failed", self.pool.label, *backend.address)
+            still_writer = True
         if self.backend is not backend:      # the client left meanwhile; finish() took care of the connection
             return
         if still_writer or self.client_gone:
