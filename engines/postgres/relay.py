@@ -16,7 +16,7 @@ from multiproxy.engine import HELD_REFUSAL, ClientQuit, ErrorKind, PinReason, Pr
 
 from . import protocol as p
 from .errors import render_error
-from .pinning import classify, might_pin
+from .pinning import _IDENTITY_KEYS, ALL_BUT_IDENTITY, analyze, might_pin
 
 # What each ReadyForQuery the relay expects answers: the entries of the FIFO.
 INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
@@ -72,6 +72,8 @@ class Relay:
     retry_refused = False           # that answer carries a read-only refusal (25006)
     retry_saved = None              # the candidate of a held refusal, for retry_accepted
     retry_request = None            # bytes the core should send again on the new writer
+    pin_keys = None                 # {reason: set of what pinned it (cursor names, channels, settings; None)}
+    deferred = None                 # what the requests not yet sent to a backend would do to the session
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -300,16 +302,83 @@ class Relay:
                 self.server_state.prepared.clear()
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
-        for reason, detail in classify(bytes(sql_bytes).decode("utf-8", "replace")):
-            self._detected(reason, detail)
+        for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
+            self._effect(effect)
 
     def _detected(self, reason: PinReason, detail: str) -> None:
+        self._effect(("pin", reason, detail, None))
+
+    def _effect(self, effect: tuple) -> None:
+        """Apply what a request does to the session (see pinning.analyze) once it goes to a backend: before
+        that, keep it; a request that never reaches one (fail_pending) changes nothing."""
+        if not self.linked:
+            deferred = self.deferred
+            if deferred is None:
+                deferred = self.deferred = []
+            elif effect in deferred:
+                deferred.remove(effect)    # the last occurrence decides: a repeating client holds each once
+            deferred.append(effect)
+            return
+        kind = effect[0]
+        if kind == "pin":
+            self._pin(effect[1], effect[2], effect[3])
+        elif kind == "unpin":
+            self._unpin(effect[1], effect[2])
+        elif kind == "set":
+            self._track_setting(effect[1], effect[2])
+        else:
+            self._track_setting(effect[1], None)
+
+    def _apply_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, None
+        for effect in deferred:
+            self._effect(effect)
+
+    def _pin(self, reason: PinReason, detail: str, key) -> None:
         if self.ctx.pin_policy.detected(self, reason, detail):
             if not self.pinned:
                 self.pinned = True
+            if self.pin_keys is None:
+                self.pin_keys = {}
+            self.pin_keys.setdefault(reason, set()).add(key)
             # The first detail per reason: a pinned client repeating SET would otherwise grow the list forever.
             if all(known is not reason for known, _ in self.pin_details):
                 self.pin_details.append((reason, detail))
+
+    def _unpin(self, reason: PinReason, key) -> None:
+        """The client undid (some of) what pinned it for `reason`: unpin when nothing else holds it."""
+        keys = self.pin_keys.get(reason) if self.pin_keys else None
+        if not keys:
+            return
+        if key is None:
+            keys.clear()
+        elif key == ALL_BUT_IDENTITY:
+            keys.intersection_update(_IDENTITY_KEYS)
+        else:
+            keys.discard(key)
+        if keys:
+            return
+        del self.pin_keys[reason]
+        self.pin_details[:] = [(known, detail) for known, detail in self.pin_details if known is not reason]
+        self.pinned = self.ctx.pin_policy.released(self, reason)
+
+    def _track_setting(self, name: str, value) -> None:
+        """The client set (value) or reset (None; name None: RESET ALL) an unreported setting on its backend:
+        tracked, so that it is replayed on the next backend; the linked backend has it already."""
+        def changed(settings: dict) -> dict:
+            if name is None:
+                return {}
+            settings = dict(settings)
+            if value is None:
+                settings.pop(name, None)
+            else:
+                settings[name] = value
+            return settings
+        self.client_settings = changed(self.client_settings)
+        if self.server_state is not None:
+            self.server_state.settings = changed(self.server_state.settings)
+        if self.pending_settings is not None:
+            self.pending_settings = changed(self.pending_settings)
 
     # ------------------------------------------------------------------ relay: backend to client
 
@@ -522,6 +591,7 @@ class Relay:
         error = render_error(kind, message, fatal=False)
         out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
         self.fifo.clear()
+        self.deferred = None            # nothing it asked for happened: no pin, no tracked setting
         out.append(self._forget_unanswerable(error))
         return b"".join(out)
 
