@@ -24,6 +24,10 @@ CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
 EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only ReadyForQuery
 
+# A backend setting whose value is not known (a transaction that changed it may have been rolled back): equal
+# to no value a client asks for, so the next link sets or resets it.
+UNKNOWN_SETTING = "\x00unknown"
+
 READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
 
 _INSPECT_BACKEND = frozenset(b"ZSGEW")
@@ -74,6 +78,8 @@ class Relay:
     retry_request = None            # bytes the core should send again on the new writer
     pin_keys = None                 # {reason: set of what pinned it (cursor names, channels, settings; None)}
     deferred = None                 # what the requests not yet sent to a backend would do to the session
+    settings_before = None          # (client settings, names changed) before this transaction changed them
+    tx_undone = False               # ... and the transaction may have been rolled back (an error, ROLLBACK)
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -290,6 +296,11 @@ class Relay:
         return b""
 
     def _inspect_sql(self, sql_bytes) -> None:
+        if self.settings_before is not None:
+            # In a transaction that changed tracked settings: a ROLLBACK (to a savepoint too) may undo them.
+            low = bytes(sql_bytes).lower()
+            if low.find(b"rollback") >= 0 or low.find(b"abort") >= 0:
+                self.tx_undone = True
         if not might_pin(sql_bytes):
             return
         low = bytes(sql_bytes).lower()
@@ -374,11 +385,35 @@ class Relay:
             else:
                 settings[name] = value
             return settings
+        if self.settings_before is None:
+            self.settings_before = (self.client_settings, set())
+        touched = self.settings_before[1]
+        if name is None:
+            touched.update(self.client_settings)
+            if self.server_state is not None:
+                touched.update(self.server_state.settings)
+        else:
+            touched.add(name)
         self.client_settings = changed(self.client_settings)
         if self.server_state is not None:
             self.server_state.settings = changed(self.server_state.settings)
         if self.pending_settings is not None:
             self.pending_settings = changed(self.pending_settings)
+
+    def _settings_settled(self) -> None:
+        """The transaction that changed tracked settings ended (ReadyForQuery, idle). Rolled back (or maybe:
+        an error, ROLLBACK, ABORT): the server undid them, so the client's tracked settings go back, and the
+        backend's, being unknown, are marked so that the next link sets or resets each of them."""
+        before, touched = self.settings_before
+        self.settings_before = None
+        if not self.tx_undone:
+            return
+        self.tx_undone = False
+        self.client_settings = before
+        if self.server_state is not None:
+            self.server_state.settings = {**self.server_state.settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}
+        if self.pending_settings is not None:
+            self.pending_settings = {**self.pending_settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}
 
     # ------------------------------------------------------------------ relay: backend to client
 
@@ -456,6 +491,11 @@ class Relay:
                 if kind == p.READY_FOR_QUERY:
                     self.retry_candidate = None
                     self.tx_status = data[pos + 5]
+                    if self.settings_before is not None and not internal:
+                        if self.tx_status == p.TX_IDLE:
+                            self._settings_settled()
+                        elif self.tx_status != p.TX_IN_TRANSACTION:
+                            self.tx_undone = True       # a failed transaction block
                     saw_ready = True
                     self.copy_in = False
                     answered = fifo.popleft() if fifo else None
@@ -482,7 +522,9 @@ class Relay:
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
                         self.internal_failed = True
-                    elif hold:
+                    elif self.settings_before is not None:
+                        self.tx_undone = True
+                    if internal or hold:
                         pass
                     elif data[pos + 5:pos + 12] == b"SFATAL\x00" or data[pos + 5:pos + 12] == b"SPANIC\x00":
                         # The backend is going away (shutdown, crash, failover). Keep the client: hold the
@@ -618,6 +660,9 @@ class Relay:
             self.backend_farewell = ""
         mid_message = bool(self.sbuf or self.s_skip)
         session_state_lost = self.pinned
+        if self.settings_before is not None:
+            self.tx_undone = True            # the transaction that changed settings died with the backend
+            self._settings_settled()
         self.unlink()
         if mid_message or session_state_lost or self.copy_in:
             return render_error(ErrorKind.BACKEND_LOST, message + (

@@ -236,3 +236,26 @@ def test_a_set_that_failed_with_the_pool_timeout_leaves_no_pin_and_no_setting(pg
         # The backend is not held by conn: the holder gets it for a new transaction.
         assert one(holder, "SELECT 2") == 2
         holder.commit()
+
+
+# -- tracked settings follow the server's transaction semantics ----------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_set_in_a_rolled_back_transaction_is_not_replayed(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy, autocommit=False) as conn, connect(proxy, autocommit=False) as other:
+        conn.execute("SET statement_timeout = 4321")
+        conn.rollback()
+        conn.execute("SET lock_timeout = 1234")
+        conn.commit()
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SET lock_timeout = 'abc'")
+        conn.rollback()
+        for _ in range(4):
+            one(other, "SELECT 1")           # holds a backend: conn alternates between the two
+            assert one(conn, "SHOW statement_timeout") == "0"
+            assert one(conn, "SHOW lock_timeout") == "1234ms"
+            conn.commit()
+            assert one(other, "SHOW lock_timeout") == "0"
+            other.commit()
+        assert pinned(proxy) == 0

@@ -907,3 +907,46 @@ def test_a_pinning_parse_that_never_reached_a_backend_does_not_pin():
     client.client_data(parse("s1", "SELECT 1") + SYNC)
     client.fail_pending(ErrorKind.POOL_TIMEOUT, "timeout")
     assert not client.pinned and not policy.detected_total
+
+
+def _step(client, state, sql: str, answer: bytes, status: int = p.TX_IDLE) -> None:
+    forward, _ = client.client_data(p.query(sql))
+    if not client.linked:
+        link_backend(client, state, forward)
+    replay = READY_IDLE if client.fifo and client.fifo[0] == 0 else b""
+    _, release = client.backend_data(replay + answer + p.ready_for_query(status))
+    if release and not client.pinned:
+        client.unlink()
+
+
+def test_settings_of_a_rolled_back_transaction_are_not_tracked():
+    from multiproxy_engines.postgres.relay import UNKNOWN_SETTING
+    client = logged_in_client()
+    state = backend_state()
+    _step(client, state, "SET extra_float_digits = 3", command_complete("SET"))
+    _step(client, state, "BEGIN", command_complete("BEGIN"), p.TX_IN_TRANSACTION)
+    _step(client, state, "SET statement_timeout = 5; SET extra_float_digits = 2", command_complete("SET") * 2,
+          p.TX_IN_TRANSACTION)
+    assert client.client_settings == {"extra_float_digits": "2", "statement_timeout": "5"}
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.client_settings == {"extra_float_digits": "3"}
+    assert state.settings == {"extra_float_digits": UNKNOWN_SETTING, "statement_timeout": UNKNOWN_SETTING}
+    client.client_data(QUERY_SELECT_1)
+    assert prelude_statements(link_backend(client, state)) == {'RESET "statement_timeout"',
+                                                               "SET \"extra_float_digits\" = '3'"}
+
+
+def test_a_failed_set_is_not_tracked_and_a_committed_one_is():
+    client = logged_in_client()
+    state = backend_state()
+    _step(client, state, "SET lock_timeout = 'abc'", p.error_response("22023", 'invalid value for parameter "lock_timeout"'))
+    assert client.client_settings == {}
+    _step(client, state, "BEGIN; SET lock_timeout = 10", command_complete("BEGIN") + command_complete("SET"),
+          p.TX_IN_TRANSACTION)
+    _step(client, state, "SELECT 1/0", p.error_response("22012", "division by zero"), p.TX_FAILED)
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.client_settings == {}
+    _step(client, state, "BEGIN; SET lock_timeout = 10", command_complete("BEGIN") + command_complete("SET"),
+          p.TX_IN_TRANSACTION)
+    _step(client, state, "COMMIT", command_complete("COMMIT"))
+    assert client.client_settings == {"lock_timeout": "10"} and state.settings == {"lock_timeout": "10"}
