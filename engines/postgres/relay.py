@@ -80,6 +80,7 @@ class Relay:
     deferred = None                 # what the requests not yet sent to a backend would do to the session
     settings_before = None          # (client settings, names changed) before this transaction changed them
     tx_undone = False               # ... and the transaction may have been rolled back (an error, ROLLBACK)
+    unpinned_in_tx = None           # {reason: (its keys, detail)} before this transaction undid pins
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -361,6 +362,15 @@ class Relay:
         keys = self.pin_keys.get(reason) if self.pin_keys else None
         if not keys:
             return
+        # Until the transaction is known to have committed: a failed or rolled-back CLOSE/UNLISTEN/... may have
+        # undone nothing, and then the pin comes back (see _settings_settled).
+        if self.settings_before is None:
+            self.settings_before = (self.client_settings, set())
+        if self.unpinned_in_tx is None:
+            self.unpinned_in_tx = {}
+        if reason not in self.unpinned_in_tx:
+            detail = next((d for known, d in self.pin_details if known is reason), reason.value)
+            self.unpinned_in_tx[reason] = (set(keys), detail)
         if key is None:
             keys.clear()
         elif key == ALL_BUT_IDENTITY:
@@ -406,9 +416,14 @@ class Relay:
         backend's, being unknown, are marked so that the next link sets or resets each of them."""
         before, touched = self.settings_before
         self.settings_before = None
+        unpinned, self.unpinned_in_tx = self.unpinned_in_tx, None
         if not self.tx_undone:
             return
         self.tx_undone = False
+        if unpinned:
+            for reason, (keys, detail) in unpinned.items():
+                self._pin(reason, detail, None)
+                self.pin_keys[reason] = set(keys)
         self.client_settings = before
         if self.server_state is not None:
             self.server_state.settings = {**self.server_state.settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}

@@ -950,3 +950,24 @@ def test_a_failed_set_is_not_tracked_and_a_committed_one_is():
           p.TX_IN_TRANSACTION)
     _step(client, state, "COMMIT", command_complete("COMMIT"))
     assert client.client_settings == {"lock_timeout": "10"} and state.settings == {"lock_timeout": "10"}
+
+
+def test_a_reset_that_failed_or_was_rolled_back_keeps_the_pin():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    state = backend_state()
+    _step(client, state, "DECLARE a CURSOR WITH HOLD FOR SELECT 1; DECLARE b CURSOR WITH HOLD FOR SELECT 1",
+          command_complete("DECLARE CURSOR") * 2)
+    _step(client, state, "BEGIN", command_complete("BEGIN"), p.TX_IN_TRANSACTION)
+    _step(client, state, "SELECT 1/0", p.error_response("22012", "division by zero"), p.TX_FAILED)
+    _step(client, state, "CLOSE ALL", p.error_response("25P02", "current transaction is aborted"), p.TX_FAILED)
+    assert not client.pinned                  # for now; the transaction's end decides
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.pinned and client.linked and policy.pinned_now["cursor_with_hold"] == 1
+    _step(client, state, "CLOSE a", command_complete("CLOSE CURSOR"))
+    assert client.pinned                      # b is still open: the keys came back too
+    _step(client, state, "LISTEN x; CLOSE b", command_complete("LISTEN") + command_complete("CLOSE CURSOR"))
+    _step(client, state, "UNLISTEN *; SELECT 1/0", command_complete("UNLISTEN") + p.error_response("22012", "x"))
+    assert client.pinned and policy.pinned_now["listen"] == 1
+    _step(client, state, "UNLISTEN *", command_complete("UNLISTEN"))
+    assert not client.pinned and not client.linked and not +policy.pinned_now
