@@ -43,6 +43,7 @@ _SET_CONFIG = re.compile(r"set_config\s*\((.*?)\)", re.IGNORECASE | re.DOTALL)
 _SET_CONFIG_LITERAL = re.compile(r"\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(true|false)\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"\s*(?:=|\bto\b)\s*(?P<value>.*?)\s*$", re.IGNORECASE | re.DOTALL)
 _VALUE_ITEM = re.compile(r"'((?:[^']|'')*)'|\"([^\"]+)\"|([-+]?[\w.]+)")
+_DOLLAR_QUOTE = re.compile(r"\$(?:[a-z_][a-z0-9_]*)?\$", re.IGNORECASE)
 _PLAIN_WORD = re.compile(r"[a-z_][a-z0-9_$]*$")
 _TEMP = re.compile(r"\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\s+(table|view|sequence)\b(?P<rest>[^;]*)"
                    r"|\binto\s+(?:temp|temporary)\b(?P<rest2>[^;]*)|\bcreate\s+(?:unlogged\s+)?table\s+pg_temp\.", re.IGNORECASE)
@@ -110,6 +111,8 @@ def analyze(sql: str) -> list[tuple]:
     if not _SCREEN.search(sql):
         return []
     found: list[tuple] = []   # (position, effect)
+    # A dollar-quoted body (CREATE FUNCTION, DO) may hold a SET that does not run now: pin as before, never track.
+    bodies = _DOLLAR_QUOTE.search(sql) is not None
     for match in _SET.finditer(sql):
         verb, word = match.group(1).lower(), match.group(2)
         name = _ident(word)
@@ -134,7 +137,7 @@ def analyze(sql: str) -> list[tuple]:
             assignment = _SET_VALUE.match(match.group("rest"))
             if assignment is not None:
                 value = _plain_value(assignment.group("value"))
-        if value is None:
+        if value is None or bodies:
             found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, f"SET {name}", name)))
         elif value == "default" and assignment.group("value").lower() == "default":
             found.append((match.start(), ("reset", name)))
@@ -150,6 +153,8 @@ def analyze(sql: str) -> list[tuple]:
                 continue
             name = literal.group(1).replace("''", "'").lower()
             if name in IDENTITY_PARAMETERS or name in _NOT_REPLAYABLE:
+                found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
+            elif bodies and name not in REPORTED_PARAMETERS:
                 found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
             elif name not in REPORTED_PARAMETERS:
                 found.append((match.start(), ("set", name, literal.group(2).replace("''", "'"))))

@@ -218,3 +218,12 @@ def test_effects_come_in_statement_order():
     assert [e[0] for e in analyze("CLOSE ALL; DECLARE c CURSOR WITH HOLD FOR SELECT 1")] == ["unpin", "pin"]
     asyncpg_reset = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
     assert [e[0] for e in analyze(asyncpg_reset)] == ["unpin", "unpin", "unpin", "reset", "unpin"]
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE FUNCTION f() RETURNS void AS $$ BEGIN NULL; SET statement_timeout = 1; END $$ LANGUAGE plpgsql",
+    "DO $body$ BEGIN PERFORM set_config('lock_timeout', '1', false); END $body$",
+])
+def test_settings_inside_dollar_quoted_bodies_pin_and_are_not_tracked(sql):
+    effects = analyze(sql)
+    assert effects and all(e[0] == "pin" for e in effects)
