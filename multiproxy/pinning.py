@@ -43,3 +43,18 @@ class PinPolicy:
     def session_ended(self, session) -> None:
         for reason in self._session_reasons.pop(id(session), ()):
             self.pinned_now[reason] -= 1
+
+    def released(self, session, reason: PinReason) -> bool:
+        """`session` undid what pinned it for `reason` (CLOSE of its last WITH HOLD cursor, UNLISTEN *, ...);
+        True while it stays pinned for another reason."""
+        reasons = self._session_reasons.get(id(session))
+        if not reasons:
+            return False
+        if reason.value in reasons:
+            reasons.discard(reason.value)
+            self.pinned_now[reason.value] -= 1
+            log.info("cluster %s: session no longer pinned for %s", self.cluster, reason.value)
+        if not reasons:
+            del self._session_reasons[id(session)]
+            return False
+        return True

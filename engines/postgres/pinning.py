@@ -28,25 +28,174 @@ REPORTED_PARAMETERS = frozenset({
 # Reported but still session identity: changing them must pin.
 IDENTITY_PARAMETERS = frozenset({"session_authorization", "role"})
 
-_SCREEN = re.compile(r"set|prepare|temp|listen|hold|advisory|load|reset", re.IGNORECASE)
+# Names a SET may not be tracked for: session identity, and forms that are no plain parameter assignment.
+_NOT_REPLAYABLE = frozenset({"role", "session_authorization", "authorization", "characteristics", "all"})
+# Pins by these names survive RESET ALL (it does not undo them).
+_IDENTITY_KEYS = frozenset({"role", "session_authorization", "authorization"})
+
+_SCREEN = re.compile(r"set|prepare|temp|listen|hold|advisory|load|reset|discard|close", re.IGNORECASE)
 _STATEMENT_START = r"(?:^|;)\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-_SET = re.compile(_STATEMENT_START + r"(set|reset)\s+(?:session\s+)?(?!local\b)(time\s+zone\b|\w+|\"[^\"]+\")",
-                  re.IGNORECASE | re.DOTALL)
+_SET = re.compile(_STATEMENT_START + r"(set|reset)\s+(?:session\s+)?(?!local\b)(time\s+zone\b|[\w.$]+|\"[^\"]+\")"
+                  r"(?P<rest>[^;]*)", re.IGNORECASE | re.DOTALL)
 # SQL-standard spellings of tracked parameters.
 _ALIASES = {"names": "client_encoding", "time zone": "timezone"}
 _SET_CONFIG = re.compile(r"set_config\s*\((.*?)\)", re.IGNORECASE | re.DOTALL)
+_SET_CONFIG_LITERAL = re.compile(r"\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(true|false)\s*$", re.IGNORECASE)
+_SET_VALUE = re.compile(r"\s*(?:=|\bto\b)\s*(?P<value>.*?)\s*$", re.IGNORECASE | re.DOTALL)
+_VALUE_ITEM = re.compile(r"'((?:[^']|'')*)'|\"([^\"]+)\"|([-+]?[\w.]+)")
+_DOLLAR_QUOTE = re.compile(r"\$(?:[a-z_][a-z0-9_]*)?\$", re.IGNORECASE)
+_PLAIN_WORD = re.compile(r"[a-z_][a-z0-9_$]*$")
 _TEMP = re.compile(r"\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\s+(table|view|sequence)\b(?P<rest>[^;]*)"
                    r"|\binto\s+(?:temp|temporary)\b(?P<rest2>[^;]*)|\bcreate\s+(?:unlogged\s+)?table\s+pg_temp\.", re.IGNORECASE)
 _ON_COMMIT_DROP = re.compile(r"\bon\s+commit\s+drop\b", re.IGNORECASE)
-_LISTEN = re.compile(_STATEMENT_START + r"listen\s", re.IGNORECASE)
-_WITH_HOLD = re.compile(r"\bdeclare\b[^;]*\bwith\s+hold\b", re.IGNORECASE)
+_LISTEN = re.compile(_STATEMENT_START + r"listen\s+(\w+|\"[^\"]+\")", re.IGNORECASE)
+_UNLISTEN = re.compile(_STATEMENT_START + r"unlisten\s+(\*|\w+|\"[^\"]+\")", re.IGNORECASE)
+_WITH_HOLD = re.compile(r"\bdeclare\s+(\w+|\"[^\"]+\")[^;]*\bwith\s+hold\b", re.IGNORECASE)
+_CLOSE = re.compile(_STATEMENT_START + r"close\s+(\w+|\"[^\"]+\")", re.IGNORECASE)
+_DISCARD_TEMP = re.compile(_STATEMENT_START + r"discard\s+temp(?:orary)?\b", re.IGNORECASE)
 _SQL_PREPARE = re.compile(_STATEMENT_START + r"prepare\s+(?!transaction\b)\w+", re.IGNORECASE)
 _ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNORECASE)
+_ADVISORY_UNLOCK_ALL = re.compile(r"\bpg_advisory_unlock_all\s*\(\s*\)", re.IGNORECASE)
 _LOAD = re.compile(_STATEMENT_START + r"load\s+'", re.IGNORECASE)
+
+# What analyze() finds, in order: ("pin", reason, detail, key), ("unpin", reason, key or None for all),
+# ("set", name, value) and ("reset", name or None for all) of a tracked (unreported) setting.
+ALL_BUT_IDENTITY = "*"      # an unpin key: every session-variable pin but SET ROLE / SESSION AUTHORIZATION
+
+
+def _ident(word: str) -> str:
+    return word[1:-1] if word.startswith('"') else word.lower()
+
+
+def _plain_value(text: str) -> str | None:
+    """The value of `SET name = text` as set_config would take it, or None when it is not plain literals."""
+    items = []
+    pos = 0
+    n = len(text)
+    while True:
+        match = _VALUE_ITEM.match(text, pos)
+        if match is None:
+            return None
+        items.append(match)
+        pos = match.end()
+        while pos < n and text[pos].isspace():
+            pos += 1
+        if pos == n:
+            break
+        if text[pos] != ",":
+            return None
+        pos += 1
+        while pos < n and text[pos].isspace():
+            pos += 1
+    if len(items) == 1:
+        single, double, word = items[0].groups()
+        if single is not None:
+            return single.replace("''", "'")
+        return double if double is not None else word.lower()
+    out = []
+    for single, double, word in (m.groups() for m in items):
+        if word is not None:
+            out.append(word.lower())
+            continue
+        value = single.replace("''", "'") if single is not None else double
+        if not _PLAIN_WORD.match(value):
+            if '"' in value:
+                return None
+            value = f'"{value}"'    # quoted as SET quotes list items (search_path: GUC_LIST_QUOTE)
+        out.append(value)
+    return ", ".join(out)
+
+
+def analyze(sql: str) -> list[tuple]:
+    """What `sql` does to the session: the pins it causes, the pins it undoes, the settings it tracks."""
+    if not _SCREEN.search(sql):
+        return []
+    found: list[tuple] = []   # (position, effect)
+    # A dollar-quoted body (CREATE FUNCTION, DO) may hold a SET that does not run now: pin as before, never track.
+    bodies = _DOLLAR_QUOTE.search(sql) is not None
+    for match in _SET.finditer(sql):
+        verb, word = match.group(1).lower(), match.group(2)
+        name = _ident(word)
+        name = _ALIASES.get(re.sub(r"\s+", " ", name), name)
+        if name in ("transaction", "constraints"):
+            continue
+        if verb == "reset":
+            if name == "all":
+                found.append((match.start(), ("reset", None)))
+                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, ALL_BUT_IDENTITY)))
+            elif name == "session_authorization" or name not in REPORTED_PARAMETERS:
+                found.append((match.start(), ("reset", name)))
+                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+            continue
+        if name == "characteristics" or name == "all":
+            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, f"SET {name.upper()}", name)))
+            continue
+        if name in REPORTED_PARAMETERS and name not in IDENTITY_PARAMETERS:
+            continue          # the server reports it (ParameterStatus): tracked from there
+        value = None
+        if name not in _NOT_REPLAYABLE and name not in IDENTITY_PARAMETERS:
+            assignment = _SET_VALUE.match(match.group("rest"))
+            if assignment is not None:
+                value = _plain_value(assignment.group("value"))
+        if value is None or bodies:
+            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, f"SET {name}", name)))
+        elif value == "default" and assignment.group("value").lower() == "default":
+            found.append((match.start(), ("reset", name)))
+            found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+        else:
+            found.append((match.start(), ("set", name, value)))
+            found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+    for match in _SET_CONFIG.finditer(sql):
+        args = match.group(1)
+        literal = _SET_CONFIG_LITERAL.match(args)
+        if literal is not None:
+            if literal.group(3).lower() == "true":
+                continue
+            name = literal.group(1).replace("''", "'").lower()
+            if name in IDENTITY_PARAMETERS or name in _NOT_REPLAYABLE:
+                found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
+            elif bodies and name not in REPORTED_PARAMETERS:
+                found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
+            elif name not in REPORTED_PARAMETERS:
+                found.append((match.start(), ("set", name, literal.group(2).replace("''", "'"))))
+                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+        elif not args.rstrip().lower().endswith("true"):
+            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", "set_config")))
+    for match in _TEMP.finditer(sql):
+        rest = match.group("rest") or match.group("rest2") or ""
+        if not _ON_COMMIT_DROP.search(rest):
+            found.append((match.start(), ("pin", PinReason.TEMP_TABLE, "temporary object", None)))
+    discard = _DISCARD_TEMP.search(sql)
+    if discard:
+        found.append((discard.start(), ("unpin", PinReason.TEMP_TABLE, None)))
+    for match in _LISTEN.finditer(sql):
+        found.append((match.start(), ("pin", PostgresPinReason.LISTEN, "LISTEN", _ident(match.group(1)))))
+    for match in _UNLISTEN.finditer(sql):
+        channel = match.group(1)
+        found.append((match.start(), ("unpin", PostgresPinReason.LISTEN, None if channel == "*" else _ident(channel))))
+    for match in _WITH_HOLD.finditer(sql):
+        found.append((match.start(), ("pin", PostgresPinReason.CURSOR_WITH_HOLD, "DECLARE ... WITH HOLD", _ident(match.group(1)))))
+    for match in _CLOSE.finditer(sql):
+        cursor = _ident(match.group(1))
+        found.append((match.start(), ("unpin", PostgresPinReason.CURSOR_WITH_HOLD, None if cursor == "all" else cursor)))
+    prepare = _SQL_PREPARE.search(sql)
+    if prepare:
+        found.append((prepare.start(), ("pin", PinReason.SQL_PREPARE, "PREPARE", None)))
+    advisory = _ADVISORY.search(sql)
+    if advisory:
+        found.append((advisory.start(), ("pin", PinReason.ADVISORY_LOCK, "session advisory lock", None)))
+    unlock = _ADVISORY_UNLOCK_ALL.search(sql)
+    if unlock:
+        found.append((unlock.start(), ("unpin", PinReason.ADVISORY_LOCK, None)))
+    load = _LOAD.search(sql)
+    if load:
+        found.append((load.start(), ("pin", PostgresPinReason.LOAD, "LOAD", None)))
+    found.sort(key=lambda item: item[0])
+    return [effect for _, effect in found]
 
 
 _KEYWORDS = (b"set", b"prepare", b"temp", b"listen", b"hold", b"advisory", b"load", b"reset", b"discard",
-             b"deallocate")
+             b"deallocate", b"close")
 
 
 def might_pin(sql: bytes) -> bool:
@@ -56,39 +205,9 @@ def might_pin(sql: bytes) -> bool:
     find = bytes(sql).lower().find
     return (find(b"set") >= 0 or find(b"prepare") >= 0 or find(b"temp") >= 0 or find(b"listen") >= 0
             or find(b"hold") >= 0 or find(b"advisory") >= 0 or find(b"load") >= 0 or find(b"reset") >= 0
-            or find(b"discard") >= 0 or find(b"deallocate") >= 0)
+            or find(b"discard") >= 0 or find(b"deallocate") >= 0 or find(b"close") >= 0)
 
 
 def classify(sql: str) -> list[tuple[PinReason, str]]:
     """The pin reasons `sql` triggers, each with a short detail naming what was seen."""
-    if not _SCREEN.search(sql):
-        return []
-    found: list[tuple[PinReason, str]] = []
-    for match in _SET.finditer(sql):
-        verb, name = match.group(1).lower(), match.group(2).strip('"').lower()
-        name = _ALIASES.get(re.sub(r"\s+", " ", name), name)
-        if name in ("transaction", "constraints"):
-            continue
-        if name == "characteristics" or name == "all":
-            found.append((PinReason.SESSION_VARIABLE, f"{verb.upper()} {name.upper()}"))
-        elif name in IDENTITY_PARAMETERS or name not in REPORTED_PARAMETERS:
-            found.append((PinReason.SESSION_VARIABLE, f"{verb.upper()} {name}"))
-    for match in _SET_CONFIG.finditer(sql):
-        args = match.group(1).rstrip().lower()
-        if not args.endswith("true"):
-            found.append((PinReason.SESSION_VARIABLE, "set_config(..., false)"))
-    for match in _TEMP.finditer(sql):
-        rest = match.group("rest") or match.group("rest2") or ""
-        if not _ON_COMMIT_DROP.search(rest):
-            found.append((PinReason.TEMP_TABLE, "temporary object"))
-    if _LISTEN.search(sql):
-        found.append((PostgresPinReason.LISTEN, "LISTEN"))
-    if _WITH_HOLD.search(sql):
-        found.append((PostgresPinReason.CURSOR_WITH_HOLD, "DECLARE ... WITH HOLD"))
-    if _SQL_PREPARE.search(sql):
-        found.append((PinReason.SQL_PREPARE, "PREPARE"))
-    if _ADVISORY.search(sql):
-        found.append((PinReason.ADVISORY_LOCK, "session advisory lock"))
-    if _LOAD.search(sql):
-        found.append((PostgresPinReason.LOAD, "LOAD"))
-    return found
+    return [(effect[1], effect[2]) for effect in analyze(sql) if effect[0] == "pin"]

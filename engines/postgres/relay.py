@@ -16,13 +16,17 @@ from multiproxy.engine import HELD_REFUSAL, ClientQuit, ErrorKind, PinReason, Pr
 
 from . import protocol as p
 from .errors import render_error
-from .pinning import classify, might_pin
+from .pinning import _IDENTITY_KEYS, ALL_BUT_IDENTITY, analyze, might_pin
 
 # What each ReadyForQuery the relay expects answers: the entries of the FIFO.
 INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
 CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
 EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only ReadyForQuery
+
+# A backend setting whose value is not known (a transaction that changed it may have been rolled back): equal
+# to no value a client asks for, so the next link sets or resets it.
+UNKNOWN_SETTING = "\x00unknown"
 
 READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
 
@@ -72,6 +76,11 @@ class Relay:
     retry_refused = False           # that answer carries a read-only refusal (25006)
     retry_saved = None              # the candidate of a held refusal, for retry_accepted
     retry_request = None            # bytes the core should send again on the new writer
+    pin_keys = None                 # {reason: set of what pinned it (cursor names, channels, settings; None)}
+    deferred = None                 # what the requests not yet sent to a backend would do to the session
+    settings_before = None          # (client settings, names changed) before this transaction changed them
+    tx_undone = False               # ... and the transaction may have been rolled back (an error, ROLLBACK)
+    unpinned_in_tx = None           # {reason: (its keys, detail)} before this transaction undid pins
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -288,6 +297,11 @@ class Relay:
         return b""
 
     def _inspect_sql(self, sql_bytes) -> None:
+        if self.settings_before is not None:
+            # In a transaction that changed tracked settings: a ROLLBACK (to a savepoint too) may undo them.
+            low = bytes(sql_bytes).lower()
+            if low.find(b"rollback") >= 0 or low.find(b"abort") >= 0:
+                self.tx_undone = True
         if not might_pin(sql_bytes):
             return
         low = bytes(sql_bytes).lower()
@@ -300,16 +314,121 @@ class Relay:
                 self.server_state.prepared.clear()
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
-        for reason, detail in classify(bytes(sql_bytes).decode("utf-8", "replace")):
-            self._detected(reason, detail)
+        for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
+            self._effect(effect)
 
     def _detected(self, reason: PinReason, detail: str) -> None:
+        self._effect(("pin", reason, detail, None))
+
+    def _effect(self, effect: tuple) -> None:
+        """Apply what a request does to the session (see pinning.analyze) once it goes to a backend: before
+        that, keep it; a request that never reaches one (fail_pending) changes nothing."""
+        if not self.linked:
+            deferred = self.deferred
+            if deferred is None:
+                deferred = self.deferred = []
+            elif effect in deferred:
+                deferred.remove(effect)    # the last occurrence decides: a repeating client holds each once
+            deferred.append(effect)
+            return
+        kind = effect[0]
+        if kind == "pin":
+            self._pin(effect[1], effect[2], effect[3])
+        elif kind == "unpin":
+            self._unpin(effect[1], effect[2])
+        elif kind == "set":
+            self._track_setting(effect[1], effect[2])
+        else:
+            self._track_setting(effect[1], None)
+
+    def _apply_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, None
+        for effect in deferred:
+            self._effect(effect)
+
+    def _pin(self, reason: PinReason, detail: str, key) -> None:
         if self.ctx.pin_policy.detected(self, reason, detail):
             if not self.pinned:
                 self.pinned = True
+            if self.pin_keys is None:
+                self.pin_keys = {}
+            self.pin_keys.setdefault(reason, set()).add(key)
             # The first detail per reason: a pinned client repeating SET would otherwise grow the list forever.
             if all(known is not reason for known, _ in self.pin_details):
                 self.pin_details.append((reason, detail))
+
+    def _unpin(self, reason: PinReason, key) -> None:
+        """The client undid (some of) what pinned it for `reason`: unpin when nothing else holds it."""
+        keys = self.pin_keys.get(reason) if self.pin_keys else None
+        if not keys:
+            return
+        # Until the transaction is known to have committed: a failed or rolled-back CLOSE/UNLISTEN/... may have
+        # undone nothing, and then the pin comes back (see _settings_settled).
+        if self.settings_before is None:
+            self.settings_before = (self.client_settings, set())
+        if self.unpinned_in_tx is None:
+            self.unpinned_in_tx = {}
+        if reason not in self.unpinned_in_tx:
+            detail = next((d for known, d in self.pin_details if known is reason), reason.value)
+            self.unpinned_in_tx[reason] = (set(keys), detail)
+        if key is None:
+            keys.clear()
+        elif key == ALL_BUT_IDENTITY:
+            keys.intersection_update(_IDENTITY_KEYS)
+        else:
+            keys.discard(key)
+        if keys:
+            return
+        del self.pin_keys[reason]
+        self.pin_details[:] = [(known, detail) for known, detail in self.pin_details if known is not reason]
+        self.pinned = self.ctx.pin_policy.released(self, reason)
+
+    def _track_setting(self, name: str, value) -> None:
+        """The client set (value) or reset (None; name None: RESET ALL) an unreported setting on its backend:
+        tracked, so that it is replayed on the next backend; the linked backend has it already."""
+        def changed(settings: dict) -> dict:
+            if name is None:
+                return {}
+            settings = dict(settings)
+            if value is None:
+                settings.pop(name, None)
+            else:
+                settings[name] = value
+            return settings
+        if self.settings_before is None:
+            self.settings_before = (self.client_settings, set())
+        touched = self.settings_before[1]
+        if name is None:
+            touched.update(self.client_settings)
+            if self.server_state is not None:
+                touched.update(self.server_state.settings)
+        else:
+            touched.add(name)
+        self.client_settings = changed(self.client_settings)
+        if self.server_state is not None:
+            self.server_state.settings = changed(self.server_state.settings)
+        if self.pending_settings is not None:
+            self.pending_settings = changed(self.pending_settings)
+
+    def _settings_settled(self) -> None:
+        """The transaction that changed tracked settings ended (ReadyForQuery, idle). Rolled back (or maybe:
+        an error, ROLLBACK, ABORT): the server undid them, so the client's tracked settings go back, and the
+        backend's, being unknown, are marked so that the next link sets or resets each of them."""
+        before, touched = self.settings_before
+        self.settings_before = None
+        unpinned, self.unpinned_in_tx = self.unpinned_in_tx, None
+        if not self.tx_undone:
+            return
+        self.tx_undone = False
+        if unpinned:
+            for reason, (keys, detail) in unpinned.items():
+                self._pin(reason, detail, None)
+                self.pin_keys[reason] = set(keys)
+        self.client_settings = before
+        if self.server_state is not None:
+            self.server_state.settings = {**self.server_state.settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}
+        if self.pending_settings is not None:
+            self.pending_settings = {**self.pending_settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}
 
     # ------------------------------------------------------------------ relay: backend to client
 
@@ -387,6 +506,11 @@ class Relay:
                 if kind == p.READY_FOR_QUERY:
                     self.retry_candidate = None
                     self.tx_status = data[pos + 5]
+                    if self.settings_before is not None and not internal:
+                        if self.tx_status == p.TX_IDLE:
+                            self._settings_settled()
+                        elif self.tx_status != p.TX_IN_TRANSACTION:
+                            self.tx_undone = True       # a failed transaction block
                     saw_ready = True
                     self.copy_in = False
                     answered = fifo.popleft() if fifo else None
@@ -413,7 +537,9 @@ class Relay:
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
                         self.internal_failed = True
-                    elif hold:
+                    elif self.settings_before is not None:
+                        self.tx_undone = True
+                    if internal or hold:
                         pass
                     elif data[pos + 5:pos + 12] == b"SFATAL\x00" or data[pos + 5:pos + 12] == b"SPANIC\x00":
                         # The backend is going away (shutdown, crash, failover). Keep the client: hold the
@@ -522,6 +648,7 @@ class Relay:
         error = render_error(kind, message, fatal=False)
         out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
         self.fifo.clear()
+        self.deferred = None            # nothing it asked for happened: no pin, no tracked setting
         out.append(self._forget_unanswerable(error))
         return b"".join(out)
 
@@ -548,6 +675,9 @@ class Relay:
             self.backend_farewell = ""
         mid_message = bool(self.sbuf or self.s_skip)
         session_state_lost = self.pinned
+        if self.settings_before is not None:
+            self.tx_undone = True            # the transaction that changed settings died with the backend
+            self._settings_settled()
         self.unlink()
         if mid_message or session_state_lost or self.copy_in:
             return render_error(ErrorKind.BACKEND_LOST, message + (

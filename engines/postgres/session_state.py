@@ -168,6 +168,8 @@ class SessionState:
         self.server_state = server_state
         params = server_state.params
         self.server_params = params
+        if self.deferred is not None:
+            self._apply_deferred()
         if self.deferred_rewrite is not None:
             start, group = self.deferred_rewrite
             self.deferred_rewrite = None

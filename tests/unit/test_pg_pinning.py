@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from multiproxy_engines.postgres.pinning import _KEYWORDS, classify, might_pin
+from multiproxy_engines.postgres.pinning import _KEYWORDS, ALL_BUT_IDENTITY, analyze, classify, might_pin
 from multiproxy_engines.postgres.pinning import PostgresPinReason as PR
 from multiproxy.engine import PinReason as R
 
@@ -13,17 +13,17 @@ def reasons(sql: str) -> set[R]:
 
 
 PINS = [
-    ("SET search_path = app, public", R.SESSION_VARIABLE),
-    ("SET SESSION search_path TO app", R.SESSION_VARIABLE),
-    ("set statement_timeout = '5s'", R.SESSION_VARIABLE),
-    ('SET "search_path" = x', R.SESSION_VARIABLE),
+    # values that are no plain literals are not replayed (yet): they pin
+    ("SET search_path = 'My \"Schema', public", R.SESSION_VARIABLE),
+    ("SET statement_timeout = 2 * 1000", R.SESSION_VARIABLE),
+    ("SET a.b FROM CURRENT", R.SESSION_VARIABLE),
+    ("SELECT set_config('a.b', current_user, false)", R.SESSION_VARIABLE),
+    ("SELECT set_config(name, 'c', false) FROM t", R.SESSION_VARIABLE),
+    # session identity
     ("SET ROLE reporting", R.SESSION_VARIABLE),
     ("SET SESSION AUTHORIZATION bob", R.SESSION_VARIABLE),
-    ("RESET search_path", R.SESSION_VARIABLE),
-    ("RESET ALL", R.SESSION_VARIABLE),
+    ("SELECT set_config('role', 'bob', false)", R.SESSION_VARIABLE),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", R.SESSION_VARIABLE),
-    ("SELECT set_config('search_path', 'app', false)", R.SESSION_VARIABLE),
-    ("SELECT set_config('a.b', 'c', FALSE)", R.SESSION_VARIABLE),
     ("CREATE TEMP TABLE scratch (id int)", R.TEMP_TABLE),
     ("CREATE TEMPORARY TABLE scratch (id int) ON COMMIT PRESERVE ROWS", R.TEMP_TABLE),
     ("CREATE GLOBAL TEMPORARY TABLE g (id int)", R.TEMP_TABLE),
@@ -42,7 +42,7 @@ PINS = [
     ("SELECT pg_advisory_lock_shared(7)", R.ADVISORY_LOCK),
     ("LOAD 'auto_explain'", PR.LOAD),
     # case-insensitivity
-    ("set SEARCH_PATH = x", R.SESSION_VARIABLE),
+    ("set SEARCH_PATH = lower('X')", R.SESSION_VARIABLE),
     ("create temp table T (id int)", R.TEMP_TABLE),
     ("listen JOBS", PR.LISTEN),
     ("Prepare Q As Select 1", R.SQL_PREPARE),
@@ -50,7 +50,7 @@ PINS = [
     ("load 'x'", PR.LOAD),
     ("declare c cursor with hold for select 1", PR.CURSOR_WITH_HOLD),
     # after comments and leading whitespace
-    ("/* app */ SET search_path = x", R.SESSION_VARIABLE),
+    ("/* app */ SET role = x", R.SESSION_VARIABLE),
     ("-- note\n  LISTEN jobs", PR.LISTEN),
 ]
 
@@ -73,6 +73,23 @@ NOT_PINS = [
     "CREATE TEMPORARY TABLE s AS SELECT 1 ON COMMIT DROP",
     "CREATE TABLE permanent (id int)",
     "UNLISTEN jobs",
+    "SET search_path = app, public",
+    "SET SESSION search_path TO app",
+    "set statement_timeout = '5s'",
+    'SET "search_path" = x',
+    "SET extra_float_digits = 3",
+    "SET lock_timeout TO 100",
+    "SET myapp.tenant = '42'",
+    "RESET search_path",
+    "RESET ALL",
+    "SELECT set_config('search_path', 'app', false)",
+    "SELECT set_config('a.b', 'c', FALSE)",
+    "SELECT set_config('TimeZone', 'Asia/Tokyo', false)",
+    "SELECT set_config('application_name', 'x', false)",
+    "CLOSE ALL",
+    "CLOSE c",
+    "DISCARD TEMP",
+    "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
     "UNLISTEN *",
     "DECLARE c CURSOR FOR SELECT 1",
     "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
@@ -107,11 +124,11 @@ def test_every_reason_comes_with_a_readable_detail():
 
 
 def test_set_detail_names_the_parameter():
-    assert classify("SET search_path = x") == [(R.SESSION_VARIABLE, "SET search_path")]
+    assert classify("SET search_path = now()") == [(R.SESSION_VARIABLE, "SET search_path")]
 
 
 def test_multi_statement_strings_report_each_reason():
-    sql = "BEGIN; SET search_path = x; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
+    sql = "BEGIN; SET ROLE x; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
     assert reasons(sql) == {R.SESSION_VARIABLE, R.TEMP_TABLE, PR.LISTEN, R.ADVISORY_LOCK}
 
 
@@ -125,7 +142,7 @@ def test_on_commit_drop_applies_only_to_its_own_statement():
 
 
 def test_set_after_a_semicolon_without_space():
-    assert R.SESSION_VARIABLE in reasons("SELECT 1;SET search_path = x")
+    assert R.SESSION_VARIABLE in reasons("SELECT 1;SET role = x")
 
 
 def test_set_inside_an_update_is_not_a_session_set():
@@ -133,7 +150,7 @@ def test_set_inside_an_update_is_not_a_session_set():
 
 
 def test_set_config_with_whitespace_before_the_flag():
-    assert reasons("SELECT set_config( 'a.b' , 'c' , false )") == {R.SESSION_VARIABLE}
+    assert analyze("SELECT set_config( 'a.b' , 'c' , false )")[0] == ("set", "a.b", "c")
     assert classify("SELECT set_config( 'a.b' , 'c' , true )") == []
 
 
@@ -151,3 +168,62 @@ def test_might_pin_screens_for_every_keyword_in_any_case(word):
 def test_might_pin_lets_plain_queries_through():
     assert not might_pin(b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
     assert not might_pin(b"")
+
+
+S = R.SESSION_VARIABLE
+
+
+@pytest.mark.parametrize("sql,effects", [
+    ("SET extra_float_digits = 3", [("set", "extra_float_digits", "3"), ("unpin", S, "extra_float_digits")]),
+    ("SET SESSION statement_timeout TO '4321'", [("set", "statement_timeout", "4321"), ("unpin", S, "statement_timeout")]),
+    ("SET search_path = App, public", [("set", "search_path", "app, public"), ("unpin", S, "search_path")]),
+    ('SET search_path TO "$user", public', [("set", "search_path", '"$user", public'), ("unpin", S, "search_path")]),
+    ("SET search_path = 'My Schema', public", [("set", "search_path", '"My Schema", public'), ("unpin", S, "search_path")]),
+    ("SET lock_timeout = '1s'", [("set", "lock_timeout", "1s"), ("unpin", S, "lock_timeout")]),
+    ("SET myapp.name = 'it''s'", [("set", "myapp.name", "it's"), ("unpin", S, "myapp.name")]),
+    ("SET extra_float_digits TO DEFAULT", [("reset", "extra_float_digits"), ("unpin", S, "extra_float_digits")]),
+    ("SELECT set_config('search_path', 'a, b', false)", [("set", "search_path", "a, b"), ("unpin", S, "search_path")]),
+    ("RESET lock_timeout", [("reset", "lock_timeout"), ("unpin", S, "lock_timeout")]),
+    ("RESET ALL", [("reset", None), ("unpin", S, ALL_BUT_IDENTITY)]),
+    ("RESET TimeZone", []),
+    ("SET TimeZone = 'UTC'", []),
+    ("SELECT set_config('TimeZone', 'Asia/Tokyo', false)", []),
+    ("SET LOCAL lock_timeout = 1", []),
+    ("SELECT set_config('lock_timeout', '1', true)", []),
+])
+def test_plain_settings_are_tracked_not_pinned(sql, effects):
+    assert analyze(sql) == effects
+
+
+@pytest.mark.parametrize("sql,effect", [
+    ("UNLISTEN *", ("unpin", PR.LISTEN, None)),
+    ("UNLISTEN jobs", ("unpin", PR.LISTEN, "jobs")),
+    ("CLOSE ALL", ("unpin", PR.CURSOR_WITH_HOLD, None)),
+    ("CLOSE C", ("unpin", PR.CURSOR_WITH_HOLD, "c")),
+    ("DISCARD TEMP", ("unpin", R.TEMP_TABLE, None)),
+    ("DISCARD TEMPORARY", ("unpin", R.TEMP_TABLE, None)),
+    ("SELECT pg_advisory_unlock_all()", ("unpin", R.ADVISORY_LOCK, None)),
+])
+def test_resets_undo_their_pins(sql, effect):
+    assert analyze(sql) == [effect]
+
+
+def test_pins_name_what_can_undo_them():
+    assert analyze("LISTEN Jobs") == [("pin", PR.LISTEN, "LISTEN", "jobs")]
+    assert analyze('DECLARE "C" CURSOR WITH HOLD FOR SELECT 1') == [
+        ("pin", PR.CURSOR_WITH_HOLD, "DECLARE ... WITH HOLD", "C")]
+
+
+def test_effects_come_in_statement_order():
+    assert [e[0] for e in analyze("CLOSE ALL; DECLARE c CURSOR WITH HOLD FOR SELECT 1")] == ["unpin", "pin"]
+    asyncpg_reset = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
+    assert [e[0] for e in analyze(asyncpg_reset)] == ["unpin", "unpin", "unpin", "reset", "unpin"]
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE FUNCTION f() RETURNS void AS $$ BEGIN NULL; SET statement_timeout = 1; END $$ LANGUAGE plpgsql",
+    "DO $body$ BEGIN PERFORM set_config('lock_timeout', '1', false); END $body$",
+])
+def test_settings_inside_dollar_quoted_bodies_pin_and_are_not_tracked(sql):
+    effects = analyze(sql)
+    assert effects and all(e[0] == "pin" for e in effects)

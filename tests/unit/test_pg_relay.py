@@ -425,7 +425,8 @@ def test_named_parse_reports_a_prepared_statement_pin():
 def test_named_parse_under_an_ignore_policy_does_not_pin():
     policy = PinPolicy({"prepared_statement": "ignore"})
     client = logged_in_client(policy=policy)
-    client.client_data(parse("s1", "SELECT 1") + SYNC)
+    forward, _ = client.client_data(parse("s1", "SELECT 1") + SYNC)
+    link_backend(client, backend_state(), forward)
     assert not client.pinned
     assert policy.ignored_total["prepared_statement"] == 1
 
@@ -433,7 +434,9 @@ def test_named_parse_under_an_ignore_policy_does_not_pin():
 def test_query_text_pins_through_the_policy():
     policy = PinPolicy()
     client = logged_in_client(policy=policy)
-    client.client_data(p.query("CREATE TEMP TABLE scratch (id int)"))
+    forward, _ = client.client_data(p.query("CREATE TEMP TABLE scratch (id int)"))
+    assert not client.pinned and not policy.detected_total      # not before it reaches a backend
+    link_backend(client, backend_state(), forward)
     assert client.pinned
     assert policy.detected_total["temp_table"] == 1
 
@@ -745,3 +748,226 @@ def test_startup_options_that_are_no_settings_are_refused_at_login():
                                                          "options": "-c search_path=x -e"}))
     assert type(events[-1]).__name__ == "CloseClient"
     assert b"startup option '-e'" in events[-1].data
+
+
+# ---------------------------------------------------------------- issue 13: resets, replayed settings, no pin before a backend
+
+def _run(client, state, sql: str, answer: bytes = b"") -> bool:
+    """One simple Query through the relay as the core runs it: link if needed, the server's answer, release."""
+    forward, local = client.client_data(p.query(sql))
+    assert forward and not local
+    if not client.linked:
+        link_backend(client, state, forward)
+    replay = READY_IDLE if client.fifo and client.fifo[0] == 0 else b""     # the proxy's own SETs, answered
+    _, release = client.backend_data(replay + (answer or command_complete("SET")) + READY_IDLE)
+    if release and not client.pinned:
+        client.unlink()
+    return release
+
+
+def test_plain_settings_are_tracked_and_replayed_not_pinned():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    first = backend_state()
+    for sql in ("SET extra_float_digits = 3", "SET search_path = app, public", "SET statement_timeout = 4321",
+                "SELECT set_config('lock_timeout', '250ms', false)"):
+        assert _run(client, first, sql)
+        assert not client.pinned and not client.linked
+    assert client.client_settings == {"extra_float_digits": "3", "search_path": "app, public",
+                                      "statement_timeout": "4321", "lock_timeout": "250ms"}
+    assert first.settings == client.client_settings          # the backend that ran them has them
+    assert not policy.detected_total and not +policy.pinned_now
+    client.client_data(QUERY_SELECT_1)
+    assert link_backend(client, first) == b""                 # nothing to replay on that backend
+    client.backend_data(COMMAND_COMPLETE_SELECT_1 + READY_IDLE)
+    client.unlink()
+    client.client_data(QUERY_SELECT_1)
+    assert prelude_statements(link_backend(client, backend_state())) == {
+        "SET \"extra_float_digits\" = '3'", "SET \"search_path\" = 'app, public'",
+        "SET \"statement_timeout\" = '4321'", "SET \"lock_timeout\" = '250ms'"}
+
+
+def test_reported_parameters_set_by_set_config_neither_pin_nor_double_track():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    assert _run(client, backend_state(), "SELECT set_config('TimeZone', 'Asia/Tokyo', false)",
+                p.parameter_status("TimeZone", "Asia/Tokyo") + command_complete("SELECT 1"))
+    assert not client.pinned and client.client_settings == {}
+    assert client.client_params["timezone"] == "Asia/Tokyo"
+    assert not policy.detected_total
+
+
+def test_set_local_and_transaction_scoped_set_config_track_nothing():
+    client = logged_in_client()
+    assert _run(client, backend_state(), "SET LOCAL statement_timeout = 5; SELECT set_config('a.b', 'c', true)")
+    assert client.client_settings == {} and not client.pinned
+
+
+def test_reset_all_clears_tracked_settings_and_the_next_backend_is_reset():
+    client = logged_in_client()
+    used = backend_state()
+    assert _run(client, used, "SET statement_timeout = 4321; SET extra_float_digits = 3")
+    assert _run(client, backend_state(), "RESET ALL")
+    assert client.client_settings == {} and not client.pinned
+    client.client_data(QUERY_SELECT_1)
+    assert prelude_statements(link_backend(client, used)) == {'RESET "statement_timeout"', 'RESET "extra_float_digits"'}
+
+
+def test_reset_name_forgets_one_setting():
+    client = logged_in_client()
+    state = backend_state()
+    assert _run(client, state, "SET statement_timeout = 4321; SET extra_float_digits = 3")
+    assert _run(client, state, "RESET statement_timeout")
+    assert client.client_settings == {"extra_float_digits": "3"} and state.settings == {"extra_float_digits": "3"}
+    assert _run(client, state, "SET extra_float_digits TO DEFAULT")
+    assert client.client_settings == {} and state.settings == {}
+
+
+def test_with_hold_cursor_pins_until_its_last_close():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    state = backend_state()
+    assert _run(client, state, "DECLARE a CURSOR WITH HOLD FOR SELECT 1", command_complete("DECLARE CURSOR"))
+    assert _run(client, state, "DECLARE b CURSOR WITH HOLD FOR SELECT 1", command_complete("DECLARE CURSOR"))
+    assert client.pinned and client.linked and policy.pinned_now["cursor_with_hold"] == 1
+    assert _run(client, state, "CLOSE a", command_complete("CLOSE CURSOR"))
+    assert client.pinned and client.linked
+    assert _run(client, state, "CLOSE b", command_complete("CLOSE CURSOR"))
+    assert not client.pinned and not client.linked and policy.pinned_now["cursor_with_hold"] == 0
+    assert client.pin_details == []
+
+
+def test_close_all_discard_temp_unlisten_unlock_all_unpin():
+    for pin_sql, reset_sql in (("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "CLOSE ALL"),
+                               ("CREATE TEMP TABLE t (id int)", "DISCARD TEMP"),
+                               ("LISTEN jobs; LISTEN other", "UNLISTEN *"),
+                               ("SELECT pg_advisory_lock(1)", "SELECT pg_advisory_unlock_all()")):
+        policy = PinPolicy()
+        client = logged_in_client(policy=policy)
+        state = backend_state()
+        _run(client, state, pin_sql)
+        assert client.pinned, pin_sql
+        assert _run(client, state, reset_sql)
+        assert not client.pinned and not +policy.pinned_now, reset_sql
+
+
+def test_unlisten_of_one_channel_unpins_only_after_the_last():
+    client = logged_in_client()
+    state = backend_state()
+    _run(client, state, "LISTEN a; LISTEN b")
+    _run(client, state, "UNLISTEN a")
+    assert client.pinned
+    _run(client, state, "UNLISTEN b")
+    assert not client.pinned
+
+
+def test_asyncpg_pool_reset_leaves_the_session_unpinned():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    state = backend_state()
+    _run(client, state, "SELECT pg_advisory_lock(7); LISTEN jobs; DECLARE c CURSOR WITH HOLD FOR SELECT 1; "
+                        "SET statement_timeout = 5")
+    assert client.pinned and policy.pinned_now["advisory_lock"] == 1
+    assert _run(client, state, "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+    assert not client.pinned and not client.linked and not +policy.pinned_now
+    assert client.client_settings == {}
+
+
+def test_reset_all_does_not_undo_set_role_pins_but_unpins_other_reasons_only_when_all_are_gone():
+    client = logged_in_client()
+    state = backend_state()
+    _run(client, state, "SET ROLE reporting; CREATE TEMP TABLE t (id int)")
+    _run(client, state, "RESET ALL")
+    assert client.pinned
+    _run(client, state, "DISCARD TEMP")
+    assert client.pinned                       # still SET ROLE
+    _run(client, state, "RESET ROLE")
+    assert not client.pinned
+
+
+def test_a_request_that_never_reached_a_backend_changes_nothing():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    for sql in ("SET statement_timeout = 1", "CREATE TEMP TABLE t (id int)", "SET ROLE x",
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1"):
+        forward, _ = client.client_data(p.query(sql))
+        assert forward
+        out = client.fail_pending(ErrorKind.POOL_TIMEOUT, "no database connection became free within 1 s")
+        assert out.endswith(READY_IDLE)
+        assert not client.pinned and client.client_settings == {} and client.pin_details == []
+    assert not policy.detected_total and not +policy.pinned_now
+    # the next request that does reach a backend is not charged with the failed ones
+    assert _run(client, backend_state(), "SELECT 1", COMMAND_COMPLETE_SELECT_1)
+    assert not client.pinned and not policy.detected_total
+
+
+def test_a_pinning_parse_that_never_reached_a_backend_does_not_pin():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    client.client_data(parse("s1", "SELECT 1") + SYNC)
+    client.fail_pending(ErrorKind.POOL_TIMEOUT, "timeout")
+    assert not client.pinned and not policy.detected_total
+
+
+def _step(client, state, sql: str, answer: bytes, status: int = p.TX_IDLE) -> None:
+    forward, _ = client.client_data(p.query(sql))
+    if not client.linked:
+        link_backend(client, state, forward)
+    replay = READY_IDLE if client.fifo and client.fifo[0] == 0 else b""
+    _, release = client.backend_data(replay + answer + p.ready_for_query(status))
+    if release and not client.pinned:
+        client.unlink()
+
+
+def test_settings_of_a_rolled_back_transaction_are_not_tracked():
+    from multiproxy_engines.postgres.relay import UNKNOWN_SETTING
+    client = logged_in_client()
+    state = backend_state()
+    _step(client, state, "SET extra_float_digits = 3", command_complete("SET"))
+    _step(client, state, "BEGIN", command_complete("BEGIN"), p.TX_IN_TRANSACTION)
+    _step(client, state, "SET statement_timeout = 5; SET extra_float_digits = 2", command_complete("SET") * 2,
+          p.TX_IN_TRANSACTION)
+    assert client.client_settings == {"extra_float_digits": "2", "statement_timeout": "5"}
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.client_settings == {"extra_float_digits": "3"}
+    assert state.settings == {"extra_float_digits": UNKNOWN_SETTING, "statement_timeout": UNKNOWN_SETTING}
+    client.client_data(QUERY_SELECT_1)
+    assert prelude_statements(link_backend(client, state)) == {'RESET "statement_timeout"',
+                                                               "SET \"extra_float_digits\" = '3'"}
+
+
+def test_a_failed_set_is_not_tracked_and_a_committed_one_is():
+    client = logged_in_client()
+    state = backend_state()
+    _step(client, state, "SET lock_timeout = 'abc'", p.error_response("22023", 'invalid value for parameter "lock_timeout"'))
+    assert client.client_settings == {}
+    _step(client, state, "BEGIN; SET lock_timeout = 10", command_complete("BEGIN") + command_complete("SET"),
+          p.TX_IN_TRANSACTION)
+    _step(client, state, "SELECT 1/0", p.error_response("22012", "division by zero"), p.TX_FAILED)
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.client_settings == {}
+    _step(client, state, "BEGIN; SET lock_timeout = 10", command_complete("BEGIN") + command_complete("SET"),
+          p.TX_IN_TRANSACTION)
+    _step(client, state, "COMMIT", command_complete("COMMIT"))
+    assert client.client_settings == {"lock_timeout": "10"} and state.settings == {"lock_timeout": "10"}
+
+
+def test_a_reset_that_failed_or_was_rolled_back_keeps_the_pin():
+    policy = PinPolicy()
+    client = logged_in_client(policy=policy)
+    state = backend_state()
+    _step(client, state, "DECLARE a CURSOR WITH HOLD FOR SELECT 1; DECLARE b CURSOR WITH HOLD FOR SELECT 1",
+          command_complete("DECLARE CURSOR") * 2)
+    _step(client, state, "BEGIN", command_complete("BEGIN"), p.TX_IN_TRANSACTION)
+    _step(client, state, "SELECT 1/0", p.error_response("22012", "division by zero"), p.TX_FAILED)
+    _step(client, state, "CLOSE ALL", p.error_response("25P02", "current transaction is aborted"), p.TX_FAILED)
+    assert not client.pinned                  # for now; the transaction's end decides
+    _step(client, state, "ROLLBACK", command_complete("ROLLBACK"))
+    assert client.pinned and client.linked and policy.pinned_now["cursor_with_hold"] == 1
+    _step(client, state, "CLOSE a", command_complete("CLOSE CURSOR"))
+    assert client.pinned                      # b is still open: the keys came back too
+    _step(client, state, "LISTEN x; CLOSE b", command_complete("LISTEN") + command_complete("CLOSE CURSOR"))
+    _step(client, state, "UNLISTEN *; SELECT 1/0", command_complete("UNLISTEN") + p.error_response("22012", "x"))
+    assert client.pinned and policy.pinned_now["listen"] == 1
+    _step(client, state, "UNLISTEN *", command_complete("UNLISTEN"))
+    assert not client.pinned and not client.linked and not +policy.pinned_now

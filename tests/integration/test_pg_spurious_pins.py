@@ -1,0 +1,261 @@
+"""No spurious pins (issue 13, PostgreSQL): resets unpin, plain settings are tracked and replayed instead of
+pinning, and a statement that never reached a backend changes nothing. Real PostgreSQL, real clients, more
+clients than backends, pin gauges checked."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from .pgserver import AUTH_DB
+from .helpers import metric, metrics_text
+from .proxy import free_port
+
+USER = "mp_trust"
+CONNECT_TIMEOUT = 10
+PINNED = "multiproxy_database_connections_currently_session_pinned"
+BORROW_FAILURES = "no database connection became free"
+
+
+def proxy_config(pg, max_size: int, borrow_timeout: float = 5.0) -> dict:
+    return {
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
+        "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
+                              "pool": {"mode": "transaction", "max_size": max_size,
+                                       "borrow_timeout": borrow_timeout}}},
+        "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
+                       "auth": "trust"}],
+    }
+
+
+def pinned(proxy, reason: str | None = None) -> float:
+    labels = {"reason": reason} if reason else {}
+    return metric(metrics_text(proxy), PINNED, **labels) or 0.0
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def connect(proxy, **kwargs) -> psycopg.Connection:
+    kwargs.setdefault("autocommit", True)
+    return psycopg.connect(host=proxy.host, port=proxy.port, user=USER, dbname=AUTH_DB,
+                           connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None, **kwargs)
+
+
+def one(conn, sql: str, params=None):
+    return conn.execute(sql, params).fetchone()[0]
+
+
+# -- (a) asyncpg's own pool --------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_asyncpg_pool_of_30_over_10_backends_never_pins(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=10, borrow_timeout=5.0))
+    failures: list[str] = []
+
+    async def scenario():
+        # On release asyncpg sends SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;
+        pool = await asyncpg.create_pool(host=proxy.host, port=proxy.port, user=USER, database=AUTH_DB,
+                                         min_size=30, max_size=30, timeout=CONNECT_TIMEOUT, command_timeout=20)
+        try:
+            queue: asyncio.Queue = asyncio.Queue()
+            for i in range(500):
+                queue.put_nowait(i)
+
+            async def worker():
+                while True:
+                    try:
+                        i = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    try:
+                        async with pool.acquire() as conn:
+                            assert await conn.fetchval("SELECT $1::int + 1", i) == i + 1
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append(repr(exc))
+
+            await asyncio.gather(*(worker() for _ in range(30)))
+        finally:
+            await asyncio.wait_for(pool.close(), 20)
+
+    asyncio.run(asyncio.wait_for(scenario(), 100))
+    assert failures == []
+    assert pinned(proxy) == 0, metrics_text(proxy)
+
+
+# -- (b) plain settings follow each client ------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_plain_settings_on_15_clients_over_5_backends_are_replayed_not_pinned(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=5, borrow_timeout=10.0))
+    conns = [connect(proxy, autocommit=False) for _ in range(15)]
+    errors: list[str] = []
+    try:
+        for n, conn in enumerate(conns):
+            conn.execute("SET extra_float_digits = 3")
+            conn.execute(f"SET search_path = sp_{n}, public")
+            conn.execute(f"SET statement_timeout = {4321 + n}")
+            conn.commit()
+        assert pinned(proxy) == 0, metrics_text(proxy)
+
+        def run(n, conn):
+            try:
+                for _ in range(10):
+                    with conn.transaction():
+                        assert one(conn, "SHOW extra_float_digits") == "3"
+                        assert one(conn, "SHOW search_path") == f"sp_{n}, public"
+                        assert one(conn, "SHOW statement_timeout") == f"{4321 + n}ms"
+                    conn.commit()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"client {n}: {exc!r}")
+
+        threads = [threading.Thread(target=run, args=(n, c), daemon=True) for n, c in enumerate(conns)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert pinned(proxy) == 0
+        # Nothing leaks to a client that set nothing, whichever backend it gets: 5 at once hold all five.
+        plain = [connect(proxy, autocommit=False) for _ in range(5)]
+        try:
+            pids = set()
+            for conn in plain:
+                pids.add(one(conn, "SELECT pg_backend_pid()"))
+                assert one(conn, "SHOW extra_float_digits") == "1"
+                assert one(conn, "SHOW search_path") == '"$user", public'
+                assert one(conn, "SHOW statement_timeout") == "0"
+            assert len(pids) == 5
+            for conn in plain:
+                conn.commit()
+        finally:
+            for conn in plain:
+                conn.close()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+# -- (c) set_config of a reported parameter -----------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_set_config_timezone_does_not_pin(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy) as conn, connect(proxy) as other:
+        assert one(conn, "SELECT set_config('TimeZone', 'Asia/Tokyo', false)") == "Asia/Tokyo"
+        assert pinned(proxy) == 0
+        for _ in range(5):
+            assert one(other, "SHOW TimeZone") != "Asia/Tokyo"
+            assert one(conn, "SHOW TimeZone") == "Asia/Tokyo"
+        assert one(conn, "SELECT set_config('lock_timeout', '1234', false)") == "1234ms"
+        assert pinned(proxy) == 0
+        with other.transaction():    # holds one backend: conn must move to the other and keep its settings
+            one(other, "SELECT 1")
+            assert one(conn, "SHOW lock_timeout") == "1234ms"
+            assert one(conn, "SHOW TimeZone") == "Asia/Tokyo"
+        assert one(other, "SHOW lock_timeout") == "0"
+
+
+# -- (d) RESET ALL -----------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_reset_all_after_sets_returns_defaults_and_unpins(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy) as conn, connect(proxy) as other:
+        conn.execute("SET statement_timeout = 4321")
+        conn.execute("SET extra_float_digits = 3")
+        conn.execute("SET ROLE mp_trust")     # identity: this still pins, until RESET ROLE
+        assert pinned(proxy, "session_variable") == 1
+        conn.execute("RESET ROLE")
+        assert pinned(proxy) == 0
+        conn.execute("RESET ALL")
+        assert pinned(proxy) == 0
+        for _ in range(4):
+            with other.transaction():        # conn lands on either backend: both must be at the defaults
+                one(other, "SELECT 1")
+                assert one(conn, "SHOW statement_timeout") == "0"
+                assert one(conn, "SHOW extra_float_digits") == "1"
+            assert one(conn, "SHOW statement_timeout") == "0"
+        assert pinned(proxy) == 0
+
+
+# -- (e) WITH HOLD cursors ----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_with_hold_cursor_pins_until_close_all(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy) as conn:
+        conn.execute("DECLARE a CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
+        conn.execute("DECLARE b CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
+        pid = one(conn, "SELECT pg_backend_pid()")
+        assert pinned(proxy, "cursor_with_hold") == 1
+        assert conn.execute("FETCH 2 FROM a").fetchall() == [(1,), (2,)]
+        conn.execute("CLOSE a")
+        assert pinned(proxy, "cursor_with_hold") == 1
+        assert one(conn, "SELECT pg_backend_pid()") == pid
+        assert conn.execute("FETCH 1 FROM b").fetchall() == [(1,)]
+        conn.execute("CLOSE ALL")
+        assert pinned(proxy) == 0
+        # Its backend is free: two clients in open transactions get both.
+        with connect(proxy, autocommit=False) as x, connect(proxy, autocommit=False) as y:
+            assert len({one(x, "SELECT pg_backend_pid()"), one(y, "SELECT pg_backend_pid()")}) == 2
+            x.commit()
+            y.commit()
+        assert one(conn, "SELECT 1") == 1
+
+
+# -- (f) a SET that never reached a backend -----------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_set_that_failed_with_the_pool_timeout_leaves_no_pin_and_no_setting(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=1, borrow_timeout=1.0))
+    with connect(proxy, autocommit=False) as holder, connect(proxy) as conn:
+        one(holder, "SELECT 1")               # an open transaction holds the only backend
+        for sql in ("SET statement_timeout = 1", "SET ROLE mp_trust", "CREATE TEMP TABLE never (id int)",
+                    "SELECT set_config('lock_timeout', '1', false)"):
+            with pytest.raises(psycopg.OperationalError, match=BORROW_FAILURES):
+                conn.execute(sql)
+        assert pinned(proxy) == 0
+        assert metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total") in (None, 0.0)
+        holder.commit()
+        assert one(conn, "SHOW statement_timeout") == "0"
+        assert one(conn, "SHOW lock_timeout") == "0"
+        assert one(conn, "SELECT to_regclass('pg_temp.never')") is None
+        assert pinned(proxy) == 0
+        # The backend is not held by conn: the holder gets it for a new transaction.
+        assert one(holder, "SELECT 2") == 2
+        holder.commit()
+
+
+# -- tracked settings follow the server's transaction semantics ----------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_set_in_a_rolled_back_transaction_is_not_replayed(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy, autocommit=False) as conn, connect(proxy, autocommit=False) as other:
+        conn.execute("SET statement_timeout = 4321")
+        conn.rollback()
+        conn.execute("SET lock_timeout = 1234")
+        conn.commit()
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SET lock_timeout = 'abc'")
+        conn.rollback()
+        for _ in range(4):
+            one(other, "SELECT 1")           # holds a backend: conn alternates between the two
+            assert one(conn, "SHOW statement_timeout") == "0"
+            assert one(conn, "SHOW lock_timeout") == "1234ms"
+            conn.commit()
+            assert one(other, "SHOW lock_timeout") == "0"
+            other.commit()
+        assert pinned(proxy) == 0
