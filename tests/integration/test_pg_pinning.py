@@ -24,11 +24,12 @@ ROUNDS = 6
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def proxy_config(pg, max_size: int = 2) -> dict:
+def proxy_config(pg, max_size: int = 2, borrow_timeout: float = 10.0) -> dict:
     return {
         "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
         "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
-                              "pool": {"mode": "transaction", "max_size": max_size, "borrow_timeout": 10.0}}},
+                              "pool": {"mode": "transaction", "max_size": max_size,
+                                       "borrow_timeout": borrow_timeout}}},
         "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
                        "auth": "trust"}],
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import asyncpg
 import psycopg
@@ -13,37 +12,11 @@ import pytest
 
 from .pgserver import AUTH_DB
 from .helpers import metric, metrics_text
-from .proxy import free_port
+from .test_pg_pinning import pinned, proxy_config
 
 USER = "mp_trust"
 CONNECT_TIMEOUT = 10
-PINNED = "multiproxy_database_connections_currently_session_pinned"
 BORROW_FAILURES = "no database connection became free"
-
-
-def proxy_config(pg, max_size: int, borrow_timeout: float = 5.0) -> dict:
-    return {
-        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
-        "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
-                              "pool": {"mode": "transaction", "max_size": max_size,
-                                       "borrow_timeout": borrow_timeout}}},
-        "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
-                       "auth": "trust"}],
-    }
-
-
-def pinned(proxy, reason: str | None = None) -> float:
-    labels = {"reason": reason} if reason else {}
-    return metric(metrics_text(proxy), PINNED, **labels) or 0.0
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def connect(proxy, **kwargs) -> psycopg.Connection:
