@@ -70,6 +70,10 @@ BACKEND_SETTINGS = _settings(
     Setting("tls_key_file", str, "", "key of the client certificate presented to the backend"),
     Setting("connect_timeout", float, 5.0, "seconds to connect and log in to a backend", minimum=0.1),
     Setting("reset_query", str, "", "statement that resets a backend released by a pinned session; empty uses the engine's own"),
+    Setting("reset_after_transaction", str, "auto", "reset every backend before it serves the next transaction, "
+            "so state a client set indirectly (in a function, procedure or dynamic SQL) never reaches another; "
+            "auto follows the engine (TDS yes: RESETCONNECTION is free; PostgreSQL and MySQL no)",
+            ("auto", "yes", "no")),
 )
 
 POOL_SETTINGS = _settings(
@@ -177,6 +181,7 @@ class BackendConfig:
     tls_key_file: str
     connect_timeout: float
     reset_query: str
+    reset_after_transaction: str
 
 
 @dataclass(frozen=True)

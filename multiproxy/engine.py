@@ -153,6 +153,11 @@ class ClientContext:
     # The listener's server-side ssl.SSLContext (None without a certificate), for engines that run TLS inside
     # their own framing (TDS 7.x carries the TLS handshake in PRELOGIN packets) with ssl.MemoryBIO.
     tls_context: Any = None
+    # [clusters.NAME.backend] reset_after_transaction resolved for this engine: link() starts with a reset of the
+    # backend (reset_query, or the engine's own: DISCARD ALL, COM_RESET_CONNECTION, TDS RESETCONNECTION) before
+    # the session's replay, so indirect state another client left never reaches this one.
+    reset_after_transaction: bool = False
+    reset_query: str = ""
 
 
 @dataclass
@@ -327,6 +332,9 @@ class Engine:
     # Verifier kinds the engine's client authentication reads from the users file, beyond the core's
     # scram_sha_256 and md5: kind -> maker(user, password) -> verifier text (`multiproxy users add --kind`).
     verifier_kinds: dict = {}
+    # What [clusters.NAME.backend] reset_after_transaction = 'auto' means on this engine: reset each backend before
+    # its next transaction (True where the reset costs nothing, as TDS's RESETCONNECTION flag).
+    reset_after_transaction_default: bool = False
 
     def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
         """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).

@@ -39,6 +39,9 @@ class ListenerRuntime:
         self.cluster = cluster
         self.engine = engine
         self.pin_policy = pin_policy
+        choice = cluster.backend.reset_after_transaction
+        self.reset_after_transaction = (choice == "yes" or (choice == "auto"
+                                        and getattr(engine, "reset_after_transaction_default", False)))
         self.tls_context = client_leg_context(
             config.tls_cert_file, config.tls_key_file, config.tls_min_version, config.tls_ciphers,
             config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None

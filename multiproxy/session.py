@@ -90,6 +90,7 @@ class Session:
             retry_read_only=(cluster.health.retry_read_only and self.listener.role == "writer"
                              and proxy.follows_roles(cluster)),
             cancel=rt.cancel_callback, tls_context=rt.tls_context, read_only=self.listener.role == "reader",
+            reset_after_transaction=rt.reset_after_transaction, reset_query=cluster.backend.reset_query,
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout

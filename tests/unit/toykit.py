@@ -300,7 +300,7 @@ def make_cluster(**pool):
     return SimpleNamespace(
         name="toy", engine="toy", pool=PoolConfig(**settings),
         backend=BackendConfig(tls="disable", tls_ca_file="", tls_cert_file="", tls_key_file="", connect_timeout=2.0,
-                              reset_query="RESET"),
+                              reset_query="RESET", reset_after_transaction="auto"),
         health=SimpleNamespace(retry_read_only=True), engine_options={},
         credential_for=lambda user: None)
 
@@ -363,7 +363,7 @@ class StubProxy:
 def make_runtime(cluster, role: str = "writer", pool_mode: str = ""):
     return SimpleNamespace(config=SimpleNamespace(name="toy-listener", role=role, pool_mode=pool_mode),
                            engine=ToyEngine(), cluster=cluster, tls_context=None, cancel_callback=None,
-                           pin_policy=PinPolicy({}, cluster.name), wrap_client_tls=None)
+                           pin_policy=PinPolicy({}, cluster.name), wrap_client_tls=None, reset_after_transaction=False)
 
 
 class ToyClient:
