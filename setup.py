@@ -35,6 +35,8 @@ setup(
             "hypothesis>=6.100",
             "pg8000>=1.30",
             "psycopg[binary]>=3.1",
+            "psycopg-pool>=3.2",
+            "SQLAlchemy>=2.0",
             "asyncpg>=0.29",
             "pymssql>=2.2",
             "python-tds>=1.15",
