@@ -54,12 +54,26 @@ class ProtocolError(Exception):
 
 
 class BackendError(Exception):
-    """A backend refused or broke a login or script. `fatal_auth` marks a credentials problem."""
+    """A backend refused or broke a login or script. `fatal_auth` marks a credentials problem.
 
-    def __init__(self, message: str, fatal_auth: bool = False, code: str = ""):
+    When the server itself refused (an error message in its protocol), `code` is its error number or SQLSTATE,
+    `sqlstate` its SQLSTATE where the protocol has one besides the number, `server_message` its own text and
+    `severity` its class or severity (TDS), so that a client can be told exactly what the server said
+    (ClientProtocol.login_refused). A failure of the proxy's own (malformed reply, TLS) leaves `code` empty."""
+
+    def __init__(self, message: str, fatal_auth: bool = False, code: str = "", sqlstate: str = "",
+                 server_message: str = "", severity: int = 0):
         super().__init__(message)
         self.fatal_auth = fatal_auth
         self.code = code
+        self.sqlstate = sqlstate
+        self.server_message = server_message
+        self.severity = severity
+
+    @property
+    def refused_by_server(self) -> bool:
+        """The server answered the login with an error of its own (not a failure of the connection)."""
+        return bool(self.code and self.server_message)
 
 
 # ---- events a client protocol emits during its handshake (the hot path uses plain return values) ----
@@ -294,6 +308,14 @@ class ClientProtocol:
         """An error in this protocol and in the conversation's current state (handshake, idle time)."""
         raise NotImplementedError
 
+    def login_refused(self, refusal: BackendError) -> bytes:
+        """The backend refused the login this client's session needs (`refusal.refused_by_server`): at the client's
+        own login (before login_complete), or at its first request when the login was completed from the facts
+        of an earlier login. The bytes answer that login or request with the server's code, SQLSTATE and text in
+        this protocol; the core sends them and closes the client. The default is the generic
+        BACKEND_UNAVAILABLE error with the core's message."""
+        return self.error(ErrorKind.BACKEND_UNAVAILABLE, str(refusal))
+
     def retry_declined(self) -> tuple[bytes, int]:
         """After HELD_REFUSAL, the node is still the writer: the held refusal as the answer it is
         (to_client, outcome). Engines that never return HELD_REFUSAL need not implement it."""
@@ -364,6 +386,21 @@ class Engine:
         that change the wire format or server behaviour (CLIENT_DEPRECATE_EOF, ...) and the login charset.
         """
         return ()
+
+    def welcome_facts_from(self, facts: Any, user: str, database: str, of_user: str, of_database: str) -> Any:
+        """Optional: greet a client of (`user`, `database`) from `facts`, the login facts (BackendScript result of
+        `backend_login`) of another pool of the same cluster, role and engine, logged in for (`of_user`,
+        `of_database`) and perhaps another backend variant. Return the facts to pass to `login_complete`, adapted
+        if need be, or None when they cannot stand for this client's own login (the default): the core then
+        logs in to a backend before it completes the client's login. Where an engine accepts them, a login
+        never waits for a backend; a refusal of the client's own login (unknown database) then comes with its
+        first request (see ClientProtocol.login_refused)."""
+        return None
+
+    def variant_name(self, variant: tuple) -> str:
+        """Optional: a short name of a backend variant (see backend_variant), which tells its pool apart from the
+        other variants of (cluster, role, user, database) in metrics and /status: `main/writer/app/shop[NAME]`."""
+        return ",".join(f"{name}={value}" for name, value in variant)
 
     def probe_script(self, target: BackendTarget) -> BackendScript | None:
         """Optional: a script whose result says the node's role ('writer'/'reader') and lag."""

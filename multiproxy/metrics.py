@@ -89,7 +89,9 @@ class ProxyCollector:
         c.add_metric(["ignored"], m.cancels_ignored)
         yield c
 
-        labels = ["cluster", "role", "user", "database"]
+        # `variant` names a pool among those of one (cluster, role, user, database) that differ in backend variant (MySQL
+        # client capabilities and charset; empty on engines without variants). Together they share max_size.
+        labels = ["cluster", "role", "user", "database", "variant"]
         conns = GaugeMetricFamily(PREFIX + "database_connections", "Backend connections open (DatabaseConnections)", labels=labels)
         borrowed = GaugeMetricFamily(PREFIX + "database_connections_currently_borrowed",
                                      "Backend connections serving a client now (DatabaseConnectionsCurrentlyBorrowed)", labels=labels)
@@ -105,27 +107,21 @@ class ProxyCollector:
         latency = SummaryMetricFamily(PREFIX + "database_connections_borrow_latency_seconds",
                                       "Time waited for a backend, waiting borrows only (DatabaseConnectionsBorrowLatency)",
                                       labels=labels)
-        # Pools of one (cluster, role, user, database) that differ only in the engine's backend variant
-        # are summed: one sample per label set, as Prometheus requires.
-        sums: dict = {}
+        evicted = CounterMetricFamily(PREFIX + "database_connections_budget_evictions",
+                                      "Idle connections closed to make room for another variant of the same budget",
+                                      labels=labels)
         for pool in list(proxy.pools.values()):
-            lv = (pool.cluster.name, pool.role, pool.user, pool.database)
-            values = (pool.size, pool.borrowed, len(pool.waiters), pool.borrows_total, pool.connect_failures_total,
-                      pool.connects_total, pool.borrow_timeouts_total, pool.waited_borrows_total,
-                      pool.borrow_wait_seconds_total)
-            old = sums.get(lv)
-            sums[lv] = values if old is None else tuple(a + b for a, b in zip(old, values))
-        for lv, v in sums.items():
-            lv = list(lv)
-            conns.add_metric(lv, v[0])
-            borrowed.add_metric(lv, v[1])
-            waiting.add_metric(lv, v[2])
-            requests.add_metric(lv, v[3])
-            failed.add_metric(lv, v[4])
-            opened.add_metric(lv, v[5])
-            timeouts.add_metric(lv, v[6])
-            latency.add_metric(lv, v[7], v[8])
-        yield from (conns, borrowed, waiting, requests, failed, opened, timeouts, latency)
+            lv = [pool.cluster.name, pool.role, pool.user, pool.database, pool.variant_name]
+            conns.add_metric(lv, pool.size)
+            borrowed.add_metric(lv, pool.borrowed)
+            waiting.add_metric(lv, len(pool.waiters))
+            requests.add_metric(lv, pool.borrows_total)
+            failed.add_metric(lv, pool.connect_failures_total)
+            opened.add_metric(lv, pool.connects_total)
+            timeouts.add_metric(lv, pool.borrow_timeouts_total)
+            latency.add_metric(lv, pool.waited_borrows_total, pool.borrow_wait_seconds_total)
+            evicted.add_metric(lv, pool.budget_evictions_total)
+        yield from (conns, borrowed, waiting, requests, failed, opened, timeouts, latency, evicted)
 
         pinned = GaugeMetricFamily(PREFIX + "database_connections_currently_session_pinned",
                                    "Client sessions pinned to their backend now, by reason "
@@ -150,8 +146,11 @@ def status_snapshot(proxy) -> dict:
         "listeners": [{"name": rt.config.name, "engine": rt.engine.name, "listen": "%s:%d" % rt.config.listen,
                        "cluster": rt.cluster.name, "role": rt.config.role, "clients": rt.connections}
                       for rt in proxy.listeners],
+        # A pool's max_size is its budget's, shared with the other variants of its (cluster, role, user, database):
+        # `budget` names it and `budget_size` counts the connections of all of them.
         "pools": [{"pool": pool.label, "size": pool.size, "idle": len(pool.idle), "borrowed": pool.borrowed,
-                   "waiting": len(pool.waiters), "max_size": pool.config.max_size}
+                   "waiting": len(pool.waiters), "max_size": pool.config.max_size, "budget": pool.budget.label,
+                   "budget_size": pool.budget.size}
                   for pool in proxy.pools.values()],
         "pins": {cluster: {"now": dict(policy.pinned_now), "detected_total": dict(policy.detected_total)}
                  for cluster, policy in proxy.pin_policies.items()},

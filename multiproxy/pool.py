@@ -1,4 +1,5 @@
-"""Backend connection pools: LIFO reuse, size limits, idle and lifetime expiry, a borrow queue with a timeout."""
+"""Backend connection pools: LIFO reuse, size budgets shared by backend variants, idle and lifetime expiry, a borrow
+queue with a timeout, and the facts that greet a client without waiting for a backend."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,7 @@ import time
 from collections import OrderedDict, deque
 
 import gevent
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 from .backends import BackendConnection, open_socket, run_script
 from .engine import BackendError
@@ -21,7 +22,67 @@ class PoolTimeout(Exception):
 
 
 class BackendUnavailable(Exception):
-    """No backend connection could be opened (unreachable, login refused, no writer known)."""
+    """No backend connection could be opened (unreachable, login refused, no writer known). `refusal` is the
+    engine's BackendError when the server itself refused the login (its code and text), else None."""
+
+    def __init__(self, message: str, refusal: BackendError | None = None):
+        super().__init__(message)
+        self.refusal = refusal
+
+
+class Budget:
+    """The max_size and min_size of one (cluster, role, user, database), shared by its pools: one per backend
+    variant (MySQL clients differing in capabilities or charset), so that together they never open more.
+
+    `logins` is set, and replaced, each time a connect of one of its pools ends: a client login with no facts
+    to greet it from waits on it for a login already under way (see Pool.welcome_facts)."""
+
+    def __init__(self, config, label: str):
+        self.config = config
+        self.label = label
+        self.pools: list[Pool] = []
+        self.logins = Event()
+
+    @property
+    def size(self) -> int:
+        return sum(pool.size for pool in self.pools)
+
+    @property
+    def opening(self) -> bool:
+        return any(pool.opening for pool in self.pools)
+
+    def login_ended(self) -> None:
+        ended, self.logins = self.logins, Event()
+        ended.set()
+
+    def make_room(self, pool: "Pool") -> bool:
+        """A slot for `pool`: free already, or made by closing the oldest idle connection of another variant."""
+        if self.size < self.config.max_size:
+            return True
+        oldest = None
+        for other in self.pools:
+            if other is not pool and other.idle:
+                conn = next(iter(other.idle))
+                if oldest is None or conn.last_used < oldest.last_used:
+                    oldest = conn
+        if oldest is None:
+            return False
+        oldest.pool.budget_evictions_total += 1
+        oldest.pool._discard(oldest, wake=False)
+        return self.size < self.config.max_size
+
+    def slot_freed(self, first: "Pool") -> None:
+        """A connection of the budget closed: the longest waiter of `first`, else of another variant, may open one."""
+        for pool in [first] + [p for p in self.pools if p is not first]:
+            waiters = pool.waiters
+            while waiters and self.size < self.config.max_size:
+                waiter = waiters.popleft()
+                if not waiter.ready():
+                    waiter.set(_CONNECT)
+                    return
+
+    def others_waiting(self, pool: "Pool") -> bool:
+        return any(other.waiters for other in self.pools if other is not pool)
 
 
 class Pool:
@@ -30,10 +91,12 @@ class Pool:
     Every connection is in exactly one place, and the counts follow from membership (as PgBouncer's state
     lists): `idle` (ordered oldest to newest; borrow takes the newest), `in_use` (handed to a session, or to a
     waiter that has not picked it up yet) and `opening` (one token per connection being opened and logged in).
-    `size` and `borrowed` are derived from them.
+    `size` and `borrowed` are derived from them. The pools of one (cluster, role, user, database) that differ in
+    backend variant share a `Budget`: max_size and min_size bound their sizes together.
     """
 
-    def __init__(self, proxy, cluster, role: str, user: str, database: str, engine, target_for):
+    def __init__(self, proxy, cluster, role: str, user: str, database: str, engine, target_for, variant: tuple = (),
+                 budget: Budget | None = None):
         self.proxy = proxy
         self.cluster = cluster
         self.role = role
@@ -56,7 +119,13 @@ class Pool:
         self.borrow_wait_seconds_total = 0.0
         self.borrows_total = 0
         self.waited_borrows_total = 0
-        self.label = f"{cluster.name}/{role}/{user}/{database}"
+        self.budget_evictions_total = 0        # idle connections closed to make room for another variant
+        base = f"{cluster.name}/{role}/{user}/{database}"
+        self.variant = variant
+        self.variant_name = engine.variant_name(variant) if variant else ""
+        self.label = f"{base}[{self.variant_name}]" if self.variant_name else base
+        self.budget = budget if budget is not None else Budget(self.config, base)
+        self.budget.pools.append(self)
         # The addresses the registry lets this role use now (a live set it updates), None without a registry:
         # a connection to an address outside it is not reused, so pools follow roles and lag without a query.
         registry = getattr(proxy, "registry", None)
@@ -91,7 +160,7 @@ class Pool:
                 self.in_use.add(conn)
                 return conn
             self._discard(conn)
-        if self.size < self.config.max_size:
+        if self.budget.make_room(self):
             return self._connect_borrowed()
         return self._wait(self.config.borrow_timeout if timeout is None else timeout)
 
@@ -114,9 +183,12 @@ class Pool:
         self.borrow_wait_seconds_total += time.monotonic() - started
         if result is None:
             self.borrow_timeouts_total += 1
+            budget = self.budget
+            whose = (f"pool {self.label}" if len(budget.pools) == 1 else
+                     f"{budget.label} (shared by its {len(budget.pools)} client variants)")
             raise PoolTimeout(
                 f"no database connection became free within {timeout:g} s: all {self.config.max_size} connections of "
-                f"pool {self.label} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
+                f"{whose} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
         if result is _CONNECT:
             return self._connect_borrowed()
         if isinstance(result, BaseException):
@@ -152,6 +224,7 @@ class Pool:
             return self.connect()
         finally:
             self.opening.discard(token)
+            self.budget.login_ended()
 
     def connect(self) -> BackendConnection:
         """Open and log in one backend connection (not filed in the pool: the caller does, see _open)."""
@@ -189,17 +262,53 @@ class Pool:
             if isinstance(exc, OSError) and not isinstance(exc, BackendError):
                 reason = f"cannot connect to {target.host}:{target.port}: {exc.strerror or exc}"
             log.warning("pool %s: %s", self.label, reason)
-            raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}") from None
+            refusal = exc if isinstance(exc, BackendError) and exc.refused_by_server else None
+            raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}", refusal) from None
         self.facts = script.result
         return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
                                 self.generation)
 
     def welcome_facts(self):
-        """The engine state of a logged-in backend, for greeting a new client (connects once if needed)."""
-        if self.facts is None:
-            conn = self.borrow()
-            self.release(conn)
+        """The engine state of a logged-in backend, for greeting a new client, without waiting for a busy backend:
+        the facts of this pool's latest login; else those of another pool the engine accepts them from
+        (Engine.welcome_facts_from); else of a login of its own, opened now if the budget has room (or room is
+        made by closing an idle connection of another variant), or under way in the budget (waited for: that
+        is a connect, bounded by connect_timeout, not a busy backend). Only a pool whose budget is all borrowed
+        by variants whose facts the engine refuses, and none of them logging in, would wait for a borrow: no
+        built-in engine has such variants (MySQL, the one with variants, accepts their facts)."""
+        deadline = time.monotonic() + self.cluster.backend.connect_timeout
+        while True:
+            if self.facts is not None:
+                return self.facts
+            facts = self.facts_of_others()
+            if facts is not None:
+                return facts
+            budget = self.budget
+            if budget.make_room(self):
+                self.release(self._connect_borrowed())
+                return self.facts
+            remaining = deadline - time.monotonic()
+            if not budget.opening or remaining <= 0:
+                break
+            budget.logins.wait(remaining)
+        self.release(self.borrow())
         return self.facts
+
+    def facts_of_others(self):
+        """Login facts of another pool of this cluster, role and engine that the engine accepts for this pool's
+        clients: the other variants of this budget first, then pools of other users and databases."""
+        engine = self.engine
+        candidates = [pool for pool in self.budget.pools if pool is not self and pool.facts is not None]
+        if not candidates:
+            cluster, role = self.cluster.name, self.role
+            candidates = [pool for pool in list(self.proxy.pools.values())
+                          if pool.facts is not None and pool is not self and pool.cluster.name == cluster
+                          and pool.role == role and pool.engine is engine]
+        for pool in candidates:
+            facts = engine.welcome_facts_from(pool.facts, self.user, self.database, pool.user, pool.database)
+            if facts is not None:
+                return facts
+        return None
 
     # ------------------------------------------------------------------ giving back
 
@@ -224,16 +333,23 @@ class Pool:
             if not waiter.ready():
                 waiter.set(conn)          # it stays in in_use, now for the waiter
                 return
+        if self.budget.others_waiting(self):
+            # Another variant of the budget waits for a slot: this connection makes room for it.
+            self.budget_evictions_total += 1
+            self._discard(conn)
+            return
         self.in_use.discard(conn)
         self.idle[conn] = None
 
-    def _discard(self, conn: BackendConnection) -> None:
-        """Take a connection out of the pool and close it (a closed one was taken out when it died)."""
+    def _discard(self, conn: BackendConnection, wake: bool = True) -> None:
+        """Take a connection out of the pool and close it (a closed one was taken out when it died); `wake`:
+        hand the freed slot to a waiter (not when the caller takes the slot itself)."""
         self.in_use.discard(conn)
         self.idle.pop(conn, None)
         if not conn.closed:
             conn.close()
-            self._slot_freed()
+            if wake:
+                self._slot_freed()
 
     def forget(self, conn: BackendConnection, why: str) -> None:
         """A connection died on its own (called once, by the connection), idle or borrowed."""
@@ -248,29 +364,25 @@ class Pool:
         self._discard(conn)
 
     def _slot_freed(self) -> None:
-        waiters = self.waiters
-        while waiters and self.size < self.config.max_size:
-            waiter = waiters.popleft()
-            if not waiter.ready():
-                waiter.set(_CONNECT)
-                return
+        self.budget.slot_freed(self)
 
     # ------------------------------------------------------------------ housekeeping
 
     def expire(self, now: float) -> None:
-        """Close connections idle past idle_timeout (oldest first), keeping min_size open."""
+        """Close connections idle past idle_timeout (oldest first), keeping the budget's min_size open."""
         timeout = self.config.idle_timeout
         lifetime = self.config.max_lifetime
         min_size = self.config.min_size
+        budget = self.budget
         for conn in list(self.idle):      # oldest first
-            if self.size <= min_size:
+            if budget.size <= min_size:
                 break
             if (timeout and now - conn.last_used > timeout) or (lifetime and now - conn.created > lifetime):
                 self._discard(conn)
 
     def fill(self) -> None:
-        """Open connections up to min_size (called from the housekeeping greenlet)."""
-        while self.size < self.config.min_size and not self.draining:
+        """Open connections until the budget holds min_size (called from the housekeeping greenlet)."""
+        while self.budget.size < self.config.min_size and not self.draining:
             try:
                 conn = self._open()
             except BackendUnavailable:

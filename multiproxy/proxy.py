@@ -224,13 +224,15 @@ class Proxy:
         if pool is None:
             cluster = rt.cluster
             params = dict(variant)
+            # The variants of one (cluster, role, user, database) share one max_size and min_size.
+            budget = next((other.budget for other_key, other in self.pools.items() if other_key[:4] == key[:4]), None)
 
             def target_for():
                 target = self.backend_target(cluster, rt.config.role, user, database)
                 if target is not None and params:
                     target.params = {**target.params, **params}
                 return target
-            pool = Pool(self, cluster, rt.config.role, user, database, rt.engine, target_for)
+            pool = Pool(self, cluster, rt.config.role, user, database, rt.engine, target_for, variant, budget)
             self.pools[key] = pool
         return pool
 

@@ -30,7 +30,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject", "leftover",
+                 "reject", "leftover", "linked_once",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -52,6 +52,7 @@ class Session:
         self.client_send = sock.sendall
         self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
         self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
+        self.linked_once = False          # a backend has served this client (its own login was accepted once)
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -208,9 +209,12 @@ class Session:
             return False
         self.pool = proxy.pool_for(self.runtime, event.user, event.database, self.engine.backend_variant(event.params))
         try:
+            # Never waits for a busy backend: what the client pipelined behind its login waits, as any request.
             facts = self.pool.welcome_facts()
         except (BackendUnavailable, PoolTimeout) as exc:
-            self.sock.sendall(self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
+            refusal = getattr(exc, "refusal", None)
+            self.sock.sendall(self.proto.login_refused(refusal) if refusal is not None
+                              else self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
             return False
         self.sock.sendall(self.proto.login_complete(facts))
         proxy.session_started(self)
@@ -256,6 +260,8 @@ class Session:
                 backend = self.backend
                 if backend is None:
                     backend = self.link()
+                    if self.client_gone:
+                        return
                     if backend is not None:
                         to_backend = proto.link(backend.state, to_backend)
                 if backend is not None:
@@ -273,12 +279,21 @@ class Session:
         try:
             backend = self.pool.borrow()
         except (PoolTimeout, BackendUnavailable) as exc:
-            kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
             self.proxy.metrics.borrow_failures += 1
+            refusal = getattr(exc, "refusal", None)
+            if refusal is not None and not self.linked_once:
+                # The client's login was completed from the facts of another login; the server refuses this
+                # client's own (unknown database, no access): the request gets the server's error, and the client
+                # is closed as the server would have closed it.
+                self._send_quietly(self.proto.login_refused(refusal))
+                self.client_gone = True
+                return None
+            kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
             reply = self.proto.fail_pending(kind, str(exc))
             if reply:
                 self.sock.sendall(reply)
             return None
+        self.linked_once = True
         backend.session = self
         self.backend = backend
         return backend

@@ -359,3 +359,143 @@ def test_close_all_closes_idle_connections_and_turns_waiters_away(db, make_pool)
     pool.release(conn)                 # released while draining: closed
     assert conn.closed and pool.size == 0
     check_counts(pool)
+
+
+# ---------------------------------------------------------------------------------------------- shared budget
+
+@pytest.fixture
+def make_variants(pools):
+    """Pools of one (cluster, role, user, database) that differ in backend variant: one Budget for all."""
+    def make(db, count=2, shares_facts=False, **settings):
+        cluster = make_cluster(**settings)
+        proxy = StubProxy(cluster)
+        engine = ToyEngine(shares_facts=shares_facts)
+        made, budget = [], None
+        for n in range(count):
+            pool = Pool(proxy, cluster, "writer", "app", "appdb", engine, db.target, (("v", n),), budget)
+            budget = pool.budget
+            proxy.pools[("writer", "app", "appdb", (("v", n),))] = pool
+            pools.append(pool)
+            made.append(pool)
+        return made
+    return make
+
+
+def test_variants_share_one_max_size_and_are_named_apart(db, make_variants):
+    a, b = make_variants(db, max_size=2, borrow_timeout=0.1)
+    assert a.budget is b.budget and (a.label, b.label) == ("toy/writer/app/appdb[v=0]", "toy/writer/app/appdb[v=1]")
+    held = [a.borrow(), a.borrow()]
+    with pytest.raises(PoolTimeout, match=r"all 2 connections of toy/writer/app/appdb \(shared by its 2 client "
+                                          r"variants\) are busy"):
+        b.borrow()
+    assert (a.size, b.size, a.budget.size) == (2, 0, 2) and b.borrow_timeouts_total == 1
+    for conn in held:
+        a.release(conn)
+    check_counts(a)
+
+
+def test_a_variant_makes_room_by_closing_an_idle_connection_of_another(db, make_variants):
+    a, b = make_variants(db, max_size=2)
+    first, second = a.borrow(), a.borrow()
+    a.release(first)
+    started = time.monotonic()
+    conn = b.borrow()                   # the budget is used up, but a's idle connection can go
+    assert time.monotonic() - started < 0.5
+    assert ask(conn, "SELECT") == "OK db1#3 SELECT"
+    assert (a.size, b.size, a.budget.size) == (1, 1, 2) and a.budget_evictions_total == 1
+    wait_until(lambda: 1 in db.closed, what="the idle connection to close")
+    check_counts(a)
+    check_counts(b)
+    a.release(second)
+    b.release(conn)
+
+
+def test_a_released_connection_makes_room_for_a_waiting_variant(db, make_variants):
+    a, b = make_variants(db, max_size=2, borrow_timeout=2.0)
+    held = [a.borrow(), a.borrow()]
+    waiter = gevent.spawn(b.borrow)
+    wait_until(lambda: b.waiters, what="b to wait")
+    a.release(held[0])                  # no waiter of its own: closed, its slot handed to b's waiter
+    conn = waiter.get(timeout=2)
+    assert conn.pool is b and ask(conn, "SELECT") == "OK db1#3 SELECT"
+    assert (a.size, b.size, a.budget.size) == (1, 1, 2) and a.budget_evictions_total == 1
+    assert b.waited_borrows_total == 1 and b.borrow_timeouts_total == 0
+    a.release(held[1])
+    b.release(conn)
+    check_counts(a)
+    check_counts(b)
+
+
+def test_min_size_and_idle_expiry_count_the_whole_budget(db, make_variants):
+    a, b = make_variants(db, max_size=4, min_size=2, idle_timeout=0.01)
+    a.fill()
+    b.fill()
+    assert (a.size, b.size) == (2, 0) and db.opened == [1, 2]
+    conn = b.borrow()
+    b.release(conn)
+    gevent.sleep(0.05)
+    a.expire(time.monotonic())
+    assert a.budget.size == 2 and (a.size, b.size) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- logins never wait
+
+def test_a_login_is_greeted_from_its_pool_without_a_borrow(db, make_pool):
+    pool = make_pool(db, max_size=1, borrow_timeout=5.0)
+    pool.welcome_facts()
+    held = pool.borrow()                # every connection busy
+    started = time.monotonic()
+    assert pool.welcome_facts() == {"node": "db1"}
+    assert time.monotonic() - started < 0.1 and pool.waited_borrows_total == 0 and pool.borrows_total == 1
+    pool.release(held)
+
+
+def test_a_new_variant_is_greeted_from_another_variants_facts_when_the_engine_allows(db, make_variants):
+    a, b = make_variants(db, max_size=1, borrow_timeout=5.0, shares_facts=True)
+    held = a.borrow()
+    started = time.monotonic()
+    assert b.welcome_facts() == {"node": "db1", "from": "app/appdb"}
+    assert time.monotonic() - started < 0.1
+    assert (b.connects_total, b.waited_borrows_total, b.facts) == (0, 0, None)
+    a.release(held)
+
+
+def test_a_new_pool_is_greeted_from_another_users_facts_when_the_engine_allows(db, pools):
+    cluster = make_cluster(max_size=1, borrow_timeout=5.0)
+    proxy = StubProxy(cluster)
+    engine = ToyEngine(shares_facts=True)
+    for user in ("app", "reporting"):
+        proxy.pools[user] = Pool(proxy, cluster, "writer", user, "appdb", engine, lambda u=user: db.target(u))
+        pools.append(proxy.pools[user])
+    held = proxy.pools["app"].borrow()
+    assert proxy.pools["reporting"].welcome_facts() == {"node": "db1", "from": "app/appdb"}
+    assert proxy.pools["reporting"].connects_total == 0 and db.opened == [1]
+    proxy.pools["app"].release(held)
+
+
+def test_without_shared_facts_a_new_variant_logs_in_in_room_made_from_an_idle_one(db, make_variants):
+    a, b = make_variants(db, max_size=1, borrow_timeout=5.0)
+    a.release(a.borrow())
+    assert b.welcome_facts() == {"node": "db1"}
+    assert (a.size, b.size, b.connects_total, a.budget_evictions_total) == (0, 1, 1, 1)
+
+
+def test_a_login_waits_only_for_a_login_already_under_way(db, make_pool):
+    db.login_delay = 0.3
+    pool = make_pool(db, max_size=1, borrow_timeout=5.0)
+    opener = gevent.spawn(pool.borrow)
+    wait_until(lambda: pool.opening, what="the connect to start")
+    started = time.monotonic()
+    assert pool.welcome_facts() == {"node": "db1"}     # the facts of that login, not a borrow of its connection
+    assert time.monotonic() - started < 0.6
+    assert pool.connects_total == 1 and pool.waited_borrows_total == 0
+    pool.release(opener.get(timeout=2))
+
+
+def test_a_refusal_by_the_server_carries_its_code_and_text(db, make_pool):
+    db.databases = {"appdb"}
+    pool = make_pool(db, target=lambda: db.target(database="nodb"))
+    with pytest.raises(BackendUnavailable) as caught:
+        pool.welcome_facts()
+    assert caught.value.refusal.code == "NODB" and caught.value.refusal.server_message == "no database 'nodb' here"
+    assert pool.size == 0 and pool.connect_failures_total == 1

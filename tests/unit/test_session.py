@@ -204,3 +204,47 @@ def test_a_reader_listener_never_holds_a_read_only_refusal(setup):
     client, session = s.client()
     assert client.ask("WRITE") == "READONLY db1"
     assert registry.verified == [] and s.proxy.metrics.read_only_retries == 0
+
+
+# ---------------------------------------------------------------------------------------------- logins
+
+def test_a_login_the_server_refuses_gets_its_error_and_is_closed(setup):
+    s = setup()
+    s.db.databases = {"appdb"}
+    mine, theirs = socket_pair()
+    s.greenlets.append(gevent.spawn(Session(s.proxy, s.rt, theirs, ("127.0.0.1", 40000)).run))
+    client = ToyClient(mine)
+    s.clients.append(client)
+    client.send("HELLO app nodb")
+    assert client.line() == "REFUSED NODB no database 'nodb' here"
+    assert client.closed_by_proxy()
+
+
+def test_a_login_greeted_from_other_facts_gets_the_refusal_with_its_first_request(setup):
+    s = setup()
+    s.rt.engine.shares_facts = True
+    s.db.databases = {"appdb"}
+    s.client()
+    client, session = s.client(database="nodb")         # greeted from appdb's login: no backend asked
+    assert s.db.opened == [1]
+    client.send("SELECT", "SELECT")
+    assert client.line() == "REFUSED NODB no database 'nodb' here"
+    assert client.closed_by_proxy() and client.buf == b""
+    assert s.proxy.metrics.borrow_failures == 1
+
+
+def test_a_request_pipelined_behind_the_login_waits_for_a_backend_not_the_login(setup):
+    s = setup(max_size=1, borrow_timeout=5.0)
+    a, _ = s.client()
+    assert a.ask("BEGIN") == "OK db1#1 BEGIN"        # the only backend is busy
+    mine, theirs = socket_pair()
+    s.greenlets.append(gevent.spawn(Session(s.proxy, s.rt, theirs, ("127.0.0.1", 40001)).run))
+    b = ToyClient(mine)
+    s.clients.append(b)
+    b.send("HELLO app appdb", "SELECT")
+    assert b.line(timeout=0.3) == "WELCOME db1"
+    gevent.sleep(0.2)
+    assert b.buf == b"" and s.pool.waiters
+    assert a.ask("COMMIT") == "OK db1#1 COMMIT"
+    assert b.line() == "OK db1#1 SELECT"
+    assert s.pool.borrow_timeouts_total == 0

@@ -7,7 +7,7 @@ backend release point is: nothing outstanding and no transaction open.
 
 The toy database is a gevent StreamServer: `LOGIN user database` is answered `READY node`, then each request
 line `OK node#connection request`, `READONLY node` for `WRITE` while it is read-only, and `DIE` closes the
-connection. It records what each connection received and which connections it saw close.
+connection; a login naming a database outside `databases` (when set) is refused `NODB database`. It records what each connection received and which connections it saw close.
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ class ToyLogin(BackendScript):
                 self.done = True
             elif line == b"DENIED":
                 raise BackendError("login refused by the toy database", fatal_auth=True)
+            elif line.startswith(b"NODB "):
+                text = f"no database {line[5:].decode()!r} here"
+                raise BackendError(f"backend refused the login: {text}", code="NODB", server_message=text)
             else:
                 raise BackendError(f"unexpected login answer {line!r}")
         return b""
@@ -166,6 +169,9 @@ class ToyProtocol(ClientProtocol):
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return f"ERROR {kind.value} {message}\n".encode()
 
+    def login_refused(self, refusal: BackendError) -> bytes:
+        return f"REFUSED {refusal.code} {refusal.server_message}\n".encode()
+
     def is_clean(self) -> bool:
         return not self.outstanding and not self.in_transaction and self.retry_request is None
 
@@ -188,8 +194,14 @@ class ToyEngine(Engine):
     def cancel_script(self, target, server_state):
         raise NotImplementedError
 
+    def __init__(self, shares_facts: bool = False):
+        self.shares_facts = shares_facts     # greet a client from another pool's login facts
+
     def render_error(self, kind, message):
         return f"ERROR {kind.value} {message}\n".encode()
+
+    def welcome_facts_from(self, facts, user, database, of_user, of_database):
+        return {**facts, "from": f"{of_user}/{of_database}"} if self.shares_facts else None
 
 
 # ---------------------------------------------------------------------------------------------- the database
@@ -202,6 +214,7 @@ class ToyDatabase:
         self.read_only = read_only
         self.login_delay = 0.0
         self.deny = False
+        self.databases: set | None = None     # the databases a login may name (None: any)
         self.ids = itertools.count(1)
         self.opened: list[int] = []
         self.closed: list[int] = []
@@ -223,6 +236,10 @@ class ToyDatabase:
                 gevent.sleep(self.login_delay)
             if self.deny:
                 sock.sendall(b"DENIED\n")
+                return
+            database = login.split()[-1].decode()
+            if self.databases is not None and database not in self.databases:
+                sock.sendall(f"NODB {database}\n".encode())
                 return
             self.opened.append(cid)
             sock.sendall(f"READY {self.node}\n".encode())
@@ -343,8 +360,9 @@ class StubProxy:
     def pool_for(self, rt, user, database, variant=()):
         key = (rt.config.role, user, database, variant)
         if key not in self.pools:
+            budget = next((pool.budget for other, pool in self.pools.items() if other[:3] == key[:3]), None)
             self.pools[key] = Pool(self, rt.cluster, rt.config.role, user, database, rt.engine,
-                                   lambda: self.target_for(user, database))
+                                   lambda: self.target_for(user, database), variant, budget)
         return self.pools[key]
 
     def session_started(self, session) -> None:
