@@ -5,8 +5,18 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
 from .auth import VERIFIER_KINDS, rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe
+from . import protocol as p
 from .client import MySQLClient, render_error
+from .session_state import COLLATIONS
 from .pinning import ALL_PIN_REASONS
+
+
+VARIANT_NAMES = ((p.CLIENT_DEPRECATE_EOF, "deprecate_eof"), (p.CLIENT_MULTI_STATEMENTS, "multi_statements"),
+                 (p.CLIENT_MULTI_RESULTS, "multi_results"), (p.CLIENT_PS_MULTI_RESULTS, "ps_multi_results"),
+                 (p.CLIENT_FOUND_ROWS, "found_rows"), (p.CLIENT_LOCAL_FILES, "local_files"),
+                 (p.CLIENT_IGNORE_SPACE, "ignore_space"), (p.CLIENT_INTERACTIVE, "interactive"))
+
+DEFAULT_COLLATIONS = frozenset({8, 11, 33, 45, 63})    # named by their charset alone: latin1, ascii, utf8, ...
 
 
 class MySQLEngine(Engine):
@@ -37,6 +47,26 @@ class MySQLEngine(Engine):
         # Clients differing in result-set format (CLIENT_DEPRECATE_EOF) or server behaviour (found rows,
         # multi statements, local infile, ...) and login character set get their own backends.
         return (("capabilities", int(params.get("capabilities", 0))), ("charset", int(params.get("charset", 45))))
+
+    def variant_name(self, variant: tuple) -> str:
+        # The capability bits in the variant by their short names, then the login charset: deprecate_eof,utf8mb4.
+        values = dict(variant)
+        capabilities = values.get("capabilities", 0)
+        names = [name for bit, name in VARIANT_NAMES if capabilities & bit]
+        charset = values.get("charset", 45)
+        collation = COLLATIONS.get(charset)
+        if collation is None:
+            names.append(f"collation{charset}")
+        elif charset in DEFAULT_COLLATIONS or not collation[1]:
+            names.append(collation[0] if charset in DEFAULT_COLLATIONS else f"{collation[0]}#{charset}")
+        else:
+            names.append(collation[1])
+        return ",".join(names)
+
+    def welcome_facts_from(self, facts, user: str, database: str, of_user: str, of_database: str):
+        # The greeting reads the server's version and its login status flags (autocommit): the same whatever the
+        # user, database or capabilities of the login they came from.
+        return facts
 
     def backend_login(self, target: BackendTarget) -> MySQLLogin:
         return MySQLLogin(target)

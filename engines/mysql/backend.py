@@ -127,6 +127,8 @@ class MySQLLogin(BackendScript):
         return b"".join(out)
 
     def _greeting(self, payload: bytes) -> bytes:
+        if payload[:1] == bytes((p.ERR_HEADER,)):
+            self._refused(payload)      # instead of a greeting: too many connections, host blocked
         try:
             hello = p.parse_handshake_v10(payload)
         except (ValueError, IndexError, struct.error) as exc:
@@ -154,6 +156,13 @@ class MySQLLogin(BackendScript):
             raise BackendError(f"backend {self.target.host}:{self.target.port} does not offer TLS but "
                                f"clusters.*.backend.tls is {self.target.tls!r}")
         return self._response()
+
+    def _refused(self, payload: bytes):
+        """The server's ERR packet during the login, as a BackendError carrying its code, SQLSTATE and text."""
+        code, sqlstate, message = p.parse_err(payload)
+        raise BackendError(f"backend refused the login of {self.target.user!r}: {message} "
+                           f"(error {code}, SQLSTATE {sqlstate})", fatal_auth=code in ACCESS_DENIED_CODES,
+                           code=str(code), sqlstate=sqlstate, server_message=message)
 
     def _scramble(self, plugin: bytes, nonce: bytes) -> bytes:
         password = self._password()
@@ -201,10 +210,7 @@ class MySQLLogin(BackendScript):
             self.result = state
             return b""
         if head == p.ERR_HEADER:
-            code, sqlstate, message = p.parse_err(payload)
-            raise BackendError(f"backend refused the login of {self.target.user!r}: {message} "
-                               f"(error {code}, SQLSTATE {sqlstate})", fatal_auth=code in ACCESS_DENIED_CODES,
-                               code=str(code))
+            self._refused(payload)
         if head == p.AUTH_SWITCH_REQUEST:
             end = payload.find(b"\x00", 1)
             plugin = payload[1:end] if end > 0 else payload[1:]

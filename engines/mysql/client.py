@@ -19,11 +19,11 @@ a response ends) and the status flags of OK/EOF packets (transaction state, auto
 """
 from __future__ import annotations
 
-from multiproxy.engine import Authenticated, ClientContext, ClientProtocol, ErrorKind
+from multiproxy.engine import Authenticated, BackendError, ClientContext, ClientProtocol, ErrorKind
 
 from . import protocol as p
 from .commands import Commands
-from .errors import ERRORS, render_error
+from .errors import ERRORS, render_error, render_refusal
 from .handshake import DEFAULT_SERVER_VERSION, SERVER_CAPABILITIES, VARIANT_CAPABILITIES, ClientHandshake, LoginPhase
 from .pinning import PinTracking
 from .relay import Relay
@@ -95,8 +95,12 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
         return self.greeting_prefix + p.packet(self.ok_seq, p.ok_payload(self.status))
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
-        if self.handshake.phase is not LoginPhase.DONE:
-            return self.handshake.error(kind, message)
         if not self.logged_in:
-            return render_error(kind, message, self.ok_seq)     # instead of the login's OK
+            # Instead of the login's OK, and of the caching_sha2 fast-auth notice when there was one: the answer
+            # to the client's last handshake packet.
+            return self.handshake.error(kind, message)
         return render_error(kind, message, 1)
+
+    def login_refused(self, refusal: BackendError) -> bytes:
+        """The server's ERR for the login: instead of the login's OK, or as the answer to the first command."""
+        return render_refusal(refusal, self.handshake.seq + 1 if not self.logged_in else 1)

@@ -1,7 +1,7 @@
 """The MySQL engine's errors toward clients: an ErrorKind as an ERR packet (error code, SQLSTATE, message)."""
 from __future__ import annotations
 
-from multiproxy.engine import ErrorKind
+from multiproxy.engine import BackendError, ErrorKind
 
 from . import protocol as p
 
@@ -27,3 +27,13 @@ def render_error(kind: ErrorKind, message: str, seq: int = 1) -> bytes:
     code, sqlstate = ERRORS.get(kind, (p.ER_UNKNOWN_ERROR, "HY000"))
     return p.packet(seq, p.err_payload(code, sqlstate, f"multiproxy: {message}"))
 
+
+
+def render_refusal(refusal: BackendError, seq: int) -> bytes:
+    """The backend's own refusal of a login (BackendError.refused_by_server) as the ERR packet it sent: its code,
+    SQLSTATE and text, unprefixed, so that the client reads what the server said."""
+    try:
+        code = int(refusal.code)
+    except ValueError:
+        code = p.ER_UNKNOWN_ERROR
+    return p.packet(seq, p.err_payload(code, refusal.sqlstate or "HY000", refusal.server_message))
