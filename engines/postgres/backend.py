@@ -111,7 +111,8 @@ class PostgresLogin(BackendScript):
             elif kind == p.ERROR_RESPONSE:
                 code, text = backend_error_text(body)
                 raise BackendError(f"backend refused the login of {self.target.user!r}: {text} (SQLSTATE {code})",
-                                   fatal_auth=code in AUTH_FAILURE_CODES, code=code)
+                                   fatal_auth=code in AUTH_FAILURE_CODES, code=code, sqlstate=code,
+                                   server_message=text)
             elif kind == p.READY_FOR_QUERY:
                 self.state.reported = frozenset(self.state.params)
                 self.state.login_params = dict(self.state.params)

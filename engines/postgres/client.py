@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from multiproxy.engine import ClientContext, ClientProtocol, ErrorKind, PinReason
+from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, PinReason
 
-from .errors import FATAL_KINDS, SQLSTATE, render_error
+from .errors import FATAL_KINDS, SQLSTATE, render_error, render_refusal
 from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
 from .relay import CLIENT_QUERY, CLIENT_SYNC, EMPTY_SYNC, INTERNAL, Relay
 from .session_state import CLIENT_OWNED, FIXED_PARAMETERS, STARTUP_ONLY, SessionState, parse_options, split_options
@@ -77,3 +77,7 @@ class PostgresClient(Relay, Statements, SessionState, ClientProtocol):
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return render_error(kind, message)
+
+    def login_refused(self, refusal: BackendError) -> bytes:
+        # FATAL, as the server says it at a login or at any time after: no ReadyForQuery follows, the client is closed.
+        return render_refusal(refusal)

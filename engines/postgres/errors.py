@@ -1,7 +1,7 @@
 """PostgreSQL ErrorResponse bytes for the proxy's own errors: the SQLSTATE of each error kind, FATAL or ERROR."""
 from __future__ import annotations
 
-from multiproxy.engine import ErrorKind
+from multiproxy.engine import BackendError, ErrorKind
 
 from . import protocol as p
 
@@ -31,3 +31,9 @@ def render_error(kind: ErrorKind, message: str, fatal: bool | None = None) -> by
     if fatal is None:
         fatal = kind in FATAL_KINDS
     return p.error_response(SQLSTATE.get(kind, "XX000"), message, "FATAL" if fatal else "ERROR")
+
+
+def render_refusal(refusal: BackendError) -> bytes:
+    """The backend's own refusal of a login (BackendError.refused_by_server) as the FATAL ErrorResponse it sent:
+    its SQLSTATE and text, so that the client reads what the server said; the proxy then closes the client."""
+    return p.error_response(refusal.sqlstate or refusal.code, refusal.server_message, "FATAL")

@@ -135,7 +135,7 @@ class TDSLogin(BackendScript):
             if tok.type == tk.TOKEN_ERROR:
                 raise BackendError(f"backend refused the login of {self.target.user!r}: {tok.text} "
                                    f"(error {tok.number})", fatal_auth=tok.number == LOGIN_FAILED,
-                                   code=str(tok.number))
+                                   code=str(tok.number), server_message=tok.text, severity=tok.severity)
             if tok.type == tk.TOKEN_LOGINACK:
                 acked = True
                 state.tds_version, state.prog_name, state.prog_version = tok.tds_version, tok.prog_name, \

@@ -638,3 +638,13 @@ class TDSClient(ClientProtocol):
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return self._out(render_error(kind, message, self.packet_size))
+
+    def login_refused(self, refusal) -> bytes:
+        """The server's ERROR (its number, class and text) answering the LOGIN7, or the first request, then DONE."""
+        try:
+            number = int(refusal.code)
+        except ValueError:
+            number = ERRORS[ErrorKind.BACKEND_UNAVAILABLE][0]
+        body = tk.error(number, refusal.server_message, 1, refusal.severity or 14, SERVER_NAME, "", 1) \
+            + tk.done(tk.DONE_ERROR)
+        return self._out(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size))
