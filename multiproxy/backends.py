@@ -82,8 +82,13 @@ class BackendConnection:
             except (OSError, ValueError):
                 data = b""
             if not data:
+                if self._expected_close:
+                    self._closed_by_backend()
+                    return
                 self._lost("the backend closed the connection")
                 return
+            if self._expected_close:
+                continue        # what the backend says on its way out
             session = self.session
             if session is None:
                 self._lost("the backend sent data while idle in the pool")
@@ -109,6 +114,31 @@ class BackendConnection:
         if self.reader is not gevent.getcurrent():
             self.reader.kill(block=False)
         self._lost(why)
+
+    def close_gracefully(self, timeout: float) -> None:
+        """Close on purpose and tell the pool (closed_gracefully) once the backend has closed its end too, so that
+        a slot made for another connection is not reused while the server still counts this one: the backend reads
+        end-of-file and ends the session. After `timeout` without that, the socket is closed anyway."""
+        self._expected_close = True
+        self.session = None
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_WR)
+        except OSError:
+            self._closed_by_backend()
+            return
+        gevent.spawn_later(timeout, self._closed_by_backend)
+
+    def _closed_by_backend(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.reader is not gevent.getcurrent():
+            self.reader.kill(block=False)
+        self.pool.closed_gracefully(self)
 
     def close(self):
         """Close on purpose (reset failed, pool shrinking, client left mid-transaction): the backend rolls back."""

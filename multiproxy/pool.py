@@ -14,7 +14,13 @@ from .engine import BackendError
 
 log = logging.getLogger("multiproxy.pool")
 
-_CONNECT = object()   # handed to a waiter: a slot is free, open a connection yourself
+
+
+class _Slot:
+    """Handed to a waiter: a free slot, reserved for it in its pool's `opening` (so that no borrow in between takes
+    it), where the waiter opens its own connection."""
+
+    __slots__ = ()
 
 
 class PoolTimeout(Exception):
@@ -34,14 +40,17 @@ class Budget:
     """The max_size and min_size of one (cluster, role, user, database), shared by its pools: one per backend
     variant (MySQL clients differing in capabilities or charset), so that together they never open more.
 
-    `logins` is set, and replaced, each time a connect of one of its pools ends: a client login with no facts
-    to greet it from waits on it for a login already under way (see Pool.welcome_facts)."""
+    A connection closed to make room for another variant counts until the backend has closed its end as well
+    (Pool.closing), so that the server never holds more than max_size of them either.
+
+    `changes` is set, and replaced, each time a connect or such a close of one of its pools ends: a client login
+    with no facts to greet it from waits on it for a login or a close already under way (see Pool.welcome_facts)."""
 
     def __init__(self, config, label: str):
         self.config = config
         self.label = label
         self.pools: list[Pool] = []
-        self.logins = Event()
+        self.changes = Event()
 
     @property
     def size(self) -> int:
@@ -51,25 +60,34 @@ class Budget:
     def opening(self) -> bool:
         return any(pool.opening for pool in self.pools)
 
-    def login_ended(self) -> None:
-        ended, self.logins = self.logins, Event()
+    @property
+    def closing(self) -> int:
+        return sum(len(pool.closing) for pool in self.pools)
+
+    def waiting(self, besides: "Pool | None" = None) -> int:
+        return sum(len(pool.waiters) for pool in self.pools if pool is not besides)
+
+    def changed(self) -> None:
+        ended, self.changes = self.changes, Event()
         ended.set()
 
     def make_room(self, pool: "Pool") -> bool:
-        """A slot for `pool`: free already, or made by closing the oldest idle connection of another variant."""
+        """Whether `pool` may open a connection now. When the budget is used up, the oldest idle connection of another
+        variant is closed for it (unless closes under way already make room for every waiter and this caller):
+        the slot comes free, to the longest waiter, once the backend has closed its end."""
         if self.size < self.config.max_size:
             return True
+        if self.closing > self.waiting():
+            return False
         oldest = None
         for other in self.pools:
             if other is not pool and other.idle:
                 conn = next(iter(other.idle))
                 if oldest is None or conn.last_used < oldest.last_used:
                     oldest = conn
-        if oldest is None:
-            return False
-        oldest.pool.budget_evictions_total += 1
-        oldest.pool._discard(oldest, wake=False)
-        return self.size < self.config.max_size
+        if oldest is not None:
+            oldest.pool._evict(oldest)
+        return False
 
     def slot_freed(self, first: "Pool") -> None:
         """A connection of the budget closed: the longest waiter of `first`, else of another variant, may open one."""
@@ -78,11 +96,11 @@ class Budget:
             while waiters and self.size < self.config.max_size:
                 waiter = waiters.popleft()
                 if not waiter.ready():
-                    waiter.set(_CONNECT)
+                    slot = _Slot()
+                    pool.opening.add(slot)
+                    waiter.set(slot)
                     return
 
-    def others_waiting(self, pool: "Pool") -> bool:
-        return any(other.waiters for other in self.pools if other is not pool)
 
 
 class Pool:
@@ -109,6 +127,7 @@ class Pool:
         self.idle: OrderedDict[BackendConnection, None] = OrderedDict()
         self.in_use: set[BackendConnection] = set()     # borrowed: serving a session or handed to a waiter
         self.opening: set[object] = set()               # one token per connection being opened
+        self.closing: set[BackendConnection] = set()    # closed for another variant, until the backend closed too
         self.waiters: deque = deque()
         self.facts = None                      # the engine's state of the latest login (welcome parameters)
         self.generation = 0                    # bumped on failover; older connections are not reused
@@ -134,8 +153,8 @@ class Pool:
 
     @property
     def size(self) -> int:
-        """Open connections plus those being opened (what max_size and min_size bound)."""
-        return len(self.idle) + len(self.in_use) + len(self.opening)
+        """Open connections plus those being opened or closed (what max_size and min_size bound)."""
+        return len(self.idle) + len(self.in_use) + len(self.opening) + len(self.closing)
 
     @property
     def borrowed(self) -> int:
@@ -189,8 +208,8 @@ class Pool:
             raise PoolTimeout(
                 f"no database connection became free within {timeout:g} s: all {self.config.max_size} connections of "
                 f"{whose} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
-        if result is _CONNECT:
-            return self._connect_borrowed()
+        if type(result) is _Slot:
+            return self._connect_borrowed(result)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -202,29 +221,31 @@ class Pool:
             # Already handed something: give it back so nothing leaks.
             if waiter.ready() and waiter.successful():
                 value = waiter.value
-                if value is _CONNECT:
+                if type(value) is _Slot:
+                    self.opening.discard(value)
                     self._slot_freed()
                 elif isinstance(value, BackendConnection):
                     self.release(value)     # release kept it in in_use for this waiter
 
-    def _connect_borrowed(self) -> BackendConnection:
+    def _connect_borrowed(self, slot: _Slot | None = None) -> BackendConnection:
         try:
-            conn = self._open()
+            conn = self._open(slot)
         except BaseException:
             self._slot_freed()
             raise
         self.in_use.add(conn)
         return conn
 
-    def _open(self) -> BackendConnection:
-        """connect(), counted in `opening` while it runs; the caller files the connection (no switch between)."""
-        token = object()
+    def _open(self, slot: _Slot | None = None) -> BackendConnection:
+        """connect(), counted in `opening` while it runs (from the hand-off of `slot`, when a waiter was handed one);
+        the caller files the connection (no switch between)."""
+        token = slot if slot is not None else object()
         self.opening.add(token)
         try:
             return self.connect()
         finally:
             self.opening.discard(token)
-            self.budget.login_ended()
+            self.budget.changed()
 
     def connect(self) -> BackendConnection:
         """Open and log in one backend connection (not filed in the pool: the caller does, see _open)."""
@@ -288,9 +309,9 @@ class Pool:
                 self.release(self._connect_borrowed())
                 return self.facts
             remaining = deadline - time.monotonic()
-            if not budget.opening or remaining <= 0:
+            if not (budget.opening or budget.closing) or remaining <= 0:
                 break
-            budget.logins.wait(remaining)
+            budget.changes.wait(remaining)
         self.release(self.borrow())
         return self.facts
 
@@ -333,23 +354,35 @@ class Pool:
             if not waiter.ready():
                 waiter.set(conn)          # it stays in in_use, now for the waiter
                 return
-        if self.budget.others_waiting(self):
-            # Another variant of the budget waits for a slot: this connection makes room for it.
-            self.budget_evictions_total += 1
-            self._discard(conn)
-            return
         self.in_use.discard(conn)
+        budget = self.budget
+        if budget.closing < budget.waiting(besides=self):
+            # Another variant of the budget waits for a slot: this connection makes room for it.
+            self._evict(conn)
+            return
         self.idle[conn] = None
 
-    def _discard(self, conn: BackendConnection, wake: bool = True) -> None:
-        """Take a connection out of the pool and close it (a closed one was taken out when it died); `wake`:
-        hand the freed slot to a waiter (not when the caller takes the slot itself)."""
+    def _evict(self, conn: BackendConnection) -> None:
+        """Close an idle (or just released) connection for another variant of the budget: its slot stays taken,
+        in `closing`, until the backend has closed its end (closed_gracefully)."""
+        self.idle.pop(conn, None)
+        self.closing.add(conn)
+        self.budget_evictions_total += 1
+        conn.close_gracefully(self.cluster.backend.connect_timeout)
+
+    def closed_gracefully(self, conn: BackendConnection) -> None:
+        """The backend closed a connection of `closing` (or it timed out): its slot goes to the longest waiter."""
+        self.closing.discard(conn)
+        self.budget.changed()
+        self._slot_freed()
+
+    def _discard(self, conn: BackendConnection) -> None:
+        """Take a connection out of the pool and close it (a closed one was taken out when it died)."""
         self.in_use.discard(conn)
         self.idle.pop(conn, None)
         if not conn.closed:
             conn.close()
-            if wake:
-                self._slot_freed()
+            self._slot_freed()
 
     def forget(self, conn: BackendConnection, why: str) -> None:
         """A connection died on its own (called once, by the connection), idle or borrowed."""

@@ -399,11 +399,11 @@ def test_a_variant_makes_room_by_closing_an_idle_connection_of_another(db, make_
     first, second = a.borrow(), a.borrow()
     a.release(first)
     started = time.monotonic()
-    conn = b.borrow()                   # the budget is used up, but a's idle connection can go
+    conn = b.borrow()                   # the budget is used up, but a's idle connection can go: b waits for its close
     assert time.monotonic() - started < 0.5
     assert ask(conn, "SELECT") == "OK db1#3 SELECT"
     assert (a.size, b.size, a.budget.size) == (1, 1, 2) and a.budget_evictions_total == 1
-    wait_until(lambda: 1 in db.closed, what="the idle connection to close")
+    assert db.closed == [1]             # the database had let go of it before the new one logged in
     check_counts(a)
     check_counts(b)
     a.release(second)
@@ -417,6 +417,7 @@ def test_a_released_connection_makes_room_for_a_waiting_variant(db, make_variant
     wait_until(lambda: b.waiters, what="b to wait")
     a.release(held[0])                  # no waiter of its own: closed, its slot handed to b's waiter
     conn = waiter.get(timeout=2)
+    assert db.closed == [1]             # closed on the database's side first
     assert conn.pool is b and ask(conn, "SELECT") == "OK db1#3 SELECT"
     assert (a.size, b.size, a.budget.size) == (1, 1, 2) and a.budget_evictions_total == 1
     assert b.waited_borrows_total == 1 and b.borrow_timeouts_total == 0
@@ -499,3 +500,29 @@ def test_a_refusal_by_the_server_carries_its_code_and_text(db, make_pool):
         pool.welcome_facts()
     assert caught.value.refusal.code == "NODB" and caught.value.refusal.server_message == "no database 'nodb' here"
     assert pool.size == 0 and pool.connect_failures_total == 1
+
+
+def test_a_slot_made_for_another_variant_stays_taken_until_the_database_closed_its_end(db, make_variants):
+    a, b = make_variants(db, max_size=1, borrow_timeout=2.0)
+    idle = a.borrow()
+    a.release(idle)
+    a._evict(idle)                      # as make_room does: shutdown sent, the server has not answered yet
+    assert (a.size, len(a.closing), a.budget.size) == (1, 1, 1) and a.budget.make_room(b) is False
+    wait_until(lambda: not a.closing, what="the database to close its end")
+    assert db.closed == [1] and a.budget.size == 0 and a.budget.make_room(b) is True
+    check_counts(a)
+
+
+def test_a_slot_handed_to_a_waiter_is_reserved_until_it_runs(db, make_pool):
+    pool = make_pool(db, max_size=1, borrow_timeout=2.0)
+    held = pool.borrow()
+    waiter = gevent.spawn(pool.borrow)
+    wait_until(lambda: pool.waiters, what="the waiter to queue")
+    pool.discard_borrowed(held)         # frees the slot and hands it to the waiter, which has not run yet
+    assert pool.size == 1 and len(pool.opening) == 1
+    with pytest.raises(PoolTimeout):
+        pool.borrow(timeout=0.05)       # a borrow in between does not take the waiter's slot
+    conn = waiter.get(timeout=2)
+    assert pool.size == 1 and pool.connects_total == 2 and db.opened == [1, 2]
+    pool.release(conn)
+    check_counts(pool)

@@ -430,6 +430,7 @@ def socket_pair():
 def check_counts(pool) -> None:
     """The pool's counts are what its membership says, and each connection is in one place."""
     assert not (set(pool.idle) & pool.in_use)
-    assert pool.size == len(pool.idle) + len(pool.in_use) + len(pool.opening)
+    assert pool.size == len(pool.idle) + len(pool.in_use) + len(pool.opening) + len(pool.closing)
+    assert not (set(pool.idle) | pool.in_use) & pool.closing
     assert pool.borrowed == len(pool.in_use)
     assert all(not conn.closed for conn in pool.idle)
