@@ -186,8 +186,9 @@ def test_pg_rotation_refused_once_then_fetched_again(pg_stack, provider):
     pg_stack.sources.set(user, provider, new_password, backend_user)
     with pytest.raises(pg8000.native.DatabaseError) as refused:     # the proxy still holds the old secret
         pg_stack.connect(user, PG_ROT_DB)
-    assert f"backend refused the login of '{backend_user}': password authentication failed" \
-        in refused.value.args[0]["M"]
+    # the server's own refusal of the backend login (28P01 and its text; the proxy's log names the login)
+    assert refused.value.args[0]["C"] == "28P01"
+    assert refused.value.args[0]["M"] == f'password authentication failed for user "{backend_user}"'
     conn = pg_stack.connect(user, PG_ROT_DB)                        # fetched again after the refusal
     try:
         assert pg_rows(conn) == (backend_user, ROWS)
@@ -272,8 +273,8 @@ def test_mysql_rotation_refused_once_then_fetched_again(mysql_stack, provider):
     mysql_stack.sources.set(user, provider, new_password, backend_user)
     with pytest.raises(pymysql.err.OperationalError) as refused:    # the proxy still holds the old secret
         mysql_stack.connect(user, MY_ROT_DB)
-    assert f"backend refused the login of '{backend_user}': Access denied" in str(refused.value)
-    assert "error 1045" in str(refused.value)
+    # the server's own refusal of the backend login (the proxy's log names the login)
+    assert refused.value.args[0] == 1045 and f"Access denied for user '{backend_user}'" in refused.value.args[1]
     with mysql_stack.connect(user, MY_ROT_DB) as conn:              # fetched again after the refusal
         assert my_rows(conn) == (f"{backend_user}@%", ROWS)
         with conn.cursor() as cur:
@@ -408,9 +409,9 @@ def test_tds_rotation_refused_once_then_fetched_again(tds_stack, provider):
     before = setup_failures(tds_stack.proxy, user), tds_stack.proxy.log_text().count(refusal)
     tds_stack.restart_rotation_lab(new_password)
     tds_stack.sources.set(user, provider, new_password, LAB_USER)
-    # The proxy still holds the old secret. 40613: the proxy's "database not reachable"; pymssql keeps the
+    # The proxy still holds the old secret: the client gets the server's refusal (18456); pymssql keeps the
     # server's text only for the process's first failed login, so the backend's refusal is read from the log.
-    assert tds_stack.refused_login_number("rotation", user, TDS_ROT_DB) == 40613
+    assert tds_stack.refused_login_number("rotation", user, TDS_ROT_DB) == 18456
     assert tds_stack.proxy.log_text().count(refusal) == before[1] + 1
     with tds_stack.connect("rotation", user, TDS_ROT_DB) as conn:  # fetched again after the refusal
         assert tds_rows(conn) == (LAB_USER, ROWS)
