@@ -58,18 +58,20 @@ def limited_user(mariadb):
     return LIMITED_USER
 
 
-def mysql_direct_refusal(mariadb, database: str, password: str = LIMITED_PASSWORD) -> tuple[int, str]:
-    """(code, text) the server gives PyMySQL logging in directly as the backend user."""
+def mysql_direct_refusal(mariadb, database: str, password: str = LIMITED_PASSWORD,
+                         user: str = LIMITED_USER) -> tuple[int, str]:
+    """(code, text) the server gives PyMySQL logging in directly (without TLS) as the backend user."""
     with pytest.raises(pymysql.err.OperationalError) as refused:
-        pymysql.connect(host=mariadb.host, port=mariadb.port, user=LIMITED_USER, password=password,
+        pymysql.connect(host=mariadb.host, port=mariadb.port, user=user, password=password,
                         database=database, connect_timeout=10)
     return refused.value.args[0], refused.value.args[1]
 
 
-def mysql_proxy(proxy_factory, mariadb, pki, method: str, password: str = LIMITED_PASSWORD):
+def mysql_proxy(proxy_factory, mariadb, pki, method: str, password: str = LIMITED_PASSWORD,
+                user: str = LIMITED_USER):
     auth, options = MYSQL_METHODS[method]
     listener = {"tls_cert_file": pki["cert"], "tls_key_file": pki["key"]}
-    config = mysql_config(mariadb, auth=auth, options=options or None, listener=listener, backend_user=LIMITED_USER,
+    config = mysql_config(mariadb, auth=auth, options=options or None, listener=listener, backend_user=user,
                           backend_password=password)
     return proxy_factory(config, files={"users.toml": users_toml()})
 
@@ -144,14 +146,14 @@ PG_BACKEND_USER, PG_BACKEND_PASSWORD = "mp_scram", "scram-pw"
 PG_METHODS = ("trust", "md5", "scram-sha-256")
 
 
-def pg_proxy(proxy_factory, pg, pki, method: str, password: str = PG_BACKEND_PASSWORD):
+def pg_proxy(proxy_factory, pg, pki, method: str, password: str = PG_BACKEND_PASSWORD, user: str = PG_BACKEND_USER):
     users = UsersFile()
     users.add(APP_USER, APP_PASSWORD, kinds=["scram_sha_256", "md5"])
     config = {
         "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
         "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
                               "pool": {"mode": "transaction", "max_size": 3, "borrow_timeout": 10.0},
-                              "credentials": [{"user": "*", "backend_user": PG_BACKEND_USER, "password": password}]}},
+                              "credentials": [{"user": "*", "backend_user": user, "password": password}]}},
         "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
                        "auth": method, "tls_cert_file": pki["cert"], "tls_key_file": pki["key"]}],
     }
@@ -216,6 +218,17 @@ def test_postgres_password_refused_to_the_backend_user_is_the_servers_error(pg, 
         psql_refusal(pg.host, pg.port, PG_BACKEND_USER, "not-the-password", AUTH_DB, "disable")
 
 
+def test_postgres_tls_required_for_the_backend_user_is_the_servers_error(pg, proxy_factory, pki):
+    # The backend leg has no TLS (backend.tls = 'disable'), and pg_hba.conf turns this user away without it.
+    pg.add_hba_lines(["hostnossl all mp_tlsonly 127.0.0.1/32 reject"])
+    proxy = pg_proxy(proxy_factory, pg, pki, "md5", password="", user="mp_tlsonly")
+    host, port = proxy.address("pg")
+    direct = pg8000_refusal(pg.host, pg.port, "mp_tlsonly", "", AUTH_DB)
+    assert direct["C"] == "28000" and "no encryption" in direct["M"]
+    for tls_ca in (None, pki["ca"]):
+        assert pg8000_refusal(host, port, APP_USER, APP_PASSWORD, AUTH_DB, tls_ca) == direct
+
+
 # ---------------------------------------------------------------------------------------------- TDS
 
 @pytest.fixture(scope="module")
@@ -257,3 +270,15 @@ def test_tds_refusals_are_the_servers_errors(tds_lab, proxy_factory, pki):
     through = pymssql_refusal(server=wrong.host, port=wrong.port, user=APP_USER, password=APP_PASSWORD,
                               database=TDS_DB)
     assert through[0] == 18456 and through[1].startswith(direct[1].split("DB-Lib")[0]), (through, direct)
+
+
+def test_mysql_tls_required_by_the_backend_user_is_the_servers_error(mariadb, proxy_factory, pki):
+    # The backend leg has no TLS (backend.tls = 'disable'), and the server requires it of this user.
+    mariadb.sql("CREATE USER IF NOT EXISTS 'mp_tlsonly'@'%' IDENTIFIED BY 'tls-pw' REQUIRE SSL;"
+                f"GRANT ALL ON {DB}.* TO 'mp_tlsonly'@'%';")
+    proxy = mysql_proxy(proxy_factory, mariadb, pki, "mysql_native_password", password="tls-pw", user="mp_tlsonly")
+    code, text = mysql_direct_refusal(mariadb, DB, password="tls-pw", user="mp_tlsonly")
+    assert code == 1045
+    for tls_ca in (None, pki["ca"]):
+        assert pymysql_through(proxy, DB, tls_ca) == (code, text)
+    assert mariadb_cli_through(proxy, DB, pki["ca"]) == f"ERROR 1045 (28000): {text}"
