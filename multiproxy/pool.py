@@ -15,7 +15,6 @@ from .engine import BackendError
 log = logging.getLogger("multiproxy.pool")
 
 
-
 class _Slot:
     """Handed to a waiter: a free slot, reserved for it in its pool's `opening` (so that no borrow in between takes
     it), where the waiter opens its own connection."""
@@ -102,14 +101,14 @@ class Budget:
                     return
 
 
-
 class Pool:
     """Backend connections of one (cluster, role, user, database).
 
     Every connection is in exactly one place, and the counts follow from membership (as PgBouncer's state
     lists): `idle` (ordered oldest to newest; borrow takes the newest), `in_use` (handed to a session, or to a
-    waiter that has not picked it up yet) and `opening` (one token per connection being opened and logged in).
-    `size` and `borrowed` are derived from them. The pools of one (cluster, role, user, database) that differ in
+    waiter that has not picked it up yet), `opening` (one token per connection being opened and logged in, or
+    reserved for a waiter) and `closing` (closed to make room for another variant, until the backend closed its
+    end). `size` and `borrowed` are derived from them. The pools of one (cluster, role, user, database) that differ in
     backend variant share a `Budget`: max_size and min_size bound their sizes together.
     """
 
@@ -356,7 +355,7 @@ class Pool:
                 return
         self.in_use.discard(conn)
         budget = self.budget
-        if budget.closing < budget.waiting(besides=self):
+        if len(budget.pools) > 1 and budget.closing < budget.waiting(besides=self):
             # Another variant of the budget waits for a slot: this connection makes room for it.
             self._evict(conn)
             return

@@ -210,7 +210,7 @@ class Proxy:
             for pool in list(self.pools.values()):
                 try:
                     pool.expire(now)
-                    if pool.size < pool.config.min_size:
+                    if pool.budget.size < pool.config.min_size:
                         gevent.spawn(pool.fill)
                 except Exception:  # housekeeping must never die
                     log.exception("pool %s: housekeeping failed", pool.label)
