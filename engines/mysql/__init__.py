@@ -3,20 +3,20 @@ from __future__ import annotations
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
+from . import protocol as p
 from .auth import VERIFIER_KINDS, rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe
-from . import protocol as p
 from .client import MySQLClient, render_error
-from .session_state import COLLATIONS
 from .pinning import ALL_PIN_REASONS
+from .session_state import COLLATIONS
 
-
+# The variant's capability bits by name, in the order pool names list them.
 VARIANT_NAMES = ((p.CLIENT_DEPRECATE_EOF, "deprecate_eof"), (p.CLIENT_MULTI_STATEMENTS, "multi_statements"),
                  (p.CLIENT_MULTI_RESULTS, "multi_results"), (p.CLIENT_PS_MULTI_RESULTS, "ps_multi_results"),
                  (p.CLIENT_FOUND_ROWS, "found_rows"), (p.CLIENT_LOCAL_FILES, "local_files"),
                  (p.CLIENT_IGNORE_SPACE, "ignore_space"), (p.CLIENT_INTERACTIVE, "interactive"))
-
-DEFAULT_COLLATIONS = frozenset({8, 11, 33, 45, 63})    # named by their charset alone: latin1, ascii, utf8, ...
+# Default collations of their charsets (all in COLLATIONS), named by the charset alone: latin1, ascii, utf8, ...
+DEFAULT_COLLATIONS = frozenset({8, 11, 33, 45, 63})
 
 
 class MySQLEngine(Engine):
@@ -55,12 +55,12 @@ class MySQLEngine(Engine):
         names = [name for bit, name in VARIANT_NAMES if capabilities & bit]
         charset = values.get("charset", 45)
         collation = COLLATIONS.get(charset)
-        if collation is None:
-            names.append(f"collation{charset}")
-        elif charset in DEFAULT_COLLATIONS or not collation[1]:
-            names.append(collation[0] if charset in DEFAULT_COLLATIONS else f"{collation[0]}#{charset}")
-        else:
+        if charset in DEFAULT_COLLATIONS:
+            names.append(collation[0])
+        elif collation and collation[1]:
             names.append(collation[1])
+        else:
+            names.append(f"{collation[0] if collation else 'collation'}#{charset}")
         return ",".join(names)
 
     def welcome_facts_from(self, facts, user: str, database: str, of_user: str, of_database: str):

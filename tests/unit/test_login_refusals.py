@@ -159,6 +159,8 @@ def test_mysql_greets_from_another_logins_facts_and_names_its_variants():
     assert engine.variant_name(variant) == "deprecate_eof,multi_results,utf8mb4"
     assert engine.variant_name(engine.backend_variant({"capabilities": 0, "charset": 224})) == "utf8mb4_unicode_ci"
     assert engine.variant_name(engine.backend_variant({"capabilities": 0, "charset": 255})) == "utf8mb4#255"
+    assert engine.variant_name(engine.backend_variant({"capabilities": mp.CLIENT_FOUND_ROWS, "charset": 99})) == \
+        "found_rows,collation#99"
 
 
 def test_postgres_and_tds_never_greet_from_another_logins_facts():
