@@ -586,6 +586,8 @@ class Relay:
                     if fifo and (fifo[0] == CLIENT_SYNC or fifo[0] == EMPTY_SYNC):
                         fifo.popleft()
                         self.syncs_done += 1
+                    elif len(fifo) > 1 and fifo[1] == BEGIN_SYNC:
+                        del fifo[1]              # so is the Sync the proxy sent behind a lazily begun COPY
                 elif kind == ord("W"):
                     self.copy_in = True
                 elif kind == p.ERROR_RESPONSE:

@@ -148,18 +148,22 @@ def test_reset_all_after_sets_returns_defaults_and_unpins(pg, proxy_factory):
     with connect(proxy) as conn, connect(proxy) as other:
         conn.execute("SET statement_timeout = 4321")
         conn.execute("SET extra_float_digits = 3")
-        conn.execute("SET ROLE mp_trust")     # identity: this still pins, until RESET ROLE
-        assert pinned(proxy, "session_variable") == 1
-        conn.execute("RESET ROLE")
+        conn.execute("SET ROLE mp_trust")     # identity: tracked and replayed too, no pin
         assert pinned(proxy) == 0
-        conn.execute("RESET ALL")
+        conn.execute("RESET ALL")             # leaves the role as it is, as on a server
         assert pinned(proxy) == 0
         for _ in range(4):
             with other.transaction():        # conn lands on either backend: both must be at the defaults
                 one(other, "SELECT 1")
                 assert one(conn, "SHOW statement_timeout") == "0"
                 assert one(conn, "SHOW extra_float_digits") == "1"
+                assert one(conn, "SELECT current_setting('role')") == "mp_trust"
             assert one(conn, "SHOW statement_timeout") == "0"
+        conn.execute("RESET ROLE")
+        for _ in range(2):
+            with other.transaction():
+                one(other, "SELECT 1")
+                assert one(conn, "SELECT current_setting('role')") == "none"
         assert pinned(proxy) == 0
 
 

@@ -127,3 +127,18 @@ def test_the_begin_goes_behind_the_replay_of_the_session_state():
     out, release = client.backend_data(command_complete("RESET") + READY_IDLE + LAZY_BEGIN_ANSWER + SELECT_1_ANSWER
                                        + READY_IN_TRANSACTION * 2)
     assert (out, release) == (SELECT_1_ANSWER + READY_IN_TRANSACTION, False) and not client.fifo
+
+
+def test_copy_in_after_a_lazy_begin_expects_no_answer_to_the_proxys_sync():
+    # The server ignores a Sync in copy-in mode: the one behind the COPY's Query gets no ReadyForQuery.
+    from .test_pg_relay import COPY_DONE_FE, copy_data, copy_response
+    copy = p.query("COPY t FROM STDIN")
+    check_vector(Vector("lazy BEGIN, COPY FROM STDIN", [
+        client_step(p.query("BEGIN"), b"", BEGUN),
+        client_step(copy, LAZY_BEGIN_PREFIX + copy + SYNC),
+        server_step(LAZY_BEGIN_ANSWER + copy_response(b"G"), copy_response(b"G")),
+        client_step(copy_data(b"1\tone\n") + COPY_DONE_FE),
+        server_step(command_complete("COPY 1") + READY_IN_TRANSACTION),
+        client_step(p.query("COMMIT")),
+        server_step(command_complete("COMMIT") + READY_IDLE, release=True),
+    ]))
