@@ -33,8 +33,8 @@ EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only Rea
 UNKNOWN_SETTING = "\x00unknown"
 
 READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
-# First bytes of a Query's text that may start BEGIN/START/COMMIT/END/ROLLBACK/ABORT (transactions.py).
-TRANSACTION_WORD = frozenset(b"bBsScCrRaAeE")
+# How a Query's text that transactions.py may answer starts (lowercased): a screen, its regexes decide.
+TRANSACTION_PREFIXES = (b"begin", b"start", b"commi", b"end", b"rollb", b"abort")
 
 _INSPECT_BACKEND = frozenset(b"ZSGEW")
 _INSPECT_BACKEND_VIRTUAL = frozenset(b"ZSGEW1")
@@ -109,7 +109,8 @@ class Relay:
             if n > 5 and data[0] == 81 and _unpack_uint32(data, 1)[0] + 1 == n and n <= self.max_message:
                 self.release_due = False
                 fifo = self.fifo
-                if not self.linked and not fifo and data[5] in TRANSACTION_WORD and not self.pending_extended:
+                if (not self.linked and not fifo and not self.pending_extended
+                        and data[5:10].lower().startswith(TRANSACTION_PREFIXES)):
                     answer = self._transaction_locally(data[5:n - 1])
                     if answer is not None:
                         return b"", answer
@@ -194,7 +195,8 @@ class Relay:
                 pos = end
                 continue
             if (kind == p.QUERY and end == n > pos + 5 and not forwarded_any and not self.linked and not fifo
-                    and not self.pending_extended and not self.copy_in and data[pos + 5] in TRANSACTION_WORD):
+                    and not self.pending_extended and not self.copy_in
+                    and data[pos + 5:pos + 10].lower().startswith(TRANSACTION_PREFIXES)):
                 # A lone BEGIN (or the COMMIT of one answered here), the last message of this read.
                 answer = self._transaction_locally(data[pos + 5:end - 1])
                 if answer is not None:
@@ -636,8 +638,10 @@ class Relay:
                     out_parts.append(data[keep_from:pos])
                     if kind == p.PARAMETER_STATUS and fifo[0] != BACKEND_RESET:
                         out_parts.append(data[pos:end])
-                    elif kind == p.ERROR_RESPONSE and (fifo[0] == INTERNAL or fifo[0] == BACKEND_RESET):
+                    elif kind == p.ERROR_RESPONSE and fifo[0] == INTERNAL:
                         out_parts.append(self._replay_failed(data[pos + 5:end]))
+                    elif kind == p.ERROR_RESPONSE and fifo[0] == BACKEND_RESET:
+                        out_parts.append(self._reset_failed(data[pos + 5:end]))
                     keep_from = end
             elif end > n:
                 self.s_skip = end - n
@@ -695,6 +699,7 @@ class Relay:
         self.parse_fifo.clear()
         self.readback_rows = None
         self.begin_answer = 0
+        self.begun_lazily = None
         self.sbuf = b""
         self.s_skip = 0
 

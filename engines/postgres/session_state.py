@@ -248,6 +248,12 @@ class SessionState:
         if self.tx_status == p.TX_IDLE and self.settings_before is not None:
             self._settings_settled()
 
+    def _reset_failed(self, body: bytes) -> bytes:
+        """The reset before this link (reset_after_transaction) failed: the client is warned, its request goes on."""
+        text = p.parse_fields(body).get("M", "unknown error")
+        return p.notice_response("01000", "multiproxy could not reset the pooled connection before your transaction "
+                                 f"(clusters.*.backend.reset_query): {text}; fix the reset query", "WARNING")
+
     def _replay_failed(self, body: bytes) -> bytes:
         """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""
         fields = p.parse_fields(body)

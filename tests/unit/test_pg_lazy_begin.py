@@ -142,3 +142,22 @@ def test_copy_in_after_a_lazy_begin_expects_no_answer_to_the_proxys_sync():
         client_step(p.query("COMMIT")),
         server_step(command_complete("COMMIT") + READY_IDLE, release=True),
     ]))
+
+
+def test_a_later_retry_does_not_send_an_old_begin_again():
+    from .test_pg_relay import INSERT, READ_ONLY_ERROR, retrying_client
+    from multiproxy.engine import HELD_REFUSAL
+    client = retrying_client()
+    client.client_data(p.query("BEGIN"))
+    forward, _ = client.client_data(QUERY_SELECT_1)
+    link_backend(client, backend_state(), forward)
+    client.backend_data(LAZY_BEGIN_ANSWER + SELECT_1_ANSWER + READY_IN_TRANSACTION * 2)
+    client.client_data(p.query("COMMIT"))
+    assert client.backend_data(command_complete("COMMIT") + READY_IDLE)[1]
+    client.unlink()
+    forward, _ = client.client_data(INSERT)
+    assert link_backend(client, backend_state(), forward) == INSERT
+    assert client.backend_data(READ_ONLY_ERROR + READY_IDLE) == (b"", HELD_REFUSAL)
+    assert client.retry_accepted() == INSERT
+    client.unlink()
+    assert link_backend(client, backend_state(), INSERT) == INSERT       # no BEGIN in front

@@ -142,3 +142,17 @@ def test_reset_after_transaction_resets_first_and_replays_against_the_login_stat
 def test_a_configured_reset_query_keeps_the_statement_cache_unless_it_deallocates():
     assert resets_statements("") and resets_statements("DISCARD ALL") and resets_statements("deallocate all; reset all")
     assert not resets_statements("RESET ALL")
+
+
+def test_a_failed_reset_warns_the_client_and_its_request_goes_on():
+    client = logged_in_client()
+    client.ctx = dataclasses.replace(client.ctx, reset_after_transaction=True, reset_query="RESET EVERYTHING")
+    client.client_data(QUERY_SELECT_1)
+    sent = link_backend(client, backend_state(), QUERY_SELECT_1)
+    assert split_messages(sent) == [p.query("RESET EVERYTHING"), QUERY_SELECT_1]
+    error = p.error_response("42704", 'unrecognized configuration parameter "everything"')
+    answer = ROW_DESCRIPTION_SELECT_1 + DATA_ROW_1 + COMMAND_COMPLETE_SELECT_1 + READY_IDLE
+    out, release = client.backend_data(error + READY_IDLE + answer)
+    notice, *rest = split_messages(out)
+    assert notice[:1] == b"N" and b"reset_query" in notice and b"EVERYTHING" not in notice
+    assert b"".join(rest) == answer and release
