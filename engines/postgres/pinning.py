@@ -25,6 +25,8 @@ REPORTED_PARAMETERS = frozenset({
     "standard_conforming_strings", "default_transaction_read_only", "in_hot_standby",
     "integer_datetimes", "server_encoding", "server_version", "is_superuser",
 })
+# Settings of the current transaction only (SET TRANSACTION writes them): never tracked, never replayed.
+TRANSACTION_SCOPED = frozenset({"transaction_isolation", "transaction_read_only", "transaction_deferrable"})
 # Session identity: tracked and replayed in their own order (SET SESSION AUTHORIZATION resets the role), and
 # RESET ALL leaves them as they are.
 IDENTITY_PARAMETERS = frozenset({"session_authorization", "role"})
@@ -171,7 +173,7 @@ def analyze(sql: str) -> list[tuple]:
         verb, word = match.group(1).lower(), match.group(2)
         name = _ident(word)
         name = _ALIASES.get(re.sub(r"\s+", " ", name), name)
-        if name in ("transaction", "constraints"):
+        if name in ("transaction", "constraints") or name in TRANSACTION_SCOPED:
             continue
         at = match.start()
         if verb == "reset":
@@ -224,7 +226,7 @@ def analyze(sql: str) -> list[tuple]:
             found.append((at, ("readback", None)))
             continue
         name = name_literal.group(1).replace("''", "'").lower()
-        if name in REPORTED_PARAMETERS and name not in IDENTITY_PARAMETERS:
+        if (name in REPORTED_PARAMETERS and name not in IDENTITY_PARAMETERS) or name in TRANSACTION_SCOPED:
             continue
         value_literal = _LITERAL.match(args[1])
         if value_literal is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 
 from . import protocol as p
-from .pinning import IDENTITY_PARAMETERS, REPORTED_PARAMETERS
+from .pinning import IDENTITY_PARAMETERS, REPORTED_PARAMETERS, TRANSACTION_SCOPED
 from .relay import BACKEND_RESET, INTERNAL, READ_ONLY_WORDS, READBACK
 
 # Parameters a client cannot choose; the server reports them and they are never replayed.
@@ -239,8 +239,8 @@ class SessionState:
             if name is None:
                 continue
             low = name.lower()
-            if low in REPORTED_PARAMETERS and low not in IDENTITY_PARAMETERS:
-                continue            # ParameterStatus told the client already
+            if (low in REPORTED_PARAMETERS and low not in IDENTITY_PARAMETERS) or low in TRANSACTION_SCOPED:
+                continue            # ParameterStatus told the client already; or gone with the transaction
             if value is None or (low == "role" and value == "none"):
                 self._track_setting(low, None)
             else:

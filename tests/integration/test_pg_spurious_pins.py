@@ -411,3 +411,21 @@ def test_reset_after_transaction_stops_indirect_changes_leaking(pg, proxy_factor
         assert one(second, "SHOW lock_timeout") == "0"
         assert one(first, "SHOW lock_timeout") == "3s"
     assert pinned(proxy) == 0 and borrow_timeouts(proxy) == 0
+
+
+@pytest.mark.timeout(60)
+def test_prepared_statements_survive_the_reset_before_each_transaction(pg, proxy_factory):
+    # DISCARD ALL deallocates the backend's statements: the proxy prepares them again where they are needed.
+    config = proxy_config(pg, max_size=1)
+    config["clusters"]["main"]["backend"]["reset_after_transaction"] = "yes"
+    proxy = proxy_factory(config)
+    prepared = dict(host=proxy.host, port=proxy.port, user=USER, dbname=AUTH_DB, autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT, prepare_threshold=0)
+    with psycopg.connect(**prepared) as first, psycopg.connect(**prepared) as second:
+        for i in range(6):
+            assert first.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
+            assert second.execute("SELECT %s::int * 2", (i,)).fetchone()[0] == i * 2
+            with first.transaction():
+                assert first.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
+                assert first.execute("SELECT %s::int - 1", (i,)).fetchone()[0] == i - 1
+    assert pinned(proxy) == 0 and borrow_timeouts(proxy) == 0

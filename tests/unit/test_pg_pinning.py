@@ -254,6 +254,13 @@ def test_session_identity_is_tracked(sql, effects):
     assert analyze(sql) == effects
 
 
+@pytest.mark.parametrize("sql", ["SET transaction_isolation = 'serializable'",
+                                 "SELECT set_config('transaction_read_only', 'on', false)",
+                                 "SET SESSION transaction_deferrable = on"])
+def test_settings_of_the_current_transaction_are_not_tracked(sql):
+    assert analyze(sql) == []
+
+
 def test_discard_all_resets_everything_and_undoes_every_pin_but_load():
     effects = analyze("DISCARD ALL")
     assert effects[0] == ("discard",)

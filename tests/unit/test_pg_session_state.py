@@ -60,9 +60,10 @@ def test_a_non_literal_name_reads_back_every_session_setting():
     link_backend(client, backend_state(), forward)
     client.backend_data(_answer("x") + READY_IDLE)
     rows = (READBACK_COLUMNS + data_row(b"statement_timeout", b"5s") + data_row(b"TimeZone", b"UTC")
-            + command_complete("SELECT 2"))
+            + data_row(b"transaction_isolation", b"serializable") + command_complete("SELECT 3"))
     assert client.backend_data(rows + READY_IDLE) == (b"", True)
-    assert client.client_settings == {"statement_timeout": "5s"}    # TimeZone is reported, tracked from there
+    # TimeZone is reported, tracked from there; transaction_isolation ends with the transaction.
+    assert client.client_settings == {"statement_timeout": "5s"}
 
 
 def test_a_set_config_expression_in_a_rolled_back_transaction_is_undone():
