@@ -16,7 +16,7 @@ from multiproxy.engine import HELD_REFUSAL, ClientQuit, ErrorKind, PinReason, Pr
 
 from . import protocol as p
 from .errors import render_error
-from .pinning import _IDENTITY_KEYS, ALL_BUT_IDENTITY, REPORTED_PARAMETERS, analyze, might_pin
+from .pinning import _IDENTITY_KEYS, ALL_BUT_IDENTITY, analyze, might_pin
 
 # What each ReadyForQuery the relay expects answers: the entries of the FIFO. Entries <= 0 are the proxy's
 # own requests: their responses are not the client's.
