@@ -89,6 +89,9 @@ class Relay:
     unpinned_in_tx = None           # {reason: (its keys, detail)} before this transaction undid pins
     readback_due = None             # names of settings to read back after the request being read (None: all)
     readback_rows = None            # (name, value) rows of the read-back being answered
+    startup_replay_due = False      # RESET ALL / DISCARD ALL: the login's values go again behind the request
+    startup_settings: dict = {}     # unreported settings the client chose at login (never changed in place)
+    startup_reported: dict = {}     # reported parameters the client chose at login
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -118,9 +121,9 @@ class Relay:
                 self.requests += 1
                 self.unnamed_held = False
                 self._inspect_sql(data[5:n - 1])
-                if self.readback_due is not None:
+                if self.readback_due is not None or self.startup_replay_due:
                     self.retry_candidate = None
-                    return self._with_readback(data), b""
+                    return self._follow_up(data), b""
                 if (self.retry_read_only and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
                         and not self.pending_extended and not self._asks_read_only(data)):
                     self.retry_candidate = (data, CLIENT_QUERY, self.syncs_done, None)
@@ -287,7 +290,7 @@ class Relay:
             start = 0                    # the forwarded bytes begin at a message boundary
         if (self.retry_read_only and forward and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
                 and not local and not self.cbuf and not self.c_skip and not self.pending_extended
-                and self.readback_due is None and not self._asks_read_only(forward)):
+                and self.readback_due is None and not self.startup_replay_due and not self._asks_read_only(forward)):
             # The first statement of a transaction: if a read-only node refuses it, nothing ran, and it can
             # be sent again to the new writer. Keep what is needed to do that.
             self.retry_candidate = (forward, fifo[0], self.syncs_done,
@@ -304,9 +307,9 @@ class Relay:
                         raise ClientQuit(b"", local + answered)
                     return b"", local + answered
                 self.deferred_rewrite = (start, syncs_before)
-        if (self.readback_due is not None and forward and not self.pending_extended and not self.cbuf
-                and not self.c_skip):
-            forward = self._with_readback(forward)
+        if ((self.readback_due is not None or self.startup_replay_due) and forward and not self.pending_extended
+                and not self.cbuf and not self.c_skip):
+            forward = self._follow_up(forward)
         if self.closing:
             raise ClientQuit(forward, local)
         return forward, local
@@ -345,6 +348,8 @@ class Relay:
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
         for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
+            if (effect[0] == "discard" or effect == ("reset", None)) and (self.startup_settings or self.startup_reported):
+                self.startup_replay_due = True
             if effect[0] == "readback":
                 if may_read_back and low.find(b"copy") < 0:
                     self._want_readback(effect[1])
@@ -377,8 +382,11 @@ class Relay:
             self._track_setting(effect[1], effect[2])
         elif kind == "reset":
             self._track_setting(effect[1], None)
+            if effect[1] is None:          # RESET ALL: back to the login's values (startup_replay_due)
+                self.client_settings = {**self.startup_settings, **self.client_settings}
         else:                              # DISCARD ALL
             self._track_setting(None, None, identity=True)
+            self.client_settings = dict(self.startup_settings)
 
     def _apply_deferred(self) -> None:
         deferred, self.deferred = self.deferred, None
@@ -717,6 +725,7 @@ class Relay:
         out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo if entry > 0]
         self.fifo.clear()
         self.readback_due = None
+        self.startup_replay_due = False
         self.lazy_begin = None          # its status answer says the transaction is gone: it is
         self.deferred = None            # nothing it asked for happened: no pin, no tracked setting
         out.append(self._forget_unanswerable(error))

@@ -26,6 +26,10 @@ CLIENT_OWNED = frozenset({"default_transaction_read_only"})
 _TRUE_WORDS = frozenset(("on", "true", "yes", "1", "t", "y"))
 
 
+def _spelling(value: str) -> str:
+    return value.lower().replace("-", "").replace("_", "")
+
+
 def resets_statements(reset_query: str) -> bool:
     """Whether the backend reset deallocates prepared statements (DISCARD ALL, the default, does)."""
     low = reset_query.lower()
@@ -123,12 +127,16 @@ class SessionState:
             self.client_settings["default_transaction_read_only"] = "on"
         if CLIENT_OWNED.intersection(self.client_settings):
             self.owns_read_only = True
+        # What RESET ALL and DISCARD ALL return to: the values chosen at login, as on a server.
+        self.startup_settings = dict(self.client_settings)
+        self.startup_reported = cached[3]
         self.canonical = server_state.canonical
         pid, secret = self.ctx.cancel_key
         return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
 
     def _greeting(self, server_state) -> tuple:
-        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings) for this client."""
+        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings, the reported
+        parameters the startup packet chose) for this client."""
         wanted = {}
         for key, value in self.startup_params.items():
             low = key.lower()
@@ -139,8 +147,12 @@ class SessionState:
         out = [p.authentication(p.AUTH_OK)]
         client_params = {}
         client_settings = {}
+        chosen = {}
         for low, value in server_state.login_params.items():
             if low in wanted and low not in FIXED_PARAMETERS:
+                # Chosen unless the backend's login gives it already ('utf-8' is 'UTF8').
+                if low not in CLIENT_OWNED and _spelling(wanted[low]) != _spelling(value):
+                    chosen[low] = wanted[low]
                 value = wanted[low]
             if low not in CLIENT_OWNED:
                 client_params[low] = value
@@ -148,7 +160,7 @@ class SessionState:
         for low, value in wanted.items():
             if (low not in server_state.login_params or low in CLIENT_OWNED) and low not in FIXED_PARAMETERS:
                 client_settings[low] = value
-        return b"".join(out), client_params, client_settings
+        return b"".join(out), client_params, client_settings, chosen
 
     def _asks_read_only(self, request: bytes) -> bool:
         """Whether the session itself wants read-only transactions (its setting, or the request's words): then a
@@ -191,6 +203,21 @@ class SessionState:
                     self.server_state.settings = {**self.server_state.settings, low: value}
             return
         self.client_params[low] = value
+
+    def _follow_up(self, forward: bytes) -> bytes:
+        """The client's request, then what the proxy asks right behind it in the same borrow: the startup values
+        again after RESET ALL / DISCARD ALL (which reset a backend to its own login values, not the client's),
+        and the read-back of values only the server knows."""
+        if self.startup_replay_due:
+            self.startup_replay_due = False
+            values = {**self.startup_reported, **self.startup_settings}
+            forward += p.query("SELECT " + ", ".join(
+                f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
+                for low, value in values.items()))
+            self.fifo.append(INTERNAL)
+        if self.readback_due is not None:
+            forward = self._with_readback(forward)
+        return forward
 
     def _want_readback(self, name: str | None) -> None:
         """The request being read sets `name` (None: some setting) to a value only the server knows."""

@@ -429,3 +429,20 @@ def test_prepared_statements_survive_the_reset_before_each_transaction(pg, proxy
                 assert first.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
                 assert first.execute("SELECT %s::int - 1", (i,)).fetchone()[0] == i - 1
     assert pinned(proxy) == 0 and borrow_timeouts(proxy) == 0
+
+
+@pytest.mark.timeout(60)
+def test_reset_all_and_discard_all_return_to_the_login_values(pg, proxy_factory):
+    # As on a server: RESET ALL goes back to what the startup packet chose, not to the backend's own login.
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy, application_name="startup_app", options="-c statement_timeout=4321") as conn, \
+            connect(proxy) as other:
+        for reset in ("RESET ALL", "DISCARD ALL"):
+            conn.execute("SET statement_timeout = 1000")
+            conn.execute("SET application_name = 'changed'")
+            conn.execute(reset)
+            assert conn.info.parameter_status("application_name") == "startup_app"
+            assert on_every_backend(conn, other, "SHOW statement_timeout") == {"4321ms"}
+            assert on_every_backend(conn, other, "SHOW application_name") == {"startup_app"}
+        assert one(other, "SHOW statement_timeout") == "0"
+    assert pinned(proxy) == 0

@@ -157,3 +157,39 @@ def test_a_failed_reset_warns_the_client_and_its_request_goes_on():
     notice, *rest = split_messages(out)
     assert notice[:1] == b"N" and b"reset_query" in notice and b"EVERYTHING" not in notice
     assert b"".join(rest) == answer and release
+
+
+def test_reset_all_returns_to_the_values_chosen_at_login_in_the_same_borrow():
+    startup = {"user": "alice", "database": "app", "application_name": "billing", "client_encoding": "utf-8",
+               "options": "-c statement_timeout=4321"}
+    client = logged_in_client(startup)
+    state = backend_state()
+    for sql in ("SET statement_timeout = 1; SET lock_timeout = 2", "RESET ALL"):
+        forward, _ = client.client_data(p.query(sql))
+        if not client.linked:
+            forward = link_backend(client, state, forward)
+        if sql == "RESET ALL":
+            request, replay = split_messages(forward)
+            assert request == p.query("RESET ALL")
+            # The backend's RESET ALL returns it to its own login values: the client's go again right behind.
+            assert replay == p.query("SELECT pg_catalog.set_config('application_name', 'billing', false), "
+                                     "pg_catalog.set_config('statement_timeout', '4321', false)")
+            answer = p.parameter_status("application_name", "") + command_complete("RESET") + READY_IDLE
+            again = (p.parameter_status("application_name", "billing") + row_description(("set_config", 25))
+                     + data_row(b"billing", b"4321") + command_complete("SELECT 1") + READY_IDLE)
+            out, release = client.backend_data(answer + again)
+            assert out == answer + p.parameter_status("application_name", "billing") and release
+        else:
+            replay_answer = READY_IDLE if client.fifo[0] == 0 else b""
+            client.backend_data(replay_answer + command_complete("SET") * 2 + READY_IDLE)
+    assert client.client_params["application_name"] == "billing"
+    assert client.client_settings == {"statement_timeout": "4321"}
+
+
+def test_discard_all_also_returns_to_the_login_values_and_drops_the_role():
+    client = logged_in_client({"user": "alice", "database": "app", "options": "-c search_path=app"})
+    client.client_settings = {**client.client_settings, "role": "r"}
+    forward, _ = client.client_data(p.query("DISCARD ALL"))
+    assert b"set_config('search_path', 'app', false)" in forward
+    link_backend(client, backend_state(), forward)
+    assert client.client_settings == {"search_path": "app"}
