@@ -193,3 +193,15 @@ def test_discard_all_also_returns_to_the_login_values_and_drops_the_role():
     assert b"set_config('search_path', 'app', false)" in forward
     link_backend(client, backend_state(), forward)
     assert client.client_settings == {"search_path": "app"}
+
+
+def test_a_reader_listeners_read_only_default_survives_reset_all():
+    from .test_pg_relay import make_client
+    client = make_client()
+    client.ctx = dataclasses.replace(client.ctx, read_only=True)
+    client.receive_handshake(p.startup_message({"user": "alice", "database": "app"}))
+    client.login_complete(backend_state())
+    forward, _ = client.client_data(p.query("RESET ALL"))
+    assert b"set_config('default_transaction_read_only', 'on', false)" in forward
+    link_backend(client, backend_state(), forward)
+    assert client.client_settings == {"default_transaction_read_only": "on"}
