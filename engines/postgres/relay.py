@@ -24,6 +24,8 @@ INTERNAL = 0        # the replay of the session's state, or the reset of a backe
 READBACK = -1       # the values of settings an expression set, read back after the client's request
 BACKEND_RESET = -2  # reset_after_transaction: the reset before the replay (its ParameterStatus is the backend's)
 BEGIN_SYNC = -3     # the Sync that follows a simple Query the proxy sent behind a BEGIN it answered itself
+LOGIN_VALUES = -4   # the login's values set again behind RESET ALL / DISCARD ALL: the client's ReadyForQuery
+                    # waits for it, so that the client sees the values back when its request is answered
 CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
 EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only ReadyForQuery
@@ -90,6 +92,7 @@ class Relay:
     readback_due = None             # names of settings to read back after the request being read (None: all)
     readback_rows = None            # (name, value) rows of the read-back being answered
     startup_replay_due = False      # RESET ALL / DISCARD ALL: the login's values go again behind the request
+    held_ready = None               # the client's ReadyForQuery, held until LOGIN_VALUES is answered
     startup_settings: dict = {}     # unreported settings the client chose at login (never changed in place)
     startup_reported: dict = {}     # reported parameters the client chose at login
     # partial-message state, backend side
@@ -583,6 +586,9 @@ class Relay:
                         self._internal_done()
                     elif answered == READBACK:
                         self._read_back()
+                    if fifo and fifo[0] == LOGIN_VALUES and answered is not None and answered > 0:
+                        self.held_ready = data[pos:end]
+                        drop = True
                 elif kind == p.PARSE_COMPLETE:
                     if parse_fifo and not internal:
                         drop = parse_fifo.popleft()[1]
@@ -646,8 +652,11 @@ class Relay:
                     out_parts.append(data[keep_from:pos])
                     if kind == p.PARAMETER_STATUS and fifo[0] != BACKEND_RESET:
                         out_parts.append(data[pos:end])
-                    elif kind == p.ERROR_RESPONSE and fifo[0] == INTERNAL:
+                    elif kind == p.ERROR_RESPONSE and (fifo[0] == INTERNAL or fifo[0] == LOGIN_VALUES):
                         out_parts.append(self._replay_failed(data[pos + 5:end]))
+                    elif kind == p.READY_FOR_QUERY and self.held_ready is not None:
+                        out_parts.append(self.held_ready)
+                        self.held_ready = None
                     elif kind == p.ERROR_RESPONSE and fifo[0] == BACKEND_RESET:
                         out_parts.append(self._reset_failed(data[pos + 5:end]))
                     keep_from = end
@@ -708,6 +717,7 @@ class Relay:
         self.readback_rows = None
         self.begin_answer = 0
         self.begun_lazily = None
+        self.held_ready = None
         self.sbuf = b""
         self.s_skip = 0
 
@@ -753,6 +763,7 @@ class Relay:
             message += f"; the server said: {self.backend_farewell}"
             self.backend_farewell = ""
         mid_message = bool(self.sbuf or self.s_skip)
+        held_ready = self.held_ready         # a request answered but for its ReadyForQuery (LOGIN_VALUES)
         session_state_lost = self.pinned
         if self.settings_before is not None:
             self.tx_undone = True            # the transaction that changed settings died with the backend
@@ -763,6 +774,8 @@ class Relay:
                 "; your session's state was lost with it, reconnect" if session_state_lost else ""), fatal=True), True
         error = render_error(ErrorKind.BACKEND_LOST, message + "; the transaction was rolled back, retry it", fatal=False)
         out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo if entry > 0]
+        if held_ready is not None:
+            out.insert(0, held_ready)
         if not any(entry > 0 for entry in self.fifo) and self.tx_status != p.TX_IDLE:
             self.transaction_lost = True
             self.local_error = error

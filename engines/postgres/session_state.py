@@ -10,7 +10,7 @@ import shlex
 
 from . import protocol as p
 from .pinning import IDENTITY_PARAMETERS, REPORTED_PARAMETERS, TRANSACTION_SCOPED
-from .relay import BACKEND_RESET, INTERNAL, READ_ONLY_WORDS, READBACK
+from .relay import BACKEND_RESET, INTERNAL, LOGIN_VALUES, READ_ONLY_WORDS, READBACK
 
 # Parameters a client cannot choose; the server reports them and they are never replayed.
 FIXED_PARAMETERS = frozenset({
@@ -214,7 +214,7 @@ class SessionState:
             forward += p.query("SELECT " + ", ".join(
                 f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
                 for low, value in values.items()))
-            self.fifo.append(INTERNAL)
+            self.fifo.append(LOGIN_VALUES)
         if self.readback_due is not None:
             forward = self._with_readback(forward)
         return forward

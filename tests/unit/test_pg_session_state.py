@@ -178,7 +178,8 @@ def test_reset_all_returns_to_the_values_chosen_at_login_in_the_same_borrow():
             again = (p.parameter_status("application_name", "billing") + row_description(("set_config", 25))
                      + data_row(b"billing", b"4321") + command_complete("SELECT 1") + READY_IDLE)
             out, release = client.backend_data(answer + again)
-            assert out == answer + p.parameter_status("application_name", "billing") and release
+            # The client's ReadyForQuery waits for the login's values: it sees them back with its answer.
+            assert out == answer[:-6] + p.parameter_status("application_name", "billing") + READY_IDLE and release
         else:
             replay_answer = READY_IDLE if client.fifo[0] == 0 else b""
             client.backend_data(replay_answer + command_complete("SET") * 2 + READY_IDLE)
@@ -205,3 +206,14 @@ def test_a_reader_listeners_read_only_default_survives_reset_all():
     assert b"set_config('default_transaction_read_only', 'on', false)" in forward
     link_backend(client, backend_state(), forward)
     assert client.client_settings == {"default_transaction_read_only": "on"}
+
+
+def test_a_backend_lost_while_the_login_values_go_again_still_ends_the_clients_request():
+    client = logged_in_client({"user": "alice", "database": "app", "options": "-c search_path=app"})
+    forward, _ = client.client_data(p.query("RESET ALL"))
+    link_backend(client, backend_state(), forward)
+    replay = READY_IDLE if client.fifo[0] == 0 else b""
+    out, release = client.backend_data(replay + command_complete("RESET") + READY_IDLE)
+    assert out == command_complete("RESET") and not release
+    reply, close = client.backend_lost("connection reset")
+    assert reply == READY_IDLE and not close
