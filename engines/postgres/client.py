@@ -7,10 +7,12 @@
 - relay.py: `Relay`, the framing walks of client_data/backend_data, the FIFO of expected answers, release
   decisions, COPY, the read-only retry hold, local answers and failures, and the pin detection glue;
 - statements.py: `Statements`, named prepared statement virtualisation;
-- session_state.py: `SessionState`, tracked parameters and settings, the greeting, the replay on link;
+- session_state.py: `SessionState`, tracked parameters and settings, the greeting, the replay on link, the
+  read-back of settings an expression set;
+- transactions.py: `LazyTransaction`, a BEGIN answered by the proxy and sent with the first statement;
 - pinning.py: the SQL classifier the relay consults; errors.py: the proxy's ErrorResponses.
 
-Relay, Statements and SessionState are mixins of the one client object: the hot paths read their fields as
+Relay, Statements, SessionState and LazyTransaction are mixins of the one client object: the hot paths read their fields as
 plain attributes of `self`, as before the split.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_
 from .relay import CLIENT_QUERY, CLIENT_SYNC, EMPTY_SYNC, INTERNAL, Relay
 from .session_state import CLIENT_OWNED, FIXED_PARAMETERS, STARTUP_ONLY, SessionState, parse_options, split_options
 from .statements import CLOSED_STATEMENT, Statements, global_statement_name
+from .transactions import LazyTransaction
 
 __all__ = [
     "CLIENT_OWNED", "CLIENT_QUERY", "CLIENT_SYNC", "CLOSED_STATEMENT", "EMPTY_SYNC", "FATAL_KINDS", "FIXED_PARAMETERS",
@@ -32,7 +35,7 @@ __all__ = [
 ]
 
 
-class PostgresClient(Relay, Statements, SessionState, ClientProtocol):
+class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
     # What the handshake found, kept once it is done (the handshake object itself is then dropped).

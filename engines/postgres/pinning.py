@@ -25,22 +25,25 @@ REPORTED_PARAMETERS = frozenset({
     "standard_conforming_strings", "default_transaction_read_only", "in_hot_standby",
     "integer_datetimes", "server_encoding", "server_version", "is_superuser",
 })
-# Reported but still session identity: changing them must pin.
+# Settings of the current transaction only (SET TRANSACTION writes them): never tracked, never replayed.
+TRANSACTION_SCOPED = frozenset({"transaction_isolation", "transaction_read_only", "transaction_deferrable"})
+# Session identity: tracked and replayed in their own order (SET SESSION AUTHORIZATION resets the role), and
+# RESET ALL leaves them as they are.
 IDENTITY_PARAMETERS = frozenset({"session_authorization", "role"})
-
-# Names a SET may not be tracked for: session identity, and forms that are no plain parameter assignment.
-_NOT_REPLAYABLE = frozenset({"role", "session_authorization", "authorization", "characteristics", "all"})
-# Pins by these names survive RESET ALL (it does not undo them).
-_IDENTITY_KEYS = frozenset({"role", "session_authorization", "authorization"})
+_IDENTITY_KEYS = IDENTITY_PARAMETERS
 
 _SCREEN = re.compile(r"set|prepare|temp|listen|hold|advisory|load|reset|discard|close", re.IGNORECASE)
 _STATEMENT_START = r"(?:^|;)\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
 _SET = re.compile(_STATEMENT_START + r"(set|reset)\s+(?:session\s+)?(?!local\b)(time\s+zone\b|[\w.$]+|\"[^\"]+\")"
                   r"(?P<rest>[^;]*)", re.IGNORECASE | re.DOTALL)
 # SQL-standard spellings of tracked parameters.
-_ALIASES = {"names": "client_encoding", "time zone": "timezone"}
-_SET_CONFIG = re.compile(r"set_config\s*\((.*?)\)", re.IGNORECASE | re.DOTALL)
-_SET_CONFIG_LITERAL = re.compile(r"\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(true|false)\s*$", re.IGNORECASE)
+_ALIASES = {"names": "client_encoding", "time zone": "timezone", "authorization": "session_authorization"}
+_SET_CONFIG = re.compile(r"set_config\s*\(", re.IGNORECASE)
+_LITERAL = re.compile(r"\s*'((?:[^']|'')*)'\s*$")
+_BARE_VALUE = re.compile(r"\s+(?P<value>.*?)\s*$", re.DOTALL)
+# The settings SET SESSION CHARACTERISTICS AS TRANSACTION changes (default_transaction_read_only is reported).
+_CHARACTERISTICS = ("default_transaction_isolation", "default_transaction_deferrable")
+_DISCARD_ALL = re.compile(_STATEMENT_START + r"discard\s+all\b", re.IGNORECASE)
 _SET_VALUE = re.compile(r"\s*(?:=|\bto\b)\s*(?P<value>.*?)\s*$", re.IGNORECASE | re.DOTALL)
 _VALUE_ITEM = re.compile(r"'((?:[^']|'')*)'|\"([^\"]+)\"|([-+]?[\w.]+)")
 _DOLLAR_QUOTE = re.compile(r"\$(?:[a-z_][a-z0-9_]*)?\$", re.IGNORECASE)
@@ -57,14 +60,68 @@ _SQL_PREPARE = re.compile(_STATEMENT_START + r"prepare\s+(?!transaction\b)\w+", 
 _ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNORECASE)
 _ADVISORY_UNLOCK_ALL = re.compile(r"\bpg_advisory_unlock_all\s*\(\s*\)", re.IGNORECASE)
 _LOAD = re.compile(_STATEMENT_START + r"load\s+'", re.IGNORECASE)
+# What DISCARD ALL undoes besides the settings: everything but a loaded library.
+_UNDONE_BY_DISCARD_ALL = (PinReason.SESSION_VARIABLE, PinReason.TEMP_TABLE, PostgresPinReason.LISTEN,
+                          PostgresPinReason.CURSOR_WITH_HOLD, PinReason.SQL_PREPARE, PinReason.ADVISORY_LOCK,
+                          PinReason.PREPARED_STATEMENT)
 
 # What analyze() finds, in order: ("pin", reason, detail, key), ("unpin", reason, key or None for all),
-# ("set", name, value) and ("reset", name or None for all) of a tracked (unreported) setting.
+# ("set", name, value) and ("reset", name or None for RESET ALL) of a tracked (unreported) setting, ("discard",)
+# for DISCARD ALL (every setting, the session identity too), and ("readback", name or None for every setting the
+# session holds) for a value only the server knows: the relay reads it back after the request.
 ALL_BUT_IDENTITY = "*"      # an unpin key: every session-variable pin but SET ROLE / SESSION AUTHORIZATION
 
 
 def _ident(word: str) -> str:
     return word[1:-1] if word.startswith('"') else word.lower()
+
+
+def _set(name: str, value: str) -> list[tuple]:
+    effects = [("set", name, value), ("unpin", PinReason.SESSION_VARIABLE, name)]
+    if name == "session_authorization":
+        effects.append(("reset", "role"))           # a new session user has no role set
+    return effects
+
+
+def _reset(name: str) -> list[tuple]:
+    effects = [("reset", name), ("unpin", PinReason.SESSION_VARIABLE, name)]
+    if name == "session_authorization":
+        effects.append(("reset", "role"))
+    return effects
+
+
+def _call_arguments(sql: str, pos: int) -> list[str] | None:
+    """The top-level arguments of the call whose '(' ends before `pos`, or None when it does not close."""
+    args, depth, start, n = [], 0, pos, len(sql)
+    while pos < n:
+        char = sql[pos]
+        if char == "'":
+            end = pos + 1
+            while True:
+                end = sql.find("'", end)
+                if end < 0:
+                    return None
+                if sql.startswith("''", end):
+                    end += 2
+                    continue
+                break
+            pos = end
+        elif char == '"':
+            pos = sql.find('"', pos + 1)
+            if pos < 0:
+                return None
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                args.append(sql[start:pos])
+                return args
+            depth -= 1
+        elif char == "," and depth == 0:
+            args.append(sql[start:pos])
+            start = pos + 1
+        pos += 1
+    return None
 
 
 def _plain_value(text: str) -> str | None:
@@ -111,56 +168,75 @@ def analyze(sql: str) -> list[tuple]:
     if not _SCREEN.search(sql):
         return []
     found: list[tuple] = []   # (position, effect)
-    # A dollar-quoted body (CREATE FUNCTION, DO) may hold a SET that does not run now: pin as before, never track.
     bodies = _DOLLAR_QUOTE.search(sql) is not None
     for match in _SET.finditer(sql):
         verb, word = match.group(1).lower(), match.group(2)
         name = _ident(word)
         name = _ALIASES.get(re.sub(r"\s+", " ", name), name)
-        if name in ("transaction", "constraints"):
+        if name in ("transaction", "constraints") or name in TRANSACTION_SCOPED:
             continue
+        at = match.start()
         if verb == "reset":
             if name == "all":
-                found.append((match.start(), ("reset", None)))
-                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, ALL_BUT_IDENTITY)))
-            elif name == "session_authorization" or name not in REPORTED_PARAMETERS:
-                found.append((match.start(), ("reset", name)))
-                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+                found.append((at, ("reset", None)))
+                found.append((at, ("unpin", PinReason.SESSION_VARIABLE, ALL_BUT_IDENTITY)))
+            elif name in IDENTITY_PARAMETERS or name not in REPORTED_PARAMETERS:
+                found.extend((at, effect) for effect in _reset(name))
             continue
-        if name == "characteristics" or name == "all":
-            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, f"SET {name.upper()}", name)))
+        if name == "characteristics":
+            # SET SESSION CHARACTERISTICS AS TRANSACTION ...: the defaults of later transactions, read back.
+            found.extend((at, ("readback", n)) for n in _CHARACTERISTICS)
+            continue
+        if name == "all" or bodies:
+            # A dollar-quoted body (CREATE FUNCTION, DO) may hold a SET that does not run now: pin, never track.
+            found.append((at, ("pin", PinReason.SESSION_VARIABLE, f"SET {name.upper() if name == 'all' else name}", name)))
             continue
         if name in REPORTED_PARAMETERS and name not in IDENTITY_PARAMETERS:
             continue          # the server reports it (ParameterStatus): tracked from there
-        value = None
-        if name not in _NOT_REPLAYABLE and name not in IDENTITY_PARAMETERS:
-            assignment = _SET_VALUE.match(match.group("rest"))
-            if assignment is not None:
-                value = _plain_value(assignment.group("value"))
-        if value is None or bodies:
-            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, f"SET {name}", name)))
-        elif value == "default" and assignment.group("value").lower() == "default":
-            found.append((match.start(), ("reset", name)))
-            found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+        rest = match.group("rest")
+        assignment = _SET_VALUE.match(rest)
+        if assignment is None and name in IDENTITY_PARAMETERS:
+            assignment = _BARE_VALUE.match(rest)       # SET ROLE x, SET SESSION AUTHORIZATION x
+        text = assignment.group("value") if assignment is not None else ""
+        value = _plain_value(text) if assignment is not None else None
+        if value is None:
+            # Not plain literals: the server evaluates it; the value it then holds is read back and tracked.
+            found.append((at, ("readback", name)))
+            found.append((at, ("unpin", PinReason.SESSION_VARIABLE, name)))
+        elif text.lower() == "default" or (name == "role" and text.lower() == "none"):
+            found.extend((at, effect) for effect in _reset(name))
         else:
-            found.append((match.start(), ("set", name, value)))
-            found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
+            found.extend((at, effect) for effect in _set(name, value))
     for match in _SET_CONFIG.finditer(sql):
-        args = match.group(1)
-        literal = _SET_CONFIG_LITERAL.match(args)
-        if literal is not None:
-            if literal.group(3).lower() == "true":
-                continue
-            name = literal.group(1).replace("''", "'").lower()
-            if name in IDENTITY_PARAMETERS or name in _NOT_REPLAYABLE:
-                found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
-            elif bodies and name not in REPORTED_PARAMETERS:
-                found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", name)))
-            elif name not in REPORTED_PARAMETERS:
-                found.append((match.start(), ("set", name, literal.group(2).replace("''", "'"))))
-                found.append((match.start(), ("unpin", PinReason.SESSION_VARIABLE, name)))
-        elif not args.rstrip().lower().endswith("true"):
-            found.append((match.start(), ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", "set_config")))
+        args = _call_arguments(sql, match.end())
+        at = match.start()
+        if args is None or len(args) != 3:
+            found.append((at, ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", "set_config")))
+            continue
+        flag = args[2].strip().lower()
+        if flag == "true":
+            continue                                   # the function form of SET LOCAL
+        name_literal = _LITERAL.match(args[0])
+        if bodies or flag != "false":
+            key = name_literal.group(1).replace("''", "'").lower() if name_literal else "set_config"
+            found.append((at, ("pin", PinReason.SESSION_VARIABLE, "set_config(..., false)", key)))
+            continue
+        if name_literal is None:
+            # Which setting it changes is known only to the server: read back every setting the session holds.
+            found.append((at, ("readback", None)))
+            continue
+        name = name_literal.group(1).replace("''", "'").lower()
+        if (name in REPORTED_PARAMETERS and name not in IDENTITY_PARAMETERS) or name in TRANSACTION_SCOPED:
+            continue
+        value_literal = _LITERAL.match(args[1])
+        if value_literal is None:
+            found.append((at, ("readback", name)))
+            found.append((at, ("unpin", PinReason.SESSION_VARIABLE, name)))
+        else:
+            found.extend((at, effect) for effect in _set(name, value_literal.group(1).replace("''", "'")))
+    for match in _DISCARD_ALL.finditer(sql):
+        found.append((match.start(), ("discard",)))
+        found.extend((match.start(), ("unpin", reason, None)) for reason in _UNDONE_BY_DISCARD_ALL)
     for match in _TEMP.finditer(sql):
         rest = match.group("rest") or match.group("rest2") or ""
         if not _ON_COMMIT_DROP.search(rest):

@@ -33,6 +33,7 @@ ERROR_RESPONSE = ord("E")
 NOTICE_RESPONSE = ord("N")
 NOTIFICATION_RESPONSE = ord("A")
 COMMAND_COMPLETE = ord("C")
+DATA_ROW = ord("D")
 COPY_IN_RESPONSE = ord("G")
 COPY_OUT_RESPONSE = ord("H")
 COPY_BOTH_RESPONSE = ord("W")
@@ -58,6 +59,7 @@ UINT32 = struct.Struct("!I")
 INT16 = struct.Struct("!h")
 
 READY_IDLE = b"Z\x00\x00\x00\x05I"
+READY_IN_TRANSACTION = b"Z\x00\x00\x00\x05T"
 
 
 def message(kind: bytes, payload: bytes = b"") -> bytes:

@@ -18,8 +18,14 @@ from . import protocol as p
 from .errors import render_error
 from .pinning import _IDENTITY_KEYS, ALL_BUT_IDENTITY, analyze, might_pin
 
-# What each ReadyForQuery the relay expects answers: the entries of the FIFO.
-INTERNAL = 0        # a request the proxy made itself (replay, reset): its response is not the client's
+# What each ReadyForQuery the relay expects answers: the entries of the FIFO. Entries <= 0 are the proxy's
+# own requests: their responses are not the client's.
+INTERNAL = 0        # the replay of the session's state, or the reset of a backend a pinned client left
+READBACK = -1       # the values of settings an expression set, read back after the client's request
+BACKEND_RESET = -2  # reset_after_transaction: the reset before the replay (its ParameterStatus is the backend's)
+BEGIN_SYNC = -3     # the Sync that follows a simple Query the proxy sent behind a BEGIN it answered itself
+LOGIN_VALUES = -4   # the login's values set again behind RESET ALL / DISCARD ALL: the client's ReadyForQuery
+                    # waits for it, so that the client sees the values back when its request is answered
 CLIENT_QUERY = 1    # Query or FunctionCall
 CLIENT_SYNC = 2     # Sync of the extended protocol
 EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only ReadyForQuery
@@ -29,6 +35,8 @@ EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only Rea
 UNKNOWN_SETTING = "\x00unknown"
 
 READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
+# How a Query's text that transactions.py may answer starts (lowercased): a screen, its regexes decide.
+TRANSACTION_PREFIXES = (b"begin", b"start", b"commi", b"end", b"rollb", b"abort")
 
 _INSPECT_BACKEND = frozenset(b"ZSGEW")
 _INSPECT_BACKEND_VIRTUAL = frozenset(b"ZSGEW1")
@@ -81,6 +89,12 @@ class Relay:
     settings_before = None          # (client settings, names changed) before this transaction changed them
     tx_undone = False               # ... and the transaction may have been rolled back (an error, ROLLBACK)
     unpinned_in_tx = None           # {reason: (its keys, detail)} before this transaction undid pins
+    readback_due = None             # names of settings to read back after the request being read (None: all)
+    readback_rows = None            # (name, value) rows of the read-back being answered
+    startup_replay_due = False      # RESET ALL / DISCARD ALL: the login's values go again behind the request
+    held_ready = None               # the client's ReadyForQuery, held until LOGIN_VALUES is answered
+    startup_settings: dict = {}     # unreported settings the client chose at login (never changed in place)
+    startup_reported: dict = {}     # reported parameters the client chose at login
     # partial-message state, backend side
     sbuf = b""
     s_skip = 0
@@ -101,10 +115,18 @@ class Relay:
             if n > 5 and data[0] == 81 and _unpack_uint32(data, 1)[0] + 1 == n and n <= self.max_message:
                 self.release_due = False
                 fifo = self.fifo
+                if (not self.linked and not fifo and not self.pending_extended
+                        and data[5:10].lower().startswith(TRANSACTION_PREFIXES)):
+                    answer = self._transaction_locally(data[5:n - 1])
+                    if answer is not None:
+                        return b"", answer
                 fifo.append(CLIENT_QUERY)
                 self.requests += 1
                 self.unnamed_held = False
                 self._inspect_sql(data[5:n - 1])
+                if self.readback_due is not None or self.startup_replay_due:
+                    self.retry_candidate = None
+                    return self._follow_up(data), b""
                 if (self.retry_read_only and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
                         and not self.pending_extended and not self._asks_read_only(data)):
                     self.retry_candidate = (data, CLIENT_QUERY, self.syncs_done, None)
@@ -178,6 +200,17 @@ class Relay:
                     break
                 pos = end
                 continue
+            if (kind == p.QUERY and end == n > pos + 5 and not forwarded_any and not self.linked and not fifo
+                    and not self.pending_extended and not self.copy_in
+                    and data[pos + 5:pos + 10].lower().startswith(TRANSACTION_PREFIXES)):
+                # A lone BEGIN (or the COMMIT of one answered here), the last message of this read.
+                answer = self._transaction_locally(data[pos + 5:end - 1])
+                if answer is not None:
+                    if drop_from is None:
+                        drop_from = pos
+                    local += answer
+                    pos = end
+                    continue
             forwarded_any = True
             if drop_from is not None:
                 if pieces is None:
@@ -227,7 +260,7 @@ class Relay:
                     else:
                         self._detected(PinReason.PREPARED_STATEMENT, "named prepared statement (Parse)")
                     query_end = data.index(b"\x00", name_end + 1, end)
-                    self._inspect_sql(data[name_end + 1:query_end])
+                    self._inspect_sql(data[name_end + 1:query_end], name_end == pos + 5)
                     if self.statements is not None:
                         rewrite = True
                 elif kind == p.BIND:
@@ -260,7 +293,7 @@ class Relay:
             start = 0                    # the forwarded bytes begin at a message boundary
         if (self.retry_read_only and forward and not self.linked and self.tx_status == p.TX_IDLE and len(fifo) == 1
                 and not local and not self.cbuf and not self.c_skip and not self.pending_extended
-                and not self._asks_read_only(forward)):
+                and self.readback_due is None and not self.startup_replay_due and not self._asks_read_only(forward)):
             # The first statement of a transaction: if a read-only node refuses it, nothing ran, and it can
             # be sent again to the new writer. Keep what is needed to do that.
             self.retry_candidate = (forward, fifo[0], self.syncs_done,
@@ -277,6 +310,9 @@ class Relay:
                         raise ClientQuit(b"", local + answered)
                     return b"", local + answered
                 self.deferred_rewrite = (start, syncs_before)
+        if ((self.readback_due is not None or self.startup_replay_due) and forward and not self.pending_extended
+                and not self.cbuf and not self.c_skip):
+            forward = self._follow_up(forward)
         if self.closing:
             raise ClientQuit(forward, local)
         return forward, local
@@ -287,7 +323,7 @@ class Relay:
             self.closing = True
             return b""
         if kind == p.SYNC or kind == p.QUERY or kind == p.FUNCTION_CALL:
-            out = self.local_error + p.READY_IDLE
+            out = self.local_error + (p.READY_IDLE if self.lazy_begin is None else p.READY_IN_TRANSACTION)
             if self.transaction_lost or kind == p.SYNC:
                 self.local_error = b""
             self.transaction_lost = False
@@ -296,7 +332,7 @@ class Relay:
             return out
         return b""
 
-    def _inspect_sql(self, sql_bytes) -> None:
+    def _inspect_sql(self, sql_bytes, may_read_back: bool = True) -> None:
         if self.settings_before is not None:
             # In a transaction that changed tracked settings: a ROLLBACK (to a savepoint too) may undo them.
             low = bytes(sql_bytes).lower()
@@ -315,6 +351,15 @@ class Relay:
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
         for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
+            if (effect[0] == "discard" or effect == ("reset", None)) and (self.startup_settings or self.startup_reported):
+                self.startup_replay_due = True
+            if effect[0] == "readback":
+                if may_read_back and low.find(b"copy") < 0:
+                    self._want_readback(effect[1])
+                else:
+                    # A named statement runs later, maybe many times; a COPY would take the read-back as data.
+                    self._effect(("pin", PinReason.SESSION_VARIABLE, f"SET {effect[1] or 'by set_config'}", effect[1]))
+                continue
             self._effect(effect)
 
     def _detected(self, reason: PinReason, detail: str) -> None:
@@ -338,8 +383,13 @@ class Relay:
             self._unpin(effect[1], effect[2])
         elif kind == "set":
             self._track_setting(effect[1], effect[2])
-        else:
+        elif kind == "reset":
             self._track_setting(effect[1], None)
+            if effect[1] is None:          # RESET ALL: back to the login's values (startup_replay_due)
+                self.client_settings = {**self.startup_settings, **self.client_settings}
+        else:                              # DISCARD ALL
+            self._track_setting(None, None, identity=True)
+            self.client_settings = dict(self.startup_settings)
 
     def _apply_deferred(self) -> None:
         deferred, self.deferred = self.deferred, None
@@ -383,12 +433,15 @@ class Relay:
         self.pin_details[:] = [(known, detail) for known, detail in self.pin_details if known is not reason]
         self.pinned = self.ctx.pin_policy.released(self, reason)
 
-    def _track_setting(self, name: str, value) -> None:
-        """The client set (value) or reset (None; name None: RESET ALL) an unreported setting on its backend:
-        tracked, so that it is replayed on the next backend; the linked backend has it already."""
+    def _track_setting(self, name: str, value, identity: bool = False) -> None:
+        """The client set (value) or reset (None; name None: RESET ALL, which keeps the session identity unless
+        `identity`: DISCARD ALL) an unreported setting on its backend: tracked, so that it is replayed on the
+        next backend; the linked backend has it already."""
         def changed(settings: dict) -> dict:
             if name is None:
-                return {}
+                if identity:
+                    return {}
+                return {low: value for low, value in settings.items() if low in _IDENTITY_KEYS}
             settings = dict(settings)
             if value is None:
                 settings.pop(name, None)
@@ -459,7 +512,8 @@ class Relay:
         parse_fifo = self.parse_fifo
         inspect = _INSPECT_BACKEND_VIRTUAL if parse_fifo else _INSPECT_BACKEND
         keep_from = 0
-        if self.retry_candidate is None and fifo and fifo[0] != INTERNAL:
+        begin_answer = self.begin_answer
+        if self.retry_candidate is None and fifo and fifo[0] > 0 and not begin_answer:
             # Messages nobody needs to look at (row descriptions, rows, command tags) are passed over
             # here; only the inspected kinds (ReadyForQuery, errors, ...) change what this skip depends on.
             while n - pos >= 5 and data[pos] not in inspect:
@@ -474,13 +528,23 @@ class Relay:
             kind = data[pos]
             length = _unpack_uint32(data, pos + 1)[0]
             end = pos + 1 + length
-            internal = fifo and fifo[0] == INTERNAL
+            internal = fifo and fifo[0] <= 0
             drop = False
             candidate = self.retry_candidate
-            if kind in inspect or internal or candidate is not None:
+            if kind in inspect or internal or candidate is not None or begin_answer:
                 if end > n:
                     self.sbuf = data[pos:]
                     break
+                if begin_answer and not internal:
+                    # The answer to the BEGIN the proxy sent in front of the client's request.
+                    begin_answer = self._begin_answered(kind)
+                    if begin_answer or kind != p.ERROR_RESPONSE:
+                        if out_parts is None:
+                            out_parts = []
+                        out_parts.append(data[keep_from:pos])
+                        keep_from = end
+                        pos = end
+                        continue
                 hold = False
                 if candidate is not None and not internal:
                     # The answer to a first statement that a read-only node may refuse: hold its opening
@@ -520,23 +584,35 @@ class Relay:
                             self._parses_unanswered(self.syncs_done)
                     elif answered == INTERNAL:
                         self._internal_done()
+                    elif answered == READBACK:
+                        self._read_back()
+                    if fifo and fifo[0] == LOGIN_VALUES and answered is not None and answered > 0:
+                        self.held_ready = data[pos:end]
+                        drop = True
                 elif kind == p.PARSE_COMPLETE:
                     if parse_fifo and not internal:
                         drop = parse_fifo.popleft()[1]
                 elif kind == p.PARAMETER_STATUS:
-                    self._parameter_status(data, pos + 5, end)
+                    self._parameter_status(data, pos + 5, end, internal and fifo[0] == BACKEND_RESET)
+                elif kind == p.DATA_ROW and internal and fifo[0] == READBACK:
+                    self._read_back_row(data, pos + 5, end)
                 elif kind == p.COPY_IN_RESPONSE:
                     self.copy_in = True
                     # A Sync sent with the COPY's Execute reaches the server in copy-in mode, which ignores it.
                     if fifo and (fifo[0] == CLIENT_SYNC or fifo[0] == EMPTY_SYNC):
                         fifo.popleft()
                         self.syncs_done += 1
+                    elif len(fifo) > 1 and fifo[1] == BEGIN_SYNC:
+                        del fifo[1]              # so is the Sync the proxy sent behind a lazily begun COPY
                 elif kind == ord("W"):
                     self.copy_in = True
                 elif kind == p.ERROR_RESPONSE:
                     self.copy_in = False     # a failed COPY ends copy-in mode on the server's side
                     if internal:
-                        self.internal_failed = True
+                        if fifo[0] == READBACK:
+                            self.readback_rows = None   # nothing known: the request's transaction has failed
+                        elif fifo[0] == INTERNAL:
+                            self.internal_failed = True
                     elif self.settings_before is not None:
                         self.tx_undone = True
                     if internal or hold:
@@ -574,10 +650,15 @@ class Relay:
                     if out_parts is None:
                         out_parts = []
                     out_parts.append(data[keep_from:pos])
-                    if kind == p.PARAMETER_STATUS:
+                    if kind == p.PARAMETER_STATUS and fifo[0] != BACKEND_RESET:
                         out_parts.append(data[pos:end])
-                    elif kind == p.ERROR_RESPONSE:
+                    elif kind == p.ERROR_RESPONSE and (fifo[0] == INTERNAL or fifo[0] == LOGIN_VALUES):
                         out_parts.append(self._replay_failed(data[pos + 5:end]))
+                    elif kind == p.READY_FOR_QUERY and self.held_ready is not None:
+                        out_parts.append(self.held_ready)
+                        self.held_ready = None
+                    elif kind == p.ERROR_RESPONSE and fifo[0] == BACKEND_RESET:
+                        out_parts.append(self._reset_failed(data[pos + 5:end]))
                     keep_from = end
             elif end > n:
                 self.s_skip = end - n
@@ -620,6 +701,7 @@ class Relay:
         self.deferred_rewrite = rewrite
         self.release_due = False
         self.sbuf = b""
+        self._begin_again()
         return forward
 
     def unlink(self) -> None:
@@ -632,6 +714,10 @@ class Relay:
         self.server_state = None
         self.server_params = None
         self.parse_fifo.clear()
+        self.readback_rows = None
+        self.begin_answer = 0
+        self.begun_lazily = None
+        self.held_ready = None
         self.sbuf = b""
         self.s_skip = 0
 
@@ -646,8 +732,11 @@ class Relay:
         """The last client_data could not reach a backend: answer each of its requests with the error, as a
         server would answer each Sync-terminated segment of a pipeline."""
         error = render_error(kind, message, fatal=False)
-        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
+        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo if entry > 0]
         self.fifo.clear()
+        self.readback_due = None
+        self.startup_replay_due = False
+        self.lazy_begin = None          # its status answer says the transaction is gone: it is
         self.deferred = None            # nothing it asked for happened: no pin, no tracked setting
         out.append(self._forget_unanswerable(error))
         return b"".join(out)
@@ -674,6 +763,7 @@ class Relay:
             message += f"; the server said: {self.backend_farewell}"
             self.backend_farewell = ""
         mid_message = bool(self.sbuf or self.s_skip)
+        held_ready = self.held_ready         # a request answered but for its ReadyForQuery (LOGIN_VALUES)
         session_state_lost = self.pinned
         if self.settings_before is not None:
             self.tx_undone = True            # the transaction that changed settings died with the backend
@@ -683,8 +773,10 @@ class Relay:
             return render_error(ErrorKind.BACKEND_LOST, message + (
                 "; your session's state was lost with it, reconnect" if session_state_lost else ""), fatal=True), True
         error = render_error(ErrorKind.BACKEND_LOST, message + "; the transaction was rolled back, retry it", fatal=False)
-        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo]
-        if not self.fifo and self.tx_status != p.TX_IDLE:
+        out = [p.READY_IDLE if entry == EMPTY_SYNC else error + p.READY_IDLE for entry in self.fifo if entry > 0]
+        if held_ready is not None:
+            out.insert(0, held_ready)
+        if not any(entry > 0 for entry in self.fifo) and self.tx_status != p.TX_IDLE:
             self.transaction_lost = True
             self.local_error = error
         self.fifo.clear()

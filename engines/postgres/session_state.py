@@ -9,7 +9,8 @@ from __future__ import annotations
 import shlex
 
 from . import protocol as p
-from .relay import INTERNAL, READ_ONLY_WORDS
+from .pinning import IDENTITY_PARAMETERS, REPORTED_PARAMETERS, TRANSACTION_SCOPED
+from .relay import BACKEND_RESET, INTERNAL, LOGIN_VALUES, READ_ONLY_WORDS, READBACK
 
 # Parameters a client cannot choose; the server reports them and they are never replayed.
 FIXED_PARAMETERS = frozenset({
@@ -23,6 +24,46 @@ STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
 CLIENT_OWNED = frozenset({"default_transaction_read_only"})
 
 _TRUE_WORDS = frozenset(("on", "true", "yes", "1", "t", "y"))
+
+
+def _spelling(value: str) -> str:
+    return value.lower().replace("-", "").replace("_", "")
+
+
+def resets_statements(reset_query: str) -> bool:
+    """Whether the backend reset deallocates prepared statements (DISCARD ALL, the default, does)."""
+    low = reset_query.lower()
+    return not low or "discard all" in low or "deallocate all" in low
+
+
+def replay_statements(client_params: dict, params: dict, client_settings: dict, settings: dict) -> list[str]:
+    """The SQL that brings a backend holding `params` (reported) and `settings` (tracked) to the client's:
+    session identity first (SET SESSION AUTHORIZATION resets the role, and the other settings are then made
+    as the client's role would make them), RESET of what an earlier client set, then one set_config per value."""
+    statements = []
+    want_user = client_settings.get("session_authorization")
+    want_role = client_settings.get("role")
+    have_role = settings.get("role")
+    if want_user != settings.get("session_authorization"):
+        statements.append("RESET SESSION AUTHORIZATION" if want_user is None
+                          else f"SET SESSION AUTHORIZATION {p.quote_literal(want_user)}")
+        have_role = None
+    if want_role != have_role:
+        statements.append("RESET ROLE" if want_role is None else f"SET ROLE {p.quote_literal(want_role)}")
+    assignments = [(low, value) for low, value in client_params.items()
+                   if low not in FIXED_PARAMETERS and params.get(low) != value]
+    if client_settings != settings:
+        assignments += [(low, value) for low, value in client_settings.items()
+                        if low not in IDENTITY_PARAMETERS and settings.get(low) != value]
+        # Settings an earlier client of this backend made, that this client never asked for.
+        statements += [f"RESET {p.quote_ident(low)}" for low in settings
+                       if low not in client_settings and low not in IDENTITY_PARAMETERS]
+    if assignments:
+        # set_config parses values as the startup packet's -c does (lists such as search_path stay lists).
+        statements.append("SELECT " + ", ".join(
+            f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
+            for low, value in assignments))
+    return statements
 
 
 def parse_options(options: str) -> dict[str, str]:
@@ -86,12 +127,16 @@ class SessionState:
             self.client_settings["default_transaction_read_only"] = "on"
         if CLIENT_OWNED.intersection(self.client_settings):
             self.owns_read_only = True
+        # What RESET ALL and DISCARD ALL return to: the values chosen at login, as on a server.
+        self.startup_settings = dict(self.client_settings)
+        self.startup_reported = cached[3]
         self.canonical = server_state.canonical
         pid, secret = self.ctx.cancel_key
         return cached[0] + p.backend_key_data(pid, secret) + p.READY_IDLE
 
     def _greeting(self, server_state) -> tuple:
-        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings) for this client."""
+        """(AuthenticationOk and ParameterStatus bytes, reported parameters, unreported settings, the reported
+        parameters the startup packet chose) for this client."""
         wanted = {}
         for key, value in self.startup_params.items():
             low = key.lower()
@@ -102,8 +147,12 @@ class SessionState:
         out = [p.authentication(p.AUTH_OK)]
         client_params = {}
         client_settings = {}
+        chosen = {}
         for low, value in server_state.login_params.items():
             if low in wanted and low not in FIXED_PARAMETERS:
+                # Chosen unless the backend's login gives it already ('utf-8' is 'UTF8').
+                if low not in CLIENT_OWNED and _spelling(wanted[low]) != _spelling(value):
+                    chosen[low] = wanted[low]
                 value = wanted[low]
             if low not in CLIENT_OWNED:
                 client_params[low] = value
@@ -111,7 +160,7 @@ class SessionState:
         for low, value in wanted.items():
             if (low not in server_state.login_params or low in CLIENT_OWNED) and low not in FIXED_PARAMETERS:
                 client_settings[low] = value
-        return b"".join(out), client_params, client_settings
+        return b"".join(out), client_params, client_settings, chosen
 
     def _asks_read_only(self, request: bytes) -> bool:
         """Whether the session itself wants read-only transactions (its setting, or the request's words): then a
@@ -121,6 +170,8 @@ class SessionState:
                 value = source.get(name)
                 if value is not None and value.lower() in _TRUE_WORDS:
                     return True
+        if self.lazy_begin is not None and READ_ONLY_WORDS.search(self.lazy_begin):
+            return True
         return READ_ONLY_WORDS.search(request) is not None
 
     def _internal_done(self) -> None:
@@ -130,7 +181,7 @@ class SessionState:
         self.pending_settings = None
         self.internal_failed = False
 
-    def _parameter_status(self, data: bytes, start: int, end: int) -> None:
+    def _parameter_status(self, data: bytes, start: int, end: int, backend_only: bool = False) -> None:
         try:
             name_end = data.index(b"\x00", start, end)
             value_end = data.index(b"\x00", name_end + 1, end)
@@ -142,6 +193,8 @@ class SessionState:
         self.canonical.setdefault(low, name)
         if self.server_params is not None:
             self.server_params[low] = value
+        if backend_only:                # the reset of reset_after_transaction: the client's values are replayed
+            return
         if low in CLIENT_OWNED:
             # The client's own doing only if it touched the setting; otherwise the node changed it itself.
             if self.owns_read_only:
@@ -150,6 +203,83 @@ class SessionState:
                     self.server_state.settings = {**self.server_state.settings, low: value}
             return
         self.client_params[low] = value
+
+    def _follow_up(self, forward: bytes) -> bytes:
+        """The client's request, then what the proxy asks right behind it in the same borrow: the startup values
+        again after RESET ALL / DISCARD ALL (which reset a backend to its own login values, not the client's),
+        and the read-back of values only the server knows."""
+        if self.startup_replay_due:
+            self.startup_replay_due = False
+            values = {**self.startup_reported, **self.startup_settings}
+            forward += p.query("SELECT " + ", ".join(
+                f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
+                for low, value in values.items()))
+            self.fifo.append(LOGIN_VALUES)
+        if self.readback_due is not None:
+            forward = self._with_readback(forward)
+        return forward
+
+    def _want_readback(self, name: str | None) -> None:
+        """The request being read sets `name` (None: some setting) to a value only the server knows."""
+        if self.readback_due is None:
+            self.readback_due = set()
+        self.readback_due.add(name)
+        if name == "session_authorization":
+            self.readback_due.add("role")          # a new session user has no role set
+
+    def _with_readback(self, forward: bytes) -> bytes:
+        """The client's request, then the proxy's read-back of what it set (answer swallowed, see _read_back)."""
+        names, self.readback_due = self.readback_due, None
+        known = sorted(name for name in names if name is not None)
+        parts = []
+        if known:
+            parts.append("SELECT n, pg_catalog.current_setting(n, true) FROM pg_catalog.unnest(ARRAY["
+                         + ", ".join(p.quote_literal(name) for name in known) + "]::text[]) AS n")
+        if None in names:
+            parts.append("SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings "
+                         "WHERE source = 'session'")
+        self.fifo.append(READBACK)
+        return forward + p.query(" UNION ALL ".join(parts))
+
+    def _read_back_row(self, data: bytes, start: int, end: int) -> None:
+        """A DataRow of the read-back: (name, value), value None when the setting does not exist."""
+        try:
+            columns = []
+            pos = start + 2
+            for _ in range(2):
+                length = p.INT32.unpack_from(data, pos)[0]
+                pos += 4
+                columns.append(None if length < 0 else data[pos:pos + length].decode("utf-8", "replace"))
+                pos += max(length, 0)
+        except Exception:  # noqa: BLE001  a row not of this shape is no answer to the read-back
+            return
+        if self.readback_rows is None:
+            self.readback_rows = []
+        self.readback_rows.append(columns)
+
+    def _read_back(self) -> None:
+        """The read-back ended: track what the server holds, as if the client had set it literally."""
+        rows, self.readback_rows = self.readback_rows, None
+        if rows is None:
+            return
+        for name, value in rows:
+            if name is None:
+                continue
+            low = name.lower()
+            if (low in REPORTED_PARAMETERS and low not in IDENTITY_PARAMETERS) or low in TRANSACTION_SCOPED:
+                continue            # ParameterStatus told the client already; or gone with the transaction
+            if value is None or (low == "role" and value == "none"):
+                self._track_setting(low, None)
+            else:
+                self._track_setting(low, value)
+        if self.tx_status == p.TX_IDLE and self.settings_before is not None:
+            self._settings_settled()
+
+    def _reset_failed(self, body: bytes) -> bytes:
+        """The reset before this link (reset_after_transaction) failed: the client is warned, its request goes on."""
+        text = p.parse_fields(body).get("M", "unknown error")
+        return p.notice_response("01000", "multiproxy could not reset the pooled connection before your transaction "
+                                 f"(clusters.*.backend.reset_query): {text}; fix the reset query", "WARNING")
 
     def _replay_failed(self, body: bytes) -> bytes:
         """A replayed setting failed on the new backend: tell the client as a warning and stop replaying it."""
@@ -162,8 +292,9 @@ class SessionState:
                                  "WARNING")
 
     def link(self, server_state, data: bytes) -> bytes:
-        """What to send to a freshly linked backend: SET statements bringing it to this client's tracked
-        parameters (as an internal request), then the client's bytes (statement names mapped if needed)."""
+        """What to send to a freshly linked backend: with reset_after_transaction the reset first, then the
+        statements bringing the backend to this client's tracked identity, parameters and settings (internal
+        requests), a BEGIN the proxy answered for it, then the client's bytes (statement names mapped if needed)."""
         self.linked = True
         self.server_state = server_state
         params = server_state.params
@@ -174,31 +305,33 @@ class SessionState:
             start, group = self.deferred_rewrite
             self.deferred_rewrite = None
             data = self._rewrite_statements(data, start, group)
+        if self.lazy_begin is not None:
+            data = self._begin_with(data)
+        reset = b""
+        if self.ctx.reset_after_transaction:
+            # The reset leaves the backend as its login did: replay against that, not against what it held.
+            reset = p.query(self.ctx.reset_query or "DISCARD ALL")
+            server_state.settings = {}
+            if resets_statements(self.ctx.reset_query):
+                server_state.prepared.clear()
+            params = server_state.login_params
         settings = server_state.settings
-        if self.client_params.items() <= params.items() and self.client_settings == settings:
-            return data
-        assignments = [(low, value) for low, value in self.client_params.items()
-                       if low not in FIXED_PARAMETERS and params.get(low) != value]
         statements = []
-        if self.client_settings != settings:
-            assignments += [(low, value) for low, value in self.client_settings.items() if settings.get(low) != value]
-            # Settings an earlier client of this backend made, that this client never asked for.
-            statements += [f"RESET {p.quote_ident(low)}" for low in settings if low not in self.client_settings]
-            self.pending_settings = dict(self.client_settings)
-        if assignments:
-            # set_config parses values as the startup packet's -c does (lists such as search_path stay lists).
-            statements.append("SELECT " + ", ".join(
-                f"pg_catalog.set_config({p.quote_literal(low)}, {p.quote_literal(value)}, false)"
-                for low, value in assignments))
-        if not statements:
-            self.pending_settings = None
-            return data
-        self.fifo.appendleft(INTERNAL)
-        return p.query(";".join(statements)) + data
+        if not (self.client_params.items() <= params.items() and self.client_settings == settings):
+            statements = replay_statements(self.client_params, params, self.client_settings, settings)
+            self.pending_settings = dict(self.client_settings) if self.client_settings != settings else None
+        if statements:
+            self.fifo.appendleft(INTERNAL)
+            data = p.query(";".join(statements)) + data
+        if reset:
+            self.fifo.appendleft(BACKEND_RESET)
+            data = reset + data
+        return data
 
     def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
         """Reset a backend leaving a pinned session: DISCARD ALL (or the configured query) as an internal request."""
         server_state.settings = {}
-        server_state.prepared.clear()
+        if resets_statements(reset_query):
+            server_state.prepared.clear()
         self.fifo.append(INTERNAL)
         return p.query(reset_query or "DISCARD ALL")

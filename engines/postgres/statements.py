@@ -70,7 +70,7 @@ class Statements:
         self.fifo.clear()
         self.syncs_done += 1             # the Sync is answered here; keep Parse groups aligned
         self.pending_extended = False
-        return b"1\x00\x00\x00\x04" * len(parses) + p.READY_IDLE
+        return b"1\x00\x00\x00\x04" * len(parses) + (p.READY_IDLE if self.lazy_begin is None else p.READY_IN_TRANSACTION)
 
     def _rewrite_statements(self, data: bytes, start: int, group: int) -> bytes:
         """Map the client's statement names to global ones on the linked backend, preparing them there if needed.

@@ -148,18 +148,22 @@ def test_reset_all_after_sets_returns_defaults_and_unpins(pg, proxy_factory):
     with connect(proxy) as conn, connect(proxy) as other:
         conn.execute("SET statement_timeout = 4321")
         conn.execute("SET extra_float_digits = 3")
-        conn.execute("SET ROLE mp_trust")     # identity: this still pins, until RESET ROLE
-        assert pinned(proxy, "session_variable") == 1
-        conn.execute("RESET ROLE")
+        conn.execute("SET ROLE mp_trust")     # identity: tracked and replayed too, no pin
         assert pinned(proxy) == 0
-        conn.execute("RESET ALL")
+        conn.execute("RESET ALL")             # leaves the role as it is, as on a server
         assert pinned(proxy) == 0
         for _ in range(4):
             with other.transaction():        # conn lands on either backend: both must be at the defaults
                 one(other, "SELECT 1")
                 assert one(conn, "SHOW statement_timeout") == "0"
                 assert one(conn, "SHOW extra_float_digits") == "1"
+                assert one(conn, "SELECT current_setting('role')") == "mp_trust"
             assert one(conn, "SHOW statement_timeout") == "0"
+        conn.execute("RESET ROLE")
+        for _ in range(2):
+            with other.transaction():
+                one(other, "SELECT 1")
+                assert one(conn, "SELECT current_setting('role')") == "none"
         assert pinned(proxy) == 0
 
 
@@ -232,3 +236,213 @@ def test_a_set_in_a_rolled_back_transaction_is_not_replayed(pg, proxy_factory):
             assert one(other, "SHOW lock_timeout") == "0"
             other.commit()
         assert pinned(proxy) == 0
+
+
+# -- (g) values only the server knows: read back in the same borrow -----------------------------------
+
+BORROW_TIMEOUTS = "multiproxy_database_connection_borrow_timeouts_total"
+
+
+def borrow_timeouts(proxy) -> float:
+    return metric(metrics_text(proxy), BORROW_TIMEOUTS) or 0.0
+
+
+def on_every_backend(conn, other, sql: str, rounds: int = 4) -> set:
+    """What `sql` answers on `conn` while `other` holds one backend in a transaction, then on any backend."""
+    seen = set()
+    for _ in range(rounds):
+        with other.transaction():
+            one(other, "SELECT 1")
+            seen.add(one(conn, sql))
+        seen.add(one(conn, sql))
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_set_config_with_expressions_is_read_back_and_replayed(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy) as conn, connect(proxy) as other:
+        assert one(conn, "SELECT set_config('search_path', current_setting('search_path') || ', sp_extra', false)") \
+            == '"$user", public, sp_extra'
+        # A name only the server computes: every setting the session holds is read back.
+        conn.execute("SELECT set_config(n, v, false) FROM (VALUES ('lock_timeout', '4s')) AS s (n, v)")
+        assert one(conn, "SELECT set_config('mp.tenant', (40 + 2)::text, false)") == "42"
+        assert pinned(proxy) == 0
+        assert on_every_backend(conn, other, "SELECT current_setting('search_path')") == {'"$user", public, sp_extra'}
+        assert on_every_backend(conn, other, "SHOW lock_timeout") == {"4s"}
+        assert on_every_backend(conn, other, "SELECT current_setting('mp.tenant')") == {"42"}
+        assert one(other, "SHOW lock_timeout") == "0"
+        # Rolled back: the server undid it, and so does the proxy.
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', (1 + 1)::text || 's', false)")
+            assert one(conn, "SHOW lock_timeout") == "2s"
+            raise_rollback(conn)
+        assert on_every_backend(conn, other, "SHOW lock_timeout") == {"4s"}
+        assert pinned(proxy) == 0
+
+
+def raise_rollback(conn) -> None:
+    raise psycopg.Rollback()
+
+
+# -- (h) SET ROLE and SET SESSION AUTHORIZATION follow the client -------------------------------------
+
+@pytest.fixture(scope="module")
+def reader_role(pg):
+    with psycopg.connect(host=pg.host, port=pg.port, user="postgres", dbname=AUTH_DB, autocommit=True) as admin:
+        admin.execute("DO $$ BEGIN CREATE ROLE mp_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        admin.execute("GRANT mp_reader TO mp_trust")
+    return "mp_reader"
+
+
+@pytest.mark.timeout(60)
+def test_set_role_is_replayed_on_each_backend_without_a_pin(pg, proxy_factory, reader_role):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy) as conn, connect(proxy) as other:
+        conn.execute(f"SET ROLE {reader_role}")
+        assert pinned(proxy) == 0
+        assert on_every_backend(conn, other, "SELECT current_user") == {reader_role}
+        assert one(other, "SELECT current_user") == USER          # never another client's role
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET ROLE postgres")                      # refused: the role stays as it was
+        assert on_every_backend(conn, other, "SELECT current_user") == {reader_role}
+        conn.execute("RESET ROLE")
+        assert on_every_backend(conn, other, "SELECT current_user") == {USER}
+        assert pinned(proxy) == 0
+
+
+@pytest.mark.timeout(60)
+def test_session_authorization_then_role_are_replayed_in_order(pg, proxy_factory, reader_role):
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    as_superuser = dict(host=proxy.host, port=proxy.port, user="postgres", dbname=AUTH_DB, autocommit=True,
+                        connect_timeout=CONNECT_TIMEOUT, prepare_threshold=None)
+    with psycopg.connect(**as_superuser) as conn, psycopg.connect(**as_superuser) as other:
+        conn.execute(f"SET SESSION AUTHORIZATION {USER}")
+        conn.execute(f"SET ROLE {reader_role}")
+        assert pinned(proxy) == 0
+        both = "SELECT session_user || '/' || current_user"
+        assert on_every_backend(conn, other, both) == {f"{USER}/{reader_role}"}
+        assert one(other, both) == "postgres/postgres"
+        conn.execute("SET SESSION AUTHORIZATION DEFAULT")            # resets the role too
+        assert on_every_backend(conn, other, both) == {"postgres/postgres"}
+        assert pinned(proxy) == 0
+
+
+# -- (i) an idle transaction holds no backend ---------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_40_clients_idle_in_begin_on_a_pool_of_4(pg, proxy_factory):
+    proxy = proxy_factory(proxy_config(pg, max_size=4, borrow_timeout=10.0))
+    with psycopg.connect(host=pg.host, port=pg.port, user="postgres", dbname=AUTH_DB, autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS lazy_begin_rows")
+        admin.execute("CREATE TABLE lazy_begin_rows (client int PRIMARY KEY, total int)")
+        admin.execute("GRANT ALL ON lazy_begin_rows TO mp_trust")
+    conns = [connect(proxy) for _ in range(40)]
+    errors: list[str] = []
+    try:
+        for n, conn in enumerate(conns):
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if n % 2 else "BEGIN")
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        # 40 open transactions, and none holds a backend.
+        assert metric(metrics_text(proxy), "multiproxy_database_connections_currently_borrowed") == 0
+
+        def finish(n: int, conn) -> None:
+            try:
+                conn.execute("INSERT INTO lazy_begin_rows VALUES (%s, %s)", (n, n * 10))
+                assert one(conn, "SELECT current_setting('transaction_isolation')") == \
+                    ("repeatable read" if n % 2 else "read committed")
+                assert one(conn, "SELECT total FROM lazy_begin_rows WHERE client = %s", (n,)) == n * 10
+                conn.execute("COMMIT")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{n}: {exc!r}")
+
+        threads = [threading.Thread(target=finish, args=(n, conn)) for n, conn in enumerate(conns)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        # A BEGIN followed by COMMIT and nothing else never needs a backend at all.
+        for conn in conns[:5]:
+            conn.execute("BEGIN")
+            conn.execute("COMMIT")
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    finally:
+        for conn in conns:
+            conn.close()
+    with psycopg.connect(host=pg.host, port=pg.port, user="postgres", dbname=AUTH_DB, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*), sum(total) FROM lazy_begin_rows").fetchone() == (40, sum(range(40)) * 10)
+    assert borrow_timeouts(proxy) == 0 and pinned(proxy) == 0
+
+
+# -- (j) reset_after_transaction: indirect changes do not reach the next client -----------------------
+
+@pytest.fixture(scope="module")
+def indirect_setter(pg):
+    with psycopg.connect(host=pg.host, port=pg.port, user="postgres", dbname=AUTH_DB, autocommit=True) as admin:
+        admin.execute("CREATE OR REPLACE FUNCTION mp_set_tenant(value text) RETURNS text LANGUAGE sql "
+                      "AS $$ SELECT set_config('mp.tenant', value, false) $$")
+        admin.execute("GRANT EXECUTE ON FUNCTION mp_set_tenant(text) TO mp_trust")
+    return "public.mp_set_tenant"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reset", ["yes", "no"])
+def test_reset_after_transaction_stops_indirect_changes_leaking(pg, proxy_factory, indirect_setter, reset):
+    config = proxy_config(pg, max_size=1)
+    config["clusters"]["main"]["backend"]["reset_after_transaction"] = reset
+    proxy = proxy_factory(config)
+    with connect(proxy) as first, connect(proxy) as second:
+        # Changes the proxy cannot see: inside a DO body's EXECUTE, inside a function. With the reset they last
+        # until the end of the transaction that made them, for this client too.
+        with first.transaction():
+            first.execute("DO $$ BEGIN EXECUTE 'SET search_path = pg_catalog'; END $$")
+            first.execute(f"SELECT {indirect_setter}('leaked')")
+            assert one(first, "SHOW search_path") == "pg_catalog"
+        # One backend: the second client gets the very connection the first one changed.
+        search_path = one(second, "SHOW search_path")
+        tenant = one(second, "SELECT current_setting('mp.tenant', true)")
+        if reset == "yes":
+            assert (search_path, tenant) in (('"$user", public', None), ('"$user", public', ""))
+        else:
+            assert (search_path, tenant) == ("pg_catalog", "leaked")     # documented: it leaks without the reset
+        # What the proxy tracks still follows the first client across the reset.
+        first.execute("SET lock_timeout = '3s'")
+        assert one(second, "SHOW lock_timeout") == "0"
+        assert one(first, "SHOW lock_timeout") == "3s"
+    assert pinned(proxy) == 0 and borrow_timeouts(proxy) == 0
+
+
+@pytest.mark.timeout(60)
+def test_prepared_statements_survive_the_reset_before_each_transaction(pg, proxy_factory):
+    # DISCARD ALL deallocates the backend's statements: the proxy prepares them again where they are needed.
+    config = proxy_config(pg, max_size=1)
+    config["clusters"]["main"]["backend"]["reset_after_transaction"] = "yes"
+    proxy = proxy_factory(config)
+    prepared = dict(host=proxy.host, port=proxy.port, user=USER, dbname=AUTH_DB, autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT, prepare_threshold=0)
+    with psycopg.connect(**prepared) as first, psycopg.connect(**prepared) as second:
+        for i in range(6):
+            assert first.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
+            assert second.execute("SELECT %s::int * 2", (i,)).fetchone()[0] == i * 2
+            with first.transaction():
+                assert first.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
+                assert first.execute("SELECT %s::int - 1", (i,)).fetchone()[0] == i - 1
+    assert pinned(proxy) == 0 and borrow_timeouts(proxy) == 0
+
+
+@pytest.mark.timeout(60)
+def test_reset_all_and_discard_all_return_to_the_login_values(pg, proxy_factory):
+    # As on a server: RESET ALL goes back to what the startup packet chose, not to the backend's own login.
+    proxy = proxy_factory(proxy_config(pg, max_size=2))
+    with connect(proxy, application_name="startup_app", options="-c statement_timeout=4321") as conn, \
+            connect(proxy) as other:
+        for reset in ("RESET ALL", "DISCARD ALL"):
+            conn.execute("SET statement_timeout = 1000")
+            conn.execute("SET application_name = 'changed'")
+            conn.execute(reset)
+            assert conn.info.parameter_status("application_name") == "startup_app"
+            assert on_every_backend(conn, other, "SHOW statement_timeout") == {"4321ms"}
+            assert on_every_backend(conn, other, "SHOW application_name") == {"startup_app"}
+        assert one(other, "SHOW statement_timeout") == "0"
+    assert pinned(proxy) == 0

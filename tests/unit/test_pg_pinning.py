@@ -13,17 +13,8 @@ def reasons(sql: str) -> set[R]:
 
 
 PINS = [
-    # values that are no plain literals are not replayed (yet): they pin
-    ("SET search_path = 'My \"Schema', public", R.SESSION_VARIABLE),
-    ("SET statement_timeout = 2 * 1000", R.SESSION_VARIABLE),
-    ("SET a.b FROM CURRENT", R.SESSION_VARIABLE),
-    ("SELECT set_config('a.b', current_user, false)", R.SESSION_VARIABLE),
-    ("SELECT set_config(name, 'c', false) FROM t", R.SESSION_VARIABLE),
-    # session identity
-    ("SET ROLE reporting", R.SESSION_VARIABLE),
-    ("SET SESSION AUTHORIZATION bob", R.SESSION_VARIABLE),
-    ("SELECT set_config('role', 'bob', false)", R.SESSION_VARIABLE),
-    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", R.SESSION_VARIABLE),
+    # set_config whose scope only the server knows
+    ("SELECT set_config('a.b', 'c', is_local)", R.SESSION_VARIABLE),
     ("CREATE TEMP TABLE scratch (id int)", R.TEMP_TABLE),
     ("CREATE TEMPORARY TABLE scratch (id int) ON COMMIT PRESERVE ROWS", R.TEMP_TABLE),
     ("CREATE GLOBAL TEMPORARY TABLE g (id int)", R.TEMP_TABLE),
@@ -42,7 +33,6 @@ PINS = [
     ("SELECT pg_advisory_lock_shared(7)", R.ADVISORY_LOCK),
     ("LOAD 'auto_explain'", PR.LOAD),
     # case-insensitivity
-    ("set SEARCH_PATH = lower('X')", R.SESSION_VARIABLE),
     ("create temp table T (id int)", R.TEMP_TABLE),
     ("listen JOBS", PR.LISTEN),
     ("Prepare Q As Select 1", R.SQL_PREPARE),
@@ -50,7 +40,6 @@ PINS = [
     ("load 'x'", PR.LOAD),
     ("declare c cursor with hold for select 1", PR.CURSOR_WITH_HOLD),
     # after comments and leading whitespace
-    ("/* app */ SET role = x", R.SESSION_VARIABLE),
     ("-- note\n  LISTEN jobs", PR.LISTEN),
 ]
 
@@ -124,12 +113,12 @@ def test_every_reason_comes_with_a_readable_detail():
 
 
 def test_set_detail_names_the_parameter():
-    assert classify("SET search_path = now()") == [(R.SESSION_VARIABLE, "SET search_path")]
+    assert classify("DO $$ BEGIN NULL; SET search_path = x; END $$") == [(R.SESSION_VARIABLE, "SET search_path")]
 
 
 def test_multi_statement_strings_report_each_reason():
-    sql = "BEGIN; SET ROLE x; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
-    assert reasons(sql) == {R.SESSION_VARIABLE, R.TEMP_TABLE, PR.LISTEN, R.ADVISORY_LOCK}
+    sql = "BEGIN; LOAD 'x'; CREATE TEMP TABLE t (id int); LISTEN jobs; SELECT pg_advisory_lock(1); COMMIT"
+    assert reasons(sql) == {PR.LOAD, R.TEMP_TABLE, PR.LISTEN, R.ADVISORY_LOCK}
 
 
 def test_multi_statement_strings_without_pins():
@@ -142,7 +131,7 @@ def test_on_commit_drop_applies_only_to_its_own_statement():
 
 
 def test_set_after_a_semicolon_without_space():
-    assert R.SESSION_VARIABLE in reasons("SELECT 1;SET role = x")
+    assert analyze("SELECT 1;SET role = x")[0] == ("set", "role", "x")
 
 
 def test_set_inside_an_update_is_not_a_session_set():
@@ -227,3 +216,54 @@ def test_effects_come_in_statement_order():
 def test_settings_inside_dollar_quoted_bodies_pin_and_are_not_tracked(sql):
     effects = analyze(sql)
     assert effects and all(e[0] == "pin" for e in effects)
+
+
+@pytest.mark.parametrize("sql,effects", [
+    # values only the server can compute: read back after the request, in the same borrow
+    ("SELECT set_config('search_path', current_setting('search_path') || ',x', false)",
+     [("readback", "search_path"), ("unpin", S, "search_path")]),
+    ("SELECT set_config('a.b', current_user, false)", [("readback", "a.b"), ("unpin", S, "a.b")]),
+    ("SELECT set_config(name, 'c', false) FROM t", [("readback", None)]),
+    ("SET search_path = 'My \"Schema', public", [("readback", "search_path"), ("unpin", S, "search_path")]),
+    ("set SEARCH_PATH = lower('X')", [("readback", "search_path"), ("unpin", S, "search_path")]),
+    ("SELECT set_config('TimeZone', current_setting('TimeZone'), false)", []),     # reported: ParameterStatus
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+     [("readback", "default_transaction_isolation"), ("readback", "default_transaction_deferrable")]),
+    ("SELECT set_config('a,b', 'c)', false)", [("set", "a,b", "c)"), ("unpin", S, "a,b")]),
+])
+def test_values_only_the_server_knows_are_read_back(sql, effects):
+    assert analyze(sql) == effects
+
+
+@pytest.mark.parametrize("sql,effects", [
+    ("SET ROLE reporting", [("set", "role", "reporting"), ("unpin", S, "role")]),
+    ('SET ROLE "Mixed"', [("set", "role", "Mixed"), ("unpin", S, "role")]),
+    ("SET role = 'x'", [("set", "role", "x"), ("unpin", S, "role")]),
+    ("SET ROLE NONE", [("reset", "role"), ("unpin", S, "role")]),
+    ("RESET ROLE", [("reset", "role"), ("unpin", S, "role")]),
+    ("SELECT set_config('role', 'bob', false)", [("set", "role", "bob"), ("unpin", S, "role")]),
+    ("SET SESSION AUTHORIZATION bob",
+     [("set", "session_authorization", "bob"), ("unpin", S, "session_authorization"), ("reset", "role")]),
+    ("SET SESSION AUTHORIZATION DEFAULT",
+     [("reset", "session_authorization"), ("unpin", S, "session_authorization"), ("reset", "role")]),
+    ("RESET SESSION AUTHORIZATION",
+     [("reset", "session_authorization"), ("unpin", S, "session_authorization"), ("reset", "role")]),
+    ("SET LOCAL ROLE bob", []),
+])
+def test_session_identity_is_tracked(sql, effects):
+    assert analyze(sql) == effects
+
+
+@pytest.mark.parametrize("sql", ["SET transaction_isolation = 'serializable'",
+                                 "SELECT set_config('transaction_read_only', 'on', false)",
+                                 "SET SESSION transaction_deferrable = on"])
+def test_settings_of_the_current_transaction_are_not_tracked(sql):
+    assert analyze(sql) == []
+
+
+def test_discard_all_resets_everything_and_undoes_every_pin_but_load():
+    effects = analyze("DISCARD ALL")
+    assert effects[0] == ("discard",)
+    assert {e[1] for e in effects[1:]} == {R.SESSION_VARIABLE, R.TEMP_TABLE, PR.LISTEN, PR.CURSOR_WITH_HOLD,
+                                           R.SQL_PREPARE, R.ADVISORY_LOCK, R.PREPARED_STATEMENT}
+    assert all(e[0] == "unpin" and e[2] is None for e in effects[1:])

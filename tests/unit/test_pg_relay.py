@@ -12,6 +12,7 @@ import pytest
 from multiproxy_engines.postgres import protocol as p
 from multiproxy_engines.postgres.backend import PostgresLogin
 from multiproxy_engines.postgres.client import PostgresClient
+from multiproxy_engines.postgres.relay import BEGIN_SYNC
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import HELD_REFUSAL, BackendTarget, ClientContext, ClientQuit, ErrorKind, PinReason
@@ -302,11 +303,16 @@ PSYCOPG_PIPELINE_ONE_READ = Vector("psycopg pipeline, answers in one read", [
     server_step(_BATCH_ANSWER * 3, release=True),
 ])
 
+# BEGIN is answered by the proxy and sent with the first statement: as Parse/Bind/Execute with no Sync of its
+# own, and a Sync behind the simple Query (an error in the BEGIN makes the server skip to a Sync).
+LAZY_BEGIN_PREFIX = parse("", "BEGIN") + bind() + execute()
+LAZY_BEGIN_ANSWER = PARSE_COMPLETE + BIND_COMPLETE + command_complete("BEGIN")
+
 TRANSACTION = Vector("BEGIN .. COMMIT with a failed statement", [
-    client_step(p.query("BEGIN")),
-    server_step(command_complete("BEGIN") + READY_IN_TRANSACTION, release=False),
-    client_step(p.query("INSERT INTO t VALUES (1)")),
-    server_step(command_complete("INSERT 0 1") + READY_IN_TRANSACTION, release=False),
+    client_step(p.query("BEGIN"), b"", command_complete("BEGIN") + READY_IN_TRANSACTION),
+    client_step(p.query("INSERT INTO t VALUES (1)"), LAZY_BEGIN_PREFIX + p.query("INSERT INTO t VALUES (1)") + SYNC),
+    server_step(LAZY_BEGIN_ANSWER + command_complete("INSERT 0 1") + READY_IN_TRANSACTION + READY_IN_TRANSACTION,
+                command_complete("INSERT 0 1") + READY_IN_TRANSACTION, release=False),
     client_step(p.query("SELECT 1/0")),
     server_step(p.error_response("22012", "division by zero") + READY_FAILED, release=False),
     client_step(p.query("COMMIT")),
@@ -391,7 +397,7 @@ def test_unnamed_statement_holds_the_backend_between_syncs():
 
 
 def test_transaction_status_is_reported_from_ready_for_query():
-    client, _, _ = replay(Vector("t", TRANSACTION.steps[:2]), "whole")
+    client, _, _ = replay(Vector("t", TRANSACTION.steps[:3]), "whole")
     assert client.tx_status == p.TX_IN_TRANSACTION
     assert not client.is_clean()
     client, _, _ = replay(Vector("t", TRANSACTION.steps[:6]), "whole")
@@ -567,7 +573,7 @@ def test_backend_lost_between_transactions_is_invisible():
 
 
 def test_backend_lost_mid_transaction_fails_the_next_request():
-    client, _, _ = replay(Vector("t", TRANSACTION.steps[:2]), "whole")
+    client, _, _ = replay(Vector("t", TRANSACTION.steps[:3]), "whole")
     assert client.backend_lost("connection reset") == (b"", False)
     forward, local = client.client_data(p.query("COMMIT"))
     assert forward == b""
@@ -577,7 +583,7 @@ def test_backend_lost_mid_transaction_fails_the_next_request():
 
 
 def test_backend_lost_mid_transaction_with_the_next_query_split_across_reads():
-    client, _, _ = replay(Vector("t", TRANSACTION.steps[:2]), "whole")
+    client, _, _ = replay(Vector("t", TRANSACTION.steps[:3]), "whole")
     client.backend_lost("connection reset")
     commit = p.query("COMMIT")
     forwarded, answered = b"", b""
@@ -722,13 +728,47 @@ def test_an_answer_that_is_no_refusal_is_released_as_soon_as_it_shows():
 @pytest.mark.parametrize("startup, statement", [
     ({"user": "alice", "database": "app", "options": "-c default_transaction_read_only=on"}, INSERT),
     (None, p.query("BEGIN READ ONLY; INSERT INTO t VALUES (1)")),
-    (None, p.query("START TRANSACTION READ   ONLY")),
 ])
 def test_a_session_that_asked_for_read_only_gets_its_refusal_at_once(startup, statement):
     client = retrying_client(startup)
     first_statement(client, statement)
     answer = READ_ONLY_ERROR + READY_IDLE
     assert client.backend_data(answer) == (answer, True) and client.retry_request is None
+
+
+def _lazily_begun(client: PostgresClient, begin: str) -> bytes:
+    """`begin` answered by the proxy, then INSERT sent behind it to a backend that has the session's settings."""
+    tag = b"START TRANSACTION" if begin.lower().startswith("start") else b"BEGIN"
+    assert client.client_data(p.query(begin)) == (b"", p.message(b"C", tag + b"\x00") + READY_IN_TRANSACTION)
+    to_backend, _ = client.client_data(INSERT)
+    assert to_backend == INSERT
+    state = backend_state()
+    state.settings = dict(client.client_settings)
+    sent = link_backend(client, state, to_backend)
+    assert sent == parse("", begin) + bind() + execute() + INSERT + SYNC
+    return sent
+
+
+def test_a_refusal_after_a_lazy_begin_read_only_goes_to_the_client_at_once():
+    client = retrying_client()
+    _lazily_begun(client, "START TRANSACTION READ   ONLY")
+    answer = READ_ONLY_ERROR + READY_FAILED
+    out, release = client.backend_data(LAZY_BEGIN_ANSWER + answer + READY_FAILED)
+    assert (out, release) == (answer, False) and client.retry_request is None
+
+
+def test_a_refused_first_statement_after_a_lazy_begin_is_retried_with_its_begin():
+    client = retrying_client()
+    _lazily_begun(client, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    out, outcome = client.backend_data(LAZY_BEGIN_ANSWER + READ_ONLY_ERROR + READY_FAILED)
+    assert out == b"" and outcome == HELD_REFUSAL
+    assert client.retry_accepted() == INSERT
+    client.unlink()
+    # On the new writer the BEGIN goes in front again, and the answer reaches the client without it.
+    sent = link_backend(client, backend_state(), INSERT)
+    assert sent == parse("", "BEGIN ISOLATION LEVEL REPEATABLE READ") + bind() + execute() + INSERT + SYNC
+    answer = command_complete("INSERT 0 1") + READY_IN_TRANSACTION
+    assert client.backend_data(LAZY_BEGIN_ANSWER + answer + READY_IN_TRANSACTION) == (answer, False)
 
 
 def test_a_read_only_setting_the_server_reports_by_itself_is_not_the_clients():
@@ -873,16 +913,16 @@ def test_asyncpg_pool_reset_leaves_the_session_unpinned():
     assert client.client_settings == {}
 
 
-def test_reset_all_does_not_undo_set_role_pins_but_unpins_other_reasons_only_when_all_are_gone():
+def test_reset_all_keeps_the_tracked_role_and_unpins_other_reasons_only_when_all_are_gone():
     client = logged_in_client()
     state = backend_state()
     _run(client, state, "SET ROLE reporting; CREATE TEMP TABLE t (id int)")
     _run(client, state, "RESET ALL")
-    assert client.pinned
+    assert client.pinned and client.client_settings == {"role": "reporting"}
     _run(client, state, "DISCARD TEMP")
-    assert client.pinned                       # still SET ROLE
+    assert not client.pinned and client.client_settings == {"role": "reporting"}
     _run(client, state, "RESET ROLE")
-    assert not client.pinned
+    assert client.client_settings == {}
 
 
 def test_a_request_that_never_reached_a_backend_changes_nothing():
@@ -910,11 +950,19 @@ def test_a_pinning_parse_that_never_reached_a_backend_does_not_pin():
 
 
 def _step(client, state, sql: str, answer: bytes, status: int = p.TX_IDLE) -> None:
+    """`sql` through the proxy to a backend that answers it with `answer` and ReadyForQuery(status)."""
     forward, _ = client.client_data(p.query(sql))
+    if not forward:
+        return                                  # answered by the proxy (a BEGIN, or COMMIT of nothing)
     if not client.linked:
         link_backend(client, state, forward)
     replay = READY_IDLE if client.fifo and client.fifo[0] == 0 else b""
-    _, release = client.backend_data(replay + answer + p.ready_for_query(status))
+    if client.begin_answer:
+        answer = LAZY_BEGIN_ANSWER + answer
+    ready = p.ready_for_query(status)
+    if BEGIN_SYNC in client.fifo:
+        ready += ready
+    _, release = client.backend_data(replay + answer + ready)
     if release and not client.pinned:
         client.unlink()
 
