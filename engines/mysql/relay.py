@@ -42,13 +42,16 @@ RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_IN
 class Pending:
     """One outstanding command: how its answer looks, whether the proxy sent it, what to record on success."""
 
-    __slots__ = ("kind", "internal", "action", "failed")
+    __slots__ = ("kind", "internal", "action", "failed", "answers_on_error")
 
-    def __init__(self, kind: int, internal: bool = False, action=None):
+    def __init__(self, kind: int, internal: bool = False, action=None, answers_on_error: bool = False):
         self.kind = kind
         self.internal = internal
         self.action = action        # callable(success: bool) run when the answer is complete
         self.failed = False
+        # An internal command sent in front of the client's next one (a BEGIN the proxy answered): its ERR is
+        # the client's answer, and the answer to the client's command is swallowed instead.
+        self.answers_on_error = answers_on_error
 
 
 PLAIN_QUERY = Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
@@ -96,6 +99,7 @@ class Relay:
         self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
         self.retry_refusal = b""        # the held ERR packet of a read-only refusal (see retry_declined)
         self.retry_request = None       # the refused COM_QUERY while its refusal is held (HELD_REFUSAL)
+        self.captured: list = []        # rows of the internal query answered last (read-backs of settings)
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -277,6 +281,17 @@ class Relay:
             state = self.rstate
             pending = fifo[0]
             if state == S_ROWS or state == S_COLUMNS or state == S_PARAMS or state == S_PREP_COLUMNS:
+                if pending.internal:
+                    # the proxy's own query (a read-back): the client never sees its result set
+                    if end > n:
+                        self.sbuf = data[pos:]
+                        break
+                    if parts is None:
+                        parts = []
+                    parts.append(data[keep_from:pos])
+                    keep_from = end
+                    if state == S_ROWS and head != 0xFE and head != 0xFF:
+                        self.captured.append(data[pos + 4:end])
                 if state == S_ROWS and (head == 0xFE or head == 0xFF) and length < p.MAX_PAYLOAD:
                     if end > n:
                         self.sbuf = data[pos:]
@@ -319,6 +334,12 @@ class Relay:
                     parts = []
                 parts.append(data[keep_from:pos])
                 keep_from = end
+                if head == p.ERR_HEADER and state == S_START and pending.answers_on_error and len(fifo) > 1:
+                    # The BEGIN the proxy answered failed: its error answers the client's command behind it,
+                    # whose own answer the client no longer expects.
+                    parts.append(p.packet(1, payload))
+                    behind = fifo[1]
+                    fifo[1] = Pending(behind.kind, True, behind.action)
             self._answer_packet(pending, state, head, payload)
             pos = end
         forward_end = n - len(self.sbuf)
@@ -483,6 +504,7 @@ class Relay:
         """No backend for the last chunk: answer each of its commands with an ERR, as a failing server would."""
         count = sum(1 for entry in self.fifo if not entry.internal)
         self.fifo.clear()
+        self.deferred_pins = None       # what never reached a backend pins nothing
         self.rstate = S_START
         self.hold = 0
         self.infile = False
