@@ -69,6 +69,7 @@ _KILL = re.compile(r"^kill\s+(?:(?:hard|soft)\s+)?(query\s+|connection\s+)?(\d+)
 _SET = re.compile(r"^set\s+(.*)$", re.S)
 _SCOPE = re.compile(r"^(?:(global|session|local|persist|persist_only)\s+|@@(global|session|local)\.|@@)")
 _ASSIGN = re.compile(r"^([\w$]+)\s*:?=\s*(.*)$", re.S)
+_SESSION_TRANSACTION = re.compile(r"^(?:session|local)\s+transaction\s")
 _TRANSACTION = re.compile(r"^transaction\s+(.*)$", re.S)
 _ISOLATION = re.compile(r"isolation\s+level\s+(read\s+uncommitted|read\s+committed|repeatable\s+read|serializable)")
 _NAMES = re.compile(r"^names\s+(\S+)(?:\s+collate\s+(\S+))?\s*$")
@@ -213,12 +214,12 @@ def _classify_objects(stmt: str, original: str, literals: list[str], result: Cla
     """Pins of session objects (temporary tables, locks, SQL prepared statements, handlers) and what undoes them."""
     temp = _TEMP_TABLE.search(stmt)
     if temp:
-        name = original[temp.start(1):temp.end(1)] if temp.group(1) and len(original) == len(stmt) else temp.group(1)
+        name = _original(stmt, original, temp, 1) if temp.group(1) else None
         result.pin(PinReason.TEMP_TABLE, "CREATE TEMPORARY TABLE", _object_name(name) if name else None)
     elif stmt.startswith("drop"):
         dropped = _DROP_TABLE.match(stmt)
         if dropped:
-            names = original[dropped.start(1):dropped.end(1)] if len(original) == len(stmt) else dropped.group(1)
+            names = _original(stmt, original, dropped, 1)
             for name in _split_commas(names):
                 result.unpin(PinReason.TEMP_TABLE, _object_name(name))
         deallocate = _DEALLOCATE.match(stmt)
@@ -247,22 +248,21 @@ def _classify_objects(stmt: str, original: str, literals: list[str], result: Cla
         result.pin(MySQLPinReason.FOUND_ROWS, "SQL_CALC_FOUND_ROWS / FOUND_ROWS()")
     handler = _HANDLER.search(stmt)
     if handler:
-        name = handler.group(2) if handler.group(2) and handler.group(2) not in ("where", "limit") else handler.group(1)
-        result.pin(MySQLPinReason.HANDLER, "HANDLER ... OPEN", _object_name(_original_word(stmt, original, name)))
+        group = 2 if handler.group(2) else 1
+        result.pin(MySQLPinReason.HANDLER, "HANDLER ... OPEN", _object_name(_original(stmt, original, handler, group)))
     else:
         closed = _HANDLER_CLOSE.match(stmt)
         if closed:
-            result.unpin(MySQLPinReason.HANDLER, _object_name(_original_word(stmt, original, closed.group(1))))
+            result.unpin(MySQLPinReason.HANDLER, _object_name(_original(stmt, original, closed, 1)))
     if _XA.search(stmt):
         result.pin(MySQLPinReason.XA, "XA START")
 
 
-def _original_word(stmt: str, original: str, word: str) -> str:
-    """`word` (found in the lower-cased statement) in the client's case."""
-    at = stmt.find(word)
-    if at >= 0 and len(original) == len(stmt):
-        return original[at:at + len(word)]
-    return word
+def _original(stmt: str, original: str, match, group: int) -> str:
+    """A group of a match on the lower-cased statement, in the client's case."""
+    if len(original) == len(stmt):
+        return original[match.start(group):match.end(group)]
+    return match.group(group)
 
 
 def _classify_set(stmt: str, literals: list[str], result: Classification) -> None:
@@ -274,6 +274,9 @@ def _classify_set(stmt: str, literals: list[str], result: Classification) -> Non
         return      # SET STATEMENT ... FOR: one statement only; GLOBAL: not session state
     if body.startswith("password") or body.startswith("role ") or body.startswith("default role"):
         result.pin(PinReason.SESSION_VARIABLE, f"SET {body.split()[0].upper()}")
+        return
+    if _SESSION_TRANSACTION.match(body):
+        _classify_assignment(body, literals, result)    # its modes are separated by commas too
         return
     transaction = _TRANSACTION.match(body)
     if transaction:
