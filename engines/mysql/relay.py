@@ -29,6 +29,8 @@ R_ROWS = 4           # rows up to EOF (COM_STMT_FETCH), or ERR
 
 # response parser states
 S_START, S_COLUMNS, S_COLUMNS_EOF, S_ROWS, S_PARAMS, S_PARAMS_EOF, S_PREP_COLUMNS, S_PREP_COLUMNS_EOF = range(8)
+# the result set of an internal query (a read-back): every packet is seen whole and swallowed, off the rows path
+S_I_COLUMNS, S_I_COLUMNS_EOF, S_I_ROWS = range(8, 11)
 
 # the response kind of each command the relay forwards
 RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_INIT_DB: R_SINGLE,
@@ -281,17 +283,6 @@ class Relay:
             state = self.rstate
             pending = fifo[0]
             if state == S_ROWS or state == S_COLUMNS or state == S_PARAMS or state == S_PREP_COLUMNS:
-                if pending.internal:
-                    # the proxy's own query (a read-back): the client never sees its result set
-                    if end > n:
-                        self.sbuf = data[pos:]
-                        break
-                    if parts is None:
-                        parts = []
-                    parts.append(data[keep_from:pos])
-                    keep_from = end
-                    if state == S_ROWS and head != 0xFE and head != 0xFF:
-                        self.captured.append(data[pos + 4:end])
                 if state == S_ROWS and (head == 0xFE or head == 0xFF) and length < p.MAX_PAYLOAD:
                     if end > n:
                         self.sbuf = data[pos:]
@@ -356,6 +347,9 @@ class Relay:
         return out, False
 
     def _answer_packet(self, pending: Pending, state: int, head: int, payload: bytes) -> None:
+        if state >= S_I_COLUMNS:
+            self._internal_result(pending, state, head, payload)
+            return
         kind = pending.kind
         if state == S_COLUMNS_EOF:
             status = p.terminator_status(payload)
@@ -416,7 +410,26 @@ class Relay:
             except (IndexError, ValueError):
                 count = 0
             self.rcount = count
-            self.rstate = S_COLUMNS if count else S_ROWS
+            if pending.internal:
+                self.rstate = S_I_COLUMNS if count else S_I_ROWS
+            else:
+                self.rstate = S_COLUMNS if count else S_ROWS
+
+    def _internal_result(self, pending: Pending, state: int, head: int, payload: bytes) -> None:
+        """A packet of an internal query's result set: rows kept in `captured` for the pending's action."""
+        if state == S_I_COLUMNS:
+            self.rcount -= 1
+            if self.rcount <= 0:
+                self.rstate = S_I_ROWS if self.deprecate_eof else S_I_COLUMNS_EOF
+        elif state == S_I_COLUMNS_EOF:
+            self._status(p.terminator_status(payload))
+            self.rstate = S_I_ROWS
+        elif head == 0xFF:
+            self._finish(pending, False)
+        elif head == 0xFE and len(payload) < p.MAX_PAYLOAD:
+            self._result_end(pending, payload)
+        else:
+            self.captured.append(payload)
 
     def _definitions_done(self, state: int) -> None:
         if state == S_COLUMNS:
