@@ -180,18 +180,15 @@ class Commands:
         if found.hold_next:
             self.hold = 2
         unpins = undone_by(found.effects) if len(pins) < len(found.effects) else ()
-        outcome = [False]
         action = None
-        if found.assigns or found.schema is not None or unpins or found.readback:
+        if found.assigns or found.schema is not None or unpins:
             assigns, schema = found.assigns, found.schema
-
-            def action(ok: bool) -> None:
-                outcome[0] = ok
-                self._settings_made(ok, assigns, schema, unpins)
+            action = lambda ok: self._settings_made(ok, assigns, schema, unpins)    # noqa: E731
         self.fifo.append(Pending(R_GENERIC, action=action))
         if found.readback and request is not None:
+            # Read back whether the statement succeeded or not: what the backend has now is what the session has.
             names = found.readback
-            self.fifo.append(Pending(R_GENERIC, True, lambda ok: self._read_back(ok and outcome[0], names)))
+            self.fifo.append(Pending(R_GENERIC, True, lambda ok: self._read_back(ok, names)))
             self.captured = []
             columns = ", ".join(f"@@SESSION.{spelled}" for _, spelled in names)
             return request + p.packet(0, bytes((p.COM_QUERY,)) + f"SELECT {columns}".encode())

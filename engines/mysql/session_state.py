@@ -201,9 +201,14 @@ class SessionState:
     # ------------------------------------------------------------------ recording what succeeded
 
     def _settings_made(self, ok: bool, assigns: dict, schema: str | None, unpins=()) -> None:
-        if not ok:
-            return
         server = self.server_state
+        if not ok:
+            # An error may have come after some of the settings ran (several statements): the backend's values
+            # are unknown, so its next link sets each of them again.
+            if server is not None:
+                for name in assigns:
+                    server.variables[name] = "__unknown__"
+            return
         for name, value in assigns.items():
             if name == NAMES:
                 for other in CHARSET_VARIABLES:

@@ -143,11 +143,22 @@ def test_an_expression_is_read_back_in_the_same_borrow_and_the_answer_swallowed(
     assert state.variables == client.variables and not client.pinned
 
 
-def test_a_refused_expression_records_nothing():
+def test_a_refused_expression_records_what_the_backend_has():
     client = logged_in()
     linked(client, b"SET time_zone = nosuch()")
     assert client.backend_data(err() + readback_answer(b"SYSTEM")) == (err(), True)
-    assert client.variables == {}
+    assert client.variables == {"time_zone": "'SYSTEM'"}
+
+
+def test_a_failed_request_leaves_its_settings_unknown_on_the_backend():
+    client = logged_in()
+    state = server_state()
+    linked(client, b"SET SESSION wait_timeout = 10; SELECT nope", state)
+    assert client.backend_data(ok(status=AC | p.SERVER_MORE_RESULTS_EXISTS) + err()) == (
+        ok(status=AC | p.SERVER_MORE_RESULTS_EXISTS) + err(), True)
+    assert client.variables == {} and state.variables == {"wait_timeout": "__unknown__"}
+    client.unlink()
+    assert linked(client, b"SELECT 1", state) == query(b"SET SESSION wait_timeout = DEFAULT") + query(b"SELECT 1")
 
 
 def test_a_null_read_back_is_replayed_as_null():
