@@ -280,3 +280,21 @@ def test_state_set_by_a_procedure_leaks_only_without_reset_after_transaction(mar
         assert pinned(proxy) == 0
     finally:
         second.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_backend_left_with_a_short_wait_timeout_is_replaced_not_handed_out_dead(mariadb, proxy_factory):
+    import time
+    proxy = start_proxy(proxy_factory, mariadb, max_size=1, borrow_timeout=5.0)
+    short = connect(proxy)
+    other = connect(proxy)
+    try:
+        query(short, "SET SESSION wait_timeout = 1")
+        assert one(short, "SELECT @@wait_timeout") == 1
+        time.sleep(2.5)                                  # the server closes the idle backend meanwhile
+        assert one(other, "SELECT @@wait_timeout") == 28800
+        assert one(short, "SELECT @@wait_timeout") == 1
+        assert pinned(proxy) == 0
+    finally:
+        short.close()
+        other.close()
