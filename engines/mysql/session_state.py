@@ -52,7 +52,7 @@ class SessionState:
             reset_query = self.ctx.reset_query
             if reset_query:
                 internal.append(p.packet(0, bytes((p.COM_QUERY,)) + reset_query.encode("utf-8")))
-                pendings.append(Pending(R_GENERIC, True, self._reset_query_done))
+                pendings.append(Pending(R_GENERIC, True))
             else:
                 internal.append(p.packet(0, bytes((p.COM_RESET_CONNECTION,))))
                 pendings.append(Pending(R_SINGLE, True, self._reset_connection_done))
@@ -131,9 +131,6 @@ class SessionState:
     def _reset_connection_done(self, ok: bool) -> None:
         if not ok and self.server_state is not None:
             self.server_state.variables = {name: "__unknown__" for name in (*self.variables, NAMES)}
-
-    def _reset_query_done(self, ok: bool) -> None:
-        return None
 
     def reset_bytes(self, server_state, reset_query: str = "") -> bytes:
         """Reset a backend leaving a pinned session: COM_RESET_CONNECTION (or the configured query), internal."""

@@ -5,12 +5,14 @@ MariaDB Connector/Python, more clients than backends, pin gauges and borrow time
 from __future__ import annotations
 
 import threading
+import time
 
 import mariadb as mariadb_connector
 import pymysql
 import pytest
 
-from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, connect, direct, metric, metrics_text, query, start_proxy, wait_for
+from .mysqlkit import (APP_PASSWORD, APP_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
+                       start_proxy, users_toml, wait_for)
 
 BORROW_TIMEOUTS = "multiproxy_database_connection_borrow_timeouts_total"
 DETECTED = "multiproxy_pin_reasons_detected_total"
@@ -264,9 +266,7 @@ def _procedure(mariadb) -> None:
 @pytest.mark.parametrize("reset, leaked", [("no", True), ("yes", False)])
 def test_state_set_by_a_procedure_leaks_only_without_reset_after_transaction(mariadb, proxy_factory, reset, leaked):
     _procedure(mariadb)
-    config_kwargs = {"max_size": 1}
-    from .mysqlkit import mysql_config, users_toml
-    config = mysql_config(mariadb, **config_kwargs)
+    config = mysql_config(mariadb, max_size=1)
     config["clusters"]["main"]["backend"]["reset_after_transaction"] = reset
     proxy = proxy_factory(config, files={"users.toml": users_toml()})
     first = connect(proxy)
@@ -284,7 +284,6 @@ def test_state_set_by_a_procedure_leaks_only_without_reset_after_transaction(mar
 
 @pytest.mark.timeout(60)
 def test_a_backend_left_with_a_short_wait_timeout_is_replaced_not_handed_out_dead(mariadb, proxy_factory):
-    import time
     proxy = start_proxy(proxy_factory, mariadb, max_size=1, borrow_timeout=5.0)
     short = connect(proxy)
     other = connect(proxy)

@@ -8,7 +8,7 @@ from multiproxy.engine import ErrorKind, PinReason
 from multiproxy_engines.mysql import protocol as p
 from multiproxy_engines.mysql.pinning import ALL, MySQLPinReason, classify
 
-from .test_mysql_relay import AC, logged_in, ok, query, resultset, server_state
+from .test_mysql_relay import AC, column, eof, logged_in, ok, query, resultset, server_state
 
 IN_TRANS = p.SERVER_STATUS_IN_TRANS
 
@@ -30,7 +30,6 @@ def text_row(seq, *values):
 
 def readback_answer(*values, seq=1):
     """A result set of one row, as for SELECT @@SESSION.a, @@SESSION.b (columns and EOFs, no DEPRECATE_EOF)."""
-    from .test_mysql_relay import column, eof
     out = [p.packet(seq, bytes((len(values),)))]
     seq += 1
     for _ in values:
