@@ -28,16 +28,19 @@ def text_row(seq, *values):
     return p.packet(seq, b"".join(b"\xfb" if v is None else p.lenenc_str(v) for v in values))
 
 
-def readback_answer(*values, seq=1):
-    """A result set of one row, as for SELECT @@SESSION.a, @@SESSION.b (columns and EOFs, no DEPRECATE_EOF)."""
+def readback_answer(*values, seq=1, deprecate_eof=False):
+    """A result set of one row, as for SELECT @@SESSION.a, @@SESSION.b (with EOFs, or with CLIENT_DEPRECATE_EOF
+    none after the columns and an OK with header 0xFE at the end)."""
     out = [p.packet(seq, bytes((len(values),)))]
     seq += 1
     for _ in values:
         out.append(column(seq))
         seq += 1
-    out.append(eof(seq))
-    out.append(text_row(seq + 1, *values))
-    out.append(eof(seq + 2))
+    if not deprecate_eof:
+        out.append(eof(seq))
+        seq += 1
+    out.append(text_row(seq, *values))
+    out.append(p.packet(seq + 1, p.ok_payload(AC, header_byte=0xFE)) if deprecate_eof else eof(seq + 1))
     return b"".join(out)
 
 
@@ -140,6 +143,17 @@ def test_an_expression_is_read_back_in_the_same_borrow_and_the_answer_swallowed(
     assert client.backend_data(answer[17:]) == (b"", True)
     assert client.variables == {"sql_mode": "'STRICT_TRANS_TABLES,NO_ENGINE_SUBSTITUTION'", "wait_timeout": "28800"}
     assert state.variables == client.variables and not client.pinned
+
+
+def test_a_read_back_with_deprecate_eof_and_a_begin_answered_with_an_ok():
+    client = logged_in(deprecate_eof=True)
+    linked(client, b"SET SESSION sql_mode = concat(@@sql_mode, ',ANSI_QUOTES')")
+    answer = ok() + readback_answer(b"ANSI_QUOTES", deprecate_eof=True)
+    outputs = [client.backend_data(answer[i:i + 1]) for i in range(len(answer))]
+    assert b"".join(out for out, _ in outputs) == ok() and outputs[-1][1] is True
+    assert client.variables == {"sql_mode": "'ANSI_QUOTES'"}
+    client.unlink()
+    assert client.client_data(query(b"BEGIN")) == (b"", ok(status=AC | IN_TRANS))
 
 
 def test_a_refused_expression_records_what_the_backend_has():
