@@ -189,7 +189,6 @@ class Commands:
             # Read back whether the statement succeeded or not: what the backend has now is what the session has.
             names = found.readback
             self.fifo.append(Pending(R_GENERIC, True, lambda ok: self._read_back(ok, names)))
-            self.captured = []
             columns = ", ".join(f"@@SESSION.{spelled}" for _, spelled in names)
             return request + p.packet(0, bytes((p.COM_QUERY,)) + f"SELECT {columns}".encode())
         return None

@@ -487,6 +487,8 @@ class Relay:
         if pending.internal:
             if pending.action is not None:
                 pending.action(ok)
+            if self.captured:
+                self.captured = []      # rows no read-back took (a reset_query that returns some)
         else:
             self.retry_candidate = None
             self.autocommit = bool(self.status & p.SERVER_STATUS_AUTOCOMMIT)

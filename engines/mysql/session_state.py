@@ -230,6 +230,8 @@ class SessionState:
         """The answer to `SELECT @@SESSION.a, ...` after settings made with expressions: their values, tracked."""
         rows, self.captured = self.captured, []
         if not ok or len(rows) != 1:
+            # the backend's values are unknown: its next link sets each of them again
+            self._settings_made(False, dict.fromkeys(name for name, _ in names), None)
             return
         values = {}
         pos = 0
@@ -244,6 +246,7 @@ class SessionState:
                 text = bytes(raw).decode("utf-8", "replace")
                 values[name] = text if _NUMBER.fullmatch(text) else p.quote_string(text)
         except (IndexError, ValueError):
+            self._settings_made(False, dict.fromkeys(name for name, _ in names), None)
             return
         self._settings_made(True, values, None)
 
