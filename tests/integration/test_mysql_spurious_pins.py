@@ -277,6 +277,7 @@ def test_state_set_by_a_procedure_leaks_only_without_reset_after_transaction(mar
     try:
         assert one(second, "SELECT @@wait_timeout") == (77 if leaked else 28800)
         assert one(second, "SELECT DATABASE()") == DB
+        assert one(second, "SELECT @@character_set_client") == "utf8mb4"   # the login's, after the reset too
         assert pinned(proxy) == 0
     finally:
         second.close()
