@@ -267,9 +267,10 @@ class SessionState:
             server.multi_statements = bool(server.capabilities & p.CLIENT_MULTI_STATEMENTS)
             server.prepared.clear()
             server.types.clear()
-            # COM_RESET_CONNECTION sets the character set to the server's default: restore the login's.
+            # MySQL's COM_RESET_CONNECTION sets the character set to the server's default: the login's is restored
+            # with SET NAMES. MariaDB's restores the login's itself.
             names = COLLATIONS.get(server.charset)
-            if names is not None:
+            if names is not None and not server.mariadb:
                 server.variables[NAMES] = "__server_default__"
 
     def _internal_done(self, ok: bool, values: dict, server) -> None:

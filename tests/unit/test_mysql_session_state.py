@@ -343,10 +343,19 @@ def test_autocommit_off_after_commit_holds_no_backend():
 
 # ---------------------------------------------------------------- reset in front of each link
 
+def test_reset_after_transaction_on_mariadb_keeps_the_login_character_set():
+    client = logged_in()
+    client.ctx.reset_after_transaction = True
+    state = server_state(charset=45, capabilities=p.CLIENT_MULTI_STATEMENTS)     # MariaDB
+    assert linked(client, b"SELECT 1", state) == p.packet(0, bytes((p.COM_RESET_CONNECTION,))) + query(b"SELECT 1")
+    assert client.backend_data(ok() + resultset([b"1"])) == (resultset([b"1"]), True)
+
+
 def test_reset_after_transaction_resets_then_replays():
     client = logged_in()
     client.ctx.reset_after_transaction = True
     state = server_state(charset=45, capabilities=p.CLIENT_MULTI_STATEMENTS)
+    state.mariadb = False       # MySQL: the reset goes back to the server's default character set
     state.prepared["SELECT ?"] = (1, 1, 0)
     sent = linked(client, b"SET SESSION wait_timeout = 50", state)
     assert sent.startswith(p.packet(0, bytes((p.COM_RESET_CONNECTION,))) + query(b"SET NAMES utf8mb4 COLLATE utf8mb4_general_ci"))
