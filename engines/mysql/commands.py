@@ -1,17 +1,28 @@
 """What each client command means to the proxy: forwarded with the answer it expects (a `Pending` in the FIFO),
 answered locally when no backend is linked (COM_PING, COM_SET_OPTION, KILL, `SELECT LAST_INSERT_ID()`,
-COM_RESET_CONNECTION, unknown statement ids), rewritten (KILL while linked), dropped (COM_QUIT) or refused
-(commands the proxy cannot relay). `client_data` (relay.py) calls `_command` once per command packet.
+COM_RESET_CONNECTION, unknown statement ids, a lone BEGIN / START TRANSACTION, whose sending waits for the next
+request, and a COMMIT / ROLLBACK with nothing to end), rewritten (KILL while linked; a SET to an expression gets
+an internal read-back behind it), dropped (COM_QUIT) or refused (commands the proxy cannot relay).
+`client_data` (relay.py) calls `_command` once per command packet.
 """
 from __future__ import annotations
 
-from multiproxy.engine import ErrorKind, ProtocolError
+import re
+
+from multiproxy.engine import ErrorKind, PinReason, ProtocolError
 
 from . import protocol as p
 from .errors import render_error
-from .pinning import classify, might_matter
+from .pinning import classify, might_matter, undone_by
 from .relay import PLAIN_QUERY, R_GENERIC, R_SINGLE, RESPONSE_KIND, Pending
 from .statements import STATEMENT_COMMANDS
+
+# Transaction control the proxy can answer while no backend is linked: BEGIN [WORK] and START TRANSACTION [READ
+# ONLY | READ WRITE] (begun on a backend with the next request), COMMIT [WORK] / ROLLBACK [WORK] (nothing begun
+# yet, or nothing open). START TRANSACTION WITH CONSISTENT SNAPSHOT is not deferred: its snapshot is taken when
+# it runs.
+_BEGIN = re.compile(rb"\s*(?:begin(?:\s+work)?|start\s+transaction(?:\s+read\s+(?:only|write))?)\s*;?\s*", re.I)
+_END = re.compile(rb"\s*(?:commit|rollback)(?:\s+work)?\s*;?\s*", re.I)
 
 _UNSUPPORTED = frozenset((p.COM_SLEEP, p.COM_CONNECT, p.COM_TIME, p.COM_DELAYED_INSERT, p.COM_BINLOG_DUMP,
                           p.COM_TABLE_DUMP, p.COM_CONNECT_OUT, p.COM_REGISTER_SLAVE, p.COM_DAEMON,
@@ -49,8 +60,10 @@ class Commands:
                 return b""
         if command == p.COM_QUERY:
             sql = data[pos + 5:end]
+            if can_answer and length < 40 and self._transaction_control(sql, local):
+                return b""
             if might_matter(sql):
-                return self._query(sql, local, can_answer)
+                return self._query(sql, local, can_answer, data[pos:end] if length < p.MAX_PAYLOAD else None)
             self.fifo.append(PLAIN_QUERY)
             return None
         if command == p.COM_QUIT:
@@ -91,12 +104,12 @@ class Commands:
             self.fifo.append(Pending(R_SINGLE, action=lambda ok, w=wanted: self._set_server(ok, "multi_statements", w)))
             return None
         if command == p.COM_RESET_CONNECTION:
-            self._client_reset()
             if can_answer:
+                self._client_reset()
                 local.append(self._ok())
                 self._answered_locally = True
                 return b""
-            self.fifo.append(Pending(R_SINGLE, action=self._backend_was_reset))
+            self.fifo.append(Pending(R_SINGLE, action=self._reset_done))
             return None
         if command == p.COM_CHANGE_USER:
             return self._change_user(data[pos + 5:end], local, can_answer)
@@ -127,7 +140,29 @@ class Commands:
         if cancel is not None:
             cancel(thread_id, terminate)
 
-    def _query(self, sql: bytes, local: list, can_answer: bool) -> bytes | None:
+    def _transaction_control(self, sql: bytes, local: list) -> bool:
+        """BEGIN / START TRANSACTION, COMMIT / ROLLBACK while no backend is linked, answered by the proxy: an idle
+        transaction holds no backend. True when answered."""
+        if _BEGIN.fullmatch(sql):
+            # An open transaction would be committed by it; a deferred one is replaced (it had begun nothing).
+            if self.status & p.SERVER_STATUS_IN_TRANS and self.deferred_begin is None:
+                return False
+            self.deferred_begin = bytes(sql).strip().rstrip(b";").strip()
+            self.status |= p.SERVER_STATUS_IN_TRANS
+        elif _END.fullmatch(sql):
+            if self.status & p.SERVER_STATUS_IN_TRANS and self.deferred_begin is None:
+                return False
+            if "completion_type" in self.variables:
+                return False        # COMMIT may chain or release: the server decides
+            self.deferred_begin = None
+            self.status &= ~p.SERVER_STATUS_IN_TRANS
+        else:
+            return False
+        local.append(self._ok())
+        self._answered_locally = True
+        return True
+
+    def _query(self, sql: bytes, local: list, can_answer: bool, request: bytes | None) -> bytes | None:
         found = classify(bytes(sql).decode("utf-8", "replace"))
         if found.kill is not None:
             self._kill(found.kill[1], found.kill[0] == "connection")
@@ -136,15 +171,26 @@ class Commands:
             local.append(self._last_insert_id_result(found.last_insert_id))
             self._answered_locally = True
             return b""
-        for reason, detail in found.pins:
-            self._detected(reason, detail)
+        if found.readback and request is None:
+            # a 16 MiB statement continues in further packets: nothing can follow it in the same write
+            found.pin(PinReason.SESSION_VARIABLE, "SET to an expression in a statement over 16 MiB")
+        pins = [effect for effect in found.effects if effect[0] == "pin"]
+        if pins:
+            self._pins_sent(pins)
         if found.hold_next:
             self.hold = 2
+        unpins = undone_by(found.effects) if len(pins) < len(found.effects) else ()
         action = None
-        if found.assigns or found.schema is not None:
+        if found.assigns or found.schema is not None or unpins:
             assigns, schema = found.assigns, found.schema
-            action = lambda ok: self._settings_made(ok, assigns, schema)   # noqa: E731
+            action = lambda ok: self._settings_made(ok, assigns, schema, unpins)    # noqa: E731
         self.fifo.append(Pending(R_GENERIC, action=action))
+        if found.readback and request is not None:
+            # Read back whether the statement succeeded or not: what the backend has now is what the session has.
+            names = found.readback
+            self.fifo.append(Pending(R_GENERIC, True, lambda ok: self._read_back(ok, names)))
+            columns = ", ".join(f"@@SESSION.{spelled}" for _, spelled in names)
+            return request + p.packet(0, bytes((p.COM_QUERY,)) + f"SELECT {columns}".encode())
         return None
 
     def _last_insert_id_result(self, name: str) -> bytes:

@@ -29,6 +29,8 @@ R_ROWS = 4           # rows up to EOF (COM_STMT_FETCH), or ERR
 
 # response parser states
 S_START, S_COLUMNS, S_COLUMNS_EOF, S_ROWS, S_PARAMS, S_PARAMS_EOF, S_PREP_COLUMNS, S_PREP_COLUMNS_EOF = range(8)
+# the result set of an internal query (a read-back): every packet is seen whole and swallowed, off the rows path
+S_I_COLUMNS, S_I_COLUMNS_EOF, S_I_ROWS = range(8, 11)
 
 # the response kind of each command the relay forwards
 RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_INIT_DB: R_SINGLE,
@@ -42,13 +44,16 @@ RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_IN
 class Pending:
     """One outstanding command: how its answer looks, whether the proxy sent it, what to record on success."""
 
-    __slots__ = ("kind", "internal", "action", "failed")
+    __slots__ = ("kind", "internal", "action", "failed", "answers_on_error")
 
-    def __init__(self, kind: int, internal: bool = False, action=None):
+    def __init__(self, kind: int, internal: bool = False, action=None, answers_on_error: bool = False):
         self.kind = kind
         self.internal = internal
         self.action = action        # callable(success: bool) run when the answer is complete
         self.failed = False
+        # An internal command sent in front of the client's next one (a BEGIN the proxy answered): its ERR is
+        # the client's answer, and the answer to the client's command is swallowed instead.
+        self.answers_on_error = answers_on_error
 
 
 PLAIN_QUERY = Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
@@ -96,6 +101,7 @@ class Relay:
         self.retry_candidate = None     # a lone first COM_QUERY in flight, kept to resend if a read-only node refuses it
         self.retry_refusal = b""        # the held ERR packet of a read-only refusal (see retry_declined)
         self.retry_request = None       # the refused COM_QUERY while its refusal is held (HELD_REFUSAL)
+        self.captured: list = []        # rows of the internal query answered last (read-backs of settings)
         # partial packets
         self.cbuf = b""
         self.c_skip = 0
@@ -319,6 +325,12 @@ class Relay:
                     parts = []
                 parts.append(data[keep_from:pos])
                 keep_from = end
+                if head == p.ERR_HEADER and state == S_START and pending.answers_on_error and len(fifo) > 1:
+                    # The BEGIN the proxy answered failed: its error answers the client's command behind it,
+                    # whose own answer the client no longer expects.
+                    parts.append(p.packet(1, payload))
+                    behind = fifo[1]
+                    fifo[1] = Pending(behind.kind, True, behind.action)
             self._answer_packet(pending, state, head, payload)
             pos = end
         forward_end = n - len(self.sbuf)
@@ -335,6 +347,9 @@ class Relay:
         return out, False
 
     def _answer_packet(self, pending: Pending, state: int, head: int, payload: bytes) -> None:
+        if state >= S_I_COLUMNS:
+            self._internal_result(pending, state, head, payload)
+            return
         kind = pending.kind
         if state == S_COLUMNS_EOF:
             status = p.terminator_status(payload)
@@ -395,7 +410,26 @@ class Relay:
             except (IndexError, ValueError):
                 count = 0
             self.rcount = count
-            self.rstate = S_COLUMNS if count else S_ROWS
+            if pending.internal:
+                self.rstate = S_I_COLUMNS if count else S_I_ROWS
+            else:
+                self.rstate = S_COLUMNS if count else S_ROWS
+
+    def _internal_result(self, pending: Pending, state: int, head: int, payload: bytes) -> None:
+        """A packet of an internal query's result set: rows kept in `captured` for the pending's action."""
+        if state == S_I_COLUMNS:
+            self.rcount -= 1
+            if self.rcount <= 0:
+                self.rstate = S_I_ROWS if self.deprecate_eof else S_I_COLUMNS_EOF
+        elif state == S_I_COLUMNS_EOF:
+            self._status(p.terminator_status(payload))
+            self.rstate = S_I_ROWS
+        elif head == 0xFF:
+            self._finish(pending, False)
+        elif head == 0xFE and len(payload) < p.MAX_PAYLOAD:
+            self._result_end(pending, payload)
+        else:
+            self.captured.append(payload)
 
     def _definitions_done(self, state: int) -> None:
         if state == S_COLUMNS:
@@ -453,6 +487,8 @@ class Relay:
         if pending.internal:
             if pending.action is not None:
                 pending.action(ok)
+            if self.captured:
+                self.captured = []      # rows no read-back took (a reset_query that returns some)
         else:
             self.retry_candidate = None
             self.autocommit = bool(self.status & p.SERVER_STATUS_AUTOCOMMIT)
@@ -483,6 +519,7 @@ class Relay:
         """No backend for the last chunk: answer each of its commands with an ERR, as a failing server would."""
         count = sum(1 for entry in self.fifo if not entry.internal)
         self.fifo.clear()
+        self.deferred_pins = None       # what never reached a backend pins nothing
         self.rstate = S_START
         self.hold = 0
         self.infile = False

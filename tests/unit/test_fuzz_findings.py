@@ -9,7 +9,7 @@ from multiproxy.engine import ProtocolError
 from multiproxy_engines.tds.wire import messages as tp
 
 from ..fuzzkit import (
-    TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, mysql_logged_in, pg_backend_state, pg_logged_in, tds_client, tds_packet,
+    TDS_PRELOGIN_TLS, check_held, check_tds_error, drive, mysql_logged_in, mysql_server_state, pg_backend_state, pg_logged_in, tds_client, tds_packet,
     tls_client_hello,
 )
 
@@ -66,7 +66,7 @@ def test_a_pinned_session_repeating_pinning_statements_holds_one_detail_per_reas
     else:
         proto = mysql_logged_in()
         unit = myp.packet(0, b"\x16SELECT ?") + myp.packet(0, b"\x03SET @a = 1")
-        state = None
+        state = mysql_server_state    # as for postgres: pins count once a request reaches a backend
     outcome = drive(engine, proto, [unit] * 3000, relay=True, server_state=state)
     assert outcome.kind == "open" and proto.pinned
     reasons = [reason for reason, _ in proto.pin_details]
