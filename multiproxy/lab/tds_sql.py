@@ -272,6 +272,7 @@ _SUBST = re.compile(
     |(?P<srvprop>\bSERVERPROPERTY\s*\(\s*N?'(?P<srvprop_name>\w+)'\s*\))
     |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO)\s*\(\s*\))
     |(?P<sysuser>\bSYSTEM_USER\b)""", re.I | re.X)
+_DYNAMIC_EXEC = re.compile(r"EXEC(?:UTE)?\s*\(", re.I)
 _PARAM = re.compile(r"[Nn]?'(?:[^']|'')*'|(?<![@\w])@(\w+)")
 _TSQL_WRITE = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Merge,
                exp.TruncateTable)
@@ -438,6 +439,9 @@ class SqlSession:
         """One statement: [tokens, DONE status, CurCmd, row count]."""
         if self.cancelled:
             raise Cancelled()
+        dynamic = _DYNAMIC_EXEC.match(stmt)
+        if dynamic:
+            return self._exec_dynamic(stmt[dynamic.end() - 1:].strip().rstrip(";").strip(), params)
         words = stmt.split()
         head = words[0].upper()
         second = words[1].upper() if len(words) > 1 else ""
@@ -464,8 +468,6 @@ class SqlSession:
         if head == "PRINT":
             value = self._scalar("SELECT " + stmt[5:].strip(), params)
             return [tk.info(0, "" if value is None else str(value), 1, 0, self.lab.server_name), 0, 0, 0]
-        if head in ("EXEC", "EXECUTE") and stmt[len(words[0]):].lstrip().startswith("("):
-            return self._exec_dynamic(stmt[len(words[0]):].strip().rstrip(";").strip(), params)
         if head in ("EXEC", "EXECUTE") and second.split(",")[0].strip("[];").lower().endswith(
                 "sp_lab_set_replica_lag"):
             self._set_replica_lag(stmt)
@@ -642,7 +644,7 @@ class SqlSession:
                     "PROCESSID": str(os.getpid())}.get(prop, "NULL")
         func = m.group("func").split("(")[0].strip().upper()
         if func == "CONTEXT_INFO":
-            return "NULL" if self.context_info is None else f"X'{self.context_info.hex()}'"
+            return "NULL" if self.context_info is None else f"CAST(0x{self.context_info.hex()} AS VARBINARY(128))"
         if func == "DB_NAME":
             return _nstr(self.database)
         if func == "DB_ID":
