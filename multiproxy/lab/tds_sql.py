@@ -270,7 +270,7 @@ _SUBST = re.compile(
     r"""(?P<str>[Nn]?'(?:[^']|'')*')|(?P<glob>@@\w+)
     |(?P<dbprop>\bDATABASEPROPERTYEX\s*\((?:[^,()]|\(\s*\))*,\s*N?'(?P<dbprop_name>\w+)'\s*\))
     |(?P<srvprop>\bSERVERPROPERTY\s*\(\s*N?'(?P<srvprop_name>\w+)'\s*\))
-    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO)\s*\(\s*\))
+    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO|SCHEMA_NAME)\s*\(\s*\))
     |(?P<sysuser>\bSYSTEM_USER\b)""", re.I | re.X)
 _DYNAMIC_EXEC = re.compile(r"EXEC(?:UTE)?\s*\(", re.I)
 _PARAM = re.compile(r"[Nn]?'(?:[^']|'')*'|(?<![@\w])@(\w+)")
@@ -555,6 +555,10 @@ class SqlSession:
             table.set("db", exp.Identifier(this=self._schema(database), quoted=True))
             table.set("catalog", None)
             tables.append(database)
+        if not isinstance(expression, exp.Create):
+            for kind in expression.find_all(exp.DataType):      # CAST(x AS NVARCHAR(MAX)): SQLite has no MAX
+                if any(isinstance(p.this, exp.Var) and p.this.name.upper() == "MAX" for p in kind.expressions):
+                    kind.set("expressions", [])
         if isinstance(expression, exp.Create):
             for coldef in expression.find_all(exp.ColumnDef):
                 kind = coldef.args.get("kind")
@@ -643,6 +647,8 @@ class SqlSession:
                     "COLLATION": "N'SQL_Latin1_General_CP1_CI_AS'", "ISSINGLEUSER": "0",
                     "PROCESSID": str(os.getpid())}.get(prop, "NULL")
         func = m.group("func").split("(")[0].strip().upper()
+        if func == "SCHEMA_NAME":
+            return "N'dbo'"                  # the lab's one schema
         if func == "CONTEXT_INFO":
             return "NULL" if self.context_info is None else f"CAST(0x{self.context_info.hex()} AS VARBINARY(128))"
         if func == "DB_NAME":
