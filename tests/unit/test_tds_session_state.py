@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from multiproxy.engine import ErrorKind
 from multiproxy_engines.tds.backend import TDSServerState
 from multiproxy_engines.tds.session_state import request_effects
@@ -201,3 +204,15 @@ def test_reset_before_the_next_client_bit_query_or_none():
     d = client(reset_after_transaction=False)
     sent, _, _ = roundtrip(d, state, batch("SELECT 4"), reply(tk.done()))
     assert not messages(sent)[0].status & tp.STATUS_RESETCONNECTION
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER]),
+       st.sampled_from([0, tp.STATUS_RESETCONNECTION, tp.STATUS_RESETCONNECTIONSKIPTRAN]),
+       st.one_of(st.binary(max_size=96), st.binary(max_size=96).map(lambda tail: tp.AllHeaders(7).encode() + tail)))
+def test_fuzz_request_readers_never_raise(msg_type, status, payload):
+    """What the engine reads from a request before forwarding it takes any bytes: the server refuses bad ones."""
+    msg = tp.Message(msg_type, status | tp.STATUS_EOM, payload)
+    transaction_verb(msg)
+    request_effects(msg)
+    assert len(tp.with_transaction_descriptor(payload, bytes(8))) == len(payload)
