@@ -127,9 +127,8 @@ class TDSClient(SessionState, ClientProtocol):
         self.sbuf = b""
         self.in_transaction = False
         self.database = ""               # the client's current database (from ENVCHANGE)
-        self.login_database = ""         # where the login put it (and where a reset takes it back)
         self.options: dict[str, str] = {}   # tracked SET options: name -> statement to replay
-        self.login_options: dict[str, str] = {}   # the ones LOGIN7 asked for (a reset keeps them)
+        self.login_state: tuple[str, dict] | None = None   # (database, options) the login gave: a reset's target
         self.pin_reasons: set = set()    # what pins the session (a reset undoes them all)
         self.ident = object()
         self.attn_local = False
@@ -390,7 +389,7 @@ class TDSClient(SessionState, ClientProtocol):
         """The login reply, from the backend's login facts, in the order FreeTDS and python-tds accept."""
         state = server_state
         database = state.database if state is not None else (self.login.database or "master")
-        self.database = self.login_database = database
+        self.database = database
         name = SERVER_NAME
         language = state.language if state else "us_english"
         wanted = (self.login.language or "").strip()
@@ -398,7 +397,6 @@ class TDSClient(SessionState, ClientProtocol):
             # LOGIN7's language is a session setting: replayed with the client's other SET options on every
             # backend it uses (a language the server lacks fails there, as SET LANGUAGE would).
             self.options["LANGUAGE"] = f"SET LANGUAGE [{wanted.replace(']', ']]')}]"
-            self.login_options["LANGUAGE"] = self.options["LANGUAGE"]
             language = wanted
         body = (tk.envchange(tk.ENV_DATABASE, database, "master")
                 + tk.info(5701, f"Changed database context to '{database}'.", 2, 0, name)
@@ -429,6 +427,8 @@ class TDSClient(SessionState, ClientProtocol):
                                 ErrorKind.MESSAGE_TOO_LARGE)
         out = []
         local = b""
+        if self.login_state is None:
+            self.login_state = (self.database, dict(self.options))      # before any request changes them
         for msg in messages:
             if msg.type == tp.ATTENTION:
                 if self.linked or self.expect:
@@ -514,7 +514,7 @@ class TDSClient(SessionState, ClientProtocol):
             reset = self.ctx.reset_after_transaction and server_state.last_client is not None
             server_state.last_client = self.ident
             if reset:
-                server_state.database = self.login_database     # a reset returns it to its login's database
+                server_state.database = self.login_state[0]     # a reset returns it to its login's database
                 if self.ctx.reset_query:
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))

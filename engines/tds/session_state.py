@@ -37,8 +37,9 @@ def request_effects(msg: tp.Message) -> list[tuple]:
 
 
 class SessionState:
-    """Mixin of TDSClient: the state that follows the client from backend to backend. TDSClient.__init__ sets
-    `options`, `login_options`, `pin_reasons`, `database` and `login_database`."""
+    """Mixin of TDSClient: the state that follows the client from backend to backend. TDSClient sets `options`,
+    `pin_reasons`, `database` and `login_state` (the database and options its login gave it, LOGIN7's
+    language among them)."""
 
     def _on_sent(self, entry) -> None:
         """The request reached a backend: its pins and resets take effect (its SET options wait for the answer)."""
@@ -64,8 +65,8 @@ class SessionState:
         """The client reset its session: SET options and database are the login's again, nothing it did pins it
         any more (temporary tables, cursors, prepared handles, locks, context, impersonation all end with a
         reset), and unless the reset keeps the transaction, the open one is rolled back."""
-        self.options = dict(self.login_options)
-        self.database = self.login_database
+        self.database, options = self.login_state
+        self.options = dict(options)
         for reason in list(self.pin_reasons):
             self.ctx.pin_policy.released(self, reason)
         self.pin_reasons.clear()
