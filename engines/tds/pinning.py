@@ -1,4 +1,4 @@
-"""T-SQL classification for pooling: SET options the proxy tracks and replays, and what ties a session to its backend."""
+"""T-SQL classification for pooling: the SET options the proxy replays, and what ties a session to its backend."""
 from __future__ import annotations
 
 import re

@@ -270,7 +270,8 @@ _SUBST = re.compile(
     r"""(?P<str>[Nn]?'(?:[^']|'')*')|(?P<glob>@@\w+)
     |(?P<dbprop>\bDATABASEPROPERTYEX\s*\((?:[^,()]|\(\s*\))*,\s*N?'(?P<dbprop_name>\w+)'\s*\))
     |(?P<srvprop>\bSERVERPROPERTY\s*\(\s*N?'(?P<srvprop_name>\w+)'\s*\))
-    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO|SCHEMA_NAME)\s*\(\s*\))
+    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO
+        |SCHEMA_NAME)\s*\(\s*\))
     |(?P<sysuser>\bSYSTEM_USER\b)""", re.I | re.X)
 _DYNAMIC_EXEC = re.compile(r"EXEC(?:UTE)?\s*\(", re.I)
 _PARAM = re.compile(r"[Nn]?'(?:[^']|'')*'|(?<![@\w])@(\w+)")
