@@ -14,7 +14,11 @@ from multiproxy.engine import (
 from multiproxy.token_auth import TokenRejected
 
 from .auth import check_tds_sha256
-from .pinning import classify_batch, classify_rpc
+from .session_state import SessionState, request_effects
+from .transactions import (
+    BEGIN, TransactionVerb, backend_begin_request, local_begin_reply, local_end_reply, new_local_descriptor,
+    transaction_verb, with_local_begin, without_begin_after,
+)
 from .wire import messages as tp
 from .wire import token_stream as tk
 from .wire.memory_tls import MemoryTLS
@@ -68,19 +72,26 @@ def render_error(kind: ErrorKind, message: str, packet_size: int = tp.DEFAULT_PA
 
 
 class _Expect:
-    """One response the backend owes: the client's (forwarded) or the proxy's own (swallowed)."""
+    """One response the backend owes: the client's (forwarded) or the proxy's own (swallowed), with what the
+    request does to the session (see session_state.request_effects)."""
 
-    __slots__ = ("internal", "strip_reset", "attention", "first", "request")
+    __slots__ = ("internal", "strip_reset", "attention", "first", "request", "effects", "sent", "failed",
+                 "begin_after")
 
-    def __init__(self, internal=False, strip_reset=False, attention=False, request=b""):
+    def __init__(self, internal=False, strip_reset=False, attention=False, request=b"", effects=(),
+                 begin_after=None):
         self.internal = internal
         self.strip_reset = strip_reset
         self.attention = attention
         self.first = True
         self.request = request
+        self.effects = effects
+        self.sent = False
+        self.failed = False
+        self.begin_after: TransactionVerb | None = begin_after   # the begin the proxy answers after the commit
 
 
-class TDSClient(ClientProtocol):
+class TDSClient(SessionState, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
 
     def __init__(self, ctx: ClientContext, engine):
@@ -117,10 +128,14 @@ class TDSClient(ClientProtocol):
         self.in_transaction = False
         self.database = ""               # the client's current database (from ENVCHANGE)
         self.options: dict[str, str] = {}   # tracked SET options: name -> statement to replay
+        self.login_state: tuple[str, dict] | None = None   # (database, options) the login gave: a reset's target
+        self.pin_reasons: set = set()    # what pins the session (a reset undoes them all)
         self.ident = object()
         self.attn_local = False
         self.retry_ok = False
-        self.descriptor = b""            # the open transaction's descriptor (ENVCHANGE 8), for a local rollback
+        self.descriptor = b""            # the backend's descriptor of the open transaction (ENVCHANGE 8)
+        self.local_descriptor = b""      # a descriptor the proxy made for the client: mapped to the backend's
+        self.lazy_begin: TransactionVerb | None = None   # a begin the proxy answered, to run with the next request
         self.transaction_lost = ""       # the backend died under an idle transaction: the next request is told
 
     # ------------------------------------------------------------------ TLS inside the engine
@@ -412,6 +427,8 @@ class TDSClient(ClientProtocol):
                                 ErrorKind.MESSAGE_TOO_LARGE)
         out = []
         local = b""
+        if self.login_state is None:
+            self.login_state = (self.database, dict(self.options))      # before any request changes them
         for msg in messages:
             if msg.type == tp.ATTENTION:
                 if self.linked or self.expect:
@@ -429,63 +446,101 @@ class TDSClient(ClientProtocol):
                 local += self._lost_transaction_reply(self.transaction_lost)
                 self.transaction_lost = ""
                 continue
-            self._classify(msg)
-            encoded = tp.encode_message(msg.type, msg.data, self.backend_size, msg.status & ~tp.STATUS_EOM)
+            verb = transaction_verb(msg) if msg.type in (tp.SQL_BATCH, tp.TRANSACTION_MANAGER) else None
+            if verb is not None and not out and not self.expect:
+                answer = self._local_transaction(verb)
+                if answer:
+                    local += answer
+                    continue
+            payload = msg.data
+            if self.local_descriptor and msg.type in (tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER):
+                # The client echoes the descriptor the proxy gave it: the backend knows its own (or, for the
+                # request that travels behind the begin, none yet: 0 stands for the session's transaction).
+                payload = tp.with_transaction_descriptor(
+                    payload, self.descriptor if self.linked and self.in_transaction else bytes(8))
+            begin_after = None
+            if verb is not None and verb.begin_after and not self.pinned:
+                # Commit (or roll back) on the backend; the next transaction begins when it is used.
+                payload = without_begin_after(payload)
+                begin_after = TransactionVerb(BEGIN, True, verb.isolation_level)
+            encoded = tp.encode_message(msg.type, payload, self.backend_size, msg.status & ~tp.STATUS_EOM)
             # A first request outside a transaction may be retried on the new writer if a read-only node
             # refuses it, unless the client logged in with ApplicationIntent=ReadOnly (the refusal is its own).
-            self.expect.append(_Expect(request=encoded if self.ctx.retry_read_only and not self.in_transaction
-                                       and not self.login.read_only_intent else b""))
+            retry = (self.ctx.retry_read_only and not self.in_transaction and self.lazy_begin is None
+                     and not self.local_descriptor and not self.login.read_only_intent)
+            entry = _Expect(request=encoded if retry else b"", effects=request_effects(msg), begin_after=begin_after)
+            self.expect.append(entry)
+            if self.linked:
+                self._on_sent(entry)
             out.append(encoded)
         to_client = b""
         if local:
             to_client = self._out(tp.encode_message(tp.TABULAR_RESULT, local, self.packet_size))
         return b"".join(out), to_client
 
-    def _classify(self, msg: tp.Message) -> None:
-        try:
-            if msg.type == tp.SQL_BATCH:
-                reasons, tracked = classify_batch(tp.SqlBatch.decode(msg.data).text)
-                for name, statement in tracked.items():
-                    self.options.pop(name, None)
-                    self.options[name] = statement
-            elif msg.type == tp.RPC:
-                reasons = []
-                for call in tp.RpcRequest.decode(msg.data).calls:
-                    reasons += classify_rpc(call.name, call.params)
-            else:
-                return
-        except TDSError:
-            return          # the backend will refuse it with its own error
-        for reason, detail in reasons:
-            if self.ctx.pin_policy.detected(self, reason, detail):
-                self.pinned = True
+    def _local_transaction(self, verb: TransactionVerb) -> bytes:
+        """Answer a begin while the client holds no backend and no transaction, and the commit or rollback of
+        such a begin nothing used since; b"" for what must go to a backend."""
+        if self.linked or self.in_transaction:
+            return b""
+        if verb.kind == BEGIN:
+            if self.local_descriptor:
+                return b""          # nested in one the proxy answered: both run on the backend
+            self.local_descriptor, self.lazy_begin = new_local_descriptor(), verb
+            return local_begin_reply(self.local_descriptor, verb.via_tm)
+        if self.lazy_begin is None:
+            return b""
+        ended, self.local_descriptor, self.lazy_begin = self.local_descriptor, b"", None
+        if verb.begin_after:
+            self.local_descriptor = new_local_descriptor()
+            self.lazy_begin = TransactionVerb(BEGIN, True, verb.isolation_level)
+        return local_end_reply(verb, ended, self.local_descriptor)
 
     # ------------------------------------------------------------------ linking to backends
 
     def link(self, server_state, data: bytes) -> bytes:
-        """Reset a backend another client used (RESETCONNECTION), replay this client's database and SET
-        options, then the client's request."""
+        """What a freshly linked backend gets before the client's request: a reset when another client used it
+        since (ctx.reset_after_transaction: the RESETCONNECTION bit, or ctx.reset_query as a batch), this
+        client's database and SET options, and a begin the proxy answered; their answers are swallowed."""
         self.linked = True
         self.server_state = server_state
         self.backend_size = server_state.packet_size
-        if server_state.last_client is self.ident:
+        for entry in self.expect:
+            if not entry.sent and not entry.attention:
+                self._on_sent(entry)             # the requests reach a backend now: their pins and resets count
+        internal: list[bytes] = []
+        reset = False
+        if server_state.last_client is not self.ident:
+            reset = self.ctx.reset_after_transaction and server_state.last_client is not None
+            server_state.last_client = self.ident
+            if reset:
+                server_state.database = self.login_state[0]     # a reset returns it to its login's database
+                if self.ctx.reset_query:
+                    internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
+                                                      self.backend_size))
+                    reset = False
+            replay = self._replay_statements(server_state.database)
+            if replay:
+                internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("; ".join(replay)).encode(),
+                                                  self.backend_size))
+        if self.lazy_begin is not None and data and data[0] != tp.ATTENTION:
+            internal.append(backend_begin_request(self.lazy_begin, self.backend_size))
+            self.lazy_begin = None
+        for _ in internal:
+            self.expect.appendleft(_Expect(internal=True))
+        if internal:
+            if reset:
+                first = internal[0]
+                internal[0] = first[:1] + bytes([first[1] | tp.STATUS_RESETCONNECTION]) + first[2:]
+            return b"".join(internal) + data
+        if not reset or not data or data[0] == tp.ATTENTION:
             return data
-        reset = server_state.last_client is not None
-        server_state.last_client = self.ident
-        replay = list(self.options.values())
-        if self.database and self.database.lower() != server_state.database.lower():
-            replay.insert(0, f"USE [{self.database.replace(']', ']]')}]")
-        if replay:
-            batch = tp.SqlBatch("; ".join(replay)).encode()
-            internal = tp.encode_message(tp.SQL_BATCH, batch, self.backend_size,
-                                         tp.STATUS_RESETCONNECTION if reset else 0)
-            self.expect.appendleft(_Expect(internal=True, strip_reset=reset))
-            return internal + data
-        if not reset or not data:
+        # RESETCONNECTION on the first packet of the client's request; its ENVCHANGE 18 is not shown (unless the
+        # client asked for a reset itself: then the one reset answers both).
+        if data[1] & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
             return data
-        # RESETCONNECTION on the first packet of the client's request; its ENVCHANGE 18 is not shown.
         first = next((e for e in self.expect if not e.internal and not e.attention), None)
-        if first is None or data[0] == tp.ATTENTION:
+        if first is None:
             return data
         first.strip_reset = True
         return data[:1] + bytes([data[1] | tp.STATUS_RESETCONNECTION]) + data[2:]
@@ -549,13 +604,21 @@ class TDSClient(ClientProtocol):
                     self.descriptor = event[2] if isinstance(event[2], bytes) else b""
                 elif env in (tk.ENV_COMMITTRAN, tk.ENV_ROLLBACKTRAN, tk.ENV_TRANENDED, tk.ENV_DEFECTTRAN):
                     self.in_transaction = False
+                    self.descriptor = self.local_descriptor = b""
                 elif env == tk.ENV_DATABASE:
                     self.database = event[2]
+                    if self.server_state is not None:
+                        self.server_state.database = event[2]
             elif kind == "done":
                 if event[2] & tk.DONE_ATTN:
                     attention_done = True
-            elif kind == "error" and event[1] == READ_ONLY_ERROR:
-                read_only = True
+                elif event[2] & tk.DONE_ERROR and entry is not None:
+                    entry.failed = True
+            elif kind == "error":
+                if event[3] > 10 and entry is not None:
+                    entry.failed = True
+                if event[1] == READ_ONLY_ERROR:
+                    read_only = True
         internal = entry is not None and entry.internal
         if not internal:
             if (read_only and entry is not None and entry.request and eom and len(expect) == 1
@@ -568,6 +631,10 @@ class TDSClient(ClientProtocol):
                     expect.popleft()
                 self.scanner = ResponseScanner()
                 return
+            if eom and entry is not None and entry.begin_after is not None and not entry.failed:
+                # the commit the client asked to begin a new transaction after: the proxy begins it (lazily)
+                self.local_descriptor, self.lazy_begin = new_local_descriptor(), entry.begin_after
+                payload = with_local_begin(payload, self.local_descriptor)
             out.append(self.reframer.feed(payload, bool(eom)))
         if not eom:
             return
@@ -577,7 +644,8 @@ class TDSClient(ClientProtocol):
                 if expect.popleft().attention:
                     break
         elif expect and not expect[0].attention:
-            expect.popleft()
+            answered = expect.popleft()
+            self._on_answered(answered, answered.failed)
 
     # ------------------------------------------------------------------ session end, failures
 
@@ -606,15 +674,17 @@ class TDSClient(ClientProtocol):
 
     def _lost_transaction_reply(self, text: str) -> bytes:
         """ENVCHANGE rollback (so the client drops its transaction descriptor), ERROR, DONE with the error bit."""
-        body = (tk.envchange(tk.ENV_ROLLBACKTRAN, b"", self.descriptor or bytes(8))
+        body = (tk.envchange(tk.ENV_ROLLBACKTRAN, b"", self.local_descriptor or self.descriptor or bytes(8))
                 + error_tokens(ErrorKind.BACKEND_LOST, text) + tk.done(tk.DONE_ERROR))
-        self.descriptor = b""
+        self.descriptor = self.local_descriptor = b""
         return body
 
     def backend_lost(self, message: str) -> tuple[bytes, bool]:
         outstanding = any(not e.internal for e in self.expect)
         mid = bool(self.sbuf or self.reframer.buf or self.reframer.packet_id != 1)
-        pinned, in_transaction = self.pinned, self.in_transaction
+        # a begin the proxy answered and sent in front of a request still unanswered is a transaction too
+        pinned = self.pinned
+        in_transaction = self.in_transaction or bool(self.local_descriptor and self.lazy_begin is None)
         self.expect.clear()
         self.unlink()
         self.scanner = ResponseScanner()

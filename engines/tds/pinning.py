@@ -1,4 +1,4 @@
-"""T-SQL classification for pooling: tracked SET options, and what ties a session to its backend (pin reasons)."""
+"""T-SQL classification for pooling: the SET options the proxy replays, and what ties a session to its backend."""
 from __future__ import annotations
 
 import re
@@ -98,6 +98,9 @@ def classify_batch(sql: str) -> tuple[list[tuple[PinReason, str]], dict[str, str
         for names, statement in set_statements(sql):
             if "CONTEXT_INFO" in names:
                 reasons.append((TDSPinReason.CONTEXT_INFO, "SET CONTEXT_INFO"))
+            elif all(n in TRACKED_OPTIONS for n in names) and statement.startswith("@"):
+                # the value of a variable: what it was is the server's to know, the proxy cannot replay it
+                reasons.append((PinReason.SESSION_VARIABLE, f"SET {', '.join(names)} {statement}"))
             elif all(n in TRACKED_OPTIONS for n in names):
                 for name in names:
                     tracked[name] = f"SET {name} {statement}"

@@ -275,6 +275,7 @@ class _Connection:
             session.reset(keep_transaction=bool(msg.status & tp.STATUS_RESETCONNECTIONSKIPTRAN))
             prefix = tk.env_reset_ack()
         try:
+            self._check_descriptor(msg)
             if msg.type == tp.SQL_BATCH:
                 batch = tp.SqlBatch.decode(msg.data)
                 return prefix + session.run_batch(batch.text)[0]
@@ -296,6 +297,21 @@ class _Connection:
                                      self.server.server_name) + tk.done(tk.DONE_ERROR)
         except SqlError as err:
             return prefix + err.token(self.server.server_name) + tk.done(tk.DONE_ERROR)
+
+    def _check_descriptor(self, msg: tp.Message) -> None:
+        """A request names the transaction it belongs to in ALL_HEADERS: while one is open, 0 (the session's own
+        on a connection without MARS) or its descriptor; any other is refused. Without one open, a stale
+        descriptor (the transaction a reset ended) is let through."""
+        if msg.type not in (tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER) or msg.status & tp.STATUS_RESETCONNECTION:
+            return          # a reset ends the transaction the client still names
+        at = tp.transaction_descriptor_offset(msg.data)
+        if at < 0:
+            return
+        descriptor = struct.unpack_from("<Q", msg.data, at)[0]
+        if descriptor and self.session.descriptor and descriptor != self.session.descriptor:
+            raise SqlError(3910, f"The request names transaction 0x{descriptor:016x} in its transaction descriptor "
+                                 "header, which is not the session's open transaction "
+                                 f"(0x{self.session.descriptor:016x}).", 16)
 
     def _transaction(self, req: tp.TransactionRequest) -> bytes:
         session = self.session

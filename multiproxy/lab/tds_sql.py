@@ -37,6 +37,11 @@ DEFAULT_OPTIONS = {"ANSI_NULLS": "ON", "QUOTED_IDENTIFIER": "ON", "ANSI_WARNINGS
                    "DATEFORMAT": "mdy", "DATEFIRST": "7", "LANGUAGE": "us_english", "XACT_ABORT": "OFF",
                    "IMPLICIT_TRANSACTIONS": "OFF", "TRANSACTION ISOLATION LEVEL": "READ COMMITTED",
                    "LOCK_TIMEOUT": "-1"}
+# @@OPTIONS bits of the ON/OFF options (SQL Server's "user options" values)
+OPTION_BITS = {"IMPLICIT_TRANSACTIONS": 2, "CURSOR_CLOSE_ON_COMMIT": 4, "ANSI_WARNINGS": 8, "ANSI_PADDING": 16,
+               "ANSI_NULLS": 32, "ARITHABORT": 64, "ARITHIGNORE": 128, "QUOTED_IDENTIFIER": 256, "NOCOUNT": 512,
+               "ANSI_NULL_DFLT_ON": 1024, "ANSI_NULL_DFLT_OFF": 2048, "CONCAT_NULL_YIELDS_NULL": 4096,
+               "NUMERIC_ROUNDABORT": 8192, "XACT_ABORT": 16384}
 BUSY_TIMEOUT_MS = 15000
 _descriptors = itertools.count(1)
 
@@ -265,8 +270,10 @@ _SUBST = re.compile(
     r"""(?P<str>[Nn]?'(?:[^']|'')*')|(?P<glob>@@\w+)
     |(?P<dbprop>\bDATABASEPROPERTYEX\s*\((?:[^,()]|\(\s*\))*,\s*N?'(?P<dbprop_name>\w+)'\s*\))
     |(?P<srvprop>\bSERVERPROPERTY\s*\(\s*N?'(?P<srvprop_name>\w+)'\s*\))
-    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER)\s*\(\s*\))
+    |(?P<func>\b(?:DB_NAME|SCOPE_IDENTITY|SUSER_SNAME|SUSER_NAME|USER_NAME|DB_ID|CURRENT_USER|CONTEXT_INFO
+        |SCHEMA_NAME)\s*\(\s*\))
     |(?P<sysuser>\bSYSTEM_USER\b)""", re.I | re.X)
+_DYNAMIC_EXEC = re.compile(r"EXEC(?:UTE)?\s*\(", re.I)
 _PARAM = re.compile(r"[Nn]?'(?:[^']|'')*'|(?<![@\w])@(\w+)")
 _TSQL_WRITE = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Merge,
                exp.TruncateTable)
@@ -283,6 +290,7 @@ class SqlSession:
         self.lab, self.spid, self.user = lab, spid, user
         self.login_database = self.database = database
         self.options = dict(DEFAULT_OPTIONS)
+        self.context_info: bytes | None = None     # SET CONTEXT_INFO: session-wide, not undone when a scope ends
         self.trancount = 0
         self.descriptor = 0
         self.rowcount = 0
@@ -376,6 +384,7 @@ class SqlSession:
         for (name,) in self.conn.execute("SELECT name FROM temp.sqlite_master WHERE type = 'table'").fetchall():
             self.conn.execute(f"DROP TABLE temp.{_quote(name)}")
         self.options = dict(DEFAULT_OPTIONS)
+        self.context_info = None
         self.prepared.clear()
         self.database = self.login_database
 
@@ -431,6 +440,9 @@ class SqlSession:
         """One statement: [tokens, DONE status, CurCmd, row count]."""
         if self.cancelled:
             raise Cancelled()
+        dynamic = _DYNAMIC_EXEC.match(stmt)
+        if dynamic:
+            return self._exec_dynamic(stmt[dynamic.end() - 1:].strip().rstrip(";").strip(), params)
         words = stmt.split()
         head = words[0].upper()
         second = words[1].upper() if len(words) > 1 else ""
@@ -544,6 +556,10 @@ class SqlSession:
             table.set("db", exp.Identifier(this=self._schema(database), quoted=True))
             table.set("catalog", None)
             tables.append(database)
+        if not isinstance(expression, exp.Create):
+            for kind in expression.find_all(exp.DataType):      # CAST(x AS NVARCHAR(MAX)): SQLite has no MAX
+                if any(isinstance(p.this, exp.Var) and p.this.name.upper() == "MAX" for p in kind.expressions):
+                    kind.set("expressions", [])
         if isinstance(expression, exp.Create):
             for coldef in expression.find_all(exp.ColumnDef):
                 kind = coldef.args.get("kind")
@@ -609,8 +625,10 @@ class SqlSession:
                       "SERVERNAME": _nstr(self.lab.server_name), "SERVICENAME": "N'MSSQLSERVER'",
                       "LANGUAGE": _nstr(self.options.get("LANGUAGE", "us_english")), "ERROR": "0",
                       "MAX_PRECISION": "38", "DATEFIRST": self.options.get("DATEFIRST", "7"),
-                      "TEXTSIZE": self.options.get("TEXTSIZE", "-1"), "LOCK_TIMEOUT": "-1",
-                      "MICROSOFTVERSION": str(0x10000000 + 1000), "OPTIONS": "5496", "FETCH_STATUS": "-1",
+                      "TEXTSIZE": self.options.get("TEXTSIZE", "-1"),
+                      "LOCK_TIMEOUT": self.options.get("LOCK_TIMEOUT", "-1"),
+                      "MICROSOFTVERSION": str(0x10000000 + 1000), "OPTIONS": str(self.user_options()),
+                      "FETCH_STATUS": "-1",
                       "NESTLEVEL": "0"}
             if name not in values:
                 raise SqlError(137, f'Must declare the scalar variable "@@{name}".', 15, 2)
@@ -630,6 +648,10 @@ class SqlSession:
                     "COLLATION": "N'SQL_Latin1_General_CP1_CI_AS'", "ISSINGLEUSER": "0",
                     "PROCESSID": str(os.getpid())}.get(prop, "NULL")
         func = m.group("func").split("(")[0].strip().upper()
+        if func == "SCHEMA_NAME":
+            return "N'dbo'"                  # the lab's one schema
+        if func == "CONTEXT_INFO":
+            return "NULL" if self.context_info is None else f"CAST(0x{self.context_info.hex()} AS VARBINARY(128))"
         if func == "DB_NAME":
             return _nstr(self.database)
         if func == "DB_ID":
@@ -643,6 +665,12 @@ class SqlSession:
         if body.startswith("@"):
             raise SqlError(40517, "Variables are not supported by the multiproxy TDS lab server.", 15)
         upper = body.upper()
+        if upper.startswith("CONTEXT_INFO"):
+            value = body[len("CONTEXT_INFO"):].strip()
+            if not re.fullmatch(r"0[xX][0-9A-Fa-f]{0,256}", value):
+                raise SqlError(102, "SET CONTEXT_INFO takes a binary constant (0x...) in the lab server.", 15)
+            self.context_info = bytes.fromhex(value[2:]) or None
+            return [b"", 0, 0, 0]
         if upper.startswith("TRANSACTION ISOLATION LEVEL"):
             self.options["TRANSACTION ISOLATION LEVEL"] = " ".join(upper.split()[3:])
             return [b"", 0, 0, 0]
@@ -661,6 +689,24 @@ class SqlSession:
             if option == "LANGUAGE" and old != value:
                 tokens += tk.envchange(tk.ENV_LANGUAGE, value, old or "")
         return [tokens, 0, 0, 0]
+
+    def user_options(self) -> int:
+        """@@OPTIONS: a bit per ON/OFF option that is on."""
+        return sum(bit for name, bit in OPTION_BITS.items() if self.options.get(name) == "ON")
+
+    def _exec_dynamic(self, argument: str, params: dict | None) -> list:
+        """EXEC ('...' [+ '...']): the string runs as a batch of its own; SET options it changes are undone when
+        it ends, as SQL Server does at the end of a dynamic SQL scope (CONTEXT_INFO is session-wide and stays)."""
+        inner = argument[1:-1].strip() if argument.endswith(")") else ""
+        pieces = re.findall(r"[Nn]?'((?:[^']|'')*)'", inner)
+        if not pieces or re.sub(r"[Nn]?'(?:[^']|'')*'|\+|\s", "", inner):
+            raise SqlError(40517, "EXEC (...) takes string literals (joined with +) in the lab server.", 15)
+        saved = dict(self.options)
+        try:
+            body, status = self.run_batch("".join(p.replace("''", "'") for p in pieces), params, in_proc=True)
+        finally:
+            self.options = saved
+        return [body, status & tk.DONE_ERROR, tk.CURCMD_EXECUTE, 0]
 
     def use(self, database: str) -> bytes:
         if not self.lab.has_database(database):

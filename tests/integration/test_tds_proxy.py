@@ -107,9 +107,9 @@ def test_pymssql_rows_types_nulls_and_wrong_password(lab, proxy_factory):
     assert number == 18456 and "Login failed" in text, text
 
 
-def test_pymssql_autocommit_off_holds_its_backend(lab, proxy_factory):
-    """pymssql with autocommit off sends BEGIN TRAN at connect and after every commit, so its session always has
-    a transaction open: it holds one backend for its lifetime (by design, as on any transaction pooler)."""
+def test_pymssql_autocommit_off_holds_no_backend_while_idle(lab, proxy_factory):
+    """pymssql with autocommit off sends BEGIN TRAN at connect and after every commit: the proxy answers it and
+    begins it on a backend with the next statement, so between transactions the session holds none."""
     proxy = start(proxy_factory, lab, max_size=2)
     setup = ms(proxy)
     one_rowless = setup.cursor()
@@ -120,7 +120,7 @@ def test_pymssql_autocommit_off_holds_its_backend(lab, proxy_factory):
     assert one(setup, "SELECT COUNT(*) FROM ac_off") == [(0,)]   # not committed yet: another backend
     conn.commit()
     assert one(setup, "SELECT COUNT(*) FROM ac_off") == [(1,)]
-    assert metric(metrics_text(proxy), "multiproxy_database_connections_currently_borrowed") == 1   # conn holds one
+    assert metric(metrics_text(proxy), "multiproxy_database_connections_currently_borrowed") == 0   # idle: none
     conn.close()
     setup.close()
 

@@ -110,9 +110,13 @@ def test_relay_release_reset_and_replay():
     assert out == b"" and not release
     out, release = proto.backend_data(reply[5:])
     assert release
+    proto.client_data(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("SET DATEFIRST 3").encode()))
+    out, release = proto.backend_data(tp.encode_message(tp.TABULAR_RESULT, tk.done()))
+    assert release and proto.options == {"DATEFIRST": "SET DATEFIRST 3"}    # accepted: tracked
     proto.unlink()
+    proto.ctx.reset_after_transaction = True
     state.last_client = object()                               # another client used it since
-    to_backend, _ = proto.client_data(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("SET DATEFIRST 3").encode()))
+    to_backend, _ = proto.client_data(batch)
     sent = proto.link(state, to_backend)
     first = tp.MessageReader().feed(sent)[0]
     assert first.status & tp.STATUS_RESETCONNECTION and "SET DATEFIRST 3" in tp.SqlBatch.decode(first.data).text

@@ -557,6 +557,33 @@ def read_all_headers(data: bytes) -> tuple[AllHeaders, int]:
     return headers, total
 
 
+def transaction_descriptor_offset(data: bytes) -> int:
+    """Where the 8-byte transaction descriptor sits in a request that starts with ALL_HEADERS, or -1 (no such
+    header, or headers that do not parse: the server refuses those itself)."""
+    if len(data) < 4:
+        return -1
+    total = struct.unpack_from("<I", data, 0)[0]
+    if total < 4 or total > len(data):
+        return -1
+    pos = 4
+    while pos + 6 <= total:
+        length, htype = struct.unpack_from("<IH", data, pos)
+        if length < 6 or pos + length > total:
+            return -1
+        if htype == HEADER_TRANSACTION_DESCRIPTOR and length == 18:
+            return pos + 6
+        pos += length
+    return -1
+
+
+def with_transaction_descriptor(data: bytes, descriptor: bytes) -> bytes:
+    """The request with its ALL_HEADERS transaction descriptor replaced (unchanged when it has none)."""
+    at = transaction_descriptor_offset(data)
+    if at < 0:
+        return data
+    return data[:at] + descriptor + data[at + 8:]
+
+
 # -- SQLBatch (2.2.6.7) ---------------------------------------------------------------------------
 @dataclass
 class SqlBatch:
