@@ -80,6 +80,7 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
         self.schema = handshake.database
         self.ok_seq = handshake.ok_seq
         self.greeting_prefix = handshake.greeting_prefix
+        self.login_charset = handshake.charset
 
     def login_complete(self, server_state) -> bytes:
         """OK to the client (after the caching_sha2 fast-auth notice, if any)."""

@@ -13,8 +13,9 @@ from multiproxy.engine import ErrorKind, PinReason, ProtocolError
 
 from . import protocol as p
 from .errors import render_error
-from .pinning import classify, might_matter, undone_by
+from .pinning import NAMES, classify, might_matter, undone_by
 from .relay import PLAIN_QUERY, R_GENERIC, R_SINGLE, RESPONSE_KIND, Pending
+from .session_state import COLLATIONS
 from .statements import STATEMENT_COMMANDS
 
 # Transaction control the proxy can answer while no backend is linked: BEGIN [WORK] and START TRANSACTION [READ
@@ -23,6 +24,15 @@ from .statements import STATEMENT_COMMANDS
 # it runs.
 _BEGIN = re.compile(rb"\s*(?:begin(?:\s+work)?|start\s+transaction(?:\s+read\s+(?:only|write))?)\s*;?\s*", re.I)
 _END = re.compile(rb"\s*(?:commit|rollback)(?:\s+work)?\s*;?\s*", re.I)
+
+# Settings drivers send right after logging in, which the proxy takes without a backend when their effect is known
+# and cannot fail (PyMySQL sends both inside connect(), with a short read timeout): SET autocommit = 0|1, and SET
+# NAMES of a character set (and collation) every MySQL and MariaDB server has.
+_AUTOCOMMIT = re.compile(rb"\s*set\s+(?:session\s+|local\s+|@@(?:session\.|local\.)?)?autocommit\s*=\s*"
+                         rb"(0|1|on|off|true|false)\s*;?\s*", re.I)
+_SET_NAMES = re.compile(rb"\s*set\s+names\s+'?([a-z0-9_]+)'?(?:\s+collate\s+'?([a-z0-9_]+)'?)?\s*;?\s*", re.I)
+_EVERYWHERE_CHARSETS = frozenset(charset for charset, _ in COLLATIONS.values())
+_EVERYWHERE_COLLATIONS = frozenset(collation for _, collation in COLLATIONS.values() if collation)
 
 _UNSUPPORTED = frozenset((p.COM_SLEEP, p.COM_CONNECT, p.COM_TIME, p.COM_DELAYED_INSERT, p.COM_BINLOG_DUMP,
                           p.COM_TABLE_DUMP, p.COM_CONNECT_OUT, p.COM_REGISTER_SLAVE, p.COM_DAEMON,
@@ -60,7 +70,8 @@ class Commands:
                 return b""
         if command == p.COM_QUERY:
             sql = data[pos + 5:end]
-            if can_answer and length < 40 and self._transaction_control(sql, local):
+            if can_answer and length < 100 and (self._transaction_control(sql, local)
+                                                or self._setting_locally(sql, local)):
                 return b""
             if might_matter(sql):
                 return self._query(sql, local, can_answer, data[pos:end] if length < p.MAX_PAYLOAD else None)
@@ -158,6 +169,32 @@ class Commands:
             self.status &= ~p.SERVER_STATUS_IN_TRANS
         else:
             return False
+        local.append(self._ok())
+        self._answered_locally = True
+        return True
+
+    def _setting_locally(self, sql: bytes, local: list) -> bool:
+        """SET autocommit = 0|1 and SET NAMES of a character set every server knows, while no backend is linked and
+        no transaction is open, answered by the proxy and tracked (replayed on the next backend). True when answered."""
+        if self.status & p.SERVER_STATUS_IN_TRANS:
+            return False        # SET autocommit = 1 would commit: the server does that
+        autocommit = _AUTOCOMMIT.fullmatch(sql)
+        if autocommit is not None:
+            self.autocommit = autocommit.group(1).lower() in (b"1", b"on", b"true")
+            if self.autocommit:
+                self.status |= p.SERVER_STATUS_AUTOCOMMIT
+            else:
+                self.status &= ~p.SERVER_STATUS_AUTOCOMMIT
+        else:
+            names = _SET_NAMES.fullmatch(sql)
+            if names is None or names.group(1).decode().lower() not in _EVERYWHERE_CHARSETS:
+                return False
+            if names.group(2) is not None and names.group(2).decode().lower() not in _EVERYWHERE_COLLATIONS:
+                return False
+            found = classify(bytes(sql).decode("utf-8", "replace"))
+            if found.effects or list(found.assigns) != [NAMES]:
+                return False
+            self._settings_made(True, found.assigns, None)
         local.append(self._ok())
         self._answered_locally = True
         return True

@@ -143,6 +143,31 @@ def test_a_login_with_a_pipelined_query_completes_while_every_backend_is_busy(ma
     assert metric(text, TIMEOUTS) == 0 and metric(text, CONNECTIONS) == 1
 
 
+def test_pymysql_connects_within_its_read_timeout_while_every_backend_is_busy(mariadb, budget_user, proxy_factory):
+    # PyMySQL's connect() sends SET NAMES and SET AUTOCOMMIT = 0 after the login: the proxy takes both (tracked,
+    # replayed later) instead of making connect() wait for a backend.
+    proxy = start(proxy_factory, mariadb, max_size=1, borrow_timeout=30.0)
+    holder = pymysql_client(proxy)
+    holder.begin()
+    assert query(holder, "SELECT 1") == [(1,)]          # the only backend is in a transaction
+    started = time.monotonic()
+    late = pymysql.connect(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
+                           charset="utf8mb4", autocommit=False, connect_timeout=10, read_timeout=0.5)
+    assert time.monotonic() - started < 0.5
+    late._read_timeout = 10                              # the connect was the point; the query may wait
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(query(late, "SELECT @@autocommit, @@character_set_client")))
+    worker.start()
+    time.sleep(0.3)
+    assert not results                                   # its first statement waits for the backend
+    holder.commit()
+    worker.join(10)
+    assert results == [[(0, "utf8mb4")]]                 # what connect() set reached the backend
+    late.close()
+    holder.close()
+    assert metric(metrics_text(proxy), TIMEOUTS) == 0
+
+
 def test_a_waiting_variant_gets_the_room_of_another_variants_idle_connection(mariadb, budget_user, proxy_factory):
     proxy = start(proxy_factory, mariadb, max_size=1, borrow_timeout=30.0)
     holder = pymysql_client(proxy)

@@ -150,12 +150,12 @@ def test_reset_connection_and_change_user_unpin(mariadb, proxy_factory, table):
         assert pinned(proxy) == 1
         conn.change_user(APP_USER, APP_PASSWORD, DB)     # COM_CHANGE_USER to the same user
         assert pinned(proxy) == 0
-        cur = conn.cursor()
-        cur.execute("SELECT @y, 7")
-        assert cur.fetchone() == (None, 7)
         other = connect(proxy)
         assert one(other, "SELECT 8") == 8              # nothing holds the only backend
         other.close()
+        cur = conn.cursor()
+        cur.execute("SELECT @y, 7")                      # reading a user variable pins again
+        assert cur.fetchone() == (None, 7)
     finally:
         conn.close()
 

@@ -330,9 +330,7 @@ def test_begin_behind_replayed_settings_and_a_failed_begin_answers_the_request()
 
 def test_autocommit_off_after_commit_holds_no_backend():
     client = logged_in()
-    linked(client, b"SET autocommit = 0")
-    assert client.backend_data(ok(status=0)) == (ok(status=0), True)
-    client.unlink()
+    assert client.client_data(query(b"SET autocommit = 0")) == (b"", ok(status=0))    # taken without a backend
     assert client.client_data(query(b"COMMIT")) == (b"", ok(status=0))       # nothing open on any backend
     sent = linked(client, b"INSERT INTO t VALUES (1)")
     assert sent == query(b"SET SESSION autocommit = 0") + query(b"INSERT INTO t VALUES (1)")
@@ -377,3 +375,31 @@ def test_reset_after_transaction_with_a_reset_query():
     assert sent.startswith(query(b"SET SESSION wait_timeout = DEFAULT")) and sent.endswith(query(b"SELECT 1"))
     out, release = client.backend_data(ok() + ok() + resultset([b"1"]))
     assert (out, release) == (resultset([b"1"]), True)
+
+
+# ---------------------------------------------------------------- settings taken without a backend
+
+def test_set_autocommit_and_set_names_at_connect_are_answered_locally_and_replayed():
+    client = logged_in()
+    assert client.client_data(query(b"SET NAMES utf8mb4")) == (b"", ok())
+    assert client.client_data(query(b"SET AUTOCOMMIT = 0")) == (b"", ok(status=0))
+    assert client.variables == {"names": "NAMES utf8mb4"} and client.autocommit is False
+    forward, local = client.client_data(query(b"SELECT 1"))
+    assert local == b""
+    sent = client.link(server_state(), forward)
+    assert sent.endswith(query(b"SELECT 1")) and b"NAMES utf8mb4" in sent and b"autocommit = 0" in sent
+
+
+@pytest.mark.parametrize("sql", [b"SET NAMES koi8r", b"SET NAMES utf8mb4 COLLATE utf8mb4_0900_ai_ci",
+                                 b"SET autocommit = @x", b"SET NAMES utf8mb4, wait_timeout = 5"])
+def test_settings_the_proxy_cannot_vouch_for_go_to_a_backend(sql):
+    client = logged_in()
+    forward, local = client.client_data(query(sql))
+    assert forward == query(sql) and local == b""
+
+
+def test_set_autocommit_inside_a_transaction_goes_to_the_backend():
+    client = logged_in()
+    client.client_data(query(b"BEGIN"))
+    forward, local = client.client_data(query(b"SET autocommit = 1"))
+    assert local == b"" and forward.endswith(query(b"SET autocommit = 1"))
