@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 
 import sqlglot
@@ -275,6 +276,7 @@ _SUBST = re.compile(
     |(?P<sysuser>\bSYSTEM_USER\b)""", re.I | re.X)
 _DYNAMIC_EXEC = re.compile(r"EXEC(?:UTE)?\s*\(", re.I)
 _PARAM = re.compile(r"[Nn]?'(?:[^']|'')*'|(?<![@\w])@(\w+)")
+_CURCMD = {exp.Insert: tk.CURCMD_INSERT, exp.Delete: tk.CURCMD_DELETE, exp.Update: tk.CURCMD_UPDATE}
 _TSQL_WRITE = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Merge,
                exp.TruncateTable)
 
@@ -301,10 +303,13 @@ class SqlSession:
         self.conn = sqlite3.connect(lab.path_for("master"), isolation_level=None, check_same_thread=False,
                                     detect_types=sqlite3.PARSE_DECLTYPES, timeout=BUSY_TIMEOUT_MS / 1000)
         self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")            # SQL Server enforces FOREIGN KEY constraints
         self.conn.set_progress_handler(lambda: 1 if self.cancelled else 0, 1000)
         # T-SQL functions older SQLite lacks
         self.conn.create_function("CONCAT", -1, lambda *a: "".join("" if v is None else str(v) for v in a),
                                   deterministic=True)
+        self.conn.create_function("lab_object_id", 1, object_id_of, deterministic=True)
+        self.conn.create_function("lab_object_name", 1, object_name_part, deterministic=True)
         self._attach(database)
 
     # the lab's databases are files; master is `main`, the others are attached under their names
@@ -491,9 +496,9 @@ class SqlSession:
             columns, rows = infer_columns(names, rows)
             self.rowcount = len(rows)
             body = tk.colmetadata(columns) + b"".join(tk.row(columns, r) for r in rows)
-            return [body, 0 if self.nocount else tk.DONE_COUNT, tk.CURCMD_SELECT, len(rows)]
-        curcmd = {exp.Insert: tk.CURCMD_INSERT, exp.Delete: tk.CURCMD_DELETE,
-                  exp.Update: tk.CURCMD_UPDATE}.get(type(expression))
+            curcmd = _CURCMD.get(type(expression), tk.CURCMD_SELECT)   # a write's OUTPUT rows count its rows
+            return [body, 0 if self.nocount else tk.DONE_COUNT, curcmd, len(rows)]
+        curcmd = _CURCMD.get(type(expression))
         if curcmd is None:
             self.rowcount = 0
             return [b"", 0, 0, 0]
@@ -550,16 +555,22 @@ class SqlSession:
                 continue
             if name.lower() in ctes and not table.args.get("db"):
                 continue
+            if table.db.lower() in CATALOG_SCHEMAS:
+                continue                               # a catalog view: _catalog_views replaces it below
+            if isinstance(table.parent, exp.Schema) and isinstance(table.parent.parent, exp.Reference):
+                continue                               # FOREIGN KEY ... REFERENCES t: SQLite wants it unqualified
             database = table.catalog or self.database
             if table.catalog:
                 self._attach_known(database)
             table.set("db", exp.Identifier(this=self._schema(database), quoted=True))
             table.set("catalog", None)
             tables.append(database)
-        if not isinstance(expression, exp.Create):
-            for kind in expression.find_all(exp.DataType):      # CAST(x AS NVARCHAR(MAX)): SQLite has no MAX
-                if any(isinstance(p.this, exp.Var) and p.this.name.upper() == "MAX" for p in kind.expressions):
-                    kind.set("expressions", [])
+        self._catalog_views(expression)
+        self._output_clause(expression)
+        _values_column_aliases(expression)
+        for kind in expression.find_all(exp.DataType):      # NVARCHAR(MAX): SQLite has no MAX (no limit at all)
+            if any(isinstance(p.this, exp.Var) and p.this.name.upper() == "MAX" for p in kind.expressions):
+                kind.set("expressions", [])
         if isinstance(expression, exp.Create):
             for coldef in expression.find_all(exp.ColumnDef):
                 kind = coldef.args.get("kind")
@@ -585,6 +596,94 @@ class SqlSession:
             raise SqlError(911, f"Database '{database}' does not exist. Make sure that the name is entered "
                                 "correctly.")
         self._attach(database)
+
+    # -- catalog views, OBJECT_ID() and OUTPUT: what ORMs ask before and after their DDL and inserts ---------
+    def _catalog_views(self, expression: exp.Expression) -> None:
+        """sys.objects, sys.tables, sys.views, sys.schemas, sys.system_views, sys.dm_exec_sessions,
+        INFORMATION_SCHEMA.TABLES and fn_listextendedproperty() become subqueries over SQLite's own catalog
+        (sqlite_master of the database named, `tempdb` meaning this session's #temp tables); OBJECT_ID() looks
+        a name up there. Columns qualified as sys.objects.name lose the schema part."""
+        for table in list(expression.find_all(exp.Table)):
+            if isinstance(table.this, exp.Anonymous) and table.this.name.lower() == "fn_listextendedproperty":
+                table.replace(_subquery("SELECT NULL AS objtype, NULL AS objname, NULL AS name, NULL AS value "
+                                        "WHERE 1 = 0", table.alias_or_name))   # no extended properties
+                continue
+            if not isinstance(table.this, exp.Identifier) or table.db.lower() not in CATALOG_SCHEMAS:
+                continue
+            view = f"{table.db.lower()}.{table.name.lower()}"
+            schema = self._catalog_schema(table.catalog)
+            if view not in CATALOG_VIEWS:
+                raise SqlError(208, f"Invalid object name '{table.db}.{table.name}' (the lab server has "
+                                    f"{', '.join(sorted(CATALOG_VIEWS))} and sys.dm_hadr_database_replica_states)"
+                                    ".")
+            table.replace(_subquery(self._catalog_view_sql(view, schema), table.alias_or_name))
+        for column in expression.find_all(exp.Column):
+            if column.args.get("db") and column.db.lower() in CATALOG_SCHEMAS:
+                column.set("db", None)
+                column.set("catalog", None)
+        for call in list(expression.find_all(exp.ObjectId)):
+            kind = call.expression
+            types = {"U": "'table'", "V": "'view'"}.get(kind.name.upper().strip(), "'table', 'view'") \
+                if isinstance(kind, exp.Literal) else "'table', 'view'"
+            lookup = sqlglot.parse_one(
+                "(SELECT lab_object_id(name) FROM (SELECT name, type FROM "
+                f"{_quote(self._schema(self.database))}.sqlite_master UNION ALL SELECT name, type FROM "
+                f"temp.sqlite_master) WHERE type IN ({types}) AND lower(name) = lower(lab_object_name(NULL)))",
+                read="sqlite")
+            placeholder = next(f for f in lookup.find_all(exp.Anonymous) if f.name.lower() == "lab_object_name")
+            placeholder.set("expressions", [call.this.copy()])
+            call.replace(lookup)
+
+    def _catalog_schema(self, catalog: str) -> str:
+        if not catalog:
+            return self._schema(self.database)
+        if catalog.lower() == "tempdb":
+            return "temp"
+        self._attach_known(catalog)
+        return self._schema(catalog)
+
+    def _catalog_view_sql(self, view: str, schema: str) -> str:
+        if view == "sys.schemas":
+            return " UNION ALL ".join(f"SELECT {i} AS schema_id, '{name}' AS name, {i} AS principal_id"
+                                      for i, name in SCHEMAS)
+        if view == "sys.system_views":
+            return " UNION ALL ".join(f"SELECT '{name.split('.')[1]}' AS name, {object_id_of(name)} AS object_id, "
+                                      "4 AS schema_id, 'V' AS type, 'VIEW' AS type_desc, 1 AS is_ms_shipped"
+                                      for name in sorted(CATALOG_VIEWS) + ["sys.dm_hadr_database_replica_states"]
+                                      if name.startswith("sys."))
+        if view == "sys.dm_exec_sessions":
+            level = ISOLATION_LEVELS.get(self.options.get("TRANSACTION ISOLATION LEVEL", ""), 2)
+            return (f"SELECT {self.spid} AS session_id, {_sqlite_str(self.user)} AS login_name, 'running' AS status, "
+                    f"1 AS is_user_process, {self._db_id()} AS database_id, {level} AS transaction_isolation_level, "
+                    f"{self.trancount} AS open_transaction_count")
+        source = (f"FROM {_quote(schema)}.sqlite_master WHERE type IN ('table', 'view') "
+                  "AND name NOT LIKE 'sqlite^_%' ESCAPE '^'")
+        if view == "information_schema.tables":
+            catalog = "tempdb" if schema == "temp" else self.database
+            return (f"SELECT {_sqlite_str(catalog)} AS TABLE_CATALOG, 'dbo' AS TABLE_SCHEMA, name AS TABLE_NAME, "
+                    f"CASE type WHEN 'table' THEN 'BASE TABLE' ELSE 'VIEW' END AS TABLE_TYPE {source}")
+        only = {"sys.tables": " AND type = 'table'", "sys.views": " AND type = 'view'"}.get(view, "")
+        return ("SELECT name, lab_object_id(name) AS object_id, NULL AS principal_id, 1 AS schema_id, "
+                "0 AS parent_object_id, CASE type WHEN 'table' THEN 'U' ELSE 'V' END AS type, "
+                "CASE type WHEN 'table' THEN 'USER_TABLE' ELSE 'VIEW' END AS type_desc, NULL AS create_date, "
+                "NULL AS modify_date, 0 AS is_ms_shipped, 0 AS is_published, 0 AS is_schema_published "
+                f"{source}{only}")
+
+    @staticmethod
+    def _output_clause(expression: exp.Expression) -> None:
+        """INSERT/UPDATE/DELETE ... OUTPUT inserted.x (deleted.x for DELETE) runs as SQLite's RETURNING x."""
+        returning = expression.args.get("returning")
+        if returning is None:
+            return
+        allowed = "deleted" if isinstance(expression, exp.Delete) else "inserted"
+        if returning.args.get("into"):
+            raise SqlError(40517, "OUTPUT ... INTO is not supported by the multiproxy TDS lab server.", 15)
+        for column in returning.find_all(exp.Column):
+            if column.table.lower() in ("inserted", "deleted"):
+                if column.table.lower() != allowed:
+                    raise SqlError(40517, f"OUTPUT {column.table}.* in this statement is not supported by the "
+                                          f"lab server (it returns {allowed}.* values).", 15)
+                column.set("table", None)
 
     def _replica_states(self, alias: str) -> exp.Expression:
         """sys.dm_hadr_database_replica_states as the lab sees itself: a read-only server is the secondary
@@ -815,6 +914,57 @@ def _declared_names(decl: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"@(\w+)", re.sub(r"\([^)]*\)", "", decl))]
 
 
+CATALOG_SCHEMAS = ("sys", "information_schema")
+CATALOG_VIEWS = {"sys.objects", "sys.tables", "sys.views", "sys.schemas", "sys.system_views", "sys.dm_exec_sessions",
+                 "information_schema.tables"}
+SCHEMAS = ((1, "dbo"), (2, "guest"), (3, "INFORMATION_SCHEMA"), (4, "sys"))
+ISOLATION_LEVELS = {"READ UNCOMMITTED": 1, "READ COMMITTED": 2, "REPEATABLE READ": 3, "SERIALIZABLE": 4,
+                    "SNAPSHOT": 5}
+
+
+def object_id_of(name) -> int | None:
+    """The lab's object_id of a table or view: a stable number from its name (SQLite keeps no ids)."""
+    if name is None:
+        return None
+    return 1000 + zlib.crc32(str(name).lower().encode()) % 2_000_000_000
+
+
+def object_name_part(qualified) -> str | None:
+    """The object's own name out of a qualified one: 'tempdb..[#t]' -> '#t', 'dbo.users' -> 'users'."""
+    if qualified is None:
+        return None
+    parts = re.findall(r"\[(?:[^\]]|\]\])*\]|\"(?:[^\"]|\"\")*\"|[^.]+", str(qualified))
+    if not parts:
+        return None
+    last = parts[-1].strip()
+    if last[:1] == "[" and last[-1:] == "]":
+        return last[1:-1].replace("]]", "]")
+    if last[:1] == '"' and last[-1:] == '"':
+        return last[1:-1].replace('""', '"')
+    return last
+
+
+def _sqlite_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _subquery(sql: str, alias: str) -> exp.Expression:
+    return sqlglot.parse_one(sql, read="sqlite").subquery(alias)
+
+
+def _values_column_aliases(expression: exp.Expression) -> None:
+    """(VALUES ...) AS t(a, b): SQLite names a VALUES table's columns column1, column2, ...; select them as a, b."""
+    for values in list(expression.find_all(exp.Values)):
+        alias = values.args.get("alias")
+        if not isinstance(alias, exp.TableAlias) or not alias.columns:
+            continue
+        inner = values.copy()
+        inner.set("alias", None)
+        select = exp.select(*(exp.alias_(exp.column(f"column{i + 1}"), name.name, quoted=True)
+                              for i, name in enumerate(alias.columns))).from_(exp.Subquery(this=inner))
+        values.replace(select.subquery(alias.name))
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -830,6 +980,9 @@ def _map_error(exc: sqlite3.Error) -> SqlError:
     if text.startswith("UNIQUE constraint failed"):
         return SqlError(2627, f"Violation of PRIMARY KEY or UNIQUE constraint ({text}). Cannot insert duplicate "
                               "key.", 14)
+    if text.startswith("FOREIGN KEY constraint failed"):
+        return SqlError(547, "The statement conflicted with a FOREIGN KEY constraint (a referenced row is missing "
+                             "or a referencing row still exists).")
     if text.startswith("NOT NULL constraint failed"):
         return SqlError(515, f"Cannot insert the value NULL into a column that does not allow nulls ({text}).")
     if "database is locked" in text or "database table is locked" in text:
