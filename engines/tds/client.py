@@ -292,8 +292,11 @@ class TDSClient(SessionState, ClientProtocol):
         if ctx.listener.require_tls and self.tls is None:
             return self._fail(ErrorKind.TLS_REQUIRED, f"listener {ctx.listener.name!r} requires TLS")
         if login.tds_version < tp.TDS72:
-            return self._fail(ErrorKind.NOT_SUPPORTED, "multiproxy speaks TDS 7.2 to 7.4; set TDSVER=7.4 (FreeTDS) "
-                                                       "or tds_version='7.4' (pymssql)")
+            spoken = f"{login.tds_version >> 28}.{(login.tds_version >> 24) & 0xF}"
+            return self._fail(ErrorKind.NOT_SUPPORTED,
+                              f"this client logged in with TDS {spoken}; multiproxy speaks TDS 7.2 to 7.4: set "
+                              "TDSVER=7.4 (FreeTDS), tds_version='7.4' (pymssql), or use a driver that speaks TDS 7.2 "
+                              "or later (jTDS stops at 7.1; Microsoft's JDBC driver speaks 7.4)")
         if login.integrated_security:
             return self._denied("integrated (SSPI/Kerberos) authentication is not supported by multiproxy; "
                                 "use a SQL login (user name and password)")

@@ -186,8 +186,9 @@ class _Connection:
             self.fail(4002, f"The login packet is malformed: {exc}.")
             return False
         if login.tds_version not in _SUPPORTED_VERSIONS and login.tds_version < tp.TDS74:
-            self.fail(18456, "The lab server speaks TDS 7.2 to 7.4; set TDSVER=7.4 (FreeTDS) or "
-                             "tds_version='7.4' (pymssql).", 14)
+            spoken = f"{login.tds_version >> 28}.{(login.tds_version >> 24) & 0xF}"
+            self.fail(18456, f"This client logged in with TDS {spoken}; the lab server speaks TDS 7.2 to 7.4: set "
+                             "TDSVER=7.4 (FreeTDS) or tds_version='7.4' (pymssql).", 14)
             return False
         if login.integrated_security or tp.FEATURE_FEDAUTH in login.features:
             self.fail(18456, "Login failed: integrated and federated authentication are not supported by the "

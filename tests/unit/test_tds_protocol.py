@@ -206,6 +206,29 @@ def test_login7_offsets_outside_the_message_are_protocol_errors():
         tp.Login7.decode(LOGIN7_REQUEST[8:60])
 
 
+# LOGIN7 of FreeTDS tsql with TDSVER=7.1 (user jtds, password pw): TDS 7.1's fixed part is 86 bytes, without 7.2's
+# ibChangePassword, cchChangePassword and cbSSPILong, so the variable data starts at offset 86.
+LOGIN7_TDS71 = bytes.fromhex(
+    "aa00000001000071001000000683f2f81d2c000000000000e003000088ffffff36040000560002005a00040062000200660004006e00"
+    "09000000000080000b0096000a00aa00000002fc00000001aa000000aa00000076006d006a00740064007300a2a5d2a5540053005100"
+    "4c003100320037002e0030002e0030002e0031005400440053002d004c00690062007200610072007900750073005f0065006e006700"
+    "6c00690073006800")
+
+
+def test_login7_of_tds71_decodes_with_its_shorter_fixed_part():
+    login = tp.Login7.decode(LOGIN7_TDS71)
+    assert login.tds_version == tp.TDS71 < tp.TDS72
+    assert (login.username, login.password, login.appname) == ("jtds", "pw", "TSQL")
+    assert (login.library, login.language, login.database) == ("TDS-Library", "us_english", "")
+    assert (login.sspi, login.attach_db_file, login.change_password, login.features) == (b"", "", "", {})
+    with pytest.raises(tp.ProtocolError):             # its fixed part cut short
+        tp.Login7.decode(LOGIN7_TDS71[:80])
+    data = bytearray(LOGIN7_TDS71)
+    data[36:38] = (80).to_bytes(2, "little")           # ibHostName inside the 86-byte fixed part
+    with pytest.raises(tp.ProtocolError):
+        tp.Login7.decode(bytes(data))
+
+
 def test_login_response_tokens_and_builders():
     data = feed_bytewise(LOGIN_RESPONSE)[0].data
     toks = tk.TokenReader().read(data)

@@ -264,6 +264,7 @@ class Prelogin:
 
 # -- LOGIN7 (2.2.6.4) -----------------------------------------------------------------------------
 LOGIN7_FIXED = 94
+LOGIN7_FIXED_71 = 86    # TDS 7.0/7.1: no ibChangePassword/cchChangePassword/cbSSPILong (added in 7.2)
 # OptionFlags2
 F_INT_SECURITY = 0x80
 F_ODBC = 0x02
@@ -406,21 +407,28 @@ class Login7:
 
     @classmethod
     def decode(cls, data: bytes) -> "Login7":
-        if len(data) < LOGIN7_FIXED:
-            raise ProtocolError(f"LOGIN7 is {len(data)} bytes, shorter than its {LOGIN7_FIXED}-byte fixed part")
+        """A LOGIN7 of TDS 7.2+ or, with its shorter fixed part, of TDS 7.0/7.1 (decoded so that it can be refused
+        by version rather than as malformed)."""
+        if len(data) < 8:
+            raise ProtocolError(f"LOGIN7 is {len(data)} bytes, too short for its length and TDS version")
+        fixed = LOGIN7_FIXED if struct.unpack_from("<I", data, 4)[0] >= TDS72 else LOGIN7_FIXED_71
+        if len(data) < fixed:
+            raise ProtocolError(f"LOGIN7 is {len(data)} bytes, shorter than its {fixed}-byte fixed part")
         (length, version, packet_size, prog_ver, pid, conn_id, of1, of2, tf, of3, tz, lcid) = \
             struct.unpack_from("<IIIIIIBBBBiI", data, 0)
-        if length > len(data) or length < LOGIN7_FIXED:
+        if length > len(data) or length < fixed:
             raise ProtocolError(f"LOGIN7 length {length} does not match the {len(data)} bytes received")
         data = data[:length]
         pairs = struct.unpack_from("<18H", data, 36)
         login = cls(version, packet_size, prog_ver, pid, conn_id, of1, of2, tf, of3, tz, lcid)
         login.client_id = bytes(data[72:78])
-        ib_sspi, cb_sspi, ib_atch, cch_atch, ib_chg, cch_chg = struct.unpack_from("<6H", data, 78)
-        cb_sspi_long = struct.unpack_from("<I", data, 90)[0]
+        ib_sspi, cb_sspi, ib_atch, cch_atch = struct.unpack_from("<4H", data, 78)
+        ib_chg = cch_chg = cb_sspi_long = 0
+        if fixed == LOGIN7_FIXED:
+            ib_chg, cch_chg, cb_sspi_long = struct.unpack_from("<2HI", data, 86)
 
         def span(offset: int, size: int, what: str) -> bytes:
-            if size and (offset < LOGIN7_FIXED or offset + size > length):
+            if size and (offset < fixed or offset + size > length):
                 raise ProtocolError(f"LOGIN7 {what} (offset {offset}, {size} bytes) lies outside the message")
             return bytes(data[offset:offset + size])
 
@@ -428,7 +436,7 @@ class Login7:
         for index, name in enumerate(_LOGIN_STRINGS):
             offset, count = pairs[2 * index], pairs[2 * index + 1]
             if name == "extension":
-                if of3 & F_EXTENSION and count >= 4:
+                if of3 & F_EXTENSION and count >= 4 and fixed == LOGIN7_FIXED:
                     extension_offset = struct.unpack("<I", span(offset, 4, name))[0]
                 continue
             raw = span(offset, 2 * count, name)
@@ -437,7 +445,7 @@ class Login7:
         login.attach_db_file = decode_ucs2(span(ib_atch, 2 * cch_atch, "AtchDBFile"))
         login.change_password = deobfuscate_password(span(ib_chg, 2 * cch_chg, "ChangePassword"))
         if extension_offset is not None:
-            if extension_offset < LOGIN7_FIXED or extension_offset >= length:
+            if extension_offset < fixed or extension_offset >= length:
                 raise ProtocolError("LOGIN7 FeatureExt offset lies outside the message")
             pos = extension_offset
             while True:
