@@ -288,6 +288,30 @@ def test_login_failures(lab):
                         tds_version="7.4")
 
 
+def tsql_login_refusal(port: int, user: str, password: str, tdsver: str) -> str:
+    out = subprocess.run(["tsql", "-H", "127.0.0.1", "-p", str(port), "-U", user, "-P", password],
+                         input="select 1\ngo\nexit\n", capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, TDSVER=tdsver))
+    return out.stdout + out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_tds71_login_is_refused_by_version_directly_and_through_the_proxy(lab, proxy_factory):
+    """FreeTDS tsql with TDSVER=7.1 (LOGIN7's shorter 7.1 fixed part, as jTDS sends it) is told which TDS version
+    to use, by the lab server and by the proxy, not that its login is malformed."""
+    from .test_tds_proxy import APP_PASSWORD, APP_USER, start
+    direct = tsql_login_refusal(lab.port, USER, PASSWORD, "7.1")
+    assert "Msg 18456" in direct and "logged in with TDS 7.1" in direct and "TDSVER=7.4" in direct, direct
+    assert "malformed" not in direct
+    proxy = start(proxy_factory, lab)
+    through = tsql_login_refusal(proxy.port, APP_USER, APP_PASSWORD, "7.1")
+    assert "Msg 40517" in through and "logged in with TDS 7.1" in through, through
+    assert "multiproxy speaks TDS 7.2 to 7.4" in through and "TDSVER=7.4" in through and "jTDS" in through
+    assert "malformed" not in through
+    accepted = tsql_login_refusal(proxy.port, APP_USER, APP_PASSWORD, "7.4")     # the version it names works
+    assert "\n1\n" in accepted and "Msg" not in accepted, accepted
+
+
 def _expect_closed_or_error(sock):
     sock.settimeout(5)
     data = b""
