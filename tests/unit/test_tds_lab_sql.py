@@ -1,10 +1,11 @@
-"""The lab server's T-SQL front end: statement splitting without semicolons and result type inference."""
+"""The lab server's T-SQL front end: statement splitting, result type inference, and what ORMs send (on SQLite)."""
 import datetime
 import decimal
 
 import pytest
 
-from multiproxy.lab.tds_sql import BigInt, VarChar, infer_columns, split_statements
+from multiproxy.lab.tds_sql import (BigInt, LabDatabases, SqlSession, VarChar, infer_columns, object_name_part,
+                                   split_statements)
 from multiproxy_engines.tds.wire import token_stream as tk
 
 
@@ -38,3 +39,70 @@ def test_infer_columns_types_and_nulls():
     assert [t for t, _ in types[5:]] == [tk.NVARCHAR, tk.BIGVARCHAR, tk.BIGVARBINARY, tk.DATETIMN, tk.INTN]
     assert out[1][3] == 2.0
     assert tk.row(columns, out[0]) and tk.row(columns, out[1])
+
+
+# -- what ORMs send: catalog views, OBJECT_ID(), OUTPUT, NVARCHAR(max), FOREIGN KEY (a real SQLite file each) ----
+@pytest.fixture()
+def session(tmp_path):
+    lab = LabDatabases(str(tmp_path), None, "unit")
+    lab.create_database("app")
+    sql = SqlSession(lab, 51, "sa", "app")
+    yield sql
+    sql.close()
+
+
+def run(sql: SqlSession, batch: str) -> tuple[list[list], list[str]]:
+    """(rows, error texts) of a batch."""
+    body, _ = sql.run_batch(batch)
+    toks = tk.TokenReader().read(body)
+    return ([t.values for t in toks if t.type == tk.TOKEN_ROW],
+            [f"{t.number}: {t.text}" for t in toks if t.type == tk.TOKEN_ERROR])
+
+
+def test_create_table_with_nvarchar_max_identity_and_foreign_key(session):
+    assert run(session, "CREATE TABLE parent (id INT IDENTITY(1,1) NOT NULL, note NVARCHAR(max) NULL, PRIMARY KEY (id))"
+                        " CREATE TABLE child (id INT IDENTITY(1,1) NOT NULL, parent_id INT NOT NULL, PRIMARY KEY (id),"
+                        " FOREIGN KEY(parent_id) REFERENCES parent (id))") == ([], [])
+    assert run(session, "INSERT INTO parent (note) OUTPUT inserted.id VALUES (N'a')") == ([[1]], [])
+    assert run(session, "INSERT INTO parent (note) OUTPUT inserted.* VALUES (N'b')") == ([[2, "b"]], [])
+    rows, errors = run(session, "INSERT INTO child (parent_id) OUTPUT inserted.id, inserted.parent_id AS p "
+                                "SELECT p0 FROM (VALUES (2, 0), (1, 1)) AS imp_sen(p0, sen_counter) "
+                                "ORDER BY sen_counter")
+    assert (rows, errors) == ([[1, 2], [2, 1]], [])
+    rows, errors = run(session, "INSERT INTO child (parent_id) VALUES (99)")
+    assert errors and errors[0].startswith("547:")
+    rows, errors = run(session, "DROP TABLE parent")              # still referenced by child's rows
+    assert errors and errors[0].startswith("547:")
+    assert run(session, "UPDATE parent SET note = N'c' OUTPUT inserted.note WHERE id = 1") == ([["c"]], [])
+    _, errors = run(session, "UPDATE parent SET note = N'c' OUTPUT deleted.note")
+    assert errors and errors[0].startswith("40517:")
+
+
+def test_catalog_views_and_object_id(session):
+    run(session, "CREATE TABLE users (id INT) CREATE TABLE #scratch (x INT)")
+    assert run(session, "SELECT sys.objects.name, sys.objects.type FROM sys.objects JOIN sys.schemas "
+                        "ON sys.objects.schema_id = sys.schemas.schema_id WHERE sys.schemas.name = 'dbo'")[0] == \
+        [["users", "U"]]
+    object_id = run(session, "SELECT OBJECT_ID('dbo.[users]', 'U')")[0][0][0]
+    assert object_id > 0 and run(session, "SELECT object_id FROM sys.tables WHERE name = 'users'")[0] == [[object_id]]
+    assert run(session, "SELECT OBJECT_ID('users', 'V'), OBJECT_ID('nope')")[0] == [[None, None]]
+    assert run(session, "SELECT s.name, o.name FROM tempdb.sys.objects AS o JOIN tempdb.sys.schemas AS s "
+                        "ON s.schema_id = o.schema_id WHERE o.object_id = OBJECT_ID('tempdb..[#scratch]', 'U')")[0] \
+        == [["dbo", "#scratch"]]
+    tables = "SELECT TABLE_CATALOG, TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE FROM INFORMATION_SCHEMA.TABLES"
+    assert run(session, tables)[0] == [["app", "dbo", "users", "BASE TABLE"]]
+    assert run(session, "SELECT name FROM sys.system_views WHERE name IN ('dm_exec_sessions', 'x')")[0] == \
+        [["dm_exec_sessions"]]
+    session.options["TRANSACTION ISOLATION LEVEL"] = "SERIALIZABLE"
+    assert run(session, "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID")[0] \
+        == [[4]]
+    assert run(session, "SELECT 1 FROM fn_listextendedproperty(default, default, default, default, default, "
+                        "default, default)") == ([], [])
+    assert run(session, "SELECT schema_name(), CAST(N'x' AS NVARCHAR(max))")[0] == [["dbo", "x"]]
+    _, errors = run(session, "SELECT * FROM sys.columns")
+    assert errors and errors[0].startswith("208:") and "sys.objects" in errors[0]
+
+
+def test_object_name_part():
+    assert [object_name_part(n) for n in ("tempdb..[#t]", "dbo.users", "[a.b]", '"q"', "plain", None)] == \
+        ["#t", "users", "a.b", "q", "plain", None]
