@@ -509,6 +509,7 @@ def test_fuzz_decoders_raise_only_protocol_errors(decode, data):
                                            (tp.Prelogin.decode, PRELOGIN_REQUEST),
                                            (tp.Login7.decode, FEDAUTH_LOGIN7_REQUEST),
                                            (tp.Login7.decode, b"\0" * 8 + SECURITY_TOKEN_LOGIN7),
+                                           (tp.Login7.decode, b"\0" * 8 + LOGIN7_TDS71),
                                            (tp.FedAuth.decode, b"\0" * 8 + SECURITY_TOKEN_FEATURE),
                                            (lambda d: tk.TokenReader().read(d), FEDAUTH_LOGIN_RESPONSE)])
 @settings(max_examples=300, deadline=None)
