@@ -290,15 +290,22 @@ class Pool:
 
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client, without waiting for a busy backend:
-        the facts of this pool's latest login; else those of another pool the engine accepts them from
-        (Engine.welcome_facts_from); else of a login of its own, opened now if the budget has room (or room is
-        made by closing an idle connection of another variant), or under way in the budget (waited for: that
+        the facts of this pool's latest login; else of a login of its own when the budget has a free slot (so a
+        refusal of the user or database reaches the client at its login); else those of another pool the engine
+        accepts them from (Engine.welcome_facts_from); else of a login of its own once room is made by closing an
+        idle connection of another variant, or under way in the budget (waited for: that
         is a connect, bounded by connect_timeout, not a busy backend). Only a pool whose budget is all borrowed
         by variants whose facts the engine refuses, and none of them logging in, would wait for a borrow: no
         built-in engine has such variants (MySQL, the one with variants, accepts their facts)."""
         deadline = time.monotonic() + self.cluster.backend.connect_timeout
         while True:
             if self.facts is not None:
+                return self.facts
+            budget = self.budget
+            if budget.size < budget.config.max_size:
+                # A free slot: the pool's own login, so that the server's refusal of this user or database (if it
+                # refuses) reaches the client at its login, as it would directly.
+                self.release(self._connect_borrowed())
                 return self.facts
             facts = self.facts_of_others()
             if facts is not None:

@@ -104,10 +104,6 @@ def mariadb_cli_through(proxy, database: str, tls_ca: str | None) -> str:
     return out.stderr.strip().splitlines()[-1]
 
 
-def cli_line(code: int, sqlstate: str, text: str) -> str:
-    return f"ERROR {code} ({sqlstate}) at line 1: {text}"
-
-
 @pytest.mark.parametrize("method", list(MYSQL_METHODS))
 def test_mysql_refusals_are_the_servers_errors(mariadb, limited_user, proxy_factory, pki, method):
     proxy = mysql_proxy(proxy_factory, mariadb, pki, method)
@@ -120,7 +116,8 @@ def test_mysql_refusals_are_the_servers_errors(mariadb, limited_user, proxy_fact
         assert pymysql_through(proxy, MISSING_DB, tls_ca) == missing
     cold = mariadb_cli_through(proxy, SECRET_DB, pki["ca"])
     assert cold.startswith("ERROR 1044 (42000)") and cold.endswith(denied[1]), cold
-    # Once a pool has logged in, logins are greeted from its facts: the refusal comes with the first request.
+    # Once another pool has logged in, a new pool with a free slot still logs in itself: the refusal still comes
+    # at the login, as directly (borrowed greeting facts are for a budget with no free slot).
     conn = pymysql.connect(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
                            connect_timeout=10)
     assert query(conn, "SELECT 1") == [(1,)]
@@ -128,8 +125,9 @@ def test_mysql_refusals_are_the_servers_errors(mariadb, limited_user, proxy_fact
     for tls_ca in (None, pki["ca"]):
         assert pymysql_through(proxy, SECRET_DB, tls_ca) == denied
         assert pymysql_through(proxy, MISSING_DB, tls_ca) == missing
-        assert mariadb_cli_through(proxy, SECRET_DB, tls_ca) == cli_line(1044, "42000", denied[1])
-        assert mariadb_cli_through(proxy, MISSING_DB, tls_ca) == cli_line(1049, "42000", missing[1])
+        for database, (code, text) in ((SECRET_DB, denied), (MISSING_DB, missing)):
+            line = mariadb_cli_through(proxy, database, tls_ca)
+            assert line.startswith(f"ERROR {code} (42000)") and line.endswith(text) and "at line" not in line, line
 
 
 def test_mysql_access_denied_to_the_backend_user_is_the_servers_error(mariadb, limited_user, proxy_factory, pki):

@@ -461,7 +461,7 @@ def test_a_new_variant_is_greeted_from_another_variants_facts_when_the_engine_al
     a.release(held)
 
 
-def test_a_new_pool_is_greeted_from_another_users_facts_when_the_engine_allows(db, pools):
+def test_a_new_pool_with_a_free_slot_logs_in_itself_even_when_the_engine_shares_facts(db, pools):
     cluster = make_cluster(max_size=1, borrow_timeout=5.0)
     proxy = StubProxy(cluster)
     engine = ToyEngine(shares_facts=True)
@@ -469,8 +469,9 @@ def test_a_new_pool_is_greeted_from_another_users_facts_when_the_engine_allows(d
         proxy.pools[user] = Pool(proxy, cluster, "writer", user, "appdb", engine, lambda u=user: db.target(u))
         pools.append(proxy.pools[user])
     held = proxy.pools["app"].borrow()
-    assert proxy.pools["reporting"].welcome_facts() == {"node": "db1", "from": "app/appdb"}
-    assert proxy.pools["reporting"].connects_total == 0 and db.opened == [1]
+    # its own login, so that the server's refusal of this user or database would come at the client's login
+    assert proxy.pools["reporting"].welcome_facts() == {"node": "db1"}
+    assert proxy.pools["reporting"].connects_total == 1 and db.opened == [1, 2]
     proxy.pools["app"].release(held)
 
 

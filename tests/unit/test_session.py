@@ -220,17 +220,18 @@ def test_a_login_the_server_refuses_gets_its_error_and_is_closed(setup):
     assert client.closed_by_proxy()
 
 
-def test_a_login_greeted_from_other_facts_gets_the_refusal_with_its_first_request(setup):
+def test_a_new_pool_with_a_free_slot_logs_in_itself_so_a_refusal_comes_at_the_login(setup):
     s = setup()
-    s.rt.engine.shares_facts = True
+    s.rt.engine.shares_facts = True                     # other facts would do for a greeting; a free slot comes first
     s.db.databases = {"appdb"}
     s.client()
-    client, session = s.client(database="nodb")         # greeted from appdb's login: no backend asked
-    assert s.db.opened == [1]
-    client.send("SELECT", "SELECT")
+    mine, theirs = socket_pair()
+    s.greenlets.append(gevent.spawn(Session(s.proxy, s.rt, theirs, ("127.0.0.1", 40002)).run))
+    client = ToyClient(mine)
+    s.clients.append(client)
+    client.send("HELLO app nodb")
     assert client.line() == "REFUSED NODB no database 'nodb' here"
     assert client.closed_by_proxy() and client.buf == b""
-    assert s.proxy.metrics.borrow_failures == 1
 
 
 def test_a_request_pipelined_behind_the_login_waits_for_a_backend_not_the_login(setup):
