@@ -392,9 +392,10 @@ class Engine:
         `backend_login`) of another pool of the same cluster, role and engine, logged in for (`of_user`,
         `of_database`) and perhaps another backend variant. Return the facts to pass to `login_complete`, adapted
         if need be, or None when they cannot stand for this client's own login (the default): the core then
-        logs in to a backend before it completes the client's login. Where an engine accepts them, a login
-        never waits for a backend; a refusal of the client's own login (unknown database) then comes with its
-        first request (see ClientProtocol.login_refused)."""
+        logs in to a backend before it completes the client's login. The core asks only when the pool has not
+        logged in yet and its budget has no free slot (a pool with a free slot logs in itself, so a refusal comes
+        at the login); where the engine accepts them, such a login does not wait for a backend, and a refusal of
+        the client's own login (unknown database) comes with its first request (see ClientProtocol.login_refused)."""
         return None
 
     def variant_name(self, variant: tuple) -> str:
