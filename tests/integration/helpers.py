@@ -4,10 +4,34 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import urllib.request
 
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$")
+
+
+def run_clients(count: int, work, timeout: float = 120.0, together: bool = True) -> list[str]:
+    """Run work(i) for i in range(count) in threads (started together behind a barrier unless `together` is
+    False); the failures as text, so that a test asserts on all of them at once. Fails if any is still running."""
+    failures: list[str] = []
+    barrier = threading.Barrier(count) if together else None
+
+    def body(i):
+        try:
+            if barrier is not None:
+                barrier.wait(timeout)
+            work(i)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
+            failures.append(f"client {i}: {exc!r}")
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "clients still running"
+    return failures
 
 
 def metrics_text(proxy) -> str:

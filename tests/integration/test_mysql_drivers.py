@@ -24,29 +24,13 @@ import mysql.connector.pooling
 import pytest
 import sqlalchemy
 
+from .helpers import run_clients
 from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, direct, metric, metrics_text, query, start_proxy
 
 BORROW_TIMEOUTS = "multiproxy_database_connection_borrow_timeouts_total"
 DETECTED = "multiproxy_pin_reasons_detected_total"
 MAX_SIZE = 3
 CLIENTS = 12
-
-
-def run_all(count: int, work, timeout: float = 90.0) -> list[str]:
-    failures: list[str] = []
-
-    def body(i):
-        try:
-            work(i)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
-            failures.append(f"{i}: {exc!r}")
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(thread.is_alive() for thread in threads), "clients still running"
-    return failures
 
 
 def assert_no_pins_no_timeouts(proxy) -> None:
@@ -95,7 +79,7 @@ def test_sqlalchemy_pymysql_pool_larger_than_the_proxy(mariadb, proxy_factory, r
                 with engine.connect() as conn:     # a read; the pool rolls back on return
                     assert conn.execute(sqlalchemy.text(f"SELECT v FROM {rows_table} WHERE id = :id"),
                                         {"id": w * 100 + i}).scalar() == i
-        failures = run_all(CLIENTS, work)
+        failures = run_clients(CLIENTS, work, 90.0, together=False)
         assert failures == [], failures + [proxy.log_tail()]
         assert engine.pool.checkedin() == CLIENTS            # the driver's pool really held 12 connections
     finally:
@@ -127,7 +111,7 @@ def test_mysql_connector_plain_and_pooled(mariadb, proxy_factory, rows_table):
                 cur.close()
             finally:
                 conn.close()
-    failures = run_all(CLIENTS, work)
+    failures = run_clients(CLIENTS, work, 90.0, together=False)
     assert failures == [], failures + [proxy.log_tail()]
     assert count_rows(mariadb, rows_table) == expected_rows(8)
     assert_no_pins_no_timeouts(proxy)
@@ -162,7 +146,7 @@ def test_mariadb_connector_plain_and_its_connection_pool(mariadb, proxy_factory,
                         conn.close()                # back to the pool, reset with COM_RESET_CONNECTION
                 else:
                     conn.close()
-    failures = run_all(CLIENTS, work)
+    failures = run_clients(CLIENTS, work, 90.0, together=False)
     pool.close()
     assert failures == [], failures + [proxy.log_tail()]
     assert count_rows(mariadb, rows_table) == expected_rows(8)

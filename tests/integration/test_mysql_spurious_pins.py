@@ -4,13 +4,13 @@ hold no backend, and reset_after_transaction stops indirect state from leaking. 
 MariaDB Connector/Python, more clients than backends, pin gauges and borrow timeouts checked."""
 from __future__ import annotations
 
-import threading
 import time
 
 import mariadb as mariadb_connector
 import pymysql
 import pytest
 
+from .helpers import run_clients
 from .mysqlkit import (APP_PASSWORD, APP_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
                        start_proxy, users_toml, wait_for)
 
@@ -24,26 +24,6 @@ def pinned(proxy) -> float:
 
 def one(conn, sql: str):
     return query(conn, sql)[0][0]
-
-
-def run_all(count: int, work, timeout: float = 60.0) -> list[str]:
-    """Run work(i) in `count` threads at once; the failures, as text."""
-    failures: list[str] = []
-    start = threading.Barrier(count)
-
-    def body(i):
-        try:
-            start.wait(timeout)
-            work(i)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
-            failures.append(f"{i}: {exc!r}")
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(thread.is_alive() for thread in threads), "clients still running"
-    return failures
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +59,7 @@ def test_session_settings_follow_each_client_across_backends(mariadb, proxy_fact
                 assert row[5] == f"+0{i % 9}:00" and row[6] == 1000000, row
         finally:
             conn.close()
-    failures = run_all(12, client)
+    failures = run_clients(12, client, 60.0)
     assert failures == [], failures + [proxy.log_tail()]
     text = metrics_text(proxy)
     assert metric(text, DETECTED) == 0 and metric(text, BORROW_TIMEOUTS) == 0
@@ -208,7 +188,7 @@ def test_forty_idle_transactions_on_four_backends(mariadb, proxy_factory, table)
             assert query(conn, "SELECT v FROM spurious WHERE id = %s", (1000 + i,)) == [(i,)]
             conn.commit()
             conn.begin()
-        failures = run_all(40, work)
+        failures = run_clients(40, work, 60.0)
         assert failures == [], failures + [proxy.log_tail()]
         check = direct(mariadb)
         assert one(check, "SELECT COUNT(*) FROM spurious WHERE id BETWEEN 1000 AND 1039") == 40

@@ -2,11 +2,10 @@
 mssql+pymssql pool, each with more clients than backends: rows right, no pool timeouts, no pins."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 
-from .helpers import metric, metrics_text
+from .helpers import metric, metrics_text, run_clients
 from .tdskit import DB, LabProcess
 from .test_tds_proxy import APP_PASSWORD, APP_USER, ms, one, start, td
 
@@ -23,25 +22,6 @@ def lab(tmp_path_factory):
     server = LabProcess(tmp_path_factory.mktemp("tdslab-drivers"))
     yield server
     server.stop()
-
-
-def run_all(clients: int, work) -> list[str]:
-    failures: list[str] = []
-    barrier = threading.Barrier(clients)
-
-    def guarded(i):
-        try:
-            barrier.wait(60)
-            work(i)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported
-            failures.append(f"client {i}: {exc!r}")
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    return failures
 
 
 def assert_no_timeouts_and_no_pins(proxy) -> None:
@@ -77,7 +57,7 @@ def test_driver_with_more_clients_than_backends(lab, proxy_factory, driver, auto
         finally:
             conn.close()
 
-    assert run_all(CLIENTS, work) == []
+    assert run_clients(CLIENTS, work, 150.0) == []
     with connect(proxy) as check:
         assert one(check, f"SELECT COUNT(*), COUNT(DISTINCT client) FROM {table}") == [(CLIENTS * ROUNDS, CLIENTS)]
     assert_no_timeouts_and_no_pins(proxy)
@@ -105,7 +85,7 @@ def test_sqlalchemy_pymssql_pool_larger_than_the_proxys(lab, proxy_factory):
                                          {"c": i}).scalar()
                     assert count == n + 1
 
-        assert run_all(clients, work) == []
+        assert run_clients(clients, work, 150.0) == []
         with engine.connect() as conn:
             assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM sa_rows")).scalar() == clients * ROUNDS
         assert engine.pool.checkedin() > BACKENDS          # the driver pool holds more than the proxy's backends

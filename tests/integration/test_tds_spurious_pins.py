@@ -12,7 +12,7 @@ import pytest
 from multiproxy_engines.tds.wire import messages as tp
 from multiproxy_engines.tds.wire import token_stream as tk
 
-from .helpers import metric, metrics_text
+from .helpers import metric, metrics_text, run_clients
 from .tdskit import LabProcess
 from .test_tds_proxy import PINNED, RawClient, errors, ms, one, start, td
 
@@ -48,23 +48,6 @@ def wait_for(predicate, timeout=5.0):
     return predicate()
 
 
-def run_all(clients: int, work) -> list[str]:
-    failures: list[str] = []
-
-    def guarded(i):
-        try:
-            work(i)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported
-            failures.append(f"client {i}: {exc!r}")
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return failures
-
-
 @pytest.mark.timeout(240)
 def test_100_idle_pymssql_autocommit_off_connections_on_10_backends(lab, proxy_factory):
     """The issue's measure: pymssql (autocommit off) sends BEGIN TRAN at connect and after every commit; 100 such
@@ -87,7 +70,7 @@ def test_100_idle_pymssql_autocommit_off_connections_on_10_backends(lab, proxy_f
                 assert cur.fetchone()[0] == n + 1
                 conn.commit()
 
-        assert run_all(100, work) == []
+        assert run_clients(100, work, 120.0, together=False) == []
         assert wait_for(lambda: metric(metrics_text(proxy), BORROWED) == 0)
         # a rollback of work done, then of nothing done: each leaves the rows as they were
         cur = conns[0].cursor()
@@ -123,7 +106,7 @@ def test_python_tds_autocommit_off_idle_connections_hold_no_backend(lab, proxy_f
             conns[i].commit()
             conns[i].commit()                                  # nothing since: answered by the proxy
 
-        assert run_all(20, work) == []
+        assert run_clients(20, work, 120.0, together=False) == []
         assert wait_for(lambda: metric(metrics_text(proxy), BORROWED) == 0)
     finally:
         for conn in conns:
