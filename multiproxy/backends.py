@@ -98,11 +98,7 @@ class BackendConnection:
     def _lost(self, why: str):
         if self.closed:
             return
-        self.closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._close_socket()
         session = self.session
         self.session = None
         if session is not None:
@@ -131,24 +127,23 @@ class BackendConnection:
     def _closed_by_backend(self) -> None:
         if self.closed:
             return
+        self._close_socket()
+        if self.reader is not gevent.getcurrent():
+            self.reader.kill(block=False)
+        self.pool.closed_gracefully(self)
+
+    def _close_socket(self) -> None:
         self.closed = True
         try:
             self.sock.close()
         except OSError:
             pass
-        if self.reader is not gevent.getcurrent():
-            self.reader.kill(block=False)
-        self.pool.closed_gracefully(self)
 
     def close(self):
         """Close on purpose (reset failed, pool shrinking, client left mid-transaction): the backend rolls back."""
         if self.closed:
             return
-        self.closed = True
         self.session = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._close_socket()
         if self.reader is not gevent.getcurrent():
             self.reader.kill(block=False)
