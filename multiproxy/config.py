@@ -74,6 +74,10 @@ BACKEND_SETTINGS = _settings(
             "so state a client set indirectly (in a function, procedure or dynamic SQL) never reaches another; "
             "auto follows the engine (TDS yes: RESETCONNECTION is free; PostgreSQL and MySQL no)",
             ("auto", "yes", "no")),
+    Setting("max_prepared_statements", int, 200, "server-side prepared statements kept on each backend connection "
+            "for the clients it serves in turn (MySQL binary protocol, TDS sp_prepare); the least recently used is "
+            "closed beyond this, and prepared again when a client next needs it (PgBouncer's "
+            "max_prepared_statements)", minimum=1),
 )
 
 POOL_SETTINGS = _settings(
@@ -182,6 +186,7 @@ class BackendConfig:
     connect_timeout: float
     reset_query: str
     reset_after_transaction: str
+    max_prepared_statements: int
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,18 @@ class AuthFailed:
     audit_event: str = "auth_failed"   # "token_rejected" when a token was refused
 
 
+class StatementCounts:
+    """A cluster's prepared-statement cache tally: `hits` (the backend had the statement), `misses` (the proxy
+    prepared it there first), `evictions` (closed on a backend to stay within max_prepared_statements)."""
+
+    __slots__ = ("hits", "misses", "evictions")
+
+    def __init__(self):
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+
 @dataclass
 class ClientContext:
     """What the core tells an engine's client protocol about where it runs."""
@@ -172,6 +184,11 @@ class ClientContext:
     # the session's replay, so indirect state another client left never reaches this one.
     reset_after_transaction: bool = False
     reset_query: str = ""
+    # Server-side prepared statements multiplexed over a cluster's backends (MySQL COM_STMT_*, TDS sp_prepare):
+    # each backend connection keeps at most this many, least recently used closed first; `statement_counts`
+    # is the cluster's shared tally, exported as multiproxy_prepared_statements_total.
+    max_prepared_statements: int = 200
+    statement_counts: "StatementCounts" = field(default_factory=lambda: StatementCounts())
 
 
 @dataclass

@@ -135,6 +135,15 @@ class ProxyCollector:
                 detected.add_metric([cluster, reason], count)
         yield pinned
         yield detected
+        statements = CounterMetricFamily(PREFIX + "prepared_statements", "Prepared statements a client executed, by "
+                                         "whether its backend had it (hit), had it prepared first (miss), or closed "
+                                         "one to stay within max_prepared_statements (eviction)",
+                                         labels=["cluster", "outcome"])
+        for cluster, counts in proxy.statement_counts.items():
+            statements.add_metric([cluster, "hit"], counts.hits)
+            statements.add_metric([cluster, "miss"], counts.misses)
+            statements.add_metric([cluster, "eviction"], counts.evictions)
+        yield statements
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 

@@ -17,7 +17,7 @@ from .audit import AuditLog
 from .auth import UsersFile
 from .backends import open_socket, run_script
 from .config import ClusterConfig, Config, ListenerConfig
-from .engine import BackendTarget, ErrorKind
+from .engine import BackendTarget, ErrorKind, StatementCounts
 from .metrics import Metrics, start_admin_server
 from .pinning import PinPolicy
 from .pool import Pool
@@ -76,6 +76,7 @@ class Proxy:
                                       pc.auth_failure_block_seconds)
         self._cancel_counter = itertools.count(1)
         self.pin_policies = {name: PinPolicy(c.pinning, name) for name, c in config.clusters.items()}
+        self.statement_counts = {name: StatementCounts() for name in config.clusters}
         self.secrets: dict[tuple, CachedSecret] = {}
         self.listeners: list[ListenerRuntime] = []
         for lc in config.listeners:

@@ -15,7 +15,7 @@ import gevent
 
 from .engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
-    ProtocolError, SendToClient, StartClientTLS,
+    ProtocolError, SendToClient, StartClientTLS, StatementCounts,
 )
 from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
@@ -92,6 +92,8 @@ class Session:
                              and proxy.follows_roles(cluster)),
             cancel=rt.cancel_callback, tls_context=rt.tls_context, read_only=self.listener.role == "reader",
             reset_after_transaction=rt.reset_after_transaction, reset_query=cluster.backend.reset_query,
+            max_prepared_statements=cluster.backend.max_prepared_statements,
+            statement_counts=proxy.statement_counts.setdefault(cluster.name, StatementCounts()),
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout

@@ -128,5 +128,19 @@ else
     installed_here || fail "pip installed multiproxy, but '$PYTHON -c \"import multiproxy\"' does not load it from $REPO_ROOT"
     mkdir -p "$stamp_dir" && echo "$want" >"$stamp"
 fi
+
+# -- Node.js drivers the tests and benchmarks run (tools/node: tedious for TDS) ------------------------------
+node_dir="$REPO_ROOT/tools/node"
+if ! command -v npm >/dev/null 2>&1; then
+    fail "npm is missing: install Node.js (Debian: apt-get install nodejs npm) for the tests' Node.js drivers"
+fi
+node_stamp="$node_dir/node_modules/.install-deps.stamp"
+node_want="$(cat "$node_dir/package.json" "$node_dir/package-lock.json" | sha256sum | cut -c1-16)"
+if [[ ${INSTALL_DEPS_FORCE:-} != 1 && -f $node_stamp && "$(cat "$node_stamp")" == "$node_want" ]]; then
+    say "Node.js drivers already installed in tools/node, skipping npm"
+else
+    step "npm ci in tools/node" npm ci --prefix "$node_dir" --no-audit --no-fund
+    echo "$node_want" >"$node_stamp"
+fi
 rm -f "$LOG"
 say "done"

@@ -317,7 +317,8 @@ def make_cluster(**pool):
     return SimpleNamespace(
         name="toy", engine="toy", pool=PoolConfig(**settings),
         backend=BackendConfig(tls="disable", tls_ca_file="", tls_cert_file="", tls_key_file="", connect_timeout=2.0,
-                              reset_query="RESET", reset_after_transaction="auto"),
+                              reset_query="RESET", reset_after_transaction="auto",
+                              max_prepared_statements=200),
         health=SimpleNamespace(retry_read_only=True), engine_options={},
         credential_for=lambda user: None)
 
@@ -342,6 +343,7 @@ class StubProxy:
         self.throttle = SimpleNamespace(succeeded=lambda source: None, failed=lambda source: 0)
         self.audit = SimpleNamespace(path="", record=lambda *args, **kwargs: None)
         self.keys = itertools.count(1)
+        self.statement_counts = {}
 
     # called by Pool
     def backend_failed(self, cluster, address) -> None:
