@@ -69,6 +69,19 @@ def moto_endpoint(tmp_path_factory):
         yield endpoint
 
 
+@pytest.fixture(scope="session")
+def shared_lab(tmp_path_factory):
+    """One `multiproxy lab up --detach` of every engine for the session (labkit.SharedLab), for tests that run
+    clients through the lab's own listeners; taken down at the end."""
+    from .labkit import SharedLab
+    lab = SharedLab(str(tmp_path_factory.mktemp("shared-lab") / "lab"))
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
 @pytest.fixture
 def proxy_factory(tmp_path):
     """Call with (config, **ProxyProcess kwargs) to start a proxy; all of them stop at teardown."""

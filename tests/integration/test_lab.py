@@ -4,38 +4,20 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
-import sys
 import time
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pymysql
 import pytest
 import pytds
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .labkit import lab, parse_exports, tds_args, url_args
+
 ENV_NAMES = {"MULTIPROXY_PG_URL", "MULTIPROXY_PG_READER_URL", "MULTIPROXY_PG_DIRECT_URL",
              "MULTIPROXY_MYSQL_URL", "MULTIPROXY_MYSQL_READER_URL", "MULTIPROXY_MYSQL_DIRECT_URL",
              "MULTIPROXY_TDS_URL", "MULTIPROXY_TDS_READER_URL", "MULTIPROXY_TDS_DIRECT_URL",
              "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"}
-
-
-def lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MULTIPROXY_"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "multiproxy", "lab", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def parse_exports(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        assert line.startswith("export "), line
-        name, _, value = line[len("export "):].partition("=")
-        values[name] = shlex.split(value)[0]
-    return values
 
 
 def lab_pids(lab_dir: str, data: str | None = None) -> list[str]:
@@ -60,12 +42,6 @@ def outage_of(failover: subprocess.CompletedProcess) -> float:
     found = re.search(r"outage seen through the proxy: ([\d.]+) s", failover.stdout)
     assert found, failover.stdout + failover.stderr
     return float(found.group(1))
-
-
-def url_args(url: str) -> dict:
-    parts = urlsplit(url)
-    return {"host": parts.hostname, "port": parts.port, "user": unquote(parts.username),
-            "password": unquote(parts.password), "database": parts.path.lstrip("/")}
 
 
 def check_mysql(values: dict[str, str]) -> None:
@@ -93,11 +69,6 @@ def check_mysql(values: dict[str, str]) -> None:
             if row is None:
                 time.sleep(0.1)
         assert row == ("written through my-writer",), "the replica did not apply the write within 15 s"
-
-
-def tds_args(url: str) -> dict:
-    args = url_args(url)
-    return {"dsn": args.pop("host"), **args, "autocommit": True, "login_timeout": 10}
 
 
 def check_tds(values: dict[str, str]) -> None:
