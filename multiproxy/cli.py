@@ -85,8 +85,15 @@ def run(config_path):
     """Run the proxy in the foreground, logging to stderr."""
     _patch()
     config, engines = _load_config(config_path)
+    # Binding reports an address in use itself; everything else a start needs is checked up front, together.
+    _exit_on_machine_problems(config_path, config, check_addresses=False, credentials=False)
     logging.basicConfig(level=config.proxy.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .preflight import machine_problems
+    for key_path, message in machine_problems(config, check_addresses=False):
+        if ".credentials[" in key_path:
+            logging.getLogger("multiproxy").warning("%s: %s (its users' logins fail until it is fixed)",
+                                                    key_path, message)
     from .auth import UsersFileError
     from .proxy import run_forever
     try:
@@ -102,17 +109,26 @@ def run(config_path):
 
 @cli.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False))
-def check_config(config_path):
-    """Validate a config file; print every problem with its key path."""
+@click.option("--syntax-only", is_flag=True,
+              help="check the file alone, not what it names on this machine (for a config meant for another host)")
+def check_config(config_path, syntax_only):
+    """Validate a config file and what a start would need here; print every problem with its key path."""
     config, _ = _load_config(config_path)
-    if config.users_file:
-        from .auth import UsersFile, UsersFileError
-        try:
-            UsersFile.load(config.users_file)
-        except UsersFileError as exc:
-            click.echo(f"error: auth.users_file: {exc}", err=True)
-            sys.exit(2)
-    click.echo(f"{config_path}: ok ({len(config.clusters)} cluster(s), {len(config.listeners)} listener(s))")
+    if not syntax_only:
+        _exit_on_machine_problems(config_path, config, check_addresses=True)
+    what = "syntax ok" if syntax_only else "ok"
+    click.echo(f"{config_path}: {what} ({len(config.clusters)} cluster(s), {len(config.listeners)} listener(s))")
+
+
+def _exit_on_machine_problems(config_path, config, check_addresses: bool, credentials: bool = True) -> None:
+    """Print what this machine lacks for `config` (multiproxy.preflight) and exit 2, if anything."""
+    from .preflight import machine_problems
+    problems = machine_problems(config, check_addresses=check_addresses, credentials=credentials)
+    if problems:
+        lines = "\n".join(f"  {key_path}: {message}" for key_path, message in problems)
+        click.echo(f"error: {config_path}: {len(problems)} problem(s) on this machine:\n{lines}\n"
+                   "(check-config --syntax-only checks a config meant for another host)", err=True)
+        sys.exit(2)
 
 
 @cli.command()

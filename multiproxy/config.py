@@ -523,11 +523,8 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         engine = (known_engines or {}).get(cluster.engine) if cluster is not None else None
         _tls_policy(r, path, values)
         for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
-            if values[key]:
-                full = values[key] if os.path.isabs(values[key]) else os.path.join(base_dir, values[key])
-                values[key] = full
-                if not os.path.exists(full):
-                    r.problem(f"{path}.{key}", f"file not found: {full}")
+            if values[key] and not os.path.isabs(values[key]):
+                values[key] = os.path.join(base_dir, values[key])   # whether it exists here: preflight.py
         offered = getattr(engine, "client_auth_methods", None)
         if offered is not None and values["auth"] not in offered and values["auth"] != "token":
             r.problem(f"{path}.auth", f"engine {cluster.engine!r} offers no auth method {values['auth']!r}; use one of "

@@ -430,7 +430,12 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
         sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
     # Accepted connections inherit TCP_NODELAY (on Linux), sparing a system call per client.
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        # Say which address: a config has several, and the errno's text alone names none.
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock

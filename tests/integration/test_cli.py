@@ -96,6 +96,83 @@ def test_check_config_invalid_toml_and_missing_file(tmp_path):
     assert out.returncode != 0 and "absent.toml" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_check_config_tells_what_this_machine_lacks(tmp_path):
+    """Every file the config names is judged here (missing, too open, unparsable, no users), the audit log's
+    folder must exist, and a listen address in use is named; --syntax-only judges the text alone."""
+    import socket
+    users_file = tmp_path / "users.toml"
+    users_file.write_text("")                                    # parses, but holds no users
+    open_secret = tmp_path / "open.password"
+    open_secret.write_text("pw\n")
+    open_secret.chmod(0o644)
+    not_a_ca = tmp_path / "ca.pem"
+    not_a_ca.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    config = valid_config(listen_port=busy.getsockname()[1])
+    config["proxy"]["audit_log"] = str(tmp_path / "no-such-folder" / "audit.jsonl")
+    config["auth"] = {"users_file": str(users_file)}
+    config["listeners"][0]["auth"] = "scram-sha-256"
+    cluster = config["clusters"]["main"]
+    cluster["backend"] = {"tls": "verify-ca", "tls_ca_file": str(not_a_ca)}
+    cluster["credentials"] = [{"user": "a", "password_file": str(open_secret)},
+                              {"user": "b", "password_file": str(tmp_path / "absent.password")},
+                              {"user": "c", "password_env": "MP_SURELY_UNSET_VARIABLE"}]
+    path = tmp_path / "here.toml"
+    path.write_text(render_toml(config))
+    try:
+        out = multiproxy("check-config", str(path))
+    finally:
+        busy.close()
+    assert out.returncode == 2, out.stdout + out.stderr
+    report = out.stderr
+    expected = [
+        "auth.users_file: " + f"{users_file} has no users",
+        "proxy.audit_log: folder " + str(tmp_path / "no-such-folder") + " does not exist on this machine",
+        "clusters.main.backend.tls_ca_file: " + f"{not_a_ca} holds no usable CA certificate",
+        "clusters.main.credentials[0].password_file: " + f"{open_secret} is readable or writable by group or "
+        "others (mode 644); run: chmod 600",
+        "clusters.main.credentials[1].password_file: file not found on this machine: "
+        + str(tmp_path / "absent.password"),
+        "clusters.main.credentials[2].password_env: environment variable MP_SURELY_UNSET_VARIABLE is not set",
+        "listeners[0].listen: address 127.0.0.1:" + str(config["listeners"][0]["listen"].split(":")[1])
+        + " is already in use",
+    ]
+    for line in expected:
+        assert line in report, (line, report)
+    assert "7 problem(s) on this machine" in report and "Traceback" not in report, report
+    out = multiproxy("check-config", "--syntax-only", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{path}: syntax ok (1 cluster(s), 1 listener(s))"), out.stdout
+
+
+def test_run_refuses_a_config_whose_files_are_missing_here(tmp_path):
+    """`run` checks what a start needs before binding anything; credential problems are only warned about (a
+    running proxy reads those secrets when a user first needs a backend)."""
+    config = valid_config()
+    config["clusters"]["main"]["backend"] = {"tls": "verify-ca", "tls_ca_file": str(tmp_path / "absent-ca.pem")}
+    path = tmp_path / "run.toml"
+    path.write_text(render_toml(config))
+    out = multiproxy("run", "-c", str(path), timeout=30)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert ("clusters.main.backend.tls_ca_file: file not found on this machine: " + str(tmp_path / "absent-ca.pem")
+            in out.stderr), out.stderr
+
+
+def test_run_names_the_listen_address_in_use(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(render_toml(valid_config(listen_port=port)))
+        out = multiproxy("run", "-c", str(path), timeout=30)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr, out.stderr
+
+
 def test_users_add_list_remove_never_stores_plaintext(tmp_path):
     users_file = tmp_path / "users.toml"
     password = "Plain-Text-Secret-9f3a"

@@ -19,6 +19,7 @@ import pytest
 from multiproxy.auth import UsersFile
 
 from .proxy import ProxyProcess, free_port, render_toml
+from .test_pg_tls import write_pki
 from .test_plugin_example import REPO_ROOT, Venv
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,6 +96,17 @@ def example_config(path: pathlib.Path, workdir: pathlib.Path) -> dict:
         config["proxy"]["audit_log"] = str(workdir / "audit.jsonl")
     for listener in config["listeners"]:
         listener["listen"] = f"127.0.0.1:{free_port()}"
+    # The files the example names on its own host, made here: check-config judges them on this machine.
+    for name, cluster in config["clusters"].items():
+        backend = cluster.get("backend", {})
+        if backend.get("tls_ca_file"):
+            backend["tls_ca_file"] = write_pki(str(workdir), name)["ca"]
+        for index, credential in enumerate(cluster.get("credentials", [])):
+            if credential.get("password_file"):
+                secret = workdir / f"{name}-{index}.password"
+                secret.write_text("example-password\n")
+                secret.chmod(0o600)
+                credential["password_file"] = str(secret)
     users = UsersFile.empty()
     users.add("app", "app-password", kinds=("scram_sha_256", "mysql_native_password", "caching_sha2_password",
                                             "tds_sha256"))
