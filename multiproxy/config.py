@@ -44,6 +44,13 @@ def _settings(*items: Setting) -> dict[str, Setting]:
     return {s.name: s for s in items}
 
 
+ADMIN_SETTINGS = _settings(
+    Setting("users", list, [], "client users who may use the admin console (the databases multiproxy and pgbouncer on "
+            "PostgreSQL listeners): every SHOW and every command (PgBouncer's admin_users)"),
+    Setting("stats_users", list, [], "client users who may use the admin console read-only: SHOW only "
+            "(PgBouncer's stats_users)"),
+)
+
 PROXY_SETTINGS = _settings(
     Setting("admin_listen", str, "127.0.0.1:9930", "host:port of the admin HTTP server (/metrics, /healthz); empty disables it"),
     Setting("log_level", str, "info", "logging level", ("debug", "info", "warning", "error")),
@@ -293,12 +300,19 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    users: tuple[str, ...] = ()
+    stats_users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
     users_file: str
     clusters: dict[str, ClusterConfig]
     listeners: tuple[ListenerConfig, ...]
     source: str = ""
+    admin: AdminConfig = AdminConfig()
 
 
 def parse_address(text: Any, default_port: int | None = None) -> tuple[str, int]:
@@ -380,8 +394,8 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
     r = _Reader()
     base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
     for key in raw:
-        if key not in ("proxy", "auth", "clusters", "listeners"):
-            r.problem(key, "unknown section (known: proxy, auth, clusters, listeners)")
+        if key not in ("proxy", "admin", "auth", "clusters", "listeners"):
+            r.problem(key, "unknown section (known: proxy, admin, auth, clusters, listeners)")
 
     proxy_values = r.settings(r.table(raw.get("proxy"), "proxy"), "proxy", PROXY_SETTINGS)
     if proxy_values["audit_log"] and not os.path.isabs(proxy_values["audit_log"]):
@@ -392,6 +406,13 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             parse_address(proxy.admin_listen)
         except ValueError as exc:
             r.problem("proxy.admin_listen", str(exc))
+
+    admin_values = r.settings(r.table(raw.get("admin"), "admin"), "admin", ADMIN_SETTINGS)
+    for name, names in admin_values.items():
+        if not all(isinstance(item, str) and item for item in names):
+            r.problem(f"admin.{name}", f"expected a list of user names, got {names!r}")
+    admin = AdminConfig(**{name: tuple(item for item in names if isinstance(item, str))
+                           for name, names in admin_values.items()})
 
     auth = r.table(raw.get("auth"), "auth")
     users_file = ""
@@ -543,7 +564,8 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
 
     if r.problems:
         raise ConfigError(r.problems, source)
-    return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source)
+    return Config(proxy=proxy, users_file=users_file, clusters=clusters, listeners=tuple(listeners), source=source,
+                  admin=admin)
 
 
 def _tls_policy(r: _Reader, path: str, values: dict) -> None:
@@ -591,7 +613,7 @@ def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
 def settings_reference() -> str:
     """Markdown reference of every declared setting, for docs/configuration.md."""
     out = []
-    for title, declared in (("[proxy]", PROXY_SETTINGS), ("[clusters.NAME.backend]", BACKEND_SETTINGS),
+    for title, declared in (("[proxy]", PROXY_SETTINGS), ("[admin]", ADMIN_SETTINGS), ("[clusters.NAME.backend]", BACKEND_SETTINGS),
                             ("[clusters.NAME.dns]", DNS_SETTINGS), ("[clusters.NAME.health]", HEALTH_SETTINGS),
                             ("[clusters.NAME.pool]", POOL_SETTINGS), ("[[clusters.NAME.credentials]]", CREDENTIAL_SETTINGS),
                             ("[[listeners]]", LISTENER_SETTINGS)):

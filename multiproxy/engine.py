@@ -344,6 +344,41 @@ class ClientProtocol:
         raise NotImplementedError
 
 
+    def admin_console(self) -> "AdminConsole | None":
+        """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
+        to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
+        such a client is served by a backend as any other."""
+        return None
+
+
+class AdminConsole:
+    """The wire side of the admin console for one client, sans-IO (see ClientProtocol.admin_console). The views and
+    commands are the core's (multiproxy.admin): the console only frames them in the engine's protocol.
+
+    The core sends greeting() once the client is authenticated, then feeds requests() each read; for each command text
+    it returns the core runs the command and sends result() or failure(). Column types are PostgreSQL type names
+    (text, int4, int8, numeric, bool); values are None or str/int/float."""
+
+    def greeting(self, server_version: str) -> bytes:
+        """The bytes that finish the client's login (no backend is involved)."""
+        raise NotImplementedError
+
+    def requests(self, data: bytes) -> list:
+        """Bytes from the client -> a list of command texts (str) to run, in order, and answers the console gives
+        itself (bytes: a request it does not take). Raises ClientQuit when the client ends its session."""
+        raise NotImplementedError
+
+    def result(self, columns: list, rows: list, tag: str) -> bytes:
+        """The answer of one command: `columns` as (name, type name) pairs (none for a command without rows),
+        `rows` as lists of values, `tag` the command's completion tag (SHOW, PAUSE, ...)."""
+        raise NotImplementedError
+
+    def failure(self, code: str, message: str) -> bytes:
+        """A command that failed, `code` naming why: syntax_error, insufficient_privilege, undefined_object,
+        invalid_parameter, feature_not_supported or internal_error."""
+        raise NotImplementedError
+
+
 def contract_methods(cls=None) -> tuple[str, ...]:
     """The ClientProtocol methods an engine must implement (those marked @contract)."""
     cls = cls or ClientProtocol

@@ -39,7 +39,10 @@ class Metrics:
     def session_closed(self, session) -> None:
         proto = session.proto
         if proto is not None:
-            self.closed_session_requests += getattr(proto, "requests", 0)
+            requests = getattr(proto, "requests", 0)
+            self.closed_session_requests += requests
+            if session.pool is not None:
+                session.pool.closed_requests_total += requests
 
 
 class ProxyCollector:

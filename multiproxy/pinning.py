@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from .engine import PinReason
@@ -22,7 +23,8 @@ class PinPolicy:
         self.detected_total: Counter = Counter()
         self.ignored_total: Counter = Counter()
         self.pinned_now: Counter = Counter()
-        self._session_reasons: dict[int, set] = {}
+        # id(session) -> {reason: (the detail that pinned it first, wall-clock time)}, for SHOW PINS
+        self._session_reasons: dict[int, dict] = {}
 
     def action_for(self, reason: PinReason) -> str:
         return self.actions.get(reason.value, "pin")
@@ -33,9 +35,9 @@ class PinPolicy:
         if self.action_for(reason) == "ignore":
             self.ignored_total[reason.value] += 1
             return False
-        reasons = self._session_reasons.setdefault(id(session), set())
+        reasons = self._session_reasons.setdefault(id(session), {})
         if reason.value not in reasons:
-            reasons.add(reason.value)
+            reasons[reason.value] = (detail, time.time())
             self.pinned_now[reason.value] += 1
             log.info("cluster %s: session pinned to its backend: %s (%s)", self.cluster, reason.value, detail)
         return True
@@ -44,6 +46,10 @@ class PinPolicy:
         for reason in self._session_reasons.pop(id(session), ()):
             self.pinned_now[reason] -= 1
 
+    def pins_of(self, session) -> list[tuple[str, str, float]]:
+        """What pins `session` now: (reason, the detail that pinned it, since when as a Unix time), for SHOW PINS."""
+        return [(reason, detail, since) for reason, (detail, since) in self._session_reasons.get(id(session), {}).items()]
+
     def released(self, session, reason: PinReason) -> bool:
         """`session` undid what pinned it for `reason` (CLOSE of its last WITH HOLD cursor, UNLISTEN *, ...);
         True while it stays pinned for another reason."""
@@ -51,7 +57,7 @@ class PinPolicy:
         if not reasons:
             return False
         if reason.value in reasons:
-            reasons.discard(reason.value)
+            del reasons[reason.value]
             self.pinned_now[reason.value] -= 1
             log.info("cluster %s: session no longer pinned for %s", self.cluster, reason.value)
         if not reasons:

@@ -138,6 +138,11 @@ class Pool:
         self.borrows_total = 0
         self.waited_borrows_total = 0
         self.budget_evictions_total = 0        # idle connections closed to make room for another variant
+        self.logins_total = 0                  # clients that logged in to this pool (SHOW STATS)
+        self.closed_requests_total = 0         # requests of its clients that have left (SHOW STATS)
+        self.paused = False                    # the admin console's PAUSE / KILL: borrows wait for RESUME
+        self.paused_waiting = 0                # borrows waiting for RESUME now
+        self.refused_login = False             # the server refused this pool's first login (see Proxy.drop_if_refused)
         base = f"{cluster.name}/{role}/{user}/{database}"
         self.variant = variant
         self.variant_name = engine.variant_name(variant) if variant else ""
@@ -169,6 +174,8 @@ class Pool:
     def borrow(self, timeout: float | None = None) -> BackendConnection:
         """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
         self.borrows_total += 1
+        if self.paused:
+            self._wait_resumed(self.config.borrow_timeout if timeout is None else timeout)
         idle = self.idle
         eligible = self.eligible
         while idle:
@@ -181,6 +188,29 @@ class Pool:
         if self.budget.make_room(self):
             return self._connect_borrowed()
         return self._wait(self.config.borrow_timeout if timeout is None else timeout)
+
+    def _wait_resumed(self, timeout: float) -> None:
+        """The database is paused from the admin console: wait for RESUME, at most `timeout` seconds."""
+        console = self.proxy.console
+        deadline = time.monotonic() + timeout
+        self.paused_waiting += 1
+        try:
+            while self.paused:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.borrow_timeouts_total += 1
+                    raise PoolTimeout(f"database {self.database!r} is paused by an administrator (PAUSE or KILL in the "
+                                      f"admin console) and was not resumed within {timeout:g} s; retry after RESUME")
+                console.resumed.wait(remaining)
+        finally:
+            self.paused_waiting -= 1
+
+    def reconnect(self) -> None:
+        """The admin console's RECONNECT: idle connections close now, borrowed ones when they come back (release
+        closes connections of an older generation), so that every later borrow gets a new login."""
+        self.generation += 1
+        while self.idle:
+            self._discard(self.idle.popitem()[0])
 
     def _wait(self, timeout: float) -> BackendConnection:
         started = time.monotonic()
@@ -283,6 +313,8 @@ class Pool:
                 reason = f"cannot connect to {target.host}:{target.port}: {exc.strerror or exc}"
             log.warning("pool %s: %s", self.label, reason)
             refusal = exc if isinstance(exc, BackendError) and exc.refused_by_server else None
+            if refusal is not None and self.facts is None:
+                self.refused_login = True
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}", refusal) from None
         self.facts = script.result
         return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,

@@ -11,8 +11,10 @@ import time
 
 import gevent
 from gevent import socket
+from gevent.event import Event
 
 from .acceptor import Acceptor
+from .admin import Console
 from .audit import AuditLog
 from .auth import UsersFile
 from .backends import open_socket, run_script
@@ -86,6 +88,8 @@ class Proxy:
             self.listeners.append(rt)
         self.started = time.time()
         self.stopping = False
+        self.console = Console(self)          # the admin console's state, views and commands
+        self.shutdown_requested = Event()   # SIGTERM, SIGINT or the console's SHUTDOWN
         self.admin = None
         self._housekeeper = None
         self.registry = None   # the failover registry, when clusters follow DNS endpoints or list several hosts
@@ -234,8 +238,45 @@ class Proxy:
                     target.params = {**target.params, **params}
                 return target
             pool = Pool(self, cluster, rt.config.role, user, database, rt.engine, target_for, variant, budget)
+            pool.paused = self.console.is_paused(database)
             self.pools[key] = pool
         return pool
+
+    def drop_refused_pool(self, pool: Pool, besides=None) -> None:
+        """A pool whose first login the server refused (no such database, no access) and that holds nothing is
+        not kept: a client that merely tried a database leaves no pool behind. `besides`: the asking session."""
+        if not pool.refused_login or pool.facts is not None or pool.size or pool.waiters:
+            return
+        if any(session.pool is pool for session in list(self.sessions) if session is not besides):
+            return
+        key = (pool.cluster.name, pool.role, pool.user, pool.database, pool.variant)
+        if self.pools.get(key) is pool:
+            del self.pools[key]
+            if pool in pool.budget.pools:
+                pool.budget.pools.remove(pool)
+            log.info("pool %s: dropped, the server refused its login and it holds no connection", pool.label)
+
+    def reload(self) -> list[str]:
+        """What SIGHUP and the console's RELOAD do: read the users file again and rebuild token verifiers.
+        Returns the problems (nothing changed for those)."""
+        problems = []
+        config = self.config
+        if config.users_file:
+            try:
+                self.users = UsersFile.load(config.users_file)
+                log.info("users file reloaded: %d users", len(self.users))
+            except Exception as exc:
+                log.error("users file not reloaded: %s", exc)
+                problems.append(f"users file not reloaded: {exc}")
+        # Token listeners rebuild their verifiers; a failed one logs why and keeps its keys.
+        for lc in config.listeners:
+            if hasattr(lc.token_verifier, "reload"):
+                lc.token_verifier.reload()
+        return problems
+
+    def request_shutdown(self) -> None:
+        """A graceful stop, as SIGTERM: the process drains its clients (proxy.shutdown_timeout) and exits."""
+        self.shutdown_requested.set()
 
     def follows_roles(self, cluster: ClusterConfig) -> bool:
         return self.registry is not None and cluster.name in self.registry.clusters
@@ -294,9 +335,13 @@ class Proxy:
         reason = (f"failover: the writer of cluster {cluster.name!r} moved from {old[0]}:{old[1]} to "
                   + (f"{new[0]}:{new[1]}" if new else "an unknown node")
                   + "; your transaction was cancelled, retry it")
+        drained = 0
         for pool in list(self.pools.values()):
             if pool.cluster.name == cluster.name and pool.role == "writer":
                 pool.drain(old, reason)
+                drained += 1
+        self.console.record("drain", cluster=cluster.name, old=f"{old[0]}:{old[1]}",
+                            new=f"{new[0]}:{new[1]}" if new else None, pools=drained)
 
     def nodes_retired(self, cluster: ClusterConfig, role: str, reasons: dict) -> None:
         """The registry took nodes out of `role` ({address: why}): pools of that role stop using them."""
@@ -454,27 +499,15 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     if config.proxy.workers > 1:
         proxy.listen_for_cancels(config.proxy.workers, group)
     proxy.start(listen_sockets)
-    done = gevent.event.Event()
+    done = proxy.shutdown_requested
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
         done.set()
 
-    def reload():
-        if config.users_file:
-            try:
-                proxy.users = UsersFile.load(config.users_file)
-                log.info("users file reloaded: %d users", len(proxy.users))
-            except Exception as exc:
-                log.error("users file not reloaded: %s", exc)
-        # Token listeners rebuild their verifiers; a failed one logs why and keeps its keys.
-        for lc in config.listeners:
-            if hasattr(lc.token_verifier, "reload"):
-                lc.token_verifier.reload()
-
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
-    gevent.signal_handler(signal.SIGHUP, reload)
+    gevent.signal_handler(signal.SIGHUP, proxy.reload)
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
     done.wait()
     proxy.stop()

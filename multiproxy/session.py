@@ -13,10 +13,12 @@ import time
 
 import gevent
 
+from .admin import CONSOLE_DATABASES, AdminError
 from .engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
     ProtocolError, SendToClient, StartClientTLS, StatementCounts,
 )
+from . import __version__
 from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
 
@@ -30,7 +32,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject", "leftover", "linked_once",
+                 "reject", "leftover", "linked_once", "connected_at",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -53,6 +55,7 @@ class Session:
         self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
         self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
         self.linked_once = False          # a backend has served this client (its own login was accepted once)
+        self.connected_at = time.time()   # for the admin console's SHOW CLIENTS
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -198,6 +201,16 @@ class Session:
             return False
         self.user, self.database = event.user, event.database
         self.leftover = event.leftover
+        if event.database in CONSOLE_DATABASES:
+            console = self.proto.admin_console()
+            if console is not None:
+                return self._serve_console(console)
+        if proxy.console.disabled and event.database in proxy.console.disabled:
+            proxy.metrics.rejected_connections += 1
+            self.sock.sendall(self.proto.error(
+                ErrorKind.BACKEND_UNAVAILABLE, f'database "{event.database}" is disabled by an administrator (DISABLE '
+                'in the admin console): it takes no new clients until ENABLE; retry later'))
+            return False
         record = proxy.users.get(event.user) if proxy.users is not None else None
         mode = self.listener.pool_mode or (record.pool_mode if record and record.pool_mode else "") \
             or self.runtime.cluster.pool.mode
@@ -217,8 +230,11 @@ class Session:
             refusal = getattr(exc, "refusal", None)
             self.sock.sendall(self.proto.login_refused(refusal) if refusal is not None
                               else self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
+            if refusal is not None:
+                proxy.drop_refused_pool(self.pool, besides=self)
             return False
         self.sock.sendall(self.proto.login_complete(facts))
+        self.pool.logins_total += 1
         proxy.session_started(self)
         source = self.address[0] if isinstance(self.address, tuple) else str(self.address)
         proxy.throttle.succeeded(source)
@@ -226,6 +242,56 @@ class Session:
             proxy.audit.record("auth_ok", listener=self.listener.name, engine=self.engine.name, user=event.user,
                                database=event.database, address=source)
         return True
+
+    def _serve_console(self, console) -> bool:
+        """The client logged in to a console database: the proxy answers it itself (multiproxy.admin), never a
+        backend. Users not named in [admin] are refused. Returns False: the client is done when this returns."""
+        proxy = self.proxy
+        source = self.address[0] if isinstance(self.address, tuple) else str(self.address)
+        role = proxy.console.may_use(self.user)
+        if role is None:
+            log.warning("client %s: user %r may not use the admin console (database %r)", source, self.user,
+                        self.database)
+            proxy.audit.record("limit", listener=self.listener.name, address=source, user=self.user,
+                               reason="admin console not allowed")
+            self.sock.sendall(self.proto.error(
+                ErrorKind.AUTH_FAILED, f'not allowed: user "{self.user}" may not use the admin console (database '
+                f'"{self.database}"); name it in the [admin] users (or stats_users, for SHOW only) of the proxy\'s config'))
+            return False
+        send = self.sock.sendall
+        send(console.greeting(f"{__version__}/multiproxy"))
+        proxy.throttle.succeeded(source)
+        if proxy.audit.path:
+            proxy.audit.record("auth_ok", listener=self.listener.name, engine=self.engine.name, user=self.user,
+                               database=self.database, address=source)
+        recv = fast_recv(self.sock)
+        data = self.leftover
+        self.leftover = b""
+        console_state = proxy.console
+        while True:
+            if not data:
+                data = recv(RECV_SIZE)
+                if not data:
+                    return False
+            try:
+                items = console.requests(data)
+            except ClientQuit:
+                return False
+            data = b""
+            for item in items:
+                if type(item) is bytes:
+                    send(item)
+                    continue
+                try:
+                    result = console_state.execute(item, may_command=role == "admin")
+                    out = console.result(result.columns, result.rows, result.tag)
+                except AdminError as exc:
+                    out = console.failure(exc.code, str(exc))
+                except Exception as exc:  # a view that fails must not take the proxy's console down
+                    log.exception("admin console: %r failed", item)
+                    out = console.failure("internal_error", f"{item!r} failed: {exc}")
+                log.info("admin console: %s ran %r", self.user, item)
+                send(out)
 
     def serve(self) -> None:
         idle = self.proxy.config.proxy.idle_client_timeout
@@ -289,6 +355,7 @@ class Session:
                 # is closed as the server would have closed it.
                 self._send_quietly(self.proto.login_refused(refusal))
                 self.client_gone = True
+                self.proxy.drop_refused_pool(self.pool, besides=self)
                 return None
             kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
             reply = self.proto.fail_pending(kind, str(exc))

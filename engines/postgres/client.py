@@ -10,7 +10,9 @@
 - session_state.py: `SessionState`, tracked parameters and settings, the greeting, the replay on link, the
   read-back of settings an expression set;
 - transactions.py: `LazyTransaction`, a BEGIN answered by the proxy and sent with the first statement;
-- pinning.py: the SQL classifier the relay consults; errors.py: the proxy's ErrorResponses.
+- pinning.py: the SQL classifier the relay consults; errors.py: the proxy's ErrorResponses;
+- console.py: `PostgresConsole`, the admin console's wire side (admin_console, for the databases multiproxy and
+  pgbouncer).
 
 Relay, Statements, SessionState and LazyTransaction are mixins of the one client object: the hot paths read their fields as
 plain attributes of `self`, as before the split.
@@ -21,6 +23,7 @@ from collections import deque
 
 from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, PinReason
 
+from .console import PostgresConsole
 from .errors import FATAL_KINDS, SQLSTATE, render_error, render_refusal
 from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
 from .relay import CLIENT_QUERY, CLIENT_SYNC, EMPTY_SYNC, INTERNAL, Relay
@@ -80,6 +83,10 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return render_error(kind, message)
+
+    def admin_console(self) -> PostgresConsole:
+        # The virtual databases multiproxy and pgbouncer: PgBouncer's admin console, answered by the proxy.
+        return PostgresConsole(self.ctx.cancel_key)
 
     def login_refused(self, refusal: BackendError) -> bytes:
         # FATAL, as the server says it at a login or at any time after: no ReadyForQuery follows, the client is closed.
