@@ -161,6 +161,55 @@ def status(admin):
             click.echo(f"pins {cluster}: now {pins['now']} detected {pins['detected_total']}")
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--admin", "admin_address", default="127.0.0.1:9930", show_default=True,
+              help="the proxy's admin_listen address")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON answer as it came")
+@click.argument("words", nargs=-1, required=True)
+def admin(admin_address, as_json, words):
+    """Run an admin console command on a running proxy: `multiproxy admin SHOW POOLS`, `multiproxy admin PAUSE db`
+    (the views and commands of the PostgreSQL console database `pgbouncer`, over the admin HTTP server)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    verb = words[0].upper()
+    if verb == "SHOW":
+        if len(words) < 2:
+            click.echo("error: SHOW needs a view name, e.g. `multiproxy admin SHOW POOLS` (SHOW HELP lists them)", err=True)
+            sys.exit(2)
+        request = urllib.request.Request(f"http://{admin_address}/admin/{urllib.parse.quote(words[1].lower())}")
+    else:
+        path = "/".join(urllib.parse.quote(w, safe="") for w in (verb.lower(), *words[1:]))
+        request = urllib.request.Request(f"http://{admin_address}/admin/{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as resp:
+            data = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"error: no multiproxy admin server answers on {admin_address}: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    columns = [c["name"] for c in data.get("columns", [])]
+    if not columns:
+        click.echo(data.get("command", "done"))
+        return
+    cells = [columns] + [["" if v is None else str(v) for v in row] for row in data["rows"]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        click.echo(" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        if n == 0:
+            click.echo("-+-".join("-" * w for w in widths))
+    click.echo(f"({len(data['rows'])} row{'s' if len(data['rows']) != 1 else ''})")
+
+
 def _register_subcommands():
     from .users_cmd import users
     cli.add_command(users)

@@ -1,4 +1,5 @@
-"""Prometheus metrics named after RDS Proxy's CloudWatch metrics, and the admin HTTP server (/metrics, /healthz, /status).
+"""Prometheus metrics named after RDS Proxy's CloudWatch metrics, and the admin HTTP server (/metrics, /healthz, /status,
+and the admin console's views and commands as JSON under /admin/).
 
 Counters live as plain integers on the proxy, pools and sessions, so the hot path pays an addition;
 a collector turns them into metric families when Prometheus scrapes.
@@ -170,6 +171,31 @@ def status_snapshot(proxy) -> dict:
     }
 
 
+def admin_request(proxy, method: str, rest: str, query: str = "") -> tuple[str, dict]:
+    """The admin console over HTTP: GET /admin/<view> (SHOW <view>; ?format=objects for a list of objects) and
+    POST /admin/<command>[/<db>]. Returns (HTTP status, JSON body)."""
+    from urllib.parse import parse_qs, unquote
+
+    from .admin import AdminError
+    parts = [unquote(part) for part in rest.strip("/").split("/") if part]
+    if not parts:
+        return "404 Not Found", {"error": "name a view (GET /admin/pools) or a command (POST /admin/pause/db)"}
+    objects = parse_qs(query).get("format", [""])[0] == "objects"
+    try:
+        if method == "GET":
+            result = proxy.console.show(parts[0], parts[1:])
+        elif method == "POST":
+            if parts[0].upper() in ("SHOW", "SELECT"):
+                raise AdminError("syntax_error", "views are read with GET /admin/<view>")
+            result = proxy.console.execute(" ".join(parts), may_command=True)
+        else:
+            return "405 Method Not Allowed", {"error": "GET a view or POST a command"}
+    except AdminError as exc:
+        status = "404 Not Found" if exc.code == "undefined_object" else "400 Bad Request"
+        return status, {"error": str(exc), "code": exc.code}
+    return "200 OK", result.as_json(objects)
+
+
 def start_admin_server(listen: str, proxy) -> WSGIServer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))
@@ -187,11 +213,16 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
         if path == "/status":
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(status_snapshot(proxy), indent=2).encode()]
+        if path.startswith("/admin/"):
+            status, body = admin_request(proxy, environ.get("REQUEST_METHOD", "GET"), path[len("/admin/"):],
+                                         environ.get("QUERY_STRING", ""))
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(body, indent=1, default=str).encode() + b"\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz or /status\n"]
+        return [b"not found: try /metrics, /healthz, /status or /admin/<view> (GET) and /admin/<command>[/<db>] (POST)\n"]
 
     host, port = parse_address(listen)
     server = WSGIServer((host, port), app, log=None, error_log=log)
     server.start()
-    log.info("admin server on http://%s:%d (/metrics, /healthz, /status)", host, port)
+    log.info("admin server on http://%s:%d (/metrics, /healthz, /status, /admin/)", host, port)
     return server

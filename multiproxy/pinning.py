@@ -29,15 +29,16 @@ class PinPolicy:
     def action_for(self, reason: PinReason) -> str:
         return self.actions.get(reason.value, "pin")
 
-    def detected(self, session, reason: PinReason, detail: str) -> bool:
-        """Record that `session` did something that ties it to its backend; True when it must pin."""
+    def detected(self, session, reason: PinReason, detail: str, statement: str = "") -> bool:
+        """Record that `session` did something that ties it to its backend; True when it must pin. `statement`: the
+        client's statement that did it, where the engine has it at hand (SHOW PINS shows it, else `detail`)."""
         self.detected_total[reason.value] += 1
         if self.action_for(reason) == "ignore":
             self.ignored_total[reason.value] += 1
             return False
         reasons = self._session_reasons.setdefault(id(session), {})
         if reason.value not in reasons:
-            reasons[reason.value] = (detail, time.time())
+            reasons[reason.value] = (statement or detail, time.time())
             self.pinned_now[reason.value] += 1
             log.info("cluster %s: session pinned to its backend: %s (%s)", self.cluster, reason.value, detail)
         return True
@@ -47,7 +48,7 @@ class PinPolicy:
             self.pinned_now[reason] -= 1
 
     def pins_of(self, session) -> list[tuple[str, str, float]]:
-        """What pins `session` now: (reason, the detail that pinned it, since when as a Unix time), for SHOW PINS."""
+        """What pins `session` now: (reason, the statement (or detail) that pinned it, since when as a Unix time), for SHOW PINS."""
         return [(reason, detail, since) for reason, (detail, since) in self._session_reasons.get(id(session), {}).items()]
 
     def released(self, session, reason: PinReason) -> bool:

@@ -33,6 +33,7 @@ EMPTY_SYNC = 3      # a Sync with nothing before it: the server answers only Rea
 # A backend setting whose value is not known (a transaction that changed it may have been rolled back): equal
 # to no value a client asks for, so the next link sets or resets it.
 UNKNOWN_SETTING = "\x00unknown"
+STATEMENT_SHOWN = 300   # bytes of a pinning statement kept for SHOW PINS
 
 READ_ONLY_WORDS = re.compile(rb"read[\s_]*only", re.IGNORECASE)
 # How a Query's text that transactions.py may answer starts (lowercased): a screen, its regexes decide.
@@ -350,6 +351,7 @@ class Relay:
                 self.server_state.prepared.clear()
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
+        statement = None
         for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
             if (effect[0] == "discard" or effect == ("reset", None)) and (self.startup_settings or self.startup_reported):
                 self.startup_replay_due = True
@@ -360,6 +362,11 @@ class Relay:
                     # A named statement runs later, maybe many times; a COPY would take the read-back as data.
                     self._effect(("pin", PinReason.SESSION_VARIABLE, f"SET {effect[1] or 'by set_config'}", effect[1]))
                 continue
+            if effect[0] == "pin":
+                # The statement itself, for the admin console's SHOW PINS (only statements that pin get here).
+                if statement is None:
+                    statement = bytes(sql_bytes[:STATEMENT_SHOWN]).decode("utf-8", "replace").strip()
+                effect = effect + (statement,)
             self._effect(effect)
 
     def _detected(self, reason: PinReason, detail: str) -> None:
@@ -378,7 +385,7 @@ class Relay:
             return
         kind = effect[0]
         if kind == "pin":
-            self._pin(effect[1], effect[2], effect[3])
+            self._pin(effect[1], effect[2], effect[3], effect[4] if len(effect) > 4 else "")
         elif kind == "unpin":
             self._unpin(effect[1], effect[2])
         elif kind == "set":
@@ -396,8 +403,8 @@ class Relay:
         for effect in deferred:
             self._effect(effect)
 
-    def _pin(self, reason: PinReason, detail: str, key) -> None:
-        if self.ctx.pin_policy.detected(self, reason, detail):
+    def _pin(self, reason: PinReason, detail: str, key, statement: str = "") -> None:
+        if self.ctx.pin_policy.detected(self, reason, detail, statement):
             if not self.pinned:
                 self.pinned = True
             if self.pin_keys is None:
