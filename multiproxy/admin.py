@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 
 import gevent
@@ -20,6 +21,7 @@ from . import __version__
 log = logging.getLogger("multiproxy.admin")
 
 CONSOLE_DATABASES = frozenset({"multiproxy", "pgbouncer"})
+_QUOTED_OR_WORD = re.compile(r'"(?:[^"]|"")*"|[^\s"]+')
 WAIT_POLL = 0.05          # seconds between looks while PAUSE / WAIT_CLOSE wait for backends
 
 
@@ -53,16 +55,12 @@ def parse(text: str) -> tuple[str, list[str]]:
     text = text.strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()
-    words = text.split()
+    words = _QUOTED_OR_WORD.findall(text)
     if not words:
         raise AdminError("syntax_error", "empty request: try SHOW HELP")
     verb = words[0].upper()
-    args = []
-    for word in words[1:]:
-        if len(word) >= 2 and word[0] == word[-1] == '"':
-            args.append(word[1:-1].replace('""', '"'))
-        else:
-            args.append(word)
+    args = [word[1:-1].replace('""', '"') if len(word) >= 2 and word[0] == word[-1] == '"' else word
+            for word in words[1:]]
     return verb, args
 
 

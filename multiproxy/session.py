@@ -205,7 +205,8 @@ class Session:
             console = self.proto.admin_console()
             if console is not None:
                 return self._serve_console(console)
-        if proxy.console.disabled and event.database in proxy.console.disabled:
+        disabled = getattr(proxy, "console", None) and proxy.console.disabled   # (stand-in proxies of tests have none)
+        if disabled and event.database in disabled:
             proxy.metrics.rejected_connections += 1
             self.sock.sendall(self.proto.error(
                 ErrorKind.BACKEND_UNAVAILABLE, f'database "{event.database}" is disabled by an administrator (DISABLE '
@@ -230,7 +231,7 @@ class Session:
             refusal = getattr(exc, "refusal", None)
             self.sock.sendall(self.proto.login_refused(refusal) if refusal is not None
                               else self.proto.error(ErrorKind.BACKEND_UNAVAILABLE, str(exc)))
-            if refusal is not None:
+            if refusal is not None and hasattr(proxy, "drop_refused_pool"):
                 proxy.drop_refused_pool(self.pool, besides=self)
             return False
         self.sock.sendall(self.proto.login_complete(facts))
@@ -355,7 +356,8 @@ class Session:
                 # is closed as the server would have closed it.
                 self._send_quietly(self.proto.login_refused(refusal))
                 self.client_gone = True
-                self.proxy.drop_refused_pool(self.pool, besides=self)
+                if hasattr(self.proxy, "drop_refused_pool"):
+                    self.proxy.drop_refused_pool(self.pool, besides=self)
                 return None
             kind = ErrorKind.POOL_TIMEOUT if isinstance(exc, PoolTimeout) else ErrorKind.BACKEND_UNAVAILABLE
             reply = self.proto.fail_pending(kind, str(exc))

@@ -9,7 +9,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 LOG="$(mktemp -t install-deps.XXXXXX.log)"
-APT_PACKAGES=(postgresql postgresql-client pgbouncer sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev)
+APT_PACKAGES=(postgresql postgresql-client pgbouncer prometheus-pgbouncer-exporter sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev)
 
 trap 'echo "install-deps: error: unexpected failure at line $LINENO (log: $LOG)" >&2' ERR
 
