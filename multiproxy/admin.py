@@ -212,11 +212,14 @@ class Console:
         sessions = self._clients()
         by_pool = collections.Counter(id(s.pool) for s in sessions)
         rows = []
+        now = time.monotonic()
         for pool in self._pools():
             waiting = len(pool.waiters) + pool.paused_waiting
+            longest = now - min(pool.waiting_since.values()) if pool.waiting_since else 0.0
             clients = by_pool.get(id(pool), 0)
             rows.append([pool.database, pool.user, max(0, clients - waiting), waiting, 0, 0, pool.borrowed, 0, 0,
-                         len(pool.idle), 0, 0, len(pool.opening), 0, 0, pool.config.mode, None,
+                         len(pool.idle), 0, 0, len(pool.opening), int(longest), int(longest % 1 * 1_000_000),
+                         pool.config.mode, None,
                          pool.cluster.name, pool.role, pool.engine.name, pool.variant_name, pool.config.max_size,
                          int(pool.paused)])
         return POOLS_COLUMNS, rows
@@ -487,7 +490,10 @@ class Console:
             pool.paused = True
         self.record("pause", database=database or "*")
         log.info("admin: PAUSE %s: waiting for borrowed backends to come back", database or "(all)")
-        while any(pool.borrowed for pool in self._pools(database)) and self.is_paused(database or "*"):
+        while any(pool.borrowed for pool in self._pools(database)):
+            if not self.is_paused(database or "*"):
+                raise AdminError("invalid_parameter", f"{database or 'every database'} was resumed before its "
+                                 "borrowed backends came back")
             gevent.sleep(WAIT_POLL)
         return Result([], [], "PAUSE")
 

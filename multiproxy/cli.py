@@ -1,8 +1,9 @@
-"""The `multiproxy` command line: run, check-config, engines, status, users, and lab (loaded on demand)."""
+"""The `multiproxy` command line: run, check-config, engines, status, admin, users, and lab (loaded on demand)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -165,8 +166,10 @@ def status(admin):
 @click.option("--admin", "admin_address", default="127.0.0.1:9930", show_default=True,
               help="the proxy's admin_listen address")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON answer as it came")
+@click.option("--token-env", default="MULTIPROXY_ADMIN_TOKEN", show_default=True,
+              help="environment variable holding the admin token, sent when set (see [admin] http_token_env)")
 @click.argument("words", nargs=-1, required=True)
-def admin(admin_address, as_json, words):
+def admin(admin_address, as_json, token_env, words):
     """Run an admin console command on a running proxy: `multiproxy admin SHOW POOLS`, `multiproxy admin PAUSE db`
     (the views and commands of the PostgreSQL console database `pgbouncer`, over the admin HTTP server)."""
     import urllib.error
@@ -181,6 +184,9 @@ def admin(admin_address, as_json, words):
     else:
         path = "/".join(urllib.parse.quote(w, safe="") for w in (verb.lower(), *words[1:]))
         request = urllib.request.Request(f"http://{admin_address}/admin/{path}", data=b"", method="POST")
+    token = os.environ.get(token_env, "") if token_env else ""
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=600) as resp:
             data = json.load(resp)

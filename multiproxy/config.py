@@ -49,6 +49,8 @@ ADMIN_SETTINGS = _settings(
             "PostgreSQL listeners): every SHOW and every command (PgBouncer's admin_users)"),
     Setting("stats_users", list, [], "client users who may use the admin console read-only: SHOW only "
             "(PgBouncer's stats_users)"),
+    Setting("http_token_env", str, "", "environment variable holding a token the admin HTTP server's /admin/ "
+            "requires (Authorization: Bearer TOKEN); empty: /admin/ answers without one, on a loopback admin_listen only"),
 )
 
 PROXY_SETTINGS = _settings(
@@ -303,6 +305,7 @@ class ListenerConfig:
 class AdminConfig:
     users: tuple[str, ...] = ()
     stats_users: tuple[str, ...] = ()
+    http_token_env: str = ""
 
 
 @dataclass(frozen=True)
@@ -408,11 +411,12 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
             r.problem("proxy.admin_listen", str(exc))
 
     admin_values = r.settings(r.table(raw.get("admin"), "admin"), "admin", ADMIN_SETTINGS)
-    for name, names in admin_values.items():
+    for name in ("users", "stats_users"):
+        names = admin_values[name]
         if not all(isinstance(item, str) and item for item in names):
             r.problem(f"admin.{name}", f"expected a list of user names, got {names!r}")
-    admin = AdminConfig(**{name: tuple(item for item in names if isinstance(item, str))
-                           for name, names in admin_values.items()})
+        admin_values[name] = tuple(item for item in names if isinstance(item, str))
+    admin = AdminConfig(**admin_values)
 
     auth = r.table(raw.get("auth"), "auth")
     users_file = ""

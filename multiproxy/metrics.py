@@ -6,8 +6,11 @@ a collector turns them into metric families when Prometheus scrapes.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import time
 
 from gevent.pywsgi import WSGIServer
@@ -171,6 +174,13 @@ def status_snapshot(proxy) -> dict:
     }
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def admin_request(proxy, method: str, rest: str, query: str = "") -> tuple[str, dict]:
     """The admin console over HTTP: GET /admin/<view> (SHOW <view>; ?format=objects for a list of objects) and
     POST /admin/<command>[/<db>]. Returns (HTTP status, JSON body)."""
@@ -196,7 +206,27 @@ def admin_request(proxy, method: str, rest: str, query: str = "") -> tuple[str, 
     return "200 OK", result.as_json(objects)
 
 
+def admin_http_refusal(proxy, authorization: str, loopback: bool) -> str:
+    """Why an /admin/ request is refused ('' when it is not): with [admin] http_token_env, a request must carry
+    `Authorization: Bearer TOKEN`; without it, /admin/ answers only on a loopback admin_listen."""
+    name = proxy.config.admin.http_token_env
+    if not name:
+        if loopback:
+            return ""
+        return ("the admin console over HTTP answers on a loopback admin_listen only, unless [admin] http_token_env "
+                "names a token that requests carry (Authorization: Bearer TOKEN)")
+    token = os.environ.get(name, "")
+    if not token:
+        return f"[admin] http_token_env names {name}, which is not set in the proxy's environment: /admin/ is closed"
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return "this request needs the admin token: Authorization: Bearer TOKEN (see [admin] http_token_env)"
+    return ""
+
+
 def start_admin_server(listen: str, proxy) -> WSGIServer:
+    host, port = parse_address(listen)
+    loopback = _is_loopback(host)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))
 
@@ -214,6 +244,10 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(status_snapshot(proxy), indent=2).encode()]
         if path.startswith("/admin/"):
+            refusal = admin_http_refusal(proxy, environ.get("HTTP_AUTHORIZATION", ""), loopback)
+            if refusal:
+                start_response("403 Forbidden", [("Content-Type", "application/json")])
+                return [json.dumps({"error": refusal, "code": "insufficient_privilege"}).encode() + b"\n"]
             status, body = admin_request(proxy, environ.get("REQUEST_METHOD", "GET"), path[len("/admin/"):],
                                          environ.get("QUERY_STRING", ""))
             start_response(status, [("Content-Type", "application/json")])
@@ -221,7 +255,6 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz, /status or /admin/<view> (GET) and /admin/<command>[/<db>] (POST)\n"]
 
-    host, port = parse_address(listen)
     server = WSGIServer((host, port), app, log=None, error_log=log)
     server.start()
     log.info("admin server on http://%s:%d (/metrics, /healthz, /status, /admin/)", host, port)

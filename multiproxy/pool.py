@@ -142,6 +142,7 @@ class Pool:
         self.closed_requests_total = 0         # requests of its clients that have left (SHOW STATS)
         self.paused = False                    # the admin console's PAUSE / KILL: borrows wait for RESUME
         self.paused_waiting = 0                # borrows waiting for RESUME now
+        self.waiting_since: dict = {}          # each waiting borrow (for a backend or RESUME) -> when it began
         self.refused_login = False             # the server refused this pool's first login (see Proxy.drop_if_refused)
         base = f"{cluster.name}/{role}/{user}/{database}"
         self.variant = variant
@@ -192,7 +193,10 @@ class Pool:
     def _wait_resumed(self, timeout: float) -> None:
         """The database is paused from the admin console: wait for RESUME, at most `timeout` seconds."""
         console = self.proxy.console
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        token = object()
+        self.waiting_since[token] = started
         self.paused_waiting += 1
         try:
             while self.paused:
@@ -204,6 +208,7 @@ class Pool:
                 console.resumed.wait(remaining)
         finally:
             self.paused_waiting -= 1
+            del self.waiting_since[token]
 
     def reconnect(self) -> None:
         """The admin console's RECONNECT: idle connections close now, borrowed ones when they come back (release
@@ -217,6 +222,8 @@ class Pool:
         self.waited_borrows_total += 1
         waiter = AsyncResult()
         self.waiters.append(waiter)
+        waiting = self.waiting_since
+        waiting[waiter] = started
         try:
             result = waiter.get(timeout=timeout)
         except gevent.Timeout:
@@ -224,6 +231,8 @@ class Pool:
         except BaseException:
             self._abandon(waiter)
             raise
+        finally:
+            del waiting[waiter]
         if result is None:
             self._abandon(waiter)
             if waiter.ready() and waiter.successful():

@@ -338,13 +338,17 @@ def _split_url(connection_url: str) -> tuple[str, int, str, str, str]:
             unquote(parts.path.lstrip("/")))
 
 
-def proxy_toml(admin_listen: str, users_file: str) -> str:
-    """The generated config's [proxy] and [auth] tables."""
+def proxy_toml(admin_listen: str, users_file: str, admin_user: str = "lab") -> str:
+    """The generated config's [proxy], [admin] and [auth] tables (`admin_user` may use the admin console:
+    `psql -d pgbouncer -c 'SHOW POOLS'` on a PostgreSQL listener)."""
     return "\n".join([
         "[proxy]",
         f"admin_listen = {toml_string(admin_listen)}",
         'log_level = "info"',
         "shutdown_timeout = 5.0",
+        "",
+        "[admin]",
+        f"users = [{toml_string(admin_user)}]",
         "",
         "[auth]",
         f"users_file = {toml_string(users_file)}  # verifiers only: see `multiproxy users`",

@@ -91,10 +91,11 @@ def psql(proxy, command: str, dbname: str = "pgbouncer", user: str = ADMIN) -> s
                           env={**os.environ, "PGCONNECT_TIMEOUT": str(TIMEOUT)})
 
 
-def http(proxy, method: str, path: str) -> tuple[int, dict]:
+def http(proxy, method: str, path: str, token: str = "") -> tuple[int, dict]:
     host, port = proxy.admin_address
     request = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
-                                     data=b"" if method == "POST" else None)
+                                     data=b"" if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
             return resp.status, json.load(resp)
@@ -223,6 +224,27 @@ def test_views_show_a_known_state(pg, proxy_factory):
 # -- who may use the console -------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
+def test_admin_http_token_when_configured(pg, proxy_factory):
+    config = console_config(pg)
+    config["admin"]["http_token_env"] = "MP_TEST_ADMIN_TOKEN"
+    proxy = proxy_factory(config, env={"MP_TEST_ADMIN_TOKEN": "s3cret-token"})
+    status, body = http(proxy, "GET", "/admin/pools")
+    assert status == 403 and "Authorization: Bearer" in body["error"]
+    assert http(proxy, "GET", "/admin/pools", token="wrong")[0] == 403
+    assert http(proxy, "GET", "/admin/lists", token="s3cret-token")[0] == 200
+    host, port = proxy.admin_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "multiproxy", "admin", "--admin", f"{host}:{port}", "SHOW", "LISTS"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode == 1 and "admin token" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "multiproxy", "admin", "--admin", f"{host}:{port}", "disable", "x"],
+                         capture_output=True, text=True, timeout=30, env={**env, "MULTIPROXY_ADMIN_TOKEN": "s3cret-token"})
+    assert out.returncode == 0 and out.stdout.strip() == "DISABLE", out.stderr
+    with console(proxy) as adm:
+        assert next(r for r in named(adm, "DATABASES") if r["name"] == "x")["disabled"] == 1
+
+
+@pytest.mark.timeout(60)
 def test_non_admin_refused_stats_user_shows_only_and_simple_queries_only(pg, proxy_factory):
     proxy = proxy_factory(console_config(pg))
     for database in ("pgbouncer", "multiproxy"):
@@ -283,6 +305,9 @@ def test_pause_waits_for_borrowed_backends_and_resume_lets_waiting_clients_on(pg
         thread.start()
         with console(proxy) as watch:
             assert wait_for(lambda: (pool_row(watch) or {}).get("cl_waiting") == 1), pool_row(watch)
+            time.sleep(0.2)
+            row = pool_row(watch)
+            assert row["maxwait"] * 1_000_000 + row["maxwait_us"] >= 200_000     # the waiting client, in seconds and µs
             db = next(r for r in named(watch, "DATABASES") if r["name"] == AUTH_DB)
             assert db["paused"] == 1
         time.sleep(0.3)
