@@ -482,12 +482,15 @@ class Console:
         return None if database == "*" else database
 
     def pause(self, args: list) -> Result:
-        """Stop lending backends of the database's pools (all without a name); answer once borrowed ones are back."""
+        """Stop lending backends of the database's pools (all without a name) and close them, idle ones now and
+        borrowed ones as they come back (as PgBouncer, so that the server can restart); answer once none is
+        borrowed."""
         database = self._target("PAUSE", args)
         self._check_database(database)
         self.paused.add(database or "*")
         for pool in self._pools(database):
             pool.paused = True
+            pool.reconnect()
         self.record("pause", database=database or "*")
         log.info("admin: PAUSE %s: waiting for borrowed backends to come back", database or "(all)")
         while any(pool.borrowed for pool in self._pools(database)):

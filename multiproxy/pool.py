@@ -322,7 +322,9 @@ class Pool:
                 reason = f"cannot connect to {target.host}:{target.port}: {exc.strerror or exc}"
             log.warning("pool %s: %s", self.label, reason)
             refusal = exc if isinstance(exc, BackendError) and exc.refused_by_server else None
-            if refusal is not None and self.facts is None:
+            if refusal is not None and self.facts is None and not refusal.fatal_auth:
+                # The server refused what the client chose (no such database, no access to it): the pool may go
+                # (Proxy.drop_refused_pool). A refusal of the proxy's own credentials keeps it, and its counts.
                 self.refused_login = True
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}", refusal) from None
         self.facts = script.result
@@ -462,7 +464,7 @@ class Pool:
 
     def fill(self) -> None:
         """Open connections until the budget holds min_size (called from the housekeeping greenlet)."""
-        while self.budget.size < self.config.min_size and not self.draining:
+        while self.budget.size < self.config.min_size and not self.draining and not self.paused:
             try:
                 conn = self._open()
             except BackendUnavailable:

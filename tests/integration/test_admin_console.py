@@ -298,6 +298,8 @@ def test_pause_waits_for_borrowed_backends_and_resume_lets_waiting_clients_on(pg
         assert not paused.wait(0.7), "PAUSE answered while a backend was still borrowed"
         holder.commit()
         assert paused.wait(TIMEOUT), "PAUSE did not answer once the backend came back"
+        with console(proxy) as watch:     # as PgBouncer's PAUSE: the backends are closed, the server may restart
+            assert [s for s in named(watch, "SERVERS") if s["database"] == AUTH_DB] == []
 
         waiter = app(proxy, autocommit=True)
         result: list = []
