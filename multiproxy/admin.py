@@ -466,7 +466,8 @@ class Console:
         events.sort(key=lambda e: e.get("time", 0))
         rows = []
         for event in events[-200:]:
-            detail = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "cluster", "database"))
+            detail = ", ".join(f"{k}={v}" for k, v in event.items()
+                               if k not in ("time", "event", "cluster", "database") and v not in (None, "", [], {}))
             rows.append([_when(event.get("time")), event.get("event"), event.get("cluster"), event.get("database"),
                          detail or None])
         return [("time", "text"), ("event", "text"), ("cluster", "text"), ("database", "text"), ("detail", "text")], rows
