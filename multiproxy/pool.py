@@ -143,7 +143,7 @@ class Pool:
         self.paused = False                    # the admin console's PAUSE / KILL: borrows wait for RESUME
         self.paused_waiting = 0                # borrows waiting for RESUME now
         self.waiting_since: dict = {}          # each waiting borrow (for a backend or RESUME) -> when it began
-        self.refused_login = False             # the server refused this pool's first login (see Proxy.drop_if_refused)
+        self.refused_login = False             # the server refused this pool's first login (see Proxy.drop_refused_pool)
         base = f"{cluster.name}/{role}/{user}/{database}"
         self.variant = variant
         self.variant_name = engine.variant_name(variant) if variant else ""
@@ -176,7 +176,7 @@ class Pool:
         """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
         self.borrows_total += 1
         if self.paused:
-            self._wait_resumed(self.config.borrow_timeout if timeout is None else timeout)
+            timeout = self._wait_resumed(self.config.borrow_timeout if timeout is None else timeout)
         idle = self.idle
         eligible = self.eligible
         while idle:
@@ -190,8 +190,9 @@ class Pool:
             return self._connect_borrowed()
         return self._wait(self.config.borrow_timeout if timeout is None else timeout)
 
-    def _wait_resumed(self, timeout: float) -> None:
-        """The database is paused from the admin console: wait for RESUME, at most `timeout` seconds."""
+    def _wait_resumed(self, timeout: float) -> float:
+        """The database is paused from the admin console: wait for RESUME, at most `timeout` seconds; returns what
+        is left of them for the borrow itself."""
         console = self.proxy.console
         started = time.monotonic()
         deadline = started + timeout
@@ -209,6 +210,7 @@ class Pool:
         finally:
             self.paused_waiting -= 1
             del self.waiting_since[token]
+        return max(0.0, deadline - time.monotonic())
 
     def reconnect(self) -> None:
         """The admin console's RECONNECT: idle connections close now, borrowed ones when they come back (release

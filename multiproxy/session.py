@@ -13,12 +13,12 @@ import time
 
 import gevent
 
+from . import __version__
 from .admin import CONSOLE_DATABASES, AdminError
 from .engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
     ProtocolError, SendToClient, StartClientTLS, StatementCounts,
 )
-from . import __version__
 from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
 
