@@ -279,7 +279,7 @@ class Console:
                     int(conn.generation != pool.generation), conn, conn.session, int(remote_pid) & 0x7FFFFFFF, tls,
                     None, id(conn) & 0x7FFFFFFF) + [pool.cluster.name, pool.engine.name, pool.role])
             for _ in range(len(pool.opening)):
-                rows.append(self._socket_row("S", pool.user, pool.database, "login", None, None, None, None, 0, pool,
+                rows.append(self._socket_row("S", pool.user, pool.database, "new", None, None, None, None, 0, pool,
                                              None, 0, None, None, 0) + [pool.cluster.name, pool.engine.name, pool.role])
         return SERVER_COLUMNS, rows
 

@@ -415,6 +415,12 @@ def test_mysql_pool_appears_in_show_pools(pg, mariadb, proxy_factory):
             clients = [c for c in named(adm, "CLIENTS") if c["engine"] == "mysql"]
             assert [(c["user"], c["listener"]) for c in clients] == [("mp_native", "my")]
             assert [r["node"] for r in named(adm, "CLUSTERS") if r["cluster"] == "maria"] == [f"127.0.0.1:{mariadb.port}"]
+        # a MySQL client that merely tried a missing database leaves no pool behind either
+        with pytest.raises(pymysql.err.OperationalError, match="Unknown database"):
+            pymysql.connect(host="127.0.0.1", port=mysql_port, user="mp_native", password="", database="no_such_db",
+                            connect_timeout=TIMEOUT).cursor().execute("SELECT 1")
+        with console(proxy) as adm:
+            assert [r["database"] for r in named(adm, "POOLS") if r["engine"] == "mysql"] == [MARIADB_DB]
     finally:
         conn.close()
 
