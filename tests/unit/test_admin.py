@@ -193,3 +193,37 @@ def test_the_extended_protocol_is_refused_until_sync():
     assert b"C0A000" in items[0] and b"simple queries only" in items[0]
     assert items[1] == READY
     assert console.requests(message(b"Q", b"SHOW LISTS\x00")) == ["SHOW LISTS"]
+
+
+# -- over HTTP ----------------------------------------------------------------------------------------------------
+
+def test_http_requests_map_to_views_and_commands():
+    from multiproxy.metrics import admin_request
+    proxy = IdleProxy()
+    proxy.console = Console(proxy)
+    status, body = admin_request(proxy, "GET", "lists", "")
+    assert status == "200 OK" and body["columns"][0] == {"name": "list", "type": "text"}
+    assert admin_request(proxy, "GET", "state", "format=objects")[1]["rows"][0] == {"key": "active", "value": "yes"}
+    assert admin_request(proxy, "GET", "nothing", "")[0] == "404 Not Found"
+    assert admin_request(proxy, "POST", "disable/shop", "") == ("200 OK", {"command": "DISABLE", "columns": [],
+                                                                          "rows": []})
+    assert proxy.console.is_disabled("shop")
+    assert admin_request(proxy, "POST", "show/pools", "")[0] == "400 Bad Request"
+    assert admin_request(proxy, "DELETE", "pools", "")[0] == "405 Method Not Allowed"
+
+
+def test_http_console_needs_loopback_or_the_token(monkeypatch):
+    import dataclasses
+
+    from multiproxy.metrics import admin_http_refusal
+    proxy = IdleProxy()
+    assert admin_http_refusal(proxy, "", loopback=True) == ""
+    assert "loopback" in admin_http_refusal(proxy, "", loopback=False)
+    proxy.config = dataclasses.replace(proxy.config, admin=dataclasses.replace(proxy.config.admin,
+                                                                               http_token_env="MP_UNIT_ADMIN_TOKEN"))
+    monkeypatch.delenv("MP_UNIT_ADMIN_TOKEN", raising=False)
+    assert "not set" in admin_http_refusal(proxy, "Bearer x", loopback=True)
+    monkeypatch.setenv("MP_UNIT_ADMIN_TOKEN", "t0ken")
+    assert "needs the admin token" in admin_http_refusal(proxy, "", loopback=True)
+    assert "needs the admin token" in admin_http_refusal(proxy, "Bearer wrong", loopback=False)
+    assert admin_http_refusal(proxy, "Bearer t0ken", loopback=False) == ""
