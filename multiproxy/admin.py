@@ -169,6 +169,9 @@ class Console:
                 raise AdminError("syntax_error", "SHOW needs a view name: try SHOW HELP")
             return self.show(args[0], args[1:])
         command = COMMANDS.get(verb)
+        if command is None and verb in ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"):
+            raise AdminError("feature_not_supported", "the admin console runs no transactions: connect in autocommit "
+                             "mode (psycopg: autocommit=True), as with PgBouncer's console")
         if command is None:
             raise AdminError("syntax_error", f"unknown command {verb!r}: the console takes SHOW, PAUSE, RESUME, "
                              "RECONNECT, WAIT_CLOSE, KILL, DISABLE, ENABLE, RELOAD and SHUTDOWN (try SHOW HELP)")
@@ -271,7 +274,8 @@ class Console:
                     local = conn.sock.getsockname()
                 except (OSError, ValueError, AttributeError):
                     local = ("", 0)
-                remote_pid = getattr(conn.state, "pid", 0) or getattr(conn.state, "connection_id", 0) or 0
+                # PostgreSQL's backend pid, MySQL's connection (thread) id
+                remote_pid = getattr(conn.state, "pid", 0) or getattr(conn.state, "thread_id", 0) or 0
                 version = getattr(conn.sock, "version", None)
                 tls = version() if callable(version) else None
                 rows.append(self._socket_row(

@@ -414,6 +414,8 @@ def test_mysql_pool_appears_in_show_pools(pg, mariadb, proxy_factory):
                 [(MARIADB_DB, "mp_native", "maria", 1)]
             clients = [c for c in named(adm, "CLIENTS") if c["engine"] == "mysql"]
             assert [(c["user"], c["listener"]) for c in clients] == [("mp_native", "my")]
+            servers = [s for s in named(adm, "SERVERS") if s["engine"] == "mysql"]
+            assert servers and all(s["remote_pid"] > 0 for s in servers)     # MySQL's connection (thread) id
             assert [r["node"] for r in named(adm, "CLUSTERS") if r["cluster"] == "maria"] == [f"127.0.0.1:{mariadb.port}"]
         # a MySQL client that merely tried a missing database leaves no pool behind either
         with pytest.raises(pymysql.err.OperationalError, match="Unknown database"):

@@ -100,6 +100,9 @@ def test_unknown_commands_and_views_say_what_exists():
     assert caught.value.code == "undefined_object"
     with pytest.raises(AdminError, match="no such database"):
         console.execute("RECONNECT nosuchdb")
+    with pytest.raises(AdminError, match="autocommit") as caught:
+        console.execute("BEGIN")
+    assert caught.value.code == "feature_not_supported"
 
 
 def test_commands_change_the_console_state_and_record_events():
