@@ -57,6 +57,10 @@ def machine_problems(config: Config, check_addresses: bool = True,
                                                   "here; set it in the proxy's environment")
         if check_addresses and listener.listen[1]:
             _check_address(f"{path}.listen", listener.listen, problem)
+    token_env = config.admin.http_token_env
+    if token_env and not os.environ.get(token_env):
+        problem("admin.http_token_env", f"environment variable {token_env} is not set here, so the admin HTTP "
+                                        "server's /admin/ would refuse every request; set it in the proxy's environment")
     if check_addresses and config.proxy.admin_listen:
         try:
             admin = parse_address(config.proxy.admin_listen)

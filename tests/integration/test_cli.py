@@ -114,6 +114,7 @@ def test_check_config_tells_what_this_machine_lacks(tmp_path):
     config["proxy"]["audit_log"] = str(tmp_path / "no-such-folder" / "audit.jsonl")
     config["auth"] = {"users_file": str(users_file)}
     config["listeners"][0]["auth"] = "scram-sha-256"
+    config["admin"] = {"users": ["ops"], "http_token_env": "MP_SURELY_UNSET_TOKEN"}
     cluster = config["clusters"]["main"]
     cluster["backend"] = {"tls": "verify-ca", "tls_ca_file": str(not_a_ca)}
     cluster["credentials"] = [{"user": "a", "password_file": str(open_secret)},
@@ -136,12 +137,13 @@ def test_check_config_tells_what_this_machine_lacks(tmp_path):
         "clusters.main.credentials[1].password_file: file not found on this machine: "
         + str(tmp_path / "absent.password"),
         "clusters.main.credentials[2].password_env: environment variable MP_SURELY_UNSET_VARIABLE is not set",
+        "admin.http_token_env: environment variable MP_SURELY_UNSET_TOKEN is not set here",
         "listeners[0].listen: address 127.0.0.1:" + str(config["listeners"][0]["listen"].split(":")[1])
         + " is already in use",
     ]
     for line in expected:
         assert line in report, (line, report)
-    assert "7 problem(s) on this machine" in report and "Traceback" not in report, report
+    assert "8 problem(s) on this machine" in report and "Traceback" not in report, report
     out = multiproxy("check-config", "--syntax-only", str(path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{path}: syntax ok (1 cluster(s), 1 listener(s))"), out.stdout
