@@ -829,6 +829,12 @@ def tds_prepared(port: int, clients: int, seconds: float) -> float:
         raise TargetFailed(f"{result['errors']} error(s), {result['prepared']} of {result['connections']} "
                            f"connections prepared ({rate:.0f} executes/s from those): "
                            + " | ".join(result["error_messages"]))
+    idle = sum(1 for n in result["per_connection"] if n == 0)
+    if idle:
+        # A connection that waited for a backend longer than the run shows no error, only no work.
+        raise TargetFailed(f"{idle} of {result['connections']} connections executed nothing in {seconds} s "
+                           f"(slowest prepare {result['slowest_prepare_ms']:.0f} ms; {rate:.0f} executes/s from "
+                           "the others)")
     if result["rows"] != result["executes"]:
         raise TargetFailed(f"{result['executes']} executes returned {result['rows']} rows (expected one each)")
     return rate

@@ -7,7 +7,8 @@
 // executes it (sp_execute) with id cycling through 1..R until S seconds have passed since the start. A connection
 // whose login or prepare fails, or whose execute fails, records the error and stops: the figures then show how
 // many connections got through. The JSON on stdout has: connections, seconds (measured), executes, rows, errors,
-// per_connection (executes of each), prepared (connections that prepared), error_messages (distinct, at most 5).
+// per_connection (executes of each), prepared (connections that prepared), slowest_prepare_ms (the longest
+// prepare() round trip, which includes waiting for a backend behind a proxy), error_messages (distinct, at most 5).
 'use strict';
 
 const { Connection, Request, TYPES } = require('tedious');
@@ -67,7 +68,9 @@ async function worker(opts, index, stopAt, result) {
   request.on('row', () => { rows += 1; });
   const run = (start) => new Promise((resolve) => { done = resolve; start(); });
   try {
+    const prepareStarted = Date.now();
     let err = await run(() => conn.prepare(request));
+    result.slowestPrepareMs = Math.max(result.slowestPrepareMs, Date.now() - prepareStarted);
     if (err || request.handle === undefined) {
       result.fail(`prepare: ${err ? err.message : 'no handle returned'}`);
       return;
@@ -93,7 +96,7 @@ async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const messages = new Set();
   const result = {
-    prepared: 0, rows: 0, errors: 0, perConnection: new Array(opts.connections).fill(0),
+    prepared: 0, rows: 0, errors: 0, slowestPrepareMs: 0, perConnection: new Array(opts.connections).fill(0),
     fail(message) {
       this.errors += 1;
       if (messages.size < 5) messages.add(message);
@@ -118,6 +121,7 @@ async function main() {
     rows: result.rows,
     errors: result.errors,
     prepared: result.prepared,
+    slowest_prepare_ms: result.slowestPrepareMs,
     per_connection: result.perConnection,
     error_messages: [...messages],
   }) + '\n');
