@@ -949,13 +949,14 @@ def main(argv=None):
     if "--engine" in argv or any(a.startswith("--engine=") for a in argv):
         # `--engine mysql|tds [--seconds N] [--rounds N] [--only text,ps,ps-over | --ps] ...`: see engine_args
         known = engine_args(argv)
-        options = dict(rounds=known.rounds, warmup=known.warmup, variants=known.variants,
-                       ps_clients=known.ps_clients, over_clients=known.over_clients)
-        if known.engine == "mysql":
-            return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, **options)
-        if known.engine == "tds":
+        if known.engine == "postgres":
+            argv = [a for a in argv if a not in ("--engine", "postgres", "--engine=postgres")]
+        else:
+            options = dict(rounds=known.rounds, warmup=known.warmup, variants=known.variants,
+                           ps_clients=known.ps_clients, over_clients=known.over_clients)
+            if known.engine == "mysql":
+                return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, **options)
             return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown, **options)
-        argv = [a for a in argv if a not in ("--engine", "postgres", "--engine=postgres")]
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):
         raise SystemExit("pgbench and psql must be on PATH")
