@@ -1,4 +1,11 @@
-"""Run one pgbench load against PostgreSQL directly, multiproxy, PgBouncer and a bare relay; print TPS ratios."""
+"""Benchmark multiproxy beside direct and its neighbours (a bare relay, PgBouncer) in one run; print throughput ratios.
+
+PostgreSQL (the default): pgbench against PostgreSQL directly, multiproxy, PgBouncer, tools/relay.py and
+tools/floor_pooler.py. `--engine mysql`: sysbench oltp_point_select, text protocol and server-side prepared
+statements, directly, through multiproxy and through tools/relay.py. `--engine tds`: pymssql point selects and
+tedious prepared statements (tools/node/tds_prepared_bench.js) against the TDS lab server directly and through
+multiproxy. docs/performance.md says how to run each and what the figures mean.
+"""
 import argparse
 import json
 import os
@@ -541,7 +548,9 @@ class EngineRun:
         for (variant, target), runs in self.samples.items():
             errors = [e for r, e in runs if r is None]
             if errors:
-                reasons = "; ".join(dict.fromkeys(errors))
+                # One example of each kind of failure: rounds that differ only in their figures are one kind.
+                kinds = {re.sub(r"[0-9.]+", "#", e): e for e in reversed(errors)}
+                reasons = " || ".join(list(kinds.values())[::-1][:3])
                 out.append(f"{variant} / {target} ({self.clients[variant]} clients): failed in {len(errors)} of "
                            f"{len(runs)} rounds: {reasons}")
         return out
@@ -658,9 +667,12 @@ def _interleave(run, rounds, variants, targets, seconds, warmup, measure_one):
             for target in targets:
                 print(f"round {round_number + 1}/{rounds}: {variant} / {target} ({run.clients[variant]} clients): "
                       f"run {seconds}s", file=sys.stderr)
-                try:
-                    if round_number == 0 and warmup > 0:
+                if round_number == 0 and warmup > 0:
+                    try:
                         measure_one(variant, target, warmup)
+                    except TargetFailed as exc:   # the measured run below says whether it fails too
+                        print(f"  {variant} / {target}: warm-up: {exc}", file=sys.stderr)
+                try:
                     run.add(variant, target, measure_one(variant, target, seconds))
                 except TargetFailed as exc:
                     print(f"  {variant} / {target}: {exc}", file=sys.stderr)
