@@ -1,4 +1,4 @@
-// A prepared-statement load for tools/bench.py: N tedious connections each prepare() one point select, then execute() it until time is up; prints JSON.
+// tools/bench.py's TDS prepared-statement load: N tedious connections prepare one point select, execute it S s.
 //
 // node tds_prepared_bench.js --port P [--host H] [--user U] [--password W] [--database D]
 //                            [--connections N] [--seconds S] [--rows R]
