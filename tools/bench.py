@@ -1,5 +1,13 @@
-"""Run one pgbench load against PostgreSQL directly, multiproxy, PgBouncer and a bare relay; print TPS ratios."""
+"""Benchmark multiproxy beside direct and its neighbours (a bare relay, PgBouncer) in one run; print throughput ratios.
+
+PostgreSQL (the default): pgbench against PostgreSQL directly, multiproxy, PgBouncer, tools/relay.py and
+tools/floor_pooler.py. `--engine mysql`: sysbench oltp_point_select, text protocol and server-side prepared
+statements, directly, through multiproxy and through tools/relay.py. `--engine tds`: pymssql point selects and
+tedious prepared statements (tools/node/tds_prepared_bench.js) against the TDS lab server directly and through
+multiproxy. docs/performance.md says how to run each and what the figures mean.
+"""
 import argparse
+import json
 import os
 import platform
 import pwd
@@ -510,125 +518,357 @@ def parse_args(argv):
 
 
 MYSQL_TARGETS = ("direct", "multiproxy", "relay")
+TDS_TARGETS = ("direct", "multiproxy")
+# The variants of the MySQL and TDS benchmarks: `text` is the plain query protocol (sysbench --db-ps-mode=disable;
+# pymssql), `ps` server-side prepared statements with as many clients as the pool has connections (sysbench
+# --db-ps-mode=auto: COM_STMT_PREPARE/EXECUTE; tedious prepare/execute: sp_prepare/sp_execute), `ps-over` the same
+# with more clients than the pool (default twice as many), which needs statements multiplexed across backends.
+VARIANTS = ("text", "ps", "ps-over")
+METRIC_LINE = re.compile(r'^multiproxy_prepared_statements_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', re.MULTILINE)
+NODE_DIR = os.path.join(REPO_ROOT, "tools", "node")
 
 
-def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None) -> None:
-    """sysbench oltp_point_select (16 threads, text protocol) against a private MariaDB directly, through
-    multiproxy (mysql engine, transaction pooling) and through tools/relay.py, in one run; TPS and ratios."""
+class EngineRun:
+    """Samples of one MySQL or TDS run: per (variant, target) a list over rounds of (rate, None) or (None, why)."""
+
+    def __init__(self, variants, targets, clients):
+        self.variants, self.targets, self.clients = variants, targets, clients
+        self.samples: dict = {}
+
+    def add(self, variant, target, rate, error=None):
+        self.samples.setdefault((variant, target), []).append((rate, error))
+
+    def median(self, variant, target):
+        rates = [r for r, _ in self.samples.get((variant, target), ()) if r is not None]
+        return statistics.median(rates) if rates else None
+
+    def failures(self):
+        """'variant / target: failed in k of n rounds: why' for every (variant, target) that failed at least once."""
+        out = []
+        for (variant, target), runs in self.samples.items():
+            errors = [e for r, e in runs if r is None]
+            if errors:
+                # One example of each kind of failure: rounds that differ only in their figures are one kind.
+                kinds = {re.sub(r"[0-9.]+", "#", e): e for e in reversed(errors)}
+                reasons = " || ".join(list(kinds.values())[::-1][:3])
+                out.append(f"{variant} / {target} ({self.clients[variant]} clients): failed in {len(errors)} of "
+                           f"{len(runs)} rounds: {reasons}")
+        return out
+
+    def table(self, unit, base):
+        """Markdown table: one row per variant, the targets side by side, multiproxy against `base` (and direct)."""
+        rounds = max((len(runs) for runs in self.samples.values()), default=1)
+        header = ["variant", "clients"] + [f"{t} {unit}" for t in self.targets] + [f"multiproxy / {base}"]
+        if base != "direct":
+            header.append("multiproxy / direct")
+        if rounds > 1:
+            header.append(f"multiproxy / {base} per round: median (range)")
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for variant in self.variants:
+            cells = [variant, str(self.clients[variant])]
+            for target in self.targets:
+                rate = self.median(variant, target)
+                cells.append(f"{rate:.0f}" if rate is not None else "failed")
+            mine = self.median(variant, "multiproxy")
+            for other in [base] + (["direct"] if base != "direct" else []):
+                theirs = self.median(variant, other)
+                cells.append(f"{mine / theirs:.2f}" if mine is not None and theirs else "-")
+            if rounds > 1:
+                ratios = sorted(m / b for (m, _), (b, _) in zip(self.samples.get((variant, "multiproxy"), ()),
+                                                              self.samples.get((variant, base), ())) if m and b)
+                cells.append(f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})" if ratios else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _variant_clients(variants, pool_size, text_clients, ps_clients, over_clients):
+    ps_clients = ps_clients or pool_size
+    chosen = {"text": text_clients, "ps": ps_clients, "ps-over": over_clients or 2 * ps_clients}
+    return {v: chosen[v] for v in variants}
+
+
+def _proxy_config(engine, backend_port, listen_port, admin_port, pool_size, listener_extra=""):
+    """multiproxy.toml of the MySQL and TDS benchmarks: one cluster, transaction pooling, the admin server on
+    admin_port (for /metrics), users.toml beside it."""
+    return (f'[proxy]\nadmin_listen = "127.0.0.1:{admin_port}"\nlog_level = "warning"\n'
+            f'[auth]\nusers_file = "users.toml"\n\n'
+            f'[clusters.main]\nengine = "{engine}"\nhosts = ["127.0.0.1:{backend_port}"]\n'
+            f'[clusters.main.backend]\ntls = "disable"\n\n'
+            f'[clusters.main.pool]\nmax_size = {pool_size}\nborrow_timeout = 5.0\n'
+            f'[[clusters.main.credentials]]\nuser = "*"\npassword = "bench"\n\n'
+            f'[[listeners]]\nname = "bench"\nlisten = "127.0.0.1:{listen_port}"\ncluster = "main"\n{listener_extra}')
+
+
+def _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra=""):
+    """Start multiproxy for the MySQL or TDS benchmark; returns (process, client port, admin port)."""
+    port, admin_port = free_port(), free_port()
+    with open(os.path.join(work, "mp.toml"), "w") as f:
+        f.write(_proxy_config(engine, backend_port, port, admin_port, pool_size, listener_extra))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    proc = procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
+                       log_path=os.path.join(work, "multiproxy.log"), cwd=work, env=env)
+    _wait_port(port, proc, os.path.join(work, "multiproxy.log"))
+    return proc, port, admin_port
+
+
+def statement_counts(admin_port):
+    """multiproxy_prepared_statements_total from the proxy's /metrics: "hit=… miss=… eviction=…" per cluster."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as response:
+            text = response.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"multiproxy_prepared_statements_total: /metrics did not answer ({exc})"
+    counts: dict = {}
+    for labels, value in METRIC_LINE.findall(text):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        counts.setdefault(fields.get("cluster", "?"), {})[fields.get("outcome", "?")] = float(value)
+    if not counts:
+        return "multiproxy_prepared_statements_total: not in /metrics"
+    parts = [f"cluster {cluster}: " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(outcomes.items()))
+             for cluster, outcomes in counts.items()]
+    total = sum(v for outcomes in counts.values() for v in outcomes.values())
+    note = ("; all 0: statements pinned the client session to its backend (measured before statement multiplexing)"
+            if total == 0 else "")
+    return "multiproxy_prepared_statements_total after the run: " + "; ".join(parts) + note
+
+
+def machine_line():
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        gevent_version = __import__("gevent").__version__
+    except ImportError:
+        gevent_version = "not installed"
+    return (f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, gevent {gevent_version}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def _emit(lines, markdown):
+    text = "\n".join(lines)
+    print(text)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text + "\n")
+
+
+def _interleave(run, rounds, variants, targets, seconds, warmup, measure_one):
+    """Every round runs each variant on each target back to back (a slow spell of the machine hits all of them);
+    the first round of each (variant, target) warms up for `warmup` seconds first. measure_one(variant, target,
+    seconds) returns a rate or raises TargetFailed."""
+    for round_number in range(rounds):
+        for variant in variants:
+            for target in targets:
+                print(f"round {round_number + 1}/{rounds}: {variant} / {target} ({run.clients[variant]} clients): "
+                      f"run {seconds}s", file=sys.stderr)
+                if round_number == 0 and warmup > 0:
+                    try:
+                        measure_one(variant, target, warmup)
+                    except TargetFailed as exc:   # the measured run below says whether it fails too
+                        print(f"  {variant} / {target}: warm-up: {exc}", file=sys.stderr)
+                try:
+                    run.add(variant, target, measure_one(variant, target, seconds))
+                except TargetFailed as exc:
+                    print(f"  {variant} / {target}: {exc}", file=sys.stderr)
+                    run.add(variant, target, None, str(exc))
+
+
+def sysbench(port, threads, ps_mode, seconds):
+    """One sysbench oltp_point_select run; TPS, or TargetFailed saying why (its FATAL lines)."""
+    argv = ["sysbench", "oltp_point_select", "run", f"--mysql-port={port}", *SYSBENCH_COMMON,
+            f"--threads={threads}", f"--db-ps-mode={ps_mode}", f"--time={seconds}"]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise TargetFailed(f"sysbench did not finish within {seconds + 60} s")
+    found = re.search(r"transactions:\s+\d+\s+\(([0-9.]+) per sec", out.stdout)
+    if out.returncode == 0 and found:
+        return float(found.group(1))
+    lines = [l.strip() for l in (out.stdout + "\n" + out.stderr).splitlines() if l.strip()]
+    fatal = list(dict.fromkeys(l for l in lines if "FATAL" in l or "error" in l.lower()))[:3]
+    raise TargetFailed(f"sysbench exited with {out.returncode}: " + (" | ".join(fatal) or " | ".join(lines[-2:])))
+
+
+SYSBENCH_COMMON = ["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=bench", "--mysql-password=bench",
+                   "--mysql-db=bench", "--tables=1", "--table-size=10000", "--mysql-ssl=off"]
+SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto"}
+
+
+def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, *, rounds: int = 1,
+                warmup: int = WARMUP_SECONDS, variants=VARIANTS, ps_clients: int | None = None,
+                over_clients: int | None = None) -> None:
+    """sysbench oltp_point_select against a private MariaDB directly, through multiproxy (mysql engine,
+    transaction pooling) and through tools/relay.py, in one run, interleaved rounds: the text protocol
+    (--db-ps-mode=disable) and server-side prepared statements (--db-ps-mode=auto) with as many threads as the
+    pool (ps) and with more (ps-over); TPS medians, multiproxy / relay, and the proxy's prepared-statement tally."""
     from multiproxy.auth import UsersFile
     from multiproxy.lab.mariadb import MariaDBServer
     if not shutil.which("sysbench"):
         raise SystemExit("sysbench must be on PATH")
+    clients = _variant_clients(variants, pool_size, ps_clients or pool_size, ps_clients, over_clients)
     work = tempfile.mkdtemp(prefix="mp-bench-mysql-")
-    server = MariaDBServer().start()
+    server = MariaDBServer(settings={"max_connections": 500}).start()
     procs = Processes()
     try:
         server.sql("CREATE DATABASE bench; CREATE USER 'bench'@'%' IDENTIFIED BY 'bench'; "
                    "GRANT ALL ON *.* TO 'bench'@'%';")
-        common = ["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=bench", "--mysql-password=bench",
-                  "--mysql-db=bench", "--tables=1", "--table-size=10000", "--mysql-ssl=off"]
-        run_quiet(["sysbench", "oltp_point_select", "prepare", f"--mysql-port={server.port}", *common], timeout=300)
+        run_quiet(["sysbench", "oltp_point_select", "prepare", f"--mysql-port={server.port}", *SYSBENCH_COMMON],
+                  timeout=300)
         users = UsersFile()
         users.add("bench", "bench", kinds=["mysql_native_password"])
         with open(os.path.join(work, "users.toml"), "w") as f:
             f.write(users.dumps())
-        rows = {}
-        for name in MYSQL_TARGETS:
-            port = server.port
-            if name == "multiproxy":
-                port = free_port()
-                with open(os.path.join(work, "mp.toml"), "w") as f:
-                    f.write(f"""[proxy]\nadmin_listen = ""\nlog_level = "warning"\n[auth]\nusers_file = "users.toml"\n
-[clusters.main]\nengine = "mysql"\nhosts = ["127.0.0.1:{server.port}"]\n[clusters.main.backend]\ntls = "disable"\n
-[clusters.main.pool]\nmax_size = {pool_size}\n[[clusters.main.credentials]]\nuser = "*"\npassword = "bench"\n
-[[listeners]]\nname = "my"\nlisten = "127.0.0.1:{port}"\ncluster = "main"\nauth = "mysql_native_password"\n""")
-                procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
-                            log_path=os.path.join(work, "multiproxy.log"), cwd=REPO_ROOT)
-            elif name == "relay":
-                port = free_port()
-                procs.start([sys.executable, os.path.join(REPO_ROOT, "tools", "relay.py"), "--listen",
-                             f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{server.port}"],
+        _, mp_port, admin_port = _start_proxy(procs, work, "mysql", server.port, pool_size,
+                                              'auth = "mysql_native_password"\n')
+        relay_port = free_port()
+        relay = procs.start([sys.executable, os.path.join(REPO_ROOT, "tools", "relay.py"), "--listen",
+                             f"127.0.0.1:{relay_port}", "--backend", f"127.0.0.1:{server.port}"],
                             log_path=os.path.join(work, "relay.log"), cwd=REPO_ROOT)
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            argv = ["sysbench", "oltp_point_select", "run", f"--mysql-port={port}", *common, "--threads=16",
-                    "--db-ps-mode=disable"]
-            run_quiet(argv + ["--time=2"], timeout=60)          # warm-up
-            out = subprocess.run(argv + [f"--time={seconds}"], capture_output=True, text=True, timeout=seconds + 60)
-            found = re.search(r"transactions:\s+\d+\s+\(([0-9.]+) per sec", out.stdout)
-            rows[name] = float(found.group(1)) if found else None
-            procs.stop_all()
-        lines = [f"sysbench oltp_point_select, 16 threads, --db-ps-mode=disable, {seconds} s, MariaDB "
-                 f"{server.sql('SELECT VERSION()')}, pool max_size {pool_size}",
-                 "", "| target | TPS | / direct | / relay |", "|---|---|---|---|"]
-        for name, tps in rows.items():
-            if tps is None:
-                lines.append(f"| {name} | failed | | |")
-                continue
-            ratio = lambda base: f"{tps / rows[base]:.2f}" if rows.get(base) else "-"   # noqa: E731
-            lines.append(f"| {name} | {tps:.0f} | {ratio('direct')} | {ratio('relay')} |")
-        text = "\n".join(lines)
-        print(text)
-        if markdown:
-            with open(markdown, "w") as f:
-                f.write(text + "\n")
+        _wait_port(relay_port, relay, os.path.join(work, "relay.log"))
+        ports = {"direct": server.port, "multiproxy": mp_port, "relay": relay_port}
+        run = EngineRun(variants, MYSQL_TARGETS, clients)
+        _interleave(run, rounds, variants, MYSQL_TARGETS, seconds, warmup,
+                    lambda variant, target, secs: sysbench(ports[target], clients[variant],
+                                                           SYSBENCH_PS_MODE[variant], secs))
+        tally = statement_counts(admin_port)
+        version = server.sql("SELECT VERSION()").strip()
+        sysbench_version = run_quiet(["sysbench", "--version"]).stdout.strip()
     finally:
         procs.stop_all()
         server.stop()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-TDS_TARGETS = ("direct", "multiproxy")
+        else:
+            print(f"kept {work}", file=sys.stderr)
+    lines = [f"sysbench oltp_point_select (10,000 rows), TPS; {seconds} s per run"
+             + (f" after a {warmup} s warm-up" if warmup > 0 else "")
+             + (f", median of {rounds} interleaved rounds" if rounds > 1 else "")
+             + f"; MariaDB {version}, {sysbench_version}, pool max_size {pool_size}",
+             "text = --db-ps-mode=disable (COM_QUERY); ps / ps-over = --db-ps-mode=auto (COM_STMT_PREPARE once per "
+             "thread, then COM_STMT_EXECUTE); ps-over has more threads than the pool", "",
+             run.table("TPS", "relay"), ""]
+    lines += run.failures()
+    lines += [tally, machine_line()]
+    _emit(lines, markdown)
 
 
 def _tds_client_process(port: int, threads: int, seconds: float, queue) -> None:
-    """One load process: `threads` pymssql connections, each running point selects in autocommit until time."""
+    """One load process: `threads` pymssql connections, each running point selects in autocommit until time;
+    puts (queries, [errors])."""
     import threading
 
     import pymssql
     counts = [0] * threads
+    errors: list = []
     stop_at = time.monotonic() + seconds
 
     def work(index):
-        conn = pymssql.connect(server="127.0.0.1", port=port, user="bench", password="bench", database="bench",
-                               autocommit=True, tds_version="7.4")
-        cur = conn.cursor()
         n = 0
-        while time.monotonic() < stop_at:
-            cur.execute("SELECT v FROM kv WHERE id = %d" % (n % 1000 + 1))
-            cur.fetchall()
-            n += 1
+        try:
+            conn = pymssql.connect(server="127.0.0.1", port=port, user="bench", password="bench", database="bench",
+                                   autocommit=True, tds_version="7.4", login_timeout=int(seconds) + 15)
+            cur = conn.cursor()
+            while time.monotonic() < stop_at:
+                cur.execute("SELECT v FROM kv WHERE id = %d" % (n % 1000 + 1))
+                cur.fetchall()
+                n += 1
+            conn.close()
+        except Exception as exc:      # noqa: BLE001 - any driver error is a result to report, not a crash
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
         counts[index] = n
-        conn.close()
 
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    queue.put(sum(counts))
+    queue.put((sum(counts), errors))
 
 
-def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: str | None) -> None:
-    """TDS point selects (pymssql, autocommit, `clients` connections over 4 processes) against the TDS lab server
-    directly and through multiproxy (tds engine, transaction pooling) in one run; queries per second and ratio."""
+def tds_text(port: int, clients: int, seconds: float) -> float:
+    """pymssql point selects with `clients` connections over 4 processes; queries/s or TargetFailed."""
     import multiprocessing
+    import queue as queues
+    processes = min(4, clients)
+    result_queue = multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=_tds_client_process,
+                                       args=(port, max(1, clients // processes), seconds, result_queue))
+               for _ in range(processes)]
+    for w in workers:
+        w.start()
+    total, errors = 0, []
+    try:
+        for _ in workers:
+            count, errs = result_queue.get(timeout=seconds + 60)
+            total += count
+            errors += errs
+    except queues.Empty:
+        errors.append(f"a load process gave no result within {seconds + 60:g} s")
+    for w in workers:
+        w.join(30)
+        if w.is_alive():
+            w.kill()
+    if errors:
+        raise TargetFailed(f"{len(errors)} connection(s) failed ({total / seconds:.0f} q/s from the others): "
+                           + " | ".join(dict.fromkeys(errors)))
+    return total / seconds
 
+
+def tds_prepared(port: int, clients: int, seconds: float) -> float:
+    """tools/node/tds_prepared_bench.js: `clients` tedious connections, sp_prepare once, sp_execute until time;
+    executes/s or TargetFailed (with the errors it printed)."""
+    if not shutil.which("node") or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "tedious")):
+        raise TargetFailed(f"node or tedious is missing: run npm ci --prefix {NODE_DIR} (tools/install-deps.sh)")
+    argv = ["node", os.path.join(NODE_DIR, "tds_prepared_bench.js"), "--port", str(port),
+            "--connections", str(clients), "--seconds", str(seconds)]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise TargetFailed(f"tds_prepared_bench.js did not finish within {seconds + 60} s")
+    try:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise TargetFailed(f"tds_prepared_bench.js exited with {out.returncode}: "
+                           + " | ".join(out.stderr.strip().splitlines()[-2:]))
+    rate = result["executes"] / max(result["seconds"], 1e-9)
+    if result["errors"]:
+        raise TargetFailed(f"{result['errors']} error(s), {result['prepared']} of {result['connections']} "
+                           f"connections prepared ({rate:.0f} executes/s from those): "
+                           + " | ".join(result["error_messages"]))
+    idle = sum(1 for n in result["per_connection"] if n == 0)
+    if idle:
+        # A connection that waited for a backend longer than the run shows no error, only no work.
+        raise TargetFailed(f"{idle} of {result['connections']} connections executed nothing in {seconds} s "
+                           f"(slowest prepare {result['slowest_prepare_ms']:.0f} ms; {rate:.0f} executes/s from "
+                           "the others)")
+    if result["rows"] != result["executes"]:
+        raise TargetFailed(f"{result['executes']} executes returned {result['rows']} rows (expected one each)")
+    return rate
+
+
+def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: str | None, *, rounds: int = 1,
+              warmup: int = WARMUP_SECONDS, variants=VARIANTS, ps_clients: int | None = None,
+              over_clients: int | None = None) -> None:
+    """Point selects against the TDS lab server directly and through multiproxy (tds engine, transaction pooling)
+    in one run, interleaved rounds: pymssql in autocommit (text, `clients` connections over 4 processes), and
+    tedious prepared statements (sp_prepare once, sp_execute in a loop) with as many connections as the pool (ps)
+    and with more (ps-over); medians per second, multiproxy / direct, and the proxy's prepared-statement tally."""
     from multiproxy.auth import UsersFile
     work = tempfile.mkdtemp(prefix="mp-bench-tds-")
     procs = Processes()
+    run_clients = _variant_clients(variants, pool_size, clients, ps_clients, over_clients)
     try:
         lab_port = free_port()
-        procs.start([sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(lab_port), "--user", "bench",
-                     "--password", "bench", "--database", "bench", "--db-file", os.path.join(work, "lab.sqlite")],
-                    log_path=os.path.join(work, "lab.log"), cwd=REPO_ROOT)
-        _wait_port(lab_port)
+        lab = procs.start([sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(lab_port), "--user",
+                           "bench", "--password", "bench", "--database", "bench", "--db-file",
+                           os.path.join(work, "lab.sqlite")], log_path=os.path.join(work, "lab.log"), cwd=REPO_ROOT)
+        _wait_port(lab_port, lab, os.path.join(work, "lab.log"))
         import pymssql
         setup = pymssql.connect(server="127.0.0.1", port=lab_port, user="bench", password="bench",
                                 database="bench", autocommit=True, tds_version="7.4")
@@ -641,47 +881,37 @@ def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: 
         users.add("bench", "bench", kinds=["tds_sha256"])
         with open(os.path.join(work, "users.toml"), "w") as f:
             f.write(users.dumps())
-        mp_port = free_port()
-        with open(os.path.join(work, "mp.toml"), "w") as f:
-            f.write(f"""[proxy]\nadmin_listen = ""\nlog_level = "warning"\n[auth]\nusers_file = "users.toml"\n
-[clusters.main]\nengine = "tds"\nhosts = ["127.0.0.1:{lab_port}"]\n[clusters.main.backend]\ntls = "disable"\n
-[clusters.main.pool]\nmax_size = {pool_size}\n[[clusters.main.credentials]]\nuser = "*"\npassword = "bench"\n
-[[listeners]]\nname = "tds"\nlisten = "127.0.0.1:{mp_port}"\ncluster = "main"\n""")
-        procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
-                    log_path=os.path.join(work, "multiproxy.log"), cwd=REPO_ROOT)
-        _wait_port(mp_port)
-        rows = {}
-        processes = 4
-        for name, port in (("direct", lab_port), ("multiproxy", mp_port)):
-            queue = multiprocessing.Queue()
-            workers = [multiprocessing.Process(target=_tds_client_process,
-                                               args=(port, max(1, clients // processes), seconds, queue))
-                       for _ in range(processes)]
-            for w in workers:
-                w.start()
-            total = sum(queue.get(timeout=seconds + 60) for _ in workers)
-            for w in workers:
-                w.join(30)
-            rows[name] = total / seconds
-        lines = [f"TDS point select (pymssql, autocommit), {clients} clients in {processes} processes, {seconds} s, "
-                 f"TDS lab server, pool max_size {pool_size}", "",
-                 "| target | queries/s | / direct |", "|---|---|---|"]
-        for name, qps in rows.items():
-            lines.append(f"| {name} | {qps:.0f} | {qps / rows['direct']:.2f} |")
-        text = "\n".join(lines)
-        print(text)
-        if markdown:
-            with open(markdown, "w") as f:
-                f.write(text + "\n")
+        _, mp_port, admin_port = _start_proxy(procs, work, "tds", lab_port, pool_size)
+        ports = {"direct": lab_port, "multiproxy": mp_port}
+        measure_by_variant = {"text": tds_text, "ps": tds_prepared, "ps-over": tds_prepared}
+        run = EngineRun(variants, TDS_TARGETS, run_clients)
+        _interleave(run, rounds, variants, TDS_TARGETS, seconds, warmup,
+                    lambda variant, target, secs: measure_by_variant[variant](ports[target], run_clients[variant],
+                                                                             secs))
+        tally = statement_counts(admin_port)
     finally:
         procs.stop_all()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}", file=sys.stderr)
+    lines = [f"TDS point select (SELECT v FROM kv WHERE id = n, 1,000 rows, TDS lab server), per second; {seconds} s "
+             "per run" + (f" after a {warmup} s warm-up" if warmup > 0 else "")
+             + (f", median of {rounds} interleaved rounds" if rounds > 1 else "") + f"; pool max_size {pool_size}",
+             "text = pymssql, autocommit, SQL batches (queries/s); ps / ps-over = tedious prepare() once per "
+             "connection (sp_prepare), then execute() (sp_execute) in a loop (executes/s); ps-over has more "
+             "connections than the pool", "",
+             run.table("/s", "direct"), ""]
+    lines += run.failures()
+    lines += [tally, machine_line()]
+    _emit(lines, markdown)
 
 
-def _wait_port(port: int) -> None:
+def _wait_port(port: int, proc=None, log_path=None) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"process for port {port} exited with {proc.returncode}: {log_tail(log_path)}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -690,22 +920,55 @@ def _wait_port(port: int) -> None:
     raise SystemExit(f"nothing listens on port {port} after {START_TIMEOUT:g} s")
 
 
+def engine_args(argv):
+    """Options of `--engine mysql|tds` (and `--engine postgres`, which hands the rest to parse_args)."""
+    parser = argparse.ArgumentParser(
+        description="MySQL (sysbench) and TDS benchmarks of multiproxy beside direct and a bare relay; "
+                    "`--engine postgres` or no --engine runs the pgbench benchmark (its own options).")
+    parser.add_argument("--engine", choices=("postgres", "mysql", "tds"), default="postgres")
+    parser.add_argument("--seconds", type=int, default=15, help="measured seconds per run (default 15)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant and target this many times, interleaved; report medians")
+    parser.add_argument("--warmup", type=int, default=WARMUP_SECONDS,
+                        help=f"warm-up seconds before the first round of each variant and target "
+                             f"(default {WARMUP_SECONDS}; 0: none)")
+    parser.add_argument("--pool-size", type=int, default=16, help="multiproxy pool max_size (default 16)")
+    parser.add_argument("--clients", type=int, default=32, help="TDS text variant: pymssql connections (default 32)")
+    parser.add_argument("--ps-clients", type=int,
+                        help="clients of the ps variant (MySQL: also of text) (default: --pool-size)")
+    parser.add_argument("--over-clients", type=int, help="clients of the ps-over variant (default: 2 x --ps-clients)")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    parser.add_argument("--ps", action="store_true", help="prepared statements only: --only ps,ps-over")
+    parser.add_argument("--markdown", metavar="FILE")
+    parser.add_argument("--keep", action="store_true")
+    known, _rest = parser.parse_known_args(argv)
+    if known.engine != "postgres":
+        if _rest:
+            parser.error(f"unrecognized arguments: {' '.join(_rest)}")
+        if known.ps:
+            known.only = "ps,ps-over"
+        known.variants = [v.strip() for v in known.only.split(",") if v.strip()]
+        unknown = [v for v in known.variants if v not in VARIANTS]
+        if unknown or not known.variants:
+            parser.error(f"--only: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(VARIANTS)}")
+        if known.rounds < 1 or known.seconds < 1 or known.warmup < 0 or known.pool_size < 1:
+            parser.error("--rounds, --seconds and --pool-size: at least 1; --warmup: at least 0")
+    return known
+
+
 def main(argv=None):
-    if argv is None and "--engine" in sys.argv:
-        # `--engine mysql [--seconds N] [--pool-size N] [--markdown FILE] [--keep]`: the MySQL benchmark
-        mysql = argparse.ArgumentParser(description=mysql_bench.__doc__)
-        mysql.add_argument("--engine", choices=("postgres", "mysql", "tds"), default="postgres")
-        mysql.add_argument("--clients", type=int, default=32, help="TDS: client connections (default 32)")
-        mysql.add_argument("--seconds", type=int, default=15)
-        mysql.add_argument("--pool-size", type=int, default=16)
-        mysql.add_argument("--markdown", metavar="FILE")
-        mysql.add_argument("--keep", action="store_true")
-        known, rest = mysql.parse_known_args()
-        if known.engine == "mysql":
-            return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown)
-        if known.engine == "tds":
-            return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown)
-        argv = [a for a in sys.argv[1:] if a not in ("--engine", "postgres")]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--engine" in argv or any(a.startswith("--engine=") for a in argv):
+        # `--engine mysql|tds [--seconds N] [--rounds N] [--only text,ps,ps-over | --ps] ...`: see engine_args
+        known = engine_args(argv)
+        if known.engine == "postgres":
+            argv = [a for a in argv if a not in ("--engine", "postgres", "--engine=postgres")]
+        else:
+            options = dict(rounds=known.rounds, warmup=known.warmup, variants=known.variants,
+                           ps_clients=known.ps_clients, over_clients=known.over_clients)
+            if known.engine == "mysql":
+                return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, **options)
+            return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown, **options)
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):
         raise SystemExit("pgbench and psql must be on PATH")
