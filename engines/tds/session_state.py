@@ -14,7 +14,7 @@ PIN, SET, RESET = "pin", "set", "reset"
 RESET_PROCEDURE = "sp_reset_connection"
 
 
-def request_effects(msg: tp.Message) -> list[tuple]:
+def request_effects(msg: tp.Message, virtualised: bool = True) -> list[tuple]:
     """What one request does to the session: (RESET, keeps_transaction) first when it asks for a reset, then
     (PIN, reason, detail) and (SET, option, statement to replay)."""
     effects: list[tuple] = []
@@ -30,7 +30,7 @@ def request_effects(msg: tp.Message) -> list[tuple]:
                 if call.name.lower().rsplit(".", 1)[-1].strip("[]") == RESET_PROCEDURE:
                     effects.append((RESET, False))
                     continue
-                effects += [(PIN, reason, detail) for reason, detail in classify_rpc(call.name, call.params)]
+                effects += [(PIN, reason, detail) for reason, detail in classify_rpc(call.name, call.params, virtualised)]
     except (ProtocolError, UnicodeDecodeError):
         pass            # the backend refuses it with its own error
     return effects
