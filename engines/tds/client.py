@@ -473,18 +473,27 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                 # request that travels behind the begin, none yet: 0 stands for the session's transaction).
                 payload = tp.with_transaction_descriptor(
                     payload, self.descriptor if self.linked and self.in_transaction else bytes(8))
-            plan = rewriter = None
             if msg.type == tp.RPC and self.virtualize:
                 plan = self._resolve_rpc(msg.status, payload)
-                if plan is not None and plan.local_only:
-                    if self.expect:     # answered in order, after what the backend still owes
-                        self.expect.append(_Expect(local=plan.local_reply()))
+                if plan is not None:
+                    if plan.local_only:
+                        if self.expect:     # answered in order, after what the backend still owes
+                            self.expect.append(_Expect(local=plan.local_reply()))
+                        else:
+                            local.append(plan.local_reply())
+                        continue
+                    entry = _Expect(effects=request_effects(msg, self.virtualize))
+                    self.expect.append(entry)
+                    if self.linked:
+                        self._on_sent(entry)       # a reset it asks for empties the backend's statements first
+                        payload, entry.rewriter = self._build_rpc(plan, self.server_state.statements)
                     else:
-                        local.append(plan.local_reply())
+                        entry.plan = plan          # rewritten by link() for the backend it gets
+                    entry.wire = tp.encode_message(msg.type, payload, self.backend_size, msg.status & ~tp.STATUS_EOM)
+                    out.append(entry.wire)
                     continue
-                if plan is not None and self.linked:
-                    payload, rewriter = self._build_rpc(plan, self.server_state.statements)
-                    plan = None
+            elif msg.status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
+                self.handles.clear()                # the client's reset ends its prepared statements
             begin_after = None
             if verb is not None and verb.begin_after and not self.pinned:
                 # Commit (or roll back) on the backend; the next transaction begins when it is used.
@@ -494,11 +503,10 @@ class TDSClient(SessionState, Statements, ClientProtocol):
             # A first request outside a transaction may be retried on the new writer if a read-only node
             # refuses it, unless the client logged in with ApplicationIntent=ReadOnly (the refusal is its own).
             retry = (self.ctx.retry_read_only and not self.in_transaction and self.lazy_begin is None
-                     and not self.local_descriptor and not self.login.read_only_intent and plan is None
-                     and rewriter is None)
+                     and not self.local_descriptor and not self.login.read_only_intent)
             entry = _Expect(request=encoded if retry else b"", effects=request_effects(msg, self.virtualize),
                             begin_after=begin_after)
-            entry.plan, entry.rewriter, entry.wire = plan, rewriter, encoded
+            entry.wire = encoded
             self.expect.append(entry)
             if self.linked:
                 self._on_sent(entry)

@@ -64,13 +64,16 @@ class SessionState:
     def _client_reset(self, keeps_transaction: bool) -> None:
         """The client reset its session: SET options and database are the login's again, nothing it did pins it
         any more (temporary tables, cursors, prepared handles, locks, context, impersonation all end with a
-        reset), and unless the reset keeps the transaction, the open one is rolled back."""
+        reset), the backend's prepared statements are gone, and unless the reset keeps the transaction, the open
+        one is rolled back."""
         self.database, options = self.login_state
         self.options = dict(options)
         for reason in list(self.pin_reasons):
             self.ctx.pin_policy.released(self, reason)
         self.pin_reasons.clear()
         self.pinned = False
+        if self.linked:
+            self.server_state.statements.clear()    # SQL Server drops the connection's prepared handles
         if not keeps_transaction:
             self.in_transaction = False
             self.descriptor = b""

@@ -181,11 +181,12 @@ class StatementCache:
     """One backend connection's prepared statements: (declaration, text) -> backend handle, least recently used
     first, and the handles to unprepare before its next rewritten RPC."""
 
-    __slots__ = ("handles", "garbage")
+    __slots__ = ("handles", "garbage", "epoch")
 
     def __init__(self):
         self.handles: OrderedDict = OrderedDict()
         self.garbage: list[int] = []
+        self.epoch = 0          # counts resets: a handle learnt from an answer sent before one is not kept
 
     def get(self, key):
         handle = self.handles.get(key)
@@ -206,6 +207,7 @@ class StatementCache:
         """The backend was reset: it holds no prepared statements any more."""
         self.handles.clear()
         self.garbage.clear()
+        self.epoch += 1
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -423,10 +425,11 @@ class Statements:
 class Rewriter:
     """Rewrites one RPC answer token by token, step by step (each backend call's part ends with its DONEPROC)."""
 
-    __slots__ = ("steps", "index", "cache", "client", "scanner", "buf", "done")
+    __slots__ = ("steps", "index", "cache", "client", "scanner", "buf", "done", "epoch")
 
     def __init__(self, steps: list[Step], cache: StatementCache, client):
         self.steps, self.index, self.cache, self.client = steps, 0, cache, client
+        self.epoch = cache.epoch
         self.scanner = ResponseScanner()
         self.buf = b""
         self.done = False
@@ -519,7 +522,9 @@ class Rewriter:
         value = read_value(info, token, value_at)[0]
         client = self.client
         if isinstance(value, int) and not isinstance(value, bool):
-            self.cache.put(step.prepared.key, value, client.ctx.max_prepared_statements, client.ctx.statement_counts)
+            if self.cache.epoch == self.epoch:      # no reset of the backend since (a later request's) 
+                self.cache.put(step.prepared.key, value, client.ctx.max_prepared_statements,
+                               client.ctx.statement_counts)
         elif step.kind == PREPARED and client.handles.get(step.handle) is step.prepared:
             del client.handles[step.handle]    # the server prepared nothing: the handle names nothing
         if step.kind == REPREPARED or not step.output:

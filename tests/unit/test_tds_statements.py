@@ -445,3 +445,22 @@ def test_fuzz_garbage_rpc_never_crashes(data):
             raise AssertionError(f"{exc!r} for {body!r}")
         if plan is not None and not plan.local_only:
             proto._build_rpc(plan, S.StatementCache())
+
+
+def test_a_batch_with_the_reset_bit_empties_the_cache_and_the_clients_handles():
+    proto, state = prepared_client()
+    sent, _ = send(proto, state, tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("SELECT 1").encode(),
+                                                  status=tp.STATUS_RESETCONNECTION))
+    assert state.statements.handles == {} and proto.handles == {}
+    answer(proto, reply(tk.env_reset_ack() + tk.done()))
+
+
+def test_a_handle_learnt_before_a_reset_is_not_kept():
+    proto, state = client(reset=False), TDSServerState()
+    proto.client_data(rpc(prepare_call()))
+    proto.link(state, proto.expect[0].wire)
+    # pipelined behind the prepare: a batch with the reset bit (the backend resets after preparing)
+    proto.client_data(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("SELECT 1").encode(),
+                                        status=tp.STATUS_RESETCONNECTION))
+    answer(proto, prepared_answer(77) + reply(tk.env_reset_ack() + tk.done()))
+    assert state.statements.handles == {}
