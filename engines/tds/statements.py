@@ -477,6 +477,8 @@ class Rewriter:
         if t == tk.TOKEN_DONEPROC:
             if kind == SYNTH and not step.synthesised:
                 self._synthesise(step, out)
+            elif kind == PREPARED and not step.seen_value and self.client.handles.get(step.handle) is step.prepared:
+                del self.client.handles[step.handle]     # no handle came back: the prepare failed
             if kind != SWALLOW:
                 out.append(_with_more(token, self._more_after(self.index)))
             self.index += 1

@@ -464,3 +464,36 @@ def test_a_handle_learnt_before_a_reset_is_not_kept():
                                         status=tp.STATUS_RESETCONNECTION))
     answer(proto, prepared_answer(77) + reply(tk.env_reset_ack() + tk.done()))
     assert state.statements.handles == {}
+
+
+def test_failed_prepare_without_a_returnvalue_forgets_the_handle():
+    proto, state = client(), TDSServerState()
+    send(proto, state, rpc(prepare_call()))
+    answer(proto, reply(tk.error(102, "Incorrect syntax", 1, 15, "s") + tk.done_proc(tk.DONE_ERROR)))
+    assert proto.handles == {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32))
+def test_rewritten_answers_survive_any_packet_split(seed):
+    """A re-prepare's answer with wide rows, in 512-byte packets fed in random pieces: the same tokens as fed
+    whole, the handle swallowed."""
+    rng = random.Random(seed)
+    proto, state = prepared_client()
+    proto.unlink()
+    other = TDSServerState()
+    send(proto, other, rpc(execute_call(1, 1)))
+    wide = [tk.Column("w", tk.TypeInfo(tk.NVARCHAR, 8000))]
+    rows = tk.colmetadata(wide) + b"".join(tk.row(wide, ["x%d" % i * 700]) for i in range(6))
+    body = (rows + tk.done_in_proc(tk.DONE_COUNT | tk.DONE_MORE, 0xC1, 6) + tk.returnstatus(0)
+            + tk.returnvalue(0, "@handle", INT4, 5) + tk.done_proc())
+    data = tp.encode_message(tp.TABULAR_RESULT, body, 512)
+    out = b""
+    pos = 0
+    while pos < len(data):
+        step = rng.randint(1, 700)
+        out += answer(proto, data[pos:pos + step])
+        pos += step
+    got = b"".join(m.data for m in messages(out))
+    assert got == rows + tk.done_in_proc(tk.DONE_COUNT | tk.DONE_MORE, 0xC1, 6) + tk.returnstatus(0) + tk.done_proc()
+    assert other.statements.handles == {(DECL, TEXT): 5} and not proto.linked
