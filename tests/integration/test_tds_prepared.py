@@ -59,7 +59,10 @@ def test_tedious_prepare_execute_20_connections(lab, proxy_factory, max_size):
     assert summary["executes"] == 200 and summary["ok"] == 200
     seen = counts(proxy)
     assert seen["timeouts"] == 0 and seen["pins"] == 0 and seen["pinned_now"] == 0
-    assert seen["hits"] + seen["misses"] == 200 and seen["hits"] > 0
+    # every execute counted; with the default reset before each link to a backend another client used, SQL Server
+    # (and the lab) drop the backend's handles, so nearly all are misses (re-prepared by sp_prepexec): hits are
+    # asserted where backends keep them (test_tedious_without_resets_mostly_hits)
+    assert seen["hits"] + seen["misses"] == 200
     assert seen["connections"] <= max_size
 
 
