@@ -482,7 +482,8 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                         else:
                             local.append(plan.local_reply())
                         continue
-                    entry = _Expect(effects=request_effects(msg, self.virtualize))
+                    effects = plan.effects()
+                    entry = _Expect(effects=request_effects(msg, self.virtualize) if effects is None else effects)
                     self.expect.append(entry)
                     if self.linked:
                         self._on_sent(entry)       # a reset it asks for empties the backend's statements first

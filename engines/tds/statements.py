@@ -250,6 +250,17 @@ class RpcPlan:
         self.status, self.headers, self.calls = status, headers, calls
         self.local_only = all(c.kind == LOCAL for c in calls)
 
+    def effects(self) -> list[tuple] | None:
+        """What it does to the session (session_state.request_effects' form) when every call is of the family (no
+        decoding needed: they pin nothing, sp_reset_connection resets); None when another call is in it."""
+        if any(c.kind == RAW for c in self.calls):
+            return None
+        effects: list[tuple] = []
+        if self.status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
+            effects.append(("reset", bool(self.status & tp.STATUS_RESETCONNECTIONSKIPTRAN)))   # session_state.RESET
+        effects += [("reset", False) for c in self.calls if c.kind == RESET]
+        return effects
+
     def local_reply(self) -> bytes:
         return _chain([c.tokens for c in self.calls])
 

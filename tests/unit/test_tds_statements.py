@@ -497,3 +497,16 @@ def test_rewritten_answers_survive_any_packet_split(seed):
     got = b"".join(m.data for m in messages(out))
     assert got == rows + tk.done_in_proc(tk.DONE_COUNT | tk.DONE_MORE, 0xC1, 6) + tk.returnstatus(0) + tk.done_proc()
     assert other.statements.handles == {(DECL, TEXT): 5} and not proto.linked
+
+
+def test_plan_effects_match_request_effects():
+    from multiproxy_engines.tds.session_state import request_effects
+    proto = client()
+    reset_call = tp.RpcCall(proc_name="sp_reset_connection")
+    for status in (0, tp.STATUS_RESETCONNECTION, tp.STATUS_RESETCONNECTIONSKIPTRAN):
+        data = rpc(prepare_call(), reset_call, execute_call(5, 1), status=status)
+        msg = messages(data)[0]
+        plan = proto._resolve_rpc(msg.status, msg.data)
+        assert plan.effects() == request_effects(msg)
+    msg = messages(rpc(prepare_call(), tp.RpcCall(proc_id=tp.SP_EXECUTESQL, params=[tp.RpcParam("", NV, "SELECT 1")])))[0]
+    assert proto._resolve_rpc(msg.status, msg.data).effects() is None
