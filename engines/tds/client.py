@@ -15,7 +15,7 @@ from multiproxy.token_auth import TokenRejected
 
 from .auth import check_tds_sha256
 from .session_state import SessionState, request_effects
-from .statements import Statements
+from .statements import Statements, tsql_unprepares
 from .transactions import (
     BEGIN, TransactionVerb, backend_begin_request, local_begin_reply, local_end_reply, new_local_descriptor,
     transaction_verb, with_local_begin, without_begin_after,
@@ -495,6 +495,15 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                     continue
             elif msg.status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
                 self.handles.clear()                # the client's reset ends its prepared statements
+            elif (msg.type == tp.SQL_BATCH and self.virtualize
+                  and PinReason.PREPARED_STATEMENT not in self.pin_reasons):
+                unprepares = tsql_unprepares(payload)
+                if unprepares is not None:          # handles are the proxy's: the backends keep their statements
+                    if self.expect:
+                        self.expect.append(_Expect(local=self._tsql_unprepare(unprepares)))
+                    else:
+                        local.append(self._tsql_unprepare(unprepares))
+                    continue
             begin_after = None
             if verb is not None and verb.begin_after and not self.pinned:
                 # Commit (or roll back) on the backend; the next transaction begins when it is used.

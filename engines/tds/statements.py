@@ -25,6 +25,7 @@ restores the old behaviour (prepare pins the session).
 """
 from __future__ import annotations
 
+import re
 import struct
 from collections import OrderedDict
 
@@ -161,6 +162,30 @@ def _headers_end(data: bytes) -> int:
     return struct.unpack_from("<I", data, 0)[0]
 
 
+_TSQL_UNPREPARE = re.compile(r"\s*(?:EXEC(?:UTE)?\s+(?:(?:\[?master\]?\.)?\[?sys\]?\.)?\[?sp_unprepare\]?\s+"
+                             r"(\d+)\s*;?\s*)", re.I)
+_UNPREPARE_TEXT = ("unprepare".encode("utf-16-le"), "UNPREPARE".encode("utf-16-le"))
+
+
+def tsql_unprepares(payload: bytes) -> list[int] | None:
+    """The handles of a SQL batch made only of `EXEC sp_unprepare N` statements (mssql-jdbc unprepares the
+    handles it discards so, in batches), or None for any other batch."""
+    if not any(m in payload for m in _UNPREPARE_TEXT):
+        return None
+    try:
+        text = tp.SqlBatch.decode(payload).text
+    except (ProtocolError, UnicodeDecodeError):
+        return None
+    handles, pos = [], 0
+    while pos < len(text):
+        found = _TSQL_UNPREPARE.match(text, pos)
+        if found is None or found.end() == pos:
+            return None if text[pos:].strip() else handles or None
+        handles.append(int(found.group(1)))
+        pos = found.end()
+    return handles or None
+
+
 def might_virtualise(data: bytes) -> bool:
     """Cheap: whether an RPC message may call one of these procedures at all."""
     return any(m in data for m in _MARKERS)
@@ -265,10 +290,14 @@ class RpcPlan:
         return _chain([c.tokens for c in self.calls])
 
 
+DONE_RPCINBATCH = 0x80      # on the DONEPROC of every call of an RPC batch but the last (SQL Server sets it)
+
+
 def _with_more(tokens: bytes, more: bool) -> bytes:
-    """Tokens ending in DONEPROC, with DONE_MORE set or cleared on it."""
+    """Tokens ending in DONEPROC, with DONE_MORE (and DONE_RPCINBATCH) set or cleared on it."""
     status = struct.unpack_from("<H", tokens, len(tokens) - 12)[0]
-    status = status | tk.DONE_MORE if more else status & ~tk.DONE_MORE
+    flags = tk.DONE_MORE | DONE_RPCINBATCH
+    status = status | flags if more else status & ~flags
     return tokens[:-12] + struct.pack("<H", status) + tokens[-10:]
 
 
@@ -371,6 +400,17 @@ class Statements:
             return Resolved(LOCAL, tokens=UNPREPARED)
         values = data[params[1].start:call.end] if len(params) > 1 else b""
         return Resolved(EXECUTE, raw, handle, prepared, values, flags)
+
+    def _tsql_unprepare(self, handles: list[int]) -> bytes:
+        """The answer to a batch of `EXEC sp_unprepare N`: each forgets the client's handle (RETURNSTATUS,
+        DONEPROC) or is error 8179, then the batch's DONE; the backends keep their statements."""
+        out = b""
+        for handle in handles:
+            if self.handles.pop(handle, None) is not None:
+                out += _with_more(UNPREPARED, True)
+            else:
+                out += _with_more(not_found(handle, "multiproxy"), True)
+        return out + tk.done()
 
     def _build_rpc(self, plan: RpcPlan, cache: StatementCache) -> tuple[bytes, "Rewriter | None"]:
         """The message for a backend whose statements are `cache`, and the rewriter of its answer (None when the

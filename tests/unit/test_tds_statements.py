@@ -510,3 +510,21 @@ def test_plan_effects_match_request_effects():
         assert plan.effects() == request_effects(msg)
     msg = messages(rpc(prepare_call(), tp.RpcCall(proc_id=tp.SP_EXECUTESQL, params=[tp.RpcParam("", NV, "SELECT 1")])))[0]
     assert proto._resolve_rpc(msg.status, msg.data).effects() is None
+
+
+def test_tsql_unprepare_batches_are_answered_by_the_proxy():
+    """mssql-jdbc unprepares discarded handles with a SQL batch of `EXEC sp_unprepare N;`: those are proxy
+    handles, so the batch never reaches a backend (where the numbers name other statements)."""
+    assert S.tsql_unprepares(tp.SqlBatch("EXEC sp_unprepare 1;EXEC sp_unprepare 22;").encode()) == [1, 22]
+    assert S.tsql_unprepares(tp.SqlBatch(" exec [sys].[sp_unprepare] 3 ").encode()) == [3]
+    assert S.tsql_unprepares(tp.SqlBatch("EXEC sp_unprepare 1; SELECT 1").encode()) is None
+    assert S.tsql_unprepares(tp.SqlBatch("SELECT 'sp_unprepare'").encode()) is None
+    proto, state = prepared_client()
+    sent, local = send(proto, state, tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(
+        "EXEC sp_unprepare 1;EXEC sp_unprepare 5;").encode()))
+    assert sent == b""
+    toks = tokens(local)
+    assert [t.type for t in toks] == [tk.TOKEN_RETURNSTATUS, tk.TOKEN_DONEPROC, tk.TOKEN_ERROR, tk.TOKEN_DONEPROC,
+                                      tk.TOKEN_DONE]
+    assert toks[2].number == 8179 and toks[-1].status == 0
+    assert proto.handles == {} and state.statements.handles == {(DECL, TEXT): 77}
