@@ -46,8 +46,9 @@ def counts(proxy) -> dict:
             "connections": metric(text, "multiproxy_database_connections") or 0}
 
 
-def tedious(proxy, clients, rounds, statements=1):
-    return tedious_prepared(proxy.host, proxy.port, APP_USER, APP_PASSWORD, DB, clients, rounds, statements)
+def tedious(proxy, clients, rounds, statements=1, transactions=False):
+    return tedious_prepared(proxy.host, proxy.port, APP_USER, APP_PASSWORD, DB, clients, rounds, statements,
+                            transactions=transactions)
 
 
 @pytest.mark.timeout(180)
@@ -76,6 +77,18 @@ def test_tedious_without_resets_mostly_hits(lab, proxy_factory):
     seen = counts(proxy)
     assert seen["timeouts"] == 0 and seen["pins"] == 0
     assert seen["misses"] <= 3 and seen["hits"] >= 197
+
+
+@pytest.mark.timeout(180)
+def test_tedious_executes_in_transactions(lab, proxy_factory):
+    """beginTransaction (answered by the proxy, begun with the next request), execute, commit: the execute is
+    rewritten for the backend it lands on, behind the begin the proxy sends first."""
+    proxy = start(proxy_factory, lab, max_size=3)
+    summary = tedious(proxy, 12, 5, transactions=True)
+    assert summary["failures"] == 0, summary["errors"]
+    assert summary["ok"] == 60
+    seen = counts(proxy)
+    assert seen["timeouts"] == 0 and seen["pins"] == 0 and seen["hits"] + seen["misses"] == 60
 
 
 @pytest.mark.timeout(180)

@@ -1,10 +1,11 @@
 // Prepared statements through tedious: CLIENTS connections at once, each prepare()s a statement once (sp_prepare)
 // and execute()s it ROUNDS times (sp_execute), checking every result; prints a JSON summary.
 //
-//   node tds_prepared_clients.js HOST PORT USER PASSWORD DATABASE [CLIENTS] [ROUNDS] [STATEMENTS]
+//   node tds_prepared_clients.js HOST PORT USER PASSWORD DATABASE [CLIENTS] [ROUNDS] [STATEMENTS] [TX]
 // or the same from the environment (TDS_HOST, TDS_PORT, TDS_USER, TDS_PASSWORD, TDS_DATABASE, CLIENTS, ROUNDS,
-// STATEMENTS). STATEMENTS distinct statement texts are spread over the clients (client i prepares text i mod
-// STATEMENTS). The summary: {"clients", "executes", "ok", "failures", "errors": [first few], "seconds"}.
+// STATEMENTS, TX). STATEMENTS distinct statement texts are spread over the clients (client i prepares text i mod
+// STATEMENTS). TX=1 runs each execute in a transaction of its own (beginTransaction, execute, commit).
+// The summary: {"clients", "executes", "ok", "failures", "errors": [first few], "seconds"}.
 'use strict';
 
 const { Connection, Request, TYPES } = require('tedious');
@@ -19,6 +20,7 @@ const database = argv[4] || env.TDS_DATABASE || 'master';
 const clients = Number(argv[5] || env.CLIENTS || 20);
 const rounds = Number(argv[6] || env.ROUNDS || 10);
 const statements = Number(argv[7] || env.STATEMENTS || 1);
+const inTransactions = (argv[8] || env.TX || '0') === '1';
 
 const summary = { clients, executes: 0, ok: 0, failures: 0, errors: [], seconds: 0 };
 
@@ -69,6 +71,14 @@ function prepared(connection, sql) {
   };
 }
 
+function transaction(connection, verb) {
+  return new Promise((resolve, reject) => {
+    const done = (err) => (err ? reject(err) : resolve());
+    if (verb === 'begin') connection.beginTransaction(done);
+    else connection.commitTransaction(done);
+  });
+}
+
 async function client(i) {
   let connection;
   try {
@@ -86,7 +96,9 @@ async function client(i) {
     for (let n = 0; n < rounds; n += 1) {
       summary.executes += 1;
       try {
+        if (inTransactions) await transaction(connection, 'begin');
         const rows = await statement.execute({ a: i, b: n });
+        if (inTransactions) await transaction(connection, 'commit');
         const want = i * 1000 + n + k;
         if (rows.length === 1 && rows[0] === want) summary.ok += 1;
         else fail(`client ${i} round ${n}: got ${JSON.stringify(rows)}, want [${want}]`);
