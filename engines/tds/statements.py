@@ -293,10 +293,9 @@ class RpcPlan:
 DONE_RPCINBATCH = 0x80      # on the DONEPROC of every call of an RPC batch but the last (SQL Server sets it)
 
 
-def _with_more(tokens: bytes, more: bool) -> bytes:
-    """Tokens ending in DONEPROC, with DONE_MORE (and DONE_RPCINBATCH) set or cleared on it."""
+def _with_more(tokens: bytes, more: bool, flags: int = tk.DONE_MORE | DONE_RPCINBATCH) -> bytes:
+    """Tokens ending in DONEPROC, with DONE_MORE (and DONE_RPCINBATCH: RPC batches) set or cleared on it."""
     status = struct.unpack_from("<H", tokens, len(tokens) - 12)[0]
-    flags = tk.DONE_MORE | DONE_RPCINBATCH
     status = status | flags if more else status & ~flags
     return tokens[:-12] + struct.pack("<H", status) + tokens[-10:]
 
@@ -331,8 +330,9 @@ class Statements:
     TDSClient sets `handles` (proxy handle -> Prepared), `next_handle` and `virtualize`."""
 
     def _resolve_rpc(self, status: int, data: bytes) -> RpcPlan | None:
-        """None for a message to forward as it is (no virtualised call, or one that does not parse: the server
-        refuses it, and no handle of the proxy's reaches it unrewritten... see below)."""
+        """The message's calls resolved against the client's handles; None for a message to forward as it came (no
+        call of the family, or one that does not parse and whose first call carries no proxy handle: the server
+        says what is wrong with it)."""
         if not might_virtualise(data):
             return None
         try:
@@ -406,10 +406,8 @@ class Statements:
         DONEPROC) or is error 8179, then the batch's DONE; the backends keep their statements."""
         out = b""
         for handle in handles:
-            if self.handles.pop(handle, None) is not None:
-                out += _with_more(UNPREPARED, True)
-            else:
-                out += _with_more(not_found(handle, "multiproxy"), True)
+            body = UNPREPARED if self.handles.pop(handle, None) is not None else not_found(handle, "multiproxy")
+            out += _with_more(body, True, tk.DONE_MORE)
         return out + tk.done()
 
     def _build_rpc(self, plan: RpcPlan, cache: StatementCache) -> tuple[bytes, "Rewriter | None"]:
