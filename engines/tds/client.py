@@ -568,8 +568,8 @@ class TDSClient(SessionState, Statements, ClientProtocol):
             if reset:
                 server_state.database = self.login_state[0]     # a reset returns it to its login's database
                 if not self.ctx.reset_query:
-                    server_state.statements.clear()             # and drops its prepared statements
-                if self.ctx.reset_query:
+                    server_state.statements.clear()             # the bit drops its prepared statements too
+                else:
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
