@@ -528,3 +528,14 @@ def test_tsql_unprepare_batches_are_answered_by_the_proxy():
                                       tk.TOKEN_DONE]
     assert toks[2].number == 8179 and toks[-1].status == 0
     assert proto.handles == {} and state.statements.handles == {(DECL, TEXT): 77}
+
+
+def test_attention_during_a_rewritten_answer():
+    proto, state = prepared_client()
+    send(proto, state, rpc(prepare_call(proc=tp.SP_PREPEXEC, values=[tp.RpcParam("@a", INT4, 4)])))
+    sent, _ = proto.client_data(tp.encode_message(tp.ATTENTION, b""))
+    assert sent[0] == tp.ATTENTION
+    out = answer(proto, reply(tk.colmetadata(COLS) + tk.row(COLS, [5])) + reply(tk.done(tk.DONE_ATTN)))
+    toks = tokens(out)
+    assert toks[-1].type == tk.TOKEN_DONE and toks[-1].status & tk.DONE_ATTN
+    assert not proto.expect and not proto.linked
