@@ -341,8 +341,10 @@ class ModelBackend:
         self.next = 1000
 
     def run(self, data: bytes) -> bytes:
-        out = b""
+        """One answer per request message."""
+        answers = b""
         for msg in messages(data):
+            out = b""
             if msg.status & tp.STATUS_RESETCONNECTION:
                 self.prepared.clear()
                 out += tk.env_reset_ack()
@@ -351,7 +353,8 @@ class ModelBackend:
                 part = self.call(call)
                 out += part[:-12] + struct.pack("<H", struct.unpack_from("<H", part, len(part) - 12)[0]
                                                 | (tk.DONE_MORE if index < len(calls) - 1 else 0)) + part[-10:]
-        return reply(out) if out else b""
+            answers += reply(out)
+        return answers
 
     def call(self, call: tp.RpcCall) -> bytes:
         p = call.params
@@ -369,6 +372,8 @@ class ModelBackend:
                 del self.prepared[p[0].value]
                 return tk.returnstatus(0) + tk.done_proc()
             return rows_answer(self.value(text, p[1].value)) + tk.done_proc()
+        if call.proc_name == "sp_model_echo":
+            return rows_answer(p[0].value) + tk.done_proc()
         raise AssertionError(call)
 
     @staticmethod
@@ -539,3 +544,74 @@ def test_attention_during_a_rewritten_answer():
     toks = tokens(out)
     assert toks[-1].type == tk.TOKEN_DONE and toks[-1].status & tk.DONE_ATTN
     assert not proto.expect and not proto.linked
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from([True, False]))
+def test_fuzz_pipelined_requests_answered_in_order(seed, reset):
+    """Several requests in one chunk (the family, unknown handles, unprepares, plain sp_executesql, several calls
+    per message), some answered by the proxy and some by the model backend: every answer in request order and
+    right."""
+    rng = random.Random(seed)
+    backends = [ModelBackend() for _ in range(2)]
+    proto = client(reset=reset, limit=rng.randint(1, 3))
+    mine: dict[int, int] = {}
+    next_handle = 1
+    for _ in range(15):
+        requests, expected = [], []
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(["execute", "execute", "unprepare", "bogus", "sql", "prepare", "multi"])
+            a = rng.randrange(100)
+            if kind in ("execute", "unprepare", "multi") and not mine:
+                kind = "bogus"
+            if kind == "execute":
+                h = rng.choice(sorted(mine))
+                requests.append(rpc(execute_call(h, a)))
+                expected.append(("rows", [a + mine[h]]))
+            elif kind == "unprepare":
+                h = rng.choice(sorted(mine))
+                requests.append(rpc(unprepare_call(h)))
+                expected.append(("ok", None))
+                del mine[h]
+            elif kind == "bogus":
+                requests.append(rpc(execute_call(rng.randrange(500, 600), a)))
+                expected.append(("error", 8179))
+            elif kind == "sql":
+                requests.append(rpc(tp.RpcCall(proc_name="sp_model_echo", params=[tp.RpcParam("", INT4, a)])))
+                expected.append(("rows", [a]))
+            elif kind == "prepare":
+                n = rng.randrange(5)
+                requests.append(rpc(prepare_call(text=f"SELECT @a + {n}")))
+                expected.append(("handle", next_handle))
+                mine[next_handle] = n
+                next_handle += 1
+            else:
+                h = rng.choice(sorted(mine))
+                requests.append(rpc(execute_call(h, a), execute_call(999, 0), execute_call(h, a + 1)))
+                expected.append(("multi", [[a + mine[h]], [a + 1 + mine[h]]]))
+        backend = rng.choice(backends)
+        sent, local = proto.client_data(b"".join(requests))
+        out = local
+        if sent:
+            sent = proto.link(backend.state, sent)
+            out += answer(proto, backend.run(sent))
+        assert not proto.linked and not proto.expect
+        answers = messages(out)
+        assert len(answers) == len(expected)
+        for msg, (what, value) in zip(answers, expected):
+            toks = tk.TokenReader().read(msg.data)
+            rows = [t.values[0] for t in toks if t.type == tk.TOKEN_ROW]
+            errs = [t.number for t in toks if t.type == tk.TOKEN_ERROR]
+            if what == "rows":
+                assert rows == value and errs == []
+            elif what == "ok":
+                assert rows == [] and errs == []
+            elif what == "error":
+                assert errs == [value]
+            elif what == "handle":
+                assert [t.value for t in toks if t.type == tk.TOKEN_RETURNVALUE] == [value] and errs == []
+            else:
+                assert [[r] for r in rows] == value and errs == [8179]
+        for b in backends:
+            for key, h in b.state.statements.handles.items():
+                assert b.prepared.get(h) == key[1]
