@@ -152,7 +152,8 @@ def _first_proc(data: bytes) -> int | None:
         pos = _headers_end(data)
         size = struct.unpack_from("<H", data, pos)[0]
         if size == 0xFFFF:
-            return struct.unpack_from("<H", data, pos + 2)[0]
+            number = struct.unpack_from("<H", data, pos + 2)[0]
+            return number if number in VIRTUALISED else None
         return proc_number(data[pos + 2:pos + 2 + 2 * size].decode("utf-16-le", "replace"))
     except struct.error:
         return None
@@ -258,12 +259,13 @@ PASS, SWALLOW, PREPARED, REPREPARED, SYNTH, LOCAL, RAW, RESET = range(8)
 class Resolved:
     """One call of a client's message resolved against the client's handles (before any backend is known)."""
 
-    __slots__ = ("kind", "raw", "handle", "prepared", "values", "flags", "name", "output", "tokens")
+    __slots__ = ("kind", "raw", "handle", "prepared", "values", "flags", "name", "output", "tokens", "separator")
 
     def __init__(self, kind, raw=b"", handle=0, prepared=None, values=b"", flags=b"\0\0", name="", output=True,
                  tokens=b""):
         self.kind, self.raw, self.handle, self.prepared, self.values = kind, raw, handle, prepared, values
         self.flags, self.name, self.output, self.tokens = flags, name, output, tokens
+        self.separator = BATCH_SEPARATOR    # the flag byte before it in the client's message
 
 
 class RpcPlan:
@@ -333,7 +335,7 @@ class Statements:
         """The message's calls resolved against the client's handles; None for a message to forward as it came (no
         call of the family, or one that does not parse and whose first call carries no proxy handle: the server
         says what is wrong with it)."""
-        if not might_virtualise(data):
+        if not might_virtualise(data) and _first_proc(data) is None:
             return None
         try:
             headers_end, calls = parse_calls(data)
@@ -348,7 +350,10 @@ class Statements:
             return None
         if status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
             self.handles.clear()       # the reset ends the client's prepared statements, as on SQL Server
-        resolved = [self._resolve_call(data, call) for call in calls]
+        resolved = []
+        for call in calls:
+            resolved.append(self._resolve_call(data, call))
+            resolved[-1].separator = call.separator
         return RpcPlan(status, data[:headers_end], resolved)
 
     def _resolve_call(self, data: bytes, call: Call) -> Resolved:
@@ -428,7 +433,7 @@ class Statements:
             if kind == LOCAL:
                 steps.append(Step(LOCAL, tokens=call.tokens))
                 continue
-            separators.append(BATCH_SEPARATOR)
+            separators.append(call.separator)
             if kind == RAW or kind == RESET:
                 if kind == RESET:
                     cache.clear()

@@ -615,3 +615,15 @@ def test_fuzz_pipelined_requests_answered_in_order(seed, reset):
         for b in backends:
             for key, h in b.state.statements.handles.items():
                 assert b.prepared.get(h) == key[1]
+
+
+def test_odd_spellings_and_separators_are_kept():
+    proto, state = prepared_client()
+    sent, _ = send(proto, state, rpc(execute_call(1, 1, name="sP_eXeCuTe")))
+    assert calls_of(sent)[0].params[0].value == 77          # rewritten though no marker matched
+    answer(proto, reply(rows_answer(2) + tk.done_proc()))
+    request = bytearray(rpc(execute_call(1, 1), execute_call(1, 2)))
+    at = request.index(b"\xff\xff\xff\x0c\x00")          # RpcRequest.encode separates calls with 0xFF
+    request[at] = 0xFE                                      # NoExecFlag between the calls
+    sent, _ = send(proto, state, bytes(request))
+    assert b"\xfe\xff\xff\x0c\x00" in sent
