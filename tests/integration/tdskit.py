@@ -187,14 +187,16 @@ NODE_CLIENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.p
 
 
 def tedious_prepared(host: str, port: int, user: str, password: str, database: str, clients: int = 20,
-                     rounds: int = 10, statements: int = 1, timeout: float = 120, transactions: bool = False) -> dict:
+                     rounds: int = 10, statements: int = 1, timeout: float = 120, transactions: bool = False,
+                     together: bool = False) -> dict:
     """tools/node/tds_prepared_clients.js: `clients` tedious connections at once, each prepare() once and
-    execute() `rounds` times (each in a transaction of its own with `transactions`); its JSON summary (clients,
-    executes, ok, failures, errors, seconds)."""
+    execute() `rounds` times (each in a transaction of its own with `transactions`; with `together`, only once
+    all have prepared); its JSON summary (clients, executes, ok, failures, errors, seconds)."""
     if shutil.which("node") is None or not os.path.isdir(os.path.join(NODE_CLIENTS, "node_modules", "tedious")):
         pytest.skip("node and tedious (tools/install-deps.sh, or npm ci --prefix tools/node) are needed")
     out = subprocess.run(["node", os.path.join(NODE_CLIENTS, "tds_prepared_clients.js"), host, str(port), user,
-                          password, database, str(clients), str(rounds), str(statements), str(int(transactions))],
+                          password, database, str(clients), str(rounds), str(statements), str(int(transactions)),
+                          str(int(together))],
                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,8 +28,8 @@ def lab(tmp_path_factory):
     server.stop()
 
 
-def start(proxy_factory, lab, max_size=3, reset="auto", limit=200, options=None):
-    config = tds_config(lab, max_size=max_size, borrow_timeout=20.0)
+def start(proxy_factory, lab, max_size=3, reset="auto", limit=200, options=None, borrow_timeout=20.0):
+    config = tds_config(lab, max_size=max_size, borrow_timeout=borrow_timeout)
     cluster = config["clusters"]["main"]
     cluster["backend"].update(reset_after_transaction=reset, max_prepared_statements=limit)
     if options:
@@ -46,9 +46,9 @@ def counts(proxy) -> dict:
             "connections": metric(text, "multiproxy_database_connections") or 0}
 
 
-def tedious(proxy, clients, rounds, statements=1, transactions=False):
+def tedious(proxy, clients, rounds, statements=1, transactions=False, together=False):
     return tedious_prepared(proxy.host, proxy.port, APP_USER, APP_PASSWORD, DB, clients, rounds, statements,
-                            transactions=transactions)
+                            transactions=transactions, together=together)
 
 
 @pytest.mark.timeout(180)
@@ -102,11 +102,21 @@ def test_eviction_keeps_results_right(lab, proxy_factory):
 
 
 @pytest.mark.timeout(120)
-def test_pin_mode_still_pins(lab, proxy_factory):
-    proxy = start(proxy_factory, lab, max_size=10, options={"prepared_statements": "pin"})
-    summary = tedious(proxy, 4, 3)
+def test_twenty_connections_hold_prepared_statements_at_once(lab, proxy_factory):
+    """All 20 connections prepare, wait until all have, then execute: on 10 backends this works only because a
+    prepared statement holds no backend. With prepared_statements = "pin" (the old behaviour) the first 10 pin
+    every backend while they wait, and the others' prepares time out (10928)."""
+    proxy = start(proxy_factory, lab, max_size=10)
+    summary = tedious(proxy, 20, 10, together=True)
     assert summary["failures"] == 0, summary["errors"]
-    assert counts(proxy)["pins"] == 4
+    assert summary["ok"] == 200
+    assert counts(proxy)["timeouts"] == 0
+    pinning = start(proxy_factory, lab, max_size=10, options={"prepared_statements": "pin"}, borrow_timeout=1.0)
+    summary = tedious(pinning, 20, 10, together=True)
+    assert summary["failures"] == 10 and all("10928" in e or "no database connection" in e
+                                             for e in summary["errors"]), summary["errors"]
+    seen = counts(pinning)
+    assert seen["pins"] == 10 and seen["timeouts"] == 10
 
 
 # -- drivers that call the procedures themselves --------------------------------------------------------------

@@ -1,10 +1,11 @@
 // Prepared statements through tedious: CLIENTS connections at once, each prepare()s a statement once (sp_prepare)
 // and execute()s it ROUNDS times (sp_execute), checking every result; prints a JSON summary.
 //
-//   node tds_prepared_clients.js HOST PORT USER PASSWORD DATABASE [CLIENTS] [ROUNDS] [STATEMENTS] [TX]
+//   node tds_prepared_clients.js HOST PORT USER PASSWORD DATABASE [CLIENTS] [ROUNDS] [STATEMENTS] [TX] [TOGETHER]
 // or the same from the environment (TDS_HOST, TDS_PORT, TDS_USER, TDS_PASSWORD, TDS_DATABASE, CLIENTS, ROUNDS,
-// STATEMENTS, TX). STATEMENTS distinct statement texts are spread over the clients (client i prepares text i mod
-// STATEMENTS). TX=1 runs each execute in a transaction of its own (beginTransaction, execute, commit).
+// STATEMENTS, TX, TOGETHER). STATEMENTS distinct statement texts are spread over the clients (client i prepares text i mod
+// STATEMENTS). TX=1 runs each execute in a transaction of its own (beginTransaction, execute, commit); TOGETHER=1
+// makes every client wait, once prepared, until all have prepared (all hold a prepared statement at once).
 // The summary: {"clients", "executes", "ok", "failures", "errors": [first few], "seconds"}.
 'use strict';
 
@@ -21,6 +22,16 @@ const clients = Number(argv[5] || env.CLIENTS || 20);
 const rounds = Number(argv[6] || env.ROUNDS || 10);
 const statements = Number(argv[7] || env.STATEMENTS || 1);
 const inTransactions = (argv[8] || env.TX || '0') === '1';
+const together = (argv[9] || env.TOGETHER || '0') === '1';
+
+// TOGETHER: resolved once every client prepared (or failed to)
+let arrived = 0;
+let allArrived;
+const everyonePrepared = new Promise((resolve) => { allArrived = resolve; });
+function arrive() {
+  arrived += 1;
+  if (arrived === clients) allArrived();
+}
 
 const summary = { clients, executes: 0, ok: 0, failures: 0, errors: [], seconds: 0 };
 
@@ -57,6 +68,11 @@ function prepared(connection, sql) {
   request.addParameter('a', TYPES.Int);
   request.addParameter('b', TYPES.Int);
   request.on('row', (columns) => rows.push(columns[0].value));
+  request.on('error', (err) => {        // a failed prepare: tedious emits it instead of calling back
+    const done = pending;
+    pending = null;
+    if (done) done.reject(err);
+  });
   request.on('prepared', () => {
     const done = pending;
     pending = null;
@@ -86,12 +102,22 @@ async function client(i) {
   } catch (err) {
     fail(`client ${i}: connect: ${err.message}`);
     summary.executes += rounds;
+    arrive();
     return;
   }
   const k = i % statements;
   const statement = prepared(connection, `SELECT @a * 1000 + @b + ${k} AS v`);
+  let waited = false;
   try {
-    await statement.prepare();
+    try {
+      await statement.prepare();
+    } finally {
+      if (together) {
+        arrive();
+        waited = true;
+        await everyonePrepared;
+      }
+    }
     if (typeof statement.handle !== 'number') throw new Error(`no handle after prepare: ${statement.handle}`);
     for (let n = 0; n < rounds; n += 1) {
       summary.executes += 1;
@@ -110,6 +136,7 @@ async function client(i) {
   } catch (err) {
     fail(`client ${i}: ${err.message}`);
   } finally {
+    if (together && !waited) arrive();
     connection.close();
   }
 }
