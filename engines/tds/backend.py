@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
+from .statements import StatementCache
 from .wire import messages as tp
 from .wire import token_stream as tk
 from .wire.memory_tls import MemoryTLS
@@ -26,6 +27,8 @@ class TDSServerState:
     prog_name: str = "Microsoft SQL Server"
     prog_version: bytes = bytes([16, 0, 0x03, 0xE8])
     last_client: object = None      # the client protocol's identity; another client needs a RESETCONNECTION
+    # its prepared statements, (declaration, text) -> handle (statements.py); a reset empties it
+    statements: StatementCache = field(default_factory=StatementCache)
 
 
 class TDSLogin(BackendScript):

@@ -15,6 +15,7 @@ from multiproxy.token_auth import TokenRejected
 
 from .auth import check_tds_sha256
 from .session_state import SessionState, request_effects
+from .statements import Statements, tsql_unprepares
 from .transactions import (
     BEGIN, TransactionVerb, backend_begin_request, local_begin_reply, local_end_reply, new_local_descriptor,
     transaction_verb, with_local_begin, without_begin_after,
@@ -76,10 +77,10 @@ class _Expect:
     request does to the session (see session_state.request_effects)."""
 
     __slots__ = ("internal", "strip_reset", "attention", "first", "request", "effects", "sent", "failed",
-                 "begin_after")
+                 "begin_after", "plan", "rewriter", "wire", "local")
 
     def __init__(self, internal=False, strip_reset=False, attention=False, request=b"", effects=(),
-                 begin_after=None):
+                 begin_after=None, local=None):
         self.internal = internal
         self.strip_reset = strip_reset
         self.attention = attention
@@ -89,9 +90,13 @@ class _Expect:
         self.sent = False
         self.failed = False
         self.begin_after: TransactionVerb | None = begin_after   # the begin the proxy answers after the commit
+        self.plan = None        # an RPC of the sp_prepare family not yet rewritten (no backend linked when it came)
+        self.rewriter = None    # statements.Rewriter of its answer
+        self.wire = b""         # the bytes client_data gave for it (link() rewrites planned ones)
+        self.local = local      # the proxy's own answer, sent when the requests before it are answered
 
 
-class TDSClient(SessionState, ClientProtocol):
+class TDSClient(SessionState, Statements, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
 
     def __init__(self, ctx: ClientContext, engine):
@@ -137,6 +142,10 @@ class TDSClient(SessionState, ClientProtocol):
         self.local_descriptor = b""      # a descriptor the proxy made for the client: mapped to the backend's
         self.lazy_begin: TransactionVerb | None = None   # a begin the proxy answered, to run with the next request
         self.transaction_lost = ""       # the backend died under an idle transaction: the next request is told
+        # the sp_prepare family (statements.py): proxy handle -> Prepared
+        self.virtualize = ctx.engine_options.get("prepared_statements", "virtualize") != "pin"
+        self.handles: dict = {}
+        self.next_handle = 1
 
     # ------------------------------------------------------------------ TLS inside the engine
 
@@ -429,16 +438,19 @@ class TDSClient(SessionState, ClientProtocol):
             raise ProtocolError(message, self._out(render_error(ErrorKind.MESSAGE_TOO_LARGE, message)),
                                 ErrorKind.MESSAGE_TOO_LARGE)
         out = []
-        local = b""
+        local: list[bytes] = []         # the proxy's answers, one message each
         if self.login_state is None:
             self.login_state = (self.database, dict(self.options))      # before any request changes them
         for msg in messages:
             if msg.type == tp.ATTENTION:
                 if self.linked or self.expect:
-                    self.expect.append(_Expect(attention=True))
-                    out.append(tp.encode_message(tp.ATTENTION, b"", self.backend_size))
+                    entry = _Expect(attention=True)
+                    entry.wire = tp.encode_message(tp.ATTENTION, b"", self.backend_size)
+                    entry.sent = self.linked
+                    self.expect.append(entry)
+                    out.append(entry.wire)
                 else:
-                    local += tk.done(tk.DONE_ATTN)
+                    local.append(tk.done(tk.DONE_ATTN))
                 continue
             if msg.type not in (tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER):
                 message = f"TDS message type 0x{msg.type:02x} is not supported after login"
@@ -446,14 +458,14 @@ class TDSClient(SessionState, ClientProtocol):
                                     ErrorKind.NOT_SUPPORTED)
             self.requests += 1
             if self.transaction_lost:
-                local += self._lost_transaction_reply(self.transaction_lost)
+                local.append(self._lost_transaction_reply(self.transaction_lost))
                 self.transaction_lost = ""
                 continue
             verb = transaction_verb(msg) if msg.type in (tp.SQL_BATCH, tp.TRANSACTION_MANAGER) else None
             if verb is not None and not out and not self.expect:
                 answer = self._local_transaction(verb)
                 if answer:
-                    local += answer
+                    local.append(answer)
                     continue
             payload = msg.data
             if self.local_descriptor and msg.type in (tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER):
@@ -461,6 +473,37 @@ class TDSClient(SessionState, ClientProtocol):
                 # request that travels behind the begin, none yet: 0 stands for the session's transaction).
                 payload = tp.with_transaction_descriptor(
                     payload, self.descriptor if self.linked and self.in_transaction else bytes(8))
+            if msg.type == tp.RPC and self.virtualize:
+                plan = self._resolve_rpc(msg.status, payload)
+                if plan is not None:
+                    if plan.local_only:
+                        if self.expect:     # answered in order, after what the backend still owes
+                            self.expect.append(_Expect(local=plan.local_reply()))
+                        else:
+                            local.append(plan.local_reply())
+                        continue
+                    effects = plan.effects()
+                    entry = _Expect(effects=request_effects(msg, self.virtualize) if effects is None else effects)
+                    self.expect.append(entry)
+                    if self.linked:
+                        self._on_sent(entry)       # a reset it asks for empties the backend's statements first
+                        payload, entry.rewriter = self._build_rpc(plan, self.server_state.statements)
+                    else:
+                        entry.plan = plan          # rewritten by link() for the backend it gets
+                    entry.wire = tp.encode_message(msg.type, payload, self.backend_size, msg.status & ~tp.STATUS_EOM)
+                    out.append(entry.wire)
+                    continue
+            elif msg.status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
+                self.handles.clear()                # the client's reset ends its prepared statements
+            elif (msg.type == tp.SQL_BATCH and self.virtualize
+                  and PinReason.PREPARED_STATEMENT not in self.pin_reasons):
+                unprepares = tsql_unprepares(payload)
+                if unprepares is not None:          # handles are the proxy's: the backends keep their statements
+                    if self.expect:
+                        self.expect.append(_Expect(local=self._tsql_unprepare(unprepares)))
+                    else:
+                        local.append(self._tsql_unprepare(unprepares))
+                    continue
             begin_after = None
             if verb is not None and verb.begin_after and not self.pinned:
                 # Commit (or roll back) on the backend; the next transaction begins when it is used.
@@ -471,14 +514,17 @@ class TDSClient(SessionState, ClientProtocol):
             # refuses it, unless the client logged in with ApplicationIntent=ReadOnly (the refusal is its own).
             retry = (self.ctx.retry_read_only and not self.in_transaction and self.lazy_begin is None
                      and not self.local_descriptor and not self.login.read_only_intent)
-            entry = _Expect(request=encoded if retry else b"", effects=request_effects(msg), begin_after=begin_after)
+            entry = _Expect(request=encoded if retry else b"", effects=request_effects(msg, self.virtualize),
+                            begin_after=begin_after)
+            entry.wire = encoded
             self.expect.append(entry)
             if self.linked:
                 self._on_sent(entry)
             out.append(encoded)
         to_client = b""
         if local:
-            to_client = self._out(tp.encode_message(tp.TABULAR_RESULT, local, self.packet_size))
+            to_client = self._out(b"".join(tp.encode_message(tp.TABULAR_RESULT, body, self.packet_size)
+                                           for body in local))
         return b"".join(out), to_client
 
     def _local_transaction(self, verb: TransactionVerb) -> bytes:
@@ -508,8 +554,11 @@ class TDSClient(SessionState, ClientProtocol):
         self.linked = True
         self.server_state = server_state
         self.backend_size = server_state.packet_size
-        for entry in self.expect:
-            if not entry.sent and not entry.attention:
+        fresh = [entry for entry in self.expect if not entry.sent and entry.local is None]
+        for entry in fresh:
+            if entry.attention:
+                entry.sent = True
+            else:
                 self._on_sent(entry)             # the requests reach a backend now: their pins and resets count
         internal: list[bytes] = []
         reset = False
@@ -518,7 +567,9 @@ class TDSClient(SessionState, ClientProtocol):
             server_state.last_client = self.ident
             if reset:
                 server_state.database = self.login_state[0]     # a reset returns it to its login's database
-                if self.ctx.reset_query:
+                if not self.ctx.reset_query:
+                    server_state.statements.clear()             # the bit drops its prepared statements too
+                else:
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
@@ -526,6 +577,8 @@ class TDSClient(SessionState, ClientProtocol):
             if replay:
                 internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("; ".join(replay)).encode(),
                                                   self.backend_size))
+        if any(entry.plan is not None for entry in fresh):
+            data = self._rewrite_planned(fresh, data)
         if self.lazy_begin is not None and data and data[0] != tp.ATTENTION:
             internal.append(backend_begin_request(self.lazy_begin, self.backend_size))
             self.lazy_begin = None
@@ -547,6 +600,21 @@ class TDSClient(SessionState, ClientProtocol):
             return data
         first.strip_reset = True
         return data[:1] + bytes([data[1] | tp.STATUS_RESETCONNECTION]) + data[2:]
+
+    def _rewrite_planned(self, fresh: list, data: bytes) -> bytes:
+        """The requests client_data gave while no backend was linked (`data`: each entry's `wire`, in order), with
+        the sp_prepare family rewritten for this backend's statements."""
+        parts = []
+        for entry in fresh:
+            plan = entry.plan
+            if plan is None:
+                parts.append(entry.wire)
+                continue
+            entry.plan = None
+            payload, entry.rewriter = self._build_rpc(plan, self.server_state.statements)
+            first = entry.wire[1]
+            parts.append(tp.encode_message(tp.RPC, payload, self.backend_size, first & ~tp.STATUS_EOM))
+        return b"".join(parts)
 
     def unlink(self) -> None:
         self.linked = False
@@ -596,6 +664,8 @@ class TDSClient(SessionState, ClientProtocol):
             entry.first = False
             if entry.strip_reset and payload.startswith(RESET_ACK):
                 payload = payload[len(RESET_ACK):]
+        if entry is not None and entry.rewriter is not None:
+            payload = entry.rewriter.feed(payload, bool(eom))
         attention_done = False
         read_only = False
         for event in self.scanner.feed(payload):
@@ -649,6 +719,8 @@ class TDSClient(SessionState, ClientProtocol):
         elif expect and not expect[0].attention:
             answered = expect.popleft()
             self._on_answered(answered, answered.failed)
+        while expect and expect[0].local is not None:
+            out.append(self.reframer.feed(expect.popleft().local, True))
 
     # ------------------------------------------------------------------ session end, failures
 
@@ -657,6 +729,7 @@ class TDSClient(SessionState, ClientProtocol):
         self.linked = True
         self.server_state = server_state
         server_state.last_client = None
+        server_state.statements.clear()
         self.expect.append(_Expect(internal=True, strip_reset=True))
         batch = tp.SqlBatch(reset_query or "SELECT 1 WHERE 1 = 0").encode()
         return tp.encode_message(tp.SQL_BATCH, batch, server_state.packet_size, tp.STATUS_RESETCONNECTION)

@@ -7,6 +7,9 @@ import enum
 
 from multiproxy.engine import PinReason
 
+from .statements import proc_number
+from .wire.messages import SP_PREPARE, SP_PREPEXEC
+
 
 class TDSPinReason(str, enum.Enum):
     """Pin reasons only this engine reports (SQL Server: CONTEXT_INFO / session context, EXECUTE AS); the engine-neutral ones are multiproxy's PinReason."""
@@ -109,12 +112,15 @@ def classify_batch(sql: str) -> tuple[list[tuple[PinReason, str]], dict[str, str
     return reasons, tracked
 
 
-def classify_rpc(name: str, params: list) -> list[tuple[PinReason, str]]:
-    """Pin reasons of one RPC call by procedure name (well-known ids already turned into names)."""
+def classify_rpc(name: str, params: list, virtualised: bool = True) -> list[tuple[PinReason, str]]:
+    """Pin reasons of one RPC call by procedure name (well-known ids already turned into names). sp_prepare and
+    sp_prepexec pin only when prepared statements are not virtualised (statements.py); sp_prepexecrpc always."""
     low = name.lower()
     if low.startswith("sp_cursor"):
         return [(PinReason.CURSOR, low)]
-    if low in ("sp_prepare", "sp_prepexec", "sp_prepexecrpc"):
+    if low.rsplit(".", 1)[-1].strip("[]") == "sp_prepexecrpc":
+        return [(PinReason.PREPARED_STATEMENT, "sp_prepexecrpc")]
+    if not virtualised and proc_number(name) in (SP_PREPARE, SP_PREPEXEC):
         return [(PinReason.PREPARED_STATEMENT, low)]
     if low.endswith("sp_set_session_context"):
         return [(TDSPinReason.CONTEXT_INFO, "sp_set_session_context")]

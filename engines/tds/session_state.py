@@ -14,7 +14,7 @@ PIN, SET, RESET = "pin", "set", "reset"
 RESET_PROCEDURE = "sp_reset_connection"
 
 
-def request_effects(msg: tp.Message) -> list[tuple]:
+def request_effects(msg: tp.Message, virtualised: bool = True) -> list[tuple]:
     """What one request does to the session: (RESET, keeps_transaction) first when it asks for a reset, then
     (PIN, reason, detail) and (SET, option, statement to replay)."""
     effects: list[tuple] = []
@@ -30,7 +30,7 @@ def request_effects(msg: tp.Message) -> list[tuple]:
                 if call.name.lower().rsplit(".", 1)[-1].strip("[]") == RESET_PROCEDURE:
                     effects.append((RESET, False))
                     continue
-                effects += [(PIN, reason, detail) for reason, detail in classify_rpc(call.name, call.params)]
+                effects += [(PIN, reason, detail) for reason, detail in classify_rpc(call.name, call.params, virtualised)]
     except (ProtocolError, UnicodeDecodeError):
         pass            # the backend refuses it with its own error
     return effects
@@ -64,13 +64,16 @@ class SessionState:
     def _client_reset(self, keeps_transaction: bool) -> None:
         """The client reset its session: SET options and database are the login's again, nothing it did pins it
         any more (temporary tables, cursors, prepared handles, locks, context, impersonation all end with a
-        reset), and unless the reset keeps the transaction, the open one is rolled back."""
+        reset), the backend's prepared statements are gone, and unless the reset keeps the transaction, the open
+        one is rolled back."""
         self.database, options = self.login_state
         self.options = dict(options)
         for reason in list(self.pin_reasons):
             self.ctx.pin_policy.released(self, reason)
         self.pin_reasons.clear()
         self.pinned = False
+        if self.linked:
+            self.server_state.statements.clear()    # SQL Server drops the connection's prepared handles
         if not keeps_transaction:
             self.in_transaction = False
             self.descriptor = b""

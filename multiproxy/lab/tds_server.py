@@ -33,6 +33,7 @@ ENCRYPTION_MODES = {"off": tp.ENCRYPT_OFF, "on": tp.ENCRYPT_ON, "not_supported":
 _SUPPORTED_VERSIONS = {tp.TDS72: bytes.fromhex("72090002"), tp.TDS73A: bytes.fromhex("730A0003"),
                        tp.TDS73B: bytes.fromhex("730B0003"), tp.TDS74: tk.TDS74_VERSION_BYTES}
 LOGIN_TIMEOUT = 30.0
+DONE_RPCINBATCH = 0x80      # with DONE_MORE on the DONEPROC of every call of an RPC batch but the last
 
 
 class ConnectionClosed(Exception):
@@ -285,9 +286,9 @@ class _Connection:
                 out = bytearray(prefix)
                 for index, call in enumerate(request.calls):
                     part = session.run_rpc(call)
-                    if index < len(request.calls) - 1:  # DONEPROC ends the part: mark more to come
+                    if index < len(request.calls) - 1:  # DONEPROC ends the part: more to come, in a batch
                         part = part[:-12] + struct.pack("<H", struct.unpack_from("<H", part, len(part) - 12)[0]
-                                                        | tk.DONE_MORE) + part[-10:]
+                                                        | tk.DONE_MORE | DONE_RPCINBATCH) + part[-10:]
                     out += part
                 return bytes(out)
             if msg.type == tp.TRANSACTION_MANAGER:

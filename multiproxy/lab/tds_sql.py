@@ -847,22 +847,34 @@ class SqlSession:
                 body, status = self.run_batch(str(params[0].value or ""), self._bind(decl, values), True)
                 outputs = [(i, p.value) for i, p in enumerate(params) if p.output]
             elif name == "sp_prepare":
+                # @handle OUTPUT, @params, @stmt [, @options]: the handle comes back only for an OUTPUT parameter;
+                # @options & 1 (RETURN_METADATA) describes the result set's columns (COLMETADATA, no rows)
+                self._expect(name, params, 3)
                 handle = self._prepare(params[1].value or "", params[2].value or "")
-                outputs = [(0, handle)]
-                body = b""
+                outputs = [(0, handle)] if params[0].output else []
+                options = params[3].value if len(params) > 3 else 0
+                body = self._metadata(handle) if isinstance(options, int) and options & 1 else b""
             elif name == "sp_prepexec":
+                self._expect(name, params, 3)
                 handle = self._prepare(params[1].value or "", params[2].value or "")
-                outputs = [(0, handle)]
                 decl, sql = self.prepared[handle]
                 body, status = self.run_batch(sql, self._bind_names(decl, params[3:]), True)
+                outputs = ([(0, handle)] if params[0].output else []) + [
+                    (i, p.value) for i, p in enumerate(params) if i >= 3 and p.output]
             elif name == "sp_execute":
+                self._expect(name, params, 1)
                 handle = params[0].value
                 if handle not in self.prepared:
                     raise SqlError(8179, f"Could not find prepared statement with handle {handle}.")
                 decl, sql = self.prepared[handle]
                 body, status = self.run_batch(sql, self._bind_names(decl, params[1:]), True)
+                outputs = [(i, p.value) for i, p in enumerate(params) if i >= 1 and p.output]
             elif name == "sp_unprepare":
-                self.prepared.pop(params[0].value if params else None, None)
+                self._expect(name, params, 1)
+                handle = params[0].value
+                if handle not in self.prepared:
+                    raise SqlError(8179, f"Could not find prepared statement with handle {handle}.")
+                del self.prepared[handle]
                 body = b""
             elif name == "sp_reset_connection":
                 self.reset()
@@ -880,6 +892,31 @@ class SqlSession:
             out += tk.returnvalue(ordinal, param.name, param.type_info if value is None or ordinal else
                                   TypeInfo(tk.INTN, 4), value)
         return bytes(out) + tk.done_proc(status & tk.DONE_ERROR)
+
+    @staticmethod
+    def _expect(name: str, params, count: int) -> None:
+        wanted = ("@handle", "@params", "@stmt")
+        if len(params) < count:
+            raise SqlError(201, f"Procedure or function '{name}' expects parameter '{wanted[len(params)]}', which "
+                                "was not supplied.")
+
+    def _metadata(self, handle: int) -> bytes:
+        """COLMETADATA of a prepared SELECT's result (its parameters bound to NULL), as sp_prepare's
+        RETURN_METADATA option gives it; nothing for other statements."""
+        decl, sql = self.prepared[handle]
+        statements = split_statements(sql)
+        if len(statements) != 1 or statements[0].split(None, 1)[0].upper() not in ("SELECT", "WITH"):
+            return b""
+        try:
+            text, _, names, _, _ = self._transpile(statements[0])
+            cursor = self._execute(f"SELECT * FROM ({text}) LIMIT 0", {n: None for n in decl})
+        except (SqlError, sqlite3.Error):
+            return b""
+        if not cursor.description:
+            return b""
+        if not names or len(names) != len(cursor.description):
+            names = [d[0] for d in cursor.description]
+        return tk.colmetadata(infer_columns(names, [])[0])
 
     def _prepare(self, decl: str, sql: str) -> int:
         handle = next(self._handles)

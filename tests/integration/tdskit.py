@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+
+import pytest
 
 from multiproxy_engines.tds.wire import messages as tp
 from multiproxy_engines.tds.wire import token_stream as tk
@@ -176,3 +180,23 @@ def pymssql_refusal(**connect_kwargs) -> tuple[int, str]:
     assert out.returncode == 0, out.stderr
     number, text = json.loads(out.stdout)
     return number, text
+
+
+NODE_CLIENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                            "node")
+
+
+def tedious_prepared(host: str, port: int, user: str, password: str, database: str, clients: int = 20,
+                     rounds: int = 10, statements: int = 1, timeout: float = 120, transactions: bool = False,
+                     together: bool = False) -> dict:
+    """tools/node/tds_prepared_clients.js: `clients` tedious connections at once, each prepare() once and
+    execute() `rounds` times (each in a transaction of its own with `transactions`; with `together`, only once
+    all have prepared); its JSON summary (clients, executes, ok, failures, errors, seconds)."""
+    if shutil.which("node") is None or not os.path.isdir(os.path.join(NODE_CLIENTS, "node_modules", "tedious")):
+        pytest.skip("node and tedious (tools/install-deps.sh, or npm ci --prefix tools/node) are needed")
+    out = subprocess.run(["node", os.path.join(NODE_CLIENTS, "tds_prepared_clients.js"), host, str(port), user,
+                          password, database, str(clients), str(rounds), str(statements), str(int(transactions)),
+                          str(int(together))],
+                         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -248,7 +248,8 @@ def test_pin_reasons(lab, proxy_factory, reason, sql):
     d.close()
 
 
-def test_prepared_handle_pins(lab, proxy_factory):
+def test_prepared_handle_is_multiplexed_not_pinned(lab, proxy_factory):
+    """sp_prepare no longer pins (engines/tds/statements.py; test_tds_prepared.py has the rest)."""
     proxy = start(proxy_factory, lab, max_size=2)
     c = RawClient(proxy.port)
     nv, int4 = tk.TypeInfo(tk.NVARCHAR, 4000), tk.TypeInfo(tk.INTN, 4)
@@ -257,7 +258,7 @@ def test_prepared_handle_pins(lab, proxy_factory):
         tp.RpcParam("@stmt", nv, "SELECT @a + 1")])
     c.send(tp.RPC, tp.RpcRequest([prep]).encode())
     handle = next(t.value for t in c.read_tokens() if t.type == tk.TOKEN_RETURNVALUE)
-    assert metric(metrics_text(proxy), PINNED, reason="prepared_statement") == 1
+    assert not metric(metrics_text(proxy), PINNED, reason="prepared_statement")
     c.send(tp.RPC, tp.RpcRequest([tp.RpcCall(proc_id=tp.SP_EXECUTE, params=[
         tp.RpcParam("", int4, handle), tp.RpcParam("", int4, 41)])]).encode())
     assert [t.values for t in c.read_tokens() if t.type == tk.TOKEN_ROW] == [[42]]

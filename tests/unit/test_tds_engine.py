@@ -133,7 +133,9 @@ def test_classifier():
     assert classify_batch("select '#x', 'SET ROWCOUNT 1'") == ([], {})
     assert classify_batch("SELECT * INTO #t FROM x")[0][0][0] == PinReason.TEMP_TABLE
     assert classify_rpc("sp_cursoropen", [])[0][0] == PinReason.CURSOR
-    assert classify_rpc("sp_prepare", [])[0][0] == PinReason.PREPARED_STATEMENT
+    assert classify_rpc("sp_prepare", []) == []            # virtualised (statements.py)
+    assert classify_rpc("sp_prepare", [], virtualised=False)[0][0] == PinReason.PREPARED_STATEMENT
+    assert classify_rpc("sp_prepexecrpc", [])[0][0] == PinReason.PREPARED_STATEMENT
 
 
 def test_scanner_and_reframer_agree_on_any_split():

@@ -106,3 +106,49 @@ def test_catalog_views_and_object_id(session):
 def test_object_name_part():
     assert [object_name_part(n) for n in ("tempdb..[#t]", "dbo.users", "[a.b]", '"q"', "plain", None)] == \
         ["#t", "users", "a.b", "q", "plain", None]
+
+
+def _rpc(proc, *params):
+    from multiproxy_engines.tds.wire import messages as tp
+    return tp.RpcCall(proc_id=proc, params=list(params)) if isinstance(proc, int) else \
+        tp.RpcCall(proc_name=proc, params=list(params))
+
+
+def _tokens(body: bytes) -> list:
+    return tk.TokenReader().read(body)
+
+
+def test_prepare_family_as_sql_server_answers_it(session):
+    """By id and by name; the handle comes back only for an OUTPUT parameter; RETURN_METADATA describes the
+    columns; unknown handles are error 8179 for sp_execute and sp_unprepare alike; a reset drops the handles."""
+    from multiproxy_engines.tds.wire import messages as tp
+    int4, nv = tk.TypeInfo(tk.INTN, 4), tk.TypeInfo(tk.NVARCHAR, 4000)
+    out = tp.PARAM_BY_REF
+
+    def handle_of(toks):
+        return [t.value for t in toks if t.type == tk.TOKEN_RETURNVALUE]
+
+    toks = _tokens(session.run_rpc(_rpc("[sys].[sp_prepare]", tp.RpcParam("@handle", int4, None, out),
+                                        tp.RpcParam("@params", nv, "@a int"), tp.RpcParam("@stmt", nv,
+                                                                                           "SELECT @a + 1 AS n"),
+                                        tp.RpcParam("@options", int4, 1))))
+    assert [t.type for t in toks] == [tk.TOKEN_COLMETADATA, tk.TOKEN_RETURNSTATUS, tk.TOKEN_RETURNVALUE,
+                                      tk.TOKEN_DONEPROC]
+    assert [c.name for c in toks[0].columns] == ["n"]
+    handle = handle_of(toks)[0]
+    toks = _tokens(session.run_rpc(_rpc(tp.SP_PREPARE, tp.RpcParam("@handle", int4, None),
+                                        tp.RpcParam("@params", nv, None), tp.RpcParam("@stmt", nv, "SELECT 2"))))
+    assert handle_of(toks) == []                              # not OUTPUT: no RETURNVALUE
+    toks = _tokens(session.run_rpc(_rpc("sp_execute", tp.RpcParam("", int4, handle), tp.RpcParam("", int4, 4))))
+    assert [t.values for t in toks if t.type == tk.TOKEN_ROW] == [[5]]
+    toks = _tokens(session.run_rpc(_rpc(tp.SP_UNPREPARE, tp.RpcParam("", int4, 999))))
+    assert [t.number for t in toks if t.type == tk.TOKEN_ERROR] == [8179]
+    toks = _tokens(session.run_rpc(_rpc(tp.SP_PREPEXEC, tp.RpcParam("@h", int4, None, out),
+                                        tp.RpcParam("", nv, "@a int"), tp.RpcParam("", nv, "SELECT @a * 2"),
+                                        tp.RpcParam("@a", int4, 21))))
+    assert [t.values for t in toks if t.type == tk.TOKEN_ROW] == [[42]] and len(handle_of(toks)) == 1
+    session.reset()
+    toks = _tokens(session.run_rpc(_rpc(tp.SP_EXECUTE, tp.RpcParam("", int4, handle), tp.RpcParam("", int4, 4))))
+    assert [t.number for t in toks if t.type == tk.TOKEN_ERROR] == [8179]
+    toks = _tokens(session.run_rpc(_rpc(tp.SP_PREPARE, tp.RpcParam("@handle", int4, None, out))))
+    assert [t.number for t in toks if t.type == tk.TOKEN_ERROR] == [201]
