@@ -572,7 +572,8 @@ class Console:
         problems = self.proxy.reload()
         self.record("reload", problems="; ".join(problems) if problems else None)
         if problems:
-            raise AdminError("internal_error", "reload failed: " + "; ".join(problems))
+            raise AdminError("internal_error", f"reload failed, nothing changed ({len(problems)} problem(s); fix the "
+                             "config file and RELOAD again): " + "; ".join(problems))
         return Result([], [], "RELOAD")
 
     def shutdown(self, args: list) -> Result:
