@@ -324,7 +324,8 @@ class Proxy:
         for line in plan.changes:
             log.info("reload: %s", line)
         self.users = users
-        log.info("users file reloaded: %d users", len(users))
+        if new.users_file:
+            log.info("users file reloaded: %d users", len(users))
         pc = new.proxy
         if "log_level" in plan.proxy_changed:
             logging.getLogger().setLevel(pc.log_level.upper())

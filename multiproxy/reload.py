@@ -197,6 +197,8 @@ def reload(proxy, apply: bool = True) -> list[str]:
     """Read the proxy's config file again and apply what changed, all or nothing: the problems (each logged, with
     its key path), or [] when applied (or, with `apply` False, when it would apply)."""
     path = proxy.config.source
+    plan = None
+    who = f" (worker {proxy.worker})" if getattr(proxy, "worker_count", 1) > 1 else ""
     if not path:
         problems = ["this proxy was not started from a config file: nothing to reload"]
     else:
@@ -209,10 +211,11 @@ def reload(proxy, apply: bool = True) -> list[str]:
     if problems:
         for problem in problems:
             log.error("reload: %s", problem)
-        log.error("reload failed (%d problem(s)): nothing changed, the running configuration stays", len(problems))
+        log.error("reload failed%s (%d problem(s)): nothing changed, the running configuration stays", who,
+                  len(problems))
     elif apply:
         if plan.empty:
-            log.info("reload: the configuration is unchanged (users file, token keys and TLS files re-read)")
+            log.info("reload%s: the configuration is unchanged (users file, token keys and TLS files re-read)", who)
         else:
-            log.info("reload: %d change(s) applied", len(plan.changes))
+            log.info("reload%s: %d change(s) applied", who, len(plan.changes))
     return problems
