@@ -694,6 +694,8 @@ def _run_workers(config: Config, engines: dict, workers: int) -> int:
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:
+            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             gevent.reinit()
             sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
             code = 1

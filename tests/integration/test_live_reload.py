@@ -228,6 +228,7 @@ def test_every_worker_reloads(pg, proxy_factory):
     config = pg_config(pg, max_size=2)
     config["proxy"]["workers"] = 2
     proxy = proxy_factory(config)
+    wait_for_log(proxy, "ready (pid", 2)                         # both workers handle SIGHUP from here on
     config["clusters"]["main"]["pool"]["max_size"] = 4
     reload_by_signal(proxy, config, count=2)                      # SIGHUP: forwarded to each worker
     config["listeners"].append({"name": "more", "listen": f"127.0.0.1:{free_port()}", "cluster": "main",
