@@ -4,6 +4,8 @@ listeners come and go, a bad or restart-only config changes nothing and says why
 from __future__ import annotations
 
 import copy
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -280,3 +282,72 @@ def test_mysql_pool_resized_under_pymysql_clients(mariadb, proxy_factory):
         assert query(client, "SELECT 5") == [(5,)]
         client.commit()
         client.close()
+
+
+def status(proxy) -> dict:
+    host, port = proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=10) as response:
+        return json.load(response)
+
+
+def test_credentials_hosts_and_clusters_follow_a_reload(pg, proxy_factory, tmp_path):
+    wrong, right = tmp_path / "wrong.password", tmp_path / "right.password"
+    for path, text in ((wrong, "not-the-password\n"), (right, "scram-pw\n")):
+        path.write_text(text)
+        os.chmod(path, 0o600)
+    dead = f"127.0.0.1:{free_port()}"
+    config = pg_config(pg, max_size=2)
+    main = config["clusters"]["main"]
+    main["hosts"] = [dead]
+    main["pool"]["borrow_timeout"] = 5
+    main["backend"]["connect_timeout"] = 2
+    main["credentials"] = [{"user": "mp_scram", "password_file": str(wrong)}]
+    proxy = proxy_factory(config)
+    address = proxy.address("pg")
+
+    def scram_client():
+        return psycopg.connect(host=address[0], port=address[1], user="mp_scram", dbname=AUTH_DB, autocommit=True,
+                               connect_timeout=10)
+
+    with pytest.raises(psycopg.OperationalError, match="cannot connect to"):
+        scram_client()
+    main["hosts"] = [f"127.0.0.1:{pg.port}"]                       # the host moved
+    reload_by_signal(proxy, config)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        scram_client()
+    main["credentials"][0]["password_file"] = str(right)            # a new secret source: the next login uses it
+    reload_by_signal(proxy, config)
+    assert f"reload: clusters.main.credentials[0].password_file: '{wrong}' -> '{right}'" in proxy.log_text()
+    with scram_client() as client:
+        assert client.execute("SELECT current_user").fetchone() == ("mp_scram",)
+
+        # A second host (role verification by the registry from now on), then back to one.
+        main["hosts"] = [f"127.0.0.1:{pg.port}", dead]
+        main["health"] = {"probe_interval": 0.2, "probe_user": "mp_scram"}
+        reload_by_signal(proxy, config)
+        assert client.execute("SELECT 2").fetchone() == (2,)
+        registry = status(proxy)["registry"]["main"]
+        assert registry["writer"] == f"127.0.0.1:{pg.port}"
+        assert sorted(n["address"] for n in registry["nodes"]) == sorted([f"127.0.0.1:{pg.port}", dead])
+        main["hosts"] = [f"127.0.0.1:{pg.port}"]
+        reload_by_signal(proxy, config)
+        assert client.execute("SELECT 3").fetchone() == (3,)
+        assert "main" not in (status(proxy)["registry"] or {})
+
+    # A new cluster with its listener, then both removed.
+    config["clusters"]["second"] = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"],
+                                    "backend": {"tls": "disable"}, "pool": {"max_size": 1}}
+    config["listeners"].append({"name": "second", "listen": f"127.0.0.1:{free_port()}", "cluster": "second",
+                                "auth": "trust"})
+    reload_by_signal(proxy, config)
+    with connect(proxy.address("second"), autocommit=True) as client:
+        assert client.execute("SELECT current_user").fetchone() == (USER,)
+    assert any(p["pool"].startswith("second/") for p in status(proxy)["pools"])
+    second = proxy.address("second")
+    del config["clusters"]["second"]
+    config["listeners"].pop()
+    reload_by_signal(proxy, config)
+    assert "reload: clusters.second: removed" in proxy.log_text()
+    assert not any(p["pool"].startswith("second/") for p in status(proxy)["pools"])
+    with pytest.raises(psycopg.OperationalError):
+        connect(second)
