@@ -362,8 +362,9 @@ class Registry:
             current.clear()
             current.update(wanted)
             if gone:
-                reasons = {address: "it is no longer the cluster's writer" if role == "writer" else
-                           self.skipped_reason(state, state.node(address)) or "it left the reader role"
+                reasons = {address: "it was removed from the configuration" if address not in state.nodes else
+                           "it is no longer the cluster's writer" if role == "writer" else
+                           self.skipped_reason(state, state.nodes[address]) or "it left the reader role"
                            for address in gone}
                 self.events.append({"time": time.time(), "cluster": state.config.name, "event": "retired",
                                     "role": role, "nodes": {_fmt(a): r for a, r in reasons.items()}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 
 import gevent
 import pytest
@@ -217,3 +218,37 @@ def test_timeouts_follow_the_new_settings(db, pool_of):
         pool.borrow()
     pool.release(held)
     check_counts(pool)
+
+
+# ---------------------------------------------------------------------------------------------- the registry follows
+
+def test_the_registry_follows_new_hosts_and_drains_removed_ones():
+    from multiproxy.plugins import load_engines
+    from multiproxy.registry import Registry
+
+    from .test_registry import A, B, C, ChangeRecorder, probed
+    engines = {name: le.engine for name, le in load_engines().items()}
+
+    def cluster(hosts, lag=5.0):
+        return build_config({
+            "clusters": {"c": {"engine": "postgres", "hosts": hosts,
+                               "health": {"probe_user": "app", "max_replica_lag": lag}}},
+            "listeners": [{"name": "l", "listen": "127.0.0.1:1", "cluster": "c", "auth": "trust"}],
+        }, "", engines).clusters["c"]
+    proxy = ChangeRecorder()
+    reg = Registry(proxy, {"c": cluster(["10.0.0.1:5432", "10.0.0.2:5432", "10.0.0.3:5432"])}, engines)
+    for address, role in ((A, "writer"), (B, "reader"), (C, "reader")):
+        probed(reg, address, role, lag=1.0)
+    state = reg.clusters["c"]
+    reg._decide(state)
+    assert state.eligible["reader"] == {B, C}
+    D = ("10.0.0.4", 5432)
+    reg.reconfigure(cluster(["10.0.0.1:5432", "10.0.0.2:5432", "10.0.0.4:5432"], lag=0.5))
+    assert set(state.nodes) == {A, B, D} and state.health.max_replica_lag == 0.5
+    assert state.nodes[D].next_probe <= time.monotonic()          # a new host is probed at once
+    assert state.writer == A and proxy.changes == []              # the writer stays: no failover
+    # C left the configuration and B now lags beyond the new bound: pools stop using both (idle connections close,
+    # borrowed ones at the end of their transaction), and readers fall back to the writer.
+    assert proxy.retired == [("reader", {B: "lag 1.0 s beyond max_replica_lag 0.5 s", C: "it was removed from the configuration"})]
+    assert state.eligible["reader"] == {A}
+    assert [e["node"] for e in reg.events if e["event"] == "reload"] == ["10.0.0.3:5432"]
