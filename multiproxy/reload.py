@@ -213,6 +213,12 @@ def reload(proxy, apply: bool = True) -> list[str]:
             log.error("reload: %s", problem)
         log.error("reload failed%s (%d problem(s)): nothing changed, the running configuration stays", who,
                   len(problems))
+        if apply:
+            # Token keys are data that rotates on its own schedule (token_keys_check_interval reloads them without
+            # any signal): the running listeners re-read theirs all the same; a bad key file keeps the old keys.
+            for lc in proxy.config.listeners:
+                if hasattr(lc.token_verifier, "reload"):
+                    lc.token_verifier.reload()
     elif apply:
         if plan.empty:
             log.info("reload%s: the configuration is unchanged (users file, token keys and TLS files re-read)", who)
