@@ -351,3 +351,30 @@ def test_credentials_hosts_and_clusters_follow_a_reload(pg, proxy_factory, tmp_p
     assert not any(p["pool"].startswith("second/") for p in status(proxy)["pools"])
     with pytest.raises(psycopg.OperationalError):
         connect(second)
+
+
+def test_tls_files_are_read_again_on_every_reload(pg, proxy_factory, tmp_path):
+    from .test_pg_tls import write_pki
+    first, second = write_pki(str(tmp_path), "first"), write_pki(str(tmp_path), "second")
+    cert, key = tmp_path / "listener.crt", tmp_path / "listener.key"
+    cert.write_bytes(open(first["cert"], "rb").read())
+    key.write_bytes(open(first["key"], "rb").read())
+    os.chmod(key, 0o600)
+    config = pg_config(pg)
+    config["listeners"][0].update(tls_cert_file=str(cert), tls_key_file=str(key), require_tls=True)
+    proxy = proxy_factory(config)
+    address = proxy.address("pg")
+
+    def tls_client(ca):
+        return connect(address, autocommit=True, sslmode="verify-full", sslrootcert=ca)
+
+    before = tls_client(first["ca"])
+    cert.write_bytes(open(second["cert"], "rb").read())             # the certificate is renewed in place
+    key.write_bytes(open(second["key"], "rb").read())
+    reload_by_signal(proxy, config, outcome="the configuration is unchanged")
+    with tls_client(second["ca"]) as after:                           # new clients get the new certificate
+        assert after.execute("SELECT 'renewed'").fetchone() == ("renewed",)
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        tls_client(first["ca"])
+    assert before.execute("SELECT 'kept'").fetchone() == ("kept",)  # a connected client is not disturbed
+    before.close()
