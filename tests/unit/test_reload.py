@@ -252,3 +252,28 @@ def test_the_registry_follows_new_hosts_and_drains_removed_ones():
     assert proxy.retired == [("reader", {B: "lag 1.0 s beyond max_replica_lag 0.5 s", C: "it was removed from the configuration"})]
     assert state.eligible["reader"] == {A}
     assert [e["node"] for e in reg.events if e["event"] == "reload"] == ["10.0.0.3:5432"]
+
+
+def test_the_registry_looks_up_a_changed_endpoint_name_now_and_drops_a_removed_endpoint():
+    from multiproxy.plugins import load_engines
+    from multiproxy.registry import Registry
+
+    from .test_registry import ChangeRecorder
+    engines = {name: le.engine for name, le in load_engines().items()}
+
+    def cluster(endpoints):
+        return build_config({
+            "clusters": {"c": {"engine": "postgres", "endpoints": endpoints, "dns": {"nameserver": "127.0.0.1:53"},
+                               "health": {"probe_user": "app"}}},
+            "listeners": [{"name": "l", "listen": "127.0.0.1:1", "cluster": "c", "auth": "trust"}],
+        }, "", engines).clusters["c"]
+    reg = Registry(ChangeRecorder(), {"c": cluster({"writer": "old.example:5432", "reader": "ro.example:5432"})},
+                   engines)
+    state = reg.clusters["c"]
+    state.node(("10.0.0.9", 5432)).sources.add("reader-endpoint")    # a node the reader endpoint named
+    state.watches["writer"].next_poll = 1e12                          # polled a moment ago
+    reg.reconfigure(cluster({"writer": "new.example:5433"}))
+    assert list(state.watches) == ["writer"]
+    watch = state.watches["writer"]
+    assert (watch.name, watch.port) == ("new.example", 5433) and watch.due(0.0)
+    assert state.nodes == {}      # the node only the removed reader endpoint named is gone
