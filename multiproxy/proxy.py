@@ -13,6 +13,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
+from . import reload as live_reload
 from .acceptor import Acceptor
 from .admin import Console
 from .audit import AuditLog
@@ -42,7 +43,6 @@ class ListenerRuntime:
         self.acceptor: Acceptor | None = None
         self.connections = 0
         self.cancel_callback = None    # ClientContext.cancel for this listener's sessions (set by the Proxy)
-        self.removed = False           # a reload removed it: it accepts no more, its clients drain
 
     @staticmethod
     def tls_context_for(config: ListenerConfig):
@@ -269,7 +269,6 @@ class Proxy:
 
         With forked workers each one reloads on its SIGHUP; a RELOAD from the console (which runs in worker 0)
         validates here and, when the file is good, has the parent process send every worker SIGHUP."""
-        from . import reload as live_reload
         if everywhere and self.worker_count > 1:
             problems = live_reload.reload(self, apply=False)
             if not problems:
@@ -422,7 +421,6 @@ class Proxy:
     def _drain_listener(self, rt: ListenerRuntime) -> None:
         """A reload removed this listener: it stops accepting now; each of its clients is closed, with the reason
         in its protocol, once it is between transactions (or at proxy.shutdown_timeout)."""
-        rt.removed = True
         if rt.acceptor is not None:
             rt.acceptor.close()
         name = rt.config.name

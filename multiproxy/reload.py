@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from .config import ClusterConfig, Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("multiproxy.reload")
 
@@ -89,12 +89,7 @@ def _changed_lines(old, new, path: str) -> list[str]:
 _MISSING = object()
 
 
-def follows_roles(cluster: ClusterConfig) -> bool:
-    """As Registry.wanted (without importing the registry): endpoints or several hosts."""
-    return bool(cluster.endpoints) or len(cluster.hosts) > 1
-
-
-def diff(old: Config, new: Config, engines: dict | None = None) -> Plan:
+def diff(old: Config, new: Config) -> Plan:
     """Compare the running config with a new one: what changed, and what of it cannot change without a restart."""
     plan = Plan(old, new)
     for name in ("workers", "admin_listen"):
@@ -204,7 +199,7 @@ def reload(proxy, apply: bool = True) -> list[str]:
     else:
         new, problems = read(path, proxy.engines)
         if new is not None:
-            plan = diff(proxy.config, new, proxy.engines)
+            plan = diff(proxy.config, new)
             problems = list(plan.refused)
             if not problems and apply:
                 problems = proxy.apply_plan(plan)
