@@ -1,6 +1,7 @@
 """The proxy process: listeners, pools, cancel routing, housekeeping, signals, graceful drain."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -367,6 +368,9 @@ class Proxy:
             rt = by_name[name]
             self.listeners.remove(rt)
             gevent.spawn(self._drain_listener, rt)
+        # The running listener objects (an unchanged listener keeps its own, with the token verifier in use).
+        running = {rt.config.name: rt.config for rt in self.listeners}
+        self.config = dataclasses.replace(new, listeners=tuple(running[lc.name] for lc in new.listeners))
 
         for name in plan.clusters_removed:
             cluster = old.clusters[name]
