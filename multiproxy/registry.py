@@ -127,8 +127,8 @@ class Registry:
 
     def reconfigure(self, config: ClusterConfig) -> None:
         """A reload changed a followed cluster: new hosts are probed now, removed ones leave (their idle pooled
-        connections close, borrowed ones at the end of their transaction, through the eligible sets; removing the
-        writer is a failover); a changed endpoint name is looked up now (nodes it named before stay, as after a
+        connections close, borrowed ones at the end of their transaction, through the eligible sets; the writer too,
+        without a failover's drain); a changed endpoint name is looked up now (nodes it named before stay, as after a
         DNS change, until they stop answering in their role); health and DNS settings apply from the next tick."""
         state = self.clusters[config.name]
         old = state.config
@@ -155,6 +155,10 @@ class Registry:
             del state.nodes[address]
             self.events.append({"time": time.time(), "cluster": config.name, "event": "reload",
                                 "node": _fmt(address), "result": "removed from the configuration"})
+        if state.writer is not None and state.writer not in state.nodes:
+            # Not a failover: transactions on the removed writer finish there (its connections retire at their
+            # release, through the eligible sets), and new ones wait for the next writer the probes find.
+            self._set_writer(state, None, "the writer was removed from the configuration", drain=False)
         now = time.monotonic()
         for node in state.nodes.values():
             if not node.last_probe:
@@ -412,7 +416,7 @@ class Registry:
             reason = "probe" if new else "no healthy node answers as writer"
             self._set_writer(state, new, reason)
 
-    def _set_writer(self, state: ClusterState, new, reason: str) -> None:
+    def _set_writer(self, state: ClusterState, new, reason: str, drain: bool = True) -> None:
         old = state.writer
         now = time.monotonic()
         state.writer = new
@@ -438,7 +442,7 @@ class Registry:
             log.warning("cluster %s: writer is now %s (was %s)%s", state.config.name, _fmt(new), _fmt(old),
                         f", {event['outage_seconds']} s without a writer" if "outage_seconds" in event else "")
         self.events.append(event)
-        if old is not None and old != new:
+        if old is not None and old != new and drain:
             self.proxy.writer_changed(state.config, old, new)
 
     # ------------------------------------------------------------------ reporting

@@ -277,3 +277,29 @@ def test_the_registry_looks_up_a_changed_endpoint_name_now_and_drops_a_removed_e
     watch = state.watches["writer"]
     assert (watch.name, watch.port) == ("new.example", 5433) and watch.due(0.0)
     assert state.nodes == {}      # the node only the removed reader endpoint named is gone
+
+
+def test_removing_the_writer_host_retires_it_without_cancelling_its_transactions():
+    from multiproxy.plugins import load_engines
+    from multiproxy.registry import Registry
+
+    from .test_registry import A, B, ChangeRecorder, probed
+    engines = {name: le.engine for name, le in load_engines().items()}
+
+    def cluster(hosts):
+        return build_config({
+            "clusters": {"c": {"engine": "postgres", "hosts": hosts, "health": {"probe_user": "app"}}},
+            "listeners": [{"name": "l", "listen": "127.0.0.1:1", "cluster": "c", "auth": "trust"}],
+        }, "", engines).clusters["c"]
+    proxy = ChangeRecorder()
+    reg = Registry(proxy, {"c": cluster(["10.0.0.1:5432", "10.0.0.2:5432"])}, engines)
+    probed(reg, A, "writer")
+    probed(reg, B, "writer", healthy=False)       # promoted, not yet seen healthy
+    state = reg.clusters["c"]
+    reg._decide(state)
+    reg.reconfigure(cluster(["10.0.0.2:5432"]))
+    assert state.writer is None and proxy.changes == []         # no failover drain: no transaction is cancelled
+    assert ("writer", {A: "it was removed from the configuration"}) in proxy.retired
+    probed(reg, B, "writer")
+    reg._decide(state)
+    assert state.writer == B and proxy.changes == []
