@@ -204,10 +204,10 @@ class Proxy:
     def _handshake_deadlines(self) -> None:
         """Time out plaintext clients that do not finish logging in: one sweep for all of them instead of a
         timer per connection (TLS clients use their socket's own timeout)."""
-        interval = max(0.05, min(0.5, self.config.proxy.handshake_timeout / 5))
         handshaking = self.handshaking
         while True:
-            gevent.sleep(interval)
+            # Read each round: a reload may change handshake_timeout.
+            gevent.sleep(max(0.05, min(0.5, self.config.proxy.handshake_timeout / 5)))
             if not handshaking:
                 continue
             now = time.monotonic()
