@@ -386,10 +386,12 @@ class Console:
         config = self.proxy.config
         rows = []
         for name, setting in PROXY_SETTINGS.items():
-            rows.append([f"proxy.{name}", _text(getattr(config.proxy, name)), _text(setting.default), "no"])
+            # changeable: applied by RELOAD (multiproxy.reload); workers and admin_listen need a restart
+            rows.append([f"proxy.{name}", _text(getattr(config.proxy, name)), _text(setting.default),
+                         "no" if name in ("workers", "admin_listen") else "yes"])
         for name, setting in ADMIN_SETTINGS.items():
-            rows.append([f"admin.{name}", _text(getattr(config.admin, name)), _text(setting.default), "no"])
-        rows.append(["auth.users_file", config.users_file, "", "no"])
+            rows.append([f"admin.{name}", _text(getattr(config.admin, name)), _text(setting.default), "yes"])
+        rows.append(["auth.users_file", config.users_file, "", "yes"])
         for cluster_name, cluster in config.clusters.items():
             for section, declared, values in (("pool", POOL_SETTINGS, cluster.pool),
                                               ("backend", BACKEND_SETTINGS, cluster.backend),
@@ -397,7 +399,7 @@ class Console:
                 for name, setting in declared.items():
                     if hasattr(values, name):
                         rows.append([f"clusters.{cluster_name}.{section}.{name}", _text(getattr(values, name)),
-                                     _text(setting.default), "no"])
+                                     _text(setting.default), "yes"])
         return [("key", "text"), ("value", "text"), ("default", "text"), ("changeable", "text")], rows
 
     def view_lists(self):
@@ -572,7 +574,8 @@ class Console:
         problems = self.proxy.reload()
         self.record("reload", problems="; ".join(problems) if problems else None)
         if problems:
-            raise AdminError("internal_error", "reload failed: " + "; ".join(problems))
+            raise AdminError("internal_error", f"reload failed, nothing changed ({len(problems)} problem(s); fix the "
+                             "config file and RELOAD again): " + "; ".join(problems))
         return Result([], [], "RELOAD")
 
     def shutdown(self, args: list) -> Result:

@@ -1,4 +1,4 @@
-"""The `multiproxy` command line: run, check-config, engines, status, admin, users, and lab (loaded on demand)."""
+"""The `multiproxy` command line: run, check-config, engines, status, admin, reload, users, and lab (loaded on demand)."""
 from __future__ import annotations
 
 import json
@@ -214,6 +214,49 @@ def admin(admin_address, as_json, token_env, words):
         if n == 0:
             click.echo("-+-".join("-" * w for w in widths))
     click.echo(f"({len(data['rows'])} row{'s' if len(data['rows']) != 1 else ''})")
+
+
+@cli.command()
+@click.option("--admin", "admin_address", default="127.0.0.1:9930", show_default=True,
+              help="the proxy's admin_listen address")
+@click.option("--token-env", default="MULTIPROXY_ADMIN_TOKEN", show_default=True,
+              help="environment variable holding the admin token, sent when set (see [admin] http_token_env)")
+@click.option("--pid", type=int, default=None,
+              help="send SIGHUP to this process instead (no answer: the proxy's log says what changed or why not)")
+def reload(admin_address, token_env, pid):
+    """Reload a running proxy's config file: what changed applies live; with any problem nothing changes and every
+    problem is printed with its key path. Asks the admin HTTP server (POST /admin/reload), which answers whether the
+    reload succeeded; --pid signals the process instead."""
+    if pid is not None:
+        import signal
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            click.echo(f"error: cannot signal process {pid}: {exc.strerror}", err=True)
+            sys.exit(1)
+        click.echo(f"SIGHUP sent to {pid}; the proxy's log says what changed, or why nothing did")
+        return
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(f"http://{admin_address}/admin/reload", data=b"", method="POST")
+    token = os.environ.get(token_env, "") if token_env else ""
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"error: no multiproxy admin server answers on {admin_address}: {exc}; "
+                   "or signal the process: multiproxy reload --pid PID", err=True)
+        sys.exit(1)
+    click.echo("reloaded; the proxy's log lists each change")
 
 
 def _register_subcommands():

@@ -50,6 +50,7 @@ class Budget:
         self.label = label
         self.pools: list[Pool] = []
         self.changes = Event()
+        self.over = False       # more connections than max_size after a reload lowered it (see reconfigure)
 
     @property
     def size(self) -> int:
@@ -87,6 +88,25 @@ class Budget:
         if oldest is not None:
             oldest.pool._evict(oldest)
         return False
+
+    def reconfigure(self, config) -> None:
+        """A reload changed the pool settings: waiters get the slots a raised max_size adds now; beyond a lowered
+        one, idle connections close now (oldest first) and borrowed ones when they come back (Pool.release)."""
+        self.config = config
+        for pool in self.pools:
+            pool.config = config
+        for pool in self.pools:
+            while pool.waiters and self.size < config.max_size:
+                before = self.size
+                self.slot_freed(pool)
+                if self.size == before:
+                    break
+        idle = sorted((conn for pool in self.pools for conn in pool.idle), key=lambda conn: conn.last_used)
+        for conn in idle:
+            if self.size <= config.max_size:
+                break
+            conn.pool._discard(conn)
+        self.over = self.size > config.max_size
 
     def slot_freed(self, first: "Pool") -> None:
         """A connection of the budget closed: the longest waiter of `first`, else of another variant, may open one."""
@@ -211,6 +231,14 @@ class Pool:
             self.paused_waiting -= 1
             del self.waiting_since[token]
         return max(0.0, deadline - time.monotonic())
+
+    def reconfigure(self, cluster) -> None:
+        """A reload changed this pool's cluster settings: timeouts and [backend] settings apply to the next borrow and
+        connect (read live from `cluster`); sizes through the budget (Budget.reconfigure)."""
+        self.cluster = cluster
+        self.config = cluster.pool
+        if self.budget.config is not cluster.pool:
+            self.budget.reconfigure(cluster.pool)
 
     def reconnect(self) -> None:
         """The admin console's RECONNECT: idle connections close now, borrowed ones when they come back (release
@@ -394,6 +422,11 @@ class Pool:
         if self.draining or conn.generation != self.generation or (lifetime and now - conn.created > lifetime):
             self._discard(conn)
             return
+        if self.budget.over:
+            if self.budget.size > self.config.max_size:
+                self._discard(conn)     # a reload lowered max_size: this one closes instead of serving again
+                return
+            self.budget.over = False
         if self.eligible is not None and conn.address not in self.eligible:
             self.retired_total += 1     # the node left this role (or lags): retire at the transaction's end
             self._discard(conn)

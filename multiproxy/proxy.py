@@ -1,6 +1,7 @@
 """The proxy process: listeners, pools, cancel routing, housekeeping, signals, graceful drain."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -13,6 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
+from . import reload as live_reload
 from .acceptor import Acceptor
 from .admin import Console
 from .audit import AuditLog
@@ -37,19 +39,28 @@ class ListenerRuntime:
     """A configured listener with what its sessions need: engine, cluster, TLS context, pin policy."""
 
     def __init__(self, config: ListenerConfig, cluster: ClusterConfig, engine, pin_policy: PinPolicy):
-        self.config = config
-        self.cluster = cluster
         self.engine = engine
-        self.pin_policy = pin_policy
-        choice = cluster.backend.reset_after_transaction
-        self.reset_after_transaction = (choice == "yes" or (choice == "auto"
-                                        and getattr(engine, "reset_after_transaction_default", False)))
-        self.tls_context = client_leg_context(
-            config.tls_cert_file, config.tls_key_file, config.tls_min_version, config.tls_ciphers,
-            config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None
+        self.reconfigure(config, cluster, pin_policy, self.tls_context_for(config))
         self.acceptor: Acceptor | None = None
         self.connections = 0
         self.cancel_callback = None    # ClientContext.cancel for this listener's sessions (set by the Proxy)
+
+    @staticmethod
+    def tls_context_for(config: ListenerConfig):
+        """The client-leg TLS context of `config` (its files read now), None without TLS."""
+        return client_leg_context(
+            config.tls_cert_file, config.tls_key_file, config.tls_min_version, config.tls_ciphers,
+            config.tls_client_ca_file, config.tls_verify_client) if config.tls_cert_file else None
+
+    def reconfigure(self, config: ListenerConfig, cluster: ClusterConfig, pin_policy: PinPolicy, tls_context) -> None:
+        """Start or reload: what new clients of this listener get (connected ones keep what they started with)."""
+        self.config = config
+        self.cluster = cluster
+        self.pin_policy = pin_policy
+        choice = cluster.backend.reset_after_transaction
+        self.reset_after_transaction = (choice == "yes" or (choice == "auto"
+                                        and getattr(self.engine, "reset_after_transaction_default", False)))
+        self.tls_context = tls_context
 
     def wrap_client_tls(self, sock):
         from gevent import ssl as gssl
@@ -107,10 +118,7 @@ class Proxy:
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
                 sock = make_listen_socket(host, port)
-            rt.acceptor = Acceptor(sock, self._handler(rt))
-            rt.acceptor.start()
-            log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
-                     rt.cluster.name, rt.config.role)
+            self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
         self._housekeeper = gevent.spawn(self._housekeeping)
@@ -120,11 +128,10 @@ class Proxy:
 
     def _handler(self, rt: ListenerRuntime):
         metrics = self.metrics
-        limit = rt.config.max_client_connections
-
-        per_address = self.config.proxy.max_connections_per_address
 
         def handle(sock, address):
+            limit = rt.config.max_client_connections                  # read per client: a reload may change them
+            per_address = self.config.proxy.max_connections_per_address
             session = Session(self, rt, sock, address)
             source = address[0] if isinstance(address, tuple) else str(address)
             reject = None
@@ -197,10 +204,10 @@ class Proxy:
     def _handshake_deadlines(self) -> None:
         """Time out plaintext clients that do not finish logging in: one sweep for all of them instead of a
         timer per connection (TLS clients use their socket's own timeout)."""
-        interval = max(0.05, min(0.5, self.config.proxy.handshake_timeout / 5))
         handshaking = self.handshaking
         while True:
-            gevent.sleep(interval)
+            # Read each round: a reload may change handshake_timeout.
+            gevent.sleep(max(0.05, min(0.5, self.config.proxy.handshake_timeout / 5)))
             if not handshaking:
                 continue
             now = time.monotonic()
@@ -233,7 +240,8 @@ class Proxy:
             budget = next((other.budget for other_key, other in self.pools.items() if other_key[:4] == key[:4]), None)
 
             def target_for():
-                target = self.backend_target(cluster, rt.config.role, user, database)
+                # pool.cluster, not rt.cluster: a reload may give the pool a new ClusterConfig
+                target = self.backend_target(pool.cluster, key[1], user, database)
                 if target is not None and params:
                     target.params = {**target.params, **params}
                 return target
@@ -256,23 +264,190 @@ class Proxy:
                 pool.budget.pools.remove(pool)
             log.info("pool %s: dropped, the server refused its login and it holds no connection", pool.label)
 
-    def reload(self) -> list[str]:
-        """What SIGHUP and the console's RELOAD do: read the users file again and rebuild token verifiers.
-        Returns the problems (nothing changed for those)."""
+    def reload(self, everywhere: bool = True) -> list[str]:
+        """What SIGHUP, the console's RELOAD and `multiproxy reload` do: read the config file again, validate it and
+        apply what changed live, all or nothing (multiproxy.reload). Returns the problems (nothing changed then).
+
+        With forked workers each one reloads on its SIGHUP; a RELOAD from the console (which runs in worker 0)
+        validates here and, when the file is good, has the parent process send every worker SIGHUP."""
+        if everywhere and self.worker_count > 1:
+            problems = live_reload.reload(self, apply=False)
+            if not problems:
+                log.info("reload: the configuration is valid; asking every worker to reload (SIGHUP)")
+                os.kill(os.getppid(), signal.SIGHUP)
+            return problems
+        return live_reload.reload(self)
+
+    def apply_plan(self, plan) -> list[str]:
+        """Apply a reload.Plan without refusals: everything that can fail (binding new listen addresses, reading TLS
+        files, the users file, the audit log) is done first; a failure there undoes it and is returned, and
+        nothing has changed. Then each change is applied and logged."""
+        new = plan.new
         problems = []
-        config = self.config
-        if config.users_file:
+        bound: dict[str, object] = {}
+        tls: dict[str, object] = {}
+        users = self.users
+        audit = None
+        reuse = self.worker_count > 1
+        for i, lc in enumerate(new.listeners):
             try:
-                self.users = UsersFile.load(config.users_file)
-                log.info("users file reloaded: %d users", len(self.users))
+                tls[lc.name] = ListenerRuntime.tls_context_for(lc)
             except Exception as exc:
-                log.error("users file not reloaded: %s", exc)
-                problems.append(f"users file not reloaded: {exc}")
-        # Token listeners rebuild their verifiers; a failed one logs why and keeps its keys.
-        for lc in config.listeners:
-            if hasattr(lc.token_verifier, "reload"):
-                lc.token_verifier.reload()
-        return problems
+                problems.append(f"listeners[{i}].tls_cert_file: cannot load the TLS files of listener "
+                                f"{lc.name!r}: {exc}")
+            if lc.name in plan.listeners_added or lc.name in plan.listeners_moved:
+                try:
+                    bound[lc.name] = make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=reuse)
+                except OSError as exc:
+                    problems.append(f"listeners[{i}].listen: {exc.strerror or exc}")
+        if new.users_file:
+            try:
+                users = UsersFile.load(new.users_file)
+            except Exception as exc:
+                problems.append(f"auth.users_file: not reloaded: {exc}")
+        else:
+            users = UsersFile.empty()
+        if new.proxy.audit_log != self.config.proxy.audit_log:
+            try:
+                audit = AuditLog(new.proxy.audit_log)
+            except OSError as exc:
+                problems.append(f"proxy.audit_log: cannot open {new.proxy.audit_log}: {exc.strerror or exc}")
+        if problems:
+            for sock in bound.values():
+                sock.close()
+            if audit is not None:
+                audit.close()
+            return problems
+
+        old = self.config
+        self.config = new
+        for line in plan.changes:
+            log.info("reload: %s", line)
+        self.users = users
+        if new.users_file:
+            log.info("users file reloaded: %d users", len(users))
+        pc = new.proxy
+        if "log_level" in plan.proxy_changed:
+            logging.getLogger().setLevel(pc.log_level.upper())
+        if audit is not None:
+            self.audit, previous = audit, self.audit
+            previous.close()
+        throttle = self.throttle
+        throttle.base_delay, throttle.max_delay = pc.auth_failure_delay, pc.auth_failure_max_delay
+        throttle.block_after, throttle.block_seconds = pc.auth_failure_block_after, pc.auth_failure_block_seconds
+
+        for name in plan.clusters_added:
+            cluster = new.clusters[name]
+            self.pin_policies[name] = PinPolicy(cluster.pinning, name)
+            self.statement_counts[name] = StatementCounts()
+            if Registry.wanted(cluster):
+                self._registry().add_cluster(cluster)
+        for name in plan.clusters_changed:
+            self._cluster_changed(old.clusters[name], new.clusters[name])
+
+        by_name = {rt.config.name: rt for rt in self.listeners}
+        for lc in new.listeners:
+            cluster = new.clusters[lc.cluster]
+            rt = by_name.get(lc.name)
+            if rt is None:
+                rt = ListenerRuntime(lc, cluster, self.engines[cluster.engine], self.pin_policies[lc.cluster])
+                rt.tls_context = tls[lc.name]
+                rt.cancel_callback = self._cancel_callback(rt.engine)
+                self.listeners.append(rt)
+                self._start_listener(rt, bound[lc.name])
+                continue
+            if rt.config == lc:
+                lc = rt.config       # the same settings: keep the running object (its token verifier, reloaded below)
+                if hasattr(lc.token_verifier, "reload"):
+                    lc.token_verifier.reload()
+            rt.reconfigure(lc, cluster, self.pin_policies[lc.cluster], tls[lc.name])
+            if lc.name in plan.listeners_moved:
+                rt.acceptor.close()
+                self._start_listener(rt, bound[lc.name])
+        for name in plan.listeners_removed:
+            rt = by_name[name]
+            self.listeners.remove(rt)
+            gevent.spawn(self._drain_listener, rt)
+        # The running listener objects (an unchanged listener keeps its own, with the token verifier in use).
+        running = {rt.config.name: rt.config for rt in self.listeners}
+        self.config = dataclasses.replace(new, listeners=tuple(running[lc.name] for lc in new.listeners))
+
+        for name in plan.clusters_removed:
+            cluster = old.clusters[name]
+            if self.registry is not None:
+                self.registry.remove_cluster(name)
+            for key, pool in list(self.pools.items()):
+                if key[0] == name:
+                    pool.close_all()           # idle ones close now; borrowed ones (removed listeners) on release
+                    del self.pools[key]
+            self.pin_policies.pop(name, None)
+            for cache_key in [k for k in self.secrets if k[0] == name]:
+                del self.secrets[cache_key]
+        return []
+
+    def _registry(self) -> Registry:
+        if self.registry is None:
+            self.registry = Registry(self, {}, self.engines)
+        return self.registry
+
+    def _cluster_changed(self, old: ClusterConfig, cluster: ClusterConfig) -> None:
+        """A cluster's settings changed: its pools, pin policy, password cache and registry state follow."""
+        name = cluster.name
+        self.pin_policies[name].actions = dict(cluster.pinning)
+        if old.credentials != cluster.credentials:
+            for cache_key in [k for k in self.secrets if k[0] == name]:
+                del self.secrets[cache_key]      # the next backend login reads the new source
+        was, now = Registry.wanted(old), Registry.wanted(cluster)
+        if now:
+            registry = self._registry()
+            if was:
+                registry.reconfigure(cluster)
+            else:
+                registry.add_cluster(cluster)
+        elif was:
+            self.registry.remove_cluster(name)
+        hosts_moved = (not now and old.hosts != cluster.hosts) or (was and not now)
+        for key, pool in list(self.pools.items()):
+            if key[0] != name:
+                continue
+            pool.reconfigure(cluster)
+            pool.eligible = self.registry.eligible(name, pool.role) if now else None
+            if hosts_moved:
+                pool.reconnect()   # connections to the old host: idle ones close now, borrowed ones on release
+
+    def _start_listener(self, rt: ListenerRuntime, sock) -> None:
+        rt.acceptor = Acceptor(sock, self._handler(rt))
+        rt.acceptor.start()
+        host, port = rt.config.listen
+        log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
+                 rt.cluster.name, rt.config.role)
+
+    def _drain_listener(self, rt: ListenerRuntime) -> None:
+        """A reload removed this listener: it stops accepting now; each of its clients is closed, with the reason
+        in its protocol, once it is between transactions (or at proxy.shutdown_timeout)."""
+        if rt.acceptor is not None:
+            rt.acceptor.close()
+        name = rt.config.name
+        message = (f"listener {name!r} was removed from multiproxy's configuration; reconnect to another "
+                   "listener")
+        deadline = time.monotonic() + self.config.proxy.shutdown_timeout
+        while True:
+            mine = [s for s in list(self.sessions) if s.runtime is rt]
+            if not mine:
+                break
+            late = time.monotonic() >= deadline
+            for session in mine:
+                if late or session.backend is None:
+                    self.sessions.discard(session)
+                    session._send_quietly(session.engine.render_error(ErrorKind.SHUTTING_DOWN, message))
+                    try:
+                        session.sock.close()
+                    except OSError:
+                        pass
+            if late:
+                break
+            gevent.sleep(0.05)
+        log.info("listener %s: removed; its clients have left", name)
 
     def request_shutdown(self) -> None:
         """A graceful stop, as SIGTERM: the process drains its clients (proxy.shutdown_timeout) and exits."""
@@ -487,7 +662,7 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
 
 
 def run_forever(config: Config, engines: dict) -> int:
-    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the users file and the token keys."""
+    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload)."""
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None)
@@ -507,7 +682,7 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
 
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
-    gevent.signal_handler(signal.SIGHUP, proxy.reload)
+    gevent.signal_handler(signal.SIGHUP, proxy.reload, False)    # each worker reloads on its own signal
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
     done.wait()
     proxy.stop()
@@ -521,6 +696,8 @@ def _run_workers(config: Config, engines: dict, workers: int) -> int:
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:
+            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             gevent.reinit()
             sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
             code = 1

@@ -85,16 +85,14 @@ class Registry:
 
     def __init__(self, proxy, clusters: dict[str, ClusterConfig], engines: dict):
         self.proxy = proxy
+        self.engines = engines
         self.clusters: dict[str, ClusterState] = {}
         for name, config in clusters.items():
-            dns_client = None
-            if config.endpoints:
-                ns_host, ns_port = config.dns.nameserver or ("", 53)
-                dns_client = DnsClient(ns_host, ns_port, config.dns.timeout)
-            self.clusters[name] = ClusterState(config, engines[config.engine], dns_client)
+            self.clusters[name] = ClusterState(config, engines[config.engine], _dns_client(config))
         self.events: collections.deque = collections.deque(maxlen=200)
         self.writer_changes_total = collections.Counter()
-        self._loops: list = []
+        self._loops: dict[str, object] = {}
+        self.started = False
 
     @staticmethod
     def wanted(config: ClusterConfig) -> bool:
@@ -102,12 +100,71 @@ class Registry:
         return bool(config.endpoints) or len(config.hosts) > 1
 
     def start(self) -> None:
-        for state in self.clusters.values():
-            self._loops.append(gevent.spawn(self._cluster_loop, state))
+        self.started = True
+        for name, state in self.clusters.items():
+            self._loops[name] = gevent.spawn(self._cluster_loop, state)
 
     def stop(self) -> None:
-        for loop in self._loops:
+        for loop in self._loops.values():
             loop.kill(block=False)
+
+    # ------------------------------------------------------------------ reload (multiproxy.reload)
+
+    def add_cluster(self, config: ClusterConfig) -> None:
+        """A reload added a cluster that follows roles (or gave one a second host or endpoints): follow it."""
+        state = self.clusters[config.name] = ClusterState(config, self.engines[config.engine], _dns_client(config))
+        if self.started:
+            self._loops[config.name] = gevent.spawn(self._cluster_loop, state)
+        else:
+            self.start()
+
+    def remove_cluster(self, name: str) -> None:
+        """A reload removed the cluster (or left it one static host): stop following it."""
+        self.clusters.pop(name, None)
+        loop = self._loops.pop(name, None)
+        if loop is not None:
+            loop.kill(block=False)
+
+    def reconfigure(self, config: ClusterConfig) -> None:
+        """A reload changed a followed cluster: new hosts are probed now, removed ones leave (their idle pooled
+        connections close, borrowed ones at the end of their transaction, through the eligible sets; the writer too,
+        without a failover's drain); a changed endpoint name is looked up now (nodes it named before stay, as after a
+        DNS change, until they stop answering in their role); health and DNS settings apply from the next tick."""
+        state = self.clusters[config.name]
+        old = state.config
+        state.config = config
+        state.health = config.health
+        wanted = set(config.hosts)
+        for address in config.hosts:
+            state.node(address).sources.add("hosts")
+        for node in state.nodes.values():
+            if node.address not in wanted:
+                node.sources.discard("hosts")
+        if config.endpoints != old.endpoints or config.dns != old.dns:
+            dns_client = _dns_client(config)
+            for kind in list(state.watches):
+                if kind not in config.endpoints:
+                    del state.watches[kind]
+                    for node in state.nodes.values():
+                        node.sources.discard(f"{kind}-endpoint")
+            for kind, (name, port) in config.endpoints.items():
+                watch = EndpointWatch(name, dns_client, config.dns.ttl_floor, config.dns.ttl_ceiling)
+                watch.port = port
+                state.watches[kind] = watch
+        for address in [a for a, node in state.nodes.items() if not node.sources]:
+            del state.nodes[address]
+            self.events.append({"time": time.time(), "cluster": config.name, "event": "reload",
+                                "node": _fmt(address), "result": "removed from the configuration"})
+        if state.writer is not None and state.writer not in state.nodes:
+            # Not a failover: transactions on the removed writer finish there (its connections retire at their
+            # release, through the eligible sets), and new ones wait for the next writer the probes find.
+            self._set_writer(state, None, "the writer was removed from the configuration", drain=False)
+        now = time.monotonic()
+        for node in state.nodes.values():
+            if not node.last_probe:
+                node.next_probe = now
+        self._decide(state)
+        state.wakeup.set()
 
     # ------------------------------------------------------------------ what pools ask
 
@@ -309,8 +366,9 @@ class Registry:
             current.clear()
             current.update(wanted)
             if gone:
-                reasons = {address: "it is no longer the cluster's writer" if role == "writer" else
-                           self.skipped_reason(state, state.node(address)) or "it left the reader role"
+                reasons = {address: "it was removed from the configuration" if address not in state.nodes else
+                           "it is no longer the cluster's writer" if role == "writer" else
+                           self.skipped_reason(state, state.nodes[address]) or "it left the reader role"
                            for address in gone}
                 self.events.append({"time": time.time(), "cluster": state.config.name, "event": "retired",
                                     "role": role, "nodes": {_fmt(a): r for a, r in reasons.items()}})
@@ -358,7 +416,7 @@ class Registry:
             reason = "probe" if new else "no healthy node answers as writer"
             self._set_writer(state, new, reason)
 
-    def _set_writer(self, state: ClusterState, new, reason: str) -> None:
+    def _set_writer(self, state: ClusterState, new, reason: str, drain: bool = True) -> None:
         old = state.writer
         now = time.monotonic()
         state.writer = new
@@ -384,7 +442,7 @@ class Registry:
             log.warning("cluster %s: writer is now %s (was %s)%s", state.config.name, _fmt(new), _fmt(old),
                         f", {event['outage_seconds']} s without a writer" if "outage_seconds" in event else "")
         self.events.append(event)
-        if old is not None and old != new:
+        if old is not None and old != new and drain:
             self.proxy.writer_changed(state.config, old, new)
 
     # ------------------------------------------------------------------ reporting
@@ -446,6 +504,13 @@ class Registry:
                 lookups.add_metric([name, w.name, "ok"], w.lookups - w.failures)
                 lookups.add_metric([name, w.name, "failed"], w.failures)
         yield from (node, lag, lag_bytes, serving, writer, changes, probes, lookups, checks)
+
+
+def _dns_client(config: ClusterConfig) -> DnsClient | None:
+    if not config.endpoints:
+        return None
+    ns_host, ns_port = config.dns.nameserver or ("", 53)
+    return DnsClient(ns_host, ns_port, config.dns.timeout)
 
 
 def _serves_reads(node: NodeState, state: ClusterState) -> bool:
