@@ -1,0 +1,2 @@
+import os
+__path__ = ["/work/wt-mysql/engines"]
