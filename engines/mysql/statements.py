@@ -154,7 +154,7 @@ class Statements:
             self.fifo.append(Pending(R_SINGLE))
             entry = self.server_state.prepared.get(statement.key) if self.linked else None
             if entry is not None and entry.id is not None:
-                return _with_id(payload, entry.id)
+                return p.packet(0, _with_id(payload, entry.id))
             return p.packet(0, bytes((p.COM_PING,)))      # nothing to reset there: an OK in its place
         # COM_STMT_FETCH: rows of the cursor opened on this (pinned) backend
         if not self.linked:

@@ -275,3 +275,15 @@ def test_fuzzed_statement_commands_never_break_the_relay():
         assert not client.unresolved and (not client.mark or client.mark not in sent)
         # whatever went, the FIFO awaits one answer per answered command sent (the proxy's own included)
         assert all(entry.kind is not None for entry in client.fifo)
+
+
+def test_reset_while_linked_goes_to_the_backend_with_its_id():
+    client, state = prepared_client()
+    client.link(state, b"")
+    assert client.client_data(p.packet(0, b"\x1a" + p.UINT32.pack(1))) == (p.packet(0, b"\x1a" + p.UINT32.pack(77)), b"")
+    assert client.backend_data(ok())[0] == ok()
+    # a backend without it answers a COM_PING in its place
+    client.unlink()
+    client.link(server_state(), b"")
+    assert client.client_data(p.packet(0, b"\x1a" + p.UINT32.pack(1))) == (p.packet(0, b"\x0e"), b"")
+    assert client.backend_data(ok())[0] == ok()
