@@ -176,7 +176,10 @@ def sysbench(test: str, proxy, mariadb) -> None:
     out = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr + proxy.log_tail()
     assert int(re.search(r"transactions:\s+(\d+)", out.stdout).group(1)) > 50, out.stdout
-    assert int(re.search(r"ignored errors:\s+(\d+)", out.stdout).group(1)) == 0, out.stdout
+    # Any error but the deadlocks and lock waits sysbench ignores by default (1213, 1205, 1020: oltp_read_write has
+    # them directly too, more of them) ends the run with a failure; a read-only test has none at all.
+    ignored = int(re.search(r"ignored errors:\s+(\d+)", out.stdout).group(1))
+    assert ignored == 0 or test != "oltp_point_select", out.stdout
     assert int(re.search(r"reconnects:\s+(\d+)", out.stdout).group(1)) == 0, out.stdout
 
 
@@ -197,21 +200,18 @@ def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table):
                         backend={"reset_after_transaction": "yes"})
     conn = direct(mariadb)
     query(conn, f"INSERT INTO {table} (id, worker, v) VALUES (1, 1, 10)")
-    client = mysql.connector.connect(**connector_settings(proxy, use_pure=True))
+    client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
     try:
         cur = client.cursor(prepared=True)
         statement = f"SELECT * FROM {table} WHERE id = ?"
         cur.execute(statement, (1,))
         assert cur.fetchall() == [(1, 1, 10, None, None)]
         query(conn, f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5")
-        try:
+        # prepared again on its reset backend, the statement now has 6 columns where the client was told 5
+        with pytest.raises(mysql.connector.Error) as refused:
             cur.execute(statement, (1,))
-            got = cur.fetchall()
-        except mysql.connector.Error as exc:
-            assert exc.errno == 1615, exc          # prepare it again
-            got = None
-        if got is not None:
-            assert got == [(1, 1, 10, None, None, 5)]
+            cur.fetchall()
+        assert refused.value.errno == 1615 and "prepare it again" in refused.value.msg, refused.value
         cur.close()
         again = client.cursor(prepared=True)
         again.execute(statement, (1,))
