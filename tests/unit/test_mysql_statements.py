@@ -51,8 +51,11 @@ def execute(statement_id: int, values: list, types: bytes | None = LONG_TYPE, fl
     return p.packet(0, execute_payload(statement_id, values, types, flags))
 
 
-def binary_rows(value: int = 7) -> bytes:
+def binary_rows(value: int = 7, deprecate: bool = False) -> bytes:
     # one column, one binary row
+    if deprecate:
+        return (p.packet(1, b"\x01") + column(2) + p.packet(3, b"\x00\x00" + p.UINT32.pack(value))
+                + p.packet(4, p.ok_payload(p.SERVER_STATUS_AUTOCOMMIT, header_byte=0xFE)))
     return (p.packet(1, b"\x01") + column(2) + eof(3) + p.packet(4, b"\x00\x00" + p.UINT32.pack(value)) + eof(5))
 
 
@@ -63,9 +66,10 @@ def prepared_client(backend_id: int = 77, state=None, **kwargs):
     forward, local = client.client_data(prepare())
     assert local == b""
     assert client.link(state, forward) == prepare()
-    out, release = client.backend_data(prepare_ok(backend_id))
+    deprecate = kwargs.get("deprecate_eof", False)
+    out, release = client.backend_data(prepare_ok(backend_id, deprecate=deprecate))
     assert release is True
-    assert out == prepare_ok(1)              # the proxy's id in place of the server's
+    assert out == prepare_ok(1, deprecate=deprecate)        # the proxy's id in place of the server's
     client.unlink()
     return client, state
 
@@ -98,30 +102,35 @@ def test_execute_on_the_same_backend_is_rewritten_to_its_id_and_counts_a_hit():
 
 
 def test_execute_on_another_backend_prepares_first_and_the_prepare_answer_is_swallowed():
-    client, _ = prepared_client()
-    other = server_state()
-    for deprecate in (False,):
-        forward, _ = client.client_data(execute(1, [5], types=None))    # types were bound on the first backend
-        client.statements[1].types = LONG_TYPE
-        sent = client.link(other, forward)
-        assert sent == prepare() + execute(LAST_STATEMENT, [5], types=LONG_TYPE)   # new-params-bound set again
-        answer = prepare_ok(31) + binary_rows()
+    for deprecate in (False, True):
+        answer = prepare_ok(31, deprecate=deprecate) + binary_rows(deprecate=deprecate)
         for parts in chunkings(answer):
-            fresh_out = []
-            probe, _ = prepared_client()
-            probe.statements[1].types = LONG_TYPE
+            client, _ = prepared_client(deprecate_eof=deprecate)
+            client.statements[1].types = LONG_TYPE      # bound on the first backend; this one never saw them
             state = server_state()
-            probe.link(state, probe.client_data(execute(1, [5], types=None))[0])
+            sent = client.link(state, client.client_data(execute(1, [5], types=None))[0])
+            assert sent == prepare() + execute(LAST_STATEMENT, [5], types=LONG_TYPE)   # new-params-bound set again
+            out = []
             for part in parts:
-                out, release = probe.backend_data(part)
-                fresh_out.append(out)
-            assert b"".join(fresh_out) == binary_rows() and release is True
+                data, release = client.backend_data(part)
+                out.append(data)
+            assert b"".join(out) == binary_rows(deprecate=deprecate) and release is True and not client.fifo
             assert state.prepared[(SQL, "app")].id == 31 and state.prepared[(SQL, "app")].types == LONG_TYPE
-    assert client.ctx.statement_counts.misses == 1
-    # then the real id
-    client.backend_data(answer)
-    client.link(other, b"")
-    assert client.client_data(execute(1, [8], types=None)) == (execute(31, [8], types=None), b"")
+            assert client.ctx.statement_counts.misses == 1 and client.ctx.statement_counts.hits == 0
+            # then the server's id, and the types it has seen
+            client.link(state, b"")
+            assert client.client_data(execute(1, [8], types=None)) == (execute(31, [8], types=None), b"")
+
+
+def test_a_statement_prepared_in_another_schema_is_prepared_there():
+    client, _ = prepared_client()
+    client.schema = "other"
+    state = server_state()
+    state.schema = "other"
+    sent = client.link(state, client.client_data(execute(1, [5]))[0])
+    assert sent == (p.packet(0, b"\x02app") + prepare() + p.packet(0, b"\x02other") + execute(LAST_STATEMENT, [5]))
+    out, release = client.backend_data(ok() + prepare_ok(8) + ok() + binary_rows())
+    assert out == binary_rows() and release is True and state.prepared[(SQL, "app")].id == 8
 
 
 def test_a_second_execute_in_the_same_pipeline_uses_the_statement_prepared_last():
