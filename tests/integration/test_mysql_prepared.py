@@ -243,3 +243,23 @@ def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_fact
         cur.close()
     finally:
         client.close()
+
+
+@pytest.mark.timeout(120)
+def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table):
+    # Every borrow resets its backend: the held long data follows a pipelined re-prepare (statement 0xFFFFFFFF).
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+                        backend={"reset_after_transaction": "yes"})
+    blob = bytes(range(251)) * 100          # 25 KB, sent by the driver with COM_STMT_SEND_LONG_DATA
+    client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
+    try:
+        cur = client.cursor(prepared=True)
+        for i in range(3):
+            cur.execute(f"INSERT INTO {table} (id, worker, v, data) VALUES (?, ?, ?, ?)", (i, 0, i, io.BytesIO(blob)))
+        cur.execute(f"SELECT id, LENGTH(data), MD5(data) = MD5(?) FROM {table} ORDER BY id", (blob,))
+        assert cur.fetchall() == [(i, len(blob), 1) for i in range(3)]
+        cur.close()
+    finally:
+        client.close()
+    text = metrics_text(proxy)
+    assert metric(text, STATEMENTS, outcome="miss") >= 4 and metric(text, STATEMENTS, outcome="hit") == 0, text
