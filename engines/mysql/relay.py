@@ -2,7 +2,8 @@
 
 `client_data` walks the client's packets (headers only, plus the command byte and what policy needs, handed to
 `_command` in commands.py); `backend_data` walks the backend's, following each answer through the result-set
-states S_* to its end, against the FIFO of `Pending` commands. At a transaction boundary with nothing
+states S_* to its end, against the FIFO of `Pending` commands (a client's PREPARE_OK gets the proxy's statement id
+and the answers to the proxy's own re-prepares are swallowed: statements.py). At a transaction boundary with nothing
 outstanding the backend may be released. Also here: LOCAL INFILE streaming, 16 MiB continuations, the hold of a
 read-only refusal (`retry_candidate`, `retry_request`, `retry_declined`, `retry_accepted`), and what a lost or
 missing backend means for the client.

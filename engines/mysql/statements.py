@@ -22,7 +22,7 @@ oldest is closed (COM_STMT_CLOSE sent ahead of the next command, which has no an
   execute; RESET and CLOSE drop it. COM_STMT_CLOSE only forgets the client's id (the backend statement stays
   cached for anyone preparing the same text). COM_STMT_RESET is answered by the proxy while no backend is linked.
 - An execute that opens a server-side cursor (flags != 0) pins the session from that execute on (the cursor
-  lives on that backend, and COM_STMT_FETCH reads it); closing the statement releases that pin.
+  lives on that backend, and COM_STMT_FETCH reads it); resetting or closing the statement releases that pin.
 - A backend reset (COM_RESET_CONNECTION, COM_CHANGE_USER, reset_after_transaction) empties its cache
   (session_state.py); a client's own reset also forgets its ids. Ids the client never got answer ERR 1243.
 
@@ -147,6 +147,10 @@ class Statements:
             return b""
         if command == p.COM_STMT_RESET:
             statement.long_data, statement.long_size = [], 0
+            if statement.cursor:
+                # the reset closes the cursor on the (pinned) backend: nothing ties the session there any more
+                statement.cursor = False
+                self._released(PinReason.PREPARED_STATEMENT, ("cursor", statement_id))
             if can_answer and not self.linked:
                 local.append(self._ok())
                 self._answered_locally = True

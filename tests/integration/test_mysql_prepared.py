@@ -240,7 +240,12 @@ def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_fact
         text = metrics_text(proxy)
         assert metric(text, DETECTED, reason="prepared_statement") == 1, text
         assert metric(text, PINNED) == 1, text
-        cur.close()
+        cur.close()         # COM_STMT_CLOSE: the cursor is closed on its backend (COM_STMT_RESET) and the pin released
+        plain = client.cursor()
+        plain.execute(f"SELECT COUNT(*) FROM {table} WHERE worker = ?", (0,))
+        assert plain.fetchall() == [(50,)]
+        plain.close()
+        assert metric(metrics_text(proxy), PINNED) == 0
     finally:
         client.close()
 

@@ -296,3 +296,15 @@ def test_reset_while_linked_goes_to_the_backend_with_its_id():
     client.link(server_state(), b"")
     assert client.client_data(p.packet(0, b"\x1a" + p.UINT32.pack(1))) == (p.packet(0, b"\x0e"), b"")
     assert client.backend_data(ok())[0] == ok()
+
+
+def test_a_reset_of_the_cursor_statement_unpins():
+    client, state = prepared_client()
+    client.link(state, client.client_data(execute(1, [1], flags=1))[0])
+    client.backend_data(p.packet(1, b"\x01") + column(2) + eof(3, AC_CURSOR))
+    assert client.pinned
+    assert client.client_data(p.packet(0, b"\x1a" + p.UINT32.pack(1)))[0] == p.packet(0, b"\x1a" + p.UINT32.pack(77))
+    assert client.backend_data(ok()) == (ok(), True) and not client.pinned
+
+
+AC_CURSOR = p.SERVER_STATUS_AUTOCOMMIT | p.SERVER_STATUS_CURSOR_EXISTS
