@@ -1,2 +1,0 @@
-import os
-__path__ = ["/work/wt-mysql/engines"]
