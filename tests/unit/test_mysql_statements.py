@@ -10,7 +10,7 @@ from multiproxy.engine import PinReason, ProtocolError
 from multiproxy_engines.mysql import protocol as p
 from multiproxy_engines.mysql.statements import LAST_STATEMENT
 
-from .test_mysql_relay import chunkings, column, eof, logged_in, ok, resultset, server_state
+from .test_mysql_relay import chunkings, column, eof, logged_in, ok, server_state
 
 SQL = b"SELECT a FROM t WHERE b = ?"
 LONG_TYPE = b"\x03\x00"         # MYSQL_TYPE_LONG, signed
