@@ -308,3 +308,87 @@ def test_a_reset_of_the_cursor_statement_unpins():
 
 
 AC_CURSOR = p.SERVER_STATUS_AUTOCOMMIT | p.SERVER_STATUS_CURSOR_EXISTS
+
+
+class FakeMariaDB:
+    """Just enough of a MariaDB connection for statement commands: ids per connection, 0xFFFFFFFF = the last
+    prepared, COM_STMT_CLOSE without an answer; executing `SELECT n` returns one row holding n."""
+
+    def __init__(self):
+        self.state = server_state()
+        self.statements: dict[int, bytes] = {}
+        self.next_id = 0
+        self.last_id = None
+
+    def answer(self, sent: bytes) -> bytes:
+        out, pos = [], 0
+        while pos < len(sent):
+            length, _ = p.header(sent, pos)
+            payload = sent[pos + 4:pos + 4 + length]
+            pos += 4 + length
+            command = payload[0]
+            if command == 0x16:
+                self.next_id += 1
+                self.statements[self.next_id] = payload[1:]
+                self.last_id = self.next_id
+                out.append(prepare_ok(self.next_id, params=0, columns=1))
+            elif command == 0x17:
+                sid = p.UINT32.unpack_from(payload, 1)[0]
+                sid = self.last_id if sid == LAST_STATEMENT else sid
+                if sid not in self.statements:
+                    out.append(p.packet(1, p.err_payload(1243, "HY000", "Unknown prepared statement handler")))
+                else:
+                    out.append(binary_rows(int(self.statements[sid].split()[1])))
+            elif command == 0x19:
+                self.statements.pop(p.UINT32.unpack_from(payload, 1)[0], None)
+            elif command in (0x1A, 0x0E, 0x02):
+                out.append(ok())
+            else:
+                raise AssertionError(f"unexpected command 0x{command:02x}")
+        return b"".join(out)
+
+
+def test_many_clients_over_few_backends_always_run_the_statement_they_prepared():
+    rng = random.Random(1405)
+    backends = [FakeMariaDB() for _ in range(3)]
+    clients = [logged_in() for _ in range(5)]
+    for client in clients:
+        client.ctx.max_prepared_statements = 3
+    known = [dict() for _ in clients]          # proxy id -> n, per client
+    for _ in range(2000):
+        c = rng.randrange(len(clients))
+        client, ids = clients[c], known[c]
+        op = rng.random()
+        if op < 0.25 or not ids:
+            n = rng.randrange(8)
+            request, expect = prepare(b"SELECT %d" % n), ("prepare", n)
+        elif op < 0.35:
+            victim = rng.choice(list(ids))
+            assert client.client_data(p.packet(0, b"\x19" + p.UINT32.pack(victim))) == (b"", b"")
+            del ids[victim]
+            continue
+        else:
+            # one execute, or two pipelined in one write
+            pids = [rng.choice(list(ids)) for _ in range(rng.choice((1, 1, 2)))]
+            request = b"".join(execute(pid, []) for pid in pids)
+            expect = ("rows", b"".join(binary_rows(ids[pid]) for pid in pids))
+        forward, local = client.client_data(request)
+        assert local == b"" and forward
+        backend = rng.choice(backends)
+        sent = client.link(backend.state, forward)
+        out, release = client.backend_data(backend.answer(sent))
+        assert release is True and not client.fifo
+        client.unlink()
+        if expect[0] == "prepare":
+            assert out[4] == 0 and len(out) == len(prepare_ok(1, params=0, columns=1))
+            proxy_id = p.UINT32.unpack_from(out, 5)[0]
+            assert proxy_id not in ids
+            ids[proxy_id] = expect[1]
+        else:
+            assert out == expect[1], out
+        for fake in backends:
+            # nothing leaks on a server: each statement is cached (at most 3) or on its way to being closed
+            cached = {entry.id for entry in fake.state.prepared.values()}
+            assert len(cached) <= 3 and set(fake.statements) <= cached | set(fake.state.stale_statements)
+    counts = clients[0].ctx.statement_counts
+    assert counts.hits and counts.misses and counts.evictions
