@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from multiproxy.engine import BackendError, BackendScript, BackendTarget
@@ -37,8 +38,9 @@ class MySQLServerState:
     variables: dict = field(default_factory=dict)   # tracked settings in effect beyond the login's defaults
     multi_statements: bool = False
     mariadb: bool = False
-    prepared: dict = field(default_factory=dict)    # SQL text -> (backend statement id, params, columns)
-    types: dict = field(default_factory=dict)       # backend statement id -> parameter types last bound
+    # (SQL text, schema) -> statements.BackendStatement, least recently used first (statements.py)
+    prepared: OrderedDict = field(default_factory=OrderedDict)
+    last_key: tuple | None = None                   # the statement prepared last (MariaDB's id 0xFFFFFFFF)
     stale_statements: list = field(default_factory=list)   # ids to COM_STMT_CLOSE with the next request
 
     @property

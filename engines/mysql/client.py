@@ -6,7 +6,7 @@
 - relay.py: `Relay`, the packet walks of `client_data` and `backend_data`, the FIFO of awaited answers, release,
   retries of read-only refusals, lost backends;
 - commands.py: `Commands`, what each client command means (forward, answer locally, rewrite, refuse);
-- statements.py: `Statements`, COM_STMT_* (prepared statements pin);
+- statements.py: `Statements`, COM_STMT_*: the client's statement ids mapped onto each backend's statement cache;
 - session_state.py: `SessionState`, tracked settings, schema, multi-statements, the replay in `link()`, resets;
 - pinning.py: `PinTracking`, the session's pins (next to the SQL classifier).
 
@@ -52,6 +52,7 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
         self._init_relay(ctx)
         self._init_session_state()
         self._init_pins()
+        self._init_statements()
 
     # ------------------------------------------------------------------ handshake
 

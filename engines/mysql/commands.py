@@ -92,7 +92,7 @@ class Commands:
             self.fifo.append(Pending(R_SINGLE, action=lambda ok, name=name: self._schema_changed(ok, name)))
             return None
         if command in STATEMENT_COMMANDS:
-            return self._statement(command, local, can_answer)
+            return self._statement(command, data, pos, end, length, local, can_answer)
         if command == p.COM_PROCESS_KILL:
             if length >= 5:
                 self._kill(int.from_bytes(data[pos + 5:pos + 9], "little"), True)

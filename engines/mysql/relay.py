@@ -2,7 +2,8 @@
 
 `client_data` walks the client's packets (headers only, plus the command byte and what policy needs, handed to
 `_command` in commands.py); `backend_data` walks the backend's, following each answer through the result-set
-states S_* to its end, against the FIFO of `Pending` commands. At a transaction boundary with nothing
+states S_* to its end, against the FIFO of `Pending` commands (a client's PREPARE_OK gets the proxy's statement id
+and the answers to the proxy's own re-prepares are swallowed: statements.py). At a transaction boundary with nothing
 outstanding the backend may be released. Also here: LOCAL INFILE streaming, 16 MiB continuations, the hold of a
 read-only refusal (`retry_candidate`, `retry_request`, `retry_declined`, `retry_accepted`), and what a lost or
 missing backend means for the client.
@@ -31,6 +32,7 @@ R_ROWS = 4           # rows up to EOF (COM_STMT_FETCH), or ERR
 S_START, S_COLUMNS, S_COLUMNS_EOF, S_ROWS, S_PARAMS, S_PARAMS_EOF, S_PREP_COLUMNS, S_PREP_COLUMNS_EOF = range(8)
 # the result set of an internal query (a read-back): every packet is seen whole and swallowed, off the rows path
 S_I_COLUMNS, S_I_COLUMNS_EOF, S_I_ROWS = range(8, 11)
+S_I_PREP = 11        # the definitions after an internal PREPARE_OK (a re-prepare), swallowed: rcount packets left
 
 # the response kind of each command the relay forwards
 RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_INIT_DB: R_SINGLE,
@@ -44,7 +46,7 @@ RESPONSE_KIND = {p.COM_QUERY: R_GENERIC, p.COM_STMT_EXECUTE: R_GENERIC, p.COM_IN
 class Pending:
     """One outstanding command: how its answer looks, whether the proxy sent it, what to record on success."""
 
-    __slots__ = ("kind", "internal", "action", "failed", "answers_on_error")
+    __slots__ = ("kind", "internal", "action", "failed", "answers_on_error", "statement")
 
     def __init__(self, kind: int, internal: bool = False, action=None, answers_on_error: bool = False):
         self.kind = kind
@@ -54,10 +56,18 @@ class Pending:
         # An internal command sent in front of the client's next one (a BEGIN the proxy answered): its ERR is
         # the client's answer, and the answer to the client's command is swallowed instead.
         self.answers_on_error = answers_on_error
+        # COM_STMT_PREPARE: the (text, schema) key; a prepare the proxy sent: what statements.py needs of its
+        # answer; an internal command answered by the proxy: the ERR packet the client gets instead.
+        self.statement = None
 
 
 PLAIN_QUERY = Pending(R_GENERIC)      # shared: a query with nothing to record (the hot path allocates nothing)
 
+
+# commands seen whole by _command: their text or ids matter (statement commands are rewritten)
+_NEED_WHOLE = frozenset((p.COM_INIT_DB, p.COM_PROCESS_KILL, p.COM_SET_OPTION, p.COM_CHANGE_USER, p.COM_STMT_PREPARE,
+                         p.COM_STMT_EXECUTE, p.COM_STMT_SEND_LONG_DATA, p.COM_STMT_CLOSE, p.COM_STMT_RESET,
+                         p.COM_STMT_FETCH))
 
 _READ_ONLY_ERRORS = frozenset((
     1792,   # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION (the server's own transaction_read_only)
@@ -164,8 +174,7 @@ class Relay:
                 self.cbuf = data[pos:]
                 break
             command = data[pos + 4]
-            need_whole = command == p.COM_QUERY or command in (
-                p.COM_INIT_DB, p.COM_PROCESS_KILL, p.COM_SET_OPTION, p.COM_CHANGE_USER)
+            need_whole = command == p.COM_QUERY or command in _NEED_WHOLE
             if need_whole and end > n and length < p.MAX_PAYLOAD:
                 self.cbuf = data[pos:]
                 break
@@ -325,12 +334,25 @@ class Relay:
                     parts = []
                 parts.append(data[keep_from:pos])
                 keep_from = end
-                if head == p.ERR_HEADER and state == S_START and pending.answers_on_error and len(fifo) > 1:
+                if state == S_START and pending.statement is not None:
+                    # A re-prepare in front of an execute, or a command the proxy answers in the server's place.
+                    parts.append(self._internal_answer(pending, head, payload))
+                elif head == p.ERR_HEADER and state == S_START and pending.answers_on_error and len(fifo) > 1:
                     # The BEGIN the proxy answered failed: its error answers the client's command behind it,
                     # whose own answer the client no longer expects.
                     parts.append(p.packet(1, payload))
                     behind = fifo[1]
                     fifo[1] = Pending(behind.kind, True, behind.action)
+            elif state == S_START and pending.kind == R_PREPARE:
+                # The client's PREPARE_OK: the proxy's statement id in place of the server's.
+                if head == p.OK_HEADER and len(payload) >= 9:
+                    if parts is None:
+                        parts = []
+                    parts.append(data[keep_from:pos + 4])
+                    keep_from = end
+                    parts.append(self._prepared(pending, payload))
+                elif self.server_state is not None:
+                    self.server_state.last_key = None       # a failed prepare: 0xFFFFFFFF names nothing
             self._answer_packet(pending, state, head, payload)
             pos = end
         forward_end = n - len(self.sbuf)
@@ -382,6 +404,15 @@ class Relay:
                 return
             columns = p.UINT16.unpack_from(payload, 5)[0]
             params = p.UINT16.unpack_from(payload, 7)[0]
+            if pending.internal:
+                # a re-prepare: its definitions are swallowed
+                count = params + columns + (0 if self.deprecate_eof else (params > 0) + (columns > 0))
+                if count:
+                    self.rcount = count
+                    self.rstate = S_I_PREP
+                else:
+                    self._finish(pending, True)
+                return
             self.rcount2 = columns
             if params:
                 self.rcount = params
@@ -417,7 +448,11 @@ class Relay:
 
     def _internal_result(self, pending: Pending, state: int, head: int, payload: bytes) -> None:
         """A packet of an internal query's result set: rows kept in `captured` for the pending's action."""
-        if state == S_I_COLUMNS:
+        if state == S_I_PREP:
+            self.rcount -= 1
+            if self.rcount <= 0:
+                self._finish(pending, True)
+        elif state == S_I_COLUMNS:
             self.rcount -= 1
             if self.rcount <= 0:
                 self.rstate = S_I_ROWS if self.deprecate_eof else S_I_COLUMNS_EOF
@@ -520,6 +555,7 @@ class Relay:
         count = sum(1 for entry in self.fifo if not entry.internal)
         self.fifo.clear()
         self.deferred_pins = None       # what never reached a backend pins nothing
+        self.unresolved = []
         self.rstate = S_START
         self.hold = 0
         self.infile = False

@@ -72,6 +72,8 @@ class SessionState:
             internal.append(p.packet(0, bytes((p.COM_QUERY,)) + ("SET " + ", ".join(assignments)).encode("utf-8")))
             pendings.append(Pending(R_GENERIC, True,
                                      lambda ok, v=values, st=server_state: self._internal_done(ok, v, st)))
+        if self.unresolved:
+            data = self._resolve(server_state, data)       # statement commands sent while no backend was linked
         if self.deferred_begin is not None:
             internal.append(p.packet(0, bytes((p.COM_QUERY,)) + self.deferred_begin))
             pendings.append(Pending(R_GENERIC, True, answers_on_error=True))
@@ -184,6 +186,7 @@ class SessionState:
         self.hold = 0
         self.deferred_begin = None
         self.status &= ~p.SERVER_STATUS_IN_TRANS
+        self._forget_statements()
         if self.pinned or self.pin_keys or self.deferred_pins:
             self._unpin_all()
 
@@ -266,7 +269,7 @@ class SessionState:
             server.variables = {}
             server.multi_statements = bool(server.capabilities & p.CLIENT_MULTI_STATEMENTS)
             server.prepared.clear()
-            server.types.clear()
+            server.last_key = None
             # MySQL's COM_RESET_CONNECTION sets the character set to the server's default: the login's is restored
             # with SET NAMES. MariaDB's restores the login's itself.
             names = COLLATIONS.get(server.charset)

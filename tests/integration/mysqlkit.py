@@ -30,8 +30,9 @@ def users_toml() -> str:
 
 def mysql_config(mariadb, max_size: int = 5, auth: str = "mysql_native_password", borrow_timeout: float = 10.0,
                  backend_user: str = BACKEND_USER, backend_password: str = BACKEND_PASSWORD, options: dict | None = None,
-                 listener: dict | None = None, proxy: dict | None = None, pool_mode: str = "transaction") -> dict:
-    cluster = {"engine": "mysql", "hosts": [f"127.0.0.1:{mariadb.port}"], "backend": {"tls": "disable"},
+                 listener: dict | None = None, proxy: dict | None = None, pool_mode: str = "transaction",
+                 backend: dict | None = None) -> dict:
+    cluster = {"engine": "mysql", "hosts": [f"127.0.0.1:{mariadb.port}"], "backend": {"tls": "disable", **(backend or {})},
                "pool": {"mode": pool_mode, "max_size": max_size, "borrow_timeout": borrow_timeout},
                "credentials": [{"user": "*", "backend_user": backend_user, "password": backend_password}]}
     if options:

@@ -8,8 +8,8 @@ PyMySQL `SET NAMES utf8mb4`, `SET AUTOCOMMIT = 0` (tracked, replayed); SQLAlchem
 mysql-connector `SET NAMES 'utf8mb4' COLLATE 'utf8mb4_general_ci'`, `SET @@session.autocommit = OFF` and, in
 its pool, COM_RESET_CONNECTION on return (answered by the proxy); MariaDB Connector/Python `SET AUTOCOMMIT=0`
 and, in its pool, COM_RESET_CONNECTION (it runs statements with parameters as binary prepared statements, which
-pin until that reset: the test uses plain statements); sysbench BEGIN ... COMMIT (BEGIN answered by the proxy, sent with the
-first statement).
+the proxy moves between backends: statements.py, test_mysql_prepared.py); sysbench BEGIN ... COMMIT (BEGIN
+answered by the proxy, sent with the first statement).
 """
 from __future__ import annotations
 
@@ -134,10 +134,10 @@ def test_mariadb_connector_plain_and_its_connection_pool(mariadb, proxy_factory,
                 conn = mariadb_connector.connect(**settings)
             try:
                 cur = conn.cursor()
-                # without parameters: with them the connector uses binary prepared statements, which pin
-                cur.execute(f"INSERT INTO {rows_table} VALUES ({w * 100 + i}, {w}, {i})")
+                # with parameters the connector uses binary prepared statements (moved between backends, no pin)
+                cur.execute(f"INSERT INTO {rows_table} VALUES (?, ?, ?)", (w * 100 + i, w, i))
                 conn.commit()
-                cur.execute(f"SELECT v FROM {rows_table} WHERE id = {w * 100 + i}")
+                cur.execute(f"SELECT v FROM {rows_table} WHERE id = ?", (w * 100 + i,))
                 assert cur.fetchall() == [(i,)]
                 cur.close()
             finally:

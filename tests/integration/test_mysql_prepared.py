@@ -1,0 +1,270 @@
+"""Binary prepared statements multiplexed (issue 14): drivers that prepare server-side (mysql-connector
+`cursor(prepared=True)`, MariaDB Connector/Python with parameters, sysbench --db-ps-mode=auto) with more clients
+than backends through a real MariaDB: rows right, zero borrow timeouts, zero pins, the statement cache counted;
+a changed table never yields wrong rows; a server-side cursor pins, with its reason, and works."""
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import threading
+
+import mariadb as mariadb_connector
+import mariadb.constants.CURSOR as MARIADB_CURSOR
+import mysql.connector
+import pytest
+
+from .helpers import run_clients
+from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, direct, metric, metrics_text, query, start_proxy
+
+BORROW_TIMEOUTS = "multiproxy_database_connection_borrow_timeouts_total"
+DETECTED = "multiproxy_pin_reasons_detected_total"
+STATEMENTS = "multiproxy_prepared_statements_total"
+MAX_SIZE = 3
+CLIENTS = 12
+
+
+def assert_no_pins_no_timeouts(proxy) -> str:
+    text = metrics_text(proxy)
+    assert metric(text, BORROW_TIMEOUTS) == 0, proxy.log_tail()
+    assert metric(text, DETECTED) == 0 and metric(text, PINNED) == 0, text
+    assert metric(text, "multiproxy_database_connections") <= MAX_SIZE
+    return text
+
+
+@pytest.fixture
+def table(mariadb, request):
+    name = f"ps_{request.node.name.split('[')[0][5:][:24]}"
+    conn = direct(mariadb)
+    query(conn, f"CREATE OR REPLACE TABLE {name} (id int primary key, worker int, v int, note varchar(40), "
+                f"data mediumblob)")
+    conn.close()
+    yield name
+    conn = direct(mariadb)
+    query(conn, f"DROP TABLE IF EXISTS {name}")
+    conn.close()
+
+
+def rows_of(mariadb, sql: str) -> list:
+    conn = direct(mariadb)
+    try:
+        return query(conn, sql)
+    finally:
+        conn.close()
+
+
+def connector_settings(proxy, **extra) -> dict:
+    return dict(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
+                ssl_disabled=True, connection_timeout=10, **extra)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("use_pure", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not getattr(mysql.connector, "HAVE_CEXT", False), reason="mysql-connector's C extension is not installed"))],
+    ids=["pure", "cext"])
+def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+    blob = bytes(range(256)) * 40          # 10 KB
+
+    def work(w: int) -> None:
+        conn = mysql.connector.connect(**connector_settings(proxy, use_pure=use_pure))
+        try:
+            cur = conn.cursor(prepared=True)
+            for i in range(6):
+                note = None if i % 2 else f"w{w} i{i}"
+                data = io.BytesIO(blob) if use_pure and i == 3 else blob[i:]      # pure: send_long_data
+                cur.execute(f"INSERT INTO {table} (id, worker, v, note, data) VALUES (?, ?, ?, ?, ?)",
+                            (w * 100 + i, w, i, note, data))
+                conn.commit()
+                cur.execute(f"SELECT v, note, data FROM {table} WHERE id = ?", (w * 100 + i,))
+                got = cur.fetchall()
+                assert len(got) == 1, f"{len(got)} rows"
+                v, got_note, got_data = got[0]
+                assert v == i and got_note == note, (v, got_note)
+                want = blob if use_pure and i == 3 else blob[i:]
+                same = bytes(got_data) == want         # no diff of 10 KB values in the report
+                assert same, f"data of {len(got_data)} bytes differs from the {len(want)} sent"
+            cur.close()
+        finally:
+            conn.close()
+    failures = run_clients(CLIENTS, work, 120.0)
+    assert failures == [], failures + [proxy.log_tail()]
+    assert rows_of(mariadb, f"SELECT worker, COUNT(*), SUM(v), COUNT(note) FROM {table} GROUP BY worker") == [
+        (w, 6, 15, 3) for w in range(CLIENTS)]
+    text = assert_no_pins_no_timeouts(proxy)
+    assert metric(text, STATEMENTS, outcome="hit") > 0, text
+
+
+@pytest.mark.timeout(180)
+def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(mariadb, proxy_factory, table):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+                        backend={"max_prepared_statements": 4})
+    conn = direct(mariadb)
+    query(conn, f"INSERT INTO {table} (id, worker, v) VALUES " + ", ".join(f"({i}, 0, {i * i})" for i in range(20)))
+    conn.close()
+
+    def work(w: int) -> None:
+        conn = mysql.connector.connect(**connector_settings(proxy, use_pure=True))
+        try:
+            cursors = [conn.cursor(prepared=True) for _ in range(10)]      # 10 statements open at once
+            for rounds in range(3):
+                for k, cur in enumerate(cursors):
+                    # distinct texts: k + 1 spaces
+                    cur.execute(f"SELECT v {' ' * (k + 1)}FROM {table} WHERE id = ?", ((w + k + rounds) % 20,))
+                    assert cur.fetchall() == [(((w + k + rounds) % 20) ** 2,)]
+            for cur in cursors:
+                cur.close()
+        finally:
+            conn.close()
+    failures = run_clients(CLIENTS, work, 120.0)
+    assert failures == [], failures + [proxy.log_tail()]
+    text = assert_no_pins_no_timeouts(proxy)
+    assert metric(text, STATEMENTS, outcome="eviction") > 0, text
+    assert metric(text, STATEMENTS, outcome="miss") > 0, text
+
+
+@pytest.mark.timeout(180)
+def test_mariadb_connector_parameters_executemany_and_its_pool(mariadb, proxy_factory, table):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+    settings = dict(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
+                    connect_timeout=10)
+    pool = mariadb_connector.ConnectionPool(pool_name="prepared", pool_size=CLIENTS // 2, **settings)
+    lock = threading.Lock()
+
+    def work(w: int) -> None:
+        for i in range(4):
+            if w % 2:
+                with lock:
+                    conn = pool.get_connection()
+            else:
+                conn = mariadb_connector.connect(**settings)
+            try:
+                cur = conn.cursor()
+                base = w * 100 + i * 10
+                cur.executemany(f"INSERT INTO {table} (id, worker, v, note) VALUES (?, ?, ?, ?)",
+                                [(base + k, w, k, None if k % 2 else f"n{k}") for k in range(3)])
+                conn.commit()
+                cur.execute(f"SELECT id, v, note FROM {table} WHERE worker = ? AND id >= ? AND id < ? ORDER BY id",
+                            (w, base, base + 10))
+                assert cur.fetchall() == [(base + k, k, None if k % 2 else f"n{k}") for k in range(3)]
+                cur.close()
+            finally:
+                if w % 2:
+                    with lock:
+                        conn.close()
+                else:
+                    conn.close()
+    failures = run_clients(CLIENTS, work, 120.0, together=False)
+    pool.close()
+    assert failures == [], failures + [proxy.log_tail()]
+    assert rows_of(mariadb, f"SELECT worker, COUNT(*), SUM(v) FROM {table} GROUP BY worker") == [
+        (w, 12, 12) for w in range(CLIENTS)]
+    text = assert_no_pins_no_timeouts(proxy)
+    assert metric(text, STATEMENTS, outcome="hit") + metric(text, STATEMENTS, outcome="miss") > 0, text
+
+
+def sysbench(test: str, proxy, mariadb) -> None:
+    common = ["--db-driver=mysql", f"--mysql-db={DB}", "--tables=1", "--table-size=1000", "--mysql-ssl=off"]
+    prepare = ["sysbench", test, "prepare", "--mysql-host=127.0.0.1", f"--mysql-port={mariadb.port}",
+               "--mysql-user=mp_native", "--mysql-password=native-pw", *common]
+    subprocess.run(["sysbench", test, "cleanup", *prepare[3:]], capture_output=True, timeout=60)
+    assert subprocess.run(prepare, capture_output=True, text=True, timeout=120).returncode == 0
+    run = ["sysbench", test, "run", f"--threads={CLIENTS}", "--time=5", "--db-ps-mode=auto",
+           f"--mysql-host={proxy.host}", f"--mysql-port={proxy.port}", f"--mysql-user={APP_USER}",
+           f"--mysql-password={APP_PASSWORD}", *common]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr + proxy.log_tail()
+    assert int(re.search(r"transactions:\s+(\d+)", out.stdout).group(1)) > 50, out.stdout
+    # Any error but the deadlocks and lock waits sysbench ignores by default (1213, 1205, 1020: oltp_read_write has
+    # them directly too, more of them) ends the run with a failure; a read-only test has none at all.
+    ignored = int(re.search(r"ignored errors:\s+(\d+)", out.stdout).group(1))
+    assert ignored == 0 or test != "oltp_point_select", out.stdout
+    assert int(re.search(r"reconnects:\s+(\d+)", out.stdout).group(1)) == 0, out.stdout
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(shutil.which("sysbench") is None, reason="sysbench is not installed")
+@pytest.mark.parametrize("test", ["oltp_point_select", "oltp_read_write"])
+def test_sysbench_prepared_statements_on_a_small_pool(mariadb, proxy_factory, test):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+    sysbench(test, proxy, mariadb)
+    text = assert_no_pins_no_timeouts(proxy)
+    assert metric(text, STATEMENTS, outcome="hit") > 1000, text
+
+
+@pytest.mark.timeout(120)
+def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table):
+    # Every borrow resets its backend: each execute lands where the statement is missing and is prepared again.
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+                        backend={"reset_after_transaction": "yes"})
+    conn = direct(mariadb)
+    query(conn, f"INSERT INTO {table} (id, worker, v) VALUES (1, 1, 10)")
+    client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
+    try:
+        cur = client.cursor(prepared=True)
+        statement = f"SELECT * FROM {table} WHERE id = ?"
+        cur.execute(statement, (1,))
+        assert cur.fetchall() == [(1, 1, 10, None, None)]
+        query(conn, f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5")
+        # prepared again on its reset backend, the statement now has 6 columns where the client was told 5
+        with pytest.raises(mysql.connector.Error) as refused:
+            cur.execute(statement, (1,))
+            cur.fetchall()
+        assert refused.value.errno == 1615 and "prepare it again" in refused.value.msg, refused.value
+        cur.close()
+        again = client.cursor(prepared=True)
+        again.execute(statement, (1,))
+        assert again.fetchall() == [(1, 1, 10, None, None, 5)]
+        again.close()
+    finally:
+        client.close()
+        conn.close()
+    text = metrics_text(proxy)
+    assert metric(text, STATEMENTS, outcome="miss") >= 2, text
+    assert metric(text, DETECTED) == 0, text
+
+
+@pytest.mark.timeout(120)
+def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_factory, table):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+    conn = direct(mariadb)
+    query(conn, f"INSERT INTO {table} (id, worker, v) VALUES " + ", ".join(f"({i}, 0, {i})" for i in range(50)))
+    conn.close()
+    client = mariadb_connector.connect(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD,
+                                       database=DB, connect_timeout=10)
+    try:
+        cur = client.cursor(cursor_type=MARIADB_CURSOR.READ_ONLY, prefetch_size=7)
+        cur.execute(f"SELECT v FROM {table} WHERE worker = ? ORDER BY id", (0,))
+        assert [row[0] for row in cur.fetchall()] == list(range(50))
+        text = metrics_text(proxy)
+        assert metric(text, DETECTED, reason="prepared_statement") == 1, text
+        assert metric(text, PINNED) == 1, text
+        cur.close()         # COM_STMT_CLOSE: the cursor is closed on its backend (COM_STMT_RESET) and the pin released
+        plain = client.cursor()
+        plain.execute(f"SELECT COUNT(*) FROM {table} WHERE worker = ?", (0,))
+        assert plain.fetchall() == [(50,)]
+        plain.close()
+        assert metric(metrics_text(proxy), PINNED) == 0
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table):
+    # Every borrow resets its backend: the held long data follows a pipelined re-prepare (statement 0xFFFFFFFF).
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+                        backend={"reset_after_transaction": "yes"})
+    blob = bytes(range(251)) * 100          # 25 KB, sent by the driver with COM_STMT_SEND_LONG_DATA
+    client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
+    try:
+        cur = client.cursor(prepared=True)
+        for i in range(3):
+            cur.execute(f"INSERT INTO {table} (id, worker, v, data) VALUES (?, ?, ?, ?)", (i, 0, i, io.BytesIO(blob)))
+        cur.execute(f"SELECT id, LENGTH(data), MD5(data) = MD5(?) FROM {table} ORDER BY id", (blob,))
+        assert cur.fetchall() == [(i, len(blob), 1) for i in range(3)]
+        cur.close()
+    finally:
+        client.close()
+    text = metrics_text(proxy)
+    assert metric(text, STATEMENTS, outcome="miss") >= 4 and metric(text, STATEMENTS, outcome="hit") == 0, text
