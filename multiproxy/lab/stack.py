@@ -343,6 +343,7 @@ class Lab:
                              part.client_command(direct[f"MULTIPROXY_{part.env_prefix}_DIRECT_URL"])))
         admin = self.state["proxy"]["admin"]
         rows.append(("admin", admin, f"curl http://{admin}/metrics"))
+        rows.append(("status page", f"http://{admin}/", "open in a browser"))
         if self.state.get("dns"):
             dns_host, _, dns_port = self.state["dns"]["address"].rpartition(":")
             first = next(iter(zone_records(self.state)), "")
