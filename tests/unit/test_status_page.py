@@ -43,10 +43,10 @@ def data(**overrides) -> dict:
                    "longest_wait": 0.25, "borrow_wait": {"borrows": 10, "waited": 1, "p50": 0.0, "p95": 0.2,
                                                          "p99": 0.2, "max": 0.2},
                    "series": [(1.0, 1, 1, 0, 0), (2.0, 3, 1, 1, 1)]}],
-        "pins": {"by_cluster": {"pg": {"now": {"temporary_table": 1}, "detected_total": {"temporary_table": 4}}},
+        "pins": {"by_cluster": {"pg": {"now": {"temp_table": 1}, "detected_total": {"temp_table": 4}}},
                  "sessions": [{"addr": "127.0.0.1", "port": 40000, "user": "lab", "database": "lab",
                                "listener": "pg-writer", "cluster": "pg", "engine": "postgres",
-                               "reason": "temporary_table", "statement": "CREATE TEMP TABLE t (a int)",
+                               "reason": "temp_table", "statement": "CREATE TEMP TABLE t (a int)",
                                "since": "2027-01-15 08:00:00 UTC"}]},
         "timeline": [{"time": 1_800_000_000.0, "cluster": "pg", "event": "writer", "old": "127.0.0.2:5432",
                       "new": "127.0.0.3:5432", "reason": "probe", "outage_seconds": 1.5},
@@ -76,7 +76,7 @@ def test_sections_show_the_writer_nodes_pools_pins_and_the_writer_change():
     assert "writer.pg.lab" in s["clusters"]
     assert 'data-pool="pg/writer/lab/lab"' in s["pools"] and "<polyline" in s["pools"]
     assert "0.0 ms / 200.0 ms / 200.0 ms" in s["pools"]
-    assert 'data-reason="temporary_table"' in s["pins"] and "CREATE TEMP TABLE t (a int)" in s["pins"]
+    assert 'data-reason="temp_table"' in s["pins"] and "CREATE TEMP TABLE t (a int)" in s["pins"]
     assert "writer 127.0.0.2:5432 → 127.0.0.3:5432 (probe), 1.5 s without a writer" in s["timeline"]
     assert s["timeline"].index('data-event="drain"') < s["timeline"].index('data-event="writer"')  # newest first
     assert "one process" in s["header"]
