@@ -212,7 +212,7 @@ def chart(series: list[tuple], lines: list[tuple[int, str, str]], title: str, wi
     top = max(1, max(s[i] for s in series for i, _, _ in lines))
     paths = []
     for i, cls, _ in lines:
-        points = " ".join(f"{(s[0] - t0) / span * (width - 2) + 1:.1f},{height - 12 - s[i] / top * (height - 20):.1f}"
+        points = " ".join(f"{(s[0] - t0) / span * (width - 2) + 1:.1f},{height - 12 - s[i] / top * (height - 24):.1f}"
                           for s in series)
         paths.append(f'<polyline class="{cls}" points="{points}"/>')
     legend = " ".join(f'<tspan class="{cls}">■ {e(name)} {series[-1][i]}</tspan>' for i, cls, name in lines)
@@ -229,10 +229,13 @@ def _node_row(node: dict, writer: str) -> str:
     lag_text = "unknown" if lag is None and up is not None else ("" if lag is None else f"{lag:.2f} s")
     if node.get("lag_bytes"):
         lag_text += f" ({node['lag_bytes']} B)"
+    role = node.get("role") or "?"
+    if up is False:     # what the last successful probe said, not what the node is now
+        role, lag_text = f"(was {role})" if node.get("role") else "?", ""
     why = node.get("skipped") or ""
     star = " ★" if node["address"] == writer and writer else ""
     return (f'<tr data-node="{e(node["address"])}" data-role="{e(node.get("role"))}" class="{state}">'
-            f'<td>{e(node["address"])}{star}</td><td>{e(node.get("role") or "?")}</td><td class="st">{state}</td>'
+            f'<td>{e(node["address"])}{star}</td><td>{e(role)}</td><td class="st">{state}</td>'
             f'<td>{e(lag_text)}</td><td>{e(serving)}</td><td>{e(redact(why))}</td>'
             f'<td>{e(", ".join(node.get("sources") or []))}</td></tr>')
 
@@ -259,7 +262,7 @@ def render_pools(data: dict) -> str:
     rows = []
     for p in data["pools"]:
         w = p["borrow_wait"]
-        pct = " / ".join(_seconds(w.get(k)) for k in ("p50", "p95", "p99")) if w.get("borrows") else "no borrows yet"
+        pct = " / ".join(_seconds(w.get(k)) for k in ("p50", "p95", "p99")) if w.get("borrows") else "no borrows in the window"
         rows.append(f'<tr data-pool="{e(p["pool"])}"><td>{e(p["pool"])}</td><td>{p["clients"]}</td><td>{p["size"]}'
                     f'/{p["max_size"]}</td><td>{p["idle"]}</td><td>{p["borrowed"]}</td><td>{p["waiting"]}</td>'
                     f'<td>{e(pct)}</td><td>{_seconds(p["longest_wait"]) if p["waiting"] else ""}</td></tr>')

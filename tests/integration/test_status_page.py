@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 import urllib.request
 
@@ -46,6 +47,24 @@ def wait_for(what, check, timeout: float) -> None:
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
+def traffic(url: str, clients: int, stop: threading.Event) -> list[threading.Thread]:
+    """For screenshots only: clients running short transactions with pauses, so that the charts show multiplexing."""
+    def run(n):
+        stop.wait(2 * n)        # clients arrive one by one: the chart shows backends lagging far behind clients
+        while not stop.is_set():
+            try:
+                with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+                    while not stop.is_set():
+                        conn.execute("SELECT pg_sleep(0.03)")
+                        stop.wait(0.1 + 0.02 * n)
+            except psycopg.Error:
+                stop.wait(0.2)      # the failover cut the connection: connect again
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def shoot(driver, name: str) -> None:
     if SCREENSHOTS:
         os.makedirs(SCREENSHOTS, exist_ok=True)
@@ -61,6 +80,8 @@ def test_status_page_in_chromium_shows_the_lab_and_a_failover(tmp_path):
     assert up.returncode == 0, up.stdout + up.stderr
     driver = None
     held = []
+    stop = threading.Event()
+    threads = []
     try:
         values = parse_exports(lab("env", "--dir", lab_dir).stdout)
         page_url = values["MULTIPROXY_ADMIN_URL"] + "/"
@@ -102,6 +123,9 @@ def test_status_page_in_chromium_shows_the_lab_and_a_failover(tmp_path):
         pins = text_of(driver, "pins")
         assert re.search(r"temp_table\s+1\s+\d+", pins), pins
         assert "CREATE TEMP TABLE status_page_pin (a int)" in pins
+        if SCREENSHOTS:
+            threads = traffic(values["MULTIPROXY_PG_URL"], 16, stop) + traffic(values["MULTIPROXY_PG_READER_URL"], 4, stop)
+            time.sleep(40)
         shoot(driver, "status-page.png")
 
         failover = lab("failover", "postgres", "--dir", lab_dir, timeout=90)
@@ -117,9 +141,13 @@ def test_status_page_in_chromium_shows_the_lab_and_a_failover(tmp_path):
         assert "drain" in timeline, timeline
         wait_for("the new writer in the cluster section",
                  lambda: re.search(r"writer: 127\.0\.0\.3:\d+", text_of(driver, "clusters")), 15)
-        driver.execute_script("document.getElementById('timeline-section').scrollIntoView()")
+        if SCREENSHOTS:
+            time.sleep(15)
         shoot(driver, "status-page-failover.png")
     finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
         if driver is not None:
             driver.quit()
         for conn in held:
