@@ -13,10 +13,15 @@ from __future__ import annotations
 import collections
 import html
 import json
+import logging
 import re
+import socket as _stdsocket
 import time
 
 import gevent
+from gevent import socket
+
+log = logging.getLogger("multiproxy.status_page")
 
 SAMPLE_INTERVAL = 1.0      # seconds between samples
 SAMPLES = 300              # samples kept: the charts show the last five minutes
@@ -24,6 +29,9 @@ CHART_POOLS = 24           # at most this many pools get charts (the busiest); t
 TABLE_ROWS = 200           # at most this many rows in the pins and timeline tables
 TIMELINE_KINDS = ("dns", "writer", "role", "node", "retired", "read-only check", "drain")
 PATHS = ("/", "/status.json")
+PEER_FRESH = 3.0           # seconds a worker's report counts (it reports every second)
+PEER_PINNED = 50           # pinned sessions a worker reports
+REPORT_LIMIT = 60_000      # bytes of one worker's report (one datagram)
 
 _SECRET_LITERAL = re.compile(r"(?i)\b(password|identified\s+(?:by|with\s+\w+\s+(?:by|as))|secret|token|pwd)"
                              r"(\s*=?\s*)('(?:[^']|'')*'|\"[^\"]*\"|\S+)")
@@ -46,15 +54,88 @@ class Sampler:
         self.proxy = proxy
         self.samples: collections.deque = collections.deque(maxlen=keep)
         self._greenlet = None
+        # With forked workers (Proxy.worker_count > 1) workers other than 0 send each sample, with their pools' names
+        # and their pins, to worker 0 (whose admin server serves the page); worker 0 keeps the latest of each (`peers`:
+        # worker -> (monotonic time received, report)) and adds them into its own samples.
+        self.workers = getattr(proxy, "worker_count", 1) or 1
+        self.worker = getattr(proxy, "worker", 0)
+        self.peers: dict[int, tuple[float, dict]] = {}
+        self._sock = None
+        self._receiver = None
+        self._too_big = False
 
     def start(self) -> None:
+        if self.workers > 1:
+            self._share()
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._loop)
 
     def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-            self._greenlet = None
+        for greenlet in (self._greenlet, self._receiver):
+            if greenlet is not None:
+                greenlet.kill(block=False)
+        self._greenlet = self._receiver = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _share(self) -> None:
+        address = group_address(getattr(self.proxy, "cancel_group", 0))
+        self._sock = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
+        if self.worker != 0:
+            return                          # sends go to worker 0 with sendto: nothing to bind
+        try:
+            self._sock.bind(address)
+        except OSError as exc:
+            log.warning("status page: cannot receive the other workers' reports (%s); it shows worker 0 only", exc)
+            self._sock.close()
+            self._sock = None
+            return
+        self._receiver = gevent.spawn(self._receive)
+
+    def _receive(self) -> None:
+        sock = self._sock
+        while True:
+            data = sock.recv(REPORT_LIMIT + 1024)
+            try:
+                report = json.loads(data)
+                self.peers[int(report["worker"])] = (time.monotonic(), report)
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def fresh_peers(self) -> list[dict]:
+        now = time.monotonic()
+        return [report for received, report in self.peers.values() if now - received <= PEER_FRESH]
+
+    def _report(self, pools: dict, listeners: dict) -> None:
+        """A worker other than 0 sends its sample to worker 0."""
+        proxy = self.proxy
+        meta = {pool.label: [pool.cluster.name, pool.role, pool.user, pool.database, pool.config.max_size]
+                for pool in list(proxy.pools.values())}
+        pins = {cluster: {"now": {r: n for r, n in policy.pinned_now.items() if n},
+                          "detected_total": dict(policy.detected_total)}
+                for cluster, policy in getattr(proxy, "pin_policies", {}).items()}
+        pinned = []
+        if getattr(proxy, "console", None) is not None:
+            columns, rows = proxy.console.view_pins()
+            names = [c for c, _ in columns]
+            pinned = [dict(zip(names, row), worker=self.worker) for row in rows[:PEER_PINNED]]
+        report = {"worker": self.worker, "pools": pools, "meta": meta, "listeners": listeners, "pins": pins,
+                  "pinned": pinned, "read_only_retries": getattr(getattr(proxy, "metrics", None), "read_only_retries", 0)}
+        data = json.dumps(report, default=str).encode()
+        if len(data) > REPORT_LIMIT:
+            report["pinned"] = []
+            data = json.dumps(report, default=str).encode()
+        if len(data) > REPORT_LIMIT:
+            if not self._too_big:
+                log.warning("status page: worker %d has too many pools to report to worker 0 (%d bytes)", self.worker,
+                            len(data))
+                self._too_big = True
+            return
+        try:
+            self._sock.sendto(data, group_address(getattr(proxy, "cancel_group", 0)))
+        except OSError:
+            pass          # worker 0 is not there (yet): the next second's report will do
 
     def _loop(self) -> None:
         while not getattr(self.proxy, "stopping", False):
@@ -72,6 +153,16 @@ class Sampler:
             pools[pool.label] = (clients.get(id(pool), 0), pool.size, len(pool.idle), pool.borrowed, len(pool.waiters),
                                  pool.borrows_total, pool.waited_borrows_total, pool.borrow_wait_seconds_total)
         listeners = {rt.config.name: rt.connections for rt in proxy.listeners}
+        if self.workers > 1 and self._sock is not None:
+            if self.worker != 0:
+                self._report(pools, listeners)
+            else:
+                for report in self.fresh_peers():
+                    for label, values in report["pools"].items():
+                        mine = pools.get(label)
+                        pools[label] = tuple(values) if mine is None else tuple(a + b for a, b in zip(mine, values))
+                    for name, count in report["listeners"].items():
+                        listeners[name] = listeners.get(name, 0) + count
         self.samples.append((time.time() if now is None else now, pools, listeners))
 
     def series(self, pool_label: str) -> list[tuple]:
@@ -168,16 +259,60 @@ def collect(proxy, sampler: Sampler | None) -> dict:
     names = [c for c, _ in columns]
     pins["sessions"] = [dict(zip(names, row)) for row in rows]
 
+    peers = sampler.fresh_peers() if sampler is not None else []
+    if peers:
+        _merge_peers(peers, pools, listeners, pins)
+        for row in pools:
+            if not row["series"]:
+                row["series"] = sampler.series(row["pool"])
+                row["borrow_wait"] = sampler.borrow_waits(row["pool"])
+
     events = [e for e in list(proxy.console.events) if e.get("event") == "drain"]
     if proxy.registry is not None:
         events += [e for e in list(proxy.registry.events) if e.get("event") in TIMELINE_KINDS]
     events.sort(key=lambda e: e.get("time", 0))
-    retries = getattr(proxy.metrics, "read_only_retries", 0)
+    retries = getattr(proxy.metrics, "read_only_retries", 0) + sum(r.get("read_only_retries", 0) for r in peers)
 
-    workers = getattr(proxy.config.proxy, "workers", 1) or 1
+    workers = max(getattr(proxy, "worker_count", 1) or 1, getattr(proxy.config.proxy, "workers", 1) or 1)
+    reporting = 1 + len(peers) if sampler is not None and sampler._sock is not None else 1
     return {"time": now, "uptime_seconds": round(now - proxy.started, 1), "worker": getattr(proxy, "worker", 0),
-            "workers": workers, "clusters": clusters, "listeners": listeners, "pools": pools, "pins": pins,
+            "workers": workers, "reporting": reporting, "clusters": clusters, "listeners": listeners, "pools": pools, "pins": pins,
             "timeline": events[-TABLE_ROWS:], "read_only_retries": retries, "window_seconds": SAMPLES * SAMPLE_INTERVAL}
+
+
+def _merge_peers(peers: list[dict], pools: list[dict], listeners: list[dict], pins: dict) -> None:
+    """Add the other workers' latest reports to worker 0's pools, listeners and pins (series are summed already)."""
+    rows = {p["pool"]: p for p in pools}
+    for report in peers:
+        for label, values in report["pools"].items():
+            clients, size, idle, borrowed, waiting = values[:5]
+            row = rows.get(label)
+            if row is None:
+                cluster, role, user, database, max_size = report["meta"].get(label, ["?", "?", "?", "?", 0])
+                row = rows[label] = {"pool": label, "cluster": cluster, "role": role, "user": user,
+                                     "database": database, "clients": 0, "size": 0, "idle": 0, "borrowed": 0,
+                                     "waiting": 0, "max_size": 0, "longest_wait": 0.0, "borrow_wait": {"borrows": 0},
+                                     "series": []}
+                pools.append(row)
+            row["clients"] += clients
+            row["size"] += size
+            row["idle"] += idle
+            row["borrowed"] += borrowed
+            row["waiting"] += waiting
+            row["max_size"] += report["meta"].get(label, [0] * 5)[4]
+        for listener in listeners:
+            listener["clients"] += report["listeners"].get(listener["name"], 0)
+        for cluster, counts in report["pins"].items():
+            mine = pins["by_cluster"].setdefault(cluster, {"now": {}, "detected_total": {}})
+            for kind in ("now", "detected_total"):
+                for reason, count in counts[kind].items():
+                    mine[kind][reason] = mine[kind].get(reason, 0) + count
+        pins["sessions"].extend(report.get("pinned", []))
+
+
+def group_address(group: int) -> bytes:
+    """Where worker 0 receives the other workers' reports (a Linux abstract socket name: nothing on disk)."""
+    return f"\0multiproxy-{group}-status".encode()
 
 
 # ---------------------------------------------------------------------------------------------------------- rendering
@@ -341,9 +476,15 @@ def render_timeline(data: dict) -> str:
 
 
 def render_header(data: dict) -> str:
-    workers = data["workers"]
-    who = (f"worker {data['worker']} of {workers}: this page shows the pools, clients and pins of this worker only (each worker has "
-           "its own pools and failover registry; the admin server runs in worker 0)") if workers > 1 else "one process"
+    workers, reporting = data["workers"], data.get("reporting", 1)
+    if workers <= 1:
+        who = "one process"
+    elif reporting > 1:
+        who = (f"{reporting} of {workers} workers: pools, clients and pins summed over them (each reports once a "
+               "second); clusters and the timeline are worker 0's registry (each worker probes for itself)")
+    else:
+        who = (f"worker {data['worker']} of {workers}: this page shows the pools, clients and pins of this worker only "
+               "(no other worker reports; each has its own pools and failover registry)")
     return (f'<span>up {e(_uptime(data["uptime_seconds"]))}</span> · <span class="who">{e(who)}</span> · '
             f'<span>as of {e(_when(data["time"]))} UTC</span>')
 

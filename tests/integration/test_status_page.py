@@ -156,3 +156,42 @@ def test_status_page_in_chromium_shows_the_lab_and_a_failover(tmp_path):
             except Exception:
                 pass
         lab("down", "--dir", lab_dir, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_with_two_workers_the_page_counts_the_clients_of_both(pg, proxy_factory):
+    """SO_REUSEPORT spreads clients over the workers; worker 0's page counts them all (the others report to it)."""
+    import json
+
+    from .test_admin_console import ADMIN, console_config
+    from .pgserver import AUTH_DB
+    config = console_config(pg)
+    config["proxy"]["workers"] = 2
+    proxy = proxy_factory(config)
+    admin = "http://%s:%d" % proxy.admin_address
+    held = [psycopg.connect(host=proxy.host, port=proxy.port, user=ADMIN, dbname=AUTH_DB, autocommit=True,
+                            connect_timeout=10) for _ in range(12)]
+    try:
+        held[0].execute("CREATE TEMP TABLE two_workers_pin (a int)")
+        for conn in held:
+            conn.execute("SELECT 1").fetchone()
+        seen = {}
+
+        def counted():
+            with urllib.request.urlopen(admin + "/status.json", timeout=10) as answer:
+                seen.update(json.load(answer)["data"])
+            return (seen["reporting"] == 2 and sum(p["clients"] for p in seen["pools"]) == 12
+                    and seen["listeners"][0]["clients"] == 12)
+        wait_for("12 clients counted over both workers", counted, 15)
+        assert seen["workers"] == 2
+        # /metrics is worker 0's alone: it holds only some of the 12 (all 12 on one worker: 1 in 2048)
+        metrics = urllib.request.urlopen(admin + "/metrics", timeout=10).read().decode()
+        own = re.search(r'multiproxy_client_connections\{listener="pg"\} (\d+)', metrics)
+        assert own and int(float(own.group(1))) < 12, metrics
+        assert seen["pins"]["by_cluster"]["main"]["now"] == {"temp_table": 1}
+        assert [s["statement"] for s in seen["pins"]["sessions"]] == ["CREATE TEMP TABLE two_workers_pin (a int)"]
+        page = urllib.request.urlopen(admin + "/", timeout=10).read().decode()
+        assert "2 of 2 workers" in page
+    finally:
+        for conn in held:
+            conn.close()

@@ -216,3 +216,48 @@ def test_basic_auth_carries_the_token_as_its_password(monkeypatch):
     assert admin_http_refusal(proxy, good, loopback=False) == ""
     assert "needs the admin token" in admin_http_refusal(proxy, bad, loopback=False)
     assert "needs the admin token" in admin_http_refusal(proxy, "Basic !!!", loopback=False)
+
+
+class NamedPool(FakePool):
+    def __init__(self, label, max_size=5):
+        super().__init__(label)
+        self.cluster = SimpleNamespace(name="main")
+        self.role, self.user, self.database = "writer", "app", "db"
+        self.config = SimpleNamespace(max_size=max_size)
+        self.waiting_since = {}
+
+
+def test_workers_report_to_worker_zero_whose_page_sums_them():
+    import gevent
+    import os
+    group = os.getpid() * 1000 + 7     # a group name of this test's own
+    zero = IdleProxy()
+    zero.worker, zero.worker_count, zero.cancel_group = 0, 2, group
+    zero.pools = {"k": NamedPool("main/writer/app/db")}
+    zero.pools["k"].size = 2
+    one = IdleProxy()
+    one.worker, one.worker_count, one.cancel_group = 1, 2, group
+    one.pools = {"k": NamedPool("main/writer/app/db"), "r": NamedPool("main/reader/app/db")}
+    one.pools["k"].size, one.pools["r"].size = 3, 1
+    one.pin_policies["main"].pinned_now["temp_table"] = 2
+    receiving, sending = status_page.Sampler(zero), status_page.Sampler(one)
+    receiving.start()
+    sending.start()
+    try:
+        deadline = 50
+        while not receiving.fresh_peers() and deadline:
+            gevent.sleep(0.05)
+            deadline -= 1
+        assert receiving.fresh_peers(), "worker 1's report did not arrive"
+        receiving.sample()
+        d = status_page.collect(zero, receiving)
+        sizes = {p["pool"]: (p["size"], p["max_size"]) for p in d["pools"]}
+        assert sizes == {"main/writer/app/db": (5, 10), "main/reader/app/db": (1, 5)}
+        assert receiving.series("main/writer/app/db")[-1][2] == 5
+        assert d["pins"]["by_cluster"]["main"]["now"] == {"temp_table": 2}
+        header = status_page.render_sections(d)["header"]
+        assert "2 of 2 workers" in header and "summed" in header
+    finally:
+        zero.stopping = one.stopping = True
+        receiving.stop()
+        sending.stop()
