@@ -25,7 +25,8 @@ log = logging.getLogger("multiproxy.status_page")
 
 SAMPLE_INTERVAL = 1.0      # seconds between samples
 SAMPLES = 300              # samples kept: the charts show the last five minutes
-CHART_POOLS = 24           # at most this many pools get charts (the busiest); the table lists all
+CHART_POOLS = 12           # at most this many pools get charts (the busiest); the table lists all
+CHART_POINTS = 100         # points per line of a chart (samples are merged into as many buckets)
 TABLE_ROWS = 200           # at most this many rows in the pins and timeline tables
 TIMELINE_KINDS = ("dns", "writer", "role", "node", "retired", "read-only check", "drain")
 PATHS = ("/", "/status.json")
@@ -342,12 +343,16 @@ def chart(series: list[tuple], lines: list[tuple[int, str, str]], title: str, wi
     if len(series) < 2:
         return f'<svg class="chart" width="{width}" height="{height}" role="img" aria-label="{e(title)}">' \
                f'<text x="4" y="{height // 2}">collecting samples…</text></svg>'
+    if len(series) > CHART_POINTS:      # fewer points, keeping each bucket's peak so that short spikes still show
+        step = len(series) / CHART_POINTS
+        buckets = [series[int(k * step):int((k + 1) * step)] for k in range(CHART_POINTS)]
+        series = [tuple([b[-1][0]] + [max(x[i] for x in b) for i in range(1, len(b[0]))]) for b in buckets if b]
     t0, t1 = series[0][0], series[-1][0]
     span = max(t1 - t0, 1e-9)
     top = max(1, max(s[i] for s in series for i, _, _ in lines))
     paths = []
     for i, cls, _ in lines:
-        points = " ".join(f"{(s[0] - t0) / span * (width - 2) + 1:.1f},{height - 12 - s[i] / top * (height - 24):.1f}"
+        points = " ".join(f"{(s[0] - t0) / span * (width - 2) + 1:.0f},{height - 12 - s[i] / top * (height - 24):.0f}"
                           for s in series)
         paths.append(f'<polyline class="{cls}" points="{points}"/>')
     legend = " ".join(f'<tspan class="{cls}">■ {e(name)} {series[-1][i]}</tspan>' for i, cls, name in lines)
@@ -573,6 +578,8 @@ class StatusPage:
         headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
         if path == "/status.json":
             start_response("200 OK", [("Content-Type", "application/json")] + headers)
+            for row in data["pools"] + data["listeners"]:
+                row.pop("series", None)        # drawn in the sections already; the raw samples would weigh most
             return [json.dumps({"sections": sections, "data": data}, default=str).encode()]
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                   ("Content-Security-Policy", "default-src 'none'; connect-src 'self'; "

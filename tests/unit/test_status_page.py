@@ -261,3 +261,18 @@ def test_workers_report_to_worker_zero_whose_page_sums_them():
         zero.stopping = one.stopping = True
         receiving.stop()
         sending.stop()
+
+
+def test_a_full_window_of_many_pools_stays_small():
+    d = data()
+    series = [(float(t), t % 7, t % 3, t % 2, t % 5) for t in range(status_page.SAMPLES)]
+    d["pools"] = [{**d["pools"][0], "pool": f"c/writer/user{n}/db", "series": series} for n in range(40)]
+    d["listeners"] = [{**d["listeners"][0], "name": f"l{n}", "series": [(t, c) for t, c, *_ in series]}
+                      for n in range(4)]
+    page = status_page.render_page(d)
+    assert page.count("<figure>") == status_page.CHART_POOLS
+    assert len(page.encode()) < 50_000
+    # the spike of one sample survives the merge into buckets
+    spiky = [(float(t), 1) for t in range(status_page.SAMPLES)]
+    spiky[150] = (150.0, 50)
+    assert "max 50" in status_page.chart(spiky, [(1, "c", "clients")], "t")
