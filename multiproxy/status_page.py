@@ -1,4 +1,4 @@
-"""The live status page at `/` of the admin HTTP server: clusters, pools, pins and the failover timeline, one inline HTML page.
+"""The live status page at `/` of the admin server: clusters, pools, pins and a failover timeline, one inline page.
 
 `Sampler` keeps a bounded ring of once-a-second samples (client and backend connections per pool and listener, the
 pools' borrow counters) in a greenlet of its own, so the page can draw the last minutes. `collect` reads the proxy
@@ -139,11 +139,14 @@ class Sampler:
             pass          # worker 0 is not there (yet): the next second's report will do
 
     def _loop(self) -> None:
+        failed = False
         while not getattr(self.proxy, "stopping", False):
             try:
                 self.sample()
-            except Exception:  # a bad sample must not end the sampling
-                pass
+            except Exception:  # a bad sample must not end the sampling (said once, not every second)
+                if not failed:
+                    log.exception("status page: sampling failed")
+                failed = True
             gevent.sleep(SAMPLE_INTERVAL)
 
     def sample(self, now: float | None = None) -> None:
@@ -157,6 +160,7 @@ class Sampler:
         if self.workers > 1 and self._sock is not None:
             if self.worker != 0:
                 self._report(pools, listeners)
+                return                  # worker 0 keeps the samples of the group
             else:
                 for report in self.fresh_peers():
                     for label, values in report["pools"].items():
