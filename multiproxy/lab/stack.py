@@ -498,7 +498,7 @@ class Lab:
         except (OSError, ValueError) as exc:
             self.out(f"proxy admin http://{admin}/status does not answer: {exc}")
             return 1
-        self.out(f"proxy (admin http://{admin}, up {snapshot['uptime_seconds']} s)")
+        self.out(f"proxy (admin http://{admin}, up {snapshot['uptime_seconds']} s; status page http://{admin}/)")
         for lst in snapshot["listeners"]:
             self.out(f"  listener {lst['name']:<10} {lst['listen']:<16} {lst['cluster']}/{lst['role']:<7} "
                      f"clients {lst['clients']}")
