@@ -195,3 +195,35 @@ def test_with_two_workers_the_page_counts_the_clients_of_both(pg, proxy_factory)
     finally:
         for conn in held:
             conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_a_token_the_page_asks_the_browser_for_it(pg, proxy_factory):
+    """[admin] http_token_env: 401 with a basic-auth challenge; basic auth with the token as password, or a bearer
+    token, opens the page and its JSON."""
+    import base64
+    import urllib.error
+
+    from .test_admin_console import console_config
+    config = console_config(pg)
+    config["admin"]["http_token_env"] = "MP_TEST_ADMIN_TOKEN"
+    proxy = proxy_factory(config, env={"MP_TEST_ADMIN_TOKEN": "s3cret-token"})
+    base = "http://%s:%d" % proxy.admin_address
+
+    def get(path, authorization=None):
+        request = urllib.request.Request(base + path, headers={"Authorization": authorization} if authorization else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, dict(answer.headers), answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read().decode()
+
+    status, headers, body = get("/")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic realm=") and "admin token" in body
+    wrong = "Basic " + base64.b64encode(b"me:wrong").decode()
+    assert get("/", wrong)[0] == 401
+    right = "Basic " + base64.b64encode(b"me:s3cret-token").decode()
+    status, _, page = get("/", right)
+    assert status == 200 and 'id="clusters-section"' in page and "s3cret-token" not in page
+    assert get("/status.json", "Bearer s3cret-token")[0] == 200
+    assert get("/admin/lists", right)[0] == 200        # the same basic credentials open /admin/
