@@ -34,15 +34,19 @@ PEER_FRESH = 3.0           # seconds a worker's report counts (it reports every 
 PEER_PINNED = 50           # pinned sessions a worker reports
 REPORT_LIMIT = 60_000      # bytes of one worker's report (one datagram)
 
-_SECRET_LITERAL = re.compile(r"(?i)\b(password|identified\s+(?:by|with\s+\w+\s+(?:by|as))|secret|token|pwd)"
-                             r"(\s*=?\s*)('(?:[^']|'')*'|\"[^\"]*\"|\S+)")
+_KEYWORDS = r"password|passwd|pwd|secret|token"
+_QUOTED_SECRET = re.compile(r"(?i)\b(" + _KEYWORDS + r"|identified\s+(?:by|with\s+\w+\s+(?:by|as)))"
+                            r"(\s*[=:]?\s*\(?\s*)('(?:[^']|'')*'|\"[^\"]*\")")
+_ASSIGNED_SECRET = re.compile(r"(?i)\b(" + _KEYWORDS + r")(\s*[=:]\s*)([^\s'\";,)]+)")
 
 
 def redact(text) -> str:
-    """`text` with the literal after PASSWORD / IDENTIFIED BY / SECRET / TOKEN / PWD replaced by ***."""
+    """`text` with the literal of PASSWORD '...', IDENTIFIED BY '...', password=..., secret: ... (and the like)
+    replaced by ***; prose such as `password authentication failed` stays as it is."""
     if text is None:
         return ""
-    return _SECRET_LITERAL.sub(lambda m: f"{m.group(1)}{m.group(2)}***", str(text))
+    text = _QUOTED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", str(text))
+    return _ASSIGNED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
 
 
 # ---------------------------------------------------------------------------------------------------------- sampling

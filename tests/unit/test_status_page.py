@@ -101,6 +101,12 @@ def test_password_literals_in_statements_are_redacted():
     page = status_page.render_page(d)
     assert "sesame-42" not in page and "PASSWORD ***" in page
     assert status_page.redact("CREATE USER u IDENTIFIED BY 'pw'") == "CREATE USER u IDENTIFIED BY ***"
+    assert status_page.redact("CREATE LOGIN x WITH PASSWORD = 'y', CHECK_POLICY = OFF") == \
+        "CREATE LOGIN x WITH PASSWORD = ***, CHECK_POLICY = OFF"
+    assert status_page.redact("ALTER USER u IDENTIFIED WITH caching_sha2_password BY 'x'").endswith("BY ***")
+    # prose about passwords stays readable
+    assert status_page.redact('password authentication failed for user "lab"') == \
+        'password authentication failed for user "lab"'
 
 
 def test_with_workers_the_page_says_it_shows_one_worker():
