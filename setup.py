@@ -45,6 +45,7 @@ setup(
             "PyMySQL>=1.1",
             "mysql-connector-python>=8.0",
             "mariadb>=1.1",
+            "selenium>=4.20",  # drives Debian's chromium in the status page test (tools/install-deps.sh installs it)
         ],
     },
     entry_points={

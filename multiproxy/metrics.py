@@ -1,5 +1,5 @@
-"""Prometheus metrics named after RDS Proxy's CloudWatch metrics, and the admin HTTP server (/metrics, /healthz, /status,
-and the admin console's views and commands as JSON under /admin/).
+"""Prometheus metrics named after RDS Proxy's CloudWatch metrics, and the admin HTTP server (/ the status page, /metrics,
+/healthz, /status, and the admin console's views and commands as JSON under /admin/).
 
 Counters live as plain integers on the proxy, pools and sessions, so the hot path pays an addition;
 a collector turns them into metric families when Prometheus scrapes.
@@ -219,8 +219,16 @@ def admin_http_refusal(proxy, authorization: str, loopback: bool) -> str:
     if not token:
         return f"[admin] http_token_env names {name}, which is not set in the proxy's environment: /admin/ is closed"
     scheme, _, given = authorization.partition(" ")
+    if scheme.lower() == "basic":   # a browser's login prompt (the status page): any user name, the token as password
+        import base64
+        try:
+            given = base64.b64decode(given.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            given = ""
+        scheme = "bearer"
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        return "this request needs the admin token: Authorization: Bearer TOKEN (see [admin] http_token_env)"
+        return ("this request needs the admin token: Authorization: Bearer TOKEN, or basic auth with the token as the "
+                "password (see [admin] http_token_env)")
     return ""
 
 
@@ -230,8 +238,14 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))
 
+    from .status_page import PATHS, StatusPage
+    page = StatusPage(proxy)
+
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
+        if path in PATHS:
+            refusal = admin_http_refusal(proxy, environ.get("HTTP_AUTHORIZATION", ""), loopback)
+            return page.respond(path, start_response, refusal, bool(proxy.config.admin.http_token_env))
         if path == "/metrics":
             body = generate_latest(registry)
             start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
@@ -253,9 +267,9 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(body, indent=1, default=str).encode() + b"\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz, /status or /admin/<view> (GET) and /admin/<command>[/<db>] (POST)\n"]
+        return [b"not found: try / (the status page), /metrics, /healthz, /status or /admin/<view> (GET) and /admin/<command>[/<db>] (POST)\n"]
 
     server = WSGIServer((host, port), app, log=None, error_log=log)
     server.start()
-    log.info("admin server on http://%s:%d (/metrics, /healthz, /status, /admin/)", host, port)
+    log.info("admin server on http://%s:%d (/ the status page, /metrics, /healthz, /status, /admin/)", host, port)
     return server

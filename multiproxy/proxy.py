@@ -121,6 +121,9 @@ class Proxy:
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+        elif self.config.proxy.admin_listen and self.worker_count > 1:
+            from .status_page import Sampler   # the status page in worker 0 shows this worker's pools too
+            Sampler(self).start()
         self._housekeeper = gevent.spawn(self._housekeeping)
         self._janitor = gevent.spawn(self._handshake_deadlines)
         if self.registry is not None:

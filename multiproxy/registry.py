@@ -300,7 +300,14 @@ class Registry:
             sock = open_socket(target.host, target.port, timeout)
             sock, script = run_script(sock, script, target, timeout)
             result = script.result or {}
-            node.role = result.get("role")
+            role = result.get("role")
+            if node.role is not None and role != node.role:
+                self.events.append({"time": time.time(), "cluster": state.config.name, "event": "role",
+                                    "node": _fmt(node.address), "role": role, "old": node.role})
+            if not node.healthy and node.failures:     # back after being down (not a first probe)
+                self.events.append({"time": time.time(), "cluster": state.config.name, "event": "node",
+                                    "node": _fmt(node.address), "state": "up", "role": role})
+            node.role = role
             lag = result.get("lag", 0.0)
             node.lag = None if lag is None else float(lag)
             lag_bytes = result.get("lag_bytes")
@@ -312,6 +319,7 @@ class Registry:
             node.last_error = ""
             node.next_probe = started + self._interval(state)
         except Exception as exc:   # any failure of a probe is a fact about the node
+            was_healthy = node.healthy
             state.probe_failures_total += 1
             node.failures += 1
             node.last_error = str(exc) or type(exc).__name__
@@ -327,6 +335,9 @@ class Registry:
             if node.address == state.writer:
                 # A writer that stops answering is suspect at once: stop routing writes there.
                 node.healthy = False if node.failures >= 1 else node.healthy
+            if was_healthy and not node.healthy:
+                self.events.append({"time": time.time(), "cluster": state.config.name, "event": "node",
+                                    "node": _fmt(node.address), "state": "down", "error": node.last_error})
         finally:
             node.probing = False
             node.last_probe = time.monotonic()

@@ -9,7 +9,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 LOG="$(mktemp -t install-deps.XXXXXX.log)"
-APT_PACKAGES=(postgresql postgresql-client pgbouncer prometheus-pgbouncer-exporter sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev)
+APT_PACKAGES=(postgresql postgresql-client pgbouncer prometheus-pgbouncer-exporter sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev chromium chromium-driver)
 
 trap 'echo "install-deps: error: unexpected failure at line $LINENO (log: $LOG)" >&2' ERR
 
@@ -61,7 +61,7 @@ missing_binaries() {
     local missing=()
     pg_bindir >/dev/null || missing+=(initdb/postgres/pg_ctl)
     local bin
-    for bin in psql pgbench pgbouncer sysbench tsql mariadb; do
+    for bin in psql pgbench pgbouncer sysbench tsql mariadb chromium chromedriver; do   # chromium: the status page test
         have "$bin" || missing+=("$bin")
     done
     have mariadbd || have mysqld || missing+=(mariadbd)

@@ -343,6 +343,7 @@ class Lab:
                              part.client_command(direct[f"MULTIPROXY_{part.env_prefix}_DIRECT_URL"])))
         admin = self.state["proxy"]["admin"]
         rows.append(("admin", admin, f"curl http://{admin}/metrics"))
+        rows.append(("status page", f"http://{admin}/", "open in a browser"))
         if self.state.get("dns"):
             dns_host, _, dns_port = self.state["dns"]["address"].rpartition(":")
             first = next(iter(zone_records(self.state)), "")
@@ -497,7 +498,7 @@ class Lab:
         except (OSError, ValueError) as exc:
             self.out(f"proxy admin http://{admin}/status does not answer: {exc}")
             return 1
-        self.out(f"proxy (admin http://{admin}, up {snapshot['uptime_seconds']} s)")
+        self.out(f"proxy (admin http://{admin}, up {snapshot['uptime_seconds']} s; status page http://{admin}/)")
         for lst in snapshot["listeners"]:
             self.out(f"  listener {lst['name']:<10} {lst['listen']:<16} {lst['cluster']}/{lst['role']:<7} "
                      f"clients {lst['clients']}")
