@@ -50,7 +50,7 @@ ADMIN_SETTINGS = _settings(
     Setting("stats_users", list, [], "client users who may use the admin console read-only: SHOW only "
             "(PgBouncer's stats_users)"),
     Setting("http_token_env", str, "", "environment variable holding a token the admin HTTP server's /admin/ "
-            "requires (Authorization: Bearer TOKEN); empty: /admin/ answers without one, on a loopback admin_listen only"),
+            "and status page require (Authorization: Bearer TOKEN, or basic auth with TOKEN as the password); empty: /admin/ answers without one, on a loopback admin_listen only"),
 )
 
 PROXY_SETTINGS = _settings(
