@@ -197,6 +197,9 @@ class ProxyProcess:
         addresses = list(self.listeners.values())
         if not addresses:
             raise RuntimeError(f"{self.config_path}: no [[listeners]] to wait for")
+        if self.admin_address is not None:
+            # The admin server starts after the listeners: tests read /status as soon as start() returns.
+            addresses.append(self.admin_address)
         deadline = time.monotonic() + self.startup_timeout
         pending = list(addresses)
         while pending:
