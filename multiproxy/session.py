@@ -97,6 +97,7 @@ class Session:
             reset_after_transaction=rt.reset_after_transaction, reset_query=cluster.backend.reset_query,
             max_prepared_statements=cluster.backend.max_prepared_statements,
             statement_counts=proxy.statement_counts.setdefault(cluster.name, StatementCounts()),
+            init_query=cluster.backend.init_query,
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout

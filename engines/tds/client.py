@@ -522,6 +522,9 @@ class TDSClient(SessionState, ClientProtocol):
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
+                if self.ctx.init_query:     # a reset undoes what the init query set: it runs again after it
+                    internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.init_query).encode(),
+                                                      self.backend_size))
             replay = self._replay_statements(server_state.database)
             if replay:
                 internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("; ".join(replay)).encode(),
