@@ -665,7 +665,8 @@ def settings_reference() -> str:
         for s in declared.values():
             default = "required" if s.default is None else repr(s.default)
             choices = f" One of: {', '.join(repr(c) for c in s.choices if c)}." if s.choices else ""
-            out.append(f"| `{s.name}` | {s.kind.__name__} | {default} | {s.help}.{choices} |")
+            kind = " or ".join(k.__name__ for k in s.kind) if isinstance(s.kind, tuple) else s.kind.__name__
+            out.append(f"| `{s.name}` | {kind} | {default} | {s.help}.{choices} |")
         out.append("")
     return "\n".join(out)
 

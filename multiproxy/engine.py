@@ -42,6 +42,8 @@ class ErrorKind(str, enum.Enum):
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     NOT_SUPPORTED = "not_supported"
     INTERNAL = "internal"
+    QUERY_TIMEOUT = "query_timeout"            # a request ran past query_timeout and was cancelled
+    IDLE_TRANSACTION_TIMEOUT = "idle_transaction_timeout"   # idle inside a transaction: rolled back, closed
 
 
 class ProtocolError(Exception):

@@ -34,6 +34,8 @@ class Metrics:
         self.protocol_errors = 0
         self.handshake_timeouts = 0
         self.idle_timeouts = 0
+        self.idle_transaction_timeouts = 0
+        self.query_timeouts = 0
         self.read_only_retries = 0
         self.borrow_failures = 0
         self.cancels_forwarded = 0
@@ -84,6 +86,13 @@ class ProxyCollector:
         yield c
         c = CounterMetricFamily(PREFIX + "client_idle_timeouts", "Clients closed by proxy.idle_client_timeout")
         c.add_metric([], m.idle_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "client_idle_transaction_timeouts",
+                                "Clients closed by proxy.idle_transaction_timeout (their transaction rolled back)")
+        c.add_metric([], m.idle_transaction_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "query_timeouts", "Requests cancelled by clusters.NAME.pool.query_timeout")
+        c.add_metric([], m.query_timeouts)
         yield c
         c = CounterMetricFamily(PREFIX + "read_only_retries", "First statements refused as read-only and sent to the new writer")
         c.add_metric([], m.read_only_retries)

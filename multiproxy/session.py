@@ -296,18 +296,124 @@ class Session:
                 send(out)
 
     def serve(self) -> None:
-        idle = self.proxy.config.proxy.idle_client_timeout
-        if idle:
-            self.sock.settimeout(idle)
-            try:
-                self._relay()
-            except TimeoutError:
-                self.proxy.metrics.idle_timeouts += 1
-                if self.backend is None:
-                    self._send_quietly(self.proto.error(
-                        ErrorKind.IDLE_TIMEOUT, f"closing the connection after {idle:g} s idle (proxy.idle_client_timeout)"))
-            return
+        settings = self.proxy.config.proxy
+        timeouts = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
+                                getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
+        if timeouts:
+            # The client socket's timeout is the shortest of them: a plain read that times out goes to _quiet_client,
+            # which tells a client waiting for an answer, one idle inside a transaction and one idle outside apart.
+            # No timer runs per request: only a read that waited that long does anything.
+            self.sock.settimeout(min(timeouts))
         self._relay()
+
+    def _quiet_client(self, recv) -> bytes:
+        """The client sent nothing for its socket's timeout (the shortest client timeout, see serve): wait on, in steps, until it sends
+        (returns its bytes) or a timeout fires. Waiting for an answer: query_timeout cancels the request through the
+        engine's cancel (and, with no answer a query_timeout later, cuts the backend). Idle inside a transaction:
+        idle_transaction_timeout closes the client with an error (its backend is closed: the server rolls back).
+        Idle outside one (a pinned session between transactions too): idle_client_timeout closes it with an error.
+        Returns b"" when the client is to be closed."""
+        settings = self.proxy.config.proxy
+        idle_limit = settings.idle_client_timeout
+        tx_limit = getattr(settings, "idle_transaction_timeout", 0.0)
+        query_limit = getattr(self.runtime.cluster.pool, "query_timeout", 0.0)
+        limits = [t for t in (idle_limit, tx_limit, query_limit) if t]
+        if not limits:
+            raise TimeoutError("timed out")
+        base = waited = min(limits)
+        proto = self.proto
+        sock = self.sock
+        now = time.monotonic()
+        since = now - waited          # when the client's current state began (at least that long ago)
+        state = None
+        cancelled = 0.0
+        try:
+            while not self.client_gone:
+                awaiting = proto.awaiting_answer() if self.backend is not None else False
+                if awaiting:
+                    current = "awaiting"
+                elif self.backend is not None and proto.in_transaction():
+                    current = "transaction"
+                elif awaiting is None or proto.in_transaction():
+                    current = "unknown"     # the engine cannot tell, or a transaction with nothing held: left alone
+                else:
+                    current = "idle"
+                if state is not None and current != state:
+                    since = now               # a new state: its clock starts (at most a step late)
+                state = current
+                elapsed = now - since
+                if current == "awaiting":
+                    if query_limit and not cancelled and elapsed >= query_limit:
+                        cancelled = now
+                        self._query_timed_out(query_limit)
+                    elif query_limit and cancelled and now - cancelled >= max(query_limit, 1.0):
+                        backend = self.backend
+                        if backend is not None:
+                            log.warning("client %s: the request cancelled for query_timeout did not end within %g s "
+                                        "more; closing its backend connection", self._where(), max(query_limit, 1.0))
+                            backend.fail(f"the request ran longer than query_timeout ({query_limit:g} s) and did not "
+                                         "end when cancelled")
+                elif current == "transaction":
+                    cancelled = 0.0
+                    if tx_limit and elapsed >= tx_limit:
+                        self.proxy.metrics.idle_transaction_timeouts = \
+                            getattr(self.proxy.metrics, "idle_transaction_timeouts", 0) + 1
+                        log.info("client %s: idle in a transaction for %g s: closed (proxy.idle_transaction_timeout), "
+                                 "its transaction rolled back", self._where(), tx_limit)
+                        self._send_quietly(proto.error(
+                            ErrorKind.IDLE_TRANSACTION_TIMEOUT,
+                            f"closing the connection after {tx_limit:g} s idle inside a transaction "
+                            "(proxy.idle_transaction_timeout); the transaction was rolled back"))
+                        return b""
+                elif current == "idle":
+                    cancelled = 0.0
+                    if idle_limit and elapsed >= idle_limit:
+                        self.proxy.metrics.idle_timeouts += 1
+                        self._send_quietly(proto.error(
+                            ErrorKind.IDLE_TIMEOUT,
+                            f"closing the connection after {idle_limit:g} s idle (proxy.idle_client_timeout)"))
+                        return b""
+                # The next look: when the current state's limit comes, and soon while an answer is awaited (its
+                # end starts the idle clocks) or a transaction may end.
+                limit = {"awaiting": query_limit if not cancelled else max(query_limit, 1.0),
+                         "transaction": tx_limit, "idle": idle_limit}.get(current, 0.0)
+                step = (limit - (now - (cancelled or since))) if limit else base
+                if current == "awaiting":
+                    step = min(step, 0.25)
+                sock.settimeout(max(0.01, min(step, base)))
+                try:
+                    data = recv(RECV_SIZE)
+                except TimeoutError:
+                    now = time.monotonic()
+                    continue
+                return data
+            return b""
+        finally:
+            sock.settimeout(base)
+
+    def _where(self) -> str:
+        address = self.address
+        where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)
+        return f"{where} (user {self.user!r}, listener {self.listener.name})"
+
+    def _query_timed_out(self, limit: float) -> None:
+        """query_timeout fired for the request the linked backend runs: cancel it as a client's cancel would be
+        (the engine's in-band cancel, else its cancel script); the client gets the server's cancel error."""
+        metrics = self.proxy.metrics
+        metrics.query_timeouts = getattr(metrics, "query_timeouts", 0) + 1
+        log.warning("client %s: request outstanding for %g s cancelled (clusters.%s.pool.query_timeout)",
+                    self._where(), limit, self.runtime.cluster.name)
+        backend = self.backend
+        if backend is None:
+            return
+        data = self.proto.cancel_in_band()
+        if data:
+            try:
+                backend.sendall(data)
+            except (OSError, ValueError):
+                pass
+            return
+        self.proxy.cancel(self.cancel_key, self.engine)
 
     def _relay(self) -> None:
         recv = fast_recv(self.sock)
@@ -318,7 +424,10 @@ class Session:
         quit = False
         while True:
             if not data:
-                data = recv(RECV_SIZE)
+                try:
+                    data = recv(RECV_SIZE)
+                except TimeoutError:        # only with a client timeout set (serve): off the plain path
+                    data = self._quiet_client(recv)
                 if not data:
                     return
             try:
