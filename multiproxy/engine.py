@@ -356,7 +356,7 @@ class ClientProtocol:
         those timeouts leave its clients alone."""
         return None
 
-    def in_transaction(self) -> bool:
+    def transaction_open(self) -> bool:
         """Optional: whether the client is inside a transaction (or anything else that keeps its backend until it
         ends), for idle_transaction_timeout and idle_client_timeout. The default reads is_clean()."""
         return not self.is_clean()

@@ -332,9 +332,9 @@ class Session:
                 awaiting = proto.awaiting_answer() if self.backend is not None else False
                 if awaiting:
                     current = "awaiting"
-                elif self.backend is not None and proto.in_transaction():
+                elif self.backend is not None and proto.transaction_open():
                     current = "transaction"
-                elif awaiting is None or proto.in_transaction():
+                elif awaiting is None or proto.transaction_open():
                     current = "unknown"     # the engine cannot tell, or a transaction with nothing held: left alone
                 else:
                     current = "idle"

@@ -732,7 +732,7 @@ class Relay:
         """A request sent waits for its ReadyForQuery (query_timeout, idle timeouts)."""
         return bool(self.fifo)
 
-    def in_transaction(self) -> bool:
+    def transaction_open(self) -> bool:
         """Inside a transaction, the proxy's own lazy BEGIN included, or mid COPY or extended query."""
         return not self.is_clean() or getattr(self, "lazy_begin", None) is not None
 

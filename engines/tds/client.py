@@ -674,7 +674,7 @@ class TDSClient(SessionState, ClientProtocol):
         """A request sent waits for (the end of) its reply (query_timeout, idle timeouts)."""
         return bool(self.expect)
 
-    def in_transaction(self) -> bool:
+    def transaction_open(self) -> bool:
         """Inside a transaction, the one the proxy answered BEGIN TRAN for and begins lazily included."""
         return not self.is_clean() or self.lazy_begin is not None or bool(self.local_descriptor)
 
