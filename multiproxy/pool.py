@@ -160,6 +160,22 @@ class ClusterCap:
         return sum(len(pool.waiters) for pool in self.pools()
                    if pool is not besides and pool.budget.size < pool.budget.config.max_size)
 
+    def first_waiter_elsewhere(self, pool: "Pool") -> bool:
+        """Whether a borrower of another pool, held back by the cap alone, waits longer than every borrower of `pool` and
+        is not served yet by closes under way (so that a connection `pool` gives back should make room for it)."""
+        if self.closing >= self.waiting(besides=pool):
+            return False
+        own = min((pool.waiting_since.get(w, 0.0) for w in pool.waiters if not w.ready()), default=None)
+        for other in self.pools():
+            if other is pool or other.budget.size >= other.budget.config.max_size:
+                continue
+            for waiter in other.waiters:
+                if not waiter.ready():
+                    if own is None or other.waiting_since.get(waiter, 0.0) < own:
+                        return True
+                    break
+        return False
+
     def make_room(self, pool: "Pool") -> bool:
         """At the cap: close the oldest idle connection of another pool of the cluster for `pool` (unless closes under
         way make room for every waiter already); the slot goes to the longest waiter once the backend closed its end.
@@ -544,6 +560,14 @@ class Pool:
             return
         conn.last_used = now
         waiters = self.waiters
+        cap = self.budget.cap
+        if cap is not None and cap.full() and cap.first_waiter_elsewhere(self):
+            # At the cluster's cap a borrower of another pool waited longer than any of this one: first come, first
+            # served across the cluster, so this connection makes room for it.
+            cap.evictions_total += 1
+            self.in_use.discard(conn)
+            self._evict(conn)
+            return
         while waiters:
             waiter = waiters.popleft()
             if not waiter.ready():
@@ -553,12 +577,6 @@ class Pool:
         budget = self.budget
         if len(budget.pools) > 1 and budget.closing < budget.waiting(besides=self):
             # Another variant of the budget waits for a slot: this connection makes room for it.
-            self._evict(conn)
-            return
-        cap = budget.cap
-        if cap is not None and cap.full() and cap.closing < cap.waiting(besides=self):
-            # Another pool of the cluster waits for a slot the cluster's cap holds back: this connection makes room.
-            cap.evictions_total += 1
             self._evict(conn)
             return
         self.idle[conn] = None
