@@ -166,6 +166,10 @@ class AnsweringToy(ToyProtocol):
     def awaiting_answer(self) -> bool:
         return bool(self.outstanding)
 
+    def client_data(self, data: bytes):
+        self.requests += data.count(b"\n")
+        return super().client_data(data)
+
 
 class AnsweringToyEngine(ToyEngine):
     def client_protocol(self, ctx):
