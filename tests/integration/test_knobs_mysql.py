@@ -126,3 +126,17 @@ def test_cluster_cap_as_a_percentage(mariadb, proxy_factory):
     expected = max(1, int(server_max * 2 / 100))
     assert query(connect(proxy), "SELECT 1") == [(1,)]
     assert metric(metrics_text(proxy), "multiproxy_cluster_connections_max", cluster="main") == expected
+
+
+def test_the_pin_log_line_names_the_client(mariadb, proxy_factory):
+    proxy = start(proxy_factory, mariadb)
+    conn = connect(proxy)
+    query(conn, "CREATE TEMPORARY TABLE knobs_pinned (n INT)")
+    assert query(conn, "SELECT COUNT(*) FROM knobs_pinned") == [(0,)]
+    conn.close()
+    deadline = time.monotonic() + 5
+    while "pinned to its backend" not in proxy.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in proxy.log_text().splitlines() if "pinned to its backend" in line)
+    for part in ("client 127.0.0.1:", "user 'app'", "listener my", "temp_table", "CREATE TEMPORARY TABLE knobs_pinned"):
+        assert part in line, (part, line)

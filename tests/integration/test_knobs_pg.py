@@ -141,3 +141,16 @@ def test_cluster_cap_as_a_percentage_of_max_connections(pg, proxy_factory):
                 conn.execute("SELECT pg_sleep(0.2)")
     assert run_clients(expected + 3, work, timeout=40) == []
     assert metric(metrics_text(proxy), "multiproxy_cluster_connections", cluster="main") <= expected
+
+
+def test_the_pin_log_line_names_the_client(pg, proxy_factory):
+    proxy = proxy_factory(config(pg))
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE knobs_pinned (n int)")
+        assert conn.execute("SELECT count(*) FROM knobs_pinned").fetchone() == (0,)
+    deadline = time.monotonic() + 5
+    while "pinned to its backend" not in proxy.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in proxy.log_text().splitlines() if "pinned to its backend" in line)
+    for part in ("client 127.0.0.1:", "user 'mp_trust'", "listener pg", "temp_table", "CREATE TEMP TABLE knobs_pinned"):
+        assert part in line, (part, line)
