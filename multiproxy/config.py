@@ -57,7 +57,8 @@ PROXY_SETTINGS = _settings(
     Setting("admin_listen", str, "127.0.0.1:9930", "host:port of the admin HTTP server (/metrics, /healthz); empty disables it"),
     Setting("log_level", str, "info", "logging level", ("debug", "info", "warning", "error")),
     Setting("handshake_timeout", float, 10.0, "seconds a client has to finish startup and authentication", minimum=0.1),
-    Setting("idle_client_timeout", float, 0.0, "close client connections idle this long outside a transaction; 0 never", minimum=0),
+    Setting("idle_client_timeout", float, 0.0, "close client connections idle this long outside a transaction (with an "
+            "error in their protocol); never fires inside a transaction or while a request runs; 0 never", minimum=0),
     Setting("shutdown_timeout", float, 30.0, "seconds to wait for clients to finish on SIGTERM before closing them", minimum=0),
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
     Setting("workers", int, 1, "worker processes sharing the listeners (SO_REUSEPORT)", minimum=1),
@@ -70,6 +71,8 @@ PROXY_SETTINGS = _settings(
     Setting("auth_failure_block_after", int, 10, "failed logins from one address within 5 minutes that block it; "
             "0 never blocks", minimum=0),
     Setting("auth_failure_block_seconds", float, 60.0, "how long a blocked address is turned away", minimum=0),
+    Setting("idle_transaction_timeout", float, 0.0, "close clients idle this long inside a transaction (no request "
+            "outstanding), with an error in their protocol; their transaction is rolled back; 0 never", minimum=0),
 )
 
 BACKEND_SETTINGS = _settings(
@@ -87,6 +90,9 @@ BACKEND_SETTINGS = _settings(
             "for the clients it serves in turn (MySQL binary protocol, TDS sp_prepare); the least recently used is "
             "closed beyond this, and prepared again when a client next needs it (PgBouncer's "
             "max_prepared_statements)", minimum=1),
+    Setting("init_query", str, "", "statements run once on each new backend connection, after its login and before "
+            "it serves a client (RDS Proxy's InitQuery, PgBouncer's connect_query); what it sets holds for every client "
+            "of that connection; its failure fails the login with the server's error; empty: none"),
 )
 
 POOL_SETTINGS = _settings(
@@ -96,6 +102,12 @@ POOL_SETTINGS = _settings(
     Setting("borrow_timeout", float, 5.0, "seconds a transaction waits for a backend before it fails", minimum=0),
     Setting("idle_timeout", float, 600.0, "close pooled backend connections idle this long; 0 never", minimum=0),
     Setting("max_lifetime", float, 3600.0, "close backend connections this old when they come back to the pool; 0 never", minimum=0),
+    Setting("query_timeout", float, 0.0, "cancel a request (through the engine's own cancel) whose answer has not "
+            "completed within this many seconds; the client gets the server's cancel error; 0 never", minimum=0),
+    Setting("max_cluster_connections", (int, str), 0, "most backend connections of the cluster's role across all its "
+            "users, databases and client variants: a number, or a percentage of the server's max_connections as "
+            "\"80%\" (read from the server at the first login); borrowers beyond it wait in one queue, first come "
+            "first served; 0 unlimited (PgBouncer's max_db_connections, RDS Proxy's MaxConnectionsPercent)"),
 )
 
 DNS_SETTINGS = _settings(
@@ -184,6 +196,7 @@ class ProxyConfig:
     auth_failure_max_delay: float
     auth_failure_block_after: int
     auth_failure_block_seconds: float
+    idle_transaction_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,7 @@ class BackendConfig:
     reset_query: str
     reset_after_transaction: str
     max_prepared_statements: int
+    init_query: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,18 @@ class PoolConfig:
     borrow_timeout: float
     idle_timeout: float
     max_lifetime: float
+    query_timeout: float = 0.0
+    max_cluster_connections: int | str = 0
+
+    def cluster_cap(self, server_max: int | None = None) -> int:
+        """max_cluster_connections as a number of connections: the absolute number, or the percentage of the
+        server's max_connections (`server_max`; None while unknown: 0, no cap yet). 0: no cap."""
+        value = self.max_cluster_connections
+        if isinstance(value, int):
+            return value
+        if not server_max:
+            return 0
+        return max(1, int(server_max * float(value.strip().rstrip("%")) / 100))
 
 
 @dataclass(frozen=True)
@@ -370,7 +396,9 @@ class _Reader:
             if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
-                self.problem(key_path, f"expected {setting.kind.__name__}, got {value!r}")
+                kind = setting.kind
+                names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+                self.problem(key_path, f"expected {names}, got {value!r}")
                 values[name] = setting.default
                 continue
             if setting.choices and value not in setting.choices:
@@ -468,6 +496,18 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         pool = PoolConfig(**r.settings(r.table(craw.get("pool"), f"{path}.pool"), f"{path}.pool", POOL_SETTINGS))
         if pool.min_size > pool.max_size:
             r.problem(f"{path}.pool.min_size", f"must not exceed max_size ({pool.max_size}), got {pool.min_size}")
+        cap = pool.max_cluster_connections
+        if isinstance(cap, bool) or (isinstance(cap, int) and cap < 0):
+            r.problem(f"{path}.pool.max_cluster_connections", f"expected a number of connections (0: unlimited) or a "
+                      f"percentage as \"80%\", got {cap!r}")
+        elif isinstance(cap, str):
+            try:
+                percent = float(cap.strip()[:-1]) if cap.strip().endswith("%") else -1.0
+            except ValueError:
+                percent = -1.0
+            if not 0 < percent <= 100:
+                r.problem(f"{path}.pool.max_cluster_connections", f"expected a percentage of the server's "
+                          f"max_connections between 0% and 100% as \"80%\" (or a number), got {cap!r}")
         creds = []
         creds_raw = craw.get("credentials", [])
         if not isinstance(creds_raw, list):
@@ -625,7 +665,8 @@ def settings_reference() -> str:
         for s in declared.values():
             default = "required" if s.default is None else repr(s.default)
             choices = f" One of: {', '.join(repr(c) for c in s.choices if c)}." if s.choices else ""
-            out.append(f"| `{s.name}` | {s.kind.__name__} | {default} | {s.help}.{choices} |")
+            kind = " or ".join(k.__name__ for k in s.kind) if isinstance(s.kind, tuple) else s.kind.__name__
+            out.append(f"| `{s.name}` | {kind} | {default} | {s.help}.{choices} |")
         out.append("")
     return "\n".join(out)
 

@@ -42,6 +42,8 @@ class ErrorKind(str, enum.Enum):
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     NOT_SUPPORTED = "not_supported"
     INTERNAL = "internal"
+    QUERY_TIMEOUT = "query_timeout"            # a request ran past query_timeout and was cancelled
+    IDLE_TRANSACTION_TIMEOUT = "idle_transaction_timeout"   # idle inside a transaction: rolled back, closed
 
 
 class ProtocolError(Exception):
@@ -189,6 +191,9 @@ class ClientContext:
     # is the cluster's shared tally, exported as multiproxy_prepared_statements_total.
     max_prepared_statements: int = 200
     statement_counts: "StatementCounts" = field(default_factory=lambda: StatementCounts())
+    # [clusters.NAME.backend] init_query: the core runs it on each new backend connection; engines whose reset
+    # between clients undoes session settings (TDS RESETCONNECTION) run it again after such a reset.
+    init_query: str = ""
 
 
 @dataclass
@@ -344,6 +349,25 @@ class ClientProtocol:
         raise NotImplementedError
 
 
+    def awaiting_answer(self) -> bool | None:
+        """Optional: whether a request sent to the linked backend still waits for (the end of) its answer. The core
+        reads it, off the hot path, for query_timeout (a request outstanding too long is cancelled) and the idle
+        timeouts (a client waiting for an answer is not idle). None (the default): the engine cannot tell, and
+        those timeouts leave its clients alone."""
+        return None
+
+    def transaction_open(self) -> bool:
+        """Optional: whether the client is inside a transaction (or anything else that keeps its backend until it
+        ends), for idle_transaction_timeout and idle_client_timeout. The default reads is_clean()."""
+        return not self.is_clean()
+
+    def cancel_in_band(self) -> bytes:
+        """Optional: for engines that cancel on the serving connection itself (TDS ATTENTION), the bytes that cancel
+        what the linked backend runs now, sent by the core for query_timeout; the engine swallows what the backend
+        answers to them and answers the client's request with a cancel error. b"" (the default): the core uses
+        `Engine.cancel_script` as for a client's own cancel."""
+        return b""
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
@@ -454,6 +478,19 @@ class Engine:
         """Optional: a short name of a backend variant (see backend_variant), which tells its pool apart from the
         other variants of (cluster, role, user, database) in metrics and /status: `main/writer/app/shop[NAME]`."""
         return ",".join(f"{name}={value}" for name, value in variant)
+
+    # A query whose first row's first value is the server's max_connections (for max_cluster_connections given as a
+    # percentage); empty: the engine cannot tell, and such a cap is refused at the first login.
+    max_connections_query: str = ""
+
+    def backend_query(self, sql: str, server_state: Any, what: str = "query") -> BackendScript | None:
+        """Optional: a script that runs `sql` (one or more statements, as the engine's simple request runs them) on a
+        logged-in backend connection whose login left `server_state`; used for [clusters.NAME.backend] init_query
+        and max_connections_query. The core drives it with run_script right after the login. Its result is the
+        first row's values as text ([] without rows); a server error raises BackendError with the server's code and
+        text (`what` names the query in its message). None (the default): the engine runs no queries, and a config
+        with init_query fails every login of it."""
+        return None
 
     def probe_script(self, target: BackendTarget) -> BackendScript | None:
         """Optional: a script whose result says the node's role ('writer'/'reader') and lag."""

@@ -34,6 +34,8 @@ class Metrics:
         self.protocol_errors = 0
         self.handshake_timeouts = 0
         self.idle_timeouts = 0
+        self.idle_transaction_timeouts = 0
+        self.query_timeouts = 0
         self.read_only_retries = 0
         self.borrow_failures = 0
         self.cancels_forwarded = 0
@@ -85,6 +87,13 @@ class ProxyCollector:
         c = CounterMetricFamily(PREFIX + "client_idle_timeouts", "Clients closed by proxy.idle_client_timeout")
         c.add_metric([], m.idle_timeouts)
         yield c
+        c = CounterMetricFamily(PREFIX + "client_idle_transaction_timeouts",
+                                "Clients closed by proxy.idle_transaction_timeout (their transaction rolled back)")
+        c.add_metric([], m.idle_transaction_timeouts)
+        yield c
+        c = CounterMetricFamily(PREFIX + "query_timeouts", "Requests cancelled by clusters.NAME.pool.query_timeout")
+        c.add_metric([], m.query_timeouts)
+        yield c
         c = CounterMetricFamily(PREFIX + "read_only_retries", "First statements refused as read-only and sent to the new writer")
         c.add_metric([], m.read_only_retries)
         yield c
@@ -130,6 +139,20 @@ class ProxyCollector:
             evicted.add_metric(lv, pool.budget_evictions_total)
         yield from (conns, borrowed, waiting, requests, failed, opened, timeouts, latency, evicted)
 
+        # [clusters.NAME.pool] max_cluster_connections: the cap (0 while a percentage awaits the server's
+        # max_connections) and the connections the cluster's role holds against it.
+        cap_limit = GaugeMetricFamily(PREFIX + "cluster_connections_max", "max_cluster_connections as connections, per "
+                                      "cluster and role (0: not known yet)", labels=["cluster", "role"])
+        cap_total = GaugeMetricFamily(PREFIX + "cluster_connections", "Backend connections of the cluster's role "
+                                      "counted against max_cluster_connections", labels=["cluster", "role"])
+        cap_evicted = CounterMetricFamily(PREFIX + "cluster_connections_evictions", "Idle connections closed to make "
+                                          "room under max_cluster_connections for another pool", labels=["cluster", "role"])
+        for (cluster, role), cap in list((getattr(proxy, "cluster_caps", None) or {}).items()):
+            cap_limit.add_metric([cluster, role], cap.limit)
+            cap_total.add_metric([cluster, role], cap.total)
+            cap_evicted.add_metric([cluster, role], cap.evictions_total)
+        yield from (cap_limit, cap_total, cap_evicted)
+
         pinned = GaugeMetricFamily(PREFIX + "database_connections_currently_session_pinned",
                                    "Client sessions pinned to their backend now, by reason "
                                    "(DatabaseConnectionsCurrentlySessionPinned)", labels=["cluster", "reason"])
@@ -171,6 +194,8 @@ def status_snapshot(proxy) -> dict:
         "pins": {cluster: {"now": dict(policy.pinned_now), "detected_total": dict(policy.detected_total)}
                  for cluster, policy in proxy.pin_policies.items()},
         "registry": proxy.registry.snapshot() if proxy.registry is not None else None,
+        "cluster_caps": [{"cluster": cluster, "role": role, "max": cap.limit, "connections": cap.total}
+                         for (cluster, role), cap in (getattr(proxy, "cluster_caps", None) or {}).items()],
     }
 
 

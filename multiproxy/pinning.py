@@ -10,6 +10,23 @@ from .engine import PinReason
 log = logging.getLogger("multiproxy.pinning")
 
 
+def _who(session) -> tuple[str, str, str]:
+    """The client address, user and listener of an engine's client protocol `session`, for log lines."""
+    ctx = getattr(session, "ctx", None)
+    address = getattr(ctx, "client_address", None)
+    if isinstance(address, tuple) and len(address) >= 2 and address[0]:
+        where = f"{address[0]}:{address[1]}"
+    else:
+        where = str(address or "?")
+    listener = getattr(getattr(ctx, "listener", None), "name", "?")
+    return where, getattr(session, "user", "") or "?", listener
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class PinPolicy:
     """Decides per reason whether a session pins (`pin`) or carries on multiplexed (`ignore`).
 
@@ -40,7 +57,9 @@ class PinPolicy:
         if reason.value not in reasons:
             reasons[reason.value] = (statement or detail, time.time())
             self.pinned_now[reason.value] += 1
-            log.info("cluster %s: session pinned to its backend: %s (%s)", self.cluster, reason.value, detail)
+            log.info("cluster %s: session of client %s (user %r, listener %s) pinned to its backend: %s (%s)%s",
+                     self.cluster, *_who(session), reason.value, detail,
+                     f": {_short(statement)}" if statement and statement != detail else "")
         return True
 
     def session_ended(self, session) -> None:

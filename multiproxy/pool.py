@@ -51,6 +51,7 @@ class Budget:
         self.pools: list[Pool] = []
         self.changes = Event()
         self.over = False       # more connections than max_size after a reload lowered it (see reconfigure)
+        self.cap: ClusterCap | None = None      # the cluster's max_cluster_connections, when it has one
 
     @property
     def size(self) -> int:
@@ -71,12 +72,20 @@ class Budget:
         ended, self.changes = self.changes, Event()
         ended.set()
 
+    def has_room(self) -> bool:
+        """A connection may open now: below max_size, and below the cluster's cap if it has one."""
+        return self.size < self.config.max_size and (self.cap is None or not self.cap.full())
+
     def make_room(self, pool: "Pool") -> bool:
         """Whether `pool` may open a connection now. When the budget is used up, the oldest idle connection of another
         variant is closed for it (unless closes under way already make room for every waiter and this caller):
-        the slot comes free, to the longest waiter, once the backend has closed its end."""
+        the slot comes free, to the longest waiter, once the backend has closed its end. Below max_size but at the
+        cluster's cap, the cap does the same across the cluster's pools (ClusterCap.make_room)."""
         if self.size < self.config.max_size:
-            return True
+            cap = self.cap
+            if cap is None or not cap.full():
+                return True
+            return cap.make_room(pool)
         if self.closing > self.waiting():
             return False
         oldest = None
@@ -95,6 +104,11 @@ class Budget:
         self.config = config
         for pool in self.pools:
             pool.config = config
+        if self.cap is not None:
+            self.cap.reconfigure(config)
+        elif config.max_cluster_connections:
+            log.warning("pool %s: max_cluster_connections applies to pools opened from now on; this one keeps no cap "
+                        "until the proxy restarts", self.label)
         for pool in self.pools:
             while pool.waiters and self.size < config.max_size:
                 before = self.size
@@ -109,7 +123,11 @@ class Budget:
         self.over = self.size > config.max_size
 
     def slot_freed(self, first: "Pool") -> None:
-        """A connection of the budget closed: the longest waiter of `first`, else of another variant, may open one."""
+        """A connection of the budget closed: the longest waiter of `first`, else of another variant, may open one
+        (with a cluster cap: the longest waiter of the cluster, ClusterCap.slot_freed)."""
+        if self.cap is not None:
+            self.cap.slot_freed()
+            return
         for pool in [first] + [p for p in self.pools if p is not first]:
             waiters = pool.waiters
             while waiters and self.size < self.config.max_size:
@@ -119,6 +137,118 @@ class Budget:
                     pool.opening.add(slot)
                     waiter.set(slot)
                     return
+
+
+class ClusterCap:
+    """[clusters.NAME.pool] max_cluster_connections of one (cluster, role): its budgets (each pool's max_size) open
+    together at most `limit` connections (counted as Budget.size: open, opening and closing). A borrower beyond it
+    waits in its pool's queue; the waiters of all the cluster's pools are served first come, first served (by
+    when each began to wait) as slots come free, and an idle connection of another pool is closed to make room
+    while one waits (as Budget does between variants). A percentage cap has no limit (0) until the first login
+    read the server's max_connections (`learned`)."""
+
+    def __init__(self, config, label: str):
+        self.config = config
+        self.label = label
+        self.budgets: list[Budget] = []
+        self.server_max: int | None = None
+        self.limit = config.cluster_cap()
+        self.evictions_total = 0
+
+    @property
+    def wants_server_max(self) -> bool:
+        return self.server_max is None and isinstance(self.config.max_cluster_connections, str)
+
+    def learned(self, server_max: int) -> None:
+        """The server's max_connections, read at the first login: a percentage cap takes effect."""
+        self.server_max = server_max
+        self.limit = self.config.cluster_cap(server_max)
+        log.info("cluster %s: max_cluster_connections %s of the server's max_connections %d is %d connections",
+                 self.label, self.config.max_cluster_connections, server_max, self.limit)
+
+    def reconfigure(self, config) -> None:
+        """A reload changed the pool settings: the cap follows (a percentage of the max_connections already read).
+        Connections beyond a lowered cap close as they come back idle (Pool.release makes room for waiters)."""
+        if config.max_cluster_connections == self.config.max_cluster_connections:
+            self.config = config
+            return
+        self.config = config
+        self.limit = config.cluster_cap(self.server_max)
+        log.info("cluster %s: max_cluster_connections is now %s (%d connections)", self.label,
+                 config.max_cluster_connections or "off", self.limit)
+
+    @property
+    def total(self) -> int:
+        return sum(budget.size for budget in self.budgets)
+
+    def full(self) -> bool:
+        return 0 < self.limit <= self.total
+
+    def pools(self) -> list:
+        return [pool for budget in self.budgets for pool in budget.pools]
+
+    @property
+    def closing(self) -> int:
+        return sum(budget.closing for budget in self.budgets)
+
+    def waiting(self, besides: "Pool | None" = None) -> int:
+        """Borrowers waiting for a slot the cap holds back (their own budget has room)."""
+        return sum(len(pool.waiters) for pool in self.pools()
+                   if pool is not besides and pool.budget.size < pool.budget.config.max_size)
+
+    def first_waiter_elsewhere(self, pool: "Pool") -> bool:
+        """Whether a borrower of another pool, held back by the cap alone, waits longer than every borrower of `pool` and
+        is not served yet by closes under way (so that a connection `pool` gives back should make room for it)."""
+        if self.closing >= self.waiting(besides=pool):
+            return False
+        own = min((pool.waiting_since.get(w, 0.0) for w in pool.waiters if not w.ready()), default=None)
+        for other in self.pools():
+            if other is pool or other.budget.size >= other.budget.config.max_size:
+                continue
+            for waiter in other.waiters:
+                if not waiter.ready():
+                    if own is None or other.waiting_since.get(waiter, 0.0) < own:
+                        return True
+                    break
+        return False
+
+    def make_room(self, pool: "Pool") -> bool:
+        """At the cap: close the oldest idle connection of another pool of the cluster for `pool` (unless closes under
+        way make room for every waiter already); the slot goes to the longest waiter once the backend closed its end.
+        Always False: the caller waits."""
+        if self.closing > self.waiting():
+            return False
+        oldest = None
+        for other in self.pools():
+            if other is not pool and other.idle:
+                conn = next(iter(other.idle))
+                if oldest is None or conn.last_used < oldest.last_used:
+                    oldest = conn
+        if oldest is not None:
+            self.evictions_total += 1
+            oldest.pool._evict(oldest)
+        return False
+
+    def slot_freed(self) -> None:
+        """A connection of the cluster closed (or a connect failed): the longest waiter of the cluster whose own budget
+        has room may open one, and so on while the cap has room."""
+        self.budgets = [budget for budget in self.budgets if budget.pools]
+        while not self.full():
+            best = None
+            for pool in self.pools():
+                waiters = pool.waiters
+                while waiters and waiters[0].ready():
+                    waiters.popleft()
+                if waiters and pool.budget.size < pool.budget.config.max_size:
+                    since = pool.waiting_since.get(waiters[0], 0.0)
+                    if best is None or since < best[0]:
+                        best = (since, pool)
+            if best is None:
+                return
+            pool = best[1]
+            slot = _Slot()
+            pool.opening.add(slot)
+            pool.waiters.popleft().set(slot)
 
 
 class Pool:
@@ -168,7 +298,18 @@ class Pool:
         self.variant = variant
         self.variant_name = engine.variant_name(variant) if variant else ""
         self.label = f"{base}[{self.variant_name}]" if self.variant_name else base
-        self.budget = budget if budget is not None else Budget(self.config, base)
+        if budget is None:
+            budget = Budget(self.config, base)
+            if self.config.max_cluster_connections:
+                caps = getattr(proxy, "cluster_caps", None)
+                if caps is None:
+                    caps = proxy.cluster_caps = {}
+                cap = caps.get((cluster.name, role))
+                if cap is None:
+                    cap = caps[(cluster.name, role)] = ClusterCap(self.config, f"{cluster.name}/{role}")
+                cap.budgets.append(budget)
+                budget.cap = cap
+        self.budget = budget
         self.budget.pools.append(self)
         # The addresses the registry lets this role use now (a live set it updates), None without a registry:
         # a connection to an address outside it is not reused, so pools follow roles and lag without a query.
@@ -271,6 +412,12 @@ class Pool:
         if result is None:
             self.borrow_timeouts_total += 1
             budget = self.budget
+            cap = budget.cap
+            if cap is not None and cap.full() and budget.size < self.config.max_size:
+                raise PoolTimeout(
+                    f"no database connection became free within {timeout:g} s: cluster {cap.label} holds all "
+                    f"{cap.limit} connections its clusters.{self.cluster.name}.pool.max_cluster_connections allows; "
+                    "retry, or raise max_cluster_connections or borrow_timeout")
             whose = (f"pool {self.label}" if len(budget.pools) == 1 else
                      f"{budget.label} (shared by its {len(budget.pools)} client variants)")
             raise PoolTimeout(
@@ -336,6 +483,8 @@ class Pool:
         try:
             sock = open_socket(target.host, target.port, timeout)
             sock, script = run_script(sock, self.engine.backend_login(target), target, timeout)
+            if self.cluster.backend.init_query or (self.budget.cap is not None and self.budget.cap.wants_server_max):
+                sock = self._after_login(sock, script.result, target, timeout)
         except (OSError, BackendError, ValueError) as exc:
             self.connect_failures_total += 1
             if sock is not None:
@@ -361,6 +510,33 @@ class Pool:
         return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
                                 self.generation)
 
+    def _after_login(self, sock, state, target, timeout: float):
+        """The cluster's init_query on a connection just logged in, and, for a percentage max_cluster_connections
+        not known yet, the read of the server's max_connections. Failures raise BackendError (the login fails)."""
+        engine = self.engine
+        cap = self.budget.cap
+        if cap is not None and cap.wants_server_max:
+            where = f"clusters.{self.cluster.name}.pool.max_cluster_connections"
+            script = engine.backend_query(engine.max_connections_query, state, f"read of max_connections ({where})") \
+                if engine.max_connections_query else None
+            if script is None:
+                raise BackendError(f"{where} is a percentage, but the {engine.name} engine cannot read the server's "
+                                   "max_connections; give a number of connections instead")
+            sock, script = run_script(sock, script, target, timeout)
+            try:
+                cap.learned(int(float((script.result or [None])[0])))
+            except (TypeError, ValueError):
+                raise BackendError(f"{where}: the server's max_connections is not a number: {script.result!r}") from None
+        init = self.cluster.backend.init_query
+        if init:
+            where = f"clusters.{self.cluster.name}.backend.init_query"
+            script = engine.backend_query(init, state, f"init query ({where})")
+            if script is None:
+                raise BackendError(f"{where} is set, but the {engine.name} engine cannot run queries after its login; "
+                                   "remove it")
+            sock, _ = run_script(sock, script, target, timeout)
+        return sock
+
     def welcome_facts(self):
         """The engine state of a logged-in backend, for greeting a new client, without waiting for a busy backend:
         the facts of this pool's latest login; else of a login of its own when the budget has a free slot (so a
@@ -375,7 +551,7 @@ class Pool:
             if self.facts is not None:
                 return self.facts
             budget = self.budget
-            if budget.size < budget.config.max_size:
+            if budget.has_room():
                 # A free slot: the pool's own login, so that the server's refusal of this user or database (if it
                 # refuses) reaches the client at its login, as it would directly.
                 self.release(self._connect_borrowed())
@@ -433,6 +609,14 @@ class Pool:
             return
         conn.last_used = now
         waiters = self.waiters
+        cap = self.budget.cap
+        if cap is not None and cap.full() and cap.first_waiter_elsewhere(self):
+            # At the cluster's cap a borrower of another pool waited longer than any of this one: first come, first
+            # served across the cluster, so this connection makes room for it.
+            cap.evictions_total += 1
+            self.in_use.discard(conn)
+            self._evict(conn)
+            return
         while waiters:
             waiter = waiters.popleft()
             if not waiter.ready():
@@ -499,7 +683,8 @@ class Pool:
 
     def fill(self) -> None:
         """Open connections until the budget holds min_size (called from the housekeeping greenlet)."""
-        while self.budget.size < self.config.min_size and not self.draining and not self.paused:
+        while self.budget.size < self.config.min_size and not self.draining and not self.paused and (
+                self.budget.cap is None or not self.budget.cap.full()):
             try:
                 conn = self._open()
             except BackendUnavailable:

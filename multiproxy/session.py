@@ -27,12 +27,49 @@ RECV_SIZE = 65536
 RESET_TIMEOUT = 10.0
 
 
+class ClientTimeouts:
+    """The sweep behind query_timeout, idle_transaction_timeout and idle_client_timeout: one greenlet per proxy looks at
+    every session (Session.check_timeouts) every fifth of the shortest limit in use (at most every second, at least
+    every 50 ms), so that nothing runs per request and no client socket carries a timeout (which would also bound
+    the proxy's writes to a slow reader). A limit fires up to a fifth of itself (a sweep) late."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.shortest = 0.0
+        self.greenlet = None
+
+    @classmethod
+    def of(cls, proxy) -> "ClientTimeouts":
+        sweep = getattr(proxy, "client_timeouts", None)
+        if sweep is None:
+            sweep = proxy.client_timeouts = cls(proxy)
+        return sweep
+
+    def watch(self, limit: float) -> None:
+        """A session with this shortest limit is served: sweep often enough for it."""
+        if not self.shortest or limit < self.shortest:
+            self.shortest = limit
+        if self.greenlet is None or self.greenlet.dead:
+            self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        proxy = self.proxy
+        while proxy.sessions:       # ends with the last client; the next one served starts it again
+            gevent.sleep(min(1.0, max(0.05, self.shortest / 5)))
+            now = time.monotonic()
+            for session in list(proxy.sessions):
+                try:
+                    session.check_timeouts(now)
+                except Exception:  # one session's failure must not stop the sweep of the others
+                    log.exception("client timeouts: checking a session failed")
+
+
 class Session:
     """One client connection and, while it holds one, its backend connection."""
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject", "leftover", "linked_once", "connected_at",
+                 "reject", "leftover", "linked_once", "connected_at", "watch",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -56,6 +93,7 @@ class Session:
         self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
         self.linked_once = False          # a backend has served this client (its own login was accepted once)
         self.connected_at = time.time()   # for the admin console's SHOW CLIENTS
+        self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -97,6 +135,7 @@ class Session:
             reset_after_transaction=rt.reset_after_transaction, reset_query=cluster.backend.reset_query,
             max_prepared_statements=cluster.backend.max_prepared_statements,
             statement_counts=proxy.statement_counts.setdefault(cluster.name, StatementCounts()),
+            init_query=cluster.backend.init_query,
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout
@@ -295,18 +334,103 @@ class Session:
                 send(out)
 
     def serve(self) -> None:
-        idle = self.proxy.config.proxy.idle_client_timeout
-        if idle:
-            self.sock.settimeout(idle)
-            try:
-                self._relay()
-            except TimeoutError:
-                self.proxy.metrics.idle_timeouts += 1
-                if self.backend is None:
-                    self._send_quietly(self.proto.error(
-                        ErrorKind.IDLE_TIMEOUT, f"closing the connection after {idle:g} s idle (proxy.idle_client_timeout)"))
-            return
+        settings = self.proxy.config.proxy
+        limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
+                              getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
+        if limits:
+            ClientTimeouts.of(self.proxy).watch(min(limits))
         self._relay()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the proxy's ClientTimeouts sweep (never per request). The session's state (waiting for an answer,
+        idle inside a transaction, idle outside one) and its request count are compared with the last sweep's; a
+        state that has lasted, with no request in between, past its limit fires: query_timeout cancels the request
+        through the engine's cancel (and, with no answer a query_timeout later, at least 1 s, closes the backend);
+        idle_transaction_timeout tells the client and closes it (its backend is closed: the server rolls back);
+        idle_client_timeout, outside a transaction only (a pinned session between transactions counts), tells the
+        client and closes it."""
+        proto = self.proto
+        if proto is None or self.pool is None or self.client_gone:
+            return      # still logging in (handshake_timeout's), a console client, or gone
+        backend = self.backend
+        awaiting = proto.awaiting_answer() if backend is not None else False
+        if awaiting:
+            state = "awaiting"
+        elif backend is not None and proto.transaction_open():
+            state = "transaction"
+        elif awaiting is None or proto.transaction_open():
+            state = "unknown"       # the engine cannot tell, or a transaction holding no backend: left alone
+        else:
+            state = "idle"
+        requests = proto.requests
+        watch = self.watch
+        if watch is None or watch[0] != requests or watch[1] != state:
+            self.watch = [requests, state, now, 0.0]
+            return
+        since, cancelled = watch[2], watch[3]
+        settings = self.proxy.config.proxy
+        if state == "awaiting":
+            limit = getattr(self.runtime.cluster.pool, "query_timeout", 0.0)
+            if not limit:
+                return
+            if not cancelled and now - since >= limit:
+                watch[3] = now
+                self._query_timed_out(limit)
+            elif cancelled and now - cancelled >= max(limit, 1.0) and backend is not None:
+                log.warning("client %s: the request cancelled for query_timeout did not end within %g s more; "
+                            "closing its backend connection", self._where(), max(limit, 1.0))
+                backend.fail(f"the request ran longer than query_timeout ({limit:g} s) and did not end when "
+                             "cancelled")
+        elif state == "transaction":
+            limit = getattr(settings, "idle_transaction_timeout", 0.0)
+            if limit and now - since >= limit:
+                metrics = self.proxy.metrics
+                metrics.idle_transaction_timeouts = getattr(metrics, "idle_transaction_timeouts", 0) + 1
+                log.info("client %s: idle in a transaction for %g s: closed (proxy.idle_transaction_timeout), its "
+                         "transaction rolled back", self._where(), limit)
+                self._close_idle(proto.error(
+                    ErrorKind.IDLE_TRANSACTION_TIMEOUT, f"closing the connection after {limit:g} s idle inside a "
+                    "transaction (proxy.idle_transaction_timeout); the transaction was rolled back"))
+        elif state == "idle":
+            limit = settings.idle_client_timeout
+            if limit and now - since >= limit:
+                self.proxy.metrics.idle_timeouts += 1
+                self._close_idle(proto.error(
+                    ErrorKind.IDLE_TIMEOUT, f"closing the connection after {limit:g} s idle (proxy.idle_client_timeout)"))
+
+    def _close_idle(self, error: bytes) -> None:
+        """Tell an idle client why and close it: nobody else writes to it now (no answer is outstanding); its reader
+        sees the end and finish() returns or closes the backend."""
+        self._send_quietly(error)
+        self.watch = None
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+    def _where(self) -> str:
+        address = self.address
+        where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)
+        return f"{where} (user {self.user!r}, listener {self.listener.name})"
+
+    def _query_timed_out(self, limit: float) -> None:
+        """query_timeout fired for the request the linked backend runs: cancel it as a client's cancel would be
+        (the engine's in-band cancel, else its cancel script); the client gets the server's cancel error."""
+        metrics = self.proxy.metrics
+        metrics.query_timeouts = getattr(metrics, "query_timeouts", 0) + 1
+        log.warning("client %s: request outstanding for %g s cancelled (clusters.%s.pool.query_timeout)",
+                    self._where(), limit, self.runtime.cluster.name)
+        backend = self.backend
+        if backend is None:
+            return
+        data = self.proto.cancel_in_band()
+        if data:
+            try:
+                backend.sendall(data)
+            except (OSError, ValueError):
+                pass
+            return
+        self.proxy.cancel(self.cancel_key, self.engine)
 
     def _relay(self) -> None:
         recv = fast_recv(self.sock)

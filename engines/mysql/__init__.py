@@ -5,7 +5,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
 from . import protocol as p
 from .auth import VERIFIER_KINDS, rsa_private_key
-from .backend import MySQLCancel, MySQLLogin, MySQLProbe
+from .backend import MySQLCancel, MySQLLogin, MySQLProbe, MySQLQuery
 from .client import MySQLClient, render_error
 from .pinning import ALL_PIN_REASONS
 from .session_state import COLLATIONS
@@ -73,6 +73,11 @@ class MySQLEngine(Engine):
 
     def cancel_script(self, target: BackendTarget, server_state) -> MySQLCancel:
         return MySQLCancel(target, server_state)
+
+    max_connections_query = "SELECT @@max_connections"
+
+    def backend_query(self, sql: str, server_state, what: str = "query") -> MySQLQuery:
+        return MySQLQuery(sql, server_state, what)
 
     def probe_script(self, target: BackendTarget) -> MySQLProbe:
         return MySQLProbe(target)

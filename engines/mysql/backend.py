@@ -480,3 +480,94 @@ def _relay_backlog(record: dict) -> int | None:
         return max(0, int(read_pos) - int(exec_pos))
     except (TypeError, ValueError):
         return None
+
+
+def _com_set_option(option: int) -> bytes:
+    return p.packet(0, bytes((p.COM_SET_OPTION,)) + struct.pack("<H", option))
+
+
+class MySQLQuery(BackendScript):
+    """Runs `sql` as one COM_QUERY on a logged-in backend (the cluster's init_query, the read of max_connections)
+    and reads every result to the last (SERVER_MORE_RESULTS_EXISTS), in either EOF mode. Several statements run
+    with multi-statements switched on for the query (COM_SET_OPTION) when the login did not ask for them, and off
+    again after. Result: the first row's values as text ([] without rows); an ERR raises BackendError with the
+    server's code, SQLSTATE and text."""
+
+    def __init__(self, sql: str, state: MySQLServerState, what: str = "query"):
+        self.sql = sql
+        self.state = state
+        self.what = what
+        self.reader = PacketReader()
+        self.deprecate_eof = bool(state.capabilities & p.CLIENT_DEPRECATE_EOF)
+        self.steps = [com_query(sql)]
+        if ";" in sql.strip().rstrip(";") and not state.multi_statements:
+            self.steps = [_com_set_option(p.MYSQL_OPTION_MULTI_STATEMENTS_ON), self.steps[0],
+                          _com_set_option(p.MYSQL_OPTION_MULTI_STATEMENTS_OFF)]
+        self.phase = "start"
+        self.columns = 0
+        self.row: list | None = None
+        self.done = False
+        self.wants_tls = False
+        self.result = None
+
+    def start(self) -> bytes:
+        return self.steps[0]
+
+    def _refused(self, payload: bytes):
+        code, sqlstate, text = p.parse_err(payload)
+        return BackendError(f"the backend refused the {self.what}: {text} (error {code}, SQLSTATE {sqlstate})",
+                            code=str(code), sqlstate=sqlstate, server_message=text)
+
+    def _step_done(self) -> bytes:
+        self.steps.pop(0)
+        self.phase = "start"
+        if self.steps:
+            return self.steps[0]
+        self.done = True
+        self.result = self.row or []
+        return b""
+
+    def _ended(self, status: int) -> bytes:
+        self.state.status = status
+        if status & p.SERVER_MORE_RESULTS_EXISTS:
+            self.phase = "start"
+            return b""
+        return self._step_done()
+
+    def feed(self, data: bytes) -> bytes:
+        out = b""
+        try:
+            for _seq, payload in self.reader.feed(data):
+                head = payload[0] if payload else 0
+                if head == p.ERR_HEADER and self.phase in ("start", "rows"):
+                    raise self._refused(payload)
+                if self.phase == "start":
+                    if head == p.OK_HEADER or (head == p.EOF_HEADER and len(payload) < 9):
+                        out += self._ended(p.terminator_status(payload) if head == p.EOF_HEADER
+                                           else p.ok_status(payload))
+                    else:
+                        self.columns = p.read_lenenc_int(payload, 0)[0]
+                        self.phase = "columns"
+                elif self.phase == "columns":
+                    self.columns -= 1
+                    if self.columns <= 0:
+                        self.phase = "rows" if self.deprecate_eof else "eof"
+                elif self.phase == "eof":
+                    self.phase = "rows"
+                elif head == p.EOF_HEADER and len(payload) < 0xFFFFFF and (self.deprecate_eof or len(payload) < 9):
+                    out += self._ended(p.terminator_status(payload))
+                elif self.row is None:
+                    row, pos = [], 0
+                    while pos < len(payload):
+                        if payload[pos] == 0xFB:
+                            row.append(None)
+                            pos += 1
+                        else:
+                            value, pos = p.read_lenenc_str(payload, pos)
+                            row.append(bytes(value).decode("utf-8", "replace"))
+                    self.row = row
+                if self.done:
+                    break
+        except (IndexError, ValueError, struct.error) as exc:
+            raise BackendError(f"backend sent a malformed answer to the {self.what}: {exc}") from None
+        return out

@@ -213,6 +213,7 @@ class Commands:
             found.pin(PinReason.SESSION_VARIABLE, "SET to an expression in a statement over 16 MiB")
         pins = [effect for effect in found.effects if effect[0] == "pin"]
         if pins:
+            self.pin_statement = sql     # for the pin's log line and SHOW PINS
             self._pins_sent(pins)
         if found.hold_next:
             self.hold = 2

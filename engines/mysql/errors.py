@@ -20,6 +20,8 @@ ERRORS = {   # ErrorKind -> (error code, SQLSTATE)
     ErrorKind.HANDSHAKE_TIMEOUT: (p.ER_HANDSHAKE_ERROR, "08S01"),
     ErrorKind.NOT_SUPPORTED: (p.ER_NOT_SUPPORTED_YET, "42000"),
     ErrorKind.INTERNAL: (p.ER_UNKNOWN_ERROR, "HY000"),
+    ErrorKind.QUERY_TIMEOUT: (3024, "HY000"),           # ER_QUERY_TIMEOUT (max_execution_time)
+    ErrorKind.IDLE_TRANSACTION_TIMEOUT: (p.ER_NET_READ_INTERRUPTED, "08S01"),
 }
 
 

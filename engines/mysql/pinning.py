@@ -380,7 +380,8 @@ class PinTracking:
             self._detected(reason, detail, key)
 
     def _detected(self, reason: PinReason, detail: str, key=None) -> None:
-        if self.ctx.pin_policy.detected(self, reason, detail):
+        statement = getattr(self, "pin_statement", b"")
+        if self.ctx.pin_policy.detected(self, reason, detail, bytes(statement[:500]).decode("utf-8", "replace")):
             self.pinned = True
             keys = self.pin_keys.setdefault(reason, [])
             # Advisory locks count (GET_LOCK twice needs RELEASE_LOCK twice); other names are held once.

@@ -545,6 +545,10 @@ class Relay:
         self.s_more = False
         self.rstate = S_START
 
+    def awaiting_answer(self) -> bool:
+        """A command sent waits for (the end of) its answer (query_timeout, idle timeouts)."""
+        return bool(self.fifo)
+
     def is_clean(self) -> bool:
         return (not self.fifo and not self.status & p.SERVER_STATUS_IN_TRANS and not self.infile and not self.sbuf
                 and not self.s_skip and not self.s_more and not self.cbuf and not self.c_skip and not self.c_more

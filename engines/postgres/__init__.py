@@ -5,7 +5,7 @@ import os
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
-from .backend import PostgresCancel, PostgresLogin, PostgresProbe
+from .backend import PostgresCancel, PostgresLogin, PostgresProbe, PostgresQuery
 from .client import PostgresClient, render_error
 from .pinning import ALL_PIN_REASONS
 
@@ -33,6 +33,11 @@ class PostgresEngine(Engine):
 
     def cancel_script(self, target: BackendTarget, server_state) -> PostgresCancel:
         return PostgresCancel(server_state)
+
+    max_connections_query = "SHOW max_connections"
+
+    def backend_query(self, sql: str, server_state, what: str = "query") -> PostgresQuery:
+        return PostgresQuery(sql, server_state, what)
 
     def probe_script(self, target: BackendTarget) -> PostgresProbe:
         return PostgresProbe(target)

@@ -273,3 +273,56 @@ class PostgresProbe(BackendScript):
         except ValueError:
             raise BackendError(f"role probe: unexpected answer {row!r}") from None
         return {"role": "reader", "lag": lag, "lag_bytes": lag_bytes, "skip": None}
+
+
+class PostgresQuery(BackendScript):
+    """Runs `sql` as one simple Query on a logged-in backend (the cluster's init_query, the read of max_connections)
+    and reads to its ReadyForQuery. Parameters it changes (ParameterStatus) update `state`, its login parameters
+    included, so clients are greeted with them. Result: the first row's values as text ([] without rows); an
+    ErrorResponse raises BackendError with the server's SQLSTATE and text."""
+
+    def __init__(self, sql: str, state: PostgresServerState, what: str = "query"):
+        self.sql = sql
+        self.state = state
+        self.what = what
+        self.reader = _MessageReader()
+        self.done = False
+        self.wants_tls = False
+        self.result = None
+        self.row: list | None = None
+        self.error: BackendError | None = None
+
+    def start(self) -> bytes:
+        return p.query(self.sql)
+
+    def feed(self, data: bytes) -> bytes:
+        state = self.state
+        for kind, body in self.reader.feed(data):
+            if kind == p.DATA_ROW and self.row is None:
+                count = p.INT16.unpack_from(body, 0)[0]
+                pos, row = 2, []
+                for _ in range(count):
+                    size = p.INT32.unpack_from(body, pos)[0]
+                    pos += 4
+                    row.append(None if size < 0 else body[pos:pos + size].decode("utf-8", "replace"))
+                    pos += max(size, 0)
+                self.row = row
+            elif kind == p.PARAMETER_STATUS:
+                name, end = p.read_cstring(body, 0)
+                value, _ = p.read_cstring(body, end)
+                low = name.lower()
+                state.params[low] = state.login_params[low] = value
+                state.canonical[low] = name
+            elif kind == p.ERROR_RESPONSE and self.error is None:
+                code, text = backend_error_text(body)
+                self.error = BackendError(f"the backend refused the {self.what}: {text} (SQLSTATE {code})",
+                                          code=code, sqlstate=code, server_message=text)
+            elif kind == p.READY_FOR_QUERY:
+                if self.error is not None:
+                    raise self.error
+                if body[:1] != b"I":
+                    raise BackendError(f"the {self.what} left a transaction open; end it with COMMIT")
+                self.done = True
+                self.result = self.row or []
+                break
+        return b""

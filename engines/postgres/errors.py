@@ -20,11 +20,13 @@ SQLSTATE = {
     ErrorKind.HANDSHAKE_TIMEOUT: "08P01",
     ErrorKind.NOT_SUPPORTED: "0A000",
     ErrorKind.INTERNAL: "XX000",
+    ErrorKind.QUERY_TIMEOUT: "57014",
+    ErrorKind.IDLE_TRANSACTION_TIMEOUT: "25P03",
 }
 # Errors after which the proxy closes the connection are FATAL, as PostgreSQL would say them.
 FATAL_KINDS = frozenset({ErrorKind.AUTH_FAILED, ErrorKind.PROTOCOL_VIOLATION, ErrorKind.MESSAGE_TOO_LARGE,
                          ErrorKind.TOO_MANY_CONNECTIONS, ErrorKind.TLS_REQUIRED, ErrorKind.SHUTTING_DOWN,
-                         ErrorKind.IDLE_TIMEOUT, ErrorKind.HANDSHAKE_TIMEOUT})
+                         ErrorKind.IDLE_TIMEOUT, ErrorKind.HANDSHAKE_TIMEOUT, ErrorKind.IDLE_TRANSACTION_TIMEOUT})
 
 
 def render_error(kind: ErrorKind, message: str, fatal: bool | None = None) -> bytes:

@@ -728,6 +728,14 @@ class Relay:
         self.sbuf = b""
         self.s_skip = 0
 
+    def awaiting_answer(self) -> bool:
+        """A request sent waits for its ReadyForQuery (query_timeout, idle timeouts)."""
+        return bool(self.fifo)
+
+    def transaction_open(self) -> bool:
+        """Inside a transaction, the proxy's own lazy BEGIN included, or mid COPY or extended query."""
+        return not self.is_clean() or getattr(self, "lazy_begin", None) is not None
+
     def is_clean(self) -> bool:
         """Nothing outstanding, no transaction, no COPY, no half message: the backend could serve someone else."""
         return (not self.fifo and self.tx_status == p.TX_IDLE and not self.pending_extended and not self.copy_in

@@ -7,7 +7,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 from multiproxy.tls import client_leg_context
 
 from .auth import VERIFIER_KINDS
-from .backend import TDSCancel, TDSLogin, TDSProbe
+from .backend import TDSCancel, TDSLogin, TDSProbe, TDSQuery
 from .client import TDSClient, render_error
 from .pinning import ALL_PIN_REASONS
 
@@ -65,6 +65,11 @@ class TDSEngine(Engine):
 
     def cancel_script(self, target: BackendTarget, server_state) -> TDSCancel:
         return TDSCancel()
+
+    max_connections_query = "SELECT @@MAX_CONNECTIONS"
+
+    def backend_query(self, sql: str, server_state, what: str = "query") -> TDSQuery:
+        return TDSQuery(sql, server_state, what)
 
     def probe_script(self, target: BackendTarget) -> TDSProbe:
         return TDSProbe(target)

@@ -268,3 +268,43 @@ class TDSCancel(BackendScript):
 
     def feed(self, data: bytes) -> bytes:
         return b""
+
+
+class TDSQuery(BackendScript):
+    """Runs `sql` as one SQL batch on a logged-in backend (the cluster's init_query, the read of @@MAX_CONNECTIONS)
+    and reads its whole reply. A database change (USE) updates `state`. Result: the first row's values as text
+    ([] without rows); an ERROR token of severity above 10 raises BackendError with the server's number and text."""
+
+    def __init__(self, sql: str, state: TDSServerState, what: str = "query"):
+        self.sql = sql
+        self.state = state
+        self.what = what
+        self.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
+        self.done = False
+        self.wants_tls = False
+        self.result = None
+
+    def start(self) -> bytes:
+        return tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.sql).encode(), self.state.packet_size)
+
+    def feed(self, data: bytes) -> bytes:
+        for msg in self.reader.feed(data):
+            try:
+                tokens = tk.TokenReader().read(msg.data)
+            except tk.ProtocolError as exc:
+                raise BackendError(f"the {self.what}: malformed reply: {exc}") from None
+            row = None
+            for tok in tokens:
+                if tok.type == tk.TOKEN_ERROR and tok.severity > 10:
+                    raise BackendError(f"the backend refused the {self.what}: {tok.text} (error {tok.number})",
+                                       code=str(tok.number), server_message=tok.text, severity=tok.severity)
+                if tok.type == tk.TOKEN_ROW and row is None:
+                    row = [None if v is None else str(v) for v in tok.values]
+                elif tok.type == tk.TOKEN_ENVCHANGE and tok.env_type == tk.ENV_DATABASE:
+                    self.state.database = tok.new
+                elif tok.type == tk.TOKEN_ENVCHANGE and tok.env_type == tk.ENV_BEGINTRAN:
+                    raise BackendError(f"the {self.what} left a transaction open; end it with COMMIT")
+            self.done = True
+            self.result = row or []
+            break
+        return b""

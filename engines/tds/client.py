@@ -55,6 +55,8 @@ ERRORS = {
     ErrorKind.HANDSHAKE_TIMEOUT: (50002, 20),
     ErrorKind.NOT_SUPPORTED: (40517, 16),
     ErrorKind.INTERNAL: (50000, 20),
+    ErrorKind.QUERY_TIMEOUT: (50003, 16),
+    ErrorKind.IDLE_TRANSACTION_TIMEOUT: (50001, 20),
 }
 STATES = {kind: index + 1 for index, kind in enumerate(ErrorKind)}
 RESET_ACK = tk.env_reset_ack()
@@ -137,6 +139,7 @@ class TDSClient(SessionState, Statements, ClientProtocol):
         self.pin_reasons: set = set()    # what pins the session (a reset undoes them all)
         self.ident = object()
         self.attn_local = False
+        self.attn_by_proxy = False      # an ATTENTION the proxy sent (query_timeout), not the client
         self.retry_ok = False
         self.descriptor = b""            # the backend's descriptor of the open transaction (ENVCHANGE 8)
         self.local_descriptor = b""      # a descriptor the proxy made for the client: mapped to the backend's
@@ -573,6 +576,9 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
+                if self.ctx.init_query:     # a reset undoes what the init query set: it runs again after it
+                    internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.init_query).encode(),
+                                                      self.backend_size))
             replay = self._replay_statements(server_state.database)
             if replay:
                 internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("; ".join(replay)).encode(),
@@ -708,7 +714,10 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                 # the commit the client asked to begin a new transaction after: the proxy begins it (lazily)
                 self.local_descriptor, self.lazy_begin = new_local_descriptor(), entry.begin_after
                 payload = with_local_begin(payload, self.local_descriptor)
-            out.append(self.reframer.feed(payload, bool(eom)))
+            if attention_done and self.attn_by_proxy:
+                payload = self._proxy_attention_reply(payload)
+            if payload:
+                out.append(self.reframer.feed(payload, bool(eom)))
         if not eom:
             return
         self.scanner.buf = b""
@@ -733,6 +742,37 @@ class TDSClient(SessionState, Statements, ClientProtocol):
         self.expect.append(_Expect(internal=True, strip_reset=True))
         batch = tp.SqlBatch(reset_query or "SELECT 1 WHERE 1 = 0").encode()
         return tp.encode_message(tp.SQL_BATCH, batch, server_state.packet_size, tp.STATUS_RESETCONNECTION)
+
+    def awaiting_answer(self) -> bool:
+        """A request sent waits for (the end of) its reply (query_timeout, idle timeouts)."""
+        return bool(self.expect)
+
+    def transaction_open(self) -> bool:
+        """Inside a transaction, the one the proxy answered BEGIN TRAN for and begins lazily included."""
+        return not self.is_clean() or self.lazy_begin is not None or bool(self.local_descriptor)
+
+    def _proxy_attention_reply(self, payload: bytes) -> bytes:
+        """The reply that ends with the acknowledgement of the proxy's own ATTENTION: the request's reply ends with the
+        proxy's QUERY_TIMEOUT error instead of DONE(ATTN); an acknowledgement alone (the request was answered
+        before the ATTENTION arrived) is swallowed."""
+        self.attn_by_proxy = False
+        expect = self.expect
+        if len(payload) < 13 or payload[-13] != tk.TOKEN_DONE:
+            return payload
+        if expect and expect[0].attention:
+            return payload[:-13]
+        return payload[:-13] + error_tokens(ErrorKind.QUERY_TIMEOUT, "the request ran longer than the cluster's "
+                                            "query_timeout and was cancelled; make it faster or raise "
+                                            "clusters.NAME.pool.query_timeout") + tk.done(tk.DONE_ERROR)
+
+    def cancel_in_band(self) -> bytes:
+        """query_timeout: an ATTENTION on the serving connection; the reply's closing DONE(ATTN) becomes the proxy's
+        error for the request (the client sent no ATTENTION of its own)."""
+        if not self.linked or not self.expect or any(e.attention for e in self.expect):
+            return b""
+        self.expect.append(_Expect(attention=True))
+        self.attn_by_proxy = True
+        return tp.encode_message(tp.ATTENTION, b"", self.backend_size)
 
     def is_clean(self) -> bool:
         return not self.expect and not self.in_transaction and not self.sbuf and not self.reader.pending

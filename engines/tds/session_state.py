@@ -22,15 +22,17 @@ def request_effects(msg: tp.Message, virtualised: bool = True) -> list[tuple]:
         effects.append((RESET, bool(msg.status & tp.STATUS_RESETCONNECTIONSKIPTRAN)))
     try:
         if msg.type == tp.SQL_BATCH:
-            reasons, tracked = classify_batch(tp.SqlBatch.decode(msg.data).text)
-            effects += [(PIN, reason, detail) for reason, detail in reasons]
+            text = tp.SqlBatch.decode(msg.data).text
+            reasons, tracked = classify_batch(text)
+            effects += [(PIN, reason, detail, text[:500]) for reason, detail in reasons]
             effects += [(SET, name, statement) for name, statement in tracked.items()]
         elif msg.type == tp.RPC:
             for call in tp.RpcRequest.decode(msg.data).calls:
                 if call.name.lower().rsplit(".", 1)[-1].strip("[]") == RESET_PROCEDURE:
                     effects.append((RESET, False))
                     continue
-                effects += [(PIN, reason, detail) for reason, detail in classify_rpc(call.name, call.params, virtualised)]
+                effects += [(PIN, reason, detail, f"RPC {call.name}")
+                            for reason, detail in classify_rpc(call.name, call.params, virtualised)]
     except (ProtocolError, UnicodeDecodeError):
         pass            # the backend refuses it with its own error
     return effects
@@ -46,7 +48,7 @@ class SessionState:
         entry.sent = True
         for effect in entry.effects:
             if effect[0] == PIN:
-                if self.ctx.pin_policy.detected(self, effect[1], effect[2]):
+                if self.ctx.pin_policy.detected(self, effect[1], effect[2], effect[3] if len(effect) > 3 else ""):
                     self.pinned = True
                     self.pin_reasons.add(effect[1])
             elif effect[0] == RESET:

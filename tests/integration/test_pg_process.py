@@ -56,12 +56,13 @@ def test_idle_client_is_closed_with_an_error(pg, proxy_factory):
 
 def test_idle_in_transaction_client_is_closed_and_rolled_back(pg, proxy_factory):
     pg.psql("CREATE TABLE IF NOT EXISTS idle_tx (n int); GRANT ALL ON idle_tx TO PUBLIC", db="mpdb")
-    proxy = proxy_factory(config(pg, idle_client_timeout=1.0))
+    proxy = proxy_factory(config(pg, idle_transaction_timeout=1.0))
     conn = connect(proxy)
     conn.execute("INSERT INTO idle_tx VALUES (7)")
     time.sleep(2.0)
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as info:
         conn.commit()
+    assert "idle_transaction_timeout" in str(info.value)
     with connect(proxy, autocommit=True) as other:
         assert other.execute("SELECT count(*) FROM idle_tx WHERE n = 7").fetchone() == (0,)
 

@@ -111,6 +111,7 @@ def test_client_stopping_mid_login_is_closed_after_handshake_timeout(lab, proxy_
 def test_idle_client_is_closed_with_an_error_and_idle_in_transaction_rolled_back(lab, proxy_factory):
     config = tds_config(lab)
     config["proxy"]["idle_client_timeout"] = 1.0
+    config["proxy"]["idle_transaction_timeout"] = 1.0
     proxy = proxy_factory(config, files={"users.toml": users_toml()})
     with direct(lab) as setup:
         setup.cursor().execute("CREATE TABLE idle_tx (n INT)")
@@ -124,8 +125,10 @@ def test_idle_client_is_closed_with_an_error_and_idle_in_transaction_rolled_back
     assert closed
     found = errors(tk.TokenReader().read(tp.MessageReader().feed(data)[0].data))
     assert found and found[0][0] == 50001 and "idle" in found[0][2], found
-    _, closed = read_until_closed(in_tx.sock, 5)
+    data, closed = read_until_closed(in_tx.sock, 5)
     assert closed
+    found = errors(tk.TokenReader().read(tp.MessageReader().feed(data)[0].data))
+    assert found and found[0][0] == 50001 and "idle_transaction_timeout" in found[0][2], found
     with direct(lab) as check:
         assert one(check, "SELECT COUNT(*) FROM idle_tx WHERE n = 7") == [(0,)]
     assert wait_for(lambda: metric(metrics_text(proxy), BORROWED) == 0)
