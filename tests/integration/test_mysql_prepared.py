@@ -1,7 +1,11 @@
 """Binary prepared statements multiplexed (issue 14): drivers that prepare server-side (mysql-connector
 `cursor(prepared=True)`, MariaDB Connector/Python with parameters, sysbench --db-ps-mode=auto) with more clients
 than backends through a real MariaDB: rows right, zero borrow timeouts, zero pins, the statement cache counted;
-a changed table never yields wrong rows; a server-side cursor pins, with its reason, and works."""
+a changed table never yields wrong rows; a server-side cursor pins, with its reason, and works.
+
+Each scenario of a statement missing on its backend runs twice: with MariaDB's pipelined re-prepare (statement id
+0xFFFFFFFF) and with it switched off (`pipelined_reprepare = "false"`), which holds each such execute until its
+re-prepare's id is known, as on MySQL servers (there is no MySQL server here)."""
 from __future__ import annotations
 
 import io
@@ -23,6 +27,12 @@ DETECTED = "multiproxy_pin_reasons_detected_total"
 STATEMENTS = "multiproxy_prepared_statements_total"
 MAX_SIZE = 3
 CLIENTS = 12
+
+
+@pytest.fixture(params=["pipelined", "held"])
+def reprepare(request) -> dict:
+    """The cluster's engine options: MariaDB's pipelined re-prepare, or executes held for their re-prepare's id."""
+    return {} if request.param == "pipelined" else {"pipelined_reprepare": "false"}
 
 
 def assert_no_pins_no_timeouts(proxy) -> str:
@@ -63,8 +73,8 @@ def connector_settings(proxy, **extra) -> dict:
 @pytest.mark.parametrize("use_pure", [True, pytest.param(False, marks=pytest.mark.skipif(
     not getattr(mysql.connector, "HAVE_CEXT", False), reason="mysql-connector's C extension is not installed"))],
     ids=["pure", "cext"])
-def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     blob = bytes(range(256)) * 40          # 10 KB
 
     def work(w: int) -> None:
@@ -97,8 +107,9 @@ def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_fact
 
 
 @pytest.mark.timeout(180)
-def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(mariadb, proxy_factory, table):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(mariadb, proxy_factory, table,
+                                                                              reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"max_prepared_statements": 4})
     conn = direct(mariadb)
     query(conn, f"INSERT INTO {table} (id, worker, v) VALUES " + ", ".join(f"({i}, 0, {i * i})" for i in range(20)))
@@ -125,8 +136,8 @@ def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(ma
 
 
 @pytest.mark.timeout(180)
-def test_mariadb_connector_parameters_executemany_and_its_pool(mariadb, proxy_factory, table):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_mariadb_connector_parameters_executemany_and_its_pool(mariadb, proxy_factory, table, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     settings = dict(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
                     connect_timeout=10)
     pool = mariadb_connector.ConnectionPool(pool_name="prepared", pool_size=CLIENTS // 2, **settings)
@@ -186,17 +197,17 @@ def sysbench(test: str, proxy, mariadb) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(shutil.which("sysbench") is None, reason="sysbench is not installed")
 @pytest.mark.parametrize("test", ["oltp_point_select", "oltp_read_write"])
-def test_sysbench_prepared_statements_on_a_small_pool(mariadb, proxy_factory, test):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_sysbench_prepared_statements_on_a_small_pool(mariadb, proxy_factory, test, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     sysbench(test, proxy, mariadb)
     text = assert_no_pins_no_timeouts(proxy)
     assert metric(text, STATEMENTS, outcome="hit") > 1000, text
 
 
 @pytest.mark.timeout(120)
-def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table):
+def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table, reprepare):
     # Every borrow resets its backend: each execute lands where the statement is missing and is prepared again.
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"reset_after_transaction": "yes"})
     conn = direct(mariadb)
     query(conn, f"INSERT INTO {table} (id, worker, v) VALUES (1, 1, 10)")
@@ -251,9 +262,9 @@ def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_fact
 
 
 @pytest.mark.timeout(120)
-def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table):
+def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table, reprepare):
     # Every borrow resets its backend: the held long data follows a pipelined re-prepare (statement 0xFFFFFFFF).
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"reset_after_transaction": "yes"})
     blob = bytes(range(251)) * 100          # 25 KB, sent by the driver with COM_STMT_SEND_LONG_DATA
     client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
