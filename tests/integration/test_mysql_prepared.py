@@ -263,7 +263,7 @@ def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_fact
 
 @pytest.mark.timeout(120)
 def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table, reprepare):
-    # Every borrow resets its backend: the held long data follows a pipelined re-prepare (statement 0xFFFFFFFF).
+    # Every borrow resets its backend: the held long data follows the re-prepare (pipelined, or held with the execute).
     proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"reset_after_transaction": "yes"})
     blob = bytes(range(251)) * 100          # 25 KB, sent by the driver with COM_STMT_SEND_LONG_DATA
