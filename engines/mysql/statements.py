@@ -100,7 +100,7 @@ class Statements:
         self.holding = False            # an execute waits for its re-prepare: client bytes go to `held`
         self.held: list = []            # client bytes for the backend, held in order (first one at a placeholder)
         self.held_size = 0
-        self.held_items: list = []      # [statement, entry, payload, long data, Pending or None once dropped]
+        self.held_items: list = []      # [statement, entry, payload, long data (None: RESET, FETCH), Pending or None]
         self.held_mark = b""
 
     # ------------------------------------------------------------------ client commands
@@ -165,10 +165,13 @@ class Statements:
                 local.append(self._ok())
                 self._answered_locally = True
                 return b""
-            self.fifo.append(Pending(R_SINGLE))
+            pending = Pending(R_SINGLE)
+            self.fifo.append(pending)
             entry = self.server_state.prepared.get(statement.key) if self.linked else None
             if entry is not None and entry.id is not None:
                 return p.packet(0, _with_id(payload, entry.id))
+            if entry is not None and self.holding:
+                return self._hold_point(statement, entry, payload, None, pending)    # behind its held execute
             return p.packet(0, bytes((p.COM_PING,)))      # nothing to reset there: an OK in its place
         # COM_STMT_FETCH: rows of the cursor opened on this (pinned) backend
         if not self.linked:
@@ -179,8 +182,11 @@ class Statements:
                 return b""
             self.fifo.append(Pending(R_ROWS))
             return p.packet(0, _with_id(payload, NO_STATEMENT))
-        self.fifo.append(Pending(R_ROWS))
+        pending = Pending(R_ROWS)
+        self.fifo.append(pending)
         entry = self.server_state.prepared.get(statement.key)
+        if entry is not None and entry.id is None and self.holding:
+            return self._hold_point(statement, entry, payload, None, pending)        # behind its held execute
         return p.packet(0, _with_id(payload, entry.id if entry is not None and entry.id is not None else NO_STATEMENT))
 
     def _unknown(self, command: int, payload: bytes, local: list, can_answer: bool) -> bytes:
@@ -342,7 +348,10 @@ class Statements:
     def _held_execute(self, statement: ClientStatement, entry: BackendStatement, payload: bytes, long_data: list,
                       pending: Pending) -> bytes:
         """A held execute with the id its backend statement now has (or, if its prepare failed or the statement
-        changed shape, sent with an id no server assigns and answered by the proxy with the error)."""
+        changed shape, sent with an id no server assigns and answered by the proxy with the error). A held
+        COM_STMT_RESET or FETCH (`long_data` None) gets the id, or one no server assigns (its ERR answers)."""
+        if long_data is None:
+            return p.packet(0, _with_id(payload, entry.id if entry.id is not None else NO_STATEMENT))
         if entry.failure is not None or entry.params != statement.params or entry.columns != statement.columns:
             answer = Pending(R_GENERIC, True)
             answer.statement = p.packet(1, entry.failure) if entry.failure is not None else self._err(

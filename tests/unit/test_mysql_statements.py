@@ -351,6 +351,22 @@ def test_pipelined_executes_of_two_missing_statements_each_wait_for_their_prepar
     assert {k[0]: e.id for k, e in state.prepared.items()} == {SQL: 31, SQL2: 32}
 
 
+def test_a_reset_and_a_fetch_behind_the_held_execute_get_the_new_id():
+    client = held_client()
+    state = mysql_state()
+    reset = p.packet(0, b"\x1a" + p.UINT32.pack(1))
+    fetch = p.packet(0, b"\x1c" + p.UINT32.pack(1) + p.UINT32.pack(10))
+    client.link(state, b"")
+    assert client.client_data(execute(1, [5], flags=1) + fetch + reset)[0] == prepare()
+    out, owed, _ = answers(client, prepare_ok(31))
+    assert owed == (execute(31, [5], flags=1) + p.packet(0, b"\x1c" + p.UINT32.pack(31) + p.UINT32.pack(10))
+                    + p.packet(0, b"\x1a" + p.UINT32.pack(31)))
+    cursor = p.packet(1, b"\x01") + column(2) + eof(3, AC_CURSOR)
+    rows = p.packet(1, b"\x00\x00" + p.UINT32.pack(1)) + eof(2)
+    out, owed, release = answers(client, cursor + rows + ok())
+    assert out == cursor + rows + ok() and release is True and not client.fifo and not client.pinned
+
+
 def test_a_failed_re_prepare_answers_the_held_execute_and_the_rest_goes_on():
     err = p.packet(1, p.err_payload(1146, "42S02", "Table 'app.t' doesn't exist"))
     # alone: the ERR is the answer, the execute never goes
