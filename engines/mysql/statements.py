@@ -246,8 +246,8 @@ class Statements:
             cache.move_to_end(key)
             counts.hits += 1
             statement_id = entry.id
-        elif entry is not None and (hold or server_state.last_key == key):
-            # its prepare is on its way, in front of this execute
+        elif entry is not None and (self.holding if hold else server_state.last_key == key):
+            # its prepare is on its way, in front of this execute (held: its answer releases this one)
             cache.move_to_end(key)
             counts.hits += 1
             if hold:
@@ -297,22 +297,21 @@ class Statements:
 
     def _hold(self, data: bytes) -> bytes:
         """The part of `data` (bytes for the backend) to send now: what precedes the first held execute."""
-        if self.held:
-            keep = data
-            data = b""
-        else:
-            at = data.find(self.held_mark)
+        if not self.held:
+            at = data.find(self.held_mark)      # the hold begins in this client read (or link)
             if at < 0:
                 return data
-            keep, data = data[at:], data[:at]
-        self.held.append(keep)
-        self.held_size += len(keep)
+            self.held.append(data[at:])
+            self.held_size = len(data) - at
+            return data[:at]
+        self.held.append(data)
+        self.held_size += len(data)
         if self.held_size > self.max_message:
             raise ProtocolError("too much pipelined behind a held execute", render_error(
                 ErrorKind.MESSAGE_TOO_LARGE, f"the commands pipelined behind an execute waiting for its statement to "
                 f"be prepared again exceed the proxy's limit of {self.max_message} bytes (proxy.max_message_size); "
                 "wait for answers before sending more", 1), ErrorKind.MESSAGE_TOO_LARGE)
-        return data
+        return b""
 
     def _release_held(self) -> None:
         """A re-prepare was answered: the held bytes up to the next execute still waiting for its prepare, with

@@ -523,10 +523,13 @@ def test_many_clients_over_few_backends_always_run_the_statement_they_prepared(s
             del ids[victim]
             continue
         else:
-            # one execute, or two pipelined in one write
-            pids = [rng.choice(list(ids)) for _ in range(rng.choice((1, 1, 2)))]
+            # one execute, or up to three pipelined in one write, a COM_STMT_RESET behind some
+            pids = [rng.choice(list(ids)) for _ in range(rng.choice((1, 1, 2, 3)))]
             request = b"".join(execute(pid, []) for pid in pids)
             expect = ("rows", b"".join(binary_rows(ids[pid]) for pid in pids))
+            if rng.random() < 0.2:
+                request += p.packet(0, b"\x1a" + p.UINT32.pack(pids[-1]))
+                expect = ("rows", expect[1] + ok())
         forward, local = client.client_data(request)
         assert local == b"" and forward
         backend = rng.choice(backends)
