@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import socket
 import subprocess
 import threading
 
@@ -18,6 +19,7 @@ import mariadb as mariadb_connector
 import mariadb.constants.CURSOR as MARIADB_CURSOR
 import mysql.connector
 import pytest
+from multiproxy_engines.mysql import protocol as p
 
 from .helpers import run_clients
 from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, direct, metric, metrics_text, query, start_proxy
@@ -279,3 +281,79 @@ def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table, reprepa
         client.close()
     text = metrics_text(proxy)
     assert metric(text, STATEMENTS, outcome="miss") >= 4 and metric(text, STATEMENTS, outcome="hit") == 0, text
+
+
+# ------------------------------------------------------------------ a client pipelining statement commands
+
+def read_packet(sock, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:3], "little"):
+        want = 4 - len(data) if len(data) < 4 else 4 + int.from_bytes(data[:3], "little") - len(data)
+        chunk = sock.recv(want)
+        assert chunk, "the proxy closed the connection"
+        data += chunk
+    return data[4:]
+
+
+def read_result(sock) -> list:
+    """One result set (EOF packets, no CLIENT_DEPRECATE_EOF): its rows' payloads; an ERR raises."""
+    first = read_packet(sock)
+    assert first[0] != 0xFF, p.parse_err(first)
+    for _ in range(first[0]):
+        read_packet(sock)                   # column definitions
+    assert read_packet(sock)[0] == 0xFE
+    rows = []
+    for _ in range(1000):
+        row = read_packet(sock)
+        if row[0] == 0xFE and len(row) < 9:
+            return rows
+        rows.append(row)
+    raise AssertionError("a result set of more than 1000 rows")
+
+
+def raw_prepare(sock, sql: bytes) -> int:
+    sock.sendall(p.packet(0, bytes((p.COM_STMT_PREPARE,)) + sql))
+    ok = read_packet(sock)
+    assert ok[0] == 0, p.parse_err(ok)
+    columns, params = p.UINT16.unpack_from(ok, 5)[0], p.UINT16.unpack_from(ok, 7)[0]
+    for _ in range(params + (params > 0) + columns + (columns > 0)):
+        read_packet(sock)
+    return p.UINT32.unpack_from(ok, 1)[0]
+
+
+def raw_execute(statement_id: int, value: int) -> bytes:
+    # one MYSQL_TYPE_LONGLONG parameter, bound with this execute
+    return p.packet(0, bytes((p.COM_STMT_EXECUTE,)) + p.UINT32.pack(statement_id) + b"\x00" + p.UINT32.pack(1)
+                    + b"\x00\x01\x08\x00" + value.to_bytes(8, "little"))
+
+
+@pytest.mark.timeout(60)
+def test_executes_pipelined_behind_missing_statements_answer_in_order(mariadb, proxy_factory, reprepare):
+    # Every borrow resets its backend: each write below finds neither statement there. Held mode: the first execute
+    # waits for its prepare, the query and the second statement's prepare follow, then that one's execute waits...
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
+                        auth="trust", backend={"reset_after_transaction": "yes"})
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    try:
+        read_packet(sock)                   # the greeting
+        caps = (p.CLIENT_PROTOCOL_41 | p.CLIENT_SECURE_CONNECTION | p.CLIENT_PLUGIN_AUTH | p.CLIENT_CONNECT_WITH_DB
+                | p.CLIENT_LONG_PASSWORD | p.CLIENT_TRANSACTIONS)
+        sock.sendall(p.packet(1, p.handshake_response(caps, 45, APP_USER.encode(), b"", DB.encode(),
+                                                      b"mysql_native_password", {})))
+        assert read_packet(sock)[0] == p.OK_HEADER
+        plus = raw_prepare(sock, b"SELECT CAST(? + 1 AS CHAR)")
+        times = raw_prepare(sock, b"SELECT CAST(? * 10 AS CHAR)")
+        for n in range(5):
+            sock.sendall(raw_execute(plus, n) + p.packet(0, b"\x03SELECT 'mid'") + raw_execute(times, n)
+                         + raw_execute(plus, 40 + n))
+            got = [read_result(sock) for _ in range(4)]
+            # binary rows: 0x00, the NULL bitmap, a length-encoded string; the text row: a length-encoded string
+            values = [rows[0][3:] if i != 1 else rows[0][1:] for i, rows in enumerate(got)]
+            assert values == [str(n + 1).encode(), b"mid", str(n * 10).encode(), str(41 + n).encode()], got
+    finally:
+        sock.close()
+    text = assert_no_pins_no_timeouts(proxy)
+    # each write: both statements prepared again (the third execute may wait for the first one's prepare: a hit)
+    misses, hits = metric(text, STATEMENTS, outcome="miss"), metric(text, STATEMENTS, outcome="hit")
+    assert misses >= 10 and misses + hits == 15, text
