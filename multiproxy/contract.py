@@ -18,7 +18,7 @@ from .pinning import PinPolicy
 
 # Derived from the contract itself: the methods marked @contract on ClientProtocol, and its attributes.
 CLIENT_METHODS = contract_methods()
-CLIENT_ATTRIBUTES = ("pinned", "requests")
+CLIENT_ATTRIBUTES = ("pinned", "requests", "backend_owed")
 HANDSHAKE_EVENTS = (SendToClient, StartClientTLS, Authenticated, CancelRequested, CloseClient, AuthFailed)
 
 

@@ -250,11 +250,16 @@ class ClientProtocol:
     event, then login_complete(); afterwards client_data() for each read from the client and backend_data()
     for each read from the linked backend, link()/unlink() around each use of a backend, and the error
     and reset methods when things go wrong. Methods marked @contract must be implemented; the others have
-    defaults. Besides return values the core reads only `pinned` (and `requests`, for metrics).
+    defaults. Besides return values the core reads only `pinned`, `backend_owed` (and `requests`, for metrics).
+
+    `backend_owed`: bytes the engine wants sent to the linked backend after a backend_data() call, e.g. a request
+    it held until an answer came (MySQL holds an execute until the id of the statement it prepared again is
+    known). The core sends them right after that call, then clears the attribute.
     """
 
     pinned: bool = False        # the session must keep its backend (set through ctx.pin_policy.detected)
     requests: int = 0           # requests seen, for metrics
+    backend_owed: bytes = b""   # bytes to send to the linked backend after backend_data() (the core clears it)
 
     def start(self) -> bytes:
         """Bytes to send as soon as the client connects (engines whose server speaks first), else b""."""

@@ -498,6 +498,12 @@ class Session:
     def on_backend_data(self, backend, data: bytes) -> None:
         proto = self.proto
         to_client, outcome = proto.backend_data(data)
+        if proto.backend_owed:
+            owed, proto.backend_owed = proto.backend_owed, b""
+            try:
+                backend.sendall(owed)
+            except (OSError, ValueError):
+                pass  # the backend's reader notices the loss and tells the client
         if to_client and not self.client_gone:
             try:
                 self.client_send(to_client)

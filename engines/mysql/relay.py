@@ -210,6 +210,8 @@ class Relay:
             forward = b"".join(pieces)
         if forward and self.linked and self.server_state is not None and self.server_state.stale_statements:
             forward = self._close_stale(self.server_state) + forward
+        if self.holding and forward:
+            forward = self._hold(forward)       # behind an execute waiting for its re-prepare (statements.py)
         if forward:
             # The first statement of a transaction, alone: if a read-only node refuses it (1290), nothing ran,
             # and it can be sent again to the new writer.
@@ -537,6 +539,8 @@ class Relay:
     # ------------------------------------------------------------------ links, failures
 
     def unlink(self) -> None:
+        if self.holding:
+            self._drop_held()
         self.linked = False
         self.server_state = None
         self.release_due = False

@@ -80,11 +80,13 @@ class SessionState:
             self.deferred_begin = None
         if server_state.stale_statements:
             internal.insert(0, self._close_stale(server_state))
-        if not internal:
-            return data
-        for pending in reversed(pendings):
-            self.fifo.appendleft(pending)
-        return b"".join(internal) + data
+        if internal:
+            for pending in reversed(pendings):
+                self.fifo.appendleft(pending)
+            data = b"".join(internal) + data
+        if self.holding:
+            data = self._hold(data)     # an execute waits for its re-prepare's id (statements.py)
+        return data
 
     def _replay(self, server) -> tuple[list[str], dict]:
         """SET assignments making the backend's session settings equal this client's."""

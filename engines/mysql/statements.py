@@ -10,12 +10,17 @@ oldest is closed (COM_STMT_CLOSE sent ahead of the next command, which has no an
 - COM_STMT_PREPARE is forwarded (a backend is borrowed like for any request); the PREPARE_OK is recorded in the
   backend's cache and reaches the client with the proxy's id in place of the server's.
 - COM_STMT_EXECUTE, RESET and FETCH carry the proxy's id and are rewritten to the linked backend's. A backend
-  that lacks the statement (another connection, evicted, reset) gets a COM_STMT_PREPARE first, pipelined with
-  the execute, which names statement id 0xFFFFFFFF ("the statement prepared last", MariaDB); the answer to that
-  prepare is swallowed. If it fails, its ERR answers the execute (whose own answer is swallowed); if its
-  parameter or column counts differ from what the client was given (the table changed), the execute's answer is
-  swallowed and the client gets ERR 1615 (prepare it again). Parameter types are re-sent (new-params-bound = 1)
-  whenever the backend statement last saw other types than the client bound.
+  that lacks the statement (another connection, evicted, reset) gets a COM_STMT_PREPARE first; the answer to that
+  prepare is swallowed. On MariaDB it is pipelined with the execute, which names statement id 0xFFFFFFFF ("the
+  statement prepared last"). Elsewhere (MySQL servers have no such id; or `[clusters.NAME.options]
+  pipelined_reprepare = "false"`) the prepare goes alone and the execute (with its long data) and every client
+  byte behind it are held (`held`, in order, the execute as a placeholder: a per-client random mark and an index
+  into `held_items`) until the PREPARE_OK gives the new id; then they are written with it and handed to the core
+  as `backend_owed` (up to the next execute still waiting for its prepare). If the prepare fails, its ERR answers
+  the execute (whose own answer is swallowed, or which is dropped when held); if its parameter or column counts
+  differ from what the client was given (the table changed), the client gets ERR 1615 (prepare it again) in its
+  place. Parameter types are re-sent (new-params-bound = 1) whenever the backend statement last saw other types
+  than the client bound.
 - While no backend is linked the backend is not known yet: such commands leave a placeholder (a per-client
   random mark and an index) in the bytes for the backend, and `link()` resolves them against the backend linked.
 - COM_STMT_SEND_LONG_DATA is held by the proxy (bounded by max_message_size in total) and sent in front of the
@@ -25,9 +30,6 @@ oldest is closed (COM_STMT_CLOSE sent ahead of the next command, which has no an
   lives on that backend, and COM_STMT_FETCH reads it); resetting or closing the statement releases that pin.
 - A backend reset (COM_RESET_CONNECTION, COM_CHANGE_USER, reset_after_transaction) empties its cache
   (session_state.py); a client's own reset also forgets its ids. Ids the client never got answer ERR 1243.
-
-Servers without the 0xFFFFFFFF id (MySQL) cannot take a pipelined re-prepare: there a prepare pins the session
-as before (ids still the proxy's) and a statement its backend lost answers ERR 1615.
 """
 from __future__ import annotations
 
@@ -48,8 +50,6 @@ ER_STMT_HAS_NO_OPEN_CURSOR = 1421
 
 STATEMENT_COMMANDS = frozenset((p.COM_STMT_PREPARE, p.COM_STMT_EXECUTE, p.COM_STMT_SEND_LONG_DATA,
                                 p.COM_STMT_CLOSE, p.COM_STMT_RESET, p.COM_STMT_FETCH))
-_MYSQL_PREPARE_PIN = [("pin", PinReason.PREPARED_STATEMENT,
-                       "COM_STMT_PREPARE on a server without re-prepare by statement id 0xFFFFFFFF (MySQL)", None)]
 CURSOR_DETAIL = "server-side cursor (COM_STMT_EXECUTE with a cursor)"
 
 
@@ -71,13 +71,14 @@ class ClientStatement:
 class BackendStatement:
     """A statement prepared on one backend connection (`MySQLServerState.prepared`)."""
 
-    __slots__ = ("id", "params", "columns", "types")
+    __slots__ = ("id", "params", "columns", "types", "failure")
 
     def __init__(self, statement_id: int | None, params: int, columns: int):
         self.id = statement_id          # None while its PREPARE_OK is on its way
         self.params = params
         self.columns = columns
         self.types: bytes | None = None     # parameter types last bound on this backend
+        self.failure: bytes | None = None   # the ERR payload of its (held-mode) re-prepare, if that failed
 
 
 def _with_id(payload: bytes, statement_id: int) -> bytes:
@@ -92,6 +93,15 @@ class Statements:
         self.next_statement_id = 0
         self.unresolved: list = []      # commands waiting for a backend: (command, payload, Pending or None)
         self.mark = b""                 # placeholder of an unresolved command in the bytes for the backend
+        # Executes held until their re-prepare's id is known (MySQL servers; not `hold`, which is SET TRANSACTION's)
+        options = self.ctx.engine_options or {}
+        self.pipelined_reprepare = str(options.get("pipelined_reprepare", "true")).lower() not in (
+            "false", "0", "no", "off")
+        self.holding = False            # an execute waits for its re-prepare: client bytes go to `held`
+        self.held: list = []            # client bytes for the backend, held in order (first one at a placeholder)
+        self.held_size = 0
+        self.held_items: list = []      # [statement, entry, payload, long data (None: RESET, FETCH), Pending or None]
+        self.held_mark = b""
 
     # ------------------------------------------------------------------ client commands
 
@@ -155,10 +165,13 @@ class Statements:
                 local.append(self._ok())
                 self._answered_locally = True
                 return b""
-            self.fifo.append(Pending(R_SINGLE))
+            pending = Pending(R_SINGLE)
+            self.fifo.append(pending)
             entry = self.server_state.prepared.get(statement.key) if self.linked else None
             if entry is not None and entry.id is not None:
                 return p.packet(0, _with_id(payload, entry.id))
+            if entry is not None and self.holding:
+                return self._hold_point(statement, entry, payload, None, pending)    # behind its held execute
             return p.packet(0, bytes((p.COM_PING,)))      # nothing to reset there: an OK in its place
         # COM_STMT_FETCH: rows of the cursor opened on this (pinned) backend
         if not self.linked:
@@ -169,8 +182,11 @@ class Statements:
                 return b""
             self.fifo.append(Pending(R_ROWS))
             return p.packet(0, _with_id(payload, NO_STATEMENT))
-        self.fifo.append(Pending(R_ROWS))
+        pending = Pending(R_ROWS)
+        self.fifo.append(pending)
         entry = self.server_state.prepared.get(statement.key)
+        if entry is not None and entry.id is None and self.holding:
+            return self._hold_point(statement, entry, payload, None, pending)        # behind its held execute
         return p.packet(0, _with_id(payload, entry.id if entry is not None and entry.id is not None else NO_STATEMENT))
 
     def _unknown(self, command: int, payload: bytes, local: list, can_answer: bool) -> bytes:
@@ -214,8 +230,6 @@ class Statements:
 
     def _send_prepare(self, server_state, payload: bytes, pending: Pending) -> bytes:
         server_state.last_key = pending.statement
-        if not server_state.supports_last_statement_id:
-            self._pins_sent(_MYSQL_PREPARE_PIN)
         return p.packet(0, payload)
 
     def _execute_on(self, server_state, statement: ClientStatement, payload: bytes, long_data: list,
@@ -227,18 +241,18 @@ class Statements:
         entry = cache.get(key)
         counts = self.ctx.statement_counts
         out = []
-        if entry is not None and (entry.id is not None or server_state.last_key == key):
+        hold = not (self.pipelined_reprepare and server_state.supports_last_statement_id)
+        if entry is not None and entry.id is not None:
             cache.move_to_end(key)
             counts.hits += 1
-            statement_id = entry.id if entry.id is not None else LAST_STATEMENT
-        elif not server_state.supports_last_statement_id:
-            # MySQL: the execute would need the new id before it is sent. The server's ERR for an id it never
-            # assigns keeps the answers in order; the client gets ERR 1615 in its place and prepares again.
-            answer = Pending(R_GENERIC, True)
-            answer.statement = self._err(ER_NEED_REPREPARE, "HY000", "Prepared statement needs to be re-prepared "
-                                         "(multiproxy: its backend connection no longer has it); prepare it again")
-            self._replace_pending(pending, answer)
-            return p.packet(0, _with_id(payload, NO_STATEMENT))
+            statement_id = entry.id
+        elif entry is not None and (self.holding if hold else server_state.last_key == key):
+            # its prepare is on its way, in front of this execute (held: its answer releases this one)
+            cache.move_to_end(key)
+            counts.hits += 1
+            if hold:
+                return self._hold_point(statement, entry, payload, long_data, pending)
+            statement_id = LAST_STATEMENT
         else:
             counts.misses += 1
             entry = BackendStatement(None, statement.params, statement.columns)
@@ -252,19 +266,110 @@ class Statements:
                 out.append(p.packet(0, bytes((p.COM_INIT_DB,)) + schema.encode("utf-8")))
                 self._insert_before(pending, Pending(R_SINGLE, True))
             prepare = Pending(R_PREPARE, True)
-            prepare.statement = (key, statement, entry, pending)
+            prepare.statement = (key, statement, entry, pending, hold)
             self._insert_before(pending, prepare)
             out.append(p.packet(0, bytes((p.COM_STMT_PREPARE,)) + sql))
             server_state.last_key = key
             if switch:
                 out.append(p.packet(0, bytes((p.COM_INIT_DB,)) + self.schema.encode("utf-8")))
                 self._insert_before(pending, Pending(R_SINGLE, True))
+            if hold:
+                out.append(self._hold_point(statement, entry, payload, long_data, pending))
+                return b"".join(out)
             statement_id = LAST_STATEMENT
         packed_id = p.UINT32.pack(statement_id)
         for piece in long_data:
             out.append(p.packet(0, bytes((p.COM_STMT_SEND_LONG_DATA,)) + packed_id + piece))
         out.append(p.packet(0, self._bind_types(statement, entry, payload[:1] + packed_id + payload[5:])))
         return b"".join(out)
+
+    # ------------------------------------------------------------------ executes held for their re-prepare
+
+    def _hold_point(self, statement: ClientStatement, entry: BackendStatement, payload: bytes, long_data: list,
+                    pending: Pending) -> bytes:
+        """A placeholder for an execute that needs the id of a prepare still on its way: from here on the bytes for
+        the backend are held (`_hold`) until that PREPARE_OK (`_release_held`)."""
+        if not self.held_mark:
+            self.held_mark = os.urandom(12)
+        self.holding = True
+        self.held_items.append([statement, entry, payload, long_data, pending])
+        return self.held_mark + p.UINT32.pack(len(self.held_items) - 1)
+
+    def _hold(self, data: bytes) -> bytes:
+        """The part of `data` (bytes for the backend) to send now: what precedes the first held execute."""
+        if not self.held:
+            at = data.find(self.held_mark)      # the hold begins in this client read (or link)
+            if at < 0:
+                return data
+            self.held.append(data[at:])
+            self.held_size = len(data) - at
+            return data[:at]
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > self.max_message:
+            raise ProtocolError("too much pipelined behind a held execute", render_error(
+                ErrorKind.MESSAGE_TOO_LARGE, f"the commands pipelined behind an execute waiting for its statement to "
+                f"be prepared again exceed the proxy's limit of {self.max_message} bytes (proxy.max_message_size); "
+                "wait for answers before sending more", 1), ErrorKind.MESSAGE_TOO_LARGE)
+        return b""
+
+    def _release_held(self) -> None:
+        """A re-prepare was answered: the held bytes up to the next execute still waiting for its prepare, with
+        the statement ids now known, go to the backend (`backend_owed`)."""
+        data = b"".join(self.held)
+        self.held = []
+        self.held_size = 0
+        mark = self.held_mark
+        items = self.held_items
+        out = []
+        pos = 0
+        while True:
+            at = data.find(mark, pos)
+            if at < 0:
+                out.append(data[pos:])
+                break
+            out.append(data[pos:at])
+            statement, entry, payload, long_data, pending = items[p.UINT32.unpack_from(data, at + 12)[0]]
+            if entry.id is None and entry.failure is None:
+                # its prepare is among the bytes released now: held until that one is answered
+                rest = data[at:]
+                self.held.append(rest)
+                self.held_size = len(rest)
+                break
+            if pending is not None:
+                out.append(self._held_execute(statement, entry, payload, long_data, pending))
+            pos = at + 16
+        if not self.held:
+            self.holding = False
+            self.held_items = []
+        self.backend_owed += b"".join(out)
+
+    def _held_execute(self, statement: ClientStatement, entry: BackendStatement, payload: bytes, long_data: list,
+                      pending: Pending) -> bytes:
+        """A held execute with the id its backend statement now has (or, if its prepare failed or the statement
+        changed shape, sent with an id no server assigns and answered by the proxy with the error). A held
+        COM_STMT_RESET or FETCH (`long_data` None) gets the id, or one no server assigns (its ERR answers)."""
+        if long_data is None:
+            return p.packet(0, _with_id(payload, entry.id if entry.id is not None else NO_STATEMENT))
+        if entry.failure is not None or entry.params != statement.params or entry.columns != statement.columns:
+            answer = Pending(R_GENERIC, True)
+            answer.statement = p.packet(1, entry.failure) if entry.failure is not None else self._err(
+                ER_NEED_REPREPARE, "HY000", "Prepared statement needs to be re-prepared (multiproxy: it now has "
+                f"{entry.params} parameters and {entry.columns} columns, it had {statement.params} and "
+                f"{statement.columns}); prepare it again")
+            self._replace_pending(pending, answer)
+            return p.packet(0, _with_id(payload, NO_STATEMENT))
+        packed_id = p.UINT32.pack(entry.id)
+        out = [p.packet(0, bytes((p.COM_STMT_SEND_LONG_DATA,)) + packed_id + piece) for piece in long_data]
+        out.append(p.packet(0, self._bind_types(statement, entry, payload[:1] + packed_id + payload[5:])))
+        return b"".join(out)
+
+    def _drop_held(self) -> None:
+        """The backend went (lost, or its link ended): nothing held is sent anywhere."""
+        self.holding = False
+        self.held = []
+        self.held_size = 0
+        self.held_items = []
 
     def _bind_types(self, statement: ClientStatement, entry: BackendStatement, payload: bytes) -> bytes:
         """The execute with parameter types bound on this backend: the client's, re-sent when the backend statement
@@ -349,12 +454,13 @@ class Statements:
     def _reprepared(self, pending: Pending, head: int, payload: bytes) -> bytes:
         """The answer to a prepare the proxy sent in front of an execute: recorded; an ERR, or counts other than
         the client was given, answer the execute instead (returned for the client), whose own answer is swallowed."""
-        key, statement, entry, execute = pending.statement
+        key, statement, entry, execute, held = pending.statement
         server_state = self.server_state
         cache = server_state.prepared
         if head == p.ERR_HEADER:
             if cache.get(key) is entry:
                 del cache[key]
+            entry.failure = bytes(payload)
             answer = p.packet(1, payload)
         else:
             backend_id = p.UINT32.unpack_from(payload, 1)[0]
@@ -364,11 +470,22 @@ class Statements:
             if cache.get(key) is not entry:
                 server_state.stale_statements.append(backend_id)     # evicted meanwhile
             if params == statement.params and columns == statement.columns:
+                if held:
+                    self._release_held()
                 return b""
             answer = self._err(ER_NEED_REPREPARE, "HY000", "Prepared statement needs to be re-prepared (multiproxy: "
                                f"it now has {params} parameters and {columns} columns, it had {statement.params} "
                                f"and {statement.columns}); prepare it again")
-        self._replace_pending(execute, Pending(execute.kind, True, execute.action))
+        if held:
+            # the execute, still held, is dropped: this answers it
+            self._replace_pending(execute, None)
+            for item in self.held_items:
+                if item[4] is execute:
+                    item[4] = None
+                    break
+            self._release_held()
+        else:
+            self._replace_pending(execute, Pending(execute.kind, True, execute.action))
         return answer
 
     def _close_stale(self, server_state) -> bytes:

@@ -1,12 +1,17 @@
 """Binary prepared statements multiplexed (issue 14): drivers that prepare server-side (mysql-connector
 `cursor(prepared=True)`, MariaDB Connector/Python with parameters, sysbench --db-ps-mode=auto) with more clients
 than backends through a real MariaDB: rows right, zero borrow timeouts, zero pins, the statement cache counted;
-a changed table never yields wrong rows; a server-side cursor pins, with its reason, and works."""
+a changed table never yields wrong rows; a server-side cursor pins, with its reason, and works.
+
+Each scenario of a statement missing on its backend runs twice: with MariaDB's pipelined re-prepare (statement id
+0xFFFFFFFF) and with it switched off (`pipelined_reprepare = "false"`), which holds each such execute until its
+re-prepare's id is known, as on MySQL servers (there is no MySQL server here)."""
 from __future__ import annotations
 
 import io
 import re
 import shutil
+import socket
 import subprocess
 import threading
 
@@ -14,6 +19,7 @@ import mariadb as mariadb_connector
 import mariadb.constants.CURSOR as MARIADB_CURSOR
 import mysql.connector
 import pytest
+from multiproxy_engines.mysql import protocol as p
 
 from .helpers import run_clients
 from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, direct, metric, metrics_text, query, start_proxy
@@ -23,6 +29,12 @@ DETECTED = "multiproxy_pin_reasons_detected_total"
 STATEMENTS = "multiproxy_prepared_statements_total"
 MAX_SIZE = 3
 CLIENTS = 12
+
+
+@pytest.fixture(params=["pipelined", "held"])
+def reprepare(request) -> dict:
+    """The cluster's engine options: MariaDB's pipelined re-prepare, or executes held for their re-prepare's id."""
+    return {} if request.param == "pipelined" else {"pipelined_reprepare": "false"}
 
 
 def assert_no_pins_no_timeouts(proxy) -> str:
@@ -63,8 +75,8 @@ def connector_settings(proxy, **extra) -> dict:
 @pytest.mark.parametrize("use_pure", [True, pytest.param(False, marks=pytest.mark.skipif(
     not getattr(mysql.connector, "HAVE_CEXT", False), reason="mysql-connector's C extension is not installed"))],
     ids=["pure", "cext"])
-def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     blob = bytes(range(256)) * 40          # 10 KB
 
     def work(w: int) -> None:
@@ -97,8 +109,9 @@ def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_fact
 
 
 @pytest.mark.timeout(180)
-def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(mariadb, proxy_factory, table):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(mariadb, proxy_factory, table,
+                                                                              reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"max_prepared_statements": 4})
     conn = direct(mariadb)
     query(conn, f"INSERT INTO {table} (id, worker, v) VALUES " + ", ".join(f"({i}, 0, {i * i})" for i in range(20)))
@@ -125,8 +138,8 @@ def test_many_distinct_statements_beyond_the_cache_are_evicted_and_stay_right(ma
 
 
 @pytest.mark.timeout(180)
-def test_mariadb_connector_parameters_executemany_and_its_pool(mariadb, proxy_factory, table):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_mariadb_connector_parameters_executemany_and_its_pool(mariadb, proxy_factory, table, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     settings = dict(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
                     connect_timeout=10)
     pool = mariadb_connector.ConnectionPool(pool_name="prepared", pool_size=CLIENTS // 2, **settings)
@@ -186,17 +199,17 @@ def sysbench(test: str, proxy, mariadb) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(shutil.which("sysbench") is None, reason="sysbench is not installed")
 @pytest.mark.parametrize("test", ["oltp_point_select", "oltp_read_write"])
-def test_sysbench_prepared_statements_on_a_small_pool(mariadb, proxy_factory, test):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0)
+def test_sysbench_prepared_statements_on_a_small_pool(mariadb, proxy_factory, test, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
     sysbench(test, proxy, mariadb)
     text = assert_no_pins_no_timeouts(proxy)
     assert metric(text, STATEMENTS, outcome="hit") > 1000, text
 
 
 @pytest.mark.timeout(120)
-def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table):
+def test_a_changed_table_never_gives_wrong_rows(mariadb, proxy_factory, table, reprepare):
     # Every borrow resets its backend: each execute lands where the statement is missing and is prepared again.
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"reset_after_transaction": "yes"})
     conn = direct(mariadb)
     query(conn, f"INSERT INTO {table} (id, worker, v) VALUES (1, 1, 10)")
@@ -251,9 +264,9 @@ def test_a_server_side_cursor_pins_with_its_reason_and_works(mariadb, proxy_fact
 
 
 @pytest.mark.timeout(120)
-def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table):
-    # Every borrow resets its backend: the held long data follows a pipelined re-prepare (statement 0xFFFFFFFF).
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0,
+def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table, reprepare):
+    # Every borrow resets its backend: the held long data follows the re-prepare (pipelined, or held with the execute).
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
                         backend={"reset_after_transaction": "yes"})
     blob = bytes(range(251)) * 100          # 25 KB, sent by the driver with COM_STMT_SEND_LONG_DATA
     client = mysql.connector.connect(**connector_settings(proxy, use_pure=True, autocommit=True))
@@ -268,3 +281,79 @@ def test_long_data_goes_with_a_re_prepare(mariadb, proxy_factory, table):
         client.close()
     text = metrics_text(proxy)
     assert metric(text, STATEMENTS, outcome="miss") >= 4 and metric(text, STATEMENTS, outcome="hit") == 0, text
+
+
+# ------------------------------------------------------------------ a client pipelining statement commands
+
+def read_packet(sock, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:3], "little"):
+        want = 4 - len(data) if len(data) < 4 else 4 + int.from_bytes(data[:3], "little") - len(data)
+        chunk = sock.recv(want)
+        assert chunk, "the proxy closed the connection"
+        data += chunk
+    return data[4:]
+
+
+def read_result(sock) -> list:
+    """One result set (EOF packets, no CLIENT_DEPRECATE_EOF): its rows' payloads; an ERR raises."""
+    first = read_packet(sock)
+    assert first[0] != 0xFF, p.parse_err(first)
+    for _ in range(first[0]):
+        read_packet(sock)                   # column definitions
+    assert read_packet(sock)[0] == 0xFE
+    rows = []
+    for _ in range(1000):
+        row = read_packet(sock)
+        if row[0] == 0xFE and len(row) < 9:
+            return rows
+        rows.append(row)
+    raise AssertionError("a result set of more than 1000 rows")
+
+
+def raw_prepare(sock, sql: bytes) -> int:
+    sock.sendall(p.packet(0, bytes((p.COM_STMT_PREPARE,)) + sql))
+    ok = read_packet(sock)
+    assert ok[0] == 0, p.parse_err(ok)
+    columns, params = p.UINT16.unpack_from(ok, 5)[0], p.UINT16.unpack_from(ok, 7)[0]
+    for _ in range(params + (params > 0) + columns + (columns > 0)):
+        read_packet(sock)
+    return p.UINT32.unpack_from(ok, 1)[0]
+
+
+def raw_execute(statement_id: int, value: int) -> bytes:
+    # one MYSQL_TYPE_LONGLONG parameter, bound with this execute
+    return p.packet(0, bytes((p.COM_STMT_EXECUTE,)) + p.UINT32.pack(statement_id) + b"\x00" + p.UINT32.pack(1)
+                    + b"\x00\x01\x08\x00" + value.to_bytes(8, "little"))
+
+
+@pytest.mark.timeout(60)
+def test_executes_pipelined_behind_missing_statements_answer_in_order(mariadb, proxy_factory, reprepare):
+    # Every borrow resets its backend: each write below finds neither statement there. Held mode: the first execute
+    # waits for its prepare, the query and the second statement's prepare follow, then that one's execute waits...
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare,
+                        auth="trust", backend={"reset_after_transaction": "yes"})
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    try:
+        read_packet(sock)                   # the greeting
+        caps = (p.CLIENT_PROTOCOL_41 | p.CLIENT_SECURE_CONNECTION | p.CLIENT_PLUGIN_AUTH | p.CLIENT_CONNECT_WITH_DB
+                | p.CLIENT_LONG_PASSWORD | p.CLIENT_TRANSACTIONS)
+        sock.sendall(p.packet(1, p.handshake_response(caps, 45, APP_USER.encode(), b"", DB.encode(),
+                                                      b"mysql_native_password", {})))
+        assert read_packet(sock)[0] == p.OK_HEADER
+        plus = raw_prepare(sock, b"SELECT CAST(? + 1 AS CHAR)")
+        times = raw_prepare(sock, b"SELECT CAST(? * 10 AS CHAR)")
+        for n in range(5):
+            sock.sendall(raw_execute(plus, n) + p.packet(0, b"\x03SELECT 'mid'") + raw_execute(times, n)
+                         + raw_execute(plus, 40 + n))
+            got = [read_result(sock) for _ in range(4)]
+            # binary rows: 0x00, the NULL bitmap, a length-encoded string; the text row: a length-encoded string
+            values = [rows[0][3:] if i != 1 else rows[0][1:] for i, rows in enumerate(got)]
+            assert values == [str(n + 1).encode(), b"mid", str(n * 10).encode(), str(41 + n).encode()], got
+    finally:
+        sock.close()
+    text = assert_no_pins_no_timeouts(proxy)
+    # each write: both statements prepared again (the third execute may wait for the first one's prepare: a hit)
+    misses, hits = metric(text, STATEMENTS, outcome="miss"), metric(text, STATEMENTS, outcome="hit")
+    assert misses >= 10 and misses + hits == 15, text

@@ -1,5 +1,6 @@
 """Byte vectors of binary prepared statements through MySQLClient: the proxy's ids, the per-backend cache, re-prepare
-in front of an execute, long data held, LRU eviction, a changed table, cursors pinning, and a little fuzzing."""
+in front of an execute (pipelined on MariaDB, the execute held for the new id on MySQL), long data held, LRU
+eviction, a changed table, cursors pinning, and a little fuzzing."""
 from __future__ import annotations
 
 import random
@@ -253,17 +254,170 @@ def test_a_client_reset_forgets_its_ids_and_a_backend_reset_empties_the_cache():
     assert not state2.prepared and state2.last_key is None and client2.statements == {}
 
 
-def test_mysql_servers_pin_at_prepare_and_answer_1615_for_a_lost_statement():
+def mysql_state() -> object:
     state = server_state()
-    state.mariadb = False
-    client, _ = prepared_client(state=state)
-    assert client.pinned
-    other = server_state()
-    other.mariadb = False
-    client.link(other, b"")
-    assert client.client_data(execute(1, [1]))[0] == execute(0, [1])
-    out, _ = client.backend_data(p.packet(1, p.err_payload(1243, "HY000", "Unknown prepared statement handler")))
-    assert p.parse_err(out[4:])[0] == 1615
+    state.mariadb = False           # a MySQL server: no statement id 0xFFFFFFFF
+    state.version = b"8.0.36"
+    return state
+
+
+def held_client(options: dict | None = None, **kwargs):
+    """A client that prepared SQL (id 1, server id 77) and SQL2 (id 2, server id 78) on a MySQL server."""
+    client = logged_in(options=options, **kwargs)
+    state = mysql_state()
+    for sql, server_id in ((SQL, 77), (SQL2, 78)):
+        client.link(state, client.client_data(prepare(sql))[0])
+        assert client.backend_data(prepare_ok(server_id))[1] is True
+        client.unlink()
+    assert not client.pinned and list(client.statements) == [1, 2]
+    return client
+
+
+SQL2 = b"SELECT c FROM u WHERE d = ?"
+QUERY = p.packet(0, b"\x03SELECT 1")
+QUERY_ANSWER = p.packet(1, b"\x01") + column(2) + eof(3) + p.packet(4, b"\x011") + eof(5)
+
+
+def answers(client, data: bytes) -> tuple[bytes, bytes, bool]:
+    """Feed the backend's answer: (bytes for the client, bytes owed to the backend, release)."""
+    out, release = client.backend_data(data)
+    owed, client.backend_owed = client.backend_owed, b""
+    return out, owed, release
+
+
+def test_mysql_servers_do_not_pin_and_hold_the_execute_until_the_re_prepare_answers():
+    for linked_first in (False, True):
+        for parts in chunkings(prepare_ok(31)):
+            client = held_client()
+            state = mysql_state()
+            client.statements[1].types = LONG_TYPE
+            if linked_first:
+                client.link(state, b"")
+                sent = client.client_data(execute(1, [5], types=None))[0]
+            else:
+                sent = client.link(state, client.client_data(execute(1, [5], types=None))[0])
+            assert sent == prepare() and client.holding
+            out, owed = b"", b""
+            for part in parts:
+                got, due, release = answers(client, part)
+                out, owed = out + got, owed + due
+                assert release is False
+            # the execute, with the new id and the client's types again
+            assert out == b"" and owed == execute(31, [5], types=LONG_TYPE) and not client.holding
+            assert answers(client, binary_rows()) == (binary_rows(), b"", True) and not client.fifo
+            assert state.prepared[(SQL, "app")].id == 31
+            assert client.ctx.statement_counts.misses == 1 and not client.pinned
+
+
+def test_the_switch_holds_the_execute_on_mariadb_too():
+    client, _ = prepared_client(options={"pipelined_reprepare": "false"})
+    state = server_state()
+    assert client.link(state, client.client_data(execute(1, [5]))[0]) == prepare()
+    assert answers(client, prepare_ok(31)) == (b"", execute(31, [5]), False)
+    assert answers(client, binary_rows()) == (binary_rows(), b"", True)
+
+
+def test_packets_pipelined_behind_a_held_execute_follow_it_in_order():
+    client = held_client()
+    state = mysql_state()
+    sent = client.link(state, client.client_data(execute(1, [1]) + QUERY)[0])
+    assert sent == prepare()
+    # more arrives while the execute is held: held too, nothing goes to the backend
+    assert client.client_data(execute(1, [2]) + QUERY) == (b"", b"")
+    out, owed, release = answers(client, prepare_ok(31))
+    assert out == b"" and release is False
+    assert owed == execute(31, [1]) + QUERY + execute(31, [2]) + QUERY
+    assert client.ctx.statement_counts.misses == 1 and client.ctx.statement_counts.hits == 1
+    out, owed, release = answers(client, binary_rows(1) + QUERY_ANSWER + binary_rows(2) + QUERY_ANSWER)
+    assert out == binary_rows(1) + QUERY_ANSWER + binary_rows(2) + QUERY_ANSWER and owed == b"" and release is True
+    # afterwards the plain path again
+    client.link(state, b"")
+    assert client.client_data(execute(1, [3]))[0] == execute(31, [3])
+
+
+def test_pipelined_executes_of_two_missing_statements_each_wait_for_their_prepare():
+    client = held_client()
+    state = mysql_state()
+    sent = client.link(state, client.client_data(execute(1, [1]) + execute(2, [2]) + execute(1, [3]))[0])
+    assert sent == prepare()
+    out, owed, _ = answers(client, prepare_ok(31))
+    assert out == b"" and owed == execute(31, [1]) + prepare(SQL2) and client.holding
+    out, owed, _ = answers(client, binary_rows(1))
+    assert out == binary_rows(1) and owed == b""
+    out, owed, _ = answers(client, prepare_ok(32))
+    assert out == b"" and owed == execute(32, [2]) + execute(31, [3]) and not client.holding
+    out, owed, release = answers(client, binary_rows(2) + binary_rows(3))
+    assert out == binary_rows(2) + binary_rows(3) and release is True and not client.fifo
+    assert {k[0]: e.id for k, e in state.prepared.items()} == {SQL: 31, SQL2: 32}
+
+
+def test_a_reset_and_a_fetch_behind_the_held_execute_get_the_new_id():
+    client = held_client()
+    state = mysql_state()
+    reset = p.packet(0, b"\x1a" + p.UINT32.pack(1))
+    fetch = p.packet(0, b"\x1c" + p.UINT32.pack(1) + p.UINT32.pack(10))
+    client.link(state, b"")
+    assert client.client_data(execute(1, [5], flags=1) + fetch + reset)[0] == prepare()
+    out, owed, _ = answers(client, prepare_ok(31))
+    assert owed == (execute(31, [5], flags=1) + p.packet(0, b"\x1c" + p.UINT32.pack(31) + p.UINT32.pack(10))
+                    + p.packet(0, b"\x1a" + p.UINT32.pack(31)))
+    cursor = p.packet(1, b"\x01") + column(2) + eof(3, AC_CURSOR)
+    rows = p.packet(1, b"\x00\x00" + p.UINT32.pack(1)) + eof(2)
+    out, owed, release = answers(client, cursor + rows + ok())
+    assert out == cursor + rows + ok() and release is True and not client.fifo and not client.pinned
+
+
+def test_a_failed_re_prepare_answers_the_held_execute_and_the_rest_goes_on():
+    err = p.packet(1, p.err_payload(1146, "42S02", "Table 'app.t' doesn't exist"))
+    # alone: the ERR is the answer, the execute never goes
+    client = held_client()
+    state = mysql_state()
+    assert client.link(state, client.client_data(execute(1, [5]))[0]) == prepare()
+    assert answers(client, err) == (err, b"", True) and not client.fifo and not client.holding
+    assert (SQL, "app") not in state.prepared
+    # with packets behind it: they go; another execute of the same statement gets the same error, in order
+    client = held_client()
+    state = mysql_state()
+    client.link(state, client.client_data(execute(1, [5]) + QUERY + execute(1, [6]))[0])
+    out, owed, release = answers(client, err)
+    assert out == err and release is False and owed == QUERY + execute(0, [6])
+    unknown = p.packet(1, p.err_payload(1243, "HY000", "Unknown prepared statement handler"))
+    out, owed, release = answers(client, QUERY_ANSWER + unknown)
+    assert out == QUERY_ANSWER + err and owed == b"" and release is True and not client.fifo
+
+
+def test_a_changed_table_answers_1615_for_the_held_execute():
+    client = held_client()
+    state = mysql_state()
+    client.link(state, client.client_data(execute(1, [5]) + QUERY)[0])
+    out, owed, release = answers(client, prepare_ok(40, params=1, columns=2))
+    assert p.parse_err(out[4:])[0] == 1615 and owed == QUERY and release is False
+    out, owed, release = answers(client, QUERY_ANSWER)
+    assert out == QUERY_ANSWER and release is True and not client.fifo
+
+
+def test_long_data_is_held_with_its_execute_and_gets_the_new_id():
+    client = held_client()
+    piece = p.packet(0, b"\x18" + p.UINT32.pack(1) + b"\x00\x00" + b"x" * 9000)
+    assert client.client_data(piece + piece) == (b"", b"")
+    state = mysql_state()
+    assert client.link(state, client.client_data(execute(1, [0], types=BLOB_TYPE))[0]) == prepare()
+    held = p.packet(0, b"\x18" + p.UINT32.pack(31) + b"\x00\x00" + b"x" * 9000)
+    assert answers(client, prepare_ok(31)) == (b"", held + held + execute(31, [0], types=BLOB_TYPE), False)
+
+
+def test_what_is_held_is_bounded_and_dropped_with_the_backend():
+    client = held_client()
+    client.link(mysql_state(), client.client_data(execute(1, [5]))[0])
+    with pytest.raises(ProtocolError) as refused:
+        for _ in range(200):
+            client.client_data(p.packet(0, b"\x03SELECT '" + b"x" * 9000 + b"'"))
+    assert b"max_message_size" in refused.value.reply
+    client = held_client()
+    client.link(mysql_state(), client.client_data(execute(1, [5]) + QUERY)[0])
+    assert client.holding
+    client.backend_lost("gone")
+    assert not client.holding and not client.held and not client.held_items
 
 
 def test_fuzzed_statement_commands_never_break_the_relay():
@@ -312,10 +466,10 @@ AC_CURSOR = p.SERVER_STATUS_AUTOCOMMIT | p.SERVER_STATUS_CURSOR_EXISTS
 
 class FakeMariaDB:
     """Just enough of a MariaDB connection for statement commands: ids per connection, 0xFFFFFFFF = the last
-    prepared, COM_STMT_CLOSE without an answer; executing `SELECT n` returns one row holding n."""
+    prepared (not on MySQL), COM_STMT_CLOSE without an answer; executing `SELECT n` returns one row holding n."""
 
-    def __init__(self):
-        self.state = server_state()
+    def __init__(self, mysql: bool = False):
+        self.state = mysql_state() if mysql else server_state()
         self.statements: dict[int, bytes] = {}
         self.next_id = 0
         self.last_id = None
@@ -334,7 +488,7 @@ class FakeMariaDB:
                 out.append(prepare_ok(self.next_id, params=0, columns=1))
             elif command == 0x17:
                 sid = p.UINT32.unpack_from(payload, 1)[0]
-                sid = self.last_id if sid == LAST_STATEMENT else sid
+                sid = self.last_id if sid == LAST_STATEMENT and self.state.mariadb else sid
                 if sid not in self.statements:
                     out.append(p.packet(1, p.err_payload(1243, "HY000", "Unknown prepared statement handler")))
                 else:
@@ -348,9 +502,10 @@ class FakeMariaDB:
         return b"".join(out)
 
 
-def test_many_clients_over_few_backends_always_run_the_statement_they_prepared():
+@pytest.mark.parametrize("server", ["mariadb", "mysql"])
+def test_many_clients_over_few_backends_always_run_the_statement_they_prepared(server):
     rng = random.Random(1405)
-    backends = [FakeMariaDB() for _ in range(3)]
+    backends = [FakeMariaDB(mysql=server == "mysql") for _ in range(3)]
     clients = [logged_in() for _ in range(5)]
     for client in clients:
         client.ctx.max_prepared_statements = 3
@@ -368,16 +523,25 @@ def test_many_clients_over_few_backends_always_run_the_statement_they_prepared()
             del ids[victim]
             continue
         else:
-            # one execute, or two pipelined in one write
-            pids = [rng.choice(list(ids)) for _ in range(rng.choice((1, 1, 2)))]
+            # one execute, or up to three pipelined in one write, a COM_STMT_RESET behind some
+            pids = [rng.choice(list(ids)) for _ in range(rng.choice((1, 1, 2, 3)))]
             request = b"".join(execute(pid, []) for pid in pids)
             expect = ("rows", b"".join(binary_rows(ids[pid]) for pid in pids))
+            if rng.random() < 0.2:
+                request += p.packet(0, b"\x1a" + p.UINT32.pack(pids[-1]))
+                expect = ("rows", expect[1] + ok())
         forward, local = client.client_data(request)
         assert local == b"" and forward
         backend = rng.choice(backends)
         sent = client.link(backend.state, forward)
-        out, release = client.backend_data(backend.answer(sent))
-        assert release is True and not client.fifo
+        out = b""
+        for _ in range(4):          # on MySQL, executes held for their re-prepares follow the answers
+            got, release = client.backend_data(backend.answer(sent))
+            out += got
+            sent, client.backend_owed = client.backend_owed, b""
+            if not sent:
+                break
+        assert release is True and not client.fifo and not client.holding
         client.unlink()
         if expect[0] == "prepare":
             assert out[4] == 0 and len(out) == len(prepare_ok(1, params=0, columns=1))
