@@ -9,10 +9,13 @@ re-prepare's id is known, as on MySQL servers (there is no MySQL server here).""
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 
 import mariadb as mariadb_connector
@@ -22,6 +25,7 @@ import pytest
 from multiproxy_engines.mysql import protocol as p
 
 from .helpers import run_clients
+from .proxy import REPO_ROOT
 from .mysqlkit import APP_PASSWORD, APP_USER, DB, PINNED, direct, metric, metrics_text, query, start_proxy
 
 BORROW_TIMEOUTS = "multiproxy_database_connection_borrow_timeouts_total"
@@ -71,21 +75,20 @@ def connector_settings(proxy, **extra) -> dict:
                 ssl_disabled=True, connection_timeout=10, **extra)
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("use_pure", [True, pytest.param(False, marks=pytest.mark.skipif(
-    not getattr(mysql.connector, "HAVE_CEXT", False), reason="mysql-connector's C extension is not installed"))],
-    ids=["pure", "cext"])
-def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure, reprepare):
-    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
-    blob = bytes(range(256)) * 40          # 10 KB
+BLOB = bytes(range(256)) * 40          # 10 KB
 
+
+def connector_clients(settings: dict, table: str, use_pure: bool, clients: int) -> list:
+    """`clients` mysql-connector connections at once, each inserting and reading back 6 rows through a prepared
+    cursor (NULLs, 10 KB blobs; the pure-Python connection sends one by COM_STMT_SEND_LONG_DATA); the failures."""
     def work(w: int) -> None:
-        conn = mysql.connector.connect(**connector_settings(proxy, use_pure=use_pure))
+        conn = mysql.connector.connect(**settings, use_pure=use_pure)
+        assert type(conn).__name__ == ("MySQLConnection" if use_pure else "CMySQLConnection"), type(conn)
         try:
             cur = conn.cursor(prepared=True)
             for i in range(6):
                 note = None if i % 2 else f"w{w} i{i}"
-                data = io.BytesIO(blob) if use_pure and i == 3 else blob[i:]      # pure: send_long_data
+                data = io.BytesIO(BLOB) if use_pure and i == 3 else BLOB[i:]      # pure: send_long_data
                 cur.execute(f"INSERT INTO {table} (id, worker, v, note, data) VALUES (?, ?, ?, ?, ?)",
                             (w * 100 + i, w, i, note, data))
                 conn.commit()
@@ -94,13 +97,44 @@ def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_fact
                 assert len(got) == 1, f"{len(got)} rows"
                 v, got_note, got_data = got[0]
                 assert v == i and got_note == note, (v, got_note)
-                want = blob if use_pure and i == 3 else blob[i:]
+                want = BLOB if use_pure and i == 3 else BLOB[i:]
                 same = bytes(got_data) == want         # no diff of 10 KB values in the report
                 assert same, f"data of {len(got_data)} bytes differs from the {len(want)} sent"
             cur.close()
         finally:
             conn.close()
-    failures = run_clients(CLIENTS, work, 120.0)
+    return [str(failure) for failure in run_clients(clients, work, 120.0)]
+
+
+def connector_clients_in_cext_process(settings: dict, table: str, clients: int) -> list:
+    """connector_clients with mysql-connector's C extension (CMySQLConnection, libmysqlclient's prepared statement
+    API), in a process of its own: the wheel's extension needs the OpenSSL it ships in mysql/vendor (newer than
+    Debian 12's), which only a process started with LD_LIBRARY_PATH pointing there loads; this one has the
+    system's libssl loaded already."""
+    vendor = os.path.join(os.path.dirname(mysql.connector.__path__[0]), "vendor")
+    assert os.path.isdir(vendor), f"mysql-connector-python ships no {vendor}"
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(p for p in (vendor, os.environ.get("LD_LIBRARY_PATH"))
+                                                           if p))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    code = ("import json, sys, mysql.connector\n"
+            "assert mysql.connector.HAVE_CEXT, 'the C extension does not load'\n"
+            "from tests.integration.test_mysql_prepared import connector_clients\n"
+            "print(json.dumps(connector_clients(*json.loads(sys.argv[1]))))\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([settings, table, False, clients])], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("use_pure", [True, False], ids=["pure", "cext"])
+def test_mysql_connector_prepared_cursors_share_a_small_pool(mariadb, proxy_factory, table, use_pure, reprepare):
+    proxy = start_proxy(proxy_factory, mariadb, max_size=MAX_SIZE, borrow_timeout=5.0, options=reprepare)
+    settings = connector_settings(proxy)
+    if use_pure:
+        failures = connector_clients(settings, table, True, CLIENTS)
+    else:
+        failures = connector_clients_in_cext_process(settings, table, CLIENTS)
     assert failures == [], failures + [proxy.log_tail()]
     assert rows_of(mariadb, f"SELECT worker, COUNT(*), SUM(v), COUNT(note) FROM {table} GROUP BY worker") == [
         (w, 6, 15, 3) for w in range(CLIENTS)]
