@@ -172,7 +172,6 @@ def status(admin):
 def admin(admin_address, as_json, token_env, words):
     """Run an admin console command on a running proxy: `multiproxy admin SHOW POOLS`, `multiproxy admin PAUSE db`
     (the views and commands of the PostgreSQL console database `pgbouncer`, over the admin HTTP server)."""
-    import urllib.error
     import urllib.parse
     import urllib.request
     verb = words[0].upper()
@@ -184,22 +183,7 @@ def admin(admin_address, as_json, token_env, words):
     else:
         path = "/".join(urllib.parse.quote(w, safe="") for w in (verb.lower(), *words[1:]))
         request = urllib.request.Request(f"http://{admin_address}/admin/{path}", data=b"", method="POST")
-    token = os.environ.get(token_env, "") if token_env else ""
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=600) as resp:
-            data = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", str(exc))
-        except ValueError:
-            message = str(exc)
-        click.echo(f"error: {message}", err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"error: no multiproxy admin server answers on {admin_address}: {exc}", err=True)
-        sys.exit(1)
+    data = _admin_request(request, admin_address, token_env, timeout=600)
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
@@ -214,6 +198,29 @@ def admin(admin_address, as_json, token_env, words):
         if n == 0:
             click.echo("-+-".join("-" * w for w in widths))
     click.echo(f"({len(data['rows'])} row{'s' if len(data['rows']) != 1 else ''})")
+
+
+def _admin_request(request, admin_address: str, token_env: str, timeout: float, unreachable_hint: str = "") -> dict:
+    """Send `request` to the admin HTTP server with the token from `token_env` (when set); its JSON answer, or the
+    error printed and exit 1."""
+    import urllib.error
+    import urllib.request
+    token = os.environ.get(token_env, "") if token_env else ""
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"error: no multiproxy admin server answers on {admin_address}: {exc}{unreachable_hint}", err=True)
+        sys.exit(1)
 
 
 @cli.command()
@@ -236,26 +243,10 @@ def reload(admin_address, token_env, pid):
             sys.exit(1)
         click.echo(f"SIGHUP sent to {pid}; the proxy's log says what changed, or why nothing did")
         return
-    import urllib.error
     import urllib.request
     request = urllib.request.Request(f"http://{admin_address}/admin/reload", data=b"", method="POST")
-    token = os.environ.get(token_env, "") if token_env else ""
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", str(exc))
-        except ValueError:
-            message = str(exc)
-        click.echo(f"error: {message}", err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"error: no multiproxy admin server answers on {admin_address}: {exc}; "
-                   "or signal the process: multiproxy reload --pid PID", err=True)
-        sys.exit(1)
+    _admin_request(request, admin_address, token_env, timeout=60,
+                   unreachable_hint="; or signal the process: multiproxy reload --pid PID")
     click.echo("reloaded; the proxy's log lists each change")
 
 
