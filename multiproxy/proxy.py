@@ -15,6 +15,7 @@ from gevent import socket
 from gevent.event import Event
 
 from . import reload as live_reload
+from . import systemd
 from .acceptor import Acceptor
 from .admin import Console
 from .audit import AuditLog
@@ -672,54 +673,91 @@ def run_forever(config: Config, engines: dict) -> int:
     return _run_workers(config, engines, workers)
 
 
-def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0) -> int:
+def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0,
+                ready_fd: int | None = None) -> int:
+    """One process serving the listeners. Alone (ready_fd None) it tells systemd its state itself; a forked worker
+    writes one byte to ready_fd once it serves, and its parent tells systemd."""
     proxy = Proxy(config, engines, worker)
     if config.proxy.workers > 1:
         proxy.listen_for_cancels(config.proxy.workers, group)
     proxy.start(listen_sockets)
     done = proxy.shutdown_requested
+    alone = ready_fd is None
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
         done.set()
 
+    def reload():
+        if alone:
+            systemd.reloading()
+        proxy.reload(False)
+        if alone:
+            systemd.ready()
+
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
-    gevent.signal_handler(signal.SIGHUP, proxy.reload, False)    # each worker reloads on its own signal
+    gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
+    if alone:
+        systemd.ready(f"serving {len(config.listeners)} listeners")
+    else:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     done.wait()
+    if alone:
+        systemd.stopping()
     proxy.stop()
     return 0
 
 
 def _run_workers(config: Config, engines: dict, workers: int) -> int:
-    """Fork workers that share the listening sockets through SO_REUSEPORT; restart none, stop all on a signal."""
+    """Fork workers that share the listening sockets through SO_REUSEPORT; restart none, stop all on a signal.
+    systemd hears READY=1 once every worker has bound its listeners (one byte each on a pipe)."""
     children = []
     group = os.getpid()
+    ready_r, ready_w = os.pipe()
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:
             # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             gevent.reinit()
+            os.close(ready_r)
             sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
             code = 1
             try:
-                code = _run_worker(config, engines, worker, sockets, group)
+                code = _run_worker(config, engines, worker, sockets, group, ready_fd=ready_w)
             finally:
                 os._exit(code)
         children.append(pid)
+    os.close(ready_w)
 
     def forward(signum, frame):
+        if signum == signal.SIGHUP:
+            systemd.reloading()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            systemd.stopping()
         for pid in children:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+        if signum == signal.SIGHUP:
+            systemd.ready()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
+    started = 0
+    with os.fdopen(ready_r, "rb", buffering=0) as pipe:
+        while started < workers:
+            got = pipe.read(workers - started)
+            if not got:
+                break       # a worker died before serving: no READY=1, the exit status below tells why
+            started += len(got)
+    if started == workers:
+        systemd.ready(f"{workers} workers serving {len(config.listeners)} listeners")
     status = 0
     for pid in children:
         while True:
