@@ -46,6 +46,8 @@ setup(
             "mysql-connector-python>=8.0",
             "mariadb>=1.1",
             "selenium>=4.20",  # drives Debian's chromium in the status page test (tools/install-deps.sh installs it)
+            "kubernetes-validate>=1.28",  # configs/kubernetes/ against the Kubernetes schemas (test_deploy.py)
+            "PyYAML>=6",
         ],
     },
     entry_points={
