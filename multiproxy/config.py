@@ -100,9 +100,9 @@ AUTH_QUERY_SETTINGS = _settings(
             "logs in with; it must be able to read the verifiers (pg_shadow, mysql.user: see docs/security.md)"),
     Setting("query", str, "", "the lookup, with one placeholder for the user name ($1 on PostgreSQL, ? on "
             "MySQL/MariaDB), bound as a quoted literal; its first row's last column is the verifier; empty: the "
-            "engine's own (PostgreSQL: SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1; "
-            "MySQL/MariaDB: SELECT authentication_string FROM mysql.user WHERE user = ? AND plugin = "
-            "'mysql_native_password')"),
+            "engine's own (PostgreSQL: SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1 AND "
+            "(valuntil IS NULL OR valuntil > now()); MySQL/MariaDB: SELECT authentication_string FROM mysql.user "
+            "WHERE user = ? AND plugin = 'mysql_native_password' AND password_expired = 'N')"),
     Setting("database", str, "", "the database the lookup logs in to; empty: the client's"),
     Setting("cache_seconds", float, 60.0, "how long a user found is trusted before it is looked up again", minimum=0),
     Setting("negative_cache_seconds", float, 5.0, "how long a user not found stays refused before it is looked up "

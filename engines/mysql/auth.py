@@ -208,8 +208,11 @@ VERIFIER_KINDS = {
 
 # ---- auth_query ([clusters.NAME.auth_query]): users looked up in mysql.user ----
 
+# Expired passwords are left out: the backend login of a looked-up user goes through the cluster's credentials, so
+# the server would not refuse them itself. (Locked accounts: MySQL's mysql.user has account_locked, MariaDB's view
+# has not, its global_priv JSON has: a query of one's own adds that.)
 AUTH_QUERY_DEFAULT = ("SELECT authentication_string FROM mysql.user WHERE user = ? "
-                      "AND plugin = 'mysql_native_password'")
+                      "AND plugin = 'mysql_native_password' AND password_expired = 'N'")
 
 
 def auth_query_sql(query: str, user: str) -> str:

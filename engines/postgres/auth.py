@@ -321,7 +321,10 @@ def check_md5_response(verifier: str, salt4: bytes, response: bytes) -> bool:
 
 # ---- auth_query ([clusters.NAME.auth_query]): users looked up in pg_shadow, as PgBouncer's auth_query ----
 
-AUTH_QUERY_DEFAULT = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
+# PgBouncer's, plus the expiry of the password: the backend login of a looked-up user goes through the cluster's
+# credentials, so the server would not check VALID UNTIL itself (pg_shadow lists LOGIN roles only).
+AUTH_QUERY_DEFAULT = ("SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1 "
+                      "AND (valuntil IS NULL OR valuntil > now())")
 _PLACEHOLDER = re.compile(r"\$1(?![0-9])")
 
 

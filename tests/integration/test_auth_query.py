@@ -28,28 +28,32 @@ def lookups(proxy, outcome: str) -> float:
 
 @pytest.fixture(scope="module")
 def pg_roles(pg):
-    """aq_scram (SCRAM verifier), aq_md5 (md5 verifier), aq_gone (dropped by the test): in the database, not in
+    """aq_scram (SCRAM verifier), aq_md5 (md5 verifier), aq_gone (dropped by the test), aq_expired (its password
+    expired): in the database, not in
     the users file; aq_lookup, a plain role that reads verifiers only through a SECURITY DEFINER function."""
     pg.psql("SET password_encryption = 'scram-sha-256'; CREATE ROLE aq_scram LOGIN PASSWORD 'scram-secret';"
             "CREATE ROLE aq_gone LOGIN PASSWORD 'gone-secret';"
+            "CREATE ROLE aq_expired LOGIN PASSWORD 'expired-secret' VALID UNTIL '2000-01-01';"
             "SET password_encryption = 'md5'; CREATE ROLE aq_md5 LOGIN PASSWORD 'md5-secret';"
             "CREATE ROLE aq_lookup LOGIN;")
     pg.psql("CREATE FUNCTION public.aq_user_lookup(p_user text, OUT usename name, OUT passwd text) RETURNS SETOF "
             "record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS "
-            "'SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = p_user';"
+            "'SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = p_user "
+            "AND (valuntil IS NULL OR valuntil > now())';"
             "REVOKE ALL ON FUNCTION public.aq_user_lookup(text) FROM public;"
             "GRANT EXECUTE ON FUNCTION public.aq_user_lookup(text) TO aq_lookup;", db=AUTH_DB)
     return pg
 
 
-def pg_proxy(proxy_factory, pg, cache_seconds: float = 60.0, negative: float = 5.0):
+def pg_proxy(proxy_factory, pg, cache_seconds: float = 60.0, negative: float = 5.0, lookup_as: str = "aq_lookup",
+             query: str = "SELECT * FROM public.aq_user_lookup($1)"):
     users = UsersFile()
     users.add("someone", "someone-pw", kinds=["scram_sha_256"])
     cluster = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
                "pool": {"mode": "transaction", "max_size": 3},
                "credentials": [{"user": "*", "backend_user": "mp_trust"},
-                               {"user": "lookup", "backend_user": "aq_lookup"}],
-               "auth_query": {"user": "lookup", "query": "SELECT * FROM public.aq_user_lookup($1)",
+                               {"user": "lookup", "backend_user": lookup_as}],
+               "auth_query": {"user": "lookup", "query": query,
                               "cache_seconds": cache_seconds, "negative_cache_seconds": negative}}
     config = {
         "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info", "auth_failure_delay": 0.0},
@@ -105,6 +109,16 @@ def test_pg_dropped_user_refused_after_cache_expires(pg_roles, proxy_factory):
     assert lookups(proxy, "found") == 1 and lookups(proxy, "not_found") == 1
 
 
+def test_pg_default_query_leaves_expired_passwords_out(pg_roles, proxy_factory):
+    """The engine's own query (pg_shadow, read here by the superuser): an expired password is refused although it is
+    right; a valid role logs in."""
+    proxy = pg_proxy(proxy_factory, pg_roles, lookup_as="postgres", query="")
+    assert pg_login(proxy, "md5", "aq_scram", "scram-secret") == 42
+    refused = pg_refused(proxy, "scram", "aq_expired", "expired-secret")
+    assert 'password authentication failed for user "aq_expired"' in refused
+    assert lookups(proxy, "found") == 1 and lookups(proxy, "not_found") == 1
+
+
 def test_pg_lookup_failure_is_told(pg_roles, proxy_factory, tmp_path):
     """The lookup user cannot run the query (no such function): the client is told, nothing is cached."""
     users = UsersFile()
@@ -131,6 +145,7 @@ def test_pg_lookup_failure_is_told(pg_roles, proxy_factory, tmp_path):
 @pytest.fixture(scope="module")
 def maria_user(mariadb):
     mariadb.sql("CREATE USER IF NOT EXISTS 'aq_native'@'%' IDENTIFIED BY 'aq-native-pw';"
+                "CREATE USER IF NOT EXISTS 'aq_expired'@'%' IDENTIFIED BY 'aq-expired-pw' PASSWORD EXPIRE;"
                 f"GRANT ALL ON {DB}.* TO 'aq_native'@'%';")
     return mariadb
 
@@ -157,4 +172,8 @@ def test_mariadb_user_looked_up(maria_user, proxy_factory):
         pymysql.connect(host=proxy.host, port=proxy.port, user="aq_nobody", password="x", database=DB,
                         connect_timeout=10)
     assert unknown.value.args[0] == 1045
-    assert lookups(proxy, "found") == 1 and lookups(proxy, "cached") == 2 and lookups(proxy, "not_found") == 1
+    with pytest.raises(pymysql.err.OperationalError) as locked:     # the right password, expired
+        pymysql.connect(host=proxy.host, port=proxy.port, user="aq_expired", password="aq-expired-pw", database=DB,
+                        connect_timeout=10)
+    assert locked.value.args[0] == 1045
+    assert lookups(proxy, "found") == 1 and lookups(proxy, "cached") == 2 and lookups(proxy, "not_found") == 2

@@ -78,7 +78,8 @@ def test_config_refuses_tds_bad_placeholders_and_unserved_users():
 ])
 def test_postgres_binds_the_user_as_an_escape_literal(user, literal):
     sql = ENGINES["postgres"].auth_query_sql(PostgresEngine.auth_query_default, user)
-    assert sql == f"SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = {literal}"
+    assert sql == (f"SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = {literal} "
+                   "AND (valuntil IS NULL OR valuntil > now())")
     with pytest.raises(ValueError):
         ENGINES["postgres"].auth_query_sql("SELECT $1, $1", user)
     assert ENGINES["postgres"].auth_query_sql("SELECT f($1, $10)", "u") == "SELECT f(E'u', $10)"
@@ -87,7 +88,7 @@ def test_postgres_binds_the_user_as_an_escape_literal(user, literal):
 def test_mysql_binds_the_user_as_a_hex_literal():
     sql = ENGINES["mysql"].auth_query_sql(MySQLEngine.auth_query_default, "o'b\\é")
     assert sql == ("SELECT authentication_string FROM mysql.user WHERE user = X'" + "o'b\\é".encode().hex() + "' "
-                   "AND plugin = 'mysql_native_password'")
+                   "AND plugin = 'mysql_native_password' AND password_expired = 'N'")
 
 
 def test_stored_verifiers_become_users_file_kinds():
