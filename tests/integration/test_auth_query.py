@@ -3,6 +3,7 @@
 are refused as usual, and the answers are cached (multiproxy_auth_query_lookups_total counts the queries)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -98,6 +99,25 @@ def test_pg_users_looked_up_and_cached(pg_roles, proxy_factory):
     # The users file still serves its own users and is not looked up.
     assert pg_login(proxy, "scram", "someone", "someone-pw") == 42
     assert lookups(proxy, "found") + lookups(proxy, "not_found") == 3
+
+
+def test_pg_login_storm_is_one_query(pg_roles, proxy_factory):
+    """30 clients of one user not in the users file log in at once: one lookup query, every login served."""
+    proxy = pg_proxy(proxy_factory, pg_roles)
+    results = []
+
+    def client():
+        try:
+            results.append(pg_login(proxy, "md5", "aq_md5", "md5-secret"))
+        except Exception as exc:    # noqa: BLE001 - reported below
+            results.append(exc)
+    threads = [threading.Thread(target=client) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [42] * 30
+    assert lookups(proxy, "found") == 1 and lookups(proxy, "cached") == 29
 
 
 def test_pg_dropped_user_refused_after_cache_expires(pg_roles, proxy_factory):
