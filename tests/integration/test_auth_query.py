@@ -3,6 +3,7 @@
 are refused as usual, and the answers are cached (multiproxy_auth_query_lookups_total counts the queries)."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -16,6 +17,7 @@ from .helpers import metric, metrics_text
 from .mysqlkit import BACKEND_PASSWORD, BACKEND_USER, DB, mysql_config, users_toml
 from .pgserver import AUTH_DB
 from .proxy import free_port
+from .test_live_reload import reload_by_signal
 
 pytestmark = pytest.mark.timeout(120)
 LOOKUPS = "multiproxy_auth_query_lookups_total"
@@ -47,7 +49,7 @@ def pg_roles(pg):
 
 
 def pg_proxy(proxy_factory, pg, cache_seconds: float = 60.0, negative: float = 5.0, lookup_as: str = "aq_lookup",
-             query: str = "SELECT * FROM public.aq_user_lookup($1)"):
+             query: str = "SELECT * FROM public.aq_user_lookup($1)", config_only: bool = False):
     users = UsersFile()
     users.add("someone", "someone-pw", kinds=["scram_sha_256"])
     cluster = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
@@ -65,6 +67,8 @@ def pg_proxy(proxy_factory, pg, cache_seconds: float = 60.0, negative: float = 5
                       {"name": "md5", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
                        "auth": "md5"}],
     }
+    if config_only:
+        return config
     return proxy_factory(config, files={"users.toml": users.dumps()})
 
 
@@ -137,6 +141,22 @@ def test_pg_default_query_leaves_expired_passwords_out(pg_roles, proxy_factory):
     refused = pg_refused(proxy, "scram", "aq_expired", "expired-secret")
     assert 'password authentication failed for user "aq_expired"' in refused
     assert lookups(proxy, "found") == 1 and lookups(proxy, "not_found") == 1
+
+
+def test_pg_auth_query_follows_a_reload(pg_roles, proxy_factory):
+    """auth_query added by a live reload: a user refused before logs in after; removed again: refused again."""
+    with_lookup = pg_proxy(proxy_factory, pg_roles, config_only=True)
+    without = copy.deepcopy(with_lookup)
+    del without["clusters"]["main"]["auth_query"]
+    users = UsersFile()
+    users.add("someone", "someone-pw", kinds=["scram_sha_256"])
+    proxy = proxy_factory(without, files={"users.toml": users.dumps()})
+    pg_refused(proxy, "scram", "aq_scram", "scram-secret")
+    reload_by_signal(proxy, with_lookup)
+    assert pg_login(proxy, "scram", "aq_scram", "scram-secret") == 42
+    reload_by_signal(proxy, without)
+    pg_refused(proxy, "scram", "aq_scram", "scram-secret")
+    assert lookups(proxy, "found") == 1
 
 
 def test_pg_lookup_failure_is_told(pg_roles, proxy_factory, tmp_path):
