@@ -15,6 +15,7 @@ import gevent
 
 from . import __version__
 from .admin import CONSOLE_DATABASES, AdminError
+from .auth_lookup import AuthLookup, LookupFailed, proxy_query
 from .engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
     LookupUser, ProtocolError, SendToClient, StartClientTLS, StatementCounts,
@@ -224,7 +225,6 @@ class Session:
         """auth_query: the record of a user missing from the users file, from the cluster's cache or the database
         (multiproxy.auth_lookup); None when there is no such user; False when the lookup failed (the client was
         told, and is closed)."""
-        from .auth_lookup import AuthLookup, LookupFailed, proxy_query
         proxy = self.proxy
         rt = self.runtime
         cluster = rt.cluster
@@ -245,7 +245,7 @@ class Session:
             log.warning("client %s: auth_query lookup of user %r on cluster %s failed: %s", self._where(),
                         event.user, cluster.name, exc)
             self._send_quietly(self.proto.error(
-                ErrorKind.BACKEND_UNAVAILABLE, f"multiproxy could not look user {event.user!r} up in the database "
+                ErrorKind.BACKEND_UNAVAILABLE, f"the proxy could not look user {event.user!r} up in the database "
                 f"(clusters.{cluster.name}.auth_query): the proxy's log says why; retry shortly"))
             return False
 
