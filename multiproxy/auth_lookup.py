@@ -62,8 +62,9 @@ class AuthLookup:
             return record
         waiting = self.inflight.get(user)
         if waiting is not None:
+            record = waiting.get()      # re-raises the leader's LookupFailed
             self._count(CACHED)
-            return waiting.get()        # re-raises the leader's LookupFailed
+            return record
         result = self.inflight[user] = AsyncResult()
         try:
             try:
