@@ -257,3 +257,13 @@ def test_mysql_looked_up_native_user_logs_in_and_others_are_denied():
         events, _ = mysql_login({"bob": record}, user, password)
         assert isinstance(events[-1], AuthFailed)
         assert mp.parse_err(events[-1].data[4:])[0] == mp.ER_ACCESS_DENIED_ERROR
+
+
+def test_cache_stays_bounded():
+    clock = Clock()
+    lookup = AuthLookup("main", AuthQueryConfig("lookup", "", "", 60.0, 5.0), clock=clock)
+    for i in range(10001):
+        lookup.lookup(f"u{i}", lambda user: {})
+        clock.now += 0.001          # negative answers (5 s) of the first names expire as the names go on
+    assert len(lookup.cache) <= 10000
+    assert lookup.cached("u10000") == (True, None)
