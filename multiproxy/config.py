@@ -95,6 +95,20 @@ BACKEND_SETTINGS = _settings(
             "of that connection; its failure fails the login with the server's error; empty: none"),
 )
 
+AUTH_QUERY_SETTINGS = _settings(
+    Setting("user", str, None, "the client user whose backend credentials ([[clusters.NAME.credentials]]) the lookup "
+            "logs in with; it must be able to read the verifiers (pg_shadow, mysql.user: see docs/security.md)"),
+    Setting("query", str, "", "the lookup, with one placeholder for the user name ($1 on PostgreSQL, ? on "
+            "MySQL/MariaDB), bound as a quoted literal; its first row's last column is the verifier; empty: the "
+            "engine's own (PostgreSQL: SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1 AND "
+            "(valuntil IS NULL OR valuntil > now()); MySQL/MariaDB: SELECT authentication_string FROM mysql.user "
+            "WHERE user = ? AND plugin = 'mysql_native_password' AND password_expired = 'N')"),
+    Setting("database", str, "", "the database the lookup logs in to; empty: the client's"),
+    Setting("cache_seconds", float, 60.0, "how long a user found is trusted before it is looked up again", minimum=0),
+    Setting("negative_cache_seconds", float, 5.0, "how long a user not found stays refused before it is looked up "
+            "again", minimum=0),
+)
+
 POOL_SETTINGS = _settings(
     Setting("mode", str, "transaction", "when a client gives its backend back: after each transaction or at disconnect", POOL_MODES),
     Setting("min_size", int, 0, "backend connections kept open per (user, database) even when idle", minimum=0),
@@ -275,6 +289,15 @@ class Credential:
 
 
 @dataclass(frozen=True)
+class AuthQueryConfig:
+    user: str
+    query: str
+    database: str
+    cache_seconds: float
+    negative_cache_seconds: float
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     engine: str
@@ -287,6 +310,7 @@ class ClusterConfig:
     endpoints: dict = field(default_factory=dict)        # 'writer'/'reader' -> (dns name, port)
     dns: DnsConfig | None = None
     health: HealthConfig | None = None
+    auth_query: AuthQueryConfig | None = None    # [clusters.NAME.auth_query]; None: users come from the users file only
 
     def credential_for(self, user: str) -> Credential | None:
         fallback = None
@@ -489,9 +513,9 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
                     r.problem(f"{path}.hosts[{i}]", str(exc))
         for key in craw:
             if key not in ("engine", "hosts", "endpoints", "dns", "health", "backend", "pool", "credentials", "pinning",
-                           "options"):
+                           "options", "auth_query"):
                 r.problem(f"{path}.{key}", "unknown setting (known: engine, hosts, endpoints, dns, health, backend, pool, "
-                          "credentials, pinning, options)")
+                          "credentials, pinning, options, auth_query)")
         backend = BackendConfig(**r.settings(r.table(craw.get("backend"), f"{path}.backend"), f"{path}.backend", BACKEND_SETTINGS))
         pool = PoolConfig(**r.settings(r.table(craw.get("pool"), f"{path}.pool"), f"{path}.pool", POOL_SETTINGS))
         if pool.min_size > pool.max_size:
@@ -550,10 +574,18 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
         if follows_roles and not health.probe_user and not named_credentials:
             r.problem(f"{path}.health.probe_user", "needed to verify node roles (the cluster has endpoints or several "
                       "hosts): name the user the probes log in as")
+        auth_query = None
+        if "auth_query" in craw:
+            apath = f"{path}.auth_query"
+            values = r.settings(r.table(craw.get("auth_query"), apath), apath, AUTH_QUERY_SETTINGS)
+            if values.get("user") is not None:
+                auth_query = AuthQueryConfig(**values)
+                _check_auth_query(r, apath, auth_query, (known_engines or {}).get(engine) if isinstance(engine, str)
+                                  else None, engine, creds)
         clusters[name] = ClusterConfig(
             name=name, engine=engine or "", hosts=tuple(hosts), backend=backend, pool=pool,
             credentials=tuple(creds), pinning=dict(pinning), engine_options=dict(options),
-            endpoints=endpoints, dns=DnsConfig(**dns_values), health=health,
+            endpoints=endpoints, dns=DnsConfig(**dns_values), health=health, auth_query=auth_query,
         )
 
     listeners = []
@@ -654,12 +686,36 @@ def _token_listener(r: _Reader, path: str, values: dict, base_dir: str) -> None:
     values["token_verifier"] = verifier
 
 
+def _check_auth_query(r, path: str, settings: AuthQueryConfig, engine_obj, engine: str, creds: list) -> None:
+    """[clusters.NAME.auth_query]: an engine that can look users up, a query with one placeholder, a lookup user
+    the cluster's credentials serve."""
+    if engine == "tds":
+        r.problem(path, "auth_query is not possible on a tds cluster: SQL Server's stored password hashes cannot "
+                  "verify a TDS login (the client sends the password itself); keep its users in the users file")
+        return
+    if engine_obj is not None:
+        try:
+            sql = engine_obj.auth_query_sql(settings.query or getattr(engine_obj, "auth_query_default", ""), "x")
+        except ValueError as exc:
+            r.problem(f"{path}.query", str(exc))
+            return
+        if sql is None:
+            r.problem(path, f"the {engine} engine cannot look users up in the database; remove auth_query")
+            return
+    if not settings.user:
+        r.problem(f"{path}.user", "name the user the lookup logs in as")
+    elif not any(c.user in (settings.user, "*") for c in creds):
+        r.problem(f"{path}.user", f"no [[clusters.NAME.credentials]] serves user {settings.user!r}: add one with "
+                  f"user = {settings.user!r} (and its backend password)")
+
+
 def settings_reference() -> str:
     """Markdown reference of every declared setting, for docs/configuration.md."""
     out = []
     for title, declared in (("[proxy]", PROXY_SETTINGS), ("[admin]", ADMIN_SETTINGS), ("[clusters.NAME.backend]", BACKEND_SETTINGS),
                             ("[clusters.NAME.dns]", DNS_SETTINGS), ("[clusters.NAME.health]", HEALTH_SETTINGS),
                             ("[clusters.NAME.pool]", POOL_SETTINGS), ("[[clusters.NAME.credentials]]", CREDENTIAL_SETTINGS),
+                            ("[clusters.NAME.auth_query]", AUTH_QUERY_SETTINGS),
                             ("[[listeners]]", LISTENER_SETTINGS)):
         out.append(f"### `{title}`\n\n| key | type | default | meaning |\n|---|---|---|---|")
         for s in declared.values():

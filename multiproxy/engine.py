@@ -146,6 +146,16 @@ class AuthFailed:
     audit_event: str = "auth_failed"   # "token_rejected" when a token was refused
 
 
+@dataclass
+class LookupUser:
+    """The client's user is not in the users file and the cluster has auth_query: the core looks it up (cached,
+    multiproxy.auth_lookup) and calls `ClientProtocol.user_found` with the record or None; the handshake goes on
+    with the events that returns. `database`: the client's database (where the lookup logs in by default)."""
+
+    user: str
+    database: str = ""
+
+
 class StatementCounts:
     """A cluster's prepared-statement cache tally: `hits` (the backend had the statement), `misses` (the proxy
     prepared it there first), `evictions` (closed on a backend to stay within max_prepared_statements)."""
@@ -194,6 +204,8 @@ class ClientContext:
     # [clusters.NAME.backend] init_query: the core runs it on each new backend connection; engines whose reset
     # between clients undoes session settings (TDS RESETCONNECTION) run it again after such a reset.
     init_query: str = ""
+    # [clusters.NAME.auth_query] is set: a user missing from the users file is looked up (the LookupUser event).
+    auth_query: bool = False
 
 
 @dataclass
@@ -373,6 +385,11 @@ class ClientProtocol:
         `Engine.cancel_script` as for a client's own cancel."""
         return b""
 
+    def user_found(self, record) -> list:
+        """Optional, for engines that emit LookupUser: the looked-up multiproxy.auth.UserRecord of the handshake's
+        user, or None (unknown: refused like any unknown user); returns the handshake events that follow."""
+        raise NotImplementedError
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
@@ -496,6 +513,19 @@ class Engine:
         text (`what` names the query in its message). None (the default): the engine runs no queries, and a config
         with init_query fails every login of it."""
         return None
+
+    # auth_query ([clusters.NAME.auth_query]): the default query, with one placeholder for the user name.
+    auth_query_default: str = ""
+
+    def auth_query_sql(self, query: str, user: str) -> str | None:
+        """Optional: `query` with its placeholder replaced by `user` quoted as a literal of the engine's SQL (never
+        formatted raw); None (the default): the engine cannot look users up, and config validation refuses
+        auth_query on its clusters."""
+        return None
+
+    def auth_query_verifiers(self, value: str) -> dict:
+        """Optional: the users-file verifiers by kind for a verifier the auth query returned ({}: none usable)."""
+        return {}
 
     def probe_script(self, target: BackendTarget) -> BackendScript | None:
         """Optional: a script whose result says the node's role ('writer'/'reader') and lag."""

@@ -41,6 +41,7 @@ class Metrics:
         self.cancels_forwarded = 0
         self.cancels_ignored = 0
         self.closed_session_requests = 0
+        self.auth_query_lookups: dict[tuple[str, str], int] = {}   # (cluster, outcome) -> count (auth_lookup)
 
     def session_closed(self, session) -> None:
         proto = session.proto
@@ -103,6 +104,12 @@ class ProxyCollector:
         c = CounterMetricFamily(PREFIX + "cancel_requests", "Cancel requests by outcome", labels=["outcome"])
         c.add_metric(["forwarded"], m.cancels_forwarded)
         c.add_metric(["ignored"], m.cancels_ignored)
+        yield c
+        c = CounterMetricFamily(PREFIX + "auth_query_lookups", "Users missing from the users file looked up with "
+                                "clusters.NAME.auth_query, by outcome: found, not_found, error (queries run), cached "
+                                "(answered from the cache)", labels=["cluster", "outcome"])
+        for (cluster, outcome), count in sorted(getattr(m, "auth_query_lookups", {}).items()):
+            c.add_metric([cluster, outcome], count)
         yield c
 
         # `variant` names a pool among those of one (cluster, role, user, database) that differ in backend variant (MySQL

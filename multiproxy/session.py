@@ -15,9 +15,10 @@ import gevent
 
 from . import __version__
 from .admin import CONSOLE_DATABASES, AdminError
+from .auth_lookup import AuthLookup, LookupFailed, proxy_query
 from .engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, CancelRequested, ClientContext, ClientQuit, CloseClient, ErrorKind,
-    ProtocolError, SendToClient, StartClientTLS, StatementCounts,
+    LookupUser, ProtocolError, SendToClient, StartClientTLS, StatementCounts,
 )
 from .fastio import ClientSocket, fast_recv, fast_sendall
 from .pool import BackendUnavailable, PoolTimeout
@@ -135,7 +136,7 @@ class Session:
             reset_after_transaction=rt.reset_after_transaction, reset_query=cluster.backend.reset_query,
             max_prepared_statements=cluster.backend.max_prepared_statements,
             statement_counts=proxy.statement_counts.setdefault(cluster.name, StatementCounts()),
-            init_query=cluster.backend.init_query,
+            init_query=cluster.backend.init_query, auth_query=getattr(cluster, "auth_query", None) is not None,
         )
         proto = self.proto = self.engine.client_protocol(ctx)
         limit = proxy.config.proxy.handshake_timeout
@@ -160,10 +161,16 @@ class Session:
             while True:
                 if not data:
                     return False
-                for event in proto.receive_handshake(data):
+                events = proto.receive_handshake(data)
+                for event in events:        # (a LookupUser's answer appends the events that follow it)
                     kind = type(event)
                     if kind is SendToClient:
                         send(event.data)
+                    elif kind is LookupUser:
+                        found = self._lookup_user(event)
+                        if found is False:
+                            return False
+                        events.extend(proto.user_found(found))
                     elif kind is StartClientTLS:
                         if event.data:
                             send(event.data)
@@ -213,6 +220,34 @@ class Session:
         finally:
             if lean:
                 proxy.handshaking.pop(self, None)
+
+    def _lookup_user(self, event: LookupUser):
+        """auth_query: the record of a user missing from the users file, from the cluster's cache or the database
+        (multiproxy.auth_lookup); None when there is no such user; False when the lookup failed (the client was
+        told, and is closed)."""
+        proxy = self.proxy
+        rt = self.runtime
+        cluster = rt.cluster
+        settings = cluster.auth_query
+        lookups = getattr(proxy, "auth_lookups", None)
+        if lookups is None:
+            lookups = proxy.auth_lookups = {}
+        lookup = lookups.get(cluster.name)
+        if lookup is None or lookup.settings != settings:      # first use, or a reload changed the settings
+            counts = getattr(proxy.metrics, "auth_query_lookups", None)
+            if counts is None:
+                counts = proxy.metrics.auth_query_lookups = {}
+            lookup = lookups[cluster.name] = AuthLookup(cluster.name, settings, counts)
+        try:
+            return lookup.lookup(event.user, lambda user: proxy_query(
+                proxy, cluster, rt.config.role, self.engine, settings, event.database, user))
+        except LookupFailed as exc:
+            log.warning("client %s: auth_query lookup of user %r on cluster %s failed: %s", self._where(),
+                        event.user, cluster.name, exc)
+            self._send_quietly(self.proto.error(
+                ErrorKind.BACKEND_UNAVAILABLE, f"the proxy could not look user {event.user!r} up in the database "
+                f"(clusters.{cluster.name}.auth_query): the proxy's log says why; retry shortly"))
+            return False
 
     def handshake_overdue(self) -> None:
         """Called by the proxy's deadline sweep: stop waiting for this client's login."""

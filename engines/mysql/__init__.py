@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
+from . import auth
 from . import protocol as p
 from .auth import VERIFIER_KINDS, rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe, MySQLQuery
@@ -28,6 +29,14 @@ class MySQLEngine(Engine):
     client_auth_methods = ("trust", "mysql_native_password", "caching_sha2_password", "md5", "scram-sha-256", "token")
     pin_reasons = ALL_PIN_REASONS
     verifier_kinds = VERIFIER_KINDS
+
+    auth_query_default = auth.AUTH_QUERY_DEFAULT
+
+    def auth_query_sql(self, query: str, user: str) -> str:
+        return auth.auth_query_sql(query, user)
+
+    def auth_query_verifiers(self, value: str) -> dict:
+        return auth.auth_query_verifiers(value)
 
     def __init__(self):
         # The version clients are greeted with: the latest backend login's (the greeting precedes any borrow).

@@ -204,3 +204,29 @@ VERIFIER_KINDS = {
     "mysql_native_password": lambda user, password: native_verifier(password),
     "caching_sha2_password": lambda user, password: caching_sha2_verifier(password),
 }
+
+
+# ---- auth_query ([clusters.NAME.auth_query]): users looked up in mysql.user ----
+
+# Expired passwords are left out: the backend login of a looked-up user goes through the cluster's credentials, so
+# the server would not refuse them itself. (Locked accounts: MySQL's mysql.user has account_locked, MariaDB's view
+# has not, its global_priv JSON has: a query of one's own adds that.)
+AUTH_QUERY_DEFAULT = ("SELECT authentication_string FROM mysql.user WHERE user = ? "
+                      "AND plugin = 'mysql_native_password' AND password_expired = 'N'")
+
+
+def auth_query_sql(query: str, user: str) -> str:
+    """`query` with its one `?` replaced by `user` as a hex literal (X'...': no quoting to get wrong, whatever the
+    sql_mode says of backslashes). ValueError: not exactly one `?`."""
+    if query.count("?") != 1:
+        raise ValueError("the query needs exactly one ?, where the user name goes")
+    return query.replace("?", "X'" + user.encode("utf-8").hex() + "'")
+
+
+def auth_query_verifiers(value: str) -> dict:
+    """mysql.user's authentication_string as users-file verifiers: mysql_native_password's *HEX; {} otherwise."""
+    try:
+        parse_native_verifier(value)
+    except ValueError:
+        return {}
+    return {"mysql_native_password": value}

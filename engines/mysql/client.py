@@ -64,7 +64,13 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
 
     def receive_handshake(self, data: bytes) -> list:
         handshake = self.handshake
-        events = handshake.receive(data)
+        return self._handshake_events(handshake, handshake.receive(data))
+
+    def user_found(self, record) -> list:
+        """auth_query's answer to the handshake's LookupUser (see ClientProtocol.user_found)."""
+        return self._handshake_events(self.handshake, self.handshake.user_found(record))
+
+    def _handshake_events(self, handshake: ClientHandshake, events: list) -> list:
         if events and isinstance(events[-1], Authenticated):
             self._take_login(handshake)
             events[-1].leftover = handshake.leftover     # pipelined requests: the session serves them first

@@ -12,7 +12,8 @@ import os
 import struct
 
 from multiproxy.engine import (
-    AuthFailed, Authenticated, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient, StartClientTLS,
+    AuthFailed, Authenticated, ClientContext, CloseClient, ErrorKind, LookupUser, ProtocolError, SendToClient,
+    StartClientTLS,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -78,6 +79,7 @@ class ClientHandshake:
         self.ok_seq = 2                 # sequence id of the login's OK packet
         self.greeting_prefix = b""      # what precedes that OK (the caching_sha2 fast-auth notice)
         self.leftover = b""             # client bytes that arrived behind the last handshake packet
+        self.lookup = None              # auth_query: the HandshakeResponse41 waiting for the LookupUser answer
 
     def greeting(self) -> bytes:
         """Handshake v10, the server's first packet."""
@@ -148,7 +150,7 @@ class ClientHandshake:
                     ErrorKind.PROTOCOL_VIOLATION, f"malformed handshake response: {exc}", self.seq + 1)) from None
             if event is not None:
                 events.append(event)
-            if events and isinstance(events[-1], (StartClientTLS, Authenticated, CloseClient, AuthFailed)):
+            if events and isinstance(events[-1], (StartClientTLS, Authenticated, CloseClient, AuthFailed, LookupUser)):
                 break
         return events
 
@@ -192,6 +194,29 @@ class ClientHandshake:
         if not self.user:
             return self._fatal(ErrorKind.AUTH_FAILED, "no user name in the handshake response")
         record = ctx.users.get(self.user) if ctx.users is not None else None
+        if record is None and ctx.auth_query and self._method() == "mysql_native_password":
+            # Not in the users file: the core looks the user up in the database, then calls user_found.
+            self.lookup = info
+            return LookupUser(self.user, self.database)
+        return self._authenticate(record, info)
+
+    def user_found(self, record) -> list:
+        """The answer to LookupUser: the looked-up record (None: unknown) and the events the login goes on with."""
+        info, self.lookup = self.lookup, None
+        if info is None:
+            raise ProtocolError("user_found without a lookup", self.error(
+                ErrorKind.PROTOCOL_VIOLATION, "unexpected user lookup"))
+        event = self._authenticate(record, info)
+        events = [event] if event is not None else []
+        if self.buf and not (events and isinstance(events[-1], (StartClientTLS, Authenticated, CloseClient,
+                                                                AuthFailed))):
+            events.extend(self.receive(b""))     # bytes the client sent while the lookup ran
+        return events
+
+    def _authenticate(self, record, info: dict):
+        """The rest of the HandshakeResponse41, once the user's record is known (None: unknown user)."""
+        ctx = self.ctx
+        caps = info["capabilities"]
         if record is not None and not record.may_use(ctx.listener.name):
             return self._denied("listener not allowed for user")
         method = self._method()

@@ -5,6 +5,7 @@ import os
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
+from . import auth
 from .backend import PostgresCancel, PostgresLogin, PostgresProbe, PostgresQuery
 from .client import PostgresClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -18,6 +19,14 @@ class PostgresEngine(Engine):
     supports_token_auth = True     # AuthenticationCleartextPassword after SSLRequest (see handshake.py _begin_auth)
     client_auth_methods = ("trust", "md5", "scram-sha-256", "token")
     pin_reasons = ALL_PIN_REASONS
+
+    auth_query_default = auth.AUTH_QUERY_DEFAULT
+
+    def auth_query_sql(self, query: str, user: str) -> str:
+        return auth.auth_query_sql(query, user)
+
+    def auth_query_verifiers(self, value: str) -> dict:
+        return auth.auth_query_verifiers(value)
 
     def __init__(self):
         # Per-process secret that makes fake SCRAM salts of unknown users stable (no user enumeration).

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Callable
 
@@ -24,6 +25,9 @@ __all__ = [
     "check_md5_response",
     "md5_password_response",
     "mock_scram_salt",
+    "AUTH_QUERY_DEFAULT",
+    "auth_query_sql",
+    "auth_query_verifiers",
 ]
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"  # SASL mechanism name, as listed in AuthenticationSASL
@@ -313,3 +317,37 @@ def check_md5_response(verifier: str, salt4: bytes, response: bytes) -> bool:
         return False
     expected = b"md5" + hashlib.md5(verifier[3:].encode("ascii", "replace") + bytes(salt4)).hexdigest().encode("ascii")
     return hmac.compare_digest(expected, bytes(response))
+
+
+# ---- auth_query ([clusters.NAME.auth_query]): users looked up in pg_shadow, as PgBouncer's auth_query ----
+
+# PgBouncer's, plus the expiry of the password: the backend login of a looked-up user goes through the cluster's
+# credentials, so the server would not check VALID UNTIL itself (pg_shadow lists LOGIN roles only).
+AUTH_QUERY_DEFAULT = ("SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1 "
+                      "AND (valuntil IS NULL OR valuntil > now())")
+_PLACEHOLDER = re.compile(r"\$1(?![0-9])")
+
+
+def auth_query_sql(query: str, user: str) -> str:
+    """`query` with its one `$1` replaced by `user` as an escape string literal (E'...': backslashes and quotes
+    doubled, so it reads the same whatever standard_conforming_strings says). ValueError: not exactly one `$1`, or a
+    NUL in the name."""
+    if len(_PLACEHOLDER.findall(query)) != 1:
+        raise ValueError("the query needs exactly one $1, where the user name goes")
+    if "\x00" in user:
+        raise ValueError("a user name cannot hold NUL")
+    literal = "E'" + user.replace("\\", "\\\\").replace("'", "''") + "'"
+    return _PLACEHOLDER.sub(lambda _: literal, query)
+
+
+def auth_query_verifiers(value: str) -> dict:
+    """pg_shadow's passwd as users-file verifiers: SCRAM-SHA-256$... or md5 + 32 hex; {} for anything else."""
+    if value.startswith("SCRAM-SHA-256$"):
+        try:
+            parse_scram_verifier(value)
+        except ValueError:
+            return {}
+        return {"scram_sha_256": value}
+    if value.startswith("md5") and len(value) == 35:
+        return {"md5": value}
+    return {}

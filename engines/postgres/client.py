@@ -72,7 +72,16 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
             if data:
                 raise data_after_login()
             return []
-        events = handshake.receive(data)
+        return self._handshake_events(handshake, handshake.receive(data))
+
+    def user_found(self, record) -> list:
+        """auth_query's answer to the handshake's LookupUser (see ClientProtocol.user_found)."""
+        handshake = self.handshake
+        if handshake is None:
+            return []
+        return self._handshake_events(handshake, handshake.user_found(record))
+
+    def _handshake_events(self, handshake: PostgresHandshake, events: list) -> list:
         if handshake.phase is DONE:
             self.user = handshake.user
             self.database = handshake.database

@@ -7,8 +7,8 @@ import enum
 import os
 
 from multiproxy.engine import (
-    AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, ProtocolError, SendToClient,
-    StartClientTLS,
+    AuthFailed, Authenticated, CancelRequested, ClientContext, CloseClient, ErrorKind, LookupUser, ProtocolError,
+    SendToClient, StartClientTLS,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -21,7 +21,8 @@ MAX_STARTUP_PACKET = 10000
 _unpack_uint32 = p.UINT32.unpack_from
 _SSL_REQUEST = p.ssl_request()
 _DECLINE_ENCRYPTION = SendToClient(b"N")
-_FINAL_HANDSHAKE_EVENTS = frozenset((StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested))
+_FINAL_HANDSHAKE_EVENTS = frozenset((StartClientTLS, Authenticated, CloseClient, AuthFailed, CancelRequested,
+                                    LookupUser))
 
 
 class Phase(enum.Enum):
@@ -57,6 +58,8 @@ class PostgresHandshake:
     verifier = None                 # the md5 verifier, the token verifier or the ScramServer of the phase
     md5_salt = b""
     startup_params: dict[str, str]  # the StartupMessage's parameters, set once it is read
+    looked_up = False               # LookupUser was emitted (auth_query): `found` is its answer
+    found = None                    # the looked-up UserRecord, or None
 
     def __init__(self, ctx: ClientContext, mock_secret: bytes):
         self.ctx = ctx
@@ -173,6 +176,13 @@ class PostgresHandshake:
         self.startup_params = params
         method = ctx.listener.auth
         record = ctx.users.get(user) if ctx.users is not None else None
+        if record is None and ctx.auth_query and method in ("md5", "scram-sha-256"):
+            if not self.looked_up:
+                # Not in the users file: the core looks the user up in the database, then calls user_found.
+                self.looked_up = True
+                events.append(LookupUser(user, self.database))
+                return True
+            record = self.found
         if record is not None and not record.may_use(ctx.listener.name):
             events.append(AuthFailed(user, render_error(ErrorKind.AUTH_FAILED,
                           f'user "{user}" may not connect through listener {ctx.listener.name!r}', True),
@@ -210,6 +220,18 @@ class PostgresHandshake:
             events.append(SendToClient(p.authentication(p.AUTH_SASL, b"SCRAM-SHA-256\x00\x00")))
             self.phase = SASL_INITIAL
         return True
+
+    def user_found(self, record) -> list:
+        """The answer to LookupUser: the looked-up record (None: unknown) and the events the login goes on with."""
+        if not self.looked_up or self.phase is not STARTUP:
+            raise ProtocolError("user_found without a lookup", render_error(
+                ErrorKind.PROTOCOL_VIOLATION, "unexpected user lookup", True))
+        self.found = record
+        events: list = []
+        self._begin_auth(self.startup_params, events)
+        if self.hbuf and not (events and type(events[-1]) in _FINAL_HANDSHAKE_EVENTS):
+            events.extend(self.receive(b""))     # bytes the client sent while the lookup ran
+        return events
 
     def _auth_step(self, phase: Phase, events: list) -> bool:
         buf = self.hbuf
