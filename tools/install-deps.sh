@@ -61,7 +61,7 @@ missing_binaries() {
     local missing=()
     pg_bindir >/dev/null || missing+=(initdb/postgres/pg_ctl)
     local bin
-    for bin in psql pgbench pgbouncer sysbench tsql mariadb chromium chromedriver; do   # chromium: the status page test
+    for bin in psql pgbench pgbouncer prometheus-pgbouncer-exporter sysbench tsql mariadb chromium chromedriver; do   # chromium: the status page test; the exporter: the admin console test
         have "$bin" || missing+=("$bin")
     done
     have mariadbd || have mysqld || missing+=(mariadbd)
