@@ -76,8 +76,8 @@ def _changed_lines(old, new, path: str) -> list[str]:
     lines = []
     for key in list(before) + [k for k in after if k not in before]:
         a, b = before.get(key, _MISSING), after.get(key, _MISSING)
-        if a == b:
-            continue
+        if a == b or (a is None and b is _MISSING) or (a is _MISSING and b is None):
+            continue    # an optional table added or removed: its keys' own lines say what changed
         if key.rsplit(".", 1)[-1] in SECRET_FIELDS:
             lines.append(f"{key}: (changed)")
         else:
