@@ -11,6 +11,5 @@ if __name__ == "__main__":
         module = sys.argv[2]
         sys.argv = [sys.argv[0]] + sys.argv[3:]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
-    else:
-        from multiproxy.cli import main
-        sys.exit(main())
+    else:  # multiproxy/__main__.py: gevent patches first, then the CLI
+        runpy.run_module("multiproxy", run_name="__main__", alter_sys=True)
