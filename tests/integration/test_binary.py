@@ -74,7 +74,7 @@ def test_version_and_builtin_engines(binary, clean, tmp_path):
 
 def test_check_config_and_users_add(binary, clean, tmp_path, pg):
     (tmp_path / "multiproxy.toml").write_text(pg_config(pg, free_port()))
-    out = run(binary, clean, tmp_path, "check-config", "-c", "multiproxy.toml")
+    out = run(binary, clean, tmp_path, "check-config", "multiproxy.toml")
     assert out.returncode == 0, out.stdout + out.stderr
     users = tmp_path / "users.toml"
     out = run(binary, clean, tmp_path, "users", "add", "--users-file", str(users), "--password-stdin", "alice",
