@@ -54,10 +54,16 @@ PY
     --distpath "$ROOT/dist" --workpath "$BUILD/work" --specpath "$BUILD" \
     --paths "$BUILD/src" --paths "$ROOT" \
     --collect-submodules multiproxy --collect-data multiproxy --collect-submodules multiproxy_engines \
-    --collect-submodules dns --collect-submodules sqlglot --collect-submodules gevent \
+    --collect-submodules dns --collect-submodules sqlglot \
     --hidden-import jwt --hidden-import prometheus_client \
     --add-data "$DIST_INFO:$(basename "$DIST_INFO")" \
-    --exclude-module tkinter --exclude-module pytest --exclude-module IPython \
+    `# gevent's own hook (PyInstaller's contrib hooks) brings its hidden imports; its tests, and what the build` \
+    `# machine's test tools would drag in through optional imports, stay out` \
+    --exclude-module gevent.tests --exclude-module gevent.testing \
+    --exclude-module tkinter --exclude-module pytest --exclude-module _pytest --exclude-module hypothesis \
+    --exclude-module IPython --exclude-module numpy --exclude-module pygments --exclude-module trio \
+    --exclude-module pytds --exclude-module setuptools --exclude-module pkg_resources --exclude-module distutils \
+    --exclude-module jinja2 --exclude-module selenium --exclude-module pymssql --exclude-module sqlalchemy \
     tools/pyinstaller/entry.py
 echo "$HASH" > "$BUILD/stamp"
 echo "built $OUT"
