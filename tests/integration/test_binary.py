@@ -117,12 +117,15 @@ def test_run_serves_a_real_client(binary, clean, tmp_path, pg):
 
 
 def test_lab_up_and_down(binary, clean, tmp_path):
+    """All three engines: the lab starts its proxy, DNS and TDS lab servers as `multiproxy -m MODULE` (the
+    executable itself), then queries each writer and reader listener through the proxy."""
     lab_dir = tmp_path / "lab"
-    out = run(binary, clean, tmp_path, "lab", "up", "--engines", "postgres", "--dir", str(lab_dir), "--detach",
-              timeout=150)
+    out = run(binary, clean, tmp_path, "lab", "up", "--engines", "postgres,mysql,tds", "--dir", str(lab_dir),
+              "--detach", timeout=150)
     try:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "postgres" in out.stdout.lower(), out.stdout
+        for listener in ("pg-writer", "pg-reader", "my-writer", "my-reader", "tds-writer", "tds-reader"):
+            assert f"query through {listener} ... ok" in out.stdout, out.stdout
     finally:
         down = run(binary, clean, tmp_path, "lab", "down", "--dir", str(lab_dir), timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
