@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 
 from .engine import Engine
 
 ENTRY_POINT_GROUP = "multiproxy.engines"
+# Directories (os.pathsep-separated) holding third-party engine distributions installed with
+# `pip install --target DIR`: their dist-info entry points are read there, and DIR joins sys.path.
+PLUGIN_PATH_ENV = "MULTIPROXY_PLUGIN_PATH"
 
 
 class PluginError(Exception):
@@ -48,10 +53,36 @@ def validate_engine_class(cls, name: str, where: str) -> list[str]:
     return problems
 
 
+def plugin_path() -> list[str]:
+    """The extra plugin directories: $MULTIPROXY_PLUGIN_PATH, then, in the single-file executable, the
+    `plugins` directory beside it (the executable sees none of the machine's site-packages)."""
+    paths = [p for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+    if getattr(sys, "frozen", False):
+        paths.append(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "plugins"))
+    return [os.path.abspath(p) for p in paths if os.path.isdir(p)]
+
+
+def discover_entry_points() -> list:
+    """The group's entry points from the import path, then those of the distributions in plugin_path()."""
+    found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    extra = plugin_path()
+    if extra:
+        seen = {(ep.name, ep.value) for ep in found}
+        for path in extra:
+            if path not in sys.path:
+                sys.path.append(path)
+        for dist in metadata.distributions(path=extra):
+            for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+                if (ep.name, ep.value) not in seen:
+                    seen.add((ep.name, ep.value))
+                    found.append(ep)
+    return found
+
+
 def load_engines(entry_points=None) -> dict[str, LoadedEngine]:
     """Load every engine plugin; raise PluginError listing each broken one."""
     if entry_points is None:
-        entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        entry_points = discover_entry_points()
     loaded: dict[str, LoadedEngine] = {}
     problems: list[str] = []
     for ep in entry_points:
