@@ -116,7 +116,9 @@ def test_twenty_connections_hold_prepared_statements_at_once(lab, proxy_factory)
     assert summary["failures"] == 10 and all("10928" in e or "no database connection" in e
                                              for e in summary["errors"]), summary["errors"]
     seen = counts(pinning)
-    assert seen["pins"] == 10 and seen["timeouts"] == 10
+    # each failed client timed out at least once; a failed client's later requests (tedious's unprepare, its
+    # close) may time out too, so the count is at least, not exactly, the number of failed clients
+    assert seen["pins"] == 10 and seen["timeouts"] >= 10
 
 
 # -- drivers that call the procedures themselves --------------------------------------------------------------
