@@ -280,7 +280,15 @@ class Proxy:
                 log.info("reload: the configuration is valid; asking every worker to reload (SIGHUP)")
                 os.kill(os.getppid(), signal.SIGHUP)
             return problems
-        return live_reload.reload(self)
+        if not everywhere:
+            return live_reload.reload(self)
+        # A console or HTTP RELOAD of a lone process: systemd hears of it as of a SIGHUP (its own handler
+        # in _run_worker notifies around reload(False)).
+        systemd.reloading()
+        try:
+            return live_reload.reload(self)
+        finally:
+            systemd.ready()
 
     def apply_plan(self, plan) -> list[str]:
         """Apply a reload.Plan without refusals: everything that can fail (binding new listen addresses, reading TLS

@@ -88,9 +88,9 @@ def _receive(sock: socket.socket, timeout: float) -> tuple[dict[str, str], int]:
     return fields, pid
 
 
-def _config(pg_port: int, listen_port: int, workers: int) -> str:
+def _config(pg_port: int, listen_port: int, workers: int, admin_listen: str = "") -> str:
     return render_toml({
-        "proxy": {"admin_listen": "", "log_level": "info", "shutdown_timeout": 2.0, "workers": workers},
+        "proxy": {"admin_listen": admin_listen, "log_level": "info", "shutdown_timeout": 2.0, "workers": workers},
         "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg_port}"], "backend": {"tls": "disable"},
                               "pool": {"mode": "transaction", "max_size": 2, "borrow_timeout": 5.0}}},
         "listeners": [{"name": "pg", "listen": f"127.0.0.1:{listen_port}", "cluster": "main", "role": "writer",
@@ -100,8 +100,9 @@ def _config(pg_port: int, listen_port: int, workers: int) -> str:
 
 def _notify_lifecycle(pg, tmp_path, notify_env: str, bind_address, workers: int) -> None:
     listen_port = free_port()
+    admin = f"127.0.0.1:{free_port()}" if workers == 1 else ""
     config = tmp_path / "multiproxy.toml"
-    config.write_text(_config(pg.port, listen_port, workers))
+    config.write_text(_config(pg.port, listen_port, workers, admin))
     sock = _notify_socket(bind_address)
     env = {**os.environ, "NOTIFY_SOCKET": notify_env, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
@@ -129,6 +130,15 @@ def _notify_lifecycle(pg, tmp_path, notify_env: str, bind_address, workers: int)
         assert fields.get("RELOADING") == "1" and int(fields["MONOTONIC_USEC"]) > 0 and pid == proc.pid, fields
         fields, pid = _receive(sock, 10)
         assert fields.get("READY") == "1" and pid == proc.pid, fields
+
+        if admin:
+            # a reload through the admin server (the console's RELOAD does the same) is announced as well
+            subprocess.run([sys.executable, "-m", "multiproxy", "reload", "--admin", admin], env=env, check=True,
+                           timeout=30, capture_output=True)
+            fields, pid = _receive(sock, 10)
+            assert fields.get("RELOADING") == "1" and pid == proc.pid, fields
+            fields, pid = _receive(sock, 10)
+            assert fields.get("READY") == "1" and pid == proc.pid, fields
 
         proc.send_signal(signal.SIGTERM)
         fields, pid = _receive(sock, 10)
