@@ -7,6 +7,12 @@ logged in as one user. Every client gets the greeting of the first backend; each
 the same gevent mechanics as multiproxy (raw accept, multiproxy.fastio.ClientSocket, parked greenlets),
 so its CPU per connection is what the event loop, greenlets and sockets cost before any feature: the
 part of multiproxy's cost that Python code on gevent cannot shed. Not for production.
+
+`--relay c` keeps the accept loop and the handshake in Python but hands every client, once greeted, to
+multiproxy.relay_core's compiled Relay, which also holds the idle backends: queries, results and the
+return of the backend at ReadyForQuery happen in C, one run_ready() per wake-up of its epoll fd in
+gevent's loop; Python hears only of Terminate, EOF and errors. `--relay twin` runs the same with the
+relay core's pure-Python twin. `--relay python` (the default) is the greenlet path above.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from greenlet import getcurrent
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from multiproxy.fastio import ClientSocket  # noqa: E402
+from multiproxy import relay_core  # noqa: E402
 
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 TERMINATE = ord("X")
@@ -134,6 +141,72 @@ class FloorPooler:
                     gevent.spawn_raw(self.client_greenlet, client)
 
 
+class CoreFloorPooler(FloorPooler):
+    """The floor with its relay in the relay core: Python greets clients and closes what the relay hands back."""
+
+    def __init__(self, backends: list, greeting: bytes, relay_class, walker_class, login):
+        super().__init__([], greeting)
+        self.relay = relay_class(*relay_core.postgres_walkers(walker_type=walker_class))
+        self.login = login
+        self.owned: dict = {}                       # fd -> socket object, for every socket in the relay
+        self.backend_fds: set = set()
+        for backend in backends:
+            self.add_backend(backend)
+        self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
+        self.watcher.start(self.on_ready)
+
+    def add_backend(self, backend) -> None:
+        fd = backend.fileno()
+        self.owned[fd] = backend
+        self.backend_fds.add(fd)
+        self.handle(self.relay.add_backend(fd))
+
+    def replace_backend(self) -> None:
+        backend, _ = self.login()
+        self.add_backend(backend)
+
+    def on_ready(self) -> None:
+        events = self.relay.run_ready()
+        if events:
+            self.handle(events)
+
+    def handle(self, events: list) -> None:
+        """Terminate, EOF, errors, a backend speaking out of turn: close what the relay gave back; a lost
+        backend is replaced so that the pool keeps its size."""
+        for _kind, fd, peer_fd, _data, _arg in events:
+            for gone in (fd, peer_fd):
+                if gone < 0:
+                    continue
+                self.owned.pop(gone).close()
+                if gone in self.backend_fds:
+                    self.backend_fds.discard(gone)
+                    gevent.spawn(self.replace_backend)
+
+    def client_greenlet(self, client: ClientSocket) -> None:
+        switch_to_hub = gevent.get_hub().switch
+        me = getcurrent()
+        while True:
+            try:
+                self.greet(client)
+            except OSError:
+                client.close()
+            self.parked.append(me)
+            client = switch_to_hub()
+
+    def greet(self, client: ClientSocket) -> None:
+        data = client.recv(16384)
+        if len(data) == 8:                          # SSLRequest: no
+            client.sendall(b"N")
+            data = client.recv_later(16384)
+        if not data:
+            client.close()
+            return
+        client.sendall(self.welcome)
+        fd = client._sock.fileno()
+        self.owned[fd] = client
+        self.handle(self.relay.add_client(fd))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", type=_address, required=True, help="host:port to accept pgbench on")
@@ -141,7 +214,12 @@ def main(argv=None) -> None:
     parser.add_argument("--user", default="bench")
     parser.add_argument("--database", default="bench")
     parser.add_argument("--pool-size", type=int, default=16)
+    parser.add_argument("--relay", choices=("python", "c", "twin"), default="python",
+                        help="python: greenlets relay each transaction; c: the compiled relay core; "
+                             "twin: the relay core's pure-Python twin")
     args = parser.parse_args(argv)
+    if args.relay == "c" and relay_core.IMPLEMENTATION != "c":
+        parser.error("--relay c: the compiled multiproxy._relay is not built (python3 setup.py build_ext --inplace)")
     backends, greeting = [], b""
     for _ in range(args.pool_size):
         sock, greeting = _login(args.backend, args.user, args.database)
@@ -151,7 +229,15 @@ def main(argv=None) -> None:
     listener.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)    # inherited by accepted sockets
     listener.bind(args.listen)
     listener.listen(1024)
-    FloorPooler(backends, greeting).accept_forever(listener)
+    if args.relay == "python":
+        pooler = FloorPooler(backends, greeting)
+    else:
+        classes = ((relay_core.Relay, relay_core.Walker) if args.relay == "c"
+                   else (relay_core.PyRelay, relay_core.PyWalker))
+        pooler = CoreFloorPooler(backends, greeting, *classes,
+                                 login=lambda: _login(args.backend, args.user, args.database))
+        print(f"floor pooler: relay core {args.relay}", file=sys.stderr, flush=True)
+    pooler.accept_forever(listener)
 
 
 if __name__ == "__main__":
