@@ -13,19 +13,31 @@
  *             backend at the end of the transaction (boundary with status 'I' and no request pending).
  *             Only stop frames, malformed lengths, EOF/errors and data from an idle backend go to Python,
  *             as events; the relay forgets both sockets of such an event and the caller owns them again.
+ *             threaded=True: a thread of the relay's own, without the GIL, waits on the epoll set and serves
+ *             it; fileno() is then an eventfd that is readable when events wait, and run_ready() takes
+ *             them. No Python runs per message or per wake-up; only events cost Python.
+ *             listen(fd): the relay accepts clients itself. A new client's first packets (PostgreSQL's
+ *             startup framing: a 4-byte length that counts itself) are answered from what the engine
+ *             declared: `refuse` (the SSLRequest) gets `refusal` ("N"), a startup packet that the engine
+ *             greeted before (cache_greeting) gets the same greeting; any other goes to the engine as a
+ *             STARTUP event. The relay closes the clients it accepted itself at EOF or at a `hangup`
+ *             frame (Terminate) between transactions, so a connect-per-transaction client costs no Python.
  *
  * Sockets stay owned (and closed) by the caller; the relay never closes a file descriptor it was given.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5 };
+enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
+       EV_STARTUP = 6 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -208,7 +220,16 @@ static PyTypeObject WalkerType = {
 
 /* ---------------------------------------------------------------- Relay */
 
-enum { ROLE_CLIENT = 0, ROLE_BACKEND = 1 };
+enum { ROLE_CLIENT = 0, ROLE_BACKEND = 1, ROLE_LISTENER = 2 };
+
+#define MAX_STARTUP 10000       /* PostgreSQL's own limit on a startup packet */
+
+typedef struct Greeting {
+    struct Greeting *next;
+    size_t startup_len, reply_len;
+    unsigned char *reply;
+    unsigned char startup[];
+} Greeting;
 
 typedef struct Conn {
     int fd;
@@ -219,6 +240,8 @@ typedef struct Conn {
     int waiting;                /* a client in the wait queue (not read until it gets a backend) */
     int blocked;                /* buf[sent:fwd] waits for the peer to become writable */
     int dead;
+    int starting;               /* a client the relay accepted, before its startup packet was answered */
+    int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
@@ -228,9 +251,22 @@ typedef struct Conn {
     unsigned char buf[];
 } Conn;
 
+typedef struct Event {
+    struct Event *next;
+    int kind, fd, peer_fd, arg;
+    size_t len;
+    unsigned char data[];
+} Event;
+
 typedef struct {
     PyObject_HEAD
     int epfd;
+    int threaded;
+    int eventfd;                /* threaded: readable when events wait for run_ready() */
+    int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
+    int signaled, stopping, thread_started;
+    pthread_t thread;
+    pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
     Rule rules[2];              /* by role: client -> backend, backend -> client */
     size_t bufsize;
     Conn **conns;               /* by fd */
@@ -238,7 +274,12 @@ typedef struct {
     Conn *idle;                 /* LIFO */
     Conn *wait_head, *wait_tail;
     Conn *dead;
-    PyObject *events;           /* list being built by the current call */
+    Event *queue, **queue_tail; /* events not yet taken by the caller */
+    Greeting *greetings;
+    unsigned char refuse[16], refusal[16];
+    size_t refuse_len, refusal_len;
+    unsigned char hangup[256];
+    unsigned long long accepted, greeted;
     unsigned long long transactions, handed_over;
     Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns;
 } RelayObject;
@@ -257,20 +298,19 @@ static int update_mask(RelayObject *r, Conn *c) {
 }
 
 static void emit(RelayObject *r, int kind, Conn *c, int arg) {
-    if (r->events == NULL) {
-        r->events = PyList_New(0);
-        if (r->events == NULL)
-            return;
-    }
-    Conn *p = c->peer;
-    PyObject *data = PyBytes_FromStringAndSize((const char *)c->buf + c->fwd, (Py_ssize_t)(c->len - c->fwd));
-    if (data == NULL)
-        return;
-    PyObject *ev = Py_BuildValue("(iiiNi)", kind, c->fd, p ? p->fd : -1, data, arg);
+    size_t len = c->len - c->fwd;
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + len);
     if (ev == NULL)
-        return;
-    PyList_Append(r->events, ev);
-    Py_DECREF(ev);
+        return;                 /* out of memory: the sockets stay forgotten; nothing better to do here */
+    ev->next = NULL;
+    ev->kind = kind;
+    ev->fd = c->fd;
+    ev->peer_fd = c->peer ? c->peer->fd : -1;
+    ev->arg = arg;
+    ev->len = len;
+    memcpy(ev->data, c->buf + c->fwd, len);
+    *r->queue_tail = ev;
+    r->queue_tail = &ev->next;
 }
 
 static void unqueue(RelayObject *r, Conn *c) {
@@ -328,11 +368,18 @@ static void hand_over(RelayObject *r, int kind, Conn *c, int arg) {
     r->handed_over++;
 }
 
+/* A client the relay accepted and nobody else knows of: close it here, with no event. */
+static void hang_up(RelayObject *r, Conn *c) {
+    int fd = c->fd;
+    forget(r, c);
+    close(fd);
+}
+
 static void free_dead(RelayObject *r) {
     while (r->dead) {
         Conn *c = r->dead;
         r->dead = c->next;
-        PyMem_Free(c);
+        PyMem_RawFree(c);
     }
 }
 
@@ -341,9 +388,9 @@ static int register_conn(RelayObject *r, Conn *c) {
         int n = r->nconns ? r->nconns : 64;
         while (n <= c->fd)
             n *= 2;
-        Conn **grown = PyMem_Realloc(r->conns, sizeof(Conn *) * (size_t)n);
+        Conn **grown = PyMem_RawRealloc(r->conns, sizeof(Conn *) * (size_t)n);
         if (grown == NULL) {
-            PyErr_NoMemory();
+            errno = ENOMEM;
             return -1;
         }
         memset(grown + r->nconns, 0, sizeof(Conn *) * (size_t)(n - r->nconns));
@@ -351,14 +398,12 @@ static int register_conn(RelayObject *r, Conn *c) {
         r->nconns = n;
     }
     if (r->conns[c->fd] != NULL) {
-        PyErr_Format(PyExc_ValueError, "fd %d is already in the relay", c->fd);
+        errno = EEXIST;
         return -1;
     }
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = c->fd};
-    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
         return -1;
-    }
     c->mask = EPOLLIN;
     r->conns[c->fd] = c;
     r->n_conns++;
@@ -366,6 +411,15 @@ static int register_conn(RelayObject *r, Conn *c) {
 }
 
 static void pump(RelayObject *r, Conn *c);
+static int startup(RelayObject *r, Conn *c);
+
+/* c is at EOF or broken: a client only the relay knows is closed here, anything else goes to the caller. */
+static void closed(RelayObject *r, Conn *c, int err) {
+    if (c->owned && c->peer == NULL)
+        hang_up(r, c);
+    else
+        hand_over(r, EV_CLOSED, c, err);
+}
 
 static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
     client->peer = backend;
@@ -393,6 +447,8 @@ static void release_backend(RelayObject *r, Conn *b) {
 /* Write, act on events and walk until c has nothing more to do now; may forget c. */
 static void pump(RelayObject *r, Conn *c) {
     const Rule *rule = &r->rules[c->role];
+    if (c->starting && startup(r, c) < 0)
+        return;
     for (;;) {
         if (c->sent < c->fwd) {
             Conn *p = c->peer;
@@ -435,6 +491,10 @@ static void pump(RelayObject *r, Conn *c) {
                         return;
                 }
                 continue;
+            }
+            if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
+                hang_up(r, c);
+                return;
             }
             hand_over(r, event, c, arg);
             return;
@@ -492,42 +552,222 @@ static void on_readable(RelayObject *r, Conn *c) {
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
             return;
-        hand_over(r, EV_CLOSED, c, errno);
+        closed(r, c, errno);
         return;
     }
     if (n == 0) {
-        hand_over(r, EV_CLOSED, c, 0);
+        closed(r, c, 0);
         return;
     }
     c->len += (size_t)n;
     pump(r, c);
 }
 
+static int send_all_now(int fd, const unsigned char *data, size_t len) {
+    while (len) {
+        ssize_t n = send(fd, data, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* A client's first packets: answer the TLS request and a startup packet greeted before; else the engine's. */
+static int startup(RelayObject *r, Conn *c) {
+    while (c->starting) {
+        if (c->len < 4)
+            return 0;
+        size_t plen = ((size_t)c->buf[0] << 24) | ((size_t)c->buf[1] << 16) | ((size_t)c->buf[2] << 8) | c->buf[3];
+        if (plen < 8 || plen > MAX_STARTUP) {
+            hand_over(r, EV_MALFORMED, c, -1);
+            return -1;
+        }
+        if (c->len < plen)
+            return 0;
+        const unsigned char *reply = NULL;
+        size_t reply_len = 0;
+        int greeted = 0;
+        if (plen == r->refuse_len && memcmp(c->buf, r->refuse, plen) == 0) {
+            reply = r->refusal;
+            reply_len = r->refusal_len;
+        } else {
+            Greeting *g = r->greetings;
+            while (g && !(g->startup_len == plen && memcmp(g->startup, c->buf, plen) == 0))
+                g = g->next;
+            if (g == NULL) {
+                hand_over(r, EV_STARTUP, c, 0);
+                return -1;
+            }
+            reply = g->reply;
+            reply_len = g->reply_len;
+            greeted = 1;
+        }
+        if (send_all_now(c->fd, reply, reply_len) < 0) {     /* a fresh socket's send buffer is empty */
+            hand_over(r, EV_CLOSED, c, errno);
+            return -1;
+        }
+        memmove(c->buf, c->buf + plen, c->len - plen);
+        c->len -= plen;
+        if (greeted) {
+            c->starting = 0;
+            r->greeted++;
+        }
+    }
+    return 0;
+}
+
+static Conn *alloc_conn(RelayObject *r, int fd, int role) {
+    size_t size = role == ROLE_LISTENER ? 0 : r->bufsize;
+    Conn *c = PyMem_RawMalloc(sizeof(Conn) + size);
+    if (c)
+        memset(c, 0, sizeof(Conn));
+    if (c) {
+        c->fd = fd;
+        c->role = role;
+    }
+    return c;
+}
+
+static void on_acceptable(RelayObject *r, Conn *listener) {
+    for (int i = 0; i < 64; i++) {
+        int fd = accept4(listener->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;             /* EAGAIN, or a client gone before it was accepted: the next wake-up retries */
+        Conn *c = alloc_conn(r, fd, ROLE_CLIENT);
+        if (c == NULL || register_conn(r, c) < 0) {
+            PyMem_RawFree(c);
+            close(fd);
+            continue;
+        }
+        c->owned = c->starting = 1;
+        r->accepted++;
+    }
+}
+
+/* threaded: the relay's state is the thread's while it serves; the caller takes the lock without the GIL. */
+static void lock_relay(RelayObject *r) {
+    if (!r->threaded)
+        return;
+    if (pthread_mutex_trylock(&r->lock) == 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&r->lock);
+    Py_END_ALLOW_THREADS
+}
+
+static void unlock_relay(RelayObject *r) {
+    if (r->threaded)
+        pthread_mutex_unlock(&r->lock);
+}
+
+/* The queued events as a list of (kind, fd, peer_fd, unforwarded bytes, arg); called with the lock held. */
 static PyObject *take_events(RelayObject *r) {
     free_dead(r);
-    PyObject *events = r->events;
-    r->events = NULL;
-    if (PyErr_Occurred()) {
-        Py_XDECREF(events);
-        return NULL;
+    Event *ev = r->queue;
+    r->queue = NULL;
+    r->queue_tail = &r->queue;
+    PyObject *list = PyList_New(0);
+    while (ev) {
+        Event *next = ev->next;
+        if (list) {
+            PyObject *item = Py_BuildValue("(iiiy#i)", ev->kind, ev->fd, ev->peer_fd, (const char *)ev->data,
+                                           (Py_ssize_t)ev->len, ev->arg);
+            if (item == NULL || PyList_Append(list, item) < 0)
+                Py_CLEAR(list);
+            Py_XDECREF(item);
+        }
+        PyMem_RawFree(ev);
+        ev = next;
     }
-    return events ? events : PyList_New(0);
+    return list;
+}
+
+static void dispatch(RelayObject *self, struct epoll_event *evs, int n) {
+    for (int i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        uint32_t what = evs[i].events;
+        Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;     /* -1: the wake fd */
+        if (c == NULL)
+            continue;
+        if (c->role == ROLE_LISTENER) {
+            on_acceptable(self, c);
+            continue;
+        }
+        if (what & EPOLLOUT) {
+            Conn *src = c->peer;
+            if (src && src->blocked) {
+                src->blocked = 0;
+                update_mask(self, c);
+                update_mask(self, src);
+                pump(self, src);
+                if (fd >= self->nconns || self->conns[fd] != c)
+                    continue;
+            }
+        }
+        if (what & (EPOLLERR | EPOLLHUP) && !(what & EPOLLIN)) {
+            closed(self, c, 0);
+            continue;
+        }
+        if (what & EPOLLIN && !c->blocked && !c->waiting)
+            on_readable(self, c);
+        else if (what & (EPOLLERR | EPOLLHUP) && c->waiting)
+            closed(self, c, 0);
+    }
+}
+
+#define THREAD_BATCH 256
+
+static void *serve_thread(void *arg) {
+    RelayObject *r = arg;
+    struct epoll_event evs[THREAD_BATCH];
+    for (;;) {
+        int n = epoll_wait(r->epfd, evs, THREAD_BATCH, -1);
+        if (n < 0 && errno != EINTR)
+            break;
+        pthread_mutex_lock(&r->lock);
+        if (r->stopping) {
+            pthread_mutex_unlock(&r->lock);
+            break;
+        }
+        if (n > 0)
+            dispatch(r, evs, n);
+        free_dead(r);
+        if (r->queue && !r->signaled) {
+            uint64_t one = 1;
+            if (write(r->eventfd, &one, sizeof(one)) == sizeof(one))
+                r->signaled = 1;
+        }
+        pthread_mutex_unlock(&r->lock);
+    }
+    return NULL;
 }
 
 static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     RelayObject *self = (RelayObject *)type->tp_alloc(type, 0);
-    if (self)
-        self->epfd = -1;
+    if (self) {
+        self->epfd = self->eventfd = self->wakefd = -1;
+        self->queue_tail = &self->queue;
+        pthread_mutex_init(&self->lock, NULL);
+    }
     return (PyObject *)self;
 }
 
 static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"client", "server", "buffer_size", NULL};
+    static char *kwlist[] = {"client", "server", "buffer_size", "threaded", NULL};
     PyObject *client, *server;
     Py_ssize_t bufsize = 16384;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|n", kwlist, &WalkerType, &client, &WalkerType, &server,
-                                     &bufsize))
+    int threaded = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|np", kwlist, &WalkerType, &client, &WalkerType, &server,
+                                     &bufsize, &threaded))
         return -1;
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Relay.__init__ called twice");
+        return -1;
+    }
     self->rules[ROLE_CLIENT] = ((WalkerObject *)client)->rule;
     self->rules[ROLE_BACKEND] = ((WalkerObject *)server)->rule;
     for (int i = 0; i < 2; i++) {
@@ -541,12 +781,28 @@ static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
         }
     }
     self->bufsize = (size_t)bufsize;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (self->epfd < 0) {
-        self->epfd = epoll_create1(EPOLL_CLOEXEC);
-        if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (threaded) {
+        self->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        self->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = -1};
+        if (self->eventfd < 0 || self->wakefd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakefd, &ev) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
+        self->threaded = 1;
+        int err = pthread_create(&self->thread, NULL, serve_thread, self);
+        if (err) {
+            self->threaded = 0;
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        self->thread_started = 1;
     }
     return 0;
 }
@@ -560,52 +816,123 @@ static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
         PyErr_SetString(PyExc_ValueError, "data larger than the relay's buffer");
         return NULL;
     }
-    Conn *c = PyMem_Calloc(1, sizeof(Conn) + r->bufsize);
+    Conn *c = alloc_conn(r, fd, role);
     if (c == NULL) {
         if (data)
             PyBuffer_Release(&view);
         PyErr_NoMemory();
         return NULL;
     }
-    c->fd = fd;
-    c->role = role;
     if (data) {
         memcpy(c->buf, view.buf, (size_t)view.len);
         c->len = (size_t)view.len;
         PyBuffer_Release(&view);
     }
     if (register_conn(r, c) < 0) {
-        PyMem_Free(c);
+        if (errno == EEXIST)
+            PyErr_Format(PyExc_ValueError, "fd %d is already in the relay", fd);
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        PyMem_RawFree(c);
         return NULL;
     }
     return c;
 }
 
-static PyObject *Relay_add_client(RelayObject *self, PyObject *args) {
+static PyObject *add_conn(RelayObject *self, PyObject *args, int role) {
     int fd;
     PyObject *data = NULL;
-    if (!PyArg_ParseTuple(args, "i|O", &fd, &data))
+    if (!PyArg_ParseTuple(args, role == ROLE_CLIENT ? "i|O" : "i", &fd, &data))
         return NULL;
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
-    Conn *c = new_conn(self, fd, ROLE_CLIENT, data);
-    if (c == NULL)
-        return NULL;
-    pump(self, c);
-    return take_events(self);
+    if (fd < 0)
+        return PyErr_Format(PyExc_ValueError, "bad file descriptor %d", fd);
+    lock_relay(self);
+    Conn *c = new_conn(self, fd, role, data);
+    PyObject *events = NULL;
+    if (c != NULL) {
+        if (role == ROLE_CLIENT)
+            pump(self, c);
+        else if (role == ROLE_BACKEND)
+            release_backend(self, c);
+        events = take_events(self);
+    }
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_add_client(RelayObject *self, PyObject *args) {
+    return add_conn(self, args, ROLE_CLIENT);
 }
 
 static PyObject *Relay_add_backend(RelayObject *self, PyObject *args) {
+    return add_conn(self, args, ROLE_BACKEND);
+}
+
+static int copy_small(PyObject *obj, unsigned char *to, size_t *len, size_t cap, const char *what) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((size_t)view.len > cap) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "%s: at most %zu bytes", what, cap);
+        return -1;
+    }
+    memcpy(to, view.buf, (size_t)view.len);
+    *len = (size_t)view.len;
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", NULL};
     int fd;
-    if (!PyArg_ParseTuple(args, "i", &fd))
+    PyObject *refuse = NULL, *refusal = NULL, *hangup = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOO", kwlist, &fd, &refuse, &refusal, &hangup))
         return NULL;
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
-    Conn *c = new_conn(self, fd, ROLE_BACKEND, NULL);
-    if (c == NULL)
+    unsigned char refuse_buf[16], refusal_buf[16], hangup_set[256] = {0};
+    size_t refuse_len = 0, refusal_len = 0;
+    if ((refuse && copy_small(refuse, refuse_buf, &refuse_len, sizeof(refuse_buf), "refuse") < 0) ||
+        (refusal && copy_small(refusal, refusal_buf, &refusal_len, sizeof(refusal_buf), "refusal") < 0) ||
+        set_from_bytes(hangup, hangup_set, "hangup") < 0)
         return NULL;
-    release_backend(self, c);
-    return take_events(self);
+    lock_relay(self);
+    memcpy(self->refuse, refuse_buf, refuse_len);
+    self->refuse_len = refuse_len;
+    memcpy(self->refusal, refusal_buf, refusal_len);
+    self->refusal_len = refusal_len;
+    memcpy(self->hangup, hangup_set, sizeof(hangup_set));
+    Conn *c = new_conn(self, fd, ROLE_LISTENER, NULL);
+    PyObject *events = c ? take_events(self) : NULL;
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args) {
+    Py_buffer startup, reply;
+    if (!PyArg_ParseTuple(args, "y*y*", &startup, &reply))
+        return NULL;
+    Greeting *g = PyMem_RawMalloc(sizeof(Greeting) + (size_t)startup.len + (size_t)reply.len);
+    if (g == NULL) {
+        PyBuffer_Release(&startup);
+        PyBuffer_Release(&reply);
+        return PyErr_NoMemory();
+    }
+    g->startup_len = (size_t)startup.len;
+    g->reply_len = (size_t)reply.len;
+    g->reply = g->startup + startup.len;
+    memcpy(g->startup, startup.buf, (size_t)startup.len);
+    memcpy(g->reply, reply.buf, (size_t)reply.len);
+    PyBuffer_Release(&startup);
+    PyBuffer_Release(&reply);
+    lock_relay(self);
+    g->next = self->greetings;
+    self->greetings = g;
+    unlock_relay(self);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
@@ -614,6 +941,16 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
         return NULL;
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
+    if (self->threaded) {
+        uint64_t count;
+        lock_relay(self);
+        if (read(self->eventfd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+            PyErr_SetFromErrno(PyExc_OSError);
+        self->signaled = 0;
+        PyObject *events = PyErr_Occurred() ? NULL : take_events(self);
+        unlock_relay(self);
+        return events;
+    }
     if (max_events < 1 || max_events > 4096)
         max_events = 256;
     struct epoll_event evs[max_events];
@@ -623,51 +960,57 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
             return PyList_New(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (int i = 0; i < n; i++) {
-        int fd = evs[i].data.fd;
-        uint32_t what = evs[i].events;
-        Conn *c = fd < self->nconns ? self->conns[fd] : NULL;
-        if (c == NULL)
-            continue;
-        if (what & EPOLLOUT) {
-            Conn *src = c->peer;
-            if (src && src->blocked) {
-                src->blocked = 0;
-                update_mask(self, c);
-                update_mask(self, src);
-                pump(self, src);
-                if (fd >= self->nconns || self->conns[fd] != c)
-                    continue;
-            }
-        }
-        if (what & (EPOLLERR | EPOLLHUP) && !(what & EPOLLIN)) {
-            hand_over(self, EV_CLOSED, c, 0);
-            continue;
-        }
-        if (what & EPOLLIN && !c->blocked && !c->waiting)
-            on_readable(self, c);
-        else if (what & (EPOLLERR | EPOLLHUP) && c->waiting)
-            hand_over(self, EV_CLOSED, c, 0);
-    }
+    dispatch(self, evs, n);
     return take_events(self);
 }
 
 static PyObject *Relay_fileno(RelayObject *self, PyObject *unused) {
-    return PyLong_FromLong(self->epfd);
+    return PyLong_FromLong(self->threaded ? self->eventfd : self->epfd);
 }
 
 static void relay_clear(RelayObject *self) {
-    for (int fd = 0; fd < self->nconns; fd++)
-        if (self->conns[fd])
-            forget(self, self->conns[fd]);
+    if (self->thread_started) {
+        lock_relay(self);
+        self->stopping = 1;
+        uint64_t one = 1;
+        if (write(self->wakefd, &one, sizeof(one)) < 0)
+            perror("multiproxy._relay: waking the relay thread");
+        unlock_relay(self);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->thread_started = 0;
+    }
+    self->threaded = 0;
+    for (int fd = 0; fd < self->nconns; fd++) {
+        Conn *c = self->conns[fd];
+        if (c && c->owned)
+            hang_up(self, c);       /* accepted by the relay: nobody else can close it */
+        else if (c)
+            forget(self, c);
+    }
     free_dead(self);
-    PyMem_Free(self->conns);
+    while (self->queue) {
+        Event *next = self->queue->next;
+        PyMem_RawFree(self->queue);
+        self->queue = next;
+    }
+    self->queue_tail = &self->queue;
+    while (self->greetings) {
+        Greeting *next = self->greetings->next;
+        PyMem_RawFree(self->greetings);
+        self->greetings = next;
+    }
+    PyMem_RawFree(self->conns);
     self->conns = NULL;
     self->nconns = 0;
     self->idle = self->wait_head = self->wait_tail = NULL;
-    if (self->epfd >= 0)
-        close(self->epfd);
-    self->epfd = -1;
+    int *own[] = {&self->epfd, &self->eventfd, &self->wakefd};
+    for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++) {
+        if (*own[i] >= 0)
+            close(*own[i]);
+        *own[i] = -1;
+    }
 }
 
 static PyObject *Relay_close(RelayObject *self, PyObject *unused) {
@@ -676,14 +1019,19 @@ static PyObject *Relay_close(RelayObject *self, PyObject *unused) {
 }
 
 static PyObject *Relay_stats(RelayObject *self, PyObject *unused) {
-    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K}", "connections", self->n_conns, "idle", self->n_idle,
-                         "waiting", self->n_waiting, "linked", self->n_linked_clients,
-                         "transactions", self->transactions, "handed_over", self->handed_over);
+    lock_relay(self);
+    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K}", "connections", self->n_conns,
+                                    "idle", self->n_idle, "waiting", self->n_waiting,
+                                    "linked", self->n_linked_clients, "transactions", self->transactions,
+                                    "handed_over", self->handed_over, "accepted", self->accepted,
+                                    "greeted", self->greeted);
+    unlock_relay(self);
+    return stats;
 }
 
 static void Relay_dealloc(RelayObject *self) {
     relay_clear(self);
-    Py_XDECREF(self->events);
+    pthread_mutex_destroy(&self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -693,10 +1041,17 @@ static PyMethodDef Relay_methods[] = {
     {"add_backend", (PyCFunction)Relay_add_backend, METH_VARARGS,
      "add_backend(fd) -> events: a logged-in backend at a transaction boundary, to lend to clients."},
     {"run_ready", (PyCFunction)Relay_run_ready, METH_VARARGS,
-     "run_ready(max_events=256) -> events: serve every ready socket without blocking."},
-    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll fd: readable when run_ready has work."},
-    {"close", (PyCFunction)Relay_close, METH_NOARGS, "Forget every socket (closing none) and close the epoll fd."},
+     "run_ready(max_events=256) -> events: serve every ready socket without blocking (threaded: take the events "
+     "the relay thread queued)."},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
+     "Readable when run_ready has work: the epoll fd, or (threaded) the eventfd of queued events."},
+    {"close", (PyCFunction)Relay_close, METH_NOARGS,
+     "Stop the thread, forget every socket (closing none) and close the relay's own fds."},
     {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "Counts of connections, idle backends, waiting clients."},
+    {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
+     "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
+    {"cache_greeting", (PyCFunction)Relay_cache_greeting, METH_VARARGS,
+     "cache_greeting(startup, reply): answer this exact startup packet with reply, in the relay."},
     {NULL},
 };
 
@@ -730,7 +1085,8 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "HANDOVER", EV_HANDOVER) < 0 ||
         PyModule_AddIntConstant(m, "MALFORMED", EV_MALFORMED) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
-        PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0) {
+        PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
+        PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -9,7 +9,15 @@ pairs and the idle backends. The caller watches `fileno()` in its event loop and
 which moves bytes between all ready sockets, lends idle backends to clients that start a request (or
 queues them), and takes a backend back at the end of each transaction, returning only the events the
 engine asked for as (kind, fd, peer_fd, unforwarded bytes, arg) tuples. After an event the relay has
-forgotten both sockets of it; the caller owns them again. The relay never closes a socket.
+forgotten both sockets of it; the caller owns them again. The relay never closes a socket it was given.
+
+`Relay(..., threaded=True)` (compiled only) serves its sockets in a thread of its own without the GIL;
+fileno() is then readable when events wait. `listen(fd, refuse, refusal, hangup)` has the relay accept
+clients itself and answer their first packets (PostgreSQL startup framing) from what the engine
+declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet greeted before
+(`cache_greeting(startup, reply)`) gets the same reply, any other is a STARTUP event (fd and the bytes
+read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
+or at a `hangup` frame (Terminate) between transactions, it closes them itself.
 
 `IMPLEMENTATION` says which one is in use ("c" or "python"); `MULTIPROXY_RELAY=python` forces the twin.
 """
@@ -19,10 +27,12 @@ import errno
 import logging
 import os
 import select
+import socket
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED = range(6)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP = range(7)
+MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 
 # The framing rules the engines declare: frame size = length field + length_adjust.
 FRAMINGS = {
@@ -115,7 +125,7 @@ class PyWalker:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd")
+                 "buf", "sent", "fwd", "owned", "starting", "listener")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -126,12 +136,15 @@ class _Conn:
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
         self.sent = self.fwd = 0
+        self.owned = self.starting = False
+        self.listener = None            # a listening socket object (listeners only)
 
 
 class PyRelay:
-    """The twin of _relay.Relay: the same rules and events, in Python."""
+    """The twin of _relay.Relay: the same rules and events, in Python. threaded is accepted for the same
+    signature, but the twin always serves in run_ready(): a Python thread would hold the GIL it runs on."""
 
-    def __init__(self, client, server, buffer_size=16384):
+    def __init__(self, client, server, buffer_size=16384, threaded=False):
         for rule in (client, server):
             need = rule.header_size + rule.type_offset + 2
             if rule.boundary >= 0:
@@ -145,7 +158,9 @@ class PyRelay:
         self._idle: list = []
         self._waiting: list = []
         self._events: list = []
-        self._transactions = self._handed_over = 0
+        self._transactions = self._handed_over = self._accepted = self._greeted = 0
+        self._greetings: dict = {}
+        self._refuse, self._refusal, self._hangup = b"", b"", frozenset()
 
     # -- the API
 
@@ -164,6 +179,18 @@ class PyRelay:
         self._release_backend(c)
         return self._take_events()
 
+    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"") -> list:
+        if len(refuse) > 16 or len(refusal) > 16:
+            raise ValueError("refuse, refusal: at most 16 bytes")
+        self._refuse, self._refusal, self._hangup = bytes(refuse), bytes(refusal), frozenset(hangup)
+        c = _Conn(fd, False, None)
+        c.listener = socket.socket(fileno=fd)
+        self._register(c)
+        return self._take_events()
+
+    def cache_greeting(self, startup, reply) -> None:
+        self._greetings[bytes(startup)] = bytes(reply)
+
     def run_ready(self, max_events=256) -> list:
         try:
             ready = self._epoll.poll(0, max_events if 1 <= max_events <= 4096 else 256)
@@ -172,6 +199,9 @@ class PyRelay:
         for fd, what in ready:
             c = self._conns.get(fd)
             if c is None:
+                continue
+            if c.listener is not None:
+                self._on_acceptable(c)
                 continue
             if what & select.EPOLLOUT:
                 src = c.peer
@@ -183,17 +213,20 @@ class PyRelay:
                     if self._conns.get(fd) is not c:
                         continue
             if what & (select.EPOLLERR | select.EPOLLHUP) and not what & select.EPOLLIN:
-                self._hand_over(CLOSED, c, 0)
+                self._closed(c, 0)
                 continue
             if what & select.EPOLLIN and not c.blocked and not c.waiting:
                 self._on_readable(c)
             elif what & (select.EPOLLERR | select.EPOLLHUP) and c.waiting:
-                self._hand_over(CLOSED, c, 0)
+                self._closed(c, 0)
         return self._take_events()
 
     def close(self) -> None:
         for c in list(self._conns.values()):
-            self._forget(c)
+            if c.owned:
+                self._hang_up(c)
+            else:
+                self._forget(c)
         self._events = []
         self._epoll.close()
 
@@ -201,7 +234,8 @@ class PyRelay:
         conns = self._conns.values()
         return {"connections": len(self._conns), "idle": len(self._idle), "waiting": len(self._waiting),
                 "linked": sum(1 for c in conns if c.client and c.peer is not None),
-                "transactions": self._transactions, "handed_over": self._handed_over}
+                "transactions": self._transactions, "handed_over": self._handed_over,
+                "accepted": self._accepted, "greeted": self._greeted}
 
     # -- the machinery
 
@@ -235,6 +269,65 @@ class PyRelay:
             c.waiting = False
         self._epoll.unregister(c.fd)
         del self._conns[c.fd]
+        if c.listener is not None:
+            c.listener.detach()         # the caller's listening socket stays open
+            c.listener = None
+
+    def _hang_up(self, c) -> None:
+        self._forget(c)
+        os.close(c.fd)
+
+    def _closed(self, c, err) -> None:
+        if c.owned and c.peer is None:
+            self._hang_up(c)
+        else:
+            self._hand_over(CLOSED, c, err)
+
+    def _on_acceptable(self, listener) -> None:
+        for _ in range(64):
+            try:
+                fd, _ = listener.listener._accept()
+            except OSError:
+                return
+            os.set_blocking(fd, False)
+            c = _Conn(fd, True, self._rules[0].copy())
+            c.owned = c.starting = True
+            self._register(c)
+            self._accepted += 1
+
+    def _startup(self, c) -> bool:
+        """Answer c's first packets that the engine declared; False when c went to the caller."""
+        while c.starting:
+            if len(c.buf) < 4:
+                return True
+            size = int.from_bytes(c.buf[:4], "big")
+            if not 8 <= size <= MAX_STARTUP:
+                self._hand_over(MALFORMED, c, -1)
+                return False
+            if len(c.buf) < size:
+                return True
+            packet = bytes(c.buf[:size])
+            greeted = not (self._refuse and packet == self._refuse)
+            if not greeted:
+                reply = self._refusal
+            else:
+                reply = self._greetings.get(packet)
+                if reply is None:
+                    self._hand_over(STARTUP, c, 0)
+                    return False
+            try:
+                sent = os.write(c.fd, reply) if reply else 0
+            except OSError as exc:
+                self._hand_over(CLOSED, c, exc.errno or 0)
+                return False
+            if sent != len(reply):
+                self._hand_over(CLOSED, c, errno.EAGAIN)
+                return False
+            del c.buf[:size]
+            if greeted:
+                c.starting = False
+                self._greeted += 1
+        return True
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer
@@ -270,15 +363,17 @@ class PyRelay:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._hand_over(CLOSED, c, exc.errno or 0)
+            self._closed(c, exc.errno or 0)
             return
         if not data:
-            self._hand_over(CLOSED, c, 0)
+            self._closed(c, 0)
             return
         c.buf += data
         self._pump(c)
 
     def _pump(self, c) -> None:
+        if c.starting and not self._startup(c):
+            return
         walker = c.walker
         while True:
             if c.sent < c.fwd:
@@ -316,6 +411,9 @@ class PyRelay:
                         if self._conns.get(c.fd) is not c:
                             return
                     continue
+                if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
+                    self._hang_up(c)
+                    return
                 self._hand_over(event, c, arg)
                 return
             if c.sent:
@@ -365,4 +463,4 @@ def _load():
 Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
-           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED"]
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "MAX_STARTUP"]

@@ -26,8 +26,8 @@ sys.path.insert(0, REPO_ROOT)  # run as a script from a checkout: import this ch
 
 from multiproxy.lab.postgres import PostgresNotInstalled, PostgresServer  # noqa: E402
 
-ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor", "floor-c")
-# floor-c (the floor pooler on the compiled relay core, a spike) runs only when asked for.
+ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor", "floor-c", "floor-c-thread")
+# floor-c and floor-c-thread (the floor pooler on the compiled relay core, a spike) run only when asked for.
 DEFAULT_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
@@ -1005,6 +1005,7 @@ def main(argv=None):
             "relay": lambda: Relay(ws, procs, pg),
             "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),
             "floor-c": lambda: FloorPooler(ws, procs, pg, args.pool_size, relay="c"),
+            "floor-c-thread": lambda: FloorPooler(ws, procs, pg, args.pool_size, relay="c-thread"),
         }
         started = {}
         for name in args.targets:

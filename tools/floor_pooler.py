@@ -8,11 +8,13 @@ the same gevent mechanics as multiproxy (raw accept, multiproxy.fastio.ClientSoc
 so its CPU per connection is what the event loop, greenlets and sockets cost before any feature: the
 part of multiproxy's cost that Python code on gevent cannot shed. Not for production.
 
-`--relay c` keeps the accept loop and the handshake in Python but hands every client, once greeted, to
-multiproxy.relay_core's compiled Relay, which also holds the idle backends: queries, results and the
-return of the backend at ReadyForQuery happen in C, one run_ready() per wake-up of its epoll fd in
-gevent's loop; Python hears only of Terminate, EOF and errors. `--relay twin` runs the same with the
-relay core's pure-Python twin. `--relay python` (the default) is the greenlet path above.
+`--relay c` hands the listening socket and the backends to multiproxy.relay_core's compiled Relay: it
+accepts, declines SSL, greets every client whose startup packet Python greeted once before, lends a
+backend per transaction (taking it back at ReadyForQuery), relays, and closes clients at Terminate, all
+in C, one run_ready() per wake-up of its epoll fd in gevent's loop; Python greets the first client of
+each startup packet and hears of EOF or errors mid-transaction. `--relay twin` runs the same with the
+relay core's pure-Python twin. `--relay c-thread`: the compiled relay serves its sockets in a thread of
+its own without the GIL (no Python per wake-up either). `--relay python` (the default) is the greenlet path.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from multiproxy import relay_core  # noqa: E402
 
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 TERMINATE = ord("X")
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
 CANCEL_KEY = b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"
 
 
@@ -142,13 +145,14 @@ class FloorPooler:
 
 
 class CoreFloorPooler(FloorPooler):
-    """The floor with its relay in the relay core: Python greets clients and closes what the relay hands back."""
+    """The floor on the relay core: the relay accepts, greets (after Python greeted the first client with the
+    same startup packet), relays and hangs up; Python hears only of what the relay cannot do."""
 
-    def __init__(self, backends: list, greeting: bytes, relay_class, walker_class, login):
+    def __init__(self, backends: list, greeting: bytes, relay_class, walker_class, login, threaded=False):
         super().__init__([], greeting)
-        self.relay = relay_class(*relay_core.postgres_walkers(walker_type=walker_class))
+        self.relay = relay_class(*relay_core.postgres_walkers(walker_type=walker_class), threaded=threaded)
         self.login = login
-        self.owned: dict = {}                       # fd -> socket object, for every socket in the relay
+        self.owned: dict = {}                       # fd -> socket object, for the sockets Python gave the relay
         self.backend_fds: set = set()
         for backend in backends:
             self.add_backend(backend)
@@ -171,40 +175,40 @@ class CoreFloorPooler(FloorPooler):
             self.handle(events)
 
     def handle(self, events: list) -> None:
-        """Terminate, EOF, errors, a backend speaking out of turn: close what the relay gave back; a lost
-        backend is replaced so that the pool keeps its size."""
-        for _kind, fd, peer_fd, _data, _arg in events:
+        """A startup packet the relay has no greeting for is greeted here; for the rest (EOF or errors mid-
+        transaction, a backend speaking out of turn) close what the relay gave back, replacing lost backends."""
+        for kind, fd, peer_fd, data, _arg in events:
+            if kind == relay_core.STARTUP:
+                gevent.spawn(self.greet, fd, data)
+                continue
             for gone in (fd, peer_fd):
                 if gone < 0:
                     continue
-                self.owned.pop(gone).close()
+                sock = self.owned.pop(gone, None)
+                if sock is None:                    # a client the relay accepted itself
+                    os.close(gone)
+                    continue
+                sock.close()
                 if gone in self.backend_fds:
                     self.backend_fds.discard(gone)
                     gevent.spawn(self.replace_backend)
 
-    def client_greenlet(self, client: ClientSocket) -> None:
-        switch_to_hub = gevent.get_hub().switch
-        me = getcurrent()
-        while True:
-            try:
-                self.greet(client)
-            except OSError:
-                client.close()
-            self.parked.append(me)
-            client = switch_to_hub()
-
-    def greet(self, client: ClientSocket) -> None:
-        data = client.recv(16384)
-        if len(data) == 8:                          # SSLRequest: no
-            client.sendall(b"N")
-            data = client.recv_later(16384)
-        if not data:
+    def greet(self, fd: int, data: bytes) -> None:
+        client = ClientSocket(_socket.socket(fileno=fd))
+        size = struct.unpack_from("!I", data)[0]
+        try:
+            client.sendall(self.welcome)
+        except OSError:
             client.close()
             return
-        client.sendall(self.welcome)
-        fd = client._sock.fileno()
+        self.relay.cache_greeting(data[:size], self.welcome)
         self.owned[fd] = client
-        self.handle(self.relay.add_client(fd))
+        self.handle(self.relay.add_client(fd, data[size:]))
+
+    def accept_forever(self, listener: socket.socket) -> None:
+        self.handle(self.relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X"))
+        while True:
+            gevent.sleep(3600)
 
 
 def main(argv=None) -> None:
@@ -214,11 +218,12 @@ def main(argv=None) -> None:
     parser.add_argument("--user", default="bench")
     parser.add_argument("--database", default="bench")
     parser.add_argument("--pool-size", type=int, default=16)
-    parser.add_argument("--relay", choices=("python", "c", "twin"), default="python",
-                        help="python: greenlets relay each transaction; c: the compiled relay core; "
+    parser.add_argument("--relay", choices=("python", "c", "c-thread", "twin"), default="python",
+                        help="python: greenlets relay each transaction; c: the compiled relay core in gevent's loop; "
+                             "c-thread: the compiled relay core in a thread of its own; "
                              "twin: the relay core's pure-Python twin")
     args = parser.parse_args(argv)
-    if args.relay == "c" and relay_core.IMPLEMENTATION != "c":
+    if args.relay.startswith("c") and relay_core.IMPLEMENTATION != "c":
         parser.error("--relay c: the compiled multiproxy._relay is not built (python3 setup.py build_ext --inplace)")
     backends, greeting = [], b""
     for _ in range(args.pool_size):
@@ -232,9 +237,9 @@ def main(argv=None) -> None:
     if args.relay == "python":
         pooler = FloorPooler(backends, greeting)
     else:
-        classes = ((relay_core.Relay, relay_core.Walker) if args.relay == "c"
+        classes = ((relay_core.Relay, relay_core.Walker) if args.relay.startswith("c")
                    else (relay_core.PyRelay, relay_core.PyWalker))
-        pooler = CoreFloorPooler(backends, greeting, *classes,
+        pooler = CoreFloorPooler(backends, greeting, *classes, threaded=args.relay == "c-thread",
                                  login=lambda: _login(args.backend, args.user, args.database))
         print(f"floor pooler: relay core {args.relay}", file=sys.stderr, flush=True)
     pooler.accept_forever(listener)

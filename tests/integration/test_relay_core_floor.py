@@ -44,9 +44,9 @@ def bench_db(pg):
     pg.psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE);")
 
 
-@pytest.fixture(params=["c", "twin"])
+@pytest.fixture(params=["c", "c-thread", "twin"])
 def floor(request, bench_db, tmp_path):
-    if request.param == "c" and relay_core.IMPLEMENTATION != "c":
+    if request.param.startswith("c") and relay_core.IMPLEMENTATION != "c":
         pytest.skip("multiproxy._relay is not built (python3 setup.py build_ext --inplace)")
     port = free_port()
     log = tmp_path / "floor.log"
