@@ -325,3 +325,113 @@ def test_a_slow_reader_blocks_its_writer_without_losing_bytes(impl, pairs):
     assert bytes(received) == rows
     assert relay.stats()["transactions"] == 1 and relay.stats()["idle"] == 1
     relay.close()
+
+
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def startup_packet(user: bytes) -> bytes:
+    body = struct.pack("!I", 196608) + b"user\0" + user + b"\0database\0db\0\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def connect(listener) -> socket.socket:
+    sock = socket.create_connection(listener.getsockname(), timeout=5)
+    return sock
+
+
+def recv_exactly(sock, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        assert more, "closed"
+        data += more
+    return data
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def serve_until(relay, done, limit=200) -> list:
+    events = []
+    for _ in range(limit):
+        events += relay.run_ready()
+        if done(events):
+            return events
+        select_wait(relay)
+    raise AssertionError(f"not done; events so far: {events}, stats {relay.stats()}")
+
+
+def select_wait(relay, timeout=0.05):
+    import select
+    select.select([relay.fileno()], [], [], timeout)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_relay_accepts_greets_from_its_cache_and_hangs_up(impl, listener, pairs):
+    relay = impl[1](*walkers(impl))
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    assert relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X") == []
+    first = connect(listener)
+    first.sendall(SSL_REQUEST)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    serve_until(relay, lambda _: _readable(first))
+    assert recv_exactly(first, 1) == b"N"
+    first.sendall(startup_packet(b"alice") + QUERY)               # not greeted before: the engine's
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
+        [(rc.STARTUP, -1, startup_packet(b"alice") + QUERY, 0)]
+    handed = socket.socket(fileno=events[0][1])                   # the caller owns it now
+    greeting = pg(b"R", b"\0\0\0\0") + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), greeting)
+    second = connect(listener)
+    second.sendall(startup_packet(b"alice") + QUERY)              # greeted in the relay, query relayed
+    serve_until(relay, lambda _: _readable(backend.outside))
+    assert recv_exactly(second, len(greeting)) == greeting
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)
+    serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
+    assert recv_exactly(second, len(RESULT) + 6) == RESULT + READY_IDLE
+    second.sendall(TERMINATE)                                     # closed by the relay, no event
+    assert serve_until(relay, lambda _: relay.stats()["connections"] == 2) == []
+    assert second.recv(10) == b""
+    assert relay.stats()["greeted"] == 1 and relay.stats()["idle"] == 1
+    third = connect(listener)
+    third.sendall(struct.pack("!I", 3))                           # a startup length that cannot be
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.MALFORMED, struct.pack("!I", 3))]
+    os.close(events[0][1])
+    relay.close()
+    for sock in (first, second, third, handed):
+        sock.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(_relay is None, reason=NOT_BUILT if _relay is None else "")
+def test_a_threaded_relay_moves_bytes_without_run_ready(pairs):
+    relay = _relay.Relay(*rc.postgres_walkers(walker_type=_relay.Walker), threaded=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    for _ in range(50):                                           # 50 transactions, run_ready never called
+        client.outside.sendall(QUERY)
+        assert backend.read(len(QUERY)) == QUERY
+        backend.outside.sendall(RESULT + READY_IDLE)
+        assert client.read(len(RESULT) + 6) == RESULT + READY_IDLE
+    client.outside.sendall(TERMINATE)
+    select_wait(relay, 5)                                         # its eventfd says an event waits
+    assert relay.run_ready() == [(rc.HANDOVER, client.fd(), -1, TERMINATE, ord("X"))]
+    stats = relay.stats()
+    assert (stats["transactions"], stats["idle"], stats["connections"]) == (50, 1, 1)
+    relay.close()
+    with pytest.raises(ValueError):
+        relay.run_ready()
