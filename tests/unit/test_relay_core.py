@@ -435,3 +435,55 @@ def test_a_threaded_relay_moves_bytes_without_run_ready(pairs):
     relay.close()
     with pytest.raises(ValueError):
         relay.run_ready()
+
+
+client_frames = st.one_of(st.just(QUERY), st.just(TERMINATE), st.just(pg(b"S")), st.just(pg(b"P", b"\0q\0\0\0")),
+                          st.binary(min_size=1, max_size=8))
+server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN_TX), st.just(pg(b"E", b"SERROR\0\0")),
+                          st.binary(min_size=1, max_size=8))
+
+
+def run_scenario(impl, steps) -> list:
+    """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
+    each far end and the events (with fds named), until the relay has handed the client back."""
+    relay = impl[1](*walkers(impl, server_stop=b"E"))
+    client, first, second = Pair(), Pair(), Pair()
+    names = {client.fd(): "client", first.fd(): "first", second.fd(): "second", -1: None}
+    for pair in (client, first, second):
+        pair.outside.setblocking(False)
+    trace = []
+    try:
+        relay.add_backend(first.fd())
+        relay.add_backend(second.fd())
+        relay.add_client(client.fd())
+        for side, data in steps:
+            target = client if side == "client" else (first, second)[side == "second"]
+            target.outside.sendall(data)
+            for _ in range(3):
+                for kind, fd, peer, rest, arg in relay.run_ready():
+                    trace.append(("event", kind, names[fd], names[peer], rest, arg))
+            for name, pair in (("client", client), ("first", first), ("second", second)):
+                try:
+                    got = pair.outside.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                trace.append(("bytes", name, got))
+            if any(step[0] == "event" and "client" in step[2:4] for step in trace):
+                break
+        stats = relay.stats()
+        trace.append(("stats", stats["linked"], stats["idle"], stats["waiting"], stats["transactions"]))
+    finally:
+        relay.close()
+        for pair in (client, first, second):
+            pair.close()
+    return trace
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), server_frames)), max_size=10))
+def test_c_and_python_relays_agree(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert run_scenario((_relay.Walker, _relay.Relay), steps) == run_scenario((rc.PyWalker, rc.PyRelay), steps)
