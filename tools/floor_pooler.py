@@ -224,7 +224,8 @@ def main(argv=None) -> None:
                              "twin: the relay core's pure-Python twin")
     args = parser.parse_args(argv)
     if args.relay.startswith("c") and relay_core.IMPLEMENTATION != "c":
-        parser.error("--relay c: the compiled multiproxy._relay is not built (python3 setup.py build_ext --inplace)")
+        parser.error(f"--relay {args.relay}: the compiled multiproxy._relay is not built "
+                     "(python3 setup.py build_ext --inplace)")
     backends, greeting = [], b""
     for _ in range(args.pool_size):
         sock, greeting = _login(args.backend, args.user, args.database)
