@@ -197,7 +197,8 @@ static PyObject *Walker_get_remaining(WalkerObject *self, void *closure) {
 static PyMethodDef Walker_methods[] = {
     {"feed", (PyCFunction)Walker_feed, METH_O,
      "feed(data) -> (consumed, event, arg): walk data from the walker's state; see relay_core.Walker."},
-    {"take_count", (PyCFunction)Walker_take_count, METH_NOARGS, "Frames of a `count` type started since the last take."},
+    {"take_count", (PyCFunction)Walker_take_count, METH_NOARGS,
+     "Frames of a `count` type started since the last take."},
     {NULL},
 };
 

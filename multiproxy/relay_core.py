@@ -19,7 +19,8 @@ declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet gree
 read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
 or at a `hangup` frame (Terminate) between transactions, it closes them itself.
 
-`IMPLEMENTATION` says which one is in use ("c" or "python"); `MULTIPROXY_RELAY=python` forces the twin.
+`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
+always the twin.
 """
 from __future__ import annotations
 
@@ -448,9 +449,6 @@ class PyRelay:
 
 
 def _load():
-    if os.environ.get("MULTIPROXY_RELAY", "").lower() == "python":
-        log.info("relay core: the pure-Python twin (MULTIPROXY_RELAY=python)")
-        return PyWalker, PyRelay, "python"
     try:
         from multiproxy import _relay
     except ImportError as exc:
