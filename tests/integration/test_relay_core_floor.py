@@ -112,3 +112,29 @@ def test_pgbench_select_only_through_the_relay_core(floor, tmp_path):
     assert block.returncode == 0 and block.stdout.strip() == "7", block.stderr
     assert proc.poll() is None
     assert f"floor pooler: relay core {relay}" in log.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_bench_measures_floor_c_beside_pgbouncer_and_floor(tmp_path):
+    """tools/bench.py's floor-c target, tiny: every row has its TPS, CPU and CPU per transaction."""
+    if shutil.which("pgbench") is None:
+        pytest.skip("pgbench is not installed")
+    if relay_core.IMPLEMENTATION != "c":
+        pytest.skip("multiproxy._relay is not built (python3 setup.py build_ext --inplace)")
+    markdown = tmp_path / "bench.md"
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "bench.py"), "--targets",
+                             "pgbouncer,floor,floor-c", "--seconds", "1", "--rounds", "2", "--scale", "1",
+                             "--pool-size", "4", "--markdown", str(markdown)],
+                            capture_output=True, text=True, timeout=230, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in markdown.read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {(cells[0], cells[1]): dict(zip(header, cells))
+            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    assert set(rows) == {(target, load) for target in ("pgbouncer", "floor", "floor-c")
+                         for load in ("steady", "connect")}
+    for target in ("floor", "floor-c") + (("pgbouncer",) if shutil.which("pgbouncer") else ()):
+        for load in ("steady", "connect"):
+            row = rows[(target, load)]
+            assert float(row["TPS"]) > 0 and float(row["proxy CPU%"]) >= 0, row
+            assert re.fullmatch(r"\d+ \(\d+-\d+\)", row["CPU us/tx"]), row
