@@ -1,6 +1,28 @@
 """Packaging for multiproxy: the core package, the built-in engines and the `multiproxy` console script; the lab
 (`multiproxy lab`) is the `lab` extra: pip install 'multiproxy[lab]'."""
-from setuptools import find_packages, setup
+import logging
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Builds multiproxy._relay when a C compiler and the Python headers are there; without them the install
+    goes on and multiproxy.relay_core uses its pure-Python twin (and logs that it does)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all: setuptools raises before building any extension
+            logging.warning("multiproxy: the compiled relay core was not built (%s); the pure-Python relay is used",
+                            exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            logging.warning("multiproxy: %s was not built (%s); the pure-Python relay is used", ext.name, exc)
+
 
 setup(
     name="multiproxy",
@@ -12,6 +34,10 @@ setup(
     packages=find_packages(include=["multiproxy", "multiproxy.*"])
     + ["multiproxy_engines" + name[len("engines"):] for name in find_packages(include=["engines", "engines.*"])],
     package_dir={"multiproxy_engines": "engines"},
+    # The compiled relay core (multiproxy/relay_core.py has its pure-Python twin): optional, see OptionalBuildExt.
+    ext_modules=[Extension("multiproxy._relay", ["multiproxy/_relay.c"], optional=True,
+                           extra_compile_args=["-O2", "-std=gnu11"])],
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "gevent>=23.9",
         "click>=8.1",

@@ -26,7 +26,9 @@ sys.path.insert(0, REPO_ROOT)  # run as a script from a checkout: import this ch
 
 from multiproxy.lab.postgres import PostgresNotInstalled, PostgresServer  # noqa: E402
 
-ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
+ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor", "floor-c", "floor-c-thread")
+# floor-c and floor-c-thread (the floor pooler on the compiled relay core, a spike) run only when asked for.
+DEFAULT_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
@@ -379,21 +381,24 @@ class Relay(Target):
 
 
 class FloorPooler(Target):
-    """tools/floor_pooler.py: the least a gevent transaction pooler does for pgbench -S (see its docstring)."""
+    """tools/floor_pooler.py: the least a gevent transaction pooler does for pgbench -S (see its docstring);
+    relay "c": the same on the compiled relay core (target floor-c)."""
     name = "floor"
 
-    def __init__(self, ws, procs, pg, pool_size):
-        self.ws, self.procs, self.pg, self.pool_size = ws, procs, pg, pool_size
+    def __init__(self, ws, procs, pg, pool_size, relay="python"):
+        self.ws, self.procs, self.pg, self.pool_size, self.relay = ws, procs, pg, pool_size, relay
+        if relay != "python":
+            self.name = f"floor-{relay}"
 
     def start(self):
         port = free_port()
-        log = self.ws.file("floor.log")
+        log = self.ws.file(f"{self.name}.log")
         self.proc = self.procs.start(
             [sys.executable, os.path.join(REPO_ROOT, "tools", "floor_pooler.py"), "--listen", f"127.0.0.1:{port}",
              "--backend", f"127.0.0.1:{self.pg.port}", "--user", BENCH_USER, "--database", BENCH_DB,
-             "--pool-size", str(self.pool_size)], log_path=log)
+             "--pool-size", str(self.pool_size), "--relay", self.relay], log_path=log)
         self.pid = self.proc.pid
-        wait_until_serving(port, self.proc, log, "floor")
+        wait_until_serving(port, self.proc, log, self.name)
         return port
 
     def stop(self):
@@ -435,35 +440,41 @@ def measure(target, port, load, seconds):
 
 
 def _summary(runs, bouncer_runs):
-    """(median TPS, median CPU%, note) of one target and load; with several rounds the note gives the range of
-    its per-round ratio to PgBouncer (both measured in the same round)."""
+    """(median TPS, median CPU%, note, CPU per transaction) of one target and load; with several rounds the note
+    gives the range of its per-round ratio to PgBouncer (both measured in the same round), and the CPU per
+    transaction (µs of the target's CPU per pgbench transaction, CPU% * 10000 / TPS, per round) its range."""
     tps = [t for t, _ in runs if t is not None]
     if not tps:
-        return (None, None, "run failed")
+        return (None, None, "run failed", None)
     cpu = [c for _, c in runs if c is not None]
     note = ""
     if len(runs) > 1 and bouncer_runs:
         ratios = sorted(t / b for (t, _), (b, _) in zip(runs, bouncer_runs) if t and b)
         if ratios:
             note = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
-    return (statistics.median(tps), statistics.median(cpu) if cpu else None, note)
+    per_tx = sorted(c * 10000 / t for t, c in runs if t and c is not None)
+    cost = None
+    if per_tx:
+        cost = f"{statistics.median(per_tx):.0f}" + (f" ({per_tx[0]:.0f}-{per_tx[-1]:.0f})" if len(per_tx) > 1 else "")
+    return (statistics.median(tps), statistics.median(cpu) if cpu else None, note, cost)
 
 
 def format_table(rows, loads, markdown=False):
-    """rows: {(target, load): (tps or None, cpu or None, note)}; ratios against direct and pgbouncer."""
-    header = ["target", "load", "TPS", "vs direct", "vs pgbouncer", "proxy CPU%"]
-    rounds = any(note and tps is not None for tps, _, note in rows.values())
+    """rows: {(target, load): (tps or None, cpu or None, note, CPU us per transaction or None)}; ratios against
+    direct and pgbouncer."""
+    header = ["target", "load", "TPS", "vs direct", "vs pgbouncer", "proxy CPU%", "CPU us/tx"]
+    rounds = any(note and tps is not None for tps, _, note, _ in rows.values())
     if rounds:
         header.append("vs pgbouncer per round: median (range)")
     lines = []
-    for (target, load), (tps, cpu, note) in rows.items():
+    for (target, load), (tps, cpu, note, per_tx) in rows.items():
         def ratio(base):
             base_tps = rows.get((base, load), (None,))[0]
             if tps is None or not base_tps:
                 return "-"
             return f"{tps / base_tps:.2f}"
         line = [target, load, f"{tps:.0f}" if tps is not None else note,
-                ratio("direct"), ratio("pgbouncer"), f"{cpu:.0f}" if cpu is not None else "-"]
+                ratio("direct"), ratio("pgbouncer"), f"{cpu:.0f}" if cpu is not None else "-", per_tx or "-"]
         if rounds:
             line.append(note if tps is not None and note else "-")
         lines.append(line)
@@ -499,7 +510,8 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every target this many times, interleaved; report medians (default 1)")
     parser.add_argument("--loads", default="steady,connect", help="subset of steady,connect")
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                        help=f"subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
     parser.add_argument("--pool-size", type=int, default=16, help="backend connections per pooler (default 16)")
     parser.add_argument("--workers", type=int, help="multiproxy [proxy] workers (default: its own default)")
@@ -992,6 +1004,8 @@ def main(argv=None):
             "pgbouncer": lambda: bouncer,
             "relay": lambda: Relay(ws, procs, pg),
             "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),
+            "floor-c": lambda: FloorPooler(ws, procs, pg, args.pool_size, relay="c"),
+            "floor-c-thread": lambda: FloorPooler(ws, procs, pg, args.pool_size, relay="c-thread"),
         }
         started = {}
         for name in args.targets:
@@ -1002,7 +1016,7 @@ def main(argv=None):
                 note = "not installed" if str(exc) == "not installed" else "failed to start"
                 print(f"{name}: {exc}", file=sys.stderr)
                 for load in args.loads:
-                    rows[(name, load)] = (None, None, note)
+                    rows[(name, load)] = (None, None, note, None)
                 target.stop()
         # Every round runs each target back to back, so a slow spell of the machine hits all of them.
         samples: dict = {}
@@ -1038,7 +1052,8 @@ def main(argv=None):
     print()
     print(options)
     print("steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction)")
-    print("proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores)")
+    print("proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
+          "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds")
     for line in notes:
         print(line)
     if args.markdown:

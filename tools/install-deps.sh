@@ -9,7 +9,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 LOG="$(mktemp -t install-deps.XXXXXX.log)"
-APT_PACKAGES=(postgresql postgresql-client pgbouncer prometheus-pgbouncer-exporter sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev chromium chromium-driver)
+APT_PACKAGES=(postgresql postgresql-client pgbouncer prometheus-pgbouncer-exporter sysbench freetds-bin mariadb-server mariadb-client libmariadb-dev chromium chromium-driver gcc python3-dev)
 
 trap 'echo "install-deps: error: unexpected failure at line $LINENO (log: $LOG)" >&2' ERR
 
@@ -67,6 +67,9 @@ missing_binaries() {
     have mariadbd || have mysqld || missing+=(mariadbd)
     have mariadb-install-db || have mysql_install_db || missing+=(mariadb-install-db)
     have mariadb_config || missing+=(mariadb_config)   # libmariadb-dev: MariaDB Connector/Python builds against it
+    # gcc and the Python headers: setup.py builds the compiled relay core (multiproxy/_relay.c) with them
+    have gcc || missing+=(gcc)
+    "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))' 2>/dev/null || missing+=(Python.h)
     "$PYTHON" -m pip --version >/dev/null 2>&1 || missing+=(pip)
     echo "${missing[*]}"
 }
@@ -112,6 +115,7 @@ for f in setup.py pyproject.toml setup.cfg; do
 done
 EXTRAS="lab,test"  # the lab (`multiproxy lab`, sqlglot, cryptography) and the test suite's clients
 want="$("$PYTHON" -c 'import sys; print(sys.executable)') $REPO_ROOT [$EXTRAS] $(cat "${packaging_files[@]}" | sha256sum | cut -c1-16)"
+relay_source=multiproxy/_relay.c
 installed_here() {
     # multiproxy must import from this checkout, not from another clone installed earlier.
     [[ "$(cd / && "$PYTHON" -c 'import multiproxy, os; print(os.path.dirname(os.path.dirname(multiproxy.__file__)))' 2>/dev/null)" == "$REPO_ROOT" ]]
@@ -129,6 +133,22 @@ else
     mkdir -p "$stamp_dir" && echo "$want" >"$stamp"
 fi
 
+# -- the compiled relay core: pip's editable install builds it in place (setuptools' build_ext in editable mode);
+# rebuild it here when its C source is newer than the built module or the module is missing. Optional:
+# without it multiproxy.relay_core uses its pure-Python twin and logs that it does.
+if [[ -f $relay_source ]]; then
+    relay_module="multiproxy/_relay$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+    if [[ ${INSTALL_DEPS_FORCE:-} == 1 || ! -f $relay_module || $relay_source -nt $relay_module ]]; then
+        say "build the compiled relay core in place ($relay_module)"
+        if ! "$PYTHON" setup.py -q build_ext --inplace >>"$LOG" 2>&1 || [[ ! -f $relay_module ]]; then
+            say "warning: the compiled relay core was not built (log: $LOG); the pure-Python relay core is used"
+            LOG_KEEP=1
+        fi
+    else
+        say "compiled relay core up to date ($relay_module)"
+    fi
+fi
+
 # -- Node.js drivers the tests and benchmarks run (tools/node: tedious for TDS) ------------------------------
 node_dir="$REPO_ROOT/tools/node"
 if ! command -v npm >/dev/null 2>&1; then
@@ -142,5 +162,5 @@ else
     step "npm ci in tools/node" npm ci --prefix "$node_dir" --no-audit --no-fund
     echo "$node_want" >"$node_stamp"
 fi
-rm -f "$LOG"
+[[ ${LOG_KEEP:-} == 1 ]] || rm -f "$LOG"
 say "done"

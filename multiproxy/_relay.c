@@ -1,0 +1,1095 @@
+/* The compiled relay core: moves whole protocol messages between linked client and backend sockets, and
+ * lends idle backends to clients, with no Python per message; Python sees only the events it asked for.
+ *
+ * Two types:
+ *   Walker  - the framing rule of one direction of one protocol (header size, where the length is, how it
+ *             counts, where the message type is) and the types that end a walk: `stop` types are handed
+ *             to the engine before they are forwarded, the `boundary` type (PostgreSQL ReadyForQuery) ends
+ *             a request, `count` types (PostgreSQL Query/Sync) open one. feed() walks a byte vector the
+ *             way the relay does; multiproxy/relay_core.py has the same rule in Python (its twin).
+ *   Relay   - an epoll set of its own whose fd the caller watches from gevent's loop; run_ready() drains
+ *             every ready socket: reads, walks, writes whole frames to the peer, links a client that
+ *             starts a request to an idle backend (or queues it until one comes back), and unlinks the
+ *             backend at the end of the transaction (boundary with status 'I' and no request pending).
+ *             Only stop frames, malformed lengths, EOF/errors and data from an idle backend go to Python,
+ *             as events; the relay forgets both sockets of such an event and the caller owns them again.
+ *             threaded=True: a thread of the relay's own, without the GIL, waits on the epoll set and serves
+ *             it; fileno() is then an eventfd that is readable when events wait, and run_ready() takes
+ *             them. No Python runs per message or per wake-up; only events cost Python.
+ *             listen(fd): the relay accepts clients itself. A new client's first packets (PostgreSQL's
+ *             startup framing: a 4-byte length that counts itself) are answered from what the engine
+ *             declared: `refuse` (the SSLRequest) gets `refusal` ("N"), a startup packet that the engine
+ *             greeted before (cache_greeting) gets the same greeting; any other goes to the engine as a
+ *             STARTUP event. The relay closes the clients it accepted itself at EOF or at a `hangup`
+ *             frame (Terminate) between transactions, so a connect-per-transaction client costs no Python.
+ *
+ * Sockets stay owned (and closed) by the caller; the relay never closes a file descriptor it was given.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
+       EV_STARTUP = 6 };
+
+/* ---------------------------------------------------------------- the framing rule and its walker state */
+
+typedef struct {
+    int header_size;        /* bytes before the body */
+    int length_offset;      /* where the length field starts in the header */
+    int length_size;        /* 2, 3 or 4 bytes */
+    int big_endian;
+    long long length_adjust; /* frame size = length field + length_adjust */
+    int type_offset;        /* the byte that names the message type, or -1 */
+    int boundary;           /* type of the end-of-request frame (its first body byte is its status), or -1 */
+    int max_boundary;       /* a boundary frame must arrive whole, so it may be at most this big */
+    unsigned char stop[256];
+    unsigned char count[256];
+} Rule;
+
+typedef struct {
+    unsigned long long remaining;   /* bytes of the current frame not walked yet; 0 at a frame start */
+    unsigned long long counted;     /* frames of a `count` type started since the last take */
+} WalkState;
+
+typedef struct {
+    size_t consumed;    /* bytes that may be forwarded */
+    int event;          /* EV_NONE: consumed everything walkable, the rest (if any) is an incomplete header */
+    int arg;            /* boundary status byte, or the type of a stop / malformed frame, or -1 */
+} WalkResult;
+
+static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
+    WalkResult res = {0, EV_NONE, -1};
+    size_t pos = 0;
+    while (pos < len) {
+        if (st->remaining) {
+            size_t avail = len - pos;
+            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
+            pos += take;
+            st->remaining -= take;
+            continue;
+        }
+        size_t avail = len - pos;
+        if (avail < (size_t)rule->header_size)
+            break;
+        const unsigned char *h = data + pos;
+        unsigned long long length = 0;
+        for (int i = 0; i < rule->length_size; i++) {
+            int k = rule->big_endian ? i : rule->length_size - 1 - i;
+            length = (length << 8) | h[rule->length_offset + k];
+        }
+        long long total = (long long)length + rule->length_adjust;
+        int type = -1;
+        if (rule->type_offset >= 0 && total > rule->type_offset) {
+            if (avail <= (size_t)rule->type_offset)
+                break;
+            type = h[rule->type_offset];
+        }
+        if (type >= 0 && rule->stop[type]) {
+            res.event = EV_HANDOVER;
+            res.arg = type;
+            break;
+        }
+        if (total < rule->header_size) {
+            res.event = EV_MALFORMED;
+            res.arg = type;
+            break;
+        }
+        if (type >= 0 && type == rule->boundary) {
+            if (total <= rule->header_size || total > rule->max_boundary) {
+                res.event = EV_MALFORMED;
+                res.arg = type;
+                break;
+            }
+            if (avail < (size_t)total)
+                break;
+            pos += (size_t)total;
+            res.event = EV_BOUNDARY;
+            res.arg = h[rule->header_size];
+            break;
+        }
+        if (type >= 0 && rule->count[type])
+            st->counted++;
+        size_t take = (unsigned long long)total < avail ? (size_t)total : avail;
+        pos += take;
+        st->remaining = (unsigned long long)total - take;
+    }
+    res.consumed = pos;
+    return res;
+}
+
+static int set_from_bytes(PyObject *obj, unsigned char *set, const char *what) {
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected bytes", what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < view.len; i++)
+        set[((unsigned char *)view.buf)[i]] = 1;
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
+                             "type_offset", "stop", "count", "boundary", "max_boundary", NULL};
+    PyObject *stop = NULL, *count = NULL;
+    memset(rule, 0, sizeof(*rule));
+    rule->type_offset = -1;
+    rule->boundary = -1;
+    rule->max_boundary = 4096;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOii", kwlist, &rule->header_size, &rule->length_offset,
+                                     &rule->length_size, &rule->big_endian, &rule->length_adjust,
+                                     &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary))
+        return -1;
+    if (rule->header_size < 1 || rule->length_size < 1 || rule->length_size > 4 || rule->length_offset < 0 ||
+        rule->length_offset + rule->length_size > rule->header_size || rule->type_offset < -1 ||
+        rule->type_offset > 255 || rule->boundary < -1 || rule->boundary > 255 || rule->max_boundary < 1) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent framing rule");
+        return -1;
+    }
+    if (set_from_bytes(stop, rule->stop, "stop") < 0 || set_from_bytes(count, rule->count, "count") < 0)
+        return -1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Walker: the rule and one state, for tests */
+
+typedef struct {
+    PyObject_HEAD
+    Rule rule;
+    WalkState st;
+} WalkerObject;
+
+static int Walker_init(WalkerObject *self, PyObject *args, PyObject *kwds) {
+    memset(&self->st, 0, sizeof(self->st));
+    return rule_init(&self->rule, args, kwds);
+}
+
+static PyObject *Walker_feed(WalkerObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    WalkResult res = walk(&self->rule, &self->st, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nii)", (Py_ssize_t)res.consumed, res.event, res.arg);
+}
+
+static PyObject *Walker_take_count(WalkerObject *self, PyObject *unused) {
+    unsigned long long n = self->st.counted;
+    self->st.counted = 0;
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *Walker_get_remaining(WalkerObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->st.remaining);
+}
+
+static PyMethodDef Walker_methods[] = {
+    {"feed", (PyCFunction)Walker_feed, METH_O,
+     "feed(data) -> (consumed, event, arg): walk data from the walker's state; see relay_core.Walker."},
+    {"take_count", (PyCFunction)Walker_take_count, METH_NOARGS,
+     "Frames of a `count` type started since the last take."},
+    {NULL},
+};
+
+static PyGetSetDef Walker_getset[] = {
+    {"remaining", (getter)Walker_get_remaining, NULL, "bytes of the current frame not walked yet", NULL},
+    {NULL},
+};
+
+static PyTypeObject WalkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "multiproxy._relay.Walker",
+    .tp_basicsize = sizeof(WalkerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The framing rule of one direction and its walk state.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Walker_init,
+    .tp_methods = Walker_methods,
+    .tp_getset = Walker_getset,
+};
+
+/* ---------------------------------------------------------------- Relay */
+
+enum { ROLE_CLIENT = 0, ROLE_BACKEND = 1, ROLE_LISTENER = 2 };
+
+#define MAX_STARTUP 10000       /* PostgreSQL's own limit on a startup packet */
+
+typedef struct Greeting {
+    struct Greeting *next;
+    size_t startup_len, reply_len;
+    unsigned char *reply;
+    unsigned char startup[];
+} Greeting;
+
+typedef struct Conn {
+    int fd;
+    int role;
+    struct Conn *peer;          /* the linked other side, or NULL */
+    struct Conn *next;          /* idle list (backends), wait queue (clients), dead list */
+    int idle;                   /* a backend in the idle list */
+    int waiting;                /* a client in the wait queue (not read until it gets a backend) */
+    int blocked;                /* buf[sent:fwd] waits for the peer to become writable */
+    int dead;
+    int starting;               /* a client the relay accepted, before its startup packet was answered */
+    int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
+    int pending_event;          /* to act on once buf[sent:fwd] is written */
+    int pending_arg;
+    long long outstanding;      /* clients: requests sent whose boundary has not come back */
+    uint32_t mask;              /* epoll events registered */
+    WalkState st;
+    size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
+    unsigned char buf[];
+} Conn;
+
+typedef struct Event {
+    struct Event *next;
+    int kind, fd, peer_fd, arg;
+    size_t len;
+    unsigned char data[];
+} Event;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int threaded;
+    int eventfd;                /* threaded: readable when events wait for run_ready() */
+    int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
+    int signaled, stopping, thread_started;
+    pthread_t thread;
+    pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
+    Rule rules[2];              /* by role: client -> backend, backend -> client */
+    size_t bufsize;
+    Conn **conns;               /* by fd */
+    int nconns;
+    Conn *idle;                 /* LIFO */
+    Conn *wait_head, *wait_tail;
+    Conn *dead;
+    Event *queue, **queue_tail; /* events not yet taken by the caller */
+    Greeting *greetings;
+    unsigned char refuse[16], refusal[16];
+    size_t refuse_len, refusal_len;
+    unsigned char hangup[256];
+    unsigned long long accepted, greeted;
+    unsigned long long transactions, handed_over;
+    Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns;
+} RelayObject;
+
+static int update_mask(RelayObject *r, Conn *c) {
+    uint32_t mask = 0;
+    if (!c->blocked && !c->waiting)
+        mask |= EPOLLIN;
+    if (c->peer && c->peer->blocked)
+        mask |= EPOLLOUT;
+    if (mask == c->mask)
+        return 0;
+    struct epoll_event ev = {.events = mask, .data.fd = c->fd};
+    c->mask = mask;
+    return epoll_ctl(r->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void emit(RelayObject *r, int kind, Conn *c, int arg) {
+    size_t len = c->len - c->fwd;
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + len);
+    if (ev == NULL)
+        return;                 /* out of memory: the sockets stay forgotten; nothing better to do here */
+    ev->next = NULL;
+    ev->kind = kind;
+    ev->fd = c->fd;
+    ev->peer_fd = c->peer ? c->peer->fd : -1;
+    ev->arg = arg;
+    ev->len = len;
+    memcpy(ev->data, c->buf + c->fwd, len);
+    *r->queue_tail = ev;
+    r->queue_tail = &ev->next;
+}
+
+static void unqueue(RelayObject *r, Conn *c) {
+    if (c->idle) {
+        Conn **pp = &r->idle;
+        while (*pp && *pp != c)
+            pp = &(*pp)->next;
+        if (*pp)
+            *pp = c->next;
+        c->idle = 0;
+        r->n_idle--;
+    }
+    if (c->waiting) {
+        Conn **pp = &r->wait_head, *prev = NULL;
+        while (*pp && *pp != c) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        if (*pp)
+            *pp = c->next;
+        if (r->wait_tail == c)
+            r->wait_tail = prev;
+        c->waiting = 0;
+        r->n_waiting--;
+    }
+    c->next = NULL;
+}
+
+/* Forget c (and not its peer): out of epoll, the queues and the fd table; freed at the end of the call. */
+static void forget(RelayObject *r, Conn *c) {
+    if (c->dead)
+        return;
+    unqueue(r, c);
+    epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->fd < r->nconns && r->conns[c->fd] == c)
+        r->conns[c->fd] = NULL;
+    if (c->role == ROLE_CLIENT && c->peer)
+        r->n_linked_clients--;
+    c->dead = 1;
+    c->next = r->dead;
+    r->dead = c;
+    r->n_conns--;
+}
+
+/* Hand c and its linked peer (mid-request) back to the caller as one event. */
+static void hand_over(RelayObject *r, int kind, Conn *c, int arg) {
+    emit(r, kind, c, arg);
+    Conn *p = c->peer;
+    forget(r, c);
+    if (p) {
+        forget(r, p);
+        p->peer = NULL;
+    }
+    c->peer = NULL;
+    r->handed_over++;
+}
+
+/* A client the relay accepted and nobody else knows of: close it here, with no event. */
+static void hang_up(RelayObject *r, Conn *c) {
+    int fd = c->fd;
+    forget(r, c);
+    close(fd);
+}
+
+static void free_dead(RelayObject *r) {
+    while (r->dead) {
+        Conn *c = r->dead;
+        r->dead = c->next;
+        PyMem_RawFree(c);
+    }
+}
+
+static int register_conn(RelayObject *r, Conn *c) {
+    if (c->fd >= r->nconns) {
+        int n = r->nconns ? r->nconns : 64;
+        while (n <= c->fd)
+            n *= 2;
+        Conn **grown = PyMem_RawRealloc(r->conns, sizeof(Conn *) * (size_t)n);
+        if (grown == NULL) {
+            errno = ENOMEM;
+            return -1;
+        }
+        memset(grown + r->nconns, 0, sizeof(Conn *) * (size_t)(n - r->nconns));
+        r->conns = grown;
+        r->nconns = n;
+    }
+    if (r->conns[c->fd] != NULL) {
+        errno = EEXIST;
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = c->fd};
+    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+        return -1;
+    c->mask = EPOLLIN;
+    r->conns[c->fd] = c;
+    r->n_conns++;
+    return 0;
+}
+
+static void pump(RelayObject *r, Conn *c);
+static int startup(RelayObject *r, Conn *c);
+
+/* c is at EOF or broken: a client only the relay knows is closed here, anything else goes to the caller. */
+static void closed(RelayObject *r, Conn *c, int err) {
+    if (c->owned && c->peer == NULL)
+        hang_up(r, c);
+    else
+        hand_over(r, EV_CLOSED, c, err);
+}
+
+static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
+    client->peer = backend;
+    backend->peer = client;
+    r->n_linked_clients++;
+}
+
+/* A backend is free: to the first waiting client (which then forwards what it holds), or to the idle list. */
+static void release_backend(RelayObject *r, Conn *b) {
+    Conn *client = r->wait_head;
+    if (client) {
+        unqueue(r, client);
+        link_pair(r, client, b);
+        update_mask(r, client);
+        update_mask(r, b);
+        pump(r, client);
+        return;
+    }
+    b->next = r->idle;
+    r->idle = b;
+    b->idle = 1;
+    r->n_idle++;
+}
+
+/* Write, act on events and walk until c has nothing more to do now; may forget c. */
+static void pump(RelayObject *r, Conn *c) {
+    const Rule *rule = &r->rules[c->role];
+    if (c->starting && startup(r, c) < 0)
+        return;
+    for (;;) {
+        if (c->sent < c->fwd) {
+            Conn *p = c->peer;
+            ssize_t n = send(p->fd, c->buf + c->sent, c->fwd - c->sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    c->blocked = 1;
+                    update_mask(r, c);
+                    update_mask(r, p);
+                    return;
+                }
+                hand_over(r, EV_CLOSED, p, errno);     /* the peer is gone: both go back to the caller */
+                return;
+            }
+            c->sent += (size_t)n;
+            continue;
+        }
+        if (c->pending_event) {
+            int event = c->pending_event, arg = c->pending_arg;
+            c->pending_event = 0;
+            if (event == EV_BOUNDARY) {
+                Conn *client = c->peer;
+                if (client->outstanding > 0)
+                    client->outstanding--;
+                if (client->outstanding == 0 && arg == 'I') {
+                    r->transactions++;
+                    client->peer = NULL;
+                    c->peer = NULL;
+                    r->n_linked_clients--;
+                    update_mask(r, client);
+                    update_mask(r, c);
+                    if (c->len > c->fwd) {          /* it spoke past the end of the transaction */
+                        hand_over(r, EV_UNSOLICITED, c, -1);
+                        return;
+                    }
+                    release_backend(r, c);
+                    if (c->dead)
+                        return;
+                }
+                continue;
+            }
+            if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
+                hang_up(r, c);
+                return;
+            }
+            hand_over(r, event, c, arg);
+            return;
+        }
+        if (c->sent) {
+            memmove(c->buf, c->buf + c->sent, c->len - c->sent);
+            c->len -= c->sent;
+            c->fwd -= c->sent;
+            c->sent = 0;
+        }
+        if (c->fwd == c->len)
+            return;
+        WalkResult res = walk(rule, &c->st, c->buf + c->fwd, c->len - c->fwd);
+        if (c->role == ROLE_CLIENT) {
+            c->outstanding += (long long)c->st.counted;
+            c->st.counted = 0;
+        }
+        if (res.consumed == 0 && res.event == EV_NONE)
+            return;                                     /* an incomplete header: wait for more */
+        c->fwd += res.consumed;
+        c->pending_event = res.event;
+        c->pending_arg = res.arg;
+        if (c->sent < c->fwd && c->peer == NULL) {
+            if (c->role == ROLE_BACKEND) {              /* an idle backend spoke: the caller decides */
+                c->fwd = c->sent;
+                c->pending_event = 0;
+                hand_over(r, EV_UNSOLICITED, c, -1);
+                return;
+            }
+            if (r->idle) {
+                Conn *b = r->idle;
+                unqueue(r, b);
+                link_pair(r, c, b);
+                update_mask(r, b);
+            } else {
+                c->waiting = 1;
+                c->next = NULL;
+                if (r->wait_tail)
+                    r->wait_tail->next = c;
+                else
+                    r->wait_head = c;
+                r->wait_tail = c;
+                r->n_waiting++;
+                update_mask(r, c);
+                return;
+            }
+        }
+    }
+}
+
+static void on_readable(RelayObject *r, Conn *c) {
+    if (c->len >= r->bufsize)
+        return;
+    ssize_t n = recv(c->fd, c->buf + c->len, r->bufsize - c->len, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return;
+        closed(r, c, errno);
+        return;
+    }
+    if (n == 0) {
+        closed(r, c, 0);
+        return;
+    }
+    c->len += (size_t)n;
+    pump(r, c);
+}
+
+static int send_all_now(int fd, const unsigned char *data, size_t len) {
+    while (len) {
+        ssize_t n = send(fd, data, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* A client's first packets: answer the TLS request and a startup packet greeted before; else the engine's. */
+static int startup(RelayObject *r, Conn *c) {
+    while (c->starting) {
+        if (c->len < 4)
+            return 0;
+        size_t plen = ((size_t)c->buf[0] << 24) | ((size_t)c->buf[1] << 16) | ((size_t)c->buf[2] << 8) | c->buf[3];
+        if (plen < 8 || plen > MAX_STARTUP) {
+            hand_over(r, EV_MALFORMED, c, -1);
+            return -1;
+        }
+        if (c->len < plen)
+            return 0;
+        const unsigned char *reply = NULL;
+        size_t reply_len = 0;
+        int greeted = 0;
+        if (plen == r->refuse_len && memcmp(c->buf, r->refuse, plen) == 0) {
+            reply = r->refusal;
+            reply_len = r->refusal_len;
+        } else {
+            Greeting *g = r->greetings;
+            while (g && !(g->startup_len == plen && memcmp(g->startup, c->buf, plen) == 0))
+                g = g->next;
+            if (g == NULL) {
+                hand_over(r, EV_STARTUP, c, 0);
+                return -1;
+            }
+            reply = g->reply;
+            reply_len = g->reply_len;
+            greeted = 1;
+        }
+        if (send_all_now(c->fd, reply, reply_len) < 0) {     /* a fresh socket's send buffer is empty */
+            hand_over(r, EV_CLOSED, c, errno);
+            return -1;
+        }
+        memmove(c->buf, c->buf + plen, c->len - plen);
+        c->len -= plen;
+        if (greeted) {
+            c->starting = 0;
+            r->greeted++;
+        }
+    }
+    return 0;
+}
+
+static Conn *alloc_conn(RelayObject *r, int fd, int role) {
+    size_t size = role == ROLE_LISTENER ? 0 : r->bufsize;
+    Conn *c = PyMem_RawMalloc(sizeof(Conn) + size);
+    if (c)
+        memset(c, 0, sizeof(Conn));
+    if (c) {
+        c->fd = fd;
+        c->role = role;
+    }
+    return c;
+}
+
+static void on_acceptable(RelayObject *r, Conn *listener) {
+    for (int i = 0; i < 64; i++) {
+        int fd = accept4(listener->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;             /* EAGAIN, or a client gone before it was accepted: the next wake-up retries */
+        Conn *c = alloc_conn(r, fd, ROLE_CLIENT);
+        if (c == NULL || register_conn(r, c) < 0) {
+            PyMem_RawFree(c);
+            close(fd);
+            continue;
+        }
+        c->owned = c->starting = 1;
+        r->accepted++;
+    }
+}
+
+/* threaded: the relay's state is the thread's while it serves; the caller takes the lock without the GIL. */
+static void lock_relay(RelayObject *r) {
+    if (!r->threaded)
+        return;
+    if (pthread_mutex_trylock(&r->lock) == 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&r->lock);
+    Py_END_ALLOW_THREADS
+}
+
+static void unlock_relay(RelayObject *r) {
+    if (r->threaded)
+        pthread_mutex_unlock(&r->lock);
+}
+
+/* The queued events as a list of (kind, fd, peer_fd, unforwarded bytes, arg); called with the lock held. */
+static PyObject *take_events(RelayObject *r) {
+    free_dead(r);
+    Event *ev = r->queue;
+    r->queue = NULL;
+    r->queue_tail = &r->queue;
+    PyObject *list = PyList_New(0);
+    while (ev) {
+        Event *next = ev->next;
+        if (list) {
+            PyObject *item = Py_BuildValue("(iiiy#i)", ev->kind, ev->fd, ev->peer_fd, (const char *)ev->data,
+                                           (Py_ssize_t)ev->len, ev->arg);
+            if (item == NULL || PyList_Append(list, item) < 0)
+                Py_CLEAR(list);
+            Py_XDECREF(item);
+        }
+        PyMem_RawFree(ev);
+        ev = next;
+    }
+    return list;
+}
+
+static void dispatch(RelayObject *self, struct epoll_event *evs, int n) {
+    for (int i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        uint32_t what = evs[i].events;
+        Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;     /* -1: the wake fd */
+        if (c == NULL)
+            continue;
+        if (c->role == ROLE_LISTENER) {
+            on_acceptable(self, c);
+            continue;
+        }
+        if (what & EPOLLOUT) {
+            Conn *src = c->peer;
+            if (src && src->blocked) {
+                src->blocked = 0;
+                update_mask(self, c);
+                update_mask(self, src);
+                pump(self, src);
+                if (fd >= self->nconns || self->conns[fd] != c)
+                    continue;
+            }
+        }
+        if (what & (EPOLLERR | EPOLLHUP) && !(what & EPOLLIN)) {
+            closed(self, c, 0);
+            continue;
+        }
+        if (what & EPOLLIN && !c->blocked && !c->waiting)
+            on_readable(self, c);
+        else if (what & (EPOLLERR | EPOLLHUP) && c->waiting)
+            closed(self, c, 0);
+    }
+}
+
+#define THREAD_BATCH 256
+
+static void *serve_thread(void *arg) {
+    RelayObject *r = arg;
+    struct epoll_event evs[THREAD_BATCH];
+    for (;;) {
+        int n = epoll_wait(r->epfd, evs, THREAD_BATCH, -1);
+        if (n < 0 && errno != EINTR)
+            break;
+        pthread_mutex_lock(&r->lock);
+        if (r->stopping) {
+            pthread_mutex_unlock(&r->lock);
+            break;
+        }
+        if (n > 0)
+            dispatch(r, evs, n);
+        free_dead(r);
+        if (r->queue && !r->signaled) {
+            uint64_t one = 1;
+            if (write(r->eventfd, &one, sizeof(one)) == sizeof(one))
+                r->signaled = 1;
+        }
+        pthread_mutex_unlock(&r->lock);
+    }
+    return NULL;
+}
+
+static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    RelayObject *self = (RelayObject *)type->tp_alloc(type, 0);
+    if (self) {
+        self->epfd = self->eventfd = self->wakefd = -1;
+        self->queue_tail = &self->queue;
+        pthread_mutex_init(&self->lock, NULL);
+    }
+    return (PyObject *)self;
+}
+
+static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"client", "server", "buffer_size", "threaded", NULL};
+    PyObject *client, *server;
+    Py_ssize_t bufsize = 16384;
+    int threaded = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|np", kwlist, &WalkerType, &client, &WalkerType, &server,
+                                     &bufsize, &threaded))
+        return -1;
+    if (self->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Relay.__init__ called twice");
+        return -1;
+    }
+    self->rules[ROLE_CLIENT] = ((WalkerObject *)client)->rule;
+    self->rules[ROLE_BACKEND] = ((WalkerObject *)server)->rule;
+    for (int i = 0; i < 2; i++) {
+        Rule *rule = &self->rules[i];
+        Py_ssize_t need = (Py_ssize_t)rule->header_size + rule->type_offset + 2;
+        if (rule->boundary >= 0 && rule->max_boundary + 1 > need)
+            need = rule->max_boundary + 1;
+        if (bufsize < 2 * need) {
+            PyErr_SetString(PyExc_ValueError, "buffer_size too small for the framing rules");
+            return -1;
+        }
+    }
+    self->bufsize = (size_t)bufsize;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (threaded) {
+        self->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        self->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = -1};
+        if (self->eventfd < 0 || self->wakefd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakefd, &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        self->threaded = 1;
+        int err = pthread_create(&self->thread, NULL, serve_thread, self);
+        if (err) {
+            self->threaded = 0;
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        self->thread_started = 1;
+    }
+    return 0;
+}
+
+static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
+    Py_buffer view = {0};
+    if (data && PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if ((size_t)view.len > r->bufsize) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "data larger than the relay's buffer");
+        return NULL;
+    }
+    Conn *c = alloc_conn(r, fd, role);
+    if (c == NULL) {
+        if (data)
+            PyBuffer_Release(&view);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (data) {
+        memcpy(c->buf, view.buf, (size_t)view.len);
+        c->len = (size_t)view.len;
+        PyBuffer_Release(&view);
+    }
+    if (register_conn(r, c) < 0) {
+        if (errno == EEXIST)
+            PyErr_Format(PyExc_ValueError, "fd %d is already in the relay", fd);
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        PyMem_RawFree(c);
+        return NULL;
+    }
+    return c;
+}
+
+static PyObject *add_conn(RelayObject *self, PyObject *args, int role) {
+    int fd;
+    PyObject *data = NULL;
+    if (!PyArg_ParseTuple(args, role == ROLE_CLIENT ? "i|O" : "i", &fd, &data))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    if (fd < 0)
+        return PyErr_Format(PyExc_ValueError, "bad file descriptor %d", fd);
+    lock_relay(self);
+    Conn *c = new_conn(self, fd, role, data);
+    PyObject *events = NULL;
+    if (c != NULL) {
+        if (role == ROLE_CLIENT)
+            pump(self, c);
+        else if (role == ROLE_BACKEND)
+            release_backend(self, c);
+        events = take_events(self);
+    }
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_add_client(RelayObject *self, PyObject *args) {
+    return add_conn(self, args, ROLE_CLIENT);
+}
+
+static PyObject *Relay_add_backend(RelayObject *self, PyObject *args) {
+    return add_conn(self, args, ROLE_BACKEND);
+}
+
+static int copy_small(PyObject *obj, unsigned char *to, size_t *len, size_t cap, const char *what) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((size_t)view.len > cap) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "%s: at most %zu bytes", what, cap);
+        return -1;
+    }
+    memcpy(to, view.buf, (size_t)view.len);
+    *len = (size_t)view.len;
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", NULL};
+    int fd;
+    PyObject *refuse = NULL, *refusal = NULL, *hangup = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOO", kwlist, &fd, &refuse, &refusal, &hangup))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    unsigned char refuse_buf[16], refusal_buf[16], hangup_set[256] = {0};
+    size_t refuse_len = 0, refusal_len = 0;
+    if ((refuse && copy_small(refuse, refuse_buf, &refuse_len, sizeof(refuse_buf), "refuse") < 0) ||
+        (refusal && copy_small(refusal, refusal_buf, &refusal_len, sizeof(refusal_buf), "refusal") < 0) ||
+        set_from_bytes(hangup, hangup_set, "hangup") < 0)
+        return NULL;
+    lock_relay(self);
+    memcpy(self->refuse, refuse_buf, refuse_len);
+    self->refuse_len = refuse_len;
+    memcpy(self->refusal, refusal_buf, refusal_len);
+    self->refusal_len = refusal_len;
+    memcpy(self->hangup, hangup_set, sizeof(hangup_set));
+    Conn *c = new_conn(self, fd, ROLE_LISTENER, NULL);
+    PyObject *events = c ? take_events(self) : NULL;
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args) {
+    Py_buffer startup, reply;
+    if (!PyArg_ParseTuple(args, "y*y*", &startup, &reply))
+        return NULL;
+    Greeting *g = PyMem_RawMalloc(sizeof(Greeting) + (size_t)startup.len + (size_t)reply.len);
+    if (g == NULL) {
+        PyBuffer_Release(&startup);
+        PyBuffer_Release(&reply);
+        return PyErr_NoMemory();
+    }
+    g->startup_len = (size_t)startup.len;
+    g->reply_len = (size_t)reply.len;
+    g->reply = g->startup + startup.len;
+    memcpy(g->startup, startup.buf, (size_t)startup.len);
+    memcpy(g->reply, reply.buf, (size_t)reply.len);
+    PyBuffer_Release(&startup);
+    PyBuffer_Release(&reply);
+    lock_relay(self);
+    g->next = self->greetings;
+    self->greetings = g;
+    unlock_relay(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
+    int max_events = 256;
+    if (!PyArg_ParseTuple(args, "|i", &max_events))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    if (self->threaded) {
+        uint64_t count;
+        lock_relay(self);
+        if (read(self->eventfd, &count, sizeof(count)) < 0 && errno != EAGAIN)
+            PyErr_SetFromErrno(PyExc_OSError);
+        self->signaled = 0;
+        PyObject *events = PyErr_Occurred() ? NULL : take_events(self);
+        unlock_relay(self);
+        return events;
+    }
+    if (max_events < 1 || max_events > 4096)
+        max_events = 256;
+    struct epoll_event evs[max_events];
+    int n = epoll_wait(self->epfd, evs, max_events, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            return PyList_New(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    dispatch(self, evs, n);
+    return take_events(self);
+}
+
+static PyObject *Relay_fileno(RelayObject *self, PyObject *unused) {
+    return PyLong_FromLong(self->threaded ? self->eventfd : self->epfd);
+}
+
+static void relay_clear(RelayObject *self) {
+    if (self->thread_started) {
+        lock_relay(self);
+        self->stopping = 1;
+        uint64_t one = 1;
+        if (write(self->wakefd, &one, sizeof(one)) < 0)
+            perror("multiproxy._relay: waking the relay thread");
+        unlock_relay(self);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->thread_started = 0;
+    }
+    self->threaded = 0;
+    for (int fd = 0; fd < self->nconns; fd++) {
+        Conn *c = self->conns[fd];
+        if (c && c->owned)
+            hang_up(self, c);       /* accepted by the relay: nobody else can close it */
+        else if (c)
+            forget(self, c);
+    }
+    free_dead(self);
+    while (self->queue) {
+        Event *next = self->queue->next;
+        PyMem_RawFree(self->queue);
+        self->queue = next;
+    }
+    self->queue_tail = &self->queue;
+    while (self->greetings) {
+        Greeting *next = self->greetings->next;
+        PyMem_RawFree(self->greetings);
+        self->greetings = next;
+    }
+    PyMem_RawFree(self->conns);
+    self->conns = NULL;
+    self->nconns = 0;
+    self->idle = self->wait_head = self->wait_tail = NULL;
+    int *own[] = {&self->epfd, &self->eventfd, &self->wakefd};
+    for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++) {
+        if (*own[i] >= 0)
+            close(*own[i]);
+        *own[i] = -1;
+    }
+}
+
+static PyObject *Relay_close(RelayObject *self, PyObject *unused) {
+    relay_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_stats(RelayObject *self, PyObject *unused) {
+    lock_relay(self);
+    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K}", "connections", self->n_conns,
+                                    "idle", self->n_idle, "waiting", self->n_waiting,
+                                    "linked", self->n_linked_clients, "transactions", self->transactions,
+                                    "handed_over", self->handed_over, "accepted", self->accepted,
+                                    "greeted", self->greeted);
+    unlock_relay(self);
+    return stats;
+}
+
+static void Relay_dealloc(RelayObject *self) {
+    relay_clear(self);
+    pthread_mutex_destroy(&self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"add_client", (PyCFunction)Relay_add_client, METH_VARARGS,
+     "add_client(fd, data=b'') -> events: relay a client from now on; data: bytes already read from it."},
+    {"add_backend", (PyCFunction)Relay_add_backend, METH_VARARGS,
+     "add_backend(fd) -> events: a logged-in backend at a transaction boundary, to lend to clients."},
+    {"run_ready", (PyCFunction)Relay_run_ready, METH_VARARGS,
+     "run_ready(max_events=256) -> events: serve every ready socket without blocking (threaded: take the events "
+     "the relay thread queued)."},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
+     "Readable when run_ready has work: the epoll fd, or (threaded) the eventfd of queued events."},
+    {"close", (PyCFunction)Relay_close, METH_NOARGS,
+     "Stop the thread, forget every socket (closing none) and close the relay's own fds."},
+    {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "Counts of connections, idle backends, waiting clients."},
+    {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
+     "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
+    {"cache_greeting", (PyCFunction)Relay_cache_greeting, METH_VARARGS,
+     "cache_greeting(startup, reply): answer this exact startup packet with reply, in the relay."},
+    {NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "multiproxy._relay.Relay",
+    .tp_basicsize = sizeof(RelayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Linked client/backend pairs and idle backends, served by run_ready() with no Python per message.",
+    .tp_new = Relay_new,
+    .tp_init = (initproc)Relay_init,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_methods = Relay_methods,
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT, "multiproxy._relay", "The compiled relay core (see multiproxy/relay_core.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__relay(void) {
+    if (PyType_Ready(&WalkerType) < 0 || PyType_Ready(&RelayType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&relay_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&WalkerType);
+    Py_INCREF(&RelayType);
+    if (PyModule_AddObject(m, "Walker", (PyObject *)&WalkerType) < 0 ||
+        PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddIntConstant(m, "NONE", EV_NONE) < 0 || PyModule_AddIntConstant(m, "BOUNDARY", EV_BOUNDARY) < 0 ||
+        PyModule_AddIntConstant(m, "HANDOVER", EV_HANDOVER) < 0 ||
+        PyModule_AddIntConstant(m, "MALFORMED", EV_MALFORMED) < 0 ||
+        PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
+        PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

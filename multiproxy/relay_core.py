@@ -1,0 +1,464 @@
+"""The relay core: the compiled multiproxy._relay when it was built, else its pure-Python twin with the same API.
+
+A `Walker` holds the framing rule of one direction of a protocol (declared by the engine: `FRAMINGS` has
+PostgreSQL's, MySQL's and TDS's headers) and walks bytes: `feed(data) -> (consumed, event, arg)` stops at
+the end of the walkable bytes (what is left is an incomplete header), after a boundary frame (PostgreSQL
+ReadyForQuery: `arg` is its status byte), before a `stop` frame the engine wants to see (`arg` is its type)
+or before a frame whose length cannot be (MALFORMED). A `Relay` owns an epoll set: linked client/backend
+pairs and the idle backends. The caller watches `fileno()` in its event loop and calls `run_ready()`,
+which moves bytes between all ready sockets, lends idle backends to clients that start a request (or
+queues them), and takes a backend back at the end of each transaction, returning only the events the
+engine asked for as (kind, fd, peer_fd, unforwarded bytes, arg) tuples. After an event the relay has
+forgotten both sockets of it; the caller owns them again. The relay never closes a socket it was given.
+
+`Relay(..., threaded=True)` (compiled only) serves its sockets in a thread of its own without the GIL;
+fileno() is then readable when events wait. `listen(fd, refuse, refusal, hangup)` has the relay accept
+clients itself and answer their first packets (PostgreSQL startup framing) from what the engine
+declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet greeted before
+(`cache_greeting(startup, reply)`) gets the same reply, any other is a STARTUP event (fd and the bytes
+read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
+or at a `hangup` frame (Terminate) between transactions, it closes them itself.
+
+`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
+always the twin.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+
+log = logging.getLogger("multiproxy.relay_core")
+
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP = range(7)
+MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
+
+# The framing rules the engines declare: frame size = length field + length_adjust.
+FRAMINGS = {
+    # type byte, 4-byte big-endian length that counts itself
+    "postgres": dict(header_size=5, length_offset=1, length_size=4, big_endian=True, length_adjust=1,
+                     type_offset=0),
+    # 3-byte little-endian payload length, sequence id; the command / status byte opens the payload
+    "mysql": dict(header_size=4, length_offset=0, length_size=3, big_endian=False, length_adjust=4,
+                  type_offset=4),
+    # packet type, status, 2-byte big-endian length that counts the 8-byte header
+    "tds": dict(header_size=8, length_offset=2, length_size=2, big_endian=True, length_adjust=0, type_offset=0),
+}
+
+
+def postgres_walkers(client_stop: bytes = b"X", server_stop: bytes = b"", walker_type=None) -> tuple:
+    """Walkers for a PostgreSQL pooler: client requests (Query, Sync, FunctionCall) open a request that the
+    server's ReadyForQuery closes; Terminate (and whatever else client_stop names) goes to the caller.
+    walker_type: the Walker of the Relay they are for (default: the one in use)."""
+    rule = FRAMINGS["postgres"]
+    make = walker_type or Walker
+    return (make(**rule, stop=client_stop, count=b"QSF"), make(**rule, stop=server_stop, boundary=ord("Z")))
+
+
+class PyWalker:
+    """The framing rule of one direction and its walk state (the twin of _relay.Walker)."""
+
+    __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
+                 "stop", "count", "boundary", "max_boundary", "remaining", "counted")
+
+    def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
+                 stop=b"", count=b"", boundary=-1, max_boundary=4096):
+        if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
+                or length_offset + length_size > header_size or not -1 <= type_offset <= 255
+                or not -1 <= boundary <= 255 or max_boundary < 1):
+            raise ValueError("inconsistent framing rule")
+        self.header_size, self.length_offset, self.length_size = header_size, length_offset, length_size
+        self.big_endian, self.length_adjust, self.type_offset = bool(big_endian), length_adjust, type_offset
+        self.stop, self.count = frozenset(stop or b""), frozenset(count or b"")
+        self.boundary, self.max_boundary = boundary, max_boundary
+        self.remaining = 0
+        self.counted = 0
+
+    def feed(self, data) -> tuple[int, int, int]:
+        """(consumed, event, arg): walk data on from the walker's state (see the module docstring)."""
+        pos, end = 0, len(data)
+        header_size, type_offset = self.header_size, self.type_offset
+        order = "big" if self.big_endian else "little"
+        while pos < end:
+            if self.remaining:
+                take = min(self.remaining, end - pos)
+                pos += take
+                self.remaining -= take
+                continue
+            avail = end - pos
+            if avail < header_size:
+                break
+            length = int.from_bytes(data[pos + self.length_offset:pos + self.length_offset + self.length_size], order)
+            total = length + self.length_adjust
+            kind = -1
+            if type_offset >= 0 and total > type_offset:
+                if avail <= type_offset:
+                    break
+                kind = data[pos + type_offset]
+            if kind in self.stop:
+                return pos, HANDOVER, kind
+            if total < header_size:
+                return pos, MALFORMED, kind
+            if kind >= 0 and kind == self.boundary:
+                if total <= header_size or total > self.max_boundary:
+                    return pos, MALFORMED, kind
+                if avail < total:
+                    break
+                return pos + total, BOUNDARY, data[pos + header_size]
+            if kind in self.count:
+                self.counted += 1
+            take = min(total, avail)
+            pos += take
+            self.remaining = total - take
+        return pos, NONE, -1
+
+    def take_count(self) -> int:
+        n, self.counted = self.counted, 0
+        return n
+
+    def copy(self) -> "PyWalker":
+        twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
+                        self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary)
+        return twin
+
+
+class _Conn:
+    __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
+                 "buf", "sent", "fwd", "owned", "starting", "listener")
+
+    def __init__(self, fd, client, walker, data=b""):
+        self.fd, self.client, self.walker = fd, client, walker
+        self.peer = None
+        self.idle = self.waiting = self.blocked = False
+        self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
+        self.outstanding = 0
+        self.mask = select.EPOLLIN
+        self.buf = bytearray(data)
+        self.sent = self.fwd = 0
+        self.owned = self.starting = False
+        self.listener = None            # a listening socket object (listeners only)
+
+
+class PyRelay:
+    """The twin of _relay.Relay: the same rules and events, in Python. threaded is accepted for the same
+    signature, but the twin always serves in run_ready(): a Python thread would hold the GIL it runs on."""
+
+    def __init__(self, client, server, buffer_size=16384, threaded=False):
+        for rule in (client, server):
+            need = rule.header_size + rule.type_offset + 2
+            if rule.boundary >= 0:
+                need = max(need, rule.max_boundary + 1)
+            if buffer_size < 2 * need:
+                raise ValueError("buffer_size too small for the framing rules")
+        self._rules = (client, server)
+        self._bufsize = buffer_size
+        self._epoll = select.epoll()
+        self._conns: dict = {}
+        self._idle: list = []
+        self._waiting: list = []
+        self._events: list = []
+        self._transactions = self._handed_over = self._accepted = self._greeted = 0
+        self._greetings: dict = {}
+        self._refuse, self._refusal, self._hangup = b"", b"", frozenset()
+
+    # -- the API
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def add_client(self, fd, data=b"") -> list:
+        if len(data) > self._bufsize:
+            raise ValueError("data larger than the relay's buffer")
+        c = self._register(_Conn(fd, True, self._rules[0].copy(), data))
+        self._pump(c)
+        return self._take_events()
+
+    def add_backend(self, fd) -> list:
+        c = self._register(_Conn(fd, False, self._rules[1].copy()))
+        self._release_backend(c)
+        return self._take_events()
+
+    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"") -> list:
+        if len(refuse) > 16 or len(refusal) > 16:
+            raise ValueError("refuse, refusal: at most 16 bytes")
+        self._refuse, self._refusal, self._hangup = bytes(refuse), bytes(refusal), frozenset(hangup)
+        c = _Conn(fd, False, None)
+        c.listener = socket.socket(fileno=fd)
+        self._register(c)
+        return self._take_events()
+
+    def cache_greeting(self, startup, reply) -> None:
+        self._greetings[bytes(startup)] = bytes(reply)
+
+    def run_ready(self, max_events=256) -> list:
+        try:
+            ready = self._epoll.poll(0, max_events if 1 <= max_events <= 4096 else 256)
+        except InterruptedError:
+            return []
+        for fd, what in ready:
+            c = self._conns.get(fd)
+            if c is None:
+                continue
+            if c.listener is not None:
+                self._on_acceptable(c)
+                continue
+            if what & select.EPOLLOUT:
+                src = c.peer
+                if src is not None and src.blocked:
+                    src.blocked = False
+                    self._update_mask(c)
+                    self._update_mask(src)
+                    self._pump(src)
+                    if self._conns.get(fd) is not c:
+                        continue
+            if what & (select.EPOLLERR | select.EPOLLHUP) and not what & select.EPOLLIN:
+                self._closed(c, 0)
+                continue
+            if what & select.EPOLLIN and not c.blocked and not c.waiting:
+                self._on_readable(c)
+            elif what & (select.EPOLLERR | select.EPOLLHUP) and c.waiting:
+                self._closed(c, 0)
+        return self._take_events()
+
+    def close(self) -> None:
+        for c in list(self._conns.values()):
+            if c.owned:
+                self._hang_up(c)
+            else:
+                self._forget(c)
+        self._events = []
+        self._epoll.close()
+
+    def stats(self) -> dict:
+        conns = self._conns.values()
+        return {"connections": len(self._conns), "idle": len(self._idle), "waiting": len(self._waiting),
+                "linked": sum(1 for c in conns if c.client and c.peer is not None),
+                "transactions": self._transactions, "handed_over": self._handed_over,
+                "accepted": self._accepted, "greeted": self._greeted}
+
+    # -- the machinery
+
+    def _register(self, c):
+        if c.fd in self._conns:
+            raise ValueError(f"fd {c.fd} is already in the relay")
+        self._epoll.register(c.fd, select.EPOLLIN)
+        self._conns[c.fd] = c
+        return c
+
+    def _take_events(self) -> list:
+        events, self._events = self._events, []
+        return events
+
+    def _update_mask(self, c) -> None:
+        mask = 0 if c.blocked or c.waiting else select.EPOLLIN
+        if c.peer is not None and c.peer.blocked:
+            mask |= select.EPOLLOUT
+        if mask != c.mask:
+            c.mask = mask
+            self._epoll.modify(c.fd, mask)
+
+    def _forget(self, c) -> None:
+        if self._conns.get(c.fd) is not c:
+            return
+        if c.idle:
+            self._idle.remove(c)
+            c.idle = False
+        if c.waiting:
+            self._waiting.remove(c)
+            c.waiting = False
+        self._epoll.unregister(c.fd)
+        del self._conns[c.fd]
+        if c.listener is not None:
+            c.listener.detach()         # the caller's listening socket stays open
+            c.listener = None
+
+    def _hang_up(self, c) -> None:
+        self._forget(c)
+        os.close(c.fd)
+
+    def _closed(self, c, err) -> None:
+        if c.owned and c.peer is None:
+            self._hang_up(c)
+        else:
+            self._hand_over(CLOSED, c, err)
+
+    def _on_acceptable(self, listener) -> None:
+        for _ in range(64):
+            try:
+                fd, _ = listener.listener._accept()
+            except OSError:
+                return
+            os.set_blocking(fd, False)
+            c = _Conn(fd, True, self._rules[0].copy())
+            c.owned = c.starting = True
+            self._register(c)
+            self._accepted += 1
+
+    def _startup(self, c) -> bool:
+        """Answer c's first packets that the engine declared; False when c went to the caller."""
+        while c.starting:
+            if len(c.buf) < 4:
+                return True
+            size = int.from_bytes(c.buf[:4], "big")
+            if not 8 <= size <= MAX_STARTUP:
+                self._hand_over(MALFORMED, c, -1)
+                return False
+            if len(c.buf) < size:
+                return True
+            packet = bytes(c.buf[:size])
+            greeted = not (self._refuse and packet == self._refuse)
+            if not greeted:
+                reply = self._refusal
+            else:
+                reply = self._greetings.get(packet)
+                if reply is None:
+                    self._hand_over(STARTUP, c, 0)
+                    return False
+            try:
+                sent = os.write(c.fd, reply) if reply else 0
+            except OSError as exc:
+                self._hand_over(CLOSED, c, exc.errno or 0)
+                return False
+            if sent != len(reply):
+                self._hand_over(CLOSED, c, errno.EAGAIN)
+                return False
+            del c.buf[:size]
+            if greeted:
+                c.starting = False
+                self._greeted += 1
+        return True
+
+    def _hand_over(self, kind, c, arg) -> None:
+        p = c.peer
+        self._events.append((kind, c.fd, p.fd if p is not None else -1, bytes(c.buf[c.fwd:]), arg))
+        self._forget(c)
+        if p is not None:
+            self._forget(p)
+            p.peer = None
+        c.peer = None
+        self._handed_over += 1
+
+    def _link(self, client, backend) -> None:
+        client.peer, backend.peer = backend, client
+
+    def _release_backend(self, b) -> None:
+        if self._waiting:
+            client = self._waiting.pop(0)
+            client.waiting = False
+            self._link(client, b)
+            self._update_mask(client)
+            self._update_mask(b)
+            self._pump(client)
+            return
+        self._idle.append(b)
+        b.idle = True
+
+    def _on_readable(self, c) -> None:
+        room = self._bufsize - len(c.buf)
+        if room <= 0:
+            return
+        try:
+            data = os.read(c.fd, room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._closed(c, exc.errno or 0)
+            return
+        if not data:
+            self._closed(c, 0)
+            return
+        c.buf += data
+        self._pump(c)
+
+    def _pump(self, c) -> None:
+        if c.starting and not self._startup(c):
+            return
+        walker = c.walker
+        while True:
+            if c.sent < c.fwd:
+                p = c.peer
+                try:
+                    n = os.write(p.fd, c.buf[c.sent:c.fwd])
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    c.blocked = True
+                    self._update_mask(c)
+                    self._update_mask(p)
+                    return
+                except OSError as exc:
+                    self._hand_over(CLOSED, p, exc.errno or errno.EPIPE)
+                    return
+                c.sent += n
+                continue
+            if c.pending is not None:
+                event, arg = c.pending
+                c.pending = None
+                if event == BOUNDARY:
+                    client = c.peer
+                    if client.outstanding > 0:
+                        client.outstanding -= 1
+                    if client.outstanding == 0 and arg == ord("I"):
+                        self._transactions += 1
+                        client.peer = c.peer = None
+                        self._update_mask(client)
+                        self._update_mask(c)
+                        if len(c.buf) > c.fwd:
+                            self._hand_over(UNSOLICITED, c, -1)
+                            return
+                        self._release_backend(c)
+                        if self._conns.get(c.fd) is not c:
+                            return
+                    continue
+                if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
+                    self._hang_up(c)
+                    return
+                self._hand_over(event, c, arg)
+                return
+            if c.sent:
+                del c.buf[:c.sent]
+                c.fwd -= c.sent
+                c.sent = 0
+            if c.fwd == len(c.buf):
+                return
+            consumed, event, arg = walker.feed(memoryview(c.buf)[c.fwd:])
+            if c.client:
+                c.outstanding += walker.take_count()
+            if consumed == 0 and event == NONE:
+                return
+            c.fwd += consumed
+            c.pending = (event, arg) if event != NONE else None
+            if c.sent < c.fwd and c.peer is None:
+                if not c.client:
+                    c.fwd = c.sent
+                    c.pending = None
+                    self._hand_over(UNSOLICITED, c, -1)
+                    return
+                if self._idle:
+                    b = self._idle.pop()
+                    b.idle = False
+                    self._link(c, b)
+                    self._update_mask(b)
+                else:
+                    c.waiting = True
+                    self._waiting.append(c)
+                    self._update_mask(c)
+                    return
+
+
+def _load():
+    try:
+        from multiproxy import _relay
+    except ImportError as exc:
+        log.warning("relay core: the compiled multiproxy._relay is not built (%s); using the pure-Python twin", exc)
+        return PyWalker, PyRelay, "python"
+    log.info("relay core: the compiled multiproxy._relay")
+    return _relay.Walker, _relay.Relay, "c"
+
+
+Walker, Relay, IMPLEMENTATION = _load()
+
+__all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "MAX_STARTUP"]

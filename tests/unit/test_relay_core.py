@@ -1,0 +1,489 @@
+"""The relay core's framing walker and relay, the compiled one and its pure-Python twin, on the same vectors."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from multiproxy import relay_core as rc
+
+try:
+    from multiproxy import _relay
+except ImportError as exc:  # the extension is optional: setup.py builds it when a compiler is there
+    _relay = None
+    NOT_BUILT = f"multiproxy._relay is not built ({exc}); python3 setup.py build_ext --inplace"
+
+IMPLS = [
+    pytest.param((_relay.Walker, _relay.Relay) if _relay else None, id="c",
+                 marks=pytest.mark.skipif(_relay is None, reason=NOT_BUILT if _relay is None else "")),
+    pytest.param((rc.PyWalker, rc.PyRelay), id="python"),
+]
+
+PG = rc.FRAMINGS["postgres"]
+
+
+def pg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+QUERY = pg(b"Q", b"select 1\0")
+RESULT = pg(b"T", b"\0\1a\0" + bytes(18)) + pg(b"D", b"\0\1\0\0\0\1" + b"1") + pg(b"C", b"SELECT 1\0")
+READY_IDLE = pg(b"Z", b"I")
+READY_IN_TX = pg(b"Z", b"T")
+TERMINATE = pg(b"X")
+
+
+def walkers(impl, **server):
+    walker, _ = impl
+    return rc.postgres_walkers(walker_type=walker, **server)
+
+
+def drive(walker, chunks):
+    """Feed chunks the way the relay does (an incomplete header waits for the next chunk); returns the
+    forwarded bytes, the events with how much had been forwarded at each, and what was handed over."""
+    forwarded, events, held = bytearray(), [], b""
+    for chunk in chunks:
+        held += chunk
+        while True:
+            consumed, event, arg = walker.feed(held)
+            forwarded += held[:consumed]
+            held = held[consumed:]
+            if event == rc.NONE:
+                break
+            events.append((event, arg, len(forwarded)))
+            if event in (rc.HANDOVER, rc.MALFORMED):
+                return bytes(forwarded), events, held + b"".join(chunks[chunks.index(chunk) + 1:])
+    return bytes(forwarded), events, held
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_whole_frames_pass_and_requests_are_counted(impl):
+    client, server = walkers(impl)
+    assert client.feed(QUERY + QUERY) == (2 * len(QUERY), rc.NONE, -1)
+    assert client.take_count() == 2 and client.take_count() == 0
+    assert server.feed(RESULT + READY_IDLE) == (len(RESULT) + len(READY_IDLE), rc.BOUNDARY, ord("I"))
+    assert server.feed(READY_IN_TX) == (len(READY_IN_TX), rc.BOUNDARY, ord("T"))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frames_split_anywhere_give_the_same_bytes_and_events(impl):
+    stream = RESULT + READY_IN_TX + RESULT + READY_IDLE
+    whole = drive(walkers(impl)[1], [stream])
+    assert whole == (stream, [(rc.BOUNDARY, ord("T"), len(RESULT) + 6), (rc.BOUNDARY, ord("I"), len(stream))], b"")
+    for cut in range(1, len(stream)):
+        assert drive(walkers(impl)[1], [stream[:cut], stream[cut:]]) == whole, cut
+    assert drive(walkers(impl)[1], [bytes([b]) for b in stream]) == whole
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_incomplete_header_is_not_consumed(impl):
+    client, server = walkers(impl)
+    assert client.feed(QUERY[:4]) == (0, rc.NONE, -1)
+    assert client.feed(QUERY[:5]) == (5, rc.NONE, -1)          # the header is enough to stream the body
+    assert client.remaining == len(QUERY) - 5
+    assert server.feed(READY_IDLE[:5]) == (0, rc.NONE, -1)     # a boundary waits for its status byte
+    assert server.feed(RESULT + READY_IDLE[:3]) == (len(RESULT), rc.NONE, -1)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_huge_frame_streams_through_without_being_held(impl):
+    _, server = walkers(impl)
+    size = 1 << 30                                               # a 1 GiB DataRow, announced in its header
+    assert server.feed(b"D" + struct.pack("!I", size)) == (5, rc.NONE, -1)
+    assert server.remaining == size - 4
+    chunk = bytes(65536)
+    assert server.feed(chunk) == (65536, rc.NONE, -1)
+    assert server.remaining == size - 4 - 65536
+    tail = server.remaining
+    rest = bytes(100) + READY_IDLE                               # the frame's end and the next frame in one read
+    assert server.feed(bytes(tail - 100)) == (tail - 100, rc.NONE, -1)
+    assert server.feed(rest) == (len(rest), rc.BOUNDARY, ord("I"))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_a_length_below_the_header_is_an_error_event_not_a_crash(impl, length):
+    client, server = walkers(impl)
+    bad = b"Q" + struct.pack("!I", length) + b"junk"
+    assert client.feed(QUERY + bad) == (len(QUERY), rc.MALFORMED, ord("Q"))
+    assert server.feed(pg(b"Z", b"I" * 5000)) == (0, rc.MALFORMED, ord("Z"))   # bigger than a boundary may be
+    assert walkers(impl)[1].feed(pg(b"Z")) == (0, rc.MALFORMED, ord("Z"))       # no status byte
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stop_types_are_handed_over_before_they_are_forwarded(impl):
+    client, server = walkers(impl, server_stop=b"ES")
+    assert client.feed(QUERY + TERMINATE) == (len(QUERY), rc.HANDOVER, ord("X"))
+    error = pg(b"E", b"SERROR\0\0")
+    assert server.feed(RESULT + error + READY_IDLE) == (len(RESULT), rc.HANDOVER, ord("E"))
+    assert walkers(impl, server_stop=b"ES")[1].feed(pg(b"S", b"a\0b\0")) == (0, rc.HANDOVER, ord("S"))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mysql_and_tds_headers(impl):
+    walker, _ = impl
+    mysql = walker(**rc.FRAMINGS["mysql"], stop=b"\x01")         # COM_QUIT
+    query = struct.pack("<I", 9)[:3] + b"\0" + b"\x03select 1"
+    assert mysql.feed(query + query[:3]) == (len(query), rc.NONE, -1)
+    assert mysql.feed(b"\x01\0\0\0\x01") == (0, rc.HANDOVER, 1)
+    assert mysql.feed(b"\0\0\0\x01") == (4, rc.NONE, -1)          # an empty packet has no command byte
+    tds = walker(**rc.FRAMINGS["tds"])
+    packet = b"\x01\x01" + struct.pack("!H", 12) + b"\0\0\1\0" + b"abcd"
+    assert tds.feed(packet + packet[:7]) == (12, rc.NONE, -1)
+    assert tds.feed(b"\x01\x01\0\x07\0\0\1\0") == (0, rc.MALFORMED, 1)
+
+
+frames = st.one_of(
+    st.builds(pg, st.sampled_from([b"T", b"D", b"C", b"N", b"Z", b"E", b"S", b"Q"]), st.binary(max_size=40)),
+    st.just(READY_IDLE), st.just(READY_IN_TX),
+    st.binary(min_size=1, max_size=12),                           # garbage: bad lengths, huge lengths
+)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(frames, max_size=12), st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+       st.sampled_from([b"", b"E", b"ES"]))
+def test_c_and_python_walkers_agree(parts, cuts, stop):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    stream = b"".join(parts)
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(stream[pos:pos + size])
+        pos += size
+    chunks.append(stream[pos:])
+    results = []
+    for walker in (_relay.Walker, rc.PyWalker):
+        client, server = rc.postgres_walkers(server_stop=stop, walker_type=walker)
+        results.append((drive(server, chunks), drive(client, chunks), client.take_count(), server.remaining,
+                        client.remaining))
+    assert results[0] == results[1]
+
+
+# -- the relay, on socket pairs (real sockets: one end in the relay, the other played by the test)
+
+class Pair:
+    """A socket pair whose `inside` end is given to the relay and whose `outside` end the test plays."""
+
+    def __init__(self):
+        self.inside, self.outside = socket.socketpair()
+        self.inside.setblocking(False)
+        self.outside.settimeout(5)
+
+    def fd(self):
+        return self.inside.fileno()
+
+    def read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            more = self.outside.recv(size - len(data))
+            assert more, "closed"
+            data += more
+        return data
+
+    def close(self):
+        self.inside.close()
+        self.outside.close()
+
+
+@pytest.fixture
+def pairs():
+    made = []
+
+    def make():
+        made.append(Pair())
+        return made[-1]
+
+    yield make
+    for pair in made:
+        pair.close()
+
+
+def serve(relay, rounds=20) -> list:
+    events = []
+    for _ in range(rounds):
+        events += relay.run_ready()
+    return events
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_transaction_borrows_a_backend_and_gives_it_back(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    client, backend = pairs(), pairs()
+    assert relay.add_backend(backend.fd()) == []
+    assert relay.add_client(client.fd()) == []
+    assert relay.stats()["idle"] == 1
+    client.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.stats()["linked"] == 1 and relay.stats()["idle"] == 0
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == []
+    assert client.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    stats = relay.stats()
+    assert (stats["linked"], stats["idle"], stats["transactions"]) == (0, 1, 1)
+    client.outside.sendall(TERMINATE)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, TERMINATE, ord("X"))]
+    assert relay.stats()["connections"] == 1
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_transaction_block_keeps_its_backend_until_idle(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    first, second, backend = pairs(), pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(first.fd())
+    relay.add_client(second.fd(), QUERY)                          # bytes the caller read already
+    assert backend.read(len(QUERY)) == QUERY
+    first.outside.sendall(QUERY)
+    serve(relay)
+    assert relay.stats()["waiting"] == 1
+    backend.outside.sendall(READY_IN_TX)                          # BEGIN: still the second client's
+    serve(relay)
+    assert second.read(6) == READY_IN_TX
+    second.outside.sendall(QUERY)
+    serve(relay)
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)                  # COMMIT: the waiting client gets the backend
+    serve(relay)
+    assert second.read(len(RESULT) + 6) == RESULT + READY_IDLE
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.stats()["waiting"] == 0 and relay.stats()["linked"] == 1
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eof_and_out_of_turn_data_go_back_to_the_caller(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    client, backend, spare = pairs(), pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_backend(spare.fd())
+    relay.add_client(client.fd())
+    client.outside.sendall(QUERY)
+    serve(relay)
+    linked = backend if relay.stats()["idle"] == 1 and _readable(backend.outside) else spare
+    idle = spare if linked is backend else backend
+    assert linked.read(len(QUERY)) == QUERY
+    linked.outside.close()                                        # the backend dies mid-transaction
+    assert serve(relay) == [(rc.CLOSED, linked.fd(), client.fd(), b"", 0)]
+    idle.outside.sendall(pg(b"N", b"notice\0"))                   # an idle backend speaks
+    assert serve(relay) == [(rc.UNSOLICITED, idle.fd(), -1, pg(b"N", b"notice\0"), -1)]
+    assert relay.stats()["connections"] == 0
+    relay.close()
+
+
+def _readable(sock) -> bool:
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(65536, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_slow_reader_blocks_its_writer_without_losing_bytes(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    client.outside.sendall(QUERY)
+    serve(relay)
+    backend.read(len(QUERY))
+    rows = b"".join(pg(b"D", os.urandom(200)) for _ in range(20000)) + READY_IDLE   # ~4 MB, more than buffers hold
+    backend.outside.setblocking(False)
+    sent, received = 0, bytearray()
+    client.outside.setblocking(False)
+    while len(received) < len(rows):
+        if sent < len(rows):
+            try:
+                sent += backend.outside.send(rows[sent:sent + 65536])
+            except BlockingIOError:
+                pass
+        assert serve(relay, 2) == []
+        try:
+            received += client.outside.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert bytes(received) == rows
+    assert relay.stats()["transactions"] == 1 and relay.stats()["idle"] == 1
+    relay.close()
+
+
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def startup_packet(user: bytes) -> bytes:
+    body = struct.pack("!I", 196608) + b"user\0" + user + b"\0database\0db\0\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def connect(listener) -> socket.socket:
+    sock = socket.create_connection(listener.getsockname(), timeout=5)
+    return sock
+
+
+def recv_exactly(sock, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        assert more, "closed"
+        data += more
+    return data
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def serve_until(relay, done, limit=200) -> list:
+    events = []
+    for _ in range(limit):
+        events += relay.run_ready()
+        if done(events):
+            return events
+        select_wait(relay)
+    raise AssertionError(f"not done; events so far: {events}, stats {relay.stats()}")
+
+
+def select_wait(relay, timeout=0.05):
+    import select
+    select.select([relay.fileno()], [], [], timeout)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_relay_accepts_greets_from_its_cache_and_hangs_up(impl, listener, pairs):
+    relay = impl[1](*walkers(impl))
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    assert relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X") == []
+    first = connect(listener)
+    first.sendall(SSL_REQUEST)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    serve_until(relay, lambda _: _readable(first))
+    assert recv_exactly(first, 1) == b"N"
+    first.sendall(startup_packet(b"alice") + QUERY)               # not greeted before: the engine's
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
+        [(rc.STARTUP, -1, startup_packet(b"alice") + QUERY, 0)]
+    handed = socket.socket(fileno=events[0][1])                   # the caller owns it now
+    greeting = pg(b"R", b"\0\0\0\0") + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), greeting)
+    second = connect(listener)
+    second.sendall(startup_packet(b"alice") + QUERY)              # greeted in the relay, query relayed
+    serve_until(relay, lambda _: _readable(backend.outside))
+    assert recv_exactly(second, len(greeting)) == greeting
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)
+    serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
+    assert recv_exactly(second, len(RESULT) + 6) == RESULT + READY_IDLE
+    second.sendall(TERMINATE)                                     # closed by the relay, no event
+    assert serve_until(relay, lambda _: relay.stats()["connections"] == 2) == []
+    assert second.recv(10) == b""
+    assert relay.stats()["greeted"] == 1 and relay.stats()["idle"] == 1
+    third = connect(listener)
+    third.sendall(struct.pack("!I", 3))                           # a startup length that cannot be
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.MALFORMED, struct.pack("!I", 3))]
+    os.close(events[0][1])
+    relay.close()
+    for sock in (first, second, third, handed):
+        sock.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(_relay is None, reason=NOT_BUILT if _relay is None else "")
+def test_a_threaded_relay_moves_bytes_without_run_ready(pairs):
+    relay = _relay.Relay(*rc.postgres_walkers(walker_type=_relay.Walker), threaded=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    for _ in range(50):                                           # 50 transactions, run_ready never called
+        client.outside.sendall(QUERY)
+        assert backend.read(len(QUERY)) == QUERY
+        backend.outside.sendall(RESULT + READY_IDLE)
+        assert client.read(len(RESULT) + 6) == RESULT + READY_IDLE
+    client.outside.sendall(TERMINATE)
+    select_wait(relay, 5)                                         # its eventfd says an event waits
+    assert relay.run_ready() == [(rc.HANDOVER, client.fd(), -1, TERMINATE, ord("X"))]
+    stats = relay.stats()
+    assert (stats["transactions"], stats["idle"], stats["connections"]) == (50, 1, 1)
+    relay.close()
+    with pytest.raises(ValueError):
+        relay.run_ready()
+
+
+client_frames = st.one_of(st.just(QUERY), st.just(TERMINATE), st.just(pg(b"S")), st.just(pg(b"P", b"\0q\0\0\0")),
+                          st.binary(min_size=1, max_size=8))
+server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN_TX), st.just(pg(b"E", b"SERROR\0\0")),
+                          st.binary(min_size=1, max_size=8))
+
+
+def run_scenario(impl, steps) -> list:
+    """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
+    each far end and the events (with fds named), until the relay has handed the client back."""
+    relay = impl[1](*walkers(impl, server_stop=b"E"))
+    client, first, second = Pair(), Pair(), Pair()
+    names = {client.fd(): "client", first.fd(): "first", second.fd(): "second", -1: None}
+    for pair in (client, first, second):
+        pair.outside.setblocking(False)
+    trace = []
+    try:
+        relay.add_backend(first.fd())
+        relay.add_backend(second.fd())
+        relay.add_client(client.fd())
+        for side, data in steps:
+            target = client if side == "client" else (first, second)[side == "second"]
+            target.outside.sendall(data)
+            for _ in range(3):
+                for kind, fd, peer, rest, arg in relay.run_ready():
+                    trace.append(("event", kind, names[fd], names[peer], rest, arg))
+            for name, pair in (("client", client), ("first", first), ("second", second)):
+                try:
+                    got = pair.outside.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                trace.append(("bytes", name, got))
+            if any(step[0] == "event" and "client" in step[2:4] for step in trace):
+                break
+        stats = relay.stats()
+        trace.append(("stats", stats["linked"], stats["idle"], stats["waiting"], stats["transactions"]))
+    finally:
+        relay.close()
+        for pair in (client, first, second):
+            pair.close()
+    return trace
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), server_frames)), max_size=10))
+def test_c_and_python_relays_agree(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert run_scenario((_relay.Walker, _relay.Relay), steps) == run_scenario((rc.PyWalker, rc.PyRelay), steps)
