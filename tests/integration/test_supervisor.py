@@ -1,0 +1,272 @@
+"""Forked workers under the supervisor (multiproxy.supervisor), through real clients on a private PostgreSQL: a
+worker killed (kill -9, or silenced with SIGSTOP) is logged and respawned while the listener keeps accepting and no
+acknowledged commit is lost; back-off after repeated deaths; one view of the group (/metrics, /status, SHOW through
+psql); RELOAD reaching every worker; one backend budget for the group; cancels across workers after a respawn."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+
+from .helpers import metric, metrics_text
+from .pgserver import AUTH_DB
+from .proxy import free_port
+from .test_admin_console import ADMIN, console_config
+
+TIMEOUT = 10
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+def group_config(pg, workers: int = 2, **kwargs) -> dict:
+    config = console_config(pg, **kwargs)
+    config["proxy"]["workers"] = workers
+    return config
+
+
+def worker_pids(proxy) -> dict[int, int]:
+    """Worker index -> its latest pid, from the supervisor's log."""
+    pids = {}
+    for index, pid in STARTED.findall(proxy.log_text()):
+        pids[int(index)] = int(pid)
+    return pids
+
+
+def wait_for(what: str, predicate, timeout: float = TIMEOUT, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(proxy) -> dict:
+    host, port = proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=TIMEOUT) as answer:
+        return json.load(answer)
+
+
+def app(proxy, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(host=proxy.host, port=proxy.port, user=ADMIN, dbname=AUTH_DB, connect_timeout=TIMEOUT,
+                           **kwargs)
+
+
+def psql_console(proxy, sql: str) -> list[list[str]]:
+    """`psql -d pgbouncer -c SQL` as a user would, rows split on '|'."""
+    out = subprocess.run(["psql", "-h", proxy.host, "-p", str(proxy.port), "-U", ADMIN, "-d", "pgbouncer", "-AtX",
+                          "-c", sql], capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def backend_count(pg, application: str | None = None) -> int:
+    where = f"datname = '{AUTH_DB}' AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE {where};").strip())
+
+
+class ConnectLoop(threading.Thread):
+    """Connects to the listener every 50 ms (TCP only) and counts refusals, until stopped."""
+
+    def __init__(self, address):
+        super().__init__(daemon=True)
+        self.address = address
+        self.attempts = 0
+        self.refused: list[str] = []
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.attempts += 1
+            try:
+                with socket.create_connection(self.address, timeout=2):
+                    pass
+            except OSError as exc:
+                self.refused.append(repr(exc))
+            time.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_under_load_is_respawned_and_no_acknowledged_commit_is_lost(pg, proxy_factory):
+    table = "sup_commits"
+    pg.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (client int, n int, PRIMARY KEY (client, n));"
+            f"GRANT ALL ON {table} TO {ADMIN};", db=AUTH_DB)
+    proxy = proxy_factory(group_config(pg, max_size=6))
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    loop = ConnectLoop((proxy.host, proxy.port))
+    loop.start()
+    acknowledged: dict[int, set] = {i: set() for i in range(8)}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client(i):
+        n = 0
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = app(proxy)
+                n += 1
+                with conn.transaction():
+                    conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i, n))
+                acknowledged[i].add(n)      # COMMIT answered: must be in the table
+            except psycopg.Error as exc:
+                errors.append(repr(exc))
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+                conn = None
+                time.sleep(0.05)
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for("commits flowing", lambda: sum(len(a) for a in acknowledged.values()) > 100)
+        wait_for("connect loop running", lambda: loop.attempts >= 20)
+        victim = pids[1]
+        os.kill(victim, signal.SIGKILL)
+        respawned = wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != victim and worker_pids(proxy))
+        before = sum(len(a) for a in acknowledged.values())
+        wait_for("commits flowing after the respawn", lambda: sum(len(a) for a in acknowledged.values()) > before + 100)
+        attempts = loop.attempts
+        wait_for("connects after the respawn", lambda: loop.attempts >= attempts + 20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        loop.done.set()
+        loop.join(TIMEOUT)
+    log = proxy.log_text()
+    assert re.search(rf"worker 1 \(pid {victim}\) killed by signal 9 \(SIGKILL\) after [\d.]+ s; respawning it in "
+                     r"0\.1 s \(restart 1\)", log), log[-3000:]
+    assert respawned[1] != victim and respawned[0] == pids[0]
+    assert loop.attempts >= 40 and loop.refused == [], loop.refused
+    rows = pg.psql(f"SELECT client, n FROM {table};", db=AUTH_DB).split()
+    stored = {tuple(map(int, row.split("|"))) for row in rows}
+    missing = [(i, n) for i, ns in acknowledged.items() for n in ns if (i, n) not in stored]
+    assert missing == [], f"{len(missing)} acknowledged commits missing"
+    assert len(stored) >= sum(len(a) for a in acknowledged.values())
+    # The clients of the killed worker saw their connection drop, and reconnected.
+    assert all(len(a) > 10 for a in acknowledged.values())
+    pg.psql(f"DROP TABLE {table};", db=AUTH_DB)
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_worker_is_killed_at_worker_timeout_and_replaced(pg, proxy_factory):
+    config = group_config(pg)
+    config["proxy"]["worker_timeout"] = 2.0
+    proxy = proxy_factory(config)
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    os.kill(pids[0], signal.SIGSTOP)
+    started = time.monotonic()
+    wait_for("worker 0 replaced", lambda: worker_pids(proxy).get(0) != pids[0], timeout=15)
+    assert 1.5 < time.monotonic() - started < 8
+    log = proxy.log_text()
+    assert re.search(rf"worker 0 \(pid {pids[0]}\) sent no heartbeat for [\d.]+ s \(proxy.worker_timeout 2 s\): "
+                     "killing it", log), log[-2000:]
+    assert f"worker 0 (pid {pids[0]}) killed by signal 9 (SIGKILL)" in log
+    # The new worker 0 serves the admin server again, and clients.
+    wait_for("the admin server back", lambda: _answers(proxy))
+    with app(proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _answers(proxy) -> bool:
+    try:
+        return bool(status(proxy))
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_again_and_again_is_respawned_with_growing_delays(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg))
+    delays = []
+    for round_ in range(4):
+        pid = wait_for("worker 1 running", lambda: worker_pids(proxy).get(1))
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(f"respawn {round_ + 1}", lambda: worker_pids(proxy).get(1) != pid, timeout=15)
+    delays = [float(d) for d in re.findall(r"worker 1 \(pid \d+\) killed by signal 9 \(SIGKILL\) after [\d.]+ s; "
+                                           r"respawning it in ([\d.]+) s", proxy.log_text())]
+    assert delays == [0.1, 0.2, 0.4, 0.8], delays
+    with app(proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.timeout(60)
+def test_metrics_status_and_show_pools_answer_for_both_workers(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    held = [app(proxy, autocommit=True) for _ in range(12)]
+    try:
+        for conn in held:
+            conn.execute("SELECT 1").fetchone()
+        sessions = psql_console(proxy, "SHOW CLIENTS")
+        workers_seen = {row[-1] for row in sessions if row[1] == ADMIN and row[2] == AUTH_DB}
+        assert sum(1 for row in sessions if row[2] == AUTH_DB) == 12
+        pools = [row for row in psql_console(proxy, "SHOW POOLS") if row[0] == AUTH_DB]
+        assert len(pools) == 1, pools            # one row per pool, summed over the workers
+        assert int(pools[0][2]) + int(pools[0][3]) == 12
+        text = metrics_text(proxy)
+        assert metric(text, "multiproxy_client_connections", listener="pg") >= 12
+        assert metric(text, "multiproxy_worker_up", worker="0") == 1
+        assert metric(text, "multiproxy_worker_up", worker="1") == 1
+        assert metric(text, "multiproxy_worker_restarts_total", worker="1") == 0
+        assert len(re.findall(r'^multiproxy_client_connections\{listener="pg"\}', text, re.M)) == 1
+        snapshot = status(proxy)
+        assert snapshot["listeners"][0]["clients"] >= 12
+        assert [w["up"] for w in snapshot["workers"]] == [1, 1]
+        assert workers_seen == {"0", "1"}, "the 12 clients all landed on one worker"
+    finally:
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_two_workers_open_at_most_max_size_backends_together(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg, max_size=3, borrow_timeout=20.0))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    peak = [0]
+    errors = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], backend_count(pg))
+            time.sleep(0.02)
+
+    def client(i):
+        try:
+            with app(proxy) as conn:
+                for _ in range(15):
+                    with conn.transaction():
+                        conn.execute("SELECT pg_sleep(0.01)")
+        except psycopg.Error as exc:
+            errors.append(repr(exc))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(12)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(60)
+    stop.set()
+    watcher.join(5)
+    assert errors == []
+    assert 1 <= peak[0] <= 3, peak[0]
+    served = {row[-1] for row in psql_console(proxy, "SHOW SERVERS")}
+    assert backend_count(pg) <= 3
