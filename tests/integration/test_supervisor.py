@@ -270,3 +270,108 @@ def test_two_workers_open_at_most_max_size_backends_together(pg, proxy_factory):
     assert 1 <= peak[0] <= 3, peak[0]
     served = {row[-1] for row in psql_console(proxy, "SHOW SERVERS")}
     assert backend_count(pg) <= 3
+
+
+@pytest.mark.timeout(60)
+def test_a_console_reload_reaches_every_worker_and_systemd_hears_ready_after_both(pg, proxy_factory, tmp_path):
+    name = f"multiproxy-sup-{os.getpid()}-{time.monotonic_ns()}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind("\0" + name)
+    notify.settimeout(TIMEOUT)
+    try:
+        config = group_config(pg)
+        proxy = proxy_factory(config, env={"NOTIFY_SOCKET": "@" + name})
+        assert b"READY=1" in notify.recv(4096)
+        config["clusters"]["main"]["pool"]["max_size"] = 4
+        proxy.config_text = proxy.config_text.replace("max_size = 5", "max_size = 4")
+        proxy.write_file("multiproxy.toml", proxy.config_text)
+        psql_console(proxy, "RELOAD")         # lands on one worker; the supervisor has every worker reload
+        assert b"RELOADING=1" in notify.recv(4096)
+        message = notify.recv(4096)
+        log = proxy.log_text()
+        assert b"READY=1" in message, message
+        # READY=1 came once both workers had applied the change (each logs it before acknowledging).
+        for worker in (0, 1):
+            assert f"reload (worker {worker}): 1 change(s) applied" in log, log[-3000:]
+        assert log.count("clusters.main.pool.max_size: 5 -> 4") == 2
+    finally:
+        notify.close()
+
+
+@pytest.mark.timeout(90)
+def test_cancels_cross_workers_after_a_respawn_and_a_dead_workers_key_is_counted_ignored(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg, max_size=8))
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    os.kill(pids[1], signal.SIGKILL)
+    wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
+    wait_for("worker 1 answers", lambda: metric(metrics_text(proxy), "multiproxy_worker_up", worker="1") == 1)
+    conns = [app(proxy, autocommit=True) for _ in range(8)]
+    try:
+        on = {row[-1] for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB}
+        assert on == {"0", "1"}, on
+        cancelled = []
+
+        def sleeper(conn):
+            try:
+                conn.execute("SELECT pg_sleep(20)")
+            except psycopg.errors.QueryCanceled:
+                cancelled.append(conn)
+
+        threads = [threading.Thread(target=sleeper, args=(conn,), daemon=True) for conn in conns]
+        for thread in threads:
+            thread.start()
+        wait_for("8 sleeping", lambda: len([r for r in psql_console(proxy, "SHOW SERVERS") if r[4] == "active"]) == 8)
+        started = time.monotonic()
+        for conn in conns:
+            conn.cancel()      # a new connection: it lands on either worker
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert len(cancelled) == 8 and time.monotonic() - started < 5
+        before = metric(metrics_text(proxy), "multiproxy_cancel_requests_total", outcome="ignored") or 0
+        # A key issued by worker 1's previous process: worker 1 does not know it, and says so.
+        with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as sock:
+            sock.sendall((16).to_bytes(4, "big") + (80877102).to_bytes(4, "big") + ((1 << 24) | 4321).to_bytes(4, "big")
+                         + (12345).to_bytes(4, "big"))
+            sock.settimeout(TIMEOUT)
+            assert sock.recv(16) == b""
+        wait_for("the stale cancel counted", lambda: (metric(metrics_text(proxy), "multiproxy_cancel_requests_total",
+                                                             outcome="ignored") or 0) == before + 1)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _worker_of(proxy, conn) -> str:
+    """The worker serving a psycopg connection (SHOW CLIENTS, matched on the client's port)."""
+    port = socket.socket(fileno=os.dup(conn.pgconn.socket)).getsockname()[1]
+    rows = psql_console(proxy, "SHOW CLIENTS")
+    return next(row[-1] for row in rows if int(row[6]) == port)
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_of_one_worker_make_room_for_a_waiter_of_the_other(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg, max_size=2, borrow_timeout=5.0))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    conns = [app(proxy) for _ in range(10)]
+    try:
+        by_worker: dict[str, list] = {}
+        for conn in conns:
+            by_worker.setdefault(_worker_of(proxy, conn), []).append(conn)
+        assert set(by_worker) == {"0", "1"} and len(by_worker["0"]) >= 2, {k: len(v) for k, v in by_worker.items()}
+        first, second = by_worker["0"][:2]
+        for conn in (first, second):          # two transactions at once: worker 0 opens both slots of max_size 2
+            conn.execute("SELECT 1")
+        first.commit()
+        second.commit()
+        servers = psql_console(proxy, "SHOW SERVERS")
+        assert sorted((row[4], row[-1]) for row in servers) == [("idle", "0"), ("idle", "0")], servers
+        started = time.monotonic()
+        other = by_worker["1"][0]
+        assert other.execute("SELECT 2").fetchone() == (2,)     # worker 1 gets a slot: worker 0 closed an idle one
+        other.commit()
+        assert time.monotonic() - started < 3
+        assert backend_count(pg) <= 2
+        assert sorted(row[-1] for row in psql_console(proxy, "SHOW SERVERS")) == ["0", "1"]
+    finally:
+        for conn in conns:
+            conn.close()
