@@ -692,7 +692,7 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     if channel is not None:
         from .groupview import GroupView
         from .supervisor import WorkerLink
-        link = proxy.link = WorkerLink(proxy, channel, config.proxy.worker_timeout)
+        link = proxy.link = WorkerLink(proxy, channel)
         proxy.listen_for_cancels(worker_count, group)
         proxy.group = GroupView(worker, worker_count, group, _peer_handlers(proxy))
         proxy.group.start()

@@ -159,6 +159,7 @@ class Supervisor:
         self.stopping_since: float | None = None
         self.reload_pending: set[int] = set()
         self.reload_began = 0.0
+        self.reload_open = False        # a reload began; systemd hears READY=1 when it ends
         self.announced_ready = False
         self.exit_status = 0
         # The listening sockets, created once: every worker accepts on them (see the module docstring).
@@ -376,6 +377,9 @@ class Supervisor:
         from . import systemd
         systemd.stopping()
         self.stopping_since = time.monotonic()
+        # New clients are refused from now on (rather than queued where no worker accepts any more).
+        for sock in self.sockets.values():
+            sock.close()
         for state in self.workers:
             state.respawn_at = None
             if state.pid:
@@ -417,11 +421,10 @@ class Supervisor:
                 except ProcessLookupError:
                     self.reload_pending.discard(state.index)
         log.info("reload: asked %d workers to reload", len(self.reload_pending))
-        self.reload_began = time.monotonic()
-        self._reload_open = True
+        self.reload_open = True
 
     def check_reload(self, now: float) -> None:
-        if not getattr(self, "_reload_open", False):
+        if not self.reload_open:
             return
         if self.reload_pending and now - self.reload_began < RELOAD_ACK_TIMEOUT:
             return
@@ -429,7 +432,7 @@ class Supervisor:
         if self.reload_pending:
             log.warning("reload: workers %s did not acknowledge their reload within %g s", sorted(self.reload_pending),
                         RELOAD_ACK_TIMEOUT)
-        self._reload_open = False
+        self.reload_open = False
         self.reload_pending = set()
         systemd.ready()
 
@@ -510,11 +513,10 @@ class WorkerLink:
     """A worker's end of its channel: tells the supervisor it serves, beats, acknowledges reloads, and asks the
     broker for backend slots (Budget.group_room); closes idle connections when the broker asks (`evict`)."""
 
-    def __init__(self, proxy, channel, worker_timeout: float):
+    def __init__(self, proxy, channel):
         import gevent.lock
         self.proxy = proxy
         self.channel = channel
-        self.interval = heartbeat_interval(worker_timeout)
         self.lock = gevent.lock.Semaphore()
         self.ids = iter(range(1, 1 << 62))
         self.pending: dict = {}
@@ -588,7 +590,8 @@ class WorkerLink:
         import gevent
         while True:
             self.send({"op": "beat"})
-            gevent.sleep(self.interval)
+            # Read each round: a reload may change worker_timeout (the supervisor reads it from the file too).
+            gevent.sleep(heartbeat_interval(self.proxy.config.proxy.worker_timeout))
             # Slots held beyond what the budgets use go back (a failed connect in fill, a lost wake-up), and
             # budgets with waiters ask again: nothing stays stuck on a lost message.
             for budget in self.budgets():
