@@ -181,7 +181,7 @@ class Console:
         if not may_command:
             raise AdminError("insufficient_privilege", f"{verb} is not allowed for [admin] stats_users, which may "
                              "only SHOW: add the user to [admin] users to run commands")
-        group = self.proxy.group
+        group = getattr(self.proxy, "group", None)
         if local or group is None or verb not in GROUP_COMMANDS:
             return command(self, args)
         return self._everywhere(group, verb, text, lambda: command(self, args))
@@ -216,7 +216,7 @@ class Console:
         if view is None:
             raise AdminError("undefined_object", f"unknown view {name!r}: try SHOW HELP")
         columns, rows = view(self)
-        group = self.proxy.group
+        group = getattr(self.proxy, "group", None)
         if not local and group is not None and name.lower() in MERGED_VIEWS:
             answers = {self.proxy.worker: rows}
             for worker, answer in group.ask({"op": "show", "view": name.lower()}).items():

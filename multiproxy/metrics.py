@@ -303,7 +303,7 @@ def group_status(proxy) -> dict:
     """/status: this worker's snapshot, or with forked workers the group's (groupview.merge_status), with each
     worker's state from the supervisor."""
     own = status_snapshot(proxy)
-    if proxy.group is None:
+    if getattr(proxy, "group", None) is None:
         return own
     from .groupview import merge_status
     answers = proxy.group.ask({"op": "status"})
