@@ -226,6 +226,10 @@ def test_metrics_status_and_show_pools_answer_for_both_workers(pg, proxy_factory
         assert metric(text, "multiproxy_worker_up", worker="1") == 1
         assert metric(text, "multiproxy_worker_restarts_total", worker="1") == 0
         assert len(re.findall(r'^multiproxy_client_connections\{listener="pg"\}', text, re.M)) == 1
+        host, port = proxy.admin_address
+        with urllib.request.urlopen(f"http://{host}:{port}/admin/pools?format=objects", timeout=TIMEOUT) as answer:
+            rows = [row for row in json.load(answer)["rows"] if row["database"] == AUTH_DB]
+        assert len(rows) == 1 and rows[0]["cl_active"] + rows[0]["cl_waiting"] == 12, rows
         snapshot = status(proxy)
         assert snapshot["listeners"][0]["clients"] >= 12
         assert [w["up"] for w in snapshot["workers"]] == [1, 1]
@@ -375,3 +379,70 @@ def test_idle_connections_of_one_worker_make_room_for_a_waiter_of_the_other(pg, 
     finally:
         for conn in conns:
             conn.close()
+
+
+EXPORTER = "/usr/bin/prometheus-pgbouncer-exporter"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not os.path.exists(EXPORTER), reason="Debian's prometheus-pgbouncer-exporter is not installed "
+                    "(tools/install-deps.sh installs it)")
+def test_prometheus_pgbouncer_exporter_counts_the_clients_of_both_workers(pg, proxy_factory, tmp_path):
+    proxy = proxy_factory(group_config(pg))
+    clients = [app(proxy, autocommit=True) for _ in range(12)]
+    port = free_port()
+    log_path = tmp_path / "exporter.log"
+    try:
+        for conn in clients:
+            conn.execute("SELECT 1").fetchall()
+        assert {row[-1] for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB} == {"0", "1"}
+        with open(log_path, "wb") as log:
+            exporter = subprocess.Popen(
+                [EXPORTER, "--host", "127.0.0.1", "--port", str(port), "--pgbouncer-host", proxy.host,
+                 "--pgbouncer-port", str(proxy.port), "--pgbouncer-user", ADMIN],
+                stdout=log, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "10"})
+        try:
+            def scrape():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as resp:
+                        text = resp.read().decode()
+                        return text if "pgbouncer_active_clients" in text else None
+                except OSError:
+                    return None
+            text = wait_for("the exporter's metrics", scrape, timeout=30, interval=0.2)
+            found = re.findall(rf'^pgbouncer_active_clients{{database="{AUTH_DB}",user="{ADMIN}"}} (\S+)$', text, re.M)
+            assert [float(value) for value in found] == [12.0], text
+            assert re.search(r"^pgbouncer_pools (\S+)$", text, re.M).group(1) == "1.0"
+        finally:
+            exporter.terminate()
+            exporter.wait(10)
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_pgbench_through_a_worker_kill_every_processed_transaction_is_stored(pg, proxy_factory, tmp_path):
+    """pgbench's clients on the killed worker abort (pgbench does not reconnect), the others go on; every
+    transaction pgbench counts as processed (its COMMIT answered) is in the table."""
+    table = "sup_pgbench"
+    pg.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigserial PRIMARY KEY, client int);"
+            f"GRANT ALL ON {table} TO {ADMIN}; GRANT ALL ON SEQUENCE {table}_id_seq TO {ADMIN};", db=AUTH_DB)
+    proxy = proxy_factory(group_config(pg, max_size=6))
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    script = tmp_path / "insert.sql"
+    script.write_text(f"BEGIN;\nINSERT INTO {table} (client) VALUES (:client_id);\nCOMMIT;\n")
+    bench = subprocess.Popen(["pgbench", "-n", "-h", proxy.host, "-p", str(proxy.port), "-U", ADMIN, "-c", "8",
+                              "-T", "6", "-f", str(script), AUTH_DB], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.5)
+    os.kill(pids[1], signal.SIGKILL)
+    out, _ = bench.communicate(timeout=60)
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
+    stored = int(pg.psql(f"SELECT count(*) FROM {table};", db=AUTH_DB).strip())
+    assert processed > 100, out
+    # A transaction whose COMMIT was sent when the worker died may be stored without pgbench counting it:
+    # stored >= processed, and never fewer.
+    assert stored >= processed, (stored, processed, out)
+    assert wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
+    pg.psql(f"DROP TABLE {table};", db=AUTH_DB)
