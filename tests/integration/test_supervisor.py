@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from .helpers import metric, metrics_text
-from .pgserver import AUTH_DB
+from .pgserver import AUTH_DB, SUPERUSER
 from .proxy import free_port
 from .test_admin_console import ADMIN, console_config
 
@@ -71,6 +71,16 @@ def psql_console(proxy, sql: str) -> list[list[str]]:
 def backend_count(pg, application: str | None = None) -> int:
     where = f"datname = '{AUTH_DB}' AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
     return int(pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE {where};").strip())
+
+
+BACKENDS = (f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{ADMIN}' AND datname = %s "
+            "AND backend_type = 'client backend'")
+
+
+def server_connection(pg) -> psycopg.Connection:
+    """A connection straight to the server (not through the proxy), as its superuser, to count backends."""
+    return psycopg.connect(host=pg.host, port=pg.port, user=SUPERUSER, dbname="postgres", autocommit=True,
+                           connect_timeout=TIMEOUT)
 
 
 class ConnectLoop(threading.Thread):
@@ -248,16 +258,21 @@ def test_two_workers_open_at_most_max_size_backends_together(pg, proxy_factory):
     stop = threading.Event()
 
     def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], backend_count(pg))
-            time.sleep(0.02)
+        with server_connection(pg) as conn:
+            while not stop.is_set():
+                peak[0] = max(peak[0], conn.execute(BACKENDS, (AUTH_DB,)).fetchone()[0])
+                time.sleep(0.005)
+
+    # Connected one after the other, the clients spread over both workers (a burst may go to one worker first).
+    conns = [app(proxy) for _ in range(12)]
+    on = [row[-1] for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB]
+    assert len(on) == 12 and set(on) == {"0", "1"}, on
 
     def client(i):
         try:
-            with app(proxy) as conn:
-                for _ in range(15):
-                    with conn.transaction():
-                        conn.execute("SELECT pg_sleep(0.01)")
+            for _ in range(8):
+                with conns[i].transaction():
+                    conns[i].execute("SELECT pg_sleep(0.05)")
         except psycopg.Error as exc:
             errors.append(repr(exc))
 
@@ -270,10 +285,14 @@ def test_two_workers_open_at_most_max_size_backends_together(pg, proxy_factory):
         thread.join(60)
     stop.set()
     watcher.join(5)
+    for conn in conns:
+        conn.close()
     assert errors == []
     assert 1 <= peak[0] <= 3, peak[0]
-    served = {row[-1] for row in psql_console(proxy, "SHOW SERVERS")}
+    assert len(psql_console(proxy, "SHOW SERVERS")) <= 3
     assert backend_count(pg) <= 3
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_database_connection_borrow_timeouts_total", database=AUTH_DB) == 0
 
 
 @pytest.mark.timeout(60)
@@ -446,3 +465,47 @@ def test_pgbench_through_a_worker_kill_every_processed_transaction_is_stored(pg,
     assert stored >= processed, (stored, processed, out)
     assert wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
     pg.psql(f"DROP TABLE {table};", db=AUTH_DB)
+
+
+@pytest.mark.timeout(90)
+def test_the_cluster_cap_holds_for_the_group(pg, proxy_factory):
+    """max_cluster_connections = 2 over two pools (two databases), each max_size 3, 12 clients on two workers:
+    the server never sees more than 2 of the cluster's connections, and every client gets served."""
+    config = group_config(pg, max_size=3, borrow_timeout=30.0)
+    config["clusters"]["main"]["pool"]["max_cluster_connections"] = 2
+    proxy = proxy_factory(config)
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    peak = [0]
+    errors = []
+    stop = threading.Event()
+
+    def watch():
+        with server_connection(pg) as conn:
+            while not stop.is_set():
+                peak[0] = max(peak[0], sum(conn.execute(BACKENDS, (db,)).fetchone()[0] for db in (AUTH_DB, "postgres")))
+                time.sleep(0.005)
+
+    def client(i):
+        try:
+            with psycopg.connect(host=proxy.host, port=proxy.port, user=ADMIN, dbname=(AUTH_DB, "postgres")[i % 2],
+                                 connect_timeout=TIMEOUT) as conn:
+                for _ in range(10):
+                    with conn.transaction():
+                        conn.execute("SELECT pg_sleep(0.01)")
+        except psycopg.Error as exc:
+            errors.append(repr(exc))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(12)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(60)
+    stop.set()
+    watcher.join(5)
+    assert errors == []
+    assert 1 <= peak[0] <= 2, peak[0]
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_cluster_connections_max", cluster="main", role="writer") == 2
+    assert metric(text, "multiproxy_cluster_connections", cluster="main", role="writer") <= 2
