@@ -142,6 +142,7 @@ class WorkerState:
         self.restarts = 0
         self.respawn_at: float | None = None
         self.ready = False
+        self.generation = 0          # the supervisor's reload count when it forked this worker
 
 
 class Supervisor:
@@ -160,6 +161,7 @@ class Supervisor:
         self.reload_pending: set[int] = set()
         self.reload_began = 0.0
         self.reload_open = False        # a reload began; systemd hears READY=1 when it ends
+        self.generation = 0             # reloads so far
         self.announced_ready = False
         self.exit_status = 0
         # The listening sockets, created once: every worker accepts on them (see the module docstring).
@@ -250,6 +252,7 @@ class Supervisor:
         state.started = state.last_beat = time.monotonic()
         state.respawn_at = None
         state.ready = False
+        state.generation = self.generation
         self.by_fd[ours.fileno()] = state
         self.poller.register(ours.fileno(), 0x001)
         log.info("worker %d started (pid %d)", state.index, pid)
@@ -411,17 +414,23 @@ class Supervisor:
             new, problems = live_reload.read(self.config.source, self.engines)
             if new is not None and not live_reload.diff(self.config, new).refused:
                 self.config = new
+        self.generation += 1
         self.reload_began = time.monotonic()
         self.reload_pending = set()
         for state in self.workers:
-            if state.pid:
-                self.reload_pending.add(state.index)
-                try:
-                    os.kill(state.pid, signal.SIGHUP)
-                except ProcessLookupError:
-                    self.reload_pending.discard(state.index)
+            # A worker still starting ignores SIGHUP until its handler is set: it is asked once it is ready.
+            if state.pid and state.ready:
+                self.ask_reload(state)
         log.info("reload: asked %d workers to reload", len(self.reload_pending))
         self.reload_open = True
+
+    def ask_reload(self, state: WorkerState) -> None:
+        state.generation = self.generation
+        self.reload_pending.add(state.index)
+        try:
+            os.kill(state.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            self.reload_pending.discard(state.index)
 
     def check_reload(self, now: float) -> None:
         if not self.reload_open:
@@ -488,6 +497,8 @@ class Supervisor:
         elif op == "ready":
             if not state.ready:
                 state.ready = True
+                if state.generation < self.generation:
+                    self.ask_reload(state)     # forked before a reload read the file: it reloads now
                 if not self.announced_ready and all(s.ready for s in self.workers):
                     from . import systemd
                     self.announced_ready = True
