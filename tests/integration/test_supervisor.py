@@ -524,3 +524,74 @@ def test_the_cluster_cap_holds_for_the_group(pg, proxy_factory):
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_cluster_connections_max", cluster="main", role="writer") == 2
     assert metric(text, "multiproxy_cluster_connections", cluster="main", role="writer") <= 2
+
+
+MYSQL_BUDGET_USER, MYSQL_BUDGET_PASSWORD = "mp_group_budget", "group-budget-pw"
+
+
+def admin_rows(proxy, view: str) -> list[dict]:
+    host, port = proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/admin/{view}?format=objects", timeout=TIMEOUT) as answer:
+        return json.load(answer)["rows"]
+
+
+@pytest.mark.timeout(120)
+def test_two_mysql_workers_open_at_most_max_size_backends_together(mariadb, proxy_factory):
+    import pymysql
+
+    from .mysqlkit import APP_PASSWORD, APP_USER, DB, mysql_config, users_toml
+    mariadb.sql(f"CREATE USER IF NOT EXISTS '{MYSQL_BUDGET_USER}'@'%' IDENTIFIED BY '{MYSQL_BUDGET_PASSWORD}';"
+                f"GRANT ALL ON {DB}.* TO '{MYSQL_BUDGET_USER}'@'%';")
+    config = mysql_config(mariadb, max_size=3, borrow_timeout=30.0, backend_user=MYSQL_BUDGET_USER,
+                          backend_password=MYSQL_BUDGET_PASSWORD, proxy={"workers": 2})
+    proxy = proxy_factory(config, files={"users.toml": users_toml()})
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+
+    def client():
+        return pymysql.connect(host=proxy.host, port=proxy.port, user=APP_USER, password=APP_PASSWORD, database=DB,
+                               autocommit=True, connect_timeout=TIMEOUT, read_timeout=60)
+    conns = []
+    while len(conns) < 80:
+        conns.append(client())
+        workers = [row["worker"] for row in admin_rows(proxy, "clients") if row["database"] == DB]
+        if len(conns) >= 12 and min(workers.count(0), workers.count(1)) >= 3:
+            break
+    assert len(conns) < 80, "the clients all went to one worker"
+    watch = pymysql.connect(host=mariadb.host, port=mariadb.port, user="root", password="", connect_timeout=TIMEOUT,
+                            autocommit=True)
+    peak, errors, stop = [0], [], threading.Event()
+
+    def watcher():
+        with watch.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("SELECT count(*) FROM information_schema.processlist WHERE user = %s",
+                            (MYSQL_BUDGET_USER,))
+                peak[0] = max(peak[0], cur.fetchone()[0])
+                time.sleep(0.005)
+
+    def work(conn):
+        try:
+            with conn.cursor() as cur:
+                for _ in range(8):
+                    cur.execute("BEGIN")
+                    cur.execute("SELECT SLEEP(0.05)")
+                    cur.execute("COMMIT")
+        except pymysql.Error as exc:
+            errors.append(repr(exc))
+
+    watching = threading.Thread(target=watcher, daemon=True)
+    watching.start()
+    threads = [threading.Thread(target=work, args=(conn,), daemon=True) for conn in conns]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    stop.set()
+    watching.join(5)
+    watch.close()
+    for conn in conns:
+        conn.close()
+    assert errors == []
+    assert 1 <= peak[0] <= 3, peak[0]
+    servers = admin_rows(proxy, "servers")
+    assert len(servers) <= 3 and {row["worker"] for row in servers} <= {0, 1}
