@@ -1,7 +1,9 @@
-"""Forked workers under the supervisor (multiproxy.supervisor), through real clients on a private PostgreSQL: a
-worker killed (kill -9, or silenced with SIGSTOP) is logged and respawned while the listener keeps accepting and no
-acknowledged commit is lost; back-off after repeated deaths; one view of the group (/metrics, /status, SHOW through
-psql); RELOAD reaching every worker; one backend budget for the group; cancels across workers after a respawn."""
+"""Forked workers under the supervisor (multiproxy.supervisor), through real clients on a private PostgreSQL (and
+MariaDB for the budget): a worker killed (kill -9, or silenced with SIGSTOP) is logged and respawned while the
+listener keeps accepting and no acknowledged commit is lost (psycopg clients, and pgbench); back-off after repeated
+deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, PgBouncer's exporter); RELOAD reaching
+every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
+on the server); cancels across workers after a respawn; SIGTERM drains every worker and respawns none."""
 from __future__ import annotations
 
 import json
@@ -595,3 +597,25 @@ def test_two_mysql_workers_open_at_most_max_size_backends_together(mariadb, prox
     assert 1 <= peak[0] <= 3, peak[0]
     servers = admin_rows(proxy, "servers")
     assert len(servers) <= 3 and {row["worker"] for row in servers} <= {0, 1}
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_every_worker_finish_its_transactions_and_respawns_none(pg, proxy_factory):
+    config = group_config(pg)
+    config["proxy"]["shutdown_timeout"] = 10.0
+    proxy = proxy_factory(config)
+    conns = spread_clients(proxy, 2, each=1)
+    for conn in conns:
+        conn.execute("SELECT 1")          # a transaction open on each worker
+    proxy.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(OSError):          # the listener is gone at once: no new client queues for nobody
+        socket.create_connection((proxy.host, proxy.port), timeout=2).close()
+    for conn in conns:                    # the open transactions finish
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        conn.commit()
+        conn.close()
+    assert proxy._proc.wait(15) == 0
+    log = proxy.log_text()
+    assert "SIGTERM received: every worker drains its clients" in log
+    assert "respawning" not in log and log.count("exited with status 0") == 2, log[-2000:]
