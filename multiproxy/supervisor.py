@@ -33,6 +33,7 @@ BACKOFF_START = 0.1       # seconds before respawning a worker that died
 BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0     # a worker that ran this long starts the back-off afresh when it dies
 RELOAD_ACK_TIMEOUT = 60.0      # READY=1 after a reload at the latest this long after it began
+OUTBOX_LIMIT = 1 << 20         # bytes waiting for a worker's channel beyond which messages to it are dropped
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 _fork = monkey.get_original("os", "fork")
@@ -136,6 +137,7 @@ class WorkerState:
         self.pid = 0
         self.channel = None          # the supervisor's end (a raw _socket.socket), None while not running
         self.buffer = b""
+        self.outbox = b""            # what the channel did not take yet (sent when it can)
         self.started = 0.0
         self.last_beat = 0.0
         self.quick_deaths = 0
@@ -227,7 +229,7 @@ class Supervisor:
             events = self.poller.poll(timeout * 1000)
         except InterruptedError:
             return
-        for fd, _ in events:
+        for fd, event in events:
             if fd == self.wake_r:
                 try:
                     while os.read(self.wake_r, 512):
@@ -236,7 +238,10 @@ class Supervisor:
                     pass
                 continue
             state = self.by_fd.get(fd)
-            if state is not None:
+            if state is not None and event & 0x004:       # POLLOUT: the rest of what it did not take
+                self.flush(state)
+            state = self.by_fd.get(fd)
+            if state is not None and event & ~0x004:
                 self.read_channel(state)
 
     def spawn(self, state: WorkerState) -> None:
@@ -248,7 +253,7 @@ class Supervisor:
         ours.setblocking(False)
         state.pid = pid
         state.channel = ours
-        state.buffer = b""
+        state.buffer = state.outbox = b""
         state.started = state.last_beat = time.monotonic()
         state.respawn_at = None
         state.ready = False
@@ -280,8 +285,9 @@ class Supervisor:
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
                                    channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket)
-        except BaseException:
-            log.exception("worker %d failed", index)
+        except BaseException as exc:
+            log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
+            code = 2 if type(exc).__name__ == "UsersFileError" else 1
         finally:
             os._exit(code)
 
@@ -309,6 +315,13 @@ class Supervisor:
             log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
             if os.WIFEXITED(status) and os.WEXITSTATUS(status):
                 self.exit_status = self.exit_status or os.WEXITSTATUS(status)
+            return
+        if not state.ready and not self.announced_ready and os.WIFEXITED(status) and os.WEXITSTATUS(status):
+            # It failed to start before the group ever served (a users file, an address): retrying would fail
+            # the same way, so the group stops, as a single process would.
+            log.error("worker %d (pid %d) could not start (%s): stopping", state.index, pid, describe_status(status))
+            self.exit_status = os.WEXITSTATUS(status)
+            self.stop_gracefully()
             return
         state.quick_deaths = 0 if ran >= BACKOFF_RESET_AFTER else state.quick_deaths + 1
         delay = backoff_delay(state.quick_deaths)
@@ -450,13 +463,25 @@ class Supervisor:
     def send(self, state: WorkerState, message: dict) -> None:
         if state.channel is None:
             return
-        try:
-            state.channel.send(json.dumps(message).encode() + b"\n")
-        except BlockingIOError:
-            # A worker that does not read its channel (stopped) loses the message; its heartbeat will tell.
+        if len(state.outbox) > OUTBOX_LIMIT:
+            # A worker that does not read its channel (stopped) loses messages; its heartbeat will tell.
             log.warning("worker %d: its channel is full; a %s message was dropped", state.index, message.get("op"))
-        except OSError:
+            return
+        state.outbox += json.dumps(message).encode() + b"\n"
+        self.flush(state)
+
+    def flush(self, state: WorkerState) -> None:
+        """Send what the channel takes now; the rest when poll says it can take more (whole lines, in order)."""
+        try:
+            while state.outbox:
+                sent = state.channel.send(state.outbox)
+                state.outbox = state.outbox[sent:]
+        except BlockingIOError:
             pass
+        except OSError:
+            state.outbox = b""
+        fd = state.channel.fileno()
+        self.poller.modify(fd, 0x001 | (0x004 if state.outbox else 0))
 
     def read_channel(self, state: WorkerState) -> None:
         try:
@@ -475,10 +500,9 @@ class Supervisor:
         *lines, state.buffer = state.buffer.split(b"\n")
         for line in lines:
             try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            self.handle_message(state, message)
+                self.handle_message(state, json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:      # a bad message must not stop the supervisor
+                log.error("worker %d: bad message on its channel: %r (%s)", state.index, line[:200], exc)
             if state.channel is None:
                 return
 
