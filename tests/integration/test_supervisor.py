@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -619,3 +620,39 @@ def test_sigterm_lets_every_worker_finish_its_transactions_and_respawns_none(pg,
     log = proxy.log_text()
     assert "SIGTERM received: every worker drains its clients" in log
     assert "respawning" not in log and log.count("exited with status 0") == 2, log[-2000:]
+
+
+WORKER_FAILS_TO_START = """
+import logging, sys
+from gevent import monkey
+monkey.patch_all()
+from multiproxy.cli import _load_config
+from multiproxy import supervisor
+from multiproxy.proxy import _run_worker, make_listen_socket
+logging.basicConfig(level="INFO", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+config, engines = _load_config(sys.argv[1])
+
+def run_worker(config, engines, index, sockets, group, **kwargs):
+    if index == 1:
+        raise OSError(98, "this worker cannot start")
+    return _run_worker(config, engines, index, sockets, group, **kwargs)
+
+sys.exit(supervisor.run(config, engines, 2, run_worker, make_listen_socket))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_start_stops_the_group_instead_of_respawning(pg, tmp_path):
+    from .proxy import REPO_ROOT, render_toml
+    config = group_config(pg)
+    config["proxy"]["shutdown_timeout"] = 1.0
+    path = tmp_path / "multiproxy.toml"
+    path.write_text(render_toml(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", WORKER_FAILS_TO_START, str(path)], capture_output=True, text=True,
+                          timeout=30, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "worker 1 failed: [Errno 98] this worker cannot start" in done.stderr
+    assert re.search(r"worker 1 \(pid \d+\) could not start \(exited with status 1\): stopping", done.stderr)
+    assert "respawning" not in done.stderr
+    assert "worker 0 (pid" in done.stderr      # worker 0 was stopped (drained), not left behind
