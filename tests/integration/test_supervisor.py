@@ -656,3 +656,33 @@ def test_a_worker_that_cannot_start_stops_the_group_instead_of_respawning(pg, tm
     assert re.search(r"worker 1 \(pid \d+\) could not start \(exited with status 1\): stopping", done.stderr)
     assert "respawning" not in done.stderr
     assert "worker 0 (pid" in done.stderr      # worker 0 was stopped (drained), not left behind
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_does_not_answer_is_reported_down_and_blocks_no_answer(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg))
+    conns = spread_clients(proxy, 4, autocommit=True)
+    pids = worker_pids(proxy)
+    on_zero = [row for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB and row[-1] == "0"]
+    os.kill(pids[1], signal.SIGSTOP)       # alive, but answers nothing (its heartbeat stops: worker_timeout is 30 s)
+    try:
+        started = time.monotonic()
+        text = metrics_text(proxy)
+        assert time.monotonic() - started < 5
+        assert metric(text, "multiproxy_worker_up", worker="1") == 0
+        assert metric(text, "multiproxy_worker_up", worker="0") == 1
+        # New clients go to the worker that accepts (the listening socket is shared): psql gets its answer,
+        # with worker 0's clients only.
+        started = time.monotonic()
+        rows = [row for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB]
+        assert time.monotonic() - started < 6
+        assert {row[-1] for row in rows} == {"0"} and len(rows) == len(on_zero)
+        assert "SHOW CLIENTS: worker 1 did not answer; its rows are missing" in proxy.log_text()
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+        for conn in conns:
+            conn.close()
+    snapshot = wait_for("worker 1 answering again", lambda: (lambda s: s if [w["up"] for w in s["workers"]] == [1, 1]
+                                                              and all(w["answered"] for w in s["workers"]) else None)(
+        status(proxy)))
+    assert worker_pids(proxy) == pids      # resumed in time: not replaced
