@@ -263,6 +263,10 @@ def test_metrics_status_and_show_pools_answer_for_both_workers(pg, proxy_factory
         snapshot = status(proxy)
         assert snapshot["listeners"][0]["clients"] >= n
         assert [w["up"] for w in snapshot["workers"]] == [1, 1]
+        shown = subprocess.run([sys.executable, "-m", "multiproxy", "status", "--admin", "%s:%d" % (host, port)],
+                               capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+        assert re.search(rf"^listener pg .* clients={n}$", shown, re.M), shown
+        assert re.findall(r"^worker (\d) pid=\d+ up=1 restarts=0 answered=yes$", shown, re.M) == ["0", "1"], shown
         assert workers_seen == {"0", "1"}
     finally:
         for conn in held:
