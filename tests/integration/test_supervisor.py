@@ -690,3 +690,26 @@ def test_a_worker_that_does_not_answer_is_reported_down_and_blocks_no_answer(pg,
                                                               and all(w["answered"] for w in s["workers"]) else None)(
         status(proxy)))
     assert worker_pids(proxy) == pids      # resumed in time: not replaced
+
+
+@pytest.mark.timeout(60)
+def test_a_second_sigterm_while_draining_kills_the_workers(pg, proxy_factory):
+    config = group_config(pg)
+    config["proxy"]["shutdown_timeout"] = 30.0
+    proxy = proxy_factory(config)
+    conn = app(proxy)
+    conn.execute("SELECT 1")              # an open transaction: the drain would wait 30 s for it
+    proxy.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    assert proxy.running
+    started = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+    code = proxy._proc.wait(10)
+    assert time.monotonic() - started < 5 and code == 0
+    log = proxy.log_text()
+    assert "SIGTERM received again while draining: killing the workers" in log
+    # The worker serving the open transaction is killed (the other one, idle, had finished its drain already).
+    assert log.count("killed by signal 9 (SIGKILL)") >= 1 and "respawning" not in log, log[-2000:]
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 2")
+    conn.close()
