@@ -274,8 +274,8 @@ class Proxy:
         """What SIGHUP, the console's RELOAD and `multiproxy reload` do: read the config file again, validate it and
         apply what changed live, all or nothing (multiproxy.reload). Returns the problems (nothing changed then).
 
-        With forked workers each one reloads on its SIGHUP; a RELOAD from the console (which runs in worker 0)
-        validates here and, when the file is good, has the parent process send every worker SIGHUP."""
+        With forked workers each one reloads on its SIGHUP; a RELOAD from the console (on whichever worker it
+        landed) validates here and, when the file is good, has the supervisor send every worker SIGHUP."""
         if everywhere and self.worker_count > 1:
             problems = live_reload.reload(self, apply=False)
             if not problems:
