@@ -152,9 +152,11 @@ def merge_view(view: str, columns: list, answers: dict) -> tuple[list, list]:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 
-# Gauges every worker reports alike (a setting, a node's state): the group's value is the largest, not the sum.
+# What every worker reports alike (a setting, a node's state, a writer change each worker's registry sees): the
+# group's value is the largest, not the sum. Probes, DNS lookups and read-only checks each worker makes are summed.
 SAME_IN_EVERY_WORKER = {"cluster_connections_max", "backend_node_up", "backend_node_replica_lag_seconds",
-                        "backend_node_replica_lag_bytes", "backend_node_serving", "cluster_writer_known"}
+                        "backend_node_replica_lag_bytes", "backend_node_serving", "cluster_writer_known",
+                        "cluster_writer_changes"}
 
 
 def families_as_json(families) -> list:
