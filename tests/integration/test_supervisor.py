@@ -609,7 +609,14 @@ def test_sigterm_lets_every_worker_finish_its_transactions_and_respawns_none(pg,
     config = group_config(pg)
     config["proxy"]["shutdown_timeout"] = 10.0
     proxy = proxy_factory(config)
-    conns = spread_clients(proxy, 2, each=1)
+    clients = spread_clients(proxy, 2, each=1)
+    one_each = {}
+    for conn in clients:
+        one_each.setdefault(_worker_of(proxy, conn), conn)
+    for conn in clients:
+        if conn not in one_each.values():
+            conn.close()
+    conns = list(one_each.values())
     for conn in conns:
         conn.execute("SELECT 1")          # a transaction open on each worker
     proxy.send_signal(signal.SIGTERM)
