@@ -720,3 +720,24 @@ def test_a_second_sigterm_while_draining_kills_the_workers(pg, proxy_factory):
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 2")
     conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_slots_of_a_killed_worker_go_back_to_the_group(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg, max_size=2, borrow_timeout=8.0))
+    clients = spread_clients(proxy, 4)
+    by_worker: dict[str, list] = {}
+    for conn in clients:
+        by_worker.setdefault(_worker_of(proxy, conn), []).append(conn)
+    holders, waiter = by_worker["1"][:2], by_worker["0"][0]
+    for conn in holders:                  # worker 1 holds both slots of max_size 2, in open transactions
+        conn.execute("SELECT 1")
+    assert sorted(row[-1] for row in psql_console(proxy, "SHOW SERVERS")) == ["1", "1"]
+    os.kill(worker_pids(proxy)[1], signal.SIGKILL)
+    started = time.monotonic()
+    assert waiter.execute("SELECT 3").fetchone() == (3,)     # a slot of the dead worker, at once
+    waiter.commit()
+    assert time.monotonic() - started < 4
+    wait_for("the dead worker's backends gone", lambda: backend_count(pg) <= 2)
+    for conn in clients:
+        conn.close()
