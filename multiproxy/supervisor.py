@@ -556,6 +556,7 @@ class WorkerLink:
         self.ids = iter(range(1, 1 << 62))
         self.pending: dict = {}
         self.wanted: dict[str, int] = {}     # key -> idle connections the broker asked for, to close on release
+        self.late: dict[int, list] = {}      # acquire requests given up on (timeout) -> their keys
         self.greenlets = []
         self.closed = False
 
@@ -585,6 +586,8 @@ class WorkerLink:
             self.send({**message, "id": ident})
             return result.get(timeout=timeout)
         except Exception:
+            if message.get("op") == "acquire":
+                self.late[ident] = message["keys"]     # a grant arriving after all goes straight back
             return None
         finally:
             self.pending.pop(ident, None)
@@ -615,6 +618,9 @@ class WorkerLink:
             waiter = self.pending.get(message.get("id"))
             if waiter is not None:
                 waiter.set(message)
+            keys = self.late.pop(message.get("id"), None)
+            if keys is not None and message.get("ok"):
+                self.send({"op": "release", "keys": [k for k, _ in keys], "count": 1})
         elif op == "free":
             for budget in self._budgets(message["key"]):
                 gevent.spawn(self.retry, budget)
