@@ -120,7 +120,9 @@ class Proxy:
             host, port = rt.config.listen
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
-                sock = make_listen_socket(host, port)
+                # With forked workers, a listener a reload added is bound by each worker (SO_REUSEPORT), as the
+                # running workers did in their reload.
+                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1)
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self, admin_socket)

@@ -170,6 +170,7 @@ class Supervisor:
         # SO_REUSEPORT on them too, so that a listener a reload adds (bound by each worker) may share an address.
         self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
                         for lc in config.listeners}
+        self.listen_addresses = {lc.name: lc.listen for lc in config.listeners}
         self.admin_socket = None
         if config.proxy.admin_listen:
             from .config import parse_address
@@ -427,6 +428,12 @@ class Supervisor:
             new, problems = live_reload.read(self.config.source, self.engines)
             if new is not None and not live_reload.diff(self.config, new).refused:
                 self.config = new
+                # A listener removed or moved: the shared socket closes here too (the workers close theirs), else
+                # clients would queue where no worker accepts. One a reload added is bound by each worker.
+                listens = {lc.name: lc.listen for lc in new.listeners}
+                for name in [name for name in self.sockets if name not in listens or listens[name] !=
+                             self.listen_addresses[name]]:
+                    self.sockets.pop(name).close()
         self.generation += 1
         self.reload_began = time.monotonic()
         self.reload_pending = set()

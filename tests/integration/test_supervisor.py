@@ -741,3 +741,37 @@ def test_the_slots_of_a_killed_worker_go_back_to_the_group(pg, proxy_factory):
     wait_for("the dead worker's backends gone", lambda: backend_count(pg) <= 2)
     for conn in clients:
         conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_listeners_a_reload_adds_or_removes_survive_a_respawn(pg, proxy_factory):
+    from .proxy import render_toml
+    config = group_config(pg)
+    proxy = proxy_factory(config)
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    extra_port = free_port()
+    config["listeners"].append({"name": "extra", "listen": f"127.0.0.1:{extra_port}", "cluster": "main",
+                                "auth": "trust"})
+
+    def reload(expected: int):
+        proxy.config_text = render_toml(config)
+        proxy.write_file("multiproxy.toml", proxy.config_text)
+        proxy.send_signal(signal.SIGHUP)
+        wait_for("both workers reloaded", lambda: proxy.log_text().count("change(s) applied") == expected)
+
+    def query(port: int):
+        with psycopg.connect(host="127.0.0.1", port=port, user=ADMIN, dbname=AUTH_DB, connect_timeout=TIMEOUT) as c:
+            return c.execute("SELECT 7").fetchone()
+
+    reload(2)
+    os.kill(pids[1], signal.SIGKILL)
+    wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
+    wait_for("worker 1 serving", lambda: proxy.log_text().count("multiproxy worker 1 ready") == 2)
+    assert "cannot listen" not in proxy.log_text()
+    assert all(query(extra_port) == (7,) for _ in range(10))
+    old_port = proxy.port
+    config["listeners"] = [lc for lc in config["listeners"] if lc["name"] != "pg"]
+    reload(4)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", old_port), timeout=2).close()
+    assert query(extra_port) == (7,)
