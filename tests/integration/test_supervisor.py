@@ -3,7 +3,8 @@ MariaDB for the budget): a worker killed (kill -9, or silenced with SIGSTOP) is 
 listener keeps accepting and no acknowledged commit is lost (psycopg clients, and pgbench); back-off after repeated
 deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, PgBouncer's exporter); RELOAD reaching
 every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
-on the server); cancels across workers after a respawn; SIGTERM drains every worker and respawns none."""
+on the server, and freed when a worker dies); cancels across workers after a respawn; SIGTERM drains every worker
+and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn."""
 from __future__ import annotations
 
 import json
