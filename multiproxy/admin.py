@@ -17,6 +17,7 @@ import gevent
 from gevent.event import Event
 
 from . import __version__
+from .groupview import COMMAND_TIMEOUT, MERGED_VIEWS, merge_view
 
 log = logging.getLogger("multiproxy.admin")
 
@@ -162,12 +163,14 @@ class Console:
 
     # ------------------------------------------------------------------ entry point
 
-    def execute(self, text: str, may_command: bool = True) -> Result:
+    def execute(self, text: str, may_command: bool = True, local: bool = False) -> Result:
+        """Run a console request. With forked workers views and commands answer for the whole group (a peer's
+        request runs with `local`, on that worker alone)."""
         verb, args = parse(text)
         if verb in ("SHOW", "SELECT"):
             if not args:
                 raise AdminError("syntax_error", "SHOW needs a view name: try SHOW HELP")
-            return self.show(args[0], args[1:])
+            return self.show(args[0], args[1:], local)
         command = COMMANDS.get(verb)
         if command is None and verb in ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"):
             raise AdminError("feature_not_supported", "the admin console runs no transactions: connect in autocommit "
@@ -178,13 +181,50 @@ class Console:
         if not may_command:
             raise AdminError("insufficient_privilege", f"{verb} is not allowed for [admin] stats_users, which may "
                              "only SHOW: add the user to [admin] users to run commands")
-        return command(self, args)
+        group = getattr(self.proxy, "group", None)
+        if local or group is None or verb not in GROUP_COMMANDS:
+            return command(self, args)
+        return self._everywhere(group, verb, text, lambda: command(self, args))
 
-    def show(self, name: str, args: list | None = None) -> Result:
+    def _everywhere(self, group, verb: str, text: str, run_here) -> Result:
+        """A command on every worker at once (each acts on its own pools and clients): the answer once all did.
+        A database that no worker knows is an error, as with one process; one that only some know is not."""
+        asking = gevent.spawn(group.ask, {"op": "execute", "text": text}, COMMAND_TIMEOUT)
+        unknown, result = None, None
+        try:
+            result = run_here()
+        except AdminError as exc:
+            if exc.code != "undefined_object":
+                asking.kill(block=False)
+                raise
+            unknown = exc
+        answers = asking.get()
+        down = sorted(worker for worker, answer in answers.items() if answer is None)
+        if down:
+            log.warning("admin: %s did not reach workers %s (not answering)", verb, down)
+        for answer in answers.values():
+            if answer and "error" in answer and answer.get("code") != "undefined_object":
+                raise AdminError(answer.get("code") or "internal_error", answer["error"])
+        if unknown is not None:
+            if not any(answer and "ok" in answer for answer in answers.values()):
+                raise unknown
+            result = Result([], [], verb)
+        return result
+
+    def show(self, name: str, args: list | None = None, local: bool = False) -> Result:
         view = VIEWS.get(name.lower())
         if view is None:
             raise AdminError("undefined_object", f"unknown view {name!r}: try SHOW HELP")
         columns, rows = view(self)
+        group = getattr(self.proxy, "group", None)
+        if not local and group is not None and name.lower() in MERGED_VIEWS:
+            answers = {self.proxy.worker: rows}
+            for worker, answer in group.ask({"op": "show", "view": name.lower()}).items():
+                if answer and "ok" in answer:
+                    answers[worker] = answer["ok"]["rows"]
+                else:
+                    log.warning("admin: SHOW %s: worker %d did not answer; its rows are missing", name, worker)
+            columns, rows = merge_view(name.lower(), columns, answers)
         return Result(columns, rows, "SHOW")
 
     # ------------------------------------------------------------------ helpers over the proxy's state
@@ -601,6 +641,8 @@ VIEWS = {
     "state": Console.view_state, "pins": Console.view_pins, "clusters": Console.view_clusters,
     "events": Console.view_events,
 }
+# Commands every worker runs (RELOAD reaches every worker through the supervisor, SHUTDOWN stops the supervisor).
+GROUP_COMMANDS = frozenset({"PAUSE", "RESUME", "RECONNECT", "WAIT_CLOSE", "KILL", "DISABLE", "ENABLE"})
 COMMANDS = {
     "PAUSE": Console.pause, "RESUME": Console.resume, "RECONNECT": Console.reconnect, "WAIT_CLOSE": Console.wait_close,
     "KILL": Console.kill, "DISABLE": Console.disable, "ENABLE": Console.enable, "RELOAD": Console.reload,

@@ -160,6 +160,9 @@ def status(admin):
     for cluster, pins in data["pins"].items():
         if pins["now"] or pins["detected_total"]:
             click.echo(f"pins {cluster}: now {pins['now']} detected {pins['detected_total']}")
+    for worker in data.get("workers", []):      # with proxy.workers > 1: the figures above are the group's
+        click.echo(f"worker {worker['worker']} pid={worker.get('pid')} up={worker.get('up')} "
+                   f"restarts={worker.get('restarts')} answered={'yes' if worker.get('answered') else 'no'}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -61,7 +61,10 @@ PROXY_SETTINGS = _settings(
             "error in their protocol); never fires inside a transaction or while a request runs; 0 never", minimum=0),
     Setting("shutdown_timeout", float, 30.0, "seconds to wait for clients to finish on SIGTERM before closing them", minimum=0),
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
-    Setting("workers", int, 1, "worker processes sharing the listeners (SO_REUSEPORT)", minimum=1),
+    Setting("workers", int, 1, "worker processes sharing the listeners, under a supervisor that respawns them and "
+            "holds max_size and max_cluster_connections for them all", minimum=1),
+    Setting("worker_timeout", float, 30.0, "with workers > 1: seconds a worker may go without a heartbeat before the "
+            "supervisor kills (SIGKILL) and replaces it", minimum=1.0),
     Setting("max_connections_per_address", int, 0, "most client connections at once from one address; 0 unlimited",
             minimum=0),
     Setting("audit_log", str, "", "file receiving one JSON line per login, failed login, token rejection and limit hit"),
@@ -211,6 +214,7 @@ class ProxyConfig:
     auth_failure_block_after: int
     auth_failure_block_seconds: float
     idle_transaction_timeout: float = 0.0
+    worker_timeout: float = 30.0
 
 
 @dataclass(frozen=True)

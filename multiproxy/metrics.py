@@ -264,11 +264,64 @@ def admin_http_refusal(proxy, authorization: str, loopback: bool) -> str:
     return ""
 
 
-def start_admin_server(listen: str, proxy) -> WSGIServer:
+class GroupCollector:
+    """With forked workers: every worker's metrics in one exposition (samples of the same labels summed, see
+    groupview.merge_families), plus per-worker series from the supervisor: multiproxy_worker_up and
+    multiproxy_worker_restarts."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.local = ProxyCollector(proxy)
+
+    def collect(self):
+        from prometheus_client.core import Metric
+
+        from .groupview import families_as_json, merge_families
+        proxy = self.proxy
+        own = families_as_json(self.local.collect())
+        answers = proxy.group.ask({"op": "metrics"})
+        merged = merge_families([own] + [a["ok"] for a in answers.values() if a and "ok" in a], PREFIX)
+        for name, kind, documentation, samples in merged:
+            family = Metric(name, documentation, kind)
+            for sample_name, labels, value in samples:
+                family.add_sample(sample_name, labels, value)
+            yield family
+        up = GaugeMetricFamily(PREFIX + "worker_up", "1 while the worker runs and answers its peers", labels=["worker"])
+        restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Times the supervisor respawned the worker",
+                                       labels=["worker"])
+        reply = proxy.link.request({"op": "workers"}, timeout=2.0) if proxy.link is not None else None
+        table = {w["worker"]: w for w in (reply or {}).get("workers", [])}
+        for worker in range(proxy.group.worker_count):
+            answered = worker == proxy.worker or bool(answers.get(worker))
+            up.add_metric([str(worker)], int(answered and table.get(worker, {"up": 1})["up"] == 1))
+            restarts.add_metric([str(worker)], table.get(worker, {}).get("restarts", 0))
+        yield up
+        yield restarts
+
+
+def group_status(proxy) -> dict:
+    """/status: this worker's snapshot, or with forked workers the group's (groupview.merge_status), with each
+    worker's state from the supervisor."""
+    own = status_snapshot(proxy)
+    if getattr(proxy, "group", None) is None:
+        return own
+    from .groupview import merge_status
+    answers = proxy.group.ask({"op": "status"})
+    merged = merge_status(own, [a["ok"] for a in answers.values() if a and "ok" in a])
+    reply = proxy.link.request({"op": "workers"}, timeout=2.0) if proxy.link is not None else None
+    workers = (reply or {}).get("workers") or [{"worker": w} for w in range(proxy.group.worker_count)]
+    for item in workers:
+        item["answered"] = item["worker"] == proxy.worker or bool(answers.get(item["worker"]))
+    merged["workers"] = workers
+    return merged
+
+
+def start_admin_server(listen: str, proxy, sock=None) -> WSGIServer:
+    """The admin HTTP server on `listen`, or on `sock` when the supervisor bound it (forked workers)."""
     host, port = parse_address(listen)
     loopback = _is_loopback(host)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(proxy))
+    registry.register(GroupCollector(proxy) if getattr(proxy, "group", None) is not None else ProxyCollector(proxy))
 
     from .status_page import PATHS, StatusPage
     page = StatusPage(proxy)
@@ -288,7 +341,7 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
             return [b"ok\n" if ok else b"stopping\n"]
         if path == "/status":
             start_response("200 OK", [("Content-Type", "application/json")])
-            return [json.dumps(status_snapshot(proxy), indent=2).encode()]
+            return [json.dumps(group_status(proxy), indent=2).encode()]
         if path.startswith("/admin/"):
             refusal = admin_http_refusal(proxy, environ.get("HTTP_AUTHORIZATION", ""), loopback)
             if refusal:
@@ -301,7 +354,7 @@ def start_admin_server(listen: str, proxy) -> WSGIServer:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try / (the status page), /metrics, /healthz, /status or /admin/<view> (GET) and /admin/<command>[/<db>] (POST)\n"]
 
-    server = WSGIServer((host, port), app, log=None, error_log=log)
+    server = WSGIServer(sock if sock is not None else (host, port), app, log=None, error_log=log)
     server.start()
     log.info("admin server on http://%s:%d (/ the status page, /metrics, /healthz, /status, /admin/)", host, port)
     return server

@@ -52,6 +52,10 @@ class Budget:
         self.changes = Event()
         self.over = False       # more connections than max_size after a reload lowered it (see reconfigure)
         self.cap: ClusterCap | None = None      # the cluster's max_cluster_connections, when it has one
+        # With forked workers: the supervisor's budget broker (supervisor.WorkerLink), and the slots of the group's
+        # max_size (and cap) this worker holds from it, always at least `size`. None and 0 with one process.
+        self.group = None
+        self.held = 0
 
     @property
     def size(self) -> int:
@@ -73,8 +77,41 @@ class Budget:
         ended.set()
 
     def has_room(self) -> bool:
-        """A connection may open now: below max_size, and below the cluster's cap if it has one."""
-        return self.size < self.config.max_size and (self.cap is None or not self.cap.full())
+        """A connection may open now: below max_size, and below the cluster's cap if it has one (with workers: of
+        the whole group, see group_room)."""
+        return self.size < self.config.max_size and (self.cap is None or not self.cap.full()) and self.group_room()
+
+    def group_room(self) -> bool:
+        """With forked workers: a slot of the group's budget is held for one more connection, asked of the broker
+        when none is spare (a round trip per connection opened, none per borrow). Always True with one process."""
+        group = self.group
+        if group is None or self.held > self.size:
+            return True
+        return group.acquire(self)
+
+    def slot_held(self) -> bool:
+        """Whether one more connection stays within the group slots held (always with one process)."""
+        return self.group is None or self.held > self.size
+
+    def hand_slot(self) -> bool:
+        """Give the longest waiter of the budget's pools a slot to open a connection in (after the broker granted
+        one); False when none waits."""
+        best = None
+        for pool in self.pools:
+            waiters = pool.waiters
+            while waiters and waiters[0].ready():
+                waiters.popleft()
+            if waiters:
+                since = pool.waiting_since.get(waiters[0], 0.0)
+                if best is None or since < best[0]:
+                    best = (since, pool)
+        if best is None:
+            return False
+        pool = best[1]
+        slot = _Slot()
+        pool.opening.add(slot)
+        pool.waiters.popleft().set(slot)
+        return True
 
     def make_room(self, pool: "Pool") -> bool:
         """Whether `pool` may open a connection now. When the budget is used up, the oldest idle connection of another
@@ -84,7 +121,7 @@ class Budget:
         if self.size < self.config.max_size:
             cap = self.cap
             if cap is None or not cap.full():
-                return True
+                return self.group_room()
             return cap.make_room(pool)
         if self.closing > self.waiting():
             return False
@@ -127,16 +164,20 @@ class Budget:
         (with a cluster cap: the longest waiter of the cluster, ClusterCap.slot_freed)."""
         if self.cap is not None:
             self.cap.slot_freed()
+            if self.group is not None:
+                self.group.trim(self)
             return
         for pool in [first] + [p for p in self.pools if p is not first]:
             waiters = pool.waiters
-            while waiters and self.size < self.config.max_size:
+            while waiters and self.size < self.config.max_size and self.slot_held():
                 waiter = waiters.popleft()
                 if not waiter.ready():
                     slot = _Slot()
                     pool.opening.add(slot)
                     waiter.set(slot)
                     return
+        if self.group is not None:
+            self.group.trim(self)      # no waiter here took the slot: it goes back to the group
 
 
 class ClusterCap:
@@ -239,7 +280,7 @@ class ClusterCap:
                 waiters = pool.waiters
                 while waiters and waiters[0].ready():
                     waiters.popleft()
-                if waiters and pool.budget.size < pool.budget.config.max_size:
+                if waiters and pool.budget.size < pool.budget.config.max_size and pool.budget.slot_held():
                     since = pool.waiting_since.get(waiters[0], 0.0)
                     if best is None or since < best[0]:
                         best = (since, pool)
@@ -309,6 +350,7 @@ class Pool:
                     cap = caps[(cluster.name, role)] = ClusterCap(self.config, f"{cluster.name}/{role}")
                 cap.budgets.append(budget)
                 budget.cap = cap
+            budget.group = getattr(proxy, "link", None)
         self.budget = budget
         self.budget.pools.append(self)
         # The addresses the registry lets this role use now (a live set it updates), None without a registry:
@@ -628,6 +670,10 @@ class Pool:
             # Another variant of the budget waits for a slot: this connection makes room for it.
             self._evict(conn)
             return
+        if budget.group is not None and budget.group.take_wanted(budget):
+            # Another worker waits for a slot of the group's budget: this connection makes room for it.
+            self._evict(conn)
+            return
         self.idle[conn] = None
 
     def _evict(self, conn: BackendConnection) -> None:
@@ -684,7 +730,7 @@ class Pool:
     def fill(self) -> None:
         """Open connections until the budget holds min_size (called from the housekeeping greenlet)."""
         while self.budget.size < self.config.min_size and not self.draining and not self.paused and (
-                self.budget.cap is None or not self.budget.cap.full()):
+                self.budget.cap is None or not self.budget.cap.full()) and self.budget.group_room():
             try:
                 conn = self._open()
             except BackendUnavailable:

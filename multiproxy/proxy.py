@@ -110,18 +110,22 @@ class Proxy:
             self.registry = Registry(self, followed, engines)
         self.worker_count = 1
         self.cancel_socket = None
+        self.link = None      # with forked workers: the channel to the supervisor (supervisor.WorkerLink)
+        self.group = None     # with forked workers: the peers, for one view of the group (groupview.GroupView)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, listen_sockets: dict | None = None) -> None:
+    def start(self, listen_sockets: dict | None = None, admin_socket=None) -> None:
         for rt in self.listeners:
             host, port = rt.config.listen
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
-                sock = make_listen_socket(host, port)
+                # With forked workers, a listener a reload added is bound by each worker (SO_REUSEPORT), as the
+                # running workers did in their reload.
+                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1)
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
-            self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+            self.admin = start_admin_server(self.config.proxy.admin_listen, self, admin_socket)
         elif self.config.proxy.admin_listen and self.worker_count > 1:
             from .status_page import Sampler   # the status page in worker 0 shows this worker's pools too
             Sampler(self).start()
@@ -272,8 +276,8 @@ class Proxy:
         """What SIGHUP, the console's RELOAD and `multiproxy reload` do: read the config file again, validate it and
         apply what changed live, all or nothing (multiproxy.reload). Returns the problems (nothing changed then).
 
-        With forked workers each one reloads on its SIGHUP; a RELOAD from the console (which runs in worker 0)
-        validates here and, when the file is good, has the parent process send every worker SIGHUP."""
+        With forked workers each one reloads on its SIGHUP; a RELOAD from the console (on whichever worker it
+        landed) validates here and, when the file is good, has the supervisor send every worker SIGHUP."""
         if everywhere and self.worker_count > 1:
             problems = live_reload.reload(self, apply=False)
             if not problems:
@@ -462,7 +466,11 @@ class Proxy:
         log.info("listener %s: removed; its clients have left", name)
 
     def request_shutdown(self) -> None:
-        """A graceful stop, as SIGTERM: the process drains its clients (proxy.shutdown_timeout) and exits."""
+        """A graceful stop, as SIGTERM: the process drains its clients (proxy.shutdown_timeout) and exits. With
+        forked workers the supervisor is asked, so that every worker stops (and none is respawned)."""
+        if self.link is not None:
+            os.kill(os.getppid(), signal.SIGTERM)
+            return
         self.shutdown_requested.set()
 
     def follows_roles(self, cluster: ClusterConfig) -> bool:
@@ -636,6 +644,8 @@ class Proxy:
             self.cancel_socket.sendto(json.dumps([engine_name, key, terminate]).encode(),
                                       _cancel_address(self.cancel_group, owner))
         except OSError as exc:
+            # The worker is gone (its clients with it) or restarting: the cancel has nothing left to cancel.
+            self.metrics.cancels_ignored += 1
             log.warning("cannot pass a cancel to worker %d: %s", owner, exc)
 
     def _send_cancel(self, target: BackendTarget, script, timeout: float) -> None:
@@ -674,23 +684,31 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
 
 
 def run_forever(config: Config, engines: dict) -> int:
-    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload)."""
+    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload).
+    With proxy.workers > 1 a supervisor forks the workers and keeps them running (multiproxy.supervisor)."""
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None)
-    return _run_workers(config, engines, workers)
+    from . import supervisor
+    return supervisor.run(config, engines, workers, _run_worker, make_listen_socket)
 
 
-def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0,
-                ready_fd: int | None = None) -> int:
-    """One process serving the listeners. Alone (ready_fd None) it tells systemd its state itself; a forked worker
-    writes one byte to ready_fd once it serves, and its parent tells systemd."""
+def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
+                worker_count: int = 1, admin_socket=None) -> int:
+    """One process serving the listeners. Alone (no channel) it tells systemd its state itself; a forked worker
+    tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots), and the supervisor tells systemd."""
     proxy = Proxy(config, engines, worker)
-    if config.proxy.workers > 1:
-        proxy.listen_for_cancels(config.proxy.workers, group)
-    proxy.start(listen_sockets)
+    link = None
+    if channel is not None:
+        from .groupview import GroupView
+        from .supervisor import WorkerLink
+        link = proxy.link = WorkerLink(proxy, channel)
+        proxy.listen_for_cancels(worker_count, group)
+        proxy.group = GroupView(worker, worker_count, group, _peer_handlers(proxy))
+        proxy.group.start()
+    proxy.start(listen_sockets, admin_socket)
     done = proxy.shutdown_requested
-    alone = ready_fd is None
+    alone = link is None
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
@@ -702,6 +720,8 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         proxy.reload(False)
         if alone:
             systemd.ready()
+        else:
+            link.send({"op": "reloaded"})
 
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
@@ -710,71 +730,31 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     if alone:
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        link.start()
+        link.send({"op": "ready"})
     done.wait()
     if alone:
         systemd.stopping()
     proxy.stop()
+    if link is not None:
+        proxy.group.stop()
+        link.stop()
     return 0
 
 
-def _run_workers(config: Config, engines: dict, workers: int) -> int:
-    """Fork workers that share the listening sockets through SO_REUSEPORT; restart none, stop all on a signal.
-    systemd hears READY=1 once every worker has bound its listeners (one byte each on a pipe)."""
-    children = []
-    group = os.getpid()
-    ready_r, ready_w = os.pipe()
-    for worker in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            gevent.reinit()
-            os.close(ready_r)
-            sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True) for lc in config.listeners}
-            code = 1
-            try:
-                code = _run_worker(config, engines, worker, sockets, group, ready_fd=ready_w)
-            finally:
-                os._exit(code)
-        children.append(pid)
-    os.close(ready_w)
+def _peer_handlers(proxy: Proxy) -> dict:
+    """What a worker answers its peers (multiproxy.groupview): its own views, commands, metrics and status."""
+    from .groupview import families_as_json
+    from .metrics import ProxyCollector, status_snapshot
 
-    def forward(signum, frame):
-        if signum == signal.SIGHUP:
-            systemd.reloading()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            systemd.stopping()
-        for pid in children:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-        if signum == signal.SIGHUP:
-            systemd.ready()
+    def show(request):
+        result = proxy.console.show(request["view"], local=True)
+        return {"columns": result.columns, "rows": result.rows}
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
-    started = 0
-    with os.fdopen(ready_r, "rb", buffering=0) as pipe:
-        while started < workers:
-            got = pipe.read(workers - started)
-            if not got:
-                break       # a worker died before serving: no READY=1, the exit status below tells why
-            started += len(got)
-    if started == workers:
-        systemd.ready(f"{workers} workers serving {len(config.listeners)} listeners")
-    status = 0
-    for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                status = status or os.waitstatus_to_exitcode(code)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
-    return status
+    def execute(request):
+        result = proxy.console.execute(request["text"], may_command=True, local=True)
+        return {"columns": result.columns, "rows": result.rows, "tag": result.tag}
+
+    return {"show": show, "execute": execute,
+            "metrics": lambda request: families_as_json(ProxyCollector(proxy).collect()),
+            "status": lambda request: status_snapshot(proxy)}

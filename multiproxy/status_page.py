@@ -308,7 +308,8 @@ def _merge_peers(peers: list[dict], pools: list[dict], listeners: list[dict], pi
             row["idle"] += idle
             row["borrowed"] += borrowed
             row["waiting"] += waiting
-            row["max_size"] += report["meta"].get(label, [0] * 5)[4]
+            # max_size holds for the whole group (the supervisor's budget broker): the same in every report.
+            row["max_size"] = max(row["max_size"], report["meta"].get(label, [0] * 5)[4])
         for listener in listeners:
             listener["clients"] += report["listeners"].get(listener["name"], 0)
         for cluster, counts in report["pins"].items():

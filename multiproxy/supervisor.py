@@ -1,0 +1,721 @@
+"""The supervisor of forked workers (as gunicorn's arbiter): respawn with back-off, heartbeats, queued signals, and the
+backend budget broker that makes max_size and max_cluster_connections hold for the whole process group.
+
+The supervisor is a plain synchronous loop (no gevent hub runs in it: fork, waitpid, poll and signal are the
+originals, as gevent's monkey patching would otherwise route them through a hub that never runs here). It creates
+every listening socket once, before forking, and each worker accepts on the same sockets: a listener exists as long
+as the supervisor lives, and a worker's death loses no queued connection (SO_REUSEPORT would give each worker a
+queue of its own, reset when that worker dies). Each worker gets a channel (an AF_UNIX stream socketpair) to the
+supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from the worker's gevent loop),
+`reloaded`, and the broker's `acquire`/`release` (one round trip when a backend connection opens, none per
+borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle connection of
+that budget for another worker) sent unasked. A worker's slots are freed when its channel closes: it died.
+
+`WorkerLink` is the worker's end of the channel.
+"""
+from __future__ import annotations
+
+import _socket
+import collections
+import ctypes
+import errno
+import json
+import logging
+import os
+import signal
+import time
+
+from gevent import monkey
+
+log = logging.getLogger("multiproxy.supervisor")
+
+BACKOFF_START = 0.1       # seconds before respawning a worker that died
+BACKOFF_MAX = 10.0
+BACKOFF_RESET_AFTER = 30.0     # a worker that ran this long starts the back-off afresh when it dies
+RELOAD_ACK_TIMEOUT = 60.0      # READY=1 after a reload at the latest this long after it began
+OUTBOX_LIMIT = 1 << 20         # bytes waiting for a worker's channel beyond which messages to it are dropped
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+_fork = monkey.get_original("os", "fork")
+_waitpid = monkey.get_original("os", "waitpid")
+_poll = monkey.get_original("select", "poll")
+_signal = monkey.get_original("signal", "signal")
+
+
+def backoff_delay(quick_deaths: int) -> float:
+    """Seconds to wait before respawning a worker that died `quick_deaths` times in a row soon after its start:
+    0.1 s, then doubling up to 10 s; 0 quick deaths (it ran BACKOFF_RESET_AFTER seconds): 0.1 s."""
+    return min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, quick_deaths - 1)))
+
+
+def heartbeat_interval(worker_timeout: float) -> float:
+    """How often a worker beats: several beats per worker_timeout, at most one a second, at least 10 a second."""
+    return max(0.1, min(1.0, worker_timeout / 5))
+
+
+def describe_status(status: int) -> str:
+    """A waitpid status in words: 'exited with status 1', 'killed by signal 9 (SIGKILL)'."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"status {status}"
+
+
+# ---------------------------------------------------------------------------------------------------- the broker
+
+class Broker:
+    """The group's backend connection budget: per key (a pool's budget, a cluster's cap) the slots each worker
+    holds, and the workers refused a slot, to wake when one frees. Pure bookkeeping: the supervisor sends."""
+
+    def __init__(self):
+        self.held: dict[str, dict[int, int]] = {}
+        self.waiting: dict[str, set[int]] = {}
+        self.refusals_total = 0
+
+    def total(self, key: str) -> int:
+        return sum(self.held.get(key, {}).values())
+
+    def acquire(self, worker: int, keys: list) -> tuple[bool, list[str]]:
+        """One slot of every key ([key, limit], limit 0: none) for `worker`, all or nothing: (granted, the keys
+        that are full). A refused worker waits for a `free` of the full keys."""
+        full = [key for key, limit in keys if limit and self.total(key) >= limit]
+        if full:
+            self.refusals_total += 1
+            for key in full:
+                self.waiting.setdefault(key, set()).add(worker)
+            return False, full
+        for key, _ in keys:
+            counts = self.held.setdefault(key, {})
+            counts[worker] = counts.get(worker, 0) + 1
+        return True, []
+
+    def release(self, worker: int, keys: list[str], count: int = 1) -> list[tuple[int, str]]:
+        """`worker` gives back `count` slots of each key: the (worker, key) pairs to tell `free`."""
+        wake = []
+        for key in keys:
+            counts = self.held.get(key, {})
+            left = counts.get(worker, 0) - count
+            if left > 0:
+                counts[worker] = left
+            else:
+                counts.pop(worker, None)
+            if not counts:
+                self.held.pop(key, None)
+            wake += [(other, key) for other in sorted(self.waiting.pop(key, ()))]
+        return wake
+
+    def drop(self, worker: int) -> list[tuple[int, str]]:
+        """A worker died: its slots free; whom to tell `free`."""
+        for waiters in self.waiting.values():
+            waiters.discard(worker)
+        keys = [key for key, counts in self.held.items() if worker in counts]
+        wake = []
+        for key in keys:
+            wake += self.release(worker, [key], self.held[key][worker])
+        return [(w, k) for w, k in wake if w != worker]
+
+    def evict_candidate(self, key: str, besides: int) -> int | None:
+        """The worker holding the most slots of `key` other than `besides` (asked to close an idle one), or None."""
+        counts = self.held.get(key, {})
+        others = [(n, worker) for worker, n in counts.items() if worker != besides and n > 0]
+        return max(others)[1] if others else None
+
+
+# ---------------------------------------------------------------------------------------------------- supervisor
+
+class WorkerState:
+    """What the supervisor knows of one worker index."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.pid = 0
+        self.channel = None          # the supervisor's end (a raw _socket.socket), None while not running
+        self.buffer = b""
+        self.outbox = b""            # what the channel did not take yet (sent when it can)
+        self.started = 0.0
+        self.last_beat = 0.0
+        self.quick_deaths = 0
+        self.restarts = 0
+        self.respawn_at: float | None = None
+        self.ready = False
+        self.generation = 0          # the supervisor's reload count when it forked this worker
+
+
+class Supervisor:
+    """Forks `workers` workers and keeps them running; see the module docstring."""
+
+    def __init__(self, config, engines, workers: int, run_worker, make_listen_socket):
+        self.config = config
+        self.engines = engines
+        self.run_worker = run_worker
+        self.group = os.getpid()
+        self.workers = [WorkerState(i) for i in range(workers)]
+        self.by_fd: dict[int, WorkerState] = {}
+        self.broker = Broker()
+        self.signals: collections.deque = collections.deque()
+        self.stopping_since: float | None = None
+        self.reload_pending: set[int] = set()
+        self.reload_began = 0.0
+        self.reload_open = False        # a reload began; systemd hears READY=1 when it ends
+        self.generation = 0             # reloads so far
+        self.announced_ready = False
+        self.exit_status = 0
+        # The listening sockets, created once: every worker accepts on them (see the module docstring).
+        # SO_REUSEPORT on them too, so that a listener a reload adds (bound by each worker) may share an address.
+        self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
+                        for lc in config.listeners}
+        self.listen_addresses = {lc.name: lc.listen for lc in config.listeners}
+        self.admin_socket = None
+        if config.proxy.admin_listen:
+            from .config import parse_address
+            host, port = parse_address(config.proxy.admin_listen)
+            # Bound here as well, so that a respawned worker 0 serves the admin HTTP server on the same socket.
+            self.admin_socket = make_listen_socket(host, port)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poller = _poll()
+        self.poller.register(self.wake_r, 0x001)
+
+    # ------------------------------------------------------------------ signals: queued, handled by the loop
+
+    def _on_signal(self, signum, frame):
+        if signum != signal.SIGCHLD and len(self.signals) < 10:
+            self.signals.append(signum)
+        try:
+            os.write(self.wake_w, b".")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> int:
+        for signum in HANDLED_SIGNALS:
+            _signal(signum, self._on_signal)
+        for state in self.workers:
+            self.spawn(state)
+        while True:
+            self.reap()
+            if self.stopping_since is not None and not any(s.pid for s in self.workers):
+                break
+            while self.signals:
+                self.handle_signal(self.signals.popleft())
+            now = time.monotonic()
+            self.check_heartbeats(now)
+            self.check_respawns(now)
+            self.check_reload(now)
+            self.check_stop(now)
+            self.wait(self.next_timeout(now))
+        for sock in self.sockets.values():
+            sock.close()
+        if self.admin_socket is not None:
+            self.admin_socket.close()
+        return self.exit_status
+
+    def next_timeout(self, now: float) -> float:
+        timeout = 0.5
+        for state in self.workers:
+            if state.respawn_at is not None:
+                timeout = min(timeout, max(0.0, state.respawn_at - now))
+        return timeout
+
+    def wait(self, timeout: float) -> None:
+        try:
+            events = self.poller.poll(timeout * 1000)
+        except InterruptedError:
+            return
+        for fd, event in events:
+            if fd == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            state = self.by_fd.get(fd)
+            if state is not None and event & 0x004:       # POLLOUT: the rest of what it did not take
+                self.flush(state)
+            state = self.by_fd.get(fd)
+            if state is not None and event & ~0x004:
+                self.read_channel(state)
+
+    def spawn(self, state: WorkerState) -> None:
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        pid = _fork()
+        if pid == 0:
+            self._become_worker(state.index, ours, theirs)    # never returns
+        theirs.close()
+        ours.setblocking(False)
+        state.pid = pid
+        state.channel = ours
+        state.buffer = state.outbox = b""
+        state.started = state.last_beat = time.monotonic()
+        state.respawn_at = None
+        state.ready = False
+        state.generation = self.generation
+        self.by_fd[ours.fileno()] = state
+        self.poller.register(ours.fileno(), 0x001)
+        log.info("worker %d started (pid %d)", state.index, pid)
+
+    def _become_worker(self, index: int, ours, theirs) -> None:
+        code = 1
+        try:
+            for signum in HANDLED_SIGNALS:
+                _signal(signum, signal.SIG_DFL)
+            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
+            _signal(signal.SIGHUP, signal.SIG_IGN)
+            try:
+                ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)    # PR_SET_PDEATHSIG: die with us
+            except (OSError, AttributeError):
+                pass
+            ours.close()
+            for other in self.workers:
+                if other.channel is not None:
+                    other.channel.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            import gevent
+            gevent.reinit()
+            from gevent import socket as gsocket
+            channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
+            code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
+                                   channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket)
+        except BaseException as exc:
+            log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
+            code = 2 if type(exc).__name__ == "UsersFileError" else 1
+        finally:
+            os._exit(code)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = _waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            state = next((s for s in self.workers if s.pid == pid), None)
+            if state is not None:
+                self.worker_died(state, status)
+
+    def worker_died(self, state: WorkerState, status: int) -> None:
+        now = time.monotonic()
+        ran = now - state.started
+        self._close_channel(state)
+        pid, state.pid = state.pid, 0
+        self.reload_pending.discard(state.index)
+        if self.stopping_since is not None:
+            log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status):
+                self.exit_status = self.exit_status or os.WEXITSTATUS(status)
+            return
+        if not state.ready and not self.announced_ready and os.WIFEXITED(status) and os.WEXITSTATUS(status):
+            # It failed to start before the group ever served (a users file, an address): retrying would fail
+            # the same way, so the group stops, as a single process would.
+            log.error("worker %d (pid %d) could not start (%s): stopping", state.index, pid, describe_status(status))
+            self.exit_status = os.WEXITSTATUS(status)
+            self.stop_gracefully()
+            return
+        state.quick_deaths = 0 if ran >= BACKOFF_RESET_AFTER else state.quick_deaths + 1
+        delay = backoff_delay(state.quick_deaths)
+        state.respawn_at = now + delay
+        state.restarts += 1
+        log.error("worker %d (pid %d) %s after %.1f s; respawning it in %.1f s (restart %d)", state.index, pid,
+                  describe_status(status), ran, delay, state.restarts)
+
+    def _close_channel(self, state: WorkerState) -> None:
+        if state.channel is None:
+            return
+        fd = state.channel.fileno()
+        self.by_fd.pop(fd, None)
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        state.channel.close()
+        state.channel = None
+        for worker, key in self.broker.drop(state.index):
+            self.send(self.workers[worker], {"op": "free", "key": key})
+
+    def check_respawns(self, now: float) -> None:
+        if self.stopping_since is not None:
+            return
+        for state in self.workers:
+            if state.respawn_at is not None and state.pid == 0 and now >= state.respawn_at:
+                self.spawn(state)
+
+    def check_heartbeats(self, now: float) -> None:
+        timeout = self.config.proxy.worker_timeout
+        if self.stopping_since is not None:
+            return
+        for state in self.workers:
+            if state.pid and now - state.last_beat > timeout:
+                log.error("worker %d (pid %d) sent no heartbeat for %.1f s (proxy.worker_timeout %g s): killing it",
+                          state.index, state.pid, now - state.last_beat, timeout)
+                state.last_beat = now      # once: its death (reaped) respawns it
+                try:
+                    os.kill(state.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # ------------------------------------------------------------------ signals
+
+    def handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if self.stopping_since is not None:
+                return
+            self.reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stopping_since is None:
+                log.info("%s received: every worker drains its clients (proxy.shutdown_timeout %g s)", name,
+                         self.config.proxy.shutdown_timeout)
+                self.stop_gracefully()
+            elif time.monotonic() - self.stopping_since > 1.0:
+                log.warning("%s received again while draining: killing the workers", name)
+                self.kill_all()
+        elif signum == signal.SIGQUIT:
+            log.warning("SIGQUIT received: killing the workers now")
+            if self.stopping_since is None:
+                from . import systemd
+                systemd.stopping()
+                self.stopping_since = time.monotonic()
+            self.kill_all()
+
+    def stop_gracefully(self) -> None:
+        from . import systemd
+        systemd.stopping()
+        self.stopping_since = time.monotonic()
+        # New clients are refused from now on (rather than queued where no worker accepts any more).
+        for sock in self.sockets.values():
+            sock.close()
+        for state in self.workers:
+            state.respawn_at = None
+            if state.pid:
+                try:
+                    os.kill(state.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def check_stop(self, now: float) -> None:
+        # Workers drain for shutdown_timeout; one that is still there well after is killed.
+        if self.stopping_since is not None and now - self.stopping_since > self.config.proxy.shutdown_timeout + 10:
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        for state in self.workers:
+            if state.pid:
+                try:
+                    os.kill(state.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def reload(self) -> None:
+        """SIGHUP: later workers fork with the new configuration, every worker reloads, and systemd hears READY=1 once
+        each acknowledged it (or died)."""
+        from . import reload as live_reload
+        from . import systemd
+        systemd.reloading()
+        if self.config.source:
+            new, problems = live_reload.read(self.config.source, self.engines)
+            if new is not None and not live_reload.diff(self.config, new).refused:
+                self.config = new
+                # A listener removed or moved: the shared socket closes here too (the workers close theirs), else
+                # clients would queue where no worker accepts. One a reload added is bound by each worker.
+                listens = {lc.name: lc.listen for lc in new.listeners}
+                for name in [name for name in self.sockets if name not in listens or listens[name] !=
+                             self.listen_addresses[name]]:
+                    self.sockets.pop(name).close()
+        self.generation += 1
+        self.reload_began = time.monotonic()
+        self.reload_pending = set()
+        for state in self.workers:
+            # A worker still starting ignores SIGHUP until its handler is set: it is asked once it is ready.
+            if state.pid and state.ready:
+                self.ask_reload(state)
+        log.info("reload: asked %d workers to reload", len(self.reload_pending))
+        self.reload_open = True
+
+    def ask_reload(self, state: WorkerState) -> None:
+        state.generation = self.generation
+        self.reload_pending.add(state.index)
+        try:
+            os.kill(state.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            self.reload_pending.discard(state.index)
+
+    def check_reload(self, now: float) -> None:
+        if not self.reload_open:
+            return
+        if self.reload_pending and now - self.reload_began < RELOAD_ACK_TIMEOUT:
+            return
+        from . import systemd
+        if self.reload_pending:
+            log.warning("reload: workers %s did not acknowledge their reload within %g s", sorted(self.reload_pending),
+                        RELOAD_ACK_TIMEOUT)
+        self.reload_open = False
+        self.reload_pending = set()
+        systemd.ready()
+
+    # ------------------------------------------------------------------ the channels
+
+    def send(self, state: WorkerState, message: dict) -> None:
+        if state.channel is None:
+            return
+        if len(state.outbox) > OUTBOX_LIMIT:
+            # A worker that does not read its channel (stopped) loses messages; its heartbeat will tell.
+            log.warning("worker %d: its channel is full; a %s message was dropped", state.index, message.get("op"))
+            return
+        state.outbox += json.dumps(message).encode() + b"\n"
+        self.flush(state)
+
+    def flush(self, state: WorkerState) -> None:
+        """Send what the channel takes now; the rest when poll says it can take more (whole lines, in order)."""
+        try:
+            while state.outbox:
+                sent = state.channel.send(state.outbox)
+                state.outbox = state.outbox[sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            state.outbox = b""
+        fd = state.channel.fileno()
+        self.poller.modify(fd, 0x001 | (0x004 if state.outbox else 0))
+
+    def read_channel(self, state: WorkerState) -> None:
+        try:
+            data = state.channel.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET,):
+                log.warning("worker %d: channel error: %s", state.index, exc)
+            data = b""
+        if not data:
+            self._close_channel(state)     # it exits; the reap logs and respawns
+            return
+        state.last_beat = time.monotonic()
+        state.buffer += data
+        *lines, state.buffer = state.buffer.split(b"\n")
+        for line in lines:
+            try:
+                self.handle_message(state, json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:      # a bad message must not stop the supervisor
+                log.error("worker %d: bad message on its channel: %r (%s)", state.index, line[:200], exc)
+            if state.channel is None:
+                return
+
+    def handle_message(self, state: WorkerState, message: dict) -> None:
+        op = message.get("op")
+        if op == "acquire":
+            granted, full = self.broker.acquire(state.index, message["keys"])
+            self.send(state, {"op": "granted", "id": message["id"], "ok": granted})
+            for key in full:
+                other = self.broker.evict_candidate(key, state.index)
+                if other is not None:
+                    self.send(self.workers[other], {"op": "evict", "key": key})
+        elif op == "release":
+            for worker, key in self.broker.release(state.index, message["keys"], int(message.get("count", 1))):
+                self.send(self.workers[worker], {"op": "free", "key": key})
+        elif op == "ready":
+            if not state.ready:
+                state.ready = True
+                if state.generation < self.generation:
+                    self.ask_reload(state)     # forked before a reload read the file: it reloads now
+                if not self.announced_ready and all(s.ready for s in self.workers):
+                    from . import systemd
+                    self.announced_ready = True
+                    systemd.ready(f"{len(self.workers)} workers serving {len(self.config.listeners)} listeners")
+        elif op == "reloaded":
+            self.reload_pending.discard(state.index)
+        elif op == "workers":
+            now = time.monotonic()
+            self.send(state, {"op": "reply", "id": message["id"], "workers": [
+                {"worker": s.index, "pid": s.pid, "up": int(bool(s.pid and s.ready)), "restarts": s.restarts,
+                 "uptime_seconds": round(now - s.started, 1) if s.pid else 0.0} for s in self.workers]})
+        # "beat": last_beat is set for every message
+
+
+def run(config, engines, workers: int, run_worker, make_listen_socket) -> int:
+    """Run `workers` workers under a supervisor until SIGTERM/SIGINT (see Supervisor)."""
+    return Supervisor(config, engines, workers, run_worker, make_listen_socket).run()
+
+
+# ---------------------------------------------------------------------------------------------------- worker side
+
+class WorkerLink:
+    """A worker's end of its channel: tells the supervisor it serves, beats, acknowledges reloads, and asks the
+    broker for backend slots (Budget.group_room); closes idle connections when the broker asks (`evict`)."""
+
+    def __init__(self, proxy, channel):
+        import gevent.lock
+        self.proxy = proxy
+        self.channel = channel
+        self.lock = gevent.lock.Semaphore()
+        self.ids = iter(range(1, 1 << 62))
+        self.pending: dict = {}
+        self.wanted: dict[str, int] = {}     # key -> idle connections the broker asked for, to close on release
+        self.late: dict[int, list] = {}      # acquire requests given up on (timeout) -> their keys
+        self.greenlets = []
+        self.closed = False
+
+    def start(self) -> None:
+        import gevent
+        self.greenlets = [gevent.spawn(self._read), gevent.spawn(self._beat)]
+
+    def stop(self) -> None:
+        for greenlet in self.greenlets:
+            greenlet.kill(block=False)
+
+    def send(self, message: dict) -> None:
+        if self.closed:
+            return
+        with self.lock:
+            try:
+                self.channel.sendall(json.dumps(message).encode() + b"\n")
+            except OSError:
+                self.closed = True
+
+    def request(self, message: dict, timeout: float = 5.0):
+        """A message the supervisor answers: its answer, or None (no answer in `timeout`, channel closed)."""
+        from gevent.event import AsyncResult
+        ident = next(self.ids)
+        result = self.pending[ident] = AsyncResult()
+        try:
+            self.send({**message, "id": ident})
+            return result.get(timeout=timeout)
+        except Exception:
+            if message.get("op") == "acquire":
+                self.late[ident] = message["keys"]     # a grant arriving after all goes straight back
+            return None
+        finally:
+            self.pending.pop(ident, None)
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = self.channel.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                log.warning("worker %d: the supervisor's channel closed", self.proxy.worker)
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    self._handle(json.loads(line))
+                except Exception:
+                    log.exception("worker %d: bad message from the supervisor", self.proxy.worker)
+
+    def _handle(self, message: dict) -> None:
+        import gevent
+        op = message.get("op")
+        if op in ("granted", "reply"):
+            waiter = self.pending.get(message.get("id"))
+            if waiter is not None:
+                waiter.set(message)
+            keys = self.late.pop(message.get("id"), None)
+            if keys is not None and message.get("ok"):
+                self.send({"op": "release", "keys": [k for k, _ in keys], "count": 1})
+        elif op == "free":
+            for budget in self._budgets(message["key"]):
+                gevent.spawn(self.retry, budget)
+        elif op == "evict":
+            self.evict(message["key"])
+
+    def _beat(self) -> None:
+        import gevent
+        while True:
+            self.send({"op": "beat"})
+            # Read each round: a reload may change worker_timeout (the supervisor reads it from the file too).
+            gevent.sleep(heartbeat_interval(self.proxy.config.proxy.worker_timeout))
+            # Slots held beyond what the budgets use go back (a failed connect in fill, a lost wake-up), and
+            # budgets with waiters ask again: nothing stays stuck on a lost message.
+            for budget in self.budgets():
+                if self._has_waiters(budget):
+                    gevent.spawn(self.retry, budget)
+                else:
+                    self.trim(budget)
+
+    # ------------------------------------------------------------------ the broker, seen from a budget
+
+    def budgets(self) -> list:
+        seen = {}
+        for pool in list(self.proxy.pools.values()):
+            seen[id(pool.budget)] = pool.budget
+        return list(seen.values())
+
+    @staticmethod
+    def keys(budget) -> list:
+        keys = [["budget:" + budget.label, budget.config.max_size]]
+        if budget.cap is not None:
+            keys.append(["cap:" + budget.cap.label, budget.cap.limit])
+        return keys
+
+    def _budgets(self, key: str) -> list:
+        return [b for b in self.budgets() if key in (k for k, _ in self.keys(b))]
+
+    @staticmethod
+    def _has_waiters(budget) -> bool:
+        return any(not w.ready() for pool in budget.pools for w in pool.waiters)
+
+    def acquire(self, budget) -> bool:
+        """One more slot of the group for `budget` (a round trip): True when granted (budget.held counts it)."""
+        if self.closed:
+            return False
+        answer = self.request({"op": "acquire", "keys": self.keys(budget)})
+        if answer is None or not answer.get("ok"):
+            return False
+        budget.held += 1
+        return True
+
+    def trim(self, budget) -> None:
+        """Give back the slots `budget` holds beyond its connections, when no borrower of it waits."""
+        surplus = budget.held - budget.size
+        if surplus > 0 and not self._has_waiters(budget):
+            budget.held -= surplus
+            self.send({"op": "release", "keys": [k for k, _ in self.keys(budget)], "count": surplus})
+
+    def retry(self, budget) -> None:
+        """A slot came free in the group: the longest waiter of `budget` gets it, if the broker grants it."""
+        if not self._has_waiters(budget) or budget.size >= budget.config.max_size:
+            self.trim(budget)
+            return
+        if budget.held <= budget.size and not self.acquire(budget):
+            return
+        budget.hand_slot()
+        self.trim(budget)
+
+    def evict(self, key: str) -> None:
+        """The broker asks for an idle connection of `key` for another worker: the oldest idle one closes now, else
+        the next one given back does (take_wanted)."""
+        oldest = None
+        for budget in self._budgets(key):
+            for pool in budget.pools:
+                if pool.idle:
+                    conn = next(iter(pool.idle))
+                    if oldest is None or conn.last_used < oldest.last_used:
+                        oldest = conn
+        if oldest is not None:
+            oldest.pool._evict(oldest)
+            return
+        self.wanted[key] = min(self.wanted.get(key, 0) + 1, 64)
+
+    def take_wanted(self, budget) -> bool:
+        """Whether a connection `budget` gets back closes for another worker instead of idling (see evict)."""
+        for key, _ in self.keys(budget):
+            if self.wanted.get(key):
+                self.wanted[key] -= 1
+                return True
+        return False
