@@ -15,7 +15,7 @@ from gevent import socket
 from gevent.event import Event
 
 from . import reload as live_reload
-from . import systemd
+from . import systemd, takeover
 from .acceptor import Acceptor
 from .admin import Console
 from .audit import AuditLog
@@ -113,7 +113,9 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, listen_sockets: dict | None = None) -> None:
+    def start(self, listen_sockets: dict | None = None, admin_socket=None) -> None:
+        """Accept on the listeners (on `listen_sockets` by listener name where given, and the admin HTTP server on
+        `admin_socket`: the sockets a takeover brought)."""
         for rt in self.listeners:
             host, port = rt.config.listen
             sock = (listen_sockets or {}).get(rt.config.name)
@@ -121,7 +123,7 @@ class Proxy:
                 sock = make_listen_socket(host, port)
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
-            self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+            self.admin = start_admin_server(self.config.proxy.admin_listen, self, admin_socket)
         elif self.config.proxy.admin_listen and self.worker_count > 1:
             from .status_page import Sampler   # the status page in worker 0 shows this worker's pools too
             Sampler(self).start()
@@ -161,21 +163,26 @@ class Proxy:
                 session.reject = reject
                 session.run()
                 return
-            rt.connections += 1
-            self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
             metrics.client_connections_total += 1
-            self.sessions.add(session)
-            try:
-                session.run()
-            finally:
-                self.sessions.discard(session)
-                rt.connections -= 1
-                left = self.connections_by_address[source] - 1
-                if left:
-                    self.connections_by_address[source] = left
-                else:
-                    del self.connections_by_address[source]
+            self.serve_session(rt, session, source, session.run)
         return handle
+
+    def serve_session(self, rt: ListenerRuntime, session: Session, source: str, run) -> None:
+        """Count `session` as a client of `rt` from `source` while `run` serves it (Session.run for a client accepted
+        here, Session.resume for one a takeover brought)."""
+        rt.connections += 1
+        self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
+        self.sessions.add(session)
+        try:
+            run()
+        finally:
+            self.sessions.discard(session)
+            rt.connections -= 1
+            left = self.connections_by_address[source] - 1
+            if left:
+                self.connections_by_address[source] = left
+            else:
+                del self.connections_by_address[source]
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let clients finish for `timeout` seconds, then close everything."""
@@ -665,24 +672,38 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
     return sock
 
 
-def run_forever(config: Config, engines: dict) -> int:
-    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload)."""
+def run_forever(config: Config, engines: dict, take_over: bool = False) -> int:
+    """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload).
+    With `take_over`, take the listeners and idle clients over from the running process first (multiproxy.takeover)."""
     workers = config.proxy.workers
     if workers <= 1:
-        return _run_worker(config, engines, 0, None)
+        return _run_worker(config, engines, 0, None, take_over=take_over)
+    if take_over:
+        raise takeover.TakeoverError(takeover.WORKERS_REFUSAL)
     return _run_workers(config, engines, workers)
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0,
-                ready_fd: int | None = None) -> int:
+                ready_fd: int | None = None, take_over: bool = False) -> int:
     """One process serving the listeners. Alone (ready_fd None) it tells systemd its state itself; a forked worker
-    writes one byte to ready_fd once it serves, and its parent tells systemd."""
+    writes one byte to ready_fd once it serves, and its parent tells systemd. Alone, it also listens for a takeover
+    (proxy.takeover_socket), and with `take_over` starts with one (multiproxy.takeover)."""
     proxy = Proxy(config, engines, worker)
     if config.proxy.workers > 1:
         proxy.listen_for_cancels(config.proxy.workers, group)
-    proxy.start(listen_sockets)
+    donor = takeover.take_over(proxy) if take_over else None
+    if donor is not None:
+        proxy.start(donor.listen_sockets, donor.admin_socket)
+        donor.accepting()
+    else:
+        proxy.start(listen_sockets)
     done = proxy.shutdown_requested
     alone = ready_fd is None
+    takeovers = None
+    if alone and takeover.socket_path(config):
+        takeovers = takeover.TakeoverListener(proxy, takeover.socket_path(config))
+        if donor is None:
+            takeovers.start()
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
@@ -699,12 +720,23 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
-    if alone:
+    if donor is not None:
+        # The service's main process is this one now (systemd needs NotifyAccess=all to hear it from a new pid).
+        takeover.notify_main_pid(f"serving {len(config.listeners)} listeners, taken over from pid {donor.peer}")
+
+        def receive():
+            donor.receive_clients()
+            if takeovers is not None and not done.is_set():
+                takeovers.start()        # the old process has let go of the socket's path
+        gevent.spawn(receive)
+    elif alone:
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     done.wait()
+    if takeovers is not None:
+        takeovers.close()
     if alone:
         systemd.stopping()
     proxy.stop()
