@@ -238,3 +238,144 @@ def test_tds_idle_clients_keep_their_connections_and_session(tds_lab, proxy_fact
     raw.close()
     conn.close()
     new.stop()
+
+
+# -- under load: zero failed transactions ----------------------------------------------------------------
+
+def client_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGPASSFILE"] = os.devnull
+    env["LC_ALL"] = "C"
+    return env
+
+
+PGBENCH_CLIENTS = 8
+PGBENCH_TRANSACTIONS = 1500
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["simple", "prepared"])
+def test_pg_takeover_under_pgbench_load(pg, proxy_factory, tmp_path, mode):
+    """pgbench -c 8 against a pool of 4 while a takeover happens: every client is handed over as it becomes idle
+    between transactions; pgbench counts no failure and the rows add up."""
+    old = proxy_factory(pg_config(pg, tmp_path, max_size=4, drain=30.0))
+    base = ["-h", old.host, "-p", str(old.port), "-U", USER]
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", *base, AUTH_DB], capture_output=True, text=True,
+                          env=client_env(), timeout=120)
+    assert init.returncode == 0, init.stderr
+    bench = subprocess.Popen(["pgbench", "-n", "-M", mode, "-c", str(PGBENCH_CLIENTS), "-j", "2", "-t",
+                              str(PGBENCH_TRANSACTIONS), *base, AUTH_DB], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=client_env())
+    try:
+        time.sleep(1.5)
+        assert bench.poll() is None, bench.communicate()
+        new = take_over(old, tmp_path)
+        out, err = bench.communicate(timeout=180)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 0, f"pgbench failed:\n{out}\n{err}"
+    total = PGBENCH_CLIENTS * PGBENCH_TRANSACTIONS
+    processed = re.search(r"number of transactions actually processed: (\d+)/(\d+)", out)
+    assert processed and processed.groups() == (str(total), str(total)), out
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is None or failed.group(1) == "0", out
+    assert "error" not in err.lower(), err
+    assert took_over(new) == (1, PGBENCH_CLIENTS)     # every pgbench client went to the new process
+    assert pg.psql("SELECT count(*) FROM pgbench_history;", db=AUTH_DB) == str(total)
+    sums = pg.psql("SELECT (SELECT sum(delta) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts), "
+                   "(SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(tbalance) FROM pgbench_tellers);",
+                   db=AUTH_DB)
+    history, accounts, branches, tellers = sums.split("|")
+    assert history == accounts == branches == tellers
+    new.stop()
+
+
+def innodb_deadlocks(mariadb) -> int:
+    return int(mariadb.sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'").split()[1])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workload", ["oltp_point_select", "oltp_read_write"])
+def test_mysql_takeover_under_sysbench_load(mariadb, proxy_factory, tmp_path, workload):
+    """sysbench with server-side prepared statements, 8 threads over 4 backends, through a takeover: no error, no
+    reconnect. (oltp_read_write's own deadlocks, which sysbench retries as 'ignored errors', are the server's: as many
+    as InnoDB counted.)"""
+    from .mysqlkit import APP_PASSWORD, APP_USER, DB, users_toml
+    old = proxy_factory(my_config(mariadb, tmp_path, max_size=4, drain=30.0), files={"users.toml": users_toml()})
+    common = [f"--mysql-user={APP_USER}", f"--mysql-password={APP_PASSWORD}", f"--mysql-db={DB}", "--tables=1",
+              "--table-size=1000", "--mysql-ssl=off", "--db-driver=mysql", f"--mysql-host={old.host}"]
+    at_old = [*common, f"--mysql-port={old.port}"]
+    subprocess.run(["sysbench", workload, "cleanup", *at_old], capture_output=True, timeout=60)
+    prepared = subprocess.run(["sysbench", workload, "prepare", *at_old], capture_output=True, text=True, timeout=120)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    deadlocks = innodb_deadlocks(mariadb)
+    bench = subprocess.Popen(["sysbench", workload, "run", "--threads=8", "--time=12", "--db-ps-mode=auto", *at_old],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    new = None
+    try:
+        time.sleep(2.0)
+        assert bench.poll() is None, bench.communicate()
+        new = take_over(old, tmp_path)
+        out, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        if new is not None:
+            subprocess.run(["sysbench", workload, "cleanup", *common, f"--mysql-port={new.port}"],
+                           capture_output=True, timeout=60)
+    assert bench.returncode == 0, out
+    assert int(re.search(r"transactions:\s+(\d+)", out).group(1)) > 50, out
+    assert int(re.search(r"reconnects:\s+(\d+)", out).group(1)) == 0, out
+    ignored = int(re.search(r"ignored errors:\s+(\d+)", out).group(1))
+    assert ignored == innodb_deadlocks(mariadb) - deadlocks, out
+    if workload == "oltp_point_select":
+        assert ignored == 0, out
+    assert took_over(new) == (1, 8)
+    new.stop()
+
+
+TDS_CLIENTS = 6
+TDS_ROUNDS = 150
+
+
+@pytest.mark.timeout(240)
+def test_tds_takeover_under_pymssql_load(tds_lab, proxy_factory, tmp_path):
+    """pymssql clients looping INSERT and SELECT over a pool of 3 through a takeover: no failure, every row there."""
+    from .test_tds_proxy import ms
+    old = proxy_factory(tds_setup(tds_lab, tmp_path, max_size=3, drain=30.0), files=tds_files())
+    table = f"takeover_{os.getpid()}"
+    with ms(old) as setup:
+        setup.cursor().execute(f"CREATE TABLE {table} (client INT, n INT)")
+    failures: list = []
+    progress = [0] * TDS_CLIENTS
+
+    def work(i):
+        conn = ms(old)
+        try:
+            for n in range(TDS_ROUNDS):
+                cur = conn.cursor()
+                cur.execute(f"INSERT INTO {table} VALUES (%d, %d)", (i, n))
+                cur.execute(f"SELECT COUNT(*) FROM {table} WHERE client = %d", (i,))
+                assert cur.fetchone()[0] == n + 1
+                progress[i] = n + 1
+                time.sleep(0.01)
+        except Exception as exc:  # noqa: BLE001  every failure is reported
+            failures.append(f"client {i}: {exc!r}")
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(TDS_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    assert wait_for(lambda: min(progress) >= 10, 30), progress
+    new = take_over(old, tmp_path)
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert took_over(new) == (1, TDS_CLIENTS)
+    with ms(new) as check:
+        cur = check.cursor()
+        cur.execute(f"SELECT COUNT(*) FROM {table}")
+        assert cur.fetchone()[0] == TDS_CLIENTS * TDS_ROUNDS
+        cur.execute(f"DROP TABLE {table}")
+    new.stop()
