@@ -379,3 +379,102 @@ def test_tds_takeover_under_pymssql_load(tds_lab, proxy_factory, tmp_path):
         assert cur.fetchone()[0] == TDS_CLIENTS * TDS_ROUNDS
         cur.execute(f"DROP TABLE {table}")
     new.stop()
+
+
+# -- the drain: busy clients go once idle, or finish with the old process --------------------------------------
+
+@pytest.mark.timeout(120)
+def test_pg_client_in_a_transaction_goes_once_it_commits(pg, proxy_factory, tmp_path):
+    old = proxy_factory(pg_config(pg, tmp_path, drain=20.0))
+    table = f"drain_{os.getpid()}"
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, connect_timeout=CONNECT_TIMEOUT)
+    conn.execute(f"CREATE TABLE {table} (n int)")
+    conn.commit()
+    conn.execute(f"INSERT INTO {table} VALUES (1)")        # a transaction open (psycopg's implicit BEGIN)
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"),
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    assert wait_for(lambda: "handing this process over" in old.log_text(), 20), old.log_tail()
+    time.sleep(1.0)
+    assert old.running and "took over" not in new.log_text()     # the old process waits for it
+    conn.commit()
+    assert wait_for(lambda: "took over" in new.log_text(), 20), new.log_tail()
+    assert took_over(new) == (1, 1)
+    assert wait_for(lambda: not old.running, 20) and old.stop() == 0
+    conn.execute(f"INSERT INTO {table} VALUES (2)")
+    conn.commit()
+    assert [row[0] for row in conn.execute(f"SELECT n FROM {table} ORDER BY n")] == [1, 2]
+    conn.execute(f"DROP TABLE {table}")
+    conn.commit()
+    conn.close()
+    new.stop()
+
+
+@pytest.mark.timeout(120)
+def test_pg_client_busy_past_the_drain_finishes_with_the_old_process(pg, proxy_factory, tmp_path):
+    config = pg_config(pg, tmp_path, drain=1.0)
+    config["proxy"]["shutdown_timeout"] = 20.0
+    old = proxy_factory(config)
+    table = f"stays_{os.getpid()}"
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, connect_timeout=CONNECT_TIMEOUT)
+    conn.execute(f"CREATE TABLE {table} (n int)")
+    conn.commit()
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    idle = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"),
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    assert wait_for(lambda: "took over" in new.log_text(), 20), new.log_tail()
+    assert took_over(new) == (1, 1)                           # the idle one
+    assert "1 clients stayed there" in new.log_text()
+    assert old.running                                        # finishing the busy one's transaction
+    conn.commit()                                             # the transaction completes on the old process
+    assert wait_for(lambda: not old.running, 20) and old.stop() == 0
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")                              # then its connection was closed, as in a graceful stop
+    assert idle.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1
+    idle.execute(f"DROP TABLE {table}")
+    idle.close()
+    new.stop()
+
+
+# -- refusals: nothing changes for the running process -------------------------------------------------------
+
+def run_takeover(config_text: str, workdir) -> subprocess.CompletedProcess:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "multiproxy.toml")
+    with open(path, "w") as f:
+        f.write(config_text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "multiproxy", "run", "--takeover", "-c", path], capture_output=True,
+                          text=True, timeout=60, cwd=workdir, env=env)
+
+
+@pytest.mark.timeout(120)
+def test_takeover_refusals_leave_the_running_process_serving(pg, proxy_factory, tmp_path):
+    from .proxy import render_toml
+    config = pg_config(pg, tmp_path)
+    old = proxy_factory(config)
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    # another listener list
+    other = dict(config, listeners=[{**config["listeners"][0], "listen": f"127.0.0.1:{free_port()}"}],
+                 proxy={**config["proxy"], "admin_listen": ""})
+    refused = run_takeover(render_toml(other), tmp_path / "other")
+    assert refused.returncode == 1
+    assert "serves other listeners: listener 'pg' is postgres on 127.0.0.1" in refused.stderr, refused.stderr
+    # workers > 1
+    workers = dict(config, proxy={**config["proxy"], "workers": 2})
+    refused = run_takeover(render_toml(workers), tmp_path / "workers")
+    assert refused.returncode == 1 and "takeover with workers > 1 is not supported yet" in refused.stderr
+    # nobody to take over
+    nobody = dict(config, proxy={**config["proxy"], "takeover_socket": str(tmp_path / "none.sock")})
+    refused = run_takeover(render_toml(nobody), tmp_path / "nobody")
+    assert refused.returncode == 1 and "cannot reach a running multiproxy at" in refused.stderr, refused.stderr
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    with psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True) as fresh:
+        assert fresh.execute("SELECT 2").fetchone()[0] == 2
+    assert old.running
+    # and a takeover after them still works
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (1, 1)
+    assert conn.execute("SELECT 3").fetchone()[0] == 3
+    conn.close()
+    new.stop()
