@@ -478,3 +478,32 @@ def test_takeover_refusals_leave_the_running_process_serving(pg, proxy_factory, 
     assert conn.execute("SELECT 3").fetchone()[0] == 3
     conn.close()
     new.stop()
+
+
+# -- TLS clients stay with the old process --------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_pg_tls_clients_stay_and_finish_with_the_old_process(pg, proxy_factory, tmp_path):
+    """Python's ssl cannot export a TLS session: a TLS client stays (counted), the plaintext one goes."""
+    from .test_pg_tls import write_pki
+    pki = write_pki(str(tmp_path), "takeover")
+    config = pg_config(pg, tmp_path, drain=1.0)
+    config["listeners"][0].update(tls_cert_file=pki["cert"], tls_key_file=pki["key"])
+    old = proxy_factory(config)
+    secure = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True,
+                             sslmode="require")
+    assert secure.info.pgconn.ssl_in_use
+    plain = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True,
+                            sslmode="disable")
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (1, 1)
+    assert "1 clients stayed there, 1 of them TLS" in new.log_text()
+    assert plain.execute("SELECT 1").fetchone()[0] == 1
+    with pytest.raises(psycopg.OperationalError):
+        secure.execute("SELECT 1")                   # closed by the old process at its end; it reconnects
+    again = psycopg.connect(host=new.host, port=new.port, user=USER, dbname=AUTH_DB, autocommit=True,
+                            sslmode="require")
+    assert again.execute("SELECT 2").fetchone()[0] == 2
+    for conn in (secure, plain, again):
+        conn.close()
+    new.stop()
