@@ -672,9 +672,10 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
     return sock
 
 
-def run_forever(config: Config, engines: dict, take_over: bool = False) -> int:
+def run_forever(config: Config, engines: dict, take_over: bool | str = False) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload).
-    With `take_over`, take the listeners and idle clients over from the running process first (multiproxy.takeover)."""
+    With `take_over`, take the listeners and idle clients over from the running process first (multiproxy.takeover);
+    "if-running": only when one runs."""
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None, take_over=take_over)
@@ -684,14 +685,14 @@ def run_forever(config: Config, engines: dict, take_over: bool = False) -> int:
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0,
-                ready_fd: int | None = None, take_over: bool = False) -> int:
+                ready_fd: int | None = None, take_over: bool | str = False) -> int:
     """One process serving the listeners. Alone (ready_fd None) it tells systemd its state itself; a forked worker
     writes one byte to ready_fd once it serves, and its parent tells systemd. Alone, it also listens for a takeover
     (proxy.takeover_socket), and with `take_over` starts with one (multiproxy.takeover)."""
     proxy = Proxy(config, engines, worker)
     if config.proxy.workers > 1:
         proxy.listen_for_cancels(config.proxy.workers, group)
-    donor = takeover.take_over(proxy) if take_over else None
+    donor = takeover.take_over(proxy, required=take_over != "if-running") if take_over else None
     if donor is not None:
         proxy.start(donor.listen_sockets, donor.admin_socket)
         donor.accepting()

@@ -51,6 +51,10 @@ class TakeoverError(Exception):
     """The takeover could not start (no running process, another version, other listeners); nothing was handed over."""
 
 
+class NobodyRunning(TakeoverError):
+    """No process listens on the takeover socket."""
+
+
 def socket_path(config) -> str:
     """Where a process of `config` listens for a takeover: [proxy] takeover_socket ("auto": in /run/multiproxy when
     it is a writable directory, else in the temporary directory, named after the first listener's port); ""
@@ -332,7 +336,7 @@ class Takeover:
             conn.connect(self.path)
         except OSError as exc:
             conn.close()
-            raise TakeoverError(f"cannot reach a running multiproxy at {self.path} ({exc.strerror or exc}): is one "
+            raise NobodyRunning(f"cannot reach a running multiproxy at {self.path} ({exc.strerror or exc}): is one "
                                 "running with this config (workers = 1, the same proxy.takeover_socket)?") from None
         self.conn = conn
         self.reader = reader = RecordReader(conn)
@@ -456,10 +460,17 @@ def _listener_mismatch(theirs: list, ours: list) -> str:
     return "; ".join(problems)
 
 
-def take_over(proxy) -> Takeover:
-    """Connect to the running process of `proxy`'s config and take its listening sockets (Takeover.connect)."""
+def take_over(proxy, required: bool = True) -> Takeover | None:
+    """Connect to the running process of `proxy`'s config and take its listening sockets (Takeover.connect). Not
+    `required`: None when no process listens on the takeover socket (this one then starts as without a takeover)."""
     takeover = Takeover(proxy, socket_path(proxy.config))
-    takeover.connect()
+    try:
+        takeover.connect()
+    except NobodyRunning as exc:
+        if required:
+            raise
+        log.info("takeover: %s; starting without one", exc)
+        return None
     return takeover
 
 

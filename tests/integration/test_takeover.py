@@ -507,3 +507,25 @@ def test_pg_tls_clients_stay_and_finish_with_the_old_process(pg, proxy_factory, 
     for conn in (secure, plain, again):
         conn.close()
     new.stop()
+
+
+@pytest.mark.timeout(120)
+def test_takeover_if_running_starts_alone_then_takes_over(pg, tmp_path):
+    """The one command a service manager runs for every start: alone at first, a takeover afterwards."""
+    argv = [sys.executable, "-m", "multiproxy", "run", "--takeover-if-running", "-c"]
+    first = ProxyProcess(pg_config(pg, tmp_path), workdir=str(tmp_path / "first"), argv=argv).start()
+    try:
+        assert "starting without one" in first.log_text()
+        conn = psycopg.connect(host=first.host, port=first.port, user=USER, dbname=AUTH_DB, autocommit=True)
+        conn.execute("SET application_name = 'blue-green'")
+        second = ProxyProcess(first.config_text, workdir=str(tmp_path / "second"), argv=argv).start()
+        try:
+            assert wait_for(lambda: "took over" in second.log_text(), 30), second.log_tail()
+            assert wait_for(lambda: not first.running, 30) and first.stop() == 0
+            assert took_over(second) == (1, 1)
+            assert conn.execute("SHOW application_name").fetchone()[0] == "blue-green"
+            conn.close()
+        finally:
+            second.stop()
+    finally:
+        first.stop()
