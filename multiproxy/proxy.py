@@ -72,6 +72,13 @@ class ListenerRuntime:
 class Proxy:
     """Everything one worker process runs."""
 
+    # While a takeover drains this process: called with each session that has just given its backend back, so that
+    # an idle client goes to the new process at once (multiproxy.takeover).
+    idle_hook = None
+    # After a takeover, while the old process still finishes its clients: passes it a cancel for a key not known here
+    # (returns True when passed).
+    cancel_elsewhere = None
+
     def __init__(self, config: Config, engines: dict, worker: int = 0):
         self.config = config
         self.engines = engines                # name -> Engine instance
@@ -587,6 +594,8 @@ class Proxy:
                 return
         session = self.by_cancel_key.get(key)
         if session is None:
+            if self.cancel_elsewhere is not None and self.cancel_elsewhere(key, engine, terminate):
+                return
             self.metrics.cancels_ignored += 1
             return
         backend = session.cancel_target()
@@ -725,11 +734,10 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         # The service's main process is this one now (systemd needs NotifyAccess=all to hear it from a new pid).
         takeover.notify_main_pid(f"serving {len(config.listeners)} listeners, taken over from pid {donor.peer}")
 
-        def receive():
-            donor.receive_clients()
+        def taken_over():
             if takeovers is not None and not done.is_set():
                 takeovers.start()        # the old process has let go of the socket's path
-        gevent.spawn(receive)
+        gevent.spawn(donor.receive_clients, taken_over)
     elif alone:
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:

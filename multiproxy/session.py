@@ -577,6 +577,9 @@ class Session:
         elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
+                idle_hook = getattr(self.proxy, "idle_hook", None)
+                if idle_hook is not None:
+                    idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
                 # failover would (its session state cannot move).

@@ -177,8 +177,8 @@ class TakeoverListener:
             self.busy = False
             conn.close()
             return
-        conn.close()
-        # This process is done: what stayed ends as in a graceful stop, then it exits 0.
+        # This process is done: what stayed ends as in a graceful stop, then it exits 0 (which closes the connection,
+        # over which the new process passes the cancels of the clients still here until then).
         proxy.shutdown_requested.set()
 
 
@@ -229,20 +229,39 @@ class Handover:
             proxy.admin.stop()
             proxy.admin = None
         proxy.stopping = True
+        gevent.spawn(self._receive_cancels)
         self._drain(peer)
         return True
+
+    def _receive_cancels(self) -> None:
+        """Cancels (PostgreSQL's cancel request, MySQL's KILL) that reached the new process for clients still here."""
+        try:
+            while True:
+                record, fds = self.reader.read()
+                for fd in fds:
+                    os.close(fd)
+                if record.get("type") == "cancel":
+                    self.proxy.cancel(decode(record["key"]), None, bool(record.get("terminate")))
+        except (HandoverError, OSError):
+            pass        # the new process ended the connection (or went away)
 
     def _drain(self, peer) -> None:
         proxy = self.proxy
         deadline = time.monotonic() + proxy.config.proxy.takeover_drain_timeout
-        while True:
-            for session in list(proxy.sessions):
-                if self.failed:
+        # A client goes the moment its backend goes back to the pool (Session.on_backend_data calls the hook);
+        # the sweep finds the others (idle since before the takeover, or whose hook call found them busy).
+        proxy.idle_hook = self.try_hand
+        try:
+            while True:
+                for session in list(proxy.sessions):
+                    if self.failed:
+                        break
+                    self.try_hand(session)
+                if self.failed or not proxy.sessions or time.monotonic() >= deadline:
                     break
-                self.try_hand(session)
-            if self.failed or not proxy.sessions or time.monotonic() >= deadline:
-                break
-            gevent.sleep(DRAIN_SWEEP)
+                gevent.sleep(DRAIN_SWEEP)
+        finally:
+            proxy.idle_hook = None
         stayed = len(proxy.sessions)
         tls = sum(1 for session in proxy.sessions if type(session.sock) is not ClientSocket)
         _counts(proxy)["stayed"] += stayed
@@ -257,7 +276,7 @@ class Handover:
     def try_hand(self, session) -> bool:
         """Hand `session` over if it waits for its client's next request and its engine can export it."""
         sock = session.sock
-        if (type(sock) is not ClientSocket or session.backend is not None or session.pool is None
+        if (self.failed or type(sock) is not ClientSocket or session.backend is not None or session.pool is None
                 or session.client_gone or session.leftover or session.proto is None):
             return False
         watcher = sock._read_event
@@ -382,17 +401,22 @@ class Takeover:
         """This process accepts on the listeners: the old one may stop, and send its clients."""
         send_record(self.conn, {"type": "accepting"})
 
-    def receive_clients(self) -> None:
-        """Serve each client the old process sends, until its done record (or its end)."""
+    def receive_clients(self, on_done=None) -> None:
+        """Serve each client the old process sends until its done record, then call `on_done`; until the old process
+        exits, pass it the cancels for keys not known here (its clients that stayed)."""
         proxy = self.proxy
         reader = self.reader
+        proxy.cancel_elsewhere = self.pass_cancel
         try:
             while True:
                 record, fds = reader.read()
                 kind = record.get("type")
                 if kind == "done":
                     self.summary = record
-                    break
+                    self._log_done()
+                    if on_done is not None:
+                        on_done()
+                    continue
                 if kind != "client" or len(fds) != 1:
                     for fd in fds:
                         os.close(fd)
@@ -408,14 +432,31 @@ class Takeover:
                     except OSError:
                         pass
         except (HandoverError, OSError) as exc:
-            log.warning("takeover: the old process ended the handover early: %s", exc)
+            if not self.summary:
+                log.warning("takeover: the old process ended the handover early: %s", exc)
+                self._log_done()
+                if on_done is not None:
+                    on_done()
+            else:
+                log.info("takeover: the old process (pid %s) has exited", self.peer)
         finally:
+            proxy.cancel_elsewhere = None
             reader.close_unclaimed()
             self.conn.close()
+
+    def _log_done(self) -> None:
         summary = self.summary
         log.info("took over %d listeners and %d clients from pid %s (%d clients stayed there, %d of them TLS)",
                  len(self.listen_sockets), self.taken, self.peer, summary.get("stayed", 0), summary.get("tls", 0))
         systemd.notify(f"STATUS=took over {self.taken} clients from pid {self.peer}")
+
+    def pass_cancel(self, key, engine, terminate: bool) -> bool:
+        """A cancel for a key not known here: the old process may still serve that client (Proxy.cancel_elsewhere)."""
+        try:
+            send_record(self.conn, {"type": "cancel", "key": encode(key), "terminate": bool(terminate)})
+        except (OSError, TypeError, ValueError):
+            return False
+        return True
 
     def adopt(self, record: dict, fd: int) -> Session:
         """Serve a client handed over by the old process: its session resumes from its next request."""

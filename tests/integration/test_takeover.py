@@ -529,3 +529,36 @@ def test_takeover_if_running_starts_alone_then_takes_over(pg, tmp_path):
             second.stop()
     finally:
         first.stop()
+
+
+@pytest.mark.timeout(120)
+def test_pg_cancel_of_a_client_that_stayed_reaches_the_old_process(pg, proxy_factory, tmp_path):
+    """The cancel request arrives at the new process (it holds the listener); it passes the unknown key to the old
+    process, which still serves that client."""
+    config = pg_config(pg, tmp_path, drain=1.0)
+    config["proxy"]["shutdown_timeout"] = 30.0
+    old = proxy_factory(config)
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    outcome = []
+
+    def sleep():
+        try:
+            conn.execute("SELECT pg_sleep(25)")
+            outcome.append("finished")
+        except psycopg.errors.QueryCanceled as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=sleep)
+    thread.start()
+    time.sleep(0.5)
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"),
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    assert wait_for(lambda: "took over" in new.log_text(), 20), new.log_tail()
+    assert took_over(new) == (1, 0) and "1 clients stayed there" in new.log_text()
+    started = time.monotonic()
+    conn.cancel()
+    thread.join(15)
+    assert outcome and isinstance(outcome[0], psycopg.errors.QueryCanceled), outcome
+    assert time.monotonic() - started < 5
+    assert wait_for(lambda: not old.running, 30) and old.stop() == 0
+    conn.close()
+    new.stop()
