@@ -744,9 +744,10 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     done.wait()
+    handed_over = takeovers is not None and takeovers.handed_over
     if takeovers is not None:
         takeovers.close()
-    if alone:
+    if alone and not handed_over:       # after a takeover the service goes on, in the new process
         systemd.stopping()
     proxy.stop()
     return 0

@@ -91,6 +91,7 @@ class TakeoverListener:
         self.sock = None
         self.greenlet = None
         self.busy = False
+        self.handed_over = False        # this process gave its listeners away: it ends without STOPPING=1
 
     def start(self) -> None:
         """Bind the socket (0600: only this user may take the process over); a stale file of a dead process is
@@ -179,6 +180,7 @@ class TakeoverListener:
             return
         # This process is done: what stayed ends as in a graceful stop, then it exits 0 (which closes the connection,
         # over which the new process passes the cancels of the clients still here until then).
+        self.handed_over = True
         proxy.shutdown_requested.set()
 
 
@@ -200,6 +202,7 @@ class Handover:
         record, _ = self.reader.read()
         check_hello(record, "new process")
         peer = record.get("pid")
+        self.peer_admin_listen = record.get("admin_listen")
         if proxy.worker_count > 1 or proxy.config.proxy.workers > 1:
             send_record(self.conn, {"type": "refused", "reason": WORKERS_REFUSAL})
             return False
@@ -216,6 +219,11 @@ class Handover:
         names = [rt.config.name for rt in proxy.listeners]
         fds = [rt.acceptor.sock.fileno() for rt in proxy.listeners]
         admin = proxy.admin is not None and getattr(proxy.admin, "socket", None) is not None
+        if admin and self.peer_admin_listen != proxy.config.proxy.admin_listen:
+            # The new process serves its admin server elsewhere (or none): it binds its own; this one's goes now.
+            proxy.admin.stop()
+            proxy.admin = None
+            admin = False
         if admin:
             fds.append(proxy.admin.socket.fileno())
         send_record(self.conn, {"type": "listeners", "names": names, "admin": admin}, fds)
@@ -360,7 +368,8 @@ class Takeover:
         self.conn = conn
         self.reader = reader = RecordReader(conn)
         try:
-            send_record(conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy)))
+            send_record(conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy),
+                                    admin_listen=proxy.config.proxy.admin_listen))
             record, _ = reader.read()
             if record.get("type") == "refused":
                 raise TakeoverError(f"the running process refused: {record.get('reason')}")

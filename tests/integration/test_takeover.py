@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pg8000.native
 import psycopg
@@ -560,5 +561,38 @@ def test_pg_cancel_of_a_client_that_stayed_reaches_the_old_process(pg, proxy_fac
     assert outcome and isinstance(outcome[0], psycopg.errors.QueryCanceled), outcome
     assert time.monotonic() - started < 5
     assert wait_for(lambda: not old.running, 30) and old.stop() == 0
+    conn.close()
+    new.stop()
+
+
+# -- systemd: the service follows the new process ----------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_systemd_hears_the_new_main_process_and_no_stop(pg, proxy_factory, tmp_path):
+    from .test_deploy import _notify_socket, _receive
+    path = str(tmp_path / "notify.sock")
+    sock = _notify_socket(path)
+    env = {"NOTIFY_SOCKET": path}
+    old = proxy_factory(pg_config(pg, tmp_path), env=env)
+    fields, pid = _receive(sock, 20)
+    assert fields.get("READY") == "1" and pid == old.pid
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"), env=env,
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    heard = []
+    while True:
+        try:
+            heard.append(_receive(sock, 3))
+        except socket.timeout:
+            break
+    assert wait_for(lambda: not old.running, 30) and old.stop() == 0
+    by_new = [fields for fields, pid in heard if pid == new.pid]
+    by_old = [fields for fields, pid in heard if pid == old.pid]
+    assert {"READY": "1", "MAINPID": str(new.pid)}.items() <= by_new[0].items(), heard
+    assert any(f.get("STATUS", "").startswith("took over 1 clients from pid") for f in by_new), heard
+    assert not any("STOPPING" in f for f in by_old), heard        # the service goes on
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/healthz", timeout=5) as page:
+        assert page.status == 200                                 # the admin server's socket moved too
     conn.close()
     new.stop()
