@@ -399,6 +399,11 @@ class ClientProtocol:
         they leave or its drain ends."""
         return None
 
+    def handover_refusal(self) -> str:
+        """Optional: in a few words, why handover_state() gives None now ("TLS", "inside a transaction", ...), for the
+        takeover's log and counts; "" (the default) when the engine does not say."""
+        return ""
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and

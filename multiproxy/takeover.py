@@ -29,6 +29,7 @@ import socket as _stdsocket
 import stat
 import tempfile
 import time
+from collections import Counter
 
 import gevent
 from gevent import socket
@@ -271,7 +272,8 @@ class Handover:
         finally:
             proxy.idle_hook = None
         stayed = len(proxy.sessions)
-        tls = sum(1 for session in proxy.sessions if type(session.sock) is not ClientSocket)
+        reasons = Counter(_why_stays(session) for session in proxy.sessions)
+        tls = reasons.get("TLS", 0)
         _counts(proxy)["stayed"] += stayed
         if not self.failed:
             try:
@@ -279,7 +281,8 @@ class Handover:
             except OSError:
                 pass
         log.info("takeover: handed %d listeners and %d clients to pid %s; %d clients stay here until they finish "
-                 "(%d TLS)", len(proxy.listeners), self.handed, peer, stayed, tls)
+                 "(%d TLS)%s", len(proxy.listeners), self.handed, peer, stayed, tls,
+                 "".join(f"; {why}: {count}" for why, count in sorted(reasons.items())))
 
     def try_hand(self, session) -> bool:
         """Hand `session` over if it waits for its client's next request and its engine can export it."""
@@ -320,6 +323,17 @@ class Handover:
         session.client_gone = True              # nothing more is said to the client from here
         sock.hub.loop.run_callback(waiter.throw, HandedOver())
         return True
+
+
+def _why_stays(session) -> str:
+    """Why a session was not handed over, for the log."""
+    if type(session.sock) is not ClientSocket:
+        return "TLS"
+    if session.pool is None or session.proto is None:
+        return "logging in or on the admin console"
+    if session.backend is not None:
+        return "a backend linked"
+    return session.proto.handover_refusal() or "busy"
 
 
 def _same_user(conn) -> bool:

@@ -106,6 +106,9 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
 
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
+
     def error(self, kind: ErrorKind, message: str) -> bytes:
         if not self.logged_in:
             # Instead of the login's OK, and of the caching_sha2 fast-auth notice when there was one: the answer

@@ -101,6 +101,9 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
 
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
+
     def login_refused(self, refusal: BackendError) -> bytes:
         # FATAL, as the server says it at a login or at any time after: no ReadyForQuery follows, the client is closed.
         return render_refusal(refusal)

@@ -826,6 +826,9 @@ class TDSClient(SessionState, Statements, ClientProtocol):
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
 
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
+
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return self._out(render_error(kind, message, self.packet_size))
 

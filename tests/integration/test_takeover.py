@@ -596,3 +596,29 @@ def test_systemd_hears_the_new_main_process_and_no_stop(pg, proxy_factory, tmp_p
         assert page.status == 200                                 # the admin server's socket moved too
     conn.close()
     new.stop()
+
+
+@pytest.mark.timeout(120)
+def test_tds_login_only_encryption_goes_full_encryption_stays(tds_lab, proxy_factory, tmp_path):
+    """A TDS client that encrypted only its login is plaintext afterwards and follows; one encrypting everything
+    stays (Python's ssl cannot export the session)."""
+    from multiproxy.lab.tds_server import make_self_signed
+
+    from .test_tds_proxy import ms, one
+    cert, key = make_self_signed(str(tmp_path))
+    config = tds_setup(tds_lab, tmp_path, drain=1.0)
+    config["listeners"][0].update(tls_cert_file=cert, tls_key_file=key)
+    old = proxy_factory(config, files=tds_files())
+    login_only = ms(old)                           # FreeTDS's default "request": the login packet only
+    one(login_only, "SELECT 1")
+    full = ms(old, encryption="require")
+    one(full, "SELECT 1")
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (1, 1)
+    assert "1 clients stayed there, 1 of them TLS" in new.log_text()
+    assert "TLS: 1" in old.log_text()
+    assert one(login_only, "SELECT 2 + 3") == [(5,)]
+    with pytest.raises(Exception):                 # closed by the old process at its end: it reconnects
+        one(full, "SELECT 1")
+    login_only.close()
+    new.stop()
