@@ -33,6 +33,7 @@ from collections import Counter
 
 import gevent
 from gevent import socket
+from gevent.lock import Semaphore
 
 from . import __version__
 from . import systemd
@@ -192,6 +193,7 @@ class Handover:
         self.proxy = proxy
         self.conn = conn
         self.release_path = release_path
+        self.sending = Semaphore()
         self.reader = RecordReader(conn)
         self.handed = 0
         self.failed = False
@@ -277,7 +279,8 @@ class Handover:
         _counts(proxy)["stayed"] += stayed
         if not self.failed:
             try:
-                send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})
+                with self.sending:
+                    send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})
             except OSError:
                 pass
         log.info("takeover: handed %d listeners and %d clients to pid %s; %d clients stay here until they finish "
@@ -309,18 +312,27 @@ class Handover:
         except TypeError as exc:
             log.warning("takeover: client %s stays: %s", session._where(), exc)
             return False
-        # From here the session's greenlet never wakes for this client again: not a byte is read here any more.
-        watcher.stop()
-        try:
-            send_record(self.conn, record, [sock._sock.fileno()])
-        except OSError as exc:
-            watcher.start(waiter.switch, waiter)        # the new process is gone: this process keeps the client
-            self.failed = True
-            log.error("takeover: the new process went away (%s); the remaining clients stay here", exc)
+        # One record at a time on the connection; a caller that would wait (the idle hook runs in a backend's reader)
+        # leaves the client to the next sweep instead.
+        if not self.sending.acquire(blocking=False):
             return False
+        try:
+            # From here the session's greenlet never wakes for this client again: not a byte is read here any more,
+            # and nothing is said to the client (client_gone also keeps the client timeouts' sweep away from it).
+            watcher.stop()
+            session.client_gone = True
+            try:
+                send_record(self.conn, record, [sock._sock.fileno()])
+            except OSError as exc:
+                session.client_gone = False
+                watcher.start(waiter.switch, waiter)    # the new process is gone: this process keeps the client
+                self.failed = True
+                log.error("takeover: the new process went away (%s); the remaining clients stay here", exc)
+                return False
+        finally:
+            self.sending.release()
         self.handed += 1
         _counts(self.proxy)["handed_over"] += 1
-        session.client_gone = True              # nothing more is said to the client from here
         sock.hub.loop.run_callback(waiter.throw, HandedOver())
         return True
 
@@ -360,6 +372,7 @@ class Takeover:
         self.peer = None
         self.listen_sockets: dict = {}
         self.admin_socket = None           # the admin HTTP server's listening socket
+        self.sending = Semaphore()         # one record at a time (cancels come from any client's greenlet)
         self.taken = 0
         self.summary: dict = {}
 
@@ -476,7 +489,8 @@ class Takeover:
     def pass_cancel(self, key, engine, terminate: bool) -> bool:
         """A cancel for a key not known here: the old process may still serve that client (Proxy.cancel_elsewhere)."""
         try:
-            send_record(self.conn, {"type": "cancel", "key": encode(key), "terminate": bool(terminate)})
+            with self.sending:
+                send_record(self.conn, {"type": "cancel", "key": encode(key), "terminate": bool(terminate)})
         except (OSError, TypeError, ValueError):
             return False
         return True
