@@ -622,3 +622,51 @@ def test_tds_login_only_encryption_goes_full_encryption_stays(tds_lab, proxy_fac
         one(full, "SELECT 1")
     login_only.close()
     new.stop()
+
+
+# -- many idle clients, and a client logging in during the switch ------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_pg_200_idle_clients_all_go_with_their_settings(pg, proxy_factory, tmp_path):
+    old = proxy_factory(pg_config(pg, tmp_path, max_size=4))
+    conns = []
+    for i in range(200):
+        conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+        conn.execute(f"SET application_name = 'client-{i}'")
+        conns.append(conn)
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (1, 200)
+    for i, conn in enumerate(conns):
+        assert conn.execute("SHOW application_name").fetchone()[0] == f"client-{i}"
+        conn.close()
+    new.stop()
+
+
+def read_until_ready(sock) -> bytes:
+    data = b""
+    while not re.search(rb"Z\x00\x00\x00\x05[ITE]$", data):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+@pytest.mark.timeout(120)
+def test_pg_client_logging_in_during_the_switch_follows_once_logged_in(pg, proxy_factory, tmp_path):
+    import struct
+    old = proxy_factory(pg_config(pg, tmp_path, drain=20.0))
+    sock = socket.create_connection((old.host, old.port), timeout=10)      # accepted by the old process
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"),
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    assert wait_for(lambda: "handing this process over" in old.log_text(), 20), old.log_tail()
+    body = struct.pack("!I", 196608) + b"user\x00" + USER.encode() + b"\x00database\x00" + AUTH_DB.encode() + b"\x00\x00"
+    sock.sendall(struct.pack("!I", len(body) + 4) + body)                   # its login, after the switch began
+    assert b"R\x00\x00\x00\x08\x00\x00\x00\x00" in read_until_ready(sock)  # AuthenticationOk, from the old process
+    assert wait_for(lambda: "took over" in new.log_text(), 20), new.log_tail()
+    assert took_over(new) == (1, 1)
+    query = b"SELECT 6 * 7\x00"
+    sock.sendall(b"Q" + struct.pack("!I", len(query) + 4) + query)
+    assert b"\x00\x00\x00\x0242" in read_until_ready(sock)                 # served by the new process
+    assert wait_for(lambda: not old.running, 20) and old.stop() == 0
+    sock.close()
+    new.stop()
