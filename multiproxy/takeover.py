@@ -463,10 +463,6 @@ class Takeover:
                 except Exception:  # one client that cannot be resumed must not stop the others
                     log.exception("takeover: a client of listener %s could not be resumed; it is closed",
                                   record.get("listener"))
-                    try:
-                        os.close(fds[0])
-                    except OSError:
-                        pass
         except (HandoverError, OSError) as exc:
             if not self.summary:
                 log.warning("takeover: the old process ended the handover early: %s", exc)
@@ -496,22 +492,31 @@ class Takeover:
         return True
 
     def adopt(self, record: dict, fd: int) -> Session:
-        """Serve a client handed over by the old process: its session resumes from its next request."""
+        """Serve a client handed over by the old process: its session resumes from its next request. The connection
+        (`fd`) is this method's: closed here when the session cannot be resumed."""
         proxy = self.proxy
-        rt = next((rt for rt in proxy.listeners if rt.config.name == record["listener"]), None)
-        if rt is None:
-            raise HandoverError(f"no listener {record['listener']!r} here")
-        facts = decode(record["session"])
-        raw = _socket.socket(fileno=fd)
-        address = facts["address"]
-        session = Session(proxy, rt, ClientSocket(raw), tuple(address) if isinstance(address, list) else address)
-        session.cancel_key = facts["cancel_key"]
-        session.user, session.database = facts["user"], facts["database"]
-        session.connected_at = facts["connected_at"]
-        session.transaction_mode = facts["transaction_mode"]
-        session.linked_once = facts["linked_once"]
-        session.proto = rt.engine.resume_client(session.client_context(), record["state"])
-        session.pool = proxy.pool_for(rt, session.user, session.database, facts["variant"])
+        raw = None
+        try:
+            rt = next((rt for rt in proxy.listeners if rt.config.name == record["listener"]), None)
+            if rt is None:
+                raise HandoverError(f"no listener {record['listener']!r} here")
+            facts = decode(record["session"])
+            raw = _socket.socket(fileno=fd)
+            address = facts["address"]
+            session = Session(proxy, rt, ClientSocket(raw), tuple(address) if isinstance(address, list) else address)
+            session.cancel_key = facts["cancel_key"]
+            session.user, session.database = facts["user"], facts["database"]
+            session.connected_at = facts["connected_at"]
+            session.transaction_mode = facts["transaction_mode"]
+            session.linked_once = facts["linked_once"]
+            session.proto = rt.engine.resume_client(session.client_context(), record["state"])
+            session.pool = proxy.pool_for(rt, session.user, session.database, facts["variant"])
+        except BaseException:
+            if raw is not None:
+                raw.close()
+            else:
+                os.close(fd)
+            raise
         proxy.session_started(session)
         self.taken += 1
         _counts(proxy)["taken_over"] += 1

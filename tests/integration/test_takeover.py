@@ -525,6 +525,15 @@ def test_takeover_if_running_starts_alone_then_takes_over(pg, tmp_path):
             assert wait_for(lambda: not first.running, 30) and first.stop() == 0
             assert took_over(second) == (1, 1)
             assert conn.execute("SHOW application_name").fetchone()[0] == "blue-green"
+            # and again: a resumed session is handed over like any other
+            third = ProxyProcess(first.config_text, workdir=str(tmp_path / "third"), argv=argv).start()
+            try:
+                assert wait_for(lambda: "took over" in third.log_text(), 30), third.log_tail()
+                assert wait_for(lambda: not second.running, 30) and second.stop() == 0
+                assert took_over(third) == (1, 1)
+                assert conn.execute("SHOW application_name").fetchone()[0] == "blue-green"
+            finally:
+                third.stop()
             conn.close()
         finally:
             second.stop()
