@@ -603,6 +603,8 @@ def test_systemd_hears_the_new_main_process_and_no_stop(pg, proxy_factory, tmp_p
     assert conn.execute("SELECT 1").fetchone()[0] == 1
     with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/healthz", timeout=5) as page:
         assert page.status == 200                                 # the admin server's socket moved too
+    with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/metrics", timeout=5) as page:
+        assert 'multiproxy_takeover_clients_total{side="taken_over"} 1.0' in page.read().decode()
     conn.close()
     new.stop()
 

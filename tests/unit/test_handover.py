@@ -203,3 +203,35 @@ def test_tds_clients_encrypting_everything_stay():
     client = tds_logged_in()
     client.tls_full = True
     assert client.handover_state() is None and tds_handover.not_idle(client) == "TLS"
+
+
+# ---------------------------------------------------------------- the new process against another version
+
+def test_the_new_process_refuses_a_running_process_of_another_version(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from multiproxy.takeover import Takeover, TakeoverError
+    path = str(tmp_path / "takeover.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    heard = []
+
+    def old_process():
+        conn, _ = server.accept()
+        with conn:
+            reader = RecordReader(conn)
+            heard.append(reader.read()[0])
+            send_record(conn, {**hello(4242, multiproxy="0.0.1"), "version": HANDOVER_VERSION + 98})
+            heard.append(reader.read()[0])
+    thread = threading.Thread(target=old_process, daemon=True)
+    thread.start()
+    proxy = SimpleNamespace(config=SimpleNamespace(proxy=SimpleNamespace(workers=1, admin_listen="")), listeners=[])
+    with pytest.raises(TakeoverError, match=r"pid 4242, multiproxy 0.0.1\) speaks takeover version %d"
+                       % (HANDOVER_VERSION + 98)):
+        Takeover(proxy, path).connect()
+    thread.join(5)
+    server.close()
+    assert heard[0]["type"] == "hello" and heard[0]["version"] == HANDOVER_VERSION
+    assert heard[1]["type"] == "refused" and "cannot hand clients over" in heard[1]["reason"]
