@@ -433,6 +433,23 @@ class Proxy:
             if hosts_moved:
                 pool.reconnect()   # connections to the old host: idle ones close now, borrowed ones on release
 
+    def listen_again(self) -> None:
+        """Accept again on every listener, and serve the admin server again: a takeover failed after this process
+        had given its listeners away (the new process went away). Raises OSError when an address is taken."""
+        bound = []
+        try:
+            for rt in self.listeners:
+                bound.append((rt, make_listen_socket(*rt.config.listen)))
+        except OSError:
+            for _, sock in bound:
+                sock.close()
+            raise
+        for rt, sock in bound:
+            self._start_listener(rt, sock)
+        self.stopping = False
+        if self.config.proxy.admin_listen and self.admin is None and self.worker == 0:
+            self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+
     def _start_listener(self, rt: ListenerRuntime, sock) -> None:
         rt.acceptor = Acceptor(sock, self._handler(rt))
         rt.acceptor.start()

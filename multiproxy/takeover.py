@@ -97,7 +97,15 @@ class TakeoverListener:
 
     def start(self) -> None:
         """Bind the socket (0600: only this user may take the process over); a stale file of a dead process is
-        replaced, the live socket of another process is left alone (and logged)."""
+        replaced, the live socket of another process is left alone (and logged). A socket that cannot be bound
+        disables takeovers of this process (logged), never its start."""
+        try:
+            self._bind()
+        except OSError as exc:
+            log.error("takeover: cannot listen on %s (%s): this process cannot be taken over; fix proxy.takeover_socket "
+                      "and restart it", self.path, exc.strerror or exc)
+
+    def _bind(self) -> None:
         path = self.path
         if os.path.exists(path):
             if not stat.S_ISSOCK(os.stat(path).st_mode):
@@ -172,13 +180,17 @@ class TakeoverListener:
         try:
             handed = Handover(proxy, conn, self.release).run()
         except (HandoverError, OSError) as exc:
-            log.error("takeover: %s; this process goes on serving", exc)
+            log.warning("takeover: %s; this process goes on serving", exc)
             self.busy = False
             conn.close()
+            if self.sock is None:
+                self.start()
             return
         if not handed:
             self.busy = False
             conn.close()
+            if self.sock is None:
+                self.start()            # the path was given up for the new process: take it back
             return
         # This process is done: what stayed ends as in a graceful stop, then it exits 0 (which closes the connection,
         # over which the new process passes the cancels of the clients still here until then).
@@ -196,7 +208,8 @@ class Handover:
         self.sending = Semaphore()
         self.reader = RecordReader(conn)
         self.handed = 0
-        self.failed = False
+        self.failed = False         # the new process went away before the done record
+        self.done = False
 
     def run(self) -> bool:
         """True once the listeners went to the new process (this one must then end); False when the new process
@@ -242,6 +255,17 @@ class Handover:
         proxy.stopping = True
         gevent.spawn(self._receive_cancels)
         self._drain(peer)
+        if self.failed:
+            # The new process went away mid-way: the clients it took are gone with it; this one serves again.
+            try:
+                proxy.listen_again()
+            except OSError as exc:
+                log.error("takeover: cannot listen again after the new process went away (%s); this process ends "
+                          "as in a graceful stop", exc)
+                return True
+            log.warning("takeover: the new process (pid %s) went away; this process accepts again, with the %d "
+                        "clients it still had", peer, len(proxy.sessions))
+            return False
         return True
 
     def _receive_cancels(self) -> None:
@@ -254,7 +278,10 @@ class Handover:
                 if record.get("type") == "cancel":
                     self.proxy.cancel(decode(record["key"]), None, bool(record.get("terminate")))
         except (HandoverError, OSError):
-            pass        # the new process ended the connection (or went away)
+            # The new process ended the connection: after the done record, as it does when this process exits;
+            # before it, it went away.
+            if not self.done:
+                self.failed = True
 
     def _drain(self, peer) -> None:
         proxy = self.proxy
@@ -278,6 +305,7 @@ class Handover:
         tls = reasons.get("TLS", 0)
         _counts(proxy)["stayed"] += stayed
         if not self.failed:
+            self.done = True
             try:
                 with self.sending:
                     send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})

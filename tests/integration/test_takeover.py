@@ -681,3 +681,28 @@ def test_pg_client_logging_in_during_the_switch_follows_once_logged_in(pg, proxy
     assert wait_for(lambda: not old.running, 20) and old.stop() == 0
     sock.close()
     new.stop()
+
+
+@pytest.mark.timeout(120)
+def test_old_process_accepts_again_when_the_new_one_dies_mid_takeover(pg, proxy_factory, tmp_path):
+    import signal
+    old = proxy_factory(pg_config(pg, tmp_path, drain=30.0))
+    busy = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, connect_timeout=CONNECT_TIMEOUT)
+    busy.execute("SELECT 1")                                 # a transaction open: the drain waits for it
+    new = ProxyProcess(old.config_text, workdir=str(tmp_path / "new"),
+                       argv=[sys.executable, "-m", "multiproxy", "run", "--takeover", "-c"]).start()
+    assert wait_for(lambda: "handing this process over" in old.log_text(), 20), old.log_tail()
+    time.sleep(0.5)
+    new.send_signal(signal.SIGKILL)
+    assert wait_for(lambda: "this process accepts again" in old.log_text(), 20), old.log_tail()
+    new.stop()
+    assert old.running
+    busy.commit()                                            # its transaction went on in the old process
+    assert busy.execute("SELECT 2").fetchone()[0] == 2
+    busy.commit()
+    with psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True) as fresh:
+        assert fresh.execute("SELECT 3").fetchone()[0] == 3  # the listener is the old process's again
+    busy.close()
+    again = take_over(old, tmp_path, name="again")             # and it can be taken over again
+    assert took_over(again) == (1, 0)
+    again.stop()
