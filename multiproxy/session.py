@@ -103,10 +103,12 @@ class Session:
 
     # ------------------------------------------------------------------ client greenlet
 
-    def run(self) -> None:
+    def run(self, logged_in: bool = False) -> None:
+        """Serve the client until it leaves; `logged_in`: its login was done by another process, which handed it over
+        (a takeover, multiproxy.takeover): no handshake, its next request is served (see `resume`)."""
         # TCP_NODELAY comes from the listening socket: Linux copies it to every accepted connection.
         try:
-            if self.handshake():
+            if logged_in or self.handshake():
                 self.serve()
         except ProtocolError as exc:
             log.info("client %s: protocol error: %s", self.address[0], exc)
@@ -120,19 +122,8 @@ class Session:
             self.finish()
 
     def resume(self) -> None:
-        """Serve a client whose login another process did (a takeover, multiproxy.takeover): no handshake."""
-        try:
-            self.serve()
-        except ProtocolError as exc:
-            log.info("client %s: protocol error: %s", self.address[0], exc)
-            self.proxy.metrics.protocol_errors += 1
-            self._send_quietly(exc.reply)
-        except (OSError, ValueError) as exc:
-            log.debug("client %s: connection error: %s", self.address[0], exc)
-        except HandedOver:
-            pass
-        finally:
-            self.finish()
+        """Serve a client another process logged in and handed over (its proto, user and pool set by the takeover)."""
+        self.run(logged_in=True)
 
     def _send_quietly(self, data: bytes) -> None:
         if data and not self.client_gone:
