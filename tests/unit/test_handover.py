@@ -1,5 +1,6 @@
 """The takeover's wire format (records, descriptors over a socketpair, the value codec, the version check) and each
-engine's session export -> JSON -> resume round trip, with the states in which a client must not go."""
+engine's session export -> JSON -> resume round trip, with the states in which a client must not go; the codec and the
+record reader fuzzed."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import tempfile
 from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from multiproxy.engine import PinReason
 from multiproxy.handover import (
@@ -30,7 +33,7 @@ from ..fuzzkit import tds_logged_in
 from .test_mysql_statements import held_client, prepare
 from .test_pg_relay import backend_state, logged_in_client
 from .test_tds_statements import client as tds_client
-from .test_tds_statements import prepare_call, prepared_answer, rpc, send, answer
+from .test_tds_statements import answer, prepare_call, prepared_answer, rpc, send
 
 
 # ---------------------------------------------------------------- values
@@ -235,3 +238,37 @@ def test_the_new_process_refuses_a_running_process_of_another_version(tmp_path):
     server.close()
     assert heard[0]["type"] == "hello" and heard[0]["version"] == HANDOVER_VERSION
     assert heard[1]["type"] == "refused" and "cannot hand clients over" in heard[1]["reason"]
+
+
+# ---------------------------------------------------------------- fuzzing
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(), st.binary(),
+                     st.sampled_from(list(PinReason)))
+_hashables = st.recursive(_scalars, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+                          max_leaves=6)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.sets(_hashables, max_size=3)
+                   | st.dictionaries(st.text(), inner, max_size=3) | st.dictionaries(_hashables, inner, max_size=3)
+                   | st.lists(inner, max_size=3).map(deque)),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_any_value_survives_the_codec(value):
+    assert decode(json.loads(json.dumps(encode(value)))) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_on_the_takeover_socket_is_only_ever_a_handover_error(data):
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        left.sendall(data)
+        left.close()
+        reader = RecordReader(right)
+        with pytest.raises(HandoverError):
+            while True:
+                record, fds = reader.read()
+                assert isinstance(record, dict) and fds == []
