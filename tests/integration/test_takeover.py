@@ -228,6 +228,12 @@ def test_tds_idle_clients_keep_their_connections_and_session(tds_lab, proxy_fact
     conn = ms(old)
     conn.cursor().execute("SET DATEFIRST 5")
     assert one(conn, "SELECT @@DATEFIRST") == [(5,)]
+    # an sp_prepare handle the proxy gave the client (multiplexed: prepared again on the new process's backends)
+    import pymssql
+    cur = conn.cursor()
+    handle = cur.callproc("[sys].[sp_prepare]", (pymssql.output(int), "@a int", "SELECT @a * 3"))[0]
+    cur.callproc("sp_execute", (handle, 2))
+    assert cur.fetchall() == [(6,)]
 
     new = take_over(old, tmp_path)
     assert took_over(new) == (1, 2)
@@ -235,6 +241,9 @@ def test_tds_idle_clients_keep_their_connections_and_session(tds_lab, proxy_fact
     assert raw.sock.getsockname()[1] == port_before
     assert raw.rows("SELECT @@DATEFIRST, @@TEXTSIZE") == [[3, 1000]]
     assert one(conn, "SELECT @@DATEFIRST") == [(5,)]
+    cur = conn.cursor()
+    cur.callproc("sp_execute", (handle, 7))
+    assert cur.fetchall() == [(21,)]
     assert one(conn, "SELECT 2 + 2") == [(4,)]
     raw.close()
     conn.close()
