@@ -718,19 +718,10 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     proxy = Proxy(config, engines, worker)
     if config.proxy.workers > 1:
         proxy.listen_for_cancels(config.proxy.workers, group)
-    donor = takeover.take_over(proxy, required=take_over != "if-running") if take_over else None
-    if donor is not None:
-        proxy.start(donor.listen_sockets, donor.admin_socket)
-        donor.accepting()
-    else:
-        proxy.start(listen_sockets)
     done = proxy.shutdown_requested
     alone = ready_fd is None
-    takeovers = None
-    if alone and takeover.socket_path(config):
-        takeovers = takeover.TakeoverListener(proxy, takeover.socket_path(config))
-        if donor is None:
-            takeovers.start()
+    takeovers = takeover.ProcessTakeovers(proxy, take_over, listen=alone)
+    takeovers.start_proxy(listen_sockets)
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
@@ -747,24 +738,15 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
-    if donor is not None:
-        # The service's main process is this one now (systemd needs NotifyAccess=all to hear it from a new pid).
-        takeover.notify_main_pid(f"serving {len(config.listeners)} listeners, taken over from pid {donor.peer}")
-
-        def taken_over():
-            if takeovers is not None and not done.is_set():
-                takeovers.start()        # the old process has let go of the socket's path
-        gevent.spawn(donor.receive_clients, taken_over)
+    if takeovers.ready(f"serving {len(config.listeners)} listeners"):
+        pass                            # after a takeover: READY=1 with MAINPID, sent by ProcessTakeovers
     elif alone:
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     done.wait()
-    handed_over = takeovers is not None and takeovers.handed_over
-    if takeovers is not None:
-        takeovers.close()
-    if alone and not handed_over:       # after a takeover the service goes on, in the new process
+    if not takeovers.finish() and alone:    # taken over: the service goes on, in the new process
         systemd.stopping()
     proxy.stop()
     return 0

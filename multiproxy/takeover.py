@@ -585,6 +585,50 @@ def take_over(proxy, required: bool = True) -> Takeover | None:
     return takeover
 
 
-def notify_main_pid(status: str) -> None:
-    """Tell systemd this process is the service's main process now, and ready (needs NotifyAccess=all)."""
-    systemd.notify("READY=1", MAINPID=os.getpid(), STATUS=status)
+class ProcessTakeovers:
+    """What one proxy process does about takeovers in its life: start with one (`take_over`: True, or "if-running"),
+    and listen for the next (`listen`: a process alone, not a forked worker). The process model calls `start_proxy`
+    instead of Proxy.start, `ready` once it serves, and `finish` when it is told to end."""
+
+    def __init__(self, proxy, take_over: bool | str = False, listen: bool = True):
+        self.proxy = proxy
+        self.take_over = take_over
+        path = socket_path(proxy.config) if listen else ""
+        self.listener = TakeoverListener(proxy, path) if path else None
+        self.donor: Takeover | None = None
+
+    def start_proxy(self, listen_sockets=None) -> None:
+        """Start the proxy: on the listening sockets a takeover brings (TakeoverError when it cannot), else on
+        `listen_sockets` or its own; then listen for the next takeover, unless one is under way."""
+        proxy = self.proxy
+        if self.take_over:
+            self.donor = take_over(proxy, required=self.take_over != "if-running")
+        if self.donor is not None:
+            proxy.start(self.donor.listen_sockets, self.donor.admin_socket)
+            self.donor.accepting()
+        else:
+            proxy.start(listen_sockets)
+            if self.listener is not None:
+                self.listener.start()
+
+    def ready(self, status: str) -> bool:
+        """The process serves. After a takeover: tells systemd this is the service's main process now, and ready
+        (True: the caller sends nothing more), and receives the clients."""
+        donor = self.donor
+        if donor is None:
+            return False
+        systemd.notify("READY=1", MAINPID=os.getpid(), STATUS=f"{status}, taken over from pid {donor.peer}")
+
+        def taken_over():
+            if self.listener is not None and not self.proxy.shutdown_requested.is_set():
+                self.listener.start()       # the old process has let go of the socket's path
+        gevent.spawn(donor.receive_clients, taken_over)
+        return True
+
+    def finish(self) -> bool:
+        """The process is to end: no more takeovers. True when it ends because it was taken over (the service goes on,
+        in the new process: no STOPPING=1)."""
+        if self.listener is None:
+            return False
+        self.listener.close()
+        return self.listener.handed_over
