@@ -372,7 +372,9 @@ def _why_stays(session) -> str:
     if session.pool is None or session.proto is None:
         return "logging in or on the admin console"
     if session.backend is not None:
-        return "a backend linked"
+        if not session.transaction_mode:
+            return "session pool mode"          # its backend is its own for the whole connection: it cannot move
+        return "pinned" if session.proto.pinned else "a request or transaction under way"
     return session.proto.handover_refusal() or "busy"
 
 

@@ -715,3 +715,30 @@ def test_old_process_accepts_again_when_the_new_one_dies_mid_takeover(pg, proxy_
     again = take_over(old, tmp_path, name="again")             # and it can be taken over again
     assert took_over(again) == (1, 0)
     again.stop()
+
+
+@pytest.mark.timeout(120)
+def test_pg_pinned_and_session_mode_clients_stay(pg, proxy_factory, tmp_path):
+    """Their state lives in their own backend connection, which cannot move: they stay and end with the old
+    process, and its log says why."""
+    config = pg_config(pg, tmp_path, drain=1.0)
+    config["proxy"]["shutdown_timeout"] = 2.0     # they hold their backend while idle: the graceful stop waits this long
+    config["listeners"].append({"name": "pg_session", "listen": f"127.0.0.1:{free_port()}", "cluster": "main",
+                                "role": "writer", "auth": "trust", "pool_mode": "session"})
+    old = proxy_factory(config)
+    pinned = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    pinned.execute("CREATE TEMP TABLE mine (n int)")
+    session_host, session_port = old.address("pg_session")
+    session_mode = psycopg.connect(host=session_host, port=session_port, user=USER, dbname=AUTH_DB, autocommit=True)
+    session_mode.execute("SELECT 1")
+    plain = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (2, 1)
+    assert "pinned: 1" in old.log_text() and "session pool mode: 1" in old.log_text(), old.log_text()
+    assert plain.execute("SELECT 1").fetchone()[0] == 1
+    for conn in (pinned, session_mode):
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        conn.close()
+    plain.close()
+    new.stop()
