@@ -742,3 +742,30 @@ def test_pg_pinned_and_session_mode_clients_stay(pg, proxy_factory, tmp_path):
         conn.close()
     plain.close()
     new.stop()
+
+
+@pytest.mark.timeout(180)
+def test_pg_new_connections_during_the_switch_are_never_refused(pg, proxy_factory, tmp_path):
+    """pgbench -C (a new connection per transaction) through a takeover: the listening socket is shared by both
+    processes for the moment of the switch, so no connection is refused or lost."""
+    old = proxy_factory(pg_config(pg, tmp_path, max_size=4, drain=10.0))
+    base = ["-h", old.host, "-p", str(old.port), "-U", USER]
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", *base, AUTH_DB], capture_output=True, text=True,
+                          env=client_env(), timeout=120)
+    assert init.returncode == 0, init.stderr
+    bench = subprocess.Popen(["pgbench", "-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "8", *base, AUTH_DB],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env())
+    try:
+        time.sleep(2.0)
+        new = take_over(old, tmp_path)
+        out, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 0, f"{out}\n{err}"
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
+    assert processed > 100, out
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is None or failed.group(1) == "0", out
+    assert "error" not in err.lower() and "could not connect" not in err.lower(), err
+    new.stop()
