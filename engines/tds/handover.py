@@ -6,9 +6,12 @@ held refusal. A client whose every packet is encrypted (encryption ON) stays: Py
 session. A client that encrypted only its login (encryption OFF) is plaintext since, and goes. Its state is
 everything the client object holds but the per-process parts: user, database, packet size, TDS version and the
 login (language, read-only intent), tracked SET options and what a reset returns to, the sp_prepare handles it
-was given (prepared again on demand on the new backends). A cancel is in band (ATTENTION): no key to carry.
+was given (prepared again on demand on the new backends). A cancel is in band (ATTENTION): no key to carry. The
+LOGIN7 goes without its password or token.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from multiproxy.handover import decode, encode
 
@@ -42,8 +45,12 @@ def export_state(client) -> dict | None:
     """The session as JSON-ready data, or None when it cannot go now (see not_idle)."""
     if not_idle(client):
         return None
+    fields = {name: value for name, value in vars(client).items() if name not in RUNTIME}
+    if client.login is not None:
+        # What the session still reads of its LOGIN7 (language, packet size, read-only intent), without secrets.
+        fields["login"] = dataclasses.replace(client.login, password="", change_password="", sspi=b"", fedauth=None)
     try:
-        return {"fields": encode({name: value for name, value in vars(client).items() if name not in RUNTIME})}
+        return {"fields": encode(fields)}
     except TypeError:
         return None
 

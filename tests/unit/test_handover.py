@@ -195,11 +195,14 @@ def test_tds_session_round_trip_keeps_prepared_handles():
     exported = client.handover_state()
     assert exported is not None
     resumed = TDSEngine().resume_client(client.ctx, through_json(exported))
-    same_session(client, resumed, tds_handover.RUNTIME)
+    same_session(client, resumed, tds_handover.RUNTIME | {"login"})
     assert resumed.handles.keys() == client.handles.keys()
     assert [(p.key, p.decl, p.stmt) for p in resumed.handles.values()] == \
         [(p.key, p.decl, p.stmt) for p in client.handles.values()]
     assert resumed.reader.max_packet_size == client.packet_size and resumed.tls is None
+    assert client.login.password and resumed.login.password == ""          # no secret travels
+    assert client.login.password not in json.dumps(exported)
+    assert resumed.login.language == client.login.language and resumed.login.packet_size == client.login.packet_size
 
 
 def test_tds_clients_encrypting_everything_stay():
