@@ -3,7 +3,7 @@
 PgBouncer's takeover (-R), over the running process's takeover socket ([proxy] takeover_socket), record by record
 (multiproxy.handover):
 
-    new -> old   hello (version, pid, listeners)
+    new -> old   hello (version, pid, listeners, admin_listen)
     old -> new   hello (version, pid, listeners, the next cancel-key counter), or refused (why)
     new -> old   ready (the listener lists match), or refused (why: the new process then exits 1)
     old -> new   listeners, with the listening sockets       the new process accepts on them at once
@@ -11,6 +11,9 @@ PgBouncer's takeover (-R), over the running process's takeover socket ([proxy] t
     old -> new   client, with its connection (one per client) every client idle now, then each one as it
                                                               becomes idle, until takeover_drain_timeout
     old -> new   done (counts)                                the old process drains the rest and exits 0
+    new -> old   cancel (key), until the old process exits    for the clients that stayed there
+
+If the connection ends before done, the new process went away: the old one listens again and goes on.
 
 A client goes only while its session waits for its next request with no backend linked and its engine says it
 can (ClientProtocol.handover_state: nothing outstanding, no transaction, no pin, no TLS). The old process stops
