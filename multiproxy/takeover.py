@@ -330,7 +330,11 @@ class Handover:
         waiter = getattr(watcher.callback, "__self__", None)
         if waiter is None or not hasattr(waiter, "throw"):
             return False
-        state = session.proto.handover_state()
+        try:
+            state = session.proto.handover_state()
+        except Exception:  # an engine's failure keeps its client here; it must not stop the takeover
+            log.exception("takeover: exporting client %s failed; it stays", session._where())
+            return False
         if state is None:
             return False
         try:
