@@ -517,6 +517,10 @@ class Takeover:
         summary = self.summary
         log.info("took over %d listeners and %d clients from pid %s (%d clients stayed there, %d of them TLS)",
                  len(self.listen_sockets), self.taken, self.peer, summary.get("stayed", 0), summary.get("tls", 0))
+        console = getattr(self.proxy, "console", None)
+        if console is not None:         # the admin console's SHOW EVENTS
+            console.record("takeover", from_pid=self.peer, listeners=len(self.listen_sockets), clients=self.taken,
+                           stayed=summary.get("stayed", 0))
         systemd.notify(f"STATUS=took over {self.taken} clients from pid {self.peer}")
 
     def pass_cancel(self, key, engine, terminate: bool) -> bool:

@@ -129,6 +129,11 @@ def test_pg_idle_clients_keep_their_connections_and_session(pg, proxy_factory, t
     # New clients are served by the new process; the old one is gone.
     with psycopg.connect(host=new.host, port=new.port, user=USER, dbname=AUTH_DB, autocommit=True) as fresh:
         assert fresh.execute("SELECT 3").fetchone()[0] == 3
+    # The admin console of the new process shows the takeover among its events.
+    with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/admin/events",
+                                timeout=5) as page:
+        events = page.read().decode()
+    assert "takeover" in events and "clients=2" in events, events
     conn.close()
     conn2.close()
     new.stop()
