@@ -351,7 +351,7 @@ def test_mysql_takeover_under_sysbench_load(mariadb, proxy_factory, tmp_path, wo
 
 
 TDS_CLIENTS = 6
-TDS_ROUNDS = 150
+TDS_ROUNDS = 300
 
 
 @pytest.mark.timeout(240)
@@ -374,7 +374,7 @@ def test_tds_takeover_under_pymssql_load(tds_lab, proxy_factory, tmp_path):
                 cur.execute(f"SELECT COUNT(*) FROM {table} WHERE client = %d", (i,))
                 assert cur.fetchone()[0] == n + 1
                 progress[i] = n + 1
-                time.sleep(0.01)
+                time.sleep(0.02)
         except Exception as exc:  # noqa: BLE001  every failure is reported
             failures.append(f"client {i}: {exc!r}")
         finally:
