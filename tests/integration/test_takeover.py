@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -774,3 +775,36 @@ def test_pg_new_connections_during_the_switch_are_never_refused(pg, proxy_factor
     assert failed is None or failed.group(1) == "0", out
     assert "error" not in err.lower() and "could not connect" not in err.lower(), err
     new.stop()
+
+
+# -- the systemd template unit of docs/deploy.md ----------------------------------------------------------------
+
+TEMPLATE_UNIT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "configs", "systemd", "multiproxy@.service")
+
+
+def test_the_template_unit_is_the_service_with_takeover_if_running():
+    service = open(TEMPLATE_UNIT.replace("multiproxy@.service", "multiproxy.service"), encoding="utf-8").read()
+    template = open(TEMPLATE_UNIT, encoding="utf-8").read()
+    settings = [line for line in service.splitlines() if "=" in line and not line.startswith("#")]
+    changed = {"ExecStart", "Description"}
+    for line in settings:
+        if line.split("=", 1)[0] not in changed:
+            assert line in template.splitlines(), line
+    assert ("ExecStart=/usr/local/bin/multiproxy run --takeover-if-running -c /etc/multiproxy/multiproxy.toml"
+            in template.splitlines())
+    for line in ("RuntimeDirectory=multiproxy", "RuntimeDirectoryPreserve=yes", "Type=notify", "NotifyAccess=main"):
+        assert line in template.splitlines(), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_template_unit_verifies(tmp_path):
+    binary = shutil.which("multiproxy") or os.path.join(os.path.dirname(sys.executable), "multiproxy")
+    assert os.path.exists(binary)
+    text = open(TEMPLATE_UNIT, encoding="utf-8").read().replace("/usr/local/bin/multiproxy", binary)
+    (tmp_path / "multiproxy@.service").write_text(text)
+    unit = tmp_path / "multiproxy@blue.service"
+    unit.symlink_to(tmp_path / "multiproxy@.service")
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=50)
+    problems = [line for line in out.stderr.splitlines() if "multiproxy@" in line]
+    assert out.returncode == 0 and not problems, out.stderr
