@@ -82,7 +82,14 @@ def cli():
 
 @cli.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config file")
-def run(config_path):
+@click.option("--takeover", "take_over", is_flag=True,
+              help="take the listening sockets and the idle clients over from the multiproxy running with this config "
+                   "(through proxy.takeover_socket), which then drains and exits: a restart or upgrade that keeps "
+                   "clients connected")
+@click.option("--takeover-if-running", "take_over_if_running", is_flag=True,
+              help="as --takeover when a multiproxy runs with this config, else start as without it (for service "
+                   "managers that start the next process the same way as the first: docs/deploy.md)")
+def run(config_path, take_over, take_over_if_running):
     """Run the proxy in the foreground, logging to stderr."""
     _patch()
     config, engines = _load_config(config_path)
@@ -97,11 +104,15 @@ def run(config_path):
                                                     key_path, message)
     from .auth import UsersFileError
     from .proxy import run_forever
+    from .takeover import TakeoverError
     try:
-        code = run_forever(config, engines)
+        code = run_forever(config, engines, take_over="if-running" if take_over_if_running else take_over)
     except UsersFileError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except TakeoverError as exc:
+        click.echo(f"error: cannot take over: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"error: cannot start: {exc}", err=True)
         sys.exit(1)

@@ -76,6 +76,13 @@ PROXY_SETTINGS = _settings(
     Setting("auth_failure_block_seconds", float, 60.0, "how long a blocked address is turned away", minimum=0),
     Setting("idle_transaction_timeout", float, 0.0, "close clients idle this long inside a transaction (no request "
             "outstanding), with an error in their protocol; their transaction is rolled back; 0 never", minimum=0),
+    Setting("takeover_socket", str, "auto", "Unix socket on which the running process hands its listeners and idle "
+            "clients to a new one (multiproxy run --takeover); mode 0600; auto: "
+            "/run/multiproxy/multiproxy-takeover-PORT.sock when /run/multiproxy is writable, else in the temporary "
+            "directory (PORT: the first listener's); empty disables takeovers"),
+    Setting("takeover_drain_timeout", float, 30.0, "seconds a process being taken over waits for its busy clients "
+            "to become idle (and go to the new process); those still busy then, and TLS clients, finish with it as "
+            "in a graceful stop (proxy.shutdown_timeout)", minimum=0),
 )
 
 BACKEND_SETTINGS = _settings(
@@ -215,6 +222,8 @@ class ProxyConfig:
     auth_failure_block_seconds: float
     idle_transaction_timeout: float = 0.0
     worker_timeout: float = 30.0
+    takeover_socket: str = "auto"
+    takeover_drain_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -459,6 +468,8 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
     proxy_values = r.settings(r.table(raw.get("proxy"), "proxy"), "proxy", PROXY_SETTINGS)
     if proxy_values["audit_log"] and not os.path.isabs(proxy_values["audit_log"]):
         proxy_values["audit_log"] = os.path.join(base_dir, proxy_values["audit_log"])
+    if proxy_values["takeover_socket"] not in ("", "auto") and not os.path.isabs(proxy_values["takeover_socket"]):
+        proxy_values["takeover_socket"] = os.path.join(base_dir, proxy_values["takeover_socket"])
     proxy = ProxyConfig(**proxy_values)
     if proxy.admin_listen:
         try:

@@ -109,6 +109,16 @@ def check_engine(engine: Engine, garbage_rounds: int = 200, seed: int = 1) -> li
     greeting = proto.start()
     if not isinstance(greeting, (bytes, bytearray)):
         problem("ClientProtocol.start() must return bytes")
+    if type(proto).handover_state is not ClientProtocol.handover_state:
+        # A takeover (multiproxy.takeover) moves only logged-in clients, and the new process must resume them.
+        if type(engine).resume_client is Engine.resume_client:
+            problem("its client protocol exports sessions (handover_state) but the engine cannot resume them "
+                    "(Engine.resume_client)")
+        try:
+            if proto.handover_state() is not None:
+                problem("handover_state() of a client still logging in must be None")
+        except Exception as exc:
+            problem(f"handover_state() raised {type(exc).__name__}: {exc}")
 
     rng = random.Random(seed)
     for _ in range(garbage_rounds):

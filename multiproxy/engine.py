@@ -390,6 +390,20 @@ class ClientProtocol:
         user, or None (unknown: refused like any unknown user); returns the handshake events that follow."""
         raise NotImplementedError
 
+    def handover_state(self) -> dict | None:
+        """Optional: this client's session as JSON-ready data for a takeover (multiproxy.takeover), which moves the
+        client's connection to a new proxy process that resumes it with `Engine.resume_client`; None when it cannot
+        go now: a request outstanding or half read, a backend linked, a transaction open, a pin, TLS on the
+        connection (Python's ssl cannot export a session). The core asks only while the client holds no backend
+        and waits for its next request. None (the default): the engine's clients stay with the old process until
+        they leave or its drain ends."""
+        return None
+
+    def handover_refusal(self) -> str:
+        """Optional: in a few words, why handover_state() gives None now ("TLS", "inside a transaction", ...), for the
+        takeover's log and counts; "" (the default) when the engine does not say."""
+        return ""
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
@@ -474,6 +488,12 @@ class Engine:
 
     def render_error(self, kind: ErrorKind, message: str) -> bytes:
         raise NotImplementedError
+
+    def resume_client(self, ctx: ClientContext, state: dict) -> ClientProtocol:
+        """Optional (with ClientProtocol.handover_state): the client protocol of a session another process of the
+        proxy exported, already logged in and between requests; the core serves it as if its login had just
+        ended here. `ctx.cancel_key` is the key the client was given by the old process."""
+        raise NotImplementedError(f"engine {self.name!r} cannot resume clients handed over by a takeover")
 
     def backend_variant(self, params: dict) -> tuple:
         """Optional: what else a backend must share with a client to serve it, from `Authenticated.params`.

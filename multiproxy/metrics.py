@@ -41,6 +41,9 @@ class Metrics:
         self.cancels_forwarded = 0
         self.cancels_ignored = 0
         self.closed_session_requests = 0
+        # Clients moved by a takeover (multiproxy.takeover): handed_over (by this process), taken_over (by this
+        # process, from the old one), stayed (not idle or TLS by the end of the drain: finished by this process).
+        self.takeover_clients = {"handed_over": 0, "taken_over": 0, "stayed": 0}
         self.auth_query_lookups: dict[tuple[str, str], int] = {}   # (cluster, outcome) -> count (auth_lookup)
 
     def session_closed(self, session) -> None:
@@ -97,6 +100,11 @@ class ProxyCollector:
         yield c
         c = CounterMetricFamily(PREFIX + "read_only_retries", "First statements refused as read-only and sent to the new writer")
         c.add_metric([], m.read_only_retries)
+        yield c
+        c = CounterMetricFamily(PREFIX + "takeover_clients", "Client connections moved by an online restart "
+                                "(multiproxy run --takeover), by side: handed_over, taken_over, stayed", labels=["side"])
+        for side, count in m.takeover_clients.items():
+            c.add_metric([side], count)
         yield c
         c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
         c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))
@@ -317,7 +325,8 @@ def group_status(proxy) -> dict:
 
 
 def start_admin_server(listen: str, proxy, sock=None) -> WSGIServer:
-    """The admin HTTP server on `listen`, or on `sock` when the supervisor bound it (forked workers)."""
+    """The admin HTTP server on `listen`, or on `sock` when given: bound by the supervisor (forked workers) or
+    received in a takeover."""
     host, port = parse_address(listen)
     loopback = _is_loopback(host)
     registry = CollectorRegistry(auto_describe=False)

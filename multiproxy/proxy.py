@@ -15,7 +15,7 @@ from gevent import socket
 from gevent.event import Event
 
 from . import reload as live_reload
-from . import systemd
+from . import systemd, takeover
 from .acceptor import Acceptor
 from .admin import Console
 from .audit import AuditLog
@@ -72,6 +72,13 @@ class ListenerRuntime:
 class Proxy:
     """Everything one worker process runs."""
 
+    # While a takeover drains this process: called with each session that has just given its backend back, so that
+    # an idle client goes to the new process at once (multiproxy.takeover).
+    idle_hook = None
+    # After a takeover, while the old process still finishes its clients: passes it a cancel for a key not known here
+    # (returns True when passed).
+    cancel_elsewhere = None
+
     def __init__(self, config: Config, engines: dict, worker: int = 0):
         self.config = config
         self.engines = engines                # name -> Engine instance
@@ -116,6 +123,8 @@ class Proxy:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, listen_sockets: dict | None = None, admin_socket=None) -> None:
+        """Accept on the listeners (on `listen_sockets` by listener name where given, and the admin HTTP server on
+        `admin_socket`: the sockets the supervisor bound, or a takeover brought)."""
         for rt in self.listeners:
             host, port = rt.config.listen
             sock = (listen_sockets or {}).get(rt.config.name)
@@ -165,21 +174,26 @@ class Proxy:
                 session.reject = reject
                 session.run()
                 return
-            rt.connections += 1
-            self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
             metrics.client_connections_total += 1
-            self.sessions.add(session)
-            try:
-                session.run()
-            finally:
-                self.sessions.discard(session)
-                rt.connections -= 1
-                left = self.connections_by_address[source] - 1
-                if left:
-                    self.connections_by_address[source] = left
-                else:
-                    del self.connections_by_address[source]
+            self.serve_session(rt, session, source, session.run)
         return handle
+
+    def serve_session(self, rt: ListenerRuntime, session: Session, source: str, run) -> None:
+        """Count `session` as a client of `rt` from `source` while `run` serves it (Session.run for a client accepted
+        here, Session.resume for one a takeover brought)."""
+        rt.connections += 1
+        self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
+        self.sessions.add(session)
+        try:
+            run()
+        finally:
+            self.sessions.discard(session)
+            rt.connections -= 1
+            left = self.connections_by_address[source] - 1
+            if left:
+                self.connections_by_address[source] = left
+            else:
+                del self.connections_by_address[source]
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let clients finish for `timeout` seconds, then close everything."""
@@ -431,6 +445,23 @@ class Proxy:
             if hosts_moved:
                 pool.reconnect()   # connections to the old host: idle ones close now, borrowed ones on release
 
+    def listen_again(self) -> None:
+        """Accept again on every listener, and serve the admin server again: a takeover failed after this process
+        had given its listeners away (the new process went away). Raises OSError when an address is taken."""
+        bound = []
+        try:
+            for rt in self.listeners:
+                bound.append((rt, make_listen_socket(*rt.config.listen)))
+        except OSError:
+            for _, sock in bound:
+                sock.close()
+            raise
+        for rt, sock in bound:
+            self._start_listener(rt, sock)
+        self.stopping = False
+        if self.config.proxy.admin_listen and self.admin is None and self.worker == 0:
+            self.admin = start_admin_server(self.config.proxy.admin_listen, self)
+
     def _start_listener(self, rt: ListenerRuntime, sock) -> None:
         rt.acceptor = Acceptor(sock, self._handler(rt))
         rt.acceptor.start()
@@ -596,6 +627,8 @@ class Proxy:
                 return
         session = self.by_cancel_key.get(key)
         if session is None:
+            if self.cancel_elsewhere is not None and self.cancel_elsewhere(key, engine, terminate):
+                return
             self.metrics.cancels_ignored += 1
             return
         backend = session.cancel_target()
@@ -683,19 +716,24 @@ def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket
     return sock
 
 
-def run_forever(config: Config, engines: dict) -> int:
+def run_forever(config: Config, engines: dict, take_over: bool | str = False) -> int:
     """Run the proxy in the foreground until SIGTERM/SIGINT; SIGHUP reloads the config (multiproxy.reload).
-    With proxy.workers > 1 a supervisor forks the workers and keeps them running (multiproxy.supervisor)."""
+    With `take_over`, take the listeners and idle clients over from the running process first (multiproxy.takeover);
+    "if-running": only when one runs. With proxy.workers > 1 a supervisor forks the workers and keeps them running
+    (multiproxy.supervisor)."""
     workers = config.proxy.workers
     if workers <= 1:
-        return _run_worker(config, engines, 0, None)
+        return _run_worker(config, engines, 0, None, take_over=take_over)
+    if take_over:
+        raise takeover.TakeoverError(takeover.WORKERS_REFUSAL)
     from . import supervisor
     return supervisor.run(config, engines, workers, _run_worker, make_listen_socket)
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
-                worker_count: int = 1, admin_socket=None) -> int:
-    """One process serving the listeners. Alone (no channel) it tells systemd its state itself; a forked worker
+                worker_count: int = 1, admin_socket=None, take_over: bool | str = False) -> int:
+    """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
+    takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
     tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots), and the supervisor tells systemd."""
     proxy = Proxy(config, engines, worker)
     link = None
@@ -706,9 +744,10 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         proxy.listen_for_cancels(worker_count, group)
         proxy.group = GroupView(worker, worker_count, group, _peer_handlers(proxy))
         proxy.group.start()
-    proxy.start(listen_sockets, admin_socket)
     done = proxy.shutdown_requested
     alone = link is None
+    takeovers = takeover.ProcessTakeovers(proxy, take_over, listen=alone)
+    takeovers.start_proxy(listen_sockets, admin_socket)
 
     def stop(signum):
         log.info("worker %d: signal %d received, draining clients", worker, signum)
@@ -727,13 +766,15 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
-    if alone:
+    if takeovers.ready(f"serving {len(config.listeners)} listeners"):
+        pass                            # after a takeover: READY=1 with MAINPID, sent by ProcessTakeovers
+    elif alone:
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:
         link.start()
         link.send({"op": "ready"})
     done.wait()
-    if alone:
+    if not takeovers.finish() and alone:    # taken over: the service goes on, in the new process
         systemd.stopping()
     proxy.stop()
     if link is not None:

@@ -28,6 +28,11 @@ RECV_SIZE = 65536
 RESET_TIMEOUT = 10.0
 
 
+class HandedOver(Exception):
+    """Thrown into a session's greenlet waiting for its client's next request once a takeover has sent the connection
+    to the new process: the session lets go of it without a word to the client (multiproxy.takeover)."""
+
+
 class ClientTimeouts:
     """The sweep behind query_timeout, idle_transaction_timeout and idle_client_timeout: one greenlet per proxy looks at
     every session (Session.check_timeouts) every fifth of the shortest limit in use (at most every second, at least
@@ -98,10 +103,12 @@ class Session:
 
     # ------------------------------------------------------------------ client greenlet
 
-    def run(self) -> None:
+    def run(self, logged_in: bool = False) -> None:
+        """Serve the client until it leaves; `logged_in`: its login was done by another process, which handed it over
+        (a takeover, multiproxy.takeover): no handshake, its next request is served (see `resume`)."""
         # TCP_NODELAY comes from the listening socket: Linux copies it to every accepted connection.
         try:
-            if self.handshake():
+            if logged_in or self.handshake():
                 self.serve()
         except ProtocolError as exc:
             log.info("client %s: protocol error: %s", self.address[0], exc)
@@ -109,8 +116,14 @@ class Session:
             self._send_quietly(exc.reply)
         except (OSError, ValueError) as exc:
             log.debug("client %s: connection error: %s", self.address[0], exc)
+        except HandedOver:
+            pass        # a takeover gave the connection to the new process: it is not closed, only let go here
         finally:
             self.finish()
+
+    def resume(self) -> None:
+        """Serve a client another process logged in and handed over (its proto, user and pool set by the takeover)."""
+        self.run(logged_in=True)
 
     def _send_quietly(self, data: bytes) -> None:
         if data and not self.client_gone:
@@ -119,13 +132,12 @@ class Session:
             except (OSError, ValueError):
                 self.client_gone = True
 
-    def handshake(self) -> bool:
-        """Startup, TLS and authentication; True when the client may send requests."""
+    def client_context(self) -> ClientContext:
+        """What the engine's client protocol is told about where it runs (at login, and when a takeover resumes it)."""
         proxy = self.proxy
         rt = self.runtime
         cluster = rt.cluster
-        self.cancel_key = proxy.new_cancel_key(self.engine)
-        ctx = ClientContext(
+        return ClientContext(
             listener=self.listener, users=proxy.users, tls_available=rt.tls_context is not None,
             cancel_key=self.cancel_key, pin_policy=rt.pin_policy, max_message_size=proxy.config.proxy.max_message_size,
             client_address=self.address, engine_options=cluster.engine_options,
@@ -138,7 +150,12 @@ class Session:
             statement_counts=proxy.statement_counts.setdefault(cluster.name, StatementCounts()),
             init_query=cluster.backend.init_query, auth_query=getattr(cluster, "auth_query", None) is not None,
         )
-        proto = self.proto = self.engine.client_protocol(ctx)
+
+    def handshake(self) -> bool:
+        """Startup, TLS and authentication; True when the client may send requests."""
+        proxy = self.proxy
+        self.cancel_key = proxy.new_cancel_key(self.engine)
+        proto = self.proto = self.engine.client_protocol(self.client_context())
         limit = proxy.config.proxy.handshake_timeout
         deadline = time.monotonic() + limit
         sock = self.sock
@@ -551,6 +568,9 @@ class Session:
         elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
+                idle_hook = getattr(self.proxy, "idle_hook", None)
+                if idle_hook is not None:
+                    idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
                 # failover would (its session state cannot move).

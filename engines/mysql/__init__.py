@@ -4,6 +4,7 @@ from __future__ import annotations
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
 from . import auth
+from . import handover
 from . import protocol as p
 from .auth import VERIFIER_KINDS, rsa_private_key
 from .backend import MySQLCancel, MySQLLogin, MySQLProbe, MySQLQuery
@@ -51,6 +52,9 @@ class MySQLEngine(Engine):
 
     def client_protocol(self, ctx: ClientContext) -> MySQLClient:
         return MySQLClient(ctx, self)
+
+    def resume_client(self, ctx: ClientContext, state: dict) -> MySQLClient:
+        return handover.resume(self, ctx, state)
 
     def backend_variant(self, params: dict) -> tuple:
         # Clients differing in result-set format (CLIENT_DEPRECATE_EOF) or server behaviour (found rows,

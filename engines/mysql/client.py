@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from multiproxy.engine import Authenticated, BackendError, ClientContext, ClientProtocol, ErrorKind
 
+from . import handover
 from . import protocol as p
 from .commands import Commands
 from .errors import ERRORS, render_error, render_refusal
@@ -101,6 +102,12 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
             # readers fall back to it); the client may still turn that off for itself.
             self.variables.setdefault("tx_read_only", "1")
         return self.greeting_prefix + p.packet(self.ok_seq, p.ok_payload(self.status))
+
+    def handover_state(self) -> dict | None:
+        return handover.export_state(self)
+
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         if not self.logged_in:

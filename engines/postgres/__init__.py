@@ -5,7 +5,7 @@ import os
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
-from . import auth
+from . import auth, handover
 from .backend import PostgresCancel, PostgresLogin, PostgresProbe, PostgresQuery
 from .client import PostgresClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -36,6 +36,9 @@ class PostgresEngine(Engine):
 
     def client_protocol(self, ctx: ClientContext) -> PostgresClient:
         return PostgresClient(ctx, self._mock_secret)
+
+    def resume_client(self, ctx: ClientContext, state: dict) -> PostgresClient:
+        return handover.resume(self, ctx, state)
 
     def backend_login(self, target: BackendTarget) -> PostgresLogin:
         return PostgresLogin(target)

@@ -23,6 +23,7 @@ from collections import deque
 
 from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, PinReason
 
+from . import handover
 from .console import PostgresConsole
 from .errors import FATAL_KINDS, SQLSTATE, render_error, render_refusal
 from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
@@ -96,6 +97,12 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
     def admin_console(self) -> PostgresConsole:
         # The virtual databases multiproxy and pgbouncer: PgBouncer's admin console, answered by the proxy.
         return PostgresConsole(self.ctx.cancel_key)
+
+    def handover_state(self) -> dict | None:
+        return handover.export_state(self)
+
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
 
     def login_refused(self, refusal: BackendError) -> bytes:
         # FATAL, as the server says it at a login or at any time after: no ReadyForQuery follows, the client is closed.

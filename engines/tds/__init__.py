@@ -7,6 +7,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 from multiproxy.tls import client_leg_context
 
 from .auth import VERIFIER_KINDS
+from . import handover
 from .backend import TDSCancel, TDSLogin, TDSProbe, TDSQuery
 from .client import TDSClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -59,6 +60,9 @@ class TDSEngine(Engine):
 
     def client_protocol(self, ctx: ClientContext) -> TDSClient:
         return TDSClient(ctx, self)
+
+    def resume_client(self, ctx: ClientContext, state: dict) -> TDSClient:
+        return handover.resume(self, ctx, state)
 
     def backend_login(self, target: BackendTarget) -> TDSLogin:
         return TDSLogin(target)

@@ -13,6 +13,7 @@ from multiproxy.engine import (
 )
 from multiproxy.token_auth import TokenRejected
 
+from . import handover
 from .auth import check_tds_sha256
 from .session_state import SessionState, request_effects
 from .statements import Statements, tsql_unprepares
@@ -821,6 +822,12 @@ class TDSClient(SessionState, Statements, ClientProtocol):
         if outstanding:
             return self._out(render_error(ErrorKind.BACKEND_LOST, message + "; retry", self.packet_size)), False
         return b"", False
+
+    def handover_state(self) -> dict | None:
+        return handover.export_state(self)
+
+    def handover_refusal(self) -> str:
+        return handover.not_idle(self)
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         return self._out(render_error(kind, message, self.packet_size))

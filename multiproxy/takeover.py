@@ -1,0 +1,648 @@
+"""Online restart and upgrade: a new process takes the listening sockets and the idle clients over from a running one.
+
+PgBouncer's takeover (-R), over the running process's takeover socket ([proxy] takeover_socket), record by record
+(multiproxy.handover):
+
+    new -> old   hello (version, pid, listeners, admin_listen)
+    old -> new   hello (version, pid, listeners, the next cancel-key counter), or refused (why)
+    new -> old   ready (the listener lists match), or refused (why: the new process then exits 1)
+    old -> new   listeners, with the listening sockets       the new process accepts on them at once
+    new -> old   accepting                                    the old one stops accepting
+    old -> new   client, with its connection (one per client) every client idle now, then each one as it
+                                                              becomes idle, until takeover_drain_timeout
+    old -> new   done (counts)                                the old process drains the rest and exits 0
+    new -> old   cancel (key), until the old process exits    for the clients that stayed there
+
+If the connection ends before done, the new process went away: the old one listens again and goes on.
+
+A client goes only while its session waits for its next request with no backend linked and its engine says it
+can (ClientProtocol.handover_state: nothing outstanding, no transaction, no pin, no TLS). The old process stops
+its read watcher before it exports anything, so it never consumes a byte of the client after that moment: bytes
+still in the kernel's buffer go with the descriptor. The new process registers the session (its cancel key too)
+and serves it from its next request (Session.resume). Clients that never become idle, and TLS clients, stay with
+the old process and end as in a graceful stop (proxy.stop: transactions finish, then connections close).
+"""
+from __future__ import annotations
+
+import _socket
+import itertools
+import logging
+import os
+import socket as _stdsocket
+import stat
+import tempfile
+import time
+from collections import Counter
+
+import gevent
+from gevent import socket
+from gevent.lock import Semaphore
+
+from . import __version__
+from . import systemd
+from .fastio import ClientSocket
+from .handover import HandoverError, RecordReader, check_hello, decode, encode, hello, send_record
+from .session import HandedOver, Session
+
+log = logging.getLogger("multiproxy.takeover")
+DRAIN_SWEEP = 0.02          # seconds between two looks at the sessions still to hand over
+CONNECT_TIMEOUT = 10.0
+RUNTIME_DIR = "/run/multiproxy"
+WORKERS_REFUSAL = ("takeover with workers > 1 is not supported yet; run with workers = 1, or stop the old process "
+                   "and start the new one (clients reconnect)")
+
+
+class TakeoverError(Exception):
+    """The takeover could not start (no running process, another version, other listeners); nothing was handed over."""
+
+
+class NobodyRunning(TakeoverError):
+    """No process listens on the takeover socket."""
+
+
+def socket_path(config) -> str:
+    """Where a process of `config` listens for a takeover: [proxy] takeover_socket ("auto": in /run/multiproxy when
+    it is a writable directory, else in the temporary directory, named after the first listener's port); ""
+    when disabled."""
+    path = getattr(config.proxy, "takeover_socket", "auto")
+    if path != "auto":
+        return path
+    port = config.listeners[0].listen[1] if config.listeners else 0
+    directory = RUNTIME_DIR if os.path.isdir(RUNTIME_DIR) and os.access(RUNTIME_DIR, os.W_OK) else tempfile.gettempdir()
+    return os.path.join(directory, f"multiproxy-takeover-{port}.sock")
+
+
+def _listener_facts(proxy) -> list:
+    return [{"name": rt.config.name, "listen": [rt.config.listen[0], rt.config.listen[1]], "engine": rt.engine.name}
+            for rt in proxy.listeners]
+
+
+def _counts(proxy) -> dict:
+    metrics = proxy.metrics
+    counts = getattr(metrics, "takeover_clients", None)
+    if counts is None:
+        counts = metrics.takeover_clients = {"handed_over": 0, "taken_over": 0, "stayed": 0}
+    return counts
+
+
+# ---------------------------------------------------------------- the running (old) process
+
+class TakeoverListener:
+    """The running process's side: listens on the takeover socket and hands everything to the process that connects."""
+
+    def __init__(self, proxy, path: str):
+        self.proxy = proxy
+        self.path = path
+        self.sock = None
+        self.greenlet = None
+        self.busy = False
+        self.handed_over = False        # this process gave its listeners away: it ends without STOPPING=1
+
+    def start(self) -> None:
+        """Bind the socket (0600: only this user may take the process over); a stale file of a dead process is
+        replaced, the live socket of another process is left alone (and logged). A socket that cannot be bound
+        disables takeovers of this process (logged), never its start."""
+        try:
+            self._bind()
+        except OSError as exc:
+            log.error("takeover: cannot listen on %s (%s): this process cannot be taken over; fix proxy.takeover_socket "
+                      "and restart it", self.path, exc.strerror or exc)
+
+    def _bind(self) -> None:
+        path = self.path
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                log.warning("takeover: %s exists and is no socket; takeovers are disabled (proxy.takeover_socket)", path)
+                return
+            probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                log.warning("takeover: another process listens on %s; this one takes no takeovers "
+                            "(give each proxy its own proxy.takeover_socket)", path)
+                return
+            except OSError:
+                os.unlink(path)         # left by a process that is gone
+            finally:
+                probe.close()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        sock = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        old_mask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_mask)
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        self.sock = sock
+        self.greenlet = gevent.spawn(self._accept)
+        log.info("takeover: listening on %s (multiproxy run --takeover hands this process's clients to a new one)",
+                 path)
+
+    def close(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self._unlink()
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            if self.busy:
+                send_record(conn, {"type": "refused", "reason": "a takeover of this process is already under way"})
+                conn.close()
+                continue
+            if not _same_user(conn):
+                log.warning("takeover: refused a connection from another user")
+                conn.close()
+                continue
+            self.busy = True
+            gevent.spawn(self._hand_over, conn)
+
+    def release(self) -> None:
+        """Give the socket's path up for the new process (which listens there once it has taken over); this
+        process takes no further takeovers. Called from the handover's greenlet."""
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self._unlink()
+
+    def _hand_over(self, conn) -> None:
+        proxy = self.proxy
+        try:
+            handed = Handover(proxy, conn, self.release).run()
+        except (HandoverError, OSError) as exc:
+            log.warning("takeover: %s; this process goes on serving", exc)
+            self.busy = False
+            conn.close()
+            if self.sock is None:
+                self.start()
+            return
+        if not handed:
+            self.busy = False
+            conn.close()
+            if self.sock is None:
+                self.start()            # the path was given up for the new process: take it back
+            return
+        # This process is done: what stayed ends as in a graceful stop, then it exits 0 (which closes the connection,
+        # over which the new process passes the cancels of the clients still here until then).
+        self.handed_over = True
+        proxy.shutdown_requested.set()
+
+
+class Handover:
+    """One takeover, seen from the process that gives everything away."""
+
+    def __init__(self, proxy, conn, release_path=None):
+        self.proxy = proxy
+        self.conn = conn
+        self.release_path = release_path
+        self.sending = Semaphore()
+        self.reader = RecordReader(conn)
+        self.handed = 0
+        self.failed = False         # the new process went away before the done record
+        self.done = False
+
+    def run(self) -> bool:
+        """True once the listeners went to the new process (this one must then end); False when the new process
+        declined before that (nothing changed here)."""
+        proxy = self.proxy
+        record, _ = self.reader.read()
+        check_hello(record, "new process")
+        peer = record.get("pid")
+        self.peer_admin_listen = record.get("admin_listen")
+        if proxy.worker_count > 1 or proxy.config.proxy.workers > 1:
+            send_record(self.conn, {"type": "refused", "reason": WORKERS_REFUSAL})
+            return False
+        send_record(self.conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy),
+                                     cancel_counter=next(proxy._cancel_counter)))
+        record, _ = self.reader.read()
+        if record["type"] != "ready":
+            log.warning("takeover: the new process (pid %s) declined: %s", peer, record.get("reason", record["type"]))
+            return False
+        log.info("takeover: handing this process over to pid %s", peer)
+        systemd.notify("STATUS=handing over to pid %s" % peer)
+        if self.release_path is not None:
+            self.release_path()
+        names = [rt.config.name for rt in proxy.listeners]
+        fds = [rt.acceptor.sock.fileno() for rt in proxy.listeners]
+        admin = proxy.admin is not None and getattr(proxy.admin, "socket", None) is not None
+        if admin and self.peer_admin_listen != proxy.config.proxy.admin_listen:
+            # The new process serves its admin server elsewhere (or none): it binds its own; this one's goes now.
+            proxy.admin.stop()
+            proxy.admin = None
+            admin = False
+        if admin:
+            fds.append(proxy.admin.socket.fileno())
+        send_record(self.conn, {"type": "listeners", "names": names, "admin": admin}, fds)
+        record, _ = self.reader.read()
+        if record["type"] != "accepting":
+            raise HandoverError(f"expected accepting, got {record['type']!r}")
+        for rt in proxy.listeners:         # the new process accepts now; this one keeps only its clients
+            if rt.acceptor is not None:
+                rt.acceptor.close()
+        if admin:
+            proxy.admin.stop()
+            proxy.admin = None
+        proxy.stopping = True
+        gevent.spawn(self._receive_cancels)
+        self._drain(peer)
+        if self.failed:
+            # The new process went away mid-way: the clients it took are gone with it; this one serves again.
+            try:
+                proxy.listen_again()
+            except OSError as exc:
+                log.error("takeover: cannot listen again after the new process went away (%s); this process ends "
+                          "as in a graceful stop", exc)
+                return True
+            log.warning("takeover: the new process (pid %s) went away; this process accepts again, with the %d "
+                        "clients it still had", peer, len(proxy.sessions))
+            return False
+        return True
+
+    def _receive_cancels(self) -> None:
+        """Cancels (PostgreSQL's cancel request, MySQL's KILL) that reached the new process for clients still here."""
+        try:
+            while True:
+                record, fds = self.reader.read()
+                for fd in fds:
+                    os.close(fd)
+                if record.get("type") == "cancel":
+                    self.proxy.cancel(decode(record["key"]), None, bool(record.get("terminate")))
+        except (HandoverError, OSError):
+            # The new process ended the connection: after the done record, as it does when this process exits;
+            # before it, it went away.
+            if not self.done:
+                self.failed = True
+
+    def _drain(self, peer) -> None:
+        proxy = self.proxy
+        deadline = time.monotonic() + proxy.config.proxy.takeover_drain_timeout
+        # A client goes the moment its backend goes back to the pool (Session.on_backend_data calls the hook);
+        # the sweep finds the others (idle since before the takeover, or whose hook call found them busy).
+        proxy.idle_hook = self.try_hand
+        try:
+            while True:
+                for session in list(proxy.sessions):
+                    if self.failed:
+                        break
+                    self.try_hand(session)
+                if self.failed or not proxy.sessions or time.monotonic() >= deadline:
+                    break
+                gevent.sleep(DRAIN_SWEEP)
+        finally:
+            proxy.idle_hook = None
+        stayed = len(proxy.sessions)
+        reasons = Counter(_why_stays(session) for session in proxy.sessions)
+        tls = reasons.get("TLS", 0)
+        _counts(proxy)["stayed"] += stayed
+        if not self.failed:
+            self.done = True
+            try:
+                with self.sending:
+                    send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})
+            except OSError:
+                pass
+        log.info("takeover: handed %d listeners and %d clients to pid %s; %d clients stay here until they finish "
+                 "(%d TLS)%s", len(proxy.listeners), self.handed, peer, stayed, tls,
+                 "".join(f"; {why}: {count}" for why, count in sorted(reasons.items())))
+
+    def try_hand(self, session) -> bool:
+        """Hand `session` over if it waits for its client's next request and its engine can export it."""
+        sock = session.sock
+        if (self.failed or type(sock) is not ClientSocket or session.backend is not None or session.pool is None
+                or session.client_gone or session.leftover or session.proto is None):
+            return False
+        watcher = sock._read_event
+        if watcher is None or watcher.callback is None or not watcher.active:
+            return False        # its greenlet is not waiting for the client (borrowing, sending, logging in)
+        waiter = getattr(watcher.callback, "__self__", None)
+        if waiter is None or not hasattr(waiter, "throw"):
+            return False
+        try:
+            state = session.proto.handover_state()
+        except Exception:  # an engine's failure keeps its client here; it must not stop the takeover
+            log.exception("takeover: exporting client %s failed; it stays", session._where())
+            return False
+        if state is None:
+            return False
+        try:
+            record = {"type": "client", "listener": session.listener.name, "engine": session.engine.name,
+                      "state": state, "session": encode({
+                          "user": session.user, "database": session.database, "cancel_key": session.cancel_key,
+                          "address": list(session.address) if isinstance(session.address, tuple) else session.address,
+                          "connected_at": session.connected_at, "transaction_mode": session.transaction_mode,
+                          "linked_once": session.linked_once, "variant": session.pool.variant})}
+        except TypeError as exc:
+            log.warning("takeover: client %s stays: %s", session._where(), exc)
+            return False
+        # One record at a time on the connection; a caller that would wait (the idle hook runs in a backend's reader)
+        # leaves the client to the next sweep instead.
+        if not self.sending.acquire(blocking=False):
+            return False
+        try:
+            # From here the session's greenlet never wakes for this client again: not a byte is read here any more,
+            # and nothing is said to the client (client_gone also keeps the client timeouts' sweep away from it).
+            watcher.stop()
+            session.client_gone = True
+            try:
+                send_record(self.conn, record, [sock._sock.fileno()])
+            except OSError as exc:
+                session.client_gone = False
+                watcher.start(waiter.switch, waiter)    # the new process is gone: this process keeps the client
+                self.failed = True
+                log.error("takeover: the new process went away (%s); the remaining clients stay here", exc)
+                return False
+        finally:
+            self.sending.release()
+        self.handed += 1
+        _counts(self.proxy)["handed_over"] += 1
+        sock.hub.loop.run_callback(waiter.throw, HandedOver())
+        return True
+
+
+def _why_stays(session) -> str:
+    """Why a session was not handed over, for the log."""
+    if type(session.sock) is not ClientSocket:
+        return "TLS"
+    if session.pool is None or session.proto is None:
+        return "logging in or on the admin console"
+    if session.backend is not None:
+        if not session.transaction_mode:
+            return "session pool mode"          # its backend is its own for the whole connection: it cannot move
+        return "pinned" if session.proto.pinned else "a request or transaction under way"
+    return session.proto.handover_refusal() or "busy"
+
+
+def _same_user(conn) -> bool:
+    """Only the process's own user (or root) may take it over (the socket is 0600 too)."""
+    try:
+        creds = conn.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_PEERCRED, 12)
+    except OSError:
+        return False
+    uid = int.from_bytes(creds[4:8], "little")
+    return uid in (os.getuid(), 0)
+
+
+# ---------------------------------------------------------------- the new process
+
+class Takeover:
+    """The new process's side: connect, check that both run the same listeners, take the listening sockets, then
+    the clients (`receive_clients`, once this process accepts)."""
+
+    def __init__(self, proxy, path: str):
+        self.proxy = proxy
+        self.path = path
+        self.conn = None
+        self.reader = None
+        self.peer = None
+        self.listen_sockets: dict = {}
+        self.admin_socket = None           # the admin HTTP server's listening socket
+        self.sending = Semaphore()         # one record at a time (cancels come from any client's greenlet)
+        self.taken = 0
+        self.summary: dict = {}
+
+    def connect(self) -> dict:
+        """Up to the listening sockets; returns them by listener name. Raises TakeoverError (nothing taken)."""
+        proxy = self.proxy
+        if proxy.config.proxy.workers > 1:
+            raise TakeoverError(WORKERS_REFUSAL)
+        if not self.path:
+            raise TakeoverError("proxy.takeover_socket is empty (takeovers disabled): set it to the running process's "
+                                "takeover socket")
+        conn = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        conn.settimeout(CONNECT_TIMEOUT)
+        try:
+            conn.connect(self.path)
+        except OSError as exc:
+            conn.close()
+            raise NobodyRunning(f"cannot reach a running multiproxy at {self.path} ({exc.strerror or exc}): is one "
+                                "running with this config (workers = 1, the same proxy.takeover_socket)?") from None
+        self.conn = conn
+        self.reader = reader = RecordReader(conn)
+        try:
+            send_record(conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy),
+                                    admin_listen=proxy.config.proxy.admin_listen))
+            record, _ = reader.read()
+            if record.get("type") == "refused":
+                raise TakeoverError(f"the running process refused: {record.get('reason')}")
+            try:
+                check_hello(record, "running process")
+            except HandoverError as exc:
+                send_record(conn, {"type": "refused", "reason": str(exc)})
+                raise TakeoverError(str(exc)) from None
+            self.peer = record.get("pid")
+            problem = _listener_mismatch(record.get("listeners", []), _listener_facts(proxy))
+            if problem:
+                send_record(conn, {"type": "refused", "reason": problem})
+                raise TakeoverError(f"the running process (pid {self.peer}) serves other listeners: {problem}; "
+                                    "a takeover keeps the listeners as they are: change them with a reload (SIGHUP) "
+                                    "before or after it")
+            counter = record.get("cancel_counter")
+            if isinstance(counter, int):
+                # Keys the old process gave stay valid here: this process's keys start after them.
+                proxy._cancel_counter = itertools.count(counter + 1)
+            send_record(conn, {"type": "ready"})
+            record, fds = reader.read()
+            if record.get("type") != "listeners":
+                raise HandoverError(f"expected the listening sockets, got {record.get('type')!r}")
+            if record.get("admin") and fds:
+                self.admin_socket = socket.socket(fileno=fds.pop())
+                self.admin_socket.setblocking(False)
+            for name, fd in zip(record["names"], fds):
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                self.listen_sockets[name] = sock
+        except (HandoverError, OSError) as exc:
+            conn.close()
+            raise TakeoverError(f"the takeover from {self.path} failed: {exc}") from None
+        conn.settimeout(None)
+        return self.listen_sockets
+
+    def accepting(self) -> None:
+        """This process accepts on the listeners: the old one may stop, and send its clients."""
+        send_record(self.conn, {"type": "accepting"})
+
+    def receive_clients(self, on_done=None) -> None:
+        """Serve each client the old process sends until its done record, then call `on_done`; until the old process
+        exits, pass it the cancels for keys not known here (its clients that stayed)."""
+        proxy = self.proxy
+        reader = self.reader
+        proxy.cancel_elsewhere = self.pass_cancel
+        try:
+            while True:
+                record, fds = reader.read()
+                kind = record.get("type")
+                if kind == "done":
+                    self.summary = record
+                    self._log_done()
+                    if on_done is not None:
+                        on_done()
+                    continue
+                if kind != "client" or len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    log.warning("takeover: ignored a %r record", kind)
+                    continue
+                try:
+                    self.adopt(record, fds[0])
+                except Exception:  # one client that cannot be resumed must not stop the others
+                    log.exception("takeover: a client of listener %s could not be resumed; it is closed",
+                                  record.get("listener"))
+        except (HandoverError, OSError) as exc:
+            if not self.summary:
+                log.warning("takeover: the old process ended the handover early: %s", exc)
+                self._log_done()
+                if on_done is not None:
+                    on_done()
+            else:
+                log.info("takeover: the old process (pid %s) has exited", self.peer)
+        finally:
+            proxy.cancel_elsewhere = None
+            reader.close_unclaimed()
+            self.conn.close()
+
+    def _log_done(self) -> None:
+        summary = self.summary
+        log.info("took over %d listeners and %d clients from pid %s (%d clients stayed there, %d of them TLS)",
+                 len(self.listen_sockets), self.taken, self.peer, summary.get("stayed", 0), summary.get("tls", 0))
+        console = getattr(self.proxy, "console", None)
+        if console is not None:         # the admin console's SHOW EVENTS
+            console.record("takeover", from_pid=self.peer, listeners=len(self.listen_sockets), clients=self.taken,
+                           stayed=summary.get("stayed", 0))
+        systemd.notify(f"STATUS=took over {self.taken} clients from pid {self.peer}")
+
+    def pass_cancel(self, key, engine, terminate: bool) -> bool:
+        """A cancel for a key not known here: the old process may still serve that client (Proxy.cancel_elsewhere)."""
+        try:
+            with self.sending:
+                send_record(self.conn, {"type": "cancel", "key": encode(key), "terminate": bool(terminate)})
+        except (OSError, TypeError, ValueError):
+            return False
+        return True
+
+    def adopt(self, record: dict, fd: int) -> Session:
+        """Serve a client handed over by the old process: its session resumes from its next request. The connection
+        (`fd`) is this method's: closed here when the session cannot be resumed."""
+        proxy = self.proxy
+        raw = None
+        try:
+            rt = next((rt for rt in proxy.listeners if rt.config.name == record["listener"]), None)
+            if rt is None:
+                raise HandoverError(f"no listener {record['listener']!r} here")
+            facts = decode(record["session"])
+            raw = _socket.socket(fileno=fd)
+            address = facts["address"]
+            session = Session(proxy, rt, ClientSocket(raw), tuple(address) if isinstance(address, list) else address)
+            session.cancel_key = facts["cancel_key"]
+            session.user, session.database = facts["user"], facts["database"]
+            session.connected_at = facts["connected_at"]
+            session.transaction_mode = facts["transaction_mode"]
+            session.linked_once = facts["linked_once"]
+            session.proto = rt.engine.resume_client(session.client_context(), record["state"])
+            session.pool = proxy.pool_for(rt, session.user, session.database, facts["variant"])
+        except BaseException:
+            if raw is not None:
+                raw.close()
+            else:
+                os.close(fd)
+            raise
+        proxy.session_started(session)
+        self.taken += 1
+        _counts(proxy)["taken_over"] += 1
+        source = address[0] if isinstance(address, list) else str(address)
+        gevent.spawn(proxy.serve_session, rt, session, source, session.resume)
+        return session
+
+
+def _listener_mismatch(theirs: list, ours: list) -> str:
+    """What differs between two listener lists (name, address, engine), or ""."""
+    def key(items):
+        return {item["name"]: (tuple(item["listen"]), item["engine"]) for item in items}
+    a, b = key(theirs), key(ours)
+    problems = []
+    for name in sorted(a.keys() - b.keys()):
+        problems.append(f"listener {name!r} runs there but is not in this config")
+    for name in sorted(b.keys() - a.keys()):
+        problems.append(f"listener {name!r} of this config does not run there")
+    for name in sorted(a.keys() & b.keys()):
+        if a[name] != b[name]:
+            (host, port), engine = a[name]
+            (host2, port2), engine2 = b[name]
+            problems.append(f"listener {name!r} is {engine} on {host}:{port} there, {engine2} on {host2}:{port2} here")
+    return "; ".join(problems)
+
+
+def take_over(proxy, required: bool = True) -> Takeover | None:
+    """Connect to the running process of `proxy`'s config and take its listening sockets (Takeover.connect). Not
+    `required`: None when no process listens on the takeover socket (this one then starts as without a takeover)."""
+    takeover = Takeover(proxy, socket_path(proxy.config))
+    try:
+        takeover.connect()
+    except NobodyRunning as exc:
+        if required:
+            raise
+        log.info("takeover: %s; starting without one", exc)
+        return None
+    return takeover
+
+
+class ProcessTakeovers:
+    """What one proxy process does about takeovers in its life: start with one (`take_over`: True, or "if-running"),
+    and listen for the next (`listen`: a process alone, not a forked worker). The process model calls `start_proxy`
+    instead of Proxy.start, `ready` once it serves, and `finish` when it is told to end."""
+
+    def __init__(self, proxy, take_over: bool | str = False, listen: bool = True):
+        self.proxy = proxy
+        self.take_over = take_over
+        path = socket_path(proxy.config) if listen else ""
+        self.listener = TakeoverListener(proxy, path) if path else None
+        self.donor: Takeover | None = None
+
+    def start_proxy(self, listen_sockets=None, admin_socket=None) -> None:
+        """Start the proxy: on the listening sockets a takeover brings (TakeoverError when it cannot), else on
+        `listen_sockets` and `admin_socket` (a supervisor's) or its own; then listen for the next takeover, unless one
+        is under way."""
+        proxy = self.proxy
+        if self.take_over:
+            self.donor = take_over(proxy, required=self.take_over != "if-running")
+        if self.donor is not None:
+            proxy.start(self.donor.listen_sockets, self.donor.admin_socket)
+            self.donor.accepting()
+        else:
+            proxy.start(listen_sockets, admin_socket)
+            if self.listener is not None:
+                self.listener.start()
+
+    def ready(self, status: str) -> bool:
+        """The process serves. After a takeover: tells systemd this is the service's main process now, and ready
+        (True: the caller sends nothing more), and receives the clients."""
+        donor = self.donor
+        if donor is None:
+            return False
+        systemd.notify("READY=1", MAINPID=os.getpid(), STATUS=f"{status}, taken over from pid {donor.peer}")
+
+        def taken_over():
+            if self.listener is not None and not self.proxy.shutdown_requested.is_set():
+                self.listener.start()       # the old process has let go of the socket's path
+        gevent.spawn(donor.receive_clients, taken_over)
+        return True
+
+    def finish(self) -> bool:
+        """The process is to end: no more takeovers. True when it ends because it was taken over (the service goes on,
+        in the new process: no STOPPING=1)."""
+        if self.listener is None:
+            return False
+        self.listener.close()
+        return self.listener.handed_over
