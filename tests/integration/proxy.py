@@ -18,6 +18,9 @@ import tomllib
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+READY_LINE = "ready (pid "   # multiproxy.proxy logs 'multiproxy worker N ready (pid P)' once it serves
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -180,6 +183,7 @@ class ProxyProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()    # a restart in the same work dir appends: readiness is read after this
             self._proc = subprocess.Popen(
                 [*self.argv, self.config_path], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
@@ -214,6 +218,23 @@ class ProxyProcess:
                     pending.pop(0)
             except OSError:
                 time.sleep(0.05)
+        if self._runs_multiproxy():
+            self._wait_ready_line(deadline)
+
+    def _runs_multiproxy(self) -> bool:
+        return "multiproxy" in self.argv and "run" in self.argv
+
+    def _wait_ready_line(self, deadline: float) -> None:
+        """A port that accepts may belong to another process that took it between free_port() and the proxy's bind
+        (the proxy then exits on its own bind error): the proxy's own 'ready' line is the proof it serves."""
+        while READY_LINE not in self._log_since_start():
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"multiproxy exited with {self._proc.returncode} while starting; "
+                                   f"log tail:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"multiproxy did not log {READY_LINE!r} after {self.startup_timeout}s; "
+                                   f"log tail:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL the process group after `timeout` seconds; return the exit code."""
@@ -257,6 +278,14 @@ class ProxyProcess:
     def send_signal(self, sig: int) -> None:
         """E.g. SIGHUP for a reload test."""
         self._proc.send_signal(sig)
+
+    def _log_since_start(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def log_text(self) -> str:
         """Everything the proxy wrote to stdout and stderr so far."""
