@@ -32,9 +32,14 @@ DEFAULT_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
+    "latency": ["-S", "-c", "1", "-j", "1"],
+    "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
 }
+DEFAULT_LOADS = ("steady", "connect")
+STORM_TARGETS = ("multiproxy", "pgbouncer")     # poolers only: the storm server allows fewer clients than come
 BENCH_USER = "bench"
 BENCH_DB = "bench"
+BENCH_PASSWORD = "bench-scram-password"         # --auth scram: the bench role's password, stored as SCRAM
 WARMUP_SECONDS = 2
 START_TIMEOUT = 20.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -216,14 +221,15 @@ class Workspace:
 class PrivatePostgres:
     """The bench database: a private PostgreSQL (multiproxy.lab.postgres) with the bench role and pgbench tables."""
 
-    def __init__(self, scale, keep):
-        self.scale = scale
+    def __init__(self, scale, keep, max_connections=300, auth="trust"):
+        self.scale, self.auth = scale, auth
         try:
-            self.server = PostgresServer(settings={"max_connections": 300, "shared_buffers": "128MB"},
+            self.server = PostgresServer(settings={"max_connections": max_connections, "shared_buffers": "128MB"},
                                          keep_datadir=keep)
         except PostgresNotInstalled as exc:
             raise SystemExit(str(exc))
         self.port = None
+        self.scram_verifier = None
 
     def start(self):
         try:
@@ -233,6 +239,15 @@ class PrivatePostgres:
         self.port = self.server.port
         self.server.psql(f"CREATE ROLE {BENCH_USER} LOGIN SUPERUSER;")
         self.server.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER};")
+        if self.auth == "scram":
+            # The server keeps trust for TCP; the poolers verify each client's SCRAM exchange against this verifier
+            # (PgBouncer reads it from its auth_file, as a production set-up copies it from pg_authid).
+            self.server.psql(f"SET password_encryption = 'scram-sha-256'; "
+                             f"ALTER ROLE {BENCH_USER} PASSWORD '{BENCH_PASSWORD}';")
+            self.scram_verifier = self.server.psql(
+                f"SELECT rolpassword FROM pg_authid WHERE rolname = '{BENCH_USER}';").strip()
+        if self.scale == 0:
+            return                                  # the storm server: one query of constants, no tables
         print(f"pgbench -i -s {self.scale} ...", file=sys.stderr)
         run_quiet(["pgbench", "-i", "-q", "-s", str(self.scale), "-h", "127.0.0.1", "-p", str(self.port),
                    "-U", BENCH_USER, BENCH_DB], timeout=1800)
@@ -273,15 +288,23 @@ class Direct(Target):
 class Multiproxy(Target):
     name = "multiproxy"
 
-    def __init__(self, ws, procs, pg, pool_size, workers):
+    def __init__(self, ws, procs, pg, pool_size, workers, auth="trust"):
         self.ws, self.procs, self.pg, self.pool_size, self.workers = ws, procs, pg, pool_size, workers
+        self.auth = auth
 
     def config(self, port):
         workers = f"workers = {self.workers}\n" if self.workers else ""
+        users = ""
+        if self.auth == "scram":
+            from multiproxy.auth import UsersFile
+            listed = UsersFile()
+            listed.add(BENCH_USER, BENCH_PASSWORD)
+            users = f'\n[auth]\nusers_file = "{self.ws.file("users.toml", listed.dumps())}"\n'
         return ("[proxy]\n"
                 'admin_listen = ""\n'
                 'log_level = "warning"\n'
                 f"{workers}"
+                f"{users}"
                 "\n[clusters.bench]\n"
                 'engine = "postgres"\n'
                 f'hosts = ["127.0.0.1:{self.pg.port}"]\n'
@@ -294,7 +317,7 @@ class Multiproxy(Target):
                 f'listen = "127.0.0.1:{port}"\n'
                 'cluster = "bench"\n'
                 'role = "writer"\n'
-                'auth = "trust"\n')
+                f'auth = "{"scram-sha-256" if self.auth == "scram" else "trust"}"\n')
 
     def start(self):
         port = free_port()
@@ -316,8 +339,9 @@ class Multiproxy(Target):
 class PgBouncer(Target):
     name = "pgbouncer"
 
-    def __init__(self, ws, procs, pg, pool_size):
+    def __init__(self, ws, procs, pg, pool_size, auth="trust", max_clients=1000):
         self.ws, self.procs, self.pg, self.pool_size = ws, procs, pg, pool_size
+        self.auth, self.max_clients = auth, max_clients
         self.binary = shutil.which("pgbouncer") or next(
             (p for p in ("/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer") if os.access(p, os.X_OK)), None)
 
@@ -330,7 +354,8 @@ class PgBouncer(Target):
         if not self.binary:
             raise TargetFailed("not installed")
         port = free_port()
-        users = self.ws.file("userlist.txt", f'"{BENCH_USER}" ""\n"postgres" ""\n')
+        secret = self.pg.scram_verifier if self.auth == "scram" else ""
+        users = self.ws.file("userlist.txt", f'"{BENCH_USER}" "{secret}"\n"postgres" ""\n')
         ini = self.ws.file("pgbouncer.ini", (
             "[databases]\n"
             f"{BENCH_DB} = host=127.0.0.1 port={self.pg.port} dbname={BENCH_DB}\n"
@@ -340,11 +365,11 @@ class PgBouncer(Target):
             f"unix_socket_dir = {self.ws.path}\n"
             f"logfile = {os.path.join(self.ws.path, 'pgbouncer.log')}\n"
             f"pidfile = {os.path.join(self.ws.path, 'pgbouncer.pid')}\n"
-            "auth_type = trust\n"
+            f"auth_type = {'scram-sha-256' if self.auth == 'scram' else 'trust'}\n"
             f"auth_file = {users}\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\n"
-            "max_client_conn = 1000\n"
+            f"max_client_conn = {self.max_clients}\n"
             "ignore_startup_parameters = extra_float_digits\n"
             "log_connections = 0\n"
             "log_disconnections = 0\n"))
@@ -439,6 +464,108 @@ def measure(target, port, load, seconds):
     return tps, cpu
 
 
+def raise_open_file_limit(wanted):
+    """Raise RLIMIT_NOFILE's soft limit towards `wanted` within the hard limit (children inherit it)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def storm_once(target, port, clients, timeout):
+    """tools/pg_storm.py against port: its JSON result plus the CPU seconds the target's process tree spent."""
+    before = tree_cpu_ticks(target.pid) if target.pid else None
+    argv = [sys.executable, os.path.join(REPO_ROOT, "tools", "pg_storm.py"), "--port", str(port), "--user",
+            BENCH_USER, "--database", BENCH_DB, "--clients", str(clients), "--timeout", str(timeout)]
+    if os.environ.get("PGPASSWORD"):
+        argv += ["--password", os.environ["PGPASSWORD"]]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 90)
+    except subprocess.TimeoutExpired:
+        raise TargetFailed(f"the storm did not end within {timeout + 90:.0f}s")
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise TargetFailed(f"pg_storm exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+    if before is not None:
+        result["cpu_s"] = (tree_cpu_ticks(target.pid) - before) / CLK_TCK
+    return result
+
+
+def storm_bench(args, procs):
+    """The storm: for each pooler in turn, in front of a private server that allows --storm-server-connections,
+    --storm-clients psycopg clients connect at once and run one query; returns lines of a table."""
+    raise_open_file_limit(2 * args.storm_clients + 256)
+    ws = Workspace(args.keep)
+    server = PrivatePostgres(0, args.keep, max_connections=args.storm_server_connections, auth=args.auth)
+    pool_size = min(args.pool_size, args.storm_server_connections)
+    results = {}
+    try:
+        server.start()
+        makers = {"multiproxy": lambda: Multiproxy(ws, procs, server, pool_size, args.workers, args.auth),
+                  "pgbouncer": lambda: PgBouncer(ws, procs, server, pool_size, args.auth,
+                                                 max_clients=args.storm_clients + 100)}
+        for round_number in range(args.rounds):
+            for name in (t for t in STORM_TARGETS if t in args.targets):
+                print(f"round {round_number + 1}/{args.rounds}: {name} / storm of {args.storm_clients} clients",
+                      file=sys.stderr)
+                target = makers[name]()
+                try:
+                    port = target.start()
+                    results.setdefault(name, []).append(storm_once(target, port, args.storm_clients,
+                                                                   args.storm_timeout))
+                except TargetFailed as exc:
+                    print(f"  {name} / storm: {exc}", file=sys.stderr)
+                    results.setdefault(name, []).append({"failed": str(exc)})
+                finally:
+                    target.stop()
+    finally:
+        server.stop()
+        ws.remove()
+    header = ["target", "clients", "served", "errors", "p50 s", "p99 s", "max s", "wall s", "proxy CPU s"]
+    lines = []
+    for name, runs in results.items():
+        good = [r for r in runs if "failed" not in r]
+        if not good:
+            lines.append([name, str(args.storm_clients), "failed: " + runs[0]["failed"][:60]] + ["-"] * 6)
+            continue
+        def med(key):
+            values = [r[key] for r in good if r.get(key) is not None]
+            return f"{statistics.median(values):.2f}" if values else "-"
+        lines.append([name, str(args.storm_clients), f"{min(r['served'] for r in good)}",
+                      f"{max(r['errors'] for r in good)}", med("p50_s"), med("p99_s"), med("max_s"), med("wall_s"),
+                      med("cpu_s")])
+        for r in good:
+            for error in r["first_errors"]:
+                print(f"  {name} / storm: {error}", file=sys.stderr)
+    return header, lines, pool_size
+
+
+def format_plain(header, lines):
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i < 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines])
+
+
+def format_markdown(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|---|" + "|".join(["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def latency_lines(rows):
+    """pgbench -c 1: the mean time of one transaction per target (1 / TPS) and multiproxy's distance to PgBouncer."""
+    latency = {target: 1e6 / tps for (target, load), (tps, *_rest) in rows.items() if load == "latency" and tps}
+    if not latency:
+        return []
+    lines = ["latency (pgbench -S -c 1, mean per transaction): "
+             + ", ".join(f"{target} {us:.0f} us" for target, us in latency.items())]
+    if "multiproxy" in latency and "pgbouncer" in latency:
+        lines.append(f"multiproxy - pgbouncer: {latency['multiproxy'] - latency['pgbouncer']:+.0f} us "
+                     "(the bar: within 20 us)")
+    return lines
+
+
 def _summary(runs, bouncer_runs):
     """(median TPS, median CPU%, note, CPU per transaction) of one target and load; with several rounds the note
     gives the range of its per-round ratio to PgBouncer (both measured in the same round), and the CPU per
@@ -509,7 +636,16 @@ def parse_args(argv):
     parser.add_argument("--seconds", type=int, default=15, help="measured seconds per load (default 15)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every target this many times, interleaved; report medians (default 1)")
-    parser.add_argument("--loads", default="steady,connect", help="subset of steady,connect")
+    parser.add_argument("--loads", default=",".join(DEFAULT_LOADS),
+                        help=f"subset of {','.join(LOADS)} (default {','.join(DEFAULT_LOADS)})")
+    parser.add_argument("--auth", choices=("trust", "scram"), default="trust",
+                        help="how multiproxy and PgBouncer authenticate clients: trust, or SCRAM-SHA-256 against "
+                             "the server's verifier (default trust)")
+    parser.add_argument("--storm-clients", type=int, default=2000, help="clients of the storm load (default 2000)")
+    parser.add_argument("--storm-server-connections", type=int, default=20,
+                        help="max_connections of the storm's server (default 20)")
+    parser.add_argument("--storm-timeout", type=float, default=10.0,
+                        help="each storm client's limit in seconds, the poolers' borrow timeout (default 10)")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
@@ -992,15 +1128,19 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_sigterm)
     procs = Processes()
+    if args.auth == "scram":
+        os.environ["PGPASSWORD"] = BENCH_PASSWORD     # pgbench, psql and pg_storm; the server itself trusts
+    pgbench_loads = [load for load in args.loads if LOADS[load] is not None]
+    storm = None
     ws = Workspace(args.keep)
     rows = {}
-    pg = PrivatePostgres(args.scale, args.keep)
+    pg = PrivatePostgres(args.scale, args.keep, auth=args.auth)
     try:
         pg.start()
-        bouncer = PgBouncer(ws, procs, pg, args.pool_size)
+        bouncer = PgBouncer(ws, procs, pg, args.pool_size, args.auth)
         makers = {
             "direct": lambda: Direct(pg),
-            "multiproxy": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers),
+            "multiproxy": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers, args.auth),
             "pgbouncer": lambda: bouncer,
             "relay": lambda: Relay(ws, procs, pg),
             "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),
@@ -1008,20 +1148,20 @@ def main(argv=None):
             "floor-c-thread": lambda: FloorPooler(ws, procs, pg, args.pool_size, relay="c-thread"),
         }
         started = {}
-        for name in args.targets:
+        for name in args.targets if pgbench_loads else ():
             target = makers[name]()
             try:
                 started[name] = (target, target.start())
             except TargetFailed as exc:
                 note = "not installed" if str(exc) == "not installed" else "failed to start"
                 print(f"{name}: {exc}", file=sys.stderr)
-                for load in args.loads:
+                for load in pgbench_loads:
                     rows[(name, load)] = (None, None, note, None)
                 target.stop()
         # Every round runs each target back to back, so a slow spell of the machine hits all of them.
         samples: dict = {}
         for round_number in range(args.rounds):
-            for load in args.loads:
+            for load in pgbench_loads:
                 for name, (target, port) in started.items():
                     print(f"round {round_number + 1}/{args.rounds}: {name} / {load}: warm-up {WARMUP_SECONDS}s, "
                           f"run {args.seconds}s", file=sys.stderr)
@@ -1034,6 +1174,8 @@ def main(argv=None):
             rows[(name, load)] = _summary(runs, samples.get(("pgbouncer", load)))
         for target, _ in started.values():
             target.stop()
+        if "storm" in args.loads:
+            storm = storm_bench(args, procs)
         notes = machine_notes(pg, bouncer)
     except KeyboardInterrupt:
         print("interrupted; stopping everything started", file=sys.stderr)
@@ -1043,24 +1185,44 @@ def main(argv=None):
         pg.stop()
         ws.remove()
 
-    options = (f"pgbench -S, 16 clients, 2 threads, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
+    options = (f"pgbench -S, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
                + (f"median of {args.rounds} interleaved rounds, " if args.rounds > 1 else "")
-               + f"scale {args.scale}, pool size {args.pool_size}"
+               + f"scale {args.scale}, pool size {args.pool_size}, client authentication {args.auth}"
                + (f", multiproxy workers {args.workers}" if args.workers else ""))
+    explained = ["steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction); "
+                 "latency = pgbench -S -c 1 -j 1",
+                 "proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
+                 "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds"]
+    if args.auth == "scram":
+        explained.append("scram: multiproxy and PgBouncer verify every client's SCRAM-SHA-256 exchange against the "
+                         "server's verifier; the server trusts TCP, so direct, relay and floor do no SCRAM")
+    storm_text = []
+    if storm is not None:
+        header, lines, pool_size = storm
+        storm_text = [f"storm: {args.storm_clients} psycopg clients released at once, one query each, each allowed "
+                      f"{args.storm_timeout:g} s; server max_connections {args.storm_server_connections}, pool "
+                      f"size {pool_size}; medians of {args.rounds} round(s) (served: the fewest, errors: the most)"]
     print()
-    print(format_table(rows, args.loads))
-    print()
+    if pgbench_loads:
+        print(format_table(rows, pgbench_loads))
+        print()
+    for line in latency_lines(rows):
+        print(line)
+    if storm is not None:
+        print(format_plain(storm[0], storm[1]))
+        print()
     print(options)
-    print("steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction)")
-    print("proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
-          "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds")
-    for line in notes:
+    for line in explained + storm_text + notes:
         print(line)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(format_table(rows, args.loads, markdown=True) + "\n\n")
+            if pgbench_loads:
+                f.write(format_table(rows, pgbench_loads, markdown=True) + "\n\n")
+            f.write("".join(f"{line}\n\n" for line in latency_lines(rows)))
+            if storm is not None:
+                f.write(format_markdown(storm[0], storm[1]) + "\n\n")
             f.write(options + ".\n\n")
-            f.write("".join(f"- {line}\n" for line in notes))
+            f.write("".join(f"- {line}\n" for line in explained + storm_text + notes))
         print(f"wrote {args.markdown}")
     return 0
 
