@@ -14,11 +14,9 @@ import sys
 import tempfile
 import time
 import tomllib
+import uuid
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-READY_LINE = "ready (pid "   # multiproxy.proxy logs 'multiproxy worker N ready (pid P)' once it serves
 
 
 def free_port() -> int:
@@ -136,6 +134,7 @@ class ProxyProcess:
         self.argv = list(argv) if argv else [sys.executable, "-m", "multiproxy", "run", "-c"]
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen | None = None
+        self._notify: socket.socket | None = None      # where the proxy's READY=1 arrives (see _wait_ready)
         self.returncode: int | None = None
 
     # -- addresses from the config -------------------------------------------------------------
@@ -180,10 +179,15 @@ class ProxyProcess:
         for name, text in self.files.items():
             self.write_file(name, text)
         env = {**os.environ, **self.env}
+        if self._runs_multiproxy() and "NOTIFY_SOCKET" not in self.env:
+            # The proxy's own READY=1 (multiproxy.systemd) is the proof it serves: see _wait_ready.
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            name = f"mp-test-ready-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self._notify.bind(b"\0" + name.encode())
+            env["NOTIFY_SOCKET"] = "@" + name
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.log_path, "ab") as log:
-            self._log_start = log.tell()    # a restart in the same work dir appends: readiness is read after this
             self._proc = subprocess.Popen(
                 [*self.argv, self.config_path], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
@@ -218,23 +222,32 @@ class ProxyProcess:
                     pending.pop(0)
             except OSError:
                 time.sleep(0.05)
-        if self._runs_multiproxy():
-            self._wait_ready_line(deadline)
+        if self._notify is not None:
+            self._wait_ready(deadline)
 
     def _runs_multiproxy(self) -> bool:
         return "multiproxy" in self.argv and "run" in self.argv
 
-    def _wait_ready_line(self, deadline: float) -> None:
+    def _wait_ready(self, deadline: float) -> None:
         """A port that accepts may belong to another process that took it between free_port() and the proxy's bind
-        (the proxy then exits on its own bind error): the proxy's own 'ready' line is the proof it serves."""
-        while READY_LINE not in self._log_since_start():
+        (the proxy then exits on its own bind error): the READY=1 the proxy sends its service manager once every
+        listener is bound (and, with workers, every worker serves) is the proof it serves. The socket stays open
+        until stop(), so later notifications (RELOADING, STOPPING) find it."""
+        while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"multiproxy exited with {self._proc.returncode} while starting; "
                                    f"log tail:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"multiproxy did not log {READY_LINE!r} after {self.startup_timeout}s; "
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"multiproxy did not notify READY=1 after {self.startup_timeout}s; "
                                    f"log tail:\n{self.log_tail()}")
-            time.sleep(0.05)
+            self._notify.settimeout(min(left, 0.2))
+            try:
+                fields = self._notify.recv(4096).decode(errors="replace").split("\n")
+            except socket.timeout:
+                continue
+            if "READY=1" in fields:
+                return
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL the process group after `timeout` seconds; return the exit code."""
@@ -253,6 +266,9 @@ class ProxyProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.returncode = proc.wait()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
         return self.returncode
 
     def cleanup(self) -> None:
@@ -278,14 +294,6 @@ class ProxyProcess:
     def send_signal(self, sig: int) -> None:
         """E.g. SIGHUP for a reload test."""
         self._proc.send_signal(sig)
-
-    def _log_since_start(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_start)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
 
     def log_text(self) -> str:
         """Everything the proxy wrote to stdout and stderr so far."""
