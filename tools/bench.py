@@ -473,6 +473,19 @@ def raise_open_file_limit(wanted):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def json_tool_result(argv, timeout, what):
+    """Run a client tool that prints its result as a JSON last line; that result, or TargetFailed with its stderr."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TargetFailed(f"{what} did not finish within {timeout:.0f} s")
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise TargetFailed(f"{what} exited with {done.returncode}: "
+                           + " | ".join(done.stderr.strip().splitlines()[-2:]))
+
+
 def storm_once(target, port, clients, timeout):
     """tools/pg_storm.py against port: its JSON result plus the CPU seconds the target's process tree spent."""
     before = tree_cpu_ticks(target.pid) if target.pid else None
@@ -480,14 +493,7 @@ def storm_once(target, port, clients, timeout):
             BENCH_USER, "--database", BENCH_DB, "--clients", str(clients), "--timeout", str(timeout)]
     if os.environ.get("PGPASSWORD"):
         argv += ["--password", os.environ["PGPASSWORD"]]
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 90)
-    except subprocess.TimeoutExpired:
-        raise TargetFailed(f"the storm did not end within {timeout + 90:.0f}s")
-    try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise TargetFailed(f"pg_storm exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+    result = json_tool_result(argv, timeout + 90, "pg_storm.py")
     if before is not None:
         result["cpu_s"] = (tree_cpu_ticks(target.pid) - before) / CLK_TCK
     return result
@@ -975,15 +981,7 @@ def tds_prepared(port: int, clients: int, seconds: float) -> float:
         raise TargetFailed(f"node or tedious is missing: run npm ci --prefix {NODE_DIR} (tools/install-deps.sh)")
     argv = ["node", os.path.join(NODE_DIR, "tds_prepared_bench.js"), "--port", str(port),
             "--connections", str(clients), "--seconds", str(seconds)]
-    try:
-        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 60)
-    except subprocess.TimeoutExpired:
-        raise TargetFailed(f"tds_prepared_bench.js did not finish within {seconds + 60} s")
-    try:
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise TargetFailed(f"tds_prepared_bench.js exited with {out.returncode}: "
-                           + " | ".join(out.stderr.strip().splitlines()[-2:]))
+    result = json_tool_result(argv, seconds + 60, "tds_prepared_bench.js")
     rate = result["executes"] / max(result["seconds"], 1e-9)
     if result["errors"]:
         raise TargetFailed(f"{result['errors']} error(s), {result['prepared']} of {result['connections']} "
