@@ -63,6 +63,10 @@ PROXY_SETTINGS = _settings(
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
     Setting("workers", int, 1, "worker processes sharing the listeners, under a supervisor that respawns them and "
             "holds max_size and max_cluster_connections for them all", minimum=1),
+    Setting("worker_custody", bool, True, "with workers > 1: the supervisor holds a duplicate of each worker's "
+            "plaintext client connections and their session state, so that when a worker dies (kill -9, a crash) its "
+            "idle clients are resumed by the respawned worker with their session; clients busy at that moment are "
+            "closed"),
     Setting("worker_timeout", float, 30.0, "with workers > 1: seconds a worker may go without a heartbeat before the "
             "supervisor kills (SIGKILL) and replaces it", minimum=1.0),
     Setting("max_connections_per_address", int, 0, "most client connections at once from one address; 0 unlimited",
@@ -224,6 +228,7 @@ class ProxyConfig:
     worker_timeout: float = 30.0
     takeover_socket: str = "auto"
     takeover_drain_timeout: float = 30.0
+    worker_custody: bool = True
 
 
 @dataclass(frozen=True)

@@ -399,6 +399,13 @@ class ClientProtocol:
         they leave or its drain ends."""
         return None
 
+    def handover_generation(self) -> int | None:
+        """Optional (with handover_state): a number that changes whenever what handover_state would export changes
+        in a way a resumed session depends on (tracked settings, prepared statements, pins; not counters), so that a
+        worker's custody (multiproxy.custody) exports a session again only then. None: unknown, export it at every
+        transaction end."""
+        return None
+
     def handover_refusal(self) -> str:
         """Optional: in a few words, why handover_state() gives None now ("TLS", "inside a transaction", ...), for the
         takeover's log and counts; "" (the default) when the engine does not say."""

@@ -44,6 +44,9 @@ class Metrics:
         # Clients moved by a takeover (multiproxy.takeover): handed_over (by this process), taken_over (by this
         # process, from the old one), stayed (not idle or TLS by the end of the drain: finished by this process).
         self.takeover_clients = {"handed_over": 0, "taken_over": 0, "stayed": 0}
+        # Clients of this worker index's previous process, which died (multiproxy.custody): resumed here with their
+        # session, closed_busy (busy when it died: the supervisor ended their connections), failed (not resumable).
+        self.custody_clients = {"resumed": 0, "closed_busy": 0, "failed": 0}
         self.auth_query_lookups: dict[tuple[str, str], int] = {}   # (cluster, outcome) -> count (auth_lookup)
 
     def session_closed(self, session) -> None:
@@ -105,6 +108,12 @@ class ProxyCollector:
                                 "(multiproxy run --takeover), by side: handed_over, taken_over, stayed", labels=["side"])
         for side, count in m.takeover_clients.items():
             c.add_metric([side], count)
+        yield c
+        c = CounterMetricFamily(PREFIX + "worker_custody_clients", "Clients of a worker that died (workers > 1, "
+                                "proxy.worker_custody), by outcome: resumed by its replacement with their session, "
+                                "closed_busy (a request or transaction was under way), failed", labels=["outcome"])
+        for outcome, count in m.custody_clients.items():
+            c.add_metric([outcome], count)
         yield c
         c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
         c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))

@@ -96,6 +96,7 @@ class Proxy:
         self.throttle = LoginThrottle(pc.auth_failure_delay, pc.auth_failure_max_delay, pc.auth_failure_block_after,
                                       pc.auth_failure_block_seconds)
         self._cancel_counter = itertools.count(1)
+        self.cancel_keys_issued = 0           # the counter of the latest key (worker custody passes it on)
         self.pin_policies = {name: PinPolicy(c.pinning, name) for name, c in config.clusters.items()}
         self.statement_counts = {name: StatementCounts() for name in config.clusters}
         self.secrets: dict[tuple, CachedSecret] = {}
@@ -118,6 +119,7 @@ class Proxy:
         self.worker_count = 1
         self.cancel_socket = None
         self.link = None      # with forked workers: the channel to the supervisor (supervisor.WorkerLink)
+        self.custody = None   # with forked workers and proxy.worker_custody: custody.WorkerCustody
         self.group = None     # with forked workers: the peers, for one view of the group (groupview.GroupView)
 
     # ------------------------------------------------------------------ lifecycle
@@ -599,7 +601,8 @@ class Proxy:
         return cancel
 
     def new_cancel_key(self, engine):
-        return engine.new_cancel_key(next(self._cancel_counter), self.worker)
+        counter = self.cancel_keys_issued = next(self._cancel_counter)
+        return engine.new_cancel_key(counter, self.worker)
 
     def session_started(self, session: Session) -> None:
         self.by_cancel_key[session.cancel_key] = session
@@ -731,10 +734,11 @@ def run_forever(config: Config, engines: dict, take_over: bool | str = False) ->
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
-                worker_count: int = 1, admin_socket=None, take_over: bool | str = False) -> int:
+                worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None) -> int:
     """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
     takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
-    tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots), and the supervisor tells systemd."""
+    tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots, and with `custody` its clients:
+    multiproxy.custody), and the supervisor tells systemd."""
     proxy = Proxy(config, engines, worker)
     link = None
     if channel is not None:
@@ -744,6 +748,9 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         proxy.listen_for_cancels(worker_count, group)
         proxy.group = GroupView(worker, worker_count, group, _peer_handlers(proxy))
         proxy.group.start()
+        if custody is not None:
+            from .custody import WorkerCustody
+            proxy.custody = WorkerCustody(proxy, link, custody["busy_map"])
     done = proxy.shutdown_requested
     alone = link is None
     takeovers = takeover.ProcessTakeovers(proxy, take_over, listen=alone)
@@ -772,6 +779,9 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         systemd.ready(f"serving {len(config.listeners)} listeners")
     else:
         link.start()
+        if proxy.custody is not None:
+            proxy.custody.resume(custody["inherited"], custody["key_counter"], custody["closed_busy"],
+                                 custody["dead_pid"])
         link.send({"op": "ready"})
     done.wait()
     if not takeovers.finish() and alone:    # taken over: the service goes on, in the new process

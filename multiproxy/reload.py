@@ -92,17 +92,18 @@ _MISSING = object()
 def diff(old: Config, new: Config) -> Plan:
     """Compare the running config with a new one: what changed, and what of it cannot change without a restart."""
     plan = Plan(old, new)
-    for name in ("workers", "admin_listen", "takeover_socket"):
+    for name in ("workers", "admin_listen", "takeover_socket", "worker_custody"):
         a, b = getattr(old.proxy, name), getattr(new.proxy, name)
         if a != b:
             why = {"workers": "the worker processes are forked at start",
                    "admin_listen": "the admin HTTP server is bound once, at start",
-                   "takeover_socket": "the takeover socket is bound once, at start"}[name]
+                   "takeover_socket": "the takeover socket is bound once, at start",
+                   "worker_custody": "the supervisor sets up the custody of clients when it forks the workers"}[name]
             plan.refused.append(f"proxy.{name}: {a!r} -> {b!r} needs a restart ({why})")
     for f in dataclasses.fields(old.proxy):
         if getattr(old.proxy, f.name) != getattr(new.proxy, f.name):
             plan.proxy_changed.append(f.name)
-            if f.name not in ("workers", "admin_listen", "takeover_socket"):
+            if f.name not in ("workers", "admin_listen", "takeover_socket", "worker_custody"):
                 plan.changes.append(f"proxy.{f.name}: {_show('', getattr(old.proxy, f.name))} -> "
                                     f"{_show('', getattr(new.proxy, f.name))}")
     plan.changes += _changed_lines(old.admin, new.admin, "admin")

@@ -75,7 +75,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject", "leftover", "linked_once", "connected_at", "watch",
+                 "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -100,6 +100,7 @@ class Session:
         self.linked_once = False          # a backend has served this client (its own login was accepted once)
         self.connected_at = time.time()   # for the admin console's SHOW CLIENTS
         self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
+        self.custody_slot = None          # with worker custody: this client's slot (multiproxy.custody)
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -107,6 +108,7 @@ class Session:
         """Serve the client until it leaves; `logged_in`: its login was done by another process, which handed it over
         (a takeover, multiproxy.takeover): no handshake, its next request is served (see `resume`)."""
         # TCP_NODELAY comes from the listening socket: Linux copies it to every accepted connection.
+        handed_over = False
         try:
             if logged_in or self.handshake():
                 self.serve()
@@ -117,9 +119,9 @@ class Session:
         except (OSError, ValueError) as exc:
             log.debug("client %s: connection error: %s", self.address[0], exc)
         except HandedOver:
-            pass        # a takeover gave the connection to the new process: it is not closed, only let go here
+            handed_over = True  # a takeover gave the connection to the new process: it is only let go here
         finally:
-            self.finish()
+            self.finish(handed_over)
 
     def resume(self) -> None:
         """Serve a client another process logged in and handed over (its proto, user and pool set by the takeover)."""
@@ -391,6 +393,9 @@ class Session:
                               getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
         if limits:
             ClientTimeouts.of(self.proxy).watch(min(limits))
+        custody = getattr(self.proxy, "custody", None)
+        if custody is not None and self.custody_slot is None:
+            custody.hold(self)
         self._relay()
 
     def check_timeouts(self, now: float) -> None:
@@ -485,7 +490,10 @@ class Session:
         self.proxy.cancel(self.cancel_key, self.engine)
 
     def _relay(self) -> None:
-        recv = fast_recv(self.sock)
+        custody = getattr(self.proxy, "custody", None)
+        held = custody is not None and self.custody_slot is not None
+        # A held client is marked busy before a byte of its request is consumed (multiproxy.custody).
+        recv = custody.marking_recv(self.sock, self.custody_slot) if held else fast_recv(self.sock)
         send = self.client_send = fast_sendall(self.sock)
         proto = self.proto
         client_data = proto.client_data
@@ -518,6 +526,8 @@ class Session:
                 send(to_client)
             if quit:
                 return
+            if held and self.backend is None:
+                custody.settle(self)    # answered here (or refused): idle again unless its engine says otherwise
 
     def link(self):
         """Borrow a backend for the request just read, or answer it with an error."""
@@ -568,6 +578,8 @@ class Session:
         elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
+                if self.custody_slot is not None and not self.client_gone:
+                    self.proxy.custody.settle(self)     # idle again: the supervisor may resume it (multiproxy.custody)
                 idle_hook = getattr(self.proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
@@ -603,6 +615,8 @@ class Session:
                     self.client_gone = True
             if backend.closed or (release and ((self.transaction_mode and not proto.pinned) or self.client_gone)):
                 self.unlink(backend)
+                if self.custody_slot is not None and not self.client_gone:
+                    self.proxy.custody.settle(self)
             else:
                 backend.session = self
             return
@@ -650,8 +664,9 @@ class Session:
 
     # ------------------------------------------------------------------ end of the client
 
-    def finish(self) -> None:
-        """The client left: its backend goes back (reset if it was pinned) or is closed if mid-transaction."""
+    def finish(self, handed_over: bool = False) -> None:
+        """The client left: its backend goes back (reset if it was pinned) or is closed if mid-transaction; its
+        connection closes (`handed_over`: only let go, another process serves it now)."""
         self.client_gone = True
         proxy = self.proxy
         backend = self.backend
@@ -673,6 +688,18 @@ class Session:
         if proto is not None:
             self.runtime.pin_policy.session_ended(proto)
         proxy.session_ended(self)
+        self.close_client(shutdown=not handed_over)
+
+    def close_client(self, shutdown: bool = True) -> None:
+        """Close the client's connection. With `shutdown` the connection ends even where another descriptor of it
+        stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end."""
+        if self.custody_slot is not None:
+            self.proxy.custody.unhold(self)
+        if shutdown:
+            try:
+                self.sock.shutdown(_stdsocket.SHUT_RDWR)
+            except (OSError, ValueError, AttributeError):
+                pass
         try:
             self.sock.close()
         except OSError:

@@ -11,11 +11,17 @@ supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from 
 borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle connection of
 that budget for another worker) sent unasked. A worker's slots are freed when its channel closes: it died.
 
+With `proxy.worker_custody` (multiproxy.custody) the channel also carries `hold` (a client connection, by
+SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (the client left); each worker index
+has a busy map in shared memory. When a worker dies the supervisor reads what is left on its channel, shuts down
+the connections of its busy clients, and forks the replacement with the idle ones, which it resumes.
+
 `WorkerLink` is the worker's end of the channel.
 """
 from __future__ import annotations
 
 import _socket
+import array
 import collections
 import ctypes
 import errno
@@ -23,9 +29,12 @@ import json
 import logging
 import os
 import signal
+import socket as _stdsocket
 import time
 
 from gevent import monkey
+
+from .custody import BusyMap, CustodyBook, received_fds, shut_and_close
 
 log = logging.getLogger("multiproxy.supervisor")
 
@@ -40,6 +49,8 @@ _fork = monkey.get_original("os", "fork")
 _waitpid = monkey.get_original("os", "waitpid")
 _poll = monkey.get_original("select", "poll")
 _signal = monkey.get_original("signal", "signal")
+_close = monkey.get_original("os", "close")
+CHANNEL_FDS_SPACE = _stdsocket.CMSG_SPACE(16 * 4)     # a recvmsg gets the descriptors of one sendmsg at most
 
 
 def backoff_delay(quick_deaths: int) -> float:
@@ -145,6 +156,11 @@ class WorkerState:
         self.respawn_at: float | None = None
         self.ready = False
         self.generation = 0          # the supervisor's reload count when it forked this worker
+        self.fds: collections.deque = collections.deque()  # descriptors received on the channel, not yet claimed
+        self.book = CustodyBook()    # worker custody: the clients held for this worker index
+        self.busy_map: BusyMap | None = None
+        self.closed_busy = 0         # busy clients closed at its last death (told to the respawned worker)
+        self.dead_pid = 0
 
 
 class Supervisor:
@@ -177,6 +193,11 @@ class Supervisor:
             host, port = parse_address(config.proxy.admin_listen)
             # Bound here as well, so that a respawned worker 0 serves the admin HTTP server on the same socket.
             self.admin_socket = make_listen_socket(host, port)
+        # Worker custody: a busy map per worker index, shared with every process of that index.
+        self.custody = bool(config.proxy.worker_custody)
+        if self.custody:
+            for state in self.workers:
+                state.busy_map = BusyMap()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -212,6 +233,9 @@ class Supervisor:
             self.check_reload(now)
             self.check_stop(now)
             self.wait(self.next_timeout(now))
+        for state in self.workers:
+            for held in state.book.release_all():
+                shut_and_close(held.fd)
         for sock in self.sockets.values():
             sock.close()
         if self.admin_socket is not None:
@@ -247,6 +271,8 @@ class Supervisor:
 
     def spawn(self, state: WorkerState) -> None:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        if state.busy_map is not None:
+            state.busy_map.clear()      # slots of the clients it resumes are idle; the others are free
         pid = _fork()
         if pid == 0:
             self._become_worker(state.index, ours, theirs)    # never returns
@@ -259,12 +285,14 @@ class Supervisor:
         state.respawn_at = None
         state.ready = False
         state.generation = self.generation
+        state.closed_busy = 0
         self.by_fd[ours.fileno()] = state
         self.poller.register(ours.fileno(), 0x001)
         log.info("worker %d started (pid %d)", state.index, pid)
 
     def _become_worker(self, index: int, ours, theirs) -> None:
         code = 1
+        state = self.workers[index]
         try:
             for signum in HANDLED_SIGNALS:
                 _signal(signum, signal.SIG_DFL)
@@ -278,6 +306,14 @@ class Supervisor:
             for other in self.workers:
                 if other.channel is not None:
                     other.channel.close()
+                if other is not state:
+                    for fd in other.book.fds():     # other workers' clients are none of this process's business
+                        _close(fd)
+            custody = None
+            if state.busy_map is not None:
+                custody = {"busy_map": state.busy_map, "key_counter": state.book.key_counter,
+                           "closed_busy": state.closed_busy, "dead_pid": state.dead_pid,
+                           "inherited": [(slot, held.fd, held.record) for slot, held in state.book.held.items()]}
             os.close(self.wake_r)
             os.close(self.wake_w)
             import gevent
@@ -285,7 +321,8 @@ class Supervisor:
             from gevent import socket as gsocket
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
-                                   channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket)
+                                   channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
+                                   custody=custody)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
             code = 2 if type(exc).__name__ == "UsersFileError" else 1
@@ -309,9 +346,11 @@ class Supervisor:
     def worker_died(self, state: WorkerState, status: int) -> None:
         now = time.monotonic()
         ran = now - state.started
+        self.drain_channel(state)       # its last holds, records and unholds count
         self._close_channel(state)
         pid, state.pid = state.pid, 0
         self.reload_pending.discard(state.index)
+        self.custody_after_death(state, pid)
         if self.stopping_since is not None:
             log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
             if os.WIFEXITED(status) and os.WEXITSTATUS(status):
@@ -330,6 +369,42 @@ class Supervisor:
         state.restarts += 1
         log.error("worker %d (pid %d) %s after %.1f s; respawning it in %.1f s (restart %d)", state.index, pid,
                   describe_status(status), ran, delay, state.restarts)
+
+    def drain_channel(self, state: WorkerState) -> None:
+        """Read what a dead worker left on its channel (it ends with the end of the stream)."""
+        if state.channel is None:
+            return
+        try:
+            state.channel.settimeout(1.0)
+        except OSError:
+            return
+        # Until its end; nothing for a second: whatever still holds the other end is not the dead worker.
+        while state.channel is not None and self.read_channel(state):
+            pass
+
+    def custody_after_death(self, state: WorkerState, pid: int) -> None:
+        """The worker died: its busy clients' connections end; its idle ones wait for its replacement (none when the
+        group stops)."""
+        while state.fds:
+            _close(state.fds.popleft())
+        if not state.book.held:
+            state.closed_busy = 0
+            return
+        if self.stopping_since is not None or state.busy_map is None:
+            held = state.book.release_all()
+            for client in held:
+                shut_and_close(client.fd)
+            log.info("worker %d (pid %d): %d clients it held were closed (the group stops)", state.index, pid,
+                     len(held))
+            return
+        idle, busy = state.book.after_death(state.busy_map)
+        for client in busy:
+            shut_and_close(client.fd)
+        state.closed_busy = len(busy)
+        state.dead_pid = pid
+        log.warning("worker %d (pid %d) died holding %d clients: %d idle ones go to its replacement with their "
+                    "sessions, %d busy ones (a request or transaction under way) were closed", state.index, pid,
+                    len(idle) + len(busy), len(idle), len(busy))
 
     def _close_channel(self, state: WorkerState) -> None:
         if state.channel is None:
@@ -490,18 +565,21 @@ class Supervisor:
         fd = state.channel.fileno()
         self.poller.modify(fd, 0x001 | (0x004 if state.outbox else 0))
 
-    def read_channel(self, state: WorkerState) -> None:
+    def read_channel(self, state: WorkerState) -> bool:
+        """Read and handle what the channel holds now; False when nothing came (nothing yet, or its end)."""
         try:
-            data = state.channel.recv(65536)
-        except BlockingIOError:
-            return
+            data, ancillary, _flags, _address = state.channel.recvmsg(65536, CHANNEL_FDS_SPACE)
+            if ancillary:
+                state.fds.extend(received_fds(ancillary))
+        except (BlockingIOError, TimeoutError):
+            return False
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET,):
                 log.warning("worker %d: channel error: %s", state.index, exc)
             data = b""
         if not data:
             self._close_channel(state)     # it exits; the reap logs and respawns
-            return
+            return False
         state.last_beat = time.monotonic()
         state.buffer += data
         *lines, state.buffer = state.buffer.split(b"\n")
@@ -511,7 +589,8 @@ class Supervisor:
             except (ValueError, KeyError, TypeError) as exc:      # a bad message must not stop the supervisor
                 log.error("worker %d: bad message on its channel: %r (%s)", state.index, line[:200], exc)
             if state.channel is None:
-                return
+                break
+        return True
 
     def handle_message(self, state: WorkerState, message: dict) -> None:
         op = message.get("op")
@@ -541,6 +620,18 @@ class Supervisor:
             self.send(state, {"op": "reply", "id": message["id"], "workers": [
                 {"worker": s.index, "pid": s.pid, "up": int(bool(s.pid and s.ready)), "restarts": s.restarts,
                  "uptime_seconds": round(now - s.started, 1) if s.pid else 0.0} for s in self.workers]})
+        elif op == "hold":
+            fd = state.fds.popleft() if state.fds else None
+            if fd is None:
+                log.error("worker %d: a hold of slot %s came without its connection", state.index, message.get("slot"))
+            elif not self.custody:
+                _close(fd)
+            else:
+                state.book.hold(int(message["slot"]), fd, message.get("record"), int(message.get("keys", 0)))
+        elif op == "record":
+            state.book.update(int(message["slot"]), message["record"])
+        elif op == "unhold":
+            state.book.unhold(int(message["slot"]))
         # "beat": last_beat is set for every message
 
 
@@ -583,6 +674,22 @@ class WorkerLink:
                 self.channel.sendall(json.dumps(message).encode() + b"\n")
             except OSError:
                 self.closed = True
+
+    def send_with_fds(self, message: dict, fds: list[int]) -> bool:
+        """Send a message with descriptors (SCM_RIGHTS, with its first bytes); False when the channel is closed."""
+        if self.closed:
+            return False
+        data = json.dumps(message).encode() + b"\n"
+        with self.lock:
+            try:
+                sent = self.channel.sendmsg([data], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS,
+                                                      array.array("i", fds))])
+                if sent < len(data):
+                    self.channel.sendall(data[sent:])
+            except OSError:
+                self.closed = True
+                return False
+        return True
 
     def request(self, message: dict, timeout: float = 5.0):
         """A message the supervisor answers: its answer, or None (no answer in `timeout`, channel closed)."""

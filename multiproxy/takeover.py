@@ -330,22 +330,8 @@ class Handover:
         waiter = getattr(watcher.callback, "__self__", None)
         if waiter is None or not hasattr(waiter, "throw"):
             return False
-        try:
-            state = session.proto.handover_state()
-        except Exception:  # an engine's failure keeps its client here; it must not stop the takeover
-            log.exception("takeover: exporting client %s failed; it stays", session._where())
-            return False
-        if state is None:
-            return False
-        try:
-            record = {"type": "client", "listener": session.listener.name, "engine": session.engine.name,
-                      "state": state, "session": encode({
-                          "user": session.user, "database": session.database, "cancel_key": session.cancel_key,
-                          "address": list(session.address) if isinstance(session.address, tuple) else session.address,
-                          "connected_at": session.connected_at, "transaction_mode": session.transaction_mode,
-                          "linked_once": session.linked_once, "variant": session.pool.variant})}
-        except TypeError as exc:
-            log.warning("takeover: client %s stays: %s", session._where(), exc)
+        record = export_record(session)
+        if record is None:
             return False
         # One record at a time on the connection; a caller that would wait (the idle hook runs in a backend's reader)
         # leaves the client to the next sweep instead.
@@ -370,6 +356,64 @@ class Handover:
         _counts(self.proxy)["handed_over"] += 1
         sock.hub.loop.run_callback(waiter.throw, HandedOver())
         return True
+
+
+def export_record(session) -> dict | None:
+    """A logged-in client between requests as the record a takeover (or a worker's custody) sends with its connection:
+    the core's part and the engine's (ClientProtocol.handover_state); None when its engine cannot export it now."""
+    try:
+        state = session.proto.handover_state()
+    except Exception:  # an engine's failure keeps its client where it is
+        log.exception("exporting client %s failed; it is not handed over", session._where())
+        return None
+    if state is None:
+        return None
+    try:
+        return {"type": "client", "listener": session.listener.name, "engine": session.engine.name,
+                "state": state, "session": encode({
+                    "user": session.user, "database": session.database, "cancel_key": session.cancel_key,
+                    "address": list(session.address) if isinstance(session.address, tuple) else session.address,
+                    "connected_at": session.connected_at, "transaction_mode": session.transaction_mode,
+                    "linked_once": session.linked_once, "variant": session.pool.variant})}
+    except TypeError as exc:
+        log.warning("client %s cannot be handed over: %s", session._where(), exc)
+        return None
+
+
+def resume_session(proxy, record: dict, fd: int) -> Session:
+    """The session of a client another process exported (`export_record`) on its connection `fd`, registered with
+    its cancel key and ready to serve from its next request (Session.resume). `fd` is this function's: closed here
+    when the session cannot be resumed."""
+    raw = None
+    try:
+        rt = next((rt for rt in proxy.listeners if rt.config.name == record["listener"]), None)
+        if rt is None:
+            raise HandoverError(f"no listener {record['listener']!r} here")
+        facts = decode(record["session"])
+        raw = _socket.socket(fileno=fd)
+        address = facts["address"]
+        session = Session(proxy, rt, ClientSocket(raw), tuple(address) if isinstance(address, list) else address)
+        session.cancel_key = facts["cancel_key"]
+        session.user, session.database = facts["user"], facts["database"]
+        session.connected_at = facts["connected_at"]
+        session.transaction_mode = facts["transaction_mode"]
+        session.linked_once = facts["linked_once"]
+        session.proto = rt.engine.resume_client(session.client_context(), record["state"])
+        session.pool = proxy.pool_for(rt, session.user, session.database, facts["variant"])
+    except BaseException:
+        if raw is not None:
+            raw.close()
+        else:
+            os.close(fd)
+        raise
+    proxy.session_started(session)
+    return session
+
+
+def session_source(session) -> str:
+    """The client's address as the per-address connection count knows it."""
+    address = session.address
+    return address[0] if isinstance(address, tuple) else str(address)
 
 
 def _why_stays(session) -> str:
@@ -536,33 +580,10 @@ class Takeover:
         """Serve a client handed over by the old process: its session resumes from its next request. The connection
         (`fd`) is this method's: closed here when the session cannot be resumed."""
         proxy = self.proxy
-        raw = None
-        try:
-            rt = next((rt for rt in proxy.listeners if rt.config.name == record["listener"]), None)
-            if rt is None:
-                raise HandoverError(f"no listener {record['listener']!r} here")
-            facts = decode(record["session"])
-            raw = _socket.socket(fileno=fd)
-            address = facts["address"]
-            session = Session(proxy, rt, ClientSocket(raw), tuple(address) if isinstance(address, list) else address)
-            session.cancel_key = facts["cancel_key"]
-            session.user, session.database = facts["user"], facts["database"]
-            session.connected_at = facts["connected_at"]
-            session.transaction_mode = facts["transaction_mode"]
-            session.linked_once = facts["linked_once"]
-            session.proto = rt.engine.resume_client(session.client_context(), record["state"])
-            session.pool = proxy.pool_for(rt, session.user, session.database, facts["variant"])
-        except BaseException:
-            if raw is not None:
-                raw.close()
-            else:
-                os.close(fd)
-            raise
-        proxy.session_started(session)
+        session = resume_session(proxy, record, fd)
         self.taken += 1
         _counts(proxy)["taken_over"] += 1
-        source = address[0] if isinstance(address, list) else str(address)
-        gevent.spawn(proxy.serve_session, rt, session, source, session.resume)
+        gevent.spawn(proxy.serve_session, session.runtime, session, session_source(session), session.resume)
         return session
 
 

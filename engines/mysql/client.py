@@ -38,6 +38,10 @@ __all__ = ["COLLATIONS", "DEFAULT_SERVER_VERSION", "ERRORS", "SERVER_CAPABILITIE
 class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
+    # Bumped whenever what handover_state exports changes in a way that matters to a resumed session (tracked
+    # variables, schema, autocommit, statement ids, pins): a worker's custody re-sends the record only then.
+    state_generation = 0
+
     def __init__(self, ctx: ClientContext, engine):
         self.ctx = ctx
         self.engine = engine
@@ -108,6 +112,9 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)
+
+    def handover_generation(self) -> int:
+        return self.state_generation
 
     def error(self, kind: ErrorKind, message: str) -> bytes:
         if not self.logged_in:

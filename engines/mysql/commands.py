@@ -181,6 +181,7 @@ class Commands:
         autocommit = _AUTOCOMMIT.fullmatch(sql)
         if autocommit is not None:
             self.autocommit = autocommit.group(1).lower() in (b"1", b"on", b"true")
+            self.state_generation += 1
             if self.autocommit:
                 self.status |= p.SERVER_STATUS_AUTOCOMMIT
             else:

@@ -380,6 +380,7 @@ class PinTracking:
             self._detected(reason, detail, key)
 
     def _detected(self, reason: PinReason, detail: str, key=None) -> None:
+        self.state_generation += 1
         statement = getattr(self, "pin_statement", b"")
         if self.ctx.pin_policy.detected(self, reason, detail, bytes(statement[:500]).decode("utf-8", "replace")):
             self.pinned = True
@@ -393,6 +394,7 @@ class PinTracking:
 
     def _released(self, reason: PinReason, key) -> None:
         """The client undid what pinned it for `reason` (key ALL: all of it); unpins when nothing else holds it."""
+        self.state_generation += 1
         keys = self.pin_keys.get(reason)
         if not keys:
             return
@@ -408,6 +410,7 @@ class PinTracking:
 
     def _unpin_all(self) -> None:
         """The session's state was reset (COM_RESET_CONNECTION, COM_CHANGE_USER): nothing ties it any more."""
+        self.state_generation += 1
         self.pinned = False
         self.pin_details = []
         self.pin_keys = {}

@@ -528,7 +528,10 @@ class Relay:
                 self.captured = []      # rows no read-back took (a reset_query that returns some)
         else:
             self.retry_candidate = None
-            self.autocommit = bool(self.status & p.SERVER_STATUS_AUTOCOMMIT)
+            autocommit = bool(self.status & p.SERVER_STATUS_AUTOCOMMIT)
+            if autocommit is not self.autocommit:
+                self.autocommit = autocommit
+                self.state_generation += 1
             if pending.action is not None:
                 pending.action(ok)
             if self.hold:

@@ -182,6 +182,7 @@ class SessionState:
 
     def _client_reset(self) -> None:
         """COM_RESET_CONNECTION semantics for the client's view: defaults, no pins."""
+        self.state_generation += 1
         self.variables = {}
         self.autocommit = True
         self.multi_statements = bool(self.capabilities & p.CLIENT_MULTI_STATEMENTS)
@@ -194,6 +195,7 @@ class SessionState:
 
     def _reset_done(self, ok: bool, schema: str | None = None) -> None:
         """The backend confirmed COM_RESET_CONNECTION (or the one COM_CHANGE_USER became): both views reset."""
+        self.state_generation += 1
         if ok:
             self._client_reset()
             self._backend_was_reset(True)
@@ -203,6 +205,7 @@ class SessionState:
     # ------------------------------------------------------------------ recording what succeeded
 
     def _settings_made(self, ok: bool, assigns: dict, schema: str | None, unpins=()) -> None:
+        self.state_generation += 1
         server = self.server_state
         if not ok:
             # An error may have come after some of the settings ran (several statements): the backend's values
@@ -233,6 +236,7 @@ class SessionState:
 
     def _read_back(self, ok: bool, names: list) -> None:
         """The answer to `SELECT @@SESSION.a, ...` after settings made with expressions: their values, tracked."""
+        self.state_generation += 1
         rows, self.captured = self.captured, []
         if not ok or len(rows) != 1:
             # the backend's values are unknown: its next link sets each of them again
@@ -256,6 +260,7 @@ class SessionState:
         self._settings_made(True, values, None)
 
     def _schema_changed(self, ok: bool, name: str) -> None:
+        self.state_generation += 1
         if ok:
             self.schema = name
             if self.server_state is not None:

@@ -147,6 +147,7 @@ class Statements:
             return b""
         if command == p.COM_STMT_CLOSE:
             del self.statements[statement_id]
+            self.state_generation += 1
             if statement.cursor:
                 self._released(PinReason.PREPARED_STATEMENT, ("cursor", statement_id))
                 entry = self.server_state.prepared.get(statement.key) if self.linked else None
@@ -443,6 +444,7 @@ class Statements:
                 server_state.stale_statements.append(evicted.id)
         self.next_statement_id += 1
         self.statements[self.next_statement_id] = ClientStatement(key, params, columns)
+        self.state_generation += 1
         return _with_id(payload, self.next_statement_id)
 
     def _internal_answer(self, pending: Pending, head: int, payload: bytes) -> bytes:
@@ -495,4 +497,5 @@ class Statements:
 
     def _forget_statements(self) -> None:
         """The client's session was reset: its statement ids are gone (as the server would drop them)."""
+        self.state_generation += 1
         self.statements = {}

@@ -46,6 +46,9 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
     user = ""
     database = ""
     startup_body = b""              # the StartupMessage's parameter bytes, the key of the greeting cache
+    # Bumped whenever what handover_state exports changes in a way that matters to a resumed session (tracked
+    # settings and parameters, prepared statements, pins): a worker's custody re-sends the record only then.
+    state_generation = 0
 
     def __init__(self, ctx: ClientContext, mock_secret: bytes):
         self.ctx = ctx
@@ -103,6 +106,9 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)
+
+    def handover_generation(self) -> int:
+        return self.state_generation
 
     def login_refused(self, refusal: BackendError) -> bytes:
         # FATAL, as the server says it at a login or at any time after: no ReadyForQuery follows, the client is closed.

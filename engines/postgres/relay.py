@@ -345,12 +345,14 @@ class Relay:
         if not self.owns_read_only and (READ_ONLY_WORDS.search(low) or low.find(b"reset") >= 0
                                         or low.find(b"discard") >= 0):
             self.owns_read_only = True
+            self.state_generation += 1
         if (b"discard" in low or b"deallocate" in low) and self.statements is not None:
             # The client dropped statements itself: forget them and what the backend was thought to hold.
             if self.server_state is not None:
                 self.server_state.prepared.clear()
             if b"deallocate" in low or b"all" in low:
                 self.statements.clear()
+                self.state_generation += 1
         statement = None
         for effect in analyze(bytes(sql_bytes).decode("utf-8", "replace")):
             if (effect[0] == "discard" or effect == ("reset", None)) and (self.startup_settings or self.startup_reported):
@@ -384,6 +386,7 @@ class Relay:
             deferred.append(effect)
             return
         kind = effect[0]
+        self.state_generation += 1
         if kind == "pin":
             self._pin(effect[1], effect[2], effect[3], effect[4] if len(effect) > 4 else "")
         elif kind == "unpin":
@@ -465,6 +468,7 @@ class Relay:
         else:
             touched.add(name)
         self.client_settings = changed(self.client_settings)
+        self.state_generation += 1
         if self.server_state is not None:
             self.server_state.settings = changed(self.server_state.settings)
         if self.pending_settings is not None:
@@ -485,6 +489,7 @@ class Relay:
                 self._pin(reason, detail, None)
                 self.pin_keys[reason] = set(keys)
         self.client_settings = before
+        self.state_generation += 1
         if self.server_state is not None:
             self.server_state.settings = {**self.server_state.settings, **dict.fromkeys(touched, UNKNOWN_SETTING)}
         if self.pending_settings is not None:

@@ -198,10 +198,14 @@ class SessionState:
         if low in CLIENT_OWNED:
             # The client's own doing only if it touched the setting; otherwise the node changed it itself.
             if self.owns_read_only:
+                if self.client_settings.get(low) != value:
+                    self.state_generation += 1
                 self.client_settings = {**self.client_settings, low: value}
                 if self.server_state is not None:
                     self.server_state.settings = {**self.server_state.settings, low: value}
             return
+        if self.client_params.get(low) != value:
+            self.state_generation += 1      # a replay on a new backend reports what the client has: no change
         self.client_params[low] = value
 
     def _follow_up(self, forward: bytes) -> bytes:

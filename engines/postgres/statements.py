@@ -67,6 +67,7 @@ class Statements:
             self.statements = {}
         for name, rest in parses:
             self.statements[name] = (global_statement_name(rest), rest)
+        self.state_generation += 1
         self.fifo.clear()
         self.syncs_done += 1             # the Sync is answered here; keep Parse groups aligned
         self.pending_extended = False
@@ -111,6 +112,7 @@ class Statements:
                 else:
                     gname = global_statement_name(rest)
                     statements[data[body_start:name_end]] = (gname, rest)
+                    self.state_generation += 1
                     if gname in prepared:
                         parse_fifo.append((group, False, None))
                         out.append(_parse_message(b"", rest))
@@ -140,6 +142,7 @@ class Statements:
                     out.append(data[pos:end])
                 elif kind == p.CLOSE:
                     del statements[name]
+                    self.state_generation += 1
                     out.append(p.message(b"C", b"S" + CLOSED_STATEMENT + b"\x00"))
                 else:
                     gname, rest = entry

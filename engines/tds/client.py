@@ -102,6 +102,10 @@ class _Expect:
 class TDSClient(SessionState, Statements, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
 
+    # Bumped whenever what handover_state exports changes in a way that matters to a resumed session (SET options,
+    # database, prepared handles, pins): a worker's custody re-sends the record only then.
+    state_generation = 0
+
     def __init__(self, ctx: ClientContext, engine):
         self.ctx = ctx
         self.engine = engine
@@ -686,6 +690,8 @@ class TDSClient(SessionState, Statements, ClientProtocol):
                     self.in_transaction = False
                     self.descriptor = self.local_descriptor = b""
                 elif env == tk.ENV_DATABASE:
+                    if self.database != event[2]:
+                        self.state_generation += 1
                     self.database = event[2]
                     if self.server_state is not None:
                         self.server_state.database = event[2]
@@ -825,6 +831,9 @@ class TDSClient(SessionState, Statements, ClientProtocol):
 
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
+
+    def handover_generation(self) -> int:
+        return self.state_generation
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

@@ -46,6 +46,8 @@ class SessionState:
     def _on_sent(self, entry) -> None:
         """The request reached a backend: its pins and resets take effect (its SET options wait for the answer)."""
         entry.sent = True
+        if entry.effects:
+            self.state_generation += 1
         for effect in entry.effects:
             if effect[0] == PIN:
                 if self.ctx.pin_policy.detected(self, effect[1], effect[2], effect[3] if len(effect) > 3 else ""):
@@ -56,8 +58,9 @@ class SessionState:
 
     def _on_answered(self, entry, failed: bool) -> None:
         """The server answered the request: SET options it accepted are tracked (replayed on the next backends)."""
-        if failed:
+        if failed or not entry.effects:
             return
+        self.state_generation += 1
         for effect in entry.effects:
             if effect[0] == SET:
                 self.options.pop(effect[1], None)
@@ -68,6 +71,7 @@ class SessionState:
         any more (temporary tables, cursors, prepared handles, locks, context, impersonation all end with a
         reset), the backend's prepared statements are gone, and unless the reset keeps the transaction, the open
         one is rolled back."""
+        self.state_generation += 1
         self.database, options = self.login_state
         self.options = dict(options)
         for reason in list(self.pin_reasons):

@@ -350,6 +350,7 @@ class Statements:
             return None
         if status & (tp.STATUS_RESETCONNECTION | tp.STATUS_RESETCONNECTIONSKIPTRAN):
             self.handles.clear()       # the reset ends the client's prepared statements, as on SQL Server
+            self.state_generation += 1
         resolved = []
         for call in calls:
             resolved.append(self._resolve_call(data, call))
@@ -364,6 +365,7 @@ class Statements:
             return Resolved(RAW, raw)
         if proc == RESET_PROC:
             self.handles.clear()
+            self.state_generation += 1
             return Resolved(RESET, raw)
         name = tp.PROC_NAMES[proc]
         if proc in (PREPARE, PREPEXEC):
@@ -385,6 +387,7 @@ class Statements:
             prepared = Prepared((decl or "", text or ""), data[params[1].type_at:params[1].end],
                                 data[params[2].type_at:params[2].end], options)
             self.handles[handle] = prepared
+            self.state_generation += 1
             first = params[0]
             # the handle parameter is made OUTPUT: the proxy must learn the backend's handle either way
             forced = (raw[:first.status_at - call.start] + bytes([first.status | tp.PARAM_BY_REF])
@@ -402,6 +405,7 @@ class Statements:
             return Resolved(LOCAL, tokens=not_found("NULL" if handle is None else handle, "multiproxy"))
         if proc == UNPREPARE:
             del self.handles[handle]
+            self.state_generation += 1
             return Resolved(LOCAL, tokens=UNPREPARED)
         values = data[params[1].start:call.end] if len(params) > 1 else b""
         return Resolved(EXECUTE, raw, handle, prepared, values, flags)
@@ -412,6 +416,7 @@ class Statements:
         out = b""
         for handle in handles:
             body = UNPREPARED if self.handles.pop(handle, None) is not None else not_found(handle, "multiproxy")
+            self.state_generation += 1
             out += _with_more(body, True, tk.DONE_MORE)
         return out + tk.done()
 
@@ -533,6 +538,7 @@ class Rewriter:
                 self._synthesise(step, out)
             elif kind == PREPARED and not step.seen_value and self.client.handles.get(step.handle) is step.prepared:
                 del self.client.handles[step.handle]     # no handle came back: the prepare failed
+                self.client.state_generation += 1
             if kind != SWALLOW:
                 out.append(_with_more(token, self._more_after(self.index)))
             self.index += 1
@@ -583,6 +589,7 @@ class Rewriter:
                                client.ctx.statement_counts)
         elif step.kind == PREPARED and client.handles.get(step.handle) is step.prepared:
             del client.handles[step.handle]    # the server prepared nothing: the handle names nothing
+            client.state_generation += 1
         if step.kind == REPREPARED or not step.output:
             return b""
         if value is None:

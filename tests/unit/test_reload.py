@@ -72,6 +72,14 @@ def test_restart_only_settings_are_refused_with_the_reason():
     assert "clusters.main.pool.max_size: 3 -> 5" in plan.changes    # reported, but nothing applies with a refusal
 
 
+def test_worker_custody_changes_only_with_a_restart():
+    def custody_off(raw):
+        raw["proxy"]["worker_custody"] = False
+    plan = diff(config(), config(custody_off))
+    assert plan.refused == ["proxy.worker_custody: True -> False needs a restart (the supervisor sets up the custody "
+                            "of clients when it forks the workers)"]
+
+
 def test_a_clusters_engine_cannot_change_under_its_clients():
     def mysql(raw):
         raw["clusters"]["main"]["engine"] = "mysql"
