@@ -20,29 +20,14 @@ import pytest
 from .helpers import metric, metrics_text
 from .pgserver import AUTH_DB
 from .test_admin_console import ADMIN, console_config
+from .test_supervisor import wait_for, worker_pids
 
 TIMEOUT = 10
-STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 
 
 def resumed_line(index: int) -> re.Pattern:
     return re.compile(rf"worker {index} resumed (\d+) idle clients of its previous process \(pid (\d+)\); (\d+) busy "
                       r"clients were closed")
-
-
-def wait_for(what: str, predicate, timeout: float = TIMEOUT, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def worker_pids(proxy) -> dict[int, int]:
-    """Worker index -> its latest pid, from the supervisor's log."""
-    return {int(index): int(pid) for index, pid in STARTED.findall(proxy.log_text())}
 
 
 def both_started(proxy) -> dict[int, int]:
