@@ -404,6 +404,11 @@ class ClientProtocol:
         takeover's log and counts; "" (the default) when the engine does not say."""
         return ""
 
+    def compact(self) -> None:
+        """Optional: the session parks (its client idle, no backend linked, multiproxy.parking): drop what only the
+        login needed and buffers larger than what is still to be read, so that an idle client costs little memory.
+        Called at every park: cheap when there is nothing to drop. The default drops nothing."""
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
