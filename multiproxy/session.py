@@ -122,7 +122,7 @@ class Session:
         parked = False
         try:
             if logged_in or self.handshake():
-                parked = self.serve()
+                parked = self.serve(woken=logged_in)
         except Parked:
             parked = self.park()
         except ProtocolError as exc:
@@ -442,14 +442,15 @@ class Session:
                 log.info("admin console: %s ran %r", self.user, item)
                 send(out)
 
-    def serve(self) -> bool:
-        """Serve the client's requests until it leaves (False) or its session parks (True)."""
+    def serve(self, woken: bool = False) -> bool:
+        """Serve the client's requests until it leaves (False) or its session parks (True). `woken`: the client has
+        sent something (a parked session resumed): read it before parking again."""
         settings = self.proxy.config.proxy
         limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
                               getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
         if limits:
             ClientTimeouts.of(self.proxy).watch(min(limits))
-        return self._relay()
+        return self._relay(woken)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the proxy's ClientTimeouts sweep (never per request). The session's state (waiting for an answer,
@@ -542,7 +543,7 @@ class Session:
             return
         self.proxy.cancel(self.cancel_key, self.engine)
 
-    def _relay(self) -> bool:
+    def _relay(self, woken: bool = False) -> bool:
         """The request loop; True when the session parked: with many clients (EAGER_PARKING_SESSIONS) a client that
         has nothing outstanding is waited for with no greenlet from the start (after its login, after an answer the
         proxy gave itself); with few, the parking sweep parks those idle for a while (multiproxy.parking)."""
@@ -553,6 +554,10 @@ class Session:
         data, self.leftover = self.leftover, b""
         quit = False
         sessions = getattr(self.proxy, "sessions", ())
+        if woken and not data:
+            data = self.sock.recv(RECV_SIZE)        # what woke it has arrived: try before waiting
+            if not data:
+                return False
         while True:
             if not data:
                 if self.backend is None and len(sessions) >= EAGER_PARKING_SESSIONS and self.park():
