@@ -168,9 +168,9 @@ class StatementCounts:
         self.evictions = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientContext:
-    """What the core tells an engine's client protocol about where it runs."""
+    """What the core tells an engine's client protocol about where it runs (one per client: slotted, no dict)."""
 
     listener: Any                 # multiproxy.config.ListenerConfig
     users: Any                    # multiproxy.auth.UsersFile
@@ -247,6 +247,53 @@ class BackendScript:
 
     def tls_refused_ok(self) -> bool:
         return False
+
+
+_NO_DEFAULT = object()
+
+
+class LazyContainers:
+    """Mixin for an engine's per-client object: the containers named in `lazy_containers` (name -> factory: deque,
+    dict, list, set) are made on first use, and `compact_attributes` (for ClientProtocol.compact) drops those that are
+    empty and every attribute that holds its class's default, then keeps what is left in a dict of its size, so
+    that a parked idle client costs a few hundred bytes instead of a dict grown for every attribute its
+    transactions ever set. Reads are unchanged: a dropped attribute reads as its class default, a dropped container
+    is made again (empty) when next used."""
+
+    lazy_containers: dict = {}
+
+    def __getattr__(self, name):
+        factory = type(self).lazy_containers.get(name)
+        if factory is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = factory()
+        return value
+
+    def compact_attributes(self) -> None:
+        cls = type(self)
+        lazy = cls.lazy_containers
+        kept = {}
+        for name, value in self.__dict__.items():
+            if name in lazy:
+                if not value:
+                    continue
+            elif getattr(cls, name, _NO_DEFAULT) is value:
+                continue
+            kept[name] = value
+        self.__dict__ = kept
+
+
+def restore_attributes(client, fields: dict, runtime=frozenset()) -> None:
+    """A takeover's resume (engines' handover.py): `fields`, the exported attributes of a client, onto `client`, a new
+    client object of the same class; an attribute that was not exported (compacted away: its class default, or an
+    empty lazy container) is dropped from the new one too, unless it is per-process (`runtime`)."""
+    own = vars(client)
+    cls = type(client)
+    lazy = getattr(cls, "lazy_containers", {})
+    for name in [name for name in own if name not in fields and name not in runtime
+                 and (name in lazy or getattr(cls, name, _NO_DEFAULT) is not _NO_DEFAULT)]:
+        del own[name]
+    own.update(fields)
 
 
 def contract(method):
