@@ -164,9 +164,10 @@ class Session:
         self.sock.park(self.proxy.resume_parked, self)
         return True
 
-    def park_if_idle(self) -> bool:
+    def park_if_idle(self, at_once: bool = False) -> bool:
         """Called by the parking sweep (multiproxy.parking): a session that waits for its client's next request, with
-        no request since the sweep before, parks (its greenlet gets Parked)."""
+        no request since the sweep before, parks (its greenlet gets Parked). `at_once`: whatever the request count (the
+        backend's reader, at a transaction's end, with many sessions)."""
         if not self.may_park() or self.sock.parked:
             return False
         watcher = self.sock._read_event
@@ -174,7 +175,7 @@ class Session:
         if waiter is None or not hasattr(waiter, "throw"):
             return False        # its greenlet does not wait for the client (borrowing, sending, logging in)
         requests = self.proto.requests
-        if self.park_mark != requests:
+        if self.park_mark != requests and not at_once:
             self.park_mark = requests
             return False
         # From here the greenlet cannot wake for the client: only the Parked thrown on the next loop turn wakes it.
@@ -637,9 +638,12 @@ class Session:
         elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
-                idle_hook = getattr(self.proxy, "idle_hook", None)
+                proxy = self.proxy
+                idle_hook = getattr(proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
+                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS:
+                    self.park_if_idle(at_once=True)     # many clients: no greenlet waits for one between transactions
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
                 # failover would (its session state cannot move).

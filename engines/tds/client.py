@@ -1,6 +1,7 @@
 """One TDS client connection, sans-IO: PRELOGIN (TLS inside PRELOGIN packets), LOGIN7, then transaction pooling."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import ssl
@@ -8,8 +9,8 @@ import struct
 from collections import deque
 
 from multiproxy.engine import (
-    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason,
-    ProtocolError, SendToClient,
+    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, LazyContainers,
+    PinReason, ProtocolError, SendToClient,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -99,8 +100,42 @@ class _Expect:
         self.local = local      # the proxy's own answer, sent when the requests before it are answered
 
 
-class TDSClient(SessionState, Statements, ClientProtocol):
+class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
+
+    # Class-level defaults of what __init__ sets (compact() drops an attribute back at its default; reads then
+    # find the class's value). Made on first use and dropped while empty: lazy_containers.
+    lazy_containers = {"expect": deque, "pin_reasons": set}
+    closing = False
+    leftover = b''
+    retry_request = None
+    retry_refusal = None
+    hbuf = b''
+    tls = None
+    tls_full = False
+    tls_login_only = False
+    tls_raw = False
+    user = ''
+    login = None
+    fedauth_required = False
+    server_nonce = None
+    client_nonce = None
+    fedauth_ack = False
+    linked = False
+    server_state = None
+    sbuf = b''
+    in_transaction = False
+    database = ''
+    login_state = None
+    attn_local = False
+    attn_by_proxy = False
+    retry_ok = False
+    descriptor = b''
+    local_descriptor = b''
+    lazy_begin = None
+    transaction_lost = ''
+    virtualize = True
+    next_handle = 1
 
     def __init__(self, ctx: ClientContext, engine):
         self.ctx = ctx
@@ -825,6 +860,18 @@ class TDSClient(SessionState, Statements, ClientProtocol):
 
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
+
+    def compact(self) -> None:
+        """An idle client parks: its LOGIN7 keeps only what the session reads later (database, language, packet size,
+        flags), and the empty containers and attributes back at their class defaults go."""
+        if self.phase is not READY:
+            return
+        login = self.login
+        if login is not None and (login.hostname or login.appname or login.password or login.features):
+            self.login = dataclasses.replace(login, hostname="", username="", password="", appname="", servername="",
+                                             library="", sspi=b"", attach_db_file="", change_password="", features={},
+                                             fedauth=None)
+        self.compact_attributes()
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

@@ -117,10 +117,9 @@ def test_with_many_sessions_a_client_parks_as_soon_as_it_would_be_waited_for(set
     client.send("BEGIN", "INSERT")          # a transaction across reads, each served by a greenlet resumed for it
     assert [client.line(), client.line()] == ["OK db1#1 BEGIN", "OK db1#1 INSERT"]
     assert client.ask("COMMIT") == "OK db1#1 COMMIT"
-    # Its greenlet waited for the next request while the backend still answered: the sweep parks it later.
-    wait_until(lambda: session.backend is None, what="the release")
-    setup.parking.sweep()
-    assert setup.parking.sweep() == 1
+    # Its greenlet waited for the next request while the backend answered: parked at the transaction's end.
+    wait_until(lambda: parked(session), what="the park at the transaction's end")
+    assert client.ask("SELECT 4") == "OK db1#1 SELECT 4"
 
 
 def test_a_parked_client_that_leaves_is_counted_out_and_its_session_finished(setup):
