@@ -973,6 +973,7 @@ def engine_args(argv):
 IDLE_ENGINES = ("postgres", "mysql", "tds")
 IDLE_WARM_CLIENTS = 100     # clients that come and go before the baseline, so that one-time costs are not counted
 IDLE_SETTLE_SECONDS = 3.0   # after the last client logged in: the parking sweep parks the last ones (1 to 2 s)
+IDLE_CONNECTING_THREADS = 8  # clients log in 8 at a time (PyMySQL waits ~40 ms per login for delayed ACKs)
 
 
 def rss_kib(pid: int) -> int:
@@ -1006,24 +1007,30 @@ def idle_clients(pid: int, count: int, connect, query) -> dict:
         conn.close()
     time.sleep(IDLE_SETTLE_SECONDS)
     before = rss_kib(pid)
+    from concurrent.futures import ThreadPoolExecutor
     clients = []
+
+    def open_one(_):
+        conn = connect()
+        clients.append(conn)
+        query(conn)
+
+    def query_again(conn):
+        try:
+            query(conn)
+            return 0
+        except Exception:  # counted: every client must still answer
+            return 1
+
     started = time.monotonic()
     try:
-        for i in range(count):
-            conn = connect()
-            query(conn)
-            clients.append(conn)
-            if (i + 1) % 2000 == 0:
-                print(f"  {i + 1} clients", file=sys.stderr)
+        with ThreadPoolExecutor(IDLE_CONNECTING_THREADS) as pool:
+            list(pool.map(open_one, range(count)))
         login_seconds = time.monotonic() - started
         time.sleep(IDLE_SETTLE_SECONDS)
         after = rss_kib(pid)
-        failures = 0
-        for conn in clients:
-            try:
-                query(conn)
-            except Exception:  # counted: every client must still answer
-                failures += 1
+        with ThreadPoolExecutor(IDLE_CONNECTING_THREADS) as pool:
+            failures = sum(pool.map(query_again, clients))
         after_queries = rss_kib(pid)
     finally:
         for conn in clients:
@@ -1147,7 +1154,7 @@ def idle_bench(count: int, engines, pool_size: int, keep: bool, markdown: str | 
         procs.stop_all()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    lines = [f"Idle clients: {count} clients log in one after the other, run SELECT 1 and idle; RSS of the proxy "
+    lines = [f"Idle clients: {count} clients log in ({IDLE_CONNECTING_THREADS} at a time), run SELECT 1 and idle; RSS of the proxy "
              f"process before them (after {IDLE_WARM_CLIENTS} clients came and went) and {IDLE_SETTLE_SECONDS:g} s "
              "after the last login; per client = growth / clients. After: every client runs SELECT 1 again. "
              f"One worker, pool max_size {pool_size}.", "",
@@ -1171,6 +1178,7 @@ def main(argv=None):
         engines = [e.strip() for e in args.idle_engines.split(",") if e.strip()]
         if args.idle < 1 or not engines or any(e not in IDLE_ENGINES for e in engines):
             parser.error(f"--idle: at least 1; --idle-engines: a subset of {','.join(IDLE_ENGINES)}")
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))    # the finally blocks stop what started
         return idle_bench(args.idle, engines, args.pool_size, args.keep, args.markdown)
     if "--engine" in argv or any(a.startswith("--engine=") for a in argv):
         # `--engine mysql|tds [--seconds N] [--rounds N] [--only text,ps,ps-over | --ps] ...`: see engine_args
