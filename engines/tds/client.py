@@ -1,7 +1,6 @@
 """One TDS client connection, sans-IO: PRELOGIN (TLS inside PRELOGIN packets), LOGIN7, then transaction pooling."""
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import ssl
@@ -867,10 +866,12 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
         if self.phase is not READY:
             return
         login = self.login
-        if login is not None and (login.hostname or login.appname or login.password or login.features):
-            self.login = dataclasses.replace(login, hostname="", username="", password="", appname="", servername="",
-                                             library="", sspi=b"", attach_db_file="", change_password="", features={},
-                                             fedauth=None)
+        if login is not None and (login.client_pid or login.hostname or login.appname or login.password
+                                  or login.features):
+            self.login = tp.Login7(
+                tds_version=login.tds_version, packet_size=login.packet_size, option_flags1=login.option_flags1,
+                option_flags2=login.option_flags2, type_flags=login.type_flags, option_flags3=login.option_flags3,
+                client_lcid=login.client_lcid, language=login.language, database=login.database)
         self.compact_attributes()
 
     def handover_refusal(self) -> str:
