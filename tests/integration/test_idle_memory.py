@@ -74,13 +74,12 @@ def idle_growth(proxy, connect, query) -> int:
         for conn in clients:
             conn.close()
     assert sum(listener["clients"] for listener in status["listeners"]) == IDLE_CLIENTS, status["listeners"]
-    assert sum(row["clients"] for row in status["pools"]) == IDLE_CLIENTS
     return (after - before) // IDLE_CLIENTS
 
 
 def test_idle_postgres_clients_cost_at_most_4_kb_each(pg, proxy_factory):
     proxy = proxy_factory({
-        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "warning"},
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info"},
         "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
                               "pool": {"mode": "transaction", "max_size": 4, "borrow_timeout": 30.0}}},
         "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "auth": "trust"}],
@@ -99,7 +98,7 @@ def test_idle_postgres_clients_cost_at_most_4_kb_each(pg, proxy_factory):
 
 
 def test_idle_mysql_clients_cost_at_most_4_kb_each(mariadb, proxy_factory):
-    proxy = start_mysql_proxy(proxy_factory, mariadb, max_size=4, borrow_timeout=30.0, proxy={"log_level": "warning"})
+    proxy = start_mysql_proxy(proxy_factory, mariadb, max_size=4, borrow_timeout=30.0)
 
     def query(conn, i):
         with conn.cursor() as cur:
@@ -115,7 +114,6 @@ def test_idle_tds_clients_cost_at_most_4_kb_each(proxy_factory, tmp_path):
     lab = LabProcess(tmp_path)
     try:
         config = tds_config(lab, max_size=4, borrow_timeout=30.0)
-        config["proxy"]["log_level"] = "warning"
         proxy = proxy_factory(config, files={"users.toml": users_toml()})
 
         def query(conn, i):
