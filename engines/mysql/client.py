@@ -41,7 +41,7 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
     # Class-level defaults of what __init__ sets (compact() drops an attribute back at its default; reads then
-    # find the class's value). Made on first use and dropped while empty: lazy_containers.
+    # find the class's value). Dropped while empty, made again at their next use: lazy_containers.
     lazy_containers = {"fifo": deque, "captured": list, "pin_details": list, "pin_keys": dict, "unresolved": list,
                        "held": list, "held_items": list}
     handshake = None

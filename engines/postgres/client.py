@@ -42,7 +42,7 @@ __all__ = [
 class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransaction, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
-    # Made on first use; dropped while empty when the session parks (compact).
+    # Dropped while empty when the session parks (compact), made again at their next use.
     lazy_containers = {"fifo": deque, "parse_fifo": deque, "pin_details": list, "client_settings": dict,
                        "startup_settings": dict}
 

@@ -103,7 +103,7 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
 
     # Class-level defaults of what __init__ sets (compact() drops an attribute back at its default; reads then
-    # find the class's value). Made on first use and dropped while empty: lazy_containers.
+    # find the class's value). Dropped while empty, made again at their next use: lazy_containers.
     lazy_containers = {"expect": deque, "pin_reasons": set}
     closing = False
     leftover = b''

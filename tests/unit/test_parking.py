@@ -164,26 +164,33 @@ class Lazy(LazyContainers):
 
     def __init__(self):
         self.fifo = deque()
+        self.names = {}
         self.user = "app"
         self.flag = False
 
 
-def test_lazy_containers_are_made_on_first_use_and_compaction_drops_empty_ones_and_defaults():
+def test_compaction_drops_empty_containers_and_defaults_and_the_first_miss_makes_the_containers_again():
     client = Lazy()
     client.names["a"] = 1
     client.count = 3
     client.compact_attributes()
     assert vars(client) == {"user": "app", "names": {"a": 1}, "count": 3}     # empty fifo and default flag gone
-    assert client.flag is False and len(client.fifo) == 0                   # read as before
+    assert isinstance(client, Lazy) and type(client) is not Lazy             # the compacted subclass reads misses
+    assert client.flag is False and client.user == "app"                    # read as before
+    assert len(client.fifo) == 0 and type(client) is Lazy                    # made again: back to its own class
     client.fifo.append(1)
     assert client.fifo == deque([1])
     with pytest.raises(AttributeError):
         client.missing
+    client.compact_attributes()
+    with pytest.raises(AttributeError):
+        client.missing                  # a miss that is no container still misses, the object back to its class
+    assert type(client) is Lazy and len(client.fifo) == 1
 
 
 def test_a_resumed_client_drops_what_the_exporting_process_compacted_away():
     fresh = Lazy()
     fresh.flag = True                       # as if __init__ had set another value than the class's
     restore_attributes(fresh, {"user": "bob", "count": 2})
-    assert vars(fresh) == {"user": "bob", "count": 2}
-    assert fresh.flag is False and len(fresh.fifo) == 0
+    assert vars(fresh) == {"fifo": deque(), "names": {}, "user": "bob", "count": 2}
+    assert fresh.flag is False
