@@ -1,4 +1,4 @@
-"""Accepting client connections: a lean accept loop that hands each client to a greenlet of its own."""
+"""Accepting client connections: a lean accept loop that hands each client to a greenlet of its own, reused."""
 from __future__ import annotations
 
 import _socket
@@ -23,7 +23,9 @@ class Acceptor:
 
     Leaner than gevent's StreamServer (no pool, no per-connection bookkeeping): it accepts every
     pending connection each time the socket is readable, then waits again. A greenlet whose client
-    left parks and serves a later client.
+    left, or parked (`handle` returned True: the session waits for its client with no greenlet,
+    multiproxy.session), parks itself and serves a later client, or a parked session its client woke
+    (`resume`).
     """
 
     def __init__(self, listen_socket: socket.socket, handle):
@@ -47,6 +49,7 @@ class Acceptor:
         parked = self.parked
         make_raw = _socket.socket
         stream = _socket.SOCK_STREAM
+        accepted = self._accepted
         while True:
             wait(event)
             while True:
@@ -64,27 +67,43 @@ class Acceptor:
                     raise
                 sock = ClientSocket(make_raw(family, stream, 0, fd), hub)
                 if parked:
-                    run_callback(parked.pop().switch, (sock, address))
+                    run_callback(parked.pop().switch, accepted, sock, address)
                 else:
-                    spawn(self._serve, sock, address)
+                    spawn(self._serve, accepted, sock, address)
 
-    def _serve(self, sock, address) -> None:
-        handle = self.handle
+    def resume(self, serve, session) -> None:
+        """Run `serve(session)` in a greenlet of this acceptor's (a parked session whose client sent something):
+        `serve` returns True when the session parked again."""
+        parked = self.parked
+        if parked:
+            self.sock.hub.loop.run_callback(parked.pop().switch, serve, session, None)
+        else:
+            gevent.spawn_raw(self._serve, serve, session, None)
+
+    def _accepted(self, sock, address) -> bool:
+        """A new client: served by `handle`, closed unless its session parked."""
+        parked = False
+        try:
+            parked = self.handle(sock, address)
+        finally:
+            if not parked:
+                sock.close()
+        return parked
+
+    def _serve(self, job, first, second) -> None:
         parked = self.parked
         hub_switch = self.sock.hub.switch
         me = getcurrent()
         while True:
             try:
-                handle(sock, address)
+                job(first, second) if second is not None else job(first)
             except Exception:  # one client's failure must never reach the hub
-                log.exception("client %s: unexpected error", address[0] if isinstance(address, tuple) else address)
-            finally:
-                sock.close()
-            sock = address = None
+                log.exception("client %s: unexpected error", _where(first, second))
+            job = first = second = None
             if len(parked) >= MAX_PARKED or self.greenlet is None:
                 return
             parked.append(me)
-            sock, address = hub_switch()
+            job, first, second = hub_switch()
 
     def close(self) -> None:
         if self.greenlet is not None:
@@ -96,3 +115,8 @@ class Acceptor:
             self.sock.close()
         except OSError:
             pass
+
+
+def _where(first, second) -> str:
+    address = second if second is not None else getattr(first, "address", None)
+    return address[0] if isinstance(address, tuple) else str(address)

@@ -168,9 +168,9 @@ class StatementCounts:
         self.evictions = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientContext:
-    """What the core tells an engine's client protocol about where it runs."""
+    """What the core tells an engine's client protocol about where it runs (one per client: slotted, no dict)."""
 
     listener: Any                 # multiproxy.config.ListenerConfig
     users: Any                    # multiproxy.auth.UsersFile
@@ -247,6 +247,76 @@ class BackendScript:
 
     def tls_refused_ok(self) -> bool:
         return False
+
+
+_NO_DEFAULT = object()
+
+
+class LazyContainers:
+    """Mixin for an engine's per-client object: `compact_attributes` (for ClientProtocol.compact) drops the containers
+    named in `lazy_containers` (name -> factory: deque, dict, list, set) while they are empty, and every attribute
+    that holds its class's default, then keeps what is left in a dict of its size, so that a parked idle client costs
+    a few hundred bytes instead of a dict grown for every attribute its transactions ever set. Reads are unchanged: a
+    dropped attribute reads as its class default; the first use of a dropped container makes all of them again.
+
+    The class itself has no __getattr__ (it would slow every attribute read of the hot path): a compacted object is
+    given a subclass that has one, and goes back to its own class at the first read that misses."""
+
+    lazy_containers: dict = {}
+
+    def compact_attributes(self) -> None:
+        cls = type(self)
+        lazy = cls.lazy_containers
+        kept = {}
+        dropped = False
+        for name, value in self.__dict__.items():
+            if name in lazy:
+                if not value:
+                    dropped = dropped or getattr(cls, name, _NO_DEFAULT) is _NO_DEFAULT
+                    continue
+            elif getattr(cls, name, _NO_DEFAULT) is value:
+                continue
+            kept[name] = value
+        self.__dict__ = kept
+        if dropped:
+            self.__class__ = _compacted(cls)
+
+
+_COMPACTED: dict = {}
+
+
+def _compacted(cls):
+    """The subclass of `cls` a compacted object wears until it reads a container that was dropped."""
+    compacted = _COMPACTED.get(cls)
+    if compacted is None:
+        compacted = _COMPACTED[cls] = type(cls.__name__, (cls,), {"__getattr__": _expand, "__module__": cls.__module__,
+                                                                  "__doc__": cls.__doc__, "compacted_from": cls})
+    return compacted
+
+
+def _expand(self, name):
+    """A read missed on a compacted object: back to its own class, with its dropped containers made again (empty)."""
+    cls = type(self).compacted_from
+    self.__class__ = cls
+    own = self.__dict__
+    for container, factory in cls.lazy_containers.items():
+        if container not in own and getattr(cls, container, _NO_DEFAULT) is _NO_DEFAULT:
+            own[container] = factory()
+    return getattr(self, name)
+
+
+def restore_attributes(client, fields: dict, runtime=frozenset()) -> None:
+    """A takeover's resume (engines' handover.py): `fields`, the exported attributes of a client, onto `client`, a new
+    client object of the same class; an attribute that was not exported because it held its class default (compacted
+    away) is dropped from the new one too, unless it is per-process (`runtime`). An empty container that was not
+    exported stays as the new object made it."""
+    own = vars(client)
+    cls = type(client)
+    lazy = getattr(cls, "lazy_containers", {})
+    for name in [name for name in own if name not in fields and name not in runtime and name not in lazy
+                 and getattr(cls, name, _NO_DEFAULT) is not _NO_DEFAULT]:
+        del own[name]
+    own.update(fields)
 
 
 def contract(method):
@@ -410,6 +480,11 @@ class ClientProtocol:
         """Optional: in a few words, why handover_state() gives None now ("TLS", "inside a transaction", ...), for the
         takeover's log and counts; "" (the default) when the engine does not say."""
         return ""
+
+    def compact(self) -> None:
+        """Optional: the session parks (its client idle, no backend linked, multiproxy.parking): drop what only the
+        login needed and buffers larger than what is still to be read, so that an idle client costs little memory.
+        Called at every park: cheap when there is nothing to drop. The default drops nothing."""
 
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in

@@ -8,6 +8,8 @@ falling back to gevent's own methods for partial sends. TLS sockets keep gevent'
 `ClientSocket` is what the acceptor gives each plaintext client: the OS socket with one read watcher
 (the write watcher is made only if a send ever blocks), about a third of what a gevent socket costs to
 set up and tear down. A client that upgrades to TLS is handed over as a gevent socket (`to_gevent`).
+An idle client's socket can be parked: its read watcher then calls a function from the hub when the client
+sends (or the connection is closed) instead of waking a waiting greenlet, so that no greenlet waits for it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from gevent.hub import get_hub
 class ClientSocket:
     """A non-blocking client connection driven from one greenlet (the session's), written from two."""
 
-    __slots__ = ("_sock", "hub", "timeout", "_read_event", "_write_event", "__weakref__")
+    __slots__ = ("_sock", "hub", "timeout", "_read_event", "_write_event", "parked", "__weakref__")
 
     _wait = wait_on_socket          # gevent's wait on a watcher, honouring self.timeout
 
@@ -34,6 +36,30 @@ class ClientSocket:
         self.timeout = None
         self._read_event = self.hub.loop.io(raw.fileno(), 1)
         self._write_event = None
+        self.parked = False             # no greenlet waits: the read watcher calls park()'s function instead
+
+    @property
+    def closed(self) -> bool:
+        return self._read_event is None
+
+    # -- parking
+
+    def park(self, on_readable, arg) -> None:
+        """Wait for the client with no greenlet: `on_readable(arg)` is called from the hub once the client sent
+        something or the connection ended, or on the next loop turn after close(); the socket is unparked then."""
+        self.parked = True
+        self._read_event.start(self._readable, on_readable, arg)
+
+    def _readable(self, on_readable, arg) -> None:
+        self.unpark()
+        on_readable(arg)
+
+    def unpark(self) -> None:
+        """Stop the parked wait without calling its function (the caller serves or lets go of the client)."""
+        self.parked = False
+        watcher = self._read_event
+        if watcher is not None:
+            watcher.stop()
 
     # -- reading
 
@@ -95,6 +121,11 @@ class ClientSocket:
         read_event, write_event = self._read_event, self._write_event
         if read_event is None:
             return
+        if self.parked:
+            # Nobody waits: the parked function runs on the next loop turn and finds the socket closed.
+            on_readable, arg = read_event.args
+            self.unpark()
+            self.hub.loop.run_callback(on_readable, arg)
         self._read_event = self._write_event = None
         waiting = False
         for watcher in (read_event, write_event):

@@ -24,6 +24,7 @@ from .backends import open_socket, run_script
 from .config import ClusterConfig, Config, ListenerConfig
 from .engine import BackendTarget, ErrorKind, StatementCounts
 from .metrics import Metrics, start_admin_server
+from .parking import IdleParking
 from .pinning import PinPolicy
 from .pool import Pool
 from .registry import Registry
@@ -120,6 +121,7 @@ class Proxy:
         self.cancel_socket = None
         self.link = None      # with forked workers: the channel to the supervisor (supervisor.WorkerLink)
         self.custody = None   # with forked workers and proxy.worker_custody: custody.WorkerCustody
+        self.parking = IdleParking(self)   # parks the sessions of idle clients (no greenlet per idle client)
         self.group = None     # with forked workers: the peers, for one view of the group (groupview.GroupView)
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,6 +144,7 @@ class Proxy:
             Sampler(self).start()
         self._housekeeper = gevent.spawn(self._housekeeping)
         self._janitor = gevent.spawn(self._handshake_deadlines)
+        self.parking.start()
         if self.registry is not None:
             self.registry.start()
 
@@ -174,28 +177,55 @@ class Proxy:
                     self.audit.record("limit", listener=rt.config.name, address=source, reason=reject[1],
                                       blocked_seconds=round(blocked, 1) if blocked else None)
                 session.reject = reject
-                session.run()
-                return
+                return session.run()
             metrics.client_connections_total += 1
-            self.serve_session(rt, session, source, session.run)
+            return self.serve_session(rt, session, source, session.run)
         return handle
 
-    def serve_session(self, rt: ListenerRuntime, session: Session, source: str, run) -> None:
-        """Count `session` as a client of `rt` from `source` while `run` serves it (Session.run for a client accepted
-        here, Session.resume for one a takeover brought)."""
+    def serve_session(self, rt: ListenerRuntime, session: Session, source: str, run) -> bool:
+        """Count `session` as a client of `rt` from `source` and serve it with `run` (Session.run for a client accepted
+        here, Session.resume for one a takeover brought). True when the session parked: it stays counted until its
+        client leaves (client_left)."""
         rt.connections += 1
         self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
         self.sessions.add(session)
+        parked = False
         try:
-            run()
+            parked = run()
         finally:
-            self.sessions.discard(session)
-            rt.connections -= 1
-            left = self.connections_by_address[source] - 1
-            if left:
-                self.connections_by_address[source] = left
-            else:
-                del self.connections_by_address[source]
+            if not parked:
+                self.client_left(session)
+        return parked
+
+    def client_left(self, session: Session) -> None:
+        """The bookkeeping of a client that really left (not one whose session parked)."""
+        self.sessions.discard(session)
+        session.runtime.connections -= 1
+        address = session.address
+        source = address[0] if isinstance(address, tuple) else str(address)
+        left = self.connections_by_address.get(source, 1) - 1
+        if left:
+            self.connections_by_address[source] = left
+        else:
+            self.connections_by_address.pop(source, None)
+
+    def resume_parked(self, session: Session) -> None:
+        """Called from the hub when a parked session's client sent something (or its connection ended or was closed):
+        a greenlet serves the session again, one of its listener's acceptor when there is one."""
+        acceptor = session.runtime.acceptor
+        if acceptor is not None:
+            acceptor.resume(self._serve_resumed, session)
+        else:
+            gevent.spawn_raw(self._serve_resumed, session)
+
+    def _serve_resumed(self, session: Session) -> bool:
+        parked = False
+        try:
+            parked = session.resume()
+        finally:
+            if not parked:
+                self.client_left(session)
+        return parked
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, let clients finish for `timeout` seconds, then close everything."""
@@ -219,6 +249,7 @@ class Proxy:
             pool.close_all()
         if self._housekeeper is not None:
             self._housekeeper.kill(block=False)
+        self.parking.stop()
         if self.admin is not None:
             self.admin.stop()
         if self.registry is not None:

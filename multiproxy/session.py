@@ -3,7 +3,8 @@
 The client greenlet reads the client and writes to the linked backend. The backend's reader greenlet
 (multiproxy.backends) writes to the client and decides, from what the engine reports, when the
 backend goes back to the pool. While linked, only the backend side writes to the client, so answers
-never interleave.
+never interleave. An idle plaintext client has no greenlet: its session parks (see `Session.park`) and a
+greenlet serves it again when it sends its next request.
 """
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ from .pool import BackendUnavailable, PoolTimeout
 log = logging.getLogger("multiproxy.session")
 RECV_SIZE = 65536
 RESET_TIMEOUT = 10.0
+# From this many sessions on, a client with nothing outstanding parks as soon as its greenlet would wait for it; with
+# fewer, a busy client keeps its greenlet (no greenlet hand-off per request) and the parking sweep parks idle ones.
+EAGER_PARKING_SESSIONS = 64
+
+
+class Parked(Exception):
+    """Thrown into a session's greenlet waiting for its client's next request (multiproxy.parking's sweep found it idle,
+    its read watcher already stopped): the session parks and the greenlet lets go of it."""
 
 
 class HandedOver(Exception):
@@ -75,7 +84,7 @@ class Session:
 
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
-                 "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot",
+                 "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -101,17 +110,22 @@ class Session:
         self.connected_at = time.time()   # for the admin console's SHOW CLIENTS
         self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
         self.custody_slot = None          # with worker custody: this client's slot (multiproxy.custody)
+        self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
 
     # ------------------------------------------------------------------ client greenlet
 
-    def run(self, logged_in: bool = False) -> None:
-        """Serve the client until it leaves; `logged_in`: its login was done by another process, which handed it over
-        (a takeover, multiproxy.takeover): no handshake, its next request is served (see `resume`)."""
+    def run(self, logged_in: bool = False) -> bool:
+        """Serve the client until it leaves or its session parks (True: the caller must neither close nor count out
+        the client; `Proxy.resume_parked` serves it again, `Proxy.client_left` counts it out when it leaves).
+        `logged_in`: no handshake, the client's next request is served (a parked session resumed, or one another
+        process logged in and handed over: a takeover, multiproxy.takeover)."""
         # TCP_NODELAY comes from the listening socket: Linux copies it to every accepted connection.
-        handed_over = False
+        handed_over = parked = False
         try:
             if logged_in or self.handshake():
-                self.serve()
+                parked = self.serve(woken=logged_in)
+        except Parked:
+            parked = self.park()
         except ProtocolError as exc:
             log.info("client %s: protocol error: %s", self.address[0], exc)
             self.proxy.metrics.protocol_errors += 1
@@ -121,11 +135,54 @@ class Session:
         except HandedOver:
             handed_over = True  # a takeover gave the connection to the new process: it is only let go here
         finally:
-            self.finish(handed_over)
+            if not parked:
+                self.finish(handed_over)
+        return parked
 
-    def resume(self) -> None:
-        """Serve a client another process logged in and handed over (its proto, user and pool set by the takeover)."""
-        self.run(logged_in=True)
+    def resume(self) -> bool:
+        """Serve a logged-in client from its next request: a parked session whose client sent something, or a client
+        another process logged in and handed over (its proto, user and pool set by the takeover). True: parked again."""
+        if self.sock.closed:        # closed while parked (a drain, the proxy's stop): nothing more to serve
+            self.finish()
+            return False
+        return self.run(logged_in=True)
+
+    # ------------------------------------------------------------------ parking
+
+    def may_park(self) -> bool:
+        """Whether this session may wait for its client with no greenlet: a plaintext client, logged in (not on the
+        admin console), no backend linked, nothing of its requests read but not served, a proxy that resumes it."""
+        sock = self.sock
+        return (type(sock) is ClientSocket and not sock.closed and self.backend is None and self.pool is not None
+                and not self.client_gone and not self.leftover and hasattr(self.proxy, "resume_parked"))
+
+    def park(self) -> bool:
+        """Let go of the greenlet: the client's socket calls `Proxy.resume_parked` once the client sends (or the
+        connection ends). False when the session cannot park (the greenlet then ends it)."""
+        if not self.may_park():
+            return False
+        self.proto.compact()
+        self.sock.park(self.proxy.resume_parked, self)
+        return True
+
+    def park_if_idle(self, at_once: bool = False) -> bool:
+        """Called by the parking sweep (multiproxy.parking): a session that waits for its client's next request, with
+        no request since the sweep before, parks (its greenlet gets Parked). `at_once`: whatever the request count (the
+        backend's reader, at a transaction's end, with many sessions)."""
+        if not self.may_park() or self.sock.parked:
+            return False
+        watcher = self.sock._read_event
+        waiter = getattr(watcher.callback, "__self__", None) if watcher.active else None
+        if waiter is None or not hasattr(waiter, "throw"):
+            return False        # its greenlet does not wait for the client (borrowing, sending, logging in)
+        requests = self.proto.requests
+        if self.park_mark != requests and not at_once:
+            self.park_mark = requests
+            return False
+        # From here the greenlet cannot wake for the client: only the Parked thrown on the next loop turn wakes it.
+        watcher.stop()
+        self.sock.hub.loop.run_callback(waiter.throw, Parked())
+        return True
 
     def _send_quietly(self, data: bytes) -> None:
         if data and not self.client_gone:
@@ -387,7 +444,9 @@ class Session:
                 log.info("admin console: %s ran %r", self.user, item)
                 send(out)
 
-    def serve(self) -> None:
+    def serve(self, woken: bool = False) -> bool:
+        """Serve the client's requests until it leaves (False) or its session parks (True). `woken`: the client has
+        sent something (a parked session resumed): read it before parking again."""
         settings = self.proxy.config.proxy
         limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
                               getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
@@ -396,7 +455,7 @@ class Session:
         custody = getattr(self.proxy, "custody", None)
         if custody is not None and self.custody_slot is None:
             custody.hold(self)
-        self._relay()
+        return self._relay(woken)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the proxy's ClientTimeouts sweep (never per request). The session's state (waiting for an answer,
@@ -489,7 +548,10 @@ class Session:
             return
         self.proxy.cancel(self.cancel_key, self.engine)
 
-    def _relay(self) -> None:
+    def _relay(self, woken: bool = False) -> bool:
+        """The request loop; True when the session parked: with many clients (EAGER_PARKING_SESSIONS) a client that
+        has nothing outstanding is waited for with no greenlet from the start (after its login, after an answer the
+        proxy gave itself); with few, the parking sweep parks those idle for a while (multiproxy.parking)."""
         custody = getattr(self.proxy, "custody", None)
         held = custody is not None and self.custody_slot is not None
         # A held client is marked busy before a byte of its request is consumed (multiproxy.custody).
@@ -499,11 +561,19 @@ class Session:
         client_data = proto.client_data
         data, self.leftover = self.leftover, b""
         quit = False
+        sessions = getattr(self.proxy, "sessions", ())
+        if woken and not data:
+            # What woke it has arrived: try before waiting (a held client's recv marks it busy first).
+            data = recv(RECV_SIZE) if held else self.sock.recv(RECV_SIZE)
+            if not data:
+                return False
         while True:
             if not data:
+                if self.backend is None and len(sessions) >= EAGER_PARKING_SESSIONS and self.park():
+                    return True
                 data = recv(RECV_SIZE)
                 if not data:
-                    return
+                    return False
             try:
                 to_backend, to_client = client_data(data)
             except ClientQuit as said:
@@ -514,7 +584,7 @@ class Session:
                 if backend is None:
                     backend = self.link()
                     if self.client_gone:
-                        return
+                        return False
                     if backend is not None:
                         to_backend = proto.link(backend.state, to_backend)
                 if backend is not None:
@@ -525,7 +595,7 @@ class Session:
             if to_client:
                 send(to_client)
             if quit:
-                return
+                return False
             if held and self.backend is None:
                 custody.settle(self)    # answered here (or refused): idle again unless its engine says otherwise
 
@@ -578,11 +648,14 @@ class Session:
         elif outcome:
             if (self.transaction_mode and not proto.pinned) or self.client_gone:
                 self.unlink(backend)
+                proxy = self.proxy
                 if self.custody_slot is not None and not self.client_gone:
-                    self.proxy.custody.settle(self)     # idle again: the supervisor may resume it (multiproxy.custody)
-                idle_hook = getattr(self.proxy, "idle_hook", None)
+                    proxy.custody.settle(self)          # idle again: the supervisor may resume it (multiproxy.custody)
+                idle_hook = getattr(proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
+                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS:
+                    self.park_if_idle(at_once=True)     # many clients: no greenlet waits for one between transactions
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
                 # failover would (its session state cannot move).

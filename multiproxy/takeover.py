@@ -327,8 +327,9 @@ class Handover:
         watcher = sock._read_event
         if watcher is None or watcher.callback is None or not watcher.active:
             return False        # its greenlet is not waiting for the client (borrowing, sending, logging in)
-        waiter = getattr(watcher.callback, "__self__", None)
-        if waiter is None or not hasattr(waiter, "throw"):
+        parked = sock.parked    # no greenlet waits: the session parked (multiproxy.parking)
+        waiter = None if parked else getattr(watcher.callback, "__self__", None)
+        if not parked and (waiter is None or not hasattr(waiter, "throw")):
             return False
         record = export_record(session)
         if record is None:
@@ -340,13 +341,21 @@ class Handover:
         try:
             # From here the session's greenlet never wakes for this client again: not a byte is read here any more,
             # and nothing is said to the client (client_gone also keeps the client timeouts' sweep away from it).
-            watcher.stop()
+            if parked:
+                on_readable, _ = watcher.args
+                sock.unpark()
+            else:
+                watcher.stop()
             session.client_gone = True
             try:
                 send_record(self.conn, record, [sock._sock.fileno()])
             except OSError as exc:
                 session.client_gone = False
-                watcher.start(waiter.switch, waiter)    # the new process is gone: this process keeps the client
+                # The new process is gone: this process keeps the client.
+                if parked:
+                    sock.park(on_readable, session)
+                else:
+                    watcher.start(waiter.switch, waiter)
                 self.failed = True
                 log.error("takeover: the new process went away (%s); the remaining clients stay here", exc)
                 return False
@@ -354,7 +363,12 @@ class Handover:
             self.sending.release()
         self.handed += 1
         _counts(self.proxy)["handed_over"] += 1
-        sock.hub.loop.run_callback(waiter.throw, HandedOver())
+        if parked:
+            # No greenlet to tell: the session ends here as its greenlet would end it (not a word to the client).
+            session.finish(handed_over=True)
+            self.proxy.client_left(session)
+        else:
+            sock.hub.loop.run_callback(waiter.throw, HandedOver())
         return True
 
 

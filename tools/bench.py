@@ -4,7 +4,8 @@ PostgreSQL (the default): pgbench against PostgreSQL directly, multiproxy, PgBou
 tools/floor_pooler.py. `--engine mysql`: sysbench oltp_point_select, text protocol and server-side prepared
 statements, directly, through multiproxy and through tools/relay.py. `--engine tds`: pymssql point selects and
 tedious prepared statements (tools/node/tds_prepared_bench.js) against the TDS lab server directly and through
-multiproxy. docs/performance.md says how to run each and what the figures mean.
+multiproxy. `--idle N`: proxy memory (RSS growth) per idle client with N idle clients on one worker, for each
+engine, and PgBouncer's beside it for PostgreSQL. docs/performance.md says how to run each and what the figures mean.
 """
 import argparse
 import json
@@ -338,10 +339,12 @@ class Multiproxy(Target):
 
 class PgBouncer(Target):
     name = "pgbouncer"
+    max_client_conn = 1000
 
-    def __init__(self, ws, procs, pg, pool_size, auth="trust", max_clients=1000):
-        self.ws, self.procs, self.pg, self.pool_size = ws, procs, pg, pool_size
-        self.auth, self.max_clients = auth, max_clients
+    def __init__(self, ws, procs, pg, pool_size, auth="trust", max_client_conn=None):
+        self.ws, self.procs, self.pg, self.pool_size, self.auth = ws, procs, pg, pool_size, auth
+        if max_client_conn is not None:
+            self.max_client_conn = max_client_conn
         self.binary = shutil.which("pgbouncer") or next(
             (p for p in ("/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer") if os.access(p, os.X_OK)), None)
 
@@ -369,7 +372,7 @@ class PgBouncer(Target):
             f"auth_file = {users}\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\n"
-            f"max_client_conn = {self.max_clients}\n"
+            f"max_client_conn = {self.max_client_conn}\n"
             "ignore_startup_parameters = extra_float_digits\n"
             "log_connections = 0\n"
             "log_disconnections = 0\n"))
@@ -511,7 +514,7 @@ def storm_bench(args, procs):
         server.start()
         makers = {"multiproxy": lambda: Multiproxy(ws, procs, server, pool_size, args.workers, args.auth),
                   "pgbouncer": lambda: PgBouncer(ws, procs, server, pool_size, args.auth,
-                                                 max_clients=args.storm_clients + 100)}
+                                                 max_client_conn=args.storm_clients + 100)}
         for round_number in range(args.rounds):
             for name in (t for t in STORM_TARGETS if t in args.targets):
                 print(f"round {round_number + 1}/{args.rounds}: {name} / storm of {args.storm_clients} clients",
@@ -1102,8 +1105,297 @@ def engine_args(argv):
     return known
 
 
+IDLE_ENGINES = ("postgres", "mysql", "tds")
+IDLE_WARM_CLIENTS = 100     # clients that come and go before the baseline, so that one-time costs are not counted
+IDLE_SETTLE_SECONDS = 3.0   # after the last client logged in: the parking sweep parks the last ones (1 to 2 s)
+IDLE_CONNECTING_THREADS = 8  # clients log in 8 at a time (PyMySQL waits ~40 ms per login for delayed ACKs)
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of process `pid` in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise TargetFailed(f"no VmRSS for pid {pid}")
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` within its hard limit (processes it starts inherit
+    it); returns the soft limit now."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def idle_clients(pid: int, count: int, connect, query, processes: int = 1) -> dict:
+    """Open `count` clients with `connect()`, each running `query(conn)` once, and let them idle; the RSS of process
+    `pid` before (after IDLE_WARM_CLIENTS came, ran a query and left) and after, and whether every client still runs
+    its query afterwards. The clients are closed at the end. `processes` > 1: the clients are held by that many
+    forked processes (a driver whose connections take several descriptors each, as FreeTDS's, would pass the hard
+    RLIMIT_NOFILE in one)."""
+    for _ in range(IDLE_WARM_CLIENTS):
+        conn = connect()
+        query(conn)
+        conn.close()
+    time.sleep(IDLE_SETTLE_SECONDS)
+    before = rss_kib(pid)
+    if processes > 1:
+        return _idle_clients_forked(pid, count, connect, query, processes, before)
+    from concurrent.futures import ThreadPoolExecutor
+    clients = []
+
+    def open_one(_):
+        conn = connect()
+        clients.append(conn)
+        query(conn)
+
+    def query_again(conn):
+        try:
+            query(conn)
+            return 0
+        except Exception:  # counted: every client must still answer
+            return 1
+
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(IDLE_CONNECTING_THREADS) as pool:
+            list(pool.map(open_one, range(count)))
+        login_seconds = time.monotonic() - started
+        time.sleep(IDLE_SETTLE_SECONDS)
+        after = rss_kib(pid)
+        with ThreadPoolExecutor(IDLE_CONNECTING_THREADS) as pool:
+            failures = sum(pool.map(query_again, clients))
+        after_queries = rss_kib(pid)
+    finally:
+        for conn in clients:
+            try:
+                conn.close()
+            except Exception:  # a client the proxy closed: nothing to close
+                pass
+    return {"before": before, "after": after, "after_queries": after_queries, "failures": failures,
+            "login_seconds": login_seconds}
+
+
+def _hold_clients(count, connect, query, ready, go, results) -> None:
+    """In a forked process: open `count` clients, say so on `ready`, wait for `go`, query each again, put the
+    failures on `results`, close them."""
+    from concurrent.futures import ThreadPoolExecutor
+    clients = []
+    failed = 0
+
+    def open_one(_):
+        conn = connect()
+        clients.append(conn)
+        query(conn)
+
+    def query_again(conn):
+        try:
+            query(conn)
+            return 0
+        except Exception:  # counted: every client must still answer
+            return 1
+    try:
+        with ThreadPoolExecutor(max(1, IDLE_CONNECTING_THREADS // 2)) as pool:
+            list(pool.map(open_one, range(count)))
+    except Exception as exc:  # the parent reports it
+        ready.put(f"failed: {exc}")
+        return
+    ready.put(len(clients))
+    go.wait()
+    with ThreadPoolExecutor(max(1, IDLE_CONNECTING_THREADS // 2)) as pool:
+        failed = sum(pool.map(query_again, clients))
+    results.put(failed)
+    for conn in clients:
+        try:
+            conn.close()
+        except Exception:  # a client the proxy closed: nothing to close
+            pass
+
+
+def _idle_clients_forked(pid, count, connect, query, processes, before) -> dict:
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    ready, results, go = context.Queue(), context.Queue(), context.Event()
+    shares = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+    children = [context.Process(target=_hold_clients, args=(share, connect, query, ready, go, results))
+                for share in shares]
+    started = time.monotonic()
+    for child in children:
+        child.start()
+    try:
+        answers = [ready.get(timeout=1800) for _ in children]
+        problems = [a for a in answers if isinstance(a, str)]
+        if problems:
+            raise TargetFailed(problems[0])
+        login_seconds = time.monotonic() - started
+        time.sleep(IDLE_SETTLE_SECONDS)
+        after = rss_kib(pid)
+        go.set()
+        failures = sum(results.get(timeout=600) for _ in children)
+        after_queries = rss_kib(pid)
+    finally:
+        go.set()
+        for child in children:
+            child.join(60)
+            if child.is_alive():
+                child.kill()
+    return {"before": before, "after": after, "after_queries": after_queries, "failures": failures,
+            "login_seconds": login_seconds}
+
+
+def _idle_row(name: str, count: int, result: dict) -> str:
+    grown = result["after"] - result["before"]
+    return (f"| {name} | {count} | {result['before'] / 1024:.1f} | {result['after'] / 1024:.1f} | "
+            f"{grown / count:.2f} | {(result['after_queries'] - result['before']) / count:.2f} | "
+            f"{count / result['login_seconds']:.0f} | {result['failures']} |")
+
+
+def _idle_proxy(procs, work, engine, backend_port, pool_size, listener_extra="", users=None):
+    if users is not None:
+        with open(os.path.join(work, "users.toml"), "w") as f:
+            f.write(users.dumps())
+    proc, port, _ = _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra)
+    return proc, port
+
+
+def idle_bench(count: int, engines, pool_size: int, keep: bool, markdown: str | None) -> None:
+    """Proxy memory per idle client: for each engine, `count` real clients log in through multiproxy (one worker), run
+    one query and idle; RSS growth over the baseline divided by `count`, and PgBouncer's beside it for PostgreSQL."""
+    from multiproxy.auth import UsersFile
+    limit = raise_open_files(2 * count + 1000)
+    if limit < count + 200:
+        raise SystemExit(f"RLIMIT_NOFILE allows {limit} open files: {count} idle clients need {count + 200} "
+                         "(raise the hard limit, or ask for fewer with --idle)")
+    rows = []
+    procs = Processes()
+    work = tempfile.mkdtemp(prefix="mp-bench-idle-")
+    try:
+        if "postgres" in engines:
+            import psycopg
+            pg = PrivatePostgres(1, keep)
+            try:
+                pg.start()
+                ws = Workspace(keep)
+                mp = Multiproxy(ws, procs, pg, pool_size, 1)
+                port = mp.start()
+
+                def pg_connect(port):
+                    return lambda: psycopg.connect(host="127.0.0.1", port=port, user=BENCH_USER, dbname=BENCH_DB,
+                                                   autocommit=True)
+
+                def pg_query(conn):
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+                print(f"postgres: {count} idle clients through multiproxy", file=sys.stderr)
+                rows.append(_idle_row("multiproxy (postgres)", count, idle_clients(mp.pid, count, pg_connect(port),
+                                                                                   pg_query)))
+                mp.stop()
+                bouncer = PgBouncer(ws, procs, pg, pool_size)
+                bouncer.max_client_conn = count + 200
+                try:
+                    port = bouncer.start()
+                    print(f"postgres: {count} idle clients through PgBouncer", file=sys.stderr)
+                    rows.append(_idle_row("PgBouncer", count, idle_clients(bouncer.pid, count, pg_connect(port),
+                                                                           pg_query)))
+                except TargetFailed as exc:
+                    rows.append(f"| PgBouncer | {count} | {exc} | | | | | |")
+                bouncer.stop()
+                ws.remove()
+            finally:
+                pg.stop()
+        if "mysql" in engines:
+            import pymysql
+            from multiproxy.lab.mariadb import MariaDBServer
+            server = MariaDBServer(settings={"max_connections": 200}).start()
+            try:
+                server.sql("CREATE DATABASE bench; CREATE USER 'bench'@'%' IDENTIFIED BY 'bench'; "
+                           "GRANT ALL ON *.* TO 'bench'@'%';")
+                users = UsersFile()
+                users.add("bench", "bench", kinds=["mysql_native_password"])
+                proc, port = _idle_proxy(procs, work, "mysql", server.port, pool_size,
+                                         'auth = "mysql_native_password"\n', users)
+
+                def my_connect():
+                    return pymysql.connect(host="127.0.0.1", port=port, user="bench", password="bench",
+                                           database="bench", autocommit=True)
+
+                def my_query(conn):
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+                        assert cur.fetchone() == (1,)
+                print(f"mysql: {count} idle clients through multiproxy", file=sys.stderr)
+                try:
+                    rows.append(_idle_row("multiproxy (mysql)", count, idle_clients(proc.pid, count, my_connect,
+                                                                                    my_query)))
+                except Exception as exc:  # the rows measured so far are still printed
+                    rows.append(f"| multiproxy (mysql) | {count} | failed: {exc} | | | | | |")
+                procs.stop(proc)
+            finally:
+                server.stop()
+        if "tds" in engines:
+            import pymssql
+            pymssql.set_max_connections(count + IDLE_WARM_CLIENTS + 100)     # FreeTDS's DBPROCESS limit
+            lab_port = free_port()
+            lab = procs.start([sys.executable, "-m", "multiproxy.lab.tds_server", "--port", str(lab_port), "--user",
+                               "bench", "--password", "bench", "--database", "bench", "--db-file",
+                               os.path.join(work, "lab.sqlite")], log_path=os.path.join(work, "lab.log"),
+                              cwd=REPO_ROOT)
+            _wait_port(lab_port, lab, os.path.join(work, "lab.log"))
+            users = UsersFile()
+            users.add("bench", "bench", kinds=["tds_sha256"])
+            proc, port = _idle_proxy(procs, work, "tds", lab_port, pool_size, users=users)
+
+            def tds_connect():
+                return pymssql.connect(server="127.0.0.1", port=port, user="bench", password="bench",
+                                       database="bench", autocommit=True, tds_version="7.4")
+
+            def tds_query(conn):
+                cur = conn.cursor()
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+            print(f"tds: {count} idle clients through multiproxy", file=sys.stderr)
+            try:
+                # FreeTDS takes 3 descriptors per connection: the clients are spread over processes.
+                holders = max(1, -(-3 * count // 12000))
+                rows.append(_idle_row("multiproxy (tds)", count, idle_clients(proc.pid, count, tds_connect,
+                                                                              tds_query, holders)))
+            except Exception as exc:  # the rows measured so far are still printed
+                rows.append(f"| multiproxy (tds) | {count} | failed: {exc} | | | | | |")
+            procs.stop(proc)
+    finally:
+        procs.stop_all()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    lines = [f"Idle clients: {count} clients log in ({IDLE_CONNECTING_THREADS} at a time), run SELECT 1 and idle; RSS of the proxy "
+             f"process before them (after {IDLE_WARM_CLIENTS} clients came and went) and {IDLE_SETTLE_SECONDS:g} s "
+             "after the last login; per client = growth / clients. After: every client runs SELECT 1 again. "
+             f"One worker, pool max_size {pool_size}.", "",
+             "| target | idle clients | RSS before (MiB) | RSS idle (MiB) | KiB per idle client | KiB per client after "
+             "their next query | logins/s | failed queries |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "", machine_line()]
+    _emit(lines, markdown)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--idle" in argv or any(a.startswith("--idle=") for a in argv):
+        parser = argparse.ArgumentParser(description="proxy memory per idle client (see idle_bench)")
+        parser.add_argument("--idle", type=int, required=True, metavar="N", help="idle clients per engine")
+        parser.add_argument("--idle-engines", default=",".join(IDLE_ENGINES),
+                            help=f"subset of {','.join(IDLE_ENGINES)} (default: all)")
+        parser.add_argument("--pool-size", type=int, default=4, help="multiproxy pool max_size (default 4)")
+        parser.add_argument("--markdown", metavar="FILE")
+        parser.add_argument("--keep", action="store_true")
+        args = parser.parse_args(argv)
+        engines = [e.strip() for e in args.idle_engines.split(",") if e.strip()]
+        if args.idle < 1 or not engines or any(e not in IDLE_ENGINES for e in engines):
+            parser.error(f"--idle: at least 1; --idle-engines: a subset of {','.join(IDLE_ENGINES)}")
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))    # the finally blocks stop what started
+        return idle_bench(args.idle, engines, args.pool_size, args.keep, args.markdown)
     if "--engine" in argv or any(a.startswith("--engine=") for a in argv):
         # `--engine mysql|tds [--seconds N] [--rounds N] [--only text,ps,ps-over | --ps] ...`: see engine_args
         known = engine_args(argv)

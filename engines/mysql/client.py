@@ -19,7 +19,9 @@ a response ends) and the status flags of OK/EOF packets (transaction state, auto
 """
 from __future__ import annotations
 
-from multiproxy.engine import Authenticated, BackendError, ClientContext, ClientProtocol, ErrorKind
+from collections import deque
+
+from multiproxy.engine import Authenticated, BackendError, ClientContext, ClientProtocol, ErrorKind, LazyContainers
 
 from . import handover
 from . import protocol as p
@@ -35,12 +37,59 @@ __all__ = ["COLLATIONS", "DEFAULT_SERVER_VERSION", "ERRORS", "SERVER_CAPABILITIE
            "MySQLClient", "render_error"]
 
 
-class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, ClientProtocol):
+class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, PinTracking, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
 
     # Bumped whenever what handover_state exports changes in a way that matters to a resumed session (tracked
     # variables, schema, autocommit, statement ids, pins): a worker's custody re-sends the record only then.
     state_generation = 0
+    # Class-level defaults of what __init__ sets (compact() drops an attribute back at its default; reads then
+    # find the class's value). Dropped while empty, made again at their next use: lazy_containers.
+    lazy_containers = {"fifo": deque, "captured": list, "pin_details": list, "pin_keys": dict, "unresolved": list,
+                       "held": list, "held_items": list}
+    handshake = None
+    user = ''
+    database = ''
+    capabilities = 0
+    deprecate_eof = False
+    logged_in = False
+    ok_seq = 2
+    greeting_prefix = b''
+    linked = False
+    server_state = None
+    rstate = 0
+    rcount = 0
+    rcount2 = 0
+    status = 2
+    last_insert_id = 0
+    closing = False
+    hold = 0
+    infile = False
+    transaction_lost = False
+    lost_error = b''
+    release_due = False
+    retry_read_only = False
+    retry_candidate = None
+    retry_refusal = b''
+    retry_request = None
+    cbuf = b''
+    c_skip = 0
+    c_more = False
+    c_size = 0
+    sbuf = b''
+    s_skip = 0
+    s_more = False
+    autocommit = True
+    schema = ''
+    multi_statements = False
+    deferred_begin = None
+    deferred_pins = None
+    next_statement_id = 0
+    mark = b''
+    pipelined_reprepare = True
+    holding = False
+    held_size = 0
+    held_mark = b''
 
     def __init__(self, ctx: ClientContext, engine):
         self.ctx = ctx
@@ -109,6 +158,13 @@ class MySQLClient(Relay, Commands, Statements, SessionState, PinTracking, Client
 
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
+
+    def compact(self) -> None:
+        """An idle client parks: the login state machine goes once logged in, with the empty lists and the attributes
+        back at their class defaults."""
+        if self.logged_in:
+            self.handshake = None       # its scramble and packets: only a login needs them
+            self.compact_attributes()
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

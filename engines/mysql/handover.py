@@ -9,6 +9,7 @@ restarts with its next command, so none is kept.
 """
 from __future__ import annotations
 
+from multiproxy.engine import restore_attributes
 from multiproxy.handover import decode, encode
 
 from . import protocol as p
@@ -49,7 +50,7 @@ def export_state(client) -> dict | None:
 def resume(engine, ctx, state: dict):
     """The client object of a session another process exported, logged in and between commands."""
     client = engine.client_protocol(ctx)
-    vars(client).update(decode(state["fields"]))
+    restore_attributes(client, decode(state["fields"]), RUNTIME)
     if not engine.server_version and state.get("server_version"):
         engine.server_version = state["server_version"]     # what the client was greeted with, until a login here
     return client

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, PinReason
+from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, LazyContainers, PinReason
 
 from . import handover
 from .console import PostgresConsole
@@ -39,8 +39,12 @@ __all__ = [
 ]
 
 
-class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientProtocol):
+class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransaction, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between the client and its current backend."""
+
+    # Dropped while empty when the session parks (compact), made again at their next use.
+    lazy_containers = {"fifo": deque, "parse_fifo": deque, "pin_details": list, "client_settings": dict,
+                       "startup_settings": dict}
 
     # What the handshake found, kept once it is done (the handshake object itself is then dropped).
     user = ""
@@ -103,6 +107,11 @@ class PostgresClient(Relay, Statements, SessionState, LazyTransaction, ClientPro
 
     def handover_state(self) -> dict | None:
         return handover.export_state(self)
+
+    def compact(self) -> None:
+        """An idle client parks: the empty FIFOs and lists go, and the attributes back at their class defaults."""
+        if self.handshake is None:
+            self.compact_attributes()
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

@@ -8,6 +8,7 @@ RESET ALL returns to, named prepared statements (prepared again on demand on the
 """
 from __future__ import annotations
 
+from multiproxy.engine import restore_attributes
 from multiproxy.handover import decode, encode
 
 from . import protocol as p
@@ -49,6 +50,6 @@ def export_state(client) -> dict | None:
 def resume(engine, ctx, state: dict):
     """The client object of a session another process exported, logged in and between requests."""
     client = engine.client_protocol(ctx)
-    vars(client).update(decode(state["fields"]))
+    restore_attributes(client, decode(state["fields"]), RUNTIME)
     client.handshake = None
     return client

@@ -8,8 +8,8 @@ import struct
 from collections import deque
 
 from multiproxy.engine import (
-    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, PinReason,
-    ProtocolError, SendToClient,
+    HELD_REFUSAL, AuthFailed, Authenticated, ClientContext, ClientProtocol, CloseClient, ErrorKind, LazyContainers,
+    PinReason, ProtocolError, SendToClient,
 )
 from multiproxy.token_auth import TokenRejected
 
@@ -99,12 +99,45 @@ class _Expect:
         self.local = local      # the proxy's own answer, sent when the requests before it are answered
 
 
-class TDSClient(SessionState, Statements, ClientProtocol):
+class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
     """Protocol state of one client: handshake, then the relay between it and its current backend."""
 
     # Bumped whenever what handover_state exports changes in a way that matters to a resumed session (SET options,
     # database, prepared handles, pins): a worker's custody re-sends the record only then.
     state_generation = 0
+    # Class-level defaults of what __init__ sets (compact() drops an attribute back at its default; reads then
+    # find the class's value). Dropped while empty, made again at their next use: lazy_containers.
+    lazy_containers = {"expect": deque, "pin_reasons": set}
+    closing = False
+    leftover = b''
+    retry_request = None
+    retry_refusal = None
+    hbuf = b''
+    tls = None
+    tls_full = False
+    tls_login_only = False
+    tls_raw = False
+    user = ''
+    login = None
+    fedauth_required = False
+    server_nonce = None
+    client_nonce = None
+    fedauth_ack = False
+    linked = False
+    server_state = None
+    sbuf = b''
+    in_transaction = False
+    database = ''
+    login_state = None
+    attn_local = False
+    attn_by_proxy = False
+    retry_ok = False
+    descriptor = b''
+    local_descriptor = b''
+    lazy_begin = None
+    transaction_lost = ''
+    virtualize = True
+    next_handle = 1
 
     def __init__(self, ctx: ClientContext, engine):
         self.ctx = ctx
@@ -834,6 +867,19 @@ class TDSClient(SessionState, Statements, ClientProtocol):
 
     def handover_generation(self) -> int:
         return self.state_generation
+    def compact(self) -> None:
+        """An idle client parks: its LOGIN7 keeps only what the session reads later (database, language, packet size,
+        flags), and the empty containers and attributes back at their class defaults go."""
+        if self.phase is not READY:
+            return
+        login = self.login
+        if login is not None and (login.client_pid or login.hostname or login.appname or login.password
+                                  or login.features):
+            self.login = tp.Login7(
+                tds_version=login.tds_version, packet_size=login.packet_size, option_flags1=login.option_flags1,
+                option_flags2=login.option_flags2, type_flags=login.type_flags, option_flags3=login.option_flags3,
+                client_lcid=login.client_lcid, language=login.language, database=login.database)
+        self.compact_attributes()
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from multiproxy.engine import restore_attributes
 from multiproxy.handover import decode, encode
 
 from .wire import messages as tp
@@ -58,7 +59,7 @@ def export_state(client) -> dict | None:
 def resume(engine, ctx, state: dict):
     """The client object of a session another process exported, logged in and between requests."""
     client = engine.client_protocol(ctx)
-    vars(client).update(decode(state["fields"]))
+    restore_attributes(client, decode(state["fields"]), RUNTIME)
     client.reader = tp.MessageReader(tp.MAX_PACKET_SIZE + 1)
     client.reader.max_packet_size = client.packet_size
     client.scanner = ResponseScanner()

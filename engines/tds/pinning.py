@@ -1,9 +1,9 @@
 """T-SQL classification for pooling: the SET options the proxy replays, and what ties a session to its backend."""
 from __future__ import annotations
 
-import re
-
 import enum
+import re
+import sys
 
 from multiproxy.engine import PinReason
 
@@ -106,7 +106,8 @@ def classify_batch(sql: str) -> tuple[list[tuple[PinReason, str]], dict[str, str
                 reasons.append((PinReason.SESSION_VARIABLE, f"SET {', '.join(names)} {statement}"))
             elif all(n in TRACKED_OPTIONS for n in names):
                 for name in names:
-                    tracked[name] = f"SET {name} {statement}"
+                    # Interned: every client of a driver sets the same options, so its sessions share the texts.
+                    tracked[sys.intern(name)] = sys.intern(f"SET {name} {statement}")
             elif any(n in UNTRACKED_OPTIONS for n in names):
                 reasons.append((PinReason.SESSION_VARIABLE, f"SET {', '.join(names)}"))
     return reasons, tracked

@@ -106,6 +106,7 @@ class ToyProtocol(ClientProtocol):
             self.outstanding.append(line)
             out.append(line + b"\n")
         self.last_batch = len(out)
+        self.requests += len(out)
         return b"".join(out), b""
 
     def _answered(self, request: bytes) -> None:
