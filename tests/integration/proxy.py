@@ -19,6 +19,9 @@ import uuid
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+START_ATTEMPTS = 3        # ProxyProcess.start: tries when a free_port() was taken before the proxy bound it
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -172,9 +175,40 @@ class ProxyProcess:
         return path
 
     def start(self) -> "ProxyProcess":
-        """Start the process and wait until every listener accepts TCP; raise with the log's tail if not."""
+        """Start the process and wait until it serves; raise with the log's tail if not. free_port() only promises a
+        port that was free a moment ago: when another process took one before the proxy bound it (the proxy exits
+        naming the address in use), the listeners and the admin server get fresh ports and the start is tried again,
+        up to START_ATTEMPTS times (read the addresses from this object, not from the config given)."""
         if self._proc is not None:
             return self
+        for attempt in range(1, START_ATTEMPTS + 1):
+            log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if attempt == START_ATTEMPTS or not self._lost_a_port(log_offset):
+                    raise
+                self._pick_fresh_ports()
+        raise AssertionError("unreachable")
+
+    def _lost_a_port(self, log_offset: int) -> bool:
+        if not self._runs_multiproxy():
+            return False
+        with open(self.log_path, "rb") as f:
+            f.seek(log_offset)
+            return b"already in use" in f.read()
+
+    def _pick_fresh_ports(self) -> None:
+        for listener in self.config.get("listeners", []):
+            host, _ = _split_address(listener["listen"])
+            listener["listen"] = f"{host}:{free_port()}"
+        proxy = self.config.get("proxy", {})
+        if proxy.get("admin_listen"):
+            host, _ = _split_address(proxy["admin_listen"])
+            proxy["admin_listen"] = f"{host}:{free_port()}"
+        self.config_text = render_toml(self.config)
+
+    def _start_once(self) -> "ProxyProcess":
         self.write_file(os.path.basename(self.config_path), self.config_text)
         for name, text in self.files.items():
             self.write_file(name, text)

@@ -1,5 +1,6 @@
 """Proves the integration fixtures work: the private PostgreSQL, its auth roles, and the proxy process runner."""
 import os
+import socket
 import sys
 import textwrap
 import tomllib
@@ -123,3 +124,23 @@ def test_proxy_process_gives_up_after_startup_timeout(proxy_factory):
     silent = [sys.executable, "-c", "import time; time.sleep(60)"]
     with pytest.raises(RuntimeError, match="not listening"):
         proxy_factory(fake_config(free_port()), argv=silent, startup_timeout=0.5)
+
+
+def test_proxy_process_moves_to_fresh_ports_when_its_port_was_taken(pg, proxy_factory):
+    """Another process holds the listener's port (as one can between free_port() and the proxy's bind): the proxy
+    exits naming the address in use, and ProxyProcess starts it again on fresh ports."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        proxy = proxy_factory({
+            "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "warning"},
+            "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"],
+                                  "backend": {"tls": "disable"}}},
+            "listeners": [{"name": "pg", "listen": f"127.0.0.1:{taken}", "cluster": "main", "auth": "trust"}],
+        })
+        assert proxy.port != taken and proxy.running
+        assert f"127.0.0.1:{taken}" in proxy.log_text() and "already in use" in proxy.log_text()
+        with socket.create_connection((proxy.host, proxy.port), timeout=5) as client:
+            client.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")      # SSLRequest: the proxy answers one byte
+            assert client.recv(1) in (b"N", b"S")
