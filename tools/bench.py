@@ -1149,17 +1149,7 @@ def idle_clients(pid: int, count: int, connect, query, processes: int = 1) -> di
     from concurrent.futures import ThreadPoolExecutor
     clients = []
 
-    def open_one(_):
-        conn = connect()
-        clients.append(conn)
-        query(conn)
-
-    def query_again(conn):
-        try:
-            query(conn)
-            return 0
-        except Exception:  # counted: every client must still answer
-            return 1
+    open_one, query_again = _client_steps(connect, query, clients)
 
     started = time.monotonic()
     try:
@@ -1181,13 +1171,9 @@ def idle_clients(pid: int, count: int, connect, query, processes: int = 1) -> di
             "login_seconds": login_seconds}
 
 
-def _hold_clients(count, connect, query, ready, go, results) -> None:
-    """In a forked process: open `count` clients, say so on `ready`, wait for `go`, query each again, put the
-    failures on `results`, close them."""
-    from concurrent.futures import ThreadPoolExecutor
-    clients = []
-    failed = 0
-
+def _client_steps(connect, query, clients):
+    """open_one(_): a client logged in, kept in `clients`, its first query run; query_again(conn): 0 when it still
+    answers, 1 when not (counted: every client must still answer)."""
     def open_one(_):
         conn = connect()
         clients.append(conn)
@@ -1197,8 +1183,19 @@ def _hold_clients(count, connect, query, ready, go, results) -> None:
         try:
             query(conn)
             return 0
-        except Exception:  # counted: every client must still answer
+        except Exception:  # counted, not raised
             return 1
+    return open_one, query_again
+
+
+def _hold_clients(count, connect, query, ready, go, results) -> None:
+    """In a forked process: open `count` clients, say so on `ready`, wait for `go`, query each again, put the
+    failures on `results`, close them."""
+    from concurrent.futures import ThreadPoolExecutor
+    clients = []
+    failed = 0
+
+    open_one, query_again = _client_steps(connect, query, clients)
     try:
         with ThreadPoolExecutor(max(1, IDLE_CONNECTING_THREADS // 2)) as pool:
             list(pool.map(open_one, range(count)))
