@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 
-SLOTS = 256                 # worker indexes the map can hold (the supervisor refuses more workers than that)
+SLOTS = 256                 # worker indexes the map holds; a worker beyond them accepts without comparing
 ABSENT = -1                 # the slot's worker is not running
 SLACK = 1                   # clients above the least loaded worker that a worker still accepts at once
 DEFER = 0.005               # seconds a busier worker waits for the others before it accepts a connection itself
@@ -38,19 +38,25 @@ class AcceptBalance:
 
     def started(self, index: int) -> None:
         """The supervisor forked worker `index`: it counts, with no clients yet (a resumed client counts on arrival)."""
+        if index >= self.slots:
+            return
         self.counts[index] = 0
         if index >= self.header[0]:
             self.header[0] = index + 1
 
     def stopped(self, index: int) -> None:
         """Worker `index` is gone: the others no longer compare themselves with it."""
-        self.counts[index] = ABSENT
+        if index < self.slots:
+            self.counts[index] = ABSENT
 
     def publish(self, index: int, clients: int) -> None:
-        self.counts[index] = clients
+        if index < self.slots:
+            self.counts[index] = clients
 
     def should_defer(self, index: int) -> bool:
         """Whether worker `index` is more than SLACK clients above the least loaded running worker."""
+        if index >= self.slots:
+            return False
         counts = self.counts
         mine = counts[index]
         least = mine

@@ -34,6 +34,7 @@ import time
 
 from gevent import monkey
 
+from .balance import AcceptBalance
 from .custody import BusyMap, CustodyBook, received_fds, shut_and_close
 
 log = logging.getLogger("multiproxy.supervisor")
@@ -198,6 +199,8 @@ class Supervisor:
         if self.custody:
             for state in self.workers:
                 state.busy_map = BusyMap()
+        # Accept balance: every worker's client count, shared (multiproxy.balance).
+        self.balance = AcceptBalance()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -273,6 +276,7 @@ class Supervisor:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         if state.busy_map is not None:
             state.busy_map.clear()      # slots of the clients it resumes are idle; the others are free
+        self.balance.started(state.index)
         pid = _fork()
         if pid == 0:
             self._become_worker(state.index, ours, theirs)    # never returns
@@ -322,7 +326,7 @@ class Supervisor:
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
                                    channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
-                                   custody=custody)
+                                   custody=custody, balance=self.balance)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
             code = 2 if type(exc).__name__ == "UsersFileError" else 1
@@ -349,6 +353,7 @@ class Supervisor:
         self.drain_channel(state)       # its last holds, records and unholds count
         self._close_channel(state)
         pid, state.pid = state.pid, 0
+        self.balance.stopped(state.index)
         self.reload_pending.discard(state.index)
         self.custody_after_death(state, pid)
         if self.stopping_since is not None:

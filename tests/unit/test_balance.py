@@ -52,3 +52,13 @@ def test_counts_and_added_workers_are_seen_across_a_fork():
     assert os.waitstatus_to_exitcode(status) == 0
     os.close(read_end)
     balance.close()
+
+
+def test_a_worker_beyond_the_slots_is_never_compared_nor_deferred():
+    balance = AcceptBalance(slots=2)
+    balance.started(0)
+    balance.started(5)
+    balance.publish(5, 100)
+    assert not balance.should_defer(5)
+    assert balance.snapshot() == [0]
+    balance.close()
