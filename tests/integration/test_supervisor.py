@@ -776,3 +776,26 @@ def test_listeners_a_reload_adds_or_removes_survive_a_respawn(pg, proxy_factory)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", old_port), timeout=2).close()
     assert query(extra_port) == (7,)
+
+
+@pytest.mark.timeout(90)
+def test_show_events_lists_what_every_worker_records_once(pg, proxy_factory):
+    # Two hosts make a registry in each worker: both see the writer chosen, and both run the console's PAUSE.
+    config = group_config(pg)
+    config["clusters"]["main"]["hosts"].append(f"127.0.0.1:{free_port()}")
+    config["clusters"]["main"]["health"] = {"probe_user": SUPERUSER}
+    proxy = proxy_factory(config)
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    with app(proxy, autocommit=True) as conn:
+        conn.execute("SELECT 1").fetchone()
+    psql_console(proxy, "PAUSE")
+    psql_console(proxy, "RESUME")
+    rows = psql_console(proxy, "SHOW EVENTS")
+    writer = [row for row in rows if row[1] == "registry.writer"]
+    assert len(writer) == 1 and writer[0][-1] == "all", rows
+    assert [row[-1] for row in rows if row[1] in ("pause", "resume")] == ["all", "all"], rows
+    host, port = proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/admin/events?format=objects", timeout=TIMEOUT) as answer:
+        objects = json.load(answer)["rows"]
+    assert [(o["event"], o["workers"]) for o in objects if o["event"] in ("registry.writer", "pause", "resume")] == \
+        [("registry.writer", "all"), ("pause", "all"), ("resume", "all")], objects

@@ -98,6 +98,37 @@ def test_client_rows_are_concatenated_with_a_worker_column():
     assert rows == [["C", "a", 0], ["C", "c", 0], ["C", "b", 1]]
 
 
+EVENT_COLUMNS = [("time", "text"), ("event", "text"), ("cluster", "text"), ("database", "text"), ("detail", "text")]
+
+
+def test_events_every_worker_records_are_listed_once_and_a_workers_own_name_it():
+    writer = ["registry.writer", "main", None, "old=None, new=127.0.0.1:5432, reason=probe"]
+    pause = ["pause", None, "app", None]
+    answers = {
+        0: [["2026-01-02 03:04:05 UTC", *writer], ["2026-01-02 03:05:00 UTC", *pause],
+            ["2026-01-02 03:06:00 UTC", "takeover", None, None, "from_pid=7"]],
+        1: [["2026-01-02 03:04:06 UTC", *writer], ["2026-01-02 03:05:00 UTC", *pause]],
+    }
+    columns, rows = merge_view("events", EVENT_COLUMNS, answers)
+    assert columns == EVENT_COLUMNS + [("workers", "text")]
+    assert rows == [["2026-01-02 03:04:05 UTC", *writer, "all"], ["2026-01-02 03:05:00 UTC", *pause, "all"],
+                    ["2026-01-02 03:06:00 UTC", "takeover", None, None, "from_pid=7", "0"]]
+
+
+def test_events_alike_stay_apart_when_one_worker_repeats_them_or_they_are_far_apart():
+    down = ["registry.node", "main", None, "node=127.0.0.1:5432, state=down"]
+    answers = {
+        0: [["2026-01-02 03:04:05 UTC", *down], ["2026-01-02 03:04:07 UTC", *down],
+            ["2026-01-02 04:00:00 UTC", *down]],
+        1: [["2026-01-02 03:04:06 UTC", *down]],
+        2: [["2026-01-02 03:04:09 UTC", *down]],
+    }
+    _, rows = merge_view("events", EVENT_COLUMNS, answers)
+    assert [(row[0], row[-1]) for row in rows] == [("2026-01-02 03:04:05 UTC", "all"),
+                                                  ("2026-01-02 03:04:07 UTC", "0"),
+                                                  ("2026-01-02 04:00:00 UTC", "0")]
+
+
 def test_lists_sum_clients_but_not_the_names_both_workers_know():
     columns = [("list", "text"), ("items", "int4")]
     _, rows = merge_view("lists", columns, {0: [["databases", 1], ["used_clients", 3]],
