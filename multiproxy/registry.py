@@ -25,6 +25,14 @@ FAST_PROBE_INTERVAL = 0.2   # seconds between probes while a cluster has no writ
 VERIFY_REUSE = 0.1          # seconds a read-only verification probe answers later refusals from the same node
 
 
+def down_node_delay(probe_interval: float, backoff_max: float, failures_past_threshold: int) -> float:
+    """Seconds until the next probe of a node that is down: probe_interval doubled for each failure past the
+    threshold, at most backoff_max. The exponent is bounded (at 64, far past any cap), so that a node down for hours
+    (over a thousand failures) still gets a number: 2 ** 1024 does not fit a float, and the OverflowError left the
+    node due at once, probed 50 times a second."""
+    return min(probe_interval * 2.0 ** min(max(0, failures_past_threshold), 64), backoff_max)
+
+
 @dataclass
 class NodeState:
     """What the registry knows of one address of a cluster."""
@@ -328,10 +336,9 @@ class Registry:
             if node.failures >= health.failure_threshold:
                 node.healthy = False
             # Back off on a down node, but keep probing soon enough to see it return.
-            backoff = min(health.probe_interval * (2 ** max(0, node.failures - health.failure_threshold)),
-                          health.backoff_max)
             node.next_probe = time.monotonic() + (self._interval(state) if node.failures < health.failure_threshold
-                                                  else backoff)
+                                                  else down_node_delay(health.probe_interval, health.backoff_max,
+                                                                       node.failures - health.failure_threshold))
             if node.address == state.writer:
                 # A writer that stops answering is suspect at once: stop routing writes there.
                 node.healthy = False if node.failures >= 1 else node.healthy
@@ -341,6 +348,10 @@ class Registry:
         finally:
             node.probing = False
             node.last_probe = time.monotonic()
+            if node.next_probe <= started:
+                # The probe ended by an error of its own making (a bug, not a fact about the node): the cluster's
+                # loop would probe again at once, 50 times a second, so wait as for a node that is down.
+                node.next_probe = node.last_probe + health.backoff_max
             if sock is not None:
                 try:
                     sock.close()

@@ -56,7 +56,7 @@ CHANNEL_FDS_SPACE = _stdsocket.CMSG_SPACE(16 * 4)     # a recvmsg gets the descr
 def backoff_delay(quick_deaths: int) -> float:
     """Seconds to wait before respawning a worker that died `quick_deaths` times in a row soon after its start:
     0.1 s, then doubling up to 10 s; 0 quick deaths (it ran BACKOFF_RESET_AFTER seconds): 0.1 s."""
-    return min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, quick_deaths - 1)))
+    return min(BACKOFF_MAX, BACKOFF_START * 2.0 ** min(max(0, quick_deaths - 1), 64))   # 2 ** 1024: no float
 
 
 def heartbeat_interval(worker_timeout: float) -> float:

@@ -15,6 +15,7 @@ def test_backoff_doubles_from_a_tenth_of_a_second_up_to_ten_seconds():
     assert [backoff_delay(n) for n in range(1, 10)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
     assert backoff_delay(0) == 0.1     # a worker that ran long enough starts afresh
     assert backoff_delay(1000) == 10.0
+    assert backoff_delay(5000) == 10.0    # a worker dying for hours: no OverflowError
 
 
 def test_heartbeat_interval_gives_several_beats_per_worker_timeout():
