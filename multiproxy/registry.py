@@ -195,18 +195,29 @@ class Registry:
         address = self.address_for(cluster, role)
         if address is not None or timeout <= 0:
             return address
-        state.wakeup.set()                     # look again now rather than at the next tick
         deadline = time.monotonic() + timeout
         while address is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            # Readers may return before a writer does (see _serves_reads): look again every fast probe.
-            state.writer_known.wait(remaining if role == "writer" else min(remaining, FAST_PROBE_INTERVAL))
+            self._hurry(state)
+            # Readers may return before a writer does (see _serves_reads), and a node that was down may be back
+            # before its back-off ends: look again every fast probe while someone waits.
+            state.writer_known.wait(min(remaining, FAST_PROBE_INTERVAL))
             address = self.address_for(cluster, role)
             if address is None and state.writer_known.is_set():
                 gevent.sleep(0.05)
         return address
+
+    @staticmethod
+    def _hurry(state: ClusterState) -> None:
+        """A client waits for a node of this cluster: each node is probed again within FAST_PROBE_INTERVAL of its
+        last probe, whatever its back-off, so that a server back from an outage serves at once. Without waiting
+        clients a node that is down keeps its back-off (up to health.backoff_max) and costs next to nothing."""
+        now = time.monotonic()
+        for node in state.nodes.values():
+            node.next_probe = min(node.next_probe, max(node.last_probe + FAST_PROBE_INTERVAL, now))
+        state.wakeup.set()
 
     def reprobe(self, cluster: str) -> None:
         """Probe every node of the cluster now (a read-only rejection says the writer moved)."""

@@ -199,3 +199,14 @@ def test_a_probe_that_fails_by_a_bug_of_its_own_still_waits_before_the_next():
     with pytest.raises(TypeError):
         reg._probe(state, node)
     assert node.next_probe >= before + state.health.backoff_max and not node.probing
+
+
+def test_a_client_waiting_for_a_writer_brings_the_next_probe_of_a_down_node_forward():
+    reg, _ = registry()
+    state = reg.clusters["c"]
+    node = state.node(A)
+    now = time.monotonic()
+    node.failures, node.healthy, node.last_probe, node.next_probe = 9, False, now - 1.0, now + 10.0
+    assert reg.wait_for("c", "writer", 0.05) is None        # no writer: the cluster's loop is not running here
+    assert node.next_probe <= time.monotonic() + 0.2        # probed within FAST_PROBE_INTERVAL, not in 10 s
+    assert state.wakeup.is_set()
