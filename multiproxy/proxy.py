@@ -803,6 +803,13 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
+    if alone:
+        def no_supervisor(signum):
+            log.warning("%s received: workers are added (SIGTTIN) and removed (SIGTTOU) by the supervisor, which runs "
+                        "with [proxy] workers > 1; set it and restart to use them", signal.Signals(signum).name)
+        # Their default action would stop the process.
+        gevent.signal_handler(signal.SIGTTIN, no_supervisor, signal.SIGTTIN)
+        gevent.signal_handler(signal.SIGTTOU, no_supervisor, signal.SIGTTOU)
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
     if takeovers.ready(f"serving {len(config.listeners)} listeners"):
         pass                            # after a takeover: READY=1 with MAINPID, sent by ProcessTakeovers

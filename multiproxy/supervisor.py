@@ -34,6 +34,7 @@ import time
 
 from gevent import monkey
 
+from . import scaling
 from .custody import BusyMap, CustodyBook, received_fds, shut_and_close
 
 log = logging.getLogger("multiproxy.supervisor")
@@ -43,7 +44,8 @@ BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0     # a worker that ran this long starts the back-off afresh when it dies
 RELOAD_ACK_TIMEOUT = 60.0      # READY=1 after a reload at the latest this long after it began
 OUTBOX_LIMIT = 1 << 20         # bytes waiting for a worker's channel beyond which messages to it are dropped
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN,
+                   signal.SIGTTOU)
 
 _fork = monkey.get_original("os", "fork")
 _waitpid = monkey.get_original("os", "waitpid")
@@ -161,6 +163,7 @@ class WorkerState:
         self.busy_map: BusyMap | None = None
         self.closed_busy = 0         # busy clients closed at its last death (told to the respawned worker)
         self.dead_pid = 0
+        self.retiring = False        # SIGTTOU stopped it: not respawned (multiproxy.scaling)
 
 
 class Supervisor:
@@ -296,8 +299,10 @@ class Supervisor:
         try:
             for signum in HANDLED_SIGNALS:
                 _signal(signum, signal.SIG_DFL)
-            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
-            _signal(signal.SIGHUP, signal.SIG_IGN)
+            # Until the worker's own handler is set (after it starts), a reload signal must not kill it. SIGTTIN and
+            # SIGTTOU are the supervisor's (a stray one to the process group must not stop a worker).
+            for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                _signal(signum, signal.SIG_IGN)
             try:
                 ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)    # PR_SET_PDEATHSIG: die with us
             except (OSError, AttributeError):
@@ -321,7 +326,9 @@ class Supervisor:
             from gevent import socket as gsocket
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
-                                   channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
+                                   # at least 2: a worker under a supervisor, even after SIGTTOU left one
+                                   channel=channel, worker_count=max(2, len(self.workers)),
+                                   admin_socket=self.admin_socket,
                                    custody=custody)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
@@ -351,6 +358,10 @@ class Supervisor:
         pid, state.pid = state.pid, 0
         self.reload_pending.discard(state.index)
         self.custody_after_death(state, pid)
+        if state.retiring:
+            log.info("worker %d (pid %d) stopped after SIGTTOU: %s", state.index, pid, describe_status(status))
+            scaling.retired(self)
+            return
         if self.stopping_since is not None:
             log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
             if os.WIFEXITED(status) and os.WEXITSTATUS(status):
@@ -390,12 +401,12 @@ class Supervisor:
         if not state.book.held:
             state.closed_busy = 0
             return
-        if self.stopping_since is not None or state.busy_map is None:
+        if self.stopping_since is not None or state.busy_map is None or state.retiring:
             held = state.book.release_all()
             for client in held:
                 shut_and_close(client.fd)
-            log.info("worker %d (pid %d): %d clients it held were closed (the group stops)", state.index, pid,
-                     len(held))
+            log.info("worker %d (pid %d): %d clients it held were closed (%s)", state.index, pid, len(held),
+                     "stopped by SIGTTOU" if state.retiring else "the group stops")
             return
         idle, busy = state.book.after_death(state.busy_map)
         for client in busy:
@@ -457,6 +468,10 @@ class Supervisor:
             elif time.monotonic() - self.stopping_since > 1.0:
                 log.warning("%s received again while draining: killing the workers", name)
                 self.kill_all()
+        elif signum == signal.SIGTTIN:
+            scaling.add_worker(self)
+        elif signum == signal.SIGTTOU:
+            scaling.remove_worker(self)
         elif signum == signal.SIGQUIT:
             log.warning("SIGQUIT received: killing the workers now")
             if self.stopping_since is None:
@@ -607,6 +622,7 @@ class Supervisor:
         elif op == "ready":
             if not state.ready:
                 state.ready = True
+                scaling.tell_worker_count(self, state)
                 if state.generation < self.generation:
                     self.ask_reload(state)     # forked before a reload read the file: it reloads now
                 if not self.announced_ready and all(s.ready for s in self.workers):
@@ -740,6 +756,8 @@ class WorkerLink:
                 gevent.spawn(self.retry, budget)
         elif op == "evict":
             self.evict(message["key"])
+        elif op == "group":
+            self.proxy.group.worker_count = int(message["workers"])     # SIGTTIN or SIGTTOU changed the group
 
     def _beat(self) -> None:
         import gevent

@@ -799,3 +799,70 @@ def test_show_events_lists_what_every_worker_records_once(pg, proxy_factory):
         objects = json.load(answer)["rows"]
     assert [(o["event"], o["workers"]) for o in objects if o["event"] in ("registry.writer", "pause", "resume")] == \
         [("registry.writer", "all"), ("pause", "all"), ("resume", "all")], objects
+
+
+def on_worker(proxy, conn) -> int:
+    """The worker serving a client connection, from SHOW CLIENTS (its port) through the console."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        port = sock.getsockname()[1]
+    rows = psql_console(proxy, "SHOW CLIENTS")
+    return next(int(row[-1]) for row in rows if row[6] == str(port))
+
+
+def serving_workers(proxy) -> list[int]:
+    return [w["worker"] for w in status(proxy)["workers"] if w["up"]]
+
+
+@pytest.mark.timeout(120)
+def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1])
+
+    proxy.send_signal(signal.SIGTTIN)
+    wait_for("worker 2 serving", lambda: serving_workers(proxy) == [0, 1, 2])
+    assert "SIGTTIN received: worker 2 added (3 workers)" in proxy.log_text()
+    wait_for("/metrics lists worker 2 up", lambda: metric(metrics_text(proxy), "multiproxy_worker_up", worker="2") == 1)
+    conns = []
+    try:
+        while not any(on_worker(proxy, conn) == 2 for conn in conns[-1:]):
+            assert len(conns) < 60, "60 connections and none went to worker 2"
+            conns.append(app(proxy, autocommit=True))
+        leaving = conns[-1]
+        for conn in conns:
+            conn.execute("SELECT 1").fetchone()
+
+        # A transaction under way on the worker SIGTTOU removes finishes; then that client is closed with the
+        # protocol's shutting-down error, and the others go on.
+        finished = []
+        sleeper = threading.Thread(target=lambda: finished.append(
+            leaving.execute("SELECT pg_sleep(1.5), 'done'").fetchone()[1]))
+        sleeper.start()
+        time.sleep(0.5)
+        proxy.send_signal(signal.SIGTTOU)
+        sleeper.join(TIMEOUT)
+        assert finished == ["done"]
+        wait_for("worker 2 gone", lambda: serving_workers(proxy) == [0, 1])
+        assert re.search(r"worker 2 \(pid \d+\) stopped after SIGTTOU", proxy.log_text())
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            leaving.execute("SELECT 1")
+        assert [w["worker"] for w in status(proxy)["workers"]] == [0, 1]
+
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("one worker left", lambda: [w["worker"] for w in status(proxy)["workers"]] == [0])
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("the last worker stays", lambda: "is the last one and stays" in proxy.log_text())
+        assert serving_workers(proxy) == [0]
+        text = metrics_text(proxy)
+        assert metric(text, "multiproxy_worker_up", worker="0") == 1
+        assert not re.search(r'^multiproxy_worker_up\{worker="[12]"\}', text, re.M), text
+        for _ in range(5):
+            with app(proxy, autocommit=True) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert {row[-1] for row in psql_console(proxy, "SHOW CLIENTS")} <= {"0"}
+
+        proxy.send_signal(signal.SIGTTIN)      # and back up: index 1 again
+        wait_for("worker 1 serving again", lambda: serving_workers(proxy) == [0, 1])
+    finally:
+        for conn in conns:
+            conn.close()
