@@ -15,19 +15,19 @@ import logging
 import os
 import signal
 
+from .custody import BusyMap
+
 log = logging.getLogger("multiproxy.supervisor")
 
 
-def add_worker(supervisor) -> None:
-    """SIGTTIN: one more worker."""
-    from .custody import BusyMap
-    from .supervisor import WorkerState
+def add_worker(supervisor, worker_state) -> None:
+    """SIGTTIN: one more worker (`worker_state`: the supervisor's class of what it knows of a worker index)."""
     if supervisor.stopping_since is not None:
         log.info("SIGTTIN received while the group stops: no worker added")
         return
     state = next((s for s in supervisor.workers if s.retiring and not s.pid), None)
     if state is None:
-        state = WorkerState(len(supervisor.workers))
+        state = worker_state(len(supervisor.workers))
         if supervisor.custody:
             state.busy_map = BusyMap()
         supervisor.workers.append(state)

@@ -469,7 +469,7 @@ class Supervisor:
                 log.warning("%s received again while draining: killing the workers", name)
                 self.kill_all()
         elif signum == signal.SIGTTIN:
-            scaling.add_worker(self)
+            scaling.add_worker(self, WorkerState)
         elif signum == signal.SIGTTOU:
             scaling.remove_worker(self)
         elif signum == signal.SIGQUIT:
