@@ -7,9 +7,11 @@ every listening socket once, before forking, and each worker accepts on the same
 as the supervisor lives, and a worker's death loses no queued connection (SO_REUSEPORT would give each worker a
 queue of its own, reset when that worker dies). Each worker gets a channel (an AF_UNIX stream socketpair) to the
 supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from the worker's gevent loop),
-`reloaded`, and the broker's `acquire`/`release` (one round trip when a backend connection opens, none per
-borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle connection of
-that budget for another worker) sent unasked. A worker's slots are freed when its channel closes: it died.
+`reloaded`, `listen` (a reloading worker asks for the sockets of listeners the reload added, which the supervisor
+bound once and sends by SCM_RIGHTS), and the broker's `acquire`/`release` (one round trip when a backend connection
+opens, none per borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle
+connection of that budget for another worker) sent unasked; `group` tells each worker the count after SIGTTIN or
+SIGTTOU (multiproxy.scaling). A worker's slots are freed when its channel closes: it died.
 
 With `proxy.worker_custody` (multiproxy.custody) the channel also carries `hold` (a client connection, by
 SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (the client left); each worker index
@@ -186,7 +188,9 @@ class Supervisor:
         self.announced_ready = False
         self.exit_status = 0
         # The listening sockets, created once: every worker accepts on them (see the module docstring).
-        # SO_REUSEPORT on them too, so that a listener a reload adds (bound by each worker) may share an address.
+        # SO_REUSEPORT on them too, so that a listener a reload adds that the supervisor could not bind (each worker
+        # binds it then) may share an address.
+        self.make_listen_socket = make_listen_socket
         self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
                         for lc in config.listeners}
         self.listen_addresses = {lc.name: lc.listen for lc in config.listeners}
@@ -524,6 +528,7 @@ class Supervisor:
                 for name in [name for name in self.sockets if name not in listens or listens[name] !=
                              self.listen_addresses[name]]:
                     self.sockets.pop(name).close()
+                self.bind_added_listeners(new)
         self.generation += 1
         self.reload_began = time.monotonic()
         self.reload_pending = set()
@@ -533,6 +538,43 @@ class Supervisor:
                 self.ask_reload(state)
         log.info("reload: asked %d workers to reload", len(self.reload_pending))
         self.reload_open = True
+
+    def bind_added_listeners(self, config) -> None:
+        """A reload added or moved listeners: bound here once, as at the start, and handed to each worker that asks
+        (`listen`, in its reload) and to workers forked later. One the supervisor cannot bind is bound by each
+        worker with SO_REUSEPORT, whose reload reports the problem if it cannot either."""
+        for lc in config.listeners:
+            if lc.name in self.sockets:
+                continue
+            try:
+                self.sockets[lc.name] = self.make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
+                self.listen_addresses[lc.name] = lc.listen
+            except OSError as exc:
+                log.warning("reload: listener %s: %s; each worker binds it with SO_REUSEPORT instead", lc.name, exc)
+
+    def send_listen_sockets(self, state: WorkerState, message: dict) -> None:
+        """A reloading worker asks for the sockets of listeners its reload adds: those bound here go by SCM_RIGHTS
+        with their addresses (it binds any other itself)."""
+        names = [name for name in message.get("names", []) if name in self.sockets]
+        self.flush(state)
+        if state.outbox:
+            names = []          # the descriptors must go with their own line: without them the worker binds
+        reply = {"op": "reply", "id": message["id"], "names": names,
+                 "listens": [list(self.listen_addresses[name]) for name in names]}
+        data = json.dumps(reply).encode() + b"\n"
+        fds = [self.sockets[name].fileno() for name in names]
+        try:
+            if fds:
+                sent = state.channel.sendmsg([data], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS,
+                                                       array.array("i", fds))])
+                state.outbox = data[sent:]
+                self.flush(state)
+            else:
+                self.send(state, reply)
+        except BlockingIOError:
+            self.send(state, {**reply, "names": [], "listens": []})
+        except OSError as exc:
+            log.warning("worker %d: cannot send listening sockets: %s", state.index, exc)
 
     def ask_reload(self, state: WorkerState) -> None:
         state.generation = self.generation
@@ -631,6 +673,8 @@ class Supervisor:
                     systemd.ready(f"{len(self.workers)} workers serving {len(self.config.listeners)} listeners")
         elif op == "reloaded":
             self.reload_pending.discard(state.index)
+        elif op == "listen":
+            self.send_listen_sockets(state, message)
         elif op == "workers":
             now = time.monotonic()
             self.send(state, {"op": "reply", "id": message["id"], "workers": [
@@ -673,6 +717,7 @@ class WorkerLink:
         self.late: dict[int, list] = {}      # acquire requests given up on (timeout) -> their keys
         self.greenlets = []
         self.closed = False
+        self.fds: collections.deque = collections.deque()   # descriptors the supervisor sent, not yet claimed
 
     def start(self) -> None:
         import gevent
@@ -726,7 +771,9 @@ class WorkerLink:
         buffer = b""
         while True:
             try:
-                data = self.channel.recv(65536)
+                data, ancillary, _flags, _address = self.channel.recvmsg(65536, CHANNEL_FDS_SPACE)
+                if ancillary:
+                    self.fds.extend(received_fds(ancillary))
             except OSError:
                 data = b""
             if not data:
@@ -758,6 +805,21 @@ class WorkerLink:
             self.evict(message["key"])
         elif op == "group":
             self.proxy.group.worker_count = int(message["workers"])     # SIGTTIN or SIGTTOU changed the group
+
+    def listen_sockets(self, names: list[str]) -> dict:
+        """The supervisor's listening sockets for listeners a reload adds: name -> (socket, (host, port) it is bound
+        to); those it does not have are missing (the worker binds them)."""
+        from gevent import socket as gsocket
+        answer = self.request({"op": "listen", "names": list(names)}) if names else None
+        given = {}
+        for name, listen in zip((answer or {}).get("names", []), (answer or {}).get("listens", [])):
+            if not self.fds:
+                log.error("worker %d: the supervisor's socket of listener %s did not come", self.proxy.worker, name)
+                break
+            sock = gsocket.socket(fileno=self.fds.popleft())
+            sock.setblocking(False)
+            given[name] = (sock, tuple(listen))
+        return given
 
     def _beat(self) -> None:
         import gevent

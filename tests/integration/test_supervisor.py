@@ -866,3 +866,60 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, prox
     finally:
         for conn in conns:
             conn.close()
+
+
+def listening_sockets(port: int) -> int:
+    """How many listening TCP sockets of this network namespace are bound to `port` (/proc/net/tcp, tcp6)."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    count += 1
+    return count
+
+
+@pytest.mark.timeout(90)
+def test_a_listener_a_reload_adds_is_bound_once_and_shared_by_every_worker(pg, proxy_factory):
+    from .proxy import render_toml
+    config = group_config(pg)
+    proxy = proxy_factory(config)
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1])
+    extra_port = free_port()
+    config["listeners"].append({"name": "extra", "listen": f"127.0.0.1:{extra_port}", "cluster": "main",
+                                "auth": "trust"})
+    proxy.write_file("multiproxy.toml", render_toml(config))
+    proxy.send_signal(signal.SIGHUP)
+    wait_for("both workers reloaded", lambda: proxy.log_text().count("change(s) applied") == 2)
+    assert listening_sockets(extra_port) == 1       # one socket, as the startup listeners: no SO_REUSEPORT copies
+    assert listening_sockets(proxy.port) == 1
+    workers_seen = set()
+    conns = []
+    try:
+        while workers_seen != {0, 1}:
+            assert len(conns) < 60, "60 connections to the added listener and all went to one worker"
+            conns.append(psycopg.connect(host="127.0.0.1", port=extra_port, user=ADMIN, dbname=AUTH_DB,
+                                         autocommit=True, connect_timeout=TIMEOUT))
+            conns[-1].execute("SELECT 1").fetchone()
+            workers_seen.add(on_worker(proxy, conns[-1]))
+    finally:
+        for conn in conns:
+            conn.close()
+    # A worker killed: the added listener's queue is the supervisor's, so no connection is refused meanwhile.
+    loop = ConnectLoop(("127.0.0.1", extra_port))
+    loop.start()
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
+        wait_for("worker 1 serving", lambda: proxy.log_text().count("multiproxy worker 1 ready") == 2)
+        time.sleep(0.5)
+    finally:
+        loop.done.set()
+        loop.join(TIMEOUT)
+    assert loop.attempts > 5 and loop.refused == []
+    assert listening_sockets(extra_port) == 1
+    assert "cannot listen" not in proxy.log_text()
+    with psycopg.connect(host="127.0.0.1", port=extra_port, user=ADMIN, dbname=AUTH_DB, connect_timeout=TIMEOUT) as c:
+        assert c.execute("SELECT 7").fetchone() == (7,)
