@@ -189,3 +189,43 @@ def test_stats_are_summed_per_database(view):
     columns = [("database", "text"), ("total_xact_count", "numeric")]
     _, rows = merge_view(view, columns, {0: [["db", 3], ["x", 1]], 1: [["db", 4]]})
     assert rows == [["db", 7], ["x", 1]]
+
+
+class FakeSupervisor:
+    """What multiproxy.scaling uses of a Supervisor, with workers that are not running (pid 0: no signal is sent)."""
+
+    def __init__(self, count: int):
+        from types import SimpleNamespace
+
+        from multiproxy.supervisor import WorkerState
+        self.workers = [WorkerState(i) for i in range(count)]
+        self.stopping_since = None
+        self.custody = False
+        self.config = SimpleNamespace(proxy=SimpleNamespace(shutdown_timeout=1.0))
+        self.sent = []
+        self.spawned = []
+
+    def send(self, state, message):
+        self.sent.append((state.index, message))
+
+    def spawn(self, state):
+        self.spawned.append(state.index)
+
+
+def test_sigttou_removes_the_highest_index_down_to_one_and_sigttin_starts_the_lowest_stopped_one_again():
+    from multiproxy import scaling
+    from multiproxy.supervisor import WorkerState
+    supervisor = FakeSupervisor(3)
+    scaling.remove_worker(supervisor)
+    assert [s.index for s in supervisor.workers] == [0, 1]        # not running: gone at once
+    supervisor.workers[1].pid = 4242                              # still draining: it stays listed until it exits
+    supervisor.workers[1].retiring = True
+    scaling.remove_worker(supervisor)                             # worker 0 is the last one serving: it stays
+    assert not supervisor.workers[0].retiring
+    scaling.add_worker(supervisor, WorkerState)                   # index 1 is still draining: a new index 2
+    assert supervisor.spawned == [2] and [s.index for s in supervisor.workers] == [0, 1, 2]
+    supervisor.workers[1].pid = 0
+    scaling.retired(supervisor)                                   # 1 exited, but 2 runs above it: 1 stays listed
+    assert [s.index for s in supervisor.workers] == [0, 1, 2]
+    scaling.add_worker(supervisor, WorkerState)                   # the stopped index 1 starts again
+    assert supervisor.spawned == [2, 1] and not supervisor.workers[1].retiring
