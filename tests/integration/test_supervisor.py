@@ -4,7 +4,8 @@ listener keeps accepting and no acknowledged commit is lost (psycopg clients, an
 deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, PgBouncer's exporter); RELOAD reaching
 every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
 on the server, and freed when a worker dies); cancels across workers after a respawn; SIGTERM drains every worker
-and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn."""
+and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn,
+bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (and a lone process ignoring them)."""
 from __future__ import annotations
 
 import json
@@ -923,3 +924,13 @@ def test_a_listener_a_reload_adds_is_bound_once_and_shared_by_every_worker(pg, p
     assert "cannot listen" not in proxy.log_text()
     with psycopg.connect(host="127.0.0.1", port=extra_port, user=ADMIN, dbname=AUTH_DB, connect_timeout=TIMEOUT) as c:
         assert c.execute("SELECT 7").fetchone() == (7,)
+
+
+def test_a_lone_process_logs_sigttin_and_sigttou_and_goes_on_serving(pg, proxy_factory):
+    proxy = proxy_factory(console_config(pg))
+    with app(proxy, autocommit=True) as conn:
+        proxy.send_signal(signal.SIGTTIN)
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("both logged", lambda: proxy.log_text().count("set it and restart to use them") == 2)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.running
