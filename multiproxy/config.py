@@ -62,7 +62,8 @@ PROXY_SETTINGS = _settings(
     Setting("shutdown_timeout", float, 30.0, "seconds to wait for clients to finish on SIGTERM before closing them", minimum=0),
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
     Setting("workers", int, 1, "worker processes sharing the listeners, under a supervisor that respawns them and "
-            "holds max_size and max_cluster_connections for them all", minimum=1),
+            "holds max_size and max_cluster_connections for them all; with more than 1, SIGTTIN to the main process adds "
+            "one and SIGTTOU removes one (never the last) until the next restart", minimum=1),
     Setting("worker_custody", bool, True, "with workers > 1: the supervisor holds a duplicate of each worker's "
             "plaintext client connections and their session state, so that when a worker dies (kill -9, a crash) its "
             "idle clients are resumed by the respawned worker with their session; clients busy at that moment are "

@@ -4,14 +4,17 @@ own answer with theirs. A peer that does not answer in time is reported down; it
 
 The requests are one JSON line each way on a connection of its own (`\\0multiproxy-{group}-rpc-{worker}`): no state
 between requests, nothing on disk. The merge functions are pure (unit-tested): counts summed per pool or database,
-rows of clients, servers and pins concatenated with a `worker` column, metric samples of the same labels summed
-(per-worker figures, e.g. multiproxy_worker_up, added by the caller).
+rows of clients, servers and pins concatenated with a `worker` column, events every worker recorded alike listed
+once (merge_events), metric samples of the same labels summed (per-worker figures, e.g. multiproxy_worker_up, added
+by the caller).
 """
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import socket as _stdsocket
+import time
 
 import gevent
 from gevent import socket
@@ -123,8 +126,7 @@ def merge_view(view: str, columns: list, answers: dict) -> tuple[list, list]:
         rows = [list(row) + [worker] for worker in sorted(answers) for row in answers[worker]]
         return list(columns) + [("worker", "int4")], rows
     if view == "events":
-        rows = sorted((row for rows in answers.values() for row in rows), key=lambda row: row[0] or "")
-        return columns, rows[-200:]
+        return list(columns) + [("workers", "text")], merge_events(answers)[-200:]
     keys = _KEYS.get(view)
     if keys is None:
         return columns, answers[min(answers)] if answers else []
@@ -148,6 +150,45 @@ def merge_view(view: str, columns: list, answers: dict) -> tuple[list, list]:
                 else:
                     into[i] = a + b
     return columns, list(merged.values())
+
+
+# Each worker's registry probes on its own schedule, so the workers see one writer change or node failure a probe
+# interval (or a down node's back-off, at most health.backoff_max, 10 s by default) apart: rows alike within this
+# many seconds are one event.
+SAME_EVENT_SECONDS = 15.0
+
+
+def _event_seconds(when) -> float | None:
+    """SHOW EVENTS' time column ('2026-01-02 03:04:05 UTC') as Unix seconds."""
+    try:
+        return float(calendar.timegm(time.strptime(when, "%Y-%m-%d %H:%M:%S UTC")))
+    except (TypeError, ValueError):
+        return None
+
+
+def merge_events(answers: dict) -> list:
+    """SHOW EVENTS of several workers (`answers`: worker -> rows of time, event, cluster, database, detail) -> one
+    list in time order with a `workers` column. What every worker records alike (a writer change each registry sees,
+    a console command run in every worker) is one row, at its earliest time, with workers `all`; a row from some
+    workers only names them ('0', '0,2'). Rows alike are the same event, cluster, database and detail within
+    SAME_EVENT_SECONDS, at most one row of each worker: a worker's own repeats stay apart."""
+    everyone = set(answers)
+    tagged = sorted(((_event_seconds(row[0]), worker, row) for worker, rows in answers.items() for row in rows),
+                    key=lambda item: (item[0] is not None, item[0] or 0.0, item[1]))
+    groups: list = []                  # [first seconds, row, workers]
+    open_groups: dict = {}             # (event, cluster, database, detail) -> groups still taking rows
+    for seconds, worker, row in tagged:
+        key = tuple(row[1:])
+        candidates = open_groups.setdefault(key, [])
+        group = next((g for g in candidates if worker not in g[2] and seconds is not None and g[0] is not None
+                      and seconds - g[0] <= SAME_EVENT_SECONDS), None)
+        if group is None:
+            group = [seconds, row, set()]
+            groups.append(group)
+            candidates.append(group)
+        group[2].add(worker)
+    return [list(row) + ["all" if workers == everyone and len(everyone) > 1 else ",".join(map(str, sorted(workers)))]
+            for _, row, workers in groups]
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

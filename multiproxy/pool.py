@@ -728,7 +728,12 @@ class Pool:
                 self._discard(conn)
 
     def fill(self) -> None:
-        """Open connections until the budget holds min_size (called from the housekeeping greenlet)."""
+        """Open connections until the budget holds min_size (called from the housekeeping greenlet). While the
+        registry knows no node for the pool's role (an outage, a failover) it opens none and waits for none: the
+        next tick looks again, and only clients that wait hurry the registry's probes (Registry.wait_for)."""
+        if self.proxy.follows_roles(self.cluster) and \
+                self.proxy.registry.address_for(self.cluster.name, self.role) is None:
+            return
         while self.budget.size < self.config.min_size and not self.draining and not self.paused and (
                 self.budget.cap is None or not self.budget.cap.full()) and self.budget.group_room():
             try:

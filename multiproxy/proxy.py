@@ -134,8 +134,8 @@ class Proxy:
             host, port = rt.config.listen
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
-                # With forked workers, a listener a reload added is bound by each worker (SO_REUSEPORT), as the
-                # running workers did in their reload.
+                # With forked workers, a listener a reload added that the supervisor could not bind is bound by
+                # each worker (SO_REUSEPORT), as the running workers did in their reload.
                 sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1)
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
@@ -357,17 +357,28 @@ class Proxy:
         users = self.users
         audit = None
         reuse = self.worker_count > 1
+        opening = [lc.name for lc in new.listeners if lc.name in plan.listeners_added or lc.name in plan.listeners_moved]
+        # With forked workers the supervisor binds a new listener once and hands it to each worker, as at the start.
+        given = self.link.listen_sockets(opening) if self.link is not None and opening else {}
         for i, lc in enumerate(new.listeners):
             try:
                 tls[lc.name] = ListenerRuntime.tls_context_for(lc)
             except Exception as exc:
                 problems.append(f"listeners[{i}].tls_cert_file: cannot load the TLS files of listener "
                                 f"{lc.name!r}: {exc}")
-            if lc.name in plan.listeners_added or lc.name in plan.listeners_moved:
+            if lc.name in opening:
+                sock, listen = given.pop(lc.name, (None, None))
+                if sock is not None and listen == tuple(lc.listen):
+                    bound[lc.name] = sock
+                    continue
+                if sock is not None:
+                    sock.close()    # the supervisor read another version of the file: this worker binds its own
                 try:
                     bound[lc.name] = make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=reuse)
                 except OSError as exc:
                     problems.append(f"listeners[{i}].listen: {exc.strerror or exc}")
+        for sock, _ in given.values():
+            sock.close()
         if new.users_file:
             try:
                 users = UsersFile.load(new.users_file)
@@ -817,6 +828,13 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
     gevent.signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, reload)    # each worker reloads on its own signal
+    if alone:
+        def no_supervisor(signum):
+            log.warning("%s received: workers are added (SIGTTIN) and removed (SIGTTOU) by the supervisor, which runs "
+                        "with [proxy] workers > 1; set it and restart to use them", signal.Signals(signum).name)
+        # Their default action would stop the process.
+        gevent.signal_handler(signal.SIGTTIN, no_supervisor, signal.SIGTTIN)
+        gevent.signal_handler(signal.SIGTTOU, no_supervisor, signal.SIGTTOU)
     log.info("multiproxy worker %d ready (pid %d)", worker, os.getpid())
     if takeovers.ready(f"serving {len(config.listeners)} listeners"):
         pass                            # after a takeover: READY=1 with MAINPID, sent by ProcessTakeovers

@@ -25,6 +25,14 @@ FAST_PROBE_INTERVAL = 0.2   # seconds between probes while a cluster has no writ
 VERIFY_REUSE = 0.1          # seconds a read-only verification probe answers later refusals from the same node
 
 
+def down_node_delay(probe_interval: float, backoff_max: float, failures_past_threshold: int) -> float:
+    """Seconds until the next probe of a node that is down: probe_interval doubled for each failure past the
+    threshold, at most backoff_max. The exponent is bounded (at 64, far past any cap), so that a node down for hours
+    (over a thousand failures) still gets a number: 2 ** 1024 does not fit a float, and the OverflowError left the
+    node due at once, probed 50 times a second."""
+    return min(probe_interval * 2.0 ** min(max(0, failures_past_threshold), 64), backoff_max)
+
+
 @dataclass
 class NodeState:
     """What the registry knows of one address of a cluster."""
@@ -187,18 +195,29 @@ class Registry:
         address = self.address_for(cluster, role)
         if address is not None or timeout <= 0:
             return address
-        state.wakeup.set()                     # look again now rather than at the next tick
         deadline = time.monotonic() + timeout
         while address is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            # Readers may return before a writer does (see _serves_reads): look again every fast probe.
-            state.writer_known.wait(remaining if role == "writer" else min(remaining, FAST_PROBE_INTERVAL))
+            self._hurry(state)
+            # Readers may return before a writer does (see _serves_reads), and a node that was down may be back
+            # before its back-off ends: look again every fast probe while someone waits.
+            state.writer_known.wait(min(remaining, FAST_PROBE_INTERVAL))
             address = self.address_for(cluster, role)
             if address is None and state.writer_known.is_set():
                 gevent.sleep(0.05)
         return address
+
+    @staticmethod
+    def _hurry(state: ClusterState) -> None:
+        """A client waits for a node of this cluster: each node is probed again within FAST_PROBE_INTERVAL of its
+        last probe, whatever its back-off, so that a server back from an outage serves at once. Without waiting
+        clients a node that is down keeps its back-off (up to health.backoff_max) and costs next to nothing."""
+        now = time.monotonic()
+        for node in state.nodes.values():
+            node.next_probe = min(node.next_probe, max(node.last_probe + FAST_PROBE_INTERVAL, now))
+        state.wakeup.set()
 
     def reprobe(self, cluster: str) -> None:
         """Probe every node of the cluster now (a read-only rejection says the writer moved)."""
@@ -328,10 +347,9 @@ class Registry:
             if node.failures >= health.failure_threshold:
                 node.healthy = False
             # Back off on a down node, but keep probing soon enough to see it return.
-            backoff = min(health.probe_interval * (2 ** max(0, node.failures - health.failure_threshold)),
-                          health.backoff_max)
             node.next_probe = time.monotonic() + (self._interval(state) if node.failures < health.failure_threshold
-                                                  else backoff)
+                                                  else down_node_delay(health.probe_interval, health.backoff_max,
+                                                                       node.failures - health.failure_threshold))
             if node.address == state.writer:
                 # A writer that stops answering is suspect at once: stop routing writes there.
                 node.healthy = False if node.failures >= 1 else node.healthy
@@ -341,6 +359,10 @@ class Registry:
         finally:
             node.probing = False
             node.last_probe = time.monotonic()
+            if node.next_probe <= started:
+                # The probe ended by an error of its own making (a bug, not a fact about the node): the cluster's
+                # loop would probe again at once, 50 times a second, so wait as for a node that is down.
+                node.next_probe = node.last_probe + health.backoff_max
             if sock is not None:
                 try:
                     sock.close()

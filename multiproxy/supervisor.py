@@ -7,9 +7,11 @@ every listening socket once, before forking, and each worker accepts on the same
 as the supervisor lives, and a worker's death loses no queued connection (SO_REUSEPORT would give each worker a
 queue of its own, reset when that worker dies). Each worker gets a channel (an AF_UNIX stream socketpair) to the
 supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from the worker's gevent loop),
-`reloaded`, and the broker's `acquire`/`release` (one round trip when a backend connection opens, none per
-borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle connection of
-that budget for another worker) sent unasked. A worker's slots are freed when its channel closes: it died.
+`reloaded`, `listen` (a reloading worker asks for the sockets of listeners the reload added, which the supervisor
+bound once and sends by SCM_RIGHTS), and the broker's `acquire`/`release` (one round trip when a backend connection
+opens, none per borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle
+connection of that budget for another worker) sent unasked; `group` tells each worker the count after SIGTTIN or
+SIGTTOU (multiproxy.scaling). A worker's slots are freed when its channel closes: it died.
 
 With `proxy.worker_custody` (multiproxy.custody) the channel also carries `hold` (a client connection, by
 SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (the client left); each worker index
@@ -34,6 +36,7 @@ import time
 
 from gevent import monkey
 
+from . import scaling
 from .balance import AcceptBalance
 from .custody import BusyMap, CustodyBook, received_fds, shut_and_close
 
@@ -45,7 +48,8 @@ BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0     # a worker that ran this long starts the back-off afresh when it dies
 RELOAD_ACK_TIMEOUT = 60.0      # READY=1 after a reload at the latest this long after it began
 OUTBOX_LIMIT = 1 << 20         # bytes waiting for a worker's channel beyond which messages to it are dropped
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN,
+                   signal.SIGTTOU)
 
 _fork = monkey.get_original("os", "fork")
 _waitpid = monkey.get_original("os", "waitpid")
@@ -58,7 +62,7 @@ CHANNEL_FDS_SPACE = _stdsocket.CMSG_SPACE(16 * 4)     # a recvmsg gets the descr
 def backoff_delay(quick_deaths: int) -> float:
     """Seconds to wait before respawning a worker that died `quick_deaths` times in a row soon after its start:
     0.1 s, then doubling up to 10 s; 0 quick deaths (it ran BACKOFF_RESET_AFTER seconds): 0.1 s."""
-    return min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, quick_deaths - 1)))
+    return min(BACKOFF_MAX, BACKOFF_START * 2.0 ** min(max(0, quick_deaths - 1), 64))   # 2 ** 1024: no float
 
 
 def heartbeat_interval(worker_timeout: float) -> float:
@@ -169,6 +173,7 @@ class WorkerState:
         self.busy_map: BusyMap | None = None
         self.closed_busy = 0         # busy clients closed at its last death (told to the respawned worker)
         self.dead_pid = 0
+        self.retiring = False        # SIGTTOU stopped it: not respawned (multiproxy.scaling)
 
 
 class Supervisor:
@@ -191,7 +196,9 @@ class Supervisor:
         self.announced_ready = False
         self.exit_status = 0
         # The listening sockets, created once: every worker accepts on them (see the module docstring).
-        # SO_REUSEPORT on them too, so that a listener a reload adds (bound by each worker) may share an address.
+        # SO_REUSEPORT on them too, so that a listener a reload adds that the supervisor could not bind (each worker
+        # binds it then) may share an address.
+        self.make_listen_socket = make_listen_socket
         self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
                         for lc in config.listeners}
         self.listen_addresses = {lc.name: lc.listen for lc in config.listeners}
@@ -307,8 +314,10 @@ class Supervisor:
         try:
             for signum in HANDLED_SIGNALS:
                 _signal(signum, signal.SIG_DFL)
-            # Until the worker's own handler is set (after it starts), a reload signal must not kill it.
-            _signal(signal.SIGHUP, signal.SIG_IGN)
+            # Until the worker's own handler is set (after it starts), a reload signal must not kill it. SIGTTIN and
+            # SIGTTOU are the supervisor's (a stray one to the process group must not stop a worker).
+            for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+                _signal(signum, signal.SIG_IGN)
             try:
                 ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)    # PR_SET_PDEATHSIG: die with us
             except (OSError, AttributeError):
@@ -332,7 +341,9 @@ class Supervisor:
             from gevent import socket as gsocket
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
-                                   channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
+                                   # at least 2: a worker under a supervisor, even after SIGTTOU left one
+                                   channel=channel, worker_count=max(2, len(self.workers)),
+                                   admin_socket=self.admin_socket,
                                    custody=custody, balance=self.balance)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
@@ -363,6 +374,10 @@ class Supervisor:
         self.balance.stopped(state.index)
         self.reload_pending.discard(state.index)
         self.custody_after_death(state, pid)
+        if state.retiring:
+            log.info("worker %d (pid %d) stopped after SIGTTOU: %s", state.index, pid, describe_status(status))
+            scaling.retired(self)
+            return
         if self.stopping_since is not None:
             log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
             if os.WIFEXITED(status) and os.WEXITSTATUS(status):
@@ -402,12 +417,12 @@ class Supervisor:
         if not state.book.held:
             state.closed_busy = 0
             return
-        if self.stopping_since is not None or state.busy_map is None:
+        if self.stopping_since is not None or state.busy_map is None or state.retiring:
             held = state.book.release_all()
             for client in held:
                 shut_and_close(client.fd)
-            log.info("worker %d (pid %d): %d clients it held were closed (the group stops)", state.index, pid,
-                     len(held))
+            log.info("worker %d (pid %d): %d clients it held were closed (%s)", state.index, pid, len(held),
+                     "stopped by SIGTTOU" if state.retiring else "the group stops")
             return
         idle, busy = state.book.after_death(state.busy_map)
         for client in busy:
@@ -469,6 +484,10 @@ class Supervisor:
             elif time.monotonic() - self.stopping_since > 1.0:
                 log.warning("%s received again while draining: killing the workers", name)
                 self.kill_all()
+        elif signum == signal.SIGTTIN:
+            scaling.add_worker(self, WorkerState)
+        elif signum == signal.SIGTTOU:
+            scaling.remove_worker(self)
         elif signum == signal.SIGQUIT:
             log.warning("SIGQUIT received: killing the workers now")
             if self.stopping_since is None:
@@ -521,6 +540,7 @@ class Supervisor:
                 for name in [name for name in self.sockets if name not in listens or listens[name] !=
                              self.listen_addresses[name]]:
                     self.sockets.pop(name).close()
+                self.bind_added_listeners(new)
         self.generation += 1
         self.reload_began = time.monotonic()
         self.reload_pending = set()
@@ -530,6 +550,43 @@ class Supervisor:
                 self.ask_reload(state)
         log.info("reload: asked %d workers to reload", len(self.reload_pending))
         self.reload_open = True
+
+    def bind_added_listeners(self, config) -> None:
+        """A reload added or moved listeners: bound here once, as at the start, and handed to each worker that asks
+        (`listen`, in its reload) and to workers forked later. One the supervisor cannot bind is bound by each
+        worker with SO_REUSEPORT, whose reload reports the problem if it cannot either."""
+        for lc in config.listeners:
+            if lc.name in self.sockets:
+                continue
+            try:
+                self.sockets[lc.name] = self.make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
+                self.listen_addresses[lc.name] = lc.listen
+            except OSError as exc:
+                log.warning("reload: listener %s: %s; each worker binds it with SO_REUSEPORT instead", lc.name, exc)
+
+    def send_listen_sockets(self, state: WorkerState, message: dict) -> None:
+        """A reloading worker asks for the sockets of listeners its reload adds: those bound here go by SCM_RIGHTS
+        with their addresses (it binds any other itself)."""
+        names = [name for name in message.get("names", []) if name in self.sockets]
+        self.flush(state)
+        if state.outbox:
+            names = []          # the descriptors must go with their own line: without them the worker binds
+        reply = {"op": "reply", "id": message["id"], "names": names,
+                 "listens": [list(self.listen_addresses[name]) for name in names]}
+        data = json.dumps(reply).encode() + b"\n"
+        fds = [self.sockets[name].fileno() for name in names]
+        try:
+            if fds:
+                sent = state.channel.sendmsg([data], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS,
+                                                       array.array("i", fds))])
+                state.outbox = data[sent:]
+                self.flush(state)
+            else:
+                self.send(state, reply)
+        except BlockingIOError:
+            self.send(state, {**reply, "names": [], "listens": []})
+        except OSError as exc:
+            log.warning("worker %d: cannot send listening sockets: %s", state.index, exc)
 
     def ask_reload(self, state: WorkerState) -> None:
         state.generation = self.generation
@@ -619,6 +676,7 @@ class Supervisor:
         elif op == "ready":
             if not state.ready:
                 state.ready = True
+                scaling.tell_worker_count(self, state)
                 if state.generation < self.generation:
                     self.ask_reload(state)     # forked before a reload read the file: it reloads now
                 if not self.announced_ready and all(s.ready for s in self.workers):
@@ -627,6 +685,8 @@ class Supervisor:
                     systemd.ready(f"{len(self.workers)} workers serving {len(self.config.listeners)} listeners")
         elif op == "reloaded":
             self.reload_pending.discard(state.index)
+        elif op == "listen":
+            self.send_listen_sockets(state, message)
         elif op == "workers":
             now = time.monotonic()
             self.send(state, {"op": "reply", "id": message["id"], "workers": [
@@ -669,6 +729,7 @@ class WorkerLink:
         self.late: dict[int, list] = {}      # acquire requests given up on (timeout) -> their keys
         self.greenlets = []
         self.closed = False
+        self.fds: collections.deque = collections.deque()   # descriptors the supervisor sent, not yet claimed
 
     def start(self) -> None:
         import gevent
@@ -722,7 +783,9 @@ class WorkerLink:
         buffer = b""
         while True:
             try:
-                data = self.channel.recv(65536)
+                data, ancillary, _flags, _address = self.channel.recvmsg(65536, CHANNEL_FDS_SPACE)
+                if ancillary:
+                    self.fds.extend(received_fds(ancillary))
             except OSError:
                 data = b""
             if not data:
@@ -751,7 +814,24 @@ class WorkerLink:
             for budget in self._budgets(message["key"]):
                 gevent.spawn(self.retry, budget)
         elif op == "evict":
-            self.evict(message["key"], message.get("urgent", True))
+            self.evict(message["key"])
+        elif op == "group":
+            self.proxy.group.worker_count = int(message["workers"])     # SIGTTIN or SIGTTOU changed the group
+
+    def listen_sockets(self, names: list[str]) -> dict:
+        """The supervisor's listening sockets for listeners a reload adds: name -> (socket, (host, port) it is bound
+        to); those it does not have are missing (the worker binds them)."""
+        from gevent import socket as gsocket
+        answer = self.request({"op": "listen", "names": list(names)}) if names else None
+        given = {}
+        for name, listen in zip((answer or {}).get("names", []), (answer or {}).get("listens", [])):
+            if not self.fds:
+                log.error("worker %d: the supervisor's socket of listener %s did not come", self.proxy.worker, name)
+                break
+            sock = gsocket.socket(fileno=self.fds.popleft())
+            sock.setblocking(False)
+            given[name] = (sock, tuple(listen))
+        return given
 
     def _beat(self) -> None:
         import gevent

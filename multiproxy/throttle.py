@@ -48,7 +48,8 @@ class LoginThrottle:
             self._forget_old(now)
         if not self.base_delay:
             return 0.0
-        return min(self.base_delay * (2 ** (record.failures - 1)), self.max_delay)
+        # A bounded exponent: past 1024 failures 2 ** n no longer fits a float (block_after = 0 never resets them).
+        return min(self.base_delay * 2.0 ** min(record.failures - 1, 64), self.max_delay)
 
     def succeeded(self, address: str) -> None:
         self._records.pop(address, None)

@@ -259,6 +259,28 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Send stop_signal; SIGKILL the server and its children if it lingers; remove the directory."""
+        self._stop_process(timeout)
+        atexit.unregister(self.stop)
+        if self.basedir and not self.keep_datadir:
+            shutil.rmtree(self.basedir, ignore_errors=True)
+            self.basedir = None
+
+    def stop_keeping_data(self, timeout: float = 30.0) -> None:
+        """Stop the server as stop() does (PostgreSQL: a fast shutdown) but keep its directory, data and port, for
+        start_again(): an outage under whatever is connected to it."""
+        self._stop_process(timeout)
+
+    def start_again(self, timeout: float = 60.0) -> Self:
+        """Start a server stopped by stop_keeping_data() on the same port with the same data, and wait until it
+        answers. PortTaken when another process took the port meanwhile."""
+        if self._proc is not None:
+            return self
+        if not self.basedir or not self.port:
+            raise RuntimeError(f"{self.product}: start_again() needs a server stopped by stop_keeping_data()")
+        self._launch(timeout)
+        return self
+
+    def _stop_process(self, timeout: float) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(self.stop_signal)
@@ -273,10 +295,6 @@ class ServerProcess:
                         pass
                 proc.wait()
         self._pid = None
-        atexit.unregister(self.stop)
-        if self.basedir and not self.keep_datadir:
-            shutil.rmtree(self.basedir, ignore_errors=True)
-            self.basedir = None
 
     def detach(self) -> tuple[int, int | None]:
         """Leave the server running after this process exits; returns (pid, start_time) to stop it by later."""

@@ -4,7 +4,8 @@ listener keeps accepting and no acknowledged commit is lost (psycopg clients, an
 deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, PgBouncer's exporter); RELOAD reaching
 every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
 on the server, and freed when a worker dies); cancels across workers after a respawn; SIGTERM drains every worker
-and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn."""
+and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn,
+bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (and a lone process ignoring them)."""
 from __future__ import annotations
 
 import json
@@ -819,3 +820,160 @@ def test_listeners_a_reload_adds_or_removes_survive_a_respawn(pg, proxy_factory)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", old_port), timeout=2).close()
     assert query(extra_port) == (7,)
+
+
+@pytest.mark.timeout(90)
+def test_show_events_lists_what_every_worker_records_once(pg, proxy_factory):
+    # Two hosts make a registry in each worker: both see the writer chosen, and both run the console's PAUSE.
+    config = group_config(pg)
+    config["clusters"]["main"]["hosts"].append(f"127.0.0.1:{free_port()}")
+    config["clusters"]["main"]["health"] = {"probe_user": SUPERUSER}
+    proxy = proxy_factory(config)
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    with app(proxy, autocommit=True) as conn:
+        conn.execute("SELECT 1").fetchone()
+    psql_console(proxy, "PAUSE")
+    psql_console(proxy, "RESUME")
+    rows = psql_console(proxy, "SHOW EVENTS")
+    writer = [row for row in rows if row[1] == "registry.writer"]
+    assert len(writer) == 1 and writer[0][-1] == "all", rows
+    assert [row[-1] for row in rows if row[1] in ("pause", "resume")] == ["all", "all"], rows
+    host, port = proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/admin/events?format=objects", timeout=TIMEOUT) as answer:
+        objects = json.load(answer)["rows"]
+    assert [(o["event"], o["workers"]) for o in objects if o["event"] in ("registry.writer", "pause", "resume")] == \
+        [("registry.writer", "all"), ("pause", "all"), ("resume", "all")], objects
+
+
+def on_worker(proxy, conn) -> int:
+    """The worker serving a client connection, from SHOW CLIENTS (its port) through the console."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        port = sock.getsockname()[1]
+    rows = psql_console(proxy, "SHOW CLIENTS")
+    return next(int(row[-1]) for row in rows if row[6] == str(port))
+
+
+def serving_workers(proxy) -> list[int]:
+    return [w["worker"] for w in status(proxy)["workers"] if w["up"]]
+
+
+@pytest.mark.timeout(120)
+def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, proxy_factory):
+    proxy = proxy_factory(group_config(pg))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1])
+
+    proxy.send_signal(signal.SIGTTIN)
+    wait_for("worker 2 serving", lambda: serving_workers(proxy) == [0, 1, 2])
+    assert "SIGTTIN received: worker 2 added (3 workers)" in proxy.log_text()
+    wait_for("/metrics lists worker 2 up", lambda: metric(metrics_text(proxy), "multiproxy_worker_up", worker="2") == 1)
+    conns = []
+    try:
+        while not any(on_worker(proxy, conn) == 2 for conn in conns[-1:]):
+            assert len(conns) < 60, "60 connections and none went to worker 2"
+            conns.append(app(proxy, autocommit=True))
+        leaving = conns[-1]
+        for conn in conns:
+            conn.execute("SELECT 1").fetchone()
+
+        # A transaction under way on the worker SIGTTOU removes finishes; then that client is closed with the
+        # protocol's shutting-down error, and the others go on.
+        finished = []
+        sleeper = threading.Thread(target=lambda: finished.append(
+            leaving.execute("SELECT pg_sleep(1.5), 'done'").fetchone()[1]))
+        sleeper.start()
+        time.sleep(0.5)
+        proxy.send_signal(signal.SIGTTOU)
+        sleeper.join(TIMEOUT)
+        assert finished == ["done"]
+        wait_for("worker 2 gone", lambda: serving_workers(proxy) == [0, 1])
+        assert re.search(r"worker 2 \(pid \d+\) stopped after SIGTTOU", proxy.log_text())
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            leaving.execute("SELECT 1")
+        assert [w["worker"] for w in status(proxy)["workers"]] == [0, 1]
+
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("one worker left", lambda: [w["worker"] for w in status(proxy)["workers"]] == [0])
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("the last worker stays", lambda: "is the last one and stays" in proxy.log_text())
+        assert serving_workers(proxy) == [0]
+        text = metrics_text(proxy)
+        assert metric(text, "multiproxy_worker_up", worker="0") == 1
+        assert not re.search(r'^multiproxy_worker_up\{worker="[12]"\}', text, re.M), text
+        for _ in range(5):
+            with app(proxy, autocommit=True) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert {row[-1] for row in psql_console(proxy, "SHOW CLIENTS")} <= {"0"}
+
+        proxy.send_signal(signal.SIGTTIN)      # and back up: index 1 again
+        wait_for("worker 1 serving again", lambda: serving_workers(proxy) == [0, 1])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def listening_sockets(port: int) -> int:
+    """How many listening TCP sockets of this network namespace are bound to `port` (/proc/net/tcp, tcp6)."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    count += 1
+    return count
+
+
+@pytest.mark.timeout(90)
+def test_a_listener_a_reload_adds_is_bound_once_and_shared_by_every_worker(pg, proxy_factory):
+    from .proxy import render_toml
+    config = group_config(pg)
+    proxy = proxy_factory(config)
+    pids = wait_for("both workers started", lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy)))
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1])
+    extra_port = free_port()
+    config["listeners"].append({"name": "extra", "listen": f"127.0.0.1:{extra_port}", "cluster": "main",
+                                "auth": "trust"})
+    proxy.write_file("multiproxy.toml", render_toml(config))
+    proxy.send_signal(signal.SIGHUP)
+    wait_for("both workers reloaded", lambda: proxy.log_text().count("change(s) applied") == 2)
+    assert listening_sockets(extra_port) == 1       # one socket, as the startup listeners: no SO_REUSEPORT copies
+    assert listening_sockets(proxy.port) == 1
+    workers_seen = set()
+    conns = []
+    try:
+        while workers_seen != {0, 1}:
+            assert len(conns) < 60, "60 connections to the added listener and all went to one worker"
+            conns.append(psycopg.connect(host="127.0.0.1", port=extra_port, user=ADMIN, dbname=AUTH_DB,
+                                         autocommit=True, connect_timeout=TIMEOUT))
+            conns[-1].execute("SELECT 1").fetchone()
+            workers_seen.add(on_worker(proxy, conns[-1]))
+    finally:
+        for conn in conns:
+            conn.close()
+    # A worker killed: the added listener's queue is the supervisor's, so no connection is refused meanwhile.
+    loop = ConnectLoop(("127.0.0.1", extra_port))
+    loop.start()
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        wait_for("worker 1 respawned", lambda: worker_pids(proxy).get(1) != pids[1])
+        wait_for("worker 1 serving", lambda: proxy.log_text().count("multiproxy worker 1 ready") == 2)
+        time.sleep(0.5)
+    finally:
+        loop.done.set()
+        loop.join(TIMEOUT)
+    assert loop.attempts > 5 and loop.refused == []
+    assert listening_sockets(extra_port) == 1
+    assert "cannot listen" not in proxy.log_text()
+    with psycopg.connect(host="127.0.0.1", port=extra_port, user=ADMIN, dbname=AUTH_DB, connect_timeout=TIMEOUT) as c:
+        assert c.execute("SELECT 7").fetchone() == (7,)
+
+
+def test_a_lone_process_logs_sigttin_and_sigttou_and_goes_on_serving(pg, proxy_factory):
+    proxy = proxy_factory(console_config(pg))
+    with app(proxy, autocommit=True) as conn:
+        proxy.send_signal(signal.SIGTTIN)
+        proxy.send_signal(signal.SIGTTOU)
+        wait_for("both logged", lambda: proxy.log_text().count("set it and restart to use them") == 2)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.running

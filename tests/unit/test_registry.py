@@ -1,6 +1,8 @@
 """The registry's choices, without I/O: writer selection, readers within the lag bound, fallback, failover events."""
 import time
 
+import pytest
+
 from multiproxy.config import build_config
 from multiproxy.plugins import load_engines
 from multiproxy.registry import Registry
@@ -175,3 +177,36 @@ def test_while_the_cluster_has_no_writer_readers_wait_until_a_later_probe_confir
     probed(reg, B, "reader")                        # confirmed after the delay: serves again, writer or not
     reg._decide(state)
     assert state.eligible["reader"] == {B} and reg.address_for("c", "reader") == B
+
+
+def test_a_node_down_for_hours_is_still_probed_at_backoff_max_and_not_at_once():
+    reg, _ = registry()
+    state = reg.clusters["c"]
+    node = state.node(A)
+    node.failures = 5000           # about 14 hours of failures at the default backoff_max of 10 s
+    before = time.monotonic()
+    reg._probe(state, node)        # fails: the recorder has no backend targets, as a refused connect would
+    assert node.failures == 5001 and not node.healthy
+    assert node.next_probe >= before + state.health.backoff_max
+
+
+def test_a_probe_that_fails_by_a_bug_of_its_own_still_waits_before_the_next():
+    reg, _ = registry()
+    state = reg.clusters["c"]
+    node = state.node(B)
+    node.failures = None           # the failure's bookkeeping raises (TypeError) before it sets the next probe
+    before = time.monotonic()
+    with pytest.raises(TypeError):
+        reg._probe(state, node)
+    assert node.next_probe >= before + state.health.backoff_max and not node.probing
+
+
+def test_a_client_waiting_for_a_writer_brings_the_next_probe_of_a_down_node_forward():
+    reg, _ = registry()
+    state = reg.clusters["c"]
+    node = state.node(A)
+    now = time.monotonic()
+    node.failures, node.healthy, node.last_probe, node.next_probe = 9, False, now - 1.0, now + 10.0
+    assert reg.wait_for("c", "writer", 0.05) is None        # no writer: the cluster's loop is not running here
+    assert node.next_probe <= time.monotonic() + 0.2        # probed within FAST_PROBE_INTERVAL, not in 10 s
+    assert state.wakeup.is_set()

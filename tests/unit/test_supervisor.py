@@ -15,6 +15,7 @@ def test_backoff_doubles_from_a_tenth_of_a_second_up_to_ten_seconds():
     assert [backoff_delay(n) for n in range(1, 10)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
     assert backoff_delay(0) == 0.1     # a worker that ran long enough starts afresh
     assert backoff_delay(1000) == 10.0
+    assert backoff_delay(5000) == 10.0    # a worker dying for hours: no OverflowError
 
 
 def test_heartbeat_interval_gives_several_beats_per_worker_timeout():
@@ -105,6 +106,37 @@ def test_client_rows_are_concatenated_with_a_worker_column():
     assert rows == [["C", "a", 0], ["C", "c", 0], ["C", "b", 1]]
 
 
+EVENT_COLUMNS = [("time", "text"), ("event", "text"), ("cluster", "text"), ("database", "text"), ("detail", "text")]
+
+
+def test_events_every_worker_records_are_listed_once_and_a_workers_own_name_it():
+    writer = ["registry.writer", "main", None, "old=None, new=127.0.0.1:5432, reason=probe"]
+    pause = ["pause", None, "app", None]
+    answers = {
+        0: [["2026-01-02 03:04:05 UTC", *writer], ["2026-01-02 03:05:00 UTC", *pause],
+            ["2026-01-02 03:06:00 UTC", "takeover", None, None, "from_pid=7"]],
+        1: [["2026-01-02 03:04:06 UTC", *writer], ["2026-01-02 03:05:00 UTC", *pause]],
+    }
+    columns, rows = merge_view("events", EVENT_COLUMNS, answers)
+    assert columns == EVENT_COLUMNS + [("workers", "text")]
+    assert rows == [["2026-01-02 03:04:05 UTC", *writer, "all"], ["2026-01-02 03:05:00 UTC", *pause, "all"],
+                    ["2026-01-02 03:06:00 UTC", "takeover", None, None, "from_pid=7", "0"]]
+
+
+def test_events_alike_stay_apart_when_one_worker_repeats_them_or_they_are_far_apart():
+    down = ["registry.node", "main", None, "node=127.0.0.1:5432, state=down"]
+    answers = {
+        0: [["2026-01-02 03:04:05 UTC", *down], ["2026-01-02 03:04:07 UTC", *down],
+            ["2026-01-02 04:00:00 UTC", *down]],
+        1: [["2026-01-02 03:04:06 UTC", *down]],
+        2: [["2026-01-02 03:04:09 UTC", *down]],
+    }
+    _, rows = merge_view("events", EVENT_COLUMNS, answers)
+    assert [(row[0], row[-1]) for row in rows] == [("2026-01-02 03:04:05 UTC", "all"),
+                                                  ("2026-01-02 03:04:07 UTC", "0"),
+                                                  ("2026-01-02 04:00:00 UTC", "0")]
+
+
 def test_lists_sum_clients_but_not_the_names_both_workers_know():
     columns = [("list", "text"), ("items", "int4")]
     _, rows = merge_view("lists", columns, {0: [["databases", 1], ["used_clients", 3]],
@@ -164,3 +196,43 @@ def test_stats_are_summed_per_database(view):
     columns = [("database", "text"), ("total_xact_count", "numeric")]
     _, rows = merge_view(view, columns, {0: [["db", 3], ["x", 1]], 1: [["db", 4]]})
     assert rows == [["db", 7], ["x", 1]]
+
+
+class FakeSupervisor:
+    """What multiproxy.scaling uses of a Supervisor, with workers that are not running (pid 0: no signal is sent)."""
+
+    def __init__(self, count: int):
+        from types import SimpleNamespace
+
+        from multiproxy.supervisor import WorkerState
+        self.workers = [WorkerState(i) for i in range(count)]
+        self.stopping_since = None
+        self.custody = False
+        self.config = SimpleNamespace(proxy=SimpleNamespace(shutdown_timeout=1.0))
+        self.sent = []
+        self.spawned = []
+
+    def send(self, state, message):
+        self.sent.append((state.index, message))
+
+    def spawn(self, state):
+        self.spawned.append(state.index)
+
+
+def test_sigttou_removes_the_highest_index_down_to_one_and_sigttin_starts_the_lowest_stopped_one_again():
+    from multiproxy import scaling
+    from multiproxy.supervisor import WorkerState
+    supervisor = FakeSupervisor(3)
+    scaling.remove_worker(supervisor)
+    assert [s.index for s in supervisor.workers] == [0, 1]        # not running: gone at once
+    supervisor.workers[1].pid = 4242                              # still draining: it stays listed until it exits
+    supervisor.workers[1].retiring = True
+    scaling.remove_worker(supervisor)                             # worker 0 is the last one serving: it stays
+    assert not supervisor.workers[0].retiring
+    scaling.add_worker(supervisor, WorkerState)                   # index 1 is still draining: a new index 2
+    assert supervisor.spawned == [2] and [s.index for s in supervisor.workers] == [0, 1, 2]
+    supervisor.workers[1].pid = 0
+    scaling.retired(supervisor)                                   # 1 exited, but 2 runs above it: 1 stays listed
+    assert [s.index for s in supervisor.workers] == [0, 1, 2]
+    scaling.add_worker(supervisor, WorkerState)                   # the stopped index 1 starts again
+    assert supervisor.spawned == [2, 1] and not supervisor.workers[1].retiring
