@@ -655,7 +655,8 @@ class Proxy:
         With several workers the key names the worker that issued it; a cancel that arrived elsewhere
         is passed to that worker over a datagram socket."""
         if self.worker_count > 1 and engine is not None:
-            owner = engine.cancel_key_worker(key)
+            # Modulo: a client a takeover brought from a larger group sits in the worker its key names modulo ours.
+            owner = engine.cancel_key_worker(key) % self.worker_count
             if owner != self.worker:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
@@ -758,18 +759,18 @@ def run_forever(config: Config, engines: dict, take_over: bool | str = False) ->
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None, take_over=take_over)
-    if take_over:
-        raise takeover.TakeoverError(takeover.WORKERS_REFUSAL)
     from . import supervisor
-    return supervisor.run(config, engines, workers, _run_worker, make_listen_socket)
+    return supervisor.run(config, engines, workers, _run_worker, make_listen_socket, take_over)
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
-                worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None) -> int:
+                worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None,
+                group_takeover: dict | None = None) -> int:
     """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
     takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
     tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots, and with `custody` its clients:
-    multiproxy.custody), and the supervisor tells systemd."""
+    multiproxy.custody), and the supervisor tells systemd; its part in a takeover of the group comes over the channel
+    too (multiproxy.group_takeover; `group_takeover`: the options of a worker forked while its group takes over)."""
     proxy = Proxy(config, engines, worker)
     link = None
     if channel is not None:
@@ -782,6 +783,8 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         if custody is not None:
             from .custody import WorkerCustody
             proxy.custody = WorkerCustody(proxy, link, custody["busy_map"])
+        from .group_takeover import GroupTakeoverPart
+        link.takeover = GroupTakeoverPart(proxy, link, admin_socket, group_takeover)
     done = proxy.shutdown_requested
     alone = link is None
     takeovers = takeover.ProcessTakeovers(proxy, take_over, listen=alone)
