@@ -187,3 +187,160 @@ def test_pg_cancel_of_a_client_that_stayed_in_the_old_group(pg, proxy_factory, t
     for conn in conns:
         conn.close()
     new.stop()
+
+
+# -- MySQL / MariaDB and TDS: group to group ---------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_mysql_group_to_group_idle_clients_keep_their_session(mariadb, proxy_factory, tmp_path):
+    from .mysqlkit import connect, users_toml
+    old = proxy_factory(with_workers(my_config(mariadb, tmp_path), 2), files={"users.toml": users_toml()},
+                        startup_timeout=60)
+    clients = []
+    for i in range(4):
+        conn = connect(old)
+        with conn.cursor() as cur:
+            cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
+            cur.execute(f"SET @@session.div_precision_increment = {i + 2}")
+        clients.append((conn, conn._sock.getsockname()[1], conn.thread_id()))
+
+    new = take_over_with(old, tmp_path, 2)
+    assert took_over(new) == (1, 4)
+
+    for i, (conn, port, thread_id) in enumerate(clients):
+        assert conn._sock.getsockname()[1] == port
+        with conn.cursor() as cur:
+            cur.execute("SELECT @@SESSION.sql_mode, @@SESSION.div_precision_increment")
+            assert cur.fetchone() == ("ANSI_QUOTES", i + 2)
+        assert conn.thread_id() == thread_id
+    # KILL QUERY with the connection id the old group gave, from a new client (maybe of another worker).
+    conn, _, thread_id = clients[0]
+    outcome = []
+
+    def sleep():
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT SLEEP(20)")
+                outcome.append(cur.fetchone())
+        except Exception as exc:  # noqa: BLE001  an interrupted query may also answer with an error
+            outcome.append(exc)
+    thread = threading.Thread(target=sleep)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.5)
+    killer = connect(new)
+    with killer.cursor() as cur:
+        cur.execute(f"KILL QUERY {thread_id}")
+    thread.join(15)
+    assert outcome and time.monotonic() - started < 10, outcome
+    killer.close()
+    for conn, _, _ in clients:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 5")
+            assert cur.fetchone() == (5,)
+        conn.close()
+    new.stop()
+
+
+@pytest.mark.timeout(180)
+def test_tds_group_to_group_idle_clients_keep_their_session(tds_lab, proxy_factory, tmp_path):
+    import pymssql
+
+    from .test_tds_proxy import ms, one
+    old = proxy_factory(with_workers(tds_setup(tds_lab, tmp_path), 2), files=tds_files(), startup_timeout=60)
+    clients = []
+    for i in range(4):
+        conn = ms(old)
+        conn.cursor().execute(f"SET DATEFIRST {i + 2}")
+        cur = conn.cursor()
+        handle = cur.callproc("[sys].[sp_prepare]", (pymssql.output(int), "@a int", "SELECT @a * 3"))[0]
+        cur.callproc("sp_execute", (handle, 2))
+        assert cur.fetchall() == [(6,)]
+        clients.append((conn, handle))
+
+    new = take_over_with(old, tmp_path, 2)
+    assert took_over(new) == (1, 4)
+
+    for i, (conn, handle) in enumerate(clients):
+        assert one(conn, "SELECT @@DATEFIRST") == [(i + 2,)]
+        cur = conn.cursor()
+        cur.callproc("sp_execute", (handle, 7))
+        assert cur.fetchall() == [(21,)]
+        conn.close()
+    new.stop()
+
+
+# -- under load: zero failed transactions ----------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_pg_group_takeover_under_pgbench_load(pg, proxy_factory, tmp_path):
+    """pgbench -c 8 against 2 workers sharing a pool of 4 while a new group of 2 takes over: every client goes as it
+    becomes idle between transactions; pgbench counts no failure and the rows add up."""
+    old = proxy_factory(with_workers(pg_config(pg, tmp_path, max_size=4, drain=30.0), 2), startup_timeout=60)
+    base = ["-h", old.host, "-p", str(old.port), "-U", USER]
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", *base, AUTH_DB], capture_output=True, text=True,
+                          env=client_env(), timeout=120)
+    assert init.returncode == 0, init.stderr
+    bench = subprocess.Popen(["pgbench", "-n", "-M", "prepared", "-c", str(PGBENCH_CLIENTS), "-j", "2", "-t",
+                              str(PGBENCH_TRANSACTIONS), *base, AUTH_DB], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=client_env())
+    try:
+        time.sleep(1.5)
+        assert bench.poll() is None, bench.communicate()
+        new = take_over_with(old, tmp_path, 2)
+        out, err = bench.communicate(timeout=240)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 0, f"pgbench failed:\n{out}\n{err}"
+    total = PGBENCH_CLIENTS * PGBENCH_TRANSACTIONS
+    processed = re.search(r"number of transactions actually processed: (\d+)/(\d+)", out)
+    assert processed and processed.groups() == (str(total), str(total)), out
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is None or failed.group(1) == "0", out
+    assert "error" not in err.lower(), err
+    assert took_over(new) == (1, PGBENCH_CLIENTS)
+    assert pg.psql("SELECT count(*) FROM pgbench_history;", db=AUTH_DB) == str(total)
+    sums = pg.psql("SELECT (SELECT sum(delta) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts), "
+                   "(SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(tbalance) FROM pgbench_tellers);",
+                   db=AUTH_DB)
+    history, accounts, branches, tellers = sums.split("|")
+    assert history == accounts == branches == tellers
+    new.stop()
+
+
+# -- systemd: READY=1 from the new supervisor once its workers serve ------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_systemd_hears_the_new_supervisor_ready_after_its_workers(pg, proxy_factory, tmp_path):
+    from .test_deploy import _notify_socket, _receive
+    path = str(tmp_path / "notify.sock")
+    sock = _notify_socket(path)
+    env = {"NOTIFY_SOCKET": path}
+    old = proxy_factory(with_workers(pg_config(pg, tmp_path), 2), env=env, startup_timeout=60)
+    fields, pid = _receive(sock, 30)
+    assert fields.get("READY") == "1" and pid == old.pid
+    conn = pg_connect(old)
+    new = start_new(old, tmp_path, 2, env=env).start()
+    heard = []
+    while True:
+        try:
+            heard.append(_receive(sock, 3))
+        except socket.timeout:
+            break
+    assert wait_for(lambda: not old.running, 60) and old.stop() == 0, old.log_tail()
+    by_new = [fields for fields, pid in heard if pid == new.pid]
+    by_old = [fields for fields, pid in heard if pid == old.pid]
+    ready = next(f for f in by_new if f.get("READY") == "1")
+    assert ready.get("MAINPID") == str(new.pid), heard
+    assert ready.get("STATUS", "").startswith("2 workers serving 1 listeners, taken over from pid"), heard
+    # READY=1 came after both workers said they serve (the supervisor's log has them both started before).
+    assert len(serving_workers(new)) == 2
+    assert any(f.get("STATUS", "").startswith("took over 1 clients from pid") for f in by_new), heard
+    assert not any("STOPPING" in f for f in by_old), heard        # the service goes on
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    import urllib.request
+    with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/healthz", timeout=10) as page:
+        assert page.status == 200                                 # the admin server's socket moved too
+    conn.close()
+    new.stop()
