@@ -393,6 +393,13 @@ class GroupHandover:
         self.draining = set()
         self.start()                    # the path was given up for the new side: take it back
 
+    def forget(self) -> None:
+        """In a forked worker: close this process's copies of the supervisor's descriptors (the path stays)."""
+        for sock in (self.sock, self.talk.conn if self.talk is not None else None, self.cancel_sock):
+            if sock is not None:
+                sock.close()
+        self.sock = self.talk = self.cancel_sock = None
+
     def stop(self) -> None:
         """The group ends."""
         self.close()
@@ -553,6 +560,12 @@ class GroupTakeover:
             if state.channel is not None:
                 supervisor.send(state, {"op": "takeover_over"})
 
+    def forget(self) -> None:
+        """In a forked worker: close this process's copy of the takeover connection."""
+        if self.talk is not None:
+            self.talk.conn.close()
+            self.talk = None
+
     def stop(self) -> None:
         if self.talk is not None:
             self.talk.close()
@@ -568,6 +581,13 @@ class WorkerDrain(Handover):
     def __init__(self, proxy, link):
         super().__init__(proxy, None)
         self.link = link
+        self.done_draining = False
+
+    def drain_sessions(self):
+        try:
+            return super().drain_sessions()
+        finally:
+            self.done_draining = True
 
     def send_client(self, record: dict, fd: int) -> None:
         if not self.link.send_with_fds({"op": "handed", "record": record}, [fd]):
@@ -582,6 +602,8 @@ class GroupTakeoverPart:
         self.link = link
         self.admin_socket = admin_socket
         self.drain: WorkerDrain | None = None
+        self.paused: list = []          # (listener, its listening socket) while a drain paused its acceptor
+        self.admin_spare = None         # a duplicate of the admin server's socket while a drain stopped it
         options = options or {}
         if options.get("cancel_counter"):
             proxy._cancel_counter = itertools.count(int(options["cancel_counter"]) + 1)
@@ -598,8 +620,7 @@ class GroupTakeoverPart:
             if self.drain is None:
                 gevent.spawn(self._drain, bool(message.get("admin")))
         elif op == "takeover_failed":
-            if self.drain is not None:
-                self.drain.failed = True
+            self._failed()
         elif op == "adopt":
             fd = fds.popleft() if fds else None
             if fd is None:
@@ -644,7 +665,7 @@ class GroupTakeoverPart:
         until takeover_drain_timeout, and report to the supervisor."""
         proxy = self.proxy
         drain = self.drain = WorkerDrain(proxy, self.link)
-        paused = []
+        self.paused = []
         for rt in proxy.listeners:
             acceptor = rt.acceptor
             if acceptor is not None:
@@ -652,34 +673,48 @@ class GroupTakeoverPart:
                     acceptor.greenlet.kill(block=False)
                     acceptor.greenlet = None
                 del acceptor.parked[:]
-                paused.append((rt, acceptor.sock))
-        admin_spare = None
+                self.paused.append((rt, acceptor.sock))
+        self.admin_spare = None
         if admin_sent and proxy.admin is not None:
             # The new side serves the admin server on the same socket: this worker's goes (a duplicate is kept for
             # a failed takeover).
             sock = getattr(proxy.admin, "socket", None)
             if sock is not None:
-                admin_spare = os.dup(sock.fileno())
+                self.admin_spare = os.dup(sock.fileno())
             proxy.admin.stop()
             proxy.admin = None
         proxy.stopping = True
         stayed, tls, reasons = drain.drain_sessions()
         if drain.failed:
-            for rt, sock in paused:
-                proxy._start_listener(rt, sock)
-            proxy.stopping = False
-            if admin_spare is not None:
-                from gevent import socket as gsocket
-
-                from .metrics import start_admin_server
-                spare = gsocket.socket(fileno=admin_spare)
-                spare.setblocking(False)
-                proxy.admin = start_admin_server(proxy.config.proxy.admin_listen, proxy, spare)
-            self.drain = None
-            log.warning("worker %d: the takeover failed; accepting again", proxy.worker)
+            self._accept_again()
             return
-        if admin_spare is not None:
-            os.close(admin_spare)
         self.link.send({"op": "drained", "handed": drain.handed, "stayed": stayed, "tls": tls,
                         "reasons": dict(reasons)})
         log.info("worker %d: handed %d clients over; %d stay until they finish", proxy.worker, drain.handed, stayed)
+
+    def _failed(self) -> None:
+        """The new side went away: a drain under way stops (and accepts again), a finished one accepts again now."""
+        drain = self.drain
+        if drain is None:
+            return
+        if drain.done_draining:
+            self._accept_again()
+        else:
+            drain.failed = True
+
+    def _accept_again(self) -> None:
+        proxy = self.proxy
+        for rt, sock in self.paused:
+            proxy._start_listener(rt, sock)
+        self.paused = []
+        proxy.stopping = False
+        if self.admin_spare is not None:
+            from gevent import socket as gsocket
+
+            from .metrics import start_admin_server
+            spare = gsocket.socket(fileno=self.admin_spare)
+            spare.setblocking(False)
+            self.admin_spare = None
+            proxy.admin = start_admin_server(proxy.config.proxy.admin_listen, proxy, spare)
+        self.drain = None
+        log.warning("worker %d: the takeover failed; accepting again", proxy.worker)

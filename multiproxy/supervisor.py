@@ -363,11 +363,11 @@ class Supervisor:
             gevent.reinit()
             from gevent import socket as gsocket
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
-            self.handover.stop()
+            self.handover.forget()
             takeover = None
             if self.takeover is not None:
                 takeover = self.takeover.worker_options()
-                self.takeover.stop()
+                self.takeover.forget()
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
                                    channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
                                    custody=custody, group_takeover=takeover)

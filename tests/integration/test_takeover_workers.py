@@ -344,3 +344,37 @@ def test_systemd_hears_the_new_supervisor_ready_after_its_workers(pg, proxy_fact
         assert page.status == 200                                 # the admin server's socket moved too
     conn.close()
     new.stop()
+
+
+# -- a respawned worker, and a new group that dies mid-takeover ------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_old_group_accepts_again_when_the_new_one_dies_mid_takeover(pg, proxy_factory, tmp_path):
+    import os
+    import signal
+    old = proxy_factory(with_workers(pg_config(pg, tmp_path, drain=30.0), 2), startup_timeout=60)
+    # A worker respawned before the takeover: the group can still be taken over (its takeover socket stayed).
+    victim = max(serving_workers(old))
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(serving_workers(old)) == 3, 30), old.log_tail()
+    busy = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, connect_timeout=CONNECT_TIMEOUT)
+    busy.execute("SELECT 1")                                 # a transaction open: the drain waits for it
+    new = start_new(old, tmp_path, 2).start()
+    assert wait_for(lambda: "handing this group (2 workers) over" in old.log_text(), 30), old.log_tail()
+    time.sleep(0.5)
+    new.stop(timeout=0)                                      # SIGTERM, then SIGKILL to its whole process group
+    assert wait_for(lambda: "this group accepts again" in old.log_text(), 30), old.log_tail()
+    assert wait_for(lambda: old.log_text().count("the takeover failed; accepting again") == 2, 30), old.log_tail()
+    assert old.running
+    busy.commit()                                            # its transaction went on in the old group
+    assert busy.execute("SELECT 2").fetchone()[0] == 2
+    busy.commit()
+    for _ in range(4):                                       # both workers accept again
+        with pg_connect(old) as fresh:
+            assert fresh.execute("SELECT 3").fetchone()[0] == 3
+    again = take_over_with(old, tmp_path, 2, name="again")    # and it can be taken over again
+    assert took_over(again) == (1, 1)
+    assert busy.execute("SELECT 4").fetchone()[0] == 4
+    busy.commit()
+    busy.close()
+    again.stop()
