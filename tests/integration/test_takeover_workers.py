@@ -323,19 +323,22 @@ def test_systemd_hears_the_new_supervisor_ready_after_its_workers(pg, proxy_fact
     conn = pg_connect(old)
     new = start_new(old, tmp_path, 2, env=env).start()
     heard = []
+    workers_ready_at_ready = None
     while True:
         try:
-            heard.append(_receive(sock, 3))
+            fields, pid = _receive(sock, 3)
         except socket.timeout:
             break
+        heard.append((fields, pid))
+        if pid == new.pid and fields.get("READY") == "1":
+            workers_ready_at_ready = len(re.findall(r"multiproxy worker \d ready", new.log_text()))
     assert wait_for(lambda: not old.running, 60) and old.stop() == 0, old.log_tail()
+    assert workers_ready_at_ready == 2, heard         # READY=1 once both workers serve, not before
     by_new = [fields for fields, pid in heard if pid == new.pid]
     by_old = [fields for fields, pid in heard if pid == old.pid]
     ready = next(f for f in by_new if f.get("READY") == "1")
     assert ready.get("MAINPID") == str(new.pid), heard
     assert ready.get("STATUS", "").startswith("2 workers serving 1 listeners, taken over from pid"), heard
-    # READY=1 came after both workers said they serve (the supervisor's log has them both started before).
-    assert len(serving_workers(new)) == 2
     assert any(f.get("STATUS", "").startswith("took over 1 clients from pid") for f in by_new), heard
     assert not any("STOPPING" in f for f in by_old), heard        # the service goes on
     assert conn.execute("SELECT 1").fetchone()[0] == 1
@@ -343,6 +346,22 @@ def test_systemd_hears_the_new_supervisor_ready_after_its_workers(pg, proxy_fact
     with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/healthz", timeout=10) as page:
         assert page.status == 200                                 # the admin server's socket moved too
     conn.close()
+    new.stop()
+
+
+@pytest.mark.timeout(240)
+def test_pg_150_idle_clients_go_group_to_group_with_their_settings(pg, proxy_factory, tmp_path):
+    old = proxy_factory(with_workers(pg_config(pg, tmp_path, max_size=4), 2), startup_timeout=60)
+    conns = []
+    for i in range(150):
+        conn = pg_connect(old)
+        conn.execute(f"SET application_name = 'client-{i}'")
+        conns.append(conn)
+    new = take_over_with(old, tmp_path, 3)
+    assert took_over(new) == (1, 150)
+    for i, conn in enumerate(conns):
+        assert conn.execute("SHOW application_name").fetchone()[0] == f"client-{i}"
+        conn.close()
     new.stop()
 
 
