@@ -12,7 +12,7 @@ which cannot tell a group from a process), over the takeover socket:
   which the supervisor forwards as `client` records. Each worker reports `drained` with its counts; when all did,
   the supervisor sends `done` and the group stops gracefully (exit 0, no STOPPING=1). A worker that dies during the
   drain loses only its busy clients: the idle ones the supervisor held for it (worker custody) go to the new side.
-  Cancels the new side passes back (`cancel`) go to the worker that issued the key, by its cancel datagram socket.
+  Cancels the new side passes back (`cancel`) go to the worker that issued the key, over its channel.
 - The new group's supervisor (`GroupTakeover`) connects before it forks (takeover.connect_and_negotiate), binds
   nothing and gives the received sockets to its workers, which issue cancel keys after the old side's counter.
   Once every worker serves it answers `accepting` and tells systemd READY=1 with MAINPID. Each `client` goes to
@@ -24,26 +24,21 @@ from __future__ import annotations
 
 import _socket
 import itertools
-import json
 import logging
 import os
 import time
 from collections import Counter
 
-from .handover import HandoverError, RecordReader, check_hello, decode, encode, hello, send_record
-from .takeover import (CONNECT_TIMEOUT, Handover, TakeoverError, _counts, _same_user, cancel_record, claim_path,
-                       config_listener_facts, connect_and_negotiate, resume_session, session_source, socket_path)
+from .handover import HandoverError, RecordReader, check_hello, decode, hello, send_record
+from .takeover import (Handover, _counts, _same_user, cancel_record, claim_path, config_listener_facts,
+                       connect_and_negotiate, resume_session, session_source, socket_path)
 
 log = logging.getLogger("multiproxy.takeover")
 KEYS_TIMEOUT = 5.0          # seconds the old supervisor waits for its workers' cancel-key counters
 RECORD_TIMEOUT = 10.0       # seconds a supervisor waits for the rest of a record it began to read
 # Supervisor -> worker messages a worker's GroupTakeoverPart answers.
-WORKER_OPS = frozenset({"takeover_keys", "takeover_drain", "takeover_failed", "adopt", "took_over", "takeover_over"})
-
-
-def _cancel_address(group: int, worker: int) -> bytes:
-    from .proxy import _cancel_address as address
-    return address(group, worker)
+WORKER_OPS = frozenset({"takeover_keys", "takeover_drain", "takeover_failed", "adopt", "took_over", "takeover_over",
+                        "takeover_cancel"})
 
 
 class _Conversation:
@@ -94,7 +89,6 @@ class GroupHandover:
         self.handed = 0
         self.admin_sent = False
         self.handed_over = False        # the group gave its listeners away: it ends with exit 0, no STOPPING=1
-        self.cancel_sock = None
 
     # ------------------------------------------------------------------ the takeover socket
 
@@ -344,26 +338,18 @@ class GroupHandover:
 
     def _route_cancel(self, record: dict) -> None:
         """A cancel the new side got for a key it does not know: to the worker that issued it (every worker when the
-        engine is not named), by its cancel datagram socket."""
+        engine is not named), over its channel."""
         supervisor = self.supervisor
         try:
             key = decode(record["key"])
         except (HandoverError, KeyError, TypeError, ValueError):
             return
         engine = supervisor.engines.get(record.get("engine") or "")
-        if engine is not None:
-            targets = [engine.cancel_key_worker(key) % len(supervisor.workers)]
-        else:
-            targets = [state.index for state in supervisor.workers]
-        if self.cancel_sock is None:
-            self.cancel_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
-            self.cancel_sock.setblocking(False)
-        data = json.dumps([record.get("engine") or "", key, bool(record.get("terminate"))]).encode()
-        for index in targets:
-            try:
-                self.cancel_sock.sendto(data, _cancel_address(supervisor.group, index))
-            except OSError as exc:
-                log.warning("takeover: cannot pass a cancel to worker %d: %s", index, exc)
+        workers = supervisor.workers
+        targets = [workers[engine.cancel_key_worker(key) % len(workers)]] if engine is not None else workers
+        for state in targets:
+            supervisor.send(state, {"op": "takeover_cancel", "key": record["key"],
+                                    "terminate": bool(record.get("terminate"))})
 
     def _ended(self, exc) -> None:
         """The connection ended: after done, the new side is only gone (or ends it); before, the takeover failed."""
@@ -395,10 +381,10 @@ class GroupHandover:
 
     def forget(self) -> None:
         """In a forked worker: close this process's copies of the supervisor's descriptors (the path stays)."""
-        for sock in (self.sock, self.talk.conn if self.talk is not None else None, self.cancel_sock):
+        for sock in (self.sock, self.talk.conn if self.talk is not None else None):
             if sock is not None:
                 sock.close()
-        self.sock = self.talk = self.cancel_sock = None
+        self.sock = self.talk = None
 
     def stop(self) -> None:
         """The group ends."""
@@ -406,9 +392,6 @@ class GroupHandover:
         if self.talk is not None:
             self.talk.close()
             self.talk = None
-        if self.cancel_sock is not None:
-            self.cancel_sock.close()
-            self.cancel_sock = None
 
 
 # ---------------------------------------------------------------------------------------------------- new group
@@ -634,6 +617,12 @@ class GroupTakeoverPart:
                                clients=message.get("clients"), stayed=message.get("stayed"))
         elif op == "takeover_over":
             proxy.cancel_elsewhere = None
+        elif op == "takeover_cancel":         # a cancel the new side passed back, for a client of this worker
+            try:
+                key = decode(message["key"])
+            except (HandoverError, KeyError, TypeError, ValueError):
+                return
+            proxy.cancel(key, None, bool(message.get("terminate")))
 
     def pass_cancel(self, key, engine, terminate: bool) -> bool:
         """Proxy.cancel_elsewhere during a takeover: through the supervisor to the old side."""
