@@ -16,6 +16,11 @@ SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (th
 has a busy map in shared memory. When a worker dies the supervisor reads what is left on its channel, shuts down
 the connections of its busy clients, and forks the replacement with the idle ones, which it resumes.
 
+The supervisor also holds the group's side of a takeover (multiproxy.group_takeover): it listens on the takeover
+socket in its loop (`watch`: descriptors polled with the channels), or, started with one, takes the listening
+sockets instead of binding them; the channel then carries the takeover's messages too (clients handed over, by
+SCM_RIGHTS, in both directions).
+
 `WorkerLink` is the worker's end of the channel.
 """
 from __future__ import annotations

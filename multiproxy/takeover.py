@@ -21,6 +21,9 @@ its read watcher before it exports anything, so it never consumes a byte of the 
 still in the kernel's buffer go with the descriptor. The new process registers the session (its cancel key too)
 and serves it from its next request (Session.resume). Clients that never become idle, and TLS clients, stay with
 the old process and end as in a graceful stop (proxy.stop: transactions finish, then connections close).
+
+With workers > 1 on either side the supervisors hold this conversation (multiproxy.group_takeover), reusing
+`connect_and_negotiate` and `Handover`'s drain; a single process on the other side sees no difference.
 """
 from __future__ import annotations
 
