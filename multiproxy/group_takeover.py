@@ -78,7 +78,7 @@ class GroupHandover:
         self.path = socket_path(supervisor.config)
         self.sock = None
         self.talk: _Conversation | None = None
-        self.phase = ""                 # keys, ready, accepting, draining, done
+        self.phase = ""                 # hello, keys, ready, accepting, draining, done
         self.peer = None
         self.peer_admin_listen = None
         self.keys_pending: set[int] = set()
@@ -148,21 +148,14 @@ class GroupHandover:
             log.warning("takeover: refused a connection from another user")
             conn.close()
             return
-        talk = _Conversation(self.supervisor, conn)
-        try:
-            record, fds = talk.reader.read()
-            for extra in fds:
-                os.close(extra)
-            check_hello(record, "new process")
-        except (HandoverError, OSError) as exc:
-            log.warning("takeover: %s; this group goes on serving", exc)
-            talk.reader.close_unclaimed()
-            conn.close()
-            return
-        self.talk = talk
+        self.talk = _Conversation(self.supervisor, conn)
+        self.phase = "hello"
+        self.supervisor.watch(conn.fileno(), self._readable)
+
+    def _hello(self, record: dict) -> None:
+        check_hello(record, "new process")
         self.peer = record.get("pid")
         self.peer_admin_listen = record.get("admin_listen")
-        self.supervisor.watch(conn.fileno(), self._readable)
         # The new side must issue cancel keys after every key a worker of this group issued: ask them.
         self.phase = "keys"
         self.key_counter = max(state.book.key_counter for state in self.supervisor.workers)
@@ -209,7 +202,9 @@ class GroupHandover:
 
     def _on_record(self, record: dict) -> None:
         kind = record.get("type")
-        if kind == "cancel":
+        if self.phase == "hello":
+            self._hello(record)
+        elif kind == "cancel":
             self._route_cancel(record)
         elif self.phase == "ready":
             if kind != "ready":
