@@ -396,3 +396,37 @@ def test_old_group_accepts_again_when_the_new_one_dies_mid_takeover(pg, proxy_fa
     busy.commit()
     busy.close()
     again.stop()
+
+
+@pytest.mark.timeout(180)
+def test_idle_clients_of_an_old_worker_that_dies_during_the_drain_go_too(pg, proxy_factory, tmp_path):
+    """A worker that cannot drain (stopped, then killed during the takeover) is not respawned: the idle clients the
+    supervisor held for it (worker custody) go to the new group from the supervisor's duplicates."""
+    import os
+    import signal
+
+    from .test_custody import client_workers, spread
+    from .test_supervisor import worker_pids
+    old = proxy_factory(with_workers(pg_config(pg, tmp_path, drain=30.0), 2), startup_timeout=60)
+    conns = spread(old, lambda: pg_connect(old), lambda conn: local_port(conn.pgconn.socket), each=2)
+    for i, conn in enumerate(conns):
+        conn.execute(f"SET application_name = 'held-{i}'")
+    on = client_workers(old)
+    held_for_one = [on[local_port(conn.pgconn.socket)] for conn in conns].count("1")
+    stuck = worker_pids(old)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        new = start_new(old, tmp_path, 2).start()
+        assert wait_for(lambda: "worker 0: handed" in old.log_text(), 60), old.log_tail()
+    finally:
+        os.kill(stuck, signal.SIGKILL)
+    assert wait_for(lambda: "took over" in new.log_text(), 60), new.log_tail()
+    assert wait_for(lambda: not old.running, 60) and old.stop() == 0, old.log_tail()
+    gone = re.search(r"worker 1 is gone; the (\d+) idle clients held for it go", old.log_text())
+    assert gone and int(gone.group(1)) == held_for_one, old.log_tail()
+    assert "worker 1 (pid %d) killed by signal 9 (SIGKILL) during the takeover; not respawned" % stuck in old.log_text()
+    assert took_over(new) == (1, len(conns))
+    for i, conn in enumerate(conns):
+        assert conn.execute("SHOW application_name").fetchone()[0] == f"held-{i}"
+        conn.close()
+    new.stop()
