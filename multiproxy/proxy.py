@@ -134,8 +134,9 @@ class Proxy:
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
                 # With forked workers, a listener a reload added is bound by each worker (SO_REUSEPORT), as the
-                # running workers did in their reload.
-                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1)
+                # running workers did in their reload; so is one a group's takeover brought no socket for (its
+                # workers bound it that way, and still hold it while they drain).
+                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1 or bool(listen_sockets))
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self, admin_socket)
