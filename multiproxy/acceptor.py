@@ -9,6 +9,7 @@ import gevent
 from gevent import socket
 from greenlet import getcurrent
 
+from .balance import DEFER
 from .fastio import ClientSocket
 
 log = logging.getLogger("multiproxy.acceptor")
@@ -28,9 +29,14 @@ class Acceptor:
     (`resume`).
     """
 
-    def __init__(self, listen_socket: socket.socket, handle):
+    def __init__(self, listen_socket: socket.socket, handle, defer=None):
         self.sock = listen_socket
         self.handle = handle
+        # A worker of a process group shares the listening socket with the others (multiproxy.balance): `defer()`
+        # says whether it has more clients than its share, and then it waits a moment before it accepts, so that a
+        # less loaded worker takes the connection. It then takes one connection per wake-up, not every pending one,
+        # so that a burst is shared too.
+        self.defer = defer
         self.greenlet = None
         self.parked: list = []
 
@@ -50,9 +56,13 @@ class Acceptor:
         make_raw = _socket.socket
         stream = _socket.SOCK_STREAM
         accepted = self._accepted
+        defer = self.defer
         while True:
             wait(event)
-            while True:
+            if defer is not None and defer():
+                gevent.sleep(DEFER)
+            taken = 0
+            while defer is None or not taken:
                 try:
                     fd, address = raw_accept()
                 except BlockingIOError:
@@ -65,6 +75,7 @@ class Acceptor:
                     if exc.errno in (errno.ECONNABORTED, errno.EINTR):
                         continue
                     raise
+                taken += 1
                 sock = ClientSocket(make_raw(family, stream, 0, fd), hub)
                 if parked:
                     run_callback(parked.pop().switch, accepted, sock, address)

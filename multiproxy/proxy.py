@@ -88,6 +88,7 @@ class Proxy:
         self.metrics = Metrics(self)
         self.pools: dict[tuple, Pool] = {}
         self.sessions: set = set()
+        self.balance = None          # a worker of a process group: the group's client counts (multiproxy.balance)
         self.handshaking: dict = {}           # session -> monotonic deadline, while a plaintext client logs in
         self.by_cancel_key: dict = {}
         self.sessions_per_user: dict[str, int] = {}
@@ -190,6 +191,8 @@ class Proxy:
         rt.connections += 1
         self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
         self.sessions.add(session)
+        if self.balance is not None:
+            self.balance.publish(self.worker, len(self.sessions))
         parked = False
         try:
             parked = run()
@@ -201,6 +204,8 @@ class Proxy:
     def client_left(self, session: Session) -> None:
         """The bookkeeping of a client that really left (not one whose session parked)."""
         self.sessions.discard(session)
+        if self.balance is not None:
+            self.balance.publish(self.worker, len(self.sessions))
         session.runtime.connections -= 1
         address = session.address
         source = address[0] if isinstance(address, tuple) else str(address)
@@ -497,7 +502,14 @@ class Proxy:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
 
     def _start_listener(self, rt: ListenerRuntime, sock) -> None:
-        rt.acceptor = Acceptor(sock, self._handler(rt))
+        balance = self.balance
+        defer = None
+        if balance is not None:
+            index = self.worker
+
+            def defer():
+                return balance.should_defer(index)
+        rt.acceptor = Acceptor(sock, self._handler(rt), defer)
         rt.acceptor.start()
         host, port = rt.config.listen
         log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
@@ -766,7 +778,7 @@ def run_forever(config: Config, engines: dict, take_over: bool | str = False) ->
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
                 worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None,
-                group_takeover: dict | None = None) -> int:
+                group_takeover: dict | None = None, balance=None) -> int:
     """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
     takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
     tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots, and with `custody` its clients:
@@ -781,6 +793,7 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         proxy.listen_for_cancels(worker_count, group)
         proxy.group = GroupView(worker, worker_count, group, _peer_handlers(proxy))
         proxy.group.start()
+        proxy.balance = balance
         if custody is not None:
             from .custody import WorkerCustody
             proxy.custody = WorkerCustody(proxy, link, custody["busy_map"])

@@ -39,10 +39,12 @@ import time
 
 from gevent import monkey
 
+from .balance import AcceptBalance
 from .custody import BusyMap, CustodyBook, received_fds, shut_and_close
 
 log = logging.getLogger("multiproxy.supervisor")
 
+SPARE_IDLE = 0.5          # seconds idle before a connection goes to a worker that already holds its share
 BACKOFF_START = 0.1       # seconds before respawning a worker that died
 BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0     # a worker that ran this long starts the back-off afresh when it dies
@@ -136,12 +138,18 @@ class Broker:
             wake += self.release(worker, [key], self.held[key][worker])
         return [(w, k) for w, k in wake if w != worker]
 
-    def evict_candidate(self, key: str, besides: int) -> int | None:
-        """The worker holding the most slots of `key` other than `besides` (asked to close an idle one), or None."""
+    def evict_candidate(self, key: str, besides: int) -> tuple[int | None, bool]:
+        """The worker holding the most slots of `key` other than `besides` (asked to close an idle one), or None; and
+        whether it must (urgent): `besides` holds none, or two fewer than it. Otherwise both hold about their share
+        and the other closes only a connection idle for a while (WorkerLink.evict): taking a busy worker's connection
+        for a worker as busy would pass slots back and forth, each move a backend closed and another opened."""
         counts = self.held.get(key, {})
         others = [(n, worker) for worker, n in counts.items() if worker != besides and n > 0]
-        return max(others)[1] if others else None
-
+        if not others:
+            return None, False
+        most, worker = max(others)
+        mine = counts.get(besides, 0)
+        return worker, mine == 0 or most > mine + 1
 
 # ---------------------------------------------------------------------------------------------------- supervisor
 
@@ -218,6 +226,8 @@ class Supervisor:
         if self.custody:
             for state in self.workers:
                 state.busy_map = BusyMap()
+        # Accept balance: every worker's client count, shared (multiproxy.balance).
+        self.balance = AcceptBalance()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -321,6 +331,7 @@ class Supervisor:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         if state.busy_map is not None:
             state.busy_map.clear()      # slots of the clients it resumes are idle; the others are free
+        self.balance.started(state.index)
         pid = _fork()
         if pid == 0:
             self._become_worker(state.index, ours, theirs)    # never returns
@@ -375,7 +386,7 @@ class Supervisor:
                 self.takeover.forget()
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
                                    channel=channel, worker_count=len(self.workers), admin_socket=self.admin_socket,
-                                   custody=custody, group_takeover=takeover)
+                                   custody=custody, group_takeover=takeover, balance=self.balance)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
             code = 2 if type(exc).__name__ == "UsersFileError" else 1
@@ -402,6 +413,7 @@ class Supervisor:
         self.drain_channel(state)       # its last holds, records and unholds count
         self._close_channel(state)
         pid, state.pid = state.pid, 0
+        self.balance.stopped(state.index)
         self.reload_pending.discard(state.index)
         self.custody_after_death(state, pid)
         if self.handover.worker_gone(state):
@@ -682,9 +694,9 @@ class Supervisor:
             granted, full = self.broker.acquire(state.index, message["keys"])
             self.send(state, {"op": "granted", "id": message["id"], "ok": granted})
             for key in full:
-                other = self.broker.evict_candidate(key, state.index)
+                other, urgent = self.broker.evict_candidate(key, state.index)
                 if other is not None:
-                    self.send(self.workers[other], {"op": "evict", "key": key})
+                    self.send(self.workers[other], {"op": "evict", "key": key, "urgent": urgent})
         elif op == "release":
             for worker, key in self.broker.release(state.index, message["keys"], int(message.get("count", 1))):
                 self.send(self.workers[worker], {"op": "free", "key": key})
@@ -845,7 +857,7 @@ class WorkerLink:
             for budget in self._budgets(message["key"]):
                 gevent.spawn(self.retry, budget)
         elif op == "evict":
-            self.evict(message["key"])
+            self.evict(message["key"], message.get("urgent", True))
         elif self.takeover is not None:
             from .group_takeover import WORKER_OPS
             if op in WORKER_OPS:
@@ -914,9 +926,10 @@ class WorkerLink:
         budget.hand_slot()
         self.trim(budget)
 
-    def evict(self, key: str) -> None:
+    def evict(self, key: str, urgent: bool = True) -> None:
         """The broker asks for an idle connection of `key` for another worker: the oldest idle one closes now, else
-        the next one given back does (take_wanted)."""
+        the next one given back does (take_wanted). Not `urgent` (both workers hold their share): only one idle for
+        SPARE_IDLE seconds closes, none otherwise."""
         oldest = None
         for budget in self._budgets(key):
             for pool in budget.pools:
@@ -924,6 +937,10 @@ class WorkerLink:
                     conn = next(iter(pool.idle))
                     if oldest is None or conn.last_used < oldest.last_used:
                         oldest = conn
+        if not urgent:
+            if oldest is not None and time.monotonic() - oldest.last_used >= SPARE_IDLE:
+                oldest.pool._evict(oldest)
+            return
         if oldest is not None:
             oldest.pool._evict(oldest)
             return

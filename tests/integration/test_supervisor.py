@@ -275,6 +275,49 @@ def test_metrics_status_and_show_pools_answer_for_both_workers(pg, proxy_factory
 
 
 @pytest.mark.timeout(90)
+def test_clients_connecting_one_by_one_or_all_at_once_are_shared_evenly_by_the_workers(pg, proxy_factory):
+    """The workers share the listening socket; without the accept balance (multiproxy.balance) one worker took 27
+    of 30 clients. Each worker publishes its client count and the busier one defers accepting."""
+    proxy = proxy_factory(group_config(pg))
+    wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)
+
+    def per_worker() -> list[int]:
+        on = [row[-1] for row in psql_console(proxy, "SHOW CLIENTS") if row[2] == AUTH_DB]
+        return sorted([on.count("0"), on.count("1")])
+
+    one_by_one = [app(proxy, autocommit=True) for _ in range(20)]
+    try:
+        low, high = per_worker()
+        assert low + high == 20 and high - low <= 4, (low, high)
+        at_once: list = []
+        failures: list = []
+
+        def connect():
+            try:
+                at_once.append(app(proxy, autocommit=True))
+            except Exception as exc:        # counted below: every client must connect
+                failures.append(exc)
+
+        threads = [threading.Thread(target=connect) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        try:
+            assert not failures and len(at_once) == 20
+            low, high = per_worker()
+            assert low + high == 40 and high - low <= 8, (low, high)
+            for conn in at_once:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            for conn in at_once:
+                conn.close()
+    finally:
+        for conn in one_by_one:
+            conn.close()
+
+
+@pytest.mark.timeout(90)
 def test_two_workers_open_at_most_max_size_backends_together(pg, proxy_factory):
     proxy = proxy_factory(group_config(pg, max_size=3, borrow_timeout=20.0))
     wait_for("both workers started", lambda: len(worker_pids(proxy)) == 2)

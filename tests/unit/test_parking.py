@@ -29,6 +29,7 @@ class ParkingProxy(StubProxy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.connections_by_address: dict = {}
+        self.balance = None             # a lone process: no group to balance accepts with
         self.ended: list = []
 
     def session_ended(self, session) -> None:

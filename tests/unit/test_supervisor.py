@@ -44,9 +44,16 @@ def test_the_broker_grants_up_to_the_limit_of_every_key_all_or_nothing():
     assert broker.acquire(0, other) == (False, ["cap:main/writer"])
     assert broker.total("budget:main/writer/v/db") == 1       # nothing taken of a refused request
     assert broker.refusals_total == 2
-    # The worker holding the most is asked to close an idle one.
-    assert broker.evict_candidate("budget:main/writer/u/db", besides=1) == 0
-    assert broker.evict_candidate("budget:main/writer/u/db", besides=0) == 1
+    # The worker holding the most is asked to close an idle one; it must when the asker holds two fewer or none,
+    # else (both hold about their share) only one idle for a while closes.
+    assert broker.evict_candidate("budget:main/writer/u/db", besides=1) == (0, False)
+    assert broker.evict_candidate("budget:main/writer/u/db", besides=0) == (1, False)
+    assert broker.evict_candidate("budget:main/writer/v/db", besides=0) == (1, True)
+    broker.release(1, ["budget:main/writer/u/db", "cap:main/writer"])
+    assert broker.acquire(0, keys)[0] is True
+    assert broker.held["budget:main/writer/u/db"] == {0: 3}
+    assert broker.evict_candidate("budget:main/writer/u/db", besides=1) == (0, True)
+    assert broker.evict_candidate("budget:main/writer/u/db", besides=0) == (None, False)
 
 
 def test_a_release_wakes_the_refused_workers_and_a_dead_workers_slots_free():
