@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pg8000.native
 import psycopg
@@ -122,6 +123,13 @@ def test_pg_idle_clients_keep_their_session_across_worker_counts(pg, proxy_facto
     with pg_connect(new) as fresh:                      # new clients: the new side's
         assert fresh.execute("SELECT 3").fetchone()[0] == 3
         cancel_works(fresh)
+    # The admin server (its socket moved too) shows the takeover once among the group's events, and the count.
+    admin = f"http://{new.admin_address[0]}:{new.admin_address[1]}"
+    with urllib.request.urlopen(f"{admin}/admin/events", timeout=10) as page:
+        events = page.read().decode()
+    assert events.count("takeover") == 1 and "clients=7" in events, events
+    with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as page:
+        assert 'multiproxy_takeover_clients_total{side="taken_over"} 7.0' in page.read().decode()
     for _, conn, _, _ in sessions:
         conn.close()
     extended.close()
@@ -341,7 +349,6 @@ def test_systemd_hears_the_new_supervisor_ready_after_its_workers(pg, proxy_fact
     assert any(f.get("STATUS", "").startswith("took over 1 clients from pid") for f in by_new), heard
     assert not any("STOPPING" in f for f in by_old), heard        # the service goes on
     assert conn.execute("SELECT 1").fetchone()[0] == 1
-    import urllib.request
     with urllib.request.urlopen(f"http://{new.admin_address[0]}:{new.admin_address[1]}/healthz", timeout=10) as page:
         assert page.status == 200                                 # the admin server's socket moved too
     conn.close()
