@@ -241,10 +241,9 @@ class GroupHandover:
         self.phase = "draining"
         self.handed = 0
         self.drained = []
-        self.draining = set()
+        self.draining = {state.index for state in supervisor.workers}
         for state in supervisor.workers:
             if state.pid and state.channel is not None:
-                self.draining.add(state.index)
                 supervisor.send(state, {"op": "takeover_drain", "admin": self.admin_sent})
             else:
                 self.worker_gone(state)         # waiting for its respawn: its held idle clients go now
@@ -304,7 +303,7 @@ class GroupHandover:
         if sent:
             log.info("takeover: worker %d is gone; the %d idle clients held for it go to pid %s", state.index, sent,
                      self.peer)
-        if state.index in self.draining or state.pid == 0:
+        if state.index in self.draining:       # (one that reported drained before it died counted already)
             self.draining.discard(state.index)
             self.drained.append({"op": "drained", "handed": sent, "stayed": 0, "tls": 0, "reasons": {}})
             self._maybe_done()
@@ -353,12 +352,15 @@ class GroupHandover:
             self.talk.close()
             self.talk = None
             return
-        if phase in ("draining",):
+        if phase == "draining":
             log.warning("takeover: the new process (pid %s) went away (%s); this group accepts again, with the "
                         "clients it still has", self.peer, exc)
+            now = time.monotonic()
             for state in self.supervisor.workers:
                 if state.pid and state.channel is not None:
                     self.supervisor.send(state, {"op": "takeover_failed"})
+                elif not state.pid and state.respawn_at is None:
+                    state.respawn_at = now      # died during the drain (not respawned then): respawned now
         elif phase == "accepting":
             log.warning("takeover: the new process (pid %s) went away before it accepted (%s); this group goes on "
                         "serving", self.peer, exc)
