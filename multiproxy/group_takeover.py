@@ -586,7 +586,11 @@ class GroupTakeoverPart:
         self.admin_spare = None         # a duplicate of the admin server's socket while a drain stopped it
         options = options or {}
         if options.get("cancel_counter"):
-            proxy._cancel_counter = itertools.count(int(options["cancel_counter"]) + 1)
+            # Keys the old side issued stay valid here: this worker's start after them, and a later takeover of this
+            # group hears this counter (takeover_keys) even before the worker issued a key of its own.
+            counter = int(options["cancel_counter"])
+            proxy._cancel_counter = itertools.count(counter + 1)
+            proxy.cancel_keys_issued = max(proxy.cancel_keys_issued, counter)
         if options.get("forward_cancels"):
             proxy.cancel_elsewhere = self.pass_cancel
 

@@ -153,6 +153,12 @@ def test_group_taken_over_twice_follows_with_takeover_if_running(pg, tmp_path):
             assert took_over(nxt) == (1, 1)
             check_pg_session(conn, "blue-green", port, key_pid)
             previous = nxt
+        # No key the third group issues repeats the one the first gave (no client logged in with the second).
+        fresh = [pg_connect(previous) for _ in range(6)]
+        assert key_pid not in {other.info.backend_pid for other in fresh}
+        cancel_works(conn)
+        for other in fresh:
+            other.close()
         conn.close()
         previous.stop()
     finally:
