@@ -166,9 +166,10 @@ def test_group_taken_over_twice_follows_with_takeover_if_running(pg, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_pg_cancel_of_a_client_that_stayed_in_the_old_group(pg, proxy_factory, tmp_path):
-    """The cancel request reaches the new group (it holds the listener); the worker the key names does not know it,
-    so it goes through both supervisors to the old group's worker still serving that client."""
+@pytest.mark.parametrize("new_workers", [2, 1])
+def test_pg_cancel_of_a_client_that_stayed_in_the_old_group(pg, proxy_factory, tmp_path, new_workers):
+    """The cancel request reaches the new side (it holds the listener), which does not know the key (with workers:
+    the worker the key names): it goes through the old group's supervisor to the worker still serving that client."""
     config = with_workers(pg_config(pg, tmp_path, drain=1.0), 2)
     config["proxy"]["shutdown_timeout"] = 30.0
     old = proxy_factory(config, startup_timeout=60)
@@ -185,7 +186,7 @@ def test_pg_cancel_of_a_client_that_stayed_in_the_old_group(pg, proxy_factory, t
     for thread in threads:
         thread.start()
     time.sleep(0.5)
-    new = start_new(old, tmp_path, 2).start()
+    new = start_new(old, tmp_path, new_workers).start()
     assert wait_for(lambda: "took over" in new.log_text(), 60), new.log_tail()
     assert took_over(new) == (1, 0) and "4 clients stayed there" in new.log_text(), new.log_tail()
     started = time.monotonic()
@@ -286,7 +287,8 @@ def test_tds_group_to_group_idle_clients_keep_their_session(tds_lab, proxy_facto
 # -- under load: zero failed transactions ----------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_pg_group_takeover_under_pgbench_load(pg, proxy_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["simple", "prepared"])
+def test_pg_group_takeover_under_pgbench_load(pg, proxy_factory, tmp_path, mode):
     """pgbench -c 8 against 2 workers sharing a pool of 4 while a new group of 2 takes over: every client goes as it
     becomes idle between transactions; pgbench counts no failure and the rows add up."""
     old = proxy_factory(with_workers(pg_config(pg, tmp_path, max_size=4, drain=30.0), 2), startup_timeout=60)
@@ -294,7 +296,7 @@ def test_pg_group_takeover_under_pgbench_load(pg, proxy_factory, tmp_path):
     init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", *base, AUTH_DB], capture_output=True, text=True,
                           env=client_env(), timeout=120)
     assert init.returncode == 0, init.stderr
-    bench = subprocess.Popen(["pgbench", "-n", "-M", "prepared", "-c", str(PGBENCH_CLIENTS), "-j", "2", "-t",
+    bench = subprocess.Popen(["pgbench", "-n", "-M", mode, "-c", str(PGBENCH_CLIENTS), "-j", "2", "-t",
                               str(PGBENCH_TRANSACTIONS), *base, AUTH_DB], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=client_env())
     try:
