@@ -178,6 +178,12 @@ class RecordReader:
                     return record, [self.fds.popleft() for _ in range(wanted)]
             self._fill()
 
+    def has_record(self) -> bool:
+        """Whether a whole record is buffered already (read returns it without waiting)."""
+        if len(self.buf) < 4:
+            return False
+        return len(self.buf) >= 4 + _LENGTH.unpack_from(self.buf)[0]
+
     def _fill(self) -> None:
         space = socket.CMSG_SPACE(MAX_FDS_PER_RECORD * array.array("i").itemsize)
         data, ancillary, _flags, _address = self.sock.recvmsg(1 << 16, space)

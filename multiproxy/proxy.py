@@ -135,8 +135,9 @@ class Proxy:
             sock = (listen_sockets or {}).get(rt.config.name)
             if sock is None:
                 # With forked workers, a listener a reload added that the supervisor could not bind is bound by
-                # each worker (SO_REUSEPORT), as the running workers did in their reload.
-                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1)
+                # each worker (SO_REUSEPORT), as the running workers did in their reload; so is one a group's
+                # takeover brought no socket for (its workers bound it that way, and still hold it while they drain).
+                sock = make_listen_socket(host, port, reuse_port=self.worker_count > 1 or bool(listen_sockets))
             self._start_listener(rt, sock)
         if self.config.proxy.admin_listen and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self, admin_socket)
@@ -678,7 +679,8 @@ class Proxy:
         With several workers the key names the worker that issued it; a cancel that arrived elsewhere
         is passed to that worker over a datagram socket."""
         if self.worker_count > 1 and engine is not None:
-            owner = engine.cancel_key_worker(key)
+            # Modulo: a client a takeover brought from a larger group sits in the worker its key names modulo ours.
+            owner = engine.cancel_key_worker(key) % self.worker_count
             if owner != self.worker:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
@@ -781,19 +783,18 @@ def run_forever(config: Config, engines: dict, take_over: bool | str = False) ->
     workers = config.proxy.workers
     if workers <= 1:
         return _run_worker(config, engines, 0, None, take_over=take_over)
-    if take_over:
-        raise takeover.TakeoverError(takeover.WORKERS_REFUSAL)
     from . import supervisor
-    return supervisor.run(config, engines, workers, _run_worker, make_listen_socket)
+    return supervisor.run(config, engines, workers, _run_worker, make_listen_socket, take_over)
 
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
                 worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None,
-                balance=None) -> int:
+                group_takeover: dict | None = None, balance=None) -> int:
     """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
     takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
     tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots, and with `custody` its clients:
-    multiproxy.custody), and the supervisor tells systemd."""
+    multiproxy.custody), and the supervisor tells systemd; its part in a takeover of the group comes over the channel
+    too (multiproxy.group_takeover; `group_takeover`: the options of a worker forked while its group takes over)."""
     proxy = Proxy(config, engines, worker)
     link = None
     if channel is not None:
@@ -807,6 +808,8 @@ def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, grou
         if custody is not None:
             from .custody import WorkerCustody
             proxy.custody = WorkerCustody(proxy, link, custody["busy_map"])
+        from .group_takeover import GroupTakeoverPart
+        link.takeover = GroupTakeoverPart(proxy, link, admin_socket, group_takeover)
     done = proxy.shutdown_requested
     alone = link is None
     takeovers = takeover.ProcessTakeovers(proxy, take_over, listen=alone)

@@ -18,6 +18,11 @@ SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (th
 has a busy map in shared memory. When a worker dies the supervisor reads what is left on its channel, shuts down
 the connections of its busy clients, and forks the replacement with the idle ones, which it resumes.
 
+The supervisor also holds the group's side of a takeover (multiproxy.group_takeover): it listens on the takeover
+socket in its loop (`watch`: descriptors polled with the channels), or, started with one, takes the listening
+sockets instead of binding them; the channel then carries the takeover's messages too (clients handed over, by
+SCM_RIGHTS, in both directions).
+
 `WorkerLink` is the worker's end of the channel.
 """
 from __future__ import annotations
@@ -179,7 +184,7 @@ class WorkerState:
 class Supervisor:
     """Forks `workers` workers and keeps them running; see the module docstring."""
 
-    def __init__(self, config, engines, workers: int, run_worker, make_listen_socket):
+    def __init__(self, config, engines, workers: int, run_worker, make_listen_socket, take_over: bool | str = False):
         self.config = config
         self.engines = engines
         self.run_worker = run_worker
@@ -195,15 +200,30 @@ class Supervisor:
         self.generation = 0             # reloads so far
         self.announced_ready = False
         self.exit_status = 0
-        # The listening sockets, created once: every worker accepts on them (see the module docstring).
-        # SO_REUSEPORT on them too, so that a listener a reload adds that the supervisor could not bind (each worker
-        # binds it then) may share an address.
-        self.make_listen_socket = make_listen_socket
-        self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
-                        for lc in config.listeners}
+        self.make_listen_socket = make_listen_socket     # also binds the listeners a reload adds
+        self.watchers: dict = {}        # descriptor -> what to call when poll says it is readable (takeovers)
+        from .group_takeover import GroupHandover, GroupTakeover
+        self.handover = GroupHandover(self)     # this group handed over to a new process or group
+        self.takeover = None                    # this group taking over from a running one
+        taken = None
+        if take_over:
+            self.takeover = GroupTakeover(self, required=take_over != "if-running")
+            taken = self.takeover.connect(_taken_socket)
+            if taken is None:
+                self.takeover = None
         self.listen_addresses = {lc.name: lc.listen for lc in config.listeners}
         self.admin_socket = None
-        if config.proxy.admin_listen:
+        if taken is not None:
+            # The running process's listening sockets: nothing is bound here (a listener of this config it did not
+            # hand over is bound by each worker, as one a reload adds).
+            self.sockets, self.admin_socket = taken
+        else:
+            # The listening sockets, created once: every worker accepts on them (see the module docstring).
+            # SO_REUSEPORT on them too, so that a listener a reload adds that the supervisor could not bind (each
+            # worker binds it then) may share an address.
+            self.sockets = {lc.name: make_listen_socket(lc.listen[0], lc.listen[1], reuse_port=True)
+                            for lc in config.listeners}
+        if config.proxy.admin_listen and self.admin_socket is None:
             from .config import parse_address
             host, port = parse_address(config.proxy.admin_listen)
             # Bound here as well, so that a respawned worker 0 serves the admin HTTP server on the same socket.
@@ -238,6 +258,8 @@ class Supervisor:
             _signal(signum, self._on_signal)
         for state in self.workers:
             self.spawn(state)
+        if self.takeover is None:
+            self.listen_for_takeovers()
         while True:
             self.reap()
             if self.stopping_since is not None and not any(s.pid for s in self.workers):
@@ -249,7 +271,11 @@ class Supervisor:
             self.check_respawns(now)
             self.check_reload(now)
             self.check_stop(now)
+            self.handover.tick(now)
             self.wait(self.next_timeout(now))
+        self.handover.stop()
+        if self.takeover is not None:
+            self.takeover.stop()
         for state in self.workers:
             for held in state.book.release_all():
                 shut_and_close(held.fd)
@@ -260,7 +286,7 @@ class Supervisor:
         return self.exit_status
 
     def next_timeout(self, now: float) -> float:
-        timeout = 0.5
+        timeout = 0.1 if self.handover.phase == "keys" else 0.5
         for state in self.workers:
             if state.respawn_at is not None:
                 timeout = min(timeout, max(0.0, state.respawn_at - now))
@@ -279,12 +305,34 @@ class Supervisor:
                 except BlockingIOError:
                     pass
                 continue
+            watcher = self.watchers.get(fd)
+            if watcher is not None:
+                watcher()
+                continue
             state = self.by_fd.get(fd)
             if state is not None and event & 0x004:       # POLLOUT: the rest of what it did not take
                 self.flush(state)
             state = self.by_fd.get(fd)
             if state is not None and event & ~0x004:
                 self.read_channel(state)
+
+    # ------------------------------------------------------------------ takeovers (multiproxy.group_takeover)
+
+    def watch(self, fd: int, on_readable) -> None:
+        self.watchers[fd] = on_readable
+        self.poller.register(fd, 0x001)
+
+    def unwatch(self, fd: int) -> None:
+        if self.watchers.pop(fd, None) is not None:
+            try:
+                self.poller.unregister(fd)
+            except KeyError:
+                pass
+
+    def listen_for_takeovers(self) -> None:
+        """Listen on the takeover socket (from the start, or once this group has taken over)."""
+        if self.stopping_since is None:
+            self.handover.start()
 
     def spawn(self, state: WorkerState) -> None:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -340,11 +388,16 @@ class Supervisor:
             gevent.reinit()
             from gevent import socket as gsocket
             channel = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, fileno=theirs.detach())
+            self.handover.forget()
+            takeover = None
+            if self.takeover is not None:
+                takeover = self.takeover.worker_options()
+                self.takeover.forget()
             code = self.run_worker(self.config, self.engines, index, dict(self.sockets), self.group,
                                    # at least 2: a worker under a supervisor, even after SIGTTOU left one
                                    channel=channel, worker_count=max(2, len(self.workers)),
                                    admin_socket=self.admin_socket,
-                                   custody=custody, balance=self.balance)
+                                   custody=custody, group_takeover=takeover, balance=self.balance)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
             code = 2 if type(exc).__name__ == "UsersFileError" else 1
@@ -377,6 +430,10 @@ class Supervisor:
         if state.retiring:
             log.info("worker %d (pid %d) stopped after SIGTTOU: %s", state.index, pid, describe_status(status))
             scaling.retired(self)
+            return
+        if self.handover.worker_gone(state):
+            log.warning("worker %d (pid %d) %s during the takeover; not respawned", state.index, pid,
+                        describe_status(status))
             return
         if self.stopping_since is not None:
             log.info("worker %d (pid %d) %s", state.index, pid, describe_status(status))
@@ -496,9 +553,13 @@ class Supervisor:
                 self.stopping_since = time.monotonic()
             self.kill_all()
 
-    def stop_gracefully(self) -> None:
+    def stop_gracefully(self, notify: bool = True) -> None:
+        """Every worker drains and exits, none is respawned; `notify`: systemd hears STOPPING=1 (not when the group
+        was taken over: the service goes on, in the new process)."""
         from . import systemd
-        systemd.stopping()
+        if notify:
+            systemd.stopping()
+        self.handover.close()
         self.stopping_since = time.monotonic()
         # New clients are refused from now on (rather than queued where no worker accepts any more).
         for sock in self.sockets.values():
@@ -621,6 +682,29 @@ class Supervisor:
         state.outbox += json.dumps(message).encode() + b"\n"
         self.flush(state)
 
+    def send_with_fds(self, state: WorkerState, message: dict, fds: list[int]) -> bool:
+        """Send a message with descriptors (SCM_RIGHTS, with its first byte), after what waits in its outbox; False
+        when the worker's channel is closed or does not take it within a few seconds."""
+        if state.channel is None:
+            return False
+        data = json.dumps(message).encode() + b"\n"
+        channel = state.channel
+        try:
+            channel.settimeout(5.0)
+            while state.outbox:
+                sent = channel.send(state.outbox)
+                state.outbox = state.outbox[sent:]
+            sent = channel.sendmsg([data], [(_stdsocket.SOL_SOCKET, _stdsocket.SCM_RIGHTS, array.array("i", fds))])
+            if sent < len(data):
+                channel.sendall(data[sent:])
+        except OSError as exc:
+            log.warning("worker %d: cannot send it a connection: %s", state.index, exc)
+            return False
+        finally:
+            if state.channel is not None:
+                state.channel.setblocking(False)
+        return True
+
     def flush(self, state: WorkerState) -> None:
         """Send what the channel takes now; the rest when poll says it can take more (whole lines, in order)."""
         try:
@@ -682,7 +766,10 @@ class Supervisor:
                 if not self.announced_ready and all(s.ready for s in self.workers):
                     from . import systemd
                     self.announced_ready = True
-                    systemd.ready(f"{len(self.workers)} workers serving {len(self.config.listeners)} listeners")
+                    if self.takeover is not None:
+                        self.takeover.serving()     # READY=1 with MAINPID, then the clients come
+                    else:
+                        systemd.ready(f"{len(self.workers)} workers serving {len(self.config.listeners)} listeners")
         elif op == "reloaded":
             self.reload_pending.discard(state.index)
         elif op == "listen":
@@ -704,12 +791,26 @@ class Supervisor:
             state.book.update(int(message["slot"]), message["record"])
         elif op == "unhold":
             state.book.unhold(int(message["slot"]))
+        elif op in ("keys", "handed", "drained"):
+            self.handover.on_message(state, message)
+        elif op == "cancel_elsewhere":
+            if self.takeover is not None:
+                self.takeover.pass_cancel(message)
         # "beat": last_beat is set for every message
 
 
-def run(config, engines, workers: int, run_worker, make_listen_socket) -> int:
-    """Run `workers` workers under a supervisor until SIGTERM/SIGINT (see Supervisor)."""
-    return Supervisor(config, engines, workers, run_worker, make_listen_socket).run()
+def run(config, engines, workers: int, run_worker, make_listen_socket, take_over: bool | str = False) -> int:
+    """Run `workers` workers under a supervisor until SIGTERM/SIGINT (see Supervisor); with `take_over`, first take the
+    listening sockets (and then the clients) over from the running process or group (multiproxy.group_takeover)."""
+    return Supervisor(config, engines, workers, run_worker, make_listen_socket, take_over).run()
+
+
+def _taken_socket(fd: int):
+    """A listening socket received in a takeover, as the workers use one the supervisor bound."""
+    from gevent import socket as gsocket
+    sock = gsocket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
 
 
 # ---------------------------------------------------------------------------------------------------- worker side
@@ -729,7 +830,8 @@ class WorkerLink:
         self.late: dict[int, list] = {}      # acquire requests given up on (timeout) -> their keys
         self.greenlets = []
         self.closed = False
-        self.fds: collections.deque = collections.deque()   # descriptors the supervisor sent, not yet claimed
+        self.fds: collections.deque = collections.deque()   # descriptors received, not yet claimed by a message
+        self.takeover = None      # the worker's part in a takeover of its group (group_takeover.GroupTakeoverPart)
 
     def start(self) -> None:
         import gevent
@@ -780,6 +882,7 @@ class WorkerLink:
             self.pending.pop(ident, None)
 
     def _read(self) -> None:
+        from .custody import received_fds
         buffer = b""
         while True:
             try:
@@ -814,9 +917,13 @@ class WorkerLink:
             for budget in self._budgets(message["key"]):
                 gevent.spawn(self.retry, budget)
         elif op == "evict":
-            self.evict(message["key"])
+            self.evict(message["key"], message.get("urgent", True))
         elif op == "group":
             self.proxy.group.worker_count = int(message["workers"])     # SIGTTIN or SIGTTOU changed the group
+        elif self.takeover is not None:
+            from .group_takeover import WORKER_OPS
+            if op in WORKER_OPS:
+                self.takeover.handle(message, self.fds)
 
     def listen_sockets(self, names: list[str]) -> dict:
         """The supervisor's listening sockets for listeners a reload adds: name -> (socket, (host, port) it is bound

@@ -21,6 +21,9 @@ its read watcher before it exports anything, so it never consumes a byte of the 
 still in the kernel's buffer go with the descriptor. The new process registers the session (its cancel key too)
 and serves it from its next request (Session.resume). Clients that never become idle, and TLS clients, stay with
 the old process and end as in a graceful stop (proxy.stop: transactions finish, then connections close).
+
+With workers > 1 on either side the supervisors hold this conversation (multiproxy.group_takeover), reusing
+`connect_and_negotiate` and `Handover`'s drain; a single process on the other side sees no difference.
 """
 from __future__ import annotations
 
@@ -48,8 +51,6 @@ log = logging.getLogger("multiproxy.takeover")
 DRAIN_SWEEP = 0.02          # seconds between two looks at the sessions still to hand over
 CONNECT_TIMEOUT = 10.0
 RUNTIME_DIR = "/run/multiproxy"
-WORKERS_REFUSAL = ("takeover with workers > 1 is not supported yet; run with workers = 1, or stop the old process "
-                   "and start the new one (clients reconnect)")
 
 
 class TakeoverError(Exception):
@@ -70,6 +71,34 @@ def socket_path(config) -> str:
     port = config.listeners[0].listen[1] if config.listeners else 0
     directory = RUNTIME_DIR if os.path.isdir(RUNTIME_DIR) and os.access(RUNTIME_DIR, os.W_OK) else tempfile.gettempdir()
     return os.path.join(directory, f"multiproxy-takeover-{port}.sock")
+
+
+def claim_path(path: str) -> bool:
+    """Whether this process may bind a takeover socket at `path`: a stale socket file of a dead process is removed;
+    a file that is no socket, or the live socket of another process, is left alone (False, logged). Creates the
+    folder."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            log.warning("takeover: %s exists and is no socket; takeovers are disabled (proxy.takeover_socket)", path)
+            return False
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            log.warning("takeover: another process listens on %s; this one takes no takeovers "
+                        "(give each proxy its own proxy.takeover_socket)", path)
+            return False
+        except OSError:
+            os.unlink(path)         # left by a process that is gone
+        finally:
+            probe.close()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return True
+
+
+def config_listener_facts(config, engines) -> list:
+    """The listener list a takeover compares (name, address, engine), from a config (a supervisor has no Proxy)."""
+    return [{"name": lc.name, "listen": [lc.listen[0], lc.listen[1]],
+             "engine": engines[config.clusters[lc.cluster].engine].name} for lc in config.listeners]
 
 
 def _listener_facts(proxy) -> list:
@@ -110,21 +139,8 @@ class TakeoverListener:
 
     def _bind(self) -> None:
         path = self.path
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                log.warning("takeover: %s exists and is no socket; takeovers are disabled (proxy.takeover_socket)", path)
-                return
-            probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                log.warning("takeover: another process listens on %s; this one takes no takeovers "
-                            "(give each proxy its own proxy.takeover_socket)", path)
-                return
-            except OSError:
-                os.unlink(path)         # left by a process that is gone
-            finally:
-                probe.close()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if not claim_path(path):
+            return
         sock = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
         old_mask = os.umask(0o177)
         try:
@@ -222,9 +238,6 @@ class Handover:
         check_hello(record, "new process")
         peer = record.get("pid")
         self.peer_admin_listen = record.get("admin_listen")
-        if proxy.worker_count > 1 or proxy.config.proxy.workers > 1:
-            send_record(self.conn, {"type": "refused", "reason": WORKERS_REFUSAL})
-            return False
         send_record(self.conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy),
                                      cancel_counter=next(proxy._cancel_counter)))
         record, _ = self.reader.read()
@@ -288,6 +301,22 @@ class Handover:
 
     def _drain(self, peer) -> None:
         proxy = self.proxy
+        stayed, tls, reasons = self.drain_sessions()
+        if not self.failed:
+            self.done = True
+            try:
+                with self.sending:
+                    send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})
+            except OSError:
+                pass
+        log.info("takeover: handed %d listeners and %d clients to pid %s; %d clients stay here until they finish "
+                 "(%d TLS)%s", len(proxy.listeners), self.handed, peer, stayed, tls,
+                 "".join(f"; {why}: {count}" for why, count in sorted(reasons.items())))
+
+    def drain_sessions(self) -> tuple[int, int, Counter]:
+        """Hand over every client idle now, then each one as it becomes idle, until takeover_drain_timeout (or the
+        new process went away): (how many stayed, how many of them TLS, why they stayed)."""
+        proxy = self.proxy
         deadline = time.monotonic() + proxy.config.proxy.takeover_drain_timeout
         # A client goes the moment its backend goes back to the pool (Session.on_backend_data calls the hook);
         # the sweep finds the others (idle since before the takeover, or whose hook call found them busy).
@@ -307,16 +336,11 @@ class Handover:
         reasons = Counter(_why_stays(session) for session in proxy.sessions)
         tls = reasons.get("TLS", 0)
         _counts(proxy)["stayed"] += stayed
-        if not self.failed:
-            self.done = True
-            try:
-                with self.sending:
-                    send_record(self.conn, {"type": "done", "clients": self.handed, "stayed": stayed, "tls": tls})
-            except OSError:
-                pass
-        log.info("takeover: handed %d listeners and %d clients to pid %s; %d clients stay here until they finish "
-                 "(%d TLS)%s", len(proxy.listeners), self.handed, peer, stayed, tls,
-                 "".join(f"; {why}: {count}" for why, count in sorted(reasons.items())))
+        return stayed, tls, reasons
+
+    def send_client(self, record: dict, fd: int) -> None:
+        """Send one exported client with its connection to the new process (OSError: it went away)."""
+        send_record(self.conn, record, [fd])
 
     def try_hand(self, session) -> bool:
         """Hand `session` over if it waits for its client's next request and its engine can export it."""
@@ -348,7 +372,7 @@ class Handover:
                 watcher.stop()
             session.client_gone = True
             try:
-                send_record(self.conn, record, [sock._sock.fileno()])
+                self.send_client(record, sock._sock.fileno())
             except OSError as exc:
                 session.client_gone = False
                 # The new process is gone: this process keeps the client.
@@ -474,58 +498,20 @@ class Takeover:
     def connect(self) -> dict:
         """Up to the listening sockets; returns them by listener name. Raises TakeoverError (nothing taken)."""
         proxy = self.proxy
-        if proxy.config.proxy.workers > 1:
-            raise TakeoverError(WORKERS_REFUSAL)
-        if not self.path:
-            raise TakeoverError("proxy.takeover_socket is empty (takeovers disabled): set it to the running process's "
-                                "takeover socket")
         conn = socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-        conn.settimeout(CONNECT_TIMEOUT)
-        try:
-            conn.connect(self.path)
-        except OSError as exc:
-            conn.close()
-            raise NobodyRunning(f"cannot reach a running multiproxy at {self.path} ({exc.strerror or exc}): is one "
-                                "running with this config (workers = 1, the same proxy.takeover_socket)?") from None
-        self.conn = conn
-        self.reader = reader = RecordReader(conn)
-        try:
-            send_record(conn, hello(os.getpid(), multiproxy=__version__, listeners=_listener_facts(proxy),
-                                    admin_listen=proxy.config.proxy.admin_listen))
-            record, _ = reader.read()
-            if record.get("type") == "refused":
-                raise TakeoverError(f"the running process refused: {record.get('reason')}")
-            try:
-                check_hello(record, "running process")
-            except HandoverError as exc:
-                send_record(conn, {"type": "refused", "reason": str(exc)})
-                raise TakeoverError(str(exc)) from None
-            self.peer = record.get("pid")
-            problem = _listener_mismatch(record.get("listeners", []), _listener_facts(proxy))
-            if problem:
-                send_record(conn, {"type": "refused", "reason": problem})
-                raise TakeoverError(f"the running process (pid {self.peer}) serves other listeners: {problem}; "
-                                    "a takeover keeps the listeners as they are: change them with a reload (SIGHUP) "
-                                    "before or after it")
-            counter = record.get("cancel_counter")
-            if isinstance(counter, int):
-                # Keys the old process gave stay valid here: this process's keys start after them.
-                proxy._cancel_counter = itertools.count(counter + 1)
-            send_record(conn, {"type": "ready"})
-            record, fds = reader.read()
-            if record.get("type") != "listeners":
-                raise HandoverError(f"expected the listening sockets, got {record.get('type')!r}")
-            if record.get("admin") and fds:
-                self.admin_socket = socket.socket(fileno=fds.pop())
-                self.admin_socket.setblocking(False)
-            for name, fd in zip(record["names"], fds):
-                sock = socket.socket(fileno=fd)
-                sock.setblocking(False)
-                self.listen_sockets[name] = sock
-        except (HandoverError, OSError) as exc:
-            conn.close()
-            raise TakeoverError(f"the takeover from {self.path} failed: {exc}") from None
-        conn.settimeout(None)
+        self.conn, self.reader, offer = connect_and_negotiate(conn, self.path, _listener_facts(proxy),
+                                                              proxy.config.proxy.admin_listen)
+        self.peer = offer.peer
+        if offer.cancel_counter is not None:
+            # Keys the old process gave stay valid here: this process's keys start after them.
+            proxy._cancel_counter = itertools.count(offer.cancel_counter + 1)
+        if offer.admin_fd is not None:
+            self.admin_socket = socket.socket(fileno=offer.admin_fd)
+            self.admin_socket.setblocking(False)
+        for name, fd in offer.listen_fds.items():
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.listen_sockets[name] = sock
         return self.listen_sockets
 
     def accepting(self) -> None:
@@ -585,7 +571,7 @@ class Takeover:
         """A cancel for a key not known here: the old process may still serve that client (Proxy.cancel_elsewhere)."""
         try:
             with self.sending:
-                send_record(self.conn, {"type": "cancel", "key": encode(key), "terminate": bool(terminate)})
+                send_record(self.conn, cancel_record(key, engine, terminate))
         except (OSError, TypeError, ValueError):
             return False
         return True
@@ -599,6 +585,77 @@ class Takeover:
         _counts(proxy)["taken_over"] += 1
         gevent.spawn(proxy.serve_session, session.runtime, session, session_source(session), session.resume)
         return session
+
+
+class Offer:
+    """What the running process handed over in the first part of a takeover: its pid, its cancel-key counter, the
+    listening sockets' descriptors by listener name and the admin server's."""
+
+    def __init__(self, peer, cancel_counter, listen_fds: dict, admin_fd):
+        self.peer = peer
+        self.cancel_counter = cancel_counter
+        self.listen_fds = listen_fds
+        self.admin_fd = admin_fd
+
+
+def connect_and_negotiate(conn, path: str, listeners: list, admin_listen: str):
+    """The new side's first part of a takeover on `conn` (an unconnected AF_UNIX stream socket, gevent's or the
+    plain one: a supervisor's): connect to `path`, hello both ways, compare the listener lists, ready, and take the
+    listening sockets. Returns (conn, its RecordReader, Offer); raises TakeoverError (NobodyRunning when no process
+    listens at `path`) after closing `conn`: then nothing was taken."""
+    if not path:
+        conn.close()
+        raise TakeoverError("proxy.takeover_socket is empty (takeovers disabled): set it to the running process's "
+                            "takeover socket")
+    conn.settimeout(CONNECT_TIMEOUT)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        conn.close()
+        raise NobodyRunning(f"cannot reach a running multiproxy at {path} ({exc.strerror or exc}): is one running "
+                            "with this config (the same proxy.takeover_socket)?") from None
+    reader = RecordReader(conn)
+    try:
+        send_record(conn, hello(os.getpid(), multiproxy=__version__, listeners=listeners, admin_listen=admin_listen))
+        record, _ = reader.read()
+        if record.get("type") == "refused":
+            raise TakeoverError(f"the running process refused: {record.get('reason')}")
+        try:
+            check_hello(record, "running process")
+        except HandoverError as exc:
+            send_record(conn, {"type": "refused", "reason": str(exc)})
+            raise TakeoverError(str(exc)) from None
+        peer = record.get("pid")
+        problem = _listener_mismatch(record.get("listeners", []), listeners)
+        if problem:
+            send_record(conn, {"type": "refused", "reason": problem})
+            raise TakeoverError(f"the running process (pid {peer}) serves other listeners: {problem}; a takeover "
+                                "keeps the listeners as they are: change them with a reload (SIGHUP) before or after "
+                                "it")
+        counter = record.get("cancel_counter")
+        send_record(conn, {"type": "ready"})
+        record, fds = reader.read()
+        if record.get("type") != "listeners":
+            for fd in fds:
+                os.close(fd)
+            raise HandoverError(f"expected the listening sockets, got {record.get('type')!r}")
+        admin_fd = fds.pop() if record.get("admin") and fds else None
+        listen_fds = dict(zip(record["names"], fds))
+    except (HandoverError, OSError) as exc:
+        conn.close()
+        raise TakeoverError(f"the takeover from {path} failed: {exc}") from None
+    except TakeoverError:
+        conn.close()
+        raise
+    conn.settimeout(None)
+    return conn, reader, Offer(peer, counter if isinstance(counter, int) else None, listen_fds, admin_fd)
+
+
+def cancel_record(key, engine, terminate: bool) -> dict:
+    """A cancel passed to the old process, with its engine's name when known (a group's supervisor routes it to the
+    worker that issued the key)."""
+    return {"type": "cancel", "key": encode(key), "terminate": bool(terminate),
+            "engine": getattr(engine, "name", None)}
 
 
 def _listener_mismatch(theirs: list, ours: list) -> str:

@@ -476,10 +476,6 @@ def test_takeover_refusals_leave_the_running_process_serving(pg, proxy_factory, 
     refused = run_takeover(render_toml(other), tmp_path / "other")
     assert refused.returncode == 1
     assert "serves other listeners: listener 'pg' is postgres on 127.0.0.1" in refused.stderr, refused.stderr
-    # workers > 1
-    workers = dict(config, proxy={**config["proxy"], "workers": 2})
-    refused = run_takeover(render_toml(workers), tmp_path / "workers")
-    assert refused.returncode == 1 and "takeover with workers > 1 is not supported yet" in refused.stderr
     # nobody to take over
     nobody = dict(config, proxy={**config["proxy"], "takeover_socket": str(tmp_path / "none.sock")})
     refused = run_takeover(render_toml(nobody), tmp_path / "nobody")

@@ -103,6 +103,23 @@ def test_records_sent_a_byte_at_a_time_are_read_whole():
         assert RecordReader(right).read() == ({"type": "slow", "text": "héllo"}, [])
 
 
+def test_has_record_says_whether_a_whole_record_is_buffered():
+    """A supervisor's poll loop reads on until no whole record is left in the buffer (group_takeover)."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        reader = RecordReader(right)
+        assert not reader.has_record()
+        second = pack({"type": "second"})
+        left.sendall(pack({"type": "first"}) + second[:5])
+        assert reader.read() == ({"type": "first"}, [])
+        assert not reader.has_record()                 # half of the second only
+        left.sendall(second[5:] + pack({"type": "third"}))
+        assert reader.read() == ({"type": "second"}, [])
+        assert reader.has_record()
+        assert reader.read() == ({"type": "third"}, [])
+        assert not reader.has_record()
+
+
 def test_malformed_records_are_refused():
     for data, message in ((b"\x00\x00\x00\x02{}", "no type"), (b"\x00\x00\x00\x03abc", "not JSON"),
                           (b"\xff\xff\xff\xff", "announces"), (pack({"type": "x", "fds": 1}), "descriptors")):
