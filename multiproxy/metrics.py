@@ -198,6 +198,25 @@ class ProxyCollector:
             statements.add_metric([cluster, "miss"], counts.misses)
             statements.add_metric([cluster, "eviction"], counts.evictions)
         yield statements
+        lanes = getattr(proxy, "relay_lanes", None)
+        if lanes is not None:
+            stats = lanes.stats()
+            g = GaugeMetricFamily(PREFIX + "relay_lane_clients", "Clients served by the compiled relay now "
+                                  "([proxy] relay = \"compiled\")")
+            g.add_metric([], stats["clients"])
+            yield g
+            g = GaugeMetricFamily(PREFIX + "relay_lane_backends", "Backend connections lent to the compiled relay now "
+                                  "(counted as borrowed by their pools)")
+            g.add_metric([], stats["backends"])
+            yield g
+            c = CounterMetricFamily(PREFIX + "relay_lane_transactions", "Transactions the compiled relay served "
+                                    "with no Python")
+            c.add_metric([], stats["transactions"])
+            yield c
+            c = CounterMetricFamily(PREFIX + "relay_lane_returns", "Clients the compiled relay gave back to the "
+                                    "Python path (a stopped request, the end of a connection, a busy pool)")
+            c.add_metric([], stats["returned"])
+            yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 

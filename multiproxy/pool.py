@@ -358,6 +358,7 @@ class Pool:
         registry = getattr(proxy, "registry", None)
         self.eligible = registry.eligible(cluster.name, role) if registry is not None else None
         self.retired_total = 0
+        self.reclaimers: list = []             # relay lanes holding this pool's backends (multiproxy.relay_lanes)
 
     @property
     def size(self) -> int:
@@ -437,6 +438,8 @@ class Pool:
         self.waiters.append(waiter)
         waiting = self.waiting_since
         waiting[waiter] = started
+        for reclaim in list(self.reclaimers):
+            reclaim()           # a relay lane gives back its idle backends: one may go to this waiter
         try:
             result = waiter.get(timeout=timeout)
         except gevent.Timeout:

@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "__weakref__")
+                 "relay_lane", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -111,6 +111,7 @@ class Session:
         self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
         self.custody_slot = None          # with worker custody: this client's slot (multiproxy.custody)
         self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
+        self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -156,11 +157,16 @@ class Session:
         return (type(sock) is ClientSocket and not sock.closed and self.backend is None and self.pool is not None
                 and not self.client_gone and not self.leftover and hasattr(self.proxy, "resume_parked"))
 
-    def park(self) -> bool:
+    def park(self, relay: bool = True) -> bool:
         """Let go of the greenlet: the client's socket calls `Proxy.resume_parked` once the client sends (or the
-        connection ends). False when the session cannot park (the greenlet then ends it)."""
+        connection ends); with relay lanes ([proxy] relay = "compiled") and `relay`, a lane serves the client instead
+        when its engine allows it now (multiproxy.relay_lanes). False when the session cannot park (the greenlet then
+        ends it)."""
         if not self.may_park():
             return False
+        lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
+        if lanes is not None and lanes.enter(self):
+            return True
         self.proto.compact()
         self.sock.park(self.proxy.resume_parked, self)
         return True
@@ -562,6 +568,8 @@ class Session:
         data, self.leftover = self.leftover, b""
         quit = False
         sessions = getattr(self.proxy, "sessions", ())
+        # With relay lanes a session parks (or goes into a lane) the moment it waits for its client.
+        eager = EAGER_PARKING_SESSIONS if getattr(self.proxy, "relay_lanes", None) is None else 0
         if woken and not data:
             # What woke it has arrived: try before waiting (a held client's recv marks it busy first).
             data = recv(RECV_SIZE) if held else self.sock.recv(RECV_SIZE)
@@ -569,7 +577,7 @@ class Session:
                 return False
         while True:
             if not data:
-                if self.backend is None and len(sessions) >= EAGER_PARKING_SESSIONS and self.park():
+                if self.backend is None and len(sessions) >= eager and self.park():
                     return True
                 data = recv(RECV_SIZE)
                 if not data:
@@ -654,7 +662,7 @@ class Session:
                 idle_hook = getattr(proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
-                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS:
+                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS or getattr(proxy, "relay_lanes", None) is not None:
                     self.park_if_idle(at_once=True)     # many clients: no greenlet waits for one between transactions
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
@@ -719,7 +727,9 @@ class Session:
         backend.session = None
         self.backend = None
         self.proto.unlink()
-        self.pool.release(backend)
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        if lanes is None or not lanes.offer_backend(self, backend):
+            self.pool.release(backend)
 
     def on_backend_lost(self, backend, why: str) -> None:
         self.backend = None
@@ -768,6 +778,13 @@ class Session:
         stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end."""
         if self.custody_slot is not None:
             self.proxy.custody.unhold(self)
+        if self.relay_lane is not None and not self.proxy.relay_lanes.let_go(self):
+            # Linked in a relay lane: the shutdown ends it there, and the lane's event finishes the session.
+            try:
+                self.sock.shutdown(_stdsocket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+            return
         if shutdown:
             try:
                 self.sock.shutdown(_stdsocket.SHUT_RDWR)

@@ -113,6 +113,14 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
         if self.handshake is None:
             self.compact_attributes()
 
+    def relay_key(self):
+        """(reported parameters, tracked settings) the backend must hold, when the compiled relay may serve this
+        client's next transactions (engines/postgres/compiled_relay.py); else None."""
+        if (handover.not_idle(self) or self.retry_read_only or self.ctx.reset_after_transaction or self.unnamed_held
+                or self.deferred is not None or self.closing or self.sbuf or self.s_skip or self.local_error):
+            return None
+        return frozenset(self.client_params.items()), frozenset(self.client_settings.items())
+
     def handover_refusal(self) -> str:
         return handover.not_idle(self)
 
