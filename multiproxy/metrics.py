@@ -214,8 +214,12 @@ class ProxyCollector:
             c.add_metric([], stats["transactions"])
             yield c
             c = CounterMetricFamily(PREFIX + "relay_lane_returns", "Clients the compiled relay gave back to the "
-                                    "Python path (a stopped request, the end of a connection, a busy pool)")
-            c.add_metric([], stats["returned"])
+                                    "Python path, by why: stopped (a request its engine must see), malformed, closed "
+                                    "(the connection ended), connection_lost (its backend's), pool_wanted (someone "
+                                    "else waited for the pool), no_backend, settings (the backend it got holds "
+                                    "other settings: Python replays them), takeover", labels=["why"])
+            for why, count in sorted(lanes.returns.items()):
+                c.add_metric([why], count)
             yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)

@@ -36,6 +36,7 @@ from .pool import BackendUnavailable, PoolTimeout
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay
+_EVENT_NAMES = {relay_core.HANDOVER: "stopped", relay_core.MALFORMED: "malformed", relay_core.CLOSED: "closed"}
 
 
 def relay_classes(choice: str):
@@ -58,6 +59,7 @@ class RelayLanes:
         self.sweeper = None
         self.entered_total = 0          # sessions that went into a lane
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
+        self.returns: dict = {}         # why, as in the /metrics label: how many
 
     # -- sessions
 
@@ -210,11 +212,13 @@ class RelayLane:
         session.relay_lane = None
         return True
 
-    def _give_client_back(self, session, data: bytes, wake: bool = True) -> None:
+    def _give_client_back(self, session, data: bytes, why: str, wake: bool = True) -> None:
         """The session serves its client on the Python path again, from `data` (bytes the relay did not send).
         wake=False: with no data, it parks as on the Python path (a takeover looks for parked sessions)."""
         session.relay_lane = None
-        self.lanes.returned_total += 1
+        lanes = self.lanes
+        lanes.returned_total += 1
+        lanes.returns[why] = lanes.returns.get(why, 0) + 1
         session.leftover = data
         if data or wake or not session.park(relay=False):
             self.proxy.resume_parked(session)
@@ -252,7 +256,7 @@ class RelayLane:
             if taken is None:
                 break
             fd, data = taken
-            self._give_client_back(self.clients.pop(fd), data)
+            self._give_client_back(self.clients.pop(fd), data, "pool_wanted")
         while True:
             fd = relay.take_idle()
             if fd < 0:
@@ -276,16 +280,19 @@ class RelayLane:
             taken = None if self.closed else self.relay.take_waiting()
             if taken is not None:
                 fd, data = taken
-                self._give_client_back(self.clients.pop(fd), data)
+                self._give_client_back(self.clients.pop(fd), data, "no_backend")
             return
         if not self.closed and not self.engine.relay_serves(self.key, conn.state):
-            # It holds other settings: the client waiting longest is served on the Python path, which replays
-            # them; the backend serves the lane afterwards (offer_backend).
-            self.pool.release(conn)
+            # It holds other settings: the client waiting longest is served with it on the Python path, which
+            # replays them; the backend serves the lane afterwards (offer_backend).
             taken = self.relay.take_waiting()
-            if taken is not None:
-                fd, data = taken
-                self._give_client_back(self.clients.pop(fd), data)
+            if taken is None:
+                self.pool.release(conn)
+                return
+            fd, data = taken
+            session = self.clients.pop(fd)
+            session.handed_backend = conn
+            self._give_client_back(session, data, "settings")
             return
         if not self.take_backend(conn):
             self.pool.release(conn)
@@ -350,7 +357,7 @@ class RelayLane:
                 except (OSError, ValueError):
                     pass
                 rest = b""
-            self._give_client_back(session, rest)
+            self._give_client_back(session, rest, "connection_lost" if backend_failed else _EVENT_NAMES.get(kind, "event"))
 
     # -- housekeeping
 
@@ -381,7 +388,7 @@ class RelayLane:
                 data = relay.remove(fd)
                 if data is not None:
                     del self.clients[fd]
-                    self._give_client_back(session, data, wake=False)
+                    self._give_client_back(session, data, "takeover", wake=False)
         self._reconcile()
 
     def close(self) -> None:

@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "relay_lane", "__weakref__")
+                 "relay_lane", "handed_backend", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -112,6 +112,7 @@ class Session:
         self.custody_slot = None          # with worker custody: this client's slot (multiproxy.custody)
         self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
         self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
+        self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -162,6 +163,9 @@ class Session:
         connection ends); with relay lanes ([proxy] relay = "compiled") and `relay`, a lane serves the client instead
         when its engine allows it now (multiproxy.relay_lanes). False when the session cannot park (the greenlet then
         ends it)."""
+        if self.handed_backend is not None:         # the request it came with was answered without it
+            backend, self.handed_backend = self.handed_backend, None
+            self.pool.release(backend)
         if not self.may_park():
             return False
         lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
@@ -610,7 +614,11 @@ class Session:
     def link(self):
         """Borrow a backend for the request just read, or answer it with an error."""
         try:
-            backend = self.pool.borrow()
+            backend = self.handed_backend
+            if backend is None:
+                backend = self.pool.borrow()
+            else:
+                self.handed_backend = None
         except (PoolTimeout, BackendUnavailable) as exc:
             self.proxy.metrics.borrow_failures += 1
             refusal = getattr(exc, "refusal", None)
@@ -752,6 +760,9 @@ class Session:
         connection closes (`handed_over`: only let go, another process serves it now)."""
         self.client_gone = True
         proxy = self.proxy
+        if self.handed_backend is not None:
+            handed, self.handed_backend = self.handed_backend, None
+            self.pool.release(handed)
         backend = self.backend
         proto = self.proto
         if backend is not None and proto is not None:
