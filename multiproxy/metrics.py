@@ -234,7 +234,7 @@ def status_snapshot(proxy) -> dict:
                       for rt in proxy.listeners],
         # A pool's max_size is its budget's, shared with the other variants of its (cluster, role, user, database):
         # `budget` names it and `budget_size` counts the connections of all of them.
-        "pools": [{"pool": pool.label, "size": pool.size, "idle": len(pool.idle), "borrowed": pool.borrowed,
+        "pools": [{"pool": pool.label, "size": pool.size, "idle": pool.idle_count, "borrowed": pool.borrowed,
                    "waiting": len(pool.waiters), "max_size": pool.config.max_size, "budget": pool.budget.label,
                    "budget_size": pool.budget.size}
                   for pool in proxy.pools.values()],

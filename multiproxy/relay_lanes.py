@@ -14,9 +14,10 @@ and unpinned again.
 
 Backends: a lane borrows from its pool (`Pool.borrow`, in a greenlet) when its clients wait and the pool has an idle
 connection or room for one, and a session leaving the Python path may hand the lane the backend it releases
-(`offer_backend`). A lane's backends stay borrowed (`in_use`) in the pool's accounting, so max_size, the budget and
-the cluster cap hold; their reader greenlets are stopped while the relay serves them (`BackendConnection.lend`).
-Whenever someone else waits for the pool (`Pool.reclaimers`), the pool is paused or drained, or a backend is of an
+(`offer_backend`). A lane's backends are the pool's `lent` connections: they count in its size, so max_size, the
+budget and the cluster cap hold, and as borrowed or idle as the relay has them (`Pool.borrowed`, `Pool.idle_count`,
+SHOW POOLS, /metrics); their reader greenlets are stopped while the relay serves them (`BackendConnection.lend`).
+Whenever someone else waits for the pool (`Pool._wait` calls `reclaim`), the pool is paused or drained, or a backend is of an
 older generation, past its lifetime or on a node that left the role, the lane gives its idle backends back and
 lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
 backends back, so the pool's idle timeout and min_size rule them as before.
@@ -190,7 +191,7 @@ class RelayLane:
         self.closed = False
         self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
         self.watcher.start(self._on_ready)
-        pool.reclaimers.append(self.reclaim)
+        pool.relay_lanes.append(self)
 
     # -- clients
 
@@ -230,6 +231,9 @@ class RelayLane:
         if self.closed or not self._keeps(conn) or not self.engine.relay_serves(self.key, conn.state):
             return False
         conn.lend()
+        pool = self.pool
+        pool.in_use.discard(conn)
+        pool.lent.add(conn)
         self.backends[conn.sock.fileno()] = conn
         self._handle(self.relay.add_backend(conn.sock.fileno()))
         return True
@@ -242,8 +246,23 @@ class RelayLane:
                     or pool.budget.over)
 
     def _give_back(self, conn) -> None:
-        conn.unlend()
+        self._unlend(conn)
         self.pool.release(conn)
+
+    def _unlend(self, conn, reader: bool = True) -> None:
+        """conn leaves the relay: borrowed on the Python path again (until the caller releases or closes it)."""
+        conn.unlend(reader)
+        pool = self.pool
+        pool.lent.discard(conn)
+        pool.in_use.add(conn)
+
+    def linked(self) -> int:
+        """Backends serving a client in the relay now."""
+        return 0 if self.closed else self.relay.counts()[2]
+
+    def idle(self) -> int:
+        """Backends idle in the relay now."""
+        return 0 if self.closed else self.relay.counts()[0]
 
     def reclaim(self) -> None:
         """Someone waits for the pool: the lane's idle backends go back to it, and the lane's waiting clients queue
@@ -334,7 +353,7 @@ class RelayLane:
                 conn = conn or self.backends.pop(peer_fd, None)
             backend_failed = conn is not None and conn.sock.fileno() == fd
             if conn is not None:
-                conn.unlend(reader=False)
+                self._unlend(conn, reader=False)
                 if session is None or not backend_failed:
                     if session is not None:
                         self.pool.discard_borrowed(conn)    # its client went away mid-transaction
@@ -397,13 +416,13 @@ class RelayLane:
         self.closed = True
         self.watcher.stop()
         try:
-            self.pool.reclaimers.remove(self.reclaim)
+            self.pool.relay_lanes.remove(self)
         except ValueError:
             pass
         self.transactions_before = self.relay.stats()["transactions"]
         self.relay.close()          # forgets every socket, closes none
         for conn in self.backends.values():
-            conn.unlend()
+            self._unlend(conn, reader=False)
             self.pool.discard_borrowed(conn)
         self.backends.clear()
         clients = list(self.clients.values())
