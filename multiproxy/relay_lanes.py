@@ -61,6 +61,7 @@ class RelayLanes:
         self.entered_total = 0          # sessions that went into a lane
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
         self.returns: dict = {}         # why, as in the /metrics label: how many
+        self.closed_transactions = 0    # transactions of lanes closed since
 
     # -- sessions
 
@@ -142,7 +143,7 @@ class RelayLanes:
         backends = sum(len(lane.backends) for lane in self.lanes.values())
         transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
-                "transactions": transactions + sum(lane.transactions_before for lane in self.lanes.values()),
+                "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total}
 
     def _sweep_forever(self) -> None:
@@ -157,6 +158,7 @@ class RelayLanes:
                 lane.sweep(evacuate)
                 if not lane.clients and not lane.backends:
                     lane.close()
+                    self.closed_transactions += lane.transactions_before
                     del self.lanes[key]
             except Exception:  # one lane's failure must not stop the sweep of the others
                 log.exception("relay lanes: sweeping pool %s failed", lane.pool.label)
@@ -168,6 +170,7 @@ class RelayLanes:
             self.sweeper = None
         for lane in list(self.lanes.values()):
             lane.close()
+            self.closed_transactions += lane.transactions_before
         self.lanes.clear()
 
 
@@ -328,12 +331,12 @@ class RelayLane:
     def _reconcile(self) -> None:
         if self.closed:
             return
-        idle, waiting, linked = self.relay.counts()
-        if not waiting:
-            return
         pool = self.pool
         if pool.waiters or pool.paused or pool.draining:
-            self.reclaim()
+            self.reclaim()      # PAUSE, a drain or another borrower: no more transactions begin in the relay
+            return
+        idle, waiting, linked = self.relay.counts()
+        if not waiting:
             return
         want = waiting - self.feeding - idle
         if want <= 0:
