@@ -1194,6 +1194,17 @@ static PyObject *Relay_take_waiting(RelayObject *self, PyObject *unused) {
     return result;
 }
 
+static PyObject *Relay_peer(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    int peer = c && c->peer ? c->peer->fd : -1;
+    unlock_relay(self);
+    return PyLong_FromLong(peer);
+}
+
 static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
     return Py_BuildValue("(nnn)", self->n_idle, self->n_waiting, self->n_linked_clients);
 }
@@ -1225,6 +1236,8 @@ static PyMethodDef Relay_methods[] = {
     {"take_waiting", (PyCFunction)Relay_take_waiting, METH_NOARGS,
      "take_waiting() -> (fd, bytes) or None: forget the client that has waited longest for a backend and give it "
      "back with its bytes not yet sent."},
+    {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
+     "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

@@ -25,7 +25,7 @@ whole, and one that holds one of the words (ASCII case ignored) or is larger tha
 not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
-unknown) give sockets back to the caller; `counts()` is (idle backends, waiting clients, linked clients).
+unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `counts()` is (idle backends, waiting clients, linked clients).
 
 `IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
 always the twin.
@@ -277,6 +277,10 @@ class PyRelay:
         c = self._waiting[0]
         self._forget(c)
         return c.fd, bytes(c.buf[c.sent:])
+
+    def peer(self, fd) -> int:
+        c = self._conns.get(fd)
+        return c.peer.fd if c is not None and c.peer is not None else -1
 
     def counts(self) -> tuple:
         return (len(self._idle), len(self._waiting),

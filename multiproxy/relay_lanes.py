@@ -216,6 +216,11 @@ class RelayLane:
         session.relay_lane = None
         return True
 
+    def backend_of(self, session):
+        """The backend serving the session's client in the relay now, or None (for a cancel)."""
+        fd = self.relay.peer(session.sock.fileno()) if not self.closed else -1
+        return self.backends.get(fd)
+
     def _give_client_back(self, session, data: bytes, why: str, wake: bool = True) -> None:
         """The session serves its client on the Python path again, from `data` (bytes the relay did not send).
         wake=False: with no data, it parks as on the Python path (a takeover looks for parked sessions)."""

@@ -831,6 +831,9 @@ class Session:
     def cancel_target(self):
         """The backend connection currently serving this client, or None."""
         backend = self.backend
+        lane = self.relay_lane
+        if backend is None and lane is not None:
+            backend = lane.backend_of(self)     # a transaction the compiled relay serves
         if backend is None or backend.closed:
             return None
         return backend

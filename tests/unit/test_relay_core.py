@@ -555,11 +555,13 @@ def test_a_linked_clients_stop_waits_for_the_transaction_end_with_hold_stops(imp
     assert serve(relay) == []
     assert backend.read(len(QUERY)) == QUERY
     assert relay.counts() == (0, 0, 1)
+    assert (relay.peer(client.fd()), relay.peer(backend.fd())) == (backend.fd(), client.fd())
     assert relay.remove(client.fd()) is None           # linked: not given back
     backend.outside.sendall(RESULT + READY_IDLE)
     assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, setting, ord("Q"))]
     assert client.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
     assert relay.counts() == (1, 0, 0)
+    assert relay.peer(backend.fd()) == relay.peer(client.fd()) == -1
     assert relay.take_idle() == backend.fd()
     assert relay.take_idle() == -1
     assert relay.stats()["connections"] == 0
