@@ -337,9 +337,10 @@ class Console:
                 live_requests[session.pool.database] += getattr(session.proto, "requests", 0)
         for pool in self._pools():
             t = totals.setdefault(pool.database, dict.fromkeys(STATS_FIELDS, 0))
-            t["server_assignment_count"] += pool.borrows_total
-            t["xact_count"] += pool.borrows_total
-            t["query_count"] += pool.closed_requests_total
+            relayed = pool.relay_transactions if pool.relay_lanes or pool.relay_transactions_closed else 0
+            t["server_assignment_count"] += pool.borrows_total + relayed
+            t["xact_count"] += pool.borrows_total + relayed
+            t["query_count"] += pool.closed_requests_total + relayed
             t["wait_time"] += int(pool.borrow_wait_seconds_total * 1_000_000)
             t["client_login_count"] += pool.logins_total
         for database, requests in live_requests.items():

@@ -155,7 +155,7 @@ class ProxyCollector:
             conns.add_metric(lv, pool.size)
             borrowed.add_metric(lv, pool.borrowed)
             waiting.add_metric(lv, len(pool.waiters))
-            requests.add_metric(lv, pool.borrows_total)
+            requests.add_metric(lv, pool.borrows_total + getattr(pool, "relay_transactions", 0))
             failed.add_metric(lv, pool.connect_failures_total)
             opened.add_metric(lv, pool.connects_total)
             timeouts.add_metric(lv, pool.borrow_timeouts_total)

@@ -360,6 +360,7 @@ class Pool:
         self.retired_total = 0
         self.relay_lanes: list = []            # relay lanes holding this pool's backends (multiproxy.relay_lanes)
         self.lent: set[BackendConnection] = set()       # borrowed by a relay lane, idle or serving in its relay
+        self.relay_transactions_closed = 0     # transactions of its relay lanes closed since
 
     @property
     def size(self) -> int:
@@ -372,6 +373,11 @@ class Pool:
         if self.lent:
             return len(self.in_use) + sum(lane.linked() for lane in self.relay_lanes)
         return len(self.in_use)
+
+    @property
+    def relay_transactions(self) -> int:
+        """Transactions its relay lanes served (SHOW STATS and /metrics count them with the borrows)."""
+        return self.relay_transactions_closed + sum(lane.transactions() for lane in self.relay_lanes)
 
     @property
     def idle_count(self) -> int:

@@ -103,6 +103,15 @@ class RelayLanes:
         lane = self._lane(session, key)
         return lane is not None and lane.take_backend(backend)
 
+    def idle_backend(self, pool):
+        """An idle backend of one of the pool's lanes, borrowed for a session on the Python path (its pool has no idle
+        connection), or None: so that such a session does not wait for the pool while a lane holds spare backends."""
+        for lane in pool.relay_lanes:
+            conn = lane.take_idle_backend()
+            if conn is not None:
+                return conn
+        return None
+
     def let_go(self, session) -> bool:
         """The session's client is closed from outside: the lane forgets it (True), or it is linked in the relay and
         only a shutdown of its connection ends it (False: the relay's event finishes the session)."""
@@ -248,10 +257,7 @@ class RelayLane:
 
     def _keeps(self, conn) -> bool:
         pool = self.pool
-        lifetime = pool.config.max_lifetime
-        return not (conn.closed or pool.waiters or pool.paused or pool.draining or conn.generation != pool.generation
-                    or (lifetime and time.monotonic() - conn.created > lifetime) or not pool.serves(conn)
-                    or pool.budget.over)
+        return not (pool.waiters or pool.paused or pool.budget.over) and self._usable(conn)
 
     def _give_back(self, conn) -> None:
         self._unlend(conn)
@@ -264,6 +270,9 @@ class RelayLane:
         pool.lent.discard(conn)
         pool.in_use.add(conn)
 
+    def transactions(self) -> int:
+        return self.transactions_before if self.closed else self.relay.stats()["transactions"]
+
     def linked(self) -> int:
         """Backends serving a client in the relay now."""
         return 0 if self.closed else self.relay.counts()[2]
@@ -271,6 +280,26 @@ class RelayLane:
     def idle(self) -> int:
         """Backends idle in the relay now."""
         return 0 if self.closed else self.relay.counts()[0]
+
+    def take_idle_backend(self):
+        """One of the lane's idle backends, borrowed on the Python path from now on, or None."""
+        while not self.closed:
+            fd = self.relay.take_idle()
+            if fd < 0:
+                return None
+            conn = self.backends.pop(fd)
+            self._unlend(conn)
+            if self._usable(conn):
+                self.pool.borrows_total += 1
+                return conn
+            self.pool.release(conn)     # stale: the pool closes it
+        return None
+
+    def _usable(self, conn) -> bool:
+        pool = self.pool
+        lifetime = pool.config.max_lifetime
+        return not (conn.closed or conn.generation != pool.generation or pool.draining or not pool.serves(conn)
+                    or (lifetime and time.monotonic() - conn.created > lifetime))
 
     def reclaim(self) -> None:
         """Someone waits for the pool: the lane's idle backends go back to it, and the lane's waiting clients queue
@@ -428,6 +457,7 @@ class RelayLane:
         except ValueError:
             pass
         self.transactions_before = self.relay.stats()["transactions"]
+        self.pool.relay_transactions_closed += self.transactions_before
         self.relay.close()          # forgets every socket, closes none
         for conn in self.backends.values():
             self._unlend(conn, reader=False)

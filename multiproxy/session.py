@@ -616,7 +616,11 @@ class Session:
         try:
             backend = self.handed_backend
             if backend is None:
-                backend = self.pool.borrow()
+                pool = self.pool
+                if getattr(pool, "lent", None) and not pool.idle and not pool.paused:
+                    backend = self.proxy.relay_lanes.idle_backend(pool)     # a spare one a relay lane holds
+                if backend is None:
+                    backend = pool.borrow()
             else:
                 self.handed_backend = None
         except (PoolTimeout, BackendUnavailable) as exc:
