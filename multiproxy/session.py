@@ -158,11 +158,11 @@ class Session:
         return (type(sock) is ClientSocket and not sock.closed and self.backend is None and self.pool is not None
                 and not self.client_gone and not self.leftover and hasattr(self.proxy, "resume_parked"))
 
-    def park(self, relay: bool = True) -> bool:
+    def park(self, relay: bool = True, parking: bool = True) -> bool:
         """Let go of the greenlet: the client's socket calls `Proxy.resume_parked` once the client sends (or the
         connection ends); with relay lanes ([proxy] relay = "compiled") and `relay`, a lane serves the client instead
         when its engine allows it now (multiproxy.relay_lanes). False when the session cannot park (the greenlet then
-        ends it)."""
+        ends it), or (`parking` False) when no lane takes it."""
         if self.handed_backend is not None:         # the request it came with was answered without it
             backend, self.handed_backend = self.handed_backend, None
             self.pool.release(backend)
@@ -171,6 +171,8 @@ class Session:
         lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
         if lanes is not None and lanes.enter(self):
             return True
+        if not parking:
+            return False
         self.proto.compact()
         self.sock.park(self.proxy.resume_parked, self)
         return True
@@ -572,8 +574,8 @@ class Session:
         data, self.leftover = self.leftover, b""
         quit = False
         sessions = getattr(self.proxy, "sessions", ())
-        # With relay lanes a session parks (or goes into a lane) the moment it waits for its client.
-        eager = EAGER_PARKING_SESSIONS if getattr(self.proxy, "relay_lanes", None) is None else 0
+        # With relay lanes a session goes into a lane the moment it waits for its client, when a lane takes it.
+        lanes = getattr(self.proxy, "relay_lanes", None) is not None
         if woken and not data:
             # What woke it has arrived: try before waiting (a held client's recv marks it busy first).
             data = recv(RECV_SIZE) if held else self.sock.recv(RECV_SIZE)
@@ -581,7 +583,8 @@ class Session:
                 return False
         while True:
             if not data:
-                if self.backend is None and len(sessions) >= eager and self.park():
+                if self.backend is None and ((lanes and self.park(parking=False))
+                                             or (len(sessions) >= EAGER_PARKING_SESSIONS and self.park())):
                     return True
                 data = recv(RECV_SIZE)
                 if not data:
@@ -674,7 +677,7 @@ class Session:
                 idle_hook = getattr(proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
-                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS or getattr(proxy, "relay_lanes", None) is not None:
+                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS or self._relay_lane_takes_it():
                     self.park_if_idle(at_once=True)     # many clients: no greenlet waits for one between transactions
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
@@ -682,6 +685,11 @@ class Session:
                 address = backend.address
                 backend.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
                             f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
+
+    def _relay_lane_takes_it(self) -> bool:
+        """A relay lane would serve this client now ([proxy] relay = "compiled", multiproxy.relay_lanes)."""
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        return lanes is not None and lanes.eligible_key(self) is not None
 
     def _read_only_refusal(self, backend) -> None:
         """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's
