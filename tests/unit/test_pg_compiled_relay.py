@@ -134,3 +134,9 @@ def test_relay_compiled_is_refused_with_worker_custody_over_several_workers():
     assert build_config(config(), "", None).proxy.relay == "python"
     with pytest.raises(ConfigError):
         build_config(config(relay="c"), "", None)
+
+
+def test_changing_relay_needs_a_restart():
+    from multiproxy.reload import diff
+    plan = diff(build_config(config(), "", None), build_config(config(relay="compiled"), "", None))
+    assert any(line.startswith("proxy.relay: 'python' -> 'compiled' needs a restart") for line in plan.refused)
