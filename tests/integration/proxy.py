@@ -186,8 +186,14 @@ class ProxyProcess:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def write_file(self, name: str, text: str) -> str:
-        """Write a file into the work dir (relative paths in the config resolve against it)."""
+        """Write a file into the work dir (relative paths in the config resolve against it). A new text of the
+        config file itself gets MULTIPROXY_TEST_RELAY's setting too (a reload must not see it go)."""
         path = os.path.join(self.workdir, name)
+        if path == self.config_path and os.environ.get("MULTIPROXY_TEST_RELAY"):
+            self.config_text = text
+            self.config = tomllib.loads(text)
+            self._choose_relay(os.environ.get("MULTIPROXY_TEST_RELAY", ""))
+            text = self.config_text
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
