@@ -325,12 +325,18 @@ class RelayLane:
             gevent.spawn(self._borrow_for_lane)
 
     def _borrow_for_lane(self) -> None:
+        pool = self.pool
         try:
-            conn = self.pool.borrow()
+            # Only what the pool has now: a lane never waits in the pool (its clients wait in the relay), where it
+            # would make every lane of the pool give its clients to the Python path (reclaim).
+            conn = pool.borrow() if pool.idle or pool.budget.has_room() else None
         except (PoolTimeout, BackendUnavailable):
             conn = None
         finally:
             self.feeding -= 1
+        if conn is None and (self.backends or self.closed):
+            self._reconcile()       # its backends serve its waiting clients in turn
+            return
         if conn is None:
             # The client waiting longest gets the pool's answer on the Python path.
             taken = None if self.closed else self.relay.take_waiting()
@@ -376,7 +382,8 @@ class RelayLane:
         if want <= 0:
             return
         room = len(pool.idle) + (max(0, pool.config.max_size - pool.budget.size) if pool.budget.has_room() else 0)
-        if room:
+        room -= sum(lane.feeding for lane in pool.relay_lanes)     # borrows spawned, not yet made
+        if room > 0:
             self._feed(min(want, room))
         elif not self.backends and not self.feeding:
             self.reclaim()          # the pool is busy elsewhere: these clients wait for it on the Python path
