@@ -164,6 +164,16 @@ class _Conn:
         self.listener = None            # a listening socket object (listeners only)
 
 
+def _epoll():
+    """A new epoll set of the relay's own (gevent's monkey-patching hides select.epoll: the original is used, which
+    is right here: run_ready() polls it without waiting)."""
+    make = getattr(select, "epoll", None)
+    if make is None:
+        from gevent.monkey import get_original
+        make = get_original("select", "epoll")
+    return make()
+
+
 class PyRelay:
     """The twin of _relay.Relay: the same rules and events, in Python. threaded is accepted for the same
     signature, but the twin always serves in run_ready(): a Python thread would hold the GIL it runs on."""
@@ -180,7 +190,7 @@ class PyRelay:
         self._rules = (client, server)
         self._hold_stops = bool(hold_stops)
         self._bufsize = buffer_size
-        self._epoll = select.epoll()
+        self._epoll = _epoll()
         self._conns: dict = {}
         self._idle: list = []
         self._waiting: list = []

@@ -132,7 +132,16 @@ class RelayLanes:
         if lane is None:
             rules = self._rules(session.engine)
             try:
-                lane = RelayLane(self, pool, key, session.engine, rules)
+                try:
+                    lane = RelayLane(self, pool, key, session.engine, rules)
+                except TypeError as exc:
+                    if self.relay_class is relay_core.PyRelay:
+                        raise ValueError(str(exc)) from exc
+                    log.warning("relay lanes: the compiled multiproxy._relay does not take the engine's rules (%s: "
+                                "an older build? python3 setup.py build_ext --inplace); using the pure-Python twin",
+                                exc)
+                    self.walker_class, self.relay_class = relay_core.PyWalker, relay_core.PyRelay
+                    lane = RelayLane(self, pool, key, session.engine, rules)
             except (ValueError, OSError) as exc:
                 log.warning("relay lanes: pool %s: the relay could not be made (%s); its clients stay on the "
                             "Python path", pool.label, exc)
