@@ -23,6 +23,12 @@
  *             STARTUP event. The relay closes the clients it accepted itself at EOF or at a `hangup`
  *             frame (Terminate) between transactions, so a connect-per-transaction client costs no Python.
  *
+ * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
+ * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
+ * hold_stops=True a linked client's stop frame waits for the end of its transaction (the client is not read
+ * meanwhile) and then goes to the caller alone, so that the caller never takes over a request half answered.
+ * take_idle(), take_waiting() and remove(fd) give sockets back to the caller between transactions.
+ *
  * Sockets stay owned (and closed) by the caller; the relay never closes a file descriptor it was given.
  */
 #define PY_SSIZE_T_CLEAN
@@ -35,6 +41,9 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#define MAX_WORDS 64            /* screen words of one rule */
+#define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
        EV_STARTUP = 6 };
@@ -52,6 +61,12 @@ typedef struct {
     int max_boundary;       /* a boundary frame must arrive whole, so it may be at most this big */
     unsigned char stop[256];
     unsigned char count[256];
+    unsigned char screen[256];  /* types whose body is screened for `words` (whole frames of at most max_screen) */
+    long long max_screen;
+    int nwords;
+    unsigned char first[256];   /* the first bytes of the words */
+    int word_len[MAX_WORDS];
+    unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
 } Rule;
 
 typedef struct {
@@ -64,6 +79,30 @@ typedef struct {
     int event;          /* EV_NONE: consumed everything walkable, the rest (if any) is an incomplete header */
     int arg;            /* boundary status byte, or the type of a stop / malformed frame, or -1 */
 } WalkResult;
+
+static inline unsigned char lower_ascii(unsigned char ch) {
+    return ch >= 'A' && ch <= 'Z' ? (unsigned char)(ch + 32) : ch;
+}
+
+/* Whether body holds one of the rule's words, ASCII case ignored. */
+static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = lower_ascii(body[i]);
+        if (!rule->first[ch])
+            continue;
+        for (int w = 0; w < rule->nwords; w++) {
+            size_t wl = (size_t)rule->word_len[w];
+            if (rule->words[w][0] != ch || wl > len - i)
+                continue;
+            size_t k = 1;
+            while (k < wl && lower_ascii(body[i + k]) == rule->words[w][k])
+                k++;
+            if (k == wl)
+                return 1;
+        }
+    }
+    return 0;
+}
 
 static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
     WalkResult res = {0, EV_NONE, -1};
@@ -115,6 +154,21 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
             res.arg = h[rule->header_size];
             break;
         }
+        if (type >= 0 && rule->screen[type]) {
+            /* a screened frame is walked whole: too big to hold, or holding a word, it goes to the caller */
+            if (total > rule->max_screen) {
+                res.event = EV_HANDOVER;
+                res.arg = type;
+                break;
+            }
+            if (avail < (size_t)total)
+                break;
+            if (screen_hit(rule, h + rule->header_size, (size_t)total - (size_t)rule->header_size)) {
+                res.event = EV_HANDOVER;
+                res.arg = type;
+                break;
+            }
+        }
         if (type >= 0 && rule->count[type])
             st->counted++;
         size_t take = (unsigned long long)total < avail ? (size_t)total : avail;
@@ -141,24 +195,56 @@ static int set_from_bytes(PyObject *obj, unsigned char *set, const char *what) {
 
 static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
-                             "type_offset", "stop", "count", "boundary", "max_boundary", NULL};
-    PyObject *stop = NULL, *count = NULL;
+                             "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
+                             "max_screen", NULL};
+    PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOii", kwlist, &rule->header_size, &rule->length_offset,
+    rule->max_screen = 4096;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOL", kwlist, &rule->header_size, &rule->length_offset,
                                      &rule->length_size, &rule->big_endian, &rule->length_adjust,
-                                     &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary))
+                                     &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
+                                     &screen, &words, &rule->max_screen))
         return -1;
     if (rule->header_size < 1 || rule->length_size < 1 || rule->length_size > 4 || rule->length_offset < 0 ||
         rule->length_offset + rule->length_size > rule->header_size || rule->type_offset < -1 ||
-        rule->type_offset > 255 || rule->boundary < -1 || rule->boundary > 255 || rule->max_boundary < 1) {
+        rule->type_offset > 255 || rule->boundary < -1 || rule->boundary > 255 || rule->max_boundary < 1 ||
+        rule->max_screen < rule->header_size) {
         PyErr_SetString(PyExc_ValueError, "inconsistent framing rule");
         return -1;
     }
-    if (set_from_bytes(stop, rule->stop, "stop") < 0 || set_from_bytes(count, rule->count, "count") < 0)
+    if (set_from_bytes(stop, rule->stop, "stop") < 0 || set_from_bytes(count, rule->count, "count") < 0 ||
+        set_from_bytes(screen, rule->screen, "screen") < 0)
         return -1;
+    if (words != NULL && words != Py_None) {
+        PyObject *seq = PySequence_Fast(words, "words: expected a sequence of bytes");
+        if (seq == NULL)
+            return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > MAX_WORDS) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "words: at most %d", MAX_WORDS);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *word = PySequence_Fast_GET_ITEM(seq, i);
+            if (!PyBytes_Check(word) || PyBytes_GET_SIZE(word) < 1 || PyBytes_GET_SIZE(word) > MAX_WORD) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_ValueError, "words: each 1 to %d bytes", MAX_WORD);
+                return -1;
+            }
+            const unsigned char *w = (const unsigned char *)PyBytes_AS_STRING(word);
+            int wl = (int)PyBytes_GET_SIZE(word);
+            for (int k = 0; k < wl; k++)
+                rule->words[i][k] = lower_ascii(w[k]);
+            rule->word_len[i] = wl;
+            rule->first[rule->words[i][0]] = 1;
+        }
+        rule->nwords = (int)n;
+        Py_DECREF(seq);
+    }
     return 0;
 }
 
@@ -241,6 +327,7 @@ typedef struct Conn {
     int waiting;                /* a client in the wait queue (not read until it gets a backend) */
     int blocked;                /* buf[sent:fwd] waits for the peer to become writable */
     int dead;
+    int held;                   /* a client whose stop frame waits for its transaction's end (hold_stops) */
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
@@ -266,6 +353,7 @@ typedef struct {
     int eventfd;                /* threaded: readable when events wait for run_ready() */
     int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
     int signaled, stopping, thread_started;
+    int hold_stops;             /* a linked client's stop frame waits for the transaction's end, then it alone goes */
     pthread_t thread;
     pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
     Rule rules[2];              /* by role: client -> backend, backend -> client */
@@ -287,7 +375,7 @@ typedef struct {
 
 static int update_mask(RelayObject *r, Conn *c) {
     uint32_t mask = 0;
-    if (!c->blocked && !c->waiting)
+    if (!c->blocked && !c->waiting && !c->held)
         mask |= EPOLLIN;
     if (c->peer && c->peer->blocked)
         mask |= EPOLLOUT;
@@ -483,6 +571,10 @@ static void pump(RelayObject *r, Conn *c) {
                     r->n_linked_clients--;
                     update_mask(r, client);
                     update_mask(r, c);
+                    if (client->held) {             /* its stop frame goes to the caller now, without a backend */
+                        client->held = 0;
+                        pump(r, client);
+                    }
                     if (c->len > c->fwd) {          /* it spoke past the end of the transaction */
                         hand_over(r, EV_UNSOLICITED, c, -1);
                         return;
@@ -495,6 +587,14 @@ static void pump(RelayObject *r, Conn *c) {
             }
             if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
                 hang_up(r, c);
+                return;
+            }
+            if (r->hold_stops && c->role == ROLE_CLIENT && c->peer &&
+                (event == EV_HANDOVER || event == EV_MALFORMED)) {
+                c->pending_event = event;           /* acted on when the backend's boundary unlinks it */
+                c->pending_arg = arg;
+                c->held = 1;
+                update_mask(r, c);
                 return;
             }
             hand_over(r, event, c, arg);
@@ -713,7 +813,7 @@ static void dispatch(RelayObject *self, struct epoll_event *evs, int n) {
             closed(self, c, 0);
             continue;
         }
-        if (what & EPOLLIN && !c->blocked && !c->waiting)
+        if (what & EPOLLIN && !c->blocked && !c->waiting && !c->held)
             on_readable(self, c);
         else if (what & (EPOLLERR | EPOLLHUP) && c->waiting)
             closed(self, c, 0);
@@ -758,13 +858,14 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 }
 
 static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"client", "server", "buffer_size", "threaded", NULL};
+    static char *kwlist[] = {"client", "server", "buffer_size", "threaded", "hold_stops", NULL};
     PyObject *client, *server;
     Py_ssize_t bufsize = 16384;
-    int threaded = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|np", kwlist, &WalkerType, &client, &WalkerType, &server,
-                                     &bufsize, &threaded))
+    int threaded = 0, hold_stops = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|npp", kwlist, &WalkerType, &client, &WalkerType, &server,
+                                     &bufsize, &threaded, &hold_stops))
         return -1;
+    self->hold_stops = hold_stops;
     if (self->epfd >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "Relay.__init__ called twice");
         return -1;
@@ -776,6 +877,11 @@ static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
         Py_ssize_t need = (Py_ssize_t)rule->header_size + rule->type_offset + 2;
         if (rule->boundary >= 0 && rule->max_boundary + 1 > need)
             need = rule->max_boundary + 1;
+        int screens = 0;
+        for (int t = 0; t < 256; t++)
+            screens |= rule->screen[t];
+        if (screens && rule->max_screen + 1 > need)
+            need = (Py_ssize_t)rule->max_screen + 1;
         if (bufsize < 2 * need) {
             PyErr_SetString(PyExc_ValueError, "buffer_size too small for the framing rules");
             return -1;
@@ -1030,6 +1136,79 @@ static PyObject *Relay_stats(RelayObject *self, PyObject *unused) {
     return stats;
 }
 
+static PyObject *Relay_take_idle(RelayObject *self, PyObject *unused) {
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    int fd = -1;
+    Conn *b = self->idle;
+    if (b) {
+        fd = b->fd;
+        forget(self, b);
+        free_dead(self);
+    }
+    unlock_relay(self);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *Relay_remove(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    PyObject *result;
+    if (c == NULL || c->peer || c->role == ROLE_LISTENER || c->starting || c->held) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = PyBytes_FromStringAndSize((const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        if (result) {
+            forget(self, c);
+            free_dead(self);
+        }
+    }
+    unlock_relay(self);
+    return result;
+}
+
+static PyObject *Relay_take_waiting(RelayObject *self, PyObject *unused) {
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    Conn *c = self->wait_head;
+    PyObject *result;
+    if (c == NULL) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = Py_BuildValue("(iy#)", c->fd, (const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        if (result) {
+            forget(self, c);
+            free_dead(self);
+        }
+    }
+    unlock_relay(self);
+    return result;
+}
+
+static PyObject *Relay_peer(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    int peer = c && c->peer ? c->peer->fd : -1;
+    unlock_relay(self);
+    return PyLong_FromLong(peer);
+}
+
+static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
+    return Py_BuildValue("(nnn)", self->n_idle, self->n_waiting, self->n_linked_clients);
+}
+
 static void Relay_dealloc(RelayObject *self) {
     relay_clear(self);
     pthread_mutex_destroy(&self->lock);
@@ -1049,6 +1228,17 @@ static PyMethodDef Relay_methods[] = {
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
      "Stop the thread, forget every socket (closing none) and close the relay's own fds."},
     {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "Counts of connections, idle backends, waiting clients."},
+    {"take_idle", (PyCFunction)Relay_take_idle, METH_NOARGS,
+     "take_idle() -> fd: forget an idle backend and give it back to the caller (-1: none is idle)."},
+    {"remove", (PyCFunction)Relay_remove, METH_VARARGS,
+     "remove(fd) -> bytes or None: forget a client that holds no backend (its bytes not yet sent), or an idle "
+     "backend; None when fd is linked, held or unknown."},
+    {"take_waiting", (PyCFunction)Relay_take_waiting, METH_NOARGS,
+     "take_waiting() -> (fd, bytes) or None: forget the client that has waited longest for a backend and give it "
+     "back with its bytes not yet sent."},
+    {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
+     "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
+    {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
     {"cache_greeting", (PyCFunction)Relay_cache_greeting, METH_VARARGS,

@@ -261,7 +261,7 @@ class Console:
             longest = now - min(pool.waiting_since.values()) if pool.waiting_since else 0.0
             clients = by_pool.get(id(pool), 0)
             rows.append([pool.database, pool.user, max(0, clients - waiting), waiting, 0, 0, pool.borrowed, 0, 0,
-                         len(pool.idle), 0, 0, len(pool.opening), int(longest), int(longest % 1 * 1_000_000),
+                         pool.idle_count, 0, 0, len(pool.opening), int(longest), int(longest % 1 * 1_000_000),
                          pool.config.mode, None,
                          pool.cluster.name, pool.role, pool.engine.name, pool.variant_name, pool.config.max_size,
                          int(pool.paused)])
@@ -309,7 +309,8 @@ class Console:
         rows = []
         wall = time.time() - time.monotonic()
         for pool in self._pools():
-            for conn, state in [(c, "active") for c in list(pool.in_use)] + [(c, "idle") for c in list(pool.idle)]:
+            for conn, state in ([(c, "active") for c in list(pool.in_use)] + [(c, "idle") for c in list(pool.idle)]
+                                + [(c, "relay") for c in list(pool.lent)]):
                 try:
                     local = conn.sock.getsockname()
                 except (OSError, ValueError, AttributeError):
@@ -336,9 +337,10 @@ class Console:
                 live_requests[session.pool.database] += getattr(session.proto, "requests", 0)
         for pool in self._pools():
             t = totals.setdefault(pool.database, dict.fromkeys(STATS_FIELDS, 0))
-            t["server_assignment_count"] += pool.borrows_total
-            t["xact_count"] += pool.borrows_total
-            t["query_count"] += pool.closed_requests_total
+            relayed = pool.relay_transactions if pool.relay_lanes or pool.relay_transactions_closed else 0
+            t["server_assignment_count"] += pool.borrows_total + relayed
+            t["xact_count"] += pool.borrows_total + relayed
+            t["query_count"] += pool.closed_requests_total + relayed
             t["wait_time"] += int(pool.borrow_wait_seconds_total * 1_000_000)
             t["client_login_count"] += pool.logins_total
         for database, requests in live_requests.items():
@@ -445,7 +447,7 @@ class Console:
     def view_lists(self):
         proxy = self.proxy
         pools = self._pools()
-        used_servers = sum(len(p.idle) + len(p.in_use) for p in pools)
+        used_servers = sum(len(p.idle) + len(p.in_use) + len(p.lent) for p in pools)
         dns_names = 0
         if proxy.registry is not None:
             dns_names = sum(len(state.watches) for state in proxy.registry.clusters.values())

@@ -53,11 +53,15 @@ def run_script(sock, script: BackendScript, target: BackendTarget, timeout: floa
     return sock, script
 
 
+def _no_reader() -> None:
+    """The stand-in reader of a connection lent to a relay lane (never runs)."""
+
+
 class BackendConnection:
     """One logged-in backend connection. A reader greenlet hands what the backend sends to the linked session."""
 
     __slots__ = ("sock", "state", "address", "pool", "session", "created", "last_used", "closed", "reader",
-                 "user", "database", "sendall", "_expected_close", "generation")
+                 "user", "database", "sendall", "_expected_close", "generation", "lent")
 
     def __init__(self, sock, state, address, pool, user, database, generation=0):
         self.sock = sock
@@ -72,9 +76,27 @@ class BackendConnection:
         self.sendall = fast_sendall(sock)
         self._expected_close = False
         self.generation = generation
+        self.lent = False               # served by a relay lane (multiproxy.relay_lanes): no reader greenlet
         self.reader = gevent.spawn(self._read_loop)
 
+    def lend(self) -> None:
+        """A relay lane serves this connection from now on: its reader greenlet stops (at once, or, when it is the
+        caller, as soon as it returns to its loop)."""
+        self.lent = True
+        reader = self.reader
+        self.reader = gevent.Greenlet(_no_reader)      # never started: stands in for the reader until unlend
+        if reader is not gevent.getcurrent():
+            reader.kill(block=False)
+
+    def unlend(self, reader: bool = True) -> None:
+        """The relay lane gave this connection back: a reader greenlet serves it again (unless `reader` is False:
+        it is closed or discarded next)."""
+        self.lent = False
+        if reader:
+            self.reader = gevent.spawn(self._read_loop)
+
     def _read_loop(self):
+        me = gevent.getcurrent()
         recv = fast_recv(self.sock)
         while True:
             try:
@@ -94,6 +116,8 @@ class BackendConnection:
                 self._lost("the backend sent data while idle in the pool")
                 return
             session.on_backend_data(self, data)
+            if self.reader is not me:
+                return          # lent to a relay lane meanwhile (lend)
 
     def _lost(self, why: str):
         if self.closed:

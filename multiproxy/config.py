@@ -88,6 +88,12 @@ PROXY_SETTINGS = _settings(
     Setting("takeover_drain_timeout", float, 30.0, "seconds a process being taken over waits for its busy clients "
             "to become idle (and go to the new process); those still busy then, and TLS clients, finish with it as "
             "in a graceful stop (proxy.shutdown_timeout)", minimum=0),
+    Setting("relay", str, "python", "how the bytes of transaction-mode sessions move: python (a greenlet relays each "
+            "message) or compiled (a plaintext, unpinned client idle between transactions is served by the compiled "
+            "relay core with the pool's spare backends, and Python wakes only at what its engine must see: see "
+            "docs/architecture.md, Compiled relay mode; PostgreSQL only, other engines stay on python; falls back to "
+            "the relay core's pure-Python twin, with a warning, when multiproxy._relay is not built). Needs a "
+            "restart; not with worker_custody when workers > 1", ("python", "compiled")),
 )
 
 BACKEND_SETTINGS = _settings(
@@ -230,6 +236,7 @@ class ProxyConfig:
     takeover_socket: str = "auto"
     takeover_drain_timeout: float = 30.0
     worker_custody: bool = True
+    relay: str = "python"
 
 
 @dataclass(frozen=True)
@@ -477,6 +484,9 @@ def build_config(raw: dict, source: str = "", known_engines: dict | None = None)
     if proxy_values["takeover_socket"] not in ("", "auto") and not os.path.isabs(proxy_values["takeover_socket"]):
         proxy_values["takeover_socket"] = os.path.join(base_dir, proxy_values["takeover_socket"])
     proxy = ProxyConfig(**proxy_values)
+    if proxy.relay == "compiled" and proxy.workers > 1 and proxy.worker_custody:
+        r.problem("proxy.relay", "relay = 'compiled' does not keep worker custody's busy mark of each client "
+                  "(proxy.worker_custody, with workers > 1): set proxy.worker_custody = false, or relay = 'python'")
     if proxy.admin_listen:
         try:
             parse_address(proxy.admin_listen)

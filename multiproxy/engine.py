@@ -486,6 +486,14 @@ class ClientProtocol:
         login needed and buffers larger than what is still to be read, so that an idle client costs little memory.
         Called at every park: cheap when there is nothing to drop. The default drops nothing."""
 
+    def relay_key(self):
+        """Optional, with `Engine.relay_rules`: None when this client must stay on the Python path now (pinned, a
+        request or transaction open, anything half done, state the next link must replay or that a stopped request
+        must see); else a hashable naming the backend state it needs (`Engine.relay_serves`), so that a relay lane
+        ([proxy] relay = "compiled", multiproxy.relay_lanes) may serve its next transactions. Called while the
+        client holds no backend and waits for its next request. None (the default): never."""
+        return None
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and
@@ -551,6 +559,21 @@ class Engine:
     # What [clusters.NAME.backend] reset_after_transaction = 'auto' means on this engine: reset each backend before
     # its next transaction (True where the reset costs nothing, as TDS's RESETCONNECTION flag).
     reset_after_transaction_default: bool = False
+
+    def relay_rules(self) -> dict | None:
+        """Optional: what the compiled relay ([proxy] relay = "compiled", multiproxy.relay_lanes) needs to serve this
+        engine's clients between the events the engine must see: {"client": ..., "server": ...}, the keyword
+        arguments of a relay_core Walker for each direction (framing, `stop` types, `count` types that open a
+        request, the server's `boundary` type that closes one, and a `screen` of words in whole frames of some
+        types: every frame that could pin, change session state or open a transaction must stop), optionally
+        "buffer_size". The relay ends a transaction at a boundary frame whose status byte is 'I' with no request
+        outstanding. None (the default): the engine's clients stay on the Python path."""
+        return None
+
+    def relay_serves(self, key, server_state) -> bool:
+        """Optional, with relay_rules: whether a backend in `server_state` serves clients of `relay_key()` `key`
+        with nothing replayed."""
+        return False
 
     def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
         """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).

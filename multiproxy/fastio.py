@@ -42,6 +42,9 @@ class ClientSocket:
     def closed(self) -> bool:
         return self._read_event is None
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     # -- parking
 
     def park(self, on_readable, arg) -> None:

@@ -155,7 +155,7 @@ class ProxyCollector:
             conns.add_metric(lv, pool.size)
             borrowed.add_metric(lv, pool.borrowed)
             waiting.add_metric(lv, len(pool.waiters))
-            requests.add_metric(lv, pool.borrows_total)
+            requests.add_metric(lv, pool.borrows_total + getattr(pool, "relay_transactions", 0))
             failed.add_metric(lv, pool.connect_failures_total)
             opened.add_metric(lv, pool.connects_total)
             timeouts.add_metric(lv, pool.borrow_timeouts_total)
@@ -198,6 +198,29 @@ class ProxyCollector:
             statements.add_metric([cluster, "miss"], counts.misses)
             statements.add_metric([cluster, "eviction"], counts.evictions)
         yield statements
+        lanes = getattr(proxy, "relay_lanes", None)
+        if lanes is not None:
+            stats = lanes.stats()
+            g = GaugeMetricFamily(PREFIX + "relay_lane_clients", "Clients served by the compiled relay now "
+                                  "([proxy] relay = \"compiled\")")
+            g.add_metric([], stats["clients"])
+            yield g
+            g = GaugeMetricFamily(PREFIX + "relay_lane_backends", "Backend connections lent to the compiled relay now "
+                                  "(counted as borrowed by their pools)")
+            g.add_metric([], stats["backends"])
+            yield g
+            c = CounterMetricFamily(PREFIX + "relay_lane_transactions", "Transactions the compiled relay served "
+                                    "with no Python")
+            c.add_metric([], stats["transactions"])
+            yield c
+            c = CounterMetricFamily(PREFIX + "relay_lane_returns", "Clients the compiled relay gave back to the "
+                                    "Python path, by why: stopped (a request its engine must see), malformed, closed "
+                                    "(the connection ended), connection_lost (its backend's), pool_wanted (someone "
+                                    "else waited for the pool), no_backend, settings (the backend it got holds "
+                                    "other settings: Python replays them), takeover", labels=["why"])
+            for why, count in sorted(lanes.returns.items()):
+                c.add_metric([why], count)
+            yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 
@@ -211,7 +234,7 @@ def status_snapshot(proxy) -> dict:
                       for rt in proxy.listeners],
         # A pool's max_size is its budget's, shared with the other variants of its (cluster, role, user, database):
         # `budget` names it and `budget_size` counts the connections of all of them.
-        "pools": [{"pool": pool.label, "size": pool.size, "idle": len(pool.idle), "borrowed": pool.borrowed,
+        "pools": [{"pool": pool.label, "size": pool.size, "idle": pool.idle_count, "borrowed": pool.borrowed,
                    "waiting": len(pool.waiters), "max_size": pool.config.max_size, "budget": pool.budget.label,
                    "budget_size": pool.budget.size}
                   for pool in proxy.pools.values()],

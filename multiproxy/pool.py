@@ -358,20 +358,38 @@ class Pool:
         registry = getattr(proxy, "registry", None)
         self.eligible = registry.eligible(cluster.name, role) if registry is not None else None
         self.retired_total = 0
+        self.relay_lanes: list = []            # relay lanes holding this pool's backends (multiproxy.relay_lanes)
+        self.lent: set[BackendConnection] = set()       # borrowed by a relay lane, idle or serving in its relay
+        self.relay_transactions_closed = 0     # transactions of its relay lanes closed since
 
     @property
     def size(self) -> int:
         """Open connections plus those being opened or closed (what max_size and min_size bound)."""
-        return len(self.idle) + len(self.in_use) + len(self.opening) + len(self.closing)
+        return len(self.idle) + len(self.in_use) + len(self.opening) + len(self.closing) + len(self.lent)
 
     @property
     def borrowed(self) -> int:
+        """Connections serving a session (or handed to a waiter), those serving a client in a relay lane included."""
+        if self.lent:
+            return len(self.in_use) + sum(lane.linked() for lane in self.relay_lanes)
         return len(self.in_use)
 
     @property
+    def relay_transactions(self) -> int:
+        """Transactions its relay lanes served (SHOW STATS and /metrics count them with the borrows)."""
+        return self.relay_transactions_closed + sum(lane.transactions() for lane in self.relay_lanes)
+
+    @property
+    def idle_count(self) -> int:
+        """Connections waiting for a client: in the pool, or idle in a relay lane."""
+        if self.lent:
+            return len(self.idle) + sum(lane.idle() for lane in self.relay_lanes)
+        return len(self.idle)
+
+    @property
     def connections(self) -> set[BackendConnection]:
-        """Every open connection, idle or borrowed."""
-        return self.in_use.union(self.idle)
+        """Every open connection, idle or borrowed (relay lanes' too)."""
+        return self.in_use.union(self.idle, self.lent)
 
     # ------------------------------------------------------------------ borrowing
 
@@ -437,6 +455,8 @@ class Pool:
         self.waiters.append(waiter)
         waiting = self.waiting_since
         waiting[waiter] = started
+        for lane in list(self.relay_lanes):
+            lane.reclaim()      # a relay lane gives back its idle backends: one may go to this waiter
         try:
             result = waiter.get(timeout=timeout)
         except gevent.Timeout:

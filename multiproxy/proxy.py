@@ -28,6 +28,7 @@ from .parking import IdleParking
 from .pinning import PinPolicy
 from .pool import Pool
 from .registry import Registry
+from .relay_lanes import RelayLanes
 from .secrets import CachedSecret, SecretError
 from .session import Session
 from .throttle import LoginThrottle
@@ -94,6 +95,8 @@ class Proxy:
         self.sessions_per_user: dict[str, int] = {}
         self.connections_by_address: dict[str, int] = {}
         pc = config.proxy
+        # [proxy] relay = "compiled": idle clients and spare backends are served by the relay core (restart-only)
+        self.relay_lanes = RelayLanes(self, pc.relay) if getattr(pc, "relay", "python") == "compiled" else None
         self.audit = AuditLog(pc.audit_log)
         self.throttle = LoginThrottle(pc.auth_failure_delay, pc.auth_failure_max_delay, pc.auth_failure_block_after,
                                       pc.auth_failure_block_seconds)
@@ -242,8 +245,12 @@ class Proxy:
             if rt.acceptor is not None:
                 rt.acceptor.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(s.backend is not None for s in list(self.sessions)):
+        lanes = self.relay_lanes
+        while time.monotonic() < deadline and (any(s.backend is not None for s in list(self.sessions))
+                                               or (lanes is not None and lanes.busy())):
             gevent.sleep(0.1)
+        if lanes is not None:
+            lanes.close()       # their clients park as on the Python path, and are closed below
         for session in list(self.sessions):
             session._send_quietly(session.engine.render_error(ErrorKind.SHUTTING_DOWN,
                                                               "multiproxy is shutting down; reconnect in a moment"))

@@ -19,6 +19,14 @@ declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet gree
 read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
 or at a `hangup` frame (Terminate) between transactions, it closes them itself.
 
+A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
+whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
+`Relay(..., hold_stops=True)`: a linked client's stop frame waits for the end of its transaction (the client is
+not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
+Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
+client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
+unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `counts()` is (idle backends, waiting clients, linked clients).
+
 `IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
 always the twin.
 """
@@ -34,6 +42,7 @@ log = logging.getLogger("multiproxy.relay_core")
 
 NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP = range(7)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
+MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 
 # The framing rules the engines declare: frame size = length field + length_adjust.
 FRAMINGS = {
@@ -61,14 +70,18 @@ class PyWalker:
     """The framing rule of one direction and its walk state (the twin of _relay.Walker)."""
 
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
-                 "stop", "count", "boundary", "max_boundary", "remaining", "counted")
+                 "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "remaining", "counted")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
-                 stop=b"", count=b"", boundary=-1, max_boundary=4096):
+                 stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
-                or not -1 <= boundary <= 255 or max_boundary < 1):
+                or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
             raise ValueError("inconsistent framing rule")
+        words = tuple(words or ())
+        if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
+            raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
+        self.screen, self.words, self.max_screen = frozenset(screen or b""), tuple(w.lower() for w in words), max_screen
         self.header_size, self.length_offset, self.length_size = header_size, length_offset, length_size
         self.big_endian, self.length_adjust, self.type_offset = bool(big_endian), length_adjust, type_offset
         self.stop, self.count = frozenset(stop or b""), frozenset(count or b"")
@@ -107,6 +120,15 @@ class PyWalker:
                 if avail < total:
                     break
                 return pos + total, BOUNDARY, data[pos + header_size]
+            if kind in self.screen:
+                # a screened frame is walked whole: too big to hold, or holding a word, it goes to the caller
+                if total > self.max_screen:
+                    return pos, HANDOVER, kind
+                if avail < total:
+                    break
+                body = bytes(data[pos + header_size:pos + total]).lower()
+                if any(body.find(word) >= 0 for word in self.words):
+                    return pos, HANDOVER, kind
             if kind in self.count:
                 self.counted += 1
             take = min(total, avail)
@@ -120,18 +142,19 @@ class PyWalker:
 
     def copy(self) -> "PyWalker":
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
-                        self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary)
+                        self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
+                        bytes(self.screen), self.words, self.max_screen)
         return twin
 
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
         self.peer = None
-        self.idle = self.waiting = self.blocked = False
+        self.idle = self.waiting = self.blocked = self.held = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = 0
         self.mask = select.EPOLLIN
@@ -141,20 +164,33 @@ class _Conn:
         self.listener = None            # a listening socket object (listeners only)
 
 
+def _epoll():
+    """A new epoll set of the relay's own (gevent's monkey-patching hides select.epoll: the original is used, which
+    is right here: run_ready() polls it without waiting)."""
+    make = getattr(select, "epoll", None)
+    if make is None:
+        from gevent.monkey import get_original
+        make = get_original("select", "epoll")
+    return make()
+
+
 class PyRelay:
     """The twin of _relay.Relay: the same rules and events, in Python. threaded is accepted for the same
     signature, but the twin always serves in run_ready(): a Python thread would hold the GIL it runs on."""
 
-    def __init__(self, client, server, buffer_size=16384, threaded=False):
+    def __init__(self, client, server, buffer_size=16384, threaded=False, hold_stops=False):
         for rule in (client, server):
             need = rule.header_size + rule.type_offset + 2
             if rule.boundary >= 0:
                 need = max(need, rule.max_boundary + 1)
+            if rule.screen:
+                need = max(need, rule.max_screen + 1)
             if buffer_size < 2 * need:
                 raise ValueError("buffer_size too small for the framing rules")
         self._rules = (client, server)
+        self._hold_stops = bool(hold_stops)
         self._bufsize = buffer_size
-        self._epoll = select.epoll()
+        self._epoll = _epoll()
         self._conns: dict = {}
         self._idle: list = []
         self._waiting: list = []
@@ -216,7 +252,7 @@ class PyRelay:
             if what & (select.EPOLLERR | select.EPOLLHUP) and not what & select.EPOLLIN:
                 self._closed(c, 0)
                 continue
-            if what & select.EPOLLIN and not c.blocked and not c.waiting:
+            if what & select.EPOLLIN and not c.blocked and not c.waiting and not c.held:
                 self._on_readable(c)
             elif what & (select.EPOLLERR | select.EPOLLHUP) and c.waiting:
                 self._closed(c, 0)
@@ -230,6 +266,35 @@ class PyRelay:
                 self._forget(c)
         self._events = []
         self._epoll.close()
+
+    def take_idle(self) -> int:
+        if not self._idle:
+            return -1
+        b = self._idle[-1]
+        self._forget(b)
+        return b.fd
+
+    def remove(self, fd):
+        c = self._conns.get(fd)
+        if c is None or c.peer is not None or c.listener is not None or c.starting or c.held:
+            return None
+        self._forget(c)
+        return bytes(c.buf[c.sent:])
+
+    def take_waiting(self):
+        if not self._waiting:
+            return None
+        c = self._waiting[0]
+        self._forget(c)
+        return c.fd, bytes(c.buf[c.sent:])
+
+    def peer(self, fd) -> int:
+        c = self._conns.get(fd)
+        return c.peer.fd if c is not None and c.peer is not None else -1
+
+    def counts(self) -> tuple:
+        return (len(self._idle), len(self._waiting),
+                sum(1 for c in self._conns.values() if c.client and c.peer is not None))
 
     def stats(self) -> dict:
         conns = self._conns.values()
@@ -252,7 +317,7 @@ class PyRelay:
         return events
 
     def _update_mask(self, c) -> None:
-        mask = 0 if c.blocked or c.waiting else select.EPOLLIN
+        mask = 0 if c.blocked or c.waiting or c.held else select.EPOLLIN
         if c.peer is not None and c.peer.blocked:
             mask |= select.EPOLLOUT
         if mask != c.mask:
@@ -405,6 +470,9 @@ class PyRelay:
                         client.peer = c.peer = None
                         self._update_mask(client)
                         self._update_mask(c)
+                        if client.held:     # its stop frame goes to the caller now, without a backend
+                            client.held = False
+                            self._pump(client)
                         if len(c.buf) > c.fwd:
                             self._hand_over(UNSOLICITED, c, -1)
                             return
@@ -414,6 +482,11 @@ class PyRelay:
                     continue
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
                     self._hang_up(c)
+                    return
+                if self._hold_stops and c.client and c.peer is not None and event in (HANDOVER, MALFORMED):
+                    c.pending = (event, arg)    # acted on when the backend's boundary unlinks it
+                    c.held = True
+                    self._update_mask(c)
                     return
                 self._hand_over(event, c, arg)
                 return
@@ -461,4 +534,5 @@ def _load():
 Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
-           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "MAX_STARTUP"]
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "MAX_STARTUP",
+           "MAX_WORDS", "MAX_WORD"]

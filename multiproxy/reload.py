@@ -92,10 +92,11 @@ _MISSING = object()
 def diff(old: Config, new: Config) -> Plan:
     """Compare the running config with a new one: what changed, and what of it cannot change without a restart."""
     plan = Plan(old, new)
-    for name in ("workers", "admin_listen", "takeover_socket", "worker_custody"):
+    for name in ("workers", "admin_listen", "takeover_socket", "worker_custody", "relay"):
         a, b = getattr(old.proxy, name), getattr(new.proxy, name)
         if a != b:
             why = {"workers": "the worker processes are forked at start",
+                   "relay": "the relay lanes are set up at start",
                    "admin_listen": "the admin HTTP server is bound once, at start",
                    "takeover_socket": "the takeover socket is bound once, at start",
                    "worker_custody": "the supervisor sets up the custody of clients when it forks the workers"}[name]
@@ -103,7 +104,7 @@ def diff(old: Config, new: Config) -> Plan:
     for f in dataclasses.fields(old.proxy):
         if getattr(old.proxy, f.name) != getattr(new.proxy, f.name):
             plan.proxy_changed.append(f.name)
-            if f.name not in ("workers", "admin_listen", "takeover_socket", "worker_custody"):
+            if f.name not in ("workers", "admin_listen", "takeover_socket", "worker_custody", "relay"):
                 plan.changes.append(f"proxy.{f.name}: {_show('', getattr(old.proxy, f.name))} -> "
                                     f"{_show('', getattr(new.proxy, f.name))}")
     plan.changes += _changed_lines(old.admin, new.admin, "admin")

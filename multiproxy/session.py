@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "__weakref__")
+                 "relay_lane", "handed_backend", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -111,6 +111,8 @@ class Session:
         self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
         self.custody_slot = None          # with worker custody: this client's slot (multiproxy.custody)
         self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
+        self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
+        self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -156,10 +158,20 @@ class Session:
         return (type(sock) is ClientSocket and not sock.closed and self.backend is None and self.pool is not None
                 and not self.client_gone and not self.leftover and hasattr(self.proxy, "resume_parked"))
 
-    def park(self) -> bool:
+    def park(self, relay: bool = True, parking: bool = True) -> bool:
         """Let go of the greenlet: the client's socket calls `Proxy.resume_parked` once the client sends (or the
-        connection ends). False when the session cannot park (the greenlet then ends it)."""
+        connection ends); with relay lanes ([proxy] relay = "compiled") and `relay`, a lane serves the client instead
+        when its engine allows it now (multiproxy.relay_lanes). False when the session cannot park (the greenlet then
+        ends it), or (`parking` False) when no lane takes it."""
+        if self.handed_backend is not None:         # the request it came with was answered without it
+            backend, self.handed_backend = self.handed_backend, None
+            self.pool.release(backend)
         if not self.may_park():
+            return False
+        lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
+        if lanes is not None and lanes.enter(self):
+            return True
+        if not parking:
             return False
         self.proto.compact()
         self.sock.park(self.proxy.resume_parked, self)
@@ -562,6 +574,8 @@ class Session:
         data, self.leftover = self.leftover, b""
         quit = False
         sessions = getattr(self.proxy, "sessions", ())
+        # With relay lanes a session goes into a lane the moment it waits for its client, when a lane takes it.
+        lanes = getattr(self.proxy, "relay_lanes", None) is not None
         if woken and not data:
             # What woke it has arrived: try before waiting (a held client's recv marks it busy first).
             data = recv(RECV_SIZE) if held else self.sock.recv(RECV_SIZE)
@@ -569,7 +583,8 @@ class Session:
                 return False
         while True:
             if not data:
-                if self.backend is None and len(sessions) >= EAGER_PARKING_SESSIONS and self.park():
+                if self.backend is None and ((lanes and self.park(parking=False))
+                                             or (len(sessions) >= EAGER_PARKING_SESSIONS and self.park())):
                     return True
                 data = recv(RECV_SIZE)
                 if not data:
@@ -602,7 +617,15 @@ class Session:
     def link(self):
         """Borrow a backend for the request just read, or answer it with an error."""
         try:
-            backend = self.pool.borrow()
+            backend = self.handed_backend
+            if backend is None:
+                pool = self.pool
+                if getattr(pool, "lent", None) and not pool.idle and not pool.paused:
+                    backend = self.proxy.relay_lanes.idle_backend(pool)     # a spare one a relay lane holds
+                if backend is None:
+                    backend = pool.borrow()
+            else:
+                self.handed_backend = None
         except (PoolTimeout, BackendUnavailable) as exc:
             self.proxy.metrics.borrow_failures += 1
             refusal = getattr(exc, "refusal", None)
@@ -654,7 +677,7 @@ class Session:
                 idle_hook = getattr(proxy, "idle_hook", None)
                 if idle_hook is not None:
                     idle_hook(self)         # a takeover under way: this client may go now (multiproxy.takeover)
-                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS:
+                elif len(proxy.sessions) >= EAGER_PARKING_SESSIONS or self._relay_lane_takes_it():
                     self.park_if_idle(at_once=True)     # many clients: no greenlet waits for one between transactions
             elif self.pool.eligible is not None and not self.pool.serves(backend):
                 # A pinned session at a transaction's end on a node that left this role: close it as a
@@ -662,6 +685,11 @@ class Session:
                 address = backend.address
                 backend.fail(f"the node {address[0]}:{address[1]} no longer serves the {self.pool.role} role of "
                             f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
+
+    def _relay_lane_takes_it(self) -> bool:
+        """A relay lane would serve this client now ([proxy] relay = "compiled", multiproxy.relay_lanes)."""
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        return lanes is not None and lanes.eligible_key(self) is not None
 
     def _read_only_refusal(self, backend) -> None:
         """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's
@@ -719,7 +747,9 @@ class Session:
         backend.session = None
         self.backend = None
         self.proto.unlink()
-        self.pool.release(backend)
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        if lanes is None or not lanes.offer_backend(self, backend):
+            self.pool.release(backend)
 
     def on_backend_lost(self, backend, why: str) -> None:
         self.backend = None
@@ -742,6 +772,9 @@ class Session:
         connection closes (`handed_over`: only let go, another process serves it now)."""
         self.client_gone = True
         proxy = self.proxy
+        if self.handed_backend is not None:
+            handed, self.handed_backend = self.handed_backend, None
+            self.pool.release(handed)
         backend = self.backend
         proto = self.proto
         if backend is not None and proto is not None:
@@ -768,6 +801,13 @@ class Session:
         stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end."""
         if self.custody_slot is not None:
             self.proxy.custody.unhold(self)
+        if self.relay_lane is not None and not self.proxy.relay_lanes.let_go(self):
+            # Linked in a relay lane: the shutdown ends it there, and the lane's event finishes the session.
+            try:
+                self.sock.shutdown(_stdsocket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+            return
         if shutdown:
             try:
                 self.sock.shutdown(_stdsocket.SHUT_RDWR)
@@ -803,6 +843,9 @@ class Session:
     def cancel_target(self):
         """The backend connection currently serving this client, or None."""
         backend = self.backend
+        lane = self.relay_lane
+        if backend is None and lane is not None:
+            backend = lane.backend_of(self)     # a transaction the compiled relay serves
         if backend is None or backend.closed:
             return None
         return backend

@@ -8,6 +8,7 @@ multiproxy. `--idle N`: proxy memory (RSS growth) per idle client with N idle cl
 engine, and PgBouncer's beside it for PostgreSQL. docs/performance.md says how to run each and what the figures mean.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -27,8 +28,9 @@ sys.path.insert(0, REPO_ROOT)  # run as a script from a checkout: import this ch
 
 from multiproxy.lab.postgres import PostgresNotInstalled, PostgresServer  # noqa: E402
 
-ALL_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor", "floor-c", "floor-c-thread")
-# floor-c and floor-c-thread (the floor pooler on the compiled relay core, a spike) run only when asked for.
+ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c", "pgbouncer", "relay", "floor", "floor-c", "floor-c-thread")
+# multiproxy-c (multiproxy with [proxy] relay = "compiled"), floor-c and floor-c-thread (the floor pooler on the
+# compiled relay core, a spike) run only when asked for.
 DEFAULT_TARGETS = ("direct", "multiproxy", "pgbouncer", "relay", "floor")
 LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
@@ -286,15 +288,37 @@ class Direct(Target):
         return self.pg.port
 
 
+def engines_of_this_checkout() -> str:
+    """A directory whose `multiproxy_engines` links to this checkout's engines/ (an editable install maps that name
+    to the checkout it was installed from, maybe another worktree), to go first on the proxy's PYTHONPATH."""
+    engines = os.path.join(REPO_ROOT, "engines")
+    tag = hashlib.sha256(REPO_ROOT.encode()).hexdigest()[:12]
+    directory = os.path.join(tempfile.gettempdir(), f"multiproxy-engines-{tag}")
+    os.makedirs(directory, exist_ok=True)
+    link = os.path.join(directory, "multiproxy_engines")
+    if not (os.path.islink(link) and os.readlink(link) == engines):
+        temporary = f"{link}.{os.getpid()}"
+        os.symlink(engines, temporary)
+        os.replace(temporary, link)
+    return directory
+
+
 class Multiproxy(Target):
     name = "multiproxy"
 
-    def __init__(self, ws, procs, pg, pool_size, workers, auth="trust"):
+    def __init__(self, ws, procs, pg, pool_size, workers, auth="trust", relay="python"):
         self.ws, self.procs, self.pg, self.pool_size, self.workers = ws, procs, pg, pool_size, workers
         self.auth = auth
+        self.relay = relay          # [proxy] relay: "compiled" for the target multiproxy-c
+        if relay == "compiled":
+            self.name = "multiproxy-c"
 
     def config(self, port):
         workers = f"workers = {self.workers}\n" if self.workers else ""
+        if self.relay != "python":
+            workers += f'relay = "{self.relay}"\n'
+            if self.workers and self.workers > 1:
+                workers += "worker_custody = false\n"
         users = ""
         if self.auth == "scram":
             from multiproxy.auth import UsersFile
@@ -325,7 +349,8 @@ class Multiproxy(Target):
         cfg = self.ws.file("multiproxy.toml", self.config(port))
         log = self.ws.file("multiproxy.log")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [engines_of_this_checkout(), REPO_ROOT,
+                                                          env.get("PYTHONPATH")]))
         self.proc = self.procs.start([sys.executable, "-m", "multiproxy", "run", "-c", cfg],
                                      log_path=log, env=env, cwd=REPO_ROOT)
         self.pid = self.proc.pid
@@ -1428,6 +1453,8 @@ def main(argv=None):
         makers = {
             "direct": lambda: Direct(pg),
             "multiproxy": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers, args.auth),
+            "multiproxy-c": lambda: Multiproxy(ws, procs, pg, args.pool_size, args.workers, args.auth,
+                                               relay="compiled"),
             "pgbouncer": lambda: bouncer,
             "relay": lambda: Relay(ws, procs, pg),
             "floor": lambda: FloorPooler(ws, procs, pg, args.pool_size),

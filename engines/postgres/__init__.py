@@ -5,7 +5,7 @@ import os
 
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
-from . import auth, handover
+from . import auth, compiled_relay, handover
 from .backend import PostgresCancel, PostgresLogin, PostgresProbe, PostgresQuery
 from .client import PostgresClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -39,6 +39,12 @@ class PostgresEngine(Engine):
 
     def resume_client(self, ctx: ClientContext, state: dict) -> PostgresClient:
         return handover.resume(self, ctx, state)
+
+    def relay_rules(self) -> dict:
+        return compiled_relay.relay_rules()
+
+    def relay_serves(self, key, server_state) -> bool:
+        return compiled_relay.relay_serves(key, server_state)
 
     def backend_login(self, target: BackendTarget) -> PostgresLogin:
         return PostgresLogin(target)

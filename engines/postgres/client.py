@@ -113,6 +113,21 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
         if self.handshake is None:
             self.compact_attributes()
 
+    def relay_key(self):
+        """(reported parameters, tracked settings) the backend must hold, when the compiled relay may serve this
+        client's next transactions (engines/postgres/compiled_relay.py); else None."""
+        requests = self.requests
+        if requests != self.relay_seen_requests:
+            # A client whose last requests used the extended protocol (a Sync since the previous look) stays on
+            # the Python path: its next ones would stop in the relay again, at a cost on every transaction.
+            self.relay_extended = self.syncs_sent != self.relay_seen_syncs
+            self.relay_seen_requests, self.relay_seen_syncs = requests, self.syncs_sent
+        if (self.relay_extended or handover.not_idle(self) or self.retry_read_only or self.ctx.reset_after_transaction
+                or self.unnamed_held or self.deferred is not None or self.closing or self.sbuf or self.s_skip
+                or self.local_error):
+            return None
+        return frozenset(self.client_params.items()), frozenset(self.client_settings.items())
+
     def handover_refusal(self) -> str:
         return handover.not_idle(self)
 

@@ -71,6 +71,9 @@ class Relay:
     server_state = None             # the linked backend's PostgresServerState
     requests = 0
     syncs_sent = 0
+    relay_seen_requests = 0         # `requests` and `syncs_sent` at the last relay_key() that saw new requests
+    relay_seen_syncs = 0
+    relay_extended = False          # ... and whether they used the extended protocol
     syncs_done = 0
     # partial-message state, client side
     cbuf = b""                      # an incomplete message we must see whole, or a partial header

@@ -130,6 +130,7 @@ class ProxyProcess:
         os.makedirs(self.workdir, exist_ok=True)
         self.config_text = config if isinstance(config, str) else render_toml(config)
         self.config = tomllib.loads(self.config_text)  # also rejects a malformed config early
+        self._choose_relay(os.environ.get("MULTIPROXY_TEST_RELAY", ""))
         self.config_path = os.path.join(self.workdir, "multiproxy.toml")
         self.log_path = os.path.join(self.workdir, "proxy.log")
         self.env = dict(env or {})
@@ -139,6 +140,23 @@ class ProxyProcess:
         self._proc: subprocess.Popen | None = None
         self._notify: socket.socket | None = None      # where the proxy's READY=1 arrives (see _wait_ready)
         self.returncode: int | None = None
+
+    def _choose_relay(self, relay: str) -> None:
+        """MULTIPROXY_TEST_RELAY=compiled runs every proxy of the suite with [proxy] relay = "compiled" (where the
+        config does not choose, and the config allows it: not with worker custody over several workers)."""
+        proxy = self.config.get("proxy", {})
+        if not relay or "relay" in proxy or (proxy.get("workers", 1) > 1 and proxy.get("worker_custody", True)):
+            return
+        if "proxy" in self.config:
+            lines = self.config_text.splitlines()
+            at = next((i for i, line in enumerate(lines) if line.strip() == "[proxy]"), None)
+            if at is None:
+                return      # a [proxy] table written some other way: left as it is
+            lines.insert(at + 1, f"relay = {_string(relay)}")
+            self.config_text = "\n".join(lines) + "\n"
+        else:
+            self.config_text += f"\n[proxy]\nrelay = {_string(relay)}\n"
+        self.config = tomllib.loads(self.config_text)
 
     # -- addresses from the config -------------------------------------------------------------
 
@@ -168,8 +186,14 @@ class ProxyProcess:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def write_file(self, name: str, text: str) -> str:
-        """Write a file into the work dir (relative paths in the config resolve against it)."""
+        """Write a file into the work dir (relative paths in the config resolve against it). A new text of the
+        config file itself gets MULTIPROXY_TEST_RELAY's setting too (a reload must not see it go)."""
         path = os.path.join(self.workdir, name)
+        if path == self.config_path and os.environ.get("MULTIPROXY_TEST_RELAY"):
+            self.config_text = text
+            self.config = tomllib.loads(text)
+            self._choose_relay(os.environ.get("MULTIPROXY_TEST_RELAY", ""))
+            text = self.config_text
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path

@@ -438,15 +438,20 @@ def test_a_threaded_relay_moves_bytes_without_run_ready(pairs):
 
 
 client_frames = st.one_of(st.just(QUERY), st.just(TERMINATE), st.just(pg(b"S")), st.just(pg(b"P", b"\0q\0\0\0")),
+                          st.just(pg(b"Q", b"BEGIN\0")), st.just(pg(b"Q", b"select '" + b"z" * 70 + b"'\0")),
                           st.binary(min_size=1, max_size=8))
 server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN_TX), st.just(pg(b"E", b"SERROR\0\0")),
                           st.binary(min_size=1, max_size=8))
 
 
-def run_scenario(impl, steps) -> list:
+def run_scenario(impl, steps, screened=False) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
-    each far end and the events (with fds named), until the relay has handed the client back."""
-    relay = impl[1](*walkers(impl, server_stop=b"E"))
+    each far end and the events (with fds named), until the relay has handed the client back. screened: the
+    client's Query bodies are screened and its stops held until its transaction ends (hold_stops)."""
+    if screened:
+        relay = impl[1](*screened_walkers(impl), hold_stops=True)
+    else:
+        relay = impl[1](*walkers(impl, server_stop=b"E"))
     client, first, second = Pair(), Pair(), Pair()
     names = {client.fd(): "client", first.fd(): "first", second.fd(): "second", -1: None}
     for pair in (client, first, second):
@@ -487,3 +492,131 @@ def test_c_and_python_relays_agree(steps):
     if _relay is None:
         pytest.skip(NOT_BUILT)
     assert run_scenario((_relay.Walker, _relay.Relay), steps) == run_scenario((rc.PyWalker, rc.PyRelay), steps)
+
+
+# -- the engine's body screen, held stops and giving sockets back between transactions
+
+SCREEN_WORDS = (b"set", b"begin", b"listen")
+
+
+def screened_walkers(impl, max_screen=64):
+    walker, _ = impl
+    rule = dict(PG)
+    return (walker(**rule, stop=b"XP", count=b"QS", screen=b"Q", words=SCREEN_WORDS, max_screen=max_screen),
+            walker(**rule, boundary=ord("Z")))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_screened_frame_holding_a_word_is_a_stop_whatever_its_case(impl):
+    client, _ = screened_walkers(impl)
+    plain = pg(b"Q", b"select 1\0")
+    assert client.feed(plain + pg(b"Q", b"SeT x = 1\0")) == (len(plain), rc.HANDOVER, ord("Q"))
+    assert client.take_count() == 1
+    client, _ = screened_walkers(impl)
+    assert client.feed(pg(b"Q", b"select 'LISTEN'\0")) == (0, rc.HANDOVER, ord("Q"))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_screened_frame_is_walked_only_whole_and_a_large_one_stops(impl):
+    client, _ = screened_walkers(impl)
+    query = pg(b"Q", b"select 42\0")
+    for cut in range(1, len(query)):
+        assert client.feed(query[:cut]) == (0, rc.NONE, -1)
+    assert client.feed(query) == (len(query), rc.NONE, -1)
+    big = pg(b"Q", b"select " + b"1" * 80 + b"\0")
+    assert client.feed(big) == (0, rc.HANDOVER, ord("Q"))
+    # a frame type that is not screened streams through whatever it holds
+    assert client.feed(pg(b"S")) == (5, rc.NONE, -1)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_screen_words_are_checked(impl):
+    walker, _ = impl
+    with pytest.raises(ValueError):
+        walker(**PG, screen=b"Q", words=[b""])
+    with pytest.raises(ValueError):
+        walker(**PG, screen=b"Q", words=[b"x" * 33])
+    with pytest.raises(ValueError):
+        walker(**PG, screen=b"Q", words=[b"w%d" % i for i in range(65)])
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_linked_clients_stop_waits_for_the_transaction_end_with_hold_stops(impl, pairs):
+    relay = impl[1](*screened_walkers(impl), hold_stops=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    setting = pg(b"Q", b"set x = 1\0")
+    client.outside.sendall(QUERY + setting)
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.counts() == (0, 0, 1)
+    assert (relay.peer(client.fd()), relay.peer(backend.fd())) == (backend.fd(), client.fd())
+    assert relay.remove(client.fd()) is None           # linked: not given back
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, setting, ord("Q"))]
+    assert client.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    assert relay.counts() == (1, 0, 0)
+    assert relay.peer(backend.fd()) == relay.peer(client.fd()) == -1
+    assert relay.take_idle() == backend.fd()
+    assert relay.take_idle() == -1
+    assert relay.stats()["connections"] == 0
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_waiting_and_idle_clients_are_given_back_with_their_unsent_bytes(impl, pairs):
+    relay = impl[1](*screened_walkers(impl), hold_stops=True)
+    first, second = pairs(), pairs()
+    relay.add_client(first.fd())
+    relay.add_client(second.fd(), QUERY)
+    assert relay.counts() == (0, 1, 0)
+    assert relay.remove(first.fd()) == b""
+    assert relay.take_waiting() == (second.fd(), QUERY)
+    assert relay.take_waiting() is None
+    assert relay.remove(second.fd()) is None
+    assert relay.stats()["connections"] == 0
+    relay.close()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), server_frames)), max_size=10))
+def test_c_and_python_relays_agree_with_a_screen_and_held_stops(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, screened=True)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, screened=True))
+
+
+screened_frames = st.one_of(
+    frames,
+    st.builds(lambda word, pad: pg(b"Q", pad + word + pad + b"\0"), st.sampled_from(
+        [b"SET", b"set", b"Begin", b"lis", b"listen", b"\xc3\xa9set"]), st.binary(max_size=30)),
+)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(screened_frames, max_size=12), st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+       st.integers(min_value=5, max_value=80))
+def test_c_and_python_screening_walkers_agree(parts, cuts, max_screen):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    stream = b"".join(parts)
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(stream[pos:pos + size])
+        pos += size
+    chunks.append(stream[pos:])
+    results = []
+    for impl in ((_relay.Walker, _relay.Relay), (rc.PyWalker, rc.PyRelay)):
+        client, _ = screened_walkers(impl, max_screen=max_screen)
+        results.append((drive(client, chunks), client.take_count(), client.remaining))
+    assert results[0] == results[1]

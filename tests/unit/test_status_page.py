@@ -128,6 +128,10 @@ class FakePool:
         self.borrows_total = self.waited_borrows_total = 0
         self.borrow_wait_seconds_total = 0.0
 
+    @property
+    def idle_count(self):
+        return len(self.idle)
+
 
 def test_sampler_keeps_a_bounded_ring_and_approximates_borrow_percentiles():
     pool = FakePool("p")

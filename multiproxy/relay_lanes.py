@@ -1,0 +1,487 @@
+"""The compiled relay mode ([proxy] relay = "compiled"): idle clients and spare backends served by the relay core.
+
+A session whose client waits for its next request with no backend, in transaction mode, on a plaintext
+connection, unpinned and with nothing half done (its engine's `ClientProtocol.relay_key()` is not None), does not
+park: its client socket goes into the `RelayLane` of its pool and of its key (the settings a backend must hold to
+serve it with nothing replayed). A lane holds one relay_core `Relay` (the compiled multiproxy._relay, or its
+pure-Python twin when the extension is missing) built from the framing rules the engine declares
+(`Engine.relay_rules()`): a client's request is relayed to one of the lane's backends and the backend comes back to
+the lane at the end of the transaction, with no Python per message and no greenlet per client. Python wakes only at
+the events the engine asked for: a frame its screen stops (anything that could pin, change session state or open a
+transaction block), a malformed frame, the end of a connection, a backend speaking out of turn. The session then
+takes its client back and serves the stopped request on the Python path; it comes back to a lane when it is idle
+and unpinned again.
+
+Backends: a lane borrows from its pool (`Pool.borrow`, in a greenlet) when its clients wait and the pool has an idle
+connection or room for one, and a session leaving the Python path may hand the lane the backend it releases
+(`offer_backend`). A lane's backends are the pool's `lent` connections: they count in its size, so max_size, the
+budget and the cluster cap hold, and as borrowed or idle as the relay has them (`Pool.borrowed`, `Pool.idle_count`,
+SHOW POOLS, /metrics); their reader greenlets are stopped while the relay serves them (`BackendConnection.lend`).
+Whenever someone else waits for the pool (`Pool._wait` calls `reclaim`), the pool is paused or drained, or a backend is of an
+older generation, past its lifetime or on a node that left the role, the lane gives its idle backends back and
+lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
+backends back, so the pool's idle timeout and min_size rule them as before.
+"""
+from __future__ import annotations
+
+import logging
+import socket as _stdsocket
+import time
+
+import gevent
+
+from . import relay_core
+from .engine import ErrorKind
+from .pool import BackendUnavailable, PoolTimeout
+
+log = logging.getLogger("multiproxy.relay_lanes")
+SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
+BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay
+_EVENT_NAMES = {relay_core.HANDOVER: "stopped", relay_core.MALFORMED: "malformed", relay_core.CLOSED: "closed"}
+
+
+def relay_classes(choice: str):
+    """(Walker, Relay) for [proxy] relay = choice ("compiled"), with a warning when only the twin is there."""
+    if relay_core.IMPLEMENTATION != "c":
+        log.warning("proxy.relay = %r: the compiled multiproxy._relay is not built (python3 setup.py build_ext "
+                    "--inplace); the relay lanes run on its pure-Python twin", choice)
+        return relay_core.PyWalker, relay_core.PyRelay
+    return relay_core.Walker, relay_core.Relay
+
+
+class RelayLanes:
+    """Every lane of one proxy process, by (pool, key), and the sweep that looks after them."""
+
+    def __init__(self, proxy, choice: str = "compiled"):
+        self.proxy = proxy
+        self.walker_class, self.relay_class = relay_classes(choice)
+        self.lanes: dict = {}
+        self.rules: dict = {}           # engine name -> its declared rules, or None
+        self.sweeper = None
+        self.entered_total = 0          # sessions that went into a lane
+        self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
+        self.returns: dict = {}         # why, as in the /metrics label: how many
+        self.closed_transactions = 0    # transactions of lanes closed since
+
+    # -- sessions
+
+    def eligible_key(self, session):
+        """The relay key of a session that may wait in a lane now, else None."""
+        proxy = self.proxy
+        if (session.backend is not None or session.pool is None or session.client_gone or session.leftover
+                or not session.transaction_mode or session.custody_slot is not None
+                or getattr(proxy, "idle_hook", None) is not None or getattr(proxy, "stopping", False)):
+            return None
+        sock = session.sock
+        if getattr(sock, "_read_event", None) is None or getattr(sock, "parked", True) or not hasattr(sock, "park"):
+            return None     # TLS (a gevent socket), closed, or parked already
+        if proxy.config.proxy.idle_client_timeout or getattr(session.runtime.cluster.pool, "query_timeout", 0.0):
+            return None     # client timeouts watch the Python path's request counts
+        if self._rules(session.engine) is None:
+            return None
+        return session.proto.relay_key()
+
+    def enter(self, session) -> bool:
+        """Put an idle session's client into its lane (True), or leave it to the Python path (False)."""
+        key = self.eligible_key(session)
+        if key is None:
+            return False
+        lane = self._lane(session, key)
+        if lane is None:
+            return False
+        session.proto.compact()
+        lane.add_client(session)
+        self.entered_total += 1
+        return True
+
+    def offer_backend(self, session, backend) -> bool:
+        """A session on the Python path releases `backend` at a transaction's end: its lane takes it (True) when
+        the backend serves the lane's clients as it is and nobody else waits for the pool."""
+        key = self.eligible_key(session)
+        if key is None:
+            return False
+        lane = self._lane(session, key)
+        return lane is not None and lane.take_backend(backend)
+
+    def idle_backend(self, pool):
+        """An idle backend of one of the pool's lanes, borrowed for a session on the Python path (its pool has no idle
+        connection), or None: so that such a session does not wait for the pool while a lane holds spare backends."""
+        for lane in pool.relay_lanes:
+            conn = lane.take_idle_backend()
+            if conn is not None:
+                return conn
+        return None
+
+    def let_go(self, session) -> bool:
+        """The session's client is closed from outside: the lane forgets it (True), or it is linked in the relay and
+        only a shutdown of its connection ends it (False: the relay's event finishes the session)."""
+        lane = session.relay_lane
+        return lane is None or lane.remove_client(session)
+
+    # -- lanes
+
+    def _rules(self, engine):
+        name = engine.name
+        if name not in self.rules:
+            self.rules[name] = engine.relay_rules()
+        return self.rules[name]
+
+    def _lane(self, session, key):
+        pool = session.pool
+        lane = self.lanes.get((pool, key))
+        if lane is None:
+            rules = self._rules(session.engine)
+            try:
+                try:
+                    lane = RelayLane(self, pool, key, session.engine, rules)
+                except TypeError as exc:
+                    if self.relay_class is relay_core.PyRelay:
+                        raise ValueError(str(exc)) from exc
+                    log.warning("relay lanes: the compiled multiproxy._relay does not take the engine's rules (%s: "
+                                "an older build? python3 setup.py build_ext --inplace); using the pure-Python twin",
+                                exc)
+                    self.walker_class, self.relay_class = relay_core.PyWalker, relay_core.PyRelay
+                    lane = RelayLane(self, pool, key, session.engine, rules)
+            except (ValueError, OSError) as exc:
+                log.warning("relay lanes: pool %s: the relay could not be made (%s); its clients stay on the "
+                            "Python path", pool.label, exc)
+                self.rules[session.engine.name] = None
+                return None
+            self.lanes[(pool, key)] = lane
+            if self.sweeper is None:
+                self.sweeper = gevent.spawn(self._sweep_forever)
+        return lane
+
+    def busy(self) -> bool:
+        """A transaction runs in some lane."""
+        return any(lane.relay.counts()[2] for lane in self.lanes.values())
+
+    def stats(self) -> dict:
+        clients = sum(len(lane.clients) for lane in self.lanes.values())
+        backends = sum(len(lane.backends) for lane in self.lanes.values())
+        transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
+        return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
+                "transactions": transactions + self.closed_transactions,
+                "entered": self.entered_total, "returned": self.returned_total}
+
+    def _sweep_forever(self) -> None:
+        while True:
+            gevent.sleep(SWEEP_INTERVAL)
+            self.sweep()
+
+    def sweep(self) -> None:
+        evacuate = getattr(self.proxy, "idle_hook", None) is not None
+        for key, lane in list(self.lanes.items()):
+            try:
+                lane.sweep(evacuate)
+                if not lane.clients and not lane.backends:
+                    lane.close()
+                    self.closed_transactions += lane.transactions_before
+                    del self.lanes[key]
+            except Exception:  # one lane's failure must not stop the sweep of the others
+                log.exception("relay lanes: sweeping pool %s failed", lane.pool.label)
+
+    def close(self) -> None:
+        """Give every socket back: clients to their sessions (not served again), backends closed."""
+        if self.sweeper is not None:
+            self.sweeper.kill(block=False)
+            self.sweeper = None
+        for lane in list(self.lanes.values()):
+            lane.close()
+            self.closed_transactions += lane.transactions_before
+        self.lanes.clear()
+
+
+class RelayLane:
+    """The clients of one pool that share a relay key, and the backends the relay lends them."""
+
+    def __init__(self, lanes: RelayLanes, pool, key, engine, rules: dict):
+        self.lanes = lanes
+        self.proxy = lanes.proxy
+        self.pool = pool
+        self.key = key
+        self.engine = engine
+        walker = lanes.walker_class
+        self.relay = lanes.relay_class(walker(**rules["client"]), walker(**rules["server"]),
+                                       buffer_size=rules.get("buffer_size", BUFFER_SIZE), hold_stops=True)
+        self.clients: dict = {}         # fd -> session
+        self.backends: dict = {}        # fd -> BackendConnection
+        self.feeding = 0                # borrows under way for the lane
+        self.transactions_seen = 0      # the relay's count at the last sweep
+        self.transactions_before = 0
+        self.closed = False
+        self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
+        self.watcher.start(self._on_ready)
+        pool.relay_lanes.append(self)
+
+    # -- clients
+
+    def add_client(self, session) -> None:
+        fd = session.sock.fileno()
+        session.relay_lane = self
+        self.clients[fd] = session
+        self._handle(self.relay.add_client(fd, b""))
+        self._reconcile()
+
+    def remove_client(self, session) -> bool:
+        fd = session.sock.fileno()
+        if self.clients.get(fd) is not session:
+            session.relay_lane = None
+            return True
+        if self.relay.remove(fd) is None:
+            return False
+        del self.clients[fd]
+        session.relay_lane = None
+        return True
+
+    def backend_of(self, session):
+        """The backend serving the session's client in the relay now, or None (for a cancel)."""
+        fd = self.relay.peer(session.sock.fileno()) if not self.closed else -1
+        return self.backends.get(fd)
+
+    def _give_client_back(self, session, data: bytes, why: str, wake: bool = True) -> None:
+        """The session serves its client on the Python path again, from `data` (bytes the relay did not send).
+        wake=False: with no data, it parks as on the Python path (a takeover looks for parked sessions)."""
+        session.relay_lane = None
+        lanes = self.lanes
+        lanes.returned_total += 1
+        lanes.returns[why] = lanes.returns.get(why, 0) + 1
+        session.leftover = data
+        if data or wake or not session.park(relay=False):
+            self.proxy.resume_parked(session)
+
+    # -- backends
+
+    def take_backend(self, conn) -> bool:
+        """Lend `conn` (a borrowed connection between transactions) to the relay, if it may serve the lane now."""
+        if self.closed or not self._keeps(conn) or not self.engine.relay_serves(self.key, conn.state):
+            return False
+        conn.lend()
+        pool = self.pool
+        pool.in_use.discard(conn)
+        pool.lent.add(conn)
+        self.backends[conn.sock.fileno()] = conn
+        self._handle(self.relay.add_backend(conn.sock.fileno()))
+        return True
+
+    def _keeps(self, conn) -> bool:
+        pool = self.pool
+        return not (pool.waiters or pool.paused or pool.budget.over) and self._usable(conn)
+
+    def _give_back(self, conn) -> None:
+        self._unlend(conn)
+        self.pool.release(conn)
+
+    def _unlend(self, conn, reader: bool = True) -> None:
+        """conn leaves the relay: borrowed on the Python path again (until the caller releases or closes it)."""
+        conn.unlend(reader)
+        pool = self.pool
+        pool.lent.discard(conn)
+        pool.in_use.add(conn)
+
+    def transactions(self) -> int:
+        return self.transactions_before if self.closed else self.relay.stats()["transactions"]
+
+    def linked(self) -> int:
+        """Backends serving a client in the relay now."""
+        return 0 if self.closed else self.relay.counts()[2]
+
+    def idle(self) -> int:
+        """Backends idle in the relay now."""
+        return 0 if self.closed else self.relay.counts()[0]
+
+    def take_idle_backend(self):
+        """One of the lane's idle backends, borrowed on the Python path from now on, or None."""
+        while not self.closed:
+            fd = self.relay.take_idle()
+            if fd < 0:
+                return None
+            conn = self.backends.pop(fd)
+            self._unlend(conn)
+            if self._usable(conn):
+                self.pool.borrows_total += 1
+                return conn
+            self.pool.release(conn)     # stale: the pool closes it
+        return None
+
+    def _usable(self, conn) -> bool:
+        pool = self.pool
+        lifetime = pool.config.max_lifetime
+        return not (conn.closed or conn.generation != pool.generation or pool.draining or not pool.serves(conn)
+                    or (lifetime and time.monotonic() - conn.created > lifetime))
+
+    def reclaim(self) -> None:
+        """Someone waits for the pool: the lane's idle backends go back to it, and the lane's waiting clients queue
+        there on the Python path (first come, first served with the others)."""
+        if self.closed:
+            return
+        relay = self.relay
+        while True:
+            taken = relay.take_waiting()
+            if taken is None:
+                break
+            fd, data = taken
+            self._give_client_back(self.clients.pop(fd), data, "pool_wanted")
+        while True:
+            fd = relay.take_idle()
+            if fd < 0:
+                break
+            self._give_back(self.backends.pop(fd))
+
+    def _feed(self, count: int) -> None:
+        for _ in range(count):
+            self.feeding += 1
+            gevent.spawn(self._borrow_for_lane)
+
+    def _borrow_for_lane(self) -> None:
+        pool = self.pool
+        try:
+            # Only what the pool has now: a lane never waits in the pool (its clients wait in the relay), where it
+            # would make every lane of the pool give its clients to the Python path (reclaim).
+            conn = pool.borrow() if pool.idle or pool.budget.has_room() else None
+        except (PoolTimeout, BackendUnavailable):
+            conn = None
+        finally:
+            self.feeding -= 1
+        if conn is None and (self.backends or self.closed):
+            self._reconcile()       # its backends serve its waiting clients in turn
+            return
+        if conn is None:
+            # The client waiting longest gets the pool's answer on the Python path.
+            taken = None if self.closed else self.relay.take_waiting()
+            if taken is not None:
+                fd, data = taken
+                self._give_client_back(self.clients.pop(fd), data, "no_backend")
+            return
+        if not self.closed and not self.engine.relay_serves(self.key, conn.state):
+            # It holds other settings: the client waiting longest is served with it on the Python path, which
+            # replays them; the backend serves the lane afterwards (offer_backend).
+            taken = self.relay.take_waiting()
+            if taken is None:
+                self.pool.release(conn)
+                return
+            fd, data = taken
+            session = self.clients.pop(fd)
+            session.handed_backend = conn
+            self._give_client_back(session, data, "settings")
+            return
+        if not self.take_backend(conn):
+            self.pool.release(conn)
+        self._reconcile()
+
+    # -- the relay's events
+
+    def _on_ready(self) -> None:
+        events = self.relay.run_ready()
+        if events:
+            self._handle(events)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        if self.closed:
+            return
+        pool = self.pool
+        if pool.waiters or pool.paused or pool.draining:
+            self.reclaim()      # PAUSE, a drain or another borrower: no more transactions begin in the relay
+            return
+        idle, waiting, linked = self.relay.counts()
+        if not waiting:
+            return
+        want = waiting - self.feeding - idle
+        if want <= 0:
+            return
+        room = len(pool.idle) + (max(0, pool.config.max_size - pool.budget.size) if pool.budget.has_room() else 0)
+        room -= sum(lane.feeding for lane in pool.relay_lanes)     # borrows spawned, not yet made
+        if room > 0:
+            self._feed(min(want, room))
+        elif not self.backends and not self.feeding:
+            self.reclaim()          # the pool is busy elsewhere: these clients wait for it on the Python path
+
+    def _handle(self, events) -> None:
+        for kind, fd, peer_fd, rest, arg in events:
+            session = self.clients.pop(fd, None)
+            conn = self.backends.pop(fd, None)
+            if peer_fd >= 0:
+                session = session or self.clients.pop(peer_fd, None)
+                conn = conn or self.backends.pop(peer_fd, None)
+            backend_failed = conn is not None and conn.sock.fileno() == fd
+            if conn is not None:
+                self._unlend(conn, reader=False)
+                if session is None or not backend_failed:
+                    if session is not None:
+                        self.pool.discard_borrowed(conn)    # its client went away mid-transaction
+                    else:
+                        why = ("the backend sent data while idle in the pool" if kind == relay_core.UNSOLICITED
+                               else "the backend closed the connection")
+                        conn._lost(why)
+                else:
+                    conn._lost("the backend closed the connection")
+            if session is None:
+                continue
+            if conn is not None and backend_failed:
+                # The backend died under a transaction the relay served: the client hears it, as from a server
+                # that went away, and its connection ends (the Python path would keep it; the relay cannot say how
+                # many of its requests are unanswered).
+                session._send_quietly(session.proto.error(
+                    ErrorKind.BACKEND_LOST, "the database connection was lost during your transaction; reconnect"))
+                try:
+                    session.sock.shutdown(_stdsocket.SHUT_RDWR)
+                except (OSError, ValueError):
+                    pass
+                rest = b""
+            self._give_client_back(session, rest, "connection_lost" if backend_failed else _EVENT_NAMES.get(kind, "event"))
+
+    # -- housekeeping
+
+    def sweep(self, evacuate: bool) -> None:
+        """Idle backends that must not serve again go back to the pool; a quiet lane gives all its idle ones back;
+        `evacuate` (a takeover under way): the lane's clients not linked go back to the Python path."""
+        if self.closed:
+            return
+        relay = self.relay
+        transactions = relay.stats()["transactions"]
+        quiet = transactions == self.transactions_seen
+        self.transactions_seen = transactions
+        kept = []
+        while True:
+            fd = relay.take_idle()
+            if fd < 0:
+                break
+            conn = self.backends.pop(fd)
+            if quiet or not self._keeps(conn):
+                self._give_back(conn)
+            else:
+                kept.append(conn)
+        for conn in kept:
+            self.backends[conn.sock.fileno()] = conn
+            self._handle(relay.add_backend(conn.sock.fileno()))
+        if evacuate:
+            for fd, session in list(self.clients.items()):
+                data = relay.remove(fd)
+                if data is not None:
+                    del self.clients[fd]
+                    self._give_client_back(session, data, "takeover", wake=False)
+        self._reconcile()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.watcher.stop()
+        try:
+            self.pool.relay_lanes.remove(self)
+        except ValueError:
+            pass
+        self.transactions_before = self.relay.stats()["transactions"]
+        self.pool.relay_transactions_closed += self.transactions_before
+        self.relay.close()          # forgets every socket, closes none
+        for conn in self.backends.values():
+            self._unlend(conn, reader=False)
+            self.pool.discard_borrowed(conn)
+        self.backends.clear()
+        clients = list(self.clients.values())
+        self.clients.clear()
+        for session in clients:
+            session.relay_lane = None
+            if not session.park(relay=False):
+                self.proxy.resume_parked(session)

@@ -1,0 +1,234 @@
+"""[proxy] relay = "compiled" against a real PostgreSQL: more clients than backends (pgbench, psycopg, asyncpg), rows,
+pins, settings and pool counts, and the requests the engine's screen sends back to the Python path."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+
+import asyncpg
+import psycopg
+import pytest
+
+from .helpers import metric, metrics_text
+from .pgserver import AUTH_DB
+from .proxy import free_port
+from .test_pg_pooling import direct_connect, psycopg_connect, wait_for
+
+USER = "mp_trust"
+
+
+def compiled_config(pg, max_size: int = 4) -> dict:
+    cluster = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
+               "pool": {"mode": "transaction", "max_size": max_size, "borrow_timeout": 30.0}}
+    return {
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info", "relay": "compiled"},
+        "clusters": {"main": cluster},
+        "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
+                       "auth": "trust"}],
+    }
+
+
+def lane_metrics(proxy) -> dict:
+    text = metrics_text(proxy)
+    found = {name: metric(text, f"multiproxy_relay_lane_{name}") for name in
+             ("clients", "backends", "transactions_total", "returns_total")}
+    found["returns"] = {why: metric(text, "multiproxy_relay_lane_returns_total", why=why) for why in
+                        ("stopped", "malformed", "closed", "connection_lost", "pool_wanted", "no_backend", "settings")}
+    return found
+
+
+def server_backends(pg) -> int:
+    with direct_connect(pg) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (USER,)).fetchone()[0]
+
+
+def simple_query(conn: psycopg.Connection, sql: str):
+    """One simple-protocol Query (psycopg's execute without parameters on a raw cursor)."""
+    with psycopg.RawCursor(conn) as cur:
+        cur.execute(sql, prepare=False)
+        return cur.fetchall() if cur.description else None
+
+
+@pytest.mark.timeout(180)
+def test_pgbench_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory, tmp_path):
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy = proxy_factory(compiled_config(pg, max_size=4))
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10"}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run(["pgbench", "-S", "-M", "simple", "-c", "12", "-j", "2", "-t", "300", "-n"], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    assert "number of transactions actually processed: 3600/3600" in run.stdout, run.stdout
+    assert "number of failed transactions: 0" in run.stdout or "failed" not in run.stdout, run.stdout
+    lanes = lane_metrics(proxy)
+    print("relay lanes after pgbench:", lanes)
+    assert lanes["transactions_total"] >= 3000, lanes      # almost all of them with no Python
+    assert lanes["backends"] <= 4
+    assert server_backends(pg) <= 4
+    text = metrics_text(proxy)
+    assert not metric(text, "multiproxy_database_connections_currently_session_pinned")
+
+
+@pytest.mark.timeout(180)
+def test_psycopg_clients_keep_their_rows_settings_and_pins_right(pg, proxy_factory):
+    proxy = proxy_factory(compiled_config(pg, max_size=3))
+    table = f"relay_{uuid.uuid4().hex[:8]}"
+    with direct_connect(pg) as conn:
+        conn.execute(f"CREATE TABLE {table} (client int, n int)")
+        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    clients, rounds = 10, 40
+    errors = []
+    plain_done = threading.Barrier(clients + 1, timeout=120)
+    relayed_plain = []
+
+    def client(number: int) -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                for n in range(rounds):
+                    simple_query(conn, f"INSERT INTO {table} VALUES ({number}, {n})")
+                    got = simple_query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}")
+                    assert got == [(n + 1,)], (number, n, got)
+                plain_done.wait()
+                plain_done.wait()
+                # a tracked setting goes through Python and follows the client to any backend
+                simple_query(conn, f"SET application_name = 'relay-{number}'")
+                for _ in range(5):
+                    assert simple_query(conn, "SELECT current_setting('application_name')") == [(f"relay-{number}",)]
+                # an explicit transaction: its statements run on one backend
+                simple_query(conn, "BEGIN")
+                simple_query(conn, f"INSERT INTO {table} VALUES ({number}, -1)")
+                pid = simple_query(conn, "SELECT pg_backend_pid()")
+                assert simple_query(conn, "SELECT pg_backend_pid()") == pid
+                simple_query(conn, "ROLLBACK")
+                assert simple_query(conn, f"SELECT count(*) FROM {table} WHERE n = -1 AND client = {number}") == [(0,)]
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        plain_done.wait()
+        relayed_plain.append(lane_metrics(proxy))       # every client ran its plain statements, one key for all
+        plain_done.wait()
+    except threading.BrokenBarrierError:
+        pass            # a client failed: its error says why
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    # of the 800 plain statements nearly all ran in the relay (each backend's first transaction replays the
+    # clients' reported parameters on the Python path)
+    assert relayed_plain and relayed_plain[0]["transactions_total"] >= clients * rounds, str(relayed_plain)
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == clients * rounds
+    text = metrics_text(proxy)
+    assert not metric(text, "multiproxy_database_connections_currently_session_pinned")
+    assert server_backends(pg) <= 3
+    lanes = lane_metrics(proxy)
+    # SET and BEGIN went through Python; afterwards each client has a key of its own (its application_name), so
+    # the lanes of the pool compete for 3 backends and most of the rest runs on the Python path (pool_wanted)
+    assert lanes["returns"]["stopped"] >= clients * 2, lanes
+
+
+@pytest.mark.timeout(120)
+def test_a_pinning_statement_leaves_the_relay_and_pins(pg, proxy_factory):
+    proxy = proxy_factory(compiled_config(pg, max_size=2))
+    with psycopg_connect(proxy, autocommit=True) as conn:
+        for _ in range(20):
+            assert simple_query(conn, "SELECT 1") == [(1,)]
+        simple_query(conn, "CREATE TEMP TABLE relay_pinned (x int)")
+        simple_query(conn, "INSERT INTO relay_pinned VALUES (7)")
+        pid = simple_query(conn, "SELECT pg_backend_pid()")
+        for _ in range(5):
+            assert simple_query(conn, "SELECT x FROM relay_pinned") == [(7,)]
+            assert simple_query(conn, "SELECT pg_backend_pid()") == pid
+        text = metrics_text(proxy)
+        assert metric(text, "multiproxy_database_connections_currently_session_pinned") == 1
+    # the pinned client left: its backend was reset and serves the relay again
+    with psycopg_connect(proxy, autocommit=True) as conn:
+        for _ in range(5):
+            assert simple_query(conn, "SELECT 2") == [(2,)]
+        assert wait_for(lambda: not metric(metrics_text(proxy),
+                                           "multiproxy_database_connections_currently_session_pinned"))
+
+
+@pytest.mark.timeout(120)
+def test_asyncpg_clients_use_the_python_path_beside_relayed_ones(pg, proxy_factory):
+    proxy = proxy_factory(compiled_config(pg, max_size=3))
+
+    async def asyncpg_client(number: int) -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=USER, database=AUTH_DB,
+                                     statement_cache_size=0, timeout=10)
+        try:
+            for n in range(30):
+                assert await conn.fetchval("SELECT $1::int + $2::int", number, n) == number + n
+        finally:
+            await conn.close()
+
+    def relayed_client() -> None:
+        with psycopg_connect(proxy, autocommit=True) as conn:
+            for n in range(60):
+                assert simple_query(conn, f"SELECT {n}") == [(n,)]
+
+    threads = [threading.Thread(target=relayed_client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+
+    async def main():
+        await asyncio.gather(*(asyncpg_client(i) for i in range(6)))
+
+    asyncio.run(main())
+    for thread in threads:
+        thread.join(60)
+    assert server_backends(pg) <= 3
+    lanes = lane_metrics(proxy)
+    print("relay lanes beside asyncpg:", lanes)
+    # asyncpg's extended protocol runs on the Python path; while it waits for the pool, the relay's waiting clients
+    # queue there too (first come, first served), so only part of the simple queries run in the relay
+    assert lanes["transactions_total"] > 0, lanes
+    assert lanes["returns"]["stopped"] >= 6, lanes
+
+
+@pytest.mark.timeout(120)
+def test_a_client_leaving_mid_transaction_and_a_malformed_message(pg, proxy_factory):
+    proxy = proxy_factory(compiled_config(pg, max_size=2))
+    conn = psycopg_connect(proxy, autocommit=True)
+    simple_query(conn, "SELECT 1")
+    conn.close()
+    # a raw client: a Query then an invalid length; the Python path answers the protocol violation
+    import socket
+    import struct
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    body = b"user\0" + USER.encode() + b"\0database\0" + AUTH_DB.encode() + b"\0\0"
+    sock.sendall(struct.pack("!II", len(body) + 8, 196608) + body)
+    greeting = b""
+    while not greeting.endswith(b"Z\0\0\0\x05I"):
+        more = sock.recv(65536)
+        assert more
+        greeting += more
+    sock.sendall(b"Q\0\0\0\x0dSELECT 1\0")
+    answer = b""
+    while not answer.endswith(b"Z\0\0\0\x05I"):
+        more = sock.recv(65536)
+        assert more
+        answer += more
+    sock.sendall(b"Q\0\0\0\x02")
+    reply = b""
+    while True:
+        more = sock.recv(65536)
+        if not more:
+            break
+        reply += more
+    assert reply.startswith(b"E") and b"invalid message length" in reply
+    sock.close()
+    with psycopg_connect(proxy, autocommit=True) as again:
+        assert simple_query(again, "SELECT 3") == [(3,)]
+    assert wait_for(lambda: server_backends(pg) <= 2)
