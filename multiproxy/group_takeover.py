@@ -6,7 +6,7 @@ which cannot tell a group from a process), over the takeover socket:
 - The old group's supervisor (`GroupHandover`) listens on the takeover socket. When a new process connects it
   asks each worker for the cancel-key counter it reached (`takeover_keys`: the new group issues keys after the
   highest), answers hello, sends its listening sockets (and the admin server's), and once the new side accepts on
-  them tells every worker to drain (`takeover_drain`): a worker stops accepting (its acceptors pause: the sockets
+  them tells every worker to drain (`drain_clients`): a worker stops accepting (its acceptors pause: the sockets
   stay open, for a failed takeover) and exports each idle client exactly as a single process does
   (`WorkerDrain`, a takeover.Handover whose clients go over the worker's channel: `handed`, with the connection),
   which the supervisor forwards as `client` records. Each worker reports `drained` with its counts; when all did,
@@ -37,7 +37,8 @@ log = logging.getLogger("multiproxy.takeover")
 KEYS_TIMEOUT = 5.0          # seconds the old supervisor waits for its workers' cancel-key counters
 RECORD_TIMEOUT = 10.0       # seconds a supervisor waits for the rest of a record it began to read
 # Supervisor -> worker messages a worker's GroupTakeoverPart answers.
-WORKER_OPS = frozenset({"takeover_keys", "takeover_drain", "takeover_failed", "adopt", "took_over", "takeover_over",
+# "drain_clients" and "adopt" serve SIGTTOU too (multiproxy.scaling): a retiring worker's clients move to the others.
+WORKER_OPS = frozenset({"takeover_keys", "drain_clients", "takeover_failed", "adopt", "took_over", "takeover_over",
                         "takeover_cancel"})
 
 
@@ -241,10 +242,14 @@ class GroupHandover:
         self.phase = "draining"
         self.handed = 0
         self.drained = []
-        self.draining = {state.index for state in supervisor.workers}
+        # A worker SIGTTOU retires drains already: what it hands over from now on goes to the new side as well
+        # (multiproxy.scaling), and the group's end does not wait for it.
+        self.draining = {state.index for state in supervisor.workers if not state.retiring}
         for state in supervisor.workers:
+            if state.retiring:
+                continue
             if state.pid and state.channel is not None:
-                supervisor.send(state, {"op": "takeover_drain", "admin": self.admin_sent})
+                supervisor.send(state, {"op": "drain_clients", "admin": self.admin_sent})
             else:
                 self.worker_gone(state)         # waiting for its respawn: its held idle clients go now
         self._maybe_done()
@@ -261,14 +266,14 @@ class GroupHandover:
             if fd is None:
                 log.error("worker %d: a handed client came without its connection", state.index)
                 return
-            self._forward(message["record"], fd)
+            self.forward(message["record"], fd)
         elif op == "drained":
             if state.index in self.draining:
                 self.draining.discard(state.index)
                 self.drained.append(message)
                 self._maybe_done()
 
-    def _forward(self, record: dict, fd: int) -> None:
+    def forward(self, record: dict, fd: int) -> None:
         """Send a client to the new side; this supervisor's descriptor of it closes."""
         try:
             if self.talk is not None and self.phase in ("draining", "done"):
@@ -295,7 +300,7 @@ class GroupHandover:
         for slot, held in list(state.book.held.items()):
             state.book.held.pop(slot)
             if held.record is not None:
-                self._forward(held.record, held.fd)
+                self.forward(held.record, held.fd)
                 sent += 1
             else:
                 from .custody import shut_and_close
@@ -474,20 +479,10 @@ class GroupTakeover:
                 os.close(fd)
             log.warning("takeover: ignored a %r record", kind)
             return
-        state = self._worker_for(record)
-        fd = fds[0]
-        try:
-            if state is None or not self.supervisor.send_with_fds(state, {"op": "adopt", "record": record}, [fd]):
-                log.error("takeover: no worker could take a client of listener %s; it is closed",
-                          record.get("listener"))
-                from .custody import shut_and_close
-                shut_and_close(fd)
-                fd = None
-                return
+        if give_client(self.supervisor, self._worker_for(record), record, fds[0]):
             self.taken += 1
-        finally:
-            if fd is not None:
-                os.close(fd)
+        else:
+            log.error("takeover: no worker could take a client of listener %s; it is closed", record.get("listener"))
 
     def _worker_for(self, record: dict):
         """The worker whose index the client's cancel key names (modulo the worker count), or another running one."""
@@ -552,6 +547,35 @@ class GroupTakeover:
             self.talk = None
 
 
+# ---------------------------------------------------------------------------------------------------- adopting
+
+def give_client(supervisor, state, record: dict, fd: int) -> bool:
+    """Send worker `state` a client to adopt (its record, its connection `fd` by SCM_RIGHTS): a takeover's client,
+    or one a worker retired by SIGTTOU handed over. The supervisor's descriptor closes either way; False when no
+    worker took it (`state` None, its channel closed or full): the connection is shut down then, as nobody serves it."""
+    try:
+        if state is None or not supervisor.send_with_fds(state, {"op": "adopt", "record": record}, [fd]):
+            from .custody import shut_and_close
+            shut_and_close(fd)
+            fd = None
+            return False
+        supervisor.balance.reserve(state.index)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def least_loaded_worker(supervisor):
+    """The serving worker (running, ready, not retiring) with the fewest clients in the accept balance's counts, the
+    lowest index among equals; None when none serves."""
+    counts = supervisor.balance.snapshot()
+    serving = [state for state in supervisor.workers
+               if state.pid and state.channel is not None and state.ready and not state.retiring]
+    return min(serving, key=lambda state: (counts[state.index] if state.index < len(counts) else 0, state.index),
+               default=None)
+
+
 # ---------------------------------------------------------------------------------------------------- worker side
 
 class WorkerDrain(Handover):
@@ -570,7 +594,9 @@ class WorkerDrain(Handover):
             self.done_draining = True
 
     def send_client(self, record: dict, fd: int) -> None:
-        if not self.link.send_with_fds({"op": "handed", "record": record}, [fd]):
+        # With the worker's cancel-key counter: a SIGTTOU'd index started again issues keys after the moved clients'.
+        if not self.link.send_with_fds({"op": "handed", "record": record, "keys": self.proxy.cancel_keys_issued},
+                                       [fd]):
             raise OSError("the supervisor's channel is closed")
 
 
@@ -600,7 +626,7 @@ class GroupTakeoverPart:
         proxy = self.proxy
         if op == "takeover_keys":
             self.link.send({"op": "keys", "keys": proxy.cancel_keys_issued})
-        elif op == "takeover_drain":
+        elif op == "drain_clients":
             if self.drain is None:
                 gevent.spawn(self._drain, bool(message.get("admin")))
         elif op == "takeover_failed":
@@ -679,7 +705,7 @@ class GroupTakeoverPart:
             self._accept_again()
             return
         self.link.send({"op": "drained", "handed": drain.handed, "stayed": stayed, "tls": tls,
-                        "reasons": dict(reasons)})
+                        "reasons": dict(reasons), "keys": proxy.cancel_keys_issued})
         log.info("worker %d: handed %d clients over; %d stay until they finish", proxy.worker, drain.handed, stayed)
 
     def _failed(self) -> None:
