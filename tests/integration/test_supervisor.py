@@ -992,6 +992,7 @@ def test_sigttou_hands_the_retired_workers_clients_to_the_least_loaded_others(pg
 
         # Custody moved with them: a kill -9 of the worker serving a moved client resumes it there.
         target = int(after[local_port(movers[0].pgconn.socket)])
+        time.sleep(0.5)         # a worker marks a client idle just after it sent the answer (multiproxy.custody)
         resumed, closed = kill_worker(proxy, target)
         assert closed == 0 and resumed == final[target], (resumed, final)
         for conn in conns:
