@@ -1,4 +1,4 @@
-"""Takeover for process groups (workers > 1): the supervisor's side of both ends, and the workers' parts.
+"""Moving idle clients between a group's processes: takeover for process groups (workers > 1), and SIGTTOU's retiring worker.
 
 The conversation stays the one of multiproxy.takeover, supervisor to supervisor (or to and from a single process,
 which cannot tell a group from a process), over the takeover socket:
@@ -19,6 +19,10 @@ which cannot tell a group from a process), over the takeover socket:
   the worker its cancel key names (modulo the new worker count; Proxy.cancel routes keys the same way), which
   resumes it as a takeover does (`adopt`); until the old side exits, cancels for keys a worker does not know go
   back to it through the supervisor (`cancel_elsewhere`). Then the new group listens for the next takeover.
+
+SIGTTOU (multiproxy.scaling) moves a retiring worker's clients to the other workers of its own group with the same
+parts: the worker drains on `drain_clients` as above, and the supervisor gives each handed client to the least loaded
+serving worker (`least_loaded_worker`, `give_client`), which adopts it.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from 
 bound once and sends by SCM_RIGHTS), and the broker's `acquire`/`release` (one round trip when a backend connection
 opens, none per borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle
 connection of that budget for another worker) sent unasked; `group` tells each worker the count after SIGTTIN or
-SIGTTOU (multiproxy.scaling). A worker's slots are freed when its channel closes: it died.
+SIGTTOU (multiproxy.scaling), whose retiring worker's clients go to the others over the channels (`drain_clients`,
+`handed`, `drained`, `adopt`), with `moved`, `moved_left` and `moved_gone` for their cancel keys. A worker's slots are freed when its channel closes: it died.
 
 With `proxy.worker_custody` (multiproxy.custody) the channel also carries `hold` (a client connection, by
 SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (the client left); each worker index
