@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import itertools
+import json
 import logging
 import os
 import time
@@ -349,7 +350,13 @@ class GroupHandover:
             return
         engine = supervisor.engines.get(record.get("engine") or "")
         workers = supervisor.workers
-        targets = [workers[engine.cancel_key_worker(key) % len(workers)]] if engine is not None else workers
+        moved = supervisor.moved_keys.get(json.dumps(record["key"], sort_keys=True))    # SIGTTOU moved that client
+        if moved is not None and moved[2] < len(workers):
+            targets = [workers[moved[2]]]
+        elif engine is not None:
+            targets = [workers[engine.cancel_key_worker(key) % len(workers)]]
+        else:
+            targets = workers
         for state in targets:
             supervisor.send(state, {"op": "takeover_cancel", "key": record["key"],
                                     "terminate": bool(record.get("terminate"))})
@@ -366,6 +373,8 @@ class GroupHandover:
                         "clients it still has", self.peer, exc)
             now = time.monotonic()
             for state in self.supervisor.workers:
+                if state.retiring:
+                    continue            # SIGTTOU's drain goes on: it does not accept again
                 if state.pid and state.channel is not None:
                     self.supervisor.send(state, {"op": "takeover_failed"})
                 elif not state.pid and state.respawn_at is None:
