@@ -1021,6 +1021,43 @@ def test_sigttou_hands_the_retired_workers_clients_to_the_least_loaded_others(pg
             conn.close()
 
 
+@pytest.mark.timeout(120)
+def test_sigttou_leaves_a_pinned_client_with_the_retiring_worker_until_the_drain_ends(pg, proxy_factory):
+    """A pinned client (LISTEN) cannot move: it stays with the retiring worker for proxy.takeover_drain_timeout, then
+    gets the shutting-down error of a graceful stop; the idle clients of that worker moved meanwhile."""
+    from .test_custody import client_workers
+    from .test_takeover import local_port
+    config = group_config(pg)
+    config["proxy"]["takeover_drain_timeout"] = 3.0
+    proxy = proxy_factory(config)
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1], 30)
+    conns = []
+    try:
+        while True:
+            assert len(conns) < 60, "60 connections and worker 1 did not get 3"
+            conns.append(prepared_client(proxy, f"client-{len(conns)}"))
+            on = client_workers(proxy)
+            retiring = [conn for conn in conns if on[local_port(conn.pgconn.socket)] == "1"]
+            if len(retiring) >= 3:
+                break
+        pinned = retiring[0]
+        pinned.execute("LISTEN ttou_channel")
+        proxy.send_signal(signal.SIGTTOU)
+        drained = wait_for("worker 1 drained", lambda: re.search(
+            r"worker 1 \(SIGTTOU\): handed (\d+) clients to the other workers; (\d+) stay .*; pinned: 1",
+            proxy.log_text()), 30)
+        assert (int(drained.group(1)), int(drained.group(2))) == (len(retiring) - 1, 1)
+        wait_for("worker 1 gone", lambda: serving_workers(proxy) == [0], 30)
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            pinned.execute("SELECT 1")
+        for i, conn in enumerate(conns):
+            if conn is not pinned:
+                check_prepared_client(conn, f"client-{i}")
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def listening_sockets(port: int) -> int:
     """How many listening TCP sockets of this network namespace are bound to `port` (/proc/net/tcp, tcp6)."""
     count = 0
