@@ -1,6 +1,7 @@
 """Worker custody (multiproxy.custody): with forked workers, kill -9 of a worker loses none of its idle clients (they
 keep their connection and their session settings in the respawned worker, cancel keys included) and no committed
-transaction; its busy clients see their connection end; with worker_custody = false they are lost as before. Real
+transaction; its busy clients see their connection end; with worker_custody = false they are lost as before. A
+worker SIGTTOU retires that dies before its drain: its held idle clients go to the other workers. Real
 servers (PostgreSQL, MariaDB, the TDS lab), real clients (psycopg, pgbench, PyMySQL, pymssql and a raw TDS client)."""
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, Pg
 every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
 on the server, and freed when a worker dies); cancels across workers after a respawn; SIGTERM drains every worker
 and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn,
-bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (and a lone process ignoring them)."""
+bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (the retired worker's clients move to
+the others with their sessions and cancel keys; a pinned one stays), and a lone process ignoring them."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Takeover with forked workers (multiproxy.group_takeover): a group (supervisor + workers) hands its listeners and
 idle clients to a new group or process, and a single process to a new group. Real servers, real clients: the clients'
-connections and session state survive, cancels reach the clients wherever they are, zero failures under pgbench."""
+connections and session state survive, cancels reach the clients wherever they are, zero failures under pgbench.
+The same drain and adopt move the MySQL and TDS clients of a worker SIGTTOU retires to the other workers."""
 from __future__ import annotations
 
 import re
