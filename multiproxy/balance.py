@@ -53,6 +53,12 @@ class AcceptBalance:
         if index < self.slots:
             self.counts[index] = clients
 
+    def reserve(self, index: int) -> None:
+        """The supervisor sent worker `index` a client to adopt: it counts now (so that the next client of a burst goes
+        to another worker), until that worker publishes its own count again."""
+        if index < self.slots and self.counts[index] != ABSENT:
+            self.counts[index] += 1
+
     def should_defer(self, index: int) -> bool:
         """Whether worker `index` is more than SLACK clients above the least loaded running worker."""
         if index >= self.slots:

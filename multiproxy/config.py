@@ -63,7 +63,8 @@ PROXY_SETTINGS = _settings(
     Setting("max_message_size", int, 64 * 1024 * 1024, "largest client message accepted, in bytes", minimum=1024),
     Setting("workers", int, 1, "worker processes sharing the listeners, under a supervisor that respawns them and "
             "holds max_size and max_cluster_connections for them all; with more than 1, SIGTTIN to the main process adds "
-            "one and SIGTTOU removes one (never the last) until the next restart", minimum=1),
+            "one and SIGTTOU removes one (never the last; its idle clients move to the others) until the next "
+            "restart", minimum=1),
     Setting("worker_custody", bool, True, "with workers > 1: the supervisor holds a duplicate of each worker's "
             "plaintext client connections and their session state, so that when a worker dies (kill -9, a crash) its "
             "idle clients are resumed by the respawned worker with their session; clients busy at that moment are "
@@ -87,7 +88,8 @@ PROXY_SETTINGS = _settings(
             "directory (PORT: the first listener's); empty disables takeovers"),
     Setting("takeover_drain_timeout", float, 30.0, "seconds a process being taken over waits for its busy clients "
             "to become idle (and go to the new process); those still busy then, and TLS clients, finish with it as "
-            "in a graceful stop (proxy.shutdown_timeout)", minimum=0),
+            "in a graceful stop (proxy.shutdown_timeout). A worker SIGTTOU retires waits as long for its clients to "
+            "move to the other workers", minimum=0),
     Setting("relay", str, "python", "how the bytes of transaction-mode sessions move: python (a greenlet relays each "
             "message) or compiled (a plaintext, unpinned client idle between transactions is served by the compiled "
             "relay core with the pool's spare backends, and Python wakes only at what its engine must see: see "

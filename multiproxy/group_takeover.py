@@ -1,4 +1,4 @@
-"""Takeover for process groups (workers > 1): the supervisor's side of both ends, and the workers' parts.
+"""Moving idle clients between a group's processes: takeover for process groups (workers > 1), and SIGTTOU's retiring worker.
 
 The conversation stays the one of multiproxy.takeover, supervisor to supervisor (or to and from a single process,
 which cannot tell a group from a process), over the takeover socket:
@@ -6,7 +6,7 @@ which cannot tell a group from a process), over the takeover socket:
 - The old group's supervisor (`GroupHandover`) listens on the takeover socket. When a new process connects it
   asks each worker for the cancel-key counter it reached (`takeover_keys`: the new group issues keys after the
   highest), answers hello, sends its listening sockets (and the admin server's), and once the new side accepts on
-  them tells every worker to drain (`takeover_drain`): a worker stops accepting (its acceptors pause: the sockets
+  them tells every worker to drain (`drain_clients`): a worker stops accepting (its acceptors pause: the sockets
   stay open, for a failed takeover) and exports each idle client exactly as a single process does
   (`WorkerDrain`, a takeover.Handover whose clients go over the worker's channel: `handed`, with the connection),
   which the supervisor forwards as `client` records. Each worker reports `drained` with its counts; when all did,
@@ -19,11 +19,16 @@ which cannot tell a group from a process), over the takeover socket:
   the worker its cancel key names (modulo the new worker count; Proxy.cancel routes keys the same way), which
   resumes it as a takeover does (`adopt`); until the old side exits, cancels for keys a worker does not know go
   back to it through the supervisor (`cancel_elsewhere`). Then the new group listens for the next takeover.
+
+SIGTTOU (multiproxy.scaling) moves a retiring worker's clients to the other workers of its own group with the same
+parts: the worker drains on `drain_clients` as above, and the supervisor gives each handed client to the least loaded
+serving worker (`least_loaded_worker`, `give_client`), which adopts it.
 """
 from __future__ import annotations
 
 import _socket
 import itertools
+import json
 import logging
 import os
 import time
@@ -37,7 +42,8 @@ log = logging.getLogger("multiproxy.takeover")
 KEYS_TIMEOUT = 5.0          # seconds the old supervisor waits for its workers' cancel-key counters
 RECORD_TIMEOUT = 10.0       # seconds a supervisor waits for the rest of a record it began to read
 # Supervisor -> worker messages a worker's GroupTakeoverPart answers.
-WORKER_OPS = frozenset({"takeover_keys", "takeover_drain", "takeover_failed", "adopt", "took_over", "takeover_over",
+# "drain_clients" and "adopt" serve SIGTTOU too (multiproxy.scaling): a retiring worker's clients move to the others.
+WORKER_OPS = frozenset({"takeover_keys", "drain_clients", "takeover_failed", "adopt", "took_over", "takeover_over",
                         "takeover_cancel"})
 
 
@@ -241,10 +247,14 @@ class GroupHandover:
         self.phase = "draining"
         self.handed = 0
         self.drained = []
-        self.draining = {state.index for state in supervisor.workers}
+        # A worker SIGTTOU retires drains already: what it hands over from now on goes to the new side as well
+        # (multiproxy.scaling), and the group's end does not wait for it.
+        self.draining = {state.index for state in supervisor.workers if not state.retiring}
         for state in supervisor.workers:
+            if state.retiring:
+                continue
             if state.pid and state.channel is not None:
-                supervisor.send(state, {"op": "takeover_drain", "admin": self.admin_sent})
+                supervisor.send(state, {"op": "drain_clients", "admin": self.admin_sent})
             else:
                 self.worker_gone(state)         # waiting for its respawn: its held idle clients go now
         self._maybe_done()
@@ -261,14 +271,14 @@ class GroupHandover:
             if fd is None:
                 log.error("worker %d: a handed client came without its connection", state.index)
                 return
-            self._forward(message["record"], fd)
+            self.forward(message["record"], fd)
         elif op == "drained":
             if state.index in self.draining:
                 self.draining.discard(state.index)
                 self.drained.append(message)
                 self._maybe_done()
 
-    def _forward(self, record: dict, fd: int) -> None:
+    def forward(self, record: dict, fd: int) -> None:
         """Send a client to the new side; this supervisor's descriptor of it closes."""
         try:
             if self.talk is not None and self.phase in ("draining", "done"):
@@ -295,7 +305,7 @@ class GroupHandover:
         for slot, held in list(state.book.held.items()):
             state.book.held.pop(slot)
             if held.record is not None:
-                self._forward(held.record, held.fd)
+                self.forward(held.record, held.fd)
                 sent += 1
             else:
                 from .custody import shut_and_close
@@ -340,7 +350,13 @@ class GroupHandover:
             return
         engine = supervisor.engines.get(record.get("engine") or "")
         workers = supervisor.workers
-        targets = [workers[engine.cancel_key_worker(key) % len(workers)]] if engine is not None else workers
+        moved = supervisor.moved_keys.get(json.dumps(record["key"], sort_keys=True))    # SIGTTOU moved that client
+        if moved is not None and moved[2] < len(workers):
+            targets = [workers[moved[2]]]
+        elif engine is not None:
+            targets = [workers[engine.cancel_key_worker(key) % len(workers)]]
+        else:
+            targets = workers
         for state in targets:
             supervisor.send(state, {"op": "takeover_cancel", "key": record["key"],
                                     "terminate": bool(record.get("terminate"))})
@@ -357,6 +373,8 @@ class GroupHandover:
                         "clients it still has", self.peer, exc)
             now = time.monotonic()
             for state in self.supervisor.workers:
+                if state.retiring:
+                    continue            # SIGTTOU's drain goes on: it does not accept again
                 if state.pid and state.channel is not None:
                     self.supervisor.send(state, {"op": "takeover_failed"})
                 elif not state.pid and state.respawn_at is None:
@@ -474,20 +492,10 @@ class GroupTakeover:
                 os.close(fd)
             log.warning("takeover: ignored a %r record", kind)
             return
-        state = self._worker_for(record)
-        fd = fds[0]
-        try:
-            if state is None or not self.supervisor.send_with_fds(state, {"op": "adopt", "record": record}, [fd]):
-                log.error("takeover: no worker could take a client of listener %s; it is closed",
-                          record.get("listener"))
-                from .custody import shut_and_close
-                shut_and_close(fd)
-                fd = None
-                return
+        if give_client(self.supervisor, self._worker_for(record), record, fds[0]):
             self.taken += 1
-        finally:
-            if fd is not None:
-                os.close(fd)
+        else:
+            log.error("takeover: no worker could take a client of listener %s; it is closed", record.get("listener"))
 
     def _worker_for(self, record: dict):
         """The worker whose index the client's cancel key names (modulo the worker count), or another running one."""
@@ -552,6 +560,35 @@ class GroupTakeover:
             self.talk = None
 
 
+# ---------------------------------------------------------------------------------------------------- adopting
+
+def give_client(supervisor, state, record: dict, fd: int) -> bool:
+    """Send worker `state` a client to adopt (its record, its connection `fd` by SCM_RIGHTS): a takeover's client,
+    or one a worker retired by SIGTTOU handed over. The supervisor's descriptor closes either way; False when no
+    worker took it (`state` None, its channel closed or full): the connection is shut down then, as nobody serves it."""
+    try:
+        if state is None or not supervisor.send_with_fds(state, {"op": "adopt", "record": record}, [fd]):
+            from .custody import shut_and_close
+            shut_and_close(fd)
+            fd = None
+            return False
+        supervisor.balance.reserve(state.index)
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def least_loaded_worker(supervisor):
+    """The serving worker (running, ready, not retiring) with the fewest clients in the accept balance's counts, the
+    lowest index among equals; None when none serves."""
+    counts = supervisor.balance.snapshot()
+    serving = [state for state in supervisor.workers
+               if state.pid and state.channel is not None and state.ready and not state.retiring]
+    return min(serving, key=lambda state: (counts[state.index] if state.index < len(counts) else 0, state.index),
+               default=None)
+
+
 # ---------------------------------------------------------------------------------------------------- worker side
 
 class WorkerDrain(Handover):
@@ -570,7 +607,9 @@ class WorkerDrain(Handover):
             self.done_draining = True
 
     def send_client(self, record: dict, fd: int) -> None:
-        if not self.link.send_with_fds({"op": "handed", "record": record}, [fd]):
+        # With the worker's cancel-key counter: a SIGTTOU'd index started again issues keys after the moved clients'.
+        if not self.link.send_with_fds({"op": "handed", "record": record, "keys": self.proxy.cancel_keys_issued},
+                                       [fd]):
             raise OSError("the supervisor's channel is closed")
 
 
@@ -600,7 +639,7 @@ class GroupTakeoverPart:
         proxy = self.proxy
         if op == "takeover_keys":
             self.link.send({"op": "keys", "keys": proxy.cancel_keys_issued})
-        elif op == "takeover_drain":
+        elif op == "drain_clients":
             if self.drain is None:
                 gevent.spawn(self._drain, bool(message.get("admin")))
         elif op == "takeover_failed":
@@ -679,7 +718,7 @@ class GroupTakeoverPart:
             self._accept_again()
             return
         self.link.send({"op": "drained", "handed": drain.handed, "stayed": stayed, "tls": tls,
-                        "reasons": dict(reasons)})
+                        "reasons": dict(reasons), "keys": proxy.cancel_keys_issued})
         log.info("worker %d: handed %d clients over; %d stay until they finish", proxy.worker, drain.handed, stayed)
 
     def _failed(self) -> None:

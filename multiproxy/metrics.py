@@ -105,7 +105,8 @@ class ProxyCollector:
         c.add_metric([], m.read_only_retries)
         yield c
         c = CounterMetricFamily(PREFIX + "takeover_clients", "Client connections moved by an online restart "
-                                "(multiproxy run --takeover), by side: handed_over, taken_over, stayed", labels=["side"])
+                                "(multiproxy run --takeover) or from a worker SIGTTOU retires to the others, by side: "
+                                "handed_over, taken_over, stayed", labels=["side"])
         for side, count in m.takeover_clients.items():
             c.add_metric([side], count)
         yield c

@@ -23,6 +23,7 @@ from .auth import UsersFile
 from .backends import open_socket, run_script
 from .config import ClusterConfig, Config, ListenerConfig
 from .engine import BackendTarget, ErrorKind, StatementCounts
+from .handover import decode, encode
 from .metrics import Metrics, start_admin_server
 from .parking import IdleParking
 from .pinning import PinPolicy
@@ -92,6 +93,9 @@ class Proxy:
         self.balance = None          # a worker of a process group: the group's client counts (multiproxy.balance)
         self.handshaking: dict = {}           # session -> monotonic deadline, while a plaintext client logs in
         self.by_cancel_key: dict = {}
+        # With forked workers: the cancel keys of clients a worker retired by SIGTTOU handed over -> the worker that
+        # serves each now (their keys name the retired index; multiproxy.scaling).
+        self.moved_cancel_keys: dict = {}
         self.sessions_per_user: dict[str, int] = {}
         self.connections_by_address: dict[str, int] = {}
         pc = config.proxy
@@ -677,6 +681,8 @@ class Proxy:
         if session.cancel_key is not None and self.by_cancel_key.get(session.cancel_key) is session:
             del self.by_cancel_key[session.cancel_key]
             self.sessions_per_user[session.user] -= 1
+            if self.moved_cancel_keys.get(session.cancel_key) == self.worker and self.link is not None:
+                self.link.send({"op": "moved_left", "key": encode(session.cancel_key)})
         self.metrics.session_closed(session)
 
     def cancel(self, key, engine=None, terminate: bool = False) -> None:
@@ -686,8 +692,11 @@ class Proxy:
         With several workers the key names the worker that issued it; a cancel that arrived elsewhere
         is passed to that worker over a datagram socket."""
         if self.worker_count > 1 and engine is not None:
-            # Modulo: a client a takeover brought from a larger group sits in the worker its key names modulo ours.
-            owner = engine.cancel_key_worker(key) % self.worker_count
+            # A client a retired worker handed over is where the supervisor said; modulo: a client a takeover
+            # brought from a larger group sits in the worker its key names modulo ours.
+            owner = self.moved_cancel_keys.get(key)
+            if owner is None:
+                owner = engine.cancel_key_worker(key) % self.worker_count
             if owner != self.worker:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
@@ -718,6 +727,15 @@ class Proxy:
         self.metrics.cancels_forwarded += 1
         script = session.engine.cancel_script(target, backend.state)
         gevent.spawn(self._send_cancel, target, script, cluster.backend.connect_timeout)
+
+    def clients_moved(self, entries: list) -> None:
+        """The supervisor says which worker serves each client a SIGTTOU'd worker handed over: [engine, key (the
+        handover's encoding), worker]."""
+        for _engine, key, worker in entries:
+            self.moved_cancel_keys[decode(key)] = int(worker)
+
+    def moved_client_gone(self, key) -> None:
+        self.moved_cancel_keys.pop(decode(key), None)
 
     def listen_for_cancels(self, worker_count: int, group: int) -> None:
         """With forked workers: receive cancels that other workers passed to this one."""
@@ -796,13 +814,17 @@ def run_forever(config: Config, engines: dict, take_over: bool | str = False) ->
 
 def _run_worker(config: Config, engines: dict, worker: int, listen_sockets, group: int = 0, channel=None,
                 worker_count: int = 1, admin_socket=None, take_over: bool | str = False, custody=None,
-                group_takeover: dict | None = None, balance=None) -> int:
+                group_takeover: dict | None = None, balance=None, cancel_counter: int = 0) -> int:
     """One process serving the listeners. Alone (no channel) it tells systemd its state itself, listens for a
     takeover (proxy.takeover_socket) and, with `take_over`, starts with one (multiproxy.takeover); a forked worker
     tells its supervisor over `channel` (ready, heartbeats, reloads, backend slots, and with `custody` its clients:
     multiproxy.custody), and the supervisor tells systemd; its part in a takeover of the group comes over the channel
-    too (multiproxy.group_takeover; `group_takeover`: the options of a worker forked while its group takes over)."""
+    too (multiproxy.group_takeover; `group_takeover`: the options of a worker forked while its group takes over).
+    `cancel_counter`: the keys it issues come after it (the counter its index reached before)."""
     proxy = Proxy(config, engines, worker)
+    if cancel_counter:
+        proxy._cancel_counter = itertools.count(cancel_counter + 1)
+        proxy.cancel_keys_issued = cancel_counter
     link = None
     if channel is not None:
         from .groupview import GroupView

@@ -11,7 +11,8 @@ supervisor carrying JSON lines: `ready`, `beat` (every heartbeat interval, from 
 bound once and sends by SCM_RIGHTS), and the broker's `acquire`/`release` (one round trip when a backend connection
 opens, none per borrow), answered by `granted`, with `free` (a slot came free: try again) and `evict` (close an idle
 connection of that budget for another worker) sent unasked; `group` tells each worker the count after SIGTTIN or
-SIGTTOU (multiproxy.scaling). A worker's slots are freed when its channel closes: it died.
+SIGTTOU (multiproxy.scaling), whose retiring worker's clients go to the others over the channels (`drain_clients`,
+`handed`, `drained`, `adopt`), with `moved`, `moved_left` and `moved_gone` for their cancel keys. A worker's slots are freed when its channel closes: it died.
 
 With `proxy.worker_custody` (multiproxy.custody) the channel also carries `hold` (a client connection, by
 SCM_RIGHTS, with its session record), `record` (a newer record) and `unhold` (the client left); each worker index
@@ -202,6 +203,10 @@ class Supervisor:
         self.exit_status = 0
         self.make_listen_socket = make_listen_socket     # also binds the listeners a reload adds
         self.watchers: dict = {}        # descriptor -> what to call when poll says it is readable (takeovers)
+        # SIGTTOU (multiproxy.scaling): the cancel-key counter each retired index reached, and where each client a
+        # retired worker handed over is served now (its key as JSON -> [engine, key, worker]).
+        self.key_floors: dict[int, int] = {}
+        self.moved_keys: dict[str, list] = {}
         from .group_takeover import GroupHandover, GroupTakeover
         self.handover = GroupHandover(self)     # this group handed over to a new process or group
         self.takeover = None                    # this group taking over from a running one
@@ -397,7 +402,9 @@ class Supervisor:
                                    # at least 2: a worker under a supervisor, even after SIGTTOU left one
                                    channel=channel, worker_count=max(2, len(self.workers)),
                                    admin_socket=self.admin_socket,
-                                   custody=custody, group_takeover=takeover, balance=self.balance)
+                                   custody=custody, group_takeover=takeover, balance=self.balance,
+                                   # after every key this index issued (a SIGTTOU'd index's moved clients keep theirs)
+                                   cancel_counter=state.book.key_counter)
         except BaseException as exc:
             log.error("worker %d failed: %s", index, exc, exc_info=not isinstance(exc, OSError))
             code = 2 if type(exc).__name__ == "UsersFileError" else 1
@@ -474,12 +481,15 @@ class Supervisor:
         if not state.book.held:
             state.closed_busy = 0
             return
-        if self.stopping_since is not None or state.busy_map is None or state.retiring:
+        if self.stopping_since is not None or state.busy_map is None:
             held = state.book.release_all()
             for client in held:
                 shut_and_close(client.fd)
-            log.info("worker %d (pid %d): %d clients it held were closed (%s)", state.index, pid, len(held),
-                     "stopped by SIGTTOU" if state.retiring else "the group stops")
+            log.info("worker %d (pid %d): %d clients it held were closed (the group stops)", state.index, pid,
+                     len(held))
+            return
+        if state.retiring:
+            scaling.hand_held_clients(self, state)      # died before it handed them over: the others take them
             return
         idle, busy = state.book.after_death(state.busy_map)
         for client in busy:
@@ -761,6 +771,7 @@ class Supervisor:
             if not state.ready:
                 state.ready = True
                 scaling.tell_worker_count(self, state)
+                scaling.tell_moved_keys(self, state)
                 if state.generation < self.generation:
                     self.ask_reload(state)     # forked before a reload read the file: it reloads now
                 if not self.announced_ready and all(s.ready for s in self.workers):
@@ -791,8 +802,12 @@ class Supervisor:
             state.book.update(int(message["slot"]), message["record"])
         elif op == "unhold":
             state.book.unhold(int(message["slot"]))
+        elif op in ("handed", "drained") and state.retiring:
+            scaling.on_message(self, state, message)      # SIGTTOU: its clients go to the other workers
         elif op in ("keys", "handed", "drained"):
             self.handover.on_message(state, message)
+        elif op == "moved_left":
+            scaling.moved_left(self, state, message)
         elif op == "cancel_elsewhere":
             if self.takeover is not None:
                 self.takeover.pass_cancel(message)
@@ -920,6 +935,10 @@ class WorkerLink:
             self.evict(message["key"], message.get("urgent", True))
         elif op == "group":
             self.proxy.group.worker_count = int(message["workers"])     # SIGTTIN or SIGTTOU changed the group
+        elif op == "moved":         # clients a worker SIGTTOU retired handed over: who serves them (their cancels)
+            self.proxy.clients_moved(message["keys"])
+        elif op == "moved_gone":
+            self.proxy.moved_client_gone(message["key"])
         elif self.takeover is not None:
             from .group_takeover import WORKER_OPS
             if op in WORKER_OPS:

@@ -1,6 +1,7 @@
 """Worker custody (multiproxy.custody): with forked workers, kill -9 of a worker loses none of its idle clients (they
 keep their connection and their session settings in the respawned worker, cancel keys included) and no committed
-transaction; its busy clients see their connection end; with worker_custody = false they are lost as before. Real
+transaction; its busy clients see their connection end; with worker_custody = false they are lost as before. A
+worker SIGTTOU retires that dies before its drain: its held idle clients go to the other workers. Real
 servers (PostgreSQL, MariaDB, the TDS lab), real clients (psycopg, pgbench, PyMySQL, pymssql and a raw TDS client)."""
 from __future__ import annotations
 
@@ -139,6 +140,47 @@ def test_pg_idle_clients_of_a_killed_worker_keep_their_connection_session_and_ca
         keys = {c.pgconn.backend_pid for c in conns}
         assert fresh.pgconn.backend_pid not in keys or client_workers(proxy)[pg_local_port(fresh)] == "0"
         fresh.close()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_pg_a_worker_sigttou_retires_that_dies_before_its_drain_loses_only_its_busy_clients(pg, proxy_factory):
+    """SIGTTOU to a group whose worker 1 is stopped (SIGSTOP: it cannot drain), then kill -9 of that worker: the idle
+    clients the supervisor held for it go to worker 0 from its duplicates, with their sessions; a client inside a
+    transaction is closed (its transaction died with the worker)."""
+    proxy = proxy_factory(pg_group(pg))
+    pids = both_started(proxy)
+    conns = spread(proxy, lambda: pg_app(proxy), pg_local_port)
+    try:
+        for i, conn in enumerate(conns):
+            conn.execute(f"SET application_name = 'retired-{i}'")
+        on = client_workers(proxy)
+        retired = [conn for conn in conns if on[pg_local_port(conn)] == "1"]
+        busy = retired.pop()
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        time.sleep(0.5)         # a worker marks a client idle just after it sent the answer
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            proxy.send_signal(signal.SIGTTOU)
+            wait_for("the SIGTTOU logged", lambda: "SIGTTOU received: worker 1" in proxy.log_text())
+        finally:
+            os.kill(pids[1], signal.SIGKILL)
+        moved = wait_for("the held clients moved", lambda: re.search(
+            r"worker 1 \(SIGTTOU\) is gone: (\d+) idle clients held for it went to the other workers, (\d+) busy",
+            proxy.log_text()))
+        assert (int(moved.group(1)), int(moved.group(2))) == (len(retired), 1)
+        wait_for("worker 1 gone", lambda: "stopped after SIGTTOU" in proxy.log_text())
+        for i, conn in enumerate(conns):
+            if conn is busy:
+                with pytest.raises(psycopg.OperationalError):
+                    conn.execute("SELECT 1")
+            else:
+                assert conn.execute("SHOW application_name").fetchone()[0] == f"retired-{i}"
+        assert set(client_workers(proxy).values()) == {"0"}
+        assert worker_pids(proxy).get(1) == pids[1]       # not respawned
     finally:
         for conn in conns:
             conn.close()

@@ -5,7 +5,8 @@ deaths; one view of the group (/metrics, /status, /admin/, SHOW through psql, Pg
 every worker before systemd hears READY=1; one backend budget for the group (max_size and the cluster cap, counted
 on the server, and freed when a worker dies); cancels across workers after a respawn; SIGTERM drains every worker
 and respawns none; a worker that cannot start stops the group; listeners a reload adds or removes after a respawn,
-bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (and a lone process ignoring them)."""
+bound once by the supervisor; SHOW EVENTS once per event; SIGTTIN and SIGTTOU (the retired worker's clients move to
+the others with their sessions and cancel keys; a pinned one stays), and a lone process ignoring them."""
 from __future__ import annotations
 
 import json
@@ -876,8 +877,8 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, prox
         for conn in conns:
             conn.execute("SELECT 1").fetchone()
 
-        # A transaction under way on the worker SIGTTOU removes finishes; then that client is closed with the
-        # protocol's shutting-down error, and the others go on.
+        # A request under way on the worker SIGTTOU removes finishes; then that client moves to another worker,
+        # and the others go on.
         finished = []
         sleeper = threading.Thread(target=lambda: finished.append(
             leaving.execute("SELECT pg_sleep(1.5), 'done'").fetchone()[1]))
@@ -888,8 +889,8 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, prox
         assert finished == ["done"]
         wait_for("worker 2 gone", lambda: serving_workers(proxy) == [0, 1])
         assert re.search(r"worker 2 \(pid \d+\) stopped after SIGTTOU", proxy.log_text())
-        with pytest.raises(psycopg.OperationalError, match="shutting down"):
-            leaving.execute("SELECT 1")
+        assert leaving.execute("SELECT 1").fetchone() == (1,)
+        assert on_worker(proxy, leaving) in (0, 1)
         assert [w["worker"] for w in status(proxy)["workers"]] == [0, 1]
 
         proxy.send_signal(signal.SIGTTOU)
@@ -907,6 +908,152 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one_down_to_the_last(pg, prox
 
         proxy.send_signal(signal.SIGTTIN)      # and back up: index 1 again
         wait_for("worker 1 serving again", lambda: serving_workers(proxy) == [0, 1])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def pg_key_pid(conn) -> int:
+    """The pid of the cancel key the proxy gave a psycopg client (its high byte names the worker that issued it)."""
+    return conn.info.backend_pid
+
+
+def prepared_client(proxy, name: str) -> psycopg.Connection:
+    """A client with a session setting and a server-side prepared statement."""
+    conn = app(proxy, autocommit=True)
+    conn.execute(f"SET application_name = '{name}'")
+    assert conn.pgconn.prepare(b"tripled", b"SELECT $1::int * 3").status == psycopg.pq.ExecStatus.COMMAND_OK
+    return conn
+
+
+def check_prepared_client(conn, name: str) -> None:
+    assert conn.execute("SHOW application_name").fetchone()[0] == name
+    result = conn.pgconn.exec_prepared(b"tripled", [b"14"])
+    assert result.status == psycopg.pq.ExecStatus.TUPLES_OK and result.get_value(0, 0) == b"42"
+    assert conn.execute("SELECT 7").fetchone() == (7,)
+
+
+@pytest.mark.timeout(300)
+def test_sigttou_hands_the_retired_workers_clients_to_the_least_loaded_others(pg, proxy_factory):
+    """workers = 3: SIGTTOU retires worker 2, whose idle clients move to workers 0 and 1 (the least loaded first)
+    with their settings and prepared statements, and a client mid-transaction commits, then moves. Cancels reach the
+    moved clients (their keys name index 2), also after a kill -9 of their new worker (whose custody resumes them:
+    the supervisor's duplicates moved to its book) and after a SIGTTIN started index 2 again, whose keys differ."""
+    from .test_custody import client_workers, kill_worker
+    from .test_takeover import local_port
+    from .test_takeover_workers import cancel_works
+    config = group_config(pg, workers=3)
+    config["proxy"]["takeover_drain_timeout"] = 30.0
+    proxy = proxy_factory(config, startup_timeout=60)
+    wait_for("three workers serving", lambda: serving_workers(proxy) == [0, 1, 2], 30)
+    pg.psql(f"DROP TABLE IF EXISTS ttou_moves; CREATE TABLE ttou_moves (i int); GRANT ALL ON ttou_moves TO {ADMIN};",
+            db=AUTH_DB)
+    conns, names = [], {}
+    try:
+        while True:
+            assert len(conns) < 80, "80 connections and the workers did not all get 3"
+            conn = prepared_client(proxy, f"client-{len(conns)}")
+            conns.append(conn)
+            names[conn] = f"client-{len(conns) - 1}"
+            if len(conns) >= 9:
+                on = client_workers(proxy)
+                before = {conn: on[local_port(conn.pgconn.socket)] for conn in conns}
+                if all(list(before.values()).count(str(w)) >= 3 for w in range(3)):
+                    break
+        movers = [conn for conn in conns if before[conn] == "2"]
+        assert all(pg_key_pid(conn) >> 24 == 2 for conn in movers)
+        in_transaction = movers[0]
+        in_transaction.execute("BEGIN")
+        in_transaction.execute("INSERT INTO ttou_moves VALUES (1)")
+        counts = {w: list(before.values()).count(str(w)) for w in (0, 1)}
+
+        proxy.send_signal(signal.SIGTTOU)
+        # The idle ones move at once; the one in its transaction waits for its commit.
+        wait_for("the idle clients of worker 2 moved",
+                 lambda: list(client_workers(proxy).values()).count("2") == 1, 30)
+        assert in_transaction.execute("SELECT count(*) FROM ttou_moves").fetchone() == (1,)
+        in_transaction.execute("COMMIT")
+        wait_for("worker 2 gone", lambda: serving_workers(proxy) == [0, 1], 30)
+        log = proxy.log_text()
+        assert re.search(r"worker 2 \(pid \d+\) stopped after SIGTTOU: exited with status 0", log), log[-3000:]
+        assert re.search(rf"worker 2 \(SIGTTOU\): handed {len(movers)} clients to the other workers; 0 stay", log)
+        after = client_workers(proxy)
+        assert sorted(after) == sorted(local_port(conn.pgconn.socket) for conn in conns)   # nobody was closed
+        assert set(after.values()) <= {"0", "1"}
+        for conn in conns:
+            check_prepared_client(conn, names[conn])
+        assert pg.psql("SELECT count(*) FROM ttou_moves;", db=AUTH_DB).strip() == "1"
+        # The least loaded first: the moved clients even the counts out as far as they go.
+        final = {w: list(after.values()).count(str(w)) for w in (0, 1)}
+        assert abs(final[0] - final[1]) <= max(2, abs(counts[0] - counts[1]) - len(movers) + 1), (counts, final)
+        if len(movers) >= abs(counts[0] - counts[1]) + 3:
+            assert all(final[w] > counts[w] for w in (0, 1)), (counts, final)
+        for conn in movers:
+            cancel_works(conn)
+
+        # Custody moved with them: a kill -9 of the worker serving a moved client resumes it there.
+        target = int(after[local_port(movers[0].pgconn.socket)])
+        time.sleep(0.5)         # a worker marks a client idle just after it sent the answer (multiproxy.custody)
+        resumed, closed = kill_worker(proxy, target)
+        assert closed == 0 and resumed == final[target], (resumed, final)
+        for conn in conns:
+            check_prepared_client(conn, names[conn])
+        wait_for("the respawned worker serving", lambda: serving_workers(proxy) == [0, 1], 30)
+        for conn in movers:
+            cancel_works(conn)
+
+        # Index 2 again: its keys come after those of the clients it had, whose cancels still reach them.
+        proxy.send_signal(signal.SIGTTIN)
+        wait_for("worker 2 serving again", lambda: serving_workers(proxy) == [0, 1, 2], 30)
+        fresh = []
+        while not any(client_workers(proxy).get(local_port(conn.pgconn.socket)) == "2" for conn in fresh):
+            assert len(fresh) < 60, "60 connections and none went to the new worker 2"
+            fresh.append(app(proxy, autocommit=True))
+        conns += fresh
+        newcomer = next(conn for conn in fresh if client_workers(proxy)[local_port(conn.pgconn.socket)] == "2")
+        assert pg_key_pid(newcomer) >> 24 == 2
+        assert pg_key_pid(newcomer) not in {pg_key_pid(conn) for conn in movers}
+        cancel_works(newcomer)
+        for conn in movers:
+            cancel_works(conn)
+            check_prepared_client(conn, names[conn])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigttou_leaves_a_pinned_client_with_the_retiring_worker_until_the_drain_ends(pg, proxy_factory):
+    """A pinned client (LISTEN) cannot move: it stays with the retiring worker for proxy.takeover_drain_timeout, then
+    gets the shutting-down error of a graceful stop; the idle clients of that worker moved meanwhile."""
+    from .test_custody import client_workers
+    from .test_takeover import local_port
+    config = group_config(pg)
+    config["proxy"]["takeover_drain_timeout"] = 3.0
+    proxy = proxy_factory(config)
+    wait_for("both workers serving", lambda: serving_workers(proxy) == [0, 1], 30)
+    conns = []
+    try:
+        while True:
+            assert len(conns) < 60, "60 connections and worker 1 did not get 3"
+            conns.append(prepared_client(proxy, f"client-{len(conns)}"))
+            on = client_workers(proxy)
+            retiring = [conn for conn in conns if on[local_port(conn.pgconn.socket)] == "1"]
+            if len(retiring) >= 3:
+                break
+        pinned = retiring[0]
+        pinned.execute("LISTEN ttou_channel")
+        proxy.send_signal(signal.SIGTTOU)
+        drained = wait_for("worker 1 drained", lambda: re.search(
+            r"worker 1 \(SIGTTOU\): handed (\d+) clients to the other workers; (\d+) stay .*; pinned: 1",
+            proxy.log_text()), 30)
+        assert (int(drained.group(1)), int(drained.group(2))) == (len(retiring) - 1, 1)
+        wait_for("worker 1 gone", lambda: serving_workers(proxy) == [0], 30)
+        with pytest.raises(psycopg.OperationalError, match="shutting down"):
+            pinned.execute("SELECT 1")
+        for i, conn in enumerate(conns):
+            if conn is not pinned:
+                check_prepared_client(conn, f"client-{i}")
     finally:
         for conn in conns:
             conn.close()

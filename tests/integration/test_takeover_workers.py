@@ -1,6 +1,7 @@
 """Takeover with forked workers (multiproxy.group_takeover): a group (supervisor + workers) hands its listeners and
 idle clients to a new group or process, and a single process to a new group. Real servers, real clients: the clients'
-connections and session state survive, cancels reach the clients wherever they are, zero failures under pgbench."""
+connections and session state survive, cancels reach the clients wherever they are, zero failures under pgbench.
+The same drain and adopt move the MySQL and TDS clients of a worker SIGTTOU retires to the other workers."""
 from __future__ import annotations
 
 import re
@@ -282,6 +283,106 @@ def test_tds_group_to_group_idle_clients_keep_their_session(tds_lab, proxy_facto
         assert cur.fetchall() == [(21,)]
         conn.close()
     new.stop()
+
+
+# -- SIGTTOU: a retiring worker's clients move to the other workers (the same drain and adopt) -----------------
+
+def retire_last_worker(proxy, index: int) -> None:
+    """SIGTTOU, and wait until worker `index` handed its clients over and stopped."""
+    import signal
+    proxy.send_signal(signal.SIGTTOU)
+    assert wait_for(lambda: re.search(rf"worker {index} \(pid \d+\) stopped after SIGTTOU", proxy.log_text()), 60), \
+        proxy.log_tail()
+
+
+def handed_by(proxy, index: int) -> int:
+    match = re.search(rf"worker {index} \(SIGTTOU\): handed (\d+) clients to the other workers", proxy.log_text())
+    assert match, proxy.log_tail()
+    return int(match.group(1))
+
+
+@pytest.mark.timeout(180)
+def test_mysql_idle_clients_of_a_worker_sigttou_retires_keep_their_session(mariadb, proxy_factory, tmp_path):
+    """PyMySQL clients of worker 1 (their connection ids name it) move to worker 0 with their settings; KILL QUERY
+    with such an id reaches the moved client."""
+    from .mysqlkit import connect, users_toml
+    proxy = proxy_factory(with_workers(my_config(mariadb, tmp_path), 2), files={"users.toml": users_toml()},
+                          startup_timeout=60)
+    clients = []
+    while sum(1 for _, _, thread_id in clients if thread_id >> 24 == 1) < 2:
+        assert len(clients) < 60, "60 connections and worker 1 did not get 2"
+        conn = connect(proxy)
+        with conn.cursor() as cur:
+            cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
+            cur.execute(f"SET @@session.div_precision_increment = {len(clients) % 20 + 2}")
+        clients.append((conn, conn._sock.getsockname()[1], conn.thread_id()))
+    retire_last_worker(proxy, 1)
+    assert handed_by(proxy, 1) == sum(1 for _, _, thread_id in clients if thread_id >> 24 == 1)
+    for i, (conn, port, thread_id) in enumerate(clients):
+        assert conn._sock.getsockname()[1] == port and conn.thread_id() == thread_id
+        with conn.cursor() as cur:
+            cur.execute("SELECT @@SESSION.sql_mode, @@SESSION.div_precision_increment")
+            assert cur.fetchone() == ("ANSI_QUOTES", i % 20 + 2)
+    conn, _, thread_id = next(client for client in clients if client[2] >> 24 == 1)
+    outcome = []
+
+    def sleep():
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT SLEEP(20)")
+                outcome.append(cur.fetchone())
+        except Exception as exc:  # noqa: BLE001  an interrupted query may also answer with an error
+            outcome.append(exc)
+    thread = threading.Thread(target=sleep)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.5)
+    killer = connect(proxy)
+    with killer.cursor() as cur:
+        cur.execute(f"KILL QUERY {thread_id}")
+    thread.join(15)
+    assert outcome and time.monotonic() - started < 10, outcome
+    killer.close()
+    for conn, _, _ in clients:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 5")
+            assert cur.fetchone() == (5,)
+        conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_tds_idle_clients_of_a_worker_sigttou_retires_keep_their_session(tds_lab, proxy_factory, tmp_path):
+    """pymssql clients of worker 1 move to worker 0 with their settings and sp_prepare handles."""
+    import pymssql
+
+    from .proxy import free_port
+    from .test_custody import client_workers
+    from .test_tds_proxy import ms, one
+    config = with_workers(tds_setup(tds_lab, tmp_path), 2)
+    config["proxy"]["admin_listen"] = f"127.0.0.1:{free_port()}"
+    proxy = proxy_factory(config, files=tds_files(), startup_timeout=60)
+    clients = []
+    while True:
+        assert len(clients) < 60, "60 connections and worker 1 did not get 2"
+        conn = ms(proxy)
+        conn.cursor().execute(f"SET DATEFIRST {len(clients) % 6 + 2}")
+        cur = conn.cursor()
+        handle = cur.callproc("[sys].[sp_prepare]", (pymssql.output(int), "@a int", "SELECT @a * 3"))[0]
+        cur.callproc("sp_execute", (handle, 2))
+        assert cur.fetchall() == [(6,)]
+        clients.append((conn, handle))
+        on_one = list(client_workers(proxy).values()).count("1")
+        if on_one >= 2:
+            break
+    retire_last_worker(proxy, 1)
+    assert handed_by(proxy, 1) == on_one
+    assert set(client_workers(proxy).values()) == {"0"} and len(client_workers(proxy)) == len(clients)
+    for i, (conn, handle) in enumerate(clients):
+        assert one(conn, "SELECT @@DATEFIRST") == [(i % 6 + 2,)]
+        cur = conn.cursor()
+        cur.callproc("sp_execute", (handle, 7))
+        assert cur.fetchall() == [(21,)]
+        conn.close()
 
 
 # -- under load: zero failed transactions ----------------------------------------------------------------------

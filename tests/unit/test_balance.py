@@ -62,3 +62,16 @@ def test_a_worker_beyond_the_slots_is_never_compared_nor_deferred():
     assert not balance.should_defer(5)
     assert balance.snapshot() == [0]
     balance.close()
+
+
+def test_a_client_sent_to_adopt_counts_at_once_until_its_worker_publishes():
+    balance = AcceptBalance(slots=4)
+    balance.started(0)
+    balance.started(1)
+    balance.publish(0, 3)
+    balance.reserve(0)
+    balance.reserve(2)                      # not running: stays absent
+    assert balance.snapshot()[:2] == [4, 0] and balance.counts[2] == ABSENT
+    balance.publish(0, 3)                   # the worker's own count wins
+    assert balance.snapshot()[0] == 3
+    balance.close()

@@ -208,9 +208,11 @@ class FakeSupervisor:
         self.workers = [WorkerState(i) for i in range(count)]
         self.stopping_since = None
         self.custody = False
-        self.config = SimpleNamespace(proxy=SimpleNamespace(shutdown_timeout=1.0))
+        self.config = SimpleNamespace(proxy=SimpleNamespace(shutdown_timeout=1.0, takeover_drain_timeout=1.0))
         self.sent = []
         self.spawned = []
+        self.key_floors = {}
+        self.moved_keys = {}
 
     def send(self, state, message):
         self.sent.append((state.index, message))
@@ -236,3 +238,39 @@ def test_sigttou_removes_the_highest_index_down_to_one_and_sigttin_starts_the_lo
     assert [s.index for s in supervisor.workers] == [0, 1, 2]
     scaling.add_worker(supervisor, WorkerState)                   # the stopped index 1 starts again
     assert supervisor.spawned == [2, 1] and not supervisor.workers[1].retiring
+
+
+def test_an_index_sigttou_retired_starts_again_with_keys_after_those_of_its_moved_clients():
+    from multiproxy import scaling
+    from multiproxy.supervisor import WorkerState
+    supervisor = FakeSupervisor(3)
+    retiring = supervisor.workers[2]
+    retiring.pid, retiring.channel, retiring.retiring = 4242, object(), True
+    # Its clients went to the others with keys up to its counter (told with each handed client and at drained).
+    scaling.note_key_floor(supervisor, retiring, 17)
+    scaling.note_key_floor(supervisor, retiring, 12)
+    retiring.pid, retiring.channel = 0, None
+    scaling.retired(supervisor)
+    assert [s.index for s in supervisor.workers] == [0, 1]
+    scaling.add_worker(supervisor, WorkerState)
+    assert supervisor.spawned == [2] and supervisor.workers[2].book.key_counter == 17
+
+
+def test_a_moved_client_that_leaves_is_forgotten_only_by_the_worker_that_serves_it():
+    from types import SimpleNamespace
+
+    from multiproxy import scaling
+    from multiproxy.handover import encode
+    supervisor = FakeSupervisor(3)
+    for state in supervisor.workers:
+        state.pid, state.channel = 100 + state.index, object()
+    record = {"engine": "postgres", "session": encode({"cancel_key": (2 << 24 | 5, 99)})}
+    scaling.tell_moved(supervisor, record, 1)
+    entry = ["postgres", encode((2 << 24 | 5, 99)), 1]
+    assert [m for _, m in supervisor.sent] == [{"op": "moved", "keys": [entry]}] * 3
+    supervisor.sent.clear()
+    scaling.moved_left(supervisor, SimpleNamespace(index=0), {"key": entry[1]})     # not where it is served
+    assert supervisor.sent == [] and len(supervisor.moved_keys) == 1
+    scaling.moved_left(supervisor, supervisor.workers[1], {"key": entry[1]})
+    assert [m for _, m in supervisor.sent] == [{"op": "moved_gone", "key": entry[1]}] * 3
+    assert supervisor.moved_keys == {}
