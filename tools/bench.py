@@ -8,7 +8,7 @@ multiproxy. `--idle N`: proxy memory (RSS growth) per idle client with N idle cl
 engine, and PgBouncer's beside it for PostgreSQL. docs/performance.md says how to run each and what the figures mean.
 """
 import argparse
-import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -290,17 +290,13 @@ class Direct(Target):
 
 def engines_of_this_checkout() -> str:
     """A directory whose `multiproxy_engines` links to this checkout's engines/ (an editable install maps that name
-    to the checkout it was installed from, maybe another worktree), to go first on the proxy's PYTHONPATH."""
-    engines = os.path.join(REPO_ROOT, "engines")
-    tag = hashlib.sha256(REPO_ROOT.encode()).hexdigest()[:12]
-    directory = os.path.join(tempfile.gettempdir(), f"multiproxy-engines-{tag}")
-    os.makedirs(directory, exist_ok=True)
-    link = os.path.join(directory, "multiproxy_engines")
-    if not (os.path.islink(link) and os.readlink(link) == engines):
-        temporary = f"{link}.{os.getpid()}"
-        os.symlink(engines, temporary)
-        os.replace(temporary, link)
-    return directory
+    to the checkout it was installed from, maybe another worktree), to go first on the proxy's PYTHONPATH: the one
+    the test suite makes (tests/conftest.py)."""
+    spec = importlib.util.spec_from_file_location("multiproxy_tests_conftest",
+                                                  os.path.join(REPO_ROOT, "tests", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest.engines_link_dir()
 
 
 class Multiproxy(Target):

@@ -941,7 +941,7 @@ def test_sigttou_hands_the_retired_workers_clients_to_the_least_loaded_others(pg
     the supervisor's duplicates moved to its book) and after a SIGTTIN started index 2 again, whose keys differ."""
     from .test_custody import client_workers, kill_worker
     from .test_takeover import local_port
-    from .test_takeover_workers import cancel_works
+    from .test_takeover import cancel_works
     config = group_config(pg, workers=3)
     config["proxy"]["takeover_drain_timeout"] = 30.0
     proxy = proxy_factory(config, startup_timeout=60)

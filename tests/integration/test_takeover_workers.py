@@ -18,8 +18,8 @@ import pytest
 
 from .pgserver import AUTH_DB
 from .proxy import ProxyProcess
-from .test_takeover import (CONNECT_TIMEOUT, PGBENCH_CLIENTS, PGBENCH_TRANSACTIONS, USER, client_env, local_port,
-                            my_config, pg_config, take_over, tds_files, tds_lab, tds_setup, took_over, wait_for)
+from .test_takeover import (CONNECT_TIMEOUT, PGBENCH_CLIENTS, PGBENCH_TRANSACTIONS, USER, cancel_works, client_env,
+                            local_port, my_config, pg_config, tds_files, tds_lab, tds_setup, took_over, wait_for)
 
 __all__ = ["tds_lab"]       # the module-scoped TDS lab fixture, shared with test_takeover
 WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -75,25 +75,6 @@ def check_pg_session(conn, name: str, port: int, key_pid: int) -> None:
     res = conn.pgconn.exec_prepared(b"tripled", [b"14"])
     assert res.status == psycopg.pq.ExecStatus.TUPLES_OK and res.get_value(0, 0) == b"42"
     assert conn.info.backend_pid == key_pid
-
-
-def cancel_works(conn) -> None:
-    """pg_sleep cancelled with the cancel key the client holds (its worker may be another one than the listener's)."""
-    failure = []
-
-    def sleep():
-        try:
-            conn.execute("SELECT pg_sleep(20)")
-        except psycopg.errors.QueryCanceled as exc:
-            failure.append(exc)
-    thread = threading.Thread(target=sleep)
-    started = time.monotonic()
-    thread.start()
-    time.sleep(0.5)
-    conn.cancel()
-    thread.join(15)
-    assert failure and time.monotonic() - started < 10, failure
-    assert conn.execute("SELECT 7").fetchone()[0] == 7
 
 
 # -- PostgreSQL: N -> M workers ---------------------------------------------------------------------------------
