@@ -25,8 +25,11 @@ _RELAYED = frozenset((p.QUERY, p.SYNC))
 
 
 def relay_rules() -> dict:
-    """The Walker arguments of both directions (multiproxy.relay_core, FRAMINGS["postgres"])."""
-    framing = dict(header_size=5, length_offset=1, length_size=4, big_endian=True, length_adjust=1, type_offset=0)
+    """The Walker arguments of both directions: the relay core's PostgreSQL framing with this engine's stops and screen.
+    (Imported here, not at the top: loading the relay core says which implementation it found, which only the
+    compiled mode needs to hear.)"""
+    from multiproxy.relay_core import FRAMINGS
+    framing = dict(FRAMINGS["postgres"])
     stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
     return {
         "client": dict(framing, stop=stop, count=bytes(_RELAYED), screen=bytes((p.QUERY,)),
