@@ -35,7 +35,7 @@ import time
 from collections import Counter
 
 from .handover import HandoverError, RecordReader, check_hello, decode, hello, send_record
-from .takeover import (Handover, _counts, _same_user, cancel_record, claim_path, config_listener_facts,
+from .takeover import (Handover, _counts, admit_caller, cancel_record, claim_path, config_listener_facts,
                        connect_and_negotiate, resume_session, session_source, socket_path)
 
 log = logging.getLogger("multiproxy.takeover")
@@ -142,18 +142,10 @@ class GroupHandover:
             return
         conn = _socket.socket(fileno=fd)
         conn.setblocking(True)
-        if self.talk is not None:
-            try:
-                conn.settimeout(1.0)
-                send_record(conn, {"type": "refused", "reason": "a takeover of this process is already under way"})
-            except OSError:
-                pass
-            conn.close()
+        conn.settimeout(1.0)        # a refusal never blocks the supervisor's loop for long
+        if not admit_caller(conn, self.talk is not None):
             return
-        if not _same_user(conn):
-            log.warning("takeover: refused a connection from another user")
-            conn.close()
-            return
+        conn.settimeout(None)
         self.talk = _Conversation(self.supervisor, conn)
         self.phase = "hello"
         self.supervisor.watch(conn.fileno(), self._readable)

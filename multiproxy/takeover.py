@@ -172,13 +172,7 @@ class TakeoverListener:
     def _accept(self) -> None:
         while True:
             conn, _ = self.sock.accept()
-            if self.busy:
-                send_record(conn, {"type": "refused", "reason": "a takeover of this process is already under way"})
-                conn.close()
-                continue
-            if not _same_user(conn):
-                log.warning("takeover: refused a connection from another user")
-                conn.close()
+            if not admit_caller(conn, self.busy):
                 continue
             self.busy = True
             gevent.spawn(self._hand_over, conn)
@@ -465,6 +459,23 @@ def _why_stays(session) -> str:
             return "session pool mode"          # its backend is its own for the whole connection: it cannot move
         return "pinned" if session.proto.pinned else "a request or transaction under way"
     return session.proto.handover_refusal() or "busy"
+
+
+def admit_caller(conn, busy: bool) -> bool:
+    """Whether a connection to the takeover socket may go on; if not, it is told why (a takeover already under way)
+    or, from another user, closed with a log line."""
+    if busy:
+        try:
+            send_record(conn, {"type": "refused", "reason": "a takeover of this process is already under way"})
+        except OSError:
+            pass
+        conn.close()
+        return False
+    if not _same_user(conn):
+        log.warning("takeover: refused a connection from another user")
+        conn.close()
+        return False
+    return True
 
 
 def _same_user(conn) -> bool:
