@@ -498,6 +498,39 @@ def test_takeover_refusals_leave_the_running_process_serving(pg, proxy_factory, 
     new.stop()
 
 
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_caller_during_a_takeover_is_refused_and_the_first_leaving_frees_the_socket(pg, proxy_factory,
+                                                                                             tmp_path, workers):
+    """A caller on the takeover socket while another holds it is told a takeover is under way (the single process
+    and a group's supervisor alike, takeover.admit_caller); when the first goes away silently, a real takeover
+    still works and the clients go with it."""
+    from multiproxy.handover import RecordReader
+    config = pg_config(pg, tmp_path)
+    config["proxy"]["workers"] = workers
+    old = proxy_factory(config, startup_timeout=60)
+    conn = psycopg.connect(host=old.host, port=old.port, user=USER, dbname=AUTH_DB, autocommit=True)
+    path = config["proxy"]["takeover_socket"]
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.connect(path)
+    time.sleep(0.5)                          # accepted: the socket is busy with it
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    second.settimeout(10)
+    second.connect(path)
+    record, fds = RecordReader(second).read()
+    assert record == {"type": "refused", "reason": "a takeover of this process is already under way"}, record
+    assert not fds
+    second.close()
+    first.close()
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    assert old.running
+    new = take_over(old, tmp_path)
+    assert took_over(new) == (1, 1)
+    assert conn.execute("SELECT 2").fetchone()[0] == 2
+    conn.close()
+    new.stop()
+
 # -- TLS clients stay with the old process --------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
