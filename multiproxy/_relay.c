@@ -333,6 +333,7 @@ typedef struct Conn {
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
+    unsigned long long requests; /* clients: requests walked since the relay was given the client (activity) */
     uint32_t mask;              /* epoll events registered */
     WalkState st;
     size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
@@ -611,6 +612,7 @@ static void pump(RelayObject *r, Conn *c) {
         WalkResult res = walk(rule, &c->st, c->buf + c->fwd, c->len - c->fwd);
         if (c->role == ROLE_CLIENT) {
             c->outstanding += (long long)c->st.counted;
+            c->requests += c->st.counted;
             c->st.counted = 0;
         }
         if (res.consumed == 0 && res.event == EV_NONE)
@@ -1205,6 +1207,21 @@ static PyObject *Relay_peer(RelayObject *self, PyObject *args) {
     return PyLong_FromLong(peer);
 }
 
+static PyObject *Relay_activity(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    PyObject *result;
+    if (c == NULL || c->role != ROLE_CLIENT)
+        result = Py_NewRef(Py_None);
+    else
+        result = Py_BuildValue("(Kii)", c->requests, c->peer ? c->peer->fd : -1, c->waiting);
+    unlock_relay(self);
+    return result;
+}
+
 static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
     return Py_BuildValue("(nnn)", self->n_idle, self->n_waiting, self->n_linked_clients);
 }
@@ -1238,6 +1255,9 @@ static PyMethodDef Relay_methods[] = {
      "back with its bytes not yet sent."},
     {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
      "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
+    {"activity", (PyCFunction)Relay_activity, METH_VARARGS,
+     "activity(fd) -> (requests, peer fd or -1, waiting) of a client: requests walked since it was given to the "
+     "relay, the backend serving it now, whether it waits for one; None for a backend or an unknown fd."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

@@ -25,7 +25,9 @@ whole, and one that holds one of the words (ASCII case ignored) or is larger tha
 not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
-unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `counts()` is (idle backends, waiting clients, linked clients).
+unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
+client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend), or None for a backend
+or an unknown fd (the client timeouts read it); `counts()` is (idle backends, waiting clients, linked clients).
 
 `IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
 always the twin.
@@ -149,14 +151,14 @@ class PyWalker:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
         self.peer = None
         self.idle = self.waiting = self.blocked = self.held = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
-        self.outstanding = 0
+        self.outstanding = self.requests = 0
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
         self.sent = self.fwd = 0
@@ -291,6 +293,12 @@ class PyRelay:
     def peer(self, fd) -> int:
         c = self._conns.get(fd)
         return c.peer.fd if c is not None and c.peer is not None else -1
+
+    def activity(self, fd):
+        c = self._conns.get(fd)
+        if c is None or not c.client:
+            return None
+        return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting))
 
     def counts(self) -> tuple:
         return (len(self._idle), len(self._waiting),
@@ -498,7 +506,9 @@ class PyRelay:
                 return
             consumed, event, arg = walker.feed(memoryview(c.buf)[c.fwd:])
             if c.client:
-                c.outstanding += walker.take_count()
+                counted = walker.take_count()
+                c.outstanding += counted
+                c.requests += counted
             if consumed == 0 and event == NONE:
                 return
             c.fwd += consumed

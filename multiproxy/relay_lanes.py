@@ -75,8 +75,6 @@ class RelayLanes:
         sock = session.sock
         if getattr(sock, "_read_event", None) is None or getattr(sock, "parked", True) or not hasattr(sock, "park"):
             return None     # TLS (a gevent socket), closed, or parked already
-        if proxy.config.proxy.idle_client_timeout or getattr(session.runtime.cluster.pool, "query_timeout", 0.0):
-            return None     # client timeouts watch the Python path's request counts
         if self._rules(session.engine) is None:
             return None
         return session.proto.relay_key()
@@ -233,6 +231,13 @@ class RelayLane:
         del self.clients[fd]
         session.relay_lane = None
         return True
+
+    def activity(self, session):
+        """(requests the relay walked for the session's client, its backend's fd or -1, whether it waits for one),
+        or None when the relay no longer holds it (Session.check_timeouts)."""
+        if self.closed or self.clients.get(session.sock.fileno()) is not session:
+            return None
+        return self.relay.activity(session.sock.fileno())
 
     def backend_of(self, session):
         """The backend serving the session's client in the relay now, or None (for a cancel)."""

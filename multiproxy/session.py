@@ -481,16 +481,28 @@ class Session:
         if proto is None or self.pool is None or self.client_gone:
             return      # still logging in (handshake_timeout's), a console client, or gone
         backend = self.backend
-        awaiting = proto.awaiting_answer() if backend is not None else False
-        if awaiting:
-            state = "awaiting"
-        elif backend is not None and proto.transaction_open():
-            state = "transaction"
-        elif awaiting is None or proto.transaction_open():
-            state = "unknown"       # the engine cannot tell, or a transaction holding no backend: left alone
+        lane = self.relay_lane
+        if lane is not None:
+            # Served by the compiled relay: it counts the requests it walks and says whether a backend serves one
+            # now (or the client waits for one); no transaction stays open there.
+            seen = lane.activity(self)
+            if seen is None:
+                return      # the relay has just let it go: its event is being handled
+            relayed, peer_fd, waiting = seen
+            backend = lane.backends.get(peer_fd)
+            state = "awaiting" if peer_fd >= 0 or waiting else "idle"
+            requests = (proto.requests, relayed)
         else:
-            state = "idle"
-        requests = proto.requests
+            awaiting = proto.awaiting_answer() if backend is not None else False
+            if awaiting:
+                state = "awaiting"
+            elif backend is not None and proto.transaction_open():
+                state = "transaction"
+            elif awaiting is None or proto.transaction_open():
+                state = "unknown"       # the engine cannot tell, or a transaction holding no backend: left alone
+            else:
+                state = "idle"
+            requests = proto.requests
         watch = self.watch
         if watch is None or watch[0] != requests or watch[1] != state:
             self.watch = [requests, state, now, 0.0]
@@ -507,8 +519,16 @@ class Session:
             elif cancelled and now - cancelled >= max(limit, 1.0) and backend is not None:
                 log.warning("client %s: the request cancelled for query_timeout did not end within %g s more; "
                             "closing its backend connection", self._where(), max(limit, 1.0))
-                backend.fail(f"the request ran longer than query_timeout ({limit:g} s) and did not end when "
-                             "cancelled")
+                if backend.lent:
+                    # A relay lane serves it: the relay must see the end itself (it owns the socket until then),
+                    # and then gives the client the lost-connection error and closes it.
+                    try:
+                        backend.sock.shutdown(_stdsocket.SHUT_RDWR)
+                    except (OSError, ValueError):
+                        pass
+                else:
+                    backend.fail(f"the request ran longer than query_timeout ({limit:g} s) and did not end when "
+                                 "cancelled")
         elif state == "transaction":
             limit = getattr(settings, "idle_transaction_timeout", 0.0)
             if limit and now - since >= limit:
@@ -550,6 +570,10 @@ class Session:
                     self._where(), limit, self.runtime.cluster.name)
         backend = self.backend
         if backend is None:
+            # A request the compiled relay serves: the out-of-band cancel below reaches it (cancel_target); bytes
+            # of an in-band cancel must not be written into a socket the relay is writing to.
+            if self.cancel_target() is not None:
+                self.proxy.cancel(self.cancel_key, self.engine)
             return
         data = self.proto.cancel_in_band()
         if data:

@@ -242,6 +242,30 @@ def test_a_transaction_borrows_a_backend_and_gives_it_back(impl, pairs):
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
+def test_activity_counts_a_clients_requests_and_names_its_backend(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    first, second, backend = pairs(), pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(first.fd())
+    relay.add_client(second.fd())
+    assert relay.activity(first.fd()) == (0, -1, 0)
+    assert relay.activity(backend.fd()) is None and relay.activity(999) is None
+    first.outside.sendall(QUERY + QUERY)            # two requests, pipelined
+    serve(relay)
+    second.outside.sendall(QUERY)
+    serve(relay)
+    assert relay.activity(first.fd()) == (2, backend.fd(), 0)
+    assert relay.activity(second.fd()) == (1, -1, 1)        # waits for the backend
+    backend.read(2 * len(QUERY))
+    backend.outside.sendall(READY_IDLE + READY_IDLE)
+    serve(relay)
+    assert relay.activity(first.fd()) == (2, -1, 0)
+    assert relay.activity(second.fd()) == (1, backend.fd(), 0)
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_transaction_block_keeps_its_backend_until_idle(impl, pairs):
     relay = impl[1](*walkers(impl))
     first, second, backend = pairs(), pairs(), pairs()
