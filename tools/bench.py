@@ -39,7 +39,7 @@ LOADS = {
     "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
 }
 DEFAULT_LOADS = ("steady", "connect")
-STORM_TARGETS = ("multiproxy", "pgbouncer")     # poolers only: the storm server allows fewer clients than come
+STORM_TARGETS = ("multiproxy", "multiproxy-c", "pgbouncer")     # poolers only: the storm server allows fewer clients than come
 BENCH_USER = "bench"
 BENCH_DB = "bench"
 BENCH_PASSWORD = "bench-scram-password"         # --auth scram: the bench role's password, stored as SCRAM
@@ -534,6 +534,8 @@ def storm_bench(args, procs):
     try:
         server.start()
         makers = {"multiproxy": lambda: Multiproxy(ws, procs, server, pool_size, args.workers, args.auth),
+                  "multiproxy-c": lambda: Multiproxy(ws, procs, server, pool_size, args.workers, args.auth,
+                                                     relay="compiled"),
                   "pgbouncer": lambda: PgBouncer(ws, procs, server, pool_size, args.auth,
                                                  max_client_conn=args.storm_clients + 100)}
         for round_number in range(args.rounds):
