@@ -337,8 +337,10 @@ typedef struct Conn {
     uint32_t mask;              /* epoll events registered */
     WalkState st;
     size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
-    unsigned char buf[];
+    unsigned char *buf;         /* bufsize bytes while it holds any, else NULL: an idle connection holds none */
 } Conn;
+
+#define MAX_SPARE_BUFFERS 64    /* buffers kept for reuse after idle connections gave theirs back */
 
 typedef struct Event {
     struct Event *next;
@@ -366,6 +368,8 @@ typedef struct {
     Conn *dead;
     Event *queue, **queue_tail; /* events not yet taken by the caller */
     Greeting *greetings;
+    void *spare;                /* buffers given back, linked through their first bytes */
+    int n_spare;
     unsigned char refuse[16], refusal[16];
     size_t refuse_len, refusal_len;
     unsigned char hangup[256];
@@ -387,6 +391,39 @@ static int update_mask(RelayObject *r, Conn *c) {
     return epoll_ctl(r->epfd, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
+/* c gets a buffer (a spare one if any); -1: out of memory. */
+static int need_buf(RelayObject *r, Conn *c) {
+    if (c->buf)
+        return 0;
+    if (r->spare) {
+        c->buf = r->spare;
+        memcpy(&r->spare, c->buf, sizeof(void *));
+        r->n_spare--;
+    } else {
+        c->buf = PyMem_RawMalloc(r->bufsize);
+        if (c->buf == NULL)
+            return -1;
+    }
+    c->len = c->sent = c->fwd = 0;
+    return 0;
+}
+
+/* c gives its buffer back when every byte in it was sent (idle connections hold none: an idle client costs the
+   Conn alone). force: a connection being freed. */
+static void drop_buf(RelayObject *r, Conn *c, int force) {
+    if (c->buf == NULL || (!force && (c->sent != c->len || c->pending_event)))
+        return;
+    if (r->n_spare < MAX_SPARE_BUFFERS) {
+        memcpy(c->buf, &r->spare, sizeof(void *));
+        r->spare = c->buf;
+        r->n_spare++;
+    } else {
+        PyMem_RawFree(c->buf);
+    }
+    c->buf = NULL;
+    c->len = c->sent = c->fwd = 0;
+}
+
 static void emit(RelayObject *r, int kind, Conn *c, int arg) {
     size_t len = c->len - c->fwd;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + len);
@@ -398,7 +435,8 @@ static void emit(RelayObject *r, int kind, Conn *c, int arg) {
     ev->peer_fd = c->peer ? c->peer->fd : -1;
     ev->arg = arg;
     ev->len = len;
-    memcpy(ev->data, c->buf + c->fwd, len);
+    if (len)
+        memcpy(ev->data, c->buf + c->fwd, len);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
 }
@@ -469,6 +507,7 @@ static void free_dead(RelayObject *r) {
     while (r->dead) {
         Conn *c = r->dead;
         r->dead = c->next;
+        drop_buf(r, c, 1);
         PyMem_RawFree(c);
     }
 }
@@ -575,6 +614,8 @@ static void pump(RelayObject *r, Conn *c) {
                     if (client->held) {             /* its stop frame goes to the caller now, without a backend */
                         client->held = 0;
                         pump(r, client);
+                    } else if (client->len == client->fwd) {
+                        drop_buf(r, client, 0);     /* it waits for its next request holding no buffer */
                     }
                     if (c->len > c->fwd) {          /* it spoke past the end of the transaction */
                         hand_over(r, EV_UNSOLICITED, c, -1);
@@ -607,8 +648,11 @@ static void pump(RelayObject *r, Conn *c) {
             c->fwd -= c->sent;
             c->sent = 0;
         }
-        if (c->fwd == c->len)
+        if (c->fwd == c->len) {
+            if (c->peer == NULL)
+                drop_buf(r, c, 0);
             return;
+        }
         WalkResult res = walk(rule, &c->st, c->buf + c->fwd, c->len - c->fwd);
         if (c->role == ROLE_CLIENT) {
             c->outstanding += (long long)c->st.counted;
@@ -649,6 +693,10 @@ static void pump(RelayObject *r, Conn *c) {
 }
 
 static void on_readable(RelayObject *r, Conn *c) {
+    if (need_buf(r, c) < 0) {
+        closed(r, c, ENOMEM);
+        return;
+    }
     if (c->len >= r->bufsize)
         return;
     ssize_t n = recv(c->fd, c->buf + c->len, r->bufsize - c->len, MSG_DONTWAIT);
@@ -724,8 +772,7 @@ static int startup(RelayObject *r, Conn *c) {
 }
 
 static Conn *alloc_conn(RelayObject *r, int fd, int role) {
-    size_t size = role == ROLE_LISTENER ? 0 : r->bufsize;
-    Conn *c = PyMem_RawMalloc(sizeof(Conn) + size);
+    Conn *c = PyMem_RawMalloc(sizeof(Conn));      /* its buffer comes with its first bytes (need_buf) */
     if (c)
         memset(c, 0, sizeof(Conn));
     if (c) {
@@ -933,7 +980,14 @@ static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
         return NULL;
     }
     if (data) {
-        memcpy(c->buf, view.buf, (size_t)view.len);
+        if (view.len && need_buf(r, c) < 0) {
+            PyBuffer_Release(&view);
+            PyMem_RawFree(c);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        if (view.len)
+            memcpy(c->buf, view.buf, (size_t)view.len);
         c->len = (size_t)view.len;
         PyBuffer_Release(&view);
     }
@@ -942,6 +996,7 @@ static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
             PyErr_Format(PyExc_ValueError, "fd %d is already in the relay", fd);
         else
             PyErr_SetFromErrno(PyExc_OSError);
+        drop_buf(r, c, 1);
         PyMem_RawFree(c);
         return NULL;
     }
@@ -1110,6 +1165,13 @@ static void relay_clear(RelayObject *self) {
         PyMem_RawFree(self->greetings);
         self->greetings = next;
     }
+    while (self->spare) {
+        void *next;
+        memcpy(&next, self->spare, sizeof(void *));
+        PyMem_RawFree(self->spare);
+        self->spare = next;
+    }
+    self->n_spare = 0;
     PyMem_RawFree(self->conns);
     self->conns = NULL;
     self->nconns = 0;
@@ -1166,7 +1228,8 @@ static PyObject *Relay_remove(RelayObject *self, PyObject *args) {
         result = Py_None;
         Py_INCREF(result);
     } else {
-        result = PyBytes_FromStringAndSize((const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        result = PyBytes_FromStringAndSize(c->buf ? (const char *)c->buf + c->sent : "",
+                                           (Py_ssize_t)(c->len - c->sent));
         if (result) {
             forget(self, c);
             free_dead(self);
@@ -1186,7 +1249,8 @@ static PyObject *Relay_take_waiting(RelayObject *self, PyObject *unused) {
         result = Py_None;
         Py_INCREF(result);
     } else {
-        result = Py_BuildValue("(iy#)", c->fd, (const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        result = Py_BuildValue("(iy#)", c->fd, c->buf ? (const char *)c->buf + c->sent : "",
+                               (Py_ssize_t)(c->len - c->sent));
         if (result) {
             forget(self, c);
             free_dead(self);

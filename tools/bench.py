@@ -1314,6 +1314,19 @@ def idle_bench(count: int, engines, pool_size: int, keep: bool, markdown: str | 
                 rows.append(_idle_row("multiproxy (postgres)", count, idle_clients(mp.pid, count, pg_connect(port),
                                                                                    pg_query)))
                 mp.stop()
+                # The compiled relay mode: each idle client waits in a relay lane (a simple-protocol query, which
+                # the lanes serve whatever the version of the extended-protocol rules).
+                mp = Multiproxy(ws, procs, pg, pool_size, 1, relay="compiled")
+                port = mp.start()
+
+                def pg_simple_query(conn):
+                    with psycopg.RawCursor(conn) as cur:
+                        cur.execute("SELECT 1", prepare=False)
+                        assert cur.fetchone() == (1,)
+                print(f"postgres: {count} idle clients through multiproxy-c", file=sys.stderr)
+                rows.append(_idle_row("multiproxy-c (postgres)", count, idle_clients(mp.pid, count, pg_connect(port),
+                                                                                     pg_simple_query)))
+                mp.stop()
                 bouncer = PgBouncer(ws, procs, pg, pool_size)
                 bouncer.max_client_conn = count + 200
                 try:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from .helpers import admin_status
+from .helpers import admin_status, metric, metrics_text
 from .mysqlkit import connect as mysql_connect
 from .mysqlkit import start_proxy as start_mysql_proxy
 from .proxy import free_port
@@ -48,8 +48,9 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def idle_growth(proxy, connect, query) -> int:
-    """Bytes of RSS growth per idle client; every client answers `query` correctly afterwards."""
+def idle_growth(proxy, connect, query, while_idle=None) -> int:
+    """Bytes of RSS growth per idle client; every client answers `query` correctly afterwards. while_idle(): called
+    once while they all idle (after the RSS is read)."""
     for _ in range(WARM_CLIENTS):
         conn = connect()
         query(conn, 0)
@@ -68,6 +69,8 @@ def idle_growth(proxy, connect, query) -> int:
         time.sleep(SETTLE_SECONDS)
         after = rss_bytes(proxy.pid)
         status = admin_status(proxy)        # parked clients are clients: /status counts them
+        if while_idle is not None:
+            while_idle()
         with ThreadPoolExecutor(CONNECTING_THREADS) as pool:
             list(pool.map(lambda item: query(item[1], item[0] + IDLE_CLIENTS), enumerate(clients)))
     finally:
@@ -95,6 +98,32 @@ def test_idle_postgres_clients_cost_at_most_4_kb_each(pg, proxy_factory):
 
     per_client = idle_growth(proxy, connect, query)
     assert per_client <= BYTES_PER_IDLE_CLIENT, f"{per_client} bytes per idle PostgreSQL client"
+
+
+def test_idle_postgres_clients_in_relay_lanes_cost_at_most_4_kb_each(pg, proxy_factory):
+    """[proxy] relay = "compiled": each idle client waits in a relay lane, where it holds no buffer."""
+    proxy = proxy_factory({
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info", "relay": "compiled"},
+        "clusters": {"main": {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
+                              "pool": {"mode": "transaction", "max_size": 4, "borrow_timeout": 30.0}}},
+        "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "auth": "trust"}],
+    })
+    host, port = proxy.address("pg")
+
+    def connect():
+        return psycopg.connect(host=host, port=port, user="mp_trust", dbname="mpdb", connect_timeout=30,
+                               autocommit=True)
+
+    def query(conn, i):
+        with psycopg.RawCursor(conn) as cur:        # a simple-protocol Query: what the lanes serve
+            cur.execute(f"SELECT {i} + 1", prepare=False)
+            assert cur.fetchone() == (i + 1,)
+
+    in_lanes = []
+    per_client = idle_growth(proxy, connect, query,
+                             lambda: in_lanes.append(metric(metrics_text(proxy), "multiproxy_relay_lane_clients")))
+    assert in_lanes and in_lanes[0] >= IDLE_CLIENTS * 0.95, in_lanes
+    assert per_client <= BYTES_PER_IDLE_CLIENT, f"{per_client} bytes per idle PostgreSQL client in a relay lane"
 
 
 def test_idle_mysql_clients_cost_at_most_4_kb_each(mariadb, proxy_factory):
