@@ -111,11 +111,11 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
  *
  * pg_unnamed (a rule option, PostgreSQL framing only): a client frame Parse, Bind, Describe or Execute opens a batch
  * that the relay serves only whole, up to and with its Sync, when every frame of it is one the relay may serve:
- *   Parse    of the unnamed statement (first body byte 0), its body screened as a Query is (the rule's words),
- *            and directly followed by a Bind;
+ *   Parse    of the unnamed statement (first body byte 0), well formed, its body screened as a Query is (the
+ *            rule's words), and directly followed by a Bind;
  *   Bind     of the unnamed portal and the unnamed statement (body bytes 0 and 1 are 0), directly after a Parse;
  *   Describe of the unnamed portal (body "P\0");
- *   Execute  of the unnamed portal (first body byte 0);
+ *   Execute  of the unnamed portal (body: byte 0, then the int32 row limit);
  *   Sync     ends the batch (counted once: the batch is one request, answered by one ReadyForQuery).
  * Anything else inside (another type, a name, a Bind with no Parse right before it, a screen word, a frame length
  * below the header) makes the batch's first frame a stop frame, with nothing of the batch forwarded; so does a
@@ -128,6 +128,23 @@ enum { PG_BATCH_INCOMPLETE = 0, PG_BATCH_RELAYED = 1, PG_BATCH_STOP = 2 };
 
 static inline int pg_batch_opens(int type) {
     return type == 'P' || type == 'B' || type == 'D' || type == 'E';
+}
+
+/* A Parse body: name, query text (both NUL-terminated), int16 count of parameter types, that many int32s. A malformed
+ * one stops at once (the Python path answers it), without waiting for the frame behind it. */
+static int pg_parse_well_formed(const unsigned char *body, size_t blen) {
+    const unsigned char *name_end = memchr(body, 0, blen);
+    if (name_end == NULL)
+        return 0;
+    size_t at = (size_t)(name_end - body) + 1;
+    const unsigned char *query_end = memchr(body + at, 0, blen - at);
+    if (query_end == NULL)
+        return 0;
+    at = (size_t)(query_end - body) + 1;
+    if (blen - at < 2)
+        return 0;
+    int n = (int16_t)((body[at] << 8) | body[at + 1]);
+    return n >= 0 && blen - at - 2 == (size_t)n * 4;
 }
 
 /* data[0:avail] starts with a frame pg_batch_opens: the batch's verdict, and its size in *size when relayed. */
@@ -152,7 +169,7 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
         int ok;
         switch (type) {
         case 'P':
-            ok = blen >= 1 && body[0] == 0 && !screen_hit(rule, body, blen);
+            ok = blen >= 1 && body[0] == 0 && pg_parse_well_formed(body, blen) && !screen_hit(rule, body, blen);
             after_parse = 1;
             break;
         case 'B':
@@ -163,7 +180,7 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
             ok = blen == 2 && body[0] == 'P' && body[1] == 0;
             break;
         case 'E':
-            ok = blen >= 1 && body[0] == 0;
+            ok = blen == 5 && body[0] == 0;
             break;
         case 'S':
             if (blen != 0)

@@ -21,15 +21,15 @@ or at a `hangup` frame (Terminate) between transactions, it closes them itself.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
-A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing
-only): a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted
-once: one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement
-(body screened for the words as above) directly followed by Bind of the unnamed portal and statement (a Bind with
-no Parse right before it stops), Describe of the unnamed portal, Execute of the unnamed portal. Anything else in
-it (another type, a statement or portal name, a screen word, a length below the header), or a batch longer than
-max_screen, makes the batch's first frame a stop frame with nothing of the batch forwarded; a batch not whole yet
-waits for more bytes. So every statement relayed is bound at once by its own client, and no forwarded byte belongs
-to a batch whose ReadyForQuery is not owed.
+A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing only):
+a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted once:
+one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement (well
+formed, its body screened for the words as above; a malformed one stops at once) directly followed by Bind of the
+unnamed portal and statement (a Bind with no Parse right before it stops), Describe of the unnamed portal, Execute
+of the unnamed portal. Anything else in it (another type, a statement or portal name, a screen word, a length below
+the header), or a batch longer than max_screen, makes the batch's first frame a stop frame with nothing of the batch
+forwarded; a batch not whole yet waits for more bytes. So every statement relayed is bound at once by its own
+client, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed.
 `Relay(..., hold_stops=True)`: a linked client's stop frame waits for the end of its transaction (the client is
 not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
@@ -75,6 +75,16 @@ def postgres_walkers(client_stop: bytes = b"X", server_stop: bytes = b"", walker
     rule = FRAMINGS["postgres"]
     make = walker_type or Walker
     return (make(**rule, stop=client_stop, count=b"QSF"), make(**rule, stop=server_stop, boundary=ord("Z")))
+
+
+def _pg_parse_well_formed(body: bytes) -> bool:
+    """A Parse body: name, query text (both NUL-terminated), int16 count of parameter types, that many int32s."""
+    name_end = body.find(b"\0")
+    query_end = body.find(b"\0", name_end + 1) if name_end >= 0 else -1
+    if query_end < 0 or len(body) - query_end - 1 < 2:
+        return False
+    count = int.from_bytes(body[query_end + 1:query_end + 3], "big", signed=True)
+    return count >= 0 and len(body) - query_end - 3 == count * 4
 
 
 class PyWalker:
@@ -179,7 +189,8 @@ class PyWalker:
                 return _PG_BATCH_STOP, 0
             if kind == 80:                                  # P
                 low = body.lower()
-                ok = body[:1] == b"\0" and not any(low.find(word) >= 0 for word in self.words)
+                ok = body[:1] == b"\0" and _pg_parse_well_formed(body) and not any(low.find(word) >= 0
+                                                                                for word in self.words)
                 after_parse = True
             elif kind == 66:                                # B
                 ok = after_parse and body[:2] == b"\0\0"
@@ -187,7 +198,7 @@ class PyWalker:
             elif kind == 68:                                # D
                 ok = body == b"P\0"
             elif kind == 69:                                # E
-                ok = body[:1] == b"\0"
+                ok = len(body) == 5 and body[0] == 0
             elif kind == 83:                                # S
                 if body:
                     return _PG_BATCH_STOP, 0

@@ -693,11 +693,18 @@ def test_a_batch_with_anything_the_relay_must_not_serve_stops_at_its_first_frame
         PARSE + BIND + EXECUTE + QUERY,
         PARSE + BIND + EXECUTE + pg(b"S", b"x"),                                # a Sync with a body
         PARSE + BIND + EXECUTE + b"E\0\0\0\3",                                 # a length below the header
+        PARSE + BIND + pg(b"E", b"\0") + SYNC,                                  # an Execute without its row limit
+        pg(b"P", b"\0select 1\0\0\1") + BIND + EXECUTE + SYNC,                  # a Parse malformed ...
+        pg(b"P", b"\0select 1\0\0\1\0\0\0\x17\0") + BIND + EXECUTE + SYNC,
     ]
     for case in cases:
         client, _ = batch_walkers(impl)
         assert client.feed(QUERY + case) == (len(QUERY), rc.HANDOVER, case[0]), case
         assert client.take_count() == 1, case
+    # a malformed Parse stops at once, with no frame behind it yet
+    for parse in (pg(b"P", b"\0select 1"), pg(b"P", b"stmt"), pg(b"P", b"\0select 1\0\xff\xff")):
+        client, _ = batch_walkers(impl)
+        assert client.feed(parse) == (0, rc.HANDOVER, ord("P")), parse
     # Describe and Execute of the unnamed portal need no Bind in the batch: a portal never outlives the implicit
     # transaction its Sync ends, so the server answers that it does not exist
     client, _ = batch_walkers(impl)
