@@ -813,7 +813,7 @@ class Relay:
             reply = error
         if self.c_skip:
             self.c_discard = True
-        self.unnamed_held = False
+        self.unnamed_held = self.unnamed_parsed = False     # a Parse not sent parsed nothing
         self.copy_in = False
         self.deferred_rewrite = None
         return reply

@@ -234,6 +234,16 @@ def test_the_python_path_binds_the_unnamed_statement_only_where_the_client_parse
     assert sent == describe(b"S", NOT_PARSED_HERE.decode()) + SYNC
 
 
+def test_a_parse_that_never_reached_a_backend_does_not_let_a_later_bind_through():
+    from multiproxy.engine import ErrorKind
+    client = logged_in_client()
+    sent, _ = client.client_data(parse("", "SELECT 1") + SYNC)
+    assert NOT_PARSED_HERE not in sent
+    client.fail_pending(ErrorKind.POOL_TIMEOUT, "no backend")      # the pool could not give one
+    sent, _ = client.client_data(bind() + execute() + SYNC)
+    assert NOT_PARSED_HERE in sent
+
+
 def test_a_client_that_quits_has_no_relay_key():
     client = logged_in_client()
     with pytest.raises(ClientQuit):
