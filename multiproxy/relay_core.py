@@ -36,8 +36,9 @@ Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting(
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `counts()` is (idle backends, waiting clients, linked clients).
 
-`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
-always the twin.
+`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"; the environment variable
+MULTIPROXY_RELAY_CORE=python chooses the twin even where the extension is built, so that the tests can run a proxy
+on it); `PyWalker` and `PyRelay` are always the twin.
 """
 from __future__ import annotations
 
@@ -595,6 +596,9 @@ class PyRelay:
 
 
 def _load():
+    if os.environ.get("MULTIPROXY_RELAY_CORE") == "python":
+        log.info("relay core: the pure-Python twin (MULTIPROXY_RELAY_CORE=python)")
+        return PyWalker, PyRelay, "python"
     try:
         from multiproxy import _relay
     except ImportError as exc:

@@ -235,16 +235,20 @@ def test_a_client_leaving_mid_transaction_and_a_malformed_message(pg, proxy_fact
 
 
 # -- the extended protocol of the unnamed statement (Parse/Bind/Describe/Execute...Sync batches) in the relay
+# "twin": the proxy's relay lanes run on relay_core's pure-Python twin (MULTIPROXY_RELAY_CORE=python)
+
+CORES = {"c": {}, "twin": {"MULTIPROXY_RELAY_CORE": "python"}}
 
 def relay_transactions(proxy) -> float:
     return lane_metrics(proxy)["transactions_total"] or 0
 
 
 @pytest.mark.timeout(180)
-def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory):
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory, core):
     if not shutil.which("pgbench"):
         pytest.skip("pgbench is not installed")
-    proxy = proxy_factory(compiled_config(pg, max_size=4))
+    proxy = proxy_factory(compiled_config(pg, max_size=4), env=CORES[core])
     env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
            "PGCONNECT_TIMEOUT": "10"}
     init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
@@ -257,6 +261,7 @@ def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, 
     assert "number of failed transactions: 0" in run.stdout or "failed" not in run.stdout, run.stdout
     lanes = lane_metrics(proxy)
     print("relay lanes after pgbench -M extended:", lanes)
+    assert ("relay lanes run on its pure-Python twin" in proxy.log_text()) == (core == "twin")
     assert lanes["transactions_total"] >= 3500, lanes      # Parse/Bind/Describe/Execute/Sync with no Python
     assert lanes["backends"] <= 4
     assert server_backends(pg) <= 4
@@ -318,8 +323,9 @@ def test_psycopg_with_parameters_runs_in_the_relay_and_its_prepared_statements_b
 
 
 @pytest.mark.timeout(180)
-def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory):
-    proxy = proxy_factory(compiled_config(pg, max_size=2))
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
     clients, rounds = 6, 15
     errors = []
     synced_done = threading.Barrier(clients + 1, timeout=120)
@@ -402,11 +408,11 @@ EXECUTE_SYNC = pg_message(b"E", b"\0\0\0\0\0") + pg_message(b"S", b"")
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("relay", ["compiled", "python"])
+@pytest.mark.parametrize("relay", ["compiled", "compiled-twin", "python"])
 def test_a_bind_without_parse_never_binds_another_clients_unnamed_statement(pg, proxy_factory, relay):
     config = compiled_config(pg, max_size=1)        # one backend: every client shares it
-    config["proxy"]["relay"] = relay
-    proxy = proxy_factory(config)
+    config["proxy"]["relay"] = relay.split("-")[0]
+    proxy = proxy_factory(config, env=CORES["twin" if relay.endswith("twin") else "c"])
     owner, intruder = raw_login(proxy), raw_login(proxy)
     try:
         batch = (pg_message(b"P", b"\0SELECT 'secret of the owner'\0\0\0") + UNNAMED_BIND
