@@ -27,6 +27,8 @@
  * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
  * hold_stops=True a linked client's stop frame waits for the end of its transaction (the client is not read
  * meanwhile) and then goes to the caller alone, so that the caller never takes over a request half answered.
+ * A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed`: Parse, Bind, Describe,
+ * Execute up to a Sync, served whole or not at all; see pg_batch).
  * take_idle(), take_waiting() and remove(fd) give sockets back to the caller between transactions.
  *
  * Sockets stay owned (and closed) by the caller; the relay never closes a file descriptor it was given.
@@ -67,6 +69,7 @@ typedef struct {
     unsigned char first[256];   /* the first bytes of the words */
     int word_len[MAX_WORDS];
     unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
+    int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
 } Rule;
 
 typedef struct {
@@ -104,6 +107,95 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
     return 0;
 }
 
+/* ---------------------------------------------------------------- PostgreSQL batches of the unnamed statement
+ *
+ * pg_unnamed (a rule option, PostgreSQL framing only): a client frame Parse, Bind, Describe or Execute opens a batch
+ * that the relay serves only whole, up to and with its Sync, when every frame of it is one the relay may serve:
+ *   Parse    of the unnamed statement (first body byte 0), well formed, its body screened as a Query is (the
+ *            rule's words), and directly followed by a Bind;
+ *   Bind     of the unnamed portal and the unnamed statement (body bytes 0 and 1 are 0), directly after a Parse;
+ *   Describe of the unnamed portal (body "P\0");
+ *   Execute  of the unnamed portal (body: byte 0, then the int32 row limit);
+ *   Sync     ends the batch (counted once: the batch is one request, answered by one ReadyForQuery).
+ * Anything else inside (another type, a name, a Bind with no Parse right before it, a screen word, a frame length
+ * below the header) makes the batch's first frame a stop frame, with nothing of the batch forwarded; so does a
+ * batch longer than max_screen. A batch not whole in the buffer yet is not walked (incomplete). So a statement the
+ * relay forwards is always bound at once by the same client, a Bind can only bind the statement parsed just before
+ * it, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed: the backend is free again at a
+ * ReadyForQuery 'I' with nothing outstanding, and a held stop frame always waits for a ReadyForQuery that comes. */
+
+enum { PG_BATCH_INCOMPLETE = 0, PG_BATCH_RELAYED = 1, PG_BATCH_STOP = 2 };
+
+static inline int pg_batch_opens(int type) {
+    return type == 'P' || type == 'B' || type == 'D' || type == 'E';
+}
+
+/* A Parse body: name, query text (both NUL-terminated), int16 count of parameter types, that many int32s. A malformed
+ * one stops at once (the Python path answers it), without waiting for the frame behind it. */
+static int pg_parse_well_formed(const unsigned char *body, size_t blen) {
+    const unsigned char *name_end = memchr(body, 0, blen);
+    if (name_end == NULL)
+        return 0;
+    size_t at = (size_t)(name_end - body) + 1;
+    const unsigned char *query_end = memchr(body + at, 0, blen - at);
+    if (query_end == NULL)
+        return 0;
+    at = (size_t)(query_end - body) + 1;
+    if (blen - at < 2)
+        return 0;
+    int n = (int16_t)((body[at] << 8) | body[at + 1]);
+    return n >= 0 && blen - at - 2 == (size_t)n * 4;
+}
+
+/* data[0:avail] starts with a frame pg_batch_opens: the batch's verdict, and its size in *size when relayed. */
+static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, size_t *size) {
+    size_t q = 0;
+    int after_parse = 0;
+    for (;;) {
+        if (avail - q < 5)
+            return q + 5 > (size_t)rule->max_screen ? PG_BATCH_STOP : PG_BATCH_INCOMPLETE;
+        const unsigned char *f = data + q;
+        unsigned long long total = (((unsigned long long)f[1] << 24) | ((unsigned long long)f[2] << 16) |
+                                    ((unsigned long long)f[3] << 8) | f[4]) + 1;
+        int type = f[0];
+        if (total < 5 || q + total > (unsigned long long)rule->max_screen)
+            return PG_BATCH_STOP;
+        if (avail - q < total)
+            return PG_BATCH_INCOMPLETE;
+        const unsigned char *body = f + 5;
+        size_t blen = (size_t)total - 5;
+        if (after_parse && type != 'B')
+            return PG_BATCH_STOP;
+        int ok;
+        switch (type) {
+        case 'P':
+            ok = blen >= 1 && body[0] == 0 && pg_parse_well_formed(body, blen) && !screen_hit(rule, body, blen);
+            after_parse = 1;
+            break;
+        case 'B':
+            ok = after_parse && blen >= 2 && body[0] == 0 && body[1] == 0;
+            after_parse = 0;
+            break;
+        case 'D':
+            ok = blen == 2 && body[0] == 'P' && body[1] == 0;
+            break;
+        case 'E':
+            ok = blen == 5 && body[0] == 0;
+            break;
+        case 'S':
+            if (blen != 0)
+                return PG_BATCH_STOP;
+            *size = q + (size_t)total;
+            return PG_BATCH_RELAYED;
+        default:
+            ok = 0;
+        }
+        if (!ok)
+            return PG_BATCH_STOP;
+        q += (size_t)total;
+    }
+}
+
 static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
     WalkResult res = {0, EV_NONE, -1};
     size_t pos = 0;
@@ -135,6 +227,20 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
             res.event = EV_HANDOVER;
             res.arg = type;
             break;
+        }
+        if (rule->pg_unnamed && pg_batch_opens(type)) {
+            size_t size = 0;
+            int verdict = pg_batch(rule, h, avail, &size);
+            if (verdict == PG_BATCH_INCOMPLETE)
+                break;
+            if (verdict == PG_BATCH_STOP) {
+                res.event = EV_HANDOVER;
+                res.arg = type;
+                break;
+            }
+            st->counted++;
+            pos += size;
+            continue;
         }
         if (total < rule->header_size) {
             res.event = EV_MALFORMED;
@@ -196,23 +302,28 @@ static int set_from_bytes(PyObject *obj, unsigned char *set, const char *what) {
 static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
-                             "max_screen", NULL};
+                             "max_screen", "pg_unnamed", NULL};
     PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOL", kwlist, &rule->header_size, &rule->length_offset,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLp", kwlist, &rule->header_size, &rule->length_offset,
                                      &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
-                                     &screen, &words, &rule->max_screen))
+                                     &screen, &words, &rule->max_screen, &rule->pg_unnamed))
         return -1;
     if (rule->header_size < 1 || rule->length_size < 1 || rule->length_size > 4 || rule->length_offset < 0 ||
         rule->length_offset + rule->length_size > rule->header_size || rule->type_offset < -1 ||
         rule->type_offset > 255 || rule->boundary < -1 || rule->boundary > 255 || rule->max_boundary < 1 ||
         rule->max_screen < rule->header_size) {
         PyErr_SetString(PyExc_ValueError, "inconsistent framing rule");
+        return -1;
+    }
+    if (rule->pg_unnamed && !(rule->header_size == 5 && rule->length_offset == 1 && rule->length_size == 4 &&
+                              rule->big_endian && rule->length_adjust == 1 && rule->type_offset == 0)) {
+        PyErr_SetString(PyExc_ValueError, "pg_unnamed: only with PostgreSQL's framing");
         return -1;
     }
     if (set_from_bytes(stop, rule->stop, "stop") < 0 || set_from_bytes(count, rule->count, "count") < 0 ||
@@ -929,7 +1040,7 @@ static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
         int screens = 0;
         for (int t = 0; t < 256; t++)
             screens |= rule->screen[t];
-        if (screens && rule->max_screen + 1 > need)
+        if ((screens || rule->pg_unnamed) && rule->max_screen + 1 > need)
             need = (Py_ssize_t)rule->max_screen + 1;
         if (bufsize < 2 * need) {
             PyErr_SetString(PyExc_ValueError, "buffer_size too small for the framing rules");

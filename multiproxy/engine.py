@@ -565,9 +565,11 @@ class Engine:
         engine's clients between the events the engine must see: {"client": ..., "server": ...}, the keyword
         arguments of a relay_core Walker for each direction (framing, `stop` types, `count` types that open a
         request, the server's `boundary` type that closes one, and a `screen` of words in whole frames of some
-        types: every frame that could pin, change session state or open a transaction must stop), optionally
-        "buffer_size". The relay ends a transaction at a boundary frame whose status byte is 'I' with no request
-        outstanding. None (the default): the engine's clients stay on the Python path."""
+        types: every frame that could pin, change session state or open a transaction must stop; PostgreSQL's
+        framing may add `pg_unnamed=True`, whole Parse/Bind/Describe/Execute...Sync batches of the unnamed statement
+        and portal relayed, see relay_core), optionally "buffer_size". The relay ends a transaction at a boundary
+        frame whose status byte is 'I' with no request outstanding. None (the default): the engine's clients stay on
+        the Python path."""
         return None
 
     def relay_serves(self, key, server_state) -> bool:

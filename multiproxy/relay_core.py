@@ -21,6 +21,15 @@ or at a `hangup` frame (Terminate) between transactions, it closes them itself.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
+A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing only):
+a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted once:
+one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement (well
+formed, its body screened for the words as above; a malformed one stops at once) directly followed by Bind of the
+unnamed portal and statement (a Bind with no Parse right before it stops), Describe of the unnamed portal, Execute
+of the unnamed portal. Anything else in it (another type, a statement or portal name, a screen word, a length below
+the header), or a batch longer than max_screen, makes the batch's first frame a stop frame with nothing of the batch
+forwarded; a batch not whole yet waits for more bytes. So every statement relayed is bound at once by its own
+client, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed.
 `Relay(..., hold_stops=True)`: a linked client's stop frame waits for the end of its transaction (the client is
 not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
@@ -29,8 +38,9 @@ unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now 
 client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend), or None for a backend
 or an unknown fd (the client timeouts read it); `counts()` is (idle backends, waiting clients, linked clients).
 
-`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"); `PyWalker` and `PyRelay` are
-always the twin.
+`IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"; the environment variable
+MULTIPROXY_RELAY_CORE=python chooses the twin even where the extension is built, so that the tests can run a proxy
+on it); `PyWalker` and `PyRelay` are always the twin.
 """
 from __future__ import annotations
 
@@ -45,6 +55,8 @@ log = logging.getLogger("multiproxy.relay_core")
 NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP = range(7)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
+_PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
+_PG_BATCH_INCOMPLETE, _PG_BATCH_RELAYED, _PG_BATCH_STOP = range(3)
 
 # The framing rules the engines declare: frame size = length field + length_adjust.
 FRAMINGS = {
@@ -68,18 +80,34 @@ def postgres_walkers(client_stop: bytes = b"X", server_stop: bytes = b"", walker
     return (make(**rule, stop=client_stop, count=b"QSF"), make(**rule, stop=server_stop, boundary=ord("Z")))
 
 
+def _pg_parse_well_formed(body: bytes) -> bool:
+    """A Parse body: name, query text (both NUL-terminated), int16 count of parameter types, that many int32s."""
+    name_end = body.find(b"\0")
+    query_end = body.find(b"\0", name_end + 1) if name_end >= 0 else -1
+    if query_end < 0 or len(body) - query_end - 1 < 2:
+        return False
+    count = int.from_bytes(body[query_end + 1:query_end + 3], "big", signed=True)
+    return count >= 0 and len(body) - query_end - 3 == count * 4
+
+
 class PyWalker:
     """The framing rule of one direction and its walk state (the twin of _relay.Walker)."""
 
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
-                 "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "remaining", "counted")
+                 "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
+                 "remaining", "counted")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
-                 stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096):
+                 stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
+                 pg_unnamed=False):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
                 or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
             raise ValueError("inconsistent framing rule")
+        if pg_unnamed and (header_size, length_offset, length_size, bool(big_endian), length_adjust,
+                           type_offset) != (5, 1, 4, True, 1, 0):
+            raise ValueError("pg_unnamed: only with PostgreSQL's framing")
+        self.pg_unnamed = bool(pg_unnamed)
         words = tuple(words or ())
         if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
@@ -114,6 +142,15 @@ class PyWalker:
                 kind = data[pos + type_offset]
             if kind in self.stop:
                 return pos, HANDOVER, kind
+            if self.pg_unnamed and kind in _PG_BATCH_OPENS:
+                verdict, size = self._pg_batch(data, pos, end)
+                if verdict == _PG_BATCH_INCOMPLETE:
+                    break
+                if verdict == _PG_BATCH_STOP:
+                    return pos, HANDOVER, kind
+                self.counted += 1
+                pos += size
+                continue
             if total < header_size:
                 return pos, MALFORMED, kind
             if kind >= 0 and kind == self.boundary:
@@ -138,6 +175,43 @@ class PyWalker:
             self.remaining = total - take
         return pos, NONE, -1
 
+    def _pg_batch(self, data, start, end) -> tuple[int, int]:
+        """(verdict, size) of the batch of the unnamed statement at data[start:end] (see the module docstring)."""
+        q, after_parse, max_screen = start, False, self.max_screen
+        while True:
+            if end - q < 5:
+                return (_PG_BATCH_STOP if q - start + 5 > max_screen else _PG_BATCH_INCOMPLETE), 0
+            kind = data[q]
+            total = int.from_bytes(data[q + 1:q + 5], "big") + 1
+            if total < 5 or q - start + total > max_screen:
+                return _PG_BATCH_STOP, 0
+            if end - q < total:
+                return _PG_BATCH_INCOMPLETE, 0
+            body = bytes(data[q + 5:q + total])
+            if after_parse and kind != 66:                  # B
+                return _PG_BATCH_STOP, 0
+            if kind == 80:                                  # P
+                low = body.lower()
+                ok = body[:1] == b"\0" and _pg_parse_well_formed(body) and not any(low.find(word) >= 0
+                                                                                for word in self.words)
+                after_parse = True
+            elif kind == 66:                                # B
+                ok = after_parse and body[:2] == b"\0\0"
+                after_parse = False
+            elif kind == 68:                                # D
+                ok = body == b"P\0"
+            elif kind == 69:                                # E
+                ok = len(body) == 5 and body[0] == 0
+            elif kind == 83:                                # S
+                if body:
+                    return _PG_BATCH_STOP, 0
+                return _PG_BATCH_RELAYED, q + total - start
+            else:
+                ok = False
+            if not ok:
+                return _PG_BATCH_STOP, 0
+            q += total
+
     def take_count(self) -> int:
         n, self.counted = self.counted, 0
         return n
@@ -145,7 +219,7 @@ class PyWalker:
     def copy(self) -> "PyWalker":
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
                         self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
-                        bytes(self.screen), self.words, self.max_screen)
+                        bytes(self.screen), self.words, self.max_screen, self.pg_unnamed)
         return twin
 
 
@@ -185,7 +259,7 @@ class PyRelay:
             need = rule.header_size + rule.type_offset + 2
             if rule.boundary >= 0:
                 need = max(need, rule.max_boundary + 1)
-            if rule.screen:
+            if rule.screen or rule.pg_unnamed:
                 need = max(need, rule.max_screen + 1)
             if buffer_size < 2 * need:
                 raise ValueError("buffer_size too small for the framing rules")
@@ -532,6 +606,9 @@ class PyRelay:
 
 
 def _load():
+    if os.environ.get("MULTIPROXY_RELAY_CORE") == "python":
+        log.info("relay core: the pure-Python twin (MULTIPROXY_RELAY_CORE=python)")
+        return PyWalker, PyRelay, "python"
     try:
         from multiproxy import _relay
     except ImportError as exc:

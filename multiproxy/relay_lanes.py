@@ -44,7 +44,7 @@ def relay_classes(choice: str):
     """(Walker, Relay) for [proxy] relay = choice ("compiled"), with a warning when only the twin is there."""
     if relay_core.IMPLEMENTATION != "c":
         log.warning("proxy.relay = %r: the compiled multiproxy._relay is not built (python3 setup.py build_ext "
-                    "--inplace); the relay lanes run on its pure-Python twin", choice)
+                    "--inplace) or MULTIPROXY_RELAY_CORE=python; the relay lanes run on its pure-Python twin", choice)
         return relay_core.PyWalker, relay_core.PyRelay
     return relay_core.Walker, relay_core.Relay
 

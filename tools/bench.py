@@ -455,8 +455,8 @@ class FloorPooler(Target):
             self.procs.stop(self.proc)
 
 
-def pgbench(port, load, seconds):
-    argv = ["pgbench", *LOADS[load], "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
+def pgbench(port, load, seconds, protocol="simple"):
+    argv = ["pgbench", *LOADS[load], "-M", protocol, "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
             "-U", BENCH_USER, BENCH_DB]
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -475,12 +475,12 @@ def pgbench(port, load, seconds):
     return tps
 
 
-def measure(target, port, load, seconds):
+def measure(target, port, load, seconds, protocol="simple"):
     """Warm up, then run the load; returns (tps, average CPU% of the target's process tree or None)."""
-    pgbench(port, load, WARMUP_SECONDS)
+    pgbench(port, load, WARMUP_SECONDS, protocol)
     before = tree_cpu_ticks(target.pid) if target.pid else None
     started = time.monotonic()
-    tps = pgbench(port, load, seconds)
+    tps = pgbench(port, load, seconds, protocol)
     elapsed = time.monotonic() - started
     cpu = None
     if before is not None:
@@ -681,6 +681,9 @@ def parse_args(argv):
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
+    parser.add_argument("--protocol", choices=("simple", "extended"), default="simple",
+                        help="pgbench -M of the steady, connect and latency loads: simple Query, or the extended "
+                             "protocol's unnamed statement (Parse/Bind/Describe/Execute/Sync) (default simple)")
     parser.add_argument("--pool-size", type=int, default=16, help="backend connections per pooler (default 16)")
     parser.add_argument("--workers", type=int, help="multiproxy [proxy] workers (default: its own default)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
@@ -1491,7 +1494,8 @@ def main(argv=None):
                     print(f"round {round_number + 1}/{args.rounds}: {name} / {load}: warm-up {WARMUP_SECONDS}s, "
                           f"run {args.seconds}s", file=sys.stderr)
                     try:
-                        samples.setdefault((name, load), []).append(measure(target, port, load, args.seconds))
+                        samples.setdefault((name, load), []).append(measure(target, port, load, args.seconds,
+                                                                            args.protocol))
                     except TargetFailed as exc:
                         print(f"  {name} / {load}: {exc}", file=sys.stderr)
                         samples.setdefault((name, load), []).append((None, None))
@@ -1510,7 +1514,7 @@ def main(argv=None):
         pg.stop()
         ws.remove()
 
-    options = (f"pgbench -S, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
+    options = (f"pgbench -S -M {args.protocol}, {args.seconds}s per run after {WARMUP_SECONDS}s warm-up, "
                + (f"median of {args.rounds} interleaved rounds, " if args.rounds > 1 else "")
                + f"scale {args.scale}, pool size {args.pool_size}, client authentication {args.auth}"
                + (f", multiproxy workers {args.workers}" if args.workers else ""))

@@ -118,10 +118,13 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
         client's next transactions (engines/postgres/compiled_relay.py); else None."""
         requests = self.requests
         if requests != self.relay_seen_requests:
-            # A client whose last requests used the extended protocol (a Sync since the previous look) stays on
-            # the Python path: its next ones would stop in the relay again, at a cost on every transaction.
-            self.relay_extended = self.syncs_sent != self.relay_seen_syncs
-            self.relay_seen_requests, self.relay_seen_syncs = requests, self.syncs_sent
+            # A client whose last requests used what the relay stops at in the extended protocol (counted by
+            # client_data in extended_stops: a named statement or portal, Describe of a statement, Close, Flush, a
+            # Parse of the unnamed statement without its Bind right behind it or a Bind without its Parse) stays
+            # on the Python path: its next ones would stop in the relay again, at a cost on every transaction.
+            # The unnamed statement in PQexecParams' batches counts nothing: those clients are relayed.
+            self.relay_extended = self.extended_stops != self.relay_seen_stops
+            self.relay_seen_requests, self.relay_seen_stops = requests, self.extended_stops
         if (self.relay_extended or handover.not_idle(self) or self.retry_read_only or self.ctx.reset_after_transaction
                 or self.unnamed_held or self.deferred is not None or self.closing or self.sbuf or self.s_skip
                 or self.local_error):

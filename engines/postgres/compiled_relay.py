@@ -1,17 +1,28 @@
 """What the compiled relay ([proxy] relay = "compiled") needs from PostgreSQL: framing, stop frames, the Query screen.
 
 In the relay a client's simple Query (and a Sync) goes to a backend lent for the transaction, and the backend comes
-back at the ReadyForQuery with status idle that answers the last of them. Every other client message stops: the
-extended protocol (Parse, Bind, Describe, Close and Execute carry statement and portal names and unnamed-statement
-holds the Python path tracks), FunctionCall, COPY data, Terminate and anything unknown. A Query stops too when its
-text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false alarm only costs a trip
-through Python), or is longer than MAX_SCREENED: the words of the pin screen (pinning.might_pin: SET, RESET,
-set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP tables, cursors WITH HOLD, advisory locks, LOAD,
-CLOSE), the words that open a transaction block (BEGIN, START), whose statements must run on one backend and
-which the Python path answers lazily, and COPY, whose CopyIn/CopyOut answers the Python path tracks. So no request
-the relay serves can pin, change a setting the Python path tracks, open a transaction or start a COPY; the server
-messages that follow only such requests (ParameterStatus, NotificationResponse, CopyInResponse) do not come in
-answer to it. An ErrorResponse is forwarded as it is: no transaction or tracked setting is there to undo.
+back at the ReadyForQuery with status idle that answers the last of them. The extended protocol is relayed for the
+unnamed statement and portal only, in whole batches (the Walker's `pg_unnamed` option, multiproxy/relay_core.py): a
+Parse of the unnamed statement directly followed by a Bind of it to the unnamed portal, Describe and Execute of the
+unnamed portal, up to and with the Sync, all in the relay's buffer before a byte of it goes (at most MAX_SCREENED
+bytes); the Parse's text is screened as a Query's is. That is what libpq's PQexecParams / PQsendQueryParams send
+(`pgbench -M extended`, psycopg 3 with parameters, and psycopg's pipeline mode up to each Sync). Such a batch leaves
+nothing held on the backend: its unnamed statement is bound at once, and a Bind always binds the statement parsed
+right before it by the same client, so no client can bind another client's unnamed statement on a shared backend
+(a Bind with no Parse right before it stops, and the Python path forwards one only to a backend on which the client
+parsed the unnamed statement itself). Any other batch stops at its first frame with nothing of it forwarded: named
+statements or portals, Describe of a statement, Close, Flush (a client waiting for answers before its Sync),
+a Parse not followed by its Bind; and every other client message stops too: FunctionCall, COPY data, Terminate and
+anything unknown. A Query or a Parse stops too when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored,
+anywhere in the text: a false alarm only costs a trip through Python), or is longer than MAX_SCREENED: the words of
+the pin screen (pinning.might_pin: SET, RESET, set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP
+tables, cursors WITH HOLD, advisory locks, LOAD, CLOSE), the words that open a transaction block (BEGIN, START),
+whose statements must run on one backend and which the Python path answers lazily, and COPY, whose
+CopyIn/CopyOut answers the Python path tracks. So no request the relay serves can pin, change a setting the Python
+path tracks, open a transaction or start a COPY; the server messages that follow only such requests
+(ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is forwarded
+as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
+Sync, which the relay forwarded with it.
 """
 from __future__ import annotations
 
@@ -19,9 +30,10 @@ from . import protocol as p
 from .pinning import _KEYWORDS
 
 RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"copy")     # "set" covers set_config, "listen" UNLISTEN
-MAX_SCREENED = 8000         # a longer Query goes through Python (the relay holds a screened frame whole)
+MAX_SCREENED = 8000         # a longer Query or batch goes through Python (the relay holds a screened frame whole)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
-_RELAYED = frozenset((p.QUERY, p.SYNC))
+_COUNTED = frozenset((p.QUERY, p.SYNC))
+_RELAYED = _COUNTED | frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE))    # the last four in pg_unnamed batches
 
 
 def relay_rules() -> dict:
@@ -32,8 +44,8 @@ def relay_rules() -> dict:
     framing = dict(FRAMINGS["postgres"])
     stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
     return {
-        "client": dict(framing, stop=stop, count=bytes(_RELAYED), screen=bytes((p.QUERY,)),
-                       words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED),
+        "client": dict(framing, stop=stop, count=bytes(_COUNTED), screen=bytes((p.QUERY,)),
+                       words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True),
         "server": dict(framing, boundary=p.READY_FOR_QUERY),
         "buffer_size": BUFFER_SIZE,
     }

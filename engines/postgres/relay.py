@@ -48,6 +48,9 @@ _TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 # The opening messages of an answer that may still end in a read-only refusal: held back until it is known.
 _ANSWER_PREFIX = frozenset((p.PARSE_COMPLETE, p.BIND_COMPLETE, ord("t"), ord("n"), ord("T"), p.PARAMETER_STATUS,
                             ord("N")))
+# A statement name nobody prepares: a Bind or Describe of the unnamed statement by a client that did not parse it
+# on the backend it goes to is sent with it, and the server answers 26000 "prepared statement ... does not exist".
+NOT_PARSED_HERE = b"unnamed statement not parsed on this server connection"
 # Client-message types accepted after startup. Anything else is a protocol violation.
 _KNOWN_CLIENT = frozenset((p.QUERY, p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.SYNC, p.FLUSH,
                            p.TERMINATE, p.FUNCTION_CALL, p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
@@ -62,6 +65,9 @@ class Relay:
     tx_status = p.TX_IDLE
     pending_extended = False        # extended-protocol messages sent since the last Sync
     unnamed_held = False            # unnamed statement parsed but not yet bound
+    unnamed_parsed = False          # the linked backend's unnamed statement is one this client parsed (since the link)
+    unnamed_resent = False          # ... and the request retried on the writer (retry_accepted) parses it there again
+    extended_stops = 0              # extended-protocol messages the compiled relay stops at (see relay_key)
     copy_in = False
     discard_until_sync = False
     transaction_lost = False
@@ -71,9 +77,9 @@ class Relay:
     server_state = None             # the linked backend's PostgresServerState
     requests = 0
     syncs_sent = 0
-    relay_seen_requests = 0         # `requests` and `syncs_sent` at the last relay_key() that saw new requests
-    relay_seen_syncs = 0
-    relay_extended = False          # ... and whether they used the extended protocol
+    relay_seen_requests = 0         # `requests` and `extended_stops` at the last relay_key() that saw new requests
+    relay_seen_stops = 0
+    relay_extended = False          # ... and whether they used what the relay stops at in the extended protocol
     syncs_done = 0
     # partial-message state, client side
     cbuf = b""                      # an incomplete message we must see whole, or a partial header
@@ -126,7 +132,7 @@ class Relay:
                         return b"", answer
                 fifo.append(CLIENT_QUERY)
                 self.requests += 1
-                self.unnamed_held = False
+                self.unnamed_held = self.unnamed_parsed = False
                 self._inspect_sql(data[5:n - 1])
                 if self.readback_due is not None or self.startup_replay_due:
                     self.retry_candidate = None
@@ -165,6 +171,7 @@ class Relay:
         rewrite = False
         forwarded_any = pos > 0          # the tail of a streamed message went through
         syncs_before = self.syncs_sent
+        unnamed_parse_end = -1           # where the last Parse of the unnamed statement in this read ends
         while pos < n:
             if n - pos < 5:
                 self.cbuf = data[pos:]
@@ -238,6 +245,8 @@ class Relay:
                     self.copy_in = False
                 elif kind == p.EXECUTE:
                     self.pending_extended = True
+                elif kind == p.FLUSH:
+                    self.extended_stops += 1
                 if end > n:
                     self.c_skip = end - n
                     pos = n
@@ -252,16 +261,22 @@ class Relay:
                 if kind == p.QUERY:
                     fifo.append(CLIENT_QUERY)
                     self.requests += 1
-                    self.unnamed_held = False
+                    self.unnamed_held = self.unnamed_parsed = False
                     self._inspect_sql(data[pos + 5:end - 1])
                 elif kind == p.PARSE:
                     self.pending_extended = True
                     name_end = data.index(b"\x00", pos + 5, end)
                     if name_end == pos + 5:
-                        self.unnamed_held = True
+                        self.unnamed_held = self.unnamed_parsed = True
+                        unnamed_parse_end = end
+                        if end >= n or data[end] != p.BIND:
+                            self.extended_stops += 1        # the relay relays a Parse only with its Bind
                     elif self.virtualize:
                         rewrite = True
+                        self.unnamed_parsed = False         # the rewrite may parse the unnamed statement
+                        self.extended_stops += 1
                     else:
+                        self.extended_stops += 1
                         self._detected(PinReason.PREPARED_STATEMENT, "named prepared statement (Parse)")
                     query_end = data.index(b"\x00", name_end + 1, end)
                     self._inspect_sql(data[name_end + 1:query_end], name_end == pos + 5)
@@ -271,14 +286,35 @@ class Relay:
                     self.pending_extended = True
                     portal_end = data.index(b"\x00", pos + 5, end)
                     statement_end = data.index(b"\x00", portal_end + 1, end)
+                    if portal_end != pos + 5 or statement_end != portal_end + 1 or pos != unnamed_parse_end:
+                        self.extended_stops += 1
                     if statement_end == portal_end + 1:
                         self.unnamed_held = False
+                        if not self.unnamed_parsed:
+                            # Not this client's statement on the backend that gets it (another client's, or none):
+                            # bind a name no statement has, so the server answers "does not exist" and skips to
+                            # the Sync, as it would with no unnamed statement.
+                            if pieces is None:
+                                pieces = []
+                            pieces.append(data[keep_from:pos])
+                            pieces.append(p.message(b"B", data[pos + 5:portal_end + 1] + NOT_PARSED_HERE
+                                                    + data[statement_end:end]))
+                            keep_from = end
                     elif self.statements is not None:
                         rewrite = True
                 else:  # DESCRIBE, CLOSE
                     self.pending_extended = True
                     if data[pos + 5] not in (80, 83) or data[end - 1] != 0:   # 'P' or 'S', NUL-terminated
                         raise ValueError("bad describe/close target")
+                    if kind == p.CLOSE or data[pos + 5] == 83 or end - pos > 7:
+                        self.extended_stops += 1
+                    if kind == p.DESCRIBE and data[pos + 5] == 83 and end - pos == 7 and not self.unnamed_parsed:
+                        # The unnamed statement of someone else's (or none), as for Bind above.
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(data[keep_from:pos])
+                        pieces.append(p.message(b"D", b"S" + NOT_PARSED_HERE + b"\x00"))
+                        keep_from = end
                     if data[pos + 5] == 83 and end - pos > 7 and self.statements is not None:
                         rewrite = True
             except (ValueError, IndexError):
@@ -714,6 +750,7 @@ class Relay:
         self.syncs_done = syncs_done
         self.tx_status = p.TX_IDLE
         self.deferred_rewrite = rewrite
+        self.unnamed_resent = self.unnamed_parsed      # the core unlinks, then sends `forward` to the writer
         self.release_due = False
         self.sbuf = b""
         self._begin_again()
@@ -721,6 +758,7 @@ class Relay:
 
     def unlink(self) -> None:
         self.linked = False
+        self.unnamed_parsed, self.unnamed_resent = self.unnamed_resent, False
         self.retry_held = None
         self.retry_refused = False
         self.release_due = False
@@ -775,7 +813,7 @@ class Relay:
             reply = error
         if self.c_skip:
             self.c_discard = True
-        self.unnamed_held = False
+        self.unnamed_held = self.unnamed_parsed = False     # a Parse not sent parsed nothing
         self.copy_in = False
         self.deferred_rewrite = None
         return reply

@@ -232,3 +232,214 @@ def test_a_client_leaving_mid_transaction_and_a_malformed_message(pg, proxy_fact
     with psycopg_connect(proxy, autocommit=True) as again:
         assert simple_query(again, "SELECT 3") == [(3,)]
     assert wait_for(lambda: server_backends(pg) <= 2)
+
+
+# -- the extended protocol of the unnamed statement (Parse/Bind/Describe/Execute...Sync batches) in the relay
+# "twin": the proxy's relay lanes run on relay_core's pure-Python twin (MULTIPROXY_RELAY_CORE=python)
+
+CORES = {"c": {}, "twin": {"MULTIPROXY_RELAY_CORE": "python"}}
+
+def relay_transactions(proxy) -> float:
+    return lane_metrics(proxy)["transactions_total"] or 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory, core):
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy = proxy_factory(compiled_config(pg, max_size=4), env=CORES[core])
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10"}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run(["pgbench", "-S", "-M", "extended", "-c", "12", "-j", "2", "-t", "300", "-n"], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    assert "number of transactions actually processed: 3600/3600" in run.stdout, run.stdout
+    assert "number of failed transactions: 0" in run.stdout or "failed" not in run.stdout, run.stdout
+    lanes = lane_metrics(proxy)
+    print("relay lanes after pgbench -M extended:", lanes)
+    assert ("relay lanes run on its pure-Python twin" in proxy.log_text()) == (core == "twin")
+    assert lanes["transactions_total"] >= 3500, lanes      # Parse/Bind/Describe/Execute/Sync with no Python
+    assert lanes["backends"] <= 4
+    assert server_backends(pg) <= 4
+    text = metrics_text(proxy)
+    assert not metric(text, "multiproxy_database_connections_currently_session_pinned")
+
+
+@pytest.mark.timeout(180)
+def test_psycopg_with_parameters_runs_in_the_relay_and_its_prepared_statements_beside_it(pg, proxy_factory):
+    proxy = proxy_factory(compiled_config(pg, max_size=3))
+    table = f"relay_x_{uuid.uuid4().hex[:8]}"
+    with direct_connect(pg) as conn:
+        conn.execute(f"CREATE TABLE {table} (client int, n int)")
+        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    clients, rounds = 10, 30
+    errors = []
+    unnamed_done = threading.Barrier(clients + 1, timeout=120)
+    relayed = []
+
+    def client(number: int) -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:      # the default prepare_threshold (5)
+                for n in range(rounds):
+                    # a text of its own each time: never prepared, Parse/Bind/Describe/Execute of the unnamed one
+                    conn.execute(f"INSERT INTO {table} VALUES (%s, %s) -- {n}", (number, n))
+                    got = conn.execute(f"SELECT count(*), %s::text FROM {table} WHERE client = %s -- {n}",
+                                       (f"c{number}", number)).fetchall()
+                    assert got == [(n + 1, f"c{number}")], (number, n, got)
+                unnamed_done.wait()
+                unnamed_done.wait()
+                # the same text ten times: prepared (a named statement) from the sixth run on
+                for n in range(10):
+                    got = conn.execute("SELECT %s::int * 2, %s::text", (number + n, "x" * n)).fetchone()
+                    assert got == (2 * (number + n), "x" * n), (number, n, got)
+                assert conn.execute(f"SELECT count(*) FROM {table} WHERE client = %s", (number,)).fetchone() == (
+                    rounds,)
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        unnamed_done.wait()
+        relayed.append(relay_transactions(proxy))
+        unnamed_done.wait()
+    except threading.BrokenBarrierError:
+        pass            # a client failed: its error says why
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    print("relayed transactions of", clients * rounds * 2, "unnamed ones:", relayed)
+    assert relayed and relayed[0] >= clients * rounds * 2 * 0.9, relayed
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == clients * rounds
+    text = metrics_text(proxy)
+    assert not metric(text, "multiproxy_database_connections_currently_session_pinned")
+    assert server_backends(pg) <= 3
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    clients, rounds = 6, 15
+    errors = []
+    synced_done = threading.Barrier(clients + 1, timeout=120)
+    relayed = []
+
+    def client(number: int) -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                for n in range(rounds):
+                    # five executes and one Sync at the pipeline's end: one batch of the unnamed statement
+                    with conn.pipeline():
+                        cursors = [conn.execute(f"SELECT %s::int + %s::int -- {n}", (number, k)) for k in range(5)]
+                    assert [cur.fetchone() for cur in cursors] == [(number + k,) for k in range(5)], (number, n)
+                synced_done.wait()
+                synced_done.wait()
+                for n in range(rounds):
+                    # rows read inside the pipeline: psycopg sends a Flush before the Sync (the Python path's)
+                    with conn.pipeline() as pipeline:
+                        first = conn.execute(f"SELECT %s::int * 3 -- {n}", (number,))
+                        pipeline.sync()
+                        assert first.fetchone() == (number * 3,)
+                        second = conn.execute(f"SELECT %s::text || '!' -- {n}", (f"n{n}",))
+                        assert second.fetchone() == (f"n{n}!",)
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        synced_done.wait()
+        relayed.append(relay_transactions(proxy))
+        synced_done.wait()
+    except threading.BrokenBarrierError:
+        pass            # a client failed: its error says why
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    print("relayed pipelines of", clients * rounds, ":", relayed, lane_metrics(proxy))
+    assert relayed and relayed[0] >= clients * rounds * 0.9, relayed
+    assert server_backends(pg) <= 2
+    assert not metric(metrics_text(proxy), "multiproxy_database_connections_currently_session_pinned")
+
+
+def raw_login(proxy):
+    import socket
+    import struct
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    body = b"user\0" + USER.encode() + b"\0database\0" + AUTH_DB.encode() + b"\0\0"
+    sock.sendall(struct.pack("!II", len(body) + 8, 196608) + body)
+    read_until_ready(sock)
+    return sock
+
+
+def read_until_ready(sock) -> bytes:
+    """Messages up to and with the next ReadyForQuery."""
+    import struct
+    data = b""
+    while True:
+        pos = 0
+        while len(data) - pos >= 5:
+            end = pos + 1 + struct.unpack_from("!I", data, pos + 1)[0]
+            if end > len(data):
+                break
+            if data[pos:pos + 1] == b"Z":
+                return data[:end]
+            pos = end
+        more = sock.recv(65536)
+        assert more, data
+        data += more
+
+
+def pg_message(kind: bytes, body: bytes) -> bytes:
+    import struct
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+UNNAMED_BIND = pg_message(b"B", b"\0\0\0\0\0\0\0\0")
+EXECUTE_SYNC = pg_message(b"E", b"\0\0\0\0\0") + pg_message(b"S", b"")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("relay", ["compiled", "compiled-twin", "python"])
+def test_a_bind_without_parse_never_binds_another_clients_unnamed_statement(pg, proxy_factory, relay):
+    config = compiled_config(pg, max_size=1)        # one backend: every client shares it
+    config["proxy"]["relay"] = relay.split("-")[0]
+    proxy = proxy_factory(config, env=CORES["twin" if relay.endswith("twin") else "c"])
+    owner, intruder = raw_login(proxy), raw_login(proxy)
+    try:
+        batch = (pg_message(b"P", b"\0SELECT 'secret of the owner'\0\0\0") + UNNAMED_BIND
+                 + pg_message(b"D", b"P\0") + EXECUTE_SYNC)
+        for _ in range(3):
+            owner.sendall(batch)
+            answer = read_until_ready(owner)
+            assert b"secret of the owner" in answer and answer.endswith(b"Z\0\0\0\5I"), answer
+        # the backend holds the owner's unnamed statement now; a Bind of "the unnamed statement" with no Parse
+        intruder.sendall(UNNAMED_BIND + EXECUTE_SYNC)
+        answer = read_until_ready(intruder)
+        assert b"secret" not in answer, answer
+        assert answer.startswith(b"E") and b"does not exist" in answer and b"26000" in answer, answer
+        assert answer.endswith(b"Z\0\0\0\5I"), answer
+        # both go on as before, beside a psycopg client with parameters
+        intruder.sendall(pg_message(b"Q", b"SELECT 'intruder ok'\0"))
+        assert b"intruder ok" in read_until_ready(intruder)
+        with psycopg_connect(proxy, autocommit=True) as conn:
+            assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
+        owner.sendall(batch)
+        assert b"secret of the owner" in read_until_ready(owner)
+        # the owner's own unnamed statement, bound in a later round trip, is its own
+        owner.sendall(pg_message(b"P", b"\0SELECT 'parsed alone'\0\0\0") + pg_message(b"S", b""))
+        assert read_until_ready(owner).startswith(b"1")
+        owner.sendall(UNNAMED_BIND + EXECUTE_SYNC)
+        assert b"parsed alone" in read_until_ready(owner)
+    finally:
+        owner.close()
+        intruder.close()
+    assert server_backends(pg) <= 1

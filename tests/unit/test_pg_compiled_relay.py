@@ -14,7 +14,10 @@ from multiproxy_engines.postgres import protocol as p
 from multiproxy_engines.postgres.compiled_relay import MAX_SCREENED, RELAY_SCREEN_WORDS, relay_rules
 from multiproxy_engines.postgres.pinning import might_pin
 
-from .test_pg_relay import READY_IDLE, backend_state, command_complete, link_backend, logged_in_client, parse
+from multiproxy_engines.postgres.relay import NOT_PARSED_HERE
+
+from .test_pg_relay import (BIND_COMPLETE, PARSE_COMPLETE, READY_IDLE, SYNC, FLUSH, backend_state, bind,
+                            command_complete, describe, execute, link_backend, logged_in_client, parse)
 
 try:
     from multiproxy import _relay
@@ -66,12 +69,70 @@ def test_every_query_the_pin_screen_would_look_at_stops(walker_type):
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)
-def test_only_query_and_sync_are_relayed_and_a_long_query_stops(walker_type):
-    for kind in b"PBDECHFdcfX?":
+def test_only_query_sync_and_unnamed_batches_are_relayed_and_a_long_query_stops(walker_type):
+    for kind in b"CHFdcfX?":
         assert stops(walker_type, bytes((kind,)) + struct.pack("!I", 4)), chr(kind)
+    for kind in b"PBDE":        # malformed as batches
+        assert stops(walker_type, bytes((kind,)) + struct.pack("!I", 4) + SYNC), chr(kind)
     assert not stops(walker_type, b"S" + struct.pack("!I", 4))
     assert stops(walker_type, query(b"select " + b"1" * MAX_SCREENED))
-    assert stops(walker_type, parse("", "SELECT 1"))
+    assert stops(walker_type, parse("", "SELECT 1") + SYNC)
+
+
+# What libpq's PQexecParams sends (pgbench -M extended, psycopg 3 with parameters)
+PGBENCH_EXTENDED = (parse("", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;", (23,))
+                    + bind(params=(b"42",)) + describe(b"P") + execute() + SYNC)
+
+
+def walk(walker_type, data: bytes):
+    walker = walker_type(**relay_rules()["client"])
+    result = walker.feed(data)
+    return result, walker.take_count()
+
+
+@pytest.mark.parametrize("walker_type", WALKERS)
+def test_a_batch_of_the_unnamed_statement_is_relayed_whole(walker_type):
+    assert walk(walker_type, PGBENCH_EXTENDED) == ((len(PGBENCH_EXTENDED), rc.NONE, -1), 1)
+    pipeline = (parse("", "INSERT INTO t VALUES ($1)") + bind(params=(b"1",)) + describe(b"P") + execute()
+                + parse("", "SELECT $1::int") + bind(params=(b"2",)) + describe(b"P") + execute() + SYNC)
+    assert walk(walker_type, pipeline + PGBENCH_EXTENDED) == ((len(pipeline + PGBENCH_EXTENDED), rc.NONE, -1), 2)
+
+
+@pytest.mark.parametrize("walker_type", WALKERS)
+@pytest.mark.parametrize("case, why", [
+    (parse("s1", "SELECT 1") + bind(statement="s1") + execute() + SYNC, "a named statement"),
+    (parse("", "SELECT 1") + bind(portal="p1") + execute("p1") + SYNC, "a named portal"),
+    (parse("", "SELECT 1") + bind(statement="s1") + execute() + SYNC, "Bind of a named statement"),
+    (bind() + execute() + SYNC, "Bind with no Parse right before it"),
+    (parse("", "SELECT 1") + SYNC, "Parse not bound at once"),
+    (parse("", "SELECT 1") + describe(b"S") + bind() + execute() + SYNC, "Describe of a statement"),
+    (parse("", "SELECT 1") + bind() + describe(b"P", "p1") + execute() + SYNC, "Describe of a named portal"),
+    (parse("", "SELECT 1") + bind() + execute() + FLUSH, "Flush: the client reads before its Sync"),
+    (parse("", "SELECT 1") + bind() + execute() + b"C\0\0\0\6S\0" + SYNC, "Close"),
+    (parse("", "BEGIN") + bind() + execute() + SYNC, "BEGIN"),
+    (parse("", "SET search_path = app") + bind() + execute() + SYNC, "SET"),
+    (parse("", "SELECT set_config($1, $2, false)") + bind() + execute() + SYNC, "set_config"),
+    (parse("", "COPY t FROM STDIN") + bind() + execute() + SYNC, "COPY"),
+    (parse("", "SELECT pg_advisory_lock($1)") + bind() + execute() + SYNC, "advisory lock"),
+    (parse("", "SELECT '" + "x" * MAX_SCREENED + "'") + bind() + execute() + SYNC, "longer than MAX_SCREENED"),
+])
+def test_a_batch_the_relay_must_not_serve_stops_with_nothing_forwarded(walker_type, case, why):
+    (consumed, event, arg), counted = walk(walker_type, query(b"select 1") + case)
+    assert (consumed, event, arg, counted) == (len(query(b"select 1")), rc.HANDOVER, case[0], 1), why
+
+
+@pytest.mark.parametrize("walker_type", WALKERS)
+def test_a_parse_waits_for_its_bind_across_reads(walker_type):
+    """Split reads: a Parse whose Bind comes in a later read is not forwarded until the whole batch is there."""
+    for cut in range(1, len(PGBENCH_EXTENDED)):
+        walker = walker_type(**relay_rules()["client"])
+        assert walker.feed(PGBENCH_EXTENDED[:cut]) == (0, rc.NONE, -1), cut
+        assert walker.feed(PGBENCH_EXTENDED) == (len(PGBENCH_EXTENDED), rc.NONE, -1), cut
+        assert walker.take_count() == 1
+    walker = walker_type(**relay_rules()["client"])
+    first = parse("", "SELECT 1")
+    assert walker.feed(first) == (0, rc.NONE, -1)
+    assert walker.feed(first + describe(b"S") + SYNC) == (0, rc.HANDOVER, ord("P"))
 
 
 def test_the_relay_key_follows_the_clients_state():
@@ -111,6 +172,76 @@ def test_a_client_of_the_extended_protocol_stays_on_the_python_path_until_it_sen
     client.backend_data(command_complete("SELECT 1") + READY_IDLE)
     client.unlink()
     assert client.relay_key() is not None
+
+
+def after_a_request(client, request: bytes, answer: bytes) -> bytes:
+    """One request through the Python path: what it sent to the backend."""
+    sent, local = client.client_data(request)
+    assert local == b""
+    sent = link_backend(client, backend_state(), sent)
+    out, release = client.backend_data(answer)
+    assert release
+    client.unlink()
+    return sent
+
+
+def test_clients_of_unnamed_batches_are_relayed_and_named_statements_stay_on_the_python_path():
+    client = logged_in_client()
+    client.virtualize = True                           # prepared_statements = "virtualize": named ones do not pin
+    answer = PARSE_COMPLETE + BIND_COMPLETE + b"n\0\0\0\4" + command_complete("SELECT 1") + READY_IDLE
+    after_a_request(client, PGBENCH_EXTENDED, answer)
+    assert client.relay_key() is not None              # PQexecParams' batches: the relay serves them
+    after_a_request(client, parse("s1", "SELECT 1") + bind(statement="s1") + execute() + SYNC, answer)
+    assert client.relay_key() is None                  # a named statement: it would stop on every transaction
+    after_a_request(client, bind(statement="s1") + execute() + SYNC, BIND_COMPLETE + command_complete("SELECT 1")
+                    + READY_IDLE)
+    assert client.relay_key() is None
+    after_a_request(client, PGBENCH_EXTENDED, answer)
+    assert client.relay_key() is not None              # back to unnamed batches
+    after_a_request(client, parse("", "SELECT 1") + FLUSH + bind() + execute() + SYNC, answer)
+    assert client.relay_key() is None                  # a Flush inside: the relay would stop at it
+
+
+def test_the_python_path_binds_the_unnamed_statement_only_where_the_client_parsed_it():
+    """A client back from the relay (its relayed Parse/Bind/Execute/Sync never seen by the Python path) stops on a
+    named Parse, then Binds the unnamed statement alone: the backend it gets may hold another client's unnamed
+    statement, so the Bind names a statement nobody has and the server answers that it does not exist."""
+    client = logged_in_client()
+    assert client.relay_key() is not None              # (in the relay: PGBENCH_EXTENDED relayed, unseen here)
+    answer = PARSE_COMPLETE + BIND_COMPLETE + command_complete("SELECT 1") + READY_IDLE
+    sent = after_a_request(client, parse("s1", "SELECT 1") + bind(statement="s1") + execute() + SYNC, answer)
+    assert NOT_PARSED_HERE not in sent
+    assert (client.fifo, client.pending_extended, client.unnamed_held, client.requests, client.syncs_sent) == (
+        type(client.fifo)(), False, False, 1, 1)
+    alone = bind(params=(b"1",)) + execute() + SYNC
+    sent, local = client.client_data(alone)
+    assert local == b"" and NOT_PARSED_HERE in sent and len(sent) == len(alone) + len(NOT_PARSED_HERE)
+    error = p.error_response("26000", f'prepared statement "{NOT_PARSED_HERE.decode()}" does not exist')
+    link_backend(client, backend_state(), sent)
+    out, release = client.backend_data(error + READY_IDLE)
+    assert release and out.endswith(READY_IDLE)
+    client.unlink()
+    # its own unnamed statement, parsed and bound in separate round trips on the backend it holds, is bound
+    sent, _ = client.client_data(parse("", "SELECT 1") + SYNC)
+    link_backend(client, backend_state(), sent)
+    assert client.backend_data(PARSE_COMPLETE + READY_IDLE) == (PARSE_COMPLETE + READY_IDLE, False)   # held
+    sent, _ = client.client_data(bind() + execute() + SYNC)
+    assert sent == bind() + execute() + SYNC
+    assert client.backend_data(BIND_COMPLETE + command_complete("SELECT 1") + READY_IDLE)[1]
+    client.unlink()
+    # a Describe of the unnamed statement is kept from someone else's in the same way; a simple Query drops it
+    sent, _ = client.client_data(describe(b"S") + SYNC)
+    assert sent == describe(b"S", NOT_PARSED_HERE.decode()) + SYNC
+
+
+def test_a_parse_that_never_reached_a_backend_does_not_let_a_later_bind_through():
+    from multiproxy.engine import ErrorKind
+    client = logged_in_client()
+    sent, _ = client.client_data(parse("", "SELECT 1") + SYNC)
+    assert NOT_PARSED_HERE not in sent
+    client.fail_pending(ErrorKind.POOL_TIMEOUT, "no backend")      # the pool could not give one
+    sent, _ = client.client_data(bind() + execute() + SYNC)
+    assert NOT_PARSED_HERE in sent
 
 
 def test_a_client_that_quits_has_no_relay_key():

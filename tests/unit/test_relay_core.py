@@ -468,11 +468,14 @@ server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN
                           st.binary(min_size=1, max_size=8))
 
 
-def run_scenario(impl, steps, screened=False) -> list:
+def run_scenario(impl, steps, screened=False, batches=False) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
-    client's Query bodies are screened and its stops held until its transaction ends (hold_stops)."""
-    if screened:
+    client's Query bodies are screened and its stops held until its transaction ends (hold_stops); batches: the
+    same with batches of the unnamed statement relayed (pg_unnamed)."""
+    if batches:
+        relay = impl[1](*batch_walkers(impl), hold_stops=True)
+    elif screened:
         relay = impl[1](*screened_walkers(impl), hold_stops=True)
     else:
         relay = impl[1](*walkers(impl, server_stop=b"E"))
@@ -644,3 +647,204 @@ def test_c_and_python_screening_walkers_agree(parts, cuts, max_screen):
         client, _ = screened_walkers(impl, max_screen=max_screen)
         results.append((drive(client, chunks), client.take_count(), client.remaining))
     assert results[0] == results[1]
+
+
+# -- pg_unnamed: whole batches of the unnamed statement and portal (Parse, Bind, Describe, Execute ... Sync)
+
+PARSE = pg(b"P", b"\0select $1\0\0\1\0\0\0\x17")
+BIND = pg(b"B", b"\0\0\0\0\0\1\0\0\0\x011\0\0")
+DESCRIBE_PORTAL = pg(b"D", b"P\0")
+EXECUTE = pg(b"E", b"\0\0\0\0\0")
+SYNC = pg(b"S")
+FLUSH = pg(b"H")
+BATCH = PARSE + BIND + DESCRIBE_PORTAL + EXECUTE + SYNC
+BATCH_ANSWER = pg(b"1") + pg(b"2") + RESULT + READY_IDLE
+
+
+def batch_walkers(impl, max_screen=200):
+    walker, _ = impl
+    stop = bytes(kind for kind in range(256) if kind not in b"QSPBDE")
+    return (walker(**PG, stop=stop, count=b"QS", screen=b"Q", words=SCREEN_WORDS, max_screen=max_screen,
+                   pg_unnamed=True),
+            walker(**PG, boundary=ord("Z")))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_whole_batch_is_relayed_and_counted_once(impl):
+    client, _ = batch_walkers(impl)
+    assert client.feed(BATCH) == (len(BATCH), rc.NONE, -1)
+    assert client.take_count() == 1
+    pipeline = PARSE + BIND + DESCRIBE_PORTAL + EXECUTE + PARSE + BIND + EXECUTE + SYNC
+    assert client.feed(QUERY + pipeline + BATCH + QUERY) == (2 * len(QUERY) + len(pipeline) + len(BATCH), rc.NONE, -1)
+    assert client.take_count() == 4
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_is_walked_only_whole_wherever_it_is_cut(impl):
+    stream = QUERY + BATCH + QUERY
+    whole = drive(batch_walkers(impl)[0], [stream])
+    assert whole == (stream, [], b"")
+    for cut in range(1, len(stream)):
+        client = batch_walkers(impl)[0]
+        consumed, event, _ = client.feed(stream[:cut])
+        assert event == rc.NONE
+        if len(QUERY) <= cut < len(QUERY) + len(BATCH):
+            # the Query before the batch goes at once; nothing of the batch goes before its Sync is there
+            assert consumed == len(QUERY), cut
+        assert drive(batch_walkers(impl)[0], [stream[:cut], stream[cut:]]) == whole, cut
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_with_anything_the_relay_must_not_serve_stops_at_its_first_frame(impl):
+    named_parse = pg(b"P", b"s1\0select 1\0\0\0")
+    cases = [
+        named_parse + BIND + EXECUTE + SYNC,                                    # a named statement
+        pg(b"P", b"\0SET x = 1\0\0\0") + BIND + EXECUTE + SYNC,               # a screen word in the Parse
+        PARSE + SYNC,                                                           # a Parse not bound at once
+        PARSE + DESCRIBE_PORTAL + BIND + EXECUTE + SYNC,
+        PARSE + pg(b"B", b"p1\0\0\0\0\0\0\0\0") + EXECUTE + SYNC,            # a named portal
+        PARSE + pg(b"B", b"\0s1\0\0\0\0\0\0\0") + EXECUTE + SYNC,            # a named statement bound
+        BIND + EXECUTE + SYNC,                                                  # a Bind with no Parse before it
+        PARSE + BIND + BIND + EXECUTE + SYNC,
+        PARSE + BIND + pg(b"D", b"S\0") + EXECUTE + SYNC,                      # Describe of a statement
+        PARSE + BIND + pg(b"D", b"Pp1\0") + EXECUTE + SYNC,                    # ... of a named portal
+        PARSE + BIND + pg(b"E", b"p1\0\0\0\0\0") + SYNC,                       # Execute of a named portal
+        PARSE + BIND + EXECUTE + pg(b"C", b"S\0") + SYNC,                      # Close
+        PARSE + BIND + EXECUTE + FLUSH,                                         # Flush: the client waits before its Sync
+        PARSE + BIND + EXECUTE + QUERY,
+        PARSE + BIND + EXECUTE + pg(b"S", b"x"),                                # a Sync with a body
+        PARSE + BIND + EXECUTE + b"E\0\0\0\3",                                 # a length below the header
+        PARSE + BIND + pg(b"E", b"\0") + SYNC,                                  # an Execute without its row limit
+        pg(b"P", b"\0select 1\0\0\1") + BIND + EXECUTE + SYNC,                  # a Parse malformed ...
+        pg(b"P", b"\0select 1\0\0\1\0\0\0\x17\0") + BIND + EXECUTE + SYNC,
+    ]
+    for case in cases:
+        client, _ = batch_walkers(impl)
+        assert client.feed(QUERY + case) == (len(QUERY), rc.HANDOVER, case[0]), case
+        assert client.take_count() == 1, case
+    # a malformed Parse stops at once, with no frame behind it yet
+    for parse in (pg(b"P", b"\0select 1"), pg(b"P", b"stmt"), pg(b"P", b"\0select 1\0\xff\xff")):
+        client, _ = batch_walkers(impl)
+        assert client.feed(parse) == (0, rc.HANDOVER, ord("P")), parse
+    # Describe and Execute of the unnamed portal need no Bind in the batch: a portal never outlives the implicit
+    # transaction its Sync ends, so the server answers that it does not exist
+    client, _ = batch_walkers(impl)
+    assert client.feed(DESCRIBE_PORTAL + EXECUTE + SYNC) == (len(DESCRIBE_PORTAL + EXECUTE + SYNC), rc.NONE, -1)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_waits_for_its_frames_and_a_long_one_stops(impl):
+    client, _ = batch_walkers(impl)
+    for end in (len(PARSE), len(PARSE) + 3, len(PARSE + BIND), len(BATCH) - 1):
+        assert client.feed(BATCH[:end]) == (0, rc.NONE, -1), end
+    assert client.take_count() == 0
+    client, _ = batch_walkers(impl, max_screen=len(BATCH))
+    assert client.feed(BATCH) == (len(BATCH), rc.NONE, -1)
+    client, _ = batch_walkers(impl, max_screen=len(BATCH) - 1)
+    assert client.feed(BATCH) == (0, rc.HANDOVER, ord("P"))
+    client, _ = batch_walkers(impl, max_screen=len(BATCH) - 1)
+    assert client.feed(BATCH[:-2]) == (0, rc.HANDOVER, ord("P"))        # known too long before its Sync is there
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pg_unnamed_takes_only_postgres_framing(impl):
+    walker, _ = impl
+    with pytest.raises(ValueError):
+        walker(**rc.FRAMINGS["mysql"], pg_unnamed=True)
+    assert walker(**PG, pg_unnamed=True).feed(BATCH) == (len(BATCH), rc.NONE, -1)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_is_relayed_and_a_stop_behind_it_waits_for_its_ready_for_query(impl, pairs):
+    relay = impl[1](*batch_walkers(impl), hold_stops=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    stopped = PARSE + BIND + EXECUTE + FLUSH
+    client.outside.sendall(BATCH + stopped)
+    assert serve(relay) == []
+    assert backend.read(len(BATCH)) == BATCH
+    assert relay.counts() == (0, 0, 1)
+    backend.outside.sendall(BATCH_ANSWER)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, stopped, ord("P"))]
+    assert client.read(len(BATCH_ANSWER)) == BATCH_ANSWER
+    assert relay.counts() == (1, 0, 0)
+    assert relay.stats()["transactions"] == 1
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_not_ended_takes_no_backend_and_others_are_served(impl, pairs):
+    """A client that sends a batch without its Sync and waits (a pipeline) holds no backend: the only backend
+    serves another client meanwhile; the Flush it then sends stops the batch, which goes whole to the caller."""
+    relay = impl[1](*batch_walkers(impl), hold_stops=True)
+    waiting, other, backend = pairs(), pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(waiting.fd())
+    relay.add_client(other.fd())
+    open_batch = PARSE + BIND + DESCRIBE_PORTAL + EXECUTE
+    waiting.outside.sendall(open_batch)
+    assert serve(relay) == []
+    assert relay.counts() == (1, 0, 0)                  # no backend lent
+    other.outside.sendall(BATCH)
+    assert serve(relay) == []
+    assert backend.read(len(BATCH)) == BATCH
+    backend.outside.sendall(BATCH_ANSWER)
+    assert serve(relay) == []
+    assert other.read(len(BATCH_ANSWER)) == BATCH_ANSWER
+    waiting.outside.sendall(FLUSH)
+    assert serve(relay) == [(rc.HANDOVER, waiting.fd(), -1, open_batch + FLUSH, ord("P"))]
+    assert relay.counts() == (1, 0, 0)
+    relay.close()
+
+
+batch_frames = st.one_of(
+    st.just(PARSE), st.just(BIND), st.just(DESCRIBE_PORTAL), st.just(EXECUTE), st.just(SYNC), st.just(FLUSH),
+    st.just(QUERY), st.just(pg(b"P", b"s1\0select 1\0\0\0")), st.just(pg(b"P", b"\0BEGIN\0\0\0")),
+    st.just(pg(b"D", b"S\0")), st.just(pg(b"E", b"p\0\0\0\0\0")), st.just(pg(b"C", b"S\0")),
+    st.builds(pg, st.sampled_from([b"P", b"B", b"D", b"E", b"S"]), st.binary(max_size=12)),
+    st.binary(min_size=1, max_size=8),
+)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(batch_frames, max_size=14), st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+       st.integers(min_value=5, max_value=160))
+def test_c_and_python_batch_walkers_agree(parts, cuts, max_screen):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    stream = b"".join(parts)
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(stream[pos:pos + size])
+        pos += size
+    chunks.append(stream[pos:])
+    results = []
+    for impl in ((_relay.Walker, _relay.Relay), (rc.PyWalker, rc.PyRelay)):
+        client, _ = batch_walkers(impl, max_screen=max_screen)
+        results.append((drive(client, chunks), client.take_count(), client.remaining))
+    assert results[0] == results[1]
+
+
+batch_client_frames = st.one_of(client_frames, st.just(BATCH), st.just(PARSE + BIND + EXECUTE),
+                                 st.just(SYNC), st.just(FLUSH), st.just(BIND + EXECUTE + SYNC),
+                                 st.just(PARSE), st.just(BIND + DESCRIBE_PORTAL))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), batch_client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), server_frames)), max_size=10))
+def test_c_and_python_relays_agree_with_batches(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, batches=True)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, batches=True))
