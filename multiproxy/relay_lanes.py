@@ -130,7 +130,7 @@ class RelayLanes:
         pool = session.pool
         lane = self.lanes.get((pool, key))
         if lane is None:
-            rules = self._rules(session.engine)
+            rules = session.engine.relay_rules(key)
             try:
                 try:
                     lane = RelayLane(self, pool, key, session.engine, rules)
@@ -415,7 +415,8 @@ class RelayLane:
                                else "the backend closed the connection")
                         conn._lost(why)
                 else:
-                    conn._lost("the backend closed the connection")
+                    conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
+                               else "the backend closed the connection")
             if session is None:
                 continue
             if conn is not None and backend_failed:
