@@ -17,11 +17,15 @@ from pymysql.constants import CLIENT
 from multiproxy_engines.mysql import protocol as p
 
 try:
-    from .mysqlkit import BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, query, start_proxy, wait_for
+    from .mysqlkit import (BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
+                           start_proxy, users_toml, wait_for)
     from .test_mysql_bad_input import closed, raw_login, read_packet
+    from .test_mysql_tls import pki, tls_mariadb  # noqa: F401 (fixtures)
 except ImportError:
-    from mysqlkit import BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, query, start_proxy, wait_for
+    from mysqlkit import (BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
+                          start_proxy, users_toml, wait_for)
     from test_mysql_bad_input import closed, raw_login, read_packet
+    from test_mysql_tls import pki, tls_mariadb  # noqa: F401 (fixtures)
 
 
 def compiled(proxy_factory, mariadb, max_size: int = 3, **kwargs):
@@ -261,3 +265,21 @@ def test_sysbench_point_selects_run_in_the_relay(mariadb, proxy_factory):
         assert lanes["backends"] <= pool_size
     finally:
         subprocess.run(["sysbench", "oltp_point_select", "cleanup", *direct_args], capture_output=True, timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_backends_over_tls_stay_on_the_python_path(tls_mariadb, proxy_factory):
+    # tls = "prefer" (the default) toward a server that offers TLS: the relay, which moves plaintext bytes, serves none
+    config = mysql_config(tls_mariadb, max_size=2, proxy={"relay": "compiled"})
+    config["clusters"]["main"]["backend"] = {"tls": "prefer", "connect_timeout": 5.0}
+    proxy = proxy_factory(config, files={"users.toml": users_toml()})
+    conns = [connect(proxy, ssl_disabled=True) for _ in range(4)]
+    for n in range(10):
+        for conn in conns:
+            assert query(conn, f"SELECT {n}") == [(n,)]
+    (_, cipher), = query(conns[0], "SHOW STATUS LIKE 'Ssl_cipher'")
+    assert cipher
+    lanes = lane_metrics(proxy)
+    assert lanes["transactions_total"] == 0 and lanes["returns"]["connection_lost"] == 0, lanes
+    for conn in conns:
+        conn.close()
