@@ -19,12 +19,12 @@ from multiproxy_engines.mysql import protocol as p
 try:
     from .mysqlkit import (BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
                            start_proxy, users_toml, wait_for)
-    from .test_mysql_bad_input import closed, raw_login, read_packet
+    from .test_mysql_bad_input import CAPS, closed, raw_login, read_packet
     from .test_mysql_tls import pki, tls_mariadb  # noqa: F401 (fixtures)
 except ImportError:
     from mysqlkit import (BACKEND_USER, DB, PINNED, connect, direct, metric, metrics_text, mysql_config, query,
                           start_proxy, users_toml, wait_for)
-    from test_mysql_bad_input import closed, raw_login, read_packet
+    from test_mysql_bad_input import CAPS, closed, raw_login, read_packet
     from test_mysql_tls import pki, tls_mariadb  # noqa: F401 (fixtures)
 
 
@@ -283,3 +283,30 @@ def test_backends_over_tls_stay_on_the_python_path(tls_mariadb, proxy_factory):
     assert lanes["transactions_total"] == 0 and lanes["returns"]["connection_lost"] == 0, lanes
     for conn in conns:
         conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_deprecate_eof_client_with_multi_results(mariadb, proxy_factory):
+    # PyMySQL does not ask for CLIENT_DEPRECATE_EOF: a raw client does, with multi-statements; its pool (a variant of
+    # its own) has backends that negotiated the same, and the lane's response walk ends rows at the OK with 0xFE
+    proxy = compiled(proxy_factory, mariadb, max_size=1, auth="trust")
+    caps = CAPS | p.CLIENT_DEPRECATE_EOF | p.CLIENT_MULTI_STATEMENTS | p.CLIENT_MULTI_RESULTS
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    read_packet(sock)
+    sock.sendall(p.packet(1, p.handshake_response(caps, 45, b"app", b"", DB.encode(), b"mysql_native_password")))
+    assert read_packet(sock)[1][0] == 0
+    for n in range(20):
+        sock.sendall(p.packet(0, b"\x03SELECT %d; SELECT 'x' FROM DUAL WHERE 1 = 0; DO 1" % n))
+        answer = [read_packet(sock) for _ in range(7)]
+        payloads = [payload for _, payload in answer]
+        assert [seq for seq, _ in answer] == [1, 2, 3, 4, 5, 6, 7], answer     # the results continue the sequence
+        assert payloads[0] == b"\x01" and payloads[2] == b"%c%d" % (len(str(n)), n), payloads
+        assert payloads[3][0] == 0xFE and p.ok_status(payloads[3]) & 0x0008        # more results
+        assert payloads[4] == b"\x01" and payloads[6][0] == 0xFE                  # an empty result
+        assert p.ok_status(payloads[6]) & 0x0008
+        seq, last = read_packet(sock)                                               # DO 1: OK, the end
+        assert seq == 8 and last[0] == 0 and not p.ok_status(last) & 0x0008
+    lanes = lane_metrics(proxy)
+    assert lanes["transactions_total"] >= 19 and lanes["returns"]["malformed"] == 0, lanes
+    sock.sendall(p.packet(0, b"\x01"))
+    assert closed(sock)
