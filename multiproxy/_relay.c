@@ -5,8 +5,11 @@
  *   Walker  - the framing rule of one direction of one protocol (header size, where the length is, how it
  *             counts, where the message type is) and the types that end a walk: `stop` types are handed
  *             to the engine before they are forwarded, the `boundary` type (PostgreSQL ReadyForQuery) ends
- *             a request, `count` types (PostgreSQL Query/Sync) open one. feed() walks a byte vector the
- *             way the relay does; multiproxy/relay_core.py has the same rule in Python (its twin).
+ *             a request, `count` types (PostgreSQL Query/Sync) open one. MySQL, whose responses have no
+ *             frame of their own that ends them, declares response="mysql" for the server direction: the
+ *             text protocol's answers are followed packet by packet (walk_mysql_response, below) to their
+ *             end, a boundary with 'I' or 'T'. feed() walks a byte vector the way the relay does;
+ *             multiproxy/relay_core.py has the same rule in Python (its twin).
  *   Relay   - an epoll set of its own whose fd the caller watches from gevent's loop; run_ready() drains
  *             every ready socket: reads, walks, writes whole frames to the peer, links a client that
  *             starts a request to an idle backend (or queues it until one comes back), and unlinks the
