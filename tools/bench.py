@@ -744,7 +744,7 @@ class EngineRun:
         if base != "direct":
             header.append("multiproxy / direct")
         if rounds > 1:
-            header.append(f"multiproxy / {base} per round: median (range)")
+            header += [f"{t} / {base} per round: median (range)" for t in ["multiproxy"] + extra]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for variant in self.variants:
             cells = [variant, str(self.clients[variant])]
@@ -758,8 +758,8 @@ class EngineRun:
                 for target in extra if other == base else ():
                     rate = self.median(variant, target)
                     cells.append(f"{rate / theirs:.2f}" if rate is not None and theirs else "-")
-            if rounds > 1:
-                ratios = sorted(m / b for (m, _), (b, _) in zip(self.samples.get((variant, "multiproxy"), ()),
+            for target in ["multiproxy"] + extra if rounds > 1 else ():
+                ratios = sorted(m / b for (m, _), (b, _) in zip(self.samples.get((variant, target), ()),
                                                               self.samples.get((variant, base), ())) if m and b)
                 cells.append(f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})" if ratios else "-")
             lines.append("| " + " | ".join(cells) + " |")
