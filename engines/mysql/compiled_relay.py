@@ -27,6 +27,7 @@ lane's rules follow it (relay_rules(key)); relay_serves checks that the backend 
 from __future__ import annotations
 
 from . import protocol as p
+from .handover import not_idle
 from .pinning import _KEYWORDS
 
 RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"commit", b"rollback", b"savepoint", b"load", b"call",
@@ -59,7 +60,6 @@ def relay_key(client):
     nothing outstanding or half read, no transaction, no pin), with autocommit on (with it off a relayed statement
     would open a transaction), no deferred pins, and no per-request work of the Python path (retries of read-only
     refusals, a reset after each transaction)."""
-    from .handover import not_idle
     if (not client.autocommit or client.deferred_pins or client.retry_read_only or client.ctx.reset_after_transaction
             or client.closing or not_idle(client)):
         return None
