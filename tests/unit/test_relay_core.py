@@ -444,11 +444,14 @@ server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN
                           st.binary(min_size=1, max_size=8))
 
 
-def run_scenario(impl, steps, screened=False) -> list:
+def run_scenario(impl, steps, screened=False, mysql=None) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
-    client's Query bodies are screened and its stops held until its transaction ends (hold_stops)."""
-    if screened:
+    client's Query bodies are screened and its stops held until its transaction ends (hold_stops). mysql: the
+    (client, server) Walker arguments of a MySQL relay (held stops)."""
+    if mysql is not None:
+        relay = impl[1](impl[0](**mysql[0]), impl[0](**mysql[1]), hold_stops=True)
+    elif screened:
         relay = impl[1](*screened_walkers(impl), hold_stops=True)
     else:
         relay = impl[1](*walkers(impl, server_stop=b"E"))
@@ -829,3 +832,40 @@ def test_c_and_python_mysql_walkers_agree(data, deprecate_eof, cuts, max_boundar
         results.append((drive(server, chunks), server.remaining, drive(client, chunks), client.take_count(),
                         client.remaining))
     assert results[0] == results[1]
+
+
+MY_CLIENT_RULE = dict(MY, request="mysql", count=b"\x03\x0e", screen=b"\x03\x0e", words=(b"set", b"begin"),
+                      max_screen=64, stop=bytes(k for k in range(256) if k not in (3, 14)))
+my_client_frames = st.one_of(st.just(my(0, b"\x03select 1")), st.just(my(0, b"\x0e")), st.just(my(0, b"\x01")),
+                             st.just(my(0, b"\x03SET x = 1")), st.just(my(0, b"\x03select '" + b"z" * 70 + b"'")),
+                             st.just(my(2, b"\x03select 1")), st.binary(min_size=1, max_size=8))
+my_server_frames = st.one_of(st.just(my_ok(1)), st.just(my_ok(1, AUTOCOMMIT | IN_TRANS)), st.just(MY_ERR),
+                             st.just(my_result([b"\x011", b"\xfe" * 12], False)),
+                             st.just(my_result([b"\x012"], False, AUTOCOMMIT | MORE_RESULTS)),
+                             st.just(my(1, b"\xfbfile")), st.binary(min_size=1, max_size=8))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), my_client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), my_server_frames)), max_size=10),
+       st.booleans())
+def test_c_and_python_relays_agree_with_the_mysql_rules(steps, deprecate_eof):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    rules = (MY_CLIENT_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_mysql_relay_lends_a_backend_per_answer(impl):
+    rules = (MY_CLIENT_RULE, dict(MY, response="mysql"))
+    query, answer = my(0, b"\x03select 1"), my_result([b"\x011"], False)
+    # the idle backends are a stack: the one added last ("second") serves, and is back on top after each answer
+    trace = run_scenario(impl, [("client", query), ("second", answer), ("client", query), ("second", answer),
+                                ("client", my(0, b"\x01"))], mysql=rules)
+    assert ("bytes", "client", answer) in trace
+    assert trace[-1] == ("stats", 0, 2, 0, 2)       # two answers ended, both backends idle again
+    assert ("event", rc.HANDOVER, "client", None, my(0, b"\x01"), 1) in trace     # COM_QUIT goes to the caller
