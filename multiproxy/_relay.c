@@ -541,7 +541,9 @@ typedef struct Conn {
     uint32_t mask;              /* epoll events registered */
     WalkState st;
     size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
-    unsigned char buf[];
+    unsigned char *buf;         /* bufsize bytes, or NULL while the connection holds none: a client's buffer is
+                                 * taken when it has bytes to read and given back when it is unlinked with nothing
+                                 * held, so that an idle client costs the Conn alone (issue 18's 4 KB per client) */
 } Conn;
 
 typedef struct Event {
@@ -602,7 +604,8 @@ static void emit(RelayObject *r, int kind, Conn *c, int arg) {
     ev->peer_fd = c->peer ? c->peer->fd : -1;
     ev->arg = arg;
     ev->len = len;
-    memcpy(ev->data, c->buf + c->fwd, len);
+    if (len)
+        memcpy(ev->data, c->buf + c->fwd, len);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
 }
@@ -673,7 +676,24 @@ static void free_dead(RelayObject *r) {
     while (r->dead) {
         Conn *c = r->dead;
         r->dead = c->next;
+        PyMem_RawFree(c->buf);
         PyMem_RawFree(c);
+    }
+}
+
+/* c's buffer, taken now if it holds none; NULL when out of memory. */
+static unsigned char *conn_buffer(RelayObject *r, Conn *c) {
+    if (c->buf == NULL)
+        c->buf = PyMem_RawMalloc(r->bufsize);
+    return c->buf;
+}
+
+/* An idle client's empty buffer goes back (the next bytes it sends take one again). */
+static void drop_idle_buffer(Conn *c) {
+    if (c->buf && c->len == 0 && c->peer == NULL && !c->held && !c->pending_event && !c->starting) {
+        PyMem_RawFree(c->buf);
+        c->buf = NULL;
+        c->sent = c->fwd = 0;
     }
 }
 
@@ -779,6 +799,8 @@ static void pump(RelayObject *r, Conn *c) {
                     if (client->held) {             /* its stop frame goes to the caller now, without a backend */
                         client->held = 0;
                         pump(r, client);
+                    } else {
+                        drop_idle_buffer(client);
                     }
                     if (c->len > c->fwd) {          /* it spoke past the end of the transaction */
                         hand_over(r, EV_UNSOLICITED, c, -1);
@@ -854,6 +876,10 @@ static void pump(RelayObject *r, Conn *c) {
 static void on_readable(RelayObject *r, Conn *c) {
     if (c->len >= r->bufsize)
         return;
+    if (conn_buffer(r, c) == NULL) {
+        closed(r, c, ENOMEM);
+        return;
+    }
     ssize_t n = recv(c->fd, c->buf + c->len, r->bufsize - c->len, MSG_DONTWAIT);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -927,8 +953,7 @@ static int startup(RelayObject *r, Conn *c) {
 }
 
 static Conn *alloc_conn(RelayObject *r, int fd, int role) {
-    size_t size = role == ROLE_LISTENER ? 0 : r->bufsize;
-    Conn *c = PyMem_RawMalloc(sizeof(Conn) + size);
+    Conn *c = PyMem_RawMalloc(sizeof(Conn));        /* its buffer comes with its first bytes (conn_buffer) */
     if (c)
         memset(c, 0, sizeof(Conn));
     if (c) {
@@ -1136,7 +1161,14 @@ static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
         return NULL;
     }
     if (data) {
-        memcpy(c->buf, view.buf, (size_t)view.len);
+        if (view.len && conn_buffer(r, c) == NULL) {
+            PyBuffer_Release(&view);
+            PyMem_RawFree(c);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        if (view.len)
+            memcpy(c->buf, view.buf, (size_t)view.len);
         c->len = (size_t)view.len;
         PyBuffer_Release(&view);
     }
@@ -1145,6 +1177,7 @@ static Conn *new_conn(RelayObject *r, int fd, int role, PyObject *data) {
             PyErr_Format(PyExc_ValueError, "fd %d is already in the relay", fd);
         else
             PyErr_SetFromErrno(PyExc_OSError);
+        PyMem_RawFree(c->buf);
         PyMem_RawFree(c);
         return NULL;
     }
@@ -1369,7 +1402,8 @@ static PyObject *Relay_remove(RelayObject *self, PyObject *args) {
         result = Py_None;
         Py_INCREF(result);
     } else {
-        result = PyBytes_FromStringAndSize((const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        result = c->buf ? PyBytes_FromStringAndSize((const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent))
+                        : PyBytes_FromStringAndSize("", 0);
         if (result) {
             forget(self, c);
             free_dead(self);
@@ -1389,7 +1423,8 @@ static PyObject *Relay_take_waiting(RelayObject *self, PyObject *unused) {
         result = Py_None;
         Py_INCREF(result);
     } else {
-        result = Py_BuildValue("(iy#)", c->fd, (const char *)c->buf + c->sent, (Py_ssize_t)(c->len - c->sent));
+        result = Py_BuildValue("(iy#)", c->fd, c->buf ? (const char *)c->buf + c->sent : "",
+                               (Py_ssize_t)(c->len - c->sent));
         if (result) {
             forget(self, c);
             free_dead(self);
