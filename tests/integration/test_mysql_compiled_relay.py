@@ -310,3 +310,22 @@ def test_a_deprecate_eof_client_with_multi_results(mariadb, proxy_factory):
     assert lanes["transactions_total"] >= 19 and lanes["returns"]["malformed"] == 0, lanes
     sock.sendall(p.packet(0, b"\x01"))
     assert closed(sock)
+
+
+@pytest.mark.timeout(120)
+def test_an_autocommit_off_client_stays_on_the_python_path(mariadb, proxy_factory, table):
+    # with autocommit off a relayed SELECT would open a transaction the relay cannot end: such a client has no key
+    proxy = compiled(proxy_factory, mariadb, max_size=2)
+    other = connect(proxy)
+    conn = connect(proxy, autocommit=False)
+    before = lane_metrics(proxy)["transactions_total"]
+    for n in range(5):
+        assert query(conn, f"SELECT {n}") == [(n,)]
+        query(conn, f"INSERT INTO {table} (client, n) VALUES (2, {n})")
+        assert query(other, f"SELECT count(*) FROM {table}") == [(n,)]      # not committed yet
+        conn.commit()
+        assert query(other, f"SELECT count(*) FROM {table}") == [(n + 1,)]
+    lanes = lane_metrics(proxy)
+    assert lanes["transactions_total"] - before <= 10, lanes     # only the other client's SELECTs
+    conn.close()
+    other.close()
