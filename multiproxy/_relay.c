@@ -5,8 +5,11 @@
  *   Walker  - the framing rule of one direction of one protocol (header size, where the length is, how it
  *             counts, where the message type is) and the types that end a walk: `stop` types are handed
  *             to the engine before they are forwarded, the `boundary` type (PostgreSQL ReadyForQuery) ends
- *             a request, `count` types (PostgreSQL Query/Sync) open one. feed() walks a byte vector the
- *             way the relay does; multiproxy/relay_core.py has the same rule in Python (its twin).
+ *             a request, `count` types (PostgreSQL Query/Sync) open one. MySQL, whose responses have no
+ *             frame of their own that ends them, declares response="mysql" for the server direction: the
+ *             text protocol's answers are followed packet by packet (walk_mysql_response, below) to their
+ *             end, a boundary with 'I' or 'T'. feed() walks a byte vector the way the relay does;
+ *             multiproxy/relay_core.py has the same rule in Python (its twin).
  *   Relay   - an epoll set of its own whose fd the caller watches from gevent's loop; run_ready() drains
  *             every ready socket: reads, walks, writes whole frames to the peer, links a client that
  *             starts a request to an idle backend (or queues it until one comes back), and unlinks the
@@ -70,11 +73,19 @@ typedef struct {
     int word_len[MAX_WORDS];
     unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
+    /* MySQL (see the MySQL block below): */
+    int response;           /* RESPONSE_MYSQL: walk_mysql_response() walks this direction (the server's answers) */
+    int deprecate_eof;      /* CLIENT_DEPRECATE_EOF in effect: no EOF after column definitions, rows end with an OK */
+    int request;            /* REQUEST_MYSQL: each packet must open a command (sequence id 0, not empty) */
 } Rule;
 
 typedef struct {
     unsigned long long remaining;   /* bytes of the current frame not walked yet; 0 at a frame start */
     unsigned long long counted;     /* frames of a `count` type started since the last take */
+    /* walk_mysql_response(): */
+    int mstate;                     /* MY_START, MY_COLUMNS, MY_COLUMNS_EOF, MY_ROWS */
+    int mmore;                      /* the last packet held 0xFFFFFF payload bytes: a continuation follows */
+    unsigned long long mcount;      /* column definitions still to come */
 } WalkState;
 
 typedef struct {
@@ -196,7 +207,174 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
     }
 }
 
+/* ---------------------------------------------------------------- MySQL: the server's responses, the client's commands
+ *
+ * A MySQL response has no frame of its own that ends it: walk_mysql_response() follows the text protocol's answer
+ * to COM_QUERY / COM_PING packet by packet. The first packet is OK (0x00), ERR (0xFF), a LOCAL INFILE request
+ * (0xFB) or a column count (a length-encoded integer); a column count is followed by that many column definitions,
+ * an EOF (unless CLIENT_DEPRECATE_EOF), rows, and an EOF (or, with CLIENT_DEPRECATE_EOF, an OK with the 0xFE
+ * header) or an ERR. A packet of 0xFFFFFF payload bytes continues in the next one, which has no type byte.
+ * SERVER_MORE_RESULTS_EXISTS in an end's status flags starts the next result of the same response. At the end of
+ * a response the walk stops with EV_BOUNDARY and the status 'T' when SERVER_STATUS_IN_TRANS is set, else 'I'.
+ * An ERR carries no status flags: it ends the response with 'I', because a relay lends a backend only at 'I' and
+ * the engine's screen stops every statement that could open a transaction, and a failed statement opens none.
+ * A LOCAL INFILE request is EV_MALFORMED before it (the screen stops LOAD DATA: no relayed request asks for it).
+ * The packets the walk must read whole (the first of each result and the ends) may be at most max_boundary bytes.
+ * REQUEST_MYSQL (the client direction, with the generic walk): a packet that does not open a command (sequence id
+ * not 0, or empty) is EV_MALFORMED before it.
+ */
+
+enum { RESPONSE_NONE = 0, RESPONSE_MYSQL = 1 };
+enum { REQUEST_NONE = 0, REQUEST_MYSQL = 1 };
+enum { MY_START = 0, MY_COLUMNS = 1, MY_COLUMNS_EOF = 2, MY_ROWS = 3 };
+#define MY_MAX_PAYLOAD 0xFFFFFFu
+#define MY_STATUS_IN_TRANS 0x0001
+#define MY_MORE_RESULTS_EXISTS 0x0008
+
+/* A length-encoded integer at p[*pos] (p holds len bytes): 0 and *pos past it, or -1 (none, or cut short). */
+static int mysql_lenenc(const unsigned char *p, size_t len, size_t *pos, unsigned long long *value) {
+    if (*pos >= len)
+        return -1;
+    unsigned char first = p[*pos];
+    if (first < 0xFB) {
+        *value = first;
+        *pos += 1;
+        return 0;
+    }
+    size_t size = first == 0xFC ? 2 : first == 0xFD ? 3 : first == 0xFE ? 8 : 0;
+    if (size == 0 || *pos + 1 + size > len)         /* 0xFB (NULL) and 0xFF are no integers */
+        return -1;
+    unsigned long long v = 0;
+    for (size_t i = 0; i < size; i++)
+        v |= (unsigned long long)p[*pos + 1 + i] << (8 * i);
+    *value = v;
+    *pos += 1 + size;
+    return 0;
+}
+
+/* The status flags of an OK packet (payload[0] is its header): affected rows and last insert id come first; -1 when
+ * the payload is too short. */
+static long mysql_ok_status(const unsigned char *payload, size_t len) {
+    size_t pos = 1;
+    unsigned long long skipped;
+    if (mysql_lenenc(payload, len, &pos, &skipped) < 0 || mysql_lenenc(payload, len, &pos, &skipped) < 0 ||
+        pos + 2 > len)
+        return -1;
+    return (long)payload[pos] | ((long)payload[pos + 1] << 8);
+}
+
+/* The status flags of an EOF packet (0xFE, warnings, status); -1 when it is too short. */
+static long mysql_eof_status(const unsigned char *payload, size_t len) {
+    return len < 5 ? -1 : (long)payload[3] | ((long)payload[4] << 8);
+}
+
+static int mysql_request_bad(const unsigned char *h, unsigned long long length) {
+    return h[3] != 0 || length == 0;
+}
+
+static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
+    WalkResult res = {0, EV_NONE, -1};
+    size_t pos = 0;
+    while (pos < len) {
+        if (st->remaining) {
+            size_t avail = len - pos;
+            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
+            pos += take;
+            st->remaining -= take;
+            continue;
+        }
+        size_t avail = len - pos;
+        if (avail < 4)
+            break;
+        const unsigned char *h = data + pos;
+        size_t length = (size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16);
+        size_t total = length + 4;
+        int whole = 0;      /* the first packet of a result, or an end: read whole */
+        if (st->mmore) {
+            st->mmore = length == MY_MAX_PAYLOAD;   /* a continuation: no type byte */
+        } else {
+            if (length == 0) {
+                res.event = EV_MALFORMED;
+                break;
+            }
+            if (avail < 5)
+                break;
+            int head = h[4];
+            int state = st->mstate;
+            if (state == MY_START || state == MY_COLUMNS_EOF)
+                whole = 1;
+            else if (state == MY_ROWS && length < MY_MAX_PAYLOAD &&
+                     (head == 0xFF || (head == 0xFE && (rule->deprecate_eof || length < 9))))
+                whole = 1;
+            if (!whole) {
+                if (state == MY_COLUMNS && --st->mcount == 0)
+                    st->mstate = rule->deprecate_eof ? MY_ROWS : MY_COLUMNS_EOF;
+                st->mmore = length == MY_MAX_PAYLOAD;
+            } else {
+                if (total > (size_t)rule->max_boundary || (state == MY_START && head == 0xFB)) {
+                    res.event = EV_MALFORMED;       /* too big to be read whole, or LOCAL INFILE */
+                    res.arg = head;
+                    break;
+                }
+                if (avail < total)
+                    break;
+                const unsigned char *payload = h + 4;
+                long status = -1;
+                int end = 1;
+                if (head == 0xFF) {
+                    status = 0;                     /* ERR: no flags; see above */
+                } else if (state == MY_START) {
+                    if (head == 0x00) {
+                        status = mysql_ok_status(payload, length);
+                    } else if (head == 0xFE && length < 9) {
+                        status = mysql_eof_status(payload, length);
+                    } else {
+                        size_t at = 0;
+                        unsigned long long columns = 0;
+                        if (mysql_lenenc(payload, length, &at, &columns) == 0 && columns > 0 && at == length) {
+                            st->mcount = columns;
+                            st->mstate = MY_COLUMNS;
+                            status = 0;
+                        }
+                        end = 0;
+                    }
+                } else if (state == MY_COLUMNS_EOF) {
+                    if (head == 0xFE && length < 9) {
+                        status = mysql_eof_status(payload, length);
+                        st->mstate = MY_ROWS;
+                    }
+                    end = 0;
+                } else {                            /* MY_ROWS: the terminator */
+                    status = rule->deprecate_eof ? mysql_ok_status(payload, length)
+                                                 : mysql_eof_status(payload, length);
+                }
+                if (status < 0) {
+                    res.event = EV_MALFORMED;
+                    res.arg = head;
+                    break;
+                }
+                if (end) {
+                    st->mstate = MY_START;
+                    if (head == 0xFF || !(status & MY_MORE_RESULTS_EXISTS)) {
+                        pos += total;
+                        res.event = EV_BOUNDARY;
+                        res.arg = head != 0xFF && (status & MY_STATUS_IN_TRANS) ? 'T' : 'I';
+                        break;
+                    }
+                }
+            }
+        }
+        size_t take = total < avail ? total : avail;
+        pos += take;
+        st->remaining = total - take;
+    }
+    res.consumed = pos;
+    return res;
+}
+
 static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
+    if (rule->response == RESPONSE_MYSQL)
+        return walk_mysql_response(rule, st, data, len);
     WalkResult res = {0, EV_NONE, -1};
     size_t pos = 0;
     while (pos < len) {
@@ -222,6 +400,11 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
             if (avail <= (size_t)rule->type_offset)
                 break;
             type = h[rule->type_offset];
+        }
+        if (rule->request == REQUEST_MYSQL && mysql_request_bad(h, length)) {
+            res.event = EV_MALFORMED;
+            res.arg = type;
+            break;
         }
         if (type >= 0 && rule->stop[type]) {
             res.event = EV_HANDOVER;
@@ -302,18 +485,41 @@ static int set_from_bytes(PyObject *obj, unsigned char *set, const char *what) {
 static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
-                             "max_screen", "pg_unnamed", NULL};
+                             "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", NULL};
     PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL;
+    const char *response = NULL, *request = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLp", kwlist, &rule->header_size, &rule->length_offset,
-                                     &rule->length_size, &rule->big_endian, &rule->length_adjust,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpz", kwlist, &rule->header_size,
+                                     &rule->length_offset, &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
-                                     &screen, &words, &rule->max_screen, &rule->pg_unnamed))
+                                     &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
+                                     &rule->deprecate_eof, &request))
         return -1;
+    if (response && *response && strcmp(response, "mysql") != 0) {
+        PyErr_SetString(PyExc_ValueError, "response: \"mysql\" or none");
+        return -1;
+    }
+    if (request && *request && strcmp(request, "mysql") != 0) {
+        PyErr_SetString(PyExc_ValueError, "request: \"mysql\" or none");
+        return -1;
+    }
+    rule->response = response && *response ? RESPONSE_MYSQL : RESPONSE_NONE;
+    rule->request = request && *request ? REQUEST_MYSQL : REQUEST_NONE;
+    if (rule->response == RESPONSE_MYSQL &&
+        (rule->header_size != 4 || rule->length_offset != 0 || rule->length_size != 3 || rule->big_endian ||
+         rule->length_adjust != 4 || rule->max_boundary < 5)) {
+        PyErr_SetString(PyExc_ValueError, "response=\"mysql\" needs the MySQL framing");
+        return -1;
+    }
+    if (rule->request == REQUEST_MYSQL && (rule->header_size != 4 || rule->length_offset != 0 ||
+                                           rule->length_size != 3 || rule->big_endian || rule->length_adjust != 4)) {
+        PyErr_SetString(PyExc_ValueError, "request=\"mysql\" needs the MySQL framing");
+        return -1;
+    }
     if (rule->header_size < 1 || rule->length_size < 1 || rule->length_size > 4 || rule->length_offset < 0 ||
         rule->length_offset + rule->length_size > rule->header_size || rule->type_offset < -1 ||
         rule->type_offset > 255 || rule->boundary < -1 || rule->boundary > 255 || rule->max_boundary < 1 ||
@@ -1035,7 +1241,7 @@ static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
     for (int i = 0; i < 2; i++) {
         Rule *rule = &self->rules[i];
         Py_ssize_t need = (Py_ssize_t)rule->header_size + rule->type_offset + 2;
-        if (rule->boundary >= 0 && rule->max_boundary + 1 > need)
+        if ((rule->boundary >= 0 || rule->response) && rule->max_boundary + 1 > need)
             need = rule->max_boundary + 1;
         int screens = 0;
         for (int t = 0; t < 256; t++)

@@ -560,7 +560,7 @@ class Engine:
     # its next transaction (True where the reset costs nothing, as TDS's RESETCONNECTION flag).
     reset_after_transaction_default: bool = False
 
-    def relay_rules(self) -> dict | None:
+    def relay_rules(self, key=None) -> dict | None:
         """Optional: what the compiled relay ([proxy] relay = "compiled", multiproxy.relay_lanes) needs to serve this
         engine's clients between the events the engine must see: {"client": ..., "server": ...}, the keyword
         arguments of a relay_core Walker for each direction (framing, `stop` types, `count` types that open a
@@ -568,8 +568,9 @@ class Engine:
         types: every frame that could pin, change session state or open a transaction must stop; PostgreSQL's
         framing may add `pg_unnamed=True`, whole Parse/Bind/Describe/Execute...Sync batches of the unnamed statement
         and portal relayed, see relay_core), optionally "buffer_size". The relay ends a transaction at a boundary
-        frame whose status byte is 'I' with no request outstanding. None (the default): the engine's clients stay on
-        the Python path."""
+        frame whose status byte is 'I' with no request outstanding. `key`: the `relay_key()` of the lane the rules
+        are for (rules may differ per key, as MySQL's response walk with CLIENT_DEPRECATE_EOF); None: any key's, to
+        learn whether the engine has rules. None (the default): the engine's clients stay on the Python path."""
         return None
 
     def relay_serves(self, key, server_state) -> bool:

@@ -38,6 +38,17 @@ unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now 
 client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend), or None for a backend
 or an unknown fd (the client timeouts read it); `counts()` is (idle backends, waiting clients, linked clients).
 
+MySQL has no frame that ends a response: a rule with `response="mysql"` (the server direction, MySQL framing) follows
+the text protocol's answers to COM_QUERY / COM_PING instead of types: OK, ERR, or a column count, column definitions,
+an EOF (not with `deprecate_eof`: CLIENT_DEPRECATE_EOF in effect), rows and an EOF (with deprecate_eof: an OK with
+the 0xFE header) or ERR; packets of 0xFFFFFF payload bytes continue in the next (which has no type byte), and
+SERVER_MORE_RESULTS_EXISTS in an end's status flags starts the next result. The end of a response is a boundary with
+the status 'T' when SERVER_STATUS_IN_TRANS is set, else 'I'; an ERR (which carries no flags) ends it with 'I': a
+relay lends a backend only at 'I', the engine's screen stops whatever could open a transaction, and a failed
+statement opens none. A LOCAL INFILE request (0xFB) is MALFORMED (the screen stops LOAD DATA), as are packets the
+walk must read whole (a result's first packet, an end) over max_boundary bytes. A rule with `request="mysql"` (the
+client direction) makes a packet that opens no command (sequence id not 0, or empty) MALFORMED.
+
 `IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"; the environment variable
 MULTIPROXY_RELAY_CORE=python chooses the twin even where the extension is built, so that the tests can run a proxy
 on it); `PyWalker` and `PyRelay` are always the twin.
@@ -95,11 +106,11 @@ class PyWalker:
 
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
-                 "remaining", "counted")
+                 "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
-                 pg_unnamed=False):
+                 pg_unnamed=False, response=None, deprecate_eof=False, request=None):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
                 or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
@@ -108,6 +119,18 @@ class PyWalker:
                            type_offset) != (5, 1, 4, True, 1, 0):
             raise ValueError("pg_unnamed: only with PostgreSQL's framing")
         self.pg_unnamed = bool(pg_unnamed)
+        if response not in (None, "", "mysql"):
+            raise ValueError('response: "mysql" or none')
+        if request not in (None, "", "mysql"):
+            raise ValueError('request: "mysql" or none')
+        mysql_framing = (header_size, length_offset, length_size, bool(big_endian), length_adjust) == (4, 0, 3, False, 4)
+        if response and (not mysql_framing or max_boundary < 5):
+            raise ValueError('response="mysql" needs the MySQL framing')
+        if request and not mysql_framing:
+            raise ValueError('request="mysql" needs the MySQL framing')
+        self.response, self.request = response or None, request or None
+        self.deprecate_eof = bool(deprecate_eof)
+        self.mstate, self.mmore, self.mcount = MY_START, False, 0
         words = tuple(words or ())
         if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
@@ -121,6 +144,8 @@ class PyWalker:
 
     def feed(self, data) -> tuple[int, int, int]:
         """(consumed, event, arg): walk data on from the walker's state (see the module docstring)."""
+        if self.response:
+            return self._feed_mysql_response(data)
         pos, end = 0, len(data)
         header_size, type_offset = self.header_size, self.type_offset
         order = "big" if self.big_endian else "little"
@@ -140,6 +165,8 @@ class PyWalker:
                 if avail <= type_offset:
                     break
                 kind = data[pos + type_offset]
+            if self.request and (data[pos + 3] != 0 or length == 0):
+                return pos, MALFORMED, kind
             if kind in self.stop:
                 return pos, HANDOVER, kind
             if self.pg_unnamed and kind in _PG_BATCH_OPENS:
@@ -212,6 +239,76 @@ class PyWalker:
                 return _PG_BATCH_STOP, 0
             q += total
 
+    def _feed_mysql_response(self, data) -> tuple[int, int, int]:
+        """feed() of response="mysql": the server's answers to COM_QUERY / COM_PING (see the module docstring)."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.remaining:
+                take = min(self.remaining, end - pos)
+                pos += take
+                self.remaining -= take
+                continue
+            avail = end - pos
+            if avail < 4:
+                break
+            length = data[pos] | (data[pos + 1] << 8) | (data[pos + 2] << 16)
+            total = length + 4
+            if self.mmore:
+                self.mmore = length == MY_MAX_PAYLOAD      # a continuation: no type byte
+            else:
+                if length == 0:
+                    return pos, MALFORMED, -1
+                if avail < 5:
+                    break
+                head = data[pos + 4]
+                state = self.mstate
+                whole = state in (MY_START, MY_COLUMNS_EOF) or (
+                    state == MY_ROWS and length < MY_MAX_PAYLOAD
+                    and (head == 0xFF or (head == 0xFE and (self.deprecate_eof or length < 9))))
+                if not whole:
+                    if state == MY_COLUMNS:
+                        self.mcount -= 1
+                        if self.mcount == 0:
+                            self.mstate = MY_ROWS if self.deprecate_eof else MY_COLUMNS_EOF
+                    self.mmore = length == MY_MAX_PAYLOAD
+                else:
+                    if total > self.max_boundary or (state == MY_START and head == 0xFB):
+                        return pos, MALFORMED, head     # too big to be read whole, or LOCAL INFILE
+                    if avail < total:
+                        break
+                    payload = bytes(data[pos + 4:pos + total])
+                    status, is_end = -1, True
+                    if head == 0xFF:
+                        status = 0                      # ERR: no flags (see the module docstring)
+                    elif state == MY_START:
+                        if head == 0x00:
+                            status = _mysql_ok_status(payload)
+                        elif head == 0xFE and length < 9:
+                            status = _mysql_eof_status(payload)
+                        else:
+                            columns, at = _mysql_lenenc(payload, 0)
+                            if columns is not None and columns > 0 and at == length:
+                                self.mcount, self.mstate, status = columns, MY_COLUMNS, 0
+                            is_end = False
+                    elif state == MY_COLUMNS_EOF:
+                        if head == 0xFE and length < 9:
+                            status = _mysql_eof_status(payload)
+                            self.mstate = MY_ROWS
+                        is_end = False
+                    else:                               # MY_ROWS: the terminator
+                        status = _mysql_ok_status(payload) if self.deprecate_eof else _mysql_eof_status(payload)
+                    if status < 0:
+                        return pos, MALFORMED, head
+                    if is_end:
+                        self.mstate = MY_START
+                        if head == 0xFF or not status & MY_MORE_RESULTS_EXISTS:
+                            in_transaction = head != 0xFF and status & MY_STATUS_IN_TRANS
+                            return pos + total, BOUNDARY, ord("T") if in_transaction else ord("I")
+            take = min(total, avail)
+            pos += take
+            self.remaining = total - take
+        return pos, NONE, -1
+
     def take_count(self) -> int:
         n, self.counted = self.counted, 0
         return n
@@ -219,8 +316,43 @@ class PyWalker:
     def copy(self) -> "PyWalker":
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
                         self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
-                        bytes(self.screen), self.words, self.max_screen, self.pg_unnamed)
+                        bytes(self.screen), self.words, self.max_screen, self.pg_unnamed, self.response,
+                        self.deprecate_eof, self.request)
         return twin
+
+
+# response="mysql" (the compiled walk_mysql_response()): the walk's states and what it reads of the packets
+MY_START, MY_COLUMNS, MY_COLUMNS_EOF, MY_ROWS = range(4)
+MY_MAX_PAYLOAD = 0xFFFFFF
+MY_STATUS_IN_TRANS, MY_MORE_RESULTS_EXISTS = 0x0001, 0x0008
+
+
+def _mysql_lenenc(payload: bytes, pos: int):
+    """(value, position after it) of the length-encoded integer at pos, or (None, pos)."""
+    if pos >= len(payload):
+        return None, pos
+    first = payload[pos]
+    if first < 0xFB:
+        return first, pos + 1
+    size = {0xFC: 2, 0xFD: 3, 0xFE: 8}.get(first, 0)
+    if not size or pos + 1 + size > len(payload):      # 0xFB (NULL) and 0xFF are no integers
+        return None, pos
+    return int.from_bytes(payload[pos + 1:pos + 1 + size], "little"), pos + 1 + size
+
+
+def _mysql_ok_status(payload: bytes) -> int:
+    """The status flags of an OK packet (after affected rows and last insert id), or -1."""
+    affected, pos = _mysql_lenenc(payload, 1)
+    if affected is None:
+        return -1
+    insert_id, pos = _mysql_lenenc(payload, pos)
+    if insert_id is None or pos + 2 > len(payload):
+        return -1
+    return payload[pos] | (payload[pos + 1] << 8)
+
+
+def _mysql_eof_status(payload: bytes) -> int:
+    return payload[3] | (payload[4] << 8) if len(payload) >= 5 else -1
 
 
 class _Conn:
@@ -257,7 +389,7 @@ class PyRelay:
     def __init__(self, client, server, buffer_size=16384, threaded=False, hold_stops=False):
         for rule in (client, server):
             need = rule.header_size + rule.type_offset + 2
-            if rule.boundary >= 0:
+            if rule.boundary >= 0 or rule.response:
                 need = max(need, rule.max_boundary + 1)
             if rule.screen or rule.pg_unnamed:
                 need = max(need, rule.max_screen + 1)

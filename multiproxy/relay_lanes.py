@@ -20,13 +20,16 @@ SHOW POOLS, /metrics); their reader greenlets are stopped while the relay serves
 Whenever someone else waits for the pool (`Pool._wait` calls `reclaim`), the pool is paused or drained, or a backend is of an
 older generation, past its lifetime or on a node that left the role, the lane gives its idle backends back and
 lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
-backends back, so the pool's idle timeout and min_size rule them as before.
+backends back, so the pool's idle timeout and min_size rule them as before. The relay moves the protocol's own bytes:
+a pool whose backend connections turn out to use TLS ([clusters.*.backend] tls = prefer with a server that offers it,
+require, ...) is not served by lanes from its first such backend on, and its clients stay on the Python path.
 """
 from __future__ import annotations
 
 import logging
 import socket as _stdsocket
 import time
+import weakref
 
 import gevent
 
@@ -62,6 +65,7 @@ class RelayLanes:
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
+        self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
 
     # -- sessions
 
@@ -75,6 +79,8 @@ class RelayLanes:
         sock = session.sock
         if getattr(sock, "_read_event", None) is None or getattr(sock, "parked", True) or not hasattr(sock, "park"):
             return None     # TLS (a gevent socket), closed, or parked already
+        if session.pool in self.encrypted_pools:
+            return None     # its backends speak TLS: the relay moves plaintext bytes only
         if self._rules(session.engine) is None:
             return None
         return session.proto.relay_key()
@@ -128,7 +134,7 @@ class RelayLanes:
         pool = session.pool
         lane = self.lanes.get((pool, key))
         if lane is None:
-            rules = self._rules(session.engine)
+            rules = session.engine.relay_rules(key)
             try:
                 try:
                     lane = RelayLane(self, pool, key, session.engine, rules)
@@ -259,7 +265,8 @@ class RelayLane:
 
     def take_backend(self, conn) -> bool:
         """Lend `conn` (a borrowed connection between transactions) to the relay, if it may serve the lane now."""
-        if self.closed or not self._keeps(conn) or not self.engine.relay_serves(self.key, conn.state):
+        if self.closed or not self._plaintext(conn) or not self._keeps(conn) or not self.engine.relay_serves(
+                self.key, conn.state):
             return False
         conn.lend()
         pool = self.pool
@@ -268,6 +275,17 @@ class RelayLane:
         self.backends[conn.sock.fileno()] = conn
         self._handle(self.relay.add_backend(conn.sock.fileno()))
         return True
+
+    def _plaintext(self, conn) -> bool:
+        """Whether conn's socket carries the protocol itself (not TLS: a backend leg with [clusters.*.backend]
+        tls = prefer, require, ...). One TLS backend stops the pool's lanes: its clients stay on the Python path."""
+        if not hasattr(conn.sock, "getpeercert"):
+            return True
+        if self.pool not in self.lanes.encrypted_pools:
+            self.lanes.encrypted_pools.add(self.pool)
+            log.info("relay lanes: pool %s: the backend connections use TLS; its clients stay on the Python path",
+                     self.pool.label)
+        return False
 
     def _keeps(self, conn) -> bool:
         pool = self.pool
@@ -351,6 +369,10 @@ class RelayLane:
         if conn is None and (self.backends or self.closed):
             self._reconcile()       # its backends serve its waiting clients in turn
             return
+        if conn is not None and not self._plaintext(conn):
+            self.pool.release(conn)
+            self.reclaim()          # the waiting clients are served on the Python path; no lane serves the pool again
+            return
         if conn is None:
             # The client waiting longest gets the pool's answer on the Python path.
             taken = None if self.closed else self.relay.take_waiting()
@@ -420,7 +442,8 @@ class RelayLane:
                                else "the backend closed the connection")
                         conn._lost(why)
                 else:
-                    conn._lost("the backend closed the connection")
+                    conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
+                               else "the backend closed the connection")
             if session is None:
                 continue
             if conn is not None and backend_failed:

@@ -701,6 +701,8 @@ def parse_args(argv):
 
 
 MYSQL_TARGETS = ("direct", "multiproxy", "relay")
+# --targets of `--engine mysql`: multiproxy-c is multiproxy with [proxy] relay = "compiled" (multiproxy.relay_lanes)
+MYSQL_ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c", "relay")
 TDS_TARGETS = ("direct", "multiproxy")
 # The variants of the MySQL and TDS benchmarks: `text` is the plain query protocol (sysbench --db-ps-mode=disable;
 # pymssql), `ps` server-side prepared statements with as many clients as the pool has connections (sysbench
@@ -741,11 +743,13 @@ class EngineRun:
     def table(self, unit, base):
         """Markdown table: one row per variant, the targets side by side, multiproxy against `base` (and direct)."""
         rounds = max((len(runs) for runs in self.samples.values()), default=1)
+        extra = [t for t in ("multiproxy-c",) if t in self.targets]
         header = ["variant", "clients"] + [f"{t} {unit}" for t in self.targets] + [f"multiproxy / {base}"]
+        header += [f"{t} / {base}" for t in extra]
         if base != "direct":
             header.append("multiproxy / direct")
         if rounds > 1:
-            header.append(f"multiproxy / {base} per round: median (range)")
+            header += [f"{t} / {base} per round: median (range)" for t in ["multiproxy"] + extra]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for variant in self.variants:
             cells = [variant, str(self.clients[variant])]
@@ -756,8 +760,11 @@ class EngineRun:
             for other in [base] + (["direct"] if base != "direct" else []):
                 theirs = self.median(variant, other)
                 cells.append(f"{mine / theirs:.2f}" if mine is not None and theirs else "-")
-            if rounds > 1:
-                ratios = sorted(m / b for (m, _), (b, _) in zip(self.samples.get((variant, "multiproxy"), ()),
+                for target in extra if other == base else ():
+                    rate = self.median(variant, target)
+                    cells.append(f"{rate / theirs:.2f}" if rate is not None and theirs else "-")
+            for target in ["multiproxy"] + extra if rounds > 1 else ():
+                ratios = sorted(m / b for (m, _), (b, _) in zip(self.samples.get((variant, target), ()),
                                                               self.samples.get((variant, base), ())) if m and b)
                 cells.append(f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})" if ratios else "-")
             lines.append("| " + " | ".join(cells) + " |")
@@ -782,17 +789,30 @@ def _proxy_config(engine, backend_port, listen_port, admin_port, pool_size, list
             f'[[listeners]]\nname = "bench"\nlisten = "127.0.0.1:{listen_port}"\ncluster = "main"\n{listener_extra}')
 
 
-def _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra=""):
-    """Start multiproxy for the MySQL or TDS benchmark; returns (process, client port, admin port)."""
+def _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra="", relay="", name="mp"):
+    """Start multiproxy for the MySQL or TDS benchmark ([proxy] relay = `relay` when given; its files named after
+    `name`); returns (process, client port, admin port)."""
     port, admin_port = free_port(), free_port()
-    with open(os.path.join(work, "mp.toml"), "w") as f:
-        f.write(_proxy_config(engine, backend_port, port, admin_port, pool_size, listener_extra))
+    config = _proxy_config(engine, backend_port, port, admin_port, pool_size, listener_extra)
+    if relay:
+        config = config.replace("[proxy]\n", f'[proxy]\nrelay = "{relay}"\n', 1)
+    with open(os.path.join(work, f"{name}.toml"), "w") as f:
+        f.write(config)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    proc = procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, "mp.toml")],
-                       log_path=os.path.join(work, "multiproxy.log"), cwd=work, env=env)
-    _wait_port(port, proc, os.path.join(work, "multiproxy.log"))
+    # this checkout's engines first (an editable install maps multiproxy_engines to the checkout it came from)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [engines_of_this_checkout(), REPO_ROOT, env.get("PYTHONPATH")]))
+    log_path = os.path.join(work, "multiproxy.log" if name == "mp" else f"{name}.log")
+    proc = procs.start([sys.executable, "-m", "multiproxy", "run", "-c", os.path.join(work, f"{name}.toml")],
+                       log_path=log_path, cwd=work, env=env)
+    _wait_port(port, proc, log_path)
     return proc, port, admin_port
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def statement_counts(admin_port):
@@ -885,7 +905,7 @@ SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto"}
 
 def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, *, rounds: int = 1,
                 warmup: int = WARMUP_SECONDS, variants=VARIANTS, ps_clients: int | None = None,
-                over_clients: int | None = None) -> None:
+                over_clients: int | None = None, targets=MYSQL_TARGETS) -> None:
     """sysbench oltp_point_select against a private MariaDB directly, through multiproxy (mysql engine,
     transaction pooling) and through tools/relay.py, in one run, interleaved rounds: the text protocol
     (--db-ps-mode=disable) and server-side prepared statements (--db-ps-mode=auto) with as many threads as the
@@ -907,19 +927,36 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
         users.add("bench", "bench", kinds=["mysql_native_password"])
         with open(os.path.join(work, "users.toml"), "w") as f:
             f.write(users.dumps())
-        _, mp_port, admin_port = _start_proxy(procs, work, "mysql", server.port, pool_size,
-                                              'auth = "mysql_native_password"\n')
+        mp, mp_port, admin_port = _start_proxy(procs, work, "mysql", server.port, pool_size,
+                                               'auth = "mysql_native_password"\n')
         relay_port = free_port()
         relay = procs.start([sys.executable, os.path.join(REPO_ROOT, "tools", "relay.py"), "--listen",
                              f"127.0.0.1:{relay_port}", "--backend", f"127.0.0.1:{server.port}"],
                             log_path=os.path.join(work, "relay.log"), cwd=REPO_ROOT)
         _wait_port(relay_port, relay, os.path.join(work, "relay.log"))
         ports = {"direct": server.port, "multiproxy": mp_port, "relay": relay_port}
-        run = EngineRun(variants, MYSQL_TARGETS, clients)
-        _interleave(run, rounds, variants, MYSQL_TARGETS, seconds, warmup,
-                    lambda variant, target, secs: sysbench(ports[target], clients[variant],
-                                                           SYSBENCH_PS_MODE[variant], secs))
+        pids = {"multiproxy": mp.pid, "relay": relay.pid}
+        lanes_admin = None
+        if "multiproxy-c" in targets:
+            mpc, ports["multiproxy-c"], lanes_admin = _start_proxy(procs, work, "mysql", server.port, pool_size,
+                                                         'auth = "mysql_native_password"\n', relay="compiled",
+                                                         name="mp-c")
+            pids["multiproxy-c"] = mpc.pid
+        run = EngineRun(variants, targets, clients)
+        cpu: dict = {}      # (variant, target) -> CPU microseconds of the proxy process per transaction, per round
+
+        def measure(variant, target, secs):
+            pid = pids.get(target)
+            before = process_cpu_seconds(pid) if pid else 0.0
+            rate = sysbench(ports[target], clients[variant], SYSBENCH_PS_MODE[variant], secs)
+            if pid and rate:
+                cpu.setdefault((variant, target), []).append(
+                    (process_cpu_seconds(pid) - before) / (rate * secs) * 1e6)
+            return rate
+
+        _interleave(run, rounds, variants, targets, seconds, warmup, measure)
         tally = statement_counts(admin_port)
+        lanes = relay_lane_counts(lanes_admin) if lanes_admin else ""
         version = server.sql("SELECT VERSION()").strip()
         sysbench_version = run_quiet(["sysbench", "--version"]).stdout.strip()
     finally:
@@ -936,9 +973,35 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
              "text = --db-ps-mode=disable (COM_QUERY); ps / ps-over = --db-ps-mode=auto (COM_STMT_PREPARE once per "
              "thread, then COM_STMT_EXECUTE); ps-over has more threads than the pool", "",
              run.table("TPS", "relay"), ""]
+    if cpu:
+        lines.append("CPU per transaction of the proxy process (user + system, microseconds, median over rounds; "
+                     "warm-ups not counted): " + "; ".join(
+                         f"{variant} / {target} {statistics.median(values):.0f}"
+                         for (variant, target), values in sorted(cpu.items(), key=lambda item: (
+                             variants.index(item[0][0]), targets.index(item[0][1])))
+                         if len(values) == rounds or values[1:]))
+        lines.append("")
     lines += run.failures()
-    lines += [tally, machine_line()]
+    lines += [tally] + ([lanes] if lanes else []) + [machine_line()]
     _emit(lines, markdown)
+
+
+def relay_lane_counts(admin_port):
+    """multiproxy-c's relay lane counters after the run (transactions served in lanes, clients given back to the
+    Python path by why), from its /metrics."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as response:
+            text = response.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"multiproxy-c relay lanes: /metrics did not answer ({exc})"
+    served = re.search(r"^multiproxy_relay_lane_transactions_total(?:\{[^}]*\})?\s+([0-9.eE+]+)", text, re.MULTILINE)
+    returns = re.findall(r'^multiproxy_relay_lane_returns_total\{[^}]*why="([^"]*)"[^}]*\}\s+([0-9.eE+]+)', text,
+                         re.MULTILINE)
+    back = ", ".join(f"{why} {float(n):.0f}" for why, n in returns if float(n)) or "none"
+    return (f"multiproxy-c relay lanes after the run (warm-ups included): "
+            f"{float(served.group(1)) if served else 0:.0f} transactions served in lanes; clients given back to the "
+            f"Python path: {back}")
 
 
 def _tds_client_process(port: int, threads: int, seconds: float, queue) -> None:
@@ -1116,6 +1179,9 @@ def engine_args(argv):
     parser.add_argument("--ps", action="store_true", help="prepared statements only: --only ps,ps-over")
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--targets", default=None,
+                        help="MySQL: subset of " + ",".join(MYSQL_ALL_TARGETS) + " (default " + ",".join(MYSQL_TARGETS)
+                             + "; multiproxy-c: multiproxy with [proxy] relay = \"compiled\")")
     known, _rest = parser.parse_known_args(argv)
     if known.engine != "postgres":
         if _rest:
@@ -1128,6 +1194,13 @@ def engine_args(argv):
             parser.error(f"--only: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(VARIANTS)}")
         if known.rounds < 1 or known.seconds < 1 or known.warmup < 0 or known.pool_size < 1:
             parser.error("--rounds, --seconds and --pool-size: at least 1; --warmup: at least 0")
+        if known.targets is not None and known.engine != "mysql":
+            parser.error("--targets: only with --engine mysql (or postgres)")
+        targets = [t.strip() for t in (known.targets or ",".join(MYSQL_TARGETS)).split(",") if t.strip()]
+        bad = [t for t in targets if t not in MYSQL_ALL_TARGETS]
+        if bad or "multiproxy" not in targets or "relay" not in targets:
+            parser.error(f"--targets: choose from {', '.join(MYSQL_ALL_TARGETS)}, with multiproxy and relay")
+        known.targets = tuple(t for t in MYSQL_ALL_TARGETS if t in targets)
     return known
 
 
@@ -1441,7 +1514,8 @@ def main(argv=None):
             options = dict(rounds=known.rounds, warmup=known.warmup, variants=known.variants,
                            ps_clients=known.ps_clients, over_clients=known.over_clients)
             if known.engine == "mysql":
-                return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, **options)
+                return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, targets=known.targets,
+                                   **options)
             return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown, **options)
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):

@@ -15,12 +15,16 @@ if [[ $status -eq 5 ]]; then
     exit 1
 fi
 if [[ $status -eq 0 && $# -eq 0 ]]; then
-    # The whole suite ran on the default (Python) relay path; the PostgreSQL client, pooling and pinning modules
-    # run again with every proxy in the compiled relay mode ([proxy] relay = "compiled", tests/integration/proxy.py).
+    # The whole suite ran on the default (Python) relay path; the PostgreSQL and MySQL client, pooling and pinning
+    # modules run again with every proxy in the compiled relay mode ([proxy] relay = "compiled",
+    # tests/integration/proxy.py).
     relay_modules=(tests/integration/test_pg_pooling.py tests/integration/test_pg_pinning.py
                    tests/integration/test_pg_spurious_pins.py tests/integration/test_pg_drivers.py
                    tests/integration/test_pg_clients.py tests/integration/test_pg_bad_input.py
-                   tests/integration/test_knobs_pg.py)
+                   tests/integration/test_knobs_pg.py
+                   tests/integration/test_mysql_pooling.py tests/integration/test_mysql_spurious_pins.py
+                   tests/integration/test_mysql_drivers.py tests/integration/test_mysql_clients.py
+                   tests/integration/test_mysql_bad_input.py tests/integration/test_mysql_kill.py)
     echo "test.sh: MULTIPROXY_TEST_RELAY=compiled ${PYTHON:-python3} -m pytest -q ${relay_modules[*]}"
     MULTIPROXY_TEST_RELAY=compiled "${PYTHON:-python3}" -m pytest -q "${relay_modules[@]}" || status=$?
 fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 
 from . import auth
+from . import compiled_relay
 from . import handover
 from . import protocol as p
 from .auth import VERIFIER_KINDS, rsa_private_key
@@ -49,6 +50,12 @@ class MySQLEngine(Engine):
         if self._rsa_key is None:
             self._rsa_key = rsa_private_key()
         return self._rsa_key
+
+    def relay_rules(self, key=None) -> dict:
+        return compiled_relay.relay_rules(key)
+
+    def relay_serves(self, key, server_state) -> bool:
+        return compiled_relay.relay_serves(key, server_state)
 
     def client_protocol(self, ctx: ClientContext) -> MySQLClient:
         return MySQLClient(ctx, self)

@@ -23,7 +23,7 @@ from collections import deque
 
 from multiproxy.engine import Authenticated, BackendError, ClientContext, ClientProtocol, ErrorKind, LazyContainers
 
-from . import handover
+from . import compiled_relay, handover
 from . import protocol as p
 from .commands import Commands
 from .errors import ERRORS, render_error, render_refusal
@@ -165,6 +165,10 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
         if self.logged_in:
             self.handshake = None       # its scramble and packets: only a login needs them
             self.compact_attributes()
+
+    def relay_key(self):
+        """The relay key when the compiled relay may serve this client's next requests (compiled_relay.py), else None."""
+        return compiled_relay.relay_key(self)
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

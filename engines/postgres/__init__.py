@@ -40,7 +40,7 @@ class PostgresEngine(Engine):
     def resume_client(self, ctx: ClientContext, state: dict) -> PostgresClient:
         return handover.resume(self, ctx, state)
 
-    def relay_rules(self) -> dict:
+    def relay_rules(self, key=None) -> dict:
         return compiled_relay.relay_rules()
 
     def relay_serves(self, key, server_state) -> bool:

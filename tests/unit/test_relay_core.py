@@ -468,12 +468,15 @@ server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN
                           st.binary(min_size=1, max_size=8))
 
 
-def run_scenario(impl, steps, screened=False, batches=False) -> list:
+def run_scenario(impl, steps, screened=False, batches=False, mysql=None) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
     client's Query bodies are screened and its stops held until its transaction ends (hold_stops); batches: the
-    same with batches of the unnamed statement relayed (pg_unnamed)."""
-    if batches:
+    same with batches of the unnamed statement relayed (pg_unnamed). mysql: the (client, server) Walker arguments
+    of a MySQL relay (held stops)."""
+    if mysql is not None:
+        relay = impl[1](impl[0](**mysql[0]), impl[0](**mysql[1]), hold_stops=True)
+    elif batches:
         relay = impl[1](*batch_walkers(impl), hold_stops=True)
     elif screened:
         relay = impl[1](*screened_walkers(impl), hold_stops=True)
@@ -813,6 +816,190 @@ batch_frames = st.one_of(
     st.binary(min_size=1, max_size=8),
 )
 
+# -- MySQL: the server's responses (response="mysql") and the client's commands (request="mysql")
+
+MY = rc.FRAMINGS["mysql"]
+IN_TRANS, AUTOCOMMIT, MORE_RESULTS = 0x0001, 0x0002, 0x0008
+
+
+def my(seq: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "little") + bytes((seq,)) + payload
+
+
+def my_ok(seq: int, status: int = AUTOCOMMIT, affected: bytes = b"\0", insert_id: bytes = b"\0",
+          header: int = 0x00, info: bytes = b"") -> bytes:
+    return my(seq, bytes((header,)) + affected + insert_id + status.to_bytes(2, "little") + b"\0\0" + info)
+
+
+def my_eof(seq: int, status: int = AUTOCOMMIT) -> bytes:
+    return my(seq, b"\xfe\0\0" + status.to_bytes(2, "little"))
+
+
+MY_ERR = my(1, b"\xff\x7a\x04#42S02Table 'mpdb.nope' doesn't exist")
+COLUMN = b"\x03def\x04mpdb\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00"
+
+
+def my_result(rows: list, deprecate_eof: bool, status: int = AUTOCOMMIT, columns: int = 1, seq: int = 1) -> bytes:
+    """A text result set: column count, definitions, [EOF], rows, EOF / OK-with-0xFE."""
+    out = [my(seq, bytes((columns,)))]
+    seq += 1
+    for _ in range(columns):
+        out.append(my(seq, COLUMN))
+        seq += 1
+    if not deprecate_eof:
+        out.append(my_eof(seq))
+        seq += 1
+    for row in rows:
+        out.append(my(seq & 0xFF, row))
+        seq += 1
+    out.append(my_ok(seq & 0xFF, status, header=0xFE) if deprecate_eof else my_eof(seq & 0xFF, status))
+    return b"".join(out)
+
+
+def my_walker(impl, deprecate_eof=False, max_boundary=4096):
+    walker, _ = impl
+    return walker(**MY, response="mysql", deprecate_eof=deprecate_eof, max_boundary=max_boundary)
+
+
+def assert_every_split(impl, stream: bytes, expected, deprecate_eof=False):
+    """Whole, cut in two at every byte, and byte by byte: the same bytes and events."""
+    whole = drive(my_walker(impl, deprecate_eof), [stream])
+    assert whole == expected
+    for cut in range(1, len(stream)):
+        assert drive(my_walker(impl, deprecate_eof), [stream[:cut], stream[cut:]]) == whole, cut
+    assert drive(my_walker(impl, deprecate_eof), [bytes([b]) for b in stream]) == whole
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mysql_ok_and_err_end_a_response(impl):
+    ok = my_ok(1)
+    assert_every_split(impl, ok, (ok, [(rc.BOUNDARY, ord("I"), len(ok))], b""))
+    in_trans = my_ok(1, AUTOCOMMIT | IN_TRANS)
+    assert drive(my_walker(impl), [in_trans]) == (in_trans, [(rc.BOUNDARY, ord("T"), len(in_trans))], b"")
+    # affected rows and last insert id are length-encoded: the flags come after them
+    big = my_ok(1, IN_TRANS, affected=b"\xfc\x10\x27", insert_id=b"\xfe" + (2**40).to_bytes(8, "little"),
+                info=b"Rows matched: 10000")
+    assert drive(my_walker(impl), [big]) == (big, [(rc.BOUNDARY, ord("T"), len(big))], b"")
+    # an ERR carries no status flags: it ends the response idle
+    assert_every_split(impl, MY_ERR, (MY_ERR, [(rc.BOUNDARY, ord("I"), len(MY_ERR))], b""))
+    # two answers in one read: one boundary each
+    stream = ok + in_trans
+    assert drive(my_walker(impl), [stream]) == (
+        stream, [(rc.BOUNDARY, ord("I"), len(ok)), (rc.BOUNDARY, ord("T"), len(stream))], b"")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("deprecate_eof", [False, True], ids=["eof", "deprecate_eof"])
+def test_mysql_result_sets_end_at_their_terminator(impl, deprecate_eof):
+    rows = [b"\x011", b"\x0212", b"\xfb"]       # values, and a NULL (0xFB) that is no LOCAL INFILE mid-result
+    stream = my_result(rows, deprecate_eof, columns=2)
+    assert_every_split(impl, stream, (stream, [(rc.BOUNDARY, ord("I"), len(stream))], b""), deprecate_eof)
+    empty = my_result([], deprecate_eof, status=AUTOCOMMIT | IN_TRANS)
+    assert_every_split(impl, empty, (empty, [(rc.BOUNDARY, ord("T"), len(empty))], b""), deprecate_eof)
+    # an ERR in place of the rows' end
+    failed = my_result([b"\x011"], deprecate_eof)
+    failed = failed[:-len(my_eof(0))] if not deprecate_eof else failed[:-len(my_ok(0, header=0xFE))]
+    failed += my(9, b"\xff\x26\x05#70100Query execution was interrupted")
+    assert_every_split(impl, failed, (failed, [(rc.BOUNDARY, ord("I"), len(failed))], b""), deprecate_eof)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mysql_a_row_starting_with_0xfe_is_a_row(impl):
+    # without DEPRECATE_EOF only a 0xFE packet shorter than 9 bytes is the EOF
+    row = b"\xfe" + (9).to_bytes(8, "little") + b"123456789"
+    stream = my_result([row, row[:9]], deprecate_eof=False)
+    assert_every_split(impl, stream, (stream, [(rc.BOUNDARY, ord("I"), len(stream))], b""))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("deprecate_eof", [False, True], ids=["eof", "deprecate_eof"])
+def test_mysql_16mb_packets_continue_without_a_type_byte(impl, deprecate_eof):
+    # a row of 0xFFFFFF + 20 bytes: its first value's length is 0xFE + 8 bytes, so the first packet starts with 0xFE
+    # and is 0xFFFFFF long; the continuation starts with 0xFE / 0xFF bytes that are no terminator
+    value = 0xFFFFFF + 20 - 9
+    payload = b"\xfe" + value.to_bytes(8, "little") + b"\xfe" * (value - 30) + b"\xff" * 30
+    first, rest = payload[:0xFFFFFF], payload[0xFFFFFF:]
+    header = my(1, b"\x01") + my(2, COLUMN) + (b"" if deprecate_eof else my_eof(3))
+    end = my_ok(6, header=0xFE) if deprecate_eof else my_eof(6)
+    stream = header + my(4, first) + my(5, rest) + end
+    expected = (stream, [(rc.BOUNDARY, ord("I"), len(stream))], b"")
+    assert drive(my_walker(impl, deprecate_eof), [stream]) == expected
+    cuts = [len(header) + k for k in (1, 3, 4, 5, 4 + 0xFFFFFF, 4 + 0xFFFFFF + 3, 4 + 0xFFFFFF + 5)]
+    cuts += [len(stream) - k for k in (1, 3, 5)]
+    for cut in cuts:
+        assert drive(my_walker(impl, deprecate_eof), [stream[:cut], stream[cut:]]) == expected, cut
+    # exactly 0xFFFFFF bytes: an empty packet ends it
+    exact = header + my(4, b"\xfe" + (0xFFFFFF - 9).to_bytes(8, "little") + b"\0" * (0xFFFFFF - 9)) + my(5, b"") + end
+    assert drive(my_walker(impl, deprecate_eof), [exact]) == (exact, [(rc.BOUNDARY, ord("I"), len(exact))], b"")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("deprecate_eof", [False, True], ids=["eof", "deprecate_eof"])
+def test_mysql_multi_results_continue_the_response(impl, deprecate_eof):
+    first = my_result([b"\x011"], deprecate_eof, status=AUTOCOMMIT | MORE_RESULTS)
+    second_ok = my_ok(1, AUTOCOMMIT | MORE_RESULTS, affected=b"\x03")
+    third = my_result([b"\x012"], deprecate_eof, status=AUTOCOMMIT)
+    stream = first + second_ok + third
+    assert_every_split(impl, stream, (stream, [(rc.BOUNDARY, ord("I"), len(stream))], b""), deprecate_eof)
+    # an ERR after a result ends the whole response
+    failed = first + MY_ERR
+    assert_every_split(impl, failed, (failed, [(rc.BOUNDARY, ord("I"), len(failed))], b""), deprecate_eof)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mysql_local_infile_and_malformed_answers_are_events(impl):
+    ok = my_ok(1)
+    infile = my(1, b"\xfb/etc/passwd")
+    assert drive(my_walker(impl), [ok + infile]) == (ok, [(rc.BOUNDARY, ord("I"), len(ok)), (rc.MALFORMED, 0xFB,
+                                                                                                len(ok))], infile)
+    for bad in (my(1, b""),                                    # an empty packet that is no continuation
+                my(1, b"\x00\x00"),                            # an OK cut short
+                my(1, b"\x00"),
+                my(1, b"\x01\x02"),                            # a column count with bytes after it
+                my(1, b"\x01") + my(2, COLUMN) + my(3, b"\x011"),      # no EOF after the definitions
+                my(1, b"\x00" + b"x" * 5000)):                 # a first packet too big to be read whole
+        forwarded, events, held = drive(my_walker(impl), [bad])
+        assert events and events[-1][0] == rc.MALFORMED, (bad, events)
+        assert forwarded + held == bad
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mysql_requests_open_commands(impl):
+    walker, _ = impl
+    client = walker(**MY, request="mysql", count=b"\x03\x0e", stop=bytes(k for k in range(256) if k not in (3, 14)))
+    query = my(0, b"\x03select 1")
+    ping = my(0, b"\x0e")
+    assert client.feed(query + ping) == (len(query + ping), rc.NONE, -1)
+    assert client.take_count() == 2
+    assert client.feed(my(0, b"\x01")) == (0, rc.HANDOVER, 1)              # COM_QUIT
+    assert client.feed(my(3, b"\x03select 1")) == (0, rc.MALFORMED, 3)     # out of sequence
+    assert client.feed(my(0, b"")) == (0, rc.MALFORMED, -1)                 # empty
+    with pytest.raises(ValueError):
+        walker(**rc.FRAMINGS["postgres"], response="mysql")
+    with pytest.raises(ValueError):
+        walker(**MY, response="tds")
+
+
+def my_responses(deprecate_eof: bool):
+    row = st.one_of(st.binary(max_size=20), st.builds(lambda b: b"\xfe" + b, st.binary(max_size=14)),
+                    st.just(b"\xfb"))
+    status = st.sampled_from([AUTOCOMMIT, AUTOCOMMIT | IN_TRANS, AUTOCOMMIT | MORE_RESULTS, 0x4000, 0xFFFF])
+    return st.one_of(
+        st.builds(lambda s: my_ok(1, s), status),
+        st.just(MY_ERR),
+        st.builds(lambda rows, s, n: my_result(rows, deprecate_eof, s, n), st.lists(row, max_size=4), status,
+                  st.integers(min_value=1, max_value=3)),
+        st.builds(lambda p: my(1, p), st.binary(max_size=12)),           # whatever a first packet might be
+        st.binary(min_size=1, max_size=12),                              # garbage
+    )
+
 
 @pytest.mark.timeout(120)
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -848,3 +1035,64 @@ def test_c_and_python_relays_agree_with_batches(steps):
         pytest.skip(NOT_BUILT)
     assert (run_scenario((_relay.Walker, _relay.Relay), steps, batches=True)
             == run_scenario((rc.PyWalker, rc.PyRelay), steps, batches=True))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.booleans(), st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+       st.integers(min_value=5, max_value=100))
+def test_c_and_python_mysql_walkers_agree(data, deprecate_eof, cuts, max_boundary):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    parts = data.draw(st.lists(my_responses(deprecate_eof), max_size=8))
+    stream = b"".join(parts)
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(stream[pos:pos + size])
+        pos += size
+    chunks.append(stream[pos:])
+    results = []
+    for walker in (_relay.Walker, rc.PyWalker):
+        server = walker(**MY, response="mysql", deprecate_eof=deprecate_eof, max_boundary=max_boundary)
+        client = walker(**MY, request="mysql", count=b"\x03\x0e", screen=b"\x03\x0e", words=(b"set", b"@"),
+                        max_screen=max_boundary + 4, stop=bytes(k for k in range(256) if k not in (3, 14)))
+        results.append((drive(server, chunks), server.remaining, drive(client, chunks), client.take_count(),
+                        client.remaining))
+    assert results[0] == results[1]
+
+
+MY_CLIENT_RULE = dict(MY, request="mysql", count=b"\x03\x0e", screen=b"\x03\x0e", words=(b"set", b"begin"),
+                      max_screen=64, stop=bytes(k for k in range(256) if k not in (3, 14)))
+my_client_frames = st.one_of(st.just(my(0, b"\x03select 1")), st.just(my(0, b"\x0e")), st.just(my(0, b"\x01")),
+                             st.just(my(0, b"\x03SET x = 1")), st.just(my(0, b"\x03select '" + b"z" * 70 + b"'")),
+                             st.just(my(2, b"\x03select 1")), st.binary(min_size=1, max_size=8))
+my_server_frames = st.one_of(st.just(my_ok(1)), st.just(my_ok(1, AUTOCOMMIT | IN_TRANS)), st.just(MY_ERR),
+                             st.just(my_result([b"\x011", b"\xfe" * 12], False)),
+                             st.just(my_result([b"\x012"], False, AUTOCOMMIT | MORE_RESULTS)),
+                             st.just(my(1, b"\xfbfile")), st.binary(min_size=1, max_size=8))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), my_client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), my_server_frames)), max_size=10),
+       st.booleans())
+def test_c_and_python_relays_agree_with_the_mysql_rules(steps, deprecate_eof):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    rules = (MY_CLIENT_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_mysql_relay_lends_a_backend_per_answer(impl):
+    rules = (MY_CLIENT_RULE, dict(MY, response="mysql"))
+    query, answer = my(0, b"\x03select 1"), my_result([b"\x011"], False)
+    # the idle backends are a stack: the one added last ("second") serves, and is back on top after each answer
+    trace = run_scenario(impl, [("client", query), ("second", answer), ("client", query), ("second", answer),
+                                ("client", my(0, b"\x01"))], mysql=rules)
+    assert ("bytes", "client", answer) in trace
+    assert trace[-1] == ("stats", 0, 2, 0, 2)       # two answers ended, both backends idle again
+    assert ("event", rc.HANDOVER, "client", None, my(0, b"\x01"), 1) in trace     # COM_QUIT goes to the caller

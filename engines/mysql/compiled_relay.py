@@ -1,0 +1,77 @@
+"""What the compiled relay ([proxy] relay = "compiled") needs from MySQL/MariaDB: framing, stop commands, the
+COM_QUERY screen, the response walk.
+
+In the relay a client's COM_QUERY (and COM_PING) goes to a backend lent for it, forwarded as it is (a command opens
+with sequence id 0 and the server answers 1..n, which the Python path does not renumber either), and the backend
+comes back at the end of the answer (the relay core's response="mysql" walk: OK, ERR, or a text result set up to its
+last result) when the server's status flags say no transaction is open. Every other command stops: COM_QUIT, which
+the Python path turns into a hangup, COM_INIT_DB and COM_CHANGE_USER / COM_RESET_CONNECTION (tracked schema and
+session), COM_STMT_* (statement ids mapped per backend), COM_FIELD_LIST, COM_SET_OPTION, COM_PROCESS_KILL and
+anything unknown; so does a packet that opens no command (sequence id not 0, empty: request="mysql"), and a
+COM_QUERY or COM_PING larger than MAX_SCREENED (16 MiB continuations included).
+
+A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false
+alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
+USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
+(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), the words of transaction control (BEGIN,
+START, COMMIT, ROLLBACK, SAVEPOINT), which the Python path answers lazily and whose statements must run on one
+backend, LOAD (LOAD DATA LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or
+take locks), and INSERT / REPLACE, whose OK packets carry the last insert id the Python path keeps to answer `SELECT
+LAST_INSERT_ID()` itself. So no request the relay serves can pin, change a setting the Python path tracks, open a
+transaction, ask for a LOCAL INFILE or change the last insert id; an ERR is forwarded as it is, with nothing to undo.
+
+The response walk must know whether CLIENT_DEPRECATE_EOF is in effect: a pool's backends log in with the
+capabilities of its clients' variant (Engine.backend_variant), so the relay key carries the client's flag and the
+lane's rules follow it (relay_rules(key)); relay_serves checks that the backend negotiated the same.
+"""
+from __future__ import annotations
+
+from . import protocol as p
+from .handover import not_idle
+from .pinning import _KEYWORDS
+
+RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"commit", b"rollback", b"savepoint", b"load", b"call",
+                                  b"insert", b"replace")
+MAX_SCREENED = 8000         # a longer COM_QUERY goes through Python (the relay holds a screened packet whole)
+MAX_ANSWER_HEAD = 4096      # the packets the response walk reads whole (a result's first packet, OK/EOF/ERR)
+BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
+_RELAYED = (p.COM_QUERY, p.COM_PING)
+
+
+def relay_rules(key=None) -> dict:
+    """The Walker arguments of both directions for a lane of relay key `key` (None: a key without
+    CLIENT_DEPRECATE_EOF). (The relay core is imported here, not at the top: loading it says which implementation
+    it found, which only the compiled mode needs to hear.)"""
+    from multiproxy.relay_core import FRAMINGS
+    framing = dict(FRAMINGS["mysql"])
+    deprecate_eof = bool(key[3]) if key is not None else False
+    stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
+    return {
+        "client": dict(framing, stop=stop, count=bytes(_RELAYED), screen=bytes(_RELAYED), words=RELAY_SCREEN_WORDS,
+                       max_screen=MAX_SCREENED, request="mysql"),
+        "server": dict(framing, response="mysql", deprecate_eof=deprecate_eof, max_boundary=MAX_ANSWER_HEAD),
+        "buffer_size": BUFFER_SIZE,
+    }
+
+
+def relay_key(client):
+    """(tracked settings, schema, multi-statements, CLIENT_DEPRECATE_EOF) when the compiled relay may serve the
+    client's next requests, else None: a client that is not plainly idle (handover.not_idle: logged in, no backend,
+    nothing outstanding or half read, no transaction, no pin), with autocommit on (with it off a relayed statement
+    would open a transaction), no deferred pins, and no per-request work of the Python path (retries of read-only
+    refusals, a reset after each transaction)."""
+    if (not client.autocommit or client.deferred_pins or client.retry_read_only or client.ctx.reset_after_transaction
+            or client.closing or not_idle(client)):
+        return None
+    return frozenset(client.variables.items()), client.schema, client.multi_statements, client.deprecate_eof
+
+
+def relay_serves(key, server) -> bool:
+    """Whether a backend in MySQLServerState `server` serves clients of relay key `key` with nothing replayed
+    (SessionState.link would send nothing): the same settings, schema and multi-statements, autocommit on and no
+    transaction, no statement to close, and the same CLIENT_DEPRECATE_EOF."""
+    variables, schema, multi_statements, deprecate_eof = key
+    return (not server.stale_statements and server.schema == schema and server.multi_statements == multi_statements
+            and server.status & p.SERVER_STATUS_AUTOCOMMIT and not server.status & p.SERVER_STATUS_IN_TRANS
+            and bool(server.capabilities & p.CLIENT_DEPRECATE_EOF) == deprecate_eof
+            and len(server.variables) == len(variables) and all(server.variables.get(n) == v for n, v in variables))
