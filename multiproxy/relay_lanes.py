@@ -21,6 +21,9 @@ Whenever someone else waits for the pool (`Pool._wait` calls `reclaim`), the poo
 older generation, past its lifetime or on a node that left the role, the lane gives its idle backends back and
 lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
 backends back, so the pool's idle timeout and min_size rule them as before.
+
+Logins: a session entering a lane before its first request may make its login a template that the relay core then
+answers by itself for the clients sending the same startup packet (multiproxy.relay_logins, `RelayLanes.logins`).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import gevent
 from . import relay_core
 from .engine import ErrorKind
 from .pool import BackendUnavailable, PoolTimeout
+from .relay_logins import RelayLogins
 
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
@@ -62,6 +66,7 @@ class RelayLanes:
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
+        self.logins = RelayLogins(self)  # logins greeted by the relay core (multiproxy.relay_logins)
 
     # -- sessions
 
@@ -87,6 +92,8 @@ class RelayLanes:
         lane = self._lane(session, key)
         if lane is None:
             return False
+        if not session.proto.requests:
+            self.logins.learn(session)  # before add_client: the state it exports is the one its login left
         session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
@@ -156,11 +163,13 @@ class RelayLanes:
 
     def stats(self) -> dict:
         clients = sum(len(lane.clients) for lane in self.lanes.values())
+        logins = self.logins
         backends = sum(len(lane.backends) for lane in self.lanes.values())
         transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
-                "entered": self.entered_total, "returned": self.returned_total}
+                "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
+                "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:
@@ -169,6 +178,10 @@ class RelayLanes:
 
     def sweep(self) -> None:
         evacuate = getattr(self.proxy, "idle_hook", None) is not None
+        try:
+            self.logins.sweep()
+        except Exception:  # the lanes' sweep goes on
+            log.exception("relay logins: sweeping the login doors failed")
         for key, lane in list(self.lanes.items()):
             try:
                 lane.sweep(evacuate)
@@ -184,6 +197,7 @@ class RelayLanes:
         if self.sweeper is not None:
             self.sweeper.kill(block=False)
             self.sweeper = None
+        self.logins.close()
         for lane in list(self.lanes.values()):
             lane.close()
             self.closed_transactions += lane.transactions_before
