@@ -443,6 +443,7 @@ typedef struct Conn {
     int held;                   /* a client whose stop frame waits for its transaction's end (hold_stops) */
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
+    int aged;                   /* starting at the last take_starting(aged_only=True) (relay logins) */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
@@ -1547,6 +1548,27 @@ static PyObject *Relay_forget_greetings(RelayObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Relay_take_starting(RelayObject *self, PyObject *args) {
+    int aged_only = 0;
+    if (!PyArg_ParseTuple(args, "|p", &aged_only))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns; fd++) {
+        Conn *c = self->conns[fd];
+        if (c == NULL || c->role != ROLE_CLIENT || !c->starting)
+            continue;
+        if (aged_only && !c->aged)
+            c->aged = 1;                            /* handed over at the next call if it still starts then */
+        else
+            hand_over(self, EV_STARTUP, c, 0);
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    return events;
+}
+
 static PyObject *Relay_unlisten(RelayObject *self, PyObject *unused) {
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
@@ -1604,6 +1626,9 @@ static PyMethodDef Relay_methods[] = {
      "set_login_budget(n): keyed greetings allowed from now on (each one uses one; -1: no limit)."},
     {"forget_greetings", (PyCFunction)Relay_forget_greetings, METH_NOARGS,
      "forget_greetings(): every cached greeting is dropped (their startups become STARTUP events)."},
+    {"take_starting", (PyCFunction)Relay_take_starting, METH_VARARGS,
+     "take_starting(aged_only=False) -> events: the clients still in their startup as STARTUP events with the bytes "
+     "read; aged_only: only those that were starting at the previous such call (the others are marked)."},
     {"unlisten", (PyCFunction)Relay_unlisten, METH_NOARGS,
      "unlisten() -> events: stop accepting (the listening sockets are forgotten, not closed); clients still in "
      "their startup come back as STARTUP events with the bytes read."},

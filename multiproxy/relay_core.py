@@ -17,7 +17,14 @@ clients itself and answer their first packets (PostgreSQL startup framing) from 
 declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet greeted before
 (`cache_greeting(startup, reply)`) gets the same reply, any other is a STARTUP event (fd and the bytes
 read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
-or at a `hangup` frame (Terminate) between transactions, it closes them itself.
+or at a `hangup` frame (Terminate) between transactions, it closes them itself. Relay logins
+(multiproxy.relay_logins): a keyed greeting (`cache_greeting(startup, reply, key_at=, template=)`) is sent with a
+fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
+`set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (data: its key and
+the bytes it sent after its startup packet; arg: template); with no key or no budget its startup is a STARTUP event.
+`forget_greetings()` drops every cached greeting; `take_starting(aged_only=False)` gives the clients still in their
+startup to the caller as STARTUP events (aged_only: those already starting at the previous such call, the others
+marked), and `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
@@ -225,12 +232,12 @@ class PyWalker:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
         self.peer = None
-        self.idle = self.waiting = self.blocked = self.held = False
+        self.idle = self.waiting = self.blocked = self.held = self.aged = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = self.requests = 0
         self.mask = select.EPOLLIN
@@ -323,6 +330,15 @@ class PyRelay:
 
     def forget_greetings(self) -> None:
         self._greetings.clear()
+
+    def take_starting(self, aged_only=False) -> list:
+        for c in list(self._conns.values()):
+            if c.client and c.starting:
+                if aged_only and not c.aged:
+                    c.aged = True
+                else:
+                    self._hand_over(STARTUP, c, 0)
+        return self._take_events()
 
     def unlisten(self) -> list:
         for c in list(self._conns.values()):

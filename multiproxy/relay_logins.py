@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import _socket
 import logging
+import time
 
 import gevent
 
@@ -44,6 +45,7 @@ from .session import ClientTimeouts, Session
 
 log = logging.getLogger("multiproxy.relay_logins")
 KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
+MAX_TEMPLATES = 128                 # startups a door greets (the relay looks a startup up among them)
 
 
 class Template:
@@ -111,7 +113,7 @@ class RelayLogins:
         if made is None:
             return
         door = rt.acceptor.door
-        if door is not None and made[0] in door.by_startup:
+        if door is not None and (made[0] in door.by_startup or len(door.by_startup) >= MAX_TEMPLATES):
             return
         state = session.proto.handover_state()
         if state is None:
@@ -132,7 +134,8 @@ class RelayLogins:
 
     def sweep(self) -> None:
         for door in list(self.doors):
-            door.check()
+            if door.check():
+                door.age()
 
     def close(self) -> None:
         """Every door lets go of its listener; the acceptors accept again (a takeover, the lanes' close)."""
@@ -154,6 +157,7 @@ class LoginDoor:
         self.next_id = 1
         self.keys = 0                   # keys the relay holds
         self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
+        self.aged_at = time.monotonic()
         self.closed = False
         self.relay = relay_core.Relay(*relay_core.postgres_walkers(walker_type=relay_core.Walker))
         refuse, refusal = self.engine.relay_login_refusal
@@ -190,9 +194,18 @@ class LoginDoor:
             relay.forget_greetings()
             for t in stale:
                 del self.by_startup[t.startup]
+                del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready
             for t in self.by_startup.values():
                 relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
         return True
+
+    def age(self) -> None:
+        """Clients that have been sending their startup for a handshake_timeout go to the Python path, whose handshake
+        deadline then ends them as it ends any slow login (the relay keeps no clock)."""
+        now = time.monotonic()
+        if now - self.aged_at >= self.proxy.config.proxy.handshake_timeout:
+            self.aged_at = now
+            self._handle(self.relay.take_starting(True))
 
     def _budget(self) -> int:
         proxy, rt = self.proxy, self.rt
@@ -241,6 +254,27 @@ class LoginDoor:
         except BaseException:
             raw.close()         # greeted, but nothing of it is registered: closed here, once
             raise
+        self._register(session, address)
+        session.leftover = data[8:]
+        try:
+            parked = False
+            if not session.leftover:
+                self.logins.greeting = True
+                try:
+                    parked = session.park()     # into its relay lane, or parked as on the Python path
+                finally:
+                    self.logins.greeting = False
+            if not parked:
+                proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
+        except BaseException:
+            if session.relay_lane is None and not session.sock.parked:
+                session.finish()                # counted, then closed here, once
+                proxy.client_left(session)
+            raise
+
+    def _register(self, session, address) -> None:
+        """The counts a login makes (as Session._logged_in and Proxy.serve_session make them)."""
+        proxy, rt = self.proxy, self.rt
         source = address[0] if isinstance(address, tuple) else str(address)
         rt.connections += 1
         proxy.connections_by_address[source] = proxy.connections_by_address.get(source, 0) + 1
@@ -254,16 +288,6 @@ class LoginDoor:
                               getattr(rt.cluster.pool, "query_timeout", 0.0)) if x]
         if limits:
             ClientTimeouts.of(proxy).watch(min(limits))
-        session.leftover = data[8:]
-        parked = False
-        if not session.leftover:
-            self.logins.greeting = True
-            try:
-                parked = session.park()     # into its relay lane, or parked as on the Python path
-            finally:
-                self.logins.greeting = False
-        if not parked:
-            proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
 
     def _python_login(self, fd: int, data: bytes) -> None:
         raw = _socket.socket(fileno=fd)

@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -220,3 +221,19 @@ def test_a_reload_that_removes_the_listener(pg, proxy_factory):
     other = proxy.address("other")
     with psycopg.connect(host=other[0], port=other[1], user=USER, dbname=AUTH_DB, autocommit=True) as conn:
         assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_never_sends_its_startup_meets_the_handshake_deadline(pg, proxy_factory):
+    config = logins_config(pg)
+    config["proxy"]["handshake_timeout"] = 1.0
+    proxy = proxy_factory(config)
+    first_login(proxy)
+    silent = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    started = time.monotonic()
+    while silent.recv(100):                          # an error, then the end, once the Python path's deadline passed
+        pass
+    assert time.monotonic() - started < 6, proxy.log_tail()
+    silent.close()
+    with connect(proxy) as conn:                     # the listener still greets
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -934,3 +934,25 @@ def test_unlisten_gives_the_listener_and_the_clients_still_starting_back(impl, l
     relay.close()
     for sock in (half, taken, late, conn):
         sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_take_starting_gives_the_clients_that_outstayed_a_round(impl, listener):
+    relay = impl[1](*walkers(impl))
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N")
+    slow = connect(listener)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    assert relay.take_starting(True) == []                        # marked
+    late = connect(listener)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 2)
+    events = relay.take_starting(True)                            # only the one marked before
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.STARTUP, b"")]
+    first = socket.socket(fileno=events[0][1])
+    events = relay.take_starting()                                # every one
+    assert [kind for kind, *_ in events] == [rc.STARTUP]
+    second = socket.socket(fileno=events[0][1])
+    assert relay.stats()["connections"] == 1                      # the listener alone
+    relay.close()
+    for sock in (slow, late, first, second):
+        sock.close()
