@@ -568,7 +568,10 @@ class Engine:
         types: every frame that could pin, change session state or open a transaction must stop; PostgreSQL's
         framing may add `pg_unnamed=True`, whole Parse/Bind/Describe/Execute...Sync batches of the unnamed statement
         and portal relayed, see relay_core), optionally "buffer_size". The relay ends a transaction at a boundary
-        frame whose status byte is 'I' with no request outstanding. None (the default): the engine's clients stay on
+        frame whose status byte is 'I' with no request outstanding. Optionally "quit": the exact bytes of a client's
+        goodbye (PostgreSQL's Terminate) which, stopped alone between transactions, ends the session at once (the
+        lane finishes it with no greenlet; the Python path would read it, answer nothing and end it the same way).
+        None (the default): the engine's clients stay on
         the Python path."""
         return None
 

@@ -218,6 +218,7 @@ class RelayLane:
                                        buffer_size=rules.get("buffer_size", BUFFER_SIZE), hold_stops=True)
         self.clients: dict = {}         # fd -> session
         self.backends: dict = {}        # fd -> BackendConnection
+        self.quit = rules.get("quit")   # the client's goodbye, ended here (see Engine.relay_rules)
         self.feeding = 0                # borrows under way for the lane
         self.transactions_seen = 0      # the relay's count at the last sweep
         self.transactions_before = 0
@@ -268,6 +269,18 @@ class RelayLane:
         session.leftover = data
         if data or wake or not session.park(relay=False):
             self.proxy.resume_parked(session)
+
+    def _quit(self, session) -> None:
+        """The client said goodbye between transactions: its session ends here, as the Python path would end it after
+        reading the same bytes (Session.finish, then the proxy's count), with no greenlet."""
+        session.relay_lane = None
+        lanes = self.lanes
+        lanes.returned_total += 1
+        lanes.returns["stopped"] = lanes.returns.get("stopped", 0) + 1
+        try:
+            session.finish()
+        finally:
+            self.proxy.client_left(session)
 
     # -- backends
 
@@ -436,6 +449,9 @@ class RelayLane:
                 else:
                     conn._lost("the backend closed the connection")
             if session is None:
+                continue
+            if conn is None and kind == relay_core.HANDOVER and rest == self.quit and rest:
+                self._quit(session)
                 continue
             if conn is not None and backend_failed:
                 # The backend died under a transaction the relay served: the client hears it, as from a server

@@ -54,6 +54,7 @@ def relay_rules() -> dict:
                        words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True),
         "server": dict(framing, boundary=p.READY_FOR_QUERY),
         "buffer_size": BUFFER_SIZE,
+        "quit": p.message(b"X"),    # Terminate: the client leaves with nothing to answer (RelayLane ends it at once)
     }
 
 
