@@ -22,6 +22,9 @@ older generation, past its lifetime or on a node that left the role, the lane gi
 lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
 backends back, so the pool's idle timeout and min_size rule them as before.
 
+A client's goodbye (the engine's "quit" bytes: PostgreSQL's Terminate) stopped between transactions ends its session
+in the lane's event handler (`Session.finish`, as the Python path would after reading it), with no greenlet.
+
 Logins: a session entering a lane before its first request may make its login a template that the relay core then
 answers by itself for the clients sending the same startup packet (multiproxy.relay_logins, `RelayLanes.logins`).
 """
