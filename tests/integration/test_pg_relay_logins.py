@@ -237,3 +237,24 @@ def test_a_client_that_never_sends_its_startup_meets_the_handshake_deadline(pg, 
     silent.close()
     with connect(proxy) as conn:                     # the listener still greets
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.timeout(180)
+def test_a_takeover_with_greeted_clients_idle(pg, proxy_factory, tmp_path):
+    from .test_takeover import take_over, took_over
+    old = proxy_factory(logins_config(pg))
+    first_login(old)
+    conns = greeted(old, 3)
+    keys = [c.info.backend_pid for c in conns]
+    new = take_over(old, tmp_path)      # the old process's relay let go of the listener before handing it over
+    try:
+        assert took_over(new) == (1, 3)
+        for conn, key in zip(conns, keys):
+            assert conn.execute("SELECT 9").fetchone() == (9,)
+            assert conn.info.backend_pid == key
+        first_login(new)
+        for conn in greeted(new, 2) + conns:
+            assert conn.execute("SELECT 10").fetchone() == (10,)
+            conn.close()
+    finally:
+        new.stop()
