@@ -245,6 +245,11 @@ class LoginDoor:
         raw = _socket.socket(fileno=fd)
         try:
             address = raw.getpeername()
+        except OSError as exc:
+            raw.close()         # gone already (its greeting was sent): nothing of it is registered
+            log.debug("relay logins: a greeted client left at once: %s", exc)
+            return
+        try:
             sock = ClientSocket(raw)
             session = Session(proxy, rt, sock, address)
             session.cancel_key = self.engine.relay_login_key(data[:8])
@@ -294,6 +299,10 @@ class LoginDoor:
         try:
             address = raw.getpeername()
             sock = ClientSocket(raw)
+        except OSError as exc:
+            raw.close()         # gone before its login
+            log.debug("relay logins: a client left before its login: %s", exc)
+            return
         except BaseException:
             raw.close()
             raise
