@@ -22,6 +22,8 @@
  *             greeted before (cache_greeting) gets the same greeting; any other goes to the engine as a
  *             STARTUP event. The relay closes the clients it accepted itself at EOF or at a `hangup`
  *             frame (Terminate) between transactions, so a connect-per-transaction client costs no Python.
+ *             A keyed greeting carries a fresh cancel key and hands its client over as a GREETED event
+ *             (relay logins: see "Relay logins: keyed greetings" below).
  *
  * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
  * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
