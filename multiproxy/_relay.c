@@ -25,6 +25,8 @@
  *             greeted before (cache_greeting) gets the same greeting; any other goes to the engine as a
  *             STARTUP event. The relay closes the clients it accepted itself at EOF or at a `hangup`
  *             frame (Terminate) between transactions, so a connect-per-transaction client costs no Python.
+ *             A keyed greeting carries a fresh cancel key and hands its client over as a GREETED event
+ *             (relay logins: see "Relay logins: keyed greetings" below).
  *
  * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
  * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
@@ -51,7 +53,7 @@
 #define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6 };
+       EV_STARTUP = 6, EV_GREETED = 7 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -630,6 +632,8 @@ enum { ROLE_CLIENT = 0, ROLE_BACKEND = 1, ROLE_LISTENER = 2 };
 
 typedef struct Greeting {
     struct Greeting *next;
+    long key_at;                /* >= 0: a keyed greeting (relay logins: a fresh cancel key written here) */
+    int template_id;            /* a keyed greeting's id, the arg of its GREETED events */
     size_t startup_len, reply_len;
     unsigned char *reply;
     unsigned char startup[];
@@ -647,6 +651,7 @@ typedef struct Conn {
     int held;                   /* a client whose stop frame waits for its transaction's end (hold_stops) */
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
+    int aged;                   /* starting at the last take_starting(aged_only=True) (relay logins) */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
@@ -691,6 +696,10 @@ typedef struct {
     size_t refuse_len, refusal_len;
     unsigned char hangup[256];
     unsigned long long accepted, greeted;
+    unsigned char *keys;        /* relay logins: 8-byte cancel keys the caller gave (add_keys), used from the end */
+    size_t n_keys, keys_cap;
+    long long login_budget;     /* relay logins: keyed greetings still allowed (-1: no limit) */
+    unsigned long long logins;  /* relay logins: clients greeted with a key and handed over as GREETED */
     unsigned long long transactions, handed_over;
     Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns;
 } RelayObject;
@@ -858,6 +867,7 @@ static int register_conn(RelayObject *r, Conn *c) {
 
 static void pump(RelayObject *r, Conn *c);
 static int startup(RelayObject *r, Conn *c);
+static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen);
 
 /* c is at EOF or broken: a client only the relay knows is closed here, anything else goes to the caller. */
 static void closed(RelayObject *r, Conn *c, int err) {
@@ -893,8 +903,8 @@ static void release_backend(RelayObject *r, Conn *b) {
 /* Write, act on events and walk until c has nothing more to do now; may forget c. */
 static void pump(RelayObject *r, Conn *c) {
     const Rule *rule = &r->rules[c->role];
-    if (c->starting && startup(r, c) < 0)
-        return;
+    if (c->starting && (startup(r, c) < 0 || c->starting))
+        return;             /* handed over, or its startup packet is not whole yet: nothing of it is walked */
     for (;;) {
         if (c->sent < c->fwd) {
             Conn *p = c->peer;
@@ -1070,6 +1080,8 @@ static int startup(RelayObject *r, Conn *c) {
                 hand_over(r, EV_STARTUP, c, 0);
                 return -1;
             }
+            if (g->key_at >= 0)
+                return greet_with_key(r, c, g, plen);
             reply = g->reply;
             reply_len = g->reply_len;
             greeted = 1;
@@ -1218,6 +1230,7 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     if (self) {
         self->epfd = self->eventfd = self->wakefd = -1;
         self->queue_tail = &self->queue;
+        self->login_budget = -1;
         pthread_mutex_init(&self->lock, NULL);
     }
     return (PyObject *)self;
@@ -1392,10 +1405,18 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
     return events;
 }
 
-static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args) {
+static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"startup", "reply", "key_at", "template", NULL};
     Py_buffer startup, reply;
-    if (!PyArg_ParseTuple(args, "y*y*", &startup, &reply))
+    long key_at = -1;
+    int template_id = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|li", kwlist, &startup, &reply, &key_at, &template_id))
         return NULL;
+    if (key_at < -1 || (key_at >= 0 && (size_t)key_at + 8 > (size_t)reply.len)) {
+        PyBuffer_Release(&startup);
+        PyBuffer_Release(&reply);
+        return PyErr_Format(PyExc_ValueError, "key_at: -1, or where 8 bytes of the reply start");
+    }
     Greeting *g = PyMem_RawMalloc(sizeof(Greeting) + (size_t)startup.len + (size_t)reply.len);
     if (g == NULL) {
         PyBuffer_Release(&startup);
@@ -1404,6 +1425,8 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args) {
     }
     g->startup_len = (size_t)startup.len;
     g->reply_len = (size_t)reply.len;
+    g->key_at = key_at;
+    g->template_id = template_id;
     g->reply = g->startup + startup.len;
     memcpy(g->startup, startup.buf, (size_t)startup.len);
     memcpy(g->reply, reply.buf, (size_t)reply.len);
@@ -1482,6 +1505,9 @@ static void relay_clear(RelayObject *self) {
         PyMem_RawFree(self->greetings);
         self->greetings = next;
     }
+    PyMem_RawFree(self->keys);
+    self->keys = NULL;
+    self->n_keys = self->keys_cap = 0;
     while (self->spare) {
         void *next;
         memcpy(&next, self->spare, sizeof(void *));
@@ -1508,11 +1534,12 @@ static PyObject *Relay_close(RelayObject *self, PyObject *unused) {
 
 static PyObject *Relay_stats(RelayObject *self, PyObject *unused) {
     lock_relay(self);
-    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K}", "connections", self->n_conns,
+    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:n}", "connections", self->n_conns,
                                     "idle", self->n_idle, "waiting", self->n_waiting,
                                     "linked", self->n_linked_clients, "transactions", self->transactions,
                                     "handed_over", self->handed_over, "accepted", self->accepted,
-                                    "greeted", self->greeted);
+                                    "greeted", self->greeted, "logins", self->logins,
+                                    "keys", (Py_ssize_t)self->n_keys);
     unlock_relay(self);
     return stats;
 }
@@ -1613,6 +1640,161 @@ static void Relay_dealloc(RelayObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* ---------------------------------------------------------------- Relay logins: keyed greetings
+ *
+ * A keyed greeting (cache_greeting(..., key_at >= 0)) answers its startup packet with the cached reply and a fresh
+ * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
+ * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
+ * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
+ * greeting's template id; the relay forgets it (the caller owns it, as after any event). With no key left or no
+ * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
+ */
+
+static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {
+    if (r->n_keys == 0 || r->login_budget == 0) {
+        hand_over(r, EV_STARTUP, c, 0);
+        return -1;
+    }
+    const unsigned char *key = r->keys + 8 * (r->n_keys - 1);
+    unsigned char small[1024];
+    unsigned char *reply = g->reply_len <= sizeof(small) ? small : PyMem_RawMalloc(g->reply_len);
+    if (reply == NULL) {
+        hand_over(r, EV_STARTUP, c, 0);
+        return -1;
+    }
+    memcpy(reply, g->reply, g->reply_len);
+    memcpy(reply + g->key_at, key, 8);
+    int failed = send_all_now(c->fd, reply, g->reply_len) < 0;     /* a fresh socket's send buffer is empty */
+    int err = errno;
+    if (reply != small)
+        PyMem_RawFree(reply);
+    if (failed) {
+        hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
+        return -1;
+    }
+    size_t rest = c->len - plen;
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
+    if (ev == NULL) {
+        hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
+        return -1;
+    }
+    r->n_keys--;
+    if (r->login_budget > 0)
+        r->login_budget--;
+    ev->next = NULL;
+    ev->kind = EV_GREETED;
+    ev->fd = c->fd;
+    ev->peer_fd = -1;
+    ev->arg = g->template_id;
+    ev->len = 8 + rest;
+    memcpy(ev->data, key, 8);
+    if (rest)
+        memcpy(ev->data + 8, c->buf + plen, rest);
+    *r->queue_tail = ev;
+    r->queue_tail = &ev->next;
+    forget(r, c);
+    r->greeted++;
+    r->logins++;
+    r->handed_over++;
+    return -1;
+}
+
+static PyObject *Relay_add_keys(RelayObject *self, PyObject *arg) {
+    Py_buffer keys;
+    if (PyObject_GetBuffer(arg, &keys, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (keys.len % 8) {
+        PyBuffer_Release(&keys);
+        return PyErr_Format(PyExc_ValueError, "add_keys: 8 bytes per key");
+    }
+    lock_relay(self);
+    size_t need = self->n_keys + (size_t)keys.len / 8;
+    if (need > self->keys_cap) {
+        size_t cap = self->keys_cap ? self->keys_cap : 64;
+        while (cap < need)
+            cap *= 2;
+        unsigned char *grown = PyMem_RawRealloc(self->keys, cap * 8);
+        if (grown == NULL) {
+            unlock_relay(self);
+            PyBuffer_Release(&keys);
+            return PyErr_NoMemory();
+        }
+        self->keys = grown;
+        self->keys_cap = cap;
+    }
+    /* Used from the end: the new keys go below the ones held, reversed, so that keys are used in the order given. */
+    size_t given = (size_t)keys.len / 8;
+    memmove(self->keys + keys.len, self->keys, self->n_keys * 8);
+    for (size_t i = 0; i < given; i++)
+        memcpy(self->keys + 8 * (given - 1 - i), (const unsigned char *)keys.buf + 8 * i, 8);
+    self->n_keys = need;
+    unlock_relay(self);
+    PyBuffer_Release(&keys);
+    return PyLong_FromSize_t(need);
+}
+
+static PyObject *Relay_set_login_budget(RelayObject *self, PyObject *arg) {
+    long long budget = PyLong_AsLongLong(arg);
+    if (budget == -1 && PyErr_Occurred())
+        return NULL;
+    if (budget < -1)
+        return PyErr_Format(PyExc_ValueError, "set_login_budget: -1 or more");
+    lock_relay(self);
+    self->login_budget = budget;
+    unlock_relay(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_forget_greetings(RelayObject *self, PyObject *unused) {
+    lock_relay(self);
+    while (self->greetings) {
+        Greeting *next = self->greetings->next;
+        PyMem_RawFree(self->greetings);
+        self->greetings = next;
+    }
+    unlock_relay(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_take_starting(RelayObject *self, PyObject *args) {
+    int aged_only = 0;
+    if (!PyArg_ParseTuple(args, "|p", &aged_only))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns; fd++) {
+        Conn *c = self->conns[fd];
+        if (c == NULL || c->role != ROLE_CLIENT || !c->starting)
+            continue;
+        if (aged_only && !c->aged)
+            c->aged = 1;                            /* handed over at the next call if it still starts then */
+        else
+            hand_over(self, EV_STARTUP, c, 0);
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_unlisten(RelayObject *self, PyObject *unused) {
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns; fd++) {
+        Conn *c = self->conns[fd];
+        if (c == NULL)
+            continue;
+        if (c->role == ROLE_LISTENER)
+            forget(self, c);
+        else if (c->starting)
+            hand_over(self, EV_STARTUP, c, 0);      /* its bytes so far (fwd is 0 while it starts) */
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    return events;
+}
+
 static PyMethodDef Relay_methods[] = {
     {"add_client", (PyCFunction)Relay_add_client, METH_VARARGS,
      "add_client(fd, data=b'') -> events: relay a client from now on; data: bytes already read from it."},
@@ -1642,8 +1824,22 @@ static PyMethodDef Relay_methods[] = {
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
-    {"cache_greeting", (PyCFunction)Relay_cache_greeting, METH_VARARGS,
-     "cache_greeting(startup, reply): answer this exact startup packet with reply, in the relay."},
+    {"cache_greeting", (PyCFunction)(void (*)(void))Relay_cache_greeting, METH_VARARGS | METH_KEYWORDS,
+     "cache_greeting(startup, reply, key_at=-1, template=0): answer this exact startup packet with reply, in the "
+     "relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed over as a "
+     "GREETED event whose arg is template."},
+    {"add_keys", (PyCFunction)Relay_add_keys, METH_O,
+     "add_keys(keys) -> count: 8-byte cancel keys for keyed greetings; the count the relay holds now."},
+    {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_O,
+     "set_login_budget(n): keyed greetings allowed from now on (each one uses one; -1: no limit)."},
+    {"forget_greetings", (PyCFunction)Relay_forget_greetings, METH_NOARGS,
+     "forget_greetings(): every cached greeting is dropped (their startups become STARTUP events)."},
+    {"take_starting", (PyCFunction)Relay_take_starting, METH_VARARGS,
+     "take_starting(aged_only=False) -> events: the clients still in their startup as STARTUP events with the bytes "
+     "read; aged_only: only those that were starting at the previous such call (the others are marked)."},
+    {"unlisten", (PyCFunction)Relay_unlisten, METH_NOARGS,
+     "unlisten() -> events: stop accepting (the listening sockets are forgotten, not closed); clients still in "
+     "their startup come back as STARTUP events with the bytes read."},
     {NULL},
 };
 
@@ -1678,7 +1874,8 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "MALFORMED", EV_MALFORMED) < 0 ||
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
-        PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0) {
+        PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0 ||
+        PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -26,7 +26,9 @@ class Acceptor:
     pending connection each time the socket is readable, then waits again. A greenlet whose client
     left, or parked (`handle` returned True: the session waits for its client with no greenlet,
     multiproxy.session), parks itself and serves a later client, or a parked session its client woke
-    (`resume`).
+    (`resume`). A relay login door (multiproxy.relay_logins) may accept on the socket instead for a while
+    (`pause`/`unpause`): it gives the clients it does not greet itself to `run`, with the bytes it read
+    (`accepted_with`).
     """
 
     def __init__(self, listen_socket: socket.socket, handle, defer=None):
@@ -39,6 +41,7 @@ class Acceptor:
         self.defer = defer
         self.greenlet = None
         self.parked: list = []
+        self.door = None                # the relay login door accepting on the socket now, if any
 
     def start(self) -> None:
         self.greenlet = gevent.spawn(self._loop)
@@ -82,6 +85,38 @@ class Acceptor:
                 else:
                     spawn(self._serve, accepted, sock, address)
 
+    def pause(self, door) -> None:
+        """`door` accepts on the socket from now on; this acceptor's loop stops until `unpause`."""
+        self.door = door
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+
+    def unpause(self, door, resume: bool = True) -> None:
+        """`door` let go of the socket: the loop accepts again (`resume`, unless the acceptor was closed)."""
+        if self.door is door:
+            self.door = None
+            if resume and self.greenlet is None and self.sock.fileno() >= 0:
+                self.start()
+
+    def run(self, job, first, second) -> None:
+        """Run `job(first, second)` in a greenlet of this acceptor's (a client a login door hands over)."""
+        parked = self.parked
+        if parked:
+            self.sock.hub.loop.run_callback(parked.pop().switch, job, first, second)
+        else:
+            gevent.spawn_raw(self._serve, job, first, second)
+
+    def accepted_with(self, sock, address, data: bytes) -> bool:
+        """A new client whose first bytes (`data`) were read already: served as `_accepted` serves one."""
+        parked = False
+        try:
+            parked = self.handle(sock, address, data)
+        finally:
+            if not parked:
+                sock.close()
+        return parked
+
     def resume(self, serve, session) -> None:
         """Run `serve(session)` in a greenlet of this acceptor's (a parked session whose client sent something):
         `serve` returns True when the session parked again."""
@@ -111,12 +146,14 @@ class Acceptor:
             except Exception:  # one client's failure must never reach the hub
                 log.exception("client %s: unexpected error", _where(first, second))
             job = first = second = None
-            if len(parked) >= MAX_PARKED or self.greenlet is None:
+            if len(parked) >= MAX_PARKED or (self.greenlet is None and self.door is None):
                 return
             parked.append(me)
             job, first, second = hub_switch()
 
     def close(self) -> None:
+        if self.door is not None:
+            self.door.close(resume=False)
         if self.greenlet is not None:
             self.greenlet.kill(block=False)
             self.greenlet = None

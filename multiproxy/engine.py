@@ -568,15 +568,43 @@ class Engine:
         types: every frame that could pin, change session state or open a transaction must stop; PostgreSQL's
         framing may add `pg_unnamed=True`, whole Parse/Bind/Describe/Execute...Sync batches of the unnamed statement
         and portal relayed, see relay_core), optionally "buffer_size". The relay ends a transaction at a boundary
-        frame whose status byte is 'I' with no request outstanding. `key`: the `relay_key()` of the lane the rules
-        are for (rules may differ per key, as MySQL's response walk with CLIENT_DEPRECATE_EOF); None: any key's, to
-        learn whether the engine has rules. None (the default): the engine's clients stay on the Python path."""
+        frame whose status byte is 'I' with no request outstanding. Optionally "quit": the exact bytes of a client's
+        goodbye (PostgreSQL's Terminate) which, stopped alone between transactions, ends the session at once (the
+        lane finishes it with no greenlet; the Python path would read it, answer nothing and end it the same way).
+        `key`: the `relay_key()` of the lane the rules are for (rules may differ per key, as MySQL's response walk
+        with CLIENT_DEPRECATE_EOF); None: any key's, to learn whether the engine has rules. None (the default): the
+        engine's clients stay on the Python path."""
         return None
 
     def relay_serves(self, key, server_state) -> bool:
         """Optional, with relay_rules: whether a backend in `server_state` serves clients of `relay_key()` `key`
         with nothing replayed."""
         return False
+
+    # With relay_login: the first packet the relay answers by itself before a startup (the TLS request) and its answer.
+    relay_login_refusal: tuple = (b"", b"")
+
+    def relay_login(self, client: "ClientProtocol", server_state) -> tuple | None:
+        """Optional, with relay_rules: the greeting of a logged-in `client` (trust authentication, between its login
+        and its first request) that the compiled relay may send by itself to a client sending the same first packet
+        (relay logins, multiproxy.relay_logins): (the startup packet, the reply with a zeroed 8-byte cancel key,
+        where that key starts in the reply); `server_state` is the facts the client was greeted from. None (the
+        default): logins stay on the Python path."""
+        return None
+
+    def relay_login_same(self, facts, newer) -> bool:
+        """Optional, with relay_login: whether a client greeted from `newer` (a pool's facts of a later login) gets
+        the greeting and the session state it would get from `facts`, so that a template made from `facts` holds."""
+        return False
+
+    def relay_login_key(self, data: bytes):
+        """Optional, with relay_login: the cancel key (as new_cancel_key makes it) that these 8 bytes of a greeting
+        hold (the inverse of relay_login_key_bytes)."""
+        raise NotImplementedError
+
+    def relay_login_key_bytes(self, key) -> bytes:
+        """Optional, with relay_login: the 8 bytes of cancel key `key` (new_cancel_key's) as a greeting holds them."""
+        raise NotImplementedError
 
     def listener_problems(self, settings: dict) -> list[tuple[str, str]]:
         """Optional: listener settings this engine cannot honour, as (setting name, what is wrong and what to do).

@@ -222,6 +222,10 @@ class ProxyCollector:
             for why, count in sorted(lanes.returns.items()):
                 c.add_metric([why], count)
             yield c
+            c = CounterMetricFamily(PREFIX + "relay_logins", "Client logins the compiled relay accepted and greeted "
+                                    "by itself (relay logins: trust, no TLS, one worker; multiproxy.relay_logins)")
+            c.add_metric([], stats["logins"])
+            yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 

@@ -17,7 +17,14 @@ clients itself and answer their first packets (PostgreSQL startup framing) from 
 declared: `refuse` (the SSLRequest) gets `refusal` (b"N"), a startup packet greeted before
 (`cache_greeting(startup, reply)`) gets the same reply, any other is a STARTUP event (fd and the bytes
 read) for the engine. Clients it accepted are its own until an event gives them to the caller: at EOF,
-or at a `hangup` frame (Terminate) between transactions, it closes them itself.
+or at a `hangup` frame (Terminate) between transactions, it closes them itself. Relay logins
+(multiproxy.relay_logins): a keyed greeting (`cache_greeting(startup, reply, key_at=, template=)`) is sent with a
+fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
+`set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (data: its key and
+the bytes it sent after its startup packet; arg: template); with no key or no budget its startup is a STARTUP event.
+`forget_greetings()` drops every cached greeting; `take_starting(aged_only=False)` gives the clients still in their
+startup to the caller as STARTUP events (aged_only: those already starting at the previous such call, the others
+marked), and `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
@@ -63,7 +70,7 @@ import socket
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP = range(7)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED = range(8)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
@@ -357,12 +364,12 @@ def _mysql_eof_status(payload: bytes) -> int:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
         self.peer = None
-        self.idle = self.waiting = self.blocked = self.held = False
+        self.idle = self.waiting = self.blocked = self.held = self.aged = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = self.requests = 0
         self.mask = select.EPOLLIN
@@ -406,6 +413,9 @@ class PyRelay:
         self._transactions = self._handed_over = self._accepted = self._greeted = 0
         self._greetings: dict = {}
         self._refuse, self._refusal, self._hangup = b"", b"", frozenset()
+        self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
+        self._login_budget = -1
+        self._logins = 0
 
     # -- the API
 
@@ -433,8 +443,42 @@ class PyRelay:
         self._register(c)
         return self._take_events()
 
-    def cache_greeting(self, startup, reply) -> None:
-        self._greetings[bytes(startup)] = bytes(reply)
+    def cache_greeting(self, startup, reply, key_at=-1, template=0) -> None:
+        if key_at < -1 or (key_at >= 0 and key_at + 8 > len(reply)):
+            raise ValueError("key_at: -1, or where 8 bytes of the reply start")
+        self._greetings[bytes(startup)] = (bytes(reply), key_at, template)
+
+    def add_keys(self, keys) -> int:
+        keys = bytes(keys)
+        if len(keys) % 8:
+            raise ValueError("add_keys: 8 bytes per key")
+        self._keys.extend(keys[i:i + 8] for i in range(0, len(keys), 8))
+        return len(self._keys)
+
+    def set_login_budget(self, budget) -> None:
+        if budget < -1:
+            raise ValueError("set_login_budget: -1 or more")
+        self._login_budget = budget
+
+    def forget_greetings(self) -> None:
+        self._greetings.clear()
+
+    def take_starting(self, aged_only=False) -> list:
+        for c in list(self._conns.values()):
+            if c.client and c.starting:
+                if aged_only and not c.aged:
+                    c.aged = True
+                else:
+                    self._hand_over(STARTUP, c, 0)
+        return self._take_events()
+
+    def unlisten(self) -> list:
+        for c in list(self._conns.values()):
+            if c.listener is not None:
+                self._forget(c)
+            elif c.starting:
+                self._hand_over(STARTUP, c, 0)
+        return self._take_events()
 
     def run_ready(self, max_events=256) -> list:
         try:
@@ -515,7 +559,8 @@ class PyRelay:
         return {"connections": len(self._conns), "idle": len(self._idle), "waiting": len(self._waiting),
                 "linked": sum(1 for c in conns if c.client and c.peer is not None),
                 "transactions": self._transactions, "handed_over": self._handed_over,
-                "accepted": self._accepted, "greeted": self._greeted}
+                "accepted": self._accepted, "greeted": self._greeted, "logins": self._logins,
+                "keys": len(self._keys)}
 
     # -- the machinery
 
@@ -591,9 +636,13 @@ class PyRelay:
             if not greeted:
                 reply = self._refusal
             else:
-                reply = self._greetings.get(packet)
-                if reply is None:
+                greeting = self._greetings.get(packet)
+                if greeting is None:
                     self._hand_over(STARTUP, c, 0)
+                    return False
+                reply, key_at, template = greeting
+                if key_at >= 0:
+                    self._greet_with_key(c, size, reply, key_at, template)
                     return False
             try:
                 sent = os.write(c.fd, reply) if reply else 0
@@ -608,6 +657,31 @@ class PyRelay:
                 c.starting = False
                 self._greeted += 1
         return True
+
+    def _greet_with_key(self, c, size, reply, key_at, template) -> None:
+        """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply, then the client goes to the caller
+        as GREETED (data: its key + what it sent after the startup packet); no key or no budget: STARTUP."""
+        if not self._keys or self._login_budget == 0:
+            self._hand_over(STARTUP, c, 0)
+            return
+        key = self._keys[0]
+        reply = reply[:key_at] + key + reply[key_at + 8:]
+        try:
+            sent = os.write(c.fd, reply)
+        except OSError as exc:
+            self._hand_over(CLOSED, c, exc.errno or 0)
+            return
+        if sent != len(reply):
+            self._hand_over(CLOSED, c, errno.EAGAIN)
+            return
+        del self._keys[0]
+        if self._login_budget > 0:
+            self._login_budget -= 1
+        self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
+        self._forget(c)
+        self._greeted += 1
+        self._logins += 1
+        self._handed_over += 1
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer
@@ -652,8 +726,8 @@ class PyRelay:
         self._pump(c)
 
     def _pump(self, c) -> None:
-        if c.starting and not self._startup(c):
-            return
+        if c.starting and (not self._startup(c) or c.starting):
+            return          # handed over, or its startup packet is not whole yet: nothing of it is walked
         walker = c.walker
         while True:
             if c.sent < c.fwd:
@@ -753,5 +827,5 @@ def _load():
 Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
-           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "MAX_STARTUP",
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "MAX_STARTUP",
            "MAX_WORDS", "MAX_WORD"]

@@ -23,6 +23,13 @@ lets its waiting clients queue in the pool on the Python path. A lane with no tr
 backends back, so the pool's idle timeout and min_size rule them as before. The relay moves the protocol's own bytes:
 a pool whose backend connections turn out to use TLS ([clusters.*.backend] tls = prefer with a server that offers it,
 require, ...) is not served by lanes from its first such backend on, and its clients stay on the Python path.
+backends back, so the pool's idle timeout and min_size rule them as before.
+
+A client's goodbye (the engine's "quit" bytes: PostgreSQL's Terminate) stopped between transactions ends its session
+in the lane's event handler (`Session.finish`, as the Python path would after reading it), with no greenlet.
+
+Logins: a session entering a lane before its first request may make its login a template that the relay core then
+answers by itself for the clients sending the same startup packet (multiproxy.relay_logins, `RelayLanes.logins`).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import gevent
 from . import relay_core
 from .engine import ErrorKind
 from .pool import BackendUnavailable, PoolTimeout
+from .relay_logins import RelayLogins
 
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
@@ -66,6 +74,7 @@ class RelayLanes:
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
+        self.logins = RelayLogins(self)  # logins greeted by the relay core (multiproxy.relay_logins)
 
     # -- sessions
 
@@ -93,6 +102,8 @@ class RelayLanes:
         lane = self._lane(session, key)
         if lane is None:
             return False
+        if not session.proto.requests:
+            self.logins.learn(session)  # before add_client: the state it exports is the one its login left
         session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
@@ -162,11 +173,13 @@ class RelayLanes:
 
     def stats(self) -> dict:
         clients = sum(len(lane.clients) for lane in self.lanes.values())
+        logins = self.logins
         backends = sum(len(lane.backends) for lane in self.lanes.values())
         transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
-                "entered": self.entered_total, "returned": self.returned_total}
+                "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
+                "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:
@@ -175,6 +188,10 @@ class RelayLanes:
 
     def sweep(self) -> None:
         evacuate = getattr(self.proxy, "idle_hook", None) is not None
+        try:
+            self.logins.sweep()
+        except Exception:  # the lanes' sweep goes on
+            log.exception("relay logins: sweeping the login doors failed")
         for key, lane in list(self.lanes.items()):
             try:
                 lane.sweep(evacuate)
@@ -190,6 +207,7 @@ class RelayLanes:
         if self.sweeper is not None:
             self.sweeper.kill(block=False)
             self.sweeper = None
+        self.logins.close()
         for lane in list(self.lanes.values()):
             lane.close()
             self.closed_transactions += lane.transactions_before
@@ -210,6 +228,7 @@ class RelayLane:
                                        buffer_size=rules.get("buffer_size", BUFFER_SIZE), hold_stops=True)
         self.clients: dict = {}         # fd -> session
         self.backends: dict = {}        # fd -> BackendConnection
+        self.quit = rules.get("quit")   # the client's goodbye, ended here (see Engine.relay_rules)
         self.feeding = 0                # borrows under way for the lane
         self.transactions_seen = 0      # the relay's count at the last sweep
         self.transactions_before = 0
@@ -260,6 +279,18 @@ class RelayLane:
         session.leftover = data
         if data or wake or not session.park(relay=False):
             self.proxy.resume_parked(session)
+
+    def _quit(self, session) -> None:
+        """The client said goodbye between transactions: its session ends here, as the Python path would end it after
+        reading the same bytes (Session.finish, then the proxy's count), with no greenlet."""
+        session.relay_lane = None
+        lanes = self.lanes
+        lanes.returned_total += 1
+        lanes.returns["stopped"] = lanes.returns.get("stopped", 0) + 1
+        try:
+            session.finish()
+        finally:
+            self.proxy.client_left(session)
 
     # -- backends
 
@@ -445,6 +476,9 @@ class RelayLane:
                     conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
                                else "the backend closed the connection")
             if session is None:
+                continue
+            if conn is None and kind == relay_core.HANDOVER and rest == self.quit and rest:
+                self._quit(session)
                 continue
             if conn is not None and backend_failed:
                 # The backend died under a transaction the relay served: the client hears it, as from a server

@@ -245,7 +245,8 @@ class Session:
             # A client that speaks first usually has spoken already: read without waiting. Answers to what
             # the proxy just sent cannot be there yet: wait first.
             recv_next = sock.recv_later if lean else sock.recv
-            data = (recv_next if out else sock.recv)(proto.handshake_read_size())
+            first, self.leftover = self.leftover, b""     # what a relay login door read (multiproxy.relay_logins)
+            data = first or (recv_next if out else sock.recv)(proto.handshake_read_size())
             while True:
                 if not data:
                     return False

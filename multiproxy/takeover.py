@@ -242,6 +242,8 @@ class Handover:
         systemd.notify("STATUS=handing over to pid %s" % peer)
         if self.release_path is not None:
             self.release_path()
+        if getattr(proxy, "relay_lanes", None) is not None:
+            proxy.relay_lanes.logins.close()    # the relay lets go of the listeners before they are handed over
         names = [rt.config.name for rt in proxy.listeners]
         fds = [rt.acceptor.sock.fileno() for rt in proxy.listeners]
         admin = proxy.admin is not None and getattr(proxy.admin, "socket", None) is not None

@@ -51,6 +51,10 @@ class LoginThrottle:
         # A bounded exponent: past 1024 failures 2 ** n no longer fits a float (block_after = 0 never resets them).
         return min(self.base_delay * 2.0 ** min(record.failures - 1, 64), self.max_delay)
 
+    def watching(self) -> bool:
+        """Some address has failed logins on record (relay logins leave every login to the Python path then)."""
+        return bool(self._records)
+
     def succeeded(self, address: str) -> None:
         self._records.pop(address, None)
 

@@ -46,6 +46,20 @@ class PostgresEngine(Engine):
     def relay_serves(self, key, server_state) -> bool:
         return compiled_relay.relay_serves(key, server_state)
 
+    relay_login_refusal = (compiled_relay.SSL_REQUEST, b"N")     # no TLS on the listeners of relay logins
+
+    def relay_login(self, client, server_state):
+        return compiled_relay.relay_login(client, server_state)
+
+    def relay_login_same(self, facts, newer) -> bool:
+        return compiled_relay.relay_login_same(facts, newer)
+
+    def relay_login_key(self, data: bytes):
+        return compiled_relay.KEY.unpack(data)
+
+    def relay_login_key_bytes(self, key) -> bytes:
+        return compiled_relay.KEY.pack(*key)
+
     def backend_login(self, target: BackendTarget) -> PostgresLogin:
         return PostgresLogin(target)
 

@@ -23,8 +23,14 @@ path tracks, open a transaction or start a COPY; the server messages that follow
 (ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is forwarded
 as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
 Sync, which the relay forwarded with it.
+
+Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
+authentication (AuthenticationOk, its ParameterStatus messages, BackendKeyData, ReadyForQuery) for the relay to send
+by itself, with a fresh cancel key, to a client sending the same startup packet.
 """
 from __future__ import annotations
+
+import struct
 
 from . import protocol as p
 from .pinning import _KEYWORDS
@@ -48,6 +54,7 @@ def relay_rules() -> dict:
                        words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True),
         "server": dict(framing, boundary=p.READY_FOR_QUERY),
         "buffer_size": BUFFER_SIZE,
+        "quit": p.message(b"X"),    # Terminate: the client leaves with nothing to answer (RelayLane ends it at once)
     }
 
 
@@ -59,3 +66,28 @@ def relay_serves(key, server_state) -> bool:
     have = server_state.settings
     return (len(settings) == len(have) and all(have.get(name) == value for name, value in settings)
             and all(held.get(name) == value for name, value in params))
+
+
+KEY = struct.Struct("!II")      # a cancel key as BackendKeyData holds it: pid, secret
+SSL_REQUEST = p.UINT32.pack(8) + p.UINT32.pack(p.SSL_REQUEST_CODE)
+
+
+def relay_login(client, server_state):
+    """(startup packet, greeting with a zeroed cancel key, where the key starts) of a client that logged in with
+    trust authentication and has sent no request yet, for the relay to greet clients sending the same startup
+    packet by itself (multiproxy.relay_logins); None when its greeting is not the cached one of `server_state` or
+    its startup asked for more than protocol 3.0 (a minor version or _pq_ options get a NegotiateProtocolVersion)."""
+    body = client.startup_body
+    if not body or client.ctx.listener.auth != "trust" or b"_pq_." in body or client.requests:
+        return None
+    cached = server_state.welcome_cache.get(body)
+    if cached is None:
+        return None
+    startup = p.UINT32.pack(len(body) + 8) + p.UINT32.pack(p.PROTOCOL_VERSION_3) + body
+    return startup, cached[0] + p.backend_key_data(0, 0) + p.READY_IDLE, len(cached[0]) + 5
+
+
+def relay_login_same(facts, newer) -> bool:
+    """Whether a later login's facts greet a client as `facts` did (session_state.login_complete reads these)."""
+    return (facts.login_params == newer.login_params and facts.canonical == newer.canonical
+            and facts.reported == newer.reported and facts.settings == newer.settings)

@@ -1096,3 +1096,109 @@ def test_a_mysql_relay_lends_a_backend_per_answer(impl):
     assert ("bytes", "client", answer) in trace
     assert trace[-1] == ("stats", 0, 2, 0, 2)       # two answers ended, both backends idle again
     assert ("event", rc.HANDOVER, "client", None, my(0, b"\x01"), 1) in trace     # COM_QUIT goes to the caller
+# -- relay logins: keyed greetings (multiproxy.relay_logins)
+
+def _key_data(pid: int, secret: int) -> bytes:
+    return pg(b"K", struct.pack("!II", pid, secret))
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, listener):
+    relay = impl[1](*walkers(impl))
+    assert relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X") == []
+    prefix = pg(b"R", b"\0\0\0\0") + pg(b"S", b"server_version\x0017\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=7)
+    keys = struct.pack("!II", 1, 11) + struct.pack("!II", 2, 22)
+    assert relay.add_keys(keys) == 2
+    with pytest.raises(ValueError):
+        relay.add_keys(b"123")
+    with pytest.raises(ValueError):
+        relay.cache_greeting(b"x" * 8, b"short", key_at=0)
+    first = connect(listener)
+    first.sendall(SSL_REQUEST)
+    serve_until(relay, lambda _: _readable(first))
+    assert recv_exactly(first, 1) == b"N"
+    first.sendall(startup_packet(b"alice") + QUERY)
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
+        [(rc.GREETED, -1, keys[:8] + QUERY, 7)]
+    assert recv_exactly(first, len(reply)) == prefix + _key_data(1, 11) + READY_IDLE
+    handed = [socket.socket(fileno=events[0][1])]                # the caller's now: the relay forgot it
+    stats = relay.stats()
+    assert (stats["logins"], stats["keys"], stats["connections"]) == (1, 1, 1)
+    relay.set_login_budget(0)                                     # no budget: the engine's, as an unknown startup
+    second = connect(listener)
+    second.sendall(startup_packet(b"alice"))
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.STARTUP, startup_packet(b"alice"))]
+    handed.append(socket.socket(fileno=events[0][1]))
+    relay.set_login_budget(5)
+    third = connect(listener)
+    third.sendall(startup_packet(b"alice"))
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, data, arg) for kind, _, _, data, arg in events] == [(rc.GREETED, keys[8:], 7)]
+    assert recv_exactly(third, len(reply)) == prefix + _key_data(2, 22) + READY_IDLE
+    handed.append(socket.socket(fileno=events[0][1]))
+    fourth = connect(listener)                                    # no key left: the engine's
+    fourth.sendall(startup_packet(b"alice"))
+    events = serve_until(relay, lambda events: events)
+    assert [kind for kind, *_ in events] == [rc.STARTUP]
+    handed.append(socket.socket(fileno=events[0][1]))
+    relay.add_keys(struct.pack("!II", 3, 33))
+    relay.forget_greetings()                                      # the template is gone: the engine's again
+    fifth = connect(listener)
+    fifth.sendall(startup_packet(b"alice"))
+    events = serve_until(relay, lambda events: events)
+    assert [kind for kind, *_ in events] == [rc.STARTUP]
+    handed.append(socket.socket(fileno=events[0][1]))
+    assert relay.stats()["keys"] == 1 and relay.stats()["logins"] == 2
+    relay.close()
+    for sock in [first, second, third, fourth, fifth] + handed:
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unlisten_gives_the_listener_and_the_clients_still_starting_back(impl, listener):
+    relay = impl[1](*walkers(impl))
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    half = connect(listener)
+    half.sendall(startup_packet(b"alice")[:6])                    # half a startup packet
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    for _ in range(10):                                           # its 6 bytes read, and no event: it waits for more
+        select_wait(relay)
+        assert relay.run_ready() == []
+    events = relay.unlisten()
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.STARTUP, startup_packet(b"alice")[:6])]
+    taken = socket.socket(fileno=events[0][1])
+    assert relay.stats()["connections"] == 0
+    late = connect(listener)                                      # the listening socket is open, not accepted by it
+    assert relay.run_ready() == [] and relay.stats()["accepted"] == 1
+    conn, _ = listener.accept()
+    relay.close()
+    for sock in (half, taken, late, conn):
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_take_starting_gives_the_clients_that_outstayed_a_round(impl, listener):
+    relay = impl[1](*walkers(impl))
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N")
+    slow = connect(listener)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    assert relay.take_starting(True) == []                        # marked
+    late = connect(listener)
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 2)
+    events = relay.take_starting(True)                            # only the one marked before
+    assert [(kind, data) for kind, _, _, data, _ in events] == [(rc.STARTUP, b"")]
+    first = socket.socket(fileno=events[0][1])
+    events = relay.take_starting()                                # every one
+    assert [kind for kind, *_ in events] == [rc.STARTUP]
+    second = socket.socket(fileno=events[0][1])
+    assert relay.stats()["connections"] == 1                      # the listener alone
+    relay.close()
+    for sock in (slow, late, first, second):
+        sock.close()

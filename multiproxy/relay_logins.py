@@ -1,0 +1,339 @@
+"""Relay logins: repeat PostgreSQL logins accepted and greeted by the compiled relay core ([proxy] relay = "compiled").
+
+Scope (outside it nothing changes; logins stay on the Python path): an engine with `Engine.relay_login`
+(PostgreSQL), the compiled multiproxy._relay (not its twin), a listener with `auth = "trust"` and no TLS, one worker
+(no custody, no process group), no audit log, no max_connections_per_address, a session in transaction pool mode
+whose user has no per-user max_connections, and no takeover under way.
+
+Templates: when a session that logged in on the Python path enters a relay lane before its first request, its
+greeting and its exported state (as a takeover exports it, multiproxy.takeover) become a template of its listener's
+`LoginDoor`, keyed by its startup packet. The door holds a relay_core Relay that listens on the listener's socket
+while the listener's Python acceptor is paused (one accepts at a time). The relay accepts, refuses the SSLRequest
+("N"), and answers a startup packet of a template with its greeting and a fresh cancel key (`cache_greeting(...,
+key_at=...)`), then hands the client over as a GREETED event (its key, the bytes it sent after its startup packet, the
+template). Python builds the session from the template (its key, its address, the counts a login makes: sessions,
+cancel keys, per-user and per-address counts, the pool's logins, the metrics) and lets it park, which puts its client
+into its relay lane as any idle session; from then on it is an ordinary session. Every other first packet (another
+startup, a CancelRequest, one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP
+event and is served as a client the acceptor took, from the bytes read (and may make a template in turn).
+
+Keys: the door gives the relay blocks of cancel keys made by `Proxy.new_cancel_key` (unique, and routed by
+`by_cancel_key` once the session is registered); with none left the relay gives the startup to Python. Budget:
+before each run of the relay the door sets how many clients it may greet: the listener's max_client_connections
+less its clients and the logins handed to Python not yet counted (no limit without one), and none while the proxy
+stops, while any address has failed logins on record (the Python path's throttle judges those) or while a database
+is disabled from the admin console. The relay greets only inside run_ready, which the door calls after checking its
+templates: a template whose pool's latest login greets differently (Engine.relay_login_same: other parameters after
+a failover), whose pool has a new generation or drains, whose listener, users file or proxy settings changed (a
+reload) is dropped first, so no client is greeted from stale facts. A door whose listener leaves the scope closes:
+its relay lets go of the listening socket (clients still sending their startup go to Python with the bytes read) and
+the acceptor accepts again; so does a door whose acceptor closes (a graceful stop, a listener a reload removed or
+moved) and every door when a takeover begins, before it hands the listening sockets over.
+"""
+from __future__ import annotations
+
+import _socket
+import logging
+import time
+
+import gevent
+
+from . import relay_core
+from .engine import Engine
+from .fastio import ClientSocket
+from .session import ClientTimeouts, Session
+
+log = logging.getLogger("multiproxy.relay_logins")
+KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
+MAX_TEMPLATES = 128                 # startups a door greets (the relay looks a startup up among them)
+
+
+class Template:
+    """What a login of one startup packet on one listener gives a client, and what must hold for it to stay true."""
+
+    __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
+                 "generation", "users", "listener", "proxy_config")
+
+    def valid(self, proxy, rt) -> bool:
+        pool = self.pool
+        facts = pool.facts
+        if facts is not self.facts:     # a later login of the pool: the same greeting, or the template goes
+            if facts is None or not rt.engine.relay_login_same(self.facts, facts):
+                return False
+            self.facts = facts
+        return (pool.generation == self.generation and not pool.draining
+                and proxy.users is self.users and rt.config is self.listener
+                and proxy.config.proxy is self.proxy_config and rt.tls_context is None
+                and proxy.pools.get((rt.cluster.name, rt.config.role, self.user, self.database, self.variant)) is pool)
+
+
+class RelayLogins:
+    """The login doors of one proxy process (one per listener at most), made by RelayLanes."""
+
+    def __init__(self, lanes):
+        self.lanes = lanes
+        self.proxy = lanes.proxy
+        self.doors: set = set()
+        self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
+        self.greeting = False           # a GREETED session is parking: it is no template
+
+    def why_not(self, rt) -> str:
+        """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
+        proxy = self.proxy
+        if self.lanes.relay_class is not relay_core.Relay or relay_core.IMPLEMENTATION != "c":
+            return "the relay core is the pure-Python twin"
+        if type(rt.engine).relay_login is Engine.relay_login:
+            return f"engine {rt.engine.name} has no relay logins"
+        if rt.config.auth != "trust" or rt.tls_context is not None or rt.config.require_tls:
+            return "the listener authenticates or offers TLS"
+        if (getattr(proxy, "worker_count", 1) != 1 or getattr(proxy, "custody", None) is not None
+                or getattr(proxy, "balance", None) is not None):
+            return "more than one worker"
+        if proxy.audit.path or proxy.config.proxy.max_connections_per_address:
+            return "audit log or max_connections_per_address"
+        if proxy.stopping or getattr(proxy, "idle_hook", None) is not None or rt.acceptor is None:
+            return "stopping or handing over"
+        return ""
+
+    def learn(self, session) -> None:
+        """A session that logged in on the Python path enters a lane before its first request: its login becomes a
+        template of its listener's door when it is in scope."""
+        if self.greeting:
+            return
+        rt = session.runtime
+        proxy = self.proxy
+        pool = session.pool
+        facts = pool.facts
+        if facts is None or not session.transaction_mode or self.why_not(rt):
+            return
+        record = proxy.users.get(session.user) if proxy.users is not None else None
+        if record is not None and record.max_connections:
+            return
+        made = rt.engine.relay_login(session.proto, facts)
+        if made is None:
+            return
+        door = rt.acceptor.door
+        if door is not None and (made[0] in door.by_startup or len(door.by_startup) >= MAX_TEMPLATES):
+            return
+        state = session.proto.handover_state()
+        if state is None:
+            return
+        t = Template()
+        t.startup, t.reply, t.key_at = made
+        t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
+        t.pool, t.facts, t.generation = pool, facts, pool.generation
+        t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
+        if door is None:
+            try:
+                door = LoginDoor(self, rt)
+            except (OSError, ValueError) as exc:
+                log.warning("listener %s: relay logins could not start (%s); logins stay on the Python path",
+                            rt.config.name, exc)
+                return
+        door.add(t)
+
+    def sweep(self) -> None:
+        for door in list(self.doors):
+            if door.check():
+                door.age()
+
+    def close(self) -> None:
+        """Every door lets go of its listener; the acceptors accept again (a takeover, the lanes' close)."""
+        for door in list(self.doors):
+            door.close()
+
+
+class LoginDoor:
+    """One listener's relay that accepts and greets its clients (see the module docstring)."""
+
+    def __init__(self, logins: RelayLogins, rt):
+        self.logins = logins
+        self.proxy = logins.proxy
+        self.rt = rt
+        self.acceptor = rt.acceptor
+        self.engine = rt.engine
+        self.templates: dict = {}       # id -> Template
+        self.by_startup: dict = {}      # startup packet -> Template
+        self.next_id = 1
+        self.keys = 0                   # keys the relay holds
+        self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
+        self.aged_at = time.monotonic()
+        self.closed = False
+        self.relay = relay_core.Relay(*relay_core.postgres_walkers(walker_type=relay_core.Walker))
+        refuse, refusal = self.engine.relay_login_refusal
+        try:
+            self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal)
+        except BaseException:
+            self.relay.close()
+            raise
+        self.acceptor.pause(self)
+        self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
+        self.watcher.start(self._on_ready)
+        logins.doors.add(self)
+        log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
+
+    def add(self, t: Template) -> None:
+        t.id = self.next_id
+        self.next_id += 1
+        self.templates[t.id] = t
+        self.by_startup[t.startup] = t
+        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+
+    def check(self) -> bool:
+        """Drop the templates that no longer hold; close when none is left or the listener left the scope. False:
+        the door is closed."""
+        if self.closed:
+            return False
+        proxy, rt = self.proxy, self.rt
+        if self.logins.why_not(rt) or rt not in proxy.listeners or rt.acceptor is not self.acceptor:
+            self.close()
+            return False
+        stale = [t for t in self.by_startup.values() if not t.valid(proxy, rt)]
+        if stale:
+            relay = self.relay
+            relay.forget_greetings()
+            for t in stale:
+                del self.by_startup[t.startup]
+                del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready
+            for t in self.by_startup.values():
+                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+        return True
+
+    def age(self) -> None:
+        """Clients that have been sending their startup for a handshake_timeout go to the Python path, whose handshake
+        deadline then ends them as it ends any slow login (the relay keeps no clock)."""
+        now = time.monotonic()
+        if now - self.aged_at >= self.proxy.config.proxy.handshake_timeout:
+            self.aged_at = now
+            self._handle(self.relay.take_starting(True))
+
+    def _budget(self) -> int:
+        proxy, rt = self.proxy, self.rt
+        console = getattr(proxy, "console", None)
+        if proxy.stopping or proxy.throttle.watching() or (console is not None and console.disabled):
+            return 0
+        limit = rt.config.max_client_connections
+        return max(0, limit - rt.connections - self.pending) if limit else -1
+
+    def _on_ready(self) -> None:
+        if not self.check():
+            return
+        relay = self.relay
+        relay.set_login_budget(self._budget())
+        if self.keys < KEYS_LOW:
+            new_key, engine = self.proxy.new_cancel_key, self.engine
+            self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
+                                                for _ in range(KEYS_BLOCK)))
+        self._handle(relay.run_ready())
+
+    def _handle(self, events) -> None:
+        for kind, fd, _, data, arg in events:
+            try:
+                if kind == relay_core.GREETED:
+                    self.keys -= 1
+                    self._greeted(fd, data, arg)
+                elif kind == relay_core.CLOSED:
+                    _close_fd(fd)       # gone before it said anything the relay could not answer
+                else:
+                    self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
+            except Exception:  # one client's failure must not stop the others of the batch
+                log.exception("relay logins: client fd %d failed", fd)
+
+    def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
+        proxy, rt = self.proxy, self.rt
+        t = self.templates[template_id]
+        raw = _socket.socket(fileno=fd)
+        try:
+            address = raw.getpeername()
+        except OSError as exc:
+            raw.close()         # gone already (its greeting was sent): nothing of it is registered
+            log.debug("relay logins: a greeted client left at once: %s", exc)
+            return
+        try:
+            sock = ClientSocket(raw)
+            session = Session(proxy, rt, sock, address)
+            session.cancel_key = self.engine.relay_login_key(data[:8])
+            session.user, session.database = t.user, t.database
+            session.proto = self.engine.resume_client(session.client_context(), t.state)
+            session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
+        except BaseException:
+            raw.close()         # greeted, but nothing of it is registered: closed here, once
+            raise
+        self._register(session, address)
+        session.leftover = data[8:]
+        try:
+            parked = False
+            if not session.leftover:
+                self.logins.greeting = True
+                try:
+                    parked = session.park()     # into its relay lane, or parked as on the Python path
+                finally:
+                    self.logins.greeting = False
+            if not parked:
+                proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
+        except BaseException:
+            if session.relay_lane is None and not session.sock.parked:
+                session.finish()                # counted, then closed here, once
+                proxy.client_left(session)
+            raise
+
+    def _register(self, session, address) -> None:
+        """The counts a login makes (as Session._logged_in and Proxy.serve_session make them)."""
+        proxy, rt = self.proxy, self.rt
+        source = address[0] if isinstance(address, tuple) else str(address)
+        rt.connections += 1
+        proxy.connections_by_address[source] = proxy.connections_by_address.get(source, 0) + 1
+        proxy.sessions.add(session)
+        proxy.metrics.client_connections_total += 1
+        session.pool.logins_total += 1
+        proxy.session_started(session)
+        self.logins.logins_total += 1
+        settings = proxy.config.proxy
+        limits = [x for x in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
+                              getattr(rt.cluster.pool, "query_timeout", 0.0)) if x]
+        if limits:
+            ClientTimeouts.of(proxy).watch(min(limits))
+
+    def _python_login(self, fd: int, data: bytes) -> None:
+        raw = _socket.socket(fileno=fd)
+        try:
+            address = raw.getpeername()
+            sock = ClientSocket(raw)
+        except OSError as exc:
+            raw.close()         # gone before its login
+            log.debug("relay logins: a client left before its login: %s", exc)
+            return
+        except BaseException:
+            raw.close()
+            raise
+        self.pending += 1
+        self.acceptor.run(self._python_job, (sock, data), address)
+
+    def _python_job(self, sock_data, address) -> bool:
+        self.pending -= 1
+        sock, data = sock_data
+        return self.acceptor.accepted_with(sock, address, data)
+
+    def close(self, resume: bool = True) -> None:
+        """Let go of the listener: the relay's pending events are served, the clients still starting go to the Python
+        path, and (`resume`) the acceptor accepts again."""
+        if self.closed:
+            return
+        self.closed = True
+        self.watcher.stop()
+        self.logins.doors.discard(self)
+        relay = self.relay
+        try:
+            events = relay.unlisten()   # the relay greets only in run_ready: no GREETED event waits here
+        finally:
+            relay.close()
+        self._handle(events)
+        self.acceptor.unpause(self, resume)
+        log.info("listener %s: logins on the Python path again", self.rt.config.name)
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        _socket.socket(fileno=fd).close()
+    except OSError:
+        pass

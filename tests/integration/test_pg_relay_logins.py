@@ -1,0 +1,260 @@
+"""Relay logins ([proxy] relay = "compiled", multiproxy.relay_logins) against a real PostgreSQL: repeat trust logins
+accepted and greeted by the compiled relay core, with unique cancel keys that cancel, counted as clients, bounded by
+max_client_connections, and through PAUSE/RESUME, a graceful stop and a reload that removes the listener."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+
+from multiproxy import relay_core
+
+from .helpers import admin_status, metric, metrics_text
+from .pgserver import AUTH_DB
+from .proxy import free_port
+from .test_live_reload import reload_by_signal, wait_for_log
+
+USER = "mp_trust"
+TIMEOUT = 10
+
+pytestmark = pytest.mark.skipif(relay_core.IMPLEMENTATION != "c" or os.environ.get("MULTIPROXY_RELAY_CORE") == "python",
+                                reason="relay logins need the compiled multiproxy._relay")
+
+
+def logins_config(pg, max_size: int = 4, **listener) -> dict:
+    cluster = {"engine": "postgres", "hosts": [f"127.0.0.1:{pg.port}"], "backend": {"tls": "disable"},
+               "pool": {"mode": "transaction", "max_size": max_size, "borrow_timeout": 30.0}}
+    return {
+        "proxy": {"admin_listen": f"127.0.0.1:{free_port()}", "log_level": "info", "relay": "compiled",
+                  "shutdown_timeout": 3.0},
+        "admin": {"users": [USER]},
+        "clusters": {"main": cluster},
+        "listeners": [{"name": "pg", "listen": f"127.0.0.1:{free_port()}", "cluster": "main", "role": "writer",
+                       "auth": "trust", **listener}],
+    }
+
+
+def connect(proxy, **kwargs) -> psycopg.Connection:
+    kwargs.setdefault("dbname", AUTH_DB)
+    return psycopg.connect(host=proxy.host, port=proxy.port, user=USER, connect_timeout=TIMEOUT, autocommit=True,
+                           **kwargs)
+
+
+def relay_logins(proxy) -> float:
+    return metric(metrics_text(proxy), "multiproxy_relay_logins_total") or 0
+
+
+def first_login(proxy) -> None:
+    """A login on the Python path that enters its lane: the template of the ones after it."""
+    with connect(proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    deadline = time.monotonic() + TIMEOUT
+    while "logins greeted by the compiled relay" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+
+
+def greeted(proxy, count: int, **kwargs) -> list[psycopg.Connection]:
+    """`count` clients the relay greeted (the counter says so)."""
+    before = relay_logins(proxy)
+    conns = [connect(proxy, **kwargs) for _ in range(count)]
+    assert relay_logins(proxy) == before + count, proxy.log_tail()
+    return conns
+
+
+@pytest.mark.timeout(180)
+def test_pgbench_connect_per_transaction_logs_in_through_the_relay(pg, proxy_factory):
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy = proxy_factory(logins_config(pg, max_size=4))
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10"}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run(["pgbench", "-S", "-C", "-M", "simple", "-c", "8", "-j", "2", "-t", "200", "-n"], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    assert "number of transactions actually processed: 1600/1600" in run.stdout, run.stdout
+    logins = relay_logins(proxy)
+    print("relay logins of 1600:", logins)
+    assert logins >= 1200, proxy.log_tail()        # all but the first few, which made the template
+    status = admin_status(proxy)
+    assert [lst["clients"] for lst in status["listeners"]] == [0]     # every one of them counted out again
+
+
+@pytest.mark.timeout(120)
+def test_greeted_clients_have_unique_keys_that_cancel_and_are_counted(pg, proxy_factory):
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    conns = greeted(proxy, 12)
+    pids = {(c.info.backend_pid, c.pgconn.backend_pid) for c in conns}
+    assert len(pids) == 12                          # BackendKeyData: a fresh key for each
+    for i, conn in enumerate(conns):
+        assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        assert conn.execute("SHOW application_name").fetchone() is not None
+    status = admin_status(proxy)
+    assert [lst["clients"] for lst in status["listeners"]] == [12]
+    with connect(proxy, dbname="pgbouncer") as console:      # another startup: the Python path, as before
+        with console.cursor() as cur:
+            cur.execute("SHOW CLIENTS;")
+            names = [d.name for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    assert len([r for r in rows if r["database"] == AUTH_DB]) == 12
+
+    # A cancel (CancelRequest: a first packet the relay gives to Python) of a greeted client's request.
+    victim = conns[3]
+    failure = []
+
+    def sleep():
+        try:
+            victim.execute("SELECT pg_sleep(20)")
+        except psycopg.errors.QueryCanceled as exc:
+            failure.append(exc)
+    thread = threading.Thread(target=sleep)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(1.0)
+    victim.cancel()
+    thread.join(15)
+    assert failure and time.monotonic() - started < 10, proxy.log_tail()
+    assert victim.execute("SELECT 42").fetchone() == (42,)
+    for conn in conns:
+        conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
+    proxy = proxy_factory(logins_config(pg))
+    first_login(proxy)
+    before = relay_logins(proxy)
+    with connect(proxy, application_name="other-app") as other:
+        assert other.execute("SHOW application_name").fetchone() == ("other-app",)
+    assert relay_logins(proxy) == before           # not greeted by the relay: its startup differs
+    with connect(proxy, application_name="other-app") as again:         # now a template of its own
+        assert again.execute("SHOW application_name").fetchone() == ("other-app",)
+    assert relay_logins(proxy) == before + 1
+    with pytest.raises(psycopg.OperationalError):                       # TLS asked for: refused, as before
+        psycopg.connect(host=proxy.host, port=proxy.port, user=USER, dbname=AUTH_DB, sslmode="require",
+                        connect_timeout=TIMEOUT)
+    with connect(proxy, sslmode="prefer") as plain:                     # SSLRequest refused by the relay, then greeted
+        assert plain.execute("SELECT 2").fetchone() == (2,)
+    assert relay_logins(proxy) == before + 2
+
+
+@pytest.mark.timeout(120)
+def test_max_client_connections_holds(pg, proxy_factory):
+    proxy = proxy_factory(logins_config(pg, max_client_connections=5))
+    first_login(proxy)
+    conns = greeted(proxy, 5)
+    with pytest.raises(psycopg.OperationalError, match="max_client_connections"):
+        connect(proxy)
+    conns.pop().close()
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"] != 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    conns += greeted(proxy, 1)
+    assert all(c.execute("SELECT 1").fetchone() == (1,) for c in conns)
+    for conn in conns:
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_pause_resume_and_a_graceful_stop_with_greeted_clients_idle(pg, proxy_factory):
+    proxy = proxy_factory(logins_config(pg))
+    first_login(proxy)
+    conns = greeted(proxy, 4)
+    with connect(proxy, dbname="pgbouncer") as console:
+        console.execute("PAUSE")
+        time.sleep(0.6)                             # the lanes' sweep (0.25 s) gives the pool its idle backends back
+        done = []
+        thread = threading.Thread(target=lambda: done.append(conns[0].execute("SELECT 5").fetchone()))
+        thread.start()
+        time.sleep(0.5)
+        assert not done                             # waits while paused
+        console.execute("RESUME")
+        thread.join(10)
+        assert done == [(5,)]
+    proxy.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while proxy.running:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    for conn in conns:
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_removes_the_listener(pg, proxy_factory):
+    config = logins_config(pg)
+    config["listeners"].append({"name": "other", "listen": f"127.0.0.1:{free_port()}", "cluster": "main",
+                                "auth": "trust"})
+    proxy = proxy_factory(config)
+    first_login(proxy)
+    conns = greeted(proxy, 3)
+    address = proxy.address("pg")
+    new_config = copy.deepcopy(config)
+    new_config["listeners"] = [config["listeners"][1]]
+    reload_by_signal(proxy, new_config)
+    wait_for_log(proxy, "listener pg: removed; its clients have left")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host=address[0], port=address[1], user=USER, dbname=AUTH_DB, connect_timeout=TIMEOUT)
+    for conn in conns:
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        conn.close()
+    other = proxy.address("other")
+    with psycopg.connect(host=other[0], port=other[1], user=USER, dbname=AUTH_DB, autocommit=True) as conn:
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_never_sends_its_startup_meets_the_handshake_deadline(pg, proxy_factory):
+    config = logins_config(pg)
+    config["proxy"]["handshake_timeout"] = 1.0
+    proxy = proxy_factory(config)
+    first_login(proxy)
+    silent = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    started = time.monotonic()
+    while silent.recv(100):                          # an error, then the end, once the Python path's deadline passed
+        pass
+    assert time.monotonic() - started < 6, proxy.log_tail()
+    silent.close()
+    with connect(proxy) as conn:                     # the listener still greets
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.timeout(180)
+def test_a_takeover_with_greeted_clients_idle(pg, proxy_factory, tmp_path):
+    from .test_takeover import take_over, took_over
+    old = proxy_factory(logins_config(pg))
+    first_login(old)
+    conns = greeted(old, 3)
+    keys = [c.info.backend_pid for c in conns]
+    new = take_over(old, tmp_path)      # the old process's relay let go of the listener before handing it over
+    try:
+        assert took_over(new) == (1, 3)
+        for conn, key in zip(conns, keys):
+            assert conn.execute("SELECT 9").fetchone() == (9,)
+            assert conn.info.backend_pid == key
+        first_login(new)
+        for conn in greeted(new, 2) + conns:
+            assert conn.execute("SELECT 10").fetchone() == (10,)
+            conn.close()
+    finally:
+        new.stop()
