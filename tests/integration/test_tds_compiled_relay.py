@@ -18,7 +18,7 @@ from multiproxy_engines.tds.wire import token_stream as tk
 
 from .helpers import metric, metrics_text
 from .tdskit import recv_message
-from .test_tds_proxy import APP_PASSWORD, APP_USER, PINNED, RawClient, lab, ms, one, tds_config, users_toml  # noqa: F401
+from .test_tds_proxy import PINNED, RawClient, lab, ms, one, tds_config, users_toml  # noqa: F401 (lab: a fixture)
 
 pymssql = pytest.importorskip("pymssql")
 pytestmark = pytest.mark.tds
