@@ -35,6 +35,7 @@ lends to a lane only a backend whose options, database and packet size are those
 """
 from __future__ import annotations
 
+from .backend import BACKEND_PACKET_SIZE
 from .handover import not_idle
 
 RELAY_SCREEN_WORDS = tuple(word.encode("utf-16-le") for word in (
@@ -76,11 +77,13 @@ def relay_key(client):
     """(tracked options, database, packet size) when the compiled relay may serve the client's next requests, else
     None: a client that is not plainly idle (handover.not_idle: logged in, plaintext, no backend, nothing outstanding
     or half read, no transaction, no pin), of a pool that does not reset backends between clients, with no option
-    under which a SELECT opens a transaction, and no per-request work of the Python path (retries of read-only
-    refusals)."""
+    under which a SELECT opens a transaction, the packet size the proxy's backends log in with (else no backend
+    could serve its lane: the Python path re-frames its messages), and no per-request work of the Python path
+    (retries of read-only refusals)."""
     ctx = client.ctx
     if (ctx.reset_after_transaction or ctx.retry_read_only or client.closing or client.pinned or client.pin_reasons
-            or any(name in client.options for name in UNRELAYABLE_OPTIONS) or not_idle(client)):
+            or client.packet_size != BACKEND_PACKET_SIZE or any(name in client.options for name in UNRELAYABLE_OPTIONS)
+            or not_idle(client)):
         return None
     return frozenset(client.options.items()), client.database, client.packet_size
 
