@@ -603,7 +603,10 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
                 self._on_sent(entry)             # the requests reach a backend now: their pins and resets count
         internal: list[bytes] = []
         reset = False
-        if server_state.last_client is not self.ident:
+        known = server_state.options
+        # the client's own backend again, unless the client SET options elsewhere since (its last use left others)
+        stale = known is not None and any(known.get(name) != value for name, value in self.options.items())
+        if server_state.last_client is not self.ident or stale:
             reset = self.ctx.reset_after_transaction and server_state.last_client is not None
             server_state.last_client = self.ident
             if reset:

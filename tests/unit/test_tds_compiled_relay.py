@@ -148,3 +148,19 @@ def test_server_state_options_follow_what_clients_set():
     other.client_data(batch("SELECT 1"))
     other.link(fresh, batch("SELECT 1"))
     assert fresh.options == {"NOCOUNT": "SET NOCOUNT ON"}    # reset, then this client's options replayed
+
+
+def test_a_backend_a_client_used_last_gets_the_options_it_set_elsewhere_since():
+    proto = tds_logged_in()
+    proto.ctx.reset_after_transaction = False
+    first, second = TDSServerState(), TDSServerState()
+    for state, sql in ((first, "SELECT 1"), (second, "SET NOCOUNT ON")):
+        proto.client_data(batch(sql))
+        proto.link(state, batch(sql))
+        proto.backend_data(tp.encode_message(tp.TABULAR_RESULT, tk.done()))
+        proto.unlink()
+    assert first.last_client is proto.ident and first.options == {}
+    proto.client_data(batch("SELECT 2"))
+    sent = proto.link(first, batch("SELECT 2"))
+    assert "SET NOCOUNT ON" in tp.SqlBatch.decode(tp.MessageReader().feed(sent)[0].data).text
+    assert first.options == {"NOCOUNT": "SET NOCOUNT ON"}
