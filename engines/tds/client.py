@@ -617,6 +617,7 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
+                    server_state.options = None     # what the reset query leaves is the query's to say
                 if self.ctx.init_query:     # a reset undoes what the init query set: it runs again after it
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.init_query).encode(),
                                                       self.backend_size))
