@@ -8,7 +8,9 @@
  *             a request, `count` types (PostgreSQL Query/Sync) open one. MySQL, whose responses have no
  *             frame of their own that ends them, declares response="mysql" for the server direction: the
  *             text protocol's answers are followed packet by packet (walk_mysql_response, below) to their
- *             end, a boundary with 'I' or 'T'. feed() walks a byte vector the way the relay does;
+ *             end, a boundary with 'I' or 'T'. TDS declares response="tds" (a response ends at the packet with
+ *             the EOM status bit) and request="tds" (a batch is relayed whole, one packet opening with SELECT:
+ *             walk_tds_response and tds_request_relayable, below). feed() walks a byte vector the way the relay does;
  *             multiproxy/relay_core.py has the same rule in Python (its twin).
  *   Relay   - an epoll set of its own whose fd the caller watches from gevent's loop; run_ready() drains
  *             every ready socket: reads, walks, writes whole frames to the peer, links a client that
@@ -226,8 +228,8 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
  * not 0, or empty) is EV_MALFORMED before it.
  */
 
-enum { RESPONSE_NONE = 0, RESPONSE_MYSQL = 1 };
-enum { REQUEST_NONE = 0, REQUEST_MYSQL = 1 };
+enum { RESPONSE_NONE = 0, RESPONSE_MYSQL = 1, RESPONSE_TDS = 2 };
+enum { REQUEST_NONE = 0, REQUEST_MYSQL = 1, REQUEST_TDS = 2 };
 enum { MY_START = 0, MY_COLUMNS = 1, MY_COLUMNS_EOF = 2, MY_ROWS = 3 };
 #define MY_MAX_PAYLOAD 0xFFFFFFu
 #define MY_STATUS_IN_TRANS 0x0001
@@ -374,9 +376,96 @@ static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const uns
     return res;
 }
 
+/* ---------------------------------------------------------------- TDS: the server's responses, the client's batches
+ *
+ * RESPONSE_TDS (the server direction): a response is one message, packets of type 0x04 (tabular result) whose last
+ * has the EOM status bit (0x01). The walk stops after an EOM packet with EV_BOUNDARY and the status 'I' (the engine's
+ * request check lets through only batches that cannot leave a transaction open); an EOM packet must arrive whole, at
+ * most max_boundary bytes. A packet of another type, or shorter than its header, is EV_MALFORMED before it.
+ * REQUEST_TDS (the client direction, on a screened type, with the generic walk): after the screen, a packet whose
+ * status is not EOM alone (a message of several packets, RESETCONNECTION, IGNORE) or whose SQL text (UTF-16LE, after
+ * the ALL_HEADERS its first 4 bytes measure) does not open with SELECT (after white space) is a stop frame: the Python
+ * path serves it. A bare procedure name first in a batch runs the procedure, which might open a transaction.
+ */
+
+#define TDS_TABULAR_RESULT 0x04
+#define TDS_STATUS_EOM 0x01
+
+static int tds_utf16_space(const unsigned char *p) {
+    return p[1] == 0 && (p[0] == ' ' || p[0] == '\t' || p[0] == '\r' || p[0] == '\n');
+}
+
+/* Whether a whole client packet h (total bytes, 8-byte header) may be relayed: EOM alone, text opening with SELECT. */
+static int tds_request_relayable(const unsigned char *h, size_t total) {
+    static const char select_word[] = "select";
+    if (h[1] != TDS_STATUS_EOM || total < 12)
+        return 0;
+    const unsigned char *body = h + 8;
+    size_t len = total - 8;
+    size_t headers = (size_t)body[0] | ((size_t)body[1] << 8) | ((size_t)body[2] << 16) | ((size_t)body[3] << 24);
+    if (headers < 4 || headers > len)
+        return 0;
+    size_t pos = headers;
+    while (pos + 2 <= len && tds_utf16_space(body + pos))
+        pos += 2;
+    for (int i = 0; i < 6; i++, pos += 2) {
+        if (pos + 2 > len || body[pos + 1] != 0 || lower_ascii(body[pos]) != (unsigned char)select_word[i])
+            return 0;
+    }
+    if (pos + 2 > len)
+        return 1;
+    unsigned char next = lower_ascii(body[pos]);
+    return !(body[pos + 1] == 0 && ((next >= 'a' && next <= 'z') || (next >= '0' && next <= '9') || next == '_' ||
+                                     next == '@' || next == '#' || next == '$'));
+}
+
+static WalkResult walk_tds_response(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
+    WalkResult res = {0, EV_NONE, -1};
+    size_t pos = 0;
+    while (pos < len) {
+        if (st->remaining) {
+            size_t avail = len - pos;
+            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
+            pos += take;
+            st->remaining -= take;
+            continue;
+        }
+        size_t avail = len - pos;
+        if (avail < 8)
+            break;
+        const unsigned char *h = data + pos;
+        size_t total = ((size_t)h[2] << 8) | h[3];
+        if (h[0] != TDS_TABULAR_RESULT || total < 8) {
+            res.event = EV_MALFORMED;
+            res.arg = h[0];
+            break;
+        }
+        if (h[1] & TDS_STATUS_EOM) {
+            if (total > (size_t)rule->max_boundary) {
+                res.event = EV_MALFORMED;
+                res.arg = h[0];
+                break;
+            }
+            if (avail < total)
+                break;
+            pos += total;
+            res.event = EV_BOUNDARY;
+            res.arg = 'I';
+            break;
+        }
+        size_t take = total < avail ? total : avail;
+        pos += take;
+        st->remaining = total - take;
+    }
+    res.consumed = pos;
+    return res;
+}
+
 static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *data, size_t len) {
     if (rule->response == RESPONSE_MYSQL)
         return walk_mysql_response(rule, st, data, len);
+    if (rule->response == RESPONSE_TDS)
+        return walk_tds_response(rule, st, data, len);
     WalkResult res = {0, EV_NONE, -1};
     size_t pos = 0;
     while (pos < len) {
@@ -459,6 +548,11 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
                 res.arg = type;
                 break;
             }
+            if (rule->request == REQUEST_TDS && !tds_request_relayable(h, (size_t)total)) {
+                res.event = EV_HANDOVER;
+                res.arg = type;
+                break;
+            }
         }
         if (type >= 0 && rule->count[type])
             st->counted++;
@@ -501,16 +595,23 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
                                      &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
                                      &rule->deprecate_eof, &request))
         return -1;
-    if (response && *response && strcmp(response, "mysql") != 0) {
-        PyErr_SetString(PyExc_ValueError, "response: \"mysql\" or none");
+    if (response && *response && strcmp(response, "mysql") != 0 && strcmp(response, "tds") != 0) {
+        PyErr_SetString(PyExc_ValueError, "response: \"mysql\", \"tds\" or none");
         return -1;
     }
-    if (request && *request && strcmp(request, "mysql") != 0) {
-        PyErr_SetString(PyExc_ValueError, "request: \"mysql\" or none");
+    if (request && *request && strcmp(request, "mysql") != 0 && strcmp(request, "tds") != 0) {
+        PyErr_SetString(PyExc_ValueError, "request: \"mysql\", \"tds\" or none");
         return -1;
     }
-    rule->response = response && *response ? RESPONSE_MYSQL : RESPONSE_NONE;
-    rule->request = request && *request ? REQUEST_MYSQL : REQUEST_NONE;
+    rule->response = !(response && *response) ? RESPONSE_NONE
+                     : strcmp(response, "tds") == 0 ? RESPONSE_TDS : RESPONSE_MYSQL;
+    rule->request = !(request && *request) ? REQUEST_NONE : strcmp(request, "tds") == 0 ? REQUEST_TDS : REQUEST_MYSQL;
+    if ((rule->response == RESPONSE_TDS || rule->request == REQUEST_TDS) &&
+        (rule->header_size != 8 || rule->length_offset != 2 || rule->length_size != 2 || !rule->big_endian ||
+         rule->length_adjust != 0 || rule->type_offset != 0 || (rule->response == RESPONSE_TDS && rule->max_boundary < 8))) {
+        PyErr_SetString(PyExc_ValueError, "response=\"tds\" / request=\"tds\" need the TDS framing");
+        return -1;
+    }
     if (rule->response == RESPONSE_MYSQL &&
         (rule->header_size != 4 || rule->length_offset != 0 || rule->length_size != 3 || rule->big_endian ||
          rule->length_adjust != 4 || rule->max_boundary < 5)) {

@@ -93,9 +93,10 @@ PROXY_SETTINGS = _settings(
     Setting("relay", str, "python", "how the bytes of transaction-mode sessions move: python (a greenlet relays each "
             "message) or compiled (a plaintext, unpinned client idle between transactions is served by the compiled "
             "relay core with the pool's spare backends, and Python wakes only at what its engine must see: see "
-            "docs/architecture.md, Compiled relay mode; PostgreSQL and MySQL/MariaDB, TDS stays on python; with one "
-            "worker, repeat PostgreSQL logins on a trust listener without TLS are accepted and greeted by the "
-            "compiled relay core too; falls back to "
+            "docs/architecture.md, Compiled relay mode; PostgreSQL, MySQL/MariaDB, and SQL Server (TDS) where "
+            "reset_after_transaction = no (with the reset, TDS stays on python); with one worker, repeat PostgreSQL "
+            "logins on a trust listener without TLS are accepted and greeted by the compiled relay core too; falls "
+            "back to "
             "the relay core's pure-Python twin, with a warning, when multiproxy._relay is not built). Needs a "
             "restart; not with worker_custody when workers > 1", ("python", "compiled")),
 )

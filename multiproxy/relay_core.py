@@ -56,6 +56,13 @@ statement opens none. A LOCAL INFILE request (0xFB) is MALFORMED (the screen sto
 walk must read whole (a result's first packet, an end) over max_boundary bytes. A rule with `request="mysql"` (the
 client direction) makes a packet that opens no command (sequence id not 0, or empty) MALFORMED.
 
+TDS: a rule with `response="tds"` (the server direction, TDS framing) ends a response after the packet with the EOM
+status bit, a boundary with the status 'I' (the engine's request check lets through only batches that cannot leave a
+transaction open); a packet that is not a tabular result (0x04) or shorter than its header is MALFORMED, as is an EOM
+packet over max_boundary bytes (it is read whole). A rule with `request="tds"` (the client direction) makes a
+screened packet a stop frame unless its status is EOM alone and its UTF-16LE SQL text, after the ALL_HEADERS its
+first 4 bytes measure, opens with the word SELECT after white space.
+
 `IMPLEMENTATION` says which one `Walker` and `Relay` are ("c" or "python"; the environment variable
 MULTIPROXY_RELAY_CORE=python chooses the twin even where the extension is built, so that the tests can run a proxy
 on it); `PyWalker` and `PyRelay` are always the twin.
@@ -126,14 +133,18 @@ class PyWalker:
                            type_offset) != (5, 1, 4, True, 1, 0):
             raise ValueError("pg_unnamed: only with PostgreSQL's framing")
         self.pg_unnamed = bool(pg_unnamed)
-        if response not in (None, "", "mysql"):
-            raise ValueError('response: "mysql" or none')
-        if request not in (None, "", "mysql"):
-            raise ValueError('request: "mysql" or none')
+        if response not in (None, "", "mysql", "tds"):
+            raise ValueError('response: "mysql", "tds" or none')
+        if request not in (None, "", "mysql", "tds"):
+            raise ValueError('request: "mysql", "tds" or none')
         mysql_framing = (header_size, length_offset, length_size, bool(big_endian), length_adjust) == (4, 0, 3, False, 4)
-        if response and (not mysql_framing or max_boundary < 5):
+        tds_framing = (header_size, length_offset, length_size, bool(big_endian), length_adjust, type_offset) == (
+            8, 2, 2, True, 0, 0)
+        if "tds" in (response, request) and (not tds_framing or (response == "tds" and max_boundary < 8)):
+            raise ValueError('response="tds" / request="tds" need the TDS framing')
+        if response == "mysql" and (not mysql_framing or max_boundary < 5):
             raise ValueError('response="mysql" needs the MySQL framing')
-        if request and not mysql_framing:
+        if request == "mysql" and not mysql_framing:
             raise ValueError('request="mysql" needs the MySQL framing')
         self.response, self.request = response or None, request or None
         self.deprecate_eof = bool(deprecate_eof)
@@ -151,8 +162,10 @@ class PyWalker:
 
     def feed(self, data) -> tuple[int, int, int]:
         """(consumed, event, arg): walk data on from the walker's state (see the module docstring)."""
-        if self.response:
+        if self.response == "mysql":
             return self._feed_mysql_response(data)
+        if self.response == "tds":
+            return self._feed_tds_response(data)
         pos, end = 0, len(data)
         header_size, type_offset = self.header_size, self.type_offset
         order = "big" if self.big_endian else "little"
@@ -172,7 +185,7 @@ class PyWalker:
                 if avail <= type_offset:
                     break
                 kind = data[pos + type_offset]
-            if self.request and (data[pos + 3] != 0 or length == 0):
+            if self.request == "mysql" and (data[pos + 3] != 0 or length == 0):
                 return pos, MALFORMED, kind
             if kind in self.stop:
                 return pos, HANDOVER, kind
@@ -201,6 +214,8 @@ class PyWalker:
                     break
                 body = bytes(data[pos + header_size:pos + total]).lower()
                 if any(body.find(word) >= 0 for word in self.words):
+                    return pos, HANDOVER, kind
+                if self.request == "tds" and not _tds_request_relayable(bytes(data[pos:pos + total])):
                     return pos, HANDOVER, kind
             if kind in self.count:
                 self.counted += 1
@@ -316,6 +331,32 @@ class PyWalker:
             self.remaining = total - take
         return pos, NONE, -1
 
+    def _feed_tds_response(self, data) -> tuple[int, int, int]:
+        """feed() of response="tds": a response's packets up to the one with EOM (see the module docstring)."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.remaining:
+                take = min(self.remaining, end - pos)
+                pos += take
+                self.remaining -= take
+                continue
+            avail = end - pos
+            if avail < 8:
+                break
+            kind, total = data[pos], (data[pos + 2] << 8) | data[pos + 3]
+            if kind != TDS_TABULAR_RESULT or total < 8:
+                return pos, MALFORMED, kind
+            if data[pos + 1] & TDS_STATUS_EOM:
+                if total > self.max_boundary:
+                    return pos, MALFORMED, kind
+                if avail < total:
+                    break
+                return pos + total, BOUNDARY, ord("I")
+            take = min(total, avail)
+            pos += take
+            self.remaining = total - take
+        return pos, NONE, -1
+
     def take_count(self) -> int:
         n, self.counted = self.counted, 0
         return n
@@ -332,6 +373,32 @@ class PyWalker:
 MY_START, MY_COLUMNS, MY_COLUMNS_EOF, MY_ROWS = range(4)
 MY_MAX_PAYLOAD = 0xFFFFFF
 MY_STATUS_IN_TRANS, MY_MORE_RESULTS_EXISTS = 0x0001, 0x0008
+
+
+# response="tds" / request="tds" (the compiled walk_tds_response(), tds_request_relayable())
+TDS_TABULAR_RESULT, TDS_STATUS_EOM = 0x04, 0x01
+_TDS_NAME_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_@#$")
+
+
+def _tds_request_relayable(packet: bytes) -> bool:
+    """Whether a whole client packet may be relayed: status EOM alone, its SQL text (after ALL_HEADERS) opening with
+    SELECT after white space (UTF-16LE, ASCII case ignored)."""
+    if packet[1] != TDS_STATUS_EOM or len(packet) < 12:
+        return False
+    body = packet[8:]
+    pos = int.from_bytes(body[:4], "little")
+    if not 4 <= pos <= len(body):
+        return False
+    while pos + 2 <= len(body) and body[pos + 1] == 0 and body[pos] in b" \t\r\n":
+        pos += 2
+    for ch in b"select":
+        if pos + 2 > len(body) or body[pos + 1] != 0 or body[pos] | (0x20 if 65 <= body[pos] <= 90 else 0) != ch:
+            return False
+        pos += 2
+    if pos + 2 > len(body):
+        return True
+    nxt = body[pos] | (0x20 if 65 <= body[pos] <= 90 else 0)
+    return not (body[pos + 1] == 0 and nxt in _TDS_NAME_CHARS)
 
 
 def _mysql_lenenc(payload: bytes, pos: int):

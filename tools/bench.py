@@ -704,6 +704,9 @@ MYSQL_TARGETS = ("direct", "multiproxy", "relay")
 # --targets of `--engine mysql`: multiproxy-c is multiproxy with [proxy] relay = "compiled" (multiproxy.relay_lanes)
 MYSQL_ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c", "relay")
 TDS_TARGETS = ("direct", "multiproxy")
+# --targets of `--engine tds`: multiproxy-c is multiproxy with [proxy] relay = "compiled" and reset_after_transaction =
+# "no" (the TDS relay lanes serve only pools that do not reset backends between clients: engines/tds/compiled_relay.py)
+TDS_ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c")
 # The variants of the MySQL and TDS benchmarks: `text` is the plain query protocol (sysbench --db-ps-mode=disable;
 # pymssql), `ps` server-side prepared statements with as many clients as the pool has connections (sysbench
 # --db-ps-mode=auto: COM_STMT_PREPARE/EXECUTE; tedious prepare/execute: sp_prepare/sp_execute), `ps-over` the same
@@ -789,13 +792,17 @@ def _proxy_config(engine, backend_port, listen_port, admin_port, pool_size, list
             f'[[listeners]]\nname = "bench"\nlisten = "127.0.0.1:{listen_port}"\ncluster = "main"\n{listener_extra}')
 
 
-def _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra="", relay="", name="mp"):
-    """Start multiproxy for the MySQL or TDS benchmark ([proxy] relay = `relay` when given; its files named after
-    `name`); returns (process, client port, admin port)."""
+def _start_proxy(procs, work, engine, backend_port, pool_size, listener_extra="", relay="", name="mp", reset=""):
+    """Start multiproxy for the MySQL or TDS benchmark ([proxy] relay = `relay` and [clusters.main.backend]
+    reset_after_transaction = `reset` when given; its files named after `name`); returns (process, client port, admin
+    port)."""
     port, admin_port = free_port(), free_port()
     config = _proxy_config(engine, backend_port, port, admin_port, pool_size, listener_extra)
     if relay:
         config = config.replace("[proxy]\n", f'[proxy]\nrelay = "{relay}"\n', 1)
+    if reset:
+        config = config.replace('[clusters.main.backend]\ntls = "disable"\n',
+                                f'[clusters.main.backend]\ntls = "disable"\nreset_after_transaction = "{reset}"\n', 1)
     with open(os.path.join(work, f"{name}.toml"), "w") as f:
         f.write(config)
     env = dict(os.environ)
@@ -1092,7 +1099,7 @@ def tds_prepared(port: int, clients: int, seconds: float) -> float:
 
 def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: str | None, *, rounds: int = 1,
               warmup: int = WARMUP_SECONDS, variants=VARIANTS, ps_clients: int | None = None,
-              over_clients: int | None = None) -> None:
+              over_clients: int | None = None, targets=TDS_TARGETS) -> None:
     """Point selects against the TDS lab server directly and through multiproxy (tds engine, transaction pooling)
     in one run, interleaved rounds: pymssql in autocommit (text, `clients` connections over 4 processes), and
     tedious prepared statements (sp_prepare once, sp_execute in a loop) with as many connections as the pool (ps)
@@ -1119,14 +1126,30 @@ def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: 
         users.add("bench", "bench", kinds=["tds_sha256"])
         with open(os.path.join(work, "users.toml"), "w") as f:
             f.write(users.dumps())
-        _, mp_port, admin_port = _start_proxy(procs, work, "tds", lab_port, pool_size)
+        mp, mp_port, admin_port = _start_proxy(procs, work, "tds", lab_port, pool_size)
         ports = {"direct": lab_port, "multiproxy": mp_port}
+        pids = {"multiproxy": mp.pid}
+        lanes_admin = None
+        if "multiproxy-c" in targets:
+            mpc, ports["multiproxy-c"], lanes_admin = _start_proxy(procs, work, "tds", lab_port, pool_size,
+                                                                   relay="compiled", name="mp-c", reset="no")
+            pids["multiproxy-c"] = mpc.pid
         measure_by_variant = {"text": tds_text, "ps": tds_prepared, "ps-over": tds_prepared}
-        run = EngineRun(variants, TDS_TARGETS, run_clients)
-        _interleave(run, rounds, variants, TDS_TARGETS, seconds, warmup,
-                    lambda variant, target, secs: measure_by_variant[variant](ports[target], run_clients[variant],
-                                                                             secs))
+        run = EngineRun(variants, targets, run_clients)
+        cpu: dict = {}      # (variant, target) -> CPU microseconds of the proxy process per request, per round
+
+        def measure(variant, target, secs):
+            pid = pids.get(target)
+            before = process_cpu_seconds(pid) if pid else 0.0
+            rate = measure_by_variant[variant](ports[target], run_clients[variant], secs)
+            if pid and rate:
+                cpu.setdefault((variant, target), []).append(
+                    (process_cpu_seconds(pid) - before) / (rate * secs) * 1e6)
+            return rate
+
+        _interleave(run, rounds, variants, targets, seconds, warmup, measure)
         tally = statement_counts(admin_port)
+        lanes = relay_lane_counts(lanes_admin) if lanes_admin else ""
     finally:
         procs.stop_all()
         if not keep:
@@ -1140,8 +1163,15 @@ def tds_bench(seconds: int, pool_size: int, clients: int, keep: bool, markdown: 
              "connection (sp_prepare), then execute() (sp_execute) in a loop (executes/s); ps-over has more "
              "connections than the pool", "",
              run.table("/s", "direct"), ""]
+    if cpu:
+        lines.append("CPU per request of the proxy process (user + system, microseconds, median over rounds; "
+                     "warm-ups not counted): " + "; ".join(
+                         f"{variant} / {target} {statistics.median(values):.0f}"
+                         for (variant, target), values in sorted(cpu.items(), key=lambda item: (
+                             variants.index(item[0][0]), targets.index(item[0][1])))))
+        lines.append("")
     lines += run.failures()
-    lines += [tally, machine_line()]
+    lines += [tally] + ([lanes] if lanes else []) + [machine_line()]
     _emit(lines, markdown)
 
 
@@ -1181,7 +1211,9 @@ def engine_args(argv):
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--targets", default=None,
                         help="MySQL: subset of " + ",".join(MYSQL_ALL_TARGETS) + " (default " + ",".join(MYSQL_TARGETS)
-                             + "; multiproxy-c: multiproxy with [proxy] relay = \"compiled\")")
+                             + "); TDS: subset of " + ",".join(TDS_ALL_TARGETS) + " (default " + ",".join(TDS_TARGETS)
+                             + "); multiproxy-c: multiproxy with [proxy] relay = \"compiled\" (TDS: and "
+                             "reset_after_transaction = \"no\")")
     known, _rest = parser.parse_known_args(argv)
     if known.engine != "postgres":
         if _rest:
@@ -1194,8 +1226,13 @@ def engine_args(argv):
             parser.error(f"--only: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(VARIANTS)}")
         if known.rounds < 1 or known.seconds < 1 or known.warmup < 0 or known.pool_size < 1:
             parser.error("--rounds, --seconds and --pool-size: at least 1; --warmup: at least 0")
-        if known.targets is not None and known.engine != "mysql":
-            parser.error("--targets: only with --engine mysql (or postgres)")
+        if known.engine == "tds":
+            targets = [t.strip() for t in (known.targets or ",".join(TDS_TARGETS)).split(",") if t.strip()]
+            bad = [t for t in targets if t not in TDS_ALL_TARGETS]
+            if bad or "multiproxy" not in targets or "direct" not in targets:
+                parser.error(f"--targets: choose from {', '.join(TDS_ALL_TARGETS)}, with multiproxy and direct")
+            known.targets = tuple(t for t in TDS_ALL_TARGETS if t in targets)
+            return known
         targets = [t.strip() for t in (known.targets or ",".join(MYSQL_TARGETS)).split(",") if t.strip()]
         bad = [t for t in targets if t not in MYSQL_ALL_TARGETS]
         if bad or "multiproxy" not in targets or "relay" not in targets:
@@ -1516,7 +1553,8 @@ def main(argv=None):
             if known.engine == "mysql":
                 return mysql_bench(known.seconds, known.pool_size, known.keep, known.markdown, targets=known.targets,
                                    **options)
-            return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown, **options)
+            return tds_bench(known.seconds, known.pool_size, known.clients, known.keep, known.markdown,
+                             targets=known.targets, **options)
     args = parse_args(argv)
     if not shutil.which("pgbench") or not shutil.which("psql"):
         raise SystemExit("pgbench and psql must be on PATH")

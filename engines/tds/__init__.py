@@ -7,7 +7,7 @@ from multiproxy.engine import BackendTarget, ClientContext, Engine, ErrorKind
 from multiproxy.tls import client_leg_context
 
 from .auth import VERIFIER_KINDS
-from . import handover
+from . import compiled_relay, handover
 from .backend import TDSCancel, TDSLogin, TDSProbe, TDSQuery
 from .client import TDSClient, render_error
 from .pinning import ALL_PIN_REASONS
@@ -57,6 +57,12 @@ class TDSEngine(Engine):
             context.maximum_version = ssl.TLSVersion.TLSv1_2
             self._tls_contexts[policy] = context
         return context
+
+    def relay_rules(self, key=None) -> dict:
+        return compiled_relay.relay_rules(key)
+
+    def relay_serves(self, key, server_state) -> bool:
+        return compiled_relay.relay_serves(key, server_state)
 
     def client_protocol(self, ctx: ClientContext) -> TDSClient:
         return TDSClient(ctx, self)

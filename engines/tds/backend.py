@@ -27,6 +27,10 @@ class TDSServerState:
     prog_name: str = "Microsoft SQL Server"
     prog_version: bytes = bytes([16, 0, 0x03, 0xE8])
     last_client: object = None      # the client protocol's identity; another client needs a RESETCONNECTION
+    # the tracked SET options the session holds as far as the proxy knows (name -> statement; {} after the login or
+    # a RESETCONNECTION), None when unknown (a client reset its session itself, or reset_query ran): what the compiled
+    # relay's lanes check
+    options: dict | None = field(default_factory=dict)
     # its prepared statements, (declaration, text) -> handle (statements.py); a reset empties it
     statements: StatementCache = field(default_factory=StatementCache)
 

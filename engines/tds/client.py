@@ -13,7 +13,7 @@ from multiproxy.engine import (
 )
 from multiproxy.token_auth import TokenRejected
 
-from . import handover
+from . import compiled_relay, handover
 from .auth import check_tds_sha256
 from .session_state import SessionState, request_effects
 from .statements import Statements, tsql_unprepares
@@ -603,7 +603,10 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
                 self._on_sent(entry)             # the requests reach a backend now: their pins and resets count
         internal: list[bytes] = []
         reset = False
-        if server_state.last_client is not self.ident:
+        known = server_state.options
+        # the client's own backend again, unless the client SET options elsewhere since (its last use left others)
+        stale = known is not None and any(known.get(name) != value for name, value in self.options.items())
+        if server_state.last_client is not self.ident or stale:
             reset = self.ctx.reset_after_transaction and server_state.last_client is not None
             server_state.last_client = self.ident
             if reset:
@@ -614,9 +617,14 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),
                                                       self.backend_size))
                     reset = False
+                    server_state.options = None     # what the reset query leaves is the query's to say
                 if self.ctx.init_query:     # a reset undoes what the init query set: it runs again after it
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.init_query).encode(),
                                                       self.backend_size))
+            if reset:
+                server_state.options = dict(self.options)      # the login's options, then the client's replayed
+            elif server_state.options is not None:
+                server_state.options = {**server_state.options, **self.options}
             replay = self._replay_statements(server_state.database)
             if replay:
                 internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch("; ".join(replay)).encode(),
@@ -661,6 +669,9 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
         return b"".join(parts)
 
     def unlink(self) -> None:
+        state = self.server_state
+        if state is not None and state.options is not None:
+            state.options.update(self.options)      # what the client SET while linked stays on the backend
         self.linked = False
         self.server_state = None
         self.sbuf = b""
@@ -779,6 +790,8 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
         self.server_state = server_state
         server_state.last_client = None
         server_state.statements.clear()
+        server_state.options = {}
+        self.options = {}       # the client is gone: unlink() must not put its options back on the reset backend
         self.expect.append(_Expect(internal=True, strip_reset=True))
         batch = tp.SqlBatch(reset_query or "SELECT 1 WHERE 1 = 0").encode()
         return tp.encode_message(tp.SQL_BATCH, batch, server_state.packet_size, tp.STATUS_RESETCONNECTION)
@@ -880,6 +893,10 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
                 option_flags2=login.option_flags2, type_flags=login.type_flags, option_flags3=login.option_flags3,
                 client_lcid=login.client_lcid, language=login.language, database=login.database)
         self.compact_attributes()
+
+    def relay_key(self):
+        """The relay key when the compiled relay may serve this client's next requests (compiled_relay.py), else None."""
+        return compiled_relay.relay_key(self)
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

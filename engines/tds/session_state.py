@@ -80,6 +80,7 @@ class SessionState:
         self.pinned = False
         if self.linked:
             self.server_state.statements.clear()    # SQL Server drops the connection's prepared handles
+            self.server_state.options = None        # back to the backend login's options: the proxy cannot name them
         if not keeps_transaction:
             self.in_transaction = False
             self.descriptor = b""

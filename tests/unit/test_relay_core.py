@@ -1202,3 +1202,181 @@ def test_take_starting_gives_the_clients_that_outstayed_a_round(impl, listener):
     relay.close()
     for sock in (slow, late, first, second):
         sock.close()
+
+
+# -- TDS: the server's responses (response="tds") and the client's batches (request="tds")
+
+TDS = rc.FRAMINGS["tds"]
+ALL_HEADERS = struct.pack("<IIH", 22, 18, 2) + bytes(8) + struct.pack("<I", 1)     # a transaction descriptor header
+
+
+def tds(kind: int, status: int, payload: bytes, spid: int = 0, packet_id: int = 1) -> bytes:
+    return struct.pack(">BBHHBB", kind, status, len(payload) + 8, spid, packet_id, 0) + payload
+
+
+def tds_batch(sql: str, status: int = 1, headers: bytes = ALL_HEADERS) -> bytes:
+    return tds(0x01, status, headers + sql.encode("utf-16-le"))
+
+
+TDS_WORDS = tuple(w.encode("utf-16-le") for w in ("set", "begin", "exec", "#"))
+TDS_CLIENT_RULE = dict(TDS, request="tds", count=b"\x01", screen=b"\x01", words=TDS_WORDS, max_screen=4096,
+                       stop=bytes(k for k in range(256) if k != 1))
+TDS_SERVER_RULE = dict(TDS, response="tds", max_boundary=4096)
+TDS_DONE = bytes([0xFD, 0x10, 0, 0xC1, 0]) + struct.pack("<Q", 1)
+
+
+def tds_walkers(impl, max_boundary=4096):
+    walker = impl[0]
+    return walker(**TDS_CLIENT_RULE), walker(**dict(TDS_SERVER_RULE, max_boundary=max_boundary))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tds_a_response_ends_at_its_eom_packet_split_anywhere(impl):
+    response = tds(4, 0, b"\x81" + bytes(30), spid=55) + tds(4, 0, bytes(40), packet_id=2) + tds(4, 1, TDS_DONE,
+                                                                                                   packet_id=3)
+    for cut in range(1, len(response)):
+        _, server = tds_walkers(impl)
+        forwarded, events, held = drive(server, [response[:cut], response[cut:]])
+        assert (forwarded, events, held) == (response, [(rc.BOUNDARY, ord("I"), len(response))], b"")
+    _, server = tds_walkers(impl)
+    assert server.feed(response + response[:5]) == (len(response), rc.BOUNDARY, ord("I"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tds_malformed_responses_are_events(impl):
+    _, server = tds_walkers(impl, max_boundary=64)
+    assert server.feed(tds(1, 1, b"x")) == (0, rc.MALFORMED, 1)                     # not a tabular result
+    assert server.feed(b"\x04\x01\x00\x03" + bytes(4)) == (0, rc.MALFORMED, 4)      # shorter than its header
+    assert server.feed(tds(4, 1, bytes(100))) == (0, rc.MALFORMED, 4)               # an EOM packet over max_boundary
+    assert server.feed(tds(4, 0, bytes(100))) == (108, rc.NONE, -1)                 # a middle packet streams
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tds_single_packet_select_batches_are_relayed_and_counted(impl):
+    client, _ = tds_walkers(impl)
+    for sql in ("SELECT 1", "  \r\n\tselect * from t", "Select(1)", "SELECT", "select\n1; insert into t values (2)"):
+        batch = tds_batch(sql)
+        assert client.feed(batch) == (len(batch), rc.NONE, -1), sql
+        assert client.take_count() == 1
+    batch = tds_batch("SELECT 1")
+    for cut in range(1, len(batch)):
+        client, _ = tds_walkers(impl)
+        assert drive(client, [batch[:cut], batch[cut:]]) == (batch, [], b"")
+        assert client.take_count() == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tds_batches_the_python_path_must_see_stop(impl):
+    stops = [
+        tds_batch("SELECT 1", status=0),                    # the first packet of several
+        tds_batch("SELECT 1", status=0x09),                 # RESETCONNECTION
+        tds_batch("SELECT 1", status=0x11),                 # RESETCONNECTION SKIPTRAN
+        tds_batch("SELECT 1", status=0x03),                 # IGNORE
+        tds_batch("INSERT INTO t VALUES (1)"),              # not SELECT first
+        tds_batch("myproc"),                                # a bare procedure name runs it
+        tds_batch("selectx"), tds_batch("select_1"), tds_batch("select@x"), tds_batch("/* c */ SELECT 1"),
+        tds_batch("SELECT 1; BEGIN TRAN"), tds_batch("select 1; sEt NOCOUNT ON"), tds_batch("SELECT 1 INTO #t"),
+        tds_batch("SELECT 1; EXEC p"),
+        tds_batch("SELECT 1", headers=b"\x02\0\0\0"),       # ALL_HEADERS shorter than its own length
+        tds_batch("SELECT 1", headers=b"\xff\0\0\0"),       # ALL_HEADERS longer than the packet
+        tds(0x01, 1, b"\x04\0"),                            # too short for ALL_HEADERS
+        tds(0x03, 1, b"rpc"), tds(0x06, 1, b""), tds(0x0E, 1, b"tm"), tds(0x07, 1, b"bulk"),
+    ]
+    for packet in stops:
+        client, _ = tds_walkers(impl)
+        assert client.feed(packet) == (0, rc.HANDOVER, packet[0]), packet
+        assert client.take_count() == 0
+    # a screen word in UTF-16LE only: the same letters in another alignment or as ASCII do not stop
+    client, _ = tds_walkers(impl)
+    ascii_set = tds(0x01, 1, ALL_HEADERS + "SELECT '".encode("utf-16-le") + b"set" + "'".encode("utf-16-le"))
+    assert client.feed(ascii_set) == (len(ascii_set), rc.NONE, -1)
+    client, _ = tds_walkers(impl)
+    assert client.feed(tds_batch("SELECT 1") + tds(0x06, 1, b"")) == (len(tds_batch("SELECT 1")), rc.HANDOVER, 6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tds_rules_need_the_tds_framing(impl):
+    walker = impl[0]
+    with pytest.raises(ValueError):
+        walker(**rc.FRAMINGS["postgres"], request="tds")
+    with pytest.raises(ValueError):
+        walker(**TDS, response="tds", max_boundary=7)
+    with pytest.raises(ValueError):
+        walker(**TDS, response="sybase")
+
+
+def tds_requests():
+    return st.one_of(
+        st.builds(tds_batch, st.sampled_from(["SELECT 1", " select x", "SELECT 1; SET x", "insert", "selectx",
+                                              "SELECT @@VERSION", "select 1 into #t"]),
+                  st.sampled_from([0, 1, 1, 3, 9]), st.sampled_from([ALL_HEADERS, b"\x04\0\0\0", b"\x09\0\0\0"])),
+        st.builds(lambda k, p: tds(k, 1, p), st.sampled_from([1, 3, 6, 14]), st.binary(max_size=30)),
+        st.binary(min_size=1, max_size=12),
+    )
+
+
+def tds_responses():
+    return st.one_of(
+        st.builds(lambda n, body: tds(4, n, body), st.sampled_from([0, 1, 1, 0x11]), st.binary(max_size=40)),
+        st.builds(lambda k, s: tds(k, s, b"x"), st.integers(min_value=0, max_value=255), st.integers(0, 255)),
+        st.binary(min_size=1, max_size=12),
+    )
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(tds_requests(), max_size=8), st.lists(tds_responses(), max_size=8),
+       st.lists(st.integers(min_value=1, max_value=64), max_size=20), st.integers(min_value=8, max_value=100))
+def test_c_and_python_tds_walkers_agree(requests, responses, cuts, max_boundary):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    results = []
+    for stream, make in ((b"".join(requests), "client"), (b"".join(responses), "server")):
+        chunks, pos = [], 0
+        for size in cuts:
+            chunks.append(stream[pos:pos + size])
+            pos += size
+        chunks.append(stream[pos:])
+        pair = []
+        for walker in (_relay.Walker, rc.PyWalker):
+            client, server = tds_walkers((walker, None), max_boundary=max_boundary)
+            w = client if make == "client" else server
+            pair.append((drive(w, chunks), w.remaining, w.take_count()))
+        results.append(pair)
+    for c_result, py_result in results:
+        assert c_result == py_result
+
+
+tds_client_frames = st.one_of(st.just(tds_batch("SELECT 1")), st.just(tds_batch("SELECT 1", status=0)),
+                              st.just(tds_batch("BEGIN TRAN")), st.just(tds(6, 1, b"")), st.just(tds(3, 1, b"rpc")),
+                              st.binary(min_size=1, max_size=8))
+tds_server_frames = st.one_of(st.just(tds(4, 1, TDS_DONE)), st.just(tds(4, 0, bytes(20))),
+                              st.just(tds(4, 1, bytes(5000))), st.just(tds(1, 1, b"x")),
+                              st.binary(min_size=1, max_size=8))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("client"), tds_client_frames),
+                          st.tuples(st.sampled_from(["first", "second"]), tds_server_frames)), max_size=10))
+def test_c_and_python_relays_agree_with_the_tds_rules(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    rules = (TDS_CLIENT_RULE, TDS_SERVER_RULE)
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_tds_relay_lends_a_backend_per_batch_and_holds_an_attention(impl):
+    rules = (TDS_CLIENT_RULE, TDS_SERVER_RULE)
+    query = tds_batch("SELECT 1")
+    answer = tds(4, 0, bytes(20)) + tds(4, 1, TDS_DONE, packet_id=2)
+    attention = tds(6, 1, b"")
+    trace = run_scenario(impl, [("client", query), ("second", answer), ("client", query + attention),
+                                ("second", answer)], mysql=rules)
+    assert trace.count(("bytes", "client", answer)) == 2
+    # the Attention sent behind a relayed batch waits for its answer's end, then goes to the caller alone
+    assert ("event", rc.HANDOVER, "client", None, attention, 6) in trace
+    assert trace[-1] == ("stats", 0, 2, 0, 2)
