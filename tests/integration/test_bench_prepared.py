@@ -92,5 +92,7 @@ def test_engine_options_are_checked():
     bad = run_bench("--engine", "mysql", "--only", "ps,bogus", timeout=50)
     assert bad.returncode == 2
     assert "--only: unknown bogus; choose from text, ps, ps-over" in bad.stderr
-    stray = run_bench("--engine", "tds", "--ps", "--targets", "direct", timeout=50)
-    assert stray.returncode == 2 and "unrecognized arguments: --targets direct" in stray.stderr
+    stray = run_bench("--engine", "tds", "--ps", "--scale", "5", timeout=50)
+    assert stray.returncode == 2 and "unrecognized arguments: --scale 5" in stray.stderr
+    targets = run_bench("--engine", "tds", "--targets", "direct", timeout=50)
+    assert targets.returncode == 2 and "--targets: choose from direct, multiproxy, multiproxy-c" in targets.stderr
