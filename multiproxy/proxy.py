@@ -196,11 +196,7 @@ class Proxy:
         """Count `session` as a client of `rt` from `source` and serve it with `run` (Session.run for a client accepted
         here, Session.resume for one a takeover brought). True when the session parked: it stays counted until its
         client leaves (client_left)."""
-        rt.connections += 1
-        self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
-        self.sessions.add(session)
-        if self.balance is not None:
-            self.balance.publish(self.worker, len(self.sessions))
+        self.client_came(rt, session, source)
         parked = False
         try:
             parked = run()
@@ -208,6 +204,14 @@ class Proxy:
             if not parked:
                 self.client_left(session)
         return parked
+
+    def client_came(self, rt: ListenerRuntime, session: Session, source: str) -> None:
+        """The bookkeeping of a client that came (client_left undoes it)."""
+        rt.connections += 1
+        self.connections_by_address[source] = self.connections_by_address.get(source, 0) + 1
+        self.sessions.add(session)
+        if self.balance is not None:
+            self.balance.publish(self.worker, len(self.sessions))
 
     def client_left(self, session: Session) -> None:
         """The bookkeeping of a client that really left (not one whose session parked)."""

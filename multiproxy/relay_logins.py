@@ -41,7 +41,7 @@ import gevent
 from . import relay_core
 from .engine import Engine
 from .fastio import ClientSocket
-from .session import ClientTimeouts, Session
+from .session import Session
 
 log = logging.getLogger("multiproxy.relay_logins")
 KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
@@ -280,19 +280,12 @@ class LoginDoor:
     def _register(self, session, address) -> None:
         """The counts a login makes (as Session._logged_in and Proxy.serve_session make them)."""
         proxy, rt = self.proxy, self.rt
-        source = address[0] if isinstance(address, tuple) else str(address)
-        rt.connections += 1
-        proxy.connections_by_address[source] = proxy.connections_by_address.get(source, 0) + 1
-        proxy.sessions.add(session)
+        proxy.client_came(rt, session, address[0] if isinstance(address, tuple) else str(address))
         proxy.metrics.client_connections_total += 1
         session.pool.logins_total += 1
         proxy.session_started(session)
         self.logins.logins_total += 1
-        settings = proxy.config.proxy
-        limits = [x for x in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
-                              getattr(rt.cluster.pool, "query_timeout", 0.0)) if x]
-        if limits:
-            ClientTimeouts.of(proxy).watch(min(limits))
+        session.watch_timeouts()
 
     def _python_login(self, fd: int, data: bytes) -> None:
         raw = _socket.socket(fileno=fd)

@@ -460,15 +460,19 @@ class Session:
     def serve(self, woken: bool = False) -> bool:
         """Serve the client's requests until it leaves (False) or its session parks (True). `woken`: the client has
         sent something (a parked session resumed): read it before parking again."""
+        self.watch_timeouts()
+        custody = getattr(self.proxy, "custody", None)
+        if custody is not None and self.custody_slot is None:
+            custody.hold(self)
+        return self._relay(woken)
+
+    def watch_timeouts(self) -> None:
+        """The proxy's ClientTimeouts sweep runs often enough for this session's shortest client timeout, if any."""
         settings = self.proxy.config.proxy
         limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
                               getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
         if limits:
             ClientTimeouts.of(self.proxy).watch(min(limits))
-        custody = getattr(self.proxy, "custody", None)
-        if custody is not None and self.custody_slot is None:
-            custody.hold(self)
-        return self._relay(woken)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the proxy's ClientTimeouts sweep (never per request). The session's state (waiting for an answer,

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.timeout(10)
 
 
 class ParkingProxy(StubProxy):
-    """The stub proxy with the real Proxy's parking and bookkeeping: serve_session, resume_parked, client_left."""
+    """The stub proxy with the real Proxy's parking and bookkeeping: serve_session, resume_parked, client_came and
+    client_left."""
 
     serve_session = Proxy.serve_session
+    client_came = Proxy.client_came
     client_left = Proxy.client_left
     resume_parked = Proxy.resume_parked
     _serve_resumed = Proxy._serve_resumed
