@@ -98,6 +98,20 @@ typedef struct {
     int arg;            /* boundary status byte, or the type of a stop / malformed frame, or -1 */
 } WalkResult;
 
+/* The rest of the current frame (st->remaining bytes), of which avail are here: how many are walked now. */
+static inline size_t walk_on(WalkState *st, size_t avail) {
+    size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
+    st->remaining -= take;
+    return take;
+}
+
+/* A frame of `total` bytes starts here, with avail bytes in hand: how many are walked now (the rest later). */
+static inline size_t walk_into(WalkState *st, unsigned long long total, size_t avail) {
+    size_t take = total < avail ? (size_t)total : avail;
+    st->remaining = total - take;
+    return take;
+}
+
 static inline unsigned char lower_ascii(unsigned char ch) {
     return ch >= 'A' && ch <= 'Z' ? (unsigned char)(ch + 32) : ch;
 }
@@ -281,10 +295,7 @@ static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const uns
     size_t pos = 0;
     while (pos < len) {
         if (st->remaining) {
-            size_t avail = len - pos;
-            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
-            pos += take;
-            st->remaining -= take;
+            pos += walk_on(st, len - pos);
             continue;
         }
         size_t avail = len - pos;
@@ -368,9 +379,7 @@ static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const uns
                 }
             }
         }
-        size_t take = total < avail ? total : avail;
-        pos += take;
-        st->remaining = total - take;
+        pos += walk_into(st, (unsigned long long)total, avail);
     }
     res.consumed = pos;
     return res;
@@ -424,10 +433,7 @@ static WalkResult walk_tds_response(const Rule *rule, WalkState *st, const unsig
     size_t pos = 0;
     while (pos < len) {
         if (st->remaining) {
-            size_t avail = len - pos;
-            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
-            pos += take;
-            st->remaining -= take;
+            pos += walk_on(st, len - pos);
             continue;
         }
         size_t avail = len - pos;
@@ -453,9 +459,7 @@ static WalkResult walk_tds_response(const Rule *rule, WalkState *st, const unsig
             res.arg = 'I';
             break;
         }
-        size_t take = total < avail ? total : avail;
-        pos += take;
-        st->remaining = total - take;
+        pos += walk_into(st, (unsigned long long)total, avail);
     }
     res.consumed = pos;
     return res;
@@ -470,10 +474,7 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
     size_t pos = 0;
     while (pos < len) {
         if (st->remaining) {
-            size_t avail = len - pos;
-            size_t take = st->remaining < avail ? (size_t)st->remaining : avail;
-            pos += take;
-            st->remaining -= take;
+            pos += walk_on(st, len - pos);
             continue;
         }
         size_t avail = len - pos;
@@ -556,9 +557,7 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
         }
         if (type >= 0 && rule->count[type])
             st->counted++;
-        size_t take = (unsigned long long)total < avail ? (size_t)total : avail;
-        pos += take;
-        st->remaining = (unsigned long long)total - take;
+        pos += walk_into(st, (unsigned long long)total, avail);
     }
     res.consumed = pos;
     return res;
