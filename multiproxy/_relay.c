@@ -37,6 +37,8 @@
  * A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed`: Parse, Bind, Describe,
  * Execute up to a Sync, served whole or not at all; see pg_batch).
  * take_idle(), take_waiting() and remove(fd) give sockets back to the caller between transactions.
+ * set_yield(True) makes the relay lend no backend by itself (a free backend goes idle, for the caller to give to
+ * whoever its pool serves first); age_waiting(limit) gives back the clients that waited `limit` calls for a backend.
  *
  * Sockets stay owned (and closed) by the caller; the relay never closes a file descriptor it was given.
  */
@@ -752,6 +754,7 @@ typedef struct Conn {
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
     int aged;                   /* starting at the last take_starting(aged_only=True) (relay logins) */
+    unsigned long ticks;        /* a waiting client: age_waiting() calls since it began to wait */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
@@ -779,6 +782,7 @@ typedef struct {
     int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
     int signaled, stopping, thread_started;
     int hold_stops;             /* a linked client's stop frame waits for the transaction's end, then it alone goes */
+    int yielding;               /* set_yield(True): no backend is lent by the relay itself; free ones go idle */
     pthread_t thread;
     pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
     Rule rules[2];              /* by role: client -> backend, backend -> client */
@@ -983,9 +987,10 @@ static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
     r->n_linked_clients++;
 }
 
-/* A backend is free: to the first waiting client (which then forwards what it holds), or to the idle list. */
-static void release_backend(RelayObject *r, Conn *b) {
-    Conn *client = r->wait_head;
+/* A backend is free: with `lend`, to the first waiting client (which then forwards what it holds), else (or
+   with no client waiting) to the idle list. */
+static void release_backend(RelayObject *r, Conn *b, int lend) {
+    Conn *client = lend ? r->wait_head : NULL;
     if (client) {
         unqueue(r, client);
         link_pair(r, client, b);
@@ -1048,7 +1053,7 @@ static void pump(RelayObject *r, Conn *c) {
                         hand_over(r, EV_UNSOLICITED, c, -1);
                         return;
                     }
-                    release_backend(r, c);
+                    release_backend(r, c, !r->yielding);     /* yielding: idle, for the caller to take */
                     if (c->dead)
                         return;
                 }
@@ -1098,13 +1103,14 @@ static void pump(RelayObject *r, Conn *c) {
                 hand_over(r, EV_UNSOLICITED, c, -1);
                 return;
             }
-            if (r->idle) {
+            if (r->idle && !r->yielding) {
                 Conn *b = r->idle;
                 unqueue(r, b);
                 link_pair(r, c, b);
                 update_mask(r, b);
             } else {
                 c->waiting = 1;
+                c->ticks = 0;
                 c->next = NULL;
                 if (r->wait_tail)
                     r->wait_tail->next = c;
@@ -1449,7 +1455,7 @@ static PyObject *add_conn(RelayObject *self, PyObject *args, int role) {
         if (role == ROLE_CLIENT)
             pump(self, c);
         else if (role == ROLE_BACKEND)
-            release_backend(self, c);
+            release_backend(self, c, 1);
         events = take_events(self);
     }
     unlock_relay(self);
@@ -1704,6 +1710,61 @@ static PyObject *Relay_take_waiting(RelayObject *self, PyObject *unused) {
     return result;
 }
 
+/* set_yield(on) -> events. While on, the relay lends no backend by itself: a backend that ends a transaction goes to
+   the idle list and a client that starts a request waits, so that the caller decides where each free backend goes
+   (take_idle; add_backend still lends to the client waiting longest). Turned off: the idle backends are lent to the
+   waiting clients, longest waiting first, as if they had just come free. */
+static PyObject *Relay_set_yield(RelayObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    self->yielding = on;
+    while (!on && self->idle && self->wait_head) {
+        Conn *b = self->idle;
+        unqueue(self, b);
+        release_backend(self, b, 1);
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    return events;
+}
+
+/* age_waiting(limit) -> [(fd, bytes)]: one more tick for every client waiting for a backend (its ticks start at 0
+   when it begins to wait); those whose ticks reach `limit` are forgotten and given back, longest waiting first, with
+   their bytes not sent. The caller calls it at a steady pace to give up on clients that waited too long. */
+static PyObject *Relay_age_waiting(RelayObject *self, PyObject *arg) {
+    long limit = PyLong_AsLong(arg);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    lock_relay(self);
+    for (Conn *c = self->wait_head; c; c = c->next)
+        c->ticks++;
+    /* The queue is in the order clients began to wait, so the aged ones are its head. */
+    while (self->wait_head && (long)self->wait_head->ticks >= limit) {
+        Conn *c = self->wait_head;
+        PyObject *item = Py_BuildValue("(iy#)", c->fd, c->buf ? (const char *)c->buf + c->sent : "",
+                                       (Py_ssize_t)(c->len - c->sent));
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(item);
+        forget(self, c);
+    }
+    free_dead(self);
+    unlock_relay(self);
+    return list;
+}
+
 static PyObject *Relay_peer(RelayObject *self, PyObject *args) {
     int fd;
     if (!PyArg_ParseTuple(args, "i", &fd))
@@ -1916,6 +1977,12 @@ static PyMethodDef Relay_methods[] = {
     {"take_waiting", (PyCFunction)Relay_take_waiting, METH_NOARGS,
      "take_waiting() -> (fd, bytes) or None: forget the client that has waited longest for a backend and give it "
      "back with its bytes not yet sent."},
+    {"set_yield", (PyCFunction)Relay_set_yield, METH_O,
+     "set_yield(on) -> events: while on, no backend is lent by the relay itself (free ones go idle, for take_idle); "
+     "off: the idle backends are lent to the waiting clients."},
+    {"age_waiting", (PyCFunction)Relay_age_waiting, METH_O,
+     "age_waiting(limit) -> [(fd, bytes)]: one tick more for every waiting client; those with `limit` ticks are "
+     "forgotten and given back, longest waiting first."},
     {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
      "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
     {"activity", (PyCFunction)Relay_activity, METH_VARARGS,

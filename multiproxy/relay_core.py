@@ -44,6 +44,12 @@ client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent,
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
 client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend), or None for a backend
 or an unknown fd (the client timeouts read it); `counts()` is (idle backends, waiting clients, linked clients).
+`set_yield(on) -> events`: while on, the relay lends no backend by itself: a backend that ends a transaction goes
+to the idle list (not to the client waiting longest) and a client that starts a request waits even if a backend is
+idle, so the caller decides where every free backend goes (take_idle; add_backend still lends to the client waiting
+longest); turned off, the idle backends are lent to the waiting clients, longest waiting first. `age_waiting(limit)`
+counts one tick for every waiting client (from 0 when it began to wait) and forgets and returns, as [(fd, bytes not
+sent)] longest waiting first, those with `limit` ticks: called at a steady pace, it bounds the wait with no clock.
 
 MySQL has no frame that ends a response: a rule with `response="mysql"` (the server direction, MySQL framing) follows
 the text protocol's answers to COM_QUERY / COM_PING instead of types: OK, ERR, or a column count, column definitions,
@@ -431,7 +437,7 @@ def _mysql_eof_status(payload: bytes) -> int:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "ticks")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -439,6 +445,7 @@ class _Conn:
         self.idle = self.waiting = self.blocked = self.held = self.aged = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = self.requests = 0
+        self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
         self.sent = self.fwd = 0
@@ -471,6 +478,7 @@ class PyRelay:
                 raise ValueError("buffer_size too small for the framing rules")
         self._rules = (client, server)
         self._hold_stops = bool(hold_stops)
+        self._yielding = False          # set_yield(True): no backend is lent by the relay itself
         self._bufsize = buffer_size
         self._epoll = _epoll()
         self._conns: dict = {}
@@ -498,8 +506,27 @@ class PyRelay:
 
     def add_backend(self, fd) -> list:
         c = self._register(_Conn(fd, False, self._rules[1].copy()))
-        self._release_backend(c)
+        self._release_backend(c, True)
         return self._take_events()
+
+    def set_yield(self, on) -> list:
+        self._yielding = bool(on)
+        while not self._yielding and self._idle and self._waiting:
+            b = self._idle.pop()
+            b.idle = False
+            self._release_backend(b, True)
+        return self._take_events()
+
+    def age_waiting(self, limit) -> list:
+        limit = int(limit)
+        for c in self._waiting:
+            c.ticks += 1
+        aged = []
+        while self._waiting and self._waiting[0].ticks >= limit:   # in the order they began to wait
+            c = self._waiting[0]
+            self._forget(c)
+            aged.append((c.fd, bytes(c.buf[c.sent:])))
+        return aged
 
     def listen(self, fd, refuse=b"", refusal=b"", hangup=b"") -> list:
         if len(refuse) > 16 or len(refusal) > 16:
@@ -763,8 +790,8 @@ class PyRelay:
     def _link(self, client, backend) -> None:
         client.peer, backend.peer = backend, client
 
-    def _release_backend(self, b) -> None:
-        if self._waiting:
+    def _release_backend(self, b, lend) -> None:
+        if lend and self._waiting:
             client = self._waiting.pop(0)
             client.waiting = False
             self._link(client, b)
@@ -831,7 +858,7 @@ class PyRelay:
                         if len(c.buf) > c.fwd:
                             self._hand_over(UNSOLICITED, c, -1)
                             return
-                        self._release_backend(c)
+                        self._release_backend(c, not self._yielding)
                         if self._conns.get(c.fd) is not c:
                             return
                     continue
@@ -866,13 +893,14 @@ class PyRelay:
                     c.pending = None
                     self._hand_over(UNSOLICITED, c, -1)
                     return
-                if self._idle:
+                if self._idle and not self._yielding:
                     b = self._idle.pop()
                     b.idle = False
                     self._link(c, b)
                     self._update_mask(b)
                 else:
                     c.waiting = True
+                    c.ticks = 0
                     self._waiting.append(c)
                     self._update_mask(c)
                     return

@@ -614,6 +614,82 @@ def test_waiting_and_idle_clients_are_given_back_with_their_unsent_bytes(impl, p
     relay.close()
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_yielding_relay_lends_no_backend_by_itself(impl, pairs):
+    """set_yield(True): a backend that ends a transaction goes idle (for the caller's take_idle) instead of to the
+    client waiting; a client that starts a request waits even with a backend idle; add_backend still lends to the
+    client waiting longest; set_yield(False) lends the idle backends to the waiting clients, longest first."""
+    relay = impl[1](*walkers(impl))
+    first, second, third, backend = pairs(), pairs(), pairs(), pairs()
+    for pair in (first, second, third):
+        relay.add_client(pair.fd())
+    relay.add_backend(backend.fd())
+    first.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    second.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert relay.counts() == (0, 1, 1)
+    assert relay.set_yield(True) == []
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == []
+    assert first.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    assert relay.counts() == (1, 1, 0)          # idle, not lent to the client that waits
+    third.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert relay.counts() == (1, 2, 0)          # a new request waits too
+    assert relay.take_idle() == backend.fd()
+    assert relay.add_backend(backend.fd()) == []    # given again: to the client waiting longest
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.peer(second.fd()) == backend.fd() and relay.counts() == (0, 1, 1)
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == []
+    assert second.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    assert relay.counts() == (1, 1, 0)
+    assert relay.set_yield(False) == []         # the idle backend goes to the waiting client
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.peer(third.fd()) == backend.fd() and relay.counts() == (0, 0, 1)
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == []
+    assert third.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    first.outside.sendall(QUERY)                # not yielding: the idle backend is lent at once
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.counts() == (0, 0, 1) and relay.stats()["transactions"] == 3
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_clients_that_waited_limit_ticks_are_given_back_longest_first(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    first, second, third, backend = pairs(), pairs(), pairs(), pairs()
+    for pair in (first, second, third):
+        relay.add_client(pair.fd())
+    first.outside.sendall(QUERY)
+    second.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert relay.age_waiting(3) == [] and relay.age_waiting(3) == []
+    third.outside.sendall(QUERY + QUERY[:3])
+    assert serve(relay) == []
+    assert relay.counts() == (0, 3, 0)
+    assert relay.age_waiting(3) == [(first.fd(), QUERY), (second.fd(), QUERY)]
+    assert relay.counts() == (0, 1, 0) and relay.stats()["connections"] == 1
+    assert relay.age_waiting(3) == []           # the third: 2 ticks
+    relay.add_backend(backend.fd())             # served: its ticks end with its wait
+    assert backend.read(len(QUERY)) == QUERY
+    assert relay.age_waiting(3) == [] and relay.counts() == (0, 0, 1)
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == []
+    assert third.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    assert relay.age_waiting(1) == []           # it sent part of a header only: it does not wait
+    third.outside.sendall(QUERY[3:])
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    relay.close()
+
+
 @pytest.mark.timeout(120)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.tuples(st.just("client"), client_frames),
