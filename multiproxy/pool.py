@@ -393,8 +393,10 @@ class Pool:
 
     # ------------------------------------------------------------------ borrowing
 
-    def borrow(self, timeout: float | None = None) -> BackendConnection:
-        """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout."""
+    def borrow(self, timeout: float | None = None, lane=None) -> BackendConnection:
+        """A logged-in connection for exclusive use until `release`; waits at most the borrow timeout. `lane`: the
+        borrow of a relay lane for its waiting clients (multiproxy.relay_lanes), which waits in the same queue but
+        makes no lane give its clients to the Python path (see _wait)."""
         self.borrows_total += 1
         if self.paused:
             timeout = self._wait_resumed(self.config.borrow_timeout if timeout is None else timeout)
@@ -409,7 +411,7 @@ class Pool:
             self._discard(conn)
         if self.budget.make_room(self):
             return self._connect_borrowed()
-        return self._wait(self.config.borrow_timeout if timeout is None else timeout)
+        return self._wait(self.config.borrow_timeout if timeout is None else timeout, lane)
 
     def _wait_resumed(self, timeout: float) -> float:
         """The database is paused from the admin console: wait for RESUME, at most `timeout` seconds; returns what
@@ -448,15 +450,20 @@ class Pool:
         while self.idle:
             self._discard(self.idle.popitem()[0])
 
-    def _wait(self, timeout: float) -> BackendConnection:
+    def _wait(self, timeout: float, lane=None) -> BackendConnection:
+        """Wait in the queue (first come, first served) for a connection someone releases or a slot that comes
+        free. `lane`: a relay lane's borrow (RelayLane.pool_waiter is this waiter while it waits); its timeout is
+        not counted as a client's (the lane's clients time out on their own, RelayLane.sweep)."""
         started = time.monotonic()
         self.waited_borrows_total += 1
         waiter = AsyncResult()
         self.waiters.append(waiter)
         waiting = self.waiting_since
         waiting[waiter] = started
-        for lane in list(self.relay_lanes):
-            lane.reclaim()      # a relay lane gives back its idle backends: one may go to this waiter
+        if lane is not None:
+            lane.pool_waiter = waiter
+        for other in list(self.relay_lanes):
+            other.pool_wanted()     # the relay lanes give back their idle backends, and the free ones from now on
         try:
             result = waiter.get(timeout=timeout)
         except gevent.Timeout:
@@ -466,30 +473,39 @@ class Pool:
             raise
         finally:
             del waiting[waiter]
+            if lane is not None and lane.pool_waiter is waiter:
+                lane.pool_waiter = None
         if result is None:
             self._abandon(waiter)
             if waiter.ready() and waiter.successful():
                 result = waiter.value
         self.borrow_wait_seconds_total += time.monotonic() - started
         if result is None:
-            self.borrow_timeouts_total += 1
-            budget = self.budget
-            cap = budget.cap
-            if cap is not None and cap.full() and budget.size < self.config.max_size:
-                raise PoolTimeout(
-                    f"no database connection became free within {timeout:g} s: cluster {cap.label} holds all "
-                    f"{cap.limit} connections its clusters.{self.cluster.name}.pool.max_cluster_connections allows; "
-                    "retry, or raise max_cluster_connections or borrow_timeout")
-            whose = (f"pool {self.label}" if len(budget.pools) == 1 else
-                     f"{budget.label} (shared by its {len(budget.pools)} client variants)")
-            raise PoolTimeout(
-                f"no database connection became free within {timeout:g} s: all {self.config.max_size} connections of "
-                f"{whose} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
+            if lane is not None:
+                raise PoolTimeout("a relay lane's borrow waited its borrow timeout")
+            raise self.timeout_error(timeout)
         if type(result) is _Slot:
             return self._connect_borrowed(result)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def timeout_error(self, timeout: float) -> PoolTimeout:
+        """The error of a borrow that waited `timeout` seconds for nothing (counted as a borrow timeout); also that
+        of a relay lane's client that waited as long in its lane (RelayLane.sweep)."""
+        self.borrow_timeouts_total += 1
+        budget = self.budget
+        cap = budget.cap
+        if cap is not None and cap.full() and budget.size < self.config.max_size:
+            return PoolTimeout(
+                f"no database connection became free within {timeout:g} s: cluster {cap.label} holds all "
+                f"{cap.limit} connections its clusters.{self.cluster.name}.pool.max_cluster_connections allows; "
+                "retry, or raise max_cluster_connections or borrow_timeout")
+        whose = (f"pool {self.label}" if len(budget.pools) == 1 else
+                 f"{budget.label} (shared by its {len(budget.pools)} client variants)")
+        return PoolTimeout(
+            f"no database connection became free within {timeout:g} s: all {self.config.max_size} connections of "
+            f"{whose} are busy; retry, or raise clusters.{self.cluster.name}.pool.max_size or borrow_timeout")
 
     def _abandon(self, waiter):
         try:

@@ -34,6 +34,7 @@ answers by itself for the clients sending the same startup packet (multiproxy.re
 from __future__ import annotations
 
 import logging
+import math
 import socket as _stdsocket
 import time
 import weakref
@@ -229,7 +230,10 @@ class RelayLane:
         self.clients: dict = {}         # fd -> session
         self.backends: dict = {}        # fd -> BackendConnection
         self.quit = rules.get("quit")   # the client's goodbye, ended here (see Engine.relay_rules)
-        self.feeding = 0                # borrows under way for the lane
+        self.feeding = 0                # borrows under way for the lane (of what the pool has now)
+        self.queued = None              # the greenlet of the lane's borrow that waits in the pool's queue, or None
+        self.pool_waiter = None         # that borrow's waiter in pool.waiters while it waits there (Pool._wait)
+        self.yielding = False           # the relay's set_yield: others wait for the pool
         self.transactions_seen = 0      # the relay's count at the last sweep
         self.transactions_before = 0
         self.closed = False
@@ -294,9 +298,11 @@ class RelayLane:
 
     # -- backends
 
-    def take_backend(self, conn) -> bool:
-        """Lend `conn` (a borrowed connection between transactions) to the relay, if it may serve the lane now."""
-        if self.closed or not self._plaintext(conn) or not self._keeps(conn) or not self.engine.relay_serves(
+    def take_backend(self, conn, queued: bool = False) -> bool:
+        """Lend `conn` (a borrowed connection between transactions) to the relay, if it may serve the lane now.
+        queued: the pool's queue gave it to the lane's own borrow, so others waiting do not keep it from the lane
+        (it serves the client waiting longest at least one transaction)."""
+        if self.closed or not self._plaintext(conn) or not self._keeps(conn, queued) or not self.engine.relay_serves(
                 self.key, conn.state):
             return False
         conn.lend()
@@ -318,9 +324,18 @@ class RelayLane:
                      self.pool.label)
         return False
 
-    def _keeps(self, conn) -> bool:
+    def _keeps(self, conn, queued: bool = False) -> bool:
         pool = self.pool
-        return not (pool.waiters or pool.paused or pool.budget.over) and self._usable(conn)
+        return not ((not queued and self._others_wait()) or pool.paused or pool.budget.over) and self._usable(conn)
+
+    def _others_wait(self) -> bool:
+        """Someone waits in the pool's queue besides the lane's own borrow: a session on the Python path, or the
+        borrow of another lane (a waiter handed something has left the queue)."""
+        waiting = len(self.pool.waiters)
+        own = self.pool_waiter
+        if own is not None and not own.ready():
+            waiting -= 1
+        return waiting > 0
 
     def _give_back(self, conn) -> None:
         self._unlend(conn)
@@ -364,9 +379,33 @@ class RelayLane:
         return not (conn.closed or conn.generation != pool.generation or pool.draining or not pool.serves(conn)
                     or (lifetime and time.monotonic() - conn.created > lifetime))
 
+    def pool_wanted(self) -> None:
+        """Someone began to wait in the pool's queue (Pool._wait): unless it is the lane's own borrow, the lane
+        gives its idle backends back, and from now on each backend that ends a transaction (the relay yields), so
+        that the queue decides, first come first served, who gets it. Its clients stay in the lane."""
+        if not self.closed and self._others_wait():
+            self._set_yield(True)
+            self._give_idle_back()
+
+    def _set_yield(self, on: bool) -> None:
+        """The relay lends no backend by itself (on: free ones go idle, for _reconcile to give back) or as usual."""
+        if on != self.yielding:
+            self.yielding = on
+            events = self.relay.set_yield(on)
+            if events:
+                self._handle(events)
+
+    def _give_idle_back(self) -> None:
+        relay = self.relay
+        while not self.closed:
+            fd = relay.take_idle()
+            if fd < 0:
+                break
+            self._give_back(self.backends.pop(fd))
+
     def reclaim(self) -> None:
-        """Someone waits for the pool: the lane's idle backends go back to it, and the lane's waiting clients queue
-        there on the Python path (first come, first served with the others)."""
+        """The pool is paused or drained (or its backends use TLS): the lane's idle backends go back to it, and the
+        lane's waiting clients go to the Python path, where they wait as the pool decides."""
         if self.closed:
             return
         relay = self.relay
@@ -387,29 +426,53 @@ class RelayLane:
             self.feeding += 1
             gevent.spawn(self._borrow_for_lane)
 
-    def _borrow_for_lane(self) -> None:
+    def _queue_borrow(self) -> None:
+        """One borrow that waits in the pool's queue (first come, first served with the Python path's borrows) for
+        the lane's waiting clients; it makes the other lanes give back idle backends, never their clients."""
+        self.queued = gevent.spawn(self._borrow_for_lane, True)
+
+    def _cancel_queued(self) -> None:
+        """The lane's clients no longer wait: its borrow leaves the pool's queue (if it still waits there)."""
+        queued = self.queued
+        if queued is not None and self.pool_waiter is not None and not self.pool_waiter.ready():
+            self.queued = None
+            queued.kill(block=False)    # Pool._wait abandons its waiter (and releases what it was handed)
+
+    def _borrow_for_lane(self, queued: bool = False) -> None:
         pool = self.pool
+        failure = None
         try:
-            # Only what the pool has now: a lane never waits in the pool (its clients wait in the relay), where it
-            # would make every lane of the pool give its clients to the Python path (reclaim).
-            conn = pool.borrow() if pool.idle or pool.budget.has_room() else None
-        except (PoolTimeout, BackendUnavailable):
+            if queued:
+                conn = pool.borrow(lane=self)
+            else:
+                # Only what the pool has now (an idle connection, or room to open one).
+                conn = pool.borrow() if pool.idle or pool.budget.has_room() else None
+        except PoolTimeout:
             conn = None
+        except BackendUnavailable as exc:
+            conn, failure = None, exc
         finally:
-            self.feeding -= 1
-        if conn is None and (self.backends or self.closed):
-            self._reconcile()       # its backends serve its waiting clients in turn
+            if not queued:
+                self.feeding -= 1
+            elif self.queued is gevent.getcurrent():
+                self.queued = None
+        if conn is None:
+            if self.closed:
+                return
+            if failure is not None and not self.backends:
+                # No backend could be opened: the waiting clients get the pool's answer on the Python path.
+                while True:
+                    taken = self.relay.take_waiting()
+                    if taken is None:
+                        break
+                    fd, data = taken
+                    self._give_client_back(self.clients.pop(fd), data, "no_backend")
+                return
+            self._reconcile()       # its backends serve its waiting clients in turn, or it queues a borrow
             return
-        if conn is not None and not self._plaintext(conn):
+        if not self._plaintext(conn):
             self.pool.release(conn)
             self.reclaim()          # the waiting clients are served on the Python path; no lane serves the pool again
-            return
-        if conn is None:
-            # The client waiting longest gets the pool's answer on the Python path.
-            taken = None if self.closed else self.relay.take_waiting()
-            if taken is not None:
-                fd, data = taken
-                self._give_client_back(self.clients.pop(fd), data, "no_backend")
             return
         if not self.closed and not self.engine.relay_serves(self.key, conn.state):
             # It holds other settings: the client waiting longest is served with it on the Python path, which
@@ -423,7 +486,7 @@ class RelayLane:
             session.handed_backend = conn
             self._give_client_back(session, data, "settings")
             return
-        if not self.take_backend(conn):
+        if not self.take_backend(conn, queued):
             self.pool.release(conn)
         self._reconcile()
 
@@ -436,24 +499,33 @@ class RelayLane:
         self._reconcile()
 
     def _reconcile(self) -> None:
+        """After the relay's events: backends and borrows as the lane's waiting clients and the pool's queue want."""
         if self.closed:
             return
         pool = self.pool
-        if pool.waiters or pool.paused or pool.draining:
-            self.reclaim()      # PAUSE, a drain or another borrower: no more transactions begin in the relay
+        if pool.paused or pool.draining:
+            self.reclaim()      # PAUSE or a drain: no more transactions begin in the relay
             return
+        others = self._others_wait()
+        self._set_yield(others)
+        if others:
+            self._give_idle_back()  # to the pool's queue, first come first served (this lane's borrow included)
         idle, waiting, linked = self.relay.counts()
         if not waiting:
             return
         want = waiting - self.feeding - idle
         if want <= 0:
             return
-        room = len(pool.idle) + (max(0, pool.config.max_size - pool.budget.size) if pool.budget.has_room() else 0)
-        room -= sum(lane.feeding for lane in pool.relay_lanes)     # borrows spawned, not yet made
-        if room > 0:
-            self._feed(min(want, room))
-        elif not self.backends and not self.feeding:
-            self.reclaim()          # the pool is busy elsewhere: these clients wait for it on the Python path
+        if not others:
+            room = len(pool.idle) + (max(0, pool.config.max_size - pool.budget.size) if pool.budget.has_room() else 0)
+            room -= sum(lane.feeding for lane in pool.relay_lanes)     # borrows spawned, not yet made
+            if room > 0:
+                self._feed(min(want, room))
+                return
+        if self.queued is None and not self.feeding and (others or not self.backends):
+            # Nothing to take now: the lane waits in the pool's queue, behind whoever came first. A lane whose
+            # backends serve its clients in turn queues only when others wait too (then it yields them).
+            self._queue_borrow()
 
     def _handle(self, events) -> None:
         for kind, fd, peer_fd, rest, arg in events:
@@ -523,11 +595,21 @@ class RelayLane:
                 if data is not None:
                     del self.clients[fd]
                     self._give_client_back(session, data, "takeover", wake=False)
+        # Clients that waited the pool's borrow timeout in the relay get its error, as on the Python path: there
+        # (Session.link) with the request they sent. Ticks of this sweep's pace, so never before the timeout.
+        timeout = self.pool.config.borrow_timeout
+        for fd, data in relay.age_waiting(math.ceil(timeout / SWEEP_INTERVAL) + 1):
+            session = self.clients.pop(fd)
+            session.handed_error = self.pool.timeout_error(timeout)
+            self._give_client_back(session, data, "no_backend")
+        if not relay.counts()[1]:
+            self._cancel_queued()
         self._reconcile()
 
     def close(self) -> None:
         if self.closed:
             return
+        self._cancel_queued()
         self.closed = True
         self.watcher.stop()
         try:

@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "relay_lane", "handed_backend", "__weakref__")
+                 "relay_lane", "handed_backend", "handed_error", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -113,6 +113,7 @@ class Session:
         self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
         self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
         self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
+        self.handed_error = None          # the pool's timeout for a request that waited it out in a relay lane
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -166,6 +167,7 @@ class Session:
         if self.handed_backend is not None:         # the request it came with was answered without it
             backend, self.handed_backend = self.handed_backend, None
             self.pool.release(backend)
+        self.handed_error = None
         if not self.may_park():
             return False
         lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
@@ -646,6 +648,9 @@ class Session:
     def link(self):
         """Borrow a backend for the request just read, or answer it with an error."""
         try:
+            if self.handed_error is not None:       # its request waited the borrow timeout out in a relay lane
+                error, self.handed_error = self.handed_error, None
+                raise error
             backend = self.handed_backend
             if backend is None:
                 pool = self.pool

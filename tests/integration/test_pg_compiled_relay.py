@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 
 import asyncpg
@@ -338,7 +339,13 @@ def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
             with conn.pipeline():
                 cursors = [conn.execute(f"SELECT %s::int + %s::int -- solo {n}", (n, k)) for k in range(5)]
             assert [cur.fetchone() for cur in cursors] == [(n + k,) for k in range(5)], n
-        assert relay_transactions(proxy) - before >= rounds
+        # Not every one: when psycopg fetches before a pipeline's results came, it sends a Flush behind the Sync,
+        # which stops (Python answers it), and the client's next transaction is then served on the Python path
+        # (PostgreSQL's relay_key: a client whose last requests stopped in the extended protocol). How often
+        # depends on timing.
+        assert relay_transactions(proxy) - before >= rounds // 2, (before, relay_transactions(proxy),
+                                                                   lane_metrics(proxy))
+    solo_end = relay_transactions(proxy)
 
     def client(number: int) -> None:
         try:
@@ -374,11 +381,12 @@ def test_psycopg_pipeline_mode_gets_its_rows(pg, proxy_factory, core):
         thread.join(150)
     assert not errors, errors[:3]
     print("relayed pipelines of", clients * rounds, ":", relayed, lane_metrics(proxy))
-    # Six clients on two backends: most pipelines run in the relay, but once Python-path clients queue in the pool
-    # the lanes give way to them (pool_wanted; docs/architecture.md, "Compiled relay mode": whenever someone else
-    # waits for the pool), and under machine load that can last; what must hold here is the rows, the pool size and
-    # no pins.
-    assert relayed and relayed[0] > before + rounds, relayed
+    # Six clients on two backends: most of their pipelines run in the relay (a lane's clients wait in the relay, its
+    # borrow in the pool's queue: none falls to the Python path because others wait for the pool). Not all: the
+    # Flush psycopg may send behind a Sync (above) sends the client's next pipeline to the Python path (70-100%
+    # relayed in runs on a busy 2-core machine).
+    assert relayed and relayed[0] - solo_end >= clients * rounds * 2 / 3, (solo_end, relayed)
+    assert not lane_metrics(proxy)["returns"]["pool_wanted"]
     assert server_backends(pg) <= 2
     assert not metric(metrics_text(proxy), "multiproxy_database_connections_currently_session_pinned")
 
@@ -456,3 +464,151 @@ def test_a_bind_without_parse_never_binds_another_clients_unnamed_statement(pg, 
         owner.close()
         intruder.close()
     assert server_backends(pg) <= 1
+
+
+def pool_metric(proxy, name: str) -> float:
+    return metric(metrics_text(proxy), name) or 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_twelve_clients_on_three_backends_stay_in_their_lane(pg, proxy_factory, core):
+    """Continuous short transactions of 12 clients through a pool of 3: the lane's clients wait in the relay and
+    its borrow in the pool's queue, so they are not sent to the Python path because others wait for the pool."""
+    proxy = proxy_factory(compiled_config(pg, max_size=3), env=CORES[core])
+    table = f"relay_{uuid.uuid4().hex[:8]}"
+    with direct_connect(pg) as conn:
+        conn.execute(f"CREATE TABLE {table} (client int, n int)")
+        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    clients, seconds = 12, 4.0
+    errors, done = [], {}
+    ready = threading.Barrier(clients + 1, timeout=60)
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        n = 0
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                ready.wait()
+                while not stop.is_set():
+                    simple_query(conn, f"INSERT INTO {table} VALUES ({number}, {n})")
+                    n += 1
+                    got = simple_query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}")
+                    assert got == [(n,)], (number, n, got)
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+        done[number] = n
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    before = lane_metrics(proxy)
+    sizes = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sizes.append(server_backends(pg))
+        time.sleep(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    lanes = lane_metrics(proxy)
+    statements = 2 * sum(done.values())
+    relayed = lanes["transactions_total"] - (before["transactions_total"] or 0)
+    print(f"{statements} statements, {relayed} relayed; pool sizes {sorted(set(sizes))}; {lanes}")
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == sum(done.values())
+    assert statements >= clients * 10, done
+    assert max(sizes) <= 3 and server_backends(pg) <= 3, sizes
+    assert relayed >= statements * 0.8, (statements, relayed, lanes)
+    assert (lanes["returns"]["pool_wanted"] or 0) <= 2, lanes
+    assert not lanes["returns"]["no_backend"], lanes
+    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_a_lane_client_gets_the_pools_timeout_when_others_hold_every_backend(pg, proxy_factory, core):
+    config = compiled_config(pg, max_size=2)
+    config["clusters"]["main"]["pool"]["borrow_timeout"] = 1.0
+    proxy = proxy_factory(config, env=CORES[core])
+    holders = [psycopg_connect(proxy, autocommit=True) for _ in range(2)]
+    waiter = psycopg_connect(proxy, autocommit=True)
+    try:
+        assert simple_query(waiter, "SELECT 1") == [(1,)]         # served in its lane
+        for conn in holders:
+            simple_query(conn, "BEGIN")
+            simple_query(conn, "SELECT 1")                         # each holds one of the 2 backends
+        assert wait_for(lambda: lane_metrics(proxy)["clients"] == 1), lane_metrics(proxy)
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as caught:
+            simple_query(waiter, "SELECT 2")
+        waited = time.monotonic() - started
+        assert "no database connection became free within 1 s" in str(caught.value), caught.value
+        assert 0.9 <= waited <= 4.0, waited
+        assert lane_metrics(proxy)["returns"]["no_backend"] == 1
+        # the Python path's own count of borrow timeouts counts it, as it would count a waiter of its own
+        assert pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total") == 1
+        for conn in holders:
+            simple_query(conn, "COMMIT")
+        assert simple_query(waiter, "SELECT 3") == [(3,)]          # the same client, served again
+    finally:
+        for conn in holders + [waiter]:
+            conn.close()
+    assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, proxy_factory, core):
+    """Lane clients that always have a request waiting do not hoard the backends: each one that ends a transaction
+    goes to the pool's queue while a session on the Python path waits there (first come, first served)."""
+    config = compiled_config(pg, max_size=2)
+    config["clusters"]["main"]["pool"]["borrow_timeout"] = 10.0
+    proxy = proxy_factory(config, env=CORES[core])
+    busy, errors, latencies = 8, [], []
+    stop = threading.Event()
+    ready = threading.Barrier(busy + 1, timeout=60)
+
+    def lane_client() -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                ready.wait()
+                while not stop.is_set():
+                    assert simple_query(conn, "SELECT count(*) FROM pg_sleep(0.005)") == [(1,)]
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lane_client) for _ in range(busy)]
+    for thread in threads:
+        thread.start()
+    try:
+        with psycopg_connect(proxy, autocommit=True) as conn:
+            ready.wait()
+            before = lane_metrics(proxy)["transactions_total"] or 0
+            deadline, n = time.monotonic() + 3.0, 0
+            while time.monotonic() < deadline:
+                # BEGIN stops in the relay and is answered lazily; the first statement of the transaction borrows on
+                # the Python path, queued in the pool behind the lane's own borrow
+                simple_query(conn, "BEGIN")
+                started = time.monotonic()
+                assert simple_query(conn, f"SELECT {n}") == [(n,)]
+                latencies.append(time.monotonic() - started)
+                simple_query(conn, "COMMIT")
+                n += 1
+                time.sleep(0.02)
+            relayed = (lane_metrics(proxy)["transactions_total"] or 0) - before
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not errors, errors[:3]
+    lanes = lane_metrics(proxy)
+    latencies.sort()
+    print(f"{len(latencies)} transactions on the Python path, first statement latencies: median {latencies[len(latencies) // 2]:.3f} s, max {latencies[-1]:.3f} s; {relayed} "
+          f"relayed meanwhile; {lanes}")
+    assert latencies[-1] < 2.0, latencies                  # its borrow_timeout is 10 s
+    assert relayed >= 100, relayed                          # the lane went on serving its clients meanwhile
+    assert (lanes["returns"]["pool_wanted"] or 0) <= 2, lanes
+    assert server_backends(pg) <= 2
