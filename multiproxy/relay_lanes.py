@@ -17,13 +17,29 @@ connection or room for one, and a session leaving the Python path may hand the l
 (`offer_backend`). A lane's backends are the pool's `lent` connections: they count in its size, so max_size, the
 budget and the cluster cap hold, and as borrowed or idle as the relay has them (`Pool.borrowed`, `Pool.idle_count`,
 SHOW POOLS, /metrics); their reader greenlets are stopped while the relay serves them (`BackendConnection.lend`).
-Whenever someone else waits for the pool (`Pool._wait` calls `reclaim`), the pool is paused or drained, or a backend is of an
-older generation, past its lifetime or on a node that left the role, the lane gives its idle backends back and
-lets its waiting clients queue in the pool on the Python path. A lane with no transaction in a sweep gives its idle
-backends back, so the pool's idle timeout and min_size rule them as before. The relay moves the protocol's own bytes:
-a pool whose backend connections turn out to use TLS ([clusters.*.backend] tls = prefer with a server that offers it,
+
+The pool's queue is first come, first served for lanes and sessions alike. A lane whose clients wait with nothing
+to take now (no idle backend, nothing idle in the pool, no room) does not send them to the Python path: it queues
+one borrow in the pool's queue (`Pool.borrow(lane=...)`, a real waiter in `pool.waiters`; while others wait it does
+so even when its own backends serve its clients in turn), and its clients keep waiting in the relay. A backend that
+borrow gets serves the lane's client waiting longest (`take_backend(queued=True)`), at least one transaction.
+Whenever someone besides the lane's own borrow waits in the queue (a session on the Python path, another lane's
+borrow: `Pool._wait` calls `pool_wanted` on every lane, `_reconcile` looks again after every relay event), the lane
+gives back its idle backends and turns the relay's `set_yield` on: a backend that ends a transaction then goes idle
+instead of to the lane's next waiting client, and `_reconcile` gives it to the pool, whose queue decides who gets
+it; `set_yield` goes off once nobody else waits, and the lane serves its clients with its backends as before. A lane
+borrow never makes a lane give its clients to the Python path. A client that has waited the pool's
+`borrow_timeout` in the relay (`Relay.age_waiting`, one tick per sweep) goes to the Python path with the pool's
+timeout error (`Session.handed_error`), which answers its request with it in its protocol, as the pool answers a
+waiter of its own; a lane borrow that cannot open a backend (BackendUnavailable) sends its waiting clients to the
+Python path, whose borrow reports it (both "no_backend").
+
+While the pool is paused or drained, or its backends turn out to use TLS, the lane gives its idle backends back and
+its waiting clients to the Python path ("pool_wanted"); a backend of an older generation, past its lifetime or on a
+node that left the role goes back at the next sweep. A lane with no transaction in a sweep gives its idle backends
+back, so the pool's idle timeout and min_size rule them as before. The relay moves the protocol's own bytes: a pool
+whose backend connections turn out to use TLS ([clusters.*.backend] tls = prefer with a server that offers it,
 require, ...) is not served by lanes from its first such backend on, and its clients stay on the Python path.
-backends back, so the pool's idle timeout and min_size rule them as before.
 
 A client's goodbye (the engine's "quit" bytes: PostgreSQL's Terminate) stopped between transactions ends its session
 in the lane's event handler (`Session.finish`, as the Python path would after reading it), with no greenlet.
@@ -112,7 +128,7 @@ class RelayLanes:
 
     def offer_backend(self, session, backend) -> bool:
         """A session on the Python path releases `backend` at a transaction's end: its lane takes it (True) when
-        the backend serves the lane's clients as it is and nobody else waits for the pool."""
+        the backend serves the lane's clients as it is and nobody else (besides the lane's own borrow) waits in the pool's queue."""
         key = self.eligible_key(session)
         if key is None:
             return False

@@ -134,9 +134,13 @@ def test_psycopg_clients_keep_their_rows_settings_and_pins_right(pg, proxy_facto
     assert not metric(text, "multiproxy_database_connections_currently_session_pinned")
     assert server_backends(pg) <= 3
     lanes = lane_metrics(proxy)
+    print("relay lanes after the psycopg clients:", lanes)
     # SET and BEGIN went through Python; afterwards each client has a key of its own (its application_name), so
-    # the lanes of the pool compete for 3 backends and most of the rest runs on the Python path (pool_wanted)
+    # the lanes of the pool compete for 3 backends through the pool's queue: a backend holding another client's
+    # settings serves on the Python path, which replays them (settings); no lane gives its clients to the Python
+    # path because others wait for the pool (pool_wanted)
     assert lanes["returns"]["stopped"] >= clients * 2, lanes
+    assert not lanes["returns"]["pool_wanted"], lanes
 
 
 @pytest.mark.timeout(120)

@@ -54,7 +54,7 @@ def test_more_clients_than_backends_run_in_the_relay_with_rows_right(lab, proxy_
     clients, rounds = 10, 30
     errors = []
     # pymssql's connect sends SET options and USE, which the Python path serves: the SELECTs start once every client
-    # is connected (while sessions wait for the pool, the lanes give their backends to it: relay_lanes.reclaim)
+    # is connected (while sessions wait for the pool, the lanes give their free backends to it: RelayLane.pool_wanted)
     connected, selected = threading.Barrier(clients, timeout=60), threading.Barrier(clients, timeout=120)
 
     def client(number: int) -> None:
