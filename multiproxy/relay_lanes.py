@@ -128,7 +128,8 @@ class RelayLanes:
 
     def offer_backend(self, session, backend) -> bool:
         """A session on the Python path releases `backend` at a transaction's end: its lane takes it (True) when
-        the backend serves the lane's clients as it is and nobody else (besides the lane's own borrow) waits in the pool's queue."""
+        the backend serves the lane's clients as it is and nobody else (besides the lane's own borrow) waits in the
+        pool's queue."""
         key = self.eligible_key(session)
         if key is None:
             return False

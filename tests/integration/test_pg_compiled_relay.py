@@ -610,8 +610,8 @@ def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, prox
     assert not errors, errors[:3]
     lanes = lane_metrics(proxy)
     latencies.sort()
-    print(f"{len(latencies)} transactions on the Python path, first statement latencies: median {latencies[len(latencies) // 2]:.3f} s, max {latencies[-1]:.3f} s; {relayed} "
-          f"relayed meanwhile; {lanes}")
+    print(f"{len(latencies)} transactions on the Python path, first statement latencies: median "
+          f"{latencies[len(latencies) // 2]:.3f} s, max {latencies[-1]:.3f} s; {relayed} relayed meanwhile; {lanes}")
     assert latencies[-1] < 2.0, latencies                  # its borrow_timeout is 10 s
     assert relayed >= 100, relayed                          # the lane went on serving its clients meanwhile
     assert (lanes["returns"]["pool_wanted"] or 0) <= 2, lanes
