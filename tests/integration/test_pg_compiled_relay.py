@@ -242,7 +242,8 @@ def test_a_client_leaving_mid_transaction_and_a_malformed_message(pg, proxy_fact
 # -- the extended protocol of the unnamed statement (Parse/Bind/Describe/Execute...Sync batches) in the relay
 # "twin": the proxy's relay lanes run on relay_core's pure-Python twin (MULTIPROXY_RELAY_CORE=python)
 
-CORES = {"c": {}, "twin": {"MULTIPROXY_RELAY_CORE": "python"}}
+# the core of each parameter, whatever MULTIPROXY_RELAY_CORE the tests run with ("": the compiled one when built)
+CORES = {"c": {"MULTIPROXY_RELAY_CORE": ""}, "twin": {"MULTIPROXY_RELAY_CORE": "python"}}
 
 def relay_transactions(proxy) -> float:
     return lane_metrics(proxy)["transactions_total"] or 0
