@@ -690,6 +690,72 @@ def test_clients_that_waited_limit_ticks_are_given_back_longest_first(impl, pair
     relay.close()
 
 
+def run_yield_scenario(impl, steps) -> list:
+    """Play steps into a relay with three clients and one backend: ("send", i) client i sends a Query, ("answer",)
+    the backend answers and ends the transaction, ("yield", on) set_yield, ("take",) take_idle and, when one was
+    idle, add_backend again, ("age", limit) age_waiting; record what each call returns, what reached each far end
+    and the counts after every step."""
+    relay = impl[1](*walkers(impl))
+    pairs = [Pair() for _ in range(4)]
+    backend = pairs[3]
+    names = {pair.fd(): f"c{i}" for i, pair in enumerate(pairs[:3])}
+    names[backend.fd()], names[-1] = "backend", None
+    for pair in pairs:
+        pair.outside.setblocking(False)
+    trace = []
+
+    def named(events):
+        return [(kind, names[fd], names[peer], rest, arg) for kind, fd, peer, rest, arg in events]
+
+    try:
+        relay.add_backend(backend.fd())
+        for pair in pairs[:3]:
+            relay.add_client(pair.fd())
+        for step in steps:
+            if step[0] == "send":
+                pairs[step[1]].outside.sendall(QUERY)
+            elif step[0] == "answer":
+                backend.outside.sendall(RESULT + READY_IDLE)
+            elif step[0] == "yield":
+                trace.append(("yield", named(relay.set_yield(step[1]))))
+            elif step[0] == "take":
+                fd = relay.take_idle()
+                trace.append(("take", names.get(fd)))
+                if fd >= 0:
+                    trace.append(("add", named(relay.add_backend(fd))))
+            else:
+                trace.append(("age", [(names[fd], rest) for fd, rest in relay.age_waiting(step[1])]))
+            for _ in range(3):
+                trace.append(("run", named(relay.run_ready())))
+            for pair in pairs:
+                try:
+                    trace.append(("bytes", names[pair.fd()], pair.outside.recv(1 << 20)))
+                except BlockingIOError:
+                    pass
+            trace.append(("counts", relay.counts(), relay.stats()["transactions"]))
+    finally:
+        relay.close()
+        for pair in pairs:
+            pair.close()
+    return trace
+
+
+yield_steps = st.lists(st.one_of(st.tuples(st.just("send"), st.integers(min_value=0, max_value=2)),
+                                 st.just(("answer",)), st.tuples(st.just("yield"), st.booleans()),
+                                 st.just(("take",)), st.tuples(st.just("age"), st.integers(min_value=1, max_value=3))),
+                       max_size=16)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(yield_steps)
+def test_c_and_python_relays_agree_on_yielding_and_aging(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert run_yield_scenario((_relay.Walker, _relay.Relay), steps) == run_yield_scenario((rc.PyWalker, rc.PyRelay),
+                                                                                          steps)
+
+
 @pytest.mark.timeout(120)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.tuples(st.just("client"), client_frames),
