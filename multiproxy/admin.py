@@ -257,7 +257,7 @@ class Console:
         rows = []
         now = time.monotonic()
         for pool in self._pools():
-            waiting = len(pool.waiters) + pool.paused_waiting
+            waiting = pool.waiting_count + pool.paused_waiting
             longest = now - min(pool.waiting_since.values()) if pool.waiting_since else 0.0
             clients = by_pool.get(id(pool), 0)
             rows.append([pool.database, pool.user, max(0, clients - waiting), waiting, 0, 0, pool.borrowed, 0, 0,

@@ -155,7 +155,7 @@ class ProxyCollector:
             lv = [pool.cluster.name, pool.role, pool.user, pool.database, pool.variant_name]
             conns.add_metric(lv, pool.size)
             borrowed.add_metric(lv, pool.borrowed)
-            waiting.add_metric(lv, len(pool.waiters))
+            waiting.add_metric(lv, pool.waiting_count)
             requests.add_metric(lv, pool.borrows_total + getattr(pool, "relay_transactions", 0))
             failed.add_metric(lv, pool.connect_failures_total)
             opened.add_metric(lv, pool.connects_total)
@@ -240,7 +240,7 @@ def status_snapshot(proxy) -> dict:
         # A pool's max_size is its budget's, shared with the other variants of its (cluster, role, user, database):
         # `budget` names it and `budget_size` counts the connections of all of them.
         "pools": [{"pool": pool.label, "size": pool.size, "idle": pool.idle_count, "borrowed": pool.borrowed,
-                   "waiting": len(pool.waiters), "max_size": pool.config.max_size, "budget": pool.budget.label,
+                   "waiting": pool.waiting_count, "max_size": pool.config.max_size, "budget": pool.budget.label,
                    "budget_size": pool.budget.size}
                   for pool in proxy.pools.values()],
         "pins": {cluster: {"now": dict(policy.pinned_now), "detected_total": dict(policy.detected_total)}

@@ -387,6 +387,14 @@ class Pool:
         return len(self.idle)
 
     @property
+    def waiting_count(self) -> int:
+        """Transactions waiting for a connection: the borrows in the queue, and the clients waiting in its relay
+        lanes (counted instead of their lane's own borrow in the queue, RelayLane.waiting_clients)."""
+        if self.relay_lanes:
+            return len(self.waiters) + sum(lane.waiting_clients() for lane in self.relay_lanes)
+        return len(self.waiters)
+
+    @property
     def connections(self) -> set[BackendConnection]:
         """Every open connection, idle or borrowed (relay lanes' too)."""
         return self.in_use.union(self.idle, self.lent)

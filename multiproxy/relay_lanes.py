@@ -372,6 +372,14 @@ class RelayLane:
         """Backends serving a client in the relay now."""
         return 0 if self.closed else self.relay.counts()[2]
 
+    def waiting_clients(self) -> int:
+        """Clients waiting in the relay for a backend, less the lane's own borrow in the pool's queue (counted
+        there): what the lane adds to Pool.waiting_count."""
+        if self.closed:
+            return 0
+        own = self.pool_waiter
+        return self.relay.counts()[1] - (1 if own is not None and not own.ready() else 0)
+
     def idle(self) -> int:
         """Backends idle in the relay now."""
         return 0 if self.closed else self.relay.counts()[0]

@@ -158,8 +158,9 @@ class Sampler:
         clients = collections.Counter(id(s.pool) for s in list(proxy.sessions) if s.pool is not None)
         pools = {}
         for pool in list(proxy.pools.values()):
-            pools[pool.label] = (clients.get(id(pool), 0), pool.size, pool.idle_count, pool.borrowed, len(pool.waiters),
-                                 pool.borrows_total, pool.waited_borrows_total, pool.borrow_wait_seconds_total)
+            pools[pool.label] = (clients.get(id(pool), 0), pool.size, pool.idle_count, pool.borrowed,
+                                 pool.waiting_count, pool.borrows_total, pool.waited_borrows_total,
+                                 pool.borrow_wait_seconds_total)
         listeners = {rt.config.name: rt.connections for rt in proxy.listeners}
         if self.workers > 1 and self._sock is not None:
             if self.worker != 0:
@@ -252,7 +253,7 @@ def collect(proxy, sampler: Sampler | None) -> dict:
         longest = time.monotonic() - min(pool.waiting_since.values()) if getattr(pool, "waiting_since", None) else 0.0
         pools.append({"pool": pool.label, "cluster": pool.cluster.name, "role": pool.role, "user": pool.user,
                       "database": pool.database, "clients": clients.get(id(pool), 0), "size": pool.size,
-                      "idle": pool.idle_count, "borrowed": pool.borrowed, "waiting": len(pool.waiters),
+                      "idle": pool.idle_count, "borrowed": pool.borrowed, "waiting": pool.waiting_count,
                       "max_size": pool.config.max_size, "longest_wait": round(longest, 3), "borrow_wait": waits,
                       "series": sampler.series(pool.label) if sampler is not None else []})
     listeners = [{"name": rt.config.name, "engine": rt.engine.name, "listen": "%s:%d" % tuple(rt.config.listen),

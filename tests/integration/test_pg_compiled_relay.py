@@ -546,10 +546,16 @@ def test_a_lane_client_gets_the_pools_timeout_when_others_hold_every_backend(pg,
             simple_query(conn, "BEGIN")
             simple_query(conn, "SELECT 1")                         # each holds one of the 2 backends
         assert wait_for(lambda: lane_metrics(proxy)["clients"] == 1), lane_metrics(proxy)
+        seen = []       # while it waits in its lane, the pool counts it as a transaction waiting (not its borrow)
+        sampler = threading.Timer(0.5, lambda: seen.append(
+            metric(metrics_text(proxy), "multiproxy_database_connection_requests_waiting")))
+        sampler.start()
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError) as caught:
             simple_query(waiter, "SELECT 2")
         waited = time.monotonic() - started
+        sampler.join()
+        assert seen == [1.0], seen
         assert "no database connection became free within 1 s" in str(caught.value), caught.value
         assert 0.9 <= waited <= 4.0, waited
         assert lane_metrics(proxy)["returns"]["no_backend"] == 1

@@ -132,6 +132,10 @@ class FakePool:
     def idle_count(self):
         return len(self.idle)
 
+    @property
+    def waiting_count(self):
+        return len(self.waiters)
+
 
 def test_sampler_keeps_a_bounded_ring_and_approximates_borrow_percentiles():
     pool = FakePool("p")
