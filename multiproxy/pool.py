@@ -471,7 +471,10 @@ class Pool:
         if lane is not None:
             lane.pool_waiter = waiter
         for other in list(self.relay_lanes):
-            other.pool_wanted()     # the relay lanes give back their idle backends, and the free ones from now on
+            try:
+                other.pool_wanted()     # the relay lanes give back their idle backends, and the free ones from now on
+            except Exception:  # a lane's failure must not leave this waiter queued with nobody waiting on it
+                log.exception("pool %s: a relay lane failed to give its backends back", self.label)
         try:
             result = waiter.get(timeout=timeout)
         except gevent.Timeout:
