@@ -216,9 +216,10 @@ class ProxyCollector:
             yield c
             c = CounterMetricFamily(PREFIX + "relay_lane_returns", "Clients the compiled relay gave back to the "
                                     "Python path, by why: stopped (a request its engine must see), malformed, closed "
-                                    "(the connection ended), connection_lost (its backend's), pool_wanted (someone "
-                                    "else waited for the pool), no_backend, settings (the backend it got holds "
-                                    "other settings: Python replays them), takeover", labels=["why"])
+                                    "(the connection ended), connection_lost (its backend's), pool_wanted (the pool "
+                                    "paused or drained, or its backends use TLS), no_backend (none could be opened, "
+                                    "or it waited the borrow timeout), settings (the backend it got holds other "
+                                    "settings: Python replays them), takeover", labels=["why"])
             for why, count in sorted(lanes.returns.items()):
                 c.add_metric([why], count)
             yield c

@@ -477,9 +477,11 @@ def pool_metric(proxy, name: str) -> float:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("core", sorted(CORES))
-def test_twelve_clients_on_three_backends_stay_in_their_lane(pg, proxy_factory, core):
+@pytest.mark.parametrize("keys", [1, 2])
+def test_twelve_clients_on_three_backends_stay_in_their_lane(pg, proxy_factory, core, keys):
     """Continuous short transactions of 12 clients through a pool of 3: the lane's clients wait in the relay and
-    its borrow in the pool's queue, so they are not sent to the Python path because others wait for the pool."""
+    its borrow in the pool's queue, so they are not sent to the Python path because others wait for the pool.
+    keys=2: two lanes (two application_names) take turns with the backends through the pool's queue."""
     proxy = proxy_factory(compiled_config(pg, max_size=3), env=CORES[core])
     table = f"relay_{uuid.uuid4().hex[:8]}"
     with direct_connect(pg) as conn:
@@ -494,6 +496,8 @@ def test_twelve_clients_on_three_backends_stay_in_their_lane(pg, proxy_factory, 
         n = 0
         try:
             with psycopg_connect(proxy, autocommit=True) as conn:
+                if keys > 1:    # a tracked setting: the client's relay key (its lane) holds it
+                    simple_query(conn, f"SET application_name = 'lane{number % keys}'")
                 ready.wait()
                 while not stop.is_set():
                     simple_query(conn, f"INSERT INTO {table} VALUES ({number}, {n})")
