@@ -102,9 +102,10 @@ class RelayLanes:
         lane = self._lane(session, key)
         if lane is None:
             return False
-        if not session.proto.requests:
-            self.logins.learn(session)  # before add_client: the state it exports is the one its login left
-        session.proto.compact()
+        if not self.logins.greeting:    # (a client the relay greeted has its template's compact state already)
+            if not session.proto.requests:
+                self.logins.learn(session)  # before add_client: the state it exports is the one its login left
+            session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
         return True

@@ -33,8 +33,11 @@ moved) and every door when a takeover begins, before it hands the listening sock
 from __future__ import annotations
 
 import _socket
+import copy
+import enum
 import logging
 import time
+from collections import deque
 
 import gevent
 
@@ -52,7 +55,22 @@ class Template:
     """What a login of one startup packet on one listener gives a client, and what must hold for it to stay true."""
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
-                 "generation", "users", "listener", "proxy_config")
+                 "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx")
+
+    def client(self, engine, ctx):
+        """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
+        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where the
+        prototype holds its own context, the copy holds `ctx` (the client's key and address)."""
+        cls = self.proto_class
+        if cls is None:
+            proto = engine.resume_client(ctx, self.state)
+            proto.compact()
+            self.proto_class, self.proto_fields, self.proto_ctx = type(proto), dict(vars(proto)), ctx
+            return proto
+        proto = cls.__new__(cls)
+        own = self.proto_ctx
+        proto.__dict__ = {name: ctx if value is own else _fresh(value) for name, value in self.proto_fields.items()}
+        return proto
 
     def valid(self, proxy, rt) -> bool:
         pool = self.pool
@@ -121,6 +139,7 @@ class RelayLogins:
         t = Template()
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
+        t.proto_class = t.proto_fields = t.proto_ctx = None
         t.pool, t.facts, t.generation = pool, facts, pool.generation
         t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
         if door is None:
@@ -159,6 +178,9 @@ class LoginDoor:
         self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
         self.aged_at = time.monotonic()
         self.closed = False
+        family = self.acceptor.sock.family
+        # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
+        self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
         self.relay = relay_core.Relay(*relay_core.postgres_walkers(walker_type=relay_core.Walker))
         refuse, refusal = self.engine.relay_login_refusal
         try:
@@ -242,7 +264,7 @@ class LoginDoor:
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
-        raw = _socket.socket(fileno=fd)
+        raw = _socket.socket(*self.sock_kind, fd)
         try:
             address = raw.getpeername()
         except OSError as exc:
@@ -254,7 +276,7 @@ class LoginDoor:
             session = Session(proxy, rt, sock, address)
             session.cancel_key = self.engine.relay_login_key(data[:8])
             session.user, session.database = t.user, t.database
-            session.proto = self.engine.resume_client(session.client_context(), t.state)
+            session.proto = t.client(self.engine, session.client_context())
             session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
         except BaseException:
             raw.close()         # greeted, but nothing of it is registered: closed here, once
@@ -323,6 +345,30 @@ class LoginDoor:
         self._handle(events)
         self.acceptor.unpause(self, resume)
         log.info("listener %s: logins on the Python path again", self.rt.config.name)
+
+
+_SHARED = frozenset((str, bytes, int, float, bool, type(None), frozenset))
+
+
+def _fresh(value):
+    """`value` as a new login gets it: immutable values shared, containers copied (their items likewise), anything
+    else deep-copied, so that no client's state is another's."""
+    kind = type(value)
+    if kind in _SHARED:
+        return value
+    if kind is dict:
+        return {key: _fresh(item) for key, item in value.items()}
+    if kind is list:
+        return [_fresh(item) for item in value]
+    if kind is set:
+        return {_fresh(item) for item in value}
+    if kind is tuple:
+        return tuple(_fresh(item) for item in value)
+    if kind is deque:
+        return deque((_fresh(item) for item in value), value.maxlen)
+    if isinstance(value, enum.Enum):
+        return value
+    return copy.deepcopy(value)
 
 
 def _close_fd(fd: int) -> None:

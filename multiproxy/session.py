@@ -827,9 +827,12 @@ class Session:
 
     def close_client(self, shutdown: bool = True) -> None:
         """Close the client's connection. With `shutdown` the connection ends even where another descriptor of it
-        stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end."""
+        stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end.
+        Without worker custody no other descriptor exists, and the close alone ends it (one system call less)."""
         if self.custody_slot is not None:
             self.proxy.custody.unhold(self)
+        elif getattr(self.proxy, "custody", None) is None:
+            shutdown = False
         if self.relay_lane is not None and not self.proxy.relay_lanes.let_go(self):
             # Linked in a relay lane: the shutdown ends it there, and the lane's event finishes the session.
             try:
