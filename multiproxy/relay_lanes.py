@@ -78,8 +78,8 @@ class RelayLanes:
 
     # -- sessions
 
-    def eligible_key(self, session):
-        """The relay key of a session that may wait in a lane now, else None."""
+    def eligible_key(self, session, key=None):
+        """The relay key of a session that may wait in a lane now (`key`: known already), else None."""
         proxy = self.proxy
         if (session.backend is not None or session.pool is None or session.client_gone or session.leftover
                 or not session.transaction_mode or session.custody_slot is not None
@@ -92,17 +92,18 @@ class RelayLanes:
             return None     # its backends speak TLS: the relay moves plaintext bytes only
         if self._rules(session.engine) is None:
             return None
-        return session.proto.relay_key()
+        return session.proto.relay_key() if key is None else key
 
     def enter(self, session) -> bool:
         """Put an idle session's client into its lane (True), or leave it to the Python path (False)."""
-        key = self.eligible_key(session)
+        greeting = self.logins.greeting     # a client the relay greeted: its template's key and compact state
+        key = self.eligible_key(session, greeting and greeting.relay_key)
         if key is None:
             return False
         lane = self._lane(session, key)
         if lane is None:
             return False
-        if not self.logins.greeting:    # (a client the relay greeted has its template's compact state already)
+        if greeting is None:
             if not session.proto.requests:
                 self.logins.learn(session)  # before add_client: the state it exports is the one its login left
             session.proto.compact()

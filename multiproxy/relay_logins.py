@@ -55,21 +55,26 @@ class Template:
     """What a login of one startup packet on one listener gives a client, and what must hold for it to stay true."""
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
-                 "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx")
+                 "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
+                 "relay_key")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
-        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where the
-        prototype holds its own context, the copy holds `ctx` (the client's key and address)."""
+        it, made by copying a prototype instead of decoding the state again: the first login decodes it once (and
+        keeps its relay key). Where the prototype holds its own context, the copy holds `ctx` (the client's key and
+        address); containers are copied (see _copier), so that no client's state is another's."""
         cls = self.proto_class
         if cls is None:
             proto = engine.resume_client(ctx, self.state)
+            self.relay_key = proto.relay_key()
             proto.compact()
-            self.proto_class, self.proto_fields, self.proto_ctx = type(proto), dict(vars(proto)), ctx
+            self.proto_class, self.proto_ctx = type(proto), ctx
+            self.proto_fields = [(name, value, _copier(value)) for name, value in vars(proto).items()]
             return proto
         proto = cls.__new__(cls)
         own = self.proto_ctx
-        proto.__dict__ = {name: ctx if value is own else _fresh(value) for name, value in self.proto_fields.items()}
+        proto.__dict__ = {name: ctx if value is own else value if copy_value is None else copy_value(value)
+                          for name, value, copy_value in self.proto_fields}
         return proto
 
     def valid(self, proxy, rt) -> bool:
@@ -93,7 +98,7 @@ class RelayLogins:
         self.proxy = lanes.proxy
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
-        self.greeting = False           # a GREETED session is parking: it is no template
+        self.greeting = None            # the template of a GREETED session that is parking (it makes none)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -139,7 +144,7 @@ class RelayLogins:
         t = Template()
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
-        t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.proto_class = t.proto_fields = t.proto_ctx = t.relay_key = None
         t.pool, t.facts, t.generation = pool, facts, pool.generation
         t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
         if door is None:
@@ -286,11 +291,11 @@ class LoginDoor:
         try:
             parked = False
             if not session.leftover:
-                self.logins.greeting = True
+                self.logins.greeting = t
                 try:
                     parked = session.park()     # into its relay lane, or parked as on the Python path
                 finally:
-                    self.logins.greeting = False
+                    self.logins.greeting = None
             if not parked:
                 proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
         except BaseException:
@@ -350,25 +355,21 @@ class LoginDoor:
 _SHARED = frozenset((str, bytes, int, float, bool, type(None), frozenset))
 
 
-def _fresh(value):
-    """`value` as a new login gets it: immutable values shared, containers copied (their items likewise), anything
-    else deep-copied, so that no client's state is another's."""
+def _copier(value):
+    """How a new login gets its own `value`: None (shared: immutable), a shallow copy (a container of immutable values),
+    or a deep copy."""
     kind = type(value)
-    if kind in _SHARED:
-        return value
-    if kind is dict:
-        return {key: _fresh(item) for key, item in value.items()}
-    if kind is list:
-        return [_fresh(item) for item in value]
-    if kind is set:
-        return {_fresh(item) for item in value}
+    if kind in _SHARED or isinstance(value, enum.Enum):
+        return None
     if kind is tuple:
-        return tuple(_fresh(item) for item in value)
-    if kind is deque:
-        return deque((_fresh(item) for item in value), value.maxlen)
-    if isinstance(value, enum.Enum):
-        return value
-    return copy.deepcopy(value)
+        return None if all(_copier(item) is None for item in value) else copy.deepcopy
+    if kind is dict:
+        if all(_copier(key) is None and _copier(item) is None for key, item in value.items()):
+            return dict.copy
+    elif kind in (list, set, deque):
+        if all(_copier(item) is None for item in value):
+            return kind.copy
+    return copy.deepcopy
 
 
 def _close_fd(fd: int) -> None:
