@@ -779,6 +779,7 @@ typedef struct {
     int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
     int signaled, stopping, thread_started;
     int hold_stops;             /* a linked client's stop frame waits for the transaction's end, then it alone goes */
+    int keep_greeted;           /* relay logins: a client greeted with a key stays here as a client (listen()) */
     pthread_t thread;
     pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
     Rule rules[2];              /* by role: client -> backend, backend -> client */
@@ -1480,10 +1481,10 @@ static int copy_small(PyObject *obj, unsigned char *to, size_t *len, size_t cap,
 }
 
 static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", NULL};
-    int fd;
+    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", "keep_greeted", NULL};
+    int fd, keep_greeted = 0;
     PyObject *refuse = NULL, *refusal = NULL, *hangup = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOO", kwlist, &fd, &refuse, &refusal, &hangup))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOOp", kwlist, &fd, &refuse, &refusal, &hangup, &keep_greeted))
         return NULL;
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
@@ -1499,6 +1500,7 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
     memcpy(self->refusal, refusal_buf, refusal_len);
     self->refusal_len = refusal_len;
     memcpy(self->hangup, hangup_set, sizeof(hangup_set));
+    self->keep_greeted = keep_greeted;
     Conn *c = new_conn(self, fd, ROLE_LISTENER, NULL);
     PyObject *events = c ? take_events(self) : NULL;
     unlock_relay(self);
@@ -1746,8 +1748,11 @@ static void Relay_dealloc(RelayObject *self) {
  * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
  * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
- * greeting's template id; the relay forgets it (the caller owns it, as after any event). With no key left or no
- * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
+ * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep_greeted (listen())
+ * the client stays in the relay instead, as a client added with add_client would: data = its key alone, and what it
+ * sent after its startup packet is relayed as its first requests (the caller owns the socket from the event on, as
+ * any client's; the relay no longer closes it by itself). With no key left or no budget, the startup packet goes to
+ * the caller as a STARTUP event, as an unknown one would.
  */
 
 static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {
@@ -1772,7 +1777,7 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
         return -1;
     }
-    size_t rest = c->len - plen;
+    size_t rest = r->keep_greeted ? 0 : c->len - plen;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
     if (ev == NULL) {
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
@@ -1792,9 +1797,15 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         memcpy(ev->data + 8, c->buf + plen, rest);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
-    forget(r, c);
     r->greeted++;
     r->logins++;
+    if (r->keep_greeted) {
+        memmove(c->buf, c->buf + plen, c->len - plen);
+        c->len -= plen;
+        c->starting = c->owned = 0;
+        return 0;               /* pump walks what it sent after its startup packet */
+    }
+    forget(r, c);
     r->handed_over++;
     return -1;
 }
@@ -1923,7 +1934,8 @@ static PyMethodDef Relay_methods[] = {
      "relay, the backend serving it now, whether it waits for one; None for a backend or an unknown fd."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
-     "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
+     "listen(fd, refuse=b'', refusal=b'', hangup=b'', keep_greeted=False) -> events: accept clients on this "
+     "listening socket; keep_greeted: a client greeted with a key stays in the relay as a client."},
     {"cache_greeting", (PyCFunction)(void (*)(void))Relay_cache_greeting, METH_VARARGS | METH_KEYWORDS,
      "cache_greeting(startup, reply, key_at=-1, template=0): answer this exact startup packet with reply, in the "
      "relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed over as a "

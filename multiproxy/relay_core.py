@@ -483,6 +483,7 @@ class PyRelay:
         self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
         self._login_budget = -1
         self._logins = 0
+        self._keep_greeted = False          # relay logins: a client greeted with a key stays as a client (listen)
 
     # -- the API
 
@@ -501,10 +502,11 @@ class PyRelay:
         self._release_backend(c)
         return self._take_events()
 
-    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"") -> list:
+    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"", keep_greeted=False) -> list:
         if len(refuse) > 16 or len(refusal) > 16:
             raise ValueError("refuse, refusal: at most 16 bytes")
         self._refuse, self._refusal, self._hangup = bytes(refuse), bytes(refusal), frozenset(hangup)
+        self._keep_greeted = bool(keep_greeted)
         c = _Conn(fd, False, None)
         c.listener = socket.socket(fileno=fd)
         self._register(c)
@@ -709,8 +711,7 @@ class PyRelay:
                     return False
                 reply, key_at, template = greeting
                 if key_at >= 0:
-                    self._greet_with_key(c, size, reply, key_at, template)
-                    return False
+                    return self._greet_with_key(c, size, reply, key_at, template)
             try:
                 sent = os.write(c.fd, reply) if reply else 0
             except OSError as exc:
@@ -725,30 +726,37 @@ class PyRelay:
                 self._greeted += 1
         return True
 
-    def _greet_with_key(self, c, size, reply, key_at, template) -> None:
+    def _greet_with_key(self, c, size, reply, key_at, template) -> bool:
         """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply, then the client goes to the caller
-        as GREETED (data: its key + what it sent after the startup packet); no key or no budget: STARTUP."""
+        as GREETED (data: its key + what it sent after the startup packet), or with keep_greeted stays as a client
+        (data: its key; True: what it sent next is walked); no key or no budget: STARTUP."""
         if not self._keys or self._login_budget == 0:
             self._hand_over(STARTUP, c, 0)
-            return
+            return False
         key = self._keys[0]
         reply = reply[:key_at] + key + reply[key_at + 8:]
         try:
             sent = os.write(c.fd, reply)
         except OSError as exc:
             self._hand_over(CLOSED, c, exc.errno or 0)
-            return
+            return False
         if sent != len(reply):
             self._hand_over(CLOSED, c, errno.EAGAIN)
-            return
+            return False
         del self._keys[0]
         if self._login_budget > 0:
             self._login_budget -= 1
-        self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
-        self._forget(c)
         self._greeted += 1
         self._logins += 1
+        if self._keep_greeted:
+            self._events.append((GREETED, c.fd, -1, key, template))
+            del c.buf[:size]
+            c.starting = c.owned = False
+            return True
+        self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
+        self._forget(c)
         self._handed_over += 1
+        return False
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer

@@ -1161,6 +1161,43 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_kept_greeted_client_is_served_at_once_and_belongs_to_the_caller(impl, listener, pairs):
+    """keep_greeted (a login door inside its lane): the greeted client stays in the relay; what it sent after its
+    startup packet is relayed; its Terminate goes to the caller, who owns its socket (the relay does not close it)."""
+    relay = impl[1](*walkers(impl), hold_stops=True)
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X", keep_greeted=True)
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3)
+    relay.add_keys(struct.pack("!II", 4, 44))
+    client = connect(listener)
+    client.sendall(startup_packet(b"alice") + QUERY)
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
+        [(rc.GREETED, -1, struct.pack("!II", 4, 44), 3)]
+    fd = events[0][1]
+    serve_until(relay, lambda _: _readable(backend.outside))
+    assert backend.read(len(QUERY)) == QUERY                      # relayed with no add_client
+    assert recv_exactly(client, len(reply)) == prefix + _key_data(4, 44) + READY_IDLE
+    backend.outside.sendall(RESULT + READY_IDLE)
+    serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
+    assert recv_exactly(client, len(RESULT) + 6) == RESULT + READY_IDLE
+    assert relay.activity(fd)[0] == 1
+    stats = relay.stats()
+    assert (stats["logins"], stats["greeted"], stats["connections"], stats["idle"]) == (1, 1, 3, 1)  # + listener
+    client.sendall(TERMINATE)                                     # the caller's client: an event, not a hang-up
+    events = serve_until(relay, lambda events: events)
+    assert events == [(rc.HANDOVER, fd, -1, TERMINATE, ord("X"))]
+    os.close(fd)
+    assert client.recv(10) == b""
+    relay.close()
+    client.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_unlisten_gives_the_listener_and_the_clients_still_starting_back(impl, listener):
     relay = impl[1](*walkers(impl))
     relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
