@@ -734,6 +734,7 @@ typedef struct Greeting {
     struct Greeting *next;
     long key_at;                /* >= 0: a keyed greeting (relay logins: a fresh cancel key written here) */
     int template_id;            /* a keyed greeting's id, the arg of its GREETED events */
+    int keep;                   /* a keyed greeting's client stays in the relay as a client */
     size_t startup_len, reply_len;
     unsigned char *reply;
     unsigned char startup[];
@@ -779,7 +780,6 @@ typedef struct {
     int wakefd;                 /* threaded: in the epoll set, written to stop the thread */
     int signaled, stopping, thread_started;
     int hold_stops;             /* a linked client's stop frame waits for the transaction's end, then it alone goes */
-    int keep_greeted;           /* relay logins: a client greeted with a key stays here as a client (listen()) */
     pthread_t thread;
     pthread_mutex_t lock;       /* threaded: held by whoever touches the relay's state */
     Rule rules[2];              /* by role: client -> backend, backend -> client */
@@ -1481,10 +1481,10 @@ static int copy_small(PyObject *obj, unsigned char *to, size_t *len, size_t cap,
 }
 
 static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", "keep_greeted", NULL};
-    int fd, keep_greeted = 0;
+    static char *kwlist[] = {"fd", "refuse", "refusal", "hangup", NULL};
+    int fd;
     PyObject *refuse = NULL, *refusal = NULL, *hangup = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOOp", kwlist, &fd, &refuse, &refusal, &hangup, &keep_greeted))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OOO", kwlist, &fd, &refuse, &refusal, &hangup))
         return NULL;
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
@@ -1500,7 +1500,6 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
     memcpy(self->refusal, refusal_buf, refusal_len);
     self->refusal_len = refusal_len;
     memcpy(self->hangup, hangup_set, sizeof(hangup_set));
-    self->keep_greeted = keep_greeted;
     Conn *c = new_conn(self, fd, ROLE_LISTENER, NULL);
     PyObject *events = c ? take_events(self) : NULL;
     unlock_relay(self);
@@ -1508,11 +1507,11 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"startup", "reply", "key_at", "template", NULL};
+    static char *kwlist[] = {"startup", "reply", "key_at", "template", "keep", NULL};
     Py_buffer startup, reply;
     long key_at = -1;
-    int template_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|li", kwlist, &startup, &reply, &key_at, &template_id))
+    int template_id = 0, keep = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|lip", kwlist, &startup, &reply, &key_at, &template_id, &keep))
         return NULL;
     if (key_at < -1 || (key_at >= 0 && (size_t)key_at + 8 > (size_t)reply.len)) {
         PyBuffer_Release(&startup);
@@ -1529,6 +1528,7 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
     g->reply_len = (size_t)reply.len;
     g->key_at = key_at;
     g->template_id = template_id;
+    g->keep = keep;
     g->reply = g->startup + startup.len;
     memcpy(g->startup, startup.buf, (size_t)startup.len);
     memcpy(g->reply, reply.buf, (size_t)reply.len);
@@ -1748,7 +1748,7 @@ static void Relay_dealloc(RelayObject *self) {
  * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
  * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
- * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep_greeted (listen())
+ * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
  * the client stays in the relay instead, as a client added with add_client would: data = its key alone, and what it
  * sent after its startup packet is relayed as its first requests (the caller owns the socket from the event on, as
  * any client's; the relay no longer closes it by itself). With no key left or no budget, the startup packet goes to
@@ -1777,7 +1777,7 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
         return -1;
     }
-    size_t rest = r->keep_greeted ? 0 : c->len - plen;
+    size_t rest = g->keep ? 0 : c->len - plen;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
     if (ev == NULL) {
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
@@ -1799,7 +1799,7 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     r->queue_tail = &ev->next;
     r->greeted++;
     r->logins++;
-    if (r->keep_greeted) {
+    if (g->keep) {
         memmove(c->buf, c->buf + plen, c->len - plen);
         c->len -= plen;
         c->starting = c->owned = 0;
@@ -1934,12 +1934,11 @@ static PyMethodDef Relay_methods[] = {
      "relay, the backend serving it now, whether it waits for one; None for a backend or an unknown fd."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
-     "listen(fd, refuse=b'', refusal=b'', hangup=b'', keep_greeted=False) -> events: accept clients on this "
-     "listening socket; keep_greeted: a client greeted with a key stays in the relay as a client."},
+     "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
     {"cache_greeting", (PyCFunction)(void (*)(void))Relay_cache_greeting, METH_VARARGS | METH_KEYWORDS,
-     "cache_greeting(startup, reply, key_at=-1, template=0): answer this exact startup packet with reply, in the "
-     "relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed over as a "
-     "GREETED event whose arg is template."},
+     "cache_greeting(startup, reply, key_at=-1, template=0, keep=False): answer this exact startup packet with "
+     "reply, in the relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed "
+     "over as a GREETED event whose arg is template (keep: it stays in the relay as a client, the event tells of it)."},
     {"add_keys", (PyCFunction)Relay_add_keys, METH_O,
      "add_keys(keys) -> count: 8-byte cancel keys for keyed greetings; the count the relay holds now."},
     {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_O,

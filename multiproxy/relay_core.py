@@ -483,7 +483,6 @@ class PyRelay:
         self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
         self._login_budget = -1
         self._logins = 0
-        self._keep_greeted = False          # relay logins: a client greeted with a key stays as a client (listen)
 
     # -- the API
 
@@ -502,20 +501,19 @@ class PyRelay:
         self._release_backend(c)
         return self._take_events()
 
-    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"", keep_greeted=False) -> list:
+    def listen(self, fd, refuse=b"", refusal=b"", hangup=b"") -> list:
         if len(refuse) > 16 or len(refusal) > 16:
             raise ValueError("refuse, refusal: at most 16 bytes")
         self._refuse, self._refusal, self._hangup = bytes(refuse), bytes(refusal), frozenset(hangup)
-        self._keep_greeted = bool(keep_greeted)
         c = _Conn(fd, False, None)
         c.listener = socket.socket(fileno=fd)
         self._register(c)
         return self._take_events()
 
-    def cache_greeting(self, startup, reply, key_at=-1, template=0) -> None:
+    def cache_greeting(self, startup, reply, key_at=-1, template=0, keep=False) -> None:
         if key_at < -1 or (key_at >= 0 and key_at + 8 > len(reply)):
             raise ValueError("key_at: -1, or where 8 bytes of the reply start")
-        self._greetings[bytes(startup)] = (bytes(reply), key_at, template)
+        self._greetings[bytes(startup)] = (bytes(reply), key_at, template, bool(keep))
 
     def add_keys(self, keys) -> int:
         keys = bytes(keys)
@@ -709,9 +707,9 @@ class PyRelay:
                 if greeting is None:
                     self._hand_over(STARTUP, c, 0)
                     return False
-                reply, key_at, template = greeting
+                reply, key_at, template, keep = greeting
                 if key_at >= 0:
-                    return self._greet_with_key(c, size, reply, key_at, template)
+                    return self._greet_with_key(c, size, reply, key_at, template, keep)
             try:
                 sent = os.write(c.fd, reply) if reply else 0
             except OSError as exc:
@@ -726,9 +724,9 @@ class PyRelay:
                 self._greeted += 1
         return True
 
-    def _greet_with_key(self, c, size, reply, key_at, template) -> bool:
+    def _greet_with_key(self, c, size, reply, key_at, template, keep) -> bool:
         """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply, then the client goes to the caller
-        as GREETED (data: its key + what it sent after the startup packet), or with keep_greeted stays as a client
+        as GREETED (data: its key + what it sent after the startup packet), or with keep stays as a client
         (data: its key; True: what it sent next is walked); no key or no budget: STARTUP."""
         if not self._keys or self._login_budget == 0:
             self._hand_over(STARTUP, c, 0)
@@ -748,7 +746,7 @@ class PyRelay:
             self._login_budget -= 1
         self._greeted += 1
         self._logins += 1
-        if self._keep_greeted:
+        if keep:
             self._events.append((GREETED, c.fd, -1, key, template))
             del c.buf[:size]
             c.starting = c.owned = False

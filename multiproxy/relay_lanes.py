@@ -105,7 +105,7 @@ class RelayLanes:
             return False
         if greeting is None:
             if not session.proto.requests:
-                self.logins.learn(session)  # before add_client: the state it exports is the one its login left
+                self.logins.learn(session, lane)    # before add_client: the state it exports is the one its login left
             session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
@@ -197,7 +197,7 @@ class RelayLanes:
         for key, lane in list(self.lanes.items()):
             try:
                 lane.sweep(evacuate)
-                if not lane.clients and not lane.backends:
+                if not lane.clients and not lane.backends and lane.door is None:
                     lane.close()
                     self.closed_transactions += lane.transactions_before
                     del self.lanes[key]
@@ -235,6 +235,8 @@ class RelayLane:
         self.transactions_seen = 0      # the relay's count at the last sweep
         self.transactions_before = 0
         self.closed = False
+        self.door = None                # the login door accepting into this lane's relay (multiproxy.relay_logins)
+        self.orphans: set = set()       # client fds the relay still links whose session could not be made
         self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
         self.watcher.start(self._on_ready)
         pool.relay_lanes.append(self)
@@ -247,6 +249,12 @@ class RelayLane:
         self.clients[fd] = session
         self._handle(self.relay.add_client(fd, b""))
         self._reconcile()
+
+    def adopt(self, session) -> None:
+        """A client the relay greeted and keeps (its login door's): the session joins the lane as add_client's."""
+        session.relay_lane = self
+        self.clients[session.sock.fileno()] = session
+        self.lanes.entered_total += 1
 
     def remove_client(self, session) -> bool:
         fd = session.sock.fileno()
@@ -432,6 +440,9 @@ class RelayLane:
     # -- the relay's events
 
     def _on_ready(self) -> None:
+        door = self.door
+        if door is not None:
+            door.prepare()      # before the relay greets anyone: stale templates out, budget and keys in
         events = self.relay.run_ready()
         if events:
             self._handle(events)
@@ -458,7 +469,16 @@ class RelayLane:
             self.reclaim()          # the pool is busy elsewhere: these clients wait for it on the Python path
 
     def _handle(self, events) -> None:
+        clients, backends = self.clients, self.backends
         for kind, fd, peer_fd, rest, arg in events:
+            if peer_fd < 0 and fd not in clients and fd not in backends and fd not in self.orphans:
+                door = self.door        # a client still logging in at the door (or greeted by it: GREETED)
+                if door is not None or kind == relay_core.GREETED:
+                    if door is None:
+                        _stdsocket.socket(fileno=fd).close()    # (its door closed before the event: no session)
+                    else:
+                        door.handle(kind, fd, rest, arg)
+                    continue
             session = self.clients.pop(fd, None)
             conn = self.backends.pop(fd, None)
             if peer_fd >= 0:
@@ -478,6 +498,10 @@ class RelayLane:
                     conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
                                else "the backend closed the connection")
             if session is None:
+                if fd in self.orphans or peer_fd in self.orphans:
+                    orphan = fd if fd in self.orphans else peer_fd
+                    self.orphans.discard(orphan)
+                    _stdsocket.socket(fileno=orphan).close()
                 continue
             if conn is None and kind == relay_core.HANDOVER and rest == self.quit and rest:
                 self._quit(session)
@@ -530,6 +554,8 @@ class RelayLane:
     def close(self) -> None:
         if self.closed:
             return
+        if self.door is not None:
+            self.door.close()       # its listener goes back to the acceptor before the relay closes
         self.closed = True
         self.watcher.stop()
         try:

@@ -39,7 +39,6 @@ import logging
 import time
 from collections import deque
 
-import gevent
 
 from . import relay_core
 from .engine import Engine
@@ -56,17 +55,15 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key")
+                 "relay_key", "keep")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
-        it, made by copying a prototype instead of decoding the state again: the first login decodes it once (and
-        keeps its relay key). Where the prototype holds its own context, the copy holds `ctx` (the client's key and
+        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where the prototype holds its own context, the copy holds `ctx` (the client's key and
         address); containers are copied (see _copier), so that no client's state is another's."""
         cls = self.proto_class
         if cls is None:
             proto = engine.resume_client(ctx, self.state)
-            self.relay_key = proto.relay_key()
             proto.compact()
             self.proto_class, self.proto_ctx = type(proto), ctx
             self.proto_fields = [(name, value, _copier(value)) for name, value in vars(proto).items()]
@@ -98,7 +95,7 @@ class RelayLogins:
         self.proxy = lanes.proxy
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
-        self.greeting = None            # the template of a GREETED session that is parking (it makes none)
+        self.greeting = None            # the template of a greeted session parking into another lane (it makes none)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -118,10 +115,10 @@ class RelayLogins:
             return "stopping or handing over"
         return ""
 
-    def learn(self, session) -> None:
-        """A session that logged in on the Python path enters a lane before its first request: its login becomes a
-        template of its listener's door when it is in scope."""
-        if self.greeting:
+    def learn(self, session, lane) -> None:
+        """A session that logged in on the Python path enters `lane` before its first request: its login becomes a
+        template of its listener's door when it is in scope (a door greets into the lane it was opened in)."""
+        if self.greeting is not None:
             return
         rt = session.runtime
         proxy = self.proxy
@@ -144,12 +141,13 @@ class RelayLogins:
         t = Template()
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
-        t.proto_class = t.proto_fields = t.proto_ctx = t.relay_key = None
+        t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
         t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
         if door is None:
             try:
-                door = LoginDoor(self, rt)
+                door = LoginDoor(self, rt, lane)
             except (OSError, ValueError) as exc:
                 log.warning("listener %s: relay logins could not start (%s); logins stay on the Python path",
                             rt.config.name, exc)
@@ -168,10 +166,11 @@ class RelayLogins:
 
 
 class LoginDoor:
-    """One listener's relay that accepts and greets its clients (see the module docstring)."""
+    """One listener's logins, accepted and greeted by the relay of the lane they go into (see the module docstring)."""
 
-    def __init__(self, logins: RelayLogins, rt):
+    def __init__(self, logins: RelayLogins, rt, lane):
         self.logins = logins
+        self.lane = lane
         self.proxy = logins.proxy
         self.rt = rt
         self.acceptor = rt.acceptor
@@ -186,16 +185,11 @@ class LoginDoor:
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
-        self.relay = relay_core.Relay(*relay_core.postgres_walkers(walker_type=relay_core.Walker))
+        self.relay = lane.relay
         refuse, refusal = self.engine.relay_login_refusal
-        try:
-            self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal)
-        except BaseException:
-            self.relay.close()
-            raise
+        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal)
         self.acceptor.pause(self)
-        self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
-        self.watcher.start(self._on_ready)
+        lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
         logins.doors.add(self)
         log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
 
@@ -204,7 +198,8 @@ class LoginDoor:
         self.next_id += 1
         self.templates[t.id] = t
         self.by_startup[t.startup] = t
-        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+        t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
+        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
 
     def check(self) -> bool:
         """Drop the templates that no longer hold; close when none is left or the listener left the scope. False:
@@ -223,7 +218,7 @@ class LoginDoor:
                 del self.by_startup[t.startup]
                 del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready
             for t in self.by_startup.values():
-                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
         return True
 
     def age(self) -> None:
@@ -242,7 +237,8 @@ class LoginDoor:
         limit = rt.config.max_client_connections
         return max(0, limit - rt.connections - self.pending) if limit else -1
 
-    def _on_ready(self) -> None:
+    def prepare(self) -> None:
+        """Before its lane's relay runs (and greets): stale templates go, the budget and the keys are set."""
         if not self.check():
             return
         relay = self.relay
@@ -251,31 +247,39 @@ class LoginDoor:
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
                                                 for _ in range(KEYS_BLOCK)))
-        self._handle(relay.run_ready())
 
     def _handle(self, events) -> None:
         for kind, fd, _, data, arg in events:
-            try:
-                if kind == relay_core.GREETED:
-                    self.keys -= 1
-                    self._greeted(fd, data, arg)
-                elif kind == relay_core.CLOSED:
-                    _close_fd(fd)       # gone before it said anything the relay could not answer
-                else:
-                    self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
-            except Exception:  # one client's failure must not stop the others of the batch
-                log.exception("relay logins: client fd %d failed", fd)
+            self.handle(kind, fd, data, arg)
+
+    def handle(self, kind: int, fd: int, data: bytes, arg: int) -> None:
+        """An event of a client the relay accepted, before it became one of the lane's."""
+        try:
+            if kind == relay_core.GREETED:
+                self.keys -= 1
+                self._greeted(fd, data, arg)
+            elif kind == relay_core.CLOSED:
+                _close_fd(fd)       # gone before it said anything the relay could not answer
+            else:
+                self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
+        except Exception:  # one client's failure must not stop the others of the batch
+            log.exception("relay logins: client fd %d failed", fd)
 
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
+        """A client the relay greeted (data: its cancel key, then what it sent after its startup packet unless the
+        relay kept it) gets its session, made from the template. Kept (the template's lane is the door's): it is a
+        client of the lane already and joins it (RelayLane.adopt). Otherwise it parks, into its own lane."""
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
         raw = _socket.socket(*self.sock_kind, fd)
         try:
             address = raw.getpeername()
         except OSError as exc:
-            raw.close()         # gone already (its greeting was sent): nothing of it is registered
-            log.debug("relay logins: a greeted client left at once: %s", exc)
-            return
+            if not t.keep:
+                raw.close()     # gone already (its greeting was sent): nothing of it is registered
+                log.debug("relay logins: a greeted client left at once: %s", exc)
+                return
+            address = ("", 0)   # gone already: the relay's event for it ends the session as any client's
         try:
             sock = ClientSocket(raw)
             session = Session(proxy, rt, sock, address)
@@ -284,9 +288,16 @@ class LoginDoor:
             session.proto = t.client(self.engine, session.client_context())
             session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
         except BaseException:
-            raw.close()         # greeted, but nothing of it is registered: closed here, once
+            if not t.keep or self.relay.remove(fd) is not None:
+                raw.close()     # greeted, but nothing of it is registered: closed here, once
+            else:
+                raw.shutdown(_socket.SHUT_RDWR)     # linked already: the lane closes it at the relay's event
+                self.lane.orphans.add(raw.detach())
             raise
         self._register(session, address)
+        if t.keep:
+            self.lane.adopt(session)
+            return
         session.leftover = data[8:]
         try:
             parked = False
@@ -340,13 +351,11 @@ class LoginDoor:
         if self.closed:
             return
         self.closed = True
-        self.watcher.stop()
         self.logins.doors.discard(self)
-        relay = self.relay
-        try:
-            events = relay.unlisten()   # the relay greets only in run_ready: no GREETED event waits here
-        finally:
-            relay.close()
+        lane = self.lane
+        if lane.door is self:
+            lane.door = None
+        events = [] if lane.closed else self.relay.unlisten()   # (the relay greets only in run_ready)
         self._handle(events)
         self.acceptor.unpause(self, resume)
         log.info("listener %s: logins on the Python path again", self.rt.config.name)

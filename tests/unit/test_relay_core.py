@@ -1162,15 +1162,15 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_kept_greeted_client_is_served_at_once_and_belongs_to_the_caller(impl, listener, pairs):
-    """keep_greeted (a login door inside its lane): the greeted client stays in the relay; what it sent after its
-    startup packet is relayed; its Terminate goes to the caller, who owns its socket (the relay does not close it)."""
+    """A greeting with keep (a login door inside its lane): the greeted client stays in the relay; what it sent after
+    its startup packet is relayed; its Terminate goes to the caller, who owns its socket (the relay does not close it)."""
     relay = impl[1](*walkers(impl), hold_stops=True)
     backend = pairs()
     relay.add_backend(backend.fd())
-    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X", keep_greeted=True)
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
     prefix = pg(b"R", b"\0\0\0\0")
     reply = prefix + _key_data(0, 0) + READY_IDLE
-    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3)
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
     relay.add_keys(struct.pack("!II", 4, 44))
     client = connect(listener)
     client.sendall(startup_packet(b"alice") + QUERY)

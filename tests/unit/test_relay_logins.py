@@ -79,7 +79,7 @@ def test_a_template_makes_each_client_as_resuming_its_state_would_and_shares_not
     first.login_complete(backend_state())
     first.compact()
     t = Template()
-    t.state, t.proto_class, t.proto_fields, t.proto_ctx, t.relay_key = first.handover_state(), None, None, None, None
+    t.state, t.proto_class, t.proto_fields, t.proto_ctx = first.handover_state(), None, None, None
     assert t.state is not None
     ctx_a, ctx_b, ctx_c = (replace(first.ctx, cancel_key=(n, n)) for n in (1, 2, 3))
     made = [t.client(engine, ctx) for ctx in (ctx_a, ctx_b)]    # the first decodes, the second copies
