@@ -1749,8 +1749,8 @@ static void Relay_dealloc(RelayObject *self) {
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
  * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
  * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
- * the client stays in the relay instead, as a client added with add_client would: data = its key alone, and what it
- * sent after its startup packet is relayed as its first requests (the caller owns the socket from the event on, as
+ * the client stays in the relay instead, as a client added with add_client would: data = its key and its peer's address
+ * (a struct sockaddr as getpeername gives it; none if that failed), and what it sent after its startup packet is relayed as its first requests (the caller owns the socket from the event on, as
  * any client's; the relay no longer closes it by itself). With no key left or no budget, the startup packet goes to
  * the caller as a STARTUP event, as an unknown one would.
  */
@@ -1777,7 +1777,11 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
         return -1;
     }
-    size_t rest = g->keep ? 0 : c->len - plen;
+    struct sockaddr_storage peer;
+    socklen_t peer_len = sizeof(peer);
+    if (g->keep && getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0)
+        peer_len = 0;
+    size_t rest = g->keep ? (size_t)peer_len : c->len - plen;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
     if (ev == NULL) {
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
@@ -1794,7 +1798,7 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     ev->len = 8 + rest;
     memcpy(ev->data, key, 8);
     if (rest)
-        memcpy(ev->data + 8, c->buf + plen, rest);
+        memcpy(ev->data + 8, g->keep ? (const unsigned char *)&peer : c->buf + plen, rest);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
     r->greeted++;

@@ -50,6 +50,8 @@ class Metrics:
         self.auth_query_lookups: dict[tuple[str, str], int] = {}   # (cluster, outcome) -> count (auth_lookup)
 
     def session_closed(self, session) -> None:
+        if session.template is not None:
+            return      # greeted by the relay and never served on the Python path: it has no requests of its own
         proto = session.proto
         if proto is not None:
             requests = getattr(proto, "requests", 0)

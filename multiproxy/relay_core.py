@@ -74,6 +74,7 @@ import logging
 import os
 import select
 import socket
+import struct
 
 log = logging.getLogger("multiproxy.relay_core")
 
@@ -456,6 +457,25 @@ def _epoll():
     return make()
 
 
+def _peer_sockaddr(fd: int) -> bytes:
+    """The peer's address as a struct sockaddr (what getpeername(2) gives in C; b"" when it fails)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        host, port, *rest = sock.getpeername()
+        family = sock.family
+    except (OSError, ValueError):
+        return b""
+    finally:
+        sock.detach()
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H", port) + socket.inet_pton(family, host) + bytes(8)
+    if family == socket.AF_INET6:
+        flow, scope = rest
+        return (struct.pack("=H", family) + struct.pack("!HI", port, flow) + socket.inet_pton(family, host)
+                + struct.pack("=I", scope))
+    return b""
+
+
 class PyRelay:
     """The twin of _relay.Relay: the same rules and events, in Python. threaded is accepted for the same
     signature, but the twin always serves in run_ready(): a Python thread would hold the GIL it runs on."""
@@ -747,7 +767,7 @@ class PyRelay:
         self._greeted += 1
         self._logins += 1
         if keep:
-            self._events.append((GREETED, c.fd, -1, key, template))
+            self._events.append((GREETED, c.fd, -1, key + _peer_sockaddr(c.fd), template))
             del c.buf[:size]
             c.starting = c.owned = False
             return True

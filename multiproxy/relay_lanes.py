@@ -244,7 +244,7 @@ class RelayLane:
     # -- clients
 
     def add_client(self, session) -> None:
-        fd = session.sock.fileno()
+        fd = session.lane_fd = session.sock.fileno()
         session.relay_lane = self
         self.clients[fd] = session
         self._handle(self.relay.add_client(fd, b""))
@@ -253,11 +253,11 @@ class RelayLane:
     def adopt(self, session) -> None:
         """A client the relay greeted and keeps (its login door's): the session joins the lane as add_client's."""
         session.relay_lane = self
-        self.clients[session.sock.fileno()] = session
+        self.clients[session.lane_fd] = session
         self.lanes.entered_total += 1
 
     def remove_client(self, session) -> bool:
-        fd = session.sock.fileno()
+        fd = session.lane_fd
         if self.clients.get(fd) is not session:
             session.relay_lane = None
             return True
@@ -270,13 +270,13 @@ class RelayLane:
     def activity(self, session):
         """(requests the relay walked for the session's client, its backend's fd or -1, whether it waits for one),
         or None when the relay no longer holds it (Session.check_timeouts)."""
-        if self.closed or self.clients.get(session.sock.fileno()) is not session:
+        if self.closed or self.clients.get(session.lane_fd) is not session:
             return None
-        return self.relay.activity(session.sock.fileno())
+        return self.relay.activity(session.lane_fd)
 
     def backend_of(self, session):
         """The backend serving the session's client in the relay now, or None (for a cancel)."""
-        fd = self.relay.peer(session.sock.fileno()) if not self.closed else -1
+        fd = self.relay.peer(session.lane_fd) if not self.closed else -1
         return self.backends.get(fd)
 
     def _give_client_back(self, session, data: bytes, why: str, wake: bool = True) -> None:

@@ -36,6 +36,7 @@ import _socket
 import copy
 import enum
 import logging
+import sys
 import time
 from collections import deque
 
@@ -55,7 +56,7 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key", "keep")
+                 "relay_key", "keep", "sock_kind")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
@@ -199,6 +200,7 @@ class LoginDoor:
         self.templates[t.id] = t
         self.by_startup[t.startup] = t
         t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
+        t.sock_kind = self.sock_kind
         self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
 
     def check(self) -> bool:
@@ -268,18 +270,32 @@ class LoginDoor:
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
         """A client the relay greeted (data: its cancel key, then what it sent after its startup packet unless the
         relay kept it) gets its session, made from the template. Kept (the template's lane is the door's): it is a
-        client of the lane already and joins it (RelayLane.adopt). Otherwise it parks, into its own lane."""
+        client of the lane already and joins it (RelayLane.adopt) as a GreetedSession. Otherwise it parks, into its
+        own lane."""
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
+        if t.keep:
+            session = GreetedSession(proxy, rt, fd, t, peer_address(data[8:], self.sock_kind[0]))
+            try:
+                session.cancel_key = self.engine.relay_login_key(data[:8])
+                session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
+            except BaseException:
+                if self.relay.remove(fd) is not None:
+                    _close_fd(fd)   # greeted, but nothing of it is registered: closed here, once
+                else:
+                    _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
+                    self.lane.orphans.add(fd)
+                raise
+            self._register(session, session.address)
+            self.lane.adopt(session)
+            return
         raw = _socket.socket(*self.sock_kind, fd)
         try:
             address = raw.getpeername()
         except OSError as exc:
-            if not t.keep:
-                raw.close()     # gone already (its greeting was sent): nothing of it is registered
-                log.debug("relay logins: a greeted client left at once: %s", exc)
-                return
-            address = ("", 0)   # gone already: the relay's event for it ends the session as any client's
+            raw.close()         # gone already (its greeting was sent): nothing of it is registered
+            log.debug("relay logins: a greeted client left at once: %s", exc)
+            return
         try:
             sock = ClientSocket(raw)
             session = Session(proxy, rt, sock, address)
@@ -288,16 +304,9 @@ class LoginDoor:
             session.proto = t.client(self.engine, session.client_context())
             session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
         except BaseException:
-            if not t.keep or self.relay.remove(fd) is not None:
-                raw.close()     # greeted, but nothing of it is registered: closed here, once
-            else:
-                raw.shutdown(_socket.SHUT_RDWR)     # linked already: the lane closes it at the relay's event
-                self.lane.orphans.add(raw.detach())
+            raw.close()         # greeted, but nothing of it is registered: closed here, once
             raise
         self._register(session, address)
-        if t.keep:
-            self.lane.adopt(session)
-            return
         session.leftover = data[8:]
         try:
             parked = False
@@ -379,6 +388,92 @@ def _copier(value):
         if all(_copier(item) is None for item in value):
             return kind.copy
     return copy.deepcopy
+
+
+class GreetedSession(Session):
+    """A session whose client the relay greeted and keeps in its lane (a kept template's): its socket object, its
+    client protocol (copied from the template) are made the first time anything reads them, after which it is a plain
+    Session (its class changes); its address is the one the relay read. A client that only runs transactions in the relay and says
+    goodbye never needs them: its login and its goodbye cost the bookkeeping alone."""
+
+    __slots__ = ()
+
+    def __init__(self, proxy, runtime, fd: int, template: Template, address):
+        self.proxy = proxy
+        self.runtime = runtime
+        self.listener = runtime.config
+        self.engine = runtime.engine
+        self.pool = self.backend = self.reject = self._reset_timer = self.cancel_key = None
+        self.transaction_mode = True
+        self.client_gone = self.linked_once = False
+        self.user, self.database = template.user, template.database
+        self.leftover = b""
+        self.address = address
+        self.connected_at = time.time()
+        self.watch = self.custody_slot = self.relay_lane = self.handed_backend = None
+        self.park_mark = -1
+        self.lane_fd = fd
+        self.template = template
+
+    def whole(self) -> None:
+        """Make the socket object and the client protocol: from now on a plain Session."""
+        t = self.template
+        sock = ClientSocket(_socket.socket(*t.sock_kind, self.lane_fd))
+        self.__class__ = Session
+        self.sock, self.client_send = sock, sock.sendall
+        self.proto = t.client(self.engine, self.client_context())
+        self.template = None
+
+    def _get(name):
+        slot = getattr(Session, name)
+
+        def get(self):
+            self.whole()
+            return slot.__get__(self, Session)
+
+        def put(self, value):
+            self.whole()
+            slot.__set__(self, value)
+        return property(get, put)
+
+    sock = _get("sock")
+    proto = _get("proto")
+    client_send = _get("client_send")
+    del _get
+
+    def finish(self, handed_over: bool = False) -> None:
+        """Its client said goodbye in the relay: nothing of it was made, so nothing but its bookkeeping is undone."""
+        self.client_gone = True
+        self.proxy.session_ended(self)
+        lane = self.relay_lane
+        if lane is None or lane.remove_client(self):
+            _close_fd(self.lane_fd)
+        else:
+            _shutdown_fd(self.lane_fd)  # linked in the relay: its event ends it (RelayLane._handle)
+
+
+def peer_address(sockaddr: bytes, family: int):
+    """A struct sockaddr (the relay's getpeername) as the socket module's getpeername() gives it."""
+    if family == _socket.AF_UNIX:
+        return ""
+    if len(sockaddr) >= 8 and int.from_bytes(sockaddr[:2], sys.byteorder) == family:
+        port = int.from_bytes(sockaddr[2:4], "big")
+        if family == _socket.AF_INET:
+            return _socket.inet_ntop(family, sockaddr[4:8]), port
+        if family == _socket.AF_INET6 and len(sockaddr) >= 28:
+            return (_socket.inet_ntop(family, sockaddr[8:24]), port, int.from_bytes(sockaddr[4:8], "big"),
+                    int.from_bytes(sockaddr[24:28], sys.byteorder))
+    return "", 0
+
+
+def _shutdown_fd(fd: int) -> None:
+    sock = _socket.socket(fileno=fd)
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def _close_fd(fd: int) -> None:

@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "relay_lane", "handed_backend", "__weakref__")
+                 "relay_lane", "handed_backend", "lane_fd", "template", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -113,6 +113,8 @@ class Session:
         self.park_mark = -1               # the request count the parking sweep saw last (multiproxy.parking)
         self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
         self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
+        self.lane_fd = -1                 # its client's descriptor while a relay lane serves it
+        self.template = None              # relay logins: the template of a greeted session not made whole yet
 
     # ------------------------------------------------------------------ client greenlet
 

@@ -136,6 +136,38 @@ def test_greeted_clients_have_unique_keys_that_cancel_and_are_counted(pg, proxy_
 
 
 @pytest.mark.timeout(120)
+def test_a_greeted_client_is_whole_when_the_python_path_needs_it(pg, proxy_factory):
+    """A client the relay greeted into its lane has no socket object or client protocol until something needs them:
+    a statement the relay stops, an end without goodbye. Its address is the relay's reading."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    setter, quitter, quiet = greeted(proxy, 3)
+    ports = {socket.socket(fileno=os.dup(conn.fileno())).getsockname()[1] for conn in (setter, quitter, quiet)}
+    with connect(proxy, dbname="pgbouncer") as console:
+        with console.cursor() as cur:
+            cur.execute("SHOW CLIENTS;")
+            names = [d.name for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    assert {(r["addr"], r["port"]) for r in rows if r["database"] == AUTH_DB} == {("127.0.0.1", p) for p in ports}
+    setter.execute("SET search_path TO pg_catalog")            # stopped by the relay: served on the Python path
+    assert setter.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+    assert setter.execute("SELECT 7").fetchone() == (7,)
+    with socket.socket(fileno=os.dup(quitter.fileno())) as raw:
+        raw.shutdown(socket.SHUT_RDWR)                          # gone without a Terminate
+    assert quiet.execute("SELECT 8").fetchone() == (8,)
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"] != 2:
+        assert time.monotonic() < deadline, admin_status(proxy)
+        time.sleep(0.05)
+    for conn in (setter, quitter, quiet):
+        conn.close()
+    while admin_status(proxy)["listeners"][0]["clients"]:
+        assert time.monotonic() < deadline, admin_status(proxy)
+        time.sleep(0.05)
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
 def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
     proxy = proxy_factory(logins_config(pg))
     first_login(proxy)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multiproxy import relay_core as rc
+from multiproxy.relay_logins import peer_address
 
 try:
     from multiproxy import _relay
@@ -1162,8 +1163,8 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_kept_greeted_client_is_served_at_once_and_belongs_to_the_caller(impl, listener, pairs):
-    """A greeting with keep (a login door inside its lane): the greeted client stays in the relay; what it sent after
-    its startup packet is relayed; its Terminate goes to the caller, who owns its socket (the relay does not close it)."""
+    """A greeting with keep (a login door inside its lane): the greeted client stays in the relay (the event tells its
+    key and its address); what it sent after its startup packet is relayed; its Terminate goes to the caller, who owns its socket (the relay does not close it)."""
     relay = impl[1](*walkers(impl), hold_stops=True)
     backend = pairs()
     relay.add_backend(backend.fd())
@@ -1175,8 +1176,9 @@ def test_a_kept_greeted_client_is_served_at_once_and_belongs_to_the_caller(impl,
     client = connect(listener)
     client.sendall(startup_packet(b"alice") + QUERY)
     events = serve_until(relay, lambda events: events)
-    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
+    assert [(kind, peer, data[:8], arg) for kind, _, peer, data, arg in events] == \
         [(rc.GREETED, -1, struct.pack("!II", 4, 44), 3)]
+    assert peer_address(events[0][3][8:], socket.AF_INET) == client.getsockname()   # and where it came from
     fd = events[0][1]
     serve_until(relay, lambda _: _readable(backend.outside))
     assert backend.read(len(QUERY)) == QUERY                      # relayed with no add_client
