@@ -36,6 +36,7 @@ import _socket
 import copy
 import enum
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -183,6 +184,7 @@ class LoginDoor:
         self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
         self.aged_at = time.monotonic()
         self.closed = False
+        self.scope = ()                 # what the door's scope was last judged from (check)
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
@@ -209,7 +211,12 @@ class LoginDoor:
         if self.closed:
             return False
         proxy, rt = self.proxy, self.rt
-        if self.logins.why_not(rt) or rt not in proxy.listeners or rt.acceptor is not self.acceptor:
+        # The scope's settings change with a reload only (new config objects): judged again then, not at every wake-up.
+        scope = (proxy.config, rt.config, rt.tls_context, self.logins.lanes.relay_class)
+        if scope != self.scope:
+            self.scope = None if self.logins.why_not(rt) else scope
+        if (self.scope is None or proxy.stopping or getattr(proxy, "idle_hook", None) is not None
+                or rt.acceptor is not self.acceptor or rt not in proxy.listeners):
             self.close()
             return False
         stale = [t for t in self.by_startup.values() if not t.valid(proxy, rt)]
@@ -478,6 +485,6 @@ def _shutdown_fd(fd: int) -> None:
 
 def _close_fd(fd: int) -> None:
     try:
-        _socket.socket(fileno=fd).close()
+        os.close(fd)
     except OSError:
         pass
