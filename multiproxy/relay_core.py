@@ -22,6 +22,9 @@ or at a `hangup` frame (Terminate) between transactions, it closes them itself. 
 fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
 `set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (data: its key and
 the bytes it sent after its startup packet; arg: template); with no key or no budget its startup is a STARTUP event.
+A keyed greeting cached with `keep=True` keeps its client in the relay as a client instead (GREETED data: its key and
+its peer's struct sockaddr): the relay serves what it sends next, and still closes it at EOF or at a hangup frame
+between transactions, then with a GONE event, until the caller takes the socket over with `disown(fd)`.
 `forget_greetings()` drops every cached greeting; `take_starting(aged_only=False)` gives the clients still in their
 startup to the caller as STARTUP events (aged_only: those already starting at the previous such call, the others
 marked), and `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
@@ -78,7 +81,7 @@ import struct
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED = range(8)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE = range(9)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
@@ -432,7 +435,7 @@ def _mysql_eof_status(payload: bytes) -> int:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -443,7 +446,7 @@ class _Conn:
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
         self.sent = self.fwd = 0
-        self.owned = self.starting = False
+        self.owned = self.starting = self.report = False
         self.listener = None            # a listening socket object (listeners only)
 
 
@@ -599,12 +602,19 @@ class PyRelay:
 
     def close(self) -> None:
         for c in list(self._conns.values()):
-            if c.owned:
+            if c.owned and not c.report:
                 self._hang_up(c)
             else:
                 self._forget(c)
         self._events = []
         self._epoll.close()
+
+    def disown(self, fd) -> bool:
+        c = self._conns.get(fd)
+        known = c is not None and c.report
+        if known:
+            c.owned = c.report = False
+        return known
 
     def take_idle(self) -> int:
         if not self._idle:
@@ -686,6 +696,8 @@ class PyRelay:
             c.listener = None
 
     def _hang_up(self, c) -> None:
+        if c.report:
+            self._events.append((GONE, c.fd, -1, b"", 0))
         self._forget(c)
         os.close(c.fd)
 
@@ -769,7 +781,7 @@ class PyRelay:
         if keep:
             self._events.append((GREETED, c.fd, -1, key + _peer_sockaddr(c.fd), template))
             del c.buf[:size]
-            c.starting = c.owned = False
+            c.starting, c.report = False, True
             return True
         self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
         self._forget(c)
@@ -920,5 +932,5 @@ def _load():
 Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
-           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "MAX_STARTUP",
-           "MAX_WORDS", "MAX_WORD"]
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "GONE",
+           "MAX_STARTUP", "MAX_WORDS", "MAX_WORD"]

@@ -71,6 +71,7 @@ class RelayLanes:
         self.sweeper = None
         self.entered_total = 0          # sessions that went into a lane
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
+        self.gone_total = 0             # clients a relay closed by itself (relay logins' kept clients)
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
@@ -181,7 +182,7 @@ class RelayLanes:
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
-                "login_doors": len(logins.doors)}
+                "logins_ended": self.gone_total, "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:
@@ -471,6 +472,12 @@ class RelayLane:
     def _handle(self, events) -> None:
         clients, backends = self.clients, self.backends
         for kind, fd, peer_fd, rest, arg in events:
+            if kind == relay_core.GONE:     # a client its door greeted, closed by the relay between transactions
+                session = clients.pop(fd, None)
+                if session is not None:
+                    self.lanes.gone_total += 1
+                    session.gone()
+                continue
             if peer_fd < 0 and fd not in clients and fd not in backends and fd not in self.orphans:
                 door = self.door        # a client still logging in at the door (or greeted by it: GREETED)
                 if door is not None or kind == relay_core.GREETED:

@@ -57,7 +57,7 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key", "keep", "sock_kind")
+                 "relay_key", "keep", "sock_kind", "startup_params")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
@@ -144,6 +144,7 @@ class RelayLogins:
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
         t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.startup_params = dict(getattr(session.proto, "startup_params", None) or {})
         t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
         t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
@@ -190,7 +191,9 @@ class LoginDoor:
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
         self.relay = lane.relay
         refuse, refusal = self.engine.relay_login_refusal
-        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal)
+        # A kept client's goodbye between transactions (the lane's quit frame) closes it in the relay: a GONE event.
+        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
+                          hangup=lane.quit[:1] if lane.quit else b"")
         self.acceptor.pause(self)
         lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
         logins.doors.add(self)
@@ -423,8 +426,12 @@ class GreetedSession(Session):
         self.template = template
 
     def whole(self) -> None:
-        """Make the socket object and the client protocol: from now on a plain Session."""
+        """Make the socket object and the client protocol: from now on a plain Session (whose socket the relay no
+        longer closes by itself)."""
         t = self.template
+        lane = self.relay_lane
+        if lane is not None and not lane.closed:
+            lane.relay.disown(self.lane_fd)
         sock = ClientSocket(_socket.socket(*t.sock_kind, self.lane_fd))
         self.__class__ = Session
         self.sock, self.client_send = sock, sock.sendall
@@ -448,8 +455,16 @@ class GreetedSession(Session):
     client_send = _get("client_send")
     del _get
 
+    def gone(self) -> None:
+        """The relay closed its client (a goodbye, or its end, between transactions): only the bookkeeping is left."""
+        self.relay_lane = None
+        self.client_gone = True
+        proxy = self.proxy
+        proxy.session_ended(self)
+        proxy.client_left(self)
+
     def finish(self, handed_over: bool = False) -> None:
-        """Its client said goodbye in the relay: nothing of it was made, so nothing but its bookkeeping is undone."""
+        """Its client ends while nothing of it was made: nothing but its bookkeeping is undone, and its socket closed."""
         self.client_gone = True
         self.proxy.session_ended(self)
         lane = self.relay_lane

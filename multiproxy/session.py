@@ -183,8 +183,8 @@ class Session:
         """Called by the parking sweep (multiproxy.parking): a session that waits for its client's next request, with
         no request since the sweep before, parks (its greenlet gets Parked). `at_once`: whatever the request count (the
         backend's reader, at a transaction's end, with many sessions)."""
-        if not self.may_park() or self.sock.parked:
-            return False
+        if self.relay_lane is not None or not self.may_park() or self.sock.parked:
+            return False    # (a relay lane's client has no greenlet)
         watcher = self.sock._read_event
         waiter = getattr(watcher.callback, "__self__", None) if watcher.active else None
         if waiter is None or not hasattr(waiter, "throw"):
@@ -484,11 +484,12 @@ class Session:
         idle_transaction_timeout tells the client and closes it (its backend is closed: the server rolls back);
         idle_client_timeout, outside a transaction only (a pinned session between transactions counts), tells the
         client and closes it."""
-        proto = self.proto
-        if proto is None or self.pool is None or self.client_gone:
+        lane = self.relay_lane
+        greeted = lane is not None and self.template is not None    # relay logins: no client protocol made yet
+        proto = None if greeted else self.proto
+        if (proto is None and not greeted) or self.pool is None or self.client_gone:
             return      # still logging in (handshake_timeout's), a console client, or gone
         backend = self.backend
-        lane = self.relay_lane
         if lane is not None:
             # Served by the compiled relay: it counts the requests it walks and says whether a backend serves one
             # now (or the client waits for one); no transaction stays open there.
@@ -498,7 +499,7 @@ class Session:
             relayed, peer_fd, waiting = seen
             backend = lane.backends.get(peer_fd)
             state = "awaiting" if peer_fd >= 0 or waiting else "idle"
-            requests = (proto.requests, relayed)
+            requests = (0 if greeted else proto.requests, relayed)
         else:
             awaiting = proto.awaiting_answer() if backend is not None else False
             if awaiting:
@@ -550,7 +551,7 @@ class Session:
             limit = settings.idle_client_timeout
             if limit and now - since >= limit:
                 self.proxy.metrics.idle_timeouts += 1
-                self._close_idle(proto.error(
+                self._close_idle(self.proto.error(     # (a greeted client's is made now)
                     ErrorKind.IDLE_TIMEOUT, f"closing the connection after {limit:g} s idle (proxy.idle_client_timeout)"))
 
     def _close_idle(self, error: bytes) -> None:

@@ -164,7 +164,27 @@ def test_a_greeted_client_is_whole_when_the_python_path_needs_it(pg, proxy_facto
     while admin_status(proxy)["listeners"][0]["clients"]:
         assert time.monotonic() < deadline, admin_status(proxy)
         time.sleep(0.05)
+    # The one that left without a goodbye and the quiet one ended in the relay; the setter on the Python path.
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") == 2, proxy.log_text()
     assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
+def test_idle_client_timeout_ends_greeted_clients_with_its_error(pg, proxy_factory):
+    config = logins_config(pg, max_size=2)
+    config["proxy"]["idle_client_timeout"] = 1.0
+    proxy = proxy_factory(config)
+    first_login(proxy)
+    idle, busy = greeted(proxy, 2)
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:                      # busy keeps running statements: spared
+        assert busy.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.2)
+    with pytest.raises(psycopg.OperationalError, match="idle_client_timeout"):
+        idle.execute("SELECT 1")
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    busy.close()
+    idle.close()
 
 
 @pytest.mark.timeout(120)
