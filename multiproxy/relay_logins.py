@@ -42,7 +42,7 @@ import time
 from collections import deque
 
 
-from . import relay_core
+from . import pool as pool_module, relay_core
 from .engine import Engine
 from .fastio import ClientSocket
 from .session import Session
@@ -185,7 +185,7 @@ class LoginDoor:
         self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
         self.aged_at = time.monotonic()
         self.closed = False
-        self.scope = ()                 # what the door's scope was last judged from (check)
+        self.seen = None                # what the templates were last judged from (prepare)
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
@@ -214,12 +214,7 @@ class LoginDoor:
         if self.closed:
             return False
         proxy, rt = self.proxy, self.rt
-        # The scope's settings change with a reload only (new config objects): judged again then, not at every wake-up.
-        scope = (proxy.config, rt.config, rt.tls_context, self.logins.lanes.relay_class)
-        if scope != self.scope:
-            self.scope = None if self.logins.why_not(rt) else scope
-        if (self.scope is None or proxy.stopping or getattr(proxy, "idle_hook", None) is not None
-                or rt.acceptor is not self.acceptor or rt not in proxy.listeners):
+        if self.logins.why_not(rt) or rt not in proxy.listeners or rt.acceptor is not self.acceptor:
             self.close()
             return False
         stale = [t for t in self.by_startup.values() if not t.valid(proxy, rt)]
@@ -250,9 +245,16 @@ class LoginDoor:
         return max(0, limit - rt.connections - self.pending) if limit else -1
 
     def prepare(self) -> None:
-        """Before its lane's relay runs (and greets): stale templates go, the budget and the keys are set."""
-        if not self.check():
-            return
+        """Before its lane's relay runs (and greets): stale templates go (judged again when what they were made from
+        may have changed: a pool's login, generation or drain, a reload; or the proxy stops or hands over), the budget
+        and the keys are set."""
+        proxy, rt = self.proxy, self.rt
+        seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
+        if (seen != self.seen or proxy.stopping or rt.acceptor is not self.acceptor
+                or getattr(proxy, "idle_hook", None) is not None):
+            if not self.check():
+                return
+            self.seen = seen
         relay = self.relay
         relay.set_login_budget(self._budget())
         if self.keys < KEYS_LOW:

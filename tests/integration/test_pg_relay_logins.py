@@ -188,6 +188,25 @@ def test_idle_client_timeout_ends_greeted_clients_with_its_error(pg, proxy_facto
 
 
 @pytest.mark.timeout(120)
+def test_a_reconnect_drops_the_template_before_the_next_greeting(pg, proxy_factory):
+    """RECONNECT (a new generation of the pool) makes the door judge its templates again at its next wake-up: the
+    next client logs in on the Python path and makes a new template."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    kept = greeted(proxy, 1)
+    with connect(proxy, dbname="pgbouncer") as console:
+        console.execute("RECONNECT")
+    before = relay_logins(proxy)
+    with connect(proxy) as conn:                        # the Python path: its login is a new template
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert relay_logins(proxy) == before
+    kept += greeted(proxy, 1)
+    for conn in kept:
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        conn.close()
+
+
+@pytest.mark.timeout(120)
 def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
     proxy = proxy_factory(logins_config(pg))
     first_login(proxy)
