@@ -57,7 +57,7 @@
 #define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6, EV_GREETED = 7 };
+       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -736,6 +736,7 @@ typedef struct Greeting {
     struct Greeting *next;
     long key_at;                /* >= 0: a keyed greeting (relay logins: a fresh cancel key written here) */
     int template_id;            /* a keyed greeting's id, the arg of its GREETED events */
+    int keep;                   /* a keyed greeting's client stays in the relay as a client */
     size_t startup_len, reply_len;
     unsigned char *reply;
     unsigned char startup[];
@@ -754,6 +755,7 @@ typedef struct Conn {
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
     int aged;                   /* starting at the last take_starting(aged_only=True) (relay logins) */
+    int report;                 /* owned, but known to the caller (kept at a keyed greeting): its close is a GONE event */
     unsigned long ticks;        /* a waiting client: age_waiting() calls since it began to wait */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
@@ -897,12 +899,14 @@ static void unqueue(RelayObject *r, Conn *c) {
     c->next = NULL;
 }
 
-/* Forget c (and not its peer): out of epoll, the queues and the fd table; freed at the end of the call. */
-static void forget(RelayObject *r, Conn *c) {
+/* Forget c (and not its peer): out of epoll (unless it is about to be closed, which takes it out), the queues and
+   the fd table; freed at the end of the call. */
+static void forget_closing(RelayObject *r, Conn *c, int closing) {
     if (c->dead)
         return;
     unqueue(r, c);
-    epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (!closing)
+        epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     if (c->fd < r->nconns && r->conns[c->fd] == c)
         r->conns[c->fd] = NULL;
     if (c->role == ROLE_CLIENT && c->peer)
@@ -911,6 +915,10 @@ static void forget(RelayObject *r, Conn *c) {
     c->next = r->dead;
     r->dead = c;
     r->n_conns--;
+}
+
+static void forget(RelayObject *r, Conn *c) {
+    forget_closing(r, c, 0);
 }
 
 /* Hand c and its linked peer (mid-request) back to the caller as one event. */
@@ -926,10 +934,17 @@ static void hand_over(RelayObject *r, int kind, Conn *c, int arg) {
     r->handed_over++;
 }
 
-/* A client the relay accepted and nobody else knows of: close it here, with no event. */
+/* A client the relay accepted: close it here, with no event, or a GONE event if the caller knows of it (report). The
+   relay holds its only descriptor, so the close takes it out of epoll. */
 static void hang_up(RelayObject *r, Conn *c) {
     int fd = c->fd;
-    forget(r, c);
+    if (c->report) {
+        size_t len = c->len;
+        c->len = c->fwd;            /* no data in the event */
+        emit(r, EV_GONE, c, 0);
+        c->len = len;
+    }
+    forget_closing(r, c, 1);
     close(fd);
 }
 
@@ -1512,11 +1527,11 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"startup", "reply", "key_at", "template", NULL};
+    static char *kwlist[] = {"startup", "reply", "key_at", "template", "keep", NULL};
     Py_buffer startup, reply;
     long key_at = -1;
-    int template_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|li", kwlist, &startup, &reply, &key_at, &template_id))
+    int template_id = 0, keep = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|lip", kwlist, &startup, &reply, &key_at, &template_id, &keep))
         return NULL;
     if (key_at < -1 || (key_at >= 0 && (size_t)key_at + 8 > (size_t)reply.len)) {
         PyBuffer_Release(&startup);
@@ -1533,6 +1548,7 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
     g->reply_len = (size_t)reply.len;
     g->key_at = key_at;
     g->template_id = template_id;
+    g->keep = keep;
     g->reply = g->startup + startup.len;
     memcpy(g->startup, startup.buf, (size_t)startup.len);
     memcpy(g->reply, reply.buf, (size_t)reply.len);
@@ -1594,7 +1610,7 @@ static void relay_clear(RelayObject *self) {
     self->threaded = 0;
     for (int fd = 0; fd < self->nconns; fd++) {
         Conn *c = self->conns[fd];
-        if (c && c->owned)
+        if (c && c->owned && !c->report)
             hang_up(self, c);       /* accepted by the relay: nobody else can close it */
         else if (c)
             forget(self, c);
@@ -1663,6 +1679,19 @@ static PyObject *Relay_take_idle(RelayObject *self, PyObject *unused) {
     }
     unlock_relay(self);
     return PyLong_FromLong(fd);
+}
+
+static PyObject *Relay_disown(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = self->epfd >= 0 && fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    int known = c != NULL && c->role == ROLE_CLIENT && c->report;
+    if (known)
+        c->owned = c->report = 0;
+    unlock_relay(self);
+    return PyBool_FromLong(known);
 }
 
 static PyObject *Relay_remove(RelayObject *self, PyObject *args) {
@@ -1807,8 +1836,13 @@ static void Relay_dealloc(RelayObject *self) {
  * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
  * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
- * greeting's template id; the relay forgets it (the caller owns it, as after any event). With no key left or no
- * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
+ * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
+ * the client stays in the relay instead, as a client added with add_client would: data = its key and its peer's address
+ * (a struct sockaddr as getpeername gives it; none if that failed), and what it sent after its startup packet is
+ * relayed as its first requests. The relay still closes it at EOF or at a hangup frame between transactions, then with a
+ * GONE event (fd, no data), until the caller takes the socket over (disown(fd): such frames are events again; a closing
+ * relay forgets it). With no key left or no budget, the startup packet goes to the caller as a STARTUP event, as an
+ * unknown one would.
  */
 
 static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {
@@ -1833,7 +1867,11 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
         return -1;
     }
-    size_t rest = c->len - plen;
+    struct sockaddr_storage peer;
+    socklen_t peer_len = sizeof(peer);
+    if (g->keep && getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0)
+        peer_len = 0;
+    size_t rest = g->keep ? (size_t)peer_len : c->len - plen;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
     if (ev == NULL) {
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
@@ -1850,12 +1888,19 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     ev->len = 8 + rest;
     memcpy(ev->data, key, 8);
     if (rest)
-        memcpy(ev->data + 8, c->buf + plen, rest);
+        memcpy(ev->data + 8, g->keep ? (const unsigned char *)&peer : c->buf + plen, rest);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
-    forget(r, c);
     r->greeted++;
     r->logins++;
+    if (g->keep) {
+        memmove(c->buf, c->buf + plen, c->len - plen);
+        c->len -= plen;
+        c->starting = 0;
+        c->report = 1;          /* still the relay's to close (at EOF, at a hangup frame), with a GONE event */
+        return 0;               /* pump walks what it sent after its startup packet */
+    }
+    forget(r, c);
     r->handed_over++;
     return -1;
 }
@@ -1971,6 +2016,9 @@ static PyMethodDef Relay_methods[] = {
     {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "Counts of connections, idle backends, waiting clients."},
     {"take_idle", (PyCFunction)Relay_take_idle, METH_NOARGS,
      "take_idle() -> fd: forget an idle backend and give it back to the caller (-1: none is idle)."},
+    {"disown", (PyCFunction)Relay_disown, METH_VARARGS,
+     "disown(fd) -> bool: a client kept at a keyed greeting is the caller's to close from now on (its EOF and hangup "
+     "frames are events again); False if the relay holds no such client."},
     {"remove", (PyCFunction)Relay_remove, METH_VARARGS,
      "remove(fd) -> bytes or None: forget a client that holds no backend (its bytes not yet sent), or an idle "
      "backend; None when fd is linked, held or unknown."},
@@ -1992,9 +2040,9 @@ static PyMethodDef Relay_methods[] = {
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},
     {"cache_greeting", (PyCFunction)(void (*)(void))Relay_cache_greeting, METH_VARARGS | METH_KEYWORDS,
-     "cache_greeting(startup, reply, key_at=-1, template=0): answer this exact startup packet with reply, in the "
-     "relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed over as a "
-     "GREETED event whose arg is template."},
+     "cache_greeting(startup, reply, key_at=-1, template=0, keep=False): answer this exact startup packet with "
+     "reply, in the relay; key_at >= 0: with a fresh cancel key (add_keys) written at key_at, the client then handed "
+     "over as a GREETED event whose arg is template (keep: it stays in the relay as a client, the event tells of it)."},
     {"add_keys", (PyCFunction)Relay_add_keys, METH_O,
      "add_keys(keys) -> count: 8-byte cancel keys for keyed greetings; the count the relay holds now."},
     {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_O,
@@ -2042,7 +2090,7 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
         PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0 ||
-        PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0) {
+        PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0 || PyModule_AddIntConstant(m, "GONE", EV_GONE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

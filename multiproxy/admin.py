@@ -281,10 +281,13 @@ class Console:
             if not session.user:
                 continue          # still logging in
             backend = session.backend
-            proto = session.proto
+            # A client the relay greeted and still serves has no socket object or client protocol yet (relay logins'
+            # GreetedSession): what is shown of it comes from its template and its listener.
+            greeted = session.template
+            proto = session.proto if greeted is None else None
             state = "active" if backend is not None else "idle"
-            params = getattr(proto, "startup_params", None) or {}
-            sock = session.sock
+            params = (getattr(proto, "startup_params", None) if greeted is None else greeted.startup_params) or {}
+            sock = session.sock if greeted is None else None
             tls = None
             version = getattr(sock, "version", None)
             if callable(version):
@@ -293,7 +296,7 @@ class Console:
                 except (OSError, ValueError):
                     tls = None
             try:
-                local = sock.getsockname()
+                local = sock.getsockname() if greeted is None else session.listener.listen
             except (OSError, ValueError, AttributeError):
                 local = ("", 0)
             key = session.cancel_key
@@ -333,7 +336,7 @@ class Console:
         totals: dict = {}
         live_requests = collections.Counter()
         for session in list(self.proxy.sessions):
-            if session.pool is not None and session.proto is not None:
+            if session.pool is not None and session.template is None and session.proto is not None:
                 live_requests[session.pool.database] += getattr(session.proto, "requests", 0)
         for pool in self._pools():
             t = totals.setdefault(pool.database, dict.fromkeys(STATS_FIELDS, 0))
@@ -473,7 +476,7 @@ class Console:
     def view_pins(self):
         rows = []
         for session in self._clients():
-            proto = session.proto
+            proto = session.proto if session.template is None else None     # (a greeted client has no pins)
             if proto is None or not proto.pinned:
                 continue
             host, port = _address(session.address)

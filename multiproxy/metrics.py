@@ -50,6 +50,8 @@ class Metrics:
         self.auth_query_lookups: dict[tuple[str, str], int] = {}   # (cluster, outcome) -> count (auth_lookup)
 
     def session_closed(self, session) -> None:
+        if session.template is not None:
+            return      # greeted by the relay and never served on the Python path: it has no requests of its own
         proto = session.proto
         if proto is not None:
             requests = getattr(proto, "requests", 0)
@@ -117,7 +119,8 @@ class ProxyCollector:
             c.add_metric([outcome], count)
         yield c
         c = CounterMetricFamily(PREFIX + "query_requests", "Requests (queries, syncs) sent by clients (QueryRequests)")
-        c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions if s.proto))
+        c.add_metric([], m.closed_session_requests + sum(getattr(s.proto, "requests", 0) for s in sessions
+                                                         if s.template is None and s.proto))   # (greeted: none yet)
         yield c
         c = CounterMetricFamily(PREFIX + "cancel_requests", "Cancel requests by outcome", labels=["outcome"])
         c.add_metric(["forwarded"], m.cancels_forwarded)
@@ -226,6 +229,11 @@ class ProxyCollector:
             c = CounterMetricFamily(PREFIX + "relay_logins", "Client logins the compiled relay accepted and greeted "
                                     "by itself (relay logins: trust, no TLS, one worker; multiproxy.relay_logins)")
             c.add_metric([], stats["logins"])
+            yield c
+            c = CounterMetricFamily(PREFIX + "relay_logins_ended", "Clients greeted by the compiled relay that left "
+                                    "while it still served them (a goodbye or their end between transactions): closed "
+                                    "there, with no Python path")
+            c.add_metric([], stats["logins_ended"])
             yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)

@@ -13,6 +13,14 @@ from .backends import BackendConnection, open_socket, run_script
 from .engine import BackendError
 
 log = logging.getLogger("multiproxy.pool")
+# Bumped whenever a pool's latest login, generation or drain changes: what the templates of relay logins were made
+# from (multiproxy.relay_logins), whose doors judge them again only then rather than at every wake-up.
+logins_epoch = 0
+
+
+def logins_changed() -> None:
+    global logins_epoch
+    logins_epoch += 1
 
 
 class _Slot:
@@ -455,6 +463,7 @@ class Pool:
         """The admin console's RECONNECT: idle connections close now, borrowed ones when they come back (release
         closes connections of an older generation), so that every later borrow gets a new login."""
         self.generation += 1
+        logins_changed()
         while self.idle:
             self._discard(self.idle.popitem()[0])
 
@@ -596,6 +605,7 @@ class Pool:
                 self.refused_login = True
             raise BackendUnavailable(f"the database is not reachable through multiproxy: {reason}", refusal) from None
         self.facts = script.result
+        logins_changed()
         return BackendConnection(sock, script.result, (target.host, target.port), self, self.user, self.database,
                                 self.generation)
 
@@ -794,6 +804,7 @@ class Pool:
         """Failover: idle connections close now; those serving a transaction on `address` are cut, and their
         clients told why in their own protocol; the rest are not reused."""
         self.generation += 1
+        logins_changed()
         while self.idle:
             self._discard(self.idle.popitem()[0])
         for conn in list(self.in_use):
@@ -821,6 +832,7 @@ class Pool:
 
     def close_all(self) -> None:
         self.draining = True
+        logins_changed()
         while self.idle:
             self._discard(self.idle.popitem()[0])
         while self.waiters:

@@ -22,6 +22,9 @@ or at a `hangup` frame (Terminate) between transactions, it closes them itself. 
 fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
 `set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (data: its key and
 the bytes it sent after its startup packet; arg: template); with no key or no budget its startup is a STARTUP event.
+A keyed greeting cached with `keep=True` keeps its client in the relay as a client instead (GREETED data: its key and
+its peer's struct sockaddr): the relay serves what it sends next, and still closes it at EOF or at a hangup frame
+between transactions, then with a GONE event, until the caller takes the socket over with `disown(fd)`.
 `forget_greetings()` drops every cached greeting; `take_starting(aged_only=False)` gives the clients still in their
 startup to the caller as STARTUP events (aged_only: those already starting at the previous such call, the others
 marked), and `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
@@ -80,10 +83,11 @@ import logging
 import os
 import select
 import socket
+import struct
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED = range(8)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE = range(9)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
@@ -437,7 +441,7 @@ def _mysql_eof_status(payload: bytes) -> int:
 
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "ticks")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -449,7 +453,7 @@ class _Conn:
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
         self.sent = self.fwd = 0
-        self.owned = self.starting = False
+        self.owned = self.starting = self.report = False
         self.listener = None            # a listening socket object (listeners only)
 
 
@@ -461,6 +465,25 @@ def _epoll():
         from gevent.monkey import get_original
         make = get_original("select", "epoll")
     return make()
+
+
+def _peer_sockaddr(fd: int) -> bytes:
+    """The peer's address as a struct sockaddr (what getpeername(2) gives in C; b"" when it fails)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        host, port, *rest = sock.getpeername()
+        family = sock.family
+    except (OSError, ValueError):
+        return b""
+    finally:
+        sock.detach()
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H", port) + socket.inet_pton(family, host) + bytes(8)
+    if family == socket.AF_INET6:
+        flow, scope = rest
+        return (struct.pack("=H", family) + struct.pack("!HI", port, flow) + socket.inet_pton(family, host)
+                + struct.pack("=I", scope))
+    return b""
 
 
 class PyRelay:
@@ -537,10 +560,10 @@ class PyRelay:
         self._register(c)
         return self._take_events()
 
-    def cache_greeting(self, startup, reply, key_at=-1, template=0) -> None:
+    def cache_greeting(self, startup, reply, key_at=-1, template=0, keep=False) -> None:
         if key_at < -1 or (key_at >= 0 and key_at + 8 > len(reply)):
             raise ValueError("key_at: -1, or where 8 bytes of the reply start")
-        self._greetings[bytes(startup)] = (bytes(reply), key_at, template)
+        self._greetings[bytes(startup)] = (bytes(reply), key_at, template, bool(keep))
 
     def add_keys(self, keys) -> int:
         keys = bytes(keys)
@@ -606,12 +629,19 @@ class PyRelay:
 
     def close(self) -> None:
         for c in list(self._conns.values()):
-            if c.owned:
+            if c.owned and not c.report:
                 self._hang_up(c)
             else:
                 self._forget(c)
         self._events = []
         self._epoll.close()
+
+    def disown(self, fd) -> bool:
+        c = self._conns.get(fd)
+        known = c is not None and c.report
+        if known:
+            c.owned = c.report = False
+        return known
 
     def take_idle(self) -> int:
         if not self._idle:
@@ -693,6 +723,8 @@ class PyRelay:
             c.listener = None
 
     def _hang_up(self, c) -> None:
+        if c.report:
+            self._events.append((GONE, c.fd, -1, b"", 0))
         self._forget(c)
         os.close(c.fd)
 
@@ -734,10 +766,9 @@ class PyRelay:
                 if greeting is None:
                     self._hand_over(STARTUP, c, 0)
                     return False
-                reply, key_at, template = greeting
+                reply, key_at, template, keep = greeting
                 if key_at >= 0:
-                    self._greet_with_key(c, size, reply, key_at, template)
-                    return False
+                    return self._greet_with_key(c, size, reply, key_at, template, keep)
             try:
                 sent = os.write(c.fd, reply) if reply else 0
             except OSError as exc:
@@ -752,30 +783,37 @@ class PyRelay:
                 self._greeted += 1
         return True
 
-    def _greet_with_key(self, c, size, reply, key_at, template) -> None:
+    def _greet_with_key(self, c, size, reply, key_at, template, keep) -> bool:
         """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply, then the client goes to the caller
-        as GREETED (data: its key + what it sent after the startup packet); no key or no budget: STARTUP."""
+        as GREETED (data: its key + what it sent after the startup packet), or with keep stays as a client
+        (data: its key; True: what it sent next is walked); no key or no budget: STARTUP."""
         if not self._keys or self._login_budget == 0:
             self._hand_over(STARTUP, c, 0)
-            return
+            return False
         key = self._keys[0]
         reply = reply[:key_at] + key + reply[key_at + 8:]
         try:
             sent = os.write(c.fd, reply)
         except OSError as exc:
             self._hand_over(CLOSED, c, exc.errno or 0)
-            return
+            return False
         if sent != len(reply):
             self._hand_over(CLOSED, c, errno.EAGAIN)
-            return
+            return False
         del self._keys[0]
         if self._login_budget > 0:
             self._login_budget -= 1
-        self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
-        self._forget(c)
         self._greeted += 1
         self._logins += 1
+        if keep:
+            self._events.append((GREETED, c.fd, -1, key + _peer_sockaddr(c.fd), template))
+            del c.buf[:size]
+            c.starting, c.report = False, True
+            return True
+        self._events.append((GREETED, c.fd, -1, key + bytes(c.buf[size:]), template))
+        self._forget(c)
         self._handed_over += 1
+        return False
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer
@@ -922,5 +960,5 @@ def _load():
 Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
-           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "MAX_STARTUP",
-           "MAX_WORDS", "MAX_WORD"]
+           "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "GONE",
+           "MAX_STARTUP", "MAX_WORDS", "MAX_WORD"]

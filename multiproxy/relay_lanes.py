@@ -88,6 +88,7 @@ class RelayLanes:
         self.sweeper = None
         self.entered_total = 0          # sessions that went into a lane
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
+        self.gone_total = 0             # clients a relay closed by itself (relay logins' kept clients)
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
@@ -95,8 +96,8 @@ class RelayLanes:
 
     # -- sessions
 
-    def eligible_key(self, session):
-        """The relay key of a session that may wait in a lane now, else None."""
+    def eligible_key(self, session, key=None):
+        """The relay key of a session that may wait in a lane now (`key`: known already), else None."""
         proxy = self.proxy
         if (session.backend is not None or session.pool is None or session.client_gone or session.leftover
                 or not session.transaction_mode or session.custody_slot is not None
@@ -109,19 +110,21 @@ class RelayLanes:
             return None     # its backends speak TLS: the relay moves plaintext bytes only
         if self._rules(session.engine) is None:
             return None
-        return session.proto.relay_key()
+        return session.proto.relay_key() if key is None else key
 
     def enter(self, session) -> bool:
         """Put an idle session's client into its lane (True), or leave it to the Python path (False)."""
-        key = self.eligible_key(session)
+        greeting = self.logins.greeting     # a client the relay greeted: its template's key and compact state
+        key = self.eligible_key(session, greeting and greeting.relay_key)
         if key is None:
             return False
         lane = self._lane(session, key)
         if lane is None:
             return False
-        if not session.proto.requests:
-            self.logins.learn(session)  # before add_client: the state it exports is the one its login left
-        session.proto.compact()
+        if greeting is None:
+            if not session.proto.requests:
+                self.logins.learn(session, lane)    # before add_client: the state it exports is the one its login left
+            session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
         return True
@@ -197,7 +200,7 @@ class RelayLanes:
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
-                "login_doors": len(logins.doors)}
+                "logins_ended": self.gone_total, "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:
@@ -213,7 +216,7 @@ class RelayLanes:
         for key, lane in list(self.lanes.items()):
             try:
                 lane.sweep(evacuate)
-                if not lane.clients and not lane.backends:
+                if not lane.clients and not lane.backends and lane.door is None:
                     lane.close()
                     self.closed_transactions += lane.transactions_before
                     del self.lanes[key]
@@ -254,6 +257,8 @@ class RelayLane:
         self.transactions_seen = 0      # the relay's count at the last sweep
         self.transactions_before = 0
         self.closed = False
+        self.door = None                # the login door accepting into this lane's relay (multiproxy.relay_logins)
+        self.orphans: set = set()       # client fds the relay still links whose session could not be made
         self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
         self.watcher.start(self._on_ready)
         pool.relay_lanes.append(self)
@@ -261,14 +266,20 @@ class RelayLane:
     # -- clients
 
     def add_client(self, session) -> None:
-        fd = session.sock.fileno()
+        fd = session.lane_fd = session.sock.fileno()
         session.relay_lane = self
         self.clients[fd] = session
         self._handle(self.relay.add_client(fd, b""))
         self._reconcile()
 
+    def adopt(self, session) -> None:
+        """A client the relay greeted and keeps (its login door's): the session joins the lane as add_client's."""
+        session.relay_lane = self
+        self.clients[session.lane_fd] = session
+        self.lanes.entered_total += 1
+
     def remove_client(self, session) -> bool:
-        fd = session.sock.fileno()
+        fd = session.lane_fd
         if self.clients.get(fd) is not session:
             session.relay_lane = None
             return True
@@ -281,13 +292,13 @@ class RelayLane:
     def activity(self, session):
         """(requests the relay walked for the session's client, its backend's fd or -1, whether it waits for one),
         or None when the relay no longer holds it (Session.check_timeouts)."""
-        if self.closed or self.clients.get(session.sock.fileno()) is not session:
+        if self.closed or self.clients.get(session.lane_fd) is not session:
             return None
-        return self.relay.activity(session.sock.fileno())
+        return self.relay.activity(session.lane_fd)
 
     def backend_of(self, session):
         """The backend serving the session's client in the relay now, or None (for a cancel)."""
-        fd = self.relay.peer(session.sock.fileno()) if not self.closed else -1
+        fd = self.relay.peer(session.lane_fd) if not self.closed else -1
         return self.backends.get(fd)
 
     def _give_client_back(self, session, data: bytes, why: str, wake: bool = True) -> None:
@@ -518,6 +529,9 @@ class RelayLane:
     # -- the relay's events
 
     def _on_ready(self) -> None:
+        door = self.door
+        if door is not None:
+            door.prepare()      # before the relay greets anyone: stale templates out, budget and keys in
         events = self.relay.run_ready()
         if events:
             self._handle(events)
@@ -553,7 +567,22 @@ class RelayLane:
             self._queue_borrow()
 
     def _handle(self, events) -> None:
+        clients, backends = self.clients, self.backends
         for kind, fd, peer_fd, rest, arg in events:
+            if kind == relay_core.GONE:     # a client its door greeted, closed by the relay between transactions
+                session = clients.pop(fd, None)
+                if session is not None:
+                    self.lanes.gone_total += 1
+                    session.gone()
+                continue
+            if peer_fd < 0 and fd not in clients and fd not in backends and fd not in self.orphans:
+                door = self.door        # a client still logging in at the door (or greeted by it: GREETED)
+                if door is not None or kind == relay_core.GREETED:
+                    if door is None:
+                        _stdsocket.socket(fileno=fd).close()    # (its door closed before the event: no session)
+                    else:
+                        door.handle(kind, fd, rest, arg)
+                    continue
             session = self.clients.pop(fd, None)
             conn = self.backends.pop(fd, None)
             if peer_fd >= 0:
@@ -573,6 +602,10 @@ class RelayLane:
                     conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
                                else "the backend closed the connection")
             if session is None:
+                if fd in self.orphans or peer_fd in self.orphans:
+                    orphan = fd if fd in self.orphans else peer_fd
+                    self.orphans.discard(orphan)
+                    _stdsocket.socket(fileno=orphan).close()
                 continue
             if conn is None and kind == relay_core.HANDOVER and rest == self.quit and rest:
                 self._quit(session)
@@ -635,6 +668,8 @@ class RelayLane:
         if self.closed:
             return
         self._cancel_queued()
+        if self.door is not None:
+            self.door.close()       # its listener goes back to the acceptor before the relay closes
         self.closed = True
         self.watcher.stop()
         try:

@@ -33,12 +33,16 @@ moved) and every door when a takeover begins, before it hands the listening sock
 from __future__ import annotations
 
 import _socket
+import copy
+import enum
 import logging
+import os
+import sys
 import time
+from collections import deque
 
-import gevent
 
-from . import relay_core
+from . import pool as pool_module, relay_core
 from .engine import Engine
 from .fastio import ClientSocket
 from .session import Session
@@ -52,7 +56,25 @@ class Template:
     """What a login of one startup packet on one listener gives a client, and what must hold for it to stay true."""
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
-                 "generation", "users", "listener", "proxy_config")
+                 "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
+                 "relay_key", "keep", "sock_kind", "startup_params")
+
+    def client(self, engine, ctx):
+        """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
+        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where the prototype holds its own context, the copy holds `ctx` (the client's key and
+        address); containers are copied (see _copier), so that no client's state is another's."""
+        cls = self.proto_class
+        if cls is None:
+            proto = engine.resume_client(ctx, self.state)
+            proto.compact()
+            self.proto_class, self.proto_ctx = type(proto), ctx
+            self.proto_fields = [(name, value, _copier(value)) for name, value in vars(proto).items()]
+            return proto
+        proto = cls.__new__(cls)
+        own = self.proto_ctx
+        proto.__dict__ = {name: ctx if value is own else value if copy_value is None else copy_value(value)
+                          for name, value, copy_value in self.proto_fields}
+        return proto
 
     def valid(self, proxy, rt) -> bool:
         pool = self.pool
@@ -75,7 +97,7 @@ class RelayLogins:
         self.proxy = lanes.proxy
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
-        self.greeting = False           # a GREETED session is parking: it is no template
+        self.greeting = None            # the template of a greeted session parking into another lane (it makes none)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -95,10 +117,10 @@ class RelayLogins:
             return "stopping or handing over"
         return ""
 
-    def learn(self, session) -> None:
-        """A session that logged in on the Python path enters a lane before its first request: its login becomes a
-        template of its listener's door when it is in scope."""
-        if self.greeting:
+    def learn(self, session, lane) -> None:
+        """A session that logged in on the Python path enters `lane` before its first request: its login becomes a
+        template of its listener's door when it is in scope (a door greets into the lane it was opened in)."""
+        if self.greeting is not None:
             return
         rt = session.runtime
         proxy = self.proxy
@@ -121,11 +143,14 @@ class RelayLogins:
         t = Template()
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
+        t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.startup_params = dict(getattr(session.proto, "startup_params", None) or {})
+        t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
         t.users, t.listener, t.proxy_config = proxy.users, rt.config, proxy.config.proxy
         if door is None:
             try:
-                door = LoginDoor(self, rt)
+                door = LoginDoor(self, rt, lane)
             except (OSError, ValueError) as exc:
                 log.warning("listener %s: relay logins could not start (%s); logins stay on the Python path",
                             rt.config.name, exc)
@@ -144,10 +169,11 @@ class RelayLogins:
 
 
 class LoginDoor:
-    """One listener's relay that accepts and greets its clients (see the module docstring)."""
+    """One listener's logins, accepted and greeted by the relay of the lane they go into (see the module docstring)."""
 
-    def __init__(self, logins: RelayLogins, rt):
+    def __init__(self, logins: RelayLogins, rt, lane):
         self.logins = logins
+        self.lane = lane
         self.proxy = logins.proxy
         self.rt = rt
         self.acceptor = rt.acceptor
@@ -159,16 +185,17 @@ class LoginDoor:
         self.pending = 0                # logins handed to the Python path, not counted in rt.connections yet
         self.aged_at = time.monotonic()
         self.closed = False
-        self.relay = relay_core.Relay(*relay_core.postgres_walkers(walker_type=relay_core.Walker))
+        self.seen = None                # what the templates were last judged from (prepare)
+        family = self.acceptor.sock.family
+        # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
+        self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
+        self.relay = lane.relay
         refuse, refusal = self.engine.relay_login_refusal
-        try:
-            self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal)
-        except BaseException:
-            self.relay.close()
-            raise
+        # A kept client's goodbye between transactions (the lane's quit frame) closes it in the relay: a GONE event.
+        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
+                          hangup=lane.quit[:1] if lane.quit else b"")
         self.acceptor.pause(self)
-        self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
-        self.watcher.start(self._on_ready)
+        lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
         logins.doors.add(self)
         log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
 
@@ -177,7 +204,9 @@ class LoginDoor:
         self.next_id += 1
         self.templates[t.id] = t
         self.by_startup[t.startup] = t
-        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+        t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
+        t.sock_kind = self.sock_kind
+        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
 
     def check(self) -> bool:
         """Drop the templates that no longer hold; close when none is left or the listener left the scope. False:
@@ -196,7 +225,7 @@ class LoginDoor:
                 del self.by_startup[t.startup]
                 del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready
             for t in self.by_startup.values():
-                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id)
+                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
         return True
 
     def age(self) -> None:
@@ -215,34 +244,64 @@ class LoginDoor:
         limit = rt.config.max_client_connections
         return max(0, limit - rt.connections - self.pending) if limit else -1
 
-    def _on_ready(self) -> None:
-        if not self.check():
-            return
+    def prepare(self) -> None:
+        """Before its lane's relay runs (and greets): stale templates go (judged again when what they were made from
+        may have changed: a pool's login, generation or drain, a reload; or the proxy stops or hands over), the budget
+        and the keys are set."""
+        proxy, rt = self.proxy, self.rt
+        seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
+        if (seen != self.seen or proxy.stopping or rt.acceptor is not self.acceptor
+                or getattr(proxy, "idle_hook", None) is not None):
+            if not self.check():
+                return
+            self.seen = seen
         relay = self.relay
         relay.set_login_budget(self._budget())
         if self.keys < KEYS_LOW:
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
                                                 for _ in range(KEYS_BLOCK)))
-        self._handle(relay.run_ready())
 
     def _handle(self, events) -> None:
         for kind, fd, _, data, arg in events:
-            try:
-                if kind == relay_core.GREETED:
-                    self.keys -= 1
-                    self._greeted(fd, data, arg)
-                elif kind == relay_core.CLOSED:
-                    _close_fd(fd)       # gone before it said anything the relay could not answer
-                else:
-                    self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
-            except Exception:  # one client's failure must not stop the others of the batch
-                log.exception("relay logins: client fd %d failed", fd)
+            self.handle(kind, fd, data, arg)
+
+    def handle(self, kind: int, fd: int, data: bytes, arg: int) -> None:
+        """An event of a client the relay accepted, before it became one of the lane's."""
+        try:
+            if kind == relay_core.GREETED:
+                self.keys -= 1
+                self._greeted(fd, data, arg)
+            elif kind == relay_core.CLOSED:
+                _close_fd(fd)       # gone before it said anything the relay could not answer
+            else:
+                self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
+        except Exception:  # one client's failure must not stop the others of the batch
+            log.exception("relay logins: client fd %d failed", fd)
 
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
+        """A client the relay greeted (data: its cancel key, then what it sent after its startup packet unless the
+        relay kept it) gets its session, made from the template. Kept (the template's lane is the door's): it is a
+        client of the lane already and joins it (RelayLane.adopt) as a GreetedSession. Otherwise it parks, into its
+        own lane."""
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
-        raw = _socket.socket(fileno=fd)
+        if t.keep:
+            session = GreetedSession(proxy, rt, fd, t, peer_address(data[8:], self.sock_kind[0]))
+            try:
+                session.cancel_key = self.engine.relay_login_key(data[:8])
+                session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
+            except BaseException:
+                if self.relay.remove(fd) is not None:
+                    _close_fd(fd)   # greeted, but nothing of it is registered: closed here, once
+                else:
+                    _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
+                    self.lane.orphans.add(fd)
+                raise
+            self._register(session, session.address)
+            self.lane.adopt(session)
+            return
+        raw = _socket.socket(*self.sock_kind, fd)
         try:
             address = raw.getpeername()
         except OSError as exc:
@@ -254,7 +313,7 @@ class LoginDoor:
             session = Session(proxy, rt, sock, address)
             session.cancel_key = self.engine.relay_login_key(data[:8])
             session.user, session.database = t.user, t.database
-            session.proto = self.engine.resume_client(session.client_context(), t.state)
+            session.proto = t.client(self.engine, session.client_context())
             session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
         except BaseException:
             raw.close()         # greeted, but nothing of it is registered: closed here, once
@@ -264,11 +323,11 @@ class LoginDoor:
         try:
             parked = False
             if not session.leftover:
-                self.logins.greeting = True
+                self.logins.greeting = t
                 try:
                     parked = session.park()     # into its relay lane, or parked as on the Python path
                 finally:
-                    self.logins.greeting = False
+                    self.logins.greeting = None
             if not parked:
                 proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
         except BaseException:
@@ -313,20 +372,136 @@ class LoginDoor:
         if self.closed:
             return
         self.closed = True
-        self.watcher.stop()
         self.logins.doors.discard(self)
-        relay = self.relay
-        try:
-            events = relay.unlisten()   # the relay greets only in run_ready: no GREETED event waits here
-        finally:
-            relay.close()
+        lane = self.lane
+        if lane.door is self:
+            lane.door = None
+        events = [] if lane.closed else self.relay.unlisten()   # (the relay greets only in run_ready)
         self._handle(events)
         self.acceptor.unpause(self, resume)
         log.info("listener %s: logins on the Python path again", self.rt.config.name)
 
 
+_SHARED = frozenset((str, bytes, int, float, bool, type(None), frozenset))
+
+
+def _copier(value):
+    """How a new login gets its own `value`: None (shared: immutable), a shallow copy (a container of immutable values),
+    or a deep copy."""
+    kind = type(value)
+    if kind in _SHARED or isinstance(value, enum.Enum):
+        return None
+    if kind is tuple:
+        return None if all(_copier(item) is None for item in value) else copy.deepcopy
+    if kind is dict:
+        if all(_copier(key) is None and _copier(item) is None for key, item in value.items()):
+            return dict.copy
+    elif kind in (list, set, deque):
+        if all(_copier(item) is None for item in value):
+            return kind.copy
+    return copy.deepcopy
+
+
+class GreetedSession(Session):
+    """A session whose client the relay greeted and keeps in its lane (a kept template's): its socket object, its
+    client protocol (copied from the template) are made the first time anything reads them, after which it is a plain
+    Session (its class changes); its address is the one the relay read. A client that only runs transactions in the relay and says
+    goodbye never needs them: its login and its goodbye cost the bookkeeping alone."""
+
+    __slots__ = ()
+
+    def __init__(self, proxy, runtime, fd: int, template: Template, address):
+        self.proxy = proxy
+        self.runtime = runtime
+        self.listener = runtime.config
+        self.engine = runtime.engine
+        self.pool = self.backend = self.reject = self._reset_timer = self.cancel_key = None
+        self.transaction_mode = True
+        self.client_gone = self.linked_once = False
+        self.user, self.database = template.user, template.database
+        self.leftover = b""
+        self.address = address
+        self.connected_at = time.time()
+        self.watch = self.custody_slot = self.relay_lane = self.handed_backend = self.handed_error = None
+        self.park_mark = -1
+        self.lane_fd = fd
+        self.template = template
+
+    def whole(self) -> None:
+        """Make the socket object and the client protocol: from now on a plain Session (whose socket the relay no
+        longer closes by itself)."""
+        t = self.template
+        lane = self.relay_lane
+        if lane is not None and not lane.closed:
+            lane.relay.disown(self.lane_fd)
+        sock = ClientSocket(_socket.socket(*t.sock_kind, self.lane_fd))
+        self.__class__ = Session
+        self.sock, self.client_send = sock, sock.sendall
+        self.proto = t.client(self.engine, self.client_context())
+        self.template = None
+
+    def _get(name):
+        slot = getattr(Session, name)
+
+        def get(self):
+            self.whole()
+            return slot.__get__(self, Session)
+
+        def put(self, value):
+            self.whole()
+            slot.__set__(self, value)
+        return property(get, put)
+
+    sock = _get("sock")
+    proto = _get("proto")
+    client_send = _get("client_send")
+    del _get
+
+    def gone(self) -> None:
+        """The relay closed its client (a goodbye, or its end, between transactions): only the bookkeeping is left."""
+        self.relay_lane = None
+        self.client_gone = True
+        proxy = self.proxy
+        proxy.session_ended(self)
+        proxy.client_left(self)
+
+    def finish(self, handed_over: bool = False) -> None:
+        """Its client ends while nothing of it was made: nothing but its bookkeeping is undone, and its socket closed."""
+        self.client_gone = True
+        self.proxy.session_ended(self)
+        lane = self.relay_lane
+        if lane is None or lane.remove_client(self):
+            _close_fd(self.lane_fd)
+        else:
+            _shutdown_fd(self.lane_fd)  # linked in the relay: its event ends it (RelayLane._handle)
+
+
+def peer_address(sockaddr: bytes, family: int):
+    """A struct sockaddr (the relay's getpeername) as the socket module's getpeername() gives it."""
+    if family == _socket.AF_UNIX:
+        return ""
+    if len(sockaddr) >= 8 and int.from_bytes(sockaddr[:2], sys.byteorder) == family:
+        port = int.from_bytes(sockaddr[2:4], "big")
+        if family == _socket.AF_INET:
+            return _socket.inet_ntop(family, sockaddr[4:8]), port
+        if family == _socket.AF_INET6 and len(sockaddr) >= 28:
+            return (_socket.inet_ntop(family, sockaddr[8:24]), port, int.from_bytes(sockaddr[4:8], "big"),
+                    int.from_bytes(sockaddr[24:28], sys.byteorder))
+    return "", 0
+
+
+def _shutdown_fd(fd: int) -> None:
+    sock = _socket.socket(fileno=fd)
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
 def _close_fd(fd: int) -> None:
     try:
-        _socket.socket(fileno=fd).close()
+        os.close(fd)
     except OSError:
         pass

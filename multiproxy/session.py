@@ -85,7 +85,8 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "relay_lane", "handed_backend", "handed_error", "__weakref__")
+                 "relay_lane", "handed_backend", "lane_fd", "template", "handed_error",
+                 "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self.proxy = proxy
@@ -114,6 +115,8 @@ class Session:
         self.relay_lane = None            # the relay lane serving its client now (multiproxy.relay_lanes)
         self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
         self.handed_error = None          # the pool's timeout for a request that waited it out in a relay lane
+        self.lane_fd = -1                 # its client's descriptor while a relay lane serves it
+        self.template = None              # relay logins: the template of a greeted session not made whole yet
 
     # ------------------------------------------------------------------ client greenlet
 
@@ -183,8 +186,8 @@ class Session:
         """Called by the parking sweep (multiproxy.parking): a session that waits for its client's next request, with
         no request since the sweep before, parks (its greenlet gets Parked). `at_once`: whatever the request count (the
         backend's reader, at a transaction's end, with many sessions)."""
-        if not self.may_park() or self.sock.parked:
-            return False
+        if self.relay_lane is not None or not self.may_park() or self.sock.parked:
+            return False    # (a relay lane's client has no greenlet)
         watcher = self.sock._read_event
         waiter = getattr(watcher.callback, "__self__", None) if watcher.active else None
         if waiter is None or not hasattr(waiter, "throw"):
@@ -484,11 +487,12 @@ class Session:
         idle_transaction_timeout tells the client and closes it (its backend is closed: the server rolls back);
         idle_client_timeout, outside a transaction only (a pinned session between transactions counts), tells the
         client and closes it."""
-        proto = self.proto
-        if proto is None or self.pool is None or self.client_gone:
+        lane = self.relay_lane
+        greeted = lane is not None and self.template is not None    # relay logins: no client protocol made yet
+        proto = None if greeted else self.proto
+        if (proto is None and not greeted) or self.pool is None or self.client_gone:
             return      # still logging in (handshake_timeout's), a console client, or gone
         backend = self.backend
-        lane = self.relay_lane
         if lane is not None:
             # Served by the compiled relay: it counts the requests it walks and says whether a backend serves one
             # now (or the client waits for one); no transaction stays open there.
@@ -498,7 +502,7 @@ class Session:
             relayed, peer_fd, waiting = seen
             backend = lane.backends.get(peer_fd)
             state = "awaiting" if peer_fd >= 0 or waiting else "idle"
-            requests = (proto.requests, relayed)
+            requests = (0 if greeted else proto.requests, relayed)
         else:
             awaiting = proto.awaiting_answer() if backend is not None else False
             if awaiting:
@@ -550,7 +554,7 @@ class Session:
             limit = settings.idle_client_timeout
             if limit and now - since >= limit:
                 self.proxy.metrics.idle_timeouts += 1
-                self._close_idle(proto.error(
+                self._close_idle(self.proto.error(     # (a greeted client's is made now)
                     ErrorKind.IDLE_TIMEOUT, f"closing the connection after {limit:g} s idle (proxy.idle_client_timeout)"))
 
     def _close_idle(self, error: bytes) -> None:
@@ -832,9 +836,12 @@ class Session:
 
     def close_client(self, shutdown: bool = True) -> None:
         """Close the client's connection. With `shutdown` the connection ends even where another descriptor of it
-        stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end."""
+        stays open (the supervisor's duplicate under worker custody, multiproxy.custody): the client reads its end.
+        Without worker custody no other descriptor exists, and the close alone ends it (one system call less)."""
         if self.custody_slot is not None:
             self.proxy.custody.unhold(self)
+        elif getattr(self.proxy, "custody", None) is None:
+            shutdown = False
         if self.relay_lane is not None and not self.proxy.relay_lanes.let_go(self):
             # Linked in a relay lane: the shutdown ends it there, and the lane's event finishes the session.
             try:

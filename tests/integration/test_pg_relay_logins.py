@@ -136,6 +136,77 @@ def test_greeted_clients_have_unique_keys_that_cancel_and_are_counted(pg, proxy_
 
 
 @pytest.mark.timeout(120)
+def test_a_greeted_client_is_whole_when_the_python_path_needs_it(pg, proxy_factory):
+    """A client the relay greeted into its lane has no socket object or client protocol until something needs them:
+    a statement the relay stops, an end without goodbye. Its address is the relay's reading."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    setter, quitter, quiet = greeted(proxy, 3)
+    ports = {socket.socket(fileno=os.dup(conn.fileno())).getsockname()[1] for conn in (setter, quitter, quiet)}
+    with connect(proxy, dbname="pgbouncer") as console:
+        with console.cursor() as cur:
+            cur.execute("SHOW CLIENTS;")
+            names = [d.name for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    assert {(r["addr"], r["port"]) for r in rows if r["database"] == AUTH_DB} == {("127.0.0.1", p) for p in ports}
+    setter.execute("SET search_path TO pg_catalog")            # stopped by the relay: served on the Python path
+    assert setter.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+    assert setter.execute("SELECT 7").fetchone() == (7,)
+    with socket.socket(fileno=os.dup(quitter.fileno())) as raw:
+        raw.shutdown(socket.SHUT_RDWR)                          # gone without a Terminate
+    assert quiet.execute("SELECT 8").fetchone() == (8,)
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"] != 2:
+        assert time.monotonic() < deadline, admin_status(proxy)
+        time.sleep(0.05)
+    for conn in (setter, quitter, quiet):
+        conn.close()
+    while admin_status(proxy)["listeners"][0]["clients"]:
+        assert time.monotonic() < deadline, admin_status(proxy)
+        time.sleep(0.05)
+    # The one that left without a goodbye and the quiet one ended in the relay; the setter on the Python path.
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") == 2, proxy.log_text()
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
+def test_idle_client_timeout_ends_greeted_clients_with_its_error(pg, proxy_factory):
+    config = logins_config(pg, max_size=2)
+    config["proxy"]["idle_client_timeout"] = 1.0
+    proxy = proxy_factory(config)
+    first_login(proxy)
+    idle, busy = greeted(proxy, 2)
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:                      # busy keeps running statements: spared
+        assert busy.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.2)
+    with pytest.raises(psycopg.OperationalError, match="idle_client_timeout"):
+        idle.execute("SELECT 1")
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    busy.close()
+    idle.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_reconnect_drops_the_template_before_the_next_greeting(pg, proxy_factory):
+    """RECONNECT (a new generation of the pool) makes the door judge its templates again at its next wake-up: the
+    next client logs in on the Python path and makes a new template."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    kept = greeted(proxy, 1)
+    with connect(proxy, dbname="pgbouncer") as console:
+        console.execute("RECONNECT")
+    before = relay_logins(proxy)
+    with connect(proxy) as conn:                        # the Python path: its login is a new template
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert relay_logins(proxy) == before
+    kept += greeted(proxy, 1)
+    for conn in kept:
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        conn.close()
+
+
+@pytest.mark.timeout(120)
 def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
     proxy = proxy_factory(logins_config(pg))
     first_login(proxy)

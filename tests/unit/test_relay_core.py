@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multiproxy import relay_core as rc
+from multiproxy.relay_logins import peer_address
 
 try:
     from multiproxy import _relay
@@ -1299,6 +1300,56 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
     relay.close()
     for sock in [first, second, third, fourth, fifth] + handed:
         sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_kept_greeted_client_is_served_at_once_and_closed_by_the_relay_until_disowned(impl, listener, pairs):
+    """A greeting with keep (a login door inside its lane): the greeted client stays in the relay (the event tells its
+    key and its address); what it sent after its startup packet is relayed; its Terminate closes it in the relay, with
+    a GONE event, until the caller disowns it: then its Terminate is the caller's event and its socket the caller's."""
+    relay = impl[1](*walkers(impl), hold_stops=True)
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
+    relay.add_keys(struct.pack("!II", 4, 44) + struct.pack("!II", 5, 55))
+    client = connect(listener)
+    client.sendall(startup_packet(b"alice") + QUERY)
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, peer, data[:8], arg) for kind, _, peer, data, arg in events] == \
+        [(rc.GREETED, -1, struct.pack("!II", 4, 44), 3)]
+    assert peer_address(events[0][3][8:], socket.AF_INET) == client.getsockname()   # and where it came from
+    fd = events[0][1]
+    serve_until(relay, lambda _: _readable(backend.outside))
+    assert backend.read(len(QUERY)) == QUERY                      # relayed with no add_client
+    assert recv_exactly(client, len(reply)) == prefix + _key_data(4, 44) + READY_IDLE
+    backend.outside.sendall(RESULT + READY_IDLE)
+    serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
+    assert recv_exactly(client, len(RESULT) + 6) == RESULT + READY_IDLE
+    assert relay.activity(fd)[0] == 1
+    stats = relay.stats()
+    assert (stats["logins"], stats["greeted"], stats["connections"], stats["idle"]) == (1, 1, 3, 1)  # + listener
+    client.sendall(TERMINATE)                                     # closed by the relay, which says so
+    assert serve_until(relay, lambda events: events) == [(rc.GONE, fd, -1, b"", 0)]
+    assert client.recv(10) == b"" and relay.stats()["connections"] == 2
+    assert not relay.disown(fd)                                   # gone: nothing to disown
+    second = connect(listener)
+    second.sendall(startup_packet(b"alice"))
+    events = serve_until(relay, lambda events: events)
+    assert [kind for kind, *_ in events] == [rc.GREETED]
+    fd = events[0][1]
+    assert recv_exactly(second, len(reply)) == prefix + _key_data(5, 55) + READY_IDLE
+    assert relay.disown(fd)                                       # the caller's from now on
+    second.sendall(TERMINATE)
+    assert serve_until(relay, lambda events: events) == [(rc.HANDOVER, fd, -1, TERMINATE, ord("X"))]
+    os.close(fd)
+    assert second.recv(10) == b""
+    relay.close()
+    client.close()
+    second.close()
 
 
 @pytest.mark.timeout(20)
