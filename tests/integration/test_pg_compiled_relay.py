@@ -627,3 +627,57 @@ def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, prox
     assert relayed >= 100, relayed                          # the lane went on serving its clients meanwhile
     assert (lanes["returns"]["pool_wanted"] or 0) <= 2, lanes
     assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_a_lane_with_no_backend_gets_its_turn_from_a_busy_lane(pg, proxy_factory, core):
+    """Lane a's clients keep both backends busy; lane b's client (another tracked setting) waits with no backend:
+    its lane's borrow waits in the pool's queue, lane a yields the next backend that ends a transaction, and b's
+    client is served (on the Python path, which replays its setting: the backend held a's) long before its
+    borrow timeout."""
+    config = compiled_config(pg, max_size=2)
+    config["clusters"]["main"]["pool"]["borrow_timeout"] = 10.0
+    proxy = proxy_factory(config, env=CORES[core])
+    busy, errors, latencies = 6, [], []
+    stop = threading.Event()
+    ready = threading.Barrier(busy + 1, timeout=60)
+
+    def lane_a_client() -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                simple_query(conn, "SET application_name = 'lane_a'")
+                ready.wait()
+                while not stop.is_set():
+                    assert simple_query(conn, "SELECT 1 FROM pg_sleep(0.005)") == [(1,)]
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lane_a_client) for _ in range(busy)]
+    for thread in threads:
+        thread.start()
+    try:
+        with psycopg_connect(proxy, autocommit=True) as conn:
+            simple_query(conn, "SET application_name = 'lane_b'")
+            ready.wait()
+            time.sleep(0.5)
+            before = lane_metrics(proxy)["transactions_total"] or 0
+            for n in range(10):
+                started = time.monotonic()
+                assert simple_query(conn, f"SELECT {n}") == [(n,)]
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.05)
+            relayed = (lane_metrics(proxy)["transactions_total"] or 0) - before
+            # its setting went with it (the screen stops a statement that names the word: not relayed)
+            assert simple_query(conn, "SELECT current_setting('application_name')") == [("lane_b",)]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not errors, errors[:3]
+    lanes = lane_metrics(proxy)
+    print(f"lane b's latencies: {sorted(round(x, 3) for x in latencies)}; {relayed} relayed meanwhile; {lanes}")
+    assert max(latencies) < 2.0, latencies
+    assert relayed >= 50, relayed                   # lane a went on meanwhile
+    assert not lanes["returns"]["pool_wanted"] and not lanes["returns"]["no_backend"], lanes
+    assert server_backends(pg) <= 2
