@@ -7,28 +7,32 @@ whose user has no per-user max_connections, and no takeover under way.
 
 Templates: when a session that logged in on the Python path enters a relay lane before its first request, its
 greeting and its exported state (as a takeover exports it, multiproxy.takeover) become a template of its listener's
-`LoginDoor`, keyed by its startup packet. The door holds a relay_core Relay that listens on the listener's socket
-while the listener's Python acceptor is paused (one accepts at a time). The relay accepts, refuses the SSLRequest
-("N"), and answers a startup packet of a template with its greeting and a fresh cancel key (`cache_greeting(...,
-key_at=...)`), then hands the client over as a GREETED event (its key, the bytes it sent after its startup packet, the
-template). Python builds the session from the template (its key, its address, the counts a login makes: sessions,
-cancel keys, per-user and per-address counts, the pool's logins, the metrics) and lets it park, which puts its client
-into its relay lane as any idle session; from then on it is an ordinary session. Every other first packet (another
-startup, a CancelRequest, one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP
-event and is served as a client the acceptor took, from the bytes read (and may make a template in turn).
+`LoginDoor`, keyed by its startup packet. The door listens in the relay of the lane its first template went into
+(RelayLane.door), while the listener's Python acceptor is paused (one accepts at a time). The relay accepts, refuses
+the SSLRequest ("N"), and answers a startup packet of a template with its greeting and a fresh cancel key
+(`cache_greeting(..., key_at=...)`). A template of the door's own lane is kept (`keep=True`): its client stays in the
+relay as one of the lane's clients (GREETED event: its key and its address), and Python makes a GreetedSession that
+joins the lane with no socket object or client protocol until something needs them; the relay closes it at its
+goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, the bytes it
+sent after its startup packet); Python builds a whole session from the template and lets it park, which puts its
+client into its own lane. Either way the counts a login makes are made (sessions, cancel keys, per-user and
+per-address counts, the pool's logins, the metrics). Every other first packet (another startup, a CancelRequest,
+one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP event and is served as a
+client the acceptor took, from the bytes read (and may make a template in turn).
 
 Keys: the door gives the relay blocks of cancel keys made by `Proxy.new_cancel_key` (unique, and routed by
 `by_cancel_key` once the session is registered); with none left the relay gives the startup to Python. Budget:
 before each run of the relay the door sets how many clients it may greet: the listener's max_client_connections
 less its clients and the logins handed to Python not yet counted (no limit without one), and none while the proxy
 stops, while any address has failed logins on record (the Python path's throttle judges those) or while a database
-is disabled from the admin console. The relay greets only inside run_ready, which the door calls after checking its
-templates: a template whose pool's latest login greets differently (Engine.relay_login_same: other parameters after
+is disabled from the admin console. The relay greets only inside the lane's run_ready, before which the door
+(`prepare`) checks its templates when what they were made from may have changed (pool.logins_epoch, a reload, a
+stop, a takeover): a template whose pool's latest login greets differently (Engine.relay_login_same: other parameters after
 a failover), whose pool has a new generation or drains, whose listener, users file or proxy settings changed (a
 reload) is dropped first, so no client is greeted from stale facts. A door whose listener leaves the scope closes:
-its relay lets go of the listening socket (clients still sending their startup go to Python with the bytes read) and
+its lane's relay lets go of the listening socket (clients still sending their startup go to Python with the bytes read) and
 the acceptor accepts again; so does a door whose acceptor closes (a graceful stop, a listener a reload removed or
-moved) and every door when a takeover begins, before it hands the listening sockets over.
+moved), a door whose lane closes, and every door when a takeover begins, before it hands the listening sockets over.
 """
 from __future__ import annotations
 
