@@ -35,7 +35,8 @@ waiter of its own; a lane borrow that cannot open a backend (BackendUnavailable)
 Python path, whose borrow reports it (both "no_backend").
 
 While the pool is paused or drained, or its backends turn out to use TLS, the lane gives its idle backends back and
-its waiting clients to the Python path ("pool_wanted"); a backend of an older generation, past its lifetime or on a
+its waiting clients to the Python path ("pool_wanted"), and a takeover under way sends the clients that hold no
+backend there ("takeover"); a backend of an older generation, past its lifetime or on a
 node that left the role goes back at the next sweep. A lane with no transaction in a sweep gives its idle backends
 back, so the pool's idle timeout and min_size rule them as before. The relay moves the protocol's own bytes: a pool
 whose backend connections turn out to use TLS ([clusters.*.backend] tls = prefer with a server that offers it,
