@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import os
 import select
 import socket
@@ -541,7 +542,7 @@ class PyRelay:
         return self._take_events()
 
     def age_waiting(self, limit) -> list:
-        limit = int(limit)
+        limit = operator.index(limit)      # an int, as the compiled one takes
         for c in self._waiting:
             c.ticks += 1
         aged = []
