@@ -1555,6 +1555,8 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
+#define RUN_ROUNDS 4
+
 static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     int max_events = 256;
     if (!PyArg_ParseTuple(args, "|i", &max_events))
@@ -1574,13 +1576,21 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     if (max_events < 1 || max_events > 4096)
         max_events = 256;
     struct epoll_event evs[max_events];
-    int n = epoll_wait(self->epfd, evs, max_events, 0);
-    if (n < 0) {
-        if (errno == EINTR)
-            return PyList_New(0);
-        return PyErr_SetFromErrno(PyExc_OSError);
+    /* What became ready while a batch was served is served in the same call (a few rounds at most, so that the rest
+       of the event loop is not kept waiting): one wake-up of the caller's loop then covers more of the load. */
+    for (int round = 0; round < RUN_ROUNDS; round++) {
+        int n = epoll_wait(self->epfd, evs, max_events, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                break;
+            if (round == 0)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if (n == 0)
+            break;
+        dispatch(self, evs, n);
     }
-    dispatch(self, evs, n);
     return take_events(self);
 }
 
