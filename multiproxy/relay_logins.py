@@ -101,6 +101,7 @@ class RelayLogins:
         self.proxy = lanes.proxy
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
+        self.made_whole = 0             # GreetedSessions the Python path needed whole (multiproxy_relay_logins_whole)
         self.greeting = None            # the template of a greeted session parking into another lane (it makes none)
 
     def why_not(self, rt) -> str:
@@ -438,6 +439,9 @@ class GreetedSession(Session):
         lane = self.relay_lane
         if lane is not None and not lane.closed:
             lane.relay.disown(self.lane_fd)
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        if lanes is not None:
+            lanes.logins.made_whole += 1
         sock = ClientSocket(_socket.socket(*t.sock_kind, self.lane_fd))
         self.__class__ = Session
         self.sock, self.client_send = sock, sock.sendall
