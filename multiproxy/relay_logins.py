@@ -102,7 +102,6 @@ class RelayLogins:
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
         self.made_whole = 0             # GreetedSessions the Python path needed whole (multiproxy_relay_logins_whole)
-        self.greeting = None            # the template of a greeted session parking into another lane (it makes none)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -125,8 +124,6 @@ class RelayLogins:
     def learn(self, session, lane) -> None:
         """A session that logged in on the Python path enters `lane` before its first request: its login becomes a
         template of its listener's door when it is in scope (a door greets into the lane it was opened in)."""
-        if self.greeting is not None:
-            return
         rt = session.runtime
         proxy = self.proxy
         pool = session.pool
@@ -285,59 +282,42 @@ class LoginDoor:
             log.exception("relay logins: client fd %d failed", fd)
 
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
-        """A client the relay greeted (data: its cancel key, then what it sent after its startup packet unless the
-        relay kept it) gets its session, made from the template. Kept (the template's lane is the door's): it is a
-        client of the lane already and joins it (RelayLane.adopt) as a GreetedSession. Otherwise it parks, into its
-        own lane."""
+        """A client the relay greeted (data: its cancel key, its address, then what it sent after its startup packet
+        unless the relay kept it) gets a GreetedSession, made from the template, and joins its lane with no socket
+        object or client protocol: kept (the template's lane is the door's), it is a client of that lane already
+        (RelayLane.adopt); otherwise its lane's relay takes it with what it sent (RelayLane.add_client). A client no
+        lane takes now is made whole and served as a session that logged in on the Python path."""
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
-        if t.keep:
-            session = GreetedSession(proxy, rt, fd, t, peer_address(data[8:], self.sock_kind[0]))
-            try:
-                session.cancel_key = self.engine.relay_login_key(data[:8])
-                session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
-            except BaseException:
-                if self.relay.remove(fd) is not None:
-                    _close_fd(fd)   # greeted, but nothing of it is registered: closed here, once
-                else:
-                    _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
-                    self.lane.orphans.add(fd)
-                raise
-            self._register(session, session.address)
-            self.lane.adopt(session)
-            return
-        raw = _socket.socket(*self.sock_kind, fd)
+        key, address, rest = greeted_parts(data, self.sock_kind[0])
+        session = GreetedSession(proxy, rt, fd, t, address)
+        lane = None
         try:
-            address = raw.getpeername()
-        except OSError as exc:
-            raw.close()         # gone already (its greeting was sent): nothing of it is registered
-            log.debug("relay logins: a greeted client left at once: %s", exc)
-            return
-        try:
-            sock = ClientSocket(raw)
-            session = Session(proxy, rt, sock, address)
-            session.cancel_key = self.engine.relay_login_key(data[:8])
-            session.user, session.database = t.user, t.database
-            session.proto = t.client(self.engine, session.client_context())
-            session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
+            session.cancel_key = self.engine.relay_login_key(key)
+            session.pool = t.pool   # (the pool of its user, database and variant: a template holds while it is)
+            if not t.keep:
+                lane = self.logins.lanes.lane_for(session, t.relay_key)
         except BaseException:
-            raw.close()         # greeted, but nothing of it is registered: closed here, once
+            if not t.keep or self.relay.remove(fd) is not None:
+                _close_fd(fd)       # greeted, but nothing of it is registered: closed here, once
+            else:
+                _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
+                self.lane.orphans.add(fd)
             raise
         self._register(session, address)
-        session.leftover = data[8:]
         try:
-            parked = False
-            if not session.leftover:
-                self.logins.greeting = t
-                try:
-                    parked = session.park()     # into its relay lane, or parked as on the Python path
-                finally:
-                    self.logins.greeting = None
-            if not parked:
-                proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
+            if t.keep:
+                self.lane.adopt(session)
+            elif lane is not None:
+                lane.add_client(session, rest)
+            else:
+                session.leftover = rest
+                session.whole()
+                if rest or not session.park():
+                    proxy.resume_parked(session)    # served from its bytes (Session.resume), or ended there
         except BaseException:
-            if session.relay_lane is None and not session.sock.parked:
-                session.finish()                # counted, then closed here, once
+            if session.relay_lane is None and session.template is not None:
+                session.finish()                    # counted, then closed here, once
                 proxy.client_left(session)
             raise
 
@@ -482,6 +462,13 @@ class GreetedSession(Session):
             _close_fd(self.lane_fd)
         else:
             _shutdown_fd(self.lane_fd)  # linked in the relay: its event ends it (RelayLane._handle)
+
+
+def greeted_parts(data: bytes, family: int) -> tuple:
+    """A GREETED event's data: (the client's cancel key bytes, its address as getpeername() gives it, the bytes it
+    sent after its startup packet)."""
+    end = 9 + data[8]
+    return data[:8], peer_address(data[9:end], family), data[end:]
 
 
 def peer_address(sockaddr: bytes, family: int):
