@@ -54,6 +54,7 @@ from .session import Session
 log = logging.getLogger("multiproxy.relay_logins")
 KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
 MAX_TEMPLATES = 128                 # startups a door greets (the relay looks a startup up among them)
+MOVE_AFTER = 16                     # greetings into another lane in a sweep that make the door move there
 
 
 class Template:
@@ -61,7 +62,7 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key", "keep", "sock_kind", "startup_params")
+                 "relay_key", "keep", "sock_kind", "startup_params", "greeted")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
@@ -146,6 +147,7 @@ class RelayLogins:
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
         t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.greeted = 0
         t.startup_params = dict(getattr(session.proto, "startup_params", None) or {})
         t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
@@ -163,6 +165,7 @@ class RelayLogins:
         for door in list(self.doors):
             if door.check():
                 door.age()
+                door.follow_logins()
 
     def close(self) -> None:
         """Every door lets go of its listener; the acceptors accept again (a takeover, the lanes' close)."""
@@ -209,6 +212,39 @@ class LoginDoor:
         t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
         t.sock_kind = self.sock_kind
         self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+
+    def follow_logins(self) -> None:
+        """Called by the sweep: when most greetings since the last sweep went to another lane than the door's (its
+        first template's lane was a health check's, say), the door moves into that lane's relay, so that its clients
+        are kept there instead of moved. Clients still sending their startup go to the Python path; the ones kept in
+        the old lane stay there."""
+        by_lane: dict = {}
+        for t in self.templates.values():
+            by_lane[(t.pool, t.relay_key)] = by_lane.get((t.pool, t.relay_key), 0) + t.greeted
+            t.greeted = 0
+        own = by_lane.pop((self.lane.pool, self.lane.key), 0)
+        if not by_lane:
+            return
+        (pool, key), count = max(by_lane.items(), key=lambda item: item[1])
+        if count < MOVE_AFTER or count <= 2 * own:
+            return
+        lane = self.logins.lanes.lanes.get((pool, key))
+        if lane is None or lane.closed or lane.door is not None:
+            return
+        old = self.lane
+        events = old.relay.unlisten()
+        old.relay.forget_greetings()
+        old.door = None
+        self.lane, self.relay, self.keys, self.seen = lane, lane.relay, 0, None
+        refuse, refusal = self.engine.relay_login_refusal
+        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
+                          hangup=lane.quit[:1] if lane.quit else b"")
+        lane.door = self
+        for t in self.templates.values():
+            t.keep = t.pool is lane.pool and t.relay_key == lane.key
+            self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+        self._handle(events)
+        log.info("listener %s: logins greeted into pool %s's busiest lane now", self.rt.config.name, pool.label)
 
     def check(self) -> bool:
         """Drop the templates that no longer hold; close when none is left or the listener left the scope. False:
@@ -273,6 +309,7 @@ class LoginDoor:
         try:
             if kind == relay_core.GREETED:
                 self.keys -= 1
+                self.templates[arg].greeted += 1
                 self._greeted(fd, data, arg)
             elif kind == relay_core.CLOSED:
                 _close_fd(fd)       # gone before it said anything the relay could not answer

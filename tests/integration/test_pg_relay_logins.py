@@ -237,6 +237,36 @@ def test_clients_of_a_lane_other_than_the_doors_join_it_as_greeted_sessions(pg, 
 
 
 @pytest.mark.timeout(120)
+def test_the_door_moves_into_the_lane_its_greetings_go_to(pg, proxy_factory):
+    """A door opened in a health check's lane follows the application's logins: once most greetings go to the app's
+    lane, it listens in that lane's relay and keeps its clients there (their goodbye ends them in the relay)."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    with connect(proxy, application_name="health") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    deadline = time.monotonic() + 30
+    rounds = 0
+    while "busiest lane now" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_tail()
+        with connect(proxy, application_name="app") as conn:
+            with psycopg.RawCursor(conn) as cur:
+                cur.execute("SELECT 2", prepare=False)
+                assert cur.fetchone() == (2,)
+        rounds += 1
+    ended = metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total")
+    for _ in range(5):
+        with connect(proxy, application_name="app") as conn:
+            assert conn.execute("SELECT 3").fetchone() == (3,)
+    deadline = time.monotonic() + TIMEOUT
+    while metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") < ended + 5:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    with connect(proxy, application_name="health") as conn:     # the other lane's clients are still greeted
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_whole_total") == 0
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
 def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
     proxy = proxy_factory(logins_config(pg))
     first_login(proxy)
