@@ -13,9 +13,10 @@ the SSLRequest ("N"), and answers a startup packet of a template with its greeti
 (`cache_greeting(..., key_at=...)`). A template of the door's own lane is kept (`keep=True`): its client stays in the
 relay as one of the lane's clients (GREETED event: its key and its address), and Python makes a GreetedSession that
 joins the lane with no socket object or client protocol until something needs them; the relay closes it at its
-goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, the bytes it
-sent after its startup packet); Python builds a whole session from the template and lets it park, which puts its
-client into its own lane. Either way the counts a login makes are made (sessions, cancel keys, per-user and
+goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
+the bytes it sent after its startup packet); it becomes a GreetedSession too, which its own lane's relay takes with
+those bytes. The door follows the logins: when most greetings of a sweep go to another lane, it moves into that
+lane's relay (follow_logins). Either way the counts a login makes are made (sessions, cancel keys, per-user and
 per-address counts, the pool's logins, the metrics). Every other first packet (another startup, a CancelRequest,
 one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP event and is served as a
 client the acceptor took, from the bytes read (and may make a template in turn).
