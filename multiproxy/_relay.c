@@ -1590,6 +1590,8 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
         if (n == 0)
             break;
         dispatch(self, evs, n);
+        if (n < 2)
+            break;              /* one socket at a time: no load to catch up with (a lone client's round trip) */
     }
     return take_events(self);
 }

@@ -192,6 +192,7 @@ class LoginDoor:
         self.aged_at = time.monotonic()
         self.closed = False
         self.seen = None                # what the templates were last judged from (prepare)
+        self.budget_set = None          # the login budget the relay was given last
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
@@ -236,7 +237,7 @@ class LoginDoor:
         events = old.relay.unlisten()
         old.relay.forget_greetings()
         old.door = None
-        self.lane, self.relay, self.keys, self.seen = lane, lane.relay, 0, None
+        self.lane, self.relay, self.keys, self.seen, self.budget_set = lane, lane.relay, 0, None, None
         refuse, refusal = self.engine.relay_login_refusal
         self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
                           hangup=lane.quit[:1] if lane.quit else b"")
@@ -295,7 +296,10 @@ class LoginDoor:
                 return
             self.seen = seen
         relay = self.relay
-        relay.set_login_budget(self._budget())
+        budget = self._budget()
+        if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down only a limit)
+            relay.set_login_budget(budget)
+            self.budget_set = budget
         if self.keys < KEYS_LOW:
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
