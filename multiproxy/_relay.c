@@ -1561,6 +1561,8 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
+#define RUN_ROUNDS 4
+
 static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     int max_events = 256;
     if (!PyArg_ParseTuple(args, "|i", &max_events))
@@ -1580,13 +1582,23 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     if (max_events < 1 || max_events > 4096)
         max_events = 256;
     struct epoll_event evs[max_events];
-    int n = epoll_wait(self->epfd, evs, max_events, 0);
-    if (n < 0) {
-        if (errno == EINTR)
-            return PyList_New(0);
-        return PyErr_SetFromErrno(PyExc_OSError);
+    /* What became ready while a batch was served is served in the same call (a few rounds at most, so that the rest
+       of the event loop is not kept waiting): one wake-up of the caller's loop then covers more of the load. */
+    for (int round = 0; round < RUN_ROUNDS; round++) {
+        int n = epoll_wait(self->epfd, evs, max_events, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                break;
+            if (round == 0)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if (n == 0)
+            break;
+        dispatch(self, evs, n);
+        if (n < 2)
+            break;              /* one socket at a time: no load to catch up with (a lone client's round trip) */
     }
-    dispatch(self, evs, n);
     return take_events(self);
 }
 
@@ -1835,11 +1847,11 @@ static void Relay_dealloc(RelayObject *self) {
  * A keyed greeting (cache_greeting(..., key_at >= 0)) answers its startup packet with the cached reply and a fresh
  * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
- * over at once as a GREETED event: data = its key (8 bytes) + any bytes it sent after its startup packet, arg = the
+ * over at once as a GREETED event: data = its key (8 bytes), one byte n and n bytes of its peer's address (a struct
+ * sockaddr as getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the
  * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
- * the client stays in the relay instead, as a client added with add_client would: data = its key and its peer's address
- * (a struct sockaddr as getpeername gives it; none if that failed), and what it sent after its startup packet is
- * relayed as its first requests. The relay still closes it at EOF or at a hangup frame between transactions, then with a
+ * the client stays in the relay instead, as a client added with add_client would: data = its key and its address
+ * alone, and what it sent after its startup packet is relayed as its first requests. The relay still closes it at EOF or at a hangup frame between transactions, then with a
  * GONE event (fd, no data), until the caller takes the socket over (disown(fd): such frames are events again; a closing
  * relay forgets it). With no key left or no budget, the startup packet goes to the caller as a STARTUP event, as an
  * unknown one would.
@@ -1869,10 +1881,10 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     }
     struct sockaddr_storage peer;
     socklen_t peer_len = sizeof(peer);
-    if (g->keep && getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0)
+    if (getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0 || peer_len > 255)
         peer_len = 0;
-    size_t rest = g->keep ? (size_t)peer_len : c->len - plen;
-    Event *ev = PyMem_RawMalloc(sizeof(Event) + 8 + rest);
+    size_t rest = g->keep ? 0 : c->len - plen;
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + 9 + peer_len + rest);
     if (ev == NULL) {
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
         return -1;
@@ -1885,10 +1897,12 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     ev->fd = c->fd;
     ev->peer_fd = -1;
     ev->arg = g->template_id;
-    ev->len = 8 + rest;
+    ev->len = 9 + peer_len + rest;
     memcpy(ev->data, key, 8);
+    ev->data[8] = (unsigned char)peer_len;
+    memcpy(ev->data + 9, &peer, peer_len);
     if (rest)
-        memcpy(ev->data + 8, g->keep ? (const unsigned char *)&peer : c->buf + plen, rest);
+        memcpy(ev->data + 9 + peer_len, c->buf + plen, rest);
     *r->queue_tail = ev;
     r->queue_tail = &ev->next;
     r->greeted++;

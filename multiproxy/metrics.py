@@ -235,6 +235,11 @@ class ProxyCollector:
                                     "there, with no Python path")
             c.add_metric([], stats["logins_ended"])
             yield c
+            c = CounterMetricFamily(PREFIX + "relay_logins_whole", "Clients greeted by the compiled relay whose "
+                                    "session the Python path needed whole (a statement the relay stops, a cancel, a "
+                                    "timeout, a drain): their socket object and client state made then")
+            c.add_metric([], stats["logins_whole"])
+            yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 

@@ -530,12 +530,8 @@ class Proxy:
 
     def _start_listener(self, rt: ListenerRuntime, sock) -> None:
         balance = self.balance
-        defer = None
-        if balance is not None:
-            index = self.worker
-
-            def defer():
-                return balance.should_defer(index)
+        index = self.worker
+        defer = None if balance is None else lambda: balance.should_defer(index)
         rt.acceptor = Acceptor(sock, self._handler(rt), defer)
         rt.acceptor.start()
         host, port = rt.config.listen

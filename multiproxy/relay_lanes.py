@@ -97,8 +97,8 @@ class RelayLanes:
 
     # -- sessions
 
-    def eligible_key(self, session, key=None):
-        """The relay key of a session that may wait in a lane now (`key`: known already), else None."""
+    def eligible_key(self, session):
+        """The relay key of a session that may wait in a lane now, else None."""
         proxy = self.proxy
         if (session.backend is not None or session.pool is None or session.client_gone or session.leftover
                 or not session.transaction_mode or session.custody_slot is not None
@@ -111,24 +111,32 @@ class RelayLanes:
             return None     # its backends speak TLS: the relay moves plaintext bytes only
         if self._rules(session.engine) is None:
             return None
-        return session.proto.relay_key() if key is None else key
+        return session.proto.relay_key()
 
     def enter(self, session) -> bool:
         """Put an idle session's client into its lane (True), or leave it to the Python path (False)."""
-        greeting = self.logins.greeting     # a client the relay greeted: its template's key and compact state
-        key = self.eligible_key(session, greeting and greeting.relay_key)
+        key = self.eligible_key(session)
         if key is None:
             return False
         lane = self._lane(session, key)
         if lane is None:
             return False
-        if greeting is None:
-            if not session.proto.requests:
-                self.logins.learn(session, lane)    # before add_client: the state it exports is the one its login left
-            session.proto.compact()
+        if not session.proto.requests:
+            self.logins.learn(session, lane)    # before add_client: the state it exports is the one its login left
+        session.proto.compact()
         lane.add_client(session)
         self.entered_total += 1
         return True
+
+    def lane_for(self, session, key):
+        """The lane of a session the relay greeted (relay logins' GreetedSession, whose template knows its relay key),
+        if it may wait in one now, else None. As eligible_key, without its socket object, which it does not have."""
+        proxy = self.proxy
+        if (session.pool is None or session.client_gone or not session.transaction_mode
+                or getattr(proxy, "idle_hook", None) is not None or getattr(proxy, "stopping", False)
+                or session.pool in self.encrypted_pools or self._rules(session.engine) is None):
+            return None
+        return self._lane(session, key)
 
     def offer_backend(self, session, backend) -> bool:
         """A session on the Python path releases `backend` at a transaction's end: its lane takes it (True) when
@@ -201,7 +209,7 @@ class RelayLanes:
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
-                "logins_ended": self.gone_total, "login_doors": len(logins.doors)}
+                "logins_ended": self.gone_total, "logins_whole": logins.made_whole, "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:
@@ -266,11 +274,12 @@ class RelayLane:
 
     # -- clients
 
-    def add_client(self, session) -> None:
-        fd = session.lane_fd = session.sock.fileno()
+    def add_client(self, session, data: bytes = b"") -> None:
+        """The session's client waits in the lane from now on; `data`: bytes of it already read (a greeted client's)."""
+        fd = session.lane_fd = session.lane_fd if session.template is not None else session.sock.fileno()
         session.relay_lane = self
         self.clients[fd] = session
-        self._handle(self.relay.add_client(fd, b""))
+        self._handle(self.relay.add_client(fd, data))
         self._reconcile()
 
     def adopt(self, session) -> None:

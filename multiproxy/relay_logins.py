@@ -13,9 +13,10 @@ the SSLRequest ("N"), and answers a startup packet of a template with its greeti
 (`cache_greeting(..., key_at=...)`). A template of the door's own lane is kept (`keep=True`): its client stays in the
 relay as one of the lane's clients (GREETED event: its key and its address), and Python makes a GreetedSession that
 joins the lane with no socket object or client protocol until something needs them; the relay closes it at its
-goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, the bytes it
-sent after its startup packet); Python builds a whole session from the template and lets it park, which puts its
-client into its own lane. Either way the counts a login makes are made (sessions, cancel keys, per-user and
+goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
+the bytes it sent after its startup packet); it becomes a GreetedSession too, which its own lane's relay takes with
+those bytes. The door follows the logins: when most greetings of a sweep go to another lane, it moves into that
+lane's relay (follow_logins). Either way the counts a login makes are made (sessions, cancel keys, per-user and
 per-address counts, the pool's logins, the metrics). Every other first packet (another startup, a CancelRequest,
 one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP event and is served as a
 client the acceptor took, from the bytes read (and may make a template in turn).
@@ -54,6 +55,7 @@ from .session import Session
 log = logging.getLogger("multiproxy.relay_logins")
 KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
 MAX_TEMPLATES = 128                 # startups a door greets (the relay looks a startup up among them)
+MOVE_AFTER = 16                     # greetings into another lane in a sweep that make the door move there
 
 
 class Template:
@@ -61,7 +63,7 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key", "keep", "sock_kind", "startup_params")
+                 "relay_key", "keep", "sock_kind", "startup_params", "greeted")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
@@ -101,7 +103,7 @@ class RelayLogins:
         self.proxy = lanes.proxy
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
-        self.greeting = None            # the template of a greeted session parking into another lane (it makes none)
+        self.made_whole = 0             # GreetedSessions the Python path needed whole (multiproxy_relay_logins_whole)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -124,8 +126,6 @@ class RelayLogins:
     def learn(self, session, lane) -> None:
         """A session that logged in on the Python path enters `lane` before its first request: its login becomes a
         template of its listener's door when it is in scope (a door greets into the lane it was opened in)."""
-        if self.greeting is not None:
-            return
         rt = session.runtime
         proxy = self.proxy
         pool = session.pool
@@ -148,6 +148,7 @@ class RelayLogins:
         t.startup, t.reply, t.key_at = made
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
         t.proto_class = t.proto_fields = t.proto_ctx = None
+        t.greeted = 0
         t.startup_params = dict(getattr(session.proto, "startup_params", None) or {})
         t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
@@ -165,6 +166,7 @@ class RelayLogins:
         for door in list(self.doors):
             if door.check():
                 door.age()
+                door.follow_logins()
 
     def close(self) -> None:
         """Every door lets go of its listener; the acceptors accept again (a takeover, the lanes' close)."""
@@ -190,6 +192,7 @@ class LoginDoor:
         self.aged_at = time.monotonic()
         self.closed = False
         self.seen = None                # what the templates were last judged from (prepare)
+        self.budget_set = None          # the login budget the relay was given last
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
@@ -211,6 +214,39 @@ class LoginDoor:
         t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
         t.sock_kind = self.sock_kind
         self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+
+    def follow_logins(self) -> None:
+        """Called by the sweep: when most greetings since the last sweep went to another lane than the door's (its
+        first template's lane was a health check's, say), the door moves into that lane's relay, so that its clients
+        are kept there instead of moved. Clients still sending their startup go to the Python path; the ones kept in
+        the old lane stay there."""
+        by_lane: dict = {}
+        for t in self.templates.values():
+            by_lane[(t.pool, t.relay_key)] = by_lane.get((t.pool, t.relay_key), 0) + t.greeted
+            t.greeted = 0
+        own = by_lane.pop((self.lane.pool, self.lane.key), 0)
+        if not by_lane:
+            return
+        (pool, key), count = max(by_lane.items(), key=lambda item: item[1])
+        if count < MOVE_AFTER or count <= 2 * own:
+            return
+        lane = self.logins.lanes.lanes.get((pool, key))
+        if lane is None or lane.closed or lane.door is not None:
+            return
+        old = self.lane
+        events = old.relay.unlisten()
+        old.relay.forget_greetings()
+        old.door = None
+        self.lane, self.relay, self.keys, self.seen, self.budget_set = lane, lane.relay, 0, None, None
+        refuse, refusal = self.engine.relay_login_refusal
+        self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
+                          hangup=lane.quit[:1] if lane.quit else b"")
+        lane.door = self
+        for t in self.templates.values():
+            t.keep = t.pool is lane.pool and t.relay_key == lane.key
+            self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+        self._handle(events)
+        log.info("listener %s: logins greeted into pool %s's busiest lane now", self.rt.config.name, pool.label)
 
     def check(self) -> bool:
         """Drop the templates that no longer hold; close when none is left or the listener left the scope. False:
@@ -260,7 +296,10 @@ class LoginDoor:
                 return
             self.seen = seen
         relay = self.relay
-        relay.set_login_budget(self._budget())
+        budget = self._budget()
+        if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down only a limit)
+            relay.set_login_budget(budget)
+            self.budget_set = budget
         if self.keys < KEYS_LOW:
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
@@ -275,6 +314,7 @@ class LoginDoor:
         try:
             if kind == relay_core.GREETED:
                 self.keys -= 1
+                self.templates[arg].greeted += 1
                 self._greeted(fd, data, arg)
             elif kind == relay_core.CLOSED:
                 _close_fd(fd)       # gone before it said anything the relay could not answer
@@ -284,59 +324,42 @@ class LoginDoor:
             log.exception("relay logins: client fd %d failed", fd)
 
     def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
-        """A client the relay greeted (data: its cancel key, then what it sent after its startup packet unless the
-        relay kept it) gets its session, made from the template. Kept (the template's lane is the door's): it is a
-        client of the lane already and joins it (RelayLane.adopt) as a GreetedSession. Otherwise it parks, into its
-        own lane."""
+        """A client the relay greeted (data: its cancel key, its address, then what it sent after its startup packet
+        unless the relay kept it) gets a GreetedSession, made from the template, and joins its lane with no socket
+        object or client protocol: kept (the template's lane is the door's), it is a client of that lane already
+        (RelayLane.adopt); otherwise its lane's relay takes it with what it sent (RelayLane.add_client). A client no
+        lane takes now is made whole and served as a session that logged in on the Python path."""
         proxy, rt = self.proxy, self.rt
         t = self.templates[template_id]
-        if t.keep:
-            session = GreetedSession(proxy, rt, fd, t, peer_address(data[8:], self.sock_kind[0]))
-            try:
-                session.cancel_key = self.engine.relay_login_key(data[:8])
-                session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
-            except BaseException:
-                if self.relay.remove(fd) is not None:
-                    _close_fd(fd)   # greeted, but nothing of it is registered: closed here, once
-                else:
-                    _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
-                    self.lane.orphans.add(fd)
-                raise
-            self._register(session, session.address)
-            self.lane.adopt(session)
-            return
-        raw = _socket.socket(*self.sock_kind, fd)
+        key, address, rest = greeted_parts(data, self.sock_kind[0])
+        session = GreetedSession(proxy, rt, fd, t, address)
+        lane = None
         try:
-            address = raw.getpeername()
-        except OSError as exc:
-            raw.close()         # gone already (its greeting was sent): nothing of it is registered
-            log.debug("relay logins: a greeted client left at once: %s", exc)
-            return
-        try:
-            sock = ClientSocket(raw)
-            session = Session(proxy, rt, sock, address)
-            session.cancel_key = self.engine.relay_login_key(data[:8])
-            session.user, session.database = t.user, t.database
-            session.proto = t.client(self.engine, session.client_context())
-            session.pool = proxy.pool_for(rt, t.user, t.database, t.variant)
+            session.cancel_key = self.engine.relay_login_key(key)
+            session.pool = t.pool   # (the pool of its user, database and variant: a template holds while it is)
+            if not t.keep:
+                lane = self.logins.lanes.lane_for(session, t.relay_key)
         except BaseException:
-            raw.close()         # greeted, but nothing of it is registered: closed here, once
+            if not t.keep or self.relay.remove(fd) is not None:
+                _close_fd(fd)       # greeted, but nothing of it is registered: closed here, once
+            else:
+                _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
+                self.lane.orphans.add(fd)
             raise
         self._register(session, address)
-        session.leftover = data[8:]
         try:
-            parked = False
-            if not session.leftover:
-                self.logins.greeting = t
-                try:
-                    parked = session.park()     # into its relay lane, or parked as on the Python path
-                finally:
-                    self.logins.greeting = None
-            if not parked:
-                proxy.resume_parked(session)    # it spoke already: served from its bytes (Session.resume)
+            if t.keep:
+                self.lane.adopt(session)
+            elif lane is not None:
+                lane.add_client(session, rest)
+            else:
+                session.leftover = rest
+                session.whole()
+                if rest or not session.park():
+                    proxy.resume_parked(session)    # served from its bytes (Session.resume), or ended there
         except BaseException:
-            if session.relay_lane is None and not session.sock.parked:
-                session.finish()                # counted, then closed here, once
+            if session.relay_lane is None and session.template is not None:
+                session.finish()                    # counted, then closed here, once
                 proxy.client_left(session)
             raise
 
@@ -438,6 +461,9 @@ class GreetedSession(Session):
         lane = self.relay_lane
         if lane is not None and not lane.closed:
             lane.relay.disown(self.lane_fd)
+        lanes = getattr(self.proxy, "relay_lanes", None)
+        if lanes is not None:
+            lanes.logins.made_whole += 1
         sock = ClientSocket(_socket.socket(*t.sock_kind, self.lane_fd))
         self.__class__ = Session
         self.sock, self.client_send = sock, sock.sendall
@@ -478,6 +504,13 @@ class GreetedSession(Session):
             _close_fd(self.lane_fd)
         else:
             _shutdown_fd(self.lane_fd)  # linked in the relay: its event ends it (RelayLane._handle)
+
+
+def greeted_parts(data: bytes, family: int) -> tuple:
+    """A GREETED event's data: (the client's cancel key bytes, its address as getpeername() gives it, the bytes it
+    sent after its startup packet)."""
+    end = 9 + data[8]
+    return data[:8], peer_address(data[9:end], family), data[end:]
 
 
 def peer_address(sockaddr: bytes, family: int):

@@ -27,7 +27,7 @@ from . import compiled_relay, handover
 from . import protocol as p
 from .commands import Commands
 from .errors import ERRORS, render_error, render_refusal
-from .handshake import DEFAULT_SERVER_VERSION, SERVER_CAPABILITIES, VARIANT_CAPABILITIES, ClientHandshake, LoginPhase
+from .handshake import DEFAULT_SERVER_VERSION, SERVER_CAPABILITIES, VARIANT_CAPABILITIES, ClientHandshake
 from .pinning import PinTracking
 from .relay import Relay
 from .session_state import COLLATIONS, SessionState

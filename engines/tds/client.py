@@ -4,7 +4,6 @@ from __future__ import annotations
 import enum
 import os
 import ssl
-import struct
 from collections import deque
 
 from multiproxy.engine import (

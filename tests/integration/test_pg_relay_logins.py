@@ -207,6 +207,66 @@ def test_a_reconnect_drops_the_template_before_the_next_greeting(pg, proxy_facto
 
 
 @pytest.mark.timeout(120)
+def test_clients_of_a_lane_other_than_the_doors_join_it_as_greeted_sessions(pg, proxy_factory):
+    """The door listens in the lane of its first template (a health check's, say); the application's clients, with
+    another application_name and so another lane, are greeted too and wait in their own lane without their session
+    being made whole, and what they send right after their startup packet is served."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    with connect(proxy, application_name="health") as conn:     # the door's lane
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy, application_name="app") as conn:        # the Python path: the app's template
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    apps = greeted(proxy, 6, application_name="app")
+    for i, conn in enumerate(apps):
+        with psycopg.RawCursor(conn) as cur:
+            cur.execute(f"SELECT {i} + 1", prepare=False)
+            assert cur.fetchone() == (i + 1,)
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_relay_logins_whole_total") == 0
+    assert metric(text, "multiproxy_relay_lane_clients") == 6
+    apps[0].execute("SET search_path TO pg_catalog")          # stopped: made whole, with its state
+    assert apps[0].execute("SHOW application_name").fetchone() == ("app",)
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_whole_total") == 1
+    for conn in apps:
+        conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"]:
+        assert time.monotonic() < deadline, admin_status(proxy)
+        time.sleep(0.05)
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
+def test_the_door_moves_into_the_lane_its_greetings_go_to(pg, proxy_factory):
+    """A door opened in a health check's lane follows the application's logins: once most greetings go to the app's
+    lane, it listens in that lane's relay and keeps its clients there (their goodbye ends them in the relay)."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    with connect(proxy, application_name="health") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    deadline = time.monotonic() + 30
+    rounds = 0
+    while "busiest lane now" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_tail()
+        with connect(proxy, application_name="app") as conn:
+            with psycopg.RawCursor(conn) as cur:
+                cur.execute("SELECT 2", prepare=False)
+                assert cur.fetchone() == (2,)
+        rounds += 1
+    ended = metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total")
+    for _ in range(5):
+        with connect(proxy, application_name="app") as conn:
+            assert conn.execute("SELECT 3").fetchone() == (3,)
+    deadline = time.monotonic() + TIMEOUT
+    while metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") < ended + 5:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    with connect(proxy, application_name="health") as conn:     # the other lane's clients are still greeted
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_whole_total") == 0
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
+
+
+@pytest.mark.timeout(120)
 def test_another_startup_stays_on_the_python_path(pg, proxy_factory):
     proxy = proxy_factory(logins_config(pg))
     first_login(proxy)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from multiproxy import relay_core as rc
-from multiproxy.relay_logins import peer_address
+from multiproxy.relay_logins import greeted_parts
 
 try:
     from multiproxy import _relay
@@ -1265,8 +1265,8 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
     assert recv_exactly(first, 1) == b"N"
     first.sendall(startup_packet(b"alice") + QUERY)
     events = serve_until(relay, lambda events: events)
-    assert [(kind, peer, data, arg) for kind, _, peer, data, arg in events] == \
-        [(rc.GREETED, -1, keys[:8] + QUERY, 7)]
+    assert [(kind, peer, greeted_parts(data, socket.AF_INET), arg) for kind, _, peer, data, arg in events] == \
+        [(rc.GREETED, -1, (keys[:8], first.getsockname(), QUERY), 7)]   # its key, its address, what it sent next
     assert recv_exactly(first, len(reply)) == prefix + _key_data(1, 11) + READY_IDLE
     handed = [socket.socket(fileno=events[0][1])]                # the caller's now: the relay forgot it
     stats = relay.stats()
@@ -1281,7 +1281,8 @@ def test_a_keyed_greeting_writes_a_fresh_key_and_hands_the_client_over(impl, lis
     third = connect(listener)
     third.sendall(startup_packet(b"alice"))
     events = serve_until(relay, lambda events: events)
-    assert [(kind, data, arg) for kind, _, _, data, arg in events] == [(rc.GREETED, keys[8:], 7)]
+    assert [(kind, greeted_parts(data, socket.AF_INET), arg) for kind, _, _, data, arg in events] == \
+        [(rc.GREETED, (keys[8:], third.getsockname(), b""), 7)]
     assert recv_exactly(third, len(reply)) == prefix + _key_data(2, 22) + READY_IDLE
     handed.append(socket.socket(fileno=events[0][1]))
     fourth = connect(listener)                                    # no key left: the engine's
@@ -1319,9 +1320,8 @@ def test_a_kept_greeted_client_is_served_at_once_and_closed_by_the_relay_until_d
     client = connect(listener)
     client.sendall(startup_packet(b"alice") + QUERY)
     events = serve_until(relay, lambda events: events)
-    assert [(kind, peer, data[:8], arg) for kind, _, peer, data, arg in events] == \
-        [(rc.GREETED, -1, struct.pack("!II", 4, 44), 3)]
-    assert peer_address(events[0][3][8:], socket.AF_INET) == client.getsockname()   # and where it came from
+    assert [(kind, peer, greeted_parts(data, socket.AF_INET), arg) for kind, _, peer, data, arg in events] == \
+        [(rc.GREETED, -1, (struct.pack("!II", 4, 44), client.getsockname(), b""), 3)]   # its key, its address
     fd = events[0][1]
     serve_until(relay, lambda _: _readable(backend.outside))
     assert backend.read(len(QUERY)) == QUERY                      # relayed with no add_client
