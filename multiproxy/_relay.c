@@ -755,7 +755,7 @@ typedef struct Conn {
     int starting;               /* a client the relay accepted, before its startup packet was answered */
     int owned;                  /* accepted by the relay: closed by it at EOF or a hangup frame */
     int aged;                   /* starting at the last take_starting(aged_only=True) (relay logins) */
-    int report;                 /* owned, but known to the caller (kept at a keyed greeting): its close is a GONE event */
+    int report;                 /* owned, known to the caller (kept at a keyed greeting): its close is a GONE event */
     unsigned long ticks;        /* a waiting client: age_waiting() calls since it began to wait */
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
@@ -1851,10 +1851,10 @@ static void Relay_dealloc(RelayObject *self) {
  * sockaddr as getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the
  * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
  * the client stays in the relay instead, as a client added with add_client would: data = its key and its address
- * alone, and what it sent after its startup packet is relayed as its first requests. The relay still closes it at EOF or at a hangup frame between transactions, then with a
- * GONE event (fd, no data), until the caller takes the socket over (disown(fd): such frames are events again; a closing
- * relay forgets it). With no key left or no budget, the startup packet goes to the caller as a STARTUP event, as an
- * unknown one would.
+ * alone, and what it sent after its startup packet is relayed as its first requests. The relay still closes it at
+ * EOF or at a hangup frame between transactions, then with a GONE event (fd, no data), until the caller takes the
+ * socket over (disown(fd): such frames are events again; a closing relay forgets it). With no key left or no
+ * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
  */
 
 static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {

@@ -20,14 +20,15 @@ read) for the engine. Clients it accepted are its own until an event gives them 
 or at a `hangup` frame (Terminate) between transactions, it closes them itself. Relay logins
 (multiproxy.relay_logins): a keyed greeting (`cache_greeting(startup, reply, key_at=, template=)`) is sent with a
 fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
-`set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (arg: template);
-with no key or no budget its startup is a STARTUP event. GREETED data: its key, one byte n and n bytes of its peer's struct sockaddr (getpeername(2); n = 0 if that failed),
-then what it sent after its startup packet. A keyed greeting cached with `keep=True` keeps its client in the relay as
-a client instead (GREETED data: its key and its address alone): the relay serves what it sends next, and still closes it at EOF or at a hangup frame
-between transactions, then with a GONE event, until the caller takes the socket over with `disown(fd)`.
-`forget_greetings()` drops every cached greeting; `take_starting(aged_only=False)` gives the clients still in their
-startup to the caller as STARTUP events (aged_only: those already starting at the previous such call, the others
-marked), and `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
+`set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (arg: template); with
+no key or no budget its startup is a STARTUP event. GREETED data: its key, one byte n and n bytes of its peer's struct
+sockaddr (getpeername(2); n = 0 if that failed), then what it sent after its startup packet. A keyed greeting cached
+with `keep=True` keeps its client in the relay as a client instead (GREETED data: its key and its address alone): the
+relay serves what it sends next, and still closes it at EOF or at a hangup frame between transactions, then with a
+GONE event, until the caller takes the socket over with `disown(fd)`. `forget_greetings()` drops every cached
+greeting; `take_starting(aged_only=False)` gives the clients still in their startup to the caller as STARTUP events
+(aged_only: those already starting at the previous such call, the others marked), and `unlisten()` forgets the
+listening sockets (closing none) and gives those clients back likewise.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.

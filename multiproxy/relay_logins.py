@@ -22,18 +22,18 @@ one of a template the relay has no key or budget for, a malformed one) comes as 
 client the acceptor took, from the bytes read (and may make a template in turn).
 
 Keys: the door gives the relay blocks of cancel keys made by `Proxy.new_cancel_key` (unique, and routed by
-`by_cancel_key` once the session is registered); with none left the relay gives the startup to Python. Budget:
-before each run of the relay the door sets how many clients it may greet: the listener's max_client_connections
-less its clients and the logins handed to Python not yet counted (no limit without one), and none while the proxy
-stops, while any address has failed logins on record (the Python path's throttle judges those) or while a database
-is disabled from the admin console. The relay greets only inside the lane's run_ready, before which the door
-(`prepare`) checks its templates when what they were made from may have changed (pool.logins_epoch, a reload, a
-stop, a takeover): a template whose pool's latest login greets differently (Engine.relay_login_same: other parameters after
-a failover), whose pool has a new generation or drains, whose listener, users file or proxy settings changed (a
-reload) is dropped first, so no client is greeted from stale facts. A door whose listener leaves the scope closes:
-its lane's relay lets go of the listening socket (clients still sending their startup go to Python with the bytes read) and
-the acceptor accepts again; so does a door whose acceptor closes (a graceful stop, a listener a reload removed or
-moved), a door whose lane closes, and every door when a takeover begins, before it hands the listening sockets over.
+`by_cancel_key` once the session is registered); with none left the relay gives the startup to Python. Budget: before
+each run of the relay the door sets how many clients it may greet: the listener's max_client_connections less its
+clients and the logins handed to Python not yet counted (no limit without one), and none while the proxy stops, while
+any address has failed logins on record (the Python path's throttle judges those) or while a database is disabled from
+the admin console. The relay greets only inside the lane's run_ready, before which the door (`prepare`) checks its
+templates when what they were made from may have changed (pool.logins_epoch, a reload, a stop, a takeover): a template
+whose pool's latest login greets differently (Engine.relay_login_same: other parameters after a failover), whose pool
+has a new generation or drains, whose listener, users file or proxy settings changed (a reload) is dropped first, so no
+client is greeted from stale facts. A door whose listener leaves the scope closes: its lane's relay lets go of the
+listening socket (clients still sending their startup go to Python with the bytes read) and the acceptor accepts again;
+so does a door whose acceptor closes (a graceful stop, a listener a reload removed or moved), a door whose lane closes,
+and every door when a takeover begins, before it hands the listening sockets over.
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ class Template:
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
-        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where the prototype holds its own context, the copy holds `ctx` (the client's key and
-        address); containers are copied (see _copier), so that no client's state is another's."""
+        it, made by copying a prototype instead of decoding the state again: the first login decodes it once. Where
+        the prototype holds its own context, the copy holds `ctx` (the client's key and address); containers are
+        copied (see _copier), so that no client's state is another's."""
         cls = self.proto_class
         if cls is None:
             proto = engine.resume_client(ctx, self.state)
@@ -358,7 +359,7 @@ class LoginDoor:
                 if rest or not session.park():
                     proxy.resume_parked(session)    # served from its bytes (Session.resume), or ended there
         except BaseException:
-            if session.relay_lane is None and session.template is not None:
+            if session.relay_lane is None and (session.template is not None or not session.sock.parked):
                 session.finish()                    # counted, then closed here, once
                 proxy.client_left(session)
             raise
@@ -430,10 +431,10 @@ def _copier(value):
 
 
 class GreetedSession(Session):
-    """A session whose client the relay greeted and keeps in its lane (a kept template's): its socket object, its
-    client protocol (copied from the template) are made the first time anything reads them, after which it is a plain
-    Session (its class changes); its address is the one the relay read. A client that only runs transactions in the relay and says
-    goodbye never needs them: its login and its goodbye cost the bookkeeping alone."""
+    """A session whose client the relay greeted and keeps in its lane (a kept template's): its socket object, its client
+    protocol (copied from the template) are made the first time anything reads them, after which it is a plain Session
+    (its class changes); its address is the one the relay read. A client that only runs transactions in the relay and
+    says goodbye never needs them: its login and its goodbye cost the bookkeeping alone."""
 
     __slots__ = ()
 
@@ -496,7 +497,7 @@ class GreetedSession(Session):
         proxy.client_left(self)
 
     def finish(self, handed_over: bool = False) -> None:
-        """Its client ends while nothing of it was made: nothing but its bookkeeping is undone, and its socket closed."""
+        """Its client ends while nothing of it was made: only its bookkeeping is undone, and its socket closed."""
         self.client_gone = True
         self.proxy.session_ended(self)
         lane = self.relay_lane
