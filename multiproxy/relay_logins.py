@@ -197,7 +197,6 @@ class LoginDoor:
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
-        self.relay = lane.relay
         refuse, refusal = self.engine.relay_login_refusal
         # A kept client's goodbye between transactions (the lane's quit frame) closes it in the relay: a GONE event.
         self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
@@ -206,6 +205,11 @@ class LoginDoor:
         lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
         logins.doors.add(self)
         log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
+
+    @property
+    def relay(self):
+        """The relay of the door's lane, which listens on the listener's socket."""
+        return self.lane.relay
 
     def add(self, t: Template) -> None:
         t.id = self.next_id
@@ -238,7 +242,7 @@ class LoginDoor:
         events = old.relay.unlisten()
         old.relay.forget_greetings()
         old.door = None
-        self.lane, self.relay, self.keys, self.seen, self.budget_set = lane, lane.relay, 0, None, None
+        self.lane, self.keys, self.seen, self.budget_set = lane, 0, None, None
         refuse, refusal = self.engine.relay_login_refusal
         self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
                           hangup=lane.quit[:1] if lane.quit else b"")
@@ -439,19 +443,8 @@ class GreetedSession(Session):
     __slots__ = ()
 
     def __init__(self, proxy, runtime, fd: int, template: Template, address):
-        self.proxy = proxy
-        self.runtime = runtime
-        self.listener = runtime.config
-        self.engine = runtime.engine
-        self.pool = self.backend = self.reject = self._reset_timer = self.cancel_key = None
-        self.transaction_mode = True
-        self.client_gone = self.linked_once = False
+        self._begin(proxy, runtime, address)
         self.user, self.database = template.user, template.database
-        self.leftover = b""
-        self.address = address
-        self.connected_at = time.time()
-        self.watch = self.custody_slot = self.relay_lane = self.handed_backend = self.handed_error = None
-        self.park_mark = -1
         self.lane_fd = fd
         self.template = template
 

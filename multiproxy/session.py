@@ -89,13 +89,18 @@ class Session:
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
+        self._begin(proxy, runtime, address)
+        self.sock = sock
+        self.client_send = sock.sendall
+        self.proto = None
+
+    def _begin(self, proxy, runtime, address) -> None:
+        """Every field but the client's socket and protocol (which relay logins' GreetedSession makes later)."""
         self.proxy = proxy
         self.runtime = runtime            # the listener's runtime: config, engine, cluster, TLS context
         self.listener = runtime.config
         self.engine = runtime.engine
-        self.sock = sock
         self.address = address
-        self.proto = None
         self.pool = None
         self.backend = None
         self.transaction_mode = True
@@ -104,7 +109,6 @@ class Session:
         self.database = ""
         self.cancel_key = None
         self._reset_timer = None
-        self.client_send = sock.sendall
         self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
         self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
         self.linked_once = False          # a backend has served this client (its own login was accepted once)
