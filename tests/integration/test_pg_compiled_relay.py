@@ -3,6 +3,7 @@ pins, settings and pool counts, and the requests the engine's screen sends back 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -573,6 +574,38 @@ def test_a_lane_client_gets_the_pools_timeout_when_others_hold_every_backend(pg,
     assert server_backends(pg) <= 2
 
 
+@contextlib.contextmanager
+def busy_lane_clients(proxy, count: int, query: str, setting: str | None = None):
+    """`count` psycopg clients (each first running `setting`, if any) running `query` over and over in their lanes
+    until the block ends; yields the barrier to wait on with them once they are connected. Their errors are raised
+    after the block."""
+    errors: list = []
+    stop = threading.Event()
+    ready = threading.Barrier(count + 1, timeout=60)
+
+    def client() -> None:
+        try:
+            with psycopg_connect(proxy, autocommit=True) as conn:
+                if setting:
+                    simple_query(conn, setting)
+                ready.wait()
+                while not stop.is_set():
+                    assert simple_query(conn, query) == [(1,)]
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield ready
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not errors, errors[:3]
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("core", sorted(CORES))
 def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, proxy_factory, core):
@@ -581,23 +614,8 @@ def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, prox
     config = compiled_config(pg, max_size=2)
     config["clusters"]["main"]["pool"]["borrow_timeout"] = 10.0
     proxy = proxy_factory(config, env=CORES[core])
-    busy, errors, latencies = 8, [], []
-    stop = threading.Event()
-    ready = threading.Barrier(busy + 1, timeout=60)
-
-    def lane_client() -> None:
-        try:
-            with psycopg_connect(proxy, autocommit=True) as conn:
-                ready.wait()
-                while not stop.is_set():
-                    assert simple_query(conn, "SELECT count(*) FROM pg_sleep(0.005)") == [(1,)]
-        except Exception as exc:  # collected, re-raised in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=lane_client) for _ in range(busy)]
-    for thread in threads:
-        thread.start()
-    try:
+    latencies = []
+    with busy_lane_clients(proxy, 8, "SELECT count(*) FROM pg_sleep(0.005)") as ready:
         with psycopg_connect(proxy, autocommit=True) as conn:
             ready.wait()
             before = lane_metrics(proxy)["transactions_total"] or 0
@@ -613,11 +631,6 @@ def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, prox
                 n += 1
                 time.sleep(0.02)
             relayed = (lane_metrics(proxy)["transactions_total"] or 0) - before
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-    assert not errors, errors[:3]
     lanes = lane_metrics(proxy)
     latencies.sort()
     print(f"{len(latencies)} transactions on the Python path, first statement latencies: median "
@@ -638,24 +651,8 @@ def test_a_lane_with_no_backend_gets_its_turn_from_a_busy_lane(pg, proxy_factory
     config = compiled_config(pg, max_size=2)
     config["clusters"]["main"]["pool"]["borrow_timeout"] = 10.0
     proxy = proxy_factory(config, env=CORES[core])
-    busy, errors, latencies = 6, [], []
-    stop = threading.Event()
-    ready = threading.Barrier(busy + 1, timeout=60)
-
-    def lane_a_client() -> None:
-        try:
-            with psycopg_connect(proxy, autocommit=True) as conn:
-                simple_query(conn, "SET application_name = 'lane_a'")
-                ready.wait()
-                while not stop.is_set():
-                    assert simple_query(conn, "SELECT 1 FROM pg_sleep(0.005)") == [(1,)]
-        except Exception as exc:  # collected, re-raised in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=lane_a_client) for _ in range(busy)]
-    for thread in threads:
-        thread.start()
-    try:
+    latencies = []
+    with busy_lane_clients(proxy, 6, "SELECT 1 FROM pg_sleep(0.005)", "SET application_name = 'lane_a'") as ready:
         with psycopg_connect(proxy, autocommit=True) as conn:
             simple_query(conn, "SET application_name = 'lane_b'")
             ready.wait()
@@ -669,11 +666,6 @@ def test_a_lane_with_no_backend_gets_its_turn_from_a_busy_lane(pg, proxy_factory
             relayed = (lane_metrics(proxy)["transactions_total"] or 0) - before
             # its setting went with it (the screen stops a statement that names the word: not relayed)
             assert simple_query(conn, "SELECT current_setting('application_name')") == [("lane_b",)]
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
-    assert not errors, errors[:3]
     lanes = lane_metrics(proxy)
     print(f"lane b's latencies: {sorted(round(x, 3) for x in latencies)}; {relayed} relayed meanwhile; {lanes}")
     assert max(latencies) < 2.0, latencies
