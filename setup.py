@@ -35,8 +35,8 @@ setup(
     + ["multiproxy_engines" + name[len("engines"):] for name in find_packages(include=["engines", "engines.*"])],
     package_dir={"multiproxy_engines": "engines"},
     # The compiled relay core (multiproxy/relay_core.py has its pure-Python twin): optional, see OptionalBuildExt.
-    ext_modules=[Extension("multiproxy._relay", ["multiproxy/_relay.c"], optional=True,
-                           extra_compile_args=["-O2", "-std=gnu11"])],
+    ext_modules=[Extension("multiproxy._relay", ["multiproxy/_relay.c"], depends=["multiproxy/_relay_crypto.h"],
+                           optional=True, extra_compile_args=["-O2", "-std=gnu11"])],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "gevent>=23.9",

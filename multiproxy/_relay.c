@@ -50,14 +50,17 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include "_relay_crypto.h"
 
 #define MAX_WORDS 64            /* screen words of one rule */
 #define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8 };
+       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -732,15 +735,35 @@ enum { ROLE_CLIENT = 0, ROLE_BACKEND = 1, ROLE_LISTENER = 2 };
 
 #define MAX_STARTUP 10000       /* PostgreSQL's own limit on a startup packet */
 
+#define SCRAM_NONCE_RAW 18      /* random bytes of the relay's part of a SCRAM nonce (as PostgreSQL's) */
+#define SCRAM_NONCE 24          /* their base64 */
+#define SCRAM_TAIL_MAX 160      /* ",s=<salt>,i=<iterations>" of a greeting's verifier */
+#define SCRAM_TEXT_MAX 512      /* a client-first-message-bare the relay verifies (a longer one: the engine's) */
+
 typedef struct Greeting {
     struct Greeting *next;
     long key_at;                /* >= 0: a keyed greeting (relay logins: a fresh cancel key written here) */
     int template_id;            /* a keyed greeting's id, the arg of its GREETED events */
     int keep;                   /* a keyed greeting's client stays in the relay as a client */
+    int scram;                  /* a keyed greeting sent after a SCRAM-SHA-256 exchange with these keys */
+    unsigned char stored_key[32], server_key[32];
+    size_t tail_len;
+    char tail[SCRAM_TAIL_MAX];  /* the end of its server-first-message: ",s=<salt>,i=<iterations>" */
     size_t startup_len, reply_len;
     unsigned char *reply;
     unsigned char startup[];
 } Greeting;
+
+/* A client's SCRAM-SHA-256 exchange in the relay (relay logins with scram: see "SCRAM" below). */
+typedef struct Login {
+    int template_id;            /* the greeting it began with */
+    int phase;                  /* 1: awaits SASLInitialResponse, 2: awaits SASLResponse */
+    int gs2_y;                  /* its GS2 header was "y,," (else "n,,") */
+    size_t answered;            /* buf[0:answered]: what the relay answered (startup packet, SASLInitialResponse) */
+    size_t bare_at, bare_len;   /* its client-first-message-bare in buf */
+    size_t cnonce_len;          /* the client's nonce: the end of the bare message */
+    char snonce[SCRAM_NONCE];   /* the relay's part of the nonce */
+} Login;
 
 typedef struct Conn {
     int fd;
@@ -765,6 +788,7 @@ typedef struct Conn {
     WalkState st;
     size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
     unsigned char *buf;         /* bufsize bytes while it holds any, else NULL: an idle connection holds none */
+    Login *login;               /* a starting client in a SCRAM exchange, else NULL */
 } Conn;
 
 #define MAX_SPARE_BUFFERS 64    /* buffers kept for reuse after idle connections gave theirs back */
@@ -953,6 +977,7 @@ static void free_dead(RelayObject *r) {
         Conn *c = r->dead;
         r->dead = c->next;
         drop_buf(r, c, 1);
+        PyMem_RawFree(c->login);
         PyMem_RawFree(c);
     }
 }
@@ -986,7 +1011,11 @@ static int register_conn(RelayObject *r, Conn *c) {
 
 static void pump(RelayObject *r, Conn *c);
 static int startup(RelayObject *r, Conn *c);
-static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen);
+static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen, const unsigned char *before,
+                          size_t before_len);
+static int scram_begin(RelayObject *r, Conn *c, const Greeting *g, size_t plen);
+static void give_back_starting(RelayObject *r, Conn *c);
+static int scram_step(RelayObject *r, Conn *c);
 
 /* c is at EOF or broken: a client only the relay knows is closed here, anything else goes to the caller. */
 static void closed(RelayObject *r, Conn *c, int err) {
@@ -1178,6 +1207,8 @@ static int send_all_now(int fd, const unsigned char *data, size_t len) {
 /* A client's first packets: answer the TLS request and a startup packet greeted before; else the engine's. */
 static int startup(RelayObject *r, Conn *c) {
     while (c->starting) {
+        if (c->login)
+            return scram_step(r, c);
         if (c->len < 4)
             return 0;
         size_t plen = ((size_t)c->buf[0] << 24) | ((size_t)c->buf[1] << 16) | ((size_t)c->buf[2] << 8) | c->buf[3];
@@ -1202,7 +1233,7 @@ static int startup(RelayObject *r, Conn *c) {
                 return -1;
             }
             if (g->key_at >= 0)
-                return greet_with_key(r, c, g, plen);
+                return g->scram ? scram_begin(r, c, g, plen) : greet_with_key(r, c, g, plen, NULL, 0);
             reply = g->reply;
             reply_len = g->reply_len;
             greeted = 1;
@@ -1527,33 +1558,50 @@ static PyObject *Relay_listen(RelayObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"startup", "reply", "key_at", "template", "keep", NULL};
-    Py_buffer startup, reply;
+    static char *kwlist[] = {"startup", "reply", "key_at", "template", "keep", "scram", NULL};
+    Py_buffer startup, reply, tail = {0}, stored = {0}, server = {0};
     long key_at = -1;
     int template_id = 0, keep = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|lip", kwlist, &startup, &reply, &key_at, &template_id, &keep))
+    PyObject *scram = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*|lipO", kwlist, &startup, &reply, &key_at, &template_id, &keep,
+                                     &scram))
         return NULL;
-    if (key_at < -1 || (key_at >= 0 && (size_t)key_at + 8 > (size_t)reply.len)) {
-        PyBuffer_Release(&startup);
-        PyBuffer_Release(&reply);
-        return PyErr_Format(PyExc_ValueError, "key_at: -1, or where 8 bytes of the reply start");
+    const char *bad = NULL;
+    if (key_at < -1 || (key_at >= 0 && (size_t)key_at + 8 > (size_t)reply.len))
+        bad = "key_at: -1, or where 8 bytes of the reply start";
+    else if (scram != Py_None && (key_at < 0 || !PyArg_ParseTuple(scram, "y*y*y*", &tail, &stored, &server)))
+        bad = "scram: (tail, stored_key, server_key) of a keyed greeting";
+    else if (scram != Py_None && (tail.len > SCRAM_TAIL_MAX || stored.len != 32 || server.len != 32))
+        bad = "scram: a tail of at most 160 bytes, keys of 32 bytes";
+    Greeting *g = bad ? NULL : PyMem_RawMalloc(sizeof(Greeting) + (size_t)startup.len + (size_t)reply.len);
+    if (g != NULL) {
+        g->startup_len = (size_t)startup.len;
+        g->reply_len = (size_t)reply.len;
+        g->key_at = key_at;
+        g->template_id = template_id;
+        g->keep = keep;
+        g->scram = scram != Py_None;
+        g->tail_len = 0;
+        if (g->scram) {
+            memcpy(g->tail, tail.buf, (size_t)tail.len);
+            g->tail_len = (size_t)tail.len;
+            memcpy(g->stored_key, stored.buf, 32);
+            memcpy(g->server_key, server.buf, 32);
+        }
+        g->reply = g->startup + startup.len;
+        memcpy(g->startup, startup.buf, (size_t)startup.len);
+        memcpy(g->reply, reply.buf, (size_t)reply.len);
     }
-    Greeting *g = PyMem_RawMalloc(sizeof(Greeting) + (size_t)startup.len + (size_t)reply.len);
-    if (g == NULL) {
-        PyBuffer_Release(&startup);
-        PyBuffer_Release(&reply);
+    Py_buffer *held[] = {&startup, &reply, &tail, &stored, &server};
+    for (size_t i = 0; i < sizeof(held) / sizeof(held[0]); i++)
+        if (held[i]->obj)
+            PyBuffer_Release(held[i]);
+    if (bad) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_ValueError, "%s", bad);
+    }
+    if (g == NULL)
         return PyErr_NoMemory();
-    }
-    g->startup_len = (size_t)startup.len;
-    g->reply_len = (size_t)reply.len;
-    g->key_at = key_at;
-    g->template_id = template_id;
-    g->keep = keep;
-    g->reply = g->startup + startup.len;
-    memcpy(g->startup, startup.buf, (size_t)startup.len);
-    memcpy(g->reply, reply.buf, (size_t)reply.len);
-    PyBuffer_Release(&startup);
-    PyBuffer_Release(&reply);
     lock_relay(self);
     g->next = self->greetings;
     self->greetings = g;
@@ -1857,21 +1905,25 @@ static void Relay_dealloc(RelayObject *self) {
  * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
  */
 
-static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {
+static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen, const unsigned char *before,
+                          size_t before_len) {
     if (r->n_keys == 0 || r->login_budget == 0) {
-        hand_over(r, EV_STARTUP, c, 0);
+        give_back_starting(r, c);
         return -1;
     }
     const unsigned char *key = r->keys + 8 * (r->n_keys - 1);
+    size_t total = before_len + g->reply_len;
     unsigned char small[1024];
-    unsigned char *reply = g->reply_len <= sizeof(small) ? small : PyMem_RawMalloc(g->reply_len);
+    unsigned char *reply = total <= sizeof(small) ? small : PyMem_RawMalloc(total);
     if (reply == NULL) {
-        hand_over(r, EV_STARTUP, c, 0);
+        give_back_starting(r, c);
         return -1;
     }
-    memcpy(reply, g->reply, g->reply_len);
-    memcpy(reply + g->key_at, key, 8);
-    int failed = send_all_now(c->fd, reply, g->reply_len) < 0;     /* a fresh socket's send buffer is empty */
+    if (before_len)
+        memcpy(reply, before, before_len);
+    memcpy(reply + before_len, g->reply, g->reply_len);
+    memcpy(reply + before_len + g->key_at, key, 8);
+    int failed = send_all_now(c->fd, reply, total) < 0;     /* a fresh socket's send buffer is empty */
     int err = errno;
     if (reply != small)
         PyMem_RawFree(reply);
@@ -1889,6 +1941,8 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
         return -1;
     }
+    PyMem_RawFree(c->login);
+    c->login = NULL;
     r->n_keys--;
     if (r->login_budget > 0)
         r->login_budget--;
@@ -1917,6 +1971,214 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     forget(r, c);
     r->handed_over++;
     return -1;
+}
+
+/* ---------------------------------------------------------------- Relay logins: SCRAM
+ *
+ * A keyed greeting cached with scram=(tail, stored_key, server_key) is sent after a SCRAM-SHA-256 exchange (RFC 5802,
+ * RFC 7677, as PostgreSQL runs it: no channel binding, the user name of the startup packet) that the relay verifies
+ * from the user's stored keys: AuthenticationSASL for the startup packet, AuthenticationSASLContinue with the
+ * server-first-message (the client's nonce, 18 random bytes of the relay's in base64, then `tail`: ",s=<salt>,i=<n>")
+ * for the SASLInitialResponse, and for a SASLResponse whose proof holds AuthenticationSASLFinal followed by the greeting
+ * with its key (a GREETED event, as above). Anything else goes to the caller as an ANSWERED event, which carries what
+ * the engine needs to take the login over where the relay stands: data = one byte n, the relay's nonce (n bytes),
+ * then every byte the client sent (its startup packet first); arg = how many of those bytes the relay answered. So
+ * are a proof that does not hold (the engine fails it, with its delays and counts), a message the relay does not take
+ * as PostgreSQL would (another mechanism, channel binding, an extension, a name that is not printable ASCII, a
+ * message longer than its limits: the engine answers it), a greeting forgotten meanwhile, no key or no budget at the
+ * end, and the clients that take_starting() and unlisten() give back.
+ */
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* A starting client goes back to the caller: STARTUP with its bytes, or ANSWERED in a SCRAM exchange. */
+static void give_back_starting(RelayObject *r, Conn *c) {
+    Login *l = c->login;
+    if (l == NULL) {
+        hand_over(r, EV_STARTUP, c, 0);     /* its bytes so far (fwd is 0 while it starts) */
+        return;
+    }
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + 1 + SCRAM_NONCE + c->len);
+    int fd = c->fd;
+    if (ev != NULL) {
+        ev->next = NULL;
+        ev->kind = EV_ANSWERED;
+        ev->fd = fd;
+        ev->peer_fd = -1;
+        ev->arg = (int)l->answered;
+        ev->len = 1 + SCRAM_NONCE + c->len;
+        ev->data[0] = SCRAM_NONCE;
+        memcpy(ev->data + 1, l->snonce, SCRAM_NONCE);
+        memcpy(ev->data + 1 + SCRAM_NONCE, c->buf, c->len);
+        *r->queue_tail = ev;
+        r->queue_tail = &ev->next;
+    }
+    forget(r, c);
+    r->handed_over++;
+    if (ev == NULL)
+        close(fd);              /* the relay accepted it and nobody else knows of it */
+}
+
+static const Greeting *greeting_of(RelayObject *r, int template_id) {
+    const Greeting *g = r->greetings;
+    while (g && g->template_id != template_id)
+        g = g->next;
+    return g;
+}
+
+static int scram_begin(RelayObject *r, Conn *c, const Greeting *g, size_t plen) {
+    static const unsigned char sasl[] = {'R', 0, 0, 0, 23, 0, 0, 0, 10, 'S', 'C', 'R', 'A', 'M', '-', 'S', 'H', 'A',
+                                         '-', '2', '5', '6', 0, 0};
+    unsigned char raw[SCRAM_NONCE_RAW];
+    Login *l = NULL;
+    if (r->n_keys == 0 || r->login_budget == 0 || (l = PyMem_RawMalloc(sizeof(Login))) == NULL ||
+        getrandom(raw, sizeof(raw), GRND_NONBLOCK) != (ssize_t)sizeof(raw)) {
+        PyMem_RawFree(l);
+        hand_over(r, EV_STARTUP, c, 0);
+        return -1;
+    }
+    memset(l, 0, sizeof(*l));
+    b64_encode(raw, sizeof(raw), l->snonce);
+    l->template_id = g->template_id;
+    l->phase = 1;
+    l->answered = plen;
+    c->login = l;
+    if (send_all_now(c->fd, sasl, sizeof(sasl)) < 0) {     /* a fresh socket's send buffer is empty */
+        hand_over(r, EV_CLOSED, c, errno);
+        return -1;
+    }
+    return scram_step(r, c);
+}
+
+/* The SASLInitialResponse: "SCRAM-SHA-256", its length, "n,," or "y,,", then exactly n=<name>,r=<nonce>. */
+static int scram_first(RelayObject *r, Conn *c, const Greeting *g, const unsigned char *body, size_t blen,
+                       size_t next) {
+    Login *l = c->login;
+    static const char mech[14] = "SCRAM-SHA-256";
+    if (blen < 18 || memcmp(body, mech, sizeof(mech)) != 0 || be32(body + 14) != blen - 18)
+        return 1;
+    const unsigned char *d = body + 18, *end = body + blen;
+    if (blen - 18 < 3 || (d[0] != 'n' && d[0] != 'y') || d[1] != ',' || d[2] != ',')
+        return 1;
+    const unsigned char *bare = d + 3, *p = bare + 2;
+    if (end - bare < 2 || end - bare > SCRAM_TEXT_MAX || bare[0] != 'n' || bare[1] != '=')
+        return 1;
+    for (; p < end && *p != ','; p++) {     /* the name (PostgreSQL takes the startup packet's): escapes well formed */
+        if (*p < 0x20 || *p > 0x7e)
+            return 1;
+        if (*p == '=' && !(end - p >= 3 && ((p[1] == '2' && p[2] == 'C') || (p[1] == '3' && p[2] == 'D'))))
+            return 1;
+    }
+    if (end - p < 4 || p[1] != 'r' || p[2] != '=')
+        return 1;
+    const unsigned char *cnonce = p + 3;
+    for (p = cnonce; p < end; p++)          /* printable, no comma: nothing follows the nonce */
+        if (*p < 0x21 || *p > 0x7e || *p == ',')
+            return 1;
+    size_t cnonce_len = (size_t)(end - cnonce);
+    unsigned char out[9 + 2 + SCRAM_TEXT_MAX + SCRAM_NONCE + SCRAM_TAIL_MAX];
+    size_t n = 9;
+    memcpy(out + n, "r=", 2);
+    n += 2;
+    memcpy(out + n, cnonce, cnonce_len);
+    n += cnonce_len;
+    memcpy(out + n, l->snonce, SCRAM_NONCE);
+    n += SCRAM_NONCE;
+    memcpy(out + n, g->tail, g->tail_len);
+    n += g->tail_len;
+    out[0] = 'R';
+    put_be32(out + 1, (uint32_t)(n - 1));
+    put_be32(out + 5, 11);                  /* AuthenticationSASLContinue */
+    if (send_all_now(c->fd, out, n) < 0) {
+        hand_over(r, EV_CLOSED, c, errno);
+        return -1;
+    }
+    l->phase = 2;
+    l->gs2_y = d[0] == 'y';
+    l->bare_at = (size_t)(bare - c->buf);
+    l->bare_len = (size_t)(end - bare);
+    l->cnonce_len = cnonce_len;
+    l->answered = next;
+    return 0;
+}
+
+/* The SASLResponse: exactly c=<base64 of the GS2 header>,r=<the whole nonce>,p=<base64 proof>. */
+static int scram_final(RelayObject *r, Conn *c, const Greeting *g, const unsigned char *body, size_t blen,
+                       size_t next) {
+    Login *l = c->login;
+    const unsigned char *bare = c->buf + l->bare_at;
+    const unsigned char *cnonce = bare + l->bare_len - l->cnonce_len;
+    size_t without_proof = 9 + l->cnonce_len + SCRAM_NONCE;
+    unsigned char proof[32], signature[32], client_key[32], stored[32];
+    if (blen != without_proof + 3 + 44 || memcmp(body, l->gs2_y ? "c=eSws,r=" : "c=biws,r=", 9) != 0 ||
+        memcmp(body + 9, cnonce, l->cnonce_len) != 0 || memcmp(body + 9 + l->cnonce_len, l->snonce, SCRAM_NONCE) ||
+        memcmp(body + without_proof, ",p=", 3) != 0 ||
+        b64_decode((const char *)body + without_proof + 3, 44, proof, sizeof(proof)) != 32)
+        return 1;
+    /* AuthMessage: client-first-message-bare "," server-first-message "," client-final-message-without-proof */
+    unsigned char auth[SCRAM_TEXT_MAX + 1 + 2 + SCRAM_TEXT_MAX + SCRAM_NONCE + SCRAM_TAIL_MAX + 1 + 9 + SCRAM_TEXT_MAX
+                       + SCRAM_NONCE];
+    size_t n = 0;
+    memcpy(auth, bare, l->bare_len);
+    n += l->bare_len;
+    memcpy(auth + n, ",r=", 3);
+    n += 3;
+    memcpy(auth + n, cnonce, l->cnonce_len);
+    n += l->cnonce_len;
+    memcpy(auth + n, l->snonce, SCRAM_NONCE);
+    n += SCRAM_NONCE;
+    memcpy(auth + n, g->tail, g->tail_len);
+    n += g->tail_len;
+    auth[n++] = ',';
+    memcpy(auth + n, body, without_proof);
+    n += without_proof;
+    hmac_sha256(g->stored_key, 32, auth, n, NULL, 0, signature);
+    for (int i = 0; i < 32; i++)
+        client_key[i] = proof[i] ^ signature[i];
+    sha256(client_key, 32, stored);
+    if (ct_differ(stored, g->stored_key, 32) || r->n_keys == 0 || r->login_budget == 0)
+        return 1;               /* the engine judges it: fails it as a wrong password, or logs it in */
+    unsigned char final[9 + 2 + 44];
+    final[0] = 'R';
+    put_be32(final + 1, sizeof(final) - 1);
+    put_be32(final + 5, 12);                /* AuthenticationSASLFinal */
+    memcpy(final + 9, "v=", 2);
+    hmac_sha256(g->server_key, 32, auth, n, NULL, 0, signature);
+    b64_encode(signature, 32, (char *)final + 11);
+    return greet_with_key(r, c, g, next, final, sizeof(final));
+}
+
+/* A starting client in a SCRAM exchange has sent more: its next SASL message, whole, is answered here. */
+static int scram_step(RelayObject *r, Conn *c) {
+    Login *l = c->login;
+    size_t at = l->answered;
+    if (c->len - at < 5)
+        return 0;
+    const unsigned char *m = c->buf + at;
+    size_t mlen = be32(m + 1);
+    const Greeting *g = greeting_of(r, l->template_id);
+    if (m[0] != 'p' || mlen < 4 || mlen + 1 > r->bufsize - at || g == NULL) {
+        give_back_starting(r, c);
+        return -1;
+    }
+    if (c->len - at < mlen + 1)
+        return 0;
+    int step = l->phase == 1 ? scram_first(r, c, g, m + 5, mlen - 4, at + 1 + mlen)
+                             : scram_final(r, c, g, m + 5, mlen - 4, at + 1 + mlen);
+    if (step > 0) {
+        give_back_starting(r, c);
+        return -1;
+    }
+    return step;
 }
 
 static PyObject *Relay_add_keys(RelayObject *self, PyObject *arg) {
@@ -1990,7 +2252,7 @@ static PyObject *Relay_take_starting(RelayObject *self, PyObject *args) {
         if (aged_only && !c->aged)
             c->aged = 1;                            /* handed over at the next call if it still starts then */
         else
-            hand_over(self, EV_STARTUP, c, 0);
+            give_back_starting(self, c);
     }
     PyObject *events = take_events(self);
     unlock_relay(self);
@@ -2008,7 +2270,7 @@ static PyObject *Relay_unlisten(RelayObject *self, PyObject *unused) {
         if (c->role == ROLE_LISTENER)
             forget(self, c);
         else if (c->starting)
-            hand_over(self, EV_STARTUP, c, 0);      /* its bytes so far (fwd is 0 while it starts) */
+            give_back_starting(self, c);
     }
     PyObject *events = take_events(self);
     unlock_relay(self);
@@ -2104,6 +2366,7 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
         PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0 ||
+        PyModule_AddIntConstant(m, "ANSWERED", EV_ANSWERED) < 0 ||
         PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0 || PyModule_AddIntConstant(m, "GONE", EV_GONE) < 0) {
         Py_DECREF(m);
         return NULL;

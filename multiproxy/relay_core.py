@@ -79,7 +79,10 @@ on it); `PyWalker` and `PyRelay` are always the twin.
 """
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
+import hmac
 import logging
 import operator
 import os
@@ -89,8 +92,12 @@ import struct
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE = range(9)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED = range(10)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
+SCRAM_NONCE_RAW = 18    # relay logins with SCRAM: random bytes of the relay's part of the nonce (24 in base64)
+SCRAM_TAIL_MAX = 160    # the end of a server-first-message: ",s=<salt>,i=<iterations>"
+SCRAM_TEXT_MAX = 512    # a client-first-message-bare the relay verifies
+_SASL_REQUEST = b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
 _PG_BATCH_INCOMPLETE, _PG_BATCH_RELAYED, _PG_BATCH_STOP = range(3)
@@ -441,9 +448,19 @@ def _mysql_eof_status(payload: bytes) -> int:
     return payload[3] | (payload[4] << 8) if len(payload) >= 5 else -1
 
 
+class _Login:
+    """A starting client's SCRAM exchange in the relay (see "Relay logins: SCRAM" in _relay.c)."""
+    __slots__ = ("template", "phase", "answered", "snonce", "y", "bare", "server_first")
+
+    def __init__(self, template, answered, snonce):
+        self.template, self.phase, self.answered, self.snonce = template, 1, answered, snonce
+        self.y, self.bare, self.server_first = False, b"", b""
+
+
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
-                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks")
+                 "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
+                 "login")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -457,6 +474,7 @@ class _Conn:
         self.sent = self.fwd = 0
         self.owned = self.starting = self.report = False
         self.listener = None            # a listening socket object (listeners only)
+        self.login = None               # a starting client's SCRAM exchange (_Login)
 
 
 def _epoll():
@@ -562,10 +580,20 @@ class PyRelay:
         self._register(c)
         return self._take_events()
 
-    def cache_greeting(self, startup, reply, key_at=-1, template=0, keep=False) -> None:
+    def cache_greeting(self, startup, reply, key_at=-1, template=0, keep=False, scram=None) -> None:
         if key_at < -1 or (key_at >= 0 and key_at + 8 > len(reply)):
             raise ValueError("key_at: -1, or where 8 bytes of the reply start")
-        self._greetings[bytes(startup)] = (bytes(reply), key_at, template, bool(keep))
+        if scram is not None:
+            try:
+                tail, stored_key, server_key = (bytes(part) for part in scram)
+            except (TypeError, ValueError):
+                raise ValueError("scram: (tail, stored_key, server_key) of a keyed greeting") from None
+            if key_at < 0:
+                raise ValueError("scram: (tail, stored_key, server_key) of a keyed greeting")
+            if len(tail) > SCRAM_TAIL_MAX or len(stored_key) != 32 or len(server_key) != 32:
+                raise ValueError("scram: a tail of at most 160 bytes, keys of 32 bytes")
+            scram = (tail, stored_key, server_key)
+        self._greetings[bytes(startup)] = (bytes(reply), key_at, template, bool(keep), scram)
 
     def add_keys(self, keys) -> int:
         keys = bytes(keys)
@@ -588,7 +616,7 @@ class PyRelay:
                 if aged_only and not c.aged:
                     c.aged = True
                 else:
-                    self._hand_over(STARTUP, c, 0)
+                    self._give_back_starting(c)
         return self._take_events()
 
     def unlisten(self) -> list:
@@ -596,7 +624,7 @@ class PyRelay:
             if c.listener is not None:
                 self._forget(c)
             elif c.starting:
-                self._hand_over(STARTUP, c, 0)
+                self._give_back_starting(c)
         return self._take_events()
 
     def run_ready(self, max_events=256) -> list:
@@ -751,6 +779,8 @@ class PyRelay:
     def _startup(self, c) -> bool:
         """Answer c's first packets that the engine declared; False when c went to the caller."""
         while c.starting:
+            if c.login is not None:
+                return self._scram_step(c)
             if len(c.buf) < 4:
                 return True
             size = int.from_bytes(c.buf[:4], "big")
@@ -768,7 +798,9 @@ class PyRelay:
                 if greeting is None:
                     self._hand_over(STARTUP, c, 0)
                     return False
-                reply, key_at, template, keep = greeting
+                reply, key_at, template, keep, scram = greeting
+                if key_at >= 0 and scram is not None:
+                    return self._scram_begin(c, size, template)
                 if key_at >= 0:
                     return self._greet_with_key(c, size, reply, key_at, template, keep)
             try:
@@ -785,15 +817,16 @@ class PyRelay:
                 self._greeted += 1
         return True
 
-    def _greet_with_key(self, c, size, reply, key_at, template, keep) -> bool:
-        """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply, then the client goes to the caller
-        as GREETED (data: its key + what it sent after the startup packet), or with keep stays as a client
-        (data: its key; True: what it sent next is walked); no key or no budget: STARTUP."""
+    def _greet_with_key(self, c, size, reply, key_at, template, keep, before=b"") -> bool:
+        """A keyed greeting (relay logins, see _relay.c): a fresh key in the reply (after `before`: a SCRAM exchange's
+        AuthenticationSASLFinal), then the client goes to the caller as GREETED (data: its key + what it sent after
+        the startup packet), or with keep stays as a client (data: its key; True: what it sent next is walked); no key
+        or no budget: STARTUP."""
         if not self._keys or self._login_budget == 0:
-            self._hand_over(STARTUP, c, 0)
+            self._give_back_starting(c)
             return False
         key = self._keys[0]
-        reply = reply[:key_at] + key + reply[key_at + 8:]
+        reply = before + reply[:key_at] + key + reply[key_at + 8:]
         try:
             sent = os.write(c.fd, reply)
         except OSError as exc:
@@ -803,6 +836,7 @@ class PyRelay:
             self._hand_over(CLOSED, c, errno.EAGAIN)
             return False
         del self._keys[0]
+        c.login = None
         if self._login_budget > 0:
             self._login_budget -= 1
         self._greeted += 1
@@ -818,6 +852,119 @@ class PyRelay:
         self._forget(c)
         self._handed_over += 1
         return False
+
+    def _give_back_starting(self, c) -> None:
+        """A starting client goes to the caller: STARTUP with its bytes, or ANSWERED in a SCRAM exchange (data: one
+        byte n, the relay's nonce, every byte the client sent; arg: how many of them were answered)."""
+        login = c.login
+        if login is None:
+            self._hand_over(STARTUP, c, 0)
+            return
+        self._events.append((ANSWERED, c.fd, -1, bytes([len(login.snonce)]) + login.snonce + bytes(c.buf),
+                             login.answered))
+        self._forget(c)
+        self._handed_over += 1
+
+    def _scram_greeting(self, template):
+        for greeting in self._greetings.values():
+            if greeting[2] == template and greeting[1] >= 0 and greeting[4] is not None:
+                return greeting
+        return None
+
+    def _scram_begin(self, c, size, template) -> bool:
+        """A SCRAM template's startup packet (see "Relay logins: SCRAM" in _relay.c): AuthenticationSASL."""
+        if not self._keys or self._login_budget == 0:
+            self._hand_over(STARTUP, c, 0)
+            return False
+        c.login = _Login(template, size, base64.b64encode(os.urandom(SCRAM_NONCE_RAW)))
+        if not self._send_starting(c, _SASL_REQUEST):
+            return False
+        return self._scram_step(c)
+
+    def _send_starting(self, c, data) -> bool:
+        try:
+            sent = os.write(c.fd, data)
+        except OSError as exc:
+            self._hand_over(CLOSED, c, exc.errno or 0)
+            return False
+        if sent != len(data):
+            self._hand_over(CLOSED, c, errno.EAGAIN)
+            return False
+        return True
+
+    def _scram_step(self, c) -> bool:
+        login = c.login
+        at = login.answered
+        buf = c.buf
+        if len(buf) - at < 5:
+            return True
+        size = int.from_bytes(buf[at + 1:at + 5], "big")
+        greeting = self._scram_greeting(login.template)
+        if buf[at] != 0x70 or size < 4 or size + 1 > self._bufsize - at or greeting is None:
+            self._give_back_starting(c)
+            return False
+        if len(buf) - at < size + 1:
+            return True
+        body = bytes(buf[at + 5:at + 1 + size])
+        step = self._scram_first if login.phase == 1 else self._scram_final
+        done = step(c, greeting, body, at + 1 + size)
+        if done is None:
+            self._give_back_starting(c)
+            return False
+        return done
+
+    def _scram_first(self, c, greeting, body, after):
+        login = c.login
+        if len(body) < 18 or body[:14] != b"SCRAM-SHA-256\x00" or int.from_bytes(body[14:18], "big") != len(body) - 18:
+            return None
+        data = body[18:]
+        if len(data) < 3 or data[:3] not in (b"n,,", b"y,,"):
+            return None
+        bare = data[3:]
+        if not 2 <= len(bare) <= SCRAM_TEXT_MAX or bare[:2] != b"n=":
+            return None
+        name, comma, nonce_attr = bare[2:].partition(b",")
+        i = 0
+        while i < len(name):
+            if not 0x20 <= name[i] <= 0x7E or (name[i] == 0x3D and name[i + 1:i + 3] not in (b"2C", b"3D")):
+                return None
+            i += 1
+        if not comma or len(nonce_attr) < 3 or nonce_attr[:2] != b"r=":
+            return None
+        cnonce = nonce_attr[2:]
+        if any(not 0x21 <= ch <= 0x7E or ch == 0x2C for ch in cnonce):
+            return None
+        tail = greeting[4][0]
+        server_first = b"r=" + cnonce + login.snonce + tail
+        if not self._send_starting(c, b"R" + (8 + len(server_first)).to_bytes(4, "big") + (11).to_bytes(4, "big")
+                                   + server_first):
+            return False
+        login.phase, login.y, login.bare, login.server_first, login.answered = 2, data[:1] == b"y", bare, server_first, after
+        return True
+
+    def _scram_final(self, c, greeting, body, after):
+        login = c.login
+        tail, stored_key, server_key = greeting[4]
+        nonce = login.server_first[2:2 + len(login.server_first) - 2 - len(tail)]
+        without_proof = (b"c=eSws,r=" if login.y else b"c=biws,r=") + nonce
+        if len(body) != len(without_proof) + 3 + 44 or not body.startswith(without_proof + b",p="):
+            return None
+        try:
+            proof = base64.b64decode(body[-44:], validate=True)
+        except ValueError:
+            return None
+        if len(proof) != 32 or base64.b64encode(proof) != body[-44:]:
+            return None
+        auth = login.bare + b"," + login.server_first + b"," + without_proof
+        signature = hmac.digest(stored_key, auth, "sha256")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if (not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key) or not self._keys
+                or self._login_budget == 0):
+            return None
+        final = b"v=" + base64.b64encode(hmac.digest(server_key, auth, "sha256"))
+        reply, key_at, template, keep, _ = greeting
+        return self._greet_with_key(c, after, reply, key_at, template, keep,
+                                    b"R" + (8 + len(final)).to_bytes(4, "big") + (12).to_bytes(4, "big") + final)
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer

@@ -116,6 +116,7 @@ done
 EXTRAS="lab,test"  # the lab (`multiproxy lab`, sqlglot, cryptography) and the test suite's clients
 want="$("$PYTHON" -c 'import sys; print(sys.executable)') $REPO_ROOT [$EXTRAS] $(cat "${packaging_files[@]}" | sha256sum | cut -c1-16)"
 relay_source=multiproxy/_relay.c
+relay_header=multiproxy/_relay_crypto.h
 installed_here() {
     # multiproxy must import from this checkout, not from another clone installed earlier.
     [[ "$(cd / && "$PYTHON" -c 'import multiproxy, os; print(os.path.dirname(os.path.dirname(multiproxy.__file__)))' 2>/dev/null)" == "$REPO_ROOT" ]]
@@ -134,11 +135,12 @@ else
 fi
 
 # -- the compiled relay core: pip's editable install builds it in place (setuptools' build_ext in editable mode);
-# rebuild it here when its C source is newer than the built module or the module is missing. Optional:
+# rebuild it here when its C source (or header) is newer than the built module or the module is missing. Optional:
 # without it multiproxy.relay_core uses its pure-Python twin and logs that it does.
 if [[ -f $relay_source ]]; then
     relay_module="multiproxy/_relay$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-    if [[ ${INSTALL_DEPS_FORCE:-} == 1 || ! -f $relay_module || $relay_source -nt $relay_module ]]; then
+    if [[ ${INSTALL_DEPS_FORCE:-} == 1 || ! -f $relay_module || $relay_source -nt $relay_module
+          || $relay_header -nt $relay_module ]]; then
         say "build the compiled relay core in place ($relay_module)"
         if ! "$PYTHON" setup.py -q build_ext --inplace >>"$LOG" 2>&1 || [[ ! -f $relay_module ]]; then
             say "warning: the compiled relay core was not built (log: $LOG); the pure-Python relay core is used"

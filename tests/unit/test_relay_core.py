@@ -1,6 +1,7 @@
 """The relay core's framing walker and relay, the compiled one and its pure-Python twin, on the same vectors."""
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import struct
@@ -1573,3 +1574,164 @@ def test_a_tds_relay_lends_a_backend_per_batch_and_holds_an_attention(impl):
     # the Attention sent behind a relayed batch waits for its answer's end, then goes to the caller alone
     assert ("event", rc.HANDOVER, "client", None, attention, 6) in trace
     assert trace[-1] == ("stats", 0, 2, 0, 2)
+
+
+# -- relay logins with SCRAM-SHA-256: the relay verifies the exchange from the user's stored keys
+
+def _scram_keys(password: str, salt: bytes = b"0123456789abcdef", iterations: int = 4096):
+    from multiproxy.auth import parse_scram_verifier, scram_sha_256_verifier
+    verifier = parse_scram_verifier(scram_sha_256_verifier(password, salt, iterations))
+    tail = b",s=" + base64.b64encode(verifier.salt) + b",i=%d" % verifier.iterations
+    return tail, verifier.stored_key, verifier.server_key
+
+
+def _read_message(sock) -> tuple[bytes, bytes]:
+    head = recv_exactly(sock, 5)
+    return head[:1], recv_exactly(sock, struct.unpack("!I", head[1:])[0] - 4)
+
+
+def _sasl_initial(client_first: bytes, mechanism: bytes = b"SCRAM-SHA-256") -> bytes:
+    return pg(b"p", mechanism + b"\0" + struct.pack("!I", len(client_first)) + client_first)
+
+
+def _scram_relay(impl, listener, password="pencil", keep=False):
+    relay = impl[1](*walkers(impl))
+    assert relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X") == []
+    prefix = pg(b"R", b"\0\0\0\0") + pg(b"S", b"server_version\x0017\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=5, keep=keep,
+                         scram=_scram_keys(password))
+    relay.add_keys(struct.pack("!II", 1, 11) + struct.pack("!II", 2, 22))
+    return relay, reply
+
+
+def _scram_until_final(relay, sock, password):
+    """A SCRAM exchange up to the client's SASLResponse (the ScramClient the proxy uses against servers)."""
+    from engines.postgres.auth import ScramClient
+    client = ScramClient("", password)
+    sock.sendall(startup_packet(b"alice"))
+    serve_until(relay, lambda _: _readable(sock))
+    assert _read_message(sock) == (b"R", struct.pack("!I", 10) + b"SCRAM-SHA-256\0\0")
+    initial = _sasl_initial(client.client_first())
+    sock.sendall(initial)
+    serve_until(relay, lambda _: _readable(sock))
+    kind, body = _read_message(sock)
+    assert kind == b"R" and body[:4] == struct.pack("!I", 11)
+    server_first = body[4:]
+    assert server_first.endswith(b",s=" + base64.b64encode(b"0123456789abcdef") + b",i=4096")
+    final = pg(b"p", client.handle_server_first(server_first))
+    sock.sendall(final)
+    return client, initial, final, server_first
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_relay_verifies_a_scram_exchange_then_greets_with_a_key(impl, listener, keep):
+    relay, reply = _scram_relay(impl, listener, keep=keep)
+    sock = connect(listener)
+    client, *_ = _scram_until_final(relay, sock, "pencil")
+    events = serve_until(relay, lambda events: events)
+    kind, body = _read_message(sock)
+    assert kind == b"R" and body[:4] == struct.pack("!I", 12)
+    client.verify_server_final(body[4:])            # the relay proved it holds the server key
+    assert client.authenticated
+    greeting = recv_exactly(sock, len(reply))
+    assert greeting == reply.replace(_key_data(0, 0), _key_data(1, 11))
+    assert [(kind, greeted_parts(data, socket.AF_INET), arg) for kind, _, _, data, arg in events] == \
+        [(rc.GREETED, (struct.pack("!II", 1, 11), sock.getsockname(), b""), 5)]
+    assert relay.stats()["greeted"] == 1
+    if keep:                                        # a client of the relay now: its goodbye is a GONE event
+        sock.sendall(TERMINATE)
+        assert [kind for kind, *_ in serve_until(relay, lambda events: events)] == [rc.GONE]
+    else:
+        os.close(events[0][1])
+    relay.close()
+    sock.close()
+
+
+def _answered(event):
+    kind, fd, peer, data, arg = event
+    assert kind == rc.ANSWERED and peer == -1
+    nonce = data[1:1 + data[0]]
+    return fd, nonce, data[1 + data[0]:], arg
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_scram_proof_that_does_not_hold_goes_to_the_engine_where_the_relay_stands(impl, listener):
+    relay, _ = _scram_relay(impl, listener)
+    sock = connect(listener)
+    _, initial, final, server_first = _scram_until_final(relay, sock, "wrong password")
+    events = serve_until(relay, lambda events: events)
+    fd, nonce, data, answered = _answered(events[0])
+    assert len(events) == 1 and len(nonce) == 24
+    assert server_first.startswith(b"r=") and nonce in server_first      # the relay's part of the nonce
+    assert data == startup_packet(b"alice") + initial + final            # every byte, the startup packet first
+    assert answered == len(startup_packet(b"alice") + initial)           # answered: all but the SASLResponse
+    assert not _readable(sock)                                           # nothing said: the engine answers
+    os.close(fd)
+    relay.close()
+    sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("initial", [
+    _sasl_initial(b"p=tls-server-end-point,,n=,r=abc"),                 # channel binding
+    _sasl_initial(b"n,,n=,r=abc", b"SCRAM-SHA-256-PLUS"),                # another mechanism
+    _sasl_initial(b"n,,n=,r=abc,x=extension"),                           # an extension
+    _sasl_initial(b"n,a=admin,n=,r=abc"),                                # an authorization identity
+    _sasl_initial("n,,n=é,r=abc".encode()),                              # a name the engine decodes
+    _sasl_initial(b"n,,n=a=41,r=abc"),                                   # a bad escape
+    pg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!I", 99) + b"n,,n=,r=abc"),   # a wrong length
+    pg(b"Q", b"select 1\0"),                                             # not a SASL message
+])
+def test_what_the_relay_does_not_take_as_postgresql_would_goes_to_the_engine(impl, listener, initial):
+    relay, _ = _scram_relay(impl, listener)
+    sock = connect(listener)
+    sock.sendall(startup_packet(b"alice"))
+    serve_until(relay, lambda _: _readable(sock))
+    _read_message(sock)
+    sock.sendall(initial)
+    fd, nonce, data, answered = _answered(serve_until(relay, lambda events: events)[0])
+    assert (data, answered) == (startup_packet(b"alice") + initial, len(startup_packet(b"alice")))
+    os.close(fd)
+    relay.close()
+    sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_scram_login_under_way_goes_to_the_engine_when_taken_or_forgotten(impl, listener):
+    relay, _ = _scram_relay(impl, listener)
+    first = connect(listener)
+    first.sendall(startup_packet(b"alice"))
+    serve_until(relay, lambda _: _readable(first))
+    _read_message(first)
+    first.sendall(b"p\0")                                                # half a header
+    serve_until(relay, lambda _: relay.stats()["accepted"] == 1)
+    fd, _, data, answered = _answered(relay.take_starting()[0])          # aged, or the door closes
+    assert (data, answered) == (startup_packet(b"alice") + b"p\0", len(startup_packet(b"alice")))
+    os.close(fd)
+    second = connect(listener)
+    _, initial, final, _ = _scram_until_final(relay, second, "pencil")
+    relay.forget_greetings()                                             # the template went stale meanwhile
+    fd, _, data, answered = _answered(serve_until(relay, lambda events: events)[0])
+    assert (data, answered) == (startup_packet(b"alice") + initial + final, len(startup_packet(b"alice") + initial))
+    assert relay.stats()["greeted"] == 0
+    os.close(fd)
+    relay.close()
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_scram_greeting_needs_a_key_slot_and_its_keys(impl):
+    relay = impl[1](*walkers(impl))
+    tail, stored, server = _scram_keys("pencil")
+    for bad in [dict(scram=(tail, stored, server)), dict(key_at=0, scram=(tail, stored[:31], server)),
+                dict(key_at=0, scram=(b"x" * 161, stored, server)), dict(key_at=0, scram=(tail, stored))]:
+        with pytest.raises(ValueError):
+            relay.cache_greeting(startup_packet(b"alice"), bytes(20), **bad)
+    relay.close()
