@@ -107,11 +107,12 @@ class Acceptor:
         else:
             gevent.spawn_raw(self._serve, job, first, second)
 
-    def accepted_with(self, sock, address, data: bytes) -> bool:
-        """A new client whose first bytes (`data`) were read already: served as `_accepted` serves one."""
+    def accepted_with(self, sock, address, data: bytes, answered=None) -> bool:
+        """A new client whose first bytes (`data`) were read already (`answered`: how many of them a relay login
+        answered, and its SCRAM nonce): served as `_accepted` serves one."""
         parked = False
         try:
-            parked = self.handle(sock, address, data)
+            parked = self.handle(sock, address, data, answered) if answered else self.handle(sock, address, data)
         finally:
             if not parked:
                 sock.close()

@@ -455,6 +455,13 @@ class ClientProtocol:
         `Engine.cancel_script` as for a client's own cancel."""
         return b""
 
+    def replay_handshake(self, data: bytes, nonce: bytes) -> list:
+        """Optional, with Engine.relay_login_auth holding "scram-sha-256": handshake bytes that the compiled relay read
+        and answered already (its startup packet, and its SASLInitialResponse if the relay answered it with `nonce` as
+        its part of the SCRAM nonce), for the handshake to stand where the relay stood; returns the events of those
+        bytes other than what the relay sent (SendToClient), for the core to act on as receive_handshake's."""
+        raise NotImplementedError
+
     def user_found(self, record) -> list:
         """Optional, for engines that emit LookupUser: the looked-up multiproxy.auth.UserRecord of the handshake's
         user, or None (unknown: refused like any unknown user); returns the handshake events that follow."""
@@ -583,6 +590,10 @@ class Engine:
 
     # With relay_login: the first packet the relay answers by itself before a startup (the TLS request) and its answer.
     relay_login_refusal: tuple = (b"", b"")
+    # With relay_login: the listener auth methods whose logins the relay may run: "trust" (a greeting alone) and
+    # "scram-sha-256" (the relay verifies the exchange from the user's stored keys, multiproxy.relay_logins; the
+    # client protocol's replay_handshake then takes over an exchange the relay does not finish).
+    relay_login_auth: frozenset = frozenset(("trust",))
 
     def relay_login(self, client: "ClientProtocol", server_state) -> tuple | None:
         """Optional, with relay_rules: the greeting of a logged-in `client` (trust authentication, between its login

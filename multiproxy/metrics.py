@@ -227,7 +227,8 @@ class ProxyCollector:
                 c.add_metric([why], count)
             yield c
             c = CounterMetricFamily(PREFIX + "relay_logins", "Client logins the compiled relay accepted and greeted "
-                                    "by itself (relay logins: trust, no TLS, one worker; multiproxy.relay_logins)")
+                                    "by itself (relay logins: trust or SCRAM, no TLS, one worker; "
+                                    "multiproxy.relay_logins)")
             c.add_metric([], stats["logins"])
             yield c
             c = CounterMetricFamily(PREFIX + "relay_logins_ended", "Clients greeted by the compiled relay that left "
@@ -239,6 +240,12 @@ class ProxyCollector:
                                     "session the Python path needed whole (a statement the relay stops, a cancel, a "
                                     "timeout, a drain): their socket object and client state made then")
             c.add_metric([], stats["logins_whole"])
+            yield c
+            c = CounterMetricFamily(PREFIX + "relay_logins_resumed", "SCRAM logins the compiled relay began and the "
+                                    "Python path finished from where the relay stood (a proof that did not hold, a "
+                                    "message the relay leaves to the engine, a template dropped midway, a client too "
+                                    "slow to log in)")
+            c.add_metric([], stats["logins_resumed"])
             yield c
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)

@@ -160,11 +160,12 @@ class Proxy:
     def _handler(self, rt: ListenerRuntime):
         metrics = self.metrics
 
-        def handle(sock, address, first=b""):
+        def handle(sock, address, first=b"", answered=None):
             limit = rt.config.max_client_connections                  # read per client: a reload may change them
             per_address = self.config.proxy.max_connections_per_address
             session = Session(self, rt, sock, address)
             session.leftover = first        # bytes a relay login door read (Session.handshake reads them first)
+            session.answered = answered     # (how many of them the relay answered, its SCRAM nonce)
             source = address[0] if isinstance(address, tuple) else str(address)
             reject = None
             blocked = self.throttle.blocked_for(source)

@@ -209,7 +209,8 @@ class RelayLanes:
         return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
-                "logins_ended": self.gone_total, "logins_whole": logins.made_whole, "login_doors": len(logins.doors)}
+                "logins_ended": self.gone_total, "logins_whole": logins.made_whole, "logins_resumed": logins.resumed,
+                "login_doors": len(logins.doors)}
 
     def _sweep_forever(self) -> None:
         while True:

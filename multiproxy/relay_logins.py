@@ -1,7 +1,8 @@
 """Relay logins: repeat PostgreSQL logins accepted and greeted by the compiled relay core ([proxy] relay = "compiled").
 
 Scope (outside it nothing changes; logins stay on the Python path): an engine with `Engine.relay_login`
-(PostgreSQL), the compiled multiproxy._relay (not its twin), a listener with `auth = "trust"` and no TLS, one worker
+(PostgreSQL), the compiled multiproxy._relay (not its twin), a listener with no TLS whose `auth` is one of the
+engine's `relay_login_auth` ("trust"; "scram-sha-256" for users of the users file with a SCRAM verifier), one worker
 (no custody, no process group), no audit log, no max_connections_per_address, a session in transaction pool mode
 whose user has no per-user max_connections, and no takeover under way.
 
@@ -10,7 +11,12 @@ greeting and its exported state (as a takeover exports it, multiproxy.takeover) 
 `LoginDoor`, keyed by its startup packet. The door listens in the relay of the lane its first template went into
 (RelayLane.door), while the listener's Python acceptor is paused (one accepts at a time). The relay accepts, refuses
 the SSLRequest ("N"), and answers a startup packet of a template with its greeting and a fresh cancel key
-(`cache_greeting(..., key_at=...)`). A template of the door's own lane is kept (`keep=True`): its client stays in the
+(`cache_greeting(..., key_at=...)`); on a SCRAM listener only after the client's SCRAM exchange, which the relay
+verifies from the user's stored keys (`cache_greeting(..., scram=scram_keys(record))`): an exchange it does not
+finish (a wrong proof, anything it does not take as PostgreSQL would, a template dropped meanwhile, no key or budget
+left, a client aged or given back) comes as an ANSWERED event, and the Python path's handshake goes on from where the
+relay stood (ClientProtocol.replay_handshake), with its own failure delays, counts and messages. A template of the
+door's own lane is kept (`keep=True`): its client stays in the
 relay as one of the lane's clients (GREETED event: its key and its address), and Python makes a GreetedSession that
 joins the lane with no socket object or client protocol until something needs them; the relay closes it at its
 goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
@@ -38,6 +44,7 @@ and every door when a takeover begins, before it hands the listening sockets ove
 from __future__ import annotations
 
 import _socket
+import base64
 import copy
 import enum
 import logging
@@ -48,6 +55,7 @@ from collections import deque
 
 
 from . import pool as pool_module, relay_core
+from .auth import parse_scram_verifier
 from .engine import Engine
 from .fastio import ClientSocket
 from .session import Session
@@ -63,7 +71,7 @@ class Template:
 
     __slots__ = ("id", "startup", "reply", "key_at", "state", "user", "database", "variant", "pool", "facts",
                  "generation", "users", "listener", "proxy_config", "proto_class", "proto_fields", "proto_ctx",
-                 "relay_key", "keep", "sock_kind", "startup_params", "greeted")
+                 "relay_key", "keep", "sock_kind", "startup_params", "greeted", "scram")
 
     def client(self, engine, ctx):
         """A new client protocol object as `Engine.resume_client(ctx, state)` makes it and a parking session compacts
@@ -105,6 +113,7 @@ class RelayLogins:
         self.doors: set = set()
         self.logins_total = 0           # clients the relay greeted (multiproxy_relay_logins_total)
         self.made_whole = 0             # GreetedSessions the Python path needed whole (multiproxy_relay_logins_whole)
+        self.resumed = 0                # SCRAM exchanges the relay began, the Python path finished (..._resumed)
 
     def why_not(self, rt) -> str:
         """Why the listener's logins stay on the Python path ("" when they may be greeted by the relay)."""
@@ -113,8 +122,10 @@ class RelayLogins:
             return "the relay core is the pure-Python twin"
         if type(rt.engine).relay_login is Engine.relay_login:
             return f"engine {rt.engine.name} has no relay logins"
-        if rt.config.auth != "trust" or rt.tls_context is not None or rt.config.require_tls:
-            return "the listener authenticates or offers TLS"
+        if rt.config.auth not in rt.engine.relay_login_auth:
+            return f"the listener authenticates with {rt.config.auth}"
+        if rt.tls_context is not None or rt.config.require_tls:
+            return "the listener offers TLS"
         if (getattr(proxy, "worker_count", 1) != 1 or getattr(proxy, "custody", None) is not None
                 or getattr(proxy, "balance", None) is not None):
             return "more than one worker"
@@ -136,6 +147,11 @@ class RelayLogins:
         record = proxy.users.get(session.user) if proxy.users is not None else None
         if record is not None and record.max_connections:
             return
+        scram = None
+        if rt.config.auth == "scram-sha-256":
+            scram = scram_keys(record)
+            if scram is None:       # a user of auth_query, or none of the users file's: the Python path's
+                return
         made = rt.engine.relay_login(session.proto, facts)
         if made is None:
             return
@@ -150,6 +166,7 @@ class RelayLogins:
         t.state, t.user, t.database, t.variant = state, session.user, session.database, pool.variant
         t.proto_class = t.proto_fields = t.proto_ctx = None
         t.greeted = 0
+        t.scram = scram
         t.startup_params = dict(getattr(session.proto, "startup_params", None) or {})
         t.relay_key = lane.key
         t.pool, t.facts, t.generation = pool, facts, pool.generation
@@ -218,7 +235,10 @@ class LoginDoor:
         self.by_startup[t.startup] = t
         t.keep = t.pool is self.lane.pool and t.relay_key == self.lane.key     # its clients go into the door's lane
         t.sock_kind = self.sock_kind
-        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+        self._cache(t)
+
+    def _cache(self, t: Template) -> None:
+        self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep, scram=t.scram)
 
     def follow_logins(self) -> None:
         """Called by the sweep: when most greetings since the last sweep went to another lane than the door's (its
@@ -249,7 +269,7 @@ class LoginDoor:
         lane.door = self
         for t in self.templates.values():
             t.keep = t.pool is lane.pool and t.relay_key == lane.key
-            self.relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+            self._cache(t)
         self._handle(events)
         log.info("listener %s: logins greeted into pool %s's busiest lane now", self.rt.config.name, pool.label)
 
@@ -268,9 +288,10 @@ class LoginDoor:
             relay.forget_greetings()
             for t in stale:
                 del self.by_startup[t.startup]
-                del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready
+                del self.templates[t.id]    # no GREETED event of it waits: the relay greets only in run_ready, and
+                # a SCRAM exchange under way for it goes to the Python path at its next message (ANSWERED)
             for t in self.by_startup.values():
-                relay.cache_greeting(t.startup, t.reply, key_at=t.key_at, template=t.id, keep=t.keep)
+                self._cache(t)
         return True
 
     def age(self) -> None:
@@ -323,6 +344,10 @@ class LoginDoor:
                 self._greeted(fd, data, arg)
             elif kind == relay_core.CLOSED:
                 _close_fd(fd)       # gone before it said anything the relay could not answer
+            elif kind == relay_core.ANSWERED:   # a SCRAM exchange the relay did not finish: the Python path goes on
+                self.logins.resumed += 1
+                size = data[0]
+                self._python_login(fd, data[1 + size:], (arg, data[1:1 + size]))
             else:
                 self._python_login(fd, data)    # STARTUP, or MALFORMED: the Python path answers it
         except Exception:  # one client's failure must not stop the others of the batch
@@ -378,7 +403,7 @@ class LoginDoor:
         self.logins.logins_total += 1
         session.watch_timeouts()
 
-    def _python_login(self, fd: int, data: bytes) -> None:
+    def _python_login(self, fd: int, data: bytes, answered=None) -> None:
         raw = _socket.socket(fileno=fd)
         try:
             address = raw.getpeername()
@@ -391,12 +416,12 @@ class LoginDoor:
             raw.close()
             raise
         self.pending += 1
-        self.acceptor.run(self._python_job, (sock, data), address)
+        self.acceptor.run(self._python_job, (sock, data, answered), address)
 
     def _python_job(self, sock_data, address) -> bool:
         self.pending -= 1
-        sock, data = sock_data
-        return self.acceptor.accepted_with(sock, address, data)
+        sock, data, answered = sock_data
+        return self.acceptor.accepted_with(sock, address, data, answered)
 
     def close(self, resume: bool = True) -> None:
         """Let go of the listener: the relay's pending events are served, the clients still starting go to the Python
@@ -498,6 +523,22 @@ class GreetedSession(Session):
             _close_fd(self.lane_fd)
         else:
             _shutdown_fd(self.lane_fd)  # linked in the relay: its event ends it (RelayLane._handle)
+
+
+def scram_keys(record) -> tuple | None:
+    """What the relay verifies a user's SCRAM-SHA-256 exchange with (cache_greeting's `scram`): the end of its
+    server-first-message (",s=<salt>,i=<iterations>"), its StoredKey and its ServerKey; None without a SCRAM verifier."""
+    text = record.verifiers.get("scram_sha_256") if record is not None else None
+    if not text:
+        return None
+    try:
+        verifier = parse_scram_verifier(text)
+    except ValueError:
+        return None
+    tail = b",s=" + base64.b64encode(verifier.salt) + b",i=%d" % verifier.iterations
+    if len(tail) > relay_core.SCRAM_TAIL_MAX or len(verifier.stored_key) != 32 or len(verifier.server_key) != 32:
+        return None
+    return tail, verifier.stored_key, verifier.server_key
 
 
 def greeted_parts(data: bytes, family: int) -> tuple:

@@ -85,7 +85,7 @@ class Session:
     __slots__ = ("proxy", "listener", "sock", "address", "proto", "pool", "backend", "transaction_mode",
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
-                 "relay_lane", "handed_backend", "lane_fd", "template", "handed_error",
+                 "relay_lane", "handed_backend", "lane_fd", "template", "handed_error", "answered",
                  "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
@@ -111,6 +111,7 @@ class Session:
         self._reset_timer = None
         self.reject = None                # (ErrorKind, message): turn the client away once it has logged in
         self.leftover = b""               # client bytes that came with the end of the handshake (Authenticated)
+        self.answered = None              # relay logins: (how many of `leftover` the relay answered, its SCRAM nonce)
         self.linked_once = False          # a backend has served this client (its own login was accepted once)
         self.connected_at = time.time()   # for the admin console's SHOW CLIENTS
         self.watch = None                 # [requests, state, since, cancelled at] of the client timeouts' sweep
@@ -255,11 +256,21 @@ class Session:
             # the proxy just sent cannot be there yet: wait first.
             recv_next = sock.recv_later if lean else sock.recv
             first, self.leftover = self.leftover, b""     # what a relay login door read (multiproxy.relay_logins)
-            data = first or (recv_next if out else sock.recv)(proto.handshake_read_size())
+            replayed = None
+            if self.answered is not None:               # ... and answered: the handshake goes on where it stood
+                count, nonce = self.answered
+                self.answered = None
+                replayed = proto.replay_handshake(first[:count], nonce)
+                first = first[count:]
+            data = first or (None if replayed is not None else
+                             (recv_next if out else sock.recv)(proto.handshake_read_size()))
             while True:
-                if not data:
+                if replayed is not None:
+                    events, replayed = replayed, None
+                elif not data:
                     return False
-                events = proto.receive_handshake(data)
+                else:
+                    events, data = proto.receive_handshake(data), None
                 for event in events:        # (a LookupUser's answer appends the events that follow it)
                     kind = type(event)
                     if kind is SendToClient:
@@ -306,7 +317,8 @@ class Session:
                     raise TimeoutError("handshake deadline passed")
                 if not lean:
                     sock.settimeout(remaining)
-                data = recv_next(proto.handshake_read_size())
+                if data is None:
+                    data = recv_next(proto.handshake_read_size())
         except TimeoutError:
             self.proxy.metrics.handshake_timeouts += 1
             if self.client_gone:

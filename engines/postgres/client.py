@@ -82,6 +82,12 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
             return []
         return self._handshake_events(handshake, handshake.receive(data))
 
+    def replay_handshake(self, data: bytes, nonce: bytes) -> list:
+        handshake = self.handshake
+        if handshake is None:
+            raise data_after_login()
+        return self._handshake_events(handshake, handshake.replay(data, nonce))
+
     def user_found(self, record) -> list:
         """auth_query's answer to the handshake's LookupUser (see ClientProtocol.user_found)."""
         handshake = self.handshake

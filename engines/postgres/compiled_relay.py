@@ -74,11 +74,13 @@ SSL_REQUEST = p.UINT32.pack(8) + p.UINT32.pack(p.SSL_REQUEST_CODE)
 
 def relay_login(client, server_state):
     """(startup packet, greeting with a zeroed cancel key, where the key starts) of a client that logged in with
-    trust authentication and has sent no request yet, for the relay to greet clients sending the same startup
-    packet by itself (multiproxy.relay_logins); None when its greeting is not the cached one of `server_state` or
-    its startup asked for more than protocol 3.0 (a minor version or _pq_ options get a NegotiateProtocolVersion)."""
+    trust or SCRAM-SHA-256 authentication and has sent no request yet, for the relay to greet clients sending the same
+    startup packet by itself, after their own SCRAM exchange with SCRAM (multiproxy.relay_logins); None when its
+    greeting is not the cached one of `server_state` or its startup asked for more than protocol 3.0 (a minor version
+    or _pq_ options get a NegotiateProtocolVersion)."""
     body = client.startup_body
-    if not body or client.ctx.listener.auth != "trust" or b"_pq_." in body or client.requests:
+    if (not body or client.ctx.listener.auth not in ("trust", "scram-sha-256") or b"_pq_." in body
+            or client.requests):
         return None
     cached = server_state.welcome_cache.get(body)
     if cached is None:

@@ -13,7 +13,7 @@ from multiproxy.engine import (
 from multiproxy.token_auth import TokenRejected
 
 from . import protocol as p
-from .auth import AuthError, ScramServer, check_md5_response
+from .auth import AuthError, ScramServer, _default_nonce, check_md5_response
 from .errors import render_error
 from .session_state import split_options
 
@@ -60,6 +60,7 @@ class PostgresHandshake:
     startup_params: dict[str, str]  # the StartupMessage's parameters, set once it is read
     looked_up = False               # LookupUser was emitted (auth_query): `found` is its answer
     found = None                    # the looked-up UserRecord, or None
+    scram_nonce = ""                # replay: the compiled relay's part of the SCRAM nonce, which the exchange goes on with
 
     def __init__(self, ctx: ClientContext, mock_secret: bytes):
         self.ctx = ctx
@@ -212,14 +213,31 @@ class PostgresHandshake:
             self.phase = MD5
         else:
             verifier = verifiers.get("scram_sha_256")
+            nonce = self.scram_nonce
+            nonce_factory = (lambda: nonce) if nonce else _default_nonce
             if verifier:
-                server = ScramServer(verifier)
+                server = ScramServer(verifier, nonce_factory)
             else:
-                server = ScramServer.for_unknown_user(user, self.mock_secret)
+                server = ScramServer.for_unknown_user(user, self.mock_secret, nonce_factory)
             self.verifier = server
             events.append(SendToClient(p.authentication(p.AUTH_SASL, b"SCRAM-SHA-256\x00\x00")))
             self.phase = SASL_INITIAL
         return True
+
+    def replay(self, data: bytes, nonce: bytes) -> list:
+        """Bytes the compiled relay answered already (relay logins with SCRAM: the startup packet, and the
+        SASLInitialResponse it answered with `nonce` as its part of the nonce): the handshake then stands where the
+        relay stood, and the events other than what the relay sent are returned. A login that cannot go on as it
+        began (a reload changed the listener's method or removed the user meanwhile) ends with an error saying so."""
+        self.scram_nonce = nonce.decode("ascii")
+        events = [event for event in self.receive(data) if type(event) is not SendToClient]
+        if events and type(events[-1]) in (AuthFailed, CloseClient):
+            return events
+        if events or self.phase not in (SASL_INITIAL, SASL_FINAL):
+            self.phase = DONE
+            message = "the proxy's authentication settings changed during this login; connect again"
+            return [CloseClient(render_error(ErrorKind.AUTH_FAILED, message, fatal=True), message)]
+        return events
 
     def user_found(self, record) -> list:
         """The answer to LookupUser: the looked-up record (None: unknown) and the events the login goes on with."""

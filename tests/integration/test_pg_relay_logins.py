@@ -389,3 +389,166 @@ def test_a_takeover_with_greeted_clients_idle(pg, proxy_factory, tmp_path):
             conn.close()
     finally:
         new.stop()
+
+
+# -- SCRAM-SHA-256 listeners: the relay verifies the exchange from the users file's stored keys
+
+PASSWORD = "relay-scram-pw"
+
+
+def scram_config(pg, proxy_factory, password: str = PASSWORD, **proxy_settings):
+    from multiproxy.auth import UsersFile
+    users = UsersFile()
+    users.add(USER, password, kinds=["scram_sha_256"])
+    config = logins_config(pg, auth="scram-sha-256")
+    config["auth"] = {"users_file": "users.toml"}
+    config["proxy"].update(proxy_settings)
+    return config, users.dumps()
+
+
+def scram_proxy(pg, proxy_factory, **proxy_settings):
+    config, users = scram_config(pg, proxy_factory, **proxy_settings)
+    proxy = proxy_factory(config, files={"users.toml": users})
+    with connect(proxy, password=PASSWORD) as conn:      # the Python path's SCRAM login makes the template
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    deadline = time.monotonic() + TIMEOUT
+    while "logins greeted by the compiled relay" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    return proxy, config
+
+
+def read_message(sock) -> tuple[bytes, bytes]:
+    head = b""
+    while len(head) < 5:
+        more = sock.recv(5 - len(head))
+        assert more, "closed"
+        head += more
+    size = int.from_bytes(head[1:], "big") - 4
+    body = b""
+    while len(body) < size:
+        more = sock.recv(size - len(body))
+        assert more, "closed"
+        body += more
+    return head[:1], body
+
+
+def libpq_startup() -> bytes:
+    """The startup packet psycopg sends for `connect(proxy, ...)` (the relay greets only a template's packet), read
+    by a listener of the test's that refuses TLS, then closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    packets = []
+
+    def serve():
+        sock, _ = listener.accept()
+        with sock:
+            sock.settimeout(TIMEOUT)
+            while True:
+                size = int.from_bytes(sock.recv(4, socket.MSG_WAITALL), "big")
+                packet = size.to_bytes(4, "big") + sock.recv(size - 4, socket.MSG_WAITALL)
+                if packet[4:8] != (80877103).to_bytes(4, "big"):    # not the SSLRequest: the startup packet
+                    packets.append(packet)
+                    return
+                sock.sendall(b"N")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    host, port = listener.getsockname()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host=host, port=port, user=USER, dbname=AUTH_DB, connect_timeout=TIMEOUT, password="x")
+    thread.join(TIMEOUT)
+    listener.close()
+    return packets[0]
+
+
+def sasl(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def scram_to_final(proxy, password: str):
+    """A SCRAM login by hand with psycopg's startup packet (the template's, so the relay runs the exchange): up to
+    the client's SASLResponse, made but not sent."""
+    from engines.postgres.auth import ScramClient
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT)
+    sock.sendall(libpq_startup())
+    assert read_message(sock) == (b"R", (10).to_bytes(4, "big") + b"SCRAM-SHA-256\0\0")
+    client = ScramClient("", password)
+    first = client.client_first()
+    sock.sendall(sasl(b"p", b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first))
+    kind, body = read_message(sock)
+    assert (kind, body[:4]) == (b"R", (11).to_bytes(4, "big")), body
+    return sock, client, sasl(b"p", client.handle_server_first(body[4:]))
+
+
+@pytest.mark.timeout(180)
+def test_pgbench_with_scram_logs_in_through_the_relay(pg, proxy_factory):
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy, _ = scram_proxy(pg, proxy_factory)
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10", "PGPASSWORD": PASSWORD}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    failures = metric(metrics_text(proxy), "multiproxy_client_connections_setup_failed_auth_total") or 0
+    run = subprocess.run(["pgbench", "-S", "-C", "-M", "simple", "-c", "4", "-j", "2", "-t", "100", "-n"], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    assert "number of transactions actually processed: 400/400" in run.stdout, run.stdout
+    logins = relay_logins(proxy)
+    print("relay logins of 400 (SCRAM):", logins)
+    assert logins >= 300, proxy.log_tail()          # each a SCRAM exchange libpq verified the proxy's signature of
+    assert (metric(metrics_text(proxy), "multiproxy_client_connections_setup_failed_auth_total") or 0) == failures
+
+
+@pytest.mark.timeout(120)
+def test_a_wrong_scram_password_fails_on_the_python_path_and_the_right_one_goes_on(pg, proxy_factory):
+    proxy, _ = scram_proxy(pg, proxy_factory, auth_failure_delay=0.1)
+    greeted(proxy, 2, password=PASSWORD)[0].close()
+    failures = metric(metrics_text(proxy), "multiproxy_client_connections_setup_failed_auth_total") or 0
+    before = relay_logins(proxy)
+    with pytest.raises(psycopg.OperationalError, match=f'password authentication failed for user "{USER}"'):
+        connect(proxy, password="not the password")
+    assert metric(metrics_text(proxy), "multiproxy_client_connections_setup_failed_auth_total") == failures + 1   # counted, as any failure
+    assert relay_logins(proxy) == before
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_resumed_total") == 1   # began in the relay
+    assert "authentication failed for user" in proxy.log_text()
+    with connect(proxy, password=PASSWORD) as conn:     # (on the Python path while the failure is on record)
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+@pytest.mark.timeout(120)
+def test_a_scram_login_whose_template_went_stale_midway_is_verified_on_the_python_path(pg, proxy_factory):
+    proxy, config = scram_proxy(pg, proxy_factory)
+    conns = greeted(proxy, 1, password=PASSWORD)       # the template greets psycopg's startup packet
+    sock, client, final = scram_to_final(proxy, PASSWORD)
+    reload_by_signal(proxy, config, outcome="configuration is unchanged")     # the users file is read again
+    sock.sendall(final)
+    kind, body = read_message(sock)
+    assert (kind, body[:4]) == (b"R", (12).to_bytes(4, "big")), body
+    client.verify_server_final(body[4:])                # the Python path went on with the relay's nonce
+    assert read_message(sock)[0] == b"R"                # AuthenticationOk
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_resumed_total") == 1
+    sock.close()
+    for conn in conns:
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_scram_login_left_midway_meets_the_handshake_deadline(pg, proxy_factory):
+    proxy, _ = scram_proxy(pg, proxy_factory, handshake_timeout=1.0)
+    sock, _, _ = scram_to_final(proxy, PASSWORD)         # then silent
+    started = time.monotonic()
+    kinds = []
+    while True:
+        try:
+            kinds.append(read_message(sock))
+        except AssertionError:
+            break
+    assert time.monotonic() - started < 6, proxy.log_tail()
+    assert kinds and kinds[-1][0] == b"E" and b"did not finish logging in" in kinds[-1][1], kinds
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_resumed_total") == 1     # aged in the relay
+    sock.close()
+    with connect(proxy, password=PASSWORD) as conn:     # the listener still greets
+        assert conn.execute("SELECT 1").fetchone() == (1,)
