@@ -2161,6 +2161,10 @@ static int scram_final(RelayObject *r, Conn *c, const Greeting *g, const unsigne
 static int scram_step(RelayObject *r, Conn *c) {
     Login *l = c->login;
     size_t at = l->answered;
+    if (at + 5 > r->bufsize) {      /* no room for a header: a full buffer would never be read again */
+        give_back_starting(r, c);
+        return -1;
+    }
     if (c->len - at < 5)
         return 0;
     const unsigned char *m = c->buf + at;

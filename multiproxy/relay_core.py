@@ -25,10 +25,14 @@ no key or no budget its startup is a STARTUP event. GREETED data: its key, one b
 sockaddr (getpeername(2); n = 0 if that failed), then what it sent after its startup packet. A keyed greeting cached
 with `keep=True` keeps its client in the relay as a client instead (GREETED data: its key and its address alone): the
 relay serves what it sends next, and still closes it at EOF or at a hangup frame between transactions, then with a
-GONE event, until the caller takes the socket over with `disown(fd)`. `forget_greetings()` drops every cached
-greeting; `take_starting(aged_only=False)` gives the clients still in their startup to the caller as STARTUP events
-(aged_only: those already starting at the previous such call, the others marked), and `unlisten()` forgets the
-listening sockets (closing none) and gives those clients back likewise.
+GONE event, until the caller takes the socket over with `disown(fd)`. A keyed greeting cached with
+`scram=(tail, stored_key, server_key)` is sent only after the client's SCRAM-SHA-256 exchange, which the relay runs and
+verifies from those keys (its AuthenticationSASLFinal goes first); an exchange it does not finish is an ANSWERED event
+(data: one byte n, the relay's n-byte part of the nonce, every byte the client sent; arg: how many of them the relay
+answered), for the engine to go on from there (see "Relay logins: SCRAM" in _relay.c). `forget_greetings()` drops
+every cached greeting; `take_starting(aged_only=False)` gives the clients still in their startup to the caller as
+STARTUP (or ANSWERED) events (aged_only: those already starting at the previous such call, the others marked), and
+`unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
@@ -896,6 +900,9 @@ class PyRelay:
         login = c.login
         at = login.answered
         buf = c.buf
+        if at + 5 > self._bufsize:      # no room for a header (as the compiled relay, whose buffer has a size)
+            self._give_back_starting(c)
+            return False
         if len(buf) - at < 5:
             return True
         size = int.from_bytes(buf[at + 1:at + 5], "big")
