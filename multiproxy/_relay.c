@@ -60,7 +60,7 @@
 #define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9 };
+       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -789,6 +789,11 @@ typedef struct Conn {
     size_t len, sent, fwd;      /* buf[0:sent] written, [sent:fwd] walked, [fwd:len] not walked yet */
     unsigned char *buf;         /* bufsize bytes while it holds any, else NULL: an idle connection holds none */
     Login *login;               /* a starting client in a SCRAM exchange, else NULL */
+    unsigned char addr_len;     /* a client the relay accepted: its peer's address as accept4 gave it (IPv4, IPv6, */
+    unsigned char addr[28];     /* an unnamed Unix socket; 0: none kept, getpeername asks) */
+    unsigned char quiet;        /* kept at a keyed greeting with set_quiet(True), not reported to the caller yet */
+    unsigned char key[8];       /* a quiet client's cancel key */
+    int template_id;            /* a quiet client's greeting */
 } Conn;
 
 #define MAX_SPARE_BUFFERS 64    /* buffers kept for reuse after idle connections gave theirs back */
@@ -831,7 +836,9 @@ typedef struct {
     long long login_budget;     /* relay logins: keyed greetings still allowed (-1: no limit) */
     unsigned long long logins;  /* relay logins: clients greeted with a key and handed over as GREETED */
     unsigned long long transactions, handed_over;
-    Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns;
+    int quiet_mode;             /* set_quiet(True): a kept greeting is not reported until needed (quiet clients) */
+    unsigned long long quiet_greeted, quiet_gone;   /* since the last quiet_counts() */
+    Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns, n_quiet;
 } RelayObject;
 
 static int update_mask(RelayObject *r, Conn *c) {
@@ -880,7 +887,13 @@ static void drop_buf(RelayObject *r, Conn *c, int force) {
     c->len = c->sent = c->fwd = 0;
 }
 
+static void report_quiet(RelayObject *r, Conn *c);
+
 static void emit(RelayObject *r, int kind, Conn *c, int arg) {
+    if (c->quiet)
+        report_quiet(r, c);     /* the caller learns of a quiet client before any event of it */
+    if (c->peer && c->peer->quiet)
+        report_quiet(r, c->peer);
     size_t len = c->len - c->fwd;
     Event *ev = PyMem_RawMalloc(sizeof(Event) + len);
     if (ev == NULL)
@@ -962,7 +975,11 @@ static void hand_over(RelayObject *r, int kind, Conn *c, int arg) {
    relay holds its only descriptor, so the close takes it out of epoll. */
 static void hang_up(RelayObject *r, Conn *c) {
     int fd = c->fd;
-    if (c->report) {
+    if (c->quiet) {             /* never reported: counted, no event */
+        c->quiet = 0;
+        r->n_quiet--;
+        r->quiet_gone++;
+    } else if (c->report) {
         size_t len = c->len;
         c->len = c->fwd;            /* no data in the event */
         emit(r, EV_GONE, c, 0);
@@ -1265,7 +1282,9 @@ static Conn *alloc_conn(RelayObject *r, int fd, int role) {
 
 static void on_acceptable(RelayObject *r, Conn *listener) {
     for (int i = 0; i < 64; i++) {
-        int fd = accept4(listener->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage addr;
+        socklen_t addr_len = sizeof(addr);
+        int fd = accept4(listener->fd, (struct sockaddr *)&addr, &addr_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0)
             return;             /* EAGAIN, or a client gone before it was accepted: the next wake-up retries */
         Conn *c = alloc_conn(r, fd, ROLE_CLIENT);
@@ -1273,6 +1292,10 @@ static void on_acceptable(RelayObject *r, Conn *listener) {
             PyMem_RawFree(c);
             close(fd);
             continue;
+        }
+        if (addr_len <= sizeof(c->addr)) {     /* kept for a relay login's GREETED event: no getpeername then */
+            memcpy(c->addr, &addr, addr_len);
+            c->addr_len = (unsigned char)addr_len;
         }
         c->owned = c->starting = 1;
         r->accepted++;
@@ -1670,8 +1693,8 @@ static void relay_clear(RelayObject *self) {
     self->threaded = 0;
     for (int fd = 0; fd < self->nconns; fd++) {
         Conn *c = self->conns[fd];
-        if (c && c->owned && !c->report)
-            hang_up(self, c);       /* accepted by the relay: nobody else can close it */
+        if (c && c->owned && (!c->report || c->quiet))
+            hang_up(self, c);       /* accepted by the relay, unknown to the caller: nobody else can close it */
         else if (c)
             forget(self, c);
     }
@@ -1716,12 +1739,12 @@ static PyObject *Relay_close(RelayObject *self, PyObject *unused) {
 
 static PyObject *Relay_stats(RelayObject *self, PyObject *unused) {
     lock_relay(self);
-    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:n}", "connections", self->n_conns,
+    PyObject *stats = Py_BuildValue("{s:n,s:n,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:n,s:n}", "connections", self->n_conns,
                                     "idle", self->n_idle, "waiting", self->n_waiting,
                                     "linked", self->n_linked_clients, "transactions", self->transactions,
                                     "handed_over", self->handed_over, "accepted", self->accepted,
                                     "greeted", self->greeted, "logins", self->logins,
-                                    "keys", (Py_ssize_t)self->n_keys);
+                                    "keys", (Py_ssize_t)self->n_keys, "quiet", self->n_quiet);
     unlock_relay(self);
     return stats;
 }
@@ -1896,7 +1919,7 @@ static void Relay_dealloc(RelayObject *self) {
  * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
  * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
  * over at once as a GREETED event: data = its key (8 bytes), one byte n and n bytes of its peer's address (a struct
- * sockaddr as getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the
+ * sockaddr as accept4 or getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the
  * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
  * the client stays in the relay instead, as a client added with add_client would: data = its key and its address
  * alone, and what it sent after its startup packet is relayed as its first requests. The relay still closes it at
@@ -1904,6 +1927,42 @@ static void Relay_dealloc(RelayObject *self) {
  * socket over (disown(fd): such frames are events again; a closing relay forgets it). With no key left or no
  * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
  */
+
+/* A GREETED (or QUIET) event of client c: its key, one byte n and n bytes of its peer's address, then `rest`. */
+static int queue_greeted(RelayObject *r, Conn *c, int kind, const unsigned char *key, int template_id, size_t rest,
+                         const unsigned char *rest_data) {
+    struct sockaddr_storage peer;
+    socklen_t peer_len = c->addr_len;
+    if (peer_len)
+        memcpy(&peer, c->addr, peer_len);
+    else if (peer_len = sizeof(peer), getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0 || peer_len > 255)
+        peer_len = 0;
+    Event *ev = PyMem_RawMalloc(sizeof(Event) + 9 + peer_len + rest);
+    if (ev == NULL)
+        return -1;
+    ev->next = NULL;
+    ev->kind = kind;
+    ev->fd = c->fd;
+    ev->peer_fd = -1;
+    ev->arg = template_id;
+    ev->len = 9 + peer_len + rest;
+    memcpy(ev->data, key, 8);
+    ev->data[8] = (unsigned char)peer_len;
+    memcpy(ev->data + 9, &peer, peer_len);
+    if (rest)
+        memcpy(ev->data + 9 + peer_len, rest_data, rest);
+    *r->queue_tail = ev;
+    r->queue_tail = &ev->next;
+    return 0;
+}
+
+/* A quiet client is reported: a QUIET event (as GREETED: its key, its address; arg: its template), before any other
+   event of it, or at take_quiet(). Out of memory, it stays unknown to the caller (its GONE finds no session). */
+static void report_quiet(RelayObject *r, Conn *c) {
+    c->quiet = 0;
+    r->n_quiet--;
+    queue_greeted(r, c, EV_QUIET, c->key, c->template_id, 0, NULL);
+}
 
 static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen, const unsigned char *before,
                           size_t before_len) {
@@ -1931,14 +1990,14 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
         hand_over(r, EV_CLOSED, c, err);     /* its key was not used: it stays for the next client */
         return -1;
     }
-    struct sockaddr_storage peer;
-    socklen_t peer_len = sizeof(peer);
-    if (getpeername(c->fd, (struct sockaddr *)&peer, &peer_len) < 0 || peer_len > 255)
-        peer_len = 0;
-    size_t rest = g->keep ? 0 : c->len - plen;
-    Event *ev = PyMem_RawMalloc(sizeof(Event) + 9 + peer_len + rest);
-    if (ev == NULL) {
-        hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it */
+    if (g->keep && r->quiet_mode) {
+        memcpy(c->key, key, 8);     /* reported when needed (report_quiet), or closed unreported (hang_up) */
+        c->template_id = g->template_id;
+        c->quiet = 1;
+        r->n_quiet++;
+        r->quiet_greeted++;
+    } else if (queue_greeted(r, c, EV_GREETED, key, g->template_id, g->keep ? 0 : c->len - plen, c->buf + plen) < 0) {
+        hand_over(r, EV_CLOSED, c, ENOMEM);  /* greeted but not reported: the caller closes it; the key stays */
         return -1;
     }
     PyMem_RawFree(c->login);
@@ -1946,19 +2005,6 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     r->n_keys--;
     if (r->login_budget > 0)
         r->login_budget--;
-    ev->next = NULL;
-    ev->kind = EV_GREETED;
-    ev->fd = c->fd;
-    ev->peer_fd = -1;
-    ev->arg = g->template_id;
-    ev->len = 9 + peer_len + rest;
-    memcpy(ev->data, key, 8);
-    ev->data[8] = (unsigned char)peer_len;
-    memcpy(ev->data + 9, &peer, peer_len);
-    if (rest)
-        memcpy(ev->data + 9 + peer_len, c->buf + plen, rest);
-    *r->queue_tail = ev;
-    r->queue_tail = &ev->next;
     r->greeted++;
     r->logins++;
     if (g->keep) {
@@ -2263,6 +2309,38 @@ static PyObject *Relay_take_starting(RelayObject *self, PyObject *args) {
     return events;
 }
 
+static PyObject *Relay_set_quiet(RelayObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    lock_relay(self);
+    self->quiet_mode = on;
+    unlock_relay(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_take_quiet(RelayObject *self, PyObject *unused) {
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns && self->n_quiet; fd++) {
+        Conn *c = self->conns[fd];
+        if (c && c->quiet)
+            report_quiet(self, c);
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    return events;
+}
+
+static PyObject *Relay_quiet_counts(RelayObject *self, PyObject *unused) {
+    lock_relay(self);
+    PyObject *counts = Py_BuildValue("(KK)", self->quiet_greeted, self->quiet_gone);
+    self->quiet_greeted = self->quiet_gone = 0;
+    unlock_relay(self);
+    return counts;
+}
+
 static PyObject *Relay_unlisten(RelayObject *self, PyObject *unused) {
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
@@ -2332,6 +2410,14 @@ static PyMethodDef Relay_methods[] = {
     {"take_starting", (PyCFunction)Relay_take_starting, METH_VARARGS,
      "take_starting(aged_only=False) -> events: the clients still in their startup as STARTUP events with the bytes "
      "read; aged_only: only those that were starting at the previous such call (the others are marked)."},
+    {"set_quiet", (PyCFunction)Relay_set_quiet, METH_O,
+     "set_quiet(on): a client kept at a keyed greeting is not reported (quiet) until an event of it, take_quiet(), or "
+     "its close (counted by quiet_counts, no event)."},
+    {"take_quiet", (PyCFunction)Relay_take_quiet, METH_NOARGS,
+     "take_quiet() -> events: every quiet client reported, as QUIET events (data and arg as GREETED's)."},
+    {"quiet_counts", (PyCFunction)Relay_quiet_counts, METH_NOARGS,
+     "quiet_counts() -> (greeted, gone): clients kept quietly, and quiet clients closed unreported, since the last "
+     "call."},
     {"unlisten", (PyCFunction)Relay_unlisten, METH_NOARGS,
      "unlisten() -> events: stop accepting (the listening sockets are forgotten, not closed); clients still in "
      "their startup come back as STARTUP events with the bytes read."},
@@ -2371,6 +2457,7 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
         PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0 ||
         PyModule_AddIntConstant(m, "ANSWERED", EV_ANSWERED) < 0 ||
+        PyModule_AddIntConstant(m, "QUIET", EV_QUIET) < 0 ||
         PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0 || PyModule_AddIntConstant(m, "GONE", EV_GONE) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -96,7 +96,7 @@ import struct
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED = range(10)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET = range(11)
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 SCRAM_NONCE_RAW = 18    # relay logins with SCRAM: random bytes of the relay's part of the nonce (24 in base64)
 SCRAM_TAIL_MAX = 160    # the end of a server-first-message: ",s=<salt>,i=<iterations>"
@@ -464,7 +464,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login")
+                 "login", "quiet")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -479,6 +479,7 @@ class _Conn:
         self.owned = self.starting = self.report = False
         self.listener = None            # a listening socket object (listeners only)
         self.login = None               # a starting client's SCRAM exchange (_Login)
+        self.quiet = None               # a quiet client (set_quiet): its GREETED data and template, not reported yet
 
 
 def _epoll():
@@ -538,6 +539,8 @@ class PyRelay:
         self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
         self._login_budget = -1
         self._logins = 0
+        self._quiet_mode = False
+        self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
 
     # -- the API
 
@@ -661,9 +664,28 @@ class PyRelay:
                 self._closed(c, 0)
         return self._take_events()
 
+    def set_quiet(self, on) -> None:
+        self._quiet_mode = bool(on)
+
+    def take_quiet(self) -> list:
+        for c in list(self._conns.values()):
+            if c.quiet is not None:
+                self._report_quiet(c)
+        return self._take_events()
+
+    def quiet_counts(self) -> tuple:
+        counts = self._quiet_counts
+        self._quiet_counts = (0, 0)
+        return counts
+
+    def _report_quiet(self, c) -> None:
+        data, template = c.quiet
+        c.quiet = None
+        self._events.append((QUIET, c.fd, -1, data, template))
+
     def close(self) -> None:
         for c in list(self._conns.values()):
-            if c.owned and not c.report:
+            if c.owned and (not c.report or c.quiet is not None):
                 self._hang_up(c)
             else:
                 self._forget(c)
@@ -718,7 +740,7 @@ class PyRelay:
                 "linked": sum(1 for c in conns if c.client and c.peer is not None),
                 "transactions": self._transactions, "handed_over": self._handed_over,
                 "accepted": self._accepted, "greeted": self._greeted, "logins": self._logins,
-                "keys": len(self._keys)}
+                "keys": len(self._keys), "quiet": sum(1 for c in conns if c.quiet is not None)}
 
     # -- the machinery
 
@@ -757,7 +779,11 @@ class PyRelay:
             c.listener = None
 
     def _hang_up(self, c) -> None:
-        if c.report:
+        if c.quiet is not None:     # never reported: counted, no event
+            c.quiet = None
+            greeted, gone = self._quiet_counts
+            self._quiet_counts = (greeted, gone + 1)
+        elif c.report:
             self._events.append((GONE, c.fd, -1, b"", 0))
         self._forget(c)
         os.close(c.fd)
@@ -847,8 +873,13 @@ class PyRelay:
         self._logins += 1
         peer = _peer_sockaddr(c.fd)
         key += bytes([len(peer)]) + peer
-        if keep:
+        if keep and self._quiet_mode:
+            c.quiet = (key, template)
+            greeted, gone = self._quiet_counts
+            self._quiet_counts = (greeted + 1, gone)
+        elif keep:
             self._events.append((GREETED, c.fd, -1, key, template))
+        if keep:
             del c.buf[:size]
             c.starting, c.report = False, True
             return True
@@ -975,6 +1006,9 @@ class PyRelay:
 
     def _hand_over(self, kind, c, arg) -> None:
         p = c.peer
+        for known in (c, p):
+            if known is not None and known.quiet is not None:
+                self._report_quiet(known)   # the caller learns of a quiet client before any event of it
         self._events.append((kind, c.fd, p.fd if p is not None else -1, bytes(c.buf[c.fwd:]), arg))
         self._forget(c)
         if p is not None:
@@ -1119,4 +1153,5 @@ Walker, Relay, IMPLEMENTATION = _load()
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
            "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "GONE",
+           "ANSWERED", "QUIET",
            "MAX_STARTUP", "MAX_WORDS", "MAX_WORD"]

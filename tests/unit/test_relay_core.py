@@ -1735,3 +1735,56 @@ def test_a_scram_greeting_needs_a_key_slot_and_its_keys(impl):
         with pytest.raises(ValueError):
             relay.cache_greeting(startup_packet(b"alice"), bytes(20), **bad)
     relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener, pairs):
+    """set_quiet(True): a client kept at a keyed greeting costs no event. Its transactions and its goodbye are the
+    relay's alone (quiet_counts counts it in and out); it is reported (a QUIET event, GREETED's data) before any event
+    of it, and by take_quiet()."""
+    relay = impl[1](*walkers(impl, client_stop=b"XP"), hold_stops=True)
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
+    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 5)))
+    relay.set_quiet(True)
+    assert relay.quiet_counts() == (0, 0)
+    first = connect(listener)                                     # a transaction, then its goodbye: no event at all
+    first.sendall(startup_packet(b"alice") + QUERY)
+    serve_until(relay, lambda _: _readable(backend.outside))
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)
+    serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
+    assert recv_exactly(first, len(reply)) == prefix + _key_data(1, 11) + READY_IDLE
+    assert recv_exactly(first, len(RESULT) + 6) == RESULT + READY_IDLE
+    assert relay.stats()["quiet"] == 1
+    first.sendall(TERMINATE)
+    assert serve_until(relay, lambda _: relay.stats()["connections"] == 2) == []
+    assert first.recv(10) == b"" and relay.quiet_counts() == (1, 1) and relay.quiet_counts() == (0, 0)
+    second, third = connect(listener), connect(listener)          # reported by take_quiet
+    second.sendall(startup_packet(b"alice"))
+    third.sendall(startup_packet(b"alice"))
+    assert serve_until(relay, lambda _: relay.stats()["quiet"] == 2) == []
+    events = relay.take_quiet()
+    assert sorted((kind, greeted_parts(data, socket.AF_INET), arg) for kind, _, _, data, arg in events) == sorted(
+        [(rc.QUIET, (struct.pack("!II", 2, 22), second.getsockname(), b""), 3),
+         (rc.QUIET, (struct.pack("!II", 3, 33), third.getsockname(), b""), 3)])
+    assert relay.stats()["quiet"] == 0 and relay.quiet_counts() == (2, 0)
+    second.sendall(TERMINATE)                                     # reported: its goodbye is a GONE event again
+    assert [kind for kind, *_ in serve_until(relay, lambda events: events)] == [rc.GONE]
+    fourth = connect(listener)                                    # reported before the event of its stop frame
+    fourth.sendall(startup_packet(b"alice"))
+    serve_until(relay, lambda _: relay.stats()["quiet"] == 1)
+    fourth.sendall(pg(b"P", b"named\0select 1\0\0\0"))
+    events = serve_until(relay, lambda events: events)
+    assert [(kind, arg) for kind, _, _, _, arg in events] == [(rc.QUIET, 3), (rc.HANDOVER, ord("P"))]
+    assert events[0][1] == events[1][1] and greeted_parts(events[0][3], socket.AF_INET)[0] == struct.pack("!II", 4, 44)
+    assert relay.quiet_counts() == (1, 0)
+    os.close(events[1][1])
+    relay.close()                                                 # third: known, so not closed by the relay
+    for sock in (first, second, third, fourth):
+        sock.close()
