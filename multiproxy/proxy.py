@@ -39,6 +39,32 @@ log = logging.getLogger("multiproxy.proxy")
 HOUSEKEEPING_INTERVAL = 1.0
 
 
+
+class Sessions(set):
+    """Proxy.sessions: the sessions of the proxy's clients. The clients a relay lane keeps quietly (relay logins, a
+    quiet greeting: multiproxy.relay_logins) have none until one is needed: `len` counts them (`quiet`), and iterating
+    makes their sessions first (`materialize`, set by the relay lanes), so every reader sees every client."""
+
+    __slots__ = ("quiet", "materialize")
+
+    def __init__(self):
+        super().__init__()
+        self.quiet = 0
+        self.materialize = None
+
+    def __len__(self) -> int:
+        return set.__len__(self) + self.quiet
+
+    def __iter__(self):
+        if self.quiet and self.materialize is not None:
+            self.materialize()
+        return set.__iter__(self)
+
+    def known(self):
+        """The sessions made so far, quiet clients left as they are (the parking sweep: a quiet client is idle in its
+        relay already)."""
+        return set.__iter__(self)
+
 class ListenerRuntime:
     """A configured listener with what its sessions need: engine, cluster, TLS context, pin policy."""
 
@@ -89,7 +115,7 @@ class Proxy:
         self.users = UsersFile.load(config.users_file) if config.users_file else UsersFile.empty()
         self.metrics = Metrics(self)
         self.pools: dict[tuple, Pool] = {}
-        self.sessions: set = set()
+        self.sessions: Sessions = Sessions()
         self.balance = None          # a worker of a process group: the group's client counts (multiproxy.balance)
         self.handshaking: dict = {}           # session -> monotonic deadline, while a plaintext client logs in
         self.by_cancel_key: dict = {}
@@ -703,6 +729,9 @@ class Proxy:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
         session = self.by_cancel_key.get(key)
+        if session is None and self.sessions.quiet:
+            self.sessions.materialize()     # a client a relay lane keeps quietly may hold the key (relay logins)
+            session = self.by_cancel_key.get(key)
         if session is None:
             if self.cancel_elsewhere is not None and self.cancel_elsewhere(key, engine, terminate):
                 return

@@ -62,6 +62,7 @@ from . import relay_core
 from .engine import ErrorKind
 from .pool import BackendUnavailable, PoolTimeout
 from .relay_logins import RelayLogins
+from .session import watch_client_timeouts
 
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
@@ -94,6 +95,9 @@ class RelayLanes:
         self.closed_transactions = 0    # transactions of lanes closed since
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
         self.logins = RelayLogins(self)  # logins greeted by the relay core (multiproxy.relay_logins)
+        sessions = getattr(proxy, "sessions", None)
+        if hasattr(sessions, "materialize"):
+            sessions.materialize = self.materialize_quiet   # iterating Proxy.sessions makes quiet clients' sessions
 
     # -- sessions
 
@@ -226,12 +230,19 @@ class RelayLanes:
         for key, lane in list(self.lanes.items()):
             try:
                 lane.sweep(evacuate)
-                if not lane.clients and not lane.backends and lane.door is None:
+                if not lane.clients and not lane.backends and lane.door is None and not lane.quiet_clients:
                     lane.close()
                     self.closed_transactions += lane.transactions_before
                     del self.lanes[key]
             except Exception:  # one lane's failure must not stop the sweep of the others
                 log.exception("relay lanes: sweeping pool %s failed", lane.pool.label)
+
+    def materialize_quiet(self) -> None:
+        """Every client kept quietly in a lane gets its session (Proxy.sessions is read whole, a cancel key is
+        looked up)."""
+        for lane in list(self.lanes.values()):
+            if lane.quiet_clients:
+                lane.materialize()
 
     def close(self) -> None:
         """Give every socket back: clients to their sessions (not served again), backends closed."""
@@ -268,6 +279,8 @@ class RelayLane:
         self.transactions_before = 0
         self.closed = False
         self.door = None                # the login door accepting into this lane's relay (multiproxy.relay_logins)
+        self.quiet_mode = None          # the door whose kept clients the relay keeps quietly (set_quiet), or None
+        self.quiet_clients = 0          # clients kept quietly in the relay: no session yet (materialize)
         self.orphans: set = set()       # client fds the relay still links whose session could not be made
         self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
         self.watcher.start(self._on_ready)
@@ -283,11 +296,13 @@ class RelayLane:
         self._handle(self.relay.add_client(fd, data))
         self._reconcile()
 
-    def adopt(self, session) -> None:
-        """A client the relay greeted and keeps (its login door's): the session joins the lane as add_client's."""
+    def adopt(self, session, counted: bool = False) -> None:
+        """A client the relay greeted and keeps (its login door's): the session joins the lane as add_client's
+        (`counted`: a quiet client's, counted in when it came)."""
         session.relay_lane = self
         self.clients[session.lane_fd] = session
-        self.lanes.entered_total += 1
+        if not counted:
+            self.lanes.entered_total += 1
 
     def remove_client(self, session) -> bool:
         fd = session.lane_fd
@@ -455,6 +470,7 @@ class RelayLane:
         lane's waiting clients go to the Python path, where they wait as the pool decides."""
         if self.closed:
             return
+        self.materialize()      # (the clients given back need their sessions)
         relay = self.relay
         while True:
             taken = relay.take_waiting()
@@ -508,6 +524,7 @@ class RelayLane:
                 return
             if failure is not None and not self.backends:
                 # No backend could be opened: the waiting clients get the pool's answer on the Python path.
+                self.materialize()
                 while True:
                     taken = self.relay.take_waiting()
                     if taken is None:
@@ -524,6 +541,7 @@ class RelayLane:
         if not self.closed and not self.engine.relay_serves(self.key, conn.state):
             # It holds other settings: the client waiting longest is served with it on the Python path, which
             # replays them; the backend serves the lane afterwards (offer_backend).
+            self.materialize()
             taken = self.relay.take_waiting()
             if taken is None:
                 self.pool.release(conn)
@@ -544,9 +562,60 @@ class RelayLane:
         if door is not None:
             door.prepare()      # before the relay greets anyone: stale templates out, budget and keys in
         events = self.relay.run_ready()
+        if self.quiet_mode is not None:
+            greeted, gone = self.relay.quiet_counts()
+            if greeted or gone:
+                self._count_quiet(greeted, gone)
         if events:
             self._handle(events)
         self._reconcile()
+
+    # -- quiet clients (relay logins): kept in the relay with no session until one is needed
+
+    def quiet_begin(self, door) -> None:
+        """`door`'s kept clients are kept quietly from now on: counted as they come and go, with no session until
+        something needs theirs (materialize)."""
+        self.quiet_mode = door
+        self.relay.set_quiet(True)
+
+    def quiet_end(self) -> None:
+        """Every quiet client gets its session (the door leaves the lane): none is kept quietly from now on."""
+        if self.quiet_mode is None or self.closed:
+            self.quiet_mode = None
+            return
+        self.relay.set_quiet(False)
+        self.materialize()
+        greeted, gone = self.relay.quiet_counts()
+        if greeted or gone:
+            self._count_quiet(greeted, gone)
+        self.quiet_mode = None
+
+    def _count_quiet(self, greeted: int, gone: int) -> None:
+        """The counts that quiet clients' logins and ends make, made in bulk (as GreetedSession's _register and
+        gone() make them one by one): clients, logins, per-user sessions; by-address counts, the session set and the
+        cancel keys are made when their sessions are (LoginDoor._greeted)."""
+        door = self.quiet_mode
+        proxy = self.proxy
+        change = greeted - gone
+        self.quiet_clients += change
+        proxy.sessions.quiet += change
+        door.rt.connections += change
+        user = self.pool.user
+        proxy.sessions_per_user[user] = proxy.sessions_per_user.get(user, 0) + change
+        if greeted:
+            proxy.metrics.client_connections_total += greeted
+            self.pool.logins_total += greeted
+            door.logins.logins_total += greeted
+            self.lanes.entered_total += greeted
+            door.keys -= greeted
+            door.quiet_greeted += greeted
+            watch_client_timeouts(proxy, door.rt)
+        self.lanes.gone_total += gone
+
+    def materialize(self) -> None:
+        """Every quiet client of the lane gets its session now (QUIET events, handled as GREETED ones)."""
+        if self.quiet_clients and not self.closed:
+            self._handle(self.relay.take_quiet())
 
     def _reconcile(self) -> None:
         """After the relay's events: backends and borrows as the lane's waiting clients and the pool's queue want."""
@@ -587,8 +656,8 @@ class RelayLane:
                     session.gone()
                 continue
             if peer_fd < 0 and fd not in clients and fd not in backends and fd not in self.orphans:
-                door = self.door        # a client still logging in at the door (or greeted by it: GREETED)
-                if door is not None or kind == relay_core.GREETED:
+                door = self.door        # a client still logging in at the door (or greeted by it: GREETED, QUIET)
+                if door is not None or kind == relay_core.GREETED or kind == relay_core.QUIET:
                     if door is None:
                         _stdsocket.socket(fileno=fd).close()    # (its door closed before the event: no session)
                     else:
@@ -658,6 +727,8 @@ class RelayLane:
         for conn in kept:
             self.backends[conn.sock.fileno()] = conn
             self._handle(relay.add_backend(conn.sock.fileno()))
+        if self.quiet_clients and (evacuate or relay.counts()[1]):
+            self.materialize()      # the clients given back below need their sessions
         if evacuate:
             for fd, session in list(self.clients.items()):
                 data = relay.remove(fd)

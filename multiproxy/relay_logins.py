@@ -211,6 +211,7 @@ class LoginDoor:
         self.closed = False
         self.seen = None                # what the templates were last judged from (prepare)
         self.budget_set = None          # the login budget the relay was given last
+        self.quiet_greeted = 0          # clients greeted quietly since the last sweep (follow_logins)
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)
@@ -220,6 +221,7 @@ class LoginDoor:
                           hangup=lane.quit[:1] if lane.quit else b"")
         self.acceptor.pause(self)
         lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
+        lane.quiet_begin(self)  # its kept clients have no session until one is needed
         logins.doors.add(self)
         log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
 
@@ -249,7 +251,8 @@ class LoginDoor:
         for t in self.templates.values():
             by_lane[(t.pool, t.relay_key)] = by_lane.get((t.pool, t.relay_key), 0) + t.greeted
             t.greeted = 0
-        own = by_lane.pop((self.lane.pool, self.lane.key), 0)
+        own = by_lane.pop((self.lane.pool, self.lane.key), 0) + self.quiet_greeted
+        self.quiet_greeted = 0
         if not by_lane:
             return
         (pool, key), count = max(by_lane.items(), key=lambda item: item[1])
@@ -259,6 +262,7 @@ class LoginDoor:
         if lane is None or lane.closed or lane.door is not None:
             return
         old = self.lane
+        old.quiet_end()         # its quiet clients get their sessions while the templates are known
         events = old.relay.unlisten()
         old.relay.forget_greetings()
         old.door = None
@@ -267,6 +271,7 @@ class LoginDoor:
         self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
                           hangup=lane.quit[:1] if lane.quit else b"")
         lane.door = self
+        lane.quiet_begin(self)
         for t in self.templates.values():
             t.keep = t.pool is lane.pool and t.relay_key == lane.key
             self._cache(t)
@@ -284,6 +289,7 @@ class LoginDoor:
             return False
         stale = [t for t in self.by_startup.values() if not t.valid(proxy, rt)]
         if stale:
+            self.lane.materialize()     # quiet clients get their sessions while their templates are known
             relay = self.relay
             relay.forget_greetings()
             for t in stale:
@@ -342,6 +348,8 @@ class LoginDoor:
                 self.keys -= 1
                 self.templates[arg].greeted += 1
                 self._greeted(fd, data, arg)
+            elif kind == relay_core.QUIET:      # a quiet client, counted already, needs its session now
+                self._greeted(fd, data, arg, quiet=True)
             elif kind == relay_core.CLOSED:
                 _close_fd(fd)       # gone before it said anything the relay could not answer
             elif kind == relay_core.ANSWERED:   # a SCRAM exchange the relay did not finish: the Python path goes on
@@ -353,7 +361,7 @@ class LoginDoor:
         except Exception:  # one client's failure must not stop the others of the batch
             log.exception("relay logins: client fd %d failed", fd)
 
-    def _greeted(self, fd: int, data: bytes, template_id: int) -> None:
+    def _greeted(self, fd: int, data: bytes, template_id: int, quiet: bool = False) -> None:
         """A client the relay greeted (data: its cancel key, its address, then what it sent after its startup packet
         unless the relay kept it) gets a GreetedSession, made from the template, and joins its lane with no socket
         object or client protocol: kept (the template's lane is the door's), it is a client of that lane already
@@ -376,9 +384,11 @@ class LoginDoor:
                 _shutdown_fd(fd)    # linked already: the lane closes it at the relay's event
                 self.lane.orphans.add(fd)
             raise
-        self._register(session, address)
+        self._register(session, address, quiet)
         try:
-            if t.keep:
+            if quiet:
+                self.lane.adopt(session, counted=True)
+            elif t.keep:
                 self.lane.adopt(session)
             elif lane is not None:
                 lane.add_client(session, rest)
@@ -393,9 +403,20 @@ class LoginDoor:
                 proxy.client_left(session)
             raise
 
-    def _register(self, session, address) -> None:
-        """The counts a login makes (as Session._logged_in and Proxy.serve_session make them)."""
+    def _register(self, session, address, quiet: bool = False) -> None:
+        """The counts a login makes (as Session._logged_in and Proxy.serve_session make them); `quiet`: a quiet
+        client's, whose counts its lane made already (RelayLane._count_quiet): its records alone."""
         proxy, rt = self.proxy, self.rt
+        if quiet:
+            lane = self.lane
+            lane.quiet_clients -= 1
+            proxy.sessions.quiet -= 1
+            proxy.sessions.add(session)
+            source = address[0] if isinstance(address, tuple) else str(address)
+            proxy.connections_by_address[source] = proxy.connections_by_address.get(source, 0) + 1
+            proxy.by_cancel_key[session.cancel_key] = session
+            session.watch_timeouts()
+            return
         proxy.client_came(rt, session, address[0] if isinstance(address, tuple) else str(address))
         proxy.metrics.client_connections_total += 1
         session.pool.logins_total += 1
@@ -432,6 +453,7 @@ class LoginDoor:
         self.logins.doors.discard(self)
         lane = self.lane
         if lane.door is self:
+            lane.quiet_end()    # its quiet clients get their sessions while the templates are known
             lane.door = None
         events = [] if lane.closed else self.relay.unlisten()   # (the relay greets only in run_ready)
         self._handle(events)

@@ -79,6 +79,16 @@ class ClientTimeouts:
                     log.exception("client timeouts: checking a session failed")
 
 
+
+def watch_client_timeouts(proxy, runtime) -> None:
+    """The proxy's ClientTimeouts sweep runs often enough for the shortest client timeout of a client of `runtime`'s
+    (a listener's), if any (Session.watch_timeouts; relay logins' quiet clients, which have no session yet)."""
+    settings = proxy.config.proxy
+    limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
+                          getattr(runtime.cluster.pool, "query_timeout", 0.0)) if t]
+    if limits:
+        ClientTimeouts.of(proxy).watch(min(limits))
+
 class Session:
     """One client connection and, while it holds one, its backend connection."""
 
@@ -489,11 +499,7 @@ class Session:
 
     def watch_timeouts(self) -> None:
         """The proxy's ClientTimeouts sweep runs often enough for this session's shortest client timeout, if any."""
-        settings = self.proxy.config.proxy
-        limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
-                              getattr(self.runtime.cluster.pool, "query_timeout", 0.0)) if t]
-        if limits:
-            ClientTimeouts.of(self.proxy).watch(min(limits))
+        watch_client_timeouts(self.proxy, self.runtime)
 
     def check_timeouts(self, now: float) -> None:
         """Called by the proxy's ClientTimeouts sweep (never per request). The session's state (waiting for an answer,
