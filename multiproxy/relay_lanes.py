@@ -609,7 +609,11 @@ class RelayLane:
             self.lanes.entered_total += greeted
             door.keys -= greeted
             door.quiet_greeted += greeted
-            watch_client_timeouts(proxy, door.rt)
+            if door.timeouts_for is not proxy.config:     # (what watch_timeouts needs: a reload may change it)
+                door.timeouts_for = proxy.config
+                door.timeouts_watched = watch_client_timeouts(proxy, door.rt)
+            elif door.timeouts_watched:
+                watch_client_timeouts(proxy, door.rt)
         self.lanes.gone_total += gone
 
     def materialize(self) -> None:
@@ -752,6 +756,7 @@ class RelayLane:
         self._cancel_queued()
         if self.door is not None:
             self.door.close()       # its listener goes back to the acceptor before the relay closes
+        self.quiet_end()            # (none is left by then: every quiet client has its session before the close)
         self.closed = True
         self.watcher.stop()
         try:

@@ -212,6 +212,8 @@ class LoginDoor:
         self.seen = None                # what the templates were last judged from (prepare)
         self.budget_set = None          # the login budget the relay was given last
         self.quiet_greeted = 0          # clients greeted quietly since the last sweep (follow_logins)
+        self.timeouts_for = None        # the configuration whose client timeouts quiet logins were watched for
+        self.timeouts_watched = False   # it has some: each wake-up that greets quietly makes sure the sweep runs
         family = self.acceptor.sock.family
         # What the accepted sockets are, so that making a socket object of one asks the kernel nothing.
         self.sock_kind = (family, _socket.SOCK_STREAM, _socket.IPPROTO_TCP if family != _socket.AF_UNIX else 0)

@@ -80,14 +80,16 @@ class ClientTimeouts:
 
 
 
-def watch_client_timeouts(proxy, runtime) -> None:
+def watch_client_timeouts(proxy, runtime) -> bool:
     """The proxy's ClientTimeouts sweep runs often enough for the shortest client timeout of a client of `runtime`'s
-    (a listener's), if any (Session.watch_timeouts; relay logins' quiet clients, which have no session yet)."""
+    (a listener's), if any (Session.watch_timeouts; relay logins' quiet clients, which have no session yet); False when
+    there is none."""
     settings = proxy.config.proxy
     limits = [t for t in (settings.idle_client_timeout, getattr(settings, "idle_transaction_timeout", 0.0),
                           getattr(runtime.cluster.pool, "query_timeout", 0.0)) if t]
     if limits:
         ClientTimeouts.of(proxy).watch(min(limits))
+    return bool(limits)
 
 class Session:
     """One client connection and, while it holds one, its backend connection."""
