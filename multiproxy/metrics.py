@@ -69,7 +69,8 @@ class ProxyCollector:
     def collect(self):
         proxy = self.proxy
         m = proxy.metrics
-        sessions = list(proxy.sessions)
+        known = getattr(proxy.sessions, "known", None)
+        sessions = list(known() if known is not None else proxy.sessions)   # (quiet clients have no requests of theirs)
 
         g = GaugeMetricFamily(PREFIX + "client_connections", "Client connections open now (ClientConnections)",
                               labels=["listener"])
@@ -247,6 +248,11 @@ class ProxyCollector:
                                     "slow to log in)")
             c.add_metric([], stats["logins_resumed"])
             yield c
+            g = GaugeMetricFamily(PREFIX + "relay_logins_quiet", "Clients greeted by the compiled relay that it keeps "
+                                  "quietly now: no session yet, made when something needs it (a statement the relay "
+                                  "stops, a cancel, the admin console, a drain)")
+            g.add_metric([], stats["quiet"])
+            yield g
         if proxy.registry is not None:
             yield from proxy.registry.metric_families(PREFIX)
 

@@ -207,10 +207,11 @@ class RelayLanes:
 
     def stats(self) -> dict:
         clients = sum(len(lane.clients) for lane in self.lanes.values())
+        quiet = sum(lane.quiet_clients for lane in self.lanes.values())
         logins = self.logins
         backends = sum(len(lane.backends) for lane in self.lanes.values())
         transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
-        return {"lanes": len(self.lanes), "clients": clients, "backends": backends,
+        return {"lanes": len(self.lanes), "clients": clients + quiet, "quiet": quiet, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
                 "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
                 "logins_ended": self.gone_total, "logins_whole": logins.made_whole, "logins_resumed": logins.resumed,

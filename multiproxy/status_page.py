@@ -51,6 +51,20 @@ def redact(text) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- sampling
 
+
+def clients_by_pool(proxy) -> collections.Counter:
+    """Clients per pool (by id): the sessions', and the clients relay lanes keep quietly (relay logins), counted
+    without making their sessions."""
+    sessions = proxy.sessions
+    known = getattr(sessions, "known", None)
+    clients = collections.Counter(id(s.pool) for s in list(known() if known is not None else sessions)
+                                  if s.pool is not None)
+    lanes = getattr(proxy, "relay_lanes", None)
+    for lane in list(lanes.lanes.values()) if lanes is not None else ():
+        if lane.quiet_clients:
+            clients[id(lane.pool)] += lane.quiet_clients
+    return clients
+
 class Sampler:
     """Once a second: per pool (clients, backends, idle, borrowed, waiting, borrows, waited borrows, seconds waited)
     and per listener (clients), in a ring of SAMPLES entries."""
@@ -155,7 +169,7 @@ class Sampler:
 
     def sample(self, now: float | None = None) -> None:
         proxy = self.proxy
-        clients = collections.Counter(id(s.pool) for s in list(proxy.sessions) if s.pool is not None)
+        clients = clients_by_pool(proxy)
         pools = {}
         for pool in list(proxy.pools.values()):
             pools[pool.label] = (clients.get(id(pool), 0), pool.size, pool.idle_count, pool.borrowed,
@@ -246,7 +260,7 @@ def collect(proxy, sampler: Sampler | None) -> dict:
         clusters.append({"name": name, "engine": cluster.engine, "writer": state["writer"] or "", "followed": True,
                          "endpoints": endpoints, "nodes": nodes, "read_only_checks": state.get("read_only_checks")})
 
-    clients = collections.Counter(id(s.pool) for s in list(proxy.sessions) if s.pool is not None)
+    clients = clients_by_pool(proxy)
     pools = []
     for pool in list(proxy.pools.values()):
         waits = sampler.borrow_waits(pool.label) if sampler is not None else {"borrows": 0}

@@ -391,6 +391,60 @@ def test_a_takeover_with_greeted_clients_idle(pg, proxy_factory, tmp_path):
         new.stop()
 
 
+@pytest.mark.timeout(120)
+def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, proxy_factory):
+    """Kept clients are quiet: counted, with no session, while they only run transactions in the relay and say
+    goodbye; a cancel of one's request finds it (its session is made then), as the admin console does."""
+    proxy = proxy_factory(logins_config(pg, max_size=2))
+    first_login(proxy)
+    ended = metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") or 0
+    conns = greeted(proxy, 6)
+    for i, conn in enumerate(conns):
+        assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_relay_logins_quiet") == 6, proxy.log_tail()
+    assert metric(text, "multiproxy_client_connections", listener="pg") == 6
+    assert [lst["clients"] for lst in admin_status(proxy)["listeners"]] == [6]
+    for conn in conns[4:]:                          # goodbyes of quiet clients: counted out, no session made
+        conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while metric(metrics_text(proxy), "multiproxy_client_connections", listener="pg") != 4:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_relay_logins_quiet") == 4
+    assert metric(text, "multiproxy_relay_logins_ended_total") == ended + 2
+    victim, failure = conns[1], []
+
+    def sleep():
+        try:
+            victim.execute("SELECT pg_sleep(20)")
+        except psycopg.errors.QueryCanceled as exc:
+            failure.append(exc)
+    thread = threading.Thread(target=sleep)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(1.0)
+    victim.cancel()                                 # its key is among the quiet clients'
+    thread.join(15)
+    assert failure and time.monotonic() - started < 10, proxy.log_tail()
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 0     # made when the key was looked for
+    with connect(proxy, dbname="pgbouncer") as console:
+        with console.cursor() as cur:
+            cur.execute("SHOW CLIENTS;")
+            names = [d.name for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    assert len([r for r in rows if r["database"] == AUTH_DB]) == 4
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_whole_total") <= 1    # the victim's, for its cancel
+    for conn in conns[:4]:
+        assert conn.execute("SELECT 7").fetchone() == (7,)
+        conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while admin_status(proxy)["listeners"][0]["clients"]:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+
+
 # -- SCRAM-SHA-256 listeners: the relay verifies the exchange from the users file's stored keys
 
 PASSWORD = "relay-scram-pw"
