@@ -1632,7 +1632,12 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
-#define RUN_ROUNDS 4
+#ifndef RUN_ROUNDS
+#define RUN_ROUNDS 8
+#endif
+#ifndef RUN_MORE_AFTER
+#define RUN_MORE_AFTER 1
+#endif
 
 static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     int max_events = 256;
@@ -1667,7 +1672,7 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
         if (n == 0)
             break;
         dispatch(self, evs, n);
-        if (n < 2)
+        if (n < RUN_MORE_AFTER)
             break;              /* one socket at a time: no load to catch up with (a lone client's round trip) */
     }
     return take_events(self);

@@ -323,18 +323,22 @@ class LoginDoor:
         may have changed: a pool's login, generation or drain, a reload; or the proxy stops or hands over), the budget
         and the keys are set."""
         proxy, rt = self.proxy, self.rt
-        seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
-        if (seen != self.seen or proxy.stopping or rt.acceptor is not self.acceptor
-                or getattr(proxy, "idle_hook", None) is not None):
+        # (per wake-up of the lane: the common case is a few identity checks)
+        seen = self.seen
+        if (seen is None or pool_module.logins_epoch != seen[0] or proxy.config is not seen[1]
+                or proxy.users is not seen[2] or rt.config is not seen[3] or rt.tls_context is not seen[4]
+                or proxy.stopping or rt.acceptor is not self.acceptor or proxy.idle_hook is not None):
             if not self.check():
                 return
-            self.seen = seen
-        relay = self.relay
-        budget = self._budget()
-        if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down only a limit)
-            relay.set_login_budget(budget)
-            self.budget_set = budget
+            self.seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
+        if (rt.config.max_client_connections or self.budget_set != -1 or proxy.throttle.watching()
+                or proxy.console.disabled):
+            budget = self._budget()
+            if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down a limit)
+                self.lane.relay.set_login_budget(budget)
+                self.budget_set = budget
         if self.keys < KEYS_LOW:
+            relay = self.lane.relay
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
                                                 for _ in range(KEYS_BLOCK)))
