@@ -856,14 +856,7 @@ class PyRelay:
             self._give_back_starting(c)
             return False
         key = self._keys[0]
-        reply = before + reply[:key_at] + key + reply[key_at + 8:]
-        try:
-            sent = os.write(c.fd, reply)
-        except OSError as exc:
-            self._hand_over(CLOSED, c, exc.errno or 0)
-            return False
-        if sent != len(reply):
-            self._hand_over(CLOSED, c, errno.EAGAIN)
+        if not self._send_starting(c, before + reply[:key_at] + key + reply[key_at + 8:]):
             return False
         del self._keys[0]
         c.login = None

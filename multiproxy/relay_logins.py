@@ -16,10 +16,15 @@ verifies from the user's stored keys (`cache_greeting(..., scram=scram_keys(reco
 finish (a wrong proof, anything it does not take as PostgreSQL would, a template dropped meanwhile, no key or budget
 left, a client aged or given back) comes as an ANSWERED event, and the Python path's handshake goes on from where the
 relay stood (ClientProtocol.replay_handshake), with its own failure delays, counts and messages. A template of the
-door's own lane is kept (`keep=True`): its client stays in the
-relay as one of the lane's clients (GREETED event: its key and its address), and Python makes a GreetedSession that
-joins the lane with no socket object or client protocol until something needs them; the relay closes it at its
-goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
+door's own lane is kept (`keep=True`): its client stays in the relay as one of the lane's clients, and quietly (the
+door's lane runs its relay with `set_quiet(True)`): no event, no session; the lane counts quiet clients in and out in
+bulk at each wake-up (RelayLane._count_quiet: listener and per-user client counts, logins, the metrics) and the relay
+closes one at its goodbye with no event. A quiet client gets its session when something needs it: an event of it
+(the relay reports it first: a QUIET event, as GREETED), a cancel key not found (Proxy.cancel), anything that reads
+Proxy.sessions whole (the admin console, a stop, a takeover, the client-timeout sweep: Sessions.materialize), a lane
+giving clients back, and the door before its templates change or it leaves the lane. That session is a
+GreetedSession, which joins the lane with no socket object or client protocol until something needs them; the relay
+closes it at its goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
 the bytes it sent after its startup packet); it becomes a GreetedSession too, which its own lane's relay takes with
 those bytes. The door follows the logins: when most greetings of a sweep go to another lane, it moves into that
 lane's relay (follow_logins). Either way the counts a login makes are made (sessions, cancel keys, per-user and

@@ -70,6 +70,24 @@ def greeted(proxy, count: int, **kwargs) -> list[psycopg.Connection]:
     return conns
 
 
+def cancel_a_sleep(proxy, victim: psycopg.Connection) -> None:
+    """A cancel (CancelRequest: a first packet the relay gives to Python) of `victim`'s running request."""
+    failure = []
+
+    def sleep():
+        try:
+            victim.execute("SELECT pg_sleep(20)")
+        except psycopg.errors.QueryCanceled as exc:
+            failure.append(exc)
+    thread = threading.Thread(target=sleep)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(1.0)
+    victim.cancel()
+    thread.join(15)
+    assert failure and time.monotonic() - started < 10, proxy.log_tail()
+
+
 @pytest.mark.timeout(180)
 def test_pgbench_connect_per_transaction_logs_in_through_the_relay(pg, proxy_factory):
     if not shutil.which("pgbench"):
@@ -112,20 +130,7 @@ def test_greeted_clients_have_unique_keys_that_cancel_and_are_counted(pg, proxy_
 
     # A cancel (CancelRequest: a first packet the relay gives to Python) of a greeted client's request.
     victim = conns[3]
-    failure = []
-
-    def sleep():
-        try:
-            victim.execute("SELECT pg_sleep(20)")
-        except psycopg.errors.QueryCanceled as exc:
-            failure.append(exc)
-    thread = threading.Thread(target=sleep)
-    started = time.monotonic()
-    thread.start()
-    time.sleep(1.0)
-    victim.cancel()
-    thread.join(15)
-    assert failure and time.monotonic() - started < 10, proxy.log_tail()
+    cancel_a_sleep(proxy, victim)
     assert victim.execute("SELECT 42").fetchone() == (42,)
     for conn in conns:
         conn.close()
@@ -414,20 +419,7 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_relay_logins_quiet") == 4
     assert metric(text, "multiproxy_relay_logins_ended_total") == ended + 2
-    victim, failure = conns[1], []
-
-    def sleep():
-        try:
-            victim.execute("SELECT pg_sleep(20)")
-        except psycopg.errors.QueryCanceled as exc:
-            failure.append(exc)
-    thread = threading.Thread(target=sleep)
-    started = time.monotonic()
-    thread.start()
-    time.sleep(1.0)
-    victim.cancel()                                 # its key is among the quiet clients'
-    thread.join(15)
-    assert failure and time.monotonic() - started < 10, proxy.log_tail()
+    cancel_a_sleep(proxy, conns[1])                 # its key is among the quiet clients'
     assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 0     # made when the key was looked for
     with connect(proxy, dbname="pgbouncer") as console:
         with console.cursor() as cur:

@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from multiproxy import relay_core as rc
 from multiproxy.relay_logins import greeted_parts
@@ -1788,3 +1788,57 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     relay.close()                                                 # third: known, so not closed by the relay
     for sock in (first, second, third, fourth):
         sock.close()
+
+
+def _scram_outcome(impl, listener, initial: bytes, final: bytes | None) -> list:
+    """What one implementation does with a SCRAM exchange's two client messages (random bytes or mutated good ones):
+    what it sends (the relay's nonce masked) and its events (data after the nonce; the answered count)."""
+    relay, reply = _scram_relay(impl, listener)
+    sock = connect(listener)
+    seen = []
+    try:
+        sock.sendall(startup_packet(b"alice"))
+        serve_until(relay, lambda _: _readable(sock))
+        seen.append(_read_message(sock))
+        for message in (initial, final):
+            if message is None:
+                break
+            sock.sendall(message)
+            events = serve_until(relay, lambda events: events or _readable(sock))
+            if events:
+                for kind, fd, _, data, arg in events:
+                    seen.append((kind, data[1 + data[0]:] if kind == rc.ANSWERED else data[8:9], arg))
+                    os.close(fd)
+                break
+            kind, body = _read_message(sock)
+            nonce_at = body.find(b"r=")
+            seen.append((kind, body[:4], body[nonce_at + 2:].split(b",", 1)[-1] if nonce_at >= 0 else body))
+        return seen
+    finally:
+        relay.close()
+        sock.close()
+
+
+scram_initials = st.one_of(
+    st.binary(max_size=40).map(lambda data: pg(b"p", data)),
+    st.builds(lambda head, name, nonce, tail: _sasl_initial(head + b"n=" + name + b",r=" + nonce + tail),
+              st.sampled_from([b"n,,", b"y,,", b"p=x,,", b"n,a=b,", b"n,", b""]),
+              st.sampled_from([b"", b"user", b"a=2Cb", b"a=41", b"\xc3\xa9", b"x,y"]),
+              st.one_of(st.binary(max_size=12), st.text(alphabet=[chr(c) for c in range(0x21, 0x7F) if c != 0x2C],
+                                                        min_size=1, max_size=30).map(str.encode)),
+              st.sampled_from([b"", b",x=1", b","])))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(_relay is None, reason=NOT_BUILT if _relay is None else "")
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(scram_initials, st.one_of(st.none(), st.binary(max_size=90).map(lambda data: pg(b"p", data))))
+@example(_sasl_initial(b"n,,n=,r=abc"), pg(b"p", b"c=biws,r=abc" + b"x" * 24 + b",p=" + b"A" * 43 + b"="))
+@example(_sasl_initial(b"y,,n=user,r=abc"), pg(b"p", b"c=eSws,r=abc,p=" + b"A" * 43 + b"="))
+@example(_sasl_initial(b"n,,n=,r=abc"), pg(b"Q", b"select 1\0"))
+def test_c_and_python_relays_agree_on_scram_messages(listener, initial, final):
+    """The compiled relay's SCRAM parsing (C, on bytes from the network) against its twin's, on good, odd and random
+    client messages: the same answers, the same events, the same bytes handed over."""
+    c_impl, py_impl = (_relay.Walker, _relay.Relay), (rc.PyWalker, rc.PyRelay)
+    assert _scram_outcome(c_impl, listener, initial, final) == _scram_outcome(py_impl, listener, initial, final)
