@@ -1921,16 +1921,21 @@ static void Relay_dealloc(RelayObject *self) {
 /* ---------------------------------------------------------------- Relay logins: keyed greetings
  *
  * A keyed greeting (cache_greeting(..., key_at >= 0)) answers its startup packet with the cached reply and a fresh
- * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the
- * caller gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed
- * over at once as a GREETED event: data = its key (8 bytes), one byte n and n bytes of its peer's address (a struct
- * sockaddr as accept4 or getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the
- * greeting's template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting)
- * the client stays in the relay instead, as a client added with add_client would: data = its key and its address
- * alone, and what it sent after its startup packet is relayed as its first requests. The relay still closes it at
- * EOF or at a hangup frame between transactions, then with a GONE event (fd, no data), until the caller takes the
- * socket over (disown(fd): such frames are events again; a closing relay forgets it). With no key left or no
- * budget, the startup packet goes to the caller as a STARTUP event, as an unknown one would.
+ * cancel key (8 bytes: PostgreSQL's BackendKeyData pid and secret) written at key_at, taken from the keys the caller
+ * gave (add_keys), within the login budget the caller set (set_login_budget). The client is then handed over at once as
+ * a GREETED event: data = its key (8 bytes), one byte n and n bytes of its peer's address (a struct sockaddr as accept4
+ * or getpeername gives it; n = 0 if that failed), then any bytes it sent after its startup packet; arg = the greeting's
+ * template id; the relay forgets it (the caller owns it, as after any event). With keep (cache_greeting) the client
+ * stays in the relay instead, as a client added with add_client would: data = its key and its address alone, and what
+ * it sent after its startup packet is relayed as its first requests. The relay still closes it at EOF or at a hangup
+ * frame between transactions, then with a GONE event (fd, no data), until the caller takes the socket over (disown(fd):
+ * such frames are events again; a closing relay forgets it). With no key left or no budget, the startup packet goes to
+ * the caller as a STARTUP event, as an unknown one would.
+ *
+ * Quiet clients: with set_quiet(True) a kept client is not reported at its greeting. The relay keeps its key, its
+ * greeting's id and its address (accept4's) in its Conn and counts it (quiet_counts: greeted, gone); at its goodbye it
+ * is closed and counted, with no event. It is reported, as a QUIET event with GREETED's data, before any other event
+ * of it or of its linked backend (emit), or by take_quiet(); from then on it is a kept client like any other.
  */
 
 /* A GREETED (or QUIET) event of client c: its key, one byte n and n bytes of its peer's address, then `rest`. */
@@ -2030,12 +2035,12 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
  * RFC 7677, as PostgreSQL runs it: no channel binding, the user name of the startup packet) that the relay verifies
  * from the user's stored keys: AuthenticationSASL for the startup packet, AuthenticationSASLContinue with the
  * server-first-message (the client's nonce, 18 random bytes of the relay's in base64, then `tail`: ",s=<salt>,i=<n>")
- * for the SASLInitialResponse, and for a SASLResponse whose proof holds AuthenticationSASLFinal followed by the greeting
- * with its key (a GREETED event, as above). Anything else goes to the caller as an ANSWERED event, which carries what
- * the engine needs to take the login over where the relay stands: data = one byte n, the relay's nonce (n bytes),
- * then every byte the client sent (its startup packet first); arg = how many of those bytes the relay answered. So
- * are a proof that does not hold (the engine fails it, with its delays and counts), a message the relay does not take
- * as PostgreSQL would (another mechanism, channel binding, an extension, a name that is not printable ASCII, a
+ * for the SASLInitialResponse, and for a SASLResponse whose proof holds AuthenticationSASLFinal followed by the
+ * greeting with its key (a GREETED event, as above). Anything else goes to the caller as an ANSWERED event, which
+ * carries what the engine needs to take the login over where the relay stands: data = one byte n, the relay's nonce (n
+ * bytes), then every byte the client sent (its startup packet first); arg = how many of those bytes the relay answered.
+ * So are a proof that does not hold (the engine fails it, with its delays and counts), a message the relay does not
+ * take as PostgreSQL would (another mechanism, channel binding, an extension, a name that is not printable ASCII, a
  * message longer than its limits: the engine answers it), a greeting forgotten meanwhile, no key or no budget at the
  * end, and the clients that take_starting() and unlisten() give back.
  */

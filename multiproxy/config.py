@@ -95,9 +95,9 @@ PROXY_SETTINGS = _settings(
             "relay core with the pool's spare backends, and Python wakes only at what its engine must see: see "
             "docs/architecture.md, Compiled relay mode; PostgreSQL, MySQL/MariaDB, and SQL Server (TDS) where "
             "reset_after_transaction = no (with the reset, TDS stays on python); with one worker, repeat PostgreSQL "
-            "logins on a trust listener without TLS are accepted and greeted by the compiled relay core too; falls "
-            "back to "
-            "the relay core's pure-Python twin, with a warning, when multiproxy._relay is not built). Needs a "
+            "logins on a listener without TLS are accepted and greeted by the compiled relay core too, with trust "
+            "or with scram-sha-256 for users of the users file (the relay verifies their SCRAM exchange); falls "
+            "back to the relay core's pure-Python twin, with a warning, when multiproxy._relay is not built). Needs a "
             "restart; not with worker_custody when workers > 1", ("python", "compiled")),
 )
 

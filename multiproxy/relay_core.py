@@ -970,7 +970,8 @@ class PyRelay:
         if not self._send_starting(c, b"R" + (8 + len(server_first)).to_bytes(4, "big") + (11).to_bytes(4, "big")
                                    + server_first):
             return False
-        login.phase, login.y, login.bare, login.server_first, login.answered = 2, data[:1] == b"y", bare, server_first, after
+        login.phase, login.y, login.bare, login.server_first = 2, data[:1] == b"y", bare, server_first
+        login.answered = after
         return True
 
     def _scram_final(self, c, greeting, body, after):

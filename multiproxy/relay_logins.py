@@ -24,9 +24,9 @@ closes one at its goodbye with no event. A quiet client gets its session when so
 Proxy.sessions whole (the admin console, a stop, a takeover, the client-timeout sweep: Sessions.materialize), a lane
 giving clients back, and the door before its templates change or it leaves the lane. That session is a
 GreetedSession, which joins the lane with no socket object or client protocol until something needs them; the relay
-closes it at its goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its key, its address,
-the bytes it sent after its startup packet); it becomes a GreetedSession too, which its own lane's relay takes with
-those bytes. The door follows the logins: when most greetings of a sweep go to another lane, it moves into that
+closes it at its goodbye (a GONE event) until then. A template of another lane hands its client over (GREETED: its
+key, its address, the bytes it sent after its startup packet); it becomes a GreetedSession too, which its own lane's
+relay takes with those bytes. The door follows the logins: when most greetings of a sweep go to another lane, it moves into that
 lane's relay (follow_logins). Either way the counts a login makes are made (sessions, cancel keys, per-user and
 per-address counts, the pool's logins, the metrics). Every other first packet (another startup, a CancelRequest,
 one of a template the relay has no key or budget for, a malformed one) comes as a STARTUP event and is served as a
@@ -560,7 +560,8 @@ class GreetedSession(Session):
 
 def scram_keys(record) -> tuple | None:
     """What the relay verifies a user's SCRAM-SHA-256 exchange with (cache_greeting's `scram`): the end of its
-    server-first-message (",s=<salt>,i=<iterations>"), its StoredKey and its ServerKey; None without a SCRAM verifier."""
+    server-first-message (",s=<salt>,i=<iterations>"), its StoredKey and its ServerKey; None without a SCRAM
+    verifier."""
     text = record.verifiers.get("scram_sha_256") if record is not None else None
     if not text:
         return None
