@@ -52,6 +52,7 @@
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "_relay_crypto.h"
@@ -794,6 +795,7 @@ typedef struct Conn {
     unsigned char quiet;        /* kept at a keyed greeting with set_quiet(True), not reported to the caller yet */
     unsigned char key[8];       /* a quiet client's cancel key */
     int template_id;            /* a quiet client's greeting */
+    double greeted_at;          /* a quiet client's greeting: seconds since the epoch (its QUIET event says when) */
 } Conn;
 
 #define MAX_SPARE_BUFFERS 64    /* buffers kept for reuse after idle connections gave theirs back */
@@ -1934,8 +1936,9 @@ static void Relay_dealloc(RelayObject *self) {
  *
  * Quiet clients: with set_quiet(True) a kept client is not reported at its greeting. The relay keeps its key, its
  * greeting's id and its address (accept4's) in its Conn and counts it (quiet_counts: greeted, gone); at its goodbye it
- * is closed and counted, with no event. It is reported, as a QUIET event with GREETED's data, before any other event
- * of it or of its linked backend (emit), or by take_quiet(); from then on it is a kept client like any other.
+ * is closed and counted, with no event. It is reported, as a QUIET event with GREETED's data followed by when it was
+ * greeted (8 bytes: a C double of seconds since the epoch), before any other event of it or of its linked backend
+ * (emit), or by take_quiet(); from then on it is a kept client like any other.
  */
 
 /* A GREETED (or QUIET) event of client c: its key, one byte n and n bytes of its peer's address, then `rest`. */
@@ -1966,12 +1969,13 @@ static int queue_greeted(RelayObject *r, Conn *c, int kind, const unsigned char 
     return 0;
 }
 
-/* A quiet client is reported: a QUIET event (as GREETED: its key, its address; arg: its template), before any other
-   event of it, or at take_quiet(). Out of memory, it stays unknown to the caller (its GONE finds no session). */
+/* A quiet client is reported: a QUIET event (as GREETED: its key, its address, then when it was greeted as a C double
+   of seconds since the epoch; arg: its template), before any other event of it, or at take_quiet(). Out of memory,
+   it stays unknown to the caller (its GONE finds no session). */
 static void report_quiet(RelayObject *r, Conn *c) {
     c->quiet = 0;
     r->n_quiet--;
-    queue_greeted(r, c, EV_QUIET, c->key, c->template_id, 0, NULL);
+    queue_greeted(r, c, EV_QUIET, c->key, c->template_id, sizeof(c->greeted_at), (const unsigned char *)&c->greeted_at);
 }
 
 static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t plen, const unsigned char *before,
@@ -2003,6 +2007,9 @@ static int greet_with_key(RelayObject *r, Conn *c, const Greeting *g, size_t ple
     if (g->keep && r->quiet_mode) {
         memcpy(c->key, key, 8);     /* reported when needed (report_quiet), or closed unreported (hang_up) */
         c->template_id = g->template_id;
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        c->greeted_at = (double)now.tv_sec + now.tv_nsec / 1e9;
         c->quiet = 1;
         r->n_quiet++;
         r->quiet_greeted++;

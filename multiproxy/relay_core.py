@@ -93,6 +93,7 @@ import os
 import select
 import socket
 import struct
+import time
 
 log = logging.getLogger("multiproxy.relay_core")
 
@@ -867,7 +868,7 @@ class PyRelay:
         peer = _peer_sockaddr(c.fd)
         key += bytes([len(peer)]) + peer
         if keep and self._quiet_mode:
-            c.quiet = (key, template)
+            c.quiet = (key + struct.pack("d", time.time()), template)
             greeted, gone = self._quiet_counts
             self._quiet_counts = (greeted + 1, gone)
         elif keep:

@@ -54,6 +54,7 @@ import copy
 import enum
 import logging
 import os
+import struct
 import sys
 import time
 from collections import deque
@@ -66,6 +67,7 @@ from .fastio import ClientSocket
 from .session import Session
 
 log = logging.getLogger("multiproxy.relay_logins")
+_GREETED_AT = struct.Struct("d")    # a QUIET event's greeting time (a C double)
 KEYS_LOW, KEYS_BLOCK = 64, 256      # the door gives the relay KEYS_BLOCK keys when it holds fewer than KEYS_LOW
 MAX_TEMPLATES = 128                 # startups a door greets (the relay looks a startup up among them)
 MOVE_AFTER = 16                     # greetings into another lane in a sweep that make the door move there
@@ -382,6 +384,8 @@ class LoginDoor:
         t = self.templates[template_id]
         key, address, rest = greeted_parts(data, self.sock_kind[0])
         session = GreetedSession(proxy, rt, fd, t, address)
+        if quiet and len(rest) == 8:
+            session.connected_at, rest = _GREETED_AT.unpack(rest)[0], b""    # (when the relay greeted it)
         lane = None
         try:
             session.cancel_key = self.engine.relay_login_key(key)

@@ -3,6 +3,7 @@ accepted and greeted by the compiled relay core, with unique cancel keys that ca
 max_client_connections, and through PAUSE/RESUME, a graceful stop and a reload that removes the listener."""
 from __future__ import annotations
 
+import calendar
 import copy
 import os
 import shutil
@@ -403,6 +404,7 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
     proxy = proxy_factory(logins_config(pg, max_size=2))
     first_login(proxy)
     ended = metric(metrics_text(proxy), "multiproxy_relay_logins_ended_total") or 0
+    came = int(time.time())
     conns = greeted(proxy, 6)
     for i, conn in enumerate(conns):
         assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
@@ -419,6 +421,7 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_relay_logins_quiet") == 4
     assert metric(text, "multiproxy_relay_logins_ended_total") == ended + 2
+    time.sleep(1.5)                                 # (their sessions, made later, say when they came)
     cancel_a_sleep(proxy, conns[1])                 # its key is among the quiet clients'
     assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 0     # made when the key was looked for
     with connect(proxy, dbname="pgbouncer") as console:
@@ -426,7 +429,11 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
             cur.execute("SHOW CLIENTS;")
             names = [d.name for d in cur.description]
             rows = [dict(zip(names, row)) for row in cur.fetchall()]
-    assert len([r for r in rows if r["database"] == AUTH_DB]) == 4
+    mine = [r for r in rows if r["database"] == AUTH_DB]
+    assert len(mine) == 4
+    for row in mine:                                # the relay's time of their greeting, not the time of the cancel
+        connected = calendar.timegm(time.strptime(row["connect_time"], "%Y-%m-%d %H:%M:%S UTC"))
+        assert came <= connected <= came + 1, (row["connect_time"], came)
     assert metric(metrics_text(proxy), "multiproxy_relay_logins_whole_total") <= 1    # the victim's, for its cancel
     for conn in conns[:4]:
         assert conn.execute("SELECT 7").fetchone() == (7,)

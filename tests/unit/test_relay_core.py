@@ -5,6 +5,7 @@ import base64
 import os
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -1770,9 +1771,12 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     third.sendall(startup_packet(b"alice"))
     assert serve_until(relay, lambda _: relay.stats()["quiet"] == 2) == []
     events = relay.take_quiet()
-    assert sorted((kind, greeted_parts(data, socket.AF_INET), arg) for kind, _, _, data, arg in events) == sorted(
-        [(rc.QUIET, (struct.pack("!II", 2, 22), second.getsockname(), b""), 3),
-         (rc.QUIET, (struct.pack("!II", 3, 33), third.getsockname(), b""), 3)])
+    parts = [(kind, greeted_parts(data, socket.AF_INET), arg) for kind, _, _, data, arg in events]
+    assert sorted((kind, (key, address), arg) for kind, (key, address, _), arg in parts) == sorted(
+        [(rc.QUIET, (struct.pack("!II", 2, 22), second.getsockname()), 3),
+         (rc.QUIET, (struct.pack("!II", 3, 33), third.getsockname()), 3)])
+    for _, (_, _, greeted_at), _ in parts:                        # when the relay greeted it: a C double
+        assert abs(struct.unpack("d", greeted_at)[0] - time.time()) < 5
     assert relay.stats()["quiet"] == 0 and relay.quiet_counts() == (2, 0)
     second.sendall(TERMINATE)                                     # reported: its goodbye is a GONE event again
     assert [kind for kind, *_ in serve_until(relay, lambda events: events)] == [rc.GONE]
