@@ -834,13 +834,7 @@ class PyRelay:
                     return self._scram_begin(c, size, template)
                 if key_at >= 0:
                     return self._greet_with_key(c, size, reply, key_at, template, keep)
-            try:
-                sent = os.write(c.fd, reply) if reply else 0
-            except OSError as exc:
-                self._hand_over(CLOSED, c, exc.errno or 0)
-                return False
-            if sent != len(reply):
-                self._hand_over(CLOSED, c, errno.EAGAIN)
+            if not self._send_starting(c, reply):
                 return False
             del c.buf[:size]
             if greeted:
@@ -911,8 +905,10 @@ class PyRelay:
         return self._scram_step(c)
 
     def _send_starting(self, c, data) -> bool:
+        """Write to a starting client (its send buffer is empty: all of it goes at once); False when it went to the
+        caller (CLOSED)."""
         try:
-            sent = os.write(c.fd, data)
+            sent = os.write(c.fd, data) if data else 0
         except OSError as exc:
             self._hand_over(CLOSED, c, exc.errno or 0)
             return False

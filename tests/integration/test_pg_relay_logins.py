@@ -71,6 +71,20 @@ def greeted(proxy, count: int, **kwargs) -> list[psycopg.Connection]:
     return conns
 
 
+def pgbench_connect_per_transaction(proxy, pg, clients: int, transactions: int, **env) -> None:
+    """pgbench -S -C through the proxy (tables made on the server first): every transaction processed."""
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10", **env}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run(["pgbench", "-S", "-C", "-M", "simple", "-c", str(clients), "-j", "2", "-t", str(transactions),
+                          "-n"], env=env, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    done = clients * transactions
+    assert f"number of transactions actually processed: {done}/{done}" in run.stdout, run.stdout
+
+
 def cancel_a_sleep(proxy, victim: psycopg.Connection) -> None:
     """A cancel (CancelRequest: a first packet the relay gives to Python) of `victim`'s running request."""
     failure = []
@@ -94,15 +108,7 @@ def test_pgbench_connect_per_transaction_logs_in_through_the_relay(pg, proxy_fac
     if not shutil.which("pgbench"):
         pytest.skip("pgbench is not installed")
     proxy = proxy_factory(logins_config(pg, max_size=4))
-    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
-           "PGCONNECT_TIMEOUT": "10"}
-    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
-                          capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
-    run = subprocess.run(["pgbench", "-S", "-C", "-M", "simple", "-c", "8", "-j", "2", "-t", "200", "-n"], env=env,
-                         capture_output=True, text=True, timeout=150)
-    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
-    assert "number of transactions actually processed: 1600/1600" in run.stdout, run.stdout
+    pgbench_connect_per_transaction(proxy, pg, clients=8, transactions=200)
     logins = relay_logins(proxy)
     print("relay logins of 1600:", logins)
     assert logins >= 1200, proxy.log_tail()        # all but the first few, which made the template
@@ -539,16 +545,8 @@ def test_pgbench_with_scram_logs_in_through_the_relay(pg, proxy_factory):
     if not shutil.which("pgbench"):
         pytest.skip("pgbench is not installed")
     proxy, _ = scram_proxy(pg, proxy_factory)
-    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
-           "PGCONNECT_TIMEOUT": "10", "PGPASSWORD": PASSWORD}
-    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
-                          capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
     failures = metric(metrics_text(proxy), "multiproxy_client_connections_setup_failed_auth_total") or 0
-    run = subprocess.run(["pgbench", "-S", "-C", "-M", "simple", "-c", "4", "-j", "2", "-t", "100", "-n"], env=env,
-                         capture_output=True, text=True, timeout=150)
-    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
-    assert "number of transactions actually processed: 400/400" in run.stdout, run.stdout
+    pgbench_connect_per_transaction(proxy, pg, clients=4, transactions=100, PGPASSWORD=PASSWORD)
     logins = relay_logins(proxy)
     print("relay logins of 400 (SCRAM):", logins)
     assert logins >= 300, proxy.log_tail()          # each a SCRAM exchange libpq verified the proxy's signature of
