@@ -69,8 +69,7 @@ class ProxyCollector:
     def collect(self):
         proxy = self.proxy
         m = proxy.metrics
-        known = getattr(proxy.sessions, "known", None)
-        sessions = list(known() if known is not None else proxy.sessions)   # (quiet clients have no requests of theirs)
+        sessions = list(proxy.sessions.known())     # (quiet clients have no requests of theirs)
 
         g = GaugeMetricFamily(PREFIX + "client_connections", "Client connections open now (ClientConnections)",
                               labels=["listener"])

@@ -43,8 +43,7 @@ class IdleParking:
     def sweep(self) -> int:
         """Park every session idle since the previous sweep; how many were parked."""
         parked = 0
-        sessions = self.proxy.sessions
-        for session in list(sessions.known() if hasattr(sessions, "known") else sessions):
+        for session in list(self.proxy.sessions.known()):
             try:
                 if session.park_if_idle():
                     parked += 1

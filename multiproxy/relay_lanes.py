@@ -95,9 +95,7 @@ class RelayLanes:
         self.closed_transactions = 0    # transactions of lanes closed since
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
         self.logins = RelayLogins(self)  # logins greeted by the relay core (multiproxy.relay_logins)
-        sessions = getattr(proxy, "sessions", None)
-        if hasattr(sessions, "materialize"):
-            sessions.materialize = self.materialize_quiet   # iterating Proxy.sessions makes quiet clients' sessions
+        proxy.sessions.materialize = self.materialize_quiet     # iterating Proxy.sessions makes quiet clients' sessions
 
     # -- sessions
 

@@ -55,10 +55,7 @@ def redact(text) -> str:
 def clients_by_pool(proxy) -> collections.Counter:
     """Clients per pool (by id): the sessions', and the clients relay lanes keep quietly (relay logins), counted
     without making their sessions."""
-    sessions = proxy.sessions
-    known = getattr(sessions, "known", None)
-    clients = collections.Counter(id(s.pool) for s in list(known() if known is not None else sessions)
-                                  if s.pool is not None)
+    clients = collections.Counter(id(s.pool) for s in list(proxy.sessions.known()) if s.pool is not None)
     lanes = getattr(proxy, "relay_lanes", None)
     for lane in list(lanes.lanes.values()) if lanes is not None else ():
         if lane.quiet_clients:

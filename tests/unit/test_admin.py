@@ -9,6 +9,7 @@ import pytest
 from multiproxy.admin import COMMANDS, VIEWS, AdminError, Console, parse
 from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
+from multiproxy.proxy import Sessions
 from multiproxy.engine import ClientProtocol, ClientQuit
 from multiproxy_engines.postgres.console import PostgresConsole, data_row, row_description
 
@@ -25,7 +26,7 @@ class IdleProxy:
     def __init__(self):
         self.config = build_config(CONFIG)
         self.pools = {}
-        self.sessions = set()
+        self.sessions = Sessions()
         self.handshaking = {}
         self.registry = None
         self.users = UsersFile.empty()

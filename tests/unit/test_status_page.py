@@ -11,6 +11,7 @@ import pytest
 from multiproxy import status_page
 from multiproxy.admin import Console
 from multiproxy.auth import UsersFile
+from multiproxy.proxy import Sessions
 from multiproxy.config import build_config
 from multiproxy.metrics import Metrics, admin_http_refusal
 from multiproxy.pinning import PinPolicy
@@ -139,7 +140,7 @@ class FakePool:
 
 def test_sampler_keeps_a_bounded_ring_and_approximates_borrow_percentiles():
     pool = FakePool("p")
-    proxy = SimpleNamespace(sessions=set(), pools={"k": pool}, listeners=[], stopping=False)
+    proxy = SimpleNamespace(sessions=Sessions(), pools={"k": pool}, listeners=[], stopping=False)
     sampler = status_page.Sampler(proxy, keep=5)
     for second in range(8):
         pool.size = second
@@ -167,7 +168,7 @@ class IdleProxy:
 
     def __init__(self, config=CONFIG):
         self.config = build_config(config)
-        self.pools, self.sessions, self.handshaking = {}, set(), {}
+        self.pools, self.sessions, self.handshaking = {}, Sessions(), {}
         self.registry = None
         self.listeners = []
         self.users = UsersFile.empty()

@@ -26,6 +26,7 @@ from multiproxy.engine import (
     Engine, ErrorKind,
 )
 from multiproxy.fastio import ClientSocket
+from multiproxy.proxy import Sessions
 from multiproxy.pinning import PinPolicy
 from multiproxy.pool import Pool
 
@@ -337,7 +338,7 @@ class StubProxy:
         self.metrics = SimpleNamespace(protocol_errors=0, handshake_timeouts=0, auth_failures=0,
                                        rejected_connections=0, idle_timeouts=0, borrow_failures=0, read_only_retries=0)
         self.handshaking: dict = {}
-        self.sessions: set = set()
+        self.sessions = Sessions()
         self.pools: dict = {}
         self.backend_failures: list = []
         self.credential_failures: list = []
