@@ -47,7 +47,7 @@ class PostgresEngine(Engine):
         return compiled_relay.relay_serves(key, server_state)
 
     relay_login_refusal = (compiled_relay.SSL_REQUEST, b"N")     # no TLS on the listeners of relay logins
-    relay_login_auth = frozenset(("trust", "scram-sha-256"))
+    relay_login_auth = compiled_relay.RELAY_LOGIN_AUTH
 
     def relay_login(self, client, server_state):
         return compiled_relay.relay_login(client, server_state)

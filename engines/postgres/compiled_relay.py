@@ -69,6 +69,7 @@ def relay_serves(key, server_state) -> bool:
 
 
 KEY = struct.Struct("!II")      # a cancel key as BackendKeyData holds it: pid, secret
+RELAY_LOGIN_AUTH = frozenset(("trust", "scram-sha-256"))    # listener methods whose logins the relay runs
 SSL_REQUEST = p.UINT32.pack(8) + p.UINT32.pack(p.SSL_REQUEST_CODE)
 
 
@@ -79,8 +80,7 @@ def relay_login(client, server_state):
     greeting is not the cached one of `server_state` or its startup asked for more than protocol 3.0 (a minor version
     or _pq_ options get a NegotiateProtocolVersion)."""
     body = client.startup_body
-    if (not body or client.ctx.listener.auth not in ("trust", "scram-sha-256") or b"_pq_." in body
-            or client.requests):
+    if not body or client.ctx.listener.auth not in RELAY_LOGIN_AUTH or b"_pq_." in body or client.requests:
         return None
     cached = server_state.welcome_cache.get(body)
     if cached is None:
