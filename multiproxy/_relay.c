@@ -2350,6 +2350,32 @@ static PyObject *Relay_take_quiet(RelayObject *self, PyObject *unused) {
     return events;
 }
 
+static PyObject *Relay_report_key(RelayObject *self, PyObject *arg) {
+    Py_buffer key;
+    if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (key.len != 8) {
+        PyBuffer_Release(&key);
+        return PyErr_Format(PyExc_ValueError, "report_key: a key of 8 bytes");
+    }
+    if (self->epfd < 0) {
+        PyBuffer_Release(&key);
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    }
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns && self->n_quiet; fd++) {
+        Conn *c = self->conns[fd];
+        if (c && c->quiet && memcmp(c->key, key.buf, 8) == 0) {
+            report_quiet(self, c);
+            break;
+        }
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    PyBuffer_Release(&key);
+    return events;
+}
+
 static PyObject *Relay_quiet_counts(RelayObject *self, PyObject *unused) {
     lock_relay(self);
     PyObject *counts = Py_BuildValue("(KK)", self->quiet_greeted, self->quiet_gone);
@@ -2432,6 +2458,8 @@ static PyMethodDef Relay_methods[] = {
      "its close (counted by quiet_counts, no event)."},
     {"take_quiet", (PyCFunction)Relay_take_quiet, METH_NOARGS,
      "take_quiet() -> events: every quiet client reported, as QUIET events (data and arg as GREETED's)."},
+    {"report_key", (PyCFunction)Relay_report_key, METH_O,
+     "report_key(key) -> events: the quiet client greeted with this 8-byte key, if any, reported (a QUIET event)."},
     {"quiet_counts", (PyCFunction)Relay_quiet_counts, METH_NOARGS,
      "quiet_counts() -> (greeted, gone): clients kept quietly, and quiet clients closed unreported, since the last "
      "call."},

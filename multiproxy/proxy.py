@@ -729,8 +729,8 @@ class Proxy:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
         session = self.by_cancel_key.get(key)
-        if session is None and self.sessions.quiet:
-            self.sessions.materialize()     # a client a relay lane keeps quietly may hold the key (relay logins)
+        if session is None and self.sessions.quiet and self.relay_lanes is not None:
+            self.relay_lanes.materialize_key(key, engine)   # a client kept quietly in a relay lane may hold it
             session = self.by_cancel_key.get(key)
         if session is None:
             if self.cancel_elsewhere is not None and self.cancel_elsewhere(key, engine, terminate):

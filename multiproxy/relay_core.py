@@ -32,7 +32,9 @@ verifies from those keys (its AuthenticationSASLFinal goes first); an exchange i
 answered), for the engine to go on from there (see "Relay logins: SCRAM" in _relay.c). `forget_greetings()` drops
 every cached greeting; `take_starting(aged_only=False)` gives the clients still in their startup to the caller as
 STARTUP (or ANSWERED) events (aged_only: those already starting at the previous such call, the others marked), and
-`unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise.
+`unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise. `set_quiet(True)`:
+a kept client is counted (`quiet_counts()`) instead of reported, until an event of it, `take_quiet()` or
+`report_key(key)` reports it as a QUIET event (GREETED's data, then its greeting time as a C double).
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
@@ -672,6 +674,16 @@ class PyRelay:
         for c in list(self._conns.values()):
             if c.quiet is not None:
                 self._report_quiet(c)
+        return self._take_events()
+
+    def report_key(self, key) -> list:
+        key = bytes(key)
+        if len(key) != 8:
+            raise ValueError("report_key: a key of 8 bytes")
+        for c in list(self._conns.values()):
+            if c.quiet is not None and c.quiet[0][:8] == key:
+                self._report_quiet(c)
+                break
         return self._take_events()
 
     def quiet_counts(self) -> tuple:

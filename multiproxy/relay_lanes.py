@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import socket as _stdsocket
+import struct
 import time
 import weakref
 
@@ -235,6 +236,18 @@ class RelayLanes:
                     del self.lanes[key]
             except Exception:  # one lane's failure must not stop the sweep of the others
                 log.exception("relay lanes: sweeping pool %s failed", lane.pool.label)
+
+    def materialize_key(self, key, engine=None) -> None:
+        """The quiet client holding cancel key `key` (as Proxy.new_cancel_key made it for `engine`), if any, gets its
+        session (a cancel whose key no session holds); the other quiet clients stay as they are."""
+        for lane in list(self.lanes.values()):
+            if not lane.quiet_clients or lane.closed or (engine is not None and lane.engine.name != engine.name):
+                continue
+            try:
+                key_bytes = lane.engine.relay_login_key_bytes(key)
+            except (TypeError, ValueError, struct.error):   # not a key of this engine's
+                continue
+            lane._handle(lane.relay.report_key(key_bytes))
 
     def materialize_quiet(self) -> None:
         """Every client kept quietly in a lane gets its session (Proxy.sessions is read whole, a cancel key is

@@ -20,7 +20,7 @@ door's own lane is kept (`keep=True`): its client stays in the relay as one of t
 door's lane runs its relay with `set_quiet(True)`): no event, no session; the lane counts quiet clients in and out in
 bulk at each wake-up (RelayLane._count_quiet: listener and per-user client counts, logins, the metrics) and the relay
 closes one at its goodbye with no event. A quiet client gets its session when something needs it: an event of it
-(the relay reports it first: a QUIET event, as GREETED), a cancel key not found (Proxy.cancel), anything that reads
+(the relay reports it first: a QUIET event, as GREETED), a cancel of its key (Proxy.cancel), anything that reads
 Proxy.sessions whole (the admin console, a stop, a takeover, the client-timeout sweep: Sessions.materialize), a lane
 giving clients back, and the door before its templates change or it leaves the lane. That session is a
 GreetedSession, which joins the lane with no socket object or client protocol until something needs them; the relay

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -427,9 +428,13 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
     text = metrics_text(proxy)
     assert metric(text, "multiproxy_relay_logins_quiet") == 4
     assert metric(text, "multiproxy_relay_logins_ended_total") == ended + 2
+    with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as stray:   # a key nobody holds
+        stray.sendall(struct.pack("!IIII", 16, 80877102, 1, 2))
+        assert stray.recv(10) == b""
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 4     # no session made for it
     time.sleep(1.5)                                 # (their sessions, made later, say when they came)
     cancel_a_sleep(proxy, conns[1])                 # its key is among the quiet clients'
-    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 0     # made when the key was looked for
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 3     # the victim's alone, found by its key
     with connect(proxy, dbname="pgbouncer") as console:
         with console.cursor() as cur:
             cur.execute("SHOW CLIENTS;")

@@ -1751,7 +1751,7 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     prefix = pg(b"R", b"\0\0\0\0")
     reply = prefix + _key_data(0, 0) + READY_IDLE
     relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
-    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 5)))
+    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 6)))
     relay.set_quiet(True)
     assert relay.quiet_counts() == (0, 0)
     first = connect(listener)                                     # a transaction, then its goodbye: no event at all
@@ -1778,19 +1778,29 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     for _, (_, _, greeted_at), _ in parts:                        # when the relay greeted it: a C double
         assert abs(struct.unpack("d", greeted_at)[0] - time.time()) < 5
     assert relay.stats()["quiet"] == 0 and relay.quiet_counts() == (2, 0)
+    with pytest.raises(ValueError):
+        relay.report_key(b"short")
+    assert relay.report_key(struct.pack("!II", 2, 22)) == []      # reported already: nothing
     second.sendall(TERMINATE)                                     # reported: its goodbye is a GONE event again
     assert [kind for kind, *_ in serve_until(relay, lambda events: events)] == [rc.GONE]
-    fourth = connect(listener)                                    # reported before the event of its stop frame
+    fourth, fifth = connect(listener), connect(listener)          # reported by its key alone (a cancel's)
     fourth.sendall(startup_packet(b"alice"))
     serve_until(relay, lambda _: relay.stats()["quiet"] == 1)
+    fifth.sendall(startup_packet(b"alice"))
+    serve_until(relay, lambda _: relay.stats()["quiet"] == 2)
+    assert relay.report_key(struct.pack("!II", 9, 99)) == []      # no such key
+    events = relay.report_key(struct.pack("!II", 5, 55))
+    assert [(kind, greeted_parts(data, socket.AF_INET)[:2], arg) for kind, _, _, data, arg in events] == \
+        [(rc.QUIET, (struct.pack("!II", 5, 55), fifth.getsockname()), 3)]
+    assert relay.stats()["quiet"] == 1                            # fourth is still quiet
     fourth.sendall(pg(b"P", b"named\0select 1\0\0\0"))
     events = serve_until(relay, lambda events: events)
     assert [(kind, arg) for kind, _, _, _, arg in events] == [(rc.QUIET, 3), (rc.HANDOVER, ord("P"))]
     assert events[0][1] == events[1][1] and greeted_parts(events[0][3], socket.AF_INET)[0] == struct.pack("!II", 4, 44)
-    assert relay.quiet_counts() == (1, 0)
+    assert relay.quiet_counts() == (2, 0)
     os.close(events[1][1])
-    relay.close()                                                 # third: known, so not closed by the relay
-    for sock in (first, second, third, fourth):
+    relay.close()                                                 # third, fifth: known, so not closed by the relay
+    for sock in (first, second, third, fourth, fifth):
         sock.close()
 
 
