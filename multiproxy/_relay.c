@@ -841,7 +841,14 @@ typedef struct {
     int quiet_mode;             /* set_quiet(True): a kept greeting is not reported until needed (quiet clients) */
     unsigned long long quiet_greeted, quiet_gone;   /* since the last quiet_counts() */
     Py_ssize_t n_idle, n_waiting, n_linked_clients, n_conns, n_quiet;
+    PyObject *wake_handler;     /* set_wake: what wake() calls when the caller's code is needed */
+    unsigned long long attention_seen;  /* the module's attention count at the handler's last whole wake-up */
+    int eager;                  /* set_wake_rules: the handler takes every wake-up whole */
+    size_t keys_low;            /* set_wake_rules: fewer keys than this calls the handler */
 } RelayObject;
+
+/* attend(): bumped by the caller whenever what its whole wake-ups judge may have changed (see wake()). */
+static unsigned long long attention = 1;
 
 static int update_mask(RelayObject *r, Conn *c) {
     uint32_t mask = 0;
@@ -1641,10 +1648,16 @@ static PyObject *Relay_cache_greeting(RelayObject *self, PyObject *args, PyObjec
 #define RUN_MORE_AFTER 1
 #endif
 
+static PyObject *serve_ready(RelayObject *self, int max_events);
+
 static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
     int max_events = 256;
     if (!PyArg_ParseTuple(args, "|i", &max_events))
         return NULL;
+    return serve_ready(self, max_events);
+}
+
+static PyObject *serve_ready(RelayObject *self, int max_events) {
     if (self->epfd < 0)
         return PyErr_Format(PyExc_ValueError, "relay is closed");
     if (self->threaded) {
@@ -1678,6 +1691,71 @@ static PyObject *Relay_run_ready(RelayObject *self, PyObject *args) {
             break;              /* one socket at a time: no load to catch up with (a lone client's round trip) */
     }
     return take_events(self);
+}
+
+/* ---------------------------------------------------------------- Wake-ups with no Python
+ *
+ * The caller's event loop calls wake() when fileno() is readable. A whole wake-up is the handler's, called with None:
+ * it prepares what it must and calls run_ready() itself; wake() makes one when the handler asked for every wake-up
+ * (set_wake_rules eager), when attend() was called since the last whole one, or for a threaded relay. Otherwise wake()
+ * serves the ready sockets itself and calls the handler, with the events, only when there are events, clients waiting
+ * for a backend, or fewer keys than keys_low; a wake-up with none of those runs no Python at all.
+ */
+
+static PyObject *call_wake_handler(RelayObject *self, PyObject *arg) {
+    PyObject *handler = self->wake_handler;
+    Py_INCREF(handler);     /* (the handler may set another one) */
+    PyObject *result = PyObject_CallOneArg(handler, arg);
+    Py_DECREF(handler);
+    return result;
+}
+
+static PyObject *Relay_wake(RelayObject *self, PyObject *unused) {
+    if (self->wake_handler == NULL)
+        return PyErr_Format(PyExc_ValueError, "wake: no handler (set_wake)");
+    if (self->epfd < 0)
+        Py_RETURN_NONE;     /* closed: nothing to serve */
+    if (self->threaded || self->eager || self->attention_seen != attention) {
+        self->attention_seen = attention;
+        return call_wake_handler(self, Py_None);
+    }
+    PyObject *events = serve_ready(self, 256);
+    if (events == NULL)
+        return NULL;
+    if (PyList_GET_SIZE(events) == 0 && self->n_waiting == 0 && self->n_keys >= self->keys_low) {
+        Py_DECREF(events);
+        Py_RETURN_NONE;
+    }
+    PyObject *result = call_wake_handler(self, events);
+    Py_DECREF(events);
+    return result;
+}
+
+static PyObject *Relay_set_wake(RelayObject *self, PyObject *handler) {
+    if (handler != Py_None && !PyCallable_Check(handler))
+        return PyErr_Format(PyExc_TypeError, "set_wake: a callable or None");
+    PyObject *old = self->wake_handler;
+    self->wake_handler = handler == Py_None ? NULL : Py_NewRef(handler);
+    self->attention_seen = 0;   /* the first wake-up is whole */
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_set_wake_rules(RelayObject *self, PyObject *args) {
+    int eager;
+    Py_ssize_t keys_low = 0;
+    if (!PyArg_ParseTuple(args, "p|n", &eager, &keys_low))
+        return NULL;
+    if (keys_low < 0)
+        return PyErr_Format(PyExc_ValueError, "set_wake_rules: keys_low of 0 or more");
+    self->eager = eager;
+    self->keys_low = (size_t)keys_low;
+    Py_RETURN_NONE;
+}
+
+static PyObject *relay_attend(PyObject *module, PyObject *unused) {
+    attention++;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Relay_fileno(RelayObject *self, PyObject *unused) {
@@ -1914,7 +1992,19 @@ static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
     return Py_BuildValue("(nnn)", self->n_idle, self->n_waiting, self->n_linked_clients);
 }
 
+static int Relay_traverse(RelayObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->wake_handler);
+    return 0;
+}
+
+static int Relay_clear_refs(RelayObject *self) {
+    Py_CLEAR(self->wake_handler);
+    return 0;
+}
+
 static void Relay_dealloc(RelayObject *self) {
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->wake_handler);
     relay_clear(self);
     pthread_mutex_destroy(&self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2463,6 +2553,14 @@ static PyMethodDef Relay_methods[] = {
     {"quiet_counts", (PyCFunction)Relay_quiet_counts, METH_NOARGS,
      "quiet_counts() -> (greeted, gone): clients kept quietly, and quiet clients closed unreported, since the last "
      "call."},
+    {"wake", (PyCFunction)Relay_wake, METH_NOARGS,
+     "wake() -> the handler's result or None: fileno() is readable; serve it with no Python unless the handler is "
+     "needed (see set_wake)."},
+    {"set_wake", (PyCFunction)Relay_set_wake, METH_O,
+     "set_wake(handler): wake() calls handler(None) for a whole wake-up (its own run_ready), handler(events) after "
+     "serving when there are events, waiting clients or few keys; None: no handler."},
+    {"set_wake_rules", (PyCFunction)Relay_set_wake_rules, METH_VARARGS,
+     "set_wake_rules(eager, keys_low=0): eager, every wake-up is whole; fewer keys than keys_low calls the handler."},
     {"unlisten", (PyCFunction)Relay_unlisten, METH_NOARGS,
      "unlisten() -> events: stop accepting (the listening sockets are forgotten, not closed); clients still in "
      "their startup come back as STARTUP events with the bytes read."},
@@ -2473,7 +2571,9 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "multiproxy._relay.Relay",
     .tp_basicsize = sizeof(RelayObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear_refs,
     .tp_doc = "Linked client/backend pairs and idle backends, served by run_ready() with no Python per message.",
     .tp_new = Relay_new,
     .tp_init = (initproc)Relay_init,
@@ -2481,8 +2581,15 @@ static PyTypeObject RelayType = {
     .tp_methods = Relay_methods,
 };
 
+static PyMethodDef module_methods[] = {
+    {"attend", relay_attend, METH_NOARGS,
+     "attend(): every relay's next wake-up is whole (what its handler judges may have changed)."},
+    {NULL},
+};
+
 static struct PyModuleDef relay_module = {
-    PyModuleDef_HEAD_INIT, "multiproxy._relay", "The compiled relay core (see multiproxy/relay_core.py).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "multiproxy._relay", "The compiled relay core (see multiproxy/relay_core.py).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__relay(void) {

@@ -16,7 +16,7 @@ import time
 import gevent
 from gevent.event import Event
 
-from . import __version__
+from . import __version__, relay_core
 from .groupview import COMMAND_TIMEOUT, MERGED_VIEWS, merge_view
 
 log = logging.getLogger("multiproxy.admin")
@@ -167,6 +167,7 @@ class Console:
         """Run a console request. With forked workers views and commands answer for the whole group (a peer's
         request runs with `local`, on that worker alone)."""
         verb, args = parse(text)
+        self.proxy.sessions.count_quiet()   # (the relay's quiet logins and goodbyes in what the console shows)
         if verb in ("SHOW", "SELECT"):
             if not args:
                 raise AdminError("syntax_error", "SHOW needs a view name: try SHOW HELP")
@@ -562,6 +563,7 @@ class Console:
             raise AdminError("invalid_parameter", f"database {database!r} is not paused")
         for pool in self._pools():
             pool.paused = self.is_paused(pool.database)
+        relay_core.attend()     # (relay lanes judge their pools at their next wake-up)
         woken, self.resumed = self.resumed, Event()
         woken.set()
         self.record("resume", database=database or "*")
@@ -603,6 +605,7 @@ class Console:
     def disable(self, args: list) -> Result:
         database = self._target("DISABLE", args, required=True)
         self.disabled.add(database)
+        relay_core.attend()     # (the relay logins' doors stop greeting at their next wake-up)
         self.record("disable", database=database)
         return Result([], [], "DISABLE")
 
@@ -611,6 +614,7 @@ class Console:
         if database not in self.disabled:
             raise AdminError("invalid_parameter", f"database {database!r} is not disabled")
         self.disabled.discard(database)
+        relay_core.attend()
         self.record("enable", database=database)
         return Result([], [], "ENABLE")
 

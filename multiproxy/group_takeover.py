@@ -34,6 +34,7 @@ import os
 import time
 from collections import Counter
 
+from . import relay_core
 from .handover import HandoverError, RecordReader, check_hello, decode, hello, send_record
 from .takeover import (Handover, _counts, admit_caller, cancel_record, claim_path, config_listener_facts,
                        connect_and_negotiate, resume_session, session_source, socket_path)
@@ -705,6 +706,7 @@ class GroupTakeoverPart:
             proxy.admin.stop()
             proxy.admin = None
         proxy.stopping = True
+        relay_core.attend()     # (the relay lanes' login doors see it at their next wake-up)
         stayed, tls, reasons = drain.drain_sessions()
         if drain.failed:
             self._accept_again()
@@ -729,6 +731,7 @@ class GroupTakeoverPart:
             proxy._start_listener(rt, sock)
         self.paused = []
         proxy.stopping = False
+        relay_core.attend()
         if self.admin_spare is not None:
             from gevent import socket as gsocket
 

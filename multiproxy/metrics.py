@@ -69,6 +69,7 @@ class ProxyCollector:
     def collect(self):
         proxy = self.proxy
         m = proxy.metrics
+        proxy.sessions.count_quiet()                # (the relay's quiet logins and goodbyes in the counts)
         sessions = list(proxy.sessions.known())     # (quiet clients have no requests of theirs)
 
         g = GaugeMetricFamily(PREFIX + "client_connections", "Client connections open now (ClientConnections)",

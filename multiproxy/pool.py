@@ -9,6 +9,7 @@ from collections import OrderedDict, deque
 import gevent
 from gevent.event import AsyncResult, Event
 
+from . import relay_core
 from .backends import BackendConnection, open_socket, run_script
 from .engine import BackendError
 
@@ -21,6 +22,7 @@ logins_epoch = 0
 def logins_changed() -> None:
     global logins_epoch
     logins_epoch += 1
+    relay_core.attend()     # (the relay lanes' login doors judge their templates again at their next wake-up)
 
 
 class _Slot:

@@ -14,6 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
+from . import relay_core
 from . import reload as live_reload
 from . import systemd, takeover
 from .acceptor import Acceptor
@@ -43,16 +44,26 @@ HOUSEKEEPING_INTERVAL = 1.0
 class Sessions(set):
     """Proxy.sessions: the sessions of the proxy's clients. The clients a relay lane keeps quietly (relay logins, a
     quiet greeting: multiproxy.relay_logins) have none until one is needed: `len` counts them (`quiet`), and iterating
-    makes their sessions first (`materialize`, set by the relay lanes), so every reader sees every client."""
+    makes their sessions first (`materialize`, set by the relay lanes), so every reader sees every client. The lanes
+    count quiet clients' logins and goodbyes only when asked (`count_quiet`, set by them): `len` asks, and so must
+    every reader of what they count (listener and per-user connections, login totals) before it reads."""
 
-    __slots__ = ("quiet", "materialize")
+    __slots__ = ("quiet", "materialize", "settle")
 
     def __init__(self):
         super().__init__()
         self.quiet = 0
         self.materialize = None
+        self.settle = None
+
+    def count_quiet(self) -> None:
+        """The quiet clients' logins and goodbyes so far are counted now (RelayLanes.count_quiet)."""
+        if self.settle is not None:
+            self.settle()
 
     def __len__(self) -> int:
+        if self.settle is not None:
+            self.settle()
         return set.__len__(self) + self.quiet
 
     def __iter__(self):
@@ -189,6 +200,8 @@ class Proxy:
         def handle(sock, address, first=b"", answered=None):
             limit = rt.config.max_client_connections                  # read per client: a reload may change them
             per_address = self.config.proxy.max_connections_per_address
+            if limit:
+                self.sessions.count_quiet()     # (rt.connections with the relay's quiet logins)
             session = Session(self, rt, sock, address)
             session.leftover = first        # bytes a relay login door read (Session.handshake reads them first)
             session.answered = answered     # (how many of them the relay answered, its SCRAM nonce)
@@ -277,6 +290,7 @@ class Proxy:
         if timeout is None:
             timeout = self.config.proxy.shutdown_timeout
         self.stopping = True
+        relay_core.attend()     # (the relay lanes' login doors see it at their next wake-up)
         for rt in self.listeners:
             if rt.acceptor is not None:
                 rt.acceptor.close()
@@ -444,6 +458,7 @@ class Proxy:
 
         old = self.config
         self.config = new
+        relay_core.attend()     # (the relay logins' templates are judged again: here and once the reload is done)
         for line in plan.changes:
             log.info("reload: %s", line)
         self.users = users
@@ -506,6 +521,7 @@ class Proxy:
             self.pin_policies.pop(name, None)
             for cache_key in [k for k in self.secrets if k[0] == name]:
                 del self.secrets[cache_key]
+        relay_core.attend()
         return []
 
     def _registry(self) -> Registry:
@@ -552,6 +568,7 @@ class Proxy:
         for rt, sock in bound:
             self._start_listener(rt, sock)
         self.stopping = False
+        relay_core.attend()
         if self.config.proxy.admin_listen and self.admin is None and self.worker == 0:
             self.admin = start_admin_server(self.config.proxy.admin_listen, self)
 
@@ -561,6 +578,7 @@ class Proxy:
         defer = None if balance is None else lambda: balance.should_defer(index)
         rt.acceptor = Acceptor(sock, self._handler(rt), defer)
         rt.acceptor.start()
+        relay_core.attend()     # (a login door of the listener's old acceptor closes at its lane's next wake-up)
         host, port = rt.config.listen
         log.info("listener %s: %s clients on %s:%d for cluster %s (%s)", rt.config.name, rt.engine.name, host, port,
                  rt.cluster.name, rt.config.role)
@@ -703,6 +721,7 @@ class Proxy:
         self.sessions_per_user[session.user] = self.sessions_per_user.get(session.user, 0) + 1
 
     def user_sessions(self, user: str) -> int:
+        self.sessions.count_quiet()
         return self.sessions_per_user.get(user, 0)
 
     def session_ended(self, session: Session) -> None:

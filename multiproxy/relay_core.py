@@ -544,6 +544,10 @@ class PyRelay:
         self._logins = 0
         self._quiet_mode = False
         self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
+        self._wake_handler = None       # set_wake (see wake() in _relay.c)
+        self._attention_seen = 0
+        self._eager = False
+        self._keys_low = 0
 
     # -- the API
 
@@ -666,6 +670,32 @@ class PyRelay:
             elif what & (select.EPOLLERR | select.EPOLLHUP) and c.waiting:
                 self._closed(c, 0)
         return self._take_events()
+
+    def wake(self):
+        if self._wake_handler is None:
+            raise ValueError("wake: no handler (set_wake)")
+        if self._epoll.closed:
+            return None
+        if self._eager or self._attention_seen != _attention[0]:
+            self._attention_seen = _attention[0]
+            return self._wake_handler(None)
+        events = self.run_ready()
+        if not events and not self._waiting and len(self._keys) >= self._keys_low:
+            return None
+        return self._wake_handler(events)
+
+    def set_wake(self, handler) -> None:
+        if handler is not None and not callable(handler):
+            raise TypeError("set_wake: a callable or None")
+        self._wake_handler = handler
+        self._attention_seen = 0
+
+    def set_wake_rules(self, eager, keys_low=0) -> None:
+        keys_low = operator.index(keys_low)
+        if keys_low < 0:
+            raise ValueError("set_wake_rules: keys_low of 0 or more")
+        self._eager = bool(eager)
+        self._keys_low = keys_low
 
     def set_quiet(self, on) -> None:
         self._quiet_mode = bool(on)
@@ -1139,6 +1169,13 @@ class PyRelay:
                     return
 
 
+_attention = [1]      # the twin's count of attend() calls (see wake() in _relay.c)
+
+
+def _py_attend() -> None:
+    _attention[0] += 1
+
+
 def _load():
     if os.environ.get("MULTIPROXY_RELAY_CORE") == "python":
         log.info("relay core: the pure-Python twin (MULTIPROXY_RELAY_CORE=python)")
@@ -1154,7 +1191,21 @@ def _load():
 
 Walker, Relay, IMPLEMENTATION = _load()
 
+
+def attend() -> None:
+    """What the wake handlers of relays judge at a whole wake-up (templates, budgets, pool states) may have changed:
+    every relay's next wake-up is whole (see wake() in _relay.c), compiled or twin."""
+    _py_attend()
+    if _c_attend is not None:
+        _c_attend()
+
+
+try:
+    from multiproxy._relay import attend as _c_attend
+except ImportError:
+    _c_attend = None
+
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
            "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "GONE",
-           "ANSWERED", "QUIET",
+           "ANSWERED", "QUIET", "attend",
            "MAX_STARTUP", "MAX_WORDS", "MAX_WORD"]

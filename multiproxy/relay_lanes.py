@@ -62,8 +62,7 @@ import gevent
 from . import relay_core
 from .engine import ErrorKind
 from .pool import BackendUnavailable, PoolTimeout
-from .relay_logins import RelayLogins
-from .session import watch_client_timeouts
+from .relay_logins import KEYS_LOW, RelayLogins
 
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
@@ -97,6 +96,7 @@ class RelayLanes:
         self.encrypted_pools = weakref.WeakSet()    # pools whose backends speak TLS: the relay cannot serve them
         self.logins = RelayLogins(self)  # logins greeted by the relay core (multiproxy.relay_logins)
         proxy.sessions.materialize = self.materialize_quiet     # iterating Proxy.sessions makes quiet clients' sessions
+        proxy.sessions.settle = self.count_quiet                # its len() and the counts' readers count them
 
     # -- sessions
 
@@ -205,6 +205,7 @@ class RelayLanes:
         return any(lane.relay.counts()[2] for lane in self.lanes.values())
 
     def stats(self) -> dict:
+        self.count_quiet()
         clients = sum(len(lane.clients) for lane in self.lanes.values())
         quiet = sum(lane.quiet_clients for lane in self.lanes.values())
         logins = self.logins
@@ -223,6 +224,7 @@ class RelayLanes:
 
     def sweep(self) -> None:
         evacuate = getattr(self.proxy, "idle_hook", None) is not None
+        self.count_quiet()      # (so that a lane whose quiet clients all left closes; follow_logins' counts)
         try:
             self.logins.sweep()
         except Exception:  # the lanes' sweep goes on
@@ -241,7 +243,10 @@ class RelayLanes:
         """The quiet client holding cancel key `key` (as Proxy.new_cancel_key made it for `engine`), if any, gets its
         session (a cancel whose key no session holds); the other quiet clients stay as they are."""
         for lane in list(self.lanes.values()):
-            if not lane.quiet_clients or lane.closed or (engine is not None and lane.engine.name != engine.name):
+            if lane.closed or (engine is not None and lane.engine.name != engine.name):
+                continue
+            lane.count_quiet()
+            if not lane.quiet_clients:
                 continue
             try:
                 key_bytes = lane.engine.relay_login_key_bytes(key)
@@ -253,8 +258,14 @@ class RelayLanes:
         """Every client kept quietly in a lane gets its session (Proxy.sessions is read whole, a cancel key is
         looked up)."""
         for lane in list(self.lanes.values()):
-            if lane.quiet_clients:
-                lane.materialize()
+            lane.materialize()
+
+    def count_quiet(self) -> None:
+        """The logins and goodbyes of quiet clients so far are counted now, in every lane (a lane's wake-ups that run
+        no Python leave them to be counted later: RelayLane.count_quiet)."""
+        for lane in list(self.lanes.values()):
+            if lane.quiet_mode is not None:
+                lane.count_quiet()
 
     def close(self) -> None:
         """Give every socket back: clients to their sessions (not served again), backends closed."""
@@ -294,8 +305,9 @@ class RelayLane:
         self.quiet_mode = None          # the door whose kept clients the relay keeps quietly (set_quiet), or None
         self.quiet_clients = 0          # clients kept quietly in the relay: no session yet (materialize)
         self.orphans: set = set()       # client fds the relay still links whose session could not be made
+        self.relay.set_wake(self._on_wake)
         self.watcher = gevent.get_hub().loop.io(self.relay.fileno(), 1)
-        self.watcher.start(self._on_ready)
+        self.watcher.start(self.relay.wake)     # (C: a wake-up that needs none of the lane's code runs no Python)
         pool.relay_lanes.append(self)
 
     # -- clients
@@ -569,18 +581,42 @@ class RelayLane:
 
     # -- the relay's events
 
+    def _on_wake(self, events) -> None:
+        """The relay's wake(): None, a whole wake-up (the relay served nothing yet); else it served the ready sockets
+        and these events, waiting clients or its few keys need the lane. Then the relay is told when to call again
+        (_wake_rules)."""
+        if events is None:
+            self._on_ready()
+        else:
+            self._served(events)
+            door = self.door
+            if door is not None and not self.closed:
+                door.top_up_keys()
+        self._wake_rules()
+
     def _on_ready(self) -> None:
         door = self.door
         if door is not None:
             door.prepare()      # before the relay greets anyone: stale templates out, budget and keys in
-        events = self.relay.run_ready()
+        self._served(self.relay.run_ready())
+
+    def _served(self, events) -> None:
         if self.quiet_mode is not None:
-            greeted, gone = self.relay.quiet_counts()
-            if greeted or gone:
-                self._count_quiet(greeted, gone)
+            self.count_quiet()
         if events:
             self._handle(events)
         self._reconcile()
+
+    def _wake_rules(self) -> None:
+        """Which wake-ups of the relay call the lane: every one while the lane yields to the pool's queue, the pool is
+        paused or drained, or the door judges each (a login budget counts down, say); otherwise those with events,
+        waiting clients or few keys left, and the next after any attend() (relay_core.attend: what a whole wake-up
+        judges may have changed)."""
+        if self.closed:
+            return
+        door, pool = self.door, self.pool
+        eager = self.yielding or pool.paused or pool.draining or (door is not None and door.each_wake())
+        self.relay.set_wake_rules(eager, KEYS_LOW if door is not None else 0)
 
     # -- quiet clients (relay logins): kept in the relay with no session until one is needed
 
@@ -597,10 +633,14 @@ class RelayLane:
             return
         self.relay.set_quiet(False)
         self.materialize()
+        self.count_quiet()
+        self.quiet_mode = None
+
+    def count_quiet(self) -> None:
+        """The relay's quiet logins and goodbyes since the last call, counted now (_count_quiet)."""
         greeted, gone = self.relay.quiet_counts()
         if greeted or gone:
             self._count_quiet(greeted, gone)
-        self.quiet_mode = None
 
     def _count_quiet(self, greeted: int, gone: int) -> None:
         """The counts that quiet clients' logins and ends make, made in bulk (as GreetedSession's _register and
@@ -621,15 +661,13 @@ class RelayLane:
             self.lanes.entered_total += greeted
             door.keys -= greeted
             door.quiet_greeted += greeted
-            if door.timeouts_for is not proxy.config:     # (what watch_timeouts needs: a reload may change it)
-                door.timeouts_for = proxy.config
-                door.timeouts_watched = watch_client_timeouts(proxy, door.rt)
-            elif door.timeouts_watched:
-                watch_client_timeouts(proxy, door.rt)
+            door.follow_timeouts(greeted)
         self.lanes.gone_total += gone
 
     def materialize(self) -> None:
         """Every quiet client of the lane gets its session now (QUIET events, handled as GREETED ones)."""
+        if self.quiet_mode is not None and not self.closed:
+            self.count_quiet()
         if self.quiet_clients and not self.closed:
             self._handle(self.relay.take_quiet())
 
@@ -771,6 +809,7 @@ class RelayLane:
         self.quiet_end()            # (none is left by then: every quiet client has its session before the close)
         self.closed = True
         self.watcher.stop()
+        self.relay.set_wake(None)   # (the relay held the lane through its handler)
         try:
             self.pool.relay_lanes.remove(self)
         except ValueError:

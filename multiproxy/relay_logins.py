@@ -64,7 +64,7 @@ from . import pool as pool_module, relay_core
 from .auth import parse_scram_verifier
 from .engine import Engine
 from .fastio import ClientSocket
-from .session import Session
+from .session import Session, watch_client_timeouts
 
 log = logging.getLogger("multiproxy.relay_logins")
 _GREETED_AT = struct.Struct("d")    # a QUIET event's greeting time (a C double)
@@ -230,6 +230,7 @@ class LoginDoor:
                           hangup=lane.quit[:1] if lane.quit else b"")
         self.acceptor.pause(self)
         lane.door = self        # the lane's wake-ups prepare the door (prepare) and give it its events (handle)
+        relay_core.attend()     # (its lane's next wake-up is whole: the door is prepared before the relay greets)
         lane.quiet_begin(self)  # its kept clients have no session until one is needed
         logins.doors.add(self)
         log.info("listener %s: logins greeted by the compiled relay", rt.config.name)
@@ -280,6 +281,7 @@ class LoginDoor:
         self.relay.listen(self.acceptor.sock.fileno(), refuse=refuse, refusal=refusal,
                           hangup=lane.quit[:1] if lane.quit else b"")
         lane.door = self
+        relay_core.attend()
         lane.quiet_begin(self)
         for t in self.templates.values():
             t.keep = t.pool is lane.pool and t.relay_key == lane.key
@@ -344,11 +346,33 @@ class LoginDoor:
             if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down a limit)
                 self.lane.relay.set_login_budget(budget)
                 self.budget_set = budget
+        self.top_up_keys()
+        self.follow_timeouts(0)
+
+    def top_up_keys(self) -> None:
+        """The relay gets KEYS_BLOCK new cancel keys when it holds fewer than KEYS_LOW (it calls for them then)."""
         if self.keys < KEYS_LOW:
             relay = self.lane.relay
             new_key, engine = self.proxy.new_cancel_key, self.engine
             self.keys = relay.add_keys(b"".join(engine.relay_login_key_bytes(new_key(engine))
                                                 for _ in range(KEYS_BLOCK)))
+
+    def each_wake(self) -> bool:
+        """Whether the door judges every wake-up of its lane (RelayLane._wake_rules), not only those after an
+        attend(): while a login budget counts down (a limit, the throttle, a console DISABLE, a stop), while client
+        timeouts are to be watched for quiet logins, and while a takeover waits for the proxy to be idle."""
+        return (self.budget_set != -1 or self.timeouts_watched or self.seen is None
+                or self.proxy.idle_hook is not None)
+
+    def follow_timeouts(self, greeted: int) -> None:
+        """The proxy's client-timeout sweep runs for quiet logins when the configuration has client timeouts
+        (judged again after a reload; `greeted`: quiet logins just counted, which it must watch)."""
+        proxy = self.proxy
+        if self.timeouts_for is not proxy.config:
+            self.timeouts_for = proxy.config
+            self.timeouts_watched = watch_client_timeouts(proxy, self.rt)
+        elif greeted and self.timeouts_watched:
+            watch_client_timeouts(proxy, self.rt)
 
     def _handle(self, events) -> None:
         for kind, fd, _, data, arg in events:

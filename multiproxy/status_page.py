@@ -55,6 +55,7 @@ def redact(text) -> str:
 def clients_by_pool(proxy) -> collections.Counter:
     """Clients per pool (by id): the sessions', and the clients relay lanes keep quietly (relay logins), counted
     without making their sessions."""
+    proxy.sessions.count_quiet()
     clients = collections.Counter(id(s.pool) for s in list(proxy.sessions.known()) if s.pool is not None)
     lanes = getattr(proxy, "relay_lanes", None)
     for lane in list(lanes.lanes.values()) if lanes is not None else ():
@@ -238,6 +239,7 @@ def _fmt(address) -> str:
 def collect(proxy, sampler: Sampler | None) -> dict:
     """What the page shows, as plain data (also served as /status.json's `data`)."""
     now = time.time()
+    proxy.sessions.count_quiet()    # (the relay's quiet logins and goodbyes in the counts)
     registry = proxy.registry.snapshot() if proxy.registry is not None else {}
     clusters = []
     for name, cluster in proxy.config.clusters.items():

@@ -42,7 +42,7 @@ from gevent import socket
 from gevent.lock import Semaphore
 
 from . import __version__
-from . import systemd
+from . import relay_core, systemd
 from .fastio import ClientSocket
 from .handover import HandoverError, RecordReader, check_hello, decode, encode, hello, send_record
 from .session import HandedOver, Session
@@ -265,6 +265,7 @@ class Handover:
             proxy.admin.stop()
             proxy.admin = None
         proxy.stopping = True
+        relay_core.attend()     # (the relay lanes' login doors see it at their next wake-up)
         gevent.spawn(self._receive_cancels)
         self._drain(peer)
         if self.failed:
@@ -317,6 +318,7 @@ class Handover:
         # A client goes the moment its backend goes back to the pool (Session.on_backend_data calls the hook);
         # the sweep finds the others (idle since before the takeover, or whose hook call found them busy).
         proxy.idle_hook = self.try_hand
+        relay_core.attend()     # (the relay lanes' login doors judge every wake-up while it is set)
         try:
             while True:
                 for session in list(proxy.sessions):
@@ -328,6 +330,7 @@ class Handover:
                 gevent.sleep(DRAIN_SWEEP)
         finally:
             proxy.idle_hook = None
+            relay_core.attend()
         stayed = len(proxy.sessions)
         reasons = Counter(_why_stays(session) for session in proxy.sessions)
         tls = reasons.get("TLS", 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from . import relay_core
+
 
 @dataclass
 class _Record:
@@ -42,6 +44,7 @@ class LoginThrottle:
             record = self._records[address] = _Record()
         record.failures += 1
         record.last_failure = now
+        relay_core.attend()     # (the relay logins' doors leave every login to the Python path while it watches)
         if self.block_after and record.failures >= self.block_after:
             record.blocked_until = now + self.block_seconds
         if len(self._records) > 100_000:
