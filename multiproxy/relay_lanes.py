@@ -478,6 +478,7 @@ class RelayLane:
         if on != self.yielding:
             self.yielding = on
             events = self.relay.set_yield(on)
+            self._wake_rules()      # (every wake-up calls the lane while it yields: it gives the free backends back)
             if events:
                 self._handle(events)
 

@@ -672,3 +672,48 @@ def test_a_lane_with_no_backend_gets_its_turn_from_a_busy_lane(pg, proxy_factory
     assert relayed >= 50, relayed                   # lane a went on meanwhile
     assert not lanes["returns"]["pool_wanted"] and not lanes["returns"]["no_backend"], lanes
     assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_a_python_path_waiter_gets_a_backend_a_quiet_lane_frees(pg, proxy_factory, core):
+    """Both backends serve one long statement each in a lane, and then their clients say nothing more: a session on
+    the Python path that began to wait meanwhile gets the first backend that ends its transaction (the lane yields
+    and gives it back at that wake-up, which nothing else in the lane needs), not one at its borrow timeout."""
+    config = compiled_config(pg, max_size=2)
+    config["clusters"]["main"]["pool"]["borrow_timeout"] = 20.0
+    proxy = proxy_factory(config, env=CORES[core])
+    lane_clients = [psycopg_connect(proxy, autocommit=True) for _ in range(2)]
+    try:
+        for conn in lane_clients:
+            assert simple_query(conn, "SELECT 1") == [(1,)]
+        done = []
+
+        def sleep_in_the_lane(conn) -> None:
+            assert simple_query(conn, "SELECT count(*) FROM pg_sleep(1)") == [(1,)]
+            done.append(time.monotonic())
+
+        sleepers = [threading.Thread(target=sleep_in_the_lane, args=(conn,)) for conn in lane_clients]
+        for thread in sleepers:
+            thread.start()
+        wait_for(lambda: server_backends(pg) == 2 and (lane_metrics(proxy)["backends"] or 0) == 2, timeout=10)
+        time.sleep(0.2)
+        with psycopg_connect(proxy, autocommit=True) as conn:
+            started = time.monotonic()
+            simple_query(conn, "BEGIN")         # (its first statement borrows on the Python path and waits)
+            assert simple_query(conn, "SELECT 41 + 1") == [(42,)]
+            answered = time.monotonic()
+            waited = answered - started
+            simple_query(conn, "COMMIT")
+        for thread in sleepers:
+            thread.join(10)
+    finally:
+        for conn in lane_clients:
+            conn.close()
+    after = answered - min(done)
+    print(f"the Python path's borrow waited {waited:.3f} s, answered {after:.3f} s after the first sleep ended")
+    assert len(done) == 2
+    # The backend went back to the pool at the wake-up that ended its transaction (before this, the lane's sweep
+    # gave it back up to 0.25 s later); its borrow_timeout is 20 s.
+    assert after < 0.15, (waited, after)
+    assert server_backends(pg) <= 2

@@ -1856,3 +1856,124 @@ def test_c_and_python_relays_agree_on_scram_messages(listener, initial, final):
     client messages: the same answers, the same events, the same bytes handed over."""
     c_impl, py_impl = (_relay.Walker, _relay.Relay), (rc.PyWalker, rc.PyRelay)
     assert _scram_outcome(c_impl, listener, initial, final) == _scram_outcome(py_impl, listener, initial, final)
+
+
+# -- wake(): the relay serves a wake-up by itself and calls its handler only when the caller's code is needed
+
+
+class WakeLog:
+    """A wake handler that records what it was called with; a whole wake-up (None) runs run_ready as a lane does."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.calls = []
+        self.served = []
+
+    def __call__(self, events):
+        self.calls.append(events)
+        if events is None:
+            self.served += self.relay.run_ready()
+        else:
+            self.served += events
+        return "handled"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wake_serves_a_transaction_with_no_call_of_its_handler(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    with pytest.raises(ValueError):
+        relay.wake()                                              # no handler yet
+    with pytest.raises(TypeError):
+        relay.set_wake(42)
+    handler = WakeLog(relay)
+    relay.set_wake(handler)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    assert relay.wake() == "handled" and handler.calls == [None]  # the first wake-up after set_wake is whole
+    client.outside.sendall(QUERY)
+    select_wait(relay)
+    assert relay.wake() is None                                   # forwarded in C: no event, nobody waits
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)
+    select_wait(relay)
+    assert relay.wake() is None
+    assert client.read(len(RESULT + READY_IDLE)) == RESULT + READY_IDLE
+    assert handler.calls == [None] and relay.stats()["transactions"] == 1
+    client.outside.sendall(TERMINATE)                             # an event: the handler gets it
+    select_wait(relay)
+    assert relay.wake() == "handled"
+    assert handler.calls[1:] == [[(rc.HANDOVER, client.fd(), -1, TERMINATE, ord("X"))]]
+    relay.set_wake(None)
+    with pytest.raises(ValueError):
+        relay.wake()
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wake_calls_its_handler_for_waiting_clients_attend_and_eager(impl, pairs):
+    relay = impl[1](*walkers(impl))
+    handler = WakeLog(relay)
+    relay.set_wake(handler)
+    relay.wake()                                                  # (the whole first one)
+    client = pairs()
+    relay.add_client(client.fd())
+    client.outside.sendall(QUERY)                                 # no backend: it waits, the caller must find one
+    select_wait(relay)
+    assert relay.wake() == "handled" and handler.calls[-1] == []
+    assert relay.stats()["waiting"] == 1
+    assert relay.wake() == "handled" and handler.calls[-1] == []  # and at every wake-up while it waits
+    backend = pairs()
+    relay.add_backend(backend.fd())                               # lent to it at once
+    assert backend.read(len(QUERY)) == QUERY
+    calls = len(handler.calls)
+    assert relay.wake() is None and len(handler.calls) == calls
+    rc.attend()                                                   # what the handler judges may have changed
+    assert relay.wake() == "handled" and handler.calls[-1] is None
+    assert relay.wake() is None                                   # once
+    relay.set_wake_rules(True)                                    # eager: every wake-up is whole
+    assert relay.wake() == "handled" and relay.wake() == "handled" and handler.calls[-2:] == [None, None]
+    relay.set_wake_rules(False)
+    assert relay.wake() is None
+    with pytest.raises(ValueError):
+        relay.set_wake_rules(False, -1)
+    relay.close()
+    assert relay.wake() is None                                   # closed: nothing to serve, no call
+    relay.set_wake(None)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wake_calls_its_handler_when_keys_run_low(impl, listener, pairs):
+    relay = impl[1](*walkers(impl))
+    handler = WakeLog(relay)
+    relay.set_wake(handler)
+    relay.wake()
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    relay.add_keys(bytes(range(16)))                              # two keys
+    relay.set_wake_rules(False, 2)
+    assert relay.wake() is None                                   # two held, two wanted: no call
+    relay.set_wake_rules(False, 3)
+    assert relay.wake() == "handled" and handler.calls[-1] == []  # fewer than keys_low: the caller tops them up
+    relay.close()
+    relay.set_wake(None)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_relay_and_its_handler_that_holds_it_are_collected(impl):
+    import gc
+    import weakref
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    owner.relay = impl[1](*walkers(impl))
+    owner.relay.set_wake(lambda events, owner=owner: None)       # a cycle: relay -> handler -> owner -> relay
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None
