@@ -79,7 +79,9 @@ typedef struct {
     unsigned char screen[256];  /* types whose body is screened for `words` (whole frames of at most max_screen) */
     long long max_screen;
     int nwords;
-    unsigned char first[256];   /* the first bytes of the words */
+    unsigned char first[256];   /* by first byte: how many words start with it */
+    unsigned char first_at[256];    /* by first byte: where its words start in by_first */
+    unsigned char by_first[MAX_WORDS];  /* the words' indexes, ordered by first byte */
     int word_len[MAX_WORDS];
     unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
@@ -126,11 +128,11 @@ static inline unsigned char lower_ascii(unsigned char ch) {
 static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = lower_ascii(body[i]);
-        if (!rule->first[ch])
-            continue;
-        for (int w = 0; w < rule->nwords; w++) {
+        int n = rule->first[ch];
+        for (int at = rule->first_at[ch]; n > 0; at++, n--) {     /* only the words that start with ch */
+            int w = rule->by_first[at];
             size_t wl = (size_t)rule->word_len[w];
-            if (rule->words[w][0] != ch || wl > len - i)
+            if (wl > len - i)
                 continue;
             size_t k = 1;
             while (k < wl && lower_ascii(body[i + k]) == rule->words[w][k])
@@ -665,10 +667,19 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
             for (int k = 0; k < wl; k++)
                 rule->words[i][k] = lower_ascii(w[k]);
             rule->word_len[i] = wl;
-            rule->first[rule->words[i][0]] = 1;
         }
         rule->nwords = (int)n;
         Py_DECREF(seq);
+        memset(rule->first, 0, sizeof(rule->first));
+        int at = 0;             /* the words' indexes by first byte (screen_hit looks only at those of a byte) */
+        for (int ch = 0; ch < 256; ch++) {
+            rule->first_at[ch] = (unsigned char)at;
+            for (int i = 0; i < rule->nwords; i++)
+                if (rule->words[i][0] == ch) {
+                    rule->by_first[at++] = (unsigned char)i;
+                    rule->first[ch]++;
+                }
+        }
     }
     return 0;
 }
