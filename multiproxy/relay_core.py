@@ -35,6 +35,11 @@ STARTUP (or ANSWERED) events (aged_only: those already starting at the previous 
 `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise. `set_quiet(True)`:
 a kept client is counted (`quiet_counts()`) instead of reported, until an event of it, `take_quiet()` or
 `report_key(key)` reports it as a QUIET event (GREETED's data, then its greeting time as a C double).
+`wake()` is what the caller's loop may call instead of run_ready(): it calls the handler given to `set_wake(handler)`
+with None for a whole wake-up (the handler runs run_ready() itself) after any module-level `attend()`, at the first
+wake-up after set_wake, or at every one while `set_wake_rules(eager=True)`; otherwise it serves the ready sockets
+itself and calls `handler(events)` only when there are events, clients waiting for a backend, or fewer keys than
+set_wake_rules' keys_low, so that a wake-up needing none of the caller's code runs no Python (see _relay.c).
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
