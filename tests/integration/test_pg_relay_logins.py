@@ -608,3 +608,40 @@ def test_a_scram_login_left_midway_meets_the_handshake_deadline(pg, proxy_factor
     sock.close()
     with connect(proxy, password=PASSWORD) as conn:     # the listener still greets
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.timeout(120)
+def test_an_address_blocked_for_failed_logins_is_refused_even_with_the_right_password(pg, proxy_factory):
+    """A failed login (judged on the Python path) blocks its address at once: the relay, which would verify the
+    right password by itself, greets nobody until its lane has judged the throttle again (relay_core.attend)."""
+    proxy, _ = scram_proxy(pg, proxy_factory, auth_failure_delay=0.0, auth_failure_block_after=1,
+                           auth_failure_block_seconds=60.0)
+    greeted(proxy, 2, password=PASSWORD)[0].close()
+    before = relay_logins(proxy)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(proxy, password="not the password")
+    for _ in range(3):
+        with pytest.raises(psycopg.OperationalError, match="too many failed logins"):
+            connect(proxy, password=PASSWORD)
+    assert relay_logins(proxy) == before
+
+
+@pytest.mark.timeout(120)
+def test_disable_and_enable_stop_and_resume_the_relays_greetings(pg, proxy_factory):
+    """DISABLE: the next login is the Python path's, which refuses it with its message (the relay greets nobody
+    meanwhile); ENABLE: the relay greets again."""
+    proxy = proxy_factory(logins_config(pg))
+    first_login(proxy)
+    kept = greeted(proxy, 2)
+    with connect(proxy, dbname="pgbouncer") as console:
+        console.execute(f"DISABLE {AUTH_DB}")
+        before = relay_logins(proxy)
+        for _ in range(3):
+            with pytest.raises(psycopg.OperationalError, match="is disabled by an administrator"):
+                connect(proxy)
+        assert relay_logins(proxy) == before
+        console.execute(f"ENABLE {AUTH_DB}")
+    kept += greeted(proxy, 2)
+    assert all(conn.execute("SELECT 7").fetchone() == (7,) for conn in kept)
+    for conn in kept:
+        conn.close()
