@@ -1727,8 +1727,11 @@ static PyObject *Relay_wake(RelayObject *self, PyObject *unused) {
     if (self->epfd < 0)
         Py_RETURN_NONE;     /* closed: nothing to serve */
     if (self->threaded || self->eager || self->attention_seen != attention) {
-        self->attention_seen = attention;
-        return call_wake_handler(self, Py_None);
+        unsigned long long seen = attention;    /* (an attend() while the handler runs makes the next one whole too) */
+        PyObject *result = call_wake_handler(self, Py_None);
+        if (result != NULL)
+            self->attention_seen = seen;        /* a handler that failed gets a whole wake-up again */
+        return result;
     }
     PyObject *events = serve_ready(self, 256);
     if (events == NULL)

@@ -682,8 +682,10 @@ class PyRelay:
         if self._epoll.closed:
             return None
         if self._eager or self._attention_seen != _attention[0]:
-            self._attention_seen = _attention[0]
-            return self._wake_handler(None)
+            seen = _attention[0]
+            result = self._wake_handler(None)
+            self._attention_seen = seen     # (not when it raised: the next wake-up is whole again)
+            return result
         events = self.run_ready()
         if not events and not self._waiting and len(self._keys) >= self._keys_low:
             return None

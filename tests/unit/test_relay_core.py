@@ -1977,3 +1977,34 @@ def test_a_relay_and_its_handler_that_holds_it_are_collected(impl):
     del owner
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_whole_wake_up_that_fails_or_sees_an_attend_is_whole_again(impl):
+    relay = impl[1](*walkers(impl))
+    calls = []
+
+    def failing(events):
+        calls.append(events)
+        raise RuntimeError("the lane failed")
+
+    relay.set_wake(failing)
+    with pytest.raises(RuntimeError):
+        relay.wake()
+    with pytest.raises(RuntimeError):
+        relay.wake()                                              # whole again: the first one did not finish
+    assert calls == [None, None]
+
+    def attending(events):
+        calls.append(events)
+        if len(calls) == 3:
+            rc.attend()                                           # something changed while the lane judged
+
+    relay.set_wake(attending)
+    relay.wake()
+    relay.wake()
+    assert calls[2:] == [None, None]
+    assert relay.wake() is None and len(calls) == 4
+    relay.set_wake(None)
+    relay.close()
