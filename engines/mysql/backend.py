@@ -217,8 +217,8 @@ class MySQLLogin(BackendScript):
             end = payload.find(b"\x00", 1)
             plugin = payload[1:end] if end > 0 else payload[1:]
             nonce = payload[end + 1:] if end > 0 else b""
-            if nonce.endswith(b"\x00"):
-                nonce = nonce[:-1]
+            if nonce.endswith(b"\x00") and bytes(plugin) != ED25519:
+                nonce = nonce[:-1]      # (the NUL after a scramble; ed25519's 32 random bytes may end with a zero)
             self.plugin, self.nonce = bytes(plugin), bytes(nonce) or self.nonce
             return self._send(self._scramble(self.plugin, self.nonce))
         if head == p.AUTH_MORE_DATA:

@@ -406,3 +406,20 @@ def test_a_session_that_asked_for_read_only_gets_its_refusal_at_once(setup, stat
     client.link(state, client.client_data(query(statement))[0])
     refusal = read_only_err(1792, b"Cannot execute statement in a READ ONLY transaction")
     assert client.backend_data(refusal) == (refusal, True) and client.retry_request is None
+
+
+@pytest.mark.parametrize("last", [0, 7])
+def test_an_ed25519_switch_whose_nonce_ends_with_a_zero_byte_is_signed_whole(last):
+    """MariaDB's client_ed25519 sends 32 random bytes with no terminator: one nonce in 256 ends with 0x00, which is
+    part of the message to sign (a login refused "Access denied" once in 256 before)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from multiproxy.engine import BackendTarget
+    login = MySQLLogin(BackendTarget(host="db", port=3306, user="mp", database="d", password="ed-pw", tls="disable"))
+    login.start()
+    login.feed(p.packet(0, p.handshake_v10(b"10.11.6-MariaDB", 9, b"n" * 20, 0xFFFFFFFF & ~p.CLIENT_SSL, 45,
+                                          p.SERVER_STATUS_AUTOCOMMIT, b"mysql_native_password")))
+    nonce = bytes(range(1, 32)) + bytes([last])
+    answer = login.feed(p.packet(2, p.auth_switch_request(b"client_ed25519", nonce)))
+    signature = answer[4:]
+    assert len(signature) == 64
+    Ed25519PublicKey.from_public_bytes(ed25519_public_key("ed-pw")).verify(signature, nonce)
