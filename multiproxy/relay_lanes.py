@@ -639,6 +639,8 @@ class RelayLane:
 
     def count_quiet(self) -> None:
         """The relay's quiet logins and goodbyes since the last call, counted now (_count_quiet)."""
+        if self.quiet_mode is None or self.closed:
+            return
         greeted, gone = self.relay.quiet_counts()
         if greeted or gone:
             self._count_quiet(greeted, gone)

@@ -342,6 +342,7 @@ class LoginDoor:
             self.seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
         if (rt.config.max_client_connections or self.budget_set != -1 or proxy.throttle.watching()
                 or proxy.console.disabled):
+            self.lane.count_quiet()     # (rt.connections with the quiet logins and goodbyes so far)
             budget = self._budget()
             if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down a limit)
                 self.lane.relay.set_login_budget(budget)
