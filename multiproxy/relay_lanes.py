@@ -182,12 +182,12 @@ class RelayLanes:
             try:
                 try:
                     lane = RelayLane(self, pool, key, session.engine, rules)
-                except TypeError as exc:
+                except (TypeError, AttributeError) as exc:     # (an older build: other rules, no wake())
                     if self.relay_class is relay_core.PyRelay:
                         raise ValueError(str(exc)) from exc
-                    log.warning("relay lanes: the compiled multiproxy._relay does not take the engine's rules (%s: "
-                                "an older build? python3 setup.py build_ext --inplace); using the pure-Python twin",
-                                exc)
+                    log.warning("relay lanes: the compiled multiproxy._relay does not take the engine's rules or "
+                                "has no wake() (%s: an older build? python3 setup.py build_ext --inplace); using the "
+                                "pure-Python twin", exc)
                     self.walker_class, self.relay_class = relay_core.PyWalker, relay_core.PyRelay
                     lane = RelayLane(self, pool, key, session.engine, rules)
             except (ValueError, OSError) as exc:
