@@ -23,6 +23,7 @@ from .helpers import admin_status, metric, metrics_text
 from .pgserver import AUTH_DB
 from .proxy import free_port
 from .test_live_reload import reload_by_signal, wait_for_log
+from .test_takeover import cancel_works
 
 USER = "mp_trust"
 TIMEOUT = 10
@@ -86,24 +87,6 @@ def pgbench_connect_per_transaction(proxy, pg, clients: int, transactions: int, 
     assert f"number of transactions actually processed: {done}/{done}" in run.stdout, run.stdout
 
 
-def cancel_a_sleep(proxy, victim: psycopg.Connection) -> None:
-    """A cancel (CancelRequest: a first packet the relay gives to Python) of `victim`'s running request."""
-    failure = []
-
-    def sleep():
-        try:
-            victim.execute("SELECT pg_sleep(20)")
-        except psycopg.errors.QueryCanceled as exc:
-            failure.append(exc)
-    thread = threading.Thread(target=sleep)
-    started = time.monotonic()
-    thread.start()
-    time.sleep(1.0)
-    victim.cancel()
-    thread.join(15)
-    assert failure and time.monotonic() - started < 10, proxy.log_tail()
-
-
 @pytest.mark.timeout(180)
 def test_pgbench_connect_per_transaction_logs_in_through_the_relay(pg, proxy_factory):
     if not shutil.which("pgbench"):
@@ -138,7 +121,7 @@ def test_greeted_clients_have_unique_keys_that_cancel_and_are_counted(pg, proxy_
 
     # A cancel (CancelRequest: a first packet the relay gives to Python) of a greeted client's request.
     victim = conns[3]
-    cancel_a_sleep(proxy, victim)
+    cancel_works(victim)
     assert victim.execute("SELECT 42").fetchone() == (42,)
     for conn in conns:
         conn.close()
@@ -433,7 +416,7 @@ def test_quiet_clients_are_counted_and_get_their_sessions_only_when_needed(pg, p
         assert stray.recv(10) == b""
     assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 4     # no session made for it
     time.sleep(1.5)                                 # (their sessions, made later, say when they came)
-    cancel_a_sleep(proxy, conns[1])                 # its key is among the quiet clients'
+    cancel_works(conns[1])                          # its key is among the quiet clients'
     assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 3     # the victim's alone, found by its key
     with connect(proxy, dbname="pgbouncer") as console:
         with console.cursor() as cur:
