@@ -67,8 +67,8 @@ class Sessions(set):
         return set.__len__(self) + self.quiet
 
     def __iter__(self):
-        if self.quiet and self.materialize is not None:
-            self.materialize()
+        if self.materialize is not None:
+            self.materialize()      # (it counts the quiet clients first: `quiet` may not have them yet)
         return set.__iter__(self)
 
     def known(self):
@@ -748,7 +748,7 @@ class Proxy:
                 self._pass_cancel(owner, engine.name, key, terminate)
                 return
         session = self.by_cancel_key.get(key)
-        if session is None and self.sessions.quiet and self.relay_lanes is not None:
+        if session is None and self.relay_lanes is not None:
             self.relay_lanes.materialize_key(key, engine)   # a client kept quietly in a relay lane may hold it
             session = self.by_cancel_key.get(key)
         if session is None:

@@ -628,3 +628,53 @@ def test_disable_and_enable_stop_and_resume_the_relays_greetings(pg, proxy_facto
     assert all(conn.execute("SELECT 7").fetchone() == (7,) for conn in kept)
     for conn in kept:
         conn.close()
+
+
+
+
+@pytest.mark.timeout(120)
+def test_a_cancel_through_another_listener_right_after_a_quiet_login_finds_its_client(pg, proxy_factory):
+    """A quiet login is counted only when something reads the counts. A cancel of its client's request sent to
+    another listener (md5: its logins, and so its CancelRequests, stay on the Python path, and no wake-up of the
+    door's lane counts first) still finds the client by its key, before the lanes' sweep (every 0.25 s) counted it."""
+    from multiproxy.auth import UsersFile
+    users = UsersFile()
+    users.add(USER, PASSWORD, kinds=["md5"])
+    config = logins_config(pg)
+    config["auth"] = {"users_file": "users.toml"}
+    other = dict(config["listeners"][0], name="pg_md5", listen=f"127.0.0.1:{free_port()}", auth="md5")
+    config["listeners"].append(other)
+    proxy = proxy_factory(config, files={"users.toml": users.dumps()})
+    first_login(proxy)
+    startup = libpq_startup()
+    cancel_port = int(other["listen"].rsplit(":", 1)[1])
+    before = relay_logins(proxy)
+    for n in range(5):
+        with socket.create_connection((proxy.host, proxy.port), timeout=TIMEOUT) as victim:
+            victim.sendall(startup)                     # greeted quietly: nothing reads the counts meanwhile
+            key = None
+            while True:
+                kind, body = read_message(victim)
+                if kind == b"K":
+                    key = body
+                if kind == b"Z":
+                    break
+            victim.sendall(sasl(b"Q", b"SELECT pg_sleep(20)\0"))
+            time.sleep(0.05)
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", cancel_port), timeout=TIMEOUT) as cancel:
+                cancel.sendall(struct.pack("!II", 16, 80877102) + key)
+                assert cancel.recv(10) == b""           # the proxy closes a CancelRequest's connection
+            answer = []
+            while not answer or answer[-1][0] != b"Z":
+                answer.append(read_message(victim))
+            assert [kind for kind, _ in answer] == [b"T", b"E", b"Z"], answer
+            assert b"C57014\0" in answer[1][1], answer     # query_canceled
+            assert time.monotonic() - started < 5
+            victim.sendall(sasl(b"Q", f"SELECT {n}".encode() + b"\0"))
+            messages = []
+            while not messages or messages[-1][0] != b"Z":
+                messages.append(read_message(victim))
+            assert (b"D", b"\0\x01" + len(str(n)).to_bytes(4, "big") + str(n).encode()) in messages, messages
+            victim.sendall(sasl(b"X", b""))
+    assert relay_logins(proxy) == before + 5
