@@ -807,7 +807,12 @@ typedef struct Conn {
     unsigned char key[8];       /* a quiet client's cancel key */
     int template_id;            /* a quiet client's greeting */
     double greeted_at;          /* a quiet client's greeting: seconds since the epoch (its QUIET event says when) */
+    unsigned char watch_state;  /* a quiet client at the last age_quiet(): WATCH_IDLE, _BUSY or _TRANSACTION */
+    unsigned long long watch_requests;  /* its requests walked then */
+    double watch_since;         /* the age_quiet() `now` since which both are so (0: not seen yet) */
 } Conn;
+
+enum { WATCH_IDLE = 0, WATCH_BUSY = 1, WATCH_TRANSACTION = 2 };
 
 #define MAX_SPARE_BUFFERS 64    /* buffers kept for reuse after idle connections gave theirs back */
 
@@ -1997,7 +2002,7 @@ static PyObject *Relay_activity(RelayObject *self, PyObject *args) {
     if (c == NULL || c->role != ROLE_CLIENT)
         result = Py_NewRef(Py_None);
     else
-        result = Py_BuildValue("(Kii)", c->requests, c->peer ? c->peer->fd : -1, c->waiting);
+        result = Py_BuildValue("(KiiL)", c->requests, c->peer ? c->peer->fd : -1, c->waiting, c->outstanding);
     unlock_relay(self);
     return result;
 }
@@ -2454,6 +2459,61 @@ static PyObject *Relay_take_quiet(RelayObject *self, PyObject *unused) {
     return events;
 }
 
+/* age_quiet(now, idle_limit, busy_limit, transaction_limit) -> (events, [(fd, state, since)]): the client timeouts
+   of quiet clients, judged here so that they need no session. Each quiet client's state (WATCH_IDLE: no backend;
+   WATCH_BUSY: a request outstanding on its backend, or waiting for one; WATCH_TRANSACTION: linked with nothing
+   outstanding, so idle inside a transaction) and its requests walked are compared with the last call's: a change
+   (or a client not seen yet) starts its clock at `now`. Those whose state has lasted its limit (seconds; 0: none) are
+   reported (their QUIET events, returned with any other events queued) and listed with their state and since when,
+   for the caller to act on through their sessions. The caller calls it at its timeouts' sweep pace; nothing of it
+   runs per request. */
+static PyObject *Relay_age_quiet(RelayObject *self, PyObject *args) {
+    double now, limits[3];
+    if (!PyArg_ParseTuple(args, "dddd", &now, &limits[WATCH_IDLE], &limits[WATCH_BUSY], &limits[WATCH_TRANSACTION]))
+        return NULL;
+    if (self->epfd < 0)
+        return PyErr_Format(PyExc_ValueError, "relay is closed");
+    PyObject *overdue = PyList_New(0);
+    if (overdue == NULL)
+        return NULL;
+    lock_relay(self);
+    for (int fd = 0; fd < self->nconns && self->n_quiet; fd++) {
+        Conn *c = self->conns[fd];
+        if (c == NULL || !c->quiet)
+            continue;
+        unsigned char state = c->waiting ? WATCH_BUSY
+                              : c->peer == NULL ? WATCH_IDLE : c->outstanding > 0 ? WATCH_BUSY : WATCH_TRANSACTION;
+        if (c->watch_since == 0.0 || state != c->watch_state || c->requests != c->watch_requests) {
+            c->watch_state = state;
+            c->watch_requests = c->requests;
+            c->watch_since = now;
+            continue;
+        }
+        double limit = limits[state];
+        if (limit <= 0.0 || now - c->watch_since < limit)
+            continue;
+        PyObject *item = Py_BuildValue("(iid)", c->fd, (int)state, c->watch_since);
+        if (item == NULL || PyList_Append(overdue, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(overdue);
+            break;
+        }
+        Py_DECREF(item);
+        report_quiet(self, c);
+    }
+    PyObject *events = take_events(self);
+    unlock_relay(self);
+    if (events == NULL || overdue == NULL) {    /* out of memory: the error stands */
+        Py_XDECREF(events);
+        Py_XDECREF(overdue);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, events, overdue);
+    Py_DECREF(events);
+    Py_DECREF(overdue);
+    return result;
+}
+
 static PyObject *Relay_report_key(RelayObject *self, PyObject *arg) {
     Py_buffer key;
     if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0)
@@ -2533,14 +2593,18 @@ static PyMethodDef Relay_methods[] = {
     {"set_yield", (PyCFunction)Relay_set_yield, METH_O,
      "set_yield(on) -> events: while on, no backend is lent by the relay itself (free ones go idle, for take_idle); "
      "off: the idle backends are lent to the waiting clients."},
+    {"age_quiet", (PyCFunction)Relay_age_quiet, METH_VARARGS,
+     "age_quiet(now, idle_limit, busy_limit, transaction_limit) -> (events, [(fd, state, since)]): quiet clients "
+     "whose state (0 idle, 1 awaiting an answer or a backend, 2 idle in a transaction) lasted its limit, reported."},
     {"age_waiting", (PyCFunction)Relay_age_waiting, METH_O,
      "age_waiting(limit) -> [(fd, bytes)]: one tick more for every waiting client; those with `limit` ticks are "
      "forgotten and given back, longest waiting first."},
     {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
      "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
     {"activity", (PyCFunction)Relay_activity, METH_VARARGS,
-     "activity(fd) -> (requests, peer fd or -1, waiting) of a client: requests walked since it was given to the "
-     "relay, the backend serving it now, whether it waits for one; None for a backend or an unknown fd."},
+     "activity(fd) -> (requests, peer fd or -1, waiting, outstanding) of a client: requests walked since it was "
+     "given to the relay, the backend serving it now, whether it waits for one, requests not answered yet; None for "
+     "a backend or an unknown fd."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

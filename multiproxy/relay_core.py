@@ -35,6 +35,10 @@ STARTUP (or ANSWERED) events (aged_only: those already starting at the previous 
 `unlisten()` forgets the listening sockets (closing none) and gives those clients back likewise. `set_quiet(True)`:
 a kept client is counted (`quiet_counts()`) instead of reported, until an event of it, `take_quiet()` or
 `report_key(key)` reports it as a QUIET event (GREETED's data, then its greeting time as a C double).
+`age_quiet(now, idle_limit, busy_limit, transaction_limit) -> (events, [(fd, state, since)])` judges the client
+timeouts of quiet clients with no session: a quiet client's state (WATCH_IDLE, WATCH_BUSY: a request outstanding or
+waiting for a backend, WATCH_TRANSACTION: linked with nothing outstanding) and its requests walked, unchanged since
+`since` (the `now` of the call that first saw them) for its state's limit (0: none), report it (QUIET event) and list it.
 `wake()` is what the caller's loop may call instead of run_ready(): it calls the handler given to `set_wake(handler)`
 with None for a whole wake-up (the handler runs run_ready() itself) after any module-level `attend()`, at the first
 wake-up after set_wake, or at every one while `set_wake_rules(eager=True)`; otherwise it serves the ready sockets
@@ -105,6 +109,7 @@ import time
 log = logging.getLogger("multiproxy.relay_core")
 
 NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET = range(11)
+WATCH_IDLE, WATCH_BUSY, WATCH_TRANSACTION = range(3)    # a quiet client's state for age_quiet()
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 SCRAM_NONCE_RAW = 18    # relay logins with SCRAM: random bytes of the relay's part of the nonce (24 in base64)
 SCRAM_TAIL_MAX = 160    # the end of a server-first-message: ",s=<salt>,i=<iterations>"
@@ -472,7 +477,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet")
+                 "login", "quiet", "watch")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -488,6 +493,7 @@ class _Conn:
         self.listener = None            # a listening socket object (listeners only)
         self.login = None               # a starting client's SCRAM exchange (_Login)
         self.quiet = None               # a quiet client (set_quiet): its GREETED data and template, not reported yet
+        self.watch = None               # a quiet client at the last age_quiet(): (state, requests, since)
 
 
 def _epoll():
@@ -723,6 +729,25 @@ class PyRelay:
                 break
         return self._take_events()
 
+    def age_quiet(self, now, idle_limit, busy_limit, transaction_limit) -> tuple:
+        limits = (float(idle_limit), float(busy_limit), float(transaction_limit))
+        now = float(now)
+        overdue = []
+        for c in list(self._conns.values()):
+            if c.quiet is None:
+                continue
+            state = (WATCH_BUSY if c.waiting else WATCH_IDLE if c.peer is None
+                     else WATCH_BUSY if c.outstanding > 0 else WATCH_TRANSACTION)
+            watch = c.watch
+            if watch is None or watch[0] != state or watch[1] != c.requests:
+                c.watch = (state, c.requests, now)
+                continue
+            limit = limits[state]
+            if limit > 0.0 and now - watch[2] >= limit:
+                overdue.append((c.fd, state, watch[2]))
+                self._report_quiet(c)
+        return self._take_events(), overdue
+
     def quiet_counts(self) -> tuple:
         counts = self._quiet_counts
         self._quiet_counts = (0, 0)
@@ -778,7 +803,7 @@ class PyRelay:
         c = self._conns.get(fd)
         if c is None or not c.client:
             return None
-        return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting))
+        return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting), c.outstanding)
 
     def counts(self) -> tuple:
         return (len(self._idle), len(self._waiting),
@@ -1214,5 +1239,5 @@ except ImportError:
 
 __all__ = ["Walker", "Relay", "PyWalker", "PyRelay", "IMPLEMENTATION", "FRAMINGS", "postgres_walkers",
            "NONE", "BOUNDARY", "HANDOVER", "MALFORMED", "CLOSED", "UNSOLICITED", "STARTUP", "GREETED", "GONE",
-           "ANSWERED", "QUIET", "attend",
+           "ANSWERED", "QUIET", "WATCH_IDLE", "WATCH_BUSY", "WATCH_TRANSACTION", "attend",
            "MAX_STARTUP", "MAX_WORDS", "MAX_WORD"]

@@ -260,6 +260,15 @@ class RelayLanes:
         for lane in list(self.lanes.values()):
             lane.materialize()
 
+    def judge_quiet_timeouts(self, now: float) -> None:
+        """The client timeouts of the quiet clients of every lane (the ClientTimeouts sweep, RelayLane's)."""
+        for lane in list(self.lanes.values()):
+            if lane.quiet_mode is not None:
+                try:
+                    lane.judge_quiet_timeouts(now)
+                except Exception:  # one lane's failure must not stop the sweep of the others
+                    log.exception("relay lanes: judging the client timeouts of pool %s failed", lane.pool.label)
+
     def count_quiet(self) -> None:
         """The logins and goodbyes of quiet clients so far are counted now, in every lane (a lane's wake-ups that run
         no Python leave them to be counted later: RelayLane.count_quiet)."""
@@ -666,6 +675,33 @@ class RelayLane:
             door.quiet_greeted += greeted
             door.follow_timeouts(greeted)
         self.lanes.gone_total += gone
+
+    def judge_quiet_timeouts(self, now: float) -> None:
+        """The client timeouts of the lane's quiet clients, judged by the relay with no session made (age_quiet, at
+        the ClientTimeouts sweep's pace, on the same clock): a client whose state lasted its limit gets its session
+        now, its clock as the relay kept it, and the session acts as for any client (Session.check_timeouts: the
+        idle ones are told why and closed, a request is cancelled, a transaction left idle is closed)."""
+        if self.quiet_mode is None or self.closed:
+            return
+        self.count_quiet()      # (the QUIET events below are of clients counted already)
+        if not self.quiet_clients:
+            return
+        settings = self.proxy.config.proxy
+        pool = self.quiet_mode.rt.cluster.pool
+        events, overdue = self.relay.age_quiet(now, settings.idle_client_timeout or 0.0,
+                                               getattr(pool, "query_timeout", 0.0) or 0.0,
+                                               getattr(settings, "idle_transaction_timeout", 0.0) or 0.0)
+        if events:
+            self._handle(events)
+        for fd, _, since in overdue:
+            session = self.clients.get(fd)
+            if session is None:
+                continue
+            session.watch = None
+            session.check_timeouts(now)         # its state and requests, seen now...
+            if session.watch is not None:
+                session.watch[2] = since        # ...and unchanged since the relay first saw them
+                session.check_timeouts(now)
 
     def materialize(self) -> None:
         """Every quiet client of the lane gets its session now (QUIET events, handled as GREETED ones)."""

@@ -193,6 +193,11 @@ class RelayLogins:
                 door.age()
                 door.follow_logins()
 
+    def timeouts_watched(self) -> bool:
+        """Whether a door's quiet logins have client timeouts to be judged (the ClientTimeouts sweep keeps going
+        for them even with no client yet: a quiet login does not wake any Python to start it)."""
+        return any(door.timeouts_watched for door in self.doors)
+
     def close(self) -> None:
         """Every door lets go of its listener; the acceptors accept again (a takeover, the lanes' close)."""
         for door in list(self.doors):
@@ -360,14 +365,15 @@ class LoginDoor:
 
     def each_wake(self) -> bool:
         """Whether the door judges every wake-up of its lane (RelayLane._wake_rules), not only those after an
-        attend(): while a login budget counts down (a limit, the throttle, a console DISABLE, a stop), while client
-        timeouts are to be watched for quiet logins, and while a takeover waits for the proxy to be idle."""
-        return (self.budget_set != -1 or self.timeouts_watched or self.seen is None
-                or self.proxy.idle_hook is not None)
+        attend(): while a login budget counts down (a limit, the throttle, a console DISABLE, a stop), and while a
+        takeover waits for the proxy to be idle. (Client timeouts need none: the sweep runs while they are
+        configured, and the relay judges quiet clients itself, RelayLane.judge_quiet_timeouts.)"""
+        return self.budget_set != -1 or self.seen is None or self.proxy.idle_hook is not None
 
     def follow_timeouts(self, greeted: int) -> None:
         """The proxy's client-timeout sweep runs for quiet logins when the configuration has client timeouts
-        (judged again after a reload; `greeted`: quiet logins just counted, which it must watch)."""
+        (judged again after a reload, which attend()s; `greeted`: quiet logins just counted, which it must watch).
+        The sweep keeps going while a door has timeouts watched (RelayLogins.timeouts_watched)."""
         proxy = self.proxy
         if self.timeouts_for is not proxy.config:
             self.timeouts_for = proxy.config

@@ -69,14 +69,19 @@ class ClientTimeouts:
 
     def _run(self) -> None:
         proxy = self.proxy
-        while proxy.sessions:       # ends with the last client; the next one served starts it again
+        lanes = getattr(proxy, "relay_lanes", None)
+        # It ends with the last client (the next one served starts it again), unless relay logins' doors have
+        # timeouts to watch: their quiet logins run no Python that could start it.
+        while proxy.sessions or (lanes is not None and lanes.logins.timeouts_watched()):
             gevent.sleep(min(1.0, max(0.05, self.shortest / 5)))
             now = time.monotonic()
-            for session in list(proxy.sessions):
+            for session in list(proxy.sessions.known()):    # (quiet clients: judged by their relays, below)
                 try:
                     session.check_timeouts(now)
                 except Exception:  # one session's failure must not stop the sweep of the others
                     log.exception("client timeouts: checking a session failed")
+            if lanes is not None:
+                lanes.judge_quiet_timeouts(now)
 
 
 
@@ -519,13 +524,15 @@ class Session:
         backend = self.backend
         if lane is not None:
             # Served by the compiled relay: it counts the requests it walks and says whether a backend serves one
-            # now (or the client waits for one); no transaction stays open there.
+            # now (or the client waits for one), and whether the backend answered them all (so holds the client
+            # between the requests of a transaction).
             seen = lane.activity(self)
             if seen is None:
                 return      # the relay has just let it go: its event is being handled
-            relayed, peer_fd, waiting = seen
+            relayed, peer_fd, waiting, outstanding = seen
             backend = lane.backends.get(peer_fd)
-            state = "awaiting" if peer_fd >= 0 or waiting else "idle"
+            state = ("awaiting" if waiting or (peer_fd >= 0 and outstanding > 0) else
+                     "transaction" if peer_fd >= 0 else "idle")
             requests = (0 if greeted else proto.requests, relayed)
         else:
             awaiting = proto.awaiting_answer() if backend is not None else False
@@ -571,7 +578,7 @@ class Session:
                 metrics.idle_transaction_timeouts = getattr(metrics, "idle_transaction_timeouts", 0) + 1
                 log.info("client %s: idle in a transaction for %g s: closed (proxy.idle_transaction_timeout), its "
                          "transaction rolled back", self._where(), limit)
-                self._close_idle(proto.error(
+                self._close_idle(self.proto.error(     # (a greeted client's is made now)
                     ErrorKind.IDLE_TRANSACTION_TIMEOUT, f"closing the connection after {limit:g} s idle inside a "
                     "transaction (proxy.idle_transaction_timeout); the transaction was rolled back"))
         elif state == "idle":

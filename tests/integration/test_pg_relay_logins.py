@@ -678,3 +678,66 @@ def test_a_cancel_through_another_listener_right_after_a_quiet_login_finds_its_c
             assert (b"D", b"\0\x01" + len(str(n)).to_bytes(4, "big") + str(n).encode()) in messages, messages
             victim.sendall(sasl(b"X", b""))
     assert relay_logins(proxy) == before + 5
+
+
+@pytest.mark.timeout(120)
+def test_client_timeouts_of_quiet_clients_are_judged_in_the_relay(pg, proxy_factory):
+    """With every client timeout configured, quiet clients stay quiet (no session made for them by the timeouts'
+    sweep) until one overruns its limit: then that one alone gets its session and the limit's effect. A request
+    outstanding past query_timeout is cancelled (the client serves on), idle clients past idle_client_timeout are
+    told and closed; beside them, a transaction left idle past idle_transaction_timeout is closed and rolled back."""
+    config = logins_config(pg, max_size=2)
+    config["proxy"].update(idle_client_timeout=3.0, idle_transaction_timeout=0.5)
+    config["clusters"]["main"]["pool"]["query_timeout"] = 0.5
+    proxy = proxy_factory(config)
+    table = f"quiet_tx_{os.getpid()}"
+    with psycopg.connect(host=pg.host, port=pg.port, user=USER, dbname=AUTH_DB, autocommit=True) as direct:
+        direct.execute(f"DROP TABLE IF EXISTS {table}")
+        direct.execute(f"CREATE TABLE {table} (n int)")
+    first_login(proxy)
+    idle = greeted(proxy, 20)
+    in_tx, sleeper = greeted(proxy, 2)
+    in_tx.execute("BEGIN")
+    in_tx.execute(f"INSERT INTO {table} VALUES (1)")
+    cancelled = []
+
+    def sleep_long() -> None:
+        try:
+            sleeper.execute("SELECT pg_sleep(10)")
+        except psycopg.errors.QueryCanceled as exc:
+            cancelled.append(exc)
+
+    thread = threading.Thread(target=sleep_long)
+    thread.start()
+    time.sleep(0.1)
+    # quiet: the idle ones and the sleeper, whose request runs in the relay with no session made (a BEGIN is the
+    # Python path's: the relay's screen stops it, so in_tx has its session)
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 21, proxy.log_tail()
+    thread.join(TIMEOUT)
+    assert len(cancelled) == 1, proxy.log_tail()            # query_timeout: cancelled within a few sweeps
+    assert sleeper.execute("SELECT 3").fetchone() == (3,)   # and it serves on
+    deadline = time.monotonic() + TIMEOUT
+    while "idle in a transaction for" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout, match="idle_transaction_timeout"):
+        in_tx.execute("SELECT 1")
+    with psycopg.connect(host=pg.host, port=pg.port, user=USER, dbname=AUTH_DB) as direct:
+        assert direct.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)     # rolled back
+    # The idle clients are still quiet: the sweep judged them in the relay, making no session (it made every quiet
+    # client's session at its first pass before)
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_relay_logins_quiet") == 20, proxy.log_tail()
+    assert not metric(text, "multiproxy_client_idle_timeouts_total")
+    time.sleep(3.5)
+    for conn in idle:
+        with pytest.raises(psycopg.OperationalError, match="idle_client_timeout"):
+            conn.execute("SELECT 1")
+        conn.close()
+    text = metrics_text(proxy)
+    assert metric(text, "multiproxy_client_idle_timeouts_total") >= 20
+    assert metric(text, "multiproxy_query_timeouts_total") == 1
+    assert metric(text, "multiproxy_client_idle_transaction_timeouts_total") == 1
+    for conn in (in_tx, sleeper):
+        conn.close()
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()

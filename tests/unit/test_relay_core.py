@@ -251,19 +251,26 @@ def test_activity_counts_a_clients_requests_and_names_its_backend(impl, pairs):
     relay.add_backend(backend.fd())
     relay.add_client(first.fd())
     relay.add_client(second.fd())
-    assert relay.activity(first.fd()) == (0, -1, 0)
+    assert relay.activity(first.fd()) == (0, -1, 0, 0)
     assert relay.activity(backend.fd()) is None and relay.activity(999) is None
     first.outside.sendall(QUERY + QUERY)            # two requests, pipelined
     serve(relay)
     second.outside.sendall(QUERY)
     serve(relay)
-    assert relay.activity(first.fd()) == (2, backend.fd(), 0)
-    assert relay.activity(second.fd()) == (1, -1, 1)        # waits for the backend
+    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 2)
+    assert relay.activity(second.fd())[:3] == (1, -1, 1)    # waits for the backend
     backend.read(2 * len(QUERY))
-    backend.outside.sendall(READY_IDLE + READY_IDLE)
+    backend.outside.sendall(READY_IDLE + READY_IN_TX)       # the second answer leaves a transaction open
     serve(relay)
-    assert relay.activity(first.fd()) == (2, -1, 0)
-    assert relay.activity(second.fd()) == (1, backend.fd(), 0)
+    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 0)    # its backend held, nothing outstanding
+    assert relay.activity(second.fd())[:3] == (1, -1, 1)
+    first.outside.sendall(QUERY)
+    serve(relay)
+    backend.read(len(QUERY))
+    backend.outside.sendall(READY_IDLE)
+    serve(relay)
+    assert relay.activity(first.fd()) == (3, -1, 0, 0)
+    assert relay.activity(second.fd()) == (1, backend.fd(), 0, 1)
     relay.close()
 
 
@@ -1801,6 +1808,81 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     os.close(events[1][1])
     relay.close()                                                 # third, fifth: known, so not closed by the relay
     for sock in (first, second, third, fourth, fifth):
+        sock.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_age_quiet_judges_quiet_clients_timeouts_with_no_session(impl, listener, pairs):
+    """age_quiet(now, idle, busy, transaction limits): a quiet client whose state (idle; a request outstanding or
+    waiting for a backend; idle in a transaction) and requests have not changed for its state's limit is reported
+    (QUIET) and listed with its state and since when; a request walked restarts its clock; 0 is no limit."""
+    relay = impl[1](*walkers(impl, client_stop=b"XP"), hold_stops=True)
+    backends = [pairs(), pairs()]
+    for backend in backends:
+        relay.add_backend(backend.fd())
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
+    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 9)))
+    relay.set_quiet(True)
+
+    def served_by_a_backend() -> Pair:
+        serve_until(relay, lambda _: any(_readable(b.outside) for b in backends))
+        backend = next(b for b in backends if _readable(b.outside))
+        assert backend.read(len(QUERY)) == QUERY
+        return backend
+
+    idle, in_tx, busy, waiting, later = (connect(listener) for _ in range(5))
+    idle.sendall(startup_packet(b"alice"))
+    in_tx.sendall(startup_packet(b"alice") + QUERY)           # BEGIN, in effect: answered "in a transaction"
+    tx_backend = served_by_a_backend()
+    tx_backend.outside.sendall(RESULT + READY_IN_TX)
+    busy.sendall(startup_packet(b"alice") + QUERY)            # the other backend, never answered
+    served_by_a_backend()
+    waiting.sendall(startup_packet(b"alice") + QUERY)         # no backend left: waits
+    later.sendall(startup_packet(b"alice"))
+    assert serve_until(relay, lambda _: relay.stats()["quiet"] == 5 and relay.counts() == (0, 1, 2)) == []
+    assert relay.age_quiet(100.0, 5, 5, 5) == ([], [])        # first seen: the clocks start
+    in_tx.sendall(QUERY)                                      # a request in the transaction restarts its clock
+    serve_until(relay, lambda _: _readable(tx_backend.outside))
+    assert tx_backend.read(len(QUERY)) == QUERY
+    tx_backend.outside.sendall(RESULT + READY_IN_TX)
+    answers = len(reply) + 2 * (len(RESULT) + 6)
+
+    def answered(_) -> bool:
+        in_tx.setblocking(False)
+        try:
+            return len(in_tx.recv(answers, socket.MSG_PEEK)) == answers
+        except BlockingIOError:
+            return False
+        finally:
+            in_tx.settimeout(5)
+
+    serve_until(relay, answered)
+    assert recv_exactly(in_tx, answers)[-6:] == READY_IN_TX
+    assert relay.age_quiet(103.0, 5, 5, 5) == ([], [])
+    assert relay.age_quiet(104.9, 5, 5, 5) == ([], [])
+
+    def judged(now, idle_limit, busy_limit, tx_limit) -> tuple:
+        events, overdue = relay.age_quiet(now, idle_limit, busy_limit, tx_limit)
+        assert sorted(fd for _, fd, *_ in events) == sorted(fd for fd, _, _ in overdue)
+        assert {kind for kind, *_ in events} == {rc.QUIET}
+        by_fd = {fd: (state, since) for fd, state, since in overdue}
+        return sorted((greeted_parts(data, socket.AF_INET)[1], by_fd[fd]) for _, fd, _, data, _ in events), overdue
+
+    seen, overdue = judged(105.0, 5, 0, 5)                   # the idle ones; busy ones have no limit
+    assert seen == sorted([(idle.getsockname(), (rc.WATCH_IDLE, 100.0)), (later.getsockname(), (rc.WATCH_IDLE, 100.0))])
+    assert relay.stats()["quiet"] == 3
+    seen, more = judged(108.0, 0, 5, 5)
+    assert seen == sorted([(busy.getsockname(), (rc.WATCH_BUSY, 100.0)), (waiting.getsockname(), (rc.WATCH_BUSY, 100.0)),
+                           (in_tx.getsockname(), (rc.WATCH_TRANSACTION, 103.0))])
+    assert relay.stats()["quiet"] == 0 and relay.age_quiet(200.0, 1, 1, 1) == ([], [])
+    relay.close()
+    for fd, _, _ in overdue + more:                           # reported: the caller's to close
+        os.close(fd)
+    for sock in (idle, in_tx, busy, waiting, later):
         sock.close()
 
 
