@@ -299,8 +299,14 @@ def engines_of_this_checkout() -> str:
     return conftest.engines_link_dir()
 
 
+# --client-timeouts: (idle client, idle in a transaction, query) seconds; RDS Proxy's IdleClientTimeout defaults to
+# 1,800 s, and the other two are set by those who fear a stuck transaction or statement.
+CLIENT_TIMEOUTS = (1800.0, 300.0, 300.0)
+
+
 class Multiproxy(Target):
     name = "multiproxy"
+    client_timeouts = False     # --client-timeouts
 
     def __init__(self, ws, procs, pg, pool_size, workers, auth="trust", relay="python"):
         self.ws, self.procs, self.pg, self.pool_size, self.workers = ws, procs, pg, pool_size, workers
@@ -321,9 +327,12 @@ class Multiproxy(Target):
             listed = UsersFile()
             listed.add(BENCH_USER, BENCH_PASSWORD)
             users = f'\n[auth]\nusers_file = "{self.ws.file("users.toml", listed.dumps())}"\n'
+        idle_client, idle_transaction, query = CLIENT_TIMEOUTS if self.client_timeouts else (0.0, 0.0, 0.0)
         return ("[proxy]\n"
                 'admin_listen = ""\n'
                 'log_level = "warning"\n'
+                f"idle_client_timeout = {idle_client}\n"
+                f"idle_transaction_timeout = {idle_transaction}\n"
                 f"{workers}"
                 f"{users}"
                 "\n[clusters.bench]\n"
@@ -333,6 +342,7 @@ class Multiproxy(Target):
                 'mode = "transaction"\n'
                 f"max_size = {self.pool_size}\n"
                 "borrow_timeout = 10.0\n"
+                f"query_timeout = {query}\n"
                 "\n[[listeners]]\n"
                 'name = "bench"\n'
                 f'listen = "127.0.0.1:{port}"\n'
@@ -361,6 +371,7 @@ class Multiproxy(Target):
 class PgBouncer(Target):
     name = "pgbouncer"
     max_client_conn = 1000
+    client_timeouts = False     # --client-timeouts
 
     def __init__(self, ws, procs, pg, pool_size, auth="trust", max_client_conn=None):
         self.ws, self.procs, self.pg, self.pool_size, self.auth = ws, procs, pg, pool_size, auth
@@ -396,7 +407,9 @@ class PgBouncer(Target):
             f"max_client_conn = {self.max_client_conn}\n"
             "ignore_startup_parameters = extra_float_digits\n"
             "log_connections = 0\n"
-            "log_disconnections = 0\n"))
+            "log_disconnections = 0\n"
+            + ("client_idle_timeout = {:g}\nidle_transaction_timeout = {:g}\nquery_timeout = {:g}\n".format(
+                *CLIENT_TIMEOUTS) if self.client_timeouts else "")))
         log = self.ws.file("pgbouncer.out")
         self.proc = self.procs.start([self.binary, ini], log_path=log, as_user=self.ws.server_user)
         self.pid = self.proc.pid
@@ -686,9 +699,14 @@ def parse_args(argv):
                              "protocol's unnamed statement (Parse/Bind/Describe/Execute/Sync) (default simple)")
     parser.add_argument("--pool-size", type=int, default=16, help="backend connections per pooler (default 16)")
     parser.add_argument("--workers", type=int, help="multiproxy [proxy] workers (default: its own default)")
+    parser.add_argument("--client-timeouts", action="store_true",
+                        help="both poolers with client timeouts on, as a production set-up has them: idle client "
+                             f"{CLIENT_TIMEOUTS[0]:g} s, idle in a transaction {CLIENT_TIMEOUTS[1]:g} s, query "
+                             f"{CLIENT_TIMEOUTS[2]:g} s (none fires during the loads)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
     args = parser.parse_args(argv)
+    Multiproxy.client_timeouts = PgBouncer.client_timeouts = args.client_timeouts
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
     args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]
