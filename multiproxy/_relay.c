@@ -1004,6 +1004,8 @@ static void hang_up(RelayObject *r, Conn *c) {
         c->quiet = 0;
         r->n_quiet--;
         r->quiet_gone++;
+        if (r->login_budget >= 0)
+            r->login_budget++;  /* its room is free again (the caller's budget counts the relay's clients) */
     } else if (c->report) {
         size_t len = c->len;
         c->len = c->fwd;            /* no data in the event */
@@ -1713,8 +1715,9 @@ static PyObject *serve_ready(RelayObject *self, int max_events) {
  *
  * The caller's event loop calls wake() when fileno() is readable. A whole wake-up is the handler's, called with None:
  * it prepares what it must and calls run_ready() itself; wake() makes one when the handler asked for every wake-up
- * (set_wake_rules eager), when attend() was called since the last whole one, or for a threaded relay. Otherwise wake()
- * serves the ready sockets itself and calls the handler, with the events, only when there are events, clients waiting
+ * (set_wake_rules eager), when attend() was called since the last whole one, while the login budget is spent (0: the
+ * handler judges it again; a quiet client's goodbye gives one back, see hang_up), or for a threaded relay. Otherwise
+ * wake() serves the ready sockets itself and calls the handler, with the events, only when there are events, clients waiting
  * for a backend, or fewer keys than keys_low; a wake-up with none of those runs no Python at all.
  */
 
@@ -1731,7 +1734,7 @@ static PyObject *Relay_wake(RelayObject *self, PyObject *unused) {
         return PyErr_Format(PyExc_ValueError, "wake: no handler (set_wake)");
     if (self->epfd < 0)
         Py_RETURN_NONE;     /* closed: nothing to serve */
-    if (self->threaded || self->eager || self->attention_seen != attention) {
+    if (self->threaded || self->eager || self->attention_seen != attention || self->login_budget == 0) {
         unsigned long long seen = attention;    /* (an attend() while the handler runs makes the next one whole too) */
         PyObject *result = call_wake_handler(self, Py_None);
         if (result != NULL)
@@ -2615,7 +2618,8 @@ static PyMethodDef Relay_methods[] = {
     {"add_keys", (PyCFunction)Relay_add_keys, METH_O,
      "add_keys(keys) -> count: 8-byte cancel keys for keyed greetings; the count the relay holds now."},
     {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_O,
-     "set_login_budget(n): keyed greetings allowed from now on (each one uses one; -1: no limit)."},
+     "set_login_budget(n): keyed greetings allowed from now on (each one uses one, a quiet client's goodbye gives one "
+     "back; -1: no limit); while it is 0, every wake-up is whole."},
     {"forget_greetings", (PyCFunction)Relay_forget_greetings, METH_NOARGS,
      "forget_greetings(): every cached greeting is dropped (their startups become STARTUP events)."},
     {"take_starting", (PyCFunction)Relay_take_starting, METH_VARARGS,

@@ -20,8 +20,9 @@ read) for the engine. Clients it accepted are its own until an event gives them 
 or at a `hangup` frame (Terminate) between transactions, it closes them itself. Relay logins
 (multiproxy.relay_logins): a keyed greeting (`cache_greeting(startup, reply, key_at=, template=)`) is sent with a
 fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
-`set_login_budget(n)` (-1: none); the client then goes to the caller at once as a GREETED event (arg: template); with
-no key or no budget its startup is a STARTUP event. GREETED data: its key, one byte n and n bytes of its peer's struct
+`set_login_budget(n)` (-1: none; a quiet client's goodbye gives one back; while it is 0, every wake() is whole); the
+client then goes to the caller at once as a GREETED event (arg: template); with no key or no budget its startup is a
+STARTUP event. GREETED data: its key, one byte n and n bytes of its peer's struct
 sockaddr (getpeername(2); n = 0 if that failed), then what it sent after its startup packet. A keyed greeting cached
 with `keep=True` keeps its client in the relay as a client instead (GREETED data: its key and its address alone): the
 relay serves what it sends next, and still closes it at EOF or at a hangup frame between transactions, then with a
@@ -38,7 +39,8 @@ a kept client is counted (`quiet_counts()`) instead of reported, until an event 
 `age_quiet(now, idle_limit, busy_limit, transaction_limit) -> (events, [(fd, state, since)])` judges the client
 timeouts of quiet clients with no session: a quiet client's state (WATCH_IDLE, WATCH_BUSY: a request outstanding or
 waiting for a backend, WATCH_TRANSACTION: linked with nothing outstanding) and its requests walked, unchanged since
-`since` (the `now` of the call that first saw them) for its state's limit (0: none), report it (QUIET event) and list it.
+`since` (the `now` of the call that first saw them) for its state's limit (0: none), report it (QUIET event) and
+list it.
 `wake()` is what the caller's loop may call instead of run_ready(): it calls the handler given to `set_wake(handler)`
 with None for a whole wake-up (the handler runs run_ready() itself) after any module-level `attend()`, at the first
 wake-up after set_wake, or at every one while `set_wake_rules(eager=True)`; otherwise it serves the ready sockets
@@ -687,7 +689,7 @@ class PyRelay:
             raise ValueError("wake: no handler (set_wake)")
         if self._epoll.closed:
             return None
-        if self._eager or self._attention_seen != _attention[0]:
+        if self._eager or self._attention_seen != _attention[0] or self._login_budget == 0:
             seen = _attention[0]
             result = self._wake_handler(None)
             self._attention_seen = seen     # (not when it raised: the next wake-up is whole again)
@@ -858,6 +860,8 @@ class PyRelay:
             c.quiet = None
             greeted, gone = self._quiet_counts
             self._quiet_counts = (greeted, gone + 1)
+            if self._login_budget >= 0:
+                self._login_budget += 1     # its room is free again
         elif c.report:
             self._events.append((GONE, c.fd, -1, b"", 0))
         self._forget(c)

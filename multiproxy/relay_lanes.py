@@ -602,6 +602,8 @@ class RelayLane:
             door = self.door
             if door is not None and not self.closed:
                 door.top_up_keys()
+                if events:
+                    door.follow_budget()    # (a Python login or a reported client's goodbye moved the room)
         self._wake_rules()
 
     def _on_ready(self) -> None:

@@ -345,6 +345,15 @@ class LoginDoor:
             if not self.check():
                 return
             self.seen = (pool_module.logins_epoch, proxy.config, proxy.users, rt.config, rt.tls_context)
+        self.follow_budget()
+        self.top_up_keys()
+        self.follow_timeouts(0)
+
+    def follow_budget(self) -> None:
+        """The relay's login budget set from the counts (a whole wake-up, and one with events: a Python login or a
+        reported client's goodbye changes the room the relay does not see). Between those the relay counts it down
+        at each greeting and up at each quiet client's goodbye, and makes every wake-up whole while it is spent."""
+        proxy, rt = self.proxy, self.rt
         if (rt.config.max_client_connections or self.budget_set != -1 or proxy.throttle.watching()
                 or proxy.console.disabled):
             self.lane.count_quiet()     # (rt.connections with the quiet logins and goodbyes so far)
@@ -352,8 +361,6 @@ class LoginDoor:
             if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down a limit)
                 self.lane.relay.set_login_budget(budget)
                 self.budget_set = budget
-        self.top_up_keys()
-        self.follow_timeouts(0)
 
     def top_up_keys(self) -> None:
         """The relay gets KEYS_BLOCK new cancel keys when it holds fewer than KEYS_LOW (it calls for them then)."""
@@ -365,10 +372,11 @@ class LoginDoor:
 
     def each_wake(self) -> bool:
         """Whether the door judges every wake-up of its lane (RelayLane._wake_rules), not only those after an
-        attend(): while a login budget counts down (a limit, the throttle, a console DISABLE, a stop), and while a
-        takeover waits for the proxy to be idle. (Client timeouts need none: the sweep runs while they are
-        configured, and the relay judges quiet clients itself, RelayLane.judge_quiet_timeouts.)"""
-        return self.budget_set != -1 or self.seen is None or self.proxy.idle_hook is not None
+        attend(): until it has judged its templates once, and while a takeover waits for the proxy to be idle. (A
+        login budget needs none: the relay makes every wake-up whole while it is spent, and the events that change
+        the room re-set it, follow_budget; nor do client timeouts: the sweep runs while they are configured, and the
+        relay judges quiet clients itself, RelayLane.judge_quiet_timeouts.)"""
+        return self.seen is None or self.proxy.idle_hook is not None
 
     def follow_timeouts(self, greeted: int) -> None:
         """The proxy's client-timeout sweep runs for quiet logins when the configuration has client timeouts

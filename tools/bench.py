@@ -307,6 +307,7 @@ CLIENT_TIMEOUTS = (1800.0, 300.0, 300.0)
 class Multiproxy(Target):
     name = "multiproxy"
     client_timeouts = False     # --client-timeouts
+    client_limit = None         # --client-limit
 
     def __init__(self, ws, procs, pg, pool_size, workers, auth="trust", relay="python"):
         self.ws, self.procs, self.pg, self.pool_size, self.workers = ws, procs, pg, pool_size, workers
@@ -348,7 +349,8 @@ class Multiproxy(Target):
                 f'listen = "127.0.0.1:{port}"\n'
                 'cluster = "bench"\n'
                 'role = "writer"\n'
-                f'auth = "{"scram-sha-256" if self.auth == "scram" else "trust"}"\n')
+                f'auth = "{"scram-sha-256" if self.auth == "scram" else "trust"}"\n'
+                + (f"max_client_connections = {self.client_limit}\n" if self.client_limit else ""))
 
     def start(self):
         port = free_port()
@@ -705,8 +707,14 @@ def parse_args(argv):
                              f"{CLIENT_TIMEOUTS[2]:g} s (none fires during the loads)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
+    parser.add_argument("--client-limit", type=int, metavar="N",
+                        help="multiproxy's listener max_client_connections = N as well as PgBouncer's max_client_conn "
+                             f"(PgBouncer's is {PgBouncer.max_client_conn} otherwise, multiproxy's none)")
     args = parser.parse_args(argv)
     Multiproxy.client_timeouts = PgBouncer.client_timeouts = args.client_timeouts
+    Multiproxy.client_limit = args.client_limit
+    if args.client_limit:
+        PgBouncer.max_client_conn = args.client_limit
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
     args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]

@@ -295,6 +295,16 @@ def test_max_client_connections_holds(pg, proxy_factory):
         time.sleep(0.05)
     conns += greeted(proxy, 1)
     assert all(c.execute("SELECT 1").fetchone() == (1,) for c in conns)
+    for _ in range(20):     # a login and a goodbye at the limit, in turn: the relay gives the room back and greets
+        conns.pop().close()
+        while admin_status(proxy)["listeners"][0]["clients"] != 4:
+            assert time.monotonic() < deadline + TIMEOUT
+            time.sleep(0.02)
+        conns += greeted(proxy, 1)
+        with pytest.raises(psycopg.OperationalError, match="max_client_connections"):
+            connect(proxy)
+    assert [lst["clients"] for lst in admin_status(proxy)["listeners"]] == [5]
+    assert all(c.execute("SELECT 2").fetchone() == (2,) for c in conns)
     for conn in conns:
         conn.close()
 

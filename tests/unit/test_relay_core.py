@@ -1876,7 +1876,8 @@ def test_age_quiet_judges_quiet_clients_timeouts_with_no_session(impl, listener,
     assert seen == sorted([(idle.getsockname(), (rc.WATCH_IDLE, 100.0)), (later.getsockname(), (rc.WATCH_IDLE, 100.0))])
     assert relay.stats()["quiet"] == 3
     seen, more = judged(108.0, 0, 5, 5)
-    assert seen == sorted([(busy.getsockname(), (rc.WATCH_BUSY, 100.0)), (waiting.getsockname(), (rc.WATCH_BUSY, 100.0)),
+    assert seen == sorted([(busy.getsockname(), (rc.WATCH_BUSY, 100.0)),
+                           (waiting.getsockname(), (rc.WATCH_BUSY, 100.0)),
                            (in_tx.getsockname(), (rc.WATCH_TRANSACTION, 103.0))])
     assert relay.stats()["quiet"] == 0 and relay.age_quiet(200.0, 1, 1, 1) == ([], [])
     relay.close()
@@ -2041,6 +2042,58 @@ def test_wake_calls_its_handler_when_keys_run_low(impl, listener, pairs):
     assert relay.wake() == "handled" and handler.calls[-1] == []  # fewer than keys_low: the caller tops them up
     relay.close()
     relay.set_wake(None)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wake_is_whole_while_the_login_budget_is_spent_and_a_quiet_goodbye_gives_one_back(impl, listener):
+    """A spent budget makes every wake-up whole (the caller judges the room again); a quiet client the relay closes
+    gives its greeting back to the budget, so the next login needs no call."""
+    relay = impl[1](*walkers(impl))
+    handler = WakeLog(relay)
+    relay.set_wake(handler)
+    relay.wake()
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
+    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 9)))
+    relay.set_quiet(True)
+    relay.set_login_budget(1)
+    first = connect(listener)
+    first.sendall(startup_packet(b"alice"))
+
+    def wake_until(done) -> None:
+        for _ in range(200):
+            relay.wake()
+            if done():
+                return
+            select_wait(relay)
+        raise AssertionError("not done")
+
+    calls = len(handler.calls)
+    wake_until(lambda: relay.stats()["quiet"] == 1)
+    assert recv_exactly(first, len(reply))[-6:] == READY_IDLE
+    assert len(handler.calls) == calls                            # greeted with no call
+    assert relay.wake() == "handled" and handler.calls[-1] is None    # spent: whole
+    assert relay.wake() == "handled" and handler.calls[-1] is None
+    first.sendall(TERMINATE)                                      # its goodbye gives the greeting back
+    wake_until(lambda: relay.stats()["quiet"] == 0)
+    assert relay.quiet_counts() == (1, 1)
+    calls = len(handler.calls)
+    assert relay.wake() is None and len(handler.calls) == calls  # room again: no call
+    second = connect(listener)
+    second.sendall(startup_packet(b"alice"))
+    wake_until(lambda: relay.stats()["quiet"] == 1)
+    assert len(handler.calls) == calls                            # greeted with no call, the budget spent again
+    assert relay.wake() == "handled" and handler.calls[-1] is None
+    relay.set_login_budget(-1)                                    # no limit: never whole for it
+    calls = len(handler.calls)
+    assert relay.wake() is None and len(handler.calls) == calls
+    relay.close()
+    relay.set_wake(None)
+    for sock in (first, second):
+        sock.close()
 
 
 @pytest.mark.timeout(20)
