@@ -1560,9 +1560,12 @@ def main(argv=None):
         parser.add_argument("--idle-engines", default=",".join(IDLE_ENGINES),
                             help=f"subset of {','.join(IDLE_ENGINES)} (default: all)")
         parser.add_argument("--pool-size", type=int, default=4, help="multiproxy pool max_size (default 4)")
+        parser.add_argument("--client-timeouts", action="store_true",
+                            help="PostgreSQL: both poolers with client timeouts on (as the steady loads' option)")
         parser.add_argument("--markdown", metavar="FILE")
         parser.add_argument("--keep", action="store_true")
         args = parser.parse_args(argv)
+        Multiproxy.client_timeouts = PgBouncer.client_timeouts = args.client_timeouts
         engines = [e.strip() for e in args.idle_engines.split(",") if e.strip()]
         if args.idle < 1 or not engines or any(e not in IDLE_ENGINES for e in engines):
             parser.error(f"--idle: at least 1; --idle-engines: a subset of {','.join(IDLE_ENGINES)}")
