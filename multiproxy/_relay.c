@@ -852,6 +852,7 @@ typedef struct {
     unsigned char *keys;        /* relay logins: 8-byte cancel keys the caller gave (add_keys), used from the end */
     size_t n_keys, keys_cap;
     long long login_budget;     /* relay logins: keyed greetings still allowed (-1: no limit) */
+    int budget_gives_back;      /* a quiet client's goodbye adds one to it (a limit on clients, not a refusal) */
     unsigned long long logins;  /* relay logins: clients greeted with a key and handed over as GREETED */
     unsigned long long transactions, handed_over;
     int quiet_mode;             /* set_quiet(True): a kept greeting is not reported until needed (quiet clients) */
@@ -1004,8 +1005,8 @@ static void hang_up(RelayObject *r, Conn *c) {
         c->quiet = 0;
         r->n_quiet--;
         r->quiet_gone++;
-        if (r->login_budget >= 0)
-            r->login_budget++;  /* its room is free again (the caller's budget counts the relay's clients) */
+        if (r->login_budget >= 0 && r->budget_gives_back)
+            r->login_budget++;  /* its room is free again (a budget of a limit on the clients, not a refusal) */
     } else if (c->report) {
         size_t len = c->len;
         c->len = c->fwd;            /* no data in the event */
@@ -2394,14 +2395,16 @@ static PyObject *Relay_add_keys(RelayObject *self, PyObject *arg) {
     return PyLong_FromSize_t(need);
 }
 
-static PyObject *Relay_set_login_budget(RelayObject *self, PyObject *arg) {
-    long long budget = PyLong_AsLongLong(arg);
-    if (budget == -1 && PyErr_Occurred())
+static PyObject *Relay_set_login_budget(RelayObject *self, PyObject *args) {
+    long long budget;
+    int gives_back = 0;
+    if (!PyArg_ParseTuple(args, "L|p", &budget, &gives_back))
         return NULL;
     if (budget < -1)
         return PyErr_Format(PyExc_ValueError, "set_login_budget: -1 or more");
     lock_relay(self);
     self->login_budget = budget;
+    self->budget_gives_back = gives_back;
     unlock_relay(self);
     Py_RETURN_NONE;
 }
@@ -2617,9 +2620,9 @@ static PyMethodDef Relay_methods[] = {
      "over as a GREETED event whose arg is template (keep: it stays in the relay as a client, the event tells of it)."},
     {"add_keys", (PyCFunction)Relay_add_keys, METH_O,
      "add_keys(keys) -> count: 8-byte cancel keys for keyed greetings; the count the relay holds now."},
-    {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_O,
-     "set_login_budget(n): keyed greetings allowed from now on (each one uses one, a quiet client's goodbye gives one "
-     "back; -1: no limit); while it is 0, every wake-up is whole."},
+    {"set_login_budget", (PyCFunction)Relay_set_login_budget, METH_VARARGS,
+     "set_login_budget(n, gives_back=False): keyed greetings allowed from now on (each one uses one; gives_back: a "
+     "quiet client's goodbye gives one back; -1: no limit); while it is 0, every wake-up is whole."},
     {"forget_greetings", (PyCFunction)Relay_forget_greetings, METH_NOARGS,
      "forget_greetings(): every cached greeting is dropped (their startups become STARTUP events)."},
     {"take_starting", (PyCFunction)Relay_take_starting, METH_VARARGS,

@@ -20,7 +20,8 @@ read) for the engine. Clients it accepted are its own until an event gives them 
 or at a `hangup` frame (Terminate) between transactions, it closes them itself. Relay logins
 (multiproxy.relay_logins): a keyed greeting (`cache_greeting(startup, reply, key_at=, template=)`) is sent with a
 fresh 8-byte cancel key written at key_at, one of those given with `add_keys(bytes)`, within the budget of
-`set_login_budget(n)` (-1: none; a quiet client's goodbye gives one back; while it is 0, every wake() is whole); the
+`set_login_budget(n, gives_back=False)` (-1: none; gives_back: a quiet client's goodbye gives one back, as for a limit
+on the clients rather than a refusal; while it is 0, every wake() is whole); the
 client then goes to the caller at once as a GREETED event (arg: template); with no key or no budget its startup is a
 STARTUP event. GREETED data: its key, one byte n and n bytes of its peer's struct
 sockaddr (getpeername(2); n = 0 if that failed), then what it sent after its startup packet. A keyed greeting cached
@@ -554,6 +555,7 @@ class PyRelay:
         self._refuse, self._refusal, self._hangup = b"", b"", frozenset()
         self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
         self._login_budget = -1
+        self._budget_gives_back = False
         self._logins = 0
         self._quiet_mode = False
         self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
@@ -629,10 +631,11 @@ class PyRelay:
         self._keys.extend(keys[i:i + 8] for i in range(0, len(keys), 8))
         return len(self._keys)
 
-    def set_login_budget(self, budget) -> None:
+    def set_login_budget(self, budget, gives_back=False) -> None:
         if budget < -1:
             raise ValueError("set_login_budget: -1 or more")
         self._login_budget = budget
+        self._budget_gives_back = bool(gives_back)
 
     def forget_greetings(self) -> None:
         self._greetings.clear()
@@ -860,7 +863,7 @@ class PyRelay:
             c.quiet = None
             greeted, gone = self._quiet_counts
             self._quiet_counts = (greeted, gone + 1)
-            if self._login_budget >= 0:
+            if self._login_budget >= 0 and self._budget_gives_back:
                 self._login_budget += 1     # its room is free again
         elif c.report:
             self._events.append((GONE, c.fd, -1, b"", 0))

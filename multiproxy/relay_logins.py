@@ -324,13 +324,15 @@ class LoginDoor:
             self.aged_at = now
             self._handle(self.relay.take_starting(True))
 
-    def _budget(self) -> int:
+    def _budget(self) -> tuple:
+        """(logins the relay may greet now, -1 for no limit; whether a quiet client's goodbye gives one back: the
+        budget is max_client_connections' room, not a refusal)."""
         proxy, rt = self.proxy, self.rt
         console = getattr(proxy, "console", None)
         if proxy.stopping or proxy.throttle.watching() or (console is not None and console.disabled):
-            return 0
+            return 0, False
         limit = rt.config.max_client_connections
-        return max(0, limit - rt.connections - self.pending) if limit else -1
+        return (max(0, limit - rt.connections - self.pending), True) if limit else (-1, False)
 
     def prepare(self) -> None:
         """Before its lane's relay runs (and greets): stale templates go (judged again when what they were made from
@@ -357,9 +359,9 @@ class LoginDoor:
         if (rt.config.max_client_connections or self.budget_set != -1 or proxy.throttle.watching()
                 or proxy.console.disabled):
             self.lane.count_quiet()     # (rt.connections with the quiet logins and goodbyes so far)
-            budget = self._budget()
+            budget, gives_back = self._budget()
             if budget != -1 or self.budget_set != -1:   # (no limit stays no limit: the relay counts down a limit)
-                self.lane.relay.set_login_budget(budget)
+                self.lane.relay.set_login_budget(budget, gives_back)
                 self.budget_set = budget
 
     def top_up_keys(self) -> None:

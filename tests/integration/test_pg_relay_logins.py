@@ -622,13 +622,19 @@ def test_an_address_blocked_for_failed_logins_is_refused_even_with_the_right_pas
 @pytest.mark.timeout(120)
 def test_disable_and_enable_stop_and_resume_the_relays_greetings(pg, proxy_factory):
     """DISABLE: the next login is the Python path's, which refuses it with its message (the relay greets nobody
-    meanwhile); ENABLE: the relay greets again."""
-    proxy = proxy_factory(logins_config(pg))
+    meanwhile, even when a quiet client's goodbye frees room under max_client_connections); ENABLE: the relay greets
+    again."""
+    proxy = proxy_factory(logins_config(pg, max_client_connections=10))
     first_login(proxy)
-    kept = greeted(proxy, 2)
+    kept = greeted(proxy, 3)
     with connect(proxy, dbname="pgbouncer") as console:
         console.execute(f"DISABLE {AUTH_DB}")
         before = relay_logins(proxy)
+        kept.pop().close()      # (a goodbye gives the relay no greeting back while the budget is a refusal)
+        deadline = time.monotonic() + TIMEOUT
+        while admin_status(proxy)["listeners"][0]["clients"] != 3:   # the two kept, the console
+            assert time.monotonic() < deadline, admin_status(proxy)
+            time.sleep(0.05)
         for _ in range(3):
             with pytest.raises(psycopg.OperationalError, match="is disabled by an administrator"):
                 connect(proxy)

@@ -2059,7 +2059,7 @@ def test_wake_is_whole_while_the_login_budget_is_spent_and_a_quiet_goodbye_gives
     relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
     relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 9)))
     relay.set_quiet(True)
-    relay.set_login_budget(1)
+    relay.set_login_budget(1, True)                               # a limit's room: goodbyes give it back
     first = connect(listener)
     first.sendall(startup_packet(b"alice"))
 
@@ -2087,13 +2087,24 @@ def test_wake_is_whole_while_the_login_budget_is_spent_and_a_quiet_goodbye_gives
     wake_until(lambda: relay.stats()["quiet"] == 1)
     assert len(handler.calls) == calls                            # greeted with no call, the budget spent again
     assert relay.wake() == "handled" and handler.calls[-1] is None
+    relay.set_login_budget(0)                                     # a refusal (DISABLE, say): a goodbye gives none
+    second.sendall(TERMINATE)
+    wake_until(lambda: relay.stats()["quiet"] == 0)
+    assert relay.wake() == "handled" and handler.calls[-1] is None
+    third = connect(listener)
+    third.sendall(startup_packet(b"alice"))                       # not greeted: the engine's startup
+    wake_until(lambda: any(kind == rc.STARTUP for kind, *_ in handler.served))
+    assert relay.stats()["quiet"] == 0
     relay.set_login_budget(-1)                                    # no limit: never whole for it
     calls = len(handler.calls)
     assert relay.wake() is None and len(handler.calls) == calls
     relay.close()
     relay.set_wake(None)
-    for sock in (first, second):
+    for sock in (first, second, third):
         sock.close()
+    for kind, fd, *_ in handler.served:
+        if kind == rc.STARTUP:
+            os.close(fd)
 
 
 @pytest.mark.timeout(20)
