@@ -68,6 +68,7 @@ class ClientHandshake:
         self.seq = 0                    # sequence id of the last handshake packet received
         self.auth_plugin = b""
         self.verifier = None
+        self.no_verifier = ""       # why there is no verifier, for the log (set with the user's record)
         # from the HandshakeResponse41
         self.user = ""
         self.database = ""
@@ -234,6 +235,12 @@ class ClientHandshake:
                                  else parse_native_verifier(text))
         except ValueError:
             self.verifier = None
+        if self.verifier is None:   # the log's reason (the client hears the same as for a wrong password)
+            self.no_verifier = (
+                "no such user" if record is None else
+                f"the user has no {method} verifier in the users file (`multiproxy users add {self.user} --kind "
+                f"{method}` stores one)" if text is None else
+                f"the user's {method} verifier in the users file is malformed")
         self.auth_plugin = wanted
         if plugin != wanted:
             self.nonce = _nonce()
@@ -281,7 +288,7 @@ class ClientHandshake:
         if plugin == NATIVE:
             if self.verifier is not None and native_check(self.verifier, self.nonce, response):
                 return self._authenticated()
-            return self._denied("wrong mysql_native_password response")
+            return self._denied(self.no_verifier or "wrong mysql_native_password response")
         fast = str(self.options.get("caching_sha2_fast_auth", "true")).lower() not in ("false", "0", "no", "off")
         if fast and self.verifier is not None and sha2_check(self.verifier, self.nonce, response):
             self.phase = LoginPhase.DONE
@@ -307,7 +314,7 @@ class ClientHandshake:
                 return self._denied("undecryptable RSA password")
         if self.verifier is not None and sha2_check_cleartext(self.verifier, password):
             return self._authenticated()
-        return self._denied("wrong caching_sha2_password (full authentication)")
+        return self._denied(self.no_verifier or "wrong caching_sha2_password (full authentication)")
 
     def _authenticated(self, more: bytes = b""):
         self.phase = LoginPhase.DONE

@@ -297,6 +297,34 @@ def test_native_password_auth_and_wrong_password():
         assert isinstance(events[-1], expected)
 
 
+def test_a_missing_verifier_is_named_in_the_log_and_not_to_the_client():
+    """A user with no verifier of the listener's kind (stored with the default kinds, PostgreSQL's) or no user at all
+    fails as a wrong password does for the client; the reason logged says what to do."""
+    from multiproxy_engines.mysql.auth import rsa_encrypt_password
+    USERS.add("pg_only", "secret")
+    caps = p.CLIENT_PROTOCOL_41 | p.CLIENT_SECURE_CONNECTION | p.CLIENT_PLUGIN_AUTH
+    try:
+        for user, expected in (("pg_only", "the user has no caching_sha2_password verifier in the users file "
+                                           "(`multiproxy users add pg_only --kind caching_sha2_password` stores one)"),
+                               ("nobody", "no such user")):
+            client = make_client(auth="caching_sha2_password")
+            nonce = _handshake_nonce(client.start())
+            events = client.receive_handshake(p.packet(1, p.handshake_response(
+                caps, 45, user.encode(), sha2_scramble("secret", nonce), b"", b"caching_sha2_password")))
+            assert events[-1].data == p.packet(2, b"\x01\x04")       # full authentication, as for a wrong one
+            pem = client.receive_handshake(p.packet(3, b"\x02"))[-1].data[5:]
+            failed = client.receive_handshake(p.packet(5, rsa_encrypt_password(pem, "secret", nonce)))[-1]
+            assert isinstance(failed, AuthFailed) and failed.reason == expected
+            assert b"Access denied for user '%s'" % user.encode() in failed.data
+        client = make_client(auth="mysql_native_password")
+        nonce = _handshake_nonce(client.start())
+        failed = client.receive_handshake(p.packet(1, p.handshake_response(
+            caps, 45, b"pg_only", native_scramble("secret", nonce), b"", b"mysql_native_password")))[-1]
+        assert isinstance(failed, AuthFailed) and "no mysql_native_password verifier" in failed.reason
+    finally:
+        USERS.remove("pg_only")
+
+
 def test_caching_sha2_fast_path_auth_switch_and_rsa_full_auth():
     from multiproxy_engines.mysql.auth import rsa_encrypt_password
     client = make_client(auth="caching_sha2_password")
