@@ -45,6 +45,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -837,6 +838,7 @@ typedef struct {
     Rule rules[2];              /* by role: client -> backend, backend -> client */
     size_t bufsize;
     Conn **conns;               /* by fd */
+    unsigned int *relayed_before;   /* by fd: requests walked for the client last forgotten there (relayed_before) */
     int nconns;
     Conn *idle;                 /* LIFO */
     Conn *wait_head, *wait_tail;
@@ -970,8 +972,11 @@ static void forget_closing(RelayObject *r, Conn *c, int closing) {
     unqueue(r, c);
     if (!closing)
         epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-    if (c->fd < r->nconns && r->conns[c->fd] == c)
+    if (c->fd < r->nconns && r->conns[c->fd] == c) {
         r->conns[c->fd] = NULL;
+        if (c->role == ROLE_CLIENT)
+            r->relayed_before[c->fd] = c->requests > UINT_MAX ? UINT_MAX : (unsigned int)c->requests;
+    }
     if (c->role == ROLE_CLIENT && c->peer)
         r->n_linked_clients--;
     c->dead = 1;
@@ -1039,6 +1044,13 @@ static int register_conn(RelayObject *r, Conn *c) {
         }
         memset(grown + r->nconns, 0, sizeof(Conn *) * (size_t)(n - r->nconns));
         r->conns = grown;
+        unsigned int *relayed = PyMem_RawRealloc(r->relayed_before, sizeof(unsigned int) * (size_t)n);
+        if (relayed == NULL) {
+            errno = ENOMEM;
+            return -1;          /* (conns grown already: nconns stays, the next call grows both again) */
+        }
+        memset(relayed + r->nconns, 0, sizeof(unsigned int) * (size_t)(n - r->nconns));
+        r->relayed_before = relayed;
         r->nconns = n;
     }
     if (r->conns[c->fd] != NULL) {
@@ -1830,6 +1842,8 @@ static void relay_clear(RelayObject *self) {
     self->n_spare = 0;
     PyMem_RawFree(self->conns);
     self->conns = NULL;
+    PyMem_RawFree(self->relayed_before);
+    self->relayed_before = NULL;
     self->nconns = 0;
     self->idle = self->wait_head = self->wait_tail = NULL;
     int *own[] = {&self->epfd, &self->eventfd, &self->wakefd};
@@ -2009,6 +2023,18 @@ static PyObject *Relay_activity(RelayObject *self, PyObject *args) {
         result = Py_BuildValue("(KiiL)", c->requests, c->peer ? c->peer->fd : -1, c->waiting, c->outstanding);
     unlock_relay(self);
     return result;
+}
+
+/* relayed_before(fd) -> int: the requests the relay walked for the client it last let go of at fd (as activity()
+   counted them), for the caller to judge that client's time in the relay once its event is in hand. */
+static PyObject *Relay_relayed_before(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    unsigned int relayed = fd >= 0 && fd < self->nconns ? self->relayed_before[fd] : 0;
+    unlock_relay(self);
+    return PyLong_FromUnsignedLong(relayed);
 }
 
 static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
@@ -2611,6 +2637,8 @@ static PyMethodDef Relay_methods[] = {
      "activity(fd) -> (requests, peer fd or -1, waiting, outstanding) of a client: requests walked since it was "
      "given to the relay, the backend serving it now, whether it waits for one, requests not answered yet; None for "
      "a backend or an unknown fd."},
+    {"relayed_before", (PyCFunction)Relay_relayed_before, METH_VARARGS,
+     "relayed_before(fd) -> int: requests walked for the client last let go of at fd (0: none known)."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

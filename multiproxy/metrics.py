@@ -227,6 +227,12 @@ class ProxyCollector:
             for why, count in sorted(lanes.returns.items()):
                 c.add_metric([why], count)
             yield c
+            c = CounterMetricFamily(PREFIX + "relay_lane_short_stays", "Clients stopped in the compiled relay before "
+                                    "it relayed enough of their requests to pay for the trip (a transaction opened "
+                                    "with BEGIN, say): such stays in a row keep the client on the Python path for "
+                                    "its next 1, 3, 7, ... up to 63 requests")
+            c.add_metric([], stats["short_stays"])
+            yield c
             c = CounterMetricFamily(PREFIX + "relay_logins", "Client logins the compiled relay accepted and greeted "
                                     "by itself (relay logins: trust or SCRAM, no TLS, one worker; "
                                     "multiproxy.relay_logins)")

@@ -64,8 +64,9 @@ not read meanwhile) and then goes to the caller alone, so the caller never takes
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
-client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend), or None for a backend
-or an unknown fd (the client timeouts read it); `counts()` is (idle backends, waiting clients, linked clients).
+client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend, requests not answered
+yet), or None for a backend or an unknown fd (the client timeouts read it); `relayed_before(fd)` is the requests
+walked for the client last let go of at fd (its event in hand, the relay has forgotten it); `counts()` is (idle backends, waiting clients, linked clients).
 `set_yield(on) -> events`: while on, the relay lends no backend by itself: a backend that ends a transaction goes
 to the idle list (not to the client waiting longest) and a client that starts a request waits even if a backend is
 idle, so the caller decides where every free backend goes (take_idle; add_backend still lends to the client waiting
@@ -556,6 +557,7 @@ class PyRelay:
         self._keys: list = []               # relay logins: cancel keys for keyed greetings, used in the order given
         self._login_budget = -1
         self._budget_gives_back = False
+        self._relayed_before = {}       # fd -> requests walked for the client last forgotten there
         self._logins = 0
         self._quiet_mode = False
         self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
@@ -810,6 +812,9 @@ class PyRelay:
             return None
         return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting), c.outstanding)
 
+    def relayed_before(self, fd) -> int:
+        return self._relayed_before.get(fd, 0)
+
     def counts(self) -> tuple:
         return (len(self._idle), len(self._waiting),
                 sum(1 for c in self._conns.values() if c.client and c.peer is not None))
@@ -854,6 +859,8 @@ class PyRelay:
             c.waiting = False
         self._epoll.unregister(c.fd)
         del self._conns[c.fd]
+        if c.client:
+            self._relayed_before[c.fd] = c.requests
         if c.listener is not None:
             c.listener.detach()         # the caller's listening socket stays open
             c.listener = None

@@ -66,6 +66,8 @@ from .relay_logins import KEYS_LOW, RelayLogins
 
 log = logging.getLogger("multiproxy.relay_lanes")
 SWEEP_INTERVAL = 0.25       # seconds between two looks at every lane (lifetimes, failover, quiet lanes, takeovers)
+RELAYED_TO_PAY = 1          # requests a stay in a lane relays at least not to count as wasted (RelayLane._judge_stay)
+MAX_BOUNCES = 6             # short stays in a row counted: at most 2**6 - 1 idle points sat out on the Python path
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay
 _EVENT_NAMES = {relay_core.HANDOVER: "stopped", relay_core.MALFORMED: "malformed", relay_core.CLOSED: "closed"}
 
@@ -90,6 +92,7 @@ class RelayLanes:
         self.sweeper = None
         self.entered_total = 0          # sessions that went into a lane
         self.returned_total = 0         # sessions an event (or a sweep) gave back to the Python path
+        self.short_stays_total = 0      # of them, stays that ended at a stop frame before they paid (_judge_stay)
         self.gone_total = 0             # clients a relay closed by itself (relay logins' kept clients)
         self.returns: dict = {}         # why, as in the /metrics label: how many
         self.closed_transactions = 0    # transactions of lanes closed since
@@ -144,7 +147,10 @@ class RelayLanes:
     def offer_backend(self, session, backend) -> bool:
         """A session on the Python path releases `backend` at a transaction's end: its lane takes it (True) when
         the backend serves the lane's clients as it is and nobody else (besides the lane's own borrow) waits in the
-        pool's queue."""
+        pool's queue; not while the session sits out idle points on the Python path (RelayLane._judge_stay): it would
+        take the backend back from the lane for its next transaction."""
+        if session.lane_skip:
+            return False
         key = self.eligible_key(session)
         if key is None:
             return False
@@ -213,7 +219,8 @@ class RelayLanes:
         transactions = sum(lane.relay.stats()["transactions"] for lane in self.lanes.values())
         return {"lanes": len(self.lanes), "clients": clients + quiet, "quiet": quiet, "backends": backends,
                 "transactions": transactions + self.closed_transactions,
-                "entered": self.entered_total, "returned": self.returned_total, "logins": logins.logins_total,
+                "entered": self.entered_total, "returned": self.returned_total, "short_stays": self.short_stays_total,
+                "logins": logins.logins_total,
                 "logins_ended": self.gone_total, "logins_whole": logins.made_whole, "logins_resumed": logins.resumed,
                 "login_doors": len(logins.doors)}
 
@@ -796,7 +803,23 @@ class RelayLane:
                 except (OSError, ValueError):
                     pass
                 rest = b""
+            if kind == relay_core.HANDOVER and conn is None:
+                self._judge_stay(session)
             self._give_client_back(session, rest, "connection_lost" if backend_failed else _EVENT_NAMES.get(kind, "event"))
+
+    def _judge_stay(self, session) -> None:
+        """A client's stay in the lane ended at a stop frame: one that relayed none of its requests cost the trip in
+        and out (parking, the lane, waking its greenlet again: about as much as the Python path's work for a
+        transaction of four statements) for nothing, so such stays in a row make the session sit out 1, 3, 7, ... up
+        to 63 idle points on the Python path, keeping its greenlet, before it tries a lane again (a client whose
+        every transaction opens with BEGIN, say: a driver's default outside autocommit); a stay that relayed
+        anything starts the count again."""
+        if self.relay.relayed_before(session.lane_fd) >= RELAYED_TO_PAY:
+            session.lane_bounces = 0
+            return
+        bounces = session.lane_bounces = min(session.lane_bounces + 1, MAX_BOUNCES)
+        session.lane_skip = (1 << bounces) - 1
+        self.lanes.short_stays_total += 1
 
     # -- housekeeping
 

@@ -103,7 +103,7 @@ class Session:
                  "client_gone", "user", "database", "cancel_key", "engine", "runtime", "_reset_timer", "client_send",
                  "reject", "leftover", "linked_once", "connected_at", "watch", "custody_slot", "park_mark",
                  "relay_lane", "handed_backend", "lane_fd", "template", "handed_error", "answered",
-                 "__weakref__")
+                 "lane_bounces", "lane_skip", "__weakref__")
 
     def __init__(self, proxy, runtime, sock, address):
         self._begin(proxy, runtime, address)
@@ -138,6 +138,8 @@ class Session:
         self.handed_backend = None        # a borrowed backend a relay lane handed over with the client's request
         self.handed_error = None          # the pool's timeout for a request that waited it out in a relay lane
         self.lane_fd = -1                 # its client's descriptor while a relay lane serves it
+        self.lane_bounces = 0             # its stays in a relay lane in a row that ended before they paid (RelayLane)
+        self.lane_skip = 0                # idle points left before it may enter a lane again (after such stays)
         self.template = None              # relay logins: the template of a greeted session not made whole yet
 
     # ------------------------------------------------------------------ client greenlet
@@ -649,7 +651,7 @@ class Session:
                 return False
         while True:
             if not data:
-                if self.backend is None and ((lanes and self.park(parking=False))
+                if self.backend is None and ((lanes and not self._sits_out() and self.park(parking=False))
                                              or (len(sessions) >= EAGER_PARKING_SESSIONS and self.park())):
                     return True
                 data = recv(RECV_SIZE)
@@ -756,9 +758,18 @@ class Session:
                             f"cluster {self.runtime.cluster.name!r}; your pinned session was closed, reconnect")
 
     def _relay_lane_takes_it(self) -> bool:
-        """A relay lane would serve this client now ([proxy] relay = "compiled", multiproxy.relay_lanes)."""
+        """A relay lane would serve this client now ([proxy] relay = "compiled", multiproxy.relay_lanes): not while it
+        sits out idle points after stays in one that relayed nothing (it keeps its greenlet then, as on the Python
+        path; multiproxy.relay_lanes.RelayLane._judge_stay)."""
         lanes = getattr(self.proxy, "relay_lanes", None)
-        return lanes is not None and lanes.eligible_key(self) is not None
+        return lanes is not None and lanes.eligible_key(self) is not None and not self._sits_out()
+
+    def _sits_out(self) -> bool:
+        """One idle point less to sit out on the Python path, if any is left (True)."""
+        if self.lane_skip:
+            self.lane_skip -= 1
+            return True
+        return False
 
     def _read_only_refusal(self, backend) -> None:
         """Probe the node that refused a statement as read-only. Still a writer: the client gets the server's

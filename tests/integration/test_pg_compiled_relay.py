@@ -717,3 +717,52 @@ def test_a_python_path_waiter_gets_a_backend_a_quiet_lane_frees(pg, proxy_factor
     # gave it back up to 0.25 s later); its borrow_timeout is 20 s.
     assert after < 0.15, (waited, after)
     assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_factory, core):
+    """psycopg's default (no autocommit: BEGIN before each transaction's first statement) stops in the relay at once:
+    such a client, after stays in a lane that relayed nothing, serves its next transactions on the Python path (its
+    greenlet kept, its backend not lent to the lane), trying the lane again after 1, 3, 7, ... of them; a client
+    beside it that runs single statements stays in the relay. Rows stay right; more clients than backends."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    table = f"begins_{uuid.uuid4().hex[:8]}"
+    with direct_connect(pg) as conn:
+        conn.execute(f"CREATE TABLE {table} (client int, n int)")
+        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    clients, transactions = 4, 60
+    errors = []
+
+    def transactional(number: int) -> None:
+        try:
+            with psycopg_connect(proxy) as conn:       # autocommit off: psycopg sends BEGIN first
+                for n in range(transactions):
+                    with psycopg.RawCursor(conn) as cur:
+                        cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                        cur.execute(f"SELECT count(*) FROM {table} WHERE client = {number}", prepare=False)
+                        assert cur.fetchone() == (n + 1,), (number, n)
+                    conn.commit()
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    before = metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0
+    threads = [threading.Thread(target=transactional, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    with psycopg_connect(proxy, autocommit=True) as single:     # beside them: single statements, relayed
+        relayed_before = relay_transactions(proxy)
+        for n in range(100):
+            assert simple_query(single, f"SELECT {n}") == [(n,)]
+        relayed = relay_transactions(proxy) - relayed_before
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:3]
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (clients * transactions,)
+    short = (metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0) - before
+    print("short stays of", clients * transactions, "transactions:", short, "; relayed of 100:", relayed)
+    # Stays that relayed nothing, at transactions 1, 3, 7, 15, 31 of each client (and a few more when the one-by-one
+    # statements of a stay end it at an idle point first): far fewer than its transactions.
+    assert 1 <= short <= clients * 8, short
+    assert relayed >= 80, relayed

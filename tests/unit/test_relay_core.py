@@ -276,6 +276,32 @@ def test_activity_counts_a_clients_requests_and_names_its_backend(impl, pairs):
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
+def test_relayed_before_counts_the_requests_of_the_client_last_let_go_at_an_fd(impl, pairs):
+    relay = impl[1](*walkers(impl, client_stop=b"P"))
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    assert relay.relayed_before(client.fd()) == 0 and relay.relayed_before(-1) == 0
+    for _ in range(2):                                      # two transactions relayed
+        client.outside.sendall(QUERY)
+        serve(relay)
+        backend.read(len(QUERY))
+        backend.outside.sendall(READY_IDLE)
+        serve(relay)
+    client.outside.sendall(pg(b"P", b"named\0select 1\0\0\0"))    # then a stop frame: let go
+    events = serve_until(relay, lambda events: events)
+    assert [kind for kind, *_ in events] == [rc.HANDOVER]
+    assert relay.relayed_before(client.fd()) == 2
+    relay.add_client(client.fd())                           # given again: a new stay
+    client.outside.sendall(pg(b"P", b"named\0select 1\0\0\0"))
+    serve_until(relay, lambda events: events)
+    assert relay.relayed_before(client.fd()) == 0
+    assert relay.relayed_before(backend.fd()) == 0          # (backends are not counted)
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_transaction_block_keeps_its_backend_until_idle(impl, pairs):
     relay = impl[1](*walkers(impl))
     first, second, backend = pairs(), pairs(), pairs()
