@@ -1730,8 +1730,8 @@ static PyObject *serve_ready(RelayObject *self, int max_events) {
  * it prepares what it must and calls run_ready() itself; wake() makes one when the handler asked for every wake-up
  * (set_wake_rules eager), when attend() was called since the last whole one, while the login budget is spent (0: the
  * handler judges it again; a quiet client's goodbye gives one back, see hang_up), or for a threaded relay. Otherwise
- * wake() serves the ready sockets itself and calls the handler, with the events, only when there are events, clients waiting
- * for a backend, or fewer keys than keys_low; a wake-up with none of those runs no Python at all.
+ * wake() serves the ready sockets itself and calls the handler, with the events, only when there are events, clients
+ * waiting for a backend, or fewer keys than keys_low; a wake-up with none of those runs no Python at all.
  */
 
 static PyObject *call_wake_handler(RelayObject *self, PyObject *arg) {

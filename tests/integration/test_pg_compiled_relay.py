@@ -48,6 +48,15 @@ def server_backends(pg) -> int:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (USER,)).fetchone()[0]
 
 
+def client_table(pg, prefix: str) -> str:
+    """A new table (client int, n int) the test's user may write, made directly on the server; its name."""
+    table = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with direct_connect(pg) as conn:
+        conn.execute(f"CREATE TABLE {table} (client int, n int)")
+        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    return table
+
+
 def simple_query(conn: psycopg.Connection, sql: str):
     """One simple-protocol Query (psycopg's execute without parameters on a raw cursor)."""
     with psycopg.RawCursor(conn) as cur:
@@ -82,10 +91,7 @@ def test_pgbench_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_fac
 @pytest.mark.timeout(180)
 def test_psycopg_clients_keep_their_rows_settings_and_pins_right(pg, proxy_factory):
     proxy = proxy_factory(compiled_config(pg, max_size=3))
-    table = f"relay_{uuid.uuid4().hex[:8]}"
-    with direct_connect(pg) as conn:
-        conn.execute(f"CREATE TABLE {table} (client int, n int)")
-        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    table = client_table(pg, "relay")
     clients, rounds = 10, 40
     errors = []
     plain_done = threading.Barrier(clients + 1, timeout=120)
@@ -279,10 +285,7 @@ def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, 
 @pytest.mark.timeout(180)
 def test_psycopg_with_parameters_runs_in_the_relay_and_its_prepared_statements_beside_it(pg, proxy_factory):
     proxy = proxy_factory(compiled_config(pg, max_size=3))
-    table = f"relay_x_{uuid.uuid4().hex[:8]}"
-    with direct_connect(pg) as conn:
-        conn.execute(f"CREATE TABLE {table} (client int, n int)")
-        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    table = client_table(pg, "relay_x")
     clients, rounds = 10, 30
     errors = []
     unnamed_done = threading.Barrier(clients + 1, timeout=120)
@@ -483,10 +486,7 @@ def test_twelve_clients_on_three_backends_stay_in_their_lane(pg, proxy_factory, 
     its borrow in the pool's queue, so they are not sent to the Python path because others wait for the pool.
     keys=2: two lanes (two application_names) take turns with the backends through the pool's queue."""
     proxy = proxy_factory(compiled_config(pg, max_size=3), env=CORES[core])
-    table = f"relay_{uuid.uuid4().hex[:8]}"
-    with direct_connect(pg) as conn:
-        conn.execute(f"CREATE TABLE {table} (client int, n int)")
-        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    table = client_table(pg, "relay")
     clients, seconds = 12, 4.0
     errors, done = [], {}
     ready = threading.Barrier(clients + 1, timeout=60)
@@ -727,10 +727,7 @@ def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_
     greenlet kept, its backend not lent to the lane), trying the lane again after 1, 3, 7, ... of them; a client
     beside it that runs single statements stays in the relay. Rows stay right; more clients than backends."""
     proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
-    table = f"begins_{uuid.uuid4().hex[:8]}"
-    with direct_connect(pg) as conn:
-        conn.execute(f"CREATE TABLE {table} (client int, n int)")
-        conn.execute(f"GRANT ALL ON {table} TO {USER}")
+    table = client_table(pg, "begins")
     clients, transactions = 4, 60
     errors = []
 

@@ -1771,6 +1771,18 @@ def test_a_scram_greeting_needs_a_key_slot_and_its_keys(impl):
     relay.close()
 
 
+def _quiet_greetings(relay, listener, keys: int) -> bytes:
+    """The relay listens and greets alice's startup with a kept, keyed greeting (template 3), quietly, with `keys`
+    keys (n, 11 n), n from 1; returns the greeting as cached (its key zeroed)."""
+    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
+    prefix = pg(b"R", b"\0\0\0\0")
+    reply = prefix + _key_data(0, 0) + READY_IDLE
+    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
+    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, keys + 1)))
+    relay.set_quiet(True)
+    return reply
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener, pairs):
@@ -1780,12 +1792,7 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     relay = impl[1](*walkers(impl, client_stop=b"XP"), hold_stops=True)
     backend = pairs()
     relay.add_backend(backend.fd())
-    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
-    prefix = pg(b"R", b"\0\0\0\0")
-    reply = prefix + _key_data(0, 0) + READY_IDLE
-    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
-    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 6)))
-    relay.set_quiet(True)
+    reply = _quiet_greetings(relay, listener, keys=5)
     assert relay.quiet_counts() == (0, 0)
     first = connect(listener)                                     # a transaction, then its goodbye: no event at all
     first.sendall(startup_packet(b"alice") + QUERY)
@@ -1793,7 +1800,7 @@ def test_quiet_clients_are_counted_and_reported_only_when_needed(impl, listener,
     assert backend.read(len(QUERY)) == QUERY
     backend.outside.sendall(RESULT + READY_IDLE)
     serve_until(relay, lambda _: relay.stats()["transactions"] == 1)
-    assert recv_exactly(first, len(reply)) == prefix + _key_data(1, 11) + READY_IDLE
+    assert recv_exactly(first, len(reply)) == reply.replace(_key_data(0, 0), _key_data(1, 11))
     assert recv_exactly(first, len(RESULT) + 6) == RESULT + READY_IDLE
     assert relay.stats()["quiet"] == 1
     first.sendall(TERMINATE)
@@ -1847,12 +1854,7 @@ def test_age_quiet_judges_quiet_clients_timeouts_with_no_session(impl, listener,
     backends = [pairs(), pairs()]
     for backend in backends:
         relay.add_backend(backend.fd())
-    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
-    prefix = pg(b"R", b"\0\0\0\0")
-    reply = prefix + _key_data(0, 0) + READY_IDLE
-    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
-    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 9)))
-    relay.set_quiet(True)
+    reply = _quiet_greetings(relay, listener, keys=8)
 
     def served_by_a_backend() -> Pair:
         serve_until(relay, lambda _: any(_readable(b.outside) for b in backends))
@@ -2079,12 +2081,7 @@ def test_wake_is_whole_while_the_login_budget_is_spent_and_a_quiet_goodbye_gives
     handler = WakeLog(relay)
     relay.set_wake(handler)
     relay.wake()
-    relay.listen(listener.fileno(), refuse=SSL_REQUEST, refusal=b"N", hangup=b"X")
-    prefix = pg(b"R", b"\0\0\0\0")
-    reply = prefix + _key_data(0, 0) + READY_IDLE
-    relay.cache_greeting(startup_packet(b"alice"), reply, key_at=len(prefix) + 5, template=3, keep=True)
-    relay.add_keys(b"".join(struct.pack("!II", n, n * 11) for n in range(1, 9)))
-    relay.set_quiet(True)
+    reply = _quiet_greetings(relay, listener, keys=8)
     relay.set_login_budget(1, True)                               # a limit's room: goodbyes give it back
     first = connect(listener)
     first.sendall(startup_packet(b"alice"))
