@@ -189,7 +189,8 @@ class Session:
     def park(self, relay: bool = True, parking: bool = True) -> bool:
         """Let go of the greenlet: the client's socket calls `Proxy.resume_parked` once the client sends (or the
         connection ends); with relay lanes ([proxy] relay = "compiled") and `relay`, a lane serves the client instead
-        when its engine allows it now (multiproxy.relay_lanes). False when the session cannot park (the greenlet then
+        when its engine allows it now (multiproxy.relay_lanes) and the session does not sit out this idle point
+        (after stays in a lane that relayed nothing: RelayLane._judge_stay). False when the session cannot park (the greenlet then
         ends it), or (`parking` False) when no lane takes it."""
         if self.handed_backend is not None:         # the request it came with was answered without it
             backend, self.handed_backend = self.handed_backend, None
@@ -198,7 +199,7 @@ class Session:
         if not self.may_park():
             return False
         lanes = getattr(self.proxy, "relay_lanes", None) if relay else None
-        if lanes is not None and lanes.enter(self):
+        if lanes is not None and not self._sits_out() and lanes.enter(self):
             return True
         if not parking:
             return False
@@ -651,7 +652,7 @@ class Session:
                 return False
         while True:
             if not data:
-                if self.backend is None and ((lanes and not self._sits_out() and self.park(parking=False))
+                if self.backend is None and ((lanes and self.park(parking=False))
                                              or (len(sessions) >= EAGER_PARKING_SESSIONS and self.park())):
                     return True
                 data = recv(RECV_SIZE)

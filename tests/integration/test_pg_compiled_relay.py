@@ -720,13 +720,16 @@ def test_a_python_path_waiter_gets_a_backend_a_quiet_lane_frees(pg, proxy_factor
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("core", sorted(CORES))
-def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_factory, core):
+@pytest.mark.parametrize("core,crowd", [("c", 0), ("twin", 0), ("c", 70)])
+def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_factory, core, crowd):
     """psycopg's default (no autocommit: BEGIN before each transaction's first statement) stops in the relay at once:
     such a client, after stays in a lane that relayed nothing, serves its next transactions on the Python path (its
     greenlet kept, its backend not lent to the lane), trying the lane again after 1, 3, 7, ... of them; a client
-    beside it that runs single statements stays in the relay. Rows stay right; more clients than backends."""
+    beside it that runs single statements stays in the relay. Rows stay right; more clients than backends. crowd:
+    idle clients beside them, enough for sessions to park at every transaction's end (EAGER_PARKING_SESSIONS): such
+    a session parks on the Python path while it sits out."""
     proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    idle = [psycopg_connect(proxy, autocommit=True) for _ in range(crowd)]
     table = client_table(pg, "begins")
     clients, transactions = 4, 60
     errors = []
@@ -763,3 +766,5 @@ def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_
     # statements of a stay end it at an idle point first): far fewer than its transactions.
     assert 1 <= short <= clients * 8, short
     assert relayed >= 80, relayed
+    for conn in idle:
+        conn.close()
