@@ -768,3 +768,39 @@ def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_
     assert relayed >= 80, relayed
     for conn in idle:
         conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_sitting_out_the_lanes_keeps_its_settings_to_itself(pg, proxy_factory):
+    """A client with a setting of its own whose transactions open with BEGIN sits out the lanes and takes backends
+    from the pool and other lanes: the Python path replays its setting where it runs, and clients beside it, on the
+    same two backends, never see it."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2))
+    errors = []
+    stop = threading.Event()
+
+    def with_setting() -> None:
+        try:
+            with psycopg_connect(proxy) as conn:       # autocommit off: BEGIN first
+                with psycopg.RawCursor(conn) as cur:
+                    cur.execute("SET statement_timeout = '7s'", prepare=False)
+                    conn.commit()
+                    while not stop.is_set():
+                        cur.execute("SHOW statement_timeout", prepare=False)
+                        assert cur.fetchone() == ("7s",)
+                        conn.commit()
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=with_setting)
+    thread.start()
+    try:
+        with psycopg_connect(proxy, autocommit=True) as a, psycopg_connect(proxy, autocommit=True) as b:
+            for _ in range(150):
+                for conn in (a, b):
+                    assert simple_query(conn, "SHOW statement_timeout") == [("0",)]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors[:3]
+    assert (metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0) >= 1
