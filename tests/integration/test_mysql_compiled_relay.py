@@ -330,3 +330,28 @@ def test_an_autocommit_off_client_stays_on_the_python_path(mariadb, proxy_factor
     assert lanes["transactions_total"] - before <= 10, lanes     # only the other client's SELECTs
     conn.close()
     other.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_sitting_out_the_lanes_keeps_its_sql_mode_to_itself(mariadb, proxy_factory):
+    """A client with its own sql_mode whose transactions open with BEGIN sits out the lanes (its stays relay nothing)
+    and takes backends from the pool and other lanes: two clients beside it on the same two backends keep theirs."""
+    proxy = compiled(proxy_factory, mariadb, max_size=2)
+    mode_of = ("SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES "    # ('@' stops in the screen)
+               "WHERE VARIABLE_NAME = 'SQL_MODE'")
+    own, a, b = connect(proxy), connect(proxy), connect(proxy)
+    try:
+        default = query(a, mode_of)
+        assert default != [("ANSI_QUOTES",)]
+        query(own, "SET SESSION sql_mode = 'ANSI_QUOTES'")
+        for _ in range(40):
+            query(own, "BEGIN")
+            assert query(own, mode_of) == [("ANSI_QUOTES",)]
+            query(own, "COMMIT")
+            for conn in (a, b):
+                assert query(conn, mode_of) == default
+        assert server_connections(mariadb) <= 2
+        assert (metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0) >= 1
+    finally:
+        for conn in (own, a, b):
+            conn.close()

@@ -15,7 +15,7 @@ from multiproxy.auth import UsersFile
 from multiproxy.config import build_config
 from multiproxy.engine import (
     HELD_REFUSAL, AuthFailed, Authenticated, BackendError, BackendTarget, ClientContext, ClientQuit, ErrorKind,
-    PinReason, ProtocolError, SendToClient,
+    PinReason, ProtocolError,
 )
 from multiproxy.pinning import PinPolicy
 
