@@ -588,12 +588,6 @@ class Engine:
         with nothing replayed."""
         return False
 
-    # With relay_rules: whether a client whose stays in a lane relay nothing may sit out the lanes for a while on
-    # the Python path (multiproxy.relay_lanes.RelayLane._judge_stay), taking its backends from the pool and other
-    # lanes. False where the Python path does not undo, on a backend, session state its next client never set (so
-    # that the lanes' keys are what keeps clients of different settings apart).
-    relay_sits_out: bool = True
-
     # With relay_login: the first packet the relay answers by itself before a startup (the TLS request) and its answer.
     relay_login_refusal: tuple = (b"", b"")
     # With relay_login: the listener auth methods whose logins the relay may run: "trust" (a greeting alone) and

@@ -813,9 +813,9 @@ class RelayLane:
         transaction of four statements) for nothing, so such stays in a row make the session sit out 1, 3, 7, ... up
         to 63 idle points on the Python path, keeping its greenlet, before it tries a lane again (a client whose
         every transaction opens with BEGIN, say: a driver's default outside autocommit); a stay that relayed
-        anything starts the count again. Not for an engine whose clients must keep to their lanes'
-        segregation by settings (Engine.relay_sits_out)."""
-        if not self.engine.relay_sits_out or self.relay.relayed_before(session.lane_fd) >= RELAYED_TO_PAY:
+        anything starts the count again. Sitting out is safe because the Python path undoes on a backend the session
+        state its next client never set (a reset, a replay), as for any client of relay = "python"."""
+        if self.relay.relayed_before(session.lane_fd) >= RELAYED_TO_PAY:
             session.lane_bounces = 0
             return
         bounces = session.lane_bounces = min(session.lane_bounces + 1, MAX_BOUNCES)

@@ -29,10 +29,6 @@ class TDSEngine(Engine):
     # what SQL Server's own client pools do (reset_after_transaction = auto means yes here)
     reset_after_transaction_default = True
     verifier_kinds = VERIFIER_KINDS
-    # With reset_after_transaction = no (the only set-up whose clients enter relay lanes) a backend keeps the SET
-    # options its clients left and the Python path replays only the next client's own: the lanes, keyed by options,
-    # keep clients of different options apart, so a client stays in its lane's keeping (Engine.relay_sits_out).
-    relay_sits_out = False
 
     def __init__(self):
         self._tls_contexts: dict = {}

@@ -589,7 +589,8 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
 
     def link(self, server_state, data: bytes) -> bytes:
         """What a freshly linked backend gets before the client's request: a reset when another client used it
-        since (ctx.reset_after_transaction: the RESETCONNECTION bit, or ctx.reset_query as a batch), this
+        since (ctx.reset_after_transaction: the RESETCONNECTION bit, or ctx.reset_query as a batch; without it, the
+        bit when the backend carries a SET option this client never set), this
         client's database and SET options, and a begin the proxy answered; their answers are swallowed."""
         self.linked = True
         self.server_state = server_state
@@ -606,11 +607,16 @@ class TDSClient(LazyContainers, SessionState, Statements, ClientProtocol):
         # the client's own backend again, unless the client SET options elsewhere since (its last use left others)
         stale = known is not None and any(known.get(name) != value for name, value in self.options.items())
         if server_state.last_client is not self.ident or stale:
-            reset = self.ctx.reset_after_transaction and server_state.last_client is not None
+            # With reset_after_transaction = no a backend keeps the SET options its last clients left. Those this
+            # client set are replayed; one it never set can go back to the login's value only through a reset
+            # (T-SQL has no SET ... DEFAULT, and that value depends on the login and the server's user options), so
+            # such a backend is reset for this client all the same.
+            foreign = known is not None and any(name not in self.options for name in known)
+            reset = (self.ctx.reset_after_transaction or foreign) and server_state.last_client is not None
             server_state.last_client = self.ident
             if reset:
                 server_state.database = self.login_state[0]     # a reset returns it to its login's database
-                if not self.ctx.reset_query:
+                if not self.ctx.reset_query or not self.ctx.reset_after_transaction:
                     server_state.statements.clear()             # the bit drops its prepared statements too
                 else:
                     internal.append(tp.encode_message(tp.SQL_BATCH, tp.SqlBatch(self.ctx.reset_query).encode(),

@@ -31,7 +31,8 @@ RESETCONNECTION: the relay does not set it, so relay_key refuses clients of pool
 (reset_after_transaction, the TDS default): those stay on the Python path. With reset_after_transaction = false a
 backend's session carries the SET options its clients left: TDSServerState.options keeps them, and relay_serves
 lends to a lane only a backend whose options, database and packet size are those of the lane's key, and marks it
-(last_client = RELAY_CLIENT) so that the next Python client replays its own options on it.
+(last_client = RELAY_CLIENT) so that the next Python client replays its own options on it (reset first when it
+carries an option that client never set: TDSClient.link).
 """
 from __future__ import annotations
 

@@ -192,6 +192,23 @@ def test_indirect_change_leaks_only_without_reset(lab, proxy_factory, reset, lea
         b.close()
 
 
+def test_without_resets_another_clients_set_options_never_reach_a_client(lab, proxy_factory):
+    """reset_after_transaction = no on one backend: a client that never SET NOCOUNT or DATEFIRST sees the login's
+    values after a client that did (the backend is reset for it), and the first client keeps its own."""
+    proxy = start_with_reset(proxy_factory, lab, "no", max_size=1)
+    a, b = RawClient(proxy.port), RawClient(proxy.port)
+    try:
+        a.batch("SET NOCOUNT ON; SET DATEFIRST 3")
+        for _ in range(3):
+            assert a.rows("SELECT @@OPTIONS & 512, @@DATEFIRST") == [[512, 3]]
+            assert b.rows("SELECT @@OPTIONS & 512, @@DATEFIRST") == [[0, 7]]
+        b.batch("SET DATEFIRST 5")
+        assert a.rows("SELECT @@DATEFIRST") == [[3]] and b.rows("SELECT @@OPTIONS & 512, @@DATEFIRST") == [[0, 5]]
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.timeout(300)
 def test_reset_cost_yes_against_no(lab, proxy_factory, capsys):
     """Two pymssql clients taking turns on one backend (each turn a new link: reset + replay of pymssql's SET

@@ -206,6 +206,41 @@ def test_reset_before_the_next_client_bit_query_or_none():
     assert not messages(sent)[0].status & tp.STATUS_RESETCONNECTION
 
 
+def test_without_resets_an_option_another_client_left_is_reset_all_the_same():
+    """reset_after_transaction = no: a backend carrying a SET option the next client never set gets the bit anyway
+    (only a reset returns an option to the login's value); one carrying only options the client shares does not."""
+    state = TDSServerState()
+    a, b, c = (client(reset_after_transaction=False) for _ in range(3))
+    roundtrip(a, state, batch("SET NOCOUNT ON; SET DATEFIRST 3"), reply(tk.done()))
+    assert state.options == {"NOCOUNT": "SET NOCOUNT ON", "DATEFIRST": "SET DATEFIRST 3"}
+    sent, _, _ = roundtrip(c, state, batch("SET NOCOUNT ON"), reply(tk.env_reset_ack() + tk.done()))
+    assert messages(sent)[0].status & tp.STATUS_RESETCONNECTION and c.options == {"NOCOUNT": "SET NOCOUNT ON"}
+    assert state.options == {"NOCOUNT": "SET NOCOUNT ON"}
+    sent, out, _ = roundtrip(b, state, batch("SELECT 1"), reply(tk.env_reset_ack() + tk.done(tk.DONE_COUNT)))
+    assert messages(sent)[0].status & tp.STATUS_RESETCONNECTION
+    assert [t.type for t in tokens(out)] == [tk.TOKEN_DONE] and state.options == {}
+    # a's options are all replayed on a backend that carries none: no reset
+    sent, out, _ = roundtrip(a, state, batch("SELECT 2"), reply(tk.done()) + reply(tk.done()))
+    first, request = messages(sent)
+    assert not first.status & tp.STATUS_RESETCONNECTION and not request.status & tp.STATUS_RESETCONNECTION
+    assert tp.SqlBatch.decode(first.data).text == "SET NOCOUNT ON; SET DATEFIRST 3"
+    # c set NOCOUNT ON too but never DATEFIRST: reset, then its own option replayed
+    sent, _, _ = roundtrip(c, state, batch("SELECT 3"), reply(tk.env_reset_ack() + tk.done()) + reply(tk.done()))
+    first, request = messages(sent)
+    assert first.status & tp.STATUS_RESETCONNECTION and tp.SqlBatch.decode(first.data).text == "SET NOCOUNT ON"
+    assert state.options == {"NOCOUNT": "SET NOCOUNT ON"}
+    # a client holding every option the backend carries: its replay alone
+    d = client(reset_after_transaction=False)
+    roundtrip(d, state, batch("SET NOCOUNT ON; SET DATEFIRST 5"), reply(tk.env_reset_ack() + tk.done()))
+    sent, _, _ = roundtrip(c, state, batch("SELECT 4"), reply(tk.env_reset_ack() + tk.done()) + reply(tk.done()))
+    assert messages(sent)[0].status & tp.STATUS_RESETCONNECTION        # d left DATEFIRST
+    roundtrip(d, state, batch("SELECT 5"), reply(tk.done()) + reply(tk.done()))
+    sent, _, _ = roundtrip(a, state, batch("SELECT 6"), reply(tk.done()) + reply(tk.done()))
+    first = messages(sent)[0]
+    assert not first.status & tp.STATUS_RESETCONNECTION
+    assert tp.SqlBatch.decode(first.data).text == "SET NOCOUNT ON; SET DATEFIRST 3"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from([tp.SQL_BATCH, tp.RPC, tp.TRANSACTION_MANAGER]),
        st.sampled_from([0, tp.STATUS_RESETCONNECTION, tp.STATUS_RESETCONNECTIONSKIPTRAN]),
