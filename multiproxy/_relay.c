@@ -32,8 +32,11 @@
  *
  * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
  * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
- * hold_stops=True a linked client's stop frame waits for the end of its transaction (the client is not read
- * meanwhile) and then goes to the caller alone, so that the caller never takes over a request half answered.
+ * hold_stops=True a linked client's stop frame waits for the boundary that answers its last request (the client
+ * is not read meanwhile), so that the caller never takes over a request half answered: at the end of its
+ * transaction it goes to the caller alone; inside a transaction (a boundary other than 'I', or a stop frame while
+ * linked with nothing outstanding) it goes with its backend (the event's peer_fd), and the event's arg is the status
+ * of that backend's last boundary ('T', 'E'), for the caller to carry the transaction on.
  * A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed`: Parse, Bind, Describe,
  * Execute up to a Sync, served whole or not at all; see pg_batch).
  * take_idle(), take_waiting() and remove(fd) give sockets back to the caller between transactions.
@@ -160,7 +163,8 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
  * batch longer than max_screen. A batch not whole in the buffer yet is not walked (incomplete). So a statement the
  * relay forwards is always bound at once by the same client, a Bind can only bind the statement parsed just before
  * it, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed: the backend is free again at a
- * ReadyForQuery 'I' with nothing outstanding, and a held stop frame always waits for a ReadyForQuery that comes. */
+ * ReadyForQuery 'I' with nothing outstanding, and a held stop frame always waits for a ReadyForQuery that comes
+ * (with 'T' or 'E' it then goes to the caller with the backend). */
 
 enum { PG_BATCH_INCOMPLETE = 0, PG_BATCH_RELAYED = 1, PG_BATCH_STOP = 2 };
 
@@ -796,6 +800,7 @@ typedef struct Conn {
     int pending_event;          /* to act on once buf[sent:fwd] is written */
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
+    int last_status;            /* backends: the status of the last boundary walked (a handover mid-transaction) */
     unsigned long long requests; /* clients: requests walked since the relay was given the client (activity) */
     uint32_t mask;              /* epoll events registered */
     WalkState st;
@@ -1135,8 +1140,19 @@ static void pump(RelayObject *r, Conn *c) {
             c->pending_event = 0;
             if (event == EV_BOUNDARY) {
                 Conn *client = c->peer;
+                c->last_status = arg;
                 if (client->outstanding > 0)
                     client->outstanding--;
+                if (client->outstanding == 0 && arg != 'I' && client->held) {
+                    /* Its transaction goes on and the stop frame waited for this answer: the client goes to the
+                       caller with this backend (unless the backend said more than the answer: then the backend) */
+                    client->held = 0;
+                    if (c->len > c->fwd)
+                        hand_over(r, EV_UNSOLICITED, c, -1);
+                    else
+                        pump(r, client);
+                    return;
+                }
                 if (client->outstanding == 0 && arg == 'I') {
                     r->transactions++;
                     client->peer = NULL;
@@ -1166,11 +1182,14 @@ static void pump(RelayObject *r, Conn *c) {
             }
             if (r->hold_stops && c->role == ROLE_CLIENT && c->peer &&
                 (event == EV_HANDOVER || event == EV_MALFORMED)) {
-                c->pending_event = event;           /* acted on when the backend's boundary unlinks it */
-                c->pending_arg = arg;
-                c->held = 1;
-                update_mask(r, c);
-                return;
+                if (c->outstanding > 0) {
+                    c->pending_event = event;       /* acted on at the backend's boundary that answers the last */
+                    c->pending_arg = arg;
+                    c->held = 1;
+                    update_mask(r, c);
+                    return;
+                }
+                arg = c->peer->last_status;         /* mid-transaction: it goes with its backend and that status */
             }
             hand_over(r, event, c, arg);
             return;
@@ -1316,6 +1335,7 @@ static Conn *alloc_conn(RelayObject *r, int fd, int role) {
     if (c) {
         c->fd = fd;
         c->role = role;
+        c->last_status = 'I';
     }
     return c;
 }

@@ -501,6 +501,15 @@ class ClientProtocol:
         client holds no backend and waits for its next request. None (the default): never."""
         return None
 
+    def relay_adopt(self, server_state, status: int) -> bool:
+        """Optional, with `relay_key`: the relay served this client's transaction so far and hands it over inside
+        it (a stop frame, nothing outstanding), with the backend it holds (`server_state`) and the status of that
+        backend's last boundary (the rule's arg: PostgreSQL's ReadyForQuery 'T' or 'E'). Link to it as if the
+        Python path had served the transaction so far (nothing replayed: the relay served the client only on a
+        backend `relay_serves` its key), and say True; False (the default): the backend is discarded, and the
+        transaction with it."""
+        return False
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and

@@ -219,7 +219,9 @@ class ProxyCollector:
             c.add_metric([], stats["transactions"])
             yield c
             c = CounterMetricFamily(PREFIX + "relay_lane_returns", "Clients the compiled relay gave back to the "
-                                    "Python path, by why: stopped (a request its engine must see), malformed, closed "
+                                    "Python path, by why: stopped (a request its engine must see), in_transaction "
+                                    "(the same inside a transaction the relay served: the backend goes with it), "
+                                    "malformed, closed "
                                     "(the connection ended), connection_lost (its backend's), pool_wanted (the pool "
                                     "paused or drained, or its backends use TLS), no_backend (none could be opened, "
                                     "or it waited the borrow timeout), settings (the backend it got holds other "

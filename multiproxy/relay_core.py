@@ -59,8 +59,12 @@ of the unnamed portal. Anything else in it (another type, a statement or portal 
 the header), or a batch longer than max_screen, makes the batch's first frame a stop frame with nothing of the batch
 forwarded; a batch not whole yet waits for more bytes. So every statement relayed is bound at once by its own
 client, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed.
-`Relay(..., hold_stops=True)`: a linked client's stop frame waits for the end of its transaction (the client is
-not read meanwhile) and then goes to the caller alone, so the caller never takes over a request half answered.
+`Relay(..., hold_stops=True)`: a linked client's stop frame waits for the boundary that answers its last request
+(the client is not read meanwhile), so the caller never takes over a request half answered: at the end of its
+transaction it goes to the caller alone; inside a transaction (a boundary other than 'I', or a stop frame while
+linked with nothing outstanding) it goes with its backend (peer fd), the event's arg being the status of that
+backend's last boundary ('T', 'E'), for the caller to carry the transaction on (the backend goes instead, as
+UNSOLICITED, when it said more than that answer).
 Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting()` ((fd, bytes not sent) of the
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
@@ -481,7 +485,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet", "watch")
+                 "login", "quiet", "watch", "last_status")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -489,6 +493,7 @@ class _Conn:
         self.idle = self.waiting = self.blocked = self.held = self.aged = False
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = self.requests = 0
+        self.last_status = ord("I")     # a backend's last boundary status (a handover mid-transaction)
         self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
@@ -1154,8 +1159,17 @@ class PyRelay:
                 c.pending = None
                 if event == BOUNDARY:
                     client = c.peer
+                    c.last_status = arg
                     if client.outstanding > 0:
                         client.outstanding -= 1
+                    if client.outstanding == 0 and arg != ord("I") and client.held:
+                        # its transaction goes on: the stop frame goes to the caller with this backend
+                        client.held = False
+                        if len(c.buf) > c.fwd:
+                            self._hand_over(UNSOLICITED, c, -1)
+                        else:
+                            self._pump(client)
+                        return
                     if client.outstanding == 0 and arg == ord("I"):
                         self._transactions += 1
                         client.peer = c.peer = None
@@ -1175,10 +1189,12 @@ class PyRelay:
                     self._hang_up(c)
                     return
                 if self._hold_stops and c.client and c.peer is not None and event in (HANDOVER, MALFORMED):
-                    c.pending = (event, arg)    # acted on when the backend's boundary unlinks it
-                    c.held = True
-                    self._update_mask(c)
-                    return
+                    if c.outstanding > 0:
+                        c.pending = (event, arg)    # acted on at the backend's boundary that answers the last
+                        c.held = True
+                        self._update_mask(c)
+                        return
+                    arg = c.peer.last_status    # mid-transaction: it goes with its backend and that status
                 self._hand_over(event, c, arg)
                 return
             if c.sent:

@@ -771,9 +771,18 @@ class RelayLane:
                 session = session or self.clients.pop(peer_fd, None)
                 conn = conn or self.backends.pop(peer_fd, None)
             backend_failed = conn is not None and conn.sock.fileno() == fd
+            # A stop frame inside a transaction the relay served: the session carries it on with the backend (an
+            # engine that cannot: the transaction is lost, and the client is told so as if its backend had gone)
+            adopted = (conn is not None and session is not None and not backend_failed
+                       and (kind == relay_core.HANDOVER or kind == relay_core.MALFORMED)
+                       and session.proto.relay_adopt(conn.state, arg))
+            transaction_lost = backend_failed or (conn is not None and session is not None and not adopted
+                                                  and kind != relay_core.CLOSED)
             if conn is not None:
-                self._unlend(conn, reader=False)
-                if session is None or not backend_failed:
+                self._unlend(conn, reader=adopted)
+                if adopted:
+                    session.adopt_backend(conn)
+                elif session is None or not backend_failed:
                     if session is not None:
                         self.pool.discard_borrowed(conn)    # its client went away mid-transaction
                     else:
@@ -781,7 +790,8 @@ class RelayLane:
                                else "the backend closed the connection")
                         conn._lost(why)
                 else:
-                    conn._lost("the backend sent a message the relay does not take" if kind == relay_core.MALFORMED
+                    conn._lost("the backend sent a message the relay does not take"
+                               if kind == relay_core.MALFORMED or kind == relay_core.UNSOLICITED
                                else "the backend closed the connection")
             if session is None:
                 if fd in self.orphans or peer_fd in self.orphans:
@@ -792,7 +802,7 @@ class RelayLane:
             if conn is None and kind == relay_core.HANDOVER and rest == self.quit and rest:
                 self._quit(session)
                 continue
-            if conn is not None and backend_failed:
+            if transaction_lost:
                 # The backend died under a transaction the relay served: the client hears it, as from a server
                 # that went away, and its connection ends (the Python path would keep it; the relay cannot say how
                 # many of its requests are unanswered).
@@ -803,19 +813,22 @@ class RelayLane:
                 except (OSError, ValueError):
                     pass
                 rest = b""
-            if kind == relay_core.HANDOVER and conn is None:
-                self._judge_stay(session)
-            self._give_client_back(session, rest, "connection_lost" if backend_failed else _EVENT_NAMES.get(kind, "event"))
+            if kind == relay_core.HANDOVER and (conn is None or adopted):
+                self._judge_stay(session, adopted)
+            why = ("connection_lost" if backend_failed else "in_transaction" if adopted
+                   else _EVENT_NAMES.get(kind, "event"))
+            self._give_client_back(session, rest, why)
 
-    def _judge_stay(self, session) -> None:
-        """A client's stay in the lane ended at a stop frame: one that relayed none of its requests cost the trip in
-        and out (parking, the lane, waking its greenlet again: about as much as the Python path's work for a
-        transaction of four statements) for nothing, so such stays in a row make the session sit out 1, 3, 7, ... up
-        to 63 idle points on the Python path, keeping its greenlet, before it tries a lane again (a client whose
-        every transaction opens with BEGIN, say: a driver's default outside autocommit); a stay that relayed
-        anything starts the count again. Sitting out is safe because the Python path undoes on a backend the session
-        state its next client never set (a reset, a replay), as for any client of relay = "python"."""
-        if self.relay.relayed_before(session.lane_fd) >= RELAYED_TO_PAY:
+    def _judge_stay(self, session, in_transaction: bool) -> None:
+        """A client's stay in the lane ended at a stop frame: one that relayed none of its requests (inside a
+        transaction: none but the one that opened it) cost the trip in and out (parking, the lane, waking its
+        greenlet again: about as much as the Python path's work for a transaction of four statements) for nothing,
+        so such stays in a row make the session sit out 1, 3, 7, ... up to 63 idle points on the Python path,
+        keeping its greenlet, before it tries a lane again (a client whose every transaction sets something after
+        its BEGIN, say); a stay that relayed more starts the count again. Sitting out is safe because the Python
+        path undoes on a backend the session state its next client never set (a reset, a replay), as for any
+        client of relay = "python"."""
+        if self.relay.relayed_before(session.lane_fd) >= RELAYED_TO_PAY + in_transaction:
             session.lane_bounces = 0
             return
         bounces = session.lane_bounces = min(session.lane_bounces + 1, MAX_BOUNCES)

@@ -720,6 +720,13 @@ class Session:
         self.backend = backend
         return backend
 
+    def adopt_backend(self, backend) -> None:
+        """A relay lane hands the client over inside a transaction it served, with the backend holding it (its
+        protocol linked already: ClientProtocol.relay_adopt): the session holds that backend from now on."""
+        self.linked_once = True
+        backend.session = self
+        self.backend = backend
+
     # ------------------------------------------------------------------ backend reader greenlet
 
     def on_backend_data(self, backend, data: bytes) -> None:

@@ -636,6 +636,65 @@ def test_a_linked_clients_stop_waits_for_the_transaction_end_with_hold_stops(imp
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_stop_inside_a_transaction_goes_with_its_backend_and_status(impl, pairs):
+    """hold_stops: a linked client's stop frame inside a transaction (nothing outstanding: at once; behind a request:
+    at the boundary answering it) goes to the caller with its backend, the event's arg that backend's last status;
+    one whose backend said more than that answer goes as the backend's UNSOLICITED."""
+    relay = impl[1](*screened_walkers(impl), hold_stops=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    begin, setting = pg(b"Q", b"insert into t values (1)\0"), pg(b"Q", b"set local x = 1\0")   # (the first opens one)
+    client.outside.sendall(begin)
+    assert serve(relay) == []
+    assert backend.read(len(begin)) == begin
+    backend.outside.sendall(pg(b"C", b"BEGIN\0") + READY_IN_TX)
+    assert serve(relay) == []
+    assert client.read(len(pg(b"C", b"BEGIN\0") + READY_IN_TX)) == pg(b"C", b"BEGIN\0") + READY_IN_TX
+    assert relay.counts() == (0, 0, 1) and relay.activity(client.fd())[1:] == (backend.fd(), False, 0)
+    client.outside.sendall(setting)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), backend.fd(), setting, ord("T"))]
+    assert relay.counts() == (0, 0, 0) and relay.stats()["connections"] == 0
+    assert relay.relayed_before(client.fd()) == 1
+    # behind a request, after an error: at the boundary that answers it, with 'E'
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    client.outside.sendall(begin)
+    backend.outside.sendall(pg(b"C", b"BEGIN\0") + READY_IN_TX)
+    assert serve(relay) == []
+    assert backend.read(len(begin)) == begin
+    client.read(len(pg(b"C", b"BEGIN\0") + READY_IN_TX))
+    client.outside.sendall(QUERY + setting)
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    failed = pg(b"E", b"SERROR\0\0") + pg(b"Z", b"E")
+    backend.outside.sendall(failed)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), backend.fd(), setting, ord("E"))]
+    assert client.read(len(failed)) == failed
+    # the backend says more than its answer: it goes (the client with it, as its peer)
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    client.outside.sendall(begin + setting)
+    assert serve(relay) == []
+    assert backend.read(len(begin)) == begin
+    notice = pg(b"N", b"SNOTICE\0\0")
+    backend.outside.sendall(pg(b"C", b"BEGIN\0") + READY_IN_TX + notice)
+    events = serve(relay)
+    assert events == [(rc.UNSOLICITED, backend.fd(), client.fd(), notice, -1)]
+    # a stop frame at the end of the transaction goes alone, as before
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    client.read(len(pg(b"C", b"BEGIN\0") + READY_IN_TX))
+    client.outside.sendall(QUERY + setting)
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY
+    backend.outside.sendall(RESULT + READY_IDLE)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, setting, ord("Q"))]
+    relay.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_waiting_and_idle_clients_are_given_back_with_their_unsent_bytes(impl, pairs):
     relay = impl[1](*screened_walkers(impl), hold_stops=True)
     first, second = pairs(), pairs()
