@@ -36,9 +36,13 @@ LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
     "latency": ["-S", "-c", "1", "-j", "1"],
+    "transactions": ["-c", "16", "-j", "2"],    # with TRANSACTION_SCRIPT: BEGIN, two point selects, END
     "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
 }
 DEFAULT_LOADS = ("steady", "connect")
+# The transactions load: what a driver outside autocommit sends (psycopg's default, SQLAlchemy, JDBC)
+TRANSACTION_SCRIPT = ("\\set aid random(1, 100000)\nBEGIN;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+                      "SELECT abalance FROM pgbench_accounts WHERE aid = :aid % 100000 + 1;\nEND;\n")
 STORM_TARGETS = ("multiproxy", "multiproxy-c", "pgbouncer")     # poolers only: the storm server allows fewer clients than come
 BENCH_USER = "bench"
 BENCH_DB = "bench"
@@ -471,13 +475,22 @@ class FloorPooler(Target):
 
 
 def pgbench(port, load, seconds, protocol="simple"):
-    argv = ["pgbench", *LOADS[load], "-M", protocol, "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
+    script = []
+    if load == "transactions":
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", prefix="bench-transactions-", delete=False) as out:
+            out.write(TRANSACTION_SCRIPT)
+        os.chmod(out.name, 0o644)
+        script = ["-f", out.name]
+    argv = ["pgbench", *LOADS[load], *script, "-M", protocol, "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
             "-U", BENCH_USER, BENCH_DB]
     try:
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=seconds + 60)
     except subprocess.TimeoutExpired:
         raise TargetFailed(f"pgbench did not finish within {seconds + 60}s")
+    finally:
+        for path in script[1:]:
+            os.unlink(path)
     found = {label: float(value) for value, label in TPS_LINE.findall(result.stdout)}
     tps = next((found[label] for label in TPS_PREFERRED if label in found), None)
     if tps is None and found:
@@ -1660,7 +1673,8 @@ def main(argv=None):
                + f"scale {args.scale}, pool size {args.pool_size}, client authentication {args.auth}"
                + (f", multiproxy workers {args.workers}" if args.workers else ""))
     explained = ["steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction); "
-                 "latency = pgbench -S -c 1 -j 1",
+                 "latency = pgbench -S -c 1 -j 1; transactions = pgbench -c 16 -j 2 with a script of BEGIN, two point "
+                 "selects, END (a driver outside autocommit)",
                  "proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
                  "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds"]
     if args.auth == "scram":

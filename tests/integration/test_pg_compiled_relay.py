@@ -39,7 +39,8 @@ def lane_metrics(proxy) -> dict:
     found = {name: metric(text, f"multiproxy_relay_lane_{name}") for name in
              ("clients", "backends", "transactions_total", "returns_total")}
     found["returns"] = {why: metric(text, "multiproxy_relay_lane_returns_total", why=why) for why in
-                        ("stopped", "malformed", "closed", "connection_lost", "pool_wanted", "no_backend", "settings")}
+                        ("stopped", "in_transaction", "malformed", "closed", "connection_lost", "pool_wanted",
+                         "no_backend", "settings")}
     return found
 
 
@@ -783,6 +784,62 @@ def test_transaction_blocks_run_in_the_lanes_or_sit_out_when_they_stop(pg, proxy
     # the one-by-one statements of a stay end it at an idle point first): far fewer than its transactions.
     assert 1 <= short <= clients * 8, short
     assert total - relayed <= clients * 8, (total, relayed)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_a_transaction_block_stopped_midway_goes_on_with_its_backend(pg, proxy_factory, core):
+    """A transaction block the relay serves that stops inside (SET LOCAL; a stop after an error) goes on on the
+    Python path on the same backend: its rows, SET LOCAL, an error's aborted state and ROLLBACK hold; a client that
+    leaves inside a transaction the relay serves has it rolled back; two backends, three clients."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    table = client_table(pg, "midway")
+    with psycopg_connect(proxy, autocommit=True) as a, psycopg_connect(proxy, autocommit=True) as b:
+        for conn in (a, b):
+            assert simple_query(conn, "SELECT 1") == [(1,)]
+        assert wait_for(lambda: lane_metrics(proxy)["clients"] == 2), lane_metrics(proxy)
+        transactions = relay_transactions(proxy)
+        simple_query(a, "BEGIN")
+        simple_query(a, f"INSERT INTO {table} VALUES (1, 1)")
+        pid = simple_query(a, "SELECT pg_backend_pid()")
+        assert lane_metrics(proxy)["returns"]["in_transaction"] is None       # all of it in the relay so far
+        simple_query(a, "SET LOCAL work_mem = '5MB'")          # a stop: the Python path, with the same backend
+        assert lane_metrics(proxy)["returns"]["in_transaction"] == 1
+        assert simple_query(a, "SHOW work_mem") == [("5MB",)]
+        assert simple_query(a, "SELECT pg_backend_pid()") == pid
+        assert simple_query(a, f"SELECT count(*) FROM {table}") == [(1,)]
+        assert simple_query(b, f"SELECT count(*) FROM {table}") == [(0,)]     # the other backend meanwhile
+        simple_query(a, "ROLLBACK")
+        assert simple_query(a, "SHOW work_mem") == [("4MB",)]
+        assert simple_query(b, f"SELECT count(*) FROM {table}") == [(0,)]
+        # an error inside: ReadyForQuery 'E' keeps the backend; a stop then: the server's aborted-transaction error
+        simple_query(a, "BEGIN")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            simple_query(a, "SELECT 1/0")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            simple_query(a, "SET LOCAL work_mem = '5MB'")
+        assert lane_metrics(proxy)["returns"]["in_transaction"] == 2
+        simple_query(a, "ROLLBACK")
+        # whole transaction blocks in the relay again
+        assert wait_for(lambda: lane_metrics(proxy)["clients"] == 2), lane_metrics(proxy)
+        before = relay_transactions(proxy)
+        for n in range(5):
+            simple_query(a, "BEGIN")
+            simple_query(a, f"INSERT INTO {table} VALUES (1, {n})")
+            simple_query(a, "COMMIT")
+        assert relay_transactions(proxy) - before == 5
+        assert relay_transactions(proxy) > transactions
+        # a third client leaves inside a transaction block the relay serves: rolled back, the backend not reused
+        c = psycopg_connect(proxy, autocommit=True)
+        simple_query(c, "SELECT 1")
+        assert wait_for(lambda: lane_metrics(proxy)["clients"] == 3), lane_metrics(proxy)
+        simple_query(c, "BEGIN")
+        simple_query(c, f"INSERT INTO {table} VALUES (3, 1)")
+        c.close()           # (Terminate, no COMMIT: the context manager's exit would commit)
+        assert simple_query(b, f"SELECT count(*) FROM {table}") == [(5,)]
+        assert simple_query(a, f"SELECT count(*) FROM {table} WHERE client = 3") == [(0,)]
+    assert server_backends(pg) <= 2
+    assert "Traceback" not in proxy.log_text(), proxy.log_tail()
 
 
 @pytest.mark.timeout(120)
