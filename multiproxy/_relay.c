@@ -102,6 +102,7 @@ typedef struct {
     int mstate;                     /* MY_START, MY_COLUMNS, MY_COLUMNS_EOF, MY_ROWS */
     int mmore;                      /* the last packet held 0xFFFFFF payload bytes: a continuation follows */
     unsigned long long mcount;      /* column definitions still to come */
+    int mtrans;                     /* the last response ended inside a transaction: an ERR after it says 'T' too */
 } WalkState;
 
 typedef struct {
@@ -247,8 +248,9 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
  * header) or an ERR. A packet of 0xFFFFFF payload bytes continues in the next one, which has no type byte.
  * SERVER_MORE_RESULTS_EXISTS in an end's status flags starts the next result of the same response. At the end of
  * a response the walk stops with EV_BOUNDARY and the status 'T' when SERVER_STATUS_IN_TRANS is set, else 'I'.
- * An ERR carries no status flags: it ends the response with 'I', because a relay lends a backend only at 'I' and
- * the engine's screen stops every statement that could open a transaction, and a failed statement opens none.
+ * An ERR carries no status flags: it ends the response with the status of the response before it on the same
+ * connection ('I' at first): a failed statement opens no transaction, and one that fails inside a transaction
+ * leaves it open as far as the walk can tell (an error that rolled it back shows in the next answer's 'I').
  * A LOCAL INFILE request is EV_MALFORMED before it (the screen stops LOAD DATA: no relayed request asks for it).
  * The packets the walk must read whole (the first of each result and the ends) may be at most max_boundary bytes.
  * REQUEST_MYSQL (the client direction, with the generic walk): a packet that does not open a command (sequence id
@@ -386,7 +388,9 @@ static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const uns
                     if (head == 0xFF || !(status & MY_MORE_RESULTS_EXISTS)) {
                         pos += total;
                         res.event = EV_BOUNDARY;
-                        res.arg = head != 0xFF && (status & MY_STATUS_IN_TRANS) ? 'T' : 'I';
+                        if (head != 0xFF)
+                            st->mtrans = (status & MY_STATUS_IN_TRANS) != 0;
+                        res.arg = st->mtrans ? 'T' : 'I';
                         break;
                     }
                 }

@@ -83,9 +83,10 @@ the text protocol's answers to COM_QUERY / COM_PING instead of types: OK, ERR, o
 an EOF (not with `deprecate_eof`: CLIENT_DEPRECATE_EOF in effect), rows and an EOF (with deprecate_eof: an OK with
 the 0xFE header) or ERR; packets of 0xFFFFFF payload bytes continue in the next (which has no type byte), and
 SERVER_MORE_RESULTS_EXISTS in an end's status flags starts the next result. The end of a response is a boundary with
-the status 'T' when SERVER_STATUS_IN_TRANS is set, else 'I'; an ERR (which carries no flags) ends it with 'I': a
-relay lends a backend only at 'I', the engine's screen stops whatever could open a transaction, and a failed
-statement opens none. A LOCAL INFILE request (0xFB) is MALFORMED (the screen stops LOAD DATA), as are packets the
+the status 'T' when SERVER_STATUS_IN_TRANS is set, else 'I'; an ERR (which carries no flags) ends it with the status
+of the response before it on the same connection ('I' at first): a failed statement opens no transaction, and one
+that fails inside a transaction leaves it open as far as the walk can tell (an error that rolled it back shows in
+the next answer's 'I'). A LOCAL INFILE request (0xFB) is MALFORMED (the screen stops LOAD DATA), as are packets the
 walk must read whole (a result's first packet, an end) over max_boundary bytes. A rule with `request="mysql"` (the
 client direction) makes a packet that opens no command (sequence id not 0, or empty) MALFORMED.
 
@@ -164,7 +165,7 @@ class PyWalker:
 
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
-                 "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount")
+                 "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
@@ -193,6 +194,7 @@ class PyWalker:
         self.response, self.request = response or None, request or None
         self.deprecate_eof = bool(deprecate_eof)
         self.mstate, self.mmore, self.mcount = MY_START, False, 0
+        self.mtrans = False             # the last response ended inside a transaction (an ERR after it says 'T')
         words = tuple(words or ())
         if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
@@ -368,8 +370,9 @@ class PyWalker:
                     if is_end:
                         self.mstate = MY_START
                         if head == 0xFF or not status & MY_MORE_RESULTS_EXISTS:
-                            in_transaction = head != 0xFF and status & MY_STATUS_IN_TRANS
-                            return pos + total, BOUNDARY, ord("T") if in_transaction else ord("I")
+                            if head != 0xFF:
+                                self.mtrans = bool(status & MY_STATUS_IN_TRANS)
+                            return pos + total, BOUNDARY, ord("T") if self.mtrans else ord("I")
             take = min(total, avail)
             pos += take
             self.remaining = total - take

@@ -37,7 +37,8 @@ def lane_metrics(proxy) -> dict:
     found = {name: metric(text, f"multiproxy_relay_lane_{name}") for name in
              ("clients", "backends", "transactions_total", "returns_total")}
     found["returns"] = {why: metric(text, "multiproxy_relay_lane_returns_total", why=why) for why in
-                        ("stopped", "malformed", "closed", "connection_lost", "pool_wanted", "no_backend", "settings")}
+                        ("stopped", "in_transaction", "malformed", "closed", "connection_lost", "pool_wanted",
+                         "no_backend", "settings")}
     return found
 
 
@@ -102,7 +103,10 @@ def test_more_clients_than_backends_run_in_the_relay_with_rows_right(mariadb, pr
 
 
 @pytest.mark.timeout(120)
-def test_a_transaction_runs_on_the_python_path_on_one_backend(mariadb, proxy_factory, table):
+def test_a_transaction_runs_on_one_backend_in_the_relay_and_then_on_the_python_path(mariadb, proxy_factory, table):
+    """BEGIN and the statements after it run in the relay on one backend (an error inside keeps it); a stop inside
+    (the INSERT) carries the transaction on on the Python path with that backend; COMMIT and ROLLBACK hold; a
+    transaction of selects alone runs in the relay whole."""
     proxy = compiled(proxy_factory, mariadb, max_size=2)
     conn, other = connect(proxy), connect(proxy)
     for n in range(5):
@@ -110,8 +114,13 @@ def test_a_transaction_runs_on_the_python_path_on_one_backend(mariadb, proxy_fac
         assert query(other, f"SELECT {n}") == [(n,)]
     before = lane_metrics(proxy)["transactions_total"]
     query(conn, "BEGIN")
-    query(conn, f"INSERT INTO {table} (client, n) VALUES (1, 1)")
     backend = query(conn, "SELECT CONNECTION_ID()")
+    with pytest.raises(pymysql.err.ProgrammingError):
+        query(conn, "SELECT * FROM no_such_table_here")             # an ERR: the transaction goes on
+    assert query(conn, "SELECT CONNECTION_ID()") == backend
+    assert not lane_metrics(proxy)["returns"]["in_transaction"]
+    query(conn, f"INSERT INTO {table} (client, n) VALUES (1, 1)")      # a stop: on with the backend
+    assert lane_metrics(proxy)["returns"]["in_transaction"] == 1
     assert query(other, "SELECT 5") == [(5,)]                          # the other client is served meanwhile
     assert query(conn, f"SELECT count(*) FROM {table}") == [(1,)]
     assert query(other, f"SELECT count(*) FROM {table}") == [(0,)]     # not committed yet
@@ -125,6 +134,13 @@ def test_a_transaction_runs_on_the_python_path_on_one_backend(mariadb, proxy_fac
     for n in range(5):                                                 # back in the relay
         assert query(conn, f"SELECT {n}") == [(n,)]
     assert lane_metrics(proxy)["transactions_total"] >= before + 5
+    before = lane_metrics(proxy)["transactions_total"]
+    query(conn, "START TRANSACTION")
+    assert query(conn, f"SELECT count(*) FROM {table}") == [(1,)]
+    assert query(conn, "SELECT CONNECTION_ID()") == query(conn, "SELECT CONNECTION_ID()")
+    query(conn, "COMMIT")
+    assert lane_metrics(proxy)["transactions_total"] == before + 1      # one transaction, all of it relayed
+    assert lane_metrics(proxy)["returns"]["in_transaction"] == 2     # (the INSERTs after BEGIN and START)
     conn.close()
     other.close()
 

@@ -1118,8 +1118,13 @@ def test_mysql_ok_and_err_end_a_response(impl):
     big = my_ok(1, IN_TRANS, affected=b"\xfc\x10\x27", insert_id=b"\xfe" + (2**40).to_bytes(8, "little"),
                 info=b"Rows matched: 10000")
     assert drive(my_walker(impl), [big]) == (big, [(rc.BOUNDARY, ord("T"), len(big))], b"")
-    # an ERR carries no status flags: it ends the response idle
+    # an ERR carries no status flags: it ends the response with the status of the one before ('I' at first)
     assert_every_split(impl, MY_ERR, (MY_ERR, [(rc.BOUNDARY, ord("I"), len(MY_ERR))], b""))
+    stream = in_trans + MY_ERR + MY_ERR + ok + MY_ERR
+    assert drive(my_walker(impl), [stream]) == (stream, [
+        (rc.BOUNDARY, ord("T"), len(in_trans)), (rc.BOUNDARY, ord("T"), len(in_trans + MY_ERR)),
+        (rc.BOUNDARY, ord("T"), len(in_trans + MY_ERR * 2)), (rc.BOUNDARY, ord("I"), len(in_trans + MY_ERR * 2 + ok)),
+        (rc.BOUNDARY, ord("I"), len(stream))], b"")
     # two answers in one read: one boundary each
     stream = ok + in_trans
     assert drive(my_walker(impl), [stream]) == (
