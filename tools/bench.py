@@ -751,6 +751,8 @@ TDS_ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c")
 # --db-ps-mode=auto: COM_STMT_PREPARE/EXECUTE; tedious prepare/execute: sp_prepare/sp_execute), `ps-over` the same
 # with more clients than the pool (default twice as many), which needs statements multiplexed across backends.
 VARIANTS = ("text", "ps", "ps-over")
+# MySQL also: read-only = sysbench oltp_read_only, text protocol (BEGIN, ten point selects, four range selects, COMMIT)
+MYSQL_VARIANTS = VARIANTS + ("read-only",)
 METRIC_LINE = re.compile(r'^multiproxy_prepared_statements_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', re.MULTILINE)
 NODE_DIR = os.path.join(REPO_ROOT, "tools", "node")
 
@@ -815,7 +817,8 @@ class EngineRun:
 
 def _variant_clients(variants, pool_size, text_clients, ps_clients, over_clients):
     ps_clients = ps_clients or pool_size
-    chosen = {"text": text_clients, "ps": ps_clients, "ps-over": over_clients or 2 * ps_clients}
+    chosen = {"text": text_clients, "ps": ps_clients, "ps-over": over_clients or 2 * ps_clients,
+              "read-only": text_clients}
     return {v: chosen[v] for v in variants}
 
 
@@ -928,9 +931,9 @@ def _interleave(run, rounds, variants, targets, seconds, warmup, measure_one):
                     run.add(variant, target, None, str(exc))
 
 
-def sysbench(port, threads, ps_mode, seconds):
-    """One sysbench oltp_point_select run; TPS, or TargetFailed saying why (its FATAL lines)."""
-    argv = ["sysbench", "oltp_point_select", "run", f"--mysql-port={port}", *SYSBENCH_COMMON,
+def sysbench(port, threads, ps_mode, seconds, test="oltp_point_select"):
+    """One sysbench run of `test`; TPS, or TargetFailed saying why (its FATAL lines)."""
+    argv = ["sysbench", test, "run", f"--mysql-port={port}", *SYSBENCH_COMMON,
             f"--threads={threads}", f"--db-ps-mode={ps_mode}", f"--time={seconds}"]
     try:
         out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 60)
@@ -946,7 +949,7 @@ def sysbench(port, threads, ps_mode, seconds):
 
 SYSBENCH_COMMON = ["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=bench", "--mysql-password=bench",
                    "--mysql-db=bench", "--tables=1", "--table-size=10000", "--mysql-ssl=off"]
-SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto"}
+SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto", "read-only": "disable"}
 
 
 def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, *, rounds: int = 1,
@@ -994,7 +997,8 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
         def measure(variant, target, secs):
             pid = pids.get(target)
             before = process_cpu_seconds(pid) if pid else 0.0
-            rate = sysbench(ports[target], clients[variant], SYSBENCH_PS_MODE[variant], secs)
+            rate = sysbench(ports[target], clients[variant], SYSBENCH_PS_MODE[variant], secs,
+                            "oltp_read_only" if variant == "read-only" else "oltp_point_select")
             if pid and rate:
                 cpu.setdefault((variant, target), []).append(
                     (process_cpu_seconds(pid) - before) / (rate * secs) * 1e6)
@@ -1012,12 +1016,14 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}", file=sys.stderr)
-    lines = [f"sysbench oltp_point_select (10,000 rows), TPS; {seconds} s per run"
+    lines = [f"sysbench oltp_point_select" + (" and oltp_read_only" if "read-only" in variants else "")
+             + f" (10,000 rows), TPS; {seconds} s per run"
              + (f" after a {warmup} s warm-up" if warmup > 0 else "")
              + (f", median of {rounds} interleaved rounds" if rounds > 1 else "")
              + f"; MariaDB {version}, {sysbench_version}, pool max_size {pool_size}",
              "text = --db-ps-mode=disable (COM_QUERY); ps / ps-over = --db-ps-mode=auto (COM_STMT_PREPARE once per "
-             "thread, then COM_STMT_EXECUTE); ps-over has more threads than the pool", "",
+             "thread, then COM_STMT_EXECUTE); ps-over has more threads than the pool; read-only = sysbench "
+             "oltp_read_only, text protocol (a transaction: BEGIN, 14 selects, COMMIT)", "",
              run.table("TPS", "relay"), ""]
     if cpu:
         lines.append("CPU per transaction of the proxy process (user + system, microseconds, median over rounds; "
@@ -1244,7 +1250,9 @@ def engine_args(argv):
     parser.add_argument("--ps-clients", type=int,
                         help="clients of the ps variant (MySQL: also of text) (default: --pool-size)")
     parser.add_argument("--over-clients", type=int, help="clients of the ps-over variant (default: 2 x --ps-clients)")
-    parser.add_argument("--only", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    parser.add_argument("--only", default=",".join(VARIANTS),
+                        help="subset of " + ",".join(VARIANTS) + " (MySQL also read-only: sysbench oltp_read_only, "
+                             "transactions of BEGIN, 14 selects, COMMIT, text protocol)")
     parser.add_argument("--ps", action="store_true", help="prepared statements only: --only ps,ps-over")
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("--keep", action="store_true")
@@ -1260,9 +1268,10 @@ def engine_args(argv):
         if known.ps:
             known.only = "ps,ps-over"
         known.variants = [v.strip() for v in known.only.split(",") if v.strip()]
-        unknown = [v for v in known.variants if v not in VARIANTS]
+        allowed = MYSQL_VARIANTS if known.engine == "mysql" else VARIANTS
+        unknown = [v for v in known.variants if v not in allowed]
         if unknown or not known.variants:
-            parser.error(f"--only: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(VARIANTS)}")
+            parser.error(f"--only: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
         if known.rounds < 1 or known.seconds < 1 or known.warmup < 0 or known.pool_size < 1:
             parser.error("--rounds, --seconds and --pool-size: at least 1; --warmup: at least 0")
         if known.engine == "tds":
