@@ -173,13 +173,13 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
     def relay_adopt(self, server_state, status: int) -> bool:
         """Linked to the backend of a transaction the relay served so far (BEGIN or START TRANSACTION and the
         statements after it; `status` 'T', the walk's word for SERVER_STATUS_IN_TRANS in the last answer or an ERR
-        after it): nothing is outstanding, no BEGIN was deferred here, autocommit is on (relay_key) and the backend
-        held the client's settings and schema when the relay lent it."""
+        after it; with autocommit off, any statement opens one): nothing is outstanding, no BEGIN was deferred here,
+        and the backend held the client's settings, schema and autocommit when the relay lent it."""
         if status != ord("T") or handover.not_idle(self):
             return False
         self.linked = True
         self.server_state = server_state
-        self._status(p.SERVER_STATUS_AUTOCOMMIT | p.SERVER_STATUS_IN_TRANS)
+        self._status((p.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0) | p.SERVER_STATUS_IN_TRANS)
         return True
 
     def handover_refusal(self) -> str:

@@ -57,23 +57,25 @@ def relay_rules(key=None) -> dict:
 
 
 def relay_key(client):
-    """(tracked settings, schema, multi-statements, CLIENT_DEPRECATE_EOF) when the compiled relay may serve the
-    client's next requests, else None: a client that is not plainly idle (handover.not_idle: logged in, no backend,
-    nothing outstanding or half read, no transaction, no pin), with autocommit on (with it off a relayed statement
-    would open a transaction), no deferred pins, and no per-request work of the Python path (retries of read-only
-    refusals, a reset after each transaction)."""
-    if (not client.autocommit or client.deferred_pins or client.retry_read_only or client.ctx.reset_after_transaction
-            or client.closing or not_idle(client)):
+    """(tracked settings, schema, multi-statements, CLIENT_DEPRECATE_EOF, autocommit) when the compiled relay may
+    serve the client's next requests, else None: a client that is not plainly idle (handover.not_idle: logged in, no
+    backend, nothing outstanding or half read, no transaction, no pin), no deferred pins, and no per-request work of
+    the Python path (retries of read-only refusals, a reset after each transaction). With autocommit off (PyMySQL's
+    default) the first statement opens a transaction, which the relay serves on one backend to its COMMIT."""
+    if (client.deferred_pins or client.retry_read_only or client.ctx.reset_after_transaction or client.closing
+            or not_idle(client)):
         return None
-    return frozenset(client.variables.items()), client.schema, client.multi_statements, client.deprecate_eof
+    return (frozenset(client.variables.items()), client.schema, client.multi_statements, client.deprecate_eof,
+            client.autocommit)
 
 
 def relay_serves(key, server) -> bool:
     """Whether a backend in MySQLServerState `server` serves clients of relay key `key` with nothing replayed
-    (SessionState.link would send nothing): the same settings, schema and multi-statements, autocommit on and no
+    (SessionState.link would send nothing): the same settings, schema, multi-statements and autocommit, no
     transaction, no statement to close, and the same CLIENT_DEPRECATE_EOF."""
-    variables, schema, multi_statements, deprecate_eof = key
+    variables, schema, multi_statements, deprecate_eof, autocommit = key
     return (not server.stale_statements and server.schema == schema and server.multi_statements == multi_statements
-            and server.status & p.SERVER_STATUS_AUTOCOMMIT and not server.status & p.SERVER_STATUS_IN_TRANS
+            and bool(server.status & p.SERVER_STATUS_AUTOCOMMIT) == autocommit
+            and not server.status & p.SERVER_STATUS_IN_TRANS
             and bool(server.capabilities & p.CLIENT_DEPRECATE_EOF) == deprecate_eof
             and len(server.variables) == len(variables) and all(server.variables.get(n) == v for n, v in variables))

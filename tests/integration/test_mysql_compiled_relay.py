@@ -330,28 +330,44 @@ def test_a_deprecate_eof_client_with_multi_results(mariadb, proxy_factory):
 
 
 @pytest.mark.timeout(120)
-def test_an_autocommit_off_client_stays_on_the_python_path(mariadb, proxy_factory, table):
-    # with autocommit off a relayed SELECT would open a transaction the relay cannot end: such a client has no key
+def test_an_autocommit_off_client_runs_its_transactions_in_a_lane_of_its_own(mariadb, proxy_factory, table):
+    """PyMySQL's default (autocommit off): the first statement opens a transaction, which the relay serves on one
+    backend to its COMMIT (a lane keyed by autocommit: the backends it lends have it off); an INSERT inside carries
+    the transaction on on the Python path. A client with autocommit on beside it, on the same two backends."""
     proxy = compiled(proxy_factory, mariadb, max_size=2)
     other = connect(proxy)
     conn = connect(proxy, autocommit=False)
-    before = lane_metrics(proxy)["transactions_total"]
     for n in range(5):
-        assert query(conn, f"SELECT {n}") == [(n,)]
+        assert query(conn, f"SELECT count(*) FROM {table}") == [(n,)]      # (a read of a table opens one)
         query(conn, f"INSERT INTO {table} (client, n) VALUES (2, {n})")
         assert query(other, f"SELECT count(*) FROM {table}") == [(n,)]      # not committed yet
         conn.commit()
         assert query(other, f"SELECT count(*) FROM {table}") == [(n + 1,)]
+    autocommit = ("SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES "     # ('@' stops in the screen)
+                  "WHERE VARIABLE_NAME = 'AUTOCOMMIT'")
+    before = lane_metrics(proxy)["transactions_total"]
+    for n in range(10):
+        assert query(conn, f"SELECT count(*) FROM {table}") == [(5,)]
+        backend = query(conn, "SELECT CONNECTION_ID()")
+        assert query(conn, autocommit) == [("OFF",)]
+        assert query(conn, "SELECT CONNECTION_ID()") == backend              # one backend to the COMMIT
+        conn.commit()
+        assert query(other, autocommit) == [("ON",)]
     lanes = lane_metrics(proxy)
-    assert lanes["transactions_total"] - before <= 10, lanes     # only the other client's SELECTs
+    assert lanes["transactions_total"] - before >= 18, lanes     # (the other's 10 and nearly all of conn's 10)
+    # the first INSERT came inside a transaction the relay served (the stays after it relayed too little: the
+    # client sat out the lanes for its next few)
+    assert lanes["returns"]["in_transaction"] >= 1, lanes
     conn.close()
     other.close()
+    assert server_connections(mariadb) <= 2
 
 
 @pytest.mark.timeout(120)
 def test_a_client_sitting_out_the_lanes_keeps_its_sql_mode_to_itself(mariadb, proxy_factory):
-    """A client with its own sql_mode whose transactions open with BEGIN sits out the lanes (its stays relay nothing)
-    and takes backends from the pool and other lanes: two clients beside it on the same two backends keep theirs."""
+    """A client with its own sql_mode whose transactions stop right after their BEGIN sits out the lanes (its stays
+    relay nothing but the BEGIN) and takes backends from the pool and other lanes: two clients beside it on the same
+    two backends keep theirs."""
     proxy = compiled(proxy_factory, mariadb, max_size=2)
     mode_of = ("SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES "    # ('@' stops in the screen)
                "WHERE VARIABLE_NAME = 'SQL_MODE'")
@@ -362,6 +378,7 @@ def test_a_client_sitting_out_the_lanes_keeps_its_sql_mode_to_itself(mariadb, pr
         query(own, "SET SESSION sql_mode = 'ANSI_QUOTES'")
         for _ in range(40):
             query(own, "BEGIN")
+            assert query(own, "SELECT 'set' AS word") == [("set",)]     # (a stop: the screen's false alarm)
             assert query(own, mode_of) == [("ANSI_QUOTES",)]
             query(own, "COMMIT")
             for conn in (a, b):

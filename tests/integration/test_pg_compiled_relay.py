@@ -844,9 +844,9 @@ def test_a_transaction_block_stopped_midway_goes_on_with_its_backend(pg, proxy_f
 
 @pytest.mark.timeout(120)
 def test_a_client_sitting_out_the_lanes_keeps_its_settings_to_itself(pg, proxy_factory):
-    """A client with a setting of its own whose transactions open with BEGIN sits out the lanes and takes backends
-    from the pool and other lanes: the Python path replays its setting where it runs, and clients beside it, on the
-    same two backends, never see it."""
+    """A client with a setting of its own whose transactions stop right after their BEGIN sits out the lanes and
+    takes backends from the pool and other lanes: the Python path replays its setting where it runs, and clients
+    beside it, on the same two backends, never see it."""
     proxy = proxy_factory(compiled_config(pg, max_size=2))
     errors = []
     stop = threading.Event()
@@ -858,6 +858,8 @@ def test_a_client_sitting_out_the_lanes_keeps_its_settings_to_itself(pg, proxy_f
                     cur.execute("SET statement_timeout = '7s'", prepare=False)
                     conn.commit()
                     while not stop.is_set():
+                        cur.execute("SELECT 'set' AS word", prepare=False)     # (a stop: the screen's false alarm)
+                        assert cur.fetchone() == ("set",)
                         cur.execute("SHOW statement_timeout", prepare=False)
                         assert cur.fetchone() == ("7s",)
                         conn.commit()

@@ -125,19 +125,19 @@ def test_the_response_walk_ends_where_the_python_path_releases(walker_type, depr
 def test_the_relay_key_follows_the_clients_state():
     client = logged_in()
     key = client.relay_key()
-    assert key == (frozenset(), "app", True, False)
+    assert key == (frozenset(), "app", True, False, True)
     client.client_data(com_query(b"SET SESSION sql_mode = 'ANSI'"))
     assert client.relay_key() is None                       # a command outstanding
     client.link(server_state(), b"")
     client.backend_data(ok())
     client.unlink()
-    assert client.relay_key() == (frozenset({("sql_mode", "'ANSI'")}), "app", True, False)
+    assert client.relay_key() == (frozenset({("sql_mode", "'ANSI'")}), "app", True, False, True)
     client.client_data(com_query(b"BEGIN"))                  # answered by the proxy, begun with the next request
     assert client.relay_key() is None
     client.client_data(com_query(b"ROLLBACK"))
     assert client.relay_key() is not None
-    client.client_data(com_query(b"SET autocommit = 0"))     # answered by the proxy: a statement would open one
-    assert client.relay_key() is None
+    client.client_data(com_query(b"SET autocommit = 0"))     # answered by the proxy: a lane of its own
+    assert client.relay_key() == (frozenset({("sql_mode", "'ANSI'")}), "app", True, False, False)
     client.client_data(com_query(b"SET autocommit = 1"))
     assert client.relay_key() is not None
     client.client_data(com_query(b"SET @u = 1"))
@@ -149,7 +149,7 @@ def test_the_relay_key_follows_the_clients_state():
 
 def test_a_backend_serves_a_key_when_nothing_would_be_replayed():
     engine = MySQLEngine()
-    key = (frozenset({("sql_mode", "'ANSI'")}), "app", True, False)
+    key = (frozenset({("sql_mode", "'ANSI'")}), "app", True, False, True)
     assert engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'"}))
     assert not engine.relay_serves(key, server_state())
     assert not engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'", "wait_timeout": "5"}))
@@ -159,9 +159,12 @@ def test_a_backend_serves_a_key_when_nothing_would_be_replayed():
     assert not engine.relay_serves(key, other_schema)
     assert not engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'"}, multi_statements=False))
     assert not engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'"}, status=0))
+    assert engine.relay_serves(key[:4] + (False,), server_state(variables={"sql_mode": "'ANSI'"}, status=0))
+    assert not engine.relay_serves(key[:4] + (False,), server_state(variables={"sql_mode": "'ANSI'"},
+                                                                    status=p.SERVER_STATUS_IN_TRANS))
     assert not engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'"},
                                                      capabilities=p.CLIENT_DEPRECATE_EOF))
     assert not engine.relay_serves(key, server_state(variables={"sql_mode": "'ANSI'"}, stale_statements=[3]))
-    assert relay_serves((frozenset(), "app", True, True), server_state(capabilities=p.CLIENT_DEPRECATE_EOF))
-    assert relay_rules((frozenset(), "app", True, True))["server"]["deprecate_eof"] is True
+    assert relay_serves((frozenset(), "app", True, True, True), server_state(capabilities=p.CLIENT_DEPRECATE_EOF))
+    assert relay_rules((frozenset(), "app", True, True, True))["server"]["deprecate_eof"] is True
     assert relay_rules()["server"]["deprecate_eof"] is False
