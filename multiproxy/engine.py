@@ -504,7 +504,7 @@ class ClientProtocol:
     def relay_adopt(self, server_state, status: int) -> bool:
         """Optional, with `relay_key`: the relay served this client's transaction so far and hands it over inside
         it (a stop frame, nothing outstanding), with the backend it holds (`server_state`) and the status of that
-        backend's last boundary (the rule's arg: PostgreSQL's ReadyForQuery 'T' or 'E'). Link to it as if the
+        backend's last boundary (the rule's arg: 'T' for MySQL's SERVER_STATUS_IN_TRANS). Link to it as if the
         Python path had served the transaction so far (nothing replayed: the relay served the client only on a
         backend `relay_serves` its key), and say True; False (the default): the backend is discarded, and the
         transaction with it."""

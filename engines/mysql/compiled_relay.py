@@ -4,11 +4,14 @@ COM_QUERY screen, the response walk.
 In the relay a client's COM_QUERY (and COM_PING) goes to a backend lent for it, forwarded as it is (a command opens
 with sequence id 0 and the server answers 1..n, which the Python path does not renumber either), and the backend
 comes back at the end of the answer (the relay core's response="mysql" walk: OK, ERR, or a text result set up to its
-last result) when the server's status flags say no transaction is open. So a transaction (BEGIN or START
-TRANSACTION, its statements, COMMIT or ROLLBACK) runs in the relay on one backend; an ERR inside it keeps the
-backend (the walk's status stays 'T' until an answer's flags say otherwise). A stop inside it (an INSERT, a SET, a
-statement command) goes to the Python path with the backend once nothing is outstanding, and the client carries the
-transaction on there (MySQLClient.relay_adopt). Every other command stops: COM_QUIT, which
+last result) when the server's status flags say no transaction is open. A client with autocommit off (PyMySQL's
+default; the relay key carries autocommit) opens a transaction with its first statement that reads a table, and
+the relay serves it on that backend to the answer whose flags end it (an ERR inside keeps it: the walk's status
+stays 'T' until an answer's flags say otherwise). A stop inside it (an INSERT, a SET, a statement command) goes to
+the Python path with the backend once nothing is outstanding, and the client carries the transaction on there
+(MySQLClient.relay_adopt). BEGIN and START stop: the Python path answers them lazily, so that a client idle after
+its BEGIN holds no backend (forty such clients share four backends), which the relay cannot do yet; COMMIT,
+ROLLBACK and SAVEPOINT are relayed (they end an autocommit-off client's transaction, and do nothing outside one). Every other command stops: COM_QUIT, which
 the Python path turns into a hangup, COM_INIT_DB and COM_CHANGE_USER / COM_RESET_CONNECTION (tracked schema and
 session), COM_STMT_* (statement ids mapped per backend), COM_FIELD_LIST, COM_SET_OPTION, COM_PROCESS_KILL and
 anything unknown; so does a packet that opens no command (sequence id not 0, empty: request="mysql"), and a
@@ -17,8 +20,8 @@ COM_QUERY or COM_PING larger than MAX_SCREENED (16 MiB continuations included).
 A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false
 alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
 USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
-(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), LOAD (LOAD DATA LOCAL asks the client for a
-file), CALL (a procedure may open a transaction, set variables or take locks), and INSERT / REPLACE, whose OK packets
+(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (above), LOAD (LOAD DATA
+LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and INSERT / REPLACE, whose OK packets
 carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()` itself. So no request the relay
 serves can pin, change a setting the Python path tracks, ask for a LOCAL INFILE or change the last insert id; an ERR
 is forwarded as it is, with nothing to undo.
@@ -33,7 +36,7 @@ from . import protocol as p
 from .handover import not_idle
 from .pinning import _KEYWORDS
 
-RELAY_SCREEN_WORDS = _KEYWORDS + (b"load", b"call", b"insert", b"replace")
+RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"load", b"call", b"insert", b"replace")
 MAX_SCREENED = 8000         # a longer COM_QUERY goes through Python (the relay holds a screened packet whole)
 MAX_ANSWER_HEAD = 4096      # the packets the response walk reads whole (a result's first packet, OK/EOF/ERR)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)

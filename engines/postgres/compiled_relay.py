@@ -1,11 +1,7 @@
 """What the compiled relay ([proxy] relay = "compiled") needs from PostgreSQL: framing, stop frames, the Query screen.
 
 In the relay a client's simple Query (and a Sync) goes to a backend lent for the transaction, and the backend comes
-back at the ReadyForQuery with status idle that answers the last of them. A transaction block (BEGIN or START
-TRANSACTION, its statements, COMMIT or ROLLBACK) runs in the relay on one backend: the relay keeps the backend while
-ReadyForQuery says 'T' or 'E'. A stop frame inside it (a SET LOCAL, a SAVEPOINT's neighbour that pins, a named
-statement) goes to the Python path with the backend once nothing is outstanding, and the client carries the
-transaction on there (PostgresClient.relay_adopt links it with the status of the last ReadyForQuery). The extended protocol is relayed for the
+back at the ReadyForQuery with status idle that answers the last of them. The extended protocol is relayed for the
 unnamed statement and portal only, in whole batches (the Walker's `pg_unnamed` option, multiproxy/relay_core.py): a
 Parse of the unnamed statement directly followed by a Bind of it to the unnamed portal, Describe and Execute of the
 unnamed portal, up to and with the Sync, all in the relay's buffer before a byte of it goes (at most MAX_SCREENED
@@ -20,11 +16,12 @@ a Parse not followed by its Bind; and every other client message stops too: Func
 anything unknown. A Query or a Parse stops too when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored,
 anywhere in the text: a false alarm only costs a trip through Python), or is longer than MAX_SCREENED: the words of
 the pin screen (pinning.might_pin: SET, RESET, set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP
-tables, cursors WITH HOLD, advisory locks, LOAD, CLOSE), and COPY, whose CopyIn/CopyOut answers the Python path
-tracks. So no request the relay serves can pin, change a setting the Python path tracks or start a COPY; the server
-messages that follow only such requests (ParameterStatus, NotificationResponse, CopyInResponse) do not come in
-answer to it. An ErrorResponse is forwarded as it is: no tracked setting is there to undo (in a transaction block
-ReadyForQuery 'E' keeps the backend until the client's ROLLBACK), and the server skips the rest of the batch to its
+tables, cursors WITH HOLD, advisory locks, LOAD, CLOSE), the words that open a transaction block (BEGIN, START),
+whose statements must run on one backend and which the Python path answers lazily, and COPY, whose
+CopyIn/CopyOut answers the Python path tracks. So no request the relay serves can pin, change a setting the Python
+path tracks, open a transaction or start a COPY; the server messages that follow only such requests
+(ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is forwarded
+as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
 Sync, which the relay forwarded with it.
 
 Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
@@ -38,7 +35,7 @@ import struct
 from . import protocol as p
 from .pinning import _KEYWORDS
 
-RELAY_SCREEN_WORDS = _KEYWORDS + (b"copy",)     # "set" covers set_config, "listen" UNLISTEN
+RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"copy")     # "set" covers set_config, "listen" UNLISTEN
 MAX_SCREENED = 8000         # a longer Query or batch goes through Python (the relay holds a screened frame whole)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
 _COUNTED = frozenset((p.QUERY, p.SYNC))
