@@ -31,7 +31,8 @@
  *             (relay logins: see "Relay logins: keyed greetings" below).
  *
  * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
- * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. With
+ * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. Words named in
+ * `exempt` do not stop a body that is one statement opening with `exempt_lead` (screen_exempt). With
  * hold_stops=True a linked client's stop frame waits for the boundary that answers its last request (the client
  * is not read meanwhile), so that the caller never takes over a request half answered: at the end of its
  * transaction it goes to the caller alone; inside a transaction (a boundary other than 'I', or a stop frame while
@@ -88,6 +89,9 @@ typedef struct {
     unsigned char by_first[MAX_WORDS];  /* the words' indexes, ordered by first byte */
     int word_len[MAX_WORDS];
     unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
+    unsigned char exempt_word[MAX_WORDS];       /* words that do not stop a text opening with exempt_lead (below) */
+    unsigned char exempt_lead[MAX_WORD];        /* lowercase ASCII; exempt_lead_len 0: no exemption */
+    int exempt_lead_len;
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
     /* MySQL (see the MySQL block below): */
     int response;           /* RESPONSE_MYSQL: walk_mysql_response() walks this direction (the server's answers) */
@@ -129,8 +133,31 @@ static inline unsigned char lower_ascii(unsigned char ch) {
     return ch >= 'A' && ch <= 'Z' ? (unsigned char)(ch + 32) : ch;
 }
 
-/* Whether body holds one of the rule's words, ASCII case ignored. */
+/* Whether body is one statement opening with the rule's exempt_lead: after its leading bytes up to 0x20 (white
+   space, and the NUL or command byte before a PostgreSQL Parse's or a MySQL COM_QUERY's text), the lead and a byte up
+   to 0x20; no ';' but at the end (only white space, NUL and ';' after the first one). */
+static int screen_exempt(const Rule *rule, const unsigned char *body, size_t len) {
+    size_t i = 0, ll = (size_t)rule->exempt_lead_len;
+    while (i < len && body[i] <= 0x20)
+        i++;
+    if (ll == 0 || len - i <= ll)
+        return 0;
+    for (size_t k = 0; k < ll; k++)
+        if (lower_ascii(body[i + k]) != rule->exempt_lead[k])
+            return 0;
+    if (body[i + ll] > 0x20)
+        return 0;
+    const unsigned char *semi = memchr(body + i, ';', len - i);
+    if (semi != NULL)
+        for (const unsigned char *q = semi; q < body + len; q++)
+            if (*q > 0x20 && *q != ';')
+                return 0;
+    return 1;
+}
+
+/* Whether body holds one of the rule's words, ASCII case ignored (an exempt word not in an exempt text). */
 static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
+    int exempt = -1;            /* screen_exempt(body), once a word asks */
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = lower_ascii(body[i]);
         int n = rule->first[ch];
@@ -142,8 +169,14 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
             size_t k = 1;
             while (k < wl && lower_ascii(body[i + k]) == rule->words[w][k])
                 k++;
-            if (k == wl)
-                return 1;
+            if (k == wl) {
+                if (!rule->exempt_word[w])
+                    return 1;
+                if (exempt < 0)
+                    exempt = screen_exempt(rule, body, len);
+                if (!exempt)
+                    return 1;
+            }
         }
     }
     return 0;
@@ -597,20 +630,30 @@ static int set_from_bytes(PyObject *obj, unsigned char *set, const char *what) {
 static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
-                             "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", NULL};
-    PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL;
+                             "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", "exempt_lead",
+                             "exempt", NULL};
+    PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL, *exempt = NULL;
+    const char *exempt_lead = NULL;
+    Py_ssize_t exempt_lead_len = 0;
     const char *response = NULL, *request = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpz", kwlist, &rule->header_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzy#O", kwlist, &rule->header_size,
                                      &rule->length_offset, &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
                                      &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
-                                     &rule->deprecate_eof, &request))
+                                     &rule->deprecate_eof, &request, &exempt_lead, &exempt_lead_len, &exempt))
         return -1;
+    if (exempt_lead_len > MAX_WORD) {
+        PyErr_Format(PyExc_ValueError, "exempt_lead: at most %d bytes", MAX_WORD);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < exempt_lead_len; k++)
+        rule->exempt_lead[k] = lower_ascii((unsigned char)exempt_lead[k]);
+    rule->exempt_lead_len = (int)exempt_lead_len;
     if (response && *response && strcmp(response, "mysql") != 0 && strcmp(response, "tds") != 0) {
         PyErr_SetString(PyExc_ValueError, "response: \"mysql\", \"tds\" or none");
         return -1;
@@ -689,6 +732,32 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
                     rule->first[ch]++;
                 }
         }
+    }
+    if (exempt != NULL && exempt != Py_None) {
+        PyObject *seq = PySequence_Fast(exempt, "exempt: expected a sequence of bytes");
+        if (seq == NULL)
+            return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *word = PySequence_Fast_GET_ITEM(seq, i);
+            int found = -1;
+            if (PyBytes_Check(word))
+                for (int w = 0; w < rule->nwords && found < 0; w++) {
+                    Py_ssize_t wl = PyBytes_GET_SIZE(word);
+                    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(word);
+                    int same = wl == rule->word_len[w];
+                    for (Py_ssize_t k = 0; same && k < wl; k++)
+                        same = lower_ascii(b[k]) == rule->words[w][k];
+                    if (same)
+                        found = w;
+                }
+            if (found < 0) {
+                Py_DECREF(seq);
+                PyErr_SetString(PyExc_ValueError, "exempt: each one of the words");
+                return -1;
+            }
+            rule->exempt_word[found] = 1;
+        }
+        Py_DECREF(seq);
     }
     return 0;
 }

@@ -50,6 +50,10 @@ set_wake_rules' keys_low, so that a wake-up needing none of the caller's code ru
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
+Words named in `exempt` (each one of the words) do not stop a body that is one statement opening with `exempt_lead`:
+after its leading bytes up to 0x20 (white space; the NUL or command byte before a PostgreSQL Parse's or a MySQL
+COM_QUERY's text), the lead and a byte up to 0x20, and no ';' but at its end (only bytes up to 0x20 and ';' after
+the first one). An engine exempts SET in `UPDATE ... SET ...`, whose own SET statements open a statement.
 A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing only):
 a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted once:
 one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement (well
@@ -165,11 +169,12 @@ class PyWalker:
 
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
-                 "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans")
+                 "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans",
+                 "exempt_lead", "exempt")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
-                 pg_unnamed=False, response=None, deprecate_eof=False, request=None):
+                 pg_unnamed=False, response=None, deprecate_eof=False, request=None, exempt_lead=b"", exempt=()):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
                 or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
@@ -199,6 +204,10 @@ class PyWalker:
         if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
         self.screen, self.words, self.max_screen = frozenset(screen or b""), tuple(w.lower() for w in words), max_screen
+        exempt = frozenset(w.lower() for w in exempt or ())
+        if len(exempt_lead or b"") > MAX_WORD or not exempt <= set(self.words):
+            raise ValueError(f"exempt_lead: at most {MAX_WORD} bytes; exempt: each one of the words")
+        self.exempt_lead, self.exempt = (exempt_lead or b"").lower(), exempt
         self.header_size, self.length_offset, self.length_size = header_size, length_offset, length_size
         self.big_endian, self.length_adjust, self.type_offset = bool(big_endian), length_adjust, type_offset
         self.stop, self.count = frozenset(stop or b""), frozenset(count or b"")
@@ -258,8 +267,7 @@ class PyWalker:
                     return pos, HANDOVER, kind
                 if avail < total:
                     break
-                body = bytes(data[pos + header_size:pos + total]).lower()
-                if any(body.find(word) >= 0 for word in self.words):
+                if self._screen_hit(bytes(data[pos + header_size:pos + total]).lower()):
                     return pos, HANDOVER, kind
                 if self.request == "tds" and not _tds_request_relayable(bytes(data[pos:pos + total])):
                     return pos, HANDOVER, kind
@@ -269,6 +277,31 @@ class PyWalker:
             pos += take
             self.remaining = total - take
         return pos, NONE, -1
+
+    def _screen_hit(self, low: bytes) -> bool:
+        """Whether the lowercased body holds a word (an exempt word only outside an exempt text: _screen_exempt)."""
+        exempt = None
+        for word in self.words:
+            if low.find(word) >= 0:
+                if word not in self.exempt:
+                    return True
+                if exempt is None:
+                    exempt = self._screen_exempt(low)
+                if not exempt:
+                    return True
+        return False
+
+    def _screen_exempt(self, low: bytes) -> bool:
+        """One statement opening with exempt_lead: after the leading bytes up to 0x20, the lead and a byte up to 0x20,
+        and no ';' but at the end (only bytes up to 0x20 and ';' after the first one)."""
+        lead = self.exempt_lead
+        i = 0
+        while i < len(low) and low[i] <= 0x20:
+            i += 1
+        if not lead or len(low) - i <= len(lead) or low[i:i + len(lead)] != lead or low[i + len(lead)] > 0x20:
+            return False
+        semi = low.find(b";", i)
+        return semi < 0 or all(ch <= 0x20 or ch == 0x3B for ch in low[semi:])
 
     def _pg_batch(self, data, start, end) -> tuple[int, int]:
         """(verdict, size) of the batch of the unnamed statement at data[start:end] (see the module docstring)."""
@@ -286,9 +319,7 @@ class PyWalker:
             if after_parse and kind != 66:                  # B
                 return _PG_BATCH_STOP, 0
             if kind == 80:                                  # P
-                low = body.lower()
-                ok = body[:1] == b"\0" and _pg_parse_well_formed(body) and not any(low.find(word) >= 0
-                                                                                for word in self.words)
+                ok = body[:1] == b"\0" and _pg_parse_well_formed(body) and not self._screen_hit(body.lower())
                 after_parse = True
             elif kind == 66:                                # B
                 ok = after_parse and body[:2] == b"\0\0"
@@ -412,7 +443,7 @@ class PyWalker:
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
                         self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
                         bytes(self.screen), self.words, self.max_screen, self.pg_unnamed, self.response,
-                        self.deprecate_eof, self.request)
+                        self.deprecate_eof, self.request, self.exempt_lead, tuple(self.exempt))
         return twin
 
 

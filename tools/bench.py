@@ -37,6 +37,7 @@ LOADS = {
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
     "latency": ["-S", "-c", "1", "-j", "1"],
     "transactions": ["-c", "16", "-j", "2"],    # with TRANSACTION_SCRIPT: BEGIN, two point selects, END
+    "tpcb": ["-b", "tpcb-like", "-c", "16", "-j", "2"],   # pgbench's default: BEGIN, 3 UPDATE, SELECT, INSERT, END
     "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
 }
 DEFAULT_LOADS = ("steady", "connect")
@@ -1683,7 +1684,8 @@ def main(argv=None):
                + (f", multiproxy workers {args.workers}" if args.workers else ""))
     explained = ["steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction); "
                  "latency = pgbench -S -c 1 -j 1; transactions = pgbench -c 16 -j 2 with a script of BEGIN, two point "
-                 "selects, END (a driver outside autocommit)",
+                 "selects, END (a driver outside autocommit); tpcb = pgbench -c 16 -j 2 with its default tpcb-like "
+                 "script (three UPDATEs, a SELECT and an INSERT in a transaction)",
                  "proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
                  "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds"]
     if args.auth == "scram":

@@ -21,10 +21,11 @@ A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case i
 alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
 USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
 (rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (above), LOAD (LOAD DATA
-LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and INSERT / REPLACE, whose OK packets
-carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()` itself. So no request the relay
-serves can pin, change a setting the Python path tracks, ask for a LOCAL INFILE or change the last insert id; an ERR
-is forwarded as it is, with nothing to undo.
+LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and
+INSERT / REPLACE, whose OK packets carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()`
+itself. SET does not stop a text that is one UPDATE statement (it opens with UPDATE and holds no ';' but at its end:
+EXEMPT_LEAD), whose SET assigns columns. So no request the relay serves can pin, change a setting the Python path
+tracks, ask for a LOCAL INFILE or change the last insert id; an ERR is forwarded as it is, with nothing to undo.
 
 The response walk must know whether CLIENT_DEPRECATE_EOF is in effect: a pool's backends log in with the
 capabilities of its clients' variant (Engine.backend_variant), so the relay key carries the client's flag and the
@@ -37,6 +38,9 @@ from .handover import not_idle
 from .pinning import _KEYWORDS
 
 RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"load", b"call", b"insert", b"replace")
+# One UPDATE statement's SET assigns columns (a session SET opens a statement; user variables are '@'): "set" does not
+# stop a text that is one statement opening with UPDATE (the relay core's exempt_lead)
+EXEMPT_LEAD, EXEMPT_WORDS = b"update", (b"set",)
 MAX_SCREENED = 8000         # a longer COM_QUERY goes through Python (the relay holds a screened packet whole)
 MAX_ANSWER_HEAD = 4096      # the packets the response walk reads whole (a result's first packet, OK/EOF/ERR)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
@@ -53,7 +57,7 @@ def relay_rules(key=None) -> dict:
     stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
     return {
         "client": dict(framing, stop=stop, count=bytes(_RELAYED), screen=bytes(_RELAYED), words=RELAY_SCREEN_WORDS,
-                       max_screen=MAX_SCREENED, request="mysql"),
+                       max_screen=MAX_SCREENED, request="mysql", exempt_lead=EXEMPT_LEAD, exempt=EXEMPT_WORDS),
         "server": dict(framing, response="mysql", deprecate_eof=deprecate_eof, max_boundary=MAX_ANSWER_HEAD),
         "buffer_size": BUFFER_SIZE,
     }

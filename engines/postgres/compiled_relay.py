@@ -17,11 +17,14 @@ anything unknown. A Query or a Parse stops too when its text holds a word of REL
 anywhere in the text: a false alarm only costs a trip through Python), or is longer than MAX_SCREENED: the words of
 the pin screen (pinning.might_pin: SET, RESET, set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP
 tables, cursors WITH HOLD, advisory locks, LOAD, CLOSE), the words that open a transaction block (BEGIN, START),
-whose statements must run on one backend and which the Python path answers lazily, and COPY, whose
-CopyIn/CopyOut answers the Python path tracks. So no request the relay serves can pin, change a setting the Python
-path tracks, open a transaction or start a COPY; the server messages that follow only such requests
-(ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is forwarded
-as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
+whose statements must run on one backend and which the Python path answers lazily (so that a client idle after its
+BEGIN holds no backend), and COPY, whose CopyIn/CopyOut answers the Python path tracks. SET does not stop a text
+that is one UPDATE statement (it opens with UPDATE and holds no ';' but at its end: EXEMPT_LEAD), whose SET assigns
+columns; the Python path finds SET statements only where a statement opens, so it tracks nothing there either
+(set_config, a function call anywhere, is a word of its own). So no request the relay serves can pin, change a
+setting the Python path tracks, open a transaction or start a COPY; the server messages that follow only such
+requests (ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is
+forwarded as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
 Sync, which the relay forwarded with it.
 
 Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
@@ -35,7 +38,10 @@ import struct
 from . import protocol as p
 from .pinning import _KEYWORDS
 
-RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"copy")     # "set" covers set_config, "listen" UNLISTEN
+RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"copy", b"set_config")     # "listen" covers UNLISTEN
+# One UPDATE statement's SET assigns columns: the Python path's SET opens a statement (pinning._SET), so "set" does not
+# stop a text that is one statement opening with UPDATE (the relay core's exempt_lead; set_config still does)
+EXEMPT_LEAD, EXEMPT_WORDS = b"update", (b"set",)
 MAX_SCREENED = 8000         # a longer Query or batch goes through Python (the relay holds a screened frame whole)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
 _COUNTED = frozenset((p.QUERY, p.SYNC))
@@ -51,7 +57,8 @@ def relay_rules() -> dict:
     stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
     return {
         "client": dict(framing, stop=stop, count=bytes(_COUNTED), screen=bytes((p.QUERY,)),
-                       words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True),
+                       words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True, exempt_lead=EXEMPT_LEAD,
+                       exempt=EXEMPT_WORDS),
         "server": dict(framing, boundary=p.READY_FOR_QUERY),
         "buffer_size": BUFFER_SIZE,
         "quit": p.message(b"X"),    # Terminate: the client leaves with nothing to answer (RelayLane ends it at once)

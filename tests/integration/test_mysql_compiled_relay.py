@@ -315,6 +315,35 @@ def test_a_deprecate_eof_client_with_multi_results(mariadb, proxy_factory):
 
 
 @pytest.mark.timeout(120)
+def test_one_update_statement_runs_in_the_relay(mariadb, proxy_factory, table):
+    """UPDATE ... SET (one statement: its SET assigns columns) runs in the relay; an UPDATE followed by a session SET
+    in the same COM_QUERY stops (multi-statements on), and the SET holds."""
+    proxy = compiled(proxy_factory, mariadb, max_size=2)
+    admin = direct(mariadb)
+    query(admin, f"INSERT INTO {table} (id, client, n) VALUES (1, 1, 0)")
+    admin.close()
+    conn = connect(proxy, client_flag=CLIENT.MULTI_STATEMENTS)
+    for n in range(3):
+        assert query(conn, f"SELECT {n}") == [(n,)]
+    before = lane_metrics(proxy)
+    for _ in range(11):
+        query(conn, f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+    after = lane_metrics(proxy)
+    assert after["transactions_total"] - before["transactions_total"] == 11, after
+    assert after["returns_total"] == before["returns_total"], after
+    assert query(conn, f"SELECT n FROM {table} WHERE id = 1") == [(11,)]
+    with conn.cursor() as cur:
+        cur.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1; SET SESSION sql_mode = 'ANSI_QUOTES'")
+        while cur.nextset():
+            pass
+    assert lane_metrics(proxy)["returns"]["stopped"] >= (before["returns"]["stopped"] or 0) + 1
+    mode = "SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES WHERE VARIABLE_NAME = 'SQL_MODE'"
+    assert query(conn, mode) == [("ANSI_QUOTES",)]
+    assert query(conn, f"SELECT n FROM {table} WHERE id = 1") == [(12,)]
+    conn.close()
+
+
+@pytest.mark.timeout(120)
 def test_an_autocommit_off_client_runs_its_transactions_in_a_lane_of_its_own(mariadb, proxy_factory, table):
     """PyMySQL's default (autocommit off): the first statement opens a transaction, which the relay serves on one
     backend to its COMMIT (a lane keyed by autocommit: the backends it lends have it off); an INSERT inside carries

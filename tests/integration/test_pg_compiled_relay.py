@@ -283,6 +283,38 @@ def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, 
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_pgbench_updates_run_in_the_relay_with_balances_right(pg, proxy_factory, core, tmp_path):
+    """pgbench with a script of an UPDATE ... SET and a SELECT in autocommit, more clients than backends: every
+    statement in the relay (one UPDATE statement's SET is no session SET), and the balances add up."""
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy = proxy_factory(compiled_config(pg, max_size=3), env=CORES[core])
+    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
+           "PGCONNECT_TIMEOUT": "10"}
+    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    script = tmp_path / "updates.sql"
+    script.write_text("\\set aid random(1, 100000)\n"
+                      "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
+                      "SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n")
+    os.chmod(tmp_path, 0o755)
+    script.chmod(0o644)
+    before = relay_transactions(proxy)
+    run = subprocess.run(["pgbench", "-f", str(script), "-c", "8", "-j", "2", "-t", "150", "-n"], env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
+    assert "number of transactions actually processed: 1200/1200" in run.stdout, run.stdout
+    lanes = lane_metrics(proxy)
+    print("relay lanes after pgbench updates:", lanes)
+    assert lanes["transactions_total"] - before >= 2200, lanes     # two statements per pgbench transaction
+    with direct_connect(pg) as conn:
+        assert conn.execute("SELECT sum(abalance) FROM pgbench_accounts").fetchone() == (1200,)
+    assert server_backends(pg) <= 3
+
+
+@pytest.mark.timeout(180)
 def test_psycopg_with_parameters_runs_in_the_relay_and_its_prepared_statements_beside_it(pg, proxy_factory):
     proxy = proxy_factory(compiled_config(pg, max_size=3))
     table = client_table(pg, "relay_x")

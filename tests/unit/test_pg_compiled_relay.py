@@ -12,7 +12,7 @@ from multiproxy.engine import ClientQuit
 from multiproxy_engines.postgres import PostgresEngine
 from multiproxy_engines.postgres import protocol as p
 from multiproxy_engines.postgres.compiled_relay import MAX_SCREENED, RELAY_SCREEN_WORDS, relay_rules
-from multiproxy_engines.postgres.pinning import might_pin
+from multiproxy_engines.postgres.pinning import analyze, might_pin
 
 from multiproxy_engines.postgres.relay import NOT_PARSED_HERE
 
@@ -40,12 +40,14 @@ def stops(walker_type, data: bytes) -> bool:
 
 
 RELAYED = [b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;", b"select 1", b"INSERT INTO t VALUES (1)",
-           b"SELECT x FROM t ORDER BY 1 LIMIT 5", b"SELECT now()", b"DELETE FROM t WHERE id = 3"]
+           b"SELECT x FROM t ORDER BY 1 LIMIT 5", b"SELECT now()", b"DELETE FROM t WHERE id = 3",
+           b"UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7;", b" update t set x = 1 returning x"]
 STOPPED = [b"SET search_path = app", b"set application_name = 'x'", b"SELECT set_config('a.b', '1', false)",
            b"RESET ALL", b"DISCARD ALL", b"PREPARE s AS SELECT 1", b"DEALLOCATE s", b"LISTEN chan", b"UNLISTEN *",
            b"CREATE TEMP TABLE t (x int)", b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", b"SELECT pg_advisory_lock(1)",
            b"LOAD 'auto_explain'", b"CLOSE c", b"BEGIN", b"begin; select 1; commit", b"START TRANSACTION",
-           b"COPY t FROM STDIN", b"select 1; SeT x = 1"]
+           b"COPY t FROM STDIN", b"select 1; SeT x = 1", b"UPDATE t SET x = 1; SET work_mem = '5MB'",
+           b"UPDATE t SET x = set_config('a.b', '1', false)", b"UPDATE t SET x = 1 -- ; SET y"]
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)
@@ -61,9 +63,9 @@ def test_queries_that_pin_track_or_open_a_transaction_stop(walker_type, sql):
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)
-def test_every_query_the_pin_screen_would_look_at_stops(walker_type):
+def test_every_query_the_python_path_would_act_on_stops(walker_type):
     for sql in STOPPED + RELAYED:
-        if might_pin(sql):
+        if analyze(sql.decode()):
             assert stops(walker_type, query(sql)), sql
     assert all(might_pin(word) or word in (b"begin", b"start", b"copy") for word in RELAY_SCREEN_WORDS)
 

@@ -568,7 +568,8 @@ SCREEN_WORDS = (b"set", b"begin", b"listen")
 def screened_walkers(impl, max_screen=64):
     walker, _ = impl
     rule = dict(PG)
-    return (walker(**rule, stop=b"XP", count=b"QS", screen=b"Q", words=SCREEN_WORDS, max_screen=max_screen),
+    return (walker(**rule, stop=b"XP", count=b"QS", screen=b"Q", words=SCREEN_WORDS, max_screen=max_screen,
+                   exempt_lead=b"update", exempt=(b"set",)),
             walker(**rule, boundary=ord("Z")))
 
 
@@ -595,6 +596,40 @@ def test_a_screened_frame_is_walked_only_whole_and_a_large_one_stops(impl):
     assert client.feed(big) == (0, rc.HANDOVER, ord("Q"))
     # a frame type that is not screened streams through whatever it holds
     assert client.feed(pg(b"S")) == (5, rc.NONE, -1)
+
+
+EXEMPT_CASES = [  # (text, stops) with words set, set_config, listen, "set" exempt in one UPDATE statement
+    (b"UPDATE t SET x = 1 WHERE id = 2", False), (b"  update t\n\tset x = 1;", False), (b"UPDATE t SET x = 1;;  ", False),
+    (b"UPDATE t SET x = set_config('a', 'b', false)", True), (b"UPDATE t SET x = 1; SET search_path = a", True),
+    (b"UPDATE t SET x = 1 -- ; SET y = 2", True), (b"UPDATE t SET x = ';'", True), (b"SET x = 1", True),
+    (b"WITH a AS (SELECT 1) UPDATE t SET x = 1", True), (b"UPDATEt SET x = 1", True), (b"/* c */ UPDATE t SET x", True),
+    (b"UPDATE t SET x = 1; LISTEN c", True), (b"UPDATE t SET x = (SELECT 1 FROM listen_here)", True),
+    (b"update", False), (b"SELECT 1", False), (b"UPDATE t SET x = 1 RETURNING x", False),
+]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_exempt_word_does_not_stop_one_statement_opening_with_the_lead(impl):
+    walker, _ = impl
+    rule = dict(PG, stop=b"X", count=b"QS", screen=b"Q", words=(b"set", b"set_config", b"listen"), max_screen=512,
+                exempt_lead=b"UPDATE", exempt=(b"SET",))
+    for text, stops in EXEMPT_CASES:
+        frame = pg(b"Q", text + b"\0")
+        assert walker(**rule).feed(frame)[1] == (rc.HANDOVER if stops else rc.NONE), text
+    # the NUL or command byte before the text of a Parse or a COM_QUERY counts as white space
+    for query, stops in ((b"\x03UPDATE t SET x = 1", False), (b"\x03UPDATE t SET x = @v", True)):
+        mysql = walker(**rc.FRAMINGS["mysql"], count=b"\x03", screen=b"\x03", words=(b"set", b"@"),
+                       exempt_lead=b"update", exempt=(b"set",))
+        assert mysql.feed(len(query).to_bytes(3, "little") + b"\0" + query)[1] == (rc.HANDOVER if stops else rc.NONE)
+    batch = walker(**dict(rule, pg_unnamed=True))
+    parse = pg(b"P", b"\0UPDATE t SET x = $1\0\0\0")
+    frames = parse + pg(b"B", b"\0\0" + bytes(6)) + pg(b"E", b"\0" + bytes(4)) + pg(b"S")
+    assert batch.feed(frames) == (len(frames), rc.NONE, -1)
+    with pytest.raises(ValueError):
+        walker(**dict(rule, exempt=(b"reset",)))
+    with pytest.raises(ValueError):
+        walker(**dict(rule, exempt_lead=b"x" * 33))
 
 
 @pytest.mark.timeout(10)
@@ -866,6 +901,10 @@ screened_frames = st.one_of(
     frames,
     st.builds(lambda word, pad: pg(b"Q", pad + word + pad + b"\0"), st.sampled_from(
         [b"SET", b"set", b"Begin", b"lis", b"listen", b"\xc3\xa9set"]), st.binary(max_size=30)),
+    st.builds(lambda lead, gap, tail: pg(b"Q", lead + gap + b"t SET x" + tail + b"\0"),
+              st.sampled_from([b"update", b" UPDATE", b"\x00Update", b"updates", b"upd"]),
+              st.sampled_from([b" ", b"\n", b"", b"x"]),
+              st.lists(st.sampled_from([b";", b" ", b"set", b"listen", b"a", b"\n"]), max_size=6).map(b"".join)),
 )
 
 
