@@ -64,16 +64,22 @@ def simple_query(conn: psycopg.Connection, sql: str):
         return cur.fetchall() if cur.description else None
 
 
-@pytest.mark.timeout(180)
-def test_pgbench_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory, tmp_path):
-    if not shutil.which("pgbench"):
-        pytest.skip("pgbench is not installed")
-    proxy = proxy_factory(compiled_config(pg, max_size=4))
+def pgbench_initialized(pg, proxy) -> dict:
+    """pgbench's tables made on the server (scale 1); the environment that points pgbench at the proxy."""
     env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
            "PGCONNECT_TIMEOUT": "10"}
     init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
                           capture_output=True, text=True, timeout=120)
     assert init.returncode == 0, init.stderr
+    return env
+
+
+@pytest.mark.timeout(180)
+def test_pgbench_with_more_clients_than_backends_runs_in_the_relay(pg, proxy_factory, tmp_path):
+    if not shutil.which("pgbench"):
+        pytest.skip("pgbench is not installed")
+    proxy = proxy_factory(compiled_config(pg, max_size=4))
+    env = pgbench_initialized(pg, proxy)
     run = subprocess.run(["pgbench", "-S", "-M", "simple", "-c", "12", "-j", "2", "-t", "300", "-n"], env=env,
                          capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
@@ -262,11 +268,7 @@ def test_pgbench_extended_with_more_clients_than_backends_runs_in_the_relay(pg, 
     if not shutil.which("pgbench"):
         pytest.skip("pgbench is not installed")
     proxy = proxy_factory(compiled_config(pg, max_size=4), env=CORES[core])
-    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
-           "PGCONNECT_TIMEOUT": "10"}
-    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
-                          capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
+    env = pgbench_initialized(pg, proxy)
     run = subprocess.run(["pgbench", "-S", "-M", "extended", "-c", "12", "-j", "2", "-t", "300", "-n"], env=env,
                          capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stdout + run.stderr + proxy.log_tail()
@@ -290,11 +292,7 @@ def test_pgbench_updates_run_in_the_relay_with_balances_right(pg, proxy_factory,
     if not shutil.which("pgbench"):
         pytest.skip("pgbench is not installed")
     proxy = proxy_factory(compiled_config(pg, max_size=3), env=CORES[core])
-    env = {**os.environ, "PGHOST": proxy.host, "PGPORT": str(proxy.port), "PGUSER": USER, "PGDATABASE": AUTH_DB,
-           "PGCONNECT_TIMEOUT": "10"}
-    init = subprocess.run(["pgbench", "-i", "-s", "1", "-q"], env={**env, "PGHOST": pg.host, "PGPORT": str(pg.port)},
-                          capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
+    env = pgbench_initialized(pg, proxy)
     script = tmp_path / "updates.sql"
     script.write_text("\\set aid random(1, 100000)\n"
                       "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n"
