@@ -171,10 +171,10 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
         return compiled_relay.relay_key(self)
 
     def relay_adopt(self, server_state, status: int) -> bool:
-        """Linked to the backend of a transaction the relay served so far (BEGIN or START TRANSACTION and the
-        statements after it; `status` 'T', the walk's word for SERVER_STATUS_IN_TRANS in the last answer or an ERR
-        after it; with autocommit off, any statement opens one): nothing is outstanding, no BEGIN was deferred here,
-        and the backend held the client's settings, schema and autocommit when the relay lent it."""
+        """Linked to the backend of a transaction the relay served so far (a client with autocommit off, whose
+        first statement that reads a table opened it; `status` 'T', the walk's word for SERVER_STATUS_IN_TRANS in
+        the last answer or an ERR after it): nothing is outstanding, no BEGIN was deferred here (BEGIN stops in the
+        relay), and the backend held the client's settings, schema and autocommit when the relay lent it."""
         if status != ord("T") or handover.not_idle(self):
             return False
         self.linked = True

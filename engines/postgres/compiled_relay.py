@@ -24,8 +24,8 @@ columns; the Python path finds SET statements only where a statement opens, so i
 (set_config, a function call anywhere, is a word of its own). So no request the relay serves can pin, change a
 setting the Python path tracks, open a transaction or start a COPY; the server messages that follow only such
 requests (ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is
-forwarded as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch to its
-Sync, which the relay forwarded with it.
+forwarded as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch
+to its Sync, which the relay forwarded with it.
 
 Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
 authentication (AuthenticationOk, its ParameterStatus messages, BackendKeyData, ReadyForQuery) for the relay to send
