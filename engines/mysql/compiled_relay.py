@@ -14,8 +14,8 @@ its BEGIN holds no backend (forty such clients share four backends), which the r
 ROLLBACK and SAVEPOINT are relayed (they end an autocommit-off client's transaction, and do nothing outside one).
 Every other command stops: COM_QUIT, which the Python path turns into a hangup, COM_INIT_DB and COM_CHANGE_USER /
 COM_RESET_CONNECTION (tracked schema and session), COM_STMT_* (statement ids mapped per backend), COM_FIELD_LIST,
-COM_SET_OPTION, COM_PROCESS_KILL and anything unknown; so does a packet that opens no command (sequence id not 0, empty: request="mysql"), and a
-COM_QUERY or COM_PING larger than MAX_SCREENED (16 MiB continuations included).
+COM_SET_OPTION, COM_PROCESS_KILL and anything unknown; so does a packet that opens no command (sequence id not 0,
+empty: request="mysql"), and a COM_QUERY or COM_PING larger than MAX_SCREENED (16 MiB continuations included).
 
 A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false
 alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',

@@ -599,7 +599,8 @@ def test_a_screened_frame_is_walked_only_whole_and_a_large_one_stops(impl):
 
 
 EXEMPT_CASES = [  # (text, stops) with words set, set_config, listen, "set" exempt in one UPDATE statement
-    (b"UPDATE t SET x = 1 WHERE id = 2", False), (b"  update t\n\tset x = 1;", False), (b"UPDATE t SET x = 1;;  ", False),
+    (b"UPDATE t SET x = 1 WHERE id = 2", False), (b"  update t\n\tset x = 1;", False),
+    (b"UPDATE t SET x = 1;;  ", False),
     (b"UPDATE t SET x = set_config('a', 'b', false)", True), (b"UPDATE t SET x = 1; SET search_path = a", True),
     (b"UPDATE t SET x = 1 -- ; SET y = 2", True), (b"UPDATE t SET x = ';'", True), (b"SET x = 1", True),
     (b"WITH a AS (SELECT 1) UPDATE t SET x = 1", True), (b"UPDATEt SET x = 1", True), (b"/* c */ UPDATE t SET x", True),
