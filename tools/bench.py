@@ -36,14 +36,19 @@ LOADS = {
     "steady": ["-S", "-c", "16", "-j", "2"],
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
     "latency": ["-S", "-c", "1", "-j", "1"],
-    "transactions": ["-c", "16", "-j", "2"],    # with TRANSACTION_SCRIPT: BEGIN, two point selects, END
+    "transactions": ["-c", "16", "-j", "2"],    # with LOAD_SCRIPTS: BEGIN, two point selects, END
     "tpcb": ["-b", "tpcb-like", "-c", "16", "-j", "2"],   # pgbench's default: BEGIN, 3 UPDATE, SELECT, INSERT, END
+    "updates": ["-c", "16", "-j", "2"],         # with LOAD_SCRIPTS: an UPDATE ... SET in autocommit
     "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
 }
 DEFAULT_LOADS = ("steady", "connect")
 # The transactions load: what a driver outside autocommit sends (psycopg's default, SQLAlchemy, JDBC)
-TRANSACTION_SCRIPT = ("\\set aid random(1, 100000)\nBEGIN;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
-                      "SELECT abalance FROM pgbench_accounts WHERE aid = :aid % 100000 + 1;\nEND;\n")
+LOAD_SCRIPTS = {
+    "transactions": ("\\set aid random(1, 100000)\nBEGIN;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+                     "SELECT abalance FROM pgbench_accounts WHERE aid = :aid % 100000 + 1;\nEND;\n"),
+    # one UPDATE statement in autocommit: its SET assigns a column (the relay does not stop it)
+    "updates": "\\set aid random(1, 100000)\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n",
+}
 STORM_TARGETS = ("multiproxy", "multiproxy-c", "pgbouncer")     # poolers only: the storm server allows fewer clients than come
 BENCH_USER = "bench"
 BENCH_DB = "bench"
@@ -477,9 +482,9 @@ class FloorPooler(Target):
 
 def pgbench(port, load, seconds, protocol="simple"):
     script = []
-    if load == "transactions":
-        with tempfile.NamedTemporaryFile("w", suffix=".sql", prefix="bench-transactions-", delete=False) as out:
-            out.write(TRANSACTION_SCRIPT)
+    if load in LOAD_SCRIPTS:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", prefix=f"bench-{load}-", delete=False) as out:
+            out.write(LOAD_SCRIPTS[load])
         os.chmod(out.name, 0o644)
         script = ["-f", out.name]
     argv = ["pgbench", *LOADS[load], *script, "-M", protocol, "-T", str(seconds), "-n", "-h", "127.0.0.1", "-p", str(port),
@@ -1685,7 +1690,8 @@ def main(argv=None):
     explained = ["steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction); "
                  "latency = pgbench -S -c 1 -j 1; transactions = pgbench -c 16 -j 2 with a script of BEGIN, two point "
                  "selects, END (a driver outside autocommit); tpcb = pgbench -c 16 -j 2 with its default tpcb-like "
-                 "script (three UPDATEs, a SELECT and an INSERT in a transaction)",
+                 "script (three UPDATEs, a SELECT and an INSERT in a transaction); updates = pgbench -c 16 -j 2 with a "
+                 "script of one UPDATE ... SET in autocommit",
                  "proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
                  "CPU us/tx = its CPU per transaction (CPU% * 10000 / TPS), median (range) of the rounds"]
     if args.auth == "scram":
