@@ -236,6 +236,45 @@ def test_a_malformed_packet_and_a_quit_leave_the_relay(mariadb, proxy_factory):
     assert wait_for(lambda: server_connections(mariadb) <= 2)
 
 
+@pytest.mark.timeout(120)
+def test_a_malformed_packet_inside_a_relayed_transaction_rolls_it_back(mariadb, proxy_factory, table):
+    """A client with autocommit off whose transaction runs in the relay (a read, then an UPDATE) sends a packet out
+    of sequence: it goes to the Python path with the backend, gets ER_NET_PACKETS_OUT_OF_ORDER and is closed; the
+    transaction is rolled back, and a client beside it is served on."""
+    proxy = compiled(proxy_factory, mariadb, max_size=2, auth="trust")
+    admin = direct(mariadb)
+    query(admin, f"INSERT INTO {table} (id, client, n) VALUES (1, 1, 0)")
+    admin.close()
+    bystander = connect(proxy)
+    sock = raw_login(proxy)
+    sock.sendall(p.packet(0, b"\x03SET autocommit = 0"))
+    assert read_packet(sock)[1][:1] == b"\x00"
+    for _ in range(3):      # the first gets a backend on the Python path (autocommit replayed), which the lane keeps
+        sock.sendall(p.packet(0, b"\x03SELECT count(*) FROM " + table.encode()))      # opens the transaction
+        answer = [read_packet(sock)[1] for _ in range(5)]
+        assert answer[3] == b"\x011", answer
+        sock.sendall(p.packet(0, b"\x03COMMIT"))
+        assert read_packet(sock)[1][:1] == b"\x00"
+    assert wait_for(lambda: lane_metrics(proxy)["clients"] == 2), lane_metrics(proxy)
+    before = lane_metrics(proxy)["transactions_total"]
+    sock.sendall(p.packet(0, b"\x03SELECT count(*) FROM " + table.encode()))
+    answer = [read_packet(sock)[1] for _ in range(5)]
+    assert answer[3] == b"\x011", answer
+    sock.sendall(p.packet(0, b"\x03UPDATE " + table.encode() + b" SET n = 5 WHERE id = 1"))
+    assert read_packet(sock)[1][:1] == b"\x00"
+    assert not lane_metrics(proxy)["returns"]["in_transaction"]     # all of it in the relay so far
+    assert lane_metrics(proxy)["transactions_total"] == before      # (a transaction open: no boundary 'I' yet)
+    sock.sendall(p.packet(3, b"\x03SELECT 1"))      # out of sequence, inside the transaction
+    code, _, message = p.parse_err(read_packet(sock)[1])
+    assert code == p.ER_NET_PACKETS_OUT_OF_ORDER and "sequence id 0" in message
+    assert closed(sock)
+    assert lane_metrics(proxy)["returns"]["in_transaction"] == 1, (lane_metrics(proxy), proxy.log_tail())
+    assert query(bystander, f"SELECT n FROM {table} WHERE id = 1") == [(0,)]    # rolled back
+    assert not metric(metrics_text(proxy), PINNED)
+    bystander.close()
+    assert wait_for(lambda: server_connections(mariadb) <= 2)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(shutil.which("sysbench") is None, reason="sysbench is not installed")
 def test_sysbench_point_selects_run_in_the_relay(mariadb, proxy_factory):
@@ -340,6 +379,7 @@ def test_one_update_statement_runs_in_the_relay(mariadb, proxy_factory, table):
     mode = "SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES WHERE VARIABLE_NAME = 'SQL_MODE'"
     assert query(conn, mode) == [("ANSI_QUOTES",)]
     assert query(conn, f"SELECT n FROM {table} WHERE id = 1") == [(12,)]
+    assert not metric(metrics_text(proxy), PINNED)
     conn.close()
 
 
@@ -372,6 +412,7 @@ def test_an_autocommit_off_client_runs_its_transactions_in_a_lane_of_its_own(mar
     # the first INSERT came inside a transaction the relay served (the stays after it relayed too little: the
     # client sat out the lanes for its next few)
     assert lanes["returns"]["in_transaction"] >= 1, lanes
+    assert not metric(metrics_text(proxy), PINNED)
     conn.close()
     other.close()
     assert server_connections(mariadb) <= 2

@@ -310,6 +310,7 @@ def test_pgbench_updates_run_in_the_relay_with_balances_right(pg, proxy_factory,
     with direct_connect(pg) as conn:
         assert conn.execute("SELECT sum(abalance) FROM pgbench_accounts").fetchone() == (1200,)
     assert server_backends(pg) <= 3
+    assert not metric(metrics_text(proxy), "multiproxy_database_connections_currently_session_pinned")
 
 
 @pytest.mark.timeout(180)
