@@ -66,7 +66,10 @@
 #define MAX_WORD 32             /* bytes of one screen word */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10 };
+       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10, EV_LOCAL = 11 };
+
+/* pg_begin: the transaction words of a lone simple Query the relay may answer itself (pg_transaction_word) */
+enum { TXW_NONE = 0, TXW_BEGIN = 1, TXW_START = 2, TXW_COMMIT = 3, TXW_ROLLBACK = 4 };
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -93,6 +96,7 @@ typedef struct {
     unsigned char exempt_lead[MAX_WORD];        /* lowercase ASCII; exempt_lead_len 0: no exemption */
     int exempt_lead_len;
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
+    int pg_begin;               /* PostgreSQL: a lone BEGIN is EV_LOCAL, and so are COMMIT/ROLLBACK after it (lazy) */
     /* MySQL (see the MySQL block below): */
     int response;           /* RESPONSE_MYSQL: walk_mysql_response() walks this direction (the server's answers) */
     int deprecate_eof;      /* CLIENT_DEPRECATE_EOF in effect: no EOF after column definitions, rows end with an OK */
@@ -107,6 +111,7 @@ typedef struct {
     int mmore;                      /* the last packet held 0xFFFFFF payload bytes: a continuation follows */
     unsigned long long mcount;      /* column definitions still to come */
     int mtrans;                     /* the last response ended inside a transaction: an ERR after it says 'T' too */
+    int lazy;                       /* pg_begin: a BEGIN was answered and not sent: COMMIT/ROLLBACK are EV_LOCAL too */
 } WalkState;
 
 typedef struct {
@@ -180,6 +185,64 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
         }
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- PostgreSQL: transaction words the relay answers
+ *
+ * pg_begin (a rule option, PostgreSQL framing only): a simple Query whose whole text is BEGIN [WORK | TRANSACTION] or
+ * START TRANSACTION (ASCII case ignored, white space (pg_space) around, one ';' at the end) is EV_LOCAL before it (arg TXW_BEGIN
+ * or TXW_START), whatever the screen says; while the walk state's `lazy` is set (a BEGIN answered by the relay and
+ * not sent), so is one of COMMIT / END / ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). Modes
+ * (ISOLATION LEVEL, READ ONLY, ...), AND CHAIN, comments or anything else make it an ordinary Query (BEGIN and
+ * START are screen words: such a text stops, and the Python path answers it). The relay's answer is in pump(). */
+
+/* PostgreSQL's white space between tokens (its scanner's `space`). */
+static inline int pg_space(unsigned char ch) {
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f';
+}
+
+/* The next word of text[*at:len] (after white space), lowercased into word (at most cap-1 letters): its length, 0 at
+   the end of the text or at a ';', -1 for a byte that is not an ASCII letter or a word longer than cap-1. */
+static int next_word(const unsigned char *text, size_t len, size_t *at, char *word, int cap) {
+    size_t i = *at;
+    while (i < len && pg_space(text[i]))
+        i++;
+    int n = 0;
+    while (i < len && !pg_space(text[i]) && text[i] != ';') {
+        unsigned char ch = lower_ascii(text[i]);
+        if (ch < 'a' || ch > 'z' || n == cap - 1)
+            return -1;
+        word[n++] = (char)ch;
+        i++;
+    }
+    word[n] = 0;
+    *at = i;
+    return n;
+}
+
+/* The transaction word of a Query body (its text and the NUL that ends it), or TXW_NONE. */
+static int pg_transaction_word(const unsigned char *body, size_t blen) {
+    if (blen < 2 || body[blen - 1] != 0 || memchr(body, 0, blen - 1) != NULL)
+        return TXW_NONE;
+    size_t len = blen - 1, at = 0;
+    char first[12], second[12], third[12];
+    if (next_word(body, len, &at, first, sizeof(first)) <= 0 || next_word(body, len, &at, second, sizeof(second)) < 0)
+        return TXW_NONE;
+    if (at < len && body[at] == ';')
+        at++;               /* one ';' after the words, then only white space */
+    size_t end = at;
+    if (next_word(body, len, &end, third, sizeof(third)) != 0 || end < len)
+        return TXW_NONE;
+    int plain = second[0] == 0, qualified = strcmp(second, "work") == 0 || strcmp(second, "transaction") == 0;
+    if (strcmp(first, "begin") == 0 && (plain || qualified))
+        return TXW_BEGIN;
+    if (strcmp(first, "start") == 0 && strcmp(second, "transaction") == 0)
+        return TXW_START;
+    if ((strcmp(first, "commit") == 0 || strcmp(first, "end") == 0) && (plain || qualified))
+        return TXW_COMMIT;
+    if ((strcmp(first, "rollback") == 0 || strcmp(first, "abort") == 0) && (plain || qualified))
+        return TXW_ROLLBACK;
+    return TXW_NONE;
 }
 
 /* ---------------------------------------------------------------- PostgreSQL batches of the unnamed statement
@@ -594,6 +657,14 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
             }
             if (avail < (size_t)total)
                 break;
+            if (rule->pg_begin && type == 'Q') {
+                int word = pg_transaction_word(h + 5, (size_t)total - 5);
+                if (word == TXW_BEGIN || word == TXW_START || (word != TXW_NONE && st->lazy)) {
+                    res.event = EV_LOCAL;
+                    res.arg = word;
+                    break;
+                }
+            }
             if (screen_hit(rule, h + rule->header_size, (size_t)total - (size_t)rule->header_size)) {
                 res.event = EV_HANDOVER;
                 res.arg = type;
@@ -631,7 +702,7 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
                              "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", "exempt_lead",
-                             "exempt", NULL};
+                             "exempt", "pg_begin", NULL};
     PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL, *exempt = NULL;
     const char *exempt_lead = NULL;
     Py_ssize_t exempt_lead_len = 0;
@@ -641,11 +712,12 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzy#O", kwlist, &rule->header_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzy#Op", kwlist, &rule->header_size,
                                      &rule->length_offset, &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
                                      &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
-                                     &rule->deprecate_eof, &request, &exempt_lead, &exempt_lead_len, &exempt))
+                                     &rule->deprecate_eof, &request, &exempt_lead, &exempt_lead_len, &exempt,
+                                     &rule->pg_begin))
         return -1;
     if (exempt_lead_len > MAX_WORD) {
         PyErr_Format(PyExc_ValueError, "exempt_lead: at most %d bytes", MAX_WORD);
@@ -689,9 +761,9 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "inconsistent framing rule");
         return -1;
     }
-    if (rule->pg_unnamed && !(rule->header_size == 5 && rule->length_offset == 1 && rule->length_size == 4 &&
+    if ((rule->pg_unnamed || rule->pg_begin) && !(rule->header_size == 5 && rule->length_offset == 1 && rule->length_size == 4 &&
                               rule->big_endian && rule->length_adjust == 1 && rule->type_offset == 0)) {
-        PyErr_SetString(PyExc_ValueError, "pg_unnamed: only with PostgreSQL's framing");
+        PyErr_SetString(PyExc_ValueError, "pg_unnamed, pg_begin: only with PostgreSQL's framing");
         return -1;
     }
     if (set_from_bytes(stop, rule->stop, "stop") < 0 || set_from_bytes(count, rule->count, "count") < 0 ||
@@ -802,8 +874,22 @@ static PyMethodDef Walker_methods[] = {
     {NULL},
 };
 
+static PyObject *Walker_get_lazy(WalkerObject *self, void *closure) {
+    return PyBool_FromLong(self->st.lazy);
+}
+
+static int Walker_set_lazy(WalkerObject *self, PyObject *value, void *closure) {
+    int on = value ? PyObject_IsTrue(value) : 0;
+    if (on < 0)
+        return -1;
+    self->st.lazy = on;
+    return 0;
+}
+
 static PyGetSetDef Walker_getset[] = {
     {"remaining", (getter)Walker_get_remaining, NULL, "bytes of the current frame not walked yet", NULL},
+    {"lazy", (getter)Walker_get_lazy, (setter)Walker_set_lazy,
+     "pg_begin: a BEGIN was answered and not sent (COMMIT and ROLLBACK are LOCAL events too)", NULL},
     {NULL},
 };
 
@@ -874,6 +960,9 @@ typedef struct Conn {
     int pending_arg;
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
     int last_status;            /* backends: the status of the last boundary walked (a handover mid-transaction) */
+    int lazy;                   /* clients (pg_begin): TXW_BEGIN / TXW_START answered by the relay, not sent yet */
+    int swallow;                /* backends (pg_begin): messages of a BEGIN sent ahead still to drop (begin_ahead) */
+    int zskip;                  /* backends: 2, the ReadyForQuery after the next one is the relay's Sync's (dropped) */
     unsigned long long requests; /* clients: requests walked since the relay was given the client (activity) */
     uint32_t mask;              /* epoll events registered */
     WalkState st;
@@ -1044,6 +1133,9 @@ static void unqueue(RelayObject *r, Conn *c) {
 
 /* Forget c (and not its peer): out of epoll (unless it is about to be closed, which takes it out), the queues and
    the fd table; freed at the end of the call. */
+#define RELAYED_BITS 29     /* relayed_before[fd]: the requests (at most RELAYED_MAX), and the client's lazy above */
+#define RELAYED_MAX ((1u << RELAYED_BITS) - 1)
+
 static void forget_closing(RelayObject *r, Conn *c, int closing) {
     if (c->dead)
         return;
@@ -1053,7 +1145,8 @@ static void forget_closing(RelayObject *r, Conn *c, int closing) {
     if (c->fd < r->nconns && r->conns[c->fd] == c) {
         r->conns[c->fd] = NULL;
         if (c->role == ROLE_CLIENT)
-            r->relayed_before[c->fd] = c->requests > UINT_MAX ? UINT_MAX : (unsigned int)c->requests;
+            r->relayed_before[c->fd] = (c->requests > RELAYED_MAX ? RELAYED_MAX : (unsigned int)c->requests)
+                                       | ((unsigned int)c->lazy << RELAYED_BITS);
     }
     if (c->role == ROLE_CLIENT && c->peer)
         r->n_linked_clients--;
@@ -1160,7 +1253,101 @@ static void closed(RelayObject *r, Conn *c, int err) {
         hand_over(r, EV_CLOSED, c, err);
 }
 
+/* ---------------------------------------------------------------- a BEGIN the relay answers (pg_begin)
+ *
+ * A client between transactions (no backend, nothing outstanding) that sends a lone BEGIN or START TRANSACTION gets
+ * CommandComplete and ReadyForQuery 'T' from the relay and holds no backend (Conn.lazy); a COMMIT or ROLLBACK next
+ * gets CommandComplete and ReadyForQuery 'I' the same way. Any other request takes a backend as usual, and
+ * begin_ahead() puts the BEGIN in front of it as the Python path's LazyTransaction does: Parse, Bind and Execute of
+ * the unnamed statement with no Sync of their own, so that if the BEGIN failed the server would skip the client's
+ * request up to its Sync and the client would get the BEGIN's error as that request's answer. A simple Query gets a
+ * Sync of the relay's behind it (the server skips a simple Query too after an extended-protocol error): its
+ * ReadyForQuery counts as one more outstanding request and is dropped (zskip). The backend drops the BEGIN's
+ * ParseComplete, BindComplete and CommandComplete (swallow), forwarding a notice or parameter report among them. A
+ * request opening with anything but a Query or a Parse, or one the buffer has no room to precede, goes to the caller
+ * as a stop frame, and so does a BEGIN while one is lazy or inside a transaction; lazy_begin(fd) tells the caller
+ * that the client it took had a BEGIN answered and not sent. */
+
+static const unsigned char PG_BEGIN_AHEAD[] =
+    "P\0\0\0\x0d" "\0BEGIN\0\0\0"        /* Parse: the unnamed statement, "BEGIN", no parameter types */
+    "B\0\0\0\x0c" "\0\0\0\0\0\0\0\0"     /* Bind: unnamed portal and statement, no formats, no parameters */
+    "E\0\0\0\x09" "\0\0\0\0\0";          /* Execute: the unnamed portal, every row */
+#define PG_BEGIN_AHEAD_LEN (sizeof(PG_BEGIN_AHEAD) - 1)
+static const unsigned char PG_SYNC[] = "S\0\0\0\x04";
+#define PG_SYNC_LEN 5
+#define PG_READY_LEN 6          /* a ReadyForQuery: 'Z', length 5, the status */
+
+static inline uint32_t be32(const unsigned char *p);
+static inline void put_be32(unsigned char *p, uint32_t v);
+
+/* Whether the request at c->buf[c->sent] can have the client's lazy BEGIN put in front of it (begin_ahead). */
+static int begin_fits(RelayObject *r, Conn *c) {
+    unsigned char type = c->buf[c->sent];
+    return (type == 'Q' || type == 'P') && c->len + PG_BEGIN_AHEAD_LEN + PG_SYNC_LEN <= r->bufsize;
+}
+
+static void begin_ahead(Conn *c, Conn *b) {
+    unsigned char *at = c->buf + c->sent;
+    if (at[0] == 'Q') {        /* (a screened Query: whole before fwd) */
+        size_t q = 1 + (size_t)be32(at + 1);
+        memmove(at + q + PG_SYNC_LEN, at + q, c->len - c->sent - q);
+        memcpy(at + q, PG_SYNC, PG_SYNC_LEN);
+        c->len += PG_SYNC_LEN;
+        c->fwd += PG_SYNC_LEN;
+        c->outstanding++;
+        b->zskip = 2;
+    }
+    memmove(at + PG_BEGIN_AHEAD_LEN, at, c->len - c->sent);
+    memcpy(at, PG_BEGIN_AHEAD, PG_BEGIN_AHEAD_LEN);
+    c->len += PG_BEGIN_AHEAD_LEN;
+    c->fwd += PG_BEGIN_AHEAD_LEN;
+    b->swallow = 3;
+    c->lazy = c->st.lazy = 0;
+}
+
+/* CommandComplete with tag, then ReadyForQuery with status, into out: its length. */
+static size_t pg_local_answer(unsigned char *out, const char *tag, unsigned char status) {
+    size_t tl = strlen(tag) + 1;
+    out[0] = 'C';
+    put_be32(out + 1, (uint32_t)(4 + tl));
+    memcpy(out + 5, tag, tl);
+    unsigned char *z = out + 5 + tl;
+    z[0] = 'Z';
+    put_be32(z + 1, 5);
+    z[5] = status;
+    return 5 + tl + PG_READY_LEN;
+}
+
+/* The client's Query at c->buf[c->fwd] is the transaction word `word` (EV_LOCAL): 1 when the relay answered it (the
+   Query is dropped), 0 when it did not (nothing written), -1 when the client was handed over (a partial write). */
+static int answer_locally(RelayObject *r, Conn *c, int word) {
+    int begin = word == TXW_BEGIN || word == TXW_START;
+    if (c->peer != NULL || c->outstanding != 0 || (begin ? c->lazy != 0 : c->lazy == 0))
+        return 0;
+    unsigned char answer[48];
+    size_t n = pg_local_answer(answer, word == TXW_BEGIN ? "BEGIN" : word == TXW_START ? "START TRANSACTION"
+                                       : word == TXW_COMMIT ? "COMMIT" : "ROLLBACK", begin ? 'T' : 'I');
+    ssize_t w;
+    do
+        w = send(c->fd, answer, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return 0;               /* its socket is full: answered the ordinary way */
+    if (w != (ssize_t)n) {
+        shutdown(c->fd, SHUT_RDWR);     /* an answer cut short: the client cannot be served on */
+        closed(r, c, w < 0 ? errno : EPIPE);
+        return -1;
+    }
+    c->fwd += 1 + (size_t)be32(c->buf + c->fwd + 1);
+    c->sent = c->fwd;
+    c->lazy = c->st.lazy = begin ? word : 0;
+    c->requests++;
+    return 1;
+}
+
 static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
+    if (client->lazy)
+        begin_ahead(client, backend);
     client->peer = backend;
     backend->peer = client;
     r->n_linked_clients++;
@@ -1249,6 +1436,16 @@ static void pump(RelayObject *r, Conn *c) {
                 }
                 continue;
             }
+            if (event == EV_LOCAL) {
+                int answered = answer_locally(r, c, arg);
+                if (answered < 0)
+                    return;
+                c->st.lazy = 0;     /* not answered: walked again as an ordinary Query (lazy: begin_ahead) */
+                if (answered || (arg != TXW_BEGIN && arg != TXW_START))
+                    continue;
+                event = EV_HANDOVER;    /* a BEGIN the relay does not answer stops, as the screen would have it */
+                arg = 'Q';
+            }
             if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
                 hang_up(r, c);
                 return;
@@ -1278,14 +1475,59 @@ static void pump(RelayObject *r, Conn *c) {
                 drop_buf(r, c, 0);
             return;
         }
+        if (c->swallow && c->st.remaining == 0) {     /* the answer of a BEGIN sent ahead (begin_ahead) */
+            size_t avail = c->len - c->fwd;
+            if (avail < 5)
+                return;
+            unsigned char *f = c->buf + c->fwd;
+            size_t size = 1 + (size_t)be32(f + 1);
+            if (size < 5 || size > r->bufsize || !(f[0] == '1' || f[0] == '2' || f[0] == 'C' || f[0] == 'E' ||
+                                                   f[0] == 'N' || f[0] == 'S')) {
+                c->swallow = 0;     /* not an answer to a BEGIN: the walk judges it */
+            } else if (avail < size) {
+                return;
+            } else if (f[0] == 'N' || f[0] == 'S') {
+                c->fwd += size;     /* a notice or a parameter report: forwarded */
+                continue;
+            } else if (f[0] == 'E') {
+                /* the BEGIN failed: the server skips the client's request up to the Sync, whose ReadyForQuery
+                   (the relay's, after a simple Query) answers it */
+                c->swallow = 0;
+                if (c->zskip) {
+                    c->zskip = 0;
+                    if (c->peer && c->peer->outstanding > 0)
+                        c->peer->outstanding--;
+                }
+            } else {
+                memmove(f, f + size, avail - size);
+                c->len -= size;
+                c->swallow--;
+                continue;
+            }
+        }
         WalkResult res = walk(rule, &c->st, c->buf + c->fwd, c->len - c->fwd);
+        unsigned long long counted = 0;
         if (c->role == ROLE_CLIENT) {
-            c->outstanding += (long long)c->st.counted;
-            c->requests += c->st.counted;
+            counted = c->st.counted;
+            c->outstanding += (long long)counted;
+            c->requests += counted;
             c->st.counted = 0;
         }
         if (res.consumed == 0 && res.event == EV_NONE)
             return;                                     /* an incomplete header: wait for more */
+        if (res.event == EV_BOUNDARY && c->zskip) {
+            if (c->zskip == 2) {
+                c->zskip = 1;       /* the client's request's own: forwarded */
+            } else {                /* the relay's Sync's: counted as an answer, not forwarded */
+                unsigned char *z = c->buf + c->fwd + res.consumed - PG_READY_LEN;
+                c->zskip = 0;
+                if (res.consumed >= PG_READY_LEN && z[0] == 'Z' && be32(z + 1) == 5) {
+                    memmove(z, z + PG_READY_LEN, c->len - (c->fwd + res.consumed));
+                    c->len -= PG_READY_LEN;
+                    res.consumed -= PG_READY_LEN;
+                }
+            }
+        }
         c->fwd += res.consumed;
         c->pending_event = res.event;
         c->pending_arg = res.arg;
@@ -1294,6 +1536,14 @@ static void pump(RelayObject *r, Conn *c) {
                 c->fwd = c->sent;
                 c->pending_event = 0;
                 hand_over(r, EV_UNSOLICITED, c, -1);
+                return;
+            }
+            if (c->lazy && !begin_fits(r, c)) {         /* the caller sends its BEGIN with the request */
+                c->outstanding = 0;
+                c->requests -= counted;
+                c->fwd = c->sent;
+                c->pending_event = 0;
+                hand_over(r, EV_HANDOVER, c, c->buf[c->sent]);
                 return;
             }
             if (r->idle && !r->yielding) {
@@ -2113,7 +2363,8 @@ static PyObject *Relay_activity(RelayObject *self, PyObject *args) {
     if (c == NULL || c->role != ROLE_CLIENT)
         result = Py_NewRef(Py_None);
     else
-        result = Py_BuildValue("(KiiL)", c->requests, c->peer ? c->peer->fd : -1, c->waiting, c->outstanding);
+        result = Py_BuildValue("(KiiLi)", c->requests, c->peer ? c->peer->fd : -1, c->waiting, c->outstanding,
+                               c->lazy);
     unlock_relay(self);
     return result;
 }
@@ -2127,7 +2378,21 @@ static PyObject *Relay_relayed_before(RelayObject *self, PyObject *args) {
     lock_relay(self);
     unsigned int relayed = fd >= 0 && fd < self->nconns ? self->relayed_before[fd] : 0;
     unlock_relay(self);
-    return PyLong_FromUnsignedLong(relayed);
+    return PyLong_FromUnsignedLong(relayed & RELAYED_MAX);
+}
+
+/* lazy_begin(fd) -> int: TXW_BEGIN (1) or TXW_START (2) when the client at fd (or, with none there, the client last
+   let go of at fd) had a BEGIN answered by the relay and not sent to any backend, else 0 (pg_begin). */
+static PyObject *Relay_lazy_begin(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    long lazy = c ? (c->role == ROLE_CLIENT ? c->lazy : 0)
+                  : fd >= 0 && fd < self->nconns ? (long)(self->relayed_before[fd] >> RELAYED_BITS) : 0;
+    unlock_relay(self);
+    return PyLong_FromLong(lazy);
 }
 
 static PyObject *Relay_counts(RelayObject *self, PyObject *unused) {
@@ -2606,6 +2871,10 @@ static PyObject *Relay_age_quiet(RelayObject *self, PyObject *args) {
         Conn *c = self->conns[fd];
         if (c == NULL || !c->quiet)
             continue;
+        if (c->lazy && c->peer == NULL && !c->waiting) {
+            c->watch_since = 0.0;   /* idle in a BEGIN the relay answered: left alone, as the Python path leaves it */
+            continue;
+        }
         unsigned char state = c->waiting ? WATCH_BUSY
                               : c->peer == NULL ? WATCH_IDLE : c->outstanding > 0 ? WATCH_BUSY : WATCH_TRANSACTION;
         if (c->watch_since == 0.0 || state != c->watch_state || c->requests != c->watch_requests) {
@@ -2727,11 +2996,14 @@ static PyMethodDef Relay_methods[] = {
     {"peer", (PyCFunction)Relay_peer, METH_VARARGS,
      "peer(fd) -> fd: the socket linked to fd now (a client's backend, a backend's client), or -1."},
     {"activity", (PyCFunction)Relay_activity, METH_VARARGS,
-     "activity(fd) -> (requests, peer fd or -1, waiting, outstanding) of a client: requests walked since it was "
-     "given to the relay, the backend serving it now, whether it waits for one, requests not answered yet; None for "
-     "a backend or an unknown fd."},
+     "activity(fd) -> (requests, peer fd or -1, waiting, outstanding, lazy) of a client: requests walked since it "
+     "was given to the relay, the backend serving it now, whether it waits for one, requests not answered yet, a "
+     "BEGIN the relay answered and has not sent (lazy_begin); None for a backend or an unknown fd."},
     {"relayed_before", (PyCFunction)Relay_relayed_before, METH_VARARGS,
      "relayed_before(fd) -> int: requests walked for the client last let go of at fd (0: none known)."},
+    {"lazy_begin", (PyCFunction)Relay_lazy_begin, METH_VARARGS,
+     "lazy_begin(fd) -> int: 1 (BEGIN) or 2 (START TRANSACTION) when the client at fd, or the client last let go of "
+     "at fd, had a BEGIN answered by the relay and not sent; else 0."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

@@ -510,6 +510,13 @@ class ClientProtocol:
         transaction with it."""
         return False
 
+    def relay_began(self, begin: bytes) -> None:
+        """Needed with a client rule that answers BEGIN in the relay (the relay core's `pg_begin`): the client
+        comes back from the relay after the relay answered its `begin` (the statement's text, b"BEGIN" or b"START
+        TRANSACTION") and sent it to no backend. Carry the transaction on as if the Python path had answered that
+        BEGIN itself and not sent it yet."""
+        raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin need relay_began")
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and

@@ -121,7 +121,10 @@ import time
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET = range(11)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET, LOCAL = range(12)
+# pg_begin: a LOCAL event's arg, the transaction word of a lone simple Query (_pg_transaction_word)
+TXW_NONE, TXW_BEGIN, TXW_START, TXW_COMMIT, TXW_ROLLBACK = range(5)
+BEGIN_TEXTS = {TXW_BEGIN: b"BEGIN", TXW_START: b"START TRANSACTION"}    # lazy_begin(fd) -> what the client sent
 WATCH_IDLE, WATCH_BUSY, WATCH_TRANSACTION = range(3)    # a quiet client's state for age_quiet()
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 SCRAM_NONCE_RAW = 18    # relay logins with SCRAM: random bytes of the relay's part of the nonce (24 in base64)
@@ -131,6 +134,16 @@ _SASL_REQUEST = b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
 _PG_BATCH_INCOMPLETE, _PG_BATCH_RELAYED, _PG_BATCH_STOP = range(3)
+# pg_begin (see "a BEGIN the relay answers" in _relay.c): sent ahead of the request after a lazy BEGIN
+_PG_BEGIN_AHEAD = (b"P\0\0\0\x0d\0BEGIN\0\0\0" b"B\0\0\0\x0c" + bytes(8) + b"E\0\0\0\x09" + bytes(5))
+_PG_SYNC = b"S\0\0\0\x04"
+_PG_READY_LEN = 6
+_PG_SWALLOWED = frozenset(b"12C")       # ParseComplete, BindComplete, CommandComplete of that BEGIN
+_PG_PASSED = frozenset(b"NS")
+_PG_SPACE = frozenset(b" \t\n\r\f")     # PostgreSQL's white space between tokens           # a notice or parameter report among them: forwarded
+_TX_WORDS = {b"begin": TXW_BEGIN, b"commit": TXW_COMMIT, b"end": TXW_COMMIT, b"rollback": TXW_ROLLBACK,
+             b"abort": TXW_ROLLBACK}
+_LOCAL_TAGS = {TXW_BEGIN: b"BEGIN", TXW_START: b"START TRANSACTION", TXW_COMMIT: b"COMMIT", TXW_ROLLBACK: b"ROLLBACK"}
 
 # The framing rules the engines declare: frame size = length field + length_adjust.
 FRAMINGS = {
@@ -154,6 +167,39 @@ def postgres_walkers(client_stop: bytes = b"X", server_stop: bytes = b"", walker
     return (make(**rule, stop=client_stop, count=b"QSF"), make(**rule, stop=server_stop, boundary=ord("Z")))
 
 
+def _pg_transaction_word(body: bytes) -> int:
+    """The transaction word of a Query body (its text and the NUL that ends it): BEGIN [WORK | TRANSACTION], START
+    TRANSACTION, COMMIT / END, ROLLBACK / ABORT [WORK | TRANSACTION], ASCII case ignored, PostgreSQL's white space
+    (space, tab, CR, LF, FF) around, one ';' at the end; else TXW_NONE."""
+    if len(body) < 2 or body[-1] != 0 or 0 in body[:-1]:
+        return TXW_NONE
+    text = body[:-1]
+    semi = text.find(b";")
+    if semi >= 0:
+        if any(ch not in _PG_SPACE for ch in text[semi + 1:]):
+            return TXW_NONE
+        text = text[:semi]
+    words = bytes(0x20 if ch in _PG_SPACE else ch for ch in text).split(b" ")
+    words = [w for w in words if w]
+    if not 1 <= len(words) <= 2 or any(len(w) > 11 or not all(0x41 <= ch <= 0x5A or 0x61 <= ch <= 0x7A for ch in w)
+                                       for w in words):
+        return TXW_NONE
+    words = [w.lower() for w in words]
+    first, second = words[0], words[1] if len(words) == 2 else b""
+    if first == b"start":
+        return TXW_START if second == b"transaction" else TXW_NONE
+    if second not in (b"", b"work", b"transaction"):
+        return TXW_NONE
+    return _TX_WORDS.get(first, TXW_NONE)
+
+
+def _pg_local_answer(word: int) -> bytes:
+    """CommandComplete and ReadyForQuery the relay sends for a transaction word it answers."""
+    tag = _LOCAL_TAGS[word] + b"\0"
+    status = b"T" if word in (TXW_BEGIN, TXW_START) else b"I"
+    return b"C" + (4 + len(tag)).to_bytes(4, "big") + tag + b"Z\0\0\0\x05" + status
+
+
 def _pg_parse_well_formed(body: bytes) -> bool:
     """A Parse body: name, query text (both NUL-terminated), int16 count of parameter types, that many int32s."""
     name_end = body.find(b"\0")
@@ -170,19 +216,21 @@ class PyWalker:
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
                  "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans",
-                 "exempt_lead", "exempt")
+                 "exempt_lead", "exempt", "pg_begin", "lazy")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
-                 pg_unnamed=False, response=None, deprecate_eof=False, request=None, exempt_lead=b"", exempt=()):
+                 pg_unnamed=False, response=None, deprecate_eof=False, request=None, exempt_lead=b"", exempt=(),
+                 pg_begin=False):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
                 or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
             raise ValueError("inconsistent framing rule")
-        if pg_unnamed and (header_size, length_offset, length_size, bool(big_endian), length_adjust,
-                           type_offset) != (5, 1, 4, True, 1, 0):
-            raise ValueError("pg_unnamed: only with PostgreSQL's framing")
-        self.pg_unnamed = bool(pg_unnamed)
+        if (pg_unnamed or pg_begin) and (header_size, length_offset, length_size, bool(big_endian), length_adjust,
+                                         type_offset) != (5, 1, 4, True, 1, 0):
+            raise ValueError("pg_unnamed, pg_begin: only with PostgreSQL's framing")
+        self.pg_unnamed, self.pg_begin = bool(pg_unnamed), bool(pg_begin)
+        self.lazy = False               # pg_begin: a BEGIN answered and not sent (COMMIT / ROLLBACK are LOCAL too)
         if response not in (None, "", "mysql", "tds"):
             raise ValueError('response: "mysql", "tds" or none')
         if request not in (None, "", "mysql", "tds"):
@@ -267,6 +315,10 @@ class PyWalker:
                     return pos, HANDOVER, kind
                 if avail < total:
                     break
+                if self.pg_begin and kind == 81:        # Q
+                    word = _pg_transaction_word(bytes(data[pos + 5:pos + total]))
+                    if word in (TXW_BEGIN, TXW_START) or (word != TXW_NONE and self.lazy):
+                        return pos, LOCAL, word
                 if self._screen_hit(bytes(data[pos + header_size:pos + total]).lower()):
                     return pos, HANDOVER, kind
                 if self.request == "tds" and not _tds_request_relayable(bytes(data[pos:pos + total])):
@@ -443,7 +495,8 @@ class PyWalker:
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
                         self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
                         bytes(self.screen), self.words, self.max_screen, self.pg_unnamed, self.response,
-                        self.deprecate_eof, self.request, self.exempt_lead, tuple(self.exempt))
+                        self.deprecate_eof, self.request, self.exempt_lead, tuple(self.exempt), self.pg_begin)
+        twin.lazy = self.lazy
         return twin
 
 
@@ -519,7 +572,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet", "watch", "last_status")
+                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -528,6 +581,9 @@ class _Conn:
         self.pending = None             # (event, arg) to act on once buf[sent:fwd] is written
         self.outstanding = self.requests = 0
         self.last_status = ord("I")     # a backend's last boundary status (a handover mid-transaction)
+        self.lazy = TXW_NONE            # a client's BEGIN answered by the relay and not sent (pg_begin)
+        self.swallow = 0                # a backend's messages of a BEGIN sent ahead still to drop
+        self.zskip = 0                  # a backend's: 2, the ReadyForQuery after the next one is the relay's Sync's
         self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
@@ -597,6 +653,7 @@ class PyRelay:
         self._login_budget = -1
         self._budget_gives_back = False
         self._relayed_before = {}       # fd -> requests walked for the client last forgotten there
+        self._lazy_before = {}          # fd -> that client's lazy BEGIN (TXW_BEGIN, TXW_START or TXW_NONE)
         self._logins = 0
         self._quiet_mode = False
         self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
@@ -782,6 +839,9 @@ class PyRelay:
         for c in list(self._conns.values()):
             if c.quiet is None:
                 continue
+            if c.lazy and c.peer is None and not c.waiting:
+                c.watch = None          # idle in a BEGIN the relay answered: left alone, as the Python path does
+                continue
             state = (WATCH_BUSY if c.waiting else WATCH_IDLE if c.peer is None
                      else WATCH_BUSY if c.outstanding > 0 else WATCH_TRANSACTION)
             watch = c.watch
@@ -849,10 +909,16 @@ class PyRelay:
         c = self._conns.get(fd)
         if c is None or not c.client:
             return None
-        return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting), c.outstanding)
+        return (c.requests, c.peer.fd if c.peer is not None else -1, int(c.waiting), c.outstanding, c.lazy)
 
     def relayed_before(self, fd) -> int:
         return self._relayed_before.get(fd, 0)
+
+    def lazy_begin(self, fd) -> int:
+        c = self._conns.get(fd)
+        if c is not None:
+            return c.lazy if c.client else TXW_NONE
+        return self._lazy_before.get(fd, TXW_NONE)
 
     def counts(self) -> tuple:
         return (len(self._idle), len(self._waiting),
@@ -900,6 +966,7 @@ class PyRelay:
         del self._conns[c.fd]
         if c.client:
             self._relayed_before[c.fd] = c.requests
+            self._lazy_before[c.fd] = c.lazy
         if c.listener is not None:
             c.listener.detach()         # the caller's listening socket stays open
             c.listener = None
@@ -1136,7 +1203,86 @@ class PyRelay:
         self._handed_over += 1
 
     def _link(self, client, backend) -> None:
+        if client.lazy:
+            self._begin_ahead(client, backend)
         client.peer, backend.peer = backend, client
+
+    # -- a BEGIN the relay answers (pg_begin; see _relay.c)
+
+    def _begin_fits(self, c) -> bool:
+        return c.buf[c.sent] in b"QP" and len(c.buf) + len(_PG_BEGIN_AHEAD) + len(_PG_SYNC) <= self._bufsize
+
+    def _begin_ahead(self, c, b) -> None:
+        at = c.sent
+        if c.buf[at] == 81:             # Q (a screened Query: whole before fwd)
+            end = at + 1 + int.from_bytes(c.buf[at + 1:at + 5], "big")
+            c.buf[end:end] = _PG_SYNC
+            c.fwd += len(_PG_SYNC)
+            c.outstanding += 1
+            b.zskip = 2
+        c.buf[at:at] = _PG_BEGIN_AHEAD
+        c.fwd += len(_PG_BEGIN_AHEAD)
+        b.swallow = 3
+        c.lazy = TXW_NONE
+        c.walker.lazy = False
+
+    def _answer_locally(self, c, word) -> int:
+        """1: the relay answered the transaction word at c.buf[c.fwd] (the Query is dropped); 0: it did not; -1: the
+        client was handed over (an answer cut short)."""
+        begin = word in (TXW_BEGIN, TXW_START)
+        if c.peer is not None or c.outstanding or (bool(c.lazy) if begin else not c.lazy):
+            return 0
+        answer = _pg_local_answer(word)
+        while True:
+            try:
+                n = os.write(c.fd, answer)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                n, err = -1, exc.errno or errno.EPIPE
+            break
+        if n != len(answer):
+            try:
+                socket.socket(fileno=os.dup(c.fd)).shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._closed(c, err if n < 0 else errno.EPIPE)
+            return -1
+        c.fwd += 1 + int.from_bytes(c.buf[c.fwd + 1:c.fwd + 5], "big")
+        c.sent = c.fwd
+        c.lazy = word if begin else TXW_NONE
+        c.walker.lazy = bool(c.lazy)
+        c.requests += 1
+        return 1
+
+    def _swallow(self, c) -> bool | None:
+        """A backend's answer to a BEGIN sent ahead: True, a message dropped or forwarded (walk on); None, wait for
+        more bytes; False, the walk goes on from here."""
+        buf, at = c.buf, c.fwd
+        if len(buf) - at < 5:
+            return None
+        kind = buf[at]
+        size = 1 + int.from_bytes(buf[at + 1:at + 5], "big")
+        if size < 5 or size > self._bufsize or not (kind in _PG_SWALLOWED or kind in _PG_PASSED or kind == 69):
+            c.swallow = 0
+            return False
+        if len(buf) - at < size:
+            return None
+        if kind in _PG_PASSED:
+            c.fwd += size
+            return True
+        if kind == 69:                  # E: the BEGIN failed (see _relay.c)
+            c.swallow = 0
+            if c.zskip:
+                c.zskip = 0
+                if c.peer is not None and c.peer.outstanding > 0:
+                    c.peer.outstanding -= 1
+            return False
+        del buf[at:at + size]
+        c.swallow -= 1
+        return True
 
     def _release_backend(self, b, lend) -> None:
         if lend and self._waiting:
@@ -1219,6 +1365,14 @@ class PyRelay:
                         if self._conns.get(c.fd) is not c:
                             return
                     continue
+                if event == LOCAL:
+                    answered = self._answer_locally(c, arg)
+                    if answered < 0:
+                        return
+                    walker.lazy = False     # not answered: walked again as an ordinary Query (lazy: _begin_ahead)
+                    if answered or arg not in (TXW_BEGIN, TXW_START):
+                        continue
+                    event, arg = HANDOVER, ord("Q")
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
                     self._hang_up(c)
                     return
@@ -1237,13 +1391,30 @@ class PyRelay:
                 c.sent = 0
             if c.fwd == len(c.buf):
                 return
-            consumed, event, arg = walker.feed(memoryview(c.buf)[c.fwd:])
+            if c.swallow and not walker.remaining:
+                swallowed = self._swallow(c)
+                if swallowed is None:
+                    return
+                if swallowed:
+                    continue
+            with memoryview(c.buf) as view:
+                consumed, event, arg = walker.feed(view[c.fwd:])
+            counted = 0
             if c.client:
                 counted = walker.take_count()
                 c.outstanding += counted
                 c.requests += counted
             if consumed == 0 and event == NONE:
                 return
+            if event == BOUNDARY and c.zskip:
+                if c.zskip == 2:
+                    c.zskip = 1         # the client's request's own: forwarded
+                else:                   # the relay's Sync's: counted as an answer, not forwarded
+                    c.zskip = 0
+                    z = c.fwd + consumed - _PG_READY_LEN
+                    if consumed >= _PG_READY_LEN and c.buf[z:z + 5] == b"Z\0\0\0\x05":
+                        del c.buf[z:z + _PG_READY_LEN]
+                        consumed -= _PG_READY_LEN
             c.fwd += consumed
             c.pending = (event, arg) if event != NONE else None
             if c.sent < c.fwd and c.peer is None:
@@ -1251,6 +1422,13 @@ class PyRelay:
                     c.fwd = c.sent
                     c.pending = None
                     self._hand_over(UNSOLICITED, c, -1)
+                    return
+                if c.lazy and not self._begin_fits(c):      # the caller sends its BEGIN with the request
+                    c.outstanding = 0
+                    c.requests -= counted
+                    c.fwd = c.sent
+                    c.pending = None
+                    self._hand_over(HANDOVER, c, c.buf[c.sent])
                     return
                 if self._idle and not self._yielding:
                     b = self._idle.pop()

@@ -353,6 +353,7 @@ class RelayLane:
             return False
         del self.clients[fd]
         session.relay_lane = None
+        self._carry_begin(session, fd)
         return True
 
     def activity(self, session):
@@ -371,12 +372,20 @@ class RelayLane:
         """The session serves its client on the Python path again, from `data` (bytes the relay did not send).
         wake=False: with no data, it parks as on the Python path (a takeover looks for parked sessions)."""
         session.relay_lane = None
+        self._carry_begin(session, session.lane_fd)
         lanes = self.lanes
         lanes.returned_total += 1
         lanes.returns[why] = lanes.returns.get(why, 0) + 1
         session.leftover = data
         if data or wake or not session.park(relay=False):
             self.proxy.resume_parked(session)
+
+    def _carry_begin(self, session, fd: int) -> None:
+        """The client the relay let go of at fd had a BEGIN answered there and not sent (pg_begin): its session carries
+        that transaction on (ClientProtocol.relay_began)."""
+        begun = self.relay.lazy_begin(fd)
+        if begun:
+            session.proto.relay_began(relay_core.BEGIN_TEXTS[begun])
 
     def _quit(self, session) -> None:
         """The client said goodbye between transactions: its session ends here, as the Python path would end it after
@@ -814,7 +823,8 @@ class RelayLane:
                     pass
                 rest = b""
             if kind == relay_core.HANDOVER and (conn is None or adopted):
-                self._judge_stay(session, adopted)
+                # (a BEGIN the relay answered opened a transaction too: the stay must relay more than that BEGIN)
+                self._judge_stay(session, adopted or bool(self.relay.lazy_begin(session.lane_fd)))
             why = ("connection_lost" if backend_failed else "in_transaction" if adopted
                    else _EVENT_NAMES.get(kind, "event"))
             self._give_client_back(session, rest, why)
@@ -894,6 +904,8 @@ class RelayLane:
             pass
         self.transactions_before = self.relay.stats()["transactions"]
         self.pool.relay_transactions_closed += self.transactions_before
+        for fd, session in self.clients.items():
+            self._carry_begin(session, fd)
         self.relay.close()          # forgets every socket, closes none
         for conn in self.backends.values():
             self._unlend(conn, reader=False)

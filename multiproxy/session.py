@@ -532,10 +532,11 @@ class Session:
             seen = lane.activity(self)
             if seen is None:
                 return      # the relay has just let it go: its event is being handled
-            relayed, peer_fd, waiting, outstanding = seen
+            relayed, peer_fd, waiting, outstanding, lazy = seen
             backend = lane.backends.get(peer_fd)
+            # (lazy: after a BEGIN the relay answered, a transaction holding no backend, left alone as below)
             state = ("awaiting" if waiting or (peer_fd >= 0 and outstanding > 0) else
-                     "transaction" if peer_fd >= 0 else "idle")
+                     "transaction" if peer_fd >= 0 else "unknown" if lazy else "idle")
             requests = (0 if greeted else proto.requests, relayed)
         else:
             awaiting = proto.awaiting_answer() if backend is not None else False

@@ -24,6 +24,7 @@ from collections import deque
 from multiproxy.engine import BackendError, ClientContext, ClientProtocol, ErrorKind, LazyContainers, PinReason
 
 from . import handover
+from . import protocol as p
 from .console import PostgresConsole
 from .errors import FATAL_KINDS, SQLSTATE, render_error, render_refusal
 from .handshake import DONE, MAX_STARTUP_PACKET, Phase, PostgresHandshake, data_after_login
@@ -136,6 +137,24 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
                 or self.local_error):
             return None
         return frozenset(self.client_params.items()), frozenset(self.client_settings.items())
+
+    def relay_adopt(self, server_state, status: int) -> bool:
+        """Linked to the backend of a transaction the relay served so far (a BEGIN it answered and sent ahead of the
+        first statement, and the statements after it), whose last ReadyForQuery said `status`: 'T', or 'E' after an
+        error. Nothing is outstanding, and the backend held the client's parameters and settings when the relay lent
+        it."""
+        if status not in (p.TX_IN_TRANSACTION, p.TX_FAILED) or handover.not_idle(self):
+            return False
+        self.linked = True
+        self.server_state = server_state
+        self.server_params = server_state.params
+        self.tx_status = status
+        return True
+
+    def relay_began(self, begin: bytes) -> None:
+        """The relay answered this BEGIN and sent it to no backend: LazyTransaction sends it ahead of the next request
+        that needs a backend, as for a BEGIN answered here."""
+        self.lazy_begin = bytes(begin)
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

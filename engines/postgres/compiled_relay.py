@@ -58,7 +58,7 @@ def relay_rules() -> dict:
     return {
         "client": dict(framing, stop=stop, count=bytes(_COUNTED), screen=bytes((p.QUERY,)),
                        words=RELAY_SCREEN_WORDS, max_screen=MAX_SCREENED, pg_unnamed=True, exempt_lead=EXEMPT_LEAD,
-                       exempt=EXEMPT_WORDS),
+                       exempt=EXEMPT_WORDS, pg_begin=True),
         "server": dict(framing, boundary=p.READY_FOR_QUERY),
         "buffer_size": BUFFER_SIZE,
         "quit": p.message(b"X"),    # Terminate: the client leaves with nothing to answer (RelayLane ends it at once)

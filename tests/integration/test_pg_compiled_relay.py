@@ -578,7 +578,8 @@ def test_a_lane_client_gets_the_pools_timeout_when_others_hold_every_backend(pg,
     try:
         assert simple_query(waiter, "SELECT 1") == [(1,)]         # served in its lane
         for conn in holders:
-            simple_query(conn, "BEGIN")
+            # (a BEGIN with a mode stops in the relay: the holders go to the Python path, the relay answers a plain one)
+            simple_query(conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
             simple_query(conn, "SELECT 1")                         # each holds one of the 2 backends
         assert wait_for(lambda: lane_metrics(proxy)["clients"] == 1), lane_metrics(proxy)
         seen = []       # while it waits in its lane, the pool counts it as a transaction waiting (not its borrow)
@@ -751,14 +752,73 @@ def test_a_python_path_waiter_gets_a_backend_a_quiet_lane_frees(pg, proxy_factor
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_psycopg_transactions_run_in_the_relay_and_an_idle_begin_holds_no_backend(pg, proxy_factory, core):
+    """psycopg's default (no autocommit: a plain BEGIN before each transaction's first statement): the relay answers
+    the BEGIN itself and sends it ahead of the first statement, so whole transactions (BEGIN, INSERT, SELECT, COMMIT)
+    run in the relay, six clients on two backends, rows right, no stay cut short. Clients idle after their BEGIN
+    hold no backend meanwhile (four of them and two backends: the six others still get through), and one that
+    commits or rolls back with nothing sent is answered by the relay with no backend at all."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    table = client_table(pg, "lazy")
+    clients, transactions = 6, 40
+    errors = []
+    idle = [psycopg_connect(proxy, autocommit=True) for _ in range(4)]
+    for conn in idle:                   # BEGIN answered and nothing else: a transaction that holds no backend
+        assert simple_query(conn, "SELECT 1") == [(1,)]
+        assert simple_query(conn, "begin work;") is None
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+    def transactional(number: int) -> None:
+        try:
+            with psycopg_connect(proxy) as conn:
+                for n in range(transactions):
+                    with psycopg.RawCursor(conn) as cur:
+                        cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                        cur.execute(f"SELECT count(*) FROM {table} WHERE client = {number}", prepare=False)
+                        assert cur.fetchone() == (n + 1,), (number, n)
+                    if n % 5 == 4:
+                        conn.rollback()     # (every fifth transaction rolled back: its row is gone)
+                        cur = conn.execute(f"SELECT count(*) FROM {table} WHERE client = {number}")
+                        assert cur.fetchone() == (n,), (number, n)
+                        conn.execute(f"INSERT INTO {table} VALUES ({number}, {n})")
+                    conn.commit()
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    before = relay_transactions(proxy)
+    short_before = metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0
+    threads = [threading.Thread(target=transactional, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (clients * transactions,)
+    relayed = relay_transactions(proxy) - before
+    assert relayed >= clients * transactions, relayed
+    assert (metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0) == short_before
+    for n, conn in enumerate(idle):     # the idle transactions end with no backend: answered by the relay
+        assert simple_query(conn, "COMMIT" if n % 2 else "ROLLBACK") is None
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert simple_query(conn, "SELECT 42") == [(42,)]
+        conn.close()
+    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
+    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
+    assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("core,crowd", [("c", 0), ("twin", 0), ("c", 70)])
-def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_factory, core, crowd):
-    """psycopg's default (no autocommit: BEGIN before each transaction's first statement) stops in the relay at once:
-    such a client, after stays in a lane that relayed nothing, serves its next transactions on the Python path (its
-    greenlet kept, its backend not lent to the lane), trying the lane again after 1, 3, 7, ... of them; a client
-    beside it that runs single statements stays in the relay. Rows stay right; more clients than backends. crowd:
-    idle clients beside them, enough for sessions to park at every transaction's end (EAGER_PARKING_SESSIONS): such
-    a session parks on the Python path while it sits out."""
+def test_clients_whose_transactions_stop_after_their_begin_sit_out_the_lanes(pg, proxy_factory, core, crowd):
+    """A client whose every transaction sets something right after its BEGIN (psycopg without autocommit, a SET
+    LOCAL first) stops in the relay at once, after the BEGIN the relay answered: such a client, after stays in a lane
+    that relayed nothing but that BEGIN, serves its next transactions on the Python path (its greenlet kept, its
+    backend not lent to the lane), trying the lane again after 1, 3, 7, ... of them; a client beside it that runs
+    single statements stays in the relay. Rows stay right; more clients than backends. crowd: idle clients beside
+    them, enough for sessions to park at every transaction's end (EAGER_PARKING_SESSIONS): such a session parks on
+    the Python path while it sits out."""
     proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
     idle = [psycopg_connect(proxy, autocommit=True) for _ in range(crowd)]
     table = client_table(pg, "begins")
@@ -770,6 +830,7 @@ def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_
             with psycopg_connect(proxy) as conn:       # autocommit off: psycopg sends BEGIN first
                 for n in range(transactions):
                     with psycopg.RawCursor(conn) as cur:
+                        cur.execute("SET LOCAL lock_timeout = '5s'", prepare=False)
                         cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
                         cur.execute(f"SELECT count(*) FROM {table} WHERE client = {number}", prepare=False)
                         assert cur.fetchone() == (n + 1,), (number, n)
@@ -803,9 +864,9 @@ def test_clients_whose_transactions_open_with_begin_sit_out_the_lanes(pg, proxy_
 
 @pytest.mark.timeout(120)
 def test_a_client_sitting_out_the_lanes_keeps_its_settings_to_itself(pg, proxy_factory):
-    """A client with a setting of its own whose transactions open with BEGIN sits out the lanes and takes backends
-    from the pool and other lanes: the Python path replays its setting where it runs, and clients beside it, on the
-    same two backends, never see it."""
+    """A client with a setting of its own whose transactions stop after their BEGIN (a SET LOCAL first) sits out the
+    lanes and takes backends from the pool and other lanes: the Python path replays its setting where it runs, and
+    clients beside it, on the same two backends, never see it."""
     proxy = proxy_factory(compiled_config(pg, max_size=2))
     errors = []
     stop = threading.Event()
@@ -817,6 +878,7 @@ def test_a_client_sitting_out_the_lanes_keeps_its_settings_to_itself(pg, proxy_f
                     cur.execute("SET statement_timeout = '7s'", prepare=False)
                     conn.commit()
                     while not stop.is_set():
+                        cur.execute("SET LOCAL lock_timeout = '5s'", prepare=False)
                         cur.execute("SHOW statement_timeout", prepare=False)
                         assert cur.fetchone() == ("7s",)
                         conn.commit()

@@ -251,26 +251,26 @@ def test_activity_counts_a_clients_requests_and_names_its_backend(impl, pairs):
     relay.add_backend(backend.fd())
     relay.add_client(first.fd())
     relay.add_client(second.fd())
-    assert relay.activity(first.fd()) == (0, -1, 0, 0)
+    assert relay.activity(first.fd()) == (0, -1, 0, 0, 0)
     assert relay.activity(backend.fd()) is None and relay.activity(999) is None
     first.outside.sendall(QUERY + QUERY)            # two requests, pipelined
     serve(relay)
     second.outside.sendall(QUERY)
     serve(relay)
-    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 2)
+    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 2, 0)
     assert relay.activity(second.fd())[:3] == (1, -1, 1)    # waits for the backend
     backend.read(2 * len(QUERY))
     backend.outside.sendall(READY_IDLE + READY_IN_TX)       # the second answer leaves a transaction open
     serve(relay)
-    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 0)    # its backend held, nothing outstanding
+    assert relay.activity(first.fd()) == (2, backend.fd(), 0, 0, 0)    # its backend held, nothing outstanding
     assert relay.activity(second.fd())[:3] == (1, -1, 1)
     first.outside.sendall(QUERY)
     serve(relay)
     backend.read(len(QUERY))
     backend.outside.sendall(READY_IDLE)
     serve(relay)
-    assert relay.activity(first.fd()) == (3, -1, 0, 0)
-    assert relay.activity(second.fd()) == (1, backend.fd(), 0, 1)
+    assert relay.activity(first.fd()) == (3, -1, 0, 0, 0)
+    assert relay.activity(second.fd()) == (1, backend.fd(), 0, 1, 0)
     relay.close()
 
 
@@ -687,7 +687,7 @@ def test_a_stop_inside_a_transaction_goes_with_its_backend_and_status(impl, pair
     backend.outside.sendall(pg(b"C", b"BEGIN\0") + READY_IN_TX)
     assert serve(relay) == []
     assert client.read(len(pg(b"C", b"BEGIN\0") + READY_IN_TX)) == pg(b"C", b"BEGIN\0") + READY_IN_TX
-    assert relay.counts() == (0, 0, 1) and relay.activity(client.fd())[1:] == (backend.fd(), False, 0)
+    assert relay.counts() == (0, 0, 1) and relay.activity(client.fd())[1:] == (backend.fd(), False, 0, 0)
     client.outside.sendall(setting)
     assert serve(relay) == [(rc.HANDOVER, client.fd(), backend.fd(), setting, ord("T"))]
     assert relay.counts() == (0, 0, 0) and relay.stats()["connections"] == 0
