@@ -228,6 +228,8 @@ static int pg_transaction_word(const unsigned char *body, size_t blen) {
     char first[12], second[12], third[12];
     if (next_word(body, len, &at, first, sizeof(first)) <= 0 || next_word(body, len, &at, second, sizeof(second)) < 0)
         return TXW_NONE;
+    while (at < len && pg_space(body[at]))
+        at++;
     if (at < len && body[at] == ';')
         at++;               /* one ';' after the words, then only white space */
     size_t end = at;
@@ -1440,8 +1442,10 @@ static void pump(RelayObject *r, Conn *c) {
                 int answered = answer_locally(r, c, arg);
                 if (answered < 0)
                     return;
+                if (answered)
+                    continue;
                 c->st.lazy = 0;     /* not answered: walked again as an ordinary Query (lazy: begin_ahead) */
-                if (answered || (arg != TXW_BEGIN && arg != TXW_START))
+                if (arg != TXW_BEGIN && arg != TXW_START)
                     continue;
                 event = EV_HANDOVER;    /* a BEGIN the relay does not answer stops, as the screen would have it */
                 arg = 'Q';

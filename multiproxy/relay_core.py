@@ -1369,8 +1369,10 @@ class PyRelay:
                     answered = self._answer_locally(c, arg)
                     if answered < 0:
                         return
+                    if answered:
+                        continue
                     walker.lazy = False     # not answered: walked again as an ordinary Query (lazy: _begin_ahead)
-                    if answered or arg not in (TXW_BEGIN, TXW_START):
+                    if arg not in (TXW_BEGIN, TXW_START):
                         continue
                     event, arg = HANDOVER, ord("Q")
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:

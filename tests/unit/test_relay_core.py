@@ -504,13 +504,15 @@ server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN
                           st.binary(min_size=1, max_size=8))
 
 
-def run_scenario(impl, steps, screened=False, batches=False, mysql=None) -> list:
+def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=False) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
     client's Query bodies are screened and its stops held until its transaction ends (hold_stops); batches: the
     same with batches of the unnamed statement relayed (pg_unnamed). mysql: the (client, server) Walker arguments
-    of a MySQL relay (held stops)."""
-    if mysql is not None:
+    of a MySQL relay (held stops). begin: batches and a lone BEGIN answered by the relay (pg_begin)."""
+    if begin:
+        relay = impl[1](*begin_walkers(impl), hold_stops=True)
+    elif mysql is not None:
         relay = impl[1](impl[0](**mysql[0]), impl[0](**mysql[1]), hold_stops=True)
     elif batches:
         relay = impl[1](*batch_walkers(impl), hold_stops=True)
@@ -1092,6 +1094,220 @@ batch_frames = st.one_of(
     st.builds(pg, st.sampled_from([b"P", b"B", b"D", b"E", b"S"]), st.binary(max_size=12)),
     st.binary(min_size=1, max_size=8),
 )
+
+# -- a BEGIN the relay answers (pg_begin)
+
+BEGIN_AHEAD = (pg(b"P", b"\0BEGIN\0\0\0") + pg(b"B", bytes(8)) + pg(b"E", bytes(5)))
+BEGIN_DONE = pg(b"1") + pg(b"2") + pg(b"C", b"BEGIN\0")        # the server's answer to BEGIN_AHEAD
+BEGIN_ANSWER = pg(b"C", b"BEGIN\0") + READY_IN_TX              # the relay's answer to a lone BEGIN
+READY_FAILED = pg(b"Z", b"E")
+FAILURE = pg(b"E", b"SERROR\0C25P02\0\0")
+
+
+def begin_walkers(impl, max_screen=200):
+    """PostgreSQL's relay rules in small: batches of the unnamed statement, a screen with BEGIN in it, pg_begin."""
+    walker, _ = impl
+    stop = bytes(kind for kind in range(256) if kind not in b"QSPBDE")
+    return (walker(**PG, stop=stop, count=b"QS", screen=b"Q", words=SCREEN_WORDS + (b"start",),
+                   max_screen=max_screen, pg_unnamed=True, pg_begin=True),
+            walker(**PG, boundary=ord("Z")))
+
+
+def begin_relay(impl, pairs, backends=1):
+    relay = impl[1](*begin_walkers(impl), hold_stops=True)
+    client, servers = pairs(), [pairs() for _ in range(backends)]
+    for server in servers:
+        relay.add_backend(server.fd())
+    relay.add_client(client.fd())
+    return relay, client, servers
+
+
+def nothing_read(pair) -> bool:
+    pair.outside.setblocking(False)
+    try:
+        pair.outside.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        pair.outside.settimeout(5)
+    return False
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("text,lazy,expected", [
+    (b"BEGIN", False, (rc.LOCAL, rc.TXW_BEGIN)),
+    (b"  begin work ; \n", False, (rc.LOCAL, rc.TXW_BEGIN)),
+    (b"Begin\tTransaction;", False, (rc.LOCAL, rc.TXW_BEGIN)),
+    (b"start transaction", False, (rc.LOCAL, rc.TXW_START)),
+    (b"BEGIN ISOLATION LEVEL SERIALIZABLE", False, (rc.HANDOVER, ord("Q"))),   # modes: the screen stops it
+    (b"BEGIN; SELECT 1", False, (rc.HANDOVER, ord("Q"))),
+    (b"BEGIN;;", False, (rc.HANDOVER, ord("Q"))),
+    (b"BEGIN\x0b", False, (rc.HANDOVER, ord("Q"))),              # not PostgreSQL's white space
+    (b"/* c */ BEGIN", False, (rc.HANDOVER, ord("Q"))),
+    (b"start", False, (rc.HANDOVER, ord("Q"))),
+    (b"COMMIT", False, (rc.NONE, -1)),                           # only after a BEGIN the relay answered
+    (b"COMMIT", True, (rc.LOCAL, rc.TXW_COMMIT)),
+    (b"end transaction;", True, (rc.LOCAL, rc.TXW_COMMIT)),
+    (b"ROLLBACK WORK", True, (rc.LOCAL, rc.TXW_ROLLBACK)),
+    (b"abort", True, (rc.LOCAL, rc.TXW_ROLLBACK)),
+    (b"COMMIT AND CHAIN", True, (rc.NONE, -1)),
+    (b"ROLLBACK TO SAVEPOINT a", True, (rc.NONE, -1)),
+    (b"commit work transaction", True, (rc.NONE, -1)),
+])
+def test_pg_begin_finds_the_transaction_words_the_relay_answers(impl, text, lazy, expected):
+    client, _ = begin_walkers(impl)
+    client.lazy = lazy
+    frame = pg(b"Q", text + b"\0")
+    consumed, event, arg = client.feed(QUERY + frame)
+    assert (event, arg) == expected
+    assert consumed == (len(QUERY) if event != rc.NONE else len(QUERY + frame))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pg_begin_takes_only_postgres_framing(impl):
+    with pytest.raises(ValueError):
+        impl[0](**MY, pg_begin=True)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_lone_begin_is_answered_by_the_relay_and_sent_ahead_of_the_first_query(impl, pairs):
+    """BEGIN: answered with no backend; the next Query goes with Parse/Bind/Execute of BEGIN in front of it and a Sync
+    of the relay's behind it; the BEGIN's answer and that Sync's ReadyForQuery never reach the client, and the backend
+    serves the transaction to its end."""
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    client.outside.sendall(pg(b"Q", b"begin\0"))
+    assert serve(relay) == []
+    assert client.read(len(BEGIN_ANSWER)) == BEGIN_ANSWER
+    assert relay.counts() == (1, 0, 0) and relay.activity(client.fd()) == (1, -1, 0, 0, rc.TXW_BEGIN)
+    assert nothing_read(backend)
+    client.outside.sendall(QUERY)
+    assert serve(relay) == []
+    assert backend.read(len(BEGIN_AHEAD + QUERY + SYNC)) == BEGIN_AHEAD + QUERY + SYNC
+    assert relay.activity(client.fd())[1:] == (backend.fd(), 0, 2, 0)     # its Query and the relay's Sync
+    backend.outside.sendall(BEGIN_DONE + RESULT)
+    assert serve(relay) == []
+    backend.outside.sendall(READY_IN_TX + READY_IN_TX)
+    assert serve(relay) == []
+    assert client.read(len(RESULT + READY_IN_TX)) == RESULT + READY_IN_TX
+    assert nothing_read(client)
+    assert relay.activity(client.fd())[1:] == (backend.fd(), 0, 0, 0)
+    commit = pg(b"Q", b"COMMIT\0")
+    client.outside.sendall(commit)                      # sent: the transaction is on the backend now
+    assert serve(relay) == []
+    assert backend.read(len(commit)) == commit
+    backend.outside.sendall(pg(b"C", b"COMMIT\0") + READY_IDLE)
+    assert serve(relay) == []
+    assert client.read(len(pg(b"C", b"COMMIT\0") + READY_IDLE)) == pg(b"C", b"COMMIT\0") + READY_IDLE
+    assert relay.counts() == (1, 0, 0) and relay.stats()["transactions"] == 1
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_after_a_lone_begin_gets_it_ahead_with_no_sync_of_the_relays(impl, pairs):
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    client.outside.sendall(pg(b"Q", b"START TRANSACTION;\0"))
+    serve(relay)
+    answer = pg(b"C", b"START TRANSACTION\0") + READY_IN_TX
+    assert client.read(len(answer)) == answer
+    client.outside.sendall(BATCH)
+    assert serve(relay) == []
+    assert backend.read(len(BEGIN_AHEAD + BATCH)) == BEGIN_AHEAD + BATCH
+    notice = pg(b"N", b"SNOTICE\0\0")                   # a notice among the BEGIN's answer reaches the client
+    backend.outside.sendall(pg(b"1") + notice + pg(b"2") + pg(b"C", b"BEGIN\0") + pg(b"1") + pg(b"2") + RESULT
+                            + READY_IN_TX)
+    assert serve(relay) == []
+    expected = notice + pg(b"1") + pg(b"2") + RESULT + READY_IN_TX
+    assert client.read(len(expected)) == expected
+    assert relay.activity(client.fd())[1:] == (backend.fd(), 0, 0, 0)
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_begin_that_fails_gives_its_error_as_the_answer_to_the_request_behind_it(impl, pairs):
+    """The server skips the client's Query up to the relay's Sync: the client gets the BEGIN's error and that Sync's
+    ReadyForQuery as its Query's answer, and the backend is free again."""
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    client.outside.sendall(pg(b"Q", b"BEGIN\0"))
+    serve(relay)
+    client.read(len(BEGIN_ANSWER))
+    client.outside.sendall(QUERY)
+    serve(relay)
+    backend.read(len(BEGIN_AHEAD + QUERY + SYNC))
+    backend.outside.sendall(pg(b"1") + pg(b"2") + FAILURE + READY_IDLE)
+    assert serve(relay) == []
+    expected = FAILURE + READY_IDLE
+    assert client.read(len(expected)) == expected
+    assert relay.counts() == (1, 0, 0) and relay.activity(client.fd()) == (2, -1, 0, 0, 0)
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_commit_or_rollback_right_after_a_lone_begin_is_answered_with_no_backend(impl, pairs):
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    for end, tag in ((b"COMMIT", b"COMMIT"), (b"rollback;", b"ROLLBACK"), (b"END", b"COMMIT"), (b"ABORT", b"ROLLBACK")):
+        client.outside.sendall(pg(b"Q", b"BEGIN\0") + pg(b"Q", end + b"\0"))
+        assert serve(relay) == []
+        expected = BEGIN_ANSWER + pg(b"C", tag + b"\0") + READY_IDLE
+        assert client.read(len(expected)) == expected
+    assert relay.activity(client.fd()) == (8, -1, 0, 0, 0)
+    assert nothing_read(backend) and relay.stats()["transactions"] == 0
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_what_the_relay_cannot_put_its_begin_ahead_of_goes_to_the_caller_with_lazy_begin(impl, pairs):
+    """A second BEGIN, a stop frame or a request opening with anything but a Query or a Parse after a lone BEGIN: the
+    client goes to the caller with its bytes, and lazy_begin(fd) says its BEGIN was answered and not sent; so does a
+    client waiting for a backend that the caller takes back."""
+    for request in (pg(b"Q", b"BEGIN\0"), pg(b"Q", b"SET x = 1\0"), TERMINATE, pg(b"S") + QUERY,
+                    pg(b"Q", b"begin read only\0")):
+        relay, client, (backend,) = begin_relay(impl, pairs)
+        client.outside.sendall(pg(b"Q", b"Start Transaction\0"))
+        serve(relay)
+        client.read(len(pg(b"C", b"START TRANSACTION\0") + READY_IN_TX))
+        client.outside.sendall(request)
+        assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, request, request[0])]
+        assert relay.lazy_begin(client.fd()) == rc.TXW_START and rc.BEGIN_TEXTS[rc.TXW_START] == b"START TRANSACTION"
+        assert relay.relayed_before(client.fd()) == 1 and nothing_read(backend)
+        relay.close()
+    relay, client, _ = begin_relay(impl, pairs, backends=0)
+    client.outside.sendall(pg(b"Q", b"BEGIN\0") + QUERY)
+    assert serve(relay) == []
+    client.read(len(BEGIN_ANSWER))
+    assert relay.counts() == (0, 1, 0)
+    assert relay.take_waiting() == (client.fd(), QUERY)
+    assert relay.lazy_begin(client.fd()) == rc.TXW_BEGIN
+    relay.add_client(client.fd())                       # a client given to the relay again starts with none
+    assert relay.lazy_begin(client.fd()) == 0
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_stop_inside_a_transaction_begun_in_the_relay_goes_with_its_backend_after_the_relays_sync(impl, pairs):
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    setting = pg(b"Q", b"SET LOCAL x = 1\0")
+    client.outside.sendall(pg(b"Q", b"BEGIN\0"))
+    serve(relay)
+    client.read(len(BEGIN_ANSWER))
+    client.outside.sendall(QUERY + setting)             # the stop waits for both ReadyForQuery, then goes
+    assert serve(relay) == []
+    backend.read(len(BEGIN_AHEAD + QUERY + SYNC))
+    backend.outside.sendall(BEGIN_DONE + FAILURE + READY_FAILED)
+    assert serve(relay) == []
+    assert client.read(len(FAILURE + READY_FAILED)) == FAILURE + READY_FAILED
+    backend.outside.sendall(READY_FAILED)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), backend.fd(), setting, ord("E"))]
+    assert nothing_read(client) and relay.lazy_begin(client.fd()) == 0
+    relay.close()
+
 
 # -- MySQL: the server's responses (response="mysql") and the client's commands (request="mysql")
 
@@ -2281,3 +2497,38 @@ def test_a_whole_wake_up_that_fails_or_sees_an_attend_is_whole_again(impl):
     assert relay.wake() is None and len(calls) == 4
     relay.set_wake(None)
     relay.close()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("client"), st.one_of(batch_client_frames, st.sampled_from([
+        pg(b"Q", b"BEGIN\0"), pg(b"Q", b"commit\0"), pg(b"Q", b"rollback\0"), pg(b"Q", b"start transaction\0")]))),
+    st.tuples(st.sampled_from(["first", "second"]), st.one_of(server_frames, st.sampled_from([
+        BEGIN_DONE, pg(b"1"), pg(b"2") + pg(b"C", b"BEGIN\0"), pg(b"N", b"SNOTICE\0\0"), READY_FAILED])))),
+    max_size=12))
+def test_c_and_python_relays_agree_with_pg_begin(steps):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, begin=True)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, begin=True))
+
+
+tx_texts = st.lists(st.sampled_from([b"begin", b"BEGIN", b"start", b"transaction", b"work", b"commit", b"end",
+                                     b"rollback", b"abort", b"and", b"chain", b"Transactions", b" ", b"\t", b"\n",
+                                     b"\x0b", b";", b"x", b"\xc3\xa9", b"\0"]), max_size=7).map(b"".join)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=500, deadline=None)
+@given(tx_texts, st.booleans())
+def test_c_and_python_agree_on_the_transaction_words(text, lazy):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    frame = pg(b"Q", text + b"\0")
+    results = []
+    for impl in ((_relay.Walker, _relay.Relay), (rc.PyWalker, rc.PyRelay)):
+        client, _ = begin_walkers(impl)
+        client.lazy = lazy
+        results.append((client.feed(frame), client.take_count(), client.lazy))
+    assert results[0] == results[1]
