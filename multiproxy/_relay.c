@@ -32,7 +32,7 @@
  *
  * A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
  * whole, and one holding a word (ASCII case ignored) or larger than max_screen is a stop frame. Words named in
- * `exempt` do not stop a body that is one statement opening with `exempt_lead` (screen_exempt). With
+ * `exempt` do not stop a body that is one statement opening with an `exempt_lead` (screen_exempt). With
  * hold_stops=True a linked client's stop frame waits for the boundary that answers its last request (the client
  * is not read meanwhile), so that the caller never takes over a request half answered: at the end of its
  * transaction it goes to the caller alone; inside a transaction (a boundary other than 'I', or a stop frame while
@@ -64,6 +64,7 @@
 
 #define MAX_WORDS 64            /* screen words of one rule */
 #define MAX_WORD 32             /* bytes of one screen word */
+#define MAX_LEADS 8             /* exempt leads of one rule */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
        EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10, EV_LOCAL = 11 };
@@ -92,9 +93,10 @@ typedef struct {
     unsigned char by_first[MAX_WORDS];  /* the words' indexes, ordered by first byte */
     int word_len[MAX_WORDS];
     unsigned char words[MAX_WORDS][MAX_WORD];   /* lowercase ASCII */
-    unsigned char exempt_word[MAX_WORDS];       /* words that do not stop a text opening with exempt_lead (below) */
-    unsigned char exempt_lead[MAX_WORD];        /* lowercase ASCII; exempt_lead_len 0: no exemption */
-    int exempt_lead_len;
+    unsigned char exempt_word[MAX_WORDS];       /* words that do not stop a text opening with an exempt lead (below) */
+    unsigned char exempt_lead[MAX_LEADS][MAX_WORD];     /* lowercase ASCII; none (n_leads 0): no exemption */
+    int exempt_lead_len[MAX_LEADS];
+    int n_leads;
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
     int pg_begin;               /* PostgreSQL: a lone BEGIN is EV_LOCAL, and so are COMMIT/ROLLBACK after it (lazy) */
     /* MySQL (see the MySQL block below): */
@@ -138,19 +140,23 @@ static inline unsigned char lower_ascii(unsigned char ch) {
     return ch >= 'A' && ch <= 'Z' ? (unsigned char)(ch + 32) : ch;
 }
 
-/* Whether body is one statement opening with the rule's exempt_lead: after its leading bytes up to 0x20 (white
-   space, and the NUL or command byte before a PostgreSQL Parse's or a MySQL COM_QUERY's text), the lead and a byte up
-   to 0x20; no ';' but at the end (only white space, NUL and ';' after the first one). */
+/* Whether body is one statement opening with one of the rule's exempt leads: after its leading bytes up to 0x20
+   (white space, and the NUL or command byte before a PostgreSQL Parse's or a MySQL COM_QUERY's text), the lead and a
+   byte up to 0x20; no ';' but at the end (only white space, NUL and ';' after the first one). */
 static int screen_exempt(const Rule *rule, const unsigned char *body, size_t len) {
-    size_t i = 0, ll = (size_t)rule->exempt_lead_len;
+    size_t i = 0;
     while (i < len && body[i] <= 0x20)
         i++;
-    if (ll == 0 || len - i <= ll)
-        return 0;
-    for (size_t k = 0; k < ll; k++)
-        if (lower_ascii(body[i + k]) != rule->exempt_lead[k])
-            return 0;
-    if (body[i + ll] > 0x20)
+    int opens = 0;
+    for (int n = 0; n < rule->n_leads && !opens; n++) {
+        size_t ll = (size_t)rule->exempt_lead_len[n], k = 0;
+        if (len - i <= ll)
+            continue;
+        while (k < ll && lower_ascii(body[i + k]) == rule->exempt_lead[n][k])
+            k++;
+        opens = k == ll && body[i + ll] <= 0x20;
+    }
+    if (!opens)
         return 0;
     const unsigned char *semi = memchr(body + i, ';', len - i);
     if (semi != NULL)
@@ -705,29 +711,47 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
                              "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", "exempt_lead",
                              "exempt", "pg_begin", NULL};
-    PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL, *exempt = NULL;
-    const char *exempt_lead = NULL;
-    Py_ssize_t exempt_lead_len = 0;
+    PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL, *exempt = NULL, *exempt_lead = NULL;
     const char *response = NULL, *request = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzy#Op", kwlist, &rule->header_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzOOp", kwlist, &rule->header_size,
                                      &rule->length_offset, &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
                                      &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
-                                     &rule->deprecate_eof, &request, &exempt_lead, &exempt_lead_len, &exempt,
+                                     &rule->deprecate_eof, &request, &exempt_lead, &exempt,
                                      &rule->pg_begin))
         return -1;
-    if (exempt_lead_len > MAX_WORD) {
-        PyErr_Format(PyExc_ValueError, "exempt_lead: at most %d bytes", MAX_WORD);
-        return -1;
+    if (exempt_lead != NULL && exempt_lead != Py_None) {
+        /* one lead (bytes; empty: none) or a sequence of them */
+        PyObject *leads = PyBytes_Check(exempt_lead) ? PyTuple_Pack(1, exempt_lead)
+                                                     : PySequence_Tuple(exempt_lead);
+        if (leads == NULL)
+            return -1;
+        int bad = PyTuple_GET_SIZE(leads) > MAX_LEADS;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(leads) && !bad; i++) {
+            PyObject *lead = PyTuple_GET_ITEM(leads, i);
+            if (!PyBytes_Check(lead) || PyBytes_GET_SIZE(lead) > MAX_WORD) {
+                bad = 1;
+                break;
+            }
+            Py_ssize_t ll = PyBytes_GET_SIZE(lead);
+            if (ll == 0)
+                continue;
+            for (Py_ssize_t k = 0; k < ll; k++)
+                rule->exempt_lead[rule->n_leads][k] = lower_ascii((unsigned char)PyBytes_AS_STRING(lead)[k]);
+            rule->exempt_lead_len[rule->n_leads++] = (int)ll;
+        }
+        Py_DECREF(leads);
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "exempt_lead: bytes, or at most %d of them, each at most %d bytes",
+                         MAX_LEADS, MAX_WORD);
+            return -1;
+        }
     }
-    for (Py_ssize_t k = 0; k < exempt_lead_len; k++)
-        rule->exempt_lead[k] = lower_ascii((unsigned char)exempt_lead[k]);
-    rule->exempt_lead_len = (int)exempt_lead_len;
     if (response && *response && strcmp(response, "mysql") != 0 && strcmp(response, "tds") != 0) {
         PyErr_SetString(PyExc_ValueError, "response: \"mysql\", \"tds\" or none");
         return -1;

@@ -50,10 +50,21 @@ set_wake_rules' keys_low, so that a wake-up needing none of the caller's code ru
 
 A rule may screen the bodies of some frame types (`screen`, `words`, `max_screen`): such a frame is walked
 whole, and one that holds one of the words (ASCII case ignored) or is larger than max_screen is a stop frame.
-Words named in `exempt` (each one of the words) do not stop a body that is one statement opening with `exempt_lead`:
-after its leading bytes up to 0x20 (white space; the NUL or command byte before a PostgreSQL Parse's or a MySQL
-COM_QUERY's text), the lead and a byte up to 0x20, and no ';' but at its end (only bytes up to 0x20 and ';' after
-the first one). An engine exempts SET in `UPDATE ... SET ...`, whose own SET statements open a statement.
+Words named in `exempt` (each one of the words) do not stop a body that is one statement opening with an `exempt_lead`
+(bytes, or up to MAX_LEADS of them): after its leading bytes up to 0x20 (white space; the NUL or command byte before a
+PostgreSQL Parse's or a MySQL COM_QUERY's text), the lead and a byte up to 0x20, and no ';' but at its end (only
+bytes up to 0x20 and ';' after the first one). An engine exempts SET in one statement opening with SELECT, UPDATE,
+... (`OFFSET`, `UPDATE ... SET`, a column named `settings`), since its own SET statements open a statement.
+`pg_begin=True` (a PostgreSQL client rule): a simple Query whose whole text is a lone BEGIN [WORK | TRANSACTION] or
+START TRANSACTION (ASCII case ignored, PostgreSQL's white space around, one ';' at the end) is a LOCAL event before it
+(arg TXW_BEGIN or TXW_START) whatever the screen says, and while the walker's `lazy` is set so is a lone COMMIT / END /
+ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). The relay answers them itself for a client between
+transactions: BEGIN with CommandComplete and ReadyForQuery 'T', holding no backend; COMMIT or ROLLBACK right after it
+with 'I'; the BEGIN goes, as Parse/Bind/Execute of the unnamed statement with no Sync (a simple Query then gets a Sync
+of the relay's behind it, whose ReadyForQuery is dropped), in front of the next request that takes a backend, and its
+answer is dropped, so that a failed BEGIN's error is that request's answer. A client the relay lets go of with such a
+BEGIN unsent (a stop frame, a request that opens with anything but a Query or a Parse, take_waiting, remove, ...):
+`lazy_begin(fd)` is TXW_BEGIN or TXW_START (BEGIN_TEXTS names them), for the caller to carry the transaction on.
 A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing only):
 a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted once:
 one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement (well
@@ -73,7 +84,7 @@ Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting(
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
 client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend, requests not answered
-yet), or None for a backend or an unknown fd (the client timeouts read it); `relayed_before(fd)` is the requests
+yet, its lazy BEGIN: see pg_begin below), or None for a backend or an unknown fd (the client timeouts read it); `relayed_before(fd)` is the requests
 walked for the client last let go of at fd (its event in hand, the relay has forgotten it); `counts()` is (idle backends, waiting clients, linked clients).
 `set_yield(on) -> events`: while on, the relay lends no backend by itself: a backend that ends a transaction goes
 to the idle list (not to the client waiting longest) and a client that starts a request waits even if a backend is
@@ -132,6 +143,7 @@ SCRAM_TAIL_MAX = 160    # the end of a server-first-message: ",s=<salt>,i=<itera
 SCRAM_TEXT_MAX = 512    # a client-first-message-bare the relay verifies
 _SASL_REQUEST = b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"
 MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
+MAX_LEADS = 8                   # exempt leads of one rule
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
 _PG_BATCH_INCOMPLETE, _PG_BATCH_RELAYED, _PG_BATCH_STOP = range(3)
 # pg_begin (see "a BEGIN the relay answers" in _relay.c): sent ahead of the request after a lazy BEGIN
@@ -253,9 +265,12 @@ class PyWalker:
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
         self.screen, self.words, self.max_screen = frozenset(screen or b""), tuple(w.lower() for w in words), max_screen
         exempt = frozenset(w.lower() for w in exempt or ())
-        if len(exempt_lead or b"") > MAX_WORD or not exempt <= set(self.words):
-            raise ValueError(f"exempt_lead: at most {MAX_WORD} bytes; exempt: each one of the words")
-        self.exempt_lead, self.exempt = (exempt_lead or b"").lower(), exempt
+        leads = (exempt_lead,) if isinstance(exempt_lead, bytes) else tuple(exempt_lead or ())
+        if (len(leads) > MAX_LEADS or any(type(lead) is not bytes or len(lead) > MAX_WORD for lead in leads)
+                or not exempt <= set(self.words)):
+            raise ValueError(f"exempt_lead: bytes, or at most {MAX_LEADS} of them, each at most {MAX_WORD} bytes; "
+                             "exempt: each one of the words")
+        self.exempt_lead, self.exempt = tuple(lead.lower() for lead in leads if lead), exempt
         self.header_size, self.length_offset, self.length_size = header_size, length_offset, length_size
         self.big_endian, self.length_adjust, self.type_offset = bool(big_endian), length_adjust, type_offset
         self.stop, self.count = frozenset(stop or b""), frozenset(count or b"")
@@ -344,13 +359,13 @@ class PyWalker:
         return False
 
     def _screen_exempt(self, low: bytes) -> bool:
-        """One statement opening with exempt_lead: after the leading bytes up to 0x20, the lead and a byte up to 0x20,
-        and no ';' but at the end (only bytes up to 0x20 and ';' after the first one)."""
-        lead = self.exempt_lead
+        """One statement opening with an exempt lead: after the leading bytes up to 0x20, the lead and a byte up to
+        0x20, and no ';' but at the end (only bytes up to 0x20 and ';' after the first one)."""
         i = 0
         while i < len(low) and low[i] <= 0x20:
             i += 1
-        if not lead or len(low) - i <= len(lead) or low[i:i + len(lead)] != lead or low[i + len(lead)] > 0x20:
+        if not any(len(low) - i > len(lead) and low[i:i + len(lead)] == lead and low[i + len(lead)] <= 0x20
+                   for lead in self.exempt_lead):
             return False
         semi = low.find(b";", i)
         return semi < 0 or all(ch <= 0x20 or ch == 0x3B for ch in low[semi:])

@@ -23,8 +23,9 @@ USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_C
 (rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (above), LOAD (LOAD DATA
 LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and
 INSERT / REPLACE, whose OK packets carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()`
-itself. SET does not stop a text that is one UPDATE statement (it opens with UPDATE and holds no ';' but at its end:
-EXEMPT_LEAD), whose SET assigns columns. So no request the relay serves can pin, change a setting the Python path
+itself. SET does not stop a text that is one statement opening with SELECT, UPDATE or DELETE (and holding no ';' but
+at its end: EXEMPT_LEAD): UPDATE's SET assigns columns, and OFFSET, CHARACTER SET or "settings" hold the word; a
+session SET opens a statement. So no request the relay serves can pin, change a setting the Python path
 tracks, ask for a LOCAL INFILE or change the last insert id; an ERR is forwarded as it is, with nothing to undo.
 
 The response walk must know whether CLIENT_DEPRECATE_EOF is in effect: a pool's backends log in with the
@@ -38,9 +39,10 @@ from .handover import not_idle
 from .pinning import _KEYWORDS
 
 RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"load", b"call", b"insert", b"replace")
-# One UPDATE statement's SET assigns columns (a session SET opens a statement; user variables are '@'): "set" does not
-# stop a text that is one statement opening with UPDATE (the relay core's exempt_lead)
-EXEMPT_LEAD, EXEMPT_WORDS = b"update", (b"set",)
+# A session SET opens a statement (user variables are '@'): "set" does not stop a text that is one statement opening
+# with one of these (the relay core's exempt_lead): UPDATE ... SET, LIMIT ... OFFSET, CHARACTER SET in a CAST, a
+# column named "settings"
+EXEMPT_LEAD, EXEMPT_WORDS = (b"select", b"update", b"delete"), (b"set",)
 MAX_SCREENED = 8000         # a longer COM_QUERY goes through Python (the relay holds a screened packet whole)
 MAX_ANSWER_HEAD = 4096      # the packets the response walk reads whole (a result's first packet, OK/EOF/ERR)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)

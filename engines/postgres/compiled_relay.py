@@ -17,15 +17,24 @@ anything unknown. A Query or a Parse stops too when its text holds a word of REL
 anywhere in the text: a false alarm only costs a trip through Python), or is longer than MAX_SCREENED: the words of
 the pin screen (pinning.might_pin: SET, RESET, set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP
 tables, cursors WITH HOLD, advisory locks, LOAD, CLOSE), the words that open a transaction block (BEGIN, START),
-whose statements must run on one backend and which the Python path answers lazily (so that a client idle after its
-BEGIN holds no backend), and COPY, whose CopyIn/CopyOut answers the Python path tracks. SET does not stop a text
-that is one UPDATE statement (it opens with UPDATE and holds no ';' but at its end: EXEMPT_LEAD), whose SET assigns
-columns; the Python path finds SET statements only where a statement opens, so it tracks nothing there either
-(set_config, a function call anywhere, is a word of its own). So no request the relay serves can pin, change a
-setting the Python path tracks, open a transaction or start a COPY; the server messages that follow only such
-requests (ParameterStatus, NotificationResponse, CopyInResponse) do not come in answer to it. An ErrorResponse is
-forwarded as it is: no transaction or tracked setting is there to undo, and the server skips the rest of the batch
-to its Sync, which the relay forwarded with it.
+and COPY, whose CopyIn/CopyOut answers the Python path tracks. SET does not stop a text that is one statement
+opening with SELECT, INSERT, UPDATE, DELETE, WITH or VALUES (and holding no ';' but at its end: EXEMPT_LEAD):
+UPDATE's SET assigns columns, and OFFSET, "settings" or "dataset" hold the word; the Python path finds SET statements
+only where a statement opens, so it tracks nothing there either (set_config, a function call anywhere, is a word of
+its own). So no request the relay forwards as it is can pin, change a setting the Python path tracks or start a
+COPY; the server messages that follow only such requests (ParameterStatus, NotificationResponse, CopyInResponse) do
+not come in answer to it.
+
+Transactions (`pg_begin`, see the relay core): a lone BEGIN or START TRANSACTION (no modes, no other statement) is
+answered by the relay itself, with no backend, as the Python path's LazyTransaction answers it, so that a client idle
+after its BEGIN holds none; the relay sends it ahead of the client's next request (Parse/Bind/Execute with no Sync,
+its answer dropped) on the backend that serves the rest of the transaction, to the ReadyForQuery 'I' that ends it. A
+COMMIT or ROLLBACK right after it is answered by the relay too. A stop frame inside such a transaction goes to the
+Python path with the backend once nothing is outstanding (PostgresClient.relay_adopt links it with the status of the
+last ReadyForQuery); a client let go of with its BEGIN answered and not sent carries it on there
+(PostgresClient.relay_began). A BEGIN with modes stops, and the Python path answers it. An ErrorResponse is forwarded
+as it is: no tracked setting is there to undo (inside a transaction ReadyForQuery 'E' keeps the backend until the
+client's ROLLBACK), and the server skips the rest of the batch to its Sync, which the relay forwarded with it.
 
 Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
 authentication (AuthenticationOk, its ParameterStatus messages, BackendKeyData, ReadyForQuery) for the relay to send
@@ -39,9 +48,10 @@ from . import protocol as p
 from .pinning import _KEYWORDS
 
 RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"copy", b"set_config")     # "listen" covers UNLISTEN
-# One UPDATE statement's SET assigns columns: the Python path's SET opens a statement (pinning._SET), so "set" does not
-# stop a text that is one statement opening with UPDATE (the relay core's exempt_lead; set_config still does)
-EXEMPT_LEAD, EXEMPT_WORDS = b"update", (b"set",)
+# The Python path's SET opens a statement (pinning._SET), so "set" does not stop a text that is one statement opening
+# with one of these (the relay core's exempt_lead): UPDATE ... SET, LIMIT ... OFFSET, a column named "settings" or
+# "dataset" (set_config is a word of its own, and still stops)
+EXEMPT_LEAD, EXEMPT_WORDS = (b"select", b"insert", b"update", b"delete", b"with", b"values"), (b"set",)
 MAX_SCREENED = 8000         # a longer Query or batch goes through Python (the relay holds a screened frame whole)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)
 _COUNTED = frozenset((p.QUERY, p.SYNC))

@@ -36,14 +36,18 @@ RELAYED = [b"SELECT c FROM sbtest1 WHERE id=5017", b"select 1", b"DELETE FROM t 
            b"SELECT x FROM t ORDER BY 1 LIMIT 5", b"SELECT NOW(), SLEEP(0)", b"SELECT 1; SELECT 2", b"DO 1",
            b"SHOW TABLES", b"SELECT CONNECTION_ID()", b"COMMIT", b"ROLLBACK", b"SAVEPOINT a",
            b"select 1; Commit",      # (they end an autocommit-off client's transaction; nothing outside one)
-           b"UPDATE sbtest1 SET k=k+1 WHERE id=5017", b"UPDATE t SET x = 1;"]     # one UPDATE's SET: columns
+           b"UPDATE sbtest1 SET k=k+1 WHERE id=5017", b"UPDATE t SET x = 1;",     # one UPDATE's SET: columns
+           b"SELECT * FROM t LIMIT 5 OFFSET 10", b"SELECT CAST(x AS CHAR CHARACTER SET utf8mb4)",
+           b" select settings from t", b"DELETE FROM t WHERE asset = 1"]    # "set" in one SELECT / DELETE
 STOPPED = [b"SET autocommit = 0", b"set names utf8mb4", b"SET SESSION sql_mode = ''", b"SELECT @x", b"SELECT @@sql_mode",
            b"USE other", b"LOCK TABLES t READ", b"SELECT GET_LOCK('a', 1)", b"CREATE TEMPORARY TABLE t (x int)",
            b"PREPARE s FROM 'SELECT 1'", b"SELECT SQL_CALC_FOUND_ROWS * FROM t", b"SELECT FOUND_ROWS()",
            b"HANDLER t OPEN", b"XA START 'x'", b"KILL QUERY 5", b"FLUSH TABLES", b"SELECT LAST_INSERT_ID()",
            b"DROP TABLE t", b"LOAD DATA LOCAL INFILE 'x' INTO TABLE t", b"CALL p()", b"INSERT INTO t VALUES (1)",
            b"REPLACE INTO t VALUES (1)", b"UPDATE t SET x = 1; SET y = 2", b"UPDATE t SET x = @v",
-           b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", b"BEGIN", b"begin work", b"START TRANSACTION"]
+           b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", b"BEGIN", b"begin work", b"START TRANSACTION",
+           b"SELECT 1 OFFSET 1; SET y = 2", b"SELECT 1;SET NAMES latin1", b"SELECT(1); set autocommit=0",
+           b"select\tsettings from t; set x = 1"]
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)

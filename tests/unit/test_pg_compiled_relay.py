@@ -41,13 +41,18 @@ def stops(walker_type, data: bytes) -> bool:
 
 RELAYED = [b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;", b"select 1", b"INSERT INTO t VALUES (1)",
            b"SELECT x FROM t ORDER BY 1 LIMIT 5", b"SELECT now()", b"DELETE FROM t WHERE id = 3",
-           b"UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7;", b" update t set x = 1 returning x"]
+           b"UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7;", b" update t set x = 1 returning x",
+           b"SELECT * FROM t LIMIT 5 OFFSET 10", b"insert into t (dataset) values (1)",     # "set" in one statement
+           b"WITH x AS (SELECT 1) SELECT * FROM x OFFSET 1", b"DELETE FROM t WHERE asset = 1;", b"VALUES (1) OFFSET 0"]
 STOPPED = [b"SET search_path = app", b"set application_name = 'x'", b"SELECT set_config('a.b', '1', false)",
            b"RESET ALL", b"DISCARD ALL", b"PREPARE s AS SELECT 1", b"DEALLOCATE s", b"LISTEN chan", b"UNLISTEN *",
            b"CREATE TEMP TABLE t (x int)", b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", b"SELECT pg_advisory_lock(1)",
-           b"LOAD 'auto_explain'", b"CLOSE c", b"BEGIN", b"begin; select 1; commit", b"START TRANSACTION",
-           b"COPY t FROM STDIN", b"select 1; SeT x = 1", b"UPDATE t SET x = 1; SET work_mem = '5MB'",
-           b"UPDATE t SET x = set_config('a.b', '1', false)", b"UPDATE t SET x = 1 -- ; SET y"]
+           b"LOAD 'auto_explain'", b"CLOSE c", b"begin; select 1; commit", b"BEGIN ISOLATION LEVEL SERIALIZABLE",
+           b"START TRANSACTION READ ONLY", b"COPY t FROM STDIN", b"select 1; SeT x = 1",
+           b"UPDATE t SET x = 1; SET work_mem = '5MB'", b"UPDATE t SET x = set_config('a.b', '1', false)",
+           b"UPDATE t SET x = 1 -- ; SET y", b"SELECT 1 OFFSET 1; SET y = 2", b"selectx set y = 1",
+           b"DO $$ BEGIN SET LOCAL x = 1; END $$", b"EXPLAIN ANALYZE SELECT 1 OFFSET 1"]
+LOCAL = [(b"BEGIN", rc.TXW_BEGIN), (b"begin work;", rc.TXW_BEGIN), (b"START TRANSACTION", rc.TXW_START)]
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)
@@ -60,6 +65,13 @@ def test_harmless_queries_are_relayed(walker_type, sql):
 @pytest.mark.parametrize("sql", STOPPED)
 def test_queries_that_pin_track_or_open_a_transaction_stop(walker_type, sql):
     assert stops(walker_type, query(sql))
+
+
+@pytest.mark.parametrize("walker_type", WALKERS)
+@pytest.mark.parametrize("sql,word", LOCAL)
+def test_a_lone_begin_is_for_the_relay_to_answer(walker_type, sql, word):
+    walker = walker_type(**relay_rules()["client"])
+    assert walker.feed(query(sql)) == (0, rc.LOCAL, word)
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)

@@ -571,7 +571,7 @@ def screened_walkers(impl, max_screen=64):
     walker, _ = impl
     rule = dict(PG)
     return (walker(**rule, stop=b"XP", count=b"QS", screen=b"Q", words=SCREEN_WORDS, max_screen=max_screen,
-                   exempt_lead=b"update", exempt=(b"set",)),
+                   exempt_lead=(b"update", b"delete"), exempt=(b"set",)),
             walker(**rule, boundary=ord("Z")))
 
 
@@ -633,6 +633,16 @@ def test_an_exempt_word_does_not_stop_one_statement_opening_with_the_lead(impl):
         walker(**dict(rule, exempt=(b"reset",)))
     with pytest.raises(ValueError):
         walker(**dict(rule, exempt_lead=b"x" * 33))
+    with pytest.raises(ValueError):
+        walker(**dict(rule, exempt_lead=(b"a",) * 9))
+    with pytest.raises(ValueError):
+        walker(**dict(rule, exempt_lead=(b"select", "update")))
+    # several leads: a statement opening with any of them (the lead whole, then white space)
+    several = walker(**dict(rule, exempt_lead=(b"update", b"SELECT", b"")))
+    for text, stops in ((b"select * from t offset 5", False), (b" UPDATE t SET x = 1", False),
+                        (b"selected set x", True), (b"select 1; set x = 1", True), (b"insert into t (settings)", True),
+                        (b"select set_config('a', 'b', false)", True)):
+        assert several.feed(pg(b"Q", text + b"\0"))[1] == (rc.HANDOVER if stops else rc.NONE), text
 
 
 @pytest.mark.timeout(10)
