@@ -99,6 +99,8 @@ typedef struct {
     int n_leads;
     int pg_unnamed;             /* PostgreSQL extended-protocol batches of the unnamed statement (pg_batch) */
     int pg_begin;               /* PostgreSQL: a lone BEGIN is EV_LOCAL, and so are COMMIT/ROLLBACK after it (lazy) */
+    unsigned char mysql_begin[64];  /* MySQL: a lone BEGIN is EV_LOCAL, answered with these bytes (an OK packet) */
+    size_t mysql_begin_len;
     /* MySQL (see the MySQL block below): */
     int response;           /* RESPONSE_MYSQL: walk_mysql_response() walks this direction (the server's answers) */
     int deprecate_eof;      /* CLIENT_DEPRECATE_EOF in effect: no EOF after column definitions, rows end with an OK */
@@ -226,11 +228,10 @@ static int next_word(const unsigned char *text, size_t len, size_t *at, char *wo
     return n;
 }
 
-/* The transaction word of a Query body (its text and the NUL that ends it), or TXW_NONE. */
-static int pg_transaction_word(const unsigned char *body, size_t blen) {
-    if (blen < 2 || body[blen - 1] != 0 || memchr(body, 0, blen - 1) != NULL)
-        return TXW_NONE;
-    size_t len = blen - 1, at = 0;
+/* The transaction word of a statement's text (len bytes), or TXW_NONE; mysql: MySQL's BEGIN [WORK] and START
+   TRANSACTION only (MySQL has no END, ABORT or BEGIN TRANSACTION, and the relay answers no COMMIT there). */
+static int transaction_word(const unsigned char *body, size_t len, int mysql) {
+    size_t at = 0;
     char first[12], second[12], third[12];
     if (next_word(body, len, &at, first, sizeof(first)) <= 0 || next_word(body, len, &at, second, sizeof(second)) < 0)
         return TXW_NONE;
@@ -242,6 +243,11 @@ static int pg_transaction_word(const unsigned char *body, size_t blen) {
     if (next_word(body, len, &end, third, sizeof(third)) != 0 || end < len)
         return TXW_NONE;
     int plain = second[0] == 0, qualified = strcmp(second, "work") == 0 || strcmp(second, "transaction") == 0;
+    if (mysql) {
+        if (strcmp(first, "begin") == 0 && (plain || strcmp(second, "work") == 0))
+            return TXW_BEGIN;
+        return strcmp(first, "start") == 0 && strcmp(second, "transaction") == 0 ? TXW_START : TXW_NONE;
+    }
     if (strcmp(first, "begin") == 0 && (plain || qualified))
         return TXW_BEGIN;
     if (strcmp(first, "start") == 0 && strcmp(second, "transaction") == 0)
@@ -251,6 +257,13 @@ static int pg_transaction_word(const unsigned char *body, size_t blen) {
     if ((strcmp(first, "rollback") == 0 || strcmp(first, "abort") == 0) && (plain || qualified))
         return TXW_ROLLBACK;
     return TXW_NONE;
+}
+
+/* The transaction word of a PostgreSQL Query body (its text and the NUL that ends it), or TXW_NONE. */
+static int pg_transaction_word(const unsigned char *body, size_t blen) {
+    if (blen < 2 || body[blen - 1] != 0 || memchr(body, 0, blen - 1) != NULL)
+        return TXW_NONE;
+    return transaction_word(body, blen - 1, 0);
 }
 
 /* ---------------------------------------------------------------- PostgreSQL batches of the unnamed statement
@@ -365,6 +378,7 @@ enum { RESPONSE_NONE = 0, RESPONSE_MYSQL = 1, RESPONSE_TDS = 2 };
 enum { REQUEST_NONE = 0, REQUEST_MYSQL = 1, REQUEST_TDS = 2 };
 enum { MY_START = 0, MY_COLUMNS = 1, MY_COLUMNS_EOF = 2, MY_ROWS = 3 };
 #define MY_MAX_PAYLOAD 0xFFFFFFu
+#define MY_COM_QUERY 0x03
 #define MY_STATUS_IN_TRANS 0x0001
 #define MY_MORE_RESULTS_EXISTS 0x0008
 
@@ -673,6 +687,14 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
                     break;
                 }
             }
+            if (rule->mysql_begin_len && type == MY_COM_QUERY && total > 5) {
+                int word = transaction_word(h + 5, (size_t)total - 5, 1);
+                if (word != TXW_NONE) {
+                    res.event = EV_LOCAL;
+                    res.arg = word;
+                    break;
+                }
+            }
             if (screen_hit(rule, h + rule->header_size, (size_t)total - (size_t)rule->header_size)) {
                 res.event = EV_HANDOVER;
                 res.arg = type;
@@ -710,21 +732,30 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"header_size", "length_offset", "length_size", "big_endian", "length_adjust",
                              "type_offset", "stop", "count", "boundary", "max_boundary", "screen", "words",
                              "max_screen", "pg_unnamed", "response", "deprecate_eof", "request", "exempt_lead",
-                             "exempt", "pg_begin", NULL};
+                             "exempt", "pg_begin", "mysql_begin", NULL};
     PyObject *stop = NULL, *count = NULL, *screen = NULL, *words = NULL, *exempt = NULL, *exempt_lead = NULL;
+    const char *mysql_begin = NULL;
+    Py_ssize_t mysql_begin_len = 0;
     const char *response = NULL, *request = NULL;
     memset(rule, 0, sizeof(*rule));
     rule->type_offset = -1;
     rule->boundary = -1;
     rule->max_boundary = 4096;
     rule->max_screen = 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzOOp", kwlist, &rule->header_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiipL|iOOiiOOLpzpzOOpy#", kwlist, &rule->header_size,
                                      &rule->length_offset, &rule->length_size, &rule->big_endian, &rule->length_adjust,
                                      &rule->type_offset, &stop, &count, &rule->boundary, &rule->max_boundary,
                                      &screen, &words, &rule->max_screen, &rule->pg_unnamed, &response,
                                      &rule->deprecate_eof, &request, &exempt_lead, &exempt,
-                                     &rule->pg_begin))
+                                     &rule->pg_begin, &mysql_begin, &mysql_begin_len))
         return -1;
+    if (mysql_begin_len > (Py_ssize_t)sizeof(rule->mysql_begin)) {
+        PyErr_Format(PyExc_ValueError, "mysql_begin: at most %d bytes", (int)sizeof(rule->mysql_begin));
+        return -1;
+    }
+    if (mysql_begin_len)
+        memcpy(rule->mysql_begin, mysql_begin, (size_t)mysql_begin_len);
+    rule->mysql_begin_len = (size_t)mysql_begin_len;
     if (exempt_lead != NULL && exempt_lead != Py_None) {
         /* one lead (bytes; empty: none) or a sequence of them */
         PyObject *leads = PyBytes_Check(exempt_lead) ? PyTuple_Pack(1, exempt_lead)
@@ -778,6 +809,10 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     if (rule->request == REQUEST_MYSQL && (rule->header_size != 4 || rule->length_offset != 0 ||
                                            rule->length_size != 3 || rule->big_endian || rule->length_adjust != 4)) {
         PyErr_SetString(PyExc_ValueError, "request=\"mysql\" needs the MySQL framing");
+        return -1;
+    }
+    if (rule->mysql_begin_len && (rule->request != REQUEST_MYSQL || rule->type_offset != 4)) {
+        PyErr_SetString(PyExc_ValueError, "mysql_begin: only with request=\"mysql\" (the MySQL framing)");
         return -1;
     }
     if (rule->header_size < 1 || rule->length_size < 1 || rule->length_size > 4 || rule->length_offset < 0 ||
@@ -989,6 +1024,7 @@ typedef struct Conn {
     int lazy;                   /* clients (pg_begin): TXW_BEGIN / TXW_START answered by the relay, not sent yet */
     int swallow;                /* backends (pg_begin): messages of a BEGIN sent ahead still to drop (begin_ahead) */
     int zskip;                  /* backends: 2, the ReadyForQuery after the next one is the relay's Sync's (dropped) */
+    int drop;                   /* backends (MySQL): the answer being walked is dropped (its BEGIN failed) */
     unsigned long long requests; /* clients: requests walked since the relay was given the client (activity) */
     uint32_t mask;              /* epoll events registered */
     WalkState st;
@@ -1306,14 +1342,37 @@ static const unsigned char PG_SYNC[] = "S\0\0\0\x04";
 static inline uint32_t be32(const unsigned char *p);
 static inline void put_be32(unsigned char *p, uint32_t v);
 
+/* MySQL (mysql_begin): the BEGIN sent ahead is a COM_QUERY of its own, pipelined in front of the client's command; the
+   backend drops its OK (whose status flags tell the response walk that a transaction is open: `mtrans`). An ERR in
+   its place is forwarded as the answer to the client's command, and the answer to that command is dropped (`drop`),
+   as the Python path does (engines/mysql/relay.py). The relay answers a lone BEGIN [WORK] or START TRANSACTION with
+   the rule's bytes (an OK packet with the lane's status flags), and no COMMIT or ROLLBACK. */
+static const unsigned char MY_BEGIN_AHEAD[] = "\x06\0\0\0\x03" "BEGIN";
+#define MY_BEGIN_AHEAD_LEN (sizeof(MY_BEGIN_AHEAD) - 1)
+
+static inline size_t my_frame_size(const unsigned char *h) {
+    return 4 + ((size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16));
+}
+
 /* Whether the request at c->buf[c->sent] can have the client's lazy BEGIN put in front of it (begin_ahead). */
 static int begin_fits(RelayObject *r, Conn *c) {
+    if (r->rules[ROLE_CLIENT].mysql_begin_len)
+        return c->len + MY_BEGIN_AHEAD_LEN <= r->bufsize;   /* (any command the relay forwards) */
     unsigned char type = c->buf[c->sent];
     return (type == 'Q' || type == 'P') && c->len + PG_BEGIN_AHEAD_LEN + PG_SYNC_LEN <= r->bufsize;
 }
 
-static void begin_ahead(Conn *c, Conn *b) {
+static void begin_ahead(RelayObject *r, Conn *c, Conn *b) {
     unsigned char *at = c->buf + c->sent;
+    if (r->rules[ROLE_CLIENT].mysql_begin_len) {
+        memmove(at + MY_BEGIN_AHEAD_LEN, at, c->len - c->sent);
+        memcpy(at, MY_BEGIN_AHEAD, MY_BEGIN_AHEAD_LEN);
+        c->len += MY_BEGIN_AHEAD_LEN;
+        c->fwd += MY_BEGIN_AHEAD_LEN;
+        b->swallow = 1;
+        c->lazy = c->st.lazy = 0;
+        return;
+    }
     if (at[0] == 'Q') {        /* (a screened Query: whole before fwd) */
         size_t q = 1 + (size_t)be32(at + 1);
         memmove(at + q + PG_SYNC_LEN, at + q, c->len - c->sent - q);
@@ -1347,12 +1406,19 @@ static size_t pg_local_answer(unsigned char *out, const char *tag, unsigned char
 /* The client's Query at c->buf[c->fwd] is the transaction word `word` (EV_LOCAL): 1 when the relay answered it (the
    Query is dropped), 0 when it did not (nothing written), -1 when the client was handed over (a partial write). */
 static int answer_locally(RelayObject *r, Conn *c, int word) {
+    const Rule *rule = &r->rules[ROLE_CLIENT];
     int begin = word == TXW_BEGIN || word == TXW_START;
     if (c->peer != NULL || c->outstanding != 0 || (begin ? c->lazy != 0 : c->lazy == 0))
         return 0;
-    unsigned char answer[48];
-    size_t n = pg_local_answer(answer, word == TXW_BEGIN ? "BEGIN" : word == TXW_START ? "START TRANSACTION"
-                                       : word == TXW_COMMIT ? "COMMIT" : "ROLLBACK", begin ? 'T' : 'I');
+    unsigned char answer[64];
+    size_t n;
+    if (rule->mysql_begin_len) {
+        memcpy(answer, rule->mysql_begin, rule->mysql_begin_len);
+        n = rule->mysql_begin_len;
+    } else {
+        n = pg_local_answer(answer, word == TXW_BEGIN ? "BEGIN" : word == TXW_START ? "START TRANSACTION"
+                                    : word == TXW_COMMIT ? "COMMIT" : "ROLLBACK", begin ? 'T' : 'I');
+    }
     ssize_t w;
     do
         w = send(c->fd, answer, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -1364,7 +1430,7 @@ static int answer_locally(RelayObject *r, Conn *c, int word) {
         closed(r, c, w < 0 ? errno : EPIPE);
         return -1;
     }
-    c->fwd += 1 + (size_t)be32(c->buf + c->fwd + 1);
+    c->fwd += rule->mysql_begin_len ? my_frame_size(c->buf + c->fwd) : 1 + (size_t)be32(c->buf + c->fwd + 1);
     c->sent = c->fwd;
     c->lazy = c->st.lazy = begin ? word : 0;
     c->requests++;
@@ -1373,7 +1439,7 @@ static int answer_locally(RelayObject *r, Conn *c, int word) {
 
 static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
     if (client->lazy)
-        begin_ahead(client, backend);
+        begin_ahead(r, client, backend);
     client->peer = backend;
     backend->peer = client;
     r->n_linked_clients++;
@@ -1472,7 +1538,7 @@ static void pump(RelayObject *r, Conn *c) {
                 if (arg != TXW_BEGIN && arg != TXW_START)
                     continue;
                 event = EV_HANDOVER;    /* a BEGIN the relay does not answer stops, as the screen would have it */
-                arg = 'Q';
+                arg = c->buf[c->fwd + rule->type_offset];
             }
             if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
                 hang_up(r, c);
@@ -1502,6 +1568,32 @@ static void pump(RelayObject *r, Conn *c) {
             if (c->peer == NULL)
                 drop_buf(r, c, 0);
             return;
+        }
+        if (c->swallow && c->st.remaining == 0 && rule->response == RESPONSE_MYSQL) {     /* (begin_ahead) */
+            size_t avail = c->len - c->fwd;
+            if (avail < 5)
+                return;
+            unsigned char *f = c->buf + c->fwd;
+            size_t size = my_frame_size(f);
+            if (size > r->bufsize || c->st.mstate != MY_START || c->st.mmore) {
+                c->swallow = 0;     /* not an answer to a BEGIN: the walk judges it */
+            } else if (avail < size) {
+                return;
+            } else if (f[4] == 0x00) {  /* its OK: dropped; its flags say the transaction is open */
+                long status = mysql_ok_status(f + 4, size - 4);
+                c->st.mtrans = status >= 0 && (status & MY_STATUS_IN_TRANS);
+                memmove(f, f + size, avail - size);
+                c->len -= size;
+                c->swallow = 0;
+                continue;
+            } else if (f[4] == 0xFF) {  /* it failed: its ERR answers the client's command, whose answer goes */
+                c->swallow = 0;
+                c->drop = 1;
+                c->fwd += size;
+                continue;
+            } else {
+                c->swallow = 0;
+            }
         }
         if (c->swallow && c->st.remaining == 0) {     /* the answer of a BEGIN sent ahead (begin_ahead) */
             size_t avail = c->len - c->fwd;
@@ -1543,6 +1635,13 @@ static void pump(RelayObject *r, Conn *c) {
         }
         if (res.consumed == 0 && res.event == EV_NONE)
             return;                                     /* an incomplete header: wait for more */
+        if (c->drop) {              /* the answer to a command behind a failed BEGIN (MySQL): walked, not forwarded */
+            memmove(c->buf + c->fwd, c->buf + c->fwd + res.consumed, c->len - c->fwd - res.consumed);
+            c->len -= res.consumed;
+            res.consumed = 0;
+            if (res.event == EV_BOUNDARY)
+                c->drop = 0;
+        }
         if (res.event == EV_BOUNDARY && c->zskip) {
             if (c->zskip == 2) {
                 c->zskip = 1;       /* the client's request's own: forwarded */

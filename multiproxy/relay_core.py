@@ -151,8 +151,9 @@ _PG_BEGIN_AHEAD = (b"P\0\0\0\x0d\0BEGIN\0\0\0" b"B\0\0\0\x0c" + bytes(8) + b"E\0
 _PG_SYNC = b"S\0\0\0\x04"
 _PG_READY_LEN = 6
 _PG_SWALLOWED = frozenset(b"12C")       # ParseComplete, BindComplete, CommandComplete of that BEGIN
-_PG_PASSED = frozenset(b"NS")
-_PG_SPACE = frozenset(b" \t\n\r\f")     # PostgreSQL's white space between tokens           # a notice or parameter report among them: forwarded
+_PG_PASSED = frozenset(b"NS")           # a notice or parameter report among them: forwarded
+_PG_SPACE = frozenset(b" \t\n\r\f")     # PostgreSQL's white space between tokens
+_MY_BEGIN_AHEAD = b"\x06\0\0\0\x03BEGIN"   # mysql_begin: the COM_QUERY sent ahead
 _TX_WORDS = {b"begin": TXW_BEGIN, b"commit": TXW_COMMIT, b"end": TXW_COMMIT, b"rollback": TXW_ROLLBACK,
              b"abort": TXW_ROLLBACK}
 _LOCAL_TAGS = {TXW_BEGIN: b"BEGIN", TXW_START: b"START TRANSACTION", TXW_COMMIT: b"COMMIT", TXW_ROLLBACK: b"ROLLBACK"}
@@ -185,7 +186,11 @@ def _pg_transaction_word(body: bytes) -> int:
     (space, tab, CR, LF, FF) around, one ';' at the end; else TXW_NONE."""
     if len(body) < 2 or body[-1] != 0 or 0 in body[:-1]:
         return TXW_NONE
-    text = body[:-1]
+    return _transaction_word(body[:-1])
+
+
+def _transaction_word(text: bytes, mysql: bool = False) -> int:
+    """As _pg_transaction_word, of a text with no NUL at its end; mysql: BEGIN [WORK] and START TRANSACTION only."""
     semi = text.find(b";")
     if semi >= 0:
         if any(ch not in _PG_SPACE for ch in text[semi + 1:]):
@@ -198,6 +203,10 @@ def _pg_transaction_word(body: bytes) -> int:
         return TXW_NONE
     words = [w.lower() for w in words]
     first, second = words[0], words[1] if len(words) == 2 else b""
+    if mysql:
+        if first == b"begin" and second in (b"", b"work"):
+            return TXW_BEGIN
+        return TXW_START if first == b"start" and second == b"transaction" else TXW_NONE
     if first == b"start":
         return TXW_START if second == b"transaction" else TXW_NONE
     if second not in (b"", b"work", b"transaction"):
@@ -228,12 +237,12 @@ class PyWalker:
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
                  "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans",
-                 "exempt_lead", "exempt", "pg_begin", "lazy")
+                 "exempt_lead", "exempt", "pg_begin", "lazy", "mysql_begin")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
                  pg_unnamed=False, response=None, deprecate_eof=False, request=None, exempt_lead=b"", exempt=(),
-                 pg_begin=False):
+                 pg_begin=False, mysql_begin=b""):
         if (header_size < 1 or not 1 <= length_size <= 4 or length_offset < 0
                 or length_offset + length_size > header_size or not -1 <= type_offset <= 255
                 or not -1 <= boundary <= 255 or max_boundary < 1 or max_screen < header_size):
@@ -243,6 +252,9 @@ class PyWalker:
             raise ValueError("pg_unnamed, pg_begin: only with PostgreSQL's framing")
         self.pg_unnamed, self.pg_begin = bool(pg_unnamed), bool(pg_begin)
         self.lazy = False               # pg_begin: a BEGIN answered and not sent (COMMIT / ROLLBACK are LOCAL too)
+        if len(mysql_begin or b"") > 64 or (mysql_begin and (request != "mysql" or type_offset != 4)):
+            raise ValueError('mysql_begin: at most 64 bytes, only with request="mysql" (the MySQL framing)')
+        self.mysql_begin = bytes(mysql_begin or b"")
         if response not in (None, "", "mysql", "tds"):
             raise ValueError('response: "mysql", "tds" or none')
         if request not in (None, "", "mysql", "tds"):
@@ -333,6 +345,10 @@ class PyWalker:
                 if self.pg_begin and kind == 81:        # Q
                     word = _pg_transaction_word(bytes(data[pos + 5:pos + total]))
                     if word in (TXW_BEGIN, TXW_START) or (word != TXW_NONE and self.lazy):
+                        return pos, LOCAL, word
+                if self.mysql_begin and kind == 3 and total > 5:    # COM_QUERY
+                    word = _transaction_word(bytes(data[pos + 5:pos + total]), mysql=True)
+                    if word != TXW_NONE:
                         return pos, LOCAL, word
                 if self._screen_hit(bytes(data[pos + header_size:pos + total]).lower()):
                     return pos, HANDOVER, kind
@@ -510,7 +526,8 @@ class PyWalker:
         twin = PyWalker(self.header_size, self.length_offset, self.length_size, self.big_endian, self.length_adjust,
                         self.type_offset, bytes(self.stop), bytes(self.count), self.boundary, self.max_boundary,
                         bytes(self.screen), self.words, self.max_screen, self.pg_unnamed, self.response,
-                        self.deprecate_eof, self.request, self.exempt_lead, tuple(self.exempt), self.pg_begin)
+                        self.deprecate_eof, self.request, self.exempt_lead, tuple(self.exempt), self.pg_begin,
+                        self.mysql_begin)
         twin.lazy = self.lazy
         return twin
 
@@ -587,7 +604,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip")
+                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip", "drop")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -599,6 +616,7 @@ class _Conn:
         self.lazy = TXW_NONE            # a client's BEGIN answered by the relay and not sent (pg_begin)
         self.swallow = 0                # a backend's messages of a BEGIN sent ahead still to drop
         self.zskip = 0                  # a backend's: 2, the ReadyForQuery after the next one is the relay's Sync's
+        self.drop = False               # a backend's (MySQL): the answer being walked is dropped (its BEGIN failed)
         self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
@@ -1225,10 +1243,19 @@ class PyRelay:
     # -- a BEGIN the relay answers (pg_begin; see _relay.c)
 
     def _begin_fits(self, c) -> bool:
+        if self._rules[0].mysql_begin:
+            return len(c.buf) + len(_MY_BEGIN_AHEAD) <= self._bufsize
         return c.buf[c.sent] in b"QP" and len(c.buf) + len(_PG_BEGIN_AHEAD) + len(_PG_SYNC) <= self._bufsize
 
     def _begin_ahead(self, c, b) -> None:
         at = c.sent
+        if self._rules[0].mysql_begin:
+            c.buf[at:at] = _MY_BEGIN_AHEAD
+            c.fwd += len(_MY_BEGIN_AHEAD)
+            b.swallow = 1
+            c.lazy = TXW_NONE
+            c.walker.lazy = False
+            return
         if c.buf[at] == 81:             # Q (a screened Query: whole before fwd)
             end = at + 1 + int.from_bytes(c.buf[at + 1:at + 5], "big")
             c.buf[end:end] = _PG_SYNC
@@ -1247,7 +1274,8 @@ class PyRelay:
         begin = word in (TXW_BEGIN, TXW_START)
         if c.peer is not None or c.outstanding or (bool(c.lazy) if begin else not c.lazy):
             return 0
-        answer = _pg_local_answer(word)
+        mysql_begin = self._rules[0].mysql_begin
+        answer = mysql_begin or _pg_local_answer(word)
         while True:
             try:
                 n = os.write(c.fd, answer)
@@ -1265,7 +1293,8 @@ class PyRelay:
                 pass
             self._closed(c, err if n < 0 else errno.EPIPE)
             return -1
-        c.fwd += 1 + int.from_bytes(c.buf[c.fwd + 1:c.fwd + 5], "big")
+        c.fwd += (4 + int.from_bytes(c.buf[c.fwd:c.fwd + 3], "little") if mysql_begin
+                  else 1 + int.from_bytes(c.buf[c.fwd + 1:c.fwd + 5], "big"))
         c.sent = c.fwd
         c.lazy = word if begin else TXW_NONE
         c.walker.lazy = bool(c.lazy)
@@ -1276,6 +1305,27 @@ class PyRelay:
         """A backend's answer to a BEGIN sent ahead: True, a message dropped or forwarded (walk on); None, wait for
         more bytes; False, the walk goes on from here."""
         buf, at = c.buf, c.fwd
+        if c.walker.response == "mysql":
+            if len(buf) - at < 5:
+                return None
+            size = 4 + int.from_bytes(buf[at:at + 3], "little")
+            walker = c.walker
+            if size > self._bufsize or walker.mstate != MY_START or walker.mmore:
+                c.swallow = 0
+                return False
+            if len(buf) - at < size:
+                return None
+            c.swallow = 0
+            if buf[at + 4] == 0:        # its OK: dropped; its flags say the transaction is open
+                status = _mysql_ok_status(bytes(buf[at + 4:at + size]))
+                walker.mtrans = status >= 0 and bool(status & MY_STATUS_IN_TRANS)
+                del buf[at:at + size]
+                return True
+            if buf[at + 4] == 0xFF:     # it failed: its ERR answers the client's command, whose answer goes
+                c.drop = True
+                c.fwd += size
+                return True
+            return False
         if len(buf) - at < 5:
             return None
         kind = buf[at]
@@ -1389,7 +1439,7 @@ class PyRelay:
                     walker.lazy = False     # not answered: walked again as an ordinary Query (lazy: _begin_ahead)
                     if arg not in (TXW_BEGIN, TXW_START):
                         continue
-                    event, arg = HANDOVER, ord("Q")
+                    event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
                     self._hang_up(c)
                     return
@@ -1423,6 +1473,11 @@ class PyRelay:
                 c.requests += counted
             if consumed == 0 and event == NONE:
                 return
+            if c.drop:          # the answer to a command behind a failed BEGIN (MySQL): walked, not forwarded
+                del c.buf[c.fwd:c.fwd + consumed]
+                consumed = 0
+                if event == BOUNDARY:
+                    c.drop = False
             if event == BOUNDARY and c.zskip:
                 if c.zskip == 2:
                     c.zskip = 1         # the client's request's own: forwarded

@@ -384,7 +384,7 @@ class RelayLane:
         """The client the relay let go of at fd had a BEGIN answered there and not sent (pg_begin): its session carries
         that transaction on (ClientProtocol.relay_began)."""
         begun = self.relay.lazy_begin(fd)
-        if begun:
+        if begun and not session.client_gone:      # (a session that ends needs nothing, nor its protocol made)
             session.proto.relay_began(relay_core.BEGIN_TEXTS[begun])
 
     def _quit(self, session) -> None:

@@ -173,14 +173,21 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
     def relay_adopt(self, server_state, status: int) -> bool:
         """Linked to the backend of a transaction the relay served so far (a client with autocommit off, whose
         first statement that reads a table opened it; `status` 'T', the walk's word for SERVER_STATUS_IN_TRANS in
-        the last answer or an ERR after it): nothing is outstanding, no BEGIN was deferred here (BEGIN stops in the
-        relay), and the backend held the client's settings, schema and autocommit when the relay lent it."""
+        the last answer or an ERR after it; or a BEGIN the relay answered and sent ahead of the first command):
+        nothing is outstanding, no BEGIN was deferred here, and the backend held the client's settings, schema and
+        autocommit when the relay lent it."""
         if status != ord("T") or handover.not_idle(self):
             return False
         self.linked = True
         self.server_state = server_state
         self._status((p.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0) | p.SERVER_STATUS_IN_TRANS)
         return True
+
+    def relay_began(self, begin: bytes) -> None:
+        """The relay answered this BEGIN (mysql_begin) and sent it to no backend: deferred here, as a BEGIN this
+        client object answered itself (sent in front of the next command that needs a backend)."""
+        self.deferred_begin = bytes(begin)
+        self.status |= p.SERVER_STATUS_IN_TRANS
 
     def handover_refusal(self) -> str:
         return handover.not_idle(self)

@@ -56,10 +56,14 @@ def relay_rules(key=None) -> dict:
     from multiproxy.relay_core import FRAMINGS
     framing = dict(FRAMINGS["mysql"])
     deprecate_eof = bool(key[3]) if key is not None else False
+    autocommit = bool(key[4]) if key is not None else True
     stop = bytes(kind for kind in range(256) if kind not in _RELAYED)
+    # a lone BEGIN is answered in the relay (mysql_begin) as the Python path answers it (commands._transaction_control)
+    began = p.packet(1, p.ok_payload(p.SERVER_STATUS_IN_TRANS | (p.SERVER_STATUS_AUTOCOMMIT if autocommit else 0)))
     return {
         "client": dict(framing, stop=stop, count=bytes(_RELAYED), screen=bytes(_RELAYED), words=RELAY_SCREEN_WORDS,
-                       max_screen=MAX_SCREENED, request="mysql", exempt_lead=EXEMPT_LEAD, exempt=EXEMPT_WORDS),
+                       max_screen=MAX_SCREENED, request="mysql", exempt_lead=EXEMPT_LEAD, exempt=EXEMPT_WORDS,
+                       mysql_begin=began),
         "server": dict(framing, response="mysql", deprecate_eof=deprecate_eof, max_boundary=MAX_ANSWER_HEAD),
         "buffer_size": BUFFER_SIZE,
     }

@@ -45,8 +45,8 @@ STOPPED = [b"SET autocommit = 0", b"set names utf8mb4", b"SET SESSION sql_mode =
            b"HANDLER t OPEN", b"XA START 'x'", b"KILL QUERY 5", b"FLUSH TABLES", b"SELECT LAST_INSERT_ID()",
            b"DROP TABLE t", b"LOAD DATA LOCAL INFILE 'x' INTO TABLE t", b"CALL p()", b"INSERT INTO t VALUES (1)",
            b"REPLACE INTO t VALUES (1)", b"UPDATE t SET x = 1; SET y = 2", b"UPDATE t SET x = @v",
-           b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", b"BEGIN", b"begin work", b"START TRANSACTION",
-           b"SELECT 1 OFFSET 1; SET y = 2", b"SELECT 1;SET NAMES latin1", b"SELECT(1); set autocommit=0",
+           b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", b"START TRANSACTION READ ONLY", b"BEGIN TRANSACTION",
+           b"begin; select 1", b"SELECT 1 OFFSET 1; SET y = 2", b"SELECT 1;SET NAMES latin1", b"SELECT(1); set autocommit=0",
            b"select\tsettings from t; set x = 1"]
 
 
@@ -66,10 +66,24 @@ def test_queries_that_pin_or_track_stop(walker_type, sql):
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)
+@pytest.mark.parametrize("sql,word", [(b"BEGIN", rc.TXW_BEGIN), (b"begin work;", rc.TXW_BEGIN),
+                                      (b"START TRANSACTION", rc.TXW_START)])
+def test_a_lone_begin_is_for_the_relay_to_answer(walker_type, sql, word):
+    for key in (None, (frozenset(), "app", True, False, False)):
+        walker = walker_type(**relay_rules(key)["client"])
+        assert walker.feed(com_query(sql)) == (0, rc.LOCAL, word)
+    # answered with the lane's status flags: in a transaction, and autocommit as the key says
+    began = relay_rules((frozenset(), "app", True, False, False))["client"]["mysql_begin"]
+    assert began == p.packet(1, p.ok_payload(p.SERVER_STATUS_IN_TRANS))
+    assert relay_rules()["client"]["mysql_begin"] == p.packet(
+        1, p.ok_payload(p.SERVER_STATUS_IN_TRANS | p.SERVER_STATUS_AUTOCOMMIT))
+
+
+@pytest.mark.parametrize("walker_type", WALKERS)
 def test_every_query_the_python_path_would_act_on_stops(walker_type):
     for sql in STOPPED + RELAYED:
         if classify(sql.decode()) != Classification():
-            assert event_of(walker_type, com_query(sql)) == rc.HANDOVER, sql
+            assert event_of(walker_type, com_query(sql)) in (rc.HANDOVER, rc.LOCAL), sql
     extra = (b"begin", b"start", b"load", b"call", b"insert", b"replace")
     assert all(might_matter(word) or word in extra for word in RELAY_SCREEN_WORDS)
 
@@ -116,7 +130,7 @@ def answers(deprecate_eof: bool) -> list:
 @pytest.mark.parametrize("walker_type", WALKERS)
 @pytest.mark.parametrize("deprecate_eof", [False, True], ids=["eof", "deprecate_eof"])
 def test_the_response_walk_ends_where_the_python_path_releases(walker_type, deprecate_eof):
-    key = (frozenset(), "app", True, deprecate_eof)
+    key = (frozenset(), "app", True, deprecate_eof, True)
     for answer, status in answers(deprecate_eof):
         walker = walker_type(**relay_rules(key)["server"])
         assert walker.feed(answer) == (len(answer), rc.BOUNDARY, ord(status)), answer

@@ -2542,3 +2542,106 @@ def test_c_and_python_agree_on_the_transaction_words(text, lazy):
         client.lazy = lazy
         results.append((client.feed(frame), client.take_count(), client.lazy))
     assert results[0] == results[1]
+
+
+# -- MySQL: a BEGIN the relay answers (mysql_begin)
+
+MY_BEGAN = my_ok(1, AUTOCOMMIT | IN_TRANS)                    # the relay's answer: the lane's status flags
+MY_BEGIN_RULE = dict(MY_CLIENT_RULE, mysql_begin=MY_BEGAN)
+MY_BEGIN_AHEAD = my(0, b"\x03BEGIN")
+
+
+def my_begin_relay(impl, pairs):
+    relay = impl[1](impl[0](**MY_BEGIN_RULE), impl[0](**MY, response="mysql"), hold_stops=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    return relay, client, backend
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("text,expected", [
+    (b"BEGIN", (rc.LOCAL, rc.TXW_BEGIN)), (b" begin work;", (rc.LOCAL, rc.TXW_BEGIN)),
+    (b"START TRANSACTION", (rc.LOCAL, rc.TXW_START)),
+    (b"BEGIN TRANSACTION", (rc.HANDOVER, 3)),                  # not MySQL: the screen stops it, the server answers
+    (b"START TRANSACTION READ ONLY", (rc.NONE, -1)),           # (no screen word of this rule: forwarded)
+    (b"COMMIT", (rc.NONE, -1)), (b"BEGIN\0", (rc.HANDOVER, 3)),
+])
+def test_mysql_begin_finds_a_lone_begin(impl, text, expected):
+    client = impl[0](**MY_BEGIN_RULE)
+    client.lazy = True                                          # (MySQL has no COMMIT the relay answers)
+    packet = my(0, b"\x03" + text)
+    consumed, event, arg = client.feed(packet)
+    assert (event, arg) == expected and consumed == (len(packet) if event == rc.NONE else 0)
+    with pytest.raises(ValueError):
+        impl[0](**dict(MY, mysql_begin=MY_BEGAN))               # only with request="mysql"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_mysql_begin_is_answered_and_sent_ahead_and_its_ok_dropped(impl, pairs):
+    relay, client, backend = my_begin_relay(impl, pairs)
+    client.outside.sendall(my(0, b"\x03BEGIN"))
+    assert serve(relay) == []
+    assert client.read(len(MY_BEGAN)) == MY_BEGAN
+    assert relay.activity(client.fd()) == (1, -1, 0, 0, rc.TXW_BEGIN) and nothing_read(backend)
+    query, answer = my(0, b"\x03select 1"), my_result([b"\x011"], False, AUTOCOMMIT | IN_TRANS)
+    client.outside.sendall(query)
+    assert serve(relay) == []
+    assert backend.read(len(MY_BEGIN_AHEAD + query)) == MY_BEGIN_AHEAD + query
+    backend.outside.sendall(my_ok(1, AUTOCOMMIT | IN_TRANS) + answer)
+    assert serve(relay) == []
+    assert client.read(len(answer)) == answer
+    # an ERR inside the transaction keeps the backend (the dropped OK said the transaction is open)
+    client.outside.sendall(my(0, b"\x03select nope"))
+    serve(relay)
+    backend.read(len(my(0, b"\x03select nope")))
+    backend.outside.sendall(MY_ERR)
+    assert serve(relay) == []
+    assert client.read(len(MY_ERR)) == MY_ERR
+    assert relay.activity(client.fd())[1:] == (backend.fd(), 0, 0, 0)
+    commit = my(0, b"\x03COMMIT")
+    client.outside.sendall(commit)
+    serve(relay)
+    assert backend.read(len(commit)) == commit
+    backend.outside.sendall(my_ok(1))
+    serve(relay)
+    assert client.read(len(my_ok(1))) == my_ok(1)
+    assert relay.counts() == (1, 0, 0) and relay.stats()["transactions"] == 1
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_mysql_begin_that_fails_answers_the_command_behind_it(impl, pairs):
+    """As the Python path does: the BEGIN's ERR is the answer to the client's command, whose own answer is dropped."""
+    relay, client, backend = my_begin_relay(impl, pairs)
+    client.outside.sendall(my(0, b"\x03START TRANSACTION") + my(0, b"\x03select 1"))
+    assert serve(relay) == []
+    assert client.read(len(MY_BEGAN)) == MY_BEGAN
+    backend.read(len(MY_BEGIN_AHEAD + my(0, b"\x03select 1")))
+    backend.outside.sendall(MY_ERR + my_result([b"\x011", b"\x012"], False))
+    assert serve(relay) == []
+    assert client.read(len(MY_ERR)) == MY_ERR and nothing_read(client)
+    assert relay.counts() == (1, 0, 0) and relay.activity(client.fd()) == (2, -1, 0, 0, 0)
+    # a stop frame after a lone BEGIN goes to the caller with lazy_begin
+    client.outside.sendall(my(0, b"\x03BEGIN") + my(0, b"\x01"))
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, my(0, b"\x01"), 1)]
+    assert client.read(len(MY_BEGAN)) == MY_BEGAN
+    assert relay.lazy_begin(client.fd()) == rc.TXW_BEGIN
+    relay.close()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("client"), st.one_of(my_client_frames, st.sampled_from([
+        my(0, b"\x03BEGIN"), my(0, b"\x03start transaction"), my(0, b"\x03COMMIT")]))),
+    st.tuples(st.sampled_from(["first", "second"]), my_server_frames)), max_size=12), st.booleans())
+def test_c_and_python_relays_agree_with_mysql_begin(steps, deprecate_eof):
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    rules = (MY_BEGIN_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
