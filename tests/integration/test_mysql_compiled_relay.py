@@ -441,3 +441,66 @@ def test_a_client_sitting_out_the_lanes_keeps_its_sql_mode_to_itself(mariadb, pr
     finally:
         for conn in (own, a, b):
             conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_begin_is_answered_in_the_relay_and_an_idle_begin_holds_no_backend(mariadb, proxy_factory, table):
+    """A lone BEGIN / START TRANSACTION is answered by the relay, which sends it ahead of the next command on the
+    backend that serves the transaction to its COMMIT: transactions of reads run whole in the relay, six clients on
+    two backends; one with an INSERT carries its transaction on on the Python path (an INSERT stops), rows right.
+    Clients idle after their BEGIN hold no backend meanwhile, and a BEGIN followed at once by an INSERT goes to the
+    Python path with its BEGIN unsent, which sends it there."""
+    proxy = compiled(proxy_factory, mariadb, max_size=2)
+    idle = [connect(proxy) for _ in range(4)]
+    for conn in idle:
+        assert query(conn, "SELECT 1") == [(1,)]
+        query(conn, "BEGIN")                        # answered: a transaction that holds no backend yet
+        assert conn.server_status & p.SERVER_STATUS_IN_TRANS
+    errors, clients, transactions = [], 6, 30
+    before = lane_metrics(proxy)["transactions_total"]
+
+    def reads(number: int) -> None:
+        try:
+            conn = connect(proxy)
+            for n in range(transactions):
+                query(conn, "START TRANSACTION" if n % 2 else "BEGIN")
+                backend = query(conn, "SELECT CONNECTION_ID()")
+                assert query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}") == [(n,)]
+                assert query(conn, "SELECT CONNECTION_ID()") == backend      # one backend to the COMMIT
+                query(conn, "COMMIT")
+                query(conn, f"INSERT INTO {table} (client, n) VALUES ({number}, {n})")     # (in autocommit)
+            conn.close()
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reads, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    lanes = lane_metrics(proxy)
+    # (each transaction in the relay; the INSERT after it on the Python path, the client back in its lane after that)
+    assert lanes["transactions_total"] - before >= clients * transactions * 0.8, lanes
+    # an INSERT right after BEGIN: the Python path sends the BEGIN with it; a SELECT, then an INSERT: carried on there
+    writer, other = connect(proxy), connect(proxy)
+    for first in ("INSERT", "SELECT"):
+        query(writer, "BEGIN")
+        if first == "SELECT":
+            query(writer, f"SELECT count(*) FROM {table}")
+        query(writer, f"INSERT INTO {table} (client, n) VALUES (99, 0)")
+        assert query(other, f"SELECT count(*) FROM {table} WHERE client = 99") == [(0,)]     # not committed yet
+        query(writer, "ROLLBACK")
+    assert query(other, f"SELECT count(*) FROM {table} WHERE client = 99") == [(0,)]
+    for n, conn in enumerate(idle):                 # the idle transactions end: no backend was ever taken
+        query(conn, "COMMIT" if n % 2 else "ROLLBACK")
+        assert not conn.server_status & p.SERVER_STATUS_IN_TRANS
+        assert query(conn, "SELECT 2") == [(2,)]
+        conn.close()
+    writer.close()
+    other.close()
+    admin = direct(mariadb)
+    assert query(admin, f"SELECT count(*) FROM {table}") == [(clients * transactions,)]
+    admin.close()
+    assert not metric(metrics_text(proxy), PINNED)
+    assert server_connections(mariadb) <= 2

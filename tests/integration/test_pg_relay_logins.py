@@ -726,9 +726,9 @@ def test_client_timeouts_of_quiet_clients_are_judged_in_the_relay(pg, proxy_fact
     thread = threading.Thread(target=sleep_long)
     thread.start()
     time.sleep(0.1)
-    # quiet: the idle ones and the sleeper, whose request runs in the relay with no session made (a BEGIN is the
-    # Python path's: the relay's screen stops it, so in_tx has its session)
-    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 21, proxy.log_tail()
+    # quiet: the idle ones, the sleeper, whose request runs in the relay with no session made, and in_tx, whose
+    # transaction runs there too (the relay answered its BEGIN and sent it ahead of the INSERT)
+    assert metric(metrics_text(proxy), "multiproxy_relay_logins_quiet") == 22, proxy.log_tail()
     thread.join(TIMEOUT)
     assert len(cancelled) == 1, proxy.log_tail()            # query_timeout: cancelled within a few sweeps
     assert sleeper.execute("SELECT 3").fetchone() == (3,)   # and it serves on
