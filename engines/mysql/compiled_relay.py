@@ -9,9 +9,14 @@ default; the relay key carries autocommit) opens a transaction with its first st
 the relay serves it on that backend to the answer whose flags end it (an ERR inside keeps it: the walk's status
 stays 'T' until an answer's flags say otherwise). A stop inside it (an INSERT, a SET, a statement command) goes to
 the Python path with the backend once nothing is outstanding, and the client carries the transaction on there
-(MySQLClient.relay_adopt). BEGIN and START stop: the Python path answers them lazily, so that a client idle after
-its BEGIN holds no backend (forty such clients share four backends), which the relay cannot do yet; COMMIT,
-ROLLBACK and SAVEPOINT are relayed (they end an autocommit-off client's transaction, and do nothing outside one).
+(MySQLClient.relay_adopt). A lone BEGIN [WORK] or START TRANSACTION is answered by the relay itself (the rule's
+`mysql_begin`: an OK packet with SERVER_STATUS_IN_TRANS and the lane's autocommit), as the Python path answers it,
+so that a client idle after its BEGIN holds no backend (forty such clients share four backends); the relay sends it
+as a COM_QUERY of its own ahead of the client's next command, on the backend that then serves the transaction, and
+drops its OK (a failed BEGIN's ERR answers that command, whose own answer is dropped, as on the Python path). A
+client let go of with its BEGIN answered and not sent carries it on (MySQLClient.relay_began). Other forms (READ
+ONLY, WITH CONSISTENT SNAPSHOT) stop on their screen words. COMMIT, ROLLBACK and SAVEPOINT are relayed (they end
+an autocommit-off client's transaction, and do nothing outside one).
 Every other command stops: COM_QUIT, which the Python path turns into a hangup, COM_INIT_DB and COM_CHANGE_USER /
 COM_RESET_CONNECTION (tracked schema and session), COM_STMT_* (statement ids mapped per backend), COM_FIELD_LIST,
 COM_SET_OPTION, COM_PROCESS_KILL and anything unknown; so does a packet that opens no command (sequence id not 0,
@@ -20,7 +25,7 @@ empty: request="mysql"), and a COM_QUERY or COM_PING larger than MAX_SCREENED (1
 A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false
 alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
 USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
-(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (above), LOAD (LOAD DATA
+(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (but a lone one: above), LOAD (LOAD DATA
 LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and
 INSERT / REPLACE, whose OK packets carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()`
 itself. SET does not stop a text that is one statement opening with SELECT, UPDATE or DELETE (and holding no ';' but

@@ -52,6 +52,24 @@ def server_connections(mariadb) -> int:
         admin.close()
 
 
+def run_clients(client, count: int) -> None:
+    """client(0) ... client(count - 1) at once, each in a thread of its own; the first errors re-raised here."""
+    errors = []
+
+    def run(number: int) -> None:
+        try:
+            client(number)
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+
+
 @pytest.fixture
 def table(mariadb):
     name = f"relay_{uuid.uuid4().hex[:8]}"
@@ -68,31 +86,22 @@ def table(mariadb):
 def test_more_clients_than_backends_run_in_the_relay_with_rows_right(mariadb, proxy_factory, table):
     proxy = compiled(proxy_factory, mariadb, max_size=3)
     clients, rounds = 10, 40
-    errors = []
 
     def client(number: int) -> None:
+        conn = connect(proxy)
         try:
-            conn = connect(proxy)
-            try:
-                for n in range(rounds):
-                    assert query(conn, f"SELECT {number}, {n}, REPEAT('x', {n * 50})") == [(number, n, "x" * n * 50)]
-                with conn.cursor() as cur:      # an INSERT with autocommit: through Python (its last insert id)
-                    cur.execute(f"INSERT INTO {table} (client, n) VALUES ({number}, 1)")
-                    inserted = cur.lastrowid
-                assert query(conn, "SELECT LAST_INSERT_ID()") == [(inserted,)]
-                assert query(conn, f"SELECT client FROM {table} WHERE id = {inserted}") == [(number,)]
-                assert query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}") == [(1,)]
-            finally:
-                conn.close()
-        except Exception as exc:  # collected, re-raised in the test's thread
-            errors.append(exc)
+            for n in range(rounds):
+                assert query(conn, f"SELECT {number}, {n}, REPEAT('x', {n * 50})") == [(number, n, "x" * n * 50)]
+            with conn.cursor() as cur:      # an INSERT with autocommit: through Python (its last insert id)
+                cur.execute(f"INSERT INTO {table} (client, n) VALUES ({number}, 1)")
+                inserted = cur.lastrowid
+            assert query(conn, "SELECT LAST_INSERT_ID()") == [(inserted,)]
+            assert query(conn, f"SELECT client FROM {table} WHERE id = {inserted}") == [(number,)]
+            assert query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}") == [(1,)]
+        finally:
+            conn.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(150)
-    assert not errors, errors[:3]
+    run_clients(client, clients)
     lanes = lane_metrics(proxy)
     print("relay lanes:", lanes)
     assert lanes["transactions_total"] >= clients * rounds * 0.9, lanes      # nearly every SELECT with no Python
@@ -456,29 +465,21 @@ def test_begin_is_answered_in_the_relay_and_an_idle_begin_holds_no_backend(maria
         assert query(conn, "SELECT 1") == [(1,)]
         query(conn, "BEGIN")                        # answered: a transaction that holds no backend yet
         assert conn.server_status & p.SERVER_STATUS_IN_TRANS
-    errors, clients, transactions = [], 6, 30
+    clients, transactions = 6, 30
     before = lane_metrics(proxy)["transactions_total"]
 
     def reads(number: int) -> None:
-        try:
-            conn = connect(proxy)
-            for n in range(transactions):
-                query(conn, "START TRANSACTION" if n % 2 else "BEGIN")
-                backend = query(conn, "SELECT CONNECTION_ID()")
-                assert query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}") == [(n,)]
-                assert query(conn, "SELECT CONNECTION_ID()") == backend      # one backend to the COMMIT
-                query(conn, "COMMIT")
-                query(conn, f"INSERT INTO {table} (client, n) VALUES ({number}, {n})")     # (in autocommit)
-            conn.close()
-        except Exception as exc:  # collected, re-raised in the test's thread
-            errors.append(exc)
+        conn = connect(proxy)
+        for n in range(transactions):
+            query(conn, "START TRANSACTION" if n % 2 else "BEGIN")
+            backend = query(conn, "SELECT CONNECTION_ID()")
+            assert query(conn, f"SELECT count(*) FROM {table} WHERE client = {number}") == [(n,)]
+            assert query(conn, "SELECT CONNECTION_ID()") == backend      # one backend to the COMMIT
+            query(conn, "COMMIT")
+            query(conn, f"INSERT INTO {table} (client, n) VALUES ({number}, {n})")     # (in autocommit)
+        conn.close()
 
-    threads = [threading.Thread(target=reads, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(150)
-    assert not errors, errors[:3]
+    run_clients(reads, clients)
     lanes = lane_metrics(proxy)
     # (each transaction in the relay; the INSERT after it on the Python path, the client back in its lane after that)
     assert lanes["transactions_total"] - before >= clients * transactions * 0.8, lanes
