@@ -116,6 +116,7 @@ typedef struct {
     unsigned long long mcount;      /* column definitions still to come */
     int mtrans;                     /* the last response ended inside a transaction: an ERR after it says 'T' too */
     int lazy;                       /* pg_begin: a BEGIN was answered and not sent: COMMIT/ROLLBACK are EV_LOCAL too */
+    unsigned long long insert_id;   /* MySQL: the last insert id other than 0 an OK packet carried (the relay takes it) */
 } WalkState;
 
 typedef struct {
@@ -369,6 +370,9 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
  * connection ('I' at first): a failed statement opens no transaction, and one that fails inside a transaction
  * leaves it open as far as the walk can tell (an error that rolled it back shows in the next answer's 'I').
  * A LOCAL INFILE request is EV_MALFORMED before it (the screen stops LOAD DATA: no relayed request asks for it).
+ * An OK packet's last insert id other than 0 is kept in the walk state (insert_id): the relay gives it to the client
+ * the answer was for (Conn.insert_id), and the caller reads it with insert_id(fd) when it takes the client back, so
+ * that the engine answers SELECT LAST_INSERT_ID() as the server would after an INSERT the relay served.
  * The packets the walk must read whole (the first of each result and the ends) may be at most max_boundary bytes.
  * REQUEST_MYSQL (the client direction, with the generic walk): a packet that does not open a command (sequence id
  * not 0, or empty) is EV_MALFORMED before it.
@@ -412,6 +416,15 @@ static long mysql_ok_status(const unsigned char *payload, size_t len) {
         pos + 2 > len)
         return -1;
     return (long)payload[pos] | ((long)payload[pos + 1] << 8);
+}
+
+/* The last insert id of an OK packet (payload[0] is its header), 0 when it has none or is too short. */
+static unsigned long long mysql_ok_insert_id(const unsigned char *payload, size_t len) {
+    size_t pos = 1;
+    unsigned long long affected, insert_id;
+    if (mysql_lenenc(payload, len, &pos, &affected) < 0 || mysql_lenenc(payload, len, &pos, &insert_id) < 0)
+        return 0;
+    return insert_id;
 }
 
 /* The status flags of an EOF packet (0xFE, warnings, status); -1 when it is too short. */
@@ -474,6 +487,9 @@ static WalkResult walk_mysql_response(const Rule *rule, WalkState *st, const uns
                 } else if (state == MY_START) {
                     if (head == 0x00) {
                         status = mysql_ok_status(payload, length);
+                        unsigned long long insert_id = mysql_ok_insert_id(payload, length);
+                        if (insert_id)
+                            st->insert_id = insert_id;  /* (an INSERT's: the caller keeps it for LAST_INSERT_ID()) */
                     } else if (head == 0xFE && length < 9) {
                         status = mysql_eof_status(payload, length);
                     } else {
@@ -939,6 +955,10 @@ static PyObject *Walker_get_lazy(WalkerObject *self, void *closure) {
     return PyBool_FromLong(self->st.lazy);
 }
 
+static PyObject *Walker_get_insert_id(WalkerObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->st.insert_id);
+}
+
 static int Walker_set_lazy(WalkerObject *self, PyObject *value, void *closure) {
     int on = value ? PyObject_IsTrue(value) : 0;
     if (on < 0)
@@ -949,6 +969,8 @@ static int Walker_set_lazy(WalkerObject *self, PyObject *value, void *closure) {
 
 static PyGetSetDef Walker_getset[] = {
     {"remaining", (getter)Walker_get_remaining, NULL, "bytes of the current frame not walked yet", NULL},
+    {"insert_id", (getter)Walker_get_insert_id, NULL,
+     "response=\"mysql\": the last insert id other than 0 an OK packet carried (0: none yet)", NULL},
     {"lazy", (getter)Walker_get_lazy, (setter)Walker_set_lazy,
      "pg_begin: a BEGIN was answered and not sent (COMMIT and ROLLBACK are LOCAL events too)", NULL},
     {NULL},
@@ -1025,6 +1047,7 @@ typedef struct Conn {
     int swallow;                /* backends (pg_begin): messages of a BEGIN sent ahead still to drop (begin_ahead) */
     int zskip;                  /* backends: 2, the ReadyForQuery after the next one is the relay's Sync's (dropped) */
     int drop;                   /* backends (MySQL): the answer being walked is dropped (its BEGIN failed) */
+    unsigned long long insert_id;   /* clients (MySQL): the last insert id other than 0 of an answer relayed to it */
     unsigned long long requests; /* clients: requests walked since the relay was given the client (activity) */
     uint32_t mask;              /* epoll events registered */
     WalkState st;
@@ -1068,6 +1091,7 @@ typedef struct {
     size_t bufsize;
     Conn **conns;               /* by fd */
     unsigned int *relayed_before;   /* by fd: requests walked for the client last forgotten there (relayed_before) */
+    unsigned long long *insert_id_before;   /* by fd: that client's insert_id (MySQL; insert_id()) */
     int nconns;
     Conn *idle;                 /* LIFO */
     Conn *wait_head, *wait_tail;
@@ -1206,9 +1230,11 @@ static void forget_closing(RelayObject *r, Conn *c, int closing) {
         epoll_ctl(r->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     if (c->fd < r->nconns && r->conns[c->fd] == c) {
         r->conns[c->fd] = NULL;
-        if (c->role == ROLE_CLIENT)
+        if (c->role == ROLE_CLIENT) {
             r->relayed_before[c->fd] = (c->requests > RELAYED_MAX ? RELAYED_MAX : (unsigned int)c->requests)
                                        | ((unsigned int)c->lazy << RELAYED_BITS);
+            r->insert_id_before[c->fd] = c->insert_id;
+        }
     }
     if (c->role == ROLE_CLIENT && c->peer)
         r->n_linked_clients--;
@@ -1284,6 +1310,13 @@ static int register_conn(RelayObject *r, Conn *c) {
         }
         memset(relayed + r->nconns, 0, sizeof(unsigned int) * (size_t)(n - r->nconns));
         r->relayed_before = relayed;
+        unsigned long long *ids = PyMem_RawRealloc(r->insert_id_before, sizeof(unsigned long long) * (size_t)n);
+        if (ids == NULL) {
+            errno = ENOMEM;
+            return -1;          /* (as above) */
+        }
+        memset(ids + r->nconns, 0, sizeof(unsigned long long) * (size_t)(n - r->nconns));
+        r->insert_id_before = ids;
         r->nconns = n;
     }
     if (r->conns[c->fd] != NULL) {
@@ -1635,6 +1668,11 @@ static void pump(RelayObject *r, Conn *c) {
         }
         if (res.consumed == 0 && res.event == EV_NONE)
             return;                                     /* an incomplete header: wait for more */
+        if (c->st.insert_id) {      /* (MySQL) an OK's last insert id: the client's, unless its answer is dropped */
+            if (c->peer && !c->drop)
+                c->peer->insert_id = c->st.insert_id;
+            c->st.insert_id = 0;
+        }
         if (c->drop) {              /* the answer to a command behind a failed BEGIN (MySQL): walked, not forwarded */
             memmove(c->buf + c->fwd, c->buf + c->fwd + res.consumed, c->len - c->fwd - res.consumed);
             c->len -= res.consumed;
@@ -2314,6 +2352,8 @@ static void relay_clear(RelayObject *self) {
     self->conns = NULL;
     PyMem_RawFree(self->relayed_before);
     self->relayed_before = NULL;
+    PyMem_RawFree(self->insert_id_before);
+    self->insert_id_before = NULL;
     self->nconns = 0;
     self->idle = self->wait_head = self->wait_tail = NULL;
     int *own[] = {&self->epfd, &self->eventfd, &self->wakefd};
@@ -2506,6 +2546,20 @@ static PyObject *Relay_relayed_before(RelayObject *self, PyObject *args) {
     unsigned int relayed = fd >= 0 && fd < self->nconns ? self->relayed_before[fd] : 0;
     unlock_relay(self);
     return PyLong_FromUnsignedLong(relayed & RELAYED_MAX);
+}
+
+/* insert_id(fd) -> int: the last insert id other than 0 of the answers relayed to the client at fd (or, with none
+   there, to the client last let go of at fd), else 0 (MySQL: response="mysql"). */
+static PyObject *Relay_insert_id(RelayObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    unsigned long long id = c ? (c->role == ROLE_CLIENT ? c->insert_id : 0)
+                              : fd >= 0 && fd < self->nconns ? self->insert_id_before[fd] : 0;
+    unlock_relay(self);
+    return PyLong_FromUnsignedLongLong(id);
 }
 
 /* lazy_begin(fd) -> int: TXW_BEGIN (1) or TXW_START (2) when the client at fd (or, with none there, the client last
@@ -3128,6 +3182,9 @@ static PyMethodDef Relay_methods[] = {
      "BEGIN the relay answered and has not sent (lazy_begin); None for a backend or an unknown fd."},
     {"relayed_before", (PyCFunction)Relay_relayed_before, METH_VARARGS,
      "relayed_before(fd) -> int: requests walked for the client last let go of at fd (0: none known)."},
+    {"insert_id", (PyCFunction)Relay_insert_id, METH_VARARGS,
+     "insert_id(fd) -> int: the last insert id other than 0 of the MySQL answers relayed to the client at fd, or to "
+     "the client last let go of at fd; else 0."},
     {"lazy_begin", (PyCFunction)Relay_lazy_begin, METH_VARARGS,
      "lazy_begin(fd) -> int: 1 (BEGIN) or 2 (START TRANSACTION) when the client at fd, or the client last let go of "
      "at fd, had a BEGIN answered by the relay and not sent; else 0."},

@@ -517,6 +517,11 @@ class ClientProtocol:
         BEGIN itself and not sent it yet."""
         raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin need relay_began")
 
+    def relay_insert_id(self, value: int) -> None:
+        """Optional, with a server rule that walks MySQL answers (the relay core's response="mysql"): the last insert
+        id other than 0 that an OK packet carried in the answers the relay served this client since it last took it,
+        for what the engine answers itself (MySQL's SELECT LAST_INSERT_ID()). The default keeps nothing."""
+
     def admin_console(self) -> "AdminConsole | None":
         """Optional: the wire side of the admin console (multiproxy.admin) for this client, called once it logged in
         to a console database (`multiproxy` or `pgbouncer`); None (the default): the engine offers no console, and

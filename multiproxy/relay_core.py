@@ -237,7 +237,7 @@ class PyWalker:
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
                  "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans",
-                 "exempt_lead", "exempt", "pg_begin", "lazy", "mysql_begin")
+                 "exempt_lead", "exempt", "pg_begin", "lazy", "mysql_begin", "insert_id")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
@@ -272,6 +272,7 @@ class PyWalker:
         self.deprecate_eof = bool(deprecate_eof)
         self.mstate, self.mmore, self.mcount = MY_START, False, 0
         self.mtrans = False             # the last response ended inside a transaction (an ERR after it says 'T')
+        self.insert_id = 0              # the last insert id other than 0 an OK packet carried
         words = tuple(words or ())
         if len(words) > MAX_WORDS or any(type(w) is not bytes or not 1 <= len(w) <= MAX_WORD for w in words):
             raise ValueError(f"words: at most {MAX_WORDS}, each 1 to {MAX_WORD} bytes")
@@ -465,6 +466,9 @@ class PyWalker:
                     elif state == MY_START:
                         if head == 0x00:
                             status = _mysql_ok_status(payload)
+                            insert_id = _mysql_ok_insert_id(payload)
+                            if insert_id:
+                                self.insert_id = insert_id     # (an INSERT's: the caller keeps it)
                         elif head == 0xFE and length < 9:
                             status = _mysql_eof_status(payload)
                         else:
@@ -577,6 +581,15 @@ def _mysql_lenenc(payload: bytes, pos: int):
     return int.from_bytes(payload[pos + 1:pos + 1 + size], "little"), pos + 1 + size
 
 
+def _mysql_ok_insert_id(payload: bytes) -> int:
+    """The last insert id of an OK packet, or 0."""
+    affected, pos = _mysql_lenenc(payload, 1)
+    if affected is None:
+        return 0
+    insert_id, pos = _mysql_lenenc(payload, pos)
+    return insert_id or 0
+
+
 def _mysql_ok_status(payload: bytes) -> int:
     """The status flags of an OK packet (after affected rows and last insert id), or -1."""
     affected, pos = _mysql_lenenc(payload, 1)
@@ -604,7 +617,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip", "drop")
+                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip", "drop", "insert_id")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -617,6 +630,7 @@ class _Conn:
         self.swallow = 0                # a backend's messages of a BEGIN sent ahead still to drop
         self.zskip = 0                  # a backend's: 2, the ReadyForQuery after the next one is the relay's Sync's
         self.drop = False               # a backend's (MySQL): the answer being walked is dropped (its BEGIN failed)
+        self.insert_id = 0              # a client's (MySQL): the last insert id other than 0 of its relayed answers
         self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
@@ -687,6 +701,7 @@ class PyRelay:
         self._budget_gives_back = False
         self._relayed_before = {}       # fd -> requests walked for the client last forgotten there
         self._lazy_before = {}          # fd -> that client's lazy BEGIN (TXW_BEGIN, TXW_START or TXW_NONE)
+        self._insert_id_before = {}     # fd -> that client's insert_id (MySQL)
         self._logins = 0
         self._quiet_mode = False
         self._quiet_counts = (0, 0)     # (kept quietly, closed unreported) since the last quiet_counts()
@@ -947,6 +962,12 @@ class PyRelay:
     def relayed_before(self, fd) -> int:
         return self._relayed_before.get(fd, 0)
 
+    def insert_id(self, fd) -> int:
+        c = self._conns.get(fd)
+        if c is not None:
+            return c.insert_id if c.client else 0
+        return self._insert_id_before.get(fd, 0)
+
     def lazy_begin(self, fd) -> int:
         c = self._conns.get(fd)
         if c is not None:
@@ -1000,6 +1021,7 @@ class PyRelay:
         if c.client:
             self._relayed_before[c.fd] = c.requests
             self._lazy_before[c.fd] = c.lazy
+            self._insert_id_before[c.fd] = c.insert_id
         if c.listener is not None:
             c.listener.detach()         # the caller's listening socket stays open
             c.listener = None
@@ -1473,6 +1495,10 @@ class PyRelay:
                 c.requests += counted
             if consumed == 0 and event == NONE:
                 return
+            if walker.insert_id:    # (MySQL) an OK's last insert id: the client's, unless its answer is dropped
+                if c.peer is not None and not c.drop:
+                    c.peer.insert_id = walker.insert_id
+                walker.insert_id = 0
             if c.drop:          # the answer to a command behind a failed BEGIN (MySQL): walked, not forwarded
                 del c.buf[c.fwd:c.fwd + consumed]
                 consumed = 0

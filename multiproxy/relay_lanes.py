@@ -353,7 +353,7 @@ class RelayLane:
             return False
         del self.clients[fd]
         session.relay_lane = None
-        self._carry_begin(session, fd)
+        self._carry_state(session, fd)
         return True
 
     def activity(self, session):
@@ -372,7 +372,7 @@ class RelayLane:
         """The session serves its client on the Python path again, from `data` (bytes the relay did not send).
         wake=False: with no data, it parks as on the Python path (a takeover looks for parked sessions)."""
         session.relay_lane = None
-        self._carry_begin(session, session.lane_fd)
+        self._carry_state(session, session.lane_fd)
         lanes = self.lanes
         lanes.returned_total += 1
         lanes.returns[why] = lanes.returns.get(why, 0) + 1
@@ -380,12 +380,18 @@ class RelayLane:
         if data or wake or not session.park(relay=False):
             self.proxy.resume_parked(session)
 
-    def _carry_begin(self, session, fd: int) -> None:
-        """The client the relay let go of at fd had a BEGIN answered there and not sent (pg_begin): its session carries
-        that transaction on (ClientProtocol.relay_began)."""
+    def _carry_state(self, session, fd: int) -> None:
+        """What the relay learnt serving the client it let go of at fd goes to its session: a BEGIN answered there and
+        not sent (pg_begin, mysql_begin), which the session carries on (ClientProtocol.relay_began); the last insert id
+        of the answers it relayed (MySQL; ClientProtocol.relay_insert_id)."""
+        if session.client_gone:     # (a session that ends needs nothing, nor its protocol made)
+            return
         begun = self.relay.lazy_begin(fd)
-        if begun and not session.client_gone:      # (a session that ends needs nothing, nor its protocol made)
+        if begun:
             session.proto.relay_began(relay_core.BEGIN_TEXTS[begun])
+        insert_id = self.relay.insert_id(fd)
+        if insert_id:
+            session.proto.relay_insert_id(insert_id)
 
     def _quit(self, session) -> None:
         """The client said goodbye between transactions: its session ends here, as the Python path would end it after
@@ -905,7 +911,7 @@ class RelayLane:
         self.transactions_before = self.relay.stats()["transactions"]
         self.pool.relay_transactions_closed += self.transactions_before
         for fd, session in self.clients.items():
-            self._carry_begin(session, fd)
+            self._carry_state(session, fd)
         self.relay.close()          # forgets every socket, closes none
         for conn in self.backends.values():
             self._unlend(conn, reader=False)

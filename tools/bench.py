@@ -757,8 +757,10 @@ TDS_ALL_TARGETS = ("direct", "multiproxy", "multiproxy-c")
 # --db-ps-mode=auto: COM_STMT_PREPARE/EXECUTE; tedious prepare/execute: sp_prepare/sp_execute), `ps-over` the same
 # with more clients than the pool (default twice as many), which needs statements multiplexed across backends.
 VARIANTS = ("text", "ps", "ps-over")
-# MySQL also: read-only = sysbench oltp_read_only, text protocol (BEGIN, ten point selects, four range selects, COMMIT)
-MYSQL_VARIANTS = VARIANTS + ("read-only",)
+# MySQL also: read-only = sysbench oltp_read_only, text protocol (BEGIN, ten point selects, four range selects, COMMIT);
+# insert = sysbench oltp_insert, text protocol (one INSERT in autocommit, its id generated)
+MYSQL_VARIANTS = VARIANTS + ("read-only", "insert")
+MYSQL_SCRIPTS = {"read-only": "oltp_read_only", "insert": "oltp_insert"}
 METRIC_LINE = re.compile(r'^multiproxy_prepared_statements_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', re.MULTILINE)
 NODE_DIR = os.path.join(REPO_ROOT, "tools", "node")
 
@@ -824,7 +826,7 @@ class EngineRun:
 def _variant_clients(variants, pool_size, text_clients, ps_clients, over_clients):
     ps_clients = ps_clients or pool_size
     chosen = {"text": text_clients, "ps": ps_clients, "ps-over": over_clients or 2 * ps_clients,
-              "read-only": text_clients}
+              "read-only": text_clients, "insert": text_clients}
     return {v: chosen[v] for v in variants}
 
 
@@ -955,7 +957,7 @@ def sysbench(port, threads, ps_mode, seconds, test="oltp_point_select"):
 
 SYSBENCH_COMMON = ["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-user=bench", "--mysql-password=bench",
                    "--mysql-db=bench", "--tables=1", "--table-size=10000", "--mysql-ssl=off"]
-SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto", "read-only": "disable"}
+SYSBENCH_PS_MODE = {"text": "disable", "ps": "auto", "ps-over": "auto", "read-only": "disable", "insert": "disable"}
 
 
 def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, *, rounds: int = 1,
@@ -1004,7 +1006,7 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
             pid = pids.get(target)
             before = process_cpu_seconds(pid) if pid else 0.0
             rate = sysbench(ports[target], clients[variant], SYSBENCH_PS_MODE[variant], secs,
-                            "oltp_read_only" if variant == "read-only" else "oltp_point_select")
+                            MYSQL_SCRIPTS.get(variant, "oltp_point_select"))
             if pid and rate:
                 cpu.setdefault((variant, target), []).append(
                     (process_cpu_seconds(pid) - before) / (rate * secs) * 1e6)
@@ -1022,14 +1024,15 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}", file=sys.stderr)
-    lines = [f"sysbench oltp_point_select" + (" and oltp_read_only" if "read-only" in variants else "")
+    lines = [f"sysbench oltp_point_select" + "".join(f" and {MYSQL_SCRIPTS[v]}" for v in variants if v in MYSQL_SCRIPTS)
              + f" (10,000 rows), TPS; {seconds} s per run"
              + (f" after a {warmup} s warm-up" if warmup > 0 else "")
              + (f", median of {rounds} interleaved rounds" if rounds > 1 else "")
              + f"; MariaDB {version}, {sysbench_version}, pool max_size {pool_size}",
              "text = --db-ps-mode=disable (COM_QUERY); ps / ps-over = --db-ps-mode=auto (COM_STMT_PREPARE once per "
              "thread, then COM_STMT_EXECUTE); ps-over has more threads than the pool; read-only = sysbench "
-             "oltp_read_only, text protocol (a transaction: BEGIN, 14 selects, COMMIT)", "",
+             "oltp_read_only, text protocol (a transaction: BEGIN, 14 selects, COMMIT); insert = sysbench oltp_insert, "
+             "text protocol (one INSERT in autocommit)", "",
              run.table("TPS", "relay"), ""]
     if cpu:
         lines.append("CPU per transaction of the proxy process (user + system, microseconds, median over rounds; "
@@ -1258,7 +1261,8 @@ def engine_args(argv):
     parser.add_argument("--over-clients", type=int, help="clients of the ps-over variant (default: 2 x --ps-clients)")
     parser.add_argument("--only", default=",".join(VARIANTS),
                         help="subset of " + ",".join(VARIANTS) + " (MySQL also read-only: sysbench oltp_read_only, "
-                             "transactions of BEGIN, 14 selects, COMMIT, text protocol)")
+                             "transactions of BEGIN, 14 selects, COMMIT, text protocol; insert: sysbench oltp_insert, "
+                             "one INSERT in autocommit)")
     parser.add_argument("--ps", action="store_true", help="prepared statements only: --only ps,ps-over")
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("--keep", action="store_true")

@@ -189,6 +189,11 @@ class MySQLClient(LazyContainers, Relay, Commands, Statements, SessionState, Pin
         self.deferred_begin = bytes(begin)
         self.status |= p.SERVER_STATUS_IN_TRANS
 
+    def relay_insert_id(self, value: int) -> None:
+        """An INSERT the relay served generated `value`: what `SELECT LAST_INSERT_ID()` answers here from now on, as
+        after an OK packet this client object relayed itself (MySQLRelay._ok_packet)."""
+        self.last_insert_id = value
+
     def handover_refusal(self) -> str:
         return handover.not_idle(self)
 

@@ -7,7 +7,7 @@ comes back at the end of the answer (the relay core's response="mysql" walk: OK,
 last result) when the server's status flags say no transaction is open. A client with autocommit off (PyMySQL's
 default; the relay key carries autocommit) opens a transaction with its first statement that reads a table, and
 the relay serves it on that backend to the answer whose flags end it (an ERR inside keeps it: the walk's status
-stays 'T' until an answer's flags say otherwise). A stop inside it (an INSERT, a SET, a statement command) goes to
+stays 'T' until an answer's flags say otherwise). A stop inside it (a SET, a statement command) goes to
 the Python path with the backend once nothing is outstanding, and the client carries the transaction on there
 (MySQLClient.relay_adopt). A lone BEGIN [WORK] or START TRANSACTION is answered by the relay itself (the rule's
 `mysql_begin`: an OK packet with SERVER_STATUS_IN_TRANS and the lane's autocommit), as the Python path answers it,
@@ -26,12 +26,15 @@ A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case i
 alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
 USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
 (rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (but a lone one: above), LOAD (LOAD DATA
-LOCAL asks the client for a file), CALL (a procedure may open a transaction, set variables or take locks), and
-INSERT / REPLACE, whose OK packets carry the last insert id the Python path keeps to answer `SELECT LAST_INSERT_ID()`
-itself. SET does not stop a text that is one statement opening with SELECT, UPDATE or DELETE (and holding no ';' but
-at its end: EXEMPT_LEAD): UPDATE's SET assigns columns, and OFFSET, CHARACTER SET or "settings" hold the word; a
-session SET opens a statement. So no request the relay serves can pin, change a setting the Python path
-tracks, ask for a LOCAL INFILE or change the last insert id; an ERR is forwarded as it is, with nothing to undo.
+LOCAL asks the client for a file) and CALL (a procedure may open a transaction, set variables or take locks). SET
+does not stop a text that is one statement opening with SELECT, INSERT, REPLACE, UPDATE or DELETE (and holding no ';'
+but at its end: EXEMPT_LEAD): UPDATE's and INSERT ... SET's SET assigns columns, and OFFSET, CHARACTER SET or
+"settings" hold the word; a session SET opens a statement. So no request the relay serves can pin, change a setting
+the Python path tracks or ask for a LOCAL INFILE; an ERR is forwarded as it is, with nothing to undo. INSERT and
+REPLACE are relayed: the last insert id their OK packets carry (the relay core keeps the last one other than 0 per
+client: Relay.insert_id) goes to the client object when the relay lets go of the client
+(MySQLClient.relay_insert_id), so that the Python path answers `SELECT LAST_INSERT_ID()` (LAST_INSERT_ID stops) as
+the server would.
 
 The response walk must know whether CLIENT_DEPRECATE_EOF is in effect: a pool's backends log in with the
 capabilities of its clients' variant (Engine.backend_variant), so the relay key carries the client's flag and the
@@ -43,11 +46,11 @@ from . import protocol as p
 from .handover import not_idle
 from .pinning import _KEYWORDS
 
-RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"load", b"call", b"insert", b"replace")
+RELAY_SCREEN_WORDS = _KEYWORDS + (b"begin", b"start", b"load", b"call")
 # A session SET opens a statement (user variables are '@'): "set" does not stop a text that is one statement opening
 # with one of these (the relay core's exempt_lead): UPDATE ... SET, LIMIT ... OFFSET, CHARACTER SET in a CAST, a
 # column named "settings"
-EXEMPT_LEAD, EXEMPT_WORDS = (b"select", b"update", b"delete"), (b"set",)
+EXEMPT_LEAD, EXEMPT_WORDS = (b"select", b"insert", b"replace", b"update", b"delete"), (b"set",)
 MAX_SCREENED = 8000         # a longer COM_QUERY goes through Python (the relay holds a screened packet whole)
 MAX_ANSWER_HEAD = 4096      # the packets the response walk reads whole (a result's first packet, OK/EOF/ERR)
 BUFFER_SIZE = 16384         # bytes of each connection's buffer in the relay (at least twice MAX_SCREENED)

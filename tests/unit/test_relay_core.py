@@ -545,6 +545,8 @@ def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=F
                 break
         stats = relay.stats()
         trace.append(("stats", stats["linked"], stats["idle"], stats["waiting"], stats["transactions"]))
+        if mysql is not None:
+            trace.append(("insert_id", relay.insert_id(client.fd())))
     finally:
         relay.close()
         for pair in (client, first, second):
@@ -1575,6 +1577,7 @@ my_client_frames = st.one_of(st.just(my(0, b"\x03select 1")), st.just(my(0, b"\x
                              st.just(my(0, b"\x03SET x = 1")), st.just(my(0, b"\x03select '" + b"z" * 70 + b"'")),
                              st.just(my(2, b"\x03select 1")), st.binary(min_size=1, max_size=8))
 my_server_frames = st.one_of(st.just(my_ok(1)), st.just(my_ok(1, AUTOCOMMIT | IN_TRANS)), st.just(MY_ERR),
+                             st.just(my_ok(1, affected=b"\1", insert_id=b"\x05")),
                              st.just(my_result([b"\x011", b"\xfe" * 12], False)),
                              st.just(my_result([b"\x012"], False, AUTOCOMMIT | MORE_RESULTS)),
                              st.just(my(1, b"\xfbfile")), st.binary(min_size=1, max_size=8))
@@ -2645,3 +2648,34 @@ def test_c_and_python_relays_agree_with_mysql_begin(steps, deprecate_eof):
     rules = (MY_BEGIN_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
     assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
             == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_last_insert_id_of_the_answers_relayed_to_a_client_is_kept_for_the_caller(impl, pairs):
+    """An OK packet's last insert id other than 0 (an INSERT's) is the client's: insert_id(fd) while the relay holds
+    it and after it let go of it (until the next client there), for the engine to answer LAST_INSERT_ID()."""
+    relay = impl[1](impl[0](**MY_CLIENT_RULE), impl[0](**MY, response="mysql"), hold_stops=True)
+    client, backend = pairs(), pairs()
+    relay.add_backend(backend.fd())
+    relay.add_client(client.fd())
+    insert = my(0, b"\x03INSERT INTO t VALUES (NULL)")
+    for answer, expected in ((my_ok(1, affected=b"\1", insert_id=b"\x2a"), 42), (my_ok(1), 42),
+                             (my_ok(1, affected=b"\1", insert_id=b"\xfc\x10\x27"), 10000)):
+        client.outside.sendall(insert)
+        serve(relay)
+        backend.read(len(insert))
+        backend.outside.sendall(answer)
+        serve(relay)
+        assert client.read(len(answer)) == answer
+        assert relay.insert_id(client.fd()) == expected
+    assert relay.insert_id(backend.fd()) == 0 and relay.insert_id(999) == 0
+    client.outside.sendall(my(0, b"\x01"))                      # COM_QUIT: let go of
+    assert serve(relay)[0][0] == rc.HANDOVER
+    assert relay.insert_id(client.fd()) == 10000
+    relay.add_client(client.fd())                               # a client given to the relay again starts with none
+    assert relay.insert_id(client.fd()) == 0
+    server = impl[0](**MY, response="mysql")
+    server.feed(my_ok(1, insert_id=b"\x07") + my_ok(1))
+    assert server.insert_id == 7
+    relay.close()
