@@ -116,7 +116,7 @@ typedef struct {
     unsigned long long mcount;      /* column definitions still to come */
     int mtrans;                     /* the last response ended inside a transaction: an ERR after it says 'T' too */
     int lazy;                       /* pg_begin: a BEGIN was answered and not sent: COMMIT/ROLLBACK are EV_LOCAL too */
-    unsigned long long insert_id;   /* MySQL: the last insert id other than 0 an OK packet carried (the relay takes it) */
+    unsigned long long insert_id;   /* MySQL: the last insert id other than 0 of an OK packet (the relay takes it) */
 } WalkState;
 
 typedef struct {
@@ -199,8 +199,8 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
 /* ---------------------------------------------------------------- PostgreSQL: transaction words the relay answers
  *
  * pg_begin (a rule option, PostgreSQL framing only): a simple Query whose whole text is BEGIN [WORK | TRANSACTION] or
- * START TRANSACTION (ASCII case ignored, white space (pg_space) around, one ';' at the end) is EV_LOCAL before it (arg TXW_BEGIN
- * or TXW_START), whatever the screen says; while the walk state's `lazy` is set (a BEGIN answered by the relay and
+ * START TRANSACTION (ASCII case ignored, white space (pg_space) around, one ';' at the end) is EV_LOCAL before it
+ * (arg TXW_BEGIN or TXW_START), whatever the screen says; while the walk state's `lazy` is set (a BEGIN answered by the relay and
  * not sent), so is one of COMMIT / END / ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). Modes
  * (ISOLATION LEVEL, READ ONLY, ...), AND CHAIN, comments or anything else make it an ordinary Query (BEGIN and
  * START are screen words: such a text stops, and the Python path answers it). The relay's answer is in pump(). */
@@ -838,8 +838,9 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "inconsistent framing rule");
         return -1;
     }
-    if ((rule->pg_unnamed || rule->pg_begin) && !(rule->header_size == 5 && rule->length_offset == 1 && rule->length_size == 4 &&
-                              rule->big_endian && rule->length_adjust == 1 && rule->type_offset == 0)) {
+    if ((rule->pg_unnamed || rule->pg_begin) &&
+        !(rule->header_size == 5 && rule->length_offset == 1 && rule->length_size == 4 && rule->big_endian &&
+          rule->length_adjust == 1 && rule->type_offset == 0)) {
         PyErr_SetString(PyExc_ValueError, "pg_unnamed, pg_begin: only with PostgreSQL's framing");
         return -1;
     }

@@ -84,7 +84,8 @@ Between transactions `take_idle()` (an idle backend's fd, or -1), `take_waiting(
 client waiting longest for a backend, or None) and `remove(fd)` (bytes not sent, or None when fd is linked, held or
 unknown) give sockets back to the caller; `peer(fd)` is the fd linked to fd now (or -1); `activity(fd)` is a
 client's (requests walked since the relay was given it, peer fd or -1, waiting for a backend, requests not answered
-yet, its lazy BEGIN: see pg_begin below), or None for a backend or an unknown fd (the client timeouts read it); `relayed_before(fd)` is the requests
+yet, its lazy BEGIN: see pg_begin below), or None for a backend or an unknown fd (the client timeouts read it);
+`relayed_before(fd)` is the requests
 walked for the client last let go of at fd (its event in hand, the relay has forgotten it); `counts()` is (idle backends, waiting clients, linked clients).
 `set_yield(on) -> events`: while on, the relay lends no backend by itself: a backend that ends a transaction goes
 to the idle list (not to the client waiting longest) and a client that starts a request waits even if a backend is

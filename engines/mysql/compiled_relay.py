@@ -23,18 +23,17 @@ COM_SET_OPTION, COM_PROCESS_KILL and anything unknown; so does a packet that ope
 empty: request="mysql"), and a COM_QUERY or COM_PING larger than MAX_SCREENED (16 MiB continuations included).
 
 A COM_QUERY stops when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored, anywhere in the text: a false
-alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@',
-USE, LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
-(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (but a lone one: above), LOAD (LOAD DATA
-LOCAL asks the client for a file) and CALL (a procedure may open a transaction, set variables or take locks). SET
-does not stop a text that is one statement opening with SELECT, INSERT, REPLACE, UPDATE or DELETE (and holding no ';'
-but at its end: EXEMPT_LEAD): UPDATE's and INSERT ... SET's SET assigns columns, and OFFSET, CHARACTER SET or
-"settings" hold the word; a session SET opens a statement. So no request the relay serves can pin, change a setting
-the Python path tracks or ask for a LOCAL INFILE; an ERR is forwarded as it is, with nothing to undo. INSERT and
-REPLACE are relayed: the last insert id their OK packets carry (the relay core keeps the last one other than 0 per
-client: Relay.insert_id) goes to the client object when the relay lets go of the client
-(MySQLClient.relay_insert_id), so that the Python path answers `SELECT LAST_INSERT_ID()` (LAST_INSERT_ID stops) as
-the server would.
+alarm only costs a trip through Python): the words of the pin screen (pinning.might_pin: SET, user variables '@', USE,
+LOCK (GET_LOCK, LOCK TABLES), TEMPORARY tables, PREPARE, FOUND_ROWS / SQL_CALC_FOUND_ROWS, HANDLER, XA, KILL
+(rewritten to the proxy's connection ids), FLUSH, LAST_INSERT_ID, DROP), BEGIN and START (but a lone one: above), LOAD
+(LOAD DATA LOCAL asks the client for a file) and CALL (a procedure may open a transaction, set variables or take
+locks). SET does not stop a text that is one statement opening with SELECT, INSERT, REPLACE, UPDATE or DELETE (and
+holding no ';' but at its end: EXEMPT_LEAD): UPDATE's and INSERT ... SET's SET assigns columns, and OFFSET, CHARACTER
+SET or "settings" hold the word; a session SET opens a statement. So no request the relay serves can pin, change a
+setting the Python path tracks or ask for a LOCAL INFILE; an ERR is forwarded as it is, with nothing to undo. INSERT
+and REPLACE are relayed: the last insert id their OK packets carry (the relay core keeps the last one other than 0 per
+client: Relay.insert_id) goes to the client object when the relay lets go of the client (MySQLClient.relay_insert_id),
+so that the Python path answers `SELECT LAST_INSERT_ID()` (LAST_INSERT_ID stops) as the server would.
 
 The response walk must know whether CLIENT_DEPRECATE_EOF is in effect: a pool's backends log in with the
 capabilities of its clients' variant (Engine.backend_variant), so the relay key carries the client's flag and the

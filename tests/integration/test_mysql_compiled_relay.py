@@ -1,6 +1,6 @@
 """[proxy] relay = "compiled" against a real MariaDB: PyMySQL clients (more of them than backends) and sysbench served by
-the relay lanes, and what the engine's screen sends back to the Python path (INSERT and LAST_INSERT_ID, transactions,
-settings, pins, KILL QUERY of a relayed statement, multi-statements, a malformed packet)."""
+the relay lanes, and what the engine's screen sends back to the Python path (LAST_INSERT_ID after relayed INSERTs,
+transactions, settings, pins, KILL QUERY of a relayed statement, multi-statements, a malformed packet)."""
 from __future__ import annotations
 
 import shutil
@@ -92,7 +92,7 @@ def test_more_clients_than_backends_run_in_the_relay_with_rows_right(mariadb, pr
         try:
             for n in range(rounds):
                 assert query(conn, f"SELECT {number}, {n}, REPEAT('x', {n * 50})") == [(number, n, "x" * n * 50)]
-            with conn.cursor() as cur:      # an INSERT with autocommit: through Python (its last insert id)
+            with conn.cursor() as cur:      # an INSERT with autocommit: relayed, its id kept (Relay.insert_id)
                 cur.execute(f"INSERT INTO {table} (client, n) VALUES ({number}, 1)")
                 inserted = cur.lastrowid
             assert query(conn, "SELECT LAST_INSERT_ID()") == [(inserted,)]
@@ -105,7 +105,7 @@ def test_more_clients_than_backends_run_in_the_relay_with_rows_right(mariadb, pr
     lanes = lane_metrics(proxy)
     print("relay lanes:", lanes)
     assert lanes["transactions_total"] >= clients * rounds * 0.9, lanes      # nearly every SELECT with no Python
-    assert lanes["returns"]["stopped"] >= clients, lanes                       # the INSERTs and LAST_INSERT_ID()
+    assert lanes["returns"]["stopped"] >= clients, lanes       # SELECT LAST_INSERT_ID(), answered on the Python path
     assert lanes["returns"]["malformed"] == 0 and lanes["returns"]["connection_lost"] == 0, lanes
     assert server_connections(mariadb) <= 3
     assert not metric(metrics_text(proxy), PINNED)
@@ -395,14 +395,18 @@ def test_one_update_statement_runs_in_the_relay(mariadb, proxy_factory, table):
 @pytest.mark.timeout(120)
 def test_an_autocommit_off_client_runs_its_transactions_in_a_lane_of_its_own(mariadb, proxy_factory, table):
     """PyMySQL's default (autocommit off): the first statement opens a transaction, which the relay serves on one
-    backend to its COMMIT (a lane keyed by autocommit: the backends it lends have it off); an INSERT inside carries
-    the transaction on on the Python path. A client with autocommit on beside it, on the same two backends."""
+    backend to its COMMIT (a lane keyed by autocommit: the backends it lends have it off); an INSERT inside is relayed
+    too, and SELECT LAST_INSERT_ID() after it (a stop) carries the transaction on on the Python path, answered with
+    the id the relay kept. A client with autocommit on beside it, on the same two backends."""
     proxy = compiled(proxy_factory, mariadb, max_size=2)
     other = connect(proxy)
     conn = connect(proxy, autocommit=False)
     for n in range(5):
         assert query(conn, f"SELECT count(*) FROM {table}") == [(n,)]      # (a read of a table opens one)
-        query(conn, f"INSERT INTO {table} (client, n) VALUES (2, {n})")
+        with conn.cursor() as cur:
+            cur.execute(f"INSERT INTO {table} (client, n) VALUES (2, {n})")
+            inserted = cur.lastrowid
+        assert query(conn, "SELECT LAST_INSERT_ID()") == [(inserted,)]
         assert query(other, f"SELECT count(*) FROM {table}") == [(n,)]      # not committed yet
         conn.commit()
         assert query(other, f"SELECT count(*) FROM {table}") == [(n + 1,)]
@@ -418,8 +422,7 @@ def test_an_autocommit_off_client_runs_its_transactions_in_a_lane_of_its_own(mar
         assert query(other, autocommit) == [("ON",)]
     lanes = lane_metrics(proxy)
     assert lanes["transactions_total"] - before >= 18, lanes     # (the other's 10 and nearly all of conn's 10)
-    # the first INSERT came inside a transaction the relay served (the stays after it relayed too little: the
-    # client sat out the lanes for its next few)
+    # the first LAST_INSERT_ID() came inside a transaction the relay served
     assert lanes["returns"]["in_transaction"] >= 1, lanes
     assert not metric(metrics_text(proxy), PINNED)
     conn.close()
@@ -456,9 +459,9 @@ def test_a_client_sitting_out_the_lanes_keeps_its_sql_mode_to_itself(mariadb, pr
 def test_begin_is_answered_in_the_relay_and_an_idle_begin_holds_no_backend(mariadb, proxy_factory, table):
     """A lone BEGIN / START TRANSACTION is answered by the relay, which sends it ahead of the next command on the
     backend that serves the transaction to its COMMIT: transactions of reads run whole in the relay, six clients on
-    two backends; one with an INSERT carries its transaction on on the Python path (an INSERT stops), rows right.
-    Clients idle after their BEGIN hold no backend meanwhile, and a BEGIN followed at once by an INSERT goes to the
-    Python path with its BEGIN unsent, which sends it there."""
+    two backends, an INSERT in autocommit after each, rows right. Clients idle after their BEGIN hold no backend
+    meanwhile; a BEGIN followed at once by a stop (USE) goes to the Python path with its BEGIN unsent, which sends it
+    there; a BEGIN, then a read or an INSERT: the transaction in the relay, rolled back."""
     proxy = compiled(proxy_factory, mariadb, max_size=2)
     idle = [connect(proxy) for _ in range(4)]
     for conn in idle:
@@ -481,14 +484,16 @@ def test_begin_is_answered_in_the_relay_and_an_idle_begin_holds_no_backend(maria
 
     run_clients(reads, clients)
     lanes = lane_metrics(proxy)
-    # (each transaction in the relay; the INSERT after it on the Python path, the client back in its lane after that)
     assert lanes["transactions_total"] - before >= clients * transactions * 0.8, lanes
-    # an INSERT right after BEGIN: the Python path sends the BEGIN with it; a SELECT, then an INSERT: carried on there
+    # USE right after BEGIN (a stop): the Python path sends the BEGIN with it and carries the transaction on; a read
+    # or nothing before the INSERT: all of it in the relay
     writer, other = connect(proxy), connect(proxy)
-    for first in ("INSERT", "SELECT"):
+    for first in ("USE", "SELECT", None):
         query(writer, "BEGIN")
         if first == "SELECT":
             query(writer, f"SELECT count(*) FROM {table}")
+        elif first == "USE":
+            query(writer, f"USE {DB}")
         query(writer, f"INSERT INTO {table} (client, n) VALUES (99, 0)")
         assert query(other, f"SELECT count(*) FROM {table} WHERE client = 99") == [(0,)]     # not committed yet
         query(writer, "ROLLBACK")

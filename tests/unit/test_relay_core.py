@@ -504,6 +504,14 @@ server_frames = st.one_of(st.just(RESULT), st.just(READY_IDLE), st.just(READY_IN
                           st.binary(min_size=1, max_size=8))
 
 
+def assert_cores_agree(steps, **scenario) -> None:
+    """The compiled relay and its twin leave the same trace of the same steps (run_scenario's options)."""
+    if _relay is None:
+        pytest.skip(NOT_BUILT)
+    assert (run_scenario((_relay.Walker, _relay.Relay), steps, **scenario)
+            == run_scenario((rc.PyWalker, rc.PyRelay), steps, **scenario))
+
+
 def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=False) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
@@ -543,10 +551,10 @@ def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=F
                 trace.append(("bytes", name, got))
             if any(step[0] == "event" and "client" in step[2:4] for step in trace):
                 break
-        stats = relay.stats()
-        trace.append(("stats", stats["linked"], stats["idle"], stats["waiting"], stats["transactions"]))
         if mysql is not None:
             trace.append(("insert_id", relay.insert_id(client.fd())))
+        stats = relay.stats()
+        trace.append(("stats", stats["linked"], stats["idle"], stats["waiting"], stats["transactions"]))
     finally:
         relay.close()
         for pair in (client, first, second):
@@ -1589,11 +1597,7 @@ my_server_frames = st.one_of(st.just(my_ok(1)), st.just(my_ok(1, AUTOCOMMIT | IN
                           st.tuples(st.sampled_from(["first", "second"]), my_server_frames)), max_size=10),
        st.booleans())
 def test_c_and_python_relays_agree_with_the_mysql_rules(steps, deprecate_eof):
-    if _relay is None:
-        pytest.skip(NOT_BUILT)
-    rules = (MY_CLIENT_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
-    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
-            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+    assert_cores_agree(steps, mysql=(MY_CLIENT_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof)))
 
 
 @pytest.mark.timeout(30)
@@ -2521,10 +2525,7 @@ def test_a_whole_wake_up_that_fails_or_sees_an_attend_is_whole_again(impl):
         BEGIN_DONE, pg(b"1"), pg(b"2") + pg(b"C", b"BEGIN\0"), pg(b"N", b"SNOTICE\0\0"), READY_FAILED])))),
     max_size=12))
 def test_c_and_python_relays_agree_with_pg_begin(steps):
-    if _relay is None:
-        pytest.skip(NOT_BUILT)
-    assert (run_scenario((_relay.Walker, _relay.Relay), steps, begin=True)
-            == run_scenario((rc.PyWalker, rc.PyRelay), steps, begin=True))
+    assert_cores_agree(steps, begin=True)
 
 
 tx_texts = st.lists(st.sampled_from([b"begin", b"BEGIN", b"start", b"transaction", b"work", b"commit", b"end",
@@ -2643,11 +2644,7 @@ def test_a_mysql_begin_that_fails_answers_the_command_behind_it(impl, pairs):
         my(0, b"\x03BEGIN"), my(0, b"\x03start transaction"), my(0, b"\x03COMMIT")]))),
     st.tuples(st.sampled_from(["first", "second"]), my_server_frames)), max_size=12), st.booleans())
 def test_c_and_python_relays_agree_with_mysql_begin(steps, deprecate_eof):
-    if _relay is None:
-        pytest.skip(NOT_BUILT)
-    rules = (MY_BEGIN_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof))
-    assert (run_scenario((_relay.Walker, _relay.Relay), steps, mysql=rules)
-            == run_scenario((rc.PyWalker, rc.PyRelay), steps, mysql=rules))
+    assert_cores_agree(steps, mysql=(MY_BEGIN_RULE, dict(MY, response="mysql", deprecate_eof=deprecate_eof)))
 
 
 @pytest.mark.timeout(10)
