@@ -1024,7 +1024,9 @@ def mysql_bench(seconds: int, pool_size: int, keep: bool, markdown: str | None, 
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}", file=sys.stderr)
-    lines = [f"sysbench oltp_point_select" + "".join(f" and {MYSQL_SCRIPTS[v]}" for v in variants if v in MYSQL_SCRIPTS)
+    scripts = (["oltp_point_select"] if any(v not in MYSQL_SCRIPTS for v in variants) else []) + [
+        MYSQL_SCRIPTS[v] for v in variants if v in MYSQL_SCRIPTS]
+    lines = ["sysbench " + " and ".join(scripts)
              + f" (10,000 rows), TPS; {seconds} s per run"
              + (f" after a {warmup} s warm-up" if warmup > 0 else "")
              + (f", median of {rounds} interleaved rounds" if rounds > 1 else "")
