@@ -511,11 +511,11 @@ class ClientProtocol:
         return False
 
     def relay_began(self, begin: bytes) -> None:
-        """Needed with a client rule that answers BEGIN in the relay (the relay core's `pg_begin`): the client
-        comes back from the relay after the relay answered its `begin` (the statement's text, b"BEGIN" or b"START
-        TRANSACTION") and sent it to no backend. Carry the transaction on as if the Python path had answered that
-        BEGIN itself and not sent it yet."""
-        raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin need relay_began")
+        """Needed with a client rule that answers BEGIN in the relay (the relay core's `pg_begin` or `mysql_begin`):
+        the client comes back from the relay after the relay answered its `begin` (the statement's text, b"BEGIN" or
+        b"START TRANSACTION") and sent it to no backend. Carry the transaction on as if the Python path had answered
+        that BEGIN itself and not sent it yet."""
+        raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin or mysql_begin need relay_began")
 
     def relay_insert_id(self, value: int) -> None:
         """Optional, with a server rule that walks MySQL answers (the relay core's response="mysql"): the last insert
