@@ -1396,32 +1396,28 @@ static int begin_fits(RelayObject *r, Conn *c) {
     return (type == 'Q' || type == 'P') && c->len + PG_BEGIN_AHEAD_LEN + PG_SYNC_LEN <= r->bufsize;
 }
 
+/* bytes go into c's walked bytes at buf[at] (before fwd): forwarded with them (begin_fits made the room). */
+static void insert_walked(Conn *c, size_t at, const unsigned char *bytes, size_t n) {
+    memmove(c->buf + at + n, c->buf + at, c->len - at);
+    memcpy(c->buf + at, bytes, n);
+    c->len += n;
+    c->fwd += n;
+}
+
 static void begin_ahead(RelayObject *r, Conn *c, Conn *b) {
-    unsigned char *at = c->buf + c->sent;
+    c->lazy = c->st.lazy = 0;
     if (r->rules[ROLE_CLIENT].mysql_begin_len) {
-        memmove(at + MY_BEGIN_AHEAD_LEN, at, c->len - c->sent);
-        memcpy(at, MY_BEGIN_AHEAD, MY_BEGIN_AHEAD_LEN);
-        c->len += MY_BEGIN_AHEAD_LEN;
-        c->fwd += MY_BEGIN_AHEAD_LEN;
+        insert_walked(c, c->sent, MY_BEGIN_AHEAD, MY_BEGIN_AHEAD_LEN);
         b->swallow = 1;
-        c->lazy = c->st.lazy = 0;
         return;
     }
-    if (at[0] == 'Q') {        /* (a screened Query: whole before fwd) */
-        size_t q = 1 + (size_t)be32(at + 1);
-        memmove(at + q + PG_SYNC_LEN, at + q, c->len - c->sent - q);
-        memcpy(at + q, PG_SYNC, PG_SYNC_LEN);
-        c->len += PG_SYNC_LEN;
-        c->fwd += PG_SYNC_LEN;
+    if (c->buf[c->sent] == 'Q') {  /* (a screened Query: whole before fwd) */
+        insert_walked(c, c->sent + 1 + (size_t)be32(c->buf + c->sent + 1), PG_SYNC, PG_SYNC_LEN);
         c->outstanding++;
         b->zskip = 2;
     }
-    memmove(at + PG_BEGIN_AHEAD_LEN, at, c->len - c->sent);
-    memcpy(at, PG_BEGIN_AHEAD, PG_BEGIN_AHEAD_LEN);
-    c->len += PG_BEGIN_AHEAD_LEN;
-    c->fwd += PG_BEGIN_AHEAD_LEN;
+    insert_walked(c, c->sent, PG_BEGIN_AHEAD, PG_BEGIN_AHEAD_LEN);
     b->swallow = 3;
-    c->lazy = c->st.lazy = 0;
 }
 
 /* CommandComplete with tag, then ReadyForQuery with status, into out: its length. */
