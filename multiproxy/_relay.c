@@ -69,8 +69,10 @@
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
        EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10, EV_LOCAL = 11 };
 
-/* pg_begin: the transaction words of a lone simple Query the relay may answer itself (pg_transaction_word) */
+/* pg_begin: the transaction words of a lone simple Query the relay may answer itself (pg_transaction_word); a
+   transaction code holds the word in its low bits (TXW_WORD) and a BEGIN's modes above them (TX_MODES) */
 enum { TXW_NONE = 0, TXW_BEGIN = 1, TXW_START = 2, TXW_COMMIT = 3, TXW_ROLLBACK = 4 };
+#define TXW_WORD 7
 
 /* ---------------------------------------------------------------- the framing rule and its walker state */
 
@@ -199,65 +201,157 @@ static int screen_hit(const Rule *rule, const unsigned char *body, size_t len) {
 /* ---------------------------------------------------------------- PostgreSQL: transaction words the relay answers
  *
  * pg_begin (a rule option, PostgreSQL framing only): a simple Query whose whole text is BEGIN [WORK | TRANSACTION] or
- * START TRANSACTION (ASCII case ignored, white space (pg_space) around, one ';' at the end) is EV_LOCAL before it
- * (arg TXW_BEGIN or TXW_START), whatever the screen says; while the walk state's `lazy` is set (a BEGIN answered by the relay and
- * not sent), so is one of COMMIT / END / ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). Modes
- * (ISOLATION LEVEL, READ ONLY, ...), AND CHAIN, comments or anything else make it an ordinary Query (BEGIN and
- * START are screen words: such a text stops, and the Python path answers it). The relay's answer is in pump(). */
+ * START TRANSACTION, with or without the modes of TX_MODES (ISOLATION LEVEL ..., READ WRITE / ONLY, [NOT] DEFERRABLE,
+ * separated by white space or one comma, each kind once), ASCII case ignored, white space (pg_space) around, one ';'
+ * at the end, is EV_LOCAL before it (arg: its transaction code, TXW_BEGIN or TXW_START in the bits of TXW_WORD and
+ * the modes above), whatever the screen says; while the walk state's `lazy` is set (a BEGIN answered by the relay and
+ * not sent), so is one of COMMIT / END / ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). A mode
+ * given twice, AND CHAIN, comments or anything else make it an ordinary Query (BEGIN and START are screen words:
+ * such a text stops, and the Python path answers it). The relay's answer is in pump(). */
 
 /* PostgreSQL's white space between tokens (its scanner's `space`). */
 static inline int pg_space(unsigned char ch) {
     return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f';
 }
 
-/* The next word of text[*at:len] (after white space), lowercased into word (at most cap-1 letters): its length, 0 at
-   the end of the text or at a ';', -1 for a byte that is not an ASCII letter or a word longer than cap-1. */
-static int next_word(const unsigned char *text, size_t len, size_t *at, char *word, int cap) {
-    size_t i = *at;
-    while (i < len && pg_space(text[i]))
-        i++;
+#define MAX_TX_TOKENS 16     /* words and commas of a transaction statement */
+#define MAX_TX_WORD 15       /* letters of one of its words */
+
+/* The modes of a BEGIN the relay answers: (shift, value) in the transaction code, its words and its text. Each
+   category (the shift) at most once. */
+static const struct {
+    int shift, value, nwords;
+    const char *words[4];
+    const char *text;
+} TX_MODES[] = {
+    {3, 1, 3, {"isolation", "level", "serializable"}, "ISOLATION LEVEL SERIALIZABLE"},
+    {3, 2, 4, {"isolation", "level", "repeatable", "read"}, "ISOLATION LEVEL REPEATABLE READ"},
+    {3, 3, 4, {"isolation", "level", "read", "committed"}, "ISOLATION LEVEL READ COMMITTED"},
+    {3, 4, 4, {"isolation", "level", "read", "uncommitted"}, "ISOLATION LEVEL READ UNCOMMITTED"},
+    {6, 1, 2, {"read", "write"}, "READ WRITE"},
+    {6, 2, 2, {"read", "only"}, "READ ONLY"},
+    {8, 1, 1, {"deferrable"}, "DEFERRABLE"},
+    {8, 2, 2, {"not", "deferrable"}, "NOT DEFERRABLE"},
+};
+#define N_TX_MODES ((int)(sizeof(TX_MODES) / sizeof(TX_MODES[0])))
+static const int TX_MODE_FIELD[9] = {[3] = 7, [6] = 3, [8] = 3};   /* each category's bits, by shift */
+
+/* The words and commas of text[0:len] (PostgreSQL's white space between them), lowercased into tokens: their number,
+   or -1 for a byte that is neither an ASCII letter nor a comma, a word longer than MAX_TX_WORD, more than
+   MAX_TX_TOKENS tokens. */
+static int tx_tokens(const unsigned char *text, size_t len, char tokens[][MAX_TX_WORD + 1]) {
     int n = 0;
-    while (i < len && !pg_space(text[i]) && text[i] != ';') {
-        unsigned char ch = lower_ascii(text[i]);
-        if (ch < 'a' || ch > 'z' || n == cap - 1)
+    size_t i = 0;
+    for (;;) {
+        while (i < len && pg_space(text[i]))
+            i++;
+        if (i == len)
+            return n;
+        if (n == MAX_TX_TOKENS)
             return -1;
-        word[n++] = (char)ch;
-        i++;
+        char *word = tokens[n++];
+        if (text[i] == ',') {
+            word[0] = ',';
+            word[1] = 0;
+            i++;
+            continue;
+        }
+        int k = 0;
+        while (i < len && !pg_space(text[i]) && text[i] != ',') {
+            unsigned char ch = lower_ascii(text[i]);
+            if (ch < 'a' || ch > 'z' || k == MAX_TX_WORD)
+                return -1;
+            word[k++] = (char)ch;
+            i++;
+        }
+        word[k] = 0;
     }
-    word[n] = 0;
-    *at = i;
-    return n;
 }
 
-/* The transaction word of a statement's text (len bytes), or TXW_NONE; mysql: MySQL's BEGIN [WORK] and START
-   TRANSACTION only (MySQL has no END, ABORT or BEGIN TRANSACTION, and the relay answers no COMMIT there). */
+/* word with the modes in tokens[at:n] (TX_MODES), or TXW_NONE: a comma only between two modes, each category once. */
+static int with_modes(int word, char tokens[][MAX_TX_WORD + 1], int at, int n) {
+    int code = word, seen = 0;
+    while (at < n) {
+        if (strcmp(tokens[at], ",") == 0) {
+            if (at == n - 1 || seen == 0)
+                return TXW_NONE;
+            at++;
+        }
+        int m;
+        for (m = 0; m < N_TX_MODES; m++) {
+            int k = 0;
+            while (k < TX_MODES[m].nwords && at + k < n && strcmp(tokens[at + k], TX_MODES[m].words[k]) == 0)
+                k++;
+            if (k == TX_MODES[m].nwords)
+                break;
+        }
+        if (m == N_TX_MODES || (seen & (1 << TX_MODES[m].shift)))
+            return TXW_NONE;
+        seen |= 1 << TX_MODES[m].shift;
+        code |= TX_MODES[m].value << TX_MODES[m].shift;
+        at += TX_MODES[m].nwords;
+    }
+    return code;
+}
+
+/* The transaction code of a statement's text (len bytes), or TXW_NONE; mysql: MySQL's BEGIN [WORK] and START
+   TRANSACTION only, with no modes (MySQL has no END, ABORT or BEGIN TRANSACTION, and the relay answers no COMMIT
+   there). */
 static int transaction_word(const unsigned char *body, size_t len, int mysql) {
-    size_t at = 0;
-    char first[12], second[12], third[12];
-    if (next_word(body, len, &at, first, sizeof(first)) <= 0 || next_word(body, len, &at, second, sizeof(second)) < 0)
+    const unsigned char *semi = memchr(body, ';', len);
+    if (semi != NULL) {     /* one ';' after the words, then only white space */
+        for (const unsigned char *q = semi + 1; q < body + len; q++)
+            if (!pg_space(*q))
+                return TXW_NONE;
+        len = (size_t)(semi - body);
+    }
+    char tokens[MAX_TX_TOKENS][MAX_TX_WORD + 1];
+    int n = tx_tokens(body, len, tokens);
+    if (n <= 0)
         return TXW_NONE;
-    while (at < len && pg_space(body[at]))
-        at++;
-    if (at < len && body[at] == ';')
-        at++;               /* one ';' after the words, then only white space */
-    size_t end = at;
-    if (next_word(body, len, &end, third, sizeof(third)) != 0 || end < len)
+    const char *first = tokens[0], *second = n > 1 ? tokens[1] : "";
+    if (strcmp(first, ",") == 0 || strcmp(second, ",") == 0)
         return TXW_NONE;
     int plain = second[0] == 0, qualified = strcmp(second, "work") == 0 || strcmp(second, "transaction") == 0;
     if (mysql) {
+        if (n > 2)
+            return TXW_NONE;
         if (strcmp(first, "begin") == 0 && (plain || strcmp(second, "work") == 0))
             return TXW_BEGIN;
         return strcmp(first, "start") == 0 && strcmp(second, "transaction") == 0 ? TXW_START : TXW_NONE;
     }
-    if (strcmp(first, "begin") == 0 && (plain || qualified))
-        return TXW_BEGIN;
-    if (strcmp(first, "start") == 0 && strcmp(second, "transaction") == 0)
-        return TXW_START;
-    if ((strcmp(first, "commit") == 0 || strcmp(first, "end") == 0) && (plain || qualified))
+    if (strcmp(first, "start") == 0)
+        return strcmp(second, "transaction") == 0 ? with_modes(TXW_START, tokens, 2, n) : TXW_NONE;
+    int at = qualified ? 2 : 1;
+    if (strcmp(first, "begin") == 0)
+        return with_modes(TXW_BEGIN, tokens, at, n);
+    if (at != n)
+        return TXW_NONE;
+    if (strcmp(first, "commit") == 0 || strcmp(first, "end") == 0)
         return TXW_COMMIT;
-    if ((strcmp(first, "rollback") == 0 || strcmp(first, "abort") == 0) && (plain || qualified))
+    if (strcmp(first, "rollback") == 0 || strcmp(first, "abort") == 0)
         return TXW_ROLLBACK;
     return TXW_NONE;
+}
+
+/* The BEGIN of a transaction code, as the relay sends it ahead (BEGIN or START TRANSACTION, then its modes), into
+   out (room for at least BEGIN_TEXT_MAX bytes): its length. */
+#define BEGIN_TEXT_MAX 96
+static size_t begin_text(int code, char *out) {
+    size_t n = 0;
+    const char *head = (code & TXW_WORD) == TXW_START ? "START TRANSACTION" : "BEGIN";
+    memcpy(out, head, strlen(head));
+    n = strlen(head);
+    for (int m = 0; m < N_TX_MODES; m++) {
+        int shift = TX_MODES[m].shift;
+        if (((code >> shift) & TX_MODE_FIELD[shift]) == TX_MODES[m].value) {
+            size_t tl = strlen(TX_MODES[m].text);
+            out[n++] = ' ';
+            memcpy(out + n, TX_MODES[m].text, tl);
+            n += tl;
+        }
+    }
+    return n;
 }
 
 /* The transaction word of a PostgreSQL Query body (its text and the NUL that ends it), or TXW_NONE. */
@@ -697,7 +791,8 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
                 break;
             if (rule->pg_begin && type == 'Q') {
                 int word = pg_transaction_word(h + 5, (size_t)total - 5);
-                if (word == TXW_BEGIN || word == TXW_START || (word != TXW_NONE && st->lazy)) {
+                int begin = (word & TXW_WORD) == TXW_BEGIN || (word & TXW_WORD) == TXW_START;
+                if (begin || (word != TXW_NONE && st->lazy)) {
                     res.event = EV_LOCAL;
                     res.arg = word;
                     break;
@@ -1220,7 +1315,7 @@ static void unqueue(RelayObject *r, Conn *c) {
 
 /* Forget c (and not its peer): out of epoll (unless it is about to be closed, which takes it out), the queues and
    the fd table; freed at the end of the call. */
-#define RELAYED_BITS 29     /* relayed_before[fd]: the requests (at most RELAYED_MAX), and the client's lazy above */
+#define RELAYED_BITS 21     /* relayed_before[fd]: the requests (at most RELAYED_MAX), and the client's lazy above */
 #define RELAYED_MAX ((1u << RELAYED_BITS) - 1)
 
 static void forget_closing(RelayObject *r, Conn *c, int closing) {
@@ -1364,11 +1459,12 @@ static void closed(RelayObject *r, Conn *c, int err) {
  * as a stop frame, and so does a BEGIN while one is lazy or inside a transaction; lazy_begin(fd) tells the caller
  * that the client it took had a BEGIN answered and not sent. */
 
-static const unsigned char PG_BEGIN_AHEAD[] =
-    "P\0\0\0\x0d" "\0BEGIN\0\0\0"        /* Parse: the unnamed statement, "BEGIN", no parameter types */
+/* Sent ahead behind the Parse of the unnamed statement holding the BEGIN's text (pg_begin_ahead) */
+static const unsigned char PG_BIND_EXECUTE[] =
     "B\0\0\0\x0c" "\0\0\0\0\0\0\0\0"     /* Bind: unnamed portal and statement, no formats, no parameters */
     "E\0\0\0\x09" "\0\0\0\0\0";          /* Execute: the unnamed portal, every row */
-#define PG_BEGIN_AHEAD_LEN (sizeof(PG_BEGIN_AHEAD) - 1)
+#define PG_BIND_EXECUTE_LEN (sizeof(PG_BIND_EXECUTE) - 1)
+#define PG_BEGIN_AHEAD_MAX (5 + 1 + BEGIN_TEXT_MAX + 3 + PG_BIND_EXECUTE_LEN)
 static const unsigned char PG_SYNC[] = "S\0\0\0\x04";
 #define PG_SYNC_LEN 5
 #define PG_READY_LEN 6          /* a ReadyForQuery: 'Z', length 5, the status */
@@ -1393,7 +1489,21 @@ static int begin_fits(RelayObject *r, Conn *c) {
     if (r->rules[ROLE_CLIENT].mysql_begin_len)
         return c->len + MY_BEGIN_AHEAD_LEN <= r->bufsize;   /* (any command the relay forwards) */
     unsigned char type = c->buf[c->sent];
-    return (type == 'Q' || type == 'P') && c->len + PG_BEGIN_AHEAD_LEN + PG_SYNC_LEN <= r->bufsize;
+    char text[BEGIN_TEXT_MAX];
+    size_t ahead = 5 + 1 + begin_text(c->lazy, text) + 3 + PG_BIND_EXECUTE_LEN;
+    return (type == 'Q' || type == 'P') && c->len + ahead + PG_SYNC_LEN <= r->bufsize;
+}
+
+/* Parse, Bind and Execute of the unnamed statement holding the BEGIN of transaction code `code`, with no Sync, into
+   out (PG_BEGIN_AHEAD_MAX bytes): their length. */
+static size_t pg_begin_ahead(int code, unsigned char *out) {
+    size_t tl = begin_text(code, (char *)out + 6);
+    out[0] = 'P';
+    put_be32(out + 1, (uint32_t)(4 + 1 + tl + 3));
+    out[5] = 0;                                 /* the unnamed statement */
+    memset(out + 6 + tl, 0, 3);                 /* the text's NUL, no parameter types */
+    memcpy(out + 6 + tl + 3, PG_BIND_EXECUTE, PG_BIND_EXECUTE_LEN);
+    return 6 + tl + 3 + PG_BIND_EXECUTE_LEN;
 }
 
 /* bytes go into c's walked bytes at buf[at] (before fwd): forwarded with them (begin_fits made the room). */
@@ -1405,6 +1515,7 @@ static void insert_walked(Conn *c, size_t at, const unsigned char *bytes, size_t
 }
 
 static void begin_ahead(RelayObject *r, Conn *c, Conn *b) {
+    int code = c->lazy;
     c->lazy = c->st.lazy = 0;
     if (r->rules[ROLE_CLIENT].mysql_begin_len) {
         insert_walked(c, c->sent, MY_BEGIN_AHEAD, MY_BEGIN_AHEAD_LEN);
@@ -1416,7 +1527,8 @@ static void begin_ahead(RelayObject *r, Conn *c, Conn *b) {
         c->outstanding++;
         b->zskip = 2;
     }
-    insert_walked(c, c->sent, PG_BEGIN_AHEAD, PG_BEGIN_AHEAD_LEN);
+    unsigned char ahead[PG_BEGIN_AHEAD_MAX];
+    insert_walked(c, c->sent, ahead, pg_begin_ahead(code, ahead));
     b->swallow = 3;
 }
 
@@ -1437,7 +1549,7 @@ static size_t pg_local_answer(unsigned char *out, const char *tag, unsigned char
    Query is dropped), 0 when it did not (nothing written), -1 when the client was handed over (a partial write). */
 static int answer_locally(RelayObject *r, Conn *c, int word) {
     const Rule *rule = &r->rules[ROLE_CLIENT];
-    int begin = word == TXW_BEGIN || word == TXW_START;
+    int begin = (word & TXW_WORD) == TXW_BEGIN || (word & TXW_WORD) == TXW_START;
     if (c->peer != NULL || c->outstanding != 0 || (begin ? c->lazy != 0 : c->lazy == 0))
         return 0;
     unsigned char answer[64];
@@ -1446,8 +1558,9 @@ static int answer_locally(RelayObject *r, Conn *c, int word) {
         memcpy(answer, rule->mysql_begin, rule->mysql_begin_len);
         n = rule->mysql_begin_len;
     } else {
-        n = pg_local_answer(answer, word == TXW_BEGIN ? "BEGIN" : word == TXW_START ? "START TRANSACTION"
-                                    : word == TXW_COMMIT ? "COMMIT" : "ROLLBACK", begin ? 'T' : 'I');
+        int w = word & TXW_WORD;
+        n = pg_local_answer(answer, w == TXW_BEGIN ? "BEGIN" : w == TXW_START ? "START TRANSACTION"
+                                    : w == TXW_COMMIT ? "COMMIT" : "ROLLBACK", begin ? 'T' : 'I');
     }
     ssize_t w;
     do
@@ -1565,7 +1678,7 @@ static void pump(RelayObject *r, Conn *c) {
                 if (answered)
                     continue;
                 c->st.lazy = 0;     /* not answered: walked again as an ordinary Query (lazy: begin_ahead) */
-                if (arg != TXW_BEGIN && arg != TXW_START)
+                if ((arg & TXW_WORD) != TXW_BEGIN && (arg & TXW_WORD) != TXW_START)
                     continue;
                 event = EV_HANDOVER;    /* a BEGIN the relay does not answer stops, as the screen would have it */
                 arg = c->buf[c->fwd + rule->type_offset];
@@ -2559,8 +2672,9 @@ static PyObject *Relay_insert_id(RelayObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(id);
 }
 
-/* lazy_begin(fd) -> int: TXW_BEGIN (1) or TXW_START (2) when the client at fd (or, with none there, the client last
-   let go of at fd) had a BEGIN answered by the relay and not sent to any backend, else 0 (pg_begin). */
+/* lazy_begin(fd) -> int: the transaction code (TXW_BEGIN or TXW_START and its modes) when the client at fd (or, with
+   none there, the client last let go of at fd) had a BEGIN answered by the relay and not sent to any backend, else 0
+   (pg_begin). */
 static PyObject *Relay_lazy_begin(RelayObject *self, PyObject *args) {
     int fd;
     if (!PyArg_ParseTuple(args, "i", &fd))
@@ -3183,8 +3297,9 @@ static PyMethodDef Relay_methods[] = {
      "insert_id(fd) -> int: the last insert id other than 0 of the MySQL answers relayed to the client at fd, or to "
      "the client last let go of at fd; else 0."},
     {"lazy_begin", (PyCFunction)Relay_lazy_begin, METH_VARARGS,
-     "lazy_begin(fd) -> int: 1 (BEGIN) or 2 (START TRANSACTION) when the client at fd, or the client last let go of "
-     "at fd, had a BEGIN answered by the relay and not sent; else 0."},
+     "lazy_begin(fd) -> int: the transaction code (1: BEGIN, 2: START TRANSACTION, and its modes above the low three "
+     "bits) when the client at fd, or the client last let go of at fd, had a BEGIN answered by the relay and not "
+     "sent; else 0."},
     {"counts", (PyCFunction)Relay_counts, METH_NOARGS, "counts() -> (idle backends, waiting clients, linked clients)."},
     {"listen", (PyCFunction)(void (*)(void))Relay_listen, METH_VARARGS | METH_KEYWORDS,
      "listen(fd, refuse=b'', refusal=b'', hangup=b'') -> events: accept clients on this listening socket."},

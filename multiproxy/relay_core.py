@@ -56,15 +56,16 @@ PostgreSQL Parse's or a MySQL COM_QUERY's text), the lead and a byte up to 0x20,
 bytes up to 0x20 and ';' after the first one). An engine exempts SET in one statement opening with SELECT, UPDATE,
 ... (`OFFSET`, `UPDATE ... SET`, a column named `settings`), since its own SET statements open a statement.
 `pg_begin=True` (a PostgreSQL client rule): a simple Query whose whole text is a lone BEGIN [WORK | TRANSACTION] or
-START TRANSACTION (ASCII case ignored, PostgreSQL's white space around, one ';' at the end) is a LOCAL event before it
-(arg TXW_BEGIN or TXW_START) whatever the screen says, and while the walker's `lazy` is set so is a lone COMMIT / END /
-ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK). The relay answers them itself for a client between
-transactions: BEGIN with CommandComplete and ReadyForQuery 'T', holding no backend; COMMIT or ROLLBACK right after it
-with 'I'; the BEGIN goes, as Parse/Bind/Execute of the unnamed statement with no Sync (a simple Query then gets a Sync
-of the relay's behind it, whose ReadyForQuery is dropped), in front of the next request that takes a backend, and its
-answer is dropped, so that a failed BEGIN's error is that request's answer. A client the relay lets go of with such a
+START TRANSACTION, with or without modes (ISOLATION LEVEL, READ ONLY / WRITE, [NOT] DEFERRABLE: TXW_MODES; ASCII case
+ignored, PostgreSQL's white space around, one ';' at the end) is a LOCAL event before it (arg: the transaction code,
+TXW_BEGIN or TXW_START in its low bits, TXW_WORD, and the modes above) whatever the screen says, and while the
+walker's `lazy` is set so is a lone COMMIT / END / ROLLBACK / ABORT [WORK | TRANSACTION] (TXW_COMMIT, TXW_ROLLBACK).
+The relay answers them itself for a client between transactions: BEGIN with CommandComplete and ReadyForQuery 'T',
+holding no backend; COMMIT or ROLLBACK right after it with 'I'; the BEGIN (begin_text: its modes spelt out) goes, as
+Parse/Bind/Execute of the unnamed statement with no Sync (a simple Query then gets a Sync of the relay's behind it,
+whose ReadyForQuery is dropped), in front of the next request that takes a backend, and its answer is dropped, so that a failed BEGIN's error is that request's answer. A client the relay lets go of with such a
 BEGIN unsent (a stop frame, a request that opens with anything but a Query or a Parse, take_waiting, remove, ...):
-`lazy_begin(fd)` is TXW_BEGIN or TXW_START (BEGIN_TEXTS names them), for the caller to carry the transaction on.
+`lazy_begin(fd)` is that transaction code (begin_text spells it), for the caller to carry the transaction on.
 A PostgreSQL client rule may relay batches of the unnamed statement (`pg_unnamed=True`, PostgreSQL's framing only):
 a Parse, Bind, Describe or Execute opens a batch that is walked only whole, up to and with its Sync (counted once:
 one request, one ReadyForQuery), and relayed when every frame of it is one of: Parse of the unnamed statement (well
@@ -126,6 +127,7 @@ import hmac
 import logging
 import operator
 import os
+import re
 import select
 import socket
 import struct
@@ -134,9 +136,34 @@ import time
 log = logging.getLogger("multiproxy.relay_core")
 
 NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET, LOCAL = range(12)
-# pg_begin: a LOCAL event's arg, the transaction word of a lone simple Query (_pg_transaction_word)
+# pg_begin: a LOCAL event's arg, the transaction code of a lone simple Query (_pg_transaction_word): the transaction
+# word in its low bits (TXW_WORD), and a BEGIN's modes above them (TXW_MODES: begin_text spells them out)
 TXW_NONE, TXW_BEGIN, TXW_START, TXW_COMMIT, TXW_ROLLBACK = range(5)
-BEGIN_TEXTS = {TXW_BEGIN: b"BEGIN", TXW_START: b"START TRANSACTION"}    # lazy_begin(fd) -> what the client sent
+TXW_WORD = 7
+_ISOLATION_SHIFT, _ACCESS_SHIFT, _DEFER_SHIFT = 3, 6, 8
+# (shift, value, the words of the mode, its text): each category of mode at most once in a BEGIN
+TXW_MODES = (
+    (_ISOLATION_SHIFT, 1, (b"isolation", b"level", b"serializable"), b"ISOLATION LEVEL SERIALIZABLE"),
+    (_ISOLATION_SHIFT, 2, (b"isolation", b"level", b"repeatable", b"read"), b"ISOLATION LEVEL REPEATABLE READ"),
+    (_ISOLATION_SHIFT, 3, (b"isolation", b"level", b"read", b"committed"), b"ISOLATION LEVEL READ COMMITTED"),
+    (_ISOLATION_SHIFT, 4, (b"isolation", b"level", b"read", b"uncommitted"), b"ISOLATION LEVEL READ UNCOMMITTED"),
+    (_ACCESS_SHIFT, 1, (b"read", b"write"), b"READ WRITE"),
+    (_ACCESS_SHIFT, 2, (b"read", b"only"), b"READ ONLY"),
+    (_DEFER_SHIFT, 1, (b"deferrable",), b"DEFERRABLE"),
+    (_DEFER_SHIFT, 2, (b"not", b"deferrable"), b"NOT DEFERRABLE"),
+)
+_MODE_FIELD = {_ISOLATION_SHIFT: 7, _ACCESS_SHIFT: 3, _DEFER_SHIFT: 3}    # each category's bits
+MAX_TX_TOKENS, MAX_TX_WORD = 16, 15     # words and commas of a transaction statement; letters of one word
+
+
+def begin_text(code: int) -> bytes:
+    """The BEGIN of a transaction code (lazy_begin(fd)): BEGIN or START TRANSACTION and its modes, as the relay sends it
+    ahead (the client's own spelling is not kept: the same statement to the server)."""
+    parts = [b"START TRANSACTION" if code & TXW_WORD == TXW_START else b"BEGIN"]
+    parts += [text for shift, value, _, text in TXW_MODES if (code >> shift) & _MODE_FIELD[shift] == value]
+    return b" ".join(parts)
+
+
 WATCH_IDLE, WATCH_BUSY, WATCH_TRANSACTION = range(3)    # a quiet client's state for age_quiet()
 MAX_STARTUP = 10000     # PostgreSQL's own limit on a startup packet
 SCRAM_NONCE_RAW = 18    # relay logins with SCRAM: random bytes of the relay's part of the nonce (24 in base64)
@@ -147,8 +174,9 @@ MAX_WORDS, MAX_WORD = 64, 32    # screen words of one rule, bytes of one word
 MAX_LEADS = 8                   # exempt leads of one rule
 _PG_BATCH_OPENS = frozenset(b"PBDE")     # pg_unnamed: the frame types that open a batch of the unnamed statement
 _PG_BATCH_INCOMPLETE, _PG_BATCH_RELAYED, _PG_BATCH_STOP = range(3)
-# pg_begin (see "a BEGIN the relay answers" in _relay.c): sent ahead of the request after a lazy BEGIN
-_PG_BEGIN_AHEAD = (b"P\0\0\0\x0d\0BEGIN\0\0\0" b"B\0\0\0\x0c" + bytes(8) + b"E\0\0\0\x09" + bytes(5))
+# pg_begin (see "a BEGIN the relay answers" in _relay.c): Bind and Execute sent ahead of the request after a lazy
+# BEGIN, behind the Parse of its text (_pg_begin_ahead)
+_PG_BIND_EXECUTE = b"B\0\0\0\x0c" + bytes(8) + b"E\0\0\0\x09" + bytes(5)
 _PG_SYNC = b"S\0\0\0\x04"
 _PG_READY_LEN = 6
 _PG_SWALLOWED = frozenset(b"12C")       # ParseComplete, BindComplete, CommandComplete of that BEGIN
@@ -157,6 +185,7 @@ _PG_SPACE = frozenset(b" \t\n\r\f")     # PostgreSQL's white space between token
 _MY_BEGIN_AHEAD = b"\x06\0\0\0\x03BEGIN"   # mysql_begin: the COM_QUERY sent ahead
 _TX_WORDS = {b"begin": TXW_BEGIN, b"commit": TXW_COMMIT, b"end": TXW_COMMIT, b"rollback": TXW_ROLLBACK,
              b"abort": TXW_ROLLBACK}
+_TX_TOKEN = re.compile(rb"[^ \t\n\r\f,]+|,")
 _LOCAL_TAGS = {TXW_BEGIN: b"BEGIN", TXW_START: b"START TRANSACTION", TXW_COMMIT: b"COMMIT", TXW_ROLLBACK: b"ROLLBACK"}
 
 # The framing rules the engines declare: frame size = length field + length_adjust.
@@ -182,9 +211,10 @@ def postgres_walkers(client_stop: bytes = b"X", server_stop: bytes = b"", walker
 
 
 def _pg_transaction_word(body: bytes) -> int:
-    """The transaction word of a Query body (its text and the NUL that ends it): BEGIN [WORK | TRANSACTION], START
-    TRANSACTION, COMMIT / END, ROLLBACK / ABORT [WORK | TRANSACTION], ASCII case ignored, PostgreSQL's white space
-    (space, tab, CR, LF, FF) around, one ';' at the end; else TXW_NONE."""
+    """The transaction code of a Query body (its text and the NUL that ends it): BEGIN [WORK | TRANSACTION] or START
+    TRANSACTION with the modes of TXW_MODES (separated by white space or one comma, each category once), COMMIT / END,
+    ROLLBACK / ABORT [WORK | TRANSACTION]; ASCII case ignored, PostgreSQL's white space (space, tab, CR, LF, FF)
+    around, one ';' at the end; else TXW_NONE."""
     if len(body) < 2 or body[-1] != 0 or 0 in body[:-1]:
         return TXW_NONE
     return _transaction_word(body[:-1])
@@ -197,28 +227,61 @@ def _transaction_word(text: bytes, mysql: bool = False) -> int:
         if any(ch not in _PG_SPACE for ch in text[semi + 1:]):
             return TXW_NONE
         text = text[:semi]
-    words = bytes(0x20 if ch in _PG_SPACE else ch for ch in text).split(b" ")
-    words = [w for w in words if w]
-    if not 1 <= len(words) <= 2 or any(len(w) > 11 or not all(0x41 <= ch <= 0x5A or 0x61 <= ch <= 0x7A for ch in w)
-                                       for w in words):
+    words = _TX_TOKEN.findall(text)
+    if not 1 <= len(words) <= MAX_TX_TOKENS or any(
+            w != b"," and (len(w) > MAX_TX_WORD or not all(0x41 <= ch <= 0x5A or 0x61 <= ch <= 0x7A for ch in w))
+            for w in words):
         return TXW_NONE
     words = [w.lower() for w in words]
-    first, second = words[0], words[1] if len(words) == 2 else b""
+    first, second = words[0], words[1] if len(words) > 1 else b""
     if mysql:
+        if len(words) > 2:
+            return TXW_NONE
         if first == b"begin" and second in (b"", b"work"):
             return TXW_BEGIN
         return TXW_START if first == b"start" and second == b"transaction" else TXW_NONE
     if first == b"start":
-        return TXW_START if second == b"transaction" else TXW_NONE
-    if second not in (b"", b"work", b"transaction"):
-        return TXW_NONE
-    return _TX_WORDS.get(first, TXW_NONE)
+        if second != b"transaction":
+            return TXW_NONE
+        return _with_modes(TXW_START, words, 2)
+    word = _TX_WORDS.get(first, TXW_NONE)
+    at = 2 if second in (b"work", b"transaction") else 1
+    if word == TXW_BEGIN:
+        return _with_modes(TXW_BEGIN, words, at)
+    return word if at == len(words) else TXW_NONE
+
+
+def _with_modes(word: int, words: list, at: int) -> int:
+    """word with the modes in words[at:] (TXW_MODES), or TXW_NONE: a comma only between two modes, each kind once."""
+    code, seen = word, 0
+    while at < len(words):
+        if words[at] == b",":
+            if at == len(words) - 1 or seen == 0:
+                return TXW_NONE
+            at += 1
+        for shift, value, mode_words, _ in TXW_MODES:
+            if tuple(words[at:at + len(mode_words)]) == mode_words:
+                break
+        else:
+            return TXW_NONE
+        if seen & (1 << shift):
+            return TXW_NONE
+        seen |= 1 << shift
+        code |= value << shift
+        at += len(mode_words)
+    return code
+
+
+def _pg_begin_ahead(code: int) -> bytes:
+    """Parse, Bind and Execute of the unnamed statement holding the BEGIN of a transaction code, with no Sync."""
+    text = begin_text(code)
+    return b"P" + (len(text) + 8).to_bytes(4, "big") + b"\0" + text + b"\0\0\0" + _PG_BIND_EXECUTE
 
 
 def _pg_local_answer(word: int) -> bytes:
     """CommandComplete and ReadyForQuery the relay sends for a transaction word it answers."""
-    tag = _LOCAL_TAGS[word] + b"\0"
-    status = b"T" if word in (TXW_BEGIN, TXW_START) else b"I"
+    tag = _LOCAL_TAGS[word & TXW_WORD] + b"\0"
+    status = b"T" if word & TXW_WORD in (TXW_BEGIN, TXW_START) else b"I"
     return b"C" + (4 + len(tag)).to_bytes(4, "big") + tag + b"Z\0\0\0\x05" + status
 
 
@@ -346,7 +409,7 @@ class PyWalker:
                     break
                 if self.pg_begin and kind == 81:        # Q
                     word = _pg_transaction_word(bytes(data[pos + 5:pos + total]))
-                    if word in (TXW_BEGIN, TXW_START) or (word != TXW_NONE and self.lazy):
+                    if word & TXW_WORD in (TXW_BEGIN, TXW_START) or (word != TXW_NONE and self.lazy):
                         return pos, LOCAL, word
                 if self.mysql_begin and kind == 3 and total > 5:    # COM_QUERY
                     word = _transaction_word(bytes(data[pos + 5:pos + total]), mysql=True)
@@ -1268,7 +1331,8 @@ class PyRelay:
     def _begin_fits(self, c) -> bool:
         if self._rules[0].mysql_begin:
             return len(c.buf) + len(_MY_BEGIN_AHEAD) <= self._bufsize
-        return c.buf[c.sent] in b"QP" and len(c.buf) + len(_PG_BEGIN_AHEAD) + len(_PG_SYNC) <= self._bufsize
+        return (c.buf[c.sent] in b"QP"
+                and len(c.buf) + len(_pg_begin_ahead(c.lazy)) + len(_PG_SYNC) <= self._bufsize)
 
     def _begin_ahead(self, c, b) -> None:
         at = c.sent
@@ -1285,8 +1349,9 @@ class PyRelay:
             c.fwd += len(_PG_SYNC)
             c.outstanding += 1
             b.zskip = 2
-        c.buf[at:at] = _PG_BEGIN_AHEAD
-        c.fwd += len(_PG_BEGIN_AHEAD)
+        ahead = _pg_begin_ahead(c.lazy)
+        c.buf[at:at] = ahead
+        c.fwd += len(ahead)
         b.swallow = 3
         c.lazy = TXW_NONE
         c.walker.lazy = False
@@ -1294,7 +1359,7 @@ class PyRelay:
     def _answer_locally(self, c, word) -> int:
         """1: the relay answered the transaction word at c.buf[c.fwd] (the Query is dropped); 0: it did not; -1: the
         client was handed over (an answer cut short)."""
-        begin = word in (TXW_BEGIN, TXW_START)
+        begin = word & TXW_WORD in (TXW_BEGIN, TXW_START)
         if c.peer is not None or c.outstanding or (bool(c.lazy) if begin else not c.lazy):
             return 0
         mysql_begin = self._rules[0].mysql_begin
@@ -1460,7 +1525,7 @@ class PyRelay:
                     if answered:
                         continue
                     walker.lazy = False     # not answered: walked again as an ordinary Query (lazy: _begin_ahead)
-                    if arg not in (TXW_BEGIN, TXW_START):
+                    if arg & TXW_WORD not in (TXW_BEGIN, TXW_START):
                         continue
                     event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:

@@ -388,7 +388,7 @@ class RelayLane:
             return
         begun = self.relay.lazy_begin(fd)
         if begun:
-            session.proto.relay_began(relay_core.BEGIN_TEXTS[begun])
+            session.proto.relay_began(relay_core.begin_text(begun))
         insert_id = self.relay.insert_id(fd)
         if insert_id:
             session.proto.relay_insert_id(insert_id)

@@ -25,16 +25,18 @@ its own). So no request the relay forwards as it is can pin, change a setting th
 COPY; the server messages that follow only such requests (ParameterStatus, NotificationResponse, CopyInResponse) do
 not come in answer to it.
 
-Transactions (`pg_begin`, see the relay core): a lone BEGIN or START TRANSACTION (no modes, no other statement) is
-answered by the relay itself, with no backend, as the Python path's LazyTransaction answers it, so that a client idle
-after its BEGIN holds none; the relay sends it ahead of the client's next request (Parse/Bind/Execute with no Sync,
-its answer dropped) on the backend that serves the rest of the transaction, to the ReadyForQuery 'I' that ends it. A
-COMMIT or ROLLBACK right after it is answered by the relay too. A stop frame inside such a transaction goes to the
-Python path with the backend once nothing is outstanding (PostgresClient.relay_adopt links it with the status of the
-last ReadyForQuery); a client let go of with its BEGIN answered and not sent carries it on there
-(PostgresClient.relay_began). A BEGIN with modes stops, and the Python path answers it. An ErrorResponse is forwarded
-as it is: no tracked setting is there to undo (inside a transaction ReadyForQuery 'E' keeps the backend until the
-client's ROLLBACK), and the server skips the rest of the batch to its Sync, which the relay forwarded with it.
+Transactions (`pg_begin`, see the relay core): a lone BEGIN or START TRANSACTION (no other statement; its modes, each
+kind once, kept as the walker's transaction code and sent ahead spelt out) is answered by the relay itself, with no
+backend, as the Python path's LazyTransaction answers it, so that a client idle after its BEGIN holds none; the relay
+sends it ahead of the client's next request (Parse/Bind/Execute with no Sync, its answer dropped) on the backend that
+serves the rest of the transaction, to the ReadyForQuery 'I' that ends it. A COMMIT or ROLLBACK right after it is
+answered by the relay too. A stop frame inside such a transaction goes to the Python path with the backend once
+nothing is outstanding (PostgresClient.relay_adopt links it with the status of the last ReadyForQuery); a client let
+go of with its BEGIN answered and not sent carries it on there (PostgresClient.relay_began, with relay_core.begin_text
+of that code). A BEGIN the relay does not read (a mode given twice, a comment) stops, and the Python path answers it.
+An ErrorResponse is forwarded as it is: no tracked setting is there to undo (inside a transaction ReadyForQuery 'E'
+keeps the backend until the client's ROLLBACK), and the server skips the rest of the batch to its Sync, which the
+relay forwarded with it.
 
 Relay logins (multiproxy.relay_logins): `relay_login` gives the greeting of a client that logged in with trust
 authentication (AuthenticationOk, its ParameterStatus messages, BackendKeyData, ReadyForQuery) for the relay to send

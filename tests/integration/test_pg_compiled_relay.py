@@ -578,8 +578,9 @@ def test_a_lane_client_gets_the_pools_timeout_when_others_hold_every_backend(pg,
     try:
         assert simple_query(waiter, "SELECT 1") == [(1,)]         # served in its lane
         for conn in holders:
-            # (a BEGIN with a mode stops in the relay: the holders go to the Python path, the relay answers a plain one)
-            simple_query(conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
+            # (a stop right after the BEGIN the relay answered: the holders go to the Python path with their BEGIN)
+            simple_query(conn, "BEGIN")
+            simple_query(conn, "SET LOCAL lock_timeout = '5s'")
             simple_query(conn, "SELECT 1")                         # each holds one of the 2 backends
         assert wait_for(lambda: lane_metrics(proxy)["clients"] == 1), lane_metrics(proxy)
         seen = []       # while it waits in its lane, the pool counts it as a transaction waiting (not its borrow)
@@ -653,8 +654,8 @@ def test_python_path_waiters_get_backends_promptly_while_lanes_are_busy(pg, prox
             before = lane_metrics(proxy)["transactions_total"] or 0
             deadline, n = time.monotonic() + 3.0, 0
             while time.monotonic() < deadline:
-                # BEGIN stops in the relay and is answered lazily; the first statement of the transaction borrows on
-                # the Python path, queued in the pool behind the lane's own borrow
+                # the relay answers BEGIN and the first statement of the transaction borrows for the lane, queued
+                # in the pool behind the lanes' own borrows
                 simple_query(conn, "BEGIN")
                 started = time.monotonic()
                 assert simple_query(conn, f"SELECT {n}") == [(n,)]
@@ -804,6 +805,72 @@ def test_psycopg_transactions_run_in_the_relay_and_an_idle_begin_holds_no_backen
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert simple_query(conn, "SELECT 42") == [(42,)]
         conn.close()
+    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
+    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
+    assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_transactions_with_modes_run_in_the_relay_with_their_modes(pg, proxy_factory, core):
+    """psycopg with an isolation level, read_only or deferrable set sends BEGIN with those modes: the relay answers
+    it and sends the same modes ahead, so each transaction runs in the relay with the isolation level and access mode
+    its client asked for (four clients with four different ones on two backends, the server's own settings read
+    inside each); a read-only transaction's INSERT is refused by the server (25006) and the client rolls back and
+    goes on; an idle BEGIN READ ONLY holds no backend; a stop after such a BEGIN carries its modes to the Python
+    path."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    table = client_table(pg, "modes")
+    modes = [   # (isolation level, read_only, deferrable) -> (transaction_isolation, transaction_read_only)
+        ((psycopg.IsolationLevel.REPEATABLE_READ, None, None), ("repeatable read", "off")),
+        ((psycopg.IsolationLevel.SERIALIZABLE, True, True), ("serializable", "on")),
+        ((None, False, False), ("read committed", "off")),
+        ((psycopg.IsolationLevel.READ_UNCOMMITTED, True, None), ("read uncommitted", "on")),
+    ]
+    transactions, errors = 30, []
+    idle = psycopg_connect(proxy, autocommit=True)
+    assert simple_query(idle, "BEGIN READ ONLY, ISOLATION LEVEL SERIALIZABLE;") is None   # answered, no backend
+
+    def transactional(number: int) -> None:
+        (level, read_only, deferrable), expected = modes[number]
+        try:
+            with psycopg_connect(proxy) as conn:       # autocommit off: psycopg sends BEGIN with the modes first
+                conn.isolation_level, conn.read_only, conn.deferrable = level, read_only, deferrable
+                for n in range(transactions):
+                    with psycopg.RawCursor(conn) as cur:
+                        cur.execute("SELECT current_setting('transaction_isolation'), "
+                                    "current_setting('transaction_read_only')", prepare=False)
+                        assert cur.fetchone() == expected, (number, n)
+                        if read_only:
+                            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                                cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                            conn.rollback()
+                            continue
+                        cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                    conn.commit()
+        except Exception as exc:  # collected, re-raised in the test's thread
+            errors.append(exc)
+
+    before = relay_transactions(proxy)
+    short_before = metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0
+    threads = [threading.Thread(target=transactional, args=(i,)) for i in range(len(modes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    assert not errors, errors[:3]
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT client, count(*) FROM {table} GROUP BY client ORDER BY client").fetchall() == \
+            [(0, transactions), (2, transactions)]
+    relayed = relay_transactions(proxy) - before
+    assert relayed >= len(modes) * transactions, relayed
+    assert (metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0) == short_before
+    # the idle client's BEGIN held no backend meanwhile; a stop inside its transaction takes the modes along
+    assert simple_query(idle, "SET LOCAL lock_timeout = '5s'") is None
+    assert simple_query(idle, "SELECT current_setting('transaction_isolation'), "
+                              "current_setting('transaction_read_only')") == [("serializable", "on")]
+    assert simple_query(idle, "COMMIT") is None
+    idle.close()
     assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
     assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
     assert server_backends(pg) <= 2

@@ -327,9 +327,8 @@ def test_application_name_does_not_pin_and_follows_the_client(pg, proxy_factory)
     proxy = proxy_factory(proxy_config(pg, max_size=2))
     client = connect(proxy)
     blocker = connect(proxy, autocommit=False)
-    # (a BEGIN with a mode: in the compiled relay mode it stops, and the blocker borrows from the pool as on the Python
-    # path, where a plain BEGIN answered in its lane would keep it on the backend its lane holds)
-    blocker.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    # (a SET LOCAL right after its BEGIN: in the compiled relay mode the blocker stops there and borrows from the pool
+    # as on the Python path, where a transaction run in its lane would keep it on the backend its lane holds)
     try:
         client.execute("SET application_name = 'appx'")
         assert client.info.parameter_status("application_name") == "appx"
@@ -337,6 +336,7 @@ def test_application_name_does_not_pin_and_follows_the_client(pg, proxy_factory)
         for r in range(8):
             if r % 2:
                 # The blocker takes the backend the client used last (the pool is LIFO): the client moves.
+                blocker.execute("SET LOCAL lock_timeout = '5s'")
                 blocker.execute("SELECT 1")
             pid, app = client.execute("SELECT pg_backend_pid(), current_setting('application_name')").fetchone()
             pids.append(pid)

@@ -47,12 +47,14 @@ RELAYED = [b"SELECT abalance FROM pgbench_accounts WHERE aid = 42;", b"select 1"
 STOPPED = [b"SET search_path = app", b"set application_name = 'x'", b"SELECT set_config('a.b', '1', false)",
            b"RESET ALL", b"DISCARD ALL", b"PREPARE s AS SELECT 1", b"DEALLOCATE s", b"LISTEN chan", b"UNLISTEN *",
            b"CREATE TEMP TABLE t (x int)", b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", b"SELECT pg_advisory_lock(1)",
-           b"LOAD 'auto_explain'", b"CLOSE c", b"begin; select 1; commit", b"BEGIN ISOLATION LEVEL SERIALIZABLE",
-           b"START TRANSACTION READ ONLY", b"COPY t FROM STDIN", b"select 1; SeT x = 1",
+           b"LOAD 'auto_explain'", b"CLOSE c", b"begin; select 1; commit", b"BEGIN READ ONLY READ WRITE",
+           b"START TRANSACTION READ ONLY -- x", b"COPY t FROM STDIN", b"select 1; SeT x = 1",
            b"UPDATE t SET x = 1; SET work_mem = '5MB'", b"UPDATE t SET x = set_config('a.b', '1', false)",
            b"UPDATE t SET x = 1 -- ; SET y", b"SELECT 1 OFFSET 1; SET y = 2", b"selectx set y = 1",
            b"DO $$ BEGIN SET LOCAL x = 1; END $$", b"EXPLAIN ANALYZE SELECT 1 OFFSET 1"]
-LOCAL = [(b"BEGIN", rc.TXW_BEGIN), (b"begin work;", rc.TXW_BEGIN), (b"START TRANSACTION", rc.TXW_START)]
+LOCAL = [(b"BEGIN", rc.TXW_BEGIN), (b"begin work;", rc.TXW_BEGIN), (b"START TRANSACTION", rc.TXW_START),
+         (b"BEGIN ISOLATION LEVEL SERIALIZABLE", rc.TXW_BEGIN | 1 << 3),
+         (b"START TRANSACTION READ ONLY", rc.TXW_START | 2 << 6)]
 
 
 @pytest.mark.parametrize("walker_type", WALKERS)

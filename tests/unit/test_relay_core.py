@@ -1117,7 +1117,12 @@ batch_frames = st.one_of(
 
 # -- a BEGIN the relay answers (pg_begin)
 
-BEGIN_AHEAD = (pg(b"P", b"\0BEGIN\0\0\0") + pg(b"B", bytes(8)) + pg(b"E", bytes(5)))
+def begin_ahead(text: bytes) -> bytes:
+    """Parse/Bind/Execute of the unnamed statement holding text, as the relay sends a lazy BEGIN ahead."""
+    return pg(b"P", b"\0" + text + b"\0\0\0") + pg(b"B", bytes(8)) + pg(b"E", bytes(5))
+
+
+BEGIN_AHEAD = begin_ahead(b"BEGIN")
 BEGIN_DONE = pg(b"1") + pg(b"2") + pg(b"C", b"BEGIN\0")        # the server's answer to BEGIN_AHEAD
 BEGIN_ANSWER = pg(b"C", b"BEGIN\0") + READY_IN_TX              # the relay's answer to a lone BEGIN
 READY_FAILED = pg(b"Z", b"E")
@@ -1160,7 +1165,19 @@ def nothing_read(pair) -> bool:
     (b"  begin work ; \n", False, (rc.LOCAL, rc.TXW_BEGIN)),
     (b"Begin\tTransaction;", False, (rc.LOCAL, rc.TXW_BEGIN)),
     (b"start transaction", False, (rc.LOCAL, rc.TXW_START)),
-    (b"BEGIN ISOLATION LEVEL SERIALIZABLE", False, (rc.HANDOVER, ord("Q"))),   # modes: the screen stops it
+    (b"BEGIN ISOLATION LEVEL SERIALIZABLE", False, (rc.LOCAL, rc.TXW_BEGIN | 1 << 3)),
+    (b"begin transaction isolation level repeatable read, read only;", False, (rc.LOCAL, rc.TXW_BEGIN | 2 << 3 | 2 << 6)),
+    (b"START TRANSACTION READ WRITE,NOT DEFERRABLE", False, (rc.LOCAL, rc.TXW_START | 1 << 6 | 2 << 8)),
+    (b"begin work deferrable isolation level read uncommitted", False, (rc.LOCAL, rc.TXW_BEGIN | 4 << 3 | 1 << 8)),
+    (b"BEGIN ISOLATION LEVEL READ COMMITTED", True, (rc.LOCAL, rc.TXW_BEGIN | 3 << 3)),   # (the relay says no)
+    (b"BEGIN READ ONLY READ WRITE", False, (rc.HANDOVER, ord("Q"))),     # a kind of mode twice: the Python path's
+    (b"BEGIN , READ ONLY", False, (rc.HANDOVER, ord("Q"))),              # commas only between modes
+    (b"BEGIN READ ONLY,", False, (rc.HANDOVER, ord("Q"))),
+    (b"BEGIN READ ONLY,, DEFERRABLE", False, (rc.HANDOVER, ord("Q"))),
+    (b"BEGIN ISOLATION LEVEL READ", False, (rc.HANDOVER, ord("Q"))),
+    (b"BEGIN ISOLATION LEVEL SNAPSHOT", False, (rc.HANDOVER, ord("Q"))),
+    (b"START READ ONLY", False, (rc.HANDOVER, ord("Q"))),
+    (b"COMMIT READ ONLY", True, (rc.NONE, -1)),
     (b"BEGIN; SELECT 1", False, (rc.HANDOVER, ord("Q"))),
     (b"BEGIN;;", False, (rc.HANDOVER, ord("Q"))),
     (b"BEGIN\x0b", False, (rc.HANDOVER, ord("Q"))),              # not PostgreSQL's white space
@@ -1235,7 +1252,8 @@ def test_a_batch_after_a_lone_begin_gets_it_ahead_with_no_sync_of_the_relays(imp
     assert client.read(len(answer)) == answer
     client.outside.sendall(BATCH)
     assert serve(relay) == []
-    assert backend.read(len(BEGIN_AHEAD + BATCH)) == BEGIN_AHEAD + BATCH
+    ahead = begin_ahead(b"START TRANSACTION")
+    assert backend.read(len(ahead + BATCH)) == ahead + BATCH
     notice = pg(b"N", b"SNOTICE\0\0")                   # a notice among the BEGIN's answer reaches the client
     backend.outside.sendall(pg(b"1") + notice + pg(b"2") + pg(b"C", b"BEGIN\0") + pg(b"1") + pg(b"2") + RESULT
                             + READY_IN_TX)
@@ -1243,6 +1261,33 @@ def test_a_batch_after_a_lone_begin_gets_it_ahead_with_no_sync_of_the_relays(imp
     expected = notice + pg(b"1") + pg(b"2") + RESULT + READY_IN_TX
     assert client.read(len(expected)) == expected
     assert relay.activity(client.fd())[1:] == (backend.fd(), 0, 0, 0)
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_begin_with_modes_goes_ahead_with_its_modes(impl, pairs):
+    """BEGIN ISOLATION LEVEL ..., READ ONLY: answered as a lone BEGIN is; what goes ahead of the next Query is a BEGIN
+    with the same modes; a client let go of carries the code, which begin_text spells."""
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    client.outside.sendall(pg(b"Q", b"begin isolation level repeatable read, read only;\0"))
+    assert serve(relay) == []
+    assert client.read(len(BEGIN_ANSWER)) == BEGIN_ANSWER
+    code = relay.lazy_begin(client.fd())
+    assert code == rc.TXW_BEGIN | 2 << 3 | 2 << 6 and relay.activity(client.fd())[4] == code
+    assert rc.begin_text(code) == b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+    client.outside.sendall(QUERY)
+    assert serve(relay) == []
+    ahead = begin_ahead(b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    assert backend.read(len(ahead + QUERY + SYNC)) == ahead + QUERY + SYNC
+    backend.outside.sendall(BEGIN_DONE + RESULT + READY_IN_TX + READY_IN_TX)
+    assert serve(relay) == []
+    assert client.read(len(RESULT + READY_IN_TX)) == RESULT + READY_IN_TX
+    relay.close()
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    client.outside.sendall(pg(b"Q", b"START TRANSACTION NOT DEFERRABLE\0") + pg(b"Q", b"SET x = 1\0"))
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, pg(b"Q", b"SET x = 1\0"), ord("Q"))]
+    assert rc.begin_text(relay.lazy_begin(client.fd())) == b"START TRANSACTION NOT DEFERRABLE"
     relay.close()
 
 
@@ -1294,7 +1339,7 @@ def test_what_the_relay_cannot_put_its_begin_ahead_of_goes_to_the_caller_with_la
         client.read(len(pg(b"C", b"START TRANSACTION\0") + READY_IN_TX))
         client.outside.sendall(request)
         assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, request, request[0])]
-        assert relay.lazy_begin(client.fd()) == rc.TXW_START and rc.BEGIN_TEXTS[rc.TXW_START] == b"START TRANSACTION"
+        assert relay.lazy_begin(client.fd()) == rc.TXW_START and rc.begin_text(rc.TXW_START) == b"START TRANSACTION"
         assert relay.relayed_before(client.fd()) == 1 and nothing_read(backend)
         relay.close()
     relay, client, _ = begin_relay(impl, pairs, backends=0)
@@ -2520,7 +2565,8 @@ def test_a_whole_wake_up_that_fails_or_sees_an_attend_is_whole_again(impl):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(
     st.tuples(st.just("client"), st.one_of(batch_client_frames, st.sampled_from([
-        pg(b"Q", b"BEGIN\0"), pg(b"Q", b"commit\0"), pg(b"Q", b"rollback\0"), pg(b"Q", b"start transaction\0")]))),
+        pg(b"Q", b"BEGIN\0"), pg(b"Q", b"commit\0"), pg(b"Q", b"rollback\0"), pg(b"Q", b"start transaction\0"),
+        pg(b"Q", b"begin isolation level serializable, read only\0")]))),
     st.tuples(st.sampled_from(["first", "second"]), st.one_of(server_frames, st.sampled_from([
         BEGIN_DONE, pg(b"1"), pg(b"2") + pg(b"C", b"BEGIN\0"), pg(b"N", b"SNOTICE\0\0"), READY_FAILED])))),
     max_size=12))
@@ -2530,12 +2576,57 @@ def test_c_and_python_relays_agree_with_pg_begin(steps):
 
 tx_texts = st.lists(st.sampled_from([b"begin", b"BEGIN", b"start", b"transaction", b"work", b"commit", b"end",
                                      b"rollback", b"abort", b"and", b"chain", b"Transactions", b" ", b"\t", b"\n",
-                                     b"\x0b", b";", b"x", b"\xc3\xa9", b"\0"]), max_size=7).map(b"".join)
+                                     b"\x0b", b";", b"x", b"\xc3\xa9", b"\0", b",", b" isolation level", b" read",
+                                     b" only", b" write", b" committed", b" uncommitted", b" serializable",
+                                     b" repeatable", b" not", b" deferrable", b"deferrablexxxxxx"]),
+                    max_size=12).map(b"".join)
+
+
+_BEGIN_HEADS = (b"BEGIN", b"begin work", b"Begin Transaction", b"START TRANSACTION")
+_MODE_SEPARATORS = (b" ", b", ", b",", b" ,\t", b"\n")
+begin_with_modes = st.tuples(
+    st.sampled_from(_BEGIN_HEADS), st.lists(st.sampled_from(rc.TXW_MODES), max_size=4),
+    st.lists(st.sampled_from(_MODE_SEPARATORS), min_size=4, max_size=4), st.booleans(), st.booleans())
+
+
+def begin_text_of(head, modes, separators, semicolon, lower):
+    """The text a client sends: head, then the modes (each after a separator; the first after white space)."""
+    text = head
+    for n, mode in enumerate(modes):
+        words = mode[3].lower() if lower else mode[3]
+        text += (b" " if n == 0 else separators[n]) + words
+    return text + (b" ;" if semicolon else b"")
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=300, deadline=None)
+@given(begin_with_modes)
+def test_a_begin_with_modes_is_answered_and_begin_text_spells_them(case):
+    """Modes in any order, commas or white space between them: one of each kind is a LOCAL BEGIN whose begin_text
+    has the same head and modes; a kind given twice stops (the Python path sends the client's own text)."""
+    head, modes, separators, semicolon, lower = case
+    text = begin_text_of(head, modes, separators, semicolon, lower)
+    kinds = [mode[0] for mode in modes]
+    results = []
+    for impl in ((_relay.Walker, _relay.Relay),) * (_relay is not None) + ((rc.PyWalker, rc.PyRelay),):
+        client, _ = begin_walkers(impl)
+        results.append(client.feed(pg(b"Q", text + b"\0")))
+    assert results[0] == results[-1]
+    _, event, code = results[-1]
+    if len(set(kinds)) < len(kinds):
+        assert event == rc.HANDOVER
+        return
+    assert event == rc.LOCAL
+    spelt = rc.begin_text(code)
+    assert spelt.startswith(b"START TRANSACTION" if head.startswith(b"START") else b"BEGIN")
+    assert sorted(mode[3] for mode in modes) == sorted(m[3] for m in rc.TXW_MODES if m[3] in spelt
+                                                       and not (m[3] == b"DEFERRABLE" and b"NOT DEFERRABLE" in spelt))
+    assert rc._pg_transaction_word(spelt + b"\0") == code        # what the relay sends means the same
 
 
 @pytest.mark.timeout(120)
 @settings(max_examples=500, deadline=None)
-@given(tx_texts, st.booleans())
+@given(st.one_of(tx_texts, begin_with_modes.map(lambda case: begin_text_of(*case))), st.booleans())
 def test_c_and_python_agree_on_the_transaction_words(text, lazy):
     if _relay is None:
         pytest.skip(NOT_BUILT)
