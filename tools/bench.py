@@ -37,6 +37,7 @@ LOADS = {
     "connect": ["-S", "-C", "-c", "16", "-j", "2"],
     "latency": ["-S", "-c", "1", "-j", "1"],
     "transactions": ["-c", "16", "-j", "2"],    # with LOAD_SCRIPTS: BEGIN, two point selects, END
+    "isolated": ["-c", "16", "-j", "2"],        # the same with BEGIN ISOLATION LEVEL REPEATABLE READ
     "tpcb": ["-b", "tpcb-like", "-c", "16", "-j", "2"],   # pgbench's default: BEGIN, 3 UPDATE, SELECT, INSERT, END
     "updates": ["-c", "16", "-j", "2"],         # with LOAD_SCRIPTS: an UPDATE ... SET in autocommit
     "storm": None,      # tools/pg_storm.py: --storm-clients connecting at once, behind a server of few connections
@@ -46,6 +47,10 @@ DEFAULT_LOADS = ("steady", "connect")
 LOAD_SCRIPTS = {
     "transactions": ("\\set aid random(1, 100000)\nBEGIN;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
                      "SELECT abalance FROM pgbench_accounts WHERE aid = :aid % 100000 + 1;\nEND;\n"),
+    # the same with an isolation level, as psycopg and SQLAlchemy send it with one set
+    "isolated": ("\\set aid random(1, 100000)\nBEGIN ISOLATION LEVEL REPEATABLE READ;\n"
+                 "SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+                 "SELECT abalance FROM pgbench_accounts WHERE aid = :aid % 100000 + 1;\nEND;\n"),
     # one UPDATE statement in autocommit: its SET assigns a column (the relay does not stop it)
     "updates": "\\set aid random(1, 100000)\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n",
 }
@@ -1695,7 +1700,8 @@ def main(argv=None):
                + (f", multiproxy workers {args.workers}" if args.workers else ""))
     explained = ["steady = pgbench -S -c 16 -j 2; connect = the same with -C (a new connection per transaction); "
                  "latency = pgbench -S -c 1 -j 1; transactions = pgbench -c 16 -j 2 with a script of BEGIN, two point "
-                 "selects, END (a driver outside autocommit); tpcb = pgbench -c 16 -j 2 with its default tpcb-like "
+                 "selects, END (a driver outside autocommit); isolated = the same with BEGIN ISOLATION LEVEL "
+                 "REPEATABLE READ (a driver with an isolation level set); tpcb = pgbench -c 16 -j 2 with its default tpcb-like "
                  "script (three UPDATEs, a SELECT and an INSERT in a transaction); updates = pgbench -c 16 -j 2 with a "
                  "script of one UPDATE ... SET in autocommit",
                  "proxy CPU% = CPU of the target's process tree during the measured run (200% = both of 2 cores); "
