@@ -15,7 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from .helpers import metric, metrics_text
+from .helpers import metric, metrics_text, run_clients
 from .pgserver import AUTH_DB
 from .proxy import free_port
 from .test_pg_pooling import direct_connect, psycopg_connect, wait_for
@@ -827,38 +827,31 @@ def test_transactions_with_modes_run_in_the_relay_with_their_modes(pg, proxy_fac
         ((None, False, False), ("read committed", "off")),
         ((psycopg.IsolationLevel.READ_UNCOMMITTED, True, None), ("read uncommitted", "on")),
     ]
-    transactions, errors = 30, []
+    transactions = 30
     idle = psycopg_connect(proxy, autocommit=True)
     assert simple_query(idle, "BEGIN READ ONLY, ISOLATION LEVEL SERIALIZABLE;") is None   # answered, no backend
 
     def transactional(number: int) -> None:
         (level, read_only, deferrable), expected = modes[number]
-        try:
-            with psycopg_connect(proxy) as conn:       # autocommit off: psycopg sends BEGIN with the modes first
-                conn.isolation_level, conn.read_only, conn.deferrable = level, read_only, deferrable
-                for n in range(transactions):
-                    with psycopg.RawCursor(conn) as cur:
-                        cur.execute("SELECT current_setting('transaction_isolation'), "
-                                    "current_setting('transaction_read_only')", prepare=False)
-                        assert cur.fetchone() == expected, (number, n)
-                        if read_only:
-                            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-                                cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
-                            conn.rollback()
-                            continue
-                        cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
-                    conn.commit()
-        except Exception as exc:  # collected, re-raised in the test's thread
-            errors.append(exc)
+        with psycopg_connect(proxy) as conn:       # autocommit off: psycopg sends BEGIN with the modes first
+            conn.isolation_level, conn.read_only, conn.deferrable = level, read_only, deferrable
+            for n in range(transactions):
+                with psycopg.RawCursor(conn) as cur:
+                    cur.execute("SELECT current_setting('transaction_isolation'), "
+                                "current_setting('transaction_read_only')", prepare=False)
+                    assert cur.fetchone() == expected, (number, n)
+                    if read_only:
+                        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                            cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                        conn.rollback()
+                        continue
+                    cur.execute(f"INSERT INTO {table} VALUES ({number}, {n})", prepare=False)
+                conn.commit()
 
     before = relay_transactions(proxy)
     short_before = metric(metrics_text(proxy), "multiproxy_relay_lane_short_stays_total") or 0
-    threads = [threading.Thread(target=transactional, args=(i,)) for i in range(len(modes))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(150)
-    assert not errors, errors[:3]
+    failures = run_clients(len(modes), transactional, timeout=150.0)
+    assert not failures, failures[:3]
     with direct_connect(pg) as conn:
         assert conn.execute(f"SELECT client, count(*) FROM {table} GROUP BY client ORDER BY client").fetchall() == \
             [(0, transactions), (2, transactions)]
