@@ -27,7 +27,9 @@ _TRUE_WORDS = frozenset(("on", "true", "yes", "1", "t", "y"))
 
 
 def _spelling(value: str) -> str:
-    return value.lower().replace("-", "").replace("_", "")
+    """A value as the server compares it: 'utf-8', "'utf-8'" (asyncpg's) and UTF8 are one encoding (PostgreSQL
+    drops all but letters and digits of an encoding's name); 'iso, mdy' is ISO, MDY."""
+    return "".join(ch for ch in value.lower() if ch.isalnum())
 
 
 def resets_statements(reset_query: str) -> bool:
@@ -150,10 +152,15 @@ class SessionState:
         chosen = {}
         for low, value in server_state.login_params.items():
             if low in wanted and low not in FIXED_PARAMETERS:
-                # Chosen unless the backend's login gives it already ('utf-8' is 'UTF8').
-                if low not in CLIENT_OWNED and _spelling(wanted[low]) != _spelling(value):
-                    chosen[low] = wanted[low]
-                value = wanted[low]
+                # Chosen unless the backend's login gives it already ('utf-8' is 'UTF8'): then the client has the
+                # backend's spelling, as the server reports it (a replay would never make 'utf-8' of it, and the
+                # relay's lanes compare the two)
+                same = (wanted[low] == value if low == "application_name"
+                        else _spelling(wanted[low]) == _spelling(value))
+                if low in CLIENT_OWNED or not same:
+                    if low not in CLIENT_OWNED:
+                        chosen[low] = wanted[low]
+                    value = wanted[low]
             if low not in CLIENT_OWNED:
                 client_params[low] = value
             out.append(p.parameter_status(server_state.canonical.get(low, low), value))
