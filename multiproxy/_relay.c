@@ -67,7 +67,7 @@
 #define MAX_LEADS 8             /* exempt leads of one rule */
 
 enum { EV_NONE = 0, EV_BOUNDARY = 1, EV_HANDOVER = 2, EV_MALFORMED = 3, EV_CLOSED = 4, EV_UNSOLICITED = 5,
-       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10, EV_LOCAL = 11 };
+       EV_STARTUP = 6, EV_GREETED = 7, EV_GONE = 8, EV_ANSWERED = 9, EV_QUIET = 10, EV_LOCAL = 11, EV_NAMED = 12 };
 
 /* pg_begin: the transaction words of a lone simple Query the relay may answer itself (pg_transaction_word); a
    transaction code holds the word in its low bits (TXW_WORD) and a BEGIN's modes above them (TX_MODES) */
@@ -109,6 +109,20 @@ typedef struct {
     int request;            /* REQUEST_MYSQL: each packet must open a command (sequence id 0, not empty) */
 } Rule;
 
+/* A client's named prepared statements the relay may serve (Relay.set_statements; see "named statements" below):
+   one block, the entries and then their bytes. */
+typedef struct {
+    const unsigned char *name;
+    size_t name_len;
+    const unsigned char *parse;     /* a Parse body preparing it as the unnamed statement: NUL, text, parameter types */
+    size_t parse_len;
+} Statement;
+
+typedef struct StatementTable {
+    int n;
+    Statement s[];
+} StatementTable;
+
 typedef struct {
     unsigned long long remaining;   /* bytes of the current frame not walked yet; 0 at a frame start */
     unsigned long long counted;     /* frames of a `count` type started since the last take */
@@ -119,6 +133,7 @@ typedef struct {
     int mtrans;                     /* the last response ended inside a transaction: an ERR after it says 'T' too */
     int lazy;                       /* pg_begin: a BEGIN was answered and not sent: COMMIT/ROLLBACK are EV_LOCAL too */
     unsigned long long insert_id;   /* MySQL: the last insert id other than 0 of an OK packet (the relay takes it) */
+    StatementTable *stmts;          /* pg_unnamed: the named statements a batch may bind (EV_NAMED); owned */
 } WalkState;
 
 typedef struct {
@@ -377,7 +392,16 @@ static int pg_transaction_word(const unsigned char *body, size_t blen) {
  * relay forwards is always bound at once by the same client, a Bind can only bind the statement parsed just before
  * it, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed: the backend is free again at a
  * ReadyForQuery 'I' with nothing outstanding, and a held stop frame always waits for a ReadyForQuery that comes
- * (with 'T' or 'E' it then goes to the caller with the backend). */
+ * (with 'T' or 'E' it then goes to the caller with the backend).
+ *
+ * Named statements: a walk state may hold a table of the client's named prepared statements (Relay.set_statements:
+ * the name and the Parse body that prepares it, its text screened as a Parse's is). A batch whose first frame is a
+ * Bind of one of them to the unnamed portal, with no Parse in the batch, is EV_NAMED at its start (arg: the
+ * statement's index), walked no further. The relay then turns it into a batch of the unnamed statement, Parse of the
+ * statement's text in front of a Bind of the unnamed statement (named_to_unnamed), which any backend serves, and the
+ * backend drops the ParseComplete of that Parse (Conn.inject); so the statement is parsed again on every execution,
+ * as PQexecParams' are, and no backend needs it prepared. With anything of the client's in flight (its answers
+ * could not be told apart) or no room in the buffer, it is a stop frame instead. */
 
 enum { PG_BATCH_INCOMPLETE = 0, PG_BATCH_RELAYED = 1, PG_BATCH_STOP = 2 };
 
@@ -402,10 +426,22 @@ static int pg_parse_well_formed(const unsigned char *body, size_t blen) {
     return n >= 0 && blen - at - 2 == (size_t)n * 4;
 }
 
-/* data[0:avail] starts with a frame pg_batch_opens: the batch's verdict, and its size in *size when relayed. */
-static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, size_t *size) {
+/* The index of the statement named name[0:len] in t, or -1. */
+static int statement_index(const StatementTable *t, const unsigned char *name, size_t len) {
+    if (t != NULL)
+        for (int i = 0; i < t->n; i++)
+            if (t->s[i].name_len == len && memcmp(t->s[i].name, name, len) == 0)
+                return i;
+    return -1;
+}
+
+/* data[0:avail] starts with a frame pg_batch_opens: the batch's verdict, and its size in *size when relayed; a batch
+ * that opens with a Bind of a statement of stmts (the named statements) has that statement's index in *named. */
+static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, size_t *size,
+                    const StatementTable *stmts, int *named) {
     size_t q = 0;
     int after_parse = 0;
+    *named = -1;
     for (;;) {
         if (avail - q < 5)
             return q + 5 > (size_t)rule->max_screen ? PG_BATCH_STOP : PG_BATCH_INCOMPLETE;
@@ -424,11 +460,20 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
         int ok;
         switch (type) {
         case 'P':
-            ok = blen >= 1 && body[0] == 0 && pg_parse_well_formed(body, blen) && !screen_hit(rule, body, blen);
+            ok = *named < 0 && blen >= 1 && body[0] == 0 && pg_parse_well_formed(body, blen) &&
+                 !screen_hit(rule, body, blen);
             after_parse = 1;
             break;
         case 'B':
-            ok = after_parse && blen >= 2 && body[0] == 0 && body[1] == 0;
+            if (after_parse) {
+                ok = blen >= 2 && body[0] == 0 && body[1] == 0;
+            } else if (q == 0 && stmts != NULL && blen >= 2 && body[0] == 0 && body[1] != 0) {
+                const unsigned char *name_end = memchr(body + 1, 0, blen - 1);
+                *named = name_end ? statement_index(stmts, body + 1, (size_t)(name_end - body - 1)) : -1;
+                ok = *named >= 0;
+            } else {
+                ok = 0;
+            }
             after_parse = 0;
             break;
         case 'D':
@@ -750,12 +795,18 @@ static WalkResult walk(const Rule *rule, WalkState *st, const unsigned char *dat
         }
         if (rule->pg_unnamed && pg_batch_opens(type)) {
             size_t size = 0;
-            int verdict = pg_batch(rule, h, avail, &size);
+            int named;
+            int verdict = pg_batch(rule, h, avail, &size, st->stmts, &named);
             if (verdict == PG_BATCH_INCOMPLETE)
                 break;
             if (verdict == PG_BATCH_STOP) {
                 res.event = EV_HANDOVER;
                 res.arg = type;
+                break;
+            }
+            if (named >= 0) {           /* for the relay to make it a batch of the unnamed statement */
+                res.event = EV_NAMED;
+                res.arg = named;
                 break;
             }
             st->counted++;
@@ -1007,6 +1058,74 @@ static int rule_init(Rule *rule, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+/* ---------------------------------------------------------------- named statements: a client's table */
+
+#define MAX_STATEMENT_NAME 63
+
+/* Whether name -> parse (bytes) goes in a table for rule: a name of 1 to MAX_STATEMENT_NAME bytes with no NUL, a
+   well-formed Parse body of the unnamed statement whose text holds no screen word, small enough to relay. */
+static int statement_usable(const Rule *rule, PyObject *name, PyObject *parse) {
+    Py_ssize_t nl = PyBytes_GET_SIZE(name), pl = PyBytes_GET_SIZE(parse);
+    const unsigned char *nb = (const unsigned char *)PyBytes_AS_STRING(name);
+    const unsigned char *pb = (const unsigned char *)PyBytes_AS_STRING(parse);
+    return nl >= 1 && nl <= MAX_STATEMENT_NAME && memchr(nb, 0, (size_t)nl) == NULL && pl >= 1 && pb[0] == 0 &&
+           5 + (size_t)pl <= (size_t)rule->max_screen && pg_parse_well_formed(pb, (size_t)pl) &&
+           !screen_hit(rule, pb, (size_t)pl);
+}
+
+/* The table of a dict {name: Parse body} (None or no usable entry: NULL, *failed 0); NULL with *failed 1 and an
+   exception set when it cannot be made. */
+static StatementTable *statements_from(const Rule *rule, PyObject *mapping, int *failed) {
+    *failed = 0;
+    if (mapping == Py_None)
+        return NULL;
+    if (!PyDict_Check(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "statements: a dict of bytes names to bytes Parse bodies, or None");
+        *failed = 1;
+        return NULL;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *name, *parse;
+    size_t bytes = 0;
+    int n = 0;
+    while (PyDict_Next(mapping, &pos, &name, &parse)) {
+        if (!PyBytes_Check(name) || !PyBytes_Check(parse)) {
+            PyErr_SetString(PyExc_TypeError, "statements: a dict of bytes names to bytes Parse bodies, or None");
+            *failed = 1;
+            return NULL;
+        }
+        if (statement_usable(rule, name, parse)) {
+            n++;
+            bytes += (size_t)PyBytes_GET_SIZE(name) + (size_t)PyBytes_GET_SIZE(parse);
+        }
+    }
+    if (n == 0)
+        return NULL;
+    StatementTable *t = PyMem_RawMalloc(sizeof(StatementTable) + (size_t)n * sizeof(Statement) + bytes);
+    if (t == NULL) {
+        PyErr_NoMemory();
+        *failed = 1;
+        return NULL;
+    }
+    unsigned char *at = (unsigned char *)(t->s + n);
+    t->n = 0;
+    pos = 0;
+    while (PyDict_Next(mapping, &pos, &name, &parse)) {
+        if (!statement_usable(rule, name, parse))
+            continue;
+        Statement *s = &t->s[t->n++];
+        s->name_len = (size_t)PyBytes_GET_SIZE(name);
+        s->parse_len = (size_t)PyBytes_GET_SIZE(parse);
+        memcpy(at, PyBytes_AS_STRING(name), s->name_len);
+        s->name = at;
+        at += s->name_len;
+        memcpy(at, PyBytes_AS_STRING(parse), s->parse_len);
+        s->parse = at;
+        at += s->parse_len;
+    }
+    return t;
+}
+
 /* ---------------------------------------------------------------- Walker: the rule and one state, for tests */
 
 typedef struct {
@@ -1016,6 +1135,7 @@ typedef struct {
 } WalkerObject;
 
 static int Walker_init(WalkerObject *self, PyObject *args, PyObject *kwds) {
+    PyMem_RawFree(self->st.stmts);
     memset(&self->st, 0, sizeof(self->st));
     return rule_init(&self->rule, args, kwds);
 }
@@ -1027,6 +1147,21 @@ static PyObject *Walker_feed(WalkerObject *self, PyObject *arg) {
     WalkResult res = walk(&self->rule, &self->st, view.buf, (size_t)view.len);
     PyBuffer_Release(&view);
     return Py_BuildValue("(nii)", (Py_ssize_t)res.consumed, res.event, res.arg);
+}
+
+static PyObject *Walker_set_statements(WalkerObject *self, PyObject *mapping) {
+    int failed;
+    StatementTable *t = statements_from(&self->rule, mapping, &failed);
+    if (failed)
+        return NULL;
+    PyMem_RawFree(self->st.stmts);
+    self->st.stmts = t;
+    return PyLong_FromLong(t ? t->n : 0);
+}
+
+static void Walker_dealloc(WalkerObject *self) {
+    PyMem_RawFree(self->st.stmts);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *Walker_take_count(WalkerObject *self, PyObject *unused) {
@@ -1044,6 +1179,9 @@ static PyMethodDef Walker_methods[] = {
      "feed(data) -> (consumed, event, arg): walk data from the walker's state; see relay_core.Walker."},
     {"take_count", (PyCFunction)Walker_take_count, METH_NOARGS,
      "Frames of a `count` type started since the last take."},
+    {"set_statements", (PyCFunction)Walker_set_statements, METH_O,
+     "set_statements(dict or None) -> int: the named statements a batch may bind ({name: Parse body of the unnamed "
+     "statement}); how many were usable. See relay_core.Walker."},
     {NULL},
 };
 
@@ -1080,6 +1218,7 @@ static PyTypeObject WalkerType = {
     .tp_doc = "The framing rule of one direction and its walk state.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Walker_init,
+    .tp_dealloc = (destructor)Walker_dealloc,
     .tp_methods = Walker_methods,
     .tp_getset = Walker_getset,
 };
@@ -1140,6 +1279,7 @@ typedef struct Conn {
     long long outstanding;      /* clients: requests sent whose boundary has not come back */
     int last_status;            /* backends: the status of the last boundary walked (a handover mid-transaction) */
     int lazy;                   /* clients (pg_begin): TXW_BEGIN / TXW_START answered by the relay, not sent yet */
+    int inject;                 /* clients: a Parse the relay put in front of a Bind is in flight (named_to_unnamed) */
     int swallow;                /* backends (pg_begin): messages of a BEGIN sent ahead still to drop (begin_ahead) */
     int zskip;                  /* backends: 2, the ReadyForQuery after the next one is the relay's Sync's (dropped) */
     int drop;                   /* backends (MySQL): the answer being walked is dropped (its BEGIN failed) */
@@ -1383,6 +1523,7 @@ static void free_dead(RelayObject *r) {
         r->dead = c->next;
         drop_buf(r, c, 1);
         PyMem_RawFree(c->login);
+        PyMem_RawFree(c->st.stmts);
         PyMem_RawFree(c);
     }
 }
@@ -1580,6 +1721,33 @@ static int answer_locally(RelayObject *r, Conn *c, int word) {
     return 1;
 }
 
+/* The batch at c->buf[c->fwd] opens with a Bind of statement `index` of the client's table (EV_NAMED): Parse of its
+   text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see "named statements"
+   above). 0 when done; -1 with anything of the client's in flight or no room in the buffer (it stops then). */
+static int named_to_unnamed(RelayObject *r, Conn *c, int index) {
+    const StatementTable *t = c->st.stmts;
+    if (c->outstanding != 0 || c->inject || t == NULL || index < 0 || index >= t->n)
+        return -1;
+    const Statement *s = &t->s[index];
+    size_t parse_total = 5 + s->parse_len;
+    if (c->len + parse_total > r->bufsize + s->name_len)
+        return -1;
+    unsigned char *f = c->buf + c->fwd;     /* 'B', length, the unnamed portal's NUL, the name, its NUL, ... */
+    size_t bind_total = 1 + (size_t)be32(f + 1);
+    unsigned char *tail = f + 6 + s->name_len;
+    memmove(f + parse_total + 6, tail, (size_t)(c->buf + c->len - tail));
+    f[0] = 'P';
+    put_be32(f + 1, (uint32_t)(4 + s->parse_len));
+    memcpy(f + 5, s->parse, s->parse_len);
+    unsigned char *b = f + parse_total;
+    b[0] = 'B';
+    put_be32(b + 1, (uint32_t)(bind_total - s->name_len - 1));
+    b[5] = 0;                               /* the unnamed portal; the name's NUL (the unnamed statement) follows */
+    c->len = c->len + parse_total - s->name_len;
+    c->inject = 1;
+    return 0;
+}
+
 static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
     if (client->lazy)
         begin_ahead(r, client, backend);
@@ -1683,6 +1851,12 @@ static void pump(RelayObject *r, Conn *c) {
                 event = EV_HANDOVER;    /* a BEGIN the relay does not answer stops, as the screen would have it */
                 arg = c->buf[c->fwd + rule->type_offset];
             }
+            if (event == EV_NAMED) {
+                if (named_to_unnamed(r, c, arg) == 0)
+                    continue;           /* walked again: a batch of the unnamed statement now */
+                event = EV_HANDOVER;
+                arg = c->buf[c->fwd + rule->type_offset];
+            }
             if (event == EV_HANDOVER && c->owned && c->peer == NULL && r->hangup[arg]) {
                 hang_up(r, c);
                 return;
@@ -1767,6 +1941,27 @@ static void pump(RelayObject *r, Conn *c) {
                 c->swallow--;
                 continue;
             }
+        }
+        if (c->role == ROLE_BACKEND && c->peer && c->peer->inject && c->st.remaining == 0) {
+            /* the answer to a Parse the relay put in front of a named statement's Bind (named_to_unnamed) */
+            size_t avail = c->len - c->fwd;
+            if (avail < 5)
+                return;
+            unsigned char *f = c->buf + c->fwd;
+            size_t size = 1 + (size_t)be32(f + 1);
+            if (f[0] == '1' && size == 5) {             /* its ParseComplete: dropped */
+                memmove(f, f + 5, avail - 5);
+                c->len -= 5;
+                c->peer->inject = 0;
+                continue;
+            }
+            if ((f[0] == 'N' || f[0] == 'S') && size >= 5 && size <= r->bufsize) {
+                if (avail < size)
+                    return;
+                c->fwd += size;     /* a notice or a parameter report: forwarded */
+                continue;
+            }
+            c->peer->inject = 0;    /* anything else (its error): no ParseComplete comes */
         }
         WalkResult res = walk(rule, &c->st, c->buf + c->fwd, c->len - c->fwd);
         unsigned long long counted = 0;
@@ -2672,6 +2867,30 @@ static PyObject *Relay_insert_id(RelayObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(id);
 }
 
+/* set_statements(fd, dict or None) -> int: the named statements the client at fd may bind in the relay ({name: Parse
+   body of the unnamed statement}, see "named statements"); how many were usable. */
+static PyObject *Relay_set_statements(RelayObject *self, PyObject *args) {
+    int fd, failed;
+    PyObject *mapping;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &mapping))
+        return NULL;
+    StatementTable *t = statements_from(&self->rules[ROLE_CLIENT], mapping, &failed);
+    if (failed)
+        return NULL;
+    lock_relay(self);
+    Conn *c = fd >= 0 && fd < self->nconns ? self->conns[fd] : NULL;
+    if (c == NULL || c->role != ROLE_CLIENT) {
+        unlock_relay(self);
+        PyMem_RawFree(t);
+        PyErr_Format(PyExc_ValueError, "fd %d is no client of the relay", fd);
+        return NULL;
+    }
+    PyMem_RawFree(c->st.stmts);
+    c->st.stmts = t;
+    unlock_relay(self);
+    return PyLong_FromLong(t ? t->n : 0);
+}
+
 /* lazy_begin(fd) -> int: the transaction code (TXW_BEGIN or TXW_START and its modes) when the client at fd (or, with
    none there, the client last let go of at fd) had a BEGIN answered by the relay and not sent to any backend, else 0
    (pg_begin). */
@@ -3296,6 +3515,9 @@ static PyMethodDef Relay_methods[] = {
     {"insert_id", (PyCFunction)Relay_insert_id, METH_VARARGS,
      "insert_id(fd) -> int: the last insert id other than 0 of the MySQL answers relayed to the client at fd, or to "
      "the client last let go of at fd; else 0."},
+    {"set_statements", (PyCFunction)Relay_set_statements, METH_VARARGS,
+     "set_statements(fd, dict or None) -> int: the named statements the client at fd may bind in the relay ({name: "
+     "Parse body of the unnamed statement}); how many were usable."},
     {"lazy_begin", (PyCFunction)Relay_lazy_begin, METH_VARARGS,
      "lazy_begin(fd) -> int: the transaction code (1: BEGIN, 2: START TRANSACTION, and its modes above the low three "
      "bits) when the client at fd, or the client last let go of at fd, had a BEGIN answered by the relay and not "
@@ -3383,7 +3605,7 @@ PyMODINIT_FUNC PyInit__relay(void) {
         PyModule_AddIntConstant(m, "UNSOLICITED", EV_UNSOLICITED) < 0 ||
         PyModule_AddIntConstant(m, "STARTUP", EV_STARTUP) < 0 ||
         PyModule_AddIntConstant(m, "ANSWERED", EV_ANSWERED) < 0 ||
-        PyModule_AddIntConstant(m, "QUIET", EV_QUIET) < 0 ||
+        PyModule_AddIntConstant(m, "QUIET", EV_QUIET) < 0 || PyModule_AddIntConstant(m, "NAMED", EV_NAMED) < 0 ||
         PyModule_AddIntConstant(m, "GREETED", EV_GREETED) < 0 || PyModule_AddIntConstant(m, "GONE", EV_GONE) < 0) {
         Py_DECREF(m);
         return NULL;

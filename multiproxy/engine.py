@@ -517,6 +517,14 @@ class ClientProtocol:
         that BEGIN itself and not sent it yet."""
         raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin or mysql_begin need relay_began")
 
+    def relay_statements(self) -> "dict[bytes, bytes] | None":
+        """Optional, with a client rule that relays batches of the unnamed statement (the relay core's `pg_unnamed`):
+        the client's named prepared statements that the relay may serve, {name: the body of a Parse that prepares
+        it as the unnamed statement (an empty name, the text, the parameter types)}, given to the relay each time the
+        client enters a lane. A batch that opens with a Bind of one of them to the unnamed portal is then sent as
+        that Parse and a Bind of the unnamed statement (the relay core's "named statements"). The default: None."""
+        return None
+
     def relay_insert_id(self, value: int) -> None:
         """Optional, with a server rule that walks MySQL answers (the relay core's response="mysql"): the last insert
         id other than 0 that an OK packet carried in the answers the relay served this client since it last took it,

@@ -135,7 +135,9 @@ import time
 
 log = logging.getLogger("multiproxy.relay_core")
 
-NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET, LOCAL = range(12)
+NONE, BOUNDARY, HANDOVER, MALFORMED, CLOSED, UNSOLICITED, STARTUP, GREETED, GONE, ANSWERED, QUIET, LOCAL, NAMED = \
+    range(13)
+MAX_STATEMENT_NAME = 63         # bytes of a named statement's name in a walker's table (set_statements)
 # pg_begin: a LOCAL event's arg, the transaction code of a lone simple Query (_pg_transaction_word): the transaction
 # word in its low bits (TXW_WORD), and a BEGIN's modes above them (TXW_MODES: begin_text spells them out)
 TXW_NONE, TXW_BEGIN, TXW_START, TXW_COMMIT, TXW_ROLLBACK = range(5)
@@ -301,7 +303,7 @@ class PyWalker:
     __slots__ = ("header_size", "length_offset", "length_size", "big_endian", "length_adjust", "type_offset",
                  "stop", "count", "boundary", "max_boundary", "screen", "words", "max_screen", "pg_unnamed",
                  "remaining", "counted", "response", "deprecate_eof", "request", "mstate", "mmore", "mcount", "mtrans",
-                 "exempt_lead", "exempt", "pg_begin", "lazy", "mysql_begin", "insert_id")
+                 "exempt_lead", "exempt", "pg_begin", "lazy", "mysql_begin", "insert_id", "statements")
 
     def __init__(self, header_size, length_offset, length_size, big_endian, length_adjust, type_offset=-1,
                  stop=b"", count=b"", boundary=-1, max_boundary=4096, screen=b"", words=(), max_screen=4096,
@@ -354,6 +356,27 @@ class PyWalker:
         self.boundary, self.max_boundary = boundary, max_boundary
         self.remaining = 0
         self.counted = 0
+        self.statements = None          # pg_unnamed: {name: (index, Parse body)} a batch may bind (NAMED)
+
+    def set_statements(self, mapping) -> int:
+        """The named statements a batch may bind ({name: Parse body of the unnamed statement}, or None): a batch that
+        opens with a Bind of one to the unnamed portal, with no Parse in it, is a NAMED event at its start (arg: the
+        statement's index, in the order of the dict's usable entries), for the relay to make it a batch of the
+        unnamed statement. Entries whose name is not 1 to MAX_STATEMENT_NAME bytes without NUL, or whose Parse body is
+        malformed, not of the unnamed statement, holds a screen word or is too big to relay, are left out. How many
+        were usable."""
+        if mapping is not None and not isinstance(mapping, dict):
+            raise TypeError("statements: a dict of bytes names to bytes Parse bodies, or None")
+        table = {}
+        for name, parse in (mapping or {}).items():
+            if not isinstance(name, bytes) or not isinstance(parse, bytes):
+                raise TypeError("statements: a dict of bytes names to bytes Parse bodies, or None")
+            if (1 <= len(name) <= MAX_STATEMENT_NAME and 0 not in name and parse[:1] == b"\0"
+                    and 5 + len(parse) <= self.max_screen and _pg_parse_well_formed(parse)
+                    and not self._screen_hit(parse.lower())):
+                table[name] = (len(table), parse)
+        self.statements = table or None
+        return len(table)
 
     def feed(self, data) -> tuple[int, int, int]:
         """(consumed, event, arg): walk data on from the walker's state (see the module docstring)."""
@@ -385,11 +408,13 @@ class PyWalker:
             if kind in self.stop:
                 return pos, HANDOVER, kind
             if self.pg_unnamed and kind in _PG_BATCH_OPENS:
-                verdict, size = self._pg_batch(data, pos, end)
+                verdict, size, named = self._pg_batch(data, pos, end)
                 if verdict == _PG_BATCH_INCOMPLETE:
                     break
                 if verdict == _PG_BATCH_STOP:
                     return pos, HANDOVER, kind
+                if named >= 0:          # for the relay to make it a batch of the unnamed statement
+                    return pos, NAMED, named
                 self.counted += 1
                 pos += size
                 continue
@@ -451,26 +476,36 @@ class PyWalker:
         semi = low.find(b";", i)
         return semi < 0 or all(ch <= 0x20 or ch == 0x3B for ch in low[semi:])
 
-    def _pg_batch(self, data, start, end) -> tuple[int, int]:
-        """(verdict, size) of the batch of the unnamed statement at data[start:end] (see the module docstring)."""
-        q, after_parse, max_screen = start, False, self.max_screen
+    def _pg_batch(self, data, start, end) -> tuple[int, int, int]:
+        """(verdict, size, named) of the batch of the unnamed statement at data[start:end] (see the module docstring):
+        named, the index of the statement of set_statements that a batch opening with its Bind binds, else -1."""
+        q, after_parse, max_screen, named = start, False, self.max_screen, -1
         while True:
             if end - q < 5:
-                return (_PG_BATCH_STOP if q - start + 5 > max_screen else _PG_BATCH_INCOMPLETE), 0
+                return (_PG_BATCH_STOP if q - start + 5 > max_screen else _PG_BATCH_INCOMPLETE), 0, named
             kind = data[q]
             total = int.from_bytes(data[q + 1:q + 5], "big") + 1
             if total < 5 or q - start + total > max_screen:
-                return _PG_BATCH_STOP, 0
+                return _PG_BATCH_STOP, 0, named
             if end - q < total:
-                return _PG_BATCH_INCOMPLETE, 0
+                return _PG_BATCH_INCOMPLETE, 0, named
             body = bytes(data[q + 5:q + total])
             if after_parse and kind != 66:                  # B
-                return _PG_BATCH_STOP, 0
+                return _PG_BATCH_STOP, 0, named
             if kind == 80:                                  # P
-                ok = body[:1] == b"\0" and _pg_parse_well_formed(body) and not self._screen_hit(body.lower())
+                ok = (named < 0 and body[:1] == b"\0" and _pg_parse_well_formed(body)
+                      and not self._screen_hit(body.lower()))
                 after_parse = True
             elif kind == 66:                                # B
-                ok = after_parse and body[:2] == b"\0\0"
+                if after_parse:
+                    ok = body[:2] == b"\0\0"
+                elif q == start and self.statements and len(body) >= 2 and body[0] == 0 and body[1] != 0:
+                    name_end = body.find(b"\0", 1)
+                    entry = self.statements.get(body[1:name_end]) if name_end > 0 else None
+                    named = entry[0] if entry is not None else -1
+                    ok = named >= 0
+                else:
+                    ok = False
                 after_parse = False
             elif kind == 68:                                # D
                 ok = body == b"P\0"
@@ -478,12 +513,12 @@ class PyWalker:
                 ok = len(body) == 5 and body[0] == 0
             elif kind == 83:                                # S
                 if body:
-                    return _PG_BATCH_STOP, 0
-                return _PG_BATCH_RELAYED, q + total - start
+                    return _PG_BATCH_STOP, 0, named
+                return _PG_BATCH_RELAYED, q + total - start, named
             else:
                 ok = False
             if not ok:
-                return _PG_BATCH_STOP, 0
+                return _PG_BATCH_STOP, 0, named
             q += total
 
     def _feed_mysql_response(self, data) -> tuple[int, int, int]:
@@ -681,7 +716,7 @@ class _Login:
 class _Conn:
     __slots__ = ("fd", "client", "walker", "peer", "idle", "waiting", "blocked", "pending", "outstanding", "mask",
                  "buf", "sent", "fwd", "owned", "starting", "listener", "held", "requests", "aged", "report", "ticks",
-                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip", "drop", "insert_id")
+                 "login", "quiet", "watch", "last_status", "lazy", "swallow", "zskip", "drop", "insert_id", "inject")
 
     def __init__(self, fd, client, walker, data=b""):
         self.fd, self.client, self.walker = fd, client, walker
@@ -695,6 +730,7 @@ class _Conn:
         self.zskip = 0                  # a backend's: 2, the ReadyForQuery after the next one is the relay's Sync's
         self.drop = False               # a backend's (MySQL): the answer being walked is dropped (its BEGIN failed)
         self.insert_id = 0              # a client's (MySQL): the last insert id other than 0 of its relayed answers
+        self.inject = False             # a client's: a Parse the relay put in front of a Bind is in flight
         self.ticks = 0                  # a waiting client: age_waiting() calls since it began to wait
         self.mask = select.EPOLLIN
         self.buf = bytearray(data)
@@ -1031,6 +1067,14 @@ class PyRelay:
         if c is not None:
             return c.insert_id if c.client else 0
         return self._insert_id_before.get(fd, 0)
+
+    def set_statements(self, fd, mapping) -> int:
+        """The named statements the client at fd may bind in the relay ({name: Parse body of the unnamed statement},
+        or None; see Walker.set_statements); how many were usable."""
+        c = self._conns.get(fd)
+        if c is None or not c.client:
+            raise ValueError(f"fd {fd} is no client of the relay")
+        return c.walker.set_statements(mapping)
 
     def lazy_begin(self, fd) -> int:
         c = self._conns.get(fd)
@@ -1389,6 +1433,26 @@ class PyRelay:
         c.requests += 1
         return 1
 
+    def _named_to_unnamed(self, c, index) -> bool:
+        """The batch at c.buf[c.fwd] opens with a Bind of statement `index` of the client's table (NAMED): Parse of its
+        text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see _relay.c, "named
+        statements"). False with anything of the client's in flight or no room in the buffer (it stops then)."""
+        table = c.walker.statements
+        if c.outstanding or c.inject or not table:
+            return False
+        found = [(name, parse) for name, (i, parse) in table.items() if i == index]
+        if not found:
+            return False
+        name, parse = found[0]
+        buf, at = c.buf, c.fwd
+        if len(buf) + 5 + len(parse) > self._bufsize + len(name):
+            return False
+        bind_total = 1 + int.from_bytes(buf[at + 1:at + 5], "big")
+        buf[at:at + 6 + len(name)] = (b"P" + (4 + len(parse)).to_bytes(4, "big") + parse
+                                      + b"B" + (bind_total - len(name) - 1).to_bytes(4, "big") + b"\0")
+        c.inject = True
+        return True
+
     def _swallow(self, c) -> bool | None:
         """A backend's answer to a BEGIN sent ahead: True, a message dropped or forwarded (walk on); None, wait for
         more bytes; False, the walk goes on from here."""
@@ -1528,6 +1592,10 @@ class PyRelay:
                     if arg & TXW_WORD not in (TXW_BEGIN, TXW_START):
                         continue
                     event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
+                if event == NAMED:
+                    if self._named_to_unnamed(c, arg):
+                        continue            # walked again: a batch of the unnamed statement now
+                    event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
                     self._hang_up(c)
                     return
@@ -1552,6 +1620,22 @@ class PyRelay:
                     return
                 if swallowed:
                     continue
+            if not c.client and c.peer is not None and c.peer.inject and not walker.remaining:
+                # the answer to a Parse the relay put in front of a named statement's Bind (_named_to_unnamed)
+                buf, at = c.buf, c.fwd
+                if len(buf) - at < 5:
+                    return
+                size = 1 + int.from_bytes(buf[at + 1:at + 5], "big")
+                if buf[at] == 49 and size == 5:             # its ParseComplete: dropped
+                    del buf[at:at + 5]
+                    c.peer.inject = False
+                    continue
+                if buf[at] in _PG_PASSED and 5 <= size <= self._bufsize:
+                    if len(buf) - at < size:
+                        return
+                    c.fwd += size       # a notice or a parameter report: forwarded
+                    continue
+                c.peer.inject = False   # anything else (its error): no ParseComplete comes
             with memoryview(c.buf) as view:
                 consumed, event, arg = walker.feed(view[c.fwd:])
             counted = 0

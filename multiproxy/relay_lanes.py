@@ -333,7 +333,14 @@ class RelayLane:
         fd = session.lane_fd = session.lane_fd if session.template is not None else session.sock.fileno()
         session.relay_lane = self
         self.clients[fd] = session
-        self._handle(self.relay.add_client(fd, data))
+        events = self.relay.add_client(fd, data)
+        statements = session.proto.relay_statements()
+        if statements:
+            try:
+                self.relay.set_statements(fd, statements)
+            except ValueError:
+                pass            # (given back already: its event says why)
+        self._handle(events)
         self._reconcile()
 
     def adopt(self, session, counted: bool = False) -> None:

@@ -151,6 +151,14 @@ class PostgresClient(LazyContainers, Relay, Statements, SessionState, LazyTransa
         self.tx_status = status
         return True
 
+    def relay_statements(self):
+        """The named statements this client prepared (statement virtualisation), for the relay to serve their Binds:
+        {name: Parse body of the unnamed statement}."""
+        statements = self.statements
+        if not statements:
+            return None
+        return {name: b"\x00" + rest for name, (_, rest) in statements.items()}
+
     def relay_began(self, begin: bytes) -> None:
         """The relay answered this BEGIN and sent it to no backend: LazyTransaction sends it ahead of the next request
         that needs a backend, as for a BEGIN answered here."""

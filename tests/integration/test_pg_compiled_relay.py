@@ -870,6 +870,54 @@ def test_transactions_with_modes_run_in_the_relay_with_their_modes(pg, proxy_fac
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("core", sorted(CORES))
+def test_named_statements_run_in_the_relay_as_the_unnamed_one(pg, proxy_factory, core):
+    """psycopg preparing every statement (prepare_threshold=0; its default of 5 does the same from the sixth run of a
+    text on) in transactions (its default BEGIN), six clients on two backends: each prepares its two statements once
+    on the Python path, and from then on every transaction (BEGIN, Bind of the INSERT, Bind of the SELECT, COMMIT)
+    runs in the relay, which sends each Bind as Parse and Bind of the unnamed statement; rows right, no pin. asyncpg
+    beside them (its statement cache: named statements, autocommit) is relayed the same way."""
+    proxy = proxy_factory(compiled_config(pg, max_size=2), env=CORES[core])
+    table = client_table(pg, "named")
+    clients, transactions = 6, 40
+
+    def transactional(number: int) -> None:
+        with psycopg_connect(proxy, prepare_threshold=0) as conn:
+            for n in range(transactions):
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (number, n))
+                got = conn.execute(f"SELECT count(*), %s::text FROM {table} WHERE client = %s",
+                                   (f"c{number}", number)).fetchone()
+                assert got == (n + 1, f"c{number}"), (number, n, got)
+                conn.commit()
+
+    before = relay_transactions(proxy)
+    failures = run_clients(clients, transactional, timeout=150.0)
+    assert not failures, failures[:3]
+    with direct_connect(pg) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (clients * transactions,)
+    relayed = relay_transactions(proxy) - before
+    assert relayed >= clients * (transactions - 5), relayed     # (the first ones prepare on the Python path)
+
+    async def asyncpg_client(number: int) -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=USER, database=AUTH_DB, timeout=10)
+        try:
+            for n in range(40):
+                assert await conn.fetchval("SELECT $1::int + $2::int", number, n) == number + n
+        finally:
+            await conn.close()
+
+    async def main():
+        await asyncio.gather(*(asyncpg_client(i) for i in range(4)))
+
+    before = relay_transactions(proxy)
+    asyncio.run(main())
+    relayed = relay_transactions(proxy) - before
+    assert relayed >= 4 * 30, relayed
+    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
+    assert server_backends(pg) <= 2
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("core,crowd", [("c", 0), ("twin", 0), ("c", 70)])
 def test_clients_whose_transactions_stop_after_their_begin_sit_out_the_lanes(pg, proxy_factory, core, crowd):
     """A client whose every transaction sets something right after its BEGIN (psycopg without autocommit, a SET

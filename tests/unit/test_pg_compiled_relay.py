@@ -201,17 +201,23 @@ def after_a_request(client, request: bytes, answer: bytes) -> bytes:
     return sent
 
 
-def test_clients_of_unnamed_batches_are_relayed_and_named_statements_stay_on_the_python_path():
+def test_clients_of_unnamed_batches_and_of_binds_of_their_named_statements_are_relayed():
     client = logged_in_client()
     client.virtualize = True                           # prepared_statements = "virtualize": named ones do not pin
+    assert client.relay_statements() is None
     answer = PARSE_COMPLETE + BIND_COMPLETE + b"n\0\0\0\4" + command_complete("SELECT 1") + READY_IDLE
     after_a_request(client, PGBENCH_EXTENDED, answer)
     assert client.relay_key() is not None              # PQexecParams' batches: the relay serves them
     after_a_request(client, parse("s1", "SELECT 1") + bind(statement="s1") + execute() + SYNC, answer)
-    assert client.relay_key() is None                  # a named statement: it would stop on every transaction
+    assert client.relay_key() is None                  # a named Parse: the relay stops at it
+    # the relay serves Binds of the statement (as Parse and Bind of the unnamed one): relay_statements gives it
+    assert client.relay_statements() == {b"s1": b"\0SELECT 1\0\0\0"}
     after_a_request(client, bind(statement="s1") + execute() + SYNC, BIND_COMPLETE + command_complete("SELECT 1")
                     + READY_IDLE)
-    assert client.relay_key() is None
+    assert client.relay_key() is not None
+    after_a_request(client, bind(statement="s1", portal="p") + execute("p") + SYNC,
+                    BIND_COMPLETE + command_complete("SELECT 1") + READY_IDLE)
+    assert client.relay_key() is None                  # a named portal: the relay stops at it
     after_a_request(client, PGBENCH_EXTENDED, answer)
     assert client.relay_key() is not None              # back to unnamed batches
     after_a_request(client, parse("", "SELECT 1") + FLUSH + bind() + execute() + SYNC, answer)

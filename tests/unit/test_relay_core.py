@@ -512,12 +512,13 @@ def assert_cores_agree(steps, **scenario) -> None:
             == run_scenario((rc.PyWalker, rc.PyRelay), steps, **scenario))
 
 
-def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=False) -> list:
+def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=False, statements=None) -> list:
     """Play steps (side, bytes) into a relay with one client and two backends; record, in order, what reached
     each far end and the events (with fds named), until the relay has handed the client back. screened: the
     client's Query bodies are screened and its stops held until its transaction ends (hold_stops); batches: the
     same with batches of the unnamed statement relayed (pg_unnamed). mysql: the (client, server) Walker arguments
-    of a MySQL relay (held stops). begin: batches and a lone BEGIN answered by the relay (pg_begin)."""
+    of a MySQL relay (held stops). begin: batches and a lone BEGIN answered by the relay (pg_begin). statements:
+    the client's named statements (set_statements), with begin."""
     if begin:
         relay = impl[1](*begin_walkers(impl), hold_stops=True)
     elif mysql is not None:
@@ -537,6 +538,8 @@ def run_scenario(impl, steps, screened=False, batches=False, mysql=None, begin=F
         relay.add_backend(first.fd())
         relay.add_backend(second.fd())
         relay.add_client(client.fd())
+        if statements is not None:
+            relay.set_statements(client.fd(), statements)
         for side, data in steps:
             target = client if side == "client" else (first, second)[side == "second"]
             target.outside.sendall(data)
@@ -2637,6 +2640,118 @@ def test_c_and_python_agree_on_the_transaction_words(text, lazy):
         client.lazy = lazy
         results.append((client.feed(frame), client.take_count(), client.lazy))
     assert results[0] == results[1]
+
+
+# -- named statements: a Bind of a statement the client prepared, made a batch of the unnamed statement
+
+STATEMENTS = {b"s1": b"\0select $1\0\0\1\0\0\0\x17", b"_pg3_0": b"\0SELECT 2\0\0\0",
+              b"pins": b"\0SET x = 1\0\0\0", b"bad": b"\0select\0\0\2"}
+
+
+def bind_named(name: bytes, portal: bytes = b"") -> bytes:
+    """Bind of a named statement, one text parameter '1', text results (as BIND binds the unnamed one)."""
+    return pg(b"B", portal + b"\0" + name + b"\0\0\0\0\1\0\0\0\x011\0\0")
+
+
+NAMED_BATCH = bind_named(b"s1") + DESCRIBE_PORTAL + EXECUTE + SYNC
+# what the backend gets for it: Parse of the statement's text as the unnamed statement, and BIND
+UNNAMED_BATCH = pg(b"P", STATEMENTS[b"s1"]) + BIND + DESCRIBE_PORTAL + EXECUTE + SYNC
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_binding_a_known_statement_is_named_and_others_stop(impl):
+    client, _ = begin_walkers(impl)
+    assert client.set_statements(STATEMENTS) == 2           # SET pins; "bad" is malformed: left out
+    assert client.feed(NAMED_BATCH) == (0, rc.NAMED, 0)
+    assert client.feed(bind_named(b"_pg3_0") + EXECUTE + SYNC) == (0, rc.NAMED, 1)
+    assert client.feed(QUERY + NAMED_BATCH) == (len(QUERY), rc.NAMED, 0) and client.take_count() == 1
+    for stopped in (bind_named(b"pins") + SYNC, bind_named(b"other") + SYNC, bind_named(b"s1", b"portal") + SYNC,
+                    NAMED_BATCH[:-5] + PARSE + BIND + SYNC,           # a Parse in it
+                    EXECUTE + bind_named(b"s1") + SYNC,               # not its first frame
+                    pg(b"D", b"Ss1\0") + SYNC):                       # Describe of the statement
+        assert client.feed(stopped) == (0, rc.HANDOVER, stopped[0]), stopped
+    assert client.set_statements(None) == 0
+    assert client.feed(NAMED_BATCH) == (0, rc.HANDOVER, ord("B"))
+    with pytest.raises(TypeError):
+        client.set_statements({"s1": b"x"})
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_named_statement_is_served_as_the_unnamed_one_and_its_parse_complete_dropped(impl, pairs):
+    """The backend gets Parse of the statement's text and a Bind of the unnamed statement; the client gets the Bind's
+    answer without the ParseComplete it did not ask for, a notice among them included; an unknown name stops."""
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    assert relay.set_statements(client.fd(), STATEMENTS) == 2
+    for _ in range(2):
+        client.outside.sendall(NAMED_BATCH)
+        assert serve(relay) == []
+        assert backend.read(len(UNNAMED_BATCH)) == UNNAMED_BATCH
+        notice = pg(b"N", b"SNOTICE\0\0")
+        backend.outside.sendall(notice + pg(b"1") + pg(b"2") + RESULT + READY_IDLE)
+        assert serve(relay) == []
+        expected = notice + pg(b"2") + RESULT + READY_IDLE
+        assert client.read(len(expected)) == expected
+        assert relay.counts() == (1, 0, 0) and relay.stats()["transactions"] >= 1
+    failing = bind_named(b"_pg3_0") + EXECUTE + SYNC      # its Parse fails (a table dropped since): the error answers
+    client.outside.sendall(failing)
+    assert serve(relay) == []
+    sent = pg(b"P", STATEMENTS[b"_pg3_0"]) + pg(b"B", b"\0\0\0\0\0\1\0\0\0\x011\0\0") + EXECUTE + SYNC
+    assert backend.read(len(sent)) == sent
+    backend.outside.sendall(FAILURE + READY_IDLE)
+    assert serve(relay) == []
+    assert client.read(len(FAILURE + READY_IDLE)) == FAILURE + READY_IDLE
+    client.outside.sendall(NAMED_BATCH)                   # and the next one is served as before
+    serve(relay)
+    assert backend.read(len(UNNAMED_BATCH)) == UNNAMED_BATCH
+    backend.outside.sendall(pg(b"1") + pg(b"2") + RESULT + READY_IDLE)
+    serve(relay)
+    assert client.read(len(pg(b"2") + RESULT + READY_IDLE)) == pg(b"2") + RESULT + READY_IDLE
+    unknown = bind_named(b"other") + EXECUTE + SYNC
+    client.outside.sendall(unknown)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), -1, unknown, ord("B"))]
+    relay.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_named_statement_after_a_lone_begin_and_one_behind_an_answer_owed(impl, pairs):
+    """After a BEGIN the relay answered, the BEGIN goes ahead of the Parse the relay puts in front of the Bind; a named
+    batch behind a request whose answer is still owed stops (the answers could not be told apart), and goes to the
+    caller with the backend at the end of that answer, inside the transaction."""
+    relay, client, (backend,) = begin_relay(impl, pairs)
+    relay.set_statements(client.fd(), STATEMENTS)
+    client.outside.sendall(pg(b"Q", b"BEGIN\0"))
+    serve(relay)
+    assert client.read(len(BEGIN_ANSWER)) == BEGIN_ANSWER
+    client.outside.sendall(NAMED_BATCH)
+    assert serve(relay) == []
+    assert backend.read(len(BEGIN_AHEAD + UNNAMED_BATCH)) == BEGIN_AHEAD + UNNAMED_BATCH
+    backend.outside.sendall(BEGIN_DONE + pg(b"1") + pg(b"2") + RESULT + READY_IN_TX)
+    assert serve(relay) == []
+    expected = pg(b"2") + RESULT + READY_IN_TX
+    assert client.read(len(expected)) == expected
+    client.outside.sendall(QUERY + NAMED_BATCH)           # pipelined behind a Query: it waits for the Query's answer
+    assert serve(relay) == []
+    assert backend.read(len(QUERY)) == QUERY and nothing_read(backend)
+    backend.outside.sendall(RESULT + READY_IN_TX)
+    assert serve(relay) == [(rc.HANDOVER, client.fd(), backend.fd(), NAMED_BATCH, ord("T"))]
+    assert client.read(len(RESULT + READY_IN_TX)) == RESULT + READY_IN_TX
+    relay.close()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("client"), st.one_of(batch_client_frames, st.sampled_from([
+        NAMED_BATCH, bind_named(b"_pg3_0") + EXECUTE + SYNC, bind_named(b"other") + SYNC, pg(b"Q", b"BEGIN\0"),
+        NAMED_BATCH + NAMED_BATCH]))),
+    st.tuples(st.sampled_from(["first", "second"]), st.one_of(server_frames, st.sampled_from([
+        pg(b"1"), pg(b"1") + pg(b"2"), pg(b"N", b"SNOTICE\0\0"), FAILURE, BEGIN_DONE])))),
+    max_size=12))
+def test_c_and_python_relays_agree_with_named_statements(steps):
+    assert_cores_agree(steps, begin=True, statements=STATEMENTS)
 
 
 # -- MySQL: a BEGIN the relay answers (mysql_begin)
