@@ -74,7 +74,12 @@ unnamed portal and statement (a Bind with no Parse right before it stops), Descr
 of the unnamed portal. Anything else in it (another type, a statement or portal name, a screen word, a length below
 the header), or a batch longer than max_screen, makes the batch's first frame a stop frame with nothing of the batch
 forwarded; a batch not whole yet waits for more bytes. So every statement relayed is bound at once by its own
-client, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed.
+client, and no forwarded byte belongs to a batch whose ReadyForQuery is not owed. Named statements: a walker's
+`set_statements({name: Parse body})` (Relay.set_statements(fd, ...) for a client) names the client's prepared
+statements; a batch that opens with a Bind of one of them to the unnamed portal, with no Parse in it, is a NAMED
+event at its start (arg: the statement's index), and the relay turns it into Parse of the statement's text as the
+unnamed statement and a Bind of the unnamed statement (walked again as such), dropping that Parse's ParseComplete
+from the backend's answer; with anything of the client's in flight, or no room in the buffer, it is a stop frame.
 `Relay(..., hold_stops=True)`: a linked client's stop frame waits for the boundary that answers its last request
 (the client is not read meanwhile), so the caller never takes over a request half answered: at the end of its
 transaction it goes to the caller alone; inside a transaction (a boundary other than 'I', or a stop frame while

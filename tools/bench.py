@@ -720,9 +720,11 @@ def parse_args(argv):
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
-    parser.add_argument("--protocol", choices=("simple", "extended"), default="simple",
-                        help="pgbench -M of the steady, connect and latency loads: simple Query, or the extended "
-                             "protocol's unnamed statement (Parse/Bind/Describe/Execute/Sync) (default simple)")
+    parser.add_argument("--protocol", choices=("simple", "extended", "prepared"), default="simple",
+                        help="pgbench -M of the steady, connect and latency loads: simple Query, the extended "
+                             "protocol's unnamed statement (Parse/Bind/Describe/Execute/Sync), or named prepared "
+                             "statements (Parse once per connection, then Bind/Execute/Sync; not with pgbouncer, "
+                             "whose transaction pooling serves none before 1.21) (default simple)")
     parser.add_argument("--pool-size", type=int, default=16, help="backend connections per pooler (default 16)")
     parser.add_argument("--workers", type=int, help="multiproxy [proxy] workers (default: its own default)")
     parser.add_argument("--client-timeouts", action="store_true",
@@ -747,6 +749,9 @@ def parse_args(argv):
         unknown = [v for v in value if v not in allowed]
         if unknown or not value:
             parser.error(f"{option}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
+    if args.protocol == "prepared" and "pgbouncer" in args.targets:
+        parser.error("--protocol prepared: PgBouncer's transaction pooling serves no named prepared statements "
+                     "(before 1.21); leave pgbouncer out of --targets")
     return args
 
 

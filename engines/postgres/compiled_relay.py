@@ -10,9 +10,14 @@ bytes); the Parse's text is screened as a Query's is. That is what libpq's PQexe
 nothing held on the backend: its unnamed statement is bound at once, and a Bind always binds the statement parsed
 right before it by the same client, so no client can bind another client's unnamed statement on a shared backend
 (a Bind with no Parse right before it stops, and the Python path forwards one only to a backend on which the client
-parsed the unnamed statement itself). Any other batch stops at its first frame with nothing of it forwarded: named
-statements or portals, Describe of a statement, Close, Flush (a client waiting for answers before its Sync),
-a Parse not followed by its Bind; and every other client message stops too: FunctionCall, COPY data, Terminate and
+parsed the unnamed statement itself). A batch that opens with a Bind of one of the client's named prepared
+statements (statement virtualisation: PostgresClient.relay_statements gives them to the relay each time the client
+enters a lane) to the unnamed portal, with no Parse in it, is sent as a Parse of that statement's text as the unnamed
+statement and a Bind of the unnamed statement (its ParseComplete dropped by the relay): what psycopg sends for a
+prepared statement, asyncpg from its statement cache, `pgbench -M prepared`; the server parses the text again each
+time, and no backend needs the statement prepared. The Parse that prepares a named statement stops (the Python path
+records it), and so does any other batch at its first frame with nothing of it forwarded: named portals, Describe of
+a statement, Close, Flush (a client waiting for answers before its Sync), a Parse not followed by its Bind; and every other client message stops too: FunctionCall, COPY data, Terminate and
 anything unknown. A Query or a Parse stops too when its text holds a word of RELAY_SCREEN_WORDS (ASCII case ignored,
 anywhere in the text: a false alarm only costs a trip through Python), or is longer than MAX_SCREENED: the words of
 the pin screen (pinning.might_pin: SET, RESET, set_config, PREPARE, DEALLOCATE, DISCARD, LISTEN / UNLISTEN, TEMP
