@@ -1721,17 +1721,26 @@ static int answer_locally(RelayObject *r, Conn *c, int word) {
     return 1;
 }
 
-/* The batch at c->buf[c->fwd] opens with a Bind of statement `index` of the client's table (EV_NAMED): Parse of its
-   text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see "named statements"
-   above). 0 when done; -1 with anything of the client's in flight or no room in the buffer (it stops then). */
-static int named_to_unnamed(RelayObject *r, Conn *c, int index) {
+/* Whether the buffer has room for the batch at c->buf[c->fwd], which binds statement `index` of the client's table
+   (EV_NAMED), made a batch of the unnamed statement, and for the client's lazy BEGIN in front of it. */
+static int named_fits(RelayObject *r, Conn *c, int index) {
     const StatementTable *t = c->st.stmts;
-    if (c->outstanding != 0 || c->inject || t == NULL || index < 0 || index >= t->n)
-        return -1;
-    const Statement *s = &t->s[index];
+    if (t == NULL || index < 0 || index >= t->n)
+        return 0;
+    size_t grows = 5 + t->s[index].parse_len - t->s[index].name_len;
+    if (c->lazy) {
+        char text[BEGIN_TEXT_MAX];
+        grows += 5 + 1 + begin_text(c->lazy, text) + 3 + PG_BIND_EXECUTE_LEN;
+    }
+    return c->len + grows <= r->bufsize;
+}
+
+/* The batch at c->buf[c->fwd] opens with a Bind of statement `index` of the client's table (EV_NAMED; named_fits):
+   Parse of its text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see "named
+   statements" above); its ParseComplete is dropped (inject). */
+static void named_to_unnamed(Conn *c, int index) {
+    const Statement *s = &c->st.stmts->s[index];
     size_t parse_total = 5 + s->parse_len;
-    if (c->len + parse_total > r->bufsize + s->name_len)
-        return -1;
     unsigned char *f = c->buf + c->fwd;     /* 'B', length, the unnamed portal's NUL, the name, its NUL, ... */
     size_t bind_total = 1 + (size_t)be32(f + 1);
     unsigned char *tail = f + 6 + s->name_len;
@@ -1745,7 +1754,6 @@ static int named_to_unnamed(RelayObject *r, Conn *c, int index) {
     b[5] = 0;                               /* the unnamed portal; the name's NUL (the unnamed statement) follows */
     c->len = c->len + parse_total - s->name_len;
     c->inject = 1;
-    return 0;
 }
 
 static void link_pair(RelayObject *r, Conn *client, Conn *backend) {
@@ -1772,6 +1780,28 @@ static void release_backend(RelayObject *r, Conn *b, int lend) {
     r->idle = b;
     b->idle = 1;
     r->n_idle++;
+}
+
+/* A client with a request and no backend: linked to an idle one (1), or queued to wait for one (0). */
+static int link_or_wait(RelayObject *r, Conn *c) {
+    if (r->idle && !r->yielding) {
+        Conn *b = r->idle;
+        unqueue(r, b);
+        link_pair(r, c, b);
+        update_mask(r, b);
+        return 1;
+    }
+    c->waiting = 1;
+    c->ticks = 0;
+    c->next = NULL;
+    if (r->wait_tail)
+        r->wait_tail->next = c;
+    else
+        r->wait_head = c;
+    r->wait_tail = c;
+    r->n_waiting++;
+    update_mask(r, c);
+    return 0;
 }
 
 /* Write, act on events and walk until c has nothing more to do now; may forget c. */
@@ -1852,8 +1882,17 @@ static void pump(RelayObject *r, Conn *c) {
                 arg = c->buf[c->fwd + rule->type_offset];
             }
             if (event == EV_NAMED) {
-                if (named_to_unnamed(r, c, arg) == 0)
+                if (c->outstanding == 0 && !c->inject && named_fits(r, c, arg)) {
+                    /* rewritten once the client has its backend: until then its bytes are what it sent (a client
+                       taken back while it waits goes with them) */
+                    if (c->peer == NULL && !link_or_wait(r, c)) {
+                        c->pending_event = EV_NAMED;
+                        c->pending_arg = arg;
+                        return;
+                    }
+                    named_to_unnamed(c, arg);
                     continue;           /* walked again: a batch of the unnamed statement now */
+                }
                 event = EV_HANDOVER;
                 arg = c->buf[c->fwd + rule->type_offset];
             }
@@ -2016,24 +2055,8 @@ static void pump(RelayObject *r, Conn *c) {
                 hand_over(r, EV_HANDOVER, c, c->buf[c->sent]);
                 return;
             }
-            if (r->idle && !r->yielding) {
-                Conn *b = r->idle;
-                unqueue(r, b);
-                link_pair(r, c, b);
-                update_mask(r, b);
-            } else {
-                c->waiting = 1;
-                c->ticks = 0;
-                c->next = NULL;
-                if (r->wait_tail)
-                    r->wait_tail->next = c;
-                else
-                    r->wait_head = c;
-                r->wait_tail = c;
-                r->n_waiting++;
-                update_mask(r, c);
+            if (!link_or_wait(r, c))
                 return;
-            }
         }
     }
 }

@@ -1438,25 +1438,33 @@ class PyRelay:
         c.requests += 1
         return 1
 
-    def _named_to_unnamed(self, c, index) -> bool:
-        """The batch at c.buf[c.fwd] opens with a Bind of statement `index` of the client's table (NAMED): Parse of its
-        text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see _relay.c, "named
-        statements"). False with anything of the client's in flight or no room in the buffer (it stops then)."""
-        table = c.walker.statements
-        if c.outstanding or c.inject or not table:
+    @staticmethod
+    def _statement(c, index) -> tuple | None:
+        """(name, Parse body) of statement `index` of the client's table, or None."""
+        for name, (i, parse) in (c.walker.statements or {}).items():
+            if i == index:
+                return name, parse
+        return None
+
+    def _named_fits(self, c, index) -> bool:
+        """Whether the buffer has room for the batch at c.buf[c.fwd] made a batch of the unnamed statement, and for the
+        client's lazy BEGIN in front of it (see _relay.c)."""
+        found = self._statement(c, index)
+        if found is None:
             return False
-        found = [(name, parse) for name, (i, parse) in table.items() if i == index]
-        if not found:
-            return False
-        name, parse = found[0]
+        grows = 5 + len(found[1]) - len(found[0]) + (len(_pg_begin_ahead(c.lazy)) if c.lazy else 0)
+        return len(c.buf) + grows <= self._bufsize
+
+    def _named_to_unnamed(self, c, index) -> None:
+        """The batch at c.buf[c.fwd] opens with a Bind of statement `index` of the client's table (NAMED; _named_fits):
+        Parse of its text as the unnamed statement goes in front, and the Bind binds the unnamed statement (see
+        _relay.c, "named statements"); its ParseComplete is dropped (inject)."""
+        name, parse = self._statement(c, index)
         buf, at = c.buf, c.fwd
-        if len(buf) + 5 + len(parse) > self._bufsize + len(name):
-            return False
         bind_total = 1 + int.from_bytes(buf[at + 1:at + 5], "big")
         buf[at:at + 6 + len(name)] = (b"P" + (4 + len(parse)).to_bytes(4, "big") + parse
                                       + b"B" + (bind_total - len(name) - 1).to_bytes(4, "big") + b"\0")
         c.inject = True
-        return True
 
     def _swallow(self, c) -> bool | None:
         """A backend's answer to a BEGIN sent ahead: True, a message dropped or forwarded (walk on); None, wait for
@@ -1598,7 +1606,12 @@ class PyRelay:
                         continue
                     event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
                 if event == NAMED:
-                    if self._named_to_unnamed(c, arg):
+                    if not c.outstanding and not c.inject and self._named_fits(c, arg):
+                        # rewritten once the client has its backend (see _relay.c)
+                        if c.peer is None and not self._link_or_wait(c):
+                            c.pending = (NAMED, arg)
+                            return
+                        self._named_to_unnamed(c, arg)
                         continue            # walked again: a batch of the unnamed statement now
                     event, arg = HANDOVER, c.buf[c.fwd + walker.type_offset]
                 if event == HANDOVER and c.owned and c.peer is None and arg in self._hangup:
@@ -1683,17 +1696,22 @@ class PyRelay:
                     c.pending = None
                     self._hand_over(HANDOVER, c, c.buf[c.sent])
                     return
-                if self._idle and not self._yielding:
-                    b = self._idle.pop()
-                    b.idle = False
-                    self._link(c, b)
-                    self._update_mask(b)
-                else:
-                    c.waiting = True
-                    c.ticks = 0
-                    self._waiting.append(c)
-                    self._update_mask(c)
+                if not self._link_or_wait(c):
                     return
+
+    def _link_or_wait(self, c) -> bool:
+        """A client with a request and no backend: linked to an idle one (True), or queued to wait for one."""
+        if self._idle and not self._yielding:
+            b = self._idle.pop()
+            b.idle = False
+            self._link(c, b)
+            self._update_mask(b)
+            return True
+        c.waiting = True
+        c.ticks = 0
+        self._waiting.append(c)
+        self._update_mask(c)
+        return False
 
 
 _attention = [1]      # the twin's count of attend() calls (see wake() in _relay.c)

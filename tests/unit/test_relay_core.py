@@ -2741,6 +2741,33 @@ def test_a_named_statement_after_a_lone_begin_and_one_behind_an_answer_owed(impl
     relay.close()
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_named_batch_waiting_for_a_backend_is_what_the_client_sent_until_it_gets_one(impl, pairs):
+    """With no backend free the batch waits as the client sent it: taken back, the caller gets those bytes; given a
+    backend (with a lazy BEGIN ahead), it goes as the batch of the unnamed statement."""
+    relay, client, _ = begin_relay(impl, pairs, backends=0)
+    relay.set_statements(client.fd(), STATEMENTS)
+    client.outside.sendall(NAMED_BATCH)
+    assert serve(relay) == []
+    assert relay.counts() == (0, 1, 0)
+    assert relay.take_waiting() == (client.fd(), NAMED_BATCH)
+    relay.close()
+    relay, client, _ = begin_relay(impl, pairs, backends=0)
+    relay.set_statements(client.fd(), STATEMENTS)
+    client.outside.sendall(pg(b"Q", b"BEGIN\0") + NAMED_BATCH)
+    assert serve(relay) == []
+    assert client.read(len(BEGIN_ANSWER)) == BEGIN_ANSWER and relay.counts() == (0, 1, 0)
+    backend = pairs()
+    relay.add_backend(backend.fd())
+    assert serve(relay) == []
+    assert backend.read(len(BEGIN_AHEAD + UNNAMED_BATCH)) == BEGIN_AHEAD + UNNAMED_BATCH
+    backend.outside.sendall(BEGIN_DONE + pg(b"1") + pg(b"2") + RESULT + READY_IN_TX)
+    assert serve(relay) == []
+    assert client.read(len(pg(b"2") + RESULT + READY_IN_TX)) == pg(b"2") + RESULT + READY_IN_TX
+    relay.close()
+
+
 @pytest.mark.timeout(120)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(
