@@ -486,6 +486,9 @@ static int pg_batch(const Rule *rule, const unsigned char *data, size_t avail, s
             if (blen != 0)
                 return PG_BATCH_STOP;
             *size = q + (size_t)total;
+            if (*named >= 0 && *size + 5 + stmts->s[*named].parse_len > (size_t)rule->max_screen +
+                                                                         stmts->s[*named].name_len)
+                return PG_BATCH_STOP;   /* made a batch of the unnamed statement, it would be too big to relay */
             return PG_BATCH_RELAYED;
         default:
             ok = 0;
@@ -1994,10 +1997,10 @@ static void pump(RelayObject *r, Conn *c) {
                 c->peer->inject = 0;
                 continue;
             }
-            if ((f[0] == 'N' || f[0] == 'S') && size >= 5 && size <= r->bufsize) {
+            if ((f[0] == 'N' || f[0] == 'S' || f[0] == 'A') && size >= 5 && size <= r->bufsize) {
                 if (avail < size)
                     return;
-                c->fwd += size;     /* a notice or a parameter report: forwarded */
+                c->fwd += size;     /* a notice, a parameter report or a notification: forwarded */
                 continue;
             }
             c->peer->inject = 0;    /* anything else (its error): no ParseComplete comes */

@@ -519,7 +519,12 @@ class PyWalker:
             elif kind == 83:                                # S
                 if body:
                     return _PG_BATCH_STOP, 0, named
-                return _PG_BATCH_RELAYED, q + total - start, named
+                size = q + total - start
+                if named >= 0:
+                    name, parse = next((n, b) for n, (i, b) in self.statements.items() if i == named)
+                    if size + 5 + len(parse) > max_screen + len(name):
+                        return _PG_BATCH_STOP, 0, named     # made a batch of the unnamed statement, too big
+                return _PG_BATCH_RELAYED, size, named
             else:
                 ok = False
             if not ok:
@@ -1648,10 +1653,10 @@ class PyRelay:
                     del buf[at:at + 5]
                     c.peer.inject = False
                     continue
-                if buf[at] in _PG_PASSED and 5 <= size <= self._bufsize:
+                if (buf[at] in _PG_PASSED or buf[at] == 65) and 5 <= size <= self._bufsize:
                     if len(buf) - at < size:
                         return
-                    c.fwd += size       # a notice or a parameter report: forwarded
+                    c.fwd += size       # a notice, a parameter report or a notification: forwarded
                     continue
                 c.peer.inject = False   # anything else (its error): no ParseComplete comes
             with memoryview(c.buf) as view:

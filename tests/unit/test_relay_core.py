@@ -2663,6 +2663,10 @@ UNNAMED_BATCH = pg(b"P", STATEMENTS[b"s1"]) + BIND + DESCRIBE_PORTAL + EXECUTE +
 def test_a_batch_binding_a_known_statement_is_named_and_others_stop(impl):
     client, _ = begin_walkers(impl)
     assert client.set_statements(STATEMENTS) == 2           # SET pins; "bad" is malformed: left out
+    long_text = b"\0select '" + b"x" * 160 + b"'\0\0\0"       # relayable, but not with a Parse of it in front
+    assert client.set_statements({**STATEMENTS, b"long": long_text, b"longer": long_text + b"x" * 30}) == 3
+    assert client.feed(bind_named(b"long") + EXECUTE + SYNC) == (0, rc.HANDOVER, ord("B"))
+    assert client.set_statements(STATEMENTS) == 2
     assert client.feed(NAMED_BATCH) == (0, rc.NAMED, 0)
     assert client.feed(bind_named(b"_pg3_0") + EXECUTE + SYNC) == (0, rc.NAMED, 1)
     assert client.feed(QUERY + NAMED_BATCH) == (len(QUERY), rc.NAMED, 0) and client.take_count() == 1
