@@ -334,7 +334,8 @@ class RelayLane:
         session.relay_lane = self
         self.clients[fd] = session
         events = self.relay.add_client(fd, data)
-        statements = session.proto.relay_statements()
+        # (a session the relay greeted has no statements, nor its protocol made for nothing: template not None)
+        statements = session.proto.relay_statements() if session.template is None else None
         if statements:
             try:
                 self.relay.set_statements(fd, statements)
