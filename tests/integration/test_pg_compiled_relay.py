@@ -48,6 +48,13 @@ def server_backends(pg) -> int:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (USER,)).fetchone()[0]
 
 
+def assert_no_timeout_no_pin(proxy, pg, backends: int) -> None:
+    """No borrow timed out, nothing pinned, and the server saw at most `backends` connections of the test's user."""
+    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
+    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
+    assert server_backends(pg) <= backends
+
+
 def client_table(pg, prefix: str) -> str:
     """A new table (client int, n int) the test's user may write, made directly on the server; its name."""
     table = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -805,9 +812,7 @@ def test_psycopg_transactions_run_in_the_relay_and_an_idle_begin_holds_no_backen
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert simple_query(conn, "SELECT 42") == [(42,)]
         conn.close()
-    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
-    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
-    assert server_backends(pg) <= 2
+    assert_no_timeout_no_pin(proxy, pg, backends=2)
 
 
 @pytest.mark.timeout(180)
@@ -864,9 +869,7 @@ def test_transactions_with_modes_run_in_the_relay_with_their_modes(pg, proxy_fac
                               "current_setting('transaction_read_only')") == [("serializable", "on")]
     assert simple_query(idle, "COMMIT") is None
     idle.close()
-    assert not pool_metric(proxy, "multiproxy_database_connection_borrow_timeouts_total")
-    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
-    assert server_backends(pg) <= 2
+    assert_no_timeout_no_pin(proxy, pg, backends=2)
 
 
 @pytest.mark.timeout(180)
@@ -913,8 +916,7 @@ def test_named_statements_run_in_the_relay_as_the_unnamed_one(pg, proxy_factory,
     asyncio.run(main())
     relayed = relay_transactions(proxy) - before
     assert relayed >= 4 * 30, relayed
-    assert not metric(metrics_text(proxy), "multiproxy_pin_reasons_detected_total")
-    assert server_backends(pg) <= 2
+    assert_no_timeout_no_pin(proxy, pg, backends=2)
 
 
 @pytest.mark.timeout(180)
