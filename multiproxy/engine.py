@@ -513,8 +513,8 @@ class ClientProtocol:
     def relay_began(self, begin: bytes) -> None:
         """Needed with a client rule that answers BEGIN in the relay (the relay core's `pg_begin` or `mysql_begin`):
         the client comes back from the relay after the relay answered its `begin` (the statement, b"BEGIN" or
-        b"START TRANSACTION" and any modes it had, spelt out by relay_core.begin_text) and sent it to no backend. Carry the transaction on as if the Python path had answered
-        that BEGIN itself and not sent it yet."""
+        b"START TRANSACTION" and any modes it had, spelt out by relay_core.begin_text) and sent it to no backend.
+        Carry the transaction on as if the Python path had answered that BEGIN itself and not sent it yet."""
         raise NotImplementedError(f"{type(self).__name__}: relay rules with pg_begin or mysql_begin need relay_began")
 
     def relay_statements(self) -> "dict[bytes, bytes] | None":

@@ -287,9 +287,10 @@ class Relay:
                     portal_end = data.index(b"\x00", pos + 5, end)
                     statement_end = data.index(b"\x00", portal_end + 1, end)
                     if (portal_end != pos + 5 or statement_end != portal_end + 1 or pos != unnamed_parse_end) and not (
-                            portal_end == pos + 5 and self.statements
+                            portal_end == pos + 5 and pos != unnamed_parse_end and self.statements
                             and data[portal_end + 1:statement_end] in self.statements):
-                        # (a Bind of a named statement to the unnamed portal: the relay serves it, relay_statements)
+                        # (a Bind of a named statement to the unnamed portal, not right after a Parse: the relay
+                        # serves it, relay_statements)
                         self.extended_stops += 1
                     if statement_end == portal_end + 1:
                         self.unnamed_held = False
