@@ -313,6 +313,18 @@ static int with_modes(int word, char tokens[][MAX_TX_WORD + 1], int at, int n) {
    TRANSACTION only, with no modes (MySQL has no END, ABORT or BEGIN TRANSACTION, and the relay answers no COMMIT
    there). */
 static int transaction_word(const unsigned char *body, size_t len, int mysql) {
+    /* every Query comes here: what does not open with a transaction word is none, before anything else is read */
+    size_t i = 0;
+    while (i < len && pg_space(body[i]))
+        i++;
+    char lead[9];
+    int k = 0;
+    while (i < len && k < 8 && lower_ascii(body[i]) >= 'a' && lower_ascii(body[i]) <= 'z')
+        lead[k++] = (char)lower_ascii(body[i++]);
+    lead[k] = 0;
+    if (strcmp(lead, "begin") != 0 && strcmp(lead, "start") != 0 && strcmp(lead, "commit") != 0 &&
+        strcmp(lead, "end") != 0 && strcmp(lead, "rollback") != 0 && strcmp(lead, "abort") != 0)
+        return TXW_NONE;        /* (a longer word cut to 8 letters goes on, and the whole reading judges it) */
     const unsigned char *semi = memchr(body, ';', len);
     if (semi != NULL) {     /* one ';' after the words, then only white space */
         for (const unsigned char *q = semi + 1; q < body + len; q++)
@@ -1628,14 +1640,18 @@ static inline size_t my_frame_size(const unsigned char *h) {
     return 4 + ((size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16));
 }
 
+/* The bytes pg_begin_ahead writes for transaction code `code`. */
+static size_t pg_begin_ahead_len(int code) {
+    char text[BEGIN_TEXT_MAX];
+    return 5 + 1 + begin_text(code, text) + 3 + PG_BIND_EXECUTE_LEN;
+}
+
 /* Whether the request at c->buf[c->sent] can have the client's lazy BEGIN put in front of it (begin_ahead). */
 static int begin_fits(RelayObject *r, Conn *c) {
     if (r->rules[ROLE_CLIENT].mysql_begin_len)
         return c->len + MY_BEGIN_AHEAD_LEN <= r->bufsize;   /* (any command the relay forwards) */
     unsigned char type = c->buf[c->sent];
-    char text[BEGIN_TEXT_MAX];
-    size_t ahead = 5 + 1 + begin_text(c->lazy, text) + 3 + PG_BIND_EXECUTE_LEN;
-    return (type == 'Q' || type == 'P') && c->len + ahead + PG_SYNC_LEN <= r->bufsize;
+    return (type == 'Q' || type == 'P') && c->len + pg_begin_ahead_len(c->lazy) + PG_SYNC_LEN <= r->bufsize;
 }
 
 /* Parse, Bind and Execute of the unnamed statement holding the BEGIN of transaction code `code`, with no Sync, into
@@ -1731,10 +1747,8 @@ static int named_fits(RelayObject *r, Conn *c, int index) {
     if (t == NULL || index < 0 || index >= t->n)
         return 0;
     size_t grows = 5 + t->s[index].parse_len - t->s[index].name_len;
-    if (c->lazy) {
-        char text[BEGIN_TEXT_MAX];
-        grows += 5 + 1 + begin_text(c->lazy, text) + 3 + PG_BIND_EXECUTE_LEN;
-    }
+    if (c->lazy)
+        grows += pg_begin_ahead_len(c->lazy);
     return c->len + grows <= r->bufsize;
 }
 
