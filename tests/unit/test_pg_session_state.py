@@ -10,7 +10,7 @@ from multiproxy_engines.postgres.session_state import replay_statements, resets_
 
 from .test_pg_relay import (QUERY_SELECT_1, READY_IDLE, READY_IN_TRANSACTION, ROW_DESCRIPTION_SELECT_1, DATA_ROW_1,
                             COMMAND_COMPLETE_SELECT_1, backend_state, command_complete, data_row, link_backend,
-                            logged_in_client, row_description, split_messages)
+                            logged_in_client, row_description, split_messages, SERVER_PARAMS)
 
 SET_PATH = "SELECT set_config('search_path', current_setting('search_path') || ', extra', false)"
 READBACK_COLUMNS = row_description(("n", 25), ("current_setting", 25))
@@ -217,3 +217,18 @@ def test_a_backend_lost_while_the_login_values_go_again_still_ends_the_clients_r
     assert out == command_complete("RESET") and not release
     reply, close = client.backend_lost("connection reset")
     assert reply == READY_IDLE and not close
+
+
+def test_a_startup_value_the_backend_already_has_takes_the_servers_spelling_and_needs_no_replay():
+    """asyncpg sends client_encoding "'utf-8'" (quotes included): the server's UTF8 for it, reported as the server
+    reports it, and nothing replayed at link time; an application_name is its own exact text, replayed when the
+    backend's differs by as little as an underscore."""
+    startup = {"user": "alice", "database": "app", "client_encoding": "'utf-8'", "DateStyle": "iso, mdy",
+               "application_name": "my_app"}
+    client = logged_in_client(startup)
+    assert client.client_params["client_encoding"] == "UTF8" and client.client_params["datestyle"] == "ISO, MDY"
+    assert client.client_params["application_name"] == "my_app"
+    state = backend_state(params=(("application_name", "myapp"),) + tuple(
+        (k, v) for k, v in SERVER_PARAMS if k != "application_name"))
+    replay = link_backend(client, state)
+    assert replay == p.query("SELECT pg_catalog.set_config('application_name', 'my_app', false)")
